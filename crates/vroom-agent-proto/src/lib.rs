@@ -1,0 +1,22 @@
+//! The host↔guest protocol between vroomd and vroom-init, and the files on the
+//! config volume that both sides read.
+//!
+//! The channel is a virtio-serial port named [`PORT_NAME`]; on the host it is
+//! a unix socket served by QEMU. The host sends [`Request`]s, the guest answers
+//! each with a [`Response`] carrying the same id. Every message travels in one
+//! [`frame`]. The host treats every byte from the guest as untrusted: frames are
+//! length-limited, and a malformed frame costs the guest its message, never the
+//! host its stability.
+
+pub mod frame;
+pub mod message;
+pub mod volume;
+
+pub use frame::{encode_frame, DecodeFrameError, FrameDecoder, FRAME_VERSION, MAX_FRAME_LEN};
+pub use message::{
+    ExecOutput, GuestReply, HealthReport, HostCommand, Request, Response, ServiceHealth,
+    MAX_EXEC_OUTPUT,
+};
+
+/// The name of the virtio-serial port that carries the protocol.
+pub const PORT_NAME: &str = "org.vroom.agent.0";

@@ -1,0 +1,48 @@
+//! Files on the config volume ("floppy"), format version [`VOLUME_VERSION`].
+//!
+//! The volume is a FAT filesystem with two JSON files in its root:
+//! - [`CONFIG_FILE`]: the appliance's config values. The guest owns it while
+//!   the volume is mounted and replaces it atomically (write a temp file,
+//!   fsync, rename, fsync the directory); the host writes it only while the
+//!   VM is not running.
+//! - [`INSTANCE_FILE`]: the identity vroom assigns: hostname and NIC
+//!   addresses. Only the host writes it, only while the VM is not running.
+//!
+//! Readers reject a `version` they do not know.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub const VOLUME_VERSION: u32 = 1;
+pub const CONFIG_FILE: &str = "config.json";
+pub const INSTANCE_FILE: &str = "instance.json";
+/// The FAT volume label, so a guest can tell the config volume apart.
+pub const VOLUME_LABEL: &str = "VROOMCFG";
+/// The virtio-blk serial numbers by which the guest finds its disks.
+pub const ROOT_DISK_SERIAL: &str = "vroom-root";
+pub const CONFIG_DISK_SERIAL: &str = "vroom-config";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    pub version: u32,
+    pub values: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceFile {
+    pub version: u32,
+    pub hostname: String,
+    pub nics: Vec<NicConfig>,
+}
+
+/// One NIC, matched in the guest by its MAC address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    pub mac: String,
+    pub role: Option<String>,
+    /// `a.b.c.d`
+    pub address: String,
+    pub prefix_len: u8,
+    pub gateway: Option<String>,
+}

@@ -1,0 +1,12 @@
+//! vroom images: where the guest kernel comes from, how an image is packed,
+//! and the content-addressed store that holds images.
+
+pub mod builtin;
+pub mod cpio;
+pub mod kernel;
+pub mod store;
+mod util;
+
+pub use builtin::{build_builtin, BuildImageError, BuildInputs, BUILTIN_IMAGES};
+pub use kernel::{FetchKernelError, Kernel, KernelCache};
+pub use store::{ImageStore, ImageStoreError, StoredImage};

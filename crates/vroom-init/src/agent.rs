@@ -1,0 +1,123 @@
+//! The guest end of the agent channel: a virtio-serial port. Each request is
+//! handled on its own thread so a long exec never blocks health checks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vroom_agent_proto::{
+    encode_frame, FrameDecoder, GuestReply, HostCommand, Request, Response, PORT_NAME,
+};
+
+use crate::log;
+use crate::supervisor::Supervisor;
+
+pub fn serve(state: Arc<Supervisor>) {
+    let port = loop {
+        match find_port() {
+            Some(path) => break path,
+            None => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let mut reader = match OpenOptions::new().read(true).write(true).open(&port) {
+        Ok(file) => file,
+        Err(err) => {
+            log(&format!("open agent port {port}: {err}"));
+            return;
+        }
+    };
+    let writer = match reader.try_clone() {
+        Ok(file) => Arc::new(Mutex::new(file)),
+        Err(err) => {
+            log(&format!("clone agent port: {err}"));
+            return;
+        }
+    };
+    log(&format!("agent listening on {port}"));
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            // The host end is not connected: wait for it.
+            Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(err) => {
+                log(&format!("read agent port: {err}"));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => match serde_json::from_slice::<Request>(&frame) {
+                    Ok(request) => {
+                        let (state, writer) = (state.clone(), writer.clone());
+                        std::thread::spawn(move || handle(&state, request, &writer));
+                    }
+                    Err(err) => log(&format!("bad request: {err}")),
+                },
+                Ok(None) => break,
+                Err(err) => log(&format!("agent framing: {err}")),
+            }
+        }
+    }
+}
+
+fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
+    let shutdown = matches!(request.command, HostCommand::Shutdown);
+    let reply = match request.command {
+        HostCommand::Health => GuestReply::Health(state.health()),
+        HostCommand::Exec { argv, timeout_ms } => {
+            match state.exec(&argv, Duration::from_millis(timeout_ms)) {
+                Ok(output) => GuestReply::Exec(output),
+                Err(message) => GuestReply::Error { message },
+            }
+        }
+        HostCommand::ApplyConfig { values } => match state.apply_config(values) {
+            Ok(values) => GuestReply::ConfigApplied { values },
+            Err(message) => GuestReply::Error { message },
+        },
+        HostCommand::Shutdown => GuestReply::ShuttingDown,
+    };
+    send(
+        writer,
+        &Response {
+            id: request.id,
+            reply,
+        },
+    );
+    if shutdown {
+        state.shutdown();
+    }
+}
+
+fn send(writer: &Mutex<File>, response: &Response) {
+    let payload = match serde_json::to_vec(response) {
+        Ok(p) => p,
+        Err(err) => return log(&format!("encode response: {err}")),
+    };
+    let frame = encode_frame(&payload).unwrap_or_else(|| {
+        let fallback = Response {
+            id: response.id,
+            reply: GuestReply::Error {
+                message: "response exceeds the frame limit".into(),
+            },
+        };
+        encode_frame(&serde_json::to_vec(&fallback).unwrap_or_default()).unwrap_or_default()
+    });
+    let mut file = writer.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(err) = file.write_all(&frame).and_then(|()| file.flush()) {
+        log(&format!("write agent port: {err}"));
+    }
+}
+
+fn find_port() -> Option<String> {
+    fs::read_dir("/sys/class/virtio-ports")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let name = fs::read_to_string(entry.path().join("name")).ok()?;
+            (name.trim() == PORT_NAME)
+                .then(|| format!("/dev/{}", entry.file_name().to_string_lossy()))
+        })
+}

@@ -1,0 +1,320 @@
+//! Service supervision and child reaping. As PID 1 we reap every process in
+//! the guest, so exec'd commands get their exit status from here too.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vroom_agent_proto::{ExecOutput, HealthReport, ServiceHealth, MAX_EXEC_OUTPUT};
+use vroom_types::{
+    validate_config_key, validate_config_value, ApplianceSpec, ConfigValues, ServiceSpec,
+};
+
+use crate::boot::{self, Booted};
+use crate::log;
+
+const SERVICE_RESTART_DELAY: Duration = Duration::from_secs(1);
+const REAP_INTERVAL: Duration = Duration::from_millis(20);
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+pub struct Supervisor {
+    spec: ApplianceSpec,
+    booted_at: Instant,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    config: ConfigValues,
+    services: Vec<Service>,
+    exec_waiters: HashMap<i32, SyncSender<i32>>,
+    started: bool,
+    shutting_down: bool,
+}
+
+struct Service {
+    spec: ServiceSpec,
+    pid: Option<i32>,
+    restarts: u32,
+    start_at: Option<Instant>,
+}
+
+impl Supervisor {
+    pub fn new(booted: Booted) -> Self {
+        let services = booted
+            .spec
+            .services
+            .iter()
+            .map(|spec| Service {
+                spec: spec.clone(),
+                pid: None,
+                restarts: 0,
+                start_at: None,
+            })
+            .collect();
+        Supervisor {
+            spec: booted.spec,
+            booted_at: Instant::now(),
+            inner: Mutex::new(Inner {
+                config: booted.config,
+                services,
+                exec_waiters: HashMap::new(),
+                started: false,
+                shutting_down: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn start_all(&self) {
+        let mut inner = self.lock();
+        self.render_templates(&inner.config);
+        let now = Instant::now();
+        for service in &mut inner.services {
+            service.start_at = Some(now);
+        }
+        inner.start_due_services();
+        inner.started = true;
+        log("services started");
+    }
+
+    /// Reaps children forever: restarts services, hands exit codes to exec waiters.
+    pub fn reap_forever(&self) -> ! {
+        loop {
+            {
+                let mut inner = self.lock();
+                loop {
+                    let mut status = 0;
+                    // SAFETY: plain syscall with a valid out-pointer.
+                    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                    if pid <= 0 {
+                        break;
+                    }
+                    inner.child_exited(pid, status);
+                }
+                if !inner.shutting_down {
+                    inner.start_due_services();
+                }
+            }
+            std::thread::sleep(REAP_INTERVAL);
+        }
+    }
+
+    pub fn health(&self) -> HealthReport {
+        let (config, services, started) = {
+            let inner = self.lock();
+            let services = inner
+                .services
+                .iter()
+                .map(|s| ServiceHealth {
+                    name: s.spec.name.clone(),
+                    running: s.pid.is_some(),
+                    restarts: s.restarts,
+                })
+                .collect::<Vec<_>>();
+            (
+                inner.config.clone(),
+                services,
+                inner.started && !inner.shutting_down,
+            )
+        };
+        let healthy = match self.spec.health_tcp_port {
+            Some(port) => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+            }
+            None => services.iter().all(|s| s.running),
+        };
+        HealthReport {
+            ready: started && healthy,
+            uptime_ms: self.booted_at.elapsed().as_millis() as u64,
+            services,
+            config,
+        }
+    }
+
+    /// Validates, persists durably, re-renders and restarts what depends on the config.
+    pub fn apply_config(&self, values: ConfigValues) -> Result<ConfigValues, String> {
+        for (key, value) in &values {
+            validate_config_key(key).map_err(|e| e.to_string())?;
+            validate_config_value(key, value).map_err(|e| e.to_string())?;
+        }
+        let mut inner = self.lock();
+        boot::write_config(&values)?;
+        inner.config = values.clone();
+        self.render_templates(&values);
+        for service in inner
+            .services
+            .iter_mut()
+            .filter(|s| s.spec.restart_on_config)
+        {
+            match service.pid {
+                Some(pid) => {
+                    // SAFETY: signalling the service's own process group.
+                    unsafe { libc::kill(-pid, libc::SIGTERM) };
+                    service.start_at = Some(Instant::now());
+                }
+                None => service.start_at = Some(Instant::now()),
+            }
+        }
+        log(&format!("config applied ({} keys)", values.len()));
+        Ok(values)
+    }
+
+    pub fn exec(&self, argv: &[String], timeout: Duration) -> Result<ExecOutput, String> {
+        let (program, args) = argv.split_first().ok_or("exec needs a command")?;
+        let (tx, rx): (SyncSender<i32>, Receiver<i32>) = mpsc::sync_channel(1);
+        let mut child = {
+            let mut inner = self.lock();
+            let child = Command::new(program)
+                .args(args)
+                .env_clear()
+                .env("PATH", PATH)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .map_err(|e| format!("run {program}: {e}"))?;
+            inner.exec_waiters.insert(child.id() as i32, tx);
+            child
+        };
+        let pid = child.id() as i32;
+        let stdout = child.stdout.take().map(read_capped);
+        let stderr = child.stderr.take().map(read_capped);
+        let status = match rx.recv_timeout(timeout) {
+            Ok(status) => status,
+            Err(_) => {
+                // SAFETY: killing the command's own process group.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                rx.recv().unwrap_or(137)
+            }
+        };
+        let join = |h: Option<std::thread::JoinHandle<String>>| {
+            h.and_then(|h| h.join().ok()).unwrap_or_default()
+        };
+        Ok(ExecOutput {
+            exit_code: status,
+            stdout: join(stdout),
+            stderr: join(stderr),
+        })
+    }
+
+    /// Stops the services, then powers off. Never returns.
+    pub fn shutdown(&self) -> ! {
+        log("shutting down");
+        let pids: Vec<i32> = {
+            let mut inner = self.lock();
+            inner.shutting_down = true;
+            inner.services.iter().filter_map(|s| s.pid).collect()
+        };
+        for pid in &pids {
+            // SAFETY: signalling the service's own process group.
+            unsafe { libc::kill(-pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && self.lock().services.iter().any(|s| s.pid.is_some()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        boot::power_off();
+    }
+
+    fn render_templates(&self, values: &ConfigValues) {
+        for template in &self.spec.templates {
+            let path = Path::new(&template.path);
+            if let Some(parent) = path.parent() {
+                let _ = fs::create_dir_all(parent);
+            }
+            let tmp = path.with_extension("vroom-tmp");
+            let result =
+                fs::write(&tmp, template.render(values)).and_then(|()| fs::rename(&tmp, path));
+            if let Err(err) = result {
+                log(&format!("render {}: {err}", template.path));
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn child_exited(&mut self, pid: i32, status: i32) {
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        };
+        if let Some(waiter) = self.exec_waiters.remove(&pid) {
+            let _ = waiter.send(code);
+            return;
+        }
+        let shutting_down = self.shutting_down;
+        if let Some(service) = self.services.iter_mut().find(|s| s.pid == Some(pid)) {
+            service.pid = None;
+            if shutting_down {
+                return;
+            }
+            log(&format!("service {} exited with {code}", service.spec.name));
+            if service.start_at.is_some() {
+                // A restart was requested (config change): start again right away.
+            } else if service.spec.restart {
+                service.restarts += 1;
+                service.start_at = Some(Instant::now() + SERVICE_RESTART_DELAY);
+            }
+        }
+    }
+
+    fn start_due_services(&mut self) {
+        let now = Instant::now();
+        for service in &mut self.services {
+            if service.pid.is_some() || !service.start_at.is_some_and(|at| at <= now) {
+                continue;
+            }
+            service.start_at = None;
+            let (program, args) = match service.spec.command.split_first() {
+                Some(split) => split,
+                None => continue,
+            };
+            let spawned = Command::new(program)
+                .args(args)
+                .env_clear()
+                .env("PATH", PATH)
+                .stdin(Stdio::null())
+                .process_group(0)
+                .spawn();
+            match spawned {
+                Ok(child) => service.pid = Some(child.id() as i32),
+                Err(err) => {
+                    log(&format!("start service {}: {err}", service.spec.name));
+                    if service.spec.restart {
+                        service.start_at = Some(now + SERVICE_RESTART_DELAY);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let room = MAX_EXEC_OUTPUT.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    })
+}

@@ -1,0 +1,59 @@
+use serde::{Deserialize, Serialize};
+
+/// Stable, machine-readable error codes returned by the API next to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    Conflict,
+    HostUnsupported,
+    ResourceExhausted,
+    Timeout,
+    GuestError,
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether a user can fix the cause by changing their request.
+    pub fn is_user_error(self) -> bool {
+        !matches!(self, ErrorCode::Internal)
+    }
+}
+
+/// The JSON body of every error answer of the API.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Input that fails validation before any work is done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInputError {
+    #[error("invalid name {name:?}: {reason}")]
+    Name { name: String, reason: &'static str },
+    #[error(
+        "invalid memory size {raw:?}: use a number of MiB, optionally with M or G (e.g. 128M)"
+    )]
+    MemSize { raw: String },
+    #[error("memory {mem_mib} MiB is below the {min_mib} MiB the guest kernel needs")]
+    MemTooSmall { mem_mib: u64, min_mib: u64 },
+    #[error("memory {mem_mib} MiB exceeds the host's {host_mib} MiB")]
+    MemTooLarge { mem_mib: u64, host_mib: u64 },
+    #[error("invalid cpu count {cpus}: must be between 1 and {max}")]
+    Cpus { cpus: u32, max: u32 },
+    #[error("invalid network attachment {raw:?}: use NET or NET:IP")]
+    NicSpec { raw: String },
+    #[error("invalid subnet {raw:?}: {reason}")]
+    Subnet { raw: String, reason: &'static str },
+    #[error("invalid config key {key:?}: {reason}")]
+    ConfigKey { key: String, reason: &'static str },
+    #[error("invalid value for config key {key:?}: {reason}")]
+    ConfigValue { key: String, reason: &'static str },
+    #[error("invalid config assignment {raw:?}: use KEY=VALUE")]
+    ConfigAssignment { raw: String },
+    #[error("invalid accelerator {raw:?}: use auto, kvm or tcg")]
+    Accel { raw: String },
+}

@@ -1,0 +1,152 @@
+//! The image manifest (`manifest.json`), version [`MANIFEST_VERSION`].
+//!
+//! An image is a directory in the image store named by the sha256 of its
+//! manifest. It holds `initramfs.cpio` (vroom-init plus kernel modules),
+//! `rootfs.erofs` (the read-only root) and this manifest. The kernel is
+//! referenced, not copied: it lives in the host's kernel cache and is pinned by
+//! its package version and sha256. The [`ApplianceSpec`] part is also copied
+//! into the root filesystem as `/etc/vroom/appliance.json`, where vroom-init
+//! reads it.
+//!
+//! Versioning: readers reject a `manifest_version` they do not know; fields
+//! added later are optional so that version 1 readers keep working.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigValues;
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageManifest {
+    pub manifest_version: u32,
+    pub name: String,
+    pub version: String,
+    pub kernel: KernelRef,
+    pub initramfs: FileDigest,
+    pub rootfs: FileDigest,
+    /// Extra kernel command-line arguments.
+    pub cmdline: String,
+    pub default_mem_mib: u64,
+    pub min_mem_mib: u64,
+    /// What vroom-init does inside the guest.
+    pub appliance: ApplianceSpec,
+}
+
+/// A kernel from the host's kernel cache, pinned by package version and digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KernelRef {
+    /// The Debian package it came from, e.g. `linux-image-6.1.0-56-cloud-amd64`.
+    pub package: String,
+    pub version: String,
+    /// `uname -r` of the kernel; its modules live under `/lib/modules/<release>`.
+    pub release: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FileDigest {
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// The guest's part of an image: read by vroom-init from the root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApplianceSpec {
+    /// Factory-default config, written to a new config volume and restored by `config reset`.
+    pub seed_config: ConfigValues,
+    /// The roles of the appliance's NICs in order (`lan`, `wan`, ...).
+    pub nic_roles: Vec<String>,
+    /// Directories that get a fresh tmpfs at boot; the rest of the root is read-only.
+    pub writable: Vec<String>,
+    /// Files rendered from the config at boot and after every config change.
+    pub templates: Vec<TemplateSpec>,
+    /// Long-running processes vroom-init supervises.
+    pub services: Vec<ServiceSpec>,
+    /// A TCP port that must accept connections before the appliance is healthy.
+    pub health_tcp_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// argv; `argv[0]` is an absolute path inside the root filesystem.
+    pub command: Vec<String>,
+    /// Restart the service when it exits.
+    pub restart: bool,
+    /// Restart the service after the config changed, to pick up re-rendered files.
+    #[serde(default)]
+    pub restart_on_config: bool,
+}
+
+/// A file rendered from config: every `{{key}}` is replaced by the key's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TemplateSpec {
+    /// Absolute destination path in the guest; must be under a writable directory.
+    pub path: String,
+    pub template: String,
+}
+
+/// One line of `image ls`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageSummary {
+    /// The sha256 of the manifest.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    /// Bytes of initramfs plus root filesystem.
+    pub size: u64,
+    pub manifest: ImageManifest,
+}
+
+impl TemplateSpec {
+    /// Replaces every `{{key}}` (spaces allowed inside the braces) with its value;
+    /// keys without a value render as the empty string.
+    pub fn render(&self, values: &ConfigValues) -> String {
+        let mut out = String::with_capacity(self.template.len());
+        let mut rest = self.template.as_str();
+        while let Some(start) = rest.find("{{") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            match after.find("}}") {
+                Some(end) => {
+                    let key = after[..end].trim();
+                    out.push_str(values.get(key).map(String::as_str).unwrap_or(""));
+                    rest = &after[end + 2..];
+                }
+                None => {
+                    out.push_str(&rest[start..]);
+                    rest = "";
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_table() {
+        let values: ConfigValues = [("greeting".to_string(), "hi".to_string())].into();
+        let cases: &[(&str, &str)] = &[
+            ("<h1>{{greeting}}</h1>", "<h1>hi</h1>"),
+            ("{{ greeting }}!", "hi!"),
+            ("{{missing}}x", "x"),
+            ("no braces", "no braces"),
+            ("open {{greeting", "open {{greeting"),
+            ("{{greeting}}{{greeting}}", "hihi"),
+        ];
+        for (template, want) in cases {
+            let spec = TemplateSpec {
+                path: "/run/x".into(),
+                template: template.to_string(),
+            };
+            assert_eq!(spec.render(&values), *want, "template {template:?}");
+        }
+    }
+}

@@ -1,0 +1,238 @@
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigValues, InvalidInputError, Name};
+
+/// The accelerator a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM where the CPU advertises vmx or svm and /dev/kvm opens; TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for AccelChoice {
+    type Err = InvalidInputError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            _ => Err(InvalidInputError::Accel { raw: s.to_string() }),
+        }
+    }
+}
+
+/// The accelerator an instance actually runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// One NIC of an instance as the user asks for it: `NET` or `NET:IP`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NicSpec {
+    pub network: Name,
+    /// A fixed address; vroom allocates one when absent.
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+impl FromStr for NicSpec {
+    type Err = InvalidInputError;
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidInputError::NicSpec {
+            raw: raw.to_string(),
+        };
+        let (net, ip) = match raw.split_once(':') {
+            Some((net, ip)) => (net, Some(ip.parse::<Ipv4Addr>().map_err(|_| invalid())?)),
+            None => (raw, None),
+        };
+        Ok(NicSpec {
+            network: Name::new(net)?,
+            ip,
+        })
+    }
+}
+
+/// What a user asks for when creating an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceSpec {
+    pub name: Name,
+    /// An image name (newest of that name) or id.
+    pub image: String,
+    /// Guest memory in MiB; the image's default when absent.
+    pub mem_mib: Option<u64>,
+    pub cpus: u32,
+    /// NICs in order; the default network when empty.
+    pub nics: Vec<NicSpec>,
+    pub accel: AccelChoice,
+    /// Size of the config volume in KiB; 1440 (a floppy) when absent.
+    pub config_volume_kib: Option<u32>,
+}
+
+/// The body of `POST /v1/instances`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunRequest {
+    pub spec: InstanceSpec,
+    /// Seconds the guest has to report ready before the instance is marked failed.
+    pub ready_timeout_secs: Option<u64>,
+}
+
+/// Whether the user wants the instance running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+}
+
+/// The observed lifecycle state of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// QEMU is up; the guest has not reported ready yet.
+    Starting,
+    /// The guest reported ready.
+    Running,
+    /// A graceful shutdown is under way.
+    Stopping,
+    Stopped,
+    /// The VM died unexpectedly and waits for its restart backoff.
+    Restarting,
+    /// Start failed or the guest never became ready; no automatic restart.
+    Failed,
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from));
+        f.write_str(s.as_deref().unwrap_or("?"))
+    }
+}
+
+/// The closed set of lifecycle actions on an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceAction {
+    Start,
+    Stop,
+    Restart,
+}
+
+/// One NIC as allocated by vroom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NicStatus {
+    pub network: Name,
+    #[schema(value_type = String)]
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    #[schema(value_type = String)]
+    pub gateway: Ipv4Addr,
+    pub mac: String,
+    /// The host tap device; present while QEMU runs.
+    pub tap: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceStatus {
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    pub accel: Option<Accel>,
+    /// Unix seconds of the last QEMU launch.
+    pub started_at: Option<u64>,
+    /// Milliseconds from launch to the guest reporting ready.
+    pub boot_ms: Option<u64>,
+    /// Unexpected exits that were restarted.
+    pub restarts: u32,
+    pub last_error: Option<String>,
+}
+
+impl InstanceStatus {
+    pub fn stopped() -> Self {
+        InstanceStatus {
+            state: InstanceState::Stopped,
+            pid: None,
+            accel: None,
+            started_at: None,
+            boot_ms: None,
+            restarts: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// An instance: desired and observed state together, as stored and as returned by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Instance {
+    /// Random and never reused; names the instance's files and devices.
+    pub id: String,
+    pub spec: InstanceSpec,
+    /// The resolved image id.
+    pub image_id: String,
+    pub image_name: String,
+    pub mem_mib: u64,
+    pub created_at: u64,
+    pub desired: DesiredState,
+    pub nics: Vec<NicStatus>,
+    pub status: InstanceStatus,
+    /// The config as last acknowledged by the guest or written by the host.
+    pub config: ConfigValues,
+}
+
+/// The body of `POST /v1/instances/{name}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nic_specs_table() {
+        let ok = |net: &str, ip: Option<[u8; 4]>| NicSpec {
+            network: Name::new(net).unwrap(),
+            ip: ip.map(Ipv4Addr::from),
+        };
+        let cases: &[(&str, Option<NicSpec>)] = &[
+            ("lan", Some(ok("lan", None))),
+            ("lan:10.0.0.5", Some(ok("lan", Some([10, 0, 0, 5])))),
+            ("lan:", None),
+            ("lan:10.0.0", None),
+            ("Lan", None),
+            (":10.0.0.1", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(raw.parse::<NicSpec>().ok(), *want, "nic {raw:?}");
+        }
+    }
+}

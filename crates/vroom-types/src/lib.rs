@@ -1,0 +1,29 @@
+//! Domain and API data types for vroom.
+//!
+//! Everything a user hands to vroom is a `*Spec`; everything vroom observes is a
+//! `*Status`. Validation of user input lives here, next to the types, and does no
+//! I/O so that every layer (CLI, API, core) can share it.
+
+mod config;
+mod error;
+mod image;
+mod instance;
+mod name;
+mod network;
+mod size;
+
+pub use config::{
+    parse_assignment, validate_config_key, validate_config_value, ConfigUpdate, ConfigValues,
+};
+pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
+pub use image::{
+    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, ServiceSpec, TemplateSpec,
+    MANIFEST_VERSION,
+};
+pub use instance::{
+    Accel, AccelChoice, DesiredState, ExecRequest, ExecResult, Instance, InstanceAction,
+    InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus, RunRequest,
+};
+pub use name::Name;
+pub use network::{parse_subnet, Network, NetworkSpec};
+pub use size::{parse_mem_mib, MIN_MEM_MIB};

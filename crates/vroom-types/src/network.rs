@@ -1,0 +1,78 @@
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::{InvalidInputError, Name};
+
+/// What a user asks for when creating a network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkSpec {
+    pub name: Name,
+    /// An IPv4 subnet between /16 and /29; a free one is chosen when absent.
+    #[schema(value_type = Option<String>, example = "10.90.0.0/24")]
+    pub subnet: Option<Ipv4Net>,
+    /// NAT from this network to the host's uplink.
+    pub nat: bool,
+}
+
+/// A network as created on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Network {
+    pub name: Name,
+    #[schema(value_type = String)]
+    pub subnet: Ipv4Net,
+    pub nat: bool,
+    /// The host bridge.
+    pub bridge: String,
+    /// The host's address on the bridge, the guests' default gateway.
+    #[schema(value_type = String)]
+    pub gateway: Ipv4Addr,
+    pub created_at: u64,
+}
+
+/// Parses and checks a subnet: IPv4, /16 to /29, written as its network address.
+pub fn parse_subnet(raw: &str) -> Result<Ipv4Net, InvalidInputError> {
+    let invalid = |reason| InvalidInputError::Subnet {
+        raw: raw.to_string(),
+        reason,
+    };
+    let net: Ipv4Net = raw
+        .parse()
+        .map_err(|_| invalid("use an IPv4 CIDR such as 10.90.0.0/24"))?;
+    if !(16..=29).contains(&net.prefix_len()) {
+        return Err(invalid("the prefix length must be between 16 and 29"));
+    }
+    if net.network() != net.addr() {
+        return Err(invalid("host bits are set; write the network address"));
+    }
+    if net.addr().is_loopback() || net.addr().is_multicast() || net.addr().is_unspecified() {
+        return Err(invalid(
+            "loopback, multicast and 0.0.0.0 ranges cannot be used",
+        ));
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnets_table() {
+        let cases: &[(&str, bool)] = &[
+            ("10.90.0.0/24", true),
+            ("192.168.7.0/29", true),
+            ("10.0.0.0/16", true),
+            ("10.0.0.0/8", false),
+            ("10.90.0.1/24", false),
+            ("10.90.0.0/30", false),
+            ("127.0.0.0/24", false),
+            ("fd00::/64", false),
+            ("nonsense", false),
+        ];
+        for (raw, ok) in cases {
+            assert_eq!(parse_subnet(raw).is_ok(), *ok, "subnet {raw:?}");
+        }
+    }
+}
