@@ -81,6 +81,12 @@ impl KernelCache {
         Ok(kernel)
     }
 
+    /// The cached kernel an image references, if its digest still matches.
+    pub fn find(&self, reference: &KernelRef) -> Option<Kernel> {
+        self.load(&format!("{}_{}", reference.package, reference.version))
+            .filter(|k| k.reference.sha256 == reference.sha256)
+    }
+
     fn load(&self, entry: &str) -> Option<Kernel> {
         let root = self.dir.join(entry);
         let reference: KernelRef =

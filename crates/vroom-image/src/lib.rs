@@ -4,9 +4,11 @@
 pub mod builtin;
 pub mod cpio;
 pub mod kernel;
+pub mod source;
 pub mod store;
 mod util;
 
 pub use builtin::{build_builtin, BuildImageError, BuildInputs, BUILTIN_IMAGES};
 pub use kernel::{FetchKernelError, Kernel, KernelCache};
+pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};

@@ -1,0 +1,99 @@
+//! The VM driver seam. QEMU microvm is the first driver; Firecracker or Cloud
+//! Hypervisor would implement the same trait.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use vroom_types::{Accel, AccelChoice};
+
+/// Everything a driver needs to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    pub instance_id: String,
+    pub name: String,
+    /// Holds the driver's sockets, pid file and console log.
+    pub run_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    pub accel: Accel,
+    /// Read-only root filesystem image.
+    pub root_disk: PathBuf,
+    /// The config volume, read-write.
+    pub config_disk: PathBuf,
+    pub nics: Vec<LaunchNic>,
+    /// The unix socket of the agent port.
+    pub agent_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchNic {
+    /// The tap device the VMM creates; vroom attaches it to the bridge.
+    pub tap: String,
+    pub mac: String,
+}
+
+/// A running VMM process. Stored with the instance so that a restarted
+/// daemon can re-adopt it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmProcess {
+    pub pid: u32,
+    pub accel: Accel,
+    /// Identifies the process as ours when re-adopting (guards against pid reuse).
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchVmError {
+    #[error("{binary} not found; run `vroom setup` to install it")]
+    VmmMissing { binary: String },
+    #[error("kernel {path} not found; run `vroom setup` to fetch it")]
+    KernelMissing { path: PathBuf },
+    #[error("KVM was requested but is not usable here: {reason}")]
+    KvmUnavailable { reason: String },
+    #[error("the VMM failed to start: {reason}")]
+    Vmm { reason: String },
+    #[error("failed to prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlVmError {
+    #[error("failed to signal VMM process {pid}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VMM control channel: {reason}")]
+    Control { reason: String },
+}
+
+#[async_trait]
+pub trait VmDriver: Send + Sync {
+    /// Picks the accelerator for a request, or says why the requested one is unusable.
+    fn resolve_accel(&self, choice: AccelChoice) -> Result<Accel, LaunchVmError>;
+
+    /// Starts a VM whose process outlives this daemon.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, LaunchVmError>;
+
+    /// Whether a process recorded earlier still runs and is still ours.
+    fn is_alive(&self, process: &VmProcess) -> bool;
+
+    /// Resolves when the process has exited.
+    async fn wait_exit(&self, process: &VmProcess);
+
+    /// Asks the VM to power down (ACPI), for guests whose agent does not answer.
+    async fn power_down(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+
+    /// Ends the process at once.
+    fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+}

@@ -1,0 +1,31 @@
+//! The image seam: how core finds what to boot.
+
+use std::path::PathBuf;
+
+use vroom_types::{ImageManifest, ImageSummary};
+
+/// An image resolved to files on this host.
+#[derive(Debug, Clone)]
+pub struct BootImage {
+    pub id: String,
+    pub manifest: ImageManifest,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveImageError {
+    #[error("unknown image {reference:?}; `vroom image ls` lists the images")]
+    NotFound { reference: String },
+    #[error("kernel {release} of image {image} is not in the kernel cache; run `vroom setup`")]
+    KernelMissing { image: String, release: String },
+    #[error("{message}")]
+    Other { message: String },
+}
+
+pub trait ImageSource: Send + Sync {
+    /// Finds an image by name or id, building a built-in one on first use.
+    fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;
+    fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError>;
+}

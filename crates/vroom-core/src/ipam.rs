@@ -1,0 +1,194 @@
+//! Address and name allocation: pure functions, no I/O.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocateIpError {
+    #[error("address {ip} is outside subnet {subnet}")]
+    OutsideSubnet { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("address {ip} is reserved in subnet {subnet} (network, broadcast or gateway)")]
+    Reserved { ip: Ipv4Addr, subnet: Ipv4Net },
+    #[error("address {ip} is already in use")]
+    InUse { ip: Ipv4Addr },
+    #[error("subnet {subnet} has no free address left")]
+    Exhausted { subnet: Ipv4Net },
+}
+
+/// The host's address on a network's bridge: the first usable address.
+pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+/// Picks `requested` if it is free and usable, else the lowest free address.
+pub fn allocate_ip(
+    subnet: Ipv4Net,
+    used: &[Ipv4Addr],
+    requested: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, AllocateIpError> {
+    let reserved =
+        |ip: Ipv4Addr| ip == subnet.network() || ip == subnet.broadcast() || ip == gateway(subnet);
+    if let Some(ip) = requested {
+        if !subnet.contains(&ip) {
+            return Err(AllocateIpError::OutsideSubnet { ip, subnet });
+        }
+        if reserved(ip) {
+            return Err(AllocateIpError::Reserved { ip, subnet });
+        }
+        if used.contains(&ip) {
+            return Err(AllocateIpError::InUse { ip });
+        }
+        return Ok(ip);
+    }
+    subnet
+        .hosts()
+        .find(|ip| !reserved(*ip) && !used.contains(ip))
+        .ok_or(AllocateIpError::Exhausted { subnet })
+}
+
+/// The first /24 in `pool` that overlaps none of `taken`.
+pub fn choose_subnet(pool: Ipv4Net, taken: &[Ipv4Net]) -> Option<Ipv4Net> {
+    pool.subnets(24)
+        .ok()?
+        .find(|candidate| !taken.iter().any(|t| overlaps(*candidate, *t)))
+}
+
+pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn short_hash(parts: &[&str], len: usize) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..len]
+        .to_string()
+}
+
+/// Interface names are limited to 15 bytes, so they are derived from hashes:
+/// `<prefix>b<8 hex>` for bridges, `<prefix>t<8 hex>` for taps. The bridge hash
+/// covers the data dir, so two vroomd with separate data dirs never collide.
+pub fn bridge_name(prefix: &str, scope: &str, network: &str) -> String {
+    format!("{prefix}b{}", short_hash(&[scope, network], 8))
+}
+
+pub fn tap_name(prefix: &str, instance_id: &str, index: usize) -> String {
+    format!(
+        "{prefix}t{}",
+        short_hash(&[instance_id, &index.to_string()], 8)
+    )
+}
+
+/// A locally administered unicast MAC in QEMU's 52:54:00 range.
+pub fn mac_address(instance_id: &str, index: usize) -> String {
+    let h = short_hash(&[instance_id, &index.to_string(), "mac"], 6);
+    format!("52:54:00:{}:{}:{}", &h[0..2], &h[2..4], &h[4..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn allocation_table() {
+        let subnet = net("10.0.0.0/29"); // .1 gateway, .2-.6 usable, .7 broadcast
+        let cases: Vec<(
+            Vec<Ipv4Addr>,
+            Option<Ipv4Addr>,
+            Result<Ipv4Addr, AllocateIpError>,
+        )> = vec![
+            (vec![], None, Ok(ip("10.0.0.2"))),
+            (
+                vec![ip("10.0.0.2"), ip("10.0.0.3")],
+                None,
+                Ok(ip("10.0.0.4")),
+            ),
+            (vec![ip("10.0.0.3")], None, Ok(ip("10.0.0.2"))),
+            (vec![], Some(ip("10.0.0.5")), Ok(ip("10.0.0.5"))),
+            (
+                vec![ip("10.0.0.5")],
+                Some(ip("10.0.0.5")),
+                Err(AllocateIpError::InUse { ip: ip("10.0.0.5") }),
+            ),
+            (
+                vec![],
+                Some(ip("10.0.0.1")),
+                Err(AllocateIpError::Reserved {
+                    ip: ip("10.0.0.1"),
+                    subnet,
+                }),
+            ),
+            (
+                vec![],
+                Some(ip("10.0.0.7")),
+                Err(AllocateIpError::Reserved {
+                    ip: ip("10.0.0.7"),
+                    subnet,
+                }),
+            ),
+            (
+                vec![],
+                Some(ip("10.0.1.2")),
+                Err(AllocateIpError::OutsideSubnet {
+                    ip: ip("10.0.1.2"),
+                    subnet,
+                }),
+            ),
+            (
+                (2..=6).map(|i| ip(&format!("10.0.0.{i}"))).collect(),
+                None,
+                Err(AllocateIpError::Exhausted { subnet }),
+            ),
+        ];
+        for (used, requested, want) in cases {
+            assert_eq!(
+                allocate_ip(subnet, &used, requested),
+                want,
+                "used {used:?} requested {requested:?}"
+            );
+        }
+        assert_eq!(gateway(subnet), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn subnet_choice_skips_taken_ranges() {
+        let pool = net("10.213.0.0/16");
+        assert_eq!(choose_subnet(pool, &[]), Some(net("10.213.0.0/24")));
+        assert_eq!(
+            choose_subnet(pool, &[net("10.213.0.0/23"), net("10.213.2.128/25")]),
+            Some(net("10.213.3.0/24"))
+        );
+        assert_eq!(choose_subnet(pool, &[net("10.0.0.0/8")]), None);
+        assert!(overlaps(net("10.0.0.0/16"), net("10.0.5.0/24")));
+        assert!(!overlaps(net("10.0.0.0/24"), net("10.0.1.0/24")));
+    }
+
+    #[test]
+    fn interface_names_fit_and_differ() {
+        let a = bridge_name("vr", "/var/lib/vroom", "default");
+        let b = bridge_name("vr", "/tmp/test", "default");
+        assert_ne!(a, b);
+        assert!(a.len() <= 15 && a.starts_with("vrb"));
+        let t = tap_name("vroom", "0123456789abcdef", 3);
+        assert!(t.len() <= 15, "{t}");
+        assert_ne!(tap_name("vr", "x", 0), tap_name("vr", "x", 1));
+        let mac = mac_address("x", 0);
+        assert_eq!(mac.len(), 17);
+        assert!(mac.starts_with("52:54:00:"));
+    }
+}

@@ -1,0 +1,19 @@
+//! vroom-core: the lifecycle engine and the seams it drives.
+//!
+//! Core knows no HTTP, QMP, netlink or etcd. It talks to VMs through
+//! [`driver::VmDriver`], to the host network through [`net::NetworkBackend`],
+//! to persistent state through [`store::StateStore`] and to images through
+//! [`images::ImageSource`]; the `vroom` binary wires real implementations in.
+
+pub mod agent;
+pub mod driver;
+pub mod engine;
+pub mod error;
+pub mod images;
+pub mod ipam;
+pub mod lifecycle;
+pub mod net;
+pub mod store;
+
+pub use engine::{Engine, EngineConfig};
+pub use error::OpError;

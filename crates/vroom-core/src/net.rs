@@ -1,0 +1,31 @@
+//! The host network seam: bridges, taps and NAT.
+
+use async_trait::async_trait;
+use ipnet::Ipv4Net;
+use vroom_types::Network;
+
+#[derive(Debug, thiserror::Error)]
+#[error("failed to {action}: {reason}")]
+pub struct NetworkBackendError {
+    pub action: String,
+    pub reason: String,
+}
+
+/// An address configured on a host interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddress {
+    pub interface: String,
+    pub subnet: Ipv4Net,
+}
+
+#[async_trait]
+pub trait NetworkBackend: Send + Sync {
+    /// Creates the bridge with the gateway address, brings it up and sets up NAT if asked.
+    async fn create_network(&self, network: &Network) -> Result<(), NetworkBackendError>;
+    /// Removes the bridge and its NAT rules; missing pieces are not an error.
+    async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError>;
+    /// Enslaves a tap to a bridge and brings it up.
+    async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError>;
+    /// Every IPv4 subnet configured on the host, to keep new networks from colliding.
+    async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError>;
+}

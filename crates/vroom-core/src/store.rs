@@ -1,0 +1,182 @@
+//! The state store seam, and the embedded implementation on redb.
+//!
+//! Records are JSON values in two redb tables keyed by name. redb commits are
+//! durable (fsync) before `put` returns, so an acknowledged change survives a
+//! crash of vroomd. A cluster store (etcd) would implement the same trait.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use vroom_types::{Instance, Network};
+
+use crate::driver::VmProcess;
+
+/// What vroom stores per instance: the API view plus what only the daemon needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub instance: Instance,
+    /// The VMM process, kept so that a restarted daemon re-adopts it.
+    pub process: Option<VmProcess>,
+    pub ready_timeout_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store {path}: {reason}")]
+pub struct StateStoreError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub trait StateStore: Send + Sync {
+    fn put_instance(&self, record: &InstanceRecord) -> Result<(), StateStoreError>;
+    fn delete_instance(&self, name: &str) -> Result<(), StateStoreError>;
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError>;
+    fn put_network(&self, network: &Network) -> Result<(), StateStoreError>;
+    fn delete_network(&self, name: &str) -> Result<(), StateStoreError>;
+    fn networks(&self) -> Result<Vec<Network>, StateStoreError>;
+}
+
+const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
+
+pub struct RedbStateStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl RedbStateStore {
+    /// Opens or creates the store. A second daemon on the same data dir is
+    /// refused by redb's file lock; a crashed daemon's lock is retried briefly.
+    pub fn open(path: &Path) -> Result<Self, StateStoreError> {
+        let err = |reason: String| StateStoreError {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut last = String::new();
+        for _ in 0..20 {
+            match Database::create(path) {
+                Ok(db) => {
+                    let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
+                    txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
+                    txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
+                    txn.commit().map_err(|e| err(e.to_string()))?;
+                    return Ok(RedbStateStore {
+                        db,
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(err(last))
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> StateStoreError {
+        StateStoreError {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), StateStoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(table)
+            .map_err(|e| self.err(e))?
+            .insert(key, value)
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn delete(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<(), StateStoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        txn.open_table(table)
+            .map_err(|e| self.err(e))?
+            .remove(key)
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StateStoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(table).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (key, value) = entry.map_err(|e| self.err(e))?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| self.err(format!("record {} is corrupt: {e}", key.value())))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+}
+
+impl StateStore for RedbStateStore {
+    fn put_instance(&self, record: &InstanceRecord) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| self.err(e))?;
+        self.put(INSTANCES, record.instance.spec.name.as_str(), &bytes)
+    }
+
+    fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
+        self.delete(INSTANCES, name)
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError> {
+        self.all(INSTANCES)
+    }
+
+    fn put_network(&self, network: &Network) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(network).map_err(|e| self.err(e))?;
+        self.put(NETWORKS, network.name.as_str(), &bytes)
+    }
+
+    fn delete_network(&self, name: &str) -> Result<(), StateStoreError> {
+        self.delete(NETWORKS, name)
+    }
+
+    fn networks(&self) -> Result<Vec<Network>, StateStoreError> {
+        self.all(NETWORKS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vroom_types::Name;
+
+    #[test]
+    fn networks_roundtrip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let net = Network {
+            name: Name::new("lan").unwrap(),
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            nat: false,
+            bridge: "vrb1".into(),
+            gateway: "10.1.0.1".parse().unwrap(),
+            created_at: 1,
+        };
+        {
+            let store = RedbStateStore::open(&path).unwrap();
+            store.put_network(&net).unwrap();
+        }
+        let store = RedbStateStore::open(&path).unwrap();
+        assert_eq!(store.networks().unwrap(), vec![net]);
+        store.delete_network("lan").unwrap();
+        assert!(store.networks().unwrap().is_empty());
+    }
+}

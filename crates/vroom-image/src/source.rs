@@ -1,0 +1,106 @@
+//! The image source the daemon boots from: the local store, plus the kernel
+//! cache that images reference. Built-in images are built on first use.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use vroom_core::images::{BootImage, ImageSource, ResolveImageError};
+use vroom_types::ImageSummary;
+
+use crate::builtin::{build_builtin, BuildInputs, BUILTIN_IMAGES};
+use crate::kernel::KernelCache;
+use crate::store::{ImageStore, ImageStoreError, StoredImage};
+
+pub struct LocalImages {
+    pub store: ImageStore,
+    pub kernels: KernelCache,
+    /// The static vroom-init binary built-in images are made with.
+    pub init: PathBuf,
+    pub busybox: PathBuf,
+    build: Mutex<()>,
+}
+
+impl LocalImages {
+    pub fn new(store: ImageStore, kernels: KernelCache, init: PathBuf, busybox: PathBuf) -> Self {
+        LocalImages {
+            store,
+            kernels,
+            init,
+            busybox,
+            build: Mutex::new(()),
+        }
+    }
+
+    /// Builds a built-in image into the store (or finds it there).
+    pub fn ensure_builtin(&self, name: &str) -> Result<StoredImage, ResolveImageError> {
+        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(image) = self.store.resolve(name) {
+            return Ok(image);
+        }
+        let kernel = self
+            .kernels
+            .current()
+            .ok_or_else(|| ResolveImageError::KernelMissing {
+                image: name.into(),
+                release: "(none cached)".into(),
+            })?;
+        let inputs = BuildInputs {
+            kernel: &kernel,
+            init: &self.init,
+            busybox: &self.busybox,
+        };
+        build_builtin(name, &inputs, &self.store).map_err(|e| ResolveImageError::Other {
+            message: format!("cannot build image {name}: {e}"),
+        })
+    }
+
+    fn boot_image(&self, image: StoredImage) -> Result<BootImage, ResolveImageError> {
+        let kernel = &image.manifest.kernel;
+        let found = self
+            .kernels
+            .find(kernel)
+            .ok_or_else(|| ResolveImageError::KernelMissing {
+                image: image.manifest.name.clone(),
+                release: kernel.release.clone(),
+            })?;
+        Ok(BootImage {
+            initramfs: image.initramfs(),
+            rootfs: image.rootfs(),
+            kernel: found.vmlinuz,
+            id: image.id,
+            manifest: image.manifest,
+        })
+    }
+}
+
+fn store_error(e: ImageStoreError) -> ResolveImageError {
+    match e {
+        ImageStoreError::NotFound { reference } => ResolveImageError::NotFound { reference },
+        e => ResolveImageError::Other {
+            message: e.to_string(),
+        },
+    }
+}
+
+impl ImageSource for LocalImages {
+    fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
+        let image = match self.store.resolve(reference) {
+            Ok(image) => image,
+            Err(ImageStoreError::NotFound { .. }) if BUILTIN_IMAGES.contains(&reference) => {
+                self.ensure_builtin(reference)?
+            }
+            Err(e) => return Err(store_error(e)),
+        };
+        self.boot_image(image)
+    }
+
+    fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
+        Ok(self
+            .store
+            .list()
+            .map_err(store_error)?
+            .iter()
+            .map(StoredImage::summary)
+            .collect())
+    }
+}

@@ -1,0 +1,138 @@
+//! A minimal QMP client: one connection per command, which is all vroom needs
+//! (power down, quit) and keeps no state across daemon restarts. QMP speaks
+//! one JSON object per line; replies are untrusted and length-limited.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const MAX_LINE: usize = 1 << 20;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot connect to QMP socket {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP i/o")]
+    Io(#[from] std::io::Error),
+    #[error("QMP reply is not valid JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("QMP closed the connection")]
+    Closed,
+    #[error("QMP reply line exceeds {MAX_LINE} bytes")]
+    TooLong,
+    #[error("QMP did not answer within {TIMEOUT:?}")]
+    Timeout,
+    #[error("QMP command {command} failed: {desc}")]
+    Command { command: String, desc: String },
+}
+
+/// Runs one QMP command and returns its `return` value.
+pub async fn execute(socket: &Path, command: &str) -> Result<Value, QmpError> {
+    tokio::time::timeout(TIMEOUT, execute_inner(socket, command))
+        .await
+        .map_err(|_| QmpError::Timeout)?
+}
+
+async fn execute_inner(socket: &Path, command: &str) -> Result<Value, QmpError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| QmpError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    read_reply(&mut lines, "greeting", true).await?;
+    for cmd in ["qmp_capabilities", command] {
+        let mut line = serde_json::to_vec(&json!({ "execute": cmd }))?;
+        line.push(b'\n');
+        write.write_all(&line).await?;
+        let reply = read_reply(&mut lines, cmd, false).await?;
+        if cmd == command {
+            return Ok(reply);
+        }
+    }
+    Err(QmpError::Closed)
+}
+
+/// Reads lines until a greeting, a `return` or an `error`, skipping events.
+async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut R,
+    command: &str,
+    greeting: bool,
+) -> Result<Value, QmpError> {
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut *lines)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Err(QmpError::Closed);
+        }
+        if line.len() > MAX_LINE {
+            return Err(QmpError::TooLong);
+        }
+        let value: Value = serde_json::from_slice(&line)?;
+        if greeting && value.get("QMP").is_some() {
+            return Ok(value);
+        }
+        if let Some(ret) = value.get("return") {
+            return Ok(ret.clone());
+        }
+        if let Some(err) = value.get("error") {
+            let desc = err
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_string();
+            return Err(QmpError::Command {
+                command: command.into(),
+                desc,
+            });
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn skips_events_and_reports_errors() {
+        let input = b"{\"event\":\"STOP\"}\n{\"return\":{}}\n{\"error\":{\"class\":\"GenericError\",\"desc\":\"nope\"}}\n".to_vec();
+        let mut reader = BufReader::new(&input[..]);
+        assert_eq!(
+            read_reply(&mut reader, "stop", false).await.unwrap(),
+            json!({})
+        );
+        match read_reply(&mut reader, "x", false).await {
+            Err(QmpError::Command { desc, .. }) => assert_eq!(desc, "nope"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            read_reply(&mut reader, "x", false).await,
+            Err(QmpError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn rejects_garbage() {
+        let input = b"not json\n".to_vec();
+        let mut reader = BufReader::new(&input[..]);
+        assert!(matches!(
+            read_reply(&mut reader, "x", false).await,
+            Err(QmpError::Json(_))
+        ));
+    }
+}
