@@ -1,1 +1,131 @@
-fn main() {}
+//! Developer tasks. `cargo xtask demo` and `cargo xtask test` are the README's
+//! quickstart; both build the static guest init, which needs its own target
+//! flags and so cannot come from a plain `cargo build`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const INIT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("build-init") => build_init(&root).map(|_| ()),
+        Some("demo") => {
+            let vroom = build(&root, true)?;
+            run(Command::new(&vroom).arg("setup"))?;
+            run(Command::new(&vroom).arg("demo").args(&args[1..]))
+        }
+        Some("test") => {
+            let vroom = build(&root, false)?;
+            run(Command::new(&vroom).arg("setup"))?;
+            let init = init_path(&root);
+            run(Command::new(cargo())
+                .current_dir(&root)
+                .args(["test", "--workspace", "--no-fail-fast"])
+                .args(&args[1..])
+                .env("VROOM_INIT", &init))
+        }
+        Some("bench") => {
+            let vroom = build(&root, true)?;
+            run(Command::new(&vroom).arg("setup"))?;
+            let data = tempfile_dir("vroom-bench")?;
+            let result = run(Command::new(&vroom)
+                .arg("--data-dir")
+                .arg(&data)
+                .args(["bench", "boot"])
+                .args(&args[1..]));
+            let _ = run(Command::new("pkill")
+                .arg("-f")
+                .arg(format!("--data-dir {} daemon", data.display())));
+            let _ = std::fs::remove_dir_all(&data);
+            result
+        }
+        Some("openapi") => run(Command::new(cargo())
+            .current_dir(&root)
+            .args([
+                "test",
+                "-q",
+                "-p",
+                "vroom-api",
+                "openapi_document_is_in_sync",
+            ])
+            .env("VROOM_UPDATE_OPENAPI", "1")),
+        _ => {
+            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | build-init | openapi>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("invariant: xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn init_path(root: &Path) -> PathBuf {
+    root.join("target")
+        .join(INIT_TARGET)
+        .join("init/vroom-init")
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed ({status})", cmd.get_program());
+    }
+    Ok(())
+}
+
+/// vroom-init is a static binary: built for an explicit target so that the
+/// crt-static flag does not reach build scripts and proc macros.
+fn build_init(root: &Path) -> Result<PathBuf> {
+    run(Command::new(cargo())
+        .current_dir(root)
+        .args([
+            "build",
+            "-q",
+            "--profile",
+            "init",
+            "-p",
+            "vroom-init",
+            "--target",
+            INIT_TARGET,
+        ])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static"))?;
+    Ok(init_path(root))
+}
+
+/// Builds vroom and puts vroom-init next to it, where vroom looks for it.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let init = build_init(root)?;
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root).args(["build", "-q", "-p", "vroom"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let dir = root
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    std::fs::copy(&init, dir.join("vroom-init"))
+        .context("cannot place vroom-init next to vroom")?;
+    Ok(dir.join("vroom"))
+}
+
+fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -4,6 +4,7 @@
 //! `*Status`. Validation of user input lives here, next to the types, and does no
 //! I/O so that every layer (CLI, API, core) can share it.
 
+mod api;
 mod config;
 mod error;
 mod image;
@@ -12,6 +13,7 @@ mod name;
 mod network;
 mod size;
 
+pub use api::{ActionRequest, ConfigDocument, LogChunk, VersionInfo};
 pub use config::{
     parse_assignment, validate_config_key, validate_config_value, ConfigUpdate, ConfigValues,
 };
@@ -24,6 +26,7 @@ pub use instance::{
     Accel, AccelChoice, DesiredState, ExecRequest, ExecResult, Instance, InstanceAction,
     InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus, RunRequest,
 };
+pub use ipnet::Ipv4Net;
 pub use name::Name;
 pub use network::{parse_subnet, Network, NetworkSpec};
 pub use size::{parse_mem_mib, MIN_MEM_MIB};

@@ -1,0 +1,399 @@
+//! The REST API of vroomd: JSON over a unix socket. The only crate that
+//! knows HTTP. Every route is annotated for OpenAPI; `openapi.json` at the
+//! repository root is generated from the same annotations and a test keeps it
+//! in sync.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tracing::Instrument;
+use utoipa::OpenApi;
+use vroom_core::{Engine, OpError};
+use vroom_types::{
+    ActionRequest, ApiErrorBody, ConfigDocument, ConfigUpdate, ErrorCode, ExecRequest, ExecResult,
+    ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+};
+
+type AppState = Arc<Engine>;
+
+/// An error answer: a status, a stable code and a one-line message.
+pub struct ApiError(OpError);
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        ApiError(e)
+    }
+}
+
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::HostUnsupported => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::GuestError => StatusCode::BAD_GATEWAY,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = status_for(self.0.code);
+        if status.is_server_error() {
+            tracing::error!(code = ?self.0.code, error = %self.0.message, "request failed");
+        }
+        (
+            status,
+            Json(ApiErrorBody {
+                code: self.0.code,
+                message: self.0.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(OpError::new(ErrorCode::InvalidArgument, message))
+}
+
+fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    json.map(|Json(t)| t)
+        .map_err(|e| bad_request(e.body_text()))
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vroomd",
+        description = "The vroom host daemon: MicroVM appliances on one host."
+    ),
+    paths(
+        version,
+        list_instances,
+        run_instance,
+        get_instance,
+        remove_instance,
+        instance_action,
+        exec_instance,
+        instance_logs,
+        get_config,
+        update_config,
+        replace_config,
+        reset_config,
+        list_networks,
+        create_network,
+        get_network,
+        remove_network,
+        list_images,
+        get_image
+    ),
+    components(schemas(ApiErrorBody))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON, as checked into the repository.
+pub fn openapi_json() -> String {
+    let mut json = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("invariant: the OpenAPI document serializes");
+    json.push('\n');
+    json
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/instances", get(list_instances).post(run_instance))
+        .route(
+            "/v1/instances/{name}",
+            get(get_instance).delete(remove_instance),
+        )
+        .route("/v1/instances/{name}/actions", post(instance_action))
+        .route("/v1/instances/{name}/exec", post(exec_instance))
+        .route("/v1/instances/{name}/logs", get(instance_logs))
+        .route(
+            "/v1/instances/{name}/config",
+            get(get_config).patch(update_config).put(replace_config),
+        )
+        .route("/v1/instances/{name}/config/reset", post(reset_config))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{name}",
+            get(get_network).delete(remove_network),
+        )
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/{reference}", get(get_image))
+        .layer(middleware::from_fn(trace_request))
+        .with_state(engine)
+}
+
+/// Every request runs in a span carrying its id; failures are logged with it.
+async fn trace_request(req: Request, next: Next) -> Response {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path());
+    async move {
+        let started = std::time::Instant::now();
+        let response = next.run(req).await;
+        tracing::debug!(
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "handled"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+#[utoipa::path(get, path = "/v1/version", responses((status = 200, body = VersionInfo)))]
+async fn version(State(engine): State<AppState>) -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        data_dir: engine.data_dir().display().to_string(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/instances", responses((status = 200, body = Vec<Instance>)))]
+async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
+    Json(engine.list())
+}
+
+/// Creates an instance and starts it; the guest reports ready later (`status.state` becomes `running`).
+#[utoipa::path(post, path = "/v1/instances", request_body = RunRequest,
+    responses((status = 201, body = Instance), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn run_instance(
+    State(engine): State<AppState>,
+    req: Result<Json<RunRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Instance>), ApiError> {
+    let instance = engine.run(body(req)?).await?;
+    Ok((StatusCode::CREATED, Json(instance)))
+}
+
+#[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Instance), (status = 404, body = ApiErrorBody)))]
+async fn get_instance(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Instance> {
+    Ok(Json(engine.get(&name)?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct RemoveQuery {
+    /// Kill a running instance instead of refusing.
+    #[serde(default)]
+    force: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/instances/{name}", params(("name" = String, Path), RemoveQuery),
+    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn remove_instance(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<RemoveQuery>, QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    engine.remove(&name, query.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/actions", params(("name" = String, Path)), request_body = ActionRequest,
+    responses((status = 200, body = Instance), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn instance_action(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ActionRequest>, JsonRejection>,
+) -> ApiResult<Instance> {
+    Ok(Json(engine.action(&name, body(req)?.action).await?))
+}
+
+/// Runs a command in the guest (for debugging and tests) and returns its output and exit code.
+#[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
+    responses((status = 200, body = ExecResult), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+async fn exec_instance(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ExecRequest>, JsonRejection>,
+) -> ApiResult<ExecResult> {
+    Ok(Json(engine.exec(&name, body(req)?).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct LogQuery {
+    /// Byte offset to read from; 0 for the start.
+    #[serde(default)]
+    offset: u64,
+}
+
+#[utoipa::path(get, path = "/v1/instances/{name}/logs", params(("name" = String, Path), LogQuery),
+    responses((status = 200, body = LogChunk), (status = 404, body = ApiErrorBody)))]
+async fn instance_logs(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<LogChunk> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    let (data, next_offset) = engine.logs(&name, query.offset)?;
+    Ok(Json(LogChunk { data, next_offset }))
+}
+
+#[utoipa::path(get, path = "/v1/instances/{name}/config", params(("name" = String, Path)),
+    responses((status = 200, body = ConfigDocument), (status = 404, body = ApiErrorBody)))]
+async fn get_config(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<ConfigDocument> {
+    Ok(Json(ConfigDocument {
+        values: engine.config_get(&name).await?,
+    }))
+}
+
+/// Sets some keys. On a running instance the guest applies and persists them before this returns.
+#[utoipa::path(patch, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigUpdate,
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody)))]
+async fn update_config(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ConfigUpdate>, JsonRejection>,
+) -> ApiResult<ConfigDocument> {
+    Ok(Json(ConfigDocument {
+        values: engine.config_update(&name, body(req)?.set).await?,
+    }))
+}
+
+/// Replaces the whole config (import).
+#[utoipa::path(put, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigDocument,
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody)))]
+async fn replace_config(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ConfigDocument>, JsonRejection>,
+) -> ApiResult<ConfigDocument> {
+    Ok(Json(ConfigDocument {
+        values: engine.config_replace(&name, body(req)?.values).await?,
+    }))
+}
+
+/// Restores the image's factory config.
+#[utoipa::path(post, path = "/v1/instances/{name}/config/reset", params(("name" = String, Path)),
+    responses((status = 200, body = ConfigDocument), (status = 404, body = ApiErrorBody)))]
+async fn reset_config(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<ConfigDocument> {
+    Ok(Json(ConfigDocument {
+        values: engine.config_reset(&name).await?,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/networks", responses((status = 200, body = Vec<Network>)))]
+async fn list_networks(State(engine): State<AppState>) -> Json<Vec<Network>> {
+    Json(engine.list_networks())
+}
+
+#[utoipa::path(post, path = "/v1/networks", request_body = NetworkSpec,
+    responses((status = 201, body = Network), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn create_network(
+    State(engine): State<AppState>,
+    req: Result<Json<NetworkSpec>, JsonRejection>,
+) -> Result<(StatusCode, Json<Network>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.create_network(body(req)?).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/networks/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Network), (status = 404, body = ApiErrorBody)))]
+async fn get_network(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Network> {
+    Ok(Json(engine.network(&name)?))
+}
+
+#[utoipa::path(delete, path = "/v1/networks/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn remove_network(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    engine.remove_network(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageSummary>)))]
+async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSummary>> {
+    Ok(Json(engine.list_images()?))
+}
+
+#[utoipa::path(get, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),
+    responses((status = 200, body = ImageSummary), (status = 404, body = ApiErrorBody)))]
+async fn get_image(
+    State(engine): State<AppState>,
+    Path(reference): Path<String>,
+) -> ApiResult<ImageSummary> {
+    Ok(Json(engine.get_image(&reference)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in document must match the annotations; regenerate with `cargo xtask openapi`.
+    #[test]
+    fn openapi_document_is_in_sync() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
+        if std::env::var_os("VROOM_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, openapi_json()).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == openapi_json(),
+            "openapi.json is stale: run `cargo xtask openapi`"
+        );
+    }
+
+    /// Every route the router serves is documented, and nothing else is.
+    #[test]
+    fn openapi_paths_match_router_routes() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut documented: Vec<String> = vec![];
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+        documented.sort();
+        let source = include_str!("lib.rs");
+        let mut routed: Vec<String> = vec![];
+        for line in source
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with(".route(\""))
+        {
+            let path = line.split('"').nth(1).unwrap();
+            for method in ["get", "post", "put", "patch", "delete"] {
+                if line.contains(&format!("{method}(")) {
+                    routed.push(format!("{} {path}", method.to_uppercase()));
+                }
+            }
+        }
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
+}

@@ -1,0 +1,290 @@
+//! The typed vroomd client, used by the CLI and the end-to-end tests. One
+//! HTTP/1.1 connection per request over the daemon's unix socket.
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+use vroom_types::{
+    ActionRequest, ApiErrorBody, ConfigDocument, ConfigUpdate, ConfigValues, ErrorCode,
+    ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
+    NetworkSpec, RunRequest, VersionInfo,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to vroomd at {socket}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("HTTP exchange with vroomd failed")]
+    Http(#[from] hyper::Error),
+    #[error("vroomd sent an unexpected answer (HTTP {status}): {body}")]
+    Unexpected { status: u16, body: String },
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Self {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let bytes = self.raw(method, path, body).await?;
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|_| ClientError::Unexpected {
+            status: 200,
+            body: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        })
+    }
+
+    async fn raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Bytes, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let payload = match body {
+            Some(b) => {
+                Bytes::from(serde_json::to_vec(b).expect("invariant: request bodies serialize"))
+            }
+            None => Bytes::new(),
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "vroomd")
+            .header("content-type", "application/json")
+            .body(Full::new(payload))
+            .expect("invariant: a valid request");
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        match serde_json::from_slice::<ApiErrorBody>(&bytes) {
+            Ok(err) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: err.code,
+                message: err.message,
+            }),
+            Err(_) => Err(ClientError::Unexpected {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            }),
+        }
+    }
+
+    pub async fn version(&self) -> Result<VersionInfo, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/version", None).await
+    }
+
+    pub async fn run(&self, req: &RunRequest) -> Result<Instance, ClientError> {
+        self.call(Method::POST, "/v1/instances", Some(req)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<Instance>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/instances", None).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Instance, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/instances/{}", enc(name)), None)
+            .await
+    }
+
+    pub async fn remove(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        self.raw::<()>(
+            Method::DELETE,
+            &format!("/v1/instances/{}?force={force}", enc(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn action(
+        &self,
+        name: &str,
+        action: InstanceAction,
+    ) -> Result<Instance, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/instances/{}/actions", enc(name)),
+            Some(&ActionRequest { action }),
+        )
+        .await
+    }
+
+    pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/instances/{}/exec", enc(name)),
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn logs(&self, name: &str, offset: u64) -> Result<LogChunk, ClientError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/instances/{}/logs?offset={offset}", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn config_get(&self, name: &str) -> Result<ConfigValues, ClientError> {
+        let doc: ConfigDocument = self
+            .call::<(), _>(
+                Method::GET,
+                &format!("/v1/instances/{}/config", enc(name)),
+                None,
+            )
+            .await?;
+        Ok(doc.values)
+    }
+
+    pub async fn config_set(
+        &self,
+        name: &str,
+        set: ConfigValues,
+    ) -> Result<ConfigValues, ClientError> {
+        let doc: ConfigDocument = self
+            .call(
+                Method::PATCH,
+                &format!("/v1/instances/{}/config", enc(name)),
+                Some(&ConfigUpdate { set }),
+            )
+            .await?;
+        Ok(doc.values)
+    }
+
+    pub async fn config_replace(
+        &self,
+        name: &str,
+        values: ConfigValues,
+    ) -> Result<ConfigValues, ClientError> {
+        let doc: ConfigDocument = self
+            .call(
+                Method::PUT,
+                &format!("/v1/instances/{}/config", enc(name)),
+                Some(&ConfigDocument { values }),
+            )
+            .await?;
+        Ok(doc.values)
+    }
+
+    pub async fn config_reset(&self, name: &str) -> Result<ConfigValues, ClientError> {
+        let doc: ConfigDocument = self
+            .call::<(), _>(
+                Method::POST,
+                &format!("/v1/instances/{}/config/reset", enc(name)),
+                None,
+            )
+            .await?;
+        Ok(doc.values)
+    }
+
+    pub async fn networks(&self) -> Result<Vec<Network>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/networks", None).await
+    }
+
+    pub async fn network(&self, name: &str) -> Result<Network, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/networks/{}", enc(name)), None)
+            .await
+    }
+
+    pub async fn create_network(&self, spec: &NetworkSpec) -> Result<Network, ClientError> {
+        self.call(Method::POST, "/v1/networks", Some(spec)).await
+    }
+
+    pub async fn remove_network(&self, name: &str) -> Result<(), ClientError> {
+        self.raw::<()>(Method::DELETE, &format!("/v1/networks/{}", enc(name)), None)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/images", None).await
+    }
+
+    pub async fn image(&self, reference: &str) -> Result<ImageSummary, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/images/{}", enc(reference)), None)
+            .await
+    }
+}
+
+/// Percent-encodes a path segment so that any user text stays one segment.
+fn enc(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(super::enc("web-1"), "web-1");
+        assert_eq!(super::enc("../etc"), "..%2Fetc");
+        assert_eq!(super::enc("a b?"), "a%20b%3F");
+    }
+}

@@ -1,0 +1,224 @@
+//! `vroom bench boot`: boot-to-ready through vroom against the equivalent raw
+//! QEMU command line (same kernel, initramfs, root image, memory and devices),
+//! measured in the same run. "Ready" is the same event for both: the guest
+//! agent reports ready (services up, health check passing).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
+use vroom_agent_proto::{GuestReply, HostCommand};
+use vroom_core::agent::AgentClient;
+use vroom_core::driver::{LaunchNic, LaunchSpec, VmDriver};
+use vroom_core::images::ImageSource;
+use vroom_image::{ImageStore, KernelCache, LocalImages};
+use vroom_types::{AccelChoice, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
+
+use crate::paths;
+
+pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let client = crate::cli::connect(data_dir).await?;
+    let net_name = format!("bench{}", std::process::id() % 10000);
+    let network = client
+        .create_network(&NetworkSpec {
+            name: Name::new(&net_name)?,
+            subnet: None,
+            nat: false,
+        })
+        .await?;
+    let result = measure(&client, data_dir, &network.name, runs).await;
+    let _ = client.remove_network(&net_name).await;
+    let (vroom, raw) = result?;
+    println!(
+        "boot to guest ready, {runs} runs each (hello image, {} MiB):",
+        vroom.mem_mib
+    );
+    print_row("raw qemu", &raw);
+    print_row("vroom run", &vroom);
+    println!(
+        "ratio vroom/raw: median {:.2}x, p90 {:.2}x; RSS ratio {:.2}x",
+        median(&vroom.ms) / median(&raw.ms),
+        p90(&vroom.ms) / p90(&raw.ms),
+        median(&vroom.rss_mib) / median(&raw.rss_mib)
+    );
+    Ok(())
+}
+
+struct Series {
+    ms: Vec<f64>,
+    rss_mib: Vec<f64>,
+    mem_mib: u64,
+}
+
+fn print_row(label: &str, s: &Series) {
+    println!(
+        "  {label:<10} median {:>7.0} ms  p90 {:>7.0} ms  QEMU RSS median {:>5.0} MiB",
+        median(&s.ms),
+        p90(&s.ms),
+        median(&s.rss_mib)
+    );
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+fn median(v: &[f64]) -> f64 {
+    let s = sorted(v);
+    s[s.len() / 2]
+}
+fn p90(v: &[f64]) -> f64 {
+    let s = sorted(v);
+    s[((s.len() as f64 * 0.9).ceil() as usize)
+        .saturating_sub(1)
+        .min(s.len() - 1)]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn measure(
+    client: &vroom_client::Client,
+    data_dir: &Path,
+    net: &Name,
+    runs: usize,
+) -> Result<(Series, Series)> {
+    let mut vroom = Series {
+        ms: vec![],
+        rss_mib: vec![],
+        mem_mib: 0,
+    };
+    let mut raw = Series {
+        ms: vec![],
+        rss_mib: vec![],
+        mem_mib: 0,
+    };
+    let images = LocalImages::new(
+        ImageStore::new(&data_dir.join("images")),
+        KernelCache::new(&paths::cache_dir()),
+        paths::init_binary(),
+        paths::busybox(),
+    );
+    let image = images
+        .resolve("hello")
+        .context("cannot resolve the hello image")?;
+    let driver = vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
+    let accel = driver.resolve_accel(AccelChoice::Auto)?;
+    // Interleave the two so that machine noise hits both alike.
+    for i in 0..runs {
+        let name = format!("bench-{}-{i}", std::process::id() % 10000);
+        let spec = InstanceSpec {
+            name: Name::new(&name)?,
+            image: image.id.clone(),
+            mem_mib: None,
+            cpus: 1,
+            nics: vec![NicSpec {
+                network: net.clone(),
+                ip: None,
+            }],
+            accel: AccelChoice::Auto,
+            config_volume_kib: None,
+        };
+        let started = Instant::now();
+        client
+            .run(&RunRequest {
+                spec,
+                ready_timeout_secs: Some(120),
+            })
+            .await?;
+        let instance = crate::cli::wait_ready(client, &name, Duration::from_secs(130)).await?;
+        vroom.ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        vroom
+            .rss_mib
+            .push(rss_mib(instance.status.pid.unwrap_or(0)));
+        vroom.mem_mib = instance.mem_mib;
+        client.remove(&name, true).await?;
+
+        let (ms, rss) = raw_boot(&driver, &image, accel, i).await?;
+        raw.ms.push(ms);
+        raw.rss_mib.push(rss);
+    }
+    Ok((vroom, raw))
+}
+
+/// One boot with the plain QEMU command line vroom would use, without the daemon.
+async fn raw_boot(
+    driver: &vroom_qemu::QemuDriver,
+    image: &vroom_core::images::BootImage,
+    accel: vroom_types::Accel,
+    run: usize,
+) -> Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let mac = "52:54:00:be:4c:01".to_string();
+    let identity = InstanceFile {
+        version: VOLUME_VERSION,
+        hostname: "raw".into(),
+        nics: vec![NicConfig {
+            mac: mac.clone(),
+            role: None,
+            address: "10.254.0.2".into(),
+            prefix_len: 24,
+            gateway: None,
+        }],
+    };
+    vroom_volume::create(
+        &dir.path().join("config.img"),
+        1440,
+        &identity,
+        &image.manifest.appliance.seed_config,
+    )?;
+    let spec = LaunchSpec {
+        instance_id: format!("raw{run}"),
+        name: format!("raw{run}"),
+        run_dir: dir.path().to_path_buf(),
+        kernel: image.kernel.clone(),
+        initramfs: image.initramfs.clone(),
+        cmdline: image.manifest.cmdline.clone(),
+        mem_mib: image.manifest.default_mem_mib,
+        cpus: 1,
+        accel,
+        root_disk: image.rootfs.clone(),
+        config_disk: dir.path().join("config.img"),
+        nics: vec![LaunchNic {
+            tap: format!("vrbench{}", run % 100),
+            mac,
+        }],
+        agent_socket: dir.path().join("agent.sock"),
+        console_log: dir.path().join("console.log"),
+    };
+    let started = Instant::now();
+    let process = driver.launch(&spec).await?;
+    let agent = AgentClient::new(spec.agent_socket.clone());
+    let deadline = started + Duration::from_secs(120);
+    let ready = loop {
+        if let Ok(GuestReply::Health(h)) = agent
+            .call(HostCommand::Health, Duration::from_secs(2))
+            .await
+        {
+            if h.ready {
+                break started.elapsed().as_secs_f64() * 1000.0;
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = driver.kill(&process);
+            bail!("raw QEMU boot did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
+    let rss = rss_mib(process.pid);
+    driver.kill(&process)?;
+    driver.wait_exit(&process).await;
+    Ok((ready, rss))
+}

@@ -1,0 +1,438 @@
+//! The client-side commands: each talks to vroomd through `vroom-client`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use vroom_client::{Client, ClientError};
+use vroom_types::{
+    ConfigDocument, ExecRequest, Instance, InstanceAction, InstanceSpec, InstanceState,
+    NetworkSpec, RunRequest,
+};
+
+use crate::output::{self, table};
+use crate::{paths, Cli, Command, ConfigOp, ImageOp, NetOp, RunArgs};
+
+pub async fn dispatch(cli: &Cli) -> Result<i32> {
+    let json = cli.json;
+    if let Command::Bench {
+        op: crate::BenchOp::Boot { runs },
+    } = &cli.command
+    {
+        return crate::bench::boot(&cli.data_dir, *runs).await.map(|()| 0);
+    }
+    let client = connect(&cli.data_dir).await?;
+    match &cli.command {
+        Command::Run(args) => return run(&client, args, json).await,
+        Command::Ps => ps(&client, json).await?,
+        Command::Inspect { name } => output::json(&client.get(name).await?),
+        Command::Start { name } => lifecycle(&client, name, InstanceAction::Start, json).await?,
+        Command::Stop { name } => lifecycle(&client, name, InstanceAction::Stop, json).await?,
+        Command::Restart { name } => {
+            lifecycle(&client, name, InstanceAction::Restart, json).await?
+        }
+        Command::Rm { force, name } => client.remove(name, *force).await?,
+        Command::Logs { follow, name } => logs(&client, name, *follow).await?,
+        Command::Exec {
+            name,
+            timeout,
+            command,
+        } => return exec(&client, name, *timeout, command, json).await,
+        Command::Config { name, op } => config(&client, name, op, json).await?,
+        Command::Net { op } => net(&client, op, json).await?,
+        Command::Image { op } => image(&client, op, json).await?,
+        Command::Demo { keep } => crate::demo::run(&client, *keep).await?,
+        Command::Setup | Command::Daemon | Command::Bench { .. } => unreachable!("handled in main"),
+    }
+    Ok(0)
+}
+
+/// Connects to vroomd, starting one in the background when none answers.
+pub async fn connect(data_dir: &Path) -> Result<Client> {
+    let client = Client::new(&paths::socket(data_dir));
+    match client.version().await {
+        Ok(_) => return Ok(client),
+        Err(ClientError::Connect { .. }) => {}
+        Err(e) => return Err(e).context("vroomd answered strangely"),
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("vroomd.log"))?;
+    let exe = std::env::current_exe().context("cannot find the vroom executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session and terminal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().context("cannot start vroomd")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match client.version().await {
+            Ok(_) => return Ok(client),
+            Err(_) if Instant::now() < deadline => continue,
+            Err(e) => {
+                let log = vroom_core::engine::tail_of(&data_dir.join("vroomd.log"), 1);
+                return Err(e).context(format!("vroomd did not come up (last log line: {log})"));
+            }
+        }
+    }
+}
+
+async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
+    let spec = InstanceSpec {
+        name: args.name.clone(),
+        image: args.image.clone(),
+        mem_mib: args.mem,
+        cpus: args.cpus,
+        nics: args.nets.clone(),
+        accel: args.accel,
+        config_volume_kib: args.config_size,
+    };
+    let spinner = (!json).then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .expect("invariant: valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar.set_message(format!("creating {}", spec.name));
+        bar
+    });
+    let created = client
+        .run(&RunRequest {
+            spec,
+            ready_timeout_secs: Some(args.timeout),
+        })
+        .await;
+    let created = match created {
+        Ok(i) => i,
+        Err(e) => {
+            if let Some(s) = &spinner {
+                s.finish_and_clear();
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(s) = &spinner {
+        s.set_message(format!(
+            "booting {} ({})",
+            created.spec.name,
+            accel_of(&created)
+        ));
+    }
+    let instance = wait_ready(
+        client,
+        created.spec.name.as_str(),
+        Duration::from_secs(args.timeout + 10),
+    )
+    .await;
+    if let Some(s) = &spinner {
+        s.finish_and_clear();
+    }
+    let instance = instance?;
+    if json {
+        output::json(&instance);
+    } else {
+        let ips: Vec<String> = instance
+            .nics
+            .iter()
+            .map(|n| format!("{} ({})", n.ip, n.network))
+            .collect();
+        println!(
+            "{} is running: {} in {:.1}s on {}",
+            instance.spec.name,
+            ips.join(", "),
+            instance.status.boot_ms.unwrap_or(0) as f64 / 1000.0,
+            accel_of(&instance)
+        );
+    }
+    Ok(0)
+}
+
+fn accel_of(i: &Instance) -> String {
+    i.status
+        .accel
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Polls until the guest is ready; on failure the error carries the console tail.
+pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Instance> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let instance = client.get(name).await?;
+        match instance.status.state {
+            InstanceState::Running => return Ok(instance),
+            InstanceState::Failed | InstanceState::Stopped => {
+                let cause = instance
+                    .status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| format!("it is {}", instance.status.state));
+                let console = client
+                    .logs(name, 0)
+                    .await
+                    .map(|c| c.data)
+                    .unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                eprintln!("--- console of {name} (last lines) ---");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+                eprintln!("---");
+                bail!("instance {name} failed: {cause}");
+            }
+            _ if Instant::now() > deadline => bail!(
+                "instance {name} is still {} after {timeout:?}",
+                instance.status.state
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn ps(client: &Client, json: bool) -> Result<()> {
+    let instances = client.list().await?;
+    if json {
+        output::json(&instances);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.spec.name.to_string(),
+                i.image_name.clone(),
+                i.status.state.to_string(),
+                i.status
+                    .pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                accel_of(i),
+                format!("{}M", i.mem_mib),
+                i.nics
+                    .iter()
+                    .map(|n| n.ip.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                i.status.restarts.to_string(),
+                output::ago(i.created_at),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "IMAGE",
+            "STATE",
+            "PID",
+            "ACCEL",
+            "MEM",
+            "ADDRESSES",
+            "RESTARTS",
+            "CREATED",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn lifecycle(client: &Client, name: &str, action: InstanceAction, json: bool) -> Result<()> {
+    let instance = client.action(name, action).await?;
+    let instance = if matches!(action, InstanceAction::Start | InstanceAction::Restart) {
+        wait_ready(
+            client,
+            name,
+            Duration::from_secs(vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
+        )
+        .await?
+    } else {
+        instance
+    };
+    if json {
+        output::json(&instance);
+    } else {
+        println!("{name} is {}", instance.status.state);
+    }
+    Ok(())
+}
+
+async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
+    let mut offset = 0;
+    let mut stdout = std::io::stdout();
+    loop {
+        let chunk = client.logs(name, offset).await?;
+        stdout.write_all(chunk.data.as_bytes())?;
+        stdout.flush()?;
+        let got_data = chunk.next_offset != offset;
+        offset = chunk.next_offset;
+        if !got_data {
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+async fn exec(
+    client: &Client,
+    name: &str,
+    timeout: u64,
+    command: &[String],
+    json: bool,
+) -> Result<i32> {
+    let result = client
+        .exec(
+            name,
+            &ExecRequest {
+                argv: command.to_vec(),
+                timeout_secs: Some(timeout),
+            },
+        )
+        .await?;
+    if json {
+        output::json(&result);
+        return Ok(0);
+    }
+    print!("{}", result.stdout);
+    eprint!("{}", result.stderr);
+    std::io::stdout().flush()?;
+    Ok(result.exit_code)
+}
+
+async fn config(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Result<()> {
+    let show = |values: &vroom_types::ConfigValues| {
+        if json {
+            output::json(&ConfigDocument {
+                values: values.clone(),
+            });
+        } else {
+            for (k, v) in values {
+                println!("{k}={v}");
+            }
+        }
+    };
+    match op {
+        ConfigOp::Get { key: None } => show(&client.config_get(name).await?),
+        ConfigOp::Get { key: Some(key) } => {
+            let values = client.config_get(name).await?;
+            let value = values
+                .get(key)
+                .with_context(|| format!("instance {name} has no config key {key:?}"))?;
+            if json {
+                output::json(value);
+            } else {
+                println!("{value}");
+            }
+        }
+        ConfigOp::Set { pairs } => show(
+            &client
+                .config_set(name, pairs.iter().cloned().collect())
+                .await?,
+        ),
+        ConfigOp::Reset => show(&client.config_reset(name).await?),
+        ConfigOp::Export { file } => {
+            let values = client.config_get(name).await?;
+            let bytes = serde_json::to_vec_pretty(&ConfigDocument { values })?;
+            std::fs::write(file, bytes)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+        }
+        ConfigOp::Import { file } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let doc: ConfigDocument = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a config export", file.display()))?;
+            show(&client.config_replace(name, doc.values).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
+    match op {
+        NetOp::Create { name, subnet, nat } => {
+            let network = client
+                .create_network(&NetworkSpec {
+                    name: name.clone(),
+                    subnet: *subnet,
+                    nat: *nat,
+                })
+                .await?;
+            if json {
+                output::json(&network);
+            } else {
+                println!(
+                    "network {} created: {} on bridge {}",
+                    network.name, network.subnet, network.bridge
+                );
+            }
+        }
+        NetOp::Ls => {
+            let networks = client.networks().await?;
+            if json {
+                output::json(&networks);
+            } else {
+                let rows: Vec<Vec<String>> = networks
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.name.to_string(),
+                            n.subnet.to_string(),
+                            n.gateway.to_string(),
+                            n.bridge.clone(),
+                            if n.nat { "yes" } else { "no" }.into(),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT"], &rows);
+            }
+        }
+        NetOp::Inspect { name } => output::json(&client.network(name).await?),
+        NetOp::Rm { name } => client.remove_network(name).await?,
+    }
+    Ok(())
+}
+
+async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
+    match op {
+        ImageOp::Ls => {
+            let images = client.images().await?;
+            if json {
+                output::json(&images);
+            } else {
+                let rows: Vec<Vec<String>> = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.version.clone(),
+                            i.id[..12].to_string(),
+                            output::bytes(i.size),
+                            i.manifest.kernel.release.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "VERSION", "ID", "SIZE", "KERNEL"], &rows);
+            }
+        }
+        ImageOp::Inspect { image } => output::json(&client.image(image).await?),
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `vroom daemon`: the composition root. Wires the QEMU driver, netlink
+//! networking, the redb store and the local image source into the engine and
+//! serves the API on a unix socket (mode 0600). VMs outlive the daemon: on
+//! start it re-adopts the ones still running.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use vroom_core::store::RedbStateStore;
+use vroom_core::{Engine, EngineConfig};
+use vroom_image::{ImageStore, KernelCache, LocalImages};
+use vroom_net::NetlinkNetwork;
+use vroom_qemu::QemuDriver;
+
+use crate::paths;
+
+pub async fn run(data_dir: &Path) -> Result<()> {
+    fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+        .context("cannot restrict the data dir")?;
+    let _lock = lock(data_dir)?;
+
+    let store = RedbStateStore::open(&data_dir.join("state.redb"))
+        .context("cannot open the state store")?;
+    let net = NetlinkNetwork::new().context("cannot open a netlink connection")?;
+    let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
+    let images = LocalImages::new(
+        ImageStore::new(&data_dir.join("images")),
+        KernelCache::new(&paths::cache_dir()),
+        paths::init_binary(),
+        paths::busybox(),
+    );
+    let cfg = EngineConfig {
+        data_dir: data_dir.to_path_buf(),
+        iface_prefix: paths::iface_prefix(),
+        stop_timeout: Duration::from_secs(10),
+        host_mem_mib: host_mem_mib(),
+        host_cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+    };
+    let engine = Engine::new(
+        cfg,
+        Arc::new(driver),
+        Arc::new(net),
+        Arc::new(store),
+        Arc::new(images),
+    );
+    engine.recover().await.context("cannot recover state")?;
+
+    let socket = paths::socket(data_dir);
+    let _ = fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+        .context("cannot restrict the API socket")?;
+    tracing::info!(socket = %socket.display(), "vroomd listening");
+
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("invariant: signal handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("vroomd stopping; VMs keep running");
+    };
+    axum::serve(listener, vroom_api::router(engine))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("API server failed")?;
+    let _ = fs::remove_file(&socket);
+    Ok(())
+}
+
+/// One daemon per data dir.
+fn lock(data_dir: &Path) -> Result<fs::File> {
+    let path = data_dir.join("vroomd.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .context("cannot open the lock file")?;
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "another vroomd is already running on {}",
+            data_dir.display()
+        );
+    }
+    Ok(file)
+}
+
+fn host_mem_mib() -> u64 {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(u64::MAX)
+}

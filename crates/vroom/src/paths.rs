@@ -1,0 +1,42 @@
+//! Where vroom keeps things. Every location can be overridden so that tests
+//! (and several users) isolate themselves.
+
+use std::path::PathBuf;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/vroom";
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/vroom";
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("VROOM_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
+}
+
+/// The static vroom-init binary: `VROOM_INIT`, or next to this executable.
+pub fn init_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VROOM_INIT") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.with_file_name("vroom-init")
+}
+
+pub fn busybox() -> PathBuf {
+    std::env::var_os("VROOM_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/bin/busybox"))
+}
+
+pub fn socket(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("vroomd.sock")
+}
+
+/// Prefix of host interface names (at most 5 characters), `VROOM_IFACE_PREFIX`.
+pub fn iface_prefix() -> String {
+    let prefix = std::env::var("VROOM_IFACE_PREFIX").unwrap_or_else(|_| "vr".into());
+    prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(5)
+        .collect()
+}

@@ -1,0 +1,180 @@
+//! `vroom setup`: checks the host prerequisites, installs the missing ones
+//! from Debian packages when run as root, and fetches the guest kernel into
+//! vroom's cache. Idempotent, and fast when everything is in place.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use vroom_image::KernelCache;
+
+use crate::paths;
+
+/// A command vroom runs, and the Debian package that provides it.
+const PREREQUISITES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("nft", "nftables"),
+    ("depmod", "kmod"),
+    ("dpkg-deb", "dpkg"),
+    ("apt-get", "apt"),
+];
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What is missing, as (what, package) pairs.
+pub fn missing() -> Vec<(String, &'static str)> {
+    let mut out: Vec<(String, &'static str)> = PREREQUISITES
+        .iter()
+        .filter(|(bin, _)| vroom_qemu::find_on_path(bin).is_none())
+        .map(|(bin, pkg)| (bin.to_string(), *pkg))
+        .collect();
+    if !is_static_binary(&paths::busybox()) {
+        out.push((
+            format!("a static busybox at {}", paths::busybox().display()),
+            "busybox-static",
+        ));
+    }
+    out
+}
+
+/// A static ELF has no `PT_INTERP` program header (no dynamic loader).
+fn is_static_binary(path: &Path) -> bool {
+    std::fs::read(path)
+        .map(|bytes| elf_is_static(&bytes))
+        .unwrap_or(false)
+}
+
+fn elf_is_static(bytes: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("invariant: 8 bytes")) as usize)
+    };
+    // 64-bit little-endian ELF only, which is what x86-64 hosts run.
+    if !bytes.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..phnum).all(|i| u32_at(phoff + i * phentsize).is_some_and(|t| t != PT_INTERP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_static_and_dynamic_elves() {
+        assert!(
+            !elf_is_static(&std::fs::read("/bin/sh").unwrap()),
+            "/bin/sh is dynamic"
+        );
+        assert!(!elf_is_static(b"#!/bin/sh"));
+        if let Ok(init) = std::fs::read(crate::paths::init_binary()) {
+            assert!(elf_is_static(&init));
+        }
+    }
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn run(quiet: bool) -> Result<()> {
+    let say = |msg: &str| {
+        if !quiet {
+            println!("{msg}");
+        }
+    };
+    let missing = missing();
+    if !missing.is_empty() {
+        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        if !is_root() {
+            let what: Vec<String> = missing
+                .iter()
+                .map(|(w, p)| format!("{w} (package {p})"))
+                .collect();
+            bail!(
+                "missing {}; install with: sudo apt-get install --no-install-recommends {}",
+                what.join(", "),
+                packages.join(" ")
+            );
+        }
+        say(&format!("installing {}", packages.join(" ")));
+        apt(&["update", "-qq"])?;
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(&packages);
+        apt(&args)?;
+        let still = self::missing();
+        if !still.is_empty() {
+            bail!(
+                "still missing after install: {}",
+                still
+                    .iter()
+                    .map(|(w, _)| w.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    say("prerequisites: ok");
+
+    let kernels = KernelCache::new(&paths::cache_dir());
+    let kernel = match kernels.fetch() {
+        Ok(kernel) => kernel,
+        Err(first) if is_root() => {
+            // Fresh machines often have no package lists yet.
+            say(&format!("{first:#}; refreshing package lists"));
+            apt(&["update", "-qq"])?;
+            kernels.fetch().context("cannot fetch the guest kernel")?
+        }
+        Err(e) => return Err(e).context(
+            "cannot fetch the guest kernel (run `vroom setup` as root to refresh package lists)",
+        ),
+    };
+    say(&format!(
+        "guest kernel: {} {} ({})",
+        kernel.reference.package,
+        kernel.reference.version,
+        kernel.vmlinuz.display()
+    ));
+
+    let init = paths::init_binary();
+    if !init.is_file() {
+        bail!(
+            "vroom-init not found at {}; build it with `cargo xtask build-init` or set VROOM_INIT",
+            init.display()
+        );
+    }
+    say(&format!("vroom-init: {}", init.display()));
+    match vroom_qemu::accel::kvm_status() {
+        Ok(()) => say("accelerator: kvm available"),
+        Err(reason) => say(&format!("accelerator: tcg ({reason})")),
+    }
+    Ok(())
+}
