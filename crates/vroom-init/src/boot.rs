@@ -166,7 +166,15 @@ pub fn write_config(values: &ConfigValues) -> Result<(), String> {
         f.write_all(&bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, dir.join(CONFIG_FILE))?;
-        fs::File::open(&dir)?.sync_all()
+        // fsync on vfat does not reliably write back the FAT table itself (seen:
+        // a directory entry pointing at a cluster still marked free after a
+        // QEMU kill), so flush the whole, tiny filesystem.
+        let root = fs::File::open(&dir)?;
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     };
     write().map_err(|e| format!("write {CONFIG_DIR}/{CONFIG_FILE}: {e}"))
 }

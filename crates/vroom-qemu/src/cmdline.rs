@@ -16,13 +16,45 @@ use vroom_types::Accel;
 /// reserves about 1 GiB per VM (measured RSS 1.2 GB against ~210 MB).
 pub const TCG_TB_SIZE_MIB: u32 = 32;
 
-pub fn qemu_args(spec: &LaunchSpec, qmp_socket: &Path, pid_file: &Path) -> Vec<String> {
+/// Kernel arguments that skip timer calibration under TCG. With several
+/// emulated guests on a busy host, calibrating the TSC against the PIT fails
+/// ("tsc: Unable to calibrate against PIT"), and microvm has no HPET or PM
+/// timer to fall back on, so the boot stalls. Under TCG the guest TSC is the
+/// host's, so the host's TSC rate is the true value. `lpj` is in TSC cycles
+/// per jiffy (HZ=250 in Debian kernels).
+pub fn tcg_timer_args(tsc_khz: u64) -> String {
+    format!("tsc_early_khz={tsc_khz} lpj={}", tsc_khz * 1000 / 250)
+}
+
+/// The host's TSC rate in kHz, read from the CPU clock in /proc/cpuinfo.
+pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
+}
+
+pub fn qemu_args(
+    spec: &LaunchSpec,
+    qmp_socket: &Path,
+    pid_file: &Path,
+    tsc_khz: Option<u64>,
+) -> Vec<String> {
     let p = |path: &Path| path.display().to_string();
     let accel = match spec.accel {
         Accel::Kvm => "kvm".to_string(),
         Accel::Tcg => format!("tcg,tb-size={TCG_TB_SIZE_MIB}"),
     };
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
+    if let (Accel::Tcg, Some(khz)) = (spec.accel, tsc_khz) {
+        cmdline.push(' ');
+        cmdline.push_str(&tcg_timer_args(khz));
+    }
     if !spec.cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&spec.cmdline);
@@ -150,6 +182,7 @@ mod tests {
             &spec(Accel::Tcg),
             &PathBuf::from("/x/qmp.sock"),
             &PathBuf::from("/x/qemu.pid"),
+            None,
         );
         assert_eq!(value_after(&tcg, "-accel"), vec!["tcg,tb-size=32"]);
         assert_eq!(value_after(&tcg, "-cpu"), vec!["max"]);
@@ -157,9 +190,31 @@ mod tests {
             &spec(Accel::Kvm),
             &PathBuf::from("/x/qmp.sock"),
             &PathBuf::from("/x/qemu.pid"),
+            None,
         );
         assert_eq!(value_after(&kvm, "-accel"), vec!["kvm"]);
         assert_eq!(value_after(&kvm, "-cpu"), vec!["host"]);
+    }
+
+    #[test]
+    fn tcg_presets_timer_calibration_and_kvm_does_not() {
+        let qmp = PathBuf::from("/x/qmp.sock");
+        let pid = PathBuf::from("/x/qemu.pid");
+        let tcg = qemu_args(&spec(Accel::Tcg), &qmp, &pid, Some(2_596_146));
+        assert_eq!(
+            value_after(&tcg, "-append"),
+            vec!["console=ttyS0 quiet panic=-1 tsc_early_khz=2596146 lpj=10384584 vroom.debug"]
+        );
+        let kvm = qemu_args(&spec(Accel::Kvm), &qmp, &pid, Some(2_596_146));
+        assert_eq!(
+            value_after(&kvm, "-append"),
+            vec!["console=ttyS0 quiet panic=-1 vroom.debug"]
+        );
+        assert_eq!(
+            host_tsc_khz("model name : x\ncpu MHz\t\t: 2596.146\n"),
+            Some(2_596_146)
+        );
+        assert_eq!(host_tsc_khz("nothing"), None);
     }
 
     #[test]
@@ -168,6 +223,7 @@ mod tests {
             &spec(Accel::Tcg),
             &PathBuf::from("/x/qmp.sock"),
             &PathBuf::from("/x/qemu.pid"),
+            None,
         );
         assert_eq!(value_after(&args, "-M"), vec!["microvm"]);
         assert_eq!(value_after(&args, "-m"), vec!["128M"]);

@@ -72,8 +72,11 @@ impl VmDriver for QemuDriver {
         for stale in [&qmp_socket, &pid_file, &spec.agent_socket] {
             let _ = std::fs::remove_file(stale);
         }
+        let tsc_khz = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| cmdline::host_tsc_khz(&c));
         let output = tokio::process::Command::new(&binary)
-            .args(cmdline::qemu_args(spec, &qmp_socket, &pid_file))
+            .args(cmdline::qemu_args(spec, &qmp_socket, &pid_file, tsc_khz))
             .stdin(std::process::Stdio::null())
             .output()
             .await

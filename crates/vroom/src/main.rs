@@ -182,7 +182,19 @@ pub enum BenchOp {
 
 fn main() {
     ensure_sbin_on_path();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line: clap's first line already reads "error: <cause>".
+            let text = e.to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+    };
     let result = match &cli.command {
         Command::Daemon => {
             init_tracing(true);

@@ -1,0 +1,335 @@
+//! The end-to-end harness: every test gets its own data dir, its own host
+//! interface prefix (so its bridges and taps are recognisable) and random
+//! subnets, and `Drop` removes all of it — VMs, daemon, links, NAT tables and
+//! files — even when the test fails.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vroom_types::Instance;
+
+pub struct Env {
+    pub dir: PathBuf,
+    pub prefix: String,
+    daemon: Mutex<Option<Child>>,
+    extra_env: Vec<(String, String)>,
+}
+
+pub fn vroom_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vroom")
+}
+
+/// The static guest init, built by `cargo xtask test`.
+pub fn init_binary() -> PathBuf {
+    let path = std::env::var_os("VROOM_INIT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target/x86_64-unknown-linux-gnu/init/vroom-init")
+        });
+    assert!(
+        path.is_file(),
+        "vroom-init not found at {}: run the tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+fn suffix() -> String {
+    format!("{:04x}", rand::random::<u16>())
+}
+
+/// A random /24 in 10.64.0.0/10, unlikely to meet another test's.
+pub fn random_subnet() -> String {
+    format!(
+        "10.{}.{}.0/24",
+        64 + rand::random::<u8>() % 64,
+        rand::random::<u8>()
+    )
+}
+
+impl Env {
+    pub fn new(tag: &str) -> Self {
+        Self::with_env(tag, vec![])
+    }
+
+    pub fn with_env(tag: &str, extra_env: Vec<(&str, String)>) -> Self {
+        let s = suffix();
+        let env = Env {
+            dir: PathBuf::from(format!("/tmp/vre-{tag}-{s}")),
+            prefix: format!("t{s}"),
+            daemon: Mutex::new(None),
+            extra_env: extra_env
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        };
+        std::fs::create_dir_all(&env.dir).unwrap();
+        env.start_daemon();
+        env
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(vroom_bin());
+        cmd.env("VROOM_DATA_DIR", &self.dir)
+            .env("VROOM_IFACE_PREFIX", &self.prefix)
+            .env("VROOM_INIT", init_binary())
+            .env_remove("VROOM_LOG");
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn start_daemon(&self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("vroomd.log"))
+            .unwrap();
+        let child = self
+            .command()
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start vroomd");
+        *self.daemon.lock().unwrap() = Some(child);
+        // Probe the socket itself: the CLI would start a daemon of its own.
+        let socket = self.dir.join("vroomd.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "vroomd did not come up: {}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_daemon(&self) {
+        if let Some(mut child) = self.daemon.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vroomd.log")).unwrap_or_default()
+    }
+
+    pub fn vroom(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run vroom")
+    }
+
+    /// Runs vroom, asserts success and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.vroom(args);
+        assert!(
+            out.status.success(),
+            "vroom {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs vroom, asserts failure with a one-line `error:` cause and returns stderr.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let out = self.vroom(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "vroom {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let last = stderr.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error: "),
+            "vroom {args:?}: no one-line cause on stderr: {stderr:?}"
+        );
+        stderr
+    }
+
+    pub fn instance(&self, name: &str) -> Instance {
+        serde_json::from_str(&self.ok(&["inspect", name])).unwrap()
+    }
+
+    pub fn instances(&self) -> Vec<Instance> {
+        serde_json::from_str(&self.ok(&["ps", "--json"])).unwrap()
+    }
+
+    /// Waits until `check` holds for the instance, or panics with its state.
+    pub fn wait_for(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&Instance) -> bool,
+    ) -> Instance {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let instance = self.instance(name);
+            if check(&instance) {
+                return instance;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: timed out waiting for {what}; now {:?}",
+                instance.status
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// QEMU processes that belong to this test's data dir.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let needle = self.dir.display().to_string();
+        let mut pids = vec![];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system") {
+                if cmdline.contains(&needle) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort();
+        pids
+    }
+
+    /// Host interfaces this test created (bridges and taps carry its prefix).
+    pub fn links(&self) -> Vec<String> {
+        let mut links: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&self.prefix))
+            .collect();
+        links.sort();
+        links
+    }
+
+    /// Files under the instances dir: none may remain after a failed command.
+    pub fn instance_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.dir.join("instances"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn nft_tables(&self) -> Vec<String> {
+        let out = Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| l.contains(&format!("vroom_{}", self.prefix)))
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn assert_nothing_left(&self, context: &str) {
+        assert!(
+            self.instances().is_empty(),
+            "{context}: instances left: {:?}",
+            self.instances()
+        );
+        assert!(
+            self.qemu_pids().is_empty(),
+            "{context}: QEMU processes left: {:?}",
+            self.qemu_pids()
+        );
+        assert!(
+            self.links().is_empty(),
+            "{context}: interfaces left: {:?}",
+            self.links()
+        );
+        assert!(
+            self.instance_dirs().is_empty(),
+            "{context}: instance files left: {:?}",
+            self.instance_dirs()
+        );
+        assert!(
+            self.nft_tables().is_empty(),
+            "{context}: nft tables left: {:?}",
+            self.nft_tables()
+        );
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for pid in self.qemu_pids() {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        self.kill_daemon();
+        for link in self.links() {
+            let _ = Command::new("ip").args(["link", "del", &link]).status();
+        }
+        for table in self.nft_tables() {
+            let name = table.trim_start_matches("table ").to_string();
+            let _ = Command::new("nft")
+                .args(["delete", "table"])
+                .args(name.split_whitespace())
+                .status();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- vroomd log of {} ---\n{}",
+                self.dir.display(),
+                self.daemon_log()
+            );
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The body of `GET http://ip/`.
+pub fn http_get(ip: Ipv4Addr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&(ip, 80).into(), Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// Polls the page until it contains `text` (a config change is applied by
+/// the time the API answers, but a fresh boot may need a moment).
+pub fn page_shows(ip: Ipv4Addr, text: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if http_get(ip).is_ok_and(|p| p.contains(text)) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

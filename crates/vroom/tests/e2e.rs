@@ -1,0 +1,412 @@
+//! End-to-end tests: real QEMU microVMs (TCG here), real bridges and taps,
+//! a real vroomd driven through the CLI. Run with `cargo xtask test`, as root.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{page_shows, random_subnet, Env};
+use vroom_types::InstanceState;
+
+const BOOT: Duration = Duration::from_secs(90);
+
+fn running(env: &Env, name: &str) -> vroom_types::Instance {
+    env.wait_for(name, "running", BOOT, |i| {
+        i.status.state == InstanceState::Running
+    })
+}
+
+#[test]
+fn hello_serves_greeting_and_config_follows_the_instance() {
+    let env = Env::new("hello");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    let out = env.ok(&["run", "hello", "--name", "web", "--net", "lan"]);
+    assert!(out.contains("web is running"), "{out}");
+    let web = env.instance("web");
+    assert_eq!(web.status.state, InstanceState::Running);
+    assert_eq!(
+        web.status.accel.map(|a| a.to_string()).as_deref(),
+        Some("tcg"),
+        "no vmx/svm here, so auto picks TCG"
+    );
+    let ip = web.nics[0].ip;
+    assert!(
+        page_shows(ip, "Hello from vroom!"),
+        "the seed greeting is served"
+    );
+
+    // Live change through the agent: applied and on the floppy when the command returns.
+    env.ok(&["config", "web", "set", "greeting=Changed live"]);
+    assert!(page_shows(ip, "Changed live"));
+    assert_eq!(
+        env.ok(&["config", "web", "get", "greeting"]).trim(),
+        "Changed live"
+    );
+    let on_disk = env.ok(&["exec", "web", "--", "cat", "/config/config.json"]);
+    assert!(
+        on_disk.contains("Changed live"),
+        "the guest wrote the floppy: {on_disk}"
+    );
+
+    // Duplicate names and networks in use are refused.
+    assert!(env
+        .fail(&["run", "hello", "--name", "web", "--net", "lan"])
+        .contains("already exists"));
+    assert!(env.fail(&["net", "rm", "lan"]).contains("is used by web"));
+    assert!(env
+        .fail(&["config", "web", "set", "nope=1"])
+        .contains("unknown config key"));
+
+    // Stop then start keeps the config; while stopped the host reads and writes the floppy.
+    env.ok(&["stop", "web"]);
+    assert_eq!(env.instance("web").status.state, InstanceState::Stopped);
+    assert!(env.qemu_pids().is_empty(), "stop ends QEMU");
+    assert_eq!(
+        env.ok(&["config", "web", "get", "greeting"]).trim(),
+        "Changed live"
+    );
+    env.ok(&["config", "web", "set", "greeting=Set while stopped"]);
+    env.ok(&["start", "web"]);
+    let web = running(&env, "web");
+    assert!(page_shows(web.nics[0].ip, "Set while stopped"));
+
+    // Export, reset to the seed (live), import back.
+    let export = env.dir.join("export.json");
+    env.ok(&["config", "web", "export", export.to_str().unwrap()]);
+    env.ok(&["config", "web", "reset"]);
+    assert!(
+        page_shows(ip, "Hello from vroom!"),
+        "reset restores the seed greeting"
+    );
+    env.ok(&["config", "web", "import", export.to_str().unwrap()]);
+    assert!(page_shows(ip, "Set while stopped"));
+
+    // exec passes the exit code through.
+    let out = env.vroom(&["exec", "web", "--", "sh", "-c", "echo hi; exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    let logs = env.ok(&["logs", "web"]);
+    assert!(
+        logs.contains("vroom-init: services started"),
+        "console log captured: {logs}"
+    );
+    let images = env.ok(&["image", "ls"]);
+    assert!(images.contains("hello"), "{images}");
+
+    env.ok(&["rm", "-f", "web"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after rm");
+}
+
+#[test]
+fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
+    let env = Env::new("adopt");
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    let names = ["a1", "a2", "a3"];
+    for name in names {
+        env.ok(&["run", "hello", "--name", name, "--net", "lan"]);
+    }
+    let before: Vec<(String, u32)> = env
+        .instances()
+        .iter()
+        .map(|i| (i.spec.name.to_string(), i.status.pid.unwrap()))
+        .collect();
+    assert_eq!(before.len(), 3);
+
+    env.kill_daemon();
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = env.qemu_pids();
+    for (name, pid) in &before {
+        assert!(
+            pids.contains(pid),
+            "{name}'s QEMU {pid} died with the daemon"
+        );
+    }
+
+    env.start_daemon();
+    let after = env.instances();
+    for (name, pid) in &before {
+        let i = after.iter().find(|i| i.spec.name.as_str() == name).unwrap();
+        assert_eq!(i.status.state, InstanceState::Running, "{name}");
+        assert_eq!(i.status.pid, Some(*pid), "{name} keeps its pid");
+    }
+    // The re-adopted VMs are fully usable: the agent answers and a config change applies.
+    let ip = env.instance("a2").nics[0].ip;
+    env.ok(&["config", "a2", "set", "greeting=after adoption"]);
+    assert!(page_shows(ip, "after adoption"));
+    // And stopping one works through the new daemon.
+    env.ok(&["stop", "a3"]);
+    assert!(!env.qemu_pids().contains(&before[2].1));
+    for name in names {
+        env.ok(&["rm", "-f", name]);
+    }
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after rm");
+}
+
+#[test]
+fn crashed_vm_restarts_with_its_config_and_stopped_vm_stays_stopped() {
+    let env = Env::new("crash");
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    env.ok(&["run", "hello", "--name", "crashy", "--net", "lan"]);
+    env.ok(&["run", "hello", "--name", "parked", "--net", "lan"]);
+    env.ok(&["stop", "parked"]);
+
+    // An acknowledged config change survives QEMU dying right after.
+    env.ok(&["config", "crashy", "set", "greeting=survives the crash"]);
+    let old = env.instance("crashy");
+    let old_pid = old.status.pid.unwrap();
+    // SAFETY: plain syscall on the test's own VM.
+    unsafe { libc::kill(old_pid as i32, libc::SIGKILL) };
+
+    let again = env.wait_for("crashy", "a restart", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.status.pid.is_some_and(|p| p != old_pid)
+    });
+    assert_eq!(again.status.restarts, 1);
+    assert!(page_shows(again.nics[0].ip, "survives the crash"));
+    let parked = env.instance("parked");
+    assert_eq!(
+        parked.status.state,
+        InstanceState::Stopped,
+        "a user-stopped instance is not restarted"
+    );
+    assert_eq!(env.qemu_pids(), vec![again.status.pid.unwrap()]);
+
+    env.ok(&["rm", "-f", "crashy"]);
+    env.ok(&["rm", "parked"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after rm");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
+    let env = Env::new("bad");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "hello", "--name", "Bad_Name", "--net", "lan"],
+            "invalid value 'Bad_Name'",
+        ),
+        (
+            &["run", "hello", "--name", "../etc", "--net", "lan"],
+            "invalid name \"../etc\"",
+        ),
+        (
+            &[
+                "run", "hello", "--name", "ok", "--net", "lan", "--mem", "64M",
+            ],
+            "below the 128 MiB the guest kernel needs",
+        ),
+        (
+            &[
+                "run", "hello", "--name", "ok", "--net", "lan", "--mem", "100000G",
+            ],
+            "exceeds the host",
+        ),
+        (
+            &[
+                "run", "hello", "--name", "ok", "--net", "lan", "--cpus", "0",
+            ],
+            "invalid cpu count 0",
+        ),
+        (
+            &["run", "nosuchimage", "--name", "ok", "--net", "lan"],
+            "unknown image \"nosuchimage\"",
+        ),
+        (
+            &["run", "hello", "--name", "ok", "--net", "nosuchnet"],
+            "no network named \"nosuchnet\"",
+        ),
+        (
+            &["run", "hello", "--name", "ok", "--net", "lan:192.0.2.9"],
+            "outside subnet",
+        ),
+        (
+            &[
+                "run",
+                "hello",
+                "--name",
+                "ok",
+                "--net",
+                "lan",
+                "--config-size",
+                "1",
+            ],
+            "config volume size 1 KiB is outside",
+        ),
+        (
+            &["net", "create", "lan2", "--subnet", &subnet],
+            "overlaps network lan",
+        ),
+        (
+            &["net", "create", "lan", "--subnet", "10.250.0.0/24"],
+            "already exists",
+        ),
+        (
+            &["net", "create", "x", "--subnet", "10.1.2.3/24"],
+            "host bits are set",
+        ),
+        (
+            &["net", "create", "y", "--subnet", "127.0.0.0/24"],
+            "loopback",
+        ),
+        (&["inspect", "ghost"], "no instance named \"ghost\""),
+        (&["stop", "ghost"], "no instance named \"ghost\""),
+        (&["net", "rm", "ghost"], "no network named \"ghost\""),
+    ];
+    for (args, want) in cases {
+        let stderr = env.fail(args);
+        assert!(
+            stderr.contains(want),
+            "vroom {args:?}: expected {want:?} in {stderr:?}"
+        );
+    }
+    let overlap_host = env.fail(&[
+        "net",
+        "create",
+        "hostnet",
+        "--subnet",
+        &host_loopback_free_subnet(),
+    ]);
+    assert!(overlap_host.contains("overlaps"), "{overlap_host}");
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after bad input");
+}
+
+/// A subnet that overlaps an address the host already has (the first non-loopback one).
+fn host_loopback_free_subnet() -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text
+        .lines()
+        .filter(|l| !l.contains(" lo "))
+        .find_map(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .map(String::from)
+        })
+        .expect("the host has an IPv4 address");
+    let net: vroom_types::Ipv4Net = cidr.parse().unwrap();
+    let prefix = net.prefix_len().clamp(16, 29);
+    vroom_types::Ipv4Net::new(net.addr(), prefix)
+        .unwrap()
+        .trunc()
+        .to_string()
+}
+
+#[test]
+fn guest_that_never_becomes_ready_is_marked_failed_with_its_console() {
+    let env = Env::new("slow");
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    let stderr = env.fail(&[
+        "run",
+        "hello",
+        "--name",
+        "slow",
+        "--net",
+        "lan",
+        "--timeout",
+        "1",
+    ]);
+    assert!(
+        stderr.contains("instance slow failed: the guest did not become ready within 1s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--- console of slow"),
+        "the console tail is shown: {stderr}"
+    );
+    let slow = env.instance("slow");
+    assert_eq!(slow.status.state, InstanceState::Failed);
+    assert!(env.qemu_pids().is_empty(), "the failed VM was killed");
+    // A failed instance stays failed (no restart loop) and can be removed.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(env.instance("slow").status.state, InstanceState::Failed);
+    env.ok(&["rm", "slow"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after rm");
+}
+
+#[test]
+fn missing_qemu_or_kernel_is_reported_and_rolled_back() {
+    let no_qemu = Env::with_env(
+        "noqemu",
+        vec![("VROOM_QEMU", "/nonexistent/qemu-system-x86_64".into())],
+    );
+    no_qemu.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    let stderr = no_qemu.fail(&["run", "hello", "--name", "q", "--net", "lan"]);
+    assert!(
+        stderr.contains("/nonexistent/qemu-system-x86_64 not found; run `vroom setup`"),
+        "{stderr}"
+    );
+    no_qemu.ok(&["net", "rm", "lan"]);
+    no_qemu.assert_nothing_left("after missing qemu");
+
+    // The default network is created on first use, and removed again when that use fails.
+    let empty_cache = tempdir_path("vre-cache");
+    let no_kernel = Env::with_env(
+        "nokernel",
+        vec![("VROOM_CACHE_DIR", empty_cache.display().to_string())],
+    );
+    let stderr = no_kernel.fail(&["run", "hello", "--name", "k"]);
+    assert!(
+        stderr.contains("is not in the kernel cache; run `vroom setup`"),
+        "{stderr}"
+    );
+    assert!(
+        no_kernel.ok(&["net", "ls", "--json"]).trim() == "[]",
+        "no default network left behind"
+    );
+    no_kernel.assert_nothing_left("after missing kernel");
+    let _ = std::fs::remove_dir_all(empty_cache);
+}
+
+fn tempdir_path(prefix: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn full_disk_while_creating_the_config_volume_is_reported() {
+    let env = Env::new("full");
+    // Move the data dir onto a small tmpfs: the image fits, a 64 MiB volume does not.
+    env.kill_daemon();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&env.dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    env.start_daemon();
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    let stderr = env.fail(&[
+        "run",
+        "hello",
+        "--name",
+        "big",
+        "--net",
+        "lan",
+        "--config-size",
+        "65536",
+    ]);
+    assert!(
+        stderr.contains("not enough disk space for the config volume"),
+        "{stderr}"
+    );
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after a full disk");
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.join("instances"))
+        .map(|d| d.count())
+        .into_iter()
+        .collect();
+    assert!(leftovers.iter().all(|n| *n == 0));
+    env.kill_daemon();
+}
