@@ -147,7 +147,8 @@ mod tests {
         bad_version[3] = 9;
         let mut too_long = good[..4].to_vec();
         too_long.extend_from_slice(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
-        let cases: Vec<(Vec<u8>, Vec<Result<Vec<u8>, DecodeFrameError>>)> = vec![
+        type Case = (Vec<u8>, Vec<Result<Vec<u8>, DecodeFrameError>>);
+        let cases: Vec<Case> = vec![
             (good.clone(), vec![Ok(b"ok".to_vec())]),
             (
                 [b"xx".to_vec(), good.clone()].concat(),

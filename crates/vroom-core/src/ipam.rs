@@ -107,11 +107,12 @@ mod tests {
     #[test]
     fn allocation_table() {
         let subnet = net("10.0.0.0/29"); // .1 gateway, .2-.6 usable, .7 broadcast
-        let cases: Vec<(
+        type Case = (
             Vec<Ipv4Addr>,
             Option<Ipv4Addr>,
             Result<Ipv4Addr, AllocateIpError>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (vec![], None, Ok(ip("10.0.0.2"))),
             (
                 vec![ip("10.0.0.2"), ip("10.0.0.3")],

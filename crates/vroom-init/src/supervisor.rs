@@ -276,7 +276,7 @@ impl Inner {
     fn start_due_services(&mut self) {
         let now = Instant::now();
         for service in &mut self.services {
-            if service.pid.is_some() || !service.start_at.is_some_and(|at| at <= now) {
+            if service.pid.is_some() || service.start_at.is_none_or(|at| at > now) {
                 continue;
             }
             service.start_at = None;

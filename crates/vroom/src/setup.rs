@@ -76,23 +76,6 @@ fn elf_is_static(bytes: &[u8]) -> bool {
     (0..phnum).all(|i| u32_at(phoff + i * phentsize).is_some_and(|t| t != PT_INTERP))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recognises_static_and_dynamic_elves() {
-        assert!(
-            !elf_is_static(&std::fs::read("/bin/sh").unwrap()),
-            "/bin/sh is dynamic"
-        );
-        assert!(!elf_is_static(b"#!/bin/sh"));
-        if let Ok(init) = std::fs::read(crate::paths::init_binary()) {
-            assert!(elf_is_static(&init));
-        }
-    }
-}
-
 fn apt(args: &[&str]) -> Result<()> {
     let status = Command::new("apt-get")
         .args(args)
@@ -177,4 +160,21 @@ pub fn run(quiet: bool) -> Result<()> {
         Err(reason) => say(&format!("accelerator: tcg ({reason})")),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_static_and_dynamic_elves() {
+        assert!(
+            !elf_is_static(&std::fs::read("/bin/sh").unwrap()),
+            "/bin/sh is dynamic"
+        );
+        assert!(!elf_is_static(b"#!/bin/sh"));
+        if let Ok(init) = std::fs::read(crate::paths::init_binary()) {
+            assert!(elf_is_static(&init));
+        }
+    }
 }

@@ -201,10 +201,9 @@ impl Env {
             };
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system") {
-                if cmdline.contains(&needle) {
-                    pids.push(pid);
-                }
+            let is_qemu = cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system");
+            if is_qemu && cmdline.contains(&needle) {
+                pids.push(pid);
             }
         }
         pids.sort();
