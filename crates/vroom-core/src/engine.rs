@@ -192,9 +192,9 @@ impl Engine {
                     self.spawn_monitor(cell, generation, process, deadline);
                 }
                 _ => {
+                    // The VM is gone: the same rule as for an exit seen live.
                     let outcome =
                         lifecycle::on_exit(record.instance.status.state, record.instance.desired);
-                    let was_running = record.process.is_some();
                     self.update(&cell, |r| {
                         r.process = None;
                         r.instance.status.pid = None;
@@ -202,10 +202,7 @@ impl Engine {
                             r.instance.status.state = InstanceState::Stopped;
                         }
                     })?;
-                    if outcome == ExitOutcome::Restart
-                        && (was_running
-                            || record.instance.status.state == InstanceState::Restarting)
-                    {
+                    if outcome == ExitOutcome::Restart {
                         tracing::warn!(instance = %name, "VM died while no daemon was running; restarting it");
                         self.schedule_restart(cell, 0);
                     }

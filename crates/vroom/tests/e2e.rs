@@ -102,6 +102,7 @@ fn hello_serves_greeting_and_config_follows_the_instance() {
 
 #[test]
 fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
+    // Also: a VM that died while no daemon ran is restarted by the next one.
     let env = Env::new("adopt");
     env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
     let names = ["a1", "a2", "a3"];
@@ -125,13 +126,22 @@ fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
         );
     }
 
+    // One VM dies while no daemon watches it: the next daemon must restart it.
+    let (dead_name, dead_pid) = before[0].clone();
+    // SAFETY: plain syscall on the test's own VM.
+    unsafe { libc::kill(dead_pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(300));
+
     env.start_daemon();
     let after = env.instances();
-    for (name, pid) in &before {
+    for (name, pid) in &before[1..] {
         let i = after.iter().find(|i| i.spec.name.as_str() == name).unwrap();
         assert_eq!(i.status.state, InstanceState::Running, "{name}");
         assert_eq!(i.status.pid, Some(*pid), "{name} keeps its pid");
     }
+    env.wait_for(&dead_name, "a restart after recovery", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.status.pid.is_some_and(|p| p != dead_pid)
+    });
     // The re-adopted VMs are fully usable: the agent answers and a config change applies.
     let ip = env.instance("a2").nics[0].ip;
     env.ok(&["config", "a2", "set", "greeting=after adoption"]);
