@@ -420,3 +420,121 @@ fn full_disk_while_creating_the_config_volume_is_reported() {
     assert!(leftovers.iter().all(|n| *n == 0));
     env.kill_daemon();
 }
+
+/// Real traffic between network namespaces: a client on the bridge fetches the
+/// appliance's page, and the appliance reaches a host on the far side of the
+/// host through NAT, which sees the host's address, not the guest's.
+#[test]
+fn namespaced_client_reaches_the_appliance_and_nat_masquerades_its_traffic() {
+    let env = Env::new("netns");
+    let lan = random_subnet();
+    let lan_net: vroom_types::Ipv4Net = lan.parse().unwrap();
+    let octets = lan_net.network().octets();
+    let prefix = format!("{}.{}.{}", octets[0], octets[1], octets[2]);
+    let network: vroom_types::Network = serde_json::from_str(
+        &env.ok(&["net", "create", "lan", "--subnet", &lan, "--nat", "--json"]),
+    )
+    .unwrap();
+    env.ok(&[
+        "run",
+        "hello",
+        "--name",
+        "web",
+        "--net",
+        &format!("lan:{prefix}.10"),
+    ]);
+
+    // A client namespace plugged into the network's bridge.
+    let (client, client_end) =
+        env.namespace("cl", &format!("{prefix}.200/24"), &format!("{prefix}.1"));
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", &client_end, "master", &network.bridge])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let fetch = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client,
+            "/bin/busybox",
+            "wget",
+            "-qO-",
+            &format!("http://{prefix}.10/"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&fetch.stdout).contains("Hello from vroom!"),
+        "client fetch: {fetch:?}"
+    );
+
+    // A "wan" host behind the host, with a CGI that echoes the caller's address.
+    let wan = random_subnet();
+    let wan_net: vroom_types::Ipv4Net = wan.parse().unwrap();
+    let w = wan_net.network().octets();
+    let (host_ip, server_ip) = (
+        format!("{}.{}.{}.1", w[0], w[1], w[2]),
+        format!("{}.{}.{}.2", w[0], w[1], w[2]),
+    );
+    let (server_ns, server_end) = env.namespace("wan", &format!("{server_ip}/24"), &host_ip);
+    let status = std::process::Command::new("ip")
+        .args(["addr", "add", &format!("{host_ip}/24"), "dev", &server_end])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let www = env.dir.join("www");
+    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
+    let cgi = www.join("cgi-bin/addr");
+    std::fs::write(
+        &cgi,
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"remote=$REMOTE_ADDR\"\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&cgi)
+        .status()
+        .unwrap();
+    let status = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server_ns,
+            "/bin/busybox",
+            "httpd",
+            "-p",
+            "8080",
+            "-h",
+        ])
+        .arg(&www)
+        .status()
+        .unwrap();
+    assert!(status.success(), "start the wan web server");
+
+    let from_guest = env.ok(&[
+        "exec",
+        "web",
+        "--",
+        "wget",
+        "-qO-",
+        &format!("http://{server_ip}:8080/cgi-bin/addr"),
+    ]);
+    // busybox httpd may report the peer as an IPv4-mapped IPv6 address.
+    let seen = from_guest
+        .trim()
+        .trim_start_matches("remote=")
+        .trim_start_matches("[::ffff:")
+        .trim_end_matches(']');
+    assert_eq!(
+        seen, host_ip,
+        "the guest's traffic leaves through the host, masqueraded (server saw {from_guest:?})"
+    );
+
+    env.ok(&["rm", "-f", "web"]);
+    env.ok(&["net", "rm", "lan"]);
+    assert!(
+        env.nft_tables().is_empty(),
+        "the NAT table goes with the network"
+    );
+}

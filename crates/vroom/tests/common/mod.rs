@@ -233,6 +233,41 @@ impl Env {
             .unwrap_or_default()
     }
 
+    /// Network namespaces this test made (named `<prefix>-...`).
+    pub fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default();
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Makes a namespace `<prefix>-<name>` joined to the host by a veth pair
+    /// `<prefix><name>` (host end) with `ns_cidr` inside and `gateway` as its
+    /// default route. The host end is left for the caller to address or bridge.
+    pub fn namespace(&self, name: &str, ns_cidr: &str, gateway: &str) -> (String, String) {
+        let ns = format!("{}-{name}", self.prefix);
+        let host_end = format!("{}{name}", self.prefix);
+        let sh = |cmd: &str| {
+            let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+            assert!(status.success(), "{cmd}");
+        };
+        sh(&format!("ip netns add {ns}"));
+        sh(&format!(
+            "ip link add {host_end} type veth peer name eth0 netns {ns}"
+        ));
+        sh(&format!("ip -n {ns} addr add {ns_cidr} dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"));
+        sh(&format!("ip -n {ns} route add default via {gateway}"));
+        sh(&format!("ip link set {host_end} up"));
+        (ns, host_end)
+    }
+
     pub fn nft_tables(&self) -> Vec<String> {
         let out = Command::new("nft")
             .args(["list", "tables"])
@@ -284,6 +319,17 @@ impl Drop for Env {
         self.kill_daemon();
         for link in self.links() {
             let _ = Command::new("ip").args(["link", "del", &link]).status();
+        }
+        for ns in self.namespaces() {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", &ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
         for table in self.nft_tables() {
             let name = table.trim_start_matches("table ").to_string();
