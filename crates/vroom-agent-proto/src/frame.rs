@@ -182,6 +182,37 @@ mod tests {
         }
     }
 
+    /// Stand-in for a fuzzer (cargo-fuzz needs a nightly toolchain): random
+    /// bytes in random chunks, biased towards header-like garbage (magic, odd
+    /// versions, huge lengths). The decoder never panics and never holds more
+    /// than one maximal frame.
+    #[test]
+    fn random_input_never_panics_or_grows_unbounded() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let mut decoder = FrameDecoder::new();
+            for _ in 0..200 {
+                let mut chunk: Vec<u8> = (0..(next() % 64)).map(|_| next() as u8).collect();
+                if next() % 3 == 0 {
+                    chunk.extend_from_slice(&MAGIC);
+                    chunk.push(next() as u8 % 3);
+                    chunk.extend_from_slice(
+                        &(next() as u32 % (2 * MAX_FRAME_LEN as u32)).to_be_bytes(),
+                    );
+                }
+                decoder.push(&chunk);
+                while let Ok(Some(_)) | Err(_) = decoder.next_frame() {}
+                assert!(decoder.buf.len() <= HEADER_LEN + MAX_FRAME_LEN);
+            }
+        }
+    }
+
     #[test]
     fn refuses_oversized_payload() {
         assert!(encode_frame(&vec![0; MAX_FRAME_LEN + 1]).is_none());
