@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod cpio;
 pub mod kernel;
+pub mod recipe;
 pub mod source;
 pub mod store;
 mod util;

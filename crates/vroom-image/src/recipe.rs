@@ -1,0 +1,856 @@
+//! Recipes, format version 1: the declarative TOML description of an
+//! appliance that the builder turns into an image. See `docs/recipes.md`.
+//!
+//! Loading a recipe validates all of it before anything is built, so a bad
+//! recipe fails first with a precise message naming the field: unknown
+//! fields, invalid names, config defaults that break their own schema,
+//! templates that use undeclared keys, files outside the recipe's directory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use vroom_types::{
+    parse_mem_mib, validate_config_key, ApplianceSpec, ConfigValues, Name, ServiceSpec,
+    TemplateSpec, MIN_MEM_MIB,
+};
+
+/// The NIC roles a recipe may declare.
+pub const NIC_ROLES: &[&str] = &[
+    "wan",
+    "lan",
+    "dmz",
+    "inline-in",
+    "inline-out",
+    "mirror-sink",
+    "mgmt",
+];
+const COMPONENTS: &[&str] = &["main", "contrib", "non-free", "non-free-firmware"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadRecipeError {
+    #[error("cannot read recipe {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recipe {path} is not valid TOML for a vroom recipe: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("recipe {path}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub version: String,
+    pub debian: DebianSpec,
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub dirs: Vec<String>,
+    #[serde(default)]
+    pub users: Vec<UserSpec>,
+    #[serde(default)]
+    pub services: Vec<RecipeService>,
+    #[serde(default)]
+    pub config: BTreeMap<String, ConfigField>,
+    #[serde(default)]
+    pub templates: Vec<RecipeTemplate>,
+    #[serde(default)]
+    pub nics: Vec<String>,
+    pub memory: MemorySpec,
+    pub health: Option<HealthSpec>,
+    #[serde(default = "default_writable")]
+    pub writable: Vec<String>,
+}
+
+fn default_writable() -> Vec<String> {
+    vec!["/run".into(), "/tmp".into(), "/var".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebianSpec {
+    pub suite: String,
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
+    pub packages: Vec<PackageSpec>,
+}
+
+fn default_components() -> Vec<String> {
+    vec!["main".into()]
+}
+
+/// A package, by name or with paths to leave out of the image.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PackageSpec {
+    Name(String),
+    Detailed {
+        name: String,
+        #[serde(default)]
+        exclude: Vec<String>,
+    },
+}
+
+impl PackageSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            PackageSpec::Name(n) | PackageSpec::Detailed { name: n, .. } => n,
+        }
+    }
+    pub fn excludes(&self) -> &[String] {
+        match self {
+            PackageSpec::Name(_) => &[],
+            PackageSpec::Detailed { exclude, .. } => exclude,
+        }
+    }
+}
+
+/// An extra file: its content inline, or a `source` path inside the recipe's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub path: String,
+    pub source: Option<String>,
+    pub content: Option<String>,
+    /// Octal, e.g. "0755"; "0644" when absent.
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserSpec {
+    pub name: String,
+    pub uid: u32,
+    pub gid: Option<u32>,
+    pub home: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeService {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default = "always")]
+    pub restart: RestartPolicy,
+    /// Restart after a config change (for daemons that read their files once).
+    #[serde(default)]
+    pub restart_on_config: bool,
+}
+
+fn always() -> RestartPolicy {
+    RestartPolicy::Always
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Int,
+    Bool,
+    Port,
+    Ipv4,
+    Cidr,
+}
+
+/// One config key: its type, factory default and constraints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigField {
+    #[serde(rename = "type")]
+    pub kind: FieldType,
+    pub default: toml::Value,
+    pub description: Option<String>,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    pub max_len: Option<usize>,
+    /// Allowed values (strings only).
+    pub choices: Option<Vec<String>>,
+}
+
+impl ConfigField {
+    /// The default as the string stored on the config volume.
+    pub fn default_string(&self) -> Option<String> {
+        match &self.default {
+            toml::Value::String(s) => Some(s.clone()),
+            toml::Value::Integer(i) => Some(i.to_string()),
+            toml::Value::Boolean(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Checks a value as `vroom config set` will.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        match self.kind {
+            FieldType::String => {
+                if let Some(max) = self.max_len.filter(|m| value.chars().count() > *m) {
+                    return Err(format!("must be at most {max} characters"));
+                }
+                if let Some(choices) = &self.choices {
+                    if !choices.iter().any(|c| c == value) {
+                        return Err(format!("must be one of {}", choices.join(", ")));
+                    }
+                }
+                Ok(())
+            }
+            FieldType::Int => {
+                let n: i64 = value
+                    .parse()
+                    .map_err(|_| "must be an integer".to_string())?;
+                if self.min.is_some_and(|m| n < m) || self.max.is_some_and(|m| n > m) {
+                    return Err(format!(
+                        "must be between {} and {}",
+                        self.min.map_or("-inf".into(), |m| m.to_string()),
+                        self.max.map_or("inf".into(), |m| m.to_string())
+                    ));
+                }
+                Ok(())
+            }
+            FieldType::Bool => match value {
+                "true" | "false" => Ok(()),
+                _ => Err("must be true or false".into()),
+            },
+            FieldType::Port => match value.parse::<u16>() {
+                Ok(p) if p > 0 => Ok(()),
+                _ => Err("must be a port number from 1 to 65535".into()),
+            },
+            FieldType::Ipv4 => value
+                .parse::<Ipv4Addr>()
+                .map(|_| ())
+                .map_err(|_| "must be an IPv4 address".into()),
+            FieldType::Cidr => value
+                .parse::<vroom_types::Ipv4Net>()
+                .map(|_| ())
+                .map_err(|_| "must be an IPv4 CIDR such as 10.0.0.0/24".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeTemplate {
+    /// Where the rendered file goes in the guest (under a writable directory).
+    pub path: String,
+    /// The template file, inside the recipe's directory.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySpec {
+    pub default: String,
+    pub min: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    pub tcp: u16,
+}
+
+/// A validated recipe with its directory and template texts.
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    pub recipe: Recipe,
+    pub dir: PathBuf,
+    pub default_mem_mib: u64,
+    pub min_mem_mib: u64,
+    /// Template sources, read and checked.
+    pub templates: Vec<TemplateSpec>,
+}
+
+impl LoadedRecipe {
+    /// The guest's part of the image this recipe describes.
+    pub fn appliance(&self) -> ApplianceSpec {
+        let r = &self.recipe;
+        ApplianceSpec {
+            seed_config: r
+                .config
+                .iter()
+                .filter_map(|(k, f)| Some((k.clone(), f.default_string()?)))
+                .collect::<ConfigValues>(),
+            nic_roles: r.nics.clone(),
+            writable: r.writable.clone(),
+            templates: self.templates.clone(),
+            services: r
+                .services
+                .iter()
+                .map(|s| ServiceSpec {
+                    name: s.name.clone(),
+                    command: s.command.clone(),
+                    restart: s.restart == RestartPolicy::Always,
+                    restart_on_config: s.restart_on_config,
+                })
+                .collect(),
+            health_tcp_port: r.health.as_ref().map(|h| h.tcp),
+        }
+    }
+
+    /// A file named by the recipe, resolved inside its directory.
+    pub fn source_path(&self, relative: &str) -> PathBuf {
+        self.dir.join(relative)
+    }
+}
+
+pub fn load(path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadRecipeError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let recipe: Recipe = toml::from_str(&text).map_err(|e| LoadRecipeError::Parse {
+        path: path.into(),
+        message: e.message().to_string(),
+    })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    validate(recipe, dir, path)
+}
+
+fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
+    let bad = |field: &str, reason: String| LoadRecipeError::Invalid {
+        path: path.into(),
+        field: field.into(),
+        reason,
+    };
+
+    Name::new(&recipe.name).map_err(|e| bad("name", e.to_string()))?;
+    if recipe.version.is_empty()
+        || !recipe
+            .version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c))
+    {
+        return Err(bad("version", "use letters, digits and . + ~ -".into()));
+    }
+    if recipe.debian.suite.is_empty()
+        || !recipe
+            .debian
+            .suite
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(bad(
+            "debian.suite",
+            format!("{:?} is not a suite name", recipe.debian.suite),
+        ));
+    }
+    for c in &recipe.debian.components {
+        if !COMPONENTS.contains(&c.as_str()) {
+            return Err(bad(
+                "debian.components",
+                format!("unknown component {c:?} (known: {})", COMPONENTS.join(", ")),
+            ));
+        }
+    }
+    if recipe.debian.packages.is_empty() {
+        return Err(bad(
+            "debian.packages",
+            "at least one package is needed".into(),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for p in &recipe.debian.packages {
+        let n = p.name();
+        let valid = n.len() >= 2
+            && n.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+        if !valid {
+            return Err(bad(
+                "debian.packages",
+                format!("{n:?} is not a Debian package name"),
+            ));
+        }
+        if !seen.insert(n) {
+            return Err(bad("debian.packages", format!("{n} is listed twice")));
+        }
+        for x in p.excludes() {
+            guest_path(x).map_err(|r| bad(&format!("debian.packages.{n}.exclude"), r))?;
+        }
+    }
+
+    for w in &recipe.writable {
+        let p = guest_path(w).map_err(|r| bad("writable", r))?;
+        if p == "/" {
+            return Err(bad(
+                "writable",
+                "the root itself cannot be writable; name directories".into(),
+            ));
+        }
+    }
+    for d in &recipe.dirs {
+        guest_path(d).map_err(|r| bad("dirs", r))?;
+    }
+    for (i, f) in recipe.files.iter().enumerate() {
+        let field = format!("files[{i}]");
+        guest_path(&f.path).map_err(|r| bad(&field, r))?;
+        match (&f.source, &f.content) {
+            (Some(src), None) => {
+                inside_dir(&dir, src).map_err(|r| bad(&field, r))?;
+            }
+            (None, Some(_)) => {}
+            _ => return Err(bad(&field, "give exactly one of source or content".into())),
+        }
+        if let Some(mode) = &f.mode {
+            u32::from_str_radix(mode, 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| bad(&field, format!("mode {mode:?} is not octal")))?;
+        }
+    }
+    let mut users = BTreeSet::new();
+    for u in &recipe.users {
+        Name::new(&u.name).map_err(|e| bad("users", e.to_string()))?;
+        if u.uid == 0 || !users.insert(u.name.clone()) {
+            return Err(bad(
+                "users",
+                format!("user {} needs a unique name and a uid other than 0", u.name),
+            ));
+        }
+    }
+
+    for (key, field) in &recipe.config {
+        let name = format!("config.{key}");
+        validate_config_key(key).map_err(|e| bad(&name, e.to_string()))?;
+        let default = field
+            .default_string()
+            .ok_or_else(|| bad(&name, "default must be a string, integer or boolean".into()))?;
+        field
+            .check(&default)
+            .map_err(|r| bad(&name, format!("default {default:?} {r}")))?;
+        if field.choices.is_some() && field.kind != FieldType::String {
+            return Err(bad(&name, "choices apply to strings only".into()));
+        }
+    }
+
+    let mut templates = Vec::new();
+    for (i, t) in recipe.templates.iter().enumerate() {
+        let field = format!("templates[{i}]");
+        let dest = guest_path(&t.path).map_err(|r| bad(&field, r))?;
+        if !recipe
+            .writable
+            .iter()
+            .any(|w| dest.starts_with(&format!("{}/", w.trim_end_matches('/'))))
+        {
+            return Err(bad(
+                &field,
+                format!(
+                    "{dest} is not under a writable directory ({})",
+                    recipe.writable.join(", ")
+                ),
+            ));
+        }
+        let source = inside_dir(&dir, &t.source).map_err(|r| bad(&field, r))?;
+        let text = std::fs::read_to_string(&source)
+            .map_err(|e| bad(&field, format!("cannot read {}: {e}", t.source)))?;
+        for key in template_keys(&text) {
+            if !recipe.config.contains_key(&key) {
+                return Err(bad(
+                    &field,
+                    format!("{} uses {{{{{key}}}}}, which is not a config key", t.source),
+                ));
+            }
+        }
+        templates.push(TemplateSpec {
+            path: dest,
+            template: text,
+        });
+    }
+
+    let mut names = BTreeSet::new();
+    for s in &recipe.services {
+        let field = format!("services.{}", s.name);
+        Name::new(&s.name).map_err(|e| bad("services", e.to_string()))?;
+        if !names.insert(&s.name) {
+            return Err(bad(&field, "service names must be unique".into()));
+        }
+        match s.command.first() {
+            Some(argv0) if argv0.starts_with('/') => {}
+            _ => {
+                return Err(bad(
+                    &field,
+                    "command must start with an absolute path".into(),
+                ))
+            }
+        }
+    }
+    for role in &recipe.nics {
+        if !NIC_ROLES.contains(&role.as_str()) {
+            return Err(bad(
+                "nics",
+                format!("unknown role {role:?} (known: {})", NIC_ROLES.join(", ")),
+            ));
+        }
+    }
+    let default_mem_mib =
+        parse_mem_mib(&recipe.memory.default).map_err(|e| bad("memory.default", e.to_string()))?;
+    let min_mem_mib =
+        parse_mem_mib(&recipe.memory.min).map_err(|e| bad("memory.min", e.to_string()))?;
+    if min_mem_mib < MIN_MEM_MIB {
+        return Err(bad(
+            "memory.min",
+            format!("the guest kernel needs at least {MIN_MEM_MIB} MiB"),
+        ));
+    }
+    if default_mem_mib < min_mem_mib {
+        return Err(bad("memory.default", "must not be below memory.min".into()));
+    }
+    if recipe.health.as_ref().is_some_and(|h| h.tcp == 0) {
+        return Err(bad("health.tcp", "port 0 cannot be checked".into()));
+    }
+    Ok(LoadedRecipe {
+        recipe,
+        dir,
+        default_mem_mib,
+        min_mem_mib,
+        templates,
+    })
+}
+
+/// An absolute guest path without `..`.
+fn guest_path(raw: &str) -> Result<String, String> {
+    let path = Path::new(raw);
+    if !path.is_absolute() {
+        return Err(format!("{raw:?} must be an absolute path"));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("{raw:?} must not contain .."));
+    }
+    Ok(path.display().to_string())
+}
+
+/// Resolves a recipe-relative file and refuses anything outside the recipe's
+/// directory, whether by an absolute path, by `..`, or through a symlink.
+fn inside_dir(dir: &Path, relative: &str) -> Result<PathBuf, String> {
+    let rel = Path::new(relative);
+    if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("{relative} is outside the recipe's directory"));
+    }
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the recipe directory: {e}"))?;
+    let full = root
+        .join(rel)
+        .canonicalize()
+        .map_err(|_| format!("{relative} does not exist in the recipe's directory"))?;
+    if !full.starts_with(&root) {
+        return Err(format!("{relative} is outside the recipe's directory"));
+    }
+    Ok(full)
+}
+
+/// The keys a template refers to as `{{key}}`.
+fn template_keys(text: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        match after.find("}}") {
+            Some(end) => {
+                keys.push(after[..end].trim().to_string());
+                rest = &after[end + 2..];
+            }
+            None => break,
+        }
+    }
+    keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "web"
+version = "1.0"
+nics = ["lan"]
+
+[debian]
+suite = "bookworm"
+packages = ["busybox-static", { name = "nginx-light", exclude = ["/usr/share/nginx/html"] }]
+
+[[services]]
+name = "httpd"
+command = ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/run/www"]
+
+[config.greeting]
+type = "string"
+default = "hi"
+max_len = 64
+
+[config.port]
+type = "port"
+default = 80
+
+[[templates]]
+path = "/run/www/index.html"
+source = "index.html"
+
+[memory]
+default = "128M"
+min = "128M"
+
+[health]
+tcp = 80
+"#;
+
+    fn write_recipe(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("index.html"),
+            "<h1>{{greeting}}</h1> on {{ port }}",
+        )
+        .unwrap();
+        let path = dir.path().join("recipe.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn a_good_recipe_loads_into_an_appliance() {
+        let (_dir, path) = write_recipe(GOOD);
+        let loaded = load(&path).unwrap();
+        let appliance = loaded.appliance();
+        assert_eq!(
+            appliance.seed_config,
+            [
+                ("greeting".into(), "hi".into()),
+                ("port".into(), "80".into())
+            ]
+            .into()
+        );
+        assert_eq!(
+            appliance.templates[0].template,
+            "<h1>{{greeting}}</h1> on {{ port }}"
+        );
+        assert_eq!(appliance.writable, vec!["/run", "/tmp", "/var"]);
+        assert_eq!(appliance.health_tcp_port, Some(80));
+        assert!(appliance.services[0].restart);
+        assert_eq!(
+            loaded.recipe.debian.packages[1].excludes(),
+            ["/usr/share/nginx/html"]
+        );
+        assert_eq!(loaded.default_mem_mib, 128);
+    }
+
+    #[test]
+    fn bad_recipes_fail_with_the_field_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("name = \"web\"", "name = \"Web\"", "name: invalid name"),
+            ("version = \"1.0\"", "version = \"1 0\"", "version:"),
+            (
+                "suite = \"bookworm\"",
+                "suite = \"book worm\"",
+                "debian.suite",
+            ),
+            (
+                "packages = [\"busybox-static\",",
+                "packages = [\"Busybox\",",
+                "\"Busybox\" is not a Debian package name",
+            ),
+            (
+                "packages = [\"busybox-static\",",
+                "packages = [\"nginx-light\",",
+                "nginx-light is listed twice",
+            ),
+            (
+                "default = \"hi\"",
+                "default = \"hi\"\nextra = 1",
+                "unknown field `extra`",
+            ),
+            (
+                "type = \"port\"\ndefault = 80",
+                "type = \"port\"\ndefault = 0",
+                "config.port: default \"0\" must be a port",
+            ),
+            (
+                "max_len = 64",
+                "max_len = 1",
+                "config.greeting: default \"hi\" must be at most 1 characters",
+            ),
+            (
+                "source = \"index.html\"",
+                "source = \"../etc/passwd\"",
+                "outside the recipe's directory",
+            ),
+            (
+                "source = \"index.html\"",
+                "source = \"missing.html\"",
+                "missing.html does not exist",
+            ),
+            (
+                "source = \"index.html\"",
+                "source = \"/etc/passwd\"",
+                "/etc/passwd is outside the recipe's directory",
+            ),
+            (
+                "exclude = [\"/usr/share/nginx/html\"]",
+                "exclude = [\"usr/share\"]",
+                "must be an absolute path",
+            ),
+            (
+                "path = \"/run/www/index.html\"",
+                "path = \"/etc/index.html\"",
+                "not under a writable directory",
+            ),
+            (
+                "command = [\"/bin/busybox\",",
+                "command = [\"busybox\",",
+                "command must start with an absolute path",
+            ),
+            (
+                "nics = [\"lan\"]",
+                "nics = [\"dmx\"]",
+                "unknown role \"dmx\"",
+            ),
+            (
+                "min = \"128M\"",
+                "min = \"64M\"",
+                "memory.min: the guest kernel needs at least 128 MiB",
+            ),
+            (
+                "default = \"128M\"",
+                "default = \"lots\"",
+                "memory.default: invalid memory size",
+            ),
+            ("tcp = 80", "tcp = 0", "health.tcp"),
+            (
+                "[config.port]",
+                "[config.Port]",
+                "config.Port: invalid config key",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(GOOD.contains(from), "fixture lacks {from:?}");
+            let (_dir, path) = write_recipe(&GOOD.replacen(from, to, 1));
+            let err = load(&path)
+                .expect_err(&format!("{to:?} should be refused"))
+                .to_string();
+            assert!(err.contains(want), "{to:?}: expected {want:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn templates_may_only_use_declared_keys() {
+        let (dir, path) = write_recipe(GOOD);
+        std::fs::write(dir.path().join("index.html"), "{{greeting}} {{nope}}").unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("uses {{nope}}, which is not a config key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn symlinks_cannot_escape_the_recipe_dir() {
+        let (dir, path) =
+            write_recipe(&GOOD.replace("source = \"index.html\"", "source = \"link.html\""));
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link.html")).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("link.html is outside the recipe's directory"),
+            "{err}"
+        );
+    }
+
+    /// The annotated example in docs/recipes.md is a valid recipe.
+    #[test]
+    fn documented_example_loads() {
+        let doc = include_str!("../../../docs/recipes.md");
+        let example = doc
+            .split("```toml")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let (dir, path) = write_recipe(example);
+        std::fs::write(dir.path().join("index.html"), "<h1>{{greeting}}</h1>").unwrap();
+        let loaded = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(loaded.recipe.dirs, vec!["/srv/www"]);
+        assert_eq!(
+            loaded.recipe.files[0].content.as_deref(),
+            Some("managed by vroom\n")
+        );
+    }
+
+    /// Every recipe shipped in the repository loads.
+    #[test]
+    fn shipped_recipes_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&root).unwrap().flatten() {
+            let recipe = entry.path().join("recipe.toml");
+            let r = load(&recipe).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                r.recipe.name,
+                entry.file_name().to_string_lossy(),
+                "a recipe lives in a directory of its name"
+            );
+            loaded += 1;
+        }
+        assert!(loaded >= 1);
+    }
+
+    #[test]
+    fn field_checks_table() {
+        let field = |kind, min, max, choices: Option<Vec<&str>>| ConfigField {
+            kind,
+            default: toml::Value::String(String::new()),
+            description: None,
+            min,
+            max,
+            max_len: None,
+            choices: choices.map(|c| c.into_iter().map(String::from).collect()),
+        };
+        let cases = [
+            (field(FieldType::Int, Some(1), Some(10), None), "5", true),
+            (field(FieldType::Int, Some(1), Some(10), None), "11", false),
+            (field(FieldType::Int, None, None, None), "x", false),
+            (field(FieldType::Bool, None, None, None), "true", true),
+            (field(FieldType::Bool, None, None, None), "yes", false),
+            (field(FieldType::Port, None, None, None), "65535", true),
+            (field(FieldType::Port, None, None, None), "65536", false),
+            (field(FieldType::Ipv4, None, None, None), "10.0.0.1", true),
+            (field(FieldType::Ipv4, None, None, None), "10.0.0", false),
+            (
+                field(FieldType::Cidr, None, None, None),
+                "10.0.0.0/24",
+                true,
+            ),
+            (field(FieldType::Cidr, None, None, None), "10.0.0.0", false),
+            (
+                field(FieldType::String, None, None, Some(vec!["a", "b"])),
+                "b",
+                true,
+            ),
+            (
+                field(FieldType::String, None, None, Some(vec!["a", "b"])),
+                "c",
+                false,
+            ),
+        ];
+        for (f, value, ok) in cases {
+            assert_eq!(f.check(value).is_ok(), ok, "{:?} {value:?}", f.kind);
+        }
+    }
+}
