@@ -73,6 +73,17 @@ struct Cell {
 }
 
 impl Cell {
+    fn new(dir: PathBuf, record: InstanceRecord) -> Arc<Self> {
+        Arc::new(Cell {
+            agent: AgentClient::new(dir.join("agent.sock")),
+            dir,
+            record: Mutex::new(record),
+            op: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            crash_streak: AtomicU32::new(0),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, InstanceRecord> {
         self.record.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -166,18 +177,10 @@ impl Engine {
             .map_err(|e| OpError::internal("failed to load instances", e))?;
         for record in records {
             let name = record.instance.spec.name.clone();
-            let cell = Arc::new(Cell {
-                dir: self.instances_dir().join(&record.instance.id),
-                agent: AgentClient::new(
-                    self.instances_dir()
-                        .join(&record.instance.id)
-                        .join("agent.sock"),
-                ),
-                record: Mutex::new(record.clone()),
-                op: tokio::sync::Mutex::new(()),
-                generation: AtomicU64::new(0),
-                crash_streak: AtomicU32::new(0),
-            });
+            let cell = Cell::new(
+                self.instances_dir().join(&record.instance.id),
+                record.clone(),
+            );
             self.instances
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -343,14 +346,7 @@ impl Engine {
             rollback_default(self).await;
             return Err(e);
         }
-        let cell = Arc::new(Cell {
-            agent: AgentClient::new(dir.join("agent.sock")),
-            dir: dir.clone(),
-            record: Mutex::new(record),
-            op: tokio::sync::Mutex::new(()),
-            generation: AtomicU64::new(0),
-            crash_streak: AtomicU32::new(0),
-        });
+        let cell = Cell::new(dir.clone(), record);
         self.instances
             .lock()
             .unwrap_or_else(|p| p.into_inner())
