@@ -1,6 +1,7 @@
 //! vroom images: where the guest kernel comes from, how an image is packed,
 //! and the content-addressed store that holds images.
 
+pub mod apt;
 pub mod builtin;
 pub mod cpio;
 pub mod kernel;
