@@ -2,9 +2,11 @@
 //! and the content-addressed store that holds images.
 
 pub mod apt;
+pub mod build;
 pub mod builtin;
 pub mod cpio;
 pub mod kernel;
+pub mod pack;
 pub mod recipe;
 pub mod source;
 pub mod store;

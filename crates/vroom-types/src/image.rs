@@ -31,6 +31,21 @@ pub struct ImageManifest {
     pub min_mem_mib: u64,
     /// What vroom-init does inside the guest.
     pub appliance: ApplianceSpec,
+    /// The exact Debian packages in the root filesystem: the image's SBOM.
+    /// Empty for built-in images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<PackageEntry>,
+}
+
+/// One package of an image's SBOM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PackageEntry {
+    pub name: String,
+    pub version: String,
+    /// The source package it was built from.
+    pub source: String,
+    /// The .deb's digest, as in the signed package index.
+    pub sha256: String,
 }
 
 /// A kernel from the host's kernel cache, pinned by package version and digest.

@@ -19,8 +19,8 @@ pub use config::{
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
 pub use image::{
-    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, ServiceSpec, TemplateSpec,
-    MANIFEST_VERSION,
+    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, PackageEntry, ServiceSpec,
+    TemplateSpec, MANIFEST_VERSION,
 };
 pub use instance::{
     Accel, AccelChoice, DesiredState, ExecRequest, ExecResult, Instance, InstanceAction,

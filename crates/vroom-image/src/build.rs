@@ -1,0 +1,236 @@
+//! Building an image from a recipe: resolve → download → extract → trim →
+//! pack. No maintainer script runs on the host; what an appliance needs from
+//! them is declared in the recipe (files, dirs, users).
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use vroom_types::PackageEntry;
+
+use crate::apt::{self, DownloadPackagesError, ResolvePackagesError};
+use crate::builtin::BuildImageError;
+use crate::kernel::Kernel;
+use crate::pack::{pack_and_commit, ImageMeta};
+use crate::recipe::LoadedRecipe;
+use crate::store::{ImageStore, StoredImage};
+use crate::util::run;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Resolve,
+    Download,
+    Extract,
+    Trim,
+    Pack,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Resolve => "resolve",
+            Stage::Download => "download",
+            Stage::Extract => "extract",
+            Stage::Trim => "trim",
+            Stage::Pack => "pack",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildRecipeError {
+    #[error("resolve failed")]
+    Resolve(#[from] ResolvePackagesError),
+    #[error("download failed")]
+    Download(#[from] DownloadPackagesError),
+    #[error("cannot extract {package}: {reason}")]
+    Extract { package: String, reason: String },
+    #[error("cannot stage {what}")]
+    Stage {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] BuildImageError),
+}
+
+pub struct RecipeInputs<'a> {
+    pub kernel: &'a Kernel,
+    pub init: &'a Path,
+    /// Where downloaded packages are kept, by digest, across builds.
+    pub deb_cache: &'a Path,
+}
+
+/// Paths removed from every image: documentation, manuals, translations and
+/// package-manager state that a read-only appliance never uses.
+/// Copyright files stay (they travel with the binaries).
+const TRIM: &[&str] = &[
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "usr/share/linda",
+    "usr/share/bug",
+    "usr/share/doc-base",
+    "usr/share/menu",
+    "var/cache/apt",
+    "var/lib/apt",
+    "var/cache/debconf",
+];
+
+pub fn build_recipe(
+    loaded: &LoadedRecipe,
+    inputs: &RecipeInputs<'_>,
+    store: &ImageStore,
+    progress: &mut dyn FnMut(Stage, String),
+) -> Result<StoredImage, BuildRecipeError> {
+    let recipe = &loaded.recipe;
+    let names: Vec<&str> = recipe.debian.packages.iter().map(|p| p.name()).collect();
+    progress(Stage::Resolve, format!("{} requested", names.len()));
+    let packages = apt::resolve(&names)?;
+    progress(
+        Stage::Resolve,
+        format!("{} packages in the closure", packages.len()),
+    );
+
+    let total: u64 = packages.iter().map(|p| p.size).sum();
+    progress(
+        Stage::Download,
+        format!("{} packages, {:.1} MB", packages.len(), total as f64 / 1e6),
+    );
+    let debs = apt::download(&packages, inputs.deb_cache)?;
+
+    let stage = |what: &str| {
+        let what = what.to_string();
+        move |source| BuildRecipeError::Stage { what, source }
+    };
+    let tree = tempfile::tempdir().map_err(stage("a temporary root"))?;
+    let root = tree.path();
+    progress(Stage::Extract, format!("{} packages", debs.len()));
+    for (package, deb) in packages.iter().zip(&debs) {
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root)).map_err(|reason| {
+            BuildRecipeError::Extract {
+                package: package.name.clone(),
+                reason,
+            }
+        })?;
+    }
+
+    progress(Stage::Trim, "docs, manuals, locales, caches".into());
+    for spec in &recipe.debian.packages {
+        for path in spec.excludes() {
+            remove(&root.join(path.trim_start_matches('/'))).map_err(stage(path))?;
+        }
+    }
+    for path in TRIM {
+        remove(&root.join(path)).map_err(stage(path))?;
+    }
+    trim_docs(&root.join("usr/share/doc")).map_err(stage("usr/share/doc"))?;
+    apply_declarations(loaded, root).map_err(stage("the recipe's files"))?;
+
+    progress(Stage::Pack, "erofs root and initramfs".into());
+    let meta = ImageMeta {
+        name: recipe.name.clone(),
+        version: recipe.version.clone(),
+        default_mem_mib: loaded.default_mem_mib,
+        min_mem_mib: loaded.min_mem_mib,
+        appliance: loaded.appliance(),
+        packages: packages
+            .iter()
+            .map(|p| PackageEntry {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                source: p.source.clone(),
+                sha256: p.sha256.clone(),
+            })
+            .collect(),
+    };
+    Ok(pack_and_commit(
+        root,
+        meta,
+        inputs.kernel,
+        inputs.init,
+        store,
+    )?)
+}
+
+fn remove(path: &Path) -> std::io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Keeps only `copyright` files under usr/share/doc.
+fn trim_docs(doc: &Path) -> std::io::Result<()> {
+    let Ok(entries) = fs::read_dir(doc) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            for file in fs::read_dir(&path)?.flatten() {
+                if file.file_name() != "copyright" {
+                    remove(&file.path())?;
+                }
+            }
+        } else {
+            remove(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The recipe's dirs, files and users.
+fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()> {
+    let recipe = &loaded.recipe;
+    for dir in &recipe.dirs {
+        fs::create_dir_all(root.join(dir.trim_start_matches('/')))?;
+    }
+    for file in &recipe.files {
+        let dest = root.join(file.path.trim_start_matches('/'));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        match (&file.content, &file.source) {
+            (Some(content), _) => fs::write(&dest, content)?,
+            (None, Some(source)) => {
+                fs::copy(loaded.source_path(source), &dest)?;
+            }
+            (None, None) => {}
+        }
+        let mode = file
+            .mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .unwrap_or(0o644);
+        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
+    }
+    fs::create_dir_all(root.join("etc"))?;
+    let read = |name: &str, base: &str| {
+        fs::read_to_string(root.join("etc").join(name)).unwrap_or_else(|_| base.to_string())
+    };
+    let mut passwd = read("passwd", "root:x:0:0:root:/root:/bin/sh\n");
+    let mut group = read("group", "root:x:0:\n");
+    for user in &recipe.users {
+        let gid = user.gid.unwrap_or(user.uid);
+        let home = user.home.as_deref().unwrap_or("/nonexistent");
+        passwd.push_str(&format!(
+            "{}:x:{}:{gid}:{}:{home}:/usr/sbin/nologin\n",
+            user.name, user.uid, user.name
+        ));
+        if !group
+            .lines()
+            .any(|l| l.split(':').nth(2) == Some(&gid.to_string()))
+        {
+            group.push_str(&format!("{}:x:{gid}:\n", user.name));
+        }
+    }
+    fs::write(root.join("etc/passwd"), passwd)?;
+    fs::write(root.join("etc/group"), group)
+}

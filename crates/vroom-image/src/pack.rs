@@ -1,0 +1,155 @@
+//! Packing a staged root filesystem into an image: a compressed, reproducible
+//! erofs root (fixed timestamps, owners and UUID), an initramfs with
+//! vroom-init and the kernel modules, and the manifest with their digests.
+
+use std::fs;
+use std::io::BufWriter;
+use std::path::Path;
+use std::process::Command;
+
+use vroom_types::{ApplianceSpec, FileDigest, ImageManifest, PackageEntry, MANIFEST_VERSION};
+
+use crate::builtin::BuildImageError;
+use crate::cpio::CpioWriter;
+use crate::kernel::{module_load_order, Kernel};
+use crate::store::{ImageStore, StoredImage};
+use crate::util::{run, sha256_file};
+
+/// The kernel modules every appliance needs: virtio transport, disks, NICs,
+/// the agent port, the erofs root and the FAT config volume.
+const BASE_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "erofs",
+    "vfat",
+    "nls_cp437",
+    "nls_iso8859-1",
+];
+
+/// The fixed filesystem UUID, so that equal inputs give equal images.
+const ROOTFS_UUID: &str = "766f6f6d-0000-4000-8000-000000000001";
+
+/// What the manifest says beyond the packed files.
+pub struct ImageMeta {
+    pub name: String,
+    pub version: String,
+    pub default_mem_mib: u64,
+    pub min_mem_mib: u64,
+    pub appliance: ApplianceSpec,
+    pub packages: Vec<PackageEntry>,
+}
+
+/// Packs `tree` and commits the image to the store.
+pub fn pack_and_commit(
+    tree: &Path,
+    meta: ImageMeta,
+    kernel: &Kernel,
+    init: &Path,
+    store: &ImageStore,
+) -> Result<StoredImage, BuildImageError> {
+    let staging = store.staging()?;
+    let stage = |what: &str| {
+        let what = what.to_string();
+        move |source| BuildImageError::Stage { what, source }
+    };
+    let vroom_dir = tree.join("etc/vroom");
+    fs::create_dir_all(&vroom_dir).map_err(stage("etc/vroom"))?;
+    let spec =
+        serde_json::to_vec_pretty(&meta.appliance).expect("invariant: appliance specs serialize");
+    fs::write(vroom_dir.join("appliance.json"), spec).map_err(stage("appliance.json"))?;
+    for dir in ["config", "dev", "proc", "sys"]
+        .iter()
+        .map(|d| d.to_string())
+        .chain(
+            meta.appliance
+                .writable
+                .iter()
+                .map(|w| w.trim_start_matches('/').to_string()),
+        )
+    {
+        fs::create_dir_all(tree.join(dir)).map_err(stage("mount points"))?;
+    }
+
+    let rootfs = staging.path().join("rootfs.erofs");
+    run(Command::new("mkfs.erofs")
+        .args([
+            "--quiet",
+            "-zlz4hc",
+            "-T0",
+            "--all-root",
+            &format!("-U{ROOTFS_UUID}"),
+        ])
+        .arg(&rootfs)
+        .arg(tree))
+    .map_err(|reason| BuildImageError::Pack { reason })?;
+    let initramfs = staging.path().join("initramfs.cpio");
+    write_initramfs(&initramfs, init, kernel).map_err(|reason| BuildImageError::Pack { reason })?;
+
+    let digest = |path: &Path| -> Result<FileDigest, BuildImageError> {
+        let (sha256, size) = sha256_file(path).map_err(stage("digests"))?;
+        let file = path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(FileDigest { file, sha256, size })
+    };
+    let manifest = ImageManifest {
+        manifest_version: MANIFEST_VERSION,
+        name: meta.name,
+        version: meta.version,
+        kernel: kernel.reference.clone(),
+        initramfs: digest(&initramfs)?,
+        rootfs: digest(&rootfs)?,
+        cmdline: String::new(),
+        default_mem_mib: meta.default_mem_mib,
+        min_mem_mib: meta.min_mem_mib,
+        appliance: meta.appliance,
+        packages: meta.packages,
+    };
+    Ok(store.commit(staging, &manifest)?)
+}
+
+/// The initramfs: `/init` (vroom-init), the kernel modules and their load order.
+fn write_initramfs(path: &Path, init: &Path, kernel: &Kernel) -> Result<(), String> {
+    let order = module_load_order(&kernel.modules_dir, BASE_MODULES)?;
+    let file = fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
+    let mut cpio = CpioWriter::new(BufWriter::new(file));
+    let io = |e: std::io::Error| format!("write initramfs: {e}");
+    for dir in ["dev", "proc", "sys", "newroot", "lib", "lib/vroom"] {
+        cpio.dir(dir).map_err(io)?;
+    }
+    cpio.char_device("dev/console", 0o600, 5, 1).map_err(io)?;
+    let init_bytes = fs::read(init).map_err(|e| format!("read {}: {e}", init.display()))?;
+    cpio.file("init", 0o755, &init_bytes).map_err(io)?;
+    let mut list = String::new();
+    let mut made_dirs = std::collections::BTreeSet::new();
+    for module in &order {
+        let dest = format!("lib/modules/{}/{module}", kernel.reference.release);
+        let mut prefix = String::new();
+        for part in Path::new(&dest).parent().into_iter().flat_map(|p| p.iter()) {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(&part.to_string_lossy());
+            if made_dirs.insert(prefix.clone()) && prefix != "lib" {
+                cpio.dir(&prefix).map_err(io)?;
+            }
+        }
+        let bytes = fs::read(kernel.modules_dir.join(module))
+            .map_err(|e| format!("read module {module}: {e}"))?;
+        cpio.file(&dest, 0o644, &bytes).map_err(io)?;
+        list.push('/');
+        list.push_str(&dest);
+        list.push('\n');
+    }
+    cpio.file("lib/vroom/modules", 0o644, list.as_bytes())
+        .map_err(io)?;
+    cpio.finish()
+        .map_err(io)?
+        .into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)
+}
