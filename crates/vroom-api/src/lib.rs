@@ -18,8 +18,9 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    ActionRequest, ApiErrorBody, ConfigDocument, ConfigUpdate, ErrorCode, ExecRequest, ExecResult,
-    ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+    ActionRequest, ApiErrorBody, BuildImageRequest, ConfigDocument, ConfigUpdate, ErrorCode,
+    ExecRequest, ExecResult, ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest,
+    VersionInfo,
 };
 
 type AppState = Arc<Engine>;
@@ -135,6 +136,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(get_network).delete(remove_network),
         )
         .route("/v1/images", get(list_images))
+        .route("/v1/images/build", post(build_image))
         .route("/v1/images/{reference}", get(get_image))
         .layer(middleware::from_fn(trace_request))
         .with_state(engine)
@@ -339,6 +341,23 @@ async fn remove_network(
 #[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageSummary>)))]
 async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSummary>> {
     Ok(Json(engine.list_images()?))
+}
+
+/// Builds an image from a recipe on the daemon's host; answers when the image is in the store.
+#[utoipa::path(post, path = "/v1/images/build", request_body = BuildImageRequest,
+    responses((status = 201, body = ImageSummary), (status = 400, body = ApiErrorBody)))]
+async fn build_image(
+    State(engine): State<AppState>,
+    req: Result<Json<BuildImageRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ImageSummary>), ApiError> {
+    let recipe = std::path::PathBuf::from(body(req)?.recipe);
+    if !recipe.is_absolute() {
+        return Err(bad_request(format!(
+            "recipe path {} must be absolute",
+            recipe.display()
+        )));
+    }
+    Ok((StatusCode::CREATED, Json(engine.build_image(recipe).await?)))
 }
 
 #[utoipa::path(get, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),

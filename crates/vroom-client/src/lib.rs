@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 use vroom_types::{
-    ActionRequest, ApiErrorBody, ConfigDocument, ConfigUpdate, ConfigValues, ErrorCode,
-    ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
+    ActionRequest, ApiErrorBody, BuildImageRequest, ConfigDocument, ConfigUpdate, ConfigValues,
+    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
     NetworkSpec, RunRequest, VersionInfo,
 };
 
@@ -258,6 +258,14 @@ impl Client {
 
     pub async fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/images", None).await
+    }
+
+    pub async fn build_image(&self, recipe: &Path) -> Result<ImageSummary, ClientError> {
+        let req = BuildImageRequest {
+            recipe: recipe.display().to_string(),
+        };
+        self.call(Method::POST, "/v1/images/build", Some(&req))
+            .await
     }
 
     pub async fn image(&self, reference: &str) -> Result<ImageSummary, ClientError> {

@@ -1122,6 +1122,28 @@ impl Engine {
         self.images.list().map_err(image_error)
     }
 
+    /// Builds an image from a recipe on this host (a blocking job, run off the async workers).
+    pub async fn build_image(&self, recipe: PathBuf) -> Result<ImageSummary, OpError> {
+        let images = self.images.clone();
+        let shown = recipe.display().to_string();
+        let result = tokio::task::spawn_blocking(move || {
+            images.build(
+                &recipe,
+                &mut |line| tracing::info!(recipe = %recipe.display(), "{line}"),
+            )
+        })
+        .await
+        .map_err(|e| OpError::internal("the build task failed", e))?;
+        result.map_err(|e| match e {
+            crate::images::BuildFromRecipeError::Recipe { .. } => {
+                OpError::new(ErrorCode::InvalidArgument, e.to_string())
+            }
+            crate::images::BuildFromRecipeError::Build { .. } => {
+                OpError::wrap(ErrorCode::Internal, format!("cannot build {shown}"), e)
+            }
+        })
+    }
+
     pub fn get_image(&self, reference: &str) -> Result<ImageSummary, OpError> {
         let image = self.images.resolve(reference).map_err(image_error)?;
         let list = self.list_images()?;

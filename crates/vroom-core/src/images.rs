@@ -24,7 +24,24 @@ pub enum ResolveImageError {
     Other { message: String },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum BuildFromRecipeError {
+    /// The recipe is wrong (unreadable, invalid, unknown or conflicting packages).
+    #[error("{message}")]
+    Recipe { message: String },
+    /// The build failed for another reason (download, packing, disk).
+    #[error("{message}")]
+    Build { message: String },
+}
+
 pub trait ImageSource: Send + Sync {
+    /// Builds an image from a recipe file, reporting progress per stage.
+    fn build(
+        &self,
+        recipe: &std::path::Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<ImageSummary, BuildFromRecipeError>;
+
     /// Finds an image by name or id, building a built-in one on first use.
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError>;

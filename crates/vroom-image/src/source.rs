@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use vroom_core::images::{BootImage, ImageSource, ResolveImageError};
+use vroom_core::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use vroom_types::ImageSummary;
 
 use crate::builtin::{build_builtin, BuildInputs, BUILTIN_IMAGES};
@@ -17,16 +17,25 @@ pub struct LocalImages {
     /// The static vroom-init binary built-in images are made with.
     pub init: PathBuf,
     pub busybox: PathBuf,
+    /// Downloaded packages, kept by digest across builds.
+    pub deb_cache: PathBuf,
     build: Mutex<()>,
 }
 
 impl LocalImages {
-    pub fn new(store: ImageStore, kernels: KernelCache, init: PathBuf, busybox: PathBuf) -> Self {
+    pub fn new(
+        store: ImageStore,
+        kernels: KernelCache,
+        init: PathBuf,
+        busybox: PathBuf,
+        deb_cache: PathBuf,
+    ) -> Self {
         LocalImages {
             store,
             kernels,
             init,
             busybox,
+            deb_cache,
             build: Mutex::new(()),
         }
     }
@@ -83,6 +92,57 @@ fn store_error(e: ImageStoreError) -> ResolveImageError {
 }
 
 impl ImageSource for LocalImages {
+    fn build(
+        &self,
+        recipe: &std::path::Path,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<ImageSummary, BuildFromRecipeError> {
+        use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
+        let chain = |e: &dyn std::error::Error| {
+            let mut out = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                out.push_str(": ");
+                out.push_str(&s.to_string());
+                source = s.source();
+            }
+            out
+        };
+        let path = if recipe.is_dir() {
+            recipe.join("recipe.toml")
+        } else {
+            recipe.to_path_buf()
+        };
+        let loaded = crate::recipe::load(&path)
+            .map_err(|e| BuildFromRecipeError::Recipe { message: chain(&e) })?;
+        let kernel = self
+            .kernels
+            .current()
+            .ok_or_else(|| BuildFromRecipeError::Build {
+                message: "no guest kernel is cached; run `vroom setup`".into(),
+            })?;
+        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let inputs = RecipeInputs {
+            kernel: &kernel,
+            init: &self.init,
+            deb_cache: &self.deb_cache,
+        };
+        let image = build_recipe(&loaded, &inputs, &self.store, &mut |stage, detail| {
+            progress(&format!("{stage}: {detail}"))
+        })
+        .map_err(|e| match e {
+            BuildRecipeError::Resolve(ref inner)
+                if !matches!(inner, crate::apt::ResolvePackagesError::Apt { .. }) =>
+            {
+                BuildFromRecipeError::Recipe {
+                    message: format!("{}: {}", path.display(), chain(inner)),
+                }
+            }
+            e => BuildFromRecipeError::Build { message: chain(&e) },
+        })?;
+        Ok(image.summary())
+    }
+
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
         let image = match self.store.resolve(reference) {
             Ok(image) => image,

@@ -29,3 +29,10 @@ pub struct VersionInfo {
     pub version: String,
     pub data_dir: String,
 }
+
+/// The body of `POST /v1/images/build`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildImageRequest {
+    /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host.
+    pub recipe: String,
+}

@@ -13,7 +13,7 @@ mod name;
 mod network;
 mod size;
 
-pub use api::{ActionRequest, ConfigDocument, LogChunk, VersionInfo};
+pub use api::{ActionRequest, BuildImageRequest, ConfigDocument, LogChunk, VersionInfo};
 pub use config::{
     parse_assignment, validate_config_key, validate_config_value, ConfigUpdate, ConfigValues,
 };

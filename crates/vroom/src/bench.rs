@@ -110,6 +110,7 @@ async fn measure(
         KernelCache::new(&paths::cache_dir()),
         paths::init_binary(),
         paths::busybox(),
+        paths::cache_dir().join("debs"),
     );
     let image = images
         .resolve("hello")

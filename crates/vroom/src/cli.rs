@@ -433,6 +433,41 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             }
         }
         ImageOp::Inspect { image } => output::json(&client.image(image).await?),
+        ImageOp::Build { recipe } => {
+            let path = recipe
+                .canonicalize()
+                .with_context(|| format!("cannot find recipe {}", recipe.display()))?;
+            let spinner = (!json).then(|| {
+                let bar = ProgressBar::new_spinner();
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                        .expect("invariant: valid template"),
+                );
+                bar.enable_steady_tick(Duration::from_millis(100));
+                bar.set_message(format!(
+                    "building {} (resolve, download, extract, trim, pack)",
+                    path.display()
+                ));
+                bar
+            });
+            let built = client.build_image(&path).await;
+            if let Some(s) = &spinner {
+                s.finish_and_clear();
+            }
+            let image = built?;
+            if json {
+                output::json(&image);
+            } else {
+                println!(
+                    "built {} {} ({}): {} packages, {}",
+                    image.name,
+                    image.version,
+                    &image.id[..12],
+                    image.manifest.packages.len(),
+                    output::bytes(image.size)
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ pub async fn run(data_dir: &Path) -> Result<()> {
         KernelCache::new(&paths::cache_dir()),
         paths::init_binary(),
         paths::busybox(),
+        paths::cache_dir().join("debs"),
     );
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),

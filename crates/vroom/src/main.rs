@@ -165,6 +165,8 @@ pub enum NetOp {
 
 #[derive(Subcommand)]
 pub enum ImageOp {
+    /// Build an image from a recipe (a recipe.toml or its directory).
+    Build { recipe: PathBuf },
     /// List images.
     Ls,
     /// Show an image's manifest.

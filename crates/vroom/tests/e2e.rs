@@ -550,3 +550,63 @@ fn namespaced_client_reaches_the_appliance_and_nat_masquerades_its_traffic() {
         "the NAT table goes with the network"
     );
 }
+
+/// An image built from a recipe out of real Debian packages boots and serves;
+/// a recipe with an unknown package fails before anything reaches the store.
+#[test]
+fn recipe_built_image_boots_and_bad_recipes_fail_first() {
+    let env = Env::new("recipe");
+    let recipes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
+    let out = env.ok(&[
+        "--json",
+        "image",
+        "build",
+        recipes.join("hello").to_str().unwrap(),
+    ]);
+    let image: vroom_types::ImageSummary = serde_json::from_str(&out).unwrap();
+    assert!(
+        image
+            .manifest
+            .packages
+            .iter()
+            .any(|p| p.name == "busybox-static"),
+        "the SBOM lists the packages"
+    );
+
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    env.ok(&["run", &image.id, "--name", "fromrecipe", "--net", "lan"]);
+    let instance = env.instance("fromrecipe");
+    assert_eq!(instance.image_id, image.id);
+    assert!(page_shows(instance.nics[0].ip, "Hello from vroom!"));
+    env.ok(&[
+        "config",
+        "fromrecipe",
+        "set",
+        "greeting=built from a recipe",
+    ]);
+    assert!(page_shows(instance.nics[0].ip, "built from a recipe"));
+
+    // A bad recipe: the error names the package, and the store is unchanged.
+    let bad = env.dir.join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let text = std::fs::read_to_string(recipes.join("hello/recipe.toml"))
+        .unwrap()
+        .replace(
+            "packages = [{ name = \"busybox-static\", exclude = [\"/usr/share/doc\"] }]",
+            "packages = [\"busybox-static\", \"no-such-package-vroom\"]",
+        );
+    assert!(text.contains("no-such-package-vroom"));
+    std::fs::write(bad.join("recipe.toml"), text).unwrap();
+    std::fs::copy(recipes.join("hello/index.html"), bad.join("index.html")).unwrap();
+    let before = env.ok(&["image", "ls", "--json"]);
+    let stderr = env.fail(&["image", "build", bad.to_str().unwrap()]);
+    assert!(
+        stderr.contains("unknown package no-such-package-vroom"),
+        "{stderr}"
+    );
+    assert_eq!(env.ok(&["image", "ls", "--json"]), before);
+
+    env.ok(&["rm", "-f", "fromrecipe"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after rm");
+}
