@@ -99,6 +99,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         get_network,
         remove_network,
         list_images,
+        build_image,
         get_image
     ),
     components(schemas(ApiErrorBody))
