@@ -100,6 +100,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         remove_network,
         list_images,
         build_image,
+        remove_image,
         get_image
     ),
     components(schemas(ApiErrorBody))
@@ -138,7 +139,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/images", get(list_images))
         .route("/v1/images/build", post(build_image))
-        .route("/v1/images/{reference}", get(get_image))
+        .route(
+            "/v1/images/{reference}",
+            get(get_image).delete(remove_image),
+        )
         .layer(middleware::from_fn(trace_request))
         .with_state(engine)
 }
@@ -359,6 +363,17 @@ async fn build_image(
         )));
     }
     Ok((StatusCode::CREATED, Json(engine.build_image(recipe).await?)))
+}
+
+/// Removes an image; refused while an instance uses it.
+#[utoipa::path(delete, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),
+    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn remove_image(
+    State(engine): State<AppState>,
+    Path(reference): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    engine.remove_image(&reference).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),

@@ -268,6 +268,16 @@ impl Client {
             .await
     }
 
+    pub async fn remove_image(&self, reference: &str) -> Result<(), ClientError> {
+        self.raw::<()>(
+            Method::DELETE,
+            &format!("/v1/images/{}", enc(reference)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub async fn image(&self, reference: &str) -> Result<ImageSummary, ClientError> {
         self.call::<(), _>(Method::GET, &format!("/v1/images/{}", enc(reference)), None)
             .await

@@ -1144,6 +1144,26 @@ impl Engine {
         })
     }
 
+    /// Removes an image no instance uses.
+    pub async fn remove_image(&self, reference: &str) -> Result<(), OpError> {
+        let _alloc = self.alloc.lock().await;
+        let image = self.get_image(reference)?;
+        let users: Vec<String> = self
+            .list()
+            .into_iter()
+            .filter(|i| i.image_id == image.id)
+            .map(|i| i.spec.name.to_string())
+            .collect();
+        if !users.is_empty() {
+            return Err(OpError::conflict(format!(
+                "image {} is used by {}",
+                image.name,
+                users.join(", ")
+            )));
+        }
+        self.images.remove(&image.id).map_err(image_error)
+    }
+
     pub fn get_image(&self, reference: &str) -> Result<ImageSummary, OpError> {
         let image = self.images.resolve(reference).map_err(image_error)?;
         let list = self.list_images()?;

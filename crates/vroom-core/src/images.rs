@@ -45,4 +45,6 @@ pub trait ImageSource: Send + Sync {
     /// Finds an image by name or id, building a built-in one on first use.
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError>;
+    /// Deletes an image by id.
+    fn remove(&self, id: &str) -> Result<(), ResolveImageError>;
 }

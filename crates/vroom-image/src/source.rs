@@ -154,6 +154,10 @@ impl ImageSource for LocalImages {
         self.boot_image(image)
     }
 
+    fn remove(&self, id: &str) -> Result<(), ResolveImageError> {
+        self.store.remove(id).map_err(store_error)
+    }
+
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
         Ok(self
             .store

@@ -433,6 +433,26 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             }
         }
         ImageOp::Inspect { image } => output::json(&client.image(image).await?),
+        ImageOp::Rm { image } => client.remove_image(image).await?,
+        ImageOp::Sbom { image } => {
+            let packages = client.image(image).await?.manifest.packages;
+            if json {
+                output::json(&packages);
+            } else {
+                let rows: Vec<Vec<String>> = packages
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            p.version.clone(),
+                            p.source.clone(),
+                            p.sha256[..16].to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["PACKAGE", "VERSION", "SOURCE", "SHA256"], &rows);
+            }
+        }
         ImageOp::Build { recipe } => {
             let path = recipe
                 .canonicalize()

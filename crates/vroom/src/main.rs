@@ -171,6 +171,10 @@ pub enum ImageOp {
     Ls,
     /// Show an image's manifest.
     Inspect { image: String },
+    /// List the exact Debian packages in an image (its SBOM).
+    Sbom { image: String },
+    /// Remove an image no instance uses.
+    Rm { image: String },
 }
 
 #[derive(Subcommand)]

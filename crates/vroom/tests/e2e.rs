@@ -606,7 +606,21 @@ fn recipe_built_image_boots_and_bad_recipes_fail_first() {
     );
     assert_eq!(env.ok(&["image", "ls", "--json"]), before);
 
+    let sbom = env.ok(&["image", "sbom", &image.id]);
+    assert!(
+        sbom.lines()
+            .any(|l| l.starts_with("busybox-static ") && l.contains("busybox")),
+        "{sbom}"
+    );
+    assert!(env
+        .fail(&["image", "rm", &image.id])
+        .contains("is used by fromrecipe"));
+
     env.ok(&["rm", "-f", "fromrecipe"]);
+    env.ok(&["image", "rm", &image.id]);
+    assert!(env
+        .fail(&["image", "inspect", &image.id])
+        .contains("unknown image"));
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after rm");
 }
