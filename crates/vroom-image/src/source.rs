@@ -98,16 +98,7 @@ impl ImageSource for LocalImages {
         progress: &mut dyn FnMut(&str),
     ) -> Result<ImageSummary, BuildFromRecipeError> {
         use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
-        let chain = |e: &dyn std::error::Error| {
-            let mut out = e.to_string();
-            let mut source = e.source();
-            while let Some(s) = source {
-                out.push_str(": ");
-                out.push_str(&s.to_string());
-                source = s.source();
-            }
-            out
-        };
+        use vroom_core::error::chain;
         let path = if recipe.is_dir() {
             recipe.join("recipe.toml")
         } else {

@@ -12,7 +12,6 @@ use vroom_agent_proto::{GuestReply, HostCommand};
 use vroom_core::agent::AgentClient;
 use vroom_core::driver::{LaunchNic, LaunchSpec, VmDriver};
 use vroom_core::images::ImageSource;
-use vroom_image::{ImageStore, KernelCache, LocalImages};
 use vroom_types::{AccelChoice, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
 
 use crate::paths;
@@ -105,13 +104,7 @@ async fn measure(
         rss_mib: vec![],
         mem_mib: 0,
     };
-    let images = LocalImages::new(
-        ImageStore::new(&data_dir.join("images")),
-        KernelCache::new(&paths::cache_dir()),
-        paths::init_binary(),
-        paths::busybox(),
-        paths::cache_dir().join("debs"),
-    );
+    let images = paths::local_images(data_dir);
     let image = images
         .resolve("hello")
         .context("cannot resolve the hello image")?;

@@ -6,14 +6,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use vroom_client::{Client, ClientError};
 use vroom_types::{
     ConfigDocument, ExecRequest, Instance, InstanceAction, InstanceSpec, InstanceState,
     NetworkSpec, RunRequest,
 };
 
-use crate::output::{self, table};
+use crate::output;
 use crate::{paths, Cli, Command, ConfigOp, ImageOp, NetOp, RunArgs};
 
 pub async fn dispatch(cli: &Cli) -> Result<i32> {
@@ -104,16 +103,7 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         accel: args.accel,
         config_volume_kib: args.config_size,
     };
-    let spinner = (!json).then(|| {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-                .expect("invariant: valid template"),
-        );
-        bar.enable_steady_tick(Duration::from_millis(100));
-        bar.set_message(format!("creating {}", spec.name));
-        bar
-    });
+    let spinner = output::spinner(json, format!("creating {}", spec.name));
     let created = client
         .run(&RunRequest {
             spec,
@@ -208,48 +198,37 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
 }
 
 async fn ps(client: &Client, json: bool) -> Result<()> {
-    let instances = client.list().await?;
-    if json {
-        output::json(&instances);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = instances
-        .iter()
-        .map(|i| {
-            vec![
-                i.spec.name.to_string(),
-                i.image_name.clone(),
-                i.status.state.to_string(),
-                i.status
-                    .pid
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                accel_of(i),
-                format!("{}M", i.mem_mib),
-                i.nics
-                    .iter()
-                    .map(|n| n.ip.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                i.status.restarts.to_string(),
-                output::ago(i.created_at),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "IMAGE",
-            "STATE",
-            "PID",
-            "ACCEL",
-            "MEM",
-            "ADDRESSES",
-            "RESTARTS",
-            "CREATED",
-        ],
-        &rows,
-    );
+    let header = [
+        "NAME",
+        "IMAGE",
+        "STATE",
+        "PID",
+        "ACCEL",
+        "MEM",
+        "ADDRESSES",
+        "RESTARTS",
+        "CREATED",
+    ];
+    output::list(json, &client.list().await?, &header, |i| {
+        vec![
+            i.spec.name.to_string(),
+            i.image_name.clone(),
+            i.status.state.to_string(),
+            i.status
+                .pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            accel_of(i),
+            format!("{}M", i.mem_mib),
+            i.nics
+                .iter()
+                .map(|n| n.ip.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            i.status.restarts.to_string(),
+            output::ago(i.created_at),
+        ]
+    });
     Ok(())
 }
 
@@ -384,26 +363,20 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                 );
             }
         }
-        NetOp::Ls => {
-            let networks = client.networks().await?;
-            if json {
-                output::json(&networks);
-            } else {
-                let rows: Vec<Vec<String>> = networks
-                    .iter()
-                    .map(|n| {
-                        vec![
-                            n.name.to_string(),
-                            n.subnet.to_string(),
-                            n.gateway.to_string(),
-                            n.bridge.clone(),
-                            if n.nat { "yes" } else { "no" }.into(),
-                        ]
-                    })
-                    .collect();
-                table(&["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT"], &rows);
-            }
-        }
+        NetOp::Ls => output::list(
+            json,
+            &client.networks().await?,
+            &["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT"],
+            |n| {
+                vec![
+                    n.name.to_string(),
+                    n.subnet.to_string(),
+                    n.gateway.to_string(),
+                    n.bridge.clone(),
+                    if n.nat { "yes" } else { "no" }.into(),
+                ]
+            },
+        ),
         NetOp::Inspect { name } => output::json(&client.network(name).await?),
         NetOp::Rm { name } => client.remove_network(name).await?,
     }
@@ -412,64 +385,49 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
 
 async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
     match op {
-        ImageOp::Ls => {
-            let images = client.images().await?;
-            if json {
-                output::json(&images);
-            } else {
-                let rows: Vec<Vec<String>> = images
-                    .iter()
-                    .map(|i| {
-                        vec![
-                            i.name.clone(),
-                            i.version.clone(),
-                            i.id[..12].to_string(),
-                            output::bytes(i.size),
-                            i.manifest.kernel.release.clone(),
-                        ]
-                    })
-                    .collect();
-                table(&["NAME", "VERSION", "ID", "SIZE", "KERNEL"], &rows);
-            }
-        }
+        ImageOp::Ls => output::list(
+            json,
+            &client.images().await?,
+            &["NAME", "VERSION", "ID", "SIZE", "KERNEL"],
+            |i| {
+                vec![
+                    i.name.clone(),
+                    i.version.clone(),
+                    i.id[..12].to_string(),
+                    output::bytes(i.size),
+                    i.manifest.kernel.release.clone(),
+                ]
+            },
+        ),
         ImageOp::Inspect { image } => output::json(&client.image(image).await?),
         ImageOp::Rm { image } => client.remove_image(image).await?,
         ImageOp::Sbom { image } => {
             let packages = client.image(image).await?.manifest.packages;
-            if json {
-                output::json(&packages);
-            } else {
-                let rows: Vec<Vec<String>> = packages
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            p.name.clone(),
-                            p.version.clone(),
-                            p.source.clone(),
-                            p.sha256[..16].to_string(),
-                        ]
-                    })
-                    .collect();
-                table(&["PACKAGE", "VERSION", "SOURCE", "SHA256"], &rows);
-            }
+            output::list(
+                json,
+                &packages,
+                &["PACKAGE", "VERSION", "SOURCE", "SHA256"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.version.clone(),
+                        p.source.clone(),
+                        p.sha256[..16].to_string(),
+                    ]
+                },
+            );
         }
         ImageOp::Build { recipe } => {
             let path = recipe
                 .canonicalize()
                 .with_context(|| format!("cannot find recipe {}", recipe.display()))?;
-            let spinner = (!json).then(|| {
-                let bar = ProgressBar::new_spinner();
-                bar.set_style(
-                    ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
-                        .expect("invariant: valid template"),
-                );
-                bar.enable_steady_tick(Duration::from_millis(100));
-                bar.set_message(format!(
+            let spinner = output::spinner(
+                json,
+                format!(
                     "building {} (resolve, download, extract, trim, pack)",
                     path.display()
-                ));
-                bar
-            });
+                ),
+            );
             let built = client.build_image(&path).await;
             if let Some(s) = &spinner {
                 s.finish_and_clear();

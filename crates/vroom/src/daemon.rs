@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use vroom_core::store::RedbStateStore;
 use vroom_core::{Engine, EngineConfig};
-use vroom_image::{ImageStore, KernelCache, LocalImages};
 use vroom_net::NetlinkNetwork;
 use vroom_qemu::QemuDriver;
 
@@ -30,13 +29,7 @@ pub async fn run(data_dir: &Path) -> Result<()> {
         .context("cannot open the state store")?;
     let net = NetlinkNetwork::new().context("cannot open a netlink connection")?;
     let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
-    let images = LocalImages::new(
-        ImageStore::new(&data_dir.join("images")),
-        KernelCache::new(&paths::cache_dir()),
-        paths::init_binary(),
-        paths::busybox(),
-        paths::cache_dir().join("debs"),
-    );
+    let images = paths::local_images(data_dir);
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),
         iface_prefix: paths::iface_prefix(),

@@ -2,6 +2,34 @@
 
 use serde::Serialize;
 
+/// Prints a listing as JSON, or as a table with one row per item.
+pub fn list<T: Serialize>(
+    json_output: bool,
+    items: &[T],
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) {
+    if json_output {
+        json(&items);
+    } else {
+        table(header, &items.iter().map(row).collect::<Vec<_>>());
+    }
+}
+
+/// A spinner for a long request, unless the output is JSON for scripts.
+pub fn spinner(json_output: bool, message: String) -> Option<indicatif::ProgressBar> {
+    (!json_output).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                .expect("invariant: valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        bar.set_message(message);
+        bar
+    })
+}
+
 pub fn json<T: Serialize>(value: &T) {
     println!(
         "{}",

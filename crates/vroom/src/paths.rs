@@ -40,3 +40,14 @@ pub fn iface_prefix() -> String {
         .take(5)
         .collect()
 }
+
+/// The image source of a data dir: its store, the shared kernel and package caches.
+pub fn local_images(data_dir: &std::path::Path) -> vroom_image::LocalImages {
+    vroom_image::LocalImages::new(
+        vroom_image::ImageStore::new(&data_dir.join("images")),
+        vroom_image::KernelCache::new(&cache_dir()),
+        init_binary(),
+        busybox(),
+        cache_dir().join("debs"),
+    )
+}
