@@ -13,10 +13,10 @@ use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
 use vroom_agent_proto::{GuestReply, HostCommand};
 use vroom_types::{
-    validate_config_key, validate_config_value, ConfigValues, DesiredState, ErrorCode, ExecRequest,
-    ExecResult, ImageSummary, Instance, InstanceAction, InstanceSpec, InstanceState,
-    InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec, NicStatus, RunRequest,
-    MIN_MEM_MIB,
+    check_config, validate_config_key, validate_config_value, ConfigValues, DesiredState,
+    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, InstanceSpec,
+    InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec,
+    NicStatus, RunRequest, MIN_MEM_MIB, ROUTER_ROLES,
 };
 
 use crate::agent::AgentClient;
@@ -276,6 +276,7 @@ impl Engine {
                 name: Name::new(DEFAULT_NETWORK).expect("invariant: valid name"),
                 subnet: None,
                 nat: true,
+                isolated: false,
             };
             created_default = Some(self.create_network_locked(default).await?);
         }
@@ -290,7 +291,8 @@ impl Engine {
         };
 
         let id = random_id();
-        let nics = match self.allocate_nics(&id, &nic_specs) {
+        let roles = &image.manifest.appliance.nic_roles;
+        let nics = match self.allocate_nics(&id, &nic_specs, roles) {
             Ok(nics) => nics,
             Err(e) => {
                 rollback_default(self).await;
@@ -392,7 +394,25 @@ impl Engine {
         Ok(mem_mib)
     }
 
-    fn allocate_nics(&self, id: &str, specs: &[NicSpec]) -> Result<Vec<NicStatus>, OpError> {
+    /// Addresses for the NICs; on an isolated network a router NIC (`lan`,
+    /// `dmz`) takes the gateway address unless another address is asked for.
+    fn allocate_nics(
+        &self,
+        id: &str,
+        specs: &[NicSpec],
+        roles: &[String],
+    ) -> Result<Vec<NicStatus>, OpError> {
+        if !roles.is_empty() && specs.len() > roles.len() {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the image has {} NIC(s) ({}); {} were given",
+                    roles.len(),
+                    roles.join(", "),
+                    specs.len()
+                ),
+            ));
+        }
         let mut used: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         for instance in self.list() {
             for nic in instance.nics {
@@ -405,7 +425,23 @@ impl Engine {
         for (index, spec) in specs.iter().enumerate() {
             let network = self.network(spec.network.as_str())?;
             let taken = used.entry(network.name.to_string()).or_default();
-            let ip = ipam::allocate_ip(network.subnet, taken, spec.ip).map_err(|e| {
+            let router = network.isolated
+                && roles
+                    .get(index)
+                    .is_some_and(|r| ROUTER_ROLES.contains(&r.as_str()));
+            let wants_gateway = spec.ip.is_none_or(|ip| ip == network.gateway);
+            let ip = if router && wants_gateway {
+                if taken.contains(&network.gateway) {
+                    return Err(OpError::conflict(format!(
+                        "network {} already has its router at {}",
+                        network.name, network.gateway
+                    )));
+                }
+                Ok(network.gateway)
+            } else {
+                ipam::allocate_ip(network.subnet, taken, spec.ip)
+            };
+            let ip = ip.map_err(|e| {
                 OpError::wrap(
                     ErrorCode::InvalidArgument,
                     format!("cannot attach to network {}", network.name),
@@ -928,10 +964,11 @@ impl Engine {
                 .map_err(|e| OpError::internal("failed to read the config volume", e))?
         };
         let values = change(current, seed);
+        let schema = &image.manifest.appliance.config_schema;
         for (key, value) in &values {
             validate_config_key(key)?;
             validate_config_value(key, value)?;
-            if !seed.contains_key(key) {
+            if schema.is_empty() && !seed.contains_key(key) {
                 let known: Vec<&str> = seed.keys().map(String::as_str).collect();
                 return Err(OpError::new(
                     ErrorCode::InvalidArgument,
@@ -942,6 +979,9 @@ impl Engine {
                     ),
                 ));
             }
+        }
+        if !schema.is_empty() {
+            check_config(schema, &values)?;
         }
         let applied = if live {
             match cell
@@ -1009,6 +1049,12 @@ impl Engine {
     }
 
     async fn create_network_locked(&self, spec: NetworkSpec) -> Result<Network, OpError> {
+        if spec.isolated && spec.nat {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                "an isolated network cannot have NAT: its router appliance does that",
+            ));
+        }
         if self.network(spec.name.as_str()).is_ok() {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
@@ -1062,6 +1108,7 @@ impl Engine {
             name: spec.name,
             subnet,
             nat: spec.nat,
+            isolated: spec.isolated,
             created_at: now_secs(),
         };
         if let Err(e) = self.net.create_network(&network).await {

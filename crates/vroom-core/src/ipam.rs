@@ -80,6 +80,11 @@ pub fn bridge_name(prefix: &str, scope: &str, network: &str) -> String {
     format!("{prefix}b{}", short_hash(&[scope, network], 8))
 }
 
+/// An nftables wildcard matching every bridge [`bridge_name`] makes with `prefix`.
+pub fn bridge_glob(prefix: &str) -> String {
+    format!("{prefix}b*")
+}
+
 pub fn tap_name(prefix: &str, instance_id: &str, index: usize) -> String {
     format!(
         "{prefix}t{}",

@@ -166,6 +166,7 @@ mod tests {
             name: Name::new("lan").unwrap(),
             subnet: "10.1.0.0/24".parse().unwrap(),
             nat: false,
+            isolated: false,
             bridge: "vrb1".into(),
             gateway: "10.1.0.1".parse().unwrap(),
             created_at: 1,

@@ -138,6 +138,7 @@ pub fn build_recipe(
         default_mem_mib: loaded.default_mem_mib,
         min_mem_mib: loaded.min_mem_mib,
         appliance: loaded.appliance(),
+        modules: recipe.modules.clone(),
         packages: packages
             .iter()
             .map(|p| PackageEntry {

@@ -7,7 +7,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vroom_types::{ApplianceSpec, ServiceSpec, TemplateSpec, MIN_MEM_MIB};
+use vroom_types::{ApplianceSpec, ConfigField, FieldType, ServiceSpec, TemplateSpec, MIN_MEM_MIB};
 
 use crate::kernel::Kernel;
 use crate::pack::{pack_and_commit, ImageMeta};
@@ -56,6 +56,17 @@ pub fn hello_appliance() -> ApplianceSpec {
             restart_on_config: false,
         }],
         health_tcp_port: Some(80),
+        config_schema: [(
+            "greeting".to_string(),
+            ConfigField {
+                kind: FieldType::String,
+                max_len: Some(200),
+                description: Some("The page's heading.".into()),
+                ..ConfigField::default()
+            },
+        )]
+        .into(),
+        sysctl: Default::default(),
     }
 }
 
@@ -101,6 +112,7 @@ pub fn build_builtin(
         min_mem_mib: MIN_MEM_MIB,
         appliance,
         packages: vec![],
+        modules: vec![],
     };
     pack_and_commit(tree.path(), meta, inputs.kernel, inputs.init, store)
 }

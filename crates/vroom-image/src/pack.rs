@@ -39,6 +39,8 @@ pub struct ImageMeta {
     pub min_mem_mib: u64,
     pub appliance: ApplianceSpec,
     pub packages: Vec<PackageEntry>,
+    /// Kernel modules beyond the base set, loaded at boot (e.g. nf_tables).
+    pub modules: Vec<String>,
 }
 
 /// Packs `tree` and commits the image to the store.
@@ -85,7 +87,13 @@ pub fn pack_and_commit(
         .arg(tree))
     .map_err(|reason| BuildImageError::Pack { reason })?;
     let initramfs = staging.path().join("initramfs.cpio");
-    write_initramfs(&initramfs, init, kernel).map_err(|reason| BuildImageError::Pack { reason })?;
+    let modules: Vec<&str> = BASE_MODULES
+        .iter()
+        .copied()
+        .chain(meta.modules.iter().map(String::as_str))
+        .collect();
+    write_initramfs(&initramfs, init, kernel, &modules)
+        .map_err(|reason| BuildImageError::Pack { reason })?;
 
     let digest = |path: &Path| -> Result<FileDigest, BuildImageError> {
         let (sha256, size) = sha256_file(path).map_err(stage("digests"))?;
@@ -112,8 +120,13 @@ pub fn pack_and_commit(
 }
 
 /// The initramfs: `/init` (vroom-init), the kernel modules and their load order.
-fn write_initramfs(path: &Path, init: &Path, kernel: &Kernel) -> Result<(), String> {
-    let order = module_load_order(&kernel.modules_dir, BASE_MODULES)?;
+fn write_initramfs(
+    path: &Path,
+    init: &Path,
+    kernel: &Kernel,
+    modules: &[&str],
+) -> Result<(), String> {
+    let order = module_load_order(&kernel.modules_dir, modules)?;
     let file = fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     let mut cpio = CpioWriter::new(BufWriter::new(file));
     let io = |e: std::io::Error| format!("write initramfs: {e}");

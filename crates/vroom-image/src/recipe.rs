@@ -11,9 +11,10 @@ use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
+use vroom_types::template::{TemplateContext, TemplateNic, RESERVED_TEMPLATE_NAMES};
 use vroom_types::{
-    parse_mem_mib, validate_config_key, ApplianceSpec, ConfigValues, Name, ServiceSpec,
-    TemplateSpec, MIN_MEM_MIB,
+    parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField, ConfigSchema,
+    ConfigValues, FieldType, Name, ServiceSpec, TemplateSpec, MIN_MEM_MIB,
 };
 
 /// The NIC roles a recipe may declare.
@@ -70,6 +71,13 @@ pub struct Recipe {
     pub health: Option<HealthSpec>,
     #[serde(default = "default_writable")]
     pub writable: Vec<String>,
+    /// Kernel parameters vroom-init sets at boot.
+    #[serde(default)]
+    pub sysctl: BTreeMap<String, toml::Value>,
+    /// Kernel modules the appliance needs, loaded at boot with their
+    /// dependencies (the guest has no modprobe).
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 fn default_writable() -> Vec<String> {
@@ -158,23 +166,15 @@ fn always() -> RestartPolicy {
     RestartPolicy::Always
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FieldType {
-    String,
-    Int,
-    Bool,
-    Port,
-    Ipv4,
-    Cidr,
-}
-
 /// One config key: its type, factory default and constraints.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigField {
     #[serde(rename = "type")]
     pub kind: FieldType,
+    /// Comma-separated items of `type`.
+    #[serde(default)]
+    pub list: bool,
     pub default: toml::Value,
     pub description: Option<String>,
     pub min: Option<i64>,
@@ -185,59 +185,37 @@ pub struct ConfigField {
 }
 
 impl ConfigField {
-    /// The default as the string stored on the config volume.
+    /// The default as the string stored on the config volume; a list may be
+    /// written as a TOML array.
     pub fn default_string(&self) -> Option<String> {
-        match &self.default {
+        let scalar = |v: &toml::Value| match v {
             toml::Value::String(s) => Some(s.clone()),
             toml::Value::Integer(i) => Some(i.to_string()),
             toml::Value::Boolean(b) => Some(b.to_string()),
             _ => None,
+        };
+        match &self.default {
+            toml::Value::Array(items) if self.list => Some(
+                items
+                    .iter()
+                    .map(scalar)
+                    .collect::<Option<Vec<_>>>()?
+                    .join(","),
+            ),
+            v => scalar(v),
         }
     }
 
-    /// Checks a value as `vroom config set` will.
-    pub fn check(&self, value: &str) -> Result<(), String> {
-        match self.kind {
-            FieldType::String => {
-                if let Some(max) = self.max_len.filter(|m| value.chars().count() > *m) {
-                    return Err(format!("must be at most {max} characters"));
-                }
-                if let Some(choices) = &self.choices {
-                    if !choices.iter().any(|c| c == value) {
-                        return Err(format!("must be one of {}", choices.join(", ")));
-                    }
-                }
-                Ok(())
-            }
-            FieldType::Int => {
-                let n: i64 = value
-                    .parse()
-                    .map_err(|_| "must be an integer".to_string())?;
-                if self.min.is_some_and(|m| n < m) || self.max.is_some_and(|m| n > m) {
-                    return Err(format!(
-                        "must be between {} and {}",
-                        self.min.map_or("-inf".into(), |m| m.to_string()),
-                        self.max.map_or("inf".into(), |m| m.to_string())
-                    ));
-                }
-                Ok(())
-            }
-            FieldType::Bool => match value {
-                "true" | "false" => Ok(()),
-                _ => Err("must be true or false".into()),
-            },
-            FieldType::Port => match value.parse::<u16>() {
-                Ok(p) if p > 0 => Ok(()),
-                _ => Err("must be a port number from 1 to 65535".into()),
-            },
-            FieldType::Ipv4 => value
-                .parse::<Ipv4Addr>()
-                .map(|_| ())
-                .map_err(|_| "must be an IPv4 address".into()),
-            FieldType::Cidr => value
-                .parse::<vroom_types::Ipv4Net>()
-                .map(|_| ())
-                .map_err(|_| "must be an IPv4 CIDR such as 10.0.0.0/24".into()),
+    /// The schema entry the image carries and `vroom config set` enforces.
+    pub fn schema(&self) -> SchemaField {
+        SchemaField {
+            kind: self.kind,
+            list: self.list,
+            description: self.description.clone(),
+            min: self.min,
+            max: self.max,
+            max_len: self.max_len,
+            choices: self.choices.clone(),
         }
     }
 }
@@ -273,6 +251,8 @@ pub struct LoadedRecipe {
     pub min_mem_mib: u64,
     /// Template sources, read and checked.
     pub templates: Vec<TemplateSpec>,
+    /// `sysctl` with every value as a string.
+    pub sysctl: BTreeMap<String, String>,
 }
 
 impl LoadedRecipe {
@@ -299,7 +279,13 @@ impl LoadedRecipe {
                 })
                 .collect(),
             health_tcp_port: r.health.as_ref().map(|h| h.tcp),
+            config_schema: self.schema(),
+            sysctl: self.sysctl.clone(),
         }
+    }
+
+    pub fn schema(&self) -> ConfigSchema {
+        schema_of(&self.recipe.config)
     }
 
     /// A file named by the recipe, resolved inside its directory.
@@ -434,13 +420,69 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
         let default = field
             .default_string()
             .ok_or_else(|| bad(&name, "default must be a string, integer or boolean".into()))?;
+        if RESERVED_TEMPLATE_NAMES.contains(&key.as_str()) {
+            return Err(bad(
+                &name,
+                format!("{key:?} is reserved for templates; choose another name"),
+            ));
+        }
         field
+            .schema()
             .check(&default)
             .map_err(|r| bad(&name, format!("default {default:?} {r}")))?;
         if field.choices.is_some() && field.kind != FieldType::String {
             return Err(bad(&name, "choices apply to strings only".into()));
         }
+        if (field.min.is_some() || field.max.is_some()) && field.kind != FieldType::Int {
+            return Err(bad(&name, "min and max apply to integers only".into()));
+        }
     }
+    for m in &recipe.modules {
+        let ok = !m.is_empty()
+            && m.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ok {
+            return Err(bad("modules", format!("{m:?} is not a module name")));
+        }
+    }
+    let mut sysctl = BTreeMap::new();
+    for (key, value) in &recipe.sysctl {
+        let field = format!("sysctl.{key}");
+        let key_ok = !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            && !key.starts_with('.')
+            && !key.contains("..");
+        if !key_ok {
+            return Err(bad(&field, "not a kernel parameter name".into()));
+        }
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            _ => return Err(bad(&field, "must be a string or an integer".into())),
+        };
+        sysctl.insert(key.clone(), value);
+    }
+    let seed: ConfigValues = recipe
+        .config
+        .iter()
+        .filter_map(|(k, f)| Some((k.clone(), f.default_string()?)))
+        .collect();
+    let schema = schema_of(&recipe.config);
+    // Templates are rendered once with the seed config and every declared
+    // NIC role, so that typos and syntax errors fail the build, not the boot.
+    let sample_nics: BTreeMap<String, TemplateNic> = recipe
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, role)| {
+            let ip = Ipv4Addr::new(10, 0, i as u8, 1);
+            let mac = format!("52:54:00:00:00:{i:02x}");
+            (role.clone(), TemplateNic::new(role, ip, 24, &mac))
+        })
+        .collect();
+    let sample = TemplateContext::new(&schema, &seed, &sample_nics, &recipe.name);
 
     let mut templates = Vec::new();
     for (i, t) in recipe.templates.iter().enumerate() {
@@ -462,18 +504,14 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
         let source = inside_dir(&dir, &t.source).map_err(|r| bad(&field, r))?;
         let text = std::fs::read_to_string(&source)
             .map_err(|e| bad(&field, format!("cannot read {}: {e}", t.source)))?;
-        for key in template_keys(&text) {
-            if !recipe.config.contains_key(&key) {
-                return Err(bad(
-                    &field,
-                    format!("{} uses {{{{{key}}}}}, which is not a config key", t.source),
-                ));
-            }
-        }
-        templates.push(TemplateSpec {
+        let template = TemplateSpec {
             path: dest,
             template: text,
-        });
+        };
+        template
+            .render(&sample)
+            .map_err(|e| bad(&field, format!("{}: {e}", t.source)))?;
+        templates.push(template);
     }
 
     let mut names = BTreeSet::new();
@@ -523,7 +561,15 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
         default_mem_mib,
         min_mem_mib,
         templates,
+        sysctl,
     })
+}
+
+fn schema_of(config: &BTreeMap<String, ConfigField>) -> ConfigSchema {
+    config
+        .iter()
+        .map(|(k, f)| (k.clone(), f.schema()))
+        .collect()
 }
 
 /// An absolute guest path without `..`.
@@ -556,23 +602,6 @@ fn inside_dir(dir: &Path, relative: &str) -> Result<PathBuf, String> {
         return Err(format!("{relative} is outside the recipe's directory"));
     }
     Ok(full)
-}
-
-/// The keys a template refers to as `{{key}}`.
-fn template_keys(text: &str) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        let after = &rest[start + 2..];
-        match after.find("}}") {
-            Some(end) => {
-                keys.push(after[..end].trim().to_string());
-                rest = &after[end + 2..];
-            }
-            None => break,
-        }
-    }
-    keys
 }
 
 #[cfg(test)]
@@ -755,7 +784,7 @@ tcp = 80
         std::fs::write(dir.path().join("index.html"), "{{greeting}} {{nope}}").unwrap();
         let err = load(&path).unwrap_err().to_string();
         assert!(
-            err.contains("uses {{nope}}, which is not a config key"),
+            err.contains("templates[0]: index.html: /run/www/index.html line 1: undefined value"),
             "{err}"
         );
     }
@@ -809,48 +838,5 @@ tcp = 80
             loaded += 1;
         }
         assert!(loaded >= 1);
-    }
-
-    #[test]
-    fn field_checks_table() {
-        let field = |kind, min, max, choices: Option<Vec<&str>>| ConfigField {
-            kind,
-            default: toml::Value::String(String::new()),
-            description: None,
-            min,
-            max,
-            max_len: None,
-            choices: choices.map(|c| c.into_iter().map(String::from).collect()),
-        };
-        let cases = [
-            (field(FieldType::Int, Some(1), Some(10), None), "5", true),
-            (field(FieldType::Int, Some(1), Some(10), None), "11", false),
-            (field(FieldType::Int, None, None, None), "x", false),
-            (field(FieldType::Bool, None, None, None), "true", true),
-            (field(FieldType::Bool, None, None, None), "yes", false),
-            (field(FieldType::Port, None, None, None), "65535", true),
-            (field(FieldType::Port, None, None, None), "65536", false),
-            (field(FieldType::Ipv4, None, None, None), "10.0.0.1", true),
-            (field(FieldType::Ipv4, None, None, None), "10.0.0", false),
-            (
-                field(FieldType::Cidr, None, None, None),
-                "10.0.0.0/24",
-                true,
-            ),
-            (field(FieldType::Cidr, None, None, None), "10.0.0.0", false),
-            (
-                field(FieldType::String, None, None, Some(vec!["a", "b"])),
-                "b",
-                true,
-            ),
-            (
-                field(FieldType::String, None, None, Some(vec!["a", "b"])),
-                "c",
-                false,
-            ),
-        ];
-        for (f, value, ok) in cases {
-            assert_eq!(f.check(value).is_ok(), ok, "{:?} {value:?}", f.kind);
-        }
     }
 }

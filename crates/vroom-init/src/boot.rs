@@ -1,5 +1,6 @@
 //! From the initramfs to a running root: modules, mounts, switch root, config.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
@@ -9,11 +10,13 @@ use std::time::{Duration, Instant};
 use vroom_agent_proto::volume::{
     ConfigFile, InstanceFile, CONFIG_DISK_SERIAL, CONFIG_FILE, INSTANCE_FILE, ROOT_DISK_SERIAL,
 };
+use vroom_types::template::TemplateNic;
 use vroom_types::{ApplianceSpec, ConfigValues};
 
 use crate::{log, netconf};
 
 const NEW_ROOT: &str = "/newroot";
+const SEED_MNT: &str = "/seed";
 const MODULE_LIST: &str = "/lib/vroom/modules";
 const APPLIANCE_FILE: &str = "/etc/vroom/appliance.json";
 pub const CONFIG_DIR: &str = "/config";
@@ -22,6 +25,8 @@ pub const CONFIG_DIR: &str = "/config";
 pub struct Booted {
     pub spec: ApplianceSpec,
     pub config: ConfigValues,
+    pub hostname: String,
+    pub nics: BTreeMap<String, TemplateNic>,
 }
 
 pub fn boot() -> Result<Booted, String> {
@@ -37,15 +42,28 @@ pub fn boot() -> Result<Booted, String> {
 
     let spec: ApplianceSpec =
         read_json(&Path::new(NEW_ROOT).join(APPLIANCE_FILE.trim_start_matches('/')))?;
+    mkdir(SEED_MNT)?;
     for dir in &spec.writable {
         let target = format!("{NEW_ROOT}{dir}");
+        // The tmpfs starts as a copy of what the image has there (e.g. /var/lib).
         mount(
             "tmpfs",
-            &target,
+            SEED_MNT,
             "tmpfs",
             libc::MS_NOSUID | libc::MS_NODEV,
             "mode=0755",
         )?;
+        if let Err(err) = copy_tree(Path::new(&target), Path::new(SEED_MNT)) {
+            log(&format!("seed {dir}: {err}"));
+        }
+        if let Ok(meta) = fs::metadata(&target) {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = fs::set_permissions(
+                SEED_MNT,
+                fs::Permissions::from_mode(meta.permissions().mode()),
+            );
+        }
+        mount(SEED_MNT, &target, "", libc::MS_MOVE, "")?;
     }
     mount(
         &config_dev,
@@ -68,8 +86,49 @@ pub fn boot() -> Result<Booted, String> {
         }
     };
     set_hostname(&instance.hostname)?;
-    netconf::configure(&instance.nics)?;
-    Ok(Booted { spec, config })
+    apply_sysctl(&spec.sysctl);
+    let nics = netconf::configure(&instance.nics)?;
+    Ok(Booted {
+        spec,
+        config,
+        hostname: instance.hostname,
+        nics,
+    })
+}
+
+fn apply_sysctl(params: &BTreeMap<String, String>) {
+    for (key, value) in params {
+        let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+        match fs::write(&path, value) {
+            Ok(()) => log(&format!("sysctl {key} = {value}")),
+            Err(err) => log(&format!("sysctl {key}: {err}")),
+        }
+    }
+}
+
+/// Copies a directory tree (files, directories, symlinks; modes kept).
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+    let Ok(entries) = fs::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry?;
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let meta = fs::symlink_metadata(&src)?;
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            symlink(fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode()))?;
+        } else if kind.is_file() {
+            fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 fn load_modules() -> Result<(), String> {

@@ -1,23 +1,33 @@
 //! NIC configuration through the classic socket ioctls: small enough that
 //! PID 1 needs neither netlink nor an `ip` binary in the image.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::mem;
 use std::net::Ipv4Addr;
 
 use vroom_agent_proto::volume::NicConfig;
+use vroom_types::template::TemplateNic;
 
 use crate::log;
 
-pub fn configure(nics: &[NicConfig]) -> Result<(), String> {
+/// Names each NIC after its role (`wan`, `lan`, ...), addresses it and adds
+/// the default route; returns the NICs by role, as templates see them.
+pub fn configure(nics: &[NicConfig]) -> Result<BTreeMap<String, TemplateNic>, String> {
     let sock = Socket::new().map_err(|e| format!("socket: {e}"))?;
     sock.set_up("lo").map_err(|e| format!("bring up lo: {e}"))?;
     let mut gateway = None;
+    let mut by_role = BTreeMap::new();
     for nic in nics {
-        let Some(ifname) = ifname_for_mac(&nic.mac) else {
+        let Some(mut ifname) = ifname_for_mac(&nic.mac) else {
             return Err(format!("no NIC with MAC {}", nic.mac));
         };
+        if let Some(role) = nic.role.as_deref().filter(|r| *r != ifname) {
+            sock.rename(&ifname, role)
+                .map_err(|e| format!("rename {ifname} to {role}: {e}"))?;
+            ifname = role.to_string();
+        }
         let addr: Ipv4Addr = nic
             .address
             .parse()
@@ -34,17 +44,25 @@ pub fn configure(nics: &[NicConfig]) -> Result<(), String> {
             nic.mac, nic.prefix_len
         ));
         if gateway.is_none() {
+            // A router NIC may itself be its network's gateway.
             gateway = nic
                 .gateway
                 .as_deref()
-                .and_then(|g| g.parse::<Ipv4Addr>().ok());
+                .and_then(|g| g.parse::<Ipv4Addr>().ok())
+                .filter(|g| *g != addr);
+        }
+        if let Some(role) = &nic.role {
+            by_role.insert(
+                role.clone(),
+                TemplateNic::new(&ifname, addr, nic.prefix_len, &nic.mac),
+            );
         }
     }
     if let Some(gw) = gateway {
         sock.add_default_route(gw)
             .map_err(|e| format!("add default route via {gw}: {e}"))?;
     }
-    Ok(())
+    Ok(by_role)
 }
 
 pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
@@ -96,6 +114,14 @@ impl Socket {
             *sin = sockaddr_in(addr);
         }
         self.ioctl(request, &mut req)
+    }
+
+    fn rename(&self, ifname: &str, new_name: &str) -> io::Result<()> {
+        let mut req = ifreq(ifname)?;
+        let new = ifreq(new_name)?;
+        // SIOCSIFNAME reads the new name from the ifru_newname union member.
+        req.ifr_ifru.ifru_newname = new.ifr_name;
+        self.ioctl(libc::SIOCSIFNAME, &mut req)
     }
 
     fn set_up(&self, ifname: &str) -> io::Result<()> {

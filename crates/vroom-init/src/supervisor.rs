@@ -1,7 +1,7 @@
 //! Service supervision and child reaping. As PID 1 we reap every process in
 //! the guest, so exec'd commands get their exit status from here too.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -13,8 +13,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vroom_agent_proto::{ExecOutput, HealthReport, ServiceHealth, MAX_EXEC_OUTPUT};
+use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
-    validate_config_key, validate_config_value, ApplianceSpec, ConfigValues, ServiceSpec,
+    check_config, validate_config_key, validate_config_value, ApplianceSpec, ConfigValues,
+    ServiceSpec,
 };
 
 use crate::boot::{self, Booted};
@@ -26,6 +28,8 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 pub struct Supervisor {
     spec: ApplianceSpec,
+    hostname: String,
+    nics: BTreeMap<String, TemplateNic>,
     booted_at: Instant,
     inner: Mutex<Inner>,
 }
@@ -60,6 +64,8 @@ impl Supervisor {
             .collect();
         Supervisor {
             spec: booted.spec,
+            hostname: booted.hostname,
+            nics: booted.nics,
             booted_at: Instant::now(),
             inner: Mutex::new(Inner {
                 config: booted.config,
@@ -150,6 +156,9 @@ impl Supervisor {
             validate_config_key(key).map_err(|e| e.to_string())?;
             validate_config_value(key, value).map_err(|e| e.to_string())?;
         }
+        if !self.spec.config_schema.is_empty() {
+            check_config(&self.spec.config_schema, &values).map_err(|e| e.to_string())?;
+        }
         let mut inner = self.lock();
         boot::write_config(&values)?;
         inner.config = values.clone();
@@ -230,15 +239,24 @@ impl Supervisor {
         boot::power_off();
     }
 
+    /// Renders every template; a template that fails keeps its previous file.
     fn render_templates(&self, values: &ConfigValues) {
+        let ctx =
+            TemplateContext::new(&self.spec.config_schema, values, &self.nics, &self.hostname);
         for template in &self.spec.templates {
+            let text = match template.render(&ctx) {
+                Ok(text) => text,
+                Err(err) => {
+                    log(&format!("render {err}"));
+                    continue;
+                }
+            };
             let path = Path::new(&template.path);
             if let Some(parent) = path.parent() {
                 let _ = fs::create_dir_all(parent);
             }
             let tmp = path.with_extension("vroom-tmp");
-            let result =
-                fs::write(&tmp, template.render(values)).and_then(|()| fs::rename(&tmp, path));
+            let result = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path));
             if let Err(err) = result {
                 log(&format!("render {}: {err}", template.path));
             }

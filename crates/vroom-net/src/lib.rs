@@ -19,14 +19,19 @@ use vroom_types::Network;
 
 pub struct NetlinkNetwork {
     handle: Handle,
+    /// Matches all of this vroom's bridges (see [`vroom_core::ipam::bridge_glob`]).
+    bridge_glob: String,
 }
 
 impl NetlinkNetwork {
     /// Opens a netlink connection; must be called inside a tokio runtime.
-    pub fn new() -> std::io::Result<Self> {
+    pub fn new(bridge_glob: String) -> std::io::Result<Self> {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(connection);
-        Ok(NetlinkNetwork { handle })
+        Ok(NetlinkNetwork {
+            handle,
+            bridge_glob,
+        })
     }
 
     async fn link_index(&self, name: &str) -> Option<u32> {
@@ -58,9 +63,13 @@ pub fn nat_table(network: &Network) -> String {
     format!("vroom_{}", network.bridge)
 }
 
-pub fn nat_ruleset(network: &Network) -> String {
+/// Masquerades what the network's guests send out of the host. Traffic that
+/// leaves through one of vroom's own bridges is left alone: with br_netfilter
+/// loaded, packets a router appliance forwards between two vroom networks
+/// pass this hook too, and must keep their addresses.
+pub fn nat_ruleset(network: &Network, bridge_glob: &str) -> String {
     format!(
-        "table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {subnet} masquerade\n  }}\n}}\n",
+        "table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge_glob}\" masquerade\n  }}\n}}\n",
         table = nat_table(network),
         subnet = network.subnet,
     )
@@ -115,16 +124,18 @@ impl NetworkBackend for NetlinkNetwork {
                 action: format!("create bridge {bridge}"),
                 reason: "it vanished after creation".into(),
             })?;
-        self.handle
-            .address()
-            .add(
-                index,
-                IpAddr::V4(network.gateway),
-                network.subnet.prefix_len(),
-            )
-            .execute()
-            .await
-            .map_err(fail(format!("add {} to {bridge}", network.gateway)))?;
+        if !network.isolated {
+            self.handle
+                .address()
+                .add(
+                    index,
+                    IpAddr::V4(network.gateway),
+                    network.subnet.prefix_len(),
+                )
+                .execute()
+                .await
+                .map_err(fail(format!("add {} to {bridge}", network.gateway)))?;
+        }
         self.handle
             .link()
             .set(index)
@@ -139,9 +150,11 @@ impl NetworkBackend for NetlinkNetwork {
                     reason: e.to_string(),
                 }
             })?;
-            nft(&nat_ruleset(network)).map_err(|reason| NetworkBackendError {
-                action: format!("add NAT for {}", network.name),
-                reason,
+            nft(&nat_ruleset(network, &self.bridge_glob)).map_err(|reason| {
+                NetworkBackendError {
+                    action: format!("add NAT for {}", network.name),
+                    reason,
+                }
             })?;
         }
         Ok(())
@@ -237,13 +250,16 @@ mod tests {
             name: Name::new("lan").unwrap(),
             subnet: "10.9.0.0/24".parse().unwrap(),
             nat: true,
+            isolated: false,
             bridge: "vrb12345678".into(),
             gateway: "10.9.0.1".parse().unwrap(),
             created_at: 0,
         };
-        let rules = nat_ruleset(&network);
+        let rules = nat_ruleset(&network, "vrb*");
         assert!(rules.starts_with("table ip vroom_vrb12345678 {"));
-        assert!(rules.contains("ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 masquerade"));
+        assert!(rules.contains(
+            "ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != \"vrb*\" masquerade"
+        ));
         assert!(rules.contains("type nat hook postrouting priority srcnat"));
     }
 }

@@ -52,6 +52,14 @@ pub enum InvalidInputError {
     ConfigKey { key: String, reason: &'static str },
     #[error("invalid value for config key {key:?}: {reason}")]
     ConfigValue { key: String, reason: &'static str },
+    #[error("unknown config key {key:?} (known: {known})")]
+    UnknownConfigKey { key: String, known: String },
+    #[error("invalid value {value:?} for config key {key:?}: {reason}")]
+    ConfigType {
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("invalid config assignment {raw:?}: use KEY=VALUE")]
     ConfigAssignment { raw: String },
     #[error("invalid accelerator {raw:?}: use auto, kvm or tcg")]

@@ -13,7 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ConfigValues;
+use std::collections::BTreeMap;
+
+use crate::{ConfigSchema, ConfigValues};
 
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -81,6 +83,13 @@ pub struct ApplianceSpec {
     pub services: Vec<ServiceSpec>,
     /// A TCP port that must accept connections before the appliance is healthy.
     pub health_tcp_port: Option<u16>,
+    /// The typed schema `config set` enforces; images without one accept
+    /// exactly their seed keys, as strings.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_schema: ConfigSchema,
+    /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward = "1"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctl: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -95,7 +104,7 @@ pub struct ServiceSpec {
     pub restart_on_config: bool,
 }
 
-/// A file rendered from config: every `{{key}}` is replaced by the key's value.
+/// A file rendered from config with a MiniJinja template (see [`crate::template`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TemplateSpec {
     /// Absolute destination path in the guest; must be under a writable directory.
@@ -113,55 +122,4 @@ pub struct ImageSummary {
     /// Bytes of initramfs plus root filesystem.
     pub size: u64,
     pub manifest: ImageManifest,
-}
-
-impl TemplateSpec {
-    /// Replaces every `{{key}}` (spaces allowed inside the braces) with its value;
-    /// keys without a value render as the empty string.
-    pub fn render(&self, values: &ConfigValues) -> String {
-        let mut out = String::with_capacity(self.template.len());
-        let mut rest = self.template.as_str();
-        while let Some(start) = rest.find("{{") {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            match after.find("}}") {
-                Some(end) => {
-                    let key = after[..end].trim();
-                    out.push_str(values.get(key).map(String::as_str).unwrap_or(""));
-                    rest = &after[end + 2..];
-                }
-                None => {
-                    out.push_str(&rest[start..]);
-                    rest = "";
-                }
-            }
-        }
-        out.push_str(rest);
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn render_table() {
-        let values: ConfigValues = [("greeting".to_string(), "hi".to_string())].into();
-        let cases: &[(&str, &str)] = &[
-            ("<h1>{{greeting}}</h1>", "<h1>hi</h1>"),
-            ("{{ greeting }}!", "hi!"),
-            ("{{missing}}x", "x"),
-            ("no braces", "no braces"),
-            ("open {{greeting", "open {{greeting"),
-            ("{{greeting}}{{greeting}}", "hihi"),
-        ];
-        for (template, want) in cases {
-            let spec = TemplateSpec {
-                path: "/run/x".into(),
-                template: template.to_string(),
-            };
-            assert_eq!(spec.render(&values), *want, "template {template:?}");
-        }
-    }
 }

@@ -11,7 +11,9 @@ mod image;
 mod instance;
 mod name;
 mod network;
+mod schema;
 mod size;
+pub mod template;
 
 pub use api::{ActionRequest, BuildImageRequest, ConfigDocument, LogChunk, VersionInfo};
 pub use config::{
@@ -28,5 +30,8 @@ pub use instance::{
 };
 pub use ipnet::Ipv4Net;
 pub use name::Name;
-pub use network::{parse_subnet, Network, NetworkSpec};
+pub use network::{parse_subnet, Network, NetworkSpec, ROUTER_ROLES};
+pub use schema::{
+    check_config, parse_forward, parse_host, ConfigField, ConfigSchema, FieldType, Forward,
+};
 pub use size::{parse_mem_mib, MIN_MEM_MIB};

@@ -14,7 +14,14 @@ pub struct NetworkSpec {
     pub subnet: Option<Ipv4Net>,
     /// NAT from this network to the host's uplink.
     pub nat: bool,
+    /// The host takes no address on it and does not route it: an appliance
+    /// with a `lan` or `dmz` NIC on it (a firewall) becomes its gateway.
+    #[serde(default)]
+    pub isolated: bool,
 }
+
+/// NIC roles whose appliance routes for the network they sit on.
+pub const ROUTER_ROLES: &[&str] = &["lan", "dmz"];
 
 /// A network as created on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -23,9 +30,12 @@ pub struct Network {
     #[schema(value_type = String)]
     pub subnet: Ipv4Net,
     pub nat: bool,
+    #[serde(default)]
+    pub isolated: bool,
     /// The host bridge.
     pub bridge: String,
-    /// The host's address on the bridge, the guests' default gateway.
+    /// The guests' default gateway: the host's address on the bridge, or on
+    /// an isolated network the address its router appliance takes.
     #[schema(value_type = String)]
     pub gateway: Ipv4Addr,
     pub created_at: u64,

@@ -27,6 +27,7 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
             name: Name::new(&net_name)?,
             subnet: None,
             nat: false,
+            isolated: false,
         })
         .await?;
     let result = measure(&client, data_dir, &network.name, runs).await;

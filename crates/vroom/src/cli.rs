@@ -346,12 +346,18 @@ async fn config(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Resul
 
 async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
     match op {
-        NetOp::Create { name, subnet, nat } => {
+        NetOp::Create {
+            name,
+            subnet,
+            nat,
+            isolated,
+        } => {
             let network = client
                 .create_network(&NetworkSpec {
                     name: name.clone(),
                     subnet: *subnet,
                     nat: *nat,
+                    isolated: *isolated,
                 })
                 .await?;
             if json {
@@ -366,14 +372,19 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
         NetOp::Ls => output::list(
             json,
             &client.networks().await?,
-            &["NAME", "SUBNET", "GATEWAY", "BRIDGE", "NAT"],
+            &["NAME", "SUBNET", "GATEWAY", "BRIDGE", "MODE"],
             |n| {
                 vec![
                     n.name.to_string(),
                     n.subnet.to_string(),
                     n.gateway.to_string(),
                     n.bridge.clone(),
-                    if n.nat { "yes" } else { "no" }.into(),
+                    match (n.isolated, n.nat) {
+                        (true, _) => "isolated",
+                        (false, true) => "nat",
+                        (false, false) => "host",
+                    }
+                    .into(),
                 ]
             },
         ),

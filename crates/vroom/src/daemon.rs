@@ -27,7 +27,8 @@ pub async fn run(data_dir: &Path) -> Result<()> {
 
     let store = RedbStateStore::open(&data_dir.join("state.redb"))
         .context("cannot open the state store")?;
-    let net = NetlinkNetwork::new().context("cannot open a netlink connection")?;
+    let net = NetlinkNetwork::new(vroom_core::ipam::bridge_glob(&paths::iface_prefix()))
+        .context("cannot open a netlink connection")?;
     let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
     let images = paths::local_images(data_dir);
     let cfg = EngineConfig {

@@ -43,6 +43,7 @@ pub async fn run(client: &Client, keep: bool) -> Result<()> {
             name: Name::new(NET)?,
             subnet: None,
             nat: false,
+            isolated: false,
         })
         .await?;
     println!(

@@ -152,8 +152,11 @@ pub enum NetOp {
         #[arg(long, value_parser = vroom_types::parse_subnet)]
         subnet: Option<vroom_types::Ipv4Net>,
         /// NAT to the host's uplink.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "isolated")]
         nat: bool,
+        /// No host address: a firewall appliance on it is the gateway.
+        #[arg(long)]
+        isolated: bool,
     },
     /// List networks.
     Ls,

@@ -268,6 +268,40 @@ impl Env {
         (ns, host_end)
     }
 
+    /// A namespace `<prefix>-<name>` whose `eth0` is plugged into a vroom
+    /// network's bridge; with `addr` (`CIDR`, gateway) it is configured, without
+    /// it the caller configures it (e.g. by DHCP).
+    pub fn namespace_on(&self, name: &str, network: &str, addr: Option<(&str, &str)>) -> String {
+        let ns = format!("{}-{name}", self.prefix);
+        let host_end = format!("{}{name}", self.prefix);
+        let bridge = self.network(network).bridge;
+        sh(&format!("ip netns add {ns}"));
+        sh(&format!(
+            "ip link add {host_end} type veth peer name eth0 netns {ns}"
+        ));
+        sh(&format!("ip link set {host_end} master {bridge} up"));
+        sh(&format!(
+            "ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"
+        ));
+        if let Some((cidr, gateway)) = addr {
+            sh(&format!("ip -n {ns} addr add {cidr} dev eth0"));
+            sh(&format!("ip -n {ns} route add default via {gateway}"));
+        }
+        ns
+    }
+
+    /// Runs a shell command in a namespace and returns its output.
+    pub fn run_in(&self, ns: &str, cmd: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", cmd])
+            .output()
+            .expect("run in namespace")
+    }
+
+    pub fn network(&self, name: &str) -> vroom_types::Network {
+        serde_json::from_str(&self.ok(&["net", "inspect", name])).unwrap()
+    }
+
     pub fn nft_tables(&self) -> Vec<String> {
         let out = Command::new("nft")
             .args(["list", "tables"])
@@ -318,9 +352,13 @@ impl Drop for Env {
         }
         self.kill_daemon();
         for link in self.links() {
-            let _ = Command::new("ip").args(["link", "del", &link]).status();
+            let _ = Command::new("ip")
+                .args(["link", "del", &link])
+                .stderr(Stdio::null())
+                .status();
         }
         for ns in self.namespaces() {
+            let _ = std::fs::remove_dir_all(format!("/etc/netns/{ns}"));
             let _ = Command::new("ip")
                 .args(["netns", "pids", &ns])
                 .output()
@@ -352,6 +390,34 @@ impl Drop for Env {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn sh(cmd: &str) {
+    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd}");
+}
+
+/// Polls `check` every 200 ms until it returns `Some` or `timeout` passes.
+pub fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A recipe shipped in the repository.
+pub fn recipe(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../recipes")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 /// The body of `GET http://ip/`.
