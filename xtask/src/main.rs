@@ -22,6 +22,7 @@ fn main() -> Result<()> {
         Some("test") => {
             let vroom = build(&root, false)?;
             run(Command::new(&vroom).arg("setup"))?;
+            install_test_tools()?;
             let init = init_path(&root);
             run(Command::new(cargo())
                 .current_dir(&root)
@@ -59,6 +60,22 @@ fn main() -> Result<()> {
             std::process::exit(2);
         }
     }
+}
+
+/// Tools the tests use as real clients beside what `vroom setup` installs:
+/// tcpdump reads the sniffer's captures.
+fn install_test_tools() -> Result<()> {
+    let missing = |tool: &str| {
+        !std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false)
+    };
+    if missing("tcpdump") {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "tcpdump"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
 }
 
 fn cargo() -> String {

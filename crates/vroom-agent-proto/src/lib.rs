@@ -14,8 +14,8 @@ pub mod volume;
 
 pub use frame::{encode_frame, DecodeFrameError, FrameDecoder, FRAME_VERSION, MAX_FRAME_LEN};
 pub use message::{
-    ExecOutput, GuestReply, HealthReport, HostCommand, Request, Response, ServiceHealth,
-    MAX_EXEC_OUTPUT,
+    from_hex, to_hex, ExecOutput, GuestReply, HealthReport, HostCommand, Request, Response,
+    ServiceHealth, MAX_EXEC_OUTPUT, MAX_READ_CHUNK,
 };
 
 /// The name of the virtio-serial port that carries the protocol.

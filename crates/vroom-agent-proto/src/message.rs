@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// The most output an exec returns per stream; the rest is cut.
 pub const MAX_EXEC_OUTPUT: usize = 256 * 1024;
+/// The most bytes one `ReadFile` returns; hex doubles it, under the frame limit.
+pub const MAX_READ_CHUNK: u64 = 384 * 1024;
 
 /// Host → guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +28,8 @@ pub enum HostCommand {
     ApplyConfig { values: BTreeMap<String, String> },
     /// Stop services, sync and unmount, power off.
     Shutdown,
+    /// Read up to `len` bytes (at most [`MAX_READ_CHUNK`]) of a regular file from `offset`.
+    ReadFile { path: String, offset: u64, len: u64 },
 }
 
 /// Guest → host.
@@ -45,9 +49,38 @@ pub enum GuestReply {
         values: BTreeMap<String, String>,
     },
     ShuttingDown,
+    /// A piece of a file, hex-encoded; `size` is the file's size when read.
+    FileChunk {
+        hex: String,
+        size: u64,
+    },
     Error {
         message: String,
     },
+}
+
+/// Lower-case hex, for file chunks inside JSON.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+/// The inverse of [`to_hex`]; `None` for anything that is not hex pairs.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    bytes
+        .chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +109,16 @@ pub struct ExecOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_round_trips_and_rejects_junk() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&all)).unwrap(), all);
+        assert_eq!(to_hex(b"\x00\xff"), "00ff");
+        for bad in ["0", "zz", "0g", "\u{e9}0"] {
+            assert_eq!(from_hex(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn wire_format_is_stable() {

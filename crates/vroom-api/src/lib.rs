@@ -90,6 +90,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         instance_action,
         exec_instance,
         instance_logs,
+        read_file,
         get_config,
         update_config,
         replace_config,
@@ -127,6 +128,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/instances/{name}/actions", post(instance_action))
         .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/logs", get(instance_logs))
+        .route("/v1/instances/{name}/files", get(read_file))
         .route(
             "/v1/instances/{name}/config",
             get(get_config).patch(update_config).put(replace_config),
@@ -256,6 +258,29 @@ async fn instance_logs(
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
     let (data, next_offset) = engine.logs(&name, query.offset)?;
     Ok(Json(LogChunk { data, next_offset }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+struct FileQuery {
+    /// An absolute path of a regular file in the guest.
+    path: String,
+}
+
+/// Copies a file out of a running guest (e.g. a packet capture).
+#[utoipa::path(get, path = "/v1/instances/{name}/files", params(("name" = String, Path), FileQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn read_file(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<FileQuery>, QueryRejection>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    let data = engine.read_file(&name, &query.path).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        data,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}/config", params(("name" = String, Path)),

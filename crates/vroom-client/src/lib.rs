@@ -176,6 +176,16 @@ impl Client {
         .await
     }
 
+    /// The bytes of a regular file in a running guest.
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<Bytes, ClientError> {
+        self.raw::<()>(
+            Method::GET,
+            &format!("/v1/instances/{}/files?path={}", enc(name), enc(path)),
+            None,
+        )
+        .await
+    }
+
     pub async fn logs(&self, name: &str, offset: u64) -> Result<LogChunk, ClientError> {
         self.call::<(), _>(
             Method::GET,

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
-use vroom_agent_proto::{GuestReply, HostCommand};
+use vroom_agent_proto::{from_hex, GuestReply, HostCommand, MAX_READ_CHUNK};
 use vroom_types::{
     check_config, validate_config_key, validate_config_value, ConfigValues, DesiredState,
     ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, InstanceSpec,
     InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec,
-    NicStatus, RunRequest, MIN_MEM_MIB, ROUTER_ROLES,
+    NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE, ROUTER_ROLES,
 };
 
 use crate::agent::AgentClient;
@@ -35,6 +35,8 @@ pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
 const HEALTH_POLL: Duration = Duration::from_millis(150);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
+/// The largest file `read_file` copies out of a guest.
+const MAX_COPY_BYTES: u64 = 1 << 30;
 /// An instance that stayed up this long has its crash streak forgotten.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -277,6 +279,7 @@ impl Engine {
                 subnet: None,
                 nat: true,
                 isolated: false,
+                mirror: false,
             };
             created_default = Some(self.create_network_locked(default).await?);
         }
@@ -425,6 +428,17 @@ impl Engine {
         for (index, spec) in specs.iter().enumerate() {
             let network = self.network(spec.network.as_str())?;
             let taken = used.entry(network.name.to_string()).or_default();
+            let role = roles.get(index).map(String::as_str);
+            if role == Some(MIRROR_ROLE) && !network.mirror {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "NIC {} is a mirror-sink, but network {} does not mirror its traffic (create it with --mirror)",
+                        index + 1,
+                        network.name
+                    ),
+                ));
+            }
             let router = network.isolated
                 && roles
                     .get(index)
@@ -835,6 +849,63 @@ impl Engine {
         }
     }
 
+    /// Copies a regular file out of a running guest, in agent-sized chunks.
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, OpError> {
+        if !path.starts_with('/') {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("{path:?} is not an absolute path in the guest"),
+            ));
+        }
+        let cell = self.running_cell(name)?;
+        let mut data = Vec::new();
+        loop {
+            let reply = cell
+                .agent
+                .call(
+                    HostCommand::ReadFile {
+                        path: path.to_string(),
+                        offset: data.len() as u64,
+                        len: MAX_READ_CHUNK,
+                    },
+                    AGENT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| OpError::wrap(ErrorCode::GuestError, "copy failed", e))?;
+            let (chunk, size) = match reply {
+                GuestReply::FileChunk { hex, size } => match from_hex(&hex) {
+                    Some(chunk) if chunk.len() as u64 <= MAX_READ_CHUNK => (chunk, size),
+                    _ => {
+                        return Err(OpError::new(
+                            ErrorCode::GuestError,
+                            "the guest sent a malformed file chunk",
+                        ))
+                    }
+                },
+                GuestReply::Error { message } => {
+                    return Err(OpError::new(ErrorCode::NotFound, truncate(&message)))
+                }
+                _ => {
+                    return Err(OpError::new(
+                        ErrorCode::GuestError,
+                        "the guest answered with the wrong reply",
+                    ))
+                }
+            };
+            data.extend_from_slice(&chunk);
+            if data.len() as u64 > MAX_COPY_BYTES {
+                return Err(OpError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!("{path} is larger than {MAX_COPY_BYTES} bytes"),
+                ));
+            }
+            // A file that grows while it is read is copied up to its size at the last read.
+            if chunk.is_empty() || data.len() as u64 >= size {
+                return Ok(data);
+            }
+        }
+    }
+
     fn running_cell(&self, name: &str) -> Result<Arc<Cell>, OpError> {
         let cell = self.cell(name)?;
         let state = cell.lock().instance.status.state;
@@ -1109,6 +1180,7 @@ impl Engine {
             subnet,
             nat: spec.nat,
             isolated: spec.isolated,
+            mirror: spec.mirror,
             created_at: now_secs(),
         };
         if let Err(e) = self.net.create_network(&network).await {
@@ -1256,7 +1328,7 @@ fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
                 role: roles.get(i).cloned(),
                 address: nic.ip.to_string(),
                 prefix_len: nic.prefix_len,
-                gateway: (i == 0).then(|| nic.gateway.to_string()),
+                gateway: Some(nic.gateway.to_string()),
             })
             .collect(),
     }

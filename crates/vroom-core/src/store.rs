@@ -167,6 +167,7 @@ mod tests {
             subnet: "10.1.0.0/24".parse().unwrap(),
             nat: false,
             isolated: false,
+            mirror: false,
             bridge: "vrb1".into(),
             gateway: "10.1.0.1".parse().unwrap(),
             created_at: 1,

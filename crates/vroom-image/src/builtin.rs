@@ -56,6 +56,7 @@ pub fn hello_appliance() -> ApplianceSpec {
             restart_on_config: false,
         }],
         health_tcp_port: Some(80),
+        health_tcp_config: None,
         config_schema: [(
             "greeting".to_string(),
             ConfigField {

@@ -239,7 +239,15 @@ pub struct MemorySpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthSpec {
-    pub tcp: u16,
+    /// A fixed port, or the name of a `port` config key whose value is checked.
+    pub tcp: HealthPort,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HealthPort {
+    Fixed(u16),
+    ConfigKey(String),
 }
 
 /// A validated recipe with its directory and template texts.
@@ -278,7 +286,14 @@ impl LoadedRecipe {
                     restart_on_config: s.restart_on_config,
                 })
                 .collect(),
-            health_tcp_port: r.health.as_ref().map(|h| h.tcp),
+            health_tcp_port: match r.health.as_ref().map(|h| &h.tcp) {
+                Some(HealthPort::Fixed(port)) => Some(*port),
+                _ => None,
+            },
+            health_tcp_config: match r.health.as_ref().map(|h| &h.tcp) {
+                Some(HealthPort::ConfigKey(key)) => Some(key.clone()),
+                _ => None,
+            },
             config_schema: self.schema(),
             sysctl: self.sysctl.clone(),
         }
@@ -479,7 +494,11 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
         .map(|(i, role)| {
             let ip = Ipv4Addr::new(10, 0, i as u8, 1);
             let mac = format!("52:54:00:00:00:{i:02x}");
-            (role.clone(), TemplateNic::new(role, ip, 24, &mac))
+            let gateway = Ipv4Addr::new(10, 0, i as u8, 254);
+            (
+                role.clone(),
+                TemplateNic::new(role, ip, 24, Some(gateway), &mac),
+            )
         })
         .collect();
     let sample = TemplateContext::new(&schema, &seed, &sample_nics, &recipe.name);
@@ -552,8 +571,22 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
     if default_mem_mib < min_mem_mib {
         return Err(bad("memory.default", "must not be below memory.min".into()));
     }
-    if recipe.health.as_ref().is_some_and(|h| h.tcp == 0) {
-        return Err(bad("health.tcp", "port 0 cannot be checked".into()));
+    match recipe.health.as_ref().map(|h| &h.tcp) {
+        Some(HealthPort::Fixed(0)) => {
+            return Err(bad("health.tcp", "port 0 cannot be checked".into()))
+        }
+        Some(HealthPort::ConfigKey(key))
+            if recipe
+                .config
+                .get(key)
+                .is_none_or(|f| f.kind != FieldType::Port || f.list) =>
+        {
+            return Err(bad(
+                "health.tcp",
+                format!("{key:?} is not a config key of type port"),
+            ))
+        }
+        _ => {}
     }
     Ok(LoadedRecipe {
         recipe,

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vroom_agent_proto::{
-    encode_frame, FrameDecoder, GuestReply, HostCommand, Request, Response, PORT_NAME,
+    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_READ_CHUNK,
+    PORT_NAME,
 };
 
 use crate::log;
@@ -78,6 +79,13 @@ fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
             Err(message) => GuestReply::Error { message },
         },
         HostCommand::Shutdown => GuestReply::ShuttingDown,
+        HostCommand::ReadFile { path, offset, len } => match read_chunk(&path, offset, len) {
+            Ok((bytes, size)) => GuestReply::FileChunk {
+                hex: to_hex(&bytes),
+                size,
+            },
+            Err(message) => GuestReply::Error { message },
+        },
     };
     send(
         writer,
@@ -89,6 +97,23 @@ fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
     if shutdown {
         state.shutdown();
     }
+}
+
+/// Up to `len` bytes of a regular file from `offset`, and the file's size.
+fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), String> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path} is not a regular file"));
+    }
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(len.min(MAX_READ_CHUNK))
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok((bytes, meta.len()))
 }
 
 fn send(writer: &Mutex<File>, response: &Response) {

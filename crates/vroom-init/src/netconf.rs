@@ -43,18 +43,18 @@ pub fn configure(nics: &[NicConfig]) -> Result<BTreeMap<String, TemplateNic>, St
             "{ifname} ({}) is {addr}/{}",
             nic.mac, nic.prefix_len
         ));
-        if gateway.is_none() {
-            // A router NIC may itself be its network's gateway.
-            gateway = nic
-                .gateway
-                .as_deref()
-                .and_then(|g| g.parse::<Ipv4Addr>().ok())
-                .filter(|g| *g != addr);
-        }
+        // A router NIC may itself be its network's gateway.
+        let nic_gateway = nic
+            .gateway
+            .as_deref()
+            .and_then(|g| g.parse::<Ipv4Addr>().ok())
+            .filter(|g| *g != addr);
+        // The first NIC with a gateway carries the default route.
+        gateway = gateway.or(nic_gateway);
         if let Some(role) = &nic.role {
             by_role.insert(
                 role.clone(),
-                TemplateNic::new(&ifname, addr, nic.prefix_len, &nic.mac),
+                TemplateNic::new(&ifname, addr, nic.prefix_len, nic_gateway, &nic.mac),
             );
         }
     }

@@ -135,7 +135,13 @@ impl Supervisor {
                 inner.started && !inner.shutting_down,
             )
         };
-        let healthy = match self.spec.health_tcp_port {
+        let configured_port = self
+            .spec
+            .health_tcp_config
+            .as_ref()
+            .and_then(|key| config.get(key))
+            .and_then(|port| port.parse::<u16>().ok());
+        let healthy = match configured_port.or(self.spec.health_tcp_port) {
             Some(port) => {
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::Handle;
 use vroom_core::net::{HostAddress, NetworkBackend, NetworkBackendError};
 use vroom_types::Network;
@@ -110,11 +110,19 @@ impl NetworkBackend for NetlinkNetwork {
                 reason: "an interface with that name exists".into(),
             });
         }
-        self.handle
-            .link()
-            .add()
-            .bridge(bridge.clone())
-            .execute()
+        let mut add = self.handle.link().add().name(bridge.clone());
+        let mut options = vec![];
+        if network.mirror {
+            // No learning: every frame is flooded to every port, like a hub.
+            options.push(InfoBridge::AgeingTime(0));
+        }
+        add.message_mut()
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(options)),
+            ]));
+        add.execute()
             .await
             .map_err(fail(format!("create bridge {bridge}")))?;
         let index = self
@@ -251,6 +259,7 @@ mod tests {
             subnet: "10.9.0.0/24".parse().unwrap(),
             nat: true,
             isolated: false,
+            mirror: false,
             bridge: "vrb12345678".into(),
             gateway: "10.9.0.1".parse().unwrap(),
             created_at: 0,

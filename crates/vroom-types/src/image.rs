@@ -83,6 +83,9 @@ pub struct ApplianceSpec {
     pub services: Vec<ServiceSpec>,
     /// A TCP port that must accept connections before the appliance is healthy.
     pub health_tcp_port: Option<u16>,
+    /// Like `health_tcp_port`, but the port is this config key's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_tcp_config: Option<String>,
     /// The typed schema `config set` enforces; images without one accept
     /// exactly their seed keys, as strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -30,7 +30,7 @@ pub use instance::{
 };
 pub use ipnet::Ipv4Net;
 pub use name::Name;
-pub use network::{parse_subnet, Network, NetworkSpec, ROUTER_ROLES};
+pub use network::{parse_subnet, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
 pub use schema::{
     check_config, parse_forward, parse_host, ConfigField, ConfigSchema, FieldType, Forward,
 };

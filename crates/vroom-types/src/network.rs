@@ -18,7 +18,14 @@ pub struct NetworkSpec {
     /// with a `lan` or `dmz` NIC on it (a firewall) becomes its gateway.
     #[serde(default)]
     pub isolated: bool,
+    /// Every frame goes to every port (the bridge learns no addresses), so a
+    /// sniffer's `mirror-sink` NIC on it sees all of the network's traffic.
+    #[serde(default)]
+    pub mirror: bool,
 }
+
+/// The NIC role that receives a copy of a network's traffic.
+pub const MIRROR_ROLE: &str = "mirror-sink";
 
 /// NIC roles whose appliance routes for the network they sit on.
 pub const ROUTER_ROLES: &[&str] = &["lan", "dmz"];
@@ -32,6 +39,8 @@ pub struct Network {
     pub nat: bool,
     #[serde(default)]
     pub isolated: bool,
+    #[serde(default)]
+    pub mirror: bool,
     /// The host bridge.
     pub bridge: String,
     /// The guests' default gateway: the host's address on the bridge, or on

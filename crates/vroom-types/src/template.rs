@@ -6,11 +6,13 @@
 //!   [`ConfigField::template_value`](crate::ConfigField::template_value));
 //! - `config`: all config keys, for names such as `dns.server`;
 //! - `nics`: the attached NICs by role, each with `dev`, `ip`, `prefix`,
-//!   `cidr` (the network, e.g. `10.0.1.0/24`), `netmask` and `mac`;
+//!   `cidr` (the network, e.g. `10.0.1.0/24`), `netmask`, `gateway` (empty
+//!   when none) and `mac`;
 //! - `hostname`.
 //!
-//! One filter is added to MiniJinja's builtins: `cidr | host(n)` is the n-th
-//! address of a subnet, e.g. `{{ nics.lan.cidr | host(100) }}` is `10.0.1.100`.
+//! Two filters are added to MiniJinja's builtins: `cidr | host(n)` is the n-th
+//! address of a subnet, e.g. `{{ nics.lan.cidr | host(100) }}` is `10.0.1.100`;
+//! `value | shell` quotes a value as one shell word.
 //!
 //! Block tags eat their own line (`trim_blocks`, `lstrip_blocks`), so loops in
 //! config files read naturally. Printing an undefined name is an error, which
@@ -40,11 +42,12 @@ pub struct TemplateNic {
     pub prefix: u8,
     pub cidr: String,
     pub netmask: String,
+    pub gateway: String,
     pub mac: String,
 }
 
 impl TemplateNic {
-    pub fn new(dev: &str, ip: Ipv4Addr, prefix: u8, mac: &str) -> Self {
+    pub fn new(dev: &str, ip: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, mac: &str) -> Self {
         let net = Ipv4Net::new(ip, prefix.min(32)).unwrap_or_default();
         TemplateNic {
             dev: dev.to_string(),
@@ -52,6 +55,7 @@ impl TemplateNic {
             prefix,
             cidr: net.trunc().to_string(),
             netmask: net.netmask().to_string(),
+            gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
             mac: mac.to_string(),
         }
     }
@@ -109,6 +113,7 @@ impl TemplateSpec {
             .map_err(|e| e.to_string())?;
         env.set_syntax(syntax);
         env.add_filter("host", host_filter);
+        env.add_filter("shell", |value: String| shell_quote(&value));
         env.render_named_str(&self.path, &self.template, Value::from(Serde(&ctx.root)))
             .map_err(|e| match e.line() {
                 Some(line) => format!("{} line {line}: {}", self.path, e.kind_and_detail()),
@@ -128,6 +133,11 @@ fn host_filter(cidr: String, n: u32) -> Result<String, minijinja::Error> {
         Some(ip) if n > 0 && net.contains(&ip) && ip != net.broadcast() => Ok(ip.to_string()),
         _ => Err(invalid(format!("host: {net} has no host number {n}"))),
     }
+}
+
+/// One POSIX shell word: single quotes, with embedded ones closed and escaped.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 trait KindAndDetail {
@@ -173,7 +183,13 @@ mod tests {
             .collect();
         let nics = [(
             "lan".to_string(),
-            TemplateNic::new("lan", "10.0.1.1".parse().unwrap(), 24, "52:54:00:00:00:01"),
+            TemplateNic::new(
+                "lan",
+                "10.0.1.1".parse().unwrap(),
+                24,
+                None,
+                "52:54:00:00:00:01",
+            ),
         )]
         .into();
         TemplateContext::new(&schema, &values, &nics, "fw")
@@ -209,6 +225,8 @@ mod tests {
             ("/run/a.conf", "{% if nics.dmz %}dmz{% endif %}-", "-"),
             ("/run/a.conf", "{{ hostname }}", "fw"),
             ("/run/a.conf", "{{ nics.lan.cidr | host(100) }}", "10.0.1.100"),
+            ("/run/a.sh", "x {{ greeting | shell }}", "x '<hi>'"),
+            ("/run/a.sh", "{{ \"it's; rm\" | shell }}", r"'it'\''s; rm'"),
         ];
         for (path, template, want) in cases {
             assert_eq!(render(path, template, &c).unwrap(), *want, "{template:?}");

@@ -28,6 +28,7 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
             subnet: None,
             nat: false,
             isolated: false,
+            mirror: false,
         })
         .await?;
     let result = measure(&client, data_dir, &network.name, runs).await;

@@ -35,6 +35,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Command::Rm { force, name } => client.remove(name, *force).await?,
         Command::Logs { follow, name } => logs(&client, name, *follow).await?,
+        Command::Cp { source, dest } => copy_out(&client, source, dest).await?,
         Command::Exec {
             name,
             timeout,
@@ -252,6 +253,37 @@ async fn lifecycle(client: &Client, name: &str, action: InstanceAction, json: bo
     Ok(())
 }
 
+async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
+    let Some((name, path)) = source
+        .split_once(':')
+        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+    else {
+        bail!("the source {source:?} must be NAME:/path/in/the/guest");
+    };
+    let data = client.read_file(name, path).await?;
+    if dest == Path::new("-") {
+        std::io::stdout().write_all(&data)?;
+        return Ok(());
+    }
+    let target = if dest.is_dir() {
+        let file = Path::new(path)
+            .file_name()
+            .with_context(|| format!("{path} names no file"))?;
+        dest.join(file)
+    } else {
+        dest.to_path_buf()
+    };
+    // Write beside the target and rename, so a failed copy leaves nothing half-written.
+    let partial = target.with_extension("vroom-partial");
+    std::fs::write(&partial, &data)
+        .and_then(|()| std::fs::rename(&partial, &target))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&partial);
+        })
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    Ok(())
+}
+
 async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
     let mut offset = 0;
     let mut stdout = std::io::stdout();
@@ -351,6 +383,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
             subnet,
             nat,
             isolated,
+            mirror,
         } => {
             let network = client
                 .create_network(&NetworkSpec {
@@ -358,6 +391,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                     subnet: *subnet,
                     nat: *nat,
                     isolated: *isolated,
+                    mirror: *mirror,
                 })
                 .await?;
             if json {

@@ -44,6 +44,7 @@ pub async fn run(client: &Client, keep: bool) -> Result<()> {
             subnet: None,
             nat: false,
             isolated: false,
+            mirror: false,
         })
         .await?;
     println!(

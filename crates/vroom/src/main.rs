@@ -64,6 +64,9 @@ pub enum Command {
         follow: bool,
         name: String,
     },
+    /// Copy a file out of a running guest: `vroom cp NAME:/path LOCAL`
+    /// (LOCAL may be a directory; `-` writes to stdout).
+    Cp { source: String, dest: PathBuf },
     /// Run a command in the guest and exit with its exit code.
     Exec {
         name: String,
@@ -157,6 +160,9 @@ pub enum NetOp {
         /// No host address: a firewall appliance on it is the gateway.
         #[arg(long)]
         isolated: bool,
+        /// Flood every frame to every port, for a sniffer's mirror-sink NIC.
+        #[arg(long)]
+        mirror: bool,
     },
     /// List networks.
     Ls,

@@ -35,6 +35,54 @@ fn echo_server_root(env: &Env, name: &str) -> String {
     www.display().to_string()
 }
 
+/// Runs busybox udhcpc in a namespace; its hook applies the lease and records
+/// the lease's fields (`ip`, `router`, `dns`).
+fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String> {
+    let hook = env.dir.join(format!("udhcpc-{ns}.sh"));
+    let lease_file = env.dir.join(format!("lease-{ns}"));
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route replace default via \"${{router%% *}}\"\n  echo \"ip=$ip router=$router dns=$dns\" > {}\n;; esac\n",
+            lease_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dhcp = env.run_in(
+        ns,
+        &format!(
+            "busybox udhcpc -i eth0 -q -n -t 10 -T 1 -s {}",
+            hook.display()
+        ),
+    );
+    let lease = std::fs::read_to_string(&lease_file).unwrap_or_else(|_| {
+        panic!(
+            "no DHCP lease: {}{}",
+            String::from_utf8_lossy(&dhcp.stdout),
+            String::from_utf8_lossy(&dhcp.stderr)
+        )
+    });
+    lease
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Asks `server` for `name`'s A record from a namespace (busybox nslookup has
+/// its own resolver; the static wget cannot resolve names).
+fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> {
+    poll(Duration::from_secs(10), || {
+        let out = env.run_in(ns, &format!("busybox nslookup -type=a {name} {server}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .skip_while(|l| !l.contains(name))
+            .find_map(|l| l.strip_prefix("Address:"))
+            .map(|a| a.trim().to_string())
+    })
+}
+
 /// Starts busybox httpd (it daemonizes; the namespace's teardown kills it).
 fn serve(env: &Env, ns: &str, port: u16, root: &str) {
     let out = env.run_in(ns, &format!("busybox httpd -p {port} -h {root}"));
@@ -112,58 +160,21 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
         &format!("forward=8080:{web_ip}:80"),
     ]);
 
-    // DHCP: udhcpc applies the lease with a hook script and records it.
-    let hook = env.dir.join("udhcpc.sh");
-    let lease_file = env.dir.join("lease");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route replace default via \"${{router%% *}}\"\n  echo \"ip=$ip router=$router dns=$dns\" > {}\n;; esac\n",
-            lease_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dhcp = env.run_in(
-        &client,
-        &format!(
-            "busybox udhcpc -i eth0 -q -n -t 10 -T 1 -s {}",
-            hook.display()
-        ),
-    );
-    let lease = std::fs::read_to_string(&lease_file).unwrap_or_else(|_| {
-        panic!(
-            "no DHCP lease: {}{}",
-            String::from_utf8_lossy(&dhcp.stdout),
-            String::from_utf8_lossy(&dhcp.stderr)
-        )
-    });
-    let field = |k: &str| {
-        lease
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let lease = dhcp_lease(&env, &client);
+    let field = |k: &str| lease.get(k).cloned().unwrap_or_default();
     let leased: Ipv4Addr = field("ip").parse().unwrap();
     let pool = u32::from(host(&lan, 100))..=u32::from(host(&lan, 199));
-    assert!(pool.contains(&u32::from(leased)), "lease {lease}");
-    assert_eq!(field("router"), host(&lan, 1).to_string(), "lease {lease}");
-    assert_eq!(field("dns"), host(&lan, 1).to_string(), "lease {lease}");
+    assert!(pool.contains(&u32::from(leased)), "lease {lease:?}");
+    assert_eq!(
+        field("router"),
+        host(&lan, 1).to_string(),
+        "lease {lease:?}"
+    );
+    assert_eq!(field("dns"), host(&lan, 1).to_string(), "lease {lease:?}");
 
     // DNS: the firewall answers for the name from its config.
-    let resolved = poll(Duration::from_secs(10), || {
-        let out = env.run_in(
-            &client,
-            &format!("busybox nslookup -type=a server.wan {}", host(&lan, 1)),
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .skip_while(|l| !l.contains("server.wan"))
-            .find_map(|l| l.strip_prefix("Address:"))
-            .map(|a| a.trim().to_string())
-    })
-    .expect("server.wan resolves through the firewall");
+    let resolved = resolve(&env, &client, "server.wan", host(&lan, 1))
+        .expect("server.wan resolves through the firewall");
     assert_eq!(resolved, server_ip.to_string());
 
     // NAT: the wan server sees the firewall's wan address, not the client's.
@@ -204,4 +215,187 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
     assert!(err.contains("\"forward\""), "{err}");
     let err = env.fail(&["config", "fw", "set", "wan_policy=maybe"]);
     assert!(err.contains("must be one of reject, drop"), "{err}");
+}
+
+/// The sniffer: tcpdump on its mirror-sink NIC sees traffic between others on
+/// a mirrored network; the pcap, copied out with `vroom cp`, opens with the
+/// host's tcpdump; the ring stays within its configured bounds.
+#[test]
+fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
+    let env = Env::new("sniff");
+    build(&env, "sniffer");
+    let span = random_subnet();
+    env.ok(&["net", "create", "span", "--subnet", &span, "--mirror"]);
+    env.ok(&["run", "sniffer", "--name", "sn", "--net", "span"]);
+    env.ok(&["run", "hello", "--name", "web", "--net", "span"]);
+    let web_ip = env.instance("web").nics[0].ip;
+    let client = env.namespace_on(
+        "cl",
+        "span",
+        Some((
+            &format!("{}/24", host(&span, 200)),
+            &host(&span, 1).to_string(),
+        )),
+    );
+
+    let probe = format!("vroom-probe-{:08x}", rand::random::<u32>());
+    for _ in 0..3 {
+        let (rc, body) = fetch(&env, &client, &format!("http://{web_ip}/?{probe}"));
+        assert_eq!(rc, 0, "{body}");
+    }
+    let pcap = env.dir.join("capture.pcap");
+    let seen = poll(Duration::from_secs(10), || {
+        env.ok(&[
+            "cp",
+            "sn:/var/capture/capture.pcap0",
+            pcap.to_str().unwrap(),
+        ]);
+        let out = std::process::Command::new("tcpdump")
+            .args(["-nn", "-A", "-r"])
+            .arg(&pcap)
+            .output()
+            .expect("the host has tcpdump (cargo xtask test installs it)");
+        assert!(out.status.success(), "tcpdump -r: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.matches(&probe).count() >= 3).then_some(text)
+    })
+    .expect("the pcap holds the three requests");
+    let client_ip = format!("IP {}.", host(&span, 200));
+    assert!(
+        seen.lines()
+            .any(|l| l.contains(&client_ip) && l.contains(&format!("> {web_ip}.80:"))),
+        "the capture shows the client talking to the web server"
+    );
+
+    // A small ring: 2 files of 1 MB, however much traffic passes.
+    env.ok(&["config", "sn", "set", "file_mb=1", "files=2", "filter=icmp"]);
+    let out = env.run_in(
+        &client,
+        &format!(
+            "busybox ping -q -c 1500 -i 0.002 -s 1400 {}",
+            host(&span, 1)
+        ),
+    );
+    assert!(out.status.success(), "ping: {out:?}");
+    let listing = poll(Duration::from_secs(10), || {
+        let out = env.ok(&[
+            "exec",
+            "sn",
+            "--",
+            "/bin/busybox",
+            "ls",
+            "-l",
+            "/var/capture",
+        ]);
+        out.contains("capture.pcap1").then_some(out)
+    })
+    .expect("the ring rotated to a second file");
+    let sizes: Vec<u64> = listing
+        .lines()
+        .filter(|l| l.contains("capture.pcap"))
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(sizes.len(), 2, "exactly two files: {listing}");
+    assert!(
+        sizes.iter().all(|s| *s <= 1_000_000 + 2_000),
+        "each file stays near 1 MB: {listing}"
+    );
+    env.ok(&[
+        "cp",
+        "sn:/var/capture/capture.pcap1",
+        pcap.to_str().unwrap(),
+    ]);
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ICMP echo"), "the filter keeps pings");
+    assert!(!text.contains(".80:"), "and only pings");
+
+    let err = env.fail(&["cp", "sn:/var/capture/none", "/tmp"]);
+    assert!(err.contains("No such file"), "{err}");
+}
+
+/// The web appliance: page and port come from config, and the text is escaped.
+#[test]
+fn web_serves_its_configured_page_on_its_configured_port() {
+    let env = Env::new("web");
+    build(&env, "web");
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    env.ok(&["run", "web", "--name", "site", "--net", "lan"]);
+    let ip = env.instance("site").nics[0].ip;
+    assert!(common::page_shows(ip, "<h1>It works</h1>"));
+
+    env.ok(&[
+        "config",
+        "site",
+        "set",
+        "port=8080",
+        "title=Back office",
+        "body=<b>staff</b> only",
+    ]);
+    let page = poll(Duration::from_secs(10), || {
+        let out = std::process::Command::new("busybox")
+            .args(["wget", "-qO-", &format!("http://{ip}:8080/")])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("Back office").then_some(text)
+    })
+    .expect("the page moves to port 8080");
+    assert!(
+        page.contains("&lt;b&gt;staff&lt;") && !page.contains("<b>"),
+        "the text is HTML-escaped: {page}"
+    );
+    assert!(
+        common::http_get(ip).is_err(),
+        "nothing listens on port 80 any more"
+    );
+
+    // The health check follows the configured port across a restart.
+    env.ok(&["restart", "site"]);
+    assert_eq!(
+        env.instance("site").status.state,
+        vroom_types::InstanceState::Running
+    );
+    let err = env.fail(&["config", "site", "set", "port=0"]);
+    assert!(err.contains("must be a port number"), "{err}");
+}
+
+/// The dns appliance: DHCP for its network and DNS for names from its config.
+#[test]
+fn dns_serves_leases_and_local_names() {
+    let env = Env::new("dns");
+    build(&env, "dns");
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", "dns", "--name", "ns", "--net", "lan"]);
+    let dns_ip = env.instance("ns").nics[0].ip;
+    env.ok(&[
+        "config",
+        "ns",
+        "set",
+        "dhcp=true",
+        "domain=office",
+        &format!(
+            "hosts=nas.office={},printer.office={}",
+            host(&lan, 20),
+            host(&lan, 21)
+        ),
+    ]);
+    let client = env.namespace_on("cl", "lan", None);
+    let lease = dhcp_lease(&env, &client);
+    let leased: Ipv4Addr = lease["ip"].parse().unwrap();
+    let pool = u32::from(host(&lan, 100))..=u32::from(host(&lan, 199));
+    assert!(pool.contains(&u32::from(leased)), "{lease:?}");
+    assert_eq!(lease["router"], host(&lan, 1).to_string(), "{lease:?}");
+    assert_eq!(lease["dns"], dns_ip.to_string(), "{lease:?}");
+    assert_eq!(
+        resolve(&env, &client, "printer.office", dns_ip),
+        Some(host(&lan, 21).to_string())
+    );
+    let err = env.fail(&["config", "ns", "set", "hosts=nas.office"]);
+    assert!(err.contains("must look like NAME=IP"), "{err}");
 }
