@@ -18,9 +18,9 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    ActionRequest, ApiErrorBody, BuildImageRequest, ConfigDocument, ConfigUpdate, ErrorCode,
-    ExecRequest, ExecResult, ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest,
-    VersionInfo,
+    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDocument, ConfigUpdate,
+    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, LogChunk, Network, NetworkSpec,
+    RunRequest, VersionInfo,
 };
 
 type AppState = Arc<Engine>;
@@ -373,21 +373,64 @@ async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSumma
     Ok(Json(engine.list_images()?))
 }
 
-/// Builds an image from a recipe on the daemon's host; answers when the image is in the store.
+/// Builds an image from a recipe on the daemon's host. The answer is a stream
+/// of JSON lines (`application/x-ndjson`): a `progress` line per stage, then
+/// one `done` line with the report or one `error` line.
 #[utoipa::path(post, path = "/v1/images/build", request_body = BuildImageRequest,
-    responses((status = 201, body = ImageSummary), (status = 400, body = ApiErrorBody)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent),
+        (status = 400, body = ApiErrorBody)))]
 async fn build_image(
     State(engine): State<AppState>,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<ImageSummary>), ApiError> {
-    let recipe = std::path::PathBuf::from(body(req)?.recipe);
+) -> Result<Response, ApiError> {
+    let req = body(req)?;
+    let recipe = std::path::PathBuf::from(&req.recipe);
     if !recipe.is_absolute() {
         return Err(bad_request(format!(
             "recipe path {} must be absolute",
             recipe.display()
         )));
     }
-    Ok((StatusCode::CREATED, Json(engine.build_image(recipe).await?)))
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
+    let progress = tx.clone();
+    tokio::spawn(async move {
+        let result = engine
+            .build_image(recipe, req.update, move |stage, detail| {
+                let _ = progress.send(BuildEvent::Progress {
+                    stage: stage.to_string(),
+                    detail: detail.to_string(),
+                });
+            })
+            .await;
+        let last = match result {
+            Ok(report) => BuildEvent::Done {
+                report: Box::new(report),
+            },
+            Err(e) => {
+                if status_for(e.code).is_server_error() {
+                    tracing::error!(code = ?e.code, error = %e.message, "build failed");
+                }
+                BuildEvent::Error {
+                    error: ApiErrorBody {
+                        code: e.code,
+                        message: e.message,
+                    },
+                }
+            }
+        };
+        let _ = tx.send(last);
+    });
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event).expect("invariant: events serialize");
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// Removes an image; refused while an instance uses it.

@@ -11,9 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 use vroom_types::{
-    ActionRequest, ApiErrorBody, BuildImageRequest, ConfigDocument, ConfigUpdate, ConfigValues,
-    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
-    NetworkSpec, RunRequest, VersionInfo,
+    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
+    ConfigUpdate, ConfigValues, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance,
+    InstanceAction, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,22 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Bytes, ClientError> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(error_from(status.as_u16(), &bytes))
+    }
+
+    /// Sends a request; the response body is left to the caller.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -108,23 +124,7 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(payload))
             .expect("invariant: a valid request");
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        match serde_json::from_slice::<ApiErrorBody>(&bytes) {
-            Ok(err) => Err(ClientError::Api {
-                status: status.as_u16(),
-                code: err.code,
-                message: err.message,
-            }),
-            Err(_) => Err(ClientError::Unexpected {
-                status: status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).into_owned(),
-            }),
-        }
+        Ok(sender.send_request(request).await?)
     }
 
     pub async fn version(&self) -> Result<VersionInfo, ClientError> {
@@ -270,12 +270,56 @@ impl Client {
         self.call::<(), _>(Method::GET, "/v1/images", None).await
     }
 
-    pub async fn build_image(&self, recipe: &Path) -> Result<ImageSummary, ClientError> {
+    /// Builds an image, calling `on_progress(stage, detail)` as the daemon reports.
+    pub async fn build_image(
+        &self,
+        recipe: &Path,
+        update: bool,
+        mut on_progress: impl FnMut(&str, &str),
+    ) -> Result<BuildReport, ClientError> {
         let req = BuildImageRequest {
             recipe: recipe.display().to_string(),
+            update,
         };
-        self.call(Method::POST, "/v1/images/build", Some(&req))
-            .await
+        let response = self
+            .send(Method::POST, "/v1/images/build", Some(&req))
+            .await?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let bytes = response.into_body().collect().await?.to_bytes();
+            return Err(error_from(status, &bytes));
+        }
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let event: BuildEvent =
+                    serde_json::from_slice(&line).map_err(|_| ClientError::Unexpected {
+                        status,
+                        body: String::from_utf8_lossy(&line).chars().take(200).collect(),
+                    })?;
+                match event {
+                    BuildEvent::Progress { stage, detail } => on_progress(&stage, &detail),
+                    BuildEvent::Done { report } => return Ok(*report),
+                    BuildEvent::Error { error } => {
+                        return Err(ClientError::Api {
+                            status,
+                            code: error.code,
+                            message: error.message,
+                        })
+                    }
+                }
+            }
+        }
+        Err(ClientError::Unexpected {
+            status,
+            body: "the build stream ended without a result".into(),
+        })
     }
 
     pub async fn remove_image(&self, reference: &str) -> Result<(), ClientError> {
@@ -295,6 +339,21 @@ impl Client {
 }
 
 /// Percent-encodes a path segment so that any user text stays one segment.
+/// The error an unsuccessful answer carries.
+fn error_from(status: u16, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ApiErrorBody>(bytes) {
+        Ok(err) => ClientError::Api {
+            status,
+            code: err.code,
+            message: err.message,
+        },
+        Err(_) => ClientError::Unexpected {
+            status,
+            body: String::from_utf8_lossy(bytes).into_owned(),
+        },
+    }
+}
+
 fn enc(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for b in segment.bytes() {

@@ -13,10 +13,10 @@ use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
 use vroom_agent_proto::{from_hex, GuestReply, HostCommand, MAX_READ_CHUNK};
 use vroom_types::{
-    check_config, validate_config_key, validate_config_value, ConfigValues, DesiredState,
-    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, InstanceSpec,
-    InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec,
-    NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE, ROUTER_ROLES,
+    check_config, validate_config_key, validate_config_value, BuildReport, ConfigValues,
+    DesiredState, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
+    InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
+    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE, ROUTER_ROLES,
 };
 
 use crate::agent::AgentClient;
@@ -1242,14 +1242,20 @@ impl Engine {
     }
 
     /// Builds an image from a recipe on this host (a blocking job, run off the async workers).
-    pub async fn build_image(&self, recipe: PathBuf) -> Result<ImageSummary, OpError> {
+    /// Builds an image from a recipe; `progress` hears of each stage.
+    pub async fn build_image(
+        &self,
+        recipe: PathBuf,
+        update: bool,
+        mut progress: impl FnMut(&str, &str) + Send + 'static,
+    ) -> Result<BuildReport, OpError> {
         let images = self.images.clone();
         let shown = recipe.display().to_string();
         let result = tokio::task::spawn_blocking(move || {
-            images.build(
-                &recipe,
-                &mut |line| tracing::info!(recipe = %recipe.display(), "{line}"),
-            )
+            images.build(&recipe, update, &mut |stage, detail| {
+                tracing::info!(recipe = %recipe.display(), "{stage}: {detail}");
+                progress(stage, detail);
+            })
         })
         .await
         .map_err(|e| OpError::internal("the build task failed", e))?;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use vroom_types::{ImageManifest, ImageSummary};
+use vroom_types::{BuildReport, ImageManifest, ImageSummary};
 
 /// An image resolved to files on this host.
 #[derive(Debug, Clone)]
@@ -36,11 +36,14 @@ pub enum BuildFromRecipeError {
 
 pub trait ImageSource: Send + Sync {
     /// Builds an image from a recipe file, reporting progress per stage.
+    /// With `update`, the package indexes are refreshed first and the report
+    /// lists the packages that changed.
     fn build(
         &self,
         recipe: &std::path::Path,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<ImageSummary, BuildFromRecipeError>;
+        update: bool,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError>;
 
     /// Finds an image by name or id, building a built-in one on first use.
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;

@@ -62,6 +62,28 @@ pub enum DownloadPackagesError {
     },
 }
 
+/// Refreshes the machine's package indexes (`apt-get update`), so that a
+/// resolve picks the newest versions, security updates included.
+pub fn update() -> Result<(), ResolvePackagesError> {
+    let output = Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .map_err(|e| ResolvePackagesError::Apt {
+            detail: format!("cannot run apt-get update: {e}"),
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(ResolvePackagesError::Apt {
+            detail: format!(
+                "apt-get update failed: {}",
+                stderr.lines().last().unwrap_or("").trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Resolves the full dependency closure of `packages`, sorted by name.
 pub fn resolve(packages: &[&str]) -> Result<Vec<ResolvedPackage>, ResolvePackagesError> {
     let status = tempfile::NamedTempFile::new().map_err(|e| ResolvePackagesError::Apt {

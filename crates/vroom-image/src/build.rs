@@ -81,20 +81,50 @@ const TRIM: &[&str] = &[
     "var/cache/debconf",
 ];
 
+/// What a build did.
+pub struct BuildOutcome {
+    pub image: StoredImage,
+    /// The recipe, its packages and the toolchain were unchanged: nothing was built.
+    pub cached: bool,
+}
+
 pub fn build_recipe(
     loaded: &LoadedRecipe,
     inputs: &RecipeInputs<'_>,
     store: &ImageStore,
+    update: bool,
     progress: &mut dyn FnMut(Stage, String),
-) -> Result<StoredImage, BuildRecipeError> {
+) -> Result<BuildOutcome, BuildRecipeError> {
     let recipe = &loaded.recipe;
+    if update {
+        progress(Stage::Resolve, "refreshing the package indexes".into());
+        apt::update()?;
+    }
     let names: Vec<&str> = recipe.debian.packages.iter().map(|p| p.name()).collect();
     progress(Stage::Resolve, format!("{} requested", names.len()));
     let packages = apt::resolve(&names)?;
+    let refreshed = if update { "indexes refreshed, " } else { "" };
     progress(
         Stage::Resolve,
-        format!("{} packages in the closure", packages.len()),
+        format!("{refreshed}{} packages in the closure", packages.len()),
     );
+
+    // Equal inputs give an equal image, so an unchanged recipe is not rebuilt.
+    let key = build_key(loaded, &packages, inputs).map_err(|source| BuildRecipeError::Stage {
+        what: "the build key".into(),
+        source,
+    })?;
+    let cache_entry = store.dir().join(".build-cache").join(&key);
+    if let Some(image) = fs::read_to_string(&cache_entry)
+        .ok()
+        .and_then(|id| store.resolve(id.trim()).ok())
+    {
+        progress(Stage::Pack, format!("unchanged: image {}", &image.id[..12]));
+        return Ok(BuildOutcome {
+            image,
+            cached: true,
+        });
+    }
 
     let total: u64 = packages.iter().map(|p| p.size).sum();
     progress(
@@ -149,13 +179,65 @@ pub fn build_recipe(
             })
             .collect(),
     };
-    Ok(pack_and_commit(
-        root,
-        meta,
-        inputs.kernel,
-        inputs.init,
-        store,
-    )?)
+    let image = pack_and_commit(root, meta, inputs.kernel, inputs.init, store)?;
+    let remember = fs::create_dir_all(store.dir().join(".build-cache"))
+        .and_then(|()| fs::write(&cache_entry, &image.id));
+    if let Err(err) = remember {
+        // Only the next build's speed depends on it.
+        tracing::warn!("cannot record the build cache entry: {err}");
+    }
+    Ok(BuildOutcome {
+        image,
+        cached: false,
+    })
+}
+
+/// The digest of everything an image is made from: this builder's version,
+/// every file of the recipe's directory, the resolved packages, the kernel
+/// and vroom-init.
+fn build_key(
+    loaded: &LoadedRecipe,
+    packages: &[apt::ResolvedPackage],
+    inputs: &RecipeInputs<'_>,
+) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"vroom-build-1");
+    field(env!("CARGO_PKG_VERSION").as_bytes());
+    let mut files = vec![];
+    collect_files(&loaded.dir, &loaded.dir, &mut files)?;
+    files.sort();
+    for (relative, path) in &files {
+        field(relative.as_bytes());
+        field(&fs::read(path)?);
+    }
+    for p in packages {
+        field(format!("{} {} {}", p.name, p.version, p.sha256).as_bytes());
+    }
+    field(inputs.kernel.reference.sha256.as_bytes());
+    field(crate::util::sha256_file(inputs.init)?.0.as_bytes());
+    Ok(crate::util::hex(&h.finalize()))
+}
+
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, std::path::PathBuf)>,
+) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(root, &path, out)?;
+        } else {
+            let relative = path.strip_prefix(root).unwrap_or(&path);
+            out.push((relative.display().to_string(), path.clone()));
+        }
+    }
+    Ok(())
 }
 
 fn remove(path: &Path) -> std::io::Result<()> {

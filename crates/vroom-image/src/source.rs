@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use vroom_core::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
-use vroom_types::ImageSummary;
+use vroom_types::{package_changes, BuildReport, ImageSummary};
 
 use crate::builtin::{build_builtin, BuildInputs, BUILTIN_IMAGES};
 use crate::kernel::KernelCache;
@@ -95,8 +95,9 @@ impl ImageSource for LocalImages {
     fn build(
         &self,
         recipe: &std::path::Path,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<ImageSummary, BuildFromRecipeError> {
+        update: bool,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError> {
         use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
         use vroom_core::error::chain;
         let path = if recipe.is_dir() {
@@ -118,9 +119,14 @@ impl ImageSource for LocalImages {
             init: &self.init,
             deb_cache: &self.deb_cache,
         };
-        let image = build_recipe(&loaded, &inputs, &self.store, &mut |stage, detail| {
-            progress(&format!("{stage}: {detail}"))
-        })
+        let before = self.store.resolve(&loaded.recipe.name).ok();
+        let outcome = build_recipe(
+            &loaded,
+            &inputs,
+            &self.store,
+            update,
+            &mut |stage, detail| progress(&stage.to_string(), &detail),
+        )
         .map_err(|e| match e {
             BuildRecipeError::Resolve(ref inner)
                 if !matches!(inner, crate::apt::ResolvePackagesError::Apt { .. }) =>
@@ -131,7 +137,17 @@ impl ImageSource for LocalImages {
             }
             e => BuildFromRecipeError::Build { message: chain(&e) },
         })?;
-        Ok(image.summary())
+        let changes = match &before {
+            Some(before) => {
+                package_changes(&before.manifest.packages, &outcome.image.manifest.packages)
+            }
+            None => vec![],
+        };
+        Ok(BuildReport {
+            image: outcome.image.summary(),
+            cached: outcome.cached,
+            changes,
+        })
     }
 
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {

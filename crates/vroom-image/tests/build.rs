@@ -48,9 +48,12 @@ fn hello_recipe_builds_reproducibly_with_its_sbom() {
         &loaded,
         &inputs,
         &ImageStore::new(first_store.path()),
+        false,
         &mut |stage, _| stages.push(stage),
     )
     .unwrap();
+    assert!(!first.cached);
+    let first = first.image;
     stages.dedup();
     assert_eq!(
         stages,
@@ -85,9 +88,11 @@ fn hello_recipe_builds_reproducibly_with_its_sbom() {
         &loaded,
         &inputs,
         &ImageStore::new(second_store.path()),
+        false,
         &mut |_, _| {},
     )
-    .unwrap();
+    .unwrap()
+    .image;
     assert_eq!(
         first.manifest.rootfs.sha256, second.manifest.rootfs.sha256,
         "rootfs is reproducible"
@@ -97,4 +102,39 @@ fn hello_recipe_builds_reproducibly_with_its_sbom() {
         "initramfs is reproducible"
     );
     assert_eq!(first.id, second.id);
+
+    // Rebuilding the unchanged recipe into the same store does nothing.
+    let mut stages = vec![];
+    let again = build_recipe(
+        &loaded,
+        &inputs,
+        &ImageStore::new(first_store.path()),
+        false,
+        &mut |stage, detail| stages.push(format!("{stage}: {detail}")),
+    )
+    .unwrap();
+    assert!(again.cached, "{stages:?}");
+    assert_eq!(again.image.id, first.id);
+    assert!(
+        !stages.iter().any(|s| s.starts_with("download")),
+        "{stages:?}"
+    );
+
+    // A changed file in the recipe's directory is a new build.
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["recipe.toml", "index.html"] {
+        std::fs::copy(loaded.dir.join(file), copy.path().join(file)).unwrap();
+    }
+    std::fs::write(copy.path().join("index.html"), "<h1>{{ greeting }}!</h1>").unwrap();
+    let changed = recipe::load(&copy.path().join("recipe.toml")).unwrap();
+    let rebuilt = build_recipe(
+        &changed,
+        &inputs,
+        &ImageStore::new(first_store.path()),
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(!rebuilt.cached);
+    assert_ne!(rebuilt.image.id, first.id);
 }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigValues, InstanceAction};
+use crate::{ApiErrorBody, ConfigValues, ImageSummary, InstanceAction, PackageEntry};
 
 /// The body of `POST /v1/instances/{name}/actions`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -35,4 +35,65 @@ pub struct VersionInfo {
 pub struct BuildImageRequest {
     /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host.
     pub recipe: String,
+    /// Refresh the package indexes first, so the newest versions (security
+    /// updates) are picked, and report what changed.
+    #[serde(default)]
+    pub update: bool,
+}
+
+/// The outcome of a build.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildReport {
+    pub image: ImageSummary,
+    /// Nothing changed since an earlier build of the same inputs; nothing was built.
+    pub cached: bool,
+    /// Packages that differ from the image this name resolved to before.
+    pub changes: Vec<PackageChange>,
+}
+
+/// One package added, removed or moved to another version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PackageChange {
+    pub name: String,
+    /// The version before; absent for an added package.
+    pub from: Option<String>,
+    /// The version now; absent for a removed package.
+    pub to: Option<String>,
+}
+
+/// One line of the `POST /v1/images/build` stream (NDJSON).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BuildEvent {
+    /// A stage (resolve, download, extract, trim, pack) began or advanced.
+    Progress { stage: String, detail: String },
+    /// The build finished; the last line.
+    Done { report: Box<BuildReport> },
+    /// The build failed; the last line.
+    Error { error: ApiErrorBody },
+}
+
+/// The packages of `after` that differ from `before`, by name.
+pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<PackageChange> {
+    use std::collections::BTreeMap;
+    let old: BTreeMap<&str, &str> = before
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let new: BTreeMap<&str, &str> = after
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let mut names: Vec<&str> = old.keys().chain(new.keys()).copied().collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| old.get(n) != new.get(n))
+        .map(|n| PackageChange {
+            name: n.to_string(),
+            from: old.get(n).map(|v| v.to_string()),
+            to: new.get(n).map(|v| v.to_string()),
+        })
+        .collect()
 }

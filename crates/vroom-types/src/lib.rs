@@ -15,7 +15,10 @@ mod schema;
 mod size;
 pub mod template;
 
-pub use api::{ActionRequest, BuildImageRequest, ConfigDocument, LogChunk, VersionInfo};
+pub use api::{
+    package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
+    LogChunk, PackageChange, VersionInfo,
+};
 pub use config::{
     parse_assignment, validate_config_key, validate_config_value, ConfigUpdate, ConfigValues,
 };

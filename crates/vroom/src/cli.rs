@@ -462,33 +462,41 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                 },
             );
         }
-        ImageOp::Build { recipe } => {
+        ImageOp::Build { recipe, update } => {
             let path = recipe
                 .canonicalize()
                 .with_context(|| format!("cannot find recipe {}", recipe.display()))?;
-            let spinner = output::spinner(
-                json,
-                format!(
-                    "building {} (resolve, download, extract, trim, pack)",
-                    path.display()
-                ),
-            );
-            let built = client.build_image(&path).await;
-            if let Some(s) = &spinner {
-                s.finish_and_clear();
-            }
-            let image = built?;
+            let mut stages = output::Stages::new(json, format!("building {}", path.display()));
+            let built = client
+                .build_image(&path, *update, |stage, detail| stages.update(stage, detail))
+                .await;
+            stages.finish(built.is_ok());
+            let report = built?;
+            let image = &report.image;
             if json {
-                output::json(&image);
-            } else {
+                output::json(&report);
+                return Ok(());
+            }
+            let what = if report.cached { "unchanged" } else { "built" };
+            println!(
+                "{what} {} {} ({}): {} packages, {}",
+                image.name,
+                image.version,
+                &image.id[..12],
+                image.manifest.packages.len(),
+                output::bytes(image.size)
+            );
+            for change in &report.changes {
+                let version = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
                 println!(
-                    "built {} {} ({}): {} packages, {}",
-                    image.name,
-                    image.version,
-                    &image.id[..12],
-                    image.manifest.packages.len(),
-                    output::bytes(image.size)
+                    "  {} {} -> {}",
+                    change.name,
+                    version(&change.from),
+                    version(&change.to)
                 );
+            }
+            if *update && report.changes.is_empty() {
+                println!("  no package changed");
             }
         }
     }

@@ -175,7 +175,13 @@ pub enum NetOp {
 #[derive(Subcommand)]
 pub enum ImageOp {
     /// Build an image from a recipe (a recipe.toml or its directory).
-    Build { recipe: PathBuf },
+    Build {
+        recipe: PathBuf,
+        /// Refresh the package indexes first (security updates) and list the
+        /// packages that changed.
+        #[arg(long)]
+        update: bool,
+    },
     /// List images.
     Ls,
     /// Show an image's manifest.

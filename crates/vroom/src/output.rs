@@ -30,6 +30,58 @@ pub fn spinner(json_output: bool, message: String) -> Option<indicatif::Progress
     })
 }
 
+/// Progress through named stages: a spinner on the current one and a line
+/// with its duration for each one finished.
+pub struct Stages {
+    bar: Option<indicatif::ProgressBar>,
+    current: Option<(String, String, std::time::Instant)>,
+}
+
+impl Stages {
+    pub fn new(json_output: bool, message: String) -> Self {
+        Stages {
+            bar: spinner(json_output, message),
+            current: None,
+        }
+    }
+
+    pub fn update(&mut self, stage: &str, detail: &str) {
+        if self.current.as_ref().is_some_and(|(s, _, _)| s != stage) {
+            self.close();
+        }
+        let started = match self.current.take() {
+            Some((_, _, at)) => at,
+            None => std::time::Instant::now(),
+        };
+        self.current = Some((stage.to_string(), detail.to_string(), started));
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{stage}: {detail}"));
+        }
+    }
+
+    fn close(&mut self) {
+        let (Some(bar), Some((stage, detail, at))) = (&self.bar, self.current.take()) else {
+            return;
+        };
+        let line = format!("{stage:<9} {detail} ({:.1}s)", at.elapsed().as_secs_f64());
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+
+    /// Prints the last stage's line (when it succeeded) and clears the spinner.
+    pub fn finish(mut self, ok: bool) {
+        if ok {
+            self.close();
+        }
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 pub fn json<T: Serialize>(value: &T) {
     println!(
         "{}",

@@ -17,7 +17,9 @@ fn host(subnet: &str, n: u32) -> Ipv4Addr {
 
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
     let out = env.ok(&["--json", "image", "build", &recipe(name)]);
-    serde_json::from_str(&out).unwrap()
+    serde_json::from_str::<vroom_types::BuildReport>(&out)
+        .unwrap()
+        .image
 }
 
 /// A web root with a CGI that answers with the caller's address.

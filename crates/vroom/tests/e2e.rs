@@ -557,13 +557,37 @@ fn namespaced_client_reaches_the_appliance_and_nat_masquerades_its_traffic() {
 fn recipe_built_image_boots_and_bad_recipes_fail_first() {
     let env = Env::new("recipe");
     let recipes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes");
-    let out = env.ok(&[
-        "--json",
-        "image",
-        "build",
-        recipes.join("hello").to_str().unwrap(),
-    ]);
-    let image: vroom_types::ImageSummary = serde_json::from_str(&out).unwrap();
+    let hello = recipes.join("hello");
+    let hello = hello.to_str().unwrap();
+    let out = env.vroom(&["image", "build", hello]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for stage in ["resolve", "download", "extract", "trim", "pack"] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(stage)),
+            "progress shows the {stage} stage: {stderr}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("built hello 1.0"));
+
+    // Unchanged: nothing is built again.
+    let out = env.ok(&["--json", "image", "build", hello]);
+    let report: vroom_types::BuildReport = serde_json::from_str(&out).unwrap();
+    assert!(report.cached, "an unchanged recipe is not rebuilt");
+    let image = report.image;
+
+    // --update refreshes the indexes and reports what changed (maybe nothing).
+    let out = env.vroom(&["image", "build", "--update", hello]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("indexes refreshed"),
+        "{out:?}"
+    );
+    assert!(
+        stdout.contains("no package changed") || stdout.contains(" -> "),
+        "{stdout}"
+    );
     assert!(
         image
             .manifest
