@@ -97,3 +97,33 @@ pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<P
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_changes_name_added_removed_and_moved() {
+        let p = |n: &str, v: &str| PackageEntry {
+            name: n.into(),
+            version: v.into(),
+            source: n.into(),
+            sha256: String::new(),
+        };
+        let before = [p("libc6", "2.36-9"), p("gone", "1"), p("same", "1")];
+        let after = [p("libc6", "2.36-10"), p("new", "2"), p("same", "1")];
+        let change = |n: &str, from: Option<&str>, to: Option<&str>| PackageChange {
+            name: n.into(),
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+        };
+        assert_eq!(
+            package_changes(&before, &after),
+            vec![
+                change("gone", Some("1"), None),
+                change("libc6", Some("2.36-9"), Some("2.36-10")),
+                change("new", None, Some("2")),
+            ]
+        );
+    }
+}
