@@ -294,6 +294,18 @@ fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()>
             .unwrap_or(0o644);
         fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
     }
+    for link in &recipe.symlinks {
+        for path in &link.paths {
+            let dest = root.join(path.trim_start_matches('/'));
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            if fs::symlink_metadata(&dest).is_ok() {
+                fs::remove_file(&dest)?;
+            }
+            std::os::unix::fs::symlink(&link.target, &dest)?;
+        }
+    }
     fs::create_dir_all(root.join("etc"))?;
     let read = |name: &str, base: &str| {
         fs::read_to_string(root.join("etc").join(name)).unwrap_or_else(|_| base.to_string())

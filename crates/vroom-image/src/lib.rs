@@ -12,7 +12,7 @@ pub mod source;
 pub mod store;
 mod util;
 
-pub use builtin::{build_builtin, BuildImageError, BuildInputs, BUILTIN_IMAGES};
+pub use builtin::{write_bundled_recipe, BuildImageError, BUILTIN_IMAGES};
 pub use kernel::{FetchKernelError, Kernel, KernelCache};
 pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};

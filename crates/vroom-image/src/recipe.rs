@@ -59,6 +59,9 @@ pub struct Recipe {
     pub dirs: Vec<String>,
     #[serde(default)]
     pub users: Vec<UserSpec>,
+    /// Symbolic links, e.g. busybox applets (no maintainer script makes them).
+    #[serde(default)]
+    pub symlinks: Vec<SymlinkSpec>,
     #[serde(default)]
     pub services: Vec<RecipeService>,
     #[serde(default)]
@@ -132,6 +135,14 @@ pub struct FileSpec {
     pub content: Option<String>,
     /// Octal, e.g. "0755"; "0644" when absent.
     pub mode: Option<String>,
+}
+
+/// Links from each of `paths` to `target`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SymlinkSpec {
+    pub target: String,
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -416,6 +427,19 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
                 .ok()
                 .filter(|m| *m <= 0o7777)
                 .ok_or_else(|| bad(&field, format!("mode {mode:?} is not octal")))?;
+        }
+    }
+    for (i, link) in recipe.symlinks.iter().enumerate() {
+        let field = format!("symlinks[{i}]");
+        guest_path(&link.target).map_err(|r| bad(&field, r))?;
+        for path in &link.paths {
+            let p = guest_path(path).map_err(|r| bad(&field, r))?;
+            if p == "/" || p == link.target {
+                return Err(bad(
+                    &field,
+                    format!("{p} cannot be a link to {}", link.target),
+                ));
+            }
         }
     }
     let mut users = BTreeSet::new();

@@ -7,41 +7,47 @@ use std::sync::Mutex;
 use vroom_core::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use vroom_types::{package_changes, BuildReport, ImageSummary};
 
-use crate::builtin::{build_builtin, BuildInputs, BUILTIN_IMAGES};
+use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
+use crate::builtin::{write_bundled_recipe, BUILTIN_IMAGES};
 use crate::kernel::KernelCache;
 use crate::store::{ImageStore, ImageStoreError, StoredImage};
+use vroom_core::error::chain;
 
 pub struct LocalImages {
     pub store: ImageStore,
     pub kernels: KernelCache,
-    /// The static vroom-init binary built-in images are made with.
+    /// The static vroom-init binary images are made with.
     pub init: PathBuf,
-    pub busybox: PathBuf,
     /// Downloaded packages, kept by digest across builds.
     pub deb_cache: PathBuf,
     build: Mutex<()>,
 }
 
 impl LocalImages {
-    pub fn new(
-        store: ImageStore,
-        kernels: KernelCache,
-        init: PathBuf,
-        busybox: PathBuf,
-        deb_cache: PathBuf,
-    ) -> Self {
+    pub fn new(store: ImageStore, kernels: KernelCache, init: PathBuf, deb_cache: PathBuf) -> Self {
         LocalImages {
             store,
             kernels,
             init,
-            busybox,
             deb_cache,
             build: Mutex::new(()),
         }
     }
 
-    /// Builds a built-in image into the store (or finds it there).
+    /// Builds a built-in image from its bundled recipe (or finds it in the store).
     pub fn ensure_builtin(&self, name: &str) -> Result<StoredImage, ResolveImageError> {
+        let failed = |message: String| ResolveImageError::Other {
+            message: format!("cannot build image {name}: {message}"),
+        };
+        let dir = tempfile::tempdir().map_err(|e| failed(e.to_string()))?;
+        let recipe = match write_bundled_recipe(name, dir.path()) {
+            Some(written) => written.map_err(|e| failed(e.to_string()))?,
+            None => {
+                return Err(ResolveImageError::NotFound {
+                    reference: name.into(),
+                })
+            }
+        };
         let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(image) = self.store.resolve(name) {
             return Ok(image);
@@ -53,14 +59,21 @@ impl LocalImages {
                 image: name.into(),
                 release: "(none cached)".into(),
             })?;
-        let inputs = BuildInputs {
+        let loaded = crate::recipe::load(&recipe).map_err(|e| failed(chain(&e)))?;
+        let inputs = RecipeInputs {
             kernel: &kernel,
             init: &self.init,
-            busybox: &self.busybox,
+            deb_cache: &self.deb_cache,
         };
-        build_builtin(name, &inputs, &self.store).map_err(|e| ResolveImageError::Other {
-            message: format!("cannot build image {name}: {e}"),
-        })
+        build_recipe(
+            &loaded,
+            &inputs,
+            &self.store,
+            false,
+            &mut |stage, detail| tracing::info!(image = name, "{stage}: {detail}"),
+        )
+        .map(|outcome| outcome.image)
+        .map_err(|e| failed(chain(&e)))
     }
 
     fn boot_image(&self, image: StoredImage) -> Result<BootImage, ResolveImageError> {
@@ -98,8 +111,6 @@ impl ImageSource for LocalImages {
         update: bool,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError> {
-        use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
-        use vroom_core::error::chain;
         let path = if recipe.is_dir() {
             recipe.join("recipe.toml")
         } else {

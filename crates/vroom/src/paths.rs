@@ -21,6 +21,7 @@ pub fn init_binary() -> PathBuf {
     exe.with_file_name("vroom-init")
 }
 
+/// The host's static busybox, which tests and demos use as a client.
 pub fn busybox() -> PathBuf {
     std::env::var_os("VROOM_BUSYBOX")
         .map(PathBuf::from)
@@ -47,7 +48,6 @@ pub fn local_images(data_dir: &std::path::Path) -> vroom_image::LocalImages {
         vroom_image::ImageStore::new(&data_dir.join("images")),
         vroom_image::KernelCache::new(&cache_dir()),
         init_binary(),
-        busybox(),
         cache_dir().join("debs"),
     )
 }
