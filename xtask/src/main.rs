@@ -30,15 +30,19 @@ fn main() -> Result<()> {
                 .args(&args[1..])
                 .env("VROOM_INIT", &init))
         }
-        Some("bench") => {
+        Some(which @ ("bench" | "bench-images")) => {
             let vroom = build(&root, true)?;
             run(Command::new(&vroom).arg("setup"))?;
             let data = tempfile_dir("vroom-bench")?;
-            let result = run(Command::new(&vroom)
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["bench", "boot"])
-                .args(&args[1..]));
+            let mut cmd = Command::new(&vroom);
+            cmd.arg("--data-dir").arg(&data);
+            if which == "bench" {
+                cmd.args(["bench", "boot"]);
+            } else {
+                cmd.args(["bench", "images", "--recipes"])
+                    .arg(root.join("recipes"));
+            }
+            let result = run(cmd.args(&args[1..]));
             let _ = run(Command::new("pkill")
                 .arg("-f")
                 .arg(format!("--data-dir {} daemon", data.display())));
@@ -56,7 +60,7 @@ fn main() -> Result<()> {
             ])
             .env("VROOM_UPDATE_OPENAPI", "1")),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | build-init | openapi>");
+            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | bench-images [-n N] [--no-debootstrap] | build-init | openapi>");
             std::process::exit(2);
         }
     }

@@ -17,11 +17,16 @@ use crate::{paths, Cli, Command, ConfigOp, ImageOp, NetOp, RunArgs};
 
 pub async fn dispatch(cli: &Cli) -> Result<i32> {
     let json = cli.json;
-    if let Command::Bench {
-        op: crate::BenchOp::Boot { runs },
-    } = &cli.command
-    {
-        return crate::bench::boot(&cli.data_dir, *runs).await.map(|()| 0);
+    if let Command::Bench { op } = &cli.command {
+        return match op {
+            crate::BenchOp::Boot { runs } => crate::bench::boot(&cli.data_dir, *runs).await,
+            crate::BenchOp::Images {
+                recipes,
+                runs,
+                no_debootstrap,
+            } => crate::bench_images::images(&cli.data_dir, recipes, *runs, !*no_debootstrap).await,
+        }
+        .map(|()| 0);
     }
     let client = connect(&cli.data_dir).await?;
     match &cli.command {

@@ -3,6 +3,7 @@
 //! the daemon itself in the foreground.
 
 mod bench;
+mod bench_images;
 mod cli;
 mod daemon;
 mod demo;
@@ -198,6 +199,18 @@ pub enum BenchOp {
     Boot {
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
+    },
+    /// Build every recipe in a directory cold and cached, boot each, and
+    /// compare the firewall with a debootstrap minbase root.
+    Images {
+        /// A directory of recipe directories.
+        #[arg(long, default_value = "recipes")]
+        recipes: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
+        /// Skip the debootstrap comparison (it downloads a full minbase).
+        #[arg(long)]
+        no_debootstrap: bool,
     },
 }
 
