@@ -43,8 +43,9 @@ fn main() -> Result<()> {
                     .arg(root.join("recipes"));
             }
             let result = run(cmd.args(&args[1..]));
+            // `--` so that pkill does not take the pattern for an option.
             let _ = run(Command::new("pkill")
-                .arg("-f")
+                .args(["-f", "--"])
                 .arg(format!("--data-dir {} daemon", data.display())));
             let _ = std::fs::remove_dir_all(&data);
             result

@@ -16,7 +16,7 @@ use vroom_types::{
     check_config, validate_config_key, validate_config_value, BuildReport, ConfigValues,
     DesiredState, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
     InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
-    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE, ROUTER_ROLES,
+    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
 };
 
 use crate::agent::AgentClient;
@@ -397,8 +397,9 @@ impl Engine {
         Ok(mem_mib)
     }
 
-    /// Addresses for the NICs; on an isolated network a router NIC (`lan`,
-    /// `dmz`) takes the gateway address unless another address is asked for.
+    /// Addresses for the NICs. On an isolated network, a router's inside NIC
+    /// (`lan` or `dmz` of an image that also has a `wan`) takes the gateway
+    /// address unless another address is asked for.
     fn allocate_nics(
         &self,
         id: &str,
@@ -439,12 +440,7 @@ impl Engine {
                     ),
                 ));
             }
-            let router = network.isolated
-                && roles
-                    .get(index)
-                    .is_some_and(|r| ROUTER_ROLES.contains(&r.as_str()));
-            let wants_gateway = spec.ip.is_none_or(|ip| ip == network.gateway);
-            let ip = if router && wants_gateway {
+            let ip = if ipam::takes_gateway(&network, roles, index, spec.ip) {
                 if taken.contains(&network.gateway) {
                     return Err(OpError::conflict(format!(
                         "network {} already has its router at {}",

@@ -4,6 +4,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
+use vroom_types::{Network, ROUTER_ROLES};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocateIpError {
@@ -80,6 +81,22 @@ pub fn bridge_name(prefix: &str, scope: &str, network: &str) -> String {
     format!("{prefix}b{}", short_hash(&[scope, network], 8))
 }
 
+/// Whether NIC `index` of an image with `roles` takes `network`'s gateway
+/// address: on an isolated network, a router's inside NIC (`lan` or `dmz` of
+/// an image that also has a `wan`) does, unless another address is asked for.
+pub fn takes_gateway(
+    network: &Network,
+    roles: &[String],
+    index: usize,
+    requested: Option<Ipv4Addr>,
+) -> bool {
+    let is_router = roles.iter().any(|r| r == "wan");
+    let inside = roles
+        .get(index)
+        .is_some_and(|r| ROUTER_ROLES.contains(&r.as_str()));
+    network.isolated && is_router && inside && requested.is_none_or(|ip| ip == network.gateway)
+}
+
 /// An nftables wildcard matching every bridge [`bridge_name`] makes with `prefix`.
 pub fn bridge_glob(prefix: &str) -> String {
     format!("{prefix}b*")
@@ -101,6 +118,39 @@ pub fn mac_address(instance_id: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_routers_inside_nic_on_an_isolated_network_takes_the_gateway() {
+        let network = |isolated| Network {
+            name: vroom_types::Name::new("lan").unwrap(),
+            subnet: "10.9.0.0/24".parse().unwrap(),
+            nat: false,
+            isolated,
+            mirror: false,
+            bridge: "vrb1".into(),
+            gateway: "10.9.0.1".parse().unwrap(),
+            created_at: 0,
+        };
+        let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let fw = roles(&["wan", "lan", "dmz"]);
+        let gw = Some("10.9.0.1".parse().unwrap());
+        let other = Some("10.9.0.7".parse().unwrap());
+        assert!(takes_gateway(&network(true), &fw, 1, None));
+        assert!(takes_gateway(&network(true), &fw, 2, gw));
+        assert!(!takes_gateway(&network(true), &fw, 1, other));
+        assert!(
+            !takes_gateway(&network(true), &fw, 0, None),
+            "wan is outside"
+        );
+        assert!(
+            !takes_gateway(&network(false), &fw, 1, None),
+            "the host is the gateway"
+        );
+        assert!(
+            !takes_gateway(&network(true), &roles(&["lan"]), 0, None),
+            "a plain lan appliance is no router"
+        );
+    }
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()

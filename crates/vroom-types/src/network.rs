@@ -14,8 +14,9 @@ pub struct NetworkSpec {
     pub subnet: Option<Ipv4Net>,
     /// NAT from this network to the host's uplink.
     pub nat: bool,
-    /// The host takes no address on it and does not route it: an appliance
-    /// with a `lan` or `dmz` NIC on it (a firewall) becomes its gateway.
+    /// The host takes no address on it and does not route it: a router
+    /// appliance (one with a `wan` NIC) whose `lan` or `dmz` NIC is on it
+    /// becomes its gateway.
     #[serde(default)]
     pub isolated: bool,
     /// Every frame goes to every port (the bridge learns no addresses), so a
@@ -27,7 +28,8 @@ pub struct NetworkSpec {
 /// The NIC role that receives a copy of a network's traffic.
 pub const MIRROR_ROLE: &str = "mirror-sink";
 
-/// NIC roles whose appliance routes for the network they sit on.
+/// The inside NIC roles of a router appliance (one that also has a `wan`):
+/// on an isolated network it routes for the network they sit on.
 pub const ROUTER_ROLES: &[&str] = &["lan", "dmz"];
 
 /// A network as created on the host.
