@@ -97,6 +97,9 @@ pub struct ServiceHealth {
     pub name: String,
     pub running: bool,
     pub restarts: u32,
+    /// The exit code of its last run, once it has exited.
+    #[serde(default)]
+    pub last_exit: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

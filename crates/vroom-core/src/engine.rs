@@ -1065,7 +1065,7 @@ impl Engine {
                 Ok(GuestReply::Error { message }) => {
                     return Err(OpError::new(
                         ErrorCode::GuestError,
-                        format!("the guest refused the config: {}", truncate(&message)),
+                        format!("the guest reported: {}", truncate(&message)),
                     ))
                 }
                 Ok(_) => {

@@ -84,6 +84,44 @@ pub fn update() -> Result<(), ResolvePackagesError> {
     Ok(())
 }
 
+/// A digest of what apt resolves from: the signed release files of the
+/// package indexes, the sources and the pinning preferences. Equal
+/// fingerprints mean a resolve gives the same closure.
+pub fn index_fingerprint() -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = vec![];
+    for (dir, wanted) in [
+        ("/var/lib/apt/lists", "Release"),
+        ("/etc/apt/sources.list.d", ""),
+        ("/etc/apt/preferences.d", ""),
+    ] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_file() && name.contains(wanted) {
+                    files.push(path);
+                }
+            }
+        }
+    }
+    files.extend(
+        ["/etc/apt/sources.list", "/etc/apt/preferences"]
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .filter(|p| p.is_file()),
+    );
+    files.sort();
+    let mut h = Sha256::new();
+    for path in &files {
+        h.update(path.display().to_string().as_bytes());
+        h.update([0]);
+        h.update(std::fs::read(path)?);
+        h.update([0]);
+    }
+    Ok(crate::util::hex(&h.finalize()))
+}
+
 /// Resolves the full dependency closure of `packages`, sorted by name.
 pub fn resolve(packages: &[&str]) -> Result<Vec<ResolvedPackage>, ResolvePackagesError> {
     let status = tempfile::NamedTempFile::new().map_err(|e| ResolvePackagesError::Apt {

@@ -96,9 +96,39 @@ pub fn build_recipe(
     progress: &mut dyn FnMut(Stage, String),
 ) -> Result<BuildOutcome, BuildRecipeError> {
     let recipe = &loaded.recipe;
+    let stage_err = |what: &str| {
+        let what = what.to_string();
+        move |source| BuildRecipeError::Stage { what, source }
+    };
     if update {
         progress(Stage::Resolve, "refreshing the package indexes".into());
         apt::update()?;
+    }
+    // Equal inputs give an equal image, so an unchanged recipe is not rebuilt.
+    // With unchanged package indexes the resolve would give the same closure,
+    // so the quick key (before resolving) already finds the image.
+    let base = inputs_digest(loaded, inputs).map_err(stage_err("the build key"))?;
+    let quick_key = digest(&[
+        base.as_bytes(),
+        apt::index_fingerprint()
+            .map_err(stage_err("the package indexes"))?
+            .as_bytes(),
+    ]);
+    let cache_dir = store.dir().join(".build-cache");
+    let cached = |key: &str| {
+        fs::read_to_string(cache_dir.join(key))
+            .ok()
+            .and_then(|id| store.resolve(id.trim()).ok())
+    };
+    if let Some(image) = cached(&format!("indexes-{quick_key}")) {
+        progress(
+            Stage::Resolve,
+            format!("unchanged recipe and indexes: image {}", &image.id[..12]),
+        );
+        return Ok(BuildOutcome {
+            image,
+            cached: true,
+        });
     }
     let names: Vec<&str> = recipe.debian.packages.iter().map(|p| p.name()).collect();
     progress(Stage::Resolve, format!("{} requested", names.len()));
@@ -109,16 +139,23 @@ pub fn build_recipe(
         format!("{refreshed}{} packages in the closure", packages.len()),
     );
 
-    // Equal inputs give an equal image, so an unchanged recipe is not rebuilt.
-    let key = build_key(loaded, &packages, inputs).map_err(|source| BuildRecipeError::Stage {
-        what: "the build key".into(),
-        source,
-    })?;
-    let cache_entry = store.dir().join(".build-cache").join(&key);
-    if let Some(image) = fs::read_to_string(&cache_entry)
-        .ok()
-        .and_then(|id| store.resolve(id.trim()).ok())
-    {
+    let closure: Vec<String> = packages
+        .iter()
+        .map(|p| format!("{} {} {}", p.name, p.version, p.sha256))
+        .collect();
+    let key = digest(&[base.as_bytes(), closure.join("\n").as_bytes()]);
+    let remember = |image: &StoredImage| {
+        let written = fs::create_dir_all(&cache_dir).and_then(|()| {
+            fs::write(cache_dir.join(&key), &image.id)?;
+            fs::write(cache_dir.join(format!("indexes-{quick_key}")), &image.id)
+        });
+        if let Err(err) = written {
+            // Only the next build's speed depends on it.
+            tracing::warn!("cannot record the build cache entry: {err}");
+        }
+    };
+    if let Some(image) = cached(&key) {
+        remember(&image);
         progress(Stage::Pack, format!("unchanged: image {}", &image.id[..12]));
         return Ok(BuildOutcome {
             image,
@@ -133,10 +170,7 @@ pub fn build_recipe(
     );
     let debs = apt::download(&packages, inputs.deb_cache)?;
 
-    let stage = |what: &str| {
-        let what = what.to_string();
-        move |source| BuildRecipeError::Stage { what, source }
-    };
+    let stage = stage_err;
     let tree = tempfile::tempdir().map_err(stage("a temporary root"))?;
     let root = tree.path();
     progress(Stage::Extract, format!("{} packages", debs.len()));
@@ -180,47 +214,44 @@ pub fn build_recipe(
             .collect(),
     };
     let image = pack_and_commit(root, meta, inputs.kernel, inputs.init, store)?;
-    let remember = fs::create_dir_all(store.dir().join(".build-cache"))
-        .and_then(|()| fs::write(&cache_entry, &image.id));
-    if let Err(err) = remember {
-        // Only the next build's speed depends on it.
-        tracing::warn!("cannot record the build cache entry: {err}");
-    }
+    remember(&image);
     Ok(BuildOutcome {
         image,
         cached: false,
     })
 }
 
-/// The digest of everything an image is made from: this builder's version,
-/// every file of the recipe's directory, the resolved packages, the kernel
-/// and vroom-init.
-fn build_key(
-    loaded: &LoadedRecipe,
-    packages: &[apt::ResolvedPackage],
-    inputs: &RecipeInputs<'_>,
-) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let mut field = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    };
-    field(b"vroom-build-1");
-    field(env!("CARGO_PKG_VERSION").as_bytes());
+/// The digest of what an image is made from besides its packages: this
+/// builder's version, every file of the recipe's directory, the kernel and
+/// vroom-init.
+fn inputs_digest(loaded: &LoadedRecipe, inputs: &RecipeInputs<'_>) -> std::io::Result<String> {
     let mut files = vec![];
     collect_files(&loaded.dir, &loaded.dir, &mut files)?;
     files.sort();
+    let mut fields: Vec<Vec<u8>> = vec![
+        b"vroom-build-1".to_vec(),
+        env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
+        inputs.kernel.reference.sha256.as_bytes().to_vec(),
+        crate::util::sha256_file(inputs.init)?.0.into_bytes(),
+    ];
     for (relative, path) in &files {
-        field(relative.as_bytes());
-        field(&fs::read(path)?);
+        fields.push(relative.as_bytes().to_vec());
+        fields.push(fs::read(path)?);
     }
-    for p in packages {
-        field(format!("{} {} {}", p.name, p.version, p.sha256).as_bytes());
+    Ok(digest(
+        &fields.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    ))
+}
+
+/// sha256 over length-prefixed fields, so that no two field lists collide.
+fn digest(fields: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for field in fields {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field);
     }
-    field(inputs.kernel.reference.sha256.as_bytes());
-    field(crate::util::sha256_file(inputs.init)?.0.as_bytes());
-    Ok(crate::util::hex(&h.finalize()))
+    crate::util::hex(&h.finalize())
 }
 
 fn collect_files(

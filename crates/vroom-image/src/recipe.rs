@@ -159,6 +159,9 @@ pub struct UserSpec {
 pub enum RestartPolicy {
     Always,
     Never,
+    /// Runs to completion (e.g. loading a ruleset): the appliance is ready
+    /// only once it succeeded, and a config change waits for its rerun.
+    Oneshot,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -295,6 +298,7 @@ impl LoadedRecipe {
                     command: s.command.clone(),
                     restart: s.restart == RestartPolicy::Always,
                     restart_on_config: s.restart_on_config,
+                    oneshot: s.restart == RestartPolicy::Oneshot,
                 })
                 .collect(),
             health_tcp_port: match r.health.as_ref().map(|h| &h.tcp) {

@@ -62,7 +62,97 @@ pub fn configure(nics: &[NicConfig]) -> Result<BTreeMap<String, TemplateNic>, St
         sock.add_default_route(gw)
             .map_err(|e| format!("add default route via {gw}: {e}"))?;
     }
+    announce(&by_role);
     Ok(by_role)
+}
+
+/// Gratuitous ARP on every NIC, now and once more a second later: a
+/// recreated appliance keeps its addresses but not its MACs, and neighbours
+/// (clients behind a firewall) should not wait for their caches to expire.
+fn announce(nics: &BTreeMap<String, TemplateNic>) {
+    let targets: Vec<(String, Ipv4Addr, [u8; 6])> = nics
+        .values()
+        .filter_map(|n| Some((n.dev.clone(), n.ip.parse().ok()?, parse_mac(&n.mac)?)))
+        .collect();
+    let send_all = move || {
+        for (dev, ip, mac) in &targets {
+            if let Err(err) = gratuitous_arp(dev, *ip, *mac) {
+                log(&format!("gratuitous ARP on {dev}: {err}"));
+            }
+        }
+    };
+    send_all();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        send_all();
+    });
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).ok())
+        .collect::<Option<_>>()?;
+    bytes.try_into().ok()
+}
+
+/// An ARP request for our own address, broadcast: "who has IP? tell IP".
+pub fn arp_announcement(ip: Ipv4Addr, mac: [u8; 6]) -> [u8; 42] {
+    let mut frame = [0u8; 42];
+    frame[0..6].copy_from_slice(&[0xff; 6]);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    frame[14..16].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    frame[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    frame[18] = 6;
+    frame[19] = 4;
+    frame[20..22].copy_from_slice(&1u16.to_be_bytes()); // request
+    frame[22..28].copy_from_slice(&mac);
+    frame[28..32].copy_from_slice(&ip.octets());
+    frame[38..42].copy_from_slice(&ip.octets());
+    frame
+}
+
+fn gratuitous_arp(dev: &str, ip: Ipv4Addr, mac: [u8; 6]) -> io::Result<()> {
+    let name = std::ffi::CString::new(dev).map_err(io::Error::other)?;
+    // SAFETY: plain syscalls on a socket we own and close below.
+    unsafe {
+        let index = libc::if_nametoindex(name.as_ptr());
+        if index == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let proto = (libc::ETH_P_ARP as u16).to_be();
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            proto.into(),
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let frame = arp_announcement(ip, mac);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        let result = if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        libc::close(fd);
+        result
+    }
 }
 
 pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
@@ -185,6 +275,19 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr_in {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arp_announcement_asks_for_its_own_address() {
+        let mac = parse_mac("52:54:00:0a:0b:0c").unwrap();
+        let frame = arp_announcement(Ipv4Addr::new(10, 0, 1, 1), mac);
+        assert_eq!(&frame[0..6], &[0xff; 6]);
+        assert_eq!(&frame[12..14], &[0x08, 0x06]);
+        assert_eq!(&frame[22..28], &mac);
+        assert_eq!(&frame[28..32], &[10, 0, 1, 1]);
+        assert_eq!(&frame[32..38], &[0; 6]);
+        assert_eq!(&frame[38..42], &[10, 0, 1, 1]);
+        assert_eq!(parse_mac("52:54:00:0a:0b"), None);
+    }
 
     #[test]
     fn masks_table() {

@@ -47,7 +47,18 @@ struct Service {
     pid: Option<i32>,
     restarts: u32,
     start_at: Option<Instant>,
+    last_exit: Option<i32>,
 }
+
+impl Service {
+    /// A oneshot that finished its latest run successfully.
+    fn succeeded(&self) -> bool {
+        self.pid.is_none() && self.start_at.is_none() && self.last_exit == Some(0)
+    }
+}
+
+/// How long a config change waits for its oneshot services.
+const ONESHOT_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Supervisor {
     pub fn new(booted: Booted) -> Self {
@@ -60,6 +71,7 @@ impl Supervisor {
                 pid: None,
                 restarts: 0,
                 start_at: None,
+                last_exit: None,
             })
             .collect();
         Supervisor {
@@ -127,12 +139,18 @@ impl Supervisor {
                     name: s.spec.name.clone(),
                     running: s.pid.is_some(),
                     restarts: s.restarts,
+                    last_exit: s.last_exit,
                 })
                 .collect::<Vec<_>>();
+            let oneshots_done = inner
+                .services
+                .iter()
+                .filter(|s| s.spec.oneshot)
+                .all(Service::succeeded);
             (
                 inner.config.clone(),
                 services,
-                inner.started && !inner.shutting_down,
+                inner.started && !inner.shutting_down && oneshots_done,
             )
         };
         let configured_port = self
@@ -146,7 +164,10 @@ impl Supervisor {
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
             }
-            None => services.iter().all(|s| s.running),
+            None => services
+                .iter()
+                .zip(&self.spec.services)
+                .all(|(s, spec)| s.running || spec.oneshot),
         };
         HealthReport {
             ready: started && healthy,
@@ -184,7 +205,44 @@ impl Supervisor {
             }
         }
         log(&format!("config applied ({} keys)", values.len()));
+        drop(inner);
+        self.wait_for_oneshots()?;
         Ok(values)
+    }
+
+    /// Waits until the oneshot services restarted by a config change have
+    /// finished; a failure is reported, since the change is then not in effect.
+    fn wait_for_oneshots(&self) -> Result<(), String> {
+        let deadline = Instant::now() + ONESHOT_TIMEOUT;
+        loop {
+            {
+                let inner = self.lock();
+                let pending: Vec<&Service> = inner
+                    .services
+                    .iter()
+                    .filter(|s| s.spec.oneshot && s.spec.restart_on_config)
+                    .collect();
+                if pending
+                    .iter()
+                    .all(|s| s.pid.is_none() && s.start_at.is_none())
+                {
+                    return match pending.iter().find(|s| s.last_exit != Some(0)) {
+                        Some(failed) => Err(format!(
+                            "the config is saved, but service {} failed with exit code {}; see vroom logs",
+                            failed.spec.name,
+                            failed.last_exit.unwrap_or(-1)
+                        )),
+                        None => Ok(()),
+                    };
+                }
+                if Instant::now() > deadline {
+                    return Err(
+                        "the config is saved, but its oneshot services did not finish".into(),
+                    );
+                }
+            }
+            std::thread::sleep(REAP_INTERVAL);
+        }
     }
 
     pub fn exec(&self, argv: &[String], timeout: Duration) -> Result<ExecOutput, String> {
@@ -284,6 +342,7 @@ impl Inner {
         let shutting_down = self.shutting_down;
         if let Some(service) = self.services.iter_mut().find(|s| s.pid == Some(pid)) {
             service.pid = None;
+            service.last_exit = Some(code);
             if shutting_down {
                 return;
             }
@@ -319,6 +378,7 @@ impl Inner {
                 Ok(child) => service.pid = Some(child.id() as i32),
                 Err(err) => {
                     log(&format!("start service {}: {err}", service.spec.name));
+                    service.last_exit = Some(127);
                     if service.spec.restart {
                         service.start_at = Some(now + SERVICE_RESTART_DELAY);
                     }

@@ -105,6 +105,10 @@ pub struct ServiceSpec {
     /// Restart the service after the config changed, to pick up re-rendered files.
     #[serde(default)]
     pub restart_on_config: bool,
+    /// Runs to completion: readiness needs its success, and a config change
+    /// is acknowledged only after its rerun succeeded.
+    #[serde(default)]
+    pub oneshot: bool,
 }
 
 /// A file rendered from config with a MiniJinja template (see [`crate::template`]).

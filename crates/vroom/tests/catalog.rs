@@ -217,6 +217,24 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
     assert!(err.contains("\"forward\""), "{err}");
     let err = env.fail(&["config", "fw", "set", "wan_policy=maybe"]);
     assert!(err.contains("must be one of reject, drop"), "{err}");
+
+    // Thrown away and recreated: same addresses, new MACs. The new firewall
+    // announces itself, so neighbours that knew the old one follow at once
+    // instead of after their ARP entries expire.
+    env.ok(&["rm", "-f", "fw"]);
+    env.ok(&[
+        "run", "firewall", "--name", "fw", "--net", "wan", "--net", "lan", "--net", "dmz",
+    ]);
+    assert_eq!(env.instance("fw").nics[0].ip, fw_wan);
+    env.ok(&["config", "fw", "set", &format!("forward=8080:{web_ip}:80")]);
+    let out = env.run_in(
+        &server,
+        &format!("timeout 2 busybox wget -qO- http://{fw_wan}:8080/"),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("dmz server"),
+        "the recreated firewall forwards at once: {out:?}"
+    );
 }
 
 /// The sniffer: tcpdump on its mirror-sink NIC sees traffic between others on
