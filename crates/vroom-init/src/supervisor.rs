@@ -57,8 +57,9 @@ impl Service {
     }
 }
 
-/// How long a config change waits for its oneshot services.
-const ONESHOT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a config change waits for its oneshot services; under the
+/// host's 10 s agent timeout, so that the host hears the outcome.
+const ONESHOT_TIMEOUT: Duration = Duration::from_secs(8);
 
 impl Supervisor {
     pub fn new(booted: Booted) -> Self {
