@@ -160,7 +160,7 @@ fn print_table(rows: &[Row], runs: usize) {
     for r in rows {
         let boot = median(&r.boot_ms);
         println!(
-            "{:<10} {:>8} {:>10.1} {:>10.1} {:>8.1} {:>8.2} {:>11.3}x {:>10.0} {:>8.2}x",
+            "{:<10} {:>8} {:>10.1} {:>10.1} {:>8.1} {:>8.3} {:>11.4}x {:>10.0} {:>8.2}x",
             r.name,
             r.packages,
             r.image_bytes as f64 / 1e6,
