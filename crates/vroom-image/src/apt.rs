@@ -25,6 +25,9 @@ pub struct ResolvedPackage {
     pub source: String,
     pub sha256: String,
     pub size: u64,
+    /// Package names it depends on (Depends and Pre-Depends, every alternative).
+    #[serde(default)]
+    pub depends: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ pub enum ResolvePackagesError {
     Unsatisfiable { detail: String },
     #[error("apt failed: {detail}")]
     Apt { detail: String },
+    #[error("cannot prune {name}: {reason}")]
+    Prune { name: String, reason: String },
     #[error("no SHA256 in the package index for {name} {version}")]
     NoHash { name: String, version: String },
 }
@@ -243,6 +248,20 @@ pub fn parse_index(text: &str) -> BTreeMap<(String, String), ResolvedPackage> {
             .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
             .unwrap_or_else(|| name.clone());
         let size = field("Size").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut depends: Vec<String> = ["Depends", "Pre-Depends"]
+            .iter()
+            .filter_map(|k| field(k))
+            .flat_map(|list| {
+                list.split([',', '|'])
+                    .filter_map(|dep| {
+                        let name = dep.split_whitespace().next()?;
+                        Some(name.split(':').next().unwrap_or(name).to_string())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        depends.sort();
+        depends.dedup();
         out.insert(
             (name.clone(), version.clone()),
             ResolvedPackage {
@@ -251,10 +270,59 @@ pub fn parse_index(text: &str) -> BTreeMap<(String, String), ResolvedPackage> {
                 source,
                 sha256,
                 size,
+                depends,
             },
         );
     }
     out
+}
+
+/// The closure without `prune` and without what only the pruned packages
+/// needed: what stays is reachable from `requested` without passing through
+/// a pruned package. Debian declares some dependencies for the benefit of
+/// maintainer scripts (e.g. `passwd` to add a system user), which an image
+/// built without running them does not need.
+pub fn prune(
+    closure: Vec<ResolvedPackage>,
+    requested: &[&str],
+    prune: &[&str],
+) -> Result<Vec<ResolvedPackage>, ResolvePackagesError> {
+    let by_name: BTreeMap<&str, &ResolvedPackage> =
+        closure.iter().map(|p| (p.name.as_str(), p)).collect();
+    for name in prune {
+        if requested.contains(name) {
+            return Err(ResolvePackagesError::Prune {
+                name: name.to_string(),
+                reason: "it is requested by the recipe".into(),
+            });
+        }
+        if !by_name.contains_key(name) {
+            return Err(ResolvePackagesError::Prune {
+                name: name.to_string(),
+                reason: "it is not in the closure".into(),
+            });
+        }
+    }
+    let mut keep = std::collections::BTreeSet::new();
+    let mut todo: Vec<&str> = requested.to_vec();
+    while let Some(name) = todo.pop() {
+        if prune.contains(&name) || !keep.insert(name) {
+            continue;
+        }
+        if let Some(p) = by_name.get(name) {
+            todo.extend(
+                p.depends
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|d| by_name.contains_key(d)),
+            );
+        }
+    }
+    Ok(closure
+        .iter()
+        .filter(|p| keep.contains(p.name.as_str()))
+        .cloned()
+        .collect())
 }
 
 /// Makes sure every package is in `cache` with the index's digest; returns
@@ -342,6 +410,35 @@ pub fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_drops_what_only_the_pruned_packages_needed() {
+        let p = |name: &str, deps: &[&str]| ResolvedPackage {
+            name: name.into(),
+            version: "1".into(),
+            source: name.into(),
+            sha256: String::new(),
+            size: 0,
+            depends: deps.iter().map(|d| d.to_string()).collect(),
+        };
+        let closure = vec![
+            p("dnsmasq-base", &["libc6", "passwd"]),
+            p("libc6", &[]),
+            p("libpam0g", &["libc6"]),
+            p("passwd", &["libc6", "libpam0g"]),
+        ];
+        let kept = prune(closure.clone(), &["dnsmasq-base"], &["passwd"]).unwrap();
+        let names: Vec<&str> = kept.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["dnsmasq-base", "libc6"]);
+        assert_eq!(
+            prune(closure.clone(), &["dnsmasq-base"], &[]).unwrap(),
+            closure
+        );
+        let err = prune(closure.clone(), &["dnsmasq-base"], &["dnsmasq-base"]).unwrap_err();
+        assert!(err.to_string().contains("requested by the recipe"), "{err}");
+        let err = prune(closure, &["dnsmasq-base"], &["perl"]).unwrap_err();
+        assert!(err.to_string().contains("not in the closure"), "{err}");
+    }
 
     #[test]
     fn print_uris_table() {

@@ -133,6 +133,8 @@ pub fn build_recipe(
     let names: Vec<&str> = recipe.debian.packages.iter().map(|p| p.name()).collect();
     progress(Stage::Resolve, format!("{} requested", names.len()));
     let packages = apt::resolve(&names)?;
+    let pruned: Vec<&str> = recipe.debian.prune.iter().map(String::as_str).collect();
+    let packages = apt::prune(packages, &names, &pruned)?;
     let refreshed = if update { "indexes refreshed, " } else { "" };
     progress(
         Stage::Resolve,

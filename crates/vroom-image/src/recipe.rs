@@ -94,6 +94,9 @@ pub struct DebianSpec {
     #[serde(default = "default_components")]
     pub components: Vec<String>,
     pub packages: Vec<PackageSpec>,
+    /// Packages to leave out of the closure, with whatever only they needed.
+    #[serde(default)]
+    pub prune: Vec<String>,
 }
 
 fn default_components() -> Vec<String> {
