@@ -104,6 +104,7 @@ pub fn build_recipe(
         progress(Stage::Resolve, "refreshing the package indexes".into());
         apt::update()?;
     }
+    let refreshed = if update { "indexes refreshed, " } else { "" };
     // Equal inputs give an equal image, so an unchanged recipe is not rebuilt.
     // With unchanged package indexes the resolve would give the same closure,
     // so the quick key (before resolving) already finds the image.
@@ -123,7 +124,10 @@ pub fn build_recipe(
     if let Some(image) = cached(&format!("indexes-{quick_key}")) {
         progress(
             Stage::Resolve,
-            format!("unchanged recipe and indexes: image {}", &image.id[..12]),
+            format!(
+                "{refreshed}unchanged recipe and indexes: image {}",
+                &image.id[..12]
+            ),
         );
         return Ok(BuildOutcome {
             image,
@@ -135,7 +139,6 @@ pub fn build_recipe(
     let packages = apt::resolve(&names)?;
     let pruned: Vec<&str> = recipe.debian.prune.iter().map(String::as_str).collect();
     let packages = apt::prune(packages, &names, &pruned)?;
-    let refreshed = if update { "indexes refreshed, " } else { "" };
     progress(
         Stage::Resolve,
         format!("{refreshed}{} packages in the closure", packages.len()),
