@@ -34,7 +34,5 @@ pub use instance::{
 pub use ipnet::Ipv4Net;
 pub use name::Name;
 pub use network::{parse_subnet, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
-pub use schema::{
-    check_config, parse_forward, parse_host, ConfigField, ConfigSchema, FieldType, Forward,
-};
+pub use schema::{check_config, ConfigField, ConfigSchema, FieldType};
 pub use size::{parse_mem_mib, MIN_MEM_MIB};

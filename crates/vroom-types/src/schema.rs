@@ -33,12 +33,6 @@ pub enum FieldType {
     Host,
 }
 
-impl FieldType {
-    pub const ALL: &'static [&'static str] = &[
-        "string", "int", "bool", "port", "ipv4", "cidr", "forward", "host",
-    ];
-}
-
 /// One config key's type and constraints.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigField {
@@ -65,11 +59,11 @@ pub struct ConfigField {
 
 /// A port forward as templates see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Forward {
-    pub proto: &'static str,
-    pub port: u16,
-    pub to_ip: Ipv4Addr,
-    pub to_port: u16,
+struct Forward {
+    proto: &'static str,
+    port: u16,
+    to_ip: Ipv4Addr,
+    to_port: u16,
 }
 
 impl ConfigField {
@@ -205,7 +199,7 @@ fn parse_ipv4(value: &str) -> Result<Ipv4Addr, String> {
 }
 
 /// `[tcp/|udp/]PORT:IP[:PORT]`; the target port defaults to the outside one.
-pub fn parse_forward(value: &str) -> Result<Forward, String> {
+fn parse_forward(value: &str) -> Result<Forward, String> {
     let usage = || "must look like [tcp/|udp/]PORT:IP[:PORT], e.g. 8080:10.0.2.10:80".to_string();
     let (proto, rest) = match value.split_once('/') {
         Some(("tcp", rest)) => ("tcp", rest),
@@ -235,7 +229,7 @@ pub fn parse_forward(value: &str) -> Result<Forward, String> {
 }
 
 /// `NAME=IP` where NAME is a DNS name.
-pub fn parse_host(value: &str) -> Result<(&str, Ipv4Addr), String> {
+fn parse_host(value: &str) -> Result<(&str, Ipv4Addr), String> {
     let usage = || "must look like NAME=IP, e.g. nas.lan=10.0.1.5".to_string();
     let (name, ip) = value.split_once('=').ok_or_else(usage)?;
     let label_ok = |l: &str| {
