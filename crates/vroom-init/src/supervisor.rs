@@ -190,7 +190,7 @@ impl Supervisor {
         let mut inner = self.lock();
         boot::write_config(&values)?;
         inner.config = values.clone();
-        self.render_templates(&values);
+        let render_errors = self.render_templates(&values);
         for service in inner
             .services
             .iter_mut()
@@ -208,6 +208,11 @@ impl Supervisor {
         log(&format!("config applied ({} keys)", values.len()));
         drop(inner);
         self.wait_for_oneshots()?;
+        if let Some(first) = render_errors.first() {
+            return Err(format!(
+                "the config is saved, but a template failed: {first}"
+            ));
+        }
         Ok(values)
     }
 
@@ -304,15 +309,18 @@ impl Supervisor {
         boot::power_off();
     }
 
-    /// Renders every template; a template that fails keeps its previous file.
-    fn render_templates(&self, values: &ConfigValues) {
+    /// Renders every template; a template that fails keeps its previous file
+    /// and its error is returned (and logged).
+    fn render_templates(&self, values: &ConfigValues) -> Vec<String> {
         let ctx =
             TemplateContext::new(&self.spec.config_schema, values, &self.nics, &self.hostname);
+        let mut errors = vec![];
         for template in &self.spec.templates {
             let text = match template.render(&ctx) {
                 Ok(text) => text,
                 Err(err) => {
                     log(&format!("render {err}"));
+                    errors.push(err);
                     continue;
                 }
             };
@@ -324,8 +332,10 @@ impl Supervisor {
             let result = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path));
             if let Err(err) = result {
                 log(&format!("render {}: {err}", template.path));
+                errors.push(format!("{}: {err}", template.path));
             }
         }
+        errors
     }
 }
 
