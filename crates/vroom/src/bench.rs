@@ -69,7 +69,7 @@ fn sorted(v: &[f64]) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     v
 }
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let s = sorted(v);
     s[s.len() / 2]
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use vroom_core::images::ImageSource;
 use vroom_types::{AccelChoice, BuildReport, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
 
+use crate::bench::median;
 use crate::paths;
 
 struct Row {
@@ -175,12 +176,6 @@ fn print_table(rows: &[Row], runs: usize) {
     println!(
         "(image = initramfs + erofs root; cold = empty store and package cache; READY = launch to agent-ready, median of {runs})"
     );
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The packages the firewall recipe asks for.

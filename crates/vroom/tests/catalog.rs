@@ -22,21 +22,6 @@ fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
         .image
 }
 
-/// A web root with a CGI that answers with the caller's address.
-fn echo_server_root(env: &Env, name: &str) -> String {
-    let www = env.dir.join(name);
-    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
-    std::fs::write(www.join("index.html"), format!("{name} server\n")).unwrap();
-    let cgi = www.join("cgi-bin/addr");
-    std::fs::write(
-        &cgi,
-        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"remote=$REMOTE_ADDR\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    www.display().to_string()
-}
-
 /// Runs busybox udhcpc in a namespace; its hook applies the lease and records
 /// the lease's fields (`ip`, `router`, `dns`).
 fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String> {
@@ -83,12 +68,6 @@ fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> 
             .find_map(|l| l.strip_prefix("Address:"))
             .map(|a| a.trim().to_string())
     })
-}
-
-/// Starts busybox httpd (it daemonizes; the namespace's teardown kills it).
-fn serve(env: &Env, ns: &str, port: u16, root: &str) {
-    let out = env.run_in(ns, &format!("busybox httpd -p {port} -h {root}"));
-    assert!(out.status.success(), "httpd in {ns}: {out:?}");
 }
 
 /// `busybox wget` from a namespace (its `-T` option crashes the static build,
@@ -142,16 +121,16 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
         "wan",
         Some((&format!("{server_ip}/24"), &host(&wan, 1).to_string())),
     );
-    let root = echo_server_root(&env, "wan");
-    serve(&env, &server, 8000, &root);
+    let root = common::echo_server_root(&env, "wan");
+    common::serve(&env, &server, 8000, &root);
     let web_ip = host(&dmz, 10);
     let web = env.namespace_on(
         "web",
         "dmz",
         Some((&format!("{web_ip}/24"), &host(&dmz, 1).to_string())),
     );
-    let root = echo_server_root(&env, "dmz");
-    serve(&env, &web, 80, &root);
+    let root = common::echo_server_root(&env, "dmz");
+    common::serve(&env, &web, 80, &root);
     let client = env.namespace_on("cl", "lan", None);
 
     env.ok(&[

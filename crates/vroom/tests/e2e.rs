@@ -495,34 +495,8 @@ fn namespaced_client_reaches_the_appliance_and_nat_masquerades_its_traffic() {
         .status()
         .unwrap();
     assert!(status.success());
-    let www = env.dir.join("www");
-    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
-    let cgi = www.join("cgi-bin/addr");
-    std::fs::write(
-        &cgi,
-        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"remote=$REMOTE_ADDR\"\n",
-    )
-    .unwrap();
-    std::process::Command::new("chmod")
-        .arg("755")
-        .arg(&cgi)
-        .status()
-        .unwrap();
-    let status = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &server_ns,
-            "/bin/busybox",
-            "httpd",
-            "-p",
-            "8080",
-            "-h",
-        ])
-        .arg(&www)
-        .status()
-        .unwrap();
-    assert!(status.success(), "start the wan web server");
+    let www = common::echo_server_root(&env, "www");
+    common::serve(&env, &server_ns, 8080, &www);
 
     let from_guest = env.ok(&[
         "exec",

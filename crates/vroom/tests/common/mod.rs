@@ -411,6 +411,27 @@ pub fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
+/// A web root with a CGI that answers with the caller's address.
+pub fn echo_server_root(env: &Env, name: &str) -> String {
+    let www = env.dir.join(name);
+    std::fs::create_dir_all(www.join("cgi-bin")).unwrap();
+    std::fs::write(www.join("index.html"), format!("{name} server\n")).unwrap();
+    let cgi = www.join("cgi-bin/addr");
+    std::fs::write(
+        &cgi,
+        "#!/bin/sh\necho 'Content-Type: text/plain'\necho\necho \"remote=$REMOTE_ADDR\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    www.display().to_string()
+}
+
+/// Starts busybox httpd (it daemonizes; the namespace's teardown kills it).
+pub fn serve(env: &Env, ns: &str, port: u16, root: &str) {
+    let out = env.run_in(ns, &format!("busybox httpd -p {port} -h {root}"));
+    assert!(out.status.success(), "httpd in {ns}: {out:?}");
+}
+
 /// A recipe shipped in the repository.
 pub fn recipe(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
