@@ -1,0 +1,503 @@
+//! Instances: create with rollback, start, stop, restart and remove.
+
+use super::*;
+
+impl Engine {
+    pub fn list(&self) -> Vec<Instance> {
+        let cells: Vec<_> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        cells.iter().map(|c| c.snapshot()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Instance, OpError> {
+        Ok(self.cell(name)?.snapshot())
+    }
+
+    /// Creates an instance and launches it. Returns once the VMM runs; the
+    /// guest becomes ready later (`status.state` turns `running`). Any failure
+    /// before that removes everything this call created.
+    pub async fn run(self: &Arc<Self>, req: RunRequest) -> Result<Instance, OpError> {
+        let spec = req.spec;
+        let ready_timeout_secs = req
+            .ready_timeout_secs
+            .unwrap_or(DEFAULT_READY_TIMEOUT_SECS)
+            .max(1);
+        let alloc = self.alloc.lock().await;
+        if self.cell(spec.name.as_str()).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an instance named {:?} already exists", spec.name.as_str()),
+            ));
+        }
+        let image = self.images.resolve(&spec.image).map_err(image_error)?;
+        let mem_mib = self.check_resources(&spec, &image)?;
+        let accel = self
+            .driver
+            .resolve_accel(spec.accel)
+            .map_err(|e| OpError::wrap(ErrorCode::HostUnsupported, "cannot run here", e))?;
+        let volume_kib = spec
+            .config_volume_kib
+            .unwrap_or(vroom_volume::DEFAULT_SIZE_KIB);
+
+        let nic_specs = if spec.nics.is_empty() {
+            vec![NicSpec {
+                network: Name::new(DEFAULT_NETWORK).expect("invariant: valid name"),
+                ip: None,
+            }]
+        } else {
+            spec.nics.clone()
+        };
+        let mut created_default = None;
+        if nic_specs
+            .iter()
+            .any(|n| n.network.as_str() == DEFAULT_NETWORK)
+            && self.network(DEFAULT_NETWORK).is_err()
+        {
+            let default = NetworkSpec {
+                name: Name::new(DEFAULT_NETWORK).expect("invariant: valid name"),
+                subnet: None,
+                nat: true,
+                isolated: false,
+                mirror: false,
+            };
+            created_default = Some(self.create_network_locked(default).await?);
+        }
+        let rollback_default = |engine: &Arc<Self>| {
+            let engine = engine.clone();
+            let created = created_default.clone();
+            async move {
+                if let Some(net) = created {
+                    let _ = engine.remove_network_locked(net.name.as_str()).await;
+                }
+            }
+        };
+
+        let id = random_id();
+        let roles = &image.manifest.appliance.nic_roles;
+        let nics = match self.allocate_nics(&id, &nic_specs, roles) {
+            Ok(nics) => nics,
+            Err(e) => {
+                rollback_default(self).await;
+                return Err(e);
+            }
+        };
+        let instance = Instance {
+            id: id.clone(),
+            spec: spec.clone(),
+            image_id: image.id.clone(),
+            image_name: image.manifest.name.clone(),
+            mem_mib,
+            created_at: now_secs(),
+            desired: DesiredState::Running,
+            nics,
+            status: InstanceStatus {
+                accel: Some(accel),
+                ..InstanceStatus::stopped()
+            },
+            config: image.manifest.appliance.seed_config.clone(),
+        };
+        let dir = self.instances_dir().join(&id);
+        let record = InstanceRecord {
+            instance: instance.clone(),
+            process: None,
+            ready_timeout_secs,
+        };
+        let prepared = (|| {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| OpError::internal(format!("failed to create {}", dir.display()), e))?;
+            let identity = instance_file(&instance, &image);
+            vroom_volume::create(
+                &dir.join("config.img"),
+                volume_kib,
+                &identity,
+                &instance.config,
+            )
+            .map_err(|e| match e {
+                vroom_volume::VolumeError::NoSpace { .. } => OpError::wrap(
+                    ErrorCode::ResourceExhausted,
+                    "failed to create the config volume",
+                    e,
+                ),
+                vroom_volume::VolumeError::Size { .. } => {
+                    OpError::new(ErrorCode::InvalidArgument, e.to_string())
+                }
+                e => OpError::internal("failed to create the config volume", e),
+            })?;
+            self.persist(&record)
+        })();
+        if let Err(e) = prepared {
+            let _ = std::fs::remove_dir_all(&dir);
+            rollback_default(self).await;
+            return Err(e);
+        }
+        let cell = Cell::new(dir.clone(), record);
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.name.clone(), cell.clone());
+        drop(alloc);
+
+        let _op = cell.op.lock().await;
+        if let Err(e) = self.launch(&cell, Some(image)).await {
+            self.instances
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&spec.name);
+            let _ = self.store.delete_instance(spec.name.as_str());
+            let _ = std::fs::remove_dir_all(&dir);
+            let _alloc = self.alloc.lock().await;
+            rollback_default(self).await;
+            return Err(e);
+        }
+        Ok(cell.snapshot())
+    }
+
+    pub(super) fn check_resources(
+        &self,
+        spec: &InstanceSpec,
+        image: &BootImage,
+    ) -> Result<u64, OpError> {
+        let mem_mib = spec.mem_mib.unwrap_or(image.manifest.default_mem_mib);
+        let min_mib = image.manifest.min_mem_mib.max(MIN_MEM_MIB);
+        if mem_mib < min_mib {
+            return Err(InvalidInputError::MemTooSmall { mem_mib, min_mib }.into());
+        }
+        if mem_mib > self.cfg.host_mem_mib {
+            return Err(InvalidInputError::MemTooLarge {
+                mem_mib,
+                host_mib: self.cfg.host_mem_mib,
+            }
+            .into());
+        }
+        let max = self.cfg.host_cpus.max(1);
+        if spec.cpus == 0 || spec.cpus > max {
+            return Err(InvalidInputError::Cpus {
+                cpus: spec.cpus,
+                max,
+            }
+            .into());
+        }
+        Ok(mem_mib)
+    }
+
+    /// Addresses for the NICs. On an isolated network, a router's inside NIC
+    /// (`lan` or `dmz` of an image that also has a `wan`) takes the gateway
+    /// address unless another address is asked for.
+    pub(super) fn allocate_nics(
+        &self,
+        id: &str,
+        specs: &[NicSpec],
+        roles: &[String],
+    ) -> Result<Vec<NicStatus>, OpError> {
+        if !roles.is_empty() && specs.len() > roles.len() {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the image has {} NIC(s) ({}); {} were given",
+                    roles.len(),
+                    roles.join(", "),
+                    specs.len()
+                ),
+            ));
+        }
+        let mut used: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+        for instance in self.list() {
+            for nic in instance.nics {
+                used.entry(nic.network.to_string())
+                    .or_default()
+                    .push(nic.ip);
+            }
+        }
+        let mut nics = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let network = self.network(spec.network.as_str())?;
+            let taken = used.entry(network.name.to_string()).or_default();
+            let role = roles.get(index).map(String::as_str);
+            if role == Some(MIRROR_ROLE) && !network.mirror {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "NIC {} is a mirror-sink, but network {} does not mirror its traffic (create it with --mirror)",
+                        index + 1,
+                        network.name
+                    ),
+                ));
+            }
+            let ip = if ipam::takes_gateway(&network, roles, index, spec.ip) {
+                if taken.contains(&network.gateway) {
+                    return Err(OpError::conflict(format!(
+                        "network {} already has its router at {}",
+                        network.name, network.gateway
+                    )));
+                }
+                Ok(network.gateway)
+            } else {
+                ipam::allocate_ip(network.subnet, taken, spec.ip)
+            };
+            let ip = ip.map_err(|e| {
+                OpError::wrap(
+                    ErrorCode::InvalidArgument,
+                    format!("cannot attach to network {}", network.name),
+                    e,
+                )
+            })?;
+            taken.push(ip);
+            nics.push(NicStatus {
+                network: network.name.clone(),
+                ip,
+                prefix_len: network.subnet.prefix_len(),
+                gateway: network.gateway,
+                mac: ipam::mac_address(id, index),
+                tap: ipam::tap_name(&self.cfg.iface_prefix, id, index),
+            });
+        }
+        Ok(nics)
+    }
+
+    /// Starts the VMM for a cell (caller holds its op lock) and spawns its monitor.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        image: Option<BootImage>,
+    ) -> Result<(), OpError> {
+        let (instance, ready_timeout) = {
+            let r = cell.lock();
+            (
+                r.instance.clone(),
+                Duration::from_secs(r.ready_timeout_secs),
+            )
+        };
+        let image = match image {
+            Some(image) => image,
+            None => self
+                .images
+                .resolve(&instance.image_id)
+                .map_err(image_error)?,
+        };
+        let accel = self
+            .driver
+            .resolve_accel(instance.spec.accel)
+            .map_err(|e| OpError::wrap(ErrorCode::HostUnsupported, "cannot run here", e))?;
+        let launch = LaunchSpec {
+            instance_id: instance.id.clone(),
+            name: instance.spec.name.to_string(),
+            run_dir: cell.dir.clone(),
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            cmdline: image.manifest.cmdline.clone(),
+            mem_mib: instance.mem_mib,
+            cpus: instance.spec.cpus,
+            accel,
+            root_disk: image.rootfs.clone(),
+            config_disk: cell.volume(),
+            nics: instance
+                .nics
+                .iter()
+                .map(|n| LaunchNic {
+                    tap: n.tap.clone(),
+                    mac: n.mac.clone(),
+                })
+                .collect(),
+            agent_socket: cell.dir.join("agent.sock"),
+            console_log: cell.console_log(),
+        };
+        let process = self.driver.launch(&launch).await.map_err(|e| {
+            let code = match e {
+                crate::driver::LaunchVmError::VmmMissing { .. }
+                | crate::driver::LaunchVmError::KernelMissing { .. }
+                | crate::driver::LaunchVmError::KvmUnavailable { .. } => ErrorCode::HostUnsupported,
+                _ => ErrorCode::Internal,
+            };
+            OpError::wrap(
+                code,
+                format!("failed to start instance {}", instance.spec.name),
+                e,
+            )
+        })?;
+        for nic in &instance.nics {
+            let bridge = self.network(nic.network.as_str()).map(|n| n.bridge);
+            let attached = match bridge {
+                Ok(bridge) => self
+                    .net
+                    .attach_tap(&nic.tap, &bridge)
+                    .await
+                    .map_err(|e| OpError::internal("failed to attach the NIC", e)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = attached {
+                let _ = self.driver.kill(&process);
+                self.driver.wait_exit(&process).await;
+                return Err(e);
+            }
+        }
+        cell.agent.reset().await;
+        let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let saved = self.update(cell, |r| {
+            r.process = Some(process.clone());
+            r.instance.status = InstanceStatus {
+                state: InstanceState::Starting,
+                pid: Some(process.pid),
+                accel: Some(process.accel),
+                started_at: Some(now_secs()),
+                boot_ms: None,
+                restarts: r.instance.status.restarts,
+                last_error: None,
+            };
+        });
+        if let Err(e) = saved {
+            let _ = self.driver.kill(&process);
+            return Err(e);
+        }
+        self.spawn_monitor(
+            cell.clone(),
+            generation,
+            process,
+            Some(Instant::now() + ready_timeout),
+        );
+        Ok(())
+    }
+
+    pub async fn action(
+        self: &Arc<Self>,
+        name: &str,
+        action: InstanceAction,
+    ) -> Result<Instance, OpError> {
+        let cell = self.cell(name)?;
+        let _op = cell.op.lock().await;
+        let state = cell.lock().instance.status.state;
+        match lifecycle::plan_action(state, action) {
+            ActionPlan::Refuse(reason) => {
+                return Err(OpError::conflict(format!(
+                    "cannot {} {name}: {reason}",
+                    action_verb(action)
+                )))
+            }
+            ActionPlan::Noop => return Ok(cell.snapshot()),
+            ActionPlan::Proceed => {}
+        }
+        if matches!(action, InstanceAction::Stop | InstanceAction::Restart) {
+            self.stop_locked(&cell, false).await?;
+        }
+        if matches!(action, InstanceAction::Start | InstanceAction::Restart) {
+            self.update(&cell, |r| r.instance.desired = DesiredState::Running)?;
+            cell.crash_streak.store(0, Ordering::SeqCst);
+            self.launch(&cell, None).await?;
+        }
+        Ok(cell.snapshot())
+    }
+
+    /// Graceful guest shutdown through the agent, ACPI power-down, then a kill.
+    pub(super) async fn stop_locked(&self, cell: &Arc<Cell>, force: bool) -> Result<(), OpError> {
+        let process = {
+            let r = cell.lock();
+            r.process.clone()
+        };
+        self.update(cell, |r| {
+            r.instance.desired = DesiredState::Stopped;
+            if r.process.is_some() {
+                r.instance.status.state = InstanceState::Stopping;
+            }
+        })?;
+        if let Some(process) = process.filter(|p| self.driver.is_alive(p)) {
+            let exited = |timeout| tokio::time::timeout(timeout, self.driver.wait_exit(&process));
+            let mut done = false;
+            if !force {
+                let asked = cell
+                    .agent
+                    .call(HostCommand::Shutdown, Duration::from_secs(2))
+                    .await
+                    .is_ok();
+                if asked {
+                    done = exited(self.cfg.stop_timeout).await.is_ok();
+                }
+                if !done {
+                    let _ = self.driver.power_down(&process).await;
+                    done = exited(Duration::from_secs(3)).await.is_ok();
+                }
+            }
+            if !done {
+                tracing::warn!(pid = process.pid, "killing the VM");
+                self.driver
+                    .kill(&process)
+                    .map_err(|e| OpError::internal("failed to kill the VM", e))?;
+                self.driver.wait_exit(&process).await;
+            }
+        }
+        cell.generation.fetch_add(1, Ordering::SeqCst);
+        cell.agent.reset().await;
+        self.update(cell, |r| {
+            r.process = None;
+            r.instance.status.pid = None;
+            r.instance.status.state = InstanceState::Stopped;
+        })?;
+        Ok(())
+    }
+
+    pub async fn remove(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
+        let cell = self.cell(name)?;
+        let _op = cell.op.lock().await;
+        let running = cell
+            .lock()
+            .process
+            .as_ref()
+            .is_some_and(|p| self.driver.is_alive(p));
+        if running && !force {
+            return Err(OpError::conflict(format!(
+                "instance {name} is running; stop it first or use `rm -f`"
+            )));
+        }
+        self.stop_locked(&cell, true).await?;
+        self.store
+            .delete_instance(name)
+            .map_err(|e| OpError::internal("failed to delete instance state", e))?;
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| n.as_str() != name);
+        std::fs::remove_dir_all(&cell.dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| {
+                OpError::internal(format!("failed to remove {}", cell.dir.display()), e)
+            })?;
+        Ok(())
+    }
+}
+
+fn action_verb(action: InstanceAction) -> &'static str {
+    match action {
+        InstanceAction::Start => "start",
+        InstanceAction::Stop => "stop",
+        InstanceAction::Restart => "restart",
+    }
+}
+
+fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
+    let roles = &image.manifest.appliance.nic_roles;
+    InstanceFile {
+        version: VOLUME_VERSION,
+        hostname: instance.spec.name.to_string(),
+        nics: instance
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, nic)| NicConfig {
+                mac: nic.mac.clone(),
+                role: roles.get(i).cloned(),
+                address: nic.ip.to_string(),
+                prefix_len: nic.prefix_len,
+                gateway: Some(nic.gateway.to_string()),
+            })
+            .collect(),
+    }
+}

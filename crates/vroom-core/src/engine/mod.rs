@@ -1,0 +1,216 @@
+//! The engine: owns instances and networks, drives their lifecycle through
+//! the backend traits, persists every change before acknowledging it, and
+//! supervises running VMs (readiness, unexpected exits, restarts).
+//!
+//! `Engine` is the one entry point; its methods are spread over one file per
+//! concern:
+//! - `instances`: create with rollback, start, stop, restart, remove;
+//! - `supervise`: recovery after a daemon restart, the per-VM monitor and
+//!   the restart policy;
+//! - `guest`: exec, file copy and console logs;
+//! - `config`: the config volume, read and changed through the guest;
+//! - `networks` and `images`: the host networks and the image store.
+
+mod config;
+mod guest;
+mod images;
+mod instances;
+mod networks;
+mod supervise;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ipnet::Ipv4Net;
+use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
+use vroom_agent_proto::{from_hex, GuestReply, HostCommand, MAX_READ_CHUNK};
+use vroom_types::{
+    check_config, validate_config_key, validate_config_value, BuildReport, ConfigValues,
+    DesiredState, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
+    InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
+    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
+};
+
+use crate::agent::AgentClient;
+use crate::driver::{LaunchNic, LaunchSpec, VmDriver, VmProcess};
+use crate::error::OpError;
+use crate::images::{BootImage, ImageSource, ResolveImageError};
+use crate::ipam;
+use crate::lifecycle::{self, ActionPlan, ExitOutcome};
+use crate::net::NetworkBackend;
+use crate::store::{InstanceRecord, StateStore};
+
+pub const DEFAULT_NETWORK: &str = "default";
+/// Where automatically chosen subnets come from.
+pub const AUTO_SUBNET_POOL: &str = "10.213.0.0/16";
+pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
+const HEALTH_POLL: Duration = Duration::from_millis(150);
+const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_LOG_CHUNK: u64 = 1 << 20;
+/// The largest file `read_file` copies out of a guest.
+const MAX_COPY_BYTES: u64 = 1 << 30;
+/// An instance that stayed up this long has its crash streak forgotten.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    /// Prefix of every host interface vroom creates (at most 5 characters).
+    pub iface_prefix: String,
+    pub stop_timeout: Duration,
+    pub host_mem_mib: u64,
+    pub host_cpus: u32,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    driver: Arc<dyn VmDriver>,
+    net: Arc<dyn NetworkBackend>,
+    store: Arc<dyn StateStore>,
+    images: Arc<dyn ImageSource>,
+    instances: Mutex<BTreeMap<Name, Arc<Cell>>>,
+    networks: Mutex<BTreeMap<Name, Network>>,
+    /// Serialises creations and network changes, which allocate names and addresses.
+    alloc: tokio::sync::Mutex<()>,
+}
+
+/// One instance in memory.
+struct Cell {
+    record: Mutex<InstanceRecord>,
+    /// Serialises lifecycle operations on this instance.
+    op: tokio::sync::Mutex<()>,
+    /// Bumped on every launch, so a stale monitor never acts.
+    generation: AtomicU64,
+    crash_streak: AtomicU32,
+    agent: AgentClient,
+    dir: PathBuf,
+}
+
+impl Cell {
+    fn new(dir: PathBuf, record: InstanceRecord) -> Arc<Self> {
+        Arc::new(Cell {
+            agent: AgentClient::new(dir.join("agent.sock")),
+            dir,
+            record: Mutex::new(record),
+            op: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            crash_streak: AtomicU32::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InstanceRecord> {
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn snapshot(&self) -> Instance {
+        self.lock().instance.clone()
+    }
+    fn volume(&self) -> PathBuf {
+        self.dir.join("config.img")
+    }
+    fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn random_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl Engine {
+    pub fn new(
+        cfg: EngineConfig,
+        driver: Arc<dyn VmDriver>,
+        net: Arc<dyn NetworkBackend>,
+        store: Arc<dyn StateStore>,
+        images: Arc<dyn ImageSource>,
+    ) -> Arc<Self> {
+        Arc::new(Engine {
+            cfg,
+            driver,
+            net,
+            store,
+            images,
+            instances: Mutex::default(),
+            networks: Mutex::default(),
+            alloc: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn instances_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("instances")
+    }
+
+    fn cell(&self, name: &str) -> Result<Arc<Cell>, OpError> {
+        let map = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| OpError::not_found("instance", name))
+    }
+
+    fn persist(&self, record: &InstanceRecord) -> Result<(), OpError> {
+        self.store
+            .put_instance(record)
+            .map_err(|e| OpError::internal("failed to save instance state", e))
+    }
+
+    /// Updates a record in memory and in the store.
+    fn update(
+        &self,
+        cell: &Cell,
+        f: impl FnOnce(&mut InstanceRecord),
+    ) -> Result<Instance, OpError> {
+        let mut record = cell.lock();
+        f(&mut record);
+        self.persist(&record)?;
+        Ok(record.instance.clone())
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.cfg.data_dir
+    }
+}
+
+fn image_error(e: ResolveImageError) -> OpError {
+    match e {
+        ResolveImageError::NotFound { .. } => OpError::new(ErrorCode::NotFound, e.to_string()),
+        ResolveImageError::KernelMissing { .. } => {
+            OpError::new(ErrorCode::HostUnsupported, e.to_string())
+        }
+        ResolveImageError::Other { .. } => OpError::new(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let line = s.lines().next().unwrap_or("");
+    line.chars().take(200).collect()
+}
+
+/// The last `lines` lines of a file, for error reports.
+pub fn tail_of(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Guest output is untrusted: keep only well-formed keys and values, and not too many.
+fn sanitize_config(values: ConfigValues) -> ConfigValues {
+    values
+        .into_iter()
+        .filter(|(k, v)| validate_config_key(k).is_ok() && validate_config_value(k, v).is_ok())
+        .take(256)
+        .collect()
+}
