@@ -1,7 +1,7 @@
 //! The VM driver seam. QEMU microvm is the first driver; Firecracker or Cloud
 //! Hypervisor would implement the same trait.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,11 @@ pub trait VmDriver: Send + Sync {
 
     /// Whether a process recorded earlier still runs and is still ours.
     fn is_alive(&self, process: &VmProcess) -> bool;
+
+    /// Every live VMM process whose run dir lies under `root`, with that run
+    /// dir: how a restarted daemon finds a VM it launched but never recorded,
+    /// and VMs whose record is gone.
+    fn processes_under(&self, root: &Path) -> Vec<(PathBuf, VmProcess)>;
 
     /// Resolves when the process has exited.
     async fn wait_exit(&self, process: &VmProcess);

@@ -14,6 +14,7 @@ pub mod ipam;
 pub mod lifecycle;
 pub mod net;
 pub mod store;
+pub mod testing;
 
 pub use engine::{Engine, EngineConfig};
 pub use error::OpError;

@@ -35,12 +35,18 @@ pub enum ExitOutcome {
     Restart,
     /// It was killed because it failed; leave it failed.
     Failed,
+    /// It died while booting and has never been ready: a broken image or
+    /// config, which restarting would only repeat. Fail it with its console.
+    BootFailed,
 }
 
-pub fn on_exit(state: InstanceState, desired: DesiredState) -> ExitOutcome {
+/// `ever_ready`: the guest has reported ready at least once since the
+/// instance was created, so a death during a later boot is worth a restart.
+pub fn on_exit(state: InstanceState, desired: DesiredState, ever_ready: bool) -> ExitOutcome {
     match (state, desired) {
         (InstanceState::Failed, _) => ExitOutcome::Failed,
         (_, DesiredState::Stopped) | (InstanceState::Stopping, _) => ExitOutcome::Stopped,
+        (InstanceState::Starting, DesiredState::Running) if !ever_ready => ExitOutcome::BootFailed,
         (_, DesiredState::Running) => ExitOutcome::Restart,
     }
 }
@@ -84,15 +90,22 @@ mod tests {
     fn exit_table() {
         use DesiredState::*;
         let cases = [
-            (S::Running, Running, ExitOutcome::Restart),
-            (S::Starting, Running, ExitOutcome::Restart),
-            (S::Running, Stopped, ExitOutcome::Stopped),
-            (S::Stopping, Running, ExitOutcome::Stopped),
-            (S::Failed, Running, ExitOutcome::Failed),
-            (S::Failed, Stopped, ExitOutcome::Failed),
+            (S::Running, Running, true, ExitOutcome::Restart),
+            (S::Starting, Running, true, ExitOutcome::Restart),
+            (S::Starting, Running, false, ExitOutcome::BootFailed),
+            (S::Restarting, Running, false, ExitOutcome::Restart),
+            (S::Running, Stopped, true, ExitOutcome::Stopped),
+            (S::Starting, Stopped, false, ExitOutcome::Stopped),
+            (S::Stopping, Running, true, ExitOutcome::Stopped),
+            (S::Failed, Running, true, ExitOutcome::Failed),
+            (S::Failed, Stopped, false, ExitOutcome::Failed),
         ];
-        for (state, desired, want) in cases {
-            assert_eq!(on_exit(state, desired), want, "{state:?} {desired:?}");
+        for (state, desired, ever_ready, want) in cases {
+            assert_eq!(
+                on_exit(state, desired, ever_ready),
+                want,
+                "{state:?} {desired:?} ever_ready={ever_ready}"
+            );
         }
     }
 

@@ -5,10 +5,13 @@ use ipnet::Ipv4Net;
 use vroom_types::Network;
 
 #[derive(Debug, thiserror::Error)]
-#[error("failed to {action}: {reason}")]
-pub struct NetworkBackendError {
-    pub action: String,
-    pub reason: String,
+pub enum NetworkBackendError {
+    /// A host interface already has the name vroom wanted; it is not vroom's
+    /// to remove, so nothing may roll it back.
+    #[error("host interface {name} already exists")]
+    InterfaceExists { name: String },
+    #[error("failed to {action}: {reason}")]
+    Failed { action: String, reason: String },
 }
 
 /// An address configured on a host interface.

@@ -20,6 +20,10 @@ pub struct InstanceRecord {
     /// The VMM process, kept so that a restarted daemon re-adopts it.
     pub process: Option<VmProcess>,
     pub ready_timeout_secs: u64,
+    /// The guest has reported ready at least once: a later death during boot
+    /// is restarted rather than failed.
+    #[serde(default)]
+    pub ever_ready: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -52,7 +52,7 @@ impl NetlinkNetwork {
 
 fn fail(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkBackendError {
     let action = action.into();
-    move |e| NetworkBackendError {
+    move |e| NetworkBackendError::Failed {
         action,
         reason: e.to_string(),
     }
@@ -105,9 +105,8 @@ impl NetworkBackend for NetlinkNetwork {
     async fn create_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
         let bridge = &network.bridge;
         if self.link_index(bridge).await.is_some() {
-            return Err(NetworkBackendError {
-                action: format!("create bridge {bridge}"),
-                reason: "an interface with that name exists".into(),
+            return Err(NetworkBackendError::InterfaceExists {
+                name: bridge.clone(),
             });
         }
         let mut add = self.handle.link().add().name(bridge.clone());
@@ -128,7 +127,7 @@ impl NetworkBackend for NetlinkNetwork {
         let index = self
             .link_index(bridge)
             .await
-            .ok_or_else(|| NetworkBackendError {
+            .ok_or_else(|| NetworkBackendError::Failed {
                 action: format!("create bridge {bridge}"),
                 reason: "it vanished after creation".into(),
             })?;
@@ -153,13 +152,13 @@ impl NetworkBackend for NetlinkNetwork {
             .map_err(fail(format!("bring up {bridge}")))?;
         if network.nat {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| {
-                NetworkBackendError {
+                NetworkBackendError::Failed {
                     action: "enable IPv4 forwarding".into(),
                     reason: e.to_string(),
                 }
             })?;
             nft(&nat_ruleset(network, &self.bridge_glob)).map_err(|reason| {
-                NetworkBackendError {
+                NetworkBackendError::Failed {
                     action: format!("add NAT for {}", network.name),
                     reason,
                 }
@@ -185,20 +184,22 @@ impl NetworkBackend for NetlinkNetwork {
     }
 
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
-        let bridge_index = self
-            .link_index(bridge)
-            .await
-            .ok_or_else(|| NetworkBackendError {
-                action: format!("attach {tap}"),
-                reason: format!("bridge {bridge} does not exist (was it deleted outside vroom?)"),
-            })?;
+        let bridge_index =
+            self.link_index(bridge)
+                .await
+                .ok_or_else(|| NetworkBackendError::Failed {
+                    action: format!("attach {tap}"),
+                    reason: format!(
+                        "bridge {bridge} does not exist (was it deleted outside vroom?)"
+                    ),
+                })?;
         let deadline = Instant::now() + Duration::from_secs(3);
         let tap_index = loop {
             if let Some(index) = self.link_index(tap).await {
                 break index;
             }
             if Instant::now() > deadline {
-                return Err(NetworkBackendError {
+                return Err(NetworkBackendError::Failed {
                     action: format!("attach {tap}"),
                     reason: "the tap does not exist".into(),
                 });

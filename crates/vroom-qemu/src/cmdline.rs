@@ -5,7 +5,7 @@
 //! device per NIC on a tap QEMU creates, and a virtio-serial port for the
 //! agent. The serial console goes to a log file and QMP to a unix socket.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vroom_agent_proto::volume::{CONFIG_DISK_SERIAL, ROOT_DISK_SERIAL};
 use vroom_agent_proto::PORT_NAME;
@@ -135,6 +135,27 @@ pub fn qemu_args(
     args
 }
 
+/// What a running VMM's command line says about it: its QMP socket (which
+/// names its run dir) and its accelerator. `None` for anything that is not a
+/// VMM that vroom started.
+pub fn parse_vmm_args(args: &[String]) -> Option<(PathBuf, Accel)> {
+    let after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let qmp = after("-qmp")?.strip_prefix("unix:")?;
+    let socket = PathBuf::from(qmp.split(',').next()?);
+    if socket.file_name()? != "qmp.sock" || !args.iter().any(|a| a == "-daemonize") {
+        return None;
+    }
+    let accel = match after("-accel") {
+        Some(a) if a.starts_with("kvm") => Accel::Kvm,
+        _ => Accel::Tcg,
+    };
+    Some((socket, accel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,5 +277,29 @@ mod tests {
         );
         assert!(args.contains(&"-daemonize".to_string()));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn vmm_args_parse_back_to_socket_and_accel() {
+        let qmp = PathBuf::from("/data/instances/ab/qmp.sock");
+        let pid = PathBuf::from("/data/instances/ab/qemu.pid");
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            let args = qemu_args(&spec(accel), &qmp, &pid, Some(2_596_146));
+            assert_eq!(parse_vmm_args(&args), Some((qmp.clone(), accel)));
+        }
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for other in [
+            strings(&["sleep", "10"]),
+            strings(&["qemu-system-x86_64", "-qmp", "tcp:1:2"]),
+            strings(&[
+                "qemu-system-x86_64",
+                "-qmp",
+                "unix:/x/other.sock",
+                "-daemonize",
+            ]),
+            strings(&["qemu-system-x86_64", "-qmp", "unix:/x/qmp.sock,server=on"]),
+        ] {
+            assert_eq!(parse_vmm_args(&other), None, "{other:?}");
+        }
     }
 }

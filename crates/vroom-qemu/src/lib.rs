@@ -122,6 +122,44 @@ impl VmDriver for QemuDriver {
         !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
     }
 
+    fn processes_under(&self, root: &Path) -> Vec<(PathBuf, VmProcess)> {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return vec![];
+        };
+        let mut found = vec![];
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let Some((socket, accel)) = cmdline::parse_vmm_args(&args) else {
+                continue;
+            };
+            let Some(run_dir) = socket.parent().filter(|d| d.starts_with(root)) else {
+                continue;
+            };
+            let process = VmProcess {
+                pid,
+                accel,
+                control_socket: socket.clone(),
+            };
+            if self.is_alive(&process) {
+                found.push((run_dir.to_path_buf(), process));
+            }
+        }
+        found
+    }
+
     async fn wait_exit(&self, process: &VmProcess) {
         // SAFETY: plain syscall; the returned fd is owned below.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };

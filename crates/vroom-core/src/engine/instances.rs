@@ -106,6 +106,7 @@ impl Engine {
             instance: instance.clone(),
             process: None,
             ready_timeout_secs,
+            ever_ready: false,
         };
         let prepared = (|| {
             std::fs::create_dir_all(&dir)
@@ -306,7 +307,19 @@ impl Engine {
             agent_socket: cell.dir.join("agent.sock"),
             console_log: cell.console_log(),
         };
+        // The intent goes on record before the VMM starts: a daemon killed
+        // from here on finds the instance `starting` and, through its run
+        // dir, the VMM if one came up.
+        let previous = cell.lock().instance.status.state;
+        self.update(cell, |r| {
+            r.instance.status.state = InstanceState::Starting;
+            r.process = None;
+        })?;
+        let restore = |engine: &Self| {
+            let _ = engine.update(cell, |r| r.instance.status.state = previous);
+        };
         let process = self.driver.launch(&launch).await.map_err(|e| {
+            restore(self);
             let code = match e {
                 crate::driver::LaunchVmError::VmmMissing { .. }
                 | crate::driver::LaunchVmError::KernelMissing { .. }
@@ -332,6 +345,7 @@ impl Engine {
             if let Err(e) = attached {
                 let _ = self.driver.kill(&process);
                 self.driver.wait_exit(&process).await;
+                restore(self);
                 return Err(e);
             }
         }

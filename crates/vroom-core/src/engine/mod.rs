@@ -214,3 +214,6 @@ fn sanitize_config(values: ConfigValues) -> ConfigValues {
         .take(256)
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,7 @@
 //! Networks: bridges with their subnets, NAT and addresses.
 
 use super::*;
+use crate::net::NetworkBackendError;
 
 impl Engine {
     pub fn list_networks(&self) -> Vec<Network> {
@@ -92,12 +93,24 @@ impl Engine {
             mirror: spec.mirror,
             created_at: now_secs(),
         };
-        if let Err(e) = self.net.create_network(&network).await {
-            let _ = self.net.delete_network(&network).await;
-            return Err(OpError::internal(
-                format!("failed to create network {}", network.name),
-                e,
-            ));
+        match self.net.create_network(&network).await {
+            Ok(()) => {}
+            // Not ours to roll back: a leftover of another data dir, or someone else's.
+            Err(NetworkBackendError::InterfaceExists { name }) => {
+                return Err(OpError::conflict(format!(
+                    "cannot create network {}: host interface {name} already exists \
+                     (left over from a removed vroom data dir?); `vroom gc` lists leftovers, \
+                     `ip link delete {name}` removes it",
+                    network.name
+                )));
+            }
+            Err(e) => {
+                let _ = self.net.delete_network(&network).await;
+                return Err(OpError::internal(
+                    format!("failed to create network {}", network.name),
+                    e,
+                ));
+            }
         }
         if let Err(e) = self.store.put_network(&network) {
             let _ = self.net.delete_network(&network).await;

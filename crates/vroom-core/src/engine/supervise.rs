@@ -5,7 +5,11 @@
 use super::*;
 
 impl Engine {
-    /// Loads state and re-adopts the VMs that kept running while no daemon was up.
+    /// Loads state and brings every instance out of whatever the last daemon
+    /// left: re-adopts the VMs that kept running (including one launched but
+    /// not yet recorded when the daemon died), finishes interrupted stops,
+    /// restarts wanted VMs that are gone, and kills VMs and removes run dirs
+    /// that no record owns.
     pub async fn recover(self: &Arc<Self>) -> Result<(), OpError> {
         let networks = self
             .store
@@ -21,42 +25,123 @@ impl Engine {
             .store
             .instances()
             .map_err(|e| OpError::internal("failed to load instances", e))?;
+        let root = self.instances_dir();
+        let mut found: BTreeMap<PathBuf, VmProcess> =
+            self.driver.processes_under(&root).into_iter().collect();
+        let mut owned_dirs = std::collections::BTreeSet::new();
         for record in records {
-            let name = record.instance.spec.name.clone();
-            let cell = Cell::new(
-                self.instances_dir().join(&record.instance.id),
-                record.clone(),
-            );
+            let dir = root.join(&record.instance.id);
+            owned_dirs.insert(dir.clone());
+            let process = record
+                .process
+                .clone()
+                .filter(|p| self.driver.is_alive(p))
+                .or_else(|| found.get(&dir).cloned());
+            found.remove(&dir);
+            let cell = Cell::new(dir, record);
+            let name = cell.snapshot().spec.name;
             self.instances
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name.clone(), cell.clone());
-            match record.process.clone() {
-                Some(process) if self.driver.is_alive(&process) => {
-                    tracing::info!(instance = %name, pid = process.pid, "re-adopted running VM");
-                    let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
-                    let waiting = matches!(record.instance.status.state, InstanceState::Starting);
-                    let deadline = waiting
-                        .then(|| Instant::now() + Duration::from_secs(record.ready_timeout_secs));
-                    self.spawn_monitor(cell, generation, process, deadline);
-                }
-                _ => {
-                    // The VM is gone: the same rule as for an exit seen live.
-                    let outcome =
-                        lifecycle::on_exit(record.instance.status.state, record.instance.desired);
-                    self.update(&cell, |r| {
-                        r.process = None;
-                        r.instance.status.pid = None;
-                        if outcome == ExitOutcome::Stopped {
-                            r.instance.status.state = InstanceState::Stopped;
-                        }
-                    })?;
-                    if outcome == ExitOutcome::Restart {
-                        tracing::warn!(instance = %name, "VM died while no daemon was running; restarting it");
-                        self.schedule_restart(cell, 0);
-                    }
+            match process {
+                Some(process) => self.readopt(cell, process).await?,
+                None => self.recover_gone(cell)?,
+            }
+        }
+        for (dir, process) in found {
+            tracing::warn!(pid = process.pid, dir = %dir.display(), "killing a VM that no instance owns (left by an interrupted run or rm)");
+            let _ = self.driver.kill(&process);
+            self.driver.wait_exit(&process).await;
+        }
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !owned_dirs.contains(&path) {
+                    tracing::warn!(dir = %path.display(), "removing a run dir that no instance owns");
+                    let _ = std::fs::remove_dir_all(&path);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A VM that outlived the last daemon: watch it again, or finish what the
+    /// last daemon was doing to it.
+    async fn readopt(self: &Arc<Self>, cell: Arc<Cell>, process: VmProcess) -> Result<(), OpError> {
+        let (name, state, desired, nics) = {
+            let r = cell.lock();
+            (
+                r.instance.spec.name.clone(),
+                r.instance.status.state,
+                r.instance.desired,
+                r.instance.nics.clone(),
+            )
+        };
+        let unwanted = desired == DesiredState::Stopped
+            || matches!(state, InstanceState::Stopping | InstanceState::Failed);
+        self.update(&cell, |r| {
+            r.process = Some(process.clone());
+            r.instance.status.pid = Some(process.pid);
+            r.instance.status.accel = Some(process.accel);
+            if !unwanted && state != InstanceState::Running {
+                r.instance.status.state = InstanceState::Starting;
+            }
+        })?;
+        if unwanted {
+            tracing::warn!(instance = %name, pid = process.pid, "finishing a stop the last daemon did not complete");
+            let engine = self.clone();
+            let failed = state == InstanceState::Failed;
+            tokio::spawn(async move {
+                let _op = cell.op.lock().await;
+                let _ = engine.stop_locked(&cell, failed).await;
+                if failed {
+                    let _ =
+                        engine.update(&cell, |r| r.instance.status.state = InstanceState::Failed);
+                }
+            });
+            return Ok(());
+        }
+        // A launch interrupted between the VMM start and the bridge wiring
+        // left its taps loose: attaching is idempotent.
+        for nic in &nics {
+            if let Ok(network) = self.network(nic.network.as_str()) {
+                if let Err(e) = self.net.attach_tap(&nic.tap, &network.bridge).await {
+                    tracing::warn!(instance = %name, tap = %nic.tap, error = %e, "cannot re-attach a NIC");
+                }
+            }
+        }
+        tracing::info!(instance = %name, pid = process.pid, "re-adopted running VM");
+        let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let deadline = (state != InstanceState::Running)
+            .then(|| Instant::now() + Duration::from_secs(cell.lock().ready_timeout_secs));
+        self.spawn_monitor(cell, generation, process, deadline);
+        Ok(())
+    }
+
+    /// A VM that is gone: the same rule as for an exit seen live, except that
+    /// a VM missing while it was starting is restarted, since it may never
+    /// have been launched at all.
+    fn recover_gone(self: &Arc<Self>, cell: Arc<Cell>) -> Result<(), OpError> {
+        let (name, state, desired) = {
+            let r = cell.lock();
+            (
+                r.instance.spec.name.clone(),
+                r.instance.status.state,
+                r.instance.desired,
+            )
+        };
+        let outcome = lifecycle::on_exit(state, desired, true);
+        self.update(&cell, |r| {
+            r.process = None;
+            r.instance.status.pid = None;
+            if outcome == ExitOutcome::Stopped {
+                r.instance.status.state = InstanceState::Stopped;
+            }
+        })?;
+        if outcome == ExitOutcome::Restart {
+            tracing::warn!(instance = %name, "VM gone while no daemon was running; restarting it");
+            self.schedule_restart(cell, 0);
         }
         Ok(())
     }
@@ -76,10 +161,15 @@ impl Engine {
             let launched = Instant::now();
             let exit = engine.driver.wait_exit(&process);
             tokio::pin!(exit);
+            // A future polled to completion must not be polled again.
+            let mut exited = false;
             if let Some(deadline) = ready_deadline {
                 loop {
                     tokio::select! {
-                        _ = &mut exit => break,
+                        _ = &mut exit => {
+                            exited = true;
+                            break;
+                        }
                         _ = tokio::time::sleep(HEALTH_POLL) => {}
                     }
                     if cell.generation.load(Ordering::SeqCst) != generation {
@@ -99,6 +189,7 @@ impl Engine {
                                     r.instance.status.boot_ms = Some(boot_ms);
                                 }
                                 r.instance.config = config;
+                                r.ever_ready = true;
                             });
                             tracing::info!(instance = %cell.snapshot().spec.name, boot_ms, "guest ready");
                             break;
@@ -118,7 +209,9 @@ impl Engine {
                     }
                 }
             }
-            exit.await;
+            if !exited {
+                exit.await;
+            }
             engine.on_exit(&cell, generation, launched.elapsed()).await;
         });
     }
@@ -133,11 +226,11 @@ impl Engine {
             return;
         }
         cell.agent.reset().await;
-        let (state, desired) = {
+        let (state, desired, ever_ready) = {
             let r = cell.lock();
-            (r.instance.status.state, r.instance.desired)
+            (r.instance.status.state, r.instance.desired, r.ever_ready)
         };
-        let outcome = lifecycle::on_exit(state, desired);
+        let outcome = lifecycle::on_exit(state, desired, ever_ready);
         let name = cell.snapshot().spec.name;
         if uptime >= STABLE_AFTER {
             cell.crash_streak.store(0, Ordering::SeqCst);
@@ -148,6 +241,10 @@ impl Engine {
             match outcome {
                 ExitOutcome::Stopped => r.instance.status.state = InstanceState::Stopped,
                 ExitOutcome::Failed => {}
+                ExitOutcome::BootFailed => {
+                    r.instance.status.state = InstanceState::Failed;
+                    r.instance.status.last_error = Some(boot_failure(&cell.console_log()));
+                }
                 ExitOutcome::Restart => {
                     r.instance.status.state = InstanceState::Restarting;
                     r.instance.status.restarts += 1;
@@ -187,5 +284,20 @@ impl Engine {
                 });
             }
         });
+    }
+}
+
+/// Why a guest died during boot, in its own last words: the console's last
+/// kernel panic line, or else its last line.
+fn boot_failure(console: &Path) -> String {
+    let tail = tail_of(console, 40);
+    let line = tail
+        .lines()
+        .rev()
+        .find(|l| l.contains("Kernel panic"))
+        .or_else(|| tail.lines().rev().find(|l| !l.trim().is_empty()));
+    match line {
+        Some(line) => format!("the guest died during boot: {}", truncate(line.trim())),
+        None => "the guest died during boot (its console is empty)".into(),
     }
 }

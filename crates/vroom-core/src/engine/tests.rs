@@ -1,0 +1,272 @@
+//! The engine against the in-memory seams of [`crate::testing`]: create
+//! rollback, the monitor, the restart policy, generation fencing and
+//! recovery after a daemon crash, without root or QEMU.
+
+use std::time::Duration;
+
+use vroom_types::{AccelChoice, InstanceAction, InstanceSpec, InstanceState, Name, RunRequest};
+
+use crate::testing::{GuestBehavior, TestEngine};
+
+fn request(name: &str) -> RunRequest {
+    RunRequest {
+        spec: InstanceSpec {
+            name: Name::new(name).unwrap(),
+            image: "hello".into(),
+            mem_mib: None,
+            cpus: 1,
+            nics: vec![],
+            accel: AccelChoice::Auto,
+            config_volume_kib: None,
+        },
+        ready_timeout_secs: Some(30),
+    }
+}
+
+/// Waits (in paused-free real time, bounded) for an instance to reach a state.
+async fn wait_state(t: &TestEngine, name: &str, want: InstanceState) -> vroom_types::Instance {
+    for _ in 0..400 {
+        if let Ok(i) = t.engine.get(name) {
+            if i.status.state == want {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{name} never became {want}: {:?}",
+        t.engine.get(name).map(|i| i.status)
+    );
+}
+
+fn stored_state(t: &TestEngine, name: &str) -> Option<InstanceState> {
+    use crate::store::StateStore;
+    t.store
+        .instances()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.instance.spec.name.as_str() == name)
+        .map(|r| r.instance.status.state)
+}
+
+#[tokio::test]
+async fn run_becomes_running_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    let i = wait_state(&t, "web", InstanceState::Running).await;
+    assert!(i.status.pid.is_some());
+    assert_eq!(stored_state(&t, "web"), Some(InstanceState::Running));
+    assert_eq!(t.driver.running().len(), 1);
+    assert_eq!(t.net.attached.lock().unwrap().len(), 1);
+}
+
+/// Defect 1: a guest that dies during boot used to panic the monitor
+/// ("async fn resumed after completion") and leave the instance `starting`.
+#[tokio::test]
+async fn guest_dying_at_boot_fails_fast_with_its_last_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.driver
+        .set_behavior(GuestBehavior::PanicAtBoot(Duration::from_millis(50)));
+    t.engine.run(request("broken")).await.unwrap();
+    let i = wait_state(&t, "broken", InstanceState::Failed).await;
+    let error = i.status.last_error.unwrap();
+    assert!(error.contains("Kernel panic"), "{error}");
+    assert_eq!(i.status.pid, None);
+    // Never restarted: it has never been ready.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(t.driver.launches(), 1);
+    assert_eq!(
+        t.engine.get("broken").unwrap().status.state,
+        InstanceState::Failed
+    );
+}
+
+/// An instance that has been running is restarted when a later boot dies,
+/// like any other crash.
+#[tokio::test]
+async fn crash_of_a_running_instance_restarts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    let i = wait_state(&t, "web", InstanceState::Running).await;
+    let first = i.status.pid.unwrap();
+    t.driver.crash(first);
+    // Restart backoff for the first crash is 1 s.
+    let mut restarted = None;
+    for _ in 0..200 {
+        let i = t.engine.get("web").unwrap();
+        if i.status.state == InstanceState::Running && i.status.pid != Some(first) {
+            restarted = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let i = restarted.expect("restarted");
+    assert_eq!(i.status.restarts, 1);
+    assert_eq!(t.driver.running().len(), 1);
+}
+
+#[tokio::test]
+async fn failed_launch_rolls_back_everything_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.net
+        .fail_attach
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = t.engine.run(request("web")).await.unwrap_err();
+    assert!(err.message.contains("NIC"), "{}", err.message);
+    assert!(t.engine.list().is_empty());
+    assert_eq!(stored_state(&t, "web"), None);
+    assert!(t.driver.running().is_empty(), "the VMM was left running");
+    assert!(
+        t.engine.list_networks().is_empty(),
+        "the default network stayed"
+    );
+    assert!(t.net.bridges.lock().unwrap().is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("instances"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Defect 4: a bridge vroom did not create is refused, never rolled back.
+#[tokio::test]
+async fn a_foreign_bridge_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let bridge = crate::ipam::bridge_name("tf", &dir.path().display().to_string(), "default");
+    t.net.foreign.lock().unwrap().insert(bridge.clone());
+    let err = t.engine.run(request("web")).await.unwrap_err();
+    assert_eq!(err.code, vroom_types::ErrorCode::Conflict);
+    assert!(err.message.contains(&bridge), "{}", err.message);
+    assert!(err.message.contains("ip link delete"), "{}", err.message);
+    assert!(
+        t.net.foreign.lock().unwrap().contains(&bridge),
+        "rolled back a bridge it did not make"
+    );
+    // Still refused on retry: the first failure must not have removed it.
+    assert!(t.engine.run(request("web")).await.is_err());
+}
+
+/// A stopped instance's old monitor must not act on a later exit.
+#[tokio::test]
+async fn stop_fences_the_old_monitor() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    t.engine.action("web", InstanceAction::Stop).await.unwrap();
+    assert_eq!(
+        t.engine.get("web").unwrap().status.state,
+        InstanceState::Stopped
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        t.engine.get("web").unwrap().status.state,
+        InstanceState::Stopped
+    );
+    assert!(t.driver.running().is_empty());
+    assert_eq!(t.driver.launches(), 1);
+}
+
+/// Defect 5: a VMM launched but not yet recorded when the daemon died is
+/// adopted, and one whose instance is gone is killed.
+#[tokio::test]
+async fn recovery_adopts_unrecorded_vms_and_kills_ownerless_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    let i = wait_state(&t, "web", InstanceState::Running).await;
+    // The daemon "dies" with the record still saying no process (as after a
+    // kill between the VMM start and the commit), and a stray VMM whose
+    // record never got written.
+    {
+        use crate::store::StateStore;
+        let mut record = t
+            .store
+            .instances()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.instance.spec.name.as_str() == "web")
+            .unwrap();
+        record.process = None;
+        record.instance.status.state = InstanceState::Starting;
+        t.store.put_instance(&record).unwrap();
+    }
+    let stray_dir = dir.path().join("instances").join("0123456789abcdef");
+    let stray = t.driver.spawn_stray(&stray_dir);
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    let running = t.driver.running();
+    assert_eq!(
+        running,
+        vec![i.status.pid.unwrap()],
+        "stray not killed or web not adopted"
+    );
+    assert!(!stray_dir.exists(), "the stray's run dir stayed");
+    for _ in 0..200 {
+        if engine.get("web").unwrap().status.state == InstanceState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let web = engine.get("web").unwrap();
+    assert_eq!(web.status.state, InstanceState::Running);
+    assert_eq!(web.status.pid, i.status.pid);
+    assert_ne!(stray.pid, web.status.pid.unwrap());
+    assert_eq!(t.driver.launches(), 2, "recovery launched a duplicate");
+}
+
+/// Defect 6: a stop interrupted by a daemon crash is finished by recovery
+/// instead of leaving the instance `stopping` forever.
+#[tokio::test]
+async fn recovery_finishes_an_interrupted_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    {
+        use crate::store::StateStore;
+        let mut record = t.store.instances().unwrap().remove(0);
+        record.instance.status.state = InstanceState::Stopping;
+        record.instance.desired = vroom_types::DesiredState::Stopped;
+        t.store.put_instance(&record).unwrap();
+    }
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    for _ in 0..400 {
+        if engine.get("web").unwrap().status.state == InstanceState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        engine.get("web").unwrap().status.state,
+        InstanceState::Stopped
+    );
+    assert!(t.driver.running().is_empty());
+    // And it can be started again.
+    engine.action("web", InstanceAction::Start).await.unwrap();
+}
+
+/// A guest that never reports ready is failed at its deadline and its VMM killed.
+#[tokio::test]
+async fn a_guest_that_never_gets_ready_is_failed_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.driver.set_behavior(GuestBehavior::NeverReady);
+    let mut req = request("slow");
+    req.ready_timeout_secs = Some(1);
+    t.engine.run(req).await.unwrap();
+    let i = wait_state(&t, "slow", InstanceState::Failed).await;
+    assert!(i.status.last_error.unwrap().contains("ready"));
+    for _ in 0..100 {
+        if t.driver.running().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(t.driver.running().is_empty());
+}

@@ -1,0 +1,492 @@
+//! In-memory fakes for every seam the engine drives, so that its rollback,
+//! restart policy, fencing and recovery are tested without root, QEMU or a
+//! network: [`FakeDriver`], [`FakeNetwork`], [`MemStore`], [`FakeImages`].
+//!
+//! The fake driver also plays the guest: each "VM" serves the agent protocol
+//! on its agent socket (health, shutdown) and behaves as its
+//! [`GuestBehavior`] says, so the engine's real agent client and monitor run
+//! unchanged against it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use vroom_agent_proto::{
+    encode_frame, FrameDecoder, GuestReply, HealthReport, HostCommand, Request, Response,
+};
+use vroom_types::{
+    Accel, AccelChoice, ApplianceSpec, BuildReport, FileDigest, ImageManifest, ImageSummary,
+    KernelRef, Network, MANIFEST_VERSION,
+};
+
+use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
+use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
+use crate::net::{HostAddress, NetworkBackend, NetworkBackendError};
+use crate::store::{InstanceRecord, StateStore, StateStoreError};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the next launched guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestBehavior {
+    /// Reports ready at once and runs until stopped or killed.
+    Ready,
+    /// Runs but never reports ready.
+    NeverReady,
+    /// Writes a kernel panic to its console and exits after this long.
+    PanicAtBoot(Duration),
+}
+
+struct FakeVm {
+    spec: LaunchSpec,
+    alive: watch::Sender<bool>,
+}
+
+/// A `VmDriver` whose VMs are tasks. Pids count up from 1000.
+pub struct FakeDriver {
+    vms: Mutex<BTreeMap<u32, FakeVm>>,
+    next_pid: AtomicU32,
+    behavior: Mutex<GuestBehavior>,
+    /// Makes the next launches fail, as a missing QEMU would.
+    pub fail_launch: AtomicBool,
+}
+
+impl Default for FakeDriver {
+    fn default() -> Self {
+        FakeDriver {
+            vms: Mutex::default(),
+            next_pid: AtomicU32::new(1000),
+            behavior: Mutex::new(GuestBehavior::Ready),
+            fail_launch: AtomicBool::new(false),
+        }
+    }
+}
+
+impl FakeDriver {
+    pub fn set_behavior(&self, behavior: GuestBehavior) {
+        *lock(&self.behavior) = behavior;
+    }
+
+    /// Pids of the VMs that run now.
+    pub fn running(&self) -> Vec<u32> {
+        lock(&self.vms)
+            .iter()
+            .filter(|(_, vm)| *vm.alive.borrow())
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// How many VMs were ever launched.
+    pub fn launches(&self) -> usize {
+        lock(&self.vms).len()
+    }
+
+    /// The VM dies, as a guest crash or an OOM kill would.
+    pub fn crash(&self, pid: u32) {
+        if let Some(vm) = lock(&self.vms).get(&pid) {
+            vm.alive.send_replace(false);
+        }
+    }
+
+    /// Starts a VM in `run_dir` that no engine launched: what a daemon killed
+    /// between the VMM's start and its record leaves behind.
+    pub fn spawn_stray(&self, run_dir: &Path) -> VmProcess {
+        let spec = LaunchSpec {
+            instance_id: "stray".into(),
+            name: "stray".into(),
+            run_dir: run_dir.to_path_buf(),
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            cmdline: String::new(),
+            mem_mib: 128,
+            cpus: 1,
+            accel: Accel::Tcg,
+            root_disk: PathBuf::new(),
+            config_disk: PathBuf::new(),
+            nics: vec![],
+            agent_socket: run_dir.join("agent.sock"),
+            console_log: run_dir.join("console.log"),
+        };
+        self.start(spec)
+    }
+
+    fn start(&self, spec: LaunchSpec) -> VmProcess {
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
+        let (alive, watch_alive) = watch::channel(true);
+        let behavior = *lock(&self.behavior);
+        let process = VmProcess {
+            pid,
+            accel: spec.accel,
+            control_socket: spec.run_dir.join("qmp.sock"),
+        };
+        let _ = std::fs::create_dir_all(&spec.run_dir);
+        let _ = std::fs::remove_file(&spec.agent_socket);
+        let listener = tokio::net::UnixListener::bind(&spec.agent_socket).ok();
+        let console = spec.console_log.clone();
+        let alive_tx = alive.clone();
+        lock(&self.vms).insert(pid, FakeVm { spec, alive });
+        tokio::spawn(async move {
+            match behavior {
+                GuestBehavior::PanicAtBoot(after) => {
+                    let _ = std::fs::write(
+                        &console,
+                        "[    0.9] Run /init as init process\n[    1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
+                    );
+                    tokio::time::sleep(after).await;
+                    alive_tx.send_replace(false);
+                }
+                GuestBehavior::Ready | GuestBehavior::NeverReady => {
+                    if let Some(listener) = listener {
+                        serve_agent(listener, alive_tx, behavior == GuestBehavior::Ready).await;
+                    }
+                }
+            }
+            drop(watch_alive);
+        });
+        process
+    }
+}
+
+/// The guest's half of the agent protocol: health and shutdown.
+async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bool>, ready: bool) {
+    let mut gone = alive.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = gone.wait_for(|a| !*a) => return,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            return;
+        };
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            let mut gone = alive.subscribe();
+            let mut decoder = FrameDecoder::new();
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = tokio::select! {
+                    n = stream.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    },
+                    _ = gone.wait_for(|a| !*a) => return,
+                };
+                decoder.push(&buf[..n]);
+                while let Ok(Some(frame)) = decoder.next_frame() {
+                    let Ok(req) = serde_json::from_slice::<Request>(&frame) else {
+                        continue;
+                    };
+                    let reply = match req.command {
+                        HostCommand::Health => GuestReply::Health(HealthReport {
+                            ready,
+                            uptime_ms: 1,
+                            services: vec![],
+                            config: BTreeMap::new(),
+                        }),
+                        HostCommand::Shutdown => GuestReply::ShuttingDown,
+                        _ => GuestReply::Error {
+                            message: "not supported by the fake guest".into(),
+                        },
+                    };
+                    let shutdown = reply == GuestReply::ShuttingDown;
+                    let payload = serde_json::to_vec(&Response { id: req.id, reply })
+                        .expect("invariant: replies serialize");
+                    let frame = encode_frame(&payload).expect("invariant: small frame");
+                    let _ = stream.write_all(&frame).await;
+                    if shutdown {
+                        alive.send_replace(false);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl VmDriver for FakeDriver {
+    fn resolve_accel(&self, choice: AccelChoice) -> Result<Accel, LaunchVmError> {
+        match choice {
+            AccelChoice::Kvm => Err(LaunchVmError::KvmUnavailable {
+                reason: "the fake driver has no KVM".into(),
+            }),
+            _ => Ok(Accel::Tcg),
+        }
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<VmProcess, LaunchVmError> {
+        if self.fail_launch.load(Ordering::SeqCst) {
+            return Err(LaunchVmError::VmmMissing {
+                binary: "fake-vmm".into(),
+            });
+        }
+        Ok(self.start(spec.clone()))
+    }
+
+    fn is_alive(&self, process: &VmProcess) -> bool {
+        lock(&self.vms).get(&process.pid).is_some_and(|vm| {
+            *vm.alive.borrow() && vm.spec.run_dir.join("qmp.sock") == process.control_socket
+        })
+    }
+
+    fn processes_under(&self, root: &Path) -> Vec<(PathBuf, VmProcess)> {
+        lock(&self.vms)
+            .iter()
+            .filter(|(_, vm)| *vm.alive.borrow() && vm.spec.run_dir.starts_with(root))
+            .map(|(pid, vm)| {
+                (
+                    vm.spec.run_dir.clone(),
+                    VmProcess {
+                        pid: *pid,
+                        accel: vm.spec.accel,
+                        control_socket: vm.spec.run_dir.join("qmp.sock"),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    async fn wait_exit(&self, process: &VmProcess) {
+        let rx = lock(&self.vms)
+            .get(&process.pid)
+            .map(|vm| vm.alive.subscribe());
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|alive| !*alive).await;
+        }
+    }
+
+    async fn power_down(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        self.crash(process.pid);
+        Ok(())
+    }
+
+    fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        self.crash(process.pid);
+        Ok(())
+    }
+}
+
+/// A `NetworkBackend` that keeps bridges and tap attachments in memory.
+#[derive(Default)]
+pub struct FakeNetwork {
+    pub bridges: Mutex<BTreeSet<String>>,
+    /// Host interfaces vroom did not create (leftovers, other software).
+    pub foreign: Mutex<BTreeSet<String>>,
+    pub attached: Mutex<BTreeMap<String, String>>,
+    /// Makes tap attachment fail, as a vanished bridge would.
+    pub fail_attach: AtomicBool,
+}
+
+#[async_trait]
+impl NetworkBackend for FakeNetwork {
+    async fn create_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
+        if lock(&self.foreign).contains(&network.bridge)
+            || lock(&self.bridges).contains(&network.bridge)
+        {
+            return Err(NetworkBackendError::InterfaceExists {
+                name: network.bridge.clone(),
+            });
+        }
+        lock(&self.bridges).insert(network.bridge.clone());
+        Ok(())
+    }
+
+    async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
+        lock(&self.bridges).remove(&network.bridge);
+        lock(&self.foreign).remove(&network.bridge);
+        Ok(())
+    }
+
+    async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
+        if self.fail_attach.load(Ordering::SeqCst) || !lock(&self.bridges).contains(bridge) {
+            return Err(NetworkBackendError::Failed {
+                action: format!("attach {tap} to {bridge}"),
+                reason: "no such bridge".into(),
+            });
+        }
+        lock(&self.attached).insert(tap.to_string(), bridge.to_string());
+        Ok(())
+    }
+
+    async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError> {
+        Ok(vec![])
+    }
+}
+
+/// A `StateStore` in memory.
+#[derive(Default)]
+pub struct MemStore {
+    instances: Mutex<BTreeMap<String, InstanceRecord>>,
+    networks: Mutex<BTreeMap<String, Network>>,
+}
+
+impl StateStore for MemStore {
+    fn put_instance(&self, record: &InstanceRecord) -> Result<(), StateStoreError> {
+        lock(&self.instances).insert(record.instance.spec.name.to_string(), record.clone());
+        Ok(())
+    }
+    fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
+        lock(&self.instances).remove(name);
+        Ok(())
+    }
+    fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError> {
+        Ok(lock(&self.instances).values().cloned().collect())
+    }
+    fn put_network(&self, network: &Network) -> Result<(), StateStoreError> {
+        lock(&self.networks).insert(network.name.to_string(), network.clone());
+        Ok(())
+    }
+    fn delete_network(&self, name: &str) -> Result<(), StateStoreError> {
+        lock(&self.networks).remove(name);
+        Ok(())
+    }
+    fn networks(&self) -> Result<Vec<Network>, StateStoreError> {
+        Ok(lock(&self.networks).values().cloned().collect())
+    }
+}
+
+/// An `ImageSource` with one image, `hello`, whose files are never read.
+pub struct FakeImages {
+    image: BootImage,
+}
+
+impl Default for FakeImages {
+    fn default() -> Self {
+        let digest = |file: &str| FileDigest {
+            file: file.into(),
+            sha256: "0".repeat(64),
+            size: 1,
+        };
+        let manifest = ImageManifest {
+            manifest_version: MANIFEST_VERSION,
+            name: "hello".into(),
+            version: "1.0".into(),
+            kernel: KernelRef {
+                package: "linux-image-fake".into(),
+                version: "1".into(),
+                release: "6.1.0-fake".into(),
+                sha256: "0".repeat(64),
+            },
+            initramfs: digest("initramfs.cpio"),
+            rootfs: digest("rootfs.erofs"),
+            cmdline: String::new(),
+            default_mem_mib: 128,
+            min_mem_mib: 64,
+            appliance: ApplianceSpec {
+                seed_config: [("greeting".to_string(), "hello".to_string())].into(),
+                ..ApplianceSpec::default()
+            },
+            packages: vec![],
+        };
+        FakeImages {
+            image: BootImage {
+                id: "f".repeat(64),
+                manifest,
+                kernel: PathBuf::from("/fake/vmlinuz"),
+                initramfs: PathBuf::from("/fake/initramfs.cpio"),
+                rootfs: PathBuf::from("/fake/rootfs.erofs"),
+            },
+        }
+    }
+}
+
+impl ImageSource for FakeImages {
+    fn build(
+        &self,
+        _recipe: &Path,
+        _update: bool,
+        _progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError> {
+        Err(BuildFromRecipeError::Build {
+            message: "the fake image source does not build".into(),
+        })
+    }
+
+    fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
+        if reference == self.image.manifest.name || reference == self.image.id {
+            Ok(self.image.clone())
+        } else {
+            Err(ResolveImageError::NotFound {
+                reference: reference.into(),
+            })
+        }
+    }
+
+    fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
+        Ok(vec![ImageSummary {
+            id: self.image.id.clone(),
+            name: self.image.manifest.name.clone(),
+            version: self.image.manifest.version.clone(),
+            size: 2,
+            manifest: self.image.manifest.clone(),
+        }])
+    }
+
+    fn remove(&self, _id: &str) -> Result<(), ResolveImageError> {
+        Ok(())
+    }
+}
+
+/// An engine on fakes, with handles to them, in its own temporary data dir.
+pub struct TestEngine {
+    pub engine: Arc<crate::Engine>,
+    pub driver: Arc<FakeDriver>,
+    pub net: Arc<FakeNetwork>,
+    pub store: Arc<MemStore>,
+    pub images: Arc<FakeImages>,
+    pub dir: PathBuf,
+}
+
+impl TestEngine {
+    /// A fresh engine over the same fakes and data dir: a daemon restart.
+    pub fn restarted(&self) -> Arc<crate::Engine> {
+        crate::Engine::new(
+            config(&self.dir),
+            self.driver.clone(),
+            self.net.clone(),
+            self.store.clone(),
+            self.images.clone(),
+        )
+    }
+}
+
+fn config(dir: &Path) -> crate::EngineConfig {
+    crate::EngineConfig {
+        data_dir: dir.to_path_buf(),
+        iface_prefix: "tf".into(),
+        stop_timeout: Duration::from_secs(2),
+        host_mem_mib: 4096,
+        host_cpus: 2,
+    }
+}
+
+impl TestEngine {
+    pub fn new(dir: &Path) -> Self {
+        let driver = Arc::new(FakeDriver::default());
+        let net = Arc::new(FakeNetwork::default());
+        let store = Arc::new(MemStore::default());
+        let images = Arc::new(FakeImages::default());
+        let engine = crate::Engine::new(
+            config(dir),
+            driver.clone(),
+            net.clone(),
+            store.clone(),
+            images.clone(),
+        );
+        TestEngine {
+            engine,
+            driver,
+            net,
+            store,
+            images,
+            dir: dir.to_path_buf(),
+        }
+    }
+}
