@@ -141,8 +141,10 @@ fn build(root: &Path, release: bool) -> Result<PathBuf> {
     let dir = root
         .join("target")
         .join(if release { "release" } else { "debug" });
-    std::fs::copy(&init, dir.join("vroom-init"))
-        .context("cannot place vroom-init next to vroom")?;
+    // Under a name of its own: a plain `cargo build` writes a dynamically
+    // linked `vroom-init` into the same directory, which must not replace it.
+    std::fs::copy(&init, dir.join("vroom-guest-init"))
+        .context("cannot place vroom-guest-init next to vroom")?;
     Ok(dir.join("vroom"))
 }
 

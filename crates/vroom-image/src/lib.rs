@@ -5,6 +5,7 @@ pub mod apt;
 pub mod build;
 pub mod builtin;
 pub mod cpio;
+pub mod init_check;
 pub mod kernel;
 pub mod pack;
 pub mod recipe;

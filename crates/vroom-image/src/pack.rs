@@ -135,6 +135,8 @@ fn write_initramfs(
     }
     cpio.char_device("dev/console", 0o600, 5, 1).map_err(io)?;
     let init_bytes = fs::read(init).map_err(|e| format!("read {}: {e}", init.display()))?;
+    crate::init_check::check_init(&init.display().to_string(), &init_bytes)
+        .map_err(|e| e.to_string())?;
     cpio.file("init", 0o755, &init_bytes).map_err(io)?;
     let mut list = String::new();
     let mut made_dirs = std::collections::BTreeSet::new();

@@ -12,13 +12,15 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
 }
 
-/// The static vroom-init binary: `VROOM_INIT`, or next to this executable.
+/// The static vroom-init binary: `VROOM_INIT`, or `vroom-guest-init` next to
+/// this executable (where `cargo xtask demo` puts it; not `vroom-init`, which
+/// a plain `cargo build` overwrites with a dynamically linked build).
 pub fn init_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VROOM_INIT") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.with_file_name("vroom-init")
+    exe.with_file_name("vroom-guest-init")
 }
 
 /// The host's static busybox, which tests and demos use as a client.
