@@ -101,6 +101,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         remove_network,
         list_images,
         build_image,
+        prune_images,
         remove_image,
         get_image
     ),
@@ -141,6 +142,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/images", get(list_images))
         .route("/v1/images/build", post(build_image))
+        .route("/v1/images/prune", post(prune_images))
         .route(
             "/v1/images/{reference}",
             get(get_image).delete(remove_image),
@@ -431,6 +433,12 @@ async fn build_image(
         axum::body::Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// Removes the older builds that no name points to and no instance uses; returns them.
+#[utoipa::path(post, path = "/v1/images/prune", responses((status = 200, body = Vec<ImageSummary>)))]
+async fn prune_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSummary>> {
+    Ok(Json(engine.prune_images().await?))
 }
 
 /// Removes an image; refused while an instance uses it.

@@ -332,6 +332,12 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Removes the builds no name points to and no instance uses.
+    pub async fn prune_images(&self) -> Result<Vec<ImageSummary>, ClientError> {
+        self.call::<(), _>(Method::POST, "/v1/images/prune", None)
+            .await
+    }
+
     pub async fn image(&self, reference: &str) -> Result<ImageSummary, ClientError> {
         self.call::<(), _>(Method::GET, &format!("/v1/images/{}", enc(reference)), None)
             .await

@@ -47,6 +47,8 @@ pub trait ImageSource: Send + Sync {
 
     /// Finds an image by name or id, building a built-in one on first use.
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;
+    /// Finds an image by name or id without building anything.
+    fn find(&self, reference: &str) -> Result<ImageSummary, ResolveImageError>;
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError>;
     /// Deletes an image by id.
     fn remove(&self, id: &str) -> Result<(), ResolveImageError>;

@@ -384,6 +384,7 @@ impl Default for FakeImages {
                 ..ApplianceSpec::default()
             },
             packages: vec![],
+            init_sha256: None,
         };
         FakeImages {
             image: BootImage {
@@ -419,6 +420,15 @@ impl ImageSource for FakeImages {
         }
     }
 
+    fn find(&self, reference: &str) -> Result<ImageSummary, ResolveImageError> {
+        self.list()?
+            .into_iter()
+            .find(|i| i.name == reference || i.id == reference)
+            .ok_or_else(|| ResolveImageError::NotFound {
+                reference: reference.into(),
+            })
+    }
+
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
         Ok(vec![ImageSummary {
             id: self.image.id.clone(),
@@ -426,6 +436,7 @@ impl ImageSource for FakeImages {
             version: self.image.manifest.version.clone(),
             size: 2,
             manifest: self.image.manifest.clone(),
+            current: true,
         }])
     }
 

@@ -29,7 +29,11 @@ pub fn check_init(path: &str, bytes: &[u8]) -> Result<(), CheckInitError> {
     if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 || bytes[5] != 1 {
         return Err(not_elf());
     }
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
     let u32_at = |o: usize| {
         bytes
             .get(o..o + 4)
@@ -60,7 +64,11 @@ pub fn check_init(path: &str, bytes: &[u8]) -> Result<(), CheckInitError> {
             let size = u64_at(at + 32).ok_or_else(not_elf)? as usize;
             let interpreter = bytes
                 .get(offset..offset.saturating_add(size).min(bytes.len()))
-                .map(|b| String::from_utf8_lossy(b).trim_end_matches('\0').to_string())
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .trim_end_matches('\0')
+                        .to_string()
+                })
                 .unwrap_or_default();
             return Err(CheckInitError::Dynamic {
                 path: path.into(),
@@ -104,11 +112,23 @@ mod tests {
         let interp: &[u8] = b"/lib64/ld-linux-x86-64.so.2\0";
         let cases: Vec<(&str, Vec<u8>, Result<(), &str>)> = vec![
             ("static", elf(62, &[(1, b"")]), Ok(())),
-            ("dynamic", elf(62, &[(6, b""), (PT_INTERP, interp)]), Err("dynamically linked")),
+            (
+                "dynamic",
+                elf(62, &[(6, b""), (PT_INTERP, interp)]),
+                Err("dynamically linked"),
+            ),
             ("arm64", elf(183, &[]), Err("not an x86-64")),
-            ("script", b"#!/bin/sh\necho hi\n".to_vec(), Err("not an ELF")),
+            (
+                "script",
+                b"#!/bin/sh\necho hi\n".to_vec(),
+                Err("not an ELF"),
+            ),
             ("empty", vec![], Err("not an ELF")),
-            ("truncated", elf(62, &[(1, b"")])[..80].to_vec(), Err("not an ELF")),
+            (
+                "truncated",
+                elf(62, &[(1, b"")])[..80].to_vec(),
+                Err("not an ELF"),
+            ),
         ];
         for (name, bytes, want) in cases {
             let got = check_init("/x/init", &bytes).map_err(|e| e.to_string());

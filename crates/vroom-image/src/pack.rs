@@ -115,6 +115,7 @@ pub fn pack_and_commit(
         min_mem_mib: meta.min_mem_mib,
         appliance: meta.appliance,
         packages: meta.packages,
+        init_sha256: Some(sha256_file(init).map_err(stage("digests"))?.0),
     };
     Ok(store.commit(staging, &manifest)?)
 }

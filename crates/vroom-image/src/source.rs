@@ -50,7 +50,13 @@ impl LocalImages {
         };
         let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(image) = self.store.resolve(name) {
-            return Ok(image);
+            if !self.built_with_older_init(&image) {
+                return Ok(image);
+            }
+            tracing::info!(
+                image = name,
+                "rebuilding: this vroom carries a newer vroom-init"
+            );
         }
         let kernel = self
             .kernels
@@ -65,15 +71,24 @@ impl LocalImages {
             init: &self.init,
             deb_cache: &self.deb_cache,
         };
-        build_recipe(
+        let outcome = build_recipe(
             &loaded,
             &inputs,
             &self.store,
             false,
             &mut |stage, detail| tracing::info!(image = name, "{stage}: {detail}"),
         )
-        .map(|outcome| outcome.image)
-        .map_err(|e| failed(chain(&e)))
+        .map_err(|e| failed(chain(&e)))?;
+        let image = outcome.image;
+        self.store.tag(&image).map_err(|e| failed(chain(&e)))?;
+        Ok(image)
+    }
+
+    /// Whether the image's `/init` differs from the vroom-init this vroom
+    /// packs now (images from before the digest was recorded count as older).
+    pub fn built_with_older_init(&self, image: &StoredImage) -> bool {
+        let current = crate::util::sha256_file(&self.init).ok().map(|(d, _)| d);
+        current.is_some() && image.manifest.init_sha256 != current
     }
 
     fn boot_image(&self, image: StoredImage) -> Result<BootImage, ResolveImageError> {
@@ -148,6 +163,10 @@ impl ImageSource for LocalImages {
             }
             e => BuildFromRecipeError::Build { message: chain(&e) },
         })?;
+        // A cache hit may be an older build: building it again makes it current.
+        self.store
+            .tag(&outcome.image)
+            .map_err(|e| BuildFromRecipeError::Build { message: chain(&e) })?;
         let changes = match &before {
             Some(before) => {
                 package_changes(&before.manifest.packages, &outcome.image.manifest.packages)
@@ -169,7 +188,23 @@ impl ImageSource for LocalImages {
             }
             Err(e) => return Err(store_error(e)),
         };
+        if self.built_with_older_init(&image)
+            && !BUILTIN_IMAGES.contains(&image.manifest.name.as_str())
+        {
+            tracing::warn!(
+                image = %image.manifest.name,
+                "image was built with another vroom-init than this vroom carries; rebuild it with `vroom image build`"
+            );
+        }
         self.boot_image(image)
+    }
+
+    fn find(&self, reference: &str) -> Result<ImageSummary, ResolveImageError> {
+        let image = self.store.resolve(reference).map_err(store_error)?;
+        let mut summary = image.summary();
+        summary.current =
+            self.store.current_id(&image.manifest.name).as_deref() == Some(image.id.as_str());
+        Ok(summary)
     }
 
     fn remove(&self, id: &str) -> Result<(), ResolveImageError> {
@@ -182,7 +217,12 @@ impl ImageSource for LocalImages {
             .list()
             .map_err(store_error)?
             .iter()
-            .map(StoredImage::summary)
+            .map(|image| {
+                let mut summary = image.summary();
+                summary.current = self.store.current_id(&image.manifest.name).as_deref()
+                    == Some(image.id.as_str());
+                summary
+            })
             .collect())
     }
 }

@@ -2,6 +2,12 @@
 //! `initramfs.cpio` and `rootfs.erofs`, where `<id>` is the sha256 of the
 //! manifest bytes. Entries are created by renaming a finished staging
 //! directory into place, so a half-built image is never visible.
+//!
+//! A name resolves to its newest build: `<dir>/names/<name>` holds the id of
+//! the image last built (or found in the build cache) under that name,
+//! replaced atomically. Builds no name points to are kept until
+//! `vroom image prune`. Stores from before names existed fall back to the
+//! most recently committed image of the name.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -57,6 +63,7 @@ impl StoredImage {
             version: self.manifest.version.clone(),
             size: self.manifest.initramfs.size + self.manifest.rootfs.size,
             manifest: self.manifest.clone(),
+            current: false,
         }
     }
 }
@@ -127,11 +134,42 @@ impl ImageStore {
         })
     }
 
+    fn names_dir(&self) -> PathBuf {
+        self.dir.join("names")
+    }
+
+    /// The id the name points to, if that image is still in the store.
+    pub fn current_id(&self, name: &str) -> Option<String> {
+        let id = fs::read_to_string(self.names_dir().join(name)).ok()?;
+        let id = id.trim();
+        let valid = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        (valid && self.dir.join(id).join(MANIFEST_FILE).is_file()).then(|| id.to_string())
+    }
+
+    /// Points the image's name at it: it becomes what the name resolves to.
+    pub fn tag(&self, image: &StoredImage) -> Result<(), ImageStoreError> {
+        let dir = self.names_dir();
+        fs::create_dir_all(&dir).map_err(self.io())?;
+        let name = &image.manifest.name;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut file = fs::File::create(&tmp).map_err(self.io())?;
+        std::io::Write::write_all(&mut file, image.id.as_bytes()).map_err(self.io())?;
+        file.sync_all().map_err(self.io())?;
+        fs::rename(&tmp, dir.join(name)).map_err(self.io())
+    }
+
     /// Finds an image by full id, by an id prefix of at least 8 characters, or
-    /// by name (the highest version of that name).
+    /// by name (its newest build).
     pub fn resolve(&self, reference: &str) -> Result<StoredImage, ImageStoreError> {
+        if let Some(id) = self.current_id(reference) {
+            return self.load(&id);
+        }
         let images = self.list()?;
-        if let Some(image) = images.iter().rev().find(|i| i.manifest.name == reference) {
+        let newest = images
+            .iter()
+            .filter(|i| i.manifest.name == reference)
+            .max_by_key(|i| fs::metadata(&i.dir).and_then(|m| m.modified()).ok());
+        if let Some(image) = newest {
             return Ok(image.clone());
         }
         let matches: Vec<_> = images
@@ -178,11 +216,80 @@ impl ImageStore {
                 }
             }
         }
-        self.load(&id)
+        let image = self.load(&id)?;
+        self.tag(&image)?;
+        Ok(image)
     }
 
     pub fn remove(&self, id: &str) -> Result<(), ImageStoreError> {
         let image = self.resolve(id)?;
-        fs::remove_dir_all(&image.dir).map_err(self.io())
+        fs::remove_dir_all(&image.dir).map_err(self.io())?;
+        if self.current_id(&image.manifest.name).is_none() {
+            let _ = fs::remove_file(self.names_dir().join(&image.manifest.name));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vroom_types::{ApplianceSpec, FileDigest, KernelRef};
+
+    fn manifest(cmdline: &str) -> ImageManifest {
+        let digest = |file: &str| FileDigest {
+            file: file.into(),
+            sha256: "0".repeat(64),
+            size: 1,
+        };
+        ImageManifest {
+            manifest_version: MANIFEST_VERSION,
+            name: "fw".into(),
+            version: "1.0".into(),
+            kernel: KernelRef {
+                package: "k".into(),
+                version: "1".into(),
+                release: "6.1".into(),
+                sha256: "0".repeat(64),
+            },
+            initramfs: digest("initramfs.cpio"),
+            rootfs: digest("rootfs.erofs"),
+            cmdline: cmdline.into(),
+            default_mem_mib: 128,
+            min_mem_mib: 128,
+            appliance: ApplianceSpec::default(),
+            packages: vec![],
+            init_sha256: None,
+        }
+    }
+
+    /// Defect 8: two builds of one recipe version; the newer one must win
+    /// whichever way their ids sort.
+    #[test]
+    fn a_name_resolves_to_its_newest_build_whatever_the_ids() {
+        for newer_sorts_lower in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ImageStore::new(dir.path());
+            let first = store
+                .commit(store.staging().unwrap(), &manifest("a"))
+                .unwrap();
+            let mut n = 0;
+            let second = loop {
+                let m = manifest(&format!("b{n}"));
+                let id = sha256_bytes(&serde_json::to_vec_pretty(&m).unwrap());
+                if (id < first.id) == newer_sorts_lower {
+                    break store.commit(store.staging().unwrap(), &m).unwrap();
+                }
+                n += 1;
+            };
+            assert_eq!(store.resolve("fw").unwrap().id, second.id);
+            assert_eq!(store.current_id("fw"), Some(second.id.clone()));
+            // Finding an older build again (a build cache hit) makes it current.
+            store.tag(&first).unwrap();
+            assert_eq!(store.resolve("fw").unwrap().id, first.id);
+            // Removing the current build leaves the name to the other one.
+            store.remove(&first.id).unwrap();
+            assert_eq!(store.resolve("fw").unwrap().id, second.id);
+        }
     }
 }

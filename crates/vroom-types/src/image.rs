@@ -37,6 +37,10 @@ pub struct ImageManifest {
     /// Empty for built-in images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<PackageEntry>,
+    /// The sha256 of the vroom-init packed as `/init`, so that an image made
+    /// with an older init is recognised (absent in images from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_sha256: Option<String>,
 }
 
 /// One package of an image's SBOM.
@@ -129,4 +133,8 @@ pub struct ImageSummary {
     /// Bytes of initramfs plus root filesystem.
     pub size: u64,
     pub manifest: ImageManifest,
+    /// This is the build the name resolves to (its newest); older builds of
+    /// the name are kept until `vroom image prune`.
+    #[serde(default)]
+    pub current: bool,
 }

@@ -441,7 +441,12 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             &["NAME", "VERSION", "ID", "SIZE", "KERNEL"],
             |i| {
                 vec![
-                    i.name.clone(),
+                    // `*` marks the build the name resolves to; older builds go with `image prune`.
+                    if i.current {
+                        format!("{} *", i.name)
+                    } else {
+                        i.name.clone()
+                    },
                     i.version.clone(),
                     i.id[..12].to_string(),
                     output::bytes(i.size),
@@ -451,6 +456,24 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
         ),
         ImageOp::Inspect { image } => output::json(&client.image(image).await?),
         ImageOp::Rm { image } => client.remove_image(image).await?,
+        ImageOp::Prune => {
+            let removed = client.prune_images().await?;
+            if json {
+                output::json(&removed);
+            } else if removed.is_empty() {
+                println!("no older builds to remove");
+            } else {
+                for image in &removed {
+                    println!(
+                        "removed {} {} {} ({})",
+                        image.name,
+                        image.version,
+                        &image.id[..12],
+                        output::bytes(image.size)
+                    );
+                }
+            }
+        }
         ImageOp::Sbom { image } => {
             let packages = client.image(image).await?.manifest.packages;
             output::list(

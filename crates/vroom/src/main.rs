@@ -191,6 +191,8 @@ pub enum ImageOp {
     Sbom { image: String },
     /// Remove an image no instance uses.
     Rm { image: String },
+    /// Remove the older builds that no name points to and no instance uses.
+    Prune,
 }
 
 #[derive(Subcommand)]

@@ -55,11 +55,37 @@ impl Engine {
         self.images.remove(&image.id).map_err(image_error)
     }
 
+    /// Looks an image up by name or id; never builds one.
     pub fn get_image(&self, reference: &str) -> Result<ImageSummary, OpError> {
-        let image = self.images.resolve(reference).map_err(image_error)?;
-        let list = self.list_images()?;
-        list.into_iter()
-            .find(|i| i.id == image.id)
-            .ok_or_else(|| OpError::not_found("image", reference))
+        self.images.find(reference).map_err(image_error)
+    }
+
+    /// Removes the builds no name points to any more and no instance uses;
+    /// returns them.
+    pub async fn prune_images(&self) -> Result<Vec<ImageSummary>, OpError> {
+        let _alloc = self.alloc.lock().await;
+        let used: std::collections::BTreeSet<String> =
+            self.list().into_iter().map(|i| i.image_id).collect();
+        let mut removed = vec![];
+        for image in self.list_images()? {
+            if image.current || used.contains(&image.id) {
+                continue;
+            }
+            self.images.remove(&image.id).map_err(image_error)?;
+            tracing::info!(image = %image.name, id = %image.id, "pruned an older build");
+            removed.push(image);
+        }
+        Ok(removed)
+    }
+
+    /// Resolves an image for booting, off the async workers: the first use
+    /// of a built-in image builds it.
+    pub(super) async fn resolve_image(&self, reference: &str) -> Result<BootImage, OpError> {
+        let images = self.images.clone();
+        let reference = reference.to_string();
+        tokio::task::spawn_blocking(move || images.resolve(&reference))
+            .await
+            .map_err(|e| OpError::internal("the image task failed", e))?
+            .map_err(image_error)
     }
 }

@@ -34,7 +34,7 @@ impl Engine {
                 format!("an instance named {:?} already exists", spec.name.as_str()),
             ));
         }
-        let image = self.images.resolve(&spec.image).map_err(image_error)?;
+        let image = self.resolve_image(&spec.image).await?;
         let mem_mib = self.check_resources(&spec, &image)?;
         let accel = self
             .driver
@@ -275,10 +275,7 @@ impl Engine {
         };
         let image = match image {
             Some(image) => image,
-            None => self
-                .images
-                .resolve(&instance.image_id)
-                .map_err(image_error)?,
+            None => self.resolve_image(&instance.image_id).await?,
         };
         let accel = self
             .driver
