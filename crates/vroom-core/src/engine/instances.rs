@@ -392,7 +392,13 @@ impl Engine {
             ActionPlan::Proceed => {}
         }
         if matches!(action, InstanceAction::Stop | InstanceAction::Restart) {
-            self.stop_locked(&cell, false).await?;
+            // A restart stays wanted throughout: a daemon killed inside it
+            // finishes it instead of leaving the instance stopped.
+            let desired = match action {
+                InstanceAction::Restart => DesiredState::Running,
+                _ => DesiredState::Stopped,
+            };
+            self.stop_locked(&cell, false, desired).await?;
         }
         if matches!(action, InstanceAction::Start | InstanceAction::Restart) {
             self.update(&cell, |r| r.instance.desired = DesiredState::Running)?;
@@ -403,13 +409,18 @@ impl Engine {
     }
 
     /// Graceful guest shutdown through the agent, ACPI power-down, then a kill.
-    pub(super) async fn stop_locked(&self, cell: &Arc<Cell>, force: bool) -> Result<(), OpError> {
+    pub(super) async fn stop_locked(
+        &self,
+        cell: &Arc<Cell>,
+        force: bool,
+        desired: DesiredState,
+    ) -> Result<(), OpError> {
         let process = {
             let r = cell.lock();
             r.process.clone()
         };
         self.update(cell, |r| {
-            r.instance.desired = DesiredState::Stopped;
+            r.instance.desired = desired;
             if r.process.is_some() {
                 r.instance.status.state = InstanceState::Stopping;
             }
@@ -462,7 +473,7 @@ impl Engine {
                 "instance {name} is running; stop it first or use `rm -f`"
             )));
         }
-        self.stop_locked(&cell, true).await?;
+        self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         self.store
             .delete_instance(name)
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;

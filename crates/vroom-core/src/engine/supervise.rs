@@ -78,26 +78,42 @@ impl Engine {
                 r.instance.nics.clone(),
             )
         };
-        let unwanted = desired == DesiredState::Stopped
+        // A stop (or the stop half of a restart) was under way, or the
+        // instance had failed: finish the stop, then start again if a
+        // restart was interrupted.
+        let stopping = desired == DesiredState::Stopped
             || matches!(state, InstanceState::Stopping | InstanceState::Failed);
         self.update(&cell, |r| {
             r.process = Some(process.clone());
             r.instance.status.pid = Some(process.pid);
             r.instance.status.accel = Some(process.accel);
-            if !unwanted && state != InstanceState::Running {
+            if !stopping && state != InstanceState::Running {
                 r.instance.status.state = InstanceState::Starting;
             }
         })?;
-        if unwanted {
+        if stopping {
             tracing::warn!(instance = %name, pid = process.pid, "finishing a stop the last daemon did not complete");
             let engine = self.clone();
             let failed = state == InstanceState::Failed;
             tokio::spawn(async move {
                 let _op = cell.op.lock().await;
-                let _ = engine.stop_locked(&cell, failed).await;
+                let after = if failed {
+                    DesiredState::Stopped
+                } else {
+                    desired
+                };
+                let _ = engine.stop_locked(&cell, failed, after).await;
                 if failed {
                     let _ =
                         engine.update(&cell, |r| r.instance.status.state = InstanceState::Failed);
+                } else if desired == DesiredState::Running {
+                    tracing::info!(instance = %name, "finishing an interrupted restart");
+                    if let Err(e) = engine.launch(&cell, None).await {
+                        let _ = engine.update(&cell, |r| {
+                            r.instance.status.state = InstanceState::Failed;
+                            r.instance.status.last_error = Some(e.message.clone());
+                        });
+                    }
                 }
             });
             return Ok(());
@@ -131,7 +147,11 @@ impl Engine {
                 r.instance.desired,
             )
         };
-        let outcome = lifecycle::on_exit(state, desired, true);
+        // An interrupted restart whose VM is already gone only needs its start.
+        let outcome = match (state, desired) {
+            (InstanceState::Stopping, DesiredState::Running) => ExitOutcome::Restart,
+            _ => lifecycle::on_exit(state, desired, true),
+        };
         self.update(&cell, |r| {
             r.process = None;
             r.instance.status.pid = None;

@@ -1,0 +1,284 @@
+//! Crash safety: vroomd is SIGKILLed at a spread of moments inside the
+//! operations that change state (run, restart, stop, rm), a new daemon is
+//! started, and then every QEMU of the data dir must belong to exactly one
+//! instance record, every record must settle out of its transitional state,
+//! and nothing may be left once the instances are removed. Also: a guest
+//! whose init dies at boot fails within seconds with its console's words, and
+//! a leftover bridge is refused without being touched.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use common::{random_subnet, Env};
+use vroom_types::InstanceState;
+
+/// Sends one API request straight to the daemon's socket (never through the
+/// CLI, which would start a daemon of its own while none runs) and reads the
+/// answer, if one comes.
+fn send(data_dir: &std::path::Path, method: &str, path: &str, body: &str) {
+    let Ok(mut stream) = UnixStream::connect(data_dir.join("vroomd.sock")) else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: vroomd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink);
+}
+
+fn run_body(name: &str, net: &str) -> String {
+    serde_json::json!({
+        "spec": {
+            "name": name,
+            "image": "hello",
+            "mem_mib": null,
+            "cpus": 1,
+            "nics": [{"network": net, "ip": null}],
+            "accel": "auto",
+            "config_volume_kib": null
+        },
+        "ready_timeout_secs": 120
+    })
+    .to_string()
+}
+
+/// Fires `method path` in the background, kills the daemon `delay` later,
+/// and starts a new one.
+fn kill_during(env: &Env, method: &str, path: &str, body: String, delay: Duration) {
+    let dir = env.dir.clone();
+    let (method, path) = (method.to_string(), path.to_string());
+    let sender = std::thread::spawn(move || send(&dir, &method, &path, &body));
+    std::thread::sleep(delay);
+    env.kill_daemon();
+    let _ = sender.join();
+    env.start_daemon();
+}
+
+/// Waits until no instance is in a transitional state, then checks that the
+/// QEMUs of the data dir and the records match one to one.
+fn assert_consistent(env: &Env, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let instances = loop {
+        let instances = env.instances();
+        // Stopped while wanted running is the gap inside a restart.
+        let settled = instances.iter().all(|i| match i.status.state {
+            InstanceState::Running | InstanceState::Failed => true,
+            InstanceState::Stopped => i.desired == vroom_types::DesiredState::Stopped,
+            _ => false,
+        });
+        if settled {
+            break instances;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: instances never settled: {:?}\n{}",
+            instances
+                .iter()
+                .map(|i| (i.spec.name.to_string(), i.status.state))
+                .collect::<Vec<_>>(),
+            env.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut recorded: Vec<u32> = instances.iter().filter_map(|i| i.status.pid).collect();
+    recorded.sort();
+    for i in &instances {
+        assert_ne!(
+            i.status.state,
+            InstanceState::Failed,
+            "{context}: {} failed: {:?}",
+            i.spec.name,
+            i.status.last_error
+        );
+    }
+    assert_eq!(
+        env.qemu_pids(),
+        recorded,
+        "{context}: QEMU processes do not match the records {:?}",
+        instances
+            .iter()
+            .map(|i| (i.spec.name.to_string(), i.status.state, i.status.pid))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn daemon_killed_inside_run_restart_stop_and_rm_leaves_no_orphan_and_no_limbo() {
+    let env = Env::new("crash");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    // Build hello once, outside the timed windows.
+    env.ok(&["run", "hello", "--name", "warm", "--net", "lan"]);
+    env.ok(&["rm", "-f", "warm"]);
+
+    let delays = [0u64, 15, 30, 45, 60, 90, 150, 400];
+    for (n, delay) in delays.iter().enumerate() {
+        let name = format!("r{n}");
+        kill_during(
+            &env,
+            "POST",
+            "/v1/instances",
+            run_body(&name, "lan"),
+            Duration::from_millis(*delay),
+        );
+        let context = format!("kill {delay} ms into run of {name}");
+        assert_consistent(&env, &context);
+        // Whatever the kill left is usable: it runs (or is gone) and can be removed.
+        if env.instances().iter().any(|i| i.spec.name.as_str() == name) {
+            env.wait_for(&name, "running", Duration::from_secs(90), |i| {
+                i.status.state == InstanceState::Running
+            });
+        }
+    }
+
+    // Kills inside restart and stop of a running instance.
+    env.ok(&["run", "hello", "--name", "web", "--net", "lan"]);
+    for (action, delay) in [
+        ("restart", 20u64),
+        ("restart", 120),
+        ("restart", 600),
+        ("stop", 20),
+        ("start", 40),
+        ("stop", 300),
+    ] {
+        let body = format!(r#"{{"action":"{action}"}}"#);
+        kill_during(
+            &env,
+            "POST",
+            "/v1/instances/web/actions",
+            body,
+            Duration::from_millis(delay),
+        );
+        assert_consistent(&env, &format!("kill {delay} ms into {action} of web"));
+        let web = env.instance("web");
+        // An interrupted stop is finished; everything else leaves it wanted.
+        let want = if action == "stop" {
+            InstanceState::Stopped
+        } else {
+            InstanceState::Running
+        };
+        assert_eq!(
+            web.status.state, want,
+            "after {action} killed at {delay} ms"
+        );
+        // `start`, `stop` and `restart` work again.
+        env.ok(&["start", "web"]);
+    }
+
+    // Kills inside rm -f.
+    let names: Vec<String> = env
+        .instances()
+        .iter()
+        .map(|i| i.spec.name.to_string())
+        .collect();
+    for (n, name) in names.iter().enumerate() {
+        let delay = [5u64, 20, 60, 150][n % 4];
+        kill_during(
+            &env,
+            "DELETE",
+            &format!("/v1/instances/{name}?force=true"),
+            String::new(),
+            Duration::from_millis(delay),
+        );
+        assert_consistent(&env, &format!("kill {delay} ms into rm of {name}"));
+        let _ = env.vroom(&["rm", "-f", name]);
+    }
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after every kill");
+}
+
+/// Defect 1: a guest whose init dies at boot (here a static init that just
+/// exits: the kernel panics) fails within seconds with the panic as its
+/// cause, instead of staying `starting` for the whole ready timeout.
+#[test]
+fn a_guest_that_panics_at_boot_fails_fast_with_its_last_words() {
+    let tmp = std::env::temp_dir().join(format!("vroom-badinit-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let source = tmp.join("init.c");
+    std::fs::write(&source, "int main(void) { return 3; }\n").unwrap();
+    let init = tmp.join("init");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&init)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(built.success(), "gcc -static failed");
+    let env = Env::with_env(
+        "bootpanic",
+        vec![("VROOM_INIT", init.display().to_string())],
+    );
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    let started = Instant::now();
+    let stderr = env.fail(&[
+        "run",
+        "hello",
+        "--name",
+        "dead",
+        "--net",
+        "lan",
+        "--timeout",
+        "120",
+    ]);
+    let took = started.elapsed();
+    assert!(stderr.contains("Kernel panic"), "{stderr}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let dead = env.instance("dead");
+    assert_eq!(dead.status.state, InstanceState::Failed);
+    assert!(
+        dead.status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("died during boot"),
+        "{:?}",
+        dead.status.last_error
+    );
+    // Not restarted in a loop: it has never been ready.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(env.instance("dead").status.restarts, 0);
+    assert!(env.qemu_pids().is_empty());
+    assert!(
+        !env.daemon_log().contains("panicked"),
+        "{}",
+        env.daemon_log()
+    );
+    env.ok(&["rm", "dead"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after the failed boot");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Defect 4: a bridge of the same name left on the host (here: made by hand
+/// before the daemon) is refused with how to remove it, and a failed call
+/// does not delete it as if it had made it.
+#[test]
+fn a_leftover_bridge_is_refused_and_left_alone() {
+    let env = Env::new("leftover");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    let bridge = env.network("lan").bridge;
+    env.ok(&["net", "rm", "lan"]);
+    let made = std::process::Command::new("ip")
+        .args(["link", "add", &bridge, "type", "bridge"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for _ in 0..2 {
+        let stderr = env.fail(&["net", "create", "lan", "--subnet", &subnet]);
+        assert!(stderr.contains(&bridge), "{stderr}");
+        assert!(stderr.contains("ip link delete"), "{stderr}");
+        assert!(
+            env.links().contains(&bridge),
+            "the failed call removed a bridge it did not make"
+        );
+    }
+    assert!(env.ok(&["net", "ls", "--json"]).trim() == "[]");
+}
