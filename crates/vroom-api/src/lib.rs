@@ -387,9 +387,10 @@ async fn build_image(
 ) -> Result<Response, ApiError> {
     let req = body(req)?;
     let recipe = std::path::PathBuf::from(&req.recipe);
-    if !recipe.is_absolute() {
+    let catalog_name = !req.recipe.is_empty() && !req.recipe.contains('/');
+    if !recipe.is_absolute() && !catalog_name {
         return Err(bad_request(format!(
-            "recipe path {} must be absolute",
+            "recipe path {} must be absolute (or the name of a catalog recipe)",
             recipe.display()
         )));
     }

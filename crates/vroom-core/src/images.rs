@@ -16,8 +16,11 @@ pub struct BootImage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveImageError {
-    #[error("unknown image {reference:?}; `vroom image ls` lists the images")]
-    NotFound { reference: String },
+    #[error(
+        "unknown image {reference:?}: not built here (`vroom image ls`) and not in the catalog \
+         ({catalog}); `vroom image build RECIPE` builds one"
+    )]
+    NotFound { reference: String, catalog: String },
     #[error("kernel {release} of image {image} is not in the kernel cache; run `vroom setup`")]
     KernelMissing { image: String, release: String },
     #[error("{message}")]

@@ -81,20 +81,65 @@ pub fn bridge_name(prefix: &str, scope: &str, network: &str) -> String {
     format!("{prefix}b{}", short_hash(&[scope, network], 8))
 }
 
-/// Whether NIC `index` of an image with `roles` takes `network`'s gateway
-/// address: on an isolated network, a router's inside NIC (`lan` or `dmz` of
-/// an image that also has a `wan`) does, unless another address is asked for.
+/// Whether a NIC playing `role` for an image with `roles` takes `network`'s
+/// gateway address: on an isolated network, a router's inside NIC (`lan` or
+/// `dmz` of an image that also has a `wan`) does, unless another address is
+/// asked for.
 pub fn takes_gateway(
     network: &Network,
     roles: &[String],
-    index: usize,
+    role: Option<&str>,
     requested: Option<Ipv4Addr>,
 ) -> bool {
     let is_router = roles.iter().any(|r| r == "wan");
-    let inside = roles
-        .get(index)
-        .is_some_and(|r| ROUTER_ROLES.contains(&r.as_str()));
+    let inside = role.is_some_and(|r| ROUTER_ROLES.contains(&r));
     network.isolated && is_router && inside && requested.is_none_or(|ip| ip == network.gateway)
+}
+
+/// The role each requested NIC plays: the one it names (which must be one
+/// of the image's, once), or else the image's next role not named by any
+/// NIC, in the image's order. `None` for every NIC of an image without roles.
+pub fn assign_roles(
+    requested: &[Option<&str>],
+    roles: &[String],
+) -> Result<Vec<Option<String>>, String> {
+    if roles.is_empty() {
+        if let Some(role) = requested.iter().flatten().next() {
+            return Err(format!(
+                "the image declares no NIC roles, so NIC role {role:?} means nothing"
+            ));
+        }
+        return Ok(vec![None; requested.len()]);
+    }
+    if requested.len() > roles.len() {
+        return Err(format!(
+            "the image has {} NIC(s) ({}); {} were given",
+            roles.len(),
+            roles.join(", "),
+            requested.len()
+        ));
+    }
+    let mut named: Vec<&str> = vec![];
+    for role in requested.iter().flatten() {
+        if !roles.iter().any(|r| r == role) {
+            return Err(format!(
+                "the image has no NIC role {role:?} (its roles: {})",
+                roles.join(", ")
+            ));
+        }
+        if named.contains(role) {
+            return Err(format!("NIC role {role:?} is given twice"));
+        }
+        named.push(role);
+    }
+    let mut free = roles.iter().filter(|r| !named.contains(&r.as_str()));
+    Ok(requested
+        .iter()
+        .map(|role| match role {
+            Some(role) => Some(role.to_string()),
+            None => free.next().cloned(),
+        })
+        .collect())
 }
 
 /// An nftables wildcard matching every bridge [`bridge_name`] makes with `prefix`.
@@ -135,19 +180,20 @@ mod tests {
         let fw = roles(&["wan", "lan", "dmz"]);
         let gw = Some("10.9.0.1".parse().unwrap());
         let other = Some("10.9.0.7".parse().unwrap());
-        assert!(takes_gateway(&network(true), &fw, 1, None));
-        assert!(takes_gateway(&network(true), &fw, 2, gw));
-        assert!(!takes_gateway(&network(true), &fw, 1, other));
+        let role = |i: usize| fw.get(i).map(String::as_str);
+        assert!(takes_gateway(&network(true), &fw, role(1), None));
+        assert!(takes_gateway(&network(true), &fw, role(2), gw));
+        assert!(!takes_gateway(&network(true), &fw, role(1), other));
         assert!(
-            !takes_gateway(&network(true), &fw, 0, None),
+            !takes_gateway(&network(true), &fw, role(0), None),
             "wan is outside"
         );
         assert!(
-            !takes_gateway(&network(false), &fw, 1, None),
+            !takes_gateway(&network(false), &fw, role(1), None),
             "the host is the gateway"
         );
         assert!(
-            !takes_gateway(&network(true), &roles(&["lan"]), 0, None),
+            !takes_gateway(&network(true), &roles(&["lan"]), Some("lan"), None),
             "a plain lan appliance is no router"
         );
     }
@@ -246,5 +292,48 @@ mod tests {
         let mac = mac_address("x", 0);
         assert_eq!(mac.len(), 17);
         assert!(mac.starts_with("52:54:00:"));
+    }
+
+    #[test]
+    fn role_assignment_table() {
+        let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let fw = roles(&["wan", "lan", "dmz"]);
+        let got = |requested: &[Option<&str>], image: &[String]| assign_roles(requested, image);
+        let names = |v: &[&str]| v.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>();
+        type Case<'a> = (
+            Vec<Option<&'a str>>,
+            Vec<String>,
+            Result<Vec<Option<String>>, &'a str>,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![None, None], fw.clone(), Ok(names(&["wan", "lan"]))),
+            (
+                vec![Some("lan"), None],
+                fw.clone(),
+                Ok(names(&["lan", "wan"])),
+            ),
+            (
+                vec![None, Some("wan"), None],
+                fw.clone(),
+                Ok(names(&["lan", "wan", "dmz"])),
+            ),
+            (vec![Some("dmz")], fw.clone(), Ok(names(&["dmz"]))),
+            (
+                vec![Some("lan"), Some("lan")],
+                fw.clone(),
+                Err("given twice"),
+            ),
+            (vec![Some("mgmt")], fw.clone(), Err("no NIC role \"mgmt\"")),
+            (vec![None; 4], fw.clone(), Err("has 3 NIC(s)")),
+            (vec![None, None], vec![], Ok(vec![None, None])),
+            (vec![Some("lan")], vec![], Err("declares no NIC roles")),
+        ];
+        for (requested, image, want) in cases {
+            match (got(&requested, &image), want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{requested:?}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{requested:?}: {e}"),
+                (g, w) => panic!("{requested:?}: got {g:?}, want {w:?}"),
+            }
+        }
     }
 }

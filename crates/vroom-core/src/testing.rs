@@ -416,6 +416,7 @@ impl ImageSource for FakeImages {
         } else {
             Err(ResolveImageError::NotFound {
                 reference: reference.into(),
+                catalog: "hello".into(),
             })
         }
     }
@@ -426,6 +427,7 @@ impl ImageSource for FakeImages {
             .find(|i| i.name == reference || i.id == reference)
             .ok_or_else(|| ResolveImageError::NotFound {
                 reference: reference.into(),
+                catalog: "hello".into(),
             })
     }
 

@@ -1,35 +1,34 @@
-//! Images vroom can make without being handed a recipe: the recipes bundled
-//! into the binary. For now only `hello` (recipes/hello: busybox's httpd
-//! serving a page whose heading comes from the `greeting` config key), built
-//! on first use like any other recipe.
+//! Images vroom can make without being handed a recipe: the catalog
+//! (`recipes/` at the repository root: hello, web, dns, firewall, sniffer),
+//! bundled into the binary by the build script and built on first use like
+//! any other recipe.
 
 use std::path::PathBuf;
 
 use crate::store::ImageStoreError;
 
-pub const BUILTIN_IMAGES: &[&str] = &["hello"];
+include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
 
-/// The files of the bundled recipes, by image name.
-const BUNDLED: &[(&str, &[(&str, &str)])] = &[(
-    "hello",
-    &[
-        (
-            "recipe.toml",
-            include_str!("../../../recipes/hello/recipe.toml"),
-        ),
-        (
-            "index.html",
-            include_str!("../../../recipes/hello/index.html"),
-        ),
-    ],
-)];
+/// The names of the catalog's images, sorted.
+pub fn catalog() -> Vec<&'static str> {
+    BUNDLED.iter().map(|(name, _)| *name).collect()
+}
+
+/// Whether `name` is an image of the catalog.
+pub fn in_catalog(name: &str) -> bool {
+    BUNDLED.iter().any(|(n, _)| *n == name)
+}
 
 /// Writes a bundled recipe into `dir`; `None` when there is none of that name.
 pub fn write_bundled_recipe(name: &str, dir: &std::path::Path) -> Option<std::io::Result<PathBuf>> {
     let (_, files) = BUNDLED.iter().find(|(n, _)| *n == name)?;
-    let written = files
-        .iter()
-        .try_for_each(|(file, text)| std::fs::write(dir.join(file), text));
+    let written = files.iter().try_for_each(|(file, bytes)| {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, bytes)
+    });
     Some(written.map(|()| dir.join("recipe.toml")))
 }
 
@@ -53,11 +52,12 @@ mod tests {
 
     #[test]
     fn every_builtin_has_a_bundled_recipe_that_loads() {
-        for name in BUILTIN_IMAGES {
+        assert!(catalog().len() >= 5, "{:?}", catalog());
+        for name in catalog() {
             let dir = tempfile::tempdir().unwrap();
             let path = write_bundled_recipe(name, dir.path()).unwrap().unwrap();
             let loaded = crate::recipe::load(&path).unwrap();
-            assert_eq!(loaded.recipe.name, *name);
+            assert_eq!(loaded.recipe.name, name);
         }
         assert!(write_bundled_recipe("nope", std::path::Path::new("/")).is_none());
     }

@@ -13,7 +13,7 @@ pub mod source;
 pub mod store;
 mod util;
 
-pub use builtin::{write_bundled_recipe, BuildImageError, BUILTIN_IMAGES};
+pub use builtin::{catalog, in_catalog, write_bundled_recipe, BuildImageError};
 pub use kernel::{FetchKernelError, Kernel, KernelCache};
 pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};

@@ -8,7 +8,7 @@ use vroom_core::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveIm
 use vroom_types::{package_changes, BuildReport, ImageSummary};
 
 use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
-use crate::builtin::{write_bundled_recipe, BUILTIN_IMAGES};
+use crate::builtin::{catalog, in_catalog, write_bundled_recipe};
 use crate::kernel::KernelCache;
 use crate::store::{ImageStore, ImageStoreError, StoredImage};
 use vroom_core::error::chain;
@@ -45,12 +45,13 @@ impl LocalImages {
             None => {
                 return Err(ResolveImageError::NotFound {
                     reference: name.into(),
+                    catalog: catalog().join(", "),
                 })
             }
         };
         let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(image) = self.store.resolve(name) {
-            if !self.built_with_older_init(&image) {
+            if name != AUTO_REBUILT || !self.built_with_older_init(&image) {
                 return Ok(image);
             }
             tracing::info!(
@@ -110,9 +111,17 @@ impl LocalImages {
     }
 }
 
+/// The demo's image, which vroom rebuilds by itself when it carries a newer
+/// vroom-init; other images may be the user's own builds under a catalog
+/// name, so they only get a warning.
+const AUTO_REBUILT: &str = "hello";
+
 fn store_error(e: ImageStoreError) -> ResolveImageError {
     match e {
-        ImageStoreError::NotFound { reference } => ResolveImageError::NotFound { reference },
+        ImageStoreError::NotFound { reference } => ResolveImageError::NotFound {
+            reference,
+            catalog: catalog().join(", "),
+        },
         e => ResolveImageError::Other {
             message: e.to_string(),
         },
@@ -126,10 +135,36 @@ impl ImageSource for LocalImages {
         update: bool,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError> {
+        // A bare catalog name builds the recipe bundled into this binary.
+        let bundled_dir;
+        let recipe = match recipe.to_str().filter(|r| !r.contains('/')) {
+            Some(name) => {
+                bundled_dir = tempfile::tempdir().map_err(|e| BuildFromRecipeError::Build {
+                    message: format!("cannot unpack the catalog recipe {name}: {e}"),
+                })?;
+                match write_bundled_recipe(name, bundled_dir.path()) {
+                    Some(Ok(path)) => path,
+                    Some(Err(e)) => {
+                        return Err(BuildFromRecipeError::Build {
+                            message: format!("cannot unpack the catalog recipe {name}: {e}"),
+                        })
+                    }
+                    None => {
+                        return Err(BuildFromRecipeError::Recipe {
+                            message: format!(
+                            "{name:?} is neither an absolute recipe path nor a catalog recipe ({})",
+                            catalog().join(", ")
+                        ),
+                        })
+                    }
+                }
+            }
+            None => recipe.to_path_buf(),
+        };
         let path = if recipe.is_dir() {
             recipe.join("recipe.toml")
         } else {
-            recipe.to_path_buf()
+            recipe
         };
         let loaded = crate::recipe::load(&path)
             .map_err(|e| BuildFromRecipeError::Recipe { message: chain(&e) })?;
@@ -183,14 +218,12 @@ impl ImageSource for LocalImages {
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
         let image = match self.store.resolve(reference) {
             Ok(image) => image,
-            Err(ImageStoreError::NotFound { .. }) if BUILTIN_IMAGES.contains(&reference) => {
+            Err(ImageStoreError::NotFound { .. }) if in_catalog(reference) => {
                 self.ensure_builtin(reference)?
             }
             Err(e) => return Err(store_error(e)),
         };
-        if self.built_with_older_init(&image)
-            && !BUILTIN_IMAGES.contains(&image.manifest.name.as_str())
-        {
+        if self.built_with_older_init(&image) && image.manifest.name != AUTO_REBUILT {
             tracing::warn!(
                 image = %image.manifest.name,
                 "image was built with another vroom-init than this vroom carries; rebuild it with `vroom image build`"

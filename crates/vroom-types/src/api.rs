@@ -33,7 +33,8 @@ pub struct VersionInfo {
 /// The body of `POST /v1/images/build`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuildImageRequest {
-    /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host.
+    /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host;
+    /// or the name of a recipe of vroom's catalog (`firewall`, `web`, ...).
     pub recipe: String,
     /// Refresh the package indexes first, so the newest versions (security
     /// updates) are picked, and report what changed.

@@ -46,13 +46,17 @@ impl fmt::Display for Accel {
     }
 }
 
-/// One NIC of an instance as the user asks for it: `NET` or `NET:IP`.
+/// One NIC of an instance as the user asks for it: `[ROLE=]NET[:IP]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NicSpec {
     pub network: Name,
     /// A fixed address; vroom allocates one when absent.
     #[schema(value_type = Option<String>)]
     pub ip: Option<Ipv4Addr>,
+    /// The image's NIC role this NIC plays (`wan`, `lan`, ...); NICs without
+    /// one take the image's remaining roles in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Name>,
 }
 
 impl FromStr for NicSpec {
@@ -61,13 +65,18 @@ impl FromStr for NicSpec {
         let invalid = || InvalidInputError::NicSpec {
             raw: raw.to_string(),
         };
-        let (net, ip) = match raw.split_once(':') {
+        let (role, rest) = match raw.split_once('=') {
+            Some((role, rest)) => (Some(Name::new(role)?), rest),
+            None => (None, raw),
+        };
+        let (net, ip) = match rest.split_once(':') {
             Some((net, ip)) => (net, Some(ip.parse::<Ipv4Addr>().map_err(|_| invalid())?)),
-            None => (raw, None),
+            None => (rest, None),
         };
         Ok(NicSpec {
             network: Name::new(net)?,
             ip,
+            role,
         })
     }
 }
@@ -151,6 +160,9 @@ pub struct NicStatus {
     pub mac: String,
     /// The host tap device; present while QEMU runs.
     pub tap: String,
+    /// The image's NIC role this NIC plays, when the image declares roles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -222,9 +234,22 @@ mod tests {
         let ok = |net: &str, ip: Option<[u8; 4]>| NicSpec {
             network: Name::new(net).unwrap(),
             ip: ip.map(Ipv4Addr::from),
+            role: None,
+        };
+        let with_role = |role: &str, spec: NicSpec| NicSpec {
+            role: Some(Name::new(role).unwrap()),
+            ..spec
         };
         let cases: &[(&str, Option<NicSpec>)] = &[
             ("lan", Some(ok("lan", None))),
+            ("wan=uplink", Some(with_role("wan", ok("uplink", None)))),
+            (
+                "lan=office:10.0.0.5",
+                Some(with_role("lan", ok("office", Some([10, 0, 0, 5])))),
+            ),
+            ("=office", None),
+            ("lan=", None),
+            ("a=b=c", None),
             ("lan:10.0.0.5", Some(ok("lan", Some([10, 0, 0, 5])))),
             ("lan:", None),
             ("lan:10.0.0", None),

@@ -123,6 +123,7 @@ async fn measure(
             nics: vec![NicSpec {
                 network: net.clone(),
                 ip: None,
+                role: None,
             }],
             accel: AccelChoice::Auto,
             config_volume_kib: None,

@@ -125,6 +125,7 @@ async fn boot_all(
                         nics: vec![NicSpec {
                             network: Name::new(net)?,
                             ip: None,
+                            role: None,
                         }],
                         accel: AccelChoice::Auto,
                         config_volume_kib: None,

@@ -32,7 +32,14 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
     match &cli.command {
         Command::Run(args) => return run(&client, args, json).await,
         Command::Ps => ps(&client, json).await?,
-        Command::Inspect { name } => output::json(&client.get(name).await?),
+        Command::Inspect { name } => {
+            let instance = client.get(name).await?;
+            if json {
+                output::json(&instance);
+            } else {
+                show_instance(&instance);
+            }
+        }
         Command::Start { name } => lifecycle(&client, name, InstanceAction::Start, json).await?,
         Command::Stop { name } => lifecycle(&client, name, InstanceAction::Stop, json).await?,
         Command::Restart { name } => {
@@ -109,6 +116,7 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         accel: args.accel,
         config_volume_kib: args.config_size,
     };
+    build_from_catalog_if_missing(client, &spec.image, json).await?;
     let spinner = output::spinner(json, format!("creating {}", spec.name));
     let created = client
         .run(&RunRequest {
@@ -159,6 +167,83 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// `run` of a catalog image that is not built yet builds it first, with its
+/// stages shown as `image build` shows them.
+async fn build_from_catalog_if_missing(client: &Client, image: &str, json: bool) -> Result<()> {
+    match client.image(image).await {
+        Err(ClientError::Api { status: 404, .. }) if vroom_image::in_catalog(image) => {}
+        _ => return Ok(()),
+    }
+    let mut stages = output::Stages::new(json, format!("building {image} from the catalog"));
+    let built = client
+        .build_image(Path::new(image), false, |stage, detail| {
+            stages.update(stage, detail)
+        })
+        .await;
+    stages.finish(built.is_ok());
+    built?;
+    Ok(())
+}
+
+/// `inspect` for people; `--json` gives the whole record.
+fn show_instance(i: &Instance) {
+    let status = &i.status;
+    let mut state = status.state.to_string();
+    let mut details = vec![];
+    if let Some(pid) = status.pid {
+        details.push(format!("pid {pid}"));
+    }
+    if let Some(accel) = status.accel {
+        details.push(accel.to_string());
+    }
+    if let Some(ms) = status.boot_ms {
+        details.push(format!("ready in {:.1}s", ms as f64 / 1000.0));
+    }
+    details.push(format!("{} restarts", status.restarts));
+    state.push_str(&format!(" ({})", details.join(", ")));
+    let rows = [
+        ("name", i.spec.name.to_string()),
+        (
+            "image",
+            format!(
+                "{} ({})",
+                i.image_name,
+                &i.image_id[..12.min(i.image_id.len())]
+            ),
+        ),
+        ("state", state),
+        ("wanted", format!("{:?}", i.desired).to_lowercase()),
+        (
+            "resources",
+            format!("{} MiB, {} vCPU", i.mem_mib, i.spec.cpus),
+        ),
+        ("created", output::ago(i.created_at)),
+    ];
+    for (key, value) in rows {
+        println!("{:<10} {value}", format!("{key}:"));
+    }
+    if let Some(error) = &status.last_error {
+        println!("{:<10} {error}", "error:");
+    }
+    println!("nics:");
+    for nic in &i.nics {
+        println!(
+            "  {:<6} {}/{} on {} (gateway {}), mac {}, tap {}",
+            nic.role.as_deref().unwrap_or("-"),
+            nic.ip,
+            nic.prefix_len,
+            nic.network,
+            nic.gateway,
+            nic.mac,
+            nic.tap
+        );
+    }
+    println!("config:");
+    for (key, value) in &i.config {
+        println!("  {key}={value}");
+    }
 }
 
 fn accel_of(i: &Instance) -> String {
@@ -228,7 +313,10 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
             format!("{}M", i.mem_mib),
             i.nics
                 .iter()
-                .map(|n| n.ip.to_string())
+                .map(|n| match &n.role {
+                    Some(role) => format!("{role}:{}", n.ip),
+                    None => n.ip.to_string(),
+                })
                 .collect::<Vec<_>>()
                 .join(","),
             i.status.restarts.to_string(),
@@ -427,7 +515,57 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                 ]
             },
         ),
-        NetOp::Inspect { name } => output::json(&client.network(name).await?),
+        NetOp::Inspect { name } => {
+            let n = client.network(name).await?;
+            if json {
+                output::json(&n);
+            } else {
+                let mode = match (n.isolated, n.nat) {
+                    (true, _) => "isolated (no host address; a router appliance is its gateway)",
+                    (false, true) => "nat (the host masquerades its traffic)",
+                    (false, false) => "host (reachable from the host, not routed out)",
+                };
+                let instances: Vec<String> = client
+                    .list()
+                    .await?
+                    .into_iter()
+                    .flat_map(|i| {
+                        i.nics
+                            .iter()
+                            .filter(|nic| nic.network == n.name)
+                            .map(|nic| format!("{} ({})", i.spec.name, nic.ip))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                for (key, value) in [
+                    ("name", n.name.to_string()),
+                    ("subnet", n.subnet.to_string()),
+                    ("gateway", n.gateway.to_string()),
+                    ("bridge", n.bridge.clone()),
+                    ("mode", mode.to_string()),
+                    (
+                        "mirror",
+                        if n.mirror {
+                            "yes: every frame to every port"
+                        } else {
+                            "no"
+                        }
+                        .into(),
+                    ),
+                    ("created", output::ago(n.created_at)),
+                    (
+                        "attached",
+                        if instances.is_empty() {
+                            "-".into()
+                        } else {
+                            instances.join(", ")
+                        },
+                    ),
+                ] {
+                    println!("{:<9} {value}", format!("{key}:"));
+                }
+            }
+        }
         NetOp::Rm { name } => client.remove_network(name).await?,
     }
     Ok(())
@@ -454,7 +592,81 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                 ]
             },
         ),
-        ImageOp::Inspect { image } => output::json(&client.image(image).await?),
+        ImageOp::Inspect { image } => {
+            let i = client.image(image).await?;
+            if json {
+                output::json(&i);
+            } else {
+                let m = &i.manifest;
+                let a = &m.appliance;
+                for (key, value) in [
+                    (
+                        "name",
+                        format!(
+                            "{} {}{}",
+                            i.name,
+                            i.version,
+                            if i.current {
+                                " (current build)"
+                            } else {
+                                " (older build)"
+                            }
+                        ),
+                    ),
+                    ("id", i.id.clone()),
+                    (
+                        "size",
+                        format!(
+                            "{} (root {}, initramfs {})",
+                            output::bytes(i.size),
+                            output::bytes(m.rootfs.size),
+                            output::bytes(m.initramfs.size)
+                        ),
+                    ),
+                    (
+                        "kernel",
+                        format!("{} ({})", m.kernel.release, m.kernel.version),
+                    ),
+                    (
+                        "memory",
+                        format!(
+                            "{} MiB by default, at least {} MiB",
+                            m.default_mem_mib, m.min_mem_mib
+                        ),
+                    ),
+                    (
+                        "packages",
+                        format!(
+                            "{} (`vroom image sbom {}` lists them)",
+                            m.packages.len(),
+                            i.name
+                        ),
+                    ),
+                    (
+                        "nic roles",
+                        if a.nic_roles.is_empty() {
+                            "-".into()
+                        } else {
+                            a.nic_roles.join(", ")
+                        },
+                    ),
+                    (
+                        "services",
+                        a.services
+                            .iter()
+                            .map(|s| s.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                ] {
+                    println!("{:<10} {value}", format!("{key}:"));
+                }
+                println!("config:");
+                for (key, value) in &a.seed_config {
+                    println!("  {key}={value}");
+                }
+            }
+        }
         ImageOp::Rm { image } => client.remove_image(image).await?,
         ImageOp::Prune => {
             let removed = client.prune_images().await?;
@@ -491,9 +703,17 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             );
         }
         ImageOp::Build { recipe, update } => {
-            let path = recipe
-                .canonicalize()
-                .with_context(|| format!("cannot find recipe {}", recipe.display()))?;
+            // A catalog name (`vroom image build firewall`) unless such a path exists here.
+            let path = match recipe.to_str() {
+                Some(name) if !recipe.exists() && vroom_image::in_catalog(name) => recipe.clone(),
+                _ => recipe.canonicalize().with_context(|| {
+                    format!(
+                        "cannot find recipe {} (the catalog has {})",
+                        recipe.display(),
+                        vroom_image::catalog().join(", ")
+                    )
+                })?,
+            };
             let mut stages = output::Stages::new(json, format!("building {}", path.display()));
             let built = client
                 .build_image(&path, *update, |stage, detail| stages.update(stage, detail))

@@ -72,6 +72,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
         nics: vec![NicSpec {
             network: Name::new(NET)?,
             ip: None,
+            role: None,
         }],
         accel: AccelChoice::Auto,
         config_volume_kib: None,

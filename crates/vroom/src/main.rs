@@ -117,7 +117,9 @@ pub struct RunArgs {
     pub mem: Option<u64>,
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
-    /// Attach to a network, optionally with a fixed address: NET or NET:IP. Repeatable.
+    /// Attach a NIC to a network: [ROLE=]NET[:IP], e.g. `wan=uplink` or
+    /// `lan=office:10.0.0.1`. Repeatable; NICs without a role take the
+    /// image's remaining roles in order.
     #[arg(long = "net")]
     pub nets: Vec<NicSpec>,
     #[arg(long, default_value = "auto")]

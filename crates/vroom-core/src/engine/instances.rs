@@ -48,6 +48,7 @@ impl Engine {
             vec![NicSpec {
                 network: Name::new(DEFAULT_NETWORK).expect("invariant: valid name"),
                 ip: None,
+                role: None,
             }]
         } else {
             spec.nics.clone()
@@ -186,26 +187,22 @@ impl Engine {
         Ok(mem_mib)
     }
 
-    /// Addresses for the NICs. On an isolated network, a router's inside NIC
-    /// (`lan` or `dmz` of an image that also has a `wan`) takes the gateway
-    /// address unless another address is asked for.
+    /// Roles and addresses for the NICs. On an isolated network, a router's
+    /// inside NIC (`lan` or `dmz` of an image that also has a `wan`) takes
+    /// the gateway address unless another address is asked for; a router's
+    /// `wan` may not be on an isolated network.
     pub(super) fn allocate_nics(
         &self,
         id: &str,
         specs: &[NicSpec],
         roles: &[String],
     ) -> Result<Vec<NicStatus>, OpError> {
-        if !roles.is_empty() && specs.len() > roles.len() {
-            return Err(OpError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "the image has {} NIC(s) ({}); {} were given",
-                    roles.len(),
-                    roles.join(", "),
-                    specs.len()
-                ),
-            ));
-        }
+        let requested: Vec<Option<&str>> = specs
+            .iter()
+            .map(|s| s.role.as_ref().map(Name::as_str))
+            .collect();
+        let assigned = ipam::assign_roles(&requested, roles)
+            .map_err(|message| OpError::new(ErrorCode::InvalidArgument, message))?;
         let mut used: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         for instance in self.list() {
             for nic in instance.nics {
@@ -218,7 +215,16 @@ impl Engine {
         for (index, spec) in specs.iter().enumerate() {
             let network = self.network(spec.network.as_str())?;
             let taken = used.entry(network.name.to_string()).or_default();
-            let role = roles.get(index).map(String::as_str);
+            let role = assigned[index].as_deref();
+            if role == Some("wan") && network.isolated && roles.iter().any(|r| r != "wan") {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "the router's wan NIC cannot be on isolated network {}: nothing would route it out (use a NAT or host network)",
+                        network.name
+                    ),
+                ));
+            }
             if role == Some(MIRROR_ROLE) && !network.mirror {
                 return Err(OpError::new(
                     ErrorCode::InvalidArgument,
@@ -229,7 +235,7 @@ impl Engine {
                     ),
                 ));
             }
-            let ip = if ipam::takes_gateway(&network, roles, index, spec.ip) {
+            let ip = if ipam::takes_gateway(&network, roles, role, spec.ip) {
                 if taken.contains(&network.gateway) {
                     return Err(OpError::conflict(format!(
                         "network {} already has its router at {}",
@@ -255,6 +261,7 @@ impl Engine {
                 gateway: network.gateway,
                 mac: ipam::mac_address(id, index),
                 tap: ipam::tap_name(&self.cfg.iface_prefix, id, index),
+                role: assigned[index].clone(),
             });
         }
         Ok(nics)
@@ -515,7 +522,7 @@ fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
             .enumerate()
             .map(|(i, nic)| NicConfig {
                 mac: nic.mac.clone(),
-                role: roles.get(i).cloned(),
+                role: nic.role.clone().or_else(|| roles.get(i).cloned()),
                 address: nic.ip.to_string(),
                 prefix_len: nic.prefix_len,
                 gateway: Some(nic.gateway.to_string()),

@@ -161,7 +161,7 @@ impl Env {
     }
 
     pub fn instance(&self, name: &str) -> Instance {
-        serde_json::from_str(&self.ok(&["inspect", name])).unwrap()
+        serde_json::from_str(&self.ok(&["inspect", "--json", name])).unwrap()
     }
 
     pub fn instances(&self) -> Vec<Instance> {
@@ -299,7 +299,7 @@ impl Env {
     }
 
     pub fn network(&self, name: &str) -> vroom_types::Network {
-        serde_json::from_str(&self.ok(&["net", "inspect", name])).unwrap()
+        serde_json::from_str(&self.ok(&["net", "inspect", "--json", name])).unwrap()
     }
 
     pub fn nft_tables(&self) -> Vec<String> {
