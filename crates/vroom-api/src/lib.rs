@@ -248,6 +248,11 @@ struct LogQuery {
     /// Byte offset to read from; 0 for the start.
     #[serde(default)]
     offset: u64,
+    /// Which boot: 0 (the default) is the current or last one, -1 the one
+    /// before, down to -5.
+    #[serde(default)]
+    #[param(minimum = -5, maximum = 0)]
+    boot: i32,
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}/logs", params(("name" = String, Path), LogQuery),
@@ -258,7 +263,7 @@ async fn instance_logs(
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<LogChunk> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    let (data, next_offset) = engine.logs(&name, query.offset)?;
+    let (data, next_offset) = engine.logs(&name, query.boot, query.offset)?;
     Ok(Json(LogChunk { data, next_offset }))
 }
 

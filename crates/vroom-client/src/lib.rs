@@ -187,9 +187,22 @@ impl Client {
     }
 
     pub async fn logs(&self, name: &str, offset: u64) -> Result<LogChunk, ClientError> {
+        self.boot_logs(name, 0, offset).await
+    }
+
+    /// The console of boot `boot`: 0 the current one, -1 the one before...
+    pub async fn boot_logs(
+        &self,
+        name: &str,
+        boot: i32,
+        offset: u64,
+    ) -> Result<LogChunk, ClientError> {
         self.call::<(), _>(
             Method::GET,
-            &format!("/v1/instances/{}/logs?offset={offset}", enc(name)),
+            &format!(
+                "/v1/instances/{}/logs?offset={offset}&boot={boot}",
+                enc(name)
+            ),
             None,
         )
         .await

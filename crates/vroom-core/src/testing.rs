@@ -352,9 +352,11 @@ impl StateStore for MemStore {
     }
 }
 
-/// An `ImageSource` with one image, `hello`, whose files are never read.
+/// An `ImageSource` with two images whose files are never read: `hello`,
+/// and `router` (NIC roles wan, lan, dmz).
 pub struct FakeImages {
     image: BootImage,
+    router: BootImage,
 }
 
 impl Default for FakeImages {
@@ -386,14 +388,19 @@ impl Default for FakeImages {
             packages: vec![],
             init_sha256: None,
         };
+        let boot = |id: char, manifest: ImageManifest| BootImage {
+            id: id.to_string().repeat(64),
+            manifest,
+            kernel: PathBuf::from("/fake/vmlinuz"),
+            initramfs: PathBuf::from("/fake/initramfs.cpio"),
+            rootfs: PathBuf::from("/fake/rootfs.erofs"),
+        };
+        let mut router = manifest.clone();
+        router.name = "router".into();
+        router.appliance.nic_roles = vec!["wan".into(), "lan".into(), "dmz".into()];
         FakeImages {
-            image: BootImage {
-                id: "f".repeat(64),
-                manifest,
-                kernel: PathBuf::from("/fake/vmlinuz"),
-                initramfs: PathBuf::from("/fake/initramfs.cpio"),
-                rootfs: PathBuf::from("/fake/rootfs.erofs"),
-            },
+            image: boot('f', manifest),
+            router: boot('e', router),
         }
     }
 }
@@ -411,8 +418,11 @@ impl ImageSource for FakeImages {
     }
 
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
-        if reference == self.image.manifest.name || reference == self.image.id {
-            Ok(self.image.clone())
+        if let Some(image) = [&self.image, &self.router]
+            .into_iter()
+            .find(|i| reference == i.manifest.name || reference == i.id)
+        {
+            Ok(image.clone())
         } else {
             Err(ResolveImageError::NotFound {
                 reference: reference.into(),
@@ -432,14 +442,17 @@ impl ImageSource for FakeImages {
     }
 
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
-        Ok(vec![ImageSummary {
-            id: self.image.id.clone(),
-            name: self.image.manifest.name.clone(),
-            version: self.image.manifest.version.clone(),
-            size: 2,
-            manifest: self.image.manifest.clone(),
-            current: true,
-        }])
+        Ok([&self.image, &self.router]
+            .into_iter()
+            .map(|image| ImageSummary {
+                id: image.id.clone(),
+                name: image.manifest.name.clone(),
+                version: image.manifest.version.clone(),
+                size: 2,
+                manifest: image.manifest.clone(),
+                current: true,
+            })
+            .collect())
     }
 
     fn remove(&self, _id: &str) -> Result<(), ResolveImageError> {

@@ -46,7 +46,12 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             lifecycle(&client, name, InstanceAction::Restart, json).await?
         }
         Command::Rm { force, name } => client.remove(name, *force).await?,
-        Command::Logs { follow, name } => logs(&client, name, *follow).await?,
+        Command::Logs {
+            follow,
+            boot,
+            tail,
+            name,
+        } => logs(&client, name, *boot, *tail, *follow).await?,
         Command::Cp { source, dest } => copy_out(&client, source, dest).await?,
         Command::Exec {
             name,
@@ -57,7 +62,9 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Net { op } => net(&client, op, json).await?,
         Command::Image { op } => image(&client, op, json).await?,
         Command::Demo { keep } => crate::demo::run(&client, *keep).await?,
-        Command::Setup | Command::Daemon | Command::Bench { .. } => unreachable!("handled in main"),
+        Command::Setup | Command::Daemon { .. } | Command::Bench { .. } => {
+            unreachable!("handled in main")
+        }
     }
     Ok(0)
 }
@@ -377,11 +384,50 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn logs(client: &Client, name: &str, follow: bool) -> Result<()> {
+async fn logs(
+    client: &Client,
+    name: &str,
+    boot: i32,
+    tail: Option<usize>,
+    follow: bool,
+) -> Result<()> {
     let mut offset = 0;
     let mut stdout = std::io::stdout();
+    if let Some(lines) = tail {
+        // Read to the end, keeping only the last lines.
+        let mut kept = std::collections::VecDeque::with_capacity(lines + 1);
+        let mut partial = String::new();
+        loop {
+            let chunk = client.boot_logs(name, boot, offset).await?;
+            if chunk.next_offset == offset {
+                break;
+            }
+            offset = chunk.next_offset;
+            partial.push_str(&chunk.data);
+            while let Some(end) = partial.find('\n') {
+                let line: String = partial.drain(..=end).collect();
+                kept.push_back(line);
+                if kept.len() > lines {
+                    kept.pop_front();
+                }
+            }
+        }
+        if !partial.is_empty() {
+            kept.push_back(partial);
+            if kept.len() > lines {
+                kept.pop_front();
+            }
+        }
+        for line in kept {
+            stdout.write_all(line.as_bytes())?;
+        }
+        stdout.flush()?;
+        if !follow {
+            return Ok(());
+        }
+    }
     loop {
-        let chunk = client.logs(name, offset).await?;
+        let chunk = client.boot_logs(name, boot, offset).await?;
         stdout.write_all(chunk.data.as_bytes())?;
         stdout.flush()?;
         let got_data = chunk.next_offset != offset;

@@ -103,3 +103,48 @@ fn host_mem_mib() -> u64 {
         .map(|kb| kb / 1024)
         .unwrap_or(u64::MAX)
 }
+
+/// Stops the vroomd serving `data_dir` with SIGTERM (it finishes the
+/// requests under way; VMs keep running) and waits until it is gone. The
+/// daemon's pid comes from the socket itself (SO_PEERCRED), so no pid file
+/// can be stale.
+pub async fn stop(data_dir: &Path) -> Result<()> {
+    let socket = crate::paths::socket(data_dir);
+    let stream = match tokio::net::UnixStream::connect(&socket).await {
+        Ok(stream) => stream,
+        Err(_) => {
+            println!("no vroomd runs for {}", data_dir.display());
+            return Ok(());
+        }
+    };
+    let pid = stream
+        .peer_cred()
+        .context("cannot identify the daemon on the socket")?
+        .pid()
+        .context("the socket does not say which process serves it")?;
+    drop(stream);
+    // SAFETY: plain syscall on a pid the kernel just named as the socket's peer.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot signal vroomd (pid {pid})"));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Gone, or a zombie its parent has yet to reap.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                !stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    while running() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("vroomd (pid {pid}) did not stop within 30 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("vroomd (pid {pid}) stopped; its VMs keep running");
+    Ok(())
+}

@@ -37,48 +37,81 @@ pub struct Cli {
 pub enum Command {
     /// Install or verify host prerequisites and the guest kernel.
     Setup,
-    /// Run vroomd in the foreground.
-    Daemon,
+    /// Run vroomd in the foreground (`vroom daemon stop` stops a running one;
+    /// its VMs keep running and the next daemon re-adopts them).
+    Daemon {
+        #[command(subcommand)]
+        op: Option<DaemonOp>,
+    },
     /// Create and start an instance; returns when the guest reports ready.
     Run(RunArgs),
     /// List instances.
     Ps,
     /// Show one instance.
-    Inspect { name: String },
+    Inspect {
+        /// The instance's name.
+        name: String,
+    },
     /// Start a stopped instance.
-    Start { name: String },
+    Start {
+        /// The instance's name.
+        name: String,
+    },
     /// Shut an instance down gracefully (killed after a timeout).
-    Stop { name: String },
+    Stop {
+        /// The instance's name.
+        name: String,
+    },
     /// Stop, then start an instance.
-    Restart { name: String },
+    Restart {
+        /// The instance's name.
+        name: String,
+    },
     /// Remove an instance, its config volume and its files.
     Rm {
         /// Kill it first if it runs.
         #[arg(short, long)]
         force: bool,
+        /// The instance's name.
         name: String,
     },
-    /// Show an instance's console log.
+    /// Show an instance's console log (kernel, vroom-init and services).
     Logs {
         /// Keep printing new output.
         #[arg(short, long)]
         follow: bool,
+        /// Which boot: 0 is the current (or last) one, -1 the one before, down to -5.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true,
+              value_parser = clap::value_parser!(i32).range(-5..=0))]
+        boot: i32,
+        /// Only the last N lines.
+        #[arg(short = 'n', long)]
+        tail: Option<usize>,
+        /// The instance's name.
         name: String,
     },
     /// Copy a file out of a running guest: `vroom cp NAME:/path LOCAL`
     /// (LOCAL may be a directory; `-` writes to stdout).
-    Cp { source: String, dest: PathBuf },
+    Cp {
+        /// NAME:/path/in/the/guest of a regular file.
+        source: String,
+        /// A local file or directory, or `-` for stdout.
+        dest: PathBuf,
+    },
     /// Run a command in the guest and exit with its exit code.
     Exec {
+        /// The instance's name.
         name: String,
         /// Seconds before the command is killed.
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Read and change an instance's config.
     Config {
+        /// The instance's name.
         name: String,
         #[command(subcommand)]
         op: ConfigOp,
@@ -108,13 +141,15 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// Image name or id.
+    /// Image name or id (a catalog image is built on first use).
     pub image: String,
+    /// The new instance's name: lowercase letters, digits and dashes.
     #[arg(long)]
     pub name: vroom_types::Name,
     /// Guest memory, e.g. 128M or 1G (the image's default when absent).
     #[arg(long, value_parser = parse_mem_mib)]
     pub mem: Option<u64>,
+    /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// Attach a NIC to a network: [ROLE=]NET[:IP], e.g. `wan=uplink` or
@@ -122,6 +157,7 @@ pub struct RunArgs {
     /// image's remaining roles in order.
     #[arg(long = "net")]
     pub nets: Vec<NicSpec>,
+    /// Accelerator: kvm where the CPU has vmx/svm, tcg (emulation) otherwise.
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
     /// Seconds the guest has to report ready.
@@ -135,24 +171,35 @@ pub struct RunArgs {
 #[derive(Subcommand)]
 pub enum ConfigOp {
     /// Print the config, or one key's value.
-    Get { key: Option<String> },
+    Get {
+        /// One key; all of them when absent.
+        key: Option<String>,
+    },
     /// Set KEY=VALUE pairs (applied live on a running instance).
     Set {
+        /// KEY=VALUE pairs.
         #[arg(required = true, value_parser = vroom_types::parse_assignment)]
         pairs: Vec<(String, String)>,
     },
     /// Restore the image's factory config.
     Reset,
     /// Write the config to a JSON file.
-    Export { file: PathBuf },
+    Export {
+        /// The file to write.
+        file: PathBuf,
+    },
     /// Replace the config with a JSON file written by `export`.
-    Import { file: PathBuf },
+    Import {
+        /// A file written by `export`.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum NetOp {
     /// Create a network (a bridge on this host).
     Create {
+        /// The network's name.
         name: vroom_types::Name,
         /// IPv4 subnet, e.g. 10.90.0.0/24; a free /24 when absent.
         #[arg(long, value_parser = vroom_types::parse_subnet)]
@@ -170,15 +217,22 @@ pub enum NetOp {
     /// List networks.
     Ls,
     /// Show one network.
-    Inspect { name: String },
+    Inspect {
+        /// The network's name.
+        name: String,
+    },
     /// Remove a network no instance uses.
-    Rm { name: String },
+    Rm {
+        /// The network's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum ImageOp {
     /// Build an image from a recipe (a recipe.toml or its directory).
     Build {
+        /// A recipe.toml, its directory, or the name of a catalog recipe.
         recipe: PathBuf,
         /// Refresh the package indexes first (security updates) and list the
         /// packages that changed.
@@ -188,19 +242,35 @@ pub enum ImageOp {
     /// List images.
     Ls,
     /// Show an image's manifest.
-    Inspect { image: String },
+    Inspect {
+        /// Image name (its newest build) or id.
+        image: String,
+    },
     /// List the exact Debian packages in an image (its SBOM).
-    Sbom { image: String },
+    Sbom {
+        /// Image name (its newest build) or id.
+        image: String,
+    },
     /// Remove an image no instance uses.
-    Rm { image: String },
+    Rm {
+        /// Image name (its newest build) or id.
+        image: String,
+    },
     /// Remove the older builds that no name points to and no instance uses.
     Prune,
+}
+
+#[derive(Subcommand)]
+pub enum DaemonOp {
+    /// Stop the running vroomd gracefully; its VMs keep running.
+    Stop,
 }
 
 #[derive(Subcommand)]
 pub enum BenchOp {
     /// Boot the hello appliance N times through vroom and N times with the raw QEMU command.
     Boot {
+        /// Boots of each kind.
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },
@@ -210,6 +280,7 @@ pub enum BenchOp {
         /// A directory of recipe directories.
         #[arg(long, default_value = "recipes")]
         recipes: PathBuf,
+        /// Boots of each appliance.
         #[arg(short = 'n', long, default_value_t = 3)]
         runs: usize,
         /// Skip the debootstrap comparison (it downloads a full minbase).
@@ -220,23 +291,19 @@ pub enum BenchOp {
 
 fn main() {
     ensure_sbin_on_path();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            // One line: clap's first line already reads "error: <cause>".
-            let text = e.to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
-    };
+    // clap's own report for usage errors: the cause, the usage line and
+    // suggestions for mistyped subcommands, with exit code 2.
+    let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Daemon => {
+        Command::Daemon { op: None } => {
             init_tracing(true);
             runtime().block_on(daemon::run(&cli.data_dir)).map(|()| 0)
+        }
+        Command::Daemon {
+            op: Some(DaemonOp::Stop),
+        } => {
+            init_tracing(false);
+            runtime().block_on(daemon::stop(&cli.data_dir)).map(|()| 0)
         }
         Command::Setup => setup::run(false).map(|()| 0),
         _ => {
@@ -286,4 +353,32 @@ fn ensure_sbin_on_path() {
         }
     }
     std::env::set_var("PATH", parts.join(":"));
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand and every argument explains itself in `--help`.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = vec![];
+        walk(&super::Cli::command(), "vroom", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        super::Cli::command().debug_assert();
+    }
 }

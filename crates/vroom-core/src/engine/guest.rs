@@ -108,10 +108,18 @@ impl Engine {
         Ok(cell)
     }
 
-    pub fn logs(&self, name: &str, offset: u64) -> Result<(String, u64), OpError> {
+    /// A piece of the console log of boot `boot` (0: the current one, -1 the
+    /// one before, down to `-KEPT_BOOTS`).
+    pub fn logs(&self, name: &str, boot: i32, offset: u64) -> Result<(String, u64), OpError> {
         use std::io::{Read, Seek, SeekFrom};
         let cell = self.cell(name)?;
-        let path = cell.console_log();
+        if !(-KEPT_BOOTS..=0).contains(&boot) {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("boot {boot} is out of range: 0 is the current boot, -1 to -{KEPT_BOOTS} earlier ones"),
+            ));
+        }
+        let path = cell.boot_log(boot);
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),

@@ -311,6 +311,7 @@ impl Engine {
             agent_socket: cell.dir.join("agent.sock"),
             console_log: cell.console_log(),
         };
+        cell.rotate_console();
         // The intent goes on record before the VMM starts: a daemon killed
         // from here on finds the instance `starting` and, through its run
         // dir, the VMM if one came up.

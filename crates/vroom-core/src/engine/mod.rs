@@ -51,6 +51,8 @@ pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
 const HEALTH_POLL: Duration = Duration::from_millis(150);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
+/// How many earlier boots' console logs an instance keeps.
+pub const KEPT_BOOTS: i32 = 5;
 /// The largest file `read_file` copies out of a guest.
 const MAX_COPY_BYTES: u64 = 1 << 30;
 /// An instance that stayed up this long has its crash streak forgotten.
@@ -111,6 +113,24 @@ impl Cell {
     fn volume(&self) -> PathBuf {
         self.dir.join("config.img")
     }
+    /// The console log of boot `boot`: 0 is the current (or last) boot, -1
+    /// the one before, down to `-KEPT_BOOTS`.
+    fn boot_log(&self, boot: i32) -> PathBuf {
+        match boot {
+            0 => self.console_log(),
+            n => self.dir.join(format!("console.{}.log", n.unsigned_abs())),
+        }
+    }
+
+    /// Keeps the last boots' consoles: console.log becomes console.1.log,
+    /// which becomes console.2.log, and so on up to [`KEPT_BOOTS`].
+    fn rotate_console(&self) {
+        for n in (1..KEPT_BOOTS).rev() {
+            let _ = std::fs::rename(self.boot_log(-n), self.boot_log(-n - 1));
+        }
+        let _ = std::fs::rename(self.console_log(), self.boot_log(-1));
+    }
+
     fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }

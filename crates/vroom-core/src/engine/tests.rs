@@ -270,3 +270,44 @@ async fn a_guest_that_never_gets_ready_is_failed_at_the_deadline() {
     }
     assert!(t.driver.running().is_empty());
 }
+
+/// NIC roles: named roles are honoured, and a router's wan may not sit on
+/// an isolated network (nothing would route it out).
+#[tokio::test]
+async fn nic_roles_are_assigned_and_a_routers_wan_stays_off_isolated_networks() {
+    use vroom_types::{NetworkSpec, NicSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let net = |name: &str, isolated: bool| NetworkSpec {
+        name: Name::new(name).unwrap(),
+        subnet: None,
+        nat: false,
+        isolated,
+        mirror: false,
+    };
+    t.engine.create_network(net("up", false)).await.unwrap();
+    t.engine.create_network(net("inside", true)).await.unwrap();
+    let nic = |network: &str, role: Option<&str>| NicSpec {
+        network: Name::new(network).unwrap(),
+        ip: None,
+        role: role.map(|r| Name::new(r).unwrap()),
+    };
+    let mut req = request("fw");
+    req.spec.image = "router".into();
+    req.spec.nics = vec![nic("inside", Some("lan")), nic("up", None)];
+    let fw = t.engine.run(req.clone()).await.unwrap();
+    let roles: Vec<_> = fw.nics.iter().map(|n| n.role.clone().unwrap()).collect();
+    assert_eq!(roles, ["lan", "wan"]);
+    // The router's inside NIC on the isolated network is its gateway.
+    let inside = t.engine.network("inside").unwrap();
+    assert_eq!(fw.nics[0].ip, inside.gateway);
+
+    req.spec.name = Name::new("fw2").unwrap();
+    req.spec.nics = vec![nic("inside", Some("wan"))];
+    let err = t.engine.run(req).await.unwrap_err();
+    assert!(
+        err.message.contains("isolated network inside"),
+        "{}",
+        err.message
+    );
+}

@@ -152,10 +152,12 @@ impl Env {
             "vroom {args:?} should have failed; stdout: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let last = stderr.lines().last().unwrap_or("");
+        // vroom's own errors are one `error:` line; clap's usage errors
+        // start with one and go on with the usage and a hint.
+        let cause = stderr.lines().find(|l| l.starts_with("error: "));
         assert!(
-            last.starts_with("error: "),
-            "vroom {args:?}: no one-line cause on stderr: {stderr:?}"
+            cause.is_some(),
+            "vroom {args:?}: no `error:` cause on stderr: {stderr:?}"
         );
         stderr
     }

@@ -1,0 +1,82 @@
+//! The CLI as people use it: catalog images built on first use, NIC roles,
+//! human and JSON views, console logs kept across boots, and a daemon that
+//! stops without taking its VMs along.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{random_subnet, Env};
+use vroom_types::InstanceState;
+
+#[test]
+fn catalog_roles_views_boot_logs_and_daemon_stop() {
+    let env = Env::new("cli");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "office", "--subnet", &subnet]);
+
+    // `web` is in the catalog but not built in this data dir: run builds it.
+    assert!(!env.ok(&["image", "ls"]).contains("web"));
+    env.ok(&["run", "web", "--name", "w", "--net", "lan=office"]);
+    let listing = env.ok(&["image", "ls"]);
+    assert!(
+        listing.contains("web *"),
+        "the current build is marked: {listing}"
+    );
+
+    // Roles: in the record, in ps and in the human view.
+    let w = env.instance("w");
+    assert_eq!(w.nics[0].role.as_deref(), Some("lan"));
+    let ps = env.ok(&["ps"]);
+    assert!(ps.contains(&format!("lan:{}", w.nics[0].ip)), "{ps}");
+    let human = env.ok(&["inspect", "w"]);
+    assert!(
+        human.contains("state:") && human.contains("running"),
+        "{human}"
+    );
+    assert!(
+        human.contains(&format!("lan    {}/", w.nics[0].ip)),
+        "{human}"
+    );
+    assert!(serde_json::from_str::<serde_json::Value>(&human).is_err());
+    let net = env.ok(&["net", "inspect", "office"]);
+    assert!(net.contains("w (") && net.contains(&subnet), "{net}");
+    // A role the image does not have is refused before anything is made.
+    let stderr = env.fail(&["run", "web", "--name", "x", "--net", "wan=office"]);
+    assert!(stderr.contains("no NIC role \"wan\""), "{stderr}");
+
+    // Earlier boots' consoles are kept.
+    let first_boot = env.ok(&["logs", "w"]);
+    assert!(first_boot.contains("vroom-init"), "{first_boot}");
+    env.ok(&["restart", "w"]);
+    let previous = env.ok(&["logs", "w", "--boot", "-1"]);
+    assert_eq!(
+        previous.lines().next(),
+        first_boot.lines().next(),
+        "boot -1 is the first boot's console"
+    );
+    let tail = env.ok(&["logs", "w", "--tail", "3"]);
+    assert!(tail.lines().count() <= 3 && !tail.is_empty(), "{tail:?}");
+    let all = env.ok(&["logs", "w"]);
+    assert!(all.ends_with(&tail), "the tail is the end of the log");
+    env.fail(&["logs", "w", "--boot", "-9"]);
+
+    // `daemon stop` stops vroomd, not the VMs; the next daemon re-adopts them.
+    let pid = env.instance("w").status.pid.expect("running");
+    let stopped = env.ok(&["daemon", "stop"]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    assert!(
+        !env.dir.join("vroomd.sock").exists(),
+        "the daemon removed its socket"
+    );
+    assert_eq!(env.qemu_pids(), vec![pid], "the VM kept running");
+    env.start_daemon();
+    let w = env.wait_for("w", "re-adopted", Duration::from_secs(30), |i| {
+        i.status.state == InstanceState::Running
+    });
+    assert_eq!(w.status.pid, Some(pid));
+
+    env.ok(&["rm", "-f", "w"]);
+    env.ok(&["net", "rm", "office"]);
+    env.assert_nothing_left("after the CLI tour");
+}
