@@ -62,6 +62,9 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Net { op } => net(&client, op, json).await?,
         Command::Image { op } => image(&client, op, json).await?,
         Command::Demo { keep } => crate::demo::run(&client, *keep).await?,
+        Command::Gc { remove } => {
+            crate::gc::run(&client, &paths::iface_prefix(), *remove, json).await?
+        }
         Command::Setup | Command::Daemon { .. } | Command::Bench { .. } => {
             unreachable!("handled in main")
         }

@@ -7,6 +7,7 @@ mod bench_images;
 mod cli;
 mod daemon;
 mod demo;
+mod gc;
 mod output;
 mod paths;
 mod setup;
@@ -125,6 +126,13 @@ pub enum Command {
     Image {
         #[command(subcommand)]
         op: ImageOp,
+    },
+    /// List host bridges and NAT tables with vroom's prefix that no network
+    /// or instance of this data dir owns (left by a deleted data dir).
+    Gc {
+        /// Delete the idle ones (bridges without ports, tables without a bridge).
+        #[arg(long)]
+        remove: bool,
     },
     /// Run the end-to-end demo: a network, the hello appliance, a config change.
     Demo {

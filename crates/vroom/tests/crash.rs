@@ -281,4 +281,18 @@ fn a_leftover_bridge_is_refused_and_left_alone() {
         );
     }
     assert!(env.ok(&["net", "ls", "--json"]).trim() == "[]");
+    // `vroom gc` finds it, and removes it because it is idle (no ports).
+    let listed = env.ok(&["gc"]);
+    assert!(
+        listed.contains(&bridge) && listed.contains("idle"),
+        "{listed}"
+    );
+    let removed = env.ok(&["gc", "--remove"]);
+    assert!(removed.contains("removed"), "{removed}");
+    assert!(!env.links().contains(&bridge));
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    // A bridge of this data dir is never a leftover.
+    assert!(!env.ok(&["gc"]).contains(&bridge));
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after gc");
 }

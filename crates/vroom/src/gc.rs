@@ -1,0 +1,131 @@
+//! `vroom gc`: host leftovers that carry vroom's interface prefix but belong
+//! to no network or instance of this data dir, e.g. bridges and NAT tables
+//! that outlived a deleted data dir. Lists them; `--remove` deletes the ones
+//! that are idle (a bridge with no ports, a NAT table whose bridge is gone),
+//! so that a live bridge of another data dir sharing the prefix is never
+//! touched.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use vroom_client::Client;
+
+/// One leftover and whether it is idle (safe to remove).
+struct Leftover {
+    kind: &'static str,
+    name: String,
+    idle: bool,
+}
+
+fn bridge_ports(name: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{name}/brif"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn is_bridge(name: &str) -> bool {
+    Path::new(&format!("/sys/class/net/{name}/bridge")).exists()
+}
+
+fn nft_tables() -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table ip "))
+        .map(|t| t.trim().to_string())
+        .collect()
+}
+
+pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Result<()> {
+    let networks = client.networks().await?;
+    let instances = client.list().await?;
+    let mut known: BTreeSet<String> = networks.iter().map(|n| n.bridge.clone()).collect();
+    known.extend(
+        instances
+            .iter()
+            .flat_map(|i| i.nics.iter().map(|n| n.tap.clone())),
+    );
+    let known_tables: BTreeSet<String> = networks.iter().map(vroom_net::nat_table).collect();
+
+    let mut leftovers = vec![];
+    let links = std::fs::read_dir("/sys/class/net").context("cannot list host interfaces")?;
+    let mut names: Vec<String> = links
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix) && !known.contains(n))
+        .collect();
+    names.sort();
+    for name in names {
+        let (kind, idle) = if is_bridge(&name) {
+            ("bridge", bridge_ports(&name) == 0)
+        } else {
+            ("interface", false)
+        };
+        leftovers.push(Leftover { kind, name, idle });
+    }
+    let table_prefix = format!("vroom_{prefix}");
+    for table in nft_tables() {
+        if table.starts_with(&table_prefix) && !known_tables.contains(&table) {
+            let bridge = table.trim_start_matches("vroom_");
+            let idle = !Path::new(&format!("/sys/class/net/{bridge}")).exists();
+            leftovers.push(Leftover {
+                kind: "nft table",
+                name: table,
+                idle,
+            });
+        }
+    }
+
+    let mut removed = vec![];
+    if remove {
+        for l in leftovers.iter().filter(|l| l.idle) {
+            let status = match l.kind {
+                "bridge" => Command::new("ip")
+                    .args(["link", "delete", &l.name])
+                    .status(),
+                _ => Command::new("nft")
+                    .args(["delete", "table", "ip", &l.name])
+                    .status(),
+            };
+            if status.is_ok_and(|s| s.success()) {
+                removed.push(l.name.clone());
+            }
+        }
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = leftovers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "kind": l.kind,
+                    "name": l.name,
+                    "idle": l.idle,
+                    "removed": removed.contains(&l.name),
+                })
+            })
+            .collect();
+        crate::output::json(&rows);
+        return Ok(());
+    }
+    if leftovers.is_empty() {
+        println!("no leftovers with prefix {prefix:?}");
+        return Ok(());
+    }
+    for l in &leftovers {
+        let note = if removed.contains(&l.name) {
+            "removed"
+        } else if l.idle {
+            "idle: `vroom gc --remove` deletes it"
+        } else {
+            "in use (another data dir's?): left alone"
+        };
+        println!("{:<10} {:<16} {note}", l.kind, l.name);
+    }
+    Ok(())
+}
