@@ -3,9 +3,8 @@
 //! the host's uplink as one nftables table per network, through `nft`, the
 //! standard tool for it.
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -75,21 +74,24 @@ pub fn nat_ruleset(network: &Network, bridge_glob: &str) -> String {
     )
 }
 
-fn nft(script: &str) -> Result<(), String> {
-    let mut child = Command::new("nft")
+/// Runs an nft script, as a child process awaited without blocking the runtime.
+async fn nft(script: &str) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot run nft: {e}"))?;
-    child
-        .stdin
-        .take()
-        .expect("invariant: piped stdin")
+    let mut stdin = child.stdin.take().expect("invariant: piped stdin");
+    stdin
         .write_all(script.as_bytes())
+        .await
         .map_err(|e| e.to_string())?;
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr)
             .lines()
@@ -157,12 +159,12 @@ impl NetworkBackend for NetlinkNetwork {
                     reason: e.to_string(),
                 }
             })?;
-            nft(&nat_ruleset(network, &self.bridge_glob)).map_err(|reason| {
-                NetworkBackendError::Failed {
+            nft(&nat_ruleset(network, &self.bridge_glob))
+                .await
+                .map_err(|reason| NetworkBackendError::Failed {
                     action: format!("add NAT for {}", network.name),
                     reason,
-                }
-            })?;
+                })?;
         }
         Ok(())
     }
@@ -170,7 +172,7 @@ impl NetworkBackend for NetlinkNetwork {
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
         if network.nat {
             // Deleting a table that is not there fails; only a present one matters.
-            let _ = nft(&format!("delete table ip {}\n", nat_table(network)));
+            let _ = nft(&format!("delete table ip {}\n", nat_table(network))).await;
         }
         if let Some(index) = self.link_index(&network.bridge).await {
             self.handle

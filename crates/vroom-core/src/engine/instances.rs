@@ -109,7 +109,7 @@ impl Engine {
             ready_timeout_secs,
             ever_ready: false,
         };
-        let prepared = (|| {
+        let prepared = blocking(|| {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| OpError::internal(format!("failed to create {}", dir.display()), e))?;
             let identity = instance_file(&instance, &image);
@@ -131,7 +131,7 @@ impl Engine {
                 e => OpError::internal("failed to create the config volume", e),
             })?;
             self.persist(&record)
-        })();
+        });
         if let Err(e) = prepared {
             let _ = std::fs::remove_dir_all(&dir);
             rollback_default(self).await;
@@ -482,14 +482,13 @@ impl Engine {
             )));
         }
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
-        self.store
-            .delete_instance(name)
+        blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
         self.instances
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n, _| n.as_str() != name);
-        std::fs::remove_dir_all(&cell.dir)
+        blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     Ok(())

@@ -112,7 +112,7 @@ impl Engine {
                 ));
             }
         }
-        if let Err(e) = self.store.put_network(&network) {
+        if let Err(e) = blocking(|| self.store.put_network(&network)) {
             let _ = self.net.delete_network(&network).await;
             return Err(OpError::internal("failed to save the network", e));
         }

@@ -49,7 +49,9 @@ fn stored_state(t: &TestEngine, name: &str) -> Option<InstanceState> {
         .map(|r| r.instance.status.state)
 }
 
-#[tokio::test]
+/// On the daemon's multi-threaded runtime, so that blocking work goes
+/// through `block_in_place`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_becomes_running_and_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let t = TestEngine::new(dir.path());
