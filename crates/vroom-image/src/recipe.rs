@@ -334,7 +334,23 @@ pub fn load(path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
     })?;
     let recipe: Recipe = toml::from_str(&text).map_err(|e| LoadRecipeError::Parse {
         path: path.into(),
-        message: e.message().to_string(),
+        // One line, with where: toml's message may span several.
+        message: {
+            let what = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join("; ");
+            match e.span() {
+                Some(span) => {
+                    let before = &text.as_bytes()[..span.start.min(text.len())];
+                    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+                    format!("line {line}: {what}")
+                }
+                None => what,
+            }
+        },
     })?;
     let dir = path
         .parent()

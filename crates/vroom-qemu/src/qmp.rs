@@ -135,4 +135,67 @@ mod tests {
             Err(QmpError::Json(_))
         ));
     }
+
+    /// Property tests over untrusted QMP output. `PROPTEST_CASES=100000
+    /// cargo test -p vroom-qemu qmp::tests::prop` runs them longer.
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn read_all(input: &[u8]) -> Vec<Result<Value, String>> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut reader = BufReader::new(input);
+                let mut out = vec![];
+                // Each call consumes at least one line, so this ends.
+                for _ in 0..=input.len() {
+                    match read_reply(&mut reader, "x", false).await {
+                        Err(QmpError::Closed) => break,
+                        Err(QmpError::Json(_)) => out.push(Err("json".into())),
+                        Err(e) => out.push(Err(e.to_string())),
+                        Ok(v) => out.push(Ok(v)),
+                    }
+                }
+                out
+            })
+        }
+
+        fn event() -> impl Strategy<Value = String> {
+            "[A-Z_]{1,12}".prop_map(|e| format!("{{\"event\":\"{e}\",\"data\":{{}}}}\n"))
+        }
+
+        proptest! {
+            /// Arbitrary bytes never panic the reader, and it gives at most
+            /// one answer per line of input.
+            #[test]
+            fn arbitrary_replies_never_panic(input in proptest::collection::vec(any::<u8>(), 0..4096)) {
+                let lines = input.split(|b| *b == b'\n').count();
+                prop_assert!(read_all(&input).len() <= lines);
+            }
+
+            /// Events before a reply are skipped, and the reply's value comes back whole.
+            #[test]
+            fn events_are_skipped_and_the_return_value_is_kept(
+                events in proptest::collection::vec(event(), 0..8),
+                key in "[a-z]{1,10}",
+                number in any::<i64>(),
+            ) {
+                let mut input = events.concat();
+                let value = json!({ key: number });
+                input.push_str(&format!("{{\"return\":{value}}}\n"));
+                let replies = read_all(input.as_bytes());
+                prop_assert_eq!(replies, vec![Ok(value)]);
+            }
+
+            /// An error reply carries its description, whatever it says.
+            #[test]
+            fn error_descriptions_survive(desc in "\\PC{0,80}") {
+                let line = json!({"error": {"class": "GenericError", "desc": desc}}).to_string() + "\n";
+                let replies = read_all(line.as_bytes());
+                prop_assert_eq!(replies, vec![Err(format!("QMP command x failed: {desc}"))]);
+            }
+        }
+    }
 }
