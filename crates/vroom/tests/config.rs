@@ -340,6 +340,11 @@ fn a_change_acknowledged_before_a_daemon_crash_is_recorded() {
         "false",
         "the guest's change is recorded"
     );
+    assert!(
+        env.daemon_log()
+            .contains("recorded an interrupted config change the guest had applied"),
+        "through the pending version"
+    );
     assert_one_truth(&env);
     let h = history(&env);
     assert_eq!(h.current, 2);
