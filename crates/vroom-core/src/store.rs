@@ -223,6 +223,68 @@ mod tests {
     use super::*;
     use vroom_types::Name;
 
+    fn record(name: &str, greeting: &str) -> InstanceRecord {
+        let instance: Instance = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef",
+            "spec": {
+                "name": name, "image": "hello", "mem_mib": null, "cpus": 1,
+                "nics": [], "accel": "auto", "config_volume_kib": null
+            },
+            "image_id": "abc", "image_name": "hello", "mem_mib": 128, "created_at": 1,
+            "desired": "running", "nics": [],
+            "status": {
+                "state": "stopped", "pid": null, "accel": null, "started_at": null,
+                "boot_ms": null, "restarts": 0, "last_error": null
+            },
+            "config": { "greeting": greeting }
+        }))
+        .unwrap();
+        InstanceRecord {
+            instance,
+            process: None,
+            ready_timeout_secs: 120,
+        }
+    }
+
+    #[test]
+    fn config_history_commits_with_its_record_and_goes_with_the_instance() {
+        use vroom_types::ConfigOrigin;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let values = |g: &str| -> vroom_types::ConfigValues {
+            [("greeting".to_string(), g.to_string())].into()
+        };
+        {
+            let store = RedbStateStore::open(&path).unwrap();
+            store.put_instance(&record("web", "hi")).unwrap();
+            assert_eq!(store.config_log("web").unwrap(), None);
+            let mut log = ConfigLog::start(values("hi"), 1);
+            let v2 = log
+                .propose(values("ho"), ConfigOrigin::Set, None, 2)
+                .unwrap();
+            log.pending = Some(v2.clone());
+            store.put_config_log("web", &log).unwrap();
+            log.commit(v2);
+            store.commit_config(&record("web", "ho"), &log).unwrap();
+        }
+        // Reopened, as after a daemon kill: record and history agree.
+        let store = RedbStateStore::open(&path).unwrap();
+        let log = store.config_log("web").unwrap().unwrap();
+        assert_eq!(log.pending, None);
+        assert_eq!(log.current().unwrap().version, 2);
+        assert_eq!(
+            store.instances().unwrap()[0].instance.config,
+            log.current().unwrap().values
+        );
+        store.delete_instance("web").unwrap();
+        assert_eq!(
+            store.config_log("web").unwrap(),
+            None,
+            "gone with the instance"
+        );
+        assert!(store.instances().unwrap().is_empty());
+    }
+
     #[test]
     fn networks_roundtrip_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();

@@ -244,7 +244,10 @@ impl Engine {
                 ))
             }
             other => {
-                // Saved or not? The guest's own config says.
+                // Saved or not? The guest's own config says. A guest that did
+                // not answer may still be working on it: then only a config
+                // that already matches settles the question now.
+                let answered = other.is_ok();
                 let problem = match other {
                     Ok(GuestReply::Error { message }) => truncate(&message),
                     Ok(_) => "the guest answered with the wrong reply".to_string(),
@@ -259,7 +262,7 @@ impl Engine {
                             format!("config version {number} is saved, but {problem}"),
                         ))
                     }
-                    Some(_) => {
+                    Some(_) if answered => {
                         self.drop_pending(name, &mut log);
                         Err(OpError::new(
                             ErrorCode::GuestError,
@@ -267,7 +270,7 @@ impl Engine {
                         ))
                     }
                     // Unknown: the pending version is settled at the next access.
-                    None => Err(OpError::new(
+                    _ => Err(OpError::new(
                         ErrorCode::GuestError,
                         format!("cannot apply the config in the guest: {problem}"),
                     )),
