@@ -104,6 +104,19 @@ fn staged_path(path: &Path) -> PathBuf {
         .join(name)
 }
 
+/// A service's check command with every template path it names replaced by
+/// the path of the template's staged copy.
+fn check_argv(check: &[String], template_paths: &[&str]) -> Vec<String> {
+    check
+        .iter()
+        .map(|arg| {
+            template_paths.iter().fold(arg.clone(), |arg, path| {
+                arg.replace(path, &staged_path(Path::new(path)).display().to_string())
+            })
+        })
+        .collect()
+}
+
 /// The first line of a check's output, for one-line messages.
 fn first_line(output: &str) -> &str {
     output.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
@@ -353,19 +366,13 @@ impl Supervisor {
             }
         }
         for service in self.spec.services.iter().filter(|s| !s.check.is_empty()) {
-            let argv: Vec<String> = service
-                .check
+            let paths: Vec<&str> = self
+                .spec
+                .templates
                 .iter()
-                .map(|arg| {
-                    self.spec.templates.iter().fold(arg.clone(), |arg, t| {
-                        arg.replace(
-                            &t.path,
-                            &staged_path(Path::new(&t.path)).display().to_string(),
-                        )
-                    })
-                })
+                .map(|t| t.path.as_str())
                 .collect();
-            let (code, output) = self.run_check(&argv);
+            let (code, output) = self.run_check(&check_argv(&service.check, &paths));
             if code != 0 {
                 staged.discard();
                 let message = format!(
@@ -609,4 +616,49 @@ fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<
         }
         String::from_utf8_lossy(&kept).into_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_read_the_staged_copies() {
+        let paths = ["/run/fw/nftables.conf", "/run/fw/dnsmasq.conf"];
+        let cases: &[(&[&str], &[&str])] = &[
+            (
+                &["/usr/sbin/nft", "-c", "-f", "/run/fw/nftables.conf"],
+                &[
+                    "/usr/sbin/nft",
+                    "-c",
+                    "-f",
+                    "/run/fw/.vroom-staged/nftables.conf",
+                ],
+            ),
+            (
+                &[
+                    "/usr/sbin/dnsmasq",
+                    "--test",
+                    "--conf-file=/run/fw/dnsmasq.conf",
+                ],
+                &[
+                    "/usr/sbin/dnsmasq",
+                    "--test",
+                    "--conf-file=/run/fw/.vroom-staged/dnsmasq.conf",
+                ],
+            ),
+            (
+                &["/bin/true", "/run/other.conf"],
+                &["/bin/true", "/run/other.conf"],
+            ),
+        ];
+        for (check, want) in cases {
+            let check: Vec<String> = check.iter().map(|s| s.to_string()).collect();
+            assert_eq!(check_argv(&check, &paths), *want);
+        }
+        assert_eq!(
+            first_line("\n\ndnsmasq: bad option\nmore"),
+            "dnsmasq: bad option"
+        );
+    }
 }
