@@ -132,11 +132,13 @@ fn bad_changes_are_refused_and_good_ones_are_versions() {
     );
     let err = env.fail(&["config", "fw", "set", "dhcp_first=150", "dhcp_last=120"]);
     assert!(err.contains("must be at most dhcp_last (120)"), "{err}");
+    // What the guest logs when it renders, checks or applies a config.
+    let guest_markers = ["render ", "the check of service", "config applied"];
     let console = env.ok(&["logs", "fw"]);
+    let since = &console[console_before.len()..];
     assert!(
-        !console[console_before.len()..].contains("config"),
-        "the guest was not asked: {}",
-        &console[console_before.len()..]
+        !guest_markers.iter().any(|m| since.contains(m)),
+        "the guest was not asked: {since}"
     );
 
     // A lease time dnsmasq cannot read: the host's checks pass it, the
@@ -147,6 +149,11 @@ fn bad_changes_are_refused_and_good_ones_are_versions() {
         "the refusal names the failing check: {err}"
     );
     assert!(err.contains("dhcp-range"), "and shows its output: {err}");
+    let console = env.ok(&["logs", "fw"]);
+    assert!(
+        console[console_before.len()..].contains("the check of service dnsmasq failed"),
+        "the guest's refusal is what the markers above look for"
+    );
     assert_eq!(config_of(&env), before, "nothing was saved");
     assert_one_truth(&env);
     assert_eq!(
