@@ -489,6 +489,118 @@ fn template_nics(instance: &Instance, roles: &[String]) -> BTreeMap<String, Temp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// A firewall-like image: a DHCP pool with rules, and a template that
+    /// uses it; its instance has a lan NIC on 10.0.1.0/24.
+    fn image_and_instance() -> (BootImage, Instance) {
+        let int = json!({ "type": "int", "min": 2, "max": 65534 });
+        let manifest = serde_json::from_value(json!({
+            "manifest_version": 1, "name": "fw", "version": "1.0",
+            "kernel": { "package": "k", "version": "1", "release": "r", "sha256": "0" },
+            "initramfs": { "file": "i", "sha256": "0", "size": 0 },
+            "rootfs": { "file": "r", "sha256": "0", "size": 0 },
+            "cmdline": "", "default_mem_mib": 128, "min_mem_mib": 128,
+            "appliance": {
+                "seed_config": { "dhcp": "true", "first": "100", "last": "199", "lease": "12h" },
+                "nic_roles": ["lan"],
+                "writable": ["/run"],
+                "templates": [{
+                    "path": "/run/d.conf",
+                    "template": "{% if dhcp %}{{ nics.lan.cidr | host(first) }} {{ nics.lan.cidr | host(last) }}{% endif %}\n"
+                }],
+                "services": [],
+                "health_tcp_port": null,
+                "config_schema": {
+                    "dhcp": { "type": "bool" }, "first": int, "last": int,
+                    "lease": { "type": "string", "max_len": 16 }
+                },
+                "config_rules": [
+                    { "rule": "first in nics.lan", "when": "dhcp" },
+                    { "rule": "first <= last", "when": "dhcp" }
+                ]
+            }
+        }))
+        .unwrap();
+        let image = BootImage {
+            id: "img".into(),
+            manifest,
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            rootfs: "/r".into(),
+        };
+        let instance = serde_json::from_value(json!({
+            "id": "0123456789abcdef",
+            "spec": {
+                "name": "fw", "image": "fw", "mem_mib": null, "cpus": 1,
+                "nics": [], "accel": "auto", "config_volume_kib": null
+            },
+            "image_id": "img", "image_name": "fw", "mem_mib": 128, "created_at": 1,
+            "desired": "running",
+            "nics": [{
+                "network": "lan", "ip": "10.0.1.1", "prefix_len": 24,
+                "gateway": "10.0.1.1", "mac": "52:54:00:00:00:01", "tap": "t0"
+            }],
+            "status": {
+                "state": "running", "pid": null, "accel": null, "started_at": null,
+                "boot_ms": null, "restarts": 0, "last_error": null
+            },
+            "config": {}
+        }))
+        .unwrap();
+        (image, instance)
+    }
+
+    #[test]
+    fn the_host_refuses_what_would_break_the_guest() {
+        let (image, instance) = image_and_instance();
+        let seed = image.manifest.appliance.seed_config.clone();
+        let with = |changes: &[(&str, &str)]| {
+            let mut values = seed.clone();
+            for (k, v) in changes {
+                values.insert(k.to_string(), v.to_string());
+            }
+            values
+        };
+        let mut missing = seed.clone();
+        missing.remove("lease");
+        let cases: Vec<(ConfigValues, Option<&str>)> = vec![
+            (seed.clone(), None),
+            (with(&[("first", "254"), ("last", "254")]), None),
+            (
+                with(&[("first", "300")]),
+                Some("must be a host number of lan's subnet 10.0.1.0/24"),
+            ),
+            (
+                with(&[("first", "150"), ("last", "120")]),
+                Some("must be at most last (120)"),
+            ),
+            (with(&[("dhcp", "false"), ("first", "300")]), None),
+            // No rule on `last`: the template's render catches it.
+            (
+                with(&[("last", "255")]),
+                Some("the config does not render: template /run/d.conf line 1"),
+            ),
+            (with(&[("first", "x")]), Some("must be an integer")),
+            (with(&[("nope", "1")]), Some("unknown config key \"nope\"")),
+            (
+                ConfigValues::new(),
+                Some("lacks keys dhcp, first, last, lease"),
+            ),
+            (missing, Some("lacks keys lease")),
+        ];
+        for (values, want) in cases {
+            let got = check_on_host(&image, &instance, &values);
+            match want {
+                None => assert!(got.is_ok(), "{values:?}: {got:?}"),
+                Some(want) => {
+                    let err = got.expect_err(want);
+                    assert_eq!(err.code, ErrorCode::InvalidArgument, "{values:?}");
+                    assert!(err.message.contains(want), "{values:?}: {}", err.message);
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_rejection_is_one_line_then_bounded_output() {
