@@ -196,7 +196,8 @@ impl Engine {
                 pending.version
             )));
         }
-        let current = instance.config.clone();
+        // After settling: an interrupted change may just have been recorded.
+        let current = cell.snapshot().config;
         let values = change(current.clone(), &image.manifest.appliance.seed_config)?;
         check_on_host(&image, &instance, &values)?;
         let Some(version) = log.propose(values.clone(), origin, rollback_to, now_secs()) else {
