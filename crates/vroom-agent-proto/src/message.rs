@@ -57,6 +57,15 @@ pub enum GuestReply {
     Error {
         message: String,
     },
+    /// An `ApplyConfig` that failed before anything changed: a template did
+    /// not render or a service's check refused the staged files. Nothing was
+    /// saved and the running services are untouched. `message` is one line;
+    /// `output` is the failing check's output (bounded).
+    ConfigRejected {
+        message: String,
+        #[serde(default)]
+        output: String,
+    },
 }
 
 /// Lower-case hex, for file chunks inside JSON.
@@ -90,6 +99,11 @@ pub struct HealthReport {
     pub uptime_ms: u64,
     pub services: Vec<ServiceHealth>,
     pub config: BTreeMap<String, String>,
+    /// Why the stored config cannot be put in force (a template or a check
+    /// failed at boot): the services were not started and the guest will
+    /// not become ready until a config that works is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

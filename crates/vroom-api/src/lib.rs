@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
@@ -18,9 +18,9 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDocument, ConfigUpdate,
-    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, LogChunk, Network, NetworkSpec,
-    RunRequest, VersionInfo,
+    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDiff, ConfigDocument,
+    ConfigHistory, ConfigRollback, ConfigUpdate, ConfigVersion, ErrorCode, ExecRequest, ExecResult,
+    ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
 };
 
 type AppState = Arc<Engine>;
@@ -95,6 +95,10 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         update_config,
         replace_config,
         reset_config,
+        config_history,
+        config_version,
+        config_diff,
+        rollback_config,
         list_networks,
         create_network,
         get_network,
@@ -135,6 +139,16 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(get_config).patch(update_config).put(replace_config),
         )
         .route("/v1/instances/{name}/config/reset", post(reset_config))
+        .route("/v1/instances/{name}/config/history", get(config_history))
+        .route(
+            "/v1/instances/{name}/config/versions/{version}",
+            get(config_version),
+        )
+        .route("/v1/instances/{name}/config/diff", get(config_diff))
+        .route(
+            "/v1/instances/{name}/config/rollback",
+            post(rollback_config),
+        )
         .route("/v1/networks", get(list_networks).post(create_network))
         .route(
             "/v1/networks/{name}",
@@ -301,9 +315,14 @@ async fn get_config(
     }))
 }
 
-/// Sets some keys. On a running instance the guest applies and persists them before this returns.
+/// Sets some keys: a new config version. The host checks the schema and its
+/// rules and renders the templates; a running guest then renders into a
+/// staging area and runs each service's check before it saves anything. On
+/// any failure nothing changes (400, with the failing template or check
+/// output in the message).
 #[utoipa::path(patch, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigUpdate,
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody)))]
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
 async fn update_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -314,9 +333,11 @@ async fn update_config(
     }))
 }
 
-/// Replaces the whole config (import).
+/// Replaces the whole config (import): every key of the schema must be given.
+/// Checked like `PATCH`.
 #[utoipa::path(put, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigDocument,
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody)))]
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
 async fn replace_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -327,15 +348,74 @@ async fn replace_config(
     }))
 }
 
-/// Restores the image's factory config.
+/// Restores the image's factory config, as a new version.
 #[utoipa::path(post, path = "/v1/instances/{name}/config/reset", params(("name" = String, Path)),
-    responses((status = 200, body = ConfigDocument), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
 async fn reset_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<ConfigDocument> {
     Ok(Json(ConfigDocument {
         values: engine.config_reset(&name).await?,
+    }))
+}
+
+/// The config versions kept (at least the last 20), oldest first.
+#[utoipa::path(get, path = "/v1/instances/{name}/config/history", params(("name" = String, Path)),
+    responses((status = 200, body = ConfigHistory), (status = 404, body = ApiErrorBody)))]
+async fn config_history(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<ConfigHistory> {
+    Ok(Json(engine.config_history(&name).await?))
+}
+
+/// One config version with its values.
+#[utoipa::path(get, path = "/v1/instances/{name}/config/versions/{version}",
+    params(("name" = String, Path), ("version" = u64, Path, minimum = 1)),
+    responses((status = 200, body = ConfigVersion), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+async fn config_version(
+    State(engine): State<AppState>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+) -> ApiResult<ConfigVersion> {
+    let Path((name, version)) = path.map_err(|e| bad_request(e.body_text()))?;
+    Ok(Json(engine.config_version(&name, version).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    /// The older version; by default the one before `to`.
+    from: Option<u64>,
+    /// The newer version; by default the current one.
+    to: Option<u64>,
+}
+
+/// The keys that differ between two config versions.
+#[utoipa::path(get, path = "/v1/instances/{name}/config/diff", params(("name" = String, Path), DiffQuery),
+    responses((status = 200, body = ConfigDiff), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+async fn config_diff(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    query: Result<Query<DiffQuery>, QueryRejection>,
+) -> ApiResult<ConfigDiff> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    Ok(Json(engine.config_diff(&name, query.from, query.to).await?))
+}
+
+/// Restores the values of an earlier version (by default the one before the
+/// current) as a new version, checked like any change.
+#[utoipa::path(post, path = "/v1/instances/{name}/config/rollback", params(("name" = String, Path)), request_body = ConfigRollback,
+    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
+        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+async fn rollback_config(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ConfigRollback>, JsonRejection>,
+) -> ApiResult<ConfigDocument> {
+    Ok(Json(ConfigDocument {
+        values: engine.config_rollback(&name, body(req)?.version).await?,
     }))
 }
 

@@ -11,9 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 use vroom_types::{
-    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
-    ConfigUpdate, ConfigValues, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance,
-    InstanceAction, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, ConfigDiff,
+    ConfigDocument, ConfigHistory, ConfigRollback, ConfigUpdate, ConfigValues, ConfigVersion,
+    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
+    NetworkSpec, RunRequest, VersionInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +256,71 @@ impl Client {
                 Method::POST,
                 &format!("/v1/instances/{}/config/reset", enc(name)),
                 None,
+            )
+            .await?;
+        Ok(doc.values)
+    }
+
+    pub async fn config_history(&self, name: &str) -> Result<ConfigHistory, ClientError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/instances/{}/config/history", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    pub async fn config_version(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<ConfigVersion, ClientError> {
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/instances/{}/config/versions/{version}", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// The keys that differ from `from` to `to` (by default the previous and the current version).
+    pub async fn config_diff(
+        &self,
+        name: &str,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<ConfigDiff, ClientError> {
+        let mut query: Vec<String> = vec![];
+        if let Some(v) = from {
+            query.push(format!("from={v}"));
+        }
+        if let Some(v) = to {
+            query.push(format!("to={v}"));
+        }
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        };
+        self.call::<(), _>(
+            Method::GET,
+            &format!("/v1/instances/{}/config/diff{query}", enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// Restores an earlier version's values (by default the previous version's) as a new version.
+    pub async fn config_rollback(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<ConfigValues, ClientError> {
+        let doc: ConfigDocument = self
+            .call(
+                Method::POST,
+                &format!("/v1/instances/{}/config/rollback", enc(name)),
+                Some(&ConfigRollback { version }),
             )
             .await?;
         Ok(doc.values)

@@ -1,15 +1,17 @@
 //! The state store seam, and the embedded implementation on redb.
 //!
-//! Records are JSON values in two redb tables keyed by name. redb commits are
-//! durable (fsync) before `put` returns, so an acknowledged change survives a
-//! crash of vroomd. A cluster store (etcd) would implement the same trait.
+//! Records are JSON values in redb tables keyed by name: instances, networks,
+//! and each instance's config history (a [`ConfigLog`]), which goes away in
+//! the same transaction as its instance. redb commits are durable (fsync)
+//! before `put` returns, so an acknowledged change survives a crash of
+//! vroomd. A cluster store (etcd) would implement the same trait.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use vroom_types::{Instance, Network};
+use vroom_types::{ConfigLog, Instance, Network};
 
 use crate::driver::VmProcess;
 
@@ -40,10 +42,30 @@ pub trait StateStore: Send + Sync {
     fn put_network(&self, network: &Network) -> Result<(), StateStoreError>;
     fn delete_network(&self, name: &str) -> Result<(), StateStoreError>;
     fn networks(&self) -> Result<Vec<Network>, StateStoreError>;
+
+    /// An instance's config history; `None` before its first change. A store
+    /// that keeps no history (the default) makes every instance look new.
+    fn config_log(&self, _name: &str) -> Result<Option<ConfigLog>, StateStoreError> {
+        Ok(None)
+    }
+    /// Saves a history, e.g. with a change about to be sent to the guest.
+    fn put_config_log(&self, _name: &str, _log: &ConfigLog) -> Result<(), StateStoreError> {
+        Ok(())
+    }
+    /// Saves an accepted change: the record (with its new config) and the
+    /// history, atomically.
+    fn commit_config(
+        &self,
+        record: &InstanceRecord,
+        _log: &ConfigLog,
+    ) -> Result<(), StateStoreError> {
+        self.put_instance(record)
+    }
 }
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
+const CONFIG_LOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_logs");
 
 pub struct RedbStateStore {
     db: Database,
@@ -65,6 +87,8 @@ impl RedbStateStore {
                     let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
+                    txn.open_table(CONFIG_LOGS)
+                        .map_err(|e| err(e.to_string()))?;
                     txn.commit().map_err(|e| err(e.to_string()))?;
                     return Ok(RedbStateStore {
                         db,
@@ -136,7 +160,14 @@ impl StateStore for RedbStateStore {
     }
 
     fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
-        self.delete(INSTANCES, name)
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        for table in [INSTANCES, CONFIG_LOGS] {
+            txn.open_table(table)
+                .map_err(|e| self.err(e))?
+                .remove(name)
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
     }
 
     fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError> {
@@ -155,12 +186,109 @@ impl StateStore for RedbStateStore {
     fn networks(&self) -> Result<Vec<Network>, StateStoreError> {
         self.all(NETWORKS)
     }
+
+    fn config_log(&self, name: &str) -> Result<Option<ConfigLog>, StateStoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(CONFIG_LOGS).map_err(|e| self.err(e))?;
+        let Some(value) = table.get(name).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|e| self.err(format!("config history of {name} is corrupt: {e}")))
+    }
+
+    fn put_config_log(&self, name: &str, log: &ConfigLog) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(log).map_err(|e| self.err(e))?;
+        self.put(CONFIG_LOGS, name, &bytes)
+    }
+
+    fn commit_config(
+        &self,
+        record: &InstanceRecord,
+        log: &ConfigLog,
+    ) -> Result<(), StateStoreError> {
+        let name = record.instance.spec.name.as_str();
+        let record_bytes = serde_json::to_vec(record).map_err(|e| self.err(e))?;
+        let log_bytes = serde_json::to_vec(log).map_err(|e| self.err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        for (table, bytes) in [(INSTANCES, &record_bytes), (CONFIG_LOGS, &log_bytes)] {
+            txn.open_table(table)
+                .map_err(|e| self.err(e))?
+                .insert(name, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vroom_types::Name;
+
+    fn record(name: &str, greeting: &str) -> InstanceRecord {
+        let instance: Instance = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef",
+            "spec": {
+                "name": name, "image": "hello", "mem_mib": null, "cpus": 1,
+                "nics": [], "accel": "auto", "config_volume_kib": null
+            },
+            "image_id": "abc", "image_name": "hello", "mem_mib": 128, "created_at": 1,
+            "desired": "running", "nics": [],
+            "status": {
+                "state": "stopped", "pid": null, "accel": null, "started_at": null,
+                "boot_ms": null, "restarts": 0, "last_error": null
+            },
+            "config": { "greeting": greeting }
+        }))
+        .unwrap();
+        InstanceRecord {
+            instance,
+            process: None,
+            ready_timeout_secs: 120,
+            ever_ready: false,
+        }
+    }
+
+    #[test]
+    fn config_history_commits_with_its_record_and_goes_with_the_instance() {
+        use vroom_types::ConfigOrigin;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let values = |g: &str| -> vroom_types::ConfigValues {
+            [("greeting".to_string(), g.to_string())].into()
+        };
+        {
+            let store = RedbStateStore::open(&path).unwrap();
+            store.put_instance(&record("web", "hi")).unwrap();
+            assert_eq!(store.config_log("web").unwrap(), None);
+            let mut log = ConfigLog::start(values("hi"), 1);
+            let v2 = log
+                .propose(values("ho"), ConfigOrigin::Set, None, 2)
+                .unwrap();
+            log.pending = Some(v2.clone());
+            store.put_config_log("web", &log).unwrap();
+            log.commit(v2);
+            store.commit_config(&record("web", "ho"), &log).unwrap();
+        }
+        // Reopened, as after a daemon kill: record and history agree.
+        let store = RedbStateStore::open(&path).unwrap();
+        let log = store.config_log("web").unwrap().unwrap();
+        assert_eq!(log.pending, None);
+        assert_eq!(log.current().unwrap().version, 2);
+        assert_eq!(
+            store.instances().unwrap()[0].instance.config,
+            log.current().unwrap().values
+        );
+        store.delete_instance("web").unwrap();
+        assert_eq!(
+            store.config_log("web").unwrap(),
+            None,
+            "gone with the instance"
+        );
+        assert!(store.instances().unwrap().is_empty());
+    }
 
     #[test]
     fn networks_roundtrip_and_survive_reopen() {

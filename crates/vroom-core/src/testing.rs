@@ -189,6 +189,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                             uptime_ms: 1,
                             services: vec![],
                             config: BTreeMap::new(),
+                            config_error: None,
                         }),
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
                         _ => GuestReply::Error {

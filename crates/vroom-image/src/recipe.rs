@@ -13,8 +13,9 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use vroom_types::template::{TemplateContext, TemplateNic, RESERVED_TEMPLATE_NAMES};
 use vroom_types::{
-    parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField, ConfigSchema,
-    ConfigValues, FieldType, Name, ServiceSpec, TemplateSpec, MIN_MEM_MIB,
+    check_rules, parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField,
+    ConfigRule, ConfigSchema, ConfigValues, FieldType, Name, ServiceSpec, TemplateSpec,
+    MIN_MEM_MIB,
 };
 
 /// The NIC roles a recipe may declare.
@@ -81,6 +82,9 @@ pub struct Recipe {
     /// dependencies (the guest has no modprobe).
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Cross-field rules of the config schema, e.g. `dhcp_first <= dhcp_last`.
+    #[serde(default)]
+    pub config_rules: Vec<ConfigRule>,
 }
 
 fn default_writable() -> Vec<String> {
@@ -177,6 +181,11 @@ pub struct RecipeService {
     /// Restart after a config change (for daemons that read their files once).
     #[serde(default)]
     pub restart_on_config: bool,
+    /// Checks a rendered config before it is put in force, e.g.
+    /// `["/usr/sbin/nft", "-c", "-f", "/run/firewall/nftables.conf"]`: an
+    /// argument naming a template's path is given the staged copy instead.
+    #[serde(default)]
+    pub check: Vec<String>,
 }
 
 fn always() -> RestartPolicy {
@@ -302,6 +311,7 @@ impl LoadedRecipe {
                     restart: s.restart == RestartPolicy::Always,
                     restart_on_config: s.restart_on_config,
                     oneshot: s.restart == RestartPolicy::Oneshot,
+                    check: s.check.clone(),
                 })
                 .collect(),
             health_tcp_port: match r.health.as_ref().map(|h| &h.tcp) {
@@ -314,6 +324,7 @@ impl LoadedRecipe {
             },
             config_schema: self.schema(),
             sysctl: self.sysctl.clone(),
+            config_rules: r.config_rules.clone(),
         }
     }
 
@@ -597,6 +608,35 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
             }
         }
     }
+    for s in &recipe.services {
+        if s.check.is_empty() {
+            continue;
+        }
+        let field = format!("services.{}.check", s.name);
+        if !s.check[0].starts_with('/') {
+            return Err(bad(&field, "must start with an absolute path".into()));
+        }
+        if !s
+            .check
+            .iter()
+            .any(|arg| templates.iter().any(|t| arg.contains(&t.path)))
+        {
+            return Err(bad(
+                &field,
+                "must name the path of a template it checks (it is given the staged copy)".into(),
+            ));
+        }
+    }
+    for (i, rule) in recipe.config_rules.iter().enumerate() {
+        rule.validate(&schema, &recipe.nics)
+            .map_err(|r| bad(&format!("config_rules[{i}] {:?}", rule.rule), r))?;
+    }
+    if let Err(e) = check_rules(&recipe.config_rules, &schema, &seed, &BTreeMap::new()) {
+        return Err(bad(
+            "config_rules",
+            format!("the defaults break a rule: {e}"),
+        ));
+    }
     for role in &recipe.nics {
         if !NIC_ROLES.contains(&role.as_str()) {
             return Err(bad(
@@ -762,6 +802,26 @@ tcp = 80
     }
 
     #[test]
+    fn checks_and_rules_reach_the_appliance() {
+        let text = GOOD
+            .replace(
+                "\"/run/www\"]\n",
+                "\"/run/www\"]\ncheck = [\"/bin/test\", \"-s\", \"/run/www/index.html\"]\n",
+            )
+            .replace(
+                "[memory]",
+                "[[config_rules]]\nrule = \"port <= port\"\n\n[memory]",
+            );
+        let (_dir, path) = write_recipe(&text);
+        let appliance = load(&path).unwrap().appliance();
+        assert_eq!(
+            appliance.services[0].check,
+            ["/bin/test", "-s", "/run/www/index.html"]
+        );
+        assert_eq!(appliance.config_rules[0].rule, "port <= port");
+    }
+
+    #[test]
     fn bad_recipes_fail_with_the_field_named() {
         let cases: &[(&str, &str, &str)] = &[
             ("name = \"web\"", "name = \"Web\"", "name: invalid name"),
@@ -846,6 +906,36 @@ tcp = 80
                 "[config.port]",
                 "[config.Port]",
                 "config.Port: invalid config key",
+            ),
+            (
+                "\"/run/www\"]\n",
+                "\"/run/www\"]\ncheck = [\"/bin/true\"]\n",
+                "services.httpd.check: must name the path of a template",
+            ),
+            (
+                "\"/run/www\"]\n",
+                "\"/run/www\"]\ncheck = [\"test\", \"-s\", \"/run/www/index.html\"]\n",
+                "services.httpd.check: must start with an absolute path",
+            ),
+            (
+                "[memory]",
+                "[[config_rules]]\nrule = \"port <= greeting\"\n[memory]",
+                "config_rules[0] \"port <= greeting\": \"greeting\" must be a single int or port",
+            ),
+            (
+                "[memory]",
+                "[[config_rules]]\nrule = \"port in nics.wan\"\n[memory]",
+                "must be of type int",
+            ),
+            (
+                "[memory]",
+                "[[config_rules]]\nrule = \"port < port\"\n[memory]",
+                "config_rules: the defaults break a rule",
+            ),
+            (
+                "[memory]",
+                "[[config_rules]]\nrule = \"port <= port\"\nwhen = \"greeting\"\n[memory]",
+                "when: \"greeting\" must be a bool key",
             ),
         ];
         for (from, to, want) in cases {

@@ -12,7 +12,7 @@ use vroom_agent_proto::{
 };
 
 use crate::log;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{ApplyConfigError, Supervisor};
 
 pub fn serve(state: Arc<Supervisor>) {
     let port = loop {
@@ -76,7 +76,10 @@ fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
         }
         HostCommand::ApplyConfig { values } => match state.apply_config(values) {
             Ok(values) => GuestReply::ConfigApplied { values },
-            Err(message) => GuestReply::Error { message },
+            Err(ApplyConfigError::Rejected { message, output }) => {
+                GuestReply::ConfigRejected { message, output }
+            }
+            Err(ApplyConfigError::Failed(message)) => GuestReply::Error { message },
         },
         HostCommand::Shutdown => GuestReply::ShuttingDown,
         HostCommand::ReadFile { path, offset, len } => match read_chunk(&path, offset, len) {

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use vroom_agent_proto::{ExecOutput, HealthReport, ServiceHealth, MAX_EXEC_OUTPUT};
 use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
-    check_config, validate_config_key, validate_config_value, ApplianceSpec, ConfigValues,
-    ServiceSpec,
+    check_complete, check_config, check_rules, validate_config_key, validate_config_value,
+    ApplianceSpec, ConfigValues, Ipv4Net, ServiceSpec,
 };
 
 use crate::boot::{self, Booted};
@@ -32,6 +32,8 @@ pub struct Supervisor {
     nics: BTreeMap<String, TemplateNic>,
     booted_at: Instant,
     inner: Mutex<Inner>,
+    /// Serialises config changes: one staging area per template directory.
+    applying: Mutex<()>,
 }
 
 struct Inner {
@@ -40,6 +42,84 @@ struct Inner {
     exec_waiters: HashMap<i32, SyncSender<i32>>,
     started: bool,
     shutting_down: bool,
+    /// Set when the stored config could not be put in force at boot.
+    config_error: Option<String>,
+    /// The reaper runs: children's exit codes arrive through `exec_waiters`.
+    reaping: bool,
+}
+
+/// Why a config change did not take effect.
+#[derive(Debug)]
+pub enum ApplyConfigError {
+    /// Refused before anything changed: nothing saved, services untouched.
+    Rejected { message: String, output: String },
+    /// Saved, but putting it in force failed afterwards.
+    Failed(String),
+}
+
+impl ApplyConfigError {
+    fn rejected(message: impl Into<String>) -> Self {
+        ApplyConfigError::Rejected {
+            message: message.into(),
+            output: String::new(),
+        }
+    }
+}
+
+/// How long one service's config check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most check output handed back to the host.
+const MAX_CHECK_OUTPUT: usize = 4096;
+/// Where rendered files wait for their checks: beside their final place, so
+/// that putting them in force is a rename within one filesystem.
+const STAGING_DIR: &str = ".vroom-staged";
+
+/// Rendered templates waiting in their staging directories.
+struct Staged {
+    /// (staged copy, final path)
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Staged {
+    /// Moves every staged file into place.
+    fn commit(self) -> Result<(), String> {
+        for (staged, path) in &self.files {
+            fs::rename(staged, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    fn discard(self) {
+        for (staged, _) in &self.files {
+            let _ = fs::remove_file(staged);
+        }
+    }
+}
+
+fn staged_path(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default();
+    path.parent()
+        .unwrap_or(Path::new("/"))
+        .join(STAGING_DIR)
+        .join(name)
+}
+
+/// A service's check command with every template path it names replaced by
+/// the path of the template's staged copy.
+fn check_argv(check: &[String], template_paths: &[&str]) -> Vec<String> {
+    check
+        .iter()
+        .map(|arg| {
+            template_paths.iter().fold(arg.clone(), |arg, path| {
+                arg.replace(path, &staged_path(Path::new(path)).display().to_string())
+            })
+        })
+        .collect()
+}
+
+/// The first line of a check's output, for one-line messages.
+fn first_line(output: &str) -> &str {
+    output.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
 struct Service {
@@ -86,7 +166,10 @@ impl Supervisor {
                 exec_waiters: HashMap::new(),
                 started: false,
                 shutting_down: false,
+                config_error: None,
+                reaping: false,
             }),
+            applying: Mutex::new(()),
         }
     }
 
@@ -96,20 +179,38 @@ impl Supervisor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Renders and checks the stored config, then starts the services. A
+    /// config that cannot be put in force starts nothing: the health report
+    /// carries the error, so the host fails the start at once instead of
+    /// waiting for a readiness that cannot come.
     pub fn start_all(&self) {
+        let config = self.lock().config.clone();
+        let staged = self.stage(&config).map_err(|e| match e {
+            ApplyConfigError::Rejected { message, .. } | ApplyConfigError::Failed(message) => {
+                message
+            }
+        });
+        let result = staged.and_then(Staged::commit);
         let mut inner = self.lock();
-        self.render_templates(&inner.config);
+        inner.started = true;
+        if let Err(err) = result {
+            log(&format!(
+                "the stored config cannot be put in force: {err}; services not started"
+            ));
+            inner.config_error = Some(err);
+            return;
+        }
         let now = Instant::now();
         for service in &mut inner.services {
             service.start_at = Some(now);
         }
         inner.start_due_services();
-        inner.started = true;
         log("services started");
     }
 
     /// Reaps children forever: restarts services, hands exit codes to exec waiters.
     pub fn reap_forever(&self) -> ! {
+        self.lock().reaping = true;
         loop {
             {
                 let mut inner = self.lock();
@@ -131,7 +232,7 @@ impl Supervisor {
     }
 
     pub fn health(&self) -> HealthReport {
-        let (config, services, started) = {
+        let (config, services, started, config_error) = {
             let inner = self.lock();
             let services = inner
                 .services
@@ -152,6 +253,7 @@ impl Supervisor {
                 inner.config.clone(),
                 services,
                 inner.started && !inner.shutting_down && oneshots_done,
+                inner.config_error.clone(),
             )
         };
         let configured_port = self
@@ -171,49 +273,142 @@ impl Supervisor {
                 .all(|(s, spec)| s.running || spec.oneshot),
         };
         HealthReport {
-            ready: started && healthy,
+            ready: started && healthy && config_error.is_none(),
             uptime_ms: self.booted_at.elapsed().as_millis() as u64,
             services,
             config,
+            config_error,
         }
     }
 
-    /// Validates, persists durably, re-renders and restarts what depends on the config.
-    pub fn apply_config(&self, values: ConfigValues) -> Result<ConfigValues, String> {
-        for (key, value) in &values {
-            validate_config_key(key).map_err(|e| e.to_string())?;
-            validate_config_value(key, value).map_err(|e| e.to_string())?;
-        }
-        if !self.spec.config_schema.is_empty() {
-            check_config(&self.spec.config_schema, &values).map_err(|e| e.to_string())?;
+    /// A config change as a transaction: validate, render every template
+    /// into a staging area, run every service's check on the staged files;
+    /// only when all of that passed is the config saved durably, the files
+    /// moved into place and the dependent services restarted.
+    pub fn apply_config(&self, values: ConfigValues) -> Result<ConfigValues, ApplyConfigError> {
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        self.validate(&values).map_err(ApplyConfigError::rejected)?;
+        let staged = self.stage(&values)?;
+        if let Err(err) = boot::write_config(&values) {
+            staged.discard();
+            return Err(ApplyConfigError::rejected(err));
         }
         let mut inner = self.lock();
-        boot::write_config(&values)?;
+        let moved = staged.commit();
         inner.config = values.clone();
-        let render_errors = self.render_templates(&values);
+        // A guest whose boot config was broken has started nothing yet.
+        let was_broken = inner.config_error.take().is_some();
+        let now = Instant::now();
         for service in inner
             .services
             .iter_mut()
-            .filter(|s| s.spec.restart_on_config)
+            .filter(|s| was_broken || s.spec.restart_on_config)
         {
-            match service.pid {
-                Some(pid) => {
-                    // SAFETY: signalling the service's own process group.
-                    unsafe { libc::kill(-pid, libc::SIGTERM) };
-                    service.start_at = Some(Instant::now());
-                }
-                None => service.start_at = Some(Instant::now()),
+            if let Some(pid) = service.pid {
+                // SAFETY: signalling the service's own process group.
+                unsafe { libc::kill(-pid, libc::SIGTERM) };
             }
+            service.start_at = Some(now);
         }
         log(&format!("config applied ({} keys)", values.len()));
         drop(inner);
-        self.wait_for_oneshots()?;
-        if let Some(first) = render_errors.first() {
-            return Err(format!(
-                "the config is saved, but a template failed: {first}"
-            ));
-        }
+        moved.map_err(|e| {
+            ApplyConfigError::Failed(format!(
+                "the config is saved, but a rendered file could not be put in place: {e}"
+            ))
+        })?;
+        self.wait_for_oneshots().map_err(ApplyConfigError::Failed)?;
         Ok(values)
+    }
+
+    /// The checks the host makes too: keys, values, the schema and its rules.
+    fn validate(&self, values: &ConfigValues) -> Result<(), String> {
+        for (key, value) in values {
+            validate_config_key(key).map_err(|e| e.to_string())?;
+            validate_config_value(key, value).map_err(|e| e.to_string())?;
+        }
+        let schema = &self.spec.config_schema;
+        if schema.is_empty() {
+            return Ok(());
+        }
+        check_config(schema, values).map_err(|e| e.to_string())?;
+        check_complete(schema, values).map_err(|e| e.to_string())?;
+        let nets: BTreeMap<String, Ipv4Net> = self
+            .nics
+            .iter()
+            .filter_map(|(role, nic)| Some((role.clone(), nic.cidr.parse().ok()?)))
+            .collect();
+        check_rules(&self.spec.config_rules, schema, values, &nets).map_err(|e| e.to_string())
+    }
+
+    /// Renders every template into its staging directory and runs every
+    /// service's check on the staged files. On failure nothing is left behind.
+    fn stage(&self, values: &ConfigValues) -> Result<Staged, ApplyConfigError> {
+        let ctx =
+            TemplateContext::new(&self.spec.config_schema, values, &self.nics, &self.hostname);
+        let mut staged = Staged { files: vec![] };
+        for template in &self.spec.templates {
+            let path = PathBuf::from(&template.path);
+            let copy = staged_path(&path);
+            let written = template.render(&ctx).and_then(|text| {
+                let dir = copy.parent().unwrap_or(Path::new("/"));
+                fs::create_dir_all(dir)
+                    .and_then(|()| fs::write(&copy, text))
+                    .map_err(|e| format!("{}: {e}", template.path))
+            });
+            match written {
+                Ok(()) => staged.files.push((copy, path)),
+                Err(err) => {
+                    staged.discard();
+                    log(&format!("render {err}"));
+                    return Err(ApplyConfigError::rejected(format!("template {err}")));
+                }
+            }
+        }
+        for service in self.spec.services.iter().filter(|s| !s.check.is_empty()) {
+            let paths: Vec<&str> = self
+                .spec
+                .templates
+                .iter()
+                .map(|t| t.path.as_str())
+                .collect();
+            let (code, output) = self.run_check(&check_argv(&service.check, &paths));
+            if code != 0 {
+                staged.discard();
+                let message = format!(
+                    "the check of service {} failed (exit code {code}): {}",
+                    service.name,
+                    first_line(&output)
+                );
+                log(&message);
+                return Err(ApplyConfigError::Rejected { message, output });
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Runs a check command: its exit code and its output (stdout then
+    /// stderr, bounded). Before the reaper runs (at boot) it waits for the
+    /// child itself; afterwards the reaper hands the exit code over.
+    fn run_check(&self, argv: &[String]) -> (i32, String) {
+        let reaping = self.lock().reaping;
+        let (code, stdout, stderr) = if reaping {
+            match self.exec(argv, CHECK_TIMEOUT) {
+                Ok(out) => (out.exit_code, out.stdout, out.stderr),
+                Err(err) => (127, String::new(), err),
+            }
+        } else {
+            run_unreaped(argv, CHECK_TIMEOUT)
+        };
+        let mut output = format!("{stdout}{stderr}");
+        if output.len() > MAX_CHECK_OUTPUT {
+            let mut cut = MAX_CHECK_OUTPUT;
+            while !output.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            output.truncate(cut);
+        }
+        (code, output)
     }
 
     /// Waits until the oneshot services restarted by a config change have
@@ -308,35 +503,6 @@ impl Supervisor {
         }
         boot::power_off();
     }
-
-    /// Renders every template; a template that fails keeps its previous file
-    /// and its error is returned (and logged).
-    fn render_templates(&self, values: &ConfigValues) -> Vec<String> {
-        let ctx =
-            TemplateContext::new(&self.spec.config_schema, values, &self.nics, &self.hostname);
-        let mut errors = vec![];
-        for template in &self.spec.templates {
-            let text = match template.render(&ctx) {
-                Ok(text) => text,
-                Err(err) => {
-                    log(&format!("render {err}"));
-                    errors.push(err);
-                    continue;
-                }
-            };
-            let path = Path::new(&template.path);
-            if let Some(parent) = path.parent() {
-                let _ = fs::create_dir_all(parent);
-            }
-            let tmp = path.with_extension("vroom-tmp");
-            let result = fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path));
-            if let Err(err) = result {
-                log(&format!("render {}: {err}", template.path));
-                errors.push(format!("{}: {err}", template.path));
-            }
-        }
-        errors
-    }
 }
 
 impl Inner {
@@ -399,6 +565,44 @@ impl Inner {
     }
 }
 
+/// Runs a command and waits for it without the reaper (boot, before it runs).
+fn run_unreaped(argv: &[String], timeout: Duration) -> (i32, String, String) {
+    let Some((program, args)) = argv.split_first() else {
+        return (127, String::new(), "empty command".into());
+    };
+    let spawned = Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => return (127, String::new(), format!("run {program}: {err}")),
+    };
+    let stdout = child.stdout.take().map(read_capped);
+    let stderr = child.stderr.take().map(read_capped);
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code().unwrap_or(128),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(REAP_INTERVAL),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break 137;
+            }
+        }
+    };
+    let join = |h: Option<std::thread::JoinHandle<String>>| {
+        h.and_then(|h| h.join().ok()).unwrap_or_default()
+    };
+    (code, join(stdout), join(stderr))
+}
+
 fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut kept = Vec::new();
@@ -412,4 +616,49 @@ fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<
         }
         String::from_utf8_lossy(&kept).into_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_read_the_staged_copies() {
+        let paths = ["/run/fw/nftables.conf", "/run/fw/dnsmasq.conf"];
+        let cases: &[(&[&str], &[&str])] = &[
+            (
+                &["/usr/sbin/nft", "-c", "-f", "/run/fw/nftables.conf"],
+                &[
+                    "/usr/sbin/nft",
+                    "-c",
+                    "-f",
+                    "/run/fw/.vroom-staged/nftables.conf",
+                ],
+            ),
+            (
+                &[
+                    "/usr/sbin/dnsmasq",
+                    "--test",
+                    "--conf-file=/run/fw/dnsmasq.conf",
+                ],
+                &[
+                    "/usr/sbin/dnsmasq",
+                    "--test",
+                    "--conf-file=/run/fw/.vroom-staged/dnsmasq.conf",
+                ],
+            ),
+            (
+                &["/bin/true", "/run/other.conf"],
+                &["/bin/true", "/run/other.conf"],
+            ),
+        ];
+        for (check, want) in cases {
+            let check: Vec<String> = check.iter().map(|s| s.to_string()).collect();
+            assert_eq!(check_argv(&check, &paths), *want);
+        }
+        assert_eq!(
+            first_line("\n\ndnsmasq: bad option\nmore"),
+            "dnsmasq: bad option"
+        );
+    }
 }

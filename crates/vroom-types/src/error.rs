@@ -64,4 +64,6 @@ pub enum InvalidInputError {
     ConfigAssignment { raw: String },
     #[error("invalid accelerator {raw:?}: use auto, kvm or tcg")]
     Accel { raw: String },
+    #[error("the config lacks keys {missing}: a whole config must set every key")]
+    MissingConfigKeys { missing: String },
 }

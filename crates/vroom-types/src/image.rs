@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::{ConfigSchema, ConfigValues};
+use crate::{ConfigRule, ConfigSchema, ConfigValues};
 
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -97,6 +97,9 @@ pub struct ApplianceSpec {
     /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward = "1"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sysctl: BTreeMap<String, String>,
+    /// Cross-field rules of the config schema (e.g. `dhcp_first <= dhcp_last`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_rules: Vec<ConfigRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -113,6 +116,10 @@ pub struct ServiceSpec {
     /// is acknowledged only after its rerun succeeded.
     #[serde(default)]
     pub oneshot: bool,
+    /// Checks the rendered config before it is put in force (e.g. `nft -c -f
+    /// FILE`); an argument naming a template's path gets the staged copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub check: Vec<String>,
 }
 
 /// A file rendered from config with a MiniJinja template (see [`crate::template`]).

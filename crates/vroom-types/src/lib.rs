@@ -20,7 +20,9 @@ pub use api::{
     LogChunk, PackageChange, VersionInfo,
 };
 pub use config::{
-    parse_assignment, validate_config_key, validate_config_value, ConfigUpdate, ConfigValues,
+    config_diff, parse_assignment, validate_config_key, validate_config_value, ConfigChange,
+    ConfigDiff, ConfigHistory, ConfigLog, ConfigOrigin, ConfigRollback, ConfigUpdate, ConfigValues,
+    ConfigVersion, ConfigVersionSummary,
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
 pub use image::{
@@ -34,5 +36,8 @@ pub use instance::{
 pub use ipnet::Ipv4Net;
 pub use name::Name;
 pub use network::{parse_subnet, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
-pub use schema::{check_config, ConfigField, ConfigSchema, FieldType};
+pub use schema::{
+    check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,
+    FieldType,
+};
 pub use size::{parse_mem_mib, MIN_MEM_MIB};

@@ -181,6 +181,230 @@ pub fn check_config(schema: &ConfigSchema, values: &ConfigValues) -> Result<(), 
     Ok(())
 }
 
+/// Every key of the schema must have a value: a whole config (import,
+/// reset) that leaves one out could not render.
+pub fn check_complete(
+    schema: &ConfigSchema,
+    values: &ConfigValues,
+) -> Result<(), InvalidInputError> {
+    let missing: Vec<&str> = schema
+        .keys()
+        .filter(|k| !values.contains_key(*k))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(InvalidInputError::MissingConfigKeys {
+        missing: missing.join(", "),
+    })
+}
+
+/// A cross-field rule of a config schema, e.g. `dhcp_first <= dhcp_last` or
+/// `dhcp_first in nics.lan`, checked on the host before a change reaches the
+/// guest (and by the guest again). See docs/recipes.md for the grammar.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigRule {
+    /// `A <= B`, `A < B` (integer or port keys), or `A in nics.ROLE` (the
+    /// value lies inside the subnet of the NIC with that role).
+    pub rule: String,
+    /// A bool key: the rule applies only while it is `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+}
+
+/// A rule, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RuleExpr<'a> {
+    /// `left <= right`, or `left < right` when `strict`.
+    Order {
+        left: &'a str,
+        right: &'a str,
+        strict: bool,
+    },
+    /// `key in nics.role`.
+    InSubnet { key: &'a str, role: &'a str },
+}
+
+fn parse_rule(rule: &str) -> Result<RuleExpr<'_>, String> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    match words.as_slice() {
+        [left, op @ ("<=" | "<"), right] => Ok(RuleExpr::Order {
+            left,
+            right,
+            strict: *op == "<",
+        }),
+        [key, "in", nics] => match nics.strip_prefix("nics.") {
+            Some(role) if !role.is_empty() => Ok(RuleExpr::InSubnet { key, role }),
+            _ => Err(format!("{nics:?} must name a NIC as nics.ROLE")),
+        },
+        _ => Err("must read KEY <= KEY, KEY < KEY or KEY in nics.ROLE".into()),
+    }
+}
+
+impl ConfigRule {
+    /// Checks the rule against a schema and the appliance's NIC roles, when
+    /// the recipe is loaded.
+    pub fn validate(&self, schema: &ConfigSchema, nic_roles: &[String]) -> Result<(), String> {
+        let field = |key: &str| {
+            schema
+                .get(key)
+                .ok_or_else(|| format!("{key:?} is not a config key"))
+        };
+        match parse_rule(&self.rule)? {
+            RuleExpr::Order { left, right, .. } => {
+                for key in [left, right] {
+                    let f = field(key)?;
+                    if !matches!(f.kind, FieldType::Int | FieldType::Port) || f.list {
+                        return Err(format!("{key:?} must be a single int or port to compare"));
+                    }
+                }
+            }
+            RuleExpr::InSubnet { key, role } => {
+                let f = field(key)?;
+                if matches!(
+                    f.kind,
+                    FieldType::String | FieldType::Bool | FieldType::Port
+                ) {
+                    return Err(format!(
+                        "{key:?} must be of type int, ipv4, cidr, forward or host to lie in a subnet"
+                    ));
+                }
+                if !nic_roles.iter().any(|r| r == role) {
+                    return Err(format!("the appliance has no NIC with role {role:?}"));
+                }
+            }
+        }
+        if let Some(when) = &self.when {
+            let f = field(when)?;
+            if f.kind != FieldType::Bool || f.list {
+                return Err(format!("when: {when:?} must be a bool key"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that already passed [`check_config`]. `nics` maps each
+    /// attached NIC's role to its subnet; a rule about a NIC that is not
+    /// attached does not apply.
+    pub fn check(
+        &self,
+        values: &ConfigValues,
+        nics: &BTreeMap<String, Ipv4Net>,
+        schema: &ConfigSchema,
+    ) -> Result<(), InvalidInputError> {
+        if let Some(when) = &self.when {
+            if values.get(when).map(String::as_str) != Some("true") {
+                return Ok(());
+            }
+        }
+        let Ok(expr) = parse_rule(&self.rule) else {
+            // Rules are validated when the recipe is loaded; an image that
+            // carries a broken one anyway does not make every change fail.
+            return Ok(());
+        };
+        let fail = |key: &str, value: &str, reason: String| InvalidInputError::ConfigType {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason,
+        };
+        match expr {
+            RuleExpr::Order {
+                left,
+                right,
+                strict,
+            } => {
+                let (Some(l), Some(r)) = (values.get(left), values.get(right)) else {
+                    return Ok(());
+                };
+                let (Ok(a), Ok(b)) = (l.parse::<i64>(), r.parse::<i64>()) else {
+                    return Ok(());
+                };
+                if (strict && a >= b) || (!strict && a > b) {
+                    let bound = if strict { "below" } else { "at most" };
+                    return Err(fail(left, l, format!("must be {bound} {right} ({r})")));
+                }
+            }
+            RuleExpr::InSubnet { key, role } => {
+                let (Some(value), Some(net)) = (values.get(key), nics.get(role)) else {
+                    return Ok(());
+                };
+                let net = net.trunc();
+                let kind = schema.get(key).map(|f| f.kind).unwrap_or_default();
+                let field = schema.get(key).cloned().unwrap_or_default();
+                let items: Vec<&str> = if field.list {
+                    list_items(value).collect()
+                } else {
+                    vec![value.as_str()]
+                };
+                for item in items {
+                    let inside = match kind {
+                        FieldType::Int => item
+                            .parse::<u32>()
+                            .ok()
+                            .and_then(|n| host_number(net, n))
+                            .is_some(),
+                        FieldType::Ipv4 => parse_ipv4(item).is_ok_and(|ip| net.contains(&ip)),
+                        FieldType::Cidr => item
+                            .parse::<Ipv4Net>()
+                            .is_ok_and(|sub| net.contains(&sub.trunc())),
+                        FieldType::Forward => {
+                            parse_forward(item).is_ok_and(|f| net.contains(&f.to_ip))
+                        }
+                        FieldType::Host => parse_host(item).is_ok_and(|(_, ip)| net.contains(&ip)),
+                        FieldType::String | FieldType::Bool | FieldType::Port => true,
+                    };
+                    if !inside {
+                        let reason = match kind {
+                            FieldType::Int => format!(
+                                "must be a host number of {role}'s subnet {net} (1 to {})",
+                                host_count(net)
+                            ),
+                            _ => format!("must lie inside {role}'s subnet {net}"),
+                        };
+                        let reason = if field.list {
+                            format!("item {item:?} {reason}")
+                        } else {
+                            reason
+                        };
+                        return Err(fail(key, value, reason));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks every rule; the first that fails is the error.
+pub fn check_rules(
+    rules: &[ConfigRule],
+    schema: &ConfigSchema,
+    values: &ConfigValues,
+    nics: &BTreeMap<String, Ipv4Net>,
+) -> Result<(), InvalidInputError> {
+    rules
+        .iter()
+        .try_for_each(|rule| rule.check(values, nics, schema))
+}
+
+/// The usable host numbers of a subnet: not the network, not the broadcast.
+fn host_count(net: Ipv4Net) -> u32 {
+    let size = 1u64 << (32 - u32::from(net.prefix_len()));
+    size.saturating_sub(2).min(u64::from(u32::MAX)) as u32
+}
+
+/// The n-th address of a subnet, if it is a host address (the same rule as
+/// the templates' `host` filter).
+pub fn host_number(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
+    let net = net.trunc();
+    let ip = u32::from(net.network())
+        .checked_add(n)
+        .map(Ipv4Addr::from)?;
+    (n > 0 && net.contains(&ip) && ip != net.broadcast()).then_some(ip)
+}
+
 fn list_items(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
@@ -306,6 +530,218 @@ mod tests {
             field(FieldType::String, false).template_value("a,b"),
             json!("a,b")
         );
+    }
+
+    fn fw_schema() -> ConfigSchema {
+        [
+            ("dhcp", field(FieldType::Bool, false)),
+            ("dhcp_first", field(FieldType::Int, false)),
+            ("dhcp_last", field(FieldType::Int, false)),
+            ("dns", field(FieldType::Ipv4, true)),
+            ("forward", field(FieldType::Forward, true)),
+            ("hosts", field(FieldType::Host, true)),
+            ("name", field(FieldType::String, false)),
+            ("port", field(FieldType::Port, false)),
+        ]
+        .into_iter()
+        .map(|(k, f)| (k.to_string(), f))
+        .collect()
+    }
+
+    fn rule(rule: &str, when: Option<&str>) -> ConfigRule {
+        ConfigRule {
+            rule: rule.into(),
+            when: when.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn rules_are_validated_against_schema_and_nics() {
+        let roles = vec!["lan".to_string(), "wan".to_string()];
+        let cases: &[(&str, Option<&str>, Option<&str>)] = &[
+            ("dhcp_first <= dhcp_last", Some("dhcp"), None),
+            ("dhcp_first < port", None, None),
+            ("dhcp_first in nics.lan", None, None),
+            ("dns in nics.wan", None, None),
+            ("forward in nics.lan", None, None),
+            (
+                "dhcp_first <= nope",
+                None,
+                Some("\"nope\" is not a config key"),
+            ),
+            (
+                "dns <= dhcp_last",
+                None,
+                Some("must be a single int or port"),
+            ),
+            (
+                "dhcp_first in nics.dmz",
+                None,
+                Some("no NIC with role \"dmz\""),
+            ),
+            (
+                "dhcp_first in lan",
+                None,
+                Some("must name a NIC as nics.ROLE"),
+            ),
+            ("name in nics.lan", None, Some("must be of type int")),
+            (
+                "dhcp_first == dhcp_last",
+                None,
+                Some("must read KEY <= KEY"),
+            ),
+            (
+                "dhcp_first <= dhcp_last",
+                Some("name"),
+                Some("must be a bool key"),
+            ),
+            (
+                "dhcp_first <= dhcp_last",
+                Some("gone"),
+                Some("\"gone\" is not"),
+            ),
+        ];
+        for (text, when, want) in cases {
+            let got = rule(text, *when).validate(&fw_schema(), &roles);
+            match want {
+                None => assert!(got.is_ok(), "{text}: {got:?}"),
+                Some(want) => {
+                    let err = got.expect_err(text);
+                    assert!(err.contains(want), "{text}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rules_table() {
+        let nics: BTreeMap<String, Ipv4Net> =
+            [("lan".to_string(), "10.0.1.1/24".parse().unwrap())].into();
+        let base: ConfigValues = [
+            ("dhcp", "true"),
+            ("dhcp_first", "100"),
+            ("dhcp_last", "199"),
+            ("dns", ""),
+            ("forward", ""),
+            ("hosts", ""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // (rule, when, changes to the base values, expected error)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a [(&'a str, &'a str)],
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
+            ("dhcp_first <= dhcp_last", None, &[], None),
+            (
+                "dhcp_first <= dhcp_last",
+                None,
+                &[("dhcp_first", "199")],
+                None,
+            ),
+            (
+                "dhcp_first <= dhcp_last",
+                None,
+                &[("dhcp_first", "200")],
+                Some("must be at most dhcp_last (199)"),
+            ),
+            (
+                "dhcp_first < dhcp_last",
+                None,
+                &[("dhcp_first", "199")],
+                Some("must be below dhcp_last (199)"),
+            ),
+            (
+                "dhcp_first <= dhcp_last",
+                Some("dhcp"),
+                &[("dhcp_first", "200"), ("dhcp", "false")],
+                None,
+            ),
+            (
+                "dhcp_first in nics.lan",
+                None,
+                &[("dhcp_first", "254")],
+                None,
+            ),
+            (
+                "dhcp_first in nics.lan",
+                None,
+                &[("dhcp_first", "300")],
+                Some("must be a host number of lan's subnet 10.0.1.0/24 (1 to 254)"),
+            ),
+            (
+                "dhcp_first in nics.lan",
+                None,
+                &[("dhcp_first", "255")],
+                Some("host number"),
+            ),
+            (
+                "dhcp_first in nics.dmz",
+                None,
+                &[("dhcp_first", "300")],
+                None,
+            ),
+            (
+                "dns in nics.lan",
+                None,
+                &[("dns", "10.0.1.5,10.0.1.6")],
+                None,
+            ),
+            (
+                "dns in nics.lan",
+                None,
+                &[("dns", "10.0.1.5,10.0.2.6")],
+                Some("item \"10.0.2.6\" must lie inside lan's subnet 10.0.1.0/24"),
+            ),
+            (
+                "forward in nics.lan",
+                None,
+                &[("forward", "80:10.0.1.9:8080")],
+                None,
+            ),
+            (
+                "forward in nics.lan",
+                None,
+                &[("forward", "80:10.9.1.9")],
+                Some("must lie inside"),
+            ),
+            (
+                "hosts in nics.lan",
+                None,
+                &[("hosts", "a.lan=10.0.3.1")],
+                Some("must lie inside"),
+            ),
+        ];
+        for (text, when, changes, want) in cases {
+            let mut values = base.clone();
+            for (k, v) in *changes {
+                values.insert(k.to_string(), v.to_string());
+            }
+            let got = check_rules(&[rule(text, *when)], &fw_schema(), &values, &nics);
+            match want {
+                None => assert!(got.is_ok(), "{text} {changes:?}: {got:?}"),
+                Some(want) => {
+                    let err = got.expect_err(text).to_string();
+                    assert!(err.contains(want), "{text} {changes:?}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_whole_config_must_name_every_key() {
+        let schema = fw_schema();
+        let err = check_complete(&schema, &ConfigValues::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("dhcp, dhcp_first, dhcp_last"),
+            "{err}"
+        );
+        let full: ConfigValues = schema.keys().map(|k| (k.clone(), String::new())).collect();
+        assert!(check_complete(&schema, &full).is_ok());
     }
 
     #[test]

@@ -233,6 +233,42 @@ mod tests {
         }
     }
 
+    /// The host's `KEY in nics.ROLE` rule accepts exactly the host numbers
+    /// the guest's `host` filter can render, so a change the host lets
+    /// through never fails on that in the guest.
+    #[test]
+    fn subnet_rules_agree_with_the_host_filter() {
+        use crate::{check_rules, ConfigRule};
+        let schema: ConfigSchema = [(
+            "first".to_string(),
+            ConfigField {
+                kind: FieldType::Int,
+                ..ConfigField::default()
+            },
+        )]
+        .into();
+        let rules = [ConfigRule {
+            rule: "first in nics.lan".into(),
+            when: None,
+        }];
+        for prefix in 22..=31u8 {
+            let nic = TemplateNic::new("lan", "10.0.4.1".parse().unwrap(), prefix, None, "m");
+            let nets = [("lan".to_string(), nic.cidr.parse().unwrap())].into();
+            let nics = [("lan".to_string(), nic)].into();
+            for n in 0..=1100u32 {
+                let values: ConfigValues = [("first".to_string(), n.to_string())].into();
+                let ctx = TemplateContext::new(&schema, &values, &nics, "fw");
+                let rendered = render("/run/a", "{{ nics.lan.cidr | host(first) }}", &ctx);
+                let allowed = check_rules(&rules, &schema, &values, &nets);
+                assert_eq!(
+                    allowed.is_ok(),
+                    rendered.is_ok(),
+                    "/{prefix} host {n}: rule {allowed:?}, template {rendered:?}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn undefined_names_and_syntax_errors_fail_with_the_line() {
         let c = ctx(&[]);

@@ -191,15 +191,29 @@ pub enum ConfigOp {
     },
     /// Restore the image's factory config.
     Reset,
-    /// Write the config to a JSON file.
+    /// Write the config to a JSON file, or to stdout with `-`.
     Export {
-        /// The file to write.
+        /// The file to write; `-` for stdout.
         file: PathBuf,
     },
-    /// Replace the config with a JSON file written by `export`.
+    /// Replace the whole config with a JSON file written by `export` (`-` reads stdin); every key must be set.
     Import {
-        /// A file written by `export`.
+        /// The file to read; `-` for stdin (at most 1 MiB).
         file: PathBuf,
+    },
+    /// List the config versions kept: version, time, origin and keys changed.
+    History,
+    /// Show what changed between two versions: by default the previous one and the current one.
+    Diff {
+        /// The older version; by default the one before V2.
+        v1: Option<u64>,
+        /// The newer version; by default the current one.
+        v2: Option<u64>,
+    },
+    /// Restore an earlier version's values, as a new version checked like any change.
+    Rollback {
+        /// The version to restore; by default the previous one.
+        version: Option<u64>,
     },
 }
 

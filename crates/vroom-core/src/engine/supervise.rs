@@ -63,6 +63,7 @@ impl Engine {
                 }
             }
         }
+        self.spawn_config_settle();
         Ok(())
     }
 
@@ -200,6 +201,21 @@ impl Engine {
                         .call(HostCommand::Health, Duration::from_secs(2))
                         .await
                     {
+                        if let Some(error) = report.config_error {
+                            // The guest cannot put its stored config in
+                            // force: fail now instead of at the deadline.
+                            let error = format!(
+                                "the stored config cannot be put in force: {}",
+                                truncate(&error)
+                            );
+                            let _ = engine.update(&cell, |r| {
+                                r.instance.status.state = InstanceState::Failed;
+                                r.instance.status.last_error = Some(error.clone());
+                            });
+                            tracing::warn!(instance = %cell.snapshot().spec.name, %error, "guest refused its config at boot");
+                            let _ = engine.driver.kill(&process);
+                            break;
+                        }
                         if report.ready {
                             let config = sanitize_config(report.config);
                             let boot_ms = launched.elapsed().as_millis() as u64;
