@@ -3,16 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vroom_agent_proto::{ExecOutput, HealthReport, ServiceHealth, MAX_EXEC_OUTPUT};
+use vroom_agent_proto::{HealthReport, ServiceHealth};
 use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
     check_config, validate_config_key, validate_config_value, ApplianceSpec, ConfigValues,
@@ -251,43 +250,18 @@ impl Supervisor {
         }
     }
 
-    pub fn exec(&self, argv: &[String], timeout: Duration) -> Result<ExecOutput, String> {
-        let (program, args) = argv.split_first().ok_or("exec needs a command")?;
+    /// Spawns an exec'd command; the receiver gets its raw wait status once
+    /// the reaper collects it (registered before the reaper can see the pid).
+    pub fn spawn_exec(&self, command: &mut Command) -> std::io::Result<(Child, Receiver<i32>)> {
         let (tx, rx): (SyncSender<i32>, Receiver<i32>) = mpsc::sync_channel(1);
-        let mut child = {
-            let mut inner = self.lock();
-            let child = Command::new(program)
-                .args(args)
-                .env_clear()
-                .env("PATH", PATH)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .process_group(0)
-                .spawn()
-                .map_err(|e| format!("run {program}: {e}"))?;
-            inner.exec_waiters.insert(child.id() as i32, tx);
-            child
-        };
-        let pid = child.id() as i32;
-        let stdout = child.stdout.take().map(read_capped);
-        let stderr = child.stderr.take().map(read_capped);
-        let status = match rx.recv_timeout(timeout) {
-            Ok(status) => status,
-            Err(_) => {
-                // SAFETY: killing the command's own process group.
-                unsafe { libc::kill(-pid, libc::SIGKILL) };
-                rx.recv().unwrap_or(137)
-            }
-        };
-        let join = |h: Option<std::thread::JoinHandle<String>>| {
-            h.and_then(|h| h.join().ok()).unwrap_or_default()
-        };
-        Ok(ExecOutput {
-            exit_code: status,
-            stdout: join(stdout),
-            stderr: join(stderr),
-        })
+        let mut inner = self.lock();
+        let child = command
+            .env_clear()
+            .env("PATH", PATH)
+            .process_group(0)
+            .spawn()?;
+        inner.exec_waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
     }
 
     /// Stops the services, then powers off. Never returns.
@@ -347,7 +321,7 @@ impl Inner {
             128 + libc::WTERMSIG(status)
         };
         if let Some(waiter) = self.exec_waiters.remove(&pid) {
-            let _ = waiter.send(code);
+            let _ = waiter.send(status);
             return;
         }
         let shutting_down = self.shutting_down;
@@ -397,19 +371,4 @@ impl Inner {
             }
         }
     }
-}
-
-fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let room = MAX_EXEC_OUTPUT.saturating_sub(kept.len());
-            kept.extend_from_slice(&buf[..n.min(room)]);
-        }
-        String::from_utf8_lossy(&kept).into_owned()
-    })
 }

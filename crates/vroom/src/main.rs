@@ -68,12 +68,16 @@ pub enum Command {
     /// Copy a file out of a running guest: `vroom cp NAME:/path LOCAL`
     /// (LOCAL may be a directory; `-` writes to stdout).
     Cp { source: String, dest: PathBuf },
-    /// Run a command in the guest and exit with its exit code.
+    /// Run a command in the guest, streaming its output, and exit with its
+    /// exit code (124 timed out, 127 not found, 128+n killed by signal n).
     Exec {
         name: String,
-        /// Seconds before the command is killed.
+        /// Seconds before the command is killed (1 to 86400).
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Forward stdin to the command (without it the command's stdin is empty).
+        #[arg(short, long)]
+        interactive: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

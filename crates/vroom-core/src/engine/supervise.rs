@@ -85,11 +85,7 @@ impl Engine {
                     if cell.generation.load(Ordering::SeqCst) != generation {
                         return;
                     }
-                    if let Ok(GuestReply::Health(report)) = cell
-                        .agent
-                        .call(HostCommand::Health, Duration::from_secs(2))
-                        .await
-                    {
+                    if let Ok(report) = cell.agent.health(Duration::from_secs(2)).await {
                         if report.ready {
                             let config = sanitize_config(report.config);
                             let boot_ms = launched.elapsed().as_millis() as u64;
