@@ -537,3 +537,307 @@ impl ExecStdin {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// The guest side of a socket pair, driven by the test.
+    struct FakeGuest {
+        stream: UnixStream,
+        decoder: FrameDecoder,
+    }
+
+    impl FakeGuest {
+        async fn recv(&mut self) -> Request {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Some(frame) = self.decoder.next_frame().unwrap() {
+                    return serde_json::from_slice(&frame).unwrap();
+                }
+                let n = self.stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the host closed the channel");
+                self.decoder.push(&buf[..n]);
+            }
+        }
+
+        async fn reply(&mut self, id: u64, reply: GuestReply) {
+            let payload = serde_json::to_vec(&Response { id, reply }).unwrap();
+            self.stream
+                .write_all(&encode_frame(&payload).unwrap())
+                .await
+                .unwrap();
+        }
+
+        /// Waits for the next request that is not a credit.
+        async fn recv_not_credit(&mut self) -> Request {
+            loop {
+                let req = self.recv().await;
+                if !matches!(req.command, HostCommand::ExecCredit { .. }) {
+                    return req;
+                }
+            }
+        }
+    }
+
+    async fn pair() -> (
+        AgentClient,
+        tokio::task::JoinHandle<FakeGuest>,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let guest = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            FakeGuest {
+                stream,
+                decoder: FrameDecoder::new(),
+            }
+        });
+        (AgentClient::new(socket), guest, dir)
+    }
+
+    fn data(n: u8) -> GuestReply {
+        GuestReply::ExecData {
+            stream: ExecStream::Stdout,
+            data: vec![n; 3],
+        }
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    /// Starts a session against the fake guest and answers `exec_started`.
+    async fn started(
+        client: &AgentClient,
+        guest: tokio::task::JoinHandle<FakeGuest>,
+    ) -> (ExecSession, FakeGuest, u64) {
+        let start = client.exec(vec!["cat".into()], T, true, T);
+        let accept = async {
+            let mut guest = guest.await.unwrap();
+            let req = guest.recv().await;
+            assert!(
+                matches!(req.command, HostCommand::ExecStart { window, .. } if window == EXEC_WINDOW)
+            );
+            guest.reply(req.id, GuestReply::ExecStarted).await;
+            (guest, req.id)
+        };
+        let (session, (guest, id)) = tokio::join!(start, accept);
+        (session.unwrap(), guest, id)
+    }
+
+    #[tokio::test]
+    async fn exec_output_flows_under_credit_and_stdin_is_acknowledged() {
+        let (client, guest, _dir) = pair().await;
+        let (mut session, mut guest, id) = started(&client, guest).await;
+        // Twice the window: the guest may only send more after the host took some.
+        for n in 0..EXEC_WINDOW as u8 {
+            guest.reply(id, data(n)).await;
+        }
+        let mut got = vec![];
+        for n in EXEC_WINDOW as u8..2 * EXEC_WINDOW as u8 {
+            let event = session.next().await.unwrap().unwrap();
+            got.push(event);
+            match guest.recv().await.command {
+                HostCommand::ExecCredit { session, chunks } => {
+                    assert_eq!((session, chunks), (id, 1))
+                }
+                other => panic!("expected a credit, got {other:?}"),
+            }
+            guest.reply(id, data(n)).await;
+        }
+        guest
+            .reply(
+                id,
+                GuestReply::ExecExit {
+                    status: ExecStatus::Exited { code: 3 },
+                },
+            )
+            .await;
+        while let Some(event) = session.next().await {
+            got.push(event.unwrap());
+        }
+        let outputs = got
+            .iter()
+            .filter(|e| matches!(e, ExecEvent::Output { .. }))
+            .count();
+        assert_eq!(outputs, 2 * EXEC_WINDOW as usize);
+        assert_eq!(
+            got.last(),
+            Some(&ExecEvent::Exit(ExecStatus::Exited { code: 3 }))
+        );
+
+        // Stdin: one chunk in flight, acknowledged before the next goes.
+        let (client2, guest2, _dir2) = pair().await;
+        let (session2, mut guest2, id2) = started(&client2, guest2).await;
+        let stdin = session2.stdin();
+        let big = vec![7u8; MAX_EXEC_CHUNK + 10];
+        let write = stdin.write(&big, true);
+        let ack = async {
+            let mut sizes = vec![];
+            for _ in 0..2 {
+                let req = guest2.recv_not_credit().await;
+                let HostCommand::ExecStdin { session, data, eof } = req.command else {
+                    panic!("expected stdin");
+                };
+                assert_eq!(session, id2);
+                sizes.push((data.len(), eof));
+                guest2.reply(req.id, GuestReply::StdinWritten).await;
+            }
+            sizes
+        };
+        let (written, sizes) = tokio::join!(write, ack);
+        written.unwrap();
+        assert_eq!(sizes, vec![(MAX_EXEC_CHUNK, false), (10, true)]);
+    }
+
+    #[tokio::test]
+    async fn output_beyond_the_credit_ends_and_kills_the_session() {
+        let (client, guest, _dir) = pair().await;
+        let (mut session, mut guest, id) = started(&client, guest).await;
+        for n in 0..=EXEC_WINDOW as u8 {
+            guest.reply(id, data(n)).await;
+        }
+        match guest.recv().await.command {
+            HostCommand::ExecKill { session } => assert_eq!(session, id),
+            other => panic!("expected a kill, got {other:?}"),
+        }
+        let mut outputs = 0;
+        let end = loop {
+            match session.next().await {
+                Some(Ok(ExecEvent::Output { .. })) => outputs += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(outputs, EXEC_WINDOW);
+        assert!(matches!(end, Some(Err(AgentError::Overrun))), "{end:?}");
+        assert!(session.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn untrusted_statuses_and_chunks_are_refused() {
+        let cases = [
+            GuestReply::ExecExit {
+                status: ExecStatus::Exited { code: 300 },
+            },
+            GuestReply::ExecData {
+                stream: ExecStream::Stderr,
+                data: vec![0; MAX_EXEC_CHUNK + 1],
+            },
+            GuestReply::FileChunk {
+                hex: String::new(),
+                size: 0,
+            },
+        ];
+        for reply in cases {
+            let (client, guest, _dir) = pair().await;
+            let (mut session, mut guest, id) = started(&client, guest).await;
+            guest.reply(id, reply.clone()).await;
+            let event = session.next().await;
+            assert!(
+                matches!(
+                    event,
+                    Some(Err(AgentError::Protocol(_) | AgentError::WrongReply { .. }))
+                ),
+                "{reply:?} gave {event:?}"
+            );
+            assert!(matches!(
+                guest.recv_not_credit().await.command,
+                HostCommand::ExecKill { .. }
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_a_running_session_kills_the_command() {
+        let (client, guest, _dir) = pair().await;
+        let (session, mut guest, id) = started(&client, guest).await;
+        drop(session);
+        match guest.recv().await.command {
+            HostCommand::ExecKill { session } => assert_eq!(session, id),
+            other => panic!("expected a kill, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_command_and_a_refusal_answer_the_start() {
+        let (client, guest, _dir) = pair().await;
+        let start = client.exec(vec!["nope".into()], T, false, T);
+        let answer = async {
+            let mut guest = guest.await.unwrap();
+            let req = guest.recv().await;
+            guest
+                .reply(
+                    req.id,
+                    GuestReply::ExecExit {
+                        status: ExecStatus::NotFound,
+                    },
+                )
+                .await;
+            let req = guest.recv().await;
+            guest
+                .reply(
+                    req.id,
+                    GuestReply::Error {
+                        message: "too many exec sessions\nmore".into(),
+                    },
+                )
+                .await;
+        };
+        let (session, ()) = tokio::join!(
+            async {
+                let mut session = start.await.unwrap();
+                let first = session.next().await;
+                let refused = client.exec(vec!["x".into()], T, false, T).await;
+                (first, refused.err())
+            },
+            answer
+        );
+        let (first, refused) = session;
+        assert_eq!(
+            first.unwrap().unwrap(),
+            ExecEvent::Exit(ExecStatus::NotFound)
+        );
+        assert!(
+            matches!(&refused, Some(AgentError::Refused { message }) if message == "too many exec sessions"),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn typed_calls_reject_the_wrong_reply() {
+        let (client, guest, _dir) = pair().await;
+        let call = client.health(T);
+        let answer = async {
+            let mut guest = guest.await.unwrap();
+            let req = guest.recv().await;
+            assert_eq!(req.command, HostCommand::Health);
+            guest.reply(req.id, GuestReply::ShuttingDown).await;
+            guest
+        };
+        let (health, mut guest) = tokio::join!(call, answer);
+        assert!(matches!(
+            health,
+            Err(AgentError::WrongReply { request: "health" })
+        ));
+        let call = client.read_file("/x", 0, T);
+        let answer = async {
+            let req = guest.recv().await;
+            guest
+                .reply(
+                    req.id,
+                    GuestReply::FileChunk {
+                        hex: "zz".into(),
+                        size: 1,
+                    },
+                )
+                .await;
+        };
+        let (chunk, ()) = tokio::join!(call, answer);
+        assert!(
+            matches!(chunk, Err(AgentError::Malformed { .. })),
+            "{chunk:?}"
+        );
+    }
+}
