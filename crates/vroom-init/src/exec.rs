@@ -126,7 +126,12 @@ impl Sessions {
         }
         let status = self.run_spawned(supervisor, writer, &session, id, program, args, &start);
         lock(&self.map).remove(&id);
-        drop(lock(&session.stdin).take());
+        // Close our end of stdin. A writer still blocked on a pipe that a
+        // leftover process keeps open holds the lock; it closes stdin itself
+        // when it returns (it owns the last reference to the session).
+        if let Ok(mut stdin) = session.stdin.try_lock() {
+            drop(stdin.take());
+        }
         reply(GuestReply::ExecExit { status });
     }
 

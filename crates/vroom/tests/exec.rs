@@ -106,6 +106,14 @@ fn exec_streams_bytes_forwards_stdin_and_explains_exits() {
             .next(),
         Some(sha256_hex(&input).as_str())
     );
+    // A command that stops reading early ends normally, however much stdin is left.
+    let out = vroom_with_stdin(
+        &env,
+        &["exec", "-i", "web", "--", "busybox", "head", "-c", "10"],
+        &vec![b'z'; 2_000_000],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, b"zzzzzzzzzz");
     // Without -i the command's stdin is empty (it does not hang waiting for ours).
     let out = vroom_with_stdin(&env, &["exec", "web", "--", "cat"], b"ignored\n");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
