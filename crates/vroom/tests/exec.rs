@@ -58,6 +58,32 @@ fn boot_hello(env: &Env) {
     });
 }
 
+/// The pid of this test's vroomd (the process whose data dir is the test's).
+fn daemon_pid(env: &Env) -> u32 {
+    let needle = format!("VROOM_DATA_DIR={}", env.dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).any(|a| a == b"daemon")
+                && environ.split(|b| *b == 0).any(|v| v == needle.as_bytes())
+        })
+        .expect("this test's vroomd runs")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
 fn random_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|_| rand::random::<u8>()).collect()
 }
@@ -191,6 +217,50 @@ fn exec_streams_bytes_forwards_stdin_and_explains_exits() {
     assert!(
         first_after < Duration::from_secs(5),
         "the first line arrived after {first_after:?}: output is buffered"
+    );
+
+    // Numbers out of range are refused before anything runs.
+    let err = env.fail(&["exec", "--timeout", "0", "web", "--", "ls"]);
+    assert!(err.contains("invalid timeout 0s"), "{err}");
+
+    // A reader that stops reading stalls the command: nothing piles up in the daemon.
+    let daemon = daemon_pid(&env);
+    let rss_before = rss_kib(daemon);
+    let mut child = vroom_cmd(
+        &env,
+        &[
+            "exec",
+            "--timeout",
+            "120",
+            "web",
+            "--",
+            "busybox",
+            "cat",
+            "/dev/zero",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let read_some = |stdout: &mut std::process::ChildStdout| {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < 4 << 20 {
+            let n = stdout.read(&mut buf).unwrap();
+            assert!(n > 0, "the output ended early");
+            got += n;
+        }
+    };
+    read_some(&mut stdout);
+    std::thread::sleep(Duration::from_secs(4));
+    let rss_stalled = rss_kib(daemon);
+    read_some(&mut stdout);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        rss_stalled < rss_before + 64 * 1024,
+        "vroomd grew from {rss_before} KiB to {rss_stalled} KiB while the reader stalled"
     );
 
     // A client that goes away takes its command with it.
