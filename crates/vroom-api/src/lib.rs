@@ -543,6 +543,33 @@ mod tests {
     use super::*;
 
     /// The checked-in document must match the annotations; regenerate with `cargo xtask openapi`.
+    /// The first line of an exec body, however the body is cut into chunks.
+    #[tokio::test]
+    async fn exec_request_line_table() {
+        type Case = (Vec<&'static [u8]>, Option<(&'static [u8], &'static [u8])>);
+        let long = Box::leak(vec![b'a'; MAX_EXEC_REQUEST_BYTES + 2].into_boxed_slice());
+        let cases: Vec<Case> = vec![
+            (vec![b"{}\nstdin"], Some((b"{}", b"stdin"))),
+            (vec![b"{", b"}", b"\n", b"more"], Some((b"{}", b""))),
+            (vec![b"{}"], Some((b"{}", b""))),
+            (vec![], Some((b"", b""))),
+            (vec![b"{}\n\n"], Some((b"{}", b"\n"))),
+            (vec![&long[..]], None),
+        ];
+        for (chunks, want) in cases {
+            let stream = futures::stream::iter(
+                chunks
+                    .clone()
+                    .into_iter()
+                    .map(|c| Ok::<_, std::convert::Infallible>(c.to_vec())),
+            );
+            let mut input = axum::body::Body::from_stream(stream).into_data_stream();
+            let got = exec_request_line(&mut input).await.ok();
+            let want = want.map(|(l, r)| (l.to_vec(), r.to_vec()));
+            assert_eq!(got, want, "{chunks:?}");
+        }
+    }
+
     #[test]
     fn openapi_document_is_in_sync() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");

@@ -136,7 +136,7 @@ fn exec_streams_bytes_forwards_stdin_and_explains_exits() {
     let out = vroom_with_stdin(
         &env,
         &["exec", "-i", "web", "--", "busybox", "head", "-c", "10"],
-        &vec![b'z'; 2_000_000],
+        &vec![b'z'; 5_000_000],
     );
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(out.stdout, b"zzzzzzzzzz");

@@ -14,6 +14,7 @@ impl Engine {
             .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
         let cell = self.running_cell(name)?;
         let program = req.argv[0].clone();
+        tracing::debug!(instance = name, program, stdin = req.stdin, "exec");
         let session = cell
             .agent
             .exec(req.argv, timeout, req.stdin, AGENT_TIMEOUT)
