@@ -75,13 +75,21 @@ fn daemon_pid(env: &Env) -> u32 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+        .expect("the field is in /proc/PID/status")
 }
 
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -309,6 +317,35 @@ fn cp_streams_large_files_and_refuses_fifos() {
     let out = env.vroom(&["cp", "web:/run/big", "-"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(sha256_hex(&out.stdout), guest_sum, "cp to stdout");
+
+    // A larger file streams through vroomd: its peak memory grows by far less than the file.
+    env.ok(&[
+        "exec",
+        "web",
+        "--",
+        "busybox",
+        "dd",
+        "if=/dev/zero",
+        "of=/run/zero",
+        "bs=1M",
+        "count=32",
+    ]);
+    let daemon = daemon_pid(&env);
+    let peak_before = peak_rss_kib(daemon);
+    let out = env.vroom(&["cp", "web:/run/zero", "-"]);
+    assert!(
+        out.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), 32 << 20);
+    assert!(out.stdout.iter().all(|b| *b == 0));
+    let peak_after = peak_rss_kib(daemon);
+    assert!(
+        peak_after < peak_before + 16 * 1024,
+        "vroomd's peak memory grew from {peak_before} KiB to {peak_after} KiB copying 32 MiB"
+    );
+    env.ok(&["exec", "web", "--", "busybox", "rm", "/run/zero"]);
 
     // A FIFO is refused at once (opening it for reading used to block the guest).
     env.ok(&["exec", "web", "--", "busybox", "mkfifo", "/run/fifo"]);
