@@ -135,6 +135,20 @@ mod tests {
     }
 
     #[test]
+    fn exec_request_json_table() {
+        let cases = [
+            (r#"{"argv":["ls"]}"#, true),
+            (r#"{"argv":["cat"],"timeout_secs":5,"stdin":true}"#, true),
+            (r#"{"argv":["ls"],"bogus":1}"#, false),
+            (r#"{"argv":"ls"}"#, false),
+            (r#"{"timeout_secs":5}"#, false),
+        ];
+        for (json, ok) in cases {
+            assert_eq!(serde_json::from_str::<ExecRequest>(json).is_ok(), ok, "{json}");
+        }
+    }
+
+    #[test]
     fn events_wire_format() {
         let cases = [
             (

@@ -201,6 +201,7 @@ pub struct Instance {
 
 /// The first line of the body of `POST /v1/instances/{name}/exec` (see [`crate::ExecEvent`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The program (looked up in the guest's PATH) and its arguments.
     #[schema(min_items = 1)]
