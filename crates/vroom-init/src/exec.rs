@@ -101,11 +101,11 @@ impl Sessions {
     pub fn run(&self, supervisor: &Supervisor, writer: &Arc<Mutex<File>>, start: StartExec) {
         let id = start.id;
         let reply = |reply: GuestReply| send(writer, &Response { id, reply });
-        let Some((program, args)) = start.argv.split_first() else {
+        if start.argv.is_empty() {
             return reply(GuestReply::Error {
                 message: "exec needs a command".into(),
             });
-        };
+        }
         let session = Arc::new(Session::default());
         session.grant(start.window);
         {
@@ -124,7 +124,7 @@ impl Sessions {
             }
             map.insert(id, session.clone());
         }
-        let status = self.run_spawned(supervisor, writer, &session, id, program, args, &start);
+        let status = run_spawned(supervisor, writer, &session, &start);
         lock(&self.map).remove(&id);
         // Close our end of stdin. A writer still blocked on a pipe that a
         // leftover process keeps open holds the lock; it closes stdin itself
@@ -133,110 +133,6 @@ impl Sessions {
             drop(stdin.take());
         }
         reply(GuestReply::ExecExit { status });
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_spawned(
-        &self,
-        supervisor: &Supervisor,
-        writer: &Arc<Mutex<File>>,
-        session: &Arc<Session>,
-        id: u64,
-        program: &str,
-        args: &[String],
-        start: &StartExec,
-    ) -> ExecStatus {
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(if start.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let (mut child, exited) = match supervisor.spawn_exec(&mut command) {
-            Ok(spawned) => spawned,
-            Err(e) if e.kind() == ErrorKind::NotFound => return ExecStatus::NotFound,
-            Err(e) => {
-                return ExecStatus::CannotRun {
-                    message: format!("{program}: {e}"),
-                }
-            }
-        };
-        session.pgid.store(child.id() as i32, Ordering::SeqCst);
-        if lock(&session.flow).cancelled {
-            session.cancel();
-        }
-        *lock(&session.stdin) = child.stdin.take();
-        send(
-            writer,
-            &Response {
-                id,
-                reply: GuestReply::ExecStarted,
-            },
-        );
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        let pipes: [(ExecStream, Option<Box<dyn Read + Send>>); 2] = [
-            (
-                ExecStream::Stdout,
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
-            (
-                ExecStream::Stderr,
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            ),
-        ];
-        let mut readers = 0;
-        for (stream, pipe) in pipes {
-            let Some(pipe) = pipe else { continue };
-            readers += 1;
-            let (session, done, writer) = (session.clone(), done_tx.clone(), writer.clone());
-            std::thread::spawn(move || {
-                pump(&session, &writer, id, stream, pipe);
-                let _ = done.send(());
-            });
-        }
-        let timeout = Duration::from_millis(start.timeout_ms).min(MAX_TIMEOUT);
-        let deadline = Instant::now() + timeout;
-        let left = || deadline.saturating_duration_since(Instant::now());
-        let mut raw = exited.recv_timeout(left()).ok();
-        let mut finished = raw.is_some();
-        if finished {
-            for _ in 0..readers {
-                if done_rx.recv_timeout(left()).is_err() {
-                    finished = false;
-                    break;
-                }
-            }
-        }
-        let timed_out = !finished && !lock(&session.flow).cancelled;
-        if !finished {
-            session.cancel();
-            if raw.is_none() {
-                raw = exited.recv().ok();
-            }
-        }
-        if timed_out {
-            return ExecStatus::TimedOut;
-        }
-        let raw = raw.unwrap_or(libc::SIGKILL);
-        if libc::WIFEXITED(raw) {
-            ExecStatus::Exited {
-                code: libc::WEXITSTATUS(raw),
-            }
-        } else {
-            ExecStatus::Signaled {
-                signal: libc::WTERMSIG(raw),
-            }
-        }
     }
 
     /// Writes a stdin chunk into the session's pipe; `eof` closes it after.
@@ -273,6 +169,110 @@ impl Sessions {
         let sessions: Vec<Arc<Session>> = lock(&self.map).values().cloned().collect();
         for session in sessions {
             session.cancel();
+        }
+    }
+}
+
+/// Spawns the command, streams its output and waits for its end (or its timeout).
+fn run_spawned(
+    supervisor: &Supervisor,
+    writer: &Arc<Mutex<File>>,
+    session: &Arc<Session>,
+    start: &StartExec,
+) -> ExecStatus {
+    let id = start.id;
+    let Some((program, args)) = start.argv.split_first() else {
+        return ExecStatus::NotFound;
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(if start.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, exited) = match supervisor.spawn_exec(&mut command) {
+        Ok(spawned) => spawned,
+        Err(e) if e.kind() == ErrorKind::NotFound => return ExecStatus::NotFound,
+        Err(e) => {
+            return ExecStatus::CannotRun {
+                message: format!("{program}: {e}"),
+            }
+        }
+    };
+    session.pgid.store(child.id() as i32, Ordering::SeqCst);
+    if lock(&session.flow).cancelled {
+        session.cancel();
+    }
+    *lock(&session.stdin) = child.stdin.take();
+    send(
+        writer,
+        &Response {
+            id,
+            reply: GuestReply::ExecStarted,
+        },
+    );
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let pipes: [(ExecStream, Option<Box<dyn Read + Send>>); 2] = [
+        (
+            ExecStream::Stdout,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+        (
+            ExecStream::Stderr,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+    ];
+    let mut readers = 0;
+    for (stream, pipe) in pipes {
+        let Some(pipe) = pipe else { continue };
+        readers += 1;
+        let (session, done, writer) = (session.clone(), done_tx.clone(), writer.clone());
+        std::thread::spawn(move || {
+            pump(&session, &writer, id, stream, pipe);
+            let _ = done.send(());
+        });
+    }
+    let timeout = Duration::from_millis(start.timeout_ms).min(MAX_TIMEOUT);
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let mut raw = exited.recv_timeout(left()).ok();
+    let mut finished = raw.is_some();
+    if finished {
+        for _ in 0..readers {
+            if done_rx.recv_timeout(left()).is_err() {
+                finished = false;
+                break;
+            }
+        }
+    }
+    let timed_out = !finished && !lock(&session.flow).cancelled;
+    if !finished {
+        session.cancel();
+        if raw.is_none() {
+            raw = exited.recv().ok();
+        }
+    }
+    if timed_out {
+        return ExecStatus::TimedOut;
+    }
+    let raw = raw.unwrap_or(libc::SIGKILL);
+    if libc::WIFEXITED(raw) {
+        ExecStatus::Exited {
+            code: libc::WEXITSTATUS(raw),
+        }
+    } else {
+        ExecStatus::Signaled {
+            signal: libc::WTERMSIG(raw),
         }
     }
 }

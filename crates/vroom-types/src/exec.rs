@@ -144,7 +144,11 @@ mod tests {
             (r#"{"timeout_secs":5}"#, false),
         ];
         for (json, ok) in cases {
-            assert_eq!(serde_json::from_str::<ExecRequest>(json).is_ok(), ok, "{json}");
+            assert_eq!(
+                serde_json::from_str::<ExecRequest>(json).is_ok(),
+                ok,
+                "{json}"
+            );
         }
     }
 
