@@ -9,6 +9,9 @@ use crate::exec::{base64_bytes, ExecStatus, ExecStream};
 
 /// The most bytes one `ReadFile` returns; hex doubles it, under the frame limit.
 pub const MAX_READ_CHUNK: u64 = 384 * 1024;
+/// The most bytes of one file that `ReadFile` serves, over all offsets: the
+/// guest returns nothing past it and the host refuses larger files.
+pub const MAX_FILE_COPY: u64 = 1 << 30;
 
 /// Host → guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

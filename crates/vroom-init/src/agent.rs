@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vroom_agent_proto::{
-    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_READ_CHUNK,
-    PORT_NAME,
+    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
+    MAX_READ_CHUNK, PORT_NAME,
 };
 
 use crate::exec::{Sessions, StartExec};
@@ -153,7 +153,8 @@ fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), Strin
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("{path}: {e}"))?;
     let mut bytes = Vec::new();
-    file.take(len.min(MAX_READ_CHUNK))
+    let allowed = MAX_FILE_COPY.saturating_sub(offset);
+    file.take(len.min(MAX_READ_CHUNK).min(allowed))
         .read_to_end(&mut bytes)
         .map_err(|e| format!("{path}: {e}"))?;
     Ok((bytes, meta.len()))

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::agent::{AgentError, ExecEvent as AgentExecEvent, ExecSession, ExecStdin};
-use vroom_agent_proto::{signal_name, ExecStatus, ExecStream};
+use vroom_agent_proto::{signal_name, ExecStatus, ExecStream, MAX_FILE_COPY};
 use vroom_types::{ApiErrorBody, ExecEvent, ExecExit, ExitReason};
 
 impl Engine {
@@ -215,7 +215,7 @@ impl GuestFile {
     }
 
     /// The next chunk; `None` at the end. A file that grows while it is read
-    /// is copied up to its size at the last read, at most [`MAX_COPY_BYTES`].
+    /// is copied up to its size at the last read, at most [`MAX_FILE_COPY`].
     pub async fn next_chunk(&mut self) -> Option<Result<Vec<u8>, OpError>> {
         if let Some(first) = self.first.take() {
             self.done = first.is_empty() || self.offset >= self.size;
@@ -247,10 +247,10 @@ impl GuestFile {
                 e => OpError::wrap(ErrorCode::GuestError, "copy failed", e),
             })?;
         let path = &self.path;
-        if chunk.size > MAX_COPY_BYTES || self.offset + chunk.data.len() as u64 > MAX_COPY_BYTES {
+        if chunk.size > MAX_FILE_COPY || self.offset + chunk.data.len() as u64 > MAX_FILE_COPY {
             return Err(OpError::new(
                 ErrorCode::ResourceExhausted,
-                format!("{path} is larger than the {MAX_COPY_BYTES} bytes cp copies"),
+                format!("{path} is larger than the {MAX_FILE_COPY} bytes cp copies"),
             ));
         }
         self.offset += chunk.data.len() as u64;

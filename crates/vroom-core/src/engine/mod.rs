@@ -53,8 +53,6 @@ pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
 const HEALTH_POLL: Duration = Duration::from_millis(150);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
-/// The largest file `read_file` copies out of a guest.
-const MAX_COPY_BYTES: u64 = 1 << 30;
 /// An instance that stayed up this long has its crash streak forgotten.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
