@@ -237,7 +237,8 @@ async fn instance_action(
 /// stream of JSON lines (`application/x-ndjson`), one `ExecEvent` each: output
 /// chunks (base64) as the command writes them, then one `exit` line (with the
 /// exit code: 124 timed out, 127 not found, 128+n killed by signal n) or one
-/// `error` line. Closing the connection early kills the command.
+/// `error` line. Closing the connection early kills the command, and so does
+/// a body that breaks off before its end (an `error` line says so).
 #[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = String, Path)),
     request_body(content = ExecRequest, content_type = "application/x-ndjson",
         description = "one JSON line (ExecRequest), then the command's stdin as raw bytes if `stdin` is true"),
@@ -255,20 +256,60 @@ async fn exec_instance(
     let req: ExecRequest = serde_json::from_slice(&line)
         .map_err(|e| bad_request(format!("invalid exec request: {e}")))?;
     let mut exec = engine.exec(&name, req).await?;
+    // A body that breaks off mid-stdin must not look like a clean EOF to the command.
+    let (broken_tx, broken_rx) = tokio::sync::oneshot::channel::<String>();
     if let Some(stdin) = exec.take_stdin() {
-        tokio::spawn(pump_stdin(stdin, rest, input));
+        tokio::spawn(pump_stdin(stdin, rest, input, broken_tx));
     }
-    let lines = futures::stream::unfold(exec, |mut exec| async move {
-        let event = exec.next().await?;
-        let mut line = serde_json::to_vec(&event).expect("invariant: events serialize");
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), exec))
-    });
+    let lines = futures::stream::unfold(
+        (Some(exec), Some(broken_rx)),
+        |(mut exec, mut broken)| async move {
+            loop {
+                let running = exec.as_mut()?;
+                tokio::select! {
+                    event = running.next() => {
+                        let event = event?;
+                        return Some((ndjson_line(&event), (exec, broken)));
+                    }
+                    result = stdin_broke(&mut broken), if broken.is_some() => match result {
+                        Ok(message) => {
+                            let event = ExecEvent::Error {
+                                error: ApiErrorBody {
+                                    code: ErrorCode::InvalidArgument,
+                                    message: format!("the command's stdin broke off: {message}"),
+                                },
+                            };
+                            // Ending the stream drops the session, which kills the command.
+                            return Some((ndjson_line(&event), (None, None)));
+                        }
+                        // The pump finished (or never ran): stop watching it.
+                        Err(_) => broken = None,
+                    },
+                }
+            }
+        },
+    );
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )
         .into_response())
+}
+
+fn ndjson_line(event: &ExecEvent) -> Result<Vec<u8>, std::convert::Infallible> {
+    let mut line = serde_json::to_vec(event).expect("invariant: events serialize");
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Resolves when the stdin pump reports a broken body (or is gone).
+async fn stdin_broke(
+    broken: &mut Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<String, tokio::sync::oneshot::error::RecvError> {
+    match broken {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The first line of an exec body and whatever followed it in the same read.
@@ -300,13 +341,24 @@ async fn exec_request_line(
 /// Copies the rest of the request body into the command's stdin, one
 /// acknowledged chunk at a time (so a command that does not read holds the
 /// client back), and closes it at the end of the body.
-async fn pump_stdin(stdin: GuestStdin, rest: Vec<u8>, mut input: axum::body::BodyDataStream) {
+async fn pump_stdin(
+    stdin: GuestStdin,
+    rest: Vec<u8>,
+    mut input: axum::body::BodyDataStream,
+    broken: tokio::sync::oneshot::Sender<String>,
+) {
     use futures::StreamExt;
     if !rest.is_empty() && stdin.write(&rest, false).await.is_err() {
         return;
     }
     while let Some(chunk) = input.next().await {
-        let Ok(chunk) = chunk else { break };
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = broken.send(e.to_string());
+                return;
+            }
+        };
         if stdin.write(&chunk, false).await.is_err() {
             return;
         }
