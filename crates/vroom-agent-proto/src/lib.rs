@@ -4,8 +4,11 @@
 //! The channel is a virtio-serial port named [`PORT_NAME`]; on the host it is
 //! a unix socket served by QEMU. The host sends [`Request`]s, the guest answers
 //! each with a [`Response`] carrying the same id. Every message travels in one
-//! [`frame`]. Exec sessions ([`exec`]) multiplex streamed stdin and output
-//! over the same channel, with credit-based flow control. The host treats every byte from the guest as untrusted: frames are
+//! [`frame`]. Exec sessions ([`exec`]) are the exception: the `exec_start`
+//! request's id names a session that gets several responses (start, output,
+//! exit), and its credits and kills are not answered; they multiplex streamed
+//! stdin and output over the same channel with credit-based flow control.
+//! The host treats every byte from the guest as untrusted: frames are
 //! length-limited, and a malformed frame costs the guest its message, never the
 //! host its stability.
 
