@@ -55,6 +55,12 @@ impl FrameDecoder {
         Self::default()
     }
 
+    /// How many bytes wait in the decoder: never more than one maximal frame
+    /// after [`next_frame`](Self::next_frame) returned `Ok(None)`.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }

@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The most output an exec returns per stream; the rest is cut.
-pub const MAX_EXEC_OUTPUT: usize = 256 * 1024;
+use crate::exec::{base64_bytes, ExecStatus, ExecStream};
+
 /// The most bytes one `ReadFile` returns; hex doubles it, under the frame limit.
 pub const MAX_READ_CHUNK: u64 = 384 * 1024;
+/// The most bytes of one file that `ReadFile` serves, over all offsets: the
+/// guest returns nothing past it and the host refuses larger files.
+pub const MAX_FILE_COPY: u64 = 1 << 30;
 
 /// Host → guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +25,7 @@ pub struct Request {
 pub enum HostCommand {
     /// Report readiness, services and the config in force.
     Health,
-    /// Run a command and return its output.
+    /// Superseded by [`HostCommand::ExecStart`]; the guest answers with an error.
     Exec { argv: Vec<String>, timeout_ms: u64 },
     /// Make these values the whole config: write them durably, re-render, restart what depends on them.
     ApplyConfig { values: BTreeMap<String, String> },
@@ -30,6 +33,26 @@ pub enum HostCommand {
     Shutdown,
     /// Read up to `len` bytes (at most [`MAX_READ_CHUNK`]) of a regular file from `offset`.
     ReadFile { path: String, offset: u64, len: u64 },
+    /// Start an exec session named by this request's id (see [`crate::exec`]).
+    ExecStart {
+        argv: Vec<String>,
+        timeout_ms: u64,
+        /// Give the command a pipe for stdin (else `/dev/null`).
+        stdin: bool,
+        /// Output chunks the guest may send before it needs [`HostCommand::ExecCredit`].
+        window: u32,
+    },
+    /// Bytes for a session's stdin; `eof` closes it afterwards.
+    ExecStdin {
+        session: u64,
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+        eof: bool,
+    },
+    /// Lets the guest send `chunks` more output chunks on a session. Not answered.
+    ExecCredit { session: u64, chunks: u32 },
+    /// Kill a session's process group and end it. Not answered.
+    ExecKill { session: u64 },
 }
 
 /// Guest → host.
@@ -66,6 +89,20 @@ pub enum GuestReply {
         #[serde(default)]
         output: String,
     },
+    /// The session's command runs.
+    ExecStarted,
+    /// Output of a session; costs one credit.
+    ExecData {
+        stream: ExecStream,
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+    },
+    /// The session ended; its last message.
+    ExecExit {
+        status: ExecStatus,
+    },
+    /// An `ExecStdin` chunk is in the command's stdin pipe.
+    StdinWritten,
 }
 
 /// Lower-case hex, for file chunks inside JSON.
@@ -116,6 +153,7 @@ pub struct ServiceHealth {
     pub last_exit: Option<i32>,
 }
 
+/// The answer to the superseded buffered [`HostCommand::Exec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecOutput {
     pub exit_code: i32,
@@ -158,5 +196,94 @@ mod tests {
                 reply: GuestReply::ShuttingDown
             }
         );
+    }
+
+    #[test]
+    fn exec_messages_wire_format() {
+        let cases: Vec<(Request, &str)> = vec![
+            (
+                Request {
+                    id: 3,
+                    command: HostCommand::ExecStart {
+                        argv: vec!["cat".into()],
+                        timeout_ms: 1000,
+                        stdin: true,
+                        window: 8,
+                    },
+                },
+                r#"{"id":3,"command":{"type":"exec_start","argv":["cat"],"timeout_ms":1000,"stdin":true,"window":8}}"#,
+            ),
+            (
+                Request {
+                    id: 4,
+                    command: HostCommand::ExecStdin {
+                        session: 3,
+                        data: vec![0, 255, b'x'],
+                        eof: true,
+                    },
+                },
+                r#"{"id":4,"command":{"type":"exec_stdin","session":3,"data":"AP94","eof":true}}"#,
+            ),
+            (
+                Request {
+                    id: 5,
+                    command: HostCommand::ExecCredit {
+                        session: 3,
+                        chunks: 2,
+                    },
+                },
+                r#"{"id":5,"command":{"type":"exec_credit","session":3,"chunks":2}}"#,
+            ),
+            (
+                Request {
+                    id: 6,
+                    command: HostCommand::ExecKill { session: 3 },
+                },
+                r#"{"id":6,"command":{"type":"exec_kill","session":3}}"#,
+            ),
+        ];
+        for (req, json) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), req);
+        }
+        let replies: Vec<(GuestReply, &str)> = vec![
+            (GuestReply::ExecStarted, r#"{"type":"exec_started"}"#),
+            (
+                GuestReply::ExecData {
+                    stream: ExecStream::Stderr,
+                    data: b"\xff\x00ok".to_vec(),
+                },
+                r#"{"type":"exec_data","stream":"stderr","data":"/wBvaw=="}"#,
+            ),
+            (
+                GuestReply::ExecExit {
+                    status: ExecStatus::Signaled { signal: 9 },
+                },
+                r#"{"type":"exec_exit","status":{"how":"signaled","signal":9}}"#,
+            ),
+            (
+                GuestReply::ExecExit {
+                    status: ExecStatus::NotFound,
+                },
+                r#"{"type":"exec_exit","status":{"how":"not_found"}}"#,
+            ),
+            (GuestReply::StdinWritten, r#"{"type":"stdin_written"}"#),
+        ];
+        for (reply, json) in replies {
+            assert_eq!(serde_json::to_string(&reply).unwrap(), json);
+            assert_eq!(serde_json::from_str::<GuestReply>(json).unwrap(), reply);
+        }
+    }
+
+    #[test]
+    fn bad_base64_is_refused() {
+        for bad in [
+            r#"{"type":"exec_data","stream":"stdout","data":"!!"}"#,
+            r#"{"type":"exec_data","stream":"stdout","data":"AAA"}"#,
+            r#"{"type":"exec_data","stream":"stdout","data":3}"#,
+            r#"{"type":"exec_data","stream":"stdin","data":""}"#,
+        ] {
+            assert!(serde_json::from_str::<GuestReply>(bad).is_err(), "{bad}");
+        }
     }
 }

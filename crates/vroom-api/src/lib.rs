@@ -16,11 +16,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tracing::Instrument;
 use utoipa::OpenApi;
+use vroom_core::engine::GuestStdin;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
     ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDiff, ConfigDocument,
-    ConfigHistory, ConfigRollback, ConfigUpdate, ConfigVersion, ErrorCode, ExecRequest, ExecResult,
+    ConfigHistory, ConfigRollback, ConfigUpdate, ConfigVersion, ErrorCode, ExecEvent, ExecRequest,
     ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+    MAX_EXEC_REQUEST_BYTES,
 };
 
 type AppState = Arc<Engine>;
@@ -246,15 +248,139 @@ async fn instance_action(
     Ok(Json(engine.action(&name, body(req)?.action).await?))
 }
 
-/// Runs a command in the guest (for debugging and tests) and returns its output and exit code.
-#[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
-    responses((status = 200, body = ExecResult), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+/// Runs a command in the guest, streaming. The request body is one JSON line,
+/// an `ExecRequest`; when it sets `stdin`, the rest of the body is the
+/// command's stdin as raw bytes, closed when the body ends. The answer is a
+/// stream of JSON lines (`application/x-ndjson`), one `ExecEvent` each: output
+/// chunks (base64) as the command writes them, then one `exit` line (with the
+/// exit code: 124 timed out, 127 not found, 128+n killed by signal n) or one
+/// `error` line. Closing the connection early kills the command, and so does
+/// a body that breaks off before its end (an `error` line says so).
+#[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = String, Path)),
+    request_body(content = ExecRequest, content_type = "application/x-ndjson",
+        description = "one JSON line (ExecRequest), then the command's stdin as raw bytes if `stdin` is true"),
+    responses((status = 200, content_type = "application/x-ndjson", body = ExecEvent),
+        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody),
+        (status = 504, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
 async fn exec_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
-    req: Result<Json<ExecRequest>, JsonRejection>,
-) -> ApiResult<ExecResult> {
-    Ok(Json(engine.exec(&name, body(req)?).await?))
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let mut input = body.into_data_stream();
+    let (line, rest) = exec_request_line(&mut input).await?;
+    let req: ExecRequest = serde_json::from_slice(&line)
+        .map_err(|e| bad_request(format!("invalid exec request: {e}")))?;
+    let mut exec = engine.exec(&name, req).await?;
+    // A body that breaks off mid-stdin must not look like a clean EOF to the command.
+    let (broken_tx, broken_rx) = tokio::sync::oneshot::channel::<String>();
+    if let Some(stdin) = exec.take_stdin() {
+        tokio::spawn(pump_stdin(stdin, rest, input, broken_tx));
+    }
+    let lines = futures::stream::unfold(
+        (Some(exec), Some(broken_rx)),
+        |(mut exec, mut broken)| async move {
+            loop {
+                let running = exec.as_mut()?;
+                tokio::select! {
+                    event = running.next() => {
+                        let event = event?;
+                        return Some((ndjson_line(&event), (exec, broken)));
+                    }
+                    result = stdin_broke(&mut broken), if broken.is_some() => match result {
+                        Ok(message) => {
+                            let event = ExecEvent::Error {
+                                error: ApiErrorBody {
+                                    code: ErrorCode::InvalidArgument,
+                                    message: format!("the command's stdin broke off: {message}"),
+                                },
+                            };
+                            // Ending the stream drops the session, which kills the command.
+                            return Some((ndjson_line(&event), (None, None)));
+                        }
+                        // The pump finished (or never ran): stop watching it.
+                        Err(_) => broken = None,
+                    },
+                }
+            }
+        },
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+fn ndjson_line(event: &ExecEvent) -> Result<Vec<u8>, std::convert::Infallible> {
+    let mut line = serde_json::to_vec(event).expect("invariant: events serialize");
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// Resolves when the stdin pump reports a broken body (or is gone).
+async fn stdin_broke(
+    broken: &mut Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<String, tokio::sync::oneshot::error::RecvError> {
+    match broken {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first line of an exec body and whatever followed it in the same read.
+async fn exec_request_line(
+    input: &mut axum::body::BodyDataStream,
+) -> Result<(Vec<u8>, Vec<u8>), ApiError> {
+    use futures::StreamExt;
+    let mut buf = Vec::new();
+    loop {
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let rest = buf.split_off(end + 1);
+            buf.pop();
+            return Ok((buf, rest));
+        }
+        if buf.len() > MAX_EXEC_REQUEST_BYTES {
+            return Err(bad_request(format!(
+                "the exec request line exceeds {MAX_EXEC_REQUEST_BYTES} bytes"
+            )));
+        }
+        match input.next().await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => return Err(bad_request(format!("cannot read the request body: {e}"))),
+            // A plain JSON body without a newline.
+            None => return Ok((buf, Vec::new())),
+        }
+    }
+}
+
+/// Copies the rest of the request body into the command's stdin, one
+/// acknowledged chunk at a time (so a command that does not read holds the
+/// client back), and closes it at the end of the body.
+async fn pump_stdin(
+    stdin: GuestStdin,
+    rest: Vec<u8>,
+    mut input: axum::body::BodyDataStream,
+    broken: tokio::sync::oneshot::Sender<String>,
+) {
+    use futures::StreamExt;
+    if !rest.is_empty() && stdin.write(&rest, false).await.is_err() {
+        return;
+    }
+    while let Some(chunk) = input.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                let _ = broken.send(e.to_string());
+                return;
+            }
+        };
+        if stdin.write(&chunk, false).await.is_err() {
+            return;
+        }
+    }
+    let _ = stdin.write(&[], true).await;
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -287,21 +413,33 @@ struct FileQuery {
     path: String,
 }
 
-/// Copies a file out of a running guest (e.g. a packet capture).
+/// Copies a regular file out of a running guest (e.g. a packet capture),
+/// streamed as the guest reads it; at most 1 GiB. A failure after the first
+/// bytes aborts the connection, so a truncated copy never looks complete.
 #[utoipa::path(get, path = "/v1/instances/{name}/files", params(("name" = String, Path), FileQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+        (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody),
+        (status = 507, body = ApiErrorBody)))]
 async fn read_file(
     State(engine): State<AppState>,
     Path(name): Path<String>,
     query: Result<Query<FileQuery>, QueryRejection>,
-) -> Result<([(axum::http::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    let data = engine.read_file(&name, &query.path).await?;
+    let file = engine.read_file(&name, &query.path).await?;
+    let chunks = futures::stream::unfold(file, |mut file| async move {
+        let chunk = file.next_chunk().await?.map_err(|e| {
+            tracing::warn!(code = ?e.code, error = %e.message, "copy aborted");
+            std::io::Error::other(e.message)
+        });
+        Some((chunk, file))
+    });
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        data,
-    ))
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}/config", params(("name" = String, Path)),
@@ -552,6 +690,33 @@ mod tests {
     use super::*;
 
     /// The checked-in document must match the annotations; regenerate with `cargo xtask openapi`.
+    /// The first line of an exec body, however the body is cut into chunks.
+    #[tokio::test]
+    async fn exec_request_line_table() {
+        type Case = (Vec<&'static [u8]>, Option<(&'static [u8], &'static [u8])>);
+        let long = Box::leak(vec![b'a'; MAX_EXEC_REQUEST_BYTES + 2].into_boxed_slice());
+        let cases: Vec<Case> = vec![
+            (vec![b"{}\nstdin"], Some((b"{}", b"stdin"))),
+            (vec![b"{", b"}", b"\n", b"more"], Some((b"{}", b""))),
+            (vec![b"{}"], Some((b"{}", b""))),
+            (vec![], Some((b"", b""))),
+            (vec![b"{}\n\n"], Some((b"{}", b"\n"))),
+            (vec![&long[..]], None),
+        ];
+        for (chunks, want) in cases {
+            let stream = futures::stream::iter(
+                chunks
+                    .clone()
+                    .into_iter()
+                    .map(|c| Ok::<_, std::convert::Infallible>(c.to_vec())),
+            );
+            let mut input = axum::body::Body::from_stream(stream).into_data_stream();
+            let got = exec_request_line(&mut input).await.ok();
+            let want = want.map(|(l, r)| (l.to_vec(), r.to_vec()));
+            assert_eq!(got, want, "{chunks:?}");
+        }
+    }
+
     #[test]
     fn openapi_document_is_in_sync() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");

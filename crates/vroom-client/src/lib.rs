@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Channel, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -13,8 +13,8 @@ use tokio::net::UnixStream;
 use vroom_types::{
     ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, ConfigDiff,
     ConfigDocument, ConfigHistory, ConfigRollback, ConfigUpdate, ConfigValues, ConfigVersion,
-    ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction, LogChunk, Network,
-    NetworkSpec, RunRequest, VersionInfo,
+    ErrorCode, ExecEvent, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
+    LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum ClientError {
     Http(#[from] hyper::Error),
     #[error("vroomd sent an unexpected answer (HTTP {status}): {body}")]
     Unexpected { status: u16, body: String },
+    #[error("cannot write the output")]
+    Write(#[source] std::io::Error),
 }
 
 impl ClientError {
@@ -93,6 +95,34 @@ impl Client {
             return Ok(bytes);
         }
         Err(error_from(status.as_u16(), &bytes))
+    }
+
+    /// Sends a request with a streamed body; the response body is left to the caller.
+    async fn send_body(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Channel<Bytes>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "vroomd")
+            .header("content-type", content_type)
+            .body(body)
+            .expect("invariant: a valid request");
+        Ok(sender.send_request(request).await?)
     }
 
     /// Sends a request; the response body is left to the caller.
@@ -168,23 +198,100 @@ impl Client {
         .await
     }
 
+    /// Runs a command in a guest and collects its output as text (invalid
+    /// UTF-8 replaced); for bytes and stdin use [`Client::exec_stream`].
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/instances/{}/exec", enc(name)),
-            Some(req),
-        )
-        .await
+        let req = ExecRequest {
+            stdin: false,
+            ..req.clone()
+        };
+        let (mut events, _) = self.exec_stream(name, &req).await?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(event) = events.next().await {
+            match event? {
+                ExecEvent::Stdout { data } => stdout.extend_from_slice(&data),
+                ExecEvent::Stderr { data } => stderr.extend_from_slice(&data),
+                ExecEvent::Exit(exit) => {
+                    return Ok(ExecResult {
+                        exit_code: exit.exit_code,
+                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                        message: exit.message,
+                    })
+                }
+                ExecEvent::Error { error } => return Err(api_error(events.status, error)),
+            }
+        }
+        Err(events.ended_early())
     }
 
-    /// The bytes of a regular file in a running guest.
-    pub async fn read_file(&self, name: &str, path: &str) -> Result<Bytes, ClientError> {
-        self.raw::<()>(
-            Method::GET,
-            &format!("/v1/instances/{}/files?path={}", enc(name), enc(path)),
-            None,
-        )
-        .await
+    /// Starts a command in a guest. Its output and exit arrive through the
+    /// returned [`ExecEvents`]; with `req.stdin` the [`ExecInput`] feeds its
+    /// stdin (dropping it closes stdin). Dropping the events kills the command.
+    pub async fn exec_stream(
+        &self,
+        name: &str,
+        req: &ExecRequest,
+    ) -> Result<(ExecEvents, Option<ExecInput>), ClientError> {
+        let (mut tx, body) = Channel::<Bytes>::new(4);
+        let mut line = serde_json::to_vec(req).expect("invariant: request bodies serialize");
+        line.push(b'\n');
+        tx.send_data(Bytes::from(line))
+            .await
+            .map_err(|_| ClientError::Unexpected {
+                status: 0,
+                body: "the request body closed early".into(),
+            })?;
+        let input = req.stdin.then_some(ExecInput { tx });
+        let path = format!("/v1/instances/{}/exec", enc(name));
+        let response = self
+            .send_body(Method::POST, &path, "application/x-ndjson", body)
+            .await?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let bytes = response.into_body().collect().await?.to_bytes();
+            return Err(error_from(status, &bytes));
+        }
+        let events = ExecEvents {
+            body: response.into_body(),
+            pending: Vec::new(),
+            status,
+        };
+        Ok((events, input))
+    }
+
+    /// Streams a regular file out of a running guest into `out`; returns
+    /// the bytes written. A copy that fails midway returns an error.
+    pub async fn read_file_to(
+        &self,
+        name: &str,
+        path: &str,
+        out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let response = self
+            .send::<()>(
+                Method::GET,
+                &format!("/v1/instances/{}/files?path={}", enc(name), enc(path)),
+                None,
+            )
+            .await?;
+        let status = response.status().as_u16();
+        if !response.status().is_success() {
+            let bytes = response.into_body().collect().await?.to_bytes();
+            return Err(error_from(status, &bytes));
+        }
+        let mut body = response.into_body();
+        let mut written = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            out.write_all(&data).await.map_err(ClientError::Write)?;
+            written += data.len() as u64;
+        }
+        out.flush().await.map_err(ClientError::Write)?;
+        Ok(written)
     }
 
     pub async fn logs(&self, name: &str, offset: u64) -> Result<LogChunk, ClientError> {
@@ -423,7 +530,87 @@ impl Client {
     }
 }
 
-/// Percent-encodes a path segment so that any user text stays one segment.
+/// The events of an exec, as the daemon streams them.
+pub struct ExecEvents {
+    body: hyper::body::Incoming,
+    pending: Vec<u8>,
+    status: u16,
+}
+
+/// The longest line the client accepts from an exec stream (a base64 chunk
+/// of the agent's largest output chunk fits many times over).
+const MAX_EXEC_LINE: usize = 1 << 20;
+
+impl ExecEvents {
+    /// The next event; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent, ClientError>> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Some(
+                    serde_json::from_slice(&line).map_err(|_| ClientError::Unexpected {
+                        status: self.status,
+                        body: String::from_utf8_lossy(&line).chars().take(200).collect(),
+                    }),
+                );
+            }
+            if self.pending.len() > MAX_EXEC_LINE {
+                return Some(Err(ClientError::Unexpected {
+                    status: self.status,
+                    body: format!("an exec event line exceeds {MAX_EXEC_LINE} bytes"),
+                }));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+
+    /// The error for a stream that ended without an exit.
+    pub fn ended_early(&self) -> ClientError {
+        ClientError::Unexpected {
+            status: self.status,
+            body: "the exec stream ended without an exit".into(),
+        }
+    }
+
+    /// The error an `error` event carries.
+    pub fn error(&self, error: ApiErrorBody) -> ClientError {
+        api_error(self.status, error)
+    }
+}
+
+/// Feeds an exec's stdin; dropping it closes stdin.
+pub struct ExecInput {
+    tx: http_body_util::channel::Sender<Bytes>,
+}
+
+impl ExecInput {
+    /// Sends bytes; fails once the daemon stopped reading (the command ended).
+    pub async fn write(&mut self, data: Bytes) -> Result<(), ClientError> {
+        self.tx
+            .send_data(data)
+            .await
+            .map_err(|_| ClientError::Unexpected {
+                status: 200,
+                body: "the command's stdin is closed".into(),
+            })
+    }
+}
+
+fn api_error(status: u16, error: ApiErrorBody) -> ClientError {
+    ClientError::Api {
+        status,
+        code: error.code,
+        message: error.message,
+    }
+}
+
 /// The error an unsuccessful answer carries.
 fn error_from(status: u16, bytes: &[u8]) -> ClientError {
     match serde_json::from_slice::<ApiErrorBody>(bytes) {
@@ -439,6 +626,7 @@ fn error_from(status: u16, bytes: &[u8]) -> ClientError {
     }
 }
 
+/// Percent-encodes a path segment so that any user text stays one segment.
 fn enc(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for b in segment.bytes() {

@@ -1,16 +1,19 @@
 //! The guest end of the agent channel: a virtio-serial port. Each request is
-//! handled on its own thread so a long exec never blocks health checks.
+//! handled on its own thread so a long exec never blocks health checks;
+//! exec credits and kills, which never block, are handled in the read loop.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vroom_agent_proto::{
-    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_READ_CHUNK,
-    PORT_NAME,
+    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
+    MAX_READ_CHUNK, PORT_NAME,
 };
 
+use crate::exec::{Sessions, StartExec};
 use crate::log;
 use crate::supervisor::{ApplyConfigError, Supervisor};
 
@@ -36,12 +39,16 @@ pub fn serve(state: Arc<Supervisor>) {
         }
     };
     log(&format!("agent listening on {port}"));
+    let sessions = Arc::new(Sessions::default());
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match reader.read(&mut buf) {
-            // The host end is not connected: wait for it.
-            Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+            // The host end is not connected: nobody reads exec output; wait for it.
+            Ok(0) => {
+                sessions.kill_all();
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Ok(n) => decoder.push(&buf[..n]),
             Err(err) => {
                 log(&format!("read agent port: {err}"));
@@ -51,9 +58,18 @@ pub fn serve(state: Arc<Supervisor>) {
         loop {
             match decoder.next_frame() {
                 Ok(Some(frame)) => match serde_json::from_slice::<Request>(&frame) {
+                    Ok(Request {
+                        command: HostCommand::ExecCredit { session, chunks },
+                        ..
+                    }) => sessions.credit(session, chunks),
+                    Ok(Request {
+                        command: HostCommand::ExecKill { session },
+                        ..
+                    }) => sessions.kill(session),
                     Ok(request) => {
-                        let (state, writer) = (state.clone(), writer.clone());
-                        std::thread::spawn(move || handle(&state, request, &writer));
+                        let (state, writer, sessions) =
+                            (state.clone(), writer.clone(), sessions.clone());
+                        std::thread::spawn(move || handle(&state, &sessions, request, &writer));
                     }
                     Err(err) => log(&format!("bad request: {err}")),
                 },
@@ -64,16 +80,37 @@ pub fn serve(state: Arc<Supervisor>) {
     }
 }
 
-fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
+fn handle(state: &Supervisor, sessions: &Sessions, request: Request, writer: &Arc<Mutex<File>>) {
     let shutdown = matches!(request.command, HostCommand::Shutdown);
     let reply = match request.command {
         HostCommand::Health => GuestReply::Health(state.health()),
-        HostCommand::Exec { argv, timeout_ms } => {
-            match state.exec(&argv, Duration::from_millis(timeout_ms)) {
-                Ok(output) => GuestReply::Exec(output),
+        HostCommand::Exec { .. } => GuestReply::Error {
+            message: "buffered exec was replaced by exec sessions".into(),
+        },
+        HostCommand::ExecStart {
+            argv,
+            timeout_ms,
+            stdin,
+            window,
+        } => {
+            // The session answers for itself, from start to exit.
+            let start = StartExec {
+                id: request.id,
+                argv,
+                timeout_ms,
+                stdin,
+                window,
+            };
+            return sessions.run(state, writer, start);
+        }
+        HostCommand::ExecStdin { session, data, eof } => {
+            match sessions.write_stdin(session, &data, eof) {
+                Ok(()) => GuestReply::StdinWritten,
                 Err(message) => GuestReply::Error { message },
             }
         }
+        // Handled in the read loop; never answered.
+        HostCommand::ExecCredit { .. } | HostCommand::ExecKill { .. } => return,
         HostCommand::ApplyConfig { values } => match state.apply_config(values) {
             Ok(values) => GuestReply::ConfigApplied { values },
             Err(ApplyConfigError::Rejected { message, output }) => {
@@ -103,9 +140,15 @@ fn handle(state: &Supervisor, request: Request, writer: &Mutex<File>) {
 }
 
 /// Up to `len` bytes of a regular file from `offset`, and the file's size.
+/// Opened non-blocking and checked with fstat before any read, so a FIFO or
+/// a device never blocks the agent.
 fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), String> {
     use std::io::{Seek, SeekFrom};
-    let mut file = File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("{path} is not a regular file"));
@@ -113,13 +156,14 @@ fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), Strin
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("{path}: {e}"))?;
     let mut bytes = Vec::new();
-    file.take(len.min(MAX_READ_CHUNK))
+    let allowed = MAX_FILE_COPY.saturating_sub(offset);
+    file.take(len.min(MAX_READ_CHUNK).min(allowed))
         .read_to_end(&mut bytes)
         .map_err(|e| format!("{path}: {e}"))?;
     Ok((bytes, meta.len()))
 }
 
-fn send(writer: &Mutex<File>, response: &Response) {
+pub(crate) fn send(writer: &Mutex<File>, response: &Response) {
     let payload = match serde_json::to_vec(response) {
         Ok(p) => p,
         Err(err) => return log(&format!("encode response: {err}")),

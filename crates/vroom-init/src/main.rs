@@ -9,6 +9,7 @@
 
 mod agent;
 mod boot;
+mod exec;
 mod netconf;
 mod supervisor;
 

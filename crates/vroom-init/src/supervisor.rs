@@ -7,12 +7,12 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vroom_agent_proto::{ExecOutput, HealthReport, ServiceHealth, MAX_EXEC_OUTPUT};
+use vroom_agent_proto::{HealthReport, ServiceHealth};
 use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
     check_complete, check_config, check_rules, validate_config_key, validate_config_value,
@@ -70,6 +70,8 @@ impl ApplyConfigError {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most check output handed back to the host.
 const MAX_CHECK_OUTPUT: usize = 4096;
+/// What a boot-time command may print before the rest is dropped.
+const MAX_UNREAPED_OUTPUT: usize = 256 * 1024;
 /// Where rendered files wait for their checks: beside their final place, so
 /// that putting them in force is a rename within one filesystem.
 const STAGING_DIR: &str = ".vroom-staged";
@@ -393,10 +395,7 @@ impl Supervisor {
     fn run_check(&self, argv: &[String]) -> (i32, String) {
         let reaping = self.lock().reaping;
         let (code, stdout, stderr) = if reaping {
-            match self.exec(argv, CHECK_TIMEOUT) {
-                Ok(out) => (out.exit_code, out.stdout, out.stderr),
-                Err(err) => (127, String::new(), err),
-            }
+            self.run_reaped(argv, CHECK_TIMEOUT)
         } else {
             run_unreaped(argv, CHECK_TIMEOUT)
         };
@@ -446,43 +445,57 @@ impl Supervisor {
         }
     }
 
-    pub fn exec(&self, argv: &[String], timeout: Duration) -> Result<ExecOutput, String> {
-        let (program, args) = argv.split_first().ok_or("exec needs a command")?;
+    /// Spawns an exec'd command; the receiver gets its raw wait status once
+    /// the reaper collects it (registered before the reaper can see the pid).
+    pub fn spawn_exec(&self, command: &mut Command) -> std::io::Result<(Child, Receiver<i32>)> {
         let (tx, rx): (SyncSender<i32>, Receiver<i32>) = mpsc::sync_channel(1);
-        let mut child = {
-            let mut inner = self.lock();
-            let child = Command::new(program)
-                .args(args)
-                .env_clear()
-                .env("PATH", PATH)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .process_group(0)
-                .spawn()
-                .map_err(|e| format!("run {program}: {e}"))?;
-            inner.exec_waiters.insert(child.id() as i32, tx);
-            child
+        let mut inner = self.lock();
+        let child = command
+            .env_clear()
+            .env("PATH", PATH)
+            .process_group(0)
+            .spawn()?;
+        inner.exec_waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    /// Runs a command to completion while the reaper runs (which collects
+    /// its exit): its exit code (128+n when killed by signal n, 137 after
+    /// the timeout) and bounded stdout and stderr.
+    fn run_reaped(&self, argv: &[String], timeout: Duration) -> (i32, String, String) {
+        let Some((program, args)) = argv.split_first() else {
+            return (127, String::new(), "empty command".into());
+        };
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mut child, exited) = match self.spawn_exec(&mut command) {
+            Ok(spawned) => spawned,
+            Err(err) => return (127, String::new(), format!("run {program}: {err}")),
         };
         let pid = child.id() as i32;
         let stdout = child.stdout.take().map(read_capped);
         let stderr = child.stderr.take().map(read_capped);
-        let status = match rx.recv_timeout(timeout) {
+        let status = match exited.recv_timeout(timeout) {
             Ok(status) => status,
             Err(_) => {
                 // SAFETY: killing the command's own process group.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
-                rx.recv().unwrap_or(137)
+                exited.recv().unwrap_or(libc::SIGKILL)
             }
+        };
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
         };
         let join = |h: Option<std::thread::JoinHandle<String>>| {
             h.and_then(|h| h.join().ok()).unwrap_or_default()
         };
-        Ok(ExecOutput {
-            exit_code: status,
-            stdout: join(stdout),
-            stderr: join(stderr),
-        })
+        (code, join(stdout), join(stderr))
     }
 
     /// Stops the services, then powers off. Never returns.
@@ -513,7 +526,7 @@ impl Inner {
             128 + libc::WTERMSIG(status)
         };
         if let Some(waiter) = self.exec_waiters.remove(&pid) {
-            let _ = waiter.send(code);
+            let _ = waiter.send(status);
             return;
         }
         let shutting_down = self.shutting_down;
@@ -611,7 +624,7 @@ fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<
             if n == 0 {
                 break;
             }
-            let room = MAX_EXEC_OUTPUT.saturating_sub(kept.len());
+            let room = MAX_UNREAPED_OUTPUT.saturating_sub(kept.len());
             kept.extend_from_slice(&buf[..n.min(room)]);
         }
         String::from_utf8_lossy(&kept).into_owned()

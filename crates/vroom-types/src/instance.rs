@@ -211,18 +211,31 @@ pub struct Instance {
     pub config: ConfigValues,
 }
 
-/// The body of `POST /v1/instances/{name}/exec`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+/// The first line of the body of `POST /v1/instances/{name}/exec` (see [`crate::ExecEvent`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ExecRequest {
+    /// The program (looked up in the guest's PATH) and its arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
+    /// Seconds before the command is killed (exit code 124); 30 when absent.
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_secs: Option<u64>,
+    /// The rest of the request body is the command's stdin; without it stdin is empty.
+    #[serde(default)]
+    pub stdin: bool,
 }
 
+/// A whole exec, as `vroom exec --json` prints it. Output is text with
+/// invalid UTF-8 replaced; the exec stream carries the exact bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+    /// Why the command did not exit by itself (timeout, signal, not found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod api;
 mod config;
 mod error;
+mod exec;
 mod image;
 mod instance;
 mod name;
@@ -25,6 +26,10 @@ pub use config::{
     ConfigVersion, ConfigVersionSummary,
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
+pub use exec::{
+    ExecEvent, ExecExit, ExecRequestError, ExitReason, DEFAULT_EXEC_TIMEOUT_SECS,
+    MAX_EXEC_REQUEST_BYTES, MAX_EXEC_TIMEOUT_SECS,
+};
 pub use image::{
     ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, PackageEntry, ServiceSpec,
     TemplateSpec, MANIFEST_VERSION,

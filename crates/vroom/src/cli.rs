@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vroom_client::{Client, ClientError};
 use vroom_types::{
-    ConfigDocument, ExecRequest, Instance, InstanceAction, InstanceSpec, InstanceState,
-    NetworkSpec, RunRequest,
+    ConfigDocument, ExecEvent, ExecRequest, ExecResult, Instance, InstanceAction, InstanceSpec,
+    InstanceState, NetworkSpec, RunRequest,
 };
 
 use crate::output;
@@ -56,8 +56,16 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Exec {
             name,
             timeout,
+            interactive,
             command,
-        } => return exec(&client, name, *timeout, command, json).await,
+        } => {
+            let req = ExecRequest {
+                argv: command.to_vec(),
+                timeout_secs: Some(*timeout),
+                stdin: *interactive,
+            };
+            return exec(&client, name, &req, json).await;
+        }
         Command::Config { name, op } => config(&client, name, op, json).await?,
         Command::Net { op } => net(&client, op, json).await?,
         Command::Image { op } => image(&client, op, json).await?,
@@ -363,9 +371,10 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
     else {
         bail!("the source {source:?} must be NAME:/path/in/the/guest");
     };
-    let data = client.read_file(name, path).await?;
     if dest == Path::new("-") {
-        std::io::stdout().write_all(&data)?;
+        client
+            .read_file_to(name, path, &mut tokio::io::stdout())
+            .await?;
         return Ok(());
     }
     let target = if dest.is_dir() {
@@ -378,13 +387,23 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
     };
     // Write beside the target and rename, so a failed copy leaves nothing half-written.
     let partial = target.with_extension("vroom-partial");
-    std::fs::write(&partial, &data)
-        .and_then(|()| std::fs::rename(&partial, &target))
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })
-        .with_context(|| format!("cannot write {}", target.display()))?;
-    Ok(())
+    let copied = async {
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        client.read_file_to(name, path, &mut file).await?;
+        file.sync_all()
+            .await
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        tokio::fs::rename(&partial, &target)
+            .await
+            .with_context(|| format!("cannot write {}", target.display()))
+    }
+    .await;
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    copied
 }
 
 async fn logs(
@@ -444,30 +463,59 @@ async fn logs(
     }
 }
 
-async fn exec(
-    client: &Client,
-    name: &str,
-    timeout: u64,
-    command: &[String],
-    json: bool,
-) -> Result<i32> {
-    let result = client
-        .exec(
-            name,
-            &ExecRequest {
-                argv: command.to_vec(),
-                timeout_secs: Some(timeout),
-            },
-        )
-        .await?;
-    if json {
-        output::json(&result);
-        return Ok(0);
+/// Streams a command's output to ours as it comes, feeding it our stdin
+/// with `-i`; returns its exit code. `--json` prints the whole result at the end.
+async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Result<i32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut events, input) = client.exec_stream(name, req).await?;
+    if let Some(mut input) = input {
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.write(buf[..n].to_vec().into()).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // Dropping `input` ends the request body: the command's stdin closes.
+        });
     }
-    print!("{}", result.stdout);
-    eprint!("{}", result.stderr);
-    std::io::stdout().flush()?;
-    Ok(result.exit_code)
+    let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+    let (mut out_text, mut err_text) = (Vec::new(), Vec::new());
+    while let Some(event) = events.next().await {
+        match event? {
+            ExecEvent::Stdout { data } if json => out_text.extend_from_slice(&data),
+            ExecEvent::Stderr { data } if json => err_text.extend_from_slice(&data),
+            ExecEvent::Stdout { data } => {
+                stdout.write_all(&data).await?;
+                stdout.flush().await?;
+            }
+            ExecEvent::Stderr { data } => {
+                stderr.write_all(&data).await?;
+                stderr.flush().await?;
+            }
+            ExecEvent::Exit(exit) => {
+                if json {
+                    output::json(&ExecResult {
+                        exit_code: exit.exit_code,
+                        stdout: String::from_utf8_lossy(&out_text).into_owned(),
+                        stderr: String::from_utf8_lossy(&err_text).into_owned(),
+                        message: exit.message,
+                    });
+                } else if let Some(message) = &exit.message {
+                    eprintln!("vroom exec: {message}");
+                }
+                return Ok(exit.exit_code);
+            }
+            ExecEvent::Error { error } => return Err(events.error(error).into()),
+        }
+    }
+    Err(events.ended_early().into())
 }
 
 /// The most `config import` reads.

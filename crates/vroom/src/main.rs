@@ -99,13 +99,17 @@ pub enum Command {
         /// A local file or directory, or `-` for stdout.
         dest: PathBuf,
     },
-    /// Run a command in the guest and exit with its exit code.
+    /// Run a command in the guest, streaming its output, and exit with its
+    /// exit code (124 timed out, 127 not found, 128+n killed by signal n).
     Exec {
         /// The instance's name.
         name: String,
-        /// Seconds before the command is killed.
+        /// Seconds before the command is killed (1 to 86400).
         #[arg(long, default_value_t = 30)]
         timeout: u64,
+        /// Forward stdin to the command (without it the command's stdin is empty).
+        #[arg(short, long)]
+        interactive: bool,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,

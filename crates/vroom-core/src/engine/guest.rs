@@ -1,47 +1,51 @@
-//! Talking to a running guest: exec, copying files out, console logs.
+//! Talking to a running guest: exec sessions, copying files out, console logs.
 
 use super::*;
+use crate::agent::{AgentError, ExecEvent as AgentExecEvent, ExecSession, ExecStdin};
+use vroom_agent_proto::{signal_name, ExecStatus, ExecStream, MAX_FILE_COPY};
+use vroom_types::{ApiErrorBody, ExecEvent, ExecExit, ExitReason};
 
 impl Engine {
-    pub async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResult, OpError> {
-        if req.argv.is_empty() {
-            return Err(OpError::new(
-                ErrorCode::InvalidArgument,
-                "exec needs a command",
-            ));
-        }
+    /// Starts a command in a running guest. Its output, then its exit, come
+    /// from [`GuestExec::next`]; dropping the `GuestExec` early kills it.
+    pub async fn exec(&self, name: &str, req: ExecRequest) -> Result<GuestExec, OpError> {
+        let timeout = req
+            .validate()
+            .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
         let cell = self.running_cell(name)?;
-        let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(30).clamp(1, 3600));
-        let reply = cell
+        let program = req.argv[0].clone();
+        tracing::debug!(instance = name, program, stdin = req.stdin, "exec");
+        let session = cell
             .agent
-            .call(
-                HostCommand::Exec {
-                    argv: req.argv,
-                    timeout_ms: timeout.as_millis() as u64,
-                },
-                timeout + Duration::from_secs(5),
-            )
+            .exec(req.argv, timeout, req.stdin, AGENT_TIMEOUT)
             .await
-            .map_err(|e| OpError::wrap(ErrorCode::GuestError, "exec failed", e))?;
-        match reply {
-            GuestReply::Exec(out) => Ok(ExecResult {
-                exit_code: out.exit_code,
-                stdout: out.stdout,
-                stderr: out.stderr,
-            }),
-            GuestReply::Error { message } => Err(OpError::new(
-                ErrorCode::GuestError,
-                format!("the guest refused: {}", truncate(&message)),
-            )),
-            _ => Err(OpError::new(
-                ErrorCode::GuestError,
-                "the guest answered with the wrong reply",
-            )),
-        }
+            .map_err(|e| match e {
+                AgentError::Refused { .. } => {
+                    OpError::wrap(ErrorCode::ResourceExhausted, "exec refused", e)
+                }
+                AgentError::Timeout(_) => OpError::wrap(
+                    ErrorCode::Timeout,
+                    "exec failed (a guest built before exec sessions never answers: rebuild its image)",
+                    e,
+                ),
+                e => OpError::wrap(ErrorCode::GuestError, "exec failed", e),
+            })?;
+        let stdin = req.stdin.then(|| GuestStdin(session.stdin()));
+        Ok(GuestExec {
+            session,
+            stdin,
+            program,
+            timeout,
+            // The guest kills the command at its timeout; this only guards
+            // against a guest that never reports the end.
+            deadline: tokio::time::Instant::now() + timeout + EXEC_GRACE,
+            done: false,
+        })
     }
 
-    /// Copies a regular file out of a running guest, in agent-sized chunks.
-    pub async fn read_file(&self, name: &str, path: &str) -> Result<Vec<u8>, OpError> {
+    /// Opens a regular file in a running guest for copying out, reading its
+    /// first chunk (so that a missing file or a FIFO fails here, not midway).
+    pub async fn read_file(&self, name: &str, path: &str) -> Result<GuestFile, OpError> {
         if !path.starts_with('/') {
             return Err(OpError::new(
                 ErrorCode::InvalidArgument,
@@ -49,52 +53,17 @@ impl Engine {
             ));
         }
         let cell = self.running_cell(name)?;
-        let mut data = Vec::new();
-        loop {
-            let reply = cell
-                .agent
-                .call(
-                    HostCommand::ReadFile {
-                        path: path.to_string(),
-                        offset: data.len() as u64,
-                        len: MAX_READ_CHUNK,
-                    },
-                    AGENT_TIMEOUT,
-                )
-                .await
-                .map_err(|e| OpError::wrap(ErrorCode::GuestError, "copy failed", e))?;
-            let (chunk, size) = match reply {
-                GuestReply::FileChunk { hex, size } => match from_hex(&hex) {
-                    Some(chunk) if chunk.len() as u64 <= MAX_READ_CHUNK => (chunk, size),
-                    _ => {
-                        return Err(OpError::new(
-                            ErrorCode::GuestError,
-                            "the guest sent a malformed file chunk",
-                        ))
-                    }
-                },
-                GuestReply::Error { message } => {
-                    return Err(OpError::new(ErrorCode::NotFound, truncate(&message)))
-                }
-                _ => {
-                    return Err(OpError::new(
-                        ErrorCode::GuestError,
-                        "the guest answered with the wrong reply",
-                    ))
-                }
-            };
-            data.extend_from_slice(&chunk);
-            if data.len() as u64 > MAX_COPY_BYTES {
-                return Err(OpError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!("{path} is larger than {MAX_COPY_BYTES} bytes"),
-                ));
-            }
-            // A file that grows while it is read is copied up to its size at the last read.
-            if chunk.is_empty() || data.len() as u64 >= size {
-                return Ok(data);
-            }
-        }
+        let mut file = GuestFile {
+            cell,
+            path: path.to_string(),
+            offset: 0,
+            size: 0,
+            first: None,
+            done: false,
+        };
+        let first = file.fetch().await?;
+        file.first = Some(first);
+        Ok(file)
     }
 
     pub(super) fn running_cell(&self, name: &str) -> Result<Arc<Cell>, OpError> {
@@ -136,5 +105,209 @@ impl Engine {
             .map_err(|e| OpError::internal("failed to read the console log", e))?;
         let next = start + buf.len() as u64;
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+    }
+}
+
+/// How long after its timeout the host gives up on a command whose guest
+/// never reported its end.
+const EXEC_GRACE: Duration = Duration::from_secs(15);
+
+/// A command running in a guest.
+pub struct GuestExec {
+    session: ExecSession,
+    stdin: Option<GuestStdin>,
+    program: String,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    done: bool,
+}
+
+impl GuestExec {
+    /// The command's stdin, once, if the request asked for it.
+    pub fn take_stdin(&mut self) -> Option<GuestStdin> {
+        self.stdin.take()
+    }
+
+    /// The next output chunk, then one `exit` or `error` event, then `None`.
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        if self.done {
+            return None;
+        }
+        let event = match tokio::time::timeout_at(self.deadline, self.session.next()).await {
+            Ok(Some(Ok(AgentExecEvent::Output { stream, data }))) => match stream {
+                ExecStream::Stdout => ExecEvent::Stdout { data },
+                ExecStream::Stderr => ExecEvent::Stderr { data },
+            },
+            Ok(Some(Ok(AgentExecEvent::Exit(status)))) => {
+                ExecEvent::Exit(exec_exit(&status, &self.program, self.timeout))
+            }
+            Ok(Some(Err(e))) => exec_error(OpError::wrap(ErrorCode::GuestError, "exec failed", e)),
+            Ok(None) => return None,
+            Err(_) => exec_error(OpError::new(
+                ErrorCode::GuestError,
+                "exec failed: the guest did not end the command after its timeout",
+            )),
+        };
+        if matches!(event, ExecEvent::Exit(_) | ExecEvent::Error { .. }) {
+            self.done = true;
+        }
+        Some(event)
+    }
+}
+
+fn exec_error(e: OpError) -> ExecEvent {
+    tracing::warn!(error = %e.message, "exec failed");
+    ExecEvent::Error {
+        error: ApiErrorBody {
+            code: e.code,
+            message: e.message,
+        },
+    }
+}
+
+/// What the user sees of how a command ended.
+fn exec_exit(status: &ExecStatus, program: &str, timeout: Duration) -> ExecExit {
+    let (reason, message) = match status {
+        ExecStatus::Exited { .. } => (ExitReason::Exited, None),
+        ExecStatus::Signaled { signal } => (
+            ExitReason::Signaled,
+            Some(match signal_name(*signal) {
+                Some(name) => format!("killed by signal {signal} ({name})"),
+                None => format!("killed by signal {signal}"),
+            }),
+        ),
+        ExecStatus::TimedOut => (
+            ExitReason::TimedOut,
+            Some(format!(
+                "timed out after {}s; the command was killed",
+                timeout.as_secs()
+            )),
+        ),
+        ExecStatus::NotFound => (ExitReason::NotFound, Some(format!("{program}: not found"))),
+        ExecStatus::CannotRun { message } => (ExitReason::CannotRun, Some(truncate(message))),
+    };
+    ExecExit {
+        exit_code: status.exit_code(),
+        reason,
+        message,
+    }
+}
+
+/// Feeds a command's stdin.
+pub struct GuestStdin(ExecStdin);
+
+impl GuestStdin {
+    /// Writes bytes (waiting until the guest took them); `eof` closes stdin after.
+    pub async fn write(&self, data: &[u8], eof: bool) -> Result<(), OpError> {
+        self.0.write(data, eof).await.map_err(|e| {
+            OpError::wrap(ErrorCode::GuestError, "cannot write the command's stdin", e)
+        })
+    }
+}
+
+/// A file being copied out of a guest, chunk by chunk as the reader asks:
+/// the daemon holds at most one chunk.
+pub struct GuestFile {
+    cell: Arc<Cell>,
+    path: String,
+    offset: u64,
+    size: u64,
+    first: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl GuestFile {
+    /// The file's size when it was last read.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next chunk; `None` at the end. A file that grows while it is read
+    /// is copied up to its size at the last read, at most [`MAX_FILE_COPY`].
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<u8>, OpError>> {
+        if let Some(first) = self.first.take() {
+            self.done = first.is_empty() || self.offset >= self.size;
+            return Some(Ok(first));
+        }
+        if self.done {
+            return None;
+        }
+        let chunk = self.fetch().await;
+        match &chunk {
+            Ok(data) if data.is_empty() => return None,
+            Ok(_) => self.done = self.offset >= self.size,
+            Err(_) => self.done = true,
+        }
+        Some(chunk)
+    }
+
+    async fn fetch(&mut self) -> Result<Vec<u8>, OpError> {
+        let chunk = self
+            .cell
+            .agent
+            .read_file(&self.path, self.offset, AGENT_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                AgentError::Refused { message } if message.ends_with("is not a regular file") => {
+                    OpError::new(ErrorCode::InvalidArgument, message)
+                }
+                AgentError::Refused { message } => OpError::new(ErrorCode::NotFound, message),
+                e => OpError::wrap(ErrorCode::GuestError, "copy failed", e),
+            })?;
+        let path = &self.path;
+        if chunk.size > MAX_FILE_COPY || self.offset + chunk.data.len() as u64 > MAX_FILE_COPY {
+            return Err(OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!("{path} is larger than the {MAX_FILE_COPY} bytes cp copies"),
+            ));
+        }
+        self.offset += chunk.data.len() as u64;
+        self.size = chunk.size;
+        Ok(chunk.data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_explained() {
+        let t = Duration::from_secs(5);
+        let cases = [
+            (ExecStatus::Exited { code: 3 }, 3, ExitReason::Exited, None),
+            (
+                ExecStatus::Signaled { signal: 9 },
+                137,
+                ExitReason::Signaled,
+                Some("killed by signal 9 (SIGKILL)"),
+            ),
+            (
+                ExecStatus::Signaled { signal: 40 },
+                168,
+                ExitReason::Signaled,
+                Some("killed by signal 40"),
+            ),
+            (
+                ExecStatus::TimedOut,
+                124,
+                ExitReason::TimedOut,
+                Some("timed out after 5s; the command was killed"),
+            ),
+            (
+                ExecStatus::NotFound,
+                127,
+                ExitReason::NotFound,
+                Some("nope: not found"),
+            ),
+        ];
+        for (status, code, reason, message) in cases {
+            let exit = exec_exit(&status, "nope", t);
+            assert_eq!(
+                (exit.exit_code, exit.reason, exit.message.as_deref()),
+                (code, reason, message),
+                "{status:?}"
+            );
+        }
     }
 }

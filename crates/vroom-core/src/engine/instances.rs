@@ -437,11 +437,7 @@ impl Engine {
             let exited = |timeout| tokio::time::timeout(timeout, self.driver.wait_exit(&process));
             let mut done = false;
             if !force {
-                let asked = cell
-                    .agent
-                    .call(HostCommand::Shutdown, Duration::from_secs(2))
-                    .await
-                    .is_ok();
+                let asked = cell.agent.shutdown(Duration::from_secs(2)).await.is_ok();
                 if asked {
                     done = exited(self.cfg.stop_timeout).await.is_ok();
                 }

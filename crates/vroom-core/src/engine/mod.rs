@@ -18,6 +18,8 @@ mod instances;
 mod networks;
 mod supervise;
 
+pub use guest::{GuestExec, GuestFile, GuestStdin};
+
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -27,12 +29,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
-use vroom_agent_proto::{from_hex, GuestReply, HostCommand, MAX_READ_CHUNK};
+use vroom_agent_proto::{GuestReply, HostCommand};
 use vroom_types::{
     check_config, validate_config_key, validate_config_value, BuildReport, ConfigValues,
-    DesiredState, ErrorCode, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
-    InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
-    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
+    DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction, InstanceSpec,
+    InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec,
+    NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
 };
 
 use crate::agent::AgentClient;
@@ -53,8 +55,6 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
 /// How many earlier boots' console logs an instance keeps.
 pub const KEPT_BOOTS: i32 = 5;
-/// The largest file `read_file` copies out of a guest.
-const MAX_COPY_BYTES: u64 = 1 << 30;
 /// An instance that stayed up this long has its crash streak forgotten.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 

@@ -196,11 +196,7 @@ impl Engine {
                     if cell.generation.load(Ordering::SeqCst) != generation {
                         return;
                     }
-                    if let Ok(GuestReply::Health(report)) = cell
-                        .agent
-                        .call(HostCommand::Health, Duration::from_secs(2))
-                        .await
-                    {
+                    if let Ok(report) = cell.agent.health(Duration::from_secs(2)).await {
                         if let Some(error) = report.config_error {
                             // The guest cannot put its stored config in
                             // force: fail now instead of at the deadline.
