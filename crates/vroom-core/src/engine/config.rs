@@ -284,14 +284,7 @@ impl Engine {
     /// of the daemon; instances whose guest cannot answer yet are settled at
     /// their next config access.
     pub(super) fn spawn_config_settle(self: &Arc<Self>) {
-        let cells: Vec<Arc<Cell>> = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for cell in cells {
+        for cell in self.cells() {
             let engine = self.clone();
             tokio::spawn(async move {
                 let _op = cell.op.lock().await;

@@ -4,14 +4,7 @@ use super::*;
 
 impl Engine {
     pub fn list(&self) -> Vec<Instance> {
-        let cells: Vec<_> = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        cells.iter().map(|c| c.snapshot()).collect()
+        self.cells().iter().map(|c| c.snapshot()).collect()
     }
 
     pub fn get(&self, name: &str) -> Result<Instance, OpError> {

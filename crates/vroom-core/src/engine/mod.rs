@@ -171,6 +171,16 @@ impl Engine {
         self.cfg.data_dir.join("instances")
     }
 
+    /// Every instance's cell, taken out of the map so no lock is held while using them.
+    fn cells(&self) -> Vec<Arc<Cell>> {
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn cell(&self, name: &str) -> Result<Arc<Cell>, OpError> {
         let map = self.instances.lock().unwrap_or_else(|p| p.into_inner());
         map.iter()
