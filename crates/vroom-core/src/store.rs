@@ -43,24 +43,17 @@ pub trait StateStore: Send + Sync {
     fn delete_network(&self, name: &str) -> Result<(), StateStoreError>;
     fn networks(&self) -> Result<Vec<Network>, StateStoreError>;
 
-    /// An instance's config history; `None` before its first change. A store
-    /// that keeps no history (the default) makes every instance look new.
-    fn config_log(&self, _name: &str) -> Result<Option<ConfigLog>, StateStoreError> {
-        Ok(None)
-    }
+    /// An instance's config history; `None` before its first change.
+    fn config_log(&self, name: &str) -> Result<Option<ConfigLog>, StateStoreError>;
     /// Saves a history, e.g. with a change about to be sent to the guest.
-    fn put_config_log(&self, _name: &str, _log: &ConfigLog) -> Result<(), StateStoreError> {
-        Ok(())
-    }
+    fn put_config_log(&self, name: &str, log: &ConfigLog) -> Result<(), StateStoreError>;
     /// Saves an accepted change: the record (with its new config) and the
-    /// history, atomically.
+    /// history, atomically. `delete_instance` removes the history too.
     fn commit_config(
         &self,
         record: &InstanceRecord,
-        _log: &ConfigLog,
-    ) -> Result<(), StateStoreError> {
-        self.put_instance(record)
-    }
+        log: &ConfigLog,
+    ) -> Result<(), StateStoreError>;
 }
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");

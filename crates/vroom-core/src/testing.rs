@@ -20,8 +20,8 @@ use vroom_agent_proto::{
     encode_frame, FrameDecoder, GuestReply, HealthReport, HostCommand, Request, Response,
 };
 use vroom_types::{
-    Accel, AccelChoice, ApplianceSpec, BuildReport, FileDigest, ImageManifest, ImageSummary,
-    KernelRef, Network, MANIFEST_VERSION,
+    Accel, AccelChoice, ApplianceSpec, BuildReport, ConfigLog, FileDigest, ImageManifest,
+    ImageSummary, KernelRef, Network, MANIFEST_VERSION,
 };
 
 use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
@@ -154,8 +154,17 @@ impl FakeDriver {
     }
 }
 
-/// The guest's half of the agent protocol: health and shutdown.
+/// A value the fake guest's "service check" refuses: a config change
+/// carrying it is rejected with nothing saved.
+pub const REJECTED_VALUE: &str = "REJECT";
+
+/// The guest's half of the agent protocol: health, config changes (checked:
+/// a value equal to [`REJECTED_VALUE`] is refused) and shutdown. The guest
+/// starts with the `hello` image's seed config.
 async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bool>, ready: bool) {
+    let config: Arc<Mutex<BTreeMap<String, String>>> = Arc::new(Mutex::new(
+        [("greeting".to_string(), "hello".to_string())].into(),
+    ));
     let mut gone = alive.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -166,6 +175,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
             return;
         };
         let alive = alive.clone();
+        let config = config.clone();
         tokio::spawn(async move {
             let mut gone = alive.subscribe();
             let mut decoder = FrameDecoder::new();
@@ -188,9 +198,20 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                             ready,
                             uptime_ms: 1,
                             services: vec![],
-                            config: BTreeMap::new(),
+                            config: lock(&config).clone(),
                             config_error: None,
                         }),
+                        HostCommand::ApplyConfig { values } => {
+                            if values.values().any(|v| v == REJECTED_VALUE) {
+                                GuestReply::ConfigRejected {
+                                    message: "the service's check refused the staged config".into(),
+                                    output: format!("bad value {REJECTED_VALUE}"),
+                                }
+                            } else {
+                                *lock(&config) = values.clone();
+                                GuestReply::ConfigApplied { values }
+                            }
+                        }
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
                         _ => GuestReply::Error {
                             message: "not supported by the fake guest".into(),
@@ -326,6 +347,7 @@ impl NetworkBackend for FakeNetwork {
 pub struct MemStore {
     instances: Mutex<BTreeMap<String, InstanceRecord>>,
     networks: Mutex<BTreeMap<String, Network>>,
+    config_logs: Mutex<BTreeMap<String, ConfigLog>>,
 }
 
 impl StateStore for MemStore {
@@ -335,6 +357,7 @@ impl StateStore for MemStore {
     }
     fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
         lock(&self.instances).remove(name);
+        lock(&self.config_logs).remove(name);
         Ok(())
     }
     fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError> {
@@ -350,6 +373,23 @@ impl StateStore for MemStore {
     }
     fn networks(&self) -> Result<Vec<Network>, StateStoreError> {
         Ok(lock(&self.networks).values().cloned().collect())
+    }
+    fn config_log(&self, name: &str) -> Result<Option<ConfigLog>, StateStoreError> {
+        Ok(lock(&self.config_logs).get(name).cloned())
+    }
+    fn put_config_log(&self, name: &str, log: &ConfigLog) -> Result<(), StateStoreError> {
+        lock(&self.config_logs).insert(name.to_string(), log.clone());
+        Ok(())
+    }
+    fn commit_config(
+        &self,
+        record: &InstanceRecord,
+        log: &ConfigLog,
+    ) -> Result<(), StateStoreError> {
+        let name = record.instance.spec.name.to_string();
+        lock(&self.instances).insert(name.clone(), record.clone());
+        lock(&self.config_logs).insert(name, log.clone());
+        Ok(())
     }
 }
 

@@ -313,3 +313,49 @@ async fn nic_roles_are_assigned_and_a_routers_wan_stays_off_isolated_networks() 
         err.message
     );
 }
+
+/// Config transactions: an accepted change is a new version that `get`
+/// shows; one the guest's check refuses changes nothing, neither the config
+/// nor the history; rollback is itself a version.
+#[tokio::test]
+async fn config_changes_are_transactions_with_history() {
+    use crate::testing::REJECTED_VALUE;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    let set =
+        |v: &str| -> vroom_types::ConfigValues { [("greeting".to_string(), v.to_string())].into() };
+    let applied = t.engine.config_update("web", set("hi")).await.unwrap();
+    assert_eq!(applied["greeting"], "hi");
+    assert_eq!(t.engine.config_get("web").await.unwrap()["greeting"], "hi");
+    let versions = t.engine.config_history("web").await.unwrap().versions.len();
+
+    let err = t
+        .engine
+        .config_update("web", set(REJECTED_VALUE))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("check refused"), "{}", err.message);
+    assert_eq!(t.engine.config_get("web").await.unwrap()["greeting"], "hi");
+    assert_eq!(t.engine.get("web").unwrap().config["greeting"], "hi");
+    assert_eq!(
+        t.engine.config_history("web").await.unwrap().versions.len(),
+        versions,
+        "a refused change made a version"
+    );
+
+    t.engine.config_rollback("web", None).await.unwrap();
+    assert_eq!(
+        t.engine.config_get("web").await.unwrap()["greeting"],
+        "hello"
+    );
+    assert_eq!(
+        t.engine.config_history("web").await.unwrap().versions.len(),
+        versions + 1
+    );
+    // The history goes with the instance.
+    t.engine.remove("web", true).await.unwrap();
+    use crate::store::StateStore;
+    assert!(t.store.config_log("web").unwrap().is_none());
+}
