@@ -1,18 +1,25 @@
 //! Small request and response bodies of the API that are not domain objects.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{ApiErrorBody, ConfigValues, ImageSummary, InstanceAction, PackageEntry};
 
 /// The body of `POST /v1/instances/{name}/actions`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: InstanceAction,
 }
 
 /// A whole config, as returned by `GET` and accepted by `PUT /v1/instances/{name}/config`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigDocument {
+    // Spelled out: utoipa names every alias of a `BTreeMap` "BTreeMap", so
+    // the config values and the config schema would share one component.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub values: ConfigValues,
 }
 
@@ -32,8 +39,10 @@ pub struct VersionInfo {
 
 /// The body of `POST /v1/images/build`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host.
+    #[schema(pattern = "^/")]
     pub recipe: String,
     /// Refresh the package indexes first, so the newest versions (security
     /// updates) are picked, and report what changed.
@@ -75,7 +84,6 @@ pub enum BuildEvent {
 
 /// The packages of `after` that differ from `before`, by name.
 pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<PackageChange> {
-    use std::collections::BTreeMap;
     let old: BTreeMap<&str, &str> = before
         .iter()
         .map(|p| (p.name.as_str(), p.version.as_str()))

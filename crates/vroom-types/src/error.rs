@@ -13,6 +13,12 @@ pub enum ErrorCode {
     Timeout,
     GuestError,
     Internal,
+    /// The route exists, but not with this method.
+    MethodNotAllowed,
+    /// The request body exceeds the API's limit.
+    PayloadTooLarge,
+    /// The request body is not `application/json`.
+    UnsupportedMediaType,
 }
 
 impl ErrorCode {
@@ -64,4 +70,13 @@ pub enum InvalidInputError {
     ConfigAssignment { raw: String },
     #[error("invalid accelerator {raw:?}: use auto, kvm or tcg")]
     Accel { raw: String },
+    #[error("{field} must be an integer between {min} and {max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: u64,
+        max: u64,
+    },
+    #[error("config volume size {kib} KiB is outside {min}..={max} KiB")]
+    ConfigVolumeSize { kib: u32, min: u64, max: u64 },
 }

@@ -9,6 +9,8 @@ mod config;
 mod error;
 mod image;
 mod instance;
+mod json_int;
+pub mod limits;
 mod name;
 mod network;
 mod schema;
@@ -32,7 +34,7 @@ pub use instance::{
     InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus, RunRequest,
 };
 pub use ipnet::Ipv4Net;
-pub use name::Name;
-pub use network::{parse_subnet, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
+pub use name::{Name, NAME_PATTERN};
+pub use network::{parse_subnet, subnet_pattern, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
 pub use schema::{check_config, ConfigField, ConfigSchema, FieldType};
 pub use size::{parse_mem_mib, MIN_MEM_MIB};

@@ -115,18 +115,19 @@ pub struct RunArgs {
     /// Guest memory, e.g. 128M or 1G (the image's default when absent).
     #[arg(long, value_parser = parse_mem_mib)]
     pub mem: Option<u64>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = vroom_types::limits::parse_cpus)]
     pub cpus: u32,
     /// Attach to a network, optionally with a fixed address: NET or NET:IP. Repeatable.
     #[arg(long = "net")]
     pub nets: Vec<NicSpec>,
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
-    /// Seconds the guest has to report ready.
-    #[arg(long, default_value_t = vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS)]
+    /// Seconds the guest has to report ready (1 to 3600).
+    #[arg(long, default_value_t = vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS,
+        value_parser = vroom_types::limits::parse_ready_timeout_secs)]
     pub timeout: u64,
-    /// Size of the config volume in KiB.
-    #[arg(long)]
+    /// Size of the config volume in KiB (64 to 65536).
+    #[arg(long, value_parser = vroom_types::limits::parse_config_volume_kib)]
     pub config_size: Option<u32>,
 }
 

@@ -1,0 +1,376 @@
+//! The API tier: vroomd's HTTP answers as a client sees them, byte for byte.
+//! Every request here goes over the daemon's real unix socket; the last test
+//! lets schemathesis loose on the OpenAPI document against a real daemon.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Env;
+use serde_json::{json, Value};
+
+/// One HTTP/1.1 exchange on the daemon's socket: the status and the body.
+fn request(env: &Env, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = UnixStream::connect(env.dir.join("vroomd.sock")).expect("connect to vroomd");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: vroomd\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // A server may answer (413) before it has read a large body, and close.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer (did vroomd die?): {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn json_request(env: &Env, method: &str, path: &str, body: &Value) -> (u16, String) {
+    request(
+        env,
+        method,
+        path,
+        "application/json",
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Asserts an error answer: the status, a JSON `ApiErrorBody` with this code,
+/// and a one-line message containing `want`.
+fn assert_error(what: &str, answer: (u16, String), status: u16, code: &str, want: &str) {
+    let (got_status, body) = answer;
+    let parsed: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{what}: the body is not JSON ({e}): {body:?}"));
+    let message = parsed["message"].as_str().unwrap_or_default();
+    assert_eq!(got_status, status, "{what}: {body}");
+    assert_eq!(parsed["code"], code, "{what}: {body}");
+    assert!(
+        message.contains(want) && !message.contains('\n'),
+        "{what}: expected {want:?} in a one-line message, got {message:?}"
+    );
+}
+
+fn run_body(edit: impl FnOnce(&mut Value)) -> Value {
+    let mut body = json!({
+        "spec": {"name": "huge", "image": "hello", "cpus": 1, "nics": [], "accel": "auto"},
+    });
+    edit(&mut body);
+    body
+}
+
+/// Defect 7: `vroom run hello --timeout 18446744073709551615` panicked vroomd
+/// ("overflow when adding duration to instant"). Every number is now checked
+/// against its documented range before anything is created.
+#[test]
+fn out_of_range_numbers_are_refused_and_the_daemon_survives() {
+    let env = Env::new("range");
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "ready timeout u64::MAX",
+            run_body(|b| b["ready_timeout_secs"] = json!(u64::MAX)),
+            "ready_timeout_secs must be an integer between 1 and 3600, got 18446744073709551615",
+        ),
+        (
+            "ready timeout 0",
+            run_body(|b| b["ready_timeout_secs"] = json!(0)),
+            "ready_timeout_secs must be an integer between 1 and 3600, got 0",
+        ),
+        (
+            "memory u64::MAX",
+            run_body(|b| b["spec"]["mem_mib"] = json!(u64::MAX)),
+            "spec.mem_mib must be an integer between 128 and 1073741824",
+        ),
+        (
+            "cpus beyond 255",
+            run_body(|b| b["spec"]["cpus"] = json!(4096)),
+            "invalid cpu count 4096: must be between 1 and 255",
+        ),
+        (
+            "cpus beyond u32",
+            run_body(|b| b["spec"]["cpus"] = json!(u64::MAX)),
+            "spec.cpus",
+        ),
+        (
+            "config volume u32::MAX",
+            run_body(|b| b["spec"]["config_volume_kib"] = json!(u32::MAX)),
+            "config volume size 4294967295 KiB is outside 64..=65536 KiB",
+        ),
+        (
+            "a fraction",
+            run_body(|b| b["ready_timeout_secs"] = json!(1.5)),
+            "1.5 is not a non-negative integer",
+        ),
+    ];
+    for (what, body, want) in cases {
+        let answer = json_request(&env, "POST", "/v1/instances", &body);
+        assert_error(what, answer, 400, "invalid_argument", want);
+    }
+    // JSON Schema counts 30.0 as an integer, so the API does too; the
+    // instance's image does not exist, which is the next thing checked.
+    let answer = json_request(
+        &env,
+        "POST",
+        "/v1/instances",
+        &run_body(|b| {
+            b["spec"]["image"] = json!("nosuchimage");
+            b["ready_timeout_secs"] = json!(30.0);
+        }),
+    );
+    assert_error("30.0 seconds", answer, 404, "not_found", "nosuchimage");
+
+    let answer = request(
+        &env,
+        "GET",
+        "/v1/instances/huge/logs?offset=18446744073709551615",
+        "application/json",
+        b"",
+    );
+    assert_error(
+        "log offset",
+        answer,
+        400,
+        "invalid_argument",
+        "offset must be an integer between 0 and 9007199254740991",
+    );
+
+    let stderr = env.fail(&[
+        "run",
+        "hello",
+        "--name",
+        "huge",
+        "--timeout",
+        "18446744073709551615",
+    ]);
+    assert!(stderr.contains("between 1 and 3600"), "{stderr}");
+    let stderr = env.fail(&["run", "hello", "--name", "huge", "--cpus", "256"]);
+    assert!(stderr.contains("invalid cpu count 256"), "{stderr}");
+
+    // The daemon is alive, and nothing was created.
+    let (status, _) = request(&env, "GET", "/v1/version", "application/json", b"");
+    assert_eq!(status, 200, "vroomd died: {}", env.daemon_log());
+    assert!(
+        !env.daemon_log().contains("panicked"),
+        "{}",
+        env.daemon_log()
+    );
+    let networks: Vec<vroom_types::Network> =
+        serde_json::from_str(&env.ok(&["net", "ls", "--json"])).unwrap();
+    assert!(networks.is_empty(), "{networks:?}");
+    env.assert_nothing_left("after out-of-range numbers");
+}
+
+/// Every error answer, including the ones axum makes itself, is an
+/// `ApiErrorBody` with a stable code and the status the document lists.
+#[test]
+fn every_error_is_json_with_a_stable_code() {
+    let env = Env::new("errs");
+    let network = |extra: Value| {
+        let mut body = json!({"name": "lan", "nat": false});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    assert_error(
+        "unknown route",
+        request(&env, "GET", "/v1/nothing-here", "application/json", b""),
+        404,
+        "not_found",
+        "no route for GET /v1/nothing-here",
+    );
+    assert_error(
+        "wrong method",
+        request(&env, "PUT", "/v1/version", "application/json", b""),
+        405,
+        "method_not_allowed",
+        "PUT /v1/version is not allowed",
+    );
+    assert_error(
+        "text/plain",
+        request(&env, "POST", "/v1/networks", "text/plain", b"{}"),
+        415,
+        "unsupported_media_type",
+        "application/json",
+    );
+    let eleven_mb = vec![b' '; 11 << 20];
+    assert_error(
+        "11 MB body",
+        request(&env, "POST", "/v1/networks", "application/json", &eleven_mb),
+        413,
+        "payload_too_large",
+        "length limit",
+    );
+    assert_error(
+        "not JSON",
+        request(&env, "POST", "/v1/networks", "application/json", b"{nope"),
+        400,
+        "invalid_argument",
+        "invalid request body",
+    );
+    assert_error(
+        "unknown field",
+        json_request(&env, "POST", "/v1/networks", &network(json!({"bogus": 1}))),
+        400,
+        "invalid_argument",
+        "unknown field `bogus`",
+    );
+    assert_error(
+        "unknown field in an instance spec",
+        json_request(
+            &env,
+            "POST",
+            "/v1/instances",
+            &run_body(|b| b["spec"]["bogus"] = json!(1)),
+        ),
+        400,
+        "invalid_argument",
+        "unknown field `bogus`",
+    );
+    assert_error(
+        "unknown field in an action",
+        json_request(
+            &env,
+            "POST",
+            "/v1/instances/x/actions",
+            &json!({"action": "start", "bogus": 1}),
+        ),
+        400,
+        "invalid_argument",
+        "unknown field `bogus`",
+    );
+    assert_error(
+        "path that is not UTF-8",
+        request(&env, "GET", "/v1/instances/%FF", "application/json", b""),
+        400,
+        "invalid_argument",
+        "Invalid UTF-8",
+    );
+    let refused_subnets: &[(&str, &str)] = &[
+        ("169.254.0.0/16", "link-local"),
+        ("169.254.7.0/24", "link-local"),
+        ("240.0.0.0/24", "reserved"),
+        ("255.255.255.248/29", "reserved"),
+        ("224.0.0.0/24", "multicast"),
+        ("239.1.0.0/16", "multicast"),
+        ("127.0.0.0/24", "loopback"),
+        ("0.0.0.0/16", "0.0.0.0/8"),
+        ("0.1.0.0/24", "0.0.0.0/8"),
+        ("10.90.0.1/24", "host bits"),
+        ("010.90.0.0/24", "leading zeros"),
+    ];
+    for (subnet, want) in refused_subnets {
+        let answer = json_request(
+            &env,
+            "POST",
+            "/v1/networks",
+            &network(json!({"subnet": subnet})),
+        );
+        assert_error(subnet, answer, 400, "invalid_argument", want);
+        let stderr = env.fail(&["net", "create", "lan", "--subnet", subnet]);
+        assert!(
+            stderr.contains(want),
+            "vroom net create --subnet {subnet}: {stderr}"
+        );
+    }
+    let networks: Vec<vroom_types::Network> =
+        serde_json::from_str(&env.ok(&["net", "ls", "--json"])).unwrap();
+    assert!(networks.is_empty(), "{networks:?}");
+    env.assert_nothing_left("after refused requests");
+}
+
+/// Exposes the daemon's unix socket on a loopback TCP port, for tools that
+/// speak only TCP. Each connection is copied both ways by two threads.
+fn tcp_proxy(socket: &Path) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(daemon) = UnixStream::connect(&socket) else {
+                continue;
+            };
+            let (mut client_r, mut daemon_w) =
+                (client.try_clone().unwrap(), daemon.try_clone().unwrap());
+            let (mut daemon_r, mut client_w) = (daemon, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut client_r, &mut daemon_w);
+                let _ = daemon_w.shutdown(Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut daemon_r, &mut client_w);
+                let _ = client_w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// schemathesis (installed by `cargo xtask test`) generates requests from
+/// openapi.json, including invalid ones and stateful sequences (create, then
+/// read, act on and delete what was created), and checks every answer
+/// against the document: status codes, bodies, content types, that valid
+/// input is accepted and invalid input refused, and that nothing is a 5xx.
+///
+/// Left out: exec, files and config, whose handlers are being reworked on
+/// other branches (binary-safe exec, streamed copy, config history).
+#[test]
+fn schemathesis_finds_no_failures_in_the_openapi_document() {
+    let found = Command::new("schemathesis").arg("--version").output();
+    assert!(
+        found.as_ref().is_ok_and(|o| o.status.success()),
+        "schemathesis is not installed: run the tests with `cargo xtask test`, which installs it ({found:?})"
+    );
+    let env = Env::new("schema");
+    let port = tcp_proxy(&env.dir.join("vroomd.sock"));
+    let document = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
+    let report = env.dir.join("schemathesis");
+    let started = Instant::now();
+    let out = Command::new("schemathesis")
+        .current_dir(&env.dir)
+        .args(["--no-color", "run"])
+        .arg(&document)
+        .args(["--url", &format!("http://127.0.0.1:{port}")])
+        .args(["--checks", "all"])
+        .args(["--phases", "examples,coverage,fuzzing,stateful"])
+        .args(["--max-examples", "25"])
+        .args(["--workers", "2"])
+        .args(["--request-timeout", "60"])
+        .args(["--exclude-path-regex", "/exec$|/files$|/config"])
+        .args(["--max-failures", "20"])
+        .arg("--report-dir")
+        .arg(&report)
+        .output()
+        .expect("run schemathesis");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}\n{stderr}");
+    println!("schemathesis took {:?}", started.elapsed());
+    assert!(
+        out.status.success(),
+        "schemathesis reported failures (its report is above):\n{stdout}\n{stderr}"
+    );
+    // The daemon survived all of it.
+    let (status, _) = request(&env, "GET", "/v1/version", "application/json", b"");
+    assert_eq!(status, 200, "vroomd died: {}", env.daemon_log());
+    assert!(
+        !env.daemon_log().contains("panicked"),
+        "{}",
+        env.daemon_log()
+    );
+    // Whatever the generated requests created is removed by Env's Drop.
+}
