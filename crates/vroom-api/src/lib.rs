@@ -326,7 +326,8 @@ async fn run_instance(
     req: Result<Json<RunRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Instance>), ApiError> {
     let req = body(req)?;
-    req.validate().map_err(OpError::from)?;
+    req.validate()
+        .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
     let instance = engine.run(req).await?;
     Ok((StatusCode::CREATED, Json(instance)))
 }
@@ -403,7 +404,7 @@ async fn instance_logs(
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
     let offset = limits::LOG_OFFSET
         .check(query.offset)
-        .map_err(OpError::from)?;
+        .map_err(|e| bad_request(e.to_string()))?;
     let (data, next_offset) = engine.logs(&name, offset)?;
     Ok(Json(LogChunk { data, next_offset }))
 }

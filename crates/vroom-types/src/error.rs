@@ -35,6 +35,24 @@ pub struct ApiErrorBody {
     pub message: String,
 }
 
+impl InvalidInputError {
+    /// How the API answers: a request beyond what this host has (memory,
+    /// CPUs) is well formed but cannot be carried out here, which the API
+    /// document, written for every host, cannot state in advance.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            InvalidInputError::MemTooLarge { .. } => ErrorCode::HostUnsupported,
+            // A count in the documented range, refused: the host has fewer.
+            InvalidInputError::Cpus { cpus, .. }
+                if crate::limits::CPUS.check(u64::from(*cpus)).is_ok() =>
+            {
+                ErrorCode::HostUnsupported
+            }
+            _ => ErrorCode::InvalidArgument,
+        }
+    }
+}
+
 /// Input that fails validation before any work is done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidInputError {
@@ -79,4 +97,47 @@ pub enum InvalidInputError {
     },
     #[error("config volume size {kib} KiB is outside {min}..={max} KiB")]
     ConfigVolumeSize { kib: u32, min: u64, max: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_table() {
+        let cases = [
+            (
+                InvalidInputError::MemTooLarge {
+                    mem_mib: 9000,
+                    host_mib: 4000,
+                },
+                ErrorCode::HostUnsupported,
+            ),
+            (
+                InvalidInputError::Cpus { cpus: 8, max: 2 },
+                ErrorCode::HostUnsupported,
+            ),
+            (
+                InvalidInputError::Cpus { cpus: 0, max: 2 },
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                InvalidInputError::Cpus {
+                    cpus: 256,
+                    max: 255,
+                },
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                InvalidInputError::MemTooSmall {
+                    mem_mib: 64,
+                    min_mib: 128,
+                },
+                ErrorCode::InvalidArgument,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.code(), code, "{error}");
+        }
+    }
 }

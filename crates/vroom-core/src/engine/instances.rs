@@ -194,9 +194,11 @@ impl Engine {
         specs: &[NicSpec],
         roles: &[String],
     ) -> Result<Vec<NicStatus>, OpError> {
+        // A well-formed request that does not fit the image or network it
+        // names conflicts with their state (409), as a taken name does.
         if !roles.is_empty() && specs.len() > roles.len() {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Conflict,
                 format!(
                     "the image has {} NIC(s) ({}); {} were given",
                     roles.len(),
@@ -220,7 +222,7 @@ impl Engine {
             let role = roles.get(index).map(String::as_str);
             if role == Some(MIRROR_ROLE) && !network.mirror {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "NIC {} is a mirror-sink, but network {} does not mirror its traffic (create it with --mirror)",
                         index + 1,
@@ -240,8 +242,12 @@ impl Engine {
                 ipam::allocate_ip(network.subnet, taken, spec.ip)
             };
             let ip = ip.map_err(|e| {
+                let code = match e {
+                    ipam::AllocateIpError::Exhausted { .. } => ErrorCode::ResourceExhausted,
+                    _ => ErrorCode::Conflict,
+                };
                 OpError::wrap(
-                    ErrorCode::InvalidArgument,
+                    code,
                     format!("cannot attach to network {}", network.name),
                     e,
                 )
@@ -369,6 +375,7 @@ impl Engine {
     ) -> Result<Instance, OpError> {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
+        self.still_registered(name, &cell)?;
         let state = cell.lock().instance.status.state;
         match lifecycle::plan_action(state, action) {
             ActionPlan::Refuse(reason) => {
@@ -441,6 +448,7 @@ impl Engine {
     pub async fn remove(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
+        self.still_registered(name, &cell)?;
         let running = cell
             .lock()
             .process
@@ -471,6 +479,16 @@ impl Engine {
                 OpError::internal(format!("failed to remove {}", cell.dir.display()), e)
             })?;
         Ok(())
+    }
+
+    /// Not found when a concurrent `remove` took (or a `run` replaced) the
+    /// instance while the caller waited for its op lock: acting on the old
+    /// cell would launch a VM from a deleted directory.
+    fn still_registered(&self, name: &str, cell: &Arc<Cell>) -> Result<(), OpError> {
+        match self.cell(name) {
+            Ok(current) if Arc::ptr_eq(&current, cell) => Ok(()),
+            _ => Err(OpError::not_found("instance", name)),
+        }
     }
 }
 
