@@ -52,6 +52,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
     }
 }
 
@@ -64,6 +65,7 @@ fn code_for(status: StatusCode) -> ErrorCode {
         StatusCode::CONFLICT => ErrorCode::Conflict,
         StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
         s if s.is_server_error() => ErrorCode::Internal,
         _ => ErrorCode::InvalidArgument,
     }
@@ -237,10 +239,22 @@ async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError 
     ))
 }
 
+/// The longest request URI (path and query) the API reads: names are short.
+const MAX_URI_LEN: usize = 8 * 1024;
+
 /// Every error answer is an [`ApiErrorBody`]: the ones that axum makes itself
 /// (a path or query that does not parse, a method the route lacks) are
 /// rewritten, keeping their status and headers (e.g. `Allow`).
 async fn json_errors(req: Request, next: Next) -> Response {
+    // hyper answers URIs beyond 64 KiB itself, with an empty 414 that this
+    // layer never sees; below that, the API's own limit answers in JSON.
+    if req.uri().to_string().len() > MAX_URI_LEN {
+        return ApiError(OpError::new(
+            ErrorCode::UriTooLong,
+            format!("the request URI is longer than {MAX_URI_LEN} bytes"),
+        ))
+        .into_response();
+    }
     let request_line = format!("{} {}", req.method(), req.uri().path());
     let response = next.run(req).await;
     let status = response.status();

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The request body is not `application/json`.
     UnsupportedMediaType,
+    /// The request's path and query are longer than the API accepts.
+    UriTooLong,
 }
 
 impl ErrorCode {

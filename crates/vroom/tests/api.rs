@@ -199,6 +199,14 @@ fn every_error_is_json_with_a_stable_code() {
         "method_not_allowed",
         "PUT /v1/version is not allowed",
     );
+    let long_path = format!("/v1/instances/{}", "a".repeat(10_000));
+    assert_error(
+        "10 kB URI",
+        request(&env, "GET", &long_path, "application/json", b""),
+        414,
+        "uri_too_long",
+        "longer than 8192 bytes",
+    );
     assert_error(
         "text/plain",
         request(&env, "POST", "/v1/networks", "text/plain", b"{}"),
