@@ -110,6 +110,46 @@ pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<P
 mod tests {
     use super::*;
 
+    /// Request bodies refuse fields they do not know, at every level.
+    #[test]
+    fn request_bodies_are_strict() {
+        fn accepts<T: serde::de::DeserializeOwned>(json: &str) -> bool {
+            serde_json::from_str::<T>(json).is_ok()
+        }
+        let spec = r#"{"name":"a","image":"hello","cpus":1,"nics":[],"accel":"auto"}"#;
+        let cases: &[(&str, bool, bool)] = &[
+            // (body, is RunRequest, accepted)
+            (&format!(r#"{{"spec":{spec}}}"#), true, true),
+            (&format!(r#"{{"spec":{spec},"bogus":1}}"#), true, false),
+            (
+                r#"{"spec":{"name":"a","image":"hello","cpus":1,"nics":[],"accel":"auto","bogus":1}}"#,
+                true,
+                false,
+            ),
+            (
+                r#"{"spec":{"name":"a","image":"hello","cpus":1,"nics":[{"network":"lan","bogus":1}],"accel":"auto"}}"#,
+                true,
+                false,
+            ),
+            (r#"{"action":"start"}"#, false, true),
+            (r#"{"action":"start","bogus":1}"#, false, false),
+        ];
+        for (json, is_run, ok) in cases {
+            let got = if *is_run {
+                accepts::<crate::RunRequest>(json)
+            } else {
+                accepts::<ActionRequest>(json)
+            };
+            assert_eq!(got, *ok, "{json}");
+        }
+        assert!(accepts::<BuildImageRequest>(r#"{"recipe":"/r"}"#));
+        assert!(!accepts::<BuildImageRequest>(
+            r#"{"recipe":"/r","bogus":1}"#
+        ));
+        assert!(accepts::<ConfigDocument>(r#"{"values":{"a":"b"}}"#));
+        assert!(!accepts::<ConfigDocument>(r#"{"values":{},"bogus":1}"#));
+    }
+
     #[test]
     fn package_changes_name_added_removed_and_moved() {
         let p = |n: &str, v: &str| PackageEntry {
