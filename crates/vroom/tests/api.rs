@@ -300,6 +300,56 @@ fn every_error_is_json_with_a_stable_code() {
     env.assert_nothing_left("after refused requests");
 }
 
+/// Found by schemathesis: a `start` queued behind a `rm -f` of the same
+/// instance launched QEMU from the removed instance's directory (500, "could
+/// not open config.img"). Operations on one instance queue in order: a
+/// graceful `stop` holds the queue while `rm -f` and then `start` wait.
+#[test]
+fn an_action_queued_behind_rm_finds_the_instance_gone() {
+    let env = Env::new("race");
+    env.ok(&["net", "create", "lan", "--subnet", &common::random_subnet()]);
+    env.ok(&["run", "hello", "--name", "racy", "--net", "lan"]);
+    let stop = std::thread::scope(|s| {
+        let stop = s.spawn(|| {
+            json_request(
+                &env,
+                "POST",
+                "/v1/instances/racy/actions",
+                &json!({"action": "stop"}),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let remove = s.spawn(|| {
+            request(
+                &env,
+                "DELETE",
+                "/v1/instances/racy?force=true",
+                "application/json",
+                b"",
+            )
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let start = json_request(
+            &env,
+            "POST",
+            "/v1/instances/racy/actions",
+            &json!({"action": "start"}),
+        );
+        assert_error(
+            "start after rm -f",
+            start,
+            404,
+            "not_found",
+            "no instance named \"racy\"",
+        );
+        assert_eq!(remove.join().unwrap().0, 204, "rm -f");
+        stop.join().unwrap()
+    });
+    assert!(stop.0 == 200 || stop.0 == 404, "stop: {stop:?}");
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after the race");
+}
+
 /// Exposes the daemon's unix socket on a loopback TCP port, for tools that
 /// speak only TCP. Each connection is copied both ways by two threads.
 fn tcp_proxy(socket: &Path) -> u16 {
