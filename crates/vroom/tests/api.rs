@@ -401,6 +401,35 @@ fn schemathesis_finds_no_failures_in_the_openapi_document() {
         "schemathesis is not installed: run the tests with `cargo xtask test`, which installs it ({found:?})"
     );
     let env = Env::new("schema");
+    // Generated networks have arbitrary subnets (any public /16../29 is a
+    // valid lab network), and their bridges would take over those routes on
+    // the host while the test runs. So the daemon, its bridges and VMs, the
+    // proxy and schemathesis live in a network namespace of their own, which
+    // vanishes with them. The `hello` image is built first, while the Debian
+    // mirror is still reachable.
+    env.ok(&["image", "build", &common::recipe("hello")]);
+    env.kill_daemon();
+    // SAFETY: a plain syscall; CLONE_NEWNET moves only this thread (and what
+    // it spawns from now on) into a new network namespace.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(unshared, 0, "unshare: {}", std::io::Error::last_os_error());
+    let lo = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    assert!(
+        lo.as_ref().is_ok_and(|s| s.success()),
+        "ip link set lo up: {lo:?}"
+    );
+    env.start_daemon();
+    // One real instance, so that every listing schemathesis fetches holds an
+    // `Instance` to check against the document (and VMs run in the namespace).
+    let (status, body) = json_request(
+        &env,
+        "POST",
+        "/v1/instances",
+        &json!({"spec": {"name": "seeded", "image": "hello", "cpus": 1, "nics": [], "accel": "auto"}}),
+    );
+    assert_eq!(status, 201, "{body}");
     let port = tcp_proxy(&env.dir.join("vroomd.sock"));
     let document = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
     let report = env.dir.join("schemathesis");
@@ -454,5 +483,6 @@ fn schemathesis_finds_no_failures_in_the_openapi_document() {
     for line in env.daemon_log().lines().filter(|l| l.contains("panicked")) {
         eprintln!("warning: a vroomd task panicked during the run: {line}");
     }
-    // Whatever the generated requests created is removed by Env's Drop.
+    // Env's Drop kills the VMs and the daemon; the namespace, with every
+    // bridge, tap and nft table the generated requests made, goes with them.
 }
