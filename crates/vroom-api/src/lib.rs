@@ -24,8 +24,10 @@ use vroom_types::{
     NetworkSpec, RunRequest, VersionInfo,
 };
 
+mod links;
 mod replies;
 
+use links::CreatedResourceLinks;
 use replies::{BodyErrors, HostErrors, PathErrors};
 
 type AppState = Arc<Engine>;
@@ -162,7 +164,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         get_image
     ),
     components(schemas(ApiErrorBody, Name)),
-    modifiers(&CrossFieldRules)
+    modifiers(&CrossFieldRules, &CreatedResourceLinks)
 )]
 pub struct ApiDoc;
 
@@ -725,6 +727,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every link leads to a documented operation that takes `{name}`.
+    #[test]
+    fn links_lead_to_operations_that_take_the_name() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut takes_name = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for op in item.as_object().unwrap().values() {
+                if path.contains("{name}") {
+                    takes_name.insert(op["operationId"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        let mut links = 0;
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for reply in op["responses"].as_object().unwrap().values() {
+                    for link in reply["links"].as_object().into_iter().flatten() {
+                        let target = link.1["operationId"].as_str().unwrap();
+                        assert!(takes_name.contains(target), "link to {target}");
+                        links += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            links, 12,
+            "links from POST /v1/instances and POST /v1/networks"
+        );
     }
 
     /// Every route the router serves is documented, and nothing else is.
