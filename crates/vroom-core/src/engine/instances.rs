@@ -242,12 +242,8 @@ impl Engine {
                 ipam::allocate_ip(network.subnet, taken, spec.ip)
             };
             let ip = ip.map_err(|e| {
-                let code = match e {
-                    ipam::AllocateIpError::Exhausted { .. } => ErrorCode::ResourceExhausted,
-                    _ => ErrorCode::Conflict,
-                };
                 OpError::wrap(
-                    code,
+                    ErrorCode::Conflict,
                     format!("cannot attach to network {}", network.name),
                     e,
                 )
