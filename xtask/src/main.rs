@@ -80,8 +80,27 @@ fn install_test_tools() -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends", "tcpdump"])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    // The API conformance test (crates/vroom/tests/api.rs) runs schemathesis;
+    // pinned, because new releases add checks.
+    let installed = Command::new("schemathesis")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(SCHEMATHESIS_VERSION))
+        .unwrap_or(false);
+    if !installed {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+        ]))?;
+    }
     Ok(())
 }
+
+/// The schemathesis release `cargo xtask test` installs (what PyPI served on 2026-11-22).
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
 
 fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())

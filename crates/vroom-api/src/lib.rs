@@ -18,12 +18,19 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 use vroom_core::engine::GuestStdin;
 use vroom_core::{Engine, OpError};
+use vroom_types::limits;
 use vroom_types::{
     ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDiff, ConfigDocument,
     ConfigHistory, ConfigRollback, ConfigUpdate, ConfigVersion, ErrorCode, ExecEvent, ExecRequest,
-    ImageSummary, Instance, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+    ImageSummary, Instance, LogChunk, Name, Network, NetworkSpec, RunRequest, VersionInfo,
     MAX_EXEC_REQUEST_BYTES,
 };
+
+mod links;
+mod replies;
+
+use links::CreatedResourceLinks;
+use replies::{BodyErrors, HostErrors, PathErrors};
 
 type AppState = Arc<Engine>;
 
@@ -46,6 +53,25 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::GuestError => StatusCode::BAD_GATEWAY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
+    }
+}
+
+/// The code of an error answer that axum or hyper made (a rejected
+/// extractor, an unknown route, a wrong method), by its status.
+fn code_for(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::CONFLICT => ErrorCode::Conflict,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::InvalidArgument,
     }
 }
 
@@ -70,9 +96,42 @@ fn bad_request(message: String) -> ApiError {
     ApiError(OpError::new(ErrorCode::InvalidArgument, message))
 }
 
+/// A JSON body, or the reason it was refused: 413 when too large, 415 when
+/// not JSON, 400 for anything else (bad syntax, a wrong or unknown field).
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    json.map(|Json(t)| t)
-        .map_err(|e| bad_request(e.body_text()))
+    json.map(|Json(t)| t).map_err(|rejection| {
+        let status = rejection.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE => code_for(status),
+            _ => ErrorCode::InvalidArgument,
+        };
+        let text = rejection.body_text();
+        let detail = text
+            .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+            .or_else(|| text.strip_prefix("Failed to parse the request body as JSON: "))
+            .unwrap_or(&text);
+        ApiError(OpError::new(
+            code,
+            one_line(&format!(
+                "invalid request body: {}",
+                lowercase_first(detail)
+            )),
+        ))
+    })
+}
+
+/// axum's own messages start with a capital; ours do not.
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Messages are one line, whatever the input quoted in them holds.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
@@ -111,9 +170,33 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         remove_image,
         get_image
     ),
-    components(schemas(ApiErrorBody))
+    components(schemas(ApiErrorBody, Name)),
+    modifiers(&CrossFieldRules, &CreatedResourceLinks)
 )]
 pub struct ApiDoc;
+
+/// Rules between fields, which utoipa's derive cannot state: an isolated
+/// network has no NAT (its router appliance does that). utoipa's schema
+/// types lack JSON Schema's `not`, so it is added as a raw keyword.
+struct CrossFieldRules;
+
+impl utoipa::Modify for CrossFieldRules {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{schema::Schema, RefOr};
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(spec))) = components.schemas.get_mut("NetworkSpec") {
+            spec.extensions.get_or_insert_with(Default::default).insert(
+                "not".into(),
+                serde_json::json!({
+                    "required": ["isolated", "nat"],
+                    "properties": {"isolated": {"const": true}, "nat": {"const": true}}
+                }),
+            );
+        }
+    }
+}
 
 /// The OpenAPI document as pretty JSON, as checked into the repository.
 pub fn openapi_json() -> String {
@@ -163,8 +246,74 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/images/{reference}",
             get(get_image).delete(remove_image),
         )
+        .fallback(no_route)
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trace_request))
         .with_state(engine)
+}
+
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(OpError::new(
+        ErrorCode::NotFound,
+        one_line(&format!("no route for {method} {}", uri.path())),
+    ))
+}
+
+/// The longest request URI (path and query) the API reads: names are short.
+const MAX_URI_LEN: usize = 8 * 1024;
+
+/// Every error answer is an [`ApiErrorBody`]: the ones that axum makes itself
+/// (a path or query that does not parse, a method the route lacks) are
+/// rewritten, keeping their status and headers (e.g. `Allow`).
+async fn json_errors(req: Request, next: Next) -> Response {
+    // hyper answers URIs beyond 64 KiB itself, with an empty 414 that this
+    // layer never sees; below that, the API's own limit answers in JSON.
+    if req.uri().to_string().len() > MAX_URI_LEN {
+        return ApiError(OpError::new(
+            ErrorCode::UriTooLong,
+            format!("the request URI is longer than {MAX_URI_LEN} bytes"),
+        ))
+        .into_response();
+    }
+    let request_line = format!("{} {}", req.method(), req.uri().path());
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let message = match (status, text.trim()) {
+        (StatusCode::METHOD_NOT_ALLOWED, _) => {
+            let allowed = parts
+                .headers
+                .get(axum::http::header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            one_line(&format!(
+                "{request_line} is not allowed; this route takes {allowed}"
+            ))
+        }
+        (_, "") => one_line(&format!(
+            "{request_line}: {}",
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        )),
+        (_, text) => lowercase_first(&one_line(text)),
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    let body = Json(ApiErrorBody {
+        code: code_for(status),
+        message,
+    });
+    (parts, body).into_response()
 }
 
 /// Every request runs in a span carrying its id; failures are logged with it.
@@ -201,17 +350,24 @@ async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
 
 /// Creates an instance and starts it; the guest reports ready later (`status.state` becomes `running`).
 #[utoipa::path(post, path = "/v1/instances", request_body = RunRequest,
-    responses((status = 201, body = Instance), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+    responses((status = 201, body = Instance), BodyErrors, HostErrors,
+        (status = 404, body = ApiErrorBody, description = "No such image or network."),
+        (status = 409, body = ApiErrorBody, description = "The name is taken, or the request does not fit the image or network it names (too many NICs, a mirror-sink on a plain network, an address outside the subnet or taken, no address left)."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it (e.g. no KVM when asked for)."),
+        (status = 507, body = ApiErrorBody, description = "The host is out of disk space for the config volume.")))]
 async fn run_instance(
     State(engine): State<AppState>,
     req: Result<Json<RunRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Instance>), ApiError> {
-    let instance = engine.run(body(req)?).await?;
+    let req = body(req)?;
+    req.validate()
+        .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    let instance = engine.run(req).await?;
     Ok((StatusCode::CREATED, Json(instance)))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = Instance), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = Name, Path)),
+    responses((status = 200, body = Instance), PathErrors))]
 async fn get_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -220,14 +376,16 @@ async fn get_instance(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RemoveQuery {
     /// Kill a running instance instead of refusing.
     #[serde(default)]
     force: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/instances/{name}", params(("name" = String, Path), RemoveQuery),
-    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+#[utoipa::path(delete, path = "/v1/instances/{name}", params(("name" = Name, Path), RemoveQuery),
+    responses((status = 204), PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance runs and `force` is not set.")))]
 async fn remove_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -238,8 +396,10 @@ async fn remove_instance(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/instances/{name}/actions", params(("name" = String, Path)), request_body = ActionRequest,
-    responses((status = 200, body = Instance), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances/{name}/actions", params(("name" = Name, Path)), request_body = ActionRequest,
+    responses((status = 200, body = Instance), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The action does not apply in the instance's state."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it.")))]
 async fn instance_action(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -384,9 +544,11 @@ async fn pump_stdin(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
     /// Byte offset to read from; 0 for the start.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9007199254740991.0)]
     offset: u64,
     /// Which boot: 0 (the default) is the current or last one, -1 the one
     /// before, down to -5.
@@ -395,15 +557,18 @@ struct LogQuery {
     boot: i32,
 }
 
-#[utoipa::path(get, path = "/v1/instances/{name}/logs", params(("name" = String, Path), LogQuery),
-    responses((status = 200, body = LogChunk), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{name}/logs", params(("name" = Name, Path), LogQuery),
+    responses((status = 200, body = LogChunk), PathErrors, HostErrors))]
 async fn instance_logs(
     State(engine): State<AppState>,
     Path(name): Path<String>,
     query: Result<Query<LogQuery>, QueryRejection>,
 ) -> ApiResult<LogChunk> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    let (data, next_offset) = engine.logs(&name, query.boot, query.offset)?;
+    let offset = limits::LOG_OFFSET
+        .check(query.offset)
+        .map_err(|e| bad_request(e.to_string()))?;
+    let (data, next_offset) = engine.logs(&name, query.boot, offset)?;
     Ok(Json(LogChunk { data, next_offset }))
 }
 
@@ -563,7 +728,9 @@ async fn list_networks(State(engine): State<AppState>) -> Json<Vec<Network>> {
 }
 
 #[utoipa::path(post, path = "/v1/networks", request_body = NetworkSpec,
-    responses((status = 201, body = Network), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+    responses((status = 201, body = Network), BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The name is taken, or the subnet overlaps another network or a host address."),
+        (status = 507, body = ApiErrorBody, description = "No free subnet is left.")))]
 async fn create_network(
     State(engine): State<AppState>,
     req: Result<Json<NetworkSpec>, JsonRejection>,
@@ -574,8 +741,8 @@ async fn create_network(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/networks/{name}", params(("name" = String, Path)),
-    responses((status = 200, body = Network), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/networks/{name}", params(("name" = Name, Path)),
+    responses((status = 200, body = Network), PathErrors))]
 async fn get_network(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -583,8 +750,9 @@ async fn get_network(
     Ok(Json(engine.network(&name)?))
 }
 
-#[utoipa::path(delete, path = "/v1/networks/{name}", params(("name" = String, Path)),
-    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+#[utoipa::path(delete, path = "/v1/networks/{name}", params(("name" = Name, Path)),
+    responses((status = 204), PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "Instances are attached to it.")))]
 async fn remove_network(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -593,7 +761,7 @@ async fn remove_network(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageSummary>)))]
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<ImageSummary>), HostErrors))]
 async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSummary>> {
     Ok(Json(engine.list_images()?))
 }
@@ -602,8 +770,7 @@ async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSumma
 /// of JSON lines (`application/x-ndjson`): a `progress` line per stage, then
 /// one `done` line with the report or one `error` line.
 #[utoipa::path(post, path = "/v1/images/build", request_body = BuildImageRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent),
-        (status = 400, body = ApiErrorBody)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors))]
 async fn build_image(
     State(engine): State<AppState>,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
@@ -667,7 +834,8 @@ async fn prune_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSumm
 
 /// Removes an image; refused while an instance uses it.
 #[utoipa::path(delete, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),
-    responses((status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+    responses((status = 204), PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "An instance uses the image.")))]
 async fn remove_image(
     State(engine): State<AppState>,
     Path(reference): Path<String>,
@@ -677,7 +845,7 @@ async fn remove_image(
 }
 
 #[utoipa::path(get, path = "/v1/images/{reference}", params(("reference" = String, Path, description = "name or id")),
-    responses((status = 200, body = ImageSummary), (status = 404, body = ApiErrorBody)))]
+    responses((status = 200, body = ImageSummary), PathErrors, HostErrors))]
 async fn get_image(
     State(engine): State<AppState>,
     Path(reference): Path<String>,
@@ -727,6 +895,126 @@ mod tests {
         assert!(
             checked_in == openapi_json(),
             "openapi.json is stale: run `cargo xtask openapi`"
+        );
+    }
+
+    /// The document states the same ranges and patterns as the validators.
+    #[test]
+    fn document_rules_match_the_validators() {
+        use vroom_types::limits::{Bounds, CONFIG_VOLUME_KIB, CPUS, MEM_MIB, READY_TIMEOUT_SECS};
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let range = |field: &serde_json::Value, bounds: Bounds| {
+            assert_eq!(field["minimum"], bounds.min, "{} {field}", bounds.field);
+            assert_eq!(field["maximum"], bounds.max, "{} {field}", bounds.field);
+        };
+        range(
+            &schemas["RunRequest"]["properties"]["ready_timeout_secs"],
+            READY_TIMEOUT_SECS,
+        );
+        let spec = &schemas["InstanceSpec"]["properties"];
+        range(&spec["mem_mib"], MEM_MIB);
+        range(&spec["cpus"], CPUS);
+        range(&spec["config_volume_kib"], CONFIG_VOLUME_KIB);
+        let logs = &doc["paths"]["/v1/instances/{name}/logs"]["get"]["parameters"];
+        let offset = logs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "offset")
+            .unwrap();
+        assert_eq!(offset["in"], "query");
+        range(&offset["schema"], limits::LOG_OFFSET);
+        assert_eq!(schemas["Name"]["pattern"], vroom_types::NAME_PATTERN);
+        assert_eq!(
+            schemas["NetworkSpec"]["properties"]["subnet"]["pattern"],
+            vroom_types::subnet_pattern()
+        );
+    }
+
+    /// Config values (string to string) and a config schema (key to rule)
+    /// are different maps; each use site says which it is.
+    #[test]
+    fn maps_are_described_where_they_are_used() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for (schema, field) in [
+            ("Instance", "config"),
+            ("ConfigDocument", "values"),
+            ("ApplianceSpec", "seed_config"),
+        ] {
+            let map = &schemas[schema]["properties"][field];
+            assert_eq!(
+                map["additionalProperties"]["type"], "string",
+                "{schema}.{field}: {map}"
+            );
+        }
+        let rules = &schemas["ApplianceSpec"]["properties"]["config_schema"];
+        assert_eq!(
+            rules["additionalProperties"]["$ref"], "#/components/schemas/ConfigField",
+            "{rules}"
+        );
+    }
+
+    /// Request bodies refuse unknown fields, and say so; every error reply
+    /// is an `ApiErrorBody`.
+    #[test]
+    fn bodies_are_strict_and_errors_are_api_error_bodies() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for body in [
+            "RunRequest",
+            "InstanceSpec",
+            "NicSpec",
+            "NetworkSpec",
+            "ActionRequest",
+            "BuildImageRequest",
+            "ConfigDocument",
+        ] {
+            assert_eq!(schemas[body]["additionalProperties"], false, "{body}");
+        }
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                for (status, reply) in op["responses"].as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        assert_eq!(
+                            reply["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/ApiErrorBody",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every link leads to a documented operation that takes `{name}`.
+    #[test]
+    fn links_lead_to_operations_that_take_the_name() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        let mut takes_name = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for op in item.as_object().unwrap().values() {
+                if path.contains("{name}") {
+                    takes_name.insert(op["operationId"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        let mut links = 0;
+        for item in doc["paths"].as_object().unwrap().values() {
+            for op in item.as_object().unwrap().values() {
+                for reply in op["responses"].as_object().unwrap().values() {
+                    for link in reply["links"].as_object().into_iter().flatten() {
+                        let target = link.1["operationId"].as_str().unwrap();
+                        assert!(takes_name.contains(target), "link to {target}");
+                        links += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            links, 12,
+            "links from POST /v1/instances and POST /v1/networks"
         );
     }
 

@@ -72,6 +72,6 @@ impl std::error::Error for OpError {}
 
 impl From<InvalidInputError> for OpError {
     fn from(e: InvalidInputError) -> Self {
-        OpError::new(ErrorCode::InvalidArgument, e.to_string())
+        OpError::new(e.code(), e.to_string())
     }
 }

@@ -96,39 +96,56 @@ pub fn takes_gateway(
     network.isolated && is_router && inside && requested.is_none_or(|ip| ip == network.gateway)
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssignRolesError {
+    #[error("the image declares no NIC roles, so NIC role {role:?} means nothing")]
+    NoRoles { role: String },
+    #[error("the image has {count} NIC(s) ({roles}); {given} were given")]
+    TooMany {
+        count: usize,
+        roles: String,
+        given: usize,
+    },
+    #[error("the image has no NIC role {role:?} (its roles: {roles})")]
+    Unknown { role: String, roles: String },
+    #[error("NIC role {role:?} is given twice")]
+    Twice { role: String },
+}
+
 /// The role each requested NIC plays: the one it names (which must be one
 /// of the image's, once), or else the image's next role not named by any
 /// NIC, in the image's order. `None` for every NIC of an image without roles.
 pub fn assign_roles(
     requested: &[Option<&str>],
     roles: &[String],
-) -> Result<Vec<Option<String>>, String> {
+) -> Result<Vec<Option<String>>, AssignRolesError> {
     if roles.is_empty() {
         if let Some(role) = requested.iter().flatten().next() {
-            return Err(format!(
-                "the image declares no NIC roles, so NIC role {role:?} means nothing"
-            ));
+            return Err(AssignRolesError::NoRoles {
+                role: role.to_string(),
+            });
         }
         return Ok(vec![None; requested.len()]);
     }
     if requested.len() > roles.len() {
-        return Err(format!(
-            "the image has {} NIC(s) ({}); {} were given",
-            roles.len(),
-            roles.join(", "),
-            requested.len()
-        ));
+        return Err(AssignRolesError::TooMany {
+            count: roles.len(),
+            roles: roles.join(", "),
+            given: requested.len(),
+        });
     }
     let mut named: Vec<&str> = vec![];
     for role in requested.iter().flatten() {
         if !roles.iter().any(|r| r == role) {
-            return Err(format!(
-                "the image has no NIC role {role:?} (its roles: {})",
-                roles.join(", ")
-            ));
+            return Err(AssignRolesError::Unknown {
+                role: role.to_string(),
+                roles: roles.join(", "),
+            });
         }
         if named.contains(role) {
-            return Err(format!("NIC role {role:?} is given twice"));
+            return Err(AssignRolesError::Twice {
+                role: role.to_string(),
+            });
         }
         named.push(role);
     }
@@ -298,7 +315,9 @@ mod tests {
     fn role_assignment_table() {
         let roles = |r: &[&str]| r.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let fw = roles(&["wan", "lan", "dmz"]);
-        let got = |requested: &[Option<&str>], image: &[String]| assign_roles(requested, image);
+        let got = |requested: &[Option<&str>], image: &[String]| {
+            assign_roles(requested, image).map_err(|e| e.to_string())
+        };
         let names = |v: &[&str]| v.iter().map(|s| Some(s.to_string())).collect::<Vec<_>>();
         type Case<'a> = (
             Vec<Option<&'a str>>,

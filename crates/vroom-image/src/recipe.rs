@@ -894,7 +894,7 @@ tcp = 80
             (
                 "min = \"128M\"",
                 "min = \"64M\"",
-                "memory.min: the guest kernel needs at least 128 MiB",
+                "memory.min: memory 64 MiB is below the 128 MiB the guest kernel needs",
             ),
             (
                 "default = \"128M\"",

@@ -1,18 +1,25 @@
 //! Small request and response bodies of the API that are not domain objects.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{ApiErrorBody, ConfigValues, ImageSummary, InstanceAction, PackageEntry};
 
 /// The body of `POST /v1/instances/{name}/actions`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: InstanceAction,
 }
 
 /// A whole config, as returned by `GET` and accepted by `PUT /v1/instances/{name}/config`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigDocument {
+    // Spelled out: utoipa names every alias of a `BTreeMap` "BTreeMap", so
+    // the config values and the config schema would share one component.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub values: ConfigValues,
 }
 
@@ -32,9 +39,11 @@ pub struct VersionInfo {
 
 /// The body of `POST /v1/images/build`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host;
     /// or the name of a recipe of vroom's catalog (`firewall`, `web`, ...).
+    #[schema(pattern = "^(/|[a-z][a-z0-9-]*$)")]
     pub recipe: String,
     /// Refresh the package indexes first, so the newest versions (security
     /// updates) are picked, and report what changed.
@@ -76,7 +85,6 @@ pub enum BuildEvent {
 
 /// The packages of `after` that differ from `before`, by name.
 pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<PackageChange> {
-    use std::collections::BTreeMap;
     let old: BTreeMap<&str, &str> = before
         .iter()
         .map(|p| (p.name.as_str(), p.version.as_str()))
@@ -102,6 +110,46 @@ pub fn package_changes(before: &[PackageEntry], after: &[PackageEntry]) -> Vec<P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Request bodies refuse fields they do not know, at every level.
+    #[test]
+    fn request_bodies_are_strict() {
+        fn accepts<T: serde::de::DeserializeOwned>(json: &str) -> bool {
+            serde_json::from_str::<T>(json).is_ok()
+        }
+        let spec = r#"{"name":"a","image":"hello","cpus":1,"nics":[],"accel":"auto"}"#;
+        let cases: &[(&str, bool, bool)] = &[
+            // (body, is RunRequest, accepted)
+            (&format!(r#"{{"spec":{spec}}}"#), true, true),
+            (&format!(r#"{{"spec":{spec},"bogus":1}}"#), true, false),
+            (
+                r#"{"spec":{"name":"a","image":"hello","cpus":1,"nics":[],"accel":"auto","bogus":1}}"#,
+                true,
+                false,
+            ),
+            (
+                r#"{"spec":{"name":"a","image":"hello","cpus":1,"nics":[{"network":"lan","bogus":1}],"accel":"auto"}}"#,
+                true,
+                false,
+            ),
+            (r#"{"action":"start"}"#, false, true),
+            (r#"{"action":"start","bogus":1}"#, false, false),
+        ];
+        for (json, is_run, ok) in cases {
+            let got = if *is_run {
+                accepts::<crate::RunRequest>(json)
+            } else {
+                accepts::<ActionRequest>(json)
+            };
+            assert_eq!(got, *ok, "{json}");
+        }
+        assert!(accepts::<BuildImageRequest>(r#"{"recipe":"/r"}"#));
+        assert!(!accepts::<BuildImageRequest>(
+            r#"{"recipe":"/r","bogus":1}"#
+        ));
+        assert!(accepts::<ConfigDocument>(r#"{"values":{"a":"b"}}"#));
+        assert!(!accepts::<ConfigDocument>(r#"{"values":{},"bogus":1}"#));
+    }
 
     #[test]
     fn package_changes_name_added_removed_and_moved() {

@@ -13,6 +13,14 @@ pub enum ErrorCode {
     Timeout,
     GuestError,
     Internal,
+    /// The route exists, but not with this method.
+    MethodNotAllowed,
+    /// The request body exceeds the API's limit.
+    PayloadTooLarge,
+    /// The request body is not `application/json`.
+    UnsupportedMediaType,
+    /// The request's path and query are longer than the API accepts.
+    UriTooLong,
 }
 
 impl ErrorCode {
@@ -27,6 +35,24 @@ impl ErrorCode {
 pub struct ApiErrorBody {
     pub code: ErrorCode,
     pub message: String,
+}
+
+impl InvalidInputError {
+    /// How the API answers: a request beyond what this host has (memory,
+    /// CPUs) is well formed but cannot be carried out here, which the API
+    /// document, written for every host, cannot state in advance.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            InvalidInputError::MemTooLarge { .. } => ErrorCode::HostUnsupported,
+            // A count in the documented range, refused: the host has fewer.
+            InvalidInputError::Cpus { cpus, .. }
+                if crate::limits::CPUS.check(u64::from(*cpus)).is_ok() =>
+            {
+                ErrorCode::HostUnsupported
+            }
+            _ => ErrorCode::InvalidArgument,
+        }
+    }
 }
 
 /// Input that fails validation before any work is done.
@@ -66,4 +92,56 @@ pub enum InvalidInputError {
     Accel { raw: String },
     #[error("the config lacks keys {missing}: a whole config must set every key")]
     MissingConfigKeys { missing: String },
+    #[error("{field} must be an integer between {min} and {max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: u64,
+        max: u64,
+    },
+    #[error("config volume size {kib} KiB is outside {min}..={max} KiB")]
+    ConfigVolumeSize { kib: u32, min: u64, max: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_table() {
+        let cases = [
+            (
+                InvalidInputError::MemTooLarge {
+                    mem_mib: 9000,
+                    host_mib: 4000,
+                },
+                ErrorCode::HostUnsupported,
+            ),
+            (
+                InvalidInputError::Cpus { cpus: 8, max: 2 },
+                ErrorCode::HostUnsupported,
+            ),
+            (
+                InvalidInputError::Cpus { cpus: 0, max: 2 },
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                InvalidInputError::Cpus {
+                    cpus: 256,
+                    max: 255,
+                },
+                ErrorCode::InvalidArgument,
+            ),
+            (
+                InvalidInputError::MemTooSmall {
+                    mem_mib: 64,
+                    min_mib: 128,
+                },
+                ErrorCode::InvalidArgument,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(error.code(), code, "{error}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::{ConfigRule, ConfigSchema, ConfigValues};
+use crate::{ConfigField, ConfigRule, ConfigSchema, ConfigValues};
 
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -76,6 +76,7 @@ pub struct FileDigest {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplianceSpec {
     /// Factory-default config, written to a new config volume and restored by `config reset`.
+    #[schema(value_type = BTreeMap<String, String>)]
     pub seed_config: ConfigValues,
     /// The roles of the appliance's NICs in order (`lan`, `wan`, ...).
     pub nic_roles: Vec<String>,
@@ -93,6 +94,7 @@ pub struct ApplianceSpec {
     /// The typed schema `config set` enforces; images without one accept
     /// exactly their seed keys, as strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, ConfigField>)]
     pub config_schema: ConfigSchema,
     /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward = "1"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

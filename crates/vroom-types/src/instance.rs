@@ -48,10 +48,11 @@ impl fmt::Display for Accel {
 
 /// One NIC of an instance as the user asks for it: `[ROLE=]NET[:IP]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NicSpec {
     pub network: Name,
-    /// A fixed address; vroom allocates one when absent.
-    #[schema(value_type = Option<String>)]
+    /// A fixed address inside the network's subnet; vroom allocates one when absent.
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub ip: Option<Ipv4Addr>,
     /// The image's NIC role this NIC plays (`wan`, `lan`, ...); NICs without
     /// one take the image's remaining roles in order.
@@ -82,26 +83,41 @@ impl FromStr for NicSpec {
 }
 
 /// What a user asks for when creating an instance.
+///
+/// The numeric ranges are [`crate::limits`]; the host's memory and CPU
+/// count, and the image's minimum memory, are checked on create as well.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub name: Name,
     /// An image name (newest of that name) or id.
+    #[schema(example = "hello")]
     pub image: String,
-    /// Guest memory in MiB; the image's default when absent.
+    /// Guest memory in MiB; the image's default when absent. At most the host's memory.
+    #[schema(minimum = 128, maximum = 1073741824)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub mem_mib: Option<u64>,
+    /// Virtual CPUs; at most the host's CPU count.
+    #[schema(minimum = 1, maximum = 255)]
+    #[serde(deserialize_with = "crate::json_int::required")]
     pub cpus: u32,
     /// NICs in order; the default network when empty.
     pub nics: Vec<NicSpec>,
     pub accel: AccelChoice,
     /// Size of the config volume in KiB; 1440 (a floppy) when absent.
+    #[schema(minimum = 64, maximum = 65536)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub config_volume_kib: Option<u32>,
 }
 
 /// The body of `POST /v1/instances`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RunRequest {
     pub spec: InstanceSpec,
     /// Seconds the guest has to report ready before the instance is marked failed.
+    #[schema(minimum = 1, maximum = 3600)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub ready_timeout_secs: Option<u64>,
 }
 
@@ -208,6 +224,7 @@ pub struct Instance {
     pub nics: Vec<NicStatus>,
     pub status: InstanceStatus,
     /// The config as last acknowledged by the guest or written by the host.
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub config: ConfigValues,
 }
 

@@ -10,6 +10,8 @@ mod error;
 mod exec;
 mod image;
 mod instance;
+mod json_int;
+pub mod limits;
 mod name;
 mod network;
 mod schema;
@@ -39,8 +41,8 @@ pub use instance::{
     InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus, RunRequest,
 };
 pub use ipnet::Ipv4Net;
-pub use name::Name;
-pub use network::{parse_subnet, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
+pub use name::{Name, NAME_PATTERN};
+pub use network::{parse_subnet, subnet_pattern, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
 pub use schema::{
     check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,
     FieldType,

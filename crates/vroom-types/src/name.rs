@@ -14,12 +14,31 @@ pub const MAX_NAME_LEN: usize = 32;
 ///
 /// Because the alphabet excludes `/` and `.`, a `Name` can never traverse
 /// paths when it is used as a file name.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-#[schema(value_type = String, example = "hello-1")]
 pub struct Name(String);
+
+/// [`Name::new`]'s rule as a regular expression, for the API document.
+pub const NAME_PATTERN: &str = "^[a-z]([a-z0-9-]{0,30}[a-z0-9])?$";
+
+/// Written by hand so that the document states the same rule as [`Name::new`].
+impl utoipa::PartialSchema for Name {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some(
+                "Lowercase letters, digits and '-', starting with a letter and not ending in '-'.",
+            ))
+            .min_length(Some(1))
+            .max_length(Some(MAX_NAME_LEN))
+            .pattern(Some(NAME_PATTERN))
+            .examples(["hello-1"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Name {}
 
 impl Name {
     pub fn new(raw: &str) -> Result<Self, InvalidInputError> {
@@ -103,8 +122,10 @@ mod tests {
             ("abcdefghijabcdefghijabcdefghijab", true),
             ("abcdefghijabcdefghijabcdefghijabc", false),
         ];
+        let pattern = regex::Regex::new(NAME_PATTERN).unwrap();
         for (input, ok) in cases {
             assert_eq!(Name::new(input).is_ok(), *ok, "name {input:?}");
+            assert_eq!(pattern.is_match(input), *ok, "pattern on {input:?}");
         }
     }
 

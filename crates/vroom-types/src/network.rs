@@ -7,12 +7,16 @@ use crate::{InvalidInputError, Name};
 
 /// What a user asks for when creating a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: Name,
-    /// An IPv4 subnet between /16 and /29; a free one is chosen when absent.
-    #[schema(value_type = Option<String>, example = "10.90.0.0/24")]
+    /// An IPv4 subnet between /16 and /29, written as its network address,
+    /// outside the loopback, link-local, multicast, reserved (240.0.0.0/4)
+    /// and 0.0.0.0/8 ranges; a free one is chosen when absent.
+    #[schema(schema_with = subnet_schema)]
+    #[serde(default, deserialize_with = "deserialize_subnet")]
     pub subnet: Option<Ipv4Net>,
-    /// NAT from this network to the host's uplink.
+    /// NAT from this network to the host's uplink; not on an isolated network.
     pub nat: bool,
     /// The host takes no address on it and does not route it: a router
     /// appliance (one with a `wan` NIC) whose `lan` or `dmz` NIC is on it
@@ -52,7 +56,62 @@ pub struct Network {
     pub created_at: u64,
 }
 
-/// Parses and checks a subnet: IPv4, /16 to /29, written as its network address.
+/// [`parse_subnet`]'s rule as a regular expression, for the API document:
+/// the network address of a /16 to /29 (host bits clear, no leading zeros)
+/// outside the refused ranges. Spelled out number by number because a
+/// generated client (and a fuzzer) must be able to produce only valid ones.
+pub fn subnet_pattern() -> &'static str {
+    static PATTERN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATTERN.get_or_init(|| {
+        let alt = |nums: Vec<u32>| {
+            let nums: Vec<String> = nums.iter().map(u32::to_string).collect();
+            format!("({})", nums.join("|"))
+        };
+        let any = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+        let not_254 = "(25[0-35]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])";
+        let first = alt((1..=223).filter(|o| *o != 127 && *o != 169).collect());
+        let multiples = |step: u32| alt((0..256).step_by(step as usize).collect());
+        let mut tails = vec!["0\\.0/16".to_string()];
+        for prefix in 17..=23u32 {
+            tails.push(format!("{}\\.0/{prefix}", multiples(1 << (24 - prefix))));
+        }
+        tails.push(format!("{any}\\.0/24"));
+        for prefix in 25..=29u32 {
+            tails.push(format!(
+                "{any}\\.{}/{prefix}",
+                multiples(1 << (32 - prefix))
+            ));
+        }
+        format!(
+            "^({first}\\.{any}|169\\.{not_254})\\.({})$",
+            tails.join("|")
+        )
+    })
+}
+
+fn subnet_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .pattern(Some(subnet_pattern()))
+        .examples(["10.90.0.0/24"])
+        .build()
+}
+
+fn deserialize_subnet<'de, D>(deserializer: D) -> Result<Option<Ipv4Net>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    match Option::<String>::deserialize(deserializer)? {
+        Some(raw) => parse_subnet(&raw)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        None => Ok(None),
+    }
+}
+
+/// Parses and checks a subnet: IPv4, /16 to /29, written as its network
+/// address, and not in a range that a host cannot route as a LAN.
 pub fn parse_subnet(raw: &str) -> Result<Ipv4Net, InvalidInputError> {
     let invalid = |reason| InvalidInputError::Subnet {
         raw: raw.to_string(),
@@ -67,12 +126,31 @@ pub fn parse_subnet(raw: &str) -> Result<Ipv4Net, InvalidInputError> {
     if net.network() != net.addr() {
         return Err(invalid("host bits are set; write the network address"));
     }
-    if net.addr().is_loopback() || net.addr().is_multicast() || net.addr().is_unspecified() {
+    if net.to_string() != raw {
         return Err(invalid(
-            "loopback, multicast and 0.0.0.0 ranges cannot be used",
+            "write it plainly, e.g. 10.90.0.0/24 (no leading zeros)",
         ));
     }
-    Ok(net)
+    // Every refused block is /16 or wider and the subnet is /16 or narrower,
+    // so the subnet lies inside a block exactly when its first address does.
+    let addr = net.network();
+    let refused = if addr.is_loopback() {
+        Some("127.0.0.0/8 is loopback")
+    } else if addr.octets()[0] == 0 {
+        Some("0.0.0.0/8 means \"this network\" and cannot be routed")
+    } else if addr.is_link_local() {
+        Some("169.254.0.0/16 is link-local (it holds the cloud metadata address)")
+    } else if addr.is_multicast() {
+        Some("224.0.0.0/4 is multicast")
+    } else if addr.octets()[0] >= 240 {
+        Some("240.0.0.0/4 is reserved (and holds the broadcast address)")
+    } else {
+        None
+    };
+    match refused {
+        Some(reason) => Err(invalid(reason)),
+        None => Ok(net),
+    }
 }
 
 #[cfg(test)]
@@ -91,9 +169,83 @@ mod tests {
             ("127.0.0.0/24", false),
             ("fd00::/64", false),
             ("nonsense", false),
+            ("169.254.0.0/16", false),
+            ("169.254.169.0/24", false),
+            ("169.253.0.0/16", true),
+            ("240.0.0.0/24", false),
+            ("255.255.255.248/29", false),
+            ("239.255.255.248/29", false),
+            ("224.0.0.0/24", false),
+            ("223.255.255.0/24", true),
+            ("0.0.0.0/16", false),
+            ("0.255.0.0/16", false),
+            ("1.0.0.0/16", true),
+            ("127.255.0.0/16", false),
+            ("128.0.0.0/16", true),
+            ("172.16.0.0/12", false),
         ];
         for (raw, ok) in cases {
             assert_eq!(parse_subnet(raw).is_ok(), *ok, "subnet {raw:?}");
+        }
+    }
+
+    /// The document's pattern admits exactly what `parse_subnet` accepts.
+    #[test]
+    fn subnet_pattern_agrees_with_parse_subnet() {
+        let pattern = regex::Regex::new(subnet_pattern()).unwrap();
+        let mut checked = 0;
+        for a in [
+            0, 1, 10, 126, 127, 128, 168, 169, 170, 192, 223, 224, 239, 240, 255,
+        ] {
+            for b in [0, 1, 253, 254, 255] {
+                for c in [0, 1, 2, 4, 8, 16, 32, 64, 96, 128, 254, 255] {
+                    for d in [0, 1, 4, 8, 16, 24, 128, 248, 255] {
+                        for prefix in 14..=30 {
+                            let raw = format!("{a}.{b}.{c}.{d}/{prefix}");
+                            assert_eq!(pattern.is_match(&raw), parse_subnet(&raw).is_ok(), "{raw}");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 10_000);
+        for raw in [
+            "01.0.0.0/24",
+            "10.90.0.0/024",
+            "10.90.0/24",
+            " 10.90.0.0/24",
+            "10.90.0.0",
+        ] {
+            assert!(!pattern.is_match(raw), "{raw}");
+            assert!(parse_subnet(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn the_document_states_the_subnet_rule() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(NetworkSpec::schema()).unwrap();
+        assert_eq!(schema["properties"]["subnet"]["pattern"], subnet_pattern());
+    }
+
+    #[test]
+    fn network_specs_are_strict() {
+        let ok = r#"{"name":"lan","subnet":"10.90.0.0/24","nat":true}"#;
+        assert!(serde_json::from_str::<NetworkSpec>(ok).is_ok());
+        let no_subnet = r#"{"name":"lan","nat":true}"#;
+        assert_eq!(
+            serde_json::from_str::<NetworkSpec>(no_subnet)
+                .unwrap()
+                .subnet,
+            None
+        );
+        for bad in [
+            r#"{"name":"lan","subnet":"169.254.0.0/16","nat":true}"#,
+            r#"{"name":"lan","subnet":"10.90.0.1/24","nat":true}"#,
+            r#"{"name":"lan","nat":true,"bogus":1}"#,
+        ] {
+            assert!(serde_json::from_str::<NetworkSpec>(bad).is_err(), "{bad}");
         }
     }
 }

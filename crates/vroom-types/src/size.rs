@@ -3,7 +3,8 @@ use crate::InvalidInputError;
 /// The least memory the stock guest kernel boots in (measured: it does not boot in 64 MiB).
 pub const MIN_MEM_MIB: u64 = 128;
 
-/// Parses a memory size such as `128M`, `1G`, `512MiB` or `256` (MiB) into MiB.
+/// Parses a memory size such as `128M`, `1G`, `512MiB` or `256` (MiB) into
+/// MiB, within [`crate::limits::MEM_MIB`].
 pub fn parse_mem_mib(raw: &str) -> Result<u64, InvalidInputError> {
     let invalid = || InvalidInputError::MemSize {
         raw: raw.to_string(),
@@ -17,10 +18,11 @@ pub fn parse_mem_mib(raw: &str) -> Result<u64, InvalidInputError> {
         "g" | "gb" | "gib" => 1024,
         _ => return Err(invalid()),
     };
-    value
+    let mem_mib = value
         .checked_mul(factor_mib)
         .filter(|v| *v > 0)
-        .ok_or_else(invalid)
+        .ok_or_else(invalid)?;
+    crate::limits::check_mem_mib(mem_mib)
 }
 
 #[cfg(test)]
@@ -36,6 +38,10 @@ mod tests {
             ("2GiB", Some(2048)),
             ("512mb", Some(512)),
             ("0", None),
+            ("64M", None),
+            ("127", None),
+            ("1048576G", Some(1 << 30)),
+            ("1048577G", None),
             ("", None),
             ("12X", None),
             ("M", None),

@@ -162,7 +162,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_mem_mib)]
     pub mem: Option<u64>,
     /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = vroom_types::limits::parse_cpus)]
     pub cpus: u32,
     /// Attach a NIC to a network: [ROLE=]NET[:IP], e.g. `wan=uplink` or
     /// `lan=office:10.0.0.1`. Repeatable; NICs without a role take the
@@ -172,11 +172,12 @@ pub struct RunArgs {
     /// Accelerator: kvm where the CPU has vmx/svm, tcg (emulation) otherwise.
     #[arg(long, default_value = "auto")]
     pub accel: AccelChoice,
-    /// Seconds the guest has to report ready.
-    #[arg(long, default_value_t = vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS)]
+    /// Seconds the guest has to report ready (1 to 3600).
+    #[arg(long, default_value_t = vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS,
+        value_parser = vroom_types::limits::parse_ready_timeout_secs)]
     pub timeout: u64,
-    /// Size of the config volume in KiB.
-    #[arg(long)]
+    /// Size of the config volume in KiB (64 to 65536).
+    #[arg(long, value_parser = vroom_types::limits::parse_config_volume_kib)]
     pub config_size: Option<u32>,
 }
 

@@ -190,12 +190,19 @@ impl Engine {
         specs: &[NicSpec],
         roles: &[String],
     ) -> Result<Vec<NicStatus>, OpError> {
+        // A well-formed request that does not fit the image it names
+        // conflicts with it (409), as a taken name does.
         let requested: Vec<Option<&str>> = specs
             .iter()
             .map(|s| s.role.as_ref().map(Name::as_str))
             .collect();
-        let assigned = ipam::assign_roles(&requested, roles)
-            .map_err(|message| OpError::new(ErrorCode::InvalidArgument, message))?;
+        let assigned = ipam::assign_roles(&requested, roles).map_err(|e| {
+            let code = match e {
+                ipam::AssignRolesError::Twice { .. } => ErrorCode::InvalidArgument,
+                _ => ErrorCode::Conflict,
+            };
+            OpError::new(code, e.to_string())
+        })?;
         let mut used: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         for instance in self.list() {
             for nic in instance.nics {
@@ -220,7 +227,7 @@ impl Engine {
             }
             if role == Some(MIRROR_ROLE) && !network.mirror {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "NIC {} is a mirror-sink, but network {} does not mirror its traffic (create it with --mirror)",
                         index + 1,
@@ -241,7 +248,7 @@ impl Engine {
             };
             let ip = ip.map_err(|e| {
                 OpError::wrap(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!("cannot attach to network {}", network.name),
                     e,
                 )
@@ -381,6 +388,7 @@ impl Engine {
     ) -> Result<Instance, OpError> {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
+        self.still_registered(name, &cell)?;
         let state = cell.lock().instance.status.state;
         match lifecycle::plan_action(state, action) {
             ActionPlan::Refuse(reason) => {
@@ -460,6 +468,7 @@ impl Engine {
     pub async fn remove(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
+        self.still_registered(name, &cell)?;
         let running = cell
             .lock()
             .process
@@ -489,6 +498,16 @@ impl Engine {
                 OpError::internal(format!("failed to remove {}", cell.dir.display()), e)
             })?;
         Ok(())
+    }
+
+    /// Not found when a concurrent `remove` took (or a `run` replaced) the
+    /// instance while the caller waited for its op lock: acting on the old
+    /// cell would launch a VM from a deleted directory.
+    fn still_registered(&self, name: &str, cell: &Arc<Cell>) -> Result<(), OpError> {
+        match self.cell(name) {
+            Ok(current) if Arc::ptr_eq(&current, cell) => Ok(()),
+            _ => Err(OpError::not_found("instance", name)),
+        }
     }
 }
 

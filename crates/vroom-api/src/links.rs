@@ -1,0 +1,69 @@
+//! OpenAPI links: how the answer of a create leads to the routes of what it
+//! created. Instances and networks are addressed by name, not by their `id`,
+//! which a generated client (or schemathesis' link inference) would
+//! otherwise guess.
+
+use utoipa::openapi::OpenApi;
+
+/// (the `POST` that creates, its success status, where its answer holds the
+/// name, the operations that take that name as `{name}`).
+const LINKS: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "/v1/instances",
+        "201",
+        "$response.body#/spec/name",
+        &[
+            "get_instance",
+            "remove_instance",
+            "instance_action",
+            "instance_logs",
+            "exec_instance",
+            "read_file",
+            "get_config",
+            "update_config",
+            "replace_config",
+            "reset_config",
+        ],
+    ),
+    (
+        "/v1/networks",
+        "201",
+        "$response.body#/name",
+        &["get_network", "remove_network"],
+    ),
+];
+
+pub struct CreatedResourceLinks;
+
+impl utoipa::Modify for CreatedResourceLinks {
+    fn modify(&self, openapi: &mut OpenApi) {
+        use utoipa::openapi::RefOr;
+        for (path, status, name, targets) in LINKS {
+            let response = openapi
+                .paths
+                .paths
+                .get_mut(*path)
+                .and_then(|item| item.post.as_mut())
+                .and_then(|op| op.responses.responses.get_mut(*status));
+            let Some(RefOr::T(response)) = response else {
+                continue;
+            };
+            // utoipa 5.5's `Link` serializes `operation_id` rather than
+            // OpenAPI's `operationId`, so the links go in as plain JSON.
+            let links: serde_json::Map<String, serde_json::Value> = targets
+                .iter()
+                .map(|target| {
+                    let link = serde_json::json!({
+                        "operationId": target,
+                        "parameters": {"name": name},
+                    });
+                    ((*target).to_string(), link)
+                })
+                .collect();
+            response
+                .extensions
+                .get_or_insert_with(Default::default)
+                .insert("links".into(), links.into());
+        }
+    }
+}
