@@ -48,7 +48,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
-        ErrorCode::HostUnsupported => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::HostUnsupported | ErrorCode::InvalidConfig => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::GuestError => StatusCode::BAD_GATEWAY,
@@ -171,7 +171,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         get_image
     ),
     components(schemas(ApiErrorBody, Name)),
-    modifiers(&CrossFieldRules, &CreatedResourceLinks)
+    modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
 )]
 pub struct ApiDoc;
 
@@ -195,6 +195,37 @@ impl utoipa::Modify for CrossFieldRules {
                 }),
             );
         }
+    }
+}
+
+/// What the server enforces on config keys and values
+/// (`vroom_types::validate_config_key` and `validate_config_value`), stated
+/// on the request bodies that carry them. utoipa cannot put a pattern on a
+/// map's keys, so the two maps are rewritten as plain JSON.
+struct ConfigValueRules;
+
+/// Config keys: a lowercase letter, then lowercase letters, digits, `_`, `.`, `-`.
+pub const CONFIG_KEY_PATTERN: &str = "^[a-z][a-z0-9_.-]*$";
+/// Config values: no control characters but tab (Unicode category Cc).
+pub const CONFIG_VALUE_PATTERN: &str = "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f-\\u009f]*$";
+
+impl utoipa::Modify for ConfigValueRules {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let mut doc = serde_json::to_value(&*openapi).expect("invariant: the document serializes");
+        let map = serde_json::json!({
+            "type": "object",
+            "propertyNames": {"type": "string", "pattern": CONFIG_KEY_PATTERN, "minLength": 1, "maxLength": 64},
+            "additionalProperties": {"type": "string", "pattern": CONFIG_VALUE_PATTERN, "maxLength": 4096},
+        });
+        for (schema, field) in [("ConfigUpdate", "set"), ("ConfigDocument", "values")] {
+            let property = &mut doc["components"]["schemas"][schema]["properties"][field];
+            let description = property.get("description").cloned();
+            *property = map.clone();
+            if let Some(description) = description {
+                property["description"] = description;
+            }
+        }
+        *openapi = serde_json::from_value(doc).expect("invariant: the edited document parses");
     }
 }
 
@@ -416,13 +447,15 @@ async fn instance_action(
 /// exit code: 124 timed out, 127 not found, 128+n killed by signal n) or one
 /// `error` line. Closing the connection early kills the command, and so does
 /// a body that breaks off before its end (an `error` line says so).
-#[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = String, Path)),
-    request_body(content = ExecRequest, content_type = "application/x-ndjson",
-        description = "one JSON line (ExecRequest), then the command's stdin as raw bytes if `stdin` is true"),
+#[utoipa::path(post, path = "/v1/instances/{name}/exec", params(("name" = Name, Path)),
+    request_body(content = ExecRequest, content_type = "application/json",
+        description = "an ExecRequest; with `stdin` true, a newline after it and then the command's stdin as raw bytes"),
     responses((status = 200, content_type = "application/x-ndjson", body = ExecEvent),
-        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
-        (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody),
-        (status = 504, body = ApiErrorBody), (status = 507, body = ApiErrorBody)))]
+        PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is not running."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer."),
+        (status = 507, body = ApiErrorBody, description = "The guest runs too many exec sessions.")))]
 async fn exec_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -573,19 +606,24 @@ async fn instance_logs(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 struct FileQuery {
     /// An absolute path of a regular file in the guest.
+    #[param(pattern = "^/")]
     path: String,
 }
 
 /// Copies a regular file out of a running guest (e.g. a packet capture),
 /// streamed as the guest reads it; at most 1 GiB. A failure after the first
 /// bytes aborts the connection, so a truncated copy never looks complete.
-#[utoipa::path(get, path = "/v1/instances/{name}/files", params(("name" = String, Path), FileQuery),
+#[utoipa::path(get, path = "/v1/instances/{name}/files", params(("name" = Name, Path), FileQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
-        (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody),
-        (status = 507, body = ApiErrorBody)))]
+        PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is not running."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer."),
+        (status = 507, body = ApiErrorBody, description = "The file is larger than 1 GiB.")))]
 async fn read_file(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -607,8 +645,8 @@ async fn read_file(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/instances/{name}/config", params(("name" = String, Path)),
-    responses((status = 200, body = ConfigDocument), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{name}/config", params(("name" = Name, Path)),
+    responses((status = 200, body = ConfigDocument), PathErrors, HostErrors))]
 async fn get_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -623,9 +661,12 @@ async fn get_config(
 /// staging area and runs each service's check before it saves anything. On
 /// any failure nothing changes (400, with the failing template or check
 /// output in the message).
-#[utoipa::path(patch, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigUpdate,
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
-        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+#[utoipa::path(patch, path = "/v1/instances/{name}/config", params(("name" = Name, Path)), request_body = ConfigUpdate,
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
+        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
 async fn update_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -638,9 +679,12 @@ async fn update_config(
 
 /// Replaces the whole config (import): every key of the schema must be given.
 /// Checked like `PATCH`.
-#[utoipa::path(put, path = "/v1/instances/{name}/config", params(("name" = String, Path)), request_body = ConfigDocument,
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
-        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+#[utoipa::path(put, path = "/v1/instances/{name}/config", params(("name" = Name, Path)), request_body = ConfigDocument,
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
+        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
 async fn replace_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -652,9 +696,12 @@ async fn replace_config(
 }
 
 /// Restores the image's factory config, as a new version.
-#[utoipa::path(post, path = "/v1/instances/{name}/config/reset", params(("name" = String, Path)),
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
-        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances/{name}/config/reset", params(("name" = Name, Path)),
+    responses((status = 200, body = ConfigDocument), PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
+        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
 async fn reset_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -665,8 +712,8 @@ async fn reset_config(
 }
 
 /// The config versions kept (at least the last 20), oldest first.
-#[utoipa::path(get, path = "/v1/instances/{name}/config/history", params(("name" = String, Path)),
-    responses((status = 200, body = ConfigHistory), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{name}/config/history", params(("name" = Name, Path)),
+    responses((status = 200, body = ConfigHistory), PathErrors, HostErrors))]
 async fn config_history(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -676,8 +723,8 @@ async fn config_history(
 
 /// One config version with its values.
 #[utoipa::path(get, path = "/v1/instances/{name}/config/versions/{version}",
-    params(("name" = String, Path), ("version" = u64, Path, minimum = 1)),
-    responses((status = 200, body = ConfigVersion), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+    params(("name" = Name, Path), ("version" = u64, Path, minimum = 1)),
+    responses((status = 200, body = ConfigVersion), PathErrors, HostErrors))]
 async fn config_version(
     State(engine): State<AppState>,
     path: Result<Path<(String, u64)>, PathRejection>,
@@ -687,6 +734,7 @@ async fn config_version(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct DiffQuery {
     /// The older version; by default the one before `to`.
@@ -696,8 +744,8 @@ struct DiffQuery {
 }
 
 /// The keys that differ between two config versions.
-#[utoipa::path(get, path = "/v1/instances/{name}/config/diff", params(("name" = String, Path), DiffQuery),
-    responses((status = 200, body = ConfigDiff), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody)))]
+#[utoipa::path(get, path = "/v1/instances/{name}/config/diff", params(("name" = Name, Path), DiffQuery),
+    responses((status = 200, body = ConfigDiff), PathErrors, HostErrors))]
 async fn config_diff(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -709,9 +757,12 @@ async fn config_diff(
 
 /// Restores the values of an earlier version (by default the one before the
 /// current) as a new version, checked like any change.
-#[utoipa::path(post, path = "/v1/instances/{name}/config/rollback", params(("name" = String, Path)), request_body = ConfigRollback,
-    responses((status = 200, body = ConfigDocument), (status = 400, body = ApiErrorBody),
-        (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 502, body = ApiErrorBody)))]
+#[utoipa::path(post, path = "/v1/instances/{name}/config/rollback", params(("name" = Name, Path)), request_body = ConfigRollback,
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
+        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
+        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
+        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
 async fn rollback_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -777,7 +828,12 @@ async fn build_image(
 ) -> Result<Response, ApiError> {
     let req = body(req)?;
     let recipe = std::path::PathBuf::from(&req.recipe);
-    let catalog_name = !req.recipe.is_empty() && !req.recipe.contains('/');
+    // As the document's pattern says: an absolute path, or a catalog name.
+    let catalog_name = req.recipe.starts_with(|c: char| c.is_ascii_lowercase())
+        && req
+            .recipe
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !recipe.is_absolute() && !catalog_name {
         return Err(bad_request(format!(
             "recipe path {} must be absolute (or the name of a catalog recipe)",

@@ -14,6 +14,7 @@ pub const MAX_VALUE_LEN: usize = 4096;
 
 /// A request to change some config values of an instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
     /// Keys to set, with their new values.
     pub set: ConfigValues,
@@ -95,7 +96,8 @@ pub struct ConfigDiff {
 #[serde(deny_unknown_fields)]
 pub struct ConfigRollback {
     /// The version whose values to restore; the one before the current when absent.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
+    #[schema(minimum = 1)]
     pub version: Option<u64>,
 }
 
@@ -241,8 +243,9 @@ pub fn validate_config_key(key: &str) -> Result<(), InvalidInputError> {
 
 /// Config values are printable text of at most 4096 bytes.
 pub fn validate_config_value(key: &str, value: &str) -> Result<(), InvalidInputError> {
-    let reason = if value.len() > MAX_VALUE_LEN {
-        Some("must be at most 4096 bytes")
+    // Counted in characters, as the API document's `maxLength` counts.
+    let reason = if value.chars().count() > MAX_VALUE_LEN {
+        Some("must be at most 4096 characters")
     } else if value.chars().any(|c| c.is_control() && c != '\t') {
         Some("must not contain control characters")
     } else {

@@ -21,6 +21,10 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// The request's path and query are longer than the API accepts.
     UriTooLong,
+    /// Well-formed config values that the appliance refuses: a key its
+    /// schema lacks, a value of the wrong type, a broken cross-field rule, a
+    /// template that does not render or a service check that fails.
+    InvalidConfig,
 }
 
 impl ErrorCode {

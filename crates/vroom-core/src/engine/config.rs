@@ -240,7 +240,7 @@ impl Engine {
             Ok(GuestReply::ConfigRejected { message, output }) => {
                 self.drop_pending(name, &mut log);
                 Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidConfig,
                     rejection_message(&message, &output),
                 ))
             }
@@ -410,12 +410,29 @@ fn check_on_host(
     instance: &Instance,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
-    let appliance = &image.manifest.appliance;
-    let seed = &appliance.seed_config;
-    let schema = &appliance.config_schema;
+    // The format of keys and values is the API's own rule (400); what the
+    // appliance makes of well-formed values is its own (422).
     for (key, value) in values {
         validate_config_key(key)?;
         validate_config_value(key, value)?;
+    }
+    fits_the_appliance(image, instance, values).map_err(|mut e| {
+        if e.code == ErrorCode::InvalidArgument {
+            e.code = ErrorCode::InvalidConfig;
+        }
+        e
+    })
+}
+
+fn fits_the_appliance(
+    image: &BootImage,
+    instance: &Instance,
+    values: &ConfigValues,
+) -> Result<(), OpError> {
+    let appliance = &image.manifest.appliance;
+    let seed = &appliance.seed_config;
+    let schema = &appliance.config_schema;
+    for key in values.keys() {
         if schema.is_empty() && !seed.contains_key(key) {
             let known: Vec<&str> = seed.keys().map(String::as_str).collect();
             return Err(OpError::new(
@@ -589,7 +606,7 @@ mod tests {
                 None => assert!(got.is_ok(), "{values:?}: {got:?}"),
                 Some(want) => {
                     let err = got.expect_err(want);
-                    assert_eq!(err.code, ErrorCode::InvalidArgument, "{values:?}");
+                    assert_eq!(err.code, ErrorCode::InvalidConfig, "{values:?}");
                     assert!(err.message.contains(want), "{values:?}: {}", err.message);
                 }
             }
