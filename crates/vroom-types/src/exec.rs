@@ -29,7 +29,9 @@ pub enum ExecRequestError {
 impl crate::ExecRequest {
     /// Checks the request; returns its timeout.
     pub fn validate(&self) -> Result<Duration, ExecRequestError> {
-        if self.argv.first().is_none_or(|p| p.is_empty()) {
+        // An empty program name is the guest's to refuse, like any other it
+        // cannot find (exit 127), as the document's `minItems: 1` allows it.
+        if self.argv.is_empty() {
             return Err(ExecRequestError::NoCommand);
         }
         let secs = self.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
@@ -127,7 +129,7 @@ mod tests {
                 Err(ExecRequestError::Timeout { secs: u64::MAX }),
             ),
             (req(&[], None), Err(ExecRequestError::NoCommand)),
-            (req(&[""], None), Err(ExecRequestError::NoCommand)),
+            (req(&[""], None), Ok(Duration::from_secs(30))),
         ];
         for (req, want) in cases {
             assert_eq!(req.validate(), want, "{req:?}");
