@@ -204,8 +204,7 @@ impl Engine {
             return Ok(current);
         };
         log.pending = Some(version.clone());
-        self.store
-            .put_config_log(name, &log)
+        blocking(|| self.store.put_config_log(name, &log))
             .map_err(|e| OpError::internal("failed to save the config change", e))?;
 
         if !live {
@@ -354,8 +353,7 @@ impl Engine {
         let mut record = cell.lock();
         let mut updated = record.clone();
         updated.instance.config = values;
-        self.store
-            .commit_config(&updated, log)
+        blocking(|| self.store.commit_config(&updated, log))
             .map_err(|e| OpError::internal("failed to record the config change", e))?;
         *record = updated;
         Ok(())
@@ -363,7 +361,7 @@ impl Engine {
 
     fn drop_pending(&self, name: &str, log: &mut ConfigLog) {
         log.pending = None;
-        if let Err(e) = self.store.put_config_log(name, log) {
+        if let Err(e) = blocking(|| self.store.put_config_log(name, log)) {
             tracing::warn!(instance = %name, error = %e, "failed to drop a refused config change; it is settled at the next access");
         }
     }
