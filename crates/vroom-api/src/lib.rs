@@ -471,30 +471,46 @@ async fn exec_instance(
     if let Some(stdin) = exec.take_stdin() {
         tokio::spawn(pump_stdin(stdin, rest, input, broken_tx));
     }
+    /// What ended a wait for the session's next event.
+    enum Next {
+        Event(Option<ExecEvent>),
+        StdinBroke(String),
+    }
     let lines = futures::stream::unfold(
         (Some(exec), Some(broken_rx)),
         |(mut exec, mut broken)| async move {
-            loop {
-                let running = exec.as_mut()?;
-                tokio::select! {
-                    event = running.next() => {
-                        let event = event?;
-                        return Some((ndjson_line(&event), (exec, broken)));
+            let running = exec.as_mut()?;
+            // `next()` is not cancel-safe (an event taken from the guest
+            // could be lost while its credit is sent), so the one future is
+            // polled to its end while the stdin pump is watched beside it.
+            let outcome = {
+                let next = running.next();
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        event = &mut next => break Next::Event(event),
+                        result = stdin_broke(&mut broken), if broken.is_some() => match result {
+                            Ok(message) => break Next::StdinBroke(message),
+                            // The pump finished (or never ran): stop watching it.
+                            Err(_) => broken = None,
+                        },
                     }
-                    result = stdin_broke(&mut broken), if broken.is_some() => match result {
-                        Ok(message) => {
-                            let event = ExecEvent::Error {
-                                error: ApiErrorBody {
-                                    code: ErrorCode::InvalidArgument,
-                                    message: format!("the command's stdin broke off: {message}"),
-                                },
-                            };
-                            // Ending the stream drops the session, which kills the command.
-                            return Some((ndjson_line(&event), (None, None)));
-                        }
-                        // The pump finished (or never ran): stop watching it.
-                        Err(_) => broken = None,
-                    },
+                }
+            };
+            match outcome {
+                Next::Event(event) => {
+                    let event = event?;
+                    Some((ndjson_line(&event), (exec, broken)))
+                }
+                Next::StdinBroke(message) => {
+                    let event = ExecEvent::Error {
+                        error: ApiErrorBody {
+                            code: ErrorCode::InvalidArgument,
+                            message: format!("the command's stdin broke off: {message}"),
+                        },
+                    };
+                    // Ending the stream drops the session, which kills the command.
+                    Some((ndjson_line(&event), (None, None)))
                 }
             }
         },

@@ -444,7 +444,8 @@ pub struct ExecSession {
 
 impl ExecSession {
     /// The next output chunk or the exit; `None` after the exit. Taking an
-    /// output chunk gives the guest a credit for the next one.
+    /// output chunk gives the guest a credit for the next one. Not
+    /// cancel-safe: dropped while it sends that credit, it loses the chunk.
     pub async fn next(&mut self) -> Option<Result<ExecEvent, AgentError>> {
         if self.finished {
             return None;

@@ -42,6 +42,22 @@ impl QemuDriver {
     }
 }
 
+/// The pid QEMU wrote to `qemu.pid` in its run dir once daemonized, waiting
+/// up to two seconds for a launch that is still under way.
+fn daemonized_pid(run_dir: &Path) -> Option<u32> {
+    let pid_file = run_dir.join("qemu.pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if pid.is_some() || std::time::Instant::now() > deadline {
+            return pid;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn find_on_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
@@ -157,7 +173,26 @@ impl VmDriver for QemuDriver {
                 found.push((run_dir.to_path_buf(), process));
             }
         }
-        found
+        // While `-daemonize` runs, the launching parent and the daemon share
+        // one command line; the pid file names the daemon once it is up. A
+        // launch caught in that moment (a vroomd killed inside `launch`) is
+        // given a little time to finish.
+        let mut settled: Vec<(PathBuf, VmProcess)> = vec![];
+        for (run_dir, process) in found {
+            if settled.iter().any(|(d, _)| *d == run_dir) {
+                continue;
+            }
+            let daemon = daemonized_pid(&run_dir);
+            if daemon.is_some_and(|pid| pid == process.pid) || daemon.is_none() {
+                settled.push((run_dir, process));
+            } else if let Some(pid) = daemon {
+                let daemon = VmProcess { pid, ..process };
+                if self.is_alive(&daemon) {
+                    settled.push((run_dir, daemon));
+                }
+            }
+        }
+        settled
     }
 
     async fn wait_exit(&self, process: &VmProcess) {

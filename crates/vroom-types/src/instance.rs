@@ -237,6 +237,7 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     /// Seconds before the command is killed (exit code 124); 30 when absent.
     #[schema(minimum = 1, maximum = 86400)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub timeout_secs: Option<u64>,
     /// The rest of the request body is the command's stdin; without it stdin is empty.
     #[serde(default)]

@@ -129,6 +129,8 @@ impl GuestExec {
     }
 
     /// The next output chunk, then one `exit` or `error` event, then `None`.
+    /// Not cancel-safe: a future dropped after it took an event from the
+    /// guest loses that event; poll each one to its end.
     pub async fn next(&mut self) -> Option<ExecEvent> {
         if self.done {
             return None;
