@@ -30,7 +30,7 @@ mod links;
 mod replies;
 
 use links::CreatedResourceLinks;
-use replies::{BodyErrors, HostErrors, PathErrors};
+use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
 
 type AppState = Arc<Engine>;
 
@@ -675,14 +675,10 @@ async fn get_config(
 /// Sets some keys: a new config version. The host checks the schema and its
 /// rules and renders the templates; a running guest then renders into a
 /// staging area and runs each service's check before it saves anything. On
-/// any failure nothing changes (400, with the failing template or check
-/// output in the message).
+/// any failure nothing changes (422 `invalid_config`, with the failing
+/// template or check output in the message).
 #[utoipa::path(patch, path = "/v1/instances/{name}/config", params(("name" = Name, Path)), request_body = ConfigUpdate,
-    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
-        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
-        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
-        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors, ConfigErrors))]
 async fn update_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -696,11 +692,7 @@ async fn update_config(
 /// Replaces the whole config (import): every key of the schema must be given.
 /// Checked like `PATCH`.
 #[utoipa::path(put, path = "/v1/instances/{name}/config", params(("name" = Name, Path)), request_body = ConfigDocument,
-    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
-        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
-        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
-        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors, ConfigErrors))]
 async fn replace_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -713,11 +705,7 @@ async fn replace_config(
 
 /// Restores the image's factory config, as a new version.
 #[utoipa::path(post, path = "/v1/instances/{name}/config/reset", params(("name" = Name, Path)),
-    responses((status = 200, body = ConfigDocument), PathErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
-        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
-        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
-        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
+    responses((status = 200, body = ConfigDocument), PathErrors, HostErrors, ConfigErrors))]
 async fn reset_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -774,11 +762,7 @@ async fn config_diff(
 /// Restores the values of an earlier version (by default the one before the
 /// current) as a new version, checked like any change.
 #[utoipa::path(post, path = "/v1/instances/{name}/config/rollback", params(("name" = Name, Path)), request_body = ConfigRollback,
-    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The instance is starting or stopping."),
-        (status = 422, body = ApiErrorBody, description = "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`)."),
-        (status = 502, body = ApiErrorBody, description = "The guest agent failed."),
-        (status = 504, body = ApiErrorBody, description = "The guest agent did not answer.")))]
+    responses((status = 200, body = ConfigDocument), BodyErrors, PathErrors, HostErrors, ConfigErrors))]
 async fn rollback_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,

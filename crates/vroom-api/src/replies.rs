@@ -54,3 +54,13 @@ replies!(
         "500" => "The daemon failed; its log has the cause.",
     }
 );
+
+replies!(
+    /// A route that changes an instance's config through its guest.
+    ConfigErrors {
+        "409" => "The instance is starting or stopping.",
+        "422" => "The values do not fit the appliance: its schema, its rules, its templates or its services' checks (code `invalid_config`).",
+        "502" => "The guest agent failed.",
+        "504" => "The guest agent did not answer.",
+    }
+);

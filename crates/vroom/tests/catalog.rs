@@ -6,7 +6,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{poll, random_subnet, recipe, Env};
+use common::{poll, random_subnet, recipe, resolve, Env};
 use vroom_types::Ipv4Net;
 
 /// The n-th address of a subnet.
@@ -55,19 +55,6 @@ fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String>
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// Asks `server` for `name`'s A record from a namespace (busybox nslookup has
-/// its own resolver; the static wget cannot resolve names).
-fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> {
-    poll(Duration::from_secs(10), || {
-        let out = env.run_in(ns, &format!("busybox nslookup -type=a {name} {server}"));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .skip_while(|l| !l.contains(name))
-            .find_map(|l| l.strip_prefix("Address:"))
-            .map(|a| a.trim().to_string())
-    })
 }
 
 /// `busybox wget` from a namespace (its `-T` option crashes the static build,

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{poll, random_subnet, recipe, Env};
+use common::{poll, random_subnet, recipe, resolve, Env};
 use vroom_types::{ConfigDocument, ConfigHistory, ConfigOrigin, Ipv4Net};
 
 fn host(subnet: &str, n: u32) -> Ipv4Addr {
@@ -86,18 +86,6 @@ fn assert_one_truth(env: &Env) {
         config_of(env),
         "inspect and config get agree"
     );
-}
-
-/// Asks the firewall's dnsmasq for a name from a lan namespace.
-fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> {
-    poll(Duration::from_secs(10), || {
-        let out = env.run_in(ns, &format!("busybox nslookup -type=a {name} {server}"));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.lines()
-            .skip_while(|l| !l.contains(name))
-            .find_map(|l| l.strip_prefix("Address:"))
-            .map(|a| a.trim().to_string())
-    })
 }
 
 /// Defect 3: a value the schema's types allow but the appliance cannot use

@@ -467,3 +467,16 @@ pub fn page_shows(ip: Ipv4Addr, text: &str) -> bool {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Asks `server` for `name`'s A record from a namespace (busybox nslookup has
+/// its own resolver; the static wget cannot resolve names).
+pub fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> {
+    poll(Duration::from_secs(10), || {
+        let out = env.run_in(ns, &format!("busybox nslookup -type=a {name} {server}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .skip_while(|l| !l.contains(name))
+            .find_map(|l| l.strip_prefix("Address:"))
+            .map(|a| a.trim().to_string())
+    })
+}
