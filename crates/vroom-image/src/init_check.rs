@@ -11,6 +11,14 @@ const EM_X86_64: u16 = 62;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CheckInitError {
+    #[error(
+        "vroom-init not found at {path}: build it with `cargo xtask build-init` and point \
+         VROOM_INIT at target/x86_64-unknown-linux-gnu/init/vroom-init (`cargo xtask demo` \
+         puts it next to vroom as vroom-guest-init)"
+    )]
+    Missing { path: String },
+    #[error("cannot read {path}: {reason}")]
+    Unreadable { path: String, reason: String },
     #[error("{path} is not an ELF executable")]
     NotElf { path: String },
     #[error("{path} is not an x86-64 executable")]
@@ -21,6 +29,22 @@ pub enum CheckInitError {
          target/x86_64-unknown-linux-gnu/init/vroom-init (`cargo xtask demo` puts it next to vroom)"
     )]
     Dynamic { path: String, interpreter: String },
+}
+
+/// Checks the init file before any build work starts, so a missing or
+/// dynamically linked one is reported first, not after packages were fetched.
+pub fn check_init_file(path: &std::path::Path) -> Result<(), CheckInitError> {
+    let shown = path.display().to_string();
+    match std::fs::read(path) {
+        Ok(bytes) => check_init(&shown, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(CheckInitError::Missing { path: shown })
+        }
+        Err(e) => Err(CheckInitError::Unreadable {
+            path: shown,
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Refuses anything but a static x86-64 ELF executable.
@@ -151,6 +175,19 @@ mod tests {
         let bytes = std::fs::read(&exe).unwrap();
         let err = check_init(&exe.display().to_string(), &bytes).unwrap_err();
         assert!(matches!(err, CheckInitError::Dynamic { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_init_says_how_to_build_it() {
+        let err =
+            check_init_file(std::path::Path::new("/nonexistent/vroom-guest-init")).unwrap_err();
+        assert!(matches!(err, CheckInitError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("cargo xtask build-init"), "{err}");
+        let exe = std::env::current_exe().unwrap();
+        assert!(matches!(
+            check_init_file(&exe),
+            Err(CheckInitError::Dynamic { .. })
+        ));
     }
 
     /// Random bytes never panic the parser.

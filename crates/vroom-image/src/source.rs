@@ -21,6 +21,9 @@ pub struct LocalImages {
     /// Downloaded packages, kept by digest across builds.
     pub deb_cache: PathBuf,
     build: Mutex<()>,
+    /// The init's digest, keyed by its size and mtime: resolving an image
+    /// (every launch) compares it without hashing the file again.
+    init_digest: Mutex<Option<(u64, std::time::SystemTime, String)>>,
 }
 
 impl LocalImages {
@@ -31,6 +34,7 @@ impl LocalImages {
             init,
             deb_cache,
             build: Mutex::new(()),
+            init_digest: Mutex::new(None),
         }
     }
 
@@ -59,6 +63,7 @@ impl LocalImages {
                 "rebuilding: this vroom carries a newer vroom-init"
             );
         }
+        crate::init_check::check_init_file(&self.init).map_err(|e| failed(e.to_string()))?;
         let kernel = self
             .kernels
             .current()
@@ -88,8 +93,22 @@ impl LocalImages {
     /// Whether the image's `/init` differs from the vroom-init this vroom
     /// packs now (images from before the digest was recorded count as older).
     pub fn built_with_older_init(&self, image: &StoredImage) -> bool {
-        let current = crate::util::sha256_file(&self.init).ok().map(|(d, _)| d);
+        let current = self.current_init_digest();
         current.is_some() && image.manifest.init_sha256 != current
+    }
+
+    fn current_init_digest(&self) -> Option<String> {
+        let meta = std::fs::metadata(&self.init).ok()?;
+        let key = (meta.len(), meta.modified().ok()?);
+        let mut cached = self.init_digest.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((len, mtime, digest)) = cached.as_ref() {
+            if (*len, *mtime) == key {
+                return Some(digest.clone());
+            }
+        }
+        let (digest, _) = crate::util::sha256_file(&self.init).ok()?;
+        *cached = Some((key.0, key.1, digest.clone()));
+        Some(digest)
     }
 
     fn boot_image(&self, image: StoredImage) -> Result<BootImage, ResolveImageError> {
@@ -168,6 +187,11 @@ impl ImageSource for LocalImages {
         };
         let loaded = crate::recipe::load(&path)
             .map_err(|e| BuildFromRecipeError::Recipe { message: chain(&e) })?;
+        crate::init_check::check_init_file(&self.init).map_err(|e| {
+            BuildFromRecipeError::Build {
+                message: e.to_string(),
+            }
+        })?;
         let kernel = self
             .kernels
             .current()

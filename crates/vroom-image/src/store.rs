@@ -221,9 +221,25 @@ impl ImageStore {
         Ok(image)
     }
 
+    /// Removes an image. It leaves the store's view at once (renamed out of
+    /// the id namespace), so a crash during the deletion never leaves a
+    /// half-deleted image that resolves; leftovers of such a crash are swept
+    /// by the next removal.
     pub fn remove(&self, id: &str) -> Result<(), ImageStoreError> {
         let image = self.resolve(id)?;
-        fs::remove_dir_all(&image.dir).map_err(self.io())?;
+        let doomed = self.dir.join(format!(".deleting-{}", image.id));
+        fs::rename(&image.dir, &doomed).map_err(self.io())?;
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".deleting-")
+                {
+                    fs::remove_dir_all(entry.path()).map_err(self.io())?;
+                }
+            }
+        }
         if self.current_id(&image.manifest.name).is_none() {
             let _ = fs::remove_file(self.names_dir().join(&image.manifest.name));
         }
@@ -290,6 +306,13 @@ mod tests {
             // Removing the current build leaves the name to the other one.
             store.remove(&first.id).unwrap();
             assert_eq!(store.resolve("fw").unwrap().id, second.id);
+            // A removal cut short by a crash is invisible and swept by the next one.
+            let torn = dir.path().join(format!(".deleting-{}", "a".repeat(64)));
+            fs::create_dir_all(torn.join("x")).unwrap();
+            assert_eq!(store.list().unwrap().len(), 1);
+            store.remove(&second.id).unwrap();
+            assert!(!torn.exists());
+            assert!(store.list().unwrap().is_empty());
         }
     }
 }
