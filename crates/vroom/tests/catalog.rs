@@ -6,14 +6,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{poll, random_subnet, recipe, resolve, Env};
-use vroom_types::Ipv4Net;
-
-/// The n-th address of a subnet.
-fn host(subnet: &str, n: u32) -> Ipv4Addr {
-    let net: Ipv4Net = subnet.parse().unwrap();
-    Ipv4Addr::from(u32::from(net.network()) + n)
-}
+use common::{fetch, host, poll, random_subnet, recipe, resolve, Env};
 
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
     let out = env.ok(&["--json", "image", "build", &recipe(name)]);
@@ -55,18 +48,6 @@ fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String>
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// `busybox wget` from a namespace (its `-T` option crashes the static build,
-/// so `timeout` bounds it): the exit code and the body.
-fn fetch(env: &Env, ns: &str, url: &str) -> (i32, String) {
-    let out = env.run_in(
-        ns,
-        &format!("timeout 5 busybox wget -qO- {url} 2>&1; echo \"rc=$?\""),
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, rc) = text.rsplit_once("rc=").unwrap_or((&text, "255"));
-    (rc.trim().parse().unwrap_or(255), body.to_string())
 }
 
 /// The firewall: a lan client gets a DHCP lease and DNS from it and reaches a

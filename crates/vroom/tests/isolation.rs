@@ -1,0 +1,395 @@
+//! Tenant networks isolated on the host, tried the way an adversary would:
+//! from network namespaces plugged into the bridges (the cheapest guests)
+//! and from one real guest. A guest on network A must not reach the host's
+//! uplink address, network B's gateway or anything on network B, nor a port
+//! of its own gateway that was not opened; it still reaches the outside
+//! through NAT, its neighbours on A, and the ports `--allow-host` opened.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{echo_server_root, fetch, host, random_subnet, serve, Env};
+
+/// A TCP listener in the host's own namespace, bound to one address, that
+/// answers any request with an HTTP page naming `label`. Port 0 picks a free
+/// one; the port is returned. It lives as long as the test process.
+fn listen(ip: Ipv4Addr, port: u16, label: &'static str) -> u16 {
+    let listener =
+        TcpListener::bind((ip, port)).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut request = [0u8; 1024];
+            let _ = (&stream).read(&mut request);
+            let _ = write!(
+                &stream,
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{label}\n"
+            );
+        }
+    });
+    port
+}
+
+fn sh(cmd: &str) {
+    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd}");
+}
+
+/// One probe: from where, which URL, whether it must answer, and the text
+/// the answer must carry.
+struct Probe {
+    from: String,
+    what: &'static str,
+    url: String,
+    reachable: bool,
+    answer: String,
+}
+
+impl Probe {
+    /// What is wrong with the outcome, if anything.
+    fn judge(&self, rc: i32, body: &str) -> Option<String> {
+        let answered = rc == 0 && body.contains(&self.answer);
+        (answered != self.reachable).then(|| {
+            format!(
+                "{} -> {} ({}): expected {}, got rc={rc} body={:?}",
+                self.from,
+                self.url,
+                self.what,
+                if self.reachable {
+                    "an answer"
+                } else {
+                    "no answer"
+                },
+                body.trim()
+            )
+        })
+    }
+}
+
+#[test]
+fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
+    let env = Env::new("iso");
+    let (a, b, w) = (random_subnet(), random_subnet(), random_subnet());
+    let allowed: u16 = 20000 + rand::random::<u16>() % 40000;
+    env.ok(&[
+        "net",
+        "create",
+        "a",
+        "--subnet",
+        &a,
+        "--nat",
+        "--allow-host",
+        &allowed.to_string(),
+    ]);
+    env.ok(&["net", "create", "b", "--subnet", &b, "--nat"]);
+
+    // The uplink: a veth to a namespace standing for the outside. The host
+    // end holds the host's "external" address, w.1.
+    let (outside, uplink) = env.namespace(
+        "up",
+        &format!("{}/24", host(&w, 2)),
+        &host(&w, 1).to_string(),
+    );
+    sh(&format!("ip addr add {}/24 dev {uplink}", host(&w, 1)));
+    let root = echo_server_root(&env, "outside");
+    serve(&env, &outside, 8000, &root);
+
+    // Host services: on the uplink address, on B's gateway, and on A's
+    // gateway on a port that was opened and on one that was not.
+    let on_uplink = listen(host(&w, 1), 0, "host service on the uplink address");
+    let on_gateway_b = listen(host(&b, 1), 0, "host service on b's gateway");
+    let closed = listen(host(&a, 1), 0, "host service on a's gateway, not allowed");
+    listen(host(&a, 1), allowed, "host service on a's gateway, allowed");
+
+    // Namespaces as guests: a client and a web server on A, a web server on B.
+    let ns = |name: &str, net: &str, n: u32| {
+        let cidr = format!("{}/24", host(if net == "a" { &a } else { &b }, n));
+        let gateway = host(if net == "a" { &a } else { &b }, 1).to_string();
+        env.namespace_on(name, net, Some((&cidr, &gateway)))
+    };
+    let a_client = ns("ac", "a", 10);
+    let a_server = ns("as", "a", 11);
+    let b_server = ns("bs", "b", 10);
+    serve(&env, &a_server, 80, &echo_server_root(&env, "neighbour"));
+    serve(&env, &b_server, 80, &echo_server_root(&env, "b-instance"));
+
+    let probe = |from: &str, what, url: String, reachable, answer: &str| Probe {
+        from: from.to_string(),
+        what,
+        url,
+        reachable,
+        answer: answer.to_string(),
+    };
+    let probes = [
+        probe(
+            &a_client,
+            "the host's uplink address",
+            format!("http://{}:{on_uplink}/", host(&w, 1)),
+            false,
+            "host service",
+        ),
+        probe(
+            &a_client,
+            "b's gateway",
+            format!("http://{}:{on_gateway_b}/", host(&b, 1)),
+            false,
+            "host service",
+        ),
+        probe(
+            &a_client,
+            "an instance on b",
+            format!("http://{}/", host(&b, 10)),
+            false,
+            "b-instance server",
+        ),
+        probe(
+            &a_client,
+            "a port of its own gateway that was not allowed",
+            format!("http://{}:{closed}/", host(&a, 1)),
+            false,
+            "host service",
+        ),
+        probe(
+            &b_server,
+            "an instance on a, from b",
+            format!("http://{}/", host(&a, 11)),
+            false,
+            "neighbour server",
+        ),
+        probe(
+            &a_client,
+            "the port --allow-host opened",
+            format!("http://{}:{allowed}/", host(&a, 1)),
+            true,
+            "a's gateway, allowed",
+        ),
+        probe(
+            &a_client,
+            "a neighbour on the same bridge",
+            format!("http://{}/", host(&a, 11)),
+            true,
+            "neighbour server",
+        ),
+        probe(
+            &a_client,
+            "the outside, through NAT (seen as the uplink address)",
+            format!("http://{}:8000/cgi-bin/addr", host(&w, 2)),
+            true,
+            &format!("{}", host(&w, 1)),
+        ),
+    ];
+    // In parallel: every dropped probe waits out its timeout.
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|p| {
+                let env = &env;
+                scope.spawn(move || {
+                    let (rc, body) = fetch(env, &p.from, &p.url);
+                    p.judge(rc, &body)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(
+        failures.is_empty(),
+        "from namespaces:\n{}",
+        failures.join("\n")
+    );
+
+    // One real guest on A: the same holes, tried from inside a VM.
+    let guest_ip = host(&a, 20);
+    env.ok(&[
+        "run",
+        "hello",
+        "--name",
+        "web",
+        "--net",
+        &format!("a:{guest_ip}"),
+    ]);
+    let guest_probes = [
+        probe(
+            "guest",
+            "the host's uplink address",
+            format!("http://{}:{on_uplink}/", host(&w, 1)),
+            false,
+            "host service",
+        ),
+        probe(
+            "guest",
+            "b's gateway",
+            format!("http://{}:{on_gateway_b}/", host(&b, 1)),
+            false,
+            "host service",
+        ),
+        probe(
+            "guest",
+            "an instance on b",
+            format!("http://{}/", host(&b, 10)),
+            false,
+            "b-instance server",
+        ),
+        probe(
+            "guest",
+            "the port --allow-host opened",
+            format!("http://{}:{allowed}/", host(&a, 1)),
+            true,
+            "a's gateway, allowed",
+        ),
+        probe(
+            "guest",
+            "the outside, through NAT (seen as the uplink address)",
+            format!("http://{}:8000/cgi-bin/addr", host(&w, 2)),
+            true,
+            &format!("{}", host(&w, 1)),
+        ),
+    ];
+    let mut failures = vec![];
+    for p in &guest_probes {
+        // A dropped connection hangs wget: exec's timeout ends it.
+        let out = env.vroom(&[
+            "exec",
+            "--timeout",
+            "8",
+            "web",
+            "--",
+            "wget",
+            "-qO-",
+            &p.url,
+        ]);
+        let rc = out.status.code().unwrap_or(255);
+        failures.extend(p.judge(rc, &String::from_utf8_lossy(&out.stdout)));
+    }
+    assert!(
+        failures.is_empty(),
+        "from the guest:\n{}",
+        failures.join("\n")
+    );
+
+    // The host still reaches the guest (its replies are let back in), and
+    // B still cannot.
+    let page = common::http_get(guest_ip).expect("the host fetches the guest's page");
+    assert!(page.contains("Hello from vroom!"), "{page}");
+    let (rc, body) = fetch(&env, &b_server, &format!("http://{guest_ip}/"));
+    assert_ne!(rc, 0, "b reached the guest on a: {body}");
+
+    env.ok(&["rm", "-f", "web"]);
+    for ns in [&a_client, &a_server, &b_server] {
+        sh(&format!("ip netns del {ns}"));
+    }
+    env.ok(&["net", "rm", "a"]);
+    env.ok(&["net", "rm", "b"]);
+    assert!(
+        env.nft_tables().is_empty(),
+        "tables left after net rm: {:?}",
+        env.nft_tables()
+    );
+}
+
+fn table(family: &str, name: &str) -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", family, name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `--allow-host` is validated, stored and shown; a restarted daemon puts
+/// back the rules of a network whose table was replaced by an older vroom's
+/// NAT-only one; `vroom gc` sweeps stray tables of both families.
+#[test]
+fn host_ports_are_checked_and_rules_survive_restart_and_gc_sweeps_them() {
+    let env = Env::new("isorules");
+    let subnet = random_subnet();
+    for (bad, why) in [
+        ("0", "between 1 and 65535"),
+        ("65536", "between 1 and 65535"),
+        ("80/sctp", "tcp or udp"),
+    ] {
+        let err = env.fail(&[
+            "net",
+            "create",
+            "lan",
+            "--subnet",
+            &subnet,
+            "--allow-host",
+            bad,
+        ]);
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let err = env.fail(&["net", "create", "lan", "--isolated", "--allow-host", "80"]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    assert!(env.nft_tables().is_empty(), "a refused create left a table");
+
+    env.ok(&[
+        "net",
+        "create",
+        "lan",
+        "--subnet",
+        &subnet,
+        "--nat",
+        "--allow-host",
+        "8080",
+        "--allow-host",
+        "53/udp",
+        "--allow-host",
+        "8080/tcp",
+    ]);
+    let network = env.network("lan");
+    let ports: Vec<String> = network.allow_host.iter().map(|p| p.to_string()).collect();
+    assert_eq!(ports, ["53/udp", "8080/tcp"]);
+    let shown = env.ok(&["net", "inspect", "lan"]);
+    assert!(shown.contains("53/udp, 8080/tcp"), "{shown}");
+    let name = format!("vroom_{}", network.bridge);
+    let rules = table("inet", &name).expect("the network's inet table");
+    assert!(rules.contains("tcp dport 8080 accept"), "{rules}");
+    assert!(rules.contains("udp dport 53 accept"), "{rules}");
+    assert!(rules.contains("masquerade"), "{rules}");
+
+    // What an older vroom left: an ip-family NAT table and no filter.
+    sh(&format!(
+        "nft delete table inet {name} && nft add table ip {name} && \
+         nft 'add chain ip {name} postrouting {{ type nat hook postrouting priority srcnat; }}'"
+    ));
+    env.kill_daemon();
+    env.start_daemon();
+    let rules = table("inet", &name).expect("the restarted daemon put the table back");
+    assert!(rules.contains("tcp dport 8080 accept"), "{rules}");
+    assert!(table("ip", &name).is_none(), "the old ip table stayed");
+
+    // Strays whose bridges are gone, one per family, are idle leftovers.
+    let strays = [
+        ("inet", format!("vroom_{}bdead0000", env.prefix)),
+        ("ip", format!("vroom_{}bdead0001", env.prefix)),
+    ];
+    for (family, stray) in &strays {
+        sh(&format!("nft add table {family} {stray}"));
+    }
+    let listed = env.ok(&["gc"]);
+    for (_, stray) in &strays {
+        assert!(listed.contains(stray.as_str()), "{listed}");
+    }
+    assert!(
+        !listed.contains(&name),
+        "a live network's table is no leftover: {listed}"
+    );
+    env.ok(&["gc", "--remove"]);
+    for (family, stray) in &strays {
+        assert!(table(family, stray).is_none(), "gc left {family} {stray}");
+    }
+    assert!(table("inet", &name).is_some(), "gc removed a live table");
+
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after net rm");
+}
