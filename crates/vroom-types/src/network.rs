@@ -94,7 +94,8 @@ fn deserialize_port<'de, D>(deserializer: D) -> Result<u16, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
-    let port = u64::deserialize(deserializer)?;
+    // `8080.0` is the same JSON integer as `8080`.
+    let port: u64 = crate::json_int::required(deserializer)?;
     check_port(&port.to_string(), port).map_err(serde::de::Error::custom)
 }
 
@@ -377,7 +378,7 @@ mod tests {
                 r#"{{"name":"lan","nat":true,"allow_host":{ports}}}"#
             ))
         };
-        let ok = spec(r#"[{"port":8080},{"port":53,"protocol":"udp"}]"#).unwrap();
+        let ok = spec(r#"[{"port":8080.0},{"port":53,"protocol":"udp"}]"#).unwrap();
         assert_eq!(
             ok.allow_host,
             vec![
@@ -395,6 +396,7 @@ mod tests {
             r#"[{"port":0}]"#,
             r#"[{"port":65536}]"#,
             r#"[{"port":-1}]"#,
+            r#"[{"port":80.5}]"#,
             r#"[{"port":80,"protocol":"icmp"}]"#,
             r#"[{"port":80,"extra":1}]"#,
             r#"["80"]"#,

@@ -40,10 +40,9 @@ fn sh(cmd: &str) {
     assert!(status.success(), "{cmd}");
 }
 
-/// One probe: from where, which URL, whether it must answer, and the text
+/// One probe: what it tries, the URL, whether it must answer, and the text
 /// the answer must carry.
 struct Probe {
-    from: String,
     what: &'static str,
     url: String,
     reachable: bool,
@@ -51,24 +50,47 @@ struct Probe {
 }
 
 impl Probe {
-    /// What is wrong with the outcome, if anything.
-    fn judge(&self, rc: i32, body: &str) -> Option<String> {
+    /// What is wrong with the outcome seen from `from`, if anything.
+    fn judge(&self, from: &str, rc: i32, body: &str) -> Option<String> {
         let answered = rc == 0 && body.contains(&self.answer);
         (answered != self.reachable).then(|| {
+            let expected = if self.reachable {
+                "an answer"
+            } else {
+                "no answer"
+            };
             format!(
-                "{} -> {} ({}): expected {}, got rc={rc} body={:?}",
-                self.from,
+                "{from} -> {} ({}): expected {expected}, got rc={rc} body={:?}",
                 self.url,
                 self.what,
-                if self.reachable {
-                    "an answer"
-                } else {
-                    "no answer"
-                },
                 body.trim()
             )
         })
     }
+}
+
+/// Runs every probe at once (each dropped one waits out its timeout) and
+/// returns the failures.
+fn run_probes(
+    probes: &[(&str, &Probe)],
+    try_one: impl Fn(&str, &str) -> (i32, String) + Sync,
+) -> Vec<String> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|(from, p)| {
+                let try_one = &try_one;
+                scope.spawn(move || {
+                    let (rc, body) = try_one(from, &p.url);
+                    p.judge(from, rc, &body)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect()
+    })
 }
 
 #[test]
@@ -118,88 +140,66 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     serve(&env, &a_server, 80, &echo_server_root(&env, "neighbour"));
     serve(&env, &b_server, 80, &echo_server_root(&env, "b-instance"));
 
-    let probe = |from: &str, what, url: String, reachable, answer: &str| Probe {
-        from: from.to_string(),
+    let probe = |what, url: String, reachable, answer: &str| Probe {
         what,
         url,
         reachable,
         answer: answer.to_string(),
     };
-    let probes = [
+    // What a guest on A tries, from a namespace and from a real guest.
+    let from_a = [
         probe(
-            &a_client,
             "the host's uplink address",
             format!("http://{}:{on_uplink}/", host(&w, 1)),
             false,
             "host service",
         ),
         probe(
-            &a_client,
             "b's gateway",
             format!("http://{}:{on_gateway_b}/", host(&b, 1)),
             false,
             "host service",
         ),
         probe(
-            &a_client,
             "an instance on b",
             format!("http://{}/", host(&b, 10)),
             false,
             "b-instance server",
         ),
         probe(
-            &a_client,
             "a port of its own gateway that was not allowed",
             format!("http://{}:{closed}/", host(&a, 1)),
             false,
             "host service",
         ),
         probe(
-            &b_server,
-            "an instance on a, from b",
-            format!("http://{}/", host(&a, 11)),
-            false,
-            "neighbour server",
-        ),
-        probe(
-            &a_client,
             "the port --allow-host opened",
             format!("http://{}:{allowed}/", host(&a, 1)),
             true,
             "a's gateway, allowed",
         ),
         probe(
-            &a_client,
             "a neighbour on the same bridge",
             format!("http://{}/", host(&a, 11)),
             true,
             "neighbour server",
         ),
         probe(
-            &a_client,
             "the outside, through NAT (seen as the uplink address)",
             format!("http://{}:8000/cgi-bin/addr", host(&w, 2)),
             true,
             &format!("{}", host(&w, 1)),
         ),
     ];
-    // In parallel: every dropped probe waits out its timeout.
-    let failures: Vec<String> = std::thread::scope(|scope| {
-        let handles: Vec<_> = probes
-            .iter()
-            .map(|p| {
-                let env = &env;
-                scope.spawn(move || {
-                    let (rc, body) = fetch(env, &p.from, &p.url);
-                    p.judge(rc, &body)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .filter_map(|h| h.join().unwrap())
-            .collect()
-    });
+    let from_b = probe(
+        "an instance on a, from b",
+        format!("http://{}/", host(&a, 11)),
+        false,
+        "neighbour server",
+    );
+    let mut probes: Vec<(&str, &Probe)> = from_a.iter().map(|p| (a_client.as_str(), p)).collect();
+    probes.push((&b_server, &from_b));
+    let failures = run_probes(&probes, |ns, url| fetch(&env, ns, url));
     assert!(
         failures.is_empty(),
         "from namespaces:\n{}",
@@ -216,59 +216,13 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         "--net",
         &format!("a:{guest_ip}"),
     ]);
-    let guest_probes = [
-        probe(
-            "guest",
-            "the host's uplink address",
-            format!("http://{}:{on_uplink}/", host(&w, 1)),
-            false,
-            "host service",
-        ),
-        probe(
-            "guest",
-            "b's gateway",
-            format!("http://{}:{on_gateway_b}/", host(&b, 1)),
-            false,
-            "host service",
-        ),
-        probe(
-            "guest",
-            "an instance on b",
-            format!("http://{}/", host(&b, 10)),
-            false,
-            "b-instance server",
-        ),
-        probe(
-            "guest",
-            "the port --allow-host opened",
-            format!("http://{}:{allowed}/", host(&a, 1)),
-            true,
-            "a's gateway, allowed",
-        ),
-        probe(
-            "guest",
-            "the outside, through NAT (seen as the uplink address)",
-            format!("http://{}:8000/cgi-bin/addr", host(&w, 2)),
-            true,
-            &format!("{}", host(&w, 1)),
-        ),
-    ];
-    let mut failures = vec![];
-    for p in &guest_probes {
+    let probes: Vec<(&str, &Probe)> = from_a.iter().map(|p| ("guest", p)).collect();
+    let failures = run_probes(&probes, |_, url| {
         // A dropped connection hangs wget: exec's timeout ends it.
-        let out = env.vroom(&[
-            "exec",
-            "--timeout",
-            "8",
-            "web",
-            "--",
-            "wget",
-            "-qO-",
-            &p.url,
-        ]);
-        let rc = out.status.code().unwrap_or(255);
-        failures.extend(p.judge(rc, &String::from_utf8_lossy(&out.stdout)));
-    }
+        let out = env.vroom(&["exec", "--timeout", "8", "web", "--", "wget", "-qO-", url]);
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code().unwrap_or(255), body)
+    });
     assert!(
         failures.is_empty(),
         "from the guest:\n{}",
