@@ -75,8 +75,9 @@ pub const TABLE_FAMILIES: &[&str] = &["inet", "ip"];
 /// - forward: frames between two ports of the bridge itself pass (br_netfilter
 ///   shows them here with the bridge as both interfaces); nothing is routed
 ///   between this bridge and another vroom bridge; a NAT network's guests may
-///   go out and get replies, but nothing may open a connection into it; a
-///   network without NAT is routed nowhere;
+///   go out from their own IPv4 addresses (no spoofed sources, no IPv6) and
+///   get replies, but nothing may open a connection into it; a network
+///   without NAT is routed nowhere;
 /// - postrouting (NAT only): masquerades what its guests send out of the
 ///   host. Traffic that leaves through one of vroom's own bridges is left
 ///   alone: packets a router appliance forwards between two vroom networks
@@ -113,11 +114,18 @@ pub fn ruleset(network: &Network, bridge_glob: &str) -> String {
         format!("iifname \"{bridge_glob}\" oifname \"{bridge}\" drop"),
     ];
     if network.nat {
+        // Only the network's own IPv4 addresses go out (to be masqueraded):
+        // not spoofed sources, not IPv6 the host would route unmasqueraded.
+        forward.push(format!(
+            "iifname \"{bridge}\" ip saddr {} accept",
+            network.subnet
+        ));
+    }
+    forward.push(format!("iifname \"{bridge}\" drop"));
+    if network.nat {
         forward.push(format!(
             "oifname \"{bridge}\" ct state established,related accept"
         ));
-    } else {
-        forward.push(format!("iifname \"{bridge}\" drop"));
     }
     forward.push(format!("oifname \"{bridge}\" drop"));
     let chain = |name: &str, hook: &str, rules: &[String]| {
@@ -394,6 +402,12 @@ mod tests {
             format!("iifname {g} oifname {b} drop"),
         ];
         let from_host = format!("iifname {b} ct state established,related accept");
+        let nat_forward = vec![
+            format!("iifname {b} ip saddr 10.9.0.0/24 accept"),
+            format!("iifname {b} drop"),
+            format!("oifname {b} ct state established,related accept"),
+            format!("oifname {b} drop"),
+        ];
         let input_drop = format!("iifname {b} drop");
         let masquerade =
             format!("ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != {g} masquerade");
@@ -409,10 +423,7 @@ mod tests {
                 what: "nat: out and back only, nothing to the host",
                 network: network(true, false, &[]),
                 input: vec![from_host.clone(), input_drop.clone()],
-                forward_tail: vec![
-                    format!("oifname {b} ct state established,related accept"),
-                    format!("oifname {b} drop"),
-                ],
+                forward_tail: nat_forward.clone(),
                 nat: true,
             },
             Case {
@@ -424,10 +435,7 @@ mod tests {
                     format!("iifname {b} ip daddr 10.9.0.1 udp dport {{ 53, 67 }} accept"),
                     input_drop.clone(),
                 ],
-                forward_tail: vec![
-                    format!("oifname {b} ct state established,related accept"),
-                    format!("oifname {b} drop"),
-                ],
+                forward_tail: nat_forward.clone(),
                 nat: true,
             },
             Case {

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv6Addr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,7 +17,8 @@ use common::{echo_server_root, fetch, host, random_subnet, serve, Env};
 /// A TCP listener in the host's own namespace, bound to one address, that
 /// answers any request with an HTTP page naming `label`. Port 0 picks a free
 /// one; the port is returned. It lives as long as the test process.
-fn listen(ip: Ipv4Addr, port: u16, label: &'static str) -> u16 {
+fn listen(ip: impl Into<IpAddr>, port: u16, label: &'static str) -> u16 {
+    let ip = ip.into();
     let listener =
         TcpListener::bind((ip, port)).unwrap_or_else(|e| panic!("bind {ip}:{port}: {e}"));
     let port = listener.local_addr().unwrap().port();
@@ -191,6 +192,34 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
             &format!("{}", host(&w, 1)),
         ),
     ];
+    // IPv6: the bridge's link-local address is the host too.
+    let on_any = listen(Ipv6Addr::UNSPECIFIED, 0, "host service on every address");
+    let bridge_a = env.network("a").bridge;
+    let link_local = common::poll(Duration::from_secs(20), || {
+        let out = Command::new("ip")
+            .args([
+                "-6", "-o", "addr", "show", "dev", &bridge_a, "scope", "link",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Usable once duplicate address detection is done.
+        (!text.contains("tentative"))
+            .then(|| {
+                text.split_whitespace()
+                    .find(|w| w.starts_with("fe80:"))
+                    .map(String::from)
+            })
+            .flatten()
+    })
+    .expect("bridge a has a link-local IPv6 address");
+    let link_local = link_local.split('/').next().unwrap().to_string();
+    let from_a_v6 = probe(
+        "the host's link-local IPv6 address on a's bridge",
+        format!("http://[{link_local}%eth0]:{on_any}/"),
+        false,
+        "host service",
+    );
     let from_b = probe(
         "an instance on a, from b",
         format!("http://{}/", host(&a, 11)),
@@ -199,6 +228,7 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     );
     let mut probes: Vec<(&str, &Probe)> = from_a.iter().map(|p| (a_client.as_str(), p)).collect();
     probes.push((&b_server, &from_b));
+    probes.push((&a_client, &from_a_v6));
     let failures = run_probes(&probes, |ns, url| fetch(&env, ns, url));
     assert!(
         failures.is_empty(),
