@@ -110,6 +110,9 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         &allowed.to_string(),
     ]);
     env.ok(&["net", "create", "b", "--subnet", &b, "--nat"]);
+    // Host mode: reachable from the host, routed nowhere.
+    let c = random_subnet();
+    env.ok(&["net", "create", "c", "--subnet", &c]);
 
     // The uplink: a veth to a namespace standing for the outside. The host
     // end holds the host's "external" address, w.1.
@@ -131,13 +134,18 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
 
     // Namespaces as guests: a client and a web server on A, a web server on B.
     let ns = |name: &str, net: &str, n: u32| {
-        let cidr = format!("{}/24", host(if net == "a" { &a } else { &b }, n));
-        let gateway = host(if net == "a" { &a } else { &b }, 1).to_string();
-        env.namespace_on(name, net, Some((&cidr, &gateway)))
+        let subnet = match net {
+            "a" => &a,
+            "b" => &b,
+            _ => &c,
+        };
+        let cidr = format!("{}/24", host(subnet, n));
+        env.namespace_on(name, net, Some((&cidr, &host(subnet, 1).to_string())))
     };
     let a_client = ns("ac", "a", 10);
     let a_server = ns("as", "a", 11);
     let b_server = ns("bs", "b", 10);
+    let c_client = ns("cc", "c", 10);
     serve(&env, &a_server, 80, &echo_server_root(&env, "neighbour"));
     serve(&env, &b_server, 80, &echo_server_root(&env, "b-instance"));
 
@@ -229,6 +237,13 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     let mut probes: Vec<(&str, &Probe)> = from_a.iter().map(|p| (a_client.as_str(), p)).collect();
     probes.push((&b_server, &from_b));
     probes.push((&a_client, &from_a_v6));
+    let from_c = probe(
+        "the outside, from a network without NAT",
+        format!("http://{}:8000/", host(&w, 2)),
+        false,
+        "outside server",
+    );
+    probes.push((&c_client, &from_c));
     let failures = run_probes(&probes, |ns, url| fetch(&env, ns, url));
     assert!(
         failures.is_empty(),
@@ -267,11 +282,12 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     assert_ne!(rc, 0, "b reached the guest on a: {body}");
 
     env.ok(&["rm", "-f", "web"]);
-    for ns in [&a_client, &a_server, &b_server] {
+    for ns in [&a_client, &a_server, &b_server, &c_client] {
         sh(&format!("ip netns del {ns}"));
     }
     env.ok(&["net", "rm", "a"]);
     env.ok(&["net", "rm", "b"]);
+    env.ok(&["net", "rm", "c"]);
     assert!(
         env.nft_tables().is_empty(),
         "tables left after net rm: {:?}",
