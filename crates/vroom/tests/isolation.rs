@@ -251,6 +251,22 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         failures.join("\n")
     );
 
+    // A spoofed source: a namespace on A claiming an address from outside
+    // A's subnet. Nothing of it may leave the host, masqueraded or not.
+    let spoofed = host(&random_subnet(), 5);
+    let spoofer = env.namespace_on("sp", "a", None);
+    sh(&format!(
+        "ip -n {spoofer} addr add {spoofed}/24 dev eth0 && \
+         ip -n {spoofer} route add default via {} dev eth0 onlink",
+        host(&a, 1)
+    ));
+    assert!(
+        !outside_sees(&outside, &spoofed.to_string(), || {
+            fetch(&env, &spoofer, &format!("http://{}:8000/", host(&w, 2)));
+        }),
+        "a packet from the spoofed address {spoofed} reached the outside"
+    );
+
     // One real guest on A: the same holes, tried from inside a VM.
     let guest_ip = host(&a, 20);
     env.ok(&[
@@ -282,7 +298,7 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     assert_ne!(rc, 0, "b reached the guest on a: {body}");
 
     env.ok(&["rm", "-f", "web"]);
-    for ns in [&a_client, &a_server, &b_server, &c_client] {
+    for ns in [&a_client, &a_server, &b_server, &c_client, &spoofer] {
         sh(&format!("ip netns del {ns}"));
     }
     env.ok(&["net", "rm", "a"]);
@@ -293,6 +309,32 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         "tables left after net rm: {:?}",
         env.nft_tables()
     );
+}
+
+/// Whether the outside namespace receives any packet from `source` while
+/// `act` runs (tcpdump there, started and listening before `act`).
+fn outside_sees(outside: &str, source: &str, act: impl FnOnce()) -> bool {
+    use std::io::BufRead;
+    let mut capture = Command::new("ip")
+        .args(["netns", "exec", outside, "timeout", "10", "tcpdump"])
+        .args(["-nl", "-i", "eth0", "-c", "1", "src", "host", source])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the host has tcpdump (cargo xtask test installs it)");
+    let mut stderr = std::io::BufReader::new(capture.stderr.take().unwrap());
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+        line.clear();
+    }
+    assert!(
+        line.contains("listening on"),
+        "tcpdump did not start in {outside}"
+    );
+    act();
+    // tcpdump ends at the first packet, or at its timeout.
+    let out = capture.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(source)
 }
 
 fn table(family: &str, name: &str) -> Option<String> {
