@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv6Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,6 +34,48 @@ fn listen(ip: impl Into<IpAddr>, port: u16, label: &'static str) -> u16 {
         }
     });
     port
+}
+
+/// A UDP socket on a host address that answers every datagram with `label`.
+fn echo_udp(ip: Ipv4Addr, port: u16, label: &'static str) -> u16 {
+    let socket =
+        UdpSocket::bind((ip, port)).unwrap_or_else(|e| panic!("bind udp {ip}:{port}: {e}"));
+    let port = socket.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(label.as_bytes(), peer);
+        }
+    });
+    port
+}
+
+/// Sends one datagram from a namespace to `IP:PORT` and waits 5 s for the
+/// answer (busybox nc has no UDP here): the exit code and the answer.
+fn udp_ask(ns: &str, to: &str) -> (i32, String) {
+    let (ip, port) = to.rsplit_once(':').unwrap();
+    let script = "import socket,sys\n\
+                  s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                  s.settimeout(5)\n\
+                  s.sendto(b'hi',(sys.argv[1],int(sys.argv[2])))\n\
+                  print(s.recv(512).decode())";
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "/usr/bin/python3",
+            "-c",
+            script,
+            ip,
+            port,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(255),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn sh(cmd: &str) {
@@ -108,6 +150,8 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         "--nat",
         "--allow-host",
         &allowed.to_string(),
+        "--allow-host",
+        &format!("{allowed}/udp"),
     ]);
     env.ok(&["net", "create", "b", "--subnet", &b, "--nat"]);
     // Host mode: reachable from the host, routed nowhere.
@@ -131,6 +175,8 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     let on_gateway_b = listen(host(&b, 1), 0, "host service on b's gateway");
     let closed = listen(host(&a, 1), 0, "host service on a's gateway, not allowed");
     listen(host(&a, 1), allowed, "host service on a's gateway, allowed");
+    echo_udp(host(&a, 1), allowed, "udp service on a's gateway, allowed");
+    let closed_udp = echo_udp(host(&a, 1), 0, "udp service on a's gateway, not allowed");
 
     // Namespaces as guests: a client and a web server on A, a web server on B.
     let ns = |name: &str, net: &str, n: u32| {
@@ -203,30 +249,26 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     // IPv6: the bridge's link-local address is the host too.
     let on_any = listen(Ipv6Addr::UNSPECIFIED, 0, "host service on every address");
     let bridge_a = env.network("a").bridge;
-    let link_local = common::poll(Duration::from_secs(20), || {
-        let out = Command::new("ip")
-            .args([
-                "-6", "-o", "addr", "show", "dev", &bridge_a, "scope", "link",
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        // Usable once duplicate address detection is done.
-        (!text.contains("tentative"))
-            .then(|| {
-                text.split_whitespace()
-                    .find(|w| w.starts_with("fe80:"))
-                    .map(String::from)
-            })
-            .flatten()
-    })
-    .expect("bridge a has a link-local IPv6 address");
-    let link_local = link_local.split('/').next().unwrap().to_string();
+    // The client needs its own link-local address (past DAD) to talk at all.
+    link_local(Some(&a_client), "eth0");
+    let bridge_address = link_local(None, &bridge_a);
     let from_a_v6 = probe(
         "the host's link-local IPv6 address on a's bridge",
-        format!("http://[{link_local}%eth0]:{on_any}/"),
+        format!("http://[{bridge_address}%eth0]:{on_any}/"),
         false,
         "host service",
+    );
+    let udp_allowed = probe(
+        "the udp port --allow-host opened",
+        format!("udp://{}:{allowed}", host(&a, 1)),
+        true,
+        "udp service on a's gateway, allowed",
+    );
+    let udp_closed = probe(
+        "a udp port of its own gateway that was not allowed",
+        format!("udp://{}:{closed_udp}", host(&a, 1)),
+        false,
+        "udp service",
     );
     let from_b = probe(
         "an instance on a, from b",
@@ -237,6 +279,8 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     let mut probes: Vec<(&str, &Probe)> = from_a.iter().map(|p| (a_client.as_str(), p)).collect();
     probes.push((&b_server, &from_b));
     probes.push((&a_client, &from_a_v6));
+    probes.push((&a_client, &udp_allowed));
+    probes.push((&a_client, &udp_closed));
     let from_c = probe(
         "the outside, from a network without NAT",
         format!("http://{}:8000/", host(&w, 2)),
@@ -244,7 +288,10 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         "outside server",
     );
     probes.push((&c_client, &from_c));
-    let failures = run_probes(&probes, |ns, url| fetch(&env, ns, url));
+    let failures = run_probes(&probes, |ns, url| match url.strip_prefix("udp://") {
+        Some(to) => udp_ask(ns, to),
+        None => fetch(&env, ns, url),
+    });
     assert!(
         failures.is_empty(),
         "from namespaces:\n{}",
@@ -309,6 +356,27 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
         "tables left after net rm: {:?}",
         env.nft_tables()
     );
+}
+
+/// The link-local IPv6 address of `dev` (in namespace `ns`, or the host's),
+/// once duplicate address detection is done with it.
+fn link_local(ns: Option<&str>, dev: &str) -> String {
+    let mut cmd = vec![];
+    if let Some(ns) = ns {
+        cmd.extend(["netns", "exec", ns, "ip"]);
+    }
+    cmd.extend(["-6", "-o", "addr", "show", "dev", dev, "scope", "link"]);
+    common::poll(Duration::from_secs(20), || {
+        let out = Command::new("ip").args(&cmd).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("tentative") {
+            return None;
+        }
+        text.split_whitespace()
+            .find(|w| w.starts_with("fe80:"))
+            .map(|w| w.split('/').next().unwrap().to_string())
+    })
+    .unwrap_or_else(|| panic!("{dev} in {ns:?} has no usable link-local IPv6 address"))
 }
 
 /// Whether the outside namespace receives any packet from `source` while
