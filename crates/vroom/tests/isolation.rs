@@ -1,9 +1,12 @@
 //! Tenant networks isolated on the host, tried the way an adversary would:
 //! from network namespaces plugged into the bridges (the cheapest guests)
 //! and from one real guest. A guest on network A must not reach the host's
-//! uplink address, network B's gateway or anything on network B, nor a port
-//! of its own gateway that was not opened; it still reaches the outside
-//! through NAT, its neighbours on A, and the ports `--allow-host` opened.
+//! uplink address, its link-local IPv6 address, network B's gateway or
+//! anything on network B, nor a TCP or UDP port of its own gateway that was
+//! not opened, nor send out packets with a source that is not its own; a
+//! network without NAT is routed nowhere. A guest still reaches the outside
+//! through NAT, its neighbours on A, and the ports `--allow-host` opened,
+//! and the host still reaches it. See docs/networking.md, "Isolation".
 
 mod common;
 
@@ -12,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{echo_server_root, fetch, host, random_subnet, serve, Env};
+use common::{echo_server_root, fetch, host, random_subnet, serve, sh, Env};
 
 /// A TCP listener in the host's own namespace, bound to one address, that
 /// answers any request with an HTTP page naming `label`. Port 0 picks a free
@@ -76,11 +79,6 @@ fn udp_ask(ns: &str, to: &str) -> (i32, String) {
         out.status.code().unwrap_or(255),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
-}
-
-fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(status.success(), "{cmd}");
 }
 
 /// One probe: what it tries, the URL, whether it must answer, and the text
@@ -178,7 +176,8 @@ fn guests_reach_only_the_outside_their_neighbours_and_allowed_host_ports() {
     echo_udp(host(&a, 1), allowed, "udp service on a's gateway, allowed");
     let closed_udp = echo_udp(host(&a, 1), 0, "udp service on a's gateway, not allowed");
 
-    // Namespaces as guests: a client and a web server on A, a web server on B.
+    // Namespaces as guests: a client and a web server on A, a web server on
+    // B, a client on C.
     let ns = |name: &str, net: &str, n: u32| {
         let subnet = match net {
             "a" => &a,

@@ -394,7 +394,8 @@ impl Drop for Env {
     }
 }
 
-fn sh(cmd: &str) {
+/// Runs a shell command on the host and asserts it succeeded.
+pub fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
     assert!(status.success(), "{cmd}");
 }
