@@ -176,7 +176,8 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub struct ApiDoc;
 
 /// Rules between fields, which utoipa's derive cannot state: an isolated
-/// network has no NAT (its router appliance does that). utoipa's schema
+/// network has no NAT (its router appliance does that) and no host ports
+/// (the host has no address on it). utoipa's schema
 /// types lack JSON Schema's `not`, so it is added as a raw keyword.
 struct CrossFieldRules;
 
@@ -189,10 +190,19 @@ impl utoipa::Modify for CrossFieldRules {
         if let Some(RefOr::T(Schema::Object(spec))) = components.schemas.get_mut("NetworkSpec") {
             spec.extensions.get_or_insert_with(Default::default).insert(
                 "not".into(),
-                serde_json::json!({
-                    "required": ["isolated", "nat"],
-                    "properties": {"isolated": {"const": true}, "nat": {"const": true}}
-                }),
+                serde_json::json!({"anyOf": [
+                    {
+                        "required": ["isolated", "nat"],
+                        "properties": {"isolated": {"const": true}, "nat": {"const": true}}
+                    },
+                    {
+                        "required": ["isolated", "allow_host"],
+                        "properties": {
+                            "isolated": {"const": true},
+                            "allow_host": {"minItems": 1}
+                        }
+                    }
+                ]}),
             );
         }
     }

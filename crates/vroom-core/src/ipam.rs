@@ -189,6 +189,7 @@ mod tests {
             nat: false,
             isolated,
             mirror: false,
+            allow_host: vec![],
             bridge: "vrb1".into(),
             gateway: "10.9.0.1".parse().unwrap(),
             created_at: 0,

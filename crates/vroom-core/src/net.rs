@@ -1,4 +1,4 @@
-//! The host network seam: bridges, taps and NAT.
+//! The host network seam: bridges, taps, isolation and NAT.
 
 use async_trait::async_trait;
 use ipnet::Ipv4Net;
@@ -23,8 +23,13 @@ pub struct HostAddress {
 
 #[async_trait]
 pub trait NetworkBackend: Send + Sync {
-    /// Creates the bridge with the gateway address, brings it up and sets up NAT if asked.
+    /// Creates the bridge with the gateway address, brings it up and installs
+    /// its firewall (isolation from the host and other networks, NAT if asked).
     async fn create_network(&self, network: &Network) -> Result<(), NetworkBackendError>;
+    /// Replaces a network's firewall with the one its record asks for, in one
+    /// step: at daemon start, so that the rules of an older vroom (or rules
+    /// flushed by someone else) are brought up to date.
+    async fn apply_rules(&self, network: &Network) -> Result<(), NetworkBackendError>;
     /// Removes the bridge and its NAT rules; missing pieces are not an error.
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError>;
     /// Enslaves a tap to a bridge and brings it up.

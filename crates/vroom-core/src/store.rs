@@ -293,6 +293,7 @@ mod tests {
             nat: false,
             isolated: false,
             mirror: false,
+            allow_host: vec![],
             bridge: "vrb1".into(),
             gateway: "10.1.0.1".parse().unwrap(),
             created_at: 1,

@@ -304,6 +304,8 @@ pub struct FakeNetwork {
     pub attached: Mutex<BTreeMap<String, String>>,
     /// Makes tap attachment fail, as a vanished bridge would.
     pub fail_attach: AtomicBool,
+    /// The bridges whose rules `apply_rules` replaced, in order.
+    pub rules_applied: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -317,6 +319,11 @@ impl NetworkBackend for FakeNetwork {
             });
         }
         lock(&self.bridges).insert(network.bridge.clone());
+        Ok(())
+    }
+
+    async fn apply_rules(&self, network: &Network) -> Result<(), NetworkBackendError> {
+        lock(&self.rules_applied).push(network.bridge.clone());
         Ok(())
     }
 

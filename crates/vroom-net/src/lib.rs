@@ -14,7 +14,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::Handle;
 use vroom_core::net::{HostAddress, NetworkBackend, NetworkBackendError};
-use vroom_types::Network;
+use vroom_types::{Network, Protocol};
 
 pub struct NetlinkNetwork {
     handle: Handle,
@@ -57,21 +57,117 @@ fn fail(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkBa
     }
 }
 
-/// The nftables table that holds a network's NAT rule.
-pub fn nat_table(network: &Network) -> String {
+/// The nftables table that holds a network's firewall and NAT rules.
+pub fn rules_table(network: &Network) -> String {
     format!("vroom_{}", network.bridge)
 }
 
-/// Masquerades what the network's guests send out of the host. Traffic that
-/// leaves through one of vroom's own bridges is left alone: with br_netfilter
-/// loaded, packets a router appliance forwards between two vroom networks
-/// pass this hook too, and must keep their addresses.
-pub fn nat_ruleset(network: &Network, bridge_glob: &str) -> String {
-    format!(
-        "table ip {table} {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge_glob}\" masquerade\n  }}\n}}\n",
-        table = nat_table(network),
-        subnet = network.subnet,
-    )
+/// The families a network's table has had: `inet` today; `ip` for the NAT
+/// tables of vroom before isolation, which are removed when met.
+pub const TABLE_FAMILIES: &[&str] = &["inet", "ip"];
+
+/// A network's whole firewall, one `inet` table (IPv4 and IPv6 alike):
+///
+/// - input: a guest reaches the host only with replies to connections the
+///   host opened, and on the gateway's `allow_host` ports; everything else
+///   it sends to any host address (the gateway, the uplink's, other
+///   bridges' gateways, link-local IPv6) is dropped;
+/// - forward: frames between two ports of the bridge itself pass (br_netfilter
+///   shows them here with the bridge as both interfaces); nothing is routed
+///   between this bridge and another vroom bridge; a NAT network's guests may
+///   go out from their own IPv4 addresses (no spoofed sources, no IPv6) and
+///   get replies, but nothing may open a connection into it; a network
+///   without NAT is routed nowhere;
+/// - postrouting (NAT only): masquerades what its guests send out of the
+///   host. Traffic that leaves through one of vroom's own bridges is left
+///   alone: packets a router appliance forwards between two vroom networks
+///   cross this hook too (through br_netfilter), and must keep their
+///   addresses.
+///
+/// Drops decide: in nftables an `accept` only ends its own chain, so each
+/// network's table can only narrow what the others allow.
+pub fn ruleset(network: &Network, bridge_glob: &str) -> String {
+    let bridge = &network.bridge;
+    let mut input = vec![format!(
+        "iifname \"{bridge}\" ct state established,related accept"
+    )];
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let ports: Vec<String> = network
+            .allow_host
+            .iter()
+            .filter(|p| p.protocol == protocol)
+            .map(|p| p.port.to_string())
+            .collect();
+        if !ports.is_empty() {
+            input.push(format!(
+                "iifname \"{bridge}\" ip daddr {gateway} {proto} dport {{ {ports} }} accept",
+                gateway = network.gateway,
+                proto = protocol.as_str(),
+                ports = ports.join(", "),
+            ));
+        }
+    }
+    input.push(format!("iifname \"{bridge}\" drop"));
+    let mut forward = vec![
+        format!("iifname \"{bridge}\" oifname \"{bridge}\" accept"),
+        format!("iifname \"{bridge}\" oifname \"{bridge_glob}\" drop"),
+        format!("iifname \"{bridge_glob}\" oifname \"{bridge}\" drop"),
+    ];
+    if network.nat {
+        // Only the network's own IPv4 addresses go out (to be masqueraded):
+        // not spoofed sources, not IPv6 the host would route unmasqueraded.
+        forward.push(format!(
+            "iifname \"{bridge}\" ip saddr {} accept",
+            network.subnet
+        ));
+    }
+    forward.push(format!("iifname \"{bridge}\" drop"));
+    if network.nat {
+        forward.push(format!(
+            "oifname \"{bridge}\" ct state established,related accept"
+        ));
+    }
+    forward.push(format!("oifname \"{bridge}\" drop"));
+    let chain = |name: &str, hook: &str, rules: &[String]| {
+        let mut out = format!(
+            "  chain {name} {{\n    type filter hook {hook} priority filter; policy accept;\n"
+        );
+        for rule in rules {
+            out.push_str(&format!("    {rule}\n"));
+        }
+        out.push_str("  }\n");
+        out
+    };
+    let mut out = format!("table inet {} {{\n", rules_table(network));
+    out.push_str(&chain("input", "input", &input));
+    out.push_str(&chain("forward", "forward", &forward));
+    if network.nat {
+        out.push_str(&format!(
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge_glob}\" masquerade\n  }}\n",
+            subnet = network.subnet,
+        ));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// Removes a network's table in whichever family it exists, as one
+/// transaction that succeeds when there is none (`add` makes an empty one
+/// first).
+fn delete_script(network: &Network) -> String {
+    TABLE_FAMILIES
+        .iter()
+        .map(|family| {
+            let table = rules_table(network);
+            format!("add table {family} {table}\ndelete table {family} {table}\n")
+        })
+        .collect()
+}
+
+/// Replaces a network's table in one transaction: there is no moment
+/// without rules, and a failure leaves the old ones.
+pub fn replace_script(network: &Network, bridge_glob: &str) -> String {
+    delete_script(network) + &ruleset(network, bridge_glob)
 }
 
 /// Runs an nft script, as a child process awaited without blocking the runtime.
@@ -159,21 +255,29 @@ impl NetworkBackend for NetlinkNetwork {
                     reason: e.to_string(),
                 }
             })?;
-            nft(&nat_ruleset(network, &self.bridge_glob))
-                .await
-                .map_err(|reason| NetworkBackendError::Failed {
-                    action: format!("add NAT for {}", network.name),
-                    reason,
-                })?;
         }
-        Ok(())
+        self.apply_rules(network).await
+    }
+
+    async fn apply_rules(&self, network: &Network) -> Result<(), NetworkBackendError> {
+        nft(&replace_script(network, &self.bridge_glob))
+            .await
+            .map_err(|reason| NetworkBackendError::Failed {
+                action: format!("install the firewall of network {}", network.name),
+                reason,
+            })
     }
 
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
-        if network.nat {
-            // Deleting a table that is not there fails; only a present one matters.
-            let _ = nft(&format!("delete table ip {}\n", nat_table(network))).await;
-        }
+        // The bridge goes even when nft fails, so that a failed create
+        // rolls back; the failure is still reported.
+        let rules =
+            nft(&delete_script(network))
+                .await
+                .map_err(|reason| NetworkBackendError::Failed {
+                    action: format!("remove the firewall of network {}", network.name),
+                    reason,
+                });
         if let Some(index) = self.link_index(&network.bridge).await {
             self.handle
                 .link()
@@ -182,7 +286,7 @@ impl NetworkBackend for NetlinkNetwork {
                 .await
                 .map_err(fail(format!("delete bridge {}", network.bridge)))?;
         }
-        Ok(())
+        rules
     }
 
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
@@ -255,23 +359,180 @@ mod tests {
     use super::*;
     use vroom_types::Name;
 
-    #[test]
-    fn nat_ruleset_masquerades_only_leaving_traffic() {
-        let network = Network {
+    fn network(nat: bool, isolated: bool, allow_host: &[&str]) -> Network {
+        Network {
             name: Name::new("lan").unwrap(),
             subnet: "10.9.0.0/24".parse().unwrap(),
-            nat: true,
-            isolated: false,
+            nat,
+            isolated,
             mirror: false,
+            allow_host: allow_host.iter().map(|p| p.parse().unwrap()).collect(),
             bridge: "vrb12345678".into(),
             gateway: "10.9.0.1".parse().unwrap(),
             created_at: 0,
-        };
-        let rules = nat_ruleset(&network, "vrb*");
-        assert!(rules.starts_with("table ip vroom_vrb12345678 {"));
-        assert!(rules.contains(
-            "ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != \"vrb*\" masquerade"
-        ));
-        assert!(rules.contains("type nat hook postrouting priority srcnat"));
+        }
+    }
+
+    /// The chains of a rendered table, each as its list of rules.
+    fn chains(rules: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut current = None;
+        for line in rules.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix("chain ") {
+                current = Some(name.trim_end_matches(" {").to_string());
+                out.insert(current.clone().unwrap(), vec![]);
+            } else if line == "}" {
+                current = None;
+            } else if let Some(chain) = &current {
+                if !line.starts_with("type ") {
+                    out.get_mut(chain).unwrap().push(line.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rulesets_table() {
+        let b = "\"vrb12345678\"";
+        let g = "\"vrb*\"";
+        let isolation = [
+            format!("iifname {b} oifname {b} accept"),
+            format!("iifname {b} oifname {g} drop"),
+            format!("iifname {g} oifname {b} drop"),
+        ];
+        let from_host = format!("iifname {b} ct state established,related accept");
+        let nat_forward = vec![
+            format!("iifname {b} ip saddr 10.9.0.0/24 accept"),
+            format!("iifname {b} drop"),
+            format!("oifname {b} ct state established,related accept"),
+            format!("oifname {b} drop"),
+        ];
+        let input_drop = format!("iifname {b} drop");
+        let masquerade =
+            format!("ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != {g} masquerade");
+        struct Case {
+            what: &'static str,
+            network: Network,
+            input: Vec<String>,
+            forward_tail: Vec<String>,
+            nat: bool,
+        }
+        let cases = [
+            Case {
+                what: "nat: out and back only, nothing to the host",
+                network: network(true, false, &[]),
+                input: vec![from_host.clone(), input_drop.clone()],
+                forward_tail: nat_forward.clone(),
+                nat: true,
+            },
+            Case {
+                what: "nat with ports: the gateway's ports, per protocol",
+                network: network(true, false, &["8080", "22", "53/udp", "67/udp"]),
+                input: vec![
+                    from_host.clone(),
+                    format!("iifname {b} ip daddr 10.9.0.1 tcp dport {{ 8080, 22 }} accept"),
+                    format!("iifname {b} ip daddr 10.9.0.1 udp dport {{ 53, 67 }} accept"),
+                    input_drop.clone(),
+                ],
+                forward_tail: nat_forward.clone(),
+                nat: true,
+            },
+            Case {
+                what: "host: reachable from the host, routed nowhere",
+                network: network(false, false, &["443"]),
+                input: vec![
+                    from_host.clone(),
+                    format!("iifname {b} ip daddr 10.9.0.1 tcp dport {{ 443 }} accept"),
+                    input_drop.clone(),
+                ],
+                forward_tail: vec![format!("iifname {b} drop"), format!("oifname {b} drop")],
+                nat: false,
+            },
+            Case {
+                what: "isolated: nothing to the host or through it",
+                network: network(false, true, &[]),
+                input: vec![from_host.clone(), input_drop.clone()],
+                forward_tail: vec![format!("iifname {b} drop"), format!("oifname {b} drop")],
+                nat: false,
+            },
+        ];
+        for case in cases {
+            let rules = ruleset(&case.network, "vrb*");
+            assert!(
+                rules.starts_with("table inet vroom_vrb12345678 {\n"),
+                "{}: {rules}",
+                case.what
+            );
+            let chains = chains(&rules);
+            assert_eq!(chains["input"], case.input, "{}", case.what);
+            let mut forward = isolation.to_vec();
+            forward.extend(case.forward_tail);
+            assert_eq!(chains["forward"], forward, "{}", case.what);
+            assert_eq!(
+                chains.get("postrouting"),
+                case.nat.then(|| vec![masquerade.clone()]).as_ref(),
+                "{}",
+                case.what
+            );
+            for (chain, hook) in [("input", "input"), ("forward", "forward")] {
+                assert!(
+                    rules.contains(&format!(
+                        "chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;"
+                    )),
+                    "{}",
+                    case.what
+                );
+            }
+        }
+    }
+
+    /// Replacing removes today's table and the `ip` NAT table of older
+    /// vroom before adding the new one, so it works whatever is there.
+    #[test]
+    fn replacing_clears_both_families_first() {
+        let script = replace_script(&network(true, false, &[]), "vrb*");
+        let head: Vec<&str> = script.lines().take(4).collect();
+        assert_eq!(
+            head,
+            [
+                "add table inet vroom_vrb12345678",
+                "delete table inet vroom_vrb12345678",
+                "add table ip vroom_vrb12345678",
+                "delete table ip vroom_vrb12345678",
+            ]
+        );
+        assert!(script.ends_with(&ruleset(&network(true, false, &[]), "vrb*")));
+    }
+
+    /// nft itself accepts every rendered table (check mode: nothing is
+    /// installed).
+    #[test]
+    fn nft_accepts_the_rendered_rules() {
+        for network in [
+            network(true, false, &["8080", "53/udp"]),
+            network(false, false, &[]),
+            network(false, true, &[]),
+        ] {
+            let mut child = std::process::Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("nft is installed");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(replace_script(&network, "vrb*").as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }

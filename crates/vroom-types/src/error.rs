@@ -78,6 +78,8 @@ pub enum InvalidInputError {
     NicSpec { raw: String },
     #[error("invalid subnet {raw:?}: {reason}")]
     Subnet { raw: String, reason: &'static str },
+    #[error("invalid host port {raw:?}: {reason}")]
+    HostPort { raw: String, reason: &'static str },
     #[error("invalid config key {key:?}: {reason}")]
     ConfigKey { key: String, reason: &'static str },
     #[error("invalid value for config key {key:?}: {reason}")]

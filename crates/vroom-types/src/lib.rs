@@ -42,7 +42,10 @@ pub use instance::{
 };
 pub use ipnet::Ipv4Net;
 pub use name::{Name, NAME_PATTERN};
-pub use network::{parse_subnet, subnet_pattern, Network, NetworkSpec, MIRROR_ROLE, ROUTER_ROLES};
+pub use network::{
+    parse_subnet, subnet_pattern, HostPort, Network, NetworkSpec, Protocol, MIRROR_ROLE,
+    ROUTER_ROLES,
+};
 pub use schema::{
     check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,
     FieldType,

@@ -27,6 +27,115 @@ pub struct NetworkSpec {
     /// sniffer's `mirror-sink` NIC on it sees all of the network's traffic.
     #[serde(default)]
     pub mirror: bool,
+    /// Ports on the network's gateway (the host's address on its bridge)
+    /// that its guests may reach on the host. By default they reach none:
+    /// the host answers only connections it opened itself. Not on an
+    /// isolated network, where the host has no address.
+    #[serde(default)]
+    pub allow_host: Vec<HostPort>,
+}
+
+/// A port on a network's gateway that the network's guests may reach.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct HostPort {
+    #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "deserialize_port")]
+    pub port: u16,
+    /// TCP when absent.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The transport protocol of a host port.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+fn deserialize_port<'de, D>(deserializer: D) -> Result<u16, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    // `8080.0` is the same JSON integer as `8080`.
+    let port: u64 = crate::json_int::required(deserializer)?;
+    check_port(&port.to_string(), port).map_err(serde::de::Error::custom)
+}
+
+fn check_port(raw: &str, port: u64) -> Result<u16, InvalidInputError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| InvalidInputError::HostPort {
+            raw: raw.to_string(),
+            reason: "the port must be between 1 and 65535",
+        })
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol.as_str())
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = InvalidInputError;
+
+    /// `PORT`, `PORT/tcp` or `PORT/udp`, as `--allow-host` takes it.
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason| InvalidInputError::HostPort {
+            raw: raw.to_string(),
+            reason,
+        };
+        let (port, protocol) = match raw.split_once('/') {
+            None => (raw, Protocol::Tcp),
+            Some((port, "tcp")) => (port, Protocol::Tcp),
+            Some((port, "udp")) => (port, Protocol::Udp),
+            Some(_) => return Err(invalid("the protocol must be tcp or udp")),
+        };
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.len() > 5 {
+            return Err(invalid("use PORT, PORT/tcp or PORT/udp, e.g. 8080"));
+        }
+        let port = check_port(raw, port.parse().expect("invariant: 1 to 5 digits"))?;
+        Ok(HostPort { port, protocol })
+    }
 }
 
 /// The NIC role that receives a copy of a network's traffic.
@@ -47,6 +156,10 @@ pub struct Network {
     pub isolated: bool,
     #[serde(default)]
     pub mirror: bool,
+    /// Ports on the gateway the guests may reach on the host, sorted, each
+    /// once; every other packet from a guest to the host is dropped.
+    #[serde(default)]
+    pub allow_host: Vec<HostPort>,
     /// The host bridge.
     pub bridge: String,
     /// The guests' default gateway: the host's address on the bridge, or on
@@ -227,6 +340,75 @@ mod tests {
         use utoipa::PartialSchema;
         let schema = serde_json::to_value(NetworkSpec::schema()).unwrap();
         assert_eq!(schema["properties"]["subnet"]["pattern"], subnet_pattern());
+    }
+
+    #[test]
+    fn host_ports_table() {
+        let cases: &[(&str, Option<(u16, Protocol)>)] = &[
+            ("8080", Some((8080, Protocol::Tcp))),
+            ("8080/tcp", Some((8080, Protocol::Tcp))),
+            ("53/udp", Some((53, Protocol::Udp))),
+            ("1", Some((1, Protocol::Tcp))),
+            ("65535/udp", Some((65535, Protocol::Udp))),
+            ("0", None),
+            ("65536", None),
+            ("99999999999999999999", None),
+            ("-1", None),
+            ("+80", None),
+            ("80/sctp", None),
+            ("80/", None),
+            ("/tcp", None),
+            ("", None),
+            ("http", None),
+            (" 80", None),
+        ];
+        for (raw, want) in cases {
+            let got = raw.parse::<HostPort>().ok().map(|p| (p.port, p.protocol));
+            assert_eq!(got, *want, "host port {raw:?}");
+        }
+        let port: HostPort = "53/udp".parse().unwrap();
+        assert_eq!(port.to_string(), "53/udp");
+        assert_eq!(port.to_string().parse::<HostPort>().unwrap(), port);
+    }
+
+    #[test]
+    fn host_ports_in_specs_are_checked() {
+        let spec = |ports: &str| {
+            serde_json::from_str::<NetworkSpec>(&format!(
+                r#"{{"name":"lan","nat":true,"allow_host":{ports}}}"#
+            ))
+        };
+        let ok = spec(r#"[{"port":8080.0},{"port":53,"protocol":"udp"}]"#).unwrap();
+        assert_eq!(
+            ok.allow_host,
+            vec![
+                HostPort {
+                    port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                HostPort {
+                    port: 53,
+                    protocol: Protocol::Udp
+                }
+            ]
+        );
+        for bad in [
+            r#"[{"port":0}]"#,
+            r#"[{"port":65536}]"#,
+            r#"[{"port":-1}]"#,
+            r#"[{"port":80.5}]"#,
+            r#"[{"port":80,"protocol":"icmp"}]"#,
+            r#"[{"port":80,"extra":1}]"#,
+            r#"["80"]"#,
+        ] {
+            assert!(spec(bad).is_err(), "{bad}");
+        }
+        // Absent means none: specs and stored networks from before the field.
+        let old = r#"{"name":"lan","nat":true}"#;
+        assert!(serde_json::from_str::<NetworkSpec>(old)
+            .unwrap()
+            .allow_host
+            .is_empty());
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
             nat: false,
             isolated: false,
             mirror: false,
+            allow_host: vec![],
         })
         .await?;
     let result = measure(&client, data_dir, &network.name, runs).await;

@@ -87,6 +87,7 @@ pub async fn images(data_dir: &Path, recipes: &Path, runs: usize, debootstrap: b
             isolated: false,
             // Every appliance can sit on it, the sniffer's mirror-sink included.
             mirror: true,
+            allow_host: vec![],
         })
         .await?;
     let booted = boot_all(&client, &net, &mut rows, runs).await;

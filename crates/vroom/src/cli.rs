@@ -671,6 +671,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
             nat,
             isolated,
             mirror,
+            allow_host,
         } => {
             let network = client
                 .create_network(&NetworkSpec {
@@ -679,6 +680,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                     nat: *nat,
                     isolated: *isolated,
                     mirror: *mirror,
+                    allow_host: allow_host.clone(),
                 })
                 .await?;
             if json {
@@ -746,6 +748,16 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                         }
                         .into(),
                     ),
+                    (
+                        "host ports",
+                        if n.allow_host.is_empty() {
+                            "none: guests reach no host service".into()
+                        } else {
+                            let ports: Vec<String> =
+                                n.allow_host.iter().map(ToString::to_string).collect();
+                            format!("{} on {}", ports.join(", "), n.gateway)
+                        },
+                    ),
                     ("created", output::ago(n.created_at)),
                     (
                         "attached",
@@ -756,7 +768,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                         },
                     ),
                 ] {
-                    println!("{:<9} {value}", format!("{key}:"));
+                    println!("{:<12} {value}", format!("{key}:"));
                 }
             }
         }

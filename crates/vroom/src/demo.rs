@@ -45,6 +45,7 @@ pub async fn run(client: &Client, keep: bool) -> Result<()> {
             nat: false,
             isolated: false,
             mirror: false,
+            allow_host: vec![],
         })
         .await?;
     println!(

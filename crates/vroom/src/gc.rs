@@ -1,7 +1,7 @@
 //! `vroom gc`: host leftovers that carry vroom's interface prefix but belong
-//! to no network or instance of this data dir, e.g. bridges and NAT tables
+//! to no network or instance of this data dir, e.g. bridges and nft tables
 //! that outlived a deleted data dir. Lists them; `--remove` deletes the ones
-//! that are idle (a bridge with no ports, a NAT table whose bridge is gone),
+//! that are idle (a bridge with no ports, a table whose bridge is gone),
 //! so that a live bridge of another data dir sharing the prefix is never
 //! touched.
 
@@ -17,6 +17,8 @@ struct Leftover {
     kind: &'static str,
     name: String,
     idle: bool,
+    /// The nft family of a table.
+    family: Option<String>,
 }
 
 fn bridge_ports(name: &str) -> usize {
@@ -29,16 +31,26 @@ fn is_bridge(name: &str) -> bool {
     Path::new(&format!("/sys/class/net/{name}/bridge")).exists()
 }
 
-fn nft_tables() -> Vec<String> {
+/// vroom's tables of every family it has used, as (family, name).
+fn nft_tables() -> Vec<(String, String)> {
     let out = Command::new("nft")
-        .args(["list", "tables", "ip"])
+        .args(["list", "tables"])
         .output()
         .map(|o| o.stdout)
         .unwrap_or_default();
     String::from_utf8_lossy(&out)
         .lines()
-        .filter_map(|l| l.strip_prefix("table ip "))
-        .map(|t| t.trim().to_string())
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("table"), Some(family), Some(name))
+                    if vroom_net::TABLE_FAMILIES.contains(&family) =>
+                {
+                    Some((family.to_string(), name.to_string()))
+                }
+                _ => None,
+            }
+        })
         .collect()
 }
 
@@ -51,7 +63,7 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
             .iter()
             .flat_map(|i| i.nics.iter().map(|n| n.tap.clone())),
     );
-    let known_tables: BTreeSet<String> = networks.iter().map(vroom_net::nat_table).collect();
+    let known_tables: BTreeSet<String> = networks.iter().map(vroom_net::rules_table).collect();
 
     let mut leftovers = vec![];
     let links = std::fs::read_dir("/sys/class/net").context("cannot list host interfaces")?;
@@ -67,10 +79,17 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
         } else {
             ("interface", false)
         };
-        leftovers.push(Leftover { kind, name, idle });
+        leftovers.push(Leftover {
+            kind,
+            name,
+            idle,
+            family: None,
+        });
     }
     let table_prefix = format!("vroom_{prefix}");
-    for table in nft_tables() {
+    for (family, table) in nft_tables() {
+        // An `ip` table of a known network is the NAT table of an older
+        // vroom that the daemon replaces at start; gc leaves it to that.
         if table.starts_with(&table_prefix) && !known_tables.contains(&table) {
             let bridge = table.trim_start_matches("vroom_");
             let idle = !Path::new(&format!("/sys/class/net/{bridge}")).exists();
@@ -78,6 +97,7 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
                 kind: "nft table",
                 name: table,
                 idle,
+                family: Some(family),
             });
         }
     }
@@ -90,7 +110,12 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
                     .args(["link", "delete", &l.name])
                     .status(),
                 _ => Command::new("nft")
-                    .args(["delete", "table", "ip", &l.name])
+                    .args([
+                        "delete",
+                        "table",
+                        l.family.as_deref().unwrap_or("inet"),
+                        &l.name,
+                    ])
                     .status(),
             };
             if status.is_ok_and(|s| s.success()) {

@@ -240,6 +240,11 @@ pub enum NetOp {
         /// Flood every frame to every port, for a sniffer's mirror-sink NIC.
         #[arg(long)]
         mirror: bool,
+        /// Let the guests reach this port of the host on the network's
+        /// gateway: PORT, PORT/tcp or PORT/udp; repeatable. By default they
+        /// reach no host service at all.
+        #[arg(long, value_name = "PORT[/udp]", conflicts_with = "isolated")]
+        allow_host: Vec<vroom_types::HostPort>,
     },
     /// List networks.
     Ls,

@@ -6,14 +6,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{poll, random_subnet, recipe, resolve, Env};
-use vroom_types::Ipv4Net;
-
-/// The n-th address of a subnet.
-fn host(subnet: &str, n: u32) -> Ipv4Addr {
-    let net: Ipv4Net = subnet.parse().unwrap();
-    Ipv4Addr::from(u32::from(net.network()) + n)
-}
+use common::{fetch, host, poll, random_subnet, recipe, resolve, Env};
 
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
     let out = env.ok(&["--json", "image", "build", &recipe(name)]);
@@ -55,18 +48,6 @@ fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String>
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// `busybox wget` from a namespace (its `-T` option crashes the static build,
-/// so `timeout` bounds it): the exit code and the body.
-fn fetch(env: &Env, ns: &str, url: &str) -> (i32, String) {
-    let out = env.run_in(
-        ns,
-        &format!("timeout 5 busybox wget -qO- {url} 2>&1; echo \"rc=$?\""),
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, rc) = text.rsplit_once("rc=").unwrap_or((&text, "255"));
-    (rc.trim().parse().unwrap_or(255), body.to_string())
 }
 
 /// The firewall: a lan client gets a DHCP lease and DNS from it and reaches a
@@ -257,14 +238,12 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
         "the capture shows the client talking to the web server"
     );
 
-    // A small ring: 2 files of 1 MB, however much traffic passes.
+    // A small ring: 2 files of 1 MB, however much traffic passes. Pings go
+    // to the web guest: the host answers its guests nothing (isolation).
     env.ok(&["config", "sn", "set", "file_mb=1", "files=2", "filter=icmp"]);
     let out = env.run_in(
         &client,
-        &format!(
-            "busybox ping -q -c 1500 -i 0.002 -s 1400 {}",
-            host(&span, 1)
-        ),
+        &format!("busybox ping -q -c 1500 -i 0.002 -s 1400 {web_ip}"),
     );
     assert!(out.status.success(), "ping: {out:?}");
     let listing = poll(Duration::from_secs(10), || {

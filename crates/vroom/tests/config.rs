@@ -7,17 +7,11 @@
 mod common;
 
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{poll, random_subnet, recipe, resolve, Env};
-use vroom_types::{ConfigDocument, ConfigHistory, ConfigOrigin, Ipv4Net};
-
-fn host(subnet: &str, n: u32) -> Ipv4Addr {
-    let net: Ipv4Net = subnet.parse().unwrap();
-    Ipv4Addr::from(u32::from(net.network()) + n)
-}
+use common::{host, poll, random_subnet, recipe, resolve, Env};
+use vroom_types::{ConfigDocument, ConfigHistory, ConfigOrigin};
 
 fn build_firewall(env: &Env) {
     env.ok(&["--json", "image", "build", &recipe("firewall")]);

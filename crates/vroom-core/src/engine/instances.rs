@@ -58,6 +58,7 @@ impl Engine {
                 nat: true,
                 isolated: false,
                 mirror: false,
+                allow_host: vec![],
             };
             created_default = Some(self.create_network_locked(default).await?);
         }

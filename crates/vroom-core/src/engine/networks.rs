@@ -36,6 +36,12 @@ impl Engine {
                 "an isolated network cannot have NAT: its router appliance does that",
             ));
         }
+        if spec.isolated && !spec.allow_host.is_empty() {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                "an isolated network cannot allow host ports: the host has no address on it",
+            ));
+        }
         if self.network(spec.name.as_str()).is_ok() {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
@@ -91,6 +97,12 @@ impl Engine {
             nat: spec.nat,
             isolated: spec.isolated,
             mirror: spec.mirror,
+            allow_host: {
+                let mut ports = spec.allow_host;
+                ports.sort();
+                ports.dedup();
+                ports
+            },
             created_at: now_secs(),
         };
         match self.net.create_network(&network).await {
@@ -155,5 +167,76 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&network.name);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vroom_types::{HostPort, Name, NetworkSpec};
+
+    use crate::testing::TestEngine;
+
+    fn spec(name: &str, isolated: bool, allow_host: &[&str]) -> NetworkSpec {
+        NetworkSpec {
+            name: Name::new(name).unwrap(),
+            subnet: None,
+            nat: !isolated,
+            isolated,
+            mirror: false,
+            allow_host: allow_host.iter().map(|p| p.parse().unwrap()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_host_ports_are_stored_sorted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let network = t
+            .engine
+            .create_network(spec("lan", false, &["8080", "53/udp", "8080/tcp", "22"]))
+            .await
+            .unwrap();
+        let want: Vec<HostPort> = ["22", "53/udp", "8080"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(network.allow_host, want);
+        use crate::store::StateStore;
+        assert_eq!(t.store.networks().unwrap()[0].allow_host, want);
+    }
+
+    #[tokio::test]
+    async fn an_isolated_network_allows_no_host_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let err = t
+            .engine
+            .create_network(spec("inside", true, &["8080"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, vroom_types::ErrorCode::InvalidArgument);
+        assert!(err.message.contains("no address"), "{}", err.message);
+        assert!(t.net.bridges.lock().unwrap().is_empty(), "nothing created");
+    }
+
+    /// A restarted daemon re-installs every network's firewall, so rules of
+    /// an older vroom (which had none) are brought up to date.
+    #[tokio::test]
+    async fn recovery_reapplies_every_networks_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let a = t
+            .engine
+            .create_network(spec("a", false, &[]))
+            .await
+            .unwrap();
+        let b = t.engine.create_network(spec("b", true, &[])).await.unwrap();
+        assert!(t.net.rules_applied.lock().unwrap().is_empty());
+        t.restarted().recover().await.unwrap();
+        let mut applied = t.net.rules_applied.lock().unwrap().clone();
+        applied.sort();
+        let mut want = vec![a.bridge, b.bridge];
+        want.sort();
+        assert_eq!(applied, want);
     }
 }

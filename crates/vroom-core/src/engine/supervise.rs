@@ -15,6 +15,13 @@ impl Engine {
             .store
             .networks()
             .map_err(|e| OpError::internal("failed to load networks", e))?;
+        for network in &networks {
+            // Not fatal: the instances must still be recovered. The bridge
+            // keeps whatever rules it had, so say loudly that it may be open.
+            if let Err(e) = self.net.apply_rules(network).await {
+                tracing::error!(network = %network.name, error = %e, "cannot install the network's firewall: its guests may reach the host and other networks until the daemon restarts");
+            }
+        }
         {
             let mut map = self.networks.lock().unwrap_or_else(|p| p.into_inner());
             for network in networks {

@@ -286,6 +286,7 @@ async fn nic_roles_are_assigned_and_a_routers_wan_stays_off_isolated_networks() 
         nat: false,
         isolated,
         mirror: false,
+        allow_host: vec![],
     };
     t.engine.create_network(net("up", false)).await.unwrap();
     t.engine.create_network(net("inside", true)).await.unwrap();

@@ -394,9 +394,28 @@ impl Drop for Env {
     }
 }
 
-fn sh(cmd: &str) {
+/// Runs a shell command on the host and asserts it succeeded.
+pub fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
     assert!(status.success(), "{cmd}");
+}
+
+/// The n-th address of a subnet.
+pub fn host(subnet: &str, n: u32) -> Ipv4Addr {
+    let net: vroom_types::Ipv4Net = subnet.parse().unwrap();
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+/// `busybox wget` from a namespace (its `-T` option crashes the static build,
+/// so `timeout` bounds it): the exit code and the body.
+pub fn fetch(env: &Env, ns: &str, url: &str) -> (i32, String) {
+    let out = env.run_in(
+        ns,
+        &format!("timeout 5 busybox wget -qO- {url} 2>&1; echo \"rc=$?\""),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, rc) = text.rsplit_once("rc=").unwrap_or((&text, "255"));
+    (rc.trim().parse().unwrap_or(255), body.to_string())
 }
 
 /// Polls `check` every 200 ms until it returns `Some` or `timeout` passes.
