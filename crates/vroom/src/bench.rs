@@ -110,7 +110,7 @@ async fn measure(
     let image = images
         .resolve("hello")
         .context("cannot resolve the hello image")?;
-    let driver = vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
+    let driver = qemu_driver(vroom_qemu::JailMode::Unjailed);
     let accel = driver.resolve_accel(AccelChoice::Auto)?;
     // Interleave the two so that machine noise hits both alike.
     for i in 0..runs {
@@ -143,19 +143,66 @@ async fn measure(
         vroom.mem_mib = instance.mem_mib;
         client.remove(&name, true).await?;
 
-        let (ms, rss) = raw_boot(&driver, &image, accel, i).await?;
+        let (ms, rss) = raw_boot(&driver, &image, accel, &format!("vrbench{}", i % 100)).await?;
         raw.ms.push(ms);
         raw.rss_mib.push(rss);
     }
     Ok((vroom, raw))
 }
 
-/// One boot with the plain QEMU command line vroom would use, without the daemon.
+fn qemu_driver(mode: vroom_qemu::JailMode) -> vroom_qemu::QemuDriver {
+    vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into), mode)
+}
+
+/// `vroom bench jail`: boot-to-ready of the hello image's QEMU, jailed
+/// (own uid, cgroup, mount namespace, seccomp) against unjailed, through the
+/// same driver and fd passing, interleaved in one run.
+pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let image = paths::local_images(data_dir)
+        .resolve("hello")
+        .context("cannot resolve the hello image (run `vroom run hello` once to build it)")?;
+    let jailed = qemu_driver(vroom_qemu::JailMode::Jailed);
+    let unjailed = qemu_driver(vroom_qemu::JailMode::Unjailed);
+    let accel = jailed.resolve_accel(AccelChoice::Auto)?;
+    let empty = || Series {
+        ms: vec![],
+        rss_mib: vec![],
+        mem_mib: image.manifest.default_mem_mib,
+    };
+    let (mut with, mut without) = (empty(), empty());
+    let tag = std::process::id() % 1000;
+    for i in 0..runs {
+        let (ms, rss) = raw_boot(&unjailed, &image, accel, &format!("vrbju{tag}x{i}")).await?;
+        without.ms.push(ms);
+        without.rss_mib.push(rss);
+        let (ms, rss) = raw_boot(&jailed, &image, accel, &format!("vrbjj{tag}x{i}")).await?;
+        with.ms.push(ms);
+        with.rss_mib.push(rss);
+    }
+    println!(
+        "QEMU start to guest ready, {runs} runs each (hello image, {} MiB, {accel}):",
+        with.mem_mib
+    );
+    print_row("unjailed", &without);
+    print_row("jailed", &with);
+    println!(
+        "ratio jailed/unjailed: median {:.3}x, p90 {:.3}x; RSS ratio {:.2}x",
+        median(&with.ms) / median(&without.ms),
+        p90(&with.ms) / p90(&without.ms),
+        median(&with.rss_mib) / median(&without.rss_mib)
+    );
+    Ok(())
+}
+
+/// One boot with the QEMU command line vroom would use, without the daemon.
 async fn raw_boot(
     driver: &vroom_qemu::QemuDriver,
     image: &vroom_core::images::BootImage,
     accel: vroom_types::Accel,
-    run: usize,
+    tap: &str,
 ) -> Result<(f64, f64)> {
     let dir = tempfile::tempdir()?;
     let mac = "52:54:00:be:4c:01".to_string();
@@ -176,9 +223,15 @@ async fn raw_boot(
         &identity,
         &image.manifest.appliance.seed_config,
     )?;
+    // The run dir's name names the VMM's cgroup: the tempdir's is unique.
+    let id = dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let spec = LaunchSpec {
-        instance_id: format!("raw{run}"),
-        name: format!("raw{run}"),
+        instance_id: id.clone(),
+        name: "raw".into(),
         run_dir: dir.path().to_path_buf(),
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
@@ -189,7 +242,7 @@ async fn raw_boot(
         root_disk: image.rootfs.clone(),
         config_disk: dir.path().join("config.img"),
         nics: vec![LaunchNic {
-            tap: format!("vrbench{}", run % 100),
+            tap: tap.to_string(),
             mac,
         }],
         agent_socket: dir.path().join("agent.sock"),
