@@ -198,7 +198,7 @@ pub fn parse_vmm_args(args: &[String]) -> Option<(PathBuf, Accel)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vroom_core::driver::LaunchNic;
 
@@ -252,7 +252,8 @@ mod tests {
         qemu_args(&spec(accel), &boot(), &fds(), true, tsc_khz)
     }
 
-    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    /// Every value given to `flag`, in order.
+    pub(crate) fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())

@@ -62,6 +62,9 @@ pub const FIRST_FD: i32 = 3;
 pub const UID_BASE: u32 = 0x5000_0000;
 /// How many uids the range holds.
 pub const UID_SPAN: u32 = 1 << 24;
+/// The largest file offset a jailed QEMU may write: the largest config
+/// volume plus 64 MiB.
+pub const MAX_FILE_BYTES: u64 = vroom_types::limits::CONFIG_VOLUME_KIB.max * 1024 + (64 << 20);
 /// How long the jailer waits for QMP's greeting.
 pub const READY_TIMEOUT_SECS: u64 = 60;
 
@@ -96,6 +99,10 @@ pub struct Isolation {
     pub root: PathBuf,
     pub entries: Vec<JailEntry>,
     pub cgroup: CgroupSpec,
+    /// RLIMIT_FSIZE, with SIGXFSZ ignored: no write at or past this offset
+    /// succeeds, which bounds QEMU's log and the console log while leaving
+    /// the largest config disk whole.
+    pub max_file_bytes: u64,
 }
 
 /// One thing in the jail's root; paths are absolute inside the jail.
@@ -305,6 +312,7 @@ pub fn plan(
             root: spec.run_dir.join("jail"),
             entries,
             cgroup: CgroupSpec::for_vm(&spec.run_dir, spec.mem_mib, spec.cpus),
+            max_file_bytes: MAX_FILE_BYTES,
         }),
     }
 }
@@ -356,6 +364,7 @@ pub fn status_uid(status: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cmdline::tests::value_after;
     use vroom_core::driver::LaunchNic;
 
     fn spec(accel: Accel) -> LaunchSpec {
@@ -391,13 +400,6 @@ mod tests {
             ld_cache: true,
             kvm_gid: Some(994),
         }
-    }
-
-    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
     }
 
     #[test]
@@ -471,6 +473,11 @@ mod tests {
         assert!(iso.groups.is_empty(), "no supplementary group without KVM");
         assert_eq!(iso.root, Path::new("/data/instances/ab12/jail"));
         assert_eq!(iso.cgroup.name, "vroom/ab12");
+        assert_eq!(
+            iso.max_file_bytes,
+            128 << 20,
+            "above the largest config volume (64 MiB)"
+        );
         let b = |s: &str, p: &str| JailEntry::Bind {
             source: s.into(),
             path: p.into(),

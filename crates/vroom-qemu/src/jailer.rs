@@ -412,9 +412,21 @@ fn place_fds(fds: &[OwnedFd], stdin: &OwnedFd, log: &std::fs::File) -> Result<()
     Ok(())
 }
 
-/// No capability left, not even in the bounding set; the instance's own
-/// gid, groups and uid (real, effective and saved); no_new_privs.
+/// A cap on file sizes; no capability left, not even in the bounding set;
+/// the instance's own gid, groups and uid (real, effective and saved);
+/// no_new_privs.
 fn drop_privileges(iso: &Isolation) -> Result<(), EnterJailError> {
+    // SAFETY: SIG_IGN installs no handler; an ignored SIGXFSZ survives exec,
+    // so a write past the limit fails with EFBIG instead of killing QEMU.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let limit = libc::rlimit {
+        rlim_cur: iso.max_file_bytes,
+        rlim_max: iso.max_file_bytes,
+    };
+    // SAFETY: plain syscall on a value that lives for the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) } != 0 {
+        return Err(step("limit file sizes")(nix::Error::last()));
+    }
     for cap in 0..64 {
         // SAFETY: plain prctl; EINVAL past the last capability is expected.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
@@ -446,13 +458,13 @@ fn wait_ready(spec: &JailSpec, child: Pid) -> Result<(), RunJailError> {
             Ok(status) => {
                 return Err(RunJailError::Exited {
                     status: describe(status),
-                    stderr: log_tail(&spec.log),
+                    stderr: report(spec),
                 })
             }
             Err(e) => {
                 return Err(RunJailError::Exited {
                     status: e.to_string(),
-                    stderr: log_tail(&spec.log),
+                    stderr: report(spec),
                 })
             }
         }
@@ -484,7 +496,7 @@ fn wait_ready(spec: &JailSpec, child: Pid) -> Result<(), RunJailError> {
             return Err(RunJailError::Timeout {
                 socket: spec.qmp_socket.clone(),
                 secs: spec.ready_timeout_secs,
-                stderr: log_tail(&spec.log),
+                stderr: report(spec),
             });
         }
     }
@@ -496,6 +508,19 @@ fn describe(status: WaitStatus) -> String {
         WaitStatus::Signaled(_, signal, _) => format!("killed by {signal}"),
         other => format!("{other:?}"),
     }
+}
+
+/// What QEMU said last, and whether its output hit the file size cap.
+fn report(spec: &JailSpec) -> String {
+    let mut said = log_tail(&spec.log);
+    let size = std::fs::metadata(&spec.log).map(|m| m.len()).unwrap_or(0);
+    if let Some(iso) = spec.isolation.as_ref().filter(|i| size >= i.max_file_bytes) {
+        said.push_str(&format!(
+            " (its output was cut at the {} MiB file size cap)",
+            iso.max_file_bytes >> 20
+        ));
+    }
+    said
 }
 
 /// The last non-empty line of QEMU's log (it names the cause), bounded.

@@ -327,3 +327,58 @@ async fn wait_pid(driver: &QemuDriver, process: &VmProcess) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in VMM: any process with the run dir in its environment.
+    fn fake_vmm(run_dir: &Path) -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .env_clear()
+            .env(jail::RUN_DIR_ENV, run_dir)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn vmms_are_known_by_the_run_dir_in_their_environment() {
+        let root = tempfile::tempdir().unwrap();
+        let run_dir = root.path().join("instances/ab12");
+        let mut vmm = fake_vmm(&run_dir);
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let driver = QemuDriver::new(None, JailMode::Jailed);
+        let process = |pid: u32, dir: &Path| VmProcess {
+            pid,
+            accel: Accel::Tcg,
+            control_socket: dir.join("qmp.sock"),
+        };
+        assert!(driver.is_alive(&process(vmm.id(), &run_dir)));
+        assert!(
+            !driver.is_alive(&process(vmm.id(), &root.path().join("instances/cd34"))),
+            "another instance's VMM"
+        );
+        assert!(
+            !driver.is_alive(&process(stranger.id(), &run_dir)),
+            "a reused pid lacks the variable"
+        );
+        assert_eq!(
+            driver.processes_under(&root.path().join("instances")),
+            vec![(run_dir.clone(), process(vmm.id(), &run_dir))]
+        );
+        assert!(driver
+            .processes_under(&root.path().join("elsewhere"))
+            .is_empty());
+        vmm.kill().unwrap();
+        // Not reaped yet: a zombie is not alive either.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!driver.is_alive(&process(vmm.id(), &run_dir)));
+        let _ = vmm.wait();
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+    }
+}

@@ -38,15 +38,21 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
         "boot to guest ready, {runs} runs each (hello image, {} MiB):",
         vroom.mem_mib
     );
-    print_row("raw qemu", &raw);
-    print_row("vroom run", &vroom);
-    println!(
-        "ratio vroom/raw: median {:.2}x, p90 {:.2}x; RSS ratio {:.2}x",
-        median(&vroom.ms) / median(&raw.ms),
-        p90(&vroom.ms) / p90(&raw.ms),
-        median(&vroom.rss_mib) / median(&raw.rss_mib)
-    );
+    print_comparison(("raw qemu", &raw), ("vroom run", &vroom), "vroom/raw");
     Ok(())
+}
+
+/// Both rows, then our figure over the baseline's.
+fn print_comparison(baseline: (&str, &Series), ours: (&str, &Series), ratio: &str) {
+    let ((base_label, base), (our_label, our)) = (baseline, ours);
+    print_row(base_label, base);
+    print_row(our_label, our);
+    println!(
+        "ratio {ratio}: median {:.3}x, p90 {:.3}x; RSS ratio {:.2}x",
+        median(&our.ms) / median(&base.ms),
+        p90(&our.ms) / p90(&base.ms),
+        median(&our.rss_mib) / median(&base.rss_mib)
+    );
 }
 
 struct Series {
@@ -186,14 +192,7 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
         "QEMU start to guest ready, {runs} runs each (hello image, {} MiB, {accel}):",
         with.mem_mib
     );
-    print_row("unjailed", &without);
-    print_row("jailed", &with);
-    println!(
-        "ratio jailed/unjailed: median {:.3}x, p90 {:.3}x; RSS ratio {:.2}x",
-        median(&with.ms) / median(&without.ms),
-        p90(&with.ms) / p90(&without.ms),
-        median(&with.rss_mib) / median(&without.rss_mib)
-    );
+    print_comparison(("unjailed", &without), ("jailed", &with), "jailed/unjailed");
     Ok(())
 }
 

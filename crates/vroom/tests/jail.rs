@@ -216,3 +216,27 @@ fn a_vmm_that_exits_at_start_is_reported_with_its_words_and_rolled_back() {
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after a failed run");
 }
+
+#[test]
+fn a_vmm_cannot_grow_its_log_past_the_file_size_cap() {
+    // A "QEMU" that floods its stderr, as a QEMU made to log without end would.
+    let dir = std::env::temp_dir().join(format!("vroom-jail-flood-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let flood = dir.join("qemu-system-x86_64");
+    // It ends with status 42 only if yes stops, which it does once a write fails.
+    std::fs::write(&flood, "#!/bin/sh\nyes flood >&2\nexit 42\n").unwrap();
+    std::fs::set_permissions(&flood, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = Env::with_env(
+        "jailflood",
+        vec![("VROOM_QEMU", flood.display().to_string())],
+    );
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    let err = env.fail(&["run", "hello", "--name", "web", "--net", "lan"]);
+    // yes stops at the cap (128 MiB) with EFBIG instead of filling the disk.
+    assert!(err.contains("exited at start (exit status 42)"), "{err}");
+    assert!(err.contains("cut at the 128 MiB file size cap"), "{err}");
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after a failed run");
+    let _ = std::fs::remove_dir_all(&dir);
+}
