@@ -240,3 +240,19 @@ fn a_vmm_cannot_grow_its_log_past_the_file_size_cap() {
     env.assert_nothing_left("after a failed run");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_jail_boots_the_same_guest_jailed_and_unjailed() {
+    let env = Env::new("jailbench");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    // The bench boots the hello image of the data dir: build it.
+    env.ok(&["run", "hello", "--name", "warm", "--net", "lan"]);
+    env.ok(&["rm", "-f", "warm"]);
+    let out = env.ok(&["bench", "jail", "-n", "1"]);
+    for row in ["unjailed", "jailed", "ratio jailed/unjailed"] {
+        assert!(out.contains(row), "{out}");
+    }
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after the bench");
+}
