@@ -9,7 +9,9 @@
 //!   taps through `/dev/net/tun`, the console log, the disks) and hands them
 //!   to QEMU as fds `3, 4, …` in order, so QEMU opens nothing by a host path;
 //! - forks; the child calls `setsid`, joins its cgroup (see
-//!   [`crate::cgroup`]), unshares its mount namespace, mounts a tmpfs on
+//!   [`crate::cgroup`]), unshares its mount, network and IPC namespaces
+//!   (the taps were made in the host's, so they stay there and work through
+//!   their fds; QEMU can reach no host service), mounts a tmpfs on
 //!   `<run dir>/jail`, fills it, `pivot_root`s into it, remounts it
 //!   read-only, drops every capability from the bounding set, sets its
 //!   groups, gid and uid to the instance's own, sets `no_new_privs` and execs

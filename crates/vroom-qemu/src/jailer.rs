@@ -291,11 +291,16 @@ fn cstrings(items: impl IntoIterator<Item = Vec<u8>>) -> Result<Vec<CString>, En
         .collect()
 }
 
-/// A private mount namespace with a tmpfs root holding only the entries,
-/// made read-only once it is filled.
+/// Private mount, network and IPC namespaces, and a tmpfs root holding only
+/// the entries, made read-only once it is filled.
 fn build_root(iso: &Isolation) -> Result<(), EnterJailError> {
     const NONE: Option<&str> = None;
-    unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare the mount namespace"))?;
+    // A network namespace of its own: QEMU reaches the network only through
+    // its tap fds (whose devices stay in the host's namespace, where they
+    // were made), never a host service by TCP, UDP or an abstract unix
+    // socket; an IPC namespace: no System V IPC shared with the host.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC)
+        .map_err(step("unshare the mount, network and IPC namespaces"))?;
     // Nothing mounted from here on may reach the host's namespace.
     mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE)
         .map_err(step("make / private"))?;

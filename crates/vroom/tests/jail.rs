@@ -130,6 +130,11 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
         !cmdline.contains(&env.dir.display().to_string()),
         "{cmdline}"
     );
+    // Namespaces of its own: no host service is reachable from QEMU itself.
+    for ns in ["mnt", "net", "ipc"] {
+        let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(link(&pid.to_string()), link("self"), "{ns} namespace");
+    }
     // Nothing of the jail is mounted in the host's namespace.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&env.dir.display().to_string()), "{mounts}");
