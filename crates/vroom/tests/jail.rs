@@ -92,6 +92,25 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
         uids[0],
         "each VMM has a uid of its own, so one cannot signal or ptrace another"
     );
+    // What a QEMU taken over could try on its neighbour, with its own uid.
+    let signal = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            &uids[0].to_string(),
+            "--regid",
+            &uids[0].to_string(),
+        ])
+        .args(["--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "kill -0 {} && kill -0 {pid}",
+            db.status.pid.unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&signal.stderr).contains("Operation not permitted"),
+        "web's uid may signal db's QEMU: {signal:?}"
+    );
     assert_eq!(
         status_field(pid, "Seccomp"),
         "2",
