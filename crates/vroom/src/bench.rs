@@ -149,7 +149,7 @@ async fn measure(
         vroom.mem_mib = instance.mem_mib;
         client.remove(&name, true).await?;
 
-        let (ms, rss) = raw_boot(&driver, &image, accel, &format!("vrbench{}", i % 100)).await?;
+        let (ms, rss, _) = raw_boot(&driver, &image, accel, &format!("vrbench{}", i % 100)).await?;
         raw.ms.push(ms);
         raw.rss_mib.push(rss);
     }
@@ -180,11 +180,17 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
     };
     let (mut with, mut without) = (empty(), empty());
     let tag = std::process::id() % 1000;
+    // Jailer start to QMP greeting: the jail's own work, without the guest's boot.
+    let mut launch_ms: (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     for i in 0..runs {
-        let (ms, rss) = raw_boot(&unjailed, &image, accel, &format!("vrbju{tag}x{i}")).await?;
+        let (ms, rss, launch) =
+            raw_boot(&unjailed, &image, accel, &format!("vrbju{tag}x{i}")).await?;
+        launch_ms.0.push(launch);
         without.ms.push(ms);
         without.rss_mib.push(rss);
-        let (ms, rss) = raw_boot(&jailed, &image, accel, &format!("vrbjj{tag}x{i}")).await?;
+        let (ms, rss, launch) =
+            raw_boot(&jailed, &image, accel, &format!("vrbjj{tag}x{i}")).await?;
+        launch_ms.1.push(launch);
         with.ms.push(ms);
         with.rss_mib.push(rss);
     }
@@ -193,16 +199,22 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
         with.mem_mib
     );
     print_comparison(("unjailed", &without), ("jailed", &with), "jailed/unjailed");
+    println!(
+        "launch alone (jailer start to QMP greeting): unjailed median {:.0} ms, jailed median {:.0} ms",
+        median(&launch_ms.0),
+        median(&launch_ms.1)
+    );
     Ok(())
 }
 
-/// One boot with the QEMU command line vroom would use, without the daemon.
+/// One boot with the QEMU command line vroom would use, without the daemon:
+/// milliseconds to guest ready, QEMU's RSS then, and milliseconds the launch took.
 async fn raw_boot(
     driver: &vroom_qemu::QemuDriver,
     image: &vroom_core::images::BootImage,
     accel: vroom_types::Accel,
     tap: &str,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let mac = "52:54:00:be:4c:01".to_string();
     let identity = InstanceFile {
@@ -249,6 +261,7 @@ async fn raw_boot(
     };
     let started = Instant::now();
     let process = driver.launch(&spec).await?;
+    let launched = started.elapsed().as_secs_f64() * 1000.0;
     let agent = AgentClient::new(spec.agent_socket.clone());
     let deadline = started + Duration::from_secs(120);
     let ready = loop {
@@ -269,5 +282,5 @@ async fn raw_boot(
     let rss = rss_mib(process.pid);
     driver.kill(&process)?;
     driver.wait_exit(&process).await;
-    Ok((ready, rss))
+    Ok((ready, rss, launched))
 }
