@@ -54,9 +54,9 @@ pub enum RunJailError {
     },
     #[error("failed to fork the VMM")]
     Fork(#[source] nix::Error),
-    #[error("the VMM exited at start ({status}): {stderr}")]
+    #[error("QEMU exited at start ({status}): {stderr}")]
     Exited { status: String, stderr: String },
-    #[error("the VMM did not answer on {socket} within {secs} s: {stderr}")]
+    #[error("QEMU did not answer on {socket} within {secs} s: {stderr}")]
     Timeout {
         socket: PathBuf,
         secs: u64,

@@ -234,7 +234,7 @@ fn a_vmm_that_exits_at_start_is_reported_with_its_words_and_rolled_back() {
     env.ok(&["net", "create", "lan", "--subnet", &subnet]);
     let err = env.fail(&["run", "hello", "--name", "web", "--net", "lan"]);
     assert!(
-        err.contains("the VMM exited at start (exit status 1)"),
+        err.contains("QEMU exited at start (exit status 1)"),
         "{err}"
     );
     env.ok(&["net", "rm", "lan"]);
@@ -258,7 +258,10 @@ fn a_vmm_cannot_grow_its_log_past_the_file_size_cap() {
     env.ok(&["net", "create", "lan", "--subnet", &subnet]);
     let err = env.fail(&["run", "hello", "--name", "web", "--net", "lan"]);
     // yes stops at the cap (128 MiB) with EFBIG instead of filling the disk.
-    assert!(err.contains("exited at start (exit status 42)"), "{err}");
+    assert!(
+        err.contains("QEMU exited at start (exit status 42)"),
+        "{err}"
+    );
     assert!(err.contains("cut at the 128 MiB file size cap"), "{err}");
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after a failed run");
