@@ -13,8 +13,10 @@
 //!   (the taps were made in the host's, so they stay there and work through
 //!   their fds; QEMU can reach no host service), mounts a tmpfs on
 //!   `<run dir>/jail`, fills it, `pivot_root`s into it, remounts it
-//!   read-only, drops every capability from the bounding set, sets its
-//!   groups, gid and uid to the instance's own, sets `no_new_privs` and execs
+//!   read-only, caps file sizes (`RLIMIT_FSIZE` = [`MAX_FILE_BYTES`], with
+//!   `SIGXFSZ` ignored, so QEMU's log and console file cannot fill the disk),
+//!   drops every capability from the bounding set, sets its groups, gid and
+//!   uid to the instance's own, sets `no_new_privs` and execs
 //!   QEMU with `-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny`;
 //! - the parent writes `qemu.pid`, waits until QMP greets (or QEMU exits,
 //!   whose stderr in `qemu.log` is then reported) and exits, so QEMU is no
@@ -40,6 +42,9 @@
 //! already uses, so one QEMU cannot signal or ptrace another, across daemons
 //! with different data dirs too. Files stay root's: QEMU reaches its disks,
 //! console and sockets only through the fds it was given.
+//!
+//! **Resources.** The cgroup caps memory (guest + guest/8 + 256 MiB) and
+//! tasks (128 + vCPUs); see [`crate::cgroup`].
 //!
 //! **Format.** `jail.json` is read only by the jailer of the same binary that
 //! wrote it, just before; it is not versioned.
