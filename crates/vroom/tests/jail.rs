@@ -154,6 +154,13 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
         let link = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(link(&pid.to_string()), link("self"), "{ns} namespace");
     }
+    let devices: Vec<String> = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .unwrap()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|d| d.trim().to_string()))
+        .collect();
+    assert_eq!(devices, vec!["lo"], "QEMU's own network namespace is empty");
     // Nothing of the jail is mounted in the host's namespace.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&env.dir.display().to_string()), "{mounts}");
