@@ -251,9 +251,12 @@ fn a_vmm_that_exits_at_start_is_reported_with_its_words_and_rolled_back() {
 #[test]
 fn a_vmm_cannot_grow_its_log_past_the_file_size_cap() {
     // A "QEMU" that floods its stderr, as a QEMU made to log without end would.
-    let dir = std::env::temp_dir().join(format!("vroom-jail-flood-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let flood = dir.join("qemu-system-x86_64");
+    // Removed in Drop, even when the test fails.
+    let dir = tempfile::Builder::new()
+        .prefix("vroom-jail-flood")
+        .tempdir()
+        .unwrap();
+    let flood = dir.path().join("qemu-system-x86_64");
     // It ends with status 42 only if yes stops, which it does once a write fails.
     std::fs::write(&flood, "#!/bin/sh\nyes flood >&2\nexit 42\n").unwrap();
     std::fs::set_permissions(&flood, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -272,7 +275,6 @@ fn a_vmm_cannot_grow_its_log_past_the_file_size_cap() {
     assert!(err.contains("cut at the 128 MiB file size cap"), "{err}");
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after a failed run");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
