@@ -2,8 +2,12 @@
 //!
 //! The VM gets virtio-mmio devices only: two disks (the read-only root and the
 //! config volume, told apart in the guest by their serials), one virtio-net
-//! device per NIC on a tap QEMU creates, and a virtio-serial port for the
-//! agent. The serial console goes to a log file and QMP to a unix socket.
+//! device per NIC, and a virtio-serial port for the agent. QEMU opens no
+//! host path for them: the jailer hands it fds (numbered by
+//! [`crate::jail::plan`]): listening sockets for QMP and the agent, the taps,
+//! and fd sets (`-add-fd`, opened as `/dev/fdset/N`) for the console log and
+//! the disks. Only the kernel and initramfs are named by path (inside the
+//! jail when jailed). QEMU runs in the foreground; the jailer detaches it.
 
 use std::path::{Path, PathBuf};
 
@@ -39,10 +43,40 @@ pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
     Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
 }
 
+/// Where QEMU finds the kernel and initramfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// The fd numbers QEMU is given (see [`crate::jail::plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmFds {
+    pub qmp: i32,
+    pub agent: i32,
+    pub console: i32,
+    pub root_disk: i32,
+    /// Read-write, then read-only: QEMU picks by access mode.
+    pub config_disk: [i32; 2],
+    /// One per NIC, in order.
+    pub taps: Vec<i32>,
+}
+
+/// The seccomp filter QEMU installs on itself when jailed: no obsolete
+/// syscalls, no setuid and friends, no fork or exec, no scheduler or
+/// resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+const CONSOLE_FDSET: u32 = 1;
+const ROOT_FDSET: u32 = 2;
+const CONFIG_FDSET: u32 = 3;
+
 pub fn qemu_args(
     spec: &LaunchSpec,
-    qmp_socket: &Path,
-    pid_file: &Path,
+    boot: &BootFiles,
+    fds: &VmmFds,
+    sandbox: bool,
     tsc_khz: Option<u64>,
 ) -> Vec<String> {
     let p = |path: &Path| path.display().to_string();
@@ -59,6 +93,7 @@ pub fn qemu_args(
         cmdline.push(' ');
         cmdline.push_str(&spec.cmdline);
     }
+    let add_fd = |fd: i32, set: u32| ["-add-fd".to_string(), format!("fd={fd},set={set}")];
     let mut args: Vec<String> = vec![
         "-name".into(),
         format!("vroom-{},process=vroom-{}", spec.name, spec.name),
@@ -81,38 +116,43 @@ pub fn qemu_args(
         "-display".into(),
         "none".into(),
         "-no-reboot".into(),
+    ];
+    if sandbox {
+        args.extend(["-sandbox".into(), SANDBOX.into()]);
+    }
+    args.extend(add_fd(fds.console, CONSOLE_FDSET));
+    args.extend([
         "-chardev".into(),
-        format!("file,id=console,path={}", p(&spec.console_log)),
+        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
         "-serial".into(),
         "chardev:console".into(),
         "-kernel".into(),
-        p(&spec.kernel),
+        p(&boot.kernel),
         "-initrd".into(),
-        p(&spec.initramfs),
+        p(&boot.initramfs),
         "-append".into(),
         cmdline,
+    ]);
+    args.extend(add_fd(fds.root_disk, ROOT_FDSET));
+    args.extend([
         "-drive".into(),
-        format!(
-            "id=root,file={},format=raw,if=none,readonly=on",
-            p(&spec.root_disk)
-        ),
+        format!("id=root,file=/dev/fdset/{ROOT_FDSET},format=raw,if=none,readonly=on"),
         "-device".into(),
         format!("virtio-blk-device,drive=root,serial={ROOT_DISK_SERIAL}"),
+    ]);
+    for fd in fds.config_disk {
+        args.extend(add_fd(fd, CONFIG_FDSET));
+    }
+    args.extend([
         // writeback cache with flushes passed through: the guest's fsync reaches the host disk.
         "-drive".into(),
-        format!(
-            "id=config,file={},format=raw,if=none,cache=writeback",
-            p(&spec.config_disk)
-        ),
+        format!("id=config,file=/dev/fdset/{CONFIG_FDSET},format=raw,if=none,cache=writeback"),
         "-device".into(),
         format!("virtio-blk-device,drive=config,serial={CONFIG_DISK_SERIAL}"),
-    ];
-    for (i, nic) in spec.nics.iter().enumerate() {
+    ]);
+    for (i, (nic, fd)) in spec.nics.iter().zip(&fds.taps).enumerate() {
         args.push("-netdev".into());
-        args.push(format!(
-            "tap,id=net{i},ifname={},script=no,downscript=no",
-            nic.tap
-        ));
+        args.push(format!("tap,id=net{i},fd={fd}"));
         args.push("-device".into());
         args.push(format!("virtio-net-device,netdev=net{i},mac={}", nic.mac));
     }
@@ -120,24 +160,29 @@ pub fn qemu_args(
         "-device".into(),
         "virtio-serial-device".into(),
         "-chardev".into(),
-        format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            p(&spec.agent_socket)
-        ),
+        format!("socket,id=agent,fd={},server=on,wait=off", fds.agent),
         "-device".into(),
         format!("virtserialport,chardev=agent,name={PORT_NAME}"),
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", p(qmp_socket)),
-        "-daemonize".into(),
-        "-pidfile".into(),
-        p(pid_file),
+        "-chardev".into(),
+        format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
     ]);
     args
 }
 
-/// What a running VMM's command line says about it: its QMP socket (which
-/// names its run dir) and its accelerator. `None` for anything that is not a
-/// VMM that vroom started.
+/// The accelerator a VMM's command line asks for.
+pub fn vmm_accel(args: &[String]) -> Accel {
+    match args.windows(2).find(|w| w[0] == "-accel") {
+        Some(w) if w[1].starts_with("kvm") => Accel::Kvm,
+        _ => Accel::Tcg,
+    }
+}
+
+/// What the command line of a VMM started by an earlier vroom (unjailed,
+/// `-daemonize`d, QMP by path) says about it: its QMP socket (which names
+/// its run dir) and its accelerator. `None` for anything else, so VMs that
+/// outlived an upgrade are still re-adopted.
 pub fn parse_vmm_args(args: &[String]) -> Option<(PathBuf, Accel)> {
     let after = |flag: &str| {
         args.iter()
@@ -149,17 +194,12 @@ pub fn parse_vmm_args(args: &[String]) -> Option<(PathBuf, Accel)> {
     if socket.file_name()? != "qmp.sock" || !args.iter().any(|a| a == "-daemonize") {
         return None;
     }
-    let accel = match after("-accel") {
-        Some(a) if a.starts_with("kvm") => Accel::Kvm,
-        _ => Accel::Tcg,
-    };
-    Some((socket, accel))
+    Some((socket, vmm_accel(args)))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::path::PathBuf;
     use vroom_core::driver::LaunchNic;
 
     fn spec(accel: Accel) -> LaunchSpec {
@@ -190,7 +230,30 @@ mod tests {
         }
     }
 
-    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+    fn boot() -> BootFiles {
+        BootFiles {
+            kernel: "/vm/kernel".into(),
+            initramfs: "/vm/initramfs".into(),
+        }
+    }
+
+    fn fds() -> VmmFds {
+        VmmFds {
+            qmp: 3,
+            agent: 4,
+            console: 5,
+            root_disk: 6,
+            config_disk: [7, 8],
+            taps: vec![9, 10],
+        }
+    }
+
+    fn args(accel: Accel, tsc_khz: Option<u64>) -> Vec<String> {
+        qemu_args(&spec(accel), &boot(), &fds(), true, tsc_khz)
+    }
+
+    /// Every value given to `flag`, in order.
+    pub(crate) fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
@@ -199,34 +262,24 @@ mod tests {
 
     #[test]
     fn tcg_is_bounded_and_kvm_uses_host_cpu() {
-        let tcg = qemu_args(
-            &spec(Accel::Tcg),
-            &PathBuf::from("/x/qmp.sock"),
-            &PathBuf::from("/x/qemu.pid"),
-            None,
-        );
+        let tcg = args(Accel::Tcg, None);
         assert_eq!(value_after(&tcg, "-accel"), vec!["tcg,tb-size=32"]);
         assert_eq!(value_after(&tcg, "-cpu"), vec!["max"]);
-        let kvm = qemu_args(
-            &spec(Accel::Kvm),
-            &PathBuf::from("/x/qmp.sock"),
-            &PathBuf::from("/x/qemu.pid"),
-            None,
-        );
+        assert_eq!(vmm_accel(&tcg), Accel::Tcg);
+        let kvm = args(Accel::Kvm, None);
         assert_eq!(value_after(&kvm, "-accel"), vec!["kvm"]);
         assert_eq!(value_after(&kvm, "-cpu"), vec!["host"]);
+        assert_eq!(vmm_accel(&kvm), Accel::Kvm);
     }
 
     #[test]
     fn tcg_presets_timer_calibration_and_kvm_does_not() {
-        let qmp = PathBuf::from("/x/qmp.sock");
-        let pid = PathBuf::from("/x/qemu.pid");
-        let tcg = qemu_args(&spec(Accel::Tcg), &qmp, &pid, Some(2_596_146));
+        let tcg = args(Accel::Tcg, Some(2_596_146));
         assert_eq!(
             value_after(&tcg, "-append"),
             vec!["console=ttyS0 quiet panic=-1 tsc_early_khz=2596146 lpj=10384584 vroom.debug"]
         );
-        let kvm = qemu_args(&spec(Accel::Kvm), &qmp, &pid, Some(2_596_146));
+        let kvm = args(Accel::Kvm, Some(2_596_146));
         assert_eq!(
             value_after(&kvm, "-append"),
             vec!["console=ttyS0 quiet panic=-1 vroom.debug"]
@@ -239,55 +292,69 @@ mod tests {
     }
 
     #[test]
-    fn devices_sockets_and_resources() {
-        let args = qemu_args(
-            &spec(Accel::Tcg),
-            &PathBuf::from("/x/qmp.sock"),
-            &PathBuf::from("/x/qemu.pid"),
-            None,
-        );
+    fn devices_take_fds_and_resources() {
+        let args = args(Accel::Tcg, None);
         assert_eq!(value_after(&args, "-M"), vec!["microvm"]);
         assert_eq!(value_after(&args, "-m"), vec!["128M"]);
         assert_eq!(value_after(&args, "-smp"), vec!["2"]);
+        assert_eq!(value_after(&args, "-kernel"), vec!["/vm/kernel"]);
+        assert_eq!(value_after(&args, "-initrd"), vec!["/vm/initramfs"]);
         assert_eq!(
-            value_after(&args, "-append"),
-            vec!["console=ttyS0 quiet panic=-1 vroom.debug"]
+            value_after(&args, "-add-fd"),
+            vec!["fd=5,set=1", "fd=6,set=2", "fd=7,set=3", "fd=8,set=3"]
         );
         assert_eq!(
             value_after(&args, "-drive"),
             vec![
-                "id=root,file=/i/rootfs.erofs,format=raw,if=none,readonly=on",
-                "id=config,file=/x/config.img,format=raw,if=none,cache=writeback"
+                "id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
+                "id=config,file=/dev/fdset/3,format=raw,if=none,cache=writeback"
             ]
         );
         assert_eq!(
             value_after(&args, "-netdev"),
-            vec![
-                "tap,id=net0,ifname=vrt1,script=no,downscript=no",
-                "tap,id=net1,ifname=vrt2,script=no,downscript=no"
-            ]
+            vec!["tap,id=net0,fd=9", "tap,id=net1,fd=10"]
         );
         assert!(value_after(&args, "-device")
             .contains(&"virtio-net-device,netdev=net1,mac=52:54:00:00:00:02"));
         assert!(value_after(&args, "-device")
             .contains(&"virtserialport,chardev=agent,name=org.vroom.agent.0"));
         assert_eq!(
-            value_after(&args, "-qmp"),
-            vec!["unix:/x/qmp.sock,server=on,wait=off"]
+            value_after(&args, "-chardev"),
+            vec![
+                "file,id=console,path=/dev/fdset/1,append=on",
+                "socket,id=agent,fd=4,server=on,wait=off",
+                "socket,id=qmp,fd=3,server=on,wait=off"
+            ]
         );
-        assert!(args.contains(&"-daemonize".to_string()));
+        assert_eq!(value_after(&args, "-mon"), vec!["chardev=qmp,mode=control"]);
+        assert_eq!(value_after(&args, "-sandbox"), vec![SANDBOX]);
+        assert!(!args.contains(&"-daemonize".to_string()));
         assert!(args.contains(&"-no-reboot".to_string()));
+        let unsandboxed = qemu_args(&spec(Accel::Tcg), &boot(), &fds(), false, None);
+        assert!(!unsandboxed.contains(&"-sandbox".to_string()));
     }
 
     #[test]
-    fn vmm_args_parse_back_to_socket_and_accel() {
-        let qmp = PathBuf::from("/data/instances/ab/qmp.sock");
-        let pid = PathBuf::from("/data/instances/ab/qemu.pid");
-        for accel in [Accel::Tcg, Accel::Kvm] {
-            let args = qemu_args(&spec(accel), &qmp, &pid, Some(2_596_146));
-            assert_eq!(parse_vmm_args(&args), Some((qmp.clone(), accel)));
-        }
+    fn legacy_vmm_args_parse_back_to_socket_and_accel() {
         let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let legacy = |accel: &str| {
+            strings(&[
+                "qemu-system-x86_64",
+                "-accel",
+                accel,
+                "-qmp",
+                "unix:/data/instances/ab/qmp.sock,server=on,wait=off",
+                "-daemonize",
+                "-pidfile",
+                "/data/instances/ab/qemu.pid",
+            ])
+        };
+        let qmp = PathBuf::from("/data/instances/ab/qmp.sock");
+        assert_eq!(
+            parse_vmm_args(&legacy("tcg,tb-size=32")),
+            Some((qmp.clone(), Accel::Tcg))
+        );
+        assert_eq!(parse_vmm_args(&legacy("kvm")), Some((qmp, Accel::Kvm)));
         for other in [
             strings(&["sleep", "10"]),
             strings(&["qemu-system-x86_64", "-qmp", "tcp:1:2"]),
@@ -298,6 +365,7 @@ mod tests {
                 "-daemonize",
             ]),
             strings(&["qemu-system-x86_64", "-qmp", "unix:/x/qmp.sock,server=on"]),
+            args(Accel::Tcg, None),
         ] {
             assert_eq!(parse_vmm_args(&other), None, "{other:?}");
         }

@@ -1,15 +1,21 @@
 //! The QEMU microvm driver. Each VM is one `qemu-system-x86_64 -M microvm`
-//! process, daemonized so that it outlives vroomd, with QMP on a unix socket.
-//! Liveness is watched through a pidfd, which works for processes that are
-//! not our children (re-adopted after a daemon restart).
+//! process, started in a jail of its own (see [`jail`]) by the jailer
+//! subprocess (`vroom __jail`), which detaches it so that it outlives vroomd.
+//! QMP and the agent are unix sockets in the instance's run dir. Liveness is
+//! watched through a pidfd, which works for processes that are not our
+//! children (re-adopted after a daemon restart).
 
 pub mod accel;
+pub mod cgroup;
 pub mod cmdline;
+pub mod jail;
+pub mod jailer;
 pub mod qmp;
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
@@ -18,14 +24,31 @@ use vroom_types::{Accel, AccelChoice};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// Whether VMMs run jailed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailMode {
+    /// Own uid, cgroup, mount namespace and seccomp filter per VMM.
+    Jailed,
+    /// QEMU runs as root with the host's file system (`vroom daemon
+    /// --no-jail`): for benchmarks and debugging only.
+    Unjailed,
+}
+
 pub struct QemuDriver {
     /// An explicit binary (from `VROOM_QEMU`); searched on PATH otherwise.
     binary: Option<PathBuf>,
+    mode: JailMode,
+    /// The program that runs the jailer: this very binary.
+    jailer: PathBuf,
 }
 
 impl QemuDriver {
-    pub fn new(binary: Option<PathBuf>) -> Self {
-        QemuDriver { binary }
+    pub fn new(binary: Option<PathBuf>, mode: JailMode) -> Self {
+        QemuDriver {
+            binary,
+            mode,
+            jailer: PathBuf::from("/proc/self/exe"),
+        }
     }
 
     fn binary(&self) -> Result<PathBuf, LaunchVmError> {
@@ -42,27 +65,72 @@ impl QemuDriver {
     }
 }
 
-/// The pid QEMU wrote to `qemu.pid` in its run dir once daemonized, waiting
-/// up to two seconds for a launch that is still under way.
-fn daemonized_pid(run_dir: &Path) -> Option<u32> {
-    let pid_file = run_dir.join("qemu.pid");
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
-        if pid.is_some() || std::time::Instant::now() > deadline {
-            return pid;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 pub fn find_on_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path)
         .map(|dir| dir.join(binary))
         .find(|p| p.is_file())
+        // The jail sees /usr by its real path, not through /bin -> usr/bin.
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+}
+
+/// Removes the cgroups of VMMs that ended while no daemon watched them.
+pub fn sweep_cgroups() -> Vec<String> {
+    cgroup::Hierarchy::detect(Path::new(cgroup::CGROUP_MOUNT))
+        .map(|h| h.sweep())
+        .unwrap_or_default()
+}
+
+fn proc_args(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The run dir a VMM names in its environment ([`jail::RUN_DIR_ENV`]).
+fn proc_run_dir(pid: u32) -> Option<PathBuf> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{}=", jail::RUN_DIR_ENV);
+    environ
+        .split(|b| *b == 0)
+        .find_map(|v| v.strip_prefix(prefix.as_bytes()))
+        .map(|dir| PathBuf::from(String::from_utf8_lossy(dir).into_owned()))
+}
+
+fn is_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+fn pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Jailers still launching a VMM under `root`: a daemon killed inside
+/// `launch` leaves one behind, and the VMM it starts must be seen.
+fn jailers_under(root: &Path) -> Vec<u32> {
+    pids()
+        .into_iter()
+        .filter(|pid| {
+            let args = proc_args(*pid);
+            args.get(1).is_some_and(|a| a == jail::JAIL_SUBCOMMAND)
+                && args
+                    .get(2)
+                    .is_some_and(|spec| Path::new(spec).starts_with(root))
+                && !is_zombie(*pid)
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -83,23 +151,41 @@ impl VmDriver for QemuDriver {
             move |source| LaunchVmError::Io { path, source }
         };
         std::fs::create_dir_all(&spec.run_dir).map_err(io(&spec.run_dir))?;
-        let qmp_socket = spec.run_dir.join("qmp.sock");
-        let pid_file = spec.run_dir.join("qemu.pid");
-        for stale in [&qmp_socket, &pid_file, &spec.agent_socket] {
-            let _ = std::fs::remove_file(stale);
-        }
         let tsc_khz = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|c| cmdline::host_tsc_khz(&c));
-        let output = tokio::process::Command::new(&binary)
-            .args(cmdline::qemu_args(spec, &qmp_socket, &pid_file, tsc_khz))
+        let isolation = match self.mode {
+            JailMode::Jailed => {
+                let uid =
+                    jail::pick_uid(jail::preferred_uid(&spec.instance_id), &jail::uids_in_use());
+                Some((uid, uid))
+            }
+            JailMode::Unjailed => None,
+        };
+        let plan = jail::plan(
+            spec,
+            &binary,
+            isolation,
+            &jail::HostLayout::probe(),
+            tsc_khz,
+        );
+        let spec_path = spec.run_dir.join("jail.json");
+        let json = serde_json::to_vec_pretty(&plan).expect("invariant: a jail spec serializes");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&spec_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
+            .map_err(io(&spec_path))?;
+        let output = tokio::process::Command::new(&self.jailer)
+            .arg(jail::JAIL_SUBCOMMAND)
+            .arg(&spec_path)
             .stdin(std::process::Stdio::null())
             .output()
             .await
-            .map_err(|source| LaunchVmError::Io {
-                path: binary.clone(),
-                source,
-            })?;
+            .map_err(io(&self.jailer))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             let reason = stderr
@@ -109,56 +195,59 @@ impl VmDriver for QemuDriver {
                 .unwrap_or("no error output")
                 .trim();
             return Err(LaunchVmError::Vmm {
-                reason: format!("{} ({})", reason, output.status),
+                reason: reason.trim_start_matches("error: ").to_string(),
             });
         }
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| LaunchVmError::Vmm {
-                reason: format!("no pid in {}", pid_file.display()),
+        let pid = String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| LaunchVmError::Vmm {
+                reason: "the jailer did not report a pid".into(),
             })?;
-        tracing::info!(instance = %spec.name, pid, accel = %spec.accel, "qemu started");
+        tracing::info!(
+            instance = %spec.name,
+            pid,
+            accel = %spec.accel,
+            uid = isolation.map(|(uid, _)| uid),
+            "qemu started"
+        );
         Ok(VmProcess {
             pid,
             accel: spec.accel,
-            control_socket: qmp_socket,
+            control_socket: plan.qmp_socket,
         })
     }
 
     fn is_alive(&self, process: &VmProcess) -> bool {
-        // A zombie or a reused pid must not count: check the command line names our socket.
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+        // A zombie or a reused pid must not count: the VMM names its run dir
+        // in its environment (or, started by an earlier vroom, its socket on
+        // its command line).
+        if is_zombie(process.pid) {
+            return false;
+        }
+        let run_dir = process.control_socket.parent();
+        if run_dir.is_some() && proc_run_dir(process.pid).as_deref() == run_dir {
+            return true;
+        }
         let needle = process.control_socket.display().to_string();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", process.pid)).unwrap_or_default();
-        let zombie = stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
+        proc_args(process.pid).iter().any(|a| a.contains(&needle))
     }
 
     fn processes_under(&self, root: &Path) -> Vec<(PathBuf, VmProcess)> {
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return vec![];
-        };
+        // Let launches cut short by a killed daemon finish (their jailer
+        // gives up after READY_TIMEOUT_SECS) so their VMMs are seen.
+        let deadline = Instant::now() + Duration::from_secs(jail::READY_TIMEOUT_SECS + 5);
+        while !jailers_under(root).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut found = vec![];
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
+        for pid in pids() {
+            let args = proc_args(pid);
+            let named = match proc_run_dir(pid) {
+                Some(run_dir) => Some((run_dir.join("qmp.sock"), cmdline::vmm_accel(&args))),
+                None => cmdline::parse_vmm_args(&args),
             };
-            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = raw
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let Some((socket, accel)) = cmdline::parse_vmm_args(&args) else {
+            let Some((socket, accel)) = named else {
                 continue;
             };
             let Some(run_dir) = socket.parent().filter(|d| d.starts_with(root)) else {
@@ -173,44 +262,22 @@ impl VmDriver for QemuDriver {
                 found.push((run_dir.to_path_buf(), process));
             }
         }
-        // While `-daemonize` runs, the launching parent and the daemon share
-        // one command line; the pid file names the daemon once it is up. A
-        // launch caught in that moment (a vroomd killed inside `launch`) is
-        // given a little time to finish.
-        let mut settled: Vec<(PathBuf, VmProcess)> = vec![];
-        for (run_dir, process) in found {
-            if settled.iter().any(|(d, _)| *d == run_dir) {
-                continue;
-            }
-            let daemon = daemonized_pid(&run_dir);
-            if daemon.is_some_and(|pid| pid == process.pid) || daemon.is_none() {
-                settled.push((run_dir, process));
-            } else if let Some(pid) = daemon {
-                let daemon = VmProcess { pid, ..process };
-                if self.is_alive(&daemon) {
-                    settled.push((run_dir, daemon));
-                }
-            }
-        }
-        settled
+        found
     }
 
     async fn wait_exit(&self, process: &VmProcess) {
-        // SAFETY: plain syscall; the returned fd is owned below.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
-        if fd >= 0 {
-            // SAFETY: pidfd_open returned a fresh fd that nothing else owns.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            // SAFETY: `owned` is a valid pidfd that the AsyncFd owns until it is dropped.
-            if let Ok(async_fd) = unsafe { AsyncFd::register(owned) } {
-                if self.is_alive(process) {
-                    let _ = async_fd.readable().await;
-                }
-                return;
+        wait_pid(self, process).await;
+        // The VMM is gone: so is everything in its cgroup.
+        if let Some(run_dir) = process.control_socket.parent() {
+            let name = cgroup::group_name(run_dir);
+            let removed = tokio::task::spawn_blocking(move || {
+                cgroup::Hierarchy::detect(Path::new(cgroup::CGROUP_MOUNT))
+                    .map_or(Ok(()), |h| h.remove(&name))
+            })
+            .await;
+            if let Ok(Err(e)) = removed {
+                tracing::warn!(error = %e, "cannot remove a VMM's cgroup; the next daemon start sweeps it");
             }
-        }
-        while self.is_alive(process) {
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -238,5 +305,80 @@ impl VmDriver for QemuDriver {
             }
         }
         Ok(())
+    }
+}
+
+/// Resolves when the process has exited.
+async fn wait_pid(driver: &QemuDriver, process: &VmProcess) {
+    // SAFETY: plain syscall; the returned fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid as libc::pid_t, 0) };
+    if fd >= 0 {
+        // SAFETY: pidfd_open returned a fresh fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: `owned` is a valid pidfd that the AsyncFd owns until it is dropped.
+        if let Ok(async_fd) = unsafe { AsyncFd::register(owned) } {
+            if driver.is_alive(process) {
+                let _ = async_fd.readable().await;
+            }
+            return;
+        }
+    }
+    while driver.is_alive(process) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in VMM: any process with the run dir in its environment.
+    fn fake_vmm(run_dir: &Path) -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("30")
+            .env_clear()
+            .env(jail::RUN_DIR_ENV, run_dir)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn vmms_are_known_by_the_run_dir_in_their_environment() {
+        let root = tempfile::tempdir().unwrap();
+        let run_dir = root.path().join("instances/ab12");
+        let mut vmm = fake_vmm(&run_dir);
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let driver = QemuDriver::new(None, JailMode::Jailed);
+        let process = |pid: u32, dir: &Path| VmProcess {
+            pid,
+            accel: Accel::Tcg,
+            control_socket: dir.join("qmp.sock"),
+        };
+        assert!(driver.is_alive(&process(vmm.id(), &run_dir)));
+        assert!(
+            !driver.is_alive(&process(vmm.id(), &root.path().join("instances/cd34"))),
+            "another instance's VMM"
+        );
+        assert!(
+            !driver.is_alive(&process(stranger.id(), &run_dir)),
+            "a reused pid lacks the variable"
+        );
+        assert_eq!(
+            driver.processes_under(&root.path().join("instances")),
+            vec![(run_dir.clone(), process(vmm.id(), &run_dir))]
+        );
+        assert!(driver
+            .processes_under(&root.path().join("elsewhere"))
+            .is_empty());
+        vmm.kill().unwrap();
+        // Not reaped yet: a zombie is not alive either.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!driver.is_alive(&process(vmm.id(), &run_dir)));
+        let _ = vmm.wait();
+        let _ = stranger.kill();
+        let _ = stranger.wait();
     }
 }

@@ -39,15 +39,21 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
         "boot to guest ready, {runs} runs each (hello image, {} MiB):",
         vroom.mem_mib
     );
-    print_row("raw qemu", &raw);
-    print_row("vroom run", &vroom);
-    println!(
-        "ratio vroom/raw: median {:.2}x, p90 {:.2}x; RSS ratio {:.2}x",
-        median(&vroom.ms) / median(&raw.ms),
-        p90(&vroom.ms) / p90(&raw.ms),
-        median(&vroom.rss_mib) / median(&raw.rss_mib)
-    );
+    print_comparison(("raw qemu", &raw), ("vroom run", &vroom), "vroom/raw");
     Ok(())
+}
+
+/// Both rows, then our figure over the baseline's.
+fn print_comparison(baseline: (&str, &Series), ours: (&str, &Series), ratio: &str) {
+    let ((base_label, base), (our_label, our)) = (baseline, ours);
+    print_row(base_label, base);
+    print_row(our_label, our);
+    println!(
+        "ratio {ratio}: median {:.3}x, p90 {:.3}x; RSS ratio {:.2}x",
+        median(&our.ms) / median(&base.ms),
+        p90(&our.ms) / p90(&base.ms),
+        median(&our.rss_mib) / median(&base.rss_mib)
+    );
 }
 
 struct Series {
@@ -111,7 +117,7 @@ async fn measure(
     let image = images
         .resolve("hello")
         .context("cannot resolve the hello image")?;
-    let driver = vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
+    let driver = qemu_driver(vroom_qemu::JailMode::Unjailed);
     let accel = driver.resolve_accel(AccelChoice::Auto)?;
     // Interleave the two so that machine noise hits both alike.
     for i in 0..runs {
@@ -144,20 +150,72 @@ async fn measure(
         vroom.mem_mib = instance.mem_mib;
         client.remove(&name, true).await?;
 
-        let (ms, rss) = raw_boot(&driver, &image, accel, i).await?;
+        let (ms, rss, _) = raw_boot(&driver, &image, accel, &format!("vrbench{}", i % 100)).await?;
         raw.ms.push(ms);
         raw.rss_mib.push(rss);
     }
     Ok((vroom, raw))
 }
 
-/// One boot with the plain QEMU command line vroom would use, without the daemon.
+fn qemu_driver(mode: vroom_qemu::JailMode) -> vroom_qemu::QemuDriver {
+    vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into), mode)
+}
+
+/// `vroom bench jail`: boot-to-ready of the hello image's QEMU, jailed
+/// (own uid, cgroup, mount namespace, seccomp) against unjailed, through the
+/// same driver and fd passing, interleaved in one run.
+pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let image = paths::local_images(data_dir)
+        .resolve("hello")
+        .context("cannot resolve the hello image (run `vroom run hello` once to build it)")?;
+    let jailed = qemu_driver(vroom_qemu::JailMode::Jailed);
+    let unjailed = qemu_driver(vroom_qemu::JailMode::Unjailed);
+    let accel = jailed.resolve_accel(AccelChoice::Auto)?;
+    let empty = || Series {
+        ms: vec![],
+        rss_mib: vec![],
+        mem_mib: image.manifest.default_mem_mib,
+    };
+    let (mut with, mut without) = (empty(), empty());
+    let tag = std::process::id() % 1000;
+    // Jailer start to QMP greeting: the jail's own work, without the guest's boot.
+    let mut launch_ms: (Vec<f64>, Vec<f64>) = (vec![], vec![]);
+    for i in 0..runs {
+        let (ms, rss, launch) =
+            raw_boot(&unjailed, &image, accel, &format!("vrbju{tag}x{i}")).await?;
+        launch_ms.0.push(launch);
+        without.ms.push(ms);
+        without.rss_mib.push(rss);
+        let (ms, rss, launch) =
+            raw_boot(&jailed, &image, accel, &format!("vrbjj{tag}x{i}")).await?;
+        launch_ms.1.push(launch);
+        with.ms.push(ms);
+        with.rss_mib.push(rss);
+    }
+    println!(
+        "QEMU start to guest ready, {runs} runs each (hello image, {} MiB, {accel}):",
+        with.mem_mib
+    );
+    print_comparison(("unjailed", &without), ("jailed", &with), "jailed/unjailed");
+    println!(
+        "launch alone (jailer start to QMP greeting): unjailed median {:.0} ms, jailed median {:.0} ms",
+        median(&launch_ms.0),
+        median(&launch_ms.1)
+    );
+    Ok(())
+}
+
+/// One boot with the QEMU command line vroom would use, without the daemon:
+/// milliseconds to guest ready, QEMU's RSS then, and milliseconds the launch took.
 async fn raw_boot(
     driver: &vroom_qemu::QemuDriver,
     image: &vroom_core::images::BootImage,
     accel: vroom_types::Accel,
-    run: usize,
-) -> Result<(f64, f64)> {
+    tap: &str,
+) -> Result<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let mac = "52:54:00:be:4c:01".to_string();
     let identity = InstanceFile {
@@ -177,9 +235,15 @@ async fn raw_boot(
         &identity,
         &image.manifest.appliance.seed_config,
     )?;
+    // The run dir's name names the VMM's cgroup: the tempdir's is unique.
+    let id = dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let spec = LaunchSpec {
-        instance_id: format!("raw{run}"),
-        name: format!("raw{run}"),
+        instance_id: id.clone(),
+        name: "raw".into(),
         run_dir: dir.path().to_path_buf(),
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
@@ -190,7 +254,7 @@ async fn raw_boot(
         root_disk: image.rootfs.clone(),
         config_disk: dir.path().join("config.img"),
         nics: vec![LaunchNic {
-            tap: format!("vrbench{}", run % 100),
+            tap: tap.to_string(),
             mac,
         }],
         agent_socket: dir.path().join("agent.sock"),
@@ -198,6 +262,7 @@ async fn raw_boot(
     };
     let started = Instant::now();
     let process = driver.launch(&spec).await?;
+    let launched = started.elapsed().as_secs_f64() * 1000.0;
     let agent = AgentClient::new(spec.agent_socket.clone());
     let deadline = started + Duration::from_secs(120);
     let ready = loop {
@@ -218,5 +283,5 @@ async fn raw_boot(
     let rss = rss_mib(process.pid);
     driver.kill(&process)?;
     driver.wait_exit(&process).await;
-    Ok((ready, rss))
+    Ok((ready, rss, launched))
 }

@@ -20,6 +20,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
     if let Command::Bench { op } = &cli.command {
         return match op {
             crate::BenchOp::Boot { runs } => crate::bench::boot(&cli.data_dir, *runs).await,
+            crate::BenchOp::Jail { runs } => crate::bench::jail(&cli.data_dir, *runs).await,
             crate::BenchOp::Images {
                 recipes,
                 runs,
@@ -73,7 +74,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Gc { remove } => {
             crate::gc::run(&client, &paths::iface_prefix(), *remove, json).await?
         }
-        Command::Setup | Command::Daemon { .. } | Command::Bench { .. } => {
+        Command::Setup | Command::Daemon { .. } | Command::Bench { .. } | Command::Jail { .. } => {
             unreachable!("handled in main")
         }
     }

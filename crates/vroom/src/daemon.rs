@@ -18,7 +18,7 @@ use vroom_qemu::QemuDriver;
 
 use crate::paths;
 
-pub async fn run(data_dir: &Path) -> Result<()> {
+pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
@@ -29,7 +29,10 @@ pub async fn run(data_dir: &Path) -> Result<()> {
         .context("cannot open the state store")?;
     let net = NetlinkNetwork::new(vroom_core::ipam::bridge_glob(&paths::iface_prefix()))
         .context("cannot open a netlink connection")?;
-    let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into));
+    if jail == vroom_qemu::JailMode::Unjailed {
+        tracing::warn!("--no-jail: QEMU runs as root without seccomp, cgroup or jail; for benchmarks and debugging only");
+    }
+    let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into), jail);
     let images = paths::local_images(data_dir);
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),
@@ -48,6 +51,9 @@ pub async fn run(data_dir: &Path) -> Result<()> {
         Arc::new(images),
     );
     engine.recover().await.context("cannot recover state")?;
+    for group in tokio::task::spawn_blocking(vroom_qemu::sweep_cgroups).await? {
+        tracing::info!(cgroup = %group, "removed the cgroup of a VMM that is gone");
+    }
 
     let socket = paths::socket(data_dir);
     let _ = fs::remove_file(&socket);

@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod demo;
 mod gc;
+mod jail;
 mod output;
 mod paths;
 mod setup;
@@ -43,6 +44,10 @@ pub enum Command {
     Daemon {
         #[command(subcommand)]
         op: Option<DaemonOp>,
+        /// Run QEMU unjailed, as root with the host's files (for benchmarks
+        /// and debugging only).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Create and start an instance; returns when the guest reports ready.
     Run(RunArgs),
@@ -148,6 +153,12 @@ pub enum Command {
     Bench {
         #[command(subcommand)]
         op: BenchOp,
+    },
+    /// Internal: the jailer vroomd runs to start one QEMU.
+    #[command(name = "__jail", hide = true)]
+    Jail {
+        /// The jail spec (jail.json in the instance's run dir).
+        spec: PathBuf,
     },
 }
 
@@ -306,6 +317,13 @@ pub enum BenchOp {
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },
+    /// Boot the hello appliance's QEMU N times jailed and N times unjailed
+    /// (no daemon needed; run as root).
+    Jail {
+        /// Boots of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Build every recipe in a directory cold and cached, boot each, and
     /// compare the firewall with a debootstrap minbase root.
     Images {
@@ -327,12 +345,22 @@ fn main() {
     // suggestions for mistyped subcommands, with exit code 2.
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Daemon { op: None } => {
+        // Before any runtime starts: the jailer forks and must be single-threaded.
+        Command::Jail { spec } => jail::run(spec),
+        Command::Daemon { op: None, no_jail } => {
             init_tracing(true);
-            runtime().block_on(daemon::run(&cli.data_dir)).map(|()| 0)
+            let mode = if *no_jail {
+                vroom_qemu::JailMode::Unjailed
+            } else {
+                vroom_qemu::JailMode::Jailed
+            };
+            runtime()
+                .block_on(daemon::run(&cli.data_dir, mode))
+                .map(|()| 0)
         }
         Command::Daemon {
             op: Some(DaemonOp::Stop),
+            ..
         } => {
             init_tracing(false);
             runtime().block_on(daemon::stop(&cli.data_dir)).map(|()| 0)

@@ -204,7 +204,14 @@ impl Env {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
             let is_qemu = cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system");
-            if is_qemu && cmdline.contains(&needle) {
+            // A jailed QEMU names its run dir only in its environment.
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            let run_dir = format!("VROOM_RUN_DIR={needle}/");
+            let ours = cmdline.contains(&needle)
+                || environ
+                    .split(|b| *b == 0)
+                    .any(|v| v.starts_with(run_dir.as_bytes()));
+            if is_qemu && ours {
                 pids.push(pid);
             }
         }
