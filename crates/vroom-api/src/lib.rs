@@ -26,8 +26,12 @@ use vroom_types::{
     MAX_EXEC_REQUEST_BYTES,
 };
 
+mod audit;
 mod links;
 mod replies;
+
+use audit::AuditCaller;
+pub use audit::Caller;
 
 use links::CreatedResourceLinks;
 use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
@@ -459,12 +463,14 @@ async fn instance_action(
 async fn exec_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let mut input = body.into_data_stream();
     let (line, rest) = exec_request_line(&mut input).await?;
     let req: ExecRequest = serde_json::from_slice(&line)
         .map_err(|e| bad_request(format!("invalid exec request: {e}")))?;
+    audit::exec(caller, &name, &req.argv);
     let mut exec = engine.exec(&name, req).await?;
     // A body that breaks off mid-stdin must not look like a clean EOF to the command.
     let (broken_tx, broken_rx) = tokio::sync::oneshot::channel::<String>();
@@ -643,9 +649,11 @@ struct FileQuery {
 async fn read_file(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     query: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    audit::copy(caller, &name, &query.path);
     let file = engine.read_file(&name, &query.path).await?;
     let chunks = futures::stream::unfold(file, |mut file| async move {
         let chunk = file.next_chunk().await?.map_err(|e| {

@@ -112,7 +112,7 @@ impl FakeDriver {
             config_disk: PathBuf::new(),
             nics: vec![],
             agent_socket: run_dir.join("agent.sock"),
-            console_log: run_dir.join("console.log"),
+            console_socket: run_dir.join(crate::console::CONSOLE_SOCKET),
         };
         self.start(spec)
     }
@@ -129,16 +129,23 @@ impl FakeDriver {
         let _ = std::fs::create_dir_all(&spec.run_dir);
         let _ = std::fs::remove_file(&spec.agent_socket);
         let listener = tokio::net::UnixListener::bind(&spec.agent_socket).ok();
-        let console = spec.console_log.clone();
+        let _ = std::fs::remove_file(&spec.console_socket);
+        let (served_tx, served) = tokio::sync::oneshot::channel();
+        if let Ok(console) = tokio::net::UnixListener::bind(&spec.console_socket) {
+            let text = match behavior {
+                GuestBehavior::PanicAtBoot(_) => PANIC_CONSOLE,
+                _ => BOOT_CONSOLE,
+            };
+            tokio::spawn(serve_console(console, text, alive.subscribe(), served_tx));
+        }
         let alive_tx = alive.clone();
         lock(&self.vms).insert(pid, FakeVm { spec, alive });
         tokio::spawn(async move {
             match behavior {
                 GuestBehavior::PanicAtBoot(after) => {
-                    let _ = std::fs::write(
-                        &console,
-                        "[    0.9] Run /init as init process\n[    1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
-                    );
+                    // Dies only once its last words reached the collector,
+                    // so that tests do not race the collector's connect.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
                     tokio::time::sleep(after).await;
                     alive_tx.send_replace(false);
                 }
@@ -152,6 +159,32 @@ impl FakeDriver {
         });
         process
     }
+}
+
+/// What a fake guest writes to its console.
+pub const BOOT_CONSOLE: &str = "[    0.9] Run /init as init process\nvroom-init: fake guest up\n";
+/// What a fake guest that panics at boot writes to its console.
+pub const PANIC_CONSOLE: &str = "[    0.9] Run /init as init process\n[    1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n";
+
+/// The VMM's console socket: like QEMU's, it drops output while nobody is
+/// connected, so the fake writes its boot text to the first client and
+/// closes the connection when the "VM" dies.
+async fn serve_console(
+    listener: tokio::net::UnixListener,
+    text: &'static str,
+    mut alive: watch::Receiver<bool>,
+    served: tokio::sync::oneshot::Sender<()>,
+) {
+    let accepted = tokio::select! {
+        a = listener.accept() => a,
+        _ = alive.wait_for(|a| !*a) => return,
+    };
+    let Ok((mut stream, _)) = accepted else {
+        return;
+    };
+    let _ = stream.write_all(text.as_bytes()).await;
+    let _ = served.send(());
+    let _ = alive.wait_for(|a| !*a).await;
 }
 
 /// A value the fake guest's "service check" refuses: a config change

@@ -3,7 +3,8 @@
 //! The VM gets virtio-mmio devices only: two disks (the read-only root and the
 //! config volume, told apart in the guest by their serials), one virtio-net
 //! device per NIC on a tap QEMU creates, and a virtio-serial port for the
-//! agent. The serial console goes to a log file and QMP to a unix socket.
+//! agent. The serial console is a listening unix socket vroomd reads (see
+//! `vroom_core::console`), and QMP another.
 
 use std::path::{Path, PathBuf};
 
@@ -82,7 +83,10 @@ pub fn qemu_args(
         "none".into(),
         "-no-reboot".into(),
         "-chardev".into(),
-        format!("file,id=console,path={}", p(&spec.console_log)),
+        format!(
+            "socket,id=console,path={},server=on,wait=off",
+            p(&spec.console_socket)
+        ),
         "-serial".into(),
         "chardev:console".into(),
         "-kernel".into(),
@@ -186,7 +190,7 @@ mod tests {
                 },
             ],
             agent_socket: "/x/agent.sock".into(),
-            console_log: "/x/console.log".into(),
+            console_socket: "/x/console.sock".into(),
         }
     }
 

@@ -132,9 +132,12 @@ pub enum Command {
         op: ImageOp,
     },
     /// List host bridges and NAT tables with vroom's prefix that no network
-    /// or instance of this data dir owns (left by a deleted data dir).
+    /// or instance of this data dir owns (left by a deleted data dir), and
+    /// stale files: run dirs of instances that no longer exist, console
+    /// rotations the log layout no longer names.
     Gc {
-        /// Delete the idle ones (bridges without ports, tables without a bridge).
+        /// Delete the idle ones (bridges without ports, tables without a
+        /// bridge, run dirs untouched for a minute, stale console files).
         #[arg(long)]
         remove: bool,
     },

@@ -309,9 +309,14 @@ impl Engine {
                 })
                 .collect(),
             agent_socket: cell.dir.join("agent.sock"),
-            console_log: cell.console_log(),
+            console_socket: cell.console_socket(),
         };
-        cell.rotate_console();
+        let epoch = blocking(|| cell.console.new_boot())
+            .map_err(|e| OpError::internal("failed to rotate the console logs", e))?;
+        let _ = std::fs::remove_file(cell.console_socket());
+        // The collector connects while the VMM starts, before the guest
+        // writes its first line (a socket console drops output nobody reads).
+        cell.collect_console(epoch, CONSOLE_CONNECT_WINDOW);
         // The intent goes on record before the VMM starts: a daemon killed
         // from here on finds the instance `starting` and, through its run
         // dir, the VMM if one came up.
@@ -324,6 +329,7 @@ impl Engine {
             let _ = engine.update(cell, |r| r.instance.status.state = previous);
         };
         let process = self.driver.launch(&launch).await.map_err(|e| {
+            cell.stop_collecting_console();
             restore(self);
             let code = match e {
                 crate::driver::LaunchVmError::VmmMissing { .. }

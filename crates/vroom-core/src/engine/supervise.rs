@@ -54,15 +54,7 @@ impl Engine {
             let _ = self.driver.kill(&process);
             self.driver.wait_exit(&process).await;
         }
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                if !owned_dirs.contains(&path) {
-                    tracing::warn!(dir = %path.display(), "removing a run dir that no instance owns");
-                    let _ = std::fs::remove_dir_all(&path);
-                }
-            }
-        }
+        sweep_stale_files(&root, &owned_dirs);
         self.spawn_config_settle();
         Ok(())
     }
@@ -84,6 +76,9 @@ impl Engine {
         // restart was interrupted.
         let stopping = desired == DesiredState::Stopped
             || matches!(state, InstanceState::Stopping | InstanceState::Failed);
+        // The console is collected again from where the last daemon left
+        // it (output written while no daemon ran is lost).
+        cell.collect_console(cell.console.epoch(), Duration::from_secs(10));
         self.update(&cell, |r| {
             r.process = Some(process.clone());
             r.instance.status.pid = Some(process.pid);
@@ -228,7 +223,7 @@ impl Engine {
                         }
                     }
                     if Instant::now() >= deadline {
-                        let tail = tail_of(&cell.console_log(), 20);
+                        let tail = cell.console_tail(20);
                         let secs = cell.lock().ready_timeout_secs;
                         let _ = engine.update(&cell, |r| {
                             r.instance.status.state = InstanceState::Failed;
@@ -243,6 +238,11 @@ impl Engine {
             }
             if !exited {
                 exit.await;
+            }
+            // The exit is classified by the console's last words: they
+            // must be on disk first.
+            if cell.generation.load(Ordering::SeqCst) == generation {
+                cell.console_flushed().await;
             }
             engine.on_exit(&cell, generation, launched.elapsed()).await;
         });
@@ -275,7 +275,7 @@ impl Engine {
                 ExitOutcome::Failed => {}
                 ExitOutcome::BootFailed => {
                     r.instance.status.state = InstanceState::Failed;
-                    r.instance.status.last_error = Some(boot_failure(&cell.console_log()));
+                    r.instance.status.last_error = Some(boot_failure(&cell.console_tail(40)));
                 }
                 ExitOutcome::Restart => {
                     r.instance.status.state = InstanceState::Restarting;
@@ -321,8 +321,7 @@ impl Engine {
 
 /// Why a guest died during boot, in its own last words: the console's last
 /// kernel panic line, or else its last line.
-fn boot_failure(console: &Path) -> String {
-    let tail = tail_of(console, 40);
+fn boot_failure(tail: &str) -> String {
     let line = tail
         .lines()
         .rev()
@@ -331,5 +330,35 @@ fn boot_failure(console: &Path) -> String {
     match line {
         Some(line) => format!("the guest died during boot: {}", truncate(line.trim())),
         None => "the guest died during boot (its console is empty)".into(),
+    }
+}
+
+/// At daemon start, before any request: removes the run dirs no instance
+/// owns and, in the others, console files the layout does not name (see
+/// [`crate::console`]). Says what it removed.
+fn sweep_stale_files(root: &Path, owned_dirs: &std::collections::BTreeSet<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut removed = 0u64;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !owned_dirs.contains(&path) {
+            tracing::warn!(dir = %path.display(), "removing a run dir that no instance owns");
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+            continue;
+        }
+        for file in crate::console::stale_console_files(&path) {
+            let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(&file).is_ok() {
+                tracing::info!(file = %file.display(), bytes, "removed a stale console file");
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "swept stale files from the run dirs");
     }
 }
