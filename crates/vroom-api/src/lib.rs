@@ -601,7 +601,9 @@ async fn pump_stdin(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LogQuery {
-    /// Byte offset to read from; 0 for the start.
+    /// Byte offset to read from; 0 for the start. Offsets count the boot's
+    /// bytes: an offset whose output was rotated away (the current boot
+    /// keeps its newest 512 KiB to 1 MiB) reads from the oldest byte kept.
     #[serde(default)]
     #[param(minimum = 0, maximum = 9007199254740991.0)]
     offset: u64,

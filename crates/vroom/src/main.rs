@@ -76,7 +76,9 @@ pub enum Command {
         /// The instance's name.
         name: String,
     },
-    /// Show an instance's console log (kernel, vroom-init and services).
+    /// Show an instance's console log (kernel, vroom-init and services):
+    /// the newest 512 KiB to 1 MiB of the current boot, the last 512 KiB of
+    /// each earlier one.
     Logs {
         /// Keep printing new output.
         #[arg(short, long)]
