@@ -81,36 +81,23 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
     // 4 MiB: four times what the current boot keeps, more than the whole
     // instance may hold. The files are watched while the guest writes.
     let end = marker("flood-end");
-    let flood = {
-        let script = format!(
-            "yes 0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz | head -c 4194304; echo {end}"
-        );
-        let dir = env.dir.clone();
-        let prefix = env.prefix.clone();
-        std::thread::spawn(move || {
-            let out = Command::new(vroom_bin())
-                .env("VROOM_DATA_DIR", &dir)
-                .env("VROOM_IFACE_PREFIX", &prefix)
-                .env("VROOM_INIT", init_binary())
-                .env("VROOM_GROUP", "vroom-no-such-group")
-                .args(["exec", "--timeout", "900", "flood", "--", "sh", "-c"])
-                .arg(format!("({script}) > /dev/ttyS0"))
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{out:?}");
-        })
-    };
+    let script = format!(
+        "yes 0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz | head -c 4194304; echo {end}"
+    );
     let started = Instant::now();
     let mut largest_total = 0;
-    while !flood.is_finished() {
-        let files = console_files(&run_dir);
-        largest_total = largest_total.max(total(&files));
-        for (name, size) in &files {
-            assert!(*size <= SEGMENT, "{name} is {size} bytes: {files:?}");
+    std::thread::scope(|scope| {
+        let flood = scope.spawn(|| to_console(&env, "flood", &script));
+        while !flood.is_finished() {
+            let files = console_files(&run_dir);
+            largest_total = largest_total.max(total(&files));
+            for (name, size) in &files {
+                assert!(*size <= SEGMENT, "{name} is {size} bytes: {files:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    flood.join().unwrap();
+        flood.join().unwrap();
+    });
     let flood_secs = started.elapsed().as_secs_f64();
     eprintln!(
         "4 MiB through the console in {flood_secs:.1} s ({:.0} KiB/s)",
