@@ -2,8 +2,8 @@
 //! calls accounted for: a guest flooding its console leaves the console
 //! files under their caps with the newest output kept (across a restart of
 //! the VM and of the daemon), exec and cp are audited with the caller's uid
-//! (a non-root member of the API group included), and `vroom gc` sweeps
-//! stale run dirs.
+//! (a non-root member of the API group included), `vroom setup` creates
+//! that group, and `vroom gc` sweeps stale run dirs.
 
 mod common;
 
@@ -166,31 +166,41 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
 /// A host group made for one test, deleted at the end.
 struct TestGroup {
     name: String,
-    gid: u32,
 }
 
 impl TestGroup {
+    /// A name no group has yet; the group is deleted on drop if made.
+    fn unique() -> Self {
+        TestGroup {
+            name: format!("vrt{:04x}", rand::random::<u16>()),
+        }
+    }
+
     fn new() -> Self {
-        let name = format!("vrt{:04x}", rand::random::<u16>());
+        let group = Self::unique();
         let status = Command::new("groupadd")
-            .args(["--system", &name])
+            .args(["--system", &group.name])
             .status()
             .expect("run groupadd");
-        assert!(status.success(), "groupadd {name}");
-        let line = std::fs::read_to_string("/etc/group")
+        assert!(status.success(), "groupadd {}", group.name);
+        group
+    }
+
+    fn gid(&self) -> Option<u32> {
+        std::fs::read_to_string("/etc/group")
             .unwrap()
             .lines()
-            .find(|l| l.starts_with(&format!("{name}:")))
-            .map(str::to_string)
-            .expect("the group exists");
-        let gid = line.split(':').nth(2).unwrap().parse().unwrap();
-        TestGroup { name, gid }
+            .find_map(|l| l.strip_prefix(&format!("{}:x:", self.name)))
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|gid| gid.parse().ok())
     }
 }
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _ = Command::new("groupdel").arg(&self.name).status();
+        if self.gid().is_some() {
+            let _ = Command::new("groupdel").arg(&self.name).status();
+        }
     }
 }
 
@@ -230,14 +240,15 @@ fn audit_lines(env: &Env) -> Vec<String> {
 #[test]
 fn exec_and_cp_are_audited_with_the_callers_uid() {
     let group = TestGroup::new();
+    let gid = group.gid().expect("the group exists");
     let env = Env::with_env("audit", vec![("VROOM_GROUP", group.name.clone())]);
     // The group may reach the socket, through a data dir it cannot list.
     let socket = std::fs::metadata(env.dir.join("vroomd.sock")).unwrap();
     assert_eq!(socket.permissions().mode() & 0o777, 0o660);
-    assert_eq!(socket.gid(), group.gid);
+    assert_eq!(socket.gid(), gid);
     let data_dir = std::fs::metadata(&env.dir).unwrap();
     assert_eq!(data_dir.permissions().mode() & 0o777, 0o710);
-    assert_eq!(data_dir.gid(), group.gid);
+    assert_eq!(data_dir.gid(), gid);
     boot_hello(&env, "web");
 
     env.ok(&[
@@ -255,7 +266,7 @@ fn exec_and_cp_are_audited_with_the_callers_uid() {
     // A member of the group who is not root.
     let out = vroom_as_nobody(
         &env,
-        Some(group.gid),
+        Some(gid),
         &["exec", "web", "--", "sh", "-c", "echo from-nobody"],
     );
     assert!(out.status.success(), "{out:?}");
@@ -344,4 +355,30 @@ fn gc_removes_run_dirs_of_instances_that_no_longer_exist() {
     assert!(fresh.exists(), "a run dir changed in the last minute stays");
     std::fs::remove_dir_all(&fresh).unwrap();
     env.assert_nothing_left("after gc");
+}
+
+#[test]
+fn setup_creates_the_api_group_once() {
+    let group = TestGroup::unique();
+    let setup = || {
+        let out = Command::new(vroom_bin())
+            .arg("setup")
+            .env("VROOM_GROUP", &group.name)
+            .env("VROOM_INIT", init_binary())
+            .output()
+            .expect("run vroom setup");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = setup();
+    assert!(
+        first.contains(&format!("api group: created {}", group.name)),
+        "{first}"
+    );
+    assert!(group.gid().is_some(), "the group exists");
+    let again = setup();
+    assert!(
+        again.contains(&format!("api group: {} (members may use", group.name)),
+        "{again}"
+    );
 }
