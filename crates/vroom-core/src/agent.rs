@@ -25,7 +25,7 @@ use vroom_agent_proto::{
 };
 use vroom_types::ConfigValues;
 
-use crate::ratelimit::WarnLimiter;
+use crate::ratelimit::{WarnLimiter, WARN_WINDOW};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -390,9 +390,16 @@ impl AgentClient {
             let mut decoder = FrameDecoder::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                // `read` is cancel-safe: a timeout loses no bytes. It lets
+                // the count of a flood that stopped be reported.
+                let n = match tokio::time::timeout(WARN_WINDOW, reader.read(&mut buf)).await {
+                    Err(_) if weak.strong_count() == 0 => break,
+                    Err(_) => {
+                        warnings.tick();
+                        continue;
+                    }
+                    Ok(Ok(0) | Err(_)) => break,
+                    Ok(Ok(n)) => n,
                 };
                 let Some(link) = weak.upgrade() else { return };
                 decoder.push(&buf[..n]);

@@ -4,9 +4,10 @@
 //! must not be able to fill the host's log: each instance gets a
 //! [`WarnLimiter`] that lets a burst of warnings through per window and
 //! counts the rest. The count is reported once the window is over, as
-//! "suppressed N similar warnings from instance X in the last 10 s", on the
-//! next warning or when the source ends ([`WarnLimiter::flush`]). At most
-//! `burst + 1` lines per window and instance reach the log.
+//! "suppressed N similar warnings from instance X in the last 10 s": on the
+//! next warning, on a [`WarnLimiter::tick`] after the window, or when the
+//! source ends ([`WarnLimiter::flush`]). At most `burst + 1` lines per
+//! window and instance reach the log.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -63,6 +64,19 @@ impl Window {
         }
     }
 
+    /// The count of a window that is over, once.
+    fn expire(&mut self, now: Instant) -> Option<u64> {
+        let over = self
+            .start
+            .is_some_and(|start| now.saturating_duration_since(start) >= self.length);
+        if !over {
+            return None;
+        }
+        self.start = None;
+        self.logged = 0;
+        self.flush()
+    }
+
     fn flush(&mut self) -> Option<u64> {
         let suppressed = std::mem::take(&mut self.suppressed);
         (suppressed > 0).then_some(suppressed)
@@ -112,6 +126,15 @@ impl WarnLimiter {
         }
         if admission.log {
             emit();
+        }
+    }
+
+    /// Reports what a window that is over suppressed, for a source that
+    /// went quiet: call it now and then (at least once per window).
+    pub fn tick(&self) {
+        let suppressed = self.lock().expire(Instant::now());
+        if let Some(n) = suppressed {
+            self.report(n);
         }
     }
 
@@ -203,6 +226,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_window_that_is_over_reports_its_count_once_without_a_new_warning() {
+        let limiter = WarnLimiter::with_limits("x", Duration::from_secs(10), 1);
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        limiter.admit(at(0));
+        limiter.admit(at(1));
+        limiter.admit(at(2));
+        let mut window = limiter.lock();
+        assert_eq!(window.expire(at(9)), None, "the window is still open");
+        assert_eq!(window.expire(at(10)), Some(2));
+        assert_eq!(window.expire(at(30)), None, "reported once");
+        drop(window);
+        assert_eq!(
+            limiter.admit(at(31)),
+            Admission {
+                log: true,
+                suppressed_before: None
+            },
+            "a new window starts with the next warning"
+        );
     }
 
     #[test]
