@@ -7,9 +7,10 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{init_binary, poll, random_subnet, vroom_bin, Env};
@@ -55,6 +56,15 @@ fn marker(what: &str) -> String {
     format!("{what}-{:08x}", rand::random::<u32>())
 }
 
+/// A command that runs vroom (or wraps it) in this test's environment.
+fn vroom_env(mut cmd: Command, env: &Env) -> Command {
+    cmd.env("VROOM_DATA_DIR", &env.dir)
+        .env("VROOM_IFACE_PREFIX", &env.prefix)
+        .env("VROOM_INIT", init_binary())
+        .env_remove("VROOM_LOG");
+    cmd
+}
+
 /// Writes to the guest's serial console (the kernel's `console=ttyS0`).
 fn to_console(env: &Env, name: &str, script: &str) {
     env.ok(&[
@@ -84,6 +94,24 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
     let script = format!(
         "yes 0123456789abcdefghijklmnopqrstuvwxyz-0123456789abcdefghijklmnopqrstuvwxyz | head -c 4194304; echo {end}"
     );
+    // A follower started before the flood reads all of it: its offsets count
+    // the boot's bytes, and rotations stay far enough behind it.
+    let mut follower = vroom_env(Command::new(vroom_bin()), &env)
+        .args(["logs", "--follow", "flood"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run vroom logs -f");
+    let followed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let mut stdout = follower.stdout.take().unwrap();
+        let followed = followed.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64 * 1024];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                followed.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
     let started = Instant::now();
     let mut largest_total = 0;
     std::thread::scope(|scope| {
@@ -102,6 +130,27 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
     eprintln!(
         "4 MiB through the console in {flood_secs:.1} s ({:.0} KiB/s)",
         4096.0 / flood_secs
+    );
+
+    let caught_up = poll(Duration::from_secs(60), || {
+        let followed = followed.lock().unwrap();
+        String::from_utf8_lossy(&followed)
+            .contains(&end)
+            .then_some(())
+    });
+    let _ = follower.kill();
+    let _ = follower.wait();
+    reader.join().unwrap();
+    assert!(caught_up.is_some(), "the follower saw the flood's end");
+    let followed = followed.lock().unwrap().clone();
+    let flood_bytes = String::from_utf8_lossy(&followed)
+        .lines()
+        .filter(|l| l.starts_with("0123456789abcdefghijklmnopqrstuvwxyz-"))
+        .map(|l| l.len() + 1)
+        .sum::<usize>();
+    assert!(
+        flood_bytes >= 4194304 - 75,
+        "the follower lost output across rotations: {flood_bytes} of 4194304 bytes"
     );
 
     // The newest output is kept and `logs` shows the current boot's end.
@@ -212,18 +261,15 @@ fn vroom_as_nobody(env: &Env, group: Option<u32>, args: &[&str]) -> Output {
         Some(gid) => format!("--groups={gid}"),
         None => "--clear-groups".into(),
     };
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            &groups,
-            vroom_bin(),
-        ])
+    let mut setpriv = Command::new("setpriv");
+    setpriv.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        &groups,
+        vroom_bin(),
+    ]);
+    vroom_env(setpriv, env)
         .args(args)
-        .env("VROOM_DATA_DIR", &env.dir)
-        .env("VROOM_IFACE_PREFIX", &env.prefix)
-        .env("VROOM_INIT", init_binary())
-        .env_remove("VROOM_LOG")
         .output()
         .expect("run setpriv")
 }
