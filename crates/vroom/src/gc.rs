@@ -6,9 +6,10 @@
 //! touched.
 //!
 //! It also sweeps the data dir's stale files: run dirs of instances that no
-//! longer exist (idle once untouched for a minute, so an instance being
-//! created right now is left alone) and console files that the log layout
-//! of `vroom_core::console` does not name (older rotations). vroomd sweeps
+//! longer exist and console files that the log layout of
+//! `vroom_core::console` does not name (older rotations), each idle once
+//! untouched for a minute (so an instance being created or a rotation under
+//! way is left alone). vroomd sweeps
 //! the same at start; this is for a daemon that has run for long.
 
 use std::collections::BTreeSet;
@@ -49,8 +50,17 @@ fn nft_tables() -> Vec<String> {
         .collect()
 }
 
-/// A run dir younger than this may belong to an instance being created.
-const RUN_DIR_GRACE: Duration = Duration::from_secs(60);
+/// A run dir younger than this may belong to an instance being created, a
+/// console file to a rotation under way.
+const GRACE: Duration = Duration::from_secs(60);
+
+fn untouched_for_a_while(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age >= GRACE)
+}
 
 fn size_of(path: &Path) -> u64 {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
@@ -79,15 +89,12 @@ fn stale_files(
         let id = dir.file_name().map(|n| n.to_string_lossy().into_owned());
         if id.is_some_and(|id| known_ids.contains(&id)) {
             for file in vroom_core::console::stale_console_files(&dir) {
-                out.push(("file", file, true));
+                let idle = untouched_for_a_while(&file);
+                out.push(("file", file, idle));
             }
             continue;
         }
-        let idle = std::fs::metadata(&dir)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .is_some_and(|age| age >= RUN_DIR_GRACE);
+        let idle = untouched_for_a_while(&dir);
         out.push(("run dir", dir, idle));
     }
     out
@@ -194,8 +201,8 @@ pub async fn run(
             "removed"
         } else if l.idle {
             "idle: `vroom gc --remove` deletes it"
-        } else if l.kind == "run dir" {
-            "changed in the last minute (an instance being created?): left alone"
+        } else if l.kind == "run dir" || l.kind == "file" {
+            "changed in the last minute (in use?): left alone"
         } else {
             "in use (another data dir's?): left alone"
         };

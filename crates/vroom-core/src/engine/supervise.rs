@@ -28,10 +28,12 @@ impl Engine {
         let root = self.instances_dir();
         let mut found: BTreeMap<PathBuf, VmProcess> =
             self.driver.processes_under(&root).into_iter().collect();
-        let mut owned_dirs = std::collections::BTreeSet::new();
+        let owned_dirs: std::collections::BTreeSet<PathBuf> =
+            records.iter().map(|r| root.join(&r.instance.id)).collect();
+        // Before any VM is launched again: a launch rotates console files.
+        sweep_stale_console_files(&owned_dirs);
         for record in records {
             let dir = root.join(&record.instance.id);
-            owned_dirs.insert(dir.clone());
             let process = record
                 .process
                 .clone()
@@ -54,7 +56,15 @@ impl Engine {
             let _ = self.driver.kill(&process);
             self.driver.wait_exit(&process).await;
         }
-        sweep_stale_files(&root, &owned_dirs);
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !owned_dirs.contains(&path) {
+                    tracing::warn!(dir = %path.display(), "removing a run dir that no instance owns");
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
+        }
         self.spawn_config_settle();
         Ok(())
     }
@@ -333,24 +343,13 @@ fn boot_failure(tail: &str) -> String {
     }
 }
 
-/// At daemon start, before any request: removes the run dirs no instance
-/// owns and, in the others, console files the layout does not name (see
-/// [`crate::console`]). Says what it removed.
-fn sweep_stale_files(root: &Path, owned_dirs: &std::collections::BTreeSet<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
+/// At daemon start, before any request or launch: removes the console files
+/// that the layout does not name (see [`crate::console`]) from the run dirs
+/// of the instances. Says what it removed.
+fn sweep_stale_console_files(run_dirs: &std::collections::BTreeSet<PathBuf>) {
     let mut removed = 0u64;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if !owned_dirs.contains(&path) {
-            tracing::warn!(dir = %path.display(), "removing a run dir that no instance owns");
-            if std::fs::remove_dir_all(&path).is_ok() {
-                removed += 1;
-            }
-            continue;
-        }
-        for file in crate::console::stale_console_files(&path) {
+    for dir in run_dirs {
+        for file in crate::console::stale_console_files(dir) {
             let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
             if std::fs::remove_file(&file).is_ok() {
                 tracing::info!(file = %file.display(), bytes, "removed a stale console file");
@@ -359,6 +358,6 @@ fn sweep_stale_files(root: &Path, owned_dirs: &std::collections::BTreeSet<PathBu
         }
     }
     if removed > 0 {
-        tracing::info!(removed, "swept stale files from the run dirs");
+        tracing::info!(removed, "swept stale console files from the run dirs");
     }
 }
