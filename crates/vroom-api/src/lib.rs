@@ -26,8 +26,12 @@ use vroom_types::{
     MAX_EXEC_REQUEST_BYTES,
 };
 
+mod audit;
 mod links;
 mod replies;
+
+use audit::AuditCaller;
+pub use audit::Caller;
 
 use links::CreatedResourceLinks;
 use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
@@ -469,12 +473,14 @@ async fn instance_action(
 async fn exec_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     let mut input = body.into_data_stream();
     let (line, rest) = exec_request_line(&mut input).await?;
     let req: ExecRequest = serde_json::from_slice(&line)
         .map_err(|e| bad_request(format!("invalid exec request: {e}")))?;
+    audit::exec(caller, &name, &req.argv);
     let mut exec = engine.exec(&name, req).await?;
     // A body that breaks off mid-stdin must not look like a clean EOF to the command.
     let (broken_tx, broken_rx) = tokio::sync::oneshot::channel::<String>();
@@ -605,7 +611,9 @@ async fn pump_stdin(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LogQuery {
-    /// Byte offset to read from; 0 for the start.
+    /// Byte offset to read from; 0 for the start. Offsets count the boot's
+    /// bytes: an offset whose output was rotated away (the current boot
+    /// keeps its newest 512 KiB to 1 MiB) reads from the oldest byte kept.
     #[serde(default)]
     #[param(minimum = 0, maximum = 9007199254740991.0)]
     offset: u64,
@@ -653,9 +661,11 @@ struct FileQuery {
 async fn read_file(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     query: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    audit::copy(caller, &name, &query.path);
     let file = engine.read_file(&name, &query.path).await?;
     let chunks = futures::stream::unfold(file, |mut file| async move {
         let chunk = file.next_chunk().await?.map_err(|e| {

@@ -25,6 +25,8 @@ use vroom_agent_proto::{
 };
 use vroom_types::ConfigValues;
 
+use crate::ratelimit::{WarnLimiter, WARN_WINDOW};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("cannot reach the guest agent")]
@@ -203,6 +205,8 @@ pub struct AgentClient {
     socket: PathBuf,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     next_id: Arc<AtomicU64>,
+    /// What the guest makes us log goes through this.
+    warnings: Arc<WarnLimiter>,
 }
 
 impl AgentClient {
@@ -216,7 +220,15 @@ impl AgentClient {
             socket,
             link: tokio::sync::Mutex::new(None),
             next_id: Arc::new(AtomicU64::new(start)),
+            warnings: Arc::new(WarnLimiter::new("?")),
         }
+    }
+
+    /// Names the instance in the warnings this channel logs (rate-limited
+    /// per instance, see [`crate::ratelimit`]).
+    pub fn for_instance(mut self, instance: &str) -> Self {
+        self.warnings = Arc::new(WarnLimiter::new(instance));
+        self
     }
 
     /// Drops the connection, e.g. after the VMM exited.
@@ -372,13 +384,22 @@ impl AgentClient {
             next_id: self.next_id.clone(),
         });
         let weak = Arc::downgrade(&link);
+        let warnings = self.warnings.clone();
         tokio::spawn(async move {
+            let instance = warnings.instance().to_string();
             let mut decoder = FrameDecoder::new();
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n = match reader.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                // `read` is cancel-safe: a timeout loses no bytes. It lets
+                // the count of a flood that stopped be reported.
+                let n = match tokio::time::timeout(WARN_WINDOW, reader.read(&mut buf)).await {
+                    Err(_) if weak.strong_count() == 0 => break,
+                    Err(_) => {
+                        warnings.tick();
+                        continue;
+                    }
+                    Ok(Ok(0) | Err(_)) => break,
+                    Ok(Ok(n)) => n,
                 };
                 let Some(link) = weak.upgrade() else { return };
                 decoder.push(&buf[..n]);
@@ -387,7 +408,7 @@ impl AgentClient {
                         Ok(Some(frame)) => match serde_json::from_slice::<Response>(&frame) {
                             Ok(resp) => {
                                 if let Some(session) = link.dispatch(resp) {
-                                    tracing::warn!(session, "killing an exec session that broke the protocol or lost its reader");
+                                    warnings.warn(|| tracing::warn!(%instance, session, "killing an exec session that broke the protocol or lost its reader"));
                                     let link = link.clone();
                                     tokio::spawn(async move {
                                         let id = link.id();
@@ -396,15 +417,18 @@ impl AgentClient {
                                     });
                                 }
                             }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "discarding an unparsable agent message")
-                            }
+                            Err(e) => warnings.warn(|| {
+                                tracing::warn!(%instance, error = %e, "discarding an unparsable agent message")
+                            }),
                         },
                         Ok(None) => break,
-                        Err(e) => tracing::warn!(error = %e, "agent stream out of sync"),
+                        Err(e) => warnings.warn(|| {
+                            tracing::warn!(%instance, error = %e, "agent stream out of sync")
+                        }),
                     }
                 }
             }
+            warnings.flush();
             if let Some(link) = weak.upgrade() {
                 link.close();
             }
@@ -626,6 +650,70 @@ mod tests {
         };
         let (session, (guest, id)) = tokio::join!(start, accept);
         (session.unwrap(), guest, id)
+    }
+
+    /// A guest that floods its agent port with garbage (every 4 bytes a
+    /// frame header of an unknown version) makes vroomd log a burst of
+    /// warnings and one count of the rest, not one line per bad header.
+    #[tokio::test]
+    async fn garbage_on_the_agent_channel_logs_a_bounded_number_of_warnings() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                lock(&self.0).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // The test runtime is single-threaded: the reader task logs here.
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let (client, guest, _dir) = pair().await;
+        let client = client.for_instance("flood");
+        let flood = async {
+            let mut guest = guest.await.unwrap();
+            let garbage: Vec<u8> = b"VRM\x09".repeat(64 * 1024);
+            for _ in 0..4 {
+                guest.stream.write_all(&garbage).await.unwrap();
+            }
+            // Closing ends the reader, which reports what it suppressed.
+            drop(guest);
+        };
+        let (health, ()) = tokio::join!(client.health(Duration::from_secs(30)), flood);
+        assert!(health.is_err());
+        for _ in 0..100 {
+            if String::from_utf8_lossy(&lock(&captured.0)).contains("suppressed") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let text = String::from_utf8_lossy(&lock(&captured.0)).into_owned();
+        let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+        assert!(
+            warnings <= crate::ratelimit::WARN_BURST as usize + 1,
+            "{warnings} warning lines for 256 Ki bad headers:\n{}",
+            &text[..text.len().min(2000)]
+        );
+        let suppressed: u64 = text
+            .split("suppressed ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count of what was suppressed: {text}"));
+        assert!(suppressed > 256 * 1024, "{suppressed}");
+        assert!(
+            text.contains("similar warnings from instance flood in the last 10 s"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

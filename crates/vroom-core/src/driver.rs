@@ -12,7 +12,7 @@ use vroom_types::{Accel, AccelChoice};
 pub struct LaunchSpec {
     pub instance_id: String,
     pub name: String,
-    /// Holds the driver's sockets, pid file and console log.
+    /// Holds the driver's sockets and pid file.
     pub run_dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
@@ -27,7 +27,9 @@ pub struct LaunchSpec {
     pub nics: Vec<LaunchNic>,
     /// The unix socket of the agent port.
     pub agent_socket: PathBuf,
-    pub console_log: PathBuf,
+    /// Where the VMM serves the serial console as a listening unix socket;
+    /// vroomd connects and writes the console log itself.
+    pub console_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 //! [`images::ImageSource`]; the `vroom` binary wires real implementations in.
 
 pub mod agent;
+pub mod console;
 pub mod driver;
 pub mod engine;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod images;
 pub mod ipam;
 pub mod lifecycle;
 pub mod net;
+pub mod ratelimit;
 pub mod store;
 pub mod testing;
 

@@ -112,7 +112,7 @@ impl FakeDriver {
             config_disk: PathBuf::new(),
             nics: vec![],
             agent_socket: run_dir.join("agent.sock"),
-            console_log: run_dir.join("console.log"),
+            console_socket: run_dir.join(crate::console::CONSOLE_SOCKET),
         };
         self.start(spec)
     }
@@ -129,16 +129,28 @@ impl FakeDriver {
         let _ = std::fs::create_dir_all(&spec.run_dir);
         let _ = std::fs::remove_file(&spec.agent_socket);
         let listener = tokio::net::UnixListener::bind(&spec.agent_socket).ok();
-        let console = spec.console_log.clone();
+        let _ = std::fs::remove_file(&spec.console_socket);
+        let (served_tx, served) = tokio::sync::oneshot::channel();
+        if let Ok(console) = tokio::net::UnixListener::bind(&spec.console_socket) {
+            let last_words = match behavior {
+                GuestBehavior::PanicAtBoot(_) => PANIC_LAST_WORDS,
+                _ => "",
+            };
+            tokio::spawn(serve_console(
+                console,
+                last_words,
+                alive.subscribe(),
+                served_tx,
+            ));
+        }
         let alive_tx = alive.clone();
         lock(&self.vms).insert(pid, FakeVm { spec, alive });
         tokio::spawn(async move {
             match behavior {
                 GuestBehavior::PanicAtBoot(after) => {
-                    let _ = std::fs::write(
-                        &console,
-                        "[    0.9] Run /init as init process\n[    1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n",
-                    );
+                    // Dies only once the collector is connected, so that
+                    // tests do not race its connect.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), served).await;
                     tokio::time::sleep(after).await;
                     alive_tx.send_replace(false);
                 }
@@ -152,6 +164,37 @@ impl FakeDriver {
         });
         process
     }
+}
+
+/// What a fake guest writes to its console.
+pub const BOOT_CONSOLE: &str = "[    0.9] Run /init as init process\nvroom-init: fake guest up\n";
+/// What a fake guest that panics at boot writes last.
+pub const PANIC_LAST_WORDS: &str =
+    "[    1.0] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n";
+
+/// The VMM's console socket: like QEMU's, it drops output while nobody is
+/// connected, so the fake writes its boot text to the first client. Its
+/// last words go out only once the "VM" is seen dead, as console output
+/// still in flight when the VMM's exit is noticed: an exit classified
+/// before the collector flushed misses them.
+async fn serve_console(
+    listener: tokio::net::UnixListener,
+    last_words: &'static str,
+    mut alive: watch::Receiver<bool>,
+    served: tokio::sync::oneshot::Sender<()>,
+) {
+    let accepted = tokio::select! {
+        a = listener.accept() => a,
+        _ = alive.wait_for(|a| !*a) => return,
+    };
+    let Ok((mut stream, _)) = accepted else {
+        return;
+    };
+    let _ = stream.write_all(BOOT_CONSOLE.as_bytes()).await;
+    let _ = served.send(());
+    let _ = alive.wait_for(|a| !*a).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = stream.write_all(last_words.as_bytes()).await;
 }
 
 /// A value the fake guest's "service check" refuses: a config change

@@ -4,10 +4,11 @@
 //! config volume, told apart in the guest by their serials), one virtio-net
 //! device per NIC, and a virtio-serial port for the agent. QEMU opens no
 //! host path for them: the jailer hands it fds (numbered by
-//! [`crate::jail::plan`]): listening sockets for QMP and the agent, the taps,
-//! and fd sets (`-add-fd`, opened as `/dev/fdset/N`) for the console log and
-//! the disks. Only the kernel and initramfs are named by path (inside the
-//! jail when jailed). QEMU runs in the foreground; the jailer detaches it.
+//! [`crate::jail::plan`]): listening sockets for QMP, the agent and the
+//! serial console (which vroomd reads, see `vroom_core::console`), the taps,
+//! and fd sets (`-add-fd`, opened as `/dev/fdset/N`) for the disks. Only the
+//! kernel and initramfs are named by path (inside the jail when jailed). QEMU
+//! runs in the foreground; the jailer detaches it.
 
 use std::path::{Path, PathBuf};
 
@@ -68,9 +69,8 @@ pub struct VmmFds {
 /// resource changes.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-const CONSOLE_FDSET: u32 = 1;
-const ROOT_FDSET: u32 = 2;
-const CONFIG_FDSET: u32 = 3;
+const ROOT_FDSET: u32 = 1;
+const CONFIG_FDSET: u32 = 2;
 
 pub fn qemu_args(
     spec: &LaunchSpec,
@@ -120,10 +120,9 @@ pub fn qemu_args(
     if sandbox {
         args.extend(["-sandbox".into(), SANDBOX.into()]);
     }
-    args.extend(add_fd(fds.console, CONSOLE_FDSET));
     args.extend([
         "-chardev".into(),
-        format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on"),
+        format!("socket,id=console,fd={},server=on,wait=off", fds.console),
         "-serial".into(),
         "chardev:console".into(),
         "-kernel".into(),
@@ -226,7 +225,7 @@ pub(crate) mod tests {
                 },
             ],
             agent_socket: "/x/agent.sock".into(),
-            console_log: "/x/console.log".into(),
+            console_socket: "/x/console.sock".into(),
         }
     }
 
@@ -301,13 +300,13 @@ pub(crate) mod tests {
         assert_eq!(value_after(&args, "-initrd"), vec!["/vm/initramfs"]);
         assert_eq!(
             value_after(&args, "-add-fd"),
-            vec!["fd=5,set=1", "fd=6,set=2", "fd=7,set=3", "fd=8,set=3"]
+            vec!["fd=6,set=1", "fd=7,set=2", "fd=8,set=2"]
         );
         assert_eq!(
             value_after(&args, "-drive"),
             vec![
-                "id=root,file=/dev/fdset/2,format=raw,if=none,readonly=on",
-                "id=config,file=/dev/fdset/3,format=raw,if=none,cache=writeback"
+                "id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on",
+                "id=config,file=/dev/fdset/2,format=raw,if=none,cache=writeback"
             ]
         );
         assert_eq!(
@@ -321,7 +320,7 @@ pub(crate) mod tests {
         assert_eq!(
             value_after(&args, "-chardev"),
             vec![
-                "file,id=console,path=/dev/fdset/1,append=on",
+                "socket,id=console,fd=5,server=on,wait=off",
                 "socket,id=agent,fd=4,server=on,wait=off",
                 "socket,id=qmp,fd=3,server=on,wait=off"
             ]

@@ -107,8 +107,8 @@ pub struct Isolation {
     pub entries: Vec<JailEntry>,
     pub cgroup: CgroupSpec,
     /// RLIMIT_FSIZE, with SIGXFSZ ignored: no write at or past this offset
-    /// succeeds, which bounds QEMU's log and the console log while leaving
-    /// the largest config disk whole.
+    /// succeeds, which bounds QEMU's own log (`qemu.log`) while leaving the
+    /// largest config disk whole.
     pub max_file_bytes: u64,
 }
 
@@ -130,8 +130,6 @@ pub enum JailEntry {
 pub enum FileAccess {
     Read,
     ReadWrite,
-    /// Write-only, appending, created if missing (0600).
-    Append,
 }
 
 /// An fd the jailer opens as root for QEMU.
@@ -215,9 +213,8 @@ pub fn plan(
         agent: add(FdSource::Listen {
             path: spec.agent_socket.clone(),
         }),
-        console: add(FdSource::File {
-            path: spec.console_log.clone(),
-            access: FileAccess::Append,
+        console: add(FdSource::Listen {
+            path: spec.console_socket.clone(),
         }),
         root_disk: add(FdSource::File {
             path: spec.root_disk.clone(),
@@ -392,7 +389,7 @@ mod tests {
                 mac: "52:54:00:00:00:01".into(),
             }],
             agent_socket: "/data/instances/ab12/agent.sock".into(),
-            console_log: "/data/instances/ab12/console.log".into(),
+            console_socket: "/data/instances/ab12/console.sock".into(),
         }
     }
 
@@ -428,9 +425,8 @@ mod tests {
                 FdSource::Listen {
                     path: dir.join("agent.sock")
                 },
-                FdSource::File {
-                    path: dir.join("console.log"),
-                    access: FileAccess::Append
+                FdSource::Listen {
+                    path: dir.join("console.sock")
                 },
                 FdSource::File {
                     path: "/images/x/rootfs.erofs".into(),
@@ -453,14 +449,14 @@ mod tests {
         assert_eq!(
             value_after(args, "-chardev"),
             vec![
-                "file,id=console,path=/dev/fdset/1,append=on",
+                "socket,id=console,fd=5,server=on,wait=off",
                 "socket,id=agent,fd=4,server=on,wait=off",
                 "socket,id=qmp,fd=3,server=on,wait=off",
             ]
         );
         assert_eq!(
             value_after(args, "-add-fd"),
-            vec!["fd=5,set=1", "fd=6,set=2", "fd=7,set=3", "fd=8,set=3"]
+            vec!["fd=6,set=1", "fd=7,set=2", "fd=8,set=2"]
         );
         assert_eq!(value_after(args, "-netdev"), vec!["tap,id=net0,fd=9"]);
     }

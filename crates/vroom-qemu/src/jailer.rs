@@ -209,7 +209,6 @@ fn open_fd(source: &FdSource) -> Result<OwnedFd, RunJailError> {
             match access {
                 FileAccess::Read => options.read(true),
                 FileAccess::ReadWrite => options.read(true).write(true),
-                FileAccess::Append => options.append(true).create(true).mode(0o600),
             };
             let file = options.open(path).map_err(open(path))?;
             Ok(file.into())

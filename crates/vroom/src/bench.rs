@@ -258,7 +258,7 @@ async fn raw_boot(
             mac,
         }],
         agent_socket: dir.path().join("agent.sock"),
-        console_log: dir.path().join("console.log"),
+        console_socket: dir.path().join("console.sock"),
     };
     let started = Instant::now();
     let process = driver.launch(&spec).await?;

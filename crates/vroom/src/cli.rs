@@ -72,7 +72,14 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Image { op } => image(&client, op, json).await?,
         Command::Demo { keep } => crate::demo::run(&client, *keep).await?,
         Command::Gc { remove } => {
-            crate::gc::run(&client, &paths::iface_prefix(), *remove, json).await?
+            crate::gc::run(
+                &client,
+                &cli.data_dir,
+                &paths::iface_prefix(),
+                *remove,
+                json,
+            )
+            .await?
         }
         Command::Setup | Command::Daemon { .. } | Command::Bench { .. } | Command::Jail { .. } => {
             unreachable!("handled in main")

@@ -1,7 +1,10 @@
 //! `vroom daemon`: the composition root. Wires the QEMU driver, netlink
 //! networking, the redb store and the local image source into the engine and
-//! serves the API on a unix socket (mode 0600). VMs outlive the daemon: on
-//! start it re-adopts the ones still running.
+//! serves the API on a unix socket: mode 0600, or 0660 with group `vroom`
+//! when that group exists (`vroom setup` creates it), so that root can grant
+//! the API to other users. Every connection's peer credentials reach the
+//! API (its audit log). VMs outlive the daemon: on start it re-adopts the
+//! ones still running.
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -21,8 +24,14 @@ use crate::paths;
 pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700))
+    let group = paths::api_group();
+    let access = ApiAccess::for_group(group_id(&group));
+    fs::set_permissions(data_dir, fs::Permissions::from_mode(access.data_dir_mode))
         .context("cannot restrict the data dir")?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(data_dir, None, Some(gid))
+            .context("cannot give the data dir to the API group")?;
+    }
     let _lock = lock(data_dir)?;
 
     let store = RedbStateStore::open(&data_dir.join("state.redb"))
@@ -59,9 +68,20 @@ pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
     let _ = fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600))
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(&socket, None, Some(gid))
+            .context("cannot give the API socket to the API group")?;
+    }
+    fs::set_permissions(&socket, fs::Permissions::from_mode(access.socket_mode))
         .context("cannot restrict the API socket")?;
-    tracing::info!(socket = %socket.display(), "vroomd listening");
+    match access.gid {
+        Some(gid) => {
+            tracing::info!(socket = %socket.display(), %group, gid, "vroomd listening; members of the group may use the API")
+        }
+        None => {
+            tracing::info!(socket = %socket.display(), "vroomd listening; root only (create group {group} to grant the API)")
+        }
+    }
 
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -72,12 +92,92 @@ pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
         }
         tracing::info!("vroomd stopping; VMs keep running");
     };
-    axum::serve(listener, vroom_api::router(engine))
+    let service =
+        vroom_api::router(engine).into_make_service_with_connect_info::<vroom_api::Caller>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
         .context("API server failed")?;
     let _ = fs::remove_file(&socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_is_shared_only_with_an_existing_group() {
+        assert_eq!(
+            ApiAccess::for_group(None),
+            ApiAccess {
+                gid: None,
+                socket_mode: 0o600,
+                data_dir_mode: 0o700
+            }
+        );
+        assert_eq!(
+            ApiAccess::for_group(Some(123)),
+            ApiAccess {
+                gid: Some(123),
+                socket_mode: 0o660,
+                data_dir_mode: 0o710
+            }
+        );
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-vroom"), None);
+    }
+}
+
+/// Who may reach the API socket.
+#[derive(Debug, PartialEq, Eq)]
+struct ApiAccess {
+    gid: Option<u32>,
+    socket_mode: u32,
+    /// Members of the group need to traverse the data dir to the socket,
+    /// never to list it.
+    data_dir_mode: u32,
+}
+
+impl ApiAccess {
+    fn for_group(gid: Option<u32>) -> Self {
+        match gid {
+            Some(gid) => ApiAccess {
+                gid: Some(gid),
+                socket_mode: 0o660,
+                data_dir_mode: 0o710,
+            },
+            None => ApiAccess {
+                gid: None,
+                socket_mode: 0o600,
+                data_dir_mode: 0o700,
+            },
+        }
+    }
+}
+
+/// The id of a host group, if it exists.
+pub fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut group = std::mem::MaybeUninit::<libc::group>::uninit();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the reentrant variant
+    // writes only into `group` and `buf`, whose length is passed.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            group.as_mut_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: getgrnam_r succeeded and filled `group`.
+    Some(unsafe { group.assume_init() }.gr_gid)
 }
 
 /// One daemon per data dir.

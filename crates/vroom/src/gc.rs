@@ -4,10 +4,18 @@
 //! that are idle (a bridge with no ports, a table whose bridge is gone),
 //! so that a live bridge of another data dir sharing the prefix is never
 //! touched.
+//!
+//! It also sweeps the data dir's stale files: run dirs of instances that no
+//! longer exist and console files that the log layout of
+//! `vroom_core::console` does not name (older rotations), each idle once
+//! untouched for a minute (so an instance being created or a rotation under
+//! way is left alone). vroomd sweeps
+//! the same at start; this is for a daemon that has run for long.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use vroom_client::Client;
@@ -54,7 +62,63 @@ fn nft_tables() -> Vec<(String, String)> {
         .collect()
 }
 
-pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Result<()> {
+/// A run dir younger than this may belong to an instance being created, a
+/// console file to a rotation under way.
+const GRACE: Duration = Duration::from_secs(60);
+
+fn untouched_for_a_while(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age >= GRACE)
+}
+
+fn size_of(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|entries| entries.flatten().map(|e| size_of(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+/// Stale files of the data dir: (kind, path, idle).
+fn stale_files(
+    data_dir: &Path,
+    known_ids: &BTreeSet<String>,
+) -> Vec<(&'static str, PathBuf, bool)> {
+    let mut out = vec![];
+    let Ok(entries) = std::fs::read_dir(data_dir.join("instances")) else {
+        return out;
+    };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    for dir in dirs {
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        if id.is_some_and(|id| known_ids.contains(&id)) {
+            for file in vroom_core::console::stale_console_files(&dir) {
+                let idle = untouched_for_a_while(&file);
+                out.push(("file", file, idle));
+            }
+            continue;
+        }
+        let idle = untouched_for_a_while(&dir);
+        out.push(("run dir", dir, idle));
+    }
+    out
+}
+
+pub async fn run(
+    client: &Client,
+    data_dir: &Path,
+    prefix: &str,
+    remove: bool,
+    json: bool,
+) -> Result<()> {
     let networks = client.networks().await?;
     let instances = client.list().await?;
     let mut known: BTreeSet<String> = networks.iter().map(|n| n.bridge.clone()).collect();
@@ -102,13 +166,28 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
         }
     }
 
+    let known_ids: BTreeSet<String> = instances.iter().map(|i| i.id.clone()).collect();
+    let mut stale_bytes = 0;
+    for (kind, path, idle) in stale_files(data_dir, &known_ids) {
+        stale_bytes += size_of(&path);
+        leftovers.push(Leftover {
+            kind,
+            name: path.display().to_string(),
+            idle,
+            family: None,
+        });
+    }
+
     let mut removed = vec![];
     if remove {
         for l in leftovers.iter().filter(|l| l.idle) {
-            let status = match l.kind {
+            let done = match l.kind {
                 "bridge" => Command::new("ip")
                     .args(["link", "delete", &l.name])
-                    .status(),
+                    .status()
+                    .is_ok_and(|s| s.success()),
+                "run dir" => std::fs::remove_dir_all(&l.name).is_ok(),
+                "file" => std::fs::remove_file(&l.name).is_ok(),
                 _ => Command::new("nft")
                     .args([
                         "delete",
@@ -116,9 +195,10 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
                         l.family.as_deref().unwrap_or("inet"),
                         &l.name,
                     ])
-                    .status(),
+                    .status()
+                    .is_ok_and(|s| s.success()),
             };
-            if status.is_ok_and(|s| s.success()) {
+            if done {
                 removed.push(l.name.clone());
             }
         }
@@ -139,7 +219,7 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
         return Ok(());
     }
     if leftovers.is_empty() {
-        println!("no leftovers with prefix {prefix:?}");
+        println!("no leftovers with prefix {prefix:?} and no stale files");
         return Ok(());
     }
     for l in &leftovers {
@@ -147,10 +227,15 @@ pub async fn run(client: &Client, prefix: &str, remove: bool, json: bool) -> Res
             "removed"
         } else if l.idle {
             "idle: `vroom gc --remove` deletes it"
+        } else if l.kind == "run dir" || l.kind == "file" {
+            "changed in the last minute (in use?): left alone"
         } else {
             "in use (another data dir's?): left alone"
         };
         println!("{:<10} {:<16} {note}", l.kind, l.name);
+    }
+    if stale_bytes > 0 {
+        println!("stale files: {} KiB", stale_bytes.div_ceil(1024));
     }
     Ok(())
 }

@@ -81,7 +81,9 @@ pub enum Command {
         /// The instance's name.
         name: String,
     },
-    /// Show an instance's console log (kernel, vroom-init and services).
+    /// Show an instance's console log (kernel, vroom-init and services):
+    /// the newest 512 KiB to 1 MiB of the current boot, the last 512 KiB of
+    /// each earlier one.
     Logs {
         /// Keep printing new output.
         #[arg(short, long)]
@@ -137,9 +139,12 @@ pub enum Command {
         op: ImageOp,
     },
     /// List host bridges and NAT tables with vroom's prefix that no network
-    /// or instance of this data dir owns (left by a deleted data dir).
+    /// or instance of this data dir owns (left by a deleted data dir), and
+    /// stale files: run dirs of instances that no longer exist, console
+    /// rotations the log layout no longer names.
     Gc {
-        /// Delete the idle ones (bridges without ports, tables without a bridge).
+        /// Delete the idle ones (bridges without ports, tables without a
+        /// bridge, run dirs untouched for a minute, stale console files).
         #[arg(long)]
         remove: bool,
     },

@@ -34,6 +34,12 @@ pub fn socket(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("vroomd.sock")
 }
 
+/// The host group whose members may use the API socket (`VROOM_GROUP`,
+/// `vroom` by default). Membership is root-equivalent for the VMs.
+pub fn api_group() -> String {
+    std::env::var("VROOM_GROUP").unwrap_or_else(|_| "vroom".into())
+}
+
 /// Prefix of host interface names (at most 5 characters), `VROOM_IFACE_PREFIX`.
 pub fn iface_prefix() -> String {
     let prefix = std::env::var("VROOM_IFACE_PREFIX").unwrap_or_else(|_| "vr".into());

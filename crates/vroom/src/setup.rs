@@ -126,6 +126,7 @@ pub fn run(quiet: bool) -> Result<()> {
         }
     }
     say("prerequisites: ok");
+    say(&api_group()?);
 
     let kernels = KernelCache::new(&paths::cache_dir());
     let kernel = match kernels.fetch() {
@@ -160,6 +161,32 @@ pub fn run(quiet: bool) -> Result<()> {
         Err(reason) => say(&format!("accelerator: tcg ({reason})")),
     }
     Ok(())
+}
+
+/// Creates the group that may use the API socket (a system group, no
+/// members): root grants the API to a user by adding them to it.
+fn api_group() -> Result<String> {
+    let group = paths::api_group();
+    if crate::daemon::group_id(&group).is_some() {
+        return Ok(format!(
+            "api group: {group} (members may use vroomd's socket)"
+        ));
+    }
+    if !is_root() {
+        return Ok(format!(
+            "api group: {group} missing, the socket stays root-only (run `vroom setup` as root to create it)"
+        ));
+    }
+    let status = Command::new("groupadd")
+        .args(["--system", &group])
+        .status()
+        .context("cannot run groupadd")?;
+    if !status.success() {
+        bail!("groupadd --system {group} failed ({status})");
+    }
+    Ok(format!(
+        "api group: created {group}; add users with `usermod -aG {group} USER` (root-equivalent for the VMs); restart vroomd to apply"
+    ))
 }
 
 #[cfg(test)]

@@ -78,9 +78,8 @@ impl Engine {
     }
 
     /// A piece of the console log of boot `boot` (0: the current one, -1 the
-    /// one before, down to `-KEPT_BOOTS`).
+    /// one before, down to `-KEPT_BOOTS`); offsets as `crate::console` says.
     pub fn logs(&self, name: &str, boot: i32, offset: u64) -> Result<(String, u64), OpError> {
-        use std::io::{Read, Seek, SeekFrom};
         let cell = self.cell(name)?;
         if !(-KEPT_BOOTS..=0).contains(&boot) {
             return Err(OpError::new(
@@ -88,22 +87,8 @@ impl Engine {
                 format!("boot {boot} is out of range: 0 is the current boot, -1 to -{KEPT_BOOTS} earlier ones"),
             ));
         }
-        let path = cell.boot_log(boot);
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
-            Err(e) => return Err(OpError::internal("failed to open the console log", e)),
-        };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        // A log that shrank was recreated by a new boot: start over.
-        let start = if offset > len { 0 } else { offset };
-        let mut buf = Vec::new();
-        file.seek(SeekFrom::Start(start))
+        let (buf, next) = blocking(|| cell.console.read(boot, offset, MAX_LOG_CHUNK))
             .map_err(|e| OpError::internal("failed to read the console log", e))?;
-        file.take(MAX_LOG_CHUNK)
-            .read_to_end(&mut buf)
-            .map_err(|e| OpError::internal("failed to read the console log", e))?;
-        let next = start + buf.len() as u64;
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
     }
 }

@@ -310,9 +310,11 @@ impl Engine {
                 })
                 .collect(),
             agent_socket: cell.dir.join("agent.sock"),
-            console_log: cell.console_log(),
+            console_socket: cell.console_socket(),
         };
-        cell.rotate_console();
+        let epoch = blocking(|| cell.console.new_boot())
+            .map_err(|e| OpError::internal("failed to rotate the console logs", e))?;
+        let _ = std::fs::remove_file(cell.console_socket());
         // The intent goes on record before the VMM starts: a daemon killed
         // from here on finds the instance `starting` and, through its run
         // dir, the VMM if one came up.
@@ -324,7 +326,11 @@ impl Engine {
         let restore = |engine: &Self| {
             let _ = engine.update(cell, |r| r.instance.status.state = previous);
         };
+        // The collector connects while the VMM starts, before the guest
+        // writes its first line (a socket console drops output nobody reads).
+        cell.collect_console(epoch, CONSOLE_CONNECT_WINDOW);
         let process = self.driver.launch(&launch).await.map_err(|e| {
+            cell.stop_collecting_console();
             restore(self);
             let code = match e {
                 crate::driver::LaunchVmError::VmmMissing { .. }
@@ -487,6 +493,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n, _| n.as_str() != name);
+        cell.stop_collecting_console();
         blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {

@@ -38,6 +38,7 @@ use vroom_types::{
 };
 
 use crate::agent::AgentClient;
+use crate::console::{ConsoleCollector, ConsoleLog, CONSOLE_SOCKET};
 use crate::driver::{LaunchNic, LaunchSpec, VmDriver, VmProcess};
 use crate::error::OpError;
 use crate::images::{BootImage, ImageSource, ResolveImageError};
@@ -53,8 +54,13 @@ pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
 const HEALTH_POLL: Duration = Duration::from_millis(150);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
-/// How many earlier boots' console logs an instance keeps.
-pub const KEPT_BOOTS: i32 = 5;
+pub use crate::console::KEPT_BOOTS;
+/// How long a launched VMM may take to serve its console socket.
+const CONSOLE_CONNECT_WINDOW: Duration = Duration::from_secs(60);
+/// How long, after a VMM exited, its last console output may take to reach the disk.
+const CONSOLE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of a console error reports and the failure classification read.
+const CONSOLE_TAIL_BYTES: u64 = 64 * 1024;
 /// An instance that stayed up this long has its crash streak forgotten.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -90,12 +96,18 @@ struct Cell {
     crash_streak: AtomicU32,
     agent: AgentClient,
     dir: PathBuf,
+    console: Arc<ConsoleLog>,
+    /// Copies the running VMM's console into `console`.
+    collector: Mutex<Option<ConsoleCollector>>,
 }
 
 impl Cell {
     fn new(dir: PathBuf, record: InstanceRecord) -> Arc<Self> {
+        let name = record.instance.spec.name.to_string();
         Arc::new(Cell {
-            agent: AgentClient::new(dir.join("agent.sock")),
+            agent: AgentClient::new(dir.join("agent.sock")).for_instance(&name),
+            console: Arc::new(ConsoleLog::open(&dir)),
+            collector: Mutex::default(),
             dir,
             record: Mutex::new(record),
             op: tokio::sync::Mutex::new(()),
@@ -113,26 +125,45 @@ impl Cell {
     fn volume(&self) -> PathBuf {
         self.dir.join("config.img")
     }
-    /// The console log of boot `boot`: 0 is the current (or last) boot, -1
-    /// the one before, down to `-KEPT_BOOTS`.
-    fn boot_log(&self, boot: i32) -> PathBuf {
-        match boot {
-            0 => self.console_log(),
-            n => self.dir.join(format!("console.{}.log", n.unsigned_abs())),
+    fn console_socket(&self) -> PathBuf {
+        self.dir.join(CONSOLE_SOCKET)
+    }
+
+    /// Starts copying the VMM's console of boot `epoch` (replacing, and so
+    /// stopping, the collector of an earlier VMM).
+    fn collect_console(&self, epoch: u64, connect_for: Duration) {
+        let collector = ConsoleCollector::spawn(
+            self.console.clone(),
+            epoch,
+            self.console_socket(),
+            connect_for,
+            self.lock().instance.spec.name.to_string(),
+        );
+        *self.collector.lock().unwrap_or_else(|p| p.into_inner()) = Some(collector);
+    }
+
+    fn stop_collecting_console(&self) {
+        self.collector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    /// Waits until the console output of a VMM that exited is on disk.
+    async fn console_flushed(&self) {
+        let collector = self
+            .collector
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(collector) = collector {
+            collector.flushed(CONSOLE_FLUSH_TIMEOUT).await;
         }
     }
 
-    /// Keeps the last boots' consoles: console.log becomes console.1.log,
-    /// which becomes console.2.log, and so on up to [`KEPT_BOOTS`].
-    fn rotate_console(&self) {
-        for n in (1..KEPT_BOOTS).rev() {
-            let _ = std::fs::rename(self.boot_log(-n), self.boot_log(-n - 1));
-        }
-        let _ = std::fs::rename(self.console_log(), self.boot_log(-1));
-    }
-
-    fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+    /// The last `lines` lines of the current boot's console.
+    fn console_tail(&self, lines: usize) -> String {
+        last_lines(&self.console.tail(CONSOLE_TAIL_BYTES), lines)
     }
 }
 
@@ -226,11 +257,19 @@ fn truncate(s: &str) -> String {
     line.chars().take(200).collect()
 }
 
-/// The last `lines` lines of a file, for error reports.
+/// The last `lines` lines of a file (within its last 64 KiB), for error reports.
 pub fn tail_of(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(CONSOLE_TAIL_BYTES)));
+        let _ = file.take(CONSOLE_TAIL_BYTES).read_to_end(&mut bytes);
+    }
+    last_lines(&String::from_utf8_lossy(&bytes), lines)
+}
+
+fn last_lines(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -35,10 +35,12 @@ impl Engine {
         let root = self.instances_dir();
         let mut found: BTreeMap<PathBuf, VmProcess> =
             self.driver.processes_under(&root).into_iter().collect();
-        let mut owned_dirs = std::collections::BTreeSet::new();
+        let owned_dirs: std::collections::BTreeSet<PathBuf> =
+            records.iter().map(|r| root.join(&r.instance.id)).collect();
+        // Before any VM is launched again: a launch rotates console files.
+        sweep_stale_console_files(&owned_dirs);
         for record in records {
             let dir = root.join(&record.instance.id);
-            owned_dirs.insert(dir.clone());
             let process = record
                 .process
                 .clone()
@@ -91,6 +93,9 @@ impl Engine {
         // restart was interrupted.
         let stopping = desired == DesiredState::Stopped
             || matches!(state, InstanceState::Stopping | InstanceState::Failed);
+        // The console is collected again from where the last daemon left
+        // it (output written while no daemon ran is lost).
+        cell.collect_console(cell.console.epoch(), Duration::from_secs(10));
         self.update(&cell, |r| {
             r.process = Some(process.clone());
             r.instance.status.pid = Some(process.pid);
@@ -235,7 +240,7 @@ impl Engine {
                         }
                     }
                     if Instant::now() >= deadline {
-                        let tail = tail_of(&cell.console_log(), 20);
+                        let tail = cell.console_tail(20);
                         let secs = cell.lock().ready_timeout_secs;
                         let _ = engine.update(&cell, |r| {
                             r.instance.status.state = InstanceState::Failed;
@@ -250,6 +255,11 @@ impl Engine {
             }
             if !exited {
                 exit.await;
+            }
+            // The exit is classified by the console's last words: they
+            // must be on disk first.
+            if cell.generation.load(Ordering::SeqCst) == generation {
+                cell.console_flushed().await;
             }
             engine.on_exit(&cell, generation, launched.elapsed()).await;
         });
@@ -282,7 +292,7 @@ impl Engine {
                 ExitOutcome::Failed => {}
                 ExitOutcome::BootFailed => {
                     r.instance.status.state = InstanceState::Failed;
-                    r.instance.status.last_error = Some(boot_failure(&cell.console_log()));
+                    r.instance.status.last_error = Some(boot_failure(&cell.console_tail(40)));
                 }
                 ExitOutcome::Restart => {
                     r.instance.status.state = InstanceState::Restarting;
@@ -328,8 +338,7 @@ impl Engine {
 
 /// Why a guest died during boot, in its own last words: the console's last
 /// kernel panic line, or else its last line.
-fn boot_failure(console: &Path) -> String {
-    let tail = tail_of(console, 40);
+fn boot_failure(tail: &str) -> String {
     let line = tail
         .lines()
         .rev()
@@ -338,5 +347,24 @@ fn boot_failure(console: &Path) -> String {
     match line {
         Some(line) => format!("the guest died during boot: {}", truncate(line.trim())),
         None => "the guest died during boot (its console is empty)".into(),
+    }
+}
+
+/// At daemon start, before any request or launch: removes the console files
+/// that the layout does not name (see [`crate::console`]) from the run dirs
+/// of the instances. Says what it removed.
+fn sweep_stale_console_files(run_dirs: &std::collections::BTreeSet<PathBuf>) {
+    let mut removed = 0u64;
+    for dir in run_dirs {
+        for file in crate::console::stale_console_files(dir) {
+            let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(&file).is_ok() {
+                tracing::info!(file = %file.display(), bytes, "removed a stale console file");
+                removed += 1;
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "swept stale console files from the run dirs");
     }
 }

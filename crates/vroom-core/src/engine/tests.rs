@@ -360,3 +360,39 @@ async fn config_changes_are_transactions_with_history() {
     use crate::store::StateStore;
     assert!(t.store.config_log("web").unwrap().is_none());
 }
+
+/// The console reaches `logs` through the collector, each boot keeps its
+/// own, and a restarted daemon sweeps console files the layout does not name.
+#[tokio::test]
+async fn consoles_are_collected_per_boot_and_stale_files_swept() {
+    use crate::testing::BOOT_CONSOLE;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    let i = wait_state(&t, "web", InstanceState::Running).await;
+    let mut console = String::new();
+    for _ in 0..200 {
+        console = t.engine.logs("web", 0, 0).unwrap().0;
+        if console == BOOT_CONSOLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(console, BOOT_CONSOLE, "the collector wrote the console");
+    t.engine
+        .action("web", InstanceAction::Restart)
+        .await
+        .unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    assert_eq!(t.engine.logs("web", -1, 0).unwrap().0, BOOT_CONSOLE);
+
+    let run_dir = dir.path().join("instances").join(&i.id);
+    for stale in ["console.9.log", "console.log.1"] {
+        std::fs::write(run_dir.join(stale), "old").unwrap();
+    }
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    assert!(!run_dir.join("console.9.log").exists());
+    assert!(!run_dir.join("console.log.1").exists());
+    assert!(run_dir.join("console.1.log").exists(), "kept boots stay");
+}
