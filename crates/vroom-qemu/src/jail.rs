@@ -5,8 +5,8 @@
 //! vroomd writes a [`JailSpec`] as JSON to `<run dir>/jail.json` (0600, in
 //! the 0700 data dir; it is also the record of the uid the VMM runs as) and
 //! runs `/proc/self/exe __jail <run dir>/jail.json`. The jailer, still root:
-//! - opens every [`FdSource`] (listening unix sockets for QMP and the agent,
-//!   taps through `/dev/net/tun`, the console log, the disks) and hands them
+//! - opens every [`FdSource`] (listening unix sockets for QMP, the agent and
+//!   the console, taps through `/dev/net/tun`, the disks) and hands them
 //!   to QEMU as fds `3, 4, …` in order, so QEMU opens nothing by a host path;
 //! - forks; the child calls `setsid`, joins its cgroup (see
 //!   [`crate::cgroup`]), unshares its mount, network and IPC namespaces
