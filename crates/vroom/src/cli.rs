@@ -587,9 +587,10 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
             let (bytes, source) = if file.as_os_str() == "-" {
                 (read_bounded(std::io::stdin().lock())?, "stdin".to_string())
             } else {
-                let f = std::fs::File::open(file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                (read_bounded(f)?, file.display().to_string())
+                // A regular file under the cap, opened without blocking: a
+                // FIFO or /dev/zero is refused at once, naming what it is.
+                let bytes = vroom_core::input::read_input(file, MAX_IMPORT_BYTES)?;
+                (bytes, file.display().to_string())
             };
             let doc: ConfigDocument = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{source} is not a config export"))?;
