@@ -153,6 +153,12 @@ fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), Strin
     if !meta.is_file() {
         return Err(format!("{path} is not a regular file"));
     }
+    // Refused before a byte is read (e.g. /proc/kcore, which claims 128 TiB).
+    if meta.len() > MAX_FILE_COPY {
+        return Err(format!(
+            "{path} is larger than the {MAX_FILE_COPY} bytes cp copies"
+        ));
+    }
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("{path}: {e}"))?;
     let mut bytes = Vec::new();

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vroom_client::{Client, ClientError};
 use vroom_types::{
-    ConfigDocument, ExecEvent, ExecRequest, ExecResult, Instance, InstanceAction, InstanceSpec,
-    InstanceState, NetworkSpec, RunRequest,
+    CappedOutput, ConfigDocument, ExecEvent, ExecRequest, ExecResult, Instance, InstanceAction,
+    InstanceSpec, InstanceState, NetworkSpec, RunRequest,
 };
 
 use crate::output;
@@ -486,11 +486,11 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Res
         });
     }
     let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
-    let (mut out_text, mut err_text) = (Vec::new(), Vec::new());
+    let (mut out_text, mut err_text) = (CappedOutput::default(), CappedOutput::default());
     while let Some(event) = events.next().await {
         match event? {
-            ExecEvent::Stdout { data } if json => out_text.extend_from_slice(&data),
-            ExecEvent::Stderr { data } if json => err_text.extend_from_slice(&data),
+            ExecEvent::Stdout { data } if json => out_text.push(&data),
+            ExecEvent::Stderr { data } if json => err_text.push(&data),
             ExecEvent::Stdout { data } => {
                 stdout.write_all(&data).await?;
                 stdout.flush().await?;
@@ -503,8 +503,10 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Res
                 if json {
                     output::json(&ExecResult {
                         exit_code: exit.exit_code,
-                        stdout: String::from_utf8_lossy(&out_text).into_owned(),
-                        stderr: String::from_utf8_lossy(&err_text).into_owned(),
+                        stdout: out_text.text(),
+                        stderr: err_text.text(),
+                        stdout_truncated: out_text.truncated(),
+                        stderr_truncated: err_text.truncated(),
                         message: exit.message,
                     });
                 } else if let Some(message) = &exit.message {

@@ -253,6 +253,9 @@ impl GuestFile {
                 AgentError::Refused { message } if message.ends_with("is not a regular file") => {
                     OpError::new(ErrorCode::InvalidArgument, message)
                 }
+                AgentError::Refused { message } if message.ends_with("bytes cp copies") => {
+                    OpError::new(ErrorCode::ResourceExhausted, message)
+                }
                 AgentError::Refused { message } => OpError::new(ErrorCode::NotFound, message),
                 e => OpError::wrap(ErrorCode::GuestError, "copy failed", e),
             })?;
