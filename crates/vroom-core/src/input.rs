@@ -272,4 +272,30 @@ mod tests {
         input.copy_to(&mut bytes).unwrap();
         assert_eq!(bytes, b"checked");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any content is read back exactly when it fits the cap, and
+        /// refused as too large when it does not.
+        #[test]
+        fn reads_exactly_what_fits(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            cap in 0u64..4096,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            std::fs::write(&path, &bytes).unwrap();
+            match read_input(&path, cap) {
+                Ok(read) => {
+                    proptest::prop_assert!(bytes.len() as u64 <= cap);
+                    proptest::prop_assert_eq!(read, bytes);
+                }
+                Err(OpenInputError::TooLarge { cap: c, .. }) => {
+                    proptest::prop_assert_eq!(c, cap);
+                    proptest::prop_assert!(bytes.len() as u64 > cap);
+                }
+                Err(e) => proptest::prop_assert!(false, "{}", e),
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{init_binary, random_subnet, recipe, vroom_bin, Env};
+use common::{daemon_pid, random_subnet, recipe, status_kib, Env};
 use vroom_types::{ExecResult, InstanceState, MAX_EXEC_RESULT_BYTES};
 
 /// vroomd's peak memory must stay under this whatever it is fed.
@@ -18,11 +18,8 @@ const MAX_DAEMON_KIB: u64 = 200 * 1024;
 /// Runs vroom, killing it (and failing) if it takes longer than `limit`:
 /// a hang must fail the test, not stall the suite.
 fn vroom_within(env: &Env, limit: Duration, args: &[&str]) -> Output {
-    let mut child = Command::new(vroom_bin())
-        .env("VROOM_DATA_DIR", &env.dir)
-        .env("VROOM_IFACE_PREFIX", &env.prefix)
-        .env("VROOM_INIT", init_binary())
-        .env_remove("VROOM_LOG")
+    let mut child = env
+        .command()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -65,30 +62,9 @@ fn hello_copy(dir: &Path, extra: &str) {
     std::fs::copy(hello.join("index.html"), dir.join("index.html")).unwrap();
 }
 
-fn daemon_pid(env: &Env) -> u32 {
-    let needle = format!("VROOM_DATA_DIR={}", env.dir.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            cmdline.split(|b| *b == 0).any(|a| a == b"daemon")
-                && environ.split(|b| *b == 0).any(|v| v == needle.as_bytes())
-        })
-        .expect("this test's vroomd runs")
-}
-
 /// vroomd's peak resident memory (VmHWM), in KiB.
 fn peak_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM is in /proc/PID/status")
+    status_kib(pid, "VmHWM:")
 }
 
 const FILES_SOURCE: &str = "[[files]]\npath = \"/etc/extra\"\nsource = \"extra\"\n";

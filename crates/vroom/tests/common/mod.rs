@@ -75,7 +75,8 @@ impl Env {
         env
     }
 
-    fn command(&self) -> Command {
+    /// A `vroom` command of this environment, to spawn with its own stdio.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(vroom_bin());
         cmd.env("VROOM_DATA_DIR", &self.dir)
             .env("VROOM_IFACE_PREFIX", &self.prefix)
@@ -397,6 +398,33 @@ impl Drop for Env {
 fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
     assert!(status.success(), "{cmd}");
+}
+
+/// The pid of this test's vroomd (the process whose data dir is the test's).
+pub fn daemon_pid(env: &Env) -> u32 {
+    let needle = format!("VROOM_DATA_DIR={}", env.dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).any(|a| a == b"daemon")
+                && environ.split(|b| *b == 0).any(|v| v == needle.as_bytes())
+        })
+        .expect("this test's vroomd runs")
+}
+
+/// A field of `/proc/PID/status` in KiB, e.g. `VmHWM:` (peak resident memory).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the field is in /proc/PID/status")
 }
 
 /// Polls `check` every 200 ms until it returns `Some` or `timeout` passes.
