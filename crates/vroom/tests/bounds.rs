@@ -211,6 +211,21 @@ fn guest_output_and_copies_are_bounded() {
     let err = fails_within(&env, fast, &["cp", "web:/run/fifo", dest.to_str().unwrap()]);
     assert!(err.contains("/run/fifo is not a regular file"), "{err}");
     assert!(!dest.exists());
+    // A pseudo file (size 0 in fstat) is copied to its end, not cut after
+    // the first 384 KiB chunk.
+    let counted = env.ok(&[
+        "exec",
+        "web",
+        "--",
+        "sh",
+        "-c",
+        "busybox cat /proc/kallsyms | busybox wc -c",
+    ]);
+    let counted: usize = counted.trim().parse().unwrap();
+    assert!(counted > 1 << 20, "kallsyms holds {counted} bytes");
+    let out = env.vroom(&["cp", "web:/proc/kallsyms", "-"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout.len(), counted);
 
     let peak = peak_kib(daemon);
     assert!(peak < MAX_DAEMON_KIB, "vroomd peaked at {peak} KiB");
