@@ -172,6 +172,7 @@ fn untrusted_files_fail_fast_and_never_hang_a_later_build() {
     );
 
     let peak = peak_kib(daemon);
+    eprintln!("vroomd peaked at {peak} KiB");
     assert!(peak < MAX_DAEMON_KIB, "vroomd peaked at {peak} KiB");
     env.assert_nothing_left("after the refused inputs");
 }
@@ -228,6 +229,7 @@ fn guest_output_and_copies_are_bounded() {
     assert_eq!(out.stdout.len(), counted);
 
     let peak = peak_kib(daemon);
+    eprintln!("vroomd peaked at {peak} KiB");
     assert!(peak < MAX_DAEMON_KIB, "vroomd peaked at {peak} KiB");
     env.ok(&["rm", "-f", "web"]);
     env.ok(&["net", "rm", "lan"]);
