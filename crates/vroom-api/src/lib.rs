@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -100,11 +100,27 @@ fn bad_request(message: String) -> ApiError {
     ApiError(OpError::new(ErrorCode::InvalidArgument, message))
 }
 
+/// The largest JSON body a route reads (a spec, an action, a recipe path).
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// The largest body of the routes that carry config values: the CLI's
+/// `config import` reads at most 1 MiB, and values are re-encoded as JSON.
+pub const MAX_CONFIG_BODY: usize = 2 << 20;
+
 /// A JSON body, or the reason it was refused: 413 when too large, 415 when
 /// not JSON, 400 for anything else (bad syntax, a wrong or unknown field).
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     json.map(|Json(t)| t).map_err(|rejection| {
         let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError(OpError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "invalid request body: length limit exceeded: a body may hold {} KiB ({} KiB for config values)",
+                    MAX_JSON_BODY / 1024,
+                    MAX_CONFIG_BODY / 1024
+                ),
+            ));
+        }
         let code = match status {
             StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE => code_for(status),
             _ => ErrorCode::InvalidArgument,
@@ -266,7 +282,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/instances/{name}/files", get(read_file))
         .route(
             "/v1/instances/{name}/config",
-            get(get_config).patch(update_config).put(replace_config),
+            get(get_config)
+                .patch(update_config)
+                .put(replace_config)
+                .layer(DefaultBodyLimit::max(MAX_CONFIG_BODY)),
         )
         .route("/v1/instances/{name}/config/reset", post(reset_config))
         .route("/v1/instances/{name}/config/history", get(config_history))
@@ -292,6 +311,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(get_image).delete(remove_image),
         )
         .fallback(no_route)
+        // Routes that carry more say so above (the innermost limit wins); the
+        // exec route streams stdin and bounds its request line itself.
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trace_request))
         .with_state(engine)
@@ -961,6 +983,79 @@ mod tests {
         }
     }
 
+    /// Bodies are capped per route, and the answer is the API's JSON error.
+    #[tokio::test]
+    async fn bodies_over_the_route_limit_answer_413() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = vroom_core::testing::TestEngine::new(dir.path());
+        let padded = |len: usize, json: &str| {
+            let mut body = vec![b' '; len];
+            body.extend_from_slice(json.as_bytes());
+            body
+        };
+        let network = r#"{"name":"n1","subnet":"10.9.0.0/24"}"#;
+        let values = r#"{"values":{}}"#;
+        let cases: &[(&str, &str, Vec<u8>, u16)] = &[
+            (
+                "POST",
+                "/v1/networks",
+                padded(MAX_JSON_BODY + 1, network),
+                413,
+            ),
+            (
+                "POST",
+                "/v1/images/build",
+                padded(MAX_JSON_BODY + 1, "{}"),
+                413,
+            ),
+            ("POST", "/v1/instances", padded(100 * 1024, "{}"), 413),
+            // Config values may be larger, up to their own limit.
+            (
+                "PUT",
+                "/v1/instances/nope/config",
+                padded(MAX_JSON_BODY + 1, values),
+                404,
+            ),
+            (
+                "PUT",
+                "/v1/instances/nope/config",
+                padded(MAX_CONFIG_BODY + 1, values),
+                413,
+            ),
+            (
+                "PATCH",
+                "/v1/instances/nope/config",
+                padded(MAX_CONFIG_BODY + 1, values),
+                413,
+            ),
+        ];
+        for (method, path, body, want) in cases {
+            let request = axum::http::Request::builder()
+                .method(*method)
+                .uri(*path)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.clone()))
+                .unwrap();
+            let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(
+                status,
+                *want,
+                "{method} {path} {} bytes: {bytes:?}",
+                body.len()
+            );
+            if *want == 413 {
+                let error: ApiErrorBody = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(error.code, ErrorCode::PayloadTooLarge);
+                assert!(error.message.contains("64 KiB"), "{}", error.message);
+            }
+        }
+    }
+
     #[test]
     fn openapi_document_is_in_sync() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
@@ -1111,7 +1206,7 @@ mod tests {
             .split("Router::new()")
             .nth(1)
             .unwrap()
-            .split(".layer(")
+            .split(".fallback(")
             .next()
             .unwrap();
         let mut routed: Vec<String> = vec![];

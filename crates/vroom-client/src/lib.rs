@@ -11,10 +11,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 use vroom_types::{
-    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, ConfigDiff,
-    ConfigDocument, ConfigHistory, ConfigRollback, ConfigUpdate, ConfigValues, ConfigVersion,
-    ErrorCode, ExecEvent, ExecRequest, ExecResult, ImageSummary, Instance, InstanceAction,
-    LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
+    ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, CappedOutput,
+    ConfigDiff, ConfigDocument, ConfigHistory, ConfigRollback, ConfigUpdate, ConfigValues,
+    ConfigVersion, ErrorCode, ExecEvent, ExecRequest, ExecResult, ImageSummary, Instance,
+    InstanceAction, LogChunk, Network, NetworkSpec, RunRequest, VersionInfo,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -199,23 +199,26 @@ impl Client {
     }
 
     /// Runs a command in a guest and collects its output as text (invalid
-    /// UTF-8 replaced); for bytes and stdin use [`Client::exec_stream`].
+    /// UTF-8 replaced, the first [`vroom_types::MAX_EXEC_RESULT_BYTES`] of
+    /// each stream); for all the bytes and stdin use [`Client::exec_stream`].
     pub async fn exec(&self, name: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
         let req = ExecRequest {
             stdin: false,
             ..req.clone()
         };
         let (mut events, _) = self.exec_stream(name, &req).await?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let (mut stdout, mut stderr) = (CappedOutput::default(), CappedOutput::default());
         while let Some(event) = events.next().await {
             match event? {
-                ExecEvent::Stdout { data } => stdout.extend_from_slice(&data),
-                ExecEvent::Stderr { data } => stderr.extend_from_slice(&data),
+                ExecEvent::Stdout { data } => stdout.push(&data),
+                ExecEvent::Stderr { data } => stderr.push(&data),
                 ExecEvent::Exit(exit) => {
                     return Ok(ExecResult {
                         exit_code: exit.exit_code,
-                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                        stdout: stdout.text(),
+                        stderr: stderr.text(),
+                        stdout_truncated: stdout.truncated(),
+                        stderr_truncated: stderr.truncated(),
                         message: exit.message,
                     })
                 }

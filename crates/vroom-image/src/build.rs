@@ -14,9 +14,10 @@ use crate::apt::{self, DownloadPackagesError, ResolvePackagesError};
 use crate::builtin::BuildImageError;
 use crate::kernel::Kernel;
 use crate::pack::{pack_and_commit, ImageMeta};
-use crate::recipe::LoadedRecipe;
+use crate::recipe::{LoadedRecipe, MAX_RECIPE_INPUT_BYTES, MAX_SOURCE_BYTES};
 use crate::store::{ImageStore, StoredImage};
 use crate::util::run;
+use vroom_core::input::open_input;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
@@ -227,21 +228,32 @@ pub fn build_recipe(
 }
 
 /// The digest of what an image is made from besides its packages: this
-/// builder's version, every file of the recipe's directory, the kernel and
-/// vroom-init.
+/// builder's version, the recipe file and every file it references (not the
+/// rest of its directory), the kernel and vroom-init. Files are opened as
+/// untrusted input (regular, one link, capped) and hashed as they stream.
 fn inputs_digest(loaded: &LoadedRecipe, inputs: &RecipeInputs<'_>) -> std::io::Result<String> {
-    let mut files = vec![];
-    collect_files(&loaded.dir, &loaded.dir, &mut files)?;
-    files.sort();
+    use sha2::{Digest, Sha256};
+    let files = loaded.input_files().map_err(std::io::Error::other)?;
     let mut fields: Vec<Vec<u8>> = vec![
-        b"vroom-build-1".to_vec(),
+        b"vroom-build-2".to_vec(),
         env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
         inputs.kernel.reference.sha256.as_bytes().to_vec(),
         crate::util::sha256_file(inputs.init)?.0.into_bytes(),
     ];
+    let mut total = 0u64;
     for (relative, path) in &files {
+        let mut file = open_input(path, MAX_SOURCE_BYTES).map_err(std::io::Error::other)?;
+        total += file.size();
+        if total > MAX_RECIPE_INPUT_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the files the recipe references exceed {} MiB together",
+                MAX_RECIPE_INPUT_BYTES >> 20
+            )));
+        }
+        let mut hasher = Sha256::new();
+        file.copy_to(&mut hasher).map_err(std::io::Error::other)?;
         fields.push(relative.as_bytes().to_vec());
-        fields.push(fs::read(path)?);
+        fields.push(hasher.finalize().to_vec());
     }
     Ok(digest(
         &fields.iter().map(Vec::as_slice).collect::<Vec<_>>(),
@@ -257,23 +269,6 @@ fn digest(fields: &[&[u8]]) -> String {
         h.update(field);
     }
     crate::util::hex(&h.finalize())
-}
-
-fn collect_files(
-    root: &Path,
-    dir: &Path,
-    out: &mut Vec<(String, std::path::PathBuf)>,
-) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_files(root, &path, out)?;
-        } else {
-            let relative = path.strip_prefix(root).unwrap_or(&path);
-            out.push((relative.display().to_string(), path.clone()));
-        }
-    }
-    Ok(())
 }
 
 fn remove(path: &Path) -> std::io::Result<()> {
@@ -319,7 +314,11 @@ fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()>
         match (&file.content, &file.source) {
             (Some(content), _) => fs::write(&dest, content)?,
             (None, Some(source)) => {
-                fs::copy(loaded.source_path(source), &dest)?;
+                let path = loaded.source_path(source).map_err(std::io::Error::other)?;
+                let mut input =
+                    open_input(&path, MAX_SOURCE_BYTES).map_err(std::io::Error::other)?;
+                let mut out = fs::File::create(&dest)?;
+                input.copy_to(&mut out).map_err(std::io::Error::other)?;
             }
             (None, None) => {}
         }

@@ -11,6 +11,8 @@ use std::net::Ipv4Addr;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
+use vroom_core::error::chain;
+use vroom_core::input::{open_input, read_input, OpenInputError};
 use vroom_types::template::{TemplateContext, TemplateNic, RESERVED_TEMPLATE_NAMES};
 use vroom_types::{
     check_rules, parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField,
@@ -30,13 +32,22 @@ pub const NIC_ROLES: &[&str] = &[
 ];
 const COMPONENTS: &[&str] = &["main", "contrib", "non-free", "non-free-firmware"];
 
+/// The largest `recipe.toml` read.
+pub const MAX_RECIPE_BYTES: u64 = 1 << 20;
+/// The largest template read (templates travel inside the image's manifest).
+pub const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+/// The largest file a recipe's `files` may copy into an image.
+pub const MAX_SOURCE_BYTES: u64 = 64 << 20;
+/// The most bytes of all files a recipe references, together.
+pub const MAX_RECIPE_INPUT_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadRecipeError {
     #[error("cannot read recipe {path}")]
     Read {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: OpenInputError,
     },
     #[error("recipe {path} is not valid TOML for a vroom recipe: {message}")]
     Parse { path: PathBuf, message: String },
@@ -280,6 +291,8 @@ pub enum HealthPort {
 #[derive(Debug, Clone)]
 pub struct LoadedRecipe {
     pub recipe: Recipe,
+    /// The recipe file itself.
+    pub path: PathBuf,
     pub dir: PathBuf,
     pub default_mem_mib: u64,
     pub min_mem_mib: u64,
@@ -332,16 +345,43 @@ impl LoadedRecipe {
         schema_of(&self.recipe.config)
     }
 
-    /// A file named by the recipe, resolved inside its directory.
-    pub fn source_path(&self, relative: &str) -> PathBuf {
-        self.dir.join(relative)
+    /// A file named by the recipe, resolved inside its directory (symbolic
+    /// links within the directory followed, so the result names the file
+    /// itself); open it with [`vroom_core::input::open_input`].
+    pub fn source_path(&self, relative: &str) -> Result<PathBuf, String> {
+        inside_dir(&self.dir, relative)
+    }
+
+    /// Every file the image is made from, beside its packages: the recipe
+    /// file, then each `files` source and template, as (name in the recipe,
+    /// resolved path), sorted and without repeats.
+    pub fn input_files(&self) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        for f in &self.recipe.files {
+            if let Some(source) = &f.source {
+                names.insert(source);
+            }
+        }
+        for t in &self.recipe.templates {
+            names.insert(&t.source);
+        }
+        let mut files = vec![(String::new(), self.path.clone())];
+        for name in names {
+            files.push((name.to_string(), self.source_path(name)?));
+        }
+        Ok(files)
     }
 }
 
 pub fn load(path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LoadRecipeError::Read {
+    let read_err = |source| LoadRecipeError::Read {
         path: path.into(),
         source,
+    };
+    let bytes = read_input(path, MAX_RECIPE_BYTES).map_err(read_err)?;
+    let text = String::from_utf8(bytes).map_err(|_| LoadRecipeError::Parse {
+        path: path.into(),
+        message: "the file is not UTF-8 text".into(),
     })?;
     let recipe: Recipe = toml::from_str(&text).map_err(|e| LoadRecipeError::Parse {
         path: path.into(),
@@ -451,7 +491,9 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
         guest_path(&f.path).map_err(|r| bad(&field, r))?;
         match (&f.source, &f.content) {
             (Some(src), None) => {
-                inside_dir(&dir, src).map_err(|r| bad(&field, r))?;
+                let full = inside_dir(&dir, src).map_err(|r| bad(&field, r))?;
+                // Refused now, with the field named, rather than midway through a build.
+                open_input(&full, MAX_SOURCE_BYTES).map_err(|e| bad(&field, chain(&e)))?;
             }
             (None, Some(_)) => {}
             _ => return Err(bad(&field, "give exactly one of source or content".into())),
@@ -579,8 +621,12 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
             ));
         }
         let source = inside_dir(&dir, &t.source).map_err(|r| bad(&field, r))?;
-        let text = std::fs::read_to_string(&source)
-            .map_err(|e| bad(&field, format!("cannot read {}: {e}", t.source)))?;
+        let text = read_input(&source, MAX_TEMPLATE_BYTES)
+            .map_err(|e| bad(&field, chain(&e)))
+            .and_then(|bytes| {
+                String::from_utf8(bytes)
+                    .map_err(|_| bad(&field, format!("{} is not UTF-8 text", t.source)))
+            })?;
         let template = TemplateSpec {
             path: dest,
             template: text,
@@ -677,6 +723,7 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
     }
     Ok(LoadedRecipe {
         recipe,
+        path: path.into(),
         dir,
         default_mem_mib,
         min_mem_mib,
@@ -969,6 +1016,117 @@ tcp = 80
             err.contains("link.html is outside the recipe's directory"),
             "{err}"
         );
+    }
+
+    /// Untrusted paths: the recipe itself and every file it names must be a
+    /// regular file with one link, under its cap; anything else fails fast,
+    /// naming the file and what it is (a FIFO used to hang the build).
+    #[test]
+    fn recipe_files_must_be_regular_single_link_and_bounded() {
+        let fifo = |path: &Path| {
+            let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo with a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        let with_file = GOOD.replace(
+            "[[templates]]",
+            "[[files]]\npath = \"/etc/extra\"\nsource = \"extra\"\n\n[[templates]]",
+        );
+        type Setup = fn(&Path, &dyn Fn(&Path));
+        let cases: &[(&str, Setup, &str)] = &[
+            (
+                "template is a FIFO",
+                |d, fifo| {
+                    std::fs::write(d.join("extra"), "x").unwrap();
+                    std::fs::remove_file(d.join("index.html")).unwrap();
+                    fifo(&d.join("index.html"));
+                },
+                "templates[0]: ",
+            ),
+            (
+                "file source is a FIFO",
+                |d, fifo| fifo(&d.join("extra")),
+                "is a FIFO, not a regular file",
+            ),
+            (
+                "file source is a hard link",
+                |d, _| {
+                    std::fs::write(d.join("outside"), "secret").unwrap();
+                    std::fs::hard_link(d.join("outside"), d.join("extra")).unwrap();
+                },
+                "files[0]: ",
+            ),
+            (
+                "file source is too large",
+                |d, _| {
+                    let f = std::fs::File::create(d.join("extra")).unwrap();
+                    f.set_len(MAX_SOURCE_BYTES + 1).unwrap();
+                },
+                "is larger than the 67108864 bytes allowed",
+            ),
+            (
+                "template is too large",
+                |d, _| {
+                    std::fs::write(d.join("extra"), "x").unwrap();
+                    let f = std::fs::File::create(d.join("index.html")).unwrap();
+                    f.set_len(MAX_TEMPLATE_BYTES + 1).unwrap();
+                },
+                "is larger than the 1048576 bytes allowed",
+            ),
+        ];
+        for (what, setup, want) in cases {
+            let (dir, path) = write_recipe(&with_file);
+            setup(dir.path(), &fifo);
+            let started = std::time::Instant::now();
+            let err = chain(&load(&path).expect_err(what));
+            assert!(err.contains(want), "{what}: {err:?} lacks {want:?}");
+            let kind = ["a FIFO", "hard links", "larger than"];
+            assert!(kind.iter().any(|k| err.contains(k)), "{what}: {err:?}");
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{what}"
+            );
+        }
+        // The recipe file itself.
+        let dir = tempfile::tempdir().unwrap();
+        fifo(&dir.path().join("recipe.toml"));
+        let huge = dir.path().join("huge.toml");
+        std::fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_RECIPE_BYTES + 1)
+            .unwrap();
+        for (path, want) in [
+            (
+                dir.path().join("recipe.toml"),
+                "is a FIFO, not a regular file",
+            ),
+            ("/dev/zero".into(), "/dev/zero is a character device"),
+            (huge, "is larger than the 1048576 bytes allowed"),
+        ] {
+            let err = chain(&load(&path).unwrap_err());
+            assert!(err.starts_with("cannot read recipe"), "{err}");
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
+
+    /// Only the recipe and the files it names make the build key: a FIFO or
+    /// socket elsewhere in its directory is never opened.
+    #[test]
+    fn input_files_are_the_recipe_and_what_it_names() {
+        let text = GOOD.replace(
+            "[[templates]]",
+            "[[files]]\npath = \"/etc/a\"\nsource = \"index.html\"\n\n[[templates]]",
+        );
+        let (dir, path) = write_recipe(&text);
+        let _socket = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
+        let loaded = load(&path).unwrap();
+        let names: Vec<String> = loaded
+            .input_files()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["", "index.html"]);
     }
 
     /// The annotated example in docs/recipes.md is a valid recipe.

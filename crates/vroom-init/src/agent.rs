@@ -153,14 +153,34 @@ fn read_chunk(path: &str, offset: u64, len: u64) -> Result<(Vec<u8>, u64), Strin
     if !meta.is_file() {
         return Err(format!("{path} is not a regular file"));
     }
+    // Refused before a byte is read (e.g. /proc/kcore, which claims 128 TiB).
+    if meta.len() > MAX_FILE_COPY {
+        return Err(format!(
+            "{path} is larger than the {MAX_FILE_COPY} bytes cp copies"
+        ));
+    }
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("{path}: {e}"))?;
     let mut bytes = Vec::new();
     let allowed = MAX_FILE_COPY.saturating_sub(offset);
-    file.take(len.min(MAX_READ_CHUNK).min(allowed))
+    let want = len.min(MAX_READ_CHUNK).min(allowed);
+    file.take(want)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("{path}: {e}"))?;
-    Ok((bytes, meta.len()))
+    let size = reported_size(meta.len(), offset, &bytes, want);
+    Ok((bytes, size))
+}
+
+/// The size the host is told. A pseudo file (e.g. /proc/kallsyms) has size 0
+/// yet content: it is reported as what was read so far, plus one byte while
+/// chunks come back full, so the host reads on to its end (or to the cap)
+/// instead of stopping after the first chunk.
+fn reported_size(st_size: u64, offset: u64, read: &[u8], wanted: u64) -> u64 {
+    if st_size > 0 || read.is_empty() {
+        return st_size;
+    }
+    let end = offset + read.len() as u64;
+    end + u64::from(read.len() as u64 == wanted)
 }
 
 pub(crate) fn send(writer: &Mutex<File>, response: &Response) {
@@ -192,4 +212,41 @@ fn find_port() -> Option<String> {
             (name.trim() == PORT_NAME)
                 .then(|| format!("/dev/{}", entry.file_name().to_string_lossy()))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_size_table() {
+        let chunk = MAX_READ_CHUNK;
+        let full = vec![0u8; chunk as usize];
+        // (st_size, offset, bytes read, wanted, reported)
+        let cases: &[(u64, u64, usize, u64, u64)] = &[
+            (5000, 0, 5000, chunk, 5000),
+            (5000, 0, 0, chunk, 5000),
+            (0, 0, 0, chunk, 0),
+            (0, 0, 100, chunk, 100),
+            (0, 0, chunk as usize, chunk, chunk + 1),
+            (0, chunk, chunk as usize, chunk, 2 * chunk + 1),
+            (0, chunk, 7, chunk, chunk + 7),
+        ];
+        for &(st_size, offset, read, wanted, want) in cases {
+            let got = reported_size(st_size, offset, &full[..read], wanted);
+            assert_eq!(got, want, "{st_size} {offset} {read} {wanted}");
+        }
+    }
+
+    /// A pseudo file (size 0) says more may follow while its chunks come back full.
+    #[test]
+    fn a_proc_file_is_read_past_its_first_chunk() {
+        let (bytes, _) = read_chunk("/proc/self/status", 0, 16).unwrap();
+        assert_eq!(bytes.len(), 16);
+        let (_, size) = read_chunk("/proc/self/status", 0, 16).unwrap();
+        assert_eq!(
+            size, 17,
+            "a full chunk of a pseudo file says more may follow"
+        );
+    }
 }

@@ -18,6 +18,38 @@ pub const MAX_EXEC_TIMEOUT_SECS: u64 = 24 * 3600;
 /// The most bytes of the first line (the request) of an exec body.
 pub const MAX_EXEC_REQUEST_BYTES: usize = 256 * 1024;
 
+/// The most bytes of each stream a buffered exec result keeps
+/// ([`crate::ExecResult`]: `vroom exec --json`, the client's `exec`); the
+/// exec stream itself passes every byte through, flow-controlled.
+pub const MAX_EXEC_RESULT_BYTES: usize = 256 * 1024;
+
+/// One stream of a buffered exec result: keeps the first
+/// [`MAX_EXEC_RESULT_BYTES`] and counts the rest.
+#[derive(Debug, Default)]
+pub struct CappedOutput {
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl CappedOutput {
+    pub fn push(&mut self, data: &[u8]) {
+        let room = MAX_EXEC_RESULT_BYTES - self.kept.len();
+        let (keep, drop) = data.split_at(data.len().min(room));
+        self.kept.extend_from_slice(keep);
+        self.dropped += drop.len() as u64;
+    }
+
+    /// Whether bytes were left out.
+    pub fn truncated(&self) -> bool {
+        self.dropped > 0
+    }
+
+    /// The kept bytes as text, invalid UTF-8 replaced.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.kept).into_owned()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecRequestError {
     #[error("exec needs a command")]
@@ -108,6 +140,30 @@ mod base64_bytes {
 mod tests {
     use super::*;
     use crate::ExecRequest;
+
+    #[test]
+    fn capped_output_keeps_the_first_bytes_and_says_it_cut() {
+        let max = MAX_EXEC_RESULT_BYTES;
+        let cases: &[(&[usize], usize, bool)] = &[
+            (&[], 0, false),
+            (&[10, 20], 30, false),
+            (&[max], max, false),
+            (&[max - 1, 2], max, true),
+            (&[64 * 1024; 16], max, true),
+            (&[1_000_000], max, true),
+        ];
+        for (chunks, kept, truncated) in cases {
+            let mut out = CappedOutput::default();
+            for len in *chunks {
+                out.push(&vec![b'x'; *len]);
+            }
+            assert_eq!(
+                (out.text().len(), out.truncated()),
+                (*kept, *truncated),
+                "{chunks:?}"
+            );
+        }
+    }
 
     #[test]
     fn exec_requests_table() {

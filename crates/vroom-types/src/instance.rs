@@ -245,12 +245,20 @@ pub struct ExecRequest {
 }
 
 /// A whole exec, as `vroom exec --json` prints it. Output is text with
-/// invalid UTF-8 replaced; the exec stream carries the exact bytes.
+/// invalid UTF-8 replaced, at most [`crate::MAX_EXEC_RESULT_BYTES`]
+/// of each stream (the `*_truncated` flags say when more was left out); the
+/// exec stream carries the exact bytes, all of them.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+    /// `stdout` holds only the first 256 KiB the command wrote.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// `stderr` holds only the first 256 KiB the command wrote.
+    #[serde(default)]
+    pub stderr_truncated: bool,
     /// Why the command did not exit by itself (timeout, signal, not found).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -29,8 +29,8 @@ pub use config::{
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
 pub use exec::{
-    ExecEvent, ExecExit, ExecRequestError, ExitReason, DEFAULT_EXEC_TIMEOUT_SECS,
-    MAX_EXEC_REQUEST_BYTES, MAX_EXEC_TIMEOUT_SECS,
+    CappedOutput, ExecEvent, ExecExit, ExecRequestError, ExitReason, DEFAULT_EXEC_TIMEOUT_SECS,
+    MAX_EXEC_REQUEST_BYTES, MAX_EXEC_RESULT_BYTES, MAX_EXEC_TIMEOUT_SECS,
 };
 pub use image::{
     ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, PackageEntry, ServiceSpec,

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vroom_client::{Client, ClientError};
 use vroom_types::{
-    ConfigDocument, ExecEvent, ExecRequest, ExecResult, Instance, InstanceAction, InstanceSpec,
-    InstanceState, NetworkSpec, RunRequest,
+    CappedOutput, ConfigDocument, ExecEvent, ExecRequest, ExecResult, Instance, InstanceAction,
+    InstanceSpec, InstanceState, NetworkSpec, RunRequest,
 };
 
 use crate::output;
@@ -494,11 +494,11 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Res
         });
     }
     let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
-    let (mut out_text, mut err_text) = (Vec::new(), Vec::new());
+    let (mut out_text, mut err_text) = (CappedOutput::default(), CappedOutput::default());
     while let Some(event) = events.next().await {
         match event? {
-            ExecEvent::Stdout { data } if json => out_text.extend_from_slice(&data),
-            ExecEvent::Stderr { data } if json => err_text.extend_from_slice(&data),
+            ExecEvent::Stdout { data } if json => out_text.push(&data),
+            ExecEvent::Stderr { data } if json => err_text.push(&data),
             ExecEvent::Stdout { data } => {
                 stdout.write_all(&data).await?;
                 stdout.flush().await?;
@@ -511,8 +511,10 @@ async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Res
                 if json {
                     output::json(&ExecResult {
                         exit_code: exit.exit_code,
-                        stdout: String::from_utf8_lossy(&out_text).into_owned(),
-                        stderr: String::from_utf8_lossy(&err_text).into_owned(),
+                        stdout: out_text.text(),
+                        stderr: err_text.text(),
+                        stdout_truncated: out_text.truncated(),
+                        stderr_truncated: err_text.truncated(),
                         message: exit.message,
                     });
                 } else if let Some(message) = &exit.message {
@@ -595,9 +597,10 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
             let (bytes, source) = if file.as_os_str() == "-" {
                 (read_bounded(std::io::stdin().lock())?, "stdin".to_string())
             } else {
-                let f = std::fs::File::open(file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-                (read_bounded(f)?, file.display().to_string())
+                // A regular file under the cap, opened without blocking: a
+                // FIFO or /dev/zero is refused at once, naming what it is.
+                let bytes = vroom_core::input::read_input(file, MAX_IMPORT_BYTES)?;
+                (bytes, file.display().to_string())
             };
             let doc: ConfigDocument = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{source} is not a config export"))?;

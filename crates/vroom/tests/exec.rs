@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{init_binary, random_subnet, vroom_bin, Env};
+use common::{daemon_pid, random_subnet, status_kib, Env};
 use sha2::{Digest, Sha256};
 use vroom_types::{ExecResult, InstanceState};
 
@@ -16,12 +16,8 @@ const BOOT: Duration = Duration::from_secs(90);
 
 /// The `vroom` command of this test's environment, for stdin and streaming.
 fn vroom_cmd(env: &Env, args: &[&str]) -> Command {
-    let mut cmd = Command::new(vroom_bin());
-    cmd.env("VROOM_DATA_DIR", &env.dir)
-        .env("VROOM_IFACE_PREFIX", &env.prefix)
-        .env("VROOM_INIT", init_binary())
-        .env_remove("VROOM_LOG")
-        .args(args);
+    let mut cmd = env.command();
+    cmd.args(args);
     cmd
 }
 
@@ -58,38 +54,12 @@ fn boot_hello(env: &Env) {
     });
 }
 
-/// The pid of this test's vroomd (the process whose data dir is the test's).
-fn daemon_pid(env: &Env) -> u32 {
-    let needle = format!("VROOM_DATA_DIR={}", env.dir.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .find(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            cmdline.split(|b| *b == 0).any(|a| a == b"daemon")
-                && environ.split(|b| *b == 0).any(|v| v == needle.as_bytes())
-        })
-        .expect("this test's vroomd runs")
-}
-
 fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS:")
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:")
-}
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("the field is in /proc/PID/status")
 }
 
 fn random_bytes(len: usize) -> Vec<u8> {

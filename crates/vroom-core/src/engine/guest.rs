@@ -238,25 +238,57 @@ impl GuestFile {
                 AgentError::Refused { message } if message.ends_with("is not a regular file") => {
                     OpError::new(ErrorCode::InvalidArgument, message)
                 }
+                AgentError::Refused { message } if message.ends_with("bytes cp copies") => {
+                    OpError::new(ErrorCode::ResourceExhausted, message)
+                }
                 AgentError::Refused { message } => OpError::new(ErrorCode::NotFound, message),
                 e => OpError::wrap(ErrorCode::GuestError, "copy failed", e),
             })?;
-        let path = &self.path;
-        if chunk.size > MAX_FILE_COPY || self.offset + chunk.data.len() as u64 > MAX_FILE_COPY {
-            return Err(OpError::new(
-                ErrorCode::ResourceExhausted,
-                format!("{path} is larger than the {MAX_FILE_COPY} bytes cp copies"),
-            ));
-        }
+        within_copy_cap(&self.path, self.offset, chunk.data.len(), chunk.size)?;
         self.offset += chunk.data.len() as u64;
         self.size = chunk.size;
         Ok(chunk.data)
     }
 }
 
+/// The host's own check of what the guest says of a file it copies: the
+/// guest is not trusted to stop at the cap, whatever size it claims.
+fn within_copy_cap(path: &str, offset: u64, len: usize, size: u64) -> Result<(), OpError> {
+    if size > MAX_FILE_COPY || offset.saturating_add(len as u64) > MAX_FILE_COPY {
+        return Err(OpError::new(
+            ErrorCode::ResourceExhausted,
+            format!("{path} is larger than the {MAX_FILE_COPY} bytes cp copies"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_stop_at_the_cap_whatever_the_guest_claims() {
+        let cap = MAX_FILE_COPY;
+        // (offset, chunk length, claimed size, allowed)
+        let cases = [
+            (0, 100, 100, true),
+            (0, 0, 0, true),
+            (cap - 10, 10, cap, true),
+            (0, 10, cap + 1, false),
+            (cap - 10, 11, 0, false),
+            (cap, 1, 0, false),
+            (u64::MAX, 1, 0, false),
+            (0, 10, u64::MAX, false),
+        ];
+        for (offset, len, size, allowed) in cases {
+            let got = within_copy_cap("/f", offset, len, size);
+            assert_eq!(got.is_ok(), allowed, "{offset} {len} {size}");
+            if let Err(e) = got {
+                assert_eq!(e.code, ErrorCode::ResourceExhausted);
+            }
+        }
+    }
 
     #[test]
     fn exits_are_explained() {

@@ -75,7 +75,8 @@ impl Env {
         env
     }
 
-    fn command(&self) -> Command {
+    /// A `vroom` command of this environment, to spawn with its own stdio.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(vroom_bin());
         cmd.env("VROOM_DATA_DIR", &self.dir)
             .env("VROOM_IFACE_PREFIX", &self.prefix)
@@ -423,6 +424,33 @@ pub fn fetch(env: &Env, ns: &str, url: &str) -> (i32, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, rc) = text.rsplit_once("rc=").unwrap_or((&text, "255"));
     (rc.trim().parse().unwrap_or(255), body.to_string())
+}
+
+/// The pid of this test's vroomd (the process whose data dir is the test's).
+pub fn daemon_pid(env: &Env) -> u32 {
+    let needle = format!("VROOM_DATA_DIR={}", env.dir.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            cmdline.split(|b| *b == 0).any(|a| a == b"daemon")
+                && environ.split(|b| *b == 0).any(|v| v == needle.as_bytes())
+        })
+        .expect("this test's vroomd runs")
+}
+
+/// A field of `/proc/PID/status` in KiB, e.g. `VmHWM:` (peak resident memory).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the field is in /proc/PID/status")
 }
 
 /// Polls `check` every 200 ms until it returns `Some` or `timeout` passes.
