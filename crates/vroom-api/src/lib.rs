@@ -866,6 +866,7 @@ async fn list_images(State(engine): State<AppState>) -> ApiResult<Vec<ImageSumma
     responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors))]
 async fn build_image(
     State(engine): State<AppState>,
+    AuditCaller(caller): AuditCaller,
     req: Result<Json<BuildImageRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = body(req)?;
@@ -886,7 +887,7 @@ async fn build_image(
     let progress = tx.clone();
     tokio::spawn(async move {
         let result = engine
-            .build_image(recipe, req.update, move |stage, detail| {
+            .build_image(recipe, req.update, caller.uid, move |stage, detail| {
                 let _ = progress.send(BuildEvent::Progress {
                     stage: stage.to_string(),
                     detail: detail.to_string(),

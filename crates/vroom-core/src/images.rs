@@ -40,11 +40,14 @@ pub enum BuildFromRecipeError {
 pub trait ImageSource: Send + Sync {
     /// Builds an image from a recipe file, reporting progress per stage.
     /// With `update`, the package indexes are refreshed first and the report
-    /// lists the packages that changed.
+    /// lists the packages that changed. With `owner`, every file read from
+    /// the recipe's path must belong to that uid (a non-root caller's build;
+    /// catalog recipes are exempt).
     fn build(
         &self,
         recipe: &std::path::Path,
         update: bool,
+        owner: Option<u32>,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError>;
 

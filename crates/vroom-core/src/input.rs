@@ -11,6 +11,11 @@
 //! for reading through `/proc/self/fd`, never the path again, so a file
 //! swapped after the check is not what is read. Reads stop one byte past the
 //! cap, so a file that grows after the check is refused, not buffered.
+//!
+//! With an `owner`, the file must also belong to that uid: a build asked for
+//! by a non-root API caller (a member of the `vroom` group) reads only that
+//! caller's own files, so vroomd's root privileges never read for them a
+//! file they could not read themselves.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -33,6 +38,12 @@ pub enum OpenInputError {
          (replace it by a copy: cp {path} {path}.copy && mv {path}.copy {path})"
     )]
     HardLinked { path: PathBuf, links: u64 },
+    #[error("{path} belongs to uid {file_owner}, not to uid {owner} who asked for it; only the caller's own files are read")]
+    NotOwned {
+        path: PathBuf,
+        file_owner: u32,
+        owner: u32,
+    },
     #[error("{path} is larger than the {cap} bytes allowed")]
     TooLarge { path: PathBuf, cap: u64 },
     #[error("cannot read {path}")]
@@ -53,8 +64,9 @@ pub struct InputFile {
 }
 
 /// Opens `path` for reading if it is a regular file with one link and at
-/// most `cap` bytes; see the module documentation.
-pub fn open_input(path: &Path, cap: u64) -> Result<InputFile, OpenInputError> {
+/// most `cap` bytes (and, with `owner`, belongs to that uid); see the module
+/// documentation.
+pub fn open_input(path: &Path, cap: u64, owner: Option<u32>) -> Result<InputFile, OpenInputError> {
     let open_err = |source| OpenInputError::Open {
         path: path.into(),
         source,
@@ -65,7 +77,7 @@ pub fn open_input(path: &Path, cap: u64) -> Result<InputFile, OpenInputError> {
         .open(path)
         .map_err(open_err)?;
     let meta = handle.metadata().map_err(open_err)?;
-    check(path, &meta, cap)?;
+    check(path, &meta, cap, owner)?;
     // The inode just checked, not whatever the path names by now.
     let file = OpenOptions::new()
         .read(true)
@@ -78,7 +90,7 @@ pub fn open_input(path: &Path, cap: u64) -> Result<InputFile, OpenInputError> {
             "the file changed while it was opened",
         )));
     }
-    check(path, &opened, cap)?;
+    check(path, &opened, cap, owner)?;
     Ok(InputFile {
         file,
         path: path.into(),
@@ -88,14 +100,19 @@ pub fn open_input(path: &Path, cap: u64) -> Result<InputFile, OpenInputError> {
 }
 
 /// Reads all of a checked file (at most `cap` bytes).
-pub fn read_input(path: &Path, cap: u64) -> Result<Vec<u8>, OpenInputError> {
-    let mut input = open_input(path, cap)?;
+pub fn read_input(path: &Path, cap: u64, owner: Option<u32>) -> Result<Vec<u8>, OpenInputError> {
+    let mut input = open_input(path, cap, owner)?;
     let mut bytes = Vec::with_capacity(input.size as usize);
     input.copy_to(&mut bytes)?;
     Ok(bytes)
 }
 
-fn check(path: &Path, meta: &std::fs::Metadata, cap: u64) -> Result<(), OpenInputError> {
+fn check(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    cap: u64,
+    owner: Option<u32>,
+) -> Result<(), OpenInputError> {
     let kind = file_kind(&meta.file_type());
     if kind != "a regular file" {
         return Err(OpenInputError::NotRegular {
@@ -107,6 +124,13 @@ fn check(path: &Path, meta: &std::fs::Metadata, cap: u64) -> Result<(), OpenInpu
         return Err(OpenInputError::HardLinked {
             path: path.into(),
             links: meta.nlink(),
+        });
+    }
+    if let Some(owner) = owner.filter(|o| *o != meta.uid()) {
+        return Err(OpenInputError::NotOwned {
+            path: path.into(),
+            file_owner: meta.uid(),
+            owner,
         });
     }
     if meta.len() > cap {
@@ -225,7 +249,7 @@ mod tests {
             ("/dev/null".into(), Want::Error("is a character device")),
         ];
         for (path, want) in cases {
-            let got = read_input(Path::new(&path), 16);
+            let got = read_input(Path::new(&path), 16, None);
             match (&want, got) {
                 (Want::Bytes(bytes), Ok(read)) => assert_eq!(&read, bytes, "{path}"),
                 (Want::Error(text), Err(e)) => {
@@ -242,11 +266,31 @@ mod tests {
     }
 
     #[test]
+    fn with_an_owner_only_that_uid_s_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recipe.toml");
+        std::fs::write(&path, b"name = 'x'").unwrap();
+        let mine = std::fs::metadata(&path).unwrap().uid();
+        assert_eq!(read_input(&path, 64, Some(mine)).unwrap(), b"name = 'x'");
+        assert_eq!(read_input(&path, 64, None).unwrap(), b"name = 'x'");
+        let other = mine.wrapping_add(4242);
+        let err = read_input(&path, 64, Some(other)).unwrap_err();
+        assert!(
+            matches!(err, OpenInputError::NotOwned { file_owner, owner, .. }
+                if file_owner == mine && owner == other),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("only the caller's own files are read"));
+    }
+
+    #[test]
     fn a_file_that_grows_after_the_check_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("growing");
         std::fs::write(&path, b"1234").unwrap();
-        let mut input = open_input(&path, 8).unwrap();
+        let mut input = open_input(&path, 8, None).unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -265,7 +309,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"checked").unwrap();
-        let mut input = open_input(&path, 64).unwrap();
+        let mut input = open_input(&path, 64, None).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/etc/hostname", &path).unwrap();
         let mut bytes = Vec::new();
@@ -285,7 +329,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("f");
             std::fs::write(&path, &bytes).unwrap();
-            match read_input(&path, cap) {
+            match read_input(&path, cap, None) {
                 Ok(read) => {
                     proptest::prop_assert!(bytes.len() as u64 <= cap);
                     proptest::prop_assert_eq!(read, bytes);

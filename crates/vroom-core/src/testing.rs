@@ -501,6 +501,7 @@ impl ImageSource for FakeImages {
         &self,
         _recipe: &Path,
         _update: bool,
+        _owner: Option<u32>,
         _progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError> {
         Err(BuildFromRecipeError::Build {

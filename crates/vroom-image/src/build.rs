@@ -242,7 +242,8 @@ fn inputs_digest(loaded: &LoadedRecipe, inputs: &RecipeInputs<'_>) -> std::io::R
     ];
     let mut total = 0u64;
     for (relative, path) in &files {
-        let mut file = open_input(path, MAX_SOURCE_BYTES).map_err(std::io::Error::other)?;
+        let mut file =
+            open_input(path, MAX_SOURCE_BYTES, loaded.owner).map_err(std::io::Error::other)?;
         total += file.size();
         if total > MAX_RECIPE_INPUT_BYTES {
             return Err(std::io::Error::other(format!(
@@ -315,8 +316,8 @@ fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()>
             (Some(content), _) => fs::write(&dest, content)?,
             (None, Some(source)) => {
                 let path = loaded.source_path(source).map_err(std::io::Error::other)?;
-                let mut input =
-                    open_input(&path, MAX_SOURCE_BYTES).map_err(std::io::Error::other)?;
+                let mut input = open_input(&path, MAX_SOURCE_BYTES, loaded.owner)
+                    .map_err(std::io::Error::other)?;
                 let mut out = fs::File::create(&dest)?;
                 input.copy_to(&mut out).map_err(std::io::Error::other)?;
             }

@@ -291,6 +291,9 @@ pub enum HealthPort {
 #[derive(Debug, Clone)]
 pub struct LoadedRecipe {
     pub recipe: Recipe,
+    /// When set, every file the build reads must belong to this uid (a
+    /// build asked for by a non-root caller; see [`vroom_core::input`]).
+    pub owner: Option<u32>,
     /// The recipe file itself.
     pub path: PathBuf,
     pub dir: PathBuf,
@@ -374,11 +377,16 @@ impl LoadedRecipe {
 }
 
 pub fn load(path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
+    load_owned(path, None)
+}
+
+/// Loads a recipe whose files must all belong to `owner` when it is set.
+pub fn load_owned(path: &Path, owner: Option<u32>) -> Result<LoadedRecipe, LoadRecipeError> {
     let read_err = |source| LoadRecipeError::Read {
         path: path.into(),
         source,
     };
-    let bytes = read_input(path, MAX_RECIPE_BYTES).map_err(read_err)?;
+    let bytes = read_input(path, MAX_RECIPE_BYTES, owner).map_err(read_err)?;
     let text = String::from_utf8(bytes).map_err(|_| LoadRecipeError::Parse {
         path: path.into(),
         message: "the file is not UTF-8 text".into(),
@@ -408,10 +416,15 @@ pub fn load(path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
-    validate(recipe, dir, path)
+    validate(recipe, dir, path, owner)
 }
 
-fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, LoadRecipeError> {
+fn validate(
+    recipe: Recipe,
+    dir: PathBuf,
+    path: &Path,
+    owner: Option<u32>,
+) -> Result<LoadedRecipe, LoadRecipeError> {
     let bad = |field: &str, reason: String| LoadRecipeError::Invalid {
         path: path.into(),
         field: field.into(),
@@ -493,7 +506,7 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
             (Some(src), None) => {
                 let full = inside_dir(&dir, src).map_err(|r| bad(&field, r))?;
                 // Refused now, with the field named, rather than midway through a build.
-                open_input(&full, MAX_SOURCE_BYTES).map_err(|e| bad(&field, chain(&e)))?;
+                open_input(&full, MAX_SOURCE_BYTES, owner).map_err(|e| bad(&field, chain(&e)))?;
             }
             (None, Some(_)) => {}
             _ => return Err(bad(&field, "give exactly one of source or content".into())),
@@ -621,7 +634,7 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
             ));
         }
         let source = inside_dir(&dir, &t.source).map_err(|r| bad(&field, r))?;
-        let text = read_input(&source, MAX_TEMPLATE_BYTES)
+        let text = read_input(&source, MAX_TEMPLATE_BYTES, owner)
             .map_err(|e| bad(&field, chain(&e)))
             .and_then(|bytes| {
                 String::from_utf8(bytes)
@@ -723,6 +736,7 @@ fn validate(recipe: Recipe, dir: PathBuf, path: &Path) -> Result<LoadedRecipe, L
     }
     Ok(LoadedRecipe {
         recipe,
+        owner,
         path: path.into(),
         dir,
         default_mem_mib,

@@ -152,12 +152,16 @@ impl ImageSource for LocalImages {
         &self,
         recipe: &std::path::Path,
         update: bool,
+        owner: Option<u32>,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError> {
         // A bare catalog name builds the recipe bundled into this binary.
         let bundled_dir;
+        let mut owner = owner;
         let recipe = match recipe.to_str().filter(|r| !r.contains('/')) {
             Some(name) => {
+                // Unpacked by vroomd itself: anyone may build the catalog.
+                owner = None;
                 bundled_dir = tempfile::tempdir().map_err(|e| BuildFromRecipeError::Build {
                     message: format!("cannot unpack the catalog recipe {name}: {e}"),
                 })?;
@@ -185,7 +189,7 @@ impl ImageSource for LocalImages {
         } else {
             recipe
         };
-        let loaded = crate::recipe::load(&path)
+        let loaded = crate::recipe::load_owned(&path, owner)
             .map_err(|e| BuildFromRecipeError::Recipe { message: chain(&e) })?;
         crate::init_check::check_init_file(&self.init).map_err(|e| {
             BuildFromRecipeError::Build {

@@ -599,7 +599,7 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
             } else {
                 // A regular file under the cap, opened without blocking: a
                 // FIFO or /dev/zero is refused at once, naming what it is.
-                let bytes = vroom_core::input::read_input(file, MAX_IMPORT_BYTES)?;
+                let bytes = vroom_core::input::read_input(file, MAX_IMPORT_BYTES, None)?;
                 (bytes, file.display().to_string())
             };
             let doc: ConfigDocument = serde_json::from_slice(&bytes)

@@ -361,6 +361,43 @@ fn exec_and_cp_are_audited_with_the_callers_uid() {
         "a refused caller never reached the API: {lines:#?}"
     );
 
+    // A member's build reads only the member's own files: not a recipe that
+    // root owns (it could be /etc/shadow), not a root-only file it names.
+    let recipes = tempfile::Builder::new()
+        .prefix("vroom-member-recipe")
+        .tempdir()
+        .unwrap();
+    let dir = recipes.path();
+    let hello = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/hello");
+    let recipe = std::fs::read_to_string(hello.join("recipe.toml")).unwrap()
+        + "\n[[files]]\npath = \"/etc/leak\"\nsource = \"secret\"\n";
+    std::fs::write(dir.join("recipe.toml"), recipe).unwrap();
+    std::fs::copy(hello.join("index.html"), dir.join("index.html")).unwrap();
+    std::fs::write(dir.join("secret"), "root's secret").unwrap();
+    std::fs::set_permissions(dir.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    for owned in ["", "recipe.toml", "index.html"] {
+        std::os::unix::fs::chown(dir.join(owned), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let build = |what: &str| {
+        let out = vroom_as_nobody(&env, Some(gid), &["image", "build", dir.to_str().unwrap()]);
+        assert!(!out.status.success(), "{what}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = build("a root-owned source");
+    assert!(
+        err.contains("secret") && err.contains("only the caller's own files are read"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(dir.join("recipe.toml"), Some(0), Some(0)).unwrap();
+    let err = build("a root-owned recipe");
+    assert!(
+        err.contains("recipe.toml") && err.contains("only the caller's own files are read"),
+        "{err}"
+    );
+    // The catalog is vroomd's own: any member may build it.
+    let out = vroom_as_nobody(&env, Some(gid), &["image", "build", "hello"]);
+    assert!(out.status.success(), "{out:?}");
+
     env.ok(&["rm", "--force", "web"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the audit test");

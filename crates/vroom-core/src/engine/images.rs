@@ -7,18 +7,26 @@ impl Engine {
         self.images.list().map_err(image_error)
     }
 
-    /// Builds an image from a recipe on this host (a blocking job, run off the async workers).
-    /// Builds an image from a recipe; `progress` hears of each stage.
+    /// Builds an image from a recipe on this host (a blocking job, run off
+    /// the async workers); `progress` hears of each stage. `caller` is the
+    /// uid that asked: anyone but root gets only their own files read.
     pub async fn build_image(
         &self,
         recipe: PathBuf,
         update: bool,
+        caller: Option<u32>,
         mut progress: impl FnMut(&str, &str) + Send + 'static,
     ) -> Result<BuildReport, OpError> {
         let images = self.images.clone();
         let shown = recipe.display().to_string();
+        // An unknown caller is nobody's owner: every file is refused.
+        let owner = match caller {
+            Some(0) => None,
+            Some(uid) => Some(uid),
+            None => Some(u32::MAX),
+        };
         let result = tokio::task::spawn_blocking(move || {
-            images.build(&recipe, update, &mut |stage, detail| {
+            images.build(&recipe, update, owner, &mut |stage, detail| {
                 tracing::info!(recipe = %recipe.display(), "{stage}: {detail}");
                 progress(stage, detail);
             })
