@@ -326,6 +326,12 @@ impl Env {
     }
 
     pub fn assert_nothing_left(&self, context: &str) {
+        // A tap goes when the last fd of its QEMU closes, which the kernel
+        // finishes a moment after the exit that `rm` waited for: give the
+        // host's own cleanup a few seconds, never a leak.
+        poll(Duration::from_secs(5), || {
+            (self.qemu_pids().is_empty() && self.links().is_empty()).then_some(())
+        });
         assert!(
             self.instances().is_empty(),
             "{context}: instances left: {:?}",
