@@ -19,6 +19,8 @@ use crate::store::{ImageStore, StoredImage};
 use crate::util::run;
 use vroom_core::input::open_input;
 
+use crate::inroot;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Resolve,
@@ -192,13 +194,18 @@ pub fn build_recipe(
     progress(Stage::Trim, "docs, manuals, locales, caches".into());
     for spec in &recipe.debian.packages {
         for path in spec.excludes() {
-            remove(&root.join(path.trim_start_matches('/'))).map_err(stage(path))?;
+            remove_in_root(root, path).map_err(stage(path))?;
         }
     }
     for path in TRIM {
-        remove(&root.join(path)).map_err(stage(path))?;
+        remove_in_root(root, path).map_err(stage(path))?;
     }
-    trim_docs(&root.join("usr/share/doc")).map_err(stage("usr/share/doc"))?;
+    match inroot::resolve(root, "usr/share/doc") {
+        Ok(doc) if !fs::symlink_metadata(&doc).is_ok_and(|m| m.is_symlink()) => {
+            trim_docs(&doc).map_err(stage("usr/share/doc"))?
+        }
+        _ => {}
+    }
     apply_declarations(loaded, root).map_err(stage("the recipe's files"))?;
 
     progress(Stage::Pack, "erofs root and initramfs".into());
@@ -272,6 +279,16 @@ fn digest(fields: &[&[u8]]) -> String {
     crate::util::hex(&h.finalize())
 }
 
+/// Removes a guest path of the image (a link itself, never what it points
+/// at); a path whose parent is missing is already gone.
+fn remove_in_root(root: &Path, guest_path: &str) -> std::io::Result<()> {
+    match inroot::resolve(root, guest_path) {
+        Ok(path) => remove(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn remove(path: &Path) -> std::io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
@@ -301,17 +318,29 @@ fn trim_docs(doc: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The recipe's dirs, files and users.
+/// The guest path's host location for writing a new file or link: its
+/// parent made inside the root, and whatever link sat at the path removed,
+/// so nothing is ever written through a link.
+fn replaceable_in_root(root: &Path, guest_path: &str) -> std::io::Result<std::path::PathBuf> {
+    if let Some(parent) = Path::new(guest_path).parent() {
+        inroot::create_dir_all(root, &parent.to_string_lossy())?;
+    }
+    let dest = inroot::resolve(root, guest_path)?;
+    if fs::symlink_metadata(&dest).is_ok_and(|m| !m.is_dir()) {
+        fs::remove_file(&dest)?;
+    }
+    Ok(dest)
+}
+
+/// The recipe's dirs, files and users, written inside the image root only:
+/// every path is resolved in the root (see [`inroot`]), as the guest will.
 fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()> {
     let recipe = &loaded.recipe;
     for dir in &recipe.dirs {
-        fs::create_dir_all(root.join(dir.trim_start_matches('/')))?;
+        inroot::create_dir_all(root, dir)?;
     }
     for file in &recipe.files {
-        let dest = root.join(file.path.trim_start_matches('/'));
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let dest = replaceable_in_root(root, &file.path)?;
         match (&file.content, &file.source) {
             (Some(content), _) => fs::write(&dest, content)?,
             (None, Some(source)) => {
@@ -332,19 +361,20 @@ fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()>
     }
     for link in &recipe.symlinks {
         for path in &link.paths {
-            let dest = root.join(path.trim_start_matches('/'));
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            if fs::symlink_metadata(&dest).is_ok() {
-                fs::remove_file(&dest)?;
-            }
+            let dest = replaceable_in_root(root, path)?;
             std::os::unix::fs::symlink(&link.target, &dest)?;
         }
     }
-    fs::create_dir_all(root.join("etc"))?;
+    // The account files are plain files of the image: a link there (the
+    // recipe's or a package's) is replaced, never read or written through.
+    let etc = inroot::create_dir_all(root, "etc")?;
+    for name in ["passwd", "group"] {
+        if fs::symlink_metadata(etc.join(name)).is_ok_and(|m| m.is_symlink()) {
+            fs::remove_file(etc.join(name))?;
+        }
+    }
     let read = |name: &str, base: &str| {
-        fs::read_to_string(root.join("etc").join(name)).unwrap_or_else(|_| base.to_string())
+        fs::read_to_string(etc.join(name)).unwrap_or_else(|_| base.to_string())
     };
     let mut passwd = read("passwd", "root:x:0:0:root:/root:/bin/sh\n");
     let mut group = read("group", "root:x:0:\n");
@@ -362,6 +392,72 @@ fn apply_declarations(loaded: &LoadedRecipe, root: &Path) -> std::io::Result<()>
             group.push_str(&format!("{}:x:{gid}:\n", user.name));
         }
     }
-    fs::write(root.join("etc/passwd"), passwd)?;
-    fs::write(root.join("etc/group"), group)
+    fs::write(etc.join("passwd"), passwd)?;
+    fs::write(etc.join("group"), group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe that aims its links and files at the host: everything lands
+    /// in the image root, nothing on the host changes.
+    #[test]
+    fn declarations_never_write_through_links_onto_the_host() {
+        let host = tempfile::tempdir().unwrap();
+        let victim = host.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        fs::write(victim.join("passwd"), "host:x:0:0::/:/bin/sh\n").unwrap();
+        let victim_dir = victim.display().to_string();
+        let recipe_dir = host.path().join("recipe");
+        fs::create_dir(&recipe_dir).unwrap();
+        let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../recipes/hello");
+        fs::copy(hello.join("index.html"), recipe_dir.join("index.html")).unwrap();
+        let recipe = fs::read_to_string(hello.join("recipe.toml")).unwrap()
+            + &format!(
+                r#"
+[[symlinks]]
+target = "/proc/self/root{victim_dir}/passwd"
+paths = ["/etc/passwd"]
+
+[[files]]
+path = "/usr/lib/certs/planted"
+content = "planted"
+
+[[users]]
+name = "svc"
+uid = 100
+"#
+            );
+        fs::write(recipe_dir.join("recipe.toml"), recipe).unwrap();
+        let loaded = crate::recipe::load(&recipe_dir.join("recipe.toml")).unwrap();
+        let root = host.path().join("root");
+        fs::create_dir(&root).unwrap();
+        // A package's absolute link, as openssl ships /usr/lib/ssl/certs.
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("usr/lib/certs")).unwrap();
+        // The link's target as the guest sees it, inside the image.
+        let inside = root.join(victim.strip_prefix("/").unwrap());
+        fs::create_dir_all(&inside).unwrap();
+        fs::write(inside.join("passwd"), "image's own").unwrap();
+
+        apply_declarations(&loaded, &root).unwrap();
+        remove_in_root(&root, "/usr/lib/certs/passwd").unwrap();
+
+        assert_eq!(
+            fs::read_to_string(victim.join("passwd")).unwrap(),
+            "host:x:0:0::/:/bin/sh\n"
+        );
+        assert!(!victim.join("planted").exists());
+        let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(passwd.contains("svc:x:100:"), "{passwd}");
+        assert!(!fs::symlink_metadata(root.join("etc/passwd"))
+            .unwrap()
+            .is_symlink());
+        assert_eq!(
+            fs::read_to_string(inside.join("planted")).unwrap(),
+            "planted"
+        );
+        assert!(!inside.join("passwd").exists(), "removed inside the image");
+    }
 }

@@ -6,6 +6,7 @@ pub mod build;
 pub mod builtin;
 pub mod cpio;
 pub mod init_check;
+mod inroot;
 pub mod kernel;
 pub mod pack;
 pub mod recipe;

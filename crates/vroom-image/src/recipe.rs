@@ -540,6 +540,16 @@ fn validate(
                 format!("user {} needs a unique name and a uid other than 0", u.name),
             ));
         }
+        // It becomes a field of a passwd line: nothing that ends the field.
+        if let Some(home) = &u.home {
+            guest_path(home).map_err(|r| bad("users", format!("home of {}: {r}", u.name)))?;
+            if home.contains([':', '\n']) {
+                return Err(bad(
+                    "users",
+                    format!("home of {} may not contain ':' or a newline", u.name),
+                ));
+            }
+        }
     }
 
     for (key, field) in &recipe.config {
@@ -997,6 +1007,16 @@ tcp = 80
                 "[memory]",
                 "[[config_rules]]\nrule = \"port <= port\"\nwhen = \"greeting\"\n[memory]",
                 "when: \"greeting\" must be a bool key",
+            ),
+            (
+                "[memory]",
+                "[[users]]\nname = \"svc\"\nuid = 100\nhome = \"/x\\nr00t::0:0::/:/bin/sh\"\n[memory]",
+                "home of svc may not contain ':' or a newline",
+            ),
+            (
+                "[memory]",
+                "[[users]]\nname = \"svc\"\nuid = 100\nhome = \"relative\"\n[memory]",
+                "users: home of svc:",
             ),
         ];
         for (from, to, want) in cases {
