@@ -417,8 +417,8 @@ fn place_fds(fds: &[OwnedFd], stdin: &OwnedFd, log: &std::fs::File) -> Result<()
 }
 
 /// A cap on file sizes; no capability left, not even in the bounding set;
-/// the instance's own gid, groups and uid (real, effective and saved);
-/// no_new_privs.
+/// a session keyring of its own; the instance's own gid, groups and uid
+/// (real, effective and saved); no_new_privs.
 fn drop_privileges(iso: &Isolation) -> Result<(), EnterJailError> {
     // SAFETY: SIG_IGN installs no handler; an ignored SIGXFSZ survives exec,
     // so a write past the limit fails with EFBIG instead of killing QEMU.
@@ -432,8 +432,24 @@ fn drop_privileges(iso: &Isolation) -> Result<(), EnterJailError> {
         return Err(step("limit file sizes")(nix::Error::last()));
     }
     for cap in 0..64 {
-        // SAFETY: plain prctl; EINVAL past the last capability is expected.
-        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        // SAFETY: plain prctl; EINVAL past the last capability is expected,
+        // anything else (EPERM) means the bounding set was not cleared.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let err = nix::Error::last();
+            if err != nix::Error::EINVAL {
+                return Err(step("drop the capability bounding set")(err));
+            }
+        }
+    }
+    // A fresh anonymous session keyring: QEMU must not reach keys vroomd's
+    // session holds (KEYCTL_JOIN_SESSION_KEYRING with no name).
+    // SAFETY: plain syscall with integer arguments.
+    if unsafe { libc::syscall(libc::SYS_keyctl, 1, 0usize) } < 0 {
+        let err = nix::Error::last();
+        // Kernels without keys support have nothing to leak.
+        if err != nix::Error::ENOSYS {
+            return Err(step("join a new session keyring")(err));
+        }
     }
     let groups: Vec<Gid> = iso.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     nix::unistd::setgroups(&groups).map_err(step("setgroups"))?;
