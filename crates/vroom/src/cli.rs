@@ -29,6 +29,17 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         }
         .map(|()| 0);
     }
+    // A file to import is checked before anything else: a refused one must
+    // not start a daemon on the way.
+    if let Command::Config {
+        op: ConfigOp::Import { file },
+        ..
+    } = &cli.command
+    {
+        if file.as_os_str() != "-" {
+            vroom_core::input::open_input(file, MAX_IMPORT_BYTES, None)?;
+        }
+    }
     let client = connect(&cli.data_dir).await?;
     match &cli.command {
         Command::Run(args) => return run(&client, args, json).await,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{daemon_pid, random_subnet, recipe, status_kib, Env};
+use common::{daemon_pid, random_subnet, recipe, status_kib, vroom_bin, Env};
 use vroom_types::{ExecResult, InstanceState, MAX_EXEC_RESULT_BYTES};
 
 /// vroomd's peak memory must stay under this whatever it is fed.
@@ -234,4 +234,39 @@ fn guest_output_and_copies_are_bounded() {
     env.ok(&["rm", "-f", "web"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the bounded guest output");
+}
+
+/// Stops whatever daemon a command started on a data dir, even on failure.
+struct StopDaemon<'a>(&'a Path);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(vroom_bin())
+            .env("VROOM_DATA_DIR", self.0)
+            .args(["daemon", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_refused_import_starts_no_daemon() {
+    let dir = tempfile::Builder::new()
+        .prefix("vroom-import-nodaemon")
+        .tempdir()
+        .unwrap();
+    let _stop = StopDaemon(dir.path());
+    let out = Command::new(vroom_bin())
+        .env("VROOM_DATA_DIR", dir.path())
+        .args(["config", "x", "import", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/dev/zero is a character device"), "{err}");
+    assert!(
+        !dir.path().join("vroomd.sock").exists(),
+        "a daemon was started for a refused import"
+    );
 }
