@@ -506,17 +506,17 @@ async fn exec_instance(
     let mut exec = engine.exec(&name, req).await?;
     // A body that breaks off mid-stdin must not look like a clean EOF to the command.
     let (broken_tx, broken_rx) = tokio::sync::oneshot::channel::<String>();
-    if let Some(stdin) = exec.take_stdin() {
-        tokio::spawn(pump_stdin(stdin, rest, input, broken_tx));
-    }
+    let pump = exec
+        .take_stdin()
+        .map(|stdin| tokio::spawn(pump_stdin(stdin, rest, input, broken_tx)));
     /// What ended a wait for the session's next event.
     enum Next {
         Event(Option<ExecEvent>),
         StdinBroke(String),
     }
     let lines = futures::stream::unfold(
-        (Some(exec), Some(broken_rx)),
-        |(mut exec, mut broken)| async move {
+        (Some(exec), Some(broken_rx), pump),
+        |(mut exec, mut broken, mut pump)| async move {
             let running = exec.as_mut()?;
             // `next()` is not cancel-safe (an event taken from the guest
             // could be lost while its credit is sent), so the one future is
@@ -536,9 +536,16 @@ async fn exec_instance(
                 }
             };
             match outcome {
-                Next::Event(event) => {
-                    let event = event?;
-                    Some((ndjson_line(&event), (exec, broken)))
+                Next::Event(Some(event)) => Some((ndjson_line(&event), (exec, broken, pump))),
+                Next::Event(None) => {
+                    // The reply ends once the rest of the body is read: a
+                    // connection closed with request bytes unread is reset,
+                    // and a reset can destroy the reply's own last lines
+                    // before the client reads them.
+                    if let Some(pump) = pump.take() {
+                        let _ = tokio::time::timeout(STDIN_DRAIN, pump).await;
+                    }
+                    None
                 }
                 Next::StdinBroke(message) => {
                     let event = ExecEvent::Error {
@@ -548,7 +555,7 @@ async fn exec_instance(
                         },
                     };
                     // Ending the stream drops the session, which kills the command.
-                    Some((ndjson_line(&event), (None, None)))
+                    Some((ndjson_line(&event), (None, None, None)))
                 }
             }
         },
@@ -612,9 +619,7 @@ async fn pump_stdin(
     broken: tokio::sync::oneshot::Sender<String>,
 ) {
     use futures::StreamExt;
-    if !rest.is_empty() && stdin.write(&rest, false).await.is_err() {
-        return;
-    }
+    let mut reading = rest.is_empty() || stdin.write(&rest, false).await.is_ok();
     while let Some(chunk) = input.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
@@ -623,12 +628,19 @@ async fn pump_stdin(
                 return;
             }
         };
-        if stdin.write(&chunk, false).await.is_err() {
-            return;
+        // A command that stopped reading leaves the rest to be drained.
+        if reading && stdin.write(&chunk, false).await.is_err() {
+            reading = false;
         }
     }
-    let _ = stdin.write(&[], true).await;
+    if reading {
+        let _ = stdin.write(&[], true).await;
+    }
 }
+
+/// How long an exec reply waits, after the command's end, for the client to
+/// finish sending stdin that nobody reads any more.
+const STDIN_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
