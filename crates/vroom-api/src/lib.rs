@@ -683,8 +683,10 @@ struct FileQuery {
 }
 
 /// Copies a regular file out of a running guest (e.g. a packet capture),
-/// streamed as the guest reads it; at most 1 GiB. A failure after the first
-/// bytes aborts the connection, so a truncated copy never looks complete.
+/// streamed as the guest reads it; at most 1 GiB. A path with no regular file
+/// behind it (missing, a directory, a FIFO, a device) answers 404 with the
+/// guest's reason. A failure after the first bytes aborts the connection, so
+/// a truncated copy never looks complete.
 #[utoipa::path(get, path = "/v1/instances/{name}/files", params(("name" = Name, Path), FileQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
         PathErrors, HostErrors,

@@ -235,12 +235,11 @@ impl GuestFile {
             .read_file(&self.path, self.offset, AGENT_TIMEOUT)
             .await
             .map_err(|e| match e {
-                AgentError::Refused { message } if message.ends_with("is not a regular file") => {
-                    OpError::new(ErrorCode::InvalidArgument, message)
-                }
                 AgentError::Refused { message } if message.ends_with("bytes cp copies") => {
                     OpError::new(ErrorCode::ResourceExhausted, message)
                 }
+                // A well-formed path with no regular file behind it (missing,
+                // a directory, a FIFO...): what was asked for is not there.
                 AgentError::Refused { message } => OpError::new(ErrorCode::NotFound, message),
                 e => OpError::wrap(ErrorCode::GuestError, "copy failed", e),
             })?;
