@@ -96,6 +96,14 @@ pub enum InvalidInputError {
     ConfigAssignment { raw: String },
     #[error("invalid accelerator {raw:?}: use auto, kvm or tcg")]
     Accel { raw: String },
+    #[error("invalid {what} {raw:?}: use one of {choices}")]
+    Choice {
+        what: &'static str,
+        raw: String,
+        choices: &'static str,
+    },
+    #[error("invalid NIC reference {raw:?}: use VM or VM:NIC (a role or an index from 0)")]
+    NicRef { raw: String },
     #[error("the config lacks keys {missing}: a whole config must set every key")]
     MissingConfigKeys { missing: String },
     #[error("{field} must be an integer between {min} and {max}, got {value}")]

@@ -16,6 +16,7 @@ mod name;
 mod network;
 mod schema;
 mod size;
+mod splice;
 pub mod template;
 
 pub use api::{
@@ -51,3 +52,7 @@ pub use schema::{
     FieldType,
 };
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
+pub use splice::{
+    is_l2_role, FailMode, Mirror, MirrorRequest, NicRef, Splice, SpliceEvent, SpliceRequest,
+    SpliceState, INSIDE_ROLE, L2_ROLES, MAX_SPLICE_EVENTS, OUTSIDE_ROLE,
+};
