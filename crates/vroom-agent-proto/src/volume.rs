@@ -41,8 +41,8 @@ pub struct InstanceFile {
 pub struct NicConfig {
     pub mac: String,
     pub role: Option<String>,
-    /// `a.b.c.d`
-    pub address: String,
+    /// `a.b.c.d`; absent on an L2 port, which is only brought up.
+    pub address: Option<String>,
     pub prefix_len: u8,
     pub gateway: Option<String>,
 }

@@ -28,10 +28,19 @@ pub fn configure(nics: &[NicConfig]) -> Result<BTreeMap<String, TemplateNic>, St
                 .map_err(|e| format!("rename {ifname} to {role}: {e}"))?;
             ifname = role.to_string();
         }
-        let addr: Ipv4Addr = nic
-            .address
+        let Some(address) = nic.address.as_deref() else {
+            // An L2 port (a bridge's side, a capture sink): up, unaddressed.
+            sock.set_up(&ifname)
+                .map_err(|e| format!("bring up {ifname}: {e}"))?;
+            log(&format!("{ifname} ({}) is an L2 port", nic.mac));
+            if let Some(role) = &nic.role {
+                by_role.insert(role.clone(), TemplateNic::l2(&ifname, &nic.mac));
+            }
+            continue;
+        };
+        let addr: Ipv4Addr = address
             .parse()
-            .map_err(|_| format!("bad address {}", nic.address))?;
+            .map_err(|_| format!("bad address {address}"))?;
         let mask = prefix_to_mask(nic.prefix_len);
         sock.set_addr(&ifname, libc::SIOCSIFADDR, addr)
             .map_err(|e| format!("set address of {ifname}: {e}"))?;

@@ -168,8 +168,10 @@ pub enum InstanceAction {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NicStatus {
     pub network: Name,
-    #[schema(value_type = String)]
-    pub ip: Ipv4Addr,
+    /// Absent on an L2 port (`outside`, `inside`, `mirror-sink`): the guest
+    /// bridges or captures on it and never addresses it.
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<Ipv4Addr>,
     pub prefix_len: u8,
     #[schema(value_type = String)]
     pub gateway: Ipv4Addr,
@@ -179,6 +181,22 @@ pub struct NicStatus {
     /// The image's NIC role this NIC plays, when the image declares roles.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+}
+
+impl NicStatus {
+    /// The address as people read it: `10.0.0.5`, or `l2` for an L2 port.
+    pub fn shown_ip(&self) -> String {
+        self.ip
+            .map_or_else(|| "l2".to_string(), |ip| ip.to_string())
+    }
+
+    /// `10.0.0.5/24`, or `l2 port` for an L2 port.
+    pub fn shown_cidr(&self) -> String {
+        self.ip.map_or_else(
+            || "l2 port".to_string(),
+            |ip| format!("{ip}/{}", self.prefix_len),
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -47,6 +47,19 @@ pub struct TemplateNic {
 }
 
 impl TemplateNic {
+    /// An L2 port: a name and a MAC, no address.
+    pub fn l2(dev: &str, mac: &str) -> Self {
+        TemplateNic {
+            dev: dev.to_string(),
+            ip: String::new(),
+            prefix: 0,
+            cidr: String::new(),
+            netmask: String::new(),
+            gateway: String::new(),
+            mac: mac.to_string(),
+        }
+    }
+
     pub fn new(dev: &str, ip: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, mac: &str) -> Self {
         let net = Ipv4Net::new(ip, prefix.min(32)).unwrap_or_default();
         TemplateNic {

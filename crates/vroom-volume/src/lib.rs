@@ -267,7 +267,7 @@ mod tests {
             nics: vec![NicConfig {
                 mac: "52:54:00:00:00:01".into(),
                 role: Some("lan".into()),
-                address: "10.0.0.2".into(),
+                address: Some("10.0.0.2".into()),
                 prefix_len: 24,
                 gateway: Some("10.0.0.1".into()),
             }],

@@ -224,7 +224,7 @@ async fn raw_boot(
         nics: vec![NicConfig {
             mac: mac.clone(),
             role: None,
-            address: "10.254.0.2".into(),
+            address: Some("10.254.0.2".into()),
             prefix_len: 24,
             gateway: None,
         }],

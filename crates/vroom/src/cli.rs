@@ -193,7 +193,7 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         let ips: Vec<String> = instance
             .nics
             .iter()
-            .map(|n| format!("{} ({})", n.ip, n.network))
+            .map(|n| format!("{} ({})", n.shown_ip(), n.network))
             .collect();
         println!(
             "{} is running: {} in {:.1}s on {}",
@@ -267,10 +267,9 @@ fn show_instance(i: &Instance) {
     println!("nics:");
     for nic in &i.nics {
         println!(
-            "  {:<6} {}/{} on {} (gateway {}), mac {}, tap {}",
+            "  {:<6} {} on {} (gateway {}), mac {}, tap {}",
             nic.role.as_deref().unwrap_or("-"),
-            nic.ip,
-            nic.prefix_len,
+            nic.shown_cidr(),
             nic.network,
             nic.gateway,
             nic.mac,
@@ -351,8 +350,8 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
             i.nics
                 .iter()
                 .map(|n| match &n.role {
-                    Some(role) => format!("{role}:{}", n.ip),
-                    None => n.ip.to_string(),
+                    Some(role) => format!("{role}:{}", n.shown_ip()),
+                    None => n.shown_ip(),
                 })
                 .collect::<Vec<_>>()
                 .join(","),
@@ -751,7 +750,7 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                         i.nics
                             .iter()
                             .filter(|nic| nic.network == n.name)
-                            .map(|nic| format!("{} ({})", i.spec.name, nic.ip))
+                            .map(|nic| format!("{} ({})", i.spec.name, nic.shown_ip()))
                             .collect::<Vec<_>>()
                     })
                     .collect();

@@ -85,7 +85,9 @@ async fn demo_steps(client: &Client) -> Result<()> {
         })
         .await?;
     let instance = crate::cli::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;
-    let ip = instance.nics[0].ip;
+    let ip = instance.nics[0]
+        .ip
+        .context("the hello appliance's NIC has no address")?;
     println!(
         "2. {INSTANCE} (image hello) is ready at {ip}: booted in {:.2}s with {}, QEMU pid {}",
         instance.status.boot_ms.unwrap_or(0) as f64 / 1000.0,

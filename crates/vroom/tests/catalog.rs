@@ -74,13 +74,13 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
         "run", "firewall", "--name", "fw", "--net", "wan", "--net", "lan", "--net", "dmz",
     ]);
     let fw = env.instance("fw");
-    let fw_wan = fw.nics[0].ip;
+    let fw_wan = fw.nics[0].ip.unwrap();
     assert_eq!(
-        fw.nics[1].ip,
+        fw.nics[1].ip.unwrap(),
         host(&lan, 1),
         "the firewall is lan's gateway"
     );
-    assert_eq!(fw.nics[2].ip, host(&dmz, 1), "and dmz's");
+    assert_eq!(fw.nics[2].ip.unwrap(), host(&dmz, 1), "and dmz's");
 
     // A server on the wan side, a web server in the dmz, a client on lan.
     let server_ip = host(&wan, 50);
@@ -176,7 +176,7 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
     env.ok(&[
         "run", "firewall", "--name", "fw", "--net", "wan", "--net", "lan", "--net", "dmz",
     ]);
-    assert_eq!(env.instance("fw").nics[0].ip, fw_wan);
+    assert_eq!(env.instance("fw").nics[0].ip.unwrap(), fw_wan);
     env.ok(&["config", "fw", "set", &format!("forward=8080:{web_ip}:80")]);
     let out = env.run_in(
         &server,
@@ -199,7 +199,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
     env.ok(&["net", "create", "span", "--subnet", &span, "--mirror"]);
     env.ok(&["run", "sniffer", "--name", "sn", "--net", "span"]);
     env.ok(&["run", "hello", "--name", "web", "--net", "span"]);
-    let web_ip = env.instance("web").nics[0].ip;
+    let web_ip = env.instance("web").nics[0].ip.unwrap();
     let client = env.namespace_on(
         "cl",
         "span",
@@ -294,7 +294,7 @@ fn web_serves_its_configured_page_on_its_configured_port() {
     build(&env, "web");
     env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
     env.ok(&["run", "web", "--name", "site", "--net", "lan"]);
-    let ip = env.instance("site").nics[0].ip;
+    let ip = env.instance("site").nics[0].ip.unwrap();
     assert!(common::page_shows(ip, "<h1>It works</h1>"));
 
     env.ok(&[
@@ -341,7 +341,7 @@ fn dns_serves_leases_and_local_names() {
     let lan = random_subnet();
     env.ok(&["net", "create", "lan", "--subnet", &lan]);
     env.ok(&["run", "dns", "--name", "ns", "--net", "lan"]);
-    let dns_ip = env.instance("ns").nics[0].ip;
+    let dns_ip = env.instance("ns").nics[0].ip.unwrap();
     env.ok(&[
         "config",
         "ns",

@@ -28,14 +28,17 @@ fn catalog_roles_views_boot_logs_and_daemon_stop() {
     let w = env.instance("w");
     assert_eq!(w.nics[0].role.as_deref(), Some("lan"));
     let ps = env.ok(&["ps"]);
-    assert!(ps.contains(&format!("lan:{}", w.nics[0].ip)), "{ps}");
+    assert!(
+        ps.contains(&format!("lan:{}", w.nics[0].ip.unwrap())),
+        "{ps}"
+    );
     let human = env.ok(&["inspect", "w"]);
     assert!(
         human.contains("state:") && human.contains("running"),
         "{human}"
     );
     assert!(
-        human.contains(&format!("lan    {}/", w.nics[0].ip)),
+        human.contains(&format!("lan    {}/", w.nics[0].ip.unwrap())),
         "{human}"
     );
     assert!(serde_json::from_str::<serde_json::Value>(&human).is_err());

@@ -42,7 +42,7 @@ fn hello_serves_greeting_and_config_follows_the_instance() {
         Some(expected),
         "inspect shows the accelerator auto chose"
     );
-    let ip = web.nics[0].ip;
+    let ip = web.nics[0].ip.unwrap();
     assert!(
         page_shows(ip, "Hello from vroom!"),
         "the seed greeting is served"
@@ -81,7 +81,7 @@ fn hello_serves_greeting_and_config_follows_the_instance() {
     env.ok(&["config", "web", "set", "greeting=Set while stopped"]);
     env.ok(&["start", "web"]);
     let web = running(&env, "web");
-    assert!(page_shows(web.nics[0].ip, "Set while stopped"));
+    assert!(page_shows(web.nics[0].ip.unwrap(), "Set while stopped"));
 
     // Export, reset to the seed (live), import back.
     let export = env.dir.join("export.json");
@@ -155,7 +155,7 @@ fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
         i.status.state == InstanceState::Running && i.status.pid.is_some_and(|p| p != dead_pid)
     });
     // The re-adopted VMs are fully usable: the agent answers and a config change applies.
-    let ip = env.instance("a2").nics[0].ip;
+    let ip = env.instance("a2").nics[0].ip.unwrap();
     env.ok(&["config", "a2", "set", "greeting=after adoption"]);
     assert!(page_shows(ip, "after adoption"));
     // And stopping one works through the new daemon.
@@ -187,7 +187,7 @@ fn crashed_vm_restarts_with_its_config_and_stopped_vm_stays_stopped() {
         i.status.state == InstanceState::Running && i.status.pid.is_some_and(|p| p != old_pid)
     });
     assert_eq!(again.status.restarts, 1);
-    assert!(page_shows(again.nics[0].ip, "survives the crash"));
+    assert!(page_shows(again.nics[0].ip.unwrap(), "survives the crash"));
     let parked = env.instance("parked");
     assert_eq!(
         parked.status.state,
@@ -576,14 +576,20 @@ fn recipe_built_image_boots_and_bad_recipes_fail_first() {
     env.ok(&["run", &image.id, "--name", "fromrecipe", "--net", "lan"]);
     let instance = env.instance("fromrecipe");
     assert_eq!(instance.image_id, image.id);
-    assert!(page_shows(instance.nics[0].ip, "Hello from vroom!"));
+    assert!(page_shows(
+        instance.nics[0].ip.unwrap(),
+        "Hello from vroom!"
+    ));
     env.ok(&[
         "config",
         "fromrecipe",
         "set",
         "greeting=built from a recipe",
     ]);
-    assert!(page_shows(instance.nics[0].ip, "built from a recipe"));
+    assert!(page_shows(
+        instance.nics[0].ip.unwrap(),
+        "built from a recipe"
+    ));
 
     // A bad recipe: the error names the package, and the store is unchanged.
     let bad = env.dir.join("bad");

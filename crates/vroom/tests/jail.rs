@@ -194,14 +194,14 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
     // The guest still serves: exec through the agent, HTTP on its tap.
     let out = env.ok(&["exec", "web", "--", "cat", "/proc/sys/kernel/hostname"]);
     assert_eq!(out.trim(), "web");
-    assert!(page_shows(web.nics[0].ip, "Hello from vroom!"));
+    assert!(page_shows(web.nics[0].ip.unwrap(), "Hello from vroom!"));
 
     // A restart keeps the jail (a new VMM, a new uid check, the same cgroup name).
     env.ok(&["restart", "web"]);
     let web = running("web");
     let pid = web.status.pid.unwrap();
     assert_eq!(status_field(pid, "Seccomp"), "2");
-    assert!(page_shows(web.nics[0].ip, "Hello from vroom!"));
+    assert!(page_shows(web.nics[0].ip.unwrap(), "Hello from vroom!"));
 
     env.ok(&["rm", "-f", "web"]);
     env.ok(&["rm", "-f", "db"]);

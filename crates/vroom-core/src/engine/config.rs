@@ -464,7 +464,7 @@ fn fits_the_appliance(
         .nics
         .iter()
         .zip(&appliance.nic_roles)
-        .filter_map(|(nic, role)| Some((role.clone(), Ipv4Net::new(nic.ip, nic.prefix_len).ok()?)))
+        .filter_map(|(nic, role)| Some((role.clone(), Ipv4Net::new(nic.ip?, nic.prefix_len).ok()?)))
         .collect();
     check_rules(&appliance.config_rules, schema, values, &nets)?;
     let ctx = TemplateContext::new(schema, values, &nics, instance.spec.name.as_str());
@@ -486,11 +486,14 @@ fn template_nics(instance: &Instance, roles: &[String]) -> BTreeMap<String, Temp
         .iter()
         .zip(roles)
         .map(|(nic, role)| {
-            let gateway = Some(nic.gateway).filter(|g| *g != nic.ip);
-            (
-                role.clone(),
-                TemplateNic::new(role, nic.ip, nic.prefix_len, gateway, &nic.mac),
-            )
+            let template = match nic.ip {
+                Some(ip) => {
+                    let gateway = Some(nic.gateway).filter(|g| *g != ip);
+                    TemplateNic::new(role, ip, nic.prefix_len, gateway, &nic.mac)
+                }
+                None => TemplateNic::l2(role, &nic.mac),
+            };
+            (role.clone(), template)
         })
         .collect()
 }

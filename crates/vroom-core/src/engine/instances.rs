@@ -207,9 +207,9 @@ impl Engine {
         let mut used: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         for instance in self.list() {
             for nic in instance.nics {
-                used.entry(nic.network.to_string())
-                    .or_default()
-                    .push(nic.ip);
+                if let Some(ip) = nic.ip {
+                    used.entry(nic.network.to_string()).or_default().push(ip);
+                }
             }
         }
         let mut nics = Vec::new();
@@ -236,6 +236,28 @@ impl Engine {
                     ),
                 ));
             }
+            if is_l2_role(role) {
+                if let Some(ip) = spec.ip {
+                    return Err(OpError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "NIC {} ({}) is an L2 port and takes no address, but {ip} was given",
+                            index + 1,
+                            role.unwrap_or_default()
+                        ),
+                    ));
+                }
+                nics.push(NicStatus {
+                    network: network.name.clone(),
+                    ip: None,
+                    prefix_len: 0,
+                    gateway: network.gateway,
+                    mac: ipam::mac_address(id, index),
+                    tap: ipam::tap_name(&self.cfg.iface_prefix, id, index),
+                    role: assigned[index].clone(),
+                });
+                continue;
+            }
             let ip = if ipam::takes_gateway(&network, roles, role, spec.ip) {
                 if taken.contains(&network.gateway) {
                     return Err(OpError::conflict(format!(
@@ -257,7 +279,7 @@ impl Engine {
             taken.push(ip);
             nics.push(NicStatus {
                 network: network.name.clone(),
-                ip,
+                ip: Some(ip),
                 prefix_len: network.subnet.prefix_len(),
                 gateway: network.gateway,
                 mac: ipam::mac_address(id, index),
@@ -539,7 +561,7 @@ fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
             .map(|(i, nic)| NicConfig {
                 mac: nic.mac.clone(),
                 role: nic.role.clone().or_else(|| roles.get(i).cloned()),
-                address: nic.ip.to_string(),
+                address: nic.ip.map(|ip| ip.to_string()),
                 prefix_len: nic.prefix_len,
                 gateway: Some(nic.gateway.to_string()),
             })

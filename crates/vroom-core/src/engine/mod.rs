@@ -31,10 +31,10 @@ use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
 use vroom_agent_proto::{GuestReply, HostCommand};
 use vroom_types::{
-    check_config, validate_config_key, validate_config_value, BuildReport, ConfigValues,
-    DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction, InstanceSpec,
-    InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec, NicSpec,
-    NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
+    check_config, is_l2_role, validate_config_key, validate_config_value, BuildReport,
+    ConfigValues, DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction,
+    InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
+    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
 };
 
 use crate::agent::AgentClient;

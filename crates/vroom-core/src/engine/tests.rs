@@ -303,7 +303,7 @@ async fn nic_roles_are_assigned_and_a_routers_wan_stays_off_isolated_networks() 
     assert_eq!(roles, ["lan", "wan"]);
     // The router's inside NIC on the isolated network is its gateway.
     let inside = t.engine.network("inside").unwrap();
-    assert_eq!(fw.nics[0].ip, inside.gateway);
+    assert_eq!(fw.nics[0].ip, Some(inside.gateway));
 
     req.spec.name = Name::new("fw2").unwrap();
     req.spec.nics = vec![nic("inside", Some("wan"))];
