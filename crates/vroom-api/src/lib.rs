@@ -11,7 +11,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use tracing::Instrument;
@@ -34,6 +34,7 @@ use audit::AuditCaller;
 pub use audit::Caller;
 
 use links::CreatedResourceLinks;
+mod splices;
 use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
 
 type AppState = Arc<Engine>;
@@ -188,7 +189,14 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         build_image,
         prune_images,
         remove_image,
-        get_image
+        get_image,
+        splices::list_splices,
+        splices::create_splice,
+        splices::get_splice,
+        splices::remove_splice,
+        splices::list_mirrors,
+        splices::create_mirror,
+        splices::remove_mirror
     ),
     components(schemas(ApiErrorBody, Name)),
     modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
@@ -310,6 +318,19 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/images/{reference}",
             get(get_image).delete(remove_image),
         )
+        .route(
+            "/v1/splices",
+            get(splices::list_splices).post(splices::create_splice),
+        )
+        .route(
+            "/v1/splices/{appliance}",
+            get(splices::get_splice).delete(splices::remove_splice),
+        )
+        .route(
+            "/v1/mirrors",
+            get(splices::list_mirrors).post(splices::create_mirror),
+        )
+        .route("/v1/mirrors/{id}", delete(splices::remove_mirror))
         .fallback(no_route)
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.

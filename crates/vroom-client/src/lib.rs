@@ -455,6 +455,45 @@ impl Client {
             .map(|_| ())
     }
 
+    pub async fn splices(&self) -> Result<Vec<vroom_types::Splice>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/splices", None).await
+    }
+
+    /// Returns once the VM's traffic goes through the appliance.
+    pub async fn splice(
+        &self,
+        req: &vroom_types::SpliceRequest,
+    ) -> Result<vroom_types::Splice, ClientError> {
+        self.call(Method::POST, "/v1/splices", Some(req)).await
+    }
+
+    pub async fn unsplice(&self, appliance: &str) -> Result<(), ClientError> {
+        self.raw::<()>(
+            Method::DELETE,
+            &format!("/v1/splices/{}", enc(appliance)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn mirrors(&self) -> Result<Vec<vroom_types::Mirror>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/mirrors", None).await
+    }
+
+    pub async fn mirror(
+        &self,
+        req: &vroom_types::MirrorRequest,
+    ) -> Result<vroom_types::Mirror, ClientError> {
+        self.call(Method::POST, "/v1/mirrors", Some(req)).await
+    }
+
+    pub async fn unmirror(&self, id: &str) -> Result<(), ClientError> {
+        self.raw::<()>(Method::DELETE, &format!("/v1/mirrors/{}", enc(id)), None)
+            .await
+            .map(|_| ())
+    }
+
     pub async fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/images", None).await
     }

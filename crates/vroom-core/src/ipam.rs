@@ -160,6 +160,12 @@ pub fn assign_roles(
 }
 
 /// An nftables wildcard matching every bridge [`bridge_name`] makes with `prefix`.
+/// The private bridge of the splice whose appliance is `appliance`: outside
+/// [`bridge_glob`], so no network's rules ever match it.
+pub fn segment_name(prefix: &str, scope: &str, appliance: &str) -> String {
+    format!("{prefix}s{}", short_hash(&[scope, "splice", appliance], 8))
+}
+
 pub fn bridge_glob(prefix: &str) -> String {
     format!("{prefix}b*")
 }

@@ -18,6 +18,7 @@ pub mod net;
 pub mod ratelimit;
 pub mod store;
 pub mod testing;
+pub mod wiring;
 
 pub use engine::{Engine, EngineConfig};
 pub use error::OpError;

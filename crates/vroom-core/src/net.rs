@@ -10,8 +10,21 @@ pub enum NetworkBackendError {
     /// to remove, so nothing may roll it back.
     #[error("host interface {name} already exists")]
     InterfaceExists { name: String },
+    /// The interface is not there (a tap whose VMM has exited).
+    #[error("host interface {name} does not exist")]
+    NoSuchInterface { name: String },
     #[error("failed to {action}: {reason}")]
     Failed { action: String, reason: String },
+}
+
+/// Where a copy of a tap's traffic goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorTarget {
+    /// The capture NIC's tap.
+    pub tap: String,
+    /// Classic BPF as `tc ... bpf bytecode` takes it (from
+    /// [`NetworkBackend::compile_filter`]); every frame when absent.
+    pub filter: Option<String>,
 }
 
 /// An address configured on a host interface.
@@ -34,6 +47,26 @@ pub trait NetworkBackend: Send + Sync {
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError>;
     /// Enslaves a tap to a bridge and brings it up.
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError>;
+    /// Puts a running VM's tap on `bridge`, or on no bridge, and brings it
+    /// up, without waiting: [`NetworkBackendError::NoSuchInterface`] when
+    /// the tap is gone. A tap already there is left as it is.
+    async fn move_tap(&self, tap: &str, bridge: Option<&str>) -> Result<(), NetworkBackendError>;
+    /// Creates a splice segment: a bridge with no address and no rules (the
+    /// host has no address on it, so nothing is routed to or from it). One
+    /// that exists already is kept.
+    async fn create_segment(&self, bridge: &str) -> Result<(), NetworkBackendError>;
+    /// Removes a splice segment; a missing one is not an error.
+    async fn delete_segment(&self, bridge: &str) -> Result<(), NetworkBackendError>;
+    /// Replaces where copies of a tap's traffic, both directions, go; no
+    /// targets removes the mirroring.
+    async fn set_mirrors(
+        &self,
+        tap: &str,
+        targets: &[MirrorTarget],
+    ) -> Result<(), NetworkBackendError>;
+    /// Compiles a pcap-filter expression for Ethernet frames; the error
+    /// says what is wrong with it.
+    async fn compile_filter(&self, expr: &str) -> Result<String, NetworkBackendError>;
     /// Every IPv4 subnet configured on the host, to keep new networks from colliding.
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError>;
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use vroom_types::{ConfigLog, Instance, Network};
+use vroom_types::{ConfigLog, Instance, Mirror, Network, Splice};
 
 use crate::driver::VmProcess;
 
@@ -54,11 +54,22 @@ pub trait StateStore: Send + Sync {
         record: &InstanceRecord,
         log: &ConfigLog,
     ) -> Result<(), StateStoreError>;
+
+    /// Splices, keyed by their appliance.
+    fn put_splice(&self, splice: &Splice) -> Result<(), StateStoreError>;
+    fn delete_splice(&self, appliance: &str) -> Result<(), StateStoreError>;
+    fn splices(&self) -> Result<Vec<Splice>, StateStoreError>;
+    /// Mirrors, keyed by their id.
+    fn put_mirror(&self, mirror: &Mirror) -> Result<(), StateStoreError>;
+    fn delete_mirror(&self, id: &str) -> Result<(), StateStoreError>;
+    fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError>;
 }
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const CONFIG_LOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_logs");
+const SPLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("splices");
+const MIRRORS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrors");
 
 pub struct RedbStateStore {
     db: Database,
@@ -80,8 +91,9 @@ impl RedbStateStore {
                     let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
-                    txn.open_table(CONFIG_LOGS)
-                        .map_err(|e| err(e.to_string()))?;
+                    for table in [CONFIG_LOGS, SPLICES, MIRRORS] {
+                        txn.open_table(table).map_err(|e| err(e.to_string()))?;
+                    }
                     txn.commit().map_err(|e| err(e.to_string()))?;
                     return Ok(RedbStateStore {
                         db,
@@ -212,6 +224,32 @@ impl StateStore for RedbStateStore {
                 .map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn put_splice(&self, splice: &Splice) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(splice).map_err(|e| self.err(e))?;
+        self.put(SPLICES, splice.appliance.as_str(), &bytes)
+    }
+
+    fn delete_splice(&self, appliance: &str) -> Result<(), StateStoreError> {
+        self.delete(SPLICES, appliance)
+    }
+
+    fn splices(&self) -> Result<Vec<Splice>, StateStoreError> {
+        self.all(SPLICES)
+    }
+
+    fn put_mirror(&self, mirror: &Mirror) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(mirror).map_err(|e| self.err(e))?;
+        self.put(MIRRORS, &mirror.id, &bytes)
+    }
+
+    fn delete_mirror(&self, id: &str) -> Result<(), StateStoreError> {
+        self.delete(MIRRORS, id)
+    }
+
+    fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError> {
+        self.all(MIRRORS)
     }
 }
 

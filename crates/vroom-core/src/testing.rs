@@ -21,12 +21,12 @@ use vroom_agent_proto::{
 };
 use vroom_types::{
     Accel, AccelChoice, ApplianceSpec, BuildReport, ConfigLog, FileDigest, ImageManifest,
-    ImageSummary, KernelRef, Network, MANIFEST_VERSION,
+    ImageSummary, KernelRef, Mirror, Network, Splice, MANIFEST_VERSION,
 };
 
 use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
 use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
-use crate::net::{HostAddress, NetworkBackend, NetworkBackendError};
+use crate::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use crate::store::{InstanceRecord, StateStore, StateStoreError};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -349,6 +349,10 @@ pub struct FakeNetwork {
     pub fail_attach: AtomicBool,
     /// The bridges whose rules `apply_rules` replaced, in order.
     pub rules_applied: Mutex<Vec<String>>,
+    /// Taps taken off every bridge.
+    pub detached: Mutex<BTreeSet<String>>,
+    /// Each mirrored tap and where its copies go.
+    pub mirrors: Mutex<BTreeMap<String, Vec<MirrorTarget>>>,
 }
 
 #[async_trait]
@@ -384,7 +388,54 @@ impl NetworkBackend for FakeNetwork {
             });
         }
         lock(&self.attached).insert(tap.to_string(), bridge.to_string());
+        lock(&self.detached).remove(tap);
         Ok(())
+    }
+
+    async fn move_tap(&self, tap: &str, bridge: Option<&str>) -> Result<(), NetworkBackendError> {
+        match bridge {
+            Some(bridge) => self.attach_tap(tap, bridge).await,
+            None => {
+                lock(&self.attached).remove(tap);
+                lock(&self.detached).insert(tap.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    async fn create_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
+        lock(&self.bridges).insert(bridge.to_string());
+        Ok(())
+    }
+
+    async fn delete_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
+        lock(&self.bridges).remove(bridge);
+        lock(&self.attached).retain(|_, b| b != bridge);
+        Ok(())
+    }
+
+    async fn set_mirrors(
+        &self,
+        tap: &str,
+        targets: &[MirrorTarget],
+    ) -> Result<(), NetworkBackendError> {
+        let mut mirrors = lock(&self.mirrors);
+        if targets.is_empty() {
+            mirrors.remove(tap);
+        } else {
+            mirrors.insert(tap.to_string(), targets.to_vec());
+        }
+        Ok(())
+    }
+
+    async fn compile_filter(&self, expr: &str) -> Result<String, NetworkBackendError> {
+        if expr.contains("bad") {
+            return Err(NetworkBackendError::Failed {
+                action: "compile the filter".into(),
+                reason: "syntax error".into(),
+            });
+        }
+        Ok(format!("bpf({expr})"))
     }
 
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError> {
@@ -398,6 +449,8 @@ pub struct MemStore {
     instances: Mutex<BTreeMap<String, InstanceRecord>>,
     networks: Mutex<BTreeMap<String, Network>>,
     config_logs: Mutex<BTreeMap<String, ConfigLog>>,
+    splices: Mutex<BTreeMap<String, Splice>>,
+    mirrors: Mutex<BTreeMap<String, Mirror>>,
 }
 
 impl StateStore for MemStore {
@@ -440,6 +493,28 @@ impl StateStore for MemStore {
         lock(&self.instances).insert(name.clone(), record.clone());
         lock(&self.config_logs).insert(name, log.clone());
         Ok(())
+    }
+    fn put_splice(&self, splice: &Splice) -> Result<(), StateStoreError> {
+        lock(&self.splices).insert(splice.appliance.to_string(), splice.clone());
+        Ok(())
+    }
+    fn delete_splice(&self, appliance: &str) -> Result<(), StateStoreError> {
+        lock(&self.splices).remove(appliance);
+        Ok(())
+    }
+    fn splices(&self) -> Result<Vec<Splice>, StateStoreError> {
+        Ok(lock(&self.splices).values().cloned().collect())
+    }
+    fn put_mirror(&self, mirror: &Mirror) -> Result<(), StateStoreError> {
+        lock(&self.mirrors).insert(mirror.id.clone(), mirror.clone());
+        Ok(())
+    }
+    fn delete_mirror(&self, id: &str) -> Result<(), StateStoreError> {
+        lock(&self.mirrors).remove(id);
+        Ok(())
+    }
+    fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError> {
+        Ok(lock(&self.mirrors).values().cloned().collect())
     }
 }
 

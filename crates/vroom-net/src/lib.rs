@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::Handle;
-use vroom_core::net::{HostAddress, NetworkBackend, NetworkBackendError};
+use vroom_core::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use vroom_types::{Network, Protocol};
 
 pub struct NetlinkNetwork {
@@ -170,6 +170,76 @@ pub fn replace_script(network: &Network, bridge_glob: &str) -> String {
     delete_script(network) + &ruleset(network, bridge_glob)
 }
 
+/// Runs `tc`, iproute2's traffic-control tool; the error is its first line.
+async fn tc(args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new("tc")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run tc: {e}"))?;
+    if !out.status.success() {
+        return Err(first_line(&out.stderr, "tc failed"));
+    }
+    Ok(())
+}
+
+fn first_line(bytes: &[u8], default: &str) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(default)
+        .to_string()
+}
+
+/// Compiles a pcap-filter expression to classic BPF for Ethernet frames with
+/// `tcpdump -ddd` (libpcap's compiler), in the form `tc`'s `bpf bytecode`
+/// takes: the instruction count, then `code jt jf k` per instruction, all
+/// comma-separated. cls_bpf runs it on the whole frame in both directions.
+pub async fn compile_filter(expr: &str) -> Result<String, String> {
+    let out = tokio::process::Command::new("tcpdump")
+        .args(["-y", "EN10MB", "-ddd", "--", expr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run tcpdump (install it with `vroom setup`): {e}"))?;
+    if !out.status.success() {
+        return Err(first_line(&out.stderr, "tcpdump refused it"));
+    }
+    bytecode(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `tcpdump -ddd`'s output as one comma-separated line, checked.
+fn bytecode(ddd: &str) -> Result<String, String> {
+    let lines: Vec<&str> = ddd
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let count: usize = lines
+        .first()
+        .and_then(|l| l.parse().ok())
+        .ok_or("tcpdump printed no program")?;
+    if count == 0 || count != lines.len() - 1 || count > 4096 {
+        return Err(format!(
+            "tcpdump printed a malformed program ({count} instructions)"
+        ));
+    }
+    for line in &lines[1..] {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() != 4 || fields.iter().any(|f| f.parse::<u64>().is_err()) {
+            return Err(format!("tcpdump printed a malformed instruction {line:?}"));
+        }
+    }
+    Ok(lines.join(","))
+}
+
 /// Runs an nft script, as a child process awaited without blocking the runtime.
 async fn nft(script: &str) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
@@ -322,6 +392,135 @@ impl NetworkBackend for NetlinkNetwork {
             .map_err(fail(format!("attach {tap} to {bridge}")))
     }
 
+    async fn move_tap(&self, tap: &str, bridge: Option<&str>) -> Result<(), NetworkBackendError> {
+        let tap_index =
+            self.link_index(tap)
+                .await
+                .ok_or_else(|| NetworkBackendError::NoSuchInterface {
+                    name: tap.to_string(),
+                })?;
+        let bridge_index = match bridge {
+            Some(bridge) => {
+                self.link_index(bridge)
+                    .await
+                    .ok_or_else(|| NetworkBackendError::Failed {
+                        action: format!("move {tap}"),
+                        reason: format!("bridge {bridge} does not exist"),
+                    })?
+            }
+            // Index 0 takes the link off its bridge.
+            None => 0,
+        };
+        let action = match bridge {
+            Some(bridge) => format!("move {tap} to {bridge}"),
+            None => format!("take {tap} off its bridge"),
+        };
+        self.handle
+            .link()
+            .set(tap_index)
+            .controller(bridge_index)
+            .up()
+            .execute()
+            .await
+            .map_err(|e| {
+                // The VMM exited between the lookup and the move.
+                if e.to_string().contains("No such device") {
+                    NetworkBackendError::NoSuchInterface {
+                        name: tap.to_string(),
+                    }
+                } else {
+                    fail(action)(e)
+                }
+            })
+    }
+
+    async fn create_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
+        if self.link_index(bridge).await.is_none() {
+            let mut add = self.handle.link().add().name(bridge.to_string());
+            add.message_mut()
+                .attributes
+                .push(LinkAttribute::LinkInfo(vec![
+                    LinkInfo::Kind(InfoKind::Bridge),
+                    LinkInfo::Data(InfoData::Bridge(vec![])),
+                ]));
+            add.execute()
+                .await
+                .map_err(fail(format!("create segment {bridge}")))?;
+        }
+        let index = self
+            .link_index(bridge)
+            .await
+            .ok_or_else(|| NetworkBackendError::Failed {
+                action: format!("create segment {bridge}"),
+                reason: "it vanished after creation".into(),
+            })?;
+        // No address of the host's, and no IPv6 either: the host is not on
+        // a segment, it only carries frames between its two ports.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"),
+            "1",
+        );
+        self.handle
+            .link()
+            .set(index)
+            .up()
+            .execute()
+            .await
+            .map_err(fail(format!("bring up {bridge}")))
+    }
+
+    async fn delete_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
+        if let Some(index) = self.link_index(bridge).await {
+            self.handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(fail(format!("delete segment {bridge}")))?;
+        }
+        Ok(())
+    }
+
+    async fn set_mirrors(
+        &self,
+        tap: &str,
+        targets: &[MirrorTarget],
+    ) -> Result<(), NetworkBackendError> {
+        let failed = |reason: String| NetworkBackendError::Failed {
+            action: format!("mirror {tap}"),
+            reason,
+        };
+        // Replace, don't patch: dropping the clsact qdisc drops its filters.
+        let _ = tc(&["qdisc", "del", "dev", tap, "clsact"]).await;
+        if targets.is_empty() {
+            return Ok(());
+        }
+        tc(&["qdisc", "add", "dev", tap, "clsact"])
+            .await
+            .map_err(failed)?;
+        for direction in ["ingress", "egress"] {
+            for target in targets {
+                let mut args = vec!["filter", "add", "dev", tap, direction];
+                match &target.filter {
+                    Some(code) => args.extend(["bpf", "bytecode", code.as_str()]),
+                    None => args.push("matchall"),
+                }
+                args.extend(["action", "mirred", "egress", "mirror", "dev", &target.tap]);
+                tc(&args).await.map_err(failed)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn compile_filter(&self, expr: &str) -> Result<String, NetworkBackendError> {
+        compile_filter(expr)
+            .await
+            .map_err(|reason| NetworkBackendError::Failed {
+                action: "compile the filter".into(),
+                reason,
+            })
+    }
+
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError> {
         let mut names = std::collections::HashMap::new();
         let mut links = self.handle.link().get().execute();
@@ -390,6 +589,18 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn tcpdump_programs_become_tc_bytecode() {
+        let ddd = "4\n40 0 0 12\n21 0 1 2048\n6 0 0 262144\n6 0 0 0\n";
+        assert_eq!(
+            bytecode(ddd).unwrap(),
+            "4,40 0 0 12,21 0 1 2048,6 0 0 262144,6 0 0 0"
+        );
+        for bad in ["", "2\n6 0 0 0\n", "1\n6 0 0\n", "1\nx 0 0 0\n", "0\n"] {
+            assert!(bytecode(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

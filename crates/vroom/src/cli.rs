@@ -82,6 +82,32 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Net { op } => net(&client, op, json).await?,
         Command::Image { op } => image(&client, op, json).await?,
         Command::Demo { keep } => crate::demo::run(&client, *keep).await?,
+        Command::Splice {
+            appliance,
+            in_front_of,
+            fail,
+            name,
+            timeout,
+        } => {
+            crate::splice::splice(
+                &client,
+                appliance,
+                in_front_of,
+                *fail,
+                name.clone(),
+                *timeout,
+                json,
+            )
+            .await?
+        }
+        Command::Unsplice { appliance } => client.unsplice(appliance).await?,
+        Command::Splices => crate::splice::list(&client, json).await?,
+        Command::Mirror { source, to, filter } => {
+            crate::splice::mirror(&client, source, to, filter.clone(), json).await?
+        }
+        Command::Unmirror { source, to } => {
+            crate::splice::unmirror(&client, source, to.as_ref()).await?
+        }
         Command::Gc { remove } => {
             crate::gc::run(
                 &client,
@@ -208,7 +234,11 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
 
 /// `run` of a catalog image that is not built yet builds it first, with its
 /// stages shown as `image build` shows them.
-async fn build_from_catalog_if_missing(client: &Client, image: &str, json: bool) -> Result<()> {
+pub(crate) async fn build_from_catalog_if_missing(
+    client: &Client,
+    image: &str,
+    json: bool,
+) -> Result<()> {
     match client.image(image).await {
         Err(ClientError::Api { status: 404, .. }) if vroom_image::in_catalog(image) => {}
         _ => return Ok(()),

@@ -122,6 +122,7 @@ pub async fn run(
     let networks = client.networks().await?;
     let instances = client.list().await?;
     let mut known: BTreeSet<String> = networks.iter().map(|n| n.bridge.clone()).collect();
+    known.extend(client.splices().await?.into_iter().map(|s| s.segment));
     known.extend(
         instances
             .iter()

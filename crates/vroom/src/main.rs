@@ -12,6 +12,7 @@ mod jail;
 mod output;
 mod paths;
 mod setup;
+mod splice;
 
 use std::path::PathBuf;
 
@@ -147,6 +148,52 @@ pub enum Command {
         /// bridge, run dirs untouched for a minute, stale console files).
         #[arg(long)]
         remove: bool,
+    },
+    /// Put an appliance inline in front of a running VM's NIC, without
+    /// touching the VM: its tap moves to a private bridge shared with the
+    /// appliance's inside NIC. Returns once traffic goes through it.
+    Splice {
+        /// An image (an appliance is created, and removed on unsplice), or a
+        /// stopped instance with outside and inside NICs.
+        appliance: String,
+        /// The VM and its NIC (a role or an index from 0; the first NIC by default).
+        #[arg(long, value_name = "VM[:NIC]")]
+        in_front_of: vroom_types::NicRef,
+        /// When the appliance dies or fails its health check: `open` wires the
+        /// VM around it, `closed` keeps the path cut. Capture appliances fail
+        /// open, others closed.
+        #[arg(long)]
+        fail: Option<vroom_types::FailMode>,
+        /// The created appliance's name (VM-IMAGE by default).
+        #[arg(long)]
+        name: Option<vroom_types::Name>,
+        /// Seconds the appliance has to become ready.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Take a spliced appliance out of the path (the VM's NIC goes back where
+    /// it was) and remove it, or stop it if it existed before the splice.
+    Unsplice { appliance: String },
+    /// List splices, their state and last event.
+    Splices,
+    /// Copy a VM NIC's traffic, both directions, to a capture appliance
+    /// (tc mirred from the VM's tap; the VM's path is unchanged).
+    Mirror {
+        #[arg(value_name = "VM[:NIC]")]
+        source: vroom_types::NicRef,
+        /// The capture appliance and its sink NIC.
+        #[arg(long, value_name = "APPLIANCE[:NIC]")]
+        to: vroom_types::NicRef,
+        /// A pcap-filter expression: only matching frames are copied.
+        #[arg(long, value_name = "BPF")]
+        filter: Option<String>,
+    },
+    /// Stop mirroring a VM's NIC (to one appliance with --to).
+    Unmirror {
+        #[arg(value_name = "VM[:NIC]")]
+        source: vroom_types::NicRef,
+        #[arg(long)]
+        to: Option<vroom_types::Name>,
     },
     /// Run the end-to-end demo: a network, the hello appliance, a config change.
     Demo {

@@ -366,16 +366,16 @@ impl Engine {
                 e,
             )
         })?;
+        // Each tap goes where the wiring says: its network's bridge, a
+        // splice's segment, or (a bump in the wire not spliced, a capture
+        // sink fed by mirrors) no bridge.
+        let wiring = self.current_wiring();
         for nic in &instance.nics {
-            let bridge = self.network(nic.network.as_str()).map(|n| n.bridge);
-            let attached = match bridge {
-                Ok(bridge) => self
-                    .net
-                    .attach_tap(&nic.tap, &bridge)
-                    .await
-                    .map_err(|e| OpError::internal("failed to attach the NIC", e)),
-                Err(e) => Err(e),
-            };
+            let attached = match wiring.get(&nic.tap).cloned().flatten() {
+                Some(bridge) => self.net.attach_tap(&nic.tap, &bridge).await,
+                None => self.net.move_tap(&nic.tap, None).await,
+            }
+            .map_err(|e| OpError::internal("failed to attach the NIC", e));
             if let Err(e) = attached {
                 let _ = self.driver.kill(&process);
                 self.driver.wait_exit(&process).await;
@@ -407,6 +407,7 @@ impl Engine {
             process,
             Some(Instant::now() + ready_timeout),
         );
+        self.refresh_mirrors_for(&instance.spec.name).await;
         Ok(())
     }
 
@@ -508,7 +509,11 @@ impl Engine {
                 "instance {name} is running; stop it first or use `rm -f`"
             )));
         }
+        if let Some(reason) = self.splice_blocking_removal(name) {
+            return Err(OpError::conflict(format!("cannot remove {name}: {reason}")));
+        }
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
+        self.drop_mirrors_of(name).await;
         blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
         self.instances

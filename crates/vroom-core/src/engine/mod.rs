@@ -9,13 +9,16 @@
 //!   the restart policy;
 //! - `guest`: exec, file copy and console logs;
 //! - `config`: the config volume, read and changed through the guest;
-//! - `networks` and `images`: the host networks and the image store.
+//! - `networks` and `images`: the host networks and the image store;
+//! - `splices`: appliances spliced inline in front of running VMs, mirrors,
+//!   and the watchdog that fails a dead appliance open or closed.
 
 mod config;
 mod guest;
 mod images;
 mod instances;
 mod networks;
+mod splices;
 mod supervise;
 
 pub use guest::{GuestExec, GuestFile, GuestStdin};
@@ -82,8 +85,14 @@ pub struct Engine {
     images: Arc<dyn ImageSource>,
     instances: Mutex<BTreeMap<Name, Arc<Cell>>>,
     networks: Mutex<BTreeMap<Name, Network>>,
+    /// Splices, by appliance.
+    splices: Mutex<BTreeMap<Name, vroom_types::Splice>>,
+    /// Mirrors, by id.
+    mirrors: Mutex<BTreeMap<String, vroom_types::Mirror>>,
     /// Serialises creations and network changes, which allocate names and addresses.
     alloc: tokio::sync::Mutex<()>,
+    /// Serialises splice and mirror changes (and the watchdog's).
+    splice_op: tokio::sync::Mutex<()>,
 }
 
 /// One instance in memory.
@@ -194,7 +203,10 @@ impl Engine {
             images,
             instances: Mutex::default(),
             networks: Mutex::default(),
+            splices: Mutex::default(),
+            mirrors: Mutex::default(),
             alloc: tokio::sync::Mutex::new(()),
+            splice_op: tokio::sync::Mutex::new(()),
         })
     }
 

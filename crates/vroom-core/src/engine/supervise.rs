@@ -72,6 +72,7 @@ impl Engine {
                 }
             }
         }
+        self.recover_splices().await?;
         self.spawn_config_settle();
         Ok(())
     }
