@@ -25,8 +25,8 @@ pub const NIC_ROLES: &[&str] = &[
     "wan",
     "lan",
     "dmz",
-    "inline-in",
-    "inline-out",
+    "outside",
+    "inside",
     "mirror-sink",
     "mgmt",
 ];

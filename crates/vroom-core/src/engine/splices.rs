@@ -742,7 +742,14 @@ impl Engine {
         }
         match cell.agent.health(WATCH_HEALTH_TIMEOUT).await {
             Ok(report) if report.ready => Health::Healthy,
-            _ => Health::Unhealthy,
+            Ok(report) => {
+                tracing::debug!(appliance = %name, ?report, "appliance not ready");
+                Health::Unhealthy
+            }
+            Err(e) => {
+                tracing::debug!(appliance = %name, error = %e, "appliance health check failed");
+                Health::Unhealthy
+            }
         }
     }
 }
