@@ -518,11 +518,12 @@ impl StateStore for MemStore {
     }
 }
 
-/// An `ImageSource` with two images whose files are never read: `hello`,
-/// and `router` (NIC roles wan, lan, dmz).
+/// An `ImageSource` with images whose files are never read: `hello`,
+/// `router` (NIC roles wan, lan, dmz) and `bump` (outside, inside).
 pub struct FakeImages {
     image: BootImage,
     router: BootImage,
+    bump: BootImage,
 }
 
 impl Default for FakeImages {
@@ -564,9 +565,13 @@ impl Default for FakeImages {
         let mut router = manifest.clone();
         router.name = "router".into();
         router.appliance.nic_roles = vec!["wan".into(), "lan".into(), "dmz".into()];
+        let mut bump = manifest.clone();
+        bump.name = "bump".into();
+        bump.appliance.nic_roles = vec!["outside".into(), "inside".into()];
         FakeImages {
             image: boot('f', manifest),
             router: boot('e', router),
+            bump: boot('d', bump),
         }
     }
 }
@@ -585,7 +590,7 @@ impl ImageSource for FakeImages {
     }
 
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
-        if let Some(image) = [&self.image, &self.router]
+        if let Some(image) = [&self.image, &self.router, &self.bump]
             .into_iter()
             .find(|i| reference == i.manifest.name || reference == i.id)
         {
@@ -609,7 +614,7 @@ impl ImageSource for FakeImages {
     }
 
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
-        Ok([&self.image, &self.router]
+        Ok([&self.image, &self.router, &self.bump]
             .into_iter()
             .map(|image| ImageSummary {
                 id: image.id.clone(),

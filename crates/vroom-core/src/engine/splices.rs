@@ -806,3 +806,339 @@ pub(super) fn resolve_nic(instance: &Instance, nic: Option<&str>) -> Result<usiz
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vroom_types::{
+        AccelChoice, FailMode, InstanceSpec, InstanceState, Name, NetworkSpec, NicSpec, RunRequest,
+        SpliceRequest, SpliceState,
+    };
+
+    use crate::store::StateStore;
+    use crate::testing::{GuestBehavior, TestEngine};
+
+    async fn with_running_vm(dir: &std::path::Path) -> TestEngine {
+        let t = TestEngine::new(dir);
+        t.engine.recover().await.unwrap();
+        t.engine
+            .create_network(NetworkSpec {
+                name: Name::new("lan").unwrap(),
+                subnet: None,
+                nat: false,
+                isolated: false,
+                mirror: false,
+                allow_host: vec![],
+            })
+            .await
+            .unwrap();
+        t.engine
+            .run(RunRequest {
+                spec: InstanceSpec {
+                    name: Name::new("web").unwrap(),
+                    image: "hello".into(),
+                    mem_mib: None,
+                    cpus: 1,
+                    nics: vec![NicSpec {
+                        network: Name::new("lan").unwrap(),
+                        ip: None,
+                        role: None,
+                    }],
+                    accel: AccelChoice::Auto,
+                    config_volume_kib: None,
+                },
+                ready_timeout_secs: Some(30),
+            })
+            .await
+            .unwrap();
+        wait(&t, "web", |i| i.status.state == InstanceState::Running).await;
+        t
+    }
+
+    async fn wait(t: &TestEngine, name: &str, check: impl Fn(&vroom_types::Instance) -> bool) {
+        for _ in 0..400 {
+            if t.engine.get(name).is_ok_and(|i| check(&i)) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!(
+            "{name} never got there: {:?}",
+            t.engine.get(name).map(|i| i.status)
+        );
+    }
+
+    fn request(appliance: &str) -> SpliceRequest {
+        SpliceRequest {
+            appliance: appliance.into(),
+            vm: Name::new("web").unwrap(),
+            nic: None,
+            fail: None,
+            name: None,
+            ready_timeout_secs: Some(5),
+        }
+    }
+
+    fn bridge_of(t: &TestEngine, tap: &str) -> Option<String> {
+        t.net.attached.lock().unwrap().get(tap).cloned()
+    }
+
+    fn tap(t: &TestEngine, name: &str, index: usize) -> String {
+        t.engine.get(name).unwrap().nics[index].tap.clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_puts_the_appliance_in_the_path_and_unsplice_takes_it_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let lan = t.engine.network("lan").unwrap().bridge;
+        let web_tap = tap(&t, "web", 0);
+        let web_pid = t.engine.get("web").unwrap().status.pid;
+        assert_eq!(bridge_of(&t, &web_tap), Some(lan.clone()));
+
+        let splice = t.engine.splice(request("bump")).await.unwrap();
+        assert_eq!(splice.appliance.as_str(), "web-bump", "named VM-IMAGE");
+        assert_eq!(splice.state, SpliceState::Active);
+        assert_eq!(splice.fail, FailMode::Closed, "not a capture appliance");
+        assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment.clone()));
+        assert_eq!(bridge_of(&t, &tap(&t, "web-bump", 0)), Some(lan.clone()));
+        assert_eq!(
+            bridge_of(&t, &tap(&t, "web-bump", 1)),
+            Some(splice.segment.clone())
+        );
+        let appliance = t.engine.get("web-bump").unwrap();
+        assert!(appliance.nics.iter().all(|n| n.ip.is_none()), "L2 ports");
+        assert_eq!(t.store.splices().unwrap().len(), 1, "on record");
+        assert_eq!(
+            t.engine.get("web").unwrap().status.pid,
+            web_pid,
+            "VM untouched"
+        );
+
+        let err = t.engine.splice(request("web-bump")).await.unwrap_err();
+        assert!(err.message.contains("already spliced"), "{}", err.message);
+        let err = t.engine.remove("web-bump", true).await.unwrap_err();
+        assert!(err.message.contains("unsplice"), "{}", err.message);
+        let err = t.engine.remove("web", true).await.unwrap_err();
+        assert!(err.message.contains("unsplice"), "{}", err.message);
+
+        t.engine.unsplice("web-bump").await.unwrap();
+        assert_eq!(bridge_of(&t, &web_tap), Some(lan));
+        assert!(t.engine.get("web-bump").is_err(), "the appliance went");
+        assert!(!t.net.bridges.lock().unwrap().contains(&splice.segment));
+        assert!(t.store.splices().unwrap().is_empty());
+        let err = t.engine.unsplice("web-bump").await.unwrap_err();
+        assert_eq!(err.code, vroom_types::ErrorCode::NotFound);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_splices_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let before = t.engine.list().len();
+        for (req, says) in [
+            (request("hello"), "no outside and inside"),
+            (request("nope"), "no instance or image"),
+            (request("web"), "itself"),
+            (
+                SpliceRequest {
+                    nic: Some("eth7".into()),
+                    ..request("bump")
+                },
+                "no NIC",
+            ),
+            (
+                SpliceRequest {
+                    vm: Name::new("ghost").unwrap(),
+                    ..request("bump")
+                },
+                "ghost",
+            ),
+        ] {
+            let err = t.engine.splice(req).await.unwrap_err();
+            assert!(err.message.contains(says), "{says}: {}", err.message);
+        }
+        t.engine
+            .action("web", vroom_types::InstanceAction::Stop)
+            .await
+            .unwrap();
+        let err = t.engine.splice(request("bump")).await.unwrap_err();
+        assert!(err.message.contains("not running"), "{}", err.message);
+        assert_eq!(t.engine.list().len(), before);
+        assert!(t.engine.list_splices().is_empty());
+    }
+
+    /// An appliance that never becomes ready: the splice is undone whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_splice_whose_appliance_fails_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let web_tap = tap(&t, "web", 0);
+        let lan = t.engine.network("lan").unwrap().bridge;
+        t.driver.set_behavior(GuestBehavior::NeverReady);
+        let mut req = request("bump");
+        req.ready_timeout_secs = Some(1);
+        t.engine.splice(req).await.unwrap_err();
+        assert!(t.engine.list_splices().is_empty());
+        assert!(t.store.splices().unwrap().is_empty());
+        assert!(
+            t.engine.get("web-bump").is_err(),
+            "the appliance was removed"
+        );
+        assert_eq!(bridge_of(&t, &web_tap), Some(lan));
+        let segments: Vec<String> = t
+            .net
+            .bridges
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| b.starts_with("tfs"))
+            .cloned()
+            .collect();
+        assert!(segments.is_empty(), "{segments:?}");
+    }
+
+    /// A daemon killed inside a splice or an unsplice: the next one takes
+    /// the appliance out (the splice was never acknowledged, or its removal
+    /// was asked for), and nothing is left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_undoes_a_half_made_splice_and_finishes_an_unsplice() {
+        for state in [SpliceState::Starting, SpliceState::Removing] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = with_running_vm(dir.path()).await;
+            let web_tap = tap(&t, "web", 0);
+            let lan = t.engine.network("lan").unwrap().bridge;
+            let mut splice = t.engine.splice(request("bump")).await.unwrap();
+            splice.state = state;
+            t.store.put_splice(&splice).unwrap();
+
+            let engine = t.restarted();
+            engine.recover().await.unwrap();
+            assert!(engine.list_splices().is_empty(), "{state}");
+            assert!(t.store.splices().unwrap().is_empty(), "{state}");
+            assert!(
+                engine.get("web-bump").is_err(),
+                "{state}: appliance removed"
+            );
+            assert_eq!(bridge_of(&t, &web_tap), Some(lan), "{state}");
+            assert!(!t.net.bridges.lock().unwrap().contains(&splice.segment));
+        }
+    }
+
+    /// A restarted daemon rewires an active splice the way the record says,
+    /// even if someone moved the tap meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_rewires_active_splices() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let web_tap = tap(&t, "web", 0);
+        let splice = t.engine.splice(request("bump")).await.unwrap();
+        let lan = t.engine.network("lan").unwrap().bridge;
+        t.net.attached.lock().unwrap().insert(web_tap.clone(), lan);
+        let engine = t.restarted();
+        engine.recover().await.unwrap();
+        assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment));
+        assert_eq!(engine.list_splices()[0].state, SpliceState::Active);
+    }
+
+    /// The watchdog: a dead fail-open appliance is bypassed, and put back
+    /// when vroom has restarted it; a fail-closed one cuts the path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_appliances_fail_open_or_closed() {
+        for fail in [FailMode::Open, FailMode::Closed] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = with_running_vm(dir.path()).await;
+            let web_tap = tap(&t, "web", 0);
+            let lan = t.engine.network("lan").unwrap().bridge;
+            let mut req = request("bump");
+            req.fail = Some(fail);
+            let splice = t.engine.splice(req).await.unwrap();
+            let pid = t.engine.get("web-bump").unwrap().status.pid.unwrap();
+            t.driver.crash(pid);
+            let want = match fail {
+                FailMode::Open => SpliceState::Bypassed,
+                FailMode::Closed => SpliceState::Cut,
+            };
+            let mut seen = None;
+            for _ in 0..200 {
+                let state = t.engine.get_splice("web-bump").unwrap().state;
+                if state == want {
+                    seen = Some(bridge_of(&t, &web_tap));
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let expected = match fail {
+                FailMode::Open => Some(lan.clone()),
+                FailMode::Closed => Some(splice.segment.clone()),
+            };
+            assert_eq!(seen, Some(expected), "{fail}");
+            // vroom restarts it (backoff 1 s); the splice follows.
+            for _ in 0..400 {
+                if t.engine.get_splice("web-bump").unwrap().state == SpliceState::Active {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            let splice = t.engine.get_splice("web-bump").unwrap();
+            assert_eq!(
+                splice.state,
+                SpliceState::Active,
+                "{fail}: {:?}",
+                splice.events
+            );
+            assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment.clone()));
+            assert!(splice
+                .events
+                .iter()
+                .any(|e| e.message.contains("back in the path")));
+        }
+    }
+
+    /// Two appliances stack in front of one NIC; unsplicing the outer one
+    /// closes the gap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stacked_splices_close_the_gap_when_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let web_tap = tap(&t, "web", 0);
+        let lan = t.engine.network("lan").unwrap().bridge;
+        let named = |name: &str| SpliceRequest {
+            name: Some(Name::new(name).unwrap()),
+            ..request("bump")
+        };
+        let outer = t.engine.splice(named("fw")).await.unwrap();
+        let inner = t.engine.splice(named("snf")).await.unwrap();
+        assert_eq!(bridge_of(&t, &tap(&t, "fw", 0)), Some(lan.clone()));
+        assert_eq!(
+            bridge_of(&t, &tap(&t, "snf", 0)),
+            Some(outer.segment.clone())
+        );
+        assert_eq!(bridge_of(&t, &web_tap), Some(inner.segment.clone()));
+        t.engine.unsplice("fw").await.unwrap();
+        assert_eq!(bridge_of(&t, &tap(&t, "snf", 0)), Some(lan.clone()));
+        assert_eq!(bridge_of(&t, &web_tap), Some(inner.segment));
+        t.engine.unsplice("snf").await.unwrap();
+        assert_eq!(bridge_of(&t, &web_tap), Some(lan));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mirrors_follow_launches_and_refuse_non_capture_nics() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let req = |to: &str, filter: Option<&str>| vroom_types::MirrorRequest {
+            vm: Name::new("web").unwrap(),
+            nic: None,
+            to: Name::new(to).unwrap(),
+            to_nic: None,
+            filter: filter.map(String::from),
+        };
+        let err = t.engine.mirror(req("web", None)).await.unwrap_err();
+        assert!(err.message.contains("itself"), "{}", err.message);
+        // `bump` has no mirror-sink NIC.
+        t.engine.splice(request("bump")).await.unwrap();
+        let err = t.engine.mirror(req("web-bump", None)).await.unwrap_err();
+        assert!(err.message.contains("capture NIC"), "{}", err.message);
+        assert!(t.engine.list_mirrors().is_empty());
+        assert!(t.net.mirrors.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,461 @@
+//! Splicing appliances in front of a running VM, and mirroring its traffic:
+//! real guests, a real client in a network namespace looping HTTP requests
+//! (keep-alive and new connections) through the splice as it happens.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{host, poll, random_subnet, recipe, Env};
+use vroom_types::{Splice, SpliceState};
+
+fn build(env: &Env, name: &str) {
+    env.ok(&["image", "build", &recipe(name)]);
+}
+
+/// An HTTP client looping in a namespace until `stop` exists: every 100 ms
+/// a request on a kept-alive connection and one on a new connection. Each
+/// result goes to `log` as `MILLIS KIND OUTCOME` (`ok`, `timeout`, `reset`,
+/// `refused`, `error:...`).
+const LOOP_CLIENT: &str = r#"
+import http.client, socket, sys, time, os
+url_host, log_path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
+log = open(log_path, "w", buffering=1)
+t0 = time.time()
+def outcome(e):
+    if isinstance(e, (ConnectionResetError, BrokenPipeError)): return "reset"
+    if isinstance(e, ConnectionRefusedError): return "refused"
+    if isinstance(e, (socket.timeout, TimeoutError)): return "timeout"
+    return "error:" + type(e).__name__
+def get(conn):
+    conn.request("GET", "/", headers={"Connection": "keep-alive"})
+    r = conn.getresponse(); r.read()
+    if r.status != 200: raise RuntimeError(r.status)
+kept = None
+while not os.path.exists(stop):
+    for kind in ("keepalive", "new"):
+        try:
+            if kind == "new":
+                c = http.client.HTTPConnection(url_host, 80, timeout=2); get(c); c.close()
+            else:
+                if kept is None: kept = http.client.HTTPConnection(url_host, 80, timeout=2)
+                get(kept)
+            res = "ok"
+        except Exception as e:
+            res = outcome(e)
+            if kind == "keepalive":
+                try: kept.close()
+                except Exception: pass
+                kept = None
+        log.write("%d %s %s\n" % ((time.time() - t0) * 1000, kind, res))
+    time.sleep(0.1)
+"#;
+
+struct LoopClient {
+    child: Child,
+    log: PathBuf,
+    stop: PathBuf,
+}
+
+impl LoopClient {
+    fn start(env: &Env, ns: &str, ip: Ipv4Addr) -> Self {
+        let script = env.dir.join("loop.py");
+        std::fs::write(&script, LOOP_CLIENT).unwrap();
+        let log = env.dir.join(format!("loop-{ns}.log"));
+        let stop = env.dir.join(format!("loop-{ns}.stop"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3"])
+            .arg(&script)
+            .arg(ip.to_string())
+            .arg(&log)
+            .arg(&stop)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        LoopClient { child, log, stop }
+    }
+
+    /// The results so far: (millis, kind, outcome).
+    fn results(&self) -> Vec<(u64, String, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((
+                    f.next()?.parse().ok()?,
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.results().last().map(|r| r.0).unwrap_or(0)
+    }
+
+    /// Waits until requests succeed again, on both kinds of connection.
+    fn wait_ok(&self, timeout: Duration) -> bool {
+        let since = self.now_ms();
+        poll(timeout, || {
+            let r = self.results();
+            let ok = |kind: &str| {
+                r.iter()
+                    .any(|(t, k, o)| *t > since && k == kind && o == "ok")
+            };
+            (ok("keepalive") && ok("new")).then_some(())
+        })
+        .is_some()
+    }
+
+    fn stop(mut self) -> Vec<(u64, String, String)> {
+        std::fs::write(&self.stop, "").unwrap();
+        let _ = poll(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten()
+        });
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.results()
+    }
+}
+
+/// The longest run of failed requests (ms), ignoring those in `skip` windows.
+fn longest_outage(results: &[(u64, String, String)], skip: &[(u64, u64)]) -> u64 {
+    let mut longest = 0;
+    let mut start: Option<u64> = None;
+    for (t, _, outcome) in results {
+        if skip.iter().any(|(a, b)| t >= a && t <= b) {
+            start = None;
+            continue;
+        }
+        if outcome == "ok" {
+            if let Some(s) = start.take() {
+                longest = longest.max(t - s);
+            }
+        } else if start.is_none() {
+            start = Some(*t);
+        }
+    }
+    longest
+}
+
+fn splice_of(env: &Env, appliance: &str) -> Splice {
+    let all: Vec<Splice> = serde_json::from_str(&env.ok(&["--json", "splices"])).unwrap();
+    all.into_iter()
+        .find(|s| s.appliance.as_str() == appliance)
+        .unwrap_or_else(|| panic!("{appliance} is spliced"))
+}
+
+fn master_of(tap: &str) -> Option<String> {
+    std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+fn guest_uptime(env: &Env, name: &str) -> f64 {
+    env.ok(&["exec", name, "--", "cat", "/proc/uptime"])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn qemu_kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// A transparent firewall spliced in front of a running web VM while a
+/// client loops requests: no reset, a bounded outage, its rules in force,
+/// fail-closed when it dies, the path unchanged across a vroomd SIGKILL,
+/// and unsplice restores the direct path; the web VM never restarts.
+#[test]
+fn a_firewall_spliced_in_front_of_a_running_vm() {
+    let env = Env::new("splfw");
+    build(&env, "web");
+    build(&env, "l2-firewall");
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", "web", "--name", "web1", "--net", "lan"]);
+    let web = env.instance("web1");
+    let web_ip = web.nics[0].ip.unwrap();
+    let web_pid = web.status.pid.unwrap();
+    let web_tap = web.nics[0].tap.clone();
+    let bridge = env.network("lan").bridge;
+    let client = env.namespace_on(
+        "cl",
+        "lan",
+        Some((
+            &format!("{}/24", host(&lan, 200)),
+            &host(&lan, 1).to_string(),
+        )),
+    );
+    let t0 = Instant::now();
+    let flow = LoopClient::start(&env, &client, web_ip);
+    assert!(flow.wait_ok(Duration::from_secs(20)), "the web VM serves");
+
+    // Bad input: each a one-line error, and nothing changes.
+    for (args, says) in [
+        (vec!["splice", "web", "--in-front-of", "nope"], "nope"),
+        (
+            vec!["splice", "nope", "--in-front-of", "web1"],
+            "no instance or image",
+        ),
+        (
+            vec!["splice", "web", "--in-front-of", "web1"],
+            "no outside and inside",
+        ),
+        (vec!["splice", "web1", "--in-front-of", "web1"], "itself"),
+        (
+            vec!["splice", "l2-firewall", "--in-front-of", "web1:eth9"],
+            "no NIC",
+        ),
+        (vec!["unsplice", "web1"], "not spliced"),
+    ] {
+        let err = env.fail(&args);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    assert_eq!(master_of(&web_tap).as_deref(), Some(bridge.as_str()));
+
+    let spliced_at = flow.now_ms();
+    env.ok(&[
+        "splice",
+        "l2-firewall",
+        "--in-front-of",
+        "web1",
+        "--name",
+        "fw",
+    ]);
+    let splice = splice_of(&env, "fw");
+    assert_eq!(splice.state, SpliceState::Active);
+    assert_eq!(
+        splice.fail,
+        vroom_types::FailMode::Closed,
+        "firewalls fail closed"
+    );
+    assert_eq!(
+        master_of(&web_tap).as_deref(),
+        Some(splice.segment.as_str())
+    );
+    assert!(
+        flow.wait_ok(Duration::from_secs(10)),
+        "traffic flows through fw"
+    );
+    let err = env.fail(&["splice", "fw", "--in-front-of", "web1"]);
+    assert!(err.contains("already spliced"), "{err}");
+    let err = env.fail(&["rm", "-f", "fw"]);
+    assert!(err.contains("unsplice"), "{err}");
+
+    // A block rule in the spliced firewall takes effect for new connections.
+    let block_from = flow.now_ms();
+    env.ok(&["config", "fw", "set", "block=tcp/80"]);
+    let blocked = poll(Duration::from_secs(15), || {
+        let new: Vec<_> = flow
+            .results()
+            .into_iter()
+            .filter(|(t, k, _)| *t > block_from && k == "new")
+            .collect();
+        (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
+    });
+    assert!(blocked.is_some(), "new connections are blocked");
+    env.ok(&["config", "fw", "set", "block="]);
+    assert!(flow.wait_ok(Duration::from_secs(15)), "unblocked again");
+    let block_to = flow.now_ms();
+
+    // vroomd SIGKILLed while spliced: the path is unchanged, the splice remains.
+    env.kill_daemon();
+    assert_eq!(
+        master_of(&web_tap).as_deref(),
+        Some(splice.segment.as_str())
+    );
+    assert!(
+        flow.wait_ok(Duration::from_secs(10)),
+        "traffic flows without vroomd"
+    );
+    env.start_daemon();
+    assert_eq!(splice_of(&env, "fw").state, SpliceState::Active);
+    assert_eq!(
+        master_of(&web_tap).as_deref(),
+        Some(splice.segment.as_str())
+    );
+
+    // Fail closed: the firewall's QEMU dies and the path stays cut.
+    let kill_from = flow.now_ms();
+    qemu_kill(env.instance("fw").status.pid.unwrap());
+    let cut = poll(Duration::from_secs(5), || {
+        (splice_of(&env, "fw").state == SpliceState::Cut).then_some(())
+    });
+    assert!(
+        cut.is_some(),
+        "the splice is cut: {:?}",
+        splice_of(&env, "fw")
+    );
+    assert_eq!(
+        master_of(&web_tap).as_deref(),
+        Some(splice.segment.as_str())
+    );
+    // vroomd restarts the firewall; the path comes back with it.
+    let back = poll(Duration::from_secs(60), || {
+        (splice_of(&env, "fw").state == SpliceState::Active).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "back in the path: {:?}",
+        splice_of(&env, "fw")
+    );
+    assert!(flow.wait_ok(Duration::from_secs(15)), "traffic flows again");
+    let kill_to = flow.now_ms();
+    let events: Vec<String> = splice_of(&env, "fw")
+        .events
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events.iter().any(|e| e.contains("failing closed")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.contains("back in the path")),
+        "{events:?}"
+    );
+
+    let unspliced_at = flow.now_ms();
+    env.ok(&["unsplice", "fw"]);
+    assert_eq!(master_of(&web_tap).as_deref(), Some(bridge.as_str()));
+    assert!(
+        flow.wait_ok(Duration::from_secs(10)),
+        "the direct path is back"
+    );
+    let results = flow.stop();
+
+    let windows = [(block_from, block_to), (kill_from, kill_to)];
+    let resets: Vec<_> = results
+        .iter()
+        .filter(|r| r.2 == "reset" && !windows.iter().any(|(a, b)| r.0 >= *a && r.0 <= *b))
+        .collect();
+    assert!(resets.is_empty(), "no TCP reset from splicing: {resets:?}");
+    let outage = longest_outage(&results, &windows);
+    assert!(
+        outage < 3000,
+        "splice {spliced_at} ms, unsplice {unspliced_at} ms: longest outage {outage} ms"
+    );
+    // The web VM never restarted: same QEMU, and the guest has been up
+    // since before the test began.
+    assert_eq!(env.instance("web1").status.pid, Some(web_pid));
+    assert!(guest_uptime(&env, "web1") > t0.elapsed().as_secs_f64());
+    assert!(
+        env.instances().iter().all(|i| i.spec.name.as_str() != "fw"),
+        "fw removed"
+    );
+    assert!(
+        !Path::new(&format!("/sys/class/net/{}", splice.segment)).exists(),
+        "segment removed"
+    );
+}
+
+/// A sniffer spliced inline and another fed by a mirror both capture the
+/// client's requests; the inline one fails open when its QEMU dies.
+#[test]
+fn sniffers_inline_and_mirrored_capture_the_traffic() {
+    let env = Env::new("splsn");
+    build(&env, "web");
+    build(&env, "sniffer");
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", "web", "--name", "web1", "--net", "lan"]);
+    // A capture sink on a plain network: fed only by `vroom mirror`.
+    env.ok(&["run", "sniffer", "--name", "tap", "--net", "lan"]);
+    let web_ip = env.instance("web1").nics[0].ip.unwrap();
+    let client = env.namespace_on(
+        "cl",
+        "lan",
+        Some((
+            &format!("{}/24", host(&lan, 200)),
+            &host(&lan, 1).to_string(),
+        )),
+    );
+
+    let err = env.fail(&["mirror", "web1", "--to", "lan"]);
+    assert!(err.contains("lan"), "{err}");
+    let err = env.fail(&["mirror", "web1", "--to", "web1"]);
+    assert!(err.contains("itself"), "{err}");
+    let err = env.fail(&["mirror", "tap", "--to", "web1"]);
+    assert!(err.contains("capture NIC"), "{err}");
+    let err = env.fail(&["mirror", "web1", "--to", "tap", "--filter", "tcp port"]);
+    assert!(err.contains("filter"), "{err}");
+    env.ok(&["mirror", "web1", "--to", "tap", "--filter", "tcp port 80"]);
+    env.ok(&[
+        "splice",
+        "sniffer",
+        "--in-front-of",
+        "web1",
+        "--name",
+        "snf",
+    ]);
+    assert_eq!(splice_of(&env, "snf").fail, vroom_types::FailMode::Open);
+
+    let probe = format!("vroom-probe-{:08x}", rand::random::<u32>());
+    let get = || {
+        env.run_in(
+            &client,
+            &format!("python3 -c \"import urllib.request;urllib.request.urlopen('http://{web_ip}/?{probe}',timeout=3)\""),
+        )
+        .status
+        .success()
+    };
+    for _ in 0..3 {
+        assert!(poll(Duration::from_secs(10), || get().then_some(())).is_some());
+    }
+    for sniffer in ["snf", "tap"] {
+        let dir = env.dir.join(format!("captures-{sniffer}"));
+        let seen = poll(Duration::from_secs(15), || {
+            let _ = std::fs::remove_dir_all(&dir);
+            env.ok(&[
+                "cp",
+                &format!("{sniffer}:/captures/"),
+                dir.to_str().unwrap(),
+            ]);
+            let mut text = String::new();
+            for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+                let out = Command::new("tcpdump")
+                    .args(["-nn", "-A", "-r"])
+                    .arg(entry.path())
+                    .output()
+                    .unwrap();
+                text.push_str(&String::from_utf8_lossy(&out.stdout));
+            }
+            text.contains(&probe).then_some(())
+        });
+        assert!(seen.is_some(), "{sniffer}'s pcap holds the requests");
+    }
+
+    // Fail open: the inline sniffer's QEMU dies; traffic flows around it.
+    qemu_kill(env.instance("snf").status.pid.unwrap());
+    let killed = Instant::now();
+    assert!(
+        poll(Duration::from_secs(5), || get().then_some(())).is_some(),
+        "traffic flows again"
+    );
+    eprintln!(
+        "fail-open: traffic back {:?} after the kill",
+        killed.elapsed()
+    );
+    let splice = splice_of(&env, "snf");
+    assert!(
+        splice
+            .events
+            .iter()
+            .any(|e| e.message.contains("failing open")),
+        "{:?}",
+        splice.events
+    );
+    env.ok(&["unsplice", "snf"]);
+    env.ok(&["unmirror", "web1"]);
+    let err = env.fail(&["unmirror", "web1"]);
+    assert!(err.contains("not mirrored"), "{err}");
+}
