@@ -226,16 +226,6 @@ impl Engine {
                     ),
                 ));
             }
-            if role == Some(MIRROR_ROLE) && !network.mirror {
-                return Err(OpError::new(
-                    ErrorCode::Conflict,
-                    format!(
-                        "NIC {} is a mirror-sink, but network {} does not mirror its traffic (create it with --mirror)",
-                        index + 1,
-                        network.name
-                    ),
-                ));
-            }
             if is_l2_role(role) {
                 if let Some(ip) = spec.ip {
                     return Err(OpError::new(
