@@ -8,29 +8,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{random_subnet, Env};
+use common::{kill_during, random_subnet, Env};
 use vroom_types::InstanceState;
-
-/// Sends one API request straight to the daemon's socket (never through the
-/// CLI, which would start a daemon of its own while none runs) and reads the
-/// answer, if one comes.
-fn send(data_dir: &std::path::Path, method: &str, path: &str, body: &str) {
-    let Ok(mut stream) = UnixStream::connect(data_dir.join("vroomd.sock")) else {
-        return;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let _ = write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: vroomd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut sink = Vec::new();
-    let _ = stream.read_to_end(&mut sink);
-}
 
 fn run_body(name: &str, net: &str) -> String {
     serde_json::json!({
@@ -46,18 +27,6 @@ fn run_body(name: &str, net: &str) -> String {
         "ready_timeout_secs": 120
     })
     .to_string()
-}
-
-/// Fires `method path` in the background, kills the daemon `delay` later,
-/// and starts a new one.
-fn kill_during(env: &Env, method: &str, path: &str, body: String, delay: Duration) {
-    let dir = env.dir.clone();
-    let (method, path) = (method.to_string(), path.to_string());
-    let sender = std::thread::spawn(move || send(&dir, &method, &path, &body));
-    std::thread::sleep(delay);
-    env.kill_daemon();
-    let _ = sender.join();
-    env.start_daemon();
 }
 
 /// Waits until no instance is in a transitional state, then checks that the

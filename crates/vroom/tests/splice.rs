@@ -459,3 +459,97 @@ fn sniffers_inline_and_mirrored_capture_the_traffic() {
     let err = env.fail(&["unmirror", "web1"]);
     assert!(err.contains("not mirrored"), "{err}");
 }
+
+/// vroomd SIGKILLed at a spread of moments inside a splice and inside an
+/// unsplice: the next daemon leaves either a whole splice (active, the VM
+/// behind its segment) or none at all (no appliance, no segment, the VM on
+/// its bridge), never something between; the VM never restarts.
+#[test]
+fn a_daemon_killed_inside_splice_or_unsplice_leaves_all_or_nothing() {
+    let env = Env::new("splcr");
+    build(&env, "web");
+    build(&env, "l2-firewall");
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", "web", "--name", "web1", "--net", "lan"]);
+    let web = env.instance("web1");
+    let (web_pid, web_tap) = (web.status.pid, web.nics[0].tap.clone());
+    let bridge = env.network("lan").bridge;
+    let body = r#"{"appliance":"l2-firewall","vm":"web1","name":"fw"}"#;
+
+    let settled = |context: &str| -> Option<Splice> {
+        let splice = poll(Duration::from_secs(90), || {
+            let all: Vec<Splice> = serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
+            match all.first() {
+                None => Some(None),
+                Some(s) if s.state == SpliceState::Active => Some(Some(s.clone())),
+                Some(_) => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("{context}: the splice never settled"));
+        let fw = env
+            .instances()
+            .into_iter()
+            .find(|i| i.spec.name.as_str() == "fw");
+        match &splice {
+            Some(s) => {
+                assert_eq!(
+                    master_of(&web_tap).as_deref(),
+                    Some(s.segment.as_str()),
+                    "{context}"
+                );
+                let fw = fw.unwrap_or_else(|| panic!("{context}: spliced fw exists"));
+                assert_eq!(
+                    fw.status.state,
+                    vroom_types::InstanceState::Running,
+                    "{context}"
+                );
+            }
+            None => {
+                assert_eq!(
+                    master_of(&web_tap).as_deref(),
+                    Some(bridge.as_str()),
+                    "{context}"
+                );
+                assert!(fw.is_none(), "{context}: no appliance without a splice");
+                let segments: Vec<String> = env
+                    .links()
+                    .into_iter()
+                    .filter(|l| l.starts_with(&format!("{}s", env.prefix)))
+                    .collect();
+                assert!(segments.is_empty(), "{context}: segments left {segments:?}");
+            }
+        }
+        assert_eq!(
+            env.instance("web1").status.pid,
+            web_pid,
+            "{context}: the VM never restarted"
+        );
+        splice
+    };
+
+    for delay_ms in [150, 1200, 3000] {
+        let context = format!("killed {delay_ms} ms into a splice");
+        common::kill_during(
+            &env,
+            "POST",
+            "/v1/splices",
+            body.to_string(),
+            Duration::from_millis(delay_ms),
+        );
+        if settled(&context).is_some() {
+            let context = format!("killed {delay_ms} ms into an unsplice");
+            common::kill_during(
+                &env,
+                "DELETE",
+                "/v1/splices/fw",
+                String::new(),
+                Duration::from_millis(delay_ms / 10),
+            );
+            if settled(&context).is_some() {
+                env.ok(&["unsplice", "fw"]);
+            }
+        }
+    }
+    assert!(settled("at the end").is_none());
+}

@@ -540,3 +540,33 @@ pub fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<Stri
             .map(|a| a.trim().to_string())
     })
 }
+
+/// Sends one API request straight to the daemon's socket (never through the
+/// CLI, which would start a daemon of its own while none runs) and reads the
+/// answer, if one comes.
+pub fn send(data_dir: &std::path::Path, method: &str, path: &str, body: &str) {
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(data_dir.join("vroomd.sock"))
+    else {
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let _ = write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: vroomd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink);
+}
+
+/// Fires `method path` in the background, kills the daemon `delay` later,
+/// and starts a new one.
+pub fn kill_during(env: &Env, method: &str, path: &str, body: String, delay: Duration) {
+    let dir = env.dir.clone();
+    let (method, path) = (method.to_string(), path.to_string());
+    let sender = std::thread::spawn(move || send(&dir, &method, &path, &body));
+    std::thread::sleep(delay);
+    env.kill_daemon();
+    let _ = sender.join();
+    env.start_daemon();
+}
