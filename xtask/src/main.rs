@@ -51,6 +51,13 @@ fn main() -> Result<()> {
                     .args(["bench", "jail"])
                     .args(&args[1..]));
             }
+            if which == "bench" && result.is_ok() {
+                result = run(Command::new(&vroom)
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .args(["bench", "splice"])
+                    .args(&args[1..]));
+            }
             // `--` so that pkill does not take the pattern for an option.
             let _ = run(Command::new("pkill")
                 .args(["-f", "--"])

@@ -80,7 +80,7 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     let s = sorted(v);
     s[s.len() / 2]
 }
-fn p90(v: &[f64]) -> f64 {
+pub(crate) fn p90(v: &[f64]) -> f64 {
     let s = sorted(v);
     s[((s.len() as f64 * 0.9).ceil() as usize)
         .saturating_sub(1)

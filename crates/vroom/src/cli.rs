@@ -21,6 +21,9 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         return match op {
             crate::BenchOp::Boot { runs } => crate::bench::boot(&cli.data_dir, *runs).await,
             crate::BenchOp::Jail { runs } => crate::bench::jail(&cli.data_dir, *runs).await,
+            crate::BenchOp::Splice { runs } => {
+                crate::bench_splice::splice(&cli.data_dir, *runs).await
+            }
             crate::BenchOp::Images {
                 recipes,
                 runs,

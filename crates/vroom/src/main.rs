@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_images;
+mod bench_splice;
 mod cli;
 mod daemon;
 mod demo;
@@ -373,6 +374,13 @@ pub enum BenchOp {
     /// (no daemon needed; run as root).
     Jail {
         /// Boots of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Splice an l2-firewall in front of a running web VM N times: latency
+    /// against `vroom run` of the appliance, a running flow's failed
+    /// requests and retransmits, throughput against the direct path.
+    Splice {
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },
