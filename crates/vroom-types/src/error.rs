@@ -104,6 +104,10 @@ pub enum InvalidInputError {
     },
     #[error("invalid NIC reference {raw:?}: use VM or VM:NIC (a role or an index from 0)")]
     NicRef { raw: String },
+    #[error("invalid {field} {raw:?}: a NIC role or an index from 0")]
+    NicField { field: &'static str, raw: String },
+    #[error("the filter is {len} bytes long; at most 1024")]
+    FilterTooLong { len: usize },
     #[error("the config lacks keys {missing}: a whole config must set every key")]
     MissingConfigKeys { missing: String },
     #[error("{field} must be an integer between {min} and {max}, got {value}")]

@@ -164,6 +164,47 @@ pub struct SpliceRequest {
     pub ready_timeout_secs: Option<u64>,
 }
 
+/// A NIC reference in a request: a role or an index, `[a-z0-9-]{1,32}`.
+fn check_nic_field(field: &'static str, raw: Option<&str>) -> Result<(), InvalidInputError> {
+    match raw {
+        Some(raw)
+            if raw.is_empty()
+                || raw.len() > 32
+                || !raw
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') =>
+        {
+            Err(InvalidInputError::NicField {
+                field,
+                raw: raw.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+impl SpliceRequest {
+    /// Checks the request's fields against their documented ranges.
+    pub fn validate(&self) -> Result<(), InvalidInputError> {
+        if let Some(timeout) = self.ready_timeout_secs {
+            crate::limits::READY_TIMEOUT_SECS.check(timeout)?;
+        }
+        check_nic_field("nic", self.nic.as_deref())
+    }
+}
+
+impl MirrorRequest {
+    /// Checks the request's fields against their documented ranges.
+    pub fn validate(&self) -> Result<(), InvalidInputError> {
+        check_nic_field("nic", self.nic.as_deref())?;
+        check_nic_field("to_nic", self.to_nic.as_deref())?;
+        match &self.filter {
+            Some(f) if f.len() > 1024 => Err(InvalidInputError::FilterTooLong { len: f.len() }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// An appliance inline between a VM's NIC and the network that NIC is on.
 ///
 /// On the host, the VM's tap sits on a private bridge (`segment`) with the

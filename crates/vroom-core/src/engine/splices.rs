@@ -94,6 +94,7 @@ impl Engine {
     /// Puts an appliance inline in front of a running VM's NIC. Returns once
     /// traffic goes through it; any failure before that undoes everything.
     pub async fn splice(self: &Arc<Self>, req: SpliceRequest) -> Result<Splice, OpError> {
+        req.validate()?;
         let _op = self.splice_op.lock().await;
         let vm = self.get(req.vm.as_str())?;
         if vm.status.state != InstanceState::Running {
@@ -459,6 +460,7 @@ impl Engine {
 
     /// Copies one NIC's traffic, both directions, to a capture appliance.
     pub async fn mirror(&self, req: MirrorRequest) -> Result<Mirror, OpError> {
+        req.validate()?;
         let _op = self.splice_op.lock().await;
         let vm = self.get(req.vm.as_str())?;
         let nic = resolve_nic(&vm, req.nic.as_deref())?;
@@ -499,12 +501,6 @@ impl Engine {
         };
         let filter = req.filter.filter(|f| !f.trim().is_empty());
         if let Some(expr) = &filter {
-            if expr.len() > 1024 {
-                return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
-                    "the filter is longer than 1024 bytes",
-                ));
-            }
             self.net.compile_filter(expr).await.map_err(|e| {
                 OpError::new(
                     ErrorCode::InvalidArgument,
