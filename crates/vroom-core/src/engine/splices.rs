@@ -595,11 +595,10 @@ impl Engine {
         }
     }
 
-    /// After a daemon restart: loads splices and mirrors, undoes a splice
-    /// that was never acknowledged, finishes an unsplice, brings back
-    /// segments (gone after a host reboot), rewires everything, re-applies
-    /// mirrors and starts the watchdog.
-    pub(super) async fn recover_splices(self: &Arc<Self>) -> Result<(), OpError> {
+    /// Loads splices and mirrors, before any instance is recovered: a VM
+    /// relaunched by recovery must find its tap's place behind its splice,
+    /// never on the open network.
+    pub(super) async fn load_splices(&self) -> Result<(), OpError> {
         let splices = blocking(|| self.store.splices())
             .map_err(|e| OpError::internal("failed to load splices", e))?;
         let mirrors = blocking(|| self.store.mirrors())
@@ -616,8 +615,23 @@ impl Engine {
                 map.insert(mirror.id.clone(), mirror);
             }
         }
+        // Segments vanish with a host reboot; taps relaunched by recovery
+        // need theirs back first.
+        for splice in self.list_splices() {
+            if let Err(e) = self.net.create_segment(&splice.segment).await {
+                tracing::error!(segment = %splice.segment, error = %e, "cannot recreate a splice's segment");
+            }
+        }
+        Ok(())
+    }
+
+    /// After the instances are recovered: undoes a splice that was never
+    /// acknowledged, finishes an unsplice, brings back segments (gone after
+    /// a host reboot), rewires everything, re-applies mirrors and starts the
+    /// watchdog.
+    pub(super) async fn recover_splices(self: &Arc<Self>) -> Result<(), OpError> {
         let _op = self.splice_op.lock().await;
-        for splice in splices {
+        for splice in self.list_splices() {
             match splice.state {
                 SpliceState::Starting | SpliceState::Removing => {
                     tracing::warn!(appliance = %splice.appliance, state = %splice.state, "finishing an interrupted splice change: taking the appliance out");
@@ -625,11 +639,7 @@ impl Engine {
                         tracing::error!(appliance = %splice.appliance, error = %e, "cannot take out an interrupted splice");
                     }
                 }
-                _ => {
-                    if let Err(e) = self.net.create_segment(&splice.segment).await {
-                        tracing::error!(segment = %splice.segment, error = %e, "cannot recreate a splice's segment");
-                    }
-                }
+                _ => {}
             }
         }
         self.rewire().await;

@@ -28,6 +28,7 @@ impl Engine {
                 map.insert(network.name.clone(), network);
             }
         }
+        self.load_splices().await?;
         let records = self
             .store
             .instances()
