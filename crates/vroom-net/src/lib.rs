@@ -33,6 +33,41 @@ impl NetlinkNetwork {
         })
     }
 
+    /// Pins a bridge's MAC address to the one it has. A Linux bridge whose
+    /// address was never set takes the lowest MAC among its ports, so it
+    /// changes when a tap leaves (a VM stops, a splice moves it): the guests'
+    /// ARP entries for the gateway then point nowhere until they expire.
+    /// Setting it, even to the same value, makes the kernel keep it.
+    async fn pin_mac(&self, bridge: &str) -> Result<(), NetworkBackendError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(bridge.to_string())
+            .execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(fail(format!("read bridge {bridge}")))?
+            .ok_or_else(|| NetworkBackendError::Failed {
+                action: format!("pin the address of {bridge}"),
+                reason: "the bridge does not exist".into(),
+            })?;
+        let Some(mac) = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        }) else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .set(link.header.index)
+            .address(mac)
+            .execute()
+            .await
+            .map_err(fail(format!("pin the address of {bridge}")))
+    }
+
     async fn link_index(&self, name: &str) -> Option<u32> {
         let mut links = self
             .handle
@@ -330,6 +365,10 @@ impl NetworkBackend for NetlinkNetwork {
     }
 
     async fn apply_rules(&self, network: &Network) -> Result<(), NetworkBackendError> {
+        // Bridges of an older vroom had their address unpinned.
+        if self.link_index(&network.bridge).await.is_some() {
+            self.pin_mac(&network.bridge).await?;
+        }
         nft(&replace_script(network, &self.bridge_glob))
             .await
             .map_err(|reason| NetworkBackendError::Failed {
