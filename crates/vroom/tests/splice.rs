@@ -222,6 +222,12 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
     }
     assert_eq!(master_of(&web_tap).as_deref(), Some(bridge.as_str()));
 
+    // The gateway's MAC must not change when taps leave the bridge, or the
+    // guests' ARP entries point nowhere (a bridge takes its lowest port's
+    // MAC unless it was set).
+    let bridge_mac =
+        || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
+    let mac_before = bridge_mac();
     let spliced_at = flow.now_ms();
     env.ok(&[
         "splice",
@@ -246,6 +252,7 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
         flow.wait_ok(Duration::from_secs(10)),
         "traffic flows through fw"
     );
+    assert_eq!(bridge_mac(), mac_before, "the bridge kept its MAC");
     let err = env.fail(&["splice", "fw", "--in-front-of", "web1"]);
     assert!(err.contains("already spliced"), "{err}");
     let err = env.fail(&["rm", "-f", "fw"]);
