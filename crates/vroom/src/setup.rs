@@ -15,6 +15,9 @@ const PREREQUISITES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("mkfs.erofs", "erofs-utils"),
     ("nft", "nftables"),
+    // Mirrors: tc's mirred action, filters compiled by tcpdump (libpcap).
+    ("tc", "iproute2"),
+    ("tcpdump", "tcpdump"),
     ("depmod", "kmod"),
     ("dpkg-deb", "dpkg"),
     ("apt-get", "apt"),
