@@ -1195,16 +1195,18 @@ mod tests {
         }
     }
 
-    /// Every link leads to a documented operation that takes `{name}`.
+    /// Every link leads to a documented operation whose path takes the
+    /// parameter the link fills.
     #[test]
-    fn links_lead_to_operations_that_take_the_name() {
+    fn links_lead_to_operations_that_take_their_parameter() {
         let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
-        let mut takes_name = std::collections::BTreeSet::new();
+        let mut path_of = std::collections::BTreeMap::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for op in item.as_object().unwrap().values() {
-                if path.contains("{name}") {
-                    takes_name.insert(op["operationId"].as_str().unwrap().to_string());
-                }
+                path_of.insert(
+                    op["operationId"].as_str().unwrap().to_string(),
+                    path.clone(),
+                );
             }
         }
         let mut links = 0;
@@ -1213,15 +1215,18 @@ mod tests {
                 for reply in op["responses"].as_object().unwrap().values() {
                     for link in reply["links"].as_object().into_iter().flatten() {
                         let target = link.1["operationId"].as_str().unwrap();
-                        assert!(takes_name.contains(target), "link to {target}");
+                        let path = path_of.get(target).unwrap_or_else(|| panic!("{target}"));
+                        for param in link.1["parameters"].as_object().unwrap().keys() {
+                            assert!(path.contains(&format!("{{{param}}}")), "{target}: {param}");
+                        }
                         links += 1;
                     }
                 }
             }
         }
         assert_eq!(
-            links, 12,
-            "links from POST /v1/instances and POST /v1/networks"
+            links, 15,
+            "links from POST /v1/instances, /v1/networks, /v1/splices and /v1/mirrors"
         );
     }
 

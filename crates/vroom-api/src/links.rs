@@ -5,12 +5,13 @@
 
 use utoipa::openapi::OpenApi;
 
-/// (the `POST` that creates, its success status, where its answer holds the
-/// name, the operations that take that name as `{name}`).
-const LINKS: &[(&str, &str, &str, &[&str])] = &[
+/// (the `POST` that creates, its success status, the path parameter the
+/// targets take, where the answer holds its value, the target operations).
+const LINKS: &[(&str, &str, &str, &str, &[&str])] = &[
     (
         "/v1/instances",
         "201",
+        "name",
         "$response.body#/spec/name",
         &[
             "get_instance",
@@ -28,8 +29,23 @@ const LINKS: &[(&str, &str, &str, &[&str])] = &[
     (
         "/v1/networks",
         "201",
+        "name",
         "$response.body#/name",
         &["get_network", "remove_network"],
+    ),
+    (
+        "/v1/splices",
+        "201",
+        "appliance",
+        "$response.body#/appliance",
+        &["get_splice", "remove_splice"],
+    ),
+    (
+        "/v1/mirrors",
+        "201",
+        "id",
+        "$response.body#/id",
+        &["remove_mirror"],
     ),
 ];
 
@@ -38,7 +54,7 @@ pub struct CreatedResourceLinks;
 impl utoipa::Modify for CreatedResourceLinks {
     fn modify(&self, openapi: &mut OpenApi) {
         use utoipa::openapi::RefOr;
-        for (path, status, name, targets) in LINKS {
+        for (path, status, param, value, targets) in LINKS {
             let response = openapi
                 .paths
                 .paths
@@ -55,7 +71,7 @@ impl utoipa::Modify for CreatedResourceLinks {
                 .map(|target| {
                     let link = serde_json::json!({
                         "operationId": target,
-                        "parameters": {"name": name},
+                        "parameters": {*param: value},
                     });
                     ((*target).to_string(), link)
                 })
