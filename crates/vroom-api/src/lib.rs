@@ -53,7 +53,9 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
-        ErrorCode::HostUnsupported | ErrorCode::InvalidConfig => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::HostUnsupported | ErrorCode::InvalidConfig | ErrorCode::InvalidFilter => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         ErrorCode::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::GuestError => StatusCode::BAD_GATEWAY,

@@ -19,7 +19,7 @@ pub(crate) async fn list_splices(State(engine): State<AppState>) -> Json<Vec<Spl
 #[utoipa::path(post, path = "/v1/splices", request_body = SpliceRequest,
     responses((status = 201, body = Splice), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such VM, NIC, or instance or image to splice."),
-        (status = 409, body = ApiErrorBody, description = "The VM is not running, the appliance is already spliced or running, or its name is taken."),
+        (status = 409, body = ApiErrorBody, description = "The request does not fit what it names: the VM is not running or is the appliance itself, the appliance has no outside and inside NICs or is already spliced or running, or the name is taken."),
         (status = 502, body = ApiErrorBody, description = "The appliance did not come up; nothing was changed.")))]
 pub(crate) async fn create_splice(
     State(engine): State<AppState>,
@@ -57,7 +57,8 @@ pub(crate) async fn list_mirrors(State(engine): State<AppState>) -> Json<Vec<Mir
 #[utoipa::path(post, path = "/v1/mirrors", request_body = MirrorRequest,
     responses((status = 201, body = Mirror), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such VM, appliance or NIC."),
-        (status = 409, body = ApiErrorBody, description = "That NIC is already mirrored there.")))]
+        (status = 409, body = ApiErrorBody, description = "That NIC is already mirrored there, the target is the VM itself or its NIC is no capture NIC (mirror-sink)."),
+        (status = 422, body = ApiErrorBody, description = "libpcap's compiler refuses the filter.")))]
 pub(crate) async fn create_mirror(
     State(engine): State<AppState>,
     req: Result<Json<MirrorRequest>, JsonRejection>,

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     /// schema lacks, a value of the wrong type, a broken cross-field rule, a
     /// template that does not render or a service check that fails.
     InvalidConfig,
+    /// A pcap filter expression libpcap's compiler refuses.
+    InvalidFilter,
 }
 
 impl ErrorCode {

@@ -460,7 +460,10 @@ fn schemathesis_finds_no_failures_in_the_openapi_document() {
             .args(["--phases", "examples,coverage,fuzzing,stateful"])
             .args(["--max-examples", &examples])
             .args(["--max-time", &secs])
-            .args(["--workers", "2"])
+            // One worker: with two, CPython 3.11.7 (this machine's python3)
+            // sometimes fails inside hypothesis with "AST constructor recursion
+            // depth mismatch" when two threads parse source at once.
+            .args(["--workers", "1"])
             .args(["--request-timeout", "60"])
             .args(["--max-failures", "20"])
             .arg("--report-dir")

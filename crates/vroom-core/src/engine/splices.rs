@@ -107,7 +107,7 @@ impl Engine {
         let vm_nic = &vm.nics[nic];
         if is_l2_role(vm_nic.role.as_deref()) {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Conflict,
                 format!(
                     "cannot splice in front of {}:{}: it is an L2 port, not a VM's NIC",
                     vm.spec.name,
@@ -122,13 +122,13 @@ impl Engine {
             Some(instance) => {
                 if instance.spec.name == vm.spec.name {
                     return Err(OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!("cannot splice {} in front of itself", vm.spec.name),
                     ));
                 }
                 if req.name.is_some() {
                     return Err(OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!(
                             "{} is an existing instance: a name only applies when splicing an image",
                             instance.spec.name
@@ -160,7 +160,7 @@ impl Engine {
                     {
                         None => {
                             return Err(OpError::new(
-                                ErrorCode::InvalidArgument,
+                                ErrorCode::Conflict,
                                 format!(
                                     "cannot splice {}: it has no {role} NIC (a bump in the wire needs outside and inside)",
                                     instance.spec.name
@@ -169,7 +169,7 @@ impl Engine {
                         }
                         Some(n) if n.network != network => {
                             return Err(OpError::new(
-                                ErrorCode::InvalidArgument,
+                                ErrorCode::Conflict,
                                 format!(
                                     "cannot splice {}: its {role} NIC is on network {}, but {}'s NIC is on {network}",
                                     instance.spec.name, n.network, vm.spec.name
@@ -203,7 +203,7 @@ impl Engine {
                     .all(|r| roles.iter().any(|have| have == r))
                 {
                     return Err(OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!(
                             "image {} has no outside and inside NICs, so it cannot be spliced (l2-firewall and sniffer can)",
                             image.manifest.name
@@ -215,7 +215,7 @@ impl Engine {
                     None => Name::new(&format!("{}-{}", vm.spec.name, image.manifest.name))
                         .map_err(|e| {
                             OpError::new(
-                                ErrorCode::InvalidArgument,
+                                ErrorCode::Conflict,
                                 format!("cannot name the appliance after {} and {}: {e}; give it a name", vm.spec.name, image.manifest.name),
                             )
                         })?,
@@ -467,7 +467,7 @@ impl Engine {
         let to = self.get(req.to.as_str())?;
         if to.spec.name == vm.spec.name {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Conflict,
                 format!("cannot mirror {} to itself", vm.spec.name),
             ));
         }
@@ -476,7 +476,7 @@ impl Engine {
                 let index = resolve_nic(&to, Some(raw))?;
                 if to.nics[index].role.as_deref() != Some(MIRROR_ROLE) {
                     return Err(OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!(
                             "NIC {raw} of {} is not a capture NIC ({MIRROR_ROLE}): mirror to a sniffer's sink",
                             to.spec.name
@@ -491,7 +491,7 @@ impl Engine {
                 .position(|n| n.role.as_deref() == Some(MIRROR_ROLE))
                 .ok_or_else(|| {
                     OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!(
                             "{} has no capture NIC ({MIRROR_ROLE}): mirror to a sniffer",
                             to.spec.name
@@ -502,10 +502,7 @@ impl Engine {
         let filter = req.filter.filter(|f| !f.trim().is_empty());
         if let Some(expr) = &filter {
             self.net.compile_filter(expr).await.map_err(|e| {
-                OpError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("invalid filter {expr:?}: {e}"),
-                )
+                OpError::new(ErrorCode::Conflict, format!("invalid filter {expr:?}: {e}"))
             })?;
         }
         let id = Mirror::make_id(&vm.spec.name, nic, &to.spec.name, to_nic);
@@ -781,7 +778,7 @@ pub(super) fn resolve_nic(instance: &Instance, nic: Option<&str>) -> Result<usiz
     let Some(raw) = nic else {
         return if instance.nics.is_empty() {
             Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Conflict,
                 format!("{name} has no NIC"),
             ))
         } else {
