@@ -105,6 +105,11 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Command::Unsplice { appliance } => client.unsplice(appliance).await?,
         Command::Splices => crate::splice::list(&client, json).await?,
+        Command::Capture {
+            name,
+            filter,
+            count,
+        } => return crate::capture::capture(&client, name, filter.as_deref(), *count).await,
         Command::Mirror { source, to, filter } => {
             crate::splice::mirror(&client, source, to, filter.clone(), json).await?
         }
@@ -428,6 +433,9 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
             .await?;
         return Ok(());
     }
+    if path.ends_with('/') {
+        return copy_dir_out(client, name, path, dest).await;
+    }
     let target = if dest.is_dir() {
         let file = Path::new(path)
             .file_name()
@@ -436,6 +444,63 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
     } else {
         dest.to_path_buf()
     };
+    copy_file_out(client, name, path, &target).await
+}
+
+/// `cp NAME:/dir/ LOCALDIR`: every regular file directly in the guest's
+/// directory (not recursive), into `dest`, created if missing. The listing
+/// comes from the guest's busybox `find`; each name is untrusted and must be
+/// a plain file name (no `/`, not `.` or `..`).
+async fn copy_dir_out(client: &Client, name: &str, dir: &str, dest: &Path) -> Result<()> {
+    let listing = client
+        .exec(
+            name,
+            &ExecRequest {
+                argv: [
+                    "/bin/busybox",
+                    "find",
+                    dir,
+                    "-maxdepth",
+                    "1",
+                    "-type",
+                    "f",
+                    "-print0",
+                ]
+                .map(String::from)
+                .to_vec(),
+                timeout_secs: Some(30),
+                stdin: false,
+            },
+        )
+        .await?;
+    if listing.exit_code != 0 {
+        bail!(
+            "cannot list {dir} in {name}: {}",
+            listing.stderr.lines().next().unwrap_or("find failed")
+        );
+    }
+    if listing.stdout_truncated {
+        bail!("{dir} in {name} holds too many files to copy at once");
+    }
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let mut copied = 0;
+    for path in listing.stdout.split('\0').filter(|p| !p.is_empty()) {
+        let file = path.strip_prefix(dir).unwrap_or(path);
+        if file.is_empty() || file.contains('/') || file == "." || file == ".." {
+            eprintln!("skipping {path:?}: not a plain file name");
+            continue;
+        }
+        copy_file_out(client, name, path, &dest.join(file)).await?;
+        copied += 1;
+    }
+    eprintln!(
+        "copied {copied} files from {name}:{dir} to {}",
+        dest.display()
+    );
+    Ok(())
+}
+
+async fn copy_file_out(client: &Client, name: &str, path: &str, target: &Path) -> Result<()> {
     // Write beside the target and rename, so a failed copy leaves nothing half-written.
     let partial = target.with_extension("vroom-partial");
     let copied = async {
@@ -446,7 +511,7 @@ async fn copy_out(client: &Client, source: &str, dest: &Path) -> Result<()> {
         file.sync_all()
             .await
             .with_context(|| format!("cannot write {}", partial.display()))?;
-        tokio::fs::rename(&partial, &target)
+        tokio::fs::rename(&partial, target)
             .await
             .with_context(|| format!("cannot write {}", target.display()))
     }
@@ -516,7 +581,12 @@ async fn logs(
 
 /// Streams a command's output to ours as it comes, feeding it our stdin
 /// with `-i`; returns its exit code. `--json` prints the whole result at the end.
-async fn exec(client: &Client, name: &str, req: &ExecRequest, json: bool) -> Result<i32> {
+pub(crate) async fn exec(
+    client: &Client,
+    name: &str,
+    req: &ExecRequest,
+    json: bool,
+) -> Result<i32> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut events, input) = client.exec_stream(name, req).await?;
     if let Some(mut input) = input {

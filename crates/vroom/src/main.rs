@@ -5,6 +5,7 @@
 mod bench;
 mod bench_images;
 mod bench_splice;
+mod capture;
 mod cli;
 mod daemon;
 mod demo;
@@ -177,6 +178,17 @@ pub enum Command {
     Unsplice { appliance: String },
     /// List splices, their state and last event.
     Splices,
+    /// Stream a live pcap from a sniffer (inline or fed by a mirror) to
+    /// stdout: `vroom capture snf | tshark -r -`.
+    Capture {
+        name: String,
+        /// A pcap-filter expression.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Stop after this many packets.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+    },
     /// Copy a VM NIC's traffic, both directions, to a capture appliance
     /// (tc mirred from the VM's tap; the VM's path is unchanged).
     Mirror {

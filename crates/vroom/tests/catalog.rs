@@ -216,11 +216,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
     }
     let pcap = env.dir.join("capture.pcap");
     let seen = poll(Duration::from_secs(10), || {
-        env.ok(&[
-            "cp",
-            "sn:/var/capture/capture.pcap0",
-            pcap.to_str().unwrap(),
-        ]);
+        env.ok(&["cp", "sn:/captures/capture.pcap0", pcap.to_str().unwrap()]);
         let out = std::process::Command::new("tcpdump")
             .args(["-nn", "-A", "-r"])
             .arg(&pcap)
@@ -247,15 +243,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
     );
     assert!(out.status.success(), "ping: {out:?}");
     let listing = poll(Duration::from_secs(10), || {
-        let out = env.ok(&[
-            "exec",
-            "sn",
-            "--",
-            "/bin/busybox",
-            "ls",
-            "-l",
-            "/var/capture",
-        ]);
+        let out = env.ok(&["exec", "sn", "--", "/bin/busybox", "ls", "-l", "/captures"]);
         out.contains("capture.pcap1").then_some(out)
     })
     .expect("the ring rotated to a second file");
@@ -269,11 +257,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
         sizes.iter().all(|s| *s <= 1_000_000 + 2_000),
         "each file stays near 1 MB: {listing}"
     );
-    env.ok(&[
-        "cp",
-        "sn:/var/capture/capture.pcap1",
-        pcap.to_str().unwrap(),
-    ]);
+    env.ok(&["cp", "sn:/captures/capture.pcap1", pcap.to_str().unwrap()]);
     let out = std::process::Command::new("tcpdump")
         .args(["-nn", "-r"])
         .arg(&pcap)
@@ -283,7 +267,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
     assert!(text.contains("ICMP echo"), "the filter keeps pings");
     assert!(!text.contains(".80:"), "and only pings");
 
-    let err = env.fail(&["cp", "sn:/var/capture/none", "/tmp"]);
+    let err = env.fail(&["cp", "sn:/captures/none", "/tmp"]);
     assert!(err.contains("No such file"), "{err}");
 }
 

@@ -260,7 +260,7 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
 
     // A block rule in the spliced firewall takes effect for new connections.
     let block_from = flow.now_ms();
-    env.ok(&["config", "fw", "set", "block=tcp/80"]);
+    env.ok(&["config", "fw", "set", "block_tcp=80"]);
     let blocked = poll(Duration::from_secs(15), || {
         let new: Vec<_> = flow
             .results()
@@ -270,7 +270,7 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
         (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
     });
     assert!(blocked.is_some(), "new connections are blocked");
-    env.ok(&["config", "fw", "set", "block="]);
+    env.ok(&["config", "fw", "set", "block_tcp="]);
     assert!(flow.wait_ok(Duration::from_secs(15)), "unblocked again");
     let block_to = flow.now_ms();
 
@@ -440,6 +440,32 @@ fn sniffers_inline_and_mirrored_capture_the_traffic() {
         });
         assert!(seen.is_some(), "{sniffer}'s pcap holds the requests");
     }
+
+    // A live stream of the inline sniffer's capture, read by tcpdump.
+    let stream = env.dir.join("live.pcap");
+    let mut live = env
+        .command()
+        .args(["capture", "snf", "--count", "6", "--filter", "tcp port 80"])
+        .stdout(std::fs::File::create(&stream).unwrap())
+        .spawn()
+        .unwrap();
+    let streamed = poll(Duration::from_secs(30), || {
+        get();
+        live.try_wait().unwrap()
+    });
+    assert!(streamed.is_some_and(|s| s.success()), "vroom capture ended");
+    let out = Command::new("tcpdump")
+        .args(["-nn", "-A", "-r"])
+        .arg(&stream)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tcpdump reads the stream: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&probe),
+        "the stream holds the requests"
+    );
+    let err = env.fail(&["capture", "web1"]);
+    assert!(err.contains("capture"), "{err}");
 
     // Fail open: the inline sniffer's QEMU dies; traffic flows around it.
     qemu_kill(env.instance("snf").status.pid.unwrap());
