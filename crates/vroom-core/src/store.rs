@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use vroom_types::{ConfigLog, Instance, Mirror, Network, Splice};
+use vroom_types::{ConfigLog, Instance, Mirror, Network, Room, Splice};
 
 use crate::driver::VmProcess;
 
@@ -63,6 +63,10 @@ pub trait StateStore: Send + Sync {
     fn put_mirror(&self, mirror: &Mirror) -> Result<(), StateStoreError>;
     fn delete_mirror(&self, id: &str) -> Result<(), StateStoreError>;
     fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError>;
+    /// Rooms, keyed by name.
+    fn put_room(&self, room: &Room) -> Result<(), StateStoreError>;
+    fn delete_room(&self, name: &str) -> Result<(), StateStoreError>;
+    fn rooms(&self) -> Result<Vec<Room>, StateStoreError>;
 }
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
@@ -70,6 +74,7 @@ const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const CONFIG_LOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_logs");
 const SPLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("splices");
 const MIRRORS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrors");
+const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
 
 pub struct RedbStateStore {
     db: Database,
@@ -91,7 +96,7 @@ impl RedbStateStore {
                     let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
-                    for table in [CONFIG_LOGS, SPLICES, MIRRORS] {
+                    for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS] {
                         txn.open_table(table).map_err(|e| err(e.to_string()))?;
                     }
                     txn.commit().map_err(|e| err(e.to_string()))?;
@@ -250,6 +255,19 @@ impl StateStore for RedbStateStore {
 
     fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError> {
         self.all(MIRRORS)
+    }
+
+    fn put_room(&self, room: &Room) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(room).map_err(|e| self.err(e))?;
+        self.put(ROOMS, room.name.as_str(), &bytes)
+    }
+
+    fn delete_room(&self, name: &str) -> Result<(), StateStoreError> {
+        self.delete(ROOMS, name)
+    }
+
+    fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
+        self.all(ROOMS)
     }
 }
 

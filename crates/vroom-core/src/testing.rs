@@ -21,7 +21,7 @@ use vroom_agent_proto::{
 };
 use vroom_types::{
     Accel, AccelChoice, ApplianceSpec, BuildReport, ConfigLog, FileDigest, ImageManifest,
-    ImageSummary, KernelRef, Mirror, Network, Splice, MANIFEST_VERSION,
+    ImageSummary, KernelRef, Mirror, Network, Room, Splice, MANIFEST_VERSION,
 };
 
 use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
@@ -451,6 +451,7 @@ pub struct MemStore {
     config_logs: Mutex<BTreeMap<String, ConfigLog>>,
     splices: Mutex<BTreeMap<String, Splice>>,
     mirrors: Mutex<BTreeMap<String, Mirror>>,
+    rooms: Mutex<BTreeMap<String, Room>>,
 }
 
 impl StateStore for MemStore {
@@ -515,6 +516,17 @@ impl StateStore for MemStore {
     }
     fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError> {
         Ok(lock(&self.mirrors).values().cloned().collect())
+    }
+    fn put_room(&self, room: &Room) -> Result<(), StateStoreError> {
+        lock(&self.rooms).insert(room.name.to_string(), room.clone());
+        Ok(())
+    }
+    fn delete_room(&self, name: &str) -> Result<(), StateStoreError> {
+        lock(&self.rooms).remove(name);
+        Ok(())
+    }
+    fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
+        Ok(lock(&self.rooms).values().cloned().collect())
     }
 }
 

@@ -110,6 +110,10 @@ pub enum InvalidInputError {
     NicField { field: &'static str, raw: String },
     #[error("the filter is {len} bytes long; at most 1024")]
     FilterTooLong { len: usize },
+    #[error("invalid room name {raw:?}: at most 28 characters (its networks are NAME-lan and NAME-dmz, its firewall NAME-fw)")]
+    RoomName { raw: String },
+    #[error("an exposed port must be between 1 and 65535")]
+    ExposePort,
     #[error("the config lacks keys {missing}: a whole config must set every key")]
     MissingConfigKeys { missing: String },
     #[error("{field} must be an integer between {min} and {max}, got {value}")]

@@ -14,6 +14,7 @@ mod json_int;
 pub mod limits;
 mod name;
 mod network;
+mod room;
 mod schema;
 mod size;
 mod splice;
@@ -46,6 +47,10 @@ pub use name::{Name, NAME_PATTERN};
 pub use network::{
     parse_subnet, subnet_pattern, HostPort, Network, NetworkSpec, Protocol, MIRROR_ROLE,
     ROUTER_ROLES,
+};
+pub use room::{
+    check_room_name, ApplyRoomRequest, ChangeOp, Expose, ExposeRequest, Room, RoomChange, RoomFile,
+    RoomInstance, RoomPlan, RoomSpec, RoomState, Segment, MAX_ROOM_NAME_LEN,
 };
 pub use schema::{
     check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,

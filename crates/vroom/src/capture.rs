@@ -37,6 +37,8 @@ pub async fn capture(
         dev,
         "-n",
         "-U",
+        "-Z",
+        "root",
         "-s",
         "262144",
         "-w",

@@ -1,0 +1,274 @@
+//! Server rooms: one tenant's isolated networks (lan, dmz) behind its own
+//! firewall appliance, with DHCP and DNS on lan, and ports exposed on the
+//! firewall's wan side by instance name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{InvalidInputError, Name, Protocol};
+
+/// The longest room name: its networks and firewall (`NAME-lan`, `NAME-dmz`,
+/// `NAME-fw`) must be valid names too.
+pub const MAX_ROOM_NAME_LEN: usize = 28;
+
+/// A room's name: a [`Name`] short enough for its suffixes.
+pub fn check_room_name(name: &Name) -> Result<(), InvalidInputError> {
+    if name.as_str().len() > MAX_ROOM_NAME_LEN {
+        return Err(InvalidInputError::RoomName {
+            raw: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The two segments a room has behind its firewall.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Segment {
+    Lan,
+    Dmz,
+}
+
+impl Segment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Segment::Lan => "lan",
+            Segment::Dmz => "dmz",
+        }
+    }
+
+    /// The network of this segment in room `room`.
+    pub fn network(self, room: &Name) -> Name {
+        Name::new(&format!("{room}-{}", self.as_str())).expect("invariant: room names leave room")
+    }
+}
+
+impl FromStr for Segment {
+    type Err = InvalidInputError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "lan" => Ok(Segment::Lan),
+            "dmz" => Ok(Segment::Dmz),
+            _ => Err(InvalidInputError::Choice {
+                what: "segment",
+                raw: s.to_string(),
+                choices: "lan, dmz",
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of `POST /v1/rooms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomSpec {
+    /// At most 28 characters (its networks are NAME-lan and NAME-dmz, its firewall NAME-fw).
+    pub name: Name,
+    /// The network the firewall's wan NIC is on; `default` (NAT) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<Name>,
+}
+
+/// A port forward from the firewall's wan side to a room instance.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct Expose {
+    /// The port on the firewall's wan address.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+    #[serde(default)]
+    pub proto: Protocol,
+    /// The room instance it reaches (its address is looked up, and followed).
+    pub to: Name,
+    #[schema(minimum = 1, maximum = 65535)]
+    pub to_port: u16,
+}
+
+impl Expose {
+    pub fn check(&self) -> Result<(), InvalidInputError> {
+        if self.port == 0 || self.to_port == 0 {
+            return Err(InvalidInputError::ExposePort);
+        }
+        Ok(())
+    }
+}
+
+/// Where a room stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomState {
+    /// Its networks and firewall are being made.
+    Creating,
+    Ready,
+    /// Being removed, with everything in it.
+    Removing,
+}
+
+impl fmt::Display for RoomState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RoomState::Creating => "creating",
+            RoomState::Ready => "ready",
+            RoomState::Removing => "removing",
+        })
+    }
+}
+
+/// A room as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Room {
+    pub name: Name,
+    /// The network of the firewall's wan NIC.
+    pub wan: Name,
+    pub lan: Name,
+    pub dmz: Name,
+    /// The firewall instance (`NAME-fw`).
+    pub firewall: Name,
+    /// The DNS domain of the room's instances on lan and dmz (`NAME.lan`).
+    pub domain: String,
+    pub exposes: Vec<Expose>,
+    pub state: RoomState,
+    pub created_at: u64,
+}
+
+impl Room {
+    pub fn network(&self, segment: Segment) -> &Name {
+        match segment {
+            Segment::Lan => &self.lan,
+            Segment::Dmz => &self.dmz,
+        }
+    }
+}
+
+/// The body of `POST /v1/rooms/{name}/exposes`.
+pub type ExposeRequest = Expose;
+
+/// One instance in a room file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomInstance {
+    /// An image name (newest of that name) or id.
+    pub image: String,
+    pub segment: Segment,
+    /// Guest memory in MiB; the image's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 128, maximum = 1073741824)]
+    pub mem_mib: Option<u64>,
+    /// Config keys to set (the others keep the image's defaults).
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// A room as a file declares it (`vroom room apply FILE`, TOML).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomFile {
+    pub name: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wan: Option<Name>,
+    /// Config keys of the room's firewall to set (wan policy, DHCP pool...);
+    /// `hosts` and `forward` are vroom's (from the instances and exposes).
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub firewall: BTreeMap<String, String>,
+    #[serde(default)]
+    #[schema(value_type = BTreeMap<String, RoomInstance>)]
+    pub instances: BTreeMap<Name, RoomInstance>,
+    #[serde(default)]
+    pub expose: Vec<Expose>,
+}
+
+/// The body of `POST /v1/rooms/apply`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRoomRequest {
+    pub room: RoomFile,
+    /// Only say what would change.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeOp {
+    Add,
+    Change,
+    Remove,
+}
+
+impl ChangeOp {
+    pub fn sign(self) -> char {
+        match self {
+            ChangeOp::Add => '+',
+            ChangeOp::Change => '~',
+            ChangeOp::Remove => '-',
+        }
+    }
+}
+
+/// One change `room apply` makes (or would make).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RoomChange {
+    pub op: ChangeOp,
+    /// What it is about: `room acme`, `instance web1`, `expose tcp/8080`...
+    pub what: String,
+    /// The detail: `web (dmz)`, `-> web1:80`, `config port=8080`...
+    pub detail: String,
+}
+
+/// What `room apply` changed (or, with `dry_run`, would change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RoomPlan {
+    pub room: Name,
+    pub changes: Vec<RoomChange>,
+    pub applied: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_files_refuse_unknown_fields_and_read_segments() {
+        let file: RoomFile = toml_like(
+            r#"{"name":"acme","instances":{"web1":{"image":"web","segment":"dmz","config":{"port":"80"}}},
+                "expose":[{"port":8080,"to":"web1","to_port":80}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            file.instances[&Name::new("web1").unwrap()].segment,
+            Segment::Dmz
+        );
+        assert_eq!(file.expose[0].proto, Protocol::Tcp);
+        assert!(toml_like(r#"{"name":"acme","extra":1}"#).is_err());
+        assert!(
+            toml_like(r#"{"name":"acme","instances":{"w":{"image":"web","segment":"wan"}}}"#)
+                .is_err()
+        );
+    }
+
+    fn toml_like(json: &str) -> Result<RoomFile, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn long_room_names_are_refused() {
+        assert!(check_room_name(&Name::new(&"a".repeat(28)).unwrap()).is_ok());
+        assert!(check_room_name(&Name::new(&"a".repeat(29)).unwrap()).is_err());
+    }
+}
