@@ -34,6 +34,7 @@ use audit::AuditCaller;
 pub use audit::Caller;
 
 use links::CreatedResourceLinks;
+mod rooms;
 mod splices;
 use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
 
@@ -198,7 +199,15 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         splices::remove_splice,
         splices::list_mirrors,
         splices::create_mirror,
-        splices::remove_mirror
+        splices::remove_mirror,
+        rooms::list_rooms,
+        rooms::create_room,
+        rooms::get_room,
+        rooms::remove_room,
+        rooms::apply_room,
+        rooms::expose,
+        rooms::unexpose,
+        rooms::topology
     ),
     components(schemas(ApiErrorBody, Name)),
     modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
@@ -257,7 +266,12 @@ impl utoipa::Modify for ConfigValueRules {
             "propertyNames": {"type": "string", "pattern": CONFIG_KEY_PATTERN, "minLength": 1, "maxLength": 64},
             "additionalProperties": {"type": "string", "pattern": CONFIG_VALUE_PATTERN, "maxLength": 4096},
         });
-        for (schema, field) in [("ConfigUpdate", "set"), ("ConfigDocument", "values")] {
+        for (schema, field) in [
+            ("ConfigUpdate", "set"),
+            ("ConfigDocument", "values"),
+            ("RoomInstance", "config"),
+            ("RoomFile", "firewall"),
+        ] {
             let property = &mut doc["components"]["schemas"][schema]["properties"][field];
             let description = property.get("description").cloned();
             *property = map.clone();
@@ -265,6 +279,14 @@ impl utoipa::Modify for ConfigValueRules {
                 property["description"] = description;
             }
         }
+        // A room file's instances are keyed by instance name.
+        let instances = &mut doc["components"]["schemas"]["RoomFile"]["properties"]["instances"];
+        instances["propertyNames"] = serde_json::json!({
+            "type": "string",
+            "pattern": vroom_types::NAME_PATTERN,
+            "minLength": 1,
+            "maxLength": 32,
+        });
         *openapi = serde_json::from_value(doc).expect("invariant: the edited document parses");
     }
 }
@@ -333,6 +355,19 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(splices::list_mirrors).post(splices::create_mirror),
         )
         .route("/v1/mirrors/{id}", delete(splices::remove_mirror))
+        .route("/v1/rooms", get(rooms::list_rooms).post(rooms::create_room))
+        .route(
+            "/v1/rooms/{name}",
+            get(rooms::get_room)
+                .put(rooms::apply_room)
+                .delete(rooms::remove_room),
+        )
+        .route("/v1/rooms/{name}/exposes", post(rooms::expose))
+        .route(
+            "/v1/rooms/{name}/exposes/{proto}/{port}",
+            delete(rooms::unexpose),
+        )
+        .route("/v1/topology", get(rooms::topology))
         .fallback(no_route)
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.
@@ -1227,8 +1262,8 @@ mod tests {
             }
         }
         assert_eq!(
-            links, 15,
-            "links from POST /v1/instances, /v1/networks, /v1/splices and /v1/mirrors"
+            links, 18,
+            "links from POST /v1/instances, /v1/networks, /v1/rooms, /v1/splices and /v1/mirrors"
         );
     }
 

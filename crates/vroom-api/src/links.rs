@@ -41,6 +41,13 @@ const LINKS: &[(&str, &str, &str, &str, &[&str])] = &[
         &["get_splice", "remove_splice"],
     ),
     (
+        "/v1/rooms",
+        "201",
+        "name",
+        "$response.body#/name",
+        &["get_room", "remove_room", "expose"],
+    ),
+    (
         "/v1/mirrors",
         "201",
         "id",

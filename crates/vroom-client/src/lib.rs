@@ -494,6 +494,82 @@ impl Client {
             .map(|_| ())
     }
 
+    pub async fn rooms(&self) -> Result<Vec<vroom_types::Room>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/rooms", None).await
+    }
+
+    pub async fn room(&self, name: &str) -> Result<vroom_types::Room, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/rooms/{}", enc(name)), None)
+            .await
+    }
+
+    /// Returns once the room's firewall is ready.
+    pub async fn create_room(
+        &self,
+        spec: &vroom_types::RoomSpec,
+    ) -> Result<vroom_types::Room, ClientError> {
+        self.call(Method::POST, "/v1/rooms", Some(spec)).await
+    }
+
+    pub async fn remove_room(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        self.raw::<()>(
+            Method::DELETE,
+            &format!("/v1/rooms/{}?force={force}", enc(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Converges a room to a file; with `dry_run`, only says what would change.
+    pub async fn apply_room(
+        &self,
+        file: &vroom_types::RoomFile,
+        dry_run: bool,
+    ) -> Result<vroom_types::RoomPlan, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/rooms/{}?dry_run={dry_run}", enc(file.name.as_str())),
+            Some(file),
+        )
+        .await
+    }
+
+    pub async fn expose(
+        &self,
+        room: &str,
+        expose: &vroom_types::Expose,
+    ) -> Result<vroom_types::Room, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/rooms/{}/exposes", enc(room)),
+            Some(expose),
+        )
+        .await
+    }
+
+    pub async fn unexpose(
+        &self,
+        room: &str,
+        proto: vroom_types::Protocol,
+        port: u16,
+    ) -> Result<vroom_types::Room, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/rooms/{}/exposes/{}/{port}", enc(room), proto.as_str()),
+            None,
+        )
+        .await
+    }
+
+    pub async fn topology(&self, room: Option<&str>) -> Result<vroom_types::Topology, ClientError> {
+        let path = match room {
+            Some(room) => format!("/v1/topology?room={}", enc(room)),
+            None => "/v1/topology".to_string(),
+        };
+        self.call::<(), _>(Method::GET, &path, None).await
+    }
+
     pub async fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/images", None).await
     }

@@ -19,6 +19,7 @@ mod schema;
 mod size;
 mod splice;
 pub mod template;
+mod topology;
 
 pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
@@ -61,3 +62,4 @@ pub use splice::{
     is_l2_role, FailMode, Mirror, MirrorRequest, NicRef, Splice, SpliceEvent, SpliceRequest,
     SpliceState, INSIDE_ROLE, L2_ROLES, MAX_SPLICE_EVENTS, OUTSIDE_ROLE,
 };
+pub use topology::{Topology, TopologyInstance, TopologyNic};

@@ -74,6 +74,7 @@ impl fmt::Display for Segment {
 #[serde(deny_unknown_fields)]
 pub struct RoomSpec {
     /// At most 28 characters (its networks are NAME-lan and NAME-dmz, its firewall NAME-fw).
+    #[schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28)]
     pub name: Name,
     /// The network the firewall's wan NIC is on; `default` (NAT) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +178,8 @@ pub struct RoomInstance {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoomFile {
+    /// The room's name, at most 28 characters.
+    #[schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28)]
     pub name: Name,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<Name>,

@@ -105,6 +105,10 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         }
         Command::Unsplice { appliance } => client.unsplice(appliance).await?,
         Command::Splices => crate::splice::list(&client, json).await?,
+        Command::Room { op } => crate::room::room(&client, op, json).await?,
+        Command::Topology { room, format } => {
+            crate::room::topology(&client, room.as_deref(), *format, json).await?
+        }
         Command::Capture {
             name,
             filter,
@@ -178,12 +182,16 @@ pub async fn connect(data_dir: &Path) -> Result<Client> {
 }
 
 async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
+    let mut nics = args.nets.clone();
+    if let (Some(room), Some(segment)) = (&args.room, args.segment) {
+        nics.insert(0, crate::room::room_nic(client, room, segment).await?);
+    }
     let spec = InstanceSpec {
         name: args.name.clone(),
         image: args.image.clone(),
         mem_mib: args.mem,
         cpus: args.cpus,
-        nics: args.nets.clone(),
+        nics,
         accel: args.accel,
         config_volume_kib: args.config_size,
     };

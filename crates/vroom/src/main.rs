@@ -13,13 +13,14 @@ mod gc;
 mod jail;
 mod output;
 mod paths;
+mod room;
 mod setup;
 mod splice;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use vroom_types::{parse_mem_mib, AccelChoice, NicSpec};
+use vroom_types::{parse_mem_mib, AccelChoice, Name, NicSpec};
 
 #[derive(Parser)]
 #[command(
@@ -178,6 +179,19 @@ pub enum Command {
     Unsplice { appliance: String },
     /// List splices, their state and last event.
     Splices,
+    /// Server rooms: per-tenant networks behind a firewall.
+    Room {
+        #[command(subcommand)]
+        op: RoomOp,
+    },
+    /// Networks, instances with NIC roles and addresses, splices, mirrors
+    /// and exposed ports.
+    Topology {
+        /// Only this room.
+        room: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: TopologyFormat,
+    },
     /// Stream a live pcap from a sniffer (inline or fed by a mirror) to
     /// stdout: `vroom capture snf | tshark -r -`.
     Capture {
@@ -255,6 +269,70 @@ pub struct RunArgs {
     /// Size of the config volume in KiB (64 to 65536).
     #[arg(long, value_parser = vroom_types::limits::parse_config_volume_kib)]
     pub config_size: Option<u32>,
+    /// Put the instance in this room (a NIC on its lan or dmz network; its
+    /// name gets into the room's DNS).
+    #[arg(long, requires = "segment")]
+    pub room: Option<String>,
+    /// The room's segment: lan or dmz.
+    #[arg(long, requires = "room")]
+    pub segment: Option<vroom_types::Segment>,
+}
+
+#[derive(Subcommand)]
+pub enum RoomOp {
+    /// Create a room: networks NAME-lan and NAME-dmz, a firewall NAME-fw with
+    /// NAT, DHCP and DNS on lan.
+    Create {
+        /// At most 28 characters.
+        name: Name,
+        /// The network of the firewall's wan NIC (`default` when absent).
+        #[arg(long)]
+        wan: Option<Name>,
+    },
+    /// Create or converge a room from a TOML file; shows what it changes.
+    Apply {
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List rooms.
+    Ls,
+    /// Show a room: its firewall, networks, instances and exposes.
+    Inspect { name: String },
+    /// Remove a room; refused while it has instances unless --force.
+    Rm {
+        name: String,
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Forward a port of the firewall's wan address to a room instance.
+    Expose {
+        name: String,
+        #[arg(long)]
+        port: u16,
+        /// INSTANCE:PORT.
+        #[arg(long, value_name = "INSTANCE:PORT")]
+        to: String,
+        #[arg(long, default_value = "tcp", value_parser = room::parse_proto)]
+        proto: vroom_types::Protocol,
+    },
+    /// Remove a port forward.
+    Unexpose {
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "tcp", value_parser = room::parse_proto)]
+        proto: vroom_types::Protocol,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum TopologyFormat {
+    Text,
+    Dot,
+    Svg,
+    Json,
 }
 
 #[derive(Subcommand)]

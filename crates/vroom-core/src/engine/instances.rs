@@ -139,6 +139,12 @@ impl Engine {
         drop(alloc);
 
         let _op = cell.op.lock().await;
+        let networks: Vec<Name> = cell
+            .snapshot()
+            .nics
+            .iter()
+            .map(|n| n.network.clone())
+            .collect();
         if let Err(e) = self.launch(&cell, Some(image)).await {
             self.instances
                 .lock()
@@ -150,6 +156,8 @@ impl Engine {
             rollback_default(self).await;
             return Err(e);
         }
+        drop(_op);
+        self.sync_rooms_on(&networks).await;
         Ok(cell.snapshot())
     }
 
@@ -522,6 +530,14 @@ impl Engine {
             .map_err(|e| {
                 OpError::internal(format!("failed to remove {}", cell.dir.display()), e)
             })?;
+        drop(_op);
+        let networks: Vec<Name> = cell
+            .snapshot()
+            .nics
+            .iter()
+            .map(|n| n.network.clone())
+            .collect();
+        self.sync_rooms_on(&networks).await;
         Ok(())
     }
 

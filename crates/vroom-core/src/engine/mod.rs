@@ -10,6 +10,8 @@
 //! - `guest`: exec, file copy and console logs;
 //! - `config`: the config volume, read and changed through the guest;
 //! - `networks` and `images`: the host networks and the image store;
+//! - `rooms`: per-tenant lan and dmz behind a firewall appliance, with DNS
+//!   names and port forwards that follow the instances;
 //! - `splices`: appliances spliced inline in front of running VMs, mirrors,
 //!   and the watchdog that fails a dead appliance open or closed.
 
@@ -18,6 +20,7 @@ mod guest;
 mod images;
 mod instances;
 mod networks;
+mod rooms;
 mod splices;
 mod supervise;
 
@@ -89,10 +92,14 @@ pub struct Engine {
     splices: Mutex<BTreeMap<Name, vroom_types::Splice>>,
     /// Mirrors, by id.
     mirrors: Mutex<BTreeMap<String, vroom_types::Mirror>>,
+    /// Rooms, by name.
+    rooms: Mutex<BTreeMap<Name, vroom_types::Room>>,
     /// Serialises creations and network changes, which allocate names and addresses.
     alloc: tokio::sync::Mutex<()>,
     /// Serialises splice and mirror changes (and the watchdog's).
     splice_op: tokio::sync::Mutex<()>,
+    /// Serialises room changes.
+    room_op: tokio::sync::Mutex<()>,
 }
 
 /// One instance in memory.
@@ -205,8 +212,10 @@ impl Engine {
             networks: Mutex::default(),
             splices: Mutex::default(),
             mirrors: Mutex::default(),
+            rooms: Mutex::default(),
             alloc: tokio::sync::Mutex::new(()),
             splice_op: tokio::sync::Mutex::new(()),
+            room_op: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -342,7 +342,7 @@ impl Engine {
     }
 
     /// Waits until an instance reports ready; its failure or a stop ends the wait.
-    async fn wait_running(&self, name: &Name, timeout: Duration) -> Result<(), OpError> {
+    pub(super) async fn wait_running(&self, name: &Name, timeout: Duration) -> Result<(), OpError> {
         let deadline = Instant::now() + timeout;
         loop {
             let instance = self.get(name.as_str())?;

@@ -29,6 +29,7 @@ impl Engine {
             }
         }
         self.load_splices().await?;
+        self.load_rooms()?;
         let records = self
             .store
             .instances()
@@ -74,6 +75,7 @@ impl Engine {
             }
         }
         self.recover_splices().await?;
+        self.recover_rooms().await;
         self.spawn_config_settle();
         Ok(())
     }

@@ -1,0 +1,756 @@
+//! Server rooms: per-tenant lan and dmz networks (isolated, no host address)
+//! behind a firewall appliance that routes, NATs, serves DHCP and DNS on lan
+//! and forwards the room's exposed ports from its wan side.
+//!
+//! The firewall's `hosts`, `forward` and `domain` config keys are vroom's:
+//! they are rendered from the room's members (instances with a NIC on its
+//! lan or dmz) and exposes whenever either changes, so DNS names and port
+//! forwards follow the instances.
+
+use vroom_types::{
+    check_room_name, AccelChoice, ApplyRoomRequest, ChangeOp, Expose, Protocol, Room, RoomChange,
+    RoomPlan, RoomSpec, RoomState, Segment,
+};
+
+use super::*;
+
+/// The firewall config keys a room sets itself.
+const ROOM_KEYS: &[&str] = &["hosts", "forward", "domain"];
+
+impl Engine {
+    pub fn list_rooms(&self) -> Vec<Room> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn get_room(&self, name: &str) -> Result<Room, OpError> {
+        self.rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|r| r.name.as_str() == name)
+            .cloned()
+            .ok_or_else(|| OpError::not_found("room", name))
+    }
+
+    fn save_room(&self, room: &Room) -> Result<(), OpError> {
+        blocking(|| self.store.put_room(room))
+            .map_err(|e| OpError::internal("failed to save the room", e))?;
+        self.rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(room.name.clone(), room.clone());
+        Ok(())
+    }
+
+    fn forget_room(&self, name: &Name) -> Result<(), OpError> {
+        blocking(|| self.store.delete_room(name.as_str()))
+            .map_err(|e| OpError::internal("failed to delete the room", e))?;
+        self.rooms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    /// The instances of a room (a NIC on its lan or dmz), firewall excluded.
+    pub fn room_members(&self, room: &Room) -> Vec<Instance> {
+        self.list()
+            .into_iter()
+            .filter(|i| i.spec.name != room.firewall)
+            .filter(|i| {
+                i.nics
+                    .iter()
+                    .any(|n| n.network == room.lan || n.network == room.dmz)
+            })
+            .collect()
+    }
+
+    /// Creates a room: its lan and dmz networks and its firewall, ready
+    /// and configured. Any failure removes what it made.
+    pub async fn create_room(self: &Arc<Self>, spec: RoomSpec) -> Result<Room, OpError> {
+        let _op = self.room_op.lock().await;
+        self.create_room_locked(spec).await
+    }
+
+    async fn create_room_locked(self: &Arc<Self>, spec: RoomSpec) -> Result<Room, OpError> {
+        check_room_name(&spec.name)?;
+        let name = spec.name.clone();
+        if self.get_room(name.as_str()).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a room named {name:?} already exists"),
+            ));
+        }
+        let lan = Segment::Lan.network(&name);
+        let dmz = Segment::Dmz.network(&name);
+        let firewall = Name::new(&format!("{name}-fw")).expect("invariant: room names leave room");
+        for net in [&lan, &dmz] {
+            if self.network(net.as_str()).is_ok() {
+                return Err(OpError::conflict(format!(
+                    "cannot create room {name}: a network named {net} already exists"
+                )));
+            }
+        }
+        if self.get(firewall.as_str()).is_ok() {
+            return Err(OpError::conflict(format!(
+                "cannot create room {name}: an instance named {firewall} already exists"
+            )));
+        }
+        let wan = spec
+            .wan
+            .clone()
+            .unwrap_or_else(|| Name::new(DEFAULT_NETWORK).expect("invariant: valid name"));
+        match self.network(wan.as_str()) {
+            Ok(net) if net.isolated => {
+                return Err(OpError::conflict(format!(
+                    "the wan of room {name} cannot be isolated network {wan}: nothing would route it out"
+                )))
+            }
+            Ok(_) => {}
+            Err(_) if wan.as_str() == DEFAULT_NETWORK => {}
+            Err(e) => return Err(e),
+        }
+        // The image first: a room without its firewall image fails before
+        // anything is made.
+        self.resolve_image("firewall").await?;
+        let room = Room {
+            domain: format!("{name}.lan"),
+            name: name.clone(),
+            wan: wan.clone(),
+            lan: lan.clone(),
+            dmz: dmz.clone(),
+            firewall: firewall.clone(),
+            exposes: vec![],
+            state: RoomState::Creating,
+            created_at: now_secs(),
+        };
+        self.save_room(&room)?;
+        let made = async {
+            for net in [&lan, &dmz] {
+                self.create_network(NetworkSpec {
+                    name: net.clone(),
+                    subnet: None,
+                    nat: false,
+                    isolated: true,
+                    mirror: false,
+                    allow_host: vec![],
+                })
+                .await?;
+            }
+            let nic = |role: &str, network: &Name| NicSpec {
+                network: network.clone(),
+                ip: None,
+                role: Some(Name::new(role).expect("invariant: valid role")),
+            };
+            self.run(RunRequest {
+                spec: InstanceSpec {
+                    name: firewall.clone(),
+                    image: "firewall".into(),
+                    mem_mib: None,
+                    cpus: 1,
+                    nics: vec![nic("wan", &wan), nic("lan", &lan), nic("dmz", &dmz)],
+                    accel: AccelChoice::Auto,
+                    config_volume_kib: None,
+                },
+                ready_timeout_secs: None,
+            })
+            .await?;
+            self.wait_running(
+                &firewall,
+                Duration::from_secs(DEFAULT_READY_TIMEOUT_SECS + 5),
+            )
+            .await?;
+            let mut ready = room.clone();
+            ready.state = RoomState::Ready;
+            self.sync_room(&ready).await?;
+            self.save_room(&ready)?;
+            Ok::<Room, OpError>(ready)
+        }
+        .await;
+        match made {
+            Ok(room) => {
+                tracing::info!(room = %room.name, "room created");
+                Ok(room)
+            }
+            Err(e) => {
+                tracing::warn!(room = %name, error = %e, "room creation failed; removing what it made");
+                if let Err(undo) = self.tear_down_room(&room).await {
+                    tracing::error!(room = %name, error = %undo, "failed to undo a room");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a room: refused while it has instances unless `force`, which
+    /// removes them first (unsplicing what is spliced in front of them).
+    pub async fn remove_room(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
+        let _op = self.room_op.lock().await;
+        let room = self.get_room(name)?;
+        let members: Vec<String> = self
+            .room_members(&room)
+            .iter()
+            .map(|i| i.spec.name.to_string())
+            .collect();
+        if !members.is_empty() && !force {
+            return Err(OpError::conflict(format!(
+                "room {name} still has {}; `vroom room rm --force {name}` removes them too",
+                members.join(", ")
+            )));
+        }
+        self.tear_down_room(&room).await
+    }
+
+    /// Marks a room removing and removes, in order: splices in front of its
+    /// members, its members, its firewall, its networks, its record. Every
+    /// step may be repeated, so recovery finishes what a daemon died in.
+    async fn tear_down_room(self: &Arc<Self>, room: &Room) -> Result<(), OpError> {
+        let mut removing = room.clone();
+        removing.state = RoomState::Removing;
+        self.save_room(&removing)?;
+        let members: Vec<Name> = self
+            .room_members(room)
+            .into_iter()
+            .map(|i| i.spec.name)
+            .collect();
+        for splice in self.list_splices() {
+            if members.contains(&splice.vm) || members.contains(&splice.appliance) {
+                self.unsplice(splice.appliance.as_str()).await?;
+            }
+        }
+        for member in self.room_members(room) {
+            self.remove(member.spec.name.as_str(), true).await?;
+        }
+        if self.get(room.firewall.as_str()).is_ok() {
+            self.remove(room.firewall.as_str(), true).await?;
+        }
+        for net in [&room.lan, &room.dmz] {
+            if self.network(net.as_str()).is_ok() {
+                self.remove_network(net.as_str()).await?;
+            }
+        }
+        self.forget_room(&room.name)?;
+        tracing::info!(room = %room.name, "room removed");
+        Ok(())
+    }
+
+    /// Adds a port forward from the room's wan side to one of its instances.
+    pub async fn expose(self: &Arc<Self>, name: &str, expose: Expose) -> Result<Room, OpError> {
+        let _op = self.room_op.lock().await;
+        expose.check()?;
+        let mut room = self.ready_room(name)?;
+        if !self
+            .room_members(&room)
+            .iter()
+            .any(|i| i.spec.name == expose.to)
+        {
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("room {name} has no instance {}", expose.to),
+            ));
+        }
+        if let Some(taken) = room
+            .exposes
+            .iter()
+            .find(|e| e.port == expose.port && e.proto == expose.proto)
+        {
+            return Err(OpError::conflict(format!(
+                "{}/{} of room {name} already goes to {}:{}",
+                expose.proto.as_str(),
+                expose.port,
+                taken.to,
+                taken.to_port
+            )));
+        }
+        room.exposes.push(expose);
+        room.exposes.sort();
+        self.sync_room(&room).await?;
+        self.save_room(&room)?;
+        Ok(room)
+    }
+
+    /// Removes a port forward.
+    pub async fn unexpose(
+        self: &Arc<Self>,
+        name: &str,
+        port: u16,
+        proto: Protocol,
+    ) -> Result<Room, OpError> {
+        let _op = self.room_op.lock().await;
+        let mut room = self.ready_room(name)?;
+        let before = room.exposes.len();
+        room.exposes
+            .retain(|e| !(e.port == port && e.proto == proto));
+        if room.exposes.len() == before {
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("room {name} does not expose {}/{port}", proto.as_str()),
+            ));
+        }
+        self.sync_room(&room).await?;
+        self.save_room(&room)?;
+        Ok(room)
+    }
+
+    fn ready_room(&self, name: &str) -> Result<Room, OpError> {
+        let room = self.get_room(name)?;
+        if room.state != RoomState::Ready {
+            return Err(OpError::conflict(format!("room {name} is {}", room.state)));
+        }
+        Ok(room)
+    }
+
+    /// The firewall config a room's members and exposes call for.
+    fn room_config(&self, room: &Room) -> ConfigValues {
+        let mut hosts = vec![];
+        let mut address = BTreeMap::new();
+        for member in self.room_members(room) {
+            let ip = member
+                .nics
+                .iter()
+                .filter(|n| n.network == room.lan || n.network == room.dmz)
+                .find_map(|n| n.ip);
+            if let Some(ip) = ip {
+                hosts.push(format!("{}={ip}", member.spec.name));
+                hosts.push(format!("{}.{}={ip}", member.spec.name, room.domain));
+                address.insert(member.spec.name.clone(), ip);
+            }
+        }
+        let forward: Vec<String> = room
+            .exposes
+            .iter()
+            .filter_map(|e| {
+                let ip = address.get(&e.to)?;
+                Some(format!(
+                    "{}/{}:{ip}:{}",
+                    e.proto.as_str(),
+                    e.port,
+                    e.to_port
+                ))
+            })
+            .collect();
+        [
+            ("domain".to_string(), room.domain.clone()),
+            ("hosts".to_string(), hosts.join(",")),
+            ("forward".to_string(), forward.join(",")),
+        ]
+        .into()
+    }
+
+    /// Puts the room's names and forwards into its firewall's config, if
+    /// they differ from what it has (live when it runs).
+    async fn sync_room(&self, room: &Room) -> Result<(), OpError> {
+        let want = self.room_config(room);
+        let have = self.get(room.firewall.as_str())?.config;
+        if want.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            return Ok(());
+        }
+        self.config_update(room.firewall.as_str(), want)
+            .await
+            .map(|_| ())
+    }
+
+    /// After an instance came or went: the rooms whose lan or dmz it is on
+    /// get their firewall's names and forwards again. Failures are logged:
+    /// the instance's own operation succeeded.
+    pub(super) async fn sync_rooms_on(&self, networks: &[Name]) {
+        let rooms: Vec<Room> = self
+            .list_rooms()
+            .into_iter()
+            .filter(|r| r.state == RoomState::Ready)
+            .filter(|r| networks.contains(&r.lan) || networks.contains(&r.dmz))
+            .collect();
+        for room in rooms {
+            if let Err(e) = self.sync_room(&room).await {
+                tracing::warn!(room = %room.name, error = %e, "cannot update the room's DNS names and forwards");
+            }
+        }
+    }
+
+    /// Converges a room to a file: creates it, sets its firewall's config,
+    /// adds, recreates (image, segment or memory changed), reconfigures and
+    /// removes instances, and sets its exposes. Returns the changes; with
+    /// `dry_run` only lists them.
+    pub async fn apply_room(self: &Arc<Self>, req: ApplyRoomRequest) -> Result<RoomPlan, OpError> {
+        let _op = self.room_op.lock().await;
+        let file = req.room;
+        check_room_name(&file.name)?;
+        let name = file.name.clone();
+        for key in file.firewall.keys() {
+            if ROOM_KEYS.contains(&key.as_str()) {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "firewall key {key} is set by the room (from its instances and exposes)"
+                    ),
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for e in &file.expose {
+            e.check()?;
+            if !file.instances.contains_key(&e.to) {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "expose {}/{} goes to {}, which is not an instance of the room",
+                        e.proto.as_str(),
+                        e.port,
+                        e.to
+                    ),
+                ));
+            }
+            if !seen.insert((e.proto, e.port)) {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("expose {}/{} is given twice", e.proto.as_str(), e.port),
+                ));
+            }
+        }
+        let existing = self.get_room(name.as_str()).ok();
+        let wan = file
+            .wan
+            .clone()
+            .unwrap_or_else(|| Name::new(DEFAULT_NETWORK).expect("invariant: valid name"));
+        let mut changes = vec![];
+        let change = |op, what: String, detail: String| RoomChange { op, what, detail };
+        let members: Vec<Instance> = match &existing {
+            Some(room) => {
+                if room.wan != wan {
+                    return Err(OpError::conflict(format!(
+                        "room {name} has its wan on {}; a room's wan cannot change (remove the room first)",
+                        room.wan
+                    )));
+                }
+                if room.state != RoomState::Ready {
+                    return Err(OpError::conflict(format!("room {name} is {}", room.state)));
+                }
+                self.room_members(room)
+            }
+            None => {
+                changes.push(change(
+                    ChangeOp::Add,
+                    format!("room {name}"),
+                    format!("wan {wan}"),
+                ));
+                vec![]
+            }
+        };
+        let fw_config = match &existing {
+            Some(room) => self.get(room.firewall.as_str())?.config,
+            None => ConfigValues::new(),
+        };
+        for (key, value) in &file.firewall {
+            if fw_config.get(key) != Some(value) {
+                changes.push(change(
+                    ChangeOp::Change,
+                    format!("firewall {name}-fw"),
+                    format!("config {key}={value}"),
+                ));
+            }
+        }
+        let segment_of = |i: &Instance| -> Option<Segment> {
+            i.nics.iter().find_map(|n| {
+                if n.network == Segment::Lan.network(&name) {
+                    Some(Segment::Lan)
+                } else if n.network == Segment::Dmz.network(&name) {
+                    Some(Segment::Dmz)
+                } else {
+                    None
+                }
+            })
+        };
+        // Instances: what to create, recreate, reconfigure and remove.
+        let mut create = vec![];
+        let mut recreate = vec![];
+        let mut reconfigure = vec![];
+        for (iname, want) in &file.instances {
+            match members.iter().find(|m| &m.spec.name == iname) {
+                None => {
+                    if self.get(iname.as_str()).is_ok() {
+                        return Err(OpError::conflict(format!(
+                            "instance {iname} exists outside room {name}"
+                        )));
+                    }
+                    changes.push(change(
+                        ChangeOp::Add,
+                        format!("instance {iname}"),
+                        format!("{} ({})", want.image, want.segment),
+                    ));
+                    create.push(iname.clone());
+                }
+                Some(have) => {
+                    let image_same = want.image == have.image_name
+                        || want.image == have.spec.image
+                        || want.image == have.image_id;
+                    let mem_same = want.mem_mib.is_none_or(|m| m == have.mem_mib);
+                    if !image_same || segment_of(have) != Some(want.segment) || !mem_same {
+                        changes.push(change(
+                            ChangeOp::Change,
+                            format!("instance {iname}"),
+                            format!("recreate as {} ({})", want.image, want.segment),
+                        ));
+                        recreate.push(iname.clone());
+                        continue;
+                    }
+                    let differs: Vec<String> = want
+                        .config
+                        .iter()
+                        .filter(|(k, v)| have.config.get(*k) != Some(*v))
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    if !differs.is_empty() {
+                        changes.push(change(
+                            ChangeOp::Change,
+                            format!("instance {iname}"),
+                            format!("config {}", differs.join(" ")),
+                        ));
+                        reconfigure.push(iname.clone());
+                    }
+                }
+            }
+        }
+        let remove: Vec<Name> = members
+            .iter()
+            .map(|m| m.spec.name.clone())
+            .filter(|m| !file.instances.contains_key(m))
+            .collect();
+        for m in &remove {
+            changes.push(change(
+                ChangeOp::Remove,
+                format!("instance {m}"),
+                String::new(),
+            ));
+        }
+        let mut want_exposes = file.expose.clone();
+        want_exposes.sort();
+        let have_exposes = existing
+            .as_ref()
+            .map(|r| r.exposes.clone())
+            .unwrap_or_default();
+        for e in &want_exposes {
+            let key = |x: &Expose| (x.proto, x.port);
+            match have_exposes.iter().find(|h| key(h) == key(e)) {
+                None => changes.push(change(
+                    ChangeOp::Add,
+                    format!("expose {}/{}", e.proto.as_str(), e.port),
+                    format!("-> {}:{}", e.to, e.to_port),
+                )),
+                Some(h) if h != e => changes.push(change(
+                    ChangeOp::Change,
+                    format!("expose {}/{}", e.proto.as_str(), e.port),
+                    format!("-> {}:{}", e.to, e.to_port),
+                )),
+                Some(_) => {}
+            }
+        }
+        for h in &have_exposes {
+            if !want_exposes
+                .iter()
+                .any(|e| (e.proto, e.port) == (h.proto, h.port))
+            {
+                changes.push(change(
+                    ChangeOp::Remove,
+                    format!("expose {}/{}", h.proto.as_str(), h.port),
+                    format!("-> {}:{}", h.to, h.to_port),
+                ));
+            }
+        }
+        let plan = RoomPlan {
+            room: name.clone(),
+            changes,
+            applied: !req.dry_run,
+        };
+        if req.dry_run || plan.changes.is_empty() {
+            return Ok(RoomPlan {
+                applied: false,
+                ..plan
+            });
+        }
+
+        let mut room = match existing {
+            Some(room) => room,
+            None => {
+                self.create_room_locked(RoomSpec {
+                    name: name.clone(),
+                    wan: file.wan.clone(),
+                })
+                .await?
+            }
+        };
+        if file
+            .firewall
+            .iter()
+            .any(|(k, v)| fw_config.get(k) != Some(v))
+        {
+            self.config_update(
+                room.firewall.as_str(),
+                file.firewall.clone().into_iter().collect(),
+            )
+            .await?;
+        }
+        // Forwards to instances about to go are dropped first.
+        room.exposes
+            .retain(|e| !remove.contains(&e.to) && !recreate.contains(&e.to));
+        self.save_room(&room)?;
+        for m in remove.iter().chain(&recreate) {
+            for splice in self.list_splices() {
+                if &splice.vm == m {
+                    self.unsplice(splice.appliance.as_str()).await?;
+                }
+            }
+            self.remove(m.as_str(), true).await?;
+        }
+        for iname in create.iter().chain(&recreate) {
+            let want = &file.instances[iname];
+            self.run(RunRequest {
+                spec: InstanceSpec {
+                    name: iname.clone(),
+                    image: want.image.clone(),
+                    mem_mib: want.mem_mib,
+                    cpus: 1,
+                    nics: vec![NicSpec {
+                        network: want.segment.network(&name),
+                        ip: None,
+                        role: None,
+                    }],
+                    accel: AccelChoice::Auto,
+                    config_volume_kib: None,
+                },
+                ready_timeout_secs: None,
+            })
+            .await?;
+        }
+        for iname in create.iter().chain(&recreate).chain(&reconfigure) {
+            let want = &file.instances[iname];
+            if want.config.is_empty() {
+                continue;
+            }
+            self.wait_running(iname, Duration::from_secs(DEFAULT_READY_TIMEOUT_SECS + 5))
+                .await?;
+            self.config_update(iname.as_str(), want.config.clone().into_iter().collect())
+                .await?;
+        }
+        room.exposes = want_exposes;
+        self.sync_room(&room).await?;
+        self.save_room(&room)?;
+        Ok(plan)
+    }
+
+    /// Loads rooms, before instances are recovered.
+    pub(super) fn load_rooms(&self) -> Result<(), OpError> {
+        let rooms = blocking(|| self.store.rooms())
+            .map_err(|e| OpError::internal("failed to load rooms", e))?;
+        let mut map = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        for room in rooms {
+            map.insert(room.name.clone(), room);
+        }
+        Ok(())
+    }
+
+    /// After instances are recovered: a room a daemon died creating is
+    /// removed (it was never acknowledged), one it died removing is removed.
+    pub(super) async fn recover_rooms(self: &Arc<Self>) {
+        let _op = self.room_op.lock().await;
+        for room in self.list_rooms() {
+            if room.state != RoomState::Ready {
+                tracing::warn!(room = %room.name, state = %room.state, "finishing an interrupted room change: removing it");
+                if let Err(e) = self.tear_down_room(&room).await {
+                    tracing::error!(room = %room.name, error = %e, "cannot remove an interrupted room");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vroom_types::{ErrorCode, Expose, Name, Protocol, RoomSpec, RoomState};
+
+    use crate::store::StateStore;
+    use crate::testing::TestEngine;
+
+    fn spec(name: &str) -> RoomSpec {
+        RoomSpec {
+            name: Name::new(name).unwrap(),
+            wan: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_rooms_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        let err = t
+            .engine
+            .create_room(spec(&"a".repeat(29)))
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("28"), "{}", err.message);
+        // The fake image source has no firewall image.
+        let err = t.engine.create_room(spec("acme")).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound, "{}", err.message);
+        assert!(t.engine.list_rooms().is_empty());
+        assert!(t.store.rooms().unwrap().is_empty());
+        assert!(t.engine.list_networks().is_empty(), "nothing made");
+        let err = t
+            .engine
+            .expose(
+                "acme",
+                Expose {
+                    port: 80,
+                    proto: Protocol::Tcp,
+                    to: Name::new("web").unwrap(),
+                    to_port: 80,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::NotFound);
+    }
+
+    /// A room a daemon died creating or removing is removed by the next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovery_removes_half_made_rooms() {
+        for state in [RoomState::Creating, RoomState::Removing] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = TestEngine::new(dir.path());
+            t.engine.recover().await.unwrap();
+            let lan = t
+                .engine
+                .create_network(vroom_types::NetworkSpec {
+                    name: Name::new("acme-lan").unwrap(),
+                    subnet: None,
+                    nat: false,
+                    isolated: true,
+                    mirror: false,
+                    allow_host: vec![],
+                })
+                .await
+                .unwrap();
+            let room = vroom_types::Room {
+                name: Name::new("acme").unwrap(),
+                wan: Name::new("default").unwrap(),
+                lan: lan.name.clone(),
+                dmz: Name::new("acme-dmz").unwrap(),
+                firewall: Name::new("acme-fw").unwrap(),
+                domain: "acme.lan".into(),
+                exposes: vec![],
+                state,
+                created_at: 0,
+            };
+            t.store.put_room(&room).unwrap();
+            let engine = t.restarted();
+            engine.recover().await.unwrap();
+            assert!(engine.list_rooms().is_empty(), "{state}");
+            assert!(t.store.rooms().unwrap().is_empty(), "{state}");
+            assert!(engine.network("acme-lan").is_err(), "{state}: its lan went");
+        }
+    }
+}

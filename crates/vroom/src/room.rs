@@ -1,0 +1,243 @@
+//! `vroom room ...` and `vroom topology`.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use vroom_client::Client;
+use vroom_types::{Expose, Name, Protocol, Room, RoomFile, RoomPlan, RoomSpec};
+
+use crate::{output, RoomOp, TopologyFormat};
+
+/// The largest room file read.
+const MAX_ROOM_FILE_BYTES: u64 = 256 * 1024;
+
+/// Reads and checks a room file before anything is sent: a bounded regular
+/// file, TOML with no unknown fields.
+pub fn read_room_file(path: &Path) -> Result<RoomFile> {
+    let bytes = vroom_core::input::read_input(path, MAX_ROOM_FILE_BYTES, None)?;
+    let text =
+        std::str::from_utf8(&bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
+    toml::from_str(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid room file: {}",
+            path.display(),
+            e.message().lines().next().unwrap_or("invalid TOML")
+        )
+    })
+}
+
+pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
+    match op {
+        RoomOp::Create { name, wan } => {
+            crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
+            let spinner = output::spinner(json, format!("creating room {name}"));
+            let created = client
+                .create_room(&RoomSpec {
+                    name: name.clone(),
+                    wan: wan.clone(),
+                })
+                .await;
+            if let Some(s) = &spinner {
+                s.finish_and_clear();
+            }
+            let room = created?;
+            if json {
+                output::json(&room);
+            } else {
+                println!(
+                    "room {} created: lan {}, dmz {}, firewall {} (wan on {}), DNS domain {}",
+                    room.name, room.lan, room.dmz, room.firewall, room.wan, room.domain
+                );
+            }
+        }
+        RoomOp::Apply { file, dry_run } => {
+            let file = read_room_file(file)?;
+            crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
+            for instance in file.instances.values() {
+                crate::cli::build_from_catalog_if_missing(client, &instance.image, json).await?;
+            }
+            let plan = client.apply_room(&file, *dry_run).await?;
+            show_plan(&plan, json);
+        }
+        RoomOp::Ls => {
+            let rooms = client.rooms().await?;
+            if json {
+                output::json(&rooms);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = rooms
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.to_string(),
+                        r.state.to_string(),
+                        r.firewall.to_string(),
+                        r.wan.to_string(),
+                        r.domain.clone(),
+                        r.exposes.len().to_string(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["NAME", "STATE", "FIREWALL", "WAN", "DOMAIN", "EXPOSES"],
+                &rows,
+            );
+        }
+        RoomOp::Inspect { name } => {
+            let room = client.room(name).await?;
+            if json {
+                output::json(&room);
+            } else {
+                show_room(client, &room).await?;
+            }
+        }
+        RoomOp::Rm { name, force } => client.remove_room(name, *force).await?,
+        RoomOp::Expose {
+            name,
+            port,
+            to,
+            proto,
+        } => {
+            let (instance, to_port) = to
+                .split_once(':')
+                .and_then(|(i, p)| Some((Name::new(i).ok()?, p.parse::<u16>().ok()?)))
+                .with_context(|| format!("--to {to:?}: use INSTANCE:PORT, e.g. web1:80"))?;
+            let room = client
+                .expose(
+                    name,
+                    &Expose {
+                        port: *port,
+                        proto: *proto,
+                        to: instance,
+                        to_port,
+                    },
+                )
+                .await?;
+            if json {
+                output::json(&room);
+            }
+        }
+        RoomOp::Unexpose { name, port, proto } => {
+            let room = client.unexpose(name, *proto, *port).await?;
+            if json {
+                output::json(&room);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn show_plan(plan: &RoomPlan, json: bool) {
+    if json {
+        output::json(plan);
+        return;
+    }
+    if plan.changes.is_empty() {
+        println!("room {}: no changes", plan.room);
+        return;
+    }
+    for c in &plan.changes {
+        println!("{} {} {}", c.op.sign(), c.what, c.detail);
+    }
+    if plan.applied {
+        println!("room {}: {} changes applied", plan.room, plan.changes.len());
+    } else {
+        println!(
+            "room {}: {} changes (dry run, nothing changed)",
+            plan.room,
+            plan.changes.len()
+        );
+    }
+}
+
+async fn show_room(client: &Client, room: &Room) -> Result<()> {
+    println!("room      {} ({})", room.name, room.state);
+    println!("firewall  {} (wan on {})", room.firewall, room.wan);
+    println!("networks  lan {}, dmz {}", room.lan, room.dmz);
+    println!("domain    {}", room.domain);
+    let topology = client.topology(Some(room.name.as_str())).await?;
+    println!("instances:");
+    for i in &topology.instances {
+        let nics: Vec<String> = i
+            .nics
+            .iter()
+            .filter(|n| n.network == room.lan.as_str() || n.network == room.dmz.as_str())
+            .map(|n| format!("{} {}", n.network, n.ip.as_deref().unwrap_or("l2")))
+            .collect();
+        println!(
+            "  {:<16} {:<10} {} [{}]",
+            i.name,
+            i.image,
+            nics.join(", "),
+            i.state
+        );
+    }
+    println!("exposes:");
+    for e in &room.exposes {
+        println!(
+            "  {}/{} -> {}:{}",
+            e.proto.as_str(),
+            e.port,
+            e.to,
+            e.to_port
+        );
+    }
+    Ok(())
+}
+
+pub async fn topology(
+    client: &Client,
+    room: Option<&str>,
+    format: TopologyFormat,
+    json: bool,
+) -> Result<()> {
+    let topology = client.topology(room).await?;
+    match (json, format) {
+        (true, _) | (_, TopologyFormat::Json) => output::json(&topology),
+        (_, TopologyFormat::Text) => print!("{}", topology.to_text()),
+        (_, TopologyFormat::Dot) => print!("{}", topology.to_dot()),
+        (_, TopologyFormat::Svg) => {
+            let mut dot = Command::new("dot")
+                .arg("-Tsvg")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::inherit())
+                .spawn()
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot run Graphviz's dot ({e}): install the graphviz package, or use --format dot")
+                })?;
+            dot.stdin
+                .take()
+                .context("dot's stdin")?
+                .write_all(topology.to_dot().as_bytes())?;
+            if !dot.wait()?.success() {
+                bail!("dot failed to render the topology");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `run --room R --segment S` puts the instance's NIC on the room's network.
+pub async fn room_nic(
+    client: &Client,
+    room: &str,
+    segment: vroom_types::Segment,
+) -> Result<vroom_types::NicSpec> {
+    let room = client.room(room).await?;
+    Ok(vroom_types::NicSpec {
+        network: room.network(segment).clone(),
+        ip: None,
+        role: None,
+    })
+}
+
+/// Parses `tcp` or `udp`.
+pub fn parse_proto(raw: &str) -> Result<Protocol, String> {
+    match raw {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(format!("invalid protocol {raw:?}: tcp or udp")),
+    }
+}
