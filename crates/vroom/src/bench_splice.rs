@@ -58,9 +58,13 @@ print("%d %f" % (n, time.time() - t))
 
 /// One HTTP GET of `/` from the host, answered within 200 ms.
 fn http_ok(ip: Ipv4Addr) -> bool {
+    http_ok_on(ip, 80)
+}
+
+fn http_ok_on(ip: Ipv4Addr, port: u16) -> bool {
     use std::io::{Read, Write};
     let timeout = Duration::from_millis(200);
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&(ip, 80).into(), timeout) else {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&(ip, port).into(), timeout) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(timeout));
@@ -168,7 +172,7 @@ pub async fn splice(data_dir: &Path, runs: usize) -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let client = crate::cli::connect(data_dir).await?;
-    for image in ["web", "l2-firewall"] {
+    for image in ["web", "l2-firewall", "firewall"] {
         crate::cli::build_from_catalog_if_missing(&client, image, true).await?;
     }
     let tag = std::process::id() % 10000;
@@ -227,7 +231,8 @@ pub async fn splice(data_dir: &Path, runs: usize) -> Result<()> {
             web_ip,
         };
         bench.until_ok(Instant::now())?;
-        run_all(&bench, &web, &network.name, runs).await
+        run_all(&bench, &web, &network.name, runs).await?;
+        rooms(&client, &network.name, runs.min(3)).await
     }
     .await;
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
@@ -365,4 +370,81 @@ fn nic(network: &Name, role: Option<&str>) -> NicSpec {
         ip: None,
         role: role.map(|r| Name::new(r).expect("invariant: valid role")),
     }
+}
+
+/// Room create-to-serving: `room create`, a web server in its dmz and a port
+/// exposed, until the host gets the page through the firewall's wan address;
+/// against `vroom run` of the web server alone to its first answer.
+async fn rooms(client: &Client, wan: &Name, runs: usize) -> Result<()> {
+    use vroom_types::{Expose, Protocol, RoomSpec, Segment};
+    let (mut room_ms, mut web_ms) = (vec![], vec![]);
+    let tag = std::process::id() % 1000;
+    for i in 0..runs {
+        let web = format!("bsw{tag}x{i}");
+        let started = Instant::now();
+        let instance = client
+            .run(&run_request(&web, "web", vec![nic(wan, None)])?)
+            .await?;
+        let ip = instance.nics[0].ip.context("the web VM has no address")?;
+        wait_http(ip, 80)?;
+        web_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        client.remove(&web, true).await?;
+
+        let name = Name::new(&format!("bsr{tag}x{i}"))?;
+        let started = Instant::now();
+        let room = client
+            .create_room(&RoomSpec {
+                name: name.clone(),
+                wan: Some(wan.clone()),
+            })
+            .await?;
+        client
+            .run(&run_request(
+                &web,
+                "web",
+                vec![nic(room.network(Segment::Dmz), None)],
+            )?)
+            .await?;
+        client
+            .expose(
+                name.as_str(),
+                &Expose {
+                    port: 8080,
+                    proto: Protocol::Tcp,
+                    to: Name::new(&web)?,
+                    to_port: 80,
+                },
+            )
+            .await?;
+        let fw = client.get(room.firewall.as_str()).await?;
+        let wan_ip = fw.nics[0].ip.context("the firewall has no wan address")?;
+        wait_http(wan_ip, 8080)?;
+        room_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        client.remove_room(name.as_str(), true).await?;
+    }
+    println!("room create to serving, {runs} runs (room create, a web server in its dmz, a port exposed, until the host gets the page through the firewall):");
+    println!(
+        "  room                                     median {:>6.0} ms  p90 {:>6.0} ms",
+        median(&room_ms),
+        p90(&room_ms)
+    );
+    println!(
+        "  baseline: vroom run web to its page      median {:>6.0} ms  p90 {:>6.0} ms  (ratio {:.2}x)",
+        median(&web_ms),
+        p90(&web_ms),
+        median(&room_ms) / median(&web_ms)
+    );
+    Ok(())
+}
+
+/// Polls `http://ip:port/` from the host until it answers 200 (120 s at most).
+fn wait_http(ip: Ipv4Addr, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !http_ok_on(ip, port) {
+        if Instant::now() > deadline {
+            bail!("no HTTP answer from {ip}:{port} within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }

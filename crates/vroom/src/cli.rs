@@ -834,12 +834,15 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                     n.subnet.to_string(),
                     n.gateway.to_string(),
                     n.bridge.clone(),
-                    match (n.isolated, n.nat) {
-                        (true, _) => "isolated",
-                        (false, true) => "nat",
-                        (false, false) => "host",
-                    }
-                    .into(),
+                    format!(
+                        "{}{}",
+                        match (n.isolated, n.nat) {
+                            (true, _) => "isolated",
+                            (false, true) => "nat",
+                            (false, false) => "host",
+                        },
+                        if n.mirror { ",mirror" } else { "" }
+                    ),
                 ]
             },
         ),
@@ -861,7 +864,12 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                         i.nics
                             .iter()
                             .filter(|nic| nic.network == n.name)
-                            .map(|nic| format!("{} ({})", i.spec.name, nic.shown_ip()))
+                            .map(|nic| match &nic.role {
+                                Some(role) => {
+                                    format!("{} ({role} {})", i.spec.name, nic.shown_ip())
+                                }
+                                None => format!("{} ({})", i.spec.name, nic.shown_ip()),
+                            })
                             .collect::<Vec<_>>()
                     })
                     .collect();

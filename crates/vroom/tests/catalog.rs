@@ -6,48 +6,13 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{fetch, host, poll, random_subnet, recipe, resolve, Env};
+use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, Env};
 
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
     let out = env.ok(&["--json", "image", "build", &recipe(name)]);
     serde_json::from_str::<vroom_types::BuildReport>(&out)
         .unwrap()
         .image
-}
-
-/// Runs busybox udhcpc in a namespace; its hook applies the lease and records
-/// the lease's fields (`ip`, `router`, `dns`).
-fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String> {
-    let hook = env.dir.join(format!("udhcpc-{ns}.sh"));
-    let lease_file = env.dir.join(format!("lease-{ns}"));
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route replace default via \"${{router%% *}}\"\n  echo \"ip=$ip router=$router dns=$dns\" > {}\n;; esac\n",
-            lease_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let dhcp = env.run_in(
-        ns,
-        &format!(
-            "busybox udhcpc -i eth0 -q -n -t 10 -T 1 -s {}",
-            hook.display()
-        ),
-    );
-    let lease = std::fs::read_to_string(&lease_file).unwrap_or_else(|_| {
-        panic!(
-            "no DHCP lease: {}{}",
-            String::from_utf8_lossy(&dhcp.stdout),
-            String::from_utf8_lossy(&dhcp.stderr)
-        )
-    });
-    lease
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 /// The firewall: a lan client gets a DHCP lease and DNS from it and reaches a

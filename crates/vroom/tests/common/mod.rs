@@ -570,3 +570,38 @@ pub fn kill_during(env: &Env, method: &str, path: &str, body: String, delay: Dur
     let _ = sender.join();
     env.start_daemon();
 }
+
+/// Runs busybox udhcpc in a namespace; its hook applies the lease and records
+/// the lease's fields (`ip`, `router`, `dns`).
+pub fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String> {
+    let hook = env.dir.join(format!("udhcpc-{ns}.sh"));
+    let lease_file = env.dir.join(format!("lease-{ns}"));
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  ip addr add \"$ip/$mask\" dev \"$interface\"\n  ip route replace default via \"${{router%% *}}\"\n  echo \"ip=$ip router=$router dns=$dns\" > {}\n;; esac\n",
+            lease_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dhcp = env.run_in(
+        ns,
+        &format!(
+            "busybox udhcpc -i eth0 -q -n -t 10 -T 1 -s {}",
+            hook.display()
+        ),
+    );
+    let lease = std::fs::read_to_string(&lease_file).unwrap_or_else(|_| {
+        panic!(
+            "no DHCP lease: {}{}",
+            String::from_utf8_lossy(&dhcp.stdout),
+            String::from_utf8_lossy(&dhcp.stderr)
+        )
+    });
+    lease
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
