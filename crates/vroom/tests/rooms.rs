@@ -313,7 +313,10 @@ fn a_daemon_killed_inside_room_create_or_rm_leaves_all_or_nothing() {
         }
     };
     let body = r#"{"name":"rk","wan":"wan"}"#;
-    for delay_ms in [200, 1500, 4000] {
+    // The last create finishes before the kill, so each rm delay meets a
+    // whole room at least once.
+    let mut whole = 0;
+    for (delay_ms, rm_delay_ms) in [(200, 50), (1500, 300), (4000, 800), (20000, 150)] {
         let context = format!("killed {delay_ms} ms into room create");
         common::kill_during(
             &env,
@@ -323,19 +326,21 @@ fn a_daemon_killed_inside_room_create_or_rm_leaves_all_or_nothing() {
             Duration::from_millis(delay_ms),
         );
         if settled(&context) {
-            let context = format!("killed {delay_ms} ms into room rm");
+            whole += 1;
+            let context = format!("killed {rm_delay_ms} ms into room rm");
             common::kill_during(
                 &env,
                 "DELETE",
                 "/v1/rooms/rk?force=true",
                 String::new(),
-                Duration::from_millis(delay_ms / 2),
+                Duration::from_millis(rm_delay_ms),
             );
             if settled(&context) {
                 env.ok(&["room", "rm", "--force", "rk"]);
             }
         }
     }
+    assert!(whole > 0, "some create finished, so rm was killed too");
     assert!(!settled("at the end"));
     env.ok(&["net", "rm", "wan"]);
     env.assert_nothing_left("rooms removed");
