@@ -1097,6 +1097,38 @@ mod tests {
         }
     }
 
+    /// A VM restarted while spliced comes back behind its splice, and an
+    /// appliance restarted comes back in the path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restarts_come_back_wired_behind_the_splice() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let lan = t.engine.network("lan").unwrap().bridge;
+        let splice = t.engine.splice(request("bump")).await.unwrap();
+        let web_tap = tap(&t, "web", 0);
+        t.net.attached.lock().unwrap().remove(&web_tap);
+        t.engine
+            .action("web", vroom_types::InstanceAction::Restart)
+            .await
+            .unwrap();
+        assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment.clone()));
+        let outside = tap(&t, "web-bump", 0);
+        t.net.attached.lock().unwrap().remove(&outside);
+        t.engine
+            .action("web-bump", vroom_types::InstanceAction::Restart)
+            .await
+            .unwrap();
+        wait(&t, "web-bump", |i| i.status.state == InstanceState::Running).await;
+        for _ in 0..200 {
+            if bridge_of(&t, &outside).is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(bridge_of(&t, &outside), Some(lan));
+        assert_eq!(bridge_of(&t, &tap(&t, "web-bump", 1)), Some(splice.segment));
+    }
+
     /// Two appliances stack in front of one NIC; unsplicing the outer one
     /// closes the gap.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
