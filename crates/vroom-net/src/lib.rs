@@ -68,6 +68,30 @@ impl NetlinkNetwork {
             .map_err(fail(format!("pin the address of {bridge}")))
     }
 
+    /// Creates a bridge with these options and returns its index.
+    async fn add_bridge(
+        &self,
+        bridge: &str,
+        options: Vec<InfoBridge>,
+    ) -> Result<u32, NetworkBackendError> {
+        let mut add = self.handle.link().add().name(bridge.to_string());
+        add.message_mut()
+            .attributes
+            .push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(options)),
+            ]));
+        add.execute()
+            .await
+            .map_err(fail(format!("create bridge {bridge}")))?;
+        self.link_index(bridge)
+            .await
+            .ok_or_else(|| NetworkBackendError::Failed {
+                action: format!("create bridge {bridge}"),
+                reason: "it vanished after creation".into(),
+            })
+    }
+
     async fn link_index(&self, name: &str) -> Option<u32> {
         let mut links = self
             .handle
@@ -312,28 +336,12 @@ impl NetworkBackend for NetlinkNetwork {
                 name: bridge.clone(),
             });
         }
-        let mut add = self.handle.link().add().name(bridge.clone());
         let mut options = vec![];
         if network.mirror {
             // No learning: every frame is flooded to every port, like a hub.
             options.push(InfoBridge::AgeingTime(0));
         }
-        add.message_mut()
-            .attributes
-            .push(LinkAttribute::LinkInfo(vec![
-                LinkInfo::Kind(InfoKind::Bridge),
-                LinkInfo::Data(InfoData::Bridge(options)),
-            ]));
-        add.execute()
-            .await
-            .map_err(fail(format!("create bridge {bridge}")))?;
-        let index = self
-            .link_index(bridge)
-            .await
-            .ok_or_else(|| NetworkBackendError::Failed {
-                action: format!("create bridge {bridge}"),
-                reason: "it vanished after creation".into(),
-            })?;
+        let index = self.add_bridge(bridge, options).await?;
         if !network.isolated {
             self.handle
                 .address()
@@ -474,25 +482,10 @@ impl NetworkBackend for NetlinkNetwork {
     }
 
     async fn create_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
-        if self.link_index(bridge).await.is_none() {
-            let mut add = self.handle.link().add().name(bridge.to_string());
-            add.message_mut()
-                .attributes
-                .push(LinkAttribute::LinkInfo(vec![
-                    LinkInfo::Kind(InfoKind::Bridge),
-                    LinkInfo::Data(InfoData::Bridge(vec![])),
-                ]));
-            add.execute()
-                .await
-                .map_err(fail(format!("create segment {bridge}")))?;
-        }
-        let index = self
-            .link_index(bridge)
-            .await
-            .ok_or_else(|| NetworkBackendError::Failed {
-                action: format!("create segment {bridge}"),
-                reason: "it vanished after creation".into(),
-            })?;
+        let index = match self.link_index(bridge).await {
+            Some(index) => index,
+            None => self.add_bridge(bridge, vec![]).await?,
+        };
         // No address of the host's, and no IPv6 either: the host is not on
         // a segment, it only carries frames between its two ports.
         let _ = std::fs::write(

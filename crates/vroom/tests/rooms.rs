@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, Env};
+use common::{dhcp_lease, fetch, poll, random_subnet, recipe, resolve, Env};
 use vroom_types::{Room, RoomPlan};
 
 fn build(env: &Env, name: &str) {
@@ -66,14 +66,7 @@ fn rooms_are_isolated_and_serve_their_tenants() {
     let fw_a = ip_of(&env, "ra-fw", 0);
     let fw_b = ip_of(&env, "rb-fw", 0);
     let (web1, web2) = (ip_of(&env, "web1", 0), ip_of(&env, "web2", 0));
-    let outside = env.namespace_on(
-        "out",
-        "wan",
-        Some((
-            &format!("{}/24", host(&wan, 200)),
-            &host(&wan, 1).to_string(),
-        )),
-    );
+    let outside = env.client_on("out", "wan", &wan);
     // Only through the exposed port.
     let page = poll(Duration::from_secs(20), || {
         let (rc, body) = fetch(&env, &outside, &format!("http://{fw_a}:8080/"));
@@ -211,14 +204,7 @@ fn room_apply_converges_and_changes_only_what_changed() {
     let plan = apply(false);
     assert!(plan.applied, "{plan:?}");
     let fw = ip_of(&env, "rc-fw", 0);
-    let outside = env.namespace_on(
-        "out",
-        "wan",
-        Some((
-            &format!("{}/24", host(&wan, 200)),
-            &host(&wan, 1).to_string(),
-        )),
-    );
+    let outside = env.client_on("out", "wan", &wan);
     let page = poll(Duration::from_secs(20), || {
         let (rc, body) = fetch(&env, &outside, &format!("http://{fw}:8080/"));
         (rc == 0).then_some(body)

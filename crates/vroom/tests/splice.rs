@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{host, poll, random_subnet, recipe, Env};
+use common::{poll, random_subnet, recipe, Env};
 use vroom_types::{Splice, SpliceState};
 
 fn build(env: &Env, name: &str) {
@@ -186,14 +186,7 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
     let web_pid = web.status.pid.unwrap();
     let web_tap = web.nics[0].tap.clone();
     let bridge = env.network("lan").bridge;
-    let client = env.namespace_on(
-        "cl",
-        "lan",
-        Some((
-            &format!("{}/24", host(&lan, 200)),
-            &host(&lan, 1).to_string(),
-        )),
-    );
+    let client = env.client_on("cl", "lan", &lan);
     let t0 = Instant::now();
     let flow = LoopClient::start(&env, &client, web_ip);
     assert!(flow.wait_ok(Duration::from_secs(20)), "the web VM serves");
@@ -378,14 +371,7 @@ fn sniffers_inline_and_mirrored_capture_the_traffic() {
     // A capture sink on a plain network: fed only by `vroom mirror`.
     env.ok(&["run", "sniffer", "--name", "tap", "--net", "lan"]);
     let web_ip = env.instance("web1").nics[0].ip.unwrap();
-    let client = env.namespace_on(
-        "cl",
-        "lan",
-        Some((
-            &format!("{}/24", host(&lan, 200)),
-            &host(&lan, 1).to_string(),
-        )),
-    );
+    let client = env.client_on("cl", "lan", &lan);
 
     let err = env.fail(&["mirror", "web1", "--to", "lan"]);
     assert!(err.contains("lan"), "{err}");

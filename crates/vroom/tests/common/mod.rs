@@ -300,6 +300,19 @@ impl Env {
         ns
     }
 
+    /// A client namespace on a vroom network of `subnet` (a /24): address
+    /// `.200`, default route via `.1`.
+    pub fn client_on(&self, name: &str, network: &str, subnet: &str) -> String {
+        self.namespace_on(
+            name,
+            network,
+            Some((
+                &format!("{}/24", host(subnet, 200)),
+                &host(subnet, 1).to_string(),
+            )),
+        )
+    }
+
     /// Runs a shell command in a namespace and returns its output.
     pub fn run_in(&self, ns: &str, cmd: &str) -> Output {
         Command::new("ip")
