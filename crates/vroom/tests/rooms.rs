@@ -133,6 +133,8 @@ fn rooms_are_isolated_and_serve_their_tenants() {
         .ok(&["config", "ra-fw", "get", "hosts"])
         .contains("web3.ra.lan"));
 
+    let err = env.fail(&["rm", "-f", "ra-fw"]);
+    assert!(err.contains("room ra's firewall"), "{err}");
     let err = env.fail(&["room", "rm", "ra"]);
     assert!(err.contains("web3") && err.contains("--force"), "{err}");
     let topology = env.ok(&["topology", "ra"]);

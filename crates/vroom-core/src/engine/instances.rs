@@ -510,6 +510,16 @@ impl Engine {
         if let Some(reason) = self.splice_blocking_removal(name) {
             return Err(OpError::conflict(format!("cannot remove {name}: {reason}")));
         }
+        if let Some(room) = self
+            .list_rooms()
+            .into_iter()
+            .find(|r| r.firewall.as_str() == name && r.state == vroom_types::RoomState::Ready)
+        {
+            return Err(OpError::conflict(format!(
+                "cannot remove {name}: it is room {}'s firewall; `vroom room rm {}` removes the room",
+                room.name, room.name
+            )));
+        }
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         self.drop_mirrors_of(name).await;
         blocking(|| self.store.delete_instance(name))
