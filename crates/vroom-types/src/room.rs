@@ -89,12 +89,14 @@ pub struct RoomSpec {
 pub struct Expose {
     /// The port on the firewall's wan address.
     #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "crate::json_int::required")]
     pub port: u16,
     #[serde(default)]
     pub proto: Protocol,
     /// The room instance it reaches (its address is looked up, and followed).
     pub to: Name,
     #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "crate::json_int::required")]
     pub to_port: u16,
 }
 
@@ -165,7 +167,11 @@ pub struct RoomInstance {
     pub image: String,
     pub segment: Segment,
     /// Guest memory in MiB; the image's default when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::json_int::optional"
+    )]
     #[schema(minimum = 128, maximum = 1073741824)]
     pub mem_mib: Option<u64>,
     /// Config keys to set (the others keep the image's defaults).

@@ -176,7 +176,10 @@ pub enum Command {
     },
     /// Take a spliced appliance out of the path (the VM's NIC goes back where
     /// it was) and remove it, or stop it if it existed before the splice.
-    Unsplice { appliance: String },
+    Unsplice {
+        /// The spliced appliance's instance name.
+        appliance: String,
+    },
     /// List splices, their state and last event.
     Splices,
     /// Server rooms: per-tenant networks behind a firewall.
@@ -189,12 +192,14 @@ pub enum Command {
     Topology {
         /// Only this room.
         room: Option<String>,
+        /// text, dot (Graphviz), svg (through Graphviz's dot) or json.
         #[arg(long, value_enum, default_value = "text")]
         format: TopologyFormat,
     },
     /// Stream a live pcap from a sniffer (inline or fed by a mirror) to
     /// stdout: `vroom capture snf | tshark -r -`.
     Capture {
+        /// The sniffer's instance name.
         name: String,
         /// A pcap-filter expression.
         #[arg(long)]
@@ -206,6 +211,7 @@ pub enum Command {
     /// Copy a VM NIC's traffic, both directions, to a capture appliance
     /// (tc mirred from the VM's tap; the VM's path is unchanged).
     Mirror {
+        /// The VM and its NIC (a role or an index from 0; the first NIC by default).
         #[arg(value_name = "VM[:NIC]")]
         source: vroom_types::NicRef,
         /// The capture appliance and its sink NIC.
@@ -217,8 +223,10 @@ pub enum Command {
     },
     /// Stop mirroring a VM's NIC (to one appliance with --to).
     Unmirror {
+        /// The VM and its NIC (all its NICs when absent).
         #[arg(value_name = "VM[:NIC]")]
         source: vroom_types::NicRef,
+        /// Only the mirror to this appliance.
         #[arg(long)]
         to: Option<vroom_types::Name>,
     },
@@ -291,6 +299,7 @@ pub enum RoomOp {
     },
     /// Create or converge a room from a TOML file; shows what it changes.
     Apply {
+        /// The room file (TOML; see docs/rooms.md).
         file: PathBuf,
         /// Only show what would change.
         #[arg(long)]
@@ -299,29 +308,40 @@ pub enum RoomOp {
     /// List rooms.
     Ls,
     /// Show a room: its firewall, networks, instances and exposes.
-    Inspect { name: String },
+    Inspect {
+        /// The room's name.
+        name: String,
+    },
     /// Remove a room; refused while it has instances unless --force.
     Rm {
+        /// The room's name.
         name: String,
+        /// Remove its instances too (unsplicing what is spliced in front of them).
         #[arg(long, short)]
         force: bool,
     },
     /// Forward a port of the firewall's wan address to a room instance.
     Expose {
+        /// The room's name.
         name: String,
+        /// The port on the firewall's wan address.
         #[arg(long)]
         port: u16,
         /// INSTANCE:PORT.
         #[arg(long, value_name = "INSTANCE:PORT")]
         to: String,
+        /// tcp or udp.
         #[arg(long, default_value = "tcp", value_parser = room::parse_proto)]
         proto: vroom_types::Protocol,
     },
     /// Remove a port forward.
     Unexpose {
+        /// The room's name.
         name: String,
+        /// The exposed port.
         #[arg(long)]
         port: u16,
+        /// tcp or udp.
         #[arg(long, default_value = "tcp", value_parser = room::parse_proto)]
         proto: vroom_types::Protocol,
     },
@@ -471,6 +491,7 @@ pub enum BenchOp {
     /// against `vroom run` of the appliance, a running flow's failed
     /// requests and retransmits, throughput against the direct path.
     Splice {
+        /// Splices and unsplices (room timings: at most 3).
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },

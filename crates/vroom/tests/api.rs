@@ -465,6 +465,9 @@ fn schemathesis_finds_no_failures_in_the_openapi_document() {
             // depth mismatch" when two threads parse source at once.
             .args(["--workers", "1"])
             .args(["--request-timeout", "60"])
+            // Creating a room or a splice boots an appliance (5 to 15 s
+            // under TCG on this machine).
+            .args(["--max-response-time", "60"])
             .args(["--max-failures", "20"])
             .arg("--report-dir")
             .arg(&report)

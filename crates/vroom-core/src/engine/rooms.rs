@@ -249,10 +249,10 @@ impl Engine {
             .iter()
             .any(|i| i.spec.name == expose.to)
         {
-            return Err(OpError::new(
-                ErrorCode::NotFound,
-                format!("room {name} has no instance {}", expose.to),
-            ));
+            return Err(OpError::conflict(format!(
+                "room {name} has no instance {}",
+                expose.to
+            )));
         }
         if let Some(taken) = room
             .exposes
@@ -384,7 +384,7 @@ impl Engine {
         for key in file.firewall.keys() {
             if ROOM_KEYS.contains(&key.as_str()) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "firewall key {key} is set by the room (from its instances and exposes)"
                     ),
@@ -396,7 +396,7 @@ impl Engine {
             e.check()?;
             if !file.instances.contains_key(&e.to) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "expose {}/{} goes to {}, which is not an instance of the room",
                         e.proto.as_str(),
@@ -407,7 +407,7 @@ impl Engine {
             }
             if !seen.insert((e.proto, e.port)) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!("expose {}/{} is given twice", e.proto.as_str(), e.port),
                 ));
             }
@@ -712,7 +712,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert_eq!(err.code, ErrorCode::NotFound);
+        assert_eq!(err.code, ErrorCode::NotFound, "no such room");
     }
 
     /// A room a daemon died creating or removing is removed by the next one.
