@@ -53,6 +53,27 @@ pub enum HostCommand {
     ExecCredit { session: u64, chunks: u32 },
     /// Kill a session's process group and end it. Not answered.
     ExecKill { session: u64 },
+    /// Before a snapshot: stop every service (SIGSTOP to its process group;
+    /// the reaper restarts nothing while frozen) and flush the config
+    /// volume, so that the saved memory and volume agree and a copy restored
+    /// from them runs nothing of the appliance's before [`HostCommand::Resume`].
+    /// Answered with [`GuestReply::Frozen`]. Idempotent.
+    Freeze,
+    /// After a snapshot, a restore or a clone: mix `entropy` into the kernel
+    /// RNG and reseed it (`RNDADDENTROPY`, then `RNDRESEEDCRNG`), set the
+    /// clock to `unix_ms`; when `reload_volume`, remount the config volume
+    /// (the host replaced it) and take on the identity and config it holds
+    /// (hostname, machine id, NIC MACs, names and addresses announced by
+    /// gratuitous ARP, templates re-rendered, services restarted, the
+    /// recipe's `on_clone` hook run); then continue the services. Answered
+    /// with [`GuestReply::Resumed`]. Resuming a guest that is not frozen
+    /// still reseeds and sets the clock.
+    Resume {
+        #[serde(with = "base64_bytes")]
+        entropy: Vec<u8>,
+        unix_ms: u64,
+        reload_volume: bool,
+    },
 }
 
 /// Guest → host.
@@ -103,6 +124,13 @@ pub enum GuestReply {
     },
     /// An `ExecStdin` chunk is in the command's stdin pipe.
     StdinWritten,
+    /// Services are stopped and the config volume is flushed.
+    Frozen,
+    /// Services run again; `identity_changed` when a reloaded volume gave
+    /// the guest a new hostname, machine id or NICs.
+    Resumed {
+        identity_changed: bool,
+    },
 }
 
 /// Lower-case hex, for file chunks inside JSON.
@@ -141,6 +169,9 @@ pub struct HealthReport {
     /// not become ready until a config that works is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
+    /// Services are stopped by [`HostCommand::Freeze`]; not ready until resumed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

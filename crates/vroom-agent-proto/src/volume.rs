@@ -34,6 +34,9 @@ pub struct InstanceFile {
     pub version: u32,
     pub hostname: String,
     pub nics: Vec<NicConfig>,
+    /// 32 lower-case hex digits, unique per instance (`/etc/machine-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
 }
 
 /// One NIC, matched in the guest by its MAC address.

@@ -243,6 +243,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                             services: vec![],
                             config: lock(&config).clone(),
                             config_error: None,
+                            frozen: false,
                         }),
                         HostCommand::ApplyConfig { values } => {
                             if values.values().any(|v| v == REJECTED_VALUE) {

@@ -96,6 +96,10 @@ pub struct Recipe {
     /// Cross-field rules of the config schema, e.g. `dhcp_first <= dhcp_last`.
     #[serde(default)]
     pub config_rules: Vec<ConfigRule>,
+    /// A command (argv, `argv[0]` absolute) run in a clone before its
+    /// services continue, e.g. to regenerate keys a copy must not share.
+    #[serde(default)]
+    pub on_clone: Vec<String>,
 }
 
 fn default_writable() -> Vec<String> {
@@ -316,6 +320,7 @@ impl LoadedRecipe {
                 .filter_map(|(k, f)| Some((k.clone(), f.default_string()?)))
                 .collect::<ConfigValues>(),
             nic_roles: r.nics.clone(),
+            on_clone: r.on_clone.clone(),
             writable: r.writable.clone(),
             templates: self.templates.clone(),
             services: r

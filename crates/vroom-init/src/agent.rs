@@ -119,6 +119,9 @@ fn handle(state: &Supervisor, sessions: &Sessions, request: Request, writer: &Ar
             Err(ApplyConfigError::Failed(message)) => GuestReply::Error { message },
         },
         HostCommand::Shutdown => GuestReply::ShuttingDown,
+        HostCommand::Freeze | HostCommand::Resume { .. } => GuestReply::Error {
+            message: "this vroom-init cannot freeze or resume yet".into(),
+        },
         HostCommand::ReadFile { path, offset, len } => match read_chunk(&path, offset, len) {
             Ok((bytes, size)) => GuestReply::FileChunk {
                 hex: to_hex(&bytes),

@@ -280,6 +280,7 @@ impl Supervisor {
             services,
             config,
             config_error,
+            frozen: false,
         }
     }
 

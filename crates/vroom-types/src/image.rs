@@ -102,6 +102,11 @@ pub struct ApplianceSpec {
     /// Cross-field rules of the config schema (e.g. `dhcp_first <= dhcp_last`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_rules: Vec<ConfigRule>,
+    /// A command run (to completion, before the services continue) when the
+    /// appliance wakes as a clone with a new identity: to regenerate keys
+    /// or anything else a copy must not share.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_clone: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -271,6 +271,7 @@ mod tests {
                 prefix_len: 24,
                 gateway: Some("10.0.0.1".into()),
             }],
+            machine_id: Some("0123456789abcdef0123456789abcdef".into()),
         }
     }
 

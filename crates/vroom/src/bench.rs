@@ -228,6 +228,7 @@ async fn raw_boot(
             prefix_len: 24,
             gateway: None,
         }],
+        machine_id: None,
     };
     vroom_volume::create(
         &dir.path().join("config.img"),

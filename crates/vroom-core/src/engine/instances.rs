@@ -570,7 +570,15 @@ fn action_verb(action: InstanceAction) -> &'static str {
     }
 }
 
-fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
+/// A machine id (32 hex digits) derived from the instance id: stable for
+/// the instance, different for every clone.
+pub(super) fn machine_id(instance_id: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("vroom-machine-id:{instance_id}"));
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(super) fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
     let roles = &image.manifest.appliance.nic_roles;
     InstanceFile {
         version: VOLUME_VERSION,
@@ -587,5 +595,6 @@ fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
                 gateway: Some(nic.gateway.to_string()),
             })
             .collect(),
+        machine_id: Some(machine_id(&instance.id)),
     }
 }
