@@ -288,6 +288,34 @@ impl AgentClient {
         }
     }
 
+    /// Stops the guest's services and flushes its config volume (before a snapshot).
+    pub async fn freeze(&self, timeout: Duration) -> Result<(), AgentError> {
+        match self.call(HostCommand::Freeze, timeout).await? {
+            GuestReply::Frozen => Ok(()),
+            other => Err(unexpected(other, "freeze")),
+        }
+    }
+
+    /// Reseeds the guest's RNG from the host's, sets its clock and lets its
+    /// services continue; with `reload_volume`, after taking on the
+    /// identity and config of its (replaced) config volume. Returns whether
+    /// the identity changed.
+    pub async fn resume(&self, reload_volume: bool, timeout: Duration) -> Result<bool, AgentError> {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let command = HostCommand::Resume {
+            entropy: (0..64).map(|_| rand::random::<u8>()).collect(),
+            unix_ms,
+            reload_volume,
+        };
+        match self.call(command, timeout).await? {
+            GuestReply::Resumed { identity_changed } => Ok(identity_changed),
+            other => Err(unexpected(other, "resume")),
+        }
+    }
+
     /// Up to [`MAX_READ_CHUNK`] bytes of a regular file from `offset`.
     pub async fn read_file(
         &self,

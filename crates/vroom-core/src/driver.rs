@@ -30,6 +30,9 @@ pub struct LaunchSpec {
     /// Where the VMM serves the serial console as a listening unix socket;
     /// vroomd connects and writes the console log itself.
     pub console_socket: PathBuf,
+    /// Start paused, waiting for a saved state ([`VmDriver::load_state`])
+    /// instead of booting.
+    pub incoming: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,4 +106,44 @@ pub trait VmDriver: Send + Sync {
 
     /// Ends the process at once.
     fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+
+    /// Blocking. Pauses the VM if it runs and writes its memory and device
+    /// state to `out`; returns the bytes written. The VM stays paused until
+    /// [`VmDriver::resume`].
+    fn save_state(
+        &self,
+        process: &VmProcess,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, ControlVmError>;
+
+    /// Blocking. Feeds a VM launched with `incoming` the state read from
+    /// `input`; it stays paused until [`VmDriver::resume`].
+    fn load_state(
+        &self,
+        process: &VmProcess,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<u64, ControlVmError>;
+
+    /// Blocking. Lets a paused VM run.
+    fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+
+    /// Blocking. What the VMM is doing.
+    fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError>;
+
+    /// Names the machine a saved state fits (VMM version, device layout,
+    /// accelerator): a state saved on another machine is not loaded.
+    fn machine(&self, accel: Accel) -> String;
+}
+
+/// What a VMM is doing, as far as snapshots care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmRunState {
+    Running,
+    /// Paused, by a snapshot or after writing its state out.
+    Paused,
+    /// Waiting for, or reading, a saved state.
+    Incoming,
+    /// Writing its state out.
+    Saving,
+    Other(String),
 }

@@ -26,6 +26,9 @@ pub struct InstanceRecord {
     /// is restarted rather than failed.
     #[serde(default)]
     pub ever_ready: bool,
+    /// The config an ephemeral instance returns to at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_config: Option<vroom_types::ConfigValues>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +300,7 @@ mod tests {
             process: None,
             ready_timeout_secs: 120,
             ever_ready: false,
+            seed_config: None,
         }
     }
 

@@ -24,7 +24,7 @@ use vroom_types::{
     ImageSummary, KernelRef, Mirror, Network, Room, Splice, MANIFEST_VERSION,
 };
 
-use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
+use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess, VmRunState};
 use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use crate::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use crate::store::{InstanceRecord, StateStore, StateStoreError};
@@ -47,6 +47,11 @@ pub enum GuestBehavior {
 struct FakeVm {
     spec: LaunchSpec,
     alive: watch::Sender<bool>,
+    /// Paused by `save_state` (or started `incoming`) until `resume`.
+    paused: bool,
+    /// The "memory" `save_state` writes: the instance id, repeated; what
+    /// `load_state` read, for a VM started `incoming`.
+    memory: Vec<u8>,
 }
 
 /// A `VmDriver` whose VMs are tasks. Pids count up from 1000.
@@ -113,6 +118,7 @@ impl FakeDriver {
             nics: vec![],
             agent_socket: run_dir.join("agent.sock"),
             console_socket: run_dir.join(crate::console::CONSOLE_SOCKET),
+            incoming: false,
         };
         self.start(spec)
     }
@@ -144,7 +150,17 @@ impl FakeDriver {
             ));
         }
         let alive_tx = alive.clone();
-        lock(&self.vms).insert(pid, FakeVm { spec, alive });
+        let memory = spec.instance_id.as_bytes().repeat(1024);
+        let paused = spec.incoming;
+        lock(&self.vms).insert(
+            pid,
+            FakeVm {
+                spec,
+                alive,
+                paused,
+                memory,
+            },
+        );
         tokio::spawn(async move {
             match behavior {
                 GuestBehavior::PanicAtBoot(after) => {
@@ -257,6 +273,10 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                             }
                         }
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
+                        HostCommand::Freeze => GuestReply::Frozen,
+                        HostCommand::Resume { reload_volume, .. } => GuestReply::Resumed {
+                            identity_changed: reload_volume,
+                        },
                         _ => GuestReply::Error {
                             message: "not supported by the fake guest".into(),
                         },
@@ -336,6 +356,80 @@ impl VmDriver for FakeDriver {
     fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError> {
         self.crash(process.pid);
         Ok(())
+    }
+
+    fn save_state(
+        &self,
+        process: &VmProcess,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, ControlVmError> {
+        let memory = {
+            let mut vms = lock(&self.vms);
+            let vm = fake_vm(&mut vms, process)?;
+            vm.paused = true;
+            vm.memory.clone()
+        };
+        out.write_all(&memory).map_err(fake_control)?;
+        Ok(memory.len() as u64)
+    }
+
+    fn load_state(
+        &self,
+        process: &VmProcess,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<u64, ControlVmError> {
+        let mut memory = vec![];
+        input.read_to_end(&mut memory).map_err(fake_control)?;
+        let mut vms = lock(&self.vms);
+        let vm = fake_vm(&mut vms, process)?;
+        if !vm.spec.incoming {
+            return Err(fake_control("the VM was not started to receive a state"));
+        }
+        vm.memory = memory;
+        Ok(vm.memory.len() as u64)
+    }
+
+    fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        fake_vm(&mut lock(&self.vms), process)?.paused = false;
+        Ok(())
+    }
+
+    fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {
+        let mut vms = lock(&self.vms);
+        let vm = fake_vm(&mut vms, process)?;
+        Ok(if vm.paused && vm.spec.incoming {
+            VmRunState::Incoming
+        } else if vm.paused {
+            VmRunState::Paused
+        } else {
+            VmRunState::Running
+        })
+    }
+
+    fn machine(&self, accel: Accel) -> String {
+        format!("fake/{accel}")
+    }
+}
+
+fn fake_vm<'a>(
+    vms: &'a mut BTreeMap<u32, FakeVm>,
+    process: &VmProcess,
+) -> Result<&'a mut FakeVm, ControlVmError> {
+    vms.get_mut(&process.pid)
+        .filter(|vm| *vm.alive.borrow())
+        .ok_or_else(|| fake_control("the VM is not running"))
+}
+
+fn fake_control(e: impl std::fmt::Display) -> ControlVmError {
+    ControlVmError::Control {
+        reason: e.to_string(),
+    }
+}
+
+impl FakeDriver {
+    /// What a VM holds as its "memory" (see [`VmDriver::save_state`]).
+    pub fn memory_of(&self, pid: u32) -> Option<Vec<u8>> {
+        lock(&self.vms).get(&pid).map(|vm| vm.memory.clone())
     }
 }
 

@@ -163,6 +163,7 @@ mod tests {
                 nics: vec![],
                 accel: AccelChoice::Auto,
                 config_volume_kib: None,
+                ephemeral: false,
             },
             image_id: "x".into(),
             image_name: "x".into(),

@@ -143,9 +143,12 @@ pub fn qemu_args(
         args.extend(add_fd(fd, CONFIG_FDSET));
     }
     args.extend([
-        // writeback cache with flushes passed through: the guest's fsync reaches the host disk.
+        // writeback cache with flushes passed through: the guest's fsync
+        // reaches the host disk. No image locking: vroom alone owns the
+        // file, and QEMU cannot take back its write lock to run again after
+        // writing its state out for a snapshot ("Failed to get write lock").
         "-drive".into(),
-        format!("id=config,file=/dev/fdset/{CONFIG_FDSET},format=raw,if=none,cache=writeback"),
+        format!("id=config,file=/dev/fdset/{CONFIG_FDSET},format=raw,if=none,cache=writeback,file.locking=off"),
         "-device".into(),
         format!("virtio-blk-device,drive=config,serial={CONFIG_DISK_SERIAL}"),
     ]);
@@ -167,6 +170,10 @@ pub fn qemu_args(
         "-mon".into(),
         "chardev=qmp,mode=control".into(),
     ]);
+    if spec.incoming {
+        // Paused, waiting for `migrate-incoming` (see `crate::state`).
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
     args
 }
 
@@ -226,6 +233,7 @@ pub(crate) mod tests {
             ],
             agent_socket: "/x/agent.sock".into(),
             console_socket: "/x/console.sock".into(),
+            incoming: false,
         }
     }
 

@@ -390,6 +390,7 @@ mod tests {
             }],
             agent_socket: "/data/instances/ab12/agent.sock".into(),
             console_socket: "/data/instances/ab12/console.sock".into(),
+            incoming: false,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod cmdline;
 pub mod jail;
 pub mod jailer;
 pub mod qmp;
+pub mod state;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,10 +20,16 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
-use vroom_core::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess};
+use vroom_core::driver::{
+    ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess, VmRunState,
+};
 use vroom_types::{Accel, AccelChoice};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// The device layout of [`cmdline::qemu_args`]: a saved state loads only
+/// into the same layout, so bump this whenever the devices change.
+pub const MACHINE_LAYOUT: &str = "microvm-1";
 
 /// Whether VMMs run jailed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +312,57 @@ impl VmDriver for QemuDriver {
             }
         }
         Ok(())
+    }
+
+    fn save_state(
+        &self,
+        process: &VmProcess,
+        out: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, ControlVmError> {
+        state::save(&process.control_socket, out).map_err(control)
+    }
+
+    fn load_state(
+        &self,
+        process: &VmProcess,
+        input: &mut (dyn std::io::Read + Send),
+    ) -> Result<u64, ControlVmError> {
+        state::load(&process.control_socket, input).map_err(control)
+    }
+
+    fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        state::resume(&process.control_socket).map_err(control)
+    }
+
+    fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {
+        let status = state::run_status(&process.control_socket).map_err(control)?;
+        Ok(match status.as_str() {
+            "running" => VmRunState::Running,
+            "paused" | "postmigrate" => VmRunState::Paused,
+            "inmigrate" | "prelaunch" => VmRunState::Incoming,
+            "finish-migrate" => VmRunState::Saving,
+            _ => VmRunState::Other(status),
+        })
+    }
+
+    fn machine(&self, accel: Accel) -> String {
+        static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let version = VERSION.get_or_init(|| {
+            self.binary()
+                .ok()
+                .and_then(|b| std::process::Command::new(b).arg("--version").output().ok())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .and_then(|v| v.lines().next().map(str::to_string))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+                .unwrap_or_else(|| "unknown".into())
+        });
+        format!("qemu-{version}/{MACHINE_LAYOUT}/{accel}")
+    }
+}
+
+fn control(e: impl std::fmt::Display) -> ControlVmError {
+    ControlVmError::Control {
+        reason: e.to_string(),
     }
 }
 

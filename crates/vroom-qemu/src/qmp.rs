@@ -1,5 +1,7 @@
-//! A minimal QMP client: one connection per command, which is all vroom needs
-//! (power down, quit) and keeps no state across daemon restarts. QMP speaks
+//! A minimal QMP client. [`execute`] opens one connection per command (power
+//! down, quit) and keeps no state across daemon restarts; [`Session`] is a
+//! blocking connection for the migration steps of a snapshot, which pass a
+//! pipe to QEMU (`getfd`, SCM_RIGHTS) and poll until it is done. QMP speaks
 //! one JSON object per line; replies are untrusted and length-limited.
 
 use std::path::Path;
@@ -81,23 +83,129 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(
         if line.len() > MAX_LINE {
             return Err(QmpError::TooLong);
         }
-        let value: Value = serde_json::from_slice(&line)?;
-        if greeting && value.get("QMP").is_some() {
-            return Ok(value);
+        if let Some(reply) = classify(&line, command, greeting)? {
+            return reply;
         }
-        if let Some(ret) = value.get("return") {
-            return Ok(ret.clone());
+    }
+}
+
+/// What one line of QMP output is: the reply awaited (`Some`), or an event
+/// or anything else to skip (`None`).
+fn classify(
+    line: &[u8],
+    command: &str,
+    greeting: bool,
+) -> Result<Option<Result<Value, QmpError>>, QmpError> {
+    let value: Value = serde_json::from_slice(line)?;
+    if greeting && value.get("QMP").is_some() {
+        return Ok(Some(Ok(value)));
+    }
+    if let Some(ret) = value.get("return") {
+        return Ok(Some(Ok(ret.clone())));
+    }
+    if let Some(err) = value.get("error") {
+        let desc = err
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error")
+            .to_string();
+        return Ok(Some(Err(QmpError::Command {
+            command: command.into(),
+            desc,
+        })));
+    }
+    Ok(None)
+}
+
+/// A blocking QMP connection that stays open across commands.
+pub struct Session {
+    stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Session {
+    pub fn connect(socket: &Path) -> Result<Self, QmpError> {
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
+            QmpError::Connect {
+                path: socket.display().to_string(),
+                source,
+            }
+        })?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        let mut session = Session {
+            reader: std::io::BufReader::new(stream.try_clone()?),
+            stream,
+        };
+        session.reply("greeting", true)?;
+        session.execute("qmp_capabilities", Value::Null)?;
+        Ok(session)
+    }
+
+    /// Runs a command (`args` is `null` for none) and returns its `return` value.
+    pub fn execute(&mut self, command: &str, args: Value) -> Result<Value, QmpError> {
+        let line = Self::line(command, args)?;
+        std::io::Write::write_all(&mut self.stream, &line)?;
+        self.reply(command, false)
+    }
+
+    /// Runs a command with a file descriptor attached (for `getfd`).
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        args: Value,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let line = Self::line(command, args)?;
+        let fds = [fd.as_raw_fd()];
+        let iov = [std::io::IoSlice::new(&line)];
+        let sent = sendmsg::<()>(
+            self.stream.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        if sent < line.len() {
+            std::io::Write::write_all(&mut self.stream, &line[sent..])?;
         }
-        if let Some(err) = value.get("error") {
-            let desc = err
-                .get("desc")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown error")
-                .to_string();
-            return Err(QmpError::Command {
-                command: command.into(),
-                desc,
-            });
+        self.reply(command, false)
+    }
+
+    fn line(command: &str, args: Value) -> Result<Vec<u8>, QmpError> {
+        let mut message = json!({ "execute": command });
+        if !args.is_null() {
+            message["arguments"] = args;
+        }
+        let mut line = serde_json::to_vec(&message)?;
+        line.push(b'\n');
+        Ok(line)
+    }
+
+    fn reply(&mut self, command: &str, greeting: bool) -> Result<Value, QmpError> {
+        use std::io::BufRead;
+        loop {
+            let mut line = Vec::new();
+            let n = std::io::Read::take(&mut self.reader, MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        QmpError::Timeout
+                    }
+                    _ => QmpError::Io(e),
+                })?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            if line.len() > MAX_LINE {
+                return Err(QmpError::TooLong);
+            }
+            if let Some(reply) = classify(&line, command, greeting)? {
+                return reply;
+            }
         }
     }
 }

@@ -108,6 +108,10 @@ pub struct InstanceSpec {
     #[schema(minimum = 64, maximum = 65536)]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub config_volume_kib: Option<u32>,
+    /// Every start is a clean slate: the config volume goes back to the
+    /// config the instance was created with.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// The body of `POST /v1/instances`.
@@ -119,6 +123,14 @@ pub struct RunRequest {
     #[schema(minimum = 1, maximum = 3600)]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub ready_timeout_secs: Option<u64>,
+    /// Start from this snapshot instead of booting: a clone, with its own
+    /// identity (name, MACs, addresses) and the snapshot's config. Its NICs
+    /// default to the snapshot's networks.
+    #[serde(default)]
+    pub from_snapshot: Option<Name>,
+    /// Boot even when a warm snapshot of the image fits.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 /// Whether the user wants the instance running.
@@ -211,6 +223,10 @@ pub struct InstanceStatus {
     /// Unexpected exits that were restarted.
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// What the current run started from instead of a boot: `snapshot
+    /// NAME`, or `warm IMAGE` for a warm start; absent after a cold boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<String>,
 }
 
 impl InstanceStatus {
@@ -223,6 +239,7 @@ impl InstanceStatus {
             boot_ms: None,
             restarts: 0,
             last_error: None,
+            started_from: None,
         }
     }
 }

@@ -17,6 +17,7 @@ mod network;
 mod room;
 mod schema;
 mod size;
+mod snapshot;
 mod splice;
 pub mod template;
 mod topology;
@@ -58,6 +59,10 @@ pub use schema::{
     FieldType,
 };
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
+pub use snapshot::{
+    parse_sha256sums, ArchiveReport, ArchivedFile, RestoreRequest, Snapshot, SnapshotFile,
+    SnapshotKind, SnapshotRequest, VmShape, ARCHIVE_MANIFEST,
+};
 pub use splice::{
     is_l2_role, FailMode, Mirror, MirrorRequest, NicRef, Splice, SpliceEvent, SpliceRequest,
     SpliceState, INSIDE_ROLE, L2_ROLES, MAX_SPLICE_EVENTS, OUTSIDE_ROLE,

@@ -170,8 +170,11 @@ mod tests {
                 nics: vec![],
                 accel: AccelChoice::Auto,
                 config_volume_kib: None,
+                ephemeral: false,
             },
             ready_timeout_secs: None,
+            from_snapshot: None,
+            cold: false,
         };
         edit(&mut req);
         req

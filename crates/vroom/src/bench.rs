@@ -134,6 +134,7 @@ async fn measure(
             }],
             accel: AccelChoice::Auto,
             config_volume_kib: None,
+            ephemeral: false,
         };
         let started = Instant::now();
         client
@@ -260,6 +261,7 @@ async fn raw_boot(
         }],
         agent_socket: dir.path().join("agent.sock"),
         console_socket: dir.path().join("console.sock"),
+        incoming: false,
     };
     let started = Instant::now();
     let process = driver.launch(&spec).await?;

@@ -130,6 +130,7 @@ async fn boot_all(
                         }],
                         accel: AccelChoice::Auto,
                         config_volume_kib: None,
+                        ephemeral: false,
                     },
                     ready_timeout_secs: Some(120),
                 })

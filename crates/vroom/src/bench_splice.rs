@@ -359,6 +359,7 @@ fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest
             nics,
             accel: AccelChoice::Auto,
             config_volume_kib: None,
+            ephemeral: false,
         },
         ready_timeout_secs: Some(120),
     })

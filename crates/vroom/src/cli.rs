@@ -194,6 +194,7 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         nics,
         accel: args.accel,
         config_volume_kib: args.config_size,
+        ephemeral: false,
     };
     build_from_catalog_if_missing(client, &spec.image, json).await?;
     let spinner = output::spinner(json, format!("creating {}", spec.name));

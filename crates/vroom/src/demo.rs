@@ -77,6 +77,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
         }],
         accel: AccelChoice::Auto,
         config_volume_kib: None,
+        ephemeral: false,
     };
     client
         .run(&RunRequest {

@@ -15,7 +15,7 @@ impl Engine {
     /// guest becomes ready later (`status.state` turns `running`). Any failure
     /// before that removes everything this call created.
     pub async fn run(self: &Arc<Self>, req: RunRequest) -> Result<Instance, OpError> {
-        let spec = req.spec;
+        let mut spec = req.spec;
         let ready_timeout_secs = req
             .ready_timeout_secs
             .unwrap_or(DEFAULT_READY_TIMEOUT_SECS)
@@ -27,7 +27,56 @@ impl Engine {
                 format!("an instance named {:?} already exists", spec.name.as_str()),
             ));
         }
-        let image = self.resolve_image(&spec.image).await?;
+        let clone_of = match &req.from_snapshot {
+            Some(name) => Some(self.clone_source(name.as_str())?),
+            None => None,
+        };
+        let image = match &clone_of {
+            Some((snapshot, _)) => {
+                let saved = &snapshot.instance;
+                if spec.mem_mib.is_some_and(|m| m != saved.mem_mib) {
+                    return Err(OpError::conflict(format!(
+                        "a clone of snapshot {} has its {} MiB of memory",
+                        snapshot.name, saved.mem_mib
+                    )));
+                }
+                spec.mem_mib = Some(saved.mem_mib);
+                spec.cpus = saved.spec.cpus;
+                spec.image = saved.image_name.clone();
+                if spec.nics.is_empty() {
+                    spec.nics = saved
+                        .nics
+                        .iter()
+                        .map(|n| NicSpec {
+                            network: n.network.clone(),
+                            ip: None,
+                            role: n.role.as_deref().and_then(|r| Name::new(r).ok()),
+                        })
+                        .collect();
+                }
+                if spec.nics.len() != saved.nics.len() {
+                    return Err(OpError::conflict(format!(
+                        "snapshot {} has {} NICs, {} were given",
+                        snapshot.name,
+                        saved.nics.len(),
+                        spec.nics.len()
+                    )));
+                }
+                self.resolve_image(snapshot.image_id()).await.map_err(|e| {
+                    if e.code == ErrorCode::NotFound {
+                        OpError::conflict(format!(
+                            "snapshot {}'s image {} ({}) is gone",
+                            snapshot.name,
+                            saved.image_name,
+                            &saved.image_id[..12.min(saved.image_id.len())]
+                        ))
+                    } else {
+                        e
+                    }
+                })?
+            }
+            None => self.resolve_image(&spec.image).await?,
+        };
         let mem_mib = self.check_resources(&spec, &image)?;
         let accel = self
             .driver
@@ -94,19 +143,66 @@ impl Engine {
                 accel: Some(accel),
                 ..InstanceStatus::stopped()
             },
-            config: image.manifest.appliance.seed_config.clone(),
+            config: match &clone_of {
+                Some((snapshot, _)) => snapshot.config().clone(),
+                None => image.manifest.appliance.seed_config.clone(),
+            },
         };
+        let warm = match (&clone_of, req.cold) {
+            (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
+            _ => None,
+        };
+        // A clone's or a warm start's volume is the snapshot's (the guest's
+        // memory holds it mounted) with this instance's identity written in.
+        let state_source = clone_of
+            .as_ref()
+            .map(|(snapshot, dir)| (snapshot, dir, format!("snapshot {}", snapshot.name)))
+            .or_else(|| {
+                warm.as_ref()
+                    .map(|(snapshot, dir)| (snapshot, dir, format!("warm {}", image.manifest.name)))
+            })
+            .map(|(snapshot, dir, label)| snapshots::StateSource {
+                memory: dir.join(snapshots::MEMORY),
+                expected: snapshot.memory.clone(),
+                reload_volume: true,
+                label,
+            });
+        let state_volume = clone_of
+            .as_ref()
+            .map(|(s, d)| (s, d))
+            .or(warm.as_ref().map(|(s, d)| (s, d)));
         let dir = self.instances_dir().join(&id);
         let record = InstanceRecord {
             instance: instance.clone(),
             process: None,
             ready_timeout_secs,
             ever_ready: false,
+            seed_config: spec.ephemeral.then(|| instance.config.clone()),
         };
         let prepared = blocking(|| {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| OpError::internal(format!("failed to create {}", dir.display()), e))?;
             let identity = instance_file(&instance, &image);
+            if let Some((snapshot, snapshot_dir)) = state_volume {
+                let volume = dir.join("config.img");
+                let copied = snapshots::copy_hashed(&snapshot_dir.join(snapshots::VOLUME), &volume)
+                    .map_err(|e| {
+                        OpError::internal("failed to copy the snapshot's config volume", e)
+                    })?;
+                if copied != snapshot.volume {
+                    return Err(OpError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "snapshot {} is corrupt: its config volume does not match its sha256",
+                            snapshot.name
+                        ),
+                    ));
+                }
+                vroom_volume::write_instance(&volume, &identity)
+                    .and_then(|()| vroom_volume::write_config(&volume, &instance.config))
+                    .map_err(|e| OpError::internal("failed to write the identity", e))?;
+                return self.persist(&record);
+            }
             vroom_volume::create(
                 &dir.join("config.img"),
                 volume_kib,
@@ -145,7 +241,25 @@ impl Engine {
             .iter()
             .map(|n| n.network.clone())
             .collect();
-        if let Err(e) = self.launch(&cell, Some(image)).await {
+        let warm_start = warm.is_some();
+        let mut launched = self
+            .launch_from(&cell, Some(image.clone()), state_source)
+            .await;
+        if let (Err(e), true) = (&launched, warm_start) {
+            // A warm snapshot that does not load must not cost the run: boot.
+            tracing::warn!(instance = %spec.name, error = %e.message, "the warm start failed; booting instead");
+            let identity = instance_file(&cell.snapshot(), &image);
+            let config = cell.snapshot().config;
+            let recreated = blocking(|| {
+                let _ = std::fs::remove_file(cell.volume());
+                vroom_volume::create(&cell.volume(), volume_kib, &identity, &config)
+            });
+            launched = match recreated {
+                Ok(()) => self.launch(&cell, Some(image)).await,
+                Err(e) => Err(OpError::internal("failed to create the config volume", e)),
+            };
+        }
+        if let Err(e) = launched {
             self.instances
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -288,28 +402,16 @@ impl Engine {
         Ok(nics)
     }
 
-    /// Starts the VMM for a cell (caller holds its op lock) and spawns its monitor.
-    pub(super) async fn launch(
-        self: &Arc<Self>,
-        cell: &Arc<Cell>,
-        image: Option<BootImage>,
-    ) -> Result<(), OpError> {
-        let (instance, ready_timeout) = {
-            let r = cell.lock();
-            (
-                r.instance.clone(),
-                Duration::from_secs(r.ready_timeout_secs),
-            )
-        };
-        let image = match image {
-            Some(image) => image,
-            None => self.resolve_image(&instance.image_id).await?,
-        };
-        let accel = self
-            .driver
-            .resolve_accel(instance.spec.accel)
-            .map_err(|e| OpError::wrap(ErrorCode::HostUnsupported, "cannot run here", e))?;
-        let launch = LaunchSpec {
+    /// What the driver needs to start an instance's VMM.
+    pub(super) fn launch_spec(
+        &self,
+        cell: &Cell,
+        instance: &Instance,
+        image: &BootImage,
+        accel: vroom_types::Accel,
+        incoming: bool,
+    ) -> LaunchSpec {
+        LaunchSpec {
             instance_id: instance.id.clone(),
             name: instance.spec.name.to_string(),
             run_dir: cell.dir.clone(),
@@ -331,7 +433,62 @@ impl Engine {
                 .collect(),
             agent_socket: cell.dir.join("agent.sock"),
             console_socket: cell.console_socket(),
+            incoming,
+        }
+    }
+
+    /// Starts the VMM for a cell (caller holds its op lock) and spawns its monitor.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        image: Option<BootImage>,
+    ) -> Result<(), OpError> {
+        self.launch_from(cell, image, None).await
+    }
+
+    /// Like [`Engine::launch`], from a saved state instead of a boot when
+    /// `source` is given.
+    pub(super) async fn launch_from(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        image: Option<BootImage>,
+        source: Option<snapshots::StateSource>,
+    ) -> Result<(), OpError> {
+        let (instance, ready_timeout, seed) = {
+            let r = cell.lock();
+            (
+                r.instance.clone(),
+                Duration::from_secs(r.ready_timeout_secs),
+                r.seed_config.clone(),
+            )
         };
+        let image = match image {
+            Some(image) => image,
+            None => self.resolve_image(&instance.image_id).await?,
+        };
+        let accel = self
+            .driver
+            .resolve_accel(instance.spec.accel)
+            .map_err(|e| OpError::wrap(ErrorCode::HostUnsupported, "cannot run here", e))?;
+        if let (true, None, Some(seed)) = (instance.spec.ephemeral, &source, seed) {
+            // A clean slate: the volume as the instance was created.
+            let kib = instance
+                .spec
+                .config_volume_kib
+                .unwrap_or(vroom_volume::DEFAULT_SIZE_KIB);
+            blocking(|| {
+                let _ = std::fs::remove_file(cell.volume());
+                vroom_volume::create(
+                    &cell.volume(),
+                    kib,
+                    &instance_file(&instance, &image),
+                    &seed,
+                )
+            })
+            .map_err(|e| OpError::internal("failed to reset the ephemeral config volume", e))?;
+            self.update(cell, |r| r.instance.config = seed.clone())?;
+        }
+        let launch = self.launch_spec(cell, &instance, &image, accel, source.is_some());
         let epoch = blocking(|| cell.console.new_boot())
             .map_err(|e| OpError::internal("failed to rotate the console logs", e))?;
         let _ = std::fs::remove_file(cell.console_socket());
@@ -382,6 +539,13 @@ impl Engine {
             }
         }
         cell.agent.reset().await;
+        let launched = Instant::now();
+        if let Some(source) = &source {
+            if let Err(e) = self.start_from_state(cell, &process, source).await {
+                restore(self);
+                return Err(e);
+            }
+        }
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let saved = self.update(cell, |r| {
             r.process = Some(process.clone());
@@ -393,6 +557,7 @@ impl Engine {
                 boot_ms: None,
                 restarts: r.instance.status.restarts,
                 last_error: None,
+                started_from: source.as_ref().map(|s| s.label.clone()),
             };
         });
         if let Err(e) = saved {
@@ -403,7 +568,8 @@ impl Engine {
             cell.clone(),
             generation,
             process,
-            Some(Instant::now() + ready_timeout),
+            Some(launched + ready_timeout),
+            launched,
         );
         self.refresh_mirrors_for(&instance.spec.name).await;
         Ok(())
@@ -554,7 +720,7 @@ impl Engine {
     /// Not found when a concurrent `remove` took (or a `run` replaced) the
     /// instance while the caller waited for its op lock: acting on the old
     /// cell would launch a VM from a deleted directory.
-    fn still_registered(&self, name: &str, cell: &Arc<Cell>) -> Result<(), OpError> {
+    pub(super) fn still_registered(&self, name: &str, cell: &Arc<Cell>) -> Result<(), OpError> {
         match self.cell(name) {
             Ok(current) if Arc::ptr_eq(&current, cell) => Ok(()),
             _ => Err(OpError::not_found("instance", name)),

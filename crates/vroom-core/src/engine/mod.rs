@@ -21,6 +21,7 @@ mod images;
 mod instances;
 mod networks;
 mod rooms;
+mod snapshots;
 mod splices;
 mod supervise;
 
@@ -100,6 +101,8 @@ pub struct Engine {
     splice_op: tokio::sync::Mutex<()>,
     /// Serialises room changes.
     room_op: tokio::sync::Mutex<()>,
+    /// Snapshots being written, by name.
+    snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// One instance in memory.
@@ -216,6 +219,7 @@ impl Engine {
             alloc: tokio::sync::Mutex::new(()),
             splice_op: tokio::sync::Mutex::new(()),
             room_op: tokio::sync::Mutex::new(()),
+            snapshots_in_progress: Mutex::default(),
         })
     }
 

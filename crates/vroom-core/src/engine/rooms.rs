@@ -156,8 +156,11 @@ impl Engine {
                     nics: vec![nic("wan", &wan), nic("lan", &lan), nic("dmz", &dmz)],
                     accel: AccelChoice::Auto,
                     config_volume_kib: None,
+                    ephemeral: false,
                 },
                 ready_timeout_secs: None,
+                from_snapshot: None,
+                cold: false,
             })
             .await?;
             self.wait_running(
@@ -621,8 +624,11 @@ impl Engine {
                     }],
                     accel: AccelChoice::Auto,
                     config_volume_kib: None,
+                    ephemeral: false,
                 },
                 ready_timeout_secs: None,
+                from_snapshot: None,
+                cold: false,
             })
             .await?;
         }

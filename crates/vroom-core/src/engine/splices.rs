@@ -280,8 +280,11 @@ impl Engine {
                         nics: vec![nic(OUTSIDE_ROLE), nic(INSIDE_ROLE)],
                         accel: vm.spec.accel,
                         config_volume_kib: None,
+                        ephemeral: false,
                     },
                     ready_timeout_secs: Some(ready_timeout),
+                    from_snapshot: None,
+                    cold: false,
                 })
                 .await?;
             } else {
@@ -848,8 +851,11 @@ mod tests {
                     }],
                     accel: AccelChoice::Auto,
                     config_volume_kib: None,
+                    ephemeral: false,
                 },
                 ready_timeout_secs: Some(30),
+                from_snapshot: None,
+                cold: false,
             })
             .await
             .unwrap();

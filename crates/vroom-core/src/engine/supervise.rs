@@ -30,6 +30,7 @@ impl Engine {
         }
         self.load_splices().await?;
         self.load_rooms()?;
+        self.sweep_partial_snapshots().await;
         let records = self
             .store
             .instances()
@@ -144,11 +145,12 @@ impl Engine {
                 }
             }
         }
+        self.recover_paused(&cell, &process).await;
         tracing::info!(instance = %name, pid = process.pid, "re-adopted running VM");
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let deadline = (state != InstanceState::Running)
             .then(|| Instant::now() + Duration::from_secs(cell.lock().ready_timeout_secs));
-        self.spawn_monitor(cell, generation, process, deadline);
+        self.spawn_monitor(cell, generation, process, deadline, Instant::now());
         Ok(())
     }
 
@@ -192,10 +194,10 @@ impl Engine {
         generation: u64,
         process: VmProcess,
         ready_deadline: Option<Instant>,
+        launched: Instant,
     ) {
         let engine = self.clone();
         tokio::spawn(async move {
-            let launched = Instant::now();
             let exit = engine.driver.wait_exit(&process);
             tokio::pin!(exit);
             // A future polled to completion must not be polled again.

@@ -18,8 +18,11 @@ fn request(name: &str) -> RunRequest {
             nics: vec![],
             accel: AccelChoice::Auto,
             config_volume_kib: None,
+            ephemeral: false,
         },
         ready_timeout_secs: Some(30),
+        from_snapshot: None,
+        cold: false,
     }
 }
 
@@ -395,4 +398,132 @@ async fn consoles_are_collected_per_boot_and_stale_files_swept() {
     assert!(!run_dir.join("console.9.log").exists());
     assert!(!run_dir.join("console.log.1").exists());
     assert!(run_dir.join("console.1.log").exists(), "kept boots stay");
+}
+
+fn snapshot_request(instance: &str, name: &str) -> vroom_types::SnapshotRequest {
+    vroom_types::SnapshotRequest {
+        instance: Name::new(instance).unwrap(),
+        name: Some(Name::new(name).unwrap()),
+        stop: false,
+    }
+}
+
+/// A snapshot holds the VM's state and volume; a clone starts from that
+/// state (not a boot) with its own identity; a restore reloads it; a
+/// corrupted memory image is refused before the instance is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_clone_restore_and_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    let web = wait_state(&t, "web", InstanceState::Running).await;
+    let snap = t
+        .engine
+        .snapshot(snapshot_request("web", "s1"))
+        .await
+        .unwrap();
+    assert_eq!(snap.instance.id, web.id);
+    assert!(snap.memory.bytes > 0 && snap.volume.bytes > 0);
+    assert_eq!(t.engine.list_snapshots().len(), 1);
+    assert_eq!(
+        t.engine
+            .snapshot(snapshot_request("web", "s1"))
+            .await
+            .unwrap_err()
+            .code,
+        vroom_types::ErrorCode::AlreadyExists
+    );
+    // The source runs on.
+    assert_eq!(
+        t.engine.get("web").unwrap().status.state,
+        InstanceState::Running
+    );
+
+    let mut clone = request("web2");
+    clone.from_snapshot = Some(Name::new("s1").unwrap());
+    clone.spec.image = String::new();
+    let c = t.engine.run(clone).await.unwrap();
+    assert_eq!(c.status.started_from.as_deref(), Some("snapshot s1"));
+    assert_ne!(c.nics[0].mac, web.nics[0].mac);
+    assert_ne!(c.nics[0].ip, web.nics[0].ip);
+    let pid = c.status.pid.unwrap();
+    // The clone's "memory" is the source's.
+    assert_eq!(
+        t.driver.memory_of(pid).unwrap(),
+        web.id.as_bytes().repeat(1024)
+    );
+    wait_state(&t, "web2", InstanceState::Running).await;
+
+    let restored = t.engine.restore("web", "s1").await.unwrap();
+    assert_eq!(restored.status.started_from.as_deref(), Some("snapshot s1"));
+    assert_ne!(restored.status.pid, web.status.pid);
+
+    // Corrupt the memory image: restore refuses, and the instance is untouched.
+    let memory = dir.path().join("snapshots/s1/memory.zst");
+    let mut bytes = std::fs::read(&memory).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&memory, &bytes).unwrap();
+    let before = t.engine.get("web").unwrap().status.pid;
+    let err = t.engine.restore("web", "s1").await.unwrap_err();
+    assert!(err.message.contains("corrupt"), "{}", err.message);
+    assert_eq!(t.engine.get("web").unwrap().status.pid, before);
+
+    t.engine.remove_snapshot("s1").await.unwrap();
+    assert!(t.engine.list_snapshots().is_empty());
+    assert!(t.engine.get_snapshot("s1").is_err());
+}
+
+/// Restoring into an instance of another shape is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_refuses_another_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("small")).await.unwrap();
+    wait_state(&t, "small", InstanceState::Running).await;
+    let mut big = request("big");
+    big.spec.mem_mib = Some(256);
+    t.engine.run(big).await.unwrap();
+    let big = wait_state(&t, "big", InstanceState::Running).await;
+    t.engine
+        .snapshot(snapshot_request("small", "s"))
+        .await
+        .unwrap();
+    let err = t.engine.restore("big", "s").await.unwrap_err();
+    assert!(err.message.contains("MiB of memory"), "{}", err.message);
+    assert_eq!(t.engine.get("big").unwrap().status.pid, big.status.pid);
+}
+
+/// `image warm` keeps a warm snapshot that `run` starts from; `--cold`
+/// boots; an ephemeral instance's config returns at every start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_starts_cold_starts_and_ephemeral_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let warm = t.engine.warm_image("hello", None).await.unwrap();
+    assert_eq!(warm.kind, vroom_types::SnapshotKind::Warm);
+    assert_eq!(t.engine.list_warm().len(), 1);
+    // The warm-up VM is gone.
+    assert!(t.driver.running().is_empty());
+    let w = t.engine.run(request("w")).await.unwrap();
+    assert_eq!(w.status.started_from.as_deref(), Some("warm hello"));
+    let mut cold = request("c");
+    cold.cold = true;
+    let c = t.engine.run(cold).await.unwrap();
+    assert_eq!(c.status.started_from, None);
+
+    let mut eph = request("e");
+    eph.spec.ephemeral = true;
+    eph.cold = true;
+    t.engine.run(eph).await.unwrap();
+    wait_state(&t, "e", InstanceState::Running).await;
+    let seed = t.engine.get("e").unwrap().config;
+    let changed = t
+        .engine
+        .config_update("e", [("greeting".into(), "changed".into())].into())
+        .await
+        .unwrap();
+    assert_ne!(changed, seed);
+    t.engine.action("e", InstanceAction::Restart).await.unwrap();
+    assert_eq!(t.engine.get("e").unwrap().config, seed);
 }
