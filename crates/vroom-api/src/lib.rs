@@ -35,6 +35,7 @@ pub use audit::Caller;
 
 use links::CreatedResourceLinks;
 mod rooms;
+mod snapshots;
 mod splices;
 use replies::{BodyErrors, ConfigErrors, HostErrors, PathErrors};
 
@@ -207,7 +208,14 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         rooms::apply_room,
         rooms::expose,
         rooms::unexpose,
-        rooms::topology
+        rooms::topology,
+        snapshots::list_snapshots,
+        snapshots::create_snapshot,
+        snapshots::get_snapshot,
+        snapshots::remove_snapshot,
+        snapshots::restore_instance,
+        snapshots::warm_image,
+        snapshots::archive_instance
     ),
     components(schemas(ApiErrorBody, Name)),
     modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
@@ -368,6 +376,23 @@ pub fn router(engine: Arc<Engine>) -> Router {
             delete(rooms::unexpose),
         )
         .route("/v1/topology", get(rooms::topology))
+        .route(
+            "/v1/snapshots",
+            get(snapshots::list_snapshots).post(snapshots::create_snapshot),
+        )
+        .route(
+            "/v1/snapshots/{name}",
+            get(snapshots::get_snapshot).delete(snapshots::remove_snapshot),
+        )
+        .route(
+            "/v1/instances/{name}/restore",
+            post(snapshots::restore_instance),
+        )
+        .route(
+            "/v1/instances/{name}/archive",
+            post(snapshots::archive_instance),
+        )
+        .route("/v1/images/{name}/warm", post(snapshots::warm_image))
         .fallback(no_route)
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.

@@ -137,6 +137,27 @@ pub struct RestoreRequest {
     pub snapshot: Name,
 }
 
+/// The body of `POST /v1/images/{name}/warm`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmRequest {
+    /// Guest memory in MiB of the instances that will start from it; the
+    /// image's default when absent.
+    #[schema(minimum = 128, maximum = 1073741824)]
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
+    pub mem_mib: Option<u64>,
+}
+
+/// The body of `POST /v1/instances/{name}/archive`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveRequest {
+    /// An absolute path on the daemon's host: a directory that does not
+    /// exist yet (its parent must) or an empty one.
+    #[schema(min_length = 1, max_length = 4096)]
+    pub dir: String,
+}
+
 /// What `rm --archive` kept and wiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArchiveReport {

@@ -298,7 +298,7 @@ impl Engine {
     /// change settled when the config in force can be read: committed when
     /// the guest (or the volume) has it, dropped otherwise. A history that
     /// was never saved starts with the record's config as version 1.
-    async fn settle_config(&self, cell: &Cell) -> Result<ConfigLog, OpError> {
+    pub(super) async fn settle_config(&self, cell: &Cell) -> Result<ConfigLog, OpError> {
         let (name, instance) = {
             let r = cell.lock();
             (r.instance.spec.name.to_string(), r.instance.clone())

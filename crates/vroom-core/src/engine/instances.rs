@@ -673,6 +673,18 @@ impl Engine {
                 "instance {name} is running; stop it first or use `rm -f`"
             )));
         }
+        self.check_removable(name)?;
+        self.stop_locked(&cell, true, DesiredState::Stopped).await?;
+        // Under the op lock: an action queued behind this one must find
+        // the instance gone, not launch it from a deleted directory.
+        let networks = self.forget(&cell, name).await?;
+        drop(_op);
+        self.sync_rooms_on(&networks).await;
+        Ok(())
+    }
+
+    /// Why an instance may not be removed: it is spliced, or a room's firewall.
+    pub(super) fn check_removable(&self, name: &str) -> Result<(), OpError> {
         if let Some(reason) = self.splice_blocking_removal(name) {
             return Err(OpError::conflict(format!("cannot remove {name}: {reason}")));
         }
@@ -686,7 +698,17 @@ impl Engine {
                 room.name, room.name
             )));
         }
-        self.stop_locked(&cell, true, DesiredState::Stopped).await?;
+        Ok(())
+    }
+
+    /// Drops a stopped instance (the caller holds its op lock): its mirrors,
+    /// record and files. Returns its networks, whose rooms the caller syncs
+    /// once the lock is released.
+    pub(super) async fn forget(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        name: &str,
+    ) -> Result<Vec<Name>, OpError> {
         self.drop_mirrors_of(name).await;
         blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
@@ -706,15 +728,13 @@ impl Engine {
             .map_err(|e| {
                 OpError::internal(format!("failed to remove {}", cell.dir.display()), e)
             })?;
-        drop(_op);
         let networks: Vec<Name> = cell
             .snapshot()
             .nics
             .iter()
             .map(|n| n.network.clone())
             .collect();
-        self.sync_rooms_on(&networks).await;
-        Ok(())
+        Ok(networks)
     }
 
     /// Not found when a concurrent `remove` took (or a `run` replaced) the

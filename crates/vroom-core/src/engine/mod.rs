@@ -15,6 +15,7 @@
 //! - `splices`: appliances spliced inline in front of running VMs, mirrors,
 //!   and the watchdog that fails a dead appliance open or closed.
 
+mod archive;
 mod config;
 mod guest;
 mod images;
@@ -25,6 +26,7 @@ mod snapshots;
 mod splices;
 mod supervise;
 
+pub use archive::verify_archive;
 pub use guest::{GuestExec, GuestFile, GuestStdin};
 
 use std::collections::BTreeMap;

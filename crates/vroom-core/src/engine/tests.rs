@@ -527,3 +527,50 @@ async fn warm_starts_cold_starts_and_ephemeral_instances() {
     t.engine.action("e", InstanceAction::Restart).await.unwrap();
     assert_eq!(t.engine.get("e").unwrap().config, seed);
 }
+
+/// `rm --archive` keeps memory, volume, history, consoles and record under
+/// a manifest that verifies, wipes the instance's files and forgets it; a
+/// non-empty archive dir is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let web = t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    let busy = dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("x"), b"x").unwrap();
+    let err = t
+        .engine
+        .remove_archived("web", busy.to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("not empty"), "{}", err.message);
+    assert!(t.engine.get("web").is_ok());
+
+    let archive = dir.path().join("archive");
+    let report = t
+        .engine
+        .remove_archived("web", archive.to_str().unwrap())
+        .await
+        .unwrap();
+    assert!(report.memory);
+    let names: Vec<&str> = report.files.iter().map(|f| f.path.as_str()).collect();
+    for want in [
+        "memory.zst",
+        "config.img",
+        "instance.json",
+        "config-history.json",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("console/")), "{names:?}");
+    assert!(!report.wiped.is_empty());
+    assert!(report.wiped.iter().all(|p| !p.exists()));
+    assert!(!dir.path().join("instances").join(&web.id).exists());
+    assert!(t.engine.get("web").is_err());
+    assert_eq!(
+        super::verify_archive(&archive).unwrap(),
+        Vec::<String>::new()
+    );
+}
