@@ -477,6 +477,82 @@ impl Client {
         .map(|_| ())
     }
 
+    pub async fn snapshots(&self, warm: bool) -> Result<Vec<vroom_types::Snapshot>, ClientError> {
+        let path = if warm {
+            "/v1/snapshots?warm=true"
+        } else {
+            "/v1/snapshots"
+        };
+        self.call::<(), _>(Method::GET, path, None).await
+    }
+
+    pub async fn snapshot_info(&self, name: &str) -> Result<vroom_types::Snapshot, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/snapshots/{}", enc(name)), None)
+            .await
+    }
+
+    pub async fn snapshot(
+        &self,
+        req: &vroom_types::SnapshotRequest,
+    ) -> Result<vroom_types::Snapshot, ClientError> {
+        self.call(Method::POST, "/v1/snapshots", Some(req)).await
+    }
+
+    pub async fn remove_snapshot(&self, name: &str) -> Result<(), ClientError> {
+        self.raw::<()>(
+            Method::DELETE,
+            &format!("/v1/snapshots/{}", enc(name)),
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn restore(
+        &self,
+        name: &str,
+        snapshot: &vroom_types::Name,
+    ) -> Result<Instance, ClientError> {
+        let req = vroom_types::RestoreRequest {
+            snapshot: snapshot.clone(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/instances/{}/restore", enc(name)),
+            Some(&req),
+        )
+        .await
+    }
+
+    pub async fn warm_image(
+        &self,
+        image: &str,
+        req: &vroom_types::WarmRequest,
+    ) -> Result<vroom_types::Snapshot, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/images/{}/warm", enc(image)),
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn archive(
+        &self,
+        name: &str,
+        dir: &str,
+    ) -> Result<vroom_types::ArchiveReport, ClientError> {
+        let req = vroom_types::ArchiveRequest {
+            dir: dir.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/instances/{}/archive", enc(name)),
+            Some(&req),
+        )
+        .await
+    }
+
     pub async fn mirrors(&self) -> Result<Vec<vroom_types::Mirror>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/mirrors", None).await
     }

@@ -133,6 +133,8 @@ async fn boot_all(
                         ephemeral: false,
                     },
                     ready_timeout_secs: Some(120),
+                    from_snapshot: None,
+                    cold: true,
                 })
                 .await?;
             let instance = crate::cli::wait_ready(client, &name, Duration::from_secs(130)).await;

@@ -362,6 +362,8 @@ fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest
             ephemeral: false,
         },
         ready_timeout_secs: Some(120),
+        from_snapshot: None,
+        cold: false,
     })
 }
 

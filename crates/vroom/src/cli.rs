@@ -24,6 +24,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             crate::BenchOp::Splice { runs } => {
                 crate::bench_splice::splice(&cli.data_dir, *runs).await
             }
+            crate::BenchOp::Warm { runs } => crate::bench_warm::warm(&cli.data_dir, *runs).await,
             crate::BenchOp::Images {
                 recipes,
                 runs,
@@ -43,6 +44,12 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             vroom_core::input::open_input(file, MAX_IMPORT_BYTES, None)?;
         }
     }
+    if let Command::Archive {
+        op: crate::ArchiveOp::Verify { dir },
+    } = &cli.command
+    {
+        return crate::snapshot::verify(dir, json);
+    }
     let client = connect(&cli.data_dir).await?;
     match &cli.command {
         Command::Run(args) => return run(&client, args, json).await,
@@ -60,7 +67,46 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Restart { name } => {
             lifecycle(&client, name, InstanceAction::Restart, json).await?
         }
-        Command::Rm { force, name } => client.remove(name, *force).await?,
+        Command::Rm {
+            force,
+            archive: Some(dir),
+            name,
+        } => crate::snapshot::archive(&client, name, dir, *force, json).await?,
+        Command::Rm {
+            force,
+            archive: None,
+            name,
+        } => client.remove(name, *force).await?,
+        Command::Snapshot { op, vm, name, stop } => {
+            crate::snapshot::snapshot(&client, op.as_ref(), vm.as_deref(), name, *stop, json)
+                .await?
+        }
+        Command::Restore { vm, snapshot } => {
+            crate::snapshot::restore(&client, vm, snapshot, json).await?
+        }
+        Command::Clone {
+            snapshot,
+            name,
+            nets,
+        } => {
+            let args = RunArgs {
+                image: None,
+                name: name.clone(),
+                mem: None,
+                cpus: 1,
+                nets: nets.clone(),
+                accel: vroom_types::AccelChoice::Auto,
+                timeout: vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS,
+                config_size: None,
+                from_snapshot: Some(snapshot.clone()),
+                cold: false,
+                ephemeral: false,
+                room: None,
+                segment: None,
+            };
+            return run(&client, &args, json).await;
+        }
+        Command::Archive { .. } => unreachable!("handled before connecting"),
         Command::Logs {
             follow,
             boot,
@@ -188,20 +234,24 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
     }
     let spec = InstanceSpec {
         name: args.name.clone(),
-        image: args.image.clone(),
+        image: args.image.clone().unwrap_or_default(),
         mem_mib: args.mem,
         cpus: args.cpus,
         nics,
         accel: args.accel,
         config_volume_kib: args.config_size,
-        ephemeral: false,
+        ephemeral: args.ephemeral,
     };
-    build_from_catalog_if_missing(client, &spec.image, json).await?;
+    if args.from_snapshot.is_none() {
+        build_from_catalog_if_missing(client, &spec.image, json).await?;
+    }
     let spinner = output::spinner(json, format!("creating {}", spec.name));
     let created = client
         .run(&RunRequest {
             spec,
             ready_timeout_secs: Some(args.timeout),
+            from_snapshot: args.from_snapshot.clone(),
+            cold: args.cold,
         })
         .await;
     let created = match created {
@@ -238,8 +288,14 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
             .iter()
             .map(|n| format!("{} ({})", n.shown_ip(), n.network))
             .collect();
+        let from = instance
+            .status
+            .started_from
+            .as_ref()
+            .map(|f| format!(" from {f}"))
+            .unwrap_or_default();
         println!(
-            "{} is running: {} in {:.1}s on {}",
+            "{} is running: {} in {:.1}s on {}{from}",
             instance.spec.name,
             ips.join(", "),
             instance.status.boot_ms.unwrap_or(0) as f64 / 1000.0,
@@ -1015,6 +1071,7 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             }
         }
         ImageOp::Rm { image } => client.remove_image(image).await?,
+        ImageOp::Warm { image, mem } => crate::snapshot::warm(client, image, *mem, json).await?,
         ImageOp::Prune => {
             let removed = client.prune_images().await?;
             if json {

@@ -83,6 +83,8 @@ async fn demo_steps(client: &Client) -> Result<()> {
         .run(&RunRequest {
             spec,
             ready_timeout_secs: Some(120),
+            from_snapshot: None,
+            cold: false,
         })
         .await?;
     let instance = crate::cli::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_images;
 mod bench_splice;
+mod bench_warm;
 mod capture;
 mod cli;
 mod daemon;
@@ -15,6 +16,7 @@ mod output;
 mod paths;
 mod room;
 mod setup;
+mod snapshot;
 mod splice;
 
 use std::path::PathBuf;
@@ -82,8 +84,56 @@ pub enum Command {
         /// Kill it first if it runs.
         #[arg(short, long)]
         force: bool,
+        /// Forensic removal: first archive the instance into DIR (a last
+        /// memory snapshot if it runs, the config volume and its history,
+        /// the console logs, the record, a SHA256SUMS manifest), then
+        /// overwrite its files before unlinking them. DIR must not exist
+        /// yet or be empty.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<PathBuf>,
         /// The instance's name.
         name: String,
+    },
+    /// Capture a running instance (memory and device state, config volume,
+    /// record) as one snapshot; `snapshot ls|inspect|rm` manage them.
+    #[command(args_conflicts_with_subcommands = true)]
+    Snapshot {
+        #[command(subcommand)]
+        op: Option<SnapshotOp>,
+        /// The running instance to capture.
+        vm: Option<String>,
+        /// The snapshot's name (VM-YYYYMMDD-HHMMSS by default).
+        #[arg(long)]
+        name: Option<Name>,
+        /// Shut the instance down after the capture instead of resuming it.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Put an instance back to a snapshot: memory, devices and config (its
+    /// current run is discarded).
+    Restore {
+        /// The instance's name.
+        vm: String,
+        /// The snapshot's name.
+        snapshot: Name,
+    },
+    /// Start a new instance from a snapshot instead of booting it (`run
+    /// --from-snapshot`): the snapshot's memory and config, its own name,
+    /// MACs, addresses, machine id and a reseeded RNG.
+    Clone {
+        /// The snapshot's name.
+        snapshot: Name,
+        /// The new instance's name.
+        name: Name,
+        /// Attach a NIC to a network: [ROLE=]NET[:IP] (the snapshot's
+        /// networks by default; as many NICs as the snapshot has).
+        #[arg(long = "net")]
+        nets: Vec<NicSpec>,
+    },
+    /// Forensic archives written by `rm --archive`.
+    Archive {
+        #[command(subcommand)]
+        op: ArchiveOp,
     },
     /// Show an instance's console log (kernel, vroom-init and services):
     /// the newest 512 KiB to 1 MiB of the current boot, the last 512 KiB of
@@ -252,7 +302,8 @@ pub enum Command {
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Image name or id (a catalog image is built on first use).
-    pub image: String,
+    #[arg(required_unless_present = "from_snapshot")]
+    pub image: Option<String>,
     /// The new instance's name: lowercase letters, digits and dashes.
     #[arg(long)]
     pub name: vroom_types::Name,
@@ -277,6 +328,18 @@ pub struct RunArgs {
     /// Size of the config volume in KiB (64 to 65536).
     #[arg(long, value_parser = vroom_types::limits::parse_config_volume_kib)]
     pub config_size: Option<u32>,
+    /// Start from this snapshot instead of booting: a clone with its own
+    /// identity and the snapshot's config (see `vroom clone`).
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with_all = ["image", "cold"])]
+    pub from_snapshot: Option<Name>,
+    /// Boot, even when a warm snapshot of the image (`image warm`) fits.
+    #[arg(long)]
+    pub cold: bool,
+    /// Every start is a clean slate: the config volume returns to the
+    /// config the instance was created with, and what the guest wrote is
+    /// discarded when it stops.
+    #[arg(long)]
+    pub ephemeral: bool,
     /// Put the instance in this room (a NIC on its lan or dmz network; its
     /// name gets into the room's DNS).
     #[arg(long, requires = "segment")]
@@ -284,6 +347,36 @@ pub struct RunArgs {
     /// The room's segment: lan or dmz.
     #[arg(long, requires = "room")]
     pub segment: Option<vroom_types::Segment>,
+}
+
+#[derive(Subcommand)]
+pub enum SnapshotOp {
+    /// List snapshots with their sizes (the warm ones of images with --warm).
+    Ls {
+        /// The warm snapshots `run` starts images from.
+        #[arg(long)]
+        warm: bool,
+    },
+    /// Show one snapshot.
+    Inspect {
+        /// The snapshot's name.
+        name: String,
+    },
+    /// Remove a snapshot.
+    Rm {
+        /// The snapshot's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ArchiveOp {
+    /// Check an archive against its SHA256SUMS manifest; exits 1 on any
+    /// missing, changed or unlisted file.
+    Verify {
+        /// The archive directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -436,6 +529,17 @@ pub enum NetOp {
 
 #[derive(Subcommand)]
 pub enum ImageOp {
+    /// Boot an image once with its default config, wait until it is ready
+    /// and keep a warm snapshot of it: `vroom run` of that image (same
+    /// memory, CPUs and NICs) then starts from it instead of booting.
+    Warm {
+        /// Image name or id (a catalog image is built first).
+        image: String,
+        /// The memory of the instances that will start from it (the
+        /// image's default when absent).
+        #[arg(long, value_parser = parse_mem_mib)]
+        mem: Option<u64>,
+    },
     /// Build an image from a recipe (a recipe.toml or its directory).
     Build {
         /// A recipe.toml, its directory, or the name of a catalog recipe.
@@ -492,6 +596,13 @@ pub enum BenchOp {
     /// requests and retransmits, throughput against the direct path.
     Splice {
         /// Splices and unsplices (room timings: at most 3).
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Cold boot-to-ready against warm-start-to-ready of the web appliance,
+    /// snapshot time and size against guest memory, and clones per minute.
+    Warm {
+        /// Starts of each kind.
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },

@@ -99,7 +99,7 @@ impl Engine {
             Ok(done) => done,
             Err(e) => {
                 // Nothing half-written stays behind; the instance is untouched.
-                let _ = blocking(|| {
+                blocking(|| {
                     for file in files_under(&dir) {
                         let _ = std::fs::remove_file(file);
                     }

@@ -1,0 +1,169 @@
+//! `vroom bench warm`: the web appliance booted cold against started from
+//! its warm snapshot (request to ready, both in one run), what a snapshot
+//! costs against guest memory, and how many clones start per minute.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use vroom_client::Client;
+use vroom_types::{
+    AccelChoice, InstanceSpec, InstanceState, Name, NetworkSpec, NicSpec, RunRequest,
+    SnapshotRequest, WarmRequest,
+};
+
+use crate::bench::{median, p90};
+
+const IMAGE: &str = "web";
+
+pub async fn warm(data_dir: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let client = crate::cli::connect(data_dir).await?;
+    crate::cli::build_from_catalog_if_missing(&client, IMAGE, true).await?;
+    let tag = std::process::id() % 10000;
+    let net = format!("bwm{tag}");
+    client
+        .create_network(&NetworkSpec {
+            name: Name::new(&net)?,
+            subnet: None,
+            nat: false,
+            isolated: false,
+            mirror: false,
+            allow_host: vec![],
+        })
+        .await?;
+    let result = measure(&client, &net, tag, runs).await;
+    for instance in client.list().await.unwrap_or_default() {
+        if instance
+            .spec
+            .name
+            .as_str()
+            .starts_with(&format!("bwm{tag}"))
+        {
+            let _ = client.remove(instance.spec.name.as_str(), true).await;
+        }
+    }
+    for snapshot in client.snapshots(false).await.unwrap_or_default() {
+        if snapshot.name.as_str().starts_with(&format!("bwm{tag}")) {
+            let _ = client.remove_snapshot(snapshot.name.as_str()).await;
+        }
+    }
+    let _ = client.remove_network(&net).await;
+    result
+}
+
+fn request(name: &str, net: &str, cold: bool, from: Option<&str>) -> Result<RunRequest> {
+    Ok(RunRequest {
+        spec: InstanceSpec {
+            name: Name::new(name)?,
+            image: IMAGE.into(),
+            mem_mib: None,
+            cpus: 1,
+            nics: vec![NicSpec {
+                network: Name::new(net)?,
+                ip: None,
+                role: None,
+            }],
+            accel: AccelChoice::Auto,
+            config_volume_kib: None,
+            ephemeral: false,
+        },
+        ready_timeout_secs: Some(120),
+        from_snapshot: from.map(Name::new).transpose()?,
+        cold,
+    })
+}
+
+/// Request to ready, in seconds; the instance's `started_from`.
+async fn start(client: &Client, req: &RunRequest) -> Result<(f64, Option<String>)> {
+    let t0 = Instant::now();
+    client.run(req).await?;
+    let name = req.spec.name.as_str();
+    loop {
+        let instance = client.get(name).await?;
+        match instance.status.state {
+            InstanceState::Running => {
+                return Ok((t0.elapsed().as_secs_f64(), instance.status.started_from))
+            }
+            InstanceState::Failed | InstanceState::Stopped => {
+                bail!("{name} failed: {:?}", instance.status.last_error)
+            }
+            _ if t0.elapsed() > Duration::from_secs(120) => bail!("{name} never became ready"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()> {
+    let warm = client.warm_image(IMAGE, &WarmRequest::default()).await?;
+    let mut cold = vec![];
+    let mut warm_starts = vec![];
+    for i in 0..runs {
+        for (is_cold, out) in [(true, &mut cold), (false, &mut warm_starts)] {
+            let name = format!("bwm{tag}-{}{i}", if is_cold { "c" } else { "w" });
+            let (secs, from) = start(client, &request(&name, net, is_cold, None)?).await?;
+            if is_cold != from.is_none() {
+                bail!(
+                    "{name} started from {from:?}, expected a {} start",
+                    if is_cold { "cold" } else { "warm" }
+                );
+            }
+            out.push(secs);
+            client.remove(&name, true).await?;
+        }
+    }
+    println!(
+        "cold boot to ready: median {:.3}s p90 {:.3}s; warm start to ready: median {:.3}s p90 {:.3}s ({:.1}x faster), {runs} runs each",
+        median(&cold),
+        p90(&cold),
+        median(&warm_starts),
+        p90(&warm_starts),
+        median(&cold) / median(&warm_starts)
+    );
+    println!(
+        "warm snapshot of {IMAGE} ({} MiB guest): {:.1} MB of state, {:.1} MB compressed ({:.2} of guest memory)",
+        warm.instance.mem_mib,
+        warm.state_bytes as f64 / 1e6,
+        warm.memory.bytes as f64 / 1e6,
+        warm.memory.bytes as f64 / (warm.instance.mem_mib as f64 * 1048576.0)
+    );
+
+    let source = format!("bwm{tag}-src");
+    start(client, &request(&source, net, false, None)?).await?;
+    let mut took = vec![];
+    let mut paused = vec![];
+    let mut snapshot_name = String::new();
+    for i in 0..runs.min(3) {
+        snapshot_name = format!("bwm{tag}-s{i}");
+        let t0 = Instant::now();
+        let snapshot = client
+            .snapshot(&SnapshotRequest {
+                instance: Name::new(&source)?,
+                name: Some(Name::new(&snapshot_name)?),
+                stop: false,
+            })
+            .await?;
+        took.push(t0.elapsed().as_secs_f64());
+        paused.push(snapshot.pause_ms as f64 / 1000.0);
+    }
+    println!(
+        "snapshot of a running {IMAGE}: median {:.3}s in all, the guest paused {:.3}s",
+        median(&took),
+        median(&paused)
+    );
+
+    let t0 = Instant::now();
+    for i in 0..runs {
+        let name = format!("bwm{tag}-k{i}");
+        start(client, &request(&name, net, false, Some(&snapshot_name))?).await?;
+    }
+    let per_clone = t0.elapsed().as_secs_f64() / runs as f64;
+    println!(
+        "clones of one snapshot, one after another to ready: {:.0} per minute ({:.3}s each, {runs} clones all running)",
+        60.0 / per_clone,
+        per_clone
+    );
+    Ok(())
+}
