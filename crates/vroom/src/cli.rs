@@ -341,6 +341,9 @@ fn show_instance(i: &Instance) {
     if let Some(ms) = status.boot_ms {
         details.push(format!("ready in {:.1}s", ms as f64 / 1000.0));
     }
+    if let Some(from) = &status.started_from {
+        details.push(format!("from {from}"));
+    }
     details.push(format!("{} restarts", status.restarts));
     state.push_str(&format!(" ({})", details.join(", ")));
     let rows = [
@@ -363,6 +366,12 @@ fn show_instance(i: &Instance) {
     ];
     for (key, value) in rows {
         println!("{:<10} {value}", format!("{key}:"));
+    }
+    if i.spec.ephemeral {
+        println!(
+            "{:<10} ephemeral: every start returns to its first config",
+            "slate:"
+        );
     }
     if let Some(error) = &status.last_error {
         println!("{:<10} {error}", "error:");
