@@ -307,6 +307,75 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_messages_wire_format() {
+        let requests: Vec<(Request, &str)> = vec![
+            (
+                Request {
+                    id: 8,
+                    command: HostCommand::Freeze,
+                },
+                r#"{"id":8,"command":{"type":"freeze"}}"#,
+            ),
+            (
+                Request {
+                    id: 9,
+                    command: HostCommand::Resume {
+                        entropy: vec![0, 255, b'x', 1],
+                        unix_ms: 1_700_000_000_123,
+                        reload_volume: true,
+                    },
+                },
+                r#"{"id":9,"command":{"type":"resume","entropy":"AP94AQ==","unix_ms":1700000000123,"reload_volume":true}}"#,
+            ),
+        ];
+        for (req, json) in requests {
+            assert_eq!(serde_json::to_string(&req).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), req);
+        }
+        let replies: Vec<(GuestReply, &str)> = vec![
+            (GuestReply::Frozen, r#"{"type":"frozen"}"#),
+            (
+                GuestReply::Resumed {
+                    identity_changed: true,
+                },
+                r#"{"type":"resumed","identity_changed":true}"#,
+            ),
+        ];
+        for (reply, json) in replies {
+            assert_eq!(serde_json::to_string(&reply).unwrap(), json);
+            assert_eq!(serde_json::from_str::<GuestReply>(json).unwrap(), reply);
+        }
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"id":9,"command":{"type":"resume","entropy":"!!","unix_ms":1,"reload_volume":false}}"#
+            )
+            .is_err(),
+            "entropy is base64"
+        );
+    }
+
+    /// `frozen` is left out while false, so older hosts read the report as before.
+    #[test]
+    fn health_report_frozen_field() {
+        let mut report = HealthReport {
+            ready: true,
+            uptime_ms: 5,
+            services: vec![],
+            config: BTreeMap::new(),
+            config_error: None,
+            frozen: false,
+        };
+        let json = r#"{"ready":true,"uptime_ms":5,"services":[],"config":{}}"#;
+        assert_eq!(serde_json::to_string(&report).unwrap(), json);
+        assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
+        report.ready = false;
+        report.frozen = true;
+        let json = r#"{"ready":false,"uptime_ms":5,"services":[],"config":{},"frozen":true}"#;
+        assert_eq!(serde_json::to_string(&report).unwrap(), json);
+        assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
+    }
+
+    #[test]
     fn bad_base64_is_refused() {
         for bad in [
             r#"{"type":"exec_data","stream":"stdout","data":"!!"}"#,

@@ -61,6 +61,13 @@ pub fn pack_and_commit(
     let spec =
         serde_json::to_vec_pretty(&meta.appliance).expect("invariant: appliance specs serialize");
     fs::write(vroom_dir.join("appliance.json"), spec).map_err(stage("appliance.json"))?;
+    // The mount point of each instance's own machine id, which vroom-init
+    // writes to /run at boot: the root is read-only and shared by every
+    // instance of the image.
+    let machine_id = tree.join("etc/machine-id");
+    if fs::symlink_metadata(&machine_id).is_err() {
+        fs::write(&machine_id, "").map_err(stage("etc/machine-id"))?;
+    }
     for dir in ["config", "dev", "proc", "sys"]
         .iter()
         .map(|d| d.to_string())

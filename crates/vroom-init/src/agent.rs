@@ -119,8 +119,17 @@ fn handle(state: &Supervisor, sessions: &Sessions, request: Request, writer: &Ar
             Err(ApplyConfigError::Failed(message)) => GuestReply::Error { message },
         },
         HostCommand::Shutdown => GuestReply::ShuttingDown,
-        HostCommand::Freeze | HostCommand::Resume { .. } => GuestReply::Error {
-            message: "this vroom-init cannot freeze or resume yet".into(),
+        HostCommand::Freeze => match state.freeze() {
+            Ok(()) => GuestReply::Frozen,
+            Err(message) => GuestReply::Error { message },
+        },
+        HostCommand::Resume {
+            entropy,
+            unix_ms,
+            reload_volume,
+        } => match state.resume(&entropy, unix_ms, reload_volume) {
+            Ok(identity_changed) => GuestReply::Resumed { identity_changed },
+            Err(message) => GuestReply::Error { message },
         },
         HostCommand::ReadFile { path, offset, len } => match read_chunk(&path, offset, len) {
             Ok((bytes, size)) => GuestReply::FileChunk {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use vroom_agent_proto::volume::{
     ConfigFile, InstanceFile, CONFIG_DISK_SERIAL, CONFIG_FILE, INSTANCE_FILE, ROOT_DISK_SERIAL,
 };
-use vroom_types::template::TemplateNic;
 use vroom_types::{ApplianceSpec, ConfigValues};
 
 use crate::{log, netconf};
@@ -21,12 +20,47 @@ const MODULE_LIST: &str = "/lib/vroom/modules";
 const APPLIANCE_FILE: &str = "/etc/vroom/appliance.json";
 pub const CONFIG_DIR: &str = "/config";
 
+/// Where the machine id is written (`/run` is a tmpfs in every appliance
+/// that keeps the default writable directories); it is bind-mounted over
+/// `/etc/machine-id`, which the image builder leaves empty for this.
+const MACHINE_ID_FILE: &str = "/run/machine-id";
+const ETC_MACHINE_ID: &str = "/etc/machine-id";
+/// How the config volume is mounted, at boot and when a restore reloads it.
+const CONFIG_MOUNT_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+const CONFIG_MOUNT_OPTIONS: &str = "umask=0077,iocharset=iso8859-1";
+/// `BLKFLSBUF` from `<linux/fs.h>`: `_IO(0x12, 97)`.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+
 /// Everything the supervisor needs after boot.
 pub struct Booted {
     pub spec: ApplianceSpec,
     pub config: ConfigValues,
     pub hostname: String,
-    pub nics: BTreeMap<String, TemplateNic>,
+    pub machine_id: Option<String>,
+    /// The NICs in the config volume's order, with the names the guest gave them.
+    pub nics: Vec<netconf::Nic>,
+    /// The config volume's block device, e.g. `/dev/vdb`.
+    pub config_dev: String,
+}
+
+/// The config volume's two files.
+pub struct Volume {
+    pub instance: InstanceFile,
+    pub config: Option<ConfigValues>,
+}
+
+/// Reads the config volume mounted at [`CONFIG_DIR`]; a missing or broken
+/// config file is logged and left to the caller.
+pub fn read_volume() -> Result<Volume, String> {
+    let instance: InstanceFile = read_json(&Path::new(CONFIG_DIR).join(INSTANCE_FILE))?;
+    let config = match read_json::<ConfigFile>(&Path::new(CONFIG_DIR).join(CONFIG_FILE)) {
+        Ok(file) => Some(file.values),
+        Err(err) => {
+            log(&err);
+            None
+        }
+    };
+    Ok(Volume { instance, config })
 }
 
 pub fn boot() -> Result<Booted, String> {
@@ -65,35 +99,80 @@ pub fn boot() -> Result<Booted, String> {
         }
         mount(SEED_MNT, &target, "", libc::MS_MOVE, "")?;
     }
-    mount(
-        &config_dev,
-        &format!("{NEW_ROOT}{CONFIG_DIR}"),
-        "vfat",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        "umask=0077,iocharset=iso8859-1",
-    )?;
+    mount_config(&config_dev, &format!("{NEW_ROOT}{CONFIG_DIR}"))?;
     for dir in ["/dev", "/proc", "/sys"] {
         mount(dir, &format!("{NEW_ROOT}{dir}"), "", libc::MS_MOVE, "")?;
     }
     switch_root()?;
 
-    let instance: InstanceFile = read_json(&Path::new(CONFIG_DIR).join(INSTANCE_FILE))?;
-    let config = match read_json::<ConfigFile>(&Path::new(CONFIG_DIR).join(CONFIG_FILE)) {
-        Ok(file) => file.values,
-        Err(err) => {
-            log(&format!("{err}; using the factory config"));
-            spec.seed_config.clone()
-        }
-    };
+    let Volume { instance, config } = read_volume()?;
+    let config = config.unwrap_or_else(|| {
+        log("using the factory config");
+        spec.seed_config.clone()
+    });
     set_hostname(&instance.hostname)?;
+    if let Some(id) = &instance.machine_id {
+        if let Err(err) = set_machine_id(id) {
+            log(&format!("machine id: {err}"));
+        }
+    }
     apply_sysctl(&spec.sysctl);
     let nics = netconf::configure(&instance.nics)?;
     Ok(Booted {
         spec,
         config,
         hostname: instance.hostname,
+        machine_id: instance.machine_id,
         nics,
+        config_dev,
     })
+}
+
+fn mount_config(dev: &str, target: &str) -> Result<(), String> {
+    mount(
+        dev,
+        target,
+        "vfat",
+        CONFIG_MOUNT_FLAGS,
+        CONFIG_MOUNT_OPTIONS,
+    )
+}
+
+/// Flushes the config volume to its disk (see [`write_config`] for why the
+/// whole filesystem).
+pub fn sync_config() -> io::Result<()> {
+    let root = fs::File::open(CONFIG_DIR)?;
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts the config volume afresh after the host replaced its disk image
+/// under a frozen guest: unmount, drop the block device's cached buffers
+/// (clean, since freezing synced them) and mount it again, so that nothing
+/// of the old image is read.
+pub fn remount_config(dev: &str) -> Result<(), String> {
+    let target = CString::new(CONFIG_DIR).expect("invariant: no NUL");
+    // SAFETY: a valid C string.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } != 0 {
+        return Err(format!(
+            "unmount {CONFIG_DIR}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let flushed = fs::File::open(dev).and_then(|disk| {
+        // SAFETY: BLKFLSBUF takes no argument; the fd is ours.
+        let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&disk), BLKFLSBUF as _, 0) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    let mounted = mount_config(dev, CONFIG_DIR);
+    flushed.map_err(|e| format!("flush the buffers of {dev}: {e}"))?;
+    mounted
 }
 
 fn apply_sysctl(params: &BTreeMap<String, String>) {
@@ -193,7 +272,7 @@ fn switch_root() -> Result<(), String> {
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
-fn set_hostname(name: &str) -> Result<(), String> {
+pub fn set_hostname(name: &str) -> Result<(), String> {
     // SAFETY: the pointer and length describe a valid byte buffer.
     if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
         return Err(format!(
@@ -202,6 +281,29 @@ fn set_hostname(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Writes the machine id into [`MACHINE_ID_FILE`] (in place, so that a bind
+/// mount of it stays valid) and makes `/etc/machine-id` show it.
+pub fn set_machine_id(id: &str) -> Result<(), String> {
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{id:?} is not 32 hex digits"));
+    }
+    fs::write(MACHINE_ID_FILE, format!("{id}\n"))
+        .map_err(|e| format!("write {MACHINE_ID_FILE}: {e}"))?;
+    if !Path::new(ETC_MACHINE_ID).is_file() || machine_id_bound() {
+        return Ok(());
+    }
+    mount(MACHINE_ID_FILE, ETC_MACHINE_ID, "", libc::MS_BIND, "")
+}
+
+/// Whether `/etc/machine-id` is a mount point already.
+fn machine_id_bound() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|table| {
+        table
+            .lines()
+            .any(|line| line.split(' ').nth(4) == Some(ETC_MACHINE_ID))
+    })
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
@@ -228,12 +330,7 @@ pub fn write_config(values: &ConfigValues) -> Result<(), String> {
         // fsync on vfat does not reliably write back the FAT table itself (seen:
         // a directory entry pointing at a cluster still marked free after a
         // QEMU kill), so flush the whole, tiny filesystem.
-        let root = fs::File::open(&dir)?;
-        // SAFETY: plain syscall on an fd we own.
-        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&root)) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        sync_config()
     };
     write().map_err(|e| format!("write {CONFIG_DIR}/{CONFIG_FILE}: {e}"))
 }
@@ -249,7 +346,8 @@ fn mount(
     flags: libc::c_ulong,
     data: &str,
 ) -> Result<(), String> {
-    if flags & libc::MS_MOVE == 0 {
+    // A move or a bind mounts onto something that exists (a file, maybe).
+    if flags & (libc::MS_MOVE | libc::MS_BIND) == 0 {
         mkdir(target)?;
     }
     let c = |s: &str| CString::new(s).map_err(|_| format!("NUL in mount argument {s:?}"));

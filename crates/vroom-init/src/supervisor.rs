@@ -20,7 +20,9 @@ use vroom_types::{
 };
 
 use crate::boot::{self, Booted};
-use crate::log;
+use crate::{log, netconf};
+
+mod snapshot;
 
 const SERVICE_RESTART_DELAY: Duration = Duration::from_secs(1);
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
@@ -28,12 +30,29 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 pub struct Supervisor {
     spec: ApplianceSpec,
-    hostname: String,
-    nics: BTreeMap<String, TemplateNic>,
+    /// Changes only when a restored guest takes on a reloaded volume's identity.
+    identity: Mutex<Identity>,
+    /// The config volume's block device, remounted when a restore reloads it.
+    config_dev: String,
     booted_at: Instant,
     inner: Mutex<Inner>,
-    /// Serialises config changes: one staging area per template directory.
+    /// Serialises config changes, freezes and resumes: one staging area per
+    /// template directory, one set of NICs.
     applying: Mutex<()>,
+}
+
+/// Who the guest is: what the config volume's instance file said, as put in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    hostname: String,
+    machine_id: Option<String>,
+    nics: Vec<netconf::Nic>,
+}
+
+impl Identity {
+    fn template_nics(&self) -> BTreeMap<String, TemplateNic> {
+        netconf::by_role(&self.nics)
+    }
 }
 
 struct Inner {
@@ -46,6 +65,8 @@ struct Inner {
     config_error: Option<String>,
     /// The reaper runs: children's exit codes arrive through `exec_waiters`.
     reaping: bool,
+    /// Services are stopped (SIGSTOP) for a snapshot; nothing is started.
+    frozen: bool,
 }
 
 /// Why a config change did not take effect.
@@ -159,8 +180,12 @@ impl Supervisor {
             .collect();
         Supervisor {
             spec: booted.spec,
-            hostname: booted.hostname,
-            nics: booted.nics,
+            identity: Mutex::new(Identity {
+                hostname: booted.hostname,
+                machine_id: booted.machine_id,
+                nics: booted.nics,
+            }),
+            config_dev: booted.config_dev,
             booted_at: Instant::now(),
             inner: Mutex::new(Inner {
                 config: booted.config,
@@ -170,6 +195,7 @@ impl Supervisor {
                 shutting_down: false,
                 config_error: None,
                 reaping: false,
+                frozen: false,
             }),
             applying: Mutex::new(()),
         }
@@ -181,13 +207,20 @@ impl Supervisor {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn identity(&self) -> Identity {
+        self.identity
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// Renders and checks the stored config, then starts the services. A
     /// config that cannot be put in force starts nothing: the health report
     /// carries the error, so the host fails the start at once instead of
     /// waiting for a readiness that cannot come.
     pub fn start_all(&self) {
         let config = self.lock().config.clone();
-        let staged = self.stage(&config).map_err(|e| match e {
+        let staged = self.stage(&config, &self.identity()).map_err(|e| match e {
             ApplyConfigError::Rejected { message, .. } | ApplyConfigError::Failed(message) => {
                 message
             }
@@ -225,7 +258,7 @@ impl Supervisor {
                     }
                     inner.child_exited(pid, status);
                 }
-                if !inner.shutting_down {
+                if !inner.shutting_down && !inner.frozen {
                     inner.start_due_services();
                 }
             }
@@ -234,7 +267,7 @@ impl Supervisor {
     }
 
     pub fn health(&self) -> HealthReport {
-        let (config, services, started, config_error) = {
+        let (config, services, started, config_error, frozen) = {
             let inner = self.lock();
             let services = inner
                 .services
@@ -256,6 +289,7 @@ impl Supervisor {
                 services,
                 inner.started && !inner.shutting_down && oneshots_done,
                 inner.config_error.clone(),
+                inner.frozen,
             )
         };
         let configured_port = self
@@ -275,12 +309,12 @@ impl Supervisor {
                 .all(|(s, spec)| s.running || spec.oneshot),
         };
         HealthReport {
-            ready: started && healthy && config_error.is_none(),
+            ready: started && healthy && config_error.is_none() && !frozen,
             uptime_ms: self.booted_at.elapsed().as_millis() as u64,
             services,
             config,
             config_error,
-            frozen: false,
+            frozen,
         }
     }
 
@@ -290,8 +324,13 @@ impl Supervisor {
     /// moved into place and the dependent services restarted.
     pub fn apply_config(&self, values: ConfigValues) -> Result<ConfigValues, ApplyConfigError> {
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        if self.lock().frozen {
+            return Err(ApplyConfigError::rejected(
+                "the appliance is frozen for a snapshot; resume it first",
+            ));
+        }
         self.validate(&values).map_err(ApplyConfigError::rejected)?;
-        let staged = self.stage(&values)?;
+        let staged = self.stage(&values, &self.identity())?;
         if let Err(err) = boot::write_config(&values) {
             staged.discard();
             return Err(ApplyConfigError::rejected(err));
@@ -301,18 +340,7 @@ impl Supervisor {
         inner.config = values.clone();
         // A guest whose boot config was broken has started nothing yet.
         let was_broken = inner.config_error.take().is_some();
-        let now = Instant::now();
-        for service in inner
-            .services
-            .iter_mut()
-            .filter(|s| was_broken || s.spec.restart_on_config)
-        {
-            if let Some(pid) = service.pid {
-                // SAFETY: signalling the service's own process group.
-                unsafe { libc::kill(-pid, libc::SIGTERM) };
-            }
-            service.start_at = Some(now);
-        }
+        inner.restart_services(|s| was_broken || s.restart_on_config);
         log(&format!("config applied ({} keys)", values.len()));
         drop(inner);
         moved.map_err(|e| {
@@ -337,7 +365,8 @@ impl Supervisor {
         check_config(schema, values).map_err(|e| e.to_string())?;
         check_complete(schema, values).map_err(|e| e.to_string())?;
         let nets: BTreeMap<String, Ipv4Net> = self
-            .nics
+            .identity()
+            .template_nics()
             .iter()
             .filter_map(|(role, nic)| Some((role.clone(), nic.cidr.parse().ok()?)))
             .collect();
@@ -346,9 +375,17 @@ impl Supervisor {
 
     /// Renders every template into its staging directory and runs every
     /// service's check on the staged files. On failure nothing is left behind.
-    fn stage(&self, values: &ConfigValues) -> Result<Staged, ApplyConfigError> {
-        let ctx =
-            TemplateContext::new(&self.spec.config_schema, values, &self.nics, &self.hostname);
+    fn stage(
+        &self,
+        values: &ConfigValues,
+        identity: &Identity,
+    ) -> Result<Staged, ApplyConfigError> {
+        let ctx = TemplateContext::new(
+            &self.spec.config_schema,
+            values,
+            &identity.template_nics(),
+            &identity.hostname,
+        );
         let mut staged = Staged { files: vec![] };
         for template in &self.spec.templates {
             let path = PathBuf::from(&template.path);
@@ -508,8 +545,12 @@ impl Supervisor {
             inner.services.iter().filter_map(|s| s.pid).collect()
         };
         for pid in &pids {
-            // SAFETY: signalling the service's own process group.
-            unsafe { libc::kill(-pid, libc::SIGTERM) };
+            // SAFETY: signalling the service's own process group; SIGCONT
+            // lets a frozen service act on the SIGTERM.
+            unsafe {
+                libc::kill(-pid, libc::SIGTERM);
+                libc::kill(-pid, libc::SIGCONT);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline && self.lock().services.iter().any(|s| s.pid.is_some()) {
@@ -520,6 +561,19 @@ impl Supervisor {
 }
 
 impl Inner {
+    /// Stops the services `which` selects (SIGTERM to each process group);
+    /// the reaper starts them again as soon as they exited, or at once.
+    fn restart_services(&mut self, which: impl Fn(&ServiceSpec) -> bool) {
+        let now = Instant::now();
+        for service in self.services.iter_mut().filter(|s| which(&s.spec)) {
+            if let Some(pid) = service.pid {
+                // SAFETY: signalling the service's own process group.
+                unsafe { libc::kill(-pid, libc::SIGTERM) };
+            }
+            service.start_at = Some(now);
+        }
+    }
+
     fn child_exited(&mut self, pid: i32, status: i32) {
         let code = if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
