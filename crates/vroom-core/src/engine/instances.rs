@@ -521,17 +521,11 @@ impl Engine {
                 e,
             )
         })?;
-        // Each tap goes where the wiring says: its network's bridge, a
-        // splice's segment, or (a bump in the wire not spliced, a capture
-        // sink fed by mirrors) no bridge.
-        let wiring = self.current_wiring();
-        for nic in &instance.nics {
-            let attached = match wiring.get(&nic.tap).cloned().flatten() {
-                Some(bridge) => self.net.attach_tap(&nic.tap, &bridge).await,
-                None => self.net.move_tap(&nic.tap, None).await,
-            }
-            .map_err(|e| OpError::internal("failed to attach the NIC", e));
-            if let Err(e) = attached {
+        // A clone's taps join its networks only once it has taken on its
+        // own identity: until then it holds its source's MACs and addresses.
+        let clone = source.as_ref().is_some_and(|s| s.reload_volume);
+        if !clone {
+            if let Err(e) = self.wire_taps(&instance).await {
                 let _ = self.driver.kill(&process);
                 self.driver.wait_exit(&process).await;
                 restore(self);
@@ -544,6 +538,14 @@ impl Engine {
             if let Err(e) = self.start_from_state(cell, &process, source).await {
                 restore(self);
                 return Err(e);
+            }
+            if clone {
+                if let Err(e) = self.wire_taps(&instance).await {
+                    let _ = self.driver.kill(&process);
+                    self.driver.wait_exit(&process).await;
+                    restore(self);
+                    return Err(e);
+                }
             }
         }
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
@@ -572,6 +574,21 @@ impl Engine {
             launched,
         );
         self.refresh_mirrors_for(&instance.spec.name).await;
+        Ok(())
+    }
+
+    /// Puts each tap where the wiring says: its network's bridge, a
+    /// splice's segment, or (a bump in the wire not spliced, a capture sink
+    /// fed by mirrors) no bridge.
+    async fn wire_taps(&self, instance: &Instance) -> Result<(), OpError> {
+        let wiring = self.current_wiring();
+        for nic in &instance.nics {
+            match wiring.get(&nic.tap).cloned().flatten() {
+                Some(bridge) => self.net.attach_tap(&nic.tap, &bridge).await,
+                None => self.net.move_tap(&nic.tap, None).await,
+            }
+            .map_err(|e| OpError::internal("failed to attach the NIC", e))?;
+        }
         Ok(())
     }
 
