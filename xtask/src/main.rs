@@ -51,12 +51,14 @@ fn main() -> Result<()> {
                     .args(["bench", "jail"])
                     .args(&args[1..]));
             }
-            if which == "bench" && result.is_ok() {
-                result = run(Command::new(&vroom)
-                    .arg("--data-dir")
-                    .arg(&data)
-                    .args(["bench", "splice"])
-                    .args(&args[1..]));
+            for extra in ["splice", "warm"] {
+                if which == "bench" && result.is_ok() {
+                    result = run(Command::new(&vroom)
+                        .arg("--data-dir")
+                        .arg(&data)
+                        .args(["bench", extra])
+                        .args(&args[1..]));
+                }
             }
             // `--` so that pkill does not take the pattern for an option.
             let _ = run(Command::new("pkill")
