@@ -78,8 +78,7 @@ pub(crate) async fn remove_snapshot(
 #[utoipa::path(post, path = "/v1/instances/{name}/restore", params(("name" = Name, Path)),
     request_body = RestoreRequest,
     responses((status = 200, body = Instance), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The snapshot is of another shape (image, memory, CPUs, NICs) or machine, or still being written, or the instance is spliced."),
-        (status = 422, body = ApiErrorBody, description = "The snapshot is corrupt.")))]
+        (status = 409, body = ApiErrorBody, description = "The snapshot is of another shape (image, memory, CPUs, NICs) or machine, corrupt, or still being written, or the instance is spliced.")))]
 pub(crate) async fn restore_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,

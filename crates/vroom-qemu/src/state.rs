@@ -20,6 +20,7 @@ const FD_NAME: &str = "vroom-state";
 /// A saved state of a few hundred MiB takes seconds; far beyond that, QEMU hangs.
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_millis(5);
+const PIPE_BYTES: libc::c_int = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -42,6 +43,11 @@ fn pipe() -> std::io::Result<(File, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // A bigger pipe than the default 64 KiB means far fewer wake-ups
+    // between QEMU and vroomd per 100 MB; best effort (capped by
+    // /proc/sys/fs/pipe-max-size).
+    // SAFETY: plain syscall on a pipe fd we own.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, PIPE_BYTES) };
     // SAFETY: pipe2 returned two fresh fds that nothing else owns.
     unsafe { Ok((File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))) }
 }

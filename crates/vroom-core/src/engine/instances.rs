@@ -191,7 +191,7 @@ impl Engine {
                     })?;
                 if copied != snapshot.volume {
                     return Err(OpError::new(
-                        ErrorCode::InvalidArgument,
+                        ErrorCode::Conflict,
                         format!(
                             "snapshot {} is corrupt: its config volume does not match its sha256",
                             snapshot.name

@@ -146,7 +146,7 @@ fn load_memory(
 ) -> Result<(), OpError> {
     let corrupt = |why: String| {
         OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::Conflict,
             format!(
                 "{} is corrupt ({why}); remove it and take it again",
                 source.label
@@ -489,7 +489,7 @@ impl Engine {
             let size = std::fs::metadata(dir.join(file)).map(|m| m.len()).ok();
             if size != Some(expected.bytes) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "snapshot {} is corrupt: its {file} has {} bytes, {} were recorded",
                         snapshot.name,
@@ -510,7 +510,7 @@ impl Engine {
                 .map_err(|e| OpError::internal(format!("failed to read {file}"), e))?;
             if &digest != expected {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::Conflict,
                     format!(
                         "snapshot {} is corrupt: its {file} does not match its sha256; remove it",
                         snapshot.name
@@ -593,12 +593,14 @@ impl Engine {
         process: &VmProcess,
         source: &StateSource,
     ) -> Result<(), OpError> {
+        let t0 = Instant::now();
         let loaded = blocking(|| {
             load_memory(self.driver.as_ref(), process, source)?;
             self.driver
                 .resume(process)
                 .map_err(|e| OpError::internal("failed to start the restored VM", e))
         });
+        let load_ms = t0.elapsed().as_millis() as u64;
         let resumed = match loaded {
             Ok(()) => cell
                 .agent
@@ -618,6 +620,7 @@ impl Engine {
             let _ = self.driver.kill(process);
             self.driver.wait_exit(process).await;
         }
+        tracing::info!(from = %source.label, load_ms, resume_ms = t0.elapsed().as_millis() as u64 - load_ms, "started from a saved state");
         resumed
     }
 

@@ -202,6 +202,13 @@ impl Engine {
             tokio::pin!(exit);
             // A future polled to completion must not be polled again.
             let mut exited = false;
+            // A guest resumed from a saved state answers at once; a booting
+            // one not before its agent runs.
+            let mut wait = if cell.lock().instance.status.started_from.is_some() {
+                Duration::ZERO
+            } else {
+                HEALTH_POLL
+            };
             if let Some(deadline) = ready_deadline {
                 loop {
                     tokio::select! {
@@ -209,8 +216,9 @@ impl Engine {
                             exited = true;
                             break;
                         }
-                        _ = tokio::time::sleep(HEALTH_POLL) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
+                    wait = HEALTH_POLL;
                     if cell.generation.load(Ordering::SeqCst) != generation {
                         return;
                     }
