@@ -93,7 +93,8 @@ pub(crate) async fn restore_instance(
 #[utoipa::path(post, path = "/v1/images/{name}/warm", params(("name" = String, Path, description = "An image name or id.", max_length = 80)),
     request_body = WarmRequest,
     responses((status = 201, body = Snapshot), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The image's default config does not work.")))]
+        (status = 409, body = ApiErrorBody, description = "The image's default config does not work."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it (memory beyond the host's, no KVM).")))]
 pub(crate) async fn warm_image(
     State(engine): State<AppState>,
     Path(name): Path<String>,

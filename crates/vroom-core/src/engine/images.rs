@@ -43,7 +43,7 @@ impl Engine {
         })
     }
 
-    /// Removes an image no instance uses.
+    /// Removes an image no instance or snapshot uses.
     pub async fn remove_image(&self, reference: &str) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         let image = self.get_image(reference)?;
@@ -52,6 +52,12 @@ impl Engine {
             .into_iter()
             .filter(|i| i.image_id == image.id)
             .map(|i| i.spec.name.to_string())
+            .chain(
+                self.list_snapshots()
+                    .into_iter()
+                    .filter(|s| s.image_id() == image.id)
+                    .map(|s| format!("snapshot {}", s.name)),
+            )
             .collect();
         if !users.is_empty() {
             return Err(OpError::conflict(format!(
@@ -68,12 +74,16 @@ impl Engine {
         self.images.find(reference).map_err(image_error)
     }
 
-    /// Removes the builds no name points to any more and no instance uses;
-    /// returns them.
+    /// Removes the builds no name points to any more and no instance or
+    /// snapshot uses; returns them.
     pub async fn prune_images(&self) -> Result<Vec<ImageSummary>, OpError> {
         let _alloc = self.alloc.lock().await;
-        let used: std::collections::BTreeSet<String> =
-            self.list().into_iter().map(|i| i.image_id).collect();
+        let used: std::collections::BTreeSet<String> = self
+            .list()
+            .into_iter()
+            .map(|i| i.image_id)
+            .chain(self.list_snapshots().into_iter().map(|s| s.instance.image_id))
+            .collect();
         let mut removed = vec![];
         for image in self.list_images()? {
             if image.current || used.contains(&image.id) {
