@@ -82,7 +82,11 @@ impl Engine {
             .list()
             .into_iter()
             .map(|i| i.image_id)
-            .chain(self.list_snapshots().into_iter().map(|s| s.instance.image_id))
+            .chain(
+                self.list_snapshots()
+                    .into_iter()
+                    .map(|s| s.instance.image_id),
+            )
             .collect();
         let mut removed = vec![];
         for image in self.list_images()? {
