@@ -35,6 +35,21 @@ pub struct NetworkSpec {
     pub allow_host: Vec<HostPort>,
 }
 
+impl NetworkSpec {
+    /// A plain bridged network with an automatic subnet: no NAT, not
+    /// isolated, no mirror port, no host ports.
+    pub fn plain(name: Name) -> Self {
+        NetworkSpec {
+            name,
+            subnet: None,
+            nat: false,
+            isolated: false,
+            mirror: false,
+            allow_host: vec![],
+        }
+    }
+}
+
 /// A port on a network's gateway that the network's guests may reach.
 #[derive(
     Debug,

@@ -23,14 +23,7 @@ pub async fn boot(data_dir: &Path, runs: usize) -> Result<()> {
     let client = crate::cli::connect(data_dir).await?;
     let net_name = format!("bench{}", std::process::id() % 10000);
     let network = client
-        .create_network(&NetworkSpec {
-            name: Name::new(&net_name)?,
-            subnet: None,
-            nat: false,
-            isolated: false,
-            mirror: false,
-            allow_host: vec![],
-        })
+        .create_network(&NetworkSpec::plain(Name::new(&net_name)?))
         .await?;
     let result = measure(&client, data_dir, &network.name, runs).await;
     let _ = client.remove_network(&net_name).await;

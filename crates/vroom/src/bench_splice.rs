@@ -178,14 +178,7 @@ pub async fn splice(data_dir: &Path, runs: usize) -> Result<()> {
     let tag = std::process::id() % 10000;
     let net = format!("bsp{tag}");
     let network = client
-        .create_network(&NetworkSpec {
-            name: Name::new(&net)?,
-            subnet: None,
-            nat: false,
-            isolated: false,
-            mirror: false,
-            allow_host: vec![],
-        })
+        .create_network(&NetworkSpec::plain(Name::new(&net)?))
         .await?;
     let web = format!("bsp{tag}-web");
     let ns = format!("vrbsp{tag}");

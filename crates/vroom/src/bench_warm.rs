@@ -25,14 +25,7 @@ pub async fn warm(data_dir: &Path, runs: usize) -> Result<()> {
     let tag = std::process::id() % 10000;
     let net = format!("bwm{tag}");
     client
-        .create_network(&NetworkSpec {
-            name: Name::new(&net)?,
-            subnet: None,
-            nat: false,
-            isolated: false,
-            mirror: false,
-            allow_host: vec![],
-        })
+        .create_network(&NetworkSpec::plain(Name::new(&net)?))
         .await?;
     let result = measure(&client, &net, tag, runs).await;
     for instance in client.list().await.unwrap_or_default() {

@@ -130,24 +130,10 @@ impl Engine {
                 return Err(e);
             }
         };
-        let instance = Instance {
-            id: id.clone(),
-            spec: spec.clone(),
-            image_id: image.id.clone(),
-            image_name: image.manifest.name.clone(),
-            mem_mib,
-            created_at: now_secs(),
-            desired: DesiredState::Running,
-            nics,
-            status: InstanceStatus {
-                accel: Some(accel),
-                ..InstanceStatus::stopped()
-            },
-            config: match &clone_of {
-                Some((snapshot, _)) => snapshot.config().clone(),
-                None => image.manifest.appliance.seed_config.clone(),
-            },
-        };
+        let mut instance = new_instance(&id, spec.clone(), &image, mem_mib, accel, nics);
+        if let Some((snapshot, _)) = &clone_of {
+            instance.config = snapshot.config().clone();
+        }
         let warm = match (&clone_of, req.cold) {
             (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
             _ => None,
@@ -770,6 +756,33 @@ fn action_verb(action: InstanceAction) -> &'static str {
         InstanceAction::Start => "start",
         InstanceAction::Stop => "stop",
         InstanceAction::Restart => "restart",
+    }
+}
+
+/// A new instance's record: wanted running, not started yet, the image's
+/// seed config.
+pub(super) fn new_instance(
+    id: &str,
+    spec: InstanceSpec,
+    image: &BootImage,
+    mem_mib: u64,
+    accel: vroom_types::Accel,
+    nics: Vec<NicStatus>,
+) -> Instance {
+    Instance {
+        id: id.to_string(),
+        spec,
+        image_id: image.id.clone(),
+        image_name: image.manifest.name.clone(),
+        mem_mib,
+        created_at: now_secs(),
+        desired: DesiredState::Running,
+        nics,
+        status: InstanceStatus {
+            accel: Some(accel),
+            ..InstanceStatus::stopped()
+        },
+        config: image.manifest.appliance.seed_config.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ use std::io::{Read, Write};
 use sha2::{Digest, Sha256};
 use vroom_types::{Snapshot, SnapshotFile, SnapshotKind, SnapshotRequest, VmShape};
 
-use super::instances::instance_file;
+use super::instances::{instance_file, new_instance};
 use super::*;
 use crate::driver::VmRunState;
 
@@ -724,21 +724,7 @@ impl Engine {
                 }
             })
             .collect();
-        let instance = Instance {
-            id: id.clone(),
-            spec,
-            image_id: image.id.clone(),
-            image_name: image.manifest.name.clone(),
-            mem_mib,
-            created_at: now_secs(),
-            desired: DesiredState::Running,
-            nics,
-            status: InstanceStatus {
-                accel: Some(accel),
-                ..InstanceStatus::stopped()
-            },
-            config: image.manifest.appliance.seed_config.clone(),
-        };
+        let instance = new_instance(&id, spec, &image, mem_mib, accel, nics);
         let shape = VmShape::of(&instance);
         let target = self.warm_dir().join(self.warm_key(&image, &shape, accel));
         let partial = blocking(|| self.partial_dir(&self.warm_dir()))?;
