@@ -487,8 +487,16 @@ impl Engine {
             r.process = None;
         })?;
         let restore = |engine: &Self| {
+            snapshots::clear_marker(&cell.dir, snapshots::RESTORE_MARKER);
             let _ = engine.update(cell, |r| r.instance.status.state = previous);
         };
+        if source.is_some() {
+            if let Err(e) = blocking(|| snapshots::set_marker(&cell.dir, snapshots::RESTORE_MARKER))
+            {
+                restore(self);
+                return Err(e);
+            }
+        }
         // The collector connects while the VMM starts, before the guest
         // writes its first line (a socket console drops output nobody reads).
         cell.collect_console(epoch, CONSOLE_CONNECT_WINDOW);
@@ -534,6 +542,7 @@ impl Engine {
                 }
             }
         }
+        snapshots::clear_marker(&cell.dir, snapshots::RESTORE_MARKER);
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let saved = self.update(cell, |r| {
             r.process = Some(process.clone());

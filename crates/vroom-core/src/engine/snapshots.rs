@@ -29,6 +29,24 @@ const PARTIAL_PREFIX: &str = ".partial-";
 pub(super) const MANIFEST: &str = "snapshot.json";
 pub(super) const MEMORY: &str = "memory.zst";
 pub(super) const VOLUME: &str = "config.img";
+/// In an instance's dir while a snapshot freezes and pauses its VM: the
+/// next daemon lets the VM run again.
+const SNAPSHOT_MARKER: &str = "snapshotting";
+/// In an instance's dir while its VM starts from a saved state: the next
+/// daemon kills such a VM (its identity may not be its own yet) and boots it.
+pub(super) const RESTORE_MARKER: &str = "restoring";
+
+/// Writes a marker file durably.
+pub(super) fn set_marker(dir: &Path, name: &str) -> Result<(), OpError> {
+    File::create(dir.join(name))
+        .and_then(|f| f.sync_all())
+        .and_then(|()| sync_dir(dir))
+        .map_err(|e| OpError::internal(format!("failed to write {name}"), e))
+}
+
+pub(super) fn clear_marker(dir: &Path, name: &str) {
+    let _ = std::fs::remove_file(dir.join(name));
+}
 /// Fast enough to stay off the pause's critical path (about 2.5x on guest
 /// memory, measured: 91 MB of state to 37 MB).
 const ZSTD_LEVEL: i32 = 1;
@@ -423,16 +441,24 @@ impl Engine {
     ) -> Result<Snapshot, OpError> {
         let parent = target.parent().unwrap_or(target).to_path_buf();
         let partial = blocking(|| self.partial_dir(&parent))?;
-        cell.agent.freeze(AGENT_TIMEOUT).await.map_err(|e| {
-            OpError::wrap(
+        if let Err(e) = blocking(|| set_marker(&cell.dir, SNAPSHOT_MARKER)) {
+            let _ = blocking(|| std::fs::remove_dir_all(&partial));
+            return Err(e);
+        }
+        if let Err(e) = cell.agent.freeze(AGENT_TIMEOUT).await {
+            let _ = blocking(|| std::fs::remove_dir_all(&partial));
+            clear_marker(&cell.dir, SNAPSHOT_MARKER);
+            // A guest that froze but whose answer was lost runs on.
+            let _ = cell.agent.resume(false, AGENT_TIMEOUT).await;
+            return Err(OpError::wrap(
                 ErrorCode::Conflict,
                 format!(
                     "the guest of {} cannot be frozen for a snapshot (an image built by an older vroom? rebuild it)",
                     instance.spec.name
                 ),
                 e,
-            )
-        })?;
+            ));
+        }
         let paused_at = Instant::now();
         let saved = blocking(|| -> Result<_, OpError> {
             let (state_bytes, memory) =
@@ -445,6 +471,7 @@ impl Engine {
         let resumed = blocking(|| self.driver.resume(process));
         let pause_ms = paused_at.elapsed().as_millis() as u64;
         let thawed = cell.agent.resume(false, AGENT_TIMEOUT).await;
+        clear_marker(&cell.dir, SNAPSHOT_MARKER);
         let outcome = (|| {
             let (state_bytes, memory, volume) = saved?;
             resumed.map_err(|e| OpError::internal("failed to resume the VM", e))?;
@@ -624,31 +651,42 @@ impl Engine {
         resumed
     }
 
-    /// After a daemon restart: a VMM a snapshot left paused runs again; one
-    /// that never received its state is killed (the restart policy boots
-    /// it); a guest left frozen is resumed.
+    /// After a daemon restart, whether the VM was starting from a saved
+    /// state: it is killed (the caller boots the instance instead).
+    pub(super) async fn kill_interrupted_restore(
+        &self,
+        cell: &Arc<Cell>,
+        process: &VmProcess,
+    ) -> bool {
+        if !cell.dir.join(RESTORE_MARKER).exists() {
+            return false;
+        }
+        tracing::warn!(instance = %cell.snapshot().spec.name, "killing a VM whose start from a saved state was interrupted; booting it instead");
+        let _ = self.driver.kill(process);
+        self.driver.wait_exit(process).await;
+        clear_marker(&cell.dir, RESTORE_MARKER);
+        true
+    }
+
+    /// After a daemon restart: a VM an interrupted snapshot left paused
+    /// runs again and its guest is resumed.
     pub(super) async fn recover_paused(&self, cell: &Arc<Cell>, process: &VmProcess) {
+        if !cell.dir.join(SNAPSHOT_MARKER).exists() {
+            return;
+        }
         let name = cell.snapshot().spec.name;
-        match blocking(|| self.driver.run_state(process)) {
-            Ok(VmRunState::Incoming) => {
-                tracing::warn!(instance = %name, "killing a VM whose restore was interrupted");
-                let _ = self.driver.kill(process);
-                return;
-            }
-            Ok(VmRunState::Paused | VmRunState::Saving) => {
-                tracing::warn!(instance = %name, "resuming a VM an interrupted snapshot left paused");
-                if let Err(e) = blocking(|| self.driver.resume(process)) {
-                    tracing::warn!(instance = %name, error = %e, "cannot resume the VM");
-                }
-            }
-            _ => {}
-        }
-        if let Ok(report) = cell.agent.health(Duration::from_secs(2)).await {
-            if report.frozen {
-                tracing::warn!(instance = %name, "resuming a guest an interrupted snapshot left frozen");
-                let _ = cell.agent.resume(true, AGENT_TIMEOUT).await;
+        tracing::warn!(instance = %name, "resuming a VM an interrupted snapshot left paused or frozen");
+        if let Ok(VmRunState::Paused | VmRunState::Saving) =
+            blocking(|| self.driver.run_state(process))
+        {
+            if let Err(e) = blocking(|| self.driver.resume(process)) {
+                tracing::warn!(instance = %name, error = %e, "cannot resume the VM");
             }
         }
+        if let Err(e) = cell.agent.resume(false, AGENT_TIMEOUT).await {
+            tracing::warn!(instance = %name, error = %e, "the guest did not confirm its resume");
+        }
+        clear_marker(&cell.dir, SNAPSHOT_MARKER);
     }
 
     /// The warm snapshot `run` may start from: same image, memory, CPUs,

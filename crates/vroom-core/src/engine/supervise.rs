@@ -84,6 +84,9 @@ impl Engine {
     /// A VM that outlived the last daemon: watch it again, or finish what the
     /// last daemon was doing to it.
     async fn readopt(self: &Arc<Self>, cell: Arc<Cell>, process: VmProcess) -> Result<(), OpError> {
+        if self.kill_interrupted_restore(&cell, &process).await {
+            return self.recover_gone(cell);
+        }
         let (name, state, desired, nics) = {
             let r = cell.lock();
             (

@@ -574,3 +574,39 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
         Vec::<String>::new()
     );
 }
+
+/// A daemon killed while a clone was starting from a saved state: the next
+/// one kills that VM (it may still hold its source's identity) and boots
+/// the instance instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_boots_a_clone_whose_start_was_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let web = t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    let old_pid = web.status.pid.unwrap();
+    {
+        use crate::store::StateStore;
+        let mut record = t.store.instances().unwrap().remove(0);
+        record.instance.status.state = InstanceState::Starting;
+        t.store.put_instance(&record).unwrap();
+    }
+    let marker = dir.path().join("instances").join(&web.id).join("restoring");
+    std::fs::write(&marker, b"").unwrap();
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    let mut booted = None;
+    for _ in 0..400 {
+        let i = engine.get("web").unwrap();
+        if i.status.state == InstanceState::Running {
+            booted = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let booted = booted.expect("the instance boots again");
+    assert_ne!(booted.status.pid, Some(old_pid));
+    assert_eq!(booted.status.started_from, None);
+    assert!(!marker.exists());
+    assert_eq!(t.driver.running().len(), 1);
+}
