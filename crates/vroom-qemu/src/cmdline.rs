@@ -314,7 +314,7 @@ pub(crate) mod tests {
             value_after(&args, "-drive"),
             vec![
                 "id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on",
-                "id=config,file=/dev/fdset/2,format=raw,if=none,cache=writeback"
+                "id=config,file=/dev/fdset/2,format=raw,if=none,cache=writeback,file.locking=off"
             ]
         );
         assert_eq!(

@@ -346,18 +346,87 @@ impl VmDriver for QemuDriver {
     }
 
     fn machine(&self, accel: Accel) -> String {
-        static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let version = VERSION.get_or_init(|| {
-            self.binary()
-                .ok()
-                .and_then(|b| std::process::Command::new(b).arg("--version").output().ok())
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .and_then(|v| v.lines().next().map(str::to_string))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
-                .unwrap_or_else(|| "unknown".into())
-        });
+        let version = self
+            .binary()
+            .map(|b| qemu_version(&b))
+            .unwrap_or_else(|_| "missing".into());
         format!("qemu-{version}/{MACHINE_LAYOUT}/{accel}")
     }
+}
+
+/// The VMM's version, cached while its binary (path, size, mtime) is the
+/// same: an upgrade while vroomd runs is seen.
+fn qemu_version(binary: &Path) -> String {
+    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
+    static CACHE: std::sync::Mutex<Option<(Key, String)>> = std::sync::Mutex::new(None);
+    let meta = std::fs::metadata(binary).ok();
+    let key: Key = (
+        binary.to_path_buf(),
+        meta.as_ref().map_or(0, |m| m.len()),
+        meta.as_ref().and_then(|m| m.modified().ok()),
+    );
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((cached, version)) = cache.as_ref() {
+        if *cached == key {
+            return version.clone();
+        }
+    }
+    let version = probe_version(binary).unwrap_or_else(|| {
+        // Still tells one binary from another.
+        let mtime = key
+            .2
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        format!("unknown-{}-{mtime}", key.1)
+    });
+    *cache = Some((key, version.clone()));
+    version
+}
+
+/// `qemu-system-x86_64 --version`, bounded: 2 s, 4 KiB of output, stderr
+/// discarded, the whole process group killed if it does not end.
+fn probe_version(binary: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(binary)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                // SAFETY: plain syscall on the child's own process group.
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = String::new();
+    child
+        .stdout
+        .take()?
+        .take(4096)
+        .read_to_string(&mut out)
+        .ok()?;
+    parse_version(&out)
+}
+
+/// `QEMU emulator version 7.2.22 (Debian ...)` -> `7.2.22`.
+fn parse_version(output: &str) -> Option<String> {
+    let rest = output.lines().next()?.split("version ").nth(1)?;
+    let version = rest.split_whitespace().next()?;
+    version
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-+~".contains(c))
+        .then(|| version.to_string())
 }
 
 fn control(e: impl std::fmt::Display) -> ControlVmError {
@@ -398,6 +467,25 @@ mod tests {
             .env(jail::RUN_DIR_ENV, run_dir)
             .spawn()
             .unwrap()
+    }
+
+    #[test]
+    fn versions_are_read_bounded() {
+        assert_eq!(
+            parse_version(
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright"
+            ),
+            Some("7.2.22".into())
+        );
+        assert_eq!(parse_version("garbage"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let flood = dir.path().join("qemu");
+        std::fs::write(&flood, "#!/bin/sh\nyes flood >&2\n").unwrap();
+        std::fs::set_permissions(&flood, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let started = Instant::now();
+        assert!(qemu_version(&flood).starts_with("unknown-"));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub struct WarmRequest {
 pub struct ArchiveRequest {
     /// An absolute path on the daemon's host: a directory that does not
     /// exist yet (its parent must) or an empty one.
-    #[schema(min_length = 1, max_length = 4096)]
+    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
     pub dir: String,
 }
 
