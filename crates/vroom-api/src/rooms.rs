@@ -78,7 +78,10 @@ pub(crate) struct ApplyQuery {
 /// instances, sets its exposes. The same file twice changes nothing.
 #[utoipa::path(put, path = "/v1/rooms/{name}", params(("name" = Name, Path), ApplyQuery), request_body = RoomFile,
     responses((status = 200, body = RoomPlan), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The file does not fit what exists (a wan change, an instance outside the room).")))]
+        (status = 409, body = ApiErrorBody, description = "The file does not fit what exists (a wan change, an instance outside the room)."),
+        (status = 422, body = ApiErrorBody, description = "A config in the file does not fit its appliance: unknown keys, its schema or rules (code `invalid_config`)."),
+        (status = 502, body = ApiErrorBody, description = "A guest agent failed while a config was applied."),
+        (status = 504, body = ApiErrorBody, description = "A guest agent did not answer while a config was applied.")))]
 pub(crate) async fn apply_room(
     State(engine): State<AppState>,
     Path(name): Path<String>,
