@@ -356,7 +356,9 @@ impl Engine {
                     .starts_with(PARTIAL_PREFIX)
                 {
                     tracing::warn!(dir = %entry.path().display(), "removing an incomplete snapshot");
-                    let _ = std::fs::remove_dir_all(entry.path());
+                    if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                        tracing::error!(dir = %entry.path().display(), error = %e, "cannot remove an incomplete snapshot");
+                    }
                 }
             }
         }
