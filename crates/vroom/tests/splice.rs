@@ -431,7 +431,9 @@ fn sniffers_inline_and_mirrored_capture_the_traffic() {
     let stream = env.dir.join("live.pcap");
     let mut live = env
         .command()
-        .args(["capture", "snf", "--count", "6", "--filter", "tcp port 80"])
+        // Enough packets for a whole request even when the capture starts
+        // in the middle of one (its tail alone is about ten packets).
+        .args(["capture", "snf", "--count", "30", "--filter", "tcp port 80"])
         .stdout(std::fs::File::create(&stream).unwrap())
         .spawn()
         .unwrap();
