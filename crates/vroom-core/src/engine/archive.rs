@@ -67,6 +67,17 @@ fn wipe(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)
 }
 
+/// Zeroes, fsyncs and unlinks every file under `dir`; returns them.
+pub(super) fn wipe_dir(dir: &Path) -> Result<Vec<PathBuf>, OpError> {
+    let mut wiped = vec![];
+    for file in files_under(dir) {
+        wipe(&file)
+            .map_err(|e| OpError::internal(format!("failed to wipe {}", file.display()), e))?;
+        wiped.push(file);
+    }
+    Ok(wiped)
+}
+
 /// Every regular file under `dir`, depth first.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![];
@@ -112,18 +123,7 @@ impl Engine {
             }
         };
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
-        cell.stop_collecting_console();
-        let wiped = blocking(|| -> Result<Vec<PathBuf>, OpError> {
-            let mut wiped = vec![];
-            for file in files_under(&cell.dir) {
-                wipe(&file).map_err(|e| {
-                    OpError::internal(format!("failed to wipe {}", file.display()), e)
-                })?;
-                wiped.push(file);
-            }
-            Ok(wiped)
-        })?;
-        let networks = self.forget(&cell, name).await?;
+        let (networks, wiped) = self.forget(&cell, name, true).await?;
         drop(_op);
         self.sync_rooms_on(&networks).await;
         tracing::info!(instance = %name, dir = %dir.display(), files = files.len(), wiped = wiped.len(), "instance archived and removed");

@@ -689,7 +689,7 @@ impl Engine {
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         // Under the op lock: an action queued behind this one must find
         // the instance gone, not launch it from a deleted directory.
-        let networks = self.forget(&cell, name).await?;
+        let (networks, _) = self.forget(&cell, name, false).await?;
         drop(_op);
         self.sync_rooms_on(&networks).await;
         Ok(())
@@ -716,11 +716,17 @@ impl Engine {
     /// Drops a stopped instance (the caller holds its op lock): its mirrors,
     /// record and files. Returns its networks, whose rooms the caller syncs
     /// once the lock is released.
+    ///
+    /// With `wipe`, every file is zeroed and fsynced before it is unlinked
+    /// (returned). The record goes first: a daemon killed while wiping
+    /// leaves an ownerless run dir, which the next one removes, never a
+    /// half-wiped instance it would try to run.
     pub(super) async fn forget(
         self: &Arc<Self>,
         cell: &Arc<Cell>,
         name: &str,
-    ) -> Result<Vec<Name>, OpError> {
+        wipe: bool,
+    ) -> Result<(Vec<Name>, Vec<PathBuf>), OpError> {
         self.drop_mirrors_of(name).await;
         blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
@@ -729,6 +735,11 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n, _| n.as_str() != name);
         cell.stop_collecting_console();
+        let wiped = if wipe {
+            blocking(|| archive::wipe_dir(&cell.dir))?
+        } else {
+            vec![]
+        };
         blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
@@ -746,7 +757,7 @@ impl Engine {
             .iter()
             .map(|n| n.network.clone())
             .collect();
-        Ok(networks)
+        Ok((networks, wiped))
     }
 
     /// Not found when a concurrent `remove` took (or a `run` replaced) the
