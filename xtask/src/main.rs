@@ -14,6 +14,7 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match args.first().map(String::as_str) {
         Some("build-init") => build_init(&root).map(|_| ()),
+        Some("prereqs") => build_prerequisites(),
         Some("demo") => {
             let vroom = build(&root, true)?;
             run(Command::new(&vroom).arg("setup"))?;
@@ -78,10 +79,28 @@ fn main() -> Result<()> {
             ])
             .env("VROOM_UPDATE_OPENAPI", "1")),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | bench-images [-n N] [--no-debootstrap] | build-init | openapi>");
+            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | bench-images [-n N] [--no-debootstrap] | build-init | prereqs | openapi>");
             std::process::exit(2);
         }
     }
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// What building vroom needs beyond the Rust toolchain: the etcd client
+/// crate compiles etcd's protobuf API with `protoc` and its well-known types.
+fn build_prerequisites() -> Result<()> {
+    let protoc = Command::new("protoc").arg("--version").output().is_ok();
+    let types = Path::new("/usr/include/google/protobuf/descriptor.proto").is_file();
+    if !protoc || !types {
+        apt_install(&["protobuf-compiler", "libprotobuf-dev"])?;
+    }
+    Ok(())
 }
 
 /// Tools the tests use as real clients beside what `vroom setup` installs:
@@ -93,9 +112,11 @@ fn install_test_tools() -> Result<()> {
             .unwrap_or(false)
     };
     if missing("tcpdump") {
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "tcpdump"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install(&["tcpdump"])?;
+    }
+    // The cluster tests run a real three-member etcd.
+    if missing("etcd") {
+        apt_install(&["etcd-server"])?;
     }
     // The API conformance test (crates/vroom/tests/api.rs) runs schemathesis;
     // pinned, because new releases add checks.
@@ -167,6 +188,7 @@ fn build_init(root: &Path) -> Result<PathBuf> {
 
 /// Builds vroom and puts vroom-init next to it, where vroom looks for it.
 fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    build_prerequisites()?;
     let init = build_init(root)?;
     let mut cmd = Command::new(cargo());
     cmd.current_dir(root).args(["build", "-q", "-p", "vroom"]);

@@ -34,6 +34,7 @@ use audit::AuditCaller;
 pub use audit::Caller;
 
 use links::CreatedResourceLinks;
+mod nodes;
 mod rooms;
 mod snapshots;
 mod splices;
@@ -215,7 +216,12 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         snapshots::remove_snapshot,
         snapshots::restore_instance,
         snapshots::warm_image,
-        snapshots::archive_instance
+        snapshots::archive_instance,
+        nodes::list_nodes,
+        nodes::get_node,
+        nodes::cordon_node,
+        nodes::uncordon_node,
+        nodes::drain_node
     ),
     components(schemas(ApiErrorBody, Name)),
     modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
@@ -393,6 +399,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
             post(snapshots::archive_instance),
         )
         .route("/v1/images/{name}/warm", post(snapshots::warm_image))
+        .route("/v1/nodes", get(nodes::list_nodes))
+        .route("/v1/nodes/{name}", get(nodes::get_node))
+        .route("/v1/nodes/{name}/cordon", post(nodes::cordon_node))
+        .route("/v1/nodes/{name}/uncordon", post(nodes::uncordon_node))
+        .route("/v1/nodes/{name}/drain", post(nodes::drain_node))
         .fallback(no_route)
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.
@@ -495,7 +506,19 @@ async fn version(State(engine): State<AppState>) -> Json<VersionInfo> {
 
 #[utoipa::path(get, path = "/v1/instances", responses((status = 200, body = Vec<Instance>)))]
 async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
-    Json(engine.list())
+    let mut list = engine.list();
+    // A cluster node lists the cluster's instances too (as their owners
+    // published them); an unreachable etcd leaves the local ones.
+    if let Some(cluster) = engine.cluster() {
+        if let Ok(remote) = cluster.instances().await {
+            for instance in remote {
+                if !list.iter().any(|i| i.spec.name == instance.spec.name) {
+                    list.push(instance);
+                }
+            }
+        }
+    }
+    Json(list)
 }
 
 /// Creates an instance and starts it; the guest reports ready later (`status.state` becomes `running`).
@@ -512,7 +535,17 @@ async fn run_instance(
     let req = body(req)?;
     req.validate()
         .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-    let instance = engine.run(req).await?;
+    let instance = match engine.cluster() {
+        Some(cluster) => cluster.run(req).await?,
+        None if !req.placement.is_default() => {
+            return Err(OpError::new(
+                ErrorCode::Conflict,
+                "this host is not in a cluster: placement (ha, spread, node) needs one",
+            )
+            .into())
+        }
+        None => engine.run(req).await?,
+    };
     Ok((StatusCode::CREATED, Json(instance)))
 }
 
@@ -522,7 +555,11 @@ async fn get_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Instance> {
-    Ok(Json(engine.get(&name)?))
+    match (engine.get(&name), engine.cluster()) {
+        (Ok(instance), _) => Ok(Json(instance)),
+        (Err(e), Some(cluster)) => cluster.instance(&name).await?.map(Json).ok_or(e.into()),
+        (Err(e), None) => Err(e.into()),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -542,7 +579,13 @@ async fn remove_instance(
     query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    engine.remove(&name, query.force).await?;
+    let in_cluster = match engine.cluster() {
+        Some(cluster) => cluster.remove(&name, query.force).await?,
+        None => false,
+    };
+    if !in_cluster {
+        engine.remove(&name, query.force).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -555,7 +598,12 @@ async fn instance_action(
     Path(name): Path<String>,
     req: Result<Json<ActionRequest>, JsonRejection>,
 ) -> ApiResult<Instance> {
-    Ok(Json(engine.action(&name, body(req)?.action).await?))
+    let action = body(req)?.action;
+    let instance = engine.action(&name, action).await?;
+    if let Some(cluster) = engine.cluster() {
+        cluster.set_desired(&name, instance.desired).await?;
+    }
+    Ok(Json(instance))
 }
 
 /// Runs a command in the guest, streaming. The request body is one JSON line,

@@ -553,6 +553,25 @@ impl Client {
         .await
     }
 
+    pub async fn nodes(&self) -> Result<Vec<vroom_types::NodeInfo>, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/nodes", None).await
+    }
+
+    pub async fn node(&self, name: &str) -> Result<vroom_types::NodeInfo, ClientError> {
+        self.call::<(), _>(Method::GET, &format!("/v1/nodes/{}", enc(name)), None)
+            .await
+    }
+
+    /// `op`: cordon, uncordon or drain.
+    pub async fn node_op(
+        &self,
+        name: &str,
+        op: &str,
+    ) -> Result<vroom_types::NodeInfo, ClientError> {
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{}/{op}", enc(name)), None)
+            .await
+    }
+
     pub async fn mirrors(&self) -> Result<Vec<vroom_types::Mirror>, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/mirrors", None).await
     }

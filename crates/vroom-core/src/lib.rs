@@ -6,6 +6,7 @@
 //! [`images::ImageSource`]; the `vroom` binary wires real implementations in.
 
 pub mod agent;
+pub mod cluster;
 pub mod console;
 pub mod driver;
 pub mod engine;

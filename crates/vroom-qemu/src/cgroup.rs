@@ -61,14 +61,31 @@ impl CgroupSpec {
     }
 }
 
-/// `vroom/<run dir name>`: the run dir's name is the instance id, unique
-/// across data dirs.
+/// `vroom/<run dir name>` (or `vroom/<scope>/<run dir name>` in a scoped
+/// daemon): the run dir's name is the instance id, unique across data dirs.
 pub fn group_name(run_dir: &Path) -> String {
     let id = run_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    format!("{PARENT}/{id}")
+    format!("{}/{id}", scope_group())
+}
+
+static SCOPE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Puts every VMM this process launches under `vroom/<scope>`: a cluster
+/// node's guard kills the whole scope when the node must fence itself. Set
+/// once, before the first launch; a second call is ignored.
+pub fn set_scope(scope: &str) {
+    let _ = SCOPE.set(scope.to_string());
+}
+
+/// The group every VMM of this process is under: `vroom`, or `vroom/<scope>`.
+pub fn scope_group() -> String {
+    match SCOPE.get() {
+        Some(scope) => format!("{PARENT}/{scope}"),
+        None => PARENT.to_string(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +194,11 @@ impl Hierarchy {
             let parent = root.join(PARENT);
             make_dir(&parent)?;
             enable_controllers(&parent)?;
+            if SCOPE.get().is_some() {
+                let scope = root.join(scope_group());
+                make_dir(&scope)?;
+                enable_controllers(&scope)?;
+            }
         }
         for dir in self.dirs(&spec.name) {
             make_dir(&dir)?;
@@ -220,22 +242,46 @@ impl Hierarchy {
     /// while no daemon watched them). Groups with processes stay.
     pub fn sweep(&self) -> Vec<String> {
         let mut removed = vec![];
-        let parents = match self {
-            Hierarchy::V1 { memory, pids } => vec![memory.join(PARENT), pids.join(PARENT)],
-            Hierarchy::V2 { root } => vec![root.join(PARENT)],
-        };
-        for parent in parents {
+        let mut groups = vec![scope_group(), PARENT.to_string()];
+        groups.dedup();
+        let parents = groups
+            .iter()
+            .flat_map(|group| self.dirs(group).into_iter().map(move |dir| (group, dir)));
+        for (group, parent) in parents {
             let Ok(entries) = std::fs::read_dir(&parent) else {
                 continue;
             };
             for entry in entries.flatten() {
                 if entry.path().is_dir() && std::fs::remove_dir(entry.path()).is_ok() {
-                    removed.push(format!("{PARENT}/{}", entry.file_name().to_string_lossy()));
+                    removed.push(format!("{group}/{}", entry.file_name().to_string_lossy()));
                 }
             }
         }
         removed
     }
+}
+
+/// Every process in `group` and the groups under it, in each hierarchy.
+pub fn processes_under(hierarchy: &Hierarchy, group: &str) -> Vec<u32> {
+    fn walk(dir: &Path, pids: &mut Vec<u32>) {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&entry.path(), pids);
+                }
+            }
+        }
+    }
+    let mut pids = vec![];
+    for dir in hierarchy.dirs(group) {
+        walk(&dir, &mut pids);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 fn make_dir(dir: &Path) -> Result<(), CgroupError> {

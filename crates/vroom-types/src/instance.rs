@@ -131,6 +131,10 @@ pub struct RunRequest {
     /// Boot even when a warm snapshot of the image fits.
     #[serde(default)]
     pub cold: bool,
+    /// Cluster placement: HA policy, spread group, node. Refused on a
+    /// host that is not in a cluster unless left at its defaults.
+    #[serde(default, skip_serializing_if = "crate::Placement::is_default")]
+    pub placement: crate::Placement,
 }
 
 /// Whether the user wants the instance running.

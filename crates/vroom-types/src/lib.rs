@@ -5,6 +5,7 @@
 //! I/O so that every layer (CLI, API, core) can share it.
 
 mod api;
+mod cluster;
 mod config;
 mod error;
 mod exec;
@@ -26,6 +27,7 @@ pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
     LogChunk, PackageChange, VersionInfo,
 };
+pub use cluster::{ClusterInfo, HaPolicy, NodeInfo, Placement};
 pub use config::{
     config_diff, parse_assignment, validate_config_key, validate_config_value, ConfigChange,
     ConfigDiff, ConfigHistory, ConfigLog, ConfigOrigin, ConfigRollback, ConfigUpdate, ConfigValues,

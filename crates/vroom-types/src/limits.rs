@@ -175,6 +175,7 @@ mod tests {
             ready_timeout_secs: None,
             from_snapshot: None,
             cold: false,
+            placement: Default::default(),
         };
         edit(&mut req);
         req

@@ -136,6 +136,7 @@ async fn measure(
                 ready_timeout_secs: Some(120),
                 from_snapshot: None,
                 cold: true,
+                placement: Default::default(),
             })
             .await?;
         let instance = crate::cli::wait_ready(client, &name, Duration::from_secs(130)).await?;

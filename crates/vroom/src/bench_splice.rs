@@ -357,6 +357,7 @@ fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest
         ready_timeout_secs: Some(120),
         from_snapshot: None,
         cold: false,
+        placement: Default::default(),
     })
 }
 

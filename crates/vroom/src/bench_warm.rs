@@ -66,6 +66,7 @@ fn request(name: &str, net: &str, cold: bool, from: Option<&str>) -> Result<RunR
         ready_timeout_secs: Some(120),
         from_snapshot: from.map(Name::new).transpose()?,
         cold,
+        placement: Default::default(),
     })
 }
 

@@ -54,6 +54,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
     match &cli.command {
         Command::Run(args) => return run(&client, args, json).await,
         Command::Ps => ps(&client, json).await?,
+        Command::Node { op } => node(&client, op, json).await?,
         Command::Inspect { name } => {
             let instance = client.get(name).await?;
             if json {
@@ -103,6 +104,9 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
                 ephemeral: false,
                 room: None,
                 segment: None,
+                ha: Default::default(),
+                spread: None,
+                node: None,
             };
             return run(&client, &args, json).await;
         }
@@ -176,7 +180,12 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             )
             .await?
         }
-        Command::Setup | Command::Daemon { .. } | Command::Bench { .. } | Command::Jail { .. } => {
+        Command::Setup
+        | Command::Daemon { .. }
+        | Command::Bench { .. }
+        | Command::Jail { .. }
+        | Command::Guard { .. }
+        | Command::Cluster { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -252,6 +261,11 @@ async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
             ready_timeout_secs: Some(args.timeout),
             from_snapshot: args.from_snapshot.clone(),
             cold: args.cold,
+            placement: vroom_types::Placement {
+                ha: args.ha,
+                spread: args.spread.clone(),
+                node: args.node.clone(),
+            },
         })
         .await;
     let created = match created {
@@ -434,6 +448,71 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+async fn node(client: &Client, op: &crate::NodeOp, json: bool) -> Result<()> {
+    use crate::NodeOp;
+    let one = match op {
+        NodeOp::Ls => {
+            let header = [
+                "NAME",
+                "STATE",
+                "LEADER",
+                "ADVERTISE",
+                "MEM FREE",
+                "CPUS",
+                "INSTANCES",
+            ];
+            output::list(json, &client.nodes().await?, &header, |n| {
+                let state = match (n.alive, n.cordoned) {
+                    (true, false) => "ready",
+                    (true, true) => "cordoned",
+                    (false, _) => "down",
+                };
+                vec![
+                    n.name.to_string(),
+                    state.into(),
+                    if n.leader { "*".into() } else { String::new() },
+                    n.advertise.clone(),
+                    format!("{}M/{}M", n.mem_free_mib, n.mem_total_mib),
+                    n.cpus.to_string(),
+                    n.instances.len().to_string(),
+                ]
+            });
+            return Ok(());
+        }
+        NodeOp::Inspect { name } => client.node(name.as_str()).await?,
+        NodeOp::Cordon { name } => client.node_op(name.as_str(), "cordon").await?,
+        NodeOp::Uncordon { name } => client.node_op(name.as_str(), "uncordon").await?,
+        NodeOp::Drain { name } => client.node_op(name.as_str(), "drain").await?,
+    };
+    if json {
+        output::json(&one);
+    } else {
+        println!("node:       {}", one.name);
+        println!("advertise:  {}", one.advertise);
+        println!(
+            "state:      {}{}{}",
+            if one.alive { "alive" } else { "down" },
+            if one.cordoned { ", cordoned" } else { "" },
+            if one.leader { ", leader" } else { "" }
+        );
+        println!(
+            "memory:     {} MiB free of {} MiB",
+            one.mem_free_mib, one.mem_total_mib
+        );
+        println!("cpus:       {}", one.cpus);
+        println!("joined:     {}", output::ago(one.joined_at));
+        println!(
+            "instances:  {}",
+            if one.instances.is_empty() {
+                "-".to_string()
+            } else {
+                one.instances.join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 async fn ps(client: &Client, json: bool) -> Result<()> {

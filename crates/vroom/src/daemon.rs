@@ -21,7 +21,14 @@ use vroom_qemu::QemuDriver;
 
 use crate::paths;
 
-pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
+pub async fn run(
+    data_dir: &Path,
+    jail: vroom_qemu::JailMode,
+    cluster: crate::ClusterArgs,
+) -> Result<()> {
+    if cluster.cluster && jail == vroom_qemu::JailMode::Unjailed {
+        bail!("a cluster node needs jailed VMMs: its guard fences them through their cgroups");
+    }
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let group = paths::api_group();
@@ -59,7 +66,31 @@ pub async fn run(data_dir: &Path, jail: vroom_qemu::JailMode) -> Result<()> {
         Arc::new(store),
         Arc::new(images),
     );
+    // A cluster node joins before it relaunches anything: the lease (the
+    // previous vroomd's, if still alive) and the guard must be in place.
+    let node = if cluster.cluster {
+        let opts = vroom_cluster::JoinOptions {
+            endpoints: cluster.etcd.clone(),
+            node: cluster.node.clone().context("--node is required")?,
+            advertise: cluster
+                .advertise
+                .clone()
+                .context("--advertise is required")?,
+            data_dir: data_dir.to_path_buf(),
+            expect_cluster: cluster.cluster_id.clone(),
+        };
+        let node = vroom_cluster::ClusterNode::join(engine.clone(), opts)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        engine.set_cluster(node.clone());
+        Some(node)
+    } else {
+        None
+    };
     engine.recover().await.context("cannot recover state")?;
+    if let Some(node) = &node {
+        node.start();
+    }
     for group in tokio::task::spawn_blocking(vroom_qemu::sweep_cgroups).await? {
         tracing::info!(cgroup = %group, "removed the cgroup of a VMM that is gone");
     }

@@ -85,6 +85,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
             ready_timeout_secs: Some(120),
             from_snapshot: None,
             cold: false,
+            placement: Default::default(),
         })
         .await?;
     let instance = crate::cli::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;

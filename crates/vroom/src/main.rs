@@ -54,6 +54,26 @@ pub enum Command {
         /// and debugging only).
         #[arg(long)]
         no_jail: bool,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// The cluster's identity in etcd (`cluster init`, once per cluster).
+    Cluster {
+        #[command(subcommand)]
+        op: ClusterOp,
+    },
+    /// The cluster's hosts: list, inspect, cordon, uncordon, drain.
+    Node {
+        #[command(subcommand)]
+        op: NodeOp,
+    },
+    /// Internal: a cluster node's fencing guard (vroomd starts it).
+    #[command(name = "__guard", hide = true)]
+    Guard {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        scope: String,
     },
     /// Create and start an instance; returns when the guest reports ready.
     Run(RunArgs),
@@ -299,6 +319,50 @@ pub enum Command {
     },
 }
 
+/// How `vroom daemon` joins a cluster.
+#[derive(clap::Args, Clone)]
+pub struct ClusterArgs {
+    /// Join a cluster (needs --etcd, --node and --advertise).
+    #[arg(long, requires_all = ["etcd", "node", "advertise"])]
+    pub cluster: bool,
+    /// The cluster's etcd endpoints, comma-separated (http://HOST:PORT,...).
+    #[arg(long, env = "VROOM_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// This host's node name: lowercase letters, digits and dashes.
+    #[arg(long)]
+    pub node: Option<Name>,
+    /// The address peers and clients reach this node at.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Refuse to join a cluster with another id.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterOp {
+    /// Write a new cluster's identity into etcd (refused if one is there).
+    Init {
+        /// etcd endpoints, comma-separated.
+        #[arg(long, env = "VROOM_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum NodeOp {
+    /// List the cluster's nodes with liveness, memory and instances.
+    Ls,
+    /// Show one node.
+    Inspect { name: Name },
+    /// Place no new instance on the node.
+    Cordon { name: Name },
+    /// Let the scheduler use the node again.
+    Uncordon { name: Name },
+    /// Cordon the node and move every instance it runs to other nodes.
+    Drain { name: Name },
+}
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// Image name or id (a catalog image is built on first use).
@@ -347,6 +411,15 @@ pub struct RunArgs {
     /// The room's segment: lan or dmz.
     #[arg(long, requires = "room")]
     pub segment: Option<vroom_types::Segment>,
+    /// Cluster: what happens when its node is lost (none, restart, standby).
+    #[arg(long, default_value = "none")]
+    pub ha: vroom_types::HaPolicy,
+    /// Cluster: place instances of this group on different nodes.
+    #[arg(long, value_name = "GROUP")]
+    pub spread: Option<Name>,
+    /// Cluster: run it on this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<Name>,
 }
 
 #[derive(Subcommand)]
@@ -629,7 +702,14 @@ fn main() {
     let result = match &cli.command {
         // Before any runtime starts: the jailer forks and must be single-threaded.
         Command::Jail { spec } => jail::run(spec),
-        Command::Daemon { op: None, no_jail } => {
+        Command::Guard { socket, scope } => vroom_cluster::guard::run(socket, scope)
+            .map(|()| 0)
+            .map_err(Into::into),
+        Command::Daemon {
+            op: None,
+            no_jail,
+            cluster,
+        } => {
             init_tracing(true);
             let mode = if *no_jail {
                 vroom_qemu::JailMode::Unjailed
@@ -637,8 +717,24 @@ fn main() {
                 vroom_qemu::JailMode::Jailed
             };
             runtime()
-                .block_on(daemon::run(&cli.data_dir, mode))
+                .block_on(daemon::run(&cli.data_dir, mode, cluster.clone()))
                 .map(|()| 0)
+        }
+        Command::Cluster {
+            op: ClusterOp::Init { etcd },
+        } => {
+            init_tracing(false);
+            runtime()
+                .block_on(vroom_cluster::node::init(etcd))
+                .map(|info| {
+                    if cli.json {
+                        output::json(&info);
+                    } else {
+                        println!("cluster {} created in etcd at {}", info.id, etcd.join(","));
+                    }
+                    0
+                })
+                .map_err(|e| anyhow::anyhow!(e))
         }
         Command::Daemon {
             op: Some(DaemonOp::Stop),

@@ -349,6 +349,10 @@ impl Engine {
         version: ConfigVersion,
     ) -> Result<(), OpError> {
         let values = version.values.clone();
+        if let Some(cluster) = self.cluster() {
+            let name = cell.lock().instance.spec.name.to_string();
+            cluster.replicate_config(&name, &values)?;
+        }
         log.commit(version);
         let mut record = cell.lock();
         let mut updated = record.clone();

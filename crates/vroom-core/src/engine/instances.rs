@@ -15,6 +15,16 @@ impl Engine {
     /// guest becomes ready later (`status.state` turns `running`). Any failure
     /// before that removes everything this call created.
     pub async fn run(self: &Arc<Self>, req: RunRequest) -> Result<Instance, OpError> {
+        self.run_as(req, None).await
+    }
+
+    /// [`Engine::run`] with a given identity: the cluster recreates an
+    /// instance on another node with its own id and replicated config.
+    pub async fn run_as(
+        self: &Arc<Self>,
+        req: RunRequest,
+        identity: Option<crate::cluster::Identity>,
+    ) -> Result<Instance, OpError> {
         let mut spec = req.spec;
         let ready_timeout_secs = req
             .ready_timeout_secs
@@ -121,7 +131,10 @@ impl Engine {
             }
         };
 
-        let id = random_id();
+        let (id, given_config) = match identity {
+            Some(identity) => (identity.id, identity.config),
+            None => (random_id(), None),
+        };
         let roles = &image.manifest.appliance.nic_roles;
         let nics = match self.allocate_nics(&id, &nic_specs, roles) {
             Ok(nics) => nics,
@@ -133,6 +146,9 @@ impl Engine {
         let mut instance = new_instance(&id, spec.clone(), &image, mem_mib, accel, nics);
         if let Some((snapshot, _)) = &clone_of {
             instance.config = snapshot.config().clone();
+        }
+        if let Some(config) = given_config {
+            instance.config = config;
         }
         let warm = match (&clone_of, req.cold) {
             (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
@@ -440,6 +456,9 @@ impl Engine {
         image: Option<BootImage>,
         source: Option<snapshots::StateSource>,
     ) -> Result<(), OpError> {
+        if let Some(cluster) = self.cluster() {
+            cluster.may_launch(cell.lock().instance.spec.name.as_str())?;
+        }
         let (instance, ready_timeout, seed) = {
             let r = cell.lock();
             (

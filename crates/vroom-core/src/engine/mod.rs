@@ -105,6 +105,8 @@ pub struct Engine {
     room_op: tokio::sync::Mutex<()>,
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
+    /// The cluster this host is a node of, if any.
+    cluster: std::sync::OnceLock<Arc<dyn crate::cluster::Cluster>>,
 }
 
 /// One instance in memory.
@@ -222,7 +224,21 @@ impl Engine {
             splice_op: tokio::sync::Mutex::new(()),
             room_op: tokio::sync::Mutex::new(()),
             snapshots_in_progress: Mutex::default(),
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this engine a cluster node's: set once, at daemon start.
+    pub fn set_cluster(&self, cluster: Arc<dyn crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<Arc<dyn crate::cluster::Cluster>> {
+        self.cluster.get().cloned()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     fn instances_dir(&self) -> PathBuf {

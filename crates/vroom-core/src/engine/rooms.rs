@@ -161,6 +161,7 @@ impl Engine {
                 ready_timeout_secs: None,
                 from_snapshot: None,
                 cold: false,
+                placement: Default::default(),
             })
             .await?;
             self.wait_running(
@@ -629,6 +630,7 @@ impl Engine {
                 ready_timeout_secs: None,
                 from_snapshot: None,
                 cold: false,
+                placement: Default::default(),
             })
             .await?;
         }

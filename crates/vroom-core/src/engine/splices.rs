@@ -285,6 +285,7 @@ impl Engine {
                     ready_timeout_secs: Some(ready_timeout),
                     from_snapshot: None,
                     cold: false,
+                    placement: Default::default(),
                 })
                 .await?;
             } else {
@@ -856,6 +857,7 @@ mod tests {
                 ready_timeout_secs: Some(30),
                 from_snapshot: None,
                 cold: false,
+                placement: Default::default(),
             })
             .await
             .unwrap();

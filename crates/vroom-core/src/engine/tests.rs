@@ -23,6 +23,7 @@ fn request(name: &str) -> RunRequest {
         ready_timeout_secs: Some(30),
         from_snapshot: None,
         cold: false,
+        placement: Default::default(),
     }
 }
 

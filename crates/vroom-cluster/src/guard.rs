@@ -1,0 +1,246 @@
+//! The self-fencing guard: a small process per node, apart from vroomd,
+//! that kills the node's VMMs once the node's lease may be about to expire.
+//!
+//! vroomd tells it, for every acknowledged keepalive, when that keepalive
+//! was sent (`ack <monotonic ns>` lines on a unix socket). etcd cannot expire
+//! the lease earlier than `TTL` after that instant, so the guard kills every
+//! process in the node's cgroup scope at `sent + TTL - 0.5 s` unless a later
+//! acknowledgement arrives first. A frozen, partitioned or dead vroomd sends
+//! none: its VMs are gone before any other node may claim them. A vroomd
+//! restarted quickly reconnects and its acknowledgements re-arm the guard.
+//!
+//! The guard is never armed before the first acknowledgement, and disarms
+//! after fencing until the next one.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::{fence_deadline_ns, monotonic_ns};
+
+/// vroomd's side: tells the guard of each acknowledged keepalive, starting
+/// the guard when none answers.
+pub struct GuardLink {
+    socket: PathBuf,
+    scope: String,
+    log: PathBuf,
+    stream: Mutex<Option<UnixStream>>,
+}
+
+impl GuardLink {
+    pub fn new(data_dir: &Path, scope: &str) -> GuardLink {
+        GuardLink {
+            socket: data_dir.join("guard.sock"),
+            scope: scope.to_string(),
+            log: data_dir.join("guard.log"),
+            stream: Mutex::new(None),
+        }
+    }
+
+    /// Connects to the running guard, or starts one and connects.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if stream.is_none() {
+            *stream = Some(self.connect_or_spawn()?);
+        }
+        Ok(())
+    }
+
+    /// Arms (or re-arms) the guard for a keepalive sent at `sent_ns` and
+    /// acknowledged.
+    pub fn ack(&self, sent_ns: u64) -> std::io::Result<()> {
+        let line = format!("ack {sent_ns}\n");
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = stream.as_mut() {
+            if s.write_all(line.as_bytes()).is_ok() {
+                return Ok(());
+            }
+        }
+        let mut fresh = self.connect_or_spawn()?;
+        fresh.write_all(line.as_bytes())?;
+        *stream = Some(fresh);
+        Ok(())
+    }
+
+    fn connect_or_spawn(&self) -> std::io::Result<UnixStream> {
+        if let Ok(stream) = self.connect() {
+            return Ok(stream);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut command = std::process::Command::new("/proc/self/exe");
+        command
+            .arg("__guard")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--scope")
+            .arg(&self.scope)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours:
+        // the guard leaves vroomd's session and process group, so that what
+        // stops vroomd does not stop it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(stream) = self.connect() {
+                // Reaped by a thread of ours when it ends (a guard never
+                // ends while vroomd runs, unless killed).
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Ok(stream);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(std::io::Error::other(format!(
+                    "the guard exited at start ({status}); see {}",
+                    self.log.display()
+                )));
+            }
+            if started.elapsed() > Duration::from_secs(3) {
+                let _ = child.kill();
+                return Err(std::io::Error::other("the guard did not start within 3 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        let stream = UnixStream::connect(&self.socket)?;
+        stream.set_write_timeout(Some(Duration::from_millis(200)))?;
+        Ok(stream)
+    }
+}
+
+/// The guard's state: when to fence, if armed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Arming {
+    deadline_ns: Option<u64>,
+}
+
+impl Arming {
+    /// A keepalive sent at `sent_ns` was acknowledged.
+    pub fn ack(&mut self, sent_ns: u64) {
+        let deadline = fence_deadline_ns(sent_ns);
+        self.deadline_ns = Some(self.deadline_ns.map_or(deadline, |d| d.max(deadline)));
+    }
+
+    /// Whether to fence now (which disarms).
+    pub fn due(&mut self, now_ns: u64) -> bool {
+        match self.deadline_ns {
+            Some(deadline) if now_ns >= deadline => {
+                self.deadline_ns = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn armed(&self) -> bool {
+        self.deadline_ns.is_some()
+    }
+}
+
+/// Runs the guard (the `vroom guard` process) until killed.
+pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    let group = format!("{}/{scope}", vroom_qemu::cgroup::PARENT);
+    eprintln!("guard: watching {} for cgroup {group}", socket.display());
+    let mut readers: Vec<BufReader<UnixStream>> = vec![];
+    let mut arming = Arming::default();
+    loop {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(true)?;
+                    readers.push(BufReader::new(stream));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        readers.retain_mut(|reader| loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => return false,
+                Ok(_) => {
+                    if let Some(sent) = line.trim().strip_prefix("ack ") {
+                        if let Ok(sent) = sent.parse::<u64>() {
+                            arming.ack(sent);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(_) => return false,
+            }
+        });
+        if arming.due(monotonic_ns()) {
+            let killed = fence(&group);
+            eprintln!(
+                "guard: no keepalive acknowledged in time: killed {killed} process(es) of {group}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills every process under `group` until none is left (or 2 s pass).
+pub fn fence(group: &str) -> usize {
+    let Ok(hierarchy) =
+        vroom_qemu::cgroup::Hierarchy::detect(Path::new(vroom_qemu::cgroup::CGROUP_MOUNT))
+    else {
+        return 0;
+    };
+    // cgroup v2 kills a whole subtree at once where the kernel has it.
+    for dir in hierarchy.dirs(group) {
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    }
+    let mut killed = std::collections::BTreeSet::new();
+    let started = std::time::Instant::now();
+    loop {
+        let pids = vroom_qemu::cgroup::processes_under(&hierarchy, group);
+        if pids.is_empty() || started.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: plain syscall; the pid was just read from the node's cgroup.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            killed.insert(pid);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    killed.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arms_on_ack_and_fires_once_ttl_minus_margin_after_the_send() {
+        let mut arming = Arming::default();
+        assert!(!arming.due(u64::MAX), "never armed: never fences");
+        arming.ack(1_000_000_000);
+        assert!(!arming.due(2_499_999_999));
+        assert!(arming.due(2_500_000_000));
+        assert!(!arming.armed(), "fencing disarms");
+        arming.ack(3_000_000_000);
+        arming.ack(2_000_000_000);
+        assert!(!arming.due(3_499_999_999), "an older ack never shortens it");
+        assert!(arming.due(4_500_000_000));
+    }
+}

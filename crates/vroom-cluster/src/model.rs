@@ -1,0 +1,113 @@
+//! What the cluster keeps in etcd, and where.
+//!
+//! Every key is under `/vroom/`:
+//! - `cluster`: the [`ClusterInfo`], written once by `vroom cluster init`;
+//! - `nodes/<node>`: a live node's [`NodeRecord`], bound to its lease;
+//! - `cordon/<node>`: present while a node is cordoned;
+//! - `leader`: the leader's name, bound to its lease;
+//! - `instances/<name>`: a cluster instance's [`InstanceRecord`] (desired state);
+//! - `owners/<name>`: the owning node, bound to its lease; the key's create
+//!   revision is the fencing token;
+//! - `assign/<name>`: the leader's placement, for the named node to claim;
+//! - `status/<name>`: the owner's view of the instance ([`StatusRecord`]);
+//! - `config/<name>`: the replicated config values;
+//! - `networks/<name>`: a network's [`NetworkRecord`], the same on every node;
+//! - `ips/<network>/<address>`: who holds an address.
+
+use serde::{Deserialize, Serialize};
+use vroom_types::{DesiredState, Instance, InstanceState, NetworkSpec, RunRequest};
+
+pub use vroom_types::ClusterInfo;
+
+pub const ROOT: &str = "/vroom/";
+pub const CLUSTER: &str = "/vroom/cluster";
+pub const LEADER: &str = "/vroom/leader";
+pub const NODES: &str = "/vroom/nodes/";
+pub const CORDONS: &str = "/vroom/cordon/";
+pub const INSTANCES: &str = "/vroom/instances/";
+pub const OWNERS: &str = "/vroom/owners/";
+pub const ASSIGNS: &str = "/vroom/assign/";
+pub const STATUSES: &str = "/vroom/status/";
+pub const CONFIGS: &str = "/vroom/config/";
+pub const NETWORKS: &str = "/vroom/networks/";
+pub const IPS: &str = "/vroom/ips/";
+
+/// The most config a cluster instance may replicate (its values as JSON):
+/// etcd is built for small values.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
+pub fn key(prefix: &str, name: &str) -> String {
+    format!("{prefix}{name}")
+}
+
+pub fn ip_key(network: &str, ip: std::net::Ipv4Addr) -> String {
+    format!("{IPS}{network}/{ip}")
+}
+
+/// A live node, as it publishes itself (bound to its lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub advertise: String,
+    pub mem_total_mib: u64,
+    /// Memory promised to the instances it runs.
+    pub mem_used_mib: u64,
+    pub cpus: u32,
+    pub joined_at: u64,
+}
+
+/// A cluster instance: what the user asked for, and who it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The request, with every NIC's address filled in.
+    pub request: RunRequest,
+    /// The instance id: the same on every node it runs on (MACs, machine id).
+    pub id: String,
+    pub desired: DesiredState,
+    /// Being removed: the owner removes it, then deletes every key of it.
+    #[serde(default)]
+    pub removing: bool,
+    /// Guest memory the scheduler reserves.
+    pub mem_mib: u64,
+    /// The node it last ran on.
+    #[serde(default)]
+    pub home: Option<String>,
+    /// The node it ran on before `home` (set when a node claims it).
+    #[serde(default)]
+    pub previous: Option<String>,
+    pub created_at: u64,
+}
+
+/// Who owns an instance (bound to the owner's lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub node: String,
+    pub since: u64,
+}
+
+/// The owner's view of an instance, written under its fencing token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub node: String,
+    pub state: InstanceState,
+    /// Why the last start on `node` failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub instance: Option<Instance>,
+    pub updated_at: u64,
+}
+
+/// A network every node creates alike (same subnet, same gateway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub spec: NetworkSpec,
+    pub subnet: ipnet::Ipv4Net,
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,0 +1,1666 @@
+//! A cluster node: membership (lease, keepalive, guard), the leader's
+//! scheduler, ownership claims under a fencing token, and the reconcile
+//! loop that makes the local engine run exactly what this node owns.
+//!
+//! Every pass reads the whole `/vroom/` prefix in one request (a cluster's
+//! state is small) and acts on that one consistent view: level-triggered,
+//! so a missed watch event or a crash between two steps is repaired by the
+//! next pass. Watch events and a 500 ms tick start passes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
+use serde::{Deserialize, Serialize};
+use vroom_core::cluster::{Cluster, Identity};
+use vroom_core::{Engine, OpError};
+use vroom_types::{
+    ConfigValues, DesiredState, ErrorCode, HaPolicy, Instance, InstanceAction, InstanceState, Name,
+    NetworkSpec, NicSpec, NodeInfo, RunRequest,
+};
+
+use crate::etcd::{json, Etcd, EtcdError, Kv};
+use crate::guard::GuardLink;
+use crate::model::*;
+use crate::schedule::{self, Candidate, Pending};
+use crate::{fence_deadline_ns, monotonic_ns, KEEPALIVE_EVERY, LEASE_TTL_SECS};
+
+/// How a host joins: `vroom daemon --cluster --etcd URLS --node NAME --advertise ADDR`.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    pub endpoints: Vec<String>,
+    pub node: Name,
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    /// Refuse to join a cluster with another id.
+    pub expect_cluster: Option<String>,
+}
+
+/// What a data dir remembers of its cluster: a host never joins another
+/// cluster, or under another name, by mistake; a quickly restarted vroomd
+/// takes its lease (and so its instances) back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Membership {
+    cluster: String,
+    node: String,
+    lease: i64,
+}
+
+const MEMBERSHIP_FILE: &str = "cluster.json";
+/// A persistent record per node that ever joined (`node ls` shows dead ones).
+pub const MEMBERS: &str = "/vroom/members/";
+/// How long `run` waits for a node to take a new instance.
+const PLACE_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(500);
+/// The value of a cordon key while the node is drained.
+const DRAIN: &[u8] = b"drain";
+
+pub struct ClusterNode {
+    me: Weak<ClusterNode>,
+    etcd: Etcd,
+    name: String,
+    advertise: String,
+    info: ClusterInfo,
+    data_dir: PathBuf,
+    engine: Arc<Engine>,
+    lease: AtomicI64,
+    /// When the last acknowledged keepalive was sent (monotonic ns).
+    last_ack_ns: AtomicU64,
+    /// Instances this node owns under its current lease, with their fencing token.
+    owned: Mutex<BTreeMap<String, i64>>,
+    /// Every instance the cluster knows, as of the last pass.
+    known: Mutex<BTreeSet<String>>,
+    /// Local starts under way.
+    starting: Mutex<BTreeSet<String>>,
+    /// What was last published per owned instance.
+    published: Mutex<BTreeMap<String, String>>,
+    guard: GuardLink,
+    wake: tokio::sync::Notify,
+    /// Serialises lease renewal after a loss.
+    rejoin: tokio::sync::Mutex<()>,
+}
+
+fn etcd_error(context: &str, e: EtcdError) -> OpError {
+    OpError::new(ErrorCode::Internal, format!("{context}: {e}"))
+}
+
+/// The cgroup scope of a node's VMMs: unique per cluster and node on a host.
+pub fn cgroup_scope(cluster_id: &str, node: &str) -> String {
+    format!("{}-{node}", &cluster_id[..cluster_id.len().min(8)])
+}
+
+/// `vroom cluster init`: writes the cluster's identity, once.
+pub async fn init(endpoints: &[String]) -> Result<ClusterInfo, String> {
+    let etcd = Etcd::connect(endpoints).await.map_err(|e| e.to_string())?;
+    let info = ClusterInfo {
+        id: format!("{:016x}", rand::random::<u64>()),
+        created_at: now_secs(),
+        lease_ttl_ms: LEASE_TTL_SECS as u64 * 1000,
+    };
+    let txn = Txn::new()
+        .when([Compare::create_revision(CLUSTER, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(CLUSTER, json(&info), None)])
+        .or_else([TxnOp::get(CLUSTER, None)]);
+    let resp = etcd.txn(txn).await.map_err(|e| e.to_string())?;
+    if resp.succeeded() {
+        return Ok(info);
+    }
+    let existing = etcd
+        .get_json::<ClusterInfo>(CLUSTER)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|(info, _)| info.id)
+        .unwrap_or_default();
+    Err(format!(
+        "etcd at {} already holds cluster {existing}; nothing changed",
+        etcd.endpoints()
+    ))
+}
+
+/// One consistent read of the cluster.
+#[derive(Default)]
+struct View {
+    nodes: BTreeMap<String, (NodeRecord, Kv)>,
+    members: BTreeMap<String, NodeRecord>,
+    /// Cordoned nodes; `true` while draining.
+    cordons: BTreeMap<String, bool>,
+    leader: Option<(String, i64)>,
+    instances: BTreeMap<String, (InstanceRecord, Kv)>,
+    owners: BTreeMap<String, (OwnerRecord, Kv)>,
+    assigns: BTreeMap<String, (String, Kv)>,
+    statuses: BTreeMap<String, StatusRecord>,
+    configs: BTreeMap<String, ConfigValues>,
+    networks: BTreeMap<String, NetworkRecord>,
+}
+
+impl View {
+    fn parse(kvs: Vec<Kv>) -> View {
+        let mut view = View::default();
+        for kv in kvs {
+            let key = kv.key.clone();
+            let bad = |e: EtcdError| tracing::warn!(%key, error = %e, "skipping an unreadable cluster key");
+            if let Some(name) = key.strip_prefix(NODES) {
+                match kv.decode() {
+                    Ok(n) => drop(view.nodes.insert(name.into(), (n, kv))),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(MEMBERS) {
+                match kv.decode() {
+                    Ok(n) => drop(view.members.insert(name.into(), n)),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(CORDONS) {
+                view.cordons.insert(name.into(), kv.value == DRAIN);
+            } else if key == LEADER {
+                view.leader = Some((String::from_utf8_lossy(&kv.value).into_owned(), kv.lease));
+            } else if let Some(name) = key.strip_prefix(INSTANCES) {
+                match kv.decode() {
+                    Ok(r) => drop(view.instances.insert(name.into(), (r, kv))),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(OWNERS) {
+                match kv.decode() {
+                    Ok(o) => drop(view.owners.insert(name.into(), (o, kv))),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(ASSIGNS) {
+                let node = String::from_utf8_lossy(&kv.value).into_owned();
+                view.assigns.insert(name.into(), (node, kv));
+            } else if let Some(name) = key.strip_prefix(STATUSES) {
+                match kv.decode() {
+                    Ok(s) => drop(view.statuses.insert(name.into(), s)),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(CONFIGS) {
+                match kv.decode() {
+                    Ok(c) => drop(view.configs.insert(name.into(), c)),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(NETWORKS) {
+                match kv.decode() {
+                    Ok(n) => drop(view.networks.insert(name.into(), n)),
+                    Err(e) => bad(e),
+                }
+            }
+        }
+        view
+    }
+
+    fn owner_of(&self, name: &str) -> Option<&str> {
+        self.owners.get(name).map(|(o, _)| o.node.as_str())
+    }
+
+    fn node_info(&self, name: &str) -> Option<NodeInfo> {
+        let live = self.nodes.get(name).map(|(n, _)| n);
+        let record = live.or_else(|| self.members.get(name))?;
+        let instances: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|(_, (o, _))| o.node == name)
+            .map(|(i, _)| i.clone())
+            .collect();
+        Some(NodeInfo {
+            name: Name::new(name).ok()?,
+            advertise: record.advertise.clone(),
+            alive: live.is_some(),
+            cordoned: self.cordons.contains_key(name),
+            leader: self.leader.as_ref().is_some_and(|(l, _)| l == name),
+            mem_total_mib: record.mem_total_mib,
+            mem_free_mib: record.mem_total_mib.saturating_sub(record.mem_used_mib),
+            cpus: record.cpus,
+            joined_at: record.joined_at,
+            instances,
+        })
+    }
+}
+
+impl ClusterNode {
+    /// Joins the cluster at `opts.endpoints`: checks its identity, takes a
+    /// lease (the previous one if it is still alive), registers the node and
+    /// starts the keepalive and the guard. The engine must not have launched
+    /// anything yet: call before `Engine::recover`.
+    pub async fn join(engine: Arc<Engine>, opts: JoinOptions) -> Result<Arc<ClusterNode>, String> {
+        let etcd = Etcd::connect(&opts.endpoints)
+            .await
+            .map_err(|e| format!("cannot join: {e}"))?;
+        let info = etcd
+            .get_json::<ClusterInfo>(CLUSTER)
+            .await
+            .map_err(|e| format!("cannot join: {e}"))?
+            .map(|(info, _)| info)
+            .ok_or_else(|| {
+                format!(
+                    "no cluster at {}: run `vroom cluster init --etcd {}` first",
+                    etcd.endpoints(),
+                    etcd.endpoints()
+                )
+            })?;
+        if let Some(expected) = &opts.expect_cluster {
+            if *expected != info.id {
+                return Err(format!(
+                    "etcd at {} holds cluster {}, not {expected}",
+                    etcd.endpoints(),
+                    info.id
+                ));
+            }
+        }
+        let file = opts.data_dir.join(MEMBERSHIP_FILE);
+        let remembered: Option<Membership> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(m) = &remembered {
+            if m.cluster != info.id {
+                return Err(format!(
+                    "this data dir belongs to cluster {}; etcd at {} holds cluster {}",
+                    m.cluster,
+                    etcd.endpoints(),
+                    info.id
+                ));
+            }
+            if m.node != opts.node.as_str() {
+                return Err(format!(
+                    "this data dir is node {}'s, not {}",
+                    m.node, opts.node
+                ));
+            }
+        }
+        vroom_qemu::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
+        let node = Arc::new_cyclic(|me| ClusterNode {
+            me: me.clone(),
+            guard: GuardLink::new(&opts.data_dir, &cgroup_scope(&info.id, opts.node.as_str())),
+            etcd,
+            name: opts.node.to_string(),
+            advertise: opts.advertise.clone(),
+            info,
+            data_dir: opts.data_dir.clone(),
+            engine,
+            lease: AtomicI64::new(0),
+            last_ack_ns: AtomicU64::new(0),
+            owned: Mutex::default(),
+            known: Mutex::default(),
+            starting: Mutex::default(),
+            published: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
+            rejoin: tokio::sync::Mutex::new(()),
+        });
+        node.guard
+            .ensure()
+            .map_err(|e| format!("cannot start the fencing guard: {e}"))?;
+        let reuse = remembered.map(|m| m.lease);
+        node.take_lease(reuse).await?;
+        let supervisor = node.clone();
+        tokio::spawn(async move { supervisor.renew_forever().await });
+        // The first keepalive comes right away: it arms the guard.
+        let started = std::time::Instant::now();
+        while !node.lease_alive() && started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !node.lease_alive() {
+            return Err("cannot join: the lease's first keepalive got no answer".into());
+        }
+        // Instances still owned under a lease that survived a quick restart.
+        if let Ok((kvs, _)) = node.etcd.list(ROOT).await {
+            let view = View::parse(kvs);
+            node.adopt(&view);
+        }
+        Ok(node)
+    }
+
+    fn arc(&self) -> Arc<ClusterNode> {
+        self.me
+            .upgrade()
+            .expect("invariant: a ClusterNode lives in an Arc")
+    }
+
+    pub fn info(&self) -> &ClusterInfo {
+        &self.info
+    }
+
+    fn lease(&self) -> i64 {
+        self.lease.load(Ordering::SeqCst)
+    }
+
+    /// Whether this node's lease is certainly alive now (and the guard armed).
+    fn lease_alive(&self) -> bool {
+        let sent = self.last_ack_ns.load(Ordering::SeqCst);
+        self.lease() != 0 && sent != 0 && monotonic_ns() < fence_deadline_ns(sent)
+    }
+
+    /// Takes a lease (`reuse` if it is still alive) and registers the node
+    /// under it; starts renewing it.
+    async fn take_lease(&self, reuse: Option<i64>) -> Result<(), String> {
+        let mut client = self.etcd.client();
+        let mut lease = 0;
+        if let Some(old) = reuse.filter(|l| *l != 0) {
+            if let Ok(Ok(ttl)) =
+                tokio::time::timeout(Duration::from_secs(2), client.lease_time_to_live(old, None))
+                    .await
+            {
+                if ttl.ttl() > 0 {
+                    lease = old;
+                    tracing::info!(lease = old, "took back the lease of the previous vroomd");
+                }
+            }
+        }
+        if lease == 0 {
+            let granted = tokio::time::timeout(
+                Duration::from_secs(3),
+                client.lease_grant(LEASE_TTL_SECS, None),
+            )
+            .await
+            .map_err(|_| "cannot join: etcd did not grant a lease within 3 s".to_string())?
+            .map_err(|e| format!("cannot join: {e}"))?;
+            lease = granted.id();
+        }
+        let node_key = key(NODES, &self.name);
+        let record = self.node_record();
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                node_key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(
+                    node_key.clone(),
+                    json(&record),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(key(MEMBERS, &self.name), json(&record), None),
+            ])
+            .or_else([TxnOp::txn(
+                Txn::new()
+                    .when([Compare::lease(node_key.clone(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::put(
+                        node_key.clone(),
+                        json(&record),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )]),
+            )]);
+        let resp = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| format!("cannot join: {e}"))?;
+        let ours = resp.succeeded()
+            || resp
+                .op_responses()
+                .iter()
+                .any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        if !ours {
+            let _ = client.lease_revoke(lease).await;
+            let other = self
+                .etcd
+                .get_json::<NodeRecord>(&node_key)
+                .await
+                .ok()
+                .flatten()
+                .map(|(n, _)| n.advertise)
+                .unwrap_or_default();
+            return Err(format!(
+                "node {} is already in the cluster (alive at {other}); nothing changed",
+                self.name
+            ));
+        }
+        self.lease.store(lease, Ordering::SeqCst);
+        let membership = Membership {
+            cluster: self.info.id.clone(),
+            node: self.name.clone(),
+            lease,
+        };
+        write_durably(&self.data_dir.join(MEMBERSHIP_FILE), &json(&membership))
+            .map_err(|e| format!("cannot record the membership: {e}"))?;
+        tracing::info!(node = %self.name, lease, cluster = %self.info.id, "joined the cluster");
+        Ok(())
+    }
+
+    fn node_record(&self) -> NodeRecord {
+        let cfg = self.engine.config();
+        NodeRecord {
+            name: self.name.clone(),
+            advertise: self.advertise.clone(),
+            mem_total_mib: cfg.host_mem_mib,
+            mem_used_mib: self
+                .engine
+                .list()
+                .iter()
+                .filter(|i| i.status.state != InstanceState::Stopped)
+                .map(|i| i.mem_mib + schedule::VMM_OVERHEAD_MIB)
+                .sum(),
+            cpus: cfg.host_cpus,
+            joined_at: now_secs(),
+        }
+    }
+
+    /// Keeps the node's lease alive on a connection of its own; after a
+    /// loss, takes a new one.
+    async fn renew_forever(self: Arc<Self>) {
+        loop {
+            let lease = self.lease();
+            match self.etcd.reconnect().await {
+                Ok(etcd) => {
+                    self.keep_alive(etcd, lease).await;
+                    self.lost_lease(lease).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the keepalive connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Renews `lease` every 500 ms, and tells the guard of every
+    /// acknowledgement. Returns when etcd says the lease expired.
+    async fn keep_alive(&self, etcd: Etcd, lease: i64) {
+        let mut client = etcd.client();
+        let mut channel = None;
+        loop {
+            let sent = monotonic_ns();
+            if channel.is_none() {
+                channel =
+                    tokio::time::timeout(Duration::from_secs(1), client.lease_keep_alive(lease))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok());
+            }
+            let answer = match channel.as_mut() {
+                Some((keeper, stream)) => {
+                    tokio::time::timeout(Duration::from_millis(900), async {
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    })
+                    .await
+                }
+                None => Ok(Ok(None)),
+            };
+            match answer {
+                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                    self.last_ack_ns.store(sent, Ordering::SeqCst);
+                    if let Err(e) = self.guard.ack(sent) {
+                        tracing::error!(error = %e, "cannot reach the fencing guard");
+                    }
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::error!(
+                        lease,
+                        "the lease expired: this node lost its instances; rejoining"
+                    );
+                    return;
+                }
+                _ => {
+                    // A broken or stalled stream: open another (possibly to
+                    // another endpoint) at the next beat.
+                    channel = None;
+                }
+            }
+            let next = sent + KEEPALIVE_EVERY.as_nanos() as u64;
+            let now = monotonic_ns();
+            if next > now {
+                tokio::time::sleep(Duration::from_nanos(next - now)).await;
+            }
+        }
+    }
+
+    /// After a lease loss: forget what was owned (the guard has killed it),
+    /// then take a new lease. Local copies of instances others now own are
+    /// removed by the next passes.
+    async fn lost_lease(&self, lease: i64) {
+        let _rejoin = self.rejoin.lock().await;
+        if self.lease() != lease {
+            return;
+        }
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.lease.store(0, Ordering::SeqCst);
+        loop {
+            match self.take_lease(None).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot rejoin yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Starts the reconcile loop and the watch that wakes it.
+    pub fn start(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move { node.watch().await });
+        let node = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = node.pass().await {
+                    tracing::warn!(error = %e, "cluster pass failed");
+                }
+                let _ = tokio::time::timeout(TICK, node.wake.notified()).await;
+            }
+        });
+    }
+
+    async fn watch(self: Arc<Self>) {
+        loop {
+            let mut client = self.etcd.client();
+            match client
+                .watch(ROOT, Some(WatchOptions::new().with_prefix()))
+                .await
+            {
+                Ok(mut stream) => {
+                    while let Ok(Some(_)) = stream.message().await {
+                        self.wake.notify_one();
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cluster watch failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Takes the instances the view says this node owns under its lease.
+    fn adopt(&self, view: &View) {
+        let lease = self.lease();
+        let owned: BTreeMap<String, i64> = view
+            .owners
+            .iter()
+            .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
+            .map(|(name, (_, kv))| (name.clone(), kv.create_revision))
+            .collect();
+        *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = owned;
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
+            view.instances.keys().cloned().collect();
+    }
+
+    fn token(&self, name: &str) -> Option<i64> {
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    /// One reconcile pass.
+    async fn pass(&self) -> Result<(), EtcdError> {
+        if !self.lease_alive() {
+            return Ok(());
+        }
+        let (kvs, _) = self.etcd.list(ROOT).await?;
+        let view = View::parse(kvs);
+        let lease = self.lease();
+        if view.leader.is_none() {
+            self.try_lead(lease).await?;
+        }
+        if view
+            .leader
+            .as_ref()
+            .is_some_and(|(l, ls)| *l == self.name && *ls == lease)
+        {
+            self.schedule(&view).await?;
+        }
+        let mut claimed = false;
+        for (name, (node, _)) in &view.assigns {
+            if *node == self.name && !view.owners.contains_key(name) {
+                claimed |= self.claim(name, &view).await?;
+            }
+        }
+        let view = if claimed {
+            View::parse(self.etcd.list(ROOT).await?.0)
+        } else {
+            view
+        };
+        if !self.lease_alive() {
+            return Ok(());
+        }
+        self.adopt(&view);
+        self.converge(&view).await;
+        self.publish(&view).await;
+        Ok(())
+    }
+
+    async fn try_lead(&self, lease: i64) -> Result<(), EtcdError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(LEADER, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                LEADER,
+                self.name.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if self.etcd.txn(txn).await?.succeeded() {
+            tracing::info!(node = %self.name, "this node leads the cluster");
+        }
+        Ok(())
+    }
+
+    /// The leader's pass: places what has no owner and no placement.
+    async fn schedule(&self, view: &View) -> Result<(), EtcdError> {
+        // Placements for nodes that died before claiming them are void.
+        for (name, (node, kv)) in &view.assigns {
+            if !view.nodes.contains_key(node) || view.cordons.contains_key(node) {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        kv.key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision,
+                    )])
+                    .and_then([TxnOp::delete(kv.key.clone(), None)]);
+                self.etcd.txn(txn).await?;
+                tracing::info!(instance = %name, %node, "withdrew a placement on a node that is gone or cordoned");
+            }
+        }
+        let mut candidates: BTreeMap<String, Candidate> = view
+            .nodes
+            .iter()
+            .map(|(name, (n, _))| {
+                (
+                    name.clone(),
+                    Candidate {
+                        name: name.clone(),
+                        cordoned: view.cordons.contains_key(name),
+                        mem_free_mib: n.mem_total_mib.saturating_sub(n.mem_used_mib),
+                        spread: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
+        let spread_of = |inst: &str| {
+            view.instances
+                .get(inst)
+                .and_then(|(r, _)| r.request.placement.spread.as_ref().map(|s| s.to_string()))
+        };
+        for (inst, node) in view
+            .owners
+            .iter()
+            .map(|(i, (o, _))| (i, &o.node))
+            .chain(view.assigns.iter().map(|(i, (n, _))| (i, n)))
+        {
+            if let (Some(c), Some(group)) = (candidates.get_mut(node), spread_of(inst)) {
+                *c.spread.entry(group).or_default() += 1;
+            }
+        }
+        for (inst, (node, _)) in &view.assigns {
+            if let (Some(c), Some((r, _))) = (candidates.get_mut(node), view.instances.get(inst)) {
+                c.mem_free_mib = c
+                    .mem_free_mib
+                    .saturating_sub(r.mem_mib + schedule::VMM_OVERHEAD_MIB);
+            }
+        }
+        let mut pending = vec![];
+        for (name, (record, _)) in &view.instances {
+            if record.removing
+                || record.desired != DesiredState::Running
+                || view.owners.contains_key(name)
+                || view.assigns.contains_key(name)
+            {
+                continue;
+            }
+            let placement = &record.request.placement;
+            let node = match (&record.home, placement.ha) {
+                // A new instance goes where it was asked to, or anywhere.
+                (None, _) => placement.node.as_ref().map(|n| n.to_string()),
+                // Without HA an instance only ever comes back to its node.
+                // Drained off its node: anywhere else.
+                (Some(home), HaPolicy::None) if view.cordons.contains_key(home) => None,
+                (Some(home), HaPolicy::None) => {
+                    if !view.nodes.contains_key(home) {
+                        continue;
+                    }
+                    Some(home.clone())
+                }
+                (Some(_), _) => None,
+            };
+            let avoid = match view.statuses.get(name) {
+                // Moved off a node being drained, or failed to start there.
+                Some(s) if view.cordons.contains_key(&s.node) || s.error.is_some() => {
+                    vec![s.node.clone()]
+                }
+                _ => vec![],
+            };
+            pending.push(Pending {
+                name: name.clone(),
+                mem_mib: record.mem_mib,
+                spread: placement.spread.as_ref().map(|s| s.to_string()),
+                node,
+                avoid,
+            });
+        }
+        let candidates: Vec<Candidate> = candidates.into_values().collect();
+        for (inst, node) in schedule::place(&candidates, &pending) {
+            let Some((_, kv)) = view.instances.get(&inst) else {
+                continue;
+            };
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
+                    Compare::create_revision(key(OWNERS, &inst), CompareOp::Equal, 0),
+                    Compare::create_revision(key(ASSIGNS, &inst), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(key(ASSIGNS, &inst), node.clone(), None)]);
+            if self.etcd.txn(txn).await?.succeeded() {
+                tracing::info!(instance = %inst, %node, "placed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims an instance the leader placed here: the owner key, bound to
+    /// this node's lease, is created only if absent. Returns whether it did.
+    async fn claim(&self, name: &str, view: &View) -> Result<bool, EtcdError> {
+        let Some((record, kv)) = view.instances.get(name) else {
+            return Ok(false);
+        };
+        let mut record = record.clone();
+        record.previous = record.home.replace(self.name.clone());
+        let owner = OwnerRecord {
+            node: self.name.clone(),
+            since: now_secs(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::value(key(ASSIGNS, name), CompareOp::Equal, self.name.clone()),
+                Compare::create_revision(key(OWNERS, name), CompareOp::Equal, 0),
+                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
+                Compare::lease(key(NODES, &self.name), CompareOp::Equal, self.lease()),
+            ])
+            .and_then([
+                TxnOp::put(
+                    key(OWNERS, name),
+                    json(&owner),
+                    Some(PutOptions::new().with_lease(self.lease())),
+                ),
+                TxnOp::put(kv.key.clone(), json(&record), None),
+                TxnOp::delete(key(ASSIGNS, name), None),
+            ]);
+        let claimed = self.etcd.txn(txn).await?.succeeded();
+        if claimed {
+            tracing::info!(instance = %name, node = %self.name, "claimed");
+        }
+        Ok(claimed)
+    }
+
+    /// Makes the local engine match what this node owns.
+    async fn converge(&self, view: &View) {
+        let owned: BTreeMap<String, i64> =
+            self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let local: BTreeMap<String, Instance> = self
+            .engine
+            .list()
+            .into_iter()
+            .map(|i| (i.spec.name.to_string(), i))
+            .collect();
+        // Cluster instances here that this node does not own: another node
+        // has them now (or they were removed): the local copy goes.
+        for name in local.keys() {
+            let cluster_instance = view.instances.contains_key(name);
+            let ours = owned.contains_key(name);
+            if cluster_instance && !ours && !self.is_starting(name) {
+                tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
+                if let Err(e) = self.engine.remove(name, true).await {
+                    tracing::warn!(instance = %name, error = %e.message, "cannot remove a local copy");
+                }
+            }
+        }
+        if view.cordons.get(&self.name) == Some(&true) {
+            for name in owned.keys() {
+                if !self.is_starting(name) {
+                    self.release(name).await;
+                }
+            }
+            return;
+        }
+        for (name, token) in owned {
+            let Some((record, _)) = view.instances.get(&name) else {
+                continue;
+            };
+            if record.removing {
+                self.finish_removal(&name, record, token).await;
+                continue;
+            }
+            if view
+                .statuses
+                .get(&name)
+                .is_some_and(|s| s.node == self.name && s.error.is_some())
+            {
+                continue;
+            }
+            match local.get(&name) {
+                Some(i) if i.id != record.id => {
+                    let _ = self.engine.remove(&name, true).await;
+                    self.spawn_start(&name, record.clone(), view.configs.get(&name).cloned());
+                }
+                Some(i) => {
+                    let stopped = matches!(
+                        i.status.state,
+                        InstanceState::Stopped | InstanceState::Failed
+                    );
+                    if stopped
+                        && record.desired == DesiredState::Running
+                        && i.desired == DesiredState::Running
+                    {
+                        let engine = self.engine.clone();
+                        let name = name.clone();
+                        if self.begin_start(&name) {
+                            let node = self.arc();
+                            tokio::spawn(async move {
+                                let _ = engine.action(&name, InstanceAction::Start).await;
+                                node.end_start(&name);
+                            });
+                        }
+                    }
+                }
+                None if record.desired == DesiredState::Running => {
+                    self.spawn_start(&name, record.clone(), view.configs.get(&name).cloned());
+                }
+                None => {}
+            }
+        }
+    }
+
+    fn is_starting(&self, name: &str) -> bool {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    fn begin_start(&self, name: &str) -> bool {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string())
+    }
+
+    fn end_start(&self, name: &str) {
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.wake.notify_one();
+    }
+
+    /// Starts an owned instance here, with its identity and replicated config.
+    fn spawn_start(&self, name: &str, record: InstanceRecord, config: Option<ConfigValues>) {
+        if !self.begin_start(name) {
+            return;
+        }
+        let node = self.arc();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let result = node.start_here(&record, config).await;
+            if let Err(e) = &result {
+                tracing::warn!(instance = %name, error = %e.message, "cannot start an owned instance");
+                node.put_status(&name, Some(e.message.clone()), None).await;
+                if moved_here(&record, &node.name) {
+                    // A failover that cannot start here: another node may.
+                    node.release(&name).await;
+                }
+            }
+            node.end_start(&name);
+        });
+    }
+
+    async fn start_here(
+        &self,
+        record: &InstanceRecord,
+        config: Option<ConfigValues>,
+    ) -> Result<(), OpError> {
+        let mut request = record.request.clone();
+        for nic in &request.spec.nics {
+            self.ensure_network(nic.network.as_str()).await?;
+        }
+        // After a failover, `restart` boots cold; `standby` (and a first
+        // start) may start from the image's warm snapshot.
+        request.cold = moved_here(record, &self.name) && request.placement.ha == HaPolicy::Restart;
+        request.cold |= record.request.cold;
+        let instance = self
+            .engine
+            .run_as(
+                request,
+                Some(Identity {
+                    id: record.id.clone(),
+                    config,
+                }),
+            )
+            .await?;
+        tracing::info!(instance = %instance.spec.name, node = %self.name, "started an owned instance");
+        Ok(())
+    }
+
+    /// Creates a cluster network here as etcd describes it.
+    async fn ensure_network(&self, name: &str) -> Result<(), OpError> {
+        let record = self
+            .etcd
+            .get_json::<NetworkRecord>(&key(NETWORKS, name))
+            .await
+            .map_err(|e| etcd_error("cannot read the network", e))?
+            .map(|(n, _)| n)
+            .ok_or_else(|| OpError::not_found("cluster network", name))?;
+        match self.engine.network(name) {
+            Ok(local) if local.subnet == record.subnet => Ok(()),
+            Ok(local) => Err(OpError::conflict(format!(
+                "network {name} is {} on this node but {} in the cluster",
+                local.subnet, record.subnet
+            ))),
+            Err(_) => {
+                let mut spec = record.spec.clone();
+                spec.subnet = Some(record.subnet);
+                self.engine.create_network(spec).await.map(|_| ())
+            }
+        }
+    }
+
+    /// The owner's part of a removal: the local instance, then every key of
+    /// it, under the fencing token.
+    async fn finish_removal(&self, name: &str, record: &InstanceRecord, token: i64) {
+        if self.engine.get(name).is_ok() {
+            if let Err(e) = self.engine.remove(name, true).await {
+                tracing::warn!(instance = %name, error = %e.message, "cannot remove an instance");
+                return;
+            }
+        }
+        let mut ops = delete_all(name, record);
+        ops.push(TxnOp::delete(key(OWNERS, name), None));
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(OWNERS, name),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then(ops);
+        match self.etcd.txn(txn).await {
+            Ok(r) if r.succeeded() => {
+                self.owned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
+                tracing::info!(instance = %name, "removed from the cluster");
+            }
+            Ok(_) => tracing::warn!(instance = %name, "lost the instance before removing it"),
+            Err(e) => tracing::warn!(instance = %name, error = %e, "cannot remove the keys yet"),
+        }
+    }
+
+    /// Publishes the state of every owned instance that changed, fenced.
+    async fn publish(&self, view: &View) {
+        let owned: Vec<String> = self
+            .owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for name in owned {
+            if self.is_starting(&name) {
+                continue;
+            }
+            let Ok(instance) = self.engine.get(&name) else {
+                continue;
+            };
+            let fingerprint = format!(
+                "{:?}/{:?}/{:?}",
+                instance.status.state, instance.status.pid, instance.status.last_error
+            );
+            let seen = view
+                .statuses
+                .get(&name)
+                .is_some_and(|s| s.node == self.name && s.error.is_none());
+            let same = self
+                .published
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                == Some(&fingerprint);
+            if same && seen {
+                continue;
+            }
+            if self.put_status(&name, None, Some(instance)).await {
+                self.published
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, fingerprint);
+            }
+        }
+        let used = self.node_record();
+        if view
+            .nodes
+            .get(&self.name)
+            .is_none_or(|(n, _)| n.mem_used_mib != used.mem_used_mib)
+        {
+            let txn = Txn::new()
+                .when([Compare::lease(
+                    key(NODES, &self.name),
+                    CompareOp::Equal,
+                    self.lease(),
+                )])
+                .and_then([TxnOp::put(
+                    key(NODES, &self.name),
+                    json(&used),
+                    Some(PutOptions::new().with_lease(self.lease())),
+                )]);
+            let _ = self.etcd.txn(txn).await;
+        }
+    }
+
+    /// Writes an instance's status under this node's fencing token.
+    async fn put_status(
+        &self,
+        name: &str,
+        error: Option<String>,
+        instance: Option<Instance>,
+    ) -> bool {
+        let Some(token) = self.token(name) else {
+            return false;
+        };
+        let status = StatusRecord {
+            node: self.name.clone(),
+            state: instance
+                .as_ref()
+                .map(|i| i.status.state)
+                .unwrap_or(InstanceState::Failed),
+            error,
+            instance,
+            updated_at: now_secs(),
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(OWNERS, name),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::put(key(STATUSES, name), json(&status), None)]);
+        matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded())
+    }
+
+    async fn view(&self) -> Result<View, OpError> {
+        let (kvs, _) = self
+            .etcd
+            .list(ROOT)
+            .await
+            .map_err(|e| etcd_error("cannot read the cluster", e))?;
+        Ok(View::parse(kvs))
+    }
+
+    /// The network a new instance's NIC joins, recorded in the cluster: an
+    /// existing cluster network, or this node's (created on first use for
+    /// `default`).
+    async fn cluster_network(&self, name: &str, view: &View) -> Result<NetworkRecord, OpError> {
+        if let Some(n) = view.networks.get(name) {
+            return Ok(n.clone());
+        }
+        let local = match self.engine.network(name) {
+            Ok(n) => n,
+            Err(_) if name == vroom_core::engine::DEFAULT_NETWORK => {
+                self.engine
+                    .create_network(NetworkSpec {
+                        name: Name::new(name).expect("invariant: valid name"),
+                        subnet: None,
+                        nat: true,
+                        isolated: false,
+                        mirror: false,
+                        allow_host: vec![],
+                    })
+                    .await?
+            }
+            Err(e) => return Err(e),
+        };
+        let record = NetworkRecord {
+            spec: NetworkSpec {
+                name: local.name.clone(),
+                subnet: Some(local.subnet),
+                nat: local.nat,
+                isolated: local.isolated,
+                mirror: local.mirror,
+                allow_host: local.allow_host.clone(),
+            },
+            subnet: local.subnet,
+        };
+        let k = key(NETWORKS, name);
+        let txn = Txn::new()
+            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(k.clone(), json(&record), None)]);
+        self.etcd
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_error("cannot record the network", e))?;
+        let (stored, _) = self
+            .etcd
+            .get_json::<NetworkRecord>(&k)
+            .await
+            .map_err(|e| etcd_error("cannot read the network", e))?
+            .ok_or_else(|| OpError::not_found("cluster network", name))?;
+        Ok(stored)
+    }
+
+    /// Takes an address on a network for `owner` in one transaction: no two
+    /// nodes can ever hand out the same one.
+    async fn allocate_ip(
+        &self,
+        network: &NetworkRecord,
+        owner: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, OpError> {
+        let net = network.spec.name.as_str();
+        let candidates: Vec<Ipv4Addr> = match requested {
+            Some(ip) => {
+                vroom_core::ipam::allocate_ip(network.subnet, &[], Some(ip))
+                    .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+                vec![ip]
+            }
+            None => {
+                let (taken, _) = self
+                    .etcd
+                    .list(&format!("{IPS}{net}/"))
+                    .await
+                    .map_err(|e| etcd_error("cannot read the addresses", e))?;
+                let taken: Vec<Ipv4Addr> = taken
+                    .iter()
+                    .filter_map(|kv| kv.name(&format!("{IPS}{net}/")).parse().ok())
+                    .collect();
+                let gateway = vroom_core::ipam::gateway(network.subnet);
+                network
+                    .subnet
+                    .hosts()
+                    .filter(|ip| *ip != gateway && !taken.contains(ip))
+                    .take(16)
+                    .collect()
+            }
+        };
+        for ip in candidates {
+            let k = ip_key(net, ip);
+            let txn = Txn::new()
+                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(k, owner.to_string(), None)]);
+            if self
+                .etcd
+                .txn(txn)
+                .await
+                .map_err(|e| etcd_error("cannot take an address", e))?
+                .succeeded()
+            {
+                return Ok(ip);
+            }
+            if requested.is_some() {
+                return Err(OpError::conflict(format!(
+                    "address {ip} on network {net} is taken"
+                )));
+            }
+        }
+        Err(OpError::new(
+            ErrorCode::ResourceExhausted,
+            format!("network {net} has no free address left"),
+        ))
+    }
+
+    async fn release_ips(&self, request: &RunRequest) {
+        for nic in &request.spec.nics {
+            if let Some(ip) = nic.ip {
+                let _ = self.etcd.delete(&ip_key(nic.network.as_str(), ip)).await;
+            }
+        }
+    }
+
+    fn mem_of(&self, req: &RunRequest) -> u64 {
+        req.spec.mem_mib.unwrap_or_else(|| {
+            self.engine
+                .get_image(&req.spec.image)
+                .map(|i| i.manifest.default_mem_mib)
+                .unwrap_or(vroom_types::MIN_MEM_MIB)
+        })
+    }
+}
+
+/// Whether the instance came to `node` from another node (a failover or a move).
+fn moved_here(record: &InstanceRecord, node: &str) -> bool {
+    record.previous.as_deref().is_some_and(|p| p != node)
+}
+
+/// Deletes every key of an instance but its owner key.
+fn delete_all(name: &str, record: &InstanceRecord) -> Vec<TxnOp> {
+    let mut ops: Vec<TxnOp> = [INSTANCES, STATUSES, CONFIGS, ASSIGNS]
+        .iter()
+        .map(|prefix| TxnOp::delete(key(prefix, name), None))
+        .collect();
+    for nic in &record.request.spec.nics {
+        if let Some(ip) = nic.ip {
+            ops.push(TxnOp::delete(ip_key(nic.network.as_str(), ip), None));
+        }
+    }
+    ops
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Cluster for ClusterNode {
+    async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
+        let name = req.spec.name.to_string();
+        let view = self.view().await?;
+        if view.instances.contains_key(&name) || self.engine.get(&name).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an instance named {name:?} already exists"),
+            ));
+        }
+        if let Some(node) = &req.placement.node {
+            match view.node_info(node.as_str()) {
+                None => return Err(OpError::not_found("node", node.as_str())),
+                Some(n) if !n.alive => {
+                    return Err(OpError::conflict(format!("node {node} is down")))
+                }
+                Some(n) if n.cordoned => {
+                    return Err(OpError::conflict(format!("node {node} is cordoned")))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut request = req.clone();
+        if request.spec.nics.is_empty() {
+            request.spec.nics.push(NicSpec {
+                network: Name::new(vroom_core::engine::DEFAULT_NETWORK).expect("invariant"),
+                ip: None,
+                role: None,
+            });
+        }
+        let mut taken: Vec<(String, Ipv4Addr)> = vec![];
+        let mut failure = None;
+        for nic in request.spec.nics.iter_mut() {
+            let allocated = async {
+                let network = self.cluster_network(nic.network.as_str(), &view).await?;
+                self.allocate_ip(&network, &name, nic.ip).await
+            }
+            .await;
+            match allocated {
+                Ok(ip) => {
+                    nic.ip = Some(ip);
+                    taken.push((nic.network.to_string(), ip));
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            for (net, ip) in taken {
+                let _ = self.etcd.delete(&ip_key(&net, ip)).await;
+            }
+            return Err(e);
+        }
+        let record = InstanceRecord {
+            mem_mib: self.mem_of(&request),
+            request: request.clone(),
+            id: format!("{:016x}", rand::random::<u64>()),
+            desired: DesiredState::Running,
+            removing: false,
+            home: None,
+            previous: None,
+            created_at: now_secs(),
+        };
+        let k = key(INSTANCES, &name);
+        let txn = Txn::new()
+            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(k, json(&record), None)]);
+        let created = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_error("cannot record the instance", e))?
+            .succeeded();
+        if !created {
+            self.release_ips(&request).await;
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("an instance named {name:?} already exists"),
+            ));
+        }
+        self.wake.notify_one();
+        // Wait until a node runs it, or says why it cannot.
+        let started = std::time::Instant::now();
+        let limit = Duration::from_secs(req.ready_timeout_secs.unwrap_or(120).min(600) + 60);
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let view = self.view().await?;
+            let status = view.statuses.get(&name);
+            if let Some(s) = status {
+                if let Some(error) = &s.error {
+                    self.forget(&name, &record).await;
+                    return Err(OpError::new(
+                        ErrorCode::Conflict,
+                        format!("node {} cannot run {name}: {error}", s.node),
+                    ));
+                }
+                if let Some(instance) = &s.instance {
+                    return Ok(instance.clone());
+                }
+            }
+            let placed = view.owners.contains_key(&name) || view.assigns.contains_key(&name);
+            if !placed && started.elapsed() > PLACE_TIMEOUT {
+                self.forget(&name, &record).await;
+                return Err(OpError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "no node can take {name}: it needs {} MiB (and a live, uncordoned node{})",
+                        record.mem_mib + schedule::VMM_OVERHEAD_MIB,
+                        req.placement
+                            .node
+                            .as_ref()
+                            .map(|n| format!(" {n}"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+            if started.elapsed() > limit {
+                return Err(OpError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "{name} did not start within {} s; it stays in the cluster",
+                        limit.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+
+    async fn remove(&self, name: &str, force: bool) -> Result<bool, OpError> {
+        let view = self.view().await?;
+        let Some((record, kv)) = view.instances.get(name) else {
+            return Ok(false);
+        };
+        match view.owner_of(name) {
+            Some(owner) => {
+                let running = view.statuses.get(name).is_some_and(|s| {
+                    !matches!(s.state, InstanceState::Stopped | InstanceState::Failed)
+                });
+                if running && !force {
+                    return Err(OpError::conflict(format!(
+                        "instance {name} is running on node {owner}; stop it first or use --force"
+                    )));
+                }
+                let mut marked = record.clone();
+                marked.removing = true;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        kv.key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision,
+                    )])
+                    .and_then([TxnOp::put(kv.key.clone(), json(&marked), None)]);
+                self.etcd
+                    .txn(txn)
+                    .await
+                    .map_err(|e| etcd_error("cannot mark the instance", e))?;
+                self.wake.notify_one();
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_secs(60) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let view = self.view().await?;
+                    if !view.instances.contains_key(name) {
+                        return Ok(true);
+                    }
+                    if view.owner_of(name).is_none() {
+                        // Its owner died meanwhile: finish here.
+                        self.forget(name, record).await;
+                        return Ok(true);
+                    }
+                }
+                Err(OpError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "node {owner} did not remove {name} within 60 s; it is marked for removal"
+                    ),
+                ))
+            }
+            None => {
+                self.forget(name, record).await;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError> {
+        for _ in 0..5 {
+            let Some((mut record, kv)) = self
+                .etcd
+                .get_json::<InstanceRecord>(&key(INSTANCES, name))
+                .await
+                .map_err(|e| etcd_error("cannot read the instance", e))?
+            else {
+                return Ok(());
+            };
+            if record.desired == desired {
+                return Ok(());
+            }
+            record.desired = desired;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    kv.key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision,
+                )])
+                .and_then([TxnOp::put(kv.key.clone(), json(&record), None)]);
+            if self
+                .etcd
+                .txn(txn)
+                .await
+                .map_err(|e| etcd_error("cannot record the desired state", e))?
+                .succeeded()
+            {
+                return Ok(());
+            }
+        }
+        Err(OpError::conflict(format!(
+            "instance {name} kept changing; try again"
+        )))
+    }
+
+    fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError> {
+        if !self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+            && self.token(name).is_none()
+        {
+            return Ok(());
+        }
+        let bytes = json(values);
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "the config of {name} is {} KiB; a cluster instance replicates at most {} KiB",
+                    bytes.len() / 1024,
+                    MAX_CONFIG_BYTES / 1024
+                ),
+            ));
+        }
+        let token = self
+            .token(name)
+            .ok_or_else(|| OpError::conflict(format!("node {} does not own {name}", self.name)))?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(OWNERS, name),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::put(key(CONFIGS, name), bytes, None)]);
+        let etcd = self.etcd.clone();
+        let handle = tokio::runtime::Handle::current();
+        let result = tokio::task::block_in_place(|| handle.block_on(etcd.txn(txn)));
+        match result {
+            Ok(r) if r.succeeded() => Ok(()),
+            Ok(_) => Err(OpError::conflict(format!(
+                "node {} lost {name} to another node; the change is not saved",
+                self.name
+            ))),
+            Err(e) => Err(etcd_error("cannot replicate the config", e)),
+        }
+    }
+
+    fn may_launch(&self, name: &str) -> Result<(), OpError> {
+        let owned = self.token(name).is_some();
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
+        if !owned && !known && !self.is_starting(name) {
+            return Ok(());
+        }
+        if owned && self.lease_alive() {
+            return Ok(());
+        }
+        Err(OpError::conflict(format!(
+            "node {} does not own {name} under a live lease; not starting it",
+            self.name
+        )))
+    }
+
+    async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
+        Ok(self
+            .view()
+            .await?
+            .statuses
+            .get(name)
+            .and_then(|s| s.instance.clone()))
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>, OpError> {
+        Ok(self
+            .view()
+            .await?
+            .statuses
+            .into_values()
+            .filter_map(|s| s.instance)
+            .collect())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
+        let view = self.view().await?;
+        Ok(view
+            .members
+            .keys()
+            .chain(view.nodes.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|n| view.node_info(n))
+            .collect())
+    }
+
+    async fn node(&self, name: &str) -> Result<NodeInfo, OpError> {
+        self.view()
+            .await?
+            .node_info(name)
+            .ok_or_else(|| OpError::not_found("node", name))
+    }
+
+    async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
+        self.node(name).await?;
+        self.set_cordon(name, cordoned.then_some(b"cordon".as_slice()))
+            .await?;
+        self.node(name).await
+    }
+
+    async fn drain(&self, name: &str) -> Result<NodeInfo, OpError> {
+        self.node(name).await?;
+        self.set_cordon(name, Some(DRAIN)).await?;
+        let node = self.node(name).await?;
+        self.drain_wait(name, node).await
+    }
+}
+
+impl ClusterNode {
+    async fn set_cordon(&self, name: &str, value: Option<&[u8]>) -> Result<(), OpError> {
+        let k = key(CORDONS, name);
+        let done = match value {
+            Some(v) => self.etcd.put(&k, v.to_vec()).await,
+            None => self.etcd.delete(&k).await,
+        };
+        done.map_err(|e| etcd_error("cannot change the node", e))?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn drain_wait(&self, name: &str, node: NodeInfo) -> Result<NodeInfo, OpError> {
+        if !node.alive {
+            return Err(OpError::conflict(format!(
+                "node {name} is down: it is cordoned; its instances with HA move when its lease expires"
+            )));
+        }
+        // Cold moves: the owner releases each instance; the leader places it
+        // elsewhere (never on a cordoned node).
+        let started = std::time::Instant::now();
+        loop {
+            let view = self.view().await?;
+            let owned: Vec<String> = view
+                .owners
+                .iter()
+                .filter(|(_, (o, _))| o.node == name)
+                .map(|(i, _)| i.clone())
+                .collect();
+            if owned.is_empty() {
+                return self.node(name).await;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                return Err(OpError::new(
+                    ErrorCode::Timeout,
+                    format!("node {name} still owns {} after 300 s", owned.join(", ")),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl ClusterNode {
+    /// Forgets an instance nobody runs: every key, and a local copy.
+    async fn forget(&self, name: &str, record: &InstanceRecord) {
+        let _ = self
+            .etcd
+            .txn(Txn::new().and_then(delete_all(name, record)))
+            .await;
+        if self.engine.get(name).is_ok() {
+            let _ = self.engine.remove(name, true).await;
+        }
+    }
+
+    /// Stops an owned instance here and gives it up, for the leader to
+    /// place elsewhere (a cold move: drain).
+    async fn release(&self, name: &str) {
+        let Some(token) = self.token(name) else {
+            return;
+        };
+        if self.engine.get(name).is_ok() {
+            let _ = self.engine.action(name, InstanceAction::Stop).await;
+            let _ = self.engine.remove(name, true).await;
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(OWNERS, name),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::delete(key(OWNERS, name), None)]);
+        if matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
+            self.owned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            tracing::info!(instance = %name, "released for a move");
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The seam between the engine (one host) and the cluster layer (etcd).
+//!
+//! A host that is not in a cluster has no [`Cluster`]; one that is hands the
+//! engine its implementation (the `vroom-cluster` crate), which the API asks
+//! for cluster-wide operations and the engine asks before it launches a VM
+//! or acknowledges a config change.
+
+use vroom_types::{ConfigValues, DesiredState, Instance, NodeInfo, RunRequest};
+
+use crate::error::OpError;
+
+/// What the cluster layer does for the engine and the API.
+#[async_trait::async_trait]
+pub trait Cluster: Send + Sync {
+    /// Creates an instance in the cluster: recorded in etcd, placed by the
+    /// leader's scheduler, run by the node that claims it. Returns once it
+    /// runs there (or failed).
+    async fn run(&self, req: RunRequest) -> Result<Instance, OpError>;
+    /// Removes an instance wherever it runs. `Ok(false)` when the cluster
+    /// does not know it (a local-only instance: the engine removes it).
+    async fn remove(&self, name: &str, force: bool) -> Result<bool, OpError>;
+    /// Records whether the user wants an instance running, so that a
+    /// failover does not start what was stopped.
+    async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError>;
+    /// Replicates an accepted config change (before it is acknowledged),
+    /// under this node's fencing token. Blocking.
+    fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError>;
+    /// Whether this node may launch `name` now: always for a local-only
+    /// instance; for a cluster instance only while this node owns it under
+    /// a live lease.
+    fn may_launch(&self, name: &str) -> Result<(), OpError>;
+
+    /// A cluster instance as its owner last published it.
+    async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError>;
+    /// Every cluster instance as its owner last published it.
+    async fn instances(&self) -> Result<Vec<Instance>, OpError>;
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError>;
+    async fn node(&self, name: &str) -> Result<NodeInfo, OpError>;
+    async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError>;
+    /// Cordons the node and moves every instance it owns elsewhere.
+    async fn drain(&self, name: &str) -> Result<NodeInfo, OpError>;
+}
+
+/// Who an instance is, when the cluster (re)creates it on a node: the same
+/// id (so the same MACs and machine id) and the replicated config.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub id: String,
+    pub config: Option<ConfigValues>,
+}
