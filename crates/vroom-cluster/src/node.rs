@@ -76,6 +76,10 @@ pub struct ClusterNode {
     known: Mutex<BTreeSet<String>>,
     /// Local starts under way.
     starting: Mutex<BTreeSet<String>>,
+    /// Images being warmed for standby instances.
+    warming: Mutex<BTreeSet<String>>,
+    /// Images that could not be warmed (not tried again until a restart).
+    unwarmable: Mutex<BTreeSet<String>>,
     /// What was last published per owned instance.
     published: Mutex<BTreeMap<String, String>>,
     guard: GuardLink,
@@ -284,14 +288,17 @@ impl ClusterNode {
             known: Mutex::default(),
             starting: Mutex::default(),
             published: Mutex::default(),
+            warming: Mutex::default(),
+            unwarmable: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             rejoin: tokio::sync::Mutex::new(()),
         });
-        node.guard
-            .ensure()
-            .map_err(|e| format!("cannot start the fencing guard: {e}"))?;
         let reuse = remembered.map(|m| m.lease);
         node.take_lease(reuse).await?;
+        if let Err(e) = node.guard.ensure() {
+            let _ = node.etcd.client().lease_revoke(node.lease()).await;
+            return Err(format!("cannot start the fencing guard: {e}"));
+        }
         let supervisor = node.clone();
         tokio::spawn(async move { supervisor.renew_forever().await });
         // The first keepalive comes right away: it arms the guard.
@@ -618,7 +625,72 @@ impl ClusterNode {
         self.adopt(&view);
         self.converge(&view).await;
         self.publish(&view).await;
+        self.prepare_standby(&view);
         Ok(())
+    }
+
+    /// Keeps a warm snapshot here of every image a `standby` instance runs
+    /// (in its memory size), so that a failover to this node starts it from
+    /// memory instead of booting. Warms one image at a time, in the background.
+    fn prepare_standby(&self, view: &View) {
+        if view.cordons.contains_key(&self.name)
+            || !self
+                .warming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+        {
+            return;
+        }
+        let warm = self.engine.list_warm();
+        for (record, _) in view.instances.values() {
+            if record.request.placement.ha != HaPolicy::Standby || record.removing {
+                continue;
+            }
+            let Ok(image) = self.engine.get_image(&record.request.spec.image) else {
+                continue;
+            };
+            let have = warm
+                .iter()
+                .any(|s| s.image_id() == image.id && s.instance.mem_mib == record.mem_mib);
+            if have {
+                continue;
+            }
+            let key = format!("{}/{}", image.id, record.mem_mib);
+            if self
+                .unwarmable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+            {
+                continue;
+            }
+            self.warming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            let node = self.arc();
+            let mem = record.mem_mib;
+            tokio::spawn(async move {
+                match node.engine.warm_image(&image.id, Some(mem)).await {
+                    Ok(s) => {
+                        tracing::info!(image = %image.name, snapshot = %s.name, "warmed for standby instances")
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %image.name, error = %e.message, "cannot warm an image for standby instances; they boot cold here");
+                        node.unwarmable
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key.clone());
+                    }
+                }
+                node.warming
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+            });
+            return;
+        }
     }
 
     async fn try_lead(&self, lease: i64) -> Result<(), EtcdError> {
@@ -793,8 +865,11 @@ impl ClusterNode {
             .collect();
         // Cluster instances here that this node does not own: another node
         // has them now (or they were removed): the local copy goes.
+        let managed = self.engine.cluster_instances();
         for name in local.keys() {
-            let cluster_instance = view.instances.contains_key(name);
+            // Created by the cluster and no longer in it counts as not ours.
+            let cluster_instance =
+                view.instances.contains_key(name) || managed.iter().any(|m| m == name);
             let ours = owned.contains_key(name);
             if cluster_instance && !ours && !self.is_starting(name) {
                 tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
@@ -1409,6 +1484,10 @@ impl Cluster for ClusterNode {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let view = self.view().await?;
                     if !view.instances.contains_key(name) {
+                        // A stale copy here (from before a failover) goes too.
+                        if self.engine.get(name).is_ok() {
+                            let _ = self.engine.remove(name, true).await;
+                        }
                         return Ok(true);
                     }
                     if view.owner_of(name).is_none() {

@@ -29,6 +29,9 @@ pub struct InstanceRecord {
     /// The config an ephemeral instance returns to at every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed_config: Option<vroom_types::ConfigValues>,
+    /// Created by the cluster layer (its desired state is in etcd).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +304,7 @@ mod tests {
             ready_timeout_secs: 120,
             ever_ready: false,
             seed_config: None,
+            cluster: false,
         }
     }
 

@@ -3,6 +3,7 @@
 //! the daemon itself in the foreground.
 
 mod bench;
+mod bench_failover;
 mod bench_images;
 mod bench_splice;
 mod bench_warm;
@@ -70,8 +71,10 @@ pub enum Command {
     /// Internal: a cluster node's fencing guard (vroomd starts it).
     #[command(name = "__guard", hide = true)]
     Guard {
+        /// The unix socket vroomd reports acknowledged keepalives on.
         #[arg(long)]
         socket: PathBuf,
+        /// The cgroup scope (under `vroom/`) whose processes it kills.
         #[arg(long)]
         scope: String,
     },
@@ -354,13 +357,25 @@ pub enum NodeOp {
     /// List the cluster's nodes with liveness, memory and instances.
     Ls,
     /// Show one node.
-    Inspect { name: Name },
+    Inspect {
+        /// The node's name.
+        name: Name,
+    },
     /// Place no new instance on the node.
-    Cordon { name: Name },
+    Cordon {
+        /// The node's name.
+        name: Name,
+    },
     /// Let the scheduler use the node again.
-    Uncordon { name: Name },
+    Uncordon {
+        /// The node's name.
+        name: Name,
+    },
     /// Cordon the node and move every instance it runs to other nodes.
-    Drain { name: Name },
+    Drain {
+        /// The node's name.
+        name: Name,
+    },
 }
 
 #[derive(clap::Args)]
@@ -677,6 +692,14 @@ pub enum BenchOp {
     Warm {
         /// Starts of each kind.
         #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// A throwaway two-node cluster on this machine (three etcd members,
+    /// nodes in network namespaces): fault to ready on another node for
+    /// `--ha restart` and `--ha standby`, double runs, and the etcd load.
+    Failover {
+        /// Faults per HA policy (power loss, frozen vroomd, etcd partition in turn).
+        #[arg(short = 'n', long, default_value_t = 50)]
         runs: usize,
     },
     /// Build every recipe in a directory cold and cached, boot each, and

@@ -11,6 +11,15 @@ impl Engine {
         Ok(self.cell(name)?.snapshot())
     }
 
+    /// The instances the cluster layer created here.
+    pub fn cluster_instances(&self) -> Vec<String> {
+        self.cells()
+            .iter()
+            .filter(|c| c.lock().cluster)
+            .map(|c| c.lock().instance.spec.name.to_string())
+            .collect()
+    }
+
     /// Creates an instance and launches it. Returns once the VMM runs; the
     /// guest becomes ready later (`status.state` turns `running`). Any failure
     /// before that removes everything this call created.
@@ -131,6 +140,7 @@ impl Engine {
             }
         };
 
+        let cluster = identity.is_some();
         let (id, given_config) = match identity {
             Some(identity) => (identity.id, identity.config),
             None => (random_id(), None),
@@ -180,6 +190,7 @@ impl Engine {
             ready_timeout_secs,
             ever_ready: false,
             seed_config: spec.ephemeral.then(|| instance.config.clone()),
+            cluster,
         };
         let prepared = blocking(|| {
             std::fs::create_dir_all(&dir)

@@ -803,6 +803,7 @@ impl Engine {
                 ready_timeout_secs: WARM_READY_TIMEOUT.as_secs(),
                 ever_ready: false,
                 seed_config: None,
+                cluster: false,
             },
         );
         let launch = self.launch_spec(
