@@ -69,9 +69,12 @@ impl From<&etcd_client::KeyValue> for Kv {
     }
 }
 
+/// A connection to etcd that replaces itself after a failed request: a
+/// gRPC channel that lived through a partition can stay wedged long after
+/// the network heals.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    client: std::sync::Arc<std::sync::Mutex<Client>>,
     endpoints: Vec<String>,
 }
 
@@ -108,7 +111,7 @@ impl Etcd {
         .map_err(|_| unreachable("no answer".into()))?
         .map_err(|e| unreachable(e.to_string()))?;
         let etcd = Etcd {
-            client,
+            client: std::sync::Arc::new(std::sync::Mutex::new(client)),
             endpoints: endpoints.to_vec(),
         };
         etcd.get(crate::model::CLUSTER)
@@ -127,12 +130,46 @@ impl Etcd {
     }
 
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Opens a fresh connection in place of the current one (best effort).
+    pub async fn refresh(&self) {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Ok(Ok(client)) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Client::connect(&self.endpoints, Some(options)),
+        )
+        .await
+        {
+            *self.client.lock().unwrap_or_else(|p| p.into_inner()) = client;
+        }
+    }
+
+    /// Runs a request; after a failure, the next request uses a new connection.
+    async fn request<T, F>(&self, work: impl FnOnce(Client) -> F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let result = bounded(work(self.client())).await;
+        if result.is_err() {
+            self.refresh().await;
+        }
+        result
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let mut client = self.client.clone();
-        let resp = bounded(client.get(key, None)).await?;
+        let key = key.to_string();
+        let resp = self
+            .request(|mut c| async move { c.get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(Kv::from))
     }
 
@@ -148,24 +185,31 @@ impl Etcd {
 
     /// Every key under `prefix`, and the revision they were read at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let mut client = self.client.clone();
-        let resp = bounded(client.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let prefix = prefix.to_string();
+        let resp = self
+            .request(
+                |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await },
+            )
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((resp.kvs().iter().map(Kv::from).collect(), revision))
     }
 
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, EtcdError> {
-        let mut client = self.client.clone();
-        bounded(client.txn(txn)).await
+        self.request(|mut c| async move { c.txn(txn).await }).await
     }
 
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), EtcdError> {
-        let mut client = self.client.clone();
-        bounded(client.put(key, value, None)).await.map(|_| ())
+        let key = key.to_string();
+        self.request(|mut c| async move { c.put(key, value, None).await })
+            .await
+            .map(|_| ())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), EtcdError> {
-        let mut client = self.client.clone();
-        bounded(client.delete(key, None)).await.map(|_| ())
+        let key = key.to_string();
+        self.request(|mut c| async move { c.delete(key, None).await })
+            .await
+            .map(|_| ())
     }
 }

@@ -464,16 +464,32 @@ impl ClusterNode {
     /// Renews `lease` every 500 ms, and tells the guard of every
     /// acknowledgement. Returns when etcd says the lease expired.
     async fn keep_alive(&self, etcd: Etcd, lease: i64) {
-        let mut client = etcd.client();
         let mut channel = None;
+        let mut failures = 0u32;
         loop {
             let sent = monotonic_ns();
             if channel.is_none() {
-                channel =
+                if failures >= 2 {
+                    // A connection that lived through a partition may stay
+                    // wedged: a new one.
+                    etcd.refresh().await;
+                }
+                let mut client = etcd.client();
+                let opened =
                     tokio::time::timeout(Duration::from_secs(1), client.lease_keep_alive(lease))
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok());
+                        .await;
+                // The client refuses to open a stream for a lease etcd no
+                // longer has: it expired.
+                if let Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) = &opened {
+                    if e.contains("not found") {
+                        tracing::error!(
+                            lease,
+                            "the lease expired: this node lost its instances; rejoining"
+                        );
+                        return;
+                    }
+                }
+                channel = opened.ok().and_then(|r| r.ok());
             }
             let answer = match channel.as_mut() {
                 Some((keeper, stream)) => {
@@ -487,6 +503,7 @@ impl ClusterNode {
             };
             match answer {
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                    failures = 0;
                     self.last_ack_ns.store(sent, Ordering::SeqCst);
                     if let Err(e) = self.guard.ack(sent) {
                         tracing::error!(error = %e, "cannot reach the fencing guard");
@@ -503,6 +520,15 @@ impl ClusterNode {
                     // A broken or stalled stream: open another (possibly to
                     // another endpoint) at the next beat.
                     channel = None;
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        let why = match &answer {
+                            Err(_) => "no answer".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Ok(Ok(_)) => "the stream closed".to_string(),
+                        };
+                        tracing::warn!(lease, failures, reason = %why, "a keepalive failed");
+                    }
                 }
             }
             let next = sent + KEEPALIVE_EVERY.as_nanos() as u64;

@@ -376,11 +376,24 @@ pub async fn failover(runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    tokio::task::block_in_place(|| measure(runs))
+    tokio::task::block_in_place(|| {
+        let mut c = Cluster::build(2)?;
+        let result = measure(&mut c, runs);
+        if result.is_err() {
+            for node in &c.nodes {
+                let log = std::fs::read_to_string(node.dir.join("vroomd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                eprintln!("--- the last lines of {}'s log:", node.name);
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        result
+    })
 }
 
-fn measure(runs: usize) -> Result<()> {
-    let mut c = Cluster::build(2)?;
+fn measure(c: &mut Cluster, runs: usize) -> Result<()> {
     for i in 0..2 {
         c.ok(i, &["image", "build", "hello"])?;
     }
@@ -395,7 +408,7 @@ fn measure(runs: usize) -> Result<()> {
                 "--json", "run", "hello", "--name", &name, "--cold", "--node", "n1",
             ],
         )?;
-        let ip = ip_of(&c, 0, &name)?;
+        let ip = ip_of(c, 0, &name)?;
         wait(Duration::from_secs(30), || c.answers(0, &ip).then_some(()))
             .context("the baseline instance never answered")?;
         cold.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -413,7 +426,7 @@ fn measure(runs: usize) -> Result<()> {
             0,
             &["run", "hello", "--name", &name, "--ha", ha, "--node", "n1"],
         )?;
-        let ip = ip_of(&c, 0, &name)?;
+        let ip = ip_of(c, 0, &name)?;
         if ha == "standby" {
             // Both nodes keep a warm snapshot for it.
             let warm = wait(Duration::from_secs(120), || {
@@ -503,9 +516,9 @@ fn measure(runs: usize) -> Result<()> {
         )?;
     }
     std::thread::sleep(Duration::from_secs(3));
-    let before = etcd_revision(&c)?;
+    let before = etcd_revision(c)?;
     std::thread::sleep(Duration::from_secs(20));
-    let after = etcd_revision(&c)?;
+    let after = etcd_revision(c)?;
     println!(
         "etcd load: {:.3} writes/s per idle instance ({} writes in 20 s with {idle} idle instances on 2 nodes; keepalives are not writes)",
         (after - before) as f64 / 20.0 / idle as f64,
