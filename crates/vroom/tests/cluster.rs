@@ -561,7 +561,16 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
         "ip netns exec {} nft delete table inet part",
         lab.nodes[0].ns
     ));
-    std::thread::sleep(Duration::from_secs(4));
+    let rejoined = poll(Duration::from_secs(15), || {
+        lab.ok(1, &["--json", "node", "inspect", "n1"])
+            .contains("\"alive\": true")
+            .then_some(())
+    });
+    assert!(
+        rejoined.is_some(),
+        "n1 did not rejoin after the partition: {}",
+        lab.log(0)
+    );
     assert_eq!(
         lab.runs(0, "h1"),
         None,
