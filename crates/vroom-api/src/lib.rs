@@ -221,7 +221,8 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         nodes::get_node,
         nodes::cordon_node,
         nodes::uncordon_node,
-        nodes::drain_node
+        nodes::drain_node,
+        nodes::remove_node
     ),
     components(schemas(ApiErrorBody, Name)),
     modifiers(&ConfigValueRules, &CrossFieldRules, &CreatedResourceLinks)
@@ -400,7 +401,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/v1/images/{name}/warm", post(snapshots::warm_image))
         .route("/v1/nodes", get(nodes::list_nodes))
-        .route("/v1/nodes/{name}", get(nodes::get_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(nodes::get_node).delete(nodes::remove_node),
+        )
         .route("/v1/nodes/{name}/cordon", post(nodes::cordon_node))
         .route("/v1/nodes/{name}/uncordon", post(nodes::uncordon_node))
         .route("/v1/nodes/{name}/drain", post(nodes::drain_node))

@@ -2,6 +2,7 @@
 //! A host that is not in a cluster answers 409 to each.
 
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::Json;
 use vroom_core::cluster::Cluster;
 use vroom_core::OpError;
@@ -64,4 +65,15 @@ pub(crate) async fn drain_node(
     Path(name): Path<String>,
 ) -> ApiResult<NodeInfo> {
     Ok(Json(cluster_of(&engine)?.drain(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = Name, Path)),
+    responses((status = 204), PathErrors, HostErrors,
+        (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster, or the node is alive or still holds instances.")))]
+pub(crate) async fn remove_node(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, crate::ApiError> {
+    cluster_of(&engine)?.remove_node(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -562,6 +562,12 @@ impl Client {
             .await
     }
 
+    pub async fn remove_node(&self, name: &str) -> Result<(), ClientError> {
+        self.raw::<()>(Method::DELETE, &format!("/v1/nodes/{}", enc(name)), None)
+            .await
+            .map(|_| ())
+    }
+
     /// `op`: cordon, uncordon or drain.
     pub async fn node_op(
         &self,

@@ -1235,72 +1235,38 @@ impl ClusterNode {
         Ok(stored)
     }
 
-    /// Takes an address on a network for `owner` in one transaction: no two
-    /// nodes can ever hand out the same one.
-    async fn allocate_ip(
+    /// A free address on a network (the requested one, checked), not among
+    /// `also_taken` (this request's other NICs). Taken for real by the
+    /// transaction that records the instance.
+    async fn free_ip(
         &self,
         network: &NetworkRecord,
-        owner: &str,
         requested: Option<Ipv4Addr>,
+        also_taken: &[(String, Ipv4Addr)],
     ) -> Result<Ipv4Addr, OpError> {
         let net = network.spec.name.as_str();
-        let candidates: Vec<Ipv4Addr> = match requested {
-            Some(ip) => {
-                vroom_core::ipam::allocate_ip(network.subnet, &[], Some(ip))
-                    .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-                vec![ip]
-            }
-            None => {
-                let (taken, _) = self
-                    .etcd
-                    .list(&format!("{IPS}{net}/"))
-                    .await
-                    .map_err(|e| etcd_error("cannot read the addresses", e))?;
-                let taken: Vec<Ipv4Addr> = taken
-                    .iter()
-                    .filter_map(|kv| kv.name(&format!("{IPS}{net}/")).parse().ok())
-                    .collect();
-                let gateway = vroom_core::ipam::gateway(network.subnet);
-                network
-                    .subnet
-                    .hosts()
-                    .filter(|ip| *ip != gateway && !taken.contains(ip))
-                    .take(16)
-                    .collect()
-            }
-        };
-        for ip in candidates {
-            let k = ip_key(net, ip);
-            let txn = Txn::new()
-                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(k, owner.to_string(), None)]);
-            if self
-                .etcd
-                .txn(txn)
-                .await
-                .map_err(|e| etcd_error("cannot take an address", e))?
-                .succeeded()
-            {
-                return Ok(ip);
-            }
-            if requested.is_some() {
-                return Err(OpError::conflict(format!(
-                    "address {ip} on network {net} is taken"
-                )));
-            }
+        if let Some(ip) = requested {
+            vroom_core::ipam::allocate_ip(network.subnet, &[], Some(ip))
+                .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+            return Ok(ip);
         }
-        Err(OpError::new(
-            ErrorCode::ResourceExhausted,
-            format!("network {net} has no free address left"),
-        ))
-    }
-
-    async fn release_ips(&self, request: &RunRequest) {
-        for nic in &request.spec.nics {
-            if let Some(ip) = nic.ip {
-                let _ = self.etcd.delete(&ip_key(nic.network.as_str(), ip)).await;
-            }
-        }
+        let prefix = format!("{IPS}{net}/");
+        let (taken, _) = self
+            .etcd
+            .list(&prefix)
+            .await
+            .map_err(|e| etcd_error("cannot read the addresses", e))?;
+        let mut used: Vec<Ipv4Addr> = taken
+            .iter()
+            .filter_map(|kv| kv.name(&prefix).parse().ok())
+            .collect();
+        used.extend(also_taken.iter().map(|(_, ip)| *ip));
+        vroom_core::ipam::allocate_ip(network.subnet, &used, None).map_err(|_| {
+            OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!("network {net} has no free address left"),
+            )
+        })
     }
 
     fn mem_of(&self, req: &RunRequest) -> u64 {
@@ -1376,32 +1342,11 @@ impl Cluster for ClusterNode {
                 role: None,
             });
         }
-        let mut taken: Vec<(String, Ipv4Addr)> = vec![];
-        let mut failure = None;
-        for nic in request.spec.nics.iter_mut() {
-            let allocated = async {
-                let network = self.cluster_network(nic.network.as_str(), &view).await?;
-                self.allocate_ip(&network, &name, nic.ip).await
-            }
-            .await;
-            match allocated {
-                Ok(ip) => {
-                    nic.ip = Some(ip);
-                    taken.push((nic.network.to_string(), ip));
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+        let mut networks = vec![];
+        for nic in &request.spec.nics {
+            networks.push(self.cluster_network(nic.network.as_str(), &view).await?);
         }
-        if let Some(e) = failure {
-            for (net, ip) in taken {
-                let _ = self.etcd.delete(&ip_key(&net, ip)).await;
-            }
-            return Err(e);
-        }
-        let record = InstanceRecord {
+        let mut record = InstanceRecord {
             mem_mib: self.mem_of(&request),
             request: request.clone(),
             id: format!("{:016x}", rand::random::<u64>()),
@@ -1411,23 +1356,73 @@ impl Cluster for ClusterNode {
             previous: None,
             created_at: now_secs(),
         };
-        let k = key(INSTANCES, &name);
-        let txn = Txn::new()
-            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k, json(&record), None)]);
-        let created = self
-            .etcd
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_error("cannot record the instance", e))?
-            .succeeded();
-        if !created {
-            self.release_ips(&request).await;
-            return Err(OpError::new(
-                ErrorCode::AlreadyExists,
-                format!("an instance named {name:?} already exists"),
-            ));
+        // The record and every address in one transaction: a crash leaves
+        // all of it or none; a lost race (an address just taken) retries.
+        let mut created = false;
+        for _ in 0..8 {
+            let mut compares = vec![Compare::create_revision(
+                key(INSTANCES, &name),
+                CompareOp::Equal,
+                0,
+            )];
+            let mut puts = vec![];
+            for (nic, network) in request.spec.nics.iter().zip(&networks) {
+                let ip = self.free_ip(network, nic.ip, &puts).await?;
+                let k = ip_key(network.spec.name.as_str(), ip);
+                compares.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                puts.push((k, ip));
+            }
+            for (slot, (_, ip)) in record.request.spec.nics.iter_mut().zip(&puts) {
+                slot.ip = Some(*ip);
+            }
+            let mut ops = vec![TxnOp::put(key(INSTANCES, &name), json(&record), None)];
+            ops.extend(
+                puts.iter()
+                    .map(|(k, _)| TxnOp::put(k.clone(), name.clone(), None)),
+            );
+            let done = self
+                .etcd
+                .txn(Txn::new().when(compares).and_then(ops))
+                .await
+                .map_err(|e| etcd_error("cannot record the instance", e))?;
+            if done.succeeded() {
+                created = true;
+                break;
+            }
+            if self
+                .etcd
+                .get(&key(INSTANCES, &name))
+                .await
+                .map_err(|e| etcd_error("cannot read the instance", e))?
+                .is_some()
+            {
+                return Err(OpError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("an instance named {name:?} already exists"),
+                ));
+            }
+            for (nic, (k, ip)) in request.spec.nics.iter().zip(&puts) {
+                if nic.ip.is_some()
+                    && self
+                        .etcd
+                        .get(k)
+                        .await
+                        .map_err(|e| etcd_error("cannot read the addresses", e))?
+                        .is_some()
+                {
+                    return Err(OpError::conflict(format!(
+                        "address {ip} on network {} is taken",
+                        nic.network
+                    )));
+                }
+            }
         }
+        if !created {
+            return Err(OpError::conflict(format!(
+                "the addresses of {name} kept being taken; try again"
+            )));
+        }
+        let record = record;
         self.wake.notify_one();
         // Wait until a node runs it, or says why it cannot.
         let started = std::time::Instant::now();
@@ -1680,6 +1675,10 @@ impl Cluster for ClusterNode {
         self.node(name).await
     }
 
+    async fn remove_node(&self, name: &str) -> Result<(), OpError> {
+        self.forget_node(name).await
+    }
+
     async fn drain(&self, name: &str) -> Result<NodeInfo, OpError> {
         self.node(name).await?;
         self.set_cordon(name, Some(DRAIN)).await?;
@@ -1689,6 +1688,53 @@ impl Cluster for ClusterNode {
 }
 
 impl ClusterNode {
+    async fn forget_node(&self, name: &str) -> Result<(), OpError> {
+        let view = self.view().await?;
+        let info = view
+            .node_info(name)
+            .ok_or_else(|| OpError::not_found("node", name))?;
+        if info.alive {
+            return Err(OpError::conflict(format!(
+                "node {name} is alive; stop its vroomd first"
+            )));
+        }
+        let held: Vec<&str> = view
+            .instances
+            .iter()
+            .filter(|(_, (r, _))| {
+                r.home.as_deref() == Some(name) && r.request.placement.ha == HaPolicy::None
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !held.is_empty() {
+            return Err(OpError::conflict(format!(
+                "node {name} still holds {} (--ha none, waiting for it); remove them first",
+                held.join(", ")
+            )));
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(NODES, name),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::delete(key(MEMBERS, name), None),
+                TxnOp::delete(key(CORDONS, name), None),
+            ]);
+        let done = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_error("cannot remove the node", e))?;
+        if !done.succeeded() {
+            return Err(OpError::conflict(format!(
+                "node {name} came back; nothing changed"
+            )));
+        }
+        Ok(())
+    }
+
     async fn set_cordon(&self, name: &str, value: Option<&[u8]>) -> Result<(), OpError> {
         let k = key(CORDONS, name);
         let done = match value {

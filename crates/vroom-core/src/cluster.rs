@@ -40,6 +40,8 @@ pub trait Cluster: Send + Sync {
     async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError>;
     /// Cordons the node and moves every instance it owns elsewhere.
     async fn drain(&self, name: &str) -> Result<NodeInfo, OpError>;
+    /// Forgets a node that is down and holds nothing.
+    async fn remove_node(&self, name: &str) -> Result<(), OpError>;
 }
 
 /// Who an instance is, when the cluster (re)creates it on a node: the same

@@ -486,6 +486,13 @@ async fn node(client: &Client, op: &crate::NodeOp, json: bool) -> Result<()> {
         NodeOp::Cordon { name } => client.node_op(name.as_str(), "cordon").await?,
         NodeOp::Uncordon { name } => client.node_op(name.as_str(), "uncordon").await?,
         NodeOp::Drain { name } => client.node_op(name.as_str(), "drain").await?,
+        NodeOp::Rm { name } => {
+            client.remove_node(name.as_str()).await?;
+            if !json {
+                println!("node {name} removed from the cluster");
+            }
+            return Ok(());
+        }
     };
     if json {
         output::json(&one);

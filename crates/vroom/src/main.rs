@@ -376,6 +376,11 @@ pub enum NodeOp {
         /// The node's name.
         name: Name,
     },
+    /// Forget a node that is down and holds no instance.
+    Rm {
+        /// The node's name.
+        name: Name,
+    },
 }
 
 #[derive(clap::Args)]

@@ -320,6 +320,43 @@ impl Lab {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The keys under `prefix`, through etcd's JSON gateway.
+    fn etcd_keys(&self, prefix: &str) -> Vec<String> {
+        use base64_lite::encode;
+        let end = {
+            let mut b = prefix.as_bytes().to_vec();
+            *b.last_mut().unwrap() += 1;
+            b
+        };
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}","keys_only":true}}"#,
+            encode(prefix.as_bytes()),
+            encode(&end)
+        );
+        let mut stream =
+            std::net::TcpStream::connect((format!("{}.1", self.net).as_str(), self.etcd_ports[0]))
+                .unwrap();
+        write!(
+            stream,
+            "POST /v3/kv/range HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .filter_map(|kv| kv["key"].as_str())
+                    .map(|k| String::from_utf8(base64_lite::decode(k)).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The etcd member that leads, by its index.
     fn etcd_leader(&self) -> Option<usize> {
         for (i, port) in self.etcd_ports.iter().enumerate() {
@@ -351,6 +388,48 @@ impl Lab {
             }
         }
         None
+    }
+}
+
+/// Standard base64, enough for etcd's JSON gateway.
+mod base64_lite {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Vec<u8> {
+        let mut bits = 0u32;
+        let mut count = 0;
+        let mut out = vec![];
+        for c in text.bytes().filter(|c| *c != b'=') {
+            let v = ABC.iter().position(|a| *a == c).unwrap() as u32;
+            bits = (bits << 6) | v;
+            count += 6;
+            if count >= 8 {
+                count -= 8;
+                out.push((bits >> count) as u8);
+                bits &= (1 << count) - 1;
+            }
+        }
+        out
     }
 }
 
@@ -620,6 +699,18 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     let ps = lab.ok(0, &["--json", "ps"]);
     assert!(!ps.contains("\"h1\""), "{ps}");
     drop(sampler);
+
+    // A node that is gone for good is forgotten once its lease is gone.
+    lab.power_loss(1);
+    let forgotten = poll(Duration::from_secs(10), || {
+        lab.vroom(0, &["node", "rm", "n2"])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(forgotten.is_some(), "cannot remove dead n2");
+    let nodes = lab.ok(0, &["node", "ls"]);
+    assert!(!nodes.contains("n2"), "{nodes}");
 }
 
 #[test]
@@ -685,6 +776,8 @@ fn bad_input_is_one_line_and_changes_nothing() {
     lab.ok(0, &["node", "uncordon", "n1"]);
     let err = lab.fail(0, &["node", "inspect", "nope"]);
     assert!(err.contains("no node named"), "{err}");
+    let err = lab.fail(0, &["node", "rm", "n1"]);
+    assert!(err.contains("node n1 is alive"), "{err}");
     let ps = lab.ok(0, &["--json", "ps"]);
     assert_eq!(ps.trim(), "[]", "nothing was created: {ps}");
     let node = lab.ok(0, &["--json", "node", "inspect", "n1"]);
@@ -697,4 +790,98 @@ fn bad_input_is_one_line_and_changes_nothing() {
     assert!(err.contains("not in a cluster"), "{err}");
     let err = solo.fail(&["node", "ls"]);
     assert!(err.contains("not in a cluster"), "{err}");
+}
+
+/// The receiving node's vroomd killed at several moments inside `run` and
+/// inside `rm`: afterwards the instance runs once with one address, or
+/// nothing of it is left (no key, no QEMU, no local copy).
+#[test]
+fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
+    let lab = Lab::new(2);
+    let hello = common::recipe("hello");
+    for i in 0..2 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    let kill_n1_after = |args: Vec<String>, delay: Duration| {
+        let mut child = lab
+            .command(0)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        if let Some(mut d) = lab.nodes[0].daemon.lock().unwrap().take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = child.wait();
+        lab.start(0);
+    };
+    // All of it, or none of it, once the cluster settled.
+    let settled = |name: &str| {
+        let check = || {
+            let keys = lab.etcd_keys(&format!("/vroom/instances/{name}"));
+            let ips: Vec<String> = lab
+                .etcd_keys("/vroom/ips/")
+                .into_iter()
+                .filter(|k| !k.is_empty())
+                .collect();
+            let qemus: usize = (0..2)
+                .map(|i| usize::from(lab.runs(i, name).is_some()))
+                .sum();
+            let local: usize = (0..2)
+                .map(|i| usize::from(lab.vroom(i, &["inspect", name]).status.success()))
+                .sum();
+            (keys.len(), ips.len(), qemus, local)
+        };
+        let state = poll(Duration::from_secs(40), || {
+            let s = check();
+            matches!(s, (0, 0, 0, 0) | (1, 1, 1, _)).then_some(s)
+        });
+        assert!(
+            state.is_some(),
+            "{name} half there: (records, addresses, qemus, listed) = {:?}\n{}\n{}",
+            check(),
+            lab.log(0),
+            lab.log(1)
+        );
+        state.unwrap()
+    };
+    for (k, ms) in [30u64, 300, 1500].into_iter().enumerate() {
+        let name = format!("c{k}");
+        kill_n1_after(
+            [
+                "run", "hello", "--name", &name, "--ha", "restart", "--node", "n2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            Duration::from_millis(ms),
+        );
+        let (records, ..) = settled(&name);
+        eprintln!(
+            "run killed after {ms} ms: {}",
+            if records == 1 {
+                "it runs"
+            } else {
+                "nothing left"
+            }
+        );
+        if records == 0 {
+            continue;
+        }
+        kill_n1_after(
+            ["rm", "--force", &name].map(String::from).to_vec(),
+            Duration::from_millis(ms),
+        );
+        let (records, ..) = settled(&name);
+        eprintln!(
+            "rm killed after {ms} ms: {}",
+            if records == 1 { "it runs" } else { "removed" }
+        );
+        if records == 1 {
+            lab.ok(0, &["rm", "--force", &name]);
+            settled(&name);
+        }
+    }
 }
