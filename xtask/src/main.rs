@@ -85,11 +85,20 @@ fn main() -> Result<()> {
     }
 }
 
+/// Installs Debian packages, reading the package lists first when they are
+/// missing or stale (a fresh machine has none).
 fn apt_install(packages: &[&str]) -> Result<()> {
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_ok() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    install()
 }
 
 /// What building vroom needs beyond the Rust toolchain: the etcd client
