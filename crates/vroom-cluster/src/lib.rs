@@ -20,6 +20,7 @@
 
 pub mod etcd;
 pub mod guard;
+pub mod lab;
 pub mod model;
 pub mod node;
 pub mod schedule;

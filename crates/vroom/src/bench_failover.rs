@@ -8,13 +8,12 @@
 //! baseline is a cold `vroom run` to answering on the same machine, in the
 //! same run. Last, the etcd load: writes per second per idle instance.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use vroom_cluster::lab::{wait, Lab};
 
 use crate::bench::{median, p90};
 
@@ -27,158 +26,19 @@ enum Fault {
 
 const FAULTS: [Fault; 3] = [Fault::PowerLoss, Fault::Freeze, Fault::Partition];
 
-struct Node {
-    name: String,
-    ns: String,
-    dir: PathBuf,
-    ip: String,
-    daemon: Option<Child>,
-}
+/// The lab plus the bench's own helpers.
+struct Cluster(Lab);
 
-struct Cluster {
-    tag: String,
-    dir: PathBuf,
-    net: String,
-    ports: Vec<u16>,
-    etcd: Vec<Child>,
-    nodes: Vec<Node>,
-    id: String,
-    exe: PathBuf,
-}
-
-fn shell(cmd: &str) -> Result<()> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    if !out.status.success() {
-        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn wait<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if started.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+impl std::ops::Deref for Cluster {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.0
     }
 }
 
 impl Cluster {
-    fn build(nodes: usize) -> Result<Cluster> {
-        // Names, subnet and ports from the pid and the clock: two benches
-        // at once do not meet.
-        let seed = u64::from(std::process::id())
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos() as u64)
-                .unwrap_or(0);
-        let tag = format!("{:04x}", seed & 0xffff);
-        let net = format!("10.{}.{}", 192 + (seed >> 16) % 32, (seed >> 24) % 256);
-        let base = 30000 + ((seed >> 32) % 20000) as u16;
-        let mut c = Cluster {
-            dir: std::env::temp_dir().join(format!("vroom-bench-cluster-{tag}")),
-            tag,
-            net,
-            ports: (1..=3).map(|i| base + i).collect(),
-            etcd: vec![],
-            nodes: vec![],
-            id: String::new(),
-            exe: std::env::current_exe()?,
-        };
-        std::fs::create_dir_all(&c.dir)?;
-        shell(&format!(
-            "ip link add b{t}u type bridge && ip addr add {n}.1/24 dev b{t}u && ip link set b{t}u up",
-            t = c.tag,
-            n = c.net
-        ))?;
-        let peer = |i: u16| format!("http://{}.1:{}", c.net, base + 10 + i);
-        let members: Vec<String> = (1..=3).map(|i| format!("m{i}={}", peer(i))).collect();
-        for i in 1..=3u16 {
-            let client = format!("http://{}.1:{}", c.net, base + i);
-            let log = std::fs::File::create(c.dir.join(format!("etcd{i}.log")))?;
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(c.dir.join(format!("etcd{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &client,
-                    "--advertise-client-urls",
-                    &client,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer(i),
-                    "--initial-advertise-peer-urls",
-                    &peer(i),
-                ])
-                .args(["--initial-cluster", &members.join(",")])
-                .args(["--initial-cluster-token", &format!("bench-{}", c.tag)])
-                .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("cannot start etcd (apt-get install etcd-server)")?;
-            c.etcd.push(child);
-        }
-        let endpoints = c.endpoints();
-        let exe = c.exe.clone();
-        c.id = wait(Duration::from_secs(20), || {
-            let out = Command::new(&exe)
-                .args(["--json", "cluster", "init", "--etcd", &endpoints])
-                .output()
-                .ok()?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            v["id"].as_str().map(str::to_string)
-        })
-        .context("etcd did not come up")?;
-        for i in 1..=nodes {
-            let node = Node {
-                name: format!("n{i}"),
-                ns: format!("b{}n{i}", c.tag),
-                dir: c.dir.join(format!("n{i}")),
-                ip: format!("{}.{}", c.net, 10 + i),
-                daemon: None,
-            };
-            std::fs::create_dir_all(&node.dir)?;
-            shell(&format!(
-                "ip netns add {ns} && ip link add b{t}v{i} type veth peer name b{t}w{i} && \
-                 ip link set b{t}w{i} netns {ns} && ip link set b{t}v{i} master b{t}u up && \
-                 ip -n {ns} link set b{t}w{i} name eth0 && ip -n {ns} addr add {ip}/24 dev eth0 && \
-                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
-                ns = node.ns,
-                t = c.tag,
-                ip = node.ip
-            ))?;
-            c.nodes.push(node);
-        }
-        for i in 0..nodes {
-            c.start(i)?;
-        }
-        Ok(c)
-    }
-
-    fn endpoints(&self) -> String {
-        let urls: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("http://{}.1:{p}", self.net))
-            .collect();
-        urls.join(",")
-    }
-
-    fn vroom(&self, i: usize) -> Command {
-        let mut cmd = Command::new(&self.exe);
-        cmd.env("VROOM_DATA_DIR", &self.nodes[i].dir)
-            .env("VROOM_IFACE_PREFIX", format!("b{}", self.tag));
-        cmd
-    }
-
     fn ok(&self, i: usize, args: &[&str]) -> Result<String> {
-        let out = self.vroom(i).args(args).output()?;
+        let out = self.command(i).args(args).output()?;
         if !out.status.success() {
             bail!(
                 "vroom {} on {}: {}",
@@ -190,185 +50,27 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn start(&mut self, i: usize) -> Result<()> {
-        let node = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join("vroomd.log"))?;
-        // nsenter, not `ip netns exec`, which remounts /sys and hides the cgroups.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.ns))
-            .arg("--")
-            .arg(&self.exe)
-            .env("VROOM_DATA_DIR", &node.dir)
-            .env("VROOM_IFACE_PREFIX", format!("b{}", self.tag))
-            .args(["daemon", "--cluster", "--etcd", &self.endpoints()])
-            .args(["--node", &node.name, "--advertise", &node.ip])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let socket = node.dir.join("vroomd.sock");
-        self.nodes[i].daemon = Some(child);
-        wait(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok()
-        })
-        .with_context(|| format!("node {} did not come up", self.nodes[i].name))?;
-        Ok(())
-    }
-
-    /// Node `i`'s QEMUs of `instance`, from its cgroup scope.
-    fn qemus(&self, i: usize, instance: &str) -> Vec<u32> {
-        let scope = format!("{}-{}", &self.id[..8], self.nodes[i].name);
-        let mut pids = vec![];
-        for root in ["/sys/fs/cgroup/vroom", "/sys/fs/cgroup/pids/vroom"] {
-            let dir = Path::new(root).join(&scope);
-            for group in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let procs =
-                    std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let wanted = format!("vroom-{instance},");
-                    if String::from_utf8_lossy(&cmdline).contains(&wanted) && !pids.contains(&pid) {
-                        pids.push(pid);
-                    }
-                }
-            }
-        }
-        pids
-    }
-
     fn answers(&self, i: usize, ip: &str) -> bool {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.nodes[i].ns,
-                "timeout",
-                "2",
-                "busybox",
-                "wget",
-            ])
-            .args(["-qO-", &format!("http://{ip}/")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        self.page_from(i, ip).is_some()
     }
 
-    fn guard_pids(&self, i: usize) -> Vec<u32> {
-        let needle = format!("{}/guard.sock", self.nodes[i].dir.display());
-        pids_matching(|cmdline| cmdline.contains("__guard") && cmdline.contains(&needle))
-    }
-
-    fn inject(&mut self, i: usize, fault: Fault, instance: &str) -> Result<()> {
+    fn inject(&self, i: usize, fault: Fault) -> Result<()> {
         match fault {
-            Fault::PowerLoss => {
-                if let Some(mut child) = self.nodes[i].daemon.take() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                for pid in self
-                    .guard_pids(i)
-                    .into_iter()
-                    .chain(self.qemus(i, instance))
-                {
-                    kill(pid, libc::SIGKILL);
-                }
-            }
-            Fault::Freeze => {
-                let pid = self.nodes[i].daemon.as_ref().context("no daemon")?.id();
-                kill(pid, libc::SIGSTOP);
-            }
-            Fault::Partition => {
-                let ports: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
-                let ns = &self.nodes[i].ns;
-                shell(&format!(
-                    "ip netns exec {ns} nft add table inet part && \
-                     ip netns exec {ns} nft add chain inet part out '{{ type filter hook output priority 0; }}' && \
-                     ip netns exec {ns} nft add rule inet part out tcp dport {{ {} }} drop",
-                    ports.join(", ")
-                ))?;
-            }
+            Fault::PowerLoss => self.power_loss(i),
+            Fault::Freeze => self.freeze(i, true),
+            Fault::Partition => self.partition(i, true).map_err(anyhow::Error::msg)?,
         }
         Ok(())
     }
 
-    /// Brings a faulted node back as a healthy, empty member.
-    fn heal(&mut self, i: usize, fault: Fault) -> Result<()> {
+    /// Brings a faulted node back as a healthy member.
+    fn heal(&self, i: usize, fault: Fault) -> Result<()> {
         match fault {
-            Fault::PowerLoss => self.start(i)?,
-            Fault::Freeze => {
-                let pid = self.nodes[i].daemon.as_ref().context("no daemon")?.id();
-                kill(pid, libc::SIGCONT);
-            }
-            Fault::Partition => shell(&format!(
-                "ip netns exec {} nft delete table inet part",
-                self.nodes[i].ns
-            ))?,
+            Fault::PowerLoss => self.start(i).map_err(anyhow::Error::msg)?,
+            Fault::Freeze => self.freeze(i, false),
+            Fault::Partition => self.partition(i, false).map_err(anyhow::Error::msg)?,
         }
         Ok(())
-    }
-}
-
-fn pids_matching(matches: impl Fn(&str) -> bool) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            matches(&String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        })
-        .collect()
-}
-
-fn kill(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this bench found.
-    unsafe { libc::kill(pid as i32, sig) };
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            if let Some(child) = &self.nodes[i].daemon {
-                kill(child.id(), libc::SIGCONT);
-            }
-            let _ = self.inject(i, Fault::PowerLoss, "");
-        }
-        // Every QEMU of the throwaway nodes, by their scopes.
-        for i in 0..self.nodes.len() {
-            let scope = format!(
-                "{}-{}",
-                &self.id[..self.id.len().min(8)],
-                self.nodes[i].name
-            );
-            for root in ["/sys/fs/cgroup/vroom", "/sys/fs/cgroup/pids/vroom"] {
-                let dir = Path::new(root).join(&scope);
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!(
-                        "for f in $(find {d} -name cgroup.procs 2>/dev/null); do kill -9 $(cat $f) 2>/dev/null; done; \
-                         sleep 0.3; find {d} -mindepth 1 -depth -type d -exec rmdir {{}} \\; 2>/dev/null; rmdir {d} 2>/dev/null",
-                        d = dir.display()
-                    ))
-                    .status();
-            }
-        }
-        for child in &mut self.etcd {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for node in &self.nodes {
-            let _ = shell(&format!("ip netns del {}", node.ns));
-        }
-        let _ = shell(&format!(
-            "for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^b{}'); do ip link del $l; done",
-            self.tag
-        ));
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -377,8 +79,9 @@ pub async fn failover(runs: usize) -> Result<()> {
         bail!("--runs must be at least 1");
     }
     tokio::task::block_in_place(|| {
-        let mut c = Cluster::build(2)?;
-        let result = measure(&mut c, runs);
+        let exe = std::env::current_exe()?;
+        let c = Cluster(Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?);
+        let result = measure(&c, runs);
         if result.is_err() {
             for node in &c.nodes {
                 let log = std::fs::read_to_string(node.dir.join("vroomd.log")).unwrap_or_default();
@@ -393,7 +96,7 @@ pub async fn failover(runs: usize) -> Result<()> {
     })
 }
 
-fn measure(c: &mut Cluster, runs: usize) -> Result<()> {
+fn measure(c: &Cluster, runs: usize) -> Result<()> {
     for i in 0..2 {
         c.ok(i, &["image", "build", "hello"])?;
     }
@@ -446,34 +149,28 @@ fn measure(c: &mut Cluster, runs: usize) -> Result<()> {
             let fault = FAULTS[k % FAULTS.len()];
             let other = 1 - at;
             let (s, d) = (stop.clone(), doubles.clone());
-            let scan = {
-                let (nodes, id, inst) = (
-                    c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
-                    c.id.clone(),
-                    name.clone(),
-                );
-                std::thread::spawn(move || {
+            let started = Instant::now();
+            let up = std::thread::scope(|scope| {
+                scope.spawn(|| {
                     while !s.load(Ordering::SeqCst) {
-                        let total: usize = nodes
-                            .iter()
-                            .map(|n| scope_qemus(&format!("{}-{n}", &id[..8]), &inst))
-                            .sum();
+                        let total = (0..2).filter(|i| c.runs(*i, &name).is_some()).count();
                         if total > 1 {
                             d.fetch_add(1, Ordering::SeqCst);
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                })
-            };
-            let started = Instant::now();
-            c.inject(at, fault, &name)?;
-            let up = wait(Duration::from_secs(60), || {
-                (!c.qemus(other, &name).is_empty() && c.answers(other, &ip)).then_some(())
-            });
+                });
+                let injected = c.inject(at, fault);
+                let up = injected.map(|()| {
+                    wait(Duration::from_secs(60), || {
+                        (c.runs(other, &name).is_some() && c.answers(other, &ip)).then_some(())
+                    })
+                });
+                s.store(true, Ordering::SeqCst);
+                up
+            })?;
             let took = started.elapsed().as_secs_f64() * 1000.0;
             c.heal(at, fault)?;
-            stop.store(true, Ordering::SeqCst);
-            let _ = scan.join();
             stop.store(false, Ordering::SeqCst);
             up.with_context(|| format!("{name} did not come back after {fault:?}"))?;
             times.push(took);
@@ -516,9 +213,9 @@ fn measure(c: &mut Cluster, runs: usize) -> Result<()> {
         )?;
     }
     std::thread::sleep(Duration::from_secs(3));
-    let before = etcd_revision(c)?;
+    let before = c.etcd_revision().context("etcd did not say its revision")?;
     std::thread::sleep(Duration::from_secs(20));
-    let after = etcd_revision(c)?;
+    let after = c.etcd_revision().context("etcd did not say its revision")?;
     println!(
         "etcd load: {:.3} writes/s per idle instance ({} writes in 20 s with {idle} idle instances on 2 nodes; keepalives are not writes)",
         (after - before) as f64 / 20.0 / idle as f64,
@@ -527,56 +224,10 @@ fn measure(c: &mut Cluster, runs: usize) -> Result<()> {
     Ok(())
 }
 
-fn scope_qemus(scope: &str, instance: &str) -> usize {
-    let mut n = 0;
-    for root in ["/sys/fs/cgroup/vroom", "/sys/fs/cgroup/pids/vroom"] {
-        for group in std::fs::read_dir(Path::new(root).join(scope))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let procs =
-                std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
-            n += procs
-                .lines()
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{}/cmdline", pid.trim())).is_ok_and(|c| {
-                        String::from_utf8_lossy(&c).contains(&format!("vroom-{instance},"))
-                    })
-                })
-                .count();
-        }
-        if n > 0 {
-            break;
-        }
-    }
-    n
-}
-
 fn ip_of(c: &Cluster, i: usize, name: &str) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(&c.ok(i, &["--json", "inspect", name])?)?;
     v["nics"][0]["ip"]
         .as_str()
         .map(str::to_string)
         .context("the instance has no address")
-}
-
-/// etcd's revision: it grows by one per write.
-fn etcd_revision(c: &Cluster) -> Result<i64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect((format!("{}.1", c.net).as_str(), c.ports[0]))?;
-    let body = r#"{"key":"L3Zyb29tL2NsdXN0ZXI="}"#;
-    write!(
-        stream,
-        "POST /v3/kv/range HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json)?;
-    v["header"]["revision"]
-        .as_str()
-        .and_then(|r| r.parse().ok())
-        .context("etcd did not say its revision")
 }

@@ -8,213 +8,36 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{init_binary, poll, vroom_bin};
+use vroom_cluster::lab::signal;
 
-struct Node {
-    name: String,
-    ns: String,
-    dir: PathBuf,
-    ip: String,
-    daemon: Mutex<Option<Child>>,
-}
+/// The lab of `vroom_cluster::lab`, with the assertions the tests use.
+struct Lab(vroom_cluster::lab::Lab);
 
-struct Lab {
-    tag: String,
-    dir: PathBuf,
-    bridge: String,
-    net: String,
-    etcd: Vec<Child>,
-    etcd_ports: Vec<u16>,
-    nodes: Vec<Node>,
-    cluster_id: String,
-}
-
-fn sh(cmd: &str) -> Output {
-    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
-}
-
-fn must(cmd: &str) {
-    let out = sh(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+impl std::ops::Deref for Lab {
+    type Target = vroom_cluster::lab::Lab;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Lab {
     fn new(nodes: usize) -> Lab {
-        let tag = format!("{:04x}", rand::random::<u16>());
-        let net = format!(
-            "10.{}.{}",
-            128 + rand::random::<u8>() % 64,
-            rand::random::<u8>()
-        );
-        let base = 20000 + (rand::random::<u16>() % 20000);
-        let mut lab = Lab {
-            dir: PathBuf::from(format!("/tmp/vrc-{tag}")),
-            bridge: format!("k{tag}u"),
-            tag,
-            net,
-            etcd: vec![],
-            etcd_ports: (1..=3).map(|i| base + i).collect(),
-            nodes: vec![],
-            cluster_id: String::new(),
-        };
-        std::fs::create_dir_all(&lab.dir).unwrap();
-        must(&format!(
-            "ip link add {b} type bridge && ip addr add {n}.1/24 dev {b} && ip link set {b} up",
-            b = lab.bridge,
-            n = lab.net
-        ));
-        let peers: Vec<String> = (1..=3)
-            .map(|i| format!("m{i}=http://{}.1:{}", lab.net, base + 10 + i))
-            .collect();
-        for i in 1..=3u16 {
-            let log = std::fs::File::create(lab.dir.join(format!("etcd{i}.log"))).unwrap();
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(lab.dir.join(format!("etcd{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://{}.1:{}", lab.net, base + i),
-                ])
-                .args([
-                    "--advertise-client-urls",
-                    &format!("http://{}.1:{}", lab.net, base + i),
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &format!("http://{}.1:{}", lab.net, base + 10 + i),
-                ])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://{}.1:{}", lab.net, base + 10 + i),
-                ])
-                .args(["--initial-cluster", &peers.join(",")])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &format!("vrc-{}", lab.tag)])
-                .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("etcd runs (cargo xtask test installs etcd-server)");
-            lab.etcd.push(child);
-        }
-        let init = poll(Duration::from_secs(20), || {
-            let out = Command::new(vroom_bin())
-                .args(["--json", "cluster", "init", "--etcd", &lab.endpoints()])
-                .output()
-                .unwrap();
-            out.status.success().then(|| {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                v["id"].as_str().unwrap().to_string()
-            })
-        });
-        lab.cluster_id = init.expect("cluster init against the fresh etcd");
-        for i in 1..=nodes {
-            let node = Node {
-                name: format!("n{i}"),
-                ns: format!("k{}n{i}", lab.tag),
-                dir: lab.dir.join(format!("n{i}")),
-                ip: format!("{}.{}", lab.net, 10 + i),
-                daemon: Mutex::new(None),
-            };
-            std::fs::create_dir_all(&node.dir).unwrap();
-            must(&format!(
-                "ip netns add {ns} && ip link add k{t}v{i} type veth peer name k{t}w{i} && \
-                 ip link set k{t}w{i} netns {ns} && ip link set k{t}v{i} master {b} up && \
-                 ip -n {ns} link set k{t}w{i} name eth0 && ip -n {ns} addr add {ip}/24 dev eth0 && \
-                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
-                ns = node.ns,
-                t = lab.tag,
-                b = lab.bridge,
-                ip = node.ip
-            ));
-            lab.nodes.push(node);
-        }
-        for i in 0..nodes {
-            lab.start(i);
-        }
-        lab
-    }
-
-    fn endpoints(&self) -> String {
-        self.etcd_ports
-            .iter()
-            .map(|p| format!("http://{}.1:{p}", self.net))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn prefix(&self) -> String {
-        format!("k{}", self.tag)
-    }
-
-    /// A vroom command for node `i`, run from the host.
-    fn command(&self, i: usize) -> Command {
-        let mut cmd = Command::new(vroom_bin());
-        cmd.env("VROOM_DATA_DIR", &self.nodes[i].dir)
-            .env("VROOM_IFACE_PREFIX", self.prefix())
-            .env("VROOM_INIT", init_binary())
-            .env_remove("VROOM_LOG");
-        cmd
-    }
-
-    fn daemon_command(&self, i: usize, extra: &[&str]) -> Command {
-        let node = &self.nodes[i];
-        // nsenter, not `ip netns exec`: that remounts /sys, hiding the
-        // cgroup hierarchies the jailer and the guard use.
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", node.ns))
-            .args(["--", vroom_bin()])
-            .env("VROOM_DATA_DIR", &node.dir)
-            .env("VROOM_IFACE_PREFIX", self.prefix())
-            .env("VROOM_INIT", init_binary())
-            .env_remove("VROOM_LOG")
-            .args(["daemon", "--cluster", "--etcd", &self.endpoints()])
-            .args(["--node", &node.name, "--advertise", &node.ip])
-            .args(extra);
-        cmd
+        let env = vec![(
+            "VROOM_INIT".to_string(),
+            init_binary().display().to_string(),
+        )];
+        Lab(vroom_cluster::lab::Lab::build(Path::new(vroom_bin()), 'k', nodes, env).unwrap())
     }
 
     fn start(&self, i: usize) {
-        let node = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.dir.join("vroomd.log"))
-            .unwrap();
-        let child = self
-            .daemon_command(i, &[])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        *node.daemon.lock().unwrap() = Some(child);
-        let socket = node.dir.join("vroomd.sock");
-        let up = poll(Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok()
-        });
-        assert!(
-            up.is_some(),
-            "node {} did not come up: {}",
-            node.name,
-            self.log(i)
-        );
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.nodes[i].dir.join("vroomd.log")).unwrap_or_default()
+        self.0.start(i).unwrap();
     }
 
     fn vroom(&self, i: usize, args: &[&str]) -> Output {
@@ -240,247 +63,15 @@ impl Lab {
         assert_eq!(err.lines().count(), 1, "one line: {err}");
         err
     }
-
-    fn daemon_pid(&self, i: usize) -> u32 {
-        // nsenter execs vroom: the child is vroomd itself.
-        self.nodes[i].daemon.lock().unwrap().as_ref().unwrap().id()
-    }
-
-    fn scope_dirs(&self, i: usize) -> Vec<PathBuf> {
-        let scope = format!("{}-{}", &self.cluster_id[..8], self.nodes[i].name);
-        ["/sys/fs/cgroup/vroom", "/sys/fs/cgroup/pids/vroom"]
-            .iter()
-            .map(|root| PathBuf::from(root).join(&scope))
-            .filter(|d| d.is_dir())
-            .collect()
-    }
-
-    /// The QEMUs of node `i`, as (pid, instance name), from its cgroup scope.
-    fn qemus(&self, i: usize) -> Vec<(u32, String)> {
-        let mut found = vec![];
-        for scope in self.scope_dirs(i) {
-            for group in std::fs::read_dir(&scope).into_iter().flatten().flatten() {
-                let procs =
-                    std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    let name = cmdline
-                        .split(|b| *b == 0)
-                        .map(String::from_utf8_lossy)
-                        .find_map(|a| {
-                            a.strip_prefix("vroom-")
-                                .and_then(|r| r.split(',').next())
-                                .map(str::to_string)
-                        });
-                    if let Some(name) = name {
-                        if !found.iter().any(|(p, _)| *p == pid) {
-                            found.push((pid, name));
-                        }
-                    }
-                }
-            }
-        }
-        found
-    }
-
-    fn runs(&self, i: usize, instance: &str) -> Option<u32> {
-        self.qemus(i)
-            .into_iter()
-            .find(|(_, n)| n == instance)
-            .map(|(p, _)| p)
-    }
-
-    fn guard_pids(&self, i: usize) -> Vec<u32> {
-        let needle = format!("{}/guard.sock", self.nodes[i].dir.display());
-        pids_with(|cmdline| cmdline.contains("__guard") && cmdline.contains(&needle))
-    }
-
-    /// Power loss: vroomd, the guard and every QEMU of the node, SIGKILLed.
-    fn power_loss(&self, i: usize) {
-        if let Some(mut child) = self.nodes[i].daemon.lock().unwrap().take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for pid in self.guard_pids(i) {
-            signal(pid, libc::SIGKILL);
-        }
-        for (pid, _) in self.qemus(i) {
-            signal(pid, libc::SIGKILL);
-        }
-    }
-
-    /// The page of `ip` as seen from node `i`'s namespace.
-    fn page_from(&self, i: usize, ip: &str) -> Option<String> {
-        let out = sh(&format!(
-            "ip netns exec {} timeout 3 busybox wget -qO- http://{ip}/ 2>/dev/null",
-            self.nodes[i].ns
-        ));
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// The keys under `prefix`, through etcd's JSON gateway.
-    fn etcd_keys(&self, prefix: &str) -> Vec<String> {
-        use base64_lite::encode;
-        let end = {
-            let mut b = prefix.as_bytes().to_vec();
-            *b.last_mut().unwrap() += 1;
-            b
-        };
-        let body = format!(
-            r#"{{"key":"{}","range_end":"{}","keys_only":true}}"#,
-            encode(prefix.as_bytes()),
-            encode(&end)
-        );
-        let mut stream =
-            std::net::TcpStream::connect((format!("{}.1", self.net).as_str(), self.etcd_ports[0]))
-                .unwrap();
-        write!(
-            stream,
-            "POST /v3/kv/range HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        let json = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        v["kvs"]
-            .as_array()
-            .map(|kvs| {
-                kvs.iter()
-                    .filter_map(|kv| kv["key"].as_str())
-                    .map(|k| String::from_utf8(base64_lite::decode(k)).unwrap())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// The etcd member that leads, by its index.
-    fn etcd_leader(&self) -> Option<usize> {
-        for (i, port) in self.etcd_ports.iter().enumerate() {
-            let Ok(mut stream) =
-                std::net::TcpStream::connect((format!("{}.1", self.net).as_str(), *port))
-            else {
-                continue;
-            };
-            stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
-            let body = "{}";
-            let req = format!(
-                "POST /v3/maintenance/status HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            if stream.write_all(req.as_bytes()).is_err() {
-                continue;
-            }
-            let mut text = String::new();
-            let _ = stream.read_to_string(&mut text);
-            let Some((_, json)) = text.split_once("\r\n\r\n") else {
-                continue;
-            };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
-                continue;
-            };
-            let me = v["header"]["member_id"].as_str().unwrap_or("");
-            if !me.is_empty() && v["leader"].as_str() == Some(me) {
-                return Some(i);
-            }
-        }
-        None
-    }
-}
-
-/// Standard base64, enough for etcd's JSON gateway.
-mod base64_lite {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode(bytes: &[u8]) -> String {
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    pub fn decode(text: &str) -> Vec<u8> {
-        let mut bits = 0u32;
-        let mut count = 0;
-        let mut out = vec![];
-        for c in text.bytes().filter(|c| *c != b'=') {
-            let v = ABC.iter().position(|a| *a == c).unwrap() as u32;
-            bits = (bits << 6) | v;
-            count += 6;
-            if count >= 8 {
-                count -= 8;
-                out.push((bits >> count) as u8);
-                bits &= (1 << count) - 1;
-            }
-        }
-        out
-    }
-}
-
-fn pids_with(matches: impl Fn(&str) -> bool) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            matches(&String::from_utf8_lossy(&cmdline).replace('\0', " "))
-        })
-        .collect()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: plain syscall on a pid this test found.
-    unsafe { libc::kill(pid as i32, sig) };
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.power_loss(i);
-            for scope in self.scope_dirs(i) {
-                let _ = sh(&format!(
-                    "find {} -mindepth 1 -depth -type d -exec rmdir {{}} \\; ; rmdir {}",
-                    scope.display(),
-                    scope.display()
-                ));
-            }
-        }
-        for child in &mut self.etcd {
-            signal(child.id(), libc::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for node in &self.nodes {
-            let _ = sh(&format!("ip netns del {}", node.ns));
-        }
-        let _ = sh(&format!(
-            "for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^k{}'); do ip link del $l; done",
-            self.tag
-        ));
         if std::thread::panicking() {
-            // The daemons' and etcd's logs, for the failure report.
             for (i, node) in self.nodes.iter().enumerate() {
                 eprintln!("--- vroomd log of {}:\n{}", node.name, self.log(i));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -604,14 +195,14 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     assert!(node.contains("\"alive\": true"), "{node}");
 
     // Freeze n2's vroomd: its guard kills h1 before n1 may claim it.
-    signal(lab.daemon_pid(1), libc::SIGSTOP);
+    lab.freeze(1, true);
     let fenced = poll(Duration::from_secs(4), || {
         lab.runs(1, "h1").is_none().then_some(())
     });
     assert!(fenced.is_some(), "the guard did not fence frozen n2");
     let took = failed_over(&lab, 0, "h1", &ip, Duration::from_secs(30));
     eprintln!("freeze: h1 answered from n1 after {took:?}");
-    signal(lab.daemon_pid(1), libc::SIGCONT);
+    lab.freeze(1, false);
     let on_n1 = lab.runs(0, "h1").unwrap();
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
@@ -624,22 +215,11 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     sampler.assert_never_twice("freeze");
 
     // Partition n1 from etcd: fenced, and h1 comes back on n2.
-    let ports: Vec<String> = lab.etcd_ports.iter().map(|p| p.to_string()).collect();
-    must(&format!(
-        "ip netns exec {} nft add table inet part && \
-         ip netns exec {ns} nft add chain inet part out '{{ type filter hook output priority 0; }}' && \
-         ip netns exec {ns} nft add rule inet part out tcp dport {{ {} }} drop",
-        lab.nodes[0].ns,
-        ports.join(", "),
-        ns = lab.nodes[0].ns
-    ));
+    lab.partition(0, true).unwrap();
     let took = failed_over(&lab, 1, "h1", &ip, Duration::from_secs(30));
     eprintln!("partition: h1 answered from n2 after {took:?}");
     assert_eq!(lab.runs(0, "h1"), None, "partitioned n1 still runs h1");
-    must(&format!(
-        "ip netns exec {} nft delete table inet part",
-        lab.nodes[0].ns
-    ));
+    lab.partition(0, false).unwrap();
     let rejoined = poll(Duration::from_secs(15), || {
         lab.ok(1, &["--json", "node", "inspect", "n1"])
             .contains("\"alive\": true")
@@ -660,10 +240,10 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
 
     // SIGSTOP of the etcd leader: the cluster elects another; nothing runs twice.
     let leader = lab.etcd_leader().expect("an etcd member leads");
-    signal(lab.etcd[leader].id(), libc::SIGSTOP);
+    signal(leader, libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(6));
     let runs: Vec<Option<u32>> = (0..2).map(|i| lab.runs(i, "h1")).collect();
-    signal(lab.etcd[leader].id(), libc::SIGCONT);
+    signal(leader, libc::SIGCONT);
     // h1 may have been fenced and restarted while the leases were in doubt,
     // but on one node at a time.
     let answering = poll(Duration::from_secs(30), || {
@@ -811,10 +391,7 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
-        if let Some(mut d) = lab.nodes[0].daemon.lock().unwrap().take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
+        lab.kill_daemon(0);
         let _ = child.wait();
         lab.start(0);
     };

@@ -1,0 +1,488 @@
+//! A throwaway cluster on one machine, for `vroom bench failover` and the
+//! end-to-end tests: three real etcd members listening on an underlay
+//! bridge, and nodes that are network namespaces joined to it by veths,
+//! each with its own vroomd (the given `vroom` binary), guard, data dir and
+//! QEMUs. Faults are real: SIGKILL of a node's every process (power loss),
+//! SIGSTOP of its vroomd (freeze), an nft drop of its etcd traffic
+//! (partition), SIGSTOP of an etcd member. Dropping the lab removes all of
+//! it: processes, namespaces, links, cgroups and files.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+pub struct LabNode {
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    pub dir: PathBuf,
+    /// Its address on the underlay.
+    pub ip: String,
+    daemon: Mutex<Option<Child>>,
+}
+
+pub struct Lab {
+    /// Four hex digits in every name the lab creates.
+    pub tag: String,
+    pub dir: PathBuf,
+    /// The underlay's /24, as `a.b.c`; the host side is `.1`.
+    pub net: String,
+    pub etcd_ports: Vec<u16>,
+    etcd: Vec<Child>,
+    pub nodes: Vec<LabNode>,
+    pub cluster_id: String,
+    exe: PathBuf,
+    /// Interface prefix (and name prefix): one letter and the tag.
+    prefix: String,
+    env: Vec<(String, String)>,
+}
+
+fn shell(cmd: &str) -> Result<(), String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Polls `check` every 20 ms until it gives a value or `limit` passes.
+pub fn wait<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: plain syscall on a pid the lab found.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+fn pids_matching(matches: impl Fn(&str) -> bool) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            matches(&String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        })
+        .collect()
+}
+
+impl Lab {
+    /// Builds the underlay, etcd, `cluster init` and `nodes` running nodes.
+    /// `letter` starts every name (tests and the bench use different ones);
+    /// `env` is passed to every vroom the lab runs.
+    pub fn build(
+        exe: &Path,
+        letter: char,
+        nodes: usize,
+        env: Vec<(String, String)>,
+    ) -> Result<Lab, String> {
+        let seed = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+            ^ rand::random::<u64>();
+        let tag = format!("{:04x}", seed & 0xffff);
+        let net = format!("10.{}.{}", 128 + (seed >> 16) % 64, (seed >> 24) % 256);
+        let base = 20000 + ((seed >> 32) % 30000) as u16;
+        let mut lab = Lab {
+            dir: std::env::temp_dir().join(format!("vroom-lab-{letter}{tag}")),
+            prefix: format!("{letter}{tag}"),
+            tag,
+            net,
+            etcd_ports: (1..=3).map(|i| base + i).collect(),
+            etcd: vec![],
+            nodes: vec![],
+            cluster_id: String::new(),
+            exe: exe.to_path_buf(),
+            env,
+        };
+        std::fs::create_dir_all(&lab.dir).map_err(|e| e.to_string())?;
+        shell(&format!(
+            "ip link add {b} type bridge && ip addr add {n}.1/24 dev {b} && ip link set {b} up",
+            b = lab.bridge(),
+            n = lab.net
+        ))?;
+        let peer = |i: u16| format!("http://{}.1:{}", lab.net, base + 10 + i);
+        let members: Vec<String> = (1..=3).map(|i| format!("m{i}={}", peer(i))).collect();
+        for i in 1..=3u16 {
+            let client = format!("http://{}.1:{}", lab.net, base + i);
+            let log = std::fs::File::create(lab.dir.join(format!("etcd{i}.log")))
+                .map_err(|e| e.to_string())?;
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(lab.dir.join(format!("etcd{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer(i),
+                    "--initial-advertise-peer-urls",
+                    &peer(i),
+                ])
+                .args(["--initial-cluster", &members.join(",")])
+                .args(["--initial-cluster-token", &format!("lab-{}", lab.prefix)])
+                .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+                .stdout(log.try_clone().map_err(|e| e.to_string())?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("cannot start etcd (apt-get install etcd-server): {e}"))?;
+            lab.etcd.push(child);
+        }
+        let endpoints = lab.endpoints();
+        let exe = lab.exe.clone();
+        lab.cluster_id = wait(Duration::from_secs(20), || {
+            let out = Command::new(&exe)
+                .args(["--json", "cluster", "init", "--etcd", &endpoints])
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["id"].as_str().map(str::to_string)
+        })
+        .ok_or("etcd did not come up within 20 s")?;
+        for i in 1..=nodes {
+            let node = LabNode {
+                name: format!("n{i}"),
+                ns: format!("{}n{i}", lab.prefix),
+                dir: lab.dir.join(format!("n{i}")),
+                ip: format!("{}.{}", lab.net, 10 + i),
+                daemon: Mutex::new(None),
+            };
+            std::fs::create_dir_all(&node.dir).map_err(|e| e.to_string())?;
+            shell(&format!(
+                "ip netns add {ns} && ip link add {p}v{i} type veth peer name {p}w{i} && \
+                 ip link set {p}w{i} netns {ns} && ip link set {p}v{i} master {b} up && \
+                 ip -n {ns} link set {p}w{i} name eth0 && ip -n {ns} addr add {ip}/24 dev eth0 && \
+                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+                ns = node.ns,
+                p = lab.prefix,
+                b = lab.bridge(),
+                ip = node.ip
+            ))?;
+            lab.nodes.push(node);
+        }
+        for i in 0..nodes {
+            lab.start(i)?;
+        }
+        Ok(lab)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}u", self.prefix)
+    }
+
+    pub fn endpoints(&self) -> String {
+        let urls: Vec<String> = self
+            .etcd_ports
+            .iter()
+            .map(|p| format!("http://{}.1:{p}", self.net))
+            .collect();
+        urls.join(",")
+    }
+
+    /// The interface prefix every node uses (inside its own namespace).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A vroom command for node `i`, run from the host (its API is a unix socket).
+    pub fn command(&self, i: usize) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.env("VROOM_DATA_DIR", &self.nodes[i].dir)
+            .env("VROOM_IFACE_PREFIX", &self.prefix)
+            .env_remove("VROOM_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// `vroom daemon --cluster ...` inside node `i`'s namespace, with `extra`
+    /// arguments. nsenter, not `ip netns exec`: that remounts /sys, hiding
+    /// the cgroup hierarchies the jailer and the guard use.
+    pub fn daemon_command(&self, i: usize, extra: &[&str]) -> Command {
+        let node = &self.nodes[i];
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", node.ns))
+            .arg("--")
+            .arg(&self.exe)
+            .env("VROOM_DATA_DIR", &node.dir)
+            .env("VROOM_IFACE_PREFIX", &self.prefix)
+            .env_remove("VROOM_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["daemon", "--cluster", "--etcd", &self.endpoints()])
+            .args(["--node", &node.name, "--advertise", &node.ip])
+            .args(extra);
+        cmd
+    }
+
+    /// Starts node `i`'s vroomd and waits for its socket.
+    pub fn start(&self, i: usize) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("vroomd.log"))
+            .map_err(|e| e.to_string())?;
+        let child = self
+            .daemon_command(i, &[])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        *node.daemon.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let socket = node.dir.join("vroomd.sock");
+        wait(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        })
+        .map(|_| ())
+        .ok_or_else(|| format!("node {} did not come up:\n{}", node.name, self.log(i)))
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].dir.join("vroomd.log")).unwrap_or_default()
+    }
+
+    /// Node `i`'s vroomd (nsenter execs it: the child is vroomd itself).
+    pub fn daemon_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i]
+            .daemon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
+    fn scope_dirs(&self, i: usize) -> Vec<PathBuf> {
+        let scope = format!(
+            "{}-{}",
+            &self.cluster_id[..self.cluster_id.len().min(8)],
+            self.nodes[i].name
+        );
+        ["/sys/fs/cgroup/vroom", "/sys/fs/cgroup/pids/vroom"]
+            .iter()
+            .map(|root| Path::new(root).join(&scope))
+            .filter(|d| d.is_dir())
+            .collect()
+    }
+
+    /// Node `i`'s QEMUs, as (pid, instance name), from its cgroup scope.
+    pub fn qemus(&self, i: usize) -> Vec<(u32, String)> {
+        let mut found = vec![];
+        for scope in self.scope_dirs(i) {
+            for group in std::fs::read_dir(&scope).into_iter().flatten().flatten() {
+                let procs =
+                    std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    let name = cmdline.split(|b| *b == 0).find_map(|a| {
+                        String::from_utf8_lossy(a)
+                            .strip_prefix("vroom-")
+                            .and_then(|r| r.split(',').next())
+                            .map(str::to_string)
+                    });
+                    if let Some(name) = name {
+                        if !found.iter().any(|(p, _)| *p == pid) {
+                            found.push((pid, name));
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// The pid of `instance`'s QEMU on node `i`, if it runs there.
+    pub fn runs(&self, i: usize, instance: &str) -> Option<u32> {
+        self.qemus(i)
+            .into_iter()
+            .find(|(_, n)| n == instance)
+            .map(|(p, _)| p)
+    }
+
+    fn guard_pids(&self, i: usize) -> Vec<u32> {
+        let needle = format!("{}/guard.sock", self.nodes[i].dir.display());
+        pids_matching(|cmdline| cmdline.contains("__guard") && cmdline.contains(&needle))
+    }
+
+    /// SIGKILL of node `i`'s vroomd alone (its guard and VMs live on).
+    pub fn kill_daemon(&self, i: usize) {
+        let daemon = self.nodes[i]
+            .daemon
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut child) = daemon {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Power loss: vroomd, the guard and every QEMU of the node, SIGKILLed.
+    pub fn power_loss(&self, i: usize) {
+        self.kill_daemon(i);
+        for pid in self.guard_pids(i) {
+            signal(pid, libc::SIGKILL);
+        }
+        for (pid, _) in self.qemus(i) {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+
+    /// SIGSTOP (or SIGCONT) of node `i`'s vroomd.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        if let Some(pid) = self.daemon_pid(i) {
+            signal(pid, if frozen { libc::SIGSTOP } else { libc::SIGCONT });
+        }
+    }
+
+    /// Drops (or lets through again) node `i`'s traffic to etcd.
+    pub fn partition(&self, i: usize, cut: bool) -> Result<(), String> {
+        let ns = &self.nodes[i].ns;
+        if !cut {
+            return shell(&format!("ip netns exec {ns} nft delete table inet part"));
+        }
+        let ports: Vec<String> = self.etcd_ports.iter().map(|p| p.to_string()).collect();
+        shell(&format!(
+            "ip netns exec {ns} nft add table inet part && \
+             ip netns exec {ns} nft add chain inet part out '{{ type filter hook output priority 0; }}' && \
+             ip netns exec {ns} nft add rule inet part out tcp dport {{ {} }} drop",
+            ports.join(", ")
+        ))
+    }
+
+    /// The page at `ip` as seen from node `i`'s namespace.
+    pub fn page_from(&self, i: usize, ip: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.nodes[i].ns,
+                "timeout",
+                "3",
+                "busybox",
+                "wget",
+            ])
+            .args(["-qO-", &format!("http://{ip}/")])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// POSTs to etcd's JSON gateway on member `m`.
+    fn gateway(&self, m: usize, path: &str, body: &str) -> Option<serde_json::Value> {
+        let addr = format!("{}.1", self.net);
+        let mut stream = std::net::TcpStream::connect((addr.as_str(), self.etcd_ports[m])).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        write!(
+            stream,
+            "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let (_, json) = text.split_once("\r\n\r\n")?;
+        serde_json::from_str(json).ok()
+    }
+
+    /// The keys under `prefix`.
+    pub fn etcd_keys(&self, prefix: &str) -> Vec<String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}","keys_only":true}}"#,
+            b64.encode(prefix),
+            b64.encode(&end)
+        );
+        let Some(v) = (0..3).find_map(|m| self.gateway(m, "/v3/kv/range", &body)) else {
+            return vec![];
+        };
+        v["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .filter_map(|kv| kv["key"].as_str())
+                    .filter_map(|k| b64.decode(k).ok())
+                    .map(|k| String::from_utf8_lossy(&k).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// etcd's revision: it grows by one per write.
+    pub fn etcd_revision(&self) -> Option<i64> {
+        let v = (0..3).find_map(|m| self.gateway(m, "/v3/kv/range", r#"{"key":"AA=="}"#))?;
+        v["header"]["revision"].as_str()?.parse().ok()
+    }
+
+    /// The pid of the etcd member that leads.
+    pub fn etcd_leader(&self) -> Option<u32> {
+        (0..3).find_map(|m| {
+            let v = self.gateway(m, "/v3/maintenance/status", "{}")?;
+            let me = v["header"]["member_id"].as_str()?;
+            (v["leader"].as_str() == Some(me)).then(|| self.etcd[m].id())
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.freeze(i, false);
+            self.power_loss(i);
+            for scope in self.scope_dirs(i) {
+                let _ = shell(&format!(
+                    "for f in $(find {d} -name cgroup.procs); do kill -9 $(cat $f) 2>/dev/null; done; \
+                     sleep 0.3; find {d} -mindepth 1 -depth -type d -exec rmdir {{}} \\; ; rmdir {d}",
+                    d = scope.display()
+                ));
+            }
+        }
+        for child in &mut self.etcd {
+            signal(child.id(), libc::SIGCONT);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for node in &self.nodes {
+            let _ = shell(&format!("ip netns del {}", node.ns));
+        }
+        let _ = shell(&format!(
+            "for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^{}'); do ip link del $l; done",
+            self.prefix
+        ));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
