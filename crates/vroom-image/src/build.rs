@@ -98,6 +98,29 @@ pub fn build_recipe(
     update: bool,
     progress: &mut dyn FnMut(Stage, String),
 ) -> Result<BuildOutcome, BuildRecipeError> {
+    match build_once(loaded, inputs, store, update, progress) {
+        // The mirror drops a version when a newer one (a security update)
+        // is published: indexes older than that resolve to files that are
+        // gone. Refresh them and resolve again, once.
+        Err(BuildRecipeError::Download(DownloadPackagesError::Download { .. })) if !update => {
+            progress(
+                Stage::Resolve,
+                "the mirror no longer has a resolved version; refreshing the package indexes"
+                    .into(),
+            );
+            build_once(loaded, inputs, store, true, progress)
+        }
+        other => other,
+    }
+}
+
+fn build_once(
+    loaded: &LoadedRecipe,
+    inputs: &RecipeInputs<'_>,
+    store: &ImageStore,
+    update: bool,
+    progress: &mut dyn FnMut(Stage, String),
+) -> Result<BuildOutcome, BuildRecipeError> {
     let recipe = &loaded.recipe;
     let stage_err = |what: &str| {
         let what = what.to_string();
