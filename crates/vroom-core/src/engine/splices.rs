@@ -1083,9 +1083,13 @@ mod tests {
                 FailMode::Closed => Some(splice.segment.clone()),
             };
             assert_eq!(seen, Some(expected), "{fail}");
-            // vroom restarts it (backoff 1 s); the splice follows.
+            // vroom restarts it (backoff 1 s); the splice follows. The
+            // record turns active first, then the tap moves: wait for both.
             for _ in 0..400 {
-                if t.engine.get_splice("web-bump").unwrap().state == SpliceState::Active {
+                let splice = t.engine.get_splice("web-bump").unwrap();
+                if splice.state == SpliceState::Active
+                    && bridge_of(&t, &web_tap) == Some(splice.segment.clone())
+                {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(25)).await;
