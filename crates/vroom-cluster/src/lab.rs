@@ -122,7 +122,7 @@ impl Lab {
         };
         std::fs::create_dir_all(&lab.dir).map_err(|e| e.to_string())?;
         shell(&format!(
-            "ip link add {b} type bridge && ip addr add {n}.1/24 dev {b} && ip link set {b} up",
+            "ip link add {b} type bridge && ip link set {b} mtu 9000 && ip addr add {n}.1/24 dev {b} && ip link set {b} up",
             b = lab.bridge(),
             n = lab.net
         ))?;
@@ -178,6 +178,7 @@ impl Lab {
             std::fs::create_dir_all(&node.dir).map_err(|e| e.to_string())?;
             shell(&format!(
                 "ip netns add {ns} && ip link add {p}v{i} type veth peer name {p}w{i} && \
+                 ip link set {p}v{i} mtu 9000 && ip link set {p}w{i} mtu 9000 && \
                  ip link set {p}w{i} netns {ns} && ip link set {p}v{i} master {b} up && \
                  ip -n {ns} link set {p}w{i} name eth0 && ip -n {ns} addr add {ip}/24 dev eth0 && \
                  ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",

@@ -103,7 +103,15 @@ pub struct StatusRecord {
 pub struct NetworkRecord {
     pub spec: NetworkSpec,
     pub subnet: ipnet::Ipv4Net,
+    /// The VXLAN network identifier that joins its bridges across nodes.
+    #[serde(default)]
+    pub vni: u32,
 }
+
+/// Where VNIs are handed out: `vnis/<vni>` holds the network's name.
+pub const VNIS: &str = "/vroom/vnis/";
+/// The first VNI vroom hands out.
+pub const FIRST_VNI: u32 = 4096;
 
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now()

@@ -76,6 +76,8 @@ pub struct ClusterNode {
     known: Mutex<BTreeSet<String>>,
     /// Local starts under way.
     starting: Mutex<BTreeSet<String>>,
+    /// The overlay applied per network: its VNI and peers.
+    overlays: Mutex<BTreeMap<String, (u32, Vec<Ipv4Addr>)>>,
     /// Images being warmed for standby instances.
     warming: Mutex<BTreeSet<String>>,
     /// Images that could not be warmed (not tried again until a restart).
@@ -289,6 +291,7 @@ impl ClusterNode {
             starting: Mutex::default(),
             published: Mutex::default(),
             warming: Mutex::default(),
+            overlays: Mutex::default(),
             unwarmable: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             rejoin: tokio::sync::Mutex::new(()),
@@ -650,9 +653,55 @@ impl ClusterNode {
         }
         self.adopt(&view);
         self.converge(&view).await;
+        self.join_networks(&view).await;
         self.publish(&view).await;
         self.prepare_standby(&view);
         Ok(())
+    }
+
+    /// Joins every cluster network this node has to the other live nodes
+    /// (VXLAN), when the set of peers changed.
+    async fn join_networks(&self, view: &View) {
+        let Some(local) = advertised_ip(&self.advertise) else {
+            return;
+        };
+        let peers: Vec<Ipv4Addr> = view
+            .nodes
+            .iter()
+            .filter(|(name, _)| **name != self.name)
+            .filter_map(|(_, (n, _))| advertised_ip(&n.advertise))
+            .collect();
+        for (name, network) in &view.networks {
+            if network.vni == 0 || self.engine.network(name).is_err() {
+                continue;
+            }
+            let want = (network.vni, peers.clone());
+            let applied = self
+                .overlays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                == Some(&want);
+            if applied {
+                continue;
+            }
+            match self
+                .engine
+                .set_overlay(name, network.vni, local, &peers)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(network = %name, vni = network.vni, peers = ?peers, "network joined to the other nodes");
+                    self.overlays
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), want);
+                }
+                Err(e) => {
+                    tracing::warn!(network = %name, error = %e.message, "cannot join the network to the other nodes")
+                }
+            }
+        }
     }
 
     /// Keeps a warm snapshot here of every image a `standby` instance runs
@@ -1207,7 +1256,7 @@ impl ClusterNode {
             }
             Err(e) => return Err(e),
         };
-        let record = NetworkRecord {
+        let mut record = NetworkRecord {
             spec: NetworkSpec {
                 name: local.name.clone(),
                 subnet: Some(local.subnet),
@@ -1217,15 +1266,56 @@ impl ClusterNode {
                 allow_host: local.allow_host.clone(),
             },
             subnet: local.subnet,
+            vni: 0,
         };
         let k = key(NETWORKS, name);
-        let txn = Txn::new()
-            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k.clone(), json(&record), None)]);
-        self.etcd
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_error("cannot record the network", e))?;
+        // The network and its VNI in one transaction; a VNI another network
+        // just took means the next one.
+        for _ in 0..8 {
+            record.vni = view
+                .networks
+                .values()
+                .map(|n| n.vni + 1)
+                .max()
+                .unwrap_or(FIRST_VNI)
+                .max(FIRST_VNI);
+            let (taken, _) = self
+                .etcd
+                .list(VNIS)
+                .await
+                .map_err(|e| etcd_error("cannot read the VNIs", e))?;
+            while taken
+                .iter()
+                .any(|kv| kv.name(VNIS) == record.vni.to_string())
+            {
+                record.vni += 1;
+            }
+            let vni_key = format!("{VNIS}{}", record.vni);
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(vni_key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(k.clone(), json(&record), None),
+                    TxnOp::put(vni_key, name.to_string(), None),
+                ]);
+            let done = self
+                .etcd
+                .txn(txn)
+                .await
+                .map_err(|e| etcd_error("cannot record the network", e))?;
+            if done.succeeded()
+                || self
+                    .etcd
+                    .get(&k)
+                    .await
+                    .map_err(|e| etcd_error("cannot read the network", e))?
+                    .is_some()
+            {
+                break;
+            }
+        }
         let (stored, _) = self
             .etcd
             .get_json::<NetworkRecord>(&k)
@@ -1277,6 +1367,15 @@ impl ClusterNode {
                 .unwrap_or(vroom_types::MIN_MEM_MIB)
         })
     }
+}
+
+/// The IPv4 address in a node's `--advertise` (`ADDR` or `ADDR:PORT`).
+fn advertised_ip(advertise: &str) -> Option<Ipv4Addr> {
+    advertise.parse().ok().or_else(|| {
+        advertise
+            .rsplit_once(':')
+            .and_then(|(ip, _)| ip.parse().ok())
+    })
 }
 
 /// Whether the instance came to `node` from another node (a failover or a move).

@@ -81,6 +81,17 @@ pub fn bridge_name(prefix: &str, scope: &str, network: &str) -> String {
     format!("{prefix}b{}", short_hash(&[scope, network], 8))
 }
 
+/// The VXLAN device that joins a network's bridge to the same network on
+/// other cluster nodes: the bridge's name with `x` in place of its `b`.
+pub fn vxlan_name(bridge: &str) -> String {
+    match bridge.len().checked_sub(9) {
+        Some(at) if bridge.as_bytes()[at] == b'b' => {
+            format!("{}x{}", &bridge[..at], &bridge[at + 1..])
+        }
+        _ => format!("{}x", &bridge[..bridge.len().min(14)]),
+    }
+}
+
 /// Whether a NIC playing `role` for an image with `roles` takes `network`'s
 /// gateway address: on an isolated network, a router's inside NIC (`lan` or
 /// `dmz` of an image that also has a `wan`) does, unless another address is
@@ -361,5 +372,15 @@ mod tests {
                 (g, w) => panic!("{requested:?}: got {g:?}, want {w:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_vxlan_device_is_named_after_its_bridge() {
+        let bridge = bridge_name("ke474", "", "default");
+        let vxlan = vxlan_name(&bridge);
+        assert_eq!(vxlan.len(), bridge.len());
+        assert!(vxlan.starts_with("ke474x") && vxlan.len() <= 15, "{vxlan}");
+        assert_eq!(&vxlan[6..], &bridge[6..]);
+        assert_ne!(vxlan_name(&bridge_name("ke474", "", "other")), vxlan);
     }
 }

@@ -67,6 +67,17 @@ pub trait NetworkBackend: Send + Sync {
     /// Compiles a pcap-filter expression for Ethernet frames; the error
     /// says what is wrong with it.
     async fn compile_filter(&self, expr: &str) -> Result<String, NetworkBackendError>;
+    /// Joins a network's bridge to the same network on other hosts: a VXLAN
+    /// device (`ipam::vxlan_name`, VNI `vni`, from `local`) on the bridge,
+    /// flooding to `peers`. ARP for the gateway address does not cross it, so
+    /// every host stays its own guests' gateway. Idempotent.
+    async fn set_overlay(
+        &self,
+        network: &Network,
+        vni: u32,
+        local: std::net::Ipv4Addr,
+        peers: &[std::net::Ipv4Addr],
+    ) -> Result<(), NetworkBackendError>;
     /// Every IPv4 subnet configured on the host, to keep new networks from colliding.
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError>;
 }

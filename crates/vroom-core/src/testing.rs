@@ -448,6 +448,8 @@ pub struct FakeNetwork {
     pub detached: Mutex<BTreeSet<String>>,
     /// Each mirrored tap and where its copies go.
     pub mirrors: Mutex<BTreeMap<String, Vec<MirrorTarget>>>,
+    /// Each network joined to other hosts: its VNI and peers.
+    pub overlays: Mutex<BTreeMap<String, (u32, Vec<std::net::Ipv4Addr>)>>,
 }
 
 #[async_trait]
@@ -520,6 +522,20 @@ impl NetworkBackend for FakeNetwork {
         } else {
             mirrors.insert(tap.to_string(), targets.to_vec());
         }
+        Ok(())
+    }
+
+    async fn set_overlay(
+        &self,
+        network: &Network,
+        vni: u32,
+        _local: std::net::Ipv4Addr,
+        peers: &[std::net::Ipv4Addr],
+    ) -> Result<(), NetworkBackendError> {
+        self.overlays
+            .lock()
+            .unwrap()
+            .insert(network.name.to_string(), (vni, peers.to_vec()));
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! the host's uplink as one nftables table per network, through `nft`, the
 //! standard tool for it.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -300,6 +300,59 @@ fn bytecode(ddd: &str) -> Result<String, String> {
 }
 
 /// Runs an nft script, as a child process awaited without blocking the runtime.
+/// VXLAN's IANA port.
+const VXLAN_PORT: u16 = 4789;
+
+/// The peers an overlay device floods to, from `bridge fdb show dev VX`.
+fn flood_destinations(fdb: &str) -> Vec<Ipv4Addr> {
+    fdb.lines()
+        .filter(|l| l.starts_with("00:00:00:00:00:00 "))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "dst")?;
+            words.next()?.parse().ok()
+        })
+        .collect()
+}
+
+async fn bridge_fdb(op: &str, dev: &str, peer: Ipv4Addr) -> Result<(), String> {
+    let out = tokio::process::Command::new("bridge")
+        .args(["fdb", op, "00:00:00:00:00:00", "dev", dev, "dst"])
+        .arg(peer.to_string())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run bridge: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "bridge fdb {op} {peer}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Keeps ARP for the gateway address on this host: every node's bridge has
+/// it, so a guest must only ever learn its own node's, and a host must not
+/// answer (or ask) for guests on other nodes. Guests reach each other across
+/// the overlay; a host reaches the guests on it.
+fn overlay_script(network: &Network, vxlan: &str) -> String {
+    let gw = vroom_core::ipam::gateway(network.subnet);
+    let table = format!("vroomvx_{vxlan}");
+    format!(
+        "table bridge {table}\ndelete table bridge {table}\ntable bridge {table} {{\n\
+         \tchain arp_forward {{ type filter hook forward priority 0; policy accept;\n\
+         \t\toifname \"{vxlan}\" arp daddr ip {gw} drop\n\
+         \t\toifname \"{vxlan}\" arp saddr ip {gw} drop\n\
+         \t\tiifname \"{vxlan}\" arp daddr ip {gw} drop\n\
+         \t\tiifname \"{vxlan}\" arp saddr ip {gw} drop\n\t}}\n\
+         \tchain arp_input {{ type filter hook input priority 0; policy accept;\n\
+         \t\tiifname \"{vxlan}\" arp daddr ip {gw} drop\n\t}}\n\
+         \tchain arp_output {{ type filter hook output priority 0; policy accept;\n\
+         \t\toifname \"{vxlan}\" arp saddr ip {gw} drop\n\t}}\n}}\n"
+    )
+}
+
 async fn nft(script: &str) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("nft")
@@ -395,6 +448,20 @@ impl NetworkBackend for NetlinkNetwork {
                     action: format!("remove the firewall of network {}", network.name),
                     reason,
                 });
+        let vxlan = vroom_core::ipam::vxlan_name(&network.bridge);
+        if let Some(index) = self.link_index(&vxlan).await {
+            let table = format!("vroomvx_{vxlan}");
+            let _ = nft(&format!(
+                "table bridge {table}\ndelete table bridge {table}\n"
+            ))
+            .await;
+            self.handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(fail(format!("delete {vxlan}")))?;
+        }
         if let Some(index) = self.link_index(&network.bridge).await {
             self.handle
                 .link()
@@ -404,6 +471,67 @@ impl NetworkBackend for NetlinkNetwork {
                 .map_err(fail(format!("delete bridge {}", network.bridge)))?;
         }
         rules
+    }
+
+    async fn set_overlay(
+        &self,
+        network: &Network,
+        vni: u32,
+        local: Ipv4Addr,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), NetworkBackendError> {
+        let vxlan = vroom_core::ipam::vxlan_name(&network.bridge);
+        let action = format!("join network {} to the other hosts", network.name);
+        let failed = |reason: String| NetworkBackendError::Failed {
+            action: action.clone(),
+            reason,
+        };
+        let bridge = self
+            .link_index(&network.bridge)
+            .await
+            .ok_or_else(|| failed(format!("bridge {} does not exist", network.bridge)))?;
+        if self.link_index(&vxlan).await.is_none() {
+            self.handle
+                .link()
+                .add()
+                .vxlan(vxlan.clone(), vni)
+                .local(local)
+                .port(VXLAN_PORT)
+                .learning(true)
+                .execute()
+                .await
+                .map_err(fail(format!("create {vxlan}")))?;
+        }
+        let index = self
+            .link_index(&vxlan)
+            .await
+            .ok_or_else(|| failed(format!("{vxlan} vanished")))?;
+        // 1500 like the taps, so that the bridge keeps an MTU of 1500: the
+        // underlay must carry 1550-byte frames (VXLAN adds 50 bytes).
+        self.handle
+            .link()
+            .set(index)
+            .controller(bridge)
+            .mtu(1500)
+            .up()
+            .execute()
+            .await
+            .map_err(fail(format!("put {vxlan} on {}", network.bridge)))?;
+        // Broadcast and unknown frames go to every peer (head-end
+        // replication): one all-zero FDB entry per peer.
+        let shown = tokio::process::Command::new("bridge")
+            .args(["fdb", "show", "dev", &vxlan])
+            .output()
+            .await
+            .map_err(|e| failed(format!("cannot run bridge: {e}")))?;
+        let current = flood_destinations(&String::from_utf8_lossy(&shown.stdout));
+        for peer in peers.iter().filter(|p| !current.contains(p)) {
+            bridge_fdb("append", &vxlan, *peer).await.map_err(&failed)?;
+        }
+        for gone in current.iter().filter(|p| !peers.contains(p)) {
+            bridge_fdb("del", &vxlan, *gone).await.map_err(&failed)?;
+        }
+        nft(&overlay_script(network, &vxlan)).await.map_err(failed)
     }
 
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
@@ -748,15 +876,37 @@ mod tests {
         assert!(script.ends_with(&ruleset(&network(true, false, &[]), "vrb*")));
     }
 
+    #[test]
+    fn the_overlay_floods_to_the_peers_bridge_lists() {
+        let fdb = "00:00:00:00:00:00 dst 10.1.2.12 self permanent\n\
+                   00:00:00:00:00:00 dst 10.1.2.13 self permanent\n\
+                   52:54:00:aa:bb:cc dst 10.1.2.12 self \n\
+                   33:33:00:00:00:01 self permanent\n";
+        assert_eq!(
+            flood_destinations(fdb),
+            vec![
+                "10.1.2.12".parse::<Ipv4Addr>().unwrap(),
+                "10.1.2.13".parse().unwrap()
+            ]
+        );
+        let script = overlay_script(&network(true, false, &[]), "vrx12345678");
+        assert!(script.contains("oifname \"vrx12345678\" arp saddr ip 10.9.0.1 drop"));
+        assert_eq!(script.matches(" drop").count(), 6, "{script}");
+    }
+
     /// nft itself accepts every rendered table (check mode: nothing is
     /// installed).
     #[test]
     fn nft_accepts_the_rendered_rules() {
-        for network in [
+        let scripts = [
             network(true, false, &["8080", "53/udp"]),
             network(false, false, &[]),
             network(false, true, &[]),
-        ] {
+        ]
+        .into_iter()
+        .map(|n| replace_script(&n, "vrb*"))
+        .chain([overlay_script(&network(true, false, &[]), "vrx12345678")]);
+        for script in scripts {
             let mut child = std::process::Command::new("nft")
                 .args(["-c", "-f", "-"])
                 .stdin(Stdio::piped())
@@ -768,7 +918,7 @@ mod tests {
                 .stdin
                 .take()
                 .unwrap()
-                .write_all(replace_script(&network, "vrb*").as_bytes())
+                .write_all(script.as_bytes())
                 .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(

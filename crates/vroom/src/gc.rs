@@ -122,6 +122,12 @@ pub async fn run(
     let networks = client.networks().await?;
     let instances = client.list().await?;
     let mut known: BTreeSet<String> = networks.iter().map(|n| n.bridge.clone()).collect();
+    // A cluster network's VXLAN device goes with its bridge.
+    known.extend(
+        networks
+            .iter()
+            .map(|n| vroom_core::ipam::vxlan_name(&n.bridge)),
+    );
     known.extend(client.splices().await?.into_iter().map(|s| s.segment));
     known.extend(
         instances

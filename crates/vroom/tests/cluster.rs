@@ -462,3 +462,98 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
         }
     }
 }
+
+/// A network spans the nodes that host its members: a guest on n1 reaches a
+/// guest on n2 at its address (VXLAN between the nodes), while each node
+/// stays its own guests' gateway.
+#[test]
+fn a_network_spans_the_nodes() {
+    let lab = Lab::new(2);
+    let hello = common::recipe("hello");
+    for i in 0..2 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab.ok(0, &["run", "hello", "--name", "g1", "--node", "n1"]);
+    lab.ok(0, &["run", "hello", "--name", "g2", "--node", "n2"]);
+    let ip2 = ip_of(&lab, 1, "g2");
+    let url = format!("http://{ip2}/");
+    let reached = poll(Duration::from_secs(20), || {
+        let out = lab.vroom(
+            0,
+            &["exec", "--timeout", "5", "g1", "--", "wget", "-qO-", &url],
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(
+        reached.is_some(),
+        "g1 on n1 cannot reach g2 on n2 at {ip2}\n{}\n{}",
+        lab.log(0),
+        lab.log(1)
+    );
+    // Each guest's gateway is its own node's bridge, never another's.
+    for (i, guest) in [(0, "g1"), (1, "g2")] {
+        let net: serde_json::Value =
+            serde_json::from_str(&lab.ok(i, &["--json", "net", "inspect", "default"])).unwrap();
+        let bridge = net["bridge"].as_str().unwrap();
+        let gateway = vroom_core::ipam::gateway(net["subnet"].as_str().unwrap().parse().unwrap());
+        let link = Command::new("ip")
+            .args(["-n", &lab.nodes[i].ns, "-o", "link", "show", bridge])
+            .output()
+            .unwrap();
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        let mac = link
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let vxlan = vroom_core::ipam::vxlan_name(bridge);
+        let table = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.nodes[i].ns,
+                "nft",
+                "list",
+                "table",
+                "bridge",
+            ])
+            .arg(format!("vroomvx_{vxlan}"))
+            .output()
+            .unwrap();
+        assert!(
+            table.status.success(),
+            "no gateway ARP filter on {}: {}\n{}",
+            lab.nodes[i].name,
+            String::from_utf8_lossy(&table.stderr),
+            lab.log(i)
+        );
+        // The host drops the ping (guests reach the host only on opened
+        // ports), but the guest resolves the gateway's address first.
+        lab.vroom(
+            i,
+            &[
+                "exec",
+                guest,
+                "--",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                &gateway.to_string(),
+            ],
+        );
+        let arp = lab.ok(i, &["exec", guest, "--", "cat", "/proc/net/arp"]);
+        let entry = arp
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(gateway.to_string().as_str()))
+            .unwrap_or_else(|| panic!("{guest} has no ARP entry for {gateway}: {arp}"));
+        assert!(
+            entry.contains(&mac),
+            "{guest}'s gateway is not its own node's bridge ({mac}): {entry}"
+        );
+    }
+}

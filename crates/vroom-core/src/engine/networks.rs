@@ -21,6 +21,22 @@ impl Engine {
             .ok_or_else(|| OpError::not_found("network", name))
     }
 
+    /// Joins network `name` to the same network on other cluster nodes
+    /// (see [`crate::net::NetworkBackend::set_overlay`]).
+    pub async fn set_overlay(
+        &self,
+        name: &str,
+        vni: u32,
+        local: Ipv4Addr,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), OpError> {
+        let network = self.network(name)?;
+        self.net
+            .set_overlay(&network, vni, local, peers)
+            .await
+            .map_err(|e| OpError::internal("cannot join the network to the other hosts", e))
+    }
+
     pub async fn create_network(&self, spec: NetworkSpec) -> Result<Network, OpError> {
         let _alloc = self.alloc.lock().await;
         self.create_network_locked(spec).await
