@@ -514,6 +514,9 @@ async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
     // A cluster node lists the cluster's instances too (as their owners
     // published them); an unreachable etcd leaves the local ones.
     if let Some(cluster) = engine.cluster() {
+        for instance in &mut list {
+            instance.node = Some(cluster.node_name().to_string());
+        }
         if let Ok(remote) = cluster.instances().await {
             for instance in remote {
                 if !list.iter().any(|i| i.spec.name == instance.spec.name) {
@@ -560,7 +563,10 @@ async fn get_instance(
     Path(name): Path<String>,
 ) -> ApiResult<Instance> {
     match (engine.get(&name), engine.cluster()) {
-        (Ok(instance), _) => Ok(Json(instance)),
+        (Ok(mut instance), cluster) => {
+            instance.node = cluster.map(|c| c.node_name().to_string());
+            Ok(Json(instance))
+        }
         (Err(e), Some(cluster)) => cluster.instance(&name).await?.map(Json).ok_or(e.into()),
         (Err(e), None) => Err(e.into()),
     }

@@ -56,6 +56,8 @@ pub const MEMBERS: &str = "/vroom/members/";
 /// How long `run` waits for a node to take a new instance.
 const PLACE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(500);
+/// How long the scheduler keeps an instance off a node where it failed to start.
+const RETRY_AFTER_SECS: u64 = 60;
 /// The value of a cordon key while the node is drained.
 const DRAIN: &[u8] = b"drain";
 
@@ -860,8 +862,13 @@ impl ClusterNode {
                 (Some(_), _) => None,
             };
             let avoid = match view.statuses.get(name) {
-                // Moved off a node being drained, or failed to start there.
-                Some(s) if view.cordons.contains_key(&s.node) || s.error.is_some() => {
+                // Moved off a node being drained, or failed to start there
+                // lately (a node that failed a minute ago is tried again).
+                Some(s)
+                    if view.cordons.contains_key(&s.node)
+                        || (s.error.is_some()
+                            && now_secs().saturating_sub(s.updated_at) < RETRY_AFTER_SECS) =>
+                {
                     vec![s.node.clone()]
                 }
                 _ => vec![],
@@ -920,6 +927,8 @@ impl ClusterNode {
                 ),
                 TxnOp::put(kv.key.clone(), json(&record), None),
                 TxnOp::delete(key(ASSIGNS, name), None),
+                // A failure another claim left is not this one's.
+                TxnOp::delete(key(STATUSES, name), None),
             ]);
         let claimed = self.etcd.txn(txn).await?.succeeded();
         if claimed {
@@ -1378,6 +1387,13 @@ fn advertised_ip(advertise: &str) -> Option<Ipv4Addr> {
     })
 }
 
+/// A published instance, with the node that published it.
+fn placed(status: StatusRecord) -> Option<Instance> {
+    let mut instance = status.instance?;
+    instance.node = Some(status.node);
+    Some(instance)
+}
+
 /// Whether the instance came to `node` from another node (a failover or a move).
 fn moved_here(record: &InstanceRecord, node: &str) -> bool {
     record.previous.as_deref().is_some_and(|p| p != node)
@@ -1730,12 +1746,7 @@ impl Cluster for ClusterNode {
     }
 
     async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
-        Ok(self
-            .view()
-            .await?
-            .statuses
-            .get(name)
-            .and_then(|s| s.instance.clone()))
+        Ok(self.view().await?.statuses.remove(name).and_then(placed))
     }
 
     async fn instances(&self) -> Result<Vec<Instance>, OpError> {
@@ -1744,8 +1755,12 @@ impl Cluster for ClusterNode {
             .await?
             .statuses
             .into_values()
-            .filter_map(|s| s.instance)
+            .filter_map(placed)
             .collect())
+    }
+
+    fn node_name(&self) -> &str {
+        &self.name
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {

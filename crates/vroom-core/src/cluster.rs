@@ -35,6 +35,9 @@ pub trait Cluster: Send + Sync {
     /// Every cluster instance as its owner last published it.
     async fn instances(&self) -> Result<Vec<Instance>, OpError>;
 
+    /// This node's name.
+    fn node_name(&self) -> &str;
+
     async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError>;
     async fn node(&self, name: &str) -> Result<NodeInfo, OpError>;
     async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError>;

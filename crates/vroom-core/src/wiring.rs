@@ -185,6 +185,7 @@ mod tests {
                 .collect(),
             status: InstanceStatus::stopped(),
             config: Default::default(),
+            node: None,
         }
     }
 

@@ -265,6 +265,9 @@ pub struct Instance {
     /// The config as last acknowledged by the guest or written by the host.
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub config: ConfigValues,
+    /// The cluster node it runs on (cluster mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// The first line of the body of `POST /v1/instances/{name}/exec` (see [`crate::ExecEvent`]).

@@ -382,6 +382,9 @@ fn show_instance(i: &Instance) {
     for (key, value) in rows {
         println!("{:<10} {value}", format!("{key}:"));
     }
+    if let Some(node) = &i.node {
+        println!("{:<10} {node}", "node:");
+    }
     if i.spec.ephemeral {
         println!(
             "{:<10} ephemeral: every start returns to its first config",
@@ -535,8 +538,22 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
         "RESTARTS",
         "CREATED",
     ];
-    output::list(json, &client.list().await?, &header, |i| {
-        vec![
+    let list = client.list().await?;
+    // A cluster node's listing says where each instance runs.
+    let cluster = list.iter().any(|i| i.node.is_some());
+    let header: Vec<&str> = if cluster {
+        header
+            .iter()
+            .copied()
+            .take(3)
+            .chain(["NODE"])
+            .chain(header.iter().copied().skip(3))
+            .collect()
+    } else {
+        header.to_vec()
+    };
+    output::list(json, &list, &header, |i| {
+        let mut row = vec![
             i.spec.name.to_string(),
             i.image_name.clone(),
             i.status.state.to_string(),
@@ -556,7 +573,11 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
                 .join(","),
             i.status.restarts.to_string(),
             output::ago(i.created_at),
-        ]
+        ];
+        if cluster {
+            row.insert(3, i.node.clone().unwrap_or_else(|| "-".into()));
+        }
+        row
     });
     Ok(())
 }

@@ -183,6 +183,13 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     let took = failed_over(&lab, 1, "h1", &ip, Duration::from_secs(30));
     eprintln!("power loss: h1 answered from n2 after {took:?}");
     assert_eq!(ip_of(&lab, 1, "h1"), ip, "the address moves with it");
+    let shown = lab.ok(1, &["ps"]);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("h1 ") && l.contains(" n2 ")),
+        "ps shows where it runs: {shown}"
+    );
     sampler.assert_never_twice("power loss");
 
     // n1 comes back: it does not restart what n2 owns now.
@@ -425,7 +432,7 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
         );
         state.unwrap()
     };
-    for (k, ms) in [30u64, 300, 1500].into_iter().enumerate() {
+    for (k, ms) in [30u64, 300, 1500, 4000].into_iter().enumerate() {
         let name = format!("c{k}");
         kill_n1_after(
             [

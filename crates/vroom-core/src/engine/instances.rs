@@ -833,6 +833,7 @@ pub(super) fn new_instance(
             ..InstanceStatus::stopped()
         },
         config: image.manifest.appliance.seed_config.clone(),
+        node: None,
     }
 }
 
