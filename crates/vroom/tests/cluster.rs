@@ -394,12 +394,17 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
             .command(0)
             .args(&args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         std::thread::sleep(delay);
         lab.kill_daemon(0);
-        let _ = child.wait();
+        let out = child.wait_with_output().unwrap();
+        eprintln!(
+            "{} after {delay:?}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         lab.start(0);
     };
     // All of it, or none of it, once the cluster settled.
