@@ -390,7 +390,7 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
         lab.ok(i, &["image", "build", &hello]);
     }
     let kill_n1_after = |args: Vec<String>, delay: Duration| {
-        let mut child = lab
+        let child = lab
             .command(0)
             .args(&args)
             .stdout(Stdio::null())
