@@ -315,10 +315,12 @@ impl ClusterNode {
             return Err("cannot join: the lease's first keepalive got no answer".into());
         }
         // Instances still owned under a lease that survived a quick restart.
-        if let Ok((kvs, _)) = node.etcd.list(ROOT).await {
-            let view = View::parse(kvs);
-            node.adopt(&view);
-        }
+        let (kvs, _) = node
+            .etcd
+            .list(ROOT)
+            .await
+            .map_err(|e| format!("cannot read the cluster's state: {e}"))?;
+        node.adopt(&View::parse(kvs));
         Ok(node)
     }
 
@@ -1726,14 +1728,14 @@ impl Cluster for ClusterNode {
         }
     }
 
-    fn may_launch(&self, name: &str) -> Result<(), OpError> {
+    fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError> {
         let owned = self.token(name).is_some();
         let known = self
             .known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(name);
-        if !owned && !known && !self.is_starting(name) {
+        if !owned && !known && !cluster_made && !self.is_starting(name) {
             return Ok(());
         }
         if owned && self.lease_alive() {

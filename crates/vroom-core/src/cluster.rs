@@ -26,9 +26,10 @@ pub trait Cluster: Send + Sync {
     /// under this node's fencing token. Blocking.
     fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError>;
     /// Whether this node may launch `name` now: always for a local-only
-    /// instance; for a cluster instance only while this node owns it under
-    /// a live lease.
-    fn may_launch(&self, name: &str) -> Result<(), OpError>;
+    /// instance; for a cluster instance (one the cluster knows, or one it
+    /// created here: `cluster_made`) only while this node owns it under a
+    /// live lease.
+    fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError>;
 
     /// A cluster instance as its owner last published it.
     async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError>;

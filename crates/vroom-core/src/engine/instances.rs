@@ -468,7 +468,11 @@ impl Engine {
         source: Option<snapshots::StateSource>,
     ) -> Result<(), OpError> {
         if let Some(cluster) = self.cluster() {
-            cluster.may_launch(cell.lock().instance.spec.name.as_str())?;
+            let (name, cluster_made) = {
+                let record = cell.lock();
+                (record.instance.spec.name.to_string(), record.cluster)
+            };
+            cluster.may_launch(&name, cluster_made)?;
         }
         let (instance, ready_timeout, seed) = {
             let r = cell.lock();
