@@ -11,6 +11,17 @@ use serde::Serialize;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// HTTP/2 pings no more often than etcd tolerates: it answers pings closer
+/// than `--grpc-keepalive-min-time` (5 s) with GOAWAY "too_many_pings",
+/// which fails the request under way. A dead peer is caught by the request
+/// timeout, and the next request reconnects.
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(3))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     #[error("etcd at {endpoints} is unreachable: {reason}")]
@@ -98,11 +109,7 @@ impl Etcd {
             endpoints: endpoints.join(","),
             reason: one_line(&reason),
         };
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+        let options = connect_options();
         let client = tokio::time::timeout(
             CONNECT_TIMEOUT * 2,
             Client::connect(endpoints, Some(options)),
@@ -138,11 +145,7 @@ impl Etcd {
 
     /// Opens a fresh connection in place of the current one (best effort).
     pub async fn refresh(&self) {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+        let options = connect_options();
         if let Ok(Ok(client)) = tokio::time::timeout(
             CONNECT_TIMEOUT,
             Client::connect(&self.endpoints, Some(options)),
@@ -166,9 +169,11 @@ impl Etcd {
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Kv>, EtcdError> {
-        let key = key.to_string();
         let resp = self
-            .request(|mut c| async move { c.get(key, None).await })
+            .read(|mut c| {
+                let key = key.to_string();
+                async move { c.get(key, None).await }
+            })
             .await?;
         Ok(resp.kvs().first().map(Kv::from))
     }
@@ -185,14 +190,25 @@ impl Etcd {
 
     /// Every key under `prefix`, and the revision they were read at.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
-        let prefix = prefix.to_string();
         let resp = self
-            .request(
-                |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await },
-            )
+            .read(|mut c| {
+                let prefix = prefix.to_string();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         Ok((resp.kvs().iter().map(Kv::from).collect(), revision))
+    }
+
+    /// A read, tried again once on a fresh connection: reads are safe to repeat.
+    async fn read<T, F>(&self, work: impl Fn(Client) -> F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.request(&work).await {
+            Ok(v) => Ok(v),
+            Err(_) => self.request(&work).await,
+        }
     }
 
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, EtcdError> {

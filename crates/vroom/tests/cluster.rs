@@ -176,6 +176,17 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     assert!(listed.contains(&ip), "{listed}");
     let nodes = lab.ok(1, &["node", "ls"]);
     assert!(nodes.contains("n1") && nodes.contains("n2"), "{nodes}");
+    // A config change is replicated before it is acknowledged: it survives
+    // the loss of the node.
+    lab.ok(
+        0,
+        &[
+            "config",
+            "h1",
+            "set",
+            "greeting=replicated-before-the-crash",
+        ],
+    );
     let sampler = Sampler::start(&lab, "h1");
 
     // Power loss of n1: n2 boots h1 with its address.
@@ -183,6 +194,11 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
     let took = failed_over(&lab, 1, "h1", &ip, Duration::from_secs(30));
     eprintln!("power loss: h1 answered from n2 after {took:?}");
     assert_eq!(ip_of(&lab, 1, "h1"), ip, "the address moves with it");
+    let page = lab.page_from(1, &ip).unwrap_or_default();
+    assert!(
+        page.contains("replicated-before-the-crash"),
+        "the config did not follow h1: {page}"
+    );
     let shown = lab.ok(1, &["ps"]);
     assert!(
         shown
