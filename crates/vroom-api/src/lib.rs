@@ -963,10 +963,20 @@ async fn config_diff(
 async fn rollback_config(
     State(engine): State<AppState>,
     Path(name): Path<String>,
-    req: Result<Json<ConfigRollback>, JsonRejection>,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<ConfigDocument> {
+    // serde reads a struct from an array too (`[]` would mean "no
+    // version"); the document says object.
+    let value = body(req)?;
+    if !value.is_object() {
+        return Err(bad_request(
+            "the request body must be a JSON object".to_string(),
+        ));
+    }
+    let req: ConfigRollback = serde_json::from_value(value)
+        .map_err(|e| bad_request(format!("invalid request body: {e}")))?;
     Ok(Json(ConfigDocument {
-        values: engine.config_rollback(&name, body(req)?.version).await?,
+        values: engine.config_rollback(&name, req.version).await?,
     }))
 }
 
