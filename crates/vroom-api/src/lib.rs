@@ -22,8 +22,8 @@ use vroom_types::limits;
 use vroom_types::{
     ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, ConfigDiff, ConfigDocument,
     ConfigHistory, ConfigRollback, ConfigUpdate, ConfigVersion, ErrorCode, ExecEvent, ExecRequest,
-    ImageSummary, Instance, LogChunk, Name, Network, NetworkSpec, RunRequest, VersionInfo,
-    MAX_EXEC_REQUEST_BYTES,
+    ImageSummary, Instance, LogChunk, MigrateRequest, Migration, Name, Network, NetworkSpec,
+    RunRequest, VersionInfo, MAX_EXEC_REQUEST_BYTES,
 };
 
 mod audit;
@@ -175,6 +175,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         get_instance,
         remove_instance,
         instance_action,
+        migrate_instance,
         exec_instance,
         instance_logs,
         read_file,
@@ -324,6 +325,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(get_instance).delete(remove_instance),
         )
         .route("/v1/instances/{name}/actions", post(instance_action))
+        .route("/v1/instances/{name}/migrate", post(migrate_instance))
         .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/logs", get(instance_logs))
         .route("/v1/instances/{name}/files", get(read_file))
@@ -614,6 +616,21 @@ async fn instance_action(
         cluster.set_desired(&name, instance.desired).await?;
     }
     Ok(Json(instance))
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/migrate", params(("name" = Name, Path)), request_body = MigrateRequest,
+    responses((status = 200, body = Migration, description = "It runs on the target node now."),
+        PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "This host is not in a cluster, the instance is not running or already migrating, the node is down or cordoned, or the migration failed (the instance runs on where it was)."),
+        (status = 507, body = ApiErrorBody, description = "The target node has no room for it.")))]
+async fn migrate_instance(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<MigrateRequest>, JsonRejection>,
+) -> ApiResult<Migration> {
+    let to = body(req)?.to;
+    let cluster = nodes::cluster_of(&engine)?;
+    Ok(Json(cluster.migrate(&name, to.as_str()).await?))
 }
 
 /// Runs a command in the guest, streaming. The request body is one JSON line,

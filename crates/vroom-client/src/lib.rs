@@ -569,6 +569,20 @@ impl Client {
     }
 
     /// `op`: cordon, uncordon or drain.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        to: &vroom_types::Name,
+    ) -> Result<vroom_types::Migration, ClientError> {
+        let req = vroom_types::MigrateRequest { to: to.clone() };
+        self.call(
+            Method::POST,
+            &format!("/v1/instances/{}/migrate", enc(name)),
+            Some(&req),
+        )
+        .await
+    }
+
     pub async fn node_op(
         &self,
         name: &str,

@@ -443,6 +443,24 @@ impl Lab {
             .unwrap_or_default()
     }
 
+    /// Writes `value` at `key` (as another etcd client would).
+    pub fn etcd_put(&self, key: &str, value: &str) -> bool {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = format!(
+            r#"{{"key":"{}","value":"{}"}}"#,
+            b64.encode(key),
+            b64.encode(value)
+        );
+        (0..3).any(|m| self.gateway(m, "/v3/kv/put", &body).is_some())
+    }
+
+    /// Deletes `key`.
+    pub fn etcd_delete(&self, key: &str) -> bool {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = format!(r#"{{"key":"{}"}}"#, b64.encode(key));
+        (0..3).any(|m| self.gateway(m, "/v3/kv/deleterange", &body).is_some())
+    }
+
     /// etcd's revision: it grows by one per write.
     pub fn etcd_revision(&self) -> Option<i64> {
         let v = (0..3).find_map(|m| self.gateway(m, "/v3/kv/range", r#"{"key":"AA=="}"#))?;

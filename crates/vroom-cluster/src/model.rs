@@ -6,13 +6,17 @@
 //! - `cordon/<node>`: present while a node is cordoned;
 //! - `leader`: the leader's name, bound to its lease;
 //! - `instances/<name>`: a cluster instance's [`InstanceRecord`] (desired state);
-//! - `owners/<name>`: the owning node, bound to its lease; the key's create
-//!   revision is the fencing token;
+//! - `owners/<name>`: the owning node, bound to its lease; the key's mod
+//!   revision is the fencing token (a claim creates the key, a live
+//!   migration's handover rewrites it for the new owner: either way the
+//!   old owner's token is void);
 //! - `assign/<name>`: the leader's placement, for the named node to claim;
 //! - `status/<name>`: the owner's view of the instance ([`StatusRecord`]);
 //! - `config/<name>`: the replicated config values;
 //! - `networks/<name>`: a network's [`NetworkRecord`], the same on every node;
-//! - `ips/<network>/<address>`: who holds an address.
+//! - `ips/<network>/<address>`: who holds an address;
+//! - `migrations/<name>`: a live migration under way ([`MigrationRecord`]),
+//!   bound to the lease of the node that asked for it.
 
 use serde::{Deserialize, Serialize};
 use vroom_types::{DesiredState, Instance, InstanceState, NetworkSpec, RunRequest};
@@ -31,6 +35,7 @@ pub const STATUSES: &str = "/vroom/status/";
 pub const CONFIGS: &str = "/vroom/config/";
 pub const NETWORKS: &str = "/vroom/networks/";
 pub const IPS: &str = "/vroom/ips/";
+pub const MIGRATIONS: &str = "/vroom/migrations/";
 
 /// The most config a cluster instance may replicate (its values as JSON):
 /// etcd is built for small values.
@@ -54,6 +59,9 @@ pub struct NodeRecord {
     pub mem_used_mib: u64,
     pub cpus: u32,
     pub joined_at: u64,
+    /// Where its peers reach it (`IP:PORT`) to move instances to it.
+    #[serde(default)]
+    pub peer: Option<String>,
 }
 
 /// A cluster instance: what the user asked for, and who it is.
@@ -118,4 +126,41 @@ pub fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A live migration: asked for by any node, carried out by `from` (the
+/// owner) and `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Names this migration among others of the same instance.
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    /// The owner's fencing token when it was asked for: the migration is
+    /// void once the owner changed.
+    pub token: i64,
+    /// Proves a peer connection belongs to this migration.
+    pub secret: String,
+    pub requested_at: u64,
+    pub state: MigrationState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum MigrationState {
+    Requested,
+    /// Ownership went to `to`, in the same transaction.
+    Switched {
+        downtime_ms: u64,
+        bytes: u64,
+    },
+    /// The source saw the destination run it.
+    Done {
+        downtime_ms: u64,
+        switchover_ms: u64,
+        bytes: u64,
+    },
+    Failed {
+        reason: String,
+    },
 }

@@ -29,6 +29,9 @@ use crate::model::*;
 use crate::schedule::{self, Candidate, Pending};
 use crate::{fence_deadline_ns, monotonic_ns, KEEPALIVE_EVERY, LEASE_TTL_SECS};
 
+mod migrate;
+pub use migrate::PEER_PORT;
+
 /// How a host joins: `vroom daemon --cluster --etcd URLS --node NAME --advertise ADDR`.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
@@ -90,6 +93,15 @@ pub struct ClusterNode {
     wake: tokio::sync::Notify,
     /// Serialises lease renewal after a loss.
     rejoin: tokio::sync::Mutex<()>,
+    /// Migrations coming in, by instance: their id, secret, and where their
+    /// data connection goes.
+    incoming: Mutex<BTreeMap<String, (String, String, migrate::DataSlot)>>,
+    /// Instances migrating out.
+    migrating: Mutex<BTreeSet<String>>,
+    /// The peer listener, until `start` serves it.
+    peers: Mutex<Option<tokio::net::TcpListener>>,
+    /// Instances a drain is moving (live, or cold after a failed migration).
+    draining: Mutex<BTreeSet<String>>,
 }
 
 fn etcd_error(context: &str, e: EtcdError) -> OpError {
@@ -143,6 +155,7 @@ struct View {
     statuses: BTreeMap<String, StatusRecord>,
     configs: BTreeMap<String, ConfigValues>,
     networks: BTreeMap<String, NetworkRecord>,
+    migrations: BTreeMap<String, (MigrationRecord, Kv)>,
 }
 
 impl View {
@@ -188,6 +201,11 @@ impl View {
                     Ok(c) => drop(view.configs.insert(name.into(), c)),
                     Err(e) => bad(e),
                 }
+            } else if let Some(name) = key.strip_prefix(MIGRATIONS) {
+                match kv.decode() {
+                    Ok(m) => drop(view.migrations.insert(name.into(), (m, kv))),
+                    Err(e) => bad(e),
+                }
             } else if let Some(name) = key.strip_prefix(NETWORKS) {
                 match kv.decode() {
                     Ok(n) => drop(view.networks.insert(name.into(), n)),
@@ -196,6 +214,71 @@ impl View {
             }
         }
         view
+    }
+
+    /// Every live node as the scheduler sees it: free memory (less what is
+    /// placed but not yet claimed), cordon, spread groups.
+    fn candidates(&self) -> BTreeMap<String, Candidate> {
+        let mut candidates: BTreeMap<String, Candidate> = self
+            .nodes
+            .iter()
+            .map(|(name, (n, _))| {
+                (
+                    name.clone(),
+                    Candidate {
+                        name: name.clone(),
+                        cordoned: self.cordons.contains_key(name),
+                        mem_free_mib: n.mem_total_mib.saturating_sub(n.mem_used_mib),
+                        spread: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect();
+        let spread_of = |inst: &str| {
+            self.instances
+                .get(inst)
+                .and_then(|(r, _)| r.request.placement.spread.as_ref().map(|s| s.to_string()))
+        };
+        for (inst, node) in self
+            .owners
+            .iter()
+            .map(|(i, (o, _))| (i, &o.node))
+            .chain(self.assigns.iter().map(|(i, (n, _))| (i, n)))
+        {
+            if let (Some(c), Some(group)) = (candidates.get_mut(node), spread_of(inst)) {
+                *c.spread.entry(group).or_default() += 1;
+            }
+        }
+        for (inst, (node, _)) in &self.assigns {
+            if let (Some(c), Some((r, _))) = (candidates.get_mut(node), self.instances.get(inst)) {
+                c.mem_free_mib = c
+                    .mem_free_mib
+                    .saturating_sub(r.mem_mib + schedule::VMM_OVERHEAD_MIB);
+            }
+        }
+        candidates
+    }
+
+    /// Where the scheduler would move `name` off `from`.
+    fn target_for(&self, name: &str, from: &str) -> Option<String> {
+        let (record, _) = self.instances.get(name)?;
+        let candidates: Vec<Candidate> = self.candidates().into_values().collect();
+        let pending = Pending {
+            name: name.to_string(),
+            mem_mib: record.mem_mib,
+            spread: record
+                .request
+                .placement
+                .spread
+                .as_ref()
+                .map(|s| s.to_string()),
+            node: None,
+            avoid: vec![from.to_string()],
+        };
+        schedule::place(&candidates, &[pending])
+            .into_iter()
+            .next()
+            .map(|(_, node)| node)
     }
 
     fn owner_of(&self, name: &str) -> Option<&str> {
@@ -297,7 +380,13 @@ impl ClusterNode {
             unwarmable: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             rejoin: tokio::sync::Mutex::new(()),
+            incoming: Mutex::default(),
+            migrating: Mutex::default(),
+            peers: Mutex::default(),
+            draining: Mutex::default(),
         });
+        let peers = node.bind_peers().await?;
+        *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
         let reuse = remembered.map(|m| m.lease);
         node.take_lease(reuse).await?;
         if let Err(e) = node.guard.ensure() {
@@ -447,6 +536,7 @@ impl ClusterNode {
                 .sum(),
             cpus: cfg.host_cpus,
             joined_at: now_secs(),
+            peer: Some(self.peer_addr().to_string()),
         }
     }
 
@@ -570,6 +660,11 @@ impl ClusterNode {
 
     /// Starts the reconcile loop and the watch that wakes it.
     pub fn start(self: &Arc<Self>) {
+        let listener = self.peers.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(listener) = listener {
+            let node = self.clone();
+            tokio::spawn(async move { node.serve_peers(listener).await });
+        }
         let node = self.clone();
         tokio::spawn(async move { node.watch().await });
         let node = self.clone();
@@ -608,7 +703,7 @@ impl ClusterNode {
             .owners
             .iter()
             .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
-            .map(|(name, (_, kv))| (name.clone(), kv.create_revision))
+            .map(|(name, (_, kv))| (name.clone(), kv.mod_revision))
             .collect();
         *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = owned;
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -657,6 +752,7 @@ impl ClusterNode {
         }
         self.adopt(&view);
         self.converge(&view).await;
+        self.start_migrations(&view);
         self.join_networks(&view).await;
         self.publish(&view).await;
         self.prepare_standby(&view);
@@ -802,43 +898,7 @@ impl ClusterNode {
                 tracing::info!(instance = %name, %node, "withdrew a placement on a node that is gone or cordoned");
             }
         }
-        let mut candidates: BTreeMap<String, Candidate> = view
-            .nodes
-            .iter()
-            .map(|(name, (n, _))| {
-                (
-                    name.clone(),
-                    Candidate {
-                        name: name.clone(),
-                        cordoned: view.cordons.contains_key(name),
-                        mem_free_mib: n.mem_total_mib.saturating_sub(n.mem_used_mib),
-                        spread: BTreeMap::new(),
-                    },
-                )
-            })
-            .collect();
-        let spread_of = |inst: &str| {
-            view.instances
-                .get(inst)
-                .and_then(|(r, _)| r.request.placement.spread.as_ref().map(|s| s.to_string()))
-        };
-        for (inst, node) in view
-            .owners
-            .iter()
-            .map(|(i, (o, _))| (i, &o.node))
-            .chain(view.assigns.iter().map(|(i, (n, _))| (i, n)))
-        {
-            if let (Some(c), Some(group)) = (candidates.get_mut(node), spread_of(inst)) {
-                *c.spread.entry(group).or_default() += 1;
-            }
-        }
-        for (inst, (node, _)) in &view.assigns {
-            if let (Some(c), Some((r, _))) = (candidates.get_mut(node), view.instances.get(inst)) {
-                c.mem_free_mib = c
-                    .mem_free_mib
-                    .saturating_sub(r.mem_mib + schedule::VMM_OVERHEAD_MIB);
-            }
-        }
+        let candidates = view.candidates();
         let mut pending = vec![];
         for (name, (record, _)) in &view.instances {
             if record.removing
@@ -964,10 +1024,22 @@ impl ClusterNode {
                 }
             }
         }
+        // A migration out that a restarted daemon (or a lost answer) left
+        // paused: nobody took the instance over, so it runs here again.
+        let migrating = self
+            .migrating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for name in self.engine.migrating_out() {
+            if owned.contains_key(&name) && !migrating.contains(&name) {
+                let _ = self.engine.resume_unmigrated(&name).await;
+            }
+        }
         if view.cordons.get(&self.name) == Some(&true) {
             for name in owned.keys() {
-                if !self.is_starting(name) {
-                    self.release(name).await;
+                if !self.is_starting(name) && !migrating.contains(name) {
+                    self.drain_one(name, view, local.get(name));
                 }
             }
             return;
@@ -1125,7 +1197,7 @@ impl ClusterNode {
         let mut ops = delete_all(name, record);
         ops.push(TxnOp::delete(key(OWNERS, name), None));
         let txn = Txn::new()
-            .when([Compare::create_revision(
+            .when([Compare::mod_revision(
                 key(OWNERS, name),
                 CompareOp::Equal,
                 token,
@@ -1226,7 +1298,7 @@ impl ClusterNode {
             updated_at: now_secs(),
         };
         let txn = Txn::new()
-            .when([Compare::create_revision(
+            .when([Compare::mod_revision(
                 key(OWNERS, name),
                 CompareOp::Equal,
                 token,
@@ -1709,7 +1781,7 @@ impl Cluster for ClusterNode {
             .token(name)
             .ok_or_else(|| OpError::conflict(format!("node {} does not own {name}", self.name)))?;
         let txn = Txn::new()
-            .when([Compare::create_revision(
+            .when([Compare::mod_revision(
                 key(OWNERS, name),
                 CompareOp::Equal,
                 token,
@@ -1739,6 +1811,16 @@ impl Cluster for ClusterNode {
             return Ok(());
         }
         if owned && self.lease_alive() {
+            return Ok(());
+        }
+        let incoming = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name);
+        if incoming && self.lease_alive() {
+            // The destination of a live migration: its VM runs only after
+            // the handover.
             return Ok(());
         }
         Err(OpError::conflict(format!(
@@ -1793,6 +1875,10 @@ impl Cluster for ClusterNode {
 
     async fn remove_node(&self, name: &str) -> Result<(), OpError> {
         self.forget_node(name).await
+    }
+
+    async fn migrate(&self, name: &str, to: &str) -> Result<vroom_types::Migration, OpError> {
+        self.request_migration(name, to).await
     }
 
     async fn drain(&self, name: &str) -> Result<NodeInfo, OpError> {
@@ -1905,6 +1991,47 @@ impl ClusterNode {
         }
     }
 
+    /// Moves an owned instance off this drained node: live to the node the
+    /// scheduler picks, or (not running, nowhere to go, or the migration
+    /// failed) cold, by releasing it.
+    fn drain_one(&self, name: &str, view: &View, local: Option<&Instance>) {
+        if !self
+            .draining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string())
+        {
+            return;
+        }
+        let running = local.is_some_and(|i| i.status.state == InstanceState::Running);
+        let target = view.target_for(name, &self.name).filter(|_| running);
+        let node = self.arc();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let moved = match target {
+                Some(to) => match node.request_migration(&name, &to).await {
+                    Ok(m) => {
+                        tracing::info!(instance = %name, %to, downtime_ms = m.downtime_ms, "drained live");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %name, %to, error = %e.message, "cannot drain live; moving it cold");
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !moved {
+                node.release(&name).await;
+            }
+            node.draining
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+            node.wake.notify_one();
+        });
+    }
+
     /// Stops an owned instance here and gives it up, for the leader to
     /// place elsewhere (a cold move: drain).
     async fn release(&self, name: &str) {
@@ -1916,7 +2043,7 @@ impl ClusterNode {
             let _ = self.engine.remove(name, true).await;
         }
         let txn = Txn::new()
-            .when([Compare::create_revision(
+            .when([Compare::mod_revision(
                 key(OWNERS, name),
                 CompareOp::Equal,
                 token,

@@ -5,7 +5,7 @@
 //! for cluster-wide operations and the engine asks before it launches a VM
 //! or acknowledges a config change.
 
-use vroom_types::{ConfigValues, DesiredState, Instance, NodeInfo, RunRequest};
+use vroom_types::{ConfigValues, DesiredState, Instance, Migration, NodeInfo, RunRequest};
 
 use crate::error::OpError;
 
@@ -44,6 +44,9 @@ pub trait Cluster: Send + Sync {
     async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError>;
     /// Cordons the node and moves every instance it owns elsewhere.
     async fn drain(&self, name: &str) -> Result<NodeInfo, OpError>;
+    /// Moves a running instance to node `to` without stopping it (live
+    /// migration). Returns once it runs there, or failed and runs on.
+    async fn migrate(&self, name: &str, to: &str) -> Result<Migration, OpError>;
     /// Forgets a node that is down and holds nothing.
     async fn remove_node(&self, name: &str) -> Result<(), OpError>;
 }

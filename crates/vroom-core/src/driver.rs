@@ -124,6 +124,23 @@ pub trait VmDriver: Send + Sync {
         input: &mut (dyn std::io::Read + Send),
     ) -> Result<u64, ControlVmError>;
 
+    /// Blocking. Live migration out: streams the running VM into `channel`
+    /// (a socket connected to the destination's VMM), pausing it only for
+    /// the last pages. On success the VM stays paused; on failure it runs on.
+    fn migrate_out(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<LiveStats, ControlVmError>;
+
+    /// Blocking. Live migration in: a VM launched with `incoming` reads its
+    /// state from `channel`; it stays paused until [`VmDriver::resume`].
+    fn migrate_in(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), ControlVmError>;
+
     /// Blocking. Lets a paused VM run.
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError>;
 
@@ -133,6 +150,15 @@ pub trait VmDriver: Send + Sync {
     /// Names the machine a saved state fits (VMM version, device layout,
     /// accelerator): a state saved on another machine is not loaded.
     fn machine(&self, accel: Accel) -> String;
+}
+
+/// What a finished live migration measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    pub total_ms: u64,
+    /// How long the VM was stopped at the switch-over.
+    pub downtime_ms: u64,
+    pub bytes: u64,
 }
 
 /// What a VMM is doing, as far as snapshots care.

@@ -92,6 +92,19 @@ pub fn vxlan_name(bridge: &str) -> String {
     }
 }
 
+/// The gateway's MAC on a network that spans cluster nodes: the same on
+/// every node's bridge (locally administered, from the VNI), so that a guest
+/// that moves between nodes keeps reaching its gateway through the ARP
+/// entry it has.
+pub fn gateway_mac(vni: u32) -> [u8; 6] {
+    let [_, a, b, c] = vni.to_be_bytes();
+    [0x02, 0x76, 0x72, a, b, c]
+}
+
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
 /// Whether a NIC playing `role` for an image with `roles` takes `network`'s
 /// gateway address: on an isolated network, a router's inside NIC (`lan` or
 /// `dmz` of an image that also has a `wan`) does, unless another address is

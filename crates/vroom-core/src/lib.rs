@@ -21,5 +21,5 @@ pub mod store;
 pub mod testing;
 pub mod wiring;
 
-pub use engine::{Engine, EngineConfig};
+pub use engine::{Engine, EngineConfig, LiveIncoming, LiveOutgoing};
 pub use error::OpError;

@@ -24,7 +24,9 @@ use vroom_types::{
     ImageSummary, KernelRef, Mirror, Network, Room, Splice, MANIFEST_VERSION,
 };
 
-use crate::driver::{ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess, VmRunState};
+use crate::driver::{
+    ControlVmError, LaunchSpec, LaunchVmError, LiveStats, VmDriver, VmProcess, VmRunState,
+};
 use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use crate::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use crate::store::{InstanceRecord, StateStore, StateStoreError};
@@ -387,6 +389,29 @@ impl VmDriver for FakeDriver {
         }
         vm.memory = memory;
         Ok(vm.memory.len() as u64)
+    }
+
+    fn migrate_out(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<LiveStats, ControlVmError> {
+        let mut out = std::fs::File::from(channel.try_clone_to_owned().map_err(fake_control)?);
+        let memory = self.save_state(process, &mut out)?;
+        Ok(LiveStats {
+            total_ms: 1,
+            downtime_ms: 1,
+            bytes: memory,
+        })
+    }
+
+    fn migrate_in(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), ControlVmError> {
+        let mut input = std::fs::File::from(channel.try_clone_to_owned().map_err(fake_control)?);
+        self.load_state(process, &mut input).map(|_| ())
     }
 
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {

@@ -336,20 +336,27 @@ async fn bridge_fdb(op: &str, dev: &str, peer: Ipv4Addr) -> Result<(), String> {
 /// it, so a guest must only ever learn its own node's, and a host must not
 /// answer (or ask) for guests on other nodes. Guests reach each other across
 /// the overlay; a host reaches the guests on it.
-fn overlay_script(network: &Network, vxlan: &str) -> String {
+fn overlay_script(network: &Network, vxlan: &str, vni: u32) -> String {
     let gw = vroom_core::ipam::gateway(network.subnet);
+    let mac = vroom_core::ipam::mac_text(vroom_core::ipam::gateway_mac(vni));
     let table = format!("vroomvx_{vxlan}");
+    // Every node's bridge is the gateway, with one address and one MAC:
+    // nothing of it may cross to another node (its ARP, its DHCP answers,
+    // a frame that would teach the other bridges its own MAC as remote).
     format!(
         "table bridge {table}\ndelete table bridge {table}\ntable bridge {table} {{\n\
          \tchain arp_forward {{ type filter hook forward priority 0; policy accept;\n\
          \t\toifname \"{vxlan}\" arp daddr ip {gw} drop\n\
          \t\toifname \"{vxlan}\" arp saddr ip {gw} drop\n\
          \t\tiifname \"{vxlan}\" arp daddr ip {gw} drop\n\
-         \t\tiifname \"{vxlan}\" arp saddr ip {gw} drop\n\t}}\n\
+         \t\tiifname \"{vxlan}\" arp saddr ip {gw} drop\n\
+         \t\tiifname \"{vxlan}\" ether saddr {mac} drop\n\t}}\n\
          \tchain arp_input {{ type filter hook input priority 0; policy accept;\n\
-         \t\tiifname \"{vxlan}\" arp daddr ip {gw} drop\n\t}}\n\
+         \t\tiifname \"{vxlan}\" arp daddr ip {gw} drop\n\
+         \t\tiifname \"{vxlan}\" ether saddr {mac} drop\n\t}}\n\
          \tchain arp_output {{ type filter hook output priority 0; policy accept;\n\
-         \t\toifname \"{vxlan}\" arp saddr ip {gw} drop\n\t}}\n}}\n"
+         \t\toifname \"{vxlan}\" arp saddr ip {gw} drop\n\
+         \t\toifname \"{vxlan}\" ether saddr {mac} drop\n\t}}\n}}\n"
     )
 }
 
@@ -531,7 +538,17 @@ impl NetworkBackend for NetlinkNetwork {
         for gone in current.iter().filter(|p| !peers.contains(p)) {
             bridge_fdb("del", &vxlan, *gone).await.map_err(&failed)?;
         }
-        nft(&overlay_script(network, &vxlan)).await.map_err(failed)
+        let mac = vroom_core::ipam::gateway_mac(vni).to_vec();
+        self.handle
+            .link()
+            .set(bridge)
+            .address(mac)
+            .execute()
+            .await
+            .map_err(fail(format!("give {} the gateway's MAC", network.bridge)))?;
+        nft(&overlay_script(network, &vxlan, vni))
+            .await
+            .map_err(failed)
     }
 
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
@@ -889,9 +906,10 @@ mod tests {
                 "10.1.2.13".parse().unwrap()
             ]
         );
-        let script = overlay_script(&network(true, false, &[]), "vrx12345678");
+        let script = overlay_script(&network(true, false, &[]), "vrx12345678", 4096);
         assert!(script.contains("oifname \"vrx12345678\" arp saddr ip 10.9.0.1 drop"));
-        assert_eq!(script.matches(" drop").count(), 6, "{script}");
+        assert!(script.contains("oifname \"vrx12345678\" ether saddr 02:76:72:00:10:00 drop"));
+        assert_eq!(script.matches(" drop").count(), 9, "{script}");
     }
 
     /// nft itself accepts every rendered table (check mode: nothing is
@@ -905,7 +923,11 @@ mod tests {
         ]
         .into_iter()
         .map(|n| replace_script(&n, "vrb*"))
-        .chain([overlay_script(&network(true, false, &[]), "vrx12345678")]);
+        .chain([overlay_script(
+            &network(true, false, &[]),
+            "vrx12345678",
+            4096,
+        )]);
         for script in scripts {
             let mut child = std::process::Command::new("nft")
                 .args(["-c", "-f", "-"])

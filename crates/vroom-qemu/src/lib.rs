@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
 use vroom_core::driver::{
-    ControlVmError, LaunchSpec, LaunchVmError, VmDriver, VmProcess, VmRunState,
+    ControlVmError, LaunchSpec, LaunchVmError, LiveStats, VmDriver, VmProcess, VmRunState,
 };
 use vroom_types::{Accel, AccelChoice};
 
@@ -328,6 +328,27 @@ impl VmDriver for QemuDriver {
         input: &mut (dyn std::io::Read + Send),
     ) -> Result<u64, ControlVmError> {
         state::load(&process.control_socket, input).map_err(control)
+    }
+
+    fn migrate_out(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<LiveStats, ControlVmError> {
+        let stats = state::migrate_out(&process.control_socket, channel).map_err(control)?;
+        Ok(LiveStats {
+            total_ms: stats.total_ms,
+            downtime_ms: stats.downtime_ms,
+            bytes: stats.bytes,
+        })
+    }
+
+    fn migrate_in(
+        &self,
+        process: &VmProcess,
+        channel: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), ControlVmError> {
+        state::migrate_in(&process.control_socket, channel).map_err(control)
     }
 
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {

@@ -160,3 +160,67 @@ pub fn resume(socket: &Path) -> Result<(), QmpError> {
     Session::connect(socket)?.execute("cont", Value::Null)?;
     Ok(())
 }
+
+/// What a finished live migration measured (QEMU's own numbers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    /// From `migrate` to completion.
+    pub total_ms: u64,
+    /// How long the VM was stopped at the switch-over.
+    pub downtime_ms: u64,
+    /// Bytes sent, RAM and device state.
+    pub bytes: u64,
+}
+
+/// Live migration out: the VM keeps running while its memory streams into
+/// `channel` (a connected socket to the destination's QEMU) and pauses
+/// only for the last pages. On success the VM stays paused (`postmigrate`);
+/// on failure QEMU lets it run again.
+pub fn migrate_out(
+    socket: &Path,
+    channel: std::os::fd::BorrowedFd<'_>,
+) -> Result<LiveStats, StateError> {
+    let mut qmp = Session::connect(socket)?;
+    // The stream goes between two hosts of one cluster: no bandwidth cap;
+    // a short pause is the point (QEMU's default allows 300 ms).
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 50 }),
+    )?;
+    qmp.execute_with_fd("getfd", json!({ "fdname": FD_NAME }), channel)?;
+    let outcome = qmp
+        .execute("migrate", json!({ "uri": format!("fd:{FD_NAME}") }))
+        .map_err(StateError::from)
+        .and_then(|_| wait_migration(&mut qmp));
+    if let Err(e) = outcome {
+        let _ = qmp.execute("migrate_cancel", Value::Null);
+        let _ = qmp.execute("closefd", json!({ "fdname": FD_NAME }));
+        return Err(e);
+    }
+    let info = qmp.execute("query-migrate", Value::Null)?;
+    let number = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+    Ok(LiveStats {
+        total_ms: number(info.get("total-time")),
+        downtime_ms: number(info.get("downtime")),
+        bytes: number(info.pointer("/ram/transferred")),
+    })
+}
+
+/// Live migration in: a VM started with `-incoming defer` reads its state
+/// from `channel` (a connected socket from the source's QEMU). It stays
+/// paused until [`resume`].
+pub fn migrate_in(socket: &Path, channel: std::os::fd::BorrowedFd<'_>) -> Result<(), StateError> {
+    let mut qmp = Session::connect(socket)?;
+    qmp.execute_with_fd("getfd", json!({ "fdname": FD_NAME }), channel)?;
+    let outcome = qmp
+        .execute(
+            "migrate-incoming",
+            json!({ "uri": format!("fd:{FD_NAME}") }),
+        )
+        .map_err(StateError::from)
+        .and_then(|_| wait_migration(&mut qmp));
+    if outcome.is_err() {
+        let _ = qmp.execute("closefd", json!({ "fdname": FD_NAME }));
+    }
+    outcome
+}

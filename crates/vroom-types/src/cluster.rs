@@ -103,3 +103,28 @@ pub struct ClusterInfo {
     /// this long loses its instances.
     pub lease_ttl_ms: u64,
 }
+
+/// `POST /v1/instances/{name}/migrate`: where to move a running instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The node to move it to.
+    pub to: Name,
+}
+
+/// A finished live migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Migration {
+    pub instance: Name,
+    pub from: Name,
+    pub to: Name,
+    /// From the request to the instance running on `to`, in milliseconds.
+    pub total_ms: u64,
+    /// QEMU's measure of how long the guest was stopped at the switch-over.
+    pub downtime_ms: u64,
+    /// From the source's QEMU stopping to the destination's running: the
+    /// downtime plus the config volume copy and the ownership handover.
+    pub switchover_ms: u64,
+    /// RAM and device state sent.
+    pub bytes: u64,
+}

@@ -56,6 +56,23 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Run(args) => return run(&client, args, json).await,
         Command::Ps => ps(&client, json).await?,
         Command::Node { op } => node(&client, op, json).await?,
+        Command::Migrate { name, to } => {
+            let m = client.migrate(name, to).await?;
+            if json {
+                output::json(&m);
+            } else {
+                println!(
+                    "migrated {} from {} to {} in {} ms (guest paused {} ms, switch-over {} ms, {} MiB sent)",
+                    m.instance,
+                    m.from,
+                    m.to,
+                    m.total_ms,
+                    m.downtime_ms,
+                    m.switchover_ms,
+                    m.bytes >> 20
+                );
+            }
+        }
         Command::Inspect { name } => {
             let instance = client.get(name).await?;
             if json {

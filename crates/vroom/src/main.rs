@@ -63,6 +63,15 @@ pub enum Command {
         #[command(subcommand)]
         op: ClusterOp,
     },
+    /// Move a running cluster instance to another node without stopping it
+    /// (live migration).
+    Migrate {
+        /// The instance's name.
+        name: String,
+        /// The node to move it to.
+        #[arg(long)]
+        to: Name,
+    },
     /// The cluster's hosts: list, inspect, cordon, uncordon, drain.
     Node {
         #[command(subcommand)]

@@ -75,9 +75,13 @@ impl Drop for Lab {
     }
 }
 
-/// Counts, every 20 ms, the QEMUs of `instance` across every node; keeps the most seen.
+/// Counts, every 20 ms, the QEMUs of `instance` across every node; keeps the
+/// most seen. While a live migration runs (`migrating`), two are expected:
+/// the destination's waits for the state (`-incoming`) until the source's
+/// has paused for good.
 struct Sampler {
     stop: Arc<AtomicBool>,
+    migrating: Arc<AtomicBool>,
     most: Arc<AtomicUsize>,
     worst: Arc<Mutex<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -86,10 +90,11 @@ struct Sampler {
 impl Sampler {
     fn start(lab: &Arc<Lab>, instance: &str) -> Sampler {
         let stop = Arc::new(AtomicBool::new(false));
+        let migrating = Arc::new(AtomicBool::new(false));
         let most = Arc::new(AtomicUsize::new(0));
         let worst = Arc::new(Mutex::new(String::new()));
         let (lab, instance) = (lab.clone(), instance.to_string());
-        let (s, m, w) = (stop.clone(), most.clone(), worst.clone());
+        let (s, m, w, g) = (stop.clone(), most.clone(), worst.clone(), migrating.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 let seen: Vec<(String, u32)> = (0..lab.nodes.len())
@@ -100,7 +105,7 @@ impl Sampler {
                             .map(move |(p, _)| (format!("n{}", i + 1), p))
                     })
                     .collect();
-                if seen.len() > m.load(Ordering::SeqCst) {
+                if !g.load(Ordering::SeqCst) && seen.len() > m.load(Ordering::SeqCst) {
                     m.store(seen.len(), Ordering::SeqCst);
                     *w.lock().unwrap() = format!("{seen:?}");
                 }
@@ -109,10 +114,30 @@ impl Sampler {
         });
         Sampler {
             stop,
+            migrating,
             most,
             worst,
             thread: Some(thread),
         }
+    }
+
+    /// Runs `migrate` as a window in which two QEMUs may exist; the window
+    /// closes once the instance runs on one node again.
+    fn migration<T>(&self, lab: &Lab, instance: &str, migrate: impl FnOnce() -> T) -> T {
+        self.migrating.store(true, Ordering::SeqCst);
+        let result = migrate();
+        let once = poll(Duration::from_secs(30), || {
+            let on = (0..lab.nodes.len())
+                .filter(|&i| lab.runs(i, instance).is_some())
+                .count();
+            (on <= 1).then_some(())
+        });
+        self.migrating.store(false, Ordering::SeqCst);
+        assert!(
+            once.is_some(),
+            "{instance} still runs twice 30 s after a migration"
+        );
+        result
     }
 
     fn assert_never_twice(&self, context: &str) {
@@ -584,4 +609,243 @@ fn a_network_spans_the_nodes() {
             "{guest}'s gateway is not its own node's bridge ({mac}): {entry}"
         );
     }
+}
+
+/// What only the guest's memory holds: its boot id and a file on its tmpfs.
+fn memory_of(lab: &Lab, i: usize, instance: &str) -> String {
+    lab.ok(
+        i,
+        &[
+            "exec",
+            instance,
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/random/boot_id /run/marker",
+        ],
+    )
+}
+
+/// Waits until `instance` runs on node `on` alone and answers there.
+fn runs_only_on(lab: &Lab, on: usize, instance: &str, ip: &str) {
+    let nodes = lab.nodes.len();
+    let alone = poll(Duration::from_secs(20), || {
+        let elsewhere = (0..nodes).any(|i| i != on && lab.runs(i, instance).is_some());
+        (!elsewhere && lab.runs(on, instance).is_some() && lab.page_from(on, ip).is_some())
+            .then_some(())
+    });
+    if alone.is_none() {
+        let ns = &lab.nodes[on].ns;
+        let show = |cmd: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!("ip netns exec {ns} {cmd}"))
+                .output()
+                .unwrap();
+            format!("$ {cmd}\n{}", String::from_utf8_lossy(&out.stdout))
+        };
+        panic!(
+            "{instance} does not run on {} alone: {:?}\n{}\n{}\n{}\n--- its log:\n{}",
+            lab.nodes[on].name,
+            (0..nodes)
+                .map(|i| lab.runs(i, instance))
+                .collect::<Vec<_>>(),
+            show("ip neigh"),
+            show("bridge fdb show"),
+            show("ip -br link"),
+            lab.log(on)
+        );
+    }
+}
+
+/// `vroom migrate` moves a running instance between nodes with its memory,
+/// config volume, address and MAC: asked from any node, there and back, and
+/// by `node drain`. Bad requests change nothing.
+#[test]
+fn an_instance_migrates_live_with_its_memory_and_address() {
+    let lab = Arc::new(Lab::new(3));
+    let hello = common::recipe("hello");
+    for i in 0..3 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab.ok(0, &["run", "hello", "--name", "client", "--node", "n1"]);
+    lab.ok(
+        0,
+        &[
+            "run", "hello", "--name", "m", "--node", "n2", "--ha", "restart",
+        ],
+    );
+    let ip = ip_of(&lab, 1, "m");
+    failed_over(&lab, 1, "m", &ip, Duration::from_secs(60));
+    lab.ok(
+        1,
+        &[
+            "exec",
+            "m",
+            "--",
+            "sh",
+            "-c",
+            "echo only-in-memory > /run/marker",
+        ],
+    );
+    lab.ok(1, &["config", "m", "set", "greeting=carried-along"]);
+    let memory = memory_of(&lab, 1, "m");
+    let sampler = Sampler::start(&lab, "m");
+
+    // Asked on n1, which is neither end.
+    let said = sampler.migration(&lab, "m", || lab.ok(0, &["migrate", "m", "--to", "n3"]));
+    eprintln!("{}", said.trim());
+    assert!(said.contains("from n2 to n3"), "{said}");
+    runs_only_on(&lab, 2, "m", &ip);
+    assert_eq!(memory_of(&lab, 2, "m"), memory, "the guest's memory moved");
+    let page = lab.page_from(2, &ip).unwrap_or_default();
+    assert!(
+        page.contains("carried-along"),
+        "the config volume moved: {page}"
+    );
+    // The client on n1 reaches it at its address on n3 (over VXLAN).
+    let reached = poll(Duration::from_secs(10), || {
+        lab.vroom(
+            0,
+            &[
+                "exec",
+                "--timeout",
+                "5",
+                "client",
+                "--",
+                "wget",
+                "-qO-",
+                &format!("http://{ip}/"),
+            ],
+        )
+        .status
+        .success()
+        .then_some(())
+    });
+    assert!(reached.is_some(), "the client lost m after the move");
+    let shown = lab.ok(0, &["ps"]);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("m ") && l.contains("n3")),
+        "{shown}"
+    );
+    assert!(lab.etcd_keys("/vroom/migrations/").is_empty());
+
+    // Bad requests: one line, and nothing moves.
+    let err = lab.fail(0, &["migrate", "m", "--to", "n3"]);
+    assert!(err.contains("already runs on n3"), "{err}");
+    let err = lab.fail(0, &["migrate", "m", "--to", "nowhere"]);
+    assert!(err.contains("nowhere"), "{err}");
+    let err = lab.fail(0, &["migrate", "ghost", "--to", "n1"]);
+    assert!(err.contains("ghost"), "{err}");
+    lab.ok(0, &["node", "cordon", "n1"]);
+    let err = lab.fail(2, &["migrate", "m", "--to", "n1"]);
+    assert!(err.contains("cordoned"), "{err}");
+    lab.ok(0, &["node", "uncordon", "n1"]);
+    // Another migration of it under way (its token is stale, so no node
+    // carries it out).
+    assert!(lab.etcd_put(
+        "/vroom/migrations/m",
+        r#"{"id":"x","from":"n3","to":"n1","token":1,"secret":"s","requested_at":0,"state":{"state":"requested"}}"#
+    ));
+    let err = lab.fail(1, &["migrate", "m", "--to", "n1"]);
+    assert!(err.contains("being migrated"), "{err}");
+    assert!(lab.etcd_delete("/vroom/migrations/m"));
+    runs_only_on(&lab, 2, "m", &ip);
+    assert_eq!(memory_of(&lab, 2, "m"), memory);
+
+    // Back to n2, asked there; then n2 drained: it moves live again.
+    sampler.migration(&lab, "m", || lab.ok(1, &["migrate", "m", "--to", "n2"]));
+    runs_only_on(&lab, 1, "m", &ip);
+    sampler.migration(&lab, "m", || lab.ok(0, &["node", "drain", "n2"]));
+    let moved_to = poll(Duration::from_secs(20), || {
+        [0, 2].into_iter().find(|&i| lab.runs(i, "m").is_some())
+    })
+    .expect("the drain moved m");
+    runs_only_on(&lab, moved_to, "m", &ip);
+    assert_eq!(
+        memory_of(&lab, moved_to, "m"),
+        memory,
+        "the drain moved m live"
+    );
+    lab.ok(0, &["node", "uncordon", "n2"]);
+    sampler.assert_never_twice("migrations");
+}
+
+/// A vroomd killed in the middle of a migration, at either end: afterwards
+/// the instance runs exactly once, answers, and no migration is left.
+#[test]
+fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
+    let lab = Arc::new(Lab::new(3));
+    let hello = common::recipe("hello");
+    for i in 0..3 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab.ok(
+        0,
+        &[
+            "run", "hello", "--name", "m", "--node", "n1", "--ha", "restart",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "m");
+    failed_over(&lab, 0, "m", &ip, Duration::from_secs(60));
+    let sampler = Sampler::start(&lab, "m");
+    let mut at = 0;
+    for (victim_is_source, ms) in [(true, 300u64), (false, 300), (true, 900), (false, 900)] {
+        let to = (at + 1) % 2;
+        let victim = if victim_is_source { at } else { to };
+        let out = sampler.migration(&lab, "m", || {
+            let child = lab
+                .command(2)
+                .args(["migrate", "m", "--to", &lab.nodes[to].name])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(ms));
+            lab.kill_daemon(victim);
+            lab.start(victim);
+            child.wait_with_output().unwrap()
+        });
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        // Wherever it ended up, it runs there alone.
+        let on = poll(Duration::from_secs(30), || {
+            let on: Vec<usize> = (0..3).filter(|&i| lab.runs(i, "m").is_some()).collect();
+            (on.len() == 1 && lab.page_from(on[0], &ip).is_some()).then(|| on[0])
+        });
+        let Some(on) = on else {
+            panic!(
+                "m does not run once after killing {}'s vroomd {ms} ms into a migration ({said})\n{}\n{}",
+                lab.nodes[victim].name,
+                lab.log(at),
+                lab.log(to)
+            );
+        };
+        eprintln!(
+            "killed {} ({}) {ms} ms in: {said}; m runs on {}",
+            lab.nodes[victim].name,
+            if victim_is_source {
+                "source"
+            } else {
+                "destination"
+            },
+            lab.nodes[on].name
+        );
+        assert_eq!(
+            out.status.success(),
+            on == to,
+            "the answer matches where m runs: {said}"
+        );
+        let clean = poll(Duration::from_secs(10), || {
+            lab.etcd_keys("/vroom/migrations/").is_empty().then_some(())
+        });
+        assert!(clean.is_some(), "a migration record was left behind");
+        at = on;
+    }
+    sampler.assert_never_twice("migrations with a daemon killed");
 }

@@ -34,6 +34,17 @@ impl Engine {
         req: RunRequest,
         identity: Option<crate::cluster::Identity>,
     ) -> Result<Instance, OpError> {
+        self.run_inner(req, identity, None).await
+    }
+
+    /// [`Engine::run_as`], or with `live` the destination of a live
+    /// migration: launched `incoming` and fed by the source's VMM.
+    pub(super) async fn run_inner(
+        self: &Arc<Self>,
+        req: RunRequest,
+        identity: Option<crate::cluster::Identity>,
+        live: Option<snapshots::StateSource>,
+    ) -> Result<Instance, OpError> {
         let mut spec = req.spec;
         let ready_timeout_secs = req
             .ready_timeout_secs
@@ -160,7 +171,7 @@ impl Engine {
         if let Some(config) = given_config {
             instance.config = config;
         }
-        let warm = match (&clone_of, req.cold) {
+        let warm = match (&clone_of, req.cold || live.is_some()) {
             (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
             _ => None,
         };
@@ -178,7 +189,9 @@ impl Engine {
                 expected: snapshot.memory.clone(),
                 reload_volume: true,
                 label,
-            });
+                live: None,
+            })
+            .or(live);
         let state_volume = clone_of
             .as_ref()
             .map(|(s, d)| (s, d))
@@ -577,11 +590,19 @@ impl Engine {
             }
         }
         snapshots::clear_marker(&cell.dir, snapshots::RESTORE_MARKER);
+        // A guest that migrated here live never stopped running: it is
+        // ready as it arrives.
+        let live = source.as_ref().is_some_and(|s| s.live.is_some());
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let saved = self.update(cell, |r| {
             r.process = Some(process.clone());
+            r.ever_ready |= live;
             r.instance.status = InstanceStatus {
-                state: InstanceState::Starting,
+                state: if live {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Starting
+                },
                 pid: Some(process.pid),
                 accel: Some(process.accel),
                 started_at: Some(now_secs()),
@@ -599,7 +620,7 @@ impl Engine {
             cell.clone(),
             generation,
             process,
-            Some(launched + ready_timeout),
+            (!live).then_some(launched + ready_timeout),
             launched,
         );
         self.refresh_mirrors_for(&instance.spec.name).await;

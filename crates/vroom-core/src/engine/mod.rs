@@ -20,6 +20,7 @@ mod config;
 mod guest;
 mod images;
 mod instances;
+mod migrate;
 mod networks;
 mod rooms;
 mod snapshots;
@@ -28,6 +29,7 @@ mod supervise;
 
 pub use archive::verify_archive;
 pub use guest::{GuestExec, GuestFile, GuestStdin};
+pub use migrate::{LiveIncoming, LiveOutgoing};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

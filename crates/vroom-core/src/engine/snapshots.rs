@@ -65,6 +65,8 @@ pub(super) struct StateSource {
     pub reload_volume: bool,
     /// Shown as `status.started_from`.
     pub label: String,
+    /// A live migration's incoming half instead of a saved state.
+    pub live: Option<Arc<Mutex<Option<super::migrate::LiveIncoming>>>>,
 }
 
 /// Counts and hashes what goes through it.
@@ -600,6 +602,7 @@ impl Engine {
             expected: snapshot.memory.clone(),
             reload_volume: !same_instance,
             label: format!("snapshot {snapshot_name}"),
+            live: None,
         };
         self.launch_from(&cell, Some(image), Some(source)).await?;
         Ok(cell.snapshot())
@@ -622,6 +625,19 @@ impl Engine {
         process: &VmProcess,
         source: &StateSource,
     ) -> Result<(), OpError> {
+        if let Some(live) = &source.live {
+            let live = live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
+            let received = blocking(|| self.receive_live(process, &cell.volume(), live));
+            if received.is_err() {
+                let _ = self.driver.kill(process);
+                self.driver.wait_exit(process).await;
+            }
+            return received;
+        }
         let t0 = Instant::now();
         let loaded = blocking(|| {
             load_memory(self.driver.as_ref(), process, source)?;
@@ -873,7 +889,7 @@ impl Engine {
     }
 }
 
-fn state_word(state: InstanceState) -> &'static str {
+pub(super) fn state_word(state: InstanceState) -> &'static str {
     match state {
         InstanceState::Starting => "starting",
         InstanceState::Running => "running",

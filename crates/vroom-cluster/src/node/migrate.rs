@@ -1,0 +1,899 @@
+//! Live migration between nodes.
+//!
+//! Any node may ask: it checks the request and writes a
+//! [`MigrationRecord`] (bound to its own lease) naming the owner's fencing
+//! token and a secret. The owner (`from`) picks it up in its pass and
+//! connects to the destination's peer port twice:
+//!
+//! 1. a control connection (JSON lines). The destination checks the
+//!    migration against etcd, creates the instance with its identity and
+//!    launches its VMM waiting for a state, and answers `ready`;
+//! 2. a data connection, which each side hands straight to its QEMU
+//!    (`getfd`): QEMU migrates over it while the guest runs.
+//!
+//! When the source's QEMU has finished (its VM paused for good), the source
+//! sends the config volume's bytes and QEMU's numbers over the control
+//! connection. The destination writes the volume in place, takes ownership
+//! in one transaction that also voids the source's token (the owner key's
+//! mod revision), and only then lets its VM run. The source then drops its
+//! paused copy. Any failure before that transaction leaves the source
+//! owning the instance, and its VM runs on.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use vroom_core::{LiveIncoming, LiveOutgoing};
+use vroom_types::Migration;
+
+use super::*;
+
+/// The TCP port a node's peers connect to, on its advertised address.
+pub const PEER_PORT: u16 = 7947;
+/// How long `vroom migrate` waits for the move.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a peer may take for a step of the protocol (launching the
+/// destination's VMM, then streaming).
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+const HELLO_MAX: usize = 4096;
+
+/// The first line of a peer connection.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Hello {
+    Control {
+        instance: String,
+        migration: String,
+        secret: String,
+    },
+    Data {
+        migration: String,
+        secret: String,
+    },
+}
+
+/// The lines of a control connection.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Control {
+    /// Destination: the VMM waits for the data connection.
+    Ready,
+    /// Destination: it will not take the instance.
+    Refused { reason: String },
+    /// Source: the VM paused for good; `bytes` of config volume follow.
+    Volume {
+        bytes: u64,
+        downtime_ms: u64,
+        ram_bytes: u64,
+    },
+    /// Source: the stream failed; the VM runs on at the source.
+    Abort { reason: String },
+    /// Destination: it owns the instance and its VM runs.
+    Resumed,
+    /// Destination: it gave up (and did not take ownership).
+    Failed { reason: String },
+}
+
+fn line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = json(value);
+    bytes.push(b'\n');
+    bytes
+}
+
+fn secret() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Reads one line byte by byte: on a data connection, what follows belongs
+/// to QEMU and must stay in the socket.
+async fn read_hello(stream: &mut TcpStream) -> std::io::Result<Hello> {
+    let mut bytes = vec![];
+    loop {
+        let b = stream.read_u8().await?;
+        if b == b'\n' {
+            break;
+        }
+        bytes.push(b);
+        if bytes.len() > HELLO_MAX {
+            return Err(std::io::Error::other("the hello line is too long"));
+        }
+    }
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}
+
+fn into_blocking(stream: TcpStream) -> std::io::Result<std::net::TcpStream> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// A pending incoming migration's data connection, once it arrives.
+pub(super) type DataSlot = std::sync::mpsc::SyncSender<std::net::TcpStream>;
+
+impl ClusterNode {
+    /// Where this node listens for its peers.
+    pub(super) fn peer_addr(&self) -> SocketAddr {
+        let ip = advertised_ip(&self.advertise)
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        SocketAddr::new(ip, PEER_PORT)
+    }
+
+    pub(super) async fn bind_peers(&self) -> Result<TcpListener, String> {
+        let addr = self.peer_addr();
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))
+    }
+
+    /// Accepts peer connections: migrations coming in.
+    pub(super) async fn serve_peers(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (mut stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a peer connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                let hello = match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    read_hello(&mut stream),
+                )
+                .await
+                {
+                    Ok(Ok(hello)) => hello,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "dropping a peer connection that did not say hello");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                match hello {
+                    Hello::Data { migration, secret } => {
+                        node.data_arrived(&migration, &secret, stream)
+                    }
+                    Hello::Control {
+                        instance,
+                        migration,
+                        secret,
+                    } => {
+                        node.receive_migration(stream, &instance, &migration, &secret)
+                            .await
+                    }
+                }
+            });
+        }
+    }
+
+    fn data_arrived(&self, migration: &str, secret: &str, stream: TcpStream) {
+        let slot = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|(id, s, _)| id == migration && s == secret)
+            .map(|(_, _, slot)| slot.clone());
+        match (slot, into_blocking(stream)) {
+            (Some(slot), Ok(stream)) => {
+                let _ = slot.try_send(stream);
+            }
+            _ => tracing::warn!(%migration, "dropping a data connection no migration waits for"),
+        }
+    }
+
+    /// The destination's side: checks the migration against etcd, creates
+    /// the instance from the stream, switches over.
+    async fn receive_migration(
+        &self,
+        stream: TcpStream,
+        name: &str,
+        migration: &str,
+        secret: &str,
+    ) {
+        let mut control = match into_blocking(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use a control connection");
+                return;
+            }
+        };
+        let refuse = |control: &mut std::net::TcpStream, reason: String| {
+            tracing::warn!(instance = %name, %reason, "refused an incoming migration");
+            let _ = control.write_all(&line(&Control::Refused { reason }));
+        };
+        let checked = self.check_incoming(name, migration, secret).await;
+        let (record, config, from) = match checked {
+            Ok(checked) => checked,
+            Err(reason) => return refuse(&mut control, reason),
+        };
+        for nic in &record.request.spec.nics {
+            if let Err(e) = self.ensure_network(nic.network.as_str()).await {
+                return refuse(&mut control, e.message);
+            }
+        }
+        // The overlay (and the gateway's shared MAC) before the guest runs
+        // here: it keeps talking to the gateway it knew.
+        if let Ok(view) = self.view().await {
+            self.join_networks(&view).await;
+        }
+        if !self.begin_start(name) {
+            return refuse(&mut control, format!("{} is busy with {name}", self.name));
+        }
+        let (slot, data) = std::sync::mpsc::sync_channel(1);
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                name.to_string(),
+                (migration.to_string(), secret.to_string(), slot),
+            );
+        let outcome = self
+            .receive_into_engine(&control, name, migration, record, config, &from, data)
+            .await;
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.end_start(name);
+        let reply = match outcome {
+            Ok(()) => {
+                tracing::info!(instance = %name, %from, "migrated here");
+                Control::Resumed
+            }
+            Err(reason) => {
+                tracing::warn!(instance = %name, %from, %reason, "an incoming migration failed");
+                Control::Failed { reason }
+            }
+        };
+        let _ = control.write_all(&line(&reply));
+    }
+
+    /// Whether `migration` of `name` is one this node should take: returns
+    /// the instance, its config and the source.
+    async fn check_incoming(
+        &self,
+        name: &str,
+        migration: &str,
+        secret: &str,
+    ) -> Result<(InstanceRecord, Option<ConfigValues>, String), String> {
+        let read = |e: EtcdError| format!("cannot read the cluster: {e}");
+        let (record, _) = self
+            .etcd
+            .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
+            .await
+            .map_err(read)?
+            .ok_or("no such migration")?;
+        if record.id != migration || record.secret != secret {
+            return Err("no such migration".into());
+        }
+        if record.to != self.name || record.state != MigrationState::Requested {
+            return Err(format!("the migration is not for {} now", self.name));
+        }
+        if self.engine.get(name).is_ok() {
+            return Err(format!(
+                "{} already has an instance named {name}",
+                self.name
+            ));
+        }
+        let (instance, _) = self
+            .etcd
+            .get_json::<InstanceRecord>(&key(INSTANCES, name))
+            .await
+            .map_err(read)?
+            .ok_or("the instance is gone")?;
+        let config = self
+            .etcd
+            .get_json::<ConfigValues>(&key(CONFIGS, name))
+            .await
+            .map_err(read)?
+            .map(|(c, _)| c);
+        Ok((instance, config, record.from))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_into_engine(
+        &self,
+        control: &std::net::TcpStream,
+        name: &str,
+        migration: &str,
+        record: InstanceRecord,
+        config: Option<ConfigValues>,
+        from: &str,
+        data: std::sync::mpsc::Receiver<std::net::TcpStream>,
+    ) -> Result<(), String> {
+        let io = |e: std::io::Error| OpError::internal("the control connection", e);
+        let mut ready = control.try_clone().map_err(|e| e.to_string())?;
+        let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
+        control
+            .set_read_timeout(Some(STEP_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let from_ = from.to_string();
+        let channel = Box::new(move || {
+            ready.write_all(&line(&Control::Ready)).map_err(io)?;
+            let waiting = Instant::now();
+            loop {
+                match data.recv_timeout(Duration::from_millis(100)) {
+                    Ok(stream) => return Ok(OwnedFd::from(stream)),
+                    Err(_) if closed(&ready) => {
+                        return Err(OpError::conflict(format!(
+                            "node {from_} went away before it streamed"
+                        )))
+                    }
+                    Err(_) if waiting.elapsed() > STEP_TIMEOUT => {
+                        return Err(OpError::conflict(
+                            "the source did not open the data connection in time",
+                        ))
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        let node = self.arc();
+        let (name_, migration_, from_) =
+            (name.to_string(), migration.to_string(), from.to_string());
+        let switch_over = Box::new(move |volume: &Path| {
+            let mut header = String::new();
+            reader.read_line(&mut header).map_err(io)?;
+            let message: Control = serde_json::from_str(&header).map_err(|_| {
+                OpError::conflict(format!("node {from_} went away during the migration"))
+            })?;
+            let (bytes, downtime_ms, ram_bytes) = match message {
+                Control::Volume {
+                    bytes,
+                    downtime_ms,
+                    ram_bytes,
+                } => (bytes, downtime_ms, ram_bytes),
+                Control::Abort { reason } => {
+                    return Err(OpError::conflict(format!("node {from_}: {reason}")))
+                }
+                other => {
+                    return Err(OpError::conflict(format!(
+                        "node {from_} said {other:?} out of turn"
+                    )))
+                }
+            };
+            if bytes > 64 * 1024 * 1024 {
+                return Err(OpError::conflict("the config volume is implausibly large"));
+            }
+            let mut content = vec![0; bytes as usize];
+            reader.read_exact(&mut content).map_err(io)?;
+            // In place: the VMM holds the file open.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(volume)
+                .map_err(|e| OpError::internal("failed to open the config volume", e))?;
+            file.set_len(bytes)
+                .and_then(|()| file.write_all(&content))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| OpError::internal("failed to write the config volume", e))?;
+            tokio::runtime::Handle::current().block_on(node.take_over(
+                &name_,
+                &migration_,
+                downtime_ms,
+                ram_bytes,
+            ))
+        });
+        let incoming = LiveIncoming {
+            channel,
+            switch_over,
+            label: format!("migration from {from}"),
+        };
+        let request = record.request.clone();
+        self.engine
+            .receive(
+                request,
+                Identity {
+                    id: record.id.clone(),
+                    config,
+                },
+                incoming,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.message)
+    }
+
+    /// The switch-over: ownership moves here in one transaction that
+    /// checks the source still owns the instance under the migration's
+    /// token and the migration still stands.
+    async fn take_over(
+        &self,
+        name: &str,
+        migration: &str,
+        downtime_ms: u64,
+        bytes: u64,
+    ) -> Result<(), OpError> {
+        let read = |e| etcd_error("cannot read the cluster", e);
+        let (mut record, mkv) = self
+            .etcd
+            .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
+            .await
+            .map_err(read)?
+            .filter(|(m, _)| m.id == migration)
+            .ok_or_else(|| OpError::conflict("the migration was called off"))?;
+        let (mut instance, ikv) = self
+            .etcd
+            .get_json::<InstanceRecord>(&key(INSTANCES, name))
+            .await
+            .map_err(read)?
+            .ok_or_else(|| OpError::conflict("the instance was removed"))?;
+        instance.previous = instance.home.replace(self.name.clone());
+        record.state = MigrationState::Switched { downtime_ms, bytes };
+        let owner = OwnerRecord {
+            node: self.name.clone(),
+            since: now_secs(),
+        };
+        let lease = self.lease();
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, record.token),
+                Compare::mod_revision(mkv.key.clone(), CompareOp::Equal, mkv.mod_revision),
+                Compare::mod_revision(ikv.key.clone(), CompareOp::Equal, ikv.mod_revision),
+                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+            ])
+            .and_then([
+                TxnOp::put(
+                    key(OWNERS, name),
+                    json(&owner),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(ikv.key.clone(), json(&instance), None),
+                TxnOp::put(
+                    mkv.key.clone(),
+                    json(&record),
+                    Some(PutOptions::new().with_lease(mkv.lease)),
+                ),
+            ]);
+        let response = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_error("cannot take the instance over", e))?;
+        if !response.succeeded() {
+            return Err(OpError::conflict(
+                "the instance changed while it migrated; it stays where it was",
+            ));
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), revision);
+        Ok(())
+    }
+
+    /// The owner's part of its pass: starts the migrations asked of it.
+    pub(super) fn start_migrations(&self, view: &View) {
+        for (name, (record, kv)) in &view.migrations {
+            if record.from != self.name
+                || record.state != MigrationState::Requested
+                || self.token(name) != Some(record.token)
+            {
+                continue;
+            }
+            let Some(peer) = view.nodes.get(&record.to).and_then(|(n, _)| n.peer.clone()) else {
+                continue;
+            };
+            if !self
+                .migrating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
+            {
+                continue;
+            }
+            let node = self.arc();
+            let (name, record, revision) = (name.clone(), record.clone(), kv.mod_revision);
+            tokio::spawn(async move {
+                node.migrate_out(&name, record, revision, &peer).await;
+                node.migrating
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                node.wake.notify_one();
+            });
+        }
+    }
+
+    async fn migrate_out(&self, name: &str, record: MigrationRecord, revision: i64, peer: &str) {
+        tracing::info!(instance = %name, to = %record.to, "migrating");
+        let outcome = self.send(name, &record, peer).await;
+        let mkey = key(MIGRATIONS, name);
+        let current = self.etcd.get_json::<MigrationRecord>(&mkey).await;
+        let still_owner = match self.etcd.get(&key(OWNERS, name)).await {
+            Ok(Some(kv)) => kv.mod_revision == record.token,
+            Ok(None) => false,
+            // Cannot tell: the VM stays paused until a pass can.
+            Err(_) => return,
+        };
+        if still_owner {
+            if let Err(e) = self.engine.resume_unmigrated(name).await {
+                tracing::warn!(instance = %name, error = %e.message, "cannot resume an instance whose migration failed");
+            }
+        } else if self.engine.get(name).is_ok() {
+            // Handed over: the paused copy here goes.
+            let _ = self.engine.remove(name, true).await;
+        }
+        let state = match (&outcome, still_owner) {
+            (Ok((stats, switchover_ms)), false) => MigrationState::Done {
+                downtime_ms: stats.downtime_ms,
+                switchover_ms: *switchover_ms,
+                bytes: stats.bytes,
+            },
+            (Err(reason), true) => MigrationState::Failed {
+                reason: reason.clone(),
+            },
+            (Ok(_), true) => MigrationState::Failed {
+                reason: format!("node {} did not take the instance over", record.to),
+            },
+            // Handed over, but the source did not hear it: the switched
+            // record stands.
+            (Err(_), false) => return,
+        };
+        match &state {
+            MigrationState::Done {
+                downtime_ms,
+                switchover_ms,
+                ..
+            } => {
+                tracing::info!(instance = %name, to = %record.to, downtime_ms, switchover_ms, "migrated")
+            }
+            MigrationState::Failed { reason } => {
+                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration failed; the instance runs here")
+            }
+            _ => {}
+        }
+        let Ok(Some((mut current, kv))) = current else {
+            return;
+        };
+        if current.id != record.id {
+            return;
+        }
+        let expect = if still_owner {
+            revision
+        } else {
+            kv.mod_revision
+        };
+        current.state = state;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                mkey.clone(),
+                CompareOp::Equal,
+                expect,
+            )])
+            .and_then([TxnOp::put(
+                mkey,
+                json(&current),
+                Some(PutOptions::new().with_lease(kv.lease)),
+            )]);
+        let _ = self.etcd.txn(txn).await;
+    }
+
+    /// Streams `name` to the destination; returns QEMU's numbers and the
+    /// switch-over time as the source saw it.
+    async fn send(
+        &self,
+        name: &str,
+        record: &MigrationRecord,
+        peer: &str,
+    ) -> Result<(vroom_core::driver::LiveStats, u64), String> {
+        let to = &record.to;
+        let connect = || async {
+            match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(peer)).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("cannot reach node {to} at {peer}: {e}")),
+                Err(_) => Err(format!("cannot reach node {to} at {peer}: timed out")),
+            }
+        };
+        let control = connect().await?;
+        let (reader, mut writer) = control.into_split();
+        let mut reader = tokio::io::BufReader::new(reader);
+        let gone = |e: std::io::Error| format!("node {to} went away during the migration: {e}");
+        let hello = Hello::Control {
+            instance: name.to_string(),
+            migration: record.id.clone(),
+            secret: record.secret.clone(),
+        };
+        writer.write_all(&line(&hello)).await.map_err(gone)?;
+        match read_control(&mut reader, to).await? {
+            Control::Ready => {}
+            Control::Refused { reason } | Control::Failed { reason } => {
+                return Err(format!("node {to} refused it: {reason}"))
+            }
+            other => return Err(format!("node {to} said {other:?} out of turn")),
+        }
+        let mut data = connect().await?;
+        let hello = Hello::Data {
+            migration: record.id.clone(),
+            secret: record.secret.clone(),
+        };
+        data.write_all(&line(&hello)).await.map_err(gone)?;
+        let _ = data.set_nodelay(true);
+        let data = OwnedFd::from(into_blocking(data).map_err(gone)?);
+        let sent: LiveOutgoing = match self.engine.send_live(name, data).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                let abort = Control::Abort {
+                    reason: e.message.clone(),
+                };
+                let _ = writer.write_all(&line(&abort)).await;
+                return Err(e.message);
+            }
+        };
+        let paused = Instant::now();
+        let header = Control::Volume {
+            bytes: sent.volume.len() as u64,
+            downtime_ms: sent.stats.downtime_ms,
+            ram_bytes: sent.stats.bytes,
+        };
+        writer.write_all(&line(&header)).await.map_err(gone)?;
+        writer.write_all(&sent.volume).await.map_err(gone)?;
+        match read_control(&mut reader, to).await? {
+            Control::Resumed => Ok((
+                sent.stats,
+                sent.stats.downtime_ms + paused.elapsed().as_millis() as u64,
+            )),
+            Control::Failed { reason } => Err(format!("node {to}: {reason}")),
+            other => Err(format!("node {to} said {other:?} out of turn")),
+        }
+    }
+
+    /// `vroom migrate`: checks the request, asks the owner, waits for the end.
+    pub(super) async fn request_migration(
+        &self,
+        name: &str,
+        to: &str,
+    ) -> Result<Migration, OpError> {
+        let started = Instant::now();
+        let view = self.view().await?;
+        let (record, _) = view.instances.get(name).ok_or_else(|| {
+            if self.engine.get(name).is_ok() {
+                OpError::conflict(format!(
+                    "instance {name} runs on this node only; only a cluster instance migrates"
+                ))
+            } else {
+                OpError::not_found("instance", name)
+            }
+        })?;
+        if record.removing {
+            return Err(OpError::conflict(format!(
+                "instance {name} is being removed"
+            )));
+        }
+        if let Some((m, _)) = view.migrations.get(name) {
+            return Err(OpError::conflict(format!(
+                "instance {name} is being migrated to {} already",
+                m.to
+            )));
+        }
+        let (owner, okv) = view.owners.get(name).ok_or_else(|| {
+            OpError::conflict(format!(
+                "instance {name} runs nowhere now; only a running instance migrates"
+            ))
+        })?;
+        let from = owner.node.clone();
+        if from == to {
+            return Err(OpError::conflict(format!(
+                "instance {name} already runs on {to}"
+            )));
+        }
+        let Some((target, _)) = view.nodes.get(to) else {
+            return Err(if view.members.contains_key(to) {
+                OpError::conflict(format!("node {to} is down"))
+            } else {
+                OpError::not_found("node", to)
+            });
+        };
+        if view.cordons.contains_key(to) {
+            return Err(OpError::conflict(format!(
+                "node {to} is cordoned; `vroom node uncordon {to}` lets instances onto it"
+            )));
+        }
+        let free = target.mem_total_mib.saturating_sub(target.mem_used_mib);
+        let need = record.mem_mib + schedule::VMM_OVERHEAD_MIB;
+        if free < need {
+            return Err(OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!("node {to} has {free} MiB free; {name} needs {need} MiB"),
+            ));
+        }
+        if target.peer.is_none() {
+            return Err(OpError::conflict(format!(
+                "node {to} runs a vroom that does not take migrations"
+            )));
+        }
+        self.await_running(name, &from).await?;
+        let migration = MigrationRecord {
+            id: format!("{:016x}", rand::random::<u64>()),
+            from: from.clone(),
+            to: to.to_string(),
+            token: okv.mod_revision,
+            secret: secret(),
+            requested_at: now_secs(),
+            state: MigrationState::Requested,
+        };
+        let mkey = key(MIGRATIONS, name);
+        let lease = self.lease();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(mkey.clone(), CompareOp::Equal, 0),
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, okv.mod_revision),
+                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::put(
+                mkey.clone(),
+                json(&migration),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let asked = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_error("cannot ask for the migration", e))?;
+        if !asked.succeeded() {
+            return Err(OpError::conflict(format!(
+                "instance {name} changed hands or is being migrated; try again"
+            )));
+        }
+        self.wake.notify_one();
+        let outcome = self.await_migration(name, &migration, started).await;
+        // The record goes whatever happened (unless another replaced it).
+        if let Ok(Some((m, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await {
+            if m.id == migration.id {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        mkey,
+                        CompareOp::Equal,
+                        kv.mod_revision,
+                    )])
+                    .and_then([TxnOp::delete(kv.key.clone(), None)]);
+                let _ = self.etcd.txn(txn).await;
+            }
+        }
+        outcome
+    }
+
+    /// Waits a little for the owner to publish the instance running (it
+    /// may have just arrived there).
+    async fn await_running(&self, name: &str, owner: &str) -> Result<(), OpError> {
+        let since = Instant::now();
+        loop {
+            let status = self
+                .etcd
+                .get_json::<StatusRecord>(&key(STATUSES, name))
+                .await
+                .map_err(|e| etcd_error("cannot read the cluster", e))?;
+            let state = status
+                .filter(|(s, _)| s.node == owner)
+                .map(|(s, _)| s.state);
+            if state == Some(InstanceState::Running) {
+                return Ok(());
+            }
+            if since.elapsed() > Duration::from_secs(5) {
+                let state = state.map(|s| format!("{s:?}").to_lowercase());
+                return Err(OpError::conflict(format!(
+                    "instance {name} is {} on {owner}; only a running instance migrates",
+                    state.as_deref().unwrap_or("not running")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn await_migration(
+        &self,
+        name: &str,
+        migration: &MigrationRecord,
+        started: Instant,
+    ) -> Result<Migration, OpError> {
+        let (from, to) = (&migration.from, &migration.to);
+        let report = |downtime_ms, switchover_ms, bytes| {
+            Ok(Migration {
+                instance: Name::new(name).expect("invariant: an instance's name is valid"),
+                from: Name::new(from).expect("invariant: a node's name is valid"),
+                to: Name::new(to).expect("invariant: a node's name is valid"),
+                total_ms: started.elapsed().as_millis() as u64,
+                downtime_ms,
+                switchover_ms,
+                bytes,
+            })
+        };
+        let mut switched_at = None;
+        while started.elapsed() < MIGRATE_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let current = match self
+                .etcd
+                .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
+                .await
+            {
+                Ok(current) => current,
+                Err(_) => continue,
+            };
+            let Some((current, _)) = current.filter(|(m, _)| m.id == migration.id) else {
+                return Err(OpError::conflict(format!(
+                    "the migration of {name} was called off"
+                )));
+            };
+            match current.state {
+                MigrationState::Done {
+                    downtime_ms,
+                    switchover_ms,
+                    bytes,
+                } => return report(downtime_ms, switchover_ms, bytes),
+                MigrationState::Failed { reason } => {
+                    return Err(OpError::conflict(format!(
+                        "cannot migrate {name} to {to}: {reason}; it runs on {from}"
+                    )))
+                }
+                // The source did not confirm (it may have died right after
+                // the handover): the move stands.
+                MigrationState::Switched { downtime_ms, bytes } => {
+                    let since = *switched_at.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(5) {
+                        return report(downtime_ms, downtime_ms, bytes);
+                    }
+                }
+                MigrationState::Requested => {
+                    let owner = self
+                        .etcd
+                        .get(&key(OWNERS, name))
+                        .await
+                        .ok()
+                        .map(|kv| kv.map(|kv| kv.mod_revision));
+                    if owner == Some(None) || owner.flatten().is_some_and(|r| r != migration.token)
+                    {
+                        return Err(OpError::conflict(format!(
+                            "node {from} lost instance {name} during the migration; the cluster restarts it by its policy"
+                        )));
+                    }
+                }
+            }
+        }
+        Err(OpError::new(
+            ErrorCode::Internal,
+            format!("the migration of {name} to {to} did not finish in {MIGRATE_TIMEOUT:?}"),
+        ))
+    }
+}
+
+/// Whether the peer closed `stream` (without taking what it may hold).
+fn closed(stream: &std::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer we own, on a socket we hold.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0
+            && !matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EAGAIN)
+            ))
+}
+
+async fn read_control(
+    reader: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    to: &str,
+) -> Result<Control, String> {
+    let mut text = String::new();
+    match tokio::time::timeout(STEP_TIMEOUT, reader.read_line(&mut text)).await {
+        Ok(Ok(0)) => Err(format!("node {to} went away during the migration")),
+        Ok(Ok(_)) => serde_json::from_str(&text)
+            .map_err(|e| format!("node {to} said something unreadable: {e}")),
+        Ok(Err(e)) => Err(format!("node {to} went away during the migration: {e}")),
+        Err(_) => Err(format!("node {to} did not answer in {STEP_TIMEOUT:?}")),
+    }
+}
