@@ -39,6 +39,8 @@ pub struct Lab {
     /// Interface prefix (and name prefix): one letter and the tag.
     prefix: String,
     env: Vec<(String, String)>,
+    /// Client namespaces plugged into a node's bridge.
+    clients: Mutex<Vec<String>>,
 }
 
 fn shell(cmd: &str) -> Result<(), String> {
@@ -119,6 +121,7 @@ impl Lab {
             cluster_id: String::new(),
             exe: exe.to_path_buf(),
             env,
+            clients: Mutex::default(),
         };
         std::fs::create_dir_all(&lab.dir).map_err(|e| e.to_string())?;
         shell(&format!(
@@ -443,6 +446,25 @@ impl Lab {
             .unwrap_or_default()
     }
 
+    /// A client namespace plugged into `bridge` on node `i` (a veth port, as
+    /// a guest's tap would be) with address `cidr`: it reaches the
+    /// network's guests on every node over the overlay.
+    pub fn plug_client(&self, i: usize, bridge: &str, cidr: &str) -> Result<String, String> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let k = clients.len() + 1;
+        let ns = format!("{}c{k}", self.prefix);
+        clients.push(ns.clone());
+        shell(&format!(
+            "ip netns add {ns} && ip link add {p}c{k} type veth peer name {p}d{k} && \
+             ip link set {p}c{k} netns {node} && ip -n {node} link set {p}c{k} master {bridge} up && \
+             ip link set {p}d{k} netns {ns} && ip -n {ns} addr add {cidr} dev {p}d{k} && \
+             ip -n {ns} link set {p}d{k} up && ip -n {ns} link set lo up",
+            p = self.prefix,
+            node = self.nodes[i].ns,
+        ))?;
+        Ok(ns)
+    }
+
     /// Writes `value` at `key` (as another etcd client would).
     pub fn etcd_put(&self, key: &str, value: &str) -> bool {
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -497,6 +519,14 @@ impl Drop for Lab {
         }
         for node in &self.nodes {
             let _ = shell(&format!("ip netns del {}", node.ns));
+        }
+        for ns in self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = shell(&format!("ip netns del {ns}"));
         }
         let _ = shell(&format!(
             "for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^{}'); do ip link del $l; done",

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_failover;
 mod bench_images;
+mod bench_migrate;
 mod bench_splice;
 mod bench_warm;
 mod capture;
@@ -714,6 +715,14 @@ pub enum BenchOp {
     Failover {
         /// Faults per HA policy (power loss, frozen vroomd, etcd partition in turn).
         #[arg(short = 'n', long, default_value_t = 50)]
+        runs: usize,
+    },
+    /// A throwaway two-node cluster on this machine: live migrations back
+    /// and forth (total time, QEMU's downtime, and the silence a client
+    /// probing every 10 ms sees) against stop-and-cold-boot moves.
+    Migrate {
+        /// Migrations.
+        #[arg(short = 'n', long, default_value_t = 20)]
         runs: usize,
     },
     /// Build every recipe in a directory cold and cached, boot each, and

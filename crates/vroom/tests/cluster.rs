@@ -792,7 +792,14 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
     failed_over(&lab, 0, "m", &ip, Duration::from_secs(60));
     let sampler = Sampler::start(&lab, "m");
     let mut at = 0;
-    for (victim_is_source, ms) in [(true, 300u64), (false, 300), (true, 900), (false, 900)] {
+    for (victim_is_source, ms) in [
+        (true, 100u64),
+        (false, 100),
+        (true, 250),
+        (false, 250),
+        (true, 400),
+        (false, 400),
+    ] {
         let to = (at + 1) % 2;
         let victim = if victim_is_source { at } else { to };
         let out = sampler.migration(&lab, "m", || {

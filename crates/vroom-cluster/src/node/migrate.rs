@@ -841,14 +841,19 @@ impl ClusterNode {
                     }
                 }
                 MigrationState::Requested => {
+                    // Read after the record: a handover between the two
+                    // reads shows as the owner being `to`.
                     let owner = self
                         .etcd
-                        .get(&key(OWNERS, name))
+                        .get_json::<OwnerRecord>(&key(OWNERS, name))
                         .await
-                        .ok()
-                        .map(|kv| kv.map(|kv| kv.mod_revision));
-                    if owner == Some(None) || owner.flatten().is_some_and(|r| r != migration.token)
-                    {
+                        .ok();
+                    let lost = match owner {
+                        Some(None) => true,
+                        Some(Some((o, kv))) => kv.mod_revision != migration.token && o.node != *to,
+                        None => false,
+                    };
+                    if lost {
                         return Err(OpError::conflict(format!(
                             "node {from} lost instance {name} during the migration; the cluster restarts it by its policy"
                         )));
