@@ -91,6 +91,35 @@ fn pids_matching(matches: impl Fn(&str) -> bool) -> Vec<u32> {
         .collect()
 }
 
+/// Removes what labs of killed runs left (a run cut short never drops its
+/// lab): their namespaces, links and files. A lab counts as dead when no
+/// process names its directory and it is over two minutes old (one being
+/// built has no etcd yet).
+fn sweep_dead_labs() {
+    let tmp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(prefix) = name.strip_prefix("vroom-lab-") else {
+            continue;
+        };
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(120));
+        let dir = entry.path().display().to_string();
+        if !old || prefix.is_empty() || !pids_matching(|c| c.contains(&dir)).is_empty() {
+            continue;
+        }
+        let _ = shell(&format!(
+            "for n in $(ip netns list | awk '{{print $1}}' | grep '^{prefix}'); do ip netns del $n; done; \
+             for l in $(ip -o link | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^{prefix}'); do ip link del $l; done"
+        ));
+        let _ = std::fs::remove_dir_all(entry.path());
+    }
+}
+
 impl Lab {
     /// Builds the underlay, etcd, `cluster init` and `nodes` running nodes.
     /// `letter` starts every name (tests and the bench use different ones);
@@ -101,6 +130,7 @@ impl Lab {
         nodes: usize,
         env: Vec<(String, String)>,
     ) -> Result<Lab, String> {
+        sweep_dead_labs();
         let seed = u64::from(std::process::id())
             ^ std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -141,6 +141,11 @@ pub trait VmDriver: Send + Sync {
         channel: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), ControlVmError>;
 
+    /// Blocking. Ends a migration out that nobody will finish (its
+    /// vroomd died mid-way; the stream went on between the VMMs), and waits
+    /// until the VMM no longer migrates.
+    fn cancel_migration(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+
     /// Blocking. Lets a paused VM run.
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError>;
 

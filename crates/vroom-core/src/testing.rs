@@ -414,6 +414,10 @@ impl VmDriver for FakeDriver {
         self.load_state(process, &mut input).map(|_| ())
     }
 
+    fn cancel_migration(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        fake_vm(&mut lock(&self.vms), process).map(|_| ())
+    }
+
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {
         fake_vm(&mut lock(&self.vms), process)?.paused = false;
         Ok(())

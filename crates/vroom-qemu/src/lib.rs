@@ -351,6 +351,10 @@ impl VmDriver for QemuDriver {
         state::migrate_in(&process.control_socket, channel).map_err(control)
     }
 
+    fn cancel_migration(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        state::cancel(&process.control_socket).map_err(control)
+    }
+
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {
         state::resume(&process.control_socket).map_err(control)
     }

@@ -155,6 +155,25 @@ pub fn run_status(socket: &Path) -> Result<String, QmpError> {
     status(&mut Session::connect(socket)?)
 }
 
+/// Cancels a migration under way (if any) and waits until it has ended.
+pub fn cancel(socket: &Path) -> Result<(), StateError> {
+    let mut qmp = Session::connect(socket)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = qmp.execute("query-migrate", Value::Null)?;
+        let status = info.get("status").and_then(Value::as_str).unwrap_or("none");
+        match status {
+            "none" | "completed" | "failed" | "cancelled" => return Ok(()),
+            _ if Instant::now() > deadline => return Err(StateError::Timeout),
+            "cancelling" => {}
+            _ => {
+                qmp.execute("migrate_cancel", Value::Null)?;
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 /// Lets a paused VM run.
 pub fn resume(socket: &Path) -> Result<(), QmpError> {
     Session::connect(socket)?.execute("cont", Value::Null)?;

@@ -151,6 +151,11 @@ impl Engine {
         let _op = cell.op.lock().await;
         let process = cell.lock().process.clone();
         if let Some(process) = process.filter(|p| self.driver.is_alive(p)) {
+            // The stream may go on between the VMMs after the daemon that
+            // started it died: nobody can finish that migration now.
+            if let Err(e) = blocking(|| self.driver.cancel_migration(&process)) {
+                tracing::warn!(instance = %name, error = %e, "cannot cancel an abandoned migration");
+            }
             if let Ok(VmRunState::Paused) = blocking(|| self.driver.run_state(&process)) {
                 tracing::warn!(instance = %name, "the migration did not hand the instance over; it runs here again");
                 blocking(|| self.driver.resume(&process))
