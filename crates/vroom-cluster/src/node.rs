@@ -385,14 +385,25 @@ impl ClusterNode {
             peers: Mutex::default(),
             draining: Mutex::default(),
         });
-        let peers = node.bind_peers().await?;
-        *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
-        let reuse = remembered.map(|m| m.lease);
+        let reuse = remembered.as_ref().map(|m| m.lease);
+        // Bound first, reported after the lease: a name in use says so.
+        let peers = node.bind_peers().await;
         node.take_lease(reuse).await?;
+        match peers {
+            Ok(peers) => *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers),
+            Err(e) => {
+                let _ = node.etcd.client().lease_revoke(node.lease()).await;
+                if remembered.is_none() {
+                    let _ = std::fs::remove_file(&file);
+                }
+                return Err(e);
+            }
+        }
         if let Err(e) = node.guard.ensure() {
             let _ = node.etcd.client().lease_revoke(node.lease()).await;
             return Err(format!("cannot start the fencing guard: {e}"));
         }
+
         let supervisor = node.clone();
         tokio::spawn(async move { supervisor.renew_forever().await });
         // The first keepalive comes right away: it arms the guard.
@@ -536,7 +547,10 @@ impl ClusterNode {
                 .sum(),
             cpus: cfg.host_cpus,
             joined_at: now_secs(),
-            peer: Some(self.peer_addr().to_string()),
+            peer: Some(match advertised_ip(&self.advertise) {
+                Some(ip) => format!("{ip}:{PEER_PORT}"),
+                None => format!("{}:{PEER_PORT}", self.advertise),
+            }),
         }
     }
 
