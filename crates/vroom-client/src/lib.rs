@@ -1,5 +1,6 @@
 //! The typed vroomd client, used by the CLI and the end-to-end tests. One
-//! HTTP/1.1 connection per request over the daemon's unix socket.
+//! HTTP/1.1 connection per request over the daemon's unix socket, or over
+//! TCP with mutual TLS to a cluster node ([`Client::remote`]).
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use vroom_types::{
     ActionRequest, ApiErrorBody, BuildEvent, BuildImageRequest, BuildReport, CappedOutput,
@@ -31,6 +33,8 @@ pub enum ClientError {
         code: ErrorCode,
         message: String,
     },
+    #[error("cannot reach vroomd at {host}: {reason}")]
+    Remote { host: String, reason: String },
     #[error("HTTP exchange with vroomd failed")]
     Http(#[from] hyper::Error),
     #[error("vroomd sent an unexpected answer (HTTP {status}): {body}")]
@@ -48,16 +52,111 @@ impl ClientError {
     }
 }
 
+pub mod tls;
+
+/// A vroomd on another host: its address and the TLS to reach it with.
+#[derive(Clone)]
+struct Remote {
+    host: String,
+    addr: String,
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("addr", &self.addr).finish()
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 #[derive(Debug, Clone)]
 pub struct Client {
     socket: PathBuf,
+    remote: Option<Remote>,
 }
 
 impl Client {
     pub fn new(socket: &Path) -> Self {
         Client {
             socket: socket.to_path_buf(),
+            remote: None,
         }
+    }
+
+    /// A cluster node's vroomd at `host` (`HOST` or `HOST:PORT`; the port
+    /// defaults to [`tls::API_PORT`]), with the CA and certificate in `tls_dir`.
+    pub fn remote(host: &str, tls_dir: &Path) -> Result<Self, ClientError> {
+        let failed = |reason: String| ClientError::Remote {
+            host: host.to_string(),
+            reason,
+        };
+        let (name, addr) = match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() && !name.contains(':') => {
+                (name.to_string(), host.to_string())
+            }
+            _ => (host.to_string(), format!("{host}:{}", tls::API_PORT)),
+        };
+        let config = tls::client_config(tls_dir).map_err(failed)?;
+        Ok(Client {
+            socket: PathBuf::from(&addr),
+            remote: Some(Remote {
+                host: name,
+                addr,
+                config,
+            }),
+        })
+    }
+
+    /// With TLS 1.3 a server refuses a client certificate after the
+    /// handshake: the refusal shows as the first exchange failing.
+    fn exchange_error(&self, e: hyper::Error) -> ClientError {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        match &self.remote {
+            Some(remote) if text.contains("alert") => ClientError::Remote {
+                host: remote.addr.clone(),
+                reason: format!("it refused the certificate in the TLS directory ({text})"),
+            },
+            _ => ClientError::Http(e),
+        }
+    }
+
+    /// One connection to vroomd, local or remote.
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
+        let Some(remote) = &self.remote else {
+            let stream =
+                UnixStream::connect(&self.socket)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        socket: self.socket.clone(),
+                        source,
+                    })?;
+            return Ok(Box::new(stream));
+        };
+        let failed = |reason: String| ClientError::Remote {
+            host: remote.addr.clone(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&remote.addr),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+        let name = rustls::pki_types::ServerName::try_from(remote.host.clone())
+            .map_err(|e| failed(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(remote.config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| failed(format!("TLS: {e}")))?;
+        Ok(Box::new(tls))
     }
 
     pub fn socket(&self) -> &Path {
@@ -105,13 +204,7 @@ impl Client {
         content_type: &str,
         body: Channel<Bytes>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -122,7 +215,10 @@ impl Client {
             .header("content-type", content_type)
             .body(body)
             .expect("invariant: a valid request");
-        Ok(sender.send_request(request).await?)
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.exchange_error(e))
     }
 
     /// Sends a request; the response body is left to the caller.
@@ -132,13 +228,7 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+        let stream = self.connect().await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -155,7 +245,10 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(payload))
             .expect("invariant: a valid request");
-        Ok(sender.send_request(request).await?)
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.exchange_error(e))
     }
 
     pub async fn version(&self) -> Result<VersionInfo, ClientError> {

@@ -24,6 +24,7 @@ pub mod lab;
 pub mod model;
 pub mod node;
 pub mod schedule;
+pub mod tls;
 
 pub use node::{ClusterNode, JoinOptions};
 

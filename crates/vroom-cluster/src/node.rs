@@ -121,9 +121,13 @@ pub async fn init(endpoints: &[String]) -> Result<ClusterInfo, String> {
         created_at: now_secs(),
         lease_ttl_ms: LEASE_TTL_SECS as u64 * 1000,
     };
+    let ca = crate::tls::Ca::generate(&info.id)?;
     let txn = Txn::new()
         .when([Compare::create_revision(CLUSTER, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(CLUSTER, json(&info), None)])
+        .and_then([
+            TxnOp::put(CLUSTER, json(&info), None),
+            TxnOp::put(crate::tls::CA_KEY, json(&ca), None),
+        ])
         .or_else([TxnOp::get(CLUSTER, None)]);
     let resp = etcd.txn(txn).await.map_err(|e| e.to_string())?;
     if resp.succeeded() {
@@ -389,6 +393,22 @@ impl ClusterNode {
         // Bound first, reported after the lease: a name in use says so.
         let peers = node.bind_peers().await;
         node.take_lease(reuse).await?;
+        // The API's certificate, from the cluster's CA, for its names.
+        let issued = match crate::tls::ensure_ca(&node.etcd, &node.info.id).await {
+            Ok(ca) => {
+                let mut sans = vec![node.name.clone(), "localhost".into()];
+                let host = node
+                    .advertise
+                    .rsplit_once(':')
+                    .map_or(node.advertise.as_str(), |(h, _)| h);
+                if !sans.iter().any(|s| s == host) {
+                    sans.push(host.to_string());
+                }
+                ca.issue(&node.name, &sans, &node.tls_dir())
+            }
+            Err(e) => Err(e),
+        };
+        let peers = peers.and_then(|p| issued.map(|()| p));
         match peers {
             Ok(peers) => *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers),
             Err(e) => {
@@ -422,6 +442,16 @@ impl ClusterNode {
             .map_err(|e| format!("cannot read the cluster's state: {e}"))?;
         node.adopt(&View::parse(kvs));
         Ok(node)
+    }
+
+    /// The node's TLS files: the cluster's CA, its certificate and key.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
+    /// Where the node serves its API to other hosts (mutual TLS).
+    pub fn api_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.peer_addr().ip(), vroom_client::tls::API_PORT)
     }
 
     fn arc(&self) -> Arc<ClusterNode> {
@@ -836,8 +866,37 @@ impl ClusterNode {
             if record.request.placement.ha != HaPolicy::Standby || record.removing {
                 continue;
             }
-            let Ok(image) = self.engine.get_image(&record.request.spec.image) else {
-                continue;
+            let reference = record.request.spec.image.to_string();
+            let Ok(image) = self.engine.get_image(&reference) else {
+                // Not here yet: fetched from a peer, warmed on a later pass.
+                let key = format!("fetch/{reference}");
+                if self
+                    .unwarmable
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&key)
+                {
+                    continue;
+                }
+                self.warming
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone());
+                let node = self.arc();
+                tokio::spawn(async move {
+                    if let Err(e) = node.ensure_image(&reference).await {
+                        tracing::warn!(image = %reference, error = %e.message, "cannot fetch an image for standby instances");
+                        node.unwarmable
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key.clone());
+                    }
+                    node.warming
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                });
+                return;
             };
             let have = warm
                 .iter()
@@ -1158,6 +1217,7 @@ impl ClusterNode {
         for nic in &request.spec.nics {
             self.ensure_network(nic.network.as_str()).await?;
         }
+        self.ensure_image(&request.spec.image).await?;
         // After a failover, `restart` boots cold; `standby` (and a first
         // start) may start from the image's warm snapshot.
         request.cold = moved_here(record, &self.name) && request.placement.ha == HaPolicy::Restart;
@@ -1538,6 +1598,11 @@ impl Cluster for ClusterNode {
             }
         }
         let mut request = req.clone();
+        // Every node runs the same build: the image is pinned by id (and
+        // fetched from a peer by a node that lacks it).
+        if request.from_snapshot.is_none() {
+            request.spec.image = self.engine.resolve_image_id(&request.spec.image).await?;
+        }
         if request.spec.nics.is_empty() {
             request.spec.nics.push(NicSpec {
                 network: Name::new(vroom_core::engine::DEFAULT_NETWORK).expect("invariant"),

@@ -14,6 +14,13 @@ pub struct BootImage {
     pub rootfs: PathBuf,
 }
 
+/// An image's files, as [`ImageSource::export`] gives them.
+#[derive(Debug, Clone)]
+pub struct ImageExport {
+    pub manifest: Vec<u8>,
+    pub files: Vec<(String, PathBuf)>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveImageError {
     #[error(
@@ -58,4 +65,36 @@ pub trait ImageSource: Send + Sync {
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError>;
     /// Deletes an image by id.
     fn remove(&self, id: &str) -> Result<(), ResolveImageError>;
+
+    /// An image's files, to send to another host: its manifest's exact bytes
+    /// (they hash to its id) and its other files by name.
+    fn export(&self, id: &str) -> Result<ImageExport, ResolveImageError> {
+        Err(ResolveImageError::Other {
+            message: format!("this host does not share images ({id})"),
+        })
+    }
+
+    /// A fresh directory to receive an image's files into, for [`ImageSource::import`].
+    fn receiving(&self) -> Result<tempfile::TempDir, ResolveImageError> {
+        Err(ResolveImageError::Other {
+            message: "this host does not take images in".into(),
+        })
+    }
+
+    /// Takes in an image received from another host, after checking it
+    /// against `id` (the manifest's sha256) and the manifest's digests.
+    fn import(
+        &self,
+        id: &str,
+        manifest: &[u8],
+        dir: tempfile::TempDir,
+    ) -> Result<ImageSummary, ResolveImageError> {
+        drop(dir);
+        Err(ResolveImageError::Other {
+            message: format!(
+                "this host does not take images in ({id}, {} bytes)",
+                manifest.len()
+            ),
+        })
+    }
 }

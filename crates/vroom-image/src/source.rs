@@ -272,6 +272,45 @@ impl ImageSource for LocalImages {
         self.store.remove(id).map_err(store_error)
     }
 
+    fn export(&self, id: &str) -> Result<vroom_core::images::ImageExport, ResolveImageError> {
+        let image = self.store.resolve(id).map_err(store_error)?;
+        if image.id != id {
+            return Err(store_error(ImageStoreError::NotFound {
+                reference: id.into(),
+            }));
+        }
+        let manifest = std::fs::read(image.dir.join(crate::store::MANIFEST_FILE)).map_err(|e| {
+            store_error(ImageStoreError::Io {
+                path: image.dir.clone(),
+                source: e,
+            })
+        })?;
+        Ok(vroom_core::images::ImageExport {
+            manifest,
+            files: vec![
+                (image.manifest.initramfs.file.clone(), image.initramfs()),
+                (image.manifest.rootfs.file.clone(), image.rootfs()),
+            ],
+        })
+    }
+
+    fn receiving(&self) -> Result<tempfile::TempDir, ResolveImageError> {
+        self.store.staging().map_err(store_error)
+    }
+
+    fn import(
+        &self,
+        id: &str,
+        manifest: &[u8],
+        dir: tempfile::TempDir,
+    ) -> Result<ImageSummary, ResolveImageError> {
+        Ok(self
+            .store
+            .import(id, manifest, dir)
+            .map_err(store_error)?
+            .summary())
+    }
+
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
         Ok(self
             .store

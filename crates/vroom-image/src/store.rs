@@ -32,6 +32,8 @@ pub enum ImageStoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("image {id} as received is not the image: {reason}")]
+    Mismatch { id: String, reason: String },
     #[error("image {id} has a corrupt manifest")]
     Manifest {
         id: String,
@@ -221,6 +223,59 @@ impl ImageStore {
         Ok(image)
     }
 
+    /// Takes in an image received from elsewhere: `dir` (from
+    /// [`ImageStore::staging`]) holds its files. The manifest must hash to
+    /// `id` and every file must have the size and sha256 it names; then the
+    /// directory moves into place as is. Anything else is refused and the
+    /// directory removed.
+    pub fn import(
+        &self,
+        id: &str,
+        manifest: &[u8],
+        dir: tempfile::TempDir,
+    ) -> Result<StoredImage, ImageStoreError> {
+        let mismatch = |reason: String| ImageStoreError::Mismatch {
+            id: id.to_string(),
+            reason,
+        };
+        if sha256_bytes(manifest) != id {
+            return Err(mismatch("its manifest does not hash to its id".into()));
+        }
+        let parsed: ImageManifest =
+            serde_json::from_slice(manifest).map_err(|source| ImageStoreError::Manifest {
+                id: id.into(),
+                source,
+            })?;
+        for file in [&parsed.initramfs, &parsed.rootfs] {
+            if file.file.contains('/') || file.file.starts_with('.') {
+                return Err(mismatch(format!("bad file name {:?}", file.file)));
+            }
+            let (sha256, size) = crate::util::sha256_file(&dir.path().join(&file.file))
+                .map_err(|e| mismatch(format!("{}: {e}", file.file)))?;
+            if sha256 != file.sha256 || size != file.size {
+                return Err(mismatch(format!(
+                    "{} has {size} bytes with sha256 {}, the manifest says {} bytes with sha256 {}",
+                    file.file,
+                    &sha256[..12],
+                    file.size,
+                    &file.sha256[..12.min(file.sha256.len())]
+                )));
+            }
+        }
+        fs::write(dir.path().join(MANIFEST_FILE), manifest).map_err(self.io())?;
+        let dest = self.dir.join(id);
+        if !dest.exists() {
+            let path = dir.keep();
+            if let Err(e) = fs::rename(&path, &dest) {
+                let _ = fs::remove_dir_all(&path);
+                if !dest.exists() {
+                    return Err(self.io()(e));
+                }
+            }
+        }
+        self.load(id)
+    }
+
     /// Removes an image. It leaves the store's view at once (renamed out of
     /// the id namespace), so a crash during the deletion never leaves a
     /// half-deleted image that resolves; leftovers of such a crash are swept
@@ -277,6 +332,49 @@ mod tests {
             packages: vec![],
             init_sha256: None,
         }
+    }
+
+    /// An image received from a peer goes in only as the very image its id
+    /// names: the manifest's hash, each file's size and digest.
+    #[test]
+    fn an_imported_image_must_match_its_id_and_digests() {
+        let from = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(from.path());
+        let mut m = manifest("a");
+        m.initramfs.sha256 = sha256_bytes(b"init");
+        m.initramfs.size = 4;
+        m.rootfs.sha256 = sha256_bytes(b"root!");
+        m.rootfs.size = 5;
+        let bytes = serde_json::to_vec_pretty(&m).unwrap();
+        let id = sha256_bytes(&bytes);
+        let received = |initramfs: &[u8]| {
+            let dir = store.staging().unwrap();
+            fs::write(dir.path().join("initramfs.cpio"), initramfs).unwrap();
+            fs::write(dir.path().join("rootfs.erofs"), b"root!").unwrap();
+            dir
+        };
+        let err = store.import(&id, &bytes, received(b"evil")).unwrap_err();
+        assert!(
+            err.to_string().contains("initramfs.cpio has 4 bytes"),
+            "{err}"
+        );
+        let err = store
+            .import(&"0".repeat(64), &bytes, received(b"init"))
+            .unwrap_err();
+        assert!(err.to_string().contains("does not hash"), "{err}");
+        assert!(
+            store.list().unwrap().is_empty(),
+            "a refused image stays out"
+        );
+        let image = store.import(&id, &bytes, received(b"init")).unwrap();
+        assert_eq!(image.id, id);
+        assert_eq!(store.resolve(&id).unwrap().manifest, m);
+        let leftovers = fs::read_dir(from.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".staging"))
+            .count();
+        assert_eq!(leftovers, 0, "no staging dir is left behind");
     }
 
     /// Defect 8: two builds of one recipe version; the newer one must win

@@ -52,7 +52,16 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
     {
         return crate::snapshot::verify(dir, json);
     }
-    let client = connect(&cli.data_dir).await?;
+    let client = match &cli.host {
+        Some(host) => {
+            let dir = cli
+                .tls_dir
+                .clone()
+                .unwrap_or_else(|| cli.data_dir.join("tls"));
+            Client::remote(host, &dir)?
+        }
+        None => connect(&cli.data_dir).await?,
+    };
     match &cli.command {
         Command::Run(args) => return run(&client, args, json).await,
         Command::Ps => ps(&client, json).await?,

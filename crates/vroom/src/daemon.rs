@@ -90,6 +90,14 @@ pub async fn run(
     engine.recover().await.context("cannot recover state")?;
     if let Some(node) = &node {
         node.start();
+        let config = vroom_client::tls::server_config(&node.tls_dir())
+            .map_err(|e| anyhow::anyhow!("cannot set up the API's TLS: {e}"))?;
+        let addr = node.api_addr();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for the API on {addr}"))?;
+        tracing::info!(%addr, "serving the API to other hosts (mutual TLS, cluster CA)");
+        tokio::spawn(serve_tls(listener, config, engine.clone()));
     }
     for group in tokio::task::spawn_blocking(vroom_qemu::sweep_cgroups).await? {
         tracing::info!(cgroup = %group, "removed the cgroup of a VMM that is gone");
@@ -131,6 +139,50 @@ pub async fn run(
         .context("API server failed")?;
     let _ = fs::remove_file(&socket);
     Ok(())
+}
+
+/// The API over TCP with mutual TLS: only holders of a certificate from
+/// the cluster's CA get in. They act as no local user (a build reads only
+/// catalog recipes for them; the audit log says so).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    engine: Arc<Engine>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let router = vroom_api::router(engine).layer(axum::Extension(axum::extract::ConnectInfo(
+        vroom_api::Caller::UNKNOWN,
+    )));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept an API connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused an API connection");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let served =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "an API connection ended");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

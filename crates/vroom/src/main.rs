@@ -39,6 +39,15 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Talk to the vroomd of a cluster node on another host (`HOST` or
+    /// `HOST:PORT`, port 7948 by default) over mutual TLS, instead of the
+    /// local one.
+    #[arg(long, global = true, env = "VROOM_HOST")]
+    pub host: Option<String>,
+    /// The CA, certificate and key for `--host` (`vroom cluster
+    /// credentials` makes them; a node has its own in DATA_DIR/tls).
+    #[arg(long, global = true, env = "VROOM_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -354,11 +363,25 @@ pub struct ClusterArgs {
 
 #[derive(Subcommand)]
 pub enum ClusterOp {
-    /// Write a new cluster's identity into etcd (refused if one is there).
+    /// Write a new cluster's identity and its CA into etcd (refused if one
+    /// is there).
     Init {
         /// etcd endpoints, comma-separated.
         #[arg(long, env = "VROOM_ETCD", value_delimiter = ',', required = true)]
         etcd: Vec<String>,
+    },
+    /// Issue a client certificate from the cluster's CA, for `--host` from
+    /// a host that is not a node.
+    Credentials {
+        /// etcd endpoints, comma-separated.
+        #[arg(long, env = "VROOM_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Where to write ca.pem, cert.pem and key.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// The certificate's name.
+        #[arg(long, default_value = "client")]
+        name: Name,
     },
 }
 
@@ -777,6 +800,24 @@ fn main() {
                         output::json(&info);
                     } else {
                         println!("cluster {} created in etcd at {}", info.id, etcd.join(","));
+                    }
+                    0
+                })
+                .map_err(|e| anyhow::anyhow!(e))
+        }
+        Command::Cluster {
+            op: ClusterOp::Credentials { etcd, out, name },
+        } => {
+            init_tracing(false);
+            runtime()
+                .block_on(vroom_cluster::tls::credentials(etcd, name.as_str(), out))
+                .map(|()| {
+                    if !cli.json {
+                        println!(
+                            "certificate {name} written to {}; use it with `VROOM_TLS_DIR={} vroom --host NODE ...`",
+                            out.display(),
+                            out.display()
+                        );
                     }
                     0
                 })

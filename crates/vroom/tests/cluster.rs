@@ -522,12 +522,75 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
 #[test]
 fn a_network_spans_the_nodes() {
     let lab = Lab::new(2);
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    // Built on n1 only: n2 fetches it from n1 by id, and checks it.
+    lab.ok(0, &["image", "build", &common::recipe("hello")]);
     lab.ok(0, &["run", "hello", "--name", "g1", "--node", "n1"]);
     lab.ok(0, &["run", "hello", "--name", "g2", "--node", "n2"]);
+    let id = |i: usize| {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ok(i, &["--json", "inspect", "g2"])).unwrap();
+        v["image_id"].as_str().unwrap_or_default().to_string()
+    };
+    let images = lab.ok(1, &["--json", "image", "ls"]);
+    assert!(
+        !id(1).is_empty() && images.contains(&id(1)),
+        "n2 has the image g2 runs: {images}"
+    );
+    assert!(lab.log(1).contains("fetched an image from a peer"));
+
+    // The API from another host: mutual TLS with the cluster's CA. A
+    // node's own certificate works from its host; a workstation gets one
+    // from `cluster credentials`; a certificate of another CA is refused.
+    let remote = |tls: &Path, args: &[&str]| {
+        Command::new(vroom_bin())
+            .env("VROOM_DATA_DIR", lab.dir.join("nowhere"))
+            .args(["--host", &lab.nodes[0].ip, "--tls-dir"])
+            .arg(tls)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = remote(&lab.nodes[1].dir.join("tls"), &["ps"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("g1") && listed.contains("g2"),
+        "ps over TLS: {listed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mine = lab.dir.join("mine");
+    lab.ok(
+        0,
+        &[
+            "cluster",
+            "credentials",
+            "--etcd",
+            &lab.endpoints(),
+            "--out",
+            mine.to_str().unwrap(),
+        ],
+    );
+    let out = remote(&mine, &["--json", "node", "ls"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stranger = lab.dir.join("stranger");
+    vroom_cluster::tls::Ca::generate("not-this-one")
+        .unwrap()
+        .issue("me", &["me".into()], &stranger)
+        .unwrap();
+    std::fs::copy(mine.join("ca.pem"), stranger.join("ca.pem")).unwrap();
+    for (dir, what) in [
+        (&stranger, "another CA's certificate"),
+        (&lab.dir.join("none"), "no certificate"),
+    ] {
+        let out = remote(dir, &["ps"]);
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert!(!out.status.success(), "{what} got in");
+        assert_eq!(err.lines().count(), 1, "{what}: one line: {err}");
+        eprintln!("{what}: {err}");
+    }
     let ip2 = ip_of(&lab, 1, "g2");
     let url = format!("http://{ip2}/");
     let reached = poll(Duration::from_secs(20), || {

@@ -53,7 +53,26 @@ enum Hello {
         migration: String,
         secret: String,
     },
+    /// A peer lacks an image: its files, by id.
+    Image {
+        id: String,
+    },
 }
+
+/// The answer to [`Hello::Image`]: a header line, then the manifest's bytes,
+/// then each file's.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum ImageReply {
+    Image {
+        manifest: u64,
+        files: Vec<(String, u64)>,
+    },
+    Missing,
+}
+
+/// The largest image file a peer is trusted to send.
+const MAX_IMAGE_FILE: u64 = 8 << 30;
 
 /// The lines of a control connection.
 #[derive(Debug, Serialize, Deserialize)]
@@ -159,6 +178,7 @@ impl ClusterNode {
                     Hello::Data { migration, secret } => {
                         node.data_arrived(&migration, &secret, stream)
                     }
+                    Hello::Image { id } => node.send_image(stream, &id).await,
                     Hello::Control {
                         instance,
                         migration,
@@ -170,6 +190,142 @@ impl ClusterNode {
                 }
             });
         }
+    }
+
+    /// Sends image `id` to a peer that lacks it (it checks the digests).
+    async fn send_image(&self, mut stream: TcpStream, id: &str) {
+        let export = match self.engine.export_image(id) {
+            Ok(export) => export,
+            Err(_) => {
+                let _ = stream.write_all(&line(&ImageReply::Missing)).await;
+                return;
+            }
+        };
+        let mut files = vec![];
+        for (name, path) in &export.files {
+            match tokio::fs::File::open(path).await {
+                Ok(file) => {
+                    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    files.push((name.clone(), len, file));
+                }
+                Err(_) => {
+                    let _ = stream.write_all(&line(&ImageReply::Missing)).await;
+                    return;
+                }
+            }
+        }
+        let header = ImageReply::Image {
+            manifest: export.manifest.len() as u64,
+            files: files.iter().map(|(n, l, _)| (n.clone(), *l)).collect(),
+        };
+        let sent = async {
+            stream.write_all(&line(&header)).await?;
+            stream.write_all(&export.manifest).await?;
+            for (_, len, file) in files {
+                let copied = tokio::io::copy(&mut file.take(len), &mut stream).await?;
+                if copied != len {
+                    return Err(std::io::Error::other("the file shrank while it was sent"));
+                }
+            }
+            stream.flush().await
+        };
+        match sent.await {
+            Ok(()) => tracing::info!(image = %id, "sent an image to a peer"),
+            Err(e) => tracing::warn!(image = %id, error = %e, "cannot send an image to a peer"),
+        }
+    }
+
+    /// Makes sure image `reference` is here: an image id this node lacks is
+    /// fetched from a live peer and checked against its id; a name is left
+    /// to the engine (it builds a catalog image on first use).
+    pub(super) async fn ensure_image(&self, reference: &str) -> Result<(), OpError> {
+        let is_id = reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_id || self.engine.get_image(reference).is_ok() {
+            return Ok(());
+        }
+        let view = self.view().await?;
+        let mut reasons = vec![];
+        for (name, (node, _)) in &view.nodes {
+            let Some(peer) = node.peer.as_ref().filter(|_| *name != self.name) else {
+                continue;
+            };
+            match self.fetch_image(reference, peer).await {
+                Ok(true) => {
+                    tracing::info!(image = %reference, from = %name, "fetched an image from a peer");
+                    return Ok(());
+                }
+                Ok(false) => {}
+                Err(e) => reasons.push(format!("{name}: {e}")),
+            }
+        }
+        Err(OpError::conflict(format!(
+            "image {} is on no live node{}",
+            &reference[..12],
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" that could send it ({})", reasons.join("; "))
+            }
+        )))
+    }
+
+    /// Fetches image `id` from `peer`: `Ok(false)` when it does not have it.
+    async fn fetch_image(&self, id: &str, peer: &str) -> Result<bool, String> {
+        let mut stream =
+            match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(peer)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(format!("cannot reach {peer}: {e}")),
+                Err(_) => return Err(format!("cannot reach {peer}: timed out")),
+            };
+        let hello = Hello::Image { id: id.to_string() };
+        stream
+            .write_all(&line(&hello))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut header = String::new();
+        tokio::time::timeout(STEP_TIMEOUT, reader.read_line(&mut header))
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (manifest_len, files) = match serde_json::from_str(&header) {
+            Ok(ImageReply::Image { manifest, files }) => (manifest, files),
+            Ok(ImageReply::Missing) => return Ok(false),
+            Err(e) => return Err(format!("an unreadable answer: {e}")),
+        };
+        if manifest_len > 1 << 20 {
+            return Err("the manifest is implausibly large".into());
+        }
+        let mut manifest = vec![0; manifest_len as usize];
+        reader
+            .read_exact(&mut manifest)
+            .await
+            .map_err(|e| e.to_string())?;
+        let dir = self.engine.image_receiving().map_err(|e| e.message)?;
+        for (name, len) in files {
+            if name.contains('/') || name.starts_with('.') || len > MAX_IMAGE_FILE {
+                return Err(format!("a bad file in the answer: {name:?} ({len} bytes)"));
+            }
+            let mut file = tokio::fs::File::create(dir.path().join(&name))
+                .await
+                .map_err(|e| e.to_string())?;
+            let copied = tokio::time::timeout(
+                Duration::from_secs(600),
+                tokio::io::copy(&mut (&mut reader).take(len), &mut file),
+            )
+            .await
+            .map_err(|_| "the transfer took too long".to_string())?
+            .map_err(|e| e.to_string())?;
+            if copied != len {
+                return Err(format!("{name} broke off after {copied} of {len} bytes"));
+            }
+            file.sync_all().await.map_err(|e| e.to_string())?;
+        }
+        self.engine
+            .import_image(id, manifest, dir)
+            .await
+            .map_err(|e| e.message)?;
+        Ok(true)
     }
 
     fn data_arrived(&self, migration: &str, secret: &str, stream: TcpStream) {
@@ -217,6 +373,9 @@ impl ClusterNode {
             if let Err(e) = self.ensure_network(nic.network.as_str()).await {
                 return refuse(&mut control, e.message);
             }
+        }
+        if let Err(e) = self.ensure_image(&record.request.spec.image).await {
+            return refuse(&mut control, e.message);
         }
         // The overlay (and the gateway's shared MAC) before the guest runs
         // here: it keeps talking to the gateway it knew.

@@ -102,6 +102,36 @@ impl Engine {
 
     /// Resolves an image for booting, off the async workers: the first use
     /// of a built-in image builds it.
+    /// An image's files, for a peer that lacks it.
+    pub fn export_image(&self, id: &str) -> Result<crate::images::ImageExport, OpError> {
+        self.images.export(id).map_err(image_error)
+    }
+
+    /// A directory to receive an image into (see [`Engine::import_image`]).
+    pub fn image_receiving(&self) -> Result<tempfile::TempDir, OpError> {
+        self.images.receiving().map_err(image_error)
+    }
+
+    /// Takes in an image received from a peer, checked against its id.
+    pub async fn import_image(
+        &self,
+        id: &str,
+        manifest: Vec<u8>,
+        dir: tempfile::TempDir,
+    ) -> Result<ImageSummary, OpError> {
+        let images = self.images.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || images.import(&id, &manifest, dir))
+            .await
+            .map_err(|e| OpError::internal("the image task failed", e))?
+            .map_err(image_error)
+    }
+
+    /// Resolves a reference to an image, building a catalog image on first use.
+    pub async fn resolve_image_id(&self, reference: &str) -> Result<String, OpError> {
+        Ok(self.resolve_image(reference).await?.id)
+    }
+
     pub(super) async fn resolve_image(&self, reference: &str) -> Result<BootImage, OpError> {
         let images = self.images.clone();
         let reference = reference.to_string();

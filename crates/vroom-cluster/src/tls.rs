@@ -1,0 +1,199 @@
+//! The cluster's certificate authority, kept in etcd at `/vroom/ca` (made
+//! by `vroom cluster init`, or by the first node of a cluster from before
+//! it), and the certificates it issues: one per node when it joins (its
+//! API's server certificate, and a client certificate for the CLI on that
+//! host), and one per `vroom cluster credentials`. Whoever can read etcd
+//! can issue certificates: etcd is the cluster's root of trust.
+
+use std::path::Path;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use serde::{Deserialize, Serialize};
+use vroom_client::tls::{CA_FILE, CERT_FILE, KEY_FILE};
+
+use crate::etcd::{json, Etcd};
+
+pub const CA_KEY: &str = "/vroom/ca";
+
+/// The CA as etcd keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ca {
+    /// The CA certificate's common name: the issuer of every certificate.
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn ca_params(name: &str) -> Result<CertificateParams, String> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| e.to_string())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+impl Ca {
+    pub fn generate(cluster_id: &str) -> Result<Ca, String> {
+        let name = format!("vroom cluster {cluster_id}");
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = ca_params(&name)?
+            .self_signed(&key)
+            .map_err(|e| e.to_string())?;
+        Ok(Ca {
+            name,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A certificate for `subject`, valid for the names and addresses in
+    /// `sans`, for both ends of a TLS connection; written into `dir` with
+    /// the CA's certificate (the key readable by its owner only).
+    pub fn issue(&self, subject: &str, sans: &[String], dir: &Path) -> Result<(), String> {
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|e| format!("the CA key: {e}"))?;
+        // The issuer as it signs: the same name and key as the stored CA
+        // certificate, which is what a verifier checks.
+        let issuer = ca_params(&self.name)?
+            .self_signed(&ca_key)
+            .map_err(|e| e.to_string())?;
+        let mut params = CertificateParams::new(sans.to_vec()).map_err(|e| e.to_string())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, subject);
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let cert = params
+            .signed_by(&key, &issuer, &ca_key)
+            .map_err(|e| e.to_string())?;
+        write_private(dir, &self.cert_pem, &cert.pem(), &key.serialize_pem())
+            .map_err(|e| format!("cannot write {}: {e}", dir.display()))
+    }
+}
+
+fn write_private(dir: &Path, ca: &str, cert: &str, key: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for (name, text, mode) in [
+        (CA_FILE, ca, 0o644),
+        (CERT_FILE, cert, 0o644),
+        (KEY_FILE, key, 0o600),
+    ] {
+        let staged = dir.join(format!(".{name}.new"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&staged)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&staged, dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// The cluster's CA, made now if the cluster has none yet (a cluster from
+/// before the CA existed).
+pub async fn ensure_ca(etcd: &Etcd, cluster_id: &str) -> Result<Ca, String> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    if let Some((ca, _)) = etcd
+        .get_json::<Ca>(CA_KEY)
+        .await
+        .map_err(|e| format!("cannot read the cluster's CA: {e}"))?
+    {
+        return Ok(ca);
+    }
+    let ca = Ca::generate(cluster_id)?;
+    let txn = Txn::new()
+        .when([Compare::create_revision(CA_KEY, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(CA_KEY, json(&ca), None)]);
+    etcd.txn(txn)
+        .await
+        .map_err(|e| format!("cannot store the cluster's CA: {e}"))?;
+    // Another node may have made it first: theirs stands.
+    etcd.get_json::<Ca>(CA_KEY)
+        .await
+        .map_err(|e| format!("cannot read the cluster's CA: {e}"))?
+        .map(|(ca, _)| ca)
+        .ok_or_else(|| "the cluster's CA vanished".to_string())
+}
+
+/// `vroom cluster credentials`: a client certificate for a workstation.
+pub async fn credentials(endpoints: &[String], name: &str, dir: &Path) -> Result<(), String> {
+    let etcd = Etcd::connect(endpoints).await.map_err(|e| e.to_string())?;
+    let info = etcd
+        .get_json::<vroom_types::ClusterInfo>(crate::model::CLUSTER)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|(info, _)| info)
+        .ok_or_else(|| format!("no cluster at {}", etcd.endpoints()))?;
+    let ca = ensure_ca(&etcd, &info.id).await?;
+    ca.issue(name, &[name.to_string()], dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate the CA issues verifies against the CA on both ends of
+    /// a TLS handshake; one from another CA is refused.
+    #[tokio::test]
+    async fn issued_certificates_pass_mutual_tls_and_strangers_do_not() {
+        let ca = Ca::generate("c1").unwrap();
+        let other = Ca::generate("c2").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (server, client, stranger) = (
+            dir.path().join("s"),
+            dir.path().join("c"),
+            dir.path().join("x"),
+        );
+        ca.issue("n1", &["127.0.0.1".into(), "n1".into()], &server)
+            .unwrap();
+        ca.issue("me", &["me".into()], &client).unwrap();
+        other.issue("me", &["me".into()], &stranger).unwrap();
+        let handshake = |client_dir: std::path::PathBuf| {
+            let server = server.clone();
+            async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(
+                    vroom_client::tls::server_config(&server).unwrap(),
+                );
+                let accepted = tokio::spawn(async move {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    acceptor.accept(tcp).await.map(|_| ())
+                });
+                let client = vroom_client::tls::client_config(&client_dir).unwrap();
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+                let connected = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await;
+                let accepted = accepted.await.unwrap();
+                connected.is_ok() && accepted.is_ok()
+            }
+        };
+        assert!(
+            handshake(client).await,
+            "a certificate of the cluster is let in"
+        );
+        assert!(
+            !handshake(stranger).await,
+            "a stranger's certificate is refused"
+        );
+    }
+}
