@@ -1188,4 +1188,47 @@ mod tests {
         assert!(t.engine.list_mirrors().is_empty());
         assert!(t.net.mirrors.lock().unwrap().is_empty());
     }
+
+    /// A spliced VM, or its appliance, does not migrate (its splice is
+    /// wired on this host); unspliced, it streams out, stays paused, and
+    /// runs again when the migration does not hand it over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spliced_vm_does_not_migrate_and_an_unhanded_one_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        t.engine.splice(request("bump")).await.unwrap();
+        for name in ["web", "web-bump"] {
+            let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+            let err = t.engine.send_live(name, channel.into()).await.unwrap_err();
+            assert!(
+                err.message.contains("cannot move to another node")
+                    && err.message.contains("splice"),
+                "{}",
+                err.message
+            );
+        }
+        t.engine.unsplice("web-bump").await.unwrap();
+        let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sent = t.engine.send_live("web", channel.into()).await.unwrap();
+        assert!(!sent.volume.is_empty(), "the config volume goes along");
+        assert_eq!(t.engine.migrating_out(), vec!["web".to_string()]);
+        let process = t
+            .engine
+            .cell("web")
+            .unwrap()
+            .lock()
+            .process
+            .clone()
+            .unwrap();
+        assert_eq!(
+            crate::driver::VmDriver::run_state(t.driver.as_ref(), &process).unwrap(),
+            crate::driver::VmRunState::Paused
+        );
+        t.engine.resume_unmigrated("web").await.unwrap();
+        assert_eq!(
+            crate::driver::VmDriver::run_state(t.driver.as_ref(), &process).unwrap(),
+            crate::driver::VmRunState::Running
+        );
+        assert!(t.engine.migrating_out().is_empty());
+    }
 }
