@@ -919,3 +919,41 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
     }
     sampler.assert_never_twice("migrations with a daemon killed");
 }
+
+/// `--ha standby`: every node keeps a warm snapshot of the image, and a
+/// failover starts the instance from it (not a boot), with its address and
+/// replicated config, within the 5 s budget.
+#[test]
+fn a_standby_instance_fails_over_from_a_warm_snapshot() {
+    let lab = Arc::new(Lab::new(2));
+    let hello = common::recipe("hello");
+    for i in 0..2 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab.ok(
+        0,
+        &[
+            "run", "hello", "--name", "s1", "--ha", "standby", "--node", "n1",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "s1");
+    failed_over(&lab, 0, "s1", &ip, Duration::from_secs(60));
+    lab.ok(0, &["config", "s1", "set", "greeting=warm-and-replicated"]);
+    let warm = poll(Duration::from_secs(120), || {
+        lab.ok(1, &["--json", "snapshot", "ls", "--warm"])
+            .contains("\"hello\"")
+            .then_some(())
+    });
+    assert!(warm.is_some(), "n2 never warmed hello\n{}", lab.log(1));
+    let sampler = Sampler::start(&lab, "s1");
+    lab.power_loss(0);
+    let took = failed_over(&lab, 1, "s1", &ip, Duration::from_secs(30));
+    eprintln!("standby: s1 answered from n2 {took:?} after the power loss");
+    let shown: serde_json::Value =
+        serde_json::from_str(&lab.ok(1, &["--json", "inspect", "s1"])).unwrap();
+    let from = shown["status"]["started_from"].as_str().unwrap_or_default();
+    assert!(from.starts_with("warm"), "s1 booted instead: {shown}");
+    let page = lab.page_from(1, &ip).unwrap_or_default();
+    assert!(page.contains("warm-and-replicated"), "{page}");
+    sampler.assert_never_twice("standby failover");
+}
