@@ -27,16 +27,16 @@ enum Fault {
 const FAULTS: [Fault; 3] = [Fault::PowerLoss, Fault::Freeze, Fault::Partition];
 
 /// The lab plus the bench's own helpers.
-struct Cluster(Lab);
+struct Cluster<'a>(&'a Lab);
 
-impl std::ops::Deref for Cluster {
+impl std::ops::Deref for Cluster<'_> {
     type Target = Lab;
     fn deref(&self) -> &Lab {
-        &self.0
+        self.0
     }
 }
 
-impl Cluster {
+impl Cluster<'_> {
     fn ok(&self, i: usize, args: &[&str]) -> Result<String> {
         let out = self.command(i).args(args).output()?;
         if !out.status.success() {
@@ -78,12 +78,18 @@ pub async fn failover(runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
+    on_lab(|lab| measure(&Cluster(lab), runs))
+}
+
+/// Runs `bench` on a throwaway two-node lab (blocking), showing the end of
+/// every node's log when it fails.
+pub(crate) fn on_lab(bench: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     tokio::task::block_in_place(|| {
         let exe = std::env::current_exe()?;
-        let c = Cluster(Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?);
-        let result = measure(&c, runs);
+        let lab = Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?;
+        let result = bench(&lab);
         if result.is_err() {
-            for node in &c.nodes {
+            for node in &lab.nodes {
                 let log = std::fs::read_to_string(node.dir.join("vroomd.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(25).collect();
                 eprintln!("--- the last lines of {}'s log:", node.name);

@@ -80,22 +80,7 @@ pub async fn migrate(runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    tokio::task::block_in_place(|| {
-        let exe = std::env::current_exe()?;
-        let lab = Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?;
-        let result = measure(&lab, runs);
-        if result.is_err() {
-            for node in &lab.nodes {
-                let log = std::fs::read_to_string(node.dir.join("vroomd.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(25).collect();
-                eprintln!("--- the last lines of {}'s log:", node.name);
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-        result
-    })
+    crate::bench_failover::on_lab(|lab| measure(lab, runs))
 }
 
 fn vroom(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
