@@ -123,7 +123,14 @@ impl Client {
                 host: remote.addr.clone(),
                 reason: format!("it refused the certificate in the TLS directory ({text})"),
             },
-            _ => ClientError::Http(e),
+            // The server may drop the connection before its alert is read.
+            Some(remote) => ClientError::Remote {
+                host: remote.addr.clone(),
+                reason: format!(
+                    "the connection broke off ({text}); is the certificate in the TLS directory from this cluster's CA?"
+                ),
+            },
+            None => ClientError::Http(e),
         }
     }
 

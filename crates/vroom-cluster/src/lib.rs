@@ -11,8 +11,9 @@
 //!
 //! The invariant everything serves: an instance runs on at most one node.
 //! A node owns an instance through a key bound to its lease, created only if
-//! absent; every later write for the instance compares that key's create
-//! revision (the fencing token); a node launches a VM only while it owns it
+//! absent; every later write for the instance compares that key's mod
+//! revision (the fencing token, which a migration's handover moves to the
+//! new owner); a node launches a VM only while it owns it
 //! under a lease whose last keepalive was acknowledged less than
 //! `TTL - 0.5 s` ago, and its guard kills its VMMs when that stops being so.
 //! Another node can claim the instance only after the lease has expired,

@@ -100,6 +100,8 @@ pub struct ClusterNode {
     migrating: Mutex<BTreeSet<String>>,
     /// The peer listener, until `start` serves it.
     peers: Mutex<Option<tokio::net::TcpListener>>,
+    /// The API's TCP listener, until the daemon serves it.
+    api: Mutex<Option<tokio::net::TcpListener>>,
     /// Instances a drain is moving (live, or cold after a failed migration).
     draining: Mutex<BTreeSet<String>>,
 }
@@ -160,6 +162,8 @@ struct View {
     configs: BTreeMap<String, ConfigValues>,
     networks: BTreeMap<String, NetworkRecord>,
     migrations: BTreeMap<String, (MigrationRecord, Kv)>,
+    /// The etcd revision it was read at (0: unknown).
+    revision: i64,
 }
 
 impl View {
@@ -387,16 +391,21 @@ impl ClusterNode {
             incoming: Mutex::default(),
             migrating: Mutex::default(),
             peers: Mutex::default(),
+            api: Mutex::default(),
             draining: Mutex::default(),
         });
         let reuse = remembered.as_ref().map(|m| m.lease);
         // Bound first, reported after the lease: a name in use says so.
         let peers = node.bind_peers().await;
+        let api_addr = node.api_addr();
+        let api = tokio::net::TcpListener::bind(api_addr)
+            .await
+            .map_err(|e| format!("cannot listen for the API on {api_addr}: {e}"));
         node.take_lease(reuse).await?;
         // The API's certificate, from the cluster's CA, for its names.
         let issued = match crate::tls::ensure_ca(&node.etcd, &node.info.id).await {
             Ok(ca) => {
-                let mut sans = vec![node.name.clone(), "localhost".into()];
+                let mut sans = vec![node.name.clone()];
                 let host = node
                     .advertise
                     .rsplit_once(':')
@@ -409,8 +418,12 @@ impl ClusterNode {
             Err(e) => Err(e),
         };
         let peers = peers.and_then(|p| issued.map(|()| p));
-        match peers {
-            Ok(peers) => *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers),
+        let bound = peers.and_then(|p| api.map(|a| (p, a)));
+        match bound {
+            Ok((peers, api)) => {
+                *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
+                *node.api.lock().unwrap_or_else(|p| p.into_inner()) = Some(api);
+            }
             Err(e) => {
                 let _ = node.etcd.client().lease_revoke(node.lease()).await;
                 if remembered.is_none() {
@@ -447,6 +460,11 @@ impl ClusterNode {
     /// The node's TLS files: the cluster's CA, its certificate and key.
     pub fn tls_dir(&self) -> PathBuf {
         self.data_dir.join("tls")
+    }
+
+    /// The API's TCP listener, bound at join (once).
+    pub fn take_api_listener(&self) -> Option<tokio::net::TcpListener> {
+        self.api.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Where the node serves its API to other hosts (mutual TLS).
@@ -743,13 +761,21 @@ impl ClusterNode {
     /// Takes the instances the view says this node owns under its lease.
     fn adopt(&self, view: &View) {
         let lease = self.lease();
-        let owned: BTreeMap<String, i64> = view
+        let mut owned: BTreeMap<String, i64> = view
             .owners
             .iter()
             .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
             .map(|(name, (_, kv))| (name.clone(), kv.mod_revision))
             .collect();
-        *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = owned;
+        let mut current = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        // Taken (a migration's handover) after this view was read: it stands.
+        for (name, token) in current.iter() {
+            if view.revision > 0 && *token > view.revision {
+                owned.insert(name.clone(), *token);
+            }
+        }
+        *current = owned;
+        drop(current);
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
             view.instances.keys().cloned().collect();
     }
@@ -767,8 +793,9 @@ impl ClusterNode {
         if !self.lease_alive() {
             return Ok(());
         }
-        let (kvs, _) = self.etcd.list(ROOT).await?;
-        let view = View::parse(kvs);
+        let (kvs, revision) = self.etcd.list(ROOT).await?;
+        let mut view = View::parse(kvs);
+        view.revision = revision;
         let lease = self.lease();
         if view.leader.is_none() {
             self.try_lead(lease).await?;
@@ -787,7 +814,10 @@ impl ClusterNode {
             }
         }
         let view = if claimed {
-            View::parse(self.etcd.list(ROOT).await?.0)
+            let (kvs, revision) = self.etcd.list(ROOT).await?;
+            let mut view = View::parse(kvs);
+            view.revision = revision;
+            view
         } else {
             view
         };
@@ -1105,8 +1135,11 @@ impl ClusterNode {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for name in self.engine.migrating_out() {
-            if owned.contains_key(&name) && !migrating.contains(&name) {
-                let _ = self.engine.resume_unmigrated(&name).await;
+            if let (Some(token), false) = (owned.get(&name), migrating.contains(&name)) {
+                // Only once nobody can take it over any more.
+                if let Ok(true) = self.reclaim(&name, *token).await {
+                    let _ = self.engine.resume_unmigrated(&name).await;
+                }
             }
         }
         if view.cordons.get(&self.name) == Some(&true) {

@@ -55,9 +55,10 @@ impl Ca {
         })
     }
 
-    /// A certificate for `subject`, valid for the names and addresses in
-    /// `sans`, for both ends of a TLS connection; written into `dir` with
-    /// the CA's certificate (the key readable by its owner only).
+    /// A certificate for `subject`, written into `dir` with the CA's
+    /// certificate (the key readable by its owner only). With `sans` it
+    /// serves too (a node: its names and addresses); without, it is a
+    /// client's only. Valid for a year (a node reissues its own at start).
     pub fn issue(&self, subject: &str, sans: &[String], dir: &Path) -> Result<(), String> {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|e| format!("the CA key: {e}"))?;
         // The issuer as it signs: the same name and key as the stored CA
@@ -69,10 +70,17 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, subject);
         params.distinguished_name = dn;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = if sans.is_empty() {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        };
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = params
@@ -142,7 +150,7 @@ pub async fn credentials(endpoints: &[String], name: &str, dir: &Path) -> Result
         .map(|(info, _)| info)
         .ok_or_else(|| format!("no cluster at {}", etcd.endpoints()))?;
     let ca = ensure_ca(&etcd, &info.id).await?;
-    ca.issue(name, &[name.to_string()], dir)
+    ca.issue(name, &[], dir)
 }
 
 #[cfg(test)]
@@ -163,8 +171,8 @@ mod tests {
         );
         ca.issue("n1", &["127.0.0.1".into(), "n1".into()], &server)
             .unwrap();
-        ca.issue("me", &["me".into()], &client).unwrap();
-        other.issue("me", &["me".into()], &stranger).unwrap();
+        ca.issue("me", &[], &client).unwrap();
+        other.issue("me", &[], &stranger).unwrap();
         let handshake = |client_dir: std::path::PathBuf| {
             let server = server.clone();
             async move {

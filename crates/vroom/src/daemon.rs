@@ -93,9 +93,9 @@ pub async fn run(
         let config = vroom_client::tls::server_config(&node.tls_dir())
             .map_err(|e| anyhow::anyhow!("cannot set up the API's TLS: {e}"))?;
         let addr = node.api_addr();
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for the API on {addr}"))?;
+        let listener = node
+            .take_api_listener()
+            .context("the API listener was taken already")?;
         tracing::info!(%addr, "serving the API to other hosts (mutual TLS, cluster CA)");
         tokio::spawn(serve_tls(listener, config, engine.clone()));
     }

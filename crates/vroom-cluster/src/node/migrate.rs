@@ -71,6 +71,8 @@ enum ImageReply {
     Missing,
 }
 
+/// How long fetching (or sending) one image may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(600);
 /// The largest image file a peer is trusted to send.
 const MAX_IMAGE_FILE: u64 = 8 << 30;
 
@@ -229,9 +231,10 @@ impl ClusterNode {
             }
             stream.flush().await
         };
-        match sent.await {
-            Ok(()) => tracing::info!(image = %id, "sent an image to a peer"),
-            Err(e) => tracing::warn!(image = %id, error = %e, "cannot send an image to a peer"),
+        match tokio::time::timeout(FETCH_TIMEOUT, sent).await {
+            Ok(Ok(())) => tracing::info!(image = %id, "sent an image to a peer"),
+            Ok(Err(e)) => tracing::warn!(image = %id, error = %e, "cannot send an image to a peer"),
+            Err(_) => tracing::warn!(image = %id, "gave up sending an image to a slow peer"),
         }
     }
 
@@ -249,7 +252,10 @@ impl ClusterNode {
             let Some(peer) = node.peer.as_ref().filter(|_| *name != self.name) else {
                 continue;
             };
-            match self.fetch_image(reference, peer).await {
+            let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch_image(reference, peer))
+                .await
+                .unwrap_or_else(|_| Err(format!("no whole image in {FETCH_TIMEOUT:?}")));
+            match fetched {
                 Ok(true) => {
                     tracing::info!(image = %reference, from = %name, "fetched an image from a peer");
                     return Ok(());
@@ -575,7 +581,7 @@ impl ClusterNode {
             .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
             .await
             .map_err(read)?
-            .filter(|(m, _)| m.id == migration)
+            .filter(|(m, _)| m.id == migration && m.state == MigrationState::Requested)
             .ok_or_else(|| OpError::conflict("the migration was called off"))?;
         let (mut instance, ikv) = self
             .etcd
@@ -628,14 +634,72 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Keeps an instance after a migration out that did not hand it over:
+    /// rewrites the owner key (same owner, this lease) if the token is
+    /// still `token`, which voids the token a late takeover would compare.
+    /// `Ok(false)`: another node owns it now.
+    pub(super) async fn reclaim(&self, name: &str, token: i64) -> Result<bool, EtcdError> {
+        let lease = self.lease();
+        let owner = OwnerRecord {
+            node: self.name.clone(),
+            since: now_secs(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, token),
+                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::put(
+                key(OWNERS, name),
+                json(&owner),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let response = self.etcd.txn(txn).await?;
+        if !response.succeeded() {
+            return Ok(false);
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), revision);
+        Ok(true)
+    }
+
     /// The owner's part of its pass: starts the migrations asked of it.
     pub(super) fn start_migrations(&self, view: &View) {
         for (name, (record, kv)) in &view.migrations {
-            if record.from != self.name
-                || record.state != MigrationState::Requested
-                || self.token(name) != Some(record.token)
-            {
+            if record.from != self.name || record.state != MigrationState::Requested {
                 continue;
+            }
+            let busy = self
+                .migrating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(name);
+            match self.token(name) {
+                Some(token) if token == record.token => {}
+                // Kept after an attempt a restart cut short: this one is over.
+                Some(_) if !busy => {
+                    let mut failed = record.clone();
+                    failed.state = MigrationState::Failed {
+                        reason: format!("vroomd on {} restarted during the migration", self.name),
+                    };
+                    let node = self.arc();
+                    let (k, revision, lease) = (kv.key.clone(), kv.mod_revision, kv.lease);
+                    tokio::spawn(async move {
+                        let txn = Txn::new()
+                            .when([Compare::mod_revision(k.clone(), CompareOp::Equal, revision)])
+                            .and_then([TxnOp::put(
+                                k,
+                                json(&failed),
+                                Some(PutOptions::new().with_lease(lease)),
+                            )]);
+                        let _ = node.etcd.txn(txn).await;
+                    });
+                    continue;
+                }
+                _ => continue,
             }
             let Some(peer) = view.nodes.get(&record.to).and_then(|(n, _)| n.peer.clone()) else {
                 continue;
@@ -666,9 +730,10 @@ impl ClusterNode {
         let outcome = self.send(name, &record, peer).await;
         let mkey = key(MIGRATIONS, name);
         let current = self.etcd.get_json::<MigrationRecord>(&mkey).await;
-        let still_owner = match self.etcd.get(&key(OWNERS, name)).await {
-            Ok(Some(kv)) => kv.mod_revision == record.token,
-            Ok(None) => false,
+        // Fenced: a takeover still in flight can no longer succeed once
+        // this node has rewritten its owner key.
+        let still_owner = match self.reclaim(name, record.token).await {
+            Ok(mine) => mine,
             // Cannot tell: the VM stays paused until a pass can.
             Err(_) => return,
         };
@@ -792,8 +857,15 @@ impl ClusterNode {
             downtime_ms: sent.stats.downtime_ms,
             ram_bytes: sent.stats.bytes,
         };
-        writer.write_all(&line(&header)).await.map_err(gone)?;
-        writer.write_all(&sent.volume).await.map_err(gone)?;
+        // Bounded: the VM stays paused until this ends.
+        let handed = async {
+            writer.write_all(&line(&header)).await?;
+            writer.write_all(&sent.volume).await
+        };
+        tokio::time::timeout(STEP_TIMEOUT, handed)
+            .await
+            .map_err(|_| format!("node {to} did not take the config volume in {STEP_TIMEOUT:?}"))?
+            .map_err(gone)?;
         match read_control(&mut reader, to).await? {
             Control::Resumed => Ok((
                 sent.stats,
@@ -1009,7 +1081,8 @@ impl ClusterNode {
                         .ok();
                     let lost = match owner {
                         Some(None) => true,
-                        Some(Some((o, kv))) => kv.mod_revision != migration.token && o.node != *to,
+                        // (A source that kept it rewrites its key: still its.)
+                        Some(Some((o, _))) => o.node != *from && o.node != *to,
                         None => false,
                     };
                     if lost {
