@@ -15,6 +15,9 @@
 //! - `config/<name>`: the replicated config values;
 //! - `networks/<name>`: a network's [`NetworkRecord`], the same on every node;
 //! - `ips/<network>/<address>`: who holds an address;
+//! - `splices/<name>`: a VM's splices and mirrors
+//!   ([`vroom_core::cluster::Wiring`]), written by its owner under the
+//!   fencing token, so that they move with it;
 //! - `migrations/<name>`: a live migration under way ([`MigrationRecord`]),
 //!   bound to the lease of the node that asked for it.
 
@@ -36,6 +39,7 @@ pub const CONFIGS: &str = "/vroom/config/";
 pub const NETWORKS: &str = "/vroom/networks/";
 pub const IPS: &str = "/vroom/ips/";
 pub const MIGRATIONS: &str = "/vroom/migrations/";
+pub const WIRINGS: &str = "/vroom/splices/";
 
 /// The most config a cluster instance may replicate (its values as JSON):
 /// etcd is built for small values.

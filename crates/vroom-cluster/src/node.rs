@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
-use vroom_core::cluster::{Cluster, Identity};
+use vroom_core::cluster::{Cluster, Identity, Wiring};
 use vroom_core::{Engine, OpError};
 use vroom_types::{
     ConfigValues, DesiredState, ErrorCode, HaPolicy, Instance, InstanceAction, InstanceState, Name,
@@ -1122,9 +1122,18 @@ impl ClusterNode {
             let ours = owned.contains_key(name);
             if cluster_instance && !ours && !self.is_starting(name) {
                 tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
+                self.engine.drop_wiring(name).await;
                 if let Err(e) = self.engine.remove(name, true).await {
                     tracing::warn!(instance = %name, error = %e.message, "cannot remove a local copy");
                 }
+            }
+        }
+        // Splices and mirrors of a VM that is not here and not coming: it
+        // left, or its move here failed.
+        for vm in self.engine.wired_elsewhere() {
+            if !owned.contains_key(&vm) && !self.is_starting(&vm) {
+                tracing::info!(instance = %vm, "taking out the splices of a VM that is not here");
+                self.engine.drop_wiring(&vm).await;
             }
         }
         // A migration out that a restarted daemon (or a lost answer) left
@@ -1251,6 +1260,8 @@ impl ClusterNode {
             self.ensure_network(nic.network.as_str()).await?;
         }
         self.ensure_image(&request.spec.image).await?;
+        // Its splices first, so that its first packet goes through them.
+        self.bring_wiring(request.spec.name.as_str()).await?;
         // After a failover, `restart` boots cold; `standby` (and a first
         // start) may start from the image's warm snapshot.
         request.cold = moved_here(record, &self.name) && request.placement.ha == HaPolicy::Restart;
@@ -1262,11 +1273,70 @@ impl ClusterNode {
                 Some(Identity {
                     id: record.id.clone(),
                     config,
+                    cluster: true,
                 }),
             )
             .await?;
         tracing::info!(instance = %instance.spec.name, node = %self.name, "started an owned instance");
         Ok(())
+    }
+
+    /// Makes VM `name`'s recorded splices and mirrors here (each appliance
+    /// booted and in the path), fetching the appliances' images first.
+    async fn bring_wiring(&self, name: &str) -> Result<(), OpError> {
+        let Some((wiring, _)) = self
+            .etcd
+            .get_json::<Wiring>(&key(WIRINGS, name))
+            .await
+            .map_err(|e| etcd_error("cannot read the splices", e))?
+        else {
+            return Ok(());
+        };
+        for carried in &wiring.splices {
+            self.ensure_image(&carried.spec.image).await?;
+        }
+        self.engine.install_wiring(name, &wiring).await
+    }
+
+    /// Writes (or, with `None`, deletes) VM `name`'s wiring under the
+    /// fencing token. Nothing to do for a VM this node does not own.
+    async fn put_wiring(&self, name: &str, wiring: Option<&Wiring>) -> Result<(), OpError> {
+        let Some(token) = self.token(name) else {
+            return Ok(());
+        };
+        let k = key(WIRINGS, name);
+        let op = match wiring {
+            Some(wiring) => {
+                let bytes = json(wiring);
+                if bytes.len() > MAX_CONFIG_BYTES {
+                    return Err(OpError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "the splices of {name} and their appliances' config come to {} KiB; a cluster instance carries at most {} KiB",
+                            bytes.len() / 1024,
+                            MAX_CONFIG_BYTES / 1024
+                        ),
+                    ));
+                }
+                TxnOp::put(k, bytes, None)
+            }
+            None => TxnOp::delete(k, None),
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key(OWNERS, name),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([op]);
+        match self.etcd.txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(()),
+            Ok(_) => Err(OpError::conflict(format!(
+                "node {} lost {name} to another node; the change is not saved",
+                self.name
+            ))),
+            Err(e) => Err(etcd_error("cannot record the splices", e)),
+        }
     }
 
     /// Creates a cluster network here as etcd describes it.
@@ -1582,7 +1652,7 @@ fn moved_here(record: &InstanceRecord, node: &str) -> bool {
 
 /// Deletes every key of an instance but its owner key.
 fn delete_all(name: &str, record: &InstanceRecord) -> Vec<TxnOp> {
-    let mut ops: Vec<TxnOp> = [INSTANCES, STATUSES, CONFIGS, ASSIGNS]
+    let mut ops: Vec<TxnOp> = [INSTANCES, STATUSES, CONFIGS, ASSIGNS, WIRINGS]
         .iter()
         .map(|prefix| TxnOp::delete(key(prefix, name), None))
         .collect();
@@ -1868,7 +1938,26 @@ impl Cluster for ClusterNode {
         )))
     }
 
+    async fn replicate_wiring(&self, vm: &str, wiring: Option<Wiring>) -> Result<(), OpError> {
+        self.put_wiring(vm, wiring.as_ref()).await
+    }
+
     fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError> {
+        // A splice's appliance: its config moves with its VM's splices.
+        if let Ok(splice) = self.engine.get_splice(name) {
+            let Some(mut wiring) = self.engine.wiring_of(splice.vm.as_str()) else {
+                return Ok(());
+            };
+            for carried in &mut wiring.splices {
+                if carried.splice.appliance.as_str() == name {
+                    carried.config = values.clone();
+                }
+            }
+            let handle = tokio::runtime::Handle::current();
+            return tokio::task::block_in_place(|| {
+                handle.block_on(self.put_wiring(splice.vm.as_str(), Some(&wiring)))
+            });
+        }
         if !self
             .known
             .lock()

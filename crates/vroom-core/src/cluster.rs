@@ -5,7 +5,11 @@
 //! for cluster-wide operations and the engine asks before it launches a VM
 //! or acknowledges a config change.
 
-use vroom_types::{ConfigValues, DesiredState, Instance, Migration, NodeInfo, RunRequest};
+use serde::{Deserialize, Serialize};
+use vroom_types::{
+    ConfigValues, DesiredState, Instance, InstanceSpec, Migration, Mirror, NodeInfo, RunRequest,
+    Splice,
+};
 
 use crate::error::OpError;
 
@@ -25,6 +29,10 @@ pub trait Cluster: Send + Sync {
     /// Replicates an accepted config change (before it is acknowledged),
     /// under this node's fencing token. Blocking.
     fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError>;
+    /// Records a VM's splices and mirrors (`None`: it has none) under this
+    /// node's fencing token, so that they move with it. A no-op for a VM
+    /// this node does not own.
+    async fn replicate_wiring(&self, vm: &str, wiring: Option<Wiring>) -> Result<(), OpError>;
     /// Whether this node may launch `name` now: always for a local-only
     /// instance; for a cluster instance (one the cluster knows, or one it
     /// created here: `cluster_made`) only while this node owns it under a
@@ -57,4 +65,28 @@ pub trait Cluster: Send + Sync {
 pub struct Identity {
     pub id: String,
     pub config: Option<ConfigValues>,
+    /// A cluster instance (launched only while this node owns it), or one
+    /// that belongs to this node alone (a splice's appliance moved here
+    /// with its VM).
+    pub cluster: bool,
+}
+
+/// A VM's splices and mirrors as the cluster keeps them: enough to make
+/// them again on the node the VM moves to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Wiring {
+    /// Closest to the network first.
+    pub splices: Vec<CarriedSplice>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A splice that moves with its VM: the record, and who its appliance is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CarriedSplice {
+    pub splice: Splice,
+    /// The appliance's id (so its MACs), its spec (the image pinned by
+    /// id) and its config.
+    pub id: String,
+    pub spec: InstanceSpec,
+    pub config: ConfigValues,
 }

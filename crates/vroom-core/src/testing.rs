@@ -840,3 +840,31 @@ impl TestEngine {
         }
     }
 }
+
+/// A request to run `image` as `name` with one NIC on `lan` per role given
+/// (`None` for a NIC without a role), 1 CPU and the image's memory.
+pub fn run_request(name: &str, image: &str, nics: &[Option<&str>]) -> vroom_types::RunRequest {
+    vroom_types::RunRequest {
+        spec: vroom_types::InstanceSpec {
+            name: vroom_types::Name::new(name).unwrap(),
+            image: image.into(),
+            mem_mib: None,
+            cpus: 1,
+            nics: nics
+                .iter()
+                .map(|role| vroom_types::NicSpec {
+                    network: vroom_types::Name::new("lan").unwrap(),
+                    ip: None,
+                    role: role.map(|r| vroom_types::Name::new(r).unwrap()),
+                })
+                .collect(),
+            accel: AccelChoice::Auto,
+            config_volume_kib: None,
+            ephemeral: false,
+        },
+        ready_timeout_secs: Some(30),
+        from_snapshot: None,
+        cold: false,
+        placement: Default::default(),
+    }
+}

@@ -957,3 +957,103 @@ fn a_standby_instance_fails_over_from_a_warm_snapshot() {
     assert!(page.contains("warm-and-replicated"), "{page}");
     sampler.assert_never_twice("standby failover");
 }
+
+/// A splice moves with its VM: a live migration and a failover each make
+/// the firewall again on the VM's new node, with its config, in the path
+/// before the VM's first packet there; the node it left keeps nothing.
+#[test]
+fn a_splice_moves_with_its_vm() {
+    let lab = Arc::new(Lab::new(2));
+    lab.ok(0, &["image", "build", &common::recipe("hello")]);
+    // Only n1 has the firewall's image: n2 fetches it by id.
+    lab.ok(0, &["image", "build", &common::recipe("l2-firewall")]);
+    lab.ok(
+        0,
+        &[
+            "run", "hello", "--name", "w", "--node", "n1", "--ha", "restart",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "w");
+    failed_over(&lab, 0, "w", &ip, Duration::from_secs(60));
+    lab.ok(0, &["splice", "l2-firewall", "--in-front-of", "w"]);
+    let fw = "w-l2-firewall";
+    // New connections to port 80 are the firewall's to drop: a page that
+    // does not come proves the path goes through it.
+    let blocked = |i: usize| {
+        poll(Duration::from_secs(15), || {
+            lab.page_from(i, &ip).is_none().then_some(())
+        })
+        .is_some()
+    };
+    let open = |i: usize| poll(Duration::from_secs(15), || lab.page_from(i, &ip)).is_some();
+    lab.ok(0, &["config", fw, "set", "block_tcp=80"]);
+    assert!(blocked(0), "the firewall on n1 let port 80 through");
+    let splice_on = |i: usize| -> Option<serde_json::Value> {
+        let all: serde_json::Value =
+            serde_json::from_str(&lab.ok(i, &["--json", "splices"])).unwrap();
+        all.as_array()?
+            .iter()
+            .find(|s| s["appliance"] == fw && s["vm"] == "w")
+            .cloned()
+    };
+    let sampler = Sampler::start(&lab, "w");
+
+    // Live: the firewall is up on n2 before w switches over.
+    let said = sampler.migration(&lab, "w", || lab.ok(0, &["migrate", "w", "--to", "n2"]));
+    eprintln!("{}", said.trim());
+    let moved = splice_on(1).expect("the splice is on n2");
+    assert_eq!(moved["state"], "active", "{moved}");
+    assert!(lab.runs(1, fw).is_some(), "the firewall runs on n2");
+    assert!(lab.runs(0, fw).is_none(), "the firewall left n1");
+    assert!(splice_on(0).is_none(), "n1 keeps no splice");
+    let shown = lab.ok(1, &["config", fw, "get", "block_tcp"]);
+    assert!(shown.contains("80"), "its config came: {shown}");
+    assert!(lab.runs(1, "w").is_some() && lab.runs(0, "w").is_none());
+    assert!(blocked(1), "w is reachable on n2 around its firewall");
+    lab.ok(1, &["config", fw, "set", "block_tcp="]);
+    if !open(1) {
+        let ns = &lab.nodes[1].ns;
+        let links = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ip -n {ns} -br link; bridge -n {ns} link"))
+            .output()
+            .unwrap();
+        panic!(
+            "w does not answer through its firewall on n2\n{}\n{}\n{}\n{}",
+            String::from_utf8_lossy(&links.stdout),
+            lab.ok(1, &["splices"]),
+            lab.ok(1, &["exec", fw, "--", "nft", "list", "ruleset"]),
+            lab.ok(1, &["--json", "inspect", "w"]),
+        );
+    }
+
+    // Power loss: w restarts on n1 behind its firewall, made again there
+    // with the config it had (port 80 blocked again just before).
+    lab.ok(1, &["config", fw, "set", "block_tcp=80"]);
+    assert!(blocked(1));
+    lab.power_loss(1);
+    let back = poll(Duration::from_secs(60), || {
+        (lab.runs(0, "w").is_some() && lab.runs(0, fw).is_some()).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "w and its firewall did not come back on n1\n{}",
+        lab.log(0)
+    );
+    let ready = poll(Duration::from_secs(60), || {
+        lab.vroom(0, &["exec", "w", "--", "/bin/busybox", "true"])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(ready.is_some(), "w never became ready on n1");
+    let remade = splice_on(0).expect("the splice is on n1 again");
+    assert_eq!(remade["state"], "active", "{remade}");
+    assert!(
+        blocked(0),
+        "w came back on n1 without its firewall's config"
+    );
+    lab.ok(0, &["config", fw, "set", "block_tcp="]);
+    assert!(open(0), "w does not answer through its firewall on n1");
+    sampler.assert_never_twice("a spliced VM's moves");
+}

@@ -391,6 +391,15 @@ impl ClusterNode {
         if !self.begin_start(name) {
             return refuse(&mut control, format!("{} is busy with {name}", self.name));
         }
+        // Its splices (appliances booted, in the path) before its VMM: the
+        // VM's first packet here goes through them.
+        if let Err(e) = self.bring_wiring(name).await {
+            self.end_start(name);
+            return refuse(
+                &mut control,
+                format!("cannot bring its splices: {}", e.message),
+            );
+        }
         let (slot, data) = std::sync::mpsc::sync_channel(1);
         self.incoming
             .lock()
@@ -406,6 +415,9 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
+        if outcome.is_err() {
+            self.engine.drop_wiring(name).await;
+        }
         self.end_start(name);
         let reply = match outcome {
             Ok(()) => {
@@ -557,6 +569,7 @@ impl ClusterNode {
                 Identity {
                     id: record.id.clone(),
                     config,
+                    cluster: true,
                 },
                 incoming,
             )
@@ -742,7 +755,8 @@ impl ClusterNode {
                 tracing::warn!(instance = %name, error = %e.message, "cannot resume an instance whose migration failed");
             }
         } else if self.engine.get(name).is_ok() {
-            // Handed over: the paused copy here goes.
+            // Handed over: the paused copy here goes, and its splices.
+            self.engine.drop_wiring(name).await;
             let _ = self.engine.remove(name, true).await;
         }
         let state = match (&outcome, still_owner) {
@@ -816,6 +830,14 @@ impl ClusterNode {
                 Err(_) => Err(format!("cannot reach node {to} at {peer}: timed out")),
             }
         };
+        // Its splices and mirrors go too: recorded as they are now, for the
+        // destination to make before the VM arrives.
+        if let Some(reason) = self.engine.immovable_reason(name) {
+            return Err(format!("{name} cannot move to another node: {reason}"));
+        }
+        self.put_wiring(name, self.engine.wiring_of(name).as_ref())
+            .await
+            .map_err(|e| e.message)?;
         let control = connect().await?;
         let (reader, mut writer) = control.into_split();
         let mut reader = tokio::io::BufReader::new(reader);

@@ -151,7 +151,7 @@ impl Engine {
             }
         };
 
-        let cluster = identity.is_some();
+        let cluster = identity.as_ref().is_some_and(|i| i.cluster);
         let (id, given_config) = match identity {
             Some(identity) => (identity.id, identity.config),
             None => (random_id(), None),
@@ -638,6 +638,12 @@ impl Engine {
                 None => self.net.move_tap(&nic.tap, None).await,
             }
             .map_err(|e| OpError::internal("failed to attach the NIC", e))?;
+        }
+        // A VM arriving behind splices made before it (it moved here): its
+        // appliances' ports join the chain now that it exists.
+        let name = &instance.spec.name;
+        if self.list_splices().iter().any(|s| &s.vm == name) {
+            self.rewire().await;
         }
         Ok(())
     }

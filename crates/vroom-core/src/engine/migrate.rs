@@ -107,21 +107,11 @@ impl Engine {
         name: &str,
         channel: OwnedFd,
     ) -> Result<LiveOutgoing, OpError> {
-        // Splices and mirrors are wired on this host: moving one end alone
-        // would cut them. Refused rather than broken.
-        if let Some(reason) = self.splice_blocking_removal(name) {
+        // Its splices and mirrors go with it (the cluster made them on the
+        // destination already); what cannot go keeps it here.
+        if let Some(reason) = self.immovable_reason(name) {
             return Err(OpError::conflict(format!(
                 "{name} cannot move to another node: {reason}"
-            )));
-        }
-        if let Some(m) = self
-            .list_mirrors()
-            .into_iter()
-            .find(|m| m.vm.as_str() == name || m.to.as_str() == name)
-        {
-            return Err(OpError::conflict(format!(
-                "{name} cannot move to another node: {} mirrors to {} here; `vroom unmirror {} --to {}` first",
-                m.vm, m.to, m.vm, m.to
             )));
         }
         let cell = self.cell(name)?;

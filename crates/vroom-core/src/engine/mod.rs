@@ -16,6 +16,7 @@
 //!   and the watchdog that fails a dead appliance open or closed.
 
 mod archive;
+mod carry;
 mod config;
 mod guest;
 mod images;

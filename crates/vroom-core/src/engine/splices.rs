@@ -57,7 +57,7 @@ impl Engine {
             .collect()
     }
 
-    fn save_splice(&self, splice: &Splice) -> Result<(), OpError> {
+    pub(super) fn save_splice(&self, splice: &Splice) -> Result<(), OpError> {
         blocking(|| self.store.put_splice(splice))
             .map_err(|e| OpError::internal("failed to save the splice", e))?;
         self.splices
@@ -78,7 +78,7 @@ impl Engine {
     }
 
     /// Changes a splice's record (in memory and in the store) and notes why.
-    fn update_splice(
+    pub(super) fn update_splice(
         &self,
         appliance: &Name,
         state: SpliceState,
@@ -306,6 +306,14 @@ impl Engine {
             }
             return Err(e);
         }
+        // Acknowledged only once the cluster has it: it moves with the VM.
+        if let Err(e) = self.replicate_wiring(&splice.vm).await {
+            tracing::warn!(appliance = %appliance, error = %e, "cannot record the splice in the cluster; undoing it");
+            if let Err(undo) = self.take_out(&appliance).await {
+                tracing::error!(appliance = %appliance, error = %undo, "failed to undo a splice");
+            }
+            return Err(e);
+        }
         let splice = self.get_splice(appliance.as_str())?;
         tracing::info!(appliance = %appliance, vm = %splice.vm, nic, fail = %splice.fail, "spliced");
         Ok(splice)
@@ -317,6 +325,7 @@ impl Engine {
         let _op = self.splice_op.lock().await;
         let splice = self.get_splice(appliance)?;
         self.take_out(&splice.appliance).await?;
+        self.replicate_wiring(&splice.vm).await?;
         tracing::info!(appliance, vm = %splice.vm, "unspliced");
         Ok(())
     }
@@ -325,7 +334,7 @@ impl Engine {
     /// appliance (or stops one that was not created for it), its segment
     /// and its record. Every step may be repeated, so recovery finishes a
     /// removal a daemon died in.
-    async fn take_out(self: &Arc<Self>, appliance: &Name) -> Result<(), OpError> {
+    pub(super) async fn take_out(self: &Arc<Self>, appliance: &Name) -> Result<(), OpError> {
         let splice = self.update_splice(appliance, SpliceState::Removing, "unsplicing")?;
         self.rewire().await;
         if self.get(appliance.as_str()).is_ok() {
@@ -534,6 +543,10 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, mirror.clone());
+        if let Err(e) = self.replicate_wiring(&mirror.vm).await {
+            let _ = self.drop_mirror(&mirror.id).await;
+            return Err(e);
+        }
         self.refresh_mirrors_of(&mirror.vm, nic).await;
         tracing::info!(mirror = %mirror.id, "mirroring");
         Ok(mirror)
@@ -542,10 +555,19 @@ impl Engine {
     /// Stops one mirror.
     pub async fn unmirror(&self, id: &str) -> Result<(), OpError> {
         let _op = self.splice_op.lock().await;
-        self.drop_mirror(id).await
+        let vm = self
+            .list_mirrors()
+            .into_iter()
+            .find(|m| m.id == id)
+            .map(|m| m.vm);
+        self.drop_mirror(id).await?;
+        match vm {
+            Some(vm) => self.replicate_wiring(&vm).await,
+            None => Ok(()),
+        }
     }
 
-    async fn drop_mirror(&self, id: &str) -> Result<(), OpError> {
+    pub(super) async fn drop_mirror(&self, id: &str) -> Result<(), OpError> {
         let mirror = self
             .list_mirrors()
             .into_iter()
@@ -768,7 +790,7 @@ enum Health {
     Dead,
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -817,12 +839,11 @@ pub(super) fn resolve_nic(instance: &Instance, nic: Option<&str>) -> Result<usiz
 #[cfg(test)]
 mod tests {
     use vroom_types::{
-        AccelChoice, FailMode, InstanceSpec, InstanceState, Name, NetworkSpec, NicSpec, RunRequest,
-        SpliceRequest, SpliceState,
+        FailMode, InstanceState, Name, NetworkSpec, RunRequest, SpliceRequest, SpliceState,
     };
 
     use crate::store::StateStore;
-    use crate::testing::{GuestBehavior, TestEngine};
+    use crate::testing::{run_request, GuestBehavior, TestEngine};
 
     async fn with_running_vm(dir: &std::path::Path) -> TestEngine {
         let t = TestEngine::new(dir);
@@ -839,26 +860,7 @@ mod tests {
             .await
             .unwrap();
         t.engine
-            .run(RunRequest {
-                spec: InstanceSpec {
-                    name: Name::new("web").unwrap(),
-                    image: "hello".into(),
-                    mem_mib: None,
-                    cpus: 1,
-                    nics: vec![NicSpec {
-                        network: Name::new("lan").unwrap(),
-                        ip: None,
-                        role: None,
-                    }],
-                    accel: AccelChoice::Auto,
-                    config_volume_kib: None,
-                    ephemeral: false,
-                },
-                ready_timeout_secs: Some(30),
-                from_snapshot: None,
-                cold: false,
-                placement: Default::default(),
-            })
+            .run(run_request("web", "hello", &[None]))
             .await
             .unwrap();
         wait(&t, "web", |i| i.status.state == InstanceState::Running).await;
@@ -1189,25 +1191,53 @@ mod tests {
         assert!(t.net.mirrors.lock().unwrap().is_empty());
     }
 
-    /// A spliced VM, or its appliance, does not migrate (its splice is
-    /// wired on this host); unspliced, it streams out, stays paused, and
-    /// runs again when the migration does not hand it over.
+    /// A spliced appliance does not migrate alone, and neither does a VM
+    /// behind an appliance that was an instance of its own; a VM whose
+    /// splice made its appliance streams out, stays paused, and runs again
+    /// when the migration does not hand it over.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_spliced_vm_does_not_migrate_and_an_unhanded_one_runs_again() {
+    async fn a_spliced_appliance_does_not_migrate_alone_and_an_unhanded_vm_runs_again() {
         let dir = tempfile::tempdir().unwrap();
         let t = with_running_vm(dir.path()).await;
         t.engine.splice(request("bump")).await.unwrap();
-        for name in ["web", "web-bump"] {
-            let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
-            let err = t.engine.send_live(name, channel.into()).await.unwrap_err();
-            assert!(
-                err.message.contains("cannot move to another node")
-                    && err.message.contains("splice"),
-                "{}",
-                err.message
-            );
-        }
+        let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = t
+            .engine
+            .send_live("web-bump", channel.into())
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("cannot move to another node")
+                && err.message.contains("moves with it"),
+            "{}",
+            err.message
+        );
+        assert_eq!(t.engine.immovable_reason("web"), None);
+        // An appliance of its own, spliced: its VM stays.
         t.engine.unsplice("web-bump").await.unwrap();
+        t.engine
+            .run(run_request(
+                "own",
+                "bump",
+                &[Some("outside"), Some("inside")],
+            ))
+            .await
+            .unwrap();
+        wait(&t, "own", |i| i.status.state == InstanceState::Running).await;
+        t.engine
+            .action("own", vroom_types::InstanceAction::Stop)
+            .await
+            .unwrap();
+        wait(&t, "own", |i| i.status.state == InstanceState::Stopped).await;
+        t.engine.splice(request("own")).await.unwrap();
+        let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = t.engine.send_live("web", channel.into()).await.unwrap_err();
+        assert!(
+            err.message.contains("instance of its own"),
+            "{}",
+            err.message
+        );
+        t.engine.unsplice("own").await.unwrap();
         let (channel, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let sent = t.engine.send_live("web", channel.into()).await.unwrap();
         assert!(!sent.volume.is_empty(), "the config volume goes along");
@@ -1230,5 +1260,126 @@ mod tests {
             crate::driver::VmRunState::Running
         );
         assert!(t.engine.migrating_out().is_empty());
+    }
+
+    /// A VM's splices move with it: another node makes its appliance with
+    /// the same id and config, in the path before the VM arrives; the node
+    /// it left takes its copies out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wiring_moves_with_its_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_running_vm(dir.path()).await;
+        a.engine.splice(request("bump")).await.unwrap();
+        a.engine
+            .config_update(
+                "web-bump",
+                [("greeting".to_string(), "moved".to_string())].into(),
+            )
+            .await
+            .unwrap();
+        let wiring = a.engine.wiring_of("web").expect("web has a splice");
+        assert_eq!(wiring.splices.len(), 1);
+        let carried = &wiring.splices[0];
+        let appliance = a.engine.get("web-bump").unwrap();
+        assert_eq!(carried.id, appliance.id);
+        assert_eq!(carried.spec.image, appliance.image_id, "pinned by id");
+        assert!(a.engine.wiring_of("web-bump").is_none());
+
+        // The other node: the network, then the wiring, then the VM.
+        let other = tempfile::tempdir().unwrap();
+        let b = TestEngine::new(other.path());
+        b.engine.recover().await.unwrap();
+        b.engine
+            .create_network(
+                a.engine
+                    .network("lan")
+                    .map(|n| NetworkSpec {
+                        name: n.name,
+                        subnet: Some(n.subnet),
+                        nat: false,
+                        isolated: false,
+                        mirror: false,
+                        allow_host: vec![],
+                    })
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        b.engine.install_wiring("web", &wiring).await.unwrap();
+        let moved = b.engine.get_splice("web-bump").unwrap();
+        assert_eq!(moved.state, SpliceState::Active);
+        assert_ne!(moved.segment, carried.splice.segment, "this node's segment");
+        let copy = b.engine.get("web-bump").unwrap();
+        assert_eq!(copy.id, appliance.id, "same identity, same MACs");
+        let volume = b.engine.cell("web-bump").unwrap().volume();
+        let on_volume = vroom_volume::read_config(&volume).unwrap();
+        assert_eq!(
+            on_volume.get("greeting").map(String::as_str),
+            Some("moved"),
+            "its config came"
+        );
+        b.engine.install_wiring("web", &wiring).await.unwrap();
+        assert_eq!(
+            b.engine.list_splices().len(),
+            1,
+            "installing twice is a no-op"
+        );
+        assert_eq!(b.engine.wired_elsewhere(), vec!["web".to_string()]);
+        let web = a.engine.get("web").unwrap();
+        b.engine
+            .run_as(
+                RunRequest {
+                    spec: web.spec.clone(),
+                    ready_timeout_secs: Some(30),
+                    from_snapshot: None,
+                    cold: false,
+                    placement: Default::default(),
+                },
+                Some(crate::cluster::Identity {
+                    id: web.id.clone(),
+                    config: None,
+                    cluster: false,
+                }),
+            )
+            .await
+            .unwrap();
+        wait(&b, "web", |i| i.status.state == InstanceState::Running).await;
+        assert_eq!(
+            bridge_of(&b, &tap(&b, "web", 0)),
+            Some(moved.segment.clone())
+        );
+        let lan = b.engine.network("lan").unwrap().bridge;
+        assert_eq!(
+            bridge_of(&b, &tap(&b, "web-bump", 0)),
+            Some(lan),
+            "outside on the network"
+        );
+        assert_eq!(
+            bridge_of(&b, &tap(&b, "web-bump", 1)),
+            Some(moved.segment.clone()),
+            "inside on the segment once the VM came"
+        );
+        assert!(b.engine.wired_elsewhere().is_empty());
+
+        // The node it left.
+        a.engine.drop_wiring("web").await;
+        assert!(a.engine.list_splices().is_empty());
+        assert!(a.engine.get("web-bump").is_err(), "its appliance went");
+        assert!(
+            a.engine.get("web").is_ok(),
+            "the VM is the cluster's to remove"
+        );
+
+        // A name taken on the other node refuses the move and leaves nothing.
+        let third = tempfile::tempdir().unwrap();
+        let c = with_running_vm(third.path()).await;
+        c.engine.splice(request("bump")).await.unwrap();
+        let err = c.engine.install_wiring("other", &wiring).await.unwrap_err();
+        assert!(
+            err.message.contains("spliced in front of web"),
+            "{}",
+            err.message
+        );
+        assert_eq!(c.engine.list_splices().len(), 1);
     }
 }

@@ -4,27 +4,12 @@
 
 use std::time::Duration;
 
-use vroom_types::{AccelChoice, InstanceAction, InstanceSpec, InstanceState, Name, RunRequest};
+use vroom_types::{InstanceAction, InstanceState, Name, RunRequest};
 
 use crate::testing::{GuestBehavior, TestEngine};
 
 fn request(name: &str) -> RunRequest {
-    RunRequest {
-        spec: InstanceSpec {
-            name: Name::new(name).unwrap(),
-            image: "hello".into(),
-            mem_mib: None,
-            cpus: 1,
-            nics: vec![],
-            accel: AccelChoice::Auto,
-            config_volume_kib: None,
-            ephemeral: false,
-        },
-        ready_timeout_secs: Some(30),
-        from_snapshot: None,
-        cold: false,
-        placement: Default::default(),
-    }
+    crate::testing::run_request(name, "hello", &[])
 }
 
 /// Waits (in paused-free real time, bounded) for an instance to reach a state.
