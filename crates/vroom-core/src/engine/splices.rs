@@ -1262,6 +1262,61 @@ mod tests {
         assert!(t.engine.migrating_out().is_empty());
     }
 
+    /// Another node with `a`'s network `lan`, where `a`'s VMs could move.
+    async fn peer_of(a: &TestEngine, dir: &std::path::Path) -> TestEngine {
+        let b = TestEngine::new(dir);
+        b.engine.recover().await.unwrap();
+        let lan = a.engine.network("lan").unwrap();
+        b.engine
+            .create_network(NetworkSpec {
+                name: lan.name,
+                subnet: Some(lan.subnet),
+                nat: false,
+                isolated: false,
+                mirror: false,
+                allow_host: vec![],
+            })
+            .await
+            .unwrap();
+        b
+    }
+
+    /// A daemon killed while a VM's splice is being made on the node it
+    /// moves to: the next one takes the half-made splice out, appliance,
+    /// segment and all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_moved_splice_is_taken_out_by_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = with_running_vm(dir.path()).await;
+        a.engine.splice(request("bump")).await.unwrap();
+        let wiring = a.engine.wiring_of("web").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let b = peer_of(&a, other.path()).await;
+        b.driver.set_behavior(GuestBehavior::NeverReady);
+        let engine = b.engine.clone();
+        let moving = tokio::spawn(async move { engine.install_wiring("web", &wiring).await });
+        let mut booting = false;
+        for _ in 0..200 {
+            booting = b.engine.get("web-bump").is_ok();
+            if booting {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(booting, "the appliance never started");
+        let segment = b.engine.get_splice("web-bump").unwrap().segment;
+        assert!(b.net.bridges.lock().unwrap().contains(&segment));
+        moving.abort();
+
+        let engine = b.restarted();
+        engine.recover().await.unwrap();
+        assert!(engine.list_splices().is_empty());
+        assert!(b.store.splices().unwrap().is_empty());
+        assert!(engine.get("web-bump").is_err(), "appliance removed");
+        assert!(!b.net.bridges.lock().unwrap().contains(&segment));
+        assert!(b.driver.running().is_empty(), "{:?}", b.driver.running());
+    }
+
     /// A VM's splices move with it: another node makes its appliance with
     /// the same id and config, in the path before the VM arrives; the node
     /// it left takes its copies out.
@@ -1287,24 +1342,7 @@ mod tests {
 
         // The other node: the network, then the wiring, then the VM.
         let other = tempfile::tempdir().unwrap();
-        let b = TestEngine::new(other.path());
-        b.engine.recover().await.unwrap();
-        b.engine
-            .create_network(
-                a.engine
-                    .network("lan")
-                    .map(|n| NetworkSpec {
-                        name: n.name,
-                        subnet: Some(n.subnet),
-                        nat: false,
-                        isolated: false,
-                        mirror: false,
-                        allow_host: vec![],
-                    })
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let b = peer_of(&a, other.path()).await;
         b.engine.install_wiring("web", &wiring).await.unwrap();
         let moved = b.engine.get_splice("web-bump").unwrap();
         assert_eq!(moved.state, SpliceState::Active);
