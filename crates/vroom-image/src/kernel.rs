@@ -13,6 +13,9 @@ use vroom_types::KernelRef;
 
 use crate::util::{run, sha256_file};
 
+mod own;
+pub use own::{BuildKernelError, Fragment, OwnKernel, FRAGMENT, SOURCE_PACKAGE};
+
 /// The Debian metapackage that always depends on the newest cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 
@@ -199,14 +202,19 @@ fn resolve(meta: &str) -> Result<(String, String), FetchKernelError> {
         .find(|p| p.starts_with("linux-image-"))
         .ok_or_else(|| err("no linux-image dependency (run apt-get update?)".into()))?
         .to_string();
-    let policy = run(Command::new("apt-cache").args(["policy", &package])).map_err(err)?;
-    let version = policy
+    let version = candidate(&package).map_err(err)?;
+    Ok((package, version))
+}
+
+/// The version apt would install of `package`.
+fn candidate(package: &str) -> Result<String, String> {
+    let policy = run(Command::new("apt-cache").args(["policy", package]))?;
+    policy
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Candidate: "))
         .find(|v| *v != "(none)")
-        .ok_or_else(|| err(format!("{package} has no installable candidate")))?
-        .to_string();
-    Ok((package, version))
+        .map(String::from)
+        .ok_or_else(|| format!("{package} has no installable candidate (run apt-get update?)"))
 }
 
 /// Resolves `names` to module files in load order (dependencies first), using the

@@ -15,6 +15,8 @@ pub mod store;
 mod util;
 
 pub use builtin::{catalog, in_catalog, write_bundled_recipe, BuildImageError};
-pub use kernel::{FetchKernelError, Kernel, KernelCache};
+pub use kernel::{
+    BuildKernelError, FetchKernelError, Fragment, Kernel, KernelCache, OwnKernel, FRAGMENT,
+};
 pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};

@@ -209,6 +209,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             .await?
         }
         Command::Setup
+        | Command::Kernel { .. }
         | Command::Daemon { .. }
         | Command::Bench { .. }
         | Command::Jail { .. }

@@ -14,6 +14,7 @@ mod daemon;
 mod demo;
 mod gc;
 mod jail;
+mod kernel;
 mod output;
 mod paths;
 mod room;
@@ -328,6 +329,11 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// vroom's own guest kernel (not yet what images boot; see the README).
+    Kernel {
+        #[command(subcommand)]
+        op: KernelOp,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -473,6 +479,24 @@ pub struct RunArgs {
     /// Cluster: run it on this node.
     #[arg(long, value_name = "NODE")]
     pub node: Option<Name>,
+}
+
+#[derive(Subcommand)]
+pub enum KernelOp {
+    /// Build the kernel from Debian's `linux-source` package (downloaded and
+    /// verified by apt) with `make tinyconfig` plus vroom's fragment,
+    /// everything built in, into the kernel cache. Takes minutes; fast when
+    /// that kernel (source version and options) is cached already.
+    Build {
+        /// Parallel make jobs (default: one per CPU).
+        #[arg(long, short)]
+        jobs: Option<usize>,
+        /// A fragment to use instead of vroom's (`kernel/vroom.config`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List the kernels in the cache.
+    Ls,
 }
 
 #[derive(Subcommand)]
@@ -831,6 +855,7 @@ fn main() {
             runtime().block_on(daemon::stop(&cli.data_dir)).map(|()| 0)
         }
         Command::Setup => setup::run(false).map(|()| 0),
+        Command::Kernel { op } => kernel::run(op, cli.json),
         _ => {
             init_tracing(false);
             runtime().block_on(cli::dispatch(&cli))

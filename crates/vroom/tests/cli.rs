@@ -83,3 +83,31 @@ fn catalog_roles_views_boot_logs_and_daemon_stop() {
     env.ok(&["net", "rm", "office"]);
     env.assert_nothing_left("after the CLI tour");
 }
+
+/// `vroom kernel`: a bad fragment is refused with its line before anything
+/// is downloaded, and `kernel ls` lists the Debian kernel images use.
+#[test]
+fn kernel_fragments_are_checked_and_kernels_listed() {
+    let env = Env::new("kernel");
+    let bad = env.dir.join("bad.config");
+    std::fs::write(&bad, "# fine\nCONFIG_PVH=y\nCONFIG_VIRTIO\n").unwrap();
+    let err = env.fail(&["kernel", "build", "--config", bad.to_str().unwrap()]);
+    assert!(
+        err.contains("line 3") && err.contains("CONFIG_NAME=value"),
+        "{err}"
+    );
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["--json", "kernel", "ls"])).unwrap();
+    let debian = listed
+        .iter()
+        .find(|k| k["kind"] == "debian")
+        .unwrap_or_else(|| panic!("no Debian kernel listed: {listed:?}"));
+    assert_eq!(debian["current"], true, "{debian}");
+    assert!(
+        debian["release"]
+            .as_str()
+            .unwrap()
+            .ends_with("-cloud-amd64"),
+        "{debian}"
+    );
+}

@@ -1,0 +1,492 @@
+//! vroom's own guest kernel: Debian's `linux-source` package configured with
+//! `make tinyconfig` plus vroom's fragment (`kernel/vroom.config`, every
+//! option commented with who needs it), everything built in, no modules.
+//!
+//! Layout under the kernel cache: `vroom-<id>/` holds `vmlinux` (QEMU's
+//! microvm boots it through its PVH entry), `config` (the final `.config`)
+//! and `kernel.json` (a [`KernelRef`]). The id hashes the source package's
+//! version and the fragment's options (not its comments): a config change
+//! is a new kernel, a reworded comment is not.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vroom_types::KernelRef;
+
+use super::KernelCache;
+use crate::util::{run, sha256_bytes, sha256_file};
+
+/// The Debian package whose kernel source vroom builds.
+pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
+
+/// vroom's kernel config fragment, as checked in.
+pub const FRAGMENT: &str = include_str!("../../../../kernel/vroom.config");
+
+/// Commands the build runs, and the Debian packages that provide them.
+const BUILD_TOOLS: &[(&str, &str)] = &[
+    ("make", "make"),
+    ("gcc", "gcc"),
+    ("flex", "flex"),
+    ("bison", "bison"),
+    ("bc", "bc"),
+    ("xz", "xz-utils"),
+];
+
+/// objtool (built with the kernel) needs libelf's header.
+const LIBELF_HEADER: (&str, &str) = ("/usr/include/libelf.h", "libelf-dev");
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildKernelError {
+    #[error("kernel config fragment, line {line}: {reason}")]
+    Fragment { line: usize, reason: String },
+    #[error("cannot find {SOURCE_PACKAGE} through apt: {0}")]
+    Resolve(String),
+    #[error("missing what the kernel build needs: {what}; install with: apt-get install --no-install-recommends {packages}")]
+    MissingTools { what: String, packages: String },
+    #[error("cannot {step}: {reason}")]
+    Step { step: &'static str, reason: String },
+    #[error(
+        "the kernel config does not take {} option(s) as asked (a dependency missing from the fragment?): {}",
+        .0.len(),
+        .0.join(", ")
+    )]
+    Unmet(Vec<String>),
+    #[error("the kernel build failed: {reason} (whole log: {})", log.display())]
+    Make { reason: String, log: PathBuf },
+    #[error("kernel cache {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A kernel config fragment: the options it sets (`Some(value)`) or turns
+/// off (`None`, written `# CONFIG_X is not set`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    options: BTreeMap<String, Option<String>>,
+}
+
+impl Fragment {
+    /// Reads a fragment; comments and blank lines are ignored, an option
+    /// given twice with different values is an error.
+    pub fn parse(text: &str) -> Result<Fragment, BuildKernelError> {
+        let mut options = BTreeMap::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            let err = |reason: String| BuildKernelError::Fragment {
+                line: index + 1,
+                reason,
+            };
+            let (name, value) = if let Some(off) = line
+                .strip_prefix("# ")
+                .and_then(|l| l.strip_suffix(" is not set"))
+            {
+                (off, None)
+            } else if line.is_empty() || line.starts_with('#') {
+                continue;
+            } else {
+                let (name, value) = line
+                    .split_once('=')
+                    .ok_or_else(|| err(format!("expected CONFIG_NAME=value, got `{line}`")))?;
+                if value.is_empty() {
+                    return Err(err(format!("{name} has no value")));
+                }
+                (name, Some(value.to_string()))
+            };
+            let valid = name.strip_prefix("CONFIG_").is_some_and(|n| {
+                !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+            if !valid {
+                return Err(err(format!("`{name}` is not a CONFIG_ option name")));
+            }
+            match options.insert(name.to_string(), value.clone()) {
+                Some(before) if before != value => {
+                    return Err(err(format!("{name} is given twice, differently")));
+                }
+                _ => {}
+            }
+        }
+        Ok(Fragment { options })
+    }
+
+    /// The options a final `.config` does not have as the fragment asks, as
+    /// `CONFIG_X=y (got: absent)`.
+    pub fn unmet(&self, config: &str) -> Vec<String> {
+        let mut have: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+        for line in config.lines() {
+            if let Some(off) = line
+                .strip_prefix("# ")
+                .and_then(|l| l.strip_suffix(" is not set"))
+            {
+                have.insert(off, None);
+            } else if let Some((name, value)) = line.split_once('=') {
+                if name.starts_with("CONFIG_") {
+                    have.insert(name, Some(value));
+                }
+            }
+        }
+        let show = |name: &str, value: Option<&str>| match value {
+            Some(v) => format!("{name}={v}"),
+            None => format!("{name} off"),
+        };
+        self.options
+            .iter()
+            .filter_map(|(name, want)| {
+                let got = have.get(name.as_str());
+                // An option turned off may be absent altogether.
+                let met = match (want, got) {
+                    (None, None | Some(None)) => true,
+                    (Some(w), Some(Some(g))) => w == g,
+                    _ => false,
+                };
+                (!met).then(|| {
+                    let got = match got {
+                        Some(value) => show(name, *value),
+                        None => "absent".into(),
+                    };
+                    format!("{} (got: {got})", show(name, want.as_deref()))
+                })
+            })
+            .collect()
+    }
+
+    /// The kernel id for this fragment built from `source_version`.
+    pub fn id(&self, source_version: &str) -> String {
+        let mut key = format!("{SOURCE_PACKAGE} {source_version}\n");
+        for (name, value) in &self.options {
+            key.push_str(name);
+            key.push('=');
+            key.push_str(value.as_deref().unwrap_or("n"));
+            key.push('\n');
+        }
+        sha256_bytes(key.as_bytes())[..16].to_string()
+    }
+
+    pub fn len(&self) -> usize {
+        self.options.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.options.is_empty()
+    }
+}
+
+/// A kernel vroom built.
+#[derive(Debug, Clone)]
+pub struct OwnKernel {
+    pub id: String,
+    pub reference: KernelRef,
+    pub vmlinux: PathBuf,
+    /// The final `.config`.
+    pub config: PathBuf,
+}
+
+impl KernelCache {
+    /// The kernels vroom built, by id.
+    pub fn own(&self) -> Vec<OwnKernel> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return vec![];
+        };
+        let mut kernels: Vec<OwnKernel> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                self.load_own(name.strip_prefix("vroom-")?)
+            })
+            .collect();
+        kernels.sort_by(|a, b| a.id.cmp(&b.id));
+        kernels
+    }
+
+    fn load_own(&self, id: &str) -> Option<OwnKernel> {
+        let root = self.dir.join(format!("vroom-{id}"));
+        let reference: KernelRef =
+            serde_json::from_slice(&fs::read(root.join("kernel.json")).ok()?).ok()?;
+        let vmlinux = root.join("vmlinux");
+        let config = root.join("config");
+        let intact = sha256_file(&vmlinux).is_ok_and(|(sha, _)| sha == reference.sha256);
+        (intact && config.is_file()).then(|| OwnKernel {
+            id: id.to_string(),
+            reference,
+            vmlinux,
+            config,
+        })
+    }
+
+    /// Builds `fragment` on `tinyconfig` from the newest `linux-source`
+    /// package with `jobs` parallel jobs (niced); fast when that kernel is
+    /// cached. `progress` hears each step (a stage and a detail).
+    pub fn build_own(
+        &self,
+        fragment: &Fragment,
+        jobs: usize,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<OwnKernel, BuildKernelError> {
+        let version = super::candidate(SOURCE_PACKAGE).map_err(BuildKernelError::Resolve)?;
+        let id = fragment.id(&version);
+        if let Some(kernel) = self.load_own(&id) {
+            return Ok(kernel);
+        }
+        check_tools()?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BuildKernelError::Io { path, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let work = tempfile::Builder::new()
+            .prefix(".build-")
+            .tempdir_in(&self.dir)
+            .map_err(io(&self.dir))?;
+        let step = |step: &'static str| move |reason| BuildKernelError::Step { step, reason };
+
+        progress("download", &format!("{SOURCE_PACKAGE} {version}"));
+        run(Command::new("apt-get")
+            .args(["download", "-q", &format!("{SOURCE_PACKAGE}={version}")])
+            .current_dir(work.path()))
+        .map_err(step("download the kernel source"))?;
+        let deb = fs::read_dir(work.path())
+            .map_err(io(work.path()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or_else(|| BuildKernelError::Step {
+                step: "download the kernel source",
+                reason: "apt-get wrote no .deb".into(),
+            })?;
+        let package = work.path().join("package");
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&package))
+            .map_err(step("extract the source package"))?;
+        fs::remove_file(&deb).map_err(io(&deb))?;
+        let tarball = package.join(format!("usr/src/{SOURCE_PACKAGE}.tar.xz"));
+        progress("unpack", &format!("{SOURCE_PACKAGE}.tar.xz"));
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(work.path())
+            .arg("-xf")
+            .arg(&tarball))
+        .map_err(step("unpack the kernel source"))?;
+        fs::remove_dir_all(&package).map_err(io(&package))?;
+        let src = work.path().join(SOURCE_PACKAGE);
+        let out = work.path().join("build");
+        let make = |target: &str| {
+            let mut cmd = Command::new("nice");
+            cmd.args(["-n", "19", "make", "-s", "ARCH=x86_64"])
+                .arg("-C")
+                .arg(&src)
+                .arg(format!("O={}", out.display()))
+                .arg(format!("-j{}", jobs.max(1)))
+                .arg(target);
+            cmd
+        };
+
+        progress(
+            "configure",
+            &format!("tinyconfig + {} options", fragment.len()),
+        );
+        let fragment_file = work.path().join("vroom.config");
+        fs::write(&fragment_file, render(fragment)).map_err(io(&fragment_file))?;
+        run(&mut make("tinyconfig")).map_err(step("run make tinyconfig"))?;
+        run(Command::new(src.join("scripts/kconfig/merge_config.sh"))
+            .args(["-m", "-O"])
+            .arg(&out)
+            .arg(out.join(".config"))
+            .arg(&fragment_file)
+            .current_dir(&out))
+        .map_err(step("merge the fragment"))?;
+        run(&mut make("olddefconfig")).map_err(step("run make olddefconfig"))?;
+        let config_path = out.join(".config");
+        let config = fs::read_to_string(&config_path).map_err(io(&config_path))?;
+        let unmet = fragment.unmet(&config);
+        if !unmet.is_empty() {
+            return Err(BuildKernelError::Unmet(unmet));
+        }
+        let modular: Vec<&str> = config
+            .lines()
+            .filter(|l| l.ends_with("=m"))
+            .filter_map(|l| l.split_once('=').map(|(n, _)| n))
+            .collect();
+        if !modular.is_empty() {
+            return Err(BuildKernelError::Unmet(
+                modular
+                    .iter()
+                    .map(|n| format!("{n}=y (got: {n}=m)"))
+                    .collect(),
+            ));
+        }
+
+        progress("build", &format!("vmlinux, -j{jobs}, niced (minutes)"));
+        let log = self.dir.join("last-build.log");
+        let log_file = fs::File::create(&log).map_err(io(&log))?;
+        let mut build = make("vmlinux");
+        build
+            .stdout(log_file.try_clone().map_err(io(&log))?)
+            .stderr(log_file);
+        let status = build.status().map_err(io(&src))?;
+        if !status.success() {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let reason = text
+                .lines()
+                .rev()
+                .find(|l| l.contains("rror"))
+                .or_else(|| text.lines().last())
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            return Err(BuildKernelError::Make { reason, log });
+        }
+        let _ = fs::remove_file(&log);
+
+        let root = work.path().join("entry");
+        fs::create_dir(&root).map_err(io(&root))?;
+        for (from, to) in [(out.join("vmlinux"), "vmlinux"), (config_path, "config")] {
+            fs::rename(&from, root.join(to)).map_err(io(&from))?;
+        }
+        let release_file = out.join("include/config/kernel.release");
+        let release = fs::read_to_string(&release_file)
+            .map_err(io(&release_file))?
+            .trim()
+            .to_string();
+        let (sha256, _) = sha256_file(&root.join("vmlinux")).map_err(io(&root))?;
+        let reference = KernelRef {
+            package: SOURCE_PACKAGE.into(),
+            version,
+            release,
+            sha256,
+        };
+        fs::write(
+            root.join("kernel.json"),
+            serde_json::to_vec_pretty(&reference).expect("invariant: serializable"),
+        )
+        .map_err(io(&root))?;
+        let dest = self.dir.join(format!("vroom-{id}"));
+        let _ = fs::remove_dir_all(&dest);
+        fs::rename(&root, &dest).map_err(io(&dest))?;
+        self.load_own(&id).ok_or_else(|| BuildKernelError::Step {
+            step: "store the kernel",
+            reason: "the cache entry does not read back".into(),
+        })
+    }
+}
+
+/// The fragment as a file merge_config.sh reads.
+fn render(fragment: &Fragment) -> String {
+    fragment
+        .options
+        .iter()
+        .map(|(name, value)| match value {
+            Some(v) => format!("{name}={v}\n"),
+            None => format!("# {name} is not set\n"),
+        })
+        .collect()
+}
+
+fn check_tools() -> Result<(), BuildKernelError> {
+    let mut missing: Vec<(&str, &str)> = BUILD_TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .copied()
+        .collect();
+    if !Path::new(LIBELF_HEADER.0).is_file() {
+        missing.push(LIBELF_HEADER);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(BuildKernelError::MissingTools {
+        what: missing
+            .iter()
+            .map(|(w, _)| *w)
+            .collect::<Vec<_>>()
+            .join(", "),
+        packages: missing
+            .iter()
+            .map(|(_, p)| *p)
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_fragment_parses() {
+        let fragment = Fragment::parse(FRAGMENT).unwrap();
+        assert!(fragment.len() > 50, "{}", fragment.len());
+        assert_eq!(
+            fragment.options.get("CONFIG_PVH"),
+            Some(&Some("y".to_string()))
+        );
+        assert_eq!(
+            fragment.options.get("CONFIG_MODULES"),
+            Some(&None),
+            "everything is built in"
+        );
+    }
+
+    #[test]
+    fn bad_fragments_name_the_line() {
+        for (text, line, says) in [
+            ("CONFIG_A=y\nCONFIG_B\n", 2, "expected CONFIG_NAME=value"),
+            ("FOO=y\n", 1, "not a CONFIG_ option"),
+            ("CONFIG_A=\n", 1, "no value"),
+            ("CONFIG_A=y\n# c\nCONFIG_A=n\n", 3, "twice"),
+            ("# CONFIG_a-b is not set\n", 1, "not a CONFIG_ option"),
+        ] {
+            match Fragment::parse(text) {
+                Err(BuildKernelError::Fragment { line: l, reason }) => {
+                    assert_eq!(l, line, "{text:?}");
+                    assert!(reason.contains(says), "{text:?}: {reason}");
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        assert!(Fragment::parse("CONFIG_A=y\nCONFIG_A=y\n").is_ok());
+    }
+
+    #[test]
+    fn unmet_options_are_named_with_what_the_config_has() {
+        let fragment = Fragment::parse(
+            "CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n# CONFIG_D is not set\nCONFIG_N=8\n",
+        )
+        .unwrap();
+        let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\nCONFIG_N=4\n";
+        assert_eq!(
+            fragment.unmet(config),
+            vec![
+                "CONFIG_B=y (got: CONFIG_B off)",
+                "CONFIG_C off (got: CONFIG_C=y)",
+                "CONFIG_N=8 (got: CONFIG_N=4)",
+            ]
+        );
+        assert!(fragment
+            .unmet("CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_N=8\n")
+            .is_empty());
+        assert_eq!(
+            Fragment::parse("CONFIG_E=y\n").unwrap().unmet(""),
+            vec!["CONFIG_E=y (got: absent)"]
+        );
+    }
+
+    #[test]
+    fn the_id_follows_options_and_source_not_comments() {
+        let a = Fragment::parse("# why\nCONFIG_A=y\nCONFIG_B=y\n").unwrap();
+        let reordered = Fragment::parse("CONFIG_B=y\n# reworded\nCONFIG_A=y\n").unwrap();
+        let changed = Fragment::parse("CONFIG_A=y\n# CONFIG_B is not set\n").unwrap();
+        assert_eq!(a.id("6.1.1"), reordered.id("6.1.1"));
+        assert_ne!(a.id("6.1.1"), changed.id("6.1.1"));
+        assert_ne!(a.id("6.1.1"), a.id("6.1.2"));
+        assert_eq!(a.id("6.1.1").len(), 16);
+        assert_eq!(Fragment::parse(&render(&a)).unwrap(), a);
+    }
+}

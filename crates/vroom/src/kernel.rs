@@ -1,0 +1,118 @@
+//! `vroom kernel`: vroom's own guest kernel, built from Debian's kernel
+//! source with the checked-in fragment, and the kernels in the cache.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use vroom_image::{Fragment, KernelCache, FRAGMENT};
+
+use crate::{output, paths, KernelOp};
+
+pub fn run(op: &KernelOp, json: bool) -> Result<i32> {
+    let cache = KernelCache::new(&paths::cache_dir());
+    match op {
+        KernelOp::Build { jobs, config } => build(&cache, *jobs, config.as_ref(), json),
+        KernelOp::Ls => {
+            list(&cache, json);
+            Ok(0)
+        }
+    }
+}
+
+fn build(
+    cache: &KernelCache,
+    jobs: Option<usize>,
+    config: Option<&PathBuf>,
+    json: bool,
+) -> Result<i32> {
+    let text = match config {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        None => FRAGMENT.to_string(),
+    };
+    let fragment = Fragment::parse(&text)?;
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut stages = output::Stages::new(json, "kernel".into());
+    let built = cache.build_own(&fragment, jobs, &mut |stage, detail| {
+        stages.update(stage, detail)
+    });
+    stages.finish(built.is_ok());
+    let kernel = built?;
+    let row = Row::own(&kernel);
+    if json {
+        output::json(&row);
+    } else {
+        println!(
+            "kernel {} ({} {}, {}): {}",
+            row.id,
+            row.source,
+            row.version,
+            row.release,
+            kernel.vmlinux.display()
+        );
+    }
+    Ok(0)
+}
+
+/// One kernel of `vroom kernel ls`.
+#[derive(Serialize)]
+struct Row {
+    id: String,
+    /// `vroom` (built here from `source`) or `debian` (a packaged kernel).
+    kind: &'static str,
+    source: String,
+    version: String,
+    release: String,
+    size: u64,
+    /// The kernel images are built for.
+    current: bool,
+    path: PathBuf,
+}
+
+impl Row {
+    fn own(kernel: &vroom_image::OwnKernel) -> Row {
+        Row {
+            id: kernel.id.clone(),
+            kind: "vroom",
+            source: kernel.reference.package.clone(),
+            version: kernel.reference.version.clone(),
+            release: kernel.reference.release.clone(),
+            size: std::fs::metadata(&kernel.vmlinux).map_or(0, |m| m.len()),
+            current: false,
+            path: kernel.vmlinux.clone(),
+        }
+    }
+}
+
+fn list(cache: &KernelCache, json: bool) {
+    let mut rows: Vec<Row> = vec![];
+    if let Some(debian) = cache.current() {
+        rows.push(Row {
+            id: "debian".into(),
+            kind: "debian",
+            source: debian.reference.package.clone(),
+            version: debian.reference.version.clone(),
+            release: debian.reference.release.clone(),
+            size: std::fs::metadata(&debian.vmlinuz).map_or(0, |m| m.len()),
+            current: true,
+            path: debian.vmlinuz.clone(),
+        });
+    }
+    rows.extend(cache.own().iter().map(Row::own));
+    output::list(
+        json,
+        &rows,
+        &["ID", "KIND", "SOURCE", "RELEASE", "SIZE", "IMAGES USE IT"],
+        |r| {
+            vec![
+                r.id.clone(),
+                r.kind.into(),
+                format!("{} {}", r.source, r.version),
+                r.release.clone(),
+                output::bytes(r.size),
+                if r.current { "yes" } else { "" }.into(),
+            ]
+        },
+    );
+}
