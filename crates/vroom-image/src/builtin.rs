@@ -19,6 +19,27 @@ pub fn in_catalog(name: &str) -> bool {
     BUNDLED.iter().any(|(n, _)| *n == name)
 }
 
+/// The kernel modules each catalog image's recipe asks for.
+pub fn catalog_modules() -> Vec<(&'static str, Vec<String>)> {
+    #[derive(serde::Deserialize)]
+    struct Modules {
+        #[serde(default)]
+        modules: Vec<String>,
+    }
+    BUNDLED
+        .iter()
+        .map(|(name, files)| {
+            let recipe = files
+                .iter()
+                .find(|(file, _)| *file == "recipe.toml")
+                .and_then(|(_, bytes)| std::str::from_utf8(bytes).ok())
+                .and_then(|text| toml::from_str::<Modules>(text).ok())
+                .expect("invariant: the catalog's recipes parse (tested below)");
+            (*name, recipe.modules)
+        })
+        .collect()
+}
+
 /// Writes a bundled recipe into `dir`; `None` when there is none of that name.
 pub fn write_bundled_recipe(name: &str, dir: &std::path::Path) -> Option<std::io::Result<PathBuf>> {
     let (_, files) = BUNDLED.iter().find(|(n, _)| *n == name)?;
@@ -49,6 +70,14 @@ pub enum BuildImageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_catalogs_module_lists_are_read() {
+        let modules = catalog_modules();
+        assert_eq!(modules.len(), catalog().len());
+        let firewall = &modules.iter().find(|(n, _)| *n == "firewall").unwrap().1;
+        assert!(firewall.iter().any(|m| m == "nft_masq"), "{firewall:?}");
+    }
 
     #[test]
     fn every_builtin_has_a_bundled_recipe_that_loads() {

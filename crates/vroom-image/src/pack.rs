@@ -17,7 +17,8 @@ use crate::util::{run, sha256_file};
 
 /// The kernel modules every appliance needs: virtio transport, disks, NICs,
 /// the agent port, the erofs root and the FAT config volume.
-const BASE_MODULES: &[&str] = &[
+/// The modules every appliance loads (vroom's devices and filesystems).
+pub const BASE_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_blk",
     "virtio_net",

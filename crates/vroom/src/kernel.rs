@@ -39,6 +39,20 @@ fn build(
     });
     stages.finish(built.is_ok());
     let kernel = built?;
+    let lacking = catalog_lacks(&kernel);
+    if !lacking.is_empty() {
+        let what = format!(
+            "kernel {} lacks what images need: {}",
+            kernel.id,
+            lacking.join("; ")
+        );
+        // vroom's own fragment must serve the whole catalog; another one
+        // may be for the user's own images.
+        if config.is_none() {
+            anyhow::bail!(what);
+        }
+        eprintln!("warning: {what}");
+    }
     let row = Row::own(&kernel);
     if json {
         output::json(&row);
@@ -53,6 +67,23 @@ fn build(
         );
     }
     Ok(0)
+}
+
+/// What the catalog's images need that `kernel` has not built in, per image
+/// (`base` for the modules every image loads).
+fn catalog_lacks(kernel: &vroom_image::OwnKernel) -> Vec<String> {
+    let base: Vec<String> = vroom_image::pack::BASE_MODULES
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    std::iter::once(("base", base))
+        .chain(vroom_image::builtin::catalog_modules())
+        .filter_map(|(image, modules)| {
+            let names: Vec<&str> = modules.iter().map(String::as_str).collect();
+            let lacks = kernel.lacks(&names);
+            (!lacks.is_empty()).then(|| format!("{image}: {}", lacks.join(", ")))
+        })
+        .collect()
 }
 
 /// One kernel of `vroom kernel ls`.

@@ -3,8 +3,10 @@
 //! option commented with who needs it), everything built in, no modules.
 //!
 //! Layout under the kernel cache: `vroom-<id>/` holds `vmlinux` (QEMU's
-//! microvm boots it through its PVH entry), `config` (the final `.config`)
-//! and `kernel.json` (a [`KernelRef`]). The id hashes the source package's
+//! microvm boots it through its PVH entry), `config` (the final `.config`),
+//! `modules.json` (which options build each module, read from the source's
+//! Kbuild files, so that a module list becomes a check) and `kernel.json`
+//! (a [`KernelRef`]). The id hashes the source package's
 //! version and the fragment's options (not its comments): a config change
 //! is a new kernel, a reworded comment is not.
 
@@ -183,6 +185,97 @@ pub struct OwnKernel {
     pub vmlinux: PathBuf,
     /// The final `.config`.
     pub config: PathBuf,
+    /// Module name (`-` as `_`) to the options that build it in.
+    pub modules: BTreeMap<String, Vec<String>>,
+}
+
+impl OwnKernel {
+    /// The modules of `names` this kernel does not have built in, each with
+    /// the option it lacks: `nft_log (CONFIG_NFT_LOG)`.
+    pub fn lacks(&self, names: &[&str]) -> Vec<String> {
+        let config = fs::read_to_string(&self.config).unwrap_or_default();
+        lacking(&self.modules, &config, names)
+    }
+}
+
+fn lacking(modules: &BTreeMap<String, Vec<String>>, config: &str, names: &[&str]) -> Vec<String> {
+    let on: std::collections::BTreeSet<&str> = config
+        .lines()
+        .filter_map(|l| l.strip_suffix("=y"))
+        .collect();
+    names
+        .iter()
+        .filter_map(|name| match modules.get(&name.replace('-', "_")) {
+            None => Some(format!("{name} (no such module in the source)")),
+            Some(options) if options.iter().any(|o| o == "y" || on.contains(o.as_str())) => None,
+            Some(options) => Some(format!("{name} ({})", options.join(" or "))),
+        })
+        .collect()
+}
+
+/// Which options build which module, from every `Makefile` and `Kbuild`
+/// under `src`: `obj-$(CONFIG_X) += a.o b.o` builds a and b under X
+/// (`obj-y` ones are always built, recorded as `y`).
+fn module_options(src: &Path) -> std::io::Result<BTreeMap<String, Vec<String>>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut dirs = vec![src.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            let name = entry.file_name();
+            if kind.is_dir() && !name.to_string_lossy().starts_with('.') {
+                dirs.push(path);
+            } else if kind.is_file() && (name == "Makefile" || name == "Kbuild") {
+                add_kbuild(&fs::read_to_string(&path).unwrap_or_default(), &mut map);
+            }
+        }
+    }
+    Ok(map)
+}
+
+fn add_kbuild(text: &str, map: &mut BTreeMap<String, Vec<String>>) {
+    let joined = text.replace("\\\n", " ");
+    for line in joined.lines() {
+        let Some(rest) = line.trim().strip_prefix("obj-") else {
+            continue;
+        };
+        let (option, rest) = if let Some(r) = rest.strip_prefix("$(") {
+            let Some((option, rest)) = r.split_once(')') else {
+                continue;
+            };
+            if !option.starts_with("CONFIG_") {
+                continue;
+            }
+            (option, rest)
+        } else if let Some(rest) = rest.strip_prefix('y') {
+            ("y", rest)
+        } else {
+            continue;
+        };
+        let Some(objects) = rest
+            .trim_start()
+            .strip_prefix("+=")
+            .or_else(|| rest.trim_start().strip_prefix(":="))
+        else {
+            continue;
+        };
+        for object in objects.split_whitespace() {
+            if object.starts_with('#') {
+                break;
+            }
+            let Some(stem) = object.strip_suffix(".o") else {
+                continue;
+            };
+            if stem.contains('/') || stem.contains('$') {
+                continue;
+            }
+            let options = map.entry(stem.replace('-', "_")).or_default();
+            if !options.iter().any(|o| o == option) {
+                options.push(option.to_string());
+            }
+        }
+    }
 }
 
 impl KernelCache {
@@ -208,12 +301,14 @@ impl KernelCache {
             serde_json::from_slice(&fs::read(root.join("kernel.json")).ok()?).ok()?;
         let vmlinux = root.join("vmlinux");
         let config = root.join("config");
+        let modules = serde_json::from_slice(&fs::read(root.join("modules.json")).ok()?).ok()?;
         let intact = sha256_file(&vmlinux).is_ok_and(|(sha, _)| sha == reference.sha256);
         (intact && config.is_file()).then(|| OwnKernel {
             id: id.to_string(),
             reference,
             vmlinux,
             config,
+            modules,
         })
     }
 
@@ -345,6 +440,12 @@ impl KernelCache {
         for (from, to) in [(out.join("vmlinux"), "vmlinux"), (config_path, "config")] {
             fs::rename(&from, root.join(to)).map_err(io(&from))?;
         }
+        let modules = module_options(&src).map_err(io(&src))?;
+        fs::write(
+            root.join("modules.json"),
+            serde_json::to_vec(&modules).expect("invariant: serializable"),
+        )
+        .map_err(io(&root))?;
         let release_file = out.join("include/config/kernel.release");
         let release = fs::read_to_string(&release_file)
             .map_err(io(&release_file))?
@@ -475,6 +576,53 @@ mod tests {
         assert_eq!(
             Fragment::parse("CONFIG_E=y\n").unwrap().unmet(""),
             vec!["CONFIG_E=y (got: absent)"]
+        );
+    }
+
+    #[test]
+    fn kbuild_files_say_which_option_builds_a_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path().join("net/netfilter");
+        fs::create_dir_all(&net).unwrap();
+        fs::write(
+            net.join("Makefile"),
+            "nf_tables-objs := nf_tables_core.o nft_immediate.o\n\
+             obj-$(CONFIG_NF_TABLES)\t\t+= nf_tables.o\n\
+             obj-$(CONFIG_NFT_NAT)\t+= nft_nat.o nft_chain_nat.o \\\n\
+             \tnft_other.o # a comment.o\n\
+             obj-$(CONFIG_NFT_NAT_COMPAT) += nft_nat.o\n\
+             obj-y += core.o sub/\n\
+             ifeq ($(CONFIG_X),y)\nobj-m += $(foo).o\nendif\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("Kbuild"),
+            "obj-$(CONFIG_NLS_ISO8859_1) += nls_iso8859-1.o\n",
+        )
+        .unwrap();
+        let map = module_options(dir.path()).unwrap();
+        let get = |m: &str| map.get(m).cloned().unwrap_or_default();
+        assert_eq!(get("nf_tables"), vec!["CONFIG_NF_TABLES"]);
+        assert_eq!(
+            get("nft_nat"),
+            vec!["CONFIG_NFT_NAT", "CONFIG_NFT_NAT_COMPAT"]
+        );
+        assert_eq!(get("nft_other"), vec!["CONFIG_NFT_NAT"], "continued line");
+        assert_eq!(get("core"), vec!["y"]);
+        assert_eq!(get("nls_iso8859_1"), vec!["CONFIG_NLS_ISO8859_1"]);
+        assert!(!map.contains_key("a_comment"));
+
+        let config = "CONFIG_NF_TABLES=y\n# CONFIG_NFT_NAT is not set\nCONFIG_NLS_ISO8859_1=y\n";
+        assert_eq!(
+            lacking(
+                &map,
+                config,
+                &["nf_tables", "nft_nat", "core", "nls_iso8859-1", "nope"]
+            ),
+            vec![
+                "nft_nat (CONFIG_NFT_NAT or CONFIG_NFT_NAT_COMPAT)",
+                "nope (no such module in the source)",
+            ]
         );
     }
 
