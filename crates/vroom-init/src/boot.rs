@@ -373,13 +373,21 @@ fn mount(
 
 /// Flushes and detaches the config volume, then powers the VM off. Never returns.
 pub fn power_off() -> ! {
+    // Without ACPI (vroom's own kernel under `-M microvm,acpi=off`) the
+    // kernel has no way to power off and RB_POWER_OFF only halts the CPUs;
+    // vroom runs QEMU with -no-reboot, so a restart request ends it instead.
+    let how = if Path::new("/sys/firmware/acpi").exists() {
+        libc::RB_POWER_OFF
+    } else {
+        libc::RB_AUTOBOOT
+    };
     // SAFETY: plain syscalls without pointers other than a valid C string.
     unsafe {
         libc::sync();
         let config = CString::new(CONFIG_DIR).expect("invariant: no NUL");
         libc::umount2(config.as_ptr(), libc::MNT_DETACH);
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(how);
     }
     loop {
         std::thread::sleep(Duration::from_secs(60));
