@@ -162,6 +162,8 @@ struct View {
     configs: BTreeMap<String, ConfigValues>,
     networks: BTreeMap<String, NetworkRecord>,
     migrations: BTreeMap<String, (MigrationRecord, Kv)>,
+    /// Each VM's recorded splices and mirrors.
+    wirings: BTreeMap<String, (Wiring, Kv)>,
     /// The etcd revision it was read at (0: unknown).
     revision: i64,
 }
@@ -217,6 +219,11 @@ impl View {
             } else if let Some(name) = key.strip_prefix(NETWORKS) {
                 match kv.decode() {
                     Ok(n) => drop(view.networks.insert(name.into(), n)),
+                    Err(e) => bad(e),
+                }
+            } else if let Some(name) = key.strip_prefix(WIRINGS) {
+                match kv.decode() {
+                    Ok(w) => drop(view.wirings.insert(name.into(), (w, kv))),
                     Err(e) => bad(e),
                 }
             }
@@ -1143,12 +1150,29 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for name in self.engine.migrating_out() {
-            if let (Some(token), false) = (owned.get(&name), migrating.contains(&name)) {
+        let paused_out = self.engine.migrating_out();
+        for name in &paused_out {
+            if let (Some(token), false) = (owned.get(name), migrating.contains(name)) {
                 // Only once nobody can take it over any more.
-                if let Ok(true) = self.reclaim(&name, *token).await {
-                    let _ = self.engine.resume_unmigrated(&name).await;
+                if let Ok(true) = self.reclaim(name, *token).await {
+                    let _ = self.engine.resume_unmigrated(name).await;
                 }
+            }
+        }
+        // The recorded splices and mirrors of what runs here follow what is
+        // here: after a crash between a change and its record, or a change
+        // the engine made on its own (a mirror dropped with its capture
+        // appliance).
+        for (name, token) in &owned {
+            let settled =
+                !migrating.contains(name) && !paused_out.contains(name) && !self.is_starting(name);
+            let same = match (local.get(name), view.instances.get(name)) {
+                (Some(i), Some((record, _))) => i.id == record.id && !record.removing,
+                _ => false,
+            };
+            if settled && same {
+                self.resync_wiring(name, *token, view.wirings.get(name))
+                    .await;
             }
         }
         if view.cordons.get(&self.name) == Some(&true) {
@@ -1283,26 +1307,91 @@ impl ClusterNode {
 
     /// Makes VM `name`'s recorded splices and mirrors here (each appliance
     /// booted and in the path), fetching the appliances' images first.
-    async fn bring_wiring(&self, name: &str) -> Result<(), OpError> {
-        let Some((wiring, _)) = self
+    /// Returns the record's revision (0: none).
+    async fn bring_wiring(&self, name: &str) -> Result<i64, OpError> {
+        let Some((wiring, kv)) = self
             .etcd
             .get_json::<Wiring>(&key(WIRINGS, name))
             .await
             .map_err(|e| etcd_error("cannot read the splices", e))?
         else {
-            return Ok(());
+            return Ok(0);
         };
         for carried in &wiring.splices {
             self.ensure_image(&carried.spec.image).await?;
         }
-        self.engine.install_wiring(name, &wiring).await
+        self.engine.install_wiring(name, &wiring).await?;
+        Ok(kv.mod_revision)
+    }
+
+    /// Rewrites VM `name`'s recorded wiring if it differs from the one
+    /// here, unless the record changed since `recorded` was read.
+    async fn resync_wiring(&self, name: &str, token: i64, recorded: Option<&(Wiring, Kv)>) {
+        let here = self.engine.wiring_of(name);
+        let value = |w: Option<&Wiring>| w.and_then(|w| serde_json::to_value(w).ok());
+        if value(here.as_ref()) == value(recorded.map(|(w, _)| w)) {
+            return;
+        }
+        let k = key(WIRINGS, name);
+        let op = match &here {
+            Some(wiring) if json(wiring).len() > MAX_CONFIG_BYTES => {
+                tracing::warn!(instance = %name, "its splices and their config exceed the cluster's cap; not recorded");
+                return;
+            }
+            Some(wiring) => TxnOp::put(k.clone(), json(wiring), None),
+            None => TxnOp::delete(k.clone(), None),
+        };
+        let seen = recorded.map_or(0, |(_, kv)| kv.mod_revision);
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, token),
+                Compare::mod_revision(k, CompareOp::Equal, seen),
+            ])
+            .and_then([op]);
+        match self.etcd.txn(txn).await {
+            Ok(r) if r.succeeded() => {
+                tracing::info!(instance = %name, "recorded its splices and mirrors as they are here")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "cannot record its splices and mirrors")
+            }
+        }
+    }
+
+    /// Refuses a change to `name` (its config, splices or mirrors) while it
+    /// migrates away: the destination has read them already.
+    fn refuse_while_moving(&self, name: &str) -> Result<(), OpError> {
+        let migrating = self
+            .migrating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
+        if migrating || self.engine.migrating_out().iter().any(|m| m == name) {
+            return Err(OpError::conflict(format!(
+                "{name} is migrating to another node; change it when the migration is done"
+            )));
+        }
+        Ok(())
     }
 
     /// Writes (or, with `None`, deletes) VM `name`'s wiring under the
-    /// fencing token. Nothing to do for a VM this node does not own.
+    /// fencing token. Nothing to do for a VM the cluster does not know (a
+    /// local one); a conflict for one this node does not own.
     async fn put_wiring(&self, name: &str, wiring: Option<&Wiring>) -> Result<(), OpError> {
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name);
         let Some(token) = self.token(name) else {
-            return Ok(());
+            if !known {
+                return Ok(());
+            }
+            return Err(OpError::conflict(format!(
+                "node {} does not own {name}; the change is not saved",
+                self.name
+            )));
         };
         let k = key(WIRINGS, name);
         let op = match wiring {
@@ -1942,9 +2031,20 @@ impl Cluster for ClusterNode {
         self.put_wiring(vm, wiring.as_ref()).await
     }
 
+    fn may_change(&self, name: &str) -> Result<(), OpError> {
+        self.refuse_while_moving(name)?;
+        match self.engine.get_splice(name) {
+            Ok(splice) => self.refuse_while_moving(splice.vm.as_str()),
+            Err(_) => Ok(()),
+        }
+    }
+
     fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError> {
-        // A splice's appliance: its config moves with its VM's splices.
-        if let Ok(splice) = self.engine.get_splice(name) {
+        // An appliance a splice made: its config moves with its VM's
+        // splices. (One that was an instance of its own is replicated as
+        // one.) A change that races a migration out is caught by the
+        // destination's takeover, which compares both records.
+        if let Some(splice) = self.engine.get_splice(name).ok().filter(|s| s.owned) {
             let Some(mut wiring) = self.engine.wiring_of(splice.vm.as_str()) else {
                 return Ok(());
             };

@@ -26,6 +26,12 @@ pub trait Cluster: Send + Sync {
     /// Records whether the user wants an instance running, so that a
     /// failover does not start what was stopped.
     async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError>;
+    /// Refuses a change to `name`'s config, splices or mirrors that the
+    /// cluster cannot take now (it is migrating away), before anything is
+    /// changed.
+    fn may_change(&self, _name: &str) -> Result<(), OpError> {
+        Ok(())
+    }
     /// Replicates an accepted config change (before it is acknowledged),
     /// under this node's fencing token. Blocking.
     fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError>;

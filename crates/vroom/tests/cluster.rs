@@ -1010,6 +1010,20 @@ fn a_splice_moves_with_its_vm() {
     assert!(shown.contains("80"), "its config came: {shown}");
     assert!(lab.runs(1, "w").is_some() && lab.runs(0, "w").is_none());
     assert!(blocked(1), "w is reachable on n2 around its firewall");
+    // A record lost between a change and its write (a crash) is written
+    // again from what runs on the owner.
+    let record = "/vroom/splices/w";
+    assert!(lab.etcd_delete(record));
+    let rewritten = poll(Duration::from_secs(20), || {
+        lab.etcd_keys(record)
+            .contains(&record.to_string())
+            .then_some(())
+    });
+    assert!(
+        rewritten.is_some(),
+        "n2 did not record w's splices again\n{}",
+        lab.log(1)
+    );
     lab.ok(1, &["config", fw, "set", "block_tcp="]);
     if !open(1) {
         let ns = &lab.nodes[1].ns;

@@ -40,6 +40,14 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const HELLO_MAX: usize = 4096;
 
+/// The revisions of an incoming instance's config and wiring records as
+/// the destination read them (0: none); its takeover requires them still.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    config: i64,
+    wiring: i64,
+}
+
 /// The first line of a peer connection.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -371,7 +379,7 @@ impl ClusterNode {
             let _ = control.write_all(&line(&Control::Refused { reason }));
         };
         let checked = self.check_incoming(name, migration, secret).await;
-        let (record, config, from) = match checked {
+        let (record, config, from, config_rev) = match checked {
             Ok(checked) => checked,
             Err(reason) => return refuse(&mut control, reason),
         };
@@ -393,13 +401,16 @@ impl ClusterNode {
         }
         // Its splices (appliances booted, in the path) before its VMM: the
         // VM's first packet here goes through them.
-        if let Err(e) = self.bring_wiring(name).await {
-            self.end_start(name);
-            return refuse(
-                &mut control,
-                format!("cannot bring its splices: {}", e.message),
-            );
-        }
+        let wiring_rev = match self.bring_wiring(name).await {
+            Ok(revision) => revision,
+            Err(e) => {
+                self.end_start(name);
+                return refuse(
+                    &mut control,
+                    format!("cannot bring its splices: {}", e.message),
+                );
+            }
+        };
         let (slot, data) = std::sync::mpsc::sync_channel(1);
         self.incoming
             .lock()
@@ -409,7 +420,18 @@ impl ClusterNode {
                 (migration.to_string(), secret.to_string(), slot),
             );
         let outcome = self
-            .receive_into_engine(&control, name, migration, record, config, &from, data)
+            .receive_into_engine(
+                &control,
+                name,
+                migration,
+                (record, config),
+                Seen {
+                    config: config_rev,
+                    wiring: wiring_rev,
+                },
+                &from,
+                data,
+            )
             .await;
         self.incoming
             .lock()
@@ -439,7 +461,7 @@ impl ClusterNode {
         name: &str,
         migration: &str,
         secret: &str,
-    ) -> Result<(InstanceRecord, Option<ConfigValues>, String), String> {
+    ) -> Result<(InstanceRecord, Option<ConfigValues>, String, i64), String> {
         let read = |e: EtcdError| format!("cannot read the cluster: {e}");
         let (record, _) = self
             .etcd
@@ -465,13 +487,16 @@ impl ClusterNode {
             .await
             .map_err(read)?
             .ok_or("the instance is gone")?;
-        let config = self
+        let (config, config_rev) = match self
             .etcd
             .get_json::<ConfigValues>(&key(CONFIGS, name))
             .await
             .map_err(read)?
-            .map(|(c, _)| c);
-        Ok((instance, config, record.from))
+        {
+            Some((config, kv)) => (Some(config), kv.mod_revision),
+            None => (None, 0),
+        };
+        Ok((instance, config, record.from, config_rev))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -480,8 +505,8 @@ impl ClusterNode {
         control: &std::net::TcpStream,
         name: &str,
         migration: &str,
-        record: InstanceRecord,
-        config: Option<ConfigValues>,
+        (record, config): (InstanceRecord, Option<ConfigValues>),
+        seen: Seen,
         from: &str,
         data: std::sync::mpsc::Receiver<std::net::TcpStream>,
     ) -> Result<(), String> {
@@ -553,6 +578,7 @@ impl ClusterNode {
             tokio::runtime::Handle::current().block_on(node.take_over(
                 &name_,
                 &migration_,
+                seen,
                 downtime_ms,
                 ram_bytes,
             ))
@@ -585,6 +611,7 @@ impl ClusterNode {
         &self,
         name: &str,
         migration: &str,
+        seen: Seen,
         downtime_ms: u64,
         bytes: u64,
     ) -> Result<(), OpError> {
@@ -615,6 +642,10 @@ impl ClusterNode {
                 Compare::mod_revision(mkv.key.clone(), CompareOp::Equal, mkv.mod_revision),
                 Compare::mod_revision(ikv.key.clone(), CompareOp::Equal, ikv.mod_revision),
                 Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+                // Its config and splices as this node made them: a change
+                // the source took after they were read keeps it there.
+                Compare::mod_revision(key(CONFIGS, name), CompareOp::Equal, seen.config),
+                Compare::mod_revision(key(WIRINGS, name), CompareOp::Equal, seen.wiring),
             ])
             .and_then([
                 TxnOp::put(

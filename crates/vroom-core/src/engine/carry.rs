@@ -78,6 +78,15 @@ impl Engine {
         None
     }
 
+    /// Whether the cluster (when this host is in one) takes a change to
+    /// `name`'s config, splices or mirrors now.
+    pub(super) fn may_change(&self, name: &str) -> Result<(), OpError> {
+        match self.cluster() {
+            Some(cluster) => cluster.may_change(name),
+            None => Ok(()),
+        }
+    }
+
     /// Records `vm`'s wiring in the cluster (when this host is in one).
     pub(super) async fn replicate_wiring(&self, vm: &Name) -> Result<(), OpError> {
         match self.cluster() {

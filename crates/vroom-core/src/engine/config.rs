@@ -171,6 +171,7 @@ impl Engine {
         change: impl FnOnce(ConfigValues, &ConfigValues) -> Result<ConfigValues, OpError>,
     ) -> Result<ConfigValues, OpError> {
         let cell = self.cell(name)?;
+        self.may_change(name)?;
         let _op = cell.op.lock().await;
         let (state, instance) = {
             let r = cell.lock();

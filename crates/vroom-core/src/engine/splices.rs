@@ -97,6 +97,7 @@ impl Engine {
         req.validate()?;
         let _op = self.splice_op.lock().await;
         let vm = self.get(req.vm.as_str())?;
+        self.may_change(vm.spec.name.as_str())?;
         if vm.status.state != InstanceState::Running {
             return Err(OpError::conflict(format!(
                 "cannot splice in front of {}: it is {}, not running",
@@ -324,6 +325,7 @@ impl Engine {
     pub async fn unsplice(self: &Arc<Self>, appliance: &str) -> Result<(), OpError> {
         let _op = self.splice_op.lock().await;
         let splice = self.get_splice(appliance)?;
+        self.may_change(splice.vm.as_str())?;
         self.take_out(&splice.appliance).await?;
         self.replicate_wiring(&splice.vm).await?;
         tracing::info!(appliance, vm = %splice.vm, "unspliced");
@@ -476,6 +478,7 @@ impl Engine {
         req.validate()?;
         let _op = self.splice_op.lock().await;
         let vm = self.get(req.vm.as_str())?;
+        self.may_change(vm.spec.name.as_str())?;
         let nic = resolve_nic(&vm, req.nic.as_deref())?;
         let to = self.get(req.to.as_str())?;
         if to.spec.name == vm.spec.name {
@@ -560,6 +563,9 @@ impl Engine {
             .into_iter()
             .find(|m| m.id == id)
             .map(|m| m.vm);
+        if let Some(vm) = &vm {
+            self.may_change(vm.as_str())?;
+        }
         self.drop_mirror(id).await?;
         match vm {
             Some(vm) => self.replicate_wiring(&vm).await,
@@ -1419,5 +1425,112 @@ mod tests {
             err.message
         );
         assert_eq!(c.engine.list_splices().len(), 1);
+    }
+
+    /// The cluster's half for these tests: it refuses every change to the
+    /// instances it names (they are migrating away) and takes the rest.
+    struct Migrating(Vec<&'static str>);
+
+    #[async_trait::async_trait]
+    impl crate::cluster::Cluster for Migrating {
+        async fn run(&self, _: RunRequest) -> Result<vroom_types::Instance, crate::OpError> {
+            unreachable!("not a cluster run")
+        }
+        async fn remove(&self, _: &str, _: bool) -> Result<bool, crate::OpError> {
+            Ok(false)
+        }
+        async fn set_desired(
+            &self,
+            _: &str,
+            _: vroom_types::DesiredState,
+        ) -> Result<(), crate::OpError> {
+            Ok(())
+        }
+        fn may_change(&self, name: &str) -> Result<(), crate::OpError> {
+            match self.0.contains(&name) {
+                true => Err(crate::OpError::conflict(format!("{name} is migrating"))),
+                false => Ok(()),
+            }
+        }
+        fn replicate_config(
+            &self,
+            _: &str,
+            _: &vroom_types::ConfigValues,
+        ) -> Result<(), crate::OpError> {
+            Ok(())
+        }
+        async fn replicate_wiring(
+            &self,
+            _: &str,
+            _: Option<crate::cluster::Wiring>,
+        ) -> Result<(), crate::OpError> {
+            Ok(())
+        }
+        fn may_launch(&self, _: &str, _: bool) -> Result<(), crate::OpError> {
+            Ok(())
+        }
+        async fn instance(&self, _: &str) -> Result<Option<vroom_types::Instance>, crate::OpError> {
+            Ok(None)
+        }
+        async fn instances(&self) -> Result<Vec<vroom_types::Instance>, crate::OpError> {
+            Ok(vec![])
+        }
+        fn node_name(&self) -> &str {
+            "n1"
+        }
+        async fn nodes(&self) -> Result<Vec<vroom_types::NodeInfo>, crate::OpError> {
+            Ok(vec![])
+        }
+        async fn node(&self, name: &str) -> Result<vroom_types::NodeInfo, crate::OpError> {
+            Err(crate::OpError::not_found("node", name))
+        }
+        async fn cordon(
+            &self,
+            name: &str,
+            _: bool,
+        ) -> Result<vroom_types::NodeInfo, crate::OpError> {
+            Err(crate::OpError::not_found("node", name))
+        }
+        async fn drain(&self, name: &str) -> Result<vroom_types::NodeInfo, crate::OpError> {
+            Err(crate::OpError::not_found("node", name))
+        }
+        async fn migrate(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<vroom_types::Migration, crate::OpError> {
+            unreachable!("not a migration")
+        }
+        async fn remove_node(&self, _: &str) -> Result<(), crate::OpError> {
+            Ok(())
+        }
+    }
+
+    /// While a VM migrates away, its splices, mirrors and config are not
+    /// changed at all: the destination has read them already.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_about_a_migrating_vm_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        t.engine.splice(request("bump")).await.unwrap();
+        let web_config = t.engine.config_get("web").await.unwrap();
+        t.engine
+            .set_cluster(std::sync::Arc::new(Migrating(vec!["web", "web-bump"])));
+
+        let before = t.engine.list().len();
+        let err = t.engine.splice(request("bump")).await.unwrap_err();
+        assert!(err.message.contains("migrating"), "{}", err.message);
+        let err = t.engine.unsplice("web-bump").await.unwrap_err();
+        assert!(err.message.contains("migrating"), "{}", err.message);
+        let set = [("greeting".to_string(), "changed".to_string())].into();
+        let err = t.engine.config_update("web", set).await.unwrap_err();
+        assert!(err.message.contains("migrating"), "{}", err.message);
+
+        assert_eq!(t.engine.config_get("web").await.unwrap(), web_config);
+        let splices = t.engine.list_splices();
+        assert_eq!(splices.len(), 1, "{splices:?}");
+        assert_eq!(splices[0].state, SpliceState::Active);
+        assert_eq!(t.engine.list().len(), before, "no appliance made");
+        assert_eq!(t.store.splices().unwrap().len(), 1);
     }
 }
