@@ -514,6 +514,15 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
             settled(&name);
         }
     }
+    // Nothing a kill left stands in the way of the next run (a bridge made
+    // just before a kill once blocked every later one).
+    lab.ok(
+        0,
+        &[
+            "run", "hello", "--name", "after", "--ha", "restart", "--node", "n1",
+        ],
+    );
+    assert!(lab.runs(0, "after").is_some());
 }
 
 /// A network spans the nodes that host its members: a guest on n1 reaches a

@@ -22,6 +22,7 @@ impl Engine {
                 tracing::error!(network = %network.name, error = %e, "cannot install the network's firewall: its guests may reach the host and other networks until the daemon restarts");
             }
         }
+        self.sweep_pending_bridges(&networks).await;
         {
             let mut map = self.networks.lock().unwrap_or_else(|p| p.into_inner());
             for network in networks {
