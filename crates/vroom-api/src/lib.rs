@@ -1069,12 +1069,18 @@ async fn build_image(
     let progress = tx.clone();
     tokio::spawn(async move {
         let result = engine
-            .build_image(recipe, req.update, caller.uid, move |stage, detail| {
-                let _ = progress.send(BuildEvent::Progress {
-                    stage: stage.to_string(),
-                    detail: detail.to_string(),
-                });
-            })
+            .build_image(
+                recipe,
+                req.update,
+                req.kernel,
+                caller.uid,
+                move |stage, detail| {
+                    let _ = progress.send(BuildEvent::Progress {
+                        stage: stage.to_string(),
+                        detail: detail.to_string(),
+                    });
+                },
+            )
             .await;
         let last = match result {
             Ok(report) => BuildEvent::Done {

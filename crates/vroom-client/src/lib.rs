@@ -794,11 +794,13 @@ impl Client {
         &self,
         recipe: &Path,
         update: bool,
+        kernel: Option<&str>,
         mut on_progress: impl FnMut(&str, &str),
     ) -> Result<BuildReport, ClientError> {
         let req = BuildImageRequest {
             recipe: recipe.display().to_string(),
             update,
+            kernel: kernel.map(String::from),
         };
         let response = self
             .send(Method::POST, "/v1/images/build", Some(&req))

@@ -17,6 +17,9 @@ pub struct LaunchSpec {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub cmdline: String,
+    /// ACPI tables for the guest. vroom's own kernel has no ACPI: the VMM
+    /// then describes the devices on the kernel command line.
+    pub acpi: bool,
     pub mem_mib: u64,
     pub cpus: u32,
     pub accel: Accel,

@@ -54,6 +54,7 @@ pub trait ImageSource: Send + Sync {
         &self,
         recipe: &std::path::Path,
         update: bool,
+        kernel: Option<&str>,
         owner: Option<u32>,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError>;

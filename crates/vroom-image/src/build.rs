@@ -126,6 +126,13 @@ fn build_once(
         let what = what.to_string();
         move |source| BuildRecipeError::Stage { what, source }
     };
+    // Before anything is downloaded: the kernel has what the image needs.
+    let modules: Vec<&str> = crate::pack::BASE_MODULES
+        .iter()
+        .copied()
+        .chain(recipe.modules.iter().map(String::as_str))
+        .collect();
+    crate::pack::check_kernel(&recipe.name, inputs.kernel, &modules)?;
     if update {
         progress(Stage::Resolve, "refreshing the package indexes".into());
         apt::update()?;

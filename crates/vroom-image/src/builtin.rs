@@ -63,6 +63,15 @@ pub enum BuildImageError {
     },
     #[error("failed to pack the image: {reason}")]
     Pack { reason: String },
+    #[error(
+        "image {image} needs what kernel {kernel} does not build in: {}; add the option to the kernel's config, or build with --kernel debian",
+        .missing.join(", ")
+    )]
+    KernelLacks {
+        image: String,
+        kernel: String,
+        missing: Vec<String>,
+    },
     #[error(transparent)]
     Store(#[from] ImageStoreError),
 }

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vroom_types::KernelRef;
+use vroom_types::{KernelFlavor, KernelRef};
 
 use crate::util::{run, sha256_file};
 
@@ -39,9 +39,60 @@ pub enum FetchKernelError {
 #[derive(Debug, Clone)]
 pub struct Kernel {
     pub reference: KernelRef,
+    /// What QEMU boots: Debian's `vmlinuz`, or vroom's `vmlinux`.
     pub vmlinuz: PathBuf,
-    /// `lib/modules/<release>` of the kernel package.
-    pub modules_dir: PathBuf,
+    pub modules: KernelModules,
+}
+
+/// Where an image's kernel modules come from.
+#[derive(Debug, Clone)]
+pub enum KernelModules {
+    /// `lib/modules/<release>` of the kernel package: the modules an image
+    /// needs go into its initramfs.
+    Dir(PathBuf),
+    /// Everything built in: an image's module list is a check against the
+    /// kernel's config.
+    BuiltIn(OwnKernel),
+}
+
+impl From<OwnKernel> for Kernel {
+    fn from(own: OwnKernel) -> Kernel {
+        Kernel {
+            reference: own.reference.clone(),
+            vmlinuz: own.vmlinux.clone(),
+            modules: KernelModules::BuiltIn(own),
+        }
+    }
+}
+
+/// Which kernel an image is built for (`--kernel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// vroom's own when it is built, Debian's cloud kernel until then.
+    Default,
+    Debian,
+    /// vroom's own, built from the fragment this vroom carries.
+    Vroom,
+    /// An own kernel by id (one built from another fragment).
+    Id(String),
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KernelChoice, String> {
+        match s {
+            "" | "default" => Ok(KernelChoice::Default),
+            "debian" => Ok(KernelChoice::Debian),
+            "vroom" => Ok(KernelChoice::Vroom),
+            id if id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()) => {
+                Ok(KernelChoice::Id(id.to_ascii_lowercase()))
+            }
+            other => Err(format!(
+                "unknown kernel {other:?}: debian, vroom, or a kernel id from `vroom kernel ls`"
+            )),
+        }
+    }
 }
 
 pub struct KernelCache {
@@ -86,8 +137,36 @@ impl KernelCache {
 
     /// The cached kernel an image references, if its digest still matches.
     pub fn find(&self, reference: &KernelRef) -> Option<Kernel> {
-        self.load(&format!("{}_{}", reference.package, reference.version))
-            .filter(|k| k.reference.sha256 == reference.sha256)
+        match reference.flavor {
+            KernelFlavor::Debian => self
+                .load(&format!("{}_{}", reference.package, reference.version))
+                .filter(|k| k.reference.sha256 == reference.sha256),
+            KernelFlavor::Vroom => self.find_own(reference).map(Kernel::from),
+        }
+    }
+
+    /// The kernel to build an image for.
+    pub fn choose(&self, choice: &KernelChoice) -> Result<Kernel, String> {
+        let debian = || {
+            self.current()
+                .ok_or_else(|| "no Debian guest kernel is cached; run `vroom setup`".to_string())
+        };
+        match choice {
+            KernelChoice::Default => match self.vroom_kernel() {
+                Some(own) => Ok(own.into()),
+                None => debian(),
+            },
+            KernelChoice::Debian => debian(),
+            KernelChoice::Vroom => self.vroom_kernel().map(Kernel::from).ok_or_else(|| {
+                "vroom's kernel is not built yet; `vroom kernel build` builds it (minutes), or use --kernel debian".to_string()
+            }),
+            KernelChoice::Id(id) => self
+                .own()
+                .into_iter()
+                .find(|k| &k.id == id)
+                .map(Kernel::from)
+                .ok_or_else(|| format!("no kernel {id} in the cache (`vroom kernel ls`)")),
+        }
     }
 
     fn load(&self, entry: &str) -> Option<Kernel> {
@@ -101,7 +180,7 @@ impl KernelCache {
         (vmlinuz.is_file() && modules_dir.join("modules.dep").is_file()).then_some(Kernel {
             reference,
             vmlinuz,
-            modules_dir,
+            modules: KernelModules::Dir(modules_dir),
         })
     }
 
@@ -171,6 +250,8 @@ impl KernelCache {
             version: version.into(),
             release,
             sha256,
+            flavor: KernelFlavor::Debian,
+            id: None,
         };
         fs::write(
             root.join("kernel.json"),

@@ -16,7 +16,8 @@ mod util;
 
 pub use builtin::{catalog, in_catalog, write_bundled_recipe, BuildImageError};
 pub use kernel::{
-    BuildKernelError, FetchKernelError, Fragment, Kernel, KernelCache, OwnKernel, FRAGMENT,
+    BuildKernelError, FetchKernelError, Fragment, Kernel, KernelCache, KernelChoice, KernelModules,
+    OwnKernel, FRAGMENT,
 };
 pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};

@@ -11,7 +11,7 @@ use vroom_types::{ApplianceSpec, FileDigest, ImageManifest, PackageEntry, MANIFE
 
 use crate::builtin::BuildImageError;
 use crate::cpio::CpioWriter;
-use crate::kernel::{module_load_order, Kernel};
+use crate::kernel::{module_load_order, Kernel, KernelModules};
 use crate::store::{ImageStore, StoredImage};
 use crate::util::{run, sha256_file};
 
@@ -52,6 +52,12 @@ pub fn pack_and_commit(
     init: &Path,
     store: &ImageStore,
 ) -> Result<StoredImage, BuildImageError> {
+    let modules: Vec<&str> = BASE_MODULES
+        .iter()
+        .copied()
+        .chain(meta.modules.iter().map(String::as_str))
+        .collect();
+    check_kernel(&meta.name, kernel, &modules)?;
     let staging = store.staging()?;
     let stage = |what: &str| {
         let what = what.to_string();
@@ -95,11 +101,6 @@ pub fn pack_and_commit(
         .arg(tree))
     .map_err(|reason| BuildImageError::Pack { reason })?;
     let initramfs = staging.path().join("initramfs.cpio");
-    let modules: Vec<&str> = BASE_MODULES
-        .iter()
-        .copied()
-        .chain(meta.modules.iter().map(String::as_str))
-        .collect();
     write_initramfs(&initramfs, init, kernel, &modules)
         .map_err(|reason| BuildImageError::Pack { reason })?;
 
@@ -111,6 +112,7 @@ pub fn pack_and_commit(
             .unwrap_or_default();
         Ok(FileDigest { file, sha256, size })
     };
+    let floor = kernel.reference.flavor.min_mem_mib();
     let manifest = ImageManifest {
         manifest_version: MANIFEST_VERSION,
         name: meta.name,
@@ -119,8 +121,9 @@ pub fn pack_and_commit(
         initramfs: digest(&initramfs)?,
         rootfs: digest(&rootfs)?,
         cmdline: String::new(),
-        default_mem_mib: meta.default_mem_mib,
-        min_mem_mib: meta.min_mem_mib,
+        // What the kernel boots in, at least (a recipe may ask less).
+        default_mem_mib: meta.default_mem_mib.max(floor),
+        min_mem_mib: meta.min_mem_mib.max(floor),
         appliance: meta.appliance,
         packages: meta.packages,
         init_sha256: Some(sha256_file(init).map_err(stage("digests"))?.0),
@@ -128,14 +131,36 @@ pub fn pack_and_commit(
     Ok(store.commit(staging, &manifest)?)
 }
 
-/// The initramfs: `/init` (vroom-init), the kernel modules and their load order.
+/// Fails, naming each module and the option that builds it, when `kernel`
+/// has everything built in but not all of `modules` (what image `name`
+/// needs). A modular kernel is checked when the initramfs is packed.
+pub fn check_kernel(name: &str, kernel: &Kernel, modules: &[&str]) -> Result<(), BuildImageError> {
+    let KernelModules::BuiltIn(own) = &kernel.modules else {
+        return Ok(());
+    };
+    let missing = own.lacks(modules);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(BuildImageError::KernelLacks {
+        image: name.to_string(),
+        kernel: own.id.clone(),
+        missing,
+    })
+}
+
+/// The initramfs: `/init` (vroom-init), the kernel modules and their load
+/// order (none for a kernel with everything built in).
 fn write_initramfs(
     path: &Path,
     init: &Path,
     kernel: &Kernel,
     modules: &[&str],
 ) -> Result<(), String> {
-    let order = module_load_order(&kernel.modules_dir, modules)?;
+    let (modules_dir, order) = match &kernel.modules {
+        KernelModules::Dir(dir) => (dir.as_path(), module_load_order(dir, modules)?),
+        KernelModules::BuiltIn(_) => (Path::new("/"), vec![]),
+    };
     let file = fs::File::create(path).map_err(|e| format!("create {}: {e}", path.display()))?;
     let mut cpio = CpioWriter::new(BufWriter::new(file));
     let io = |e: std::io::Error| format!("write initramfs: {e}");
@@ -161,8 +186,8 @@ fn write_initramfs(
                 cpio.dir(&prefix).map_err(io)?;
             }
         }
-        let bytes = fs::read(kernel.modules_dir.join(module))
-            .map_err(|e| format!("read module {module}: {e}"))?;
+        let bytes =
+            fs::read(modules_dir.join(module)).map_err(|e| format!("read module {module}: {e}"))?;
         cpio.file(&dest, 0o644, &bytes).map_err(io)?;
         list.push('/');
         list.push_str(&dest);
@@ -176,4 +201,63 @@ fn write_initramfs(
         .map_err(|e| io(e.into_error()))?
         .sync_all()
         .map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::OwnKernel;
+    use vroom_types::{KernelFlavor, KernelRef};
+
+    fn own(dir: &Path) -> Kernel {
+        let config = dir.join("config");
+        fs::write(
+            &config,
+            "CONFIG_VIRTIO_MMIO=y\n# CONFIG_NFT_LOG is not set\n",
+        )
+        .unwrap();
+        OwnKernel {
+            id: "0123456789abcdef".into(),
+            reference: KernelRef {
+                package: "linux-source-6.1".into(),
+                version: "6.1.1-1".into(),
+                release: "6.1.1".into(),
+                sha256: "0".repeat(64),
+                flavor: KernelFlavor::Vroom,
+                id: Some("0123456789abcdef".into()),
+            },
+            vmlinux: dir.join("vmlinux"),
+            config,
+            modules: [
+                ("virtio_mmio", "CONFIG_VIRTIO_MMIO"),
+                ("nft_log", "CONFIG_NFT_LOG"),
+            ]
+            .into_iter()
+            .map(|(m, o)| (m.to_string(), vec![o.to_string()]))
+            .collect(),
+        }
+        .into()
+    }
+
+    /// An image whose recipe needs a module the built-in kernel lacks
+    /// fails at build time, naming the image, the module and the option.
+    #[test]
+    fn a_module_the_kernel_lacks_is_named_with_its_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = own(dir.path());
+        check_kernel("fw", &kernel, &["virtio_mmio"]).unwrap();
+        let err = check_kernel("fw", &kernel, &["virtio-mmio", "nft_log", "nope"])
+            .unwrap_err()
+            .to_string();
+        for says in [
+            "image fw",
+            "kernel 0123456789abcdef",
+            "nft_log (CONFIG_NFT_LOG)",
+            "nope (no such module in the source)",
+            "--kernel debian",
+        ] {
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        assert!(!err.contains("virtio"), "{err}");
+    }
 }

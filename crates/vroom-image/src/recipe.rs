@@ -969,8 +969,8 @@ tcp = 80
             ),
             (
                 "min = \"128M\"",
-                "min = \"64M\"",
-                "memory.min: memory 64 MiB is below the 128 MiB the guest kernel needs",
+                "min = \"32M\"",
+                "memory.min: memory 32 MiB is below the 64 MiB the guest kernel needs",
             ),
             (
                 "default = \"128M\"",

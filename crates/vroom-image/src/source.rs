@@ -9,7 +9,7 @@ use vroom_types::{package_changes, BuildReport, ImageSummary};
 
 use crate::build::{build_recipe, BuildRecipeError, RecipeInputs};
 use crate::builtin::{catalog, in_catalog, write_bundled_recipe};
-use crate::kernel::KernelCache;
+use crate::kernel::{KernelCache, KernelChoice};
 use crate::store::{ImageStore, ImageStoreError, StoredImage};
 use vroom_core::error::chain;
 
@@ -64,13 +64,12 @@ impl LocalImages {
             );
         }
         crate::init_check::check_init_file(&self.init).map_err(|e| failed(e.to_string()))?;
-        let kernel = self
-            .kernels
-            .current()
-            .ok_or_else(|| ResolveImageError::KernelMissing {
+        let kernel = self.kernels.choose(&KernelChoice::Default).map_err(|_| {
+            ResolveImageError::KernelMissing {
                 image: name.into(),
                 release: "(none cached)".into(),
-            })?;
+            }
+        })?;
         let loaded = crate::recipe::load(&recipe).map_err(|e| failed(chain(&e)))?;
         let inputs = RecipeInputs {
             kernel: &kernel,
@@ -152,9 +151,14 @@ impl ImageSource for LocalImages {
         &self,
         recipe: &std::path::Path,
         update: bool,
+        kernel: Option<&str>,
         owner: Option<u32>,
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError> {
+        let choice: KernelChoice = kernel
+            .unwrap_or_default()
+            .parse()
+            .map_err(|message| BuildFromRecipeError::Recipe { message })?;
         // A bare catalog name builds the recipe bundled into this binary.
         let bundled_dir;
         let mut owner = owner;
@@ -198,10 +202,15 @@ impl ImageSource for LocalImages {
         })?;
         let kernel = self
             .kernels
-            .current()
-            .ok_or_else(|| BuildFromRecipeError::Build {
-                message: "no guest kernel is cached; run `vroom setup`".into(),
-            })?;
+            .choose(&choice)
+            .map_err(|message| BuildFromRecipeError::Recipe { message })?;
+        progress(
+            "kernel",
+            &match &kernel.reference.id {
+                Some(id) => format!("vroom {id} ({})", kernel.reference.release),
+                None => format!("debian {}", kernel.reference.release),
+            },
+        );
         let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
         let inputs = RecipeInputs {
             kernel: &kernel,
@@ -222,6 +231,12 @@ impl ImageSource for LocalImages {
             {
                 BuildFromRecipeError::Recipe {
                     message: format!("{}: {}", path.display(), chain(inner)),
+                }
+            }
+            // The recipe asks for what the chosen kernel has not got.
+            e @ BuildRecipeError::Image(crate::BuildImageError::KernelLacks { .. }) => {
+                BuildFromRecipeError::Recipe {
+                    message: e.to_string(),
                 }
             }
             e => BuildFromRecipeError::Build { message: chain(&e) },

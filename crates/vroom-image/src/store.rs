@@ -322,6 +322,8 @@ mod tests {
                 version: "1".into(),
                 release: "6.1".into(),
                 sha256: "0".repeat(64),
+                flavor: Default::default(),
+                id: None,
             },
             initramfs: digest("initramfs.cpio"),
             rootfs: digest("rootfs.erofs"),

@@ -98,7 +98,11 @@ pub fn qemu_args(
         "-name".into(),
         format!("vroom-{},process=vroom-{}", spec.name, spec.name),
         "-M".into(),
-        "microvm".into(),
+        if spec.acpi {
+            "microvm".into()
+        } else {
+            "microvm,acpi=off".into()
+        },
         "-accel".into(),
         accel,
         "-cpu".into(),
@@ -216,6 +220,7 @@ pub(crate) mod tests {
             kernel: "/k/vmlinuz".into(),
             initramfs: "/i/initramfs.cpio".into(),
             cmdline: "vroom.debug".into(),
+            acpi: true,
             mem_mib: 128,
             cpus: 2,
             accel,
@@ -265,6 +270,16 @@ pub(crate) mod tests {
             .filter(|w| w[0] == flag)
             .map(|w| w[1].as_str())
             .collect()
+    }
+
+    /// vroom's kernel has no ACPI: QEMU then puts the virtio-mmio devices
+    /// on the kernel command line, or the guest finds none.
+    #[test]
+    fn a_kernel_without_acpi_gets_a_machine_without_it() {
+        let mut spec = spec(Accel::Tcg);
+        spec.acpi = false;
+        let args = qemu_args(&spec, &boot(), &fds(), true, None);
+        assert_eq!(value_after(&args, "-M"), vec!["microvm,acpi=off"]);
     }
 
     #[test]

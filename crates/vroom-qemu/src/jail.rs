@@ -379,6 +379,7 @@ mod tests {
             kernel: "/cache/vmlinuz".into(),
             initramfs: "/images/x/initramfs.cpio".into(),
             cmdline: String::new(),
+            acpi: true,
             mem_mib: 128,
             cpus: 1,
             accel,

@@ -49,6 +49,13 @@ pub struct BuildImageRequest {
     /// updates) are picked, and report what changed.
     #[serde(default)]
     pub update: bool,
+    /// The kernel to build for: `vroom` (vroom's own, everything built in,
+    /// boots in 64 MiB), `debian` (Debian's cloud kernel, with modules), or
+    /// an id from `vroom kernel ls`. Absent: vroom's when it is built,
+    /// Debian's until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(debian|vroom|[0-9a-f]{16})$")]
+    pub kernel: Option<String>,
 }
 
 /// The outcome of a build.

@@ -57,12 +57,62 @@ pub struct PackageEntry {
 /// A kernel from the host's kernel cache, pinned by package version and digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KernelRef {
-    /// The Debian package it came from, e.g. `linux-image-6.1.0-56-cloud-amd64`.
+    /// The Debian package it came from, e.g. `linux-image-6.1.0-56-cloud-amd64`
+    /// (for vroom's own kernel: the source package, `linux-source-6.1`).
     pub package: String,
     pub version: String,
     /// `uname -r` of the kernel; its modules live under `/lib/modules/<release>`.
     pub release: String,
     pub sha256: String,
+    /// Which kernel it is; absent (Debian's) in images from before.
+    #[serde(default, skip_serializing_if = "KernelFlavor::is_debian")]
+    pub flavor: KernelFlavor,
+    /// vroom's own kernel: its id in the kernel cache (`vroom kernel ls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Debian's cloud kernel (modules in the initramfs, ACPI), or vroom's own
+/// (everything built in, no ACPI: QEMU describes the devices on the kernel
+/// command line).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFlavor {
+    #[default]
+    Debian,
+    Vroom,
+}
+
+impl KernelFlavor {
+    pub fn is_debian(&self) -> bool {
+        *self == KernelFlavor::Debian
+    }
+
+    /// The least memory a guest on this kernel boots in, measured: Debian's
+    /// cloud kernel does not boot in 64 MiB; vroom's does, with its
+    /// services up.
+    pub fn min_mem_mib(self) -> u64 {
+        match self {
+            KernelFlavor::Debian => 128,
+            KernelFlavor::Vroom => 64,
+        }
+    }
+
+    /// Whether the VM gets ACPI tables (vroom's kernel has no ACPI).
+    pub fn acpi(self) -> bool {
+        self == KernelFlavor::Debian
+    }
+}
+
+impl std::fmt::Display for KernelFlavor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelFlavor::Debian => "debian",
+            KernelFlavor::Vroom => "vroom",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -151,4 +201,30 @@ pub struct ImageSummary {
     /// the name are kept until `vroom image prune`.
     #[serde(default)]
     pub current: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Manifests from before kernels had a flavor read as Debian's, and a
+    /// Debian kernel writes them byte for byte as before (an image's id is
+    /// its manifest's digest).
+    #[test]
+    fn kernel_refs_of_older_manifests_are_debian_and_unchanged() {
+        let old = r#"{"package":"linux-image-6.1.0-57-cloud-amd64","version":"6.1.192-3","release":"6.1.0-57-cloud-amd64","sha256":"ab"}"#;
+        let parsed: KernelRef = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.flavor, KernelFlavor::Debian);
+        assert_eq!(parsed.id, None);
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), old);
+        let vroom = KernelRef {
+            flavor: KernelFlavor::Vroom,
+            id: Some("7357a6b23eace1a9".into()),
+            ..parsed
+        };
+        let text = serde_json::to_string(&vroom).unwrap();
+        assert!(text.contains(r#""flavor":"vroom""#), "{text}");
+        assert!(!KernelFlavor::Vroom.acpi() && KernelFlavor::Debian.acpi());
+        assert!(KernelFlavor::Vroom.min_mem_mib() < KernelFlavor::Debian.min_mem_mib());
+    }
 }

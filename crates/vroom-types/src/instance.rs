@@ -94,7 +94,7 @@ pub struct InstanceSpec {
     #[schema(example = "hello")]
     pub image: String,
     /// Guest memory in MiB; the image's default when absent. At most the host's memory.
-    #[schema(minimum = 128, maximum = 1073741824)]
+    #[schema(minimum = 64, maximum = 1073741824)]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub mem_mib: Option<u64>,
     /// Virtual CPUs; at most the host's CPU count.

@@ -39,8 +39,8 @@ pub use exec::{
     MAX_EXEC_REQUEST_BYTES, MAX_EXEC_RESULT_BYTES, MAX_EXEC_TIMEOUT_SECS,
 };
 pub use image::{
-    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelRef, PackageEntry, ServiceSpec,
-    TemplateSpec, MANIFEST_VERSION,
+    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelFlavor, KernelRef, PackageEntry,
+    ServiceSpec, TemplateSpec, MANIFEST_VERSION,
 };
 pub use instance::{
     Accel, AccelChoice, DesiredState, ExecRequest, ExecResult, Instance, InstanceAction,

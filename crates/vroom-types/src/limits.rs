@@ -195,14 +195,14 @@ mod tests {
                 request(|r| r.ready_timeout_secs = Some(0)),
                 Some("ready_timeout_secs must be an integer between 1 and 3600, got 0"),
             ),
-            (request(|r| r.spec.mem_mib = Some(128)), None),
+            (request(|r| r.spec.mem_mib = Some(64)), None),
             (
-                request(|r| r.spec.mem_mib = Some(64)),
-                Some("memory 64 MiB is below the 128 MiB the guest kernel needs"),
+                request(|r| r.spec.mem_mib = Some(32)),
+                Some("memory 32 MiB is below the 64 MiB the guest kernel needs"),
             ),
             (
                 request(|r| r.spec.mem_mib = Some(u64::MAX)),
-                Some("spec.mem_mib must be an integer between 128 and 1073741824, got 18446744073709551615"),
+                Some("spec.mem_mib must be an integer between 64 and 1073741824, got 18446744073709551615"),
             ),
             (request(|r| r.spec.cpus = 255), None),
             (

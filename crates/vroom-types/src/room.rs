@@ -172,7 +172,7 @@ pub struct RoomInstance {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "crate::json_int::optional"
     )]
-    #[schema(minimum = 128, maximum = 1073741824)]
+    #[schema(minimum = 64, maximum = 1073741824)]
     pub mem_mib: Option<u64>,
     /// Config keys to set (the others keep the image's defaults).
     #[serde(default)]

@@ -1,7 +1,8 @@
 use crate::InvalidInputError;
 
-/// The least memory the stock guest kernel boots in (measured: it does not boot in 64 MiB).
-pub const MIN_MEM_MIB: u64 = 128;
+/// The least memory any guest kernel vroom has boots in: vroom's own (see
+/// [`crate::KernelFlavor::min_mem_mib`]; an image says what it needs).
+pub const MIN_MEM_MIB: u64 = 64;
 
 /// Parses a memory size such as `128M`, `1G`, `512MiB` or `256` (MiB) into
 /// MiB, within [`crate::limits::MEM_MIB`].
@@ -38,8 +39,9 @@ mod tests {
             ("2GiB", Some(2048)),
             ("512mb", Some(512)),
             ("0", None),
-            ("64M", None),
-            ("127", None),
+            ("64M", Some(64)),
+            ("63", None),
+            ("32M", None),
             ("1048576G", Some(1 << 30)),
             ("1048577G", None),
             ("", None),

@@ -143,7 +143,7 @@ pub struct RestoreRequest {
 pub struct WarmRequest {
     /// Guest memory in MiB of the instances that will start from it; the
     /// image's default when absent.
-    #[schema(minimum = 128, maximum = 1073741824)]
+    #[schema(minimum = 64, maximum = 1073741824)]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub mem_mib: Option<u64>,
 }

@@ -246,6 +246,7 @@ async fn raw_boot(
         kernel: image.kernel.clone(),
         initramfs: image.initramfs.clone(),
         cmdline: image.manifest.cmdline.clone(),
+        acpi: image.manifest.kernel.flavor.acpi(),
         mem_mib: image.manifest.default_mem_mib,
         cpus: 1,
         accel,

@@ -53,7 +53,7 @@ pub async fn images(data_dir: &Path, recipes: &Path, runs: usize, debootstrap: b
         let build = |images: &vroom_image::LocalImages| -> Result<(BuildReport, f64)> {
             let started = Instant::now();
             let report = images
-                .build(dir, false, None, &mut |_, _| {})
+                .build(dir, false, None, None, &mut |_, _| {})
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok((report, started.elapsed().as_secs_f64()))
         };

@@ -361,7 +361,7 @@ pub(crate) async fn build_from_catalog_if_missing(
     }
     let mut stages = output::Stages::new(json, format!("building {image} from the catalog"));
     let built = client
-        .build_image(Path::new(image), false, |stage, detail| {
+        .build_image(Path::new(image), false, None, |stage, detail| {
             stages.update(stage, detail)
         })
         .await;
@@ -1251,7 +1251,11 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                 },
             );
         }
-        ImageOp::Build { recipe, update } => {
+        ImageOp::Build {
+            recipe,
+            update,
+            kernel,
+        } => {
             // A catalog name (`vroom image build firewall`) unless such a path exists here.
             let path = match recipe.to_str() {
                 Some(name) if !recipe.exists() && vroom_image::in_catalog(name) => recipe.clone(),
@@ -1265,7 +1269,9 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
             };
             let mut stages = output::Stages::new(json, format!("building {}", path.display()));
             let built = client
-                .build_image(&path, *update, |stage, detail| stages.update(stage, detail))
+                .build_image(&path, *update, kernel.as_deref(), |stage, detail| {
+                    stages.update(stage, detail)
+                })
                 .await;
             stages.finish(built.is_ok());
             let report = built?;

@@ -96,7 +96,8 @@ struct Row {
     version: String,
     release: String,
     size: u64,
-    /// The kernel images are built for.
+    /// The kernel a build without `--kernel` is for: vroom's own once it
+    /// is built, Debian's until then.
     current: bool,
     path: PathBuf,
 }
@@ -118,6 +119,7 @@ impl Row {
 
 fn list(cache: &KernelCache, json: bool) {
     let mut rows: Vec<Row> = vec![];
+    let vroom = cache.vroom_kernel().map(|k| k.id);
     if let Some(debian) = cache.current() {
         rows.push(Row {
             id: "debian".into(),
@@ -126,15 +128,25 @@ fn list(cache: &KernelCache, json: bool) {
             version: debian.reference.version.clone(),
             release: debian.reference.release.clone(),
             size: std::fs::metadata(&debian.vmlinuz).map_or(0, |m| m.len()),
-            current: true,
+            current: vroom.is_none(),
             path: debian.vmlinuz.clone(),
         });
     }
-    rows.extend(cache.own().iter().map(Row::own));
+    rows.extend(cache.own().iter().map(|k| Row {
+        current: vroom.as_ref() == Some(&k.id),
+        ..Row::own(k)
+    }));
     output::list(
         json,
         &rows,
-        &["ID", "KIND", "SOURCE", "RELEASE", "SIZE", "IMAGES USE IT"],
+        &[
+            "ID",
+            "KIND",
+            "SOURCE",
+            "RELEASE",
+            "SIZE",
+            "NEW BUILDS USE IT",
+        ],
         |r| {
             vec![
                 r.id.clone(),

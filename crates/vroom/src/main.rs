@@ -698,6 +698,13 @@ pub enum ImageOp {
         /// packages that changed.
         #[arg(long)]
         update: bool,
+        /// The guest kernel: `vroom` (vroom's own: everything built in, boots
+        /// in 64 MiB), `debian` (Debian's cloud kernel, with its modules), or
+        /// a kernel id from `vroom kernel ls`. Default: vroom's once `vroom
+        /// kernel build` (which `vroom setup` starts) has built it, Debian's
+        /// until then.
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Option<String>,
     },
     /// List images.
     Ls,

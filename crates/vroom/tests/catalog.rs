@@ -8,11 +8,95 @@ use std::time::Duration;
 
 use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, Env};
 
+/// Builds a catalog image for vroom's own kernel (`cargo xtask test` has
+/// `vroom setup` build it first): everything built in, no modules in the
+/// initramfs, and 64 MiB by default for all but the sniffer.
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
-    let out = env.ok(&["--json", "image", "build", &recipe(name)]);
-    serde_json::from_str::<vroom_types::BuildReport>(&out)
+    let out = env.ok(&[
+        "--json",
+        "image",
+        "build",
+        &recipe(name),
+        "--kernel",
+        "vroom",
+    ]);
+    let image = serde_json::from_str::<vroom_types::BuildReport>(&out)
         .unwrap()
-        .image
+        .image;
+    let manifest = &image.manifest;
+    assert_eq!(manifest.kernel.flavor, vroom_types::KernelFlavor::Vroom);
+    if name != "sniffer" {
+        assert!(manifest.default_mem_mib <= 64, "{name}: {manifest:?}");
+    }
+    image
+}
+
+/// Debian's cloud kernel stays available: an image built for it carries
+/// its modules, needs 128 MiB (and says so), and boots with ACPI.
+#[test]
+fn debian_kernel_images_still_boot() {
+    let env = Env::new("dk");
+    let out = env.ok(&[
+        "--json",
+        "image",
+        "build",
+        &recipe("hello"),
+        "--kernel",
+        "debian",
+    ]);
+    let image = serde_json::from_str::<vroom_types::BuildReport>(&out)
+        .unwrap()
+        .image;
+    assert_eq!(
+        image.manifest.kernel.flavor,
+        vroom_types::KernelFlavor::Debian
+    );
+    assert_eq!(image.manifest.default_mem_mib, 128);
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    let err = env.fail(&[
+        "run", "hello", "--name", "small", "--net", "lan", "--mem", "64M",
+    ]);
+    assert!(
+        err.contains("below the 128 MiB image hello needs on debian's kernel"),
+        "{err}"
+    );
+    env.ok(&["run", "hello", "--name", "h", "--net", "lan"]);
+    let release = env.ok(&["exec", "h", "--", "/bin/busybox", "uname", "-r"]);
+    assert_eq!(release.trim(), image.manifest.kernel.release);
+    let err = env.fail(&["image", "build", &recipe("hello"), "--kernel", "linux"]);
+    assert!(err.contains("unknown kernel \"linux\""), "{err}");
+}
+
+/// A recipe that needs a module vroom's kernel does not build in fails at
+/// build time, naming the module and the option, before anything is
+/// downloaded; Debian's kernel has it as a module.
+#[test]
+fn a_recipe_needing_a_missing_kernel_option_fails_naming_it() {
+    let env = Env::new("ko");
+    let dir = tempfile::tempdir().unwrap();
+    let hello = std::path::Path::new(&recipe("hello")).to_path_buf();
+    for file in ["recipe.toml", "index.html"] {
+        std::fs::copy(hello.join(file), dir.path().join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap();
+    let text = text.replacen(
+        "nics = [\"lan\"]",
+        "nics = [\"lan\"]\nmodules = [\"wireguard\"]",
+        1,
+    );
+    std::fs::write(dir.path().join("recipe.toml"), text).unwrap();
+    let path = dir.path().display().to_string();
+    let err = env.fail(&["image", "build", &path, "--kernel", "vroom"]);
+    assert!(err.contains("wireguard (CONFIG_WIREGUARD)"), "{err}");
+    assert!(err.contains("image hello"), "{err}");
+    assert!(!env.ok(&["image", "ls"]).contains("hello"), "nothing built");
+    let out = env.ok(&["--json", "image", "build", &path, "--kernel", "debian"]);
+    let report: vroom_types::BuildReport = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report.image.manifest.kernel.flavor,
+        vroom_types::KernelFlavor::Debian
+    );
 }
 
 /// The firewall: a lan client gets a DHCP lease and DNS from it and reaches a

@@ -218,9 +218,9 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         ),
         (
             &[
-                "run", "hello", "--name", "ok", "--net", "lan", "--mem", "64M",
+                "run", "hello", "--name", "ok", "--net", "lan", "--mem", "32M",
             ],
-            "below the 128 MiB the guest kernel needs",
+            "below the 64 MiB the guest kernel needs",
         ),
         (
             &[

@@ -14,6 +14,7 @@ impl Engine {
         &self,
         recipe: PathBuf,
         update: bool,
+        kernel: Option<String>,
         caller: Option<u32>,
         mut progress: impl FnMut(&str, &str) + Send + 'static,
     ) -> Result<BuildReport, OpError> {
@@ -26,10 +27,16 @@ impl Engine {
             None => Some(u32::MAX),
         };
         let result = tokio::task::spawn_blocking(move || {
-            images.build(&recipe, update, owner, &mut |stage, detail| {
-                tracing::info!(recipe = %recipe.display(), "{stage}: {detail}");
-                progress(stage, detail);
-            })
+            images.build(
+                &recipe,
+                update,
+                kernel.as_deref(),
+                owner,
+                &mut |stage, detail| {
+                    tracing::info!(recipe = %recipe.display(), "{stage}: {detail}");
+                    progress(stage, detail);
+                },
+            )
         })
         .await
         .map_err(|e| OpError::internal("the build task failed", e))?;

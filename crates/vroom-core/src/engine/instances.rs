@@ -307,9 +307,29 @@ impl Engine {
         image: &BootImage,
     ) -> Result<u64, OpError> {
         let mem_mib = spec.mem_mib.unwrap_or(image.manifest.default_mem_mib);
-        let min_mib = image.manifest.min_mem_mib.max(MIN_MEM_MIB);
+        if mem_mib < MIN_MEM_MIB {
+            return Err(InvalidInputError::MemTooSmall {
+                mem_mib,
+                min_mib: MIN_MEM_MIB,
+            }
+            .into());
+        }
+        let min_mib = image.manifest.min_mem_mib;
         if mem_mib < min_mib {
-            return Err(InvalidInputError::MemTooSmall { mem_mib, min_mib }.into());
+            let flavor = image.manifest.kernel.flavor;
+            let hint = match flavor {
+                vroom_types::KernelFlavor::Debian => {
+                    "; built for vroom's kernel (`vroom image build --kernel vroom`) it needs less"
+                }
+                vroom_types::KernelFlavor::Vroom => "",
+            };
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "memory {mem_mib} MiB is below the {min_mib} MiB image {} needs on {flavor}'s kernel{hint}",
+                    image.manifest.name
+                ),
+            ));
         }
         if mem_mib > self.cfg.host_mem_mib {
             return Err(InvalidInputError::MemTooLarge {
@@ -444,6 +464,7 @@ impl Engine {
             kernel: image.kernel.clone(),
             initramfs: image.initramfs.clone(),
             cmdline: image.manifest.cmdline.clone(),
+            acpi: image.manifest.kernel.flavor.acpi(),
             mem_mib: instance.mem_mib,
             cpus: instance.spec.cpus,
             accel,

@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vroom_types::KernelRef;
+use vroom_types::{KernelFlavor, KernelRef};
 
 use super::KernelCache;
 use crate::util::{run, sha256_bytes, sha256_file};
@@ -295,10 +295,29 @@ impl KernelCache {
         kernels
     }
 
+    /// vroom's kernel: the newest built from the fragment this vroom
+    /// carries (on any source version), if one is.
+    pub fn vroom_kernel(&self) -> Option<OwnKernel> {
+        let bundled = Fragment::parse(FRAGMENT).ok()?;
+        self.own()
+            .into_iter()
+            .filter(|k| bundled.id(&k.reference.version) == k.id)
+            .max_by_key(|k| fs::metadata(&k.vmlinux).and_then(|m| m.modified()).ok())
+    }
+
+    /// The own kernel `reference` pins, if it is here and intact.
+    pub fn find_own(&self, reference: &KernelRef) -> Option<OwnKernel> {
+        let kernel = self.load_own(reference.id.as_deref()?)?;
+        (kernel.reference.sha256 == reference.sha256).then_some(kernel)
+    }
+
     fn load_own(&self, id: &str) -> Option<OwnKernel> {
         let root = self.dir.join(format!("vroom-{id}"));
-        let reference: KernelRef =
+        let mut reference: KernelRef =
             serde_json::from_slice(&fs::read(root.join("kernel.json")).ok()?).ok()?;
+        // Entries from before kernels had a flavor.
+        reference.flavor = KernelFlavor::Vroom;
+        reference.id = Some(id.to_string());
         let vmlinux = root.join("vmlinux");
         let config = root.join("config");
         let modules = serde_json::from_slice(&fs::read(root.join("modules.json")).ok()?).ok()?;
@@ -457,6 +476,8 @@ impl KernelCache {
             version,
             release,
             sha256,
+            flavor: KernelFlavor::Vroom,
+            id: Some(id.clone()),
         };
         fs::write(
             root.join("kernel.json"),
@@ -636,5 +657,92 @@ mod tests {
         assert_ne!(a.id("6.1.1"), a.id("6.1.2"));
         assert_eq!(a.id("6.1.1").len(), 16);
         assert_eq!(Fragment::parse(&render(&a)).unwrap(), a);
+    }
+
+    /// Puts an own kernel entry into `cache` as a build would, for `fragment`
+    /// on source `version`; returns its reference.
+    fn fake_entry(
+        cache: &KernelCache,
+        fragment: &Fragment,
+        version: &str,
+        body: &[u8],
+    ) -> KernelRef {
+        let id = fragment.id(version);
+        let root = cache.dir.join(format!("vroom-{id}"));
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("vmlinux"), body).unwrap();
+        fs::write(root.join("config"), render(fragment)).unwrap();
+        fs::write(root.join("modules.json"), "{}").unwrap();
+        let reference = KernelRef {
+            package: SOURCE_PACKAGE.into(),
+            version: version.into(),
+            release: "6.1.1".into(),
+            sha256: sha256_bytes(body),
+            flavor: KernelFlavor::Vroom,
+            id: Some(id),
+        };
+        fs::write(
+            root.join("kernel.json"),
+            serde_json::to_vec(&reference).unwrap(),
+        )
+        .unwrap();
+        reference
+    }
+
+    /// A config change is a new kernel id; an image keeps booting the kernel
+    /// it was built for, and never another one.
+    #[test]
+    fn an_image_boots_only_the_kernel_it_was_built_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = KernelCache::new(dir.path());
+        let bundled = Fragment::parse(FRAGMENT).unwrap();
+        let changed = Fragment::parse(&format!("{FRAGMENT}\nCONFIG_WIREGUARD=y\n")).unwrap();
+        assert_ne!(bundled.id("6.1.1-1"), changed.id("6.1.1-1"));
+        assert_ne!(
+            bundled.id("6.1.1-1"),
+            bundled.id("6.1.2-1"),
+            "the source counts"
+        );
+        let reworded = Fragment::parse(&format!("# another comment\n{FRAGMENT}")).unwrap();
+        assert_eq!(
+            bundled.id("6.1.1-1"),
+            reworded.id("6.1.1-1"),
+            "comments do not"
+        );
+
+        let old = fake_entry(&cache, &bundled, "6.1.1-1", b"old kernel");
+        let new = fake_entry(&cache, &changed, "6.1.1-1", b"new kernel");
+        assert_eq!(
+            cache.vroom_kernel().map(|k| k.id),
+            old.id.clone(),
+            "new builds use the kernel of the fragment this vroom carries"
+        );
+        let found = cache.find(&old).unwrap();
+        assert_eq!(fs::read(&found.vmlinuz).unwrap(), b"old kernel");
+        assert_eq!(
+            fs::read(cache.find(&new).unwrap().vmlinuz).unwrap(),
+            b"new kernel"
+        );
+        // A kernel whose file changed, or that is gone, is not booted.
+        let path = cache
+            .dir
+            .join(format!("vroom-{}", old.id.as_deref().unwrap()));
+        fs::write(path.join("vmlinux"), b"tampered").unwrap();
+        assert!(cache.find(&old).is_none());
+        fs::remove_dir_all(&path).unwrap();
+        assert!(cache.find(&old).is_none());
+        assert!(
+            cache.vroom_kernel().is_none(),
+            "only the changed one is left"
+        );
+        assert_eq!(
+            cache.choose(&"vroom".parse().unwrap()).unwrap_err(),
+            "vroom's kernel is not built yet; `vroom kernel build` builds it (minutes), or use --kernel debian"
+        );
+        let by_id = cache
+            .choose(&new.id.clone().unwrap().parse().unwrap())
+            .unwrap();
+        assert_eq!(by_id.reference, new);
+        assert!("linux".parse::<crate::kernel::KernelChoice>().is_err());
     }
 }
