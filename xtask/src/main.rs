@@ -22,7 +22,9 @@ fn main() -> Result<()> {
         }
         Some("test") => {
             let vroom = build(&root, false)?;
-            run(Command::new(&vroom).arg("setup"))?;
+            // The tests run on vroom's own kernel: built here (minutes on
+            // a fresh machine, nothing when it is cached).
+            run(Command::new(&vroom).args(["setup", "--wait-kernel"]))?;
             install_test_tools()?;
             let init = init_path(&root);
             run(Command::new(cargo())

@@ -14,7 +14,9 @@ use vroom_types::{KernelFlavor, KernelRef};
 use crate::util::{run, sha256_file};
 
 mod own;
-pub use own::{BuildKernelError, Fragment, OwnKernel, FRAGMENT, SOURCE_PACKAGE};
+pub use own::{
+    missing_build_tools, BuildKernelError, Fragment, OwnKernel, FRAGMENT, SOURCE_PACKAGE,
+};
 
 /// The Debian metapackage that always depends on the newest cloud kernel.
 pub const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";

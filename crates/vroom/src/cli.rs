@@ -208,7 +208,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             )
             .await?
         }
-        Command::Setup
+        Command::Setup { .. }
         | Command::Kernel { .. }
         | Command::Daemon { .. }
         | Command::Bench { .. }

@@ -55,8 +55,15 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Install or verify host prerequisites and the guest kernel.
-    Setup,
+    /// Install or verify host prerequisites and the guest kernels: Debian's
+    /// cloud kernel at once, and vroom's own (everything built in, boots in
+    /// 64 MiB) built in the background unless it is built already.
+    Setup {
+        /// Build vroom's kernel now, in the foreground, instead of in the
+        /// background.
+        #[arg(long)]
+        wait_kernel: bool,
+    },
     /// Run vroomd in the foreground (`vroom daemon stop` stops a running one;
     /// its VMs keep running and the next daemon re-adopts them).
     Daemon {
@@ -861,7 +868,14 @@ fn main() {
             init_tracing(false);
             runtime().block_on(daemon::stop(&cli.data_dir)).map(|()| 0)
         }
-        Command::Setup => setup::run(false).map(|()| 0),
+        Command::Setup { wait_kernel } => {
+            let own = if *wait_kernel {
+                setup::OwnKernelSetup::Wait
+            } else {
+                setup::OwnKernelSetup::Background
+            };
+            setup::run(false, own).map(|()| 0)
+        }
         Command::Kernel { op } => kernel::run(op, cli.json),
         _ => {
             init_tracing(false);

@@ -91,7 +91,19 @@ fn apt(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn run(quiet: bool) -> Result<()> {
+/// What `vroom setup` does about vroom's own kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnKernelSetup {
+    /// Start its build in the background unless it is built (or building):
+    /// Debian's kernel serves until it is done.
+    Background,
+    /// Build it now, in the foreground, with progress.
+    Wait,
+    /// Leave it as it is.
+    Leave,
+}
+
+pub fn run(quiet: bool, own: OwnKernelSetup) -> Result<()> {
     let say = |msg: &str| {
         if !quiet {
             println!("{msg}");
@@ -159,10 +171,89 @@ pub fn run(quiet: bool) -> Result<()> {
         );
     }
     say(&format!("vroom-init: {}", init.display()));
+    own_kernel(&kernels, own, is_root(), &say)?;
     match vroom_qemu::accel::kvm_status() {
         Ok(()) => say("accelerator: kvm available"),
         Err(reason) => say(&format!("accelerator: tcg ({reason})")),
     }
+    Ok(())
+}
+
+/// vroom's own kernel: built (new images use it), building, or started.
+fn own_kernel(
+    kernels: &KernelCache,
+    own: OwnKernelSetup,
+    root: bool,
+    say: &dyn Fn(&str),
+) -> Result<()> {
+    if let Some(kernel) = kernels.vroom_kernel() {
+        say(&format!(
+            "vroom kernel: {} ({}), new images are built for it",
+            kernel.id, kernel.reference.release
+        ));
+        return Ok(());
+    }
+    if own == OwnKernelSetup::Leave {
+        return Ok(());
+    }
+    let tools = vroom_image::kernel::missing_build_tools();
+    if !tools.is_empty() {
+        let packages: Vec<&str> = tools.iter().map(|(_, p)| *p).collect();
+        if !root {
+            say(&format!(
+                "vroom kernel: not built; its build needs {} (run `vroom setup` as root); images are built for Debian's kernel",
+                packages.join(" ")
+            ));
+            return Ok(());
+        }
+        say(&format!(
+            "installing {} (for vroom's kernel)",
+            packages.join(" ")
+        ));
+        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+        args.extend(&packages);
+        apt(&args)?;
+    }
+    if own == OwnKernelSetup::Wait {
+        say("vroom kernel: building it now (minutes; `vroom kernel ls` shows it when done)");
+        let exe = std::env::current_exe().context("cannot find the vroom executable")?;
+        let status = Command::new(exe)
+            .args(["kernel", "build"])
+            .status()
+            .context("cannot run `vroom kernel build`")?;
+        if !status.success() {
+            bail!("vroom's kernel did not build ({status})");
+        }
+        return Ok(());
+    }
+    let log = kernels.build_log();
+    if kernels.building() {
+        say(&format!(
+            "vroom kernel: building in the background (log: {}); until it is done, images are built for Debian's kernel",
+            log.display()
+        ));
+        return Ok(());
+    }
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let out =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let exe = std::env::current_exe().context("cannot find the vroom executable")?;
+    // Its own process group: a ^C at the terminal does not stop it.
+    use std::os::unix::process::CommandExt;
+    Command::new(exe)
+        .args(["kernel", "build"])
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .context("cannot start `vroom kernel build`")?;
+    say(&format!(
+        "vroom kernel: started its build in the background (about 5 minutes on 2 idle cores; log: {}); until it is done, images are built for Debian's kernel. `vroom setup --wait-kernel` waits for it",
+        log.display()
+    ));
     Ok(())
 }
 

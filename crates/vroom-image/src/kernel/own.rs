@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -279,6 +280,29 @@ fn add_kbuild(text: &str, map: &mut BTreeMap<String, Vec<String>>) {
 }
 
 impl KernelCache {
+    fn build_lock(&self) -> std::io::Result<fs::File> {
+        fs::create_dir_all(&self.dir)?;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(".build.lock"))
+    }
+
+    /// Whether a kernel build is under way (another process holds the lock).
+    pub fn building(&self) -> bool {
+        let Ok(lock) = self.build_lock() else {
+            return false;
+        };
+        // SAFETY: plain syscall on an fd we own; released when it closes.
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    }
+
+    /// Where a build in the background writes its output.
+    pub fn build_log(&self) -> PathBuf {
+        self.dir.join("build.log")
+    }
+
     /// The kernels vroom built, by id.
     pub fn own(&self) -> Vec<OwnKernel> {
         let Ok(entries) = fs::read_dir(&self.dir) else {
@@ -351,6 +375,26 @@ impl KernelCache {
             move |source| BuildKernelError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        // One build at a time (`vroom setup` may have one going in the
+        // background): wait for it, then take what it built.
+        let lock = self.build_lock().map_err(io(&self.dir))?;
+        if self.building() {
+            progress("wait", "for the kernel build under way");
+        }
+        // SAFETY: plain syscall on an fd we own; released when it closes.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(&self.dir)(std::io::Error::last_os_error()));
+        }
+        if let Some(kernel) = self.load_own(&id) {
+            return Ok(kernel);
+        }
+        // Holding the lock, no other build runs: a work dir left here is
+        // from one that was killed (a source tree and objects, over 1 GB).
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".build-") {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         let work = tempfile::Builder::new()
             .prefix(".build-")
             .tempdir_in(&self.dir)
@@ -507,19 +551,7 @@ fn render(fragment: &Fragment) -> String {
 }
 
 fn check_tools() -> Result<(), BuildKernelError> {
-    let mut missing: Vec<(&str, &str)> = BUILD_TOOLS
-        .iter()
-        .filter(|(tool, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .copied()
-        .collect();
-    if !Path::new(LIBELF_HEADER.0).is_file() {
-        missing.push(LIBELF_HEADER);
-    }
+    let missing = missing_build_tools();
     if missing.is_empty() {
         return Ok(());
     }
@@ -535,6 +567,25 @@ fn check_tools() -> Result<(), BuildKernelError> {
             .collect::<Vec<_>>()
             .join(" "),
     })
+}
+
+/// What the kernel build needs and this host lacks, as (what, Debian
+/// package) pairs.
+pub fn missing_build_tools() -> Vec<(&'static str, &'static str)> {
+    let mut missing: Vec<(&str, &str)> = BUILD_TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .copied()
+        .collect();
+    if !Path::new(LIBELF_HEADER.0).is_file() {
+        missing.push(LIBELF_HEADER);
+    }
+    missing
 }
 
 #[cfg(test)]
