@@ -20,6 +20,9 @@ pub struct LaunchSpec {
     /// ACPI tables for the guest. vroom's own kernel has no ACPI: the VMM
     /// then describes the devices on the kernel command line.
     pub acpi: bool,
+    /// Under TCG, the translation cache in MiB; `None`: the driver's
+    /// choice for the memory size (benchmarks set it).
+    pub tcg_tb_mib: Option<u32>,
     pub mem_mib: u64,
     pub cpus: u32,
     pub accel: Accel,

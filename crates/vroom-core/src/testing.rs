@@ -113,6 +113,7 @@ impl FakeDriver {
             initramfs: PathBuf::new(),
             cmdline: String::new(),
             acpi: true,
+            tcg_tb_mib: None,
             mem_mib: 128,
             cpus: 1,
             accel: Accel::Tcg,

@@ -21,6 +21,12 @@ use vroom_types::Accel;
 /// reserves about 1 GiB per VM (measured RSS 1.2 GB against ~210 MB).
 pub const TCG_TB_SIZE_MIB: u32 = 32;
 
+/// The translation cache for a guest of `mem_mib` (see the density numbers
+/// in the README, `vroom bench density`).
+pub fn tcg_tb_mib(_mem_mib: u64) -> u32 {
+    TCG_TB_SIZE_MIB
+}
+
 /// Kernel arguments that skip timer calibration under TCG. With several
 /// emulated guests on a busy host, calibrating the TSC against the PIT fails
 /// ("tsc: Unable to calibrate against PIT"), and microvm has no HPET or PM
@@ -82,7 +88,10 @@ pub fn qemu_args(
     let p = |path: &Path| path.display().to_string();
     let accel = match spec.accel {
         Accel::Kvm => "kvm".to_string(),
-        Accel::Tcg => format!("tcg,tb-size={TCG_TB_SIZE_MIB}"),
+        Accel::Tcg => format!(
+            "tcg,tb-size={}",
+            spec.tcg_tb_mib.unwrap_or_else(|| tcg_tb_mib(spec.mem_mib))
+        ),
     };
     let mut cmdline = String::from("console=ttyS0 quiet panic=-1");
     if let (Accel::Tcg, Some(khz)) = (spec.accel, tsc_khz) {
@@ -221,6 +230,7 @@ pub(crate) mod tests {
             initramfs: "/i/initramfs.cpio".into(),
             cmdline: "vroom.debug".into(),
             acpi: true,
+            tcg_tb_mib: None,
             mem_mib: 128,
             cpus: 2,
             accel,

@@ -380,6 +380,7 @@ mod tests {
             initramfs: "/images/x/initramfs.cpio".into(),
             cmdline: String::new(),
             acpi: true,
+            tcg_tb_mib: None,
             mem_mib: 128,
             cpus: 1,
             accel,

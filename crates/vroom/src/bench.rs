@@ -154,7 +154,7 @@ async fn measure(
     Ok((vroom, raw))
 }
 
-fn qemu_driver(mode: vroom_qemu::JailMode) -> vroom_qemu::QemuDriver {
+pub(crate) fn qemu_driver(mode: vroom_qemu::JailMode) -> vroom_qemu::QemuDriver {
     vroom_qemu::QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into), mode)
 }
 
@@ -213,6 +213,41 @@ async fn raw_boot(
     accel: vroom_types::Accel,
     tap: &str,
 ) -> Result<(f64, f64, f64)> {
+    raw_boot_with(driver, image, accel, tap, None, Duration::ZERO)
+        .await
+        .map(|b| (b.ready_ms, b.rss_mib, b.launch_ms))
+}
+
+/// What [`raw_boot_with`] measured.
+pub(crate) struct RawBoot {
+    pub ready_ms: f64,
+    pub rss_mib: f64,
+    /// QEMU's proportional set size, `settle` after ready.
+    pub pss_mib: f64,
+    pub launch_ms: f64,
+}
+
+/// A QEMU's proportional set size in MiB (0 when it is gone).
+pub(crate) fn pss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// [`raw_boot`] with a translation cache of `tb_mib` (the driver's choice
+/// when `None`), and QEMU's PSS measured `settle` after ready.
+pub(crate) async fn raw_boot_with(
+    driver: &vroom_qemu::QemuDriver,
+    image: &vroom_core::images::BootImage,
+    accel: vroom_types::Accel,
+    tap: &str,
+    tb_mib: Option<u32>,
+    settle: Duration,
+) -> Result<RawBoot> {
     let dir = tempfile::tempdir()?;
     let mac = "52:54:00:be:4c:01".to_string();
     let identity = InstanceFile {
@@ -247,6 +282,7 @@ async fn raw_boot(
         initramfs: image.initramfs.clone(),
         cmdline: image.manifest.cmdline.clone(),
         acpi: image.manifest.kernel.flavor.acpi(),
+        tcg_tb_mib: tb_mib,
         mem_mib: image.manifest.default_mem_mib,
         cpus: 1,
         accel,
@@ -281,7 +317,14 @@ async fn raw_boot(
         tokio::time::sleep(Duration::from_millis(150)).await;
     };
     let rss = rss_mib(process.pid);
+    tokio::time::sleep(settle).await;
+    let pss = pss_mib(process.pid);
     driver.kill(&process)?;
     driver.wait_exit(&process).await;
-    Ok((ready, rss, launched))
+    Ok(RawBoot {
+        ready_ms: ready,
+        rss_mib: rss,
+        pss_mib: pss,
+        launch_ms: launched,
+    })
 }

@@ -21,6 +21,11 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         return match op {
             crate::BenchOp::Boot { runs } => crate::bench::boot(&cli.data_dir, *runs).await,
             crate::BenchOp::Jail { runs } => crate::bench::jail(&cli.data_dir, *runs).await,
+            crate::BenchOp::Density {
+                budget,
+                count,
+                tb_runs,
+            } => crate::bench_density::density(&cli.data_dir, *budget, *count, *tb_runs).await,
             crate::BenchOp::Splice { runs } => {
                 crate::bench_splice::splice(&cli.data_dir, *runs).await
             }

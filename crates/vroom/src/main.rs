@@ -3,6 +3,7 @@
 //! the daemon itself in the foreground.
 
 mod bench;
+mod bench_density;
 mod bench_failover;
 mod bench_images;
 mod bench_migrate;
@@ -785,6 +786,22 @@ pub enum BenchOp {
         /// Migrations.
         #[arg(short = 'n', long, default_value_t = 20)]
         runs: usize,
+    },
+    /// Idle hello appliances, as many as fit a memory budget, on vroom's
+    /// kernel and on Debian's (the baseline): host memory (PSS) per
+    /// appliance, boot-to-ready of the first and the last, idle CPU, what
+    /// KSM merges; then the TCG translation cache size against boot time
+    /// and memory.
+    Density {
+        /// Host memory the appliances of each kernel may take.
+        #[arg(long, default_value = "2G", value_parser = parse_mem_mib)]
+        budget: u64,
+        /// Appliances per kernel instead of what fits the budget.
+        #[arg(short = 'n', long)]
+        count: Option<usize>,
+        /// Raw boots per translation cache size (0: skip that part).
+        #[arg(long, default_value_t = 3)]
+        tb_runs: usize,
     },
     /// Build every recipe in a directory cold and cached, boot each, and
     /// compare the firewall with a debootstrap minbase root.

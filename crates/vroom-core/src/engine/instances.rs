@@ -465,6 +465,7 @@ impl Engine {
             initramfs: image.initramfs.clone(),
             cmdline: image.manifest.cmdline.clone(),
             acpi: image.manifest.kernel.flavor.acpi(),
+            tcg_tb_mib: None,
             mem_mib: instance.mem_mib,
             cpus: instance.spec.cpus,
             accel,
