@@ -300,13 +300,23 @@ impl ImageSource for LocalImages {
                 source: e,
             })
         })?;
-        Ok(vroom_core::images::ImageExport {
-            manifest,
-            files: vec![
-                (image.manifest.initramfs.file.clone(), image.initramfs()),
-                (image.manifest.rootfs.file.clone(), image.rootfs()),
-            ],
-        })
+        let mut files = vec![
+            (image.manifest.initramfs.file.clone(), image.initramfs()),
+            (image.manifest.rootfs.file.clone(), image.rootfs()),
+        ];
+        // vroom's kernel goes along: another host's build of it would
+        // differ byte for byte, and images pin it by digest.
+        if image.manifest.kernel.flavor == vroom_types::KernelFlavor::Vroom {
+            let kernel = self
+                .kernels
+                .find_own(&image.manifest.kernel)
+                .ok_or_else(|| ResolveImageError::KernelMissing {
+                    image: image.manifest.name.clone(),
+                    release: image.manifest.kernel.release.clone(),
+                })?;
+            files.extend(KernelCache::own_files(&kernel));
+        }
+        Ok(vroom_core::images::ImageExport { manifest, files })
     }
 
     fn receiving(&self) -> Result<tempfile::TempDir, ResolveImageError> {
@@ -319,6 +329,25 @@ impl ImageSource for LocalImages {
         manifest: &[u8],
         dir: tempfile::TempDir,
     ) -> Result<ImageSummary, ResolveImageError> {
+        let parsed: vroom_types::ImageManifest =
+            serde_json::from_slice(manifest).map_err(|e| ResolveImageError::Other {
+                message: format!("image {id}: its manifest does not read: {e}"),
+            })?;
+        if parsed.kernel.flavor == vroom_types::KernelFlavor::Vroom {
+            // Checked against the manifest's digest here; the manifest is
+            // checked against the id by the store, and nothing boots until
+            // both are in.
+            if crate::util::sha256_bytes(manifest) != id {
+                return Err(ResolveImageError::Other {
+                    message: format!("image {id}: its manifest does not hash to its id"),
+                });
+            }
+            self.kernels
+                .adopt_own(&parsed.kernel, dir.path())
+                .map_err(|message| ResolveImageError::Other {
+                    message: format!("image {id}: {message}"),
+                })?;
+        }
         Ok(self
             .store
             .import(id, manifest, dir)
@@ -339,5 +368,111 @@ impl ImageSource for LocalImages {
                 summary
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use vroom_types::{ApplianceSpec, FileDigest, ImageManifest, KernelFlavor, KernelRef};
+
+    use super::*;
+    use crate::util::sha256_bytes;
+
+    fn images(dir: &std::path::Path) -> LocalImages {
+        LocalImages::new(
+            ImageStore::new(&dir.join("images")),
+            KernelCache::new(&dir.join("cache")),
+            dir.join("init"),
+            dir.join("debs"),
+        )
+    }
+
+    /// An own kernel entry as a build leaves it; returns its reference.
+    fn own_kernel(dir: &std::path::Path, body: &[u8]) -> KernelRef {
+        let id = "00112233aabbccdd";
+        let root = dir.join("cache/kernels").join(format!("vroom-{id}"));
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("vmlinux"), body).unwrap();
+        fs::write(root.join("config"), "CONFIG_BLOCK=y\n").unwrap();
+        fs::write(root.join("modules.json"), "{}").unwrap();
+        let reference = KernelRef {
+            package: crate::kernel::SOURCE_PACKAGE.into(),
+            version: "6.1.1-1".into(),
+            release: "6.1.1".into(),
+            sha256: sha256_bytes(body),
+            flavor: KernelFlavor::Vroom,
+            id: Some(id.into()),
+        };
+        fs::write(
+            root.join("kernel.json"),
+            serde_json::to_vec(&reference).unwrap(),
+        )
+        .unwrap();
+        reference
+    }
+
+    /// An image for vroom's kernel moves to another host with its kernel
+    /// (another host's build of it would differ), checked against the
+    /// digest the image pins; a kernel that does not match is refused.
+    #[test]
+    fn an_image_for_vrooms_kernel_travels_with_it() {
+        let a_dir = tempfile::tempdir().unwrap();
+        let a = images(a_dir.path());
+        let kernel = own_kernel(a_dir.path(), b"vmlinux of a");
+        let staging = a.store.staging().unwrap();
+        let digest = |file: &str, bytes: &[u8]| {
+            fs::write(staging.path().join(file), bytes).unwrap();
+            FileDigest {
+                file: file.into(),
+                sha256: sha256_bytes(bytes),
+                size: bytes.len() as u64,
+            }
+        };
+        let manifest = ImageManifest {
+            manifest_version: vroom_types::MANIFEST_VERSION,
+            name: "hello".into(),
+            version: "1".into(),
+            kernel: kernel.clone(),
+            initramfs: digest("initramfs.cpio", b"init"),
+            rootfs: digest("rootfs.erofs", b"root"),
+            cmdline: String::new(),
+            default_mem_mib: 64,
+            min_mem_mib: 64,
+            appliance: ApplianceSpec::default(),
+            packages: vec![],
+            init_sha256: None,
+        };
+        let image = a.store.commit(staging, &manifest).unwrap();
+        let export = a.export(&image.id).unwrap();
+        assert_eq!(export.files.len(), 5, "{:?}", export.files);
+
+        let send = |to: &LocalImages, tamper: bool| {
+            let dir = to.receiving().unwrap();
+            for (name, path) in &export.files {
+                let mut bytes = fs::read(path).unwrap();
+                if tamper && name == "kernel.vmlinux" {
+                    bytes.extend_from_slice(b" and more");
+                }
+                fs::write(dir.path().join(name), bytes).unwrap();
+            }
+            to.import(&image.id, &export.manifest, dir)
+        };
+        let b_dir = tempfile::tempdir().unwrap();
+        let b = images(b_dir.path());
+        let err = send(&b, true).unwrap_err().to_string();
+        assert!(err.contains("the image pins"), "{err}");
+        assert!(b.kernels.own().is_empty() && b.store.list().unwrap().is_empty());
+
+        send(&b, false).unwrap();
+        let boot = b.resolve(&image.id).unwrap();
+        assert!(boot.kernel.starts_with(b_dir.path()), "{:?}", boot.kernel);
+        assert_eq!(fs::read(&boot.kernel).unwrap(), b"vmlinux of a");
+        let stored = b.store.resolve(&image.id).unwrap();
+        assert!(
+            !stored.dir.join("kernel.vmlinux").exists(),
+            "the kernel goes to the cache, not into the image"
+        );
     }
 }

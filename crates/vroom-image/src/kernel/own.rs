@@ -24,6 +24,14 @@ use crate::util::{run, sha256_bytes, sha256_file};
 /// The Debian package whose kernel source vroom builds.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 
+/// An own kernel's files as sent with an image (name in the image's
+/// transfer, name in the cache entry); the vmlinux first.
+const OWN_FILES: &[(&str, &str)] = &[
+    ("kernel.vmlinux", "vmlinux"),
+    ("kernel.config", "config"),
+    ("kernel.modules.json", "modules.json"),
+];
+
 /// vroom's kernel config fragment, as checked in.
 pub const FRAGMENT: &str = include_str!("../../../../kernel/vroom.config");
 
@@ -327,6 +335,63 @@ impl KernelCache {
             .into_iter()
             .filter(|k| bundled.id(&k.reference.version) == k.id)
             .max_by_key(|k| fs::metadata(&k.vmlinux).and_then(|m| m.modified()).ok())
+    }
+
+    /// The files another host needs to boot images built for `kernel`, by
+    /// the names [`KernelCache::adopt_own`] takes.
+    pub fn own_files(kernel: &OwnKernel) -> Vec<(String, PathBuf)> {
+        let root = kernel.vmlinux.parent().unwrap_or(Path::new("/"));
+        OWN_FILES
+            .iter()
+            .map(|(sent, here)| (sent.to_string(), root.join(here)))
+            .collect()
+    }
+
+    /// Takes in an own kernel received from another host with an image
+    /// built for it: `dir` holds the files [`KernelCache::own_files`] names.
+    /// The vmlinux must have the digest the image pins (`reference`); the
+    /// files are moved out of `dir`. Nothing to do when it is here.
+    pub fn adopt_own(&self, reference: &KernelRef, dir: &Path) -> Result<(), String> {
+        let id = reference.id.as_deref().unwrap_or_default();
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("the image names no valid kernel id ({id:?})"));
+        }
+        let present = self.find_own(reference).is_some();
+        let files: Vec<PathBuf> = OWN_FILES.iter().map(|(sent, _)| dir.join(sent)).collect();
+        if present {
+            for file in &files {
+                let _ = fs::remove_file(file);
+            }
+            return Ok(());
+        }
+        let (sha256, _) = sha256_file(&files[0]).map_err(|e| format!("its kernel: {e}"))?;
+        if sha256 != reference.sha256 {
+            return Err(format!(
+                "its kernel has sha256 {}, the image pins {}",
+                &sha256[..12],
+                &reference.sha256[..12.min(reference.sha256.len())]
+            ));
+        }
+        let io = |e: std::io::Error| format!("cannot store kernel {id}: {e}");
+        fs::create_dir_all(&self.dir).map_err(io)?;
+        let work = tempfile::Builder::new()
+            .prefix(".adopt-")
+            .tempdir_in(&self.dir)
+            .map_err(io)?;
+        for ((_, here), file) in OWN_FILES.iter().zip(&files) {
+            fs::rename(file, work.path().join(here)).map_err(io)?;
+        }
+        fs::write(
+            work.path().join("kernel.json"),
+            serde_json::to_vec_pretty(reference).expect("invariant: serializable"),
+        )
+        .map_err(io)?;
+        let dest = self.dir.join(format!("vroom-{id}"));
+        let _ = fs::remove_dir_all(&dest);
+        fs::rename(work.keep(), &dest).map_err(io)?;
+        self.find_own(reference)
+            .map(|_| ())
+            .ok_or_else(|| format!("kernel {id} does not read back"))
     }
 
     /// The own kernel `reference` pins, if it is here and intact.
