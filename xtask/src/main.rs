@@ -54,7 +54,7 @@ fn main() -> Result<()> {
                     .args(["bench", "jail"])
                     .args(&args[1..]));
             }
-            for extra in ["splice", "warm"] {
+            for extra in ["splice", "warm", "density"] {
                 if which == "bench" && result.is_ok() {
                     result = run(Command::new(&vroom)
                         .arg("--data-dir")
