@@ -92,7 +92,7 @@ fn out_of_range_numbers_are_refused_and_the_daemon_survives() {
         (
             "memory u64::MAX",
             run_body(|b| b["spec"]["mem_mib"] = json!(u64::MAX)),
-            "spec.mem_mib must be an integer between 128 and 1073741824",
+            "spec.mem_mib must be an integer between 64 and 1073741824",
         ),
         (
             "cpus beyond 255",
