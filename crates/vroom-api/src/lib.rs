@@ -1065,6 +1065,18 @@ async fn build_image(
             recipe.display()
         )));
     }
+    // As the document's pattern says, before the answer starts to stream.
+    if let Some(kernel) = &req.kernel {
+        let id = kernel.len() == 16
+            && kernel
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !(id || kernel == "debian" || kernel == "vroom") {
+            return Err(bad_request(format!(
+                "unknown kernel {kernel:?}: debian, vroom, or a kernel id from `vroom kernel ls`"
+            )));
+        }
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
     let progress = tx.clone();
     tokio::spawn(async move {
