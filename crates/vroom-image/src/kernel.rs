@@ -151,7 +151,7 @@ impl KernelCache {
     pub fn choose(&self, choice: &KernelChoice) -> Result<Kernel, String> {
         let debian = || {
             self.current()
-                .ok_or_else(|| "no Debian guest kernel is cached; run `vroom setup`".to_string())
+                .ok_or_else(|| "no guest kernel is cached; run `vroom setup`".to_string())
         };
         match choice {
             KernelChoice::Default => match self.vroom_kernel() {

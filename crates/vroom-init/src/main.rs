@@ -23,6 +23,8 @@ fn main() {
         eprintln!("vroom-init: must run as PID 1 inside a vroom guest");
         std::process::exit(2);
     }
+    // Before any thread starts: they all inherit it.
+    supervisor::block_sigchld();
     let appliance = match boot::boot() {
         Ok(appliance) => appliance,
         Err(err) => {

@@ -26,6 +26,48 @@ mod snapshot;
 
 const SERVICE_RESTART_DELAY: Duration = Duration::from_secs(1);
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
+/// The longest the reaper sleeps without a child exiting: an idle guest
+/// wakes vroom-init at most once a second.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+/// Blocks SIGCHLD in the calling thread and so in every thread it starts
+/// afterwards (call it first thing in PID 1): the reaper then takes SIGCHLD
+/// with `sigtimedwait` instead of polling. The programs vroom-init starts
+/// get an empty mask (std's `Command` resets it).
+pub fn block_sigchld() {
+    // SAFETY: a sigset on the stack, initialised by sigemptyset.
+    unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, set.as_ptr(), std::ptr::null_mut());
+    }
+}
+
+/// Wakes the reaper now (a SIGCHLD of our own): a service that is not
+/// running is due.
+pub fn wake_reaper() {
+    // SAFETY: plain syscall; SIGCHLD is blocked everywhere and taken only
+    // by the reaper's sigtimedwait.
+    unsafe { libc::kill(libc::getpid(), libc::SIGCHLD) };
+}
+
+/// Sleeps until a child changes state (SIGCHLD, blocked by
+/// [`block_sigchld`]) or `timeout` passes.
+fn wait_for_child(timeout: Duration) {
+    let spec = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: a sigset on the stack, initialised by sigemptyset; a valid
+    // timespec; no siginfo wanted.
+    unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::zeroed();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigaddset(set.as_mut_ptr(), libc::SIGCHLD);
+        libc::sigtimedwait(set.as_ptr(), std::ptr::null_mut(), &spec);
+    }
+}
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Supervisor {
@@ -247,7 +289,7 @@ impl Supervisor {
     pub fn reap_forever(&self) -> ! {
         self.lock().reaping = true;
         loop {
-            {
+            let due = {
                 let mut inner = self.lock();
                 loop {
                     let mut status = 0;
@@ -261,8 +303,14 @@ impl Supervisor {
                 if !inner.shutting_down && !inner.frozen {
                     inner.start_due_services();
                 }
-            }
-            std::thread::sleep(REAP_INTERVAL);
+                inner.next_due()
+            };
+            // Until a child exits or a restart is due, at most a second.
+            let now = Instant::now();
+            let timeout = due
+                .map_or(IDLE_WAKE, |at| at.saturating_duration_since(now))
+                .clamp(Duration::from_millis(1), IDLE_WAKE);
+            wait_for_child(timeout);
         }
     }
 
@@ -572,6 +620,7 @@ impl Inner {
             }
             service.start_at = Some(now);
         }
+        wake_reaper();
     }
 
     fn child_exited(&mut self, pid: i32, status: i32) {
@@ -599,6 +648,11 @@ impl Inner {
                 service.start_at = Some(Instant::now() + SERVICE_RESTART_DELAY);
             }
         }
+    }
+
+    /// When the next service is due to start, if one is.
+    fn next_due(&self) -> Option<Instant> {
+        self.services.iter().filter_map(|s| s.start_at).min()
     }
 
     fn start_due_services(&mut self) {

@@ -267,7 +267,15 @@ fn exec_streams_bytes_forwards_stdin_and_explains_exits() {
 #[test]
 fn cp_streams_large_files_and_refuses_fifos() {
     let env = Env::new("cp");
-    boot_hello(&env);
+    // Room for a 32 MiB file in the guest's tmpfs (64 MiB, the default on
+    // vroom's kernel, is not).
+    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+    env.ok(&[
+        "run", "hello", "--name", "web", "--net", "lan", "--mem", "128M",
+    ]);
+    env.wait_for("web", "running", BOOT, |i| {
+        i.status.state == InstanceState::Running
+    });
 
     // 3 MB of random bytes: several agent chunks, streamed to a file and to stdout.
     let made = env.ok(&[

@@ -94,6 +94,8 @@ impl Supervisor {
             // SAFETY: signalling the service's own process group.
             unsafe { libc::kill(-pid, libc::SIGCONT) };
         }
+        // Restarts that fell due while frozen.
+        super::wake_reaper();
         log("services continue");
     }
 
