@@ -165,14 +165,15 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&env.dir.display().to_string()), "{mounts}");
 
-    // Its cgroup, with the limits of a 128 MiB guest.
+    // Its cgroup, with the limits of its guest's memory.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert!(
         cgroup.contains(&format!("/vroom/{}", web.id)),
         "QEMU is in its instance's cgroup: {cgroup}"
     );
     let dirs = cgroup_dirs(&web.id);
-    let expected_memory = ((128 + 16 + 256) << 20).to_string();
+    let mem = web.mem_mib;
+    let expected_memory = ((mem + mem / 8 + 256) << 20).to_string();
     if dirs.len() == 2 {
         assert_eq!(
             read_trim(&dirs[0].join("memory.limit_in_bytes")),
@@ -183,7 +184,7 @@ fn qemu_runs_jailed_under_its_own_uid_and_cgroup_and_leaves_nothing() {
             .parse()
             .unwrap();
         eprintln!(
-            "cgroup memory peak of a booted 128 MiB TCG guest: {} MiB",
+            "cgroup memory peak of a booted {mem} MiB TCG guest: {} MiB",
             peak >> 20
         );
     } else {
