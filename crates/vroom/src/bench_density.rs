@@ -81,6 +81,17 @@ pub async fn density(
     for row in &rows {
         print_row(row);
     }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if let [(_, debian), (_, vroom)] = &images[..] {
+        println!(
+            "image hello: {:.1} MiB for debian's kernel (initramfs {:.1} MiB, with its modules), {:.1} MiB for vroom's (initramfs {:.1} MiB); ratio {:.2}x",
+            mib(debian.size),
+            mib(debian.manifest.initramfs.size),
+            mib(vroom.size),
+            mib(vroom.manifest.initramfs.size),
+            vroom.size as f64 / debian.size as f64
+        );
+    }
     if let [debian, vroom] = &rows[..] {
         println!(
             "ratio vroom/debian: PSS per appliance {:.2}x, appliances per GiB {:.2}x, first boot-to-ready {:.2}x",
