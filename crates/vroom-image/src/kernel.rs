@@ -14,6 +14,8 @@ use vroom_types::{KernelFlavor, KernelRef};
 use crate::util::{run, sha256_file};
 
 mod own;
+#[cfg(test)]
+pub(crate) use own::tests::fake_entry as fake_own_kernel;
 pub use own::{
     missing_build_tools, BuildKernelError, Fragment, OwnKernel, FRAGMENT, SOURCE_PACKAGE,
 };

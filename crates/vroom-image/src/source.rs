@@ -375,7 +375,7 @@ impl ImageSource for LocalImages {
 mod tests {
     use std::fs;
 
-    use vroom_types::{ApplianceSpec, FileDigest, ImageManifest, KernelFlavor, KernelRef};
+    use vroom_types::{ApplianceSpec, FileDigest, ImageManifest};
 
     use super::*;
     use crate::util::sha256_bytes;
@@ -389,30 +389,6 @@ mod tests {
         )
     }
 
-    /// An own kernel entry as a build leaves it; returns its reference.
-    fn own_kernel(dir: &std::path::Path, body: &[u8]) -> KernelRef {
-        let id = "00112233aabbccdd";
-        let root = dir.join("cache/kernels").join(format!("vroom-{id}"));
-        fs::create_dir_all(&root).unwrap();
-        fs::write(root.join("vmlinux"), body).unwrap();
-        fs::write(root.join("config"), "CONFIG_BLOCK=y\n").unwrap();
-        fs::write(root.join("modules.json"), "{}").unwrap();
-        let reference = KernelRef {
-            package: crate::kernel::SOURCE_PACKAGE.into(),
-            version: "6.1.1-1".into(),
-            release: "6.1.1".into(),
-            sha256: sha256_bytes(body),
-            flavor: KernelFlavor::Vroom,
-            id: Some(id.into()),
-        };
-        fs::write(
-            root.join("kernel.json"),
-            serde_json::to_vec(&reference).unwrap(),
-        )
-        .unwrap();
-        reference
-    }
-
     /// An image for vroom's kernel moves to another host with its kernel
     /// (another host's build of it would differ), checked against the
     /// digest the image pins; a kernel that does not match is refused.
@@ -420,7 +396,9 @@ mod tests {
     fn an_image_for_vrooms_kernel_travels_with_it() {
         let a_dir = tempfile::tempdir().unwrap();
         let a = images(a_dir.path());
-        let kernel = own_kernel(a_dir.path(), b"vmlinux of a");
+        let fragment = crate::Fragment::parse("CONFIG_BLOCK=y\n").unwrap();
+        let kernel =
+            crate::kernel::fake_own_kernel(&a.kernels, &fragment, "6.1.1-1", b"vmlinux of a");
         let staging = a.store.staging().unwrap();
         let digest = |file: &str, bytes: &[u8]| {
             fs::write(staging.path().join(file), bytes).unwrap();

@@ -115,30 +115,8 @@ async fn measure(
     // Interleave the two so that machine noise hits both alike.
     for i in 0..runs {
         let name = format!("bench-{}-{i}", std::process::id() % 10000);
-        let spec = InstanceSpec {
-            name: Name::new(&name)?,
-            image: image.id.clone(),
-            mem_mib: None,
-            cpus: 1,
-            nics: vec![NicSpec {
-                network: net.clone(),
-                ip: None,
-                role: None,
-            }],
-            accel: AccelChoice::Auto,
-            config_volume_kib: None,
-            ephemeral: false,
-        };
         let started = Instant::now();
-        client
-            .run(&RunRequest {
-                spec,
-                ready_timeout_secs: Some(120),
-                from_snapshot: None,
-                cold: true,
-                placement: Default::default(),
-            })
-            .await?;
+        client.run(&cold_run(&name, &image.id, net, 120)?).await?;
         let instance = crate::cli::wait_ready(client, &name, Duration::from_secs(130)).await?;
         vroom.ms.push(started.elapsed().as_secs_f64() * 1000.0);
         vroom
@@ -152,6 +130,35 @@ async fn measure(
         raw.rss_mib.push(rss);
     }
     Ok((vroom, raw))
+}
+
+/// A cold `vroom run` of image `image` named `name` with one NIC on `net`.
+pub(crate) fn cold_run(
+    name: &str,
+    image: &str,
+    net: &Name,
+    ready_timeout_secs: u64,
+) -> Result<RunRequest> {
+    Ok(RunRequest {
+        spec: InstanceSpec {
+            name: Name::new(name)?,
+            image: image.to_string(),
+            mem_mib: None,
+            cpus: 1,
+            nics: vec![NicSpec {
+                network: net.clone(),
+                ip: None,
+                role: None,
+            }],
+            accel: AccelChoice::Auto,
+            config_volume_kib: None,
+            ephemeral: false,
+        },
+        ready_timeout_secs: Some(ready_timeout_secs),
+        from_snapshot: None,
+        cold: true,
+        placement: Default::default(),
+    })
 }
 
 pub(crate) fn qemu_driver(mode: vroom_qemu::JailMode) -> vroom_qemu::QemuDriver {

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use vroom_client::Client;
-use vroom_types::{AccelChoice, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
+use vroom_types::{AccelChoice, Name, NetworkSpec};
 
-use crate::bench::{median, p90, pss_mib, qemu_driver, raw_boot_with};
+use crate::bench::{cold_run, median, p90, pss_mib, qemu_driver, raw_boot_with};
 use crate::paths;
 
 /// How long the appliances idle before memory and CPU are read.
@@ -161,29 +161,9 @@ async fn boot_and_measure(
     let mut boot_ms = vec![];
     let mut pids = vec![];
     for name in names {
-        let spec = InstanceSpec {
-            name: Name::new(name)?,
-            image: image.id.clone(),
-            mem_mib: None,
-            cpus: 1,
-            nics: vec![NicSpec {
-                network: net.clone(),
-                ip: None,
-                role: None,
-            }],
-            accel: AccelChoice::Auto,
-            config_volume_kib: None,
-            ephemeral: false,
-        };
         let started = Instant::now();
         client
-            .run(&RunRequest {
-                spec,
-                ready_timeout_secs: Some(300),
-                from_snapshot: None,
-                cold: true,
-                placement: Default::default(),
-            })
+            .run(&cold_run(name, &image.id, net, 300)?)
             .await
             .with_context(|| format!("cannot run {name} ({} booted)", boot_ms.len()))?;
         let instance = crate::cli::wait_ready(client, name, Duration::from_secs(310)).await?;

@@ -654,7 +654,7 @@ pub fn missing_build_tools() -> Vec<(&'static str, &'static str)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -777,7 +777,7 @@ mod tests {
 
     /// Puts an own kernel entry into `cache` as a build would, for `fragment`
     /// on source `version`; returns its reference.
-    fn fake_entry(
+    pub(crate) fn fake_entry(
         cache: &KernelCache,
         fragment: &Fragment,
         version: &str,
