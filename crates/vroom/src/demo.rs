@@ -92,14 +92,20 @@ async fn demo_steps(client: &Client) -> Result<()> {
     let ip = instance.nics[0]
         .ip
         .context("the hello appliance's NIC has no address")?;
+    // vroom's kernel once `vroom setup` has built it; Debian's until then.
+    let kernel = match client.image(&instance.image_id).await {
+        Ok(image) => format!("{}'s kernel", image.manifest.kernel.flavor),
+        Err(_) => "its kernel".into(),
+    };
     println!(
-        "2. {INSTANCE} (image hello) is ready at {ip}: booted in {:.2}s with {}, QEMU pid {}",
+        "2. {INSTANCE} (image hello) is ready at {ip}: booted in {:.2}s with {} on {kernel} in {} MiB, QEMU pid {}",
         instance.status.boot_ms.unwrap_or(0) as f64 / 1000.0,
         instance
             .status
             .accel
             .map(|a| a.to_string())
             .unwrap_or_default(),
+        instance.mem_mib,
         instance.status.pid.unwrap_or(0)
     );
     let page = http_get(ip, "/")?;

@@ -246,7 +246,10 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
     build(&env, "sniffer");
     let span = random_subnet();
     env.ok(&["net", "create", "span", "--subnet", &span, "--mirror"]);
-    env.ok(&["run", "sniffer", "--name", "sn", "--net", "span"]);
+    // At its recipe's minimum: 64 MiB holds the default ring (4 x 4 MB).
+    env.ok(&[
+        "run", "sniffer", "--name", "sn", "--net", "span", "--mem", "64M",
+    ]);
     env.ok(&["run", "hello", "--name", "web", "--net", "span"]);
     let web_ip = env.instance("web").nics[0].ip.unwrap();
     let client = env.namespace_on(
