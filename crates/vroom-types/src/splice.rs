@@ -277,6 +277,12 @@ pub struct Mirror {
     pub nic: usize,
     pub to: Name,
     pub to_nic: usize,
+    /// The capture appliance's instance id: the copy goes to that very
+    /// instance, never to another of the same name (a mirror that moved
+    /// with its VM to a host where the name is someone else's). Absent in
+    /// mirrors from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<String>,
     pub created_at: u64,

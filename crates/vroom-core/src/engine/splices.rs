@@ -438,13 +438,16 @@ impl Engine {
 
     /// Replaces the tc mirroring of one VM NIC with what its mirrors say.
     async fn refresh_mirrors_of(&self, vm: &Name, nic: usize) {
-        let live_tap = |name: &Name, index: usize| {
+        let live_tap = |name: &Name, index: usize, id: Option<&String>| {
             let cell = self.cell(name.as_str()).ok()?;
             let record = cell.lock();
             record.process.as_ref()?;
+            if id.is_some_and(|id| *id != record.instance.id) {
+                return None;
+            }
             record.instance.nics.get(index).map(|n| n.tap.clone())
         };
-        let Some(source) = live_tap(vm, nic) else {
+        let Some(source) = live_tap(vm, nic, None) else {
             return;
         };
         let mut targets = vec![];
@@ -453,7 +456,7 @@ impl Engine {
             .into_iter()
             .filter(|m| &m.vm == vm && m.nic == nic)
         {
-            let Some(tap) = live_tap(&mirror.to, mirror.to_nic) else {
+            let Some(tap) = live_tap(&mirror.to, mirror.to_nic, mirror.to_id.as_ref()) else {
                 continue;
             };
             let filter = match &mirror.filter {
@@ -537,6 +540,7 @@ impl Engine {
             nic,
             to: to.spec.name.clone(),
             to_nic,
+            to_id: Some(to.id.clone()),
             filter,
             created_at: now_secs(),
         };
@@ -1532,5 +1536,57 @@ mod tests {
         assert_eq!(splices[0].state, SpliceState::Active);
         assert_eq!(t.engine.list().len(), before, "no appliance made");
         assert_eq!(t.store.splices().unwrap().len(), 1);
+    }
+
+    /// A mirror that came with its VM copies to the capture appliance it
+    /// was made for, never to another instance that has its name here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_moved_mirror_copies_only_to_its_own_capture_appliance() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        t.engine
+            .run(run_request("sn", "router", &[None, None, None]))
+            .await
+            .unwrap();
+        wait(&t, "sn", |i| i.status.state == InstanceState::Running).await;
+        let web_tap = tap(&t, "web", 0);
+        let sn = t.engine.get("sn").unwrap();
+        let wiring = |to_id: &str| crate::cluster::Wiring {
+            splices: vec![],
+            mirrors: vec![vroom_types::Mirror {
+                id: format!("web.0-sn.0-{to_id}"),
+                vm: Name::new("web").unwrap(),
+                nic: 0,
+                to: Name::new("sn").unwrap(),
+                to_nic: 0,
+                to_id: Some(to_id.to_string()),
+                filter: None,
+                created_at: 0,
+            }],
+        };
+        let targets = |t: &TestEngine| {
+            t.net
+                .mirrors
+                .lock()
+                .unwrap()
+                .get(&web_tap)
+                .map_or(0, |v| v.len())
+        };
+        t.engine
+            .install_wiring("web", &wiring("someone-else"))
+            .await
+            .unwrap();
+        t.engine
+            .refresh_mirrors_for(&Name::new("web").unwrap())
+            .await;
+        assert_eq!(targets(&t), 0, "copied to a stranger named sn");
+        t.engine
+            .install_wiring("web", &wiring(&sn.id))
+            .await
+            .unwrap();
+        t.engine
+            .refresh_mirrors_for(&Name::new("web").unwrap())
+            .await;
+        assert_eq!(targets(&t), 1, "its own sn gets the copy");
     }
 }
