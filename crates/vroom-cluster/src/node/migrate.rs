@@ -866,9 +866,16 @@ impl ClusterNode {
         if let Some(reason) = self.engine.immovable_reason(name) {
             return Err(format!("{name} cannot move to another node: {reason}"));
         }
-        self.put_wiring(name, self.engine.wiring_of(name).as_ref())
+        let wiring = self.engine.wiring_of(name);
+        self.put_wiring(name, wiring.as_ref())
             .await
             .map_err(|e| e.message)?;
+        // The destination boots each appliance before it is ready.
+        let appliances = wiring.as_ref().map_or(0, |w| w.splices.len()) as u64;
+        let ready_within = STEP_TIMEOUT
+            + Duration::from_secs(
+                appliances * (vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
+            );
         let control = connect().await?;
         let (reader, mut writer) = control.into_split();
         let mut reader = tokio::io::BufReader::new(reader);
@@ -879,7 +886,7 @@ impl ClusterNode {
             secret: record.secret.clone(),
         };
         writer.write_all(&line(&hello)).await.map_err(gone)?;
-        match read_control(&mut reader, to).await? {
+        match read_control(&mut reader, to, ready_within).await? {
             Control::Ready => {}
             Control::Refused { reason } | Control::Failed { reason } => {
                 return Err(format!("node {to} refused it: {reason}"))
@@ -919,7 +926,7 @@ impl ClusterNode {
             .await
             .map_err(|_| format!("node {to} did not take the config volume in {STEP_TIMEOUT:?}"))?
             .map_err(gone)?;
-        match read_control(&mut reader, to).await? {
+        match read_control(&mut reader, to, STEP_TIMEOUT).await? {
             Control::Resumed => Ok((
                 sent.stats,
                 sent.stats.downtime_ms + paused.elapsed().as_millis() as u64,
@@ -1177,13 +1184,14 @@ fn closed(stream: &std::net::TcpStream) -> bool {
 async fn read_control(
     reader: &mut tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
     to: &str,
+    within: Duration,
 ) -> Result<Control, String> {
     let mut text = String::new();
-    match tokio::time::timeout(STEP_TIMEOUT, reader.read_line(&mut text)).await {
+    match tokio::time::timeout(within, reader.read_line(&mut text)).await {
         Ok(Ok(0)) => Err(format!("node {to} went away during the migration")),
         Ok(Ok(_)) => serde_json::from_str(&text)
             .map_err(|e| format!("node {to} said something unreadable: {e}")),
         Ok(Err(e)) => Err(format!("node {to} went away during the migration: {e}")),
-        Err(_) => Err(format!("node {to} did not answer in {STEP_TIMEOUT:?}")),
+        Err(_) => Err(format!("node {to} did not answer in {within:?}")),
     }
 }
