@@ -1141,7 +1141,7 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                     i.version.clone(),
                     i.id[..12].to_string(),
                     output::bytes(i.size),
-                    i.manifest.kernel.release.clone(),
+                    format!("{} {}", i.manifest.kernel.flavor, i.manifest.kernel.release),
                 ]
             },
         ),
@@ -1178,7 +1178,16 @@ async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                     ),
                     (
                         "kernel",
-                        format!("{} ({})", m.kernel.release, m.kernel.version),
+                        match &m.kernel.id {
+                            Some(id) => format!(
+                                "vroom's {id}: {} ({} {}), everything built in, no ACPI",
+                                m.kernel.release, m.kernel.package, m.kernel.version
+                            ),
+                            None => format!(
+                                "Debian's {} ({}), modules in the initramfs",
+                                m.kernel.release, m.kernel.version
+                            ),
+                        },
                     ),
                     (
                         "memory",
