@@ -1096,8 +1096,18 @@ impl ClusterNode {
                 bytes,
             })
         };
+        // The destination boots the VM's appliances first: each may take
+        // its ready timeout (the source waits as long).
+        let appliances = match self.etcd.get_json::<Wiring>(&key(WIRINGS, name)).await {
+            Ok(Some((wiring, _))) => wiring.splices.len() as u64,
+            _ => 0,
+        };
+        let limit = MIGRATE_TIMEOUT
+            + Duration::from_secs(
+                appliances * (vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
+            );
         let mut switched_at = None;
-        while started.elapsed() < MIGRATE_TIMEOUT {
+        while started.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let current = match self
                 .etcd
@@ -1155,7 +1165,7 @@ impl ClusterNode {
         }
         Err(OpError::new(
             ErrorCode::Internal,
-            format!("the migration of {name} to {to} did not finish in {MIGRATE_TIMEOUT:?}"),
+            format!("the migration of {name} to {to} did not finish in {limit:?}"),
         ))
     }
 }
