@@ -216,6 +216,12 @@ mod tests {
             "CONFIG_VIRTIO_MMIO=y\n# CONFIG_NFT_LOG is not set\n",
         )
         .unwrap();
+        let modules = dir.join("modules.json");
+        fs::write(
+            &modules,
+            r#"{"virtio_mmio":["CONFIG_VIRTIO_MMIO"],"nft_log":["CONFIG_NFT_LOG"]}"#,
+        )
+        .unwrap();
         OwnKernel {
             id: "0123456789abcdef".into(),
             reference: KernelRef {
@@ -228,13 +234,7 @@ mod tests {
             },
             vmlinux: dir.join("vmlinux"),
             config,
-            modules: [
-                ("virtio_mmio", "CONFIG_VIRTIO_MMIO"),
-                ("nft_log", "CONFIG_NFT_LOG"),
-            ]
-            .into_iter()
-            .map(|(m, o)| (m.to_string(), vec![o.to_string()]))
-            .collect(),
+            modules,
         }
         .into()
     }

@@ -194,8 +194,9 @@ pub struct OwnKernel {
     pub vmlinux: PathBuf,
     /// The final `.config`.
     pub config: PathBuf,
-    /// Module name (`-` as `_`) to the options that build it in.
-    pub modules: BTreeMap<String, Vec<String>>,
+    /// `modules.json`: module name (`-` as `_`) to the options that build
+    /// it in. Read only by [`OwnKernel::lacks`] (builds), not at boot.
+    pub modules: PathBuf,
 }
 
 impl OwnKernel {
@@ -203,8 +204,35 @@ impl OwnKernel {
     /// the option it lacks: `nft_log (CONFIG_NFT_LOG)`.
     pub fn lacks(&self, names: &[&str]) -> Vec<String> {
         let config = fs::read_to_string(&self.config).unwrap_or_default();
-        lacking(&self.modules, &config, names)
+        let modules: BTreeMap<String, Vec<String>> = fs::read(&self.modules)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        lacking(&modules, &config, names)
     }
+}
+
+/// Digests of vmlinux files by path, with the size and mtime they were
+/// taken at: resolving an image (every launch) checks its kernel without
+/// hashing 18 MB again.
+static DIGESTS: std::sync::LazyLock<std::sync::Mutex<BTreeMap<PathBuf, Digest>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A file's size and mtime, and its sha256 then.
+type Digest = (u64, std::time::SystemTime, String);
+
+fn vmlinux_digest(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok()?;
+    let key = (meta.len(), meta.modified().ok()?);
+    let mut digests = DIGESTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((len, mtime, sha)) = digests.get(path) {
+        if (*len, *mtime) == key {
+            return Some(sha.clone());
+        }
+    }
+    let (sha, _) = sha256_file(path).ok()?;
+    digests.insert(path.to_path_buf(), (key.0, key.1, sha.clone()));
+    Some(sha)
 }
 
 fn lacking(modules: &BTreeMap<String, Vec<String>>, config: &str, names: &[&str]) -> Vec<String> {
@@ -409,9 +437,9 @@ impl KernelCache {
         reference.id = Some(id.to_string());
         let vmlinux = root.join("vmlinux");
         let config = root.join("config");
-        let modules = serde_json::from_slice(&fs::read(root.join("modules.json")).ok()?).ok()?;
-        let intact = sha256_file(&vmlinux).is_ok_and(|(sha, _)| sha == reference.sha256);
-        (intact && config.is_file()).then(|| OwnKernel {
+        let modules = root.join("modules.json");
+        let intact = vmlinux_digest(&vmlinux).is_some_and(|sha| sha == reference.sha256);
+        (intact && config.is_file() && modules.is_file()).then(|| OwnKernel {
             id: id.to_string(),
             reference,
             vmlinux,
