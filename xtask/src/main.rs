@@ -125,6 +125,11 @@ fn install_test_tools() -> Result<()> {
     if missing("tcpdump") {
         apt_install(&["tcpdump"])?;
     }
+    // The catalog's dnsmasq configs are checked by the host's dnsmasq
+    // (crates/vroom-image/tests/catalog_templates.rs).
+    if missing("dnsmasq") {
+        apt_install(&["dnsmasq-base"])?;
+    }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {
         apt_install(&["etcd-server"])?;
