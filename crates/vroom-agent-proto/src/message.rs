@@ -172,6 +172,21 @@ pub struct HealthReport {
     /// Services are stopped by [`HostCommand::Freeze`]; not ready until resumed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frozen: bool,
+    /// The kernel's connection tracking table, in a guest that tracks
+    /// connections (a firewall): a full table drops new connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackUsage>,
+}
+
+/// How full the guest's connection tracking table is, and what it dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackUsage {
+    /// Connections tracked now.
+    pub entries: u64,
+    /// The most the table holds (`nf_conntrack_max`).
+    pub max: u64,
+    /// Packets dropped since boot because the table was full.
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +379,7 @@ mod tests {
             config: BTreeMap::new(),
             config_error: None,
             frozen: false,
+            conntrack: None,
         };
         let json = r#"{"ready":true,"uptime_ms":5,"services":[],"config":{}}"#;
         assert_eq!(serde_json::to_string(&report).unwrap(), json);
@@ -371,6 +387,14 @@ mod tests {
         report.ready = false;
         report.frozen = true;
         let json = r#"{"ready":false,"uptime_ms":5,"services":[],"config":{},"frozen":true}"#;
+        assert_eq!(serde_json::to_string(&report).unwrap(), json);
+        assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
+        report.conntrack = Some(ConntrackUsage {
+            entries: 3,
+            max: 12500,
+            dropped: 208,
+        });
+        let json = r#"{"ready":false,"uptime_ms":5,"services":[],"config":{},"frozen":true,"conntrack":{"entries":3,"max":12500,"dropped":208}}"#;
         assert_eq!(serde_json::to_string(&report).unwrap(), json);
         assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
     }

@@ -221,6 +221,13 @@ async fn serve_console(
 /// carrying it is rejected with nothing saved.
 pub const REJECTED_VALUE: &str = "REJECT";
 
+/// A value whose config change the fake guest applies, then restarts its
+/// services for [`SLOW_RESTART`]: it fails its health check meanwhile.
+pub const SLOW_RESTART_VALUE: &str = "RESTART-SLOWLY";
+/// How long the fake guest's services take to restart after
+/// [`SLOW_RESTART_VALUE`].
+pub const SLOW_RESTART: Duration = Duration::from_millis(1500);
+
 /// The guest's half of the agent protocol: health, config changes (checked:
 /// a value equal to [`REJECTED_VALUE`] is refused) and shutdown. The guest
 /// starts with the `hello` image's seed config.
@@ -228,6 +235,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
     let config: Arc<Mutex<BTreeMap<String, String>>> = Arc::new(Mutex::new(
         [("greeting".to_string(), "hello".to_string())].into(),
     ));
+    let restarting_until: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
     let mut gone = alive.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -239,6 +247,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
         };
         let alive = alive.clone();
         let config = config.clone();
+        let restarting_until = restarting_until.clone();
         tokio::spawn(async move {
             let mut gone = alive.subscribe();
             let mut decoder = FrameDecoder::new();
@@ -258,12 +267,15 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                     };
                     let reply = match req.command {
                         HostCommand::Health => GuestReply::Health(HealthReport {
-                            ready,
+                            ready: ready
+                                && lock(&restarting_until)
+                                    .is_none_or(|until| tokio::time::Instant::now() >= until),
                             uptime_ms: 1,
                             services: vec![],
                             config: lock(&config).clone(),
                             config_error: None,
                             frozen: false,
+                            conntrack: None,
                         }),
                         HostCommand::ApplyConfig { values } => {
                             if values.values().any(|v| v == REJECTED_VALUE) {
@@ -272,6 +284,10 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                                     output: format!("bad value {REJECTED_VALUE}"),
                                 }
                             } else {
+                                if values.values().any(|v| v == SLOW_RESTART_VALUE) {
+                                    *lock(&restarting_until) =
+                                        Some(tokio::time::Instant::now() + SLOW_RESTART);
+                                }
                                 *lock(&config) = values.clone();
                                 GuestReply::ConfigApplied { values }
                             }

@@ -11,6 +11,7 @@
 
 mod agent;
 mod boot;
+mod conntrack;
 mod exec;
 mod netconf;
 mod reseed;

@@ -20,7 +20,7 @@ use vroom_types::{
 };
 
 use crate::boot::{self, Booted};
-use crate::{log, netconf};
+use crate::{conntrack, log, netconf};
 
 mod snapshot;
 
@@ -193,12 +193,20 @@ struct Service {
     restarts: u32,
     start_at: Option<Instant>,
     last_exit: Option<i32>,
+    /// Re-run for a config change after a run that succeeded: what that run
+    /// put in force stays until this one ends.
+    reapplying: bool,
 }
 
 impl Service {
-    /// A oneshot that finished its latest run successfully.
-    fn succeeded(&self) -> bool {
-        self.pid.is_none() && self.start_at.is_none() && self.last_exit == Some(0)
+    /// What the guest's readiness counts on a oneshot: its latest run
+    /// succeeded, or it is re-run for a config change after one that did.
+    /// A firewall's rules reloaded in one nft transaction stay in force
+    /// meanwhile, so the guest stays ready instead of tripping the watchdog
+    /// of a splice it guards.
+    fn in_force(&self) -> bool {
+        let done = self.pid.is_none() && self.start_at.is_none();
+        self.last_exit == Some(0) && (done || self.reapplying)
     }
 }
 
@@ -218,6 +226,7 @@ impl Supervisor {
                 restarts: 0,
                 start_at: None,
                 last_exit: None,
+                reapplying: false,
             })
             .collect();
         Supervisor {
@@ -288,7 +297,11 @@ impl Supervisor {
     /// Reaps children forever: restarts services, hands exit codes to exec waiters.
     pub fn reap_forever(&self) -> ! {
         self.lock().reaping = true;
+        let mut drops = conntrack::DropWatch::default();
         loop {
+            if let Some(line) = drops.look(Instant::now()) {
+                log(&line);
+            }
             let due = {
                 let mut inner = self.lock();
                 loop {
@@ -331,7 +344,7 @@ impl Supervisor {
                 .services
                 .iter()
                 .filter(|s| s.spec.oneshot)
-                .all(Service::succeeded);
+                .all(Service::in_force);
             (
                 inner.config.clone(),
                 services,
@@ -363,6 +376,7 @@ impl Supervisor {
             config,
             config_error,
             frozen,
+            conntrack: conntrack::usage(),
         }
     }
 
@@ -389,6 +403,9 @@ impl Supervisor {
         // A guest whose boot config was broken has started nothing yet.
         let was_broken = inner.config_error.take().is_some();
         inner.restart_services(|s| was_broken || s.restart_on_config);
+        for service in inner.services.iter_mut().filter(|s| s.start_at.is_some()) {
+            service.reapplying = service.spec.oneshot && service.last_exit == Some(0);
+        }
         log(&format!("config applied ({} keys)", values.len()));
         drop(inner);
         moved.map_err(|e| {
@@ -636,7 +653,13 @@ impl Inner {
         let shutting_down = self.shutting_down;
         if let Some(service) = self.services.iter_mut().find(|s| s.pid == Some(pid)) {
             service.pid = None;
-            service.last_exit = Some(code);
+            if service.start_at.is_none() {
+                service.reapplying = false;
+            }
+            // A run stopped for its re-run says nothing of what is in force.
+            if !service.reapplying {
+                service.last_exit = Some(code);
+            }
             if shutting_down {
                 return;
             }

@@ -169,6 +169,212 @@ fn qemu_kill(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
+/// Splices an l2-firewall named fw in front of web1.
+const SPLICE_FW_IN_FRONT_OF_WEB1: &[&str] = &[
+    "splice",
+    "l2-firewall",
+    "--in-front-of",
+    "web1",
+    "--name",
+    "fw",
+];
+
+/// A client opening new HTTP connections at a steady rate from a namespace
+/// for a given time, on a pool of threads: each result goes to `log` as
+/// `MILLIS OUTCOME`.
+const RATE_CLIENT: &str = r#"
+import http.client, socket, sys, time, threading, queue
+host, rate, seconds, log_path = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+log = open(log_path, "w", buffering=1)
+lock = threading.Lock()
+t0 = time.time()
+jobs = queue.Queue()
+def outcome(e):
+    if isinstance(e, (ConnectionResetError, BrokenPipeError)): return "reset"
+    if isinstance(e, ConnectionRefusedError): return "refused"
+    if isinstance(e, (socket.timeout, TimeoutError)): return "timeout"
+    return "error:" + type(e).__name__
+def work():
+    while True:
+        if jobs.get() is None: return
+        try:
+            c = http.client.HTTPConnection(host, 80, timeout=3)
+            c.request("GET", "/"); r = c.getresponse(); r.read(); c.close()
+            res = "ok" if r.status == 200 else "status:%d" % r.status
+        except Exception as e:
+            res = outcome(e)
+        with lock:
+            log.write("%d %s\n" % ((time.time() - t0) * 1000, res))
+workers = [threading.Thread(target=work) for _ in range(12)]
+for w in workers: w.start()
+n = 0
+while time.time() - t0 < seconds:
+    jobs.put(1); n += 1
+    time.sleep(max(0.0, t0 + n / rate - time.time()))
+for w in workers: jobs.put(None)
+for w in workers: w.join()
+"#;
+
+struct RateClient {
+    child: Child,
+    log: PathBuf,
+}
+
+impl RateClient {
+    fn start(env: &Env, ns: &str, ip: Ipv4Addr, per_second: u32, seconds: u32) -> Self {
+        let script = env.dir.join("rate.py");
+        std::fs::write(&script, RATE_CLIENT).unwrap();
+        let log = env.dir.join(format!("rate-{ns}-{per_second}.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3"])
+            .arg(&script)
+            .args([ip.to_string(), per_second.to_string(), seconds.to_string()])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        RateClient { child, log }
+    }
+
+    /// The results so far: (millis, outcome).
+    fn results(&self) -> Vec<(u64, String)> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, outcome) = l.split_once(' ')?;
+                Some((t.parse().ok()?, outcome.to_string()))
+            })
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.results().iter().map(|r| r.0).max().unwrap_or(0)
+    }
+
+    /// Waits until the last `n` connections that ended after `since` all
+    /// ended as `ok` says; returns when the first of them ended.
+    fn wait_for(&self, since: u64, n: usize, ok: bool, timeout: Duration) -> Option<u64> {
+        poll(timeout, || {
+            let after: Vec<_> = self.results().into_iter().filter(|r| r.0 > since).collect();
+            let tail = &after[after.len().saturating_sub(n)..];
+            (after.len() >= n && tail.iter().all(|r| (r.1 == "ok") == ok)).then(|| tail[0].0)
+        })
+    }
+
+    fn finish(mut self) -> Vec<(u64, String)> {
+        let _ = self.child.wait();
+        self.results()
+    }
+}
+
+/// The transparent firewall keeps forwarding under a sustained rate of new
+/// connections, over twice as many at once as the kernel's default table of
+/// 1,024 entries holds, while its config changes: changes that do not
+/// concern the traffic drop no connection and never cut the path, each
+/// `config set` succeeds, and `block_from` blocks by source address. When
+/// the table is made too small, `vroom logs` says that it drops.
+#[test]
+fn a_spliced_firewall_forwards_a_sustained_connection_rate_through_config_changes() {
+    const RATE: u32 = 30;
+    const SECONDS: u32 = 110;
+    let env = Env::new("splct");
+    build(&env, "web");
+    build(&env, "l2-firewall");
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", "web", "--name", "web1", "--net", "lan"]);
+    let web_ip = env.instance("web1").nics[0].ip.unwrap();
+    let client = env.client_on("cl", "lan", &lan);
+    let client_ip = common::host(&lan, 200);
+    env.ok(SPLICE_FW_IN_FRONT_OF_WEB1);
+    let rate = RateClient::start(&env, &client, web_ip, RATE, SECONDS);
+    assert!(
+        rate.wait_for(0, 20, true, Duration::from_secs(30))
+            .is_some(),
+        "connections through fw succeed: {:?}",
+        rate.results().last()
+    );
+    std::thread::sleep(Duration::from_secs(10));
+
+    // Changes that do not concern port 80 from the client.
+    for set in [
+        "block_tcp=22",
+        "block_udp=53,123",
+        "block_from=192.0.2.0/24,198.51.100.7/32",
+        "ping=false",
+        "block_tcp=",
+        "block_udp=",
+        "block_from=",
+        "ping=true",
+    ] {
+        env.ok(&["config", "fw", "set", set]);
+    }
+    // Blocking the client's own address blocks it, and unblocking lets it in.
+    let block_at = rate.now_ms();
+    env.ok(&["config", "fw", "set", &format!("block_from={client_ip}/32")]);
+    assert!(
+        rate.wait_for(block_at, 10, false, Duration::from_secs(15))
+            .is_some(),
+        "block_from blocks the client"
+    );
+    let unblock_at = rate.now_ms();
+    env.ok(&["config", "fw", "set", "block_from="]);
+    let unblocked = rate.wait_for(unblock_at, 10, true, Duration::from_secs(20));
+    assert!(unblocked.is_some(), "unblocked again");
+    // Connections started under the block may time out up to 3 s later.
+    let blocked = block_at..=unblocked.unwrap() + 3000;
+
+    let results = rate.finish();
+    let failed: Vec<_> = results
+        .iter()
+        .filter(|(t, outcome)| outcome != "ok" && !blocked.contains(t))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed outside the block: {:?}",
+        failed.len(),
+        results.len(),
+        &failed[..failed.len().min(20)]
+    );
+    let tracked: u64 = env
+        .ok(&[
+            "exec",
+            "fw",
+            "--",
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_count",
+        ])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        tracked > 2 * 1024,
+        "the table held {tracked} connections after {} at {RATE}/s",
+        results.len()
+    );
+    let splice = splice_of(&env, "fw");
+    assert_eq!(splice.state, SpliceState::Active);
+    assert!(
+        splice.events.iter().all(|e| !e.message.contains("failing")),
+        "{:?}",
+        splice.events
+    );
+    assert!(!env.ok(&["logs", "fw"]).contains("table full"));
+
+    // The table made as small as the kernel's default, and overfilled: the
+    // appliance says so in its log.
+    env.ok(&["config", "fw", "set", "conntrack_max=1024"]);
+    let burst = RateClient::start(&env, &client, web_ip, 100, 5);
+    let said = poll(Duration::from_secs(30), || {
+        env.ok(&["logs", "fw"])
+            .contains("connection tracking table full")
+            .then_some(())
+    });
+    burst.finish();
+    assert!(said.is_some(), "{}", env.ok(&["logs", "fw"]));
+}
+
 /// A transparent firewall spliced in front of a running web VM while a
 /// client loops requests: no reset, a bounded outage, its rules in force,
 /// fail-closed when it dies, the path unchanged across a vroomd SIGKILL,
@@ -222,14 +428,7 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
         || std::fs::read_to_string(format!("/sys/class/net/{bridge}/address")).unwrap();
     let mac_before = bridge_mac();
     let spliced_at = flow.now_ms();
-    env.ok(&[
-        "splice",
-        "l2-firewall",
-        "--in-front-of",
-        "web1",
-        "--name",
-        "fw",
-    ]);
+    env.ok(SPLICE_FW_IN_FRONT_OF_WEB1);
     let splice = splice_of(&env, "fw");
     assert_eq!(splice.state, SpliceState::Active);
     assert_eq!(

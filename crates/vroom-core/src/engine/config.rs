@@ -217,6 +217,7 @@ impl Engine {
             return Ok(values);
         }
 
+        let _changing = cell.changing_config();
         let reply = cell
             .agent
             .call(
@@ -234,7 +235,9 @@ impl Engine {
         }
         match reply {
             Ok(GuestReply::ConfigApplied { .. }) => {
+                let number = version.version;
                 self.commit_config(&cell, &mut log, version)?;
+                self.wait_healthy(&cell, number).await?;
                 Ok(values)
             }
             Ok(GuestReply::ConfigRejected { message, output }) => {
@@ -276,6 +279,30 @@ impl Engine {
                         format!("cannot apply the config in the guest: {problem}"),
                     )),
                 }
+            }
+        }
+    }
+
+    /// Waits until the guest passes its health check again after a config
+    /// change (a restarted DNS server listens again): a change is done when
+    /// the appliance serves with it.
+    async fn wait_healthy(&self, cell: &Cell, version: u64) -> Result<(), OpError> {
+        let timeout = Duration::from_secs(cell.lock().ready_timeout_secs.clamp(5, 60));
+        let deadline = Instant::now() + timeout;
+        loop {
+            match cell.agent.health(Duration::from_secs(2)).await {
+                Ok(report) if report.ready => return Ok(()),
+                _ if Instant::now() >= deadline => {
+                    let name = cell.snapshot().spec.name;
+                    return Err(OpError::new(
+                        ErrorCode::GuestError,
+                        format!(
+                            "config version {version} is in force, but {name} did not pass its health check within {}s; see vroom logs {name}",
+                            timeout.as_secs()
+                        ),
+                    ));
+                }
+                _ => tokio::time::sleep(HEALTH_POLL).await,
             }
         }
     }

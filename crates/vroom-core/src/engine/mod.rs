@@ -35,13 +35,13 @@ pub use migrate::{LiveIncoming, LiveOutgoing};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
-use vroom_agent_proto::{GuestReply, HostCommand};
+use vroom_agent_proto::{ConntrackUsage, GuestReply, HostCommand};
 use vroom_types::{
     check_config, is_l2_role, validate_config_key, validate_config_value, BuildReport,
     ConfigValues, DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction,
@@ -125,6 +125,19 @@ struct Cell {
     console: Arc<ConsoleLog>,
     /// Copies the running VMM's console into `console`.
     collector: Mutex<Option<ConsoleCollector>>,
+    /// A config change is being put in force: the splice watchdog holds.
+    config_changing: AtomicBool,
+    /// Packets the guest's connection tracking dropped, as last reported.
+    conntrack_dropped: AtomicU64,
+}
+
+/// Marks a cell's config change for as long as it lives.
+struct ConfigChanging<'a>(&'a Cell);
+
+impl Drop for ConfigChanging<'_> {
+    fn drop(&mut self) {
+        self.0.config_changing.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Cell {
@@ -139,7 +152,16 @@ impl Cell {
             op: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
             crash_streak: AtomicU32::new(0),
+            config_changing: AtomicBool::new(false),
+            conntrack_dropped: AtomicU64::new(0),
         })
+    }
+
+    /// Holds the splice watchdog off this appliance while its config
+    /// changes: services restarting for it are not a failure.
+    fn changing_config(&self) -> ConfigChanging<'_> {
+        self.config_changing.store(true, Ordering::SeqCst);
+        ConfigChanging(self)
     }
 
     fn lock(&self) -> MutexGuard<'_, InstanceRecord> {

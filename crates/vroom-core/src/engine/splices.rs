@@ -710,6 +710,10 @@ impl Engine {
                 strikes.retain(|name, _| watched.iter().any(|s| &s.appliance == name));
                 for splice in watched {
                     let health = engine.appliance_health(&splice.appliance).await;
+                    if health == Health::Unhealthy && engine.changing_config(&splice.appliance) {
+                        // Its services restart for an acknowledged change.
+                        continue;
+                    }
                     let strike = strikes.entry(splice.appliance.clone()).or_default();
                     let healthy = match health {
                         Health::Dead => {
@@ -779,7 +783,11 @@ impl Engine {
         if state != InstanceState::Running {
             return Health::Unhealthy;
         }
-        match cell.agent.health(WATCH_HEALTH_TIMEOUT).await {
+        let report = cell.agent.health(WATCH_HEALTH_TIMEOUT).await;
+        if let Ok(usage) = report.as_ref().map(|r| r.conntrack) {
+            note_conntrack_drops(name, &cell, usage);
+        }
+        match report {
             Ok(report) if report.ready => Health::Healthy,
             Ok(report) => {
                 tracing::debug!(appliance = %name, ?report, "appliance not ready");
@@ -790,6 +798,30 @@ impl Engine {
                 Health::Unhealthy
             }
         }
+    }
+
+    /// Whether an appliance's config change is being put in force.
+    fn changing_config(&self, name: &Name) -> bool {
+        self.cell(name.as_str())
+            .is_ok_and(|cell| cell.config_changing.load(Ordering::SeqCst))
+    }
+}
+
+/// Logs on the host when a spliced appliance's connection tracking table
+/// dropped packets since it was last asked: new connections through it fail.
+fn note_conntrack_drops(name: &Name, cell: &Cell, usage: Option<ConntrackUsage>) {
+    let Some(usage) = usage else {
+        return;
+    };
+    let before = cell.conntrack_dropped.swap(usage.dropped, Ordering::SeqCst);
+    if usage.dropped > before {
+        tracing::warn!(
+            appliance = %name,
+            dropped = usage.dropped - before,
+            entries = usage.entries,
+            max = usage.max,
+            "the appliance's connection tracking table is full and drops new connections; raise its conntrack_max or memory"
+        );
     }
 }
 
@@ -1061,6 +1093,49 @@ mod tests {
         engine.recover().await.unwrap();
         assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment));
         assert_eq!(engine.list_splices()[0].state, SpliceState::Active);
+    }
+
+    /// A config change of a spliced fail-closed appliance whose services
+    /// restart for it: the watchdog holds while it is put in force, so the
+    /// path is never cut, and `config set` returns only once the appliance
+    /// passes its health check again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_config_change_does_not_trip_the_watchdog_and_returns_once_healthy() {
+        use crate::testing::{SLOW_RESTART, SLOW_RESTART_VALUE};
+        let dir = tempfile::tempdir().unwrap();
+        let t = with_running_vm(dir.path()).await;
+        let web_tap = tap(&t, "web", 0);
+        let mut req = request("bump");
+        req.fail = Some(FailMode::Closed);
+        let splice = t.engine.splice(req).await.unwrap();
+        let started = std::time::Instant::now();
+        t.engine
+            .config_update(
+                "web-bump",
+                [("greeting".to_string(), SLOW_RESTART_VALUE.to_string())].into(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() >= SLOW_RESTART,
+            "returned after {:?}, before the services were back",
+            started.elapsed()
+        );
+        let cell = t.engine.cell("web-bump").unwrap();
+        let report = cell.agent.health(std::time::Duration::from_secs(1)).await;
+        assert!(report.unwrap().ready, "healthy when config set returns");
+        // Well past two strikes of the watchdog.
+        tokio::time::sleep(super::WATCH_EVERY * 4).await;
+        let now = t.engine.get_splice("web-bump").unwrap();
+        assert_eq!(now.state, SpliceState::Active, "{:?}", now.events);
+        assert!(
+            now.events
+                .iter()
+                .all(|e| !e.message.contains("failing closed")),
+            "{:?}",
+            now.events
+        );
+        assert_eq!(bridge_of(&t, &web_tap), Some(splice.segment));
     }
 
     /// The watchdog: a dead fail-open appliance is bypassed, and put back
