@@ -564,7 +564,7 @@ async fn get_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Instance> {
-    match (engine.get(&name), engine.cluster()) {
+    match (engine.inspect(&name).await, engine.cluster()) {
         (Ok(mut instance), cluster) => {
             instance.node = cluster.map(|c| c.node_name().to_string());
             Ok(Json(instance))

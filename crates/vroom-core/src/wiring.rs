@@ -186,6 +186,7 @@ mod tests {
             status: InstanceStatus::stopped(),
             config: Default::default(),
             node: None,
+            health: None,
         }
     }
 

@@ -268,6 +268,36 @@ pub struct Instance {
     /// The cluster node it runs on (cluster mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// What the guest says of itself, asked when one instance is read and
+    /// it runs (never stored; absent from listings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<GuestHealth>,
+}
+
+/// A running guest's own report: whether it passes its health check, which
+/// services are down, and how full its connection tracking table is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GuestHealth {
+    /// It passes its health check.
+    pub ready: bool,
+    /// Supervised services that are not running (oneshots that failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services_down: Vec<String>,
+    /// Its connection tracking table, when it tracks connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackTable>,
+}
+
+/// A guest's connection tracking table: when full, new connections through
+/// it are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConntrackTable {
+    /// Connections tracked now.
+    pub entries: u64,
+    /// The most it holds (the appliance's `conntrack_max`, or its default).
+    pub max: u64,
+    /// Packets dropped since the guest booted because the table was full.
+    pub dropped: u64,
 }
 
 /// The first line of the body of `POST /v1/instances/{name}/exec` (see [`crate::ExecEvent`]).

@@ -43,8 +43,9 @@ pub use image::{
     ServiceSpec, TemplateSpec, MANIFEST_VERSION,
 };
 pub use instance::{
-    Accel, AccelChoice, DesiredState, ExecRequest, ExecResult, Instance, InstanceAction,
-    InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus, RunRequest,
+    Accel, AccelChoice, ConntrackTable, DesiredState, ExecRequest, ExecResult, GuestHealth,
+    Instance, InstanceAction, InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus,
+    RunRequest,
 };
 pub use ipnet::Ipv4Net;
 pub use name::{Name, NAME_PATTERN};

@@ -427,6 +427,9 @@ fn show_instance(i: &Instance) {
     if let Some(error) = &status.last_error {
         println!("{:<10} {error}", "error:");
     }
+    if let Some(health) = &i.health {
+        println!("{:<10} {}", "health:", health_line(health));
+    }
     println!("nics:");
     for nic in &i.nics {
         println!(
@@ -443,6 +446,30 @@ fn show_instance(i: &Instance) {
     for (key, value) in &i.config {
         println!("  {key}={value}");
     }
+}
+
+/// The guest's own report in a line: "passes its health check;
+/// connections tracked: 2,410 of 12,451, 0 dropped".
+fn health_line(health: &vroom_types::GuestHealth) -> String {
+    let mut parts = vec![if health.ready {
+        "passes its health check".to_string()
+    } else {
+        "fails its health check".to_string()
+    }];
+    if !health.services_down.is_empty() {
+        parts.push(format!("down: {}", health.services_down.join(", ")));
+    }
+    if let Some(table) = health.conntrack {
+        let mut line = format!(
+            "connections tracked: {} of {}, {} dropped",
+            table.entries, table.max, table.dropped
+        );
+        if table.dropped > 0 {
+            line.push_str(" (table full: raise conntrack_max or memory)");
+        }
+        parts.push(line);
+    }
+    parts.join("; ")
 }
 
 fn accel_of(i: &Instance) -> String {

@@ -6,7 +6,7 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, Env};
+use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, resolve_once, Env};
 
 /// Builds a catalog image for vroom's own kernel (`cargo xtask test` has
 /// `vroom setup` build it first): everything built in, no modules in the
@@ -130,6 +130,26 @@ fn firewall_routes_serves_dhcp_and_dns_and_forwards_ports() {
         "the firewall is lan's gateway"
     );
     assert_eq!(fw.nics[2].ip.unwrap(), host(&dmz, 1), "and dmz's");
+    // Its connection tracking table is sized for its memory, not the
+    // kernel's 1,024 entries, and a typed key sets it.
+    let conntrack_max = || -> u64 {
+        let out = env.ok(&[
+            "exec",
+            "fw",
+            "--",
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_max",
+        ]);
+        out.trim().parse().unwrap()
+    };
+    let sized = conntrack_max();
+    assert!(sized >= 8 * 1024, "{sized} entries for {} MiB", fw.mem_mib);
+    env.ok(&["config", "fw", "set", "conntrack_max=5000"]);
+    assert_eq!(conntrack_max(), 5000);
+    let err = env.fail(&["config", "fw", "set", "conntrack_max=lots"]);
+    assert!(err.contains("must be an integer"), "{err}");
+    env.ok(&["config", "fw", "set", "conntrack_max=0"]);
+    assert_eq!(conntrack_max(), sized);
 
     // A server on the wan side, a web server in the dmz, a client on lan.
     let server_ip = host(&wan, 50);
@@ -378,6 +398,7 @@ fn dns_serves_leases_and_local_names() {
     env.ok(&["net", "create", "lan", "--subnet", &lan]);
     env.ok(&["run", "dns", "--name", "ns", "--net", "lan"]);
     let dns_ip = env.instance("ns").nics[0].ip.unwrap();
+    let asker = env.client_on("q", "lan", &lan);
     env.ok(&[
         "config",
         "ns",
@@ -385,11 +406,23 @@ fn dns_serves_leases_and_local_names() {
         "dhcp=true",
         "domain=office",
         &format!(
-            "hosts=nas.office={},printer.office={}",
+            "hosts=nas.office={},printer={}",
             host(&lan, 20),
             host(&lan, 21)
         ),
     ]);
+    // `config set` returns once dnsmasq answers again, with the new names:
+    // a bare name is qualified by the domain.
+    let printer = host(&lan, 21).to_string();
+    for name in ["printer.office", "printer", "nas.office"] {
+        let answer = resolve_once(&env, &asker, name, dns_ip);
+        let want = if name == "nas.office" {
+            host(&lan, 20).to_string()
+        } else {
+            printer.clone()
+        };
+        assert_eq!(answer, Some(want), "{name} right after config set");
+    }
     let client = env.namespace_on("cl", "lan", None);
     let lease = dhcp_lease(&env, &client);
     let leased: Ipv4Addr = lease["ip"].parse().unwrap();

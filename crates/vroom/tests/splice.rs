@@ -337,22 +337,15 @@ fn a_spliced_firewall_forwards_a_sustained_connection_rate_through_config_change
         results.len(),
         &failed[..failed.len().min(20)]
     );
-    let tracked: u64 = env
-        .ok(&[
-            "exec",
-            "fw",
-            "--",
-            "cat",
-            "/proc/sys/net/netfilter/nf_conntrack_count",
-        ])
-        .trim()
-        .parse()
-        .unwrap();
+    // The host sees the table through the guest's health report.
+    let table = || env.instance("fw").health.and_then(|h| h.conntrack).unwrap();
+    let tracked = table();
     assert!(
-        tracked > 2 * 1024,
-        "the table held {tracked} connections after {} at {RATE}/s",
+        tracked.entries > 2 * 1024 && tracked.dropped == 0,
+        "{tracked:?} after {} connections at {RATE}/s",
         results.len()
     );
+    assert!(env.ok(&["inspect", "fw"]).contains("connections tracked: "));
     let splice = splice_of(&env, "fw");
     assert_eq!(splice.state, SpliceState::Active);
     assert!(
@@ -373,6 +366,8 @@ fn a_spliced_firewall_forwards_a_sustained_connection_rate_through_config_change
     });
     burst.finish();
     assert!(said.is_some(), "{}", env.ok(&["logs", "fw"]));
+    assert!(table().dropped > 0, "{:?}", table());
+    assert!(env.ok(&["inspect", "fw"]).contains("table full"));
 }
 
 /// A transparent firewall spliced in front of a running web VM while a

@@ -11,6 +11,19 @@ impl Engine {
         Ok(self.cell(name)?.snapshot())
     }
 
+    /// One instance with what its guest says of itself when it runs: its
+    /// health check, services down, its connection tracking table.
+    pub async fn inspect(&self, name: &str) -> Result<Instance, OpError> {
+        let cell = self.cell(name)?;
+        let mut instance = cell.snapshot();
+        if instance.status.state == InstanceState::Running {
+            if let Ok(report) = cell.agent.health(INSPECT_HEALTH_TIMEOUT).await {
+                instance.health = Some(guest_health(&report));
+            }
+        }
+        Ok(instance)
+    }
+
     /// The instances the cluster layer created here.
     pub fn cluster_instances(&self) -> Vec<String> {
         self.cells()
@@ -887,6 +900,27 @@ pub(super) fn new_instance(
         },
         config: image.manifest.appliance.seed_config.clone(),
         node: None,
+        health: None,
+    }
+}
+
+/// How long `inspect` waits for a guest's own report.
+const INSPECT_HEALTH_TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn guest_health(report: &vroom_agent_proto::HealthReport) -> vroom_types::GuestHealth {
+    vroom_types::GuestHealth {
+        ready: report.ready,
+        services_down: report
+            .services
+            .iter()
+            .filter(|s| !s.running && s.last_exit != Some(0))
+            .map(|s| s.name.clone())
+            .collect(),
+        conntrack: report.conntrack.map(|c| vroom_types::ConntrackTable {
+            entries: c.entries,
+            max: c.max,
+            dropped: c.dropped,
+        }),
     }
 }
 

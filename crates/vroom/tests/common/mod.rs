@@ -554,6 +554,30 @@ pub fn resolve(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<Stri
     })
 }
 
+/// One DNS query for `name`'s A record, one UDP packet and no retry (a
+/// resolver that is restarting refuses it): the first address answered.
+pub fn resolve_once(env: &Env, ns: &str, name: &str, server: Ipv4Addr) -> Option<String> {
+    const QUERY: &str = r#"
+import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x7672, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((server, 53))
+s.send(q)
+r = s.recv(512)
+if r[3] & 0x0f or struct.unpack(">H", r[6:8])[0] == 0: sys.exit("no answer, rcode %d" % (r[3] & 0x0f))
+print(".".join(str(b) for b in r[-4:]))
+"#;
+    let script = env.dir.join("query.py");
+    std::fs::write(&script, QUERY).unwrap();
+    let out = env.run_in(ns, &format!("python3 {} {name} {server}", script.display()));
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Sends one API request straight to the daemon's socket (never through the
 /// CLI, which would start a daemon of its own while none runs) and reads the
 /// answer, if one comes.
