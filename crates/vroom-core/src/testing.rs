@@ -63,6 +63,9 @@ pub struct FakeDriver {
     behavior: Mutex<GuestBehavior>,
     /// Makes the next launches fail, as a missing QEMU would.
     pub fail_launch: AtomicBool,
+    /// Makes kills fail and leave the VM running: a daemon that dies just
+    /// before it kills a VM.
+    pub fail_kill: AtomicBool,
 }
 
 impl Default for FakeDriver {
@@ -72,6 +75,7 @@ impl Default for FakeDriver {
             next_pid: AtomicU32::new(1000),
             behavior: Mutex::new(GuestBehavior::Ready),
             fail_launch: AtomicBool::new(false),
+            fail_kill: AtomicBool::new(false),
         }
     }
 }
@@ -358,6 +362,9 @@ impl VmDriver for FakeDriver {
     }
 
     fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        if self.fail_kill.load(Ordering::SeqCst) {
+            return Err(fake_control("the fake driver was told to fail kills"));
+        }
         self.crash(process.pid);
         Ok(())
     }
@@ -594,6 +601,9 @@ pub struct MemStore {
     splices: Mutex<BTreeMap<String, Splice>>,
     mirrors: Mutex<BTreeMap<String, Mirror>>,
     rooms: Mutex<BTreeMap<String, Room>>,
+    /// Makes instance deletions fail: a daemon that dies just before it
+    /// deletes a record.
+    pub fail_instance_deletes: AtomicBool,
 }
 
 impl StateStore for MemStore {
@@ -602,6 +612,12 @@ impl StateStore for MemStore {
         Ok(())
     }
     fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
+        if self.fail_instance_deletes.load(Ordering::SeqCst) {
+            return Err(StateStoreError {
+                path: PathBuf::from("memory"),
+                reason: "the fake store was told to fail deletions".into(),
+            });
+        }
         lock(&self.instances).remove(name);
         lock(&self.config_logs).remove(name);
         Ok(())
