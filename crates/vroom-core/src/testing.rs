@@ -158,6 +158,12 @@ impl FakeDriver {
             ));
         }
         let alive_tx = alive.clone();
+        // As a real guest does, it puts its config volume's config in force.
+        let volume = spec.config_disk.clone();
+        let config = vroom_volume::read_config(&volume)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| [("greeting".to_string(), "hello".to_string())].into());
         let memory = spec.instance_id.as_bytes().repeat(1024);
         let paused = spec.incoming;
         lock(&self.vms).insert(
@@ -180,7 +186,14 @@ impl FakeDriver {
                 }
                 GuestBehavior::Ready | GuestBehavior::NeverReady => {
                     if let Some(listener) = listener {
-                        serve_agent(listener, alive_tx, behavior == GuestBehavior::Ready).await;
+                        serve_agent(
+                            listener,
+                            alive_tx,
+                            behavior == GuestBehavior::Ready,
+                            config,
+                            volume,
+                        )
+                        .await;
                     }
                 }
             }
@@ -227,11 +240,15 @@ pub const REJECTED_VALUE: &str = "REJECT";
 
 /// The guest's half of the agent protocol: health, config changes (checked:
 /// a value equal to [`REJECTED_VALUE`] is refused) and shutdown. The guest
-/// starts with the `hello` image's seed config.
-async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bool>, ready: bool) {
-    let config: Arc<Mutex<BTreeMap<String, String>>> = Arc::new(Mutex::new(
-        [("greeting".to_string(), "hello".to_string())].into(),
-    ));
+/// starts with `config`.
+async fn serve_agent(
+    listener: tokio::net::UnixListener,
+    alive: watch::Sender<bool>,
+    ready: bool,
+    config: BTreeMap<String, String>,
+    volume: PathBuf,
+) {
+    let config = Arc::new(Mutex::new(config));
     let mut gone = alive.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -243,6 +260,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
         };
         let alive = alive.clone();
         let config = config.clone();
+        let volume = volume.clone();
         tokio::spawn(async move {
             let mut gone = alive.subscribe();
             let mut decoder = FrameDecoder::new();
@@ -277,6 +295,8 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                                 }
                             } else {
                                 *lock(&config) = values.clone();
+                                // Saved as vroom-init saves it, on its volume.
+                                let _ = vroom_volume::write_config(&volume, &values);
                                 GuestReply::ConfigApplied { values }
                             }
                         }

@@ -543,7 +543,8 @@ impl Engine {
                 )
             })
             .map_err(|e| OpError::internal("failed to reset the ephemeral config volume", e))?;
-            self.update(cell, |r| r.instance.config = seed.clone())?;
+            self.config_went_back(cell, &seed, vroom_types::ConfigOrigin::Reset)
+                .await?;
         }
         let launch = self.launch_spec(cell, &instance, &image, accel, source.is_some());
         let epoch = blocking(|| cell.console.new_boot())

@@ -592,10 +592,11 @@ impl Engine {
             std::fs::rename(&staged, cell.volume()).map_err(io)?;
             sync_dir(&cell.dir).map_err(io)
         })?;
-        self.update(&cell, |r| {
-            r.instance.config = snapshot.config().clone();
-            r.instance.desired = DesiredState::Running;
-        })?;
+        // Another instance's snapshot brings a config this one never had:
+        // a whole new config, as an import is.
+        self.config_went_back(&cell, snapshot.config(), vroom_types::ConfigOrigin::Import)
+            .await?;
+        self.update(&cell, |r| r.instance.desired = DesiredState::Running)?;
         cell.crash_streak.store(0, Ordering::SeqCst);
         let source = StateSource {
             memory: dir.join(MEMORY),

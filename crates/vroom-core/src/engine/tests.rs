@@ -756,3 +756,50 @@ async fn recovery_fails_a_clone_whose_start_was_interrupted() {
         .iter()
         .all(|r| r.cloning_from.is_none()));
 }
+
+/// Issue 23 #15: after a restore, and after an ephemeral instance's
+/// restart, `config history` marks as current the version whose values are
+/// in force, not the change made after the snapshot (or since the start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_history_follows_a_restore_and_an_ephemeral_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let set =
+        |v: &str| -> vroom_types::ConfigValues { [("greeting".to_string(), v.to_string())].into() };
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    t.engine.config_update("web", set("a")).await.unwrap();
+    let a = t.engine.config_history("web").await.unwrap().current;
+    t.engine
+        .snapshot(snapshot_request("web", "s1"))
+        .await
+        .unwrap();
+    t.engine.config_update("web", set("b")).await.unwrap();
+    let b = t.engine.config_history("web").await.unwrap().current;
+    assert!(b > a);
+    t.engine.restore("web", "s1").await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    assert_eq!(t.engine.config_get("web").await.unwrap()["greeting"], "a");
+    let history = t.engine.config_history("web").await.unwrap();
+    assert_eq!(history.current, a, "{history:?}");
+    // b stays in the history.
+    assert!(history.versions.iter().any(|v| v.version == b));
+    let diff = t.engine.config_diff("web", None, None).await.unwrap();
+    assert_eq!(diff.to, a);
+    // The next change counts on from the newest version.
+    t.engine.config_update("web", set("c")).await.unwrap();
+    assert_eq!(t.engine.config_history("web").await.unwrap().current, b + 1);
+
+    let mut eph = request("e");
+    eph.spec.ephemeral = true;
+    eph.cold = true;
+    t.engine.run(eph).await.unwrap();
+    wait_state(&t, "e", InstanceState::Running).await;
+    let seed = t.engine.config_history("e").await.unwrap().current;
+    t.engine.config_update("e", set("changed")).await.unwrap();
+    t.engine.action("e", InstanceAction::Restart).await.unwrap();
+    wait_state(&t, "e", InstanceState::Running).await;
+    let history = t.engine.config_history("e").await.unwrap();
+    assert_eq!(history.current, seed, "{history:?}");
+    assert_eq!(t.engine.config_get("e").await.unwrap()["greeting"], "hello");
+}
