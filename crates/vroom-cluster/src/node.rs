@@ -1818,7 +1818,9 @@ impl Cluster for ClusterNode {
         };
         // The record and every address in one transaction: a crash leaves
         // all of it or none; a lost race (an address just taken) retries.
-        let mut created = false;
+        // The instance key's create revision: what later says the record
+        // is still this run's.
+        let mut created = None;
         for _ in 0..8 {
             let mut compares = vec![Compare::create_revision(
                 key(INSTANCES, &name),
@@ -1846,7 +1848,7 @@ impl Cluster for ClusterNode {
                 .await
                 .map_err(|e| etcd_error("cannot record the instance", e))?;
             if done.succeeded() {
-                created = true;
+                created = Some(done.header().map_or(0, |h| h.revision()));
                 break;
             }
             if self
@@ -1877,11 +1879,11 @@ impl Cluster for ClusterNode {
                 }
             }
         }
-        if !created {
+        let Some(created) = created else {
             return Err(OpError::conflict(format!(
                 "the addresses of {name} kept being taken; try again"
             )));
-        }
+        };
         let record = record;
         self.wake.notify_one();
         // Wait until a node runs it, or says why it cannot.
@@ -1893,7 +1895,7 @@ impl Cluster for ClusterNode {
             let status = view.statuses.get(&name);
             if let Some(s) = status {
                 if let Some(error) = &s.error {
-                    self.forget(&name, &record).await;
+                    self.forget(&name, &record, created).await;
                     return Err(OpError::new(
                         ErrorCode::Conflict,
                         format!("node {} cannot run {name}: {error}", s.node),
@@ -1905,7 +1907,7 @@ impl Cluster for ClusterNode {
             }
             let placed = view.owners.contains_key(&name) || view.assigns.contains_key(&name);
             if !placed && started.elapsed() > PLACE_TIMEOUT {
-                self.forget(&name, &record).await;
+                self.forget(&name, &record, created).await;
                 return Err(OpError::new(
                     ErrorCode::ResourceExhausted,
                     format!(
@@ -1973,7 +1975,7 @@ impl Cluster for ClusterNode {
                     }
                     if view.owner_of(name).is_none() {
                         // Its owner died meanwhile: finish here.
-                        self.forget(name, record).await;
+                        self.forget(name, record, kv.create_revision).await;
                         return Ok(true);
                     }
                 }
@@ -1985,7 +1987,7 @@ impl Cluster for ClusterNode {
                 ))
             }
             None => {
-                self.forget(name, record).await;
+                self.forget(name, record, kv.create_revision).await;
                 Ok(true)
             }
         }
@@ -2281,12 +2283,30 @@ impl ClusterNode {
 }
 
 impl ClusterNode {
-    /// Forgets an instance nobody runs: every key, and a local copy.
-    async fn forget(&self, name: &str, record: &InstanceRecord) {
-        let _ = self
-            .etcd
-            .txn(Txn::new().and_then(delete_all(name, record)))
-            .await;
+    /// Forgets an instance nobody runs: every key, its owner key too (a
+    /// node that claimed it and failed to start it holds that under its
+    /// lease; left, it would block the name until that node restarts), and
+    /// a local copy. Only while the record is still the one created at
+    /// revision `created`: never another run's of the same name.
+    async fn forget(&self, name: &str, record: &InstanceRecord, created: i64) {
+        let mut ops = delete_all(name, record);
+        ops.push(TxnOp::delete(key(OWNERS, name), None));
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key(INSTANCES, name),
+                CompareOp::Equal,
+                created,
+            )])
+            .and_then(ops);
+        match self.etcd.txn(txn).await {
+            Ok(r) if !r.succeeded() => {
+                tracing::info!(instance = %name, "not forgetting an instance whose record changed hands");
+            }
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "cannot forget a failed instance");
+            }
+            Ok(_) => {}
+        }
         if self.engine.get(name).is_ok() {
             let _ = self.engine.remove(name, true).await;
         }

@@ -32,6 +32,15 @@ pub struct InstanceRecord {
     /// Created by the cluster layer (its desired state is in etcd).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cluster: bool,
+    /// An `rm` was acknowledged: set before the VM is killed, so a daemon
+    /// killed inside the removal finishes it at its next start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
+    /// The snapshot this instance is a clone of, until its VM first runs
+    /// from it: a daemon killed before then fails the clone visibly instead
+    /// of booting it as if it were one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloning_from: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +314,8 @@ mod tests {
             ever_ready: false,
             seed_config: None,
             cluster: false,
+            removing: false,
+            cloning_from: None,
         }
     }
 

@@ -63,6 +63,9 @@ pub struct FakeDriver {
     behavior: Mutex<GuestBehavior>,
     /// Makes the next launches fail, as a missing QEMU would.
     pub fail_launch: AtomicBool,
+    /// Makes kills fail and leave the VM running: a daemon that dies just
+    /// before it kills a VM.
+    pub fail_kill: AtomicBool,
 }
 
 impl Default for FakeDriver {
@@ -72,6 +75,7 @@ impl Default for FakeDriver {
             next_pid: AtomicU32::new(1000),
             behavior: Mutex::new(GuestBehavior::Ready),
             fail_launch: AtomicBool::new(false),
+            fail_kill: AtomicBool::new(false),
         }
     }
 }
@@ -154,6 +158,12 @@ impl FakeDriver {
             ));
         }
         let alive_tx = alive.clone();
+        // As a real guest does, it puts its config volume's config in force.
+        let volume = spec.config_disk.clone();
+        let config = vroom_volume::read_config(&volume)
+            .ok()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| [("greeting".to_string(), "hello".to_string())].into());
         let memory = spec.instance_id.as_bytes().repeat(1024);
         let paused = spec.incoming;
         lock(&self.vms).insert(
@@ -176,7 +186,14 @@ impl FakeDriver {
                 }
                 GuestBehavior::Ready | GuestBehavior::NeverReady => {
                     if let Some(listener) = listener {
-                        serve_agent(listener, alive_tx, behavior == GuestBehavior::Ready).await;
+                        serve_agent(
+                            listener,
+                            alive_tx,
+                            behavior == GuestBehavior::Ready,
+                            config,
+                            volume,
+                        )
+                        .await;
                     }
                 }
             }
@@ -230,11 +247,15 @@ pub const SLOW_RESTART: Duration = Duration::from_millis(1500);
 
 /// The guest's half of the agent protocol: health, config changes (checked:
 /// a value equal to [`REJECTED_VALUE`] is refused) and shutdown. The guest
-/// starts with the `hello` image's seed config.
-async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bool>, ready: bool) {
-    let config: Arc<Mutex<BTreeMap<String, String>>> = Arc::new(Mutex::new(
-        [("greeting".to_string(), "hello".to_string())].into(),
-    ));
+/// starts with `config`.
+async fn serve_agent(
+    listener: tokio::net::UnixListener,
+    alive: watch::Sender<bool>,
+    ready: bool,
+    config: BTreeMap<String, String>,
+    volume: PathBuf,
+) {
+    let config = Arc::new(Mutex::new(config));
     let restarting_until: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
     let mut gone = alive.subscribe();
     loop {
@@ -248,6 +269,7 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
         let alive = alive.clone();
         let config = config.clone();
         let restarting_until = restarting_until.clone();
+        let volume = volume.clone();
         tokio::spawn(async move {
             let mut gone = alive.subscribe();
             let mut decoder = FrameDecoder::new();
@@ -289,6 +311,8 @@ async fn serve_agent(listener: tokio::net::UnixListener, alive: watch::Sender<bo
                                         Some(tokio::time::Instant::now() + SLOW_RESTART);
                                 }
                                 *lock(&config) = values.clone();
+                                // Saved as vroom-init saves it, on its volume.
+                                let _ = vroom_volume::write_config(&volume, &values);
                                 GuestReply::ConfigApplied { values }
                             }
                         }
@@ -374,6 +398,9 @@ impl VmDriver for FakeDriver {
     }
 
     fn kill(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        if self.fail_kill.load(Ordering::SeqCst) {
+            return Err(fake_control("the fake driver was told to fail kills"));
+        }
         self.crash(process.pid);
         Ok(())
     }
@@ -610,6 +637,9 @@ pub struct MemStore {
     splices: Mutex<BTreeMap<String, Splice>>,
     mirrors: Mutex<BTreeMap<String, Mirror>>,
     rooms: Mutex<BTreeMap<String, Room>>,
+    /// Makes instance deletions fail: a daemon that dies just before it
+    /// deletes a record.
+    pub fail_instance_deletes: AtomicBool,
 }
 
 impl StateStore for MemStore {
@@ -618,6 +648,12 @@ impl StateStore for MemStore {
         Ok(())
     }
     fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
+        if self.fail_instance_deletes.load(Ordering::SeqCst) {
+            return Err(StateStoreError {
+                path: PathBuf::from("memory"),
+                reason: "the fake store was told to fail deletions".into(),
+            });
+        }
         lock(&self.instances).remove(name);
         lock(&self.config_logs).remove(name);
         Ok(())

@@ -124,6 +124,10 @@ pub struct ConfigLog {
     pub versions: Vec<ConfigVersion>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<ConfigVersion>,
+    /// The version in force when it is not the newest: a restore or an
+    /// ephemeral restart went back to an earlier one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<u64>,
 }
 
 impl ConfigLog {
@@ -142,12 +146,39 @@ impl ConfigLog {
                 values,
             }],
             pending: None,
+            in_force: None,
         }
     }
 
     /// The version in force.
     pub fn current(&self) -> Option<&ConfigVersion> {
-        self.versions.last()
+        self.in_force
+            .and_then(|v| self.get(v))
+            .or_else(|| self.versions.last())
+    }
+
+    /// Makes a kept version the one in force again without a new version
+    /// (its values came back with the VM's state or its seed). Returns
+    /// whether `version` is kept.
+    pub fn back_to(&mut self, version: u64) -> bool {
+        if self.get(version).is_none() {
+            return false;
+        }
+        let newest = self.versions.last().map(|v| v.version);
+        self.in_force = (newest != Some(version)).then_some(version);
+        true
+    }
+
+    /// Makes the newest kept version with exactly these values the one in
+    /// force; false when none has them.
+    pub fn back_to_values(&mut self, values: &ConfigValues) -> bool {
+        let found = self
+            .versions
+            .iter()
+            .rev()
+            .find(|v| &v.values == values)
+            .map(|v| v.version);
+        found.is_some_and(|v| self.back_to(v))
     }
 
     pub fn get(&self, version: u64) -> Option<&ConfigVersion> {
@@ -156,7 +187,8 @@ impl ConfigLog {
 
     /// The version before the current one, if it is still kept.
     pub fn previous(&self) -> Option<&ConfigVersion> {
-        self.versions.iter().rev().nth(1)
+        let current = self.current()?.version;
+        self.versions.iter().rev().find(|v| v.version < current)
     }
 
     /// The version a change to `values` would become; `None` when nothing
@@ -177,7 +209,7 @@ impl ConfigLog {
         if changed.is_empty() && self.current().is_some() {
             return None;
         }
-        let last = self.current().map_or(0, |c| c.version);
+        let last = self.versions.last().map_or(0, |c| c.version);
         let pending = self.pending.as_ref().map_or(0, |p| p.version);
         Some(ConfigVersion {
             version: last.max(pending) + 1,
@@ -193,6 +225,7 @@ impl ConfigLog {
     /// and forgets the pending change.
     pub fn commit(&mut self, version: ConfigVersion) {
         self.pending = None;
+        self.in_force = None;
         self.versions.push(version);
         let excess = self.versions.len().saturating_sub(Self::KEEP);
         self.versions.drain(..excess);

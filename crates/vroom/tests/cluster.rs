@@ -402,6 +402,18 @@ fn bad_input_is_one_line_and_changes_nothing() {
     let err = lab.fail(0, &["run", "hello", "--name", "x1"]);
     assert!(err.contains("no node can take x1"), "{err}");
     lab.ok(0, &["node", "uncordon", "n1"]);
+    // Issue 23 #11: a run that fails on the node after it claimed the
+    // instance (here: more CPUs than the host has, found by the node's engine)
+    // leaves no owner key, and the name can be used again at once.
+    let err = lab.fail(0, &["run", "hello", "--name", "x1", "--cpus", "64"]);
+    assert!(err.contains("x1"), "{err}");
+    assert!(
+        lab.etcd_keys("/vroom/owners/").is_empty(),
+        "the failed run left its owner key: {:?}",
+        lab.etcd_keys("/vroom/")
+    );
+    lab.ok(0, &["run", "hello", "--name", "x1"]);
+    lab.ok(0, &["rm", "-f", "x1"]);
     let err = lab.fail(0, &["node", "inspect", "nope"]);
     assert!(err.contains("no node named"), "{err}");
     let err = lab.fail(0, &["node", "rm", "n1"]);

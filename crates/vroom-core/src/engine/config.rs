@@ -369,6 +369,33 @@ impl Engine {
         }
     }
 
+    /// The config in force went back to `values` without a change through
+    /// the guest (a restore brought back a snapshot's, an ephemeral start
+    /// its seed): the history's current version follows. It is the newest
+    /// kept version with those values, or else a new version of `origin`.
+    /// The caller holds the op lock, and the VM is not running.
+    pub(super) async fn config_went_back(
+        &self,
+        cell: &Cell,
+        values: &ConfigValues,
+        origin: ConfigOrigin,
+    ) -> Result<(), OpError> {
+        let mut log = self.settle_config(cell).await?;
+        log.pending = None;
+        if !log.back_to_values(values) {
+            if let Some(version) = log.propose(values.clone(), origin, None, now_secs()) {
+                return self.commit_config(cell, &mut log, version);
+            }
+        }
+        let mut record = cell.lock();
+        let mut updated = record.clone();
+        updated.instance.config = values.clone();
+        blocking(|| self.store.commit_config(&updated, &log))
+            .map_err(|e| OpError::internal("failed to record the config in force", e))?;
+        *record = updated;
+        Ok(())
+    }
+
     /// Records an accepted version: the record and the history in one transaction.
     fn commit_config(
         &self,

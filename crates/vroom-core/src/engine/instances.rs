@@ -217,6 +217,8 @@ impl Engine {
             ever_ready: false,
             seed_config: spec.ephemeral.then(|| instance.config.clone()),
             cluster,
+            removing: false,
+            cloning_from: clone_of.as_ref().map(|(s, _)| s.name.to_string()),
         };
         let prepared = blocking(|| {
             std::fs::create_dir_all(&dir)
@@ -554,7 +556,8 @@ impl Engine {
                 )
             })
             .map_err(|e| OpError::internal("failed to reset the ephemeral config volume", e))?;
-            self.update(cell, |r| r.instance.config = seed.clone())?;
+            self.config_went_back(cell, &seed, vroom_types::ConfigOrigin::Reset)
+                .await?;
         }
         let launch = self.launch_spec(cell, &instance, &image, accel, source.is_some());
         let epoch = blocking(|| cell.console.new_boot())
@@ -631,6 +634,7 @@ impl Engine {
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let saved = self.update(cell, |r| {
             r.process = Some(process.clone());
+            r.cloning_from = None;
             r.ever_ready |= live;
             r.instance.status = InstanceStatus {
                 state: if live {
@@ -691,6 +695,12 @@ impl Engine {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
         self.still_registered(name, &cell)?;
+        if cell.lock().removing {
+            return Err(OpError::conflict(format!(
+                "cannot {} {name}: it is being removed; `vroom rm -f {name}` finishes the removal",
+                action_verb(action)
+            )));
+        }
         let state = cell.lock().instance.status.state;
         match lifecycle::plan_action(state, action) {
             ActionPlan::Refuse(reason) => {
@@ -770,18 +780,30 @@ impl Engine {
     pub async fn remove(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
-        self.still_registered(name, &cell)?;
-        let running = cell
-            .lock()
-            .process
-            .as_ref()
-            .is_some_and(|p| self.driver.is_alive(p));
-        if running && !force {
+        if let Err(e) = self.still_registered(name, &cell) {
+            // Queued behind another `rm` of the same instance, which removed
+            // it meanwhile: what this call asked for is done.
+            if cell.lock().removing {
+                return Ok(());
+            }
+            return Err(e);
+        }
+        let (running, removing) = {
+            let r = cell.lock();
+            let running = r.process.as_ref().is_some_and(|p| self.driver.is_alive(p));
+            (running, r.removing)
+        };
+        // An interrupted removal is finished whether or not `-f` is given.
+        if running && !force && !removing {
             return Err(OpError::conflict(format!(
                 "instance {name} is running; stop it first or use `rm -f`"
             )));
         }
         self.check_removable(name)?;
+        // The intent goes on record before the VM is killed: a daemon killed
+        // from here on finishes the removal instead of leaving the instance
+        // stopped with its addresses and networks taken.
+        self.update(&cell, |r| r.removing = true)?;
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         // Under the op lock: an action queued behind this one must find
         // the instance gone, not launch it from a deleted directory.

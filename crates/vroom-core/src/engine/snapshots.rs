@@ -592,10 +592,11 @@ impl Engine {
             std::fs::rename(&staged, cell.volume()).map_err(io)?;
             sync_dir(&cell.dir).map_err(io)
         })?;
-        self.update(&cell, |r| {
-            r.instance.config = snapshot.config().clone();
-            r.instance.desired = DesiredState::Running;
-        })?;
+        // Another instance's snapshot brings a config this one never had:
+        // a whole new config, as an import is.
+        self.config_went_back(&cell, snapshot.config(), vroom_types::ConfigOrigin::Import)
+            .await?;
+        self.update(&cell, |r| r.instance.desired = DesiredState::Running)?;
         cell.crash_streak.store(0, Ordering::SeqCst);
         let source = StateSource {
             memory: dir.join(MEMORY),
@@ -684,6 +685,36 @@ impl Engine {
         self.driver.wait_exit(process).await;
         clear_marker(&cell.dir, RESTORE_MARKER);
         true
+    }
+
+    /// After a daemon restart: an instance whose clone from `snapshot` the
+    /// last daemon did not finish fails, saying so, and its VM (which may
+    /// hold the snapshot's identity) is killed. Booting it instead would
+    /// present a fresh boot as a clone.
+    pub(super) async fn fail_interrupted_clone(
+        &self,
+        cell: &Arc<Cell>,
+        process: Option<VmProcess>,
+        snapshot: &str,
+    ) -> Result<(), OpError> {
+        let error = format!(
+            "interrupted while cloning from snapshot {snapshot}; remove it or run it again"
+        );
+        tracing::warn!(instance = %cell.snapshot().spec.name, %error, "failing an interrupted clone");
+        if let Some(process) = process {
+            let _ = self.driver.kill(&process);
+            self.driver.wait_exit(&process).await;
+        }
+        clear_marker(&cell.dir, RESTORE_MARKER);
+        self.update(cell, |r| {
+            r.process = None;
+            r.cloning_from = None;
+            r.instance.status.pid = None;
+            r.instance.status.state = InstanceState::Failed;
+            r.instance.status.started_from = None;
+            r.instance.status.last_error = Some(error.clone());
+        })?;
+        Ok(())
     }
 
     /// After a daemon restart: a VM an interrupted snapshot left paused
@@ -820,6 +851,8 @@ impl Engine {
                 ever_ready: false,
                 seed_config: None,
                 cluster: false,
+                removing: false,
+                cloning_from: None,
             },
         );
         let launch = self.launch_spec(

@@ -57,6 +57,16 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name.clone(), cell.clone());
+            if cell.lock().removing {
+                self.finish_removal(&cell, &name, process).await;
+                continue;
+            }
+            let cloning_from = cell.lock().cloning_from.clone();
+            if let Some(snapshot) = cloning_from {
+                self.fail_interrupted_clone(&cell, process, &snapshot)
+                    .await?;
+                continue;
+            }
             match process {
                 Some(process) => self.readopt(cell, process).await?,
                 None => self.recover_gone(cell)?,
@@ -80,6 +90,31 @@ impl Engine {
         self.recover_rooms().await;
         self.spawn_config_settle();
         Ok(())
+    }
+
+    /// An `rm` the last daemon acknowledged but did not finish: its VM is
+    /// killed and the instance forgotten, as the `rm` would have. A failure
+    /// leaves it marked, for `rm -f` to finish.
+    async fn finish_removal(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        name: &Name,
+        process: Option<VmProcess>,
+    ) {
+        tracing::warn!(instance = %name, "finishing a removal the last daemon did not complete");
+        if let Some(process) = process {
+            let _ = self.driver.kill(&process);
+            self.driver.wait_exit(&process).await;
+        }
+        let _ = self.update(cell, |r| {
+            r.process = None;
+            r.instance.status.pid = None;
+            r.instance.status.state = InstanceState::Stopped;
+            r.instance.desired = DesiredState::Stopped;
+        });
+        if let Err(e) = self.forget(cell, name.as_str(), false).await {
+            tracing::error!(instance = %name, error = %e.message, "cannot finish the removal; `vroom rm -f` retries it");
+        }
     }
 
     /// A VM that outlived the last daemon: watch it again, or finish what the

@@ -561,11 +561,11 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     );
 }
 
-/// A daemon killed while a clone was starting from a saved state: the next
-/// one kills that VM (it may still hold its source's identity) and boots
-/// the instance instead.
+/// A daemon killed while an instance was starting from a saved state that
+/// is its own (a restore or a warm start, not a clone): the next one kills
+/// that VM and boots the instance instead, without claiming the state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_boots_a_clone_whose_start_was_interrupted() {
+async fn recovery_boots_an_instance_whose_restore_was_interrupted() {
     let dir = tempfile::tempdir().unwrap();
     let t = TestEngine::new(dir.path());
     let web = t.engine.run(request("web")).await.unwrap();
@@ -595,4 +595,211 @@ async fn recovery_boots_a_clone_whose_start_was_interrupted() {
     assert_eq!(booted.status.started_from, None);
     assert!(!marker.exists());
     assert_eq!(t.driver.running().len(), 1);
+}
+
+/// Issue 23 #9: an `rm -f` interrupted before its VM died (the kill fails
+/// here, as if the daemon died first) or after it (the record deletion
+/// fails) is finished by the next daemon: no VM, record or run dir stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_finishes_an_interrupted_removal() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let before = t.engine.run(request("before")).await.unwrap();
+    let after = t.engine.run(request("after")).await.unwrap();
+    wait_state(&t, "before", InstanceState::Running).await;
+    wait_state(&t, "after", InstanceState::Running).await;
+
+    t.driver.fail_kill.store(true, Ordering::SeqCst);
+    assert!(t.engine.remove("before", true).await.is_err());
+    t.driver.fail_kill.store(false, Ordering::SeqCst);
+    assert_eq!(t.driver.running().len(), 2, "the VM died before the kill");
+    // Refused while the removal is unfinished: it would launch a VM the
+    // next daemon removes.
+    let err = t
+        .engine
+        .action("before", InstanceAction::Restart)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("being removed"), "{}", err.message);
+
+    t.store.fail_instance_deletes.store(true, Ordering::SeqCst);
+    assert!(t.engine.remove("after", true).await.is_err());
+    t.store.fail_instance_deletes.store(false, Ordering::SeqCst);
+    assert_eq!(t.driver.running().len(), 1);
+
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    assert!(engine.list().is_empty(), "{:?}", engine.list());
+    assert_eq!(stored_state(&t, "before"), None);
+    assert_eq!(stored_state(&t, "after"), None);
+    assert!(
+        t.driver.running().is_empty(),
+        "a VM of a removed instance runs"
+    );
+    for i in [&before, &after] {
+        assert!(!dir.path().join("instances").join(&i.id).exists());
+    }
+    // Their network can go.
+    engine.remove_network("default").await.unwrap();
+}
+
+/// Issue 23 #9: two `rm -f` of one instance both succeed (the second waits
+/// for the first) and the instance is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_removals_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    // Both arrive while another operation holds the instance: they queue.
+    let busy = t.engine.cell("web").unwrap();
+    let held = busy.op.lock().await;
+    let first = tokio::spawn({
+        let engine = t.engine.clone();
+        async move { engine.remove("web", true).await }
+    });
+    let second = tokio::spawn({
+        let engine = t.engine.clone();
+        async move { engine.remove("web", true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(held);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert!(t.engine.get("web").is_err());
+    assert!(t.driver.running().is_empty());
+    // A third, after the fact, says it is not there.
+    assert_eq!(
+        t.engine.remove("web", true).await.unwrap_err().code,
+        vroom_types::ErrorCode::NotFound
+    );
+}
+
+/// Issue 23 #10: a daemon killed inside a clone (`run --from-snapshot`),
+/// before the VMM started or while it loaded the state, leaves a clone that
+/// the next daemon fails visibly, its VM killed; never one it boots and
+/// shows running as if it were the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_fails_a_clone_whose_start_was_interrupted() {
+    use crate::store::StateStore;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let web = t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    t.engine
+        .snapshot(snapshot_request("web", "s1"))
+        .await
+        .unwrap();
+    let clone = |name: &str| {
+        let mut req = request(name);
+        req.from_snapshot = Some(Name::new("s1").unwrap());
+        req.spec.image = String::new();
+        req
+    };
+    let loading = t.engine.run(clone("loading")).await.unwrap();
+    let unlaunched = t.engine.run(clone("unlaunched")).await.unwrap();
+    // What the kills left: `loading`'s VMM runs but its record does not
+    // know it yet and its marker is down; `unlaunched` has only its record.
+    t.driver.crash(unlaunched.status.pid.unwrap());
+    for (i, state) in [
+        (&loading, InstanceState::Starting),
+        (&unlaunched, InstanceState::Stopped),
+    ] {
+        let mut record = t
+            .store
+            .instances()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.instance.id == i.id)
+            .unwrap();
+        record.process = None;
+        record.cloning_from = Some("s1".into());
+        record.instance.status = vroom_types::InstanceStatus {
+            state,
+            ..vroom_types::InstanceStatus::stopped()
+        };
+        t.store.put_instance(&record).unwrap();
+    }
+    let marker = dir
+        .path()
+        .join("instances")
+        .join(&loading.id)
+        .join("restoring");
+    std::fs::write(&marker, b"").unwrap();
+
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    // Given time to (wrongly) boot them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for name in ["loading", "unlaunched"] {
+        let i = engine.get(name).unwrap();
+        assert_eq!(i.status.state, InstanceState::Failed, "{name}");
+        assert_eq!(i.status.started_from, None, "{name}");
+        assert_eq!(
+            i.status.last_error.as_deref(),
+            Some("interrupted while cloning from snapshot s1; remove it or run it again"),
+            "{name}"
+        );
+    }
+    assert!(!marker.exists());
+    assert_eq!(t.driver.running(), vec![web.status.pid.unwrap()]);
+    // Removing one and running it again clones it.
+    engine.remove("loading", true).await.unwrap();
+    let again = engine.run(clone("loading")).await.unwrap();
+    assert_eq!(again.status.started_from.as_deref(), Some("snapshot s1"));
+    // The record of a finished clone no longer says it is cloning.
+    assert!(t
+        .store
+        .instances()
+        .unwrap()
+        .iter()
+        .all(|r| r.cloning_from.is_none()));
+}
+
+/// Issue 23 #15: after a restore, and after an ephemeral instance's
+/// restart, `config history` marks as current the version whose values are
+/// in force, not the change made after the snapshot (or since the start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_history_follows_a_restore_and_an_ephemeral_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let set =
+        |v: &str| -> vroom_types::ConfigValues { [("greeting".to_string(), v.to_string())].into() };
+    t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    t.engine.config_update("web", set("a")).await.unwrap();
+    let a = t.engine.config_history("web").await.unwrap().current;
+    t.engine
+        .snapshot(snapshot_request("web", "s1"))
+        .await
+        .unwrap();
+    t.engine.config_update("web", set("b")).await.unwrap();
+    let b = t.engine.config_history("web").await.unwrap().current;
+    assert!(b > a);
+    t.engine.restore("web", "s1").await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    assert_eq!(t.engine.config_get("web").await.unwrap()["greeting"], "a");
+    let history = t.engine.config_history("web").await.unwrap();
+    assert_eq!(history.current, a, "{history:?}");
+    // b stays in the history.
+    assert!(history.versions.iter().any(|v| v.version == b));
+    let diff = t.engine.config_diff("web", None, None).await.unwrap();
+    assert_eq!(diff.to, a);
+    // The next change counts on from the newest version.
+    t.engine.config_update("web", set("c")).await.unwrap();
+    assert_eq!(t.engine.config_history("web").await.unwrap().current, b + 1);
+
+    let mut eph = request("e");
+    eph.spec.ephemeral = true;
+    eph.cold = true;
+    t.engine.run(eph).await.unwrap();
+    wait_state(&t, "e", InstanceState::Running).await;
+    let seed = t.engine.config_history("e").await.unwrap().current;
+    t.engine.config_update("e", set("changed")).await.unwrap();
+    t.engine.action("e", InstanceAction::Restart).await.unwrap();
+    wait_state(&t, "e", InstanceState::Running).await;
+    let history = t.engine.config_history("e").await.unwrap();
+    assert_eq!(history.current, seed, "{history:?}");
+    assert_eq!(t.engine.config_get("e").await.unwrap()["greeting"], "hello");
 }
