@@ -634,15 +634,16 @@ impl Engine {
             })
             .await?;
         }
+        // An apply is done when every member it made serves: each new one
+        // has passed its health check, each config change too.
         for iname in create.iter().chain(&recreate).chain(&reconfigure) {
             let want = &file.instances[iname];
-            if want.config.is_empty() {
-                continue;
-            }
             self.wait_running(iname, Duration::from_secs(DEFAULT_READY_TIMEOUT_SECS + 5))
                 .await?;
-            self.config_update(iname.as_str(), want.config.clone().into_iter().collect())
-                .await?;
+            if !want.config.is_empty() {
+                self.config_update(iname.as_str(), want.config.clone().into_iter().collect())
+                    .await?;
+            }
         }
         room.exposes = want_exposes;
         self.sync_room(&room).await?;
