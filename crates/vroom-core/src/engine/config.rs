@@ -218,6 +218,12 @@ impl Engine {
         }
 
         let _changing = cell.changing_config();
+        // Only a guest that passed its health check is waited for again.
+        let was_healthy = cell
+            .agent
+            .health(Duration::from_secs(2))
+            .await
+            .is_ok_and(|r| r.ready);
         let reply = cell
             .agent
             .call(
@@ -237,7 +243,9 @@ impl Engine {
             Ok(GuestReply::ConfigApplied { .. }) => {
                 let number = version.version;
                 self.commit_config(&cell, &mut log, version)?;
-                self.wait_healthy(&cell, number).await?;
+                if was_healthy {
+                    self.wait_healthy(&cell, number).await?;
+                }
                 Ok(values)
             }
             Ok(GuestReply::ConfigRejected { message, output }) => {
