@@ -823,6 +823,12 @@ fn main() {
     // clap's own report for usage errors: the cause, the usage line and
     // suggestions for mistyped subcommands, with exit code 2.
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Daemon { op: None, .. } | Command::Jail { .. } | Command::Guard { .. }
+    ) {
+        die_quietly_on_closed_stdout();
+    }
     let result = match &cli.command {
         // Before any runtime starts: the jailer forks and must be single-threaded.
         Command::Jail { spec } => jail::run(spec),
@@ -929,6 +935,18 @@ fn init_tracing(daemon: bool) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `vroom inspect w | head -1`: like other Unix tools, the CLI ends
+/// silently when its reader goes away. Rust ignores SIGPIPE, so `println!`
+/// would panic on EPIPE instead. Only the CLI: vroomd, its jailer and its
+/// guard must outlive any client that hangs up on them.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// nft, depmod and friends live in /usr/sbin, which non-login shells may lack.

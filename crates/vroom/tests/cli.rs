@@ -115,3 +115,44 @@ fn kernel_fragments_are_checked_and_kernels_listed() {
     assert_eq!(current.len(), 1, "{listed:?}");
     assert!(current[0]["path"].as_str().is_some_and(|p| !p.is_empty()));
 }
+
+/// `vroom net inspect office | head -0`: a reader that went away ends the
+/// CLI the way it ends other Unix tools, by SIGPIPE, with no panic and
+/// nothing on stderr; the daemon serving it is not touched.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new("pipe");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "office", "--subnet", &subnet]);
+    for args in [
+        &["net", "inspect", "office"][..],
+        &["net", "ls"],
+        &["--json", "net", "inspect", "office"],
+        &["kernel", "ls"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .command()
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("run vroom");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.is_empty(),
+            "vroom {args:?} into a closed pipe: {stderr}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "vroom {args:?} into a closed pipe: {:?}",
+            out.status
+        );
+    }
+    // vroomd lives on.
+    assert!(env.ok(&["net", "ls"]).contains("office"));
+    env.ok(&["net", "rm", "office"]);
+    env.assert_nothing_left("after the closed pipes");
+}
