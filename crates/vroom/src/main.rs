@@ -520,10 +520,14 @@ pub enum SnapshotOp {
         /// The snapshot's name.
         name: String,
     },
-    /// Remove a snapshot.
+    /// Remove a snapshot, or with `--warm` the warm snapshots of an image.
     Rm {
-        /// The snapshot's name.
+        /// The snapshot's name, as `snapshot ls` (or `ls --warm`) shows it.
         name: String,
+        /// Remove the warm snapshots named NAME (every shape of that
+        /// image; NAME may also be the image's id): `run` boots it again.
+        #[arg(long)]
+        warm: bool,
     },
 }
 

@@ -28,7 +28,31 @@ pub async fn snapshot(
             }
             Ok(())
         }
-        (Some(SnapshotOp::Rm { name }), _) => Ok(client.remove_snapshot(name).await?),
+        (Some(SnapshotOp::Rm { name, warm: false }), _) => {
+            client.remove_snapshot(name).await?;
+            if !json {
+                println!("removed snapshot {name}");
+            }
+            Ok(())
+        }
+        (Some(SnapshotOp::Rm { name, warm: true }), _) => {
+            let removed = client.remove_warm(name).await?;
+            if json {
+                output::json(&removed);
+            } else {
+                for s in &removed {
+                    println!(
+                        "removed warm snapshot {} ({} MiB, {} CPU, {} NIC): `vroom run {}` boots it",
+                        s.name,
+                        s.instance.mem_mib,
+                        s.instance.spec.cpus,
+                        s.instance.nics.len(),
+                        s.instance.image_name
+                    );
+                }
+            }
+            Ok(())
+        }
         (None, Some(vm)) => {
             let vm = Name::new(vm).map_err(|e| anyhow::anyhow!("no instance {vm:?}: {e}"))?;
             let spinner = output::spinner(json, format!("capturing {vm}"));
