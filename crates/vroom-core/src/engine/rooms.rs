@@ -9,7 +9,7 @@
 
 use vroom_types::{
     check_room_name, AccelChoice, ApplyRoomRequest, ChangeOp, Expose, Protocol, Room, RoomChange,
-    RoomPlan, RoomSpec, RoomState, Segment,
+    RoomFile, RoomInstance, RoomPlan, RoomSpec, RoomState, Segment,
 };
 
 use super::*;
@@ -88,7 +88,7 @@ impl Engine {
         }
         let lan = Segment::Lan.network(&name);
         let dmz = Segment::Dmz.network(&name);
-        let firewall = Name::new(&format!("{name}-fw")).expect("invariant: room names leave room");
+        let firewall = firewall_name(&name);
         for net in [&lan, &dmz] {
             if self.network(net.as_str()).is_ok() {
                 return Err(OpError::conflict(format!(
@@ -565,6 +565,17 @@ impl Engine {
                 ));
             }
         }
+        // The whole file is checked before anything is made, and a dry run
+        // refuses what the apply would.
+        self.check_room_file(
+            &file,
+            existing.as_ref(),
+            &members,
+            &create,
+            &recreate,
+            &reconfigure,
+        )
+        .await?;
         let plan = RoomPlan {
             room: name.clone(),
             changes,
@@ -611,22 +622,8 @@ impl Engine {
             self.remove(m.as_str(), true).await?;
         }
         for iname in create.iter().chain(&recreate) {
-            let want = &file.instances[iname];
             self.run(RunRequest {
-                spec: InstanceSpec {
-                    name: iname.clone(),
-                    image: want.image.clone(),
-                    mem_mib: want.mem_mib,
-                    cpus: 1,
-                    nics: vec![NicSpec {
-                        network: want.segment.network(&name),
-                        ip: None,
-                        role: None,
-                    }],
-                    accel: AccelChoice::Auto,
-                    config_volume_kib: None,
-                    ephemeral: false,
-                },
+                spec: room_instance_spec(&name, iname, &file.instances[iname]),
                 ready_timeout_secs: None,
                 from_snapshot: None,
                 cold: false,
@@ -648,6 +645,74 @@ impl Engine {
         self.sync_room(&room).await?;
         self.save_room(&room)?;
         Ok(plan)
+    }
+
+    /// Every instance of a room file the apply would make or change, as
+    /// `run` and `config set` would take it (its name, image, memory, CPUs
+    /// and config against the image's schema), and the firewall's config.
+    /// (One NIC without a role fits any image: `run` gives it the first.)
+    async fn check_room_file(
+        &self,
+        file: &RoomFile,
+        existing: Option<&Room>,
+        members: &[Instance],
+        create: &[Name],
+        recreate: &[Name],
+        reconfigure: &[Name],
+    ) -> Result<(), OpError> {
+        let room = &file.name;
+        let firewall = firewall_name(room);
+        match existing.and_then(|r| self.get(r.firewall.as_str()).ok()) {
+            Some(fw) => {
+                let fw_image = self.resolve_image(&fw.image_id).await?;
+                let mut values = fw.config.clone();
+                values.extend(file.firewall.clone());
+                config::check_on_host(&fw_image, &fw, &values)
+            }
+            None => {
+                let fw_image = self.resolve_image("firewall").await?;
+                let mut values = fw_image.manifest.appliance.seed_config.clone();
+                values.extend(file.firewall.clone());
+                config::check_before_instance(&fw_image, &values)
+            }
+        }
+        .map_err(|e| e.context(format!("firewall {firewall}")))?;
+        for iname in create.iter().chain(recreate).chain(reconfigure) {
+            let want = &file.instances[iname];
+            let context = format!("instance {iname}");
+            if *iname == firewall {
+                return Err(OpError::conflict(format!(
+                    "{context}: the name is the room's firewall's"
+                )));
+            }
+            // Reconfigured in place: the image it runs; made anew: the file's.
+            let have = members
+                .iter()
+                .find(|m| &m.spec.name == iname)
+                .filter(|_| reconfigure.contains(iname));
+            let image_ref = have.map_or(want.image.as_str(), |h| h.image_id.as_str());
+            let image = self
+                .resolve_image(image_ref)
+                .await
+                .map_err(|e| e.context(&context))?;
+            let spec = room_instance_spec(room, iname, want);
+            self.check_resources(&spec, &image)
+                .map_err(|e| e.context(&context))?;
+            match have {
+                Some(have) => {
+                    let mut values = have.config.clone();
+                    values.extend(want.config.clone());
+                    config::check_on_host(&image, have, &values)
+                }
+                None => {
+                    let mut values = image.manifest.appliance.seed_config.clone();
+                    values.extend(want.config.clone());
+                    config::check_before_instance(&image, &values)
+                }
+            }
+            .map_err(|e| e.context(&context))?;
+        }
+        Ok(())
     }
 
     /// Loads rooms, before instances are recovered.
@@ -676,9 +741,33 @@ impl Engine {
     }
 }
 
+/// The firewall instance of room `room`.
+fn firewall_name(room: &Name) -> Name {
+    Name::new(&format!("{room}-fw")).expect("invariant: room names leave room")
+}
+
+/// What `run` is asked for a room file's instance.
+fn room_instance_spec(room: &Name, name: &Name, want: &RoomInstance) -> InstanceSpec {
+    InstanceSpec {
+        name: name.clone(),
+        image: want.image.clone(),
+        mem_mib: want.mem_mib,
+        cpus: 1,
+        nics: vec![NicSpec {
+            network: want.segment.network(room),
+            ip: None,
+            role: None,
+        }],
+        accel: AccelChoice::Auto,
+        config_volume_kib: None,
+        ephemeral: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use vroom_types::{ErrorCode, Expose, Name, Protocol, RoomSpec, RoomState};
+    use serde_json::json;
+    use vroom_types::{ApplyRoomRequest, ErrorCode, Expose, Name, Protocol, RoomSpec, RoomState};
 
     use crate::store::StateStore;
     use crate::testing::TestEngine;
@@ -721,6 +810,96 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::NotFound, "no such room");
+    }
+
+    /// A room firewall on fakes (every fake guest also has `hello`'s key).
+    fn firewall(t: &TestEngine) {
+        t.images.add(
+            "firewall",
+            &["wan", "lan", "dmz"],
+            &[
+                ("domain", ""),
+                ("hosts", ""),
+                ("forward", ""),
+                ("greeting", "hello"),
+            ],
+        );
+    }
+
+    fn room_file(toml_like: serde_json::Value) -> ApplyRoomRequest {
+        ApplyRoomRequest {
+            room: serde_json::from_value(toml_like).unwrap(),
+            dry_run: false,
+        }
+    }
+
+    /// A room file is checked whole before anything is made, as `run` and
+    /// `config set` would check its instances; a dry run refuses the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn room_files_are_checked_whole_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        firewall(&t);
+        let bad = [
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "mem_mib": 0}}}),
+                "instance web: memory 0 MiB",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "mem_mib": 32}}}),
+                "instance web: memory 32 MiB",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "dmz", "config": {"colour": "red"}}}}),
+                "instance web: unknown config key \"colour\"",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "nope", "segment": "lan"}}}),
+                "instance web: ",
+            ),
+            (
+                json!({"name": "acme", "instances": {"acme-fw": {"image": "hello", "segment": "lan"}}}),
+                "instance acme-fw: the name is the room's firewall's",
+            ),
+            (
+                json!({"name": "acme", "firewall": {"colour": "red"}}),
+                "firewall acme-fw: unknown config key",
+            ),
+        ];
+        for (file, want) in bad {
+            for dry_run in [true, false] {
+                let mut req = room_file(file.clone());
+                req.dry_run = dry_run;
+                let err = t.engine.apply_room(req).await.unwrap_err();
+                assert!(
+                    err.message.starts_with(want),
+                    "{file} (dry run {dry_run}): {}",
+                    err.message
+                );
+                assert!(t.engine.list_rooms().is_empty(), "{file}");
+                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
+                assert!(t.engine.list().is_empty(), "{file}: nothing made");
+            }
+        }
+        // The same file with its mistake fixed plans and applies.
+        let good = json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"greeting": "hi"}}}});
+        let mut dry = room_file(good.clone());
+        dry.dry_run = true;
+        assert!(!t.engine.apply_room(dry).await.unwrap().applied);
+        assert!(t.engine.apply_room(room_file(good)).await.unwrap().applied);
+        assert_eq!(t.engine.get("web").unwrap().config["greeting"], "hi");
+        // A change to an existing member is checked against what it runs.
+        let mut changed = room_file(
+            json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"colour": "red"}}}}),
+        );
+        changed.dry_run = true;
+        let err = t.engine.apply_room(changed).await.unwrap_err();
+        assert!(
+            err.message.starts_with("instance web: unknown config key"),
+            "{}",
+            err.message
+        );
     }
 
     /// A room a daemon died creating or removing is removed by the next one.
