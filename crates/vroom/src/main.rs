@@ -91,7 +91,7 @@ pub enum Command {
         #[arg(long)]
         to: Name,
     },
-    /// The cluster's hosts: list, inspect, cordon, uncordon, drain.
+    /// The cluster's hosts: list, inspect, cordon, uncordon, drain, rm.
     Node {
         #[command(subcommand)]
         op: NodeOp,
@@ -337,7 +337,8 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// vroom's own guest kernel (not yet what images boot; see the README).
+    /// vroom's own guest kernel, which new images are built for and boot
+    /// (Debian's until it is built): build it, list the kernels.
     Kernel {
         #[command(subcommand)]
         op: KernelOp,
@@ -653,7 +654,9 @@ pub enum ConfigOp {
 
 #[derive(Subcommand)]
 pub enum NetOp {
-    /// Create a network (a bridge on this host).
+    /// Create a network: a bridge on this host or, in a cluster, one
+    /// network of the cluster whose bridge each node makes when it runs an
+    /// instance on it (one subnet and gateway everywhere).
     Create {
         /// The network's name.
         name: vroom_types::Name,
