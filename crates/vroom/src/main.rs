@@ -552,6 +552,11 @@ pub enum RoomOp {
         /// The network of the firewall's wan NIC (`default` when absent).
         #[arg(long)]
         wan: Option<Name>,
+        /// A network's subnet, `ROLE=CIDR` with ROLE wan, lan or dmz
+        /// (repeatable): lan and dmz get it, wan's network must have it (or
+        /// `default` is made with it). Free /24s when absent.
+        #[arg(long = "subnet", value_name = "ROLE=CIDR")]
+        subnets: Vec<String>,
     },
     /// Create or converge a room from a TOML file; shows what it changes.
     Apply {
