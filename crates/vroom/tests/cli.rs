@@ -156,3 +156,84 @@ fn a_closed_stdout_ends_the_cli_quietly() {
     env.ok(&["net", "rm", "office"]);
     env.assert_nothing_left("after the closed pipes");
 }
+
+/// `topology --format svg` renders through Graphviz (installed by `cargo
+/// xtask test`): each label line is its own text, never a literal `\n`,
+/// and a room is one box.
+#[test]
+fn topology_renders_through_graphviz() {
+    use std::io::Write;
+    use vroom_types::{Name, Network, Room, RoomState, Topology, TopologyInstance, TopologyNic};
+    let network = |name: &str, subnet: &str| Network {
+        name: Name::new(name).unwrap(),
+        subnet: subnet.parse().unwrap(),
+        nat: false,
+        isolated: true,
+        mirror: false,
+        allow_host: vec![],
+        bridge: format!("br-{name}"),
+        gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
+        created_at: 0,
+    };
+    let topology = Topology {
+        rooms: vec![Room {
+            name: Name::new("acme").unwrap(),
+            wan: Name::new("default").unwrap(),
+            lan: Name::new("acme-lan").unwrap(),
+            dmz: Name::new("acme-dmz").unwrap(),
+            firewall: Name::new("acme-fw").unwrap(),
+            domain: "acme.lan".into(),
+            exposes: vec![],
+            state: RoomState::Ready,
+            created_at: 0,
+        }],
+        networks: vec![
+            network("acme-lan", "10.61.1.0/24"),
+            network("acme-dmz", "10.61.2.0/24"),
+        ],
+        instances: vec![TopologyInstance {
+            name: "web1".into(),
+            image: "web".into(),
+            state: vroom_types::InstanceState::Running,
+            nics: vec![TopologyNic {
+                network: "acme-dmz".into(),
+                role: Some("lan".into()),
+                ip: Some("10.61.2.5".into()),
+            }],
+        }],
+        splices: vec![],
+        mirrors: vec![],
+    };
+    let mut dot = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("Graphviz's dot is installed (cargo xtask test installs graphviz)");
+    dot.stdin
+        .take()
+        .unwrap()
+        .write_all(topology.to_dot().as_bytes())
+        .unwrap();
+    let out = dot.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = String::from_utf8(out.stdout).unwrap().replace("&#45;", "-");
+    assert!(!svg.contains("\\n"), "a literal \\n in {svg}");
+    for line in [
+        "acme-dmz",
+        "10.61.2.0/24 isolated",
+        "web1",
+        "web [running]",
+        "dmz 10.61.2.5",
+    ] {
+        assert!(
+            svg.contains(&format!(">{line}</text>")),
+            "no text {line:?} in {svg}"
+        );
+    }
+    assert_eq!(svg.matches("class=\"cluster\"").count(), 1, "{svg}");
+}
