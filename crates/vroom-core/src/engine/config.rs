@@ -413,13 +413,8 @@ pub(super) fn check_on_host(
     instance: &Instance,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
-    // The format of keys and values is the API's own rule (400); what the
-    // appliance makes of well-formed values is its own (422).
-    for (key, value) in values {
-        validate_config_key(key)?;
-        validate_config_value(key, value)?;
-    }
-    fits_the_appliance(image, instance, values).map_err(appliance_refusal)
+    check_before_instance(image, values)?;
+    fits_the_instance(image, instance, values).map_err(appliance_refusal)
 }
 
 /// What the host can check of a config for an instance not made yet (a
@@ -429,6 +424,8 @@ pub(super) fn check_before_instance(
     image: &BootImage,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
+    // The format of keys and values is the API's own rule (400); what the
+    // appliance makes of well-formed values is its own (422).
     for (key, value) in values {
         validate_config_key(key)?;
         validate_config_value(key, value)?;
@@ -443,12 +440,13 @@ fn appliance_refusal(mut e: OpError) -> OpError {
     e
 }
 
-fn fits_the_appliance(
+/// The schema's cross-field rules with the instance's NICs, and every
+/// template rendered as the guest would.
+fn fits_the_instance(
     image: &BootImage,
     instance: &Instance,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
-    fits_the_schema(image, values)?;
     let appliance = &image.manifest.appliance;
     let nics = template_nics(instance, &appliance.nic_roles);
     let nets: BTreeMap<String, Ipv4Net> = instance
