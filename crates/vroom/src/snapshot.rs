@@ -230,8 +230,8 @@ pub async fn archive(
         println!("  (no memory image: the instance was not running)");
     }
     println!(
-        "wiped {} files (overwritten with zeros, then unlinked); `vroom archive verify {}` checks the archive",
-        report.wiped.len(),
+        "wiped {} (overwritten with zeros, then unlinked); `vroom archive verify {}` checks the archive",
+        output::count(report.wiped.len(), "file", "files"),
         report.dir.display()
     );
     Ok(())
@@ -247,7 +247,11 @@ pub fn verify(dir: &Path, json: bool) -> Result<i32> {
         for p in &problems {
             eprintln!("{p}");
         }
-        eprintln!("{}: {} problems", dir.display(), problems.len());
+        eprintln!(
+            "{}: {}",
+            dir.display(),
+            output::count(problems.len(), "problem", "problems")
+        );
     }
     Ok(if problems.is_empty() { 0 } else { 1 })
 }

@@ -51,7 +51,11 @@ fn catalog_roles_views_boot_logs_and_daemon_stop() {
     // Earlier boots' consoles are kept.
     let first_boot = env.ok(&["logs", "w"]);
     assert!(first_boot.contains("vroom-init"), "{first_boot}");
-    env.ok(&["restart", "w"]);
+    // Off a terminal, a long command says what it started (one line).
+    let restart = env.vroom(&["restart", "w"]);
+    assert!(restart.status.success());
+    let said = String::from_utf8_lossy(&restart.stderr);
+    assert!(said.contains("restarting w..."), "{said:?}");
     let previous = env.ok(&["logs", "w", "--boot", "-1"]);
     assert_eq!(
         previous.lines().next(),
@@ -153,7 +157,8 @@ fn a_closed_stdout_ends_the_cli_quietly() {
     }
     // vroomd lives on.
     assert!(env.ok(&["net", "ls"]).contains("office"));
-    env.ok(&["net", "rm", "office"]);
+    let removed = env.ok(&["net", "rm", "office"]);
+    assert_eq!(removed, "network office removed\n");
     env.assert_nothing_left("after the closed pipes");
 }
 
