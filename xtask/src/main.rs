@@ -130,6 +130,10 @@ fn install_test_tools() -> Result<()> {
     if missing("dnsmasq") {
         apt_install(&["dnsmasq-base"])?;
     }
+    // The topology test renders its graph with Graphviz's dot.
+    if missing("dot") {
+        apt_install(&["graphviz"])?;
+    }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {
         apt_install(&["etcd-server"])?;

@@ -217,6 +217,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         snapshots::remove_snapshot,
         snapshots::restore_instance,
         snapshots::warm_image,
+        snapshots::remove_warm,
         snapshots::archive_instance,
         nodes::list_nodes,
         nodes::get_node,
@@ -401,7 +402,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/instances/{name}/archive",
             post(snapshots::archive_instance),
         )
-        .route("/v1/images/{name}/warm", post(snapshots::warm_image))
+        .route(
+            "/v1/images/{name}/warm",
+            post(snapshots::warm_image).delete(snapshots::remove_warm),
+        )
         .route("/v1/nodes", get(nodes::list_nodes))
         .route(
             "/v1/nodes/{name}",

@@ -107,6 +107,19 @@ pub(crate) async fn warm_image(
     ))
 }
 
+/// Removes the warm snapshots of an image (every shape of it), by the name
+/// `GET /v1/snapshots?warm=true` shows or the image's id, and answers
+/// what it removed. `run` boots the image again until it is warmed anew.
+#[utoipa::path(delete, path = "/v1/images/{name}/warm", params(("name" = String, Path, description = "The warm snapshot's name (the image's name) or the image's id.", max_length = 80)),
+    responses((status = 200, body = Vec<Snapshot>), HostErrors,
+        (status = 404, body = ApiErrorBody, description = "The image has no warm snapshot.")))]
+pub(crate) async fn remove_warm(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Vec<Snapshot>> {
+    Ok(Json(engine.remove_warm(&name).await?))
+}
+
 /// Removes an instance after archiving it for forensics: a final snapshot
 /// of its memory when it runs, its config volume and history, its console
 /// logs and its record, with a sha256 manifest; its files are overwritten

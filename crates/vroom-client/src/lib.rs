@@ -624,6 +624,18 @@ impl Client {
         .await
     }
 
+    pub async fn remove_warm(
+        &self,
+        image: &str,
+    ) -> Result<Vec<vroom_types::Snapshot>, ClientError> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/v1/images/{}/warm", enc(image)),
+            None,
+        )
+        .await
+    }
+
     pub async fn warm_image(
         &self,
         image: &str,

@@ -68,6 +68,20 @@ pub struct NodeRecord {
     pub peer: Option<String>,
 }
 
+/// The record a live node publishes again when what it promised changed
+/// (`None` when it did not), keeping the time it joined: a node that
+/// starts instances again (after an uncordon) did not join again.
+pub fn republished(published: Option<&NodeRecord>, mut fresh: NodeRecord) -> Option<NodeRecord> {
+    match published {
+        Some(old) if old.mem_used_mib == fresh.mem_used_mib => None,
+        Some(old) => {
+            fresh.joined_at = old.joined_at;
+            Some(fresh)
+        }
+        None => Some(fresh),
+    }
+}
+
 /// A cluster instance: what the user asked for, and who it is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InstanceRecord {
@@ -167,4 +181,35 @@ pub enum MigrationState {
     Failed {
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node republishes when its promised memory changes, never with a
+    /// new join time.
+    #[test]
+    fn a_republished_node_keeps_its_join_time() {
+        let record = |used: u64, joined_at: u64| NodeRecord {
+            name: "n1".into(),
+            advertise: "n1".into(),
+            mem_total_mib: 4096,
+            mem_used_mib: used,
+            cpus: 2,
+            joined_at,
+            peer: None,
+        };
+        for (published, fresh, want) in [
+            (None, record(0, 50), Some(record(0, 50))),
+            (Some(record(0, 10)), record(0, 50), None),
+            (Some(record(0, 10)), record(192, 50), Some(record(192, 10))),
+        ] {
+            assert_eq!(
+                republished(published.as_ref(), fresh.clone()),
+                want,
+                "{published:?} {fresh:?}"
+            );
+        }
+    }
 }

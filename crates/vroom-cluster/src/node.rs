@@ -1522,12 +1522,8 @@ impl ClusterNode {
                     .insert(name, fingerprint);
             }
         }
-        let used = self.node_record();
-        if view
-            .nodes
-            .get(&self.name)
-            .is_none_or(|(n, _)| n.mem_used_mib != used.mem_used_mib)
-        {
+        let fresh = self.node_record();
+        if let Some(used) = republished(view.nodes.get(&self.name).map(|(n, _)| n), fresh) {
             let txn = Txn::new()
                 .when([Compare::lease(
                     key(NODES, &self.name),
@@ -1793,6 +1789,9 @@ impl Cluster for ClusterNode {
         // Every node runs the same build: the image is pinned by id (and
         // fetched from a peer by a node that lacks it).
         if request.from_snapshot.is_none() {
+            // An id built on another node is fetched from it first, rather
+            // than called unknown here.
+            self.ensure_image(&request.spec.image).await?;
             request.spec.image = self.engine.resolve_image_id(&request.spec.image).await?;
         }
         if request.spec.nics.is_empty() {

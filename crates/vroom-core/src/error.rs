@@ -42,6 +42,13 @@ impl OpError {
         OpError::new(ErrorCode::Conflict, message)
     }
 
+    /// The same error, its message prefixed with what it concerns
+    /// (`instance web: memory 0 MiB is below ...`).
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
     pub fn internal(
         context: impl fmt::Display,
         err: impl std::error::Error + Send + Sync + 'static,

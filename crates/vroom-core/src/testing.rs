@@ -730,6 +730,37 @@ pub struct FakeImages {
     image: BootImage,
     router: BootImage,
     bump: BootImage,
+    /// Images a test adds ([`FakeImages::add`]).
+    extra: Mutex<Vec<BootImage>>,
+}
+
+impl FakeImages {
+    /// Adds an image like `hello` with these NIC roles and seed config
+    /// (no schema: exactly the seed's keys are known).
+    pub fn add(&self, name: &str, roles: &[&str], seed: &[(&str, &str)]) {
+        let mut image = self.image.clone();
+        image.manifest.name = name.into();
+        image.id = format!("{:0>64}", hex_name(name));
+        image.manifest.appliance.nic_roles = roles.iter().map(|r| r.to_string()).collect();
+        image.manifest.appliance.seed_config = seed
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(image);
+    }
+
+    fn all(&self) -> Vec<BootImage> {
+        let mut all = vec![self.image.clone(), self.router.clone(), self.bump.clone()];
+        all.extend(self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        all
+    }
+}
+
+fn hex_name(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Default for FakeImages {
@@ -780,6 +811,7 @@ impl Default for FakeImages {
             image: boot('f', manifest),
             router: boot('e', router),
             bump: boot('d', bump),
+            extra: Mutex::new(vec![]),
         }
     }
 }
@@ -799,11 +831,12 @@ impl ImageSource for FakeImages {
     }
 
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError> {
-        if let Some(image) = [&self.image, &self.router, &self.bump]
+        if let Some(image) = self
+            .all()
             .into_iter()
             .find(|i| reference == i.manifest.name || reference == i.id)
         {
-            Ok(image.clone())
+            Ok(image)
         } else {
             Err(ResolveImageError::NotFound {
                 reference: reference.into(),
@@ -823,7 +856,8 @@ impl ImageSource for FakeImages {
     }
 
     fn list(&self) -> Result<Vec<ImageSummary>, ResolveImageError> {
-        Ok([&self.image, &self.router, &self.bump]
+        Ok(self
+            .all()
             .into_iter()
             .map(|image| ImageSummary {
                 id: image.id.clone(),

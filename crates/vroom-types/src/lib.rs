@@ -54,8 +54,9 @@ pub use network::{
     ROUTER_ROLES,
 };
 pub use room::{
-    check_room_name, ApplyRoomRequest, ChangeOp, Expose, ExposeRequest, Room, RoomChange, RoomFile,
-    RoomInstance, RoomPlan, RoomSpec, RoomState, Segment, MAX_ROOM_NAME_LEN,
+    check_room_name, nic_label, ApplyRoomRequest, ChangeOp, Expose, ExposeRequest, Room,
+    RoomChange, RoomFile, RoomInstance, RoomNetworks, RoomPlan, RoomSpec, RoomState, Segment,
+    MAX_ROOM_NAME_LEN,
 };
 pub use schema::{
     check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,

@@ -217,7 +217,7 @@ pub fn subnet_pattern() -> &'static str {
     })
 }
 
-fn subnet_schema() -> utoipa::openapi::schema::Object {
+pub(crate) fn subnet_schema() -> utoipa::openapi::schema::Object {
     use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
@@ -226,7 +226,7 @@ fn subnet_schema() -> utoipa::openapi::schema::Object {
         .build()
 }
 
-fn deserialize_subnet<'de, D>(deserializer: D) -> Result<Option<Ipv4Net>, D::Error>
+pub(crate) fn deserialize_subnet<'de, D>(deserializer: D) -> Result<Option<Ipv4Net>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{InvalidInputError, Name, Protocol};
@@ -69,6 +70,69 @@ impl fmt::Display for Segment {
     }
 }
 
+/// The subnets a room's networks are to have (`--subnet lan=10.9.1.0/24`,
+/// `[networks]` in a room file); a free /24 is chosen for lan and dmz
+/// when absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoomNetworks {
+    /// The subnet the wan network has: checked against an existing one,
+    /// or given to `default` when the room makes it.
+    #[schema(schema_with = crate::network::subnet_schema)]
+    #[serde(
+        default,
+        deserialize_with = "crate::network::deserialize_subnet",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub wan: Option<Ipv4Net>,
+    #[schema(schema_with = crate::network::subnet_schema)]
+    #[serde(
+        default,
+        deserialize_with = "crate::network::deserialize_subnet",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lan: Option<Ipv4Net>,
+    #[schema(schema_with = crate::network::subnet_schema)]
+    #[serde(
+        default,
+        deserialize_with = "crate::network::deserialize_subnet",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dmz: Option<Ipv4Net>,
+}
+
+impl RoomNetworks {
+    pub fn is_empty(&self) -> bool {
+        *self == RoomNetworks::default()
+    }
+
+    /// Sets one role's subnet from `ROLE=CIDR` (`--subnet lan=10.9.1.0/24`).
+    pub fn set(&mut self, raw: &str) -> Result<(), InvalidInputError> {
+        let invalid = || InvalidInputError::Choice {
+            what: "subnet role",
+            raw: raw.to_string(),
+            choices: "wan=CIDR, lan=CIDR, dmz=CIDR",
+        };
+        let (role, cidr) = raw.split_once('=').ok_or_else(invalid)?;
+        let slot = match role {
+            "wan" => &mut self.wan,
+            "lan" => &mut self.lan,
+            "dmz" => &mut self.dmz,
+            _ => return Err(invalid()),
+        };
+        *slot = Some(crate::parse_subnet(cidr)?);
+        Ok(())
+    }
+
+    /// The subnets asked for, by role.
+    pub fn given(&self) -> Vec<(&'static str, Ipv4Net)> {
+        [("wan", self.wan), ("lan", self.lan), ("dmz", self.dmz)]
+            .into_iter()
+            .filter_map(|(role, net)| Some((role, net?)))
+            .collect()
+    }
+}
+
 /// The body of `POST /v1/rooms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +143,9 @@ pub struct RoomSpec {
     /// The network the firewall's wan NIC is on; `default` (NAT) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<Name>,
+    /// The subnets of its networks; free ones when absent.
+    #[serde(default, skip_serializing_if = "RoomNetworks::is_empty")]
+    pub networks: RoomNetworks,
 }
 
 /// A port forward from the firewall's wan side to a room instance.
@@ -154,6 +221,24 @@ impl Room {
             Segment::Dmz => &self.dmz,
         }
     }
+
+    /// The segment a network is of this room, if it is its lan or dmz.
+    pub fn segment_of(&self, network: &str) -> Option<Segment> {
+        [Segment::Lan, Segment::Dmz]
+            .into_iter()
+            .find(|s| self.network(*s).as_str() == network)
+    }
+}
+
+/// How a NIC is labelled for people: by the segment of the room network
+/// it is on (an instance in a dmz is `dmz`, whatever its image calls its
+/// NIC), else by its role.
+pub fn nic_label<'a>(rooms: &[Room], network: &str, role: Option<&'a str>) -> Option<&'a str> {
+    rooms
+        .iter()
+        .find_map(|r| r.segment_of(network))
+        .map(Segment::as_str)
+        .or(role)
 }
 
 /// The body of `POST /v1/rooms/{name}/exposes`.
@@ -189,6 +274,10 @@ pub struct RoomFile {
     pub name: Name,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<Name>,
+    /// The subnets of the room's networks (`[networks] lan = "10.9.1.0/24"`);
+    /// they cannot change once the room exists.
+    #[serde(default, skip_serializing_if = "RoomNetworks::is_empty")]
+    pub networks: RoomNetworks,
     /// Config keys of the room's firewall to set (wan policy, DHCP pool...);
     /// `hosts` and `forward` are vroom's (from the instances and exposes).
     #[serde(default)]

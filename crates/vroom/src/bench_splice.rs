@@ -393,6 +393,7 @@ async fn rooms(client: &Client, wan: &Name, runs: usize) -> Result<()> {
             .create_room(&RoomSpec {
                 name: name.clone(),
                 wan: Some(wan.clone()),
+                networks: Default::default(),
             })
             .await?;
         client

@@ -599,6 +599,12 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
         "CREATED",
     ];
     let list = client.list().await?;
+    // A NIC on a room's network is labelled by its segment (lan, dmz).
+    let rooms = if json {
+        vec![]
+    } else {
+        client.rooms().await.unwrap_or_default()
+    };
     // A cluster node's listing says where each instance runs.
     let cluster = list.iter().any(|i| i.node.is_some());
     let header: Vec<&str> = if cluster {
@@ -625,9 +631,11 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
             format!("{}M", i.mem_mib),
             i.nics
                 .iter()
-                .map(|n| match &n.role {
-                    Some(role) => format!("{role}:{}", n.shown_ip()),
-                    None => n.shown_ip(),
+                .map(|n| {
+                    match vroom_types::nic_label(&rooms, n.network.as_str(), n.role.as_deref()) {
+                        Some(label) => format!("{label}:{}", n.shown_ip()),
+                        None => n.shown_ip(),
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(","),
@@ -643,17 +651,33 @@ async fn ps(client: &Client, json: bool) -> Result<()> {
 }
 
 async fn lifecycle(client: &Client, name: &str, action: InstanceAction, json: bool) -> Result<()> {
-    let instance = client.action(name, action).await?;
-    let instance = if matches!(action, InstanceAction::Start | InstanceAction::Restart) {
-        wait_ready(
-            client,
-            name,
-            Duration::from_secs(vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
-        )
-        .await?
-    } else {
-        instance
+    let verb = match action {
+        InstanceAction::Start => "starting",
+        InstanceAction::Stop => "stopping",
+        InstanceAction::Restart => "restarting",
     };
+    let spinner = output::spinner(json, format!("{verb} {name}"));
+    let done = async {
+        let instance = client.action(name, action).await?;
+        if matches!(action, InstanceAction::Start | InstanceAction::Restart) {
+            if let Some(s) = &spinner {
+                s.set_message(format!("{verb} {name}: waiting for its guest to be ready"));
+            }
+            wait_ready(
+                client,
+                name,
+                Duration::from_secs(vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
+            )
+            .await
+        } else {
+            Ok(instance)
+        }
+    }
+    .await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let instance = done?;
     if json {
         output::json(&instance);
     } else {
@@ -736,7 +760,8 @@ async fn copy_dir_out(client: &Client, name: &str, dir: &str, dest: &Path) -> Re
         copied += 1;
     }
     eprintln!(
-        "copied {copied} files from {name}:{dir} to {}",
+        "copied {} from {name}:{dir} to {}",
+        output::count(copied, "file", "files"),
         dest.display()
     );
     Ok(())
@@ -1146,7 +1171,12 @@ async fn net(client: &Client, op: &NetOp, json: bool) -> Result<()> {
                 }
             }
         }
-        NetOp::Rm { name } => client.remove_network(name).await?,
+        NetOp::Rm { name } => {
+            client.remove_network(name).await?;
+            if !json {
+                println!("network {name} removed");
+            }
+        }
     }
     Ok(())
 }

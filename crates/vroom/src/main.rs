@@ -91,7 +91,7 @@ pub enum Command {
         #[arg(long)]
         to: Name,
     },
-    /// The cluster's hosts: list, inspect, cordon, uncordon, drain.
+    /// The cluster's hosts: list, inspect, cordon, uncordon, drain, rm.
     Node {
         #[command(subcommand)]
         op: NodeOp,
@@ -337,7 +337,8 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// vroom's own guest kernel (not yet what images boot; see the README).
+    /// vroom's own guest kernel, which new images are built for and boot
+    /// (Debian's until it is built): build it, list the kernels.
     Kernel {
         #[command(subcommand)]
         op: KernelOp,
@@ -520,10 +521,14 @@ pub enum SnapshotOp {
         /// The snapshot's name.
         name: String,
     },
-    /// Remove a snapshot.
+    /// Remove a snapshot, or with `--warm` the warm snapshots of an image.
     Rm {
-        /// The snapshot's name.
+        /// The snapshot's name, as `snapshot ls` (or `ls --warm`) shows it.
         name: String,
+        /// Remove the warm snapshots named NAME (every shape of that
+        /// image; NAME may also be the image's id): `run` boots it again.
+        #[arg(long)]
+        warm: bool,
     },
 }
 
@@ -547,6 +552,11 @@ pub enum RoomOp {
         /// The network of the firewall's wan NIC (`default` when absent).
         #[arg(long)]
         wan: Option<Name>,
+        /// A network's subnet, `ROLE=CIDR` with ROLE wan, lan or dmz
+        /// (repeatable): lan and dmz get it, wan's network must have it (or
+        /// `default` is made with it). Free /24s when absent.
+        #[arg(long = "subnet", value_name = "ROLE=CIDR")]
+        subnets: Vec<String>,
     },
     /// Create or converge a room from a TOML file; shows what it changes.
     Apply {
@@ -649,7 +659,9 @@ pub enum ConfigOp {
 
 #[derive(Subcommand)]
 pub enum NetOp {
-    /// Create a network (a bridge on this host).
+    /// Create a network: a bridge on this host or, in a cluster, one
+    /// network of the cluster whose bridge each node makes when it runs an
+    /// instance on it (one subnet and gateway everywhere).
     Create {
         /// The network's name.
         name: vroom_types::Name,
@@ -823,6 +835,12 @@ fn main() {
     // clap's own report for usage errors: the cause, the usage line and
     // suggestions for mistyped subcommands, with exit code 2.
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Daemon { op: None, .. } | Command::Jail { .. } | Command::Guard { .. }
+    ) {
+        die_quietly_on_closed_stdout();
+    }
     let result = match &cli.command {
         // Before any runtime starts: the jailer forks and must be single-threaded.
         Command::Jail { spec } => jail::run(spec),
@@ -929,6 +947,18 @@ fn init_tracing(daemon: bool) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// `vroom inspect w | head -1`: like other Unix tools, the CLI ends
+/// silently when its reader goes away. Rust ignores SIGPIPE, so `println!`
+/// would panic on EPIPE instead. Only the CLI: vroomd, its jailer and its
+/// guard must outlive any client that hangs up on them.
+fn die_quietly_on_closed_stdout() {
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// nft, depmod and friends live in /usr/sbin, which non-login shells may lack.

@@ -16,7 +16,8 @@ pub fn list<T: Serialize>(
     }
 }
 
-/// A spinner for a long request, unless the output is JSON for scripts.
+/// A spinner for a long request on a terminal, unless the output is JSON
+/// for scripts; off a terminal (a log, a pipe) one line says what started.
 pub fn spinner(json_output: bool, message: String) -> Option<indicatif::ProgressBar> {
     (!json_output).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -24,6 +25,9 @@ pub fn spinner(json_output: bool, message: String) -> Option<indicatif::Progress
             indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
                 .expect("invariant: valid template"),
         );
+        if bar.is_hidden() {
+            eprintln!("{message}...");
+        }
         bar.enable_steady_tick(std::time::Duration::from_millis(100));
         bar.set_message(message);
         bar
@@ -31,7 +35,9 @@ pub fn spinner(json_output: bool, message: String) -> Option<indicatif::Progress
 }
 
 /// Progress through named stages: a spinner on the current one and a line
-/// with its duration for each one finished.
+/// with its duration for each one finished. Off a terminal (a background
+/// build's log) each stage also gets a line when it starts, so a long one
+/// is not silent.
 pub struct Stages {
     bar: Option<indicatif::ProgressBar>,
     current: Option<(String, String, std::time::Instant)>,
@@ -51,7 +57,12 @@ impl Stages {
         }
         let started = match self.current.take() {
             Some((_, _, at)) => at,
-            None => std::time::Instant::now(),
+            None => {
+                if self.bar.as_ref().is_some_and(|b| b.is_hidden()) {
+                    eprintln!("{stage:<9} {detail}...");
+                }
+                std::time::Instant::now()
+            }
         };
         self.current = Some((stage.to_string(), detail.to_string(), started));
         if let Some(bar) = &self.bar {
@@ -130,5 +141,20 @@ pub fn bytes(n: u64) -> String {
         format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
     } else {
         format!("{:.1} KiB", n as f64 / 1024.0)
+    }
+}
+
+/// `1 change`, `2 changes`, `0 changes`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_agree_with_their_number() {
+        for (n, want) in [(0, "0 changes"), (1, "1 change"), (2, "2 changes")] {
+            assert_eq!(super::count(n, "change", "changes"), want);
+        }
     }
 }

@@ -6,7 +6,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use vroom_client::Client;
-use vroom_types::{Expose, Name, Protocol, Room, RoomFile, RoomPlan, RoomSpec};
+use vroom_types::{
+    Expose, Name, Protocol, Room, RoomFile, RoomNetworks, RoomPlan, RoomSpec, Segment,
+};
 
 use crate::{output, RoomOp, TopologyFormat};
 
@@ -30,13 +32,21 @@ pub fn read_room_file(path: &Path) -> Result<RoomFile> {
 
 pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
     match op {
-        RoomOp::Create { name, wan } => {
+        RoomOp::Create { name, wan, subnets } => {
+            let mut networks = RoomNetworks::default();
+            for raw in subnets {
+                networks
+                    .set(raw)
+                    .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
+            }
+            check_room_networks(client, name, wan.as_ref()).await?;
             crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
             let spinner = output::spinner(json, format!("creating room {name}"));
             let created = client
                 .create_room(&RoomSpec {
                     name: name.clone(),
                     wan: wan.clone(),
+                    networks,
                 })
                 .await;
             if let Some(s) = &spinner {
@@ -54,12 +64,19 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
         }
         RoomOp::Apply { file, dry_run } => {
             let file = read_room_file(file)?;
+            check_room_networks(client, &file.name, file.wan.as_ref()).await?;
             crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
             for instance in file.instances.values() {
                 crate::cli::build_from_catalog_if_missing(client, &instance.image, json).await?;
             }
-            let plan = client.apply_room(&file, *dry_run).await?;
-            show_plan(&plan, json);
+            let spinner = (!*dry_run)
+                .then(|| output::spinner(json, format!("applying room {}", file.name)))
+                .flatten();
+            let applied = client.apply_room(&file, *dry_run).await;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            show_plan(&applied?, json);
         }
         RoomOp::Ls => {
             let rooms = client.rooms().await?;
@@ -93,7 +110,29 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
                 show_room(client, &room).await?;
             }
         }
-        RoomOp::Rm { name, force } => client.remove_room(name, *force).await?,
+        RoomOp::Rm { name, force } => {
+            let members = if *force {
+                client
+                    .topology(Some(name))
+                    .await
+                    .map(|t| t.instances.len().saturating_sub(1))
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            let spinner = output::spinner(json, format!("removing room {name}"));
+            let removed = client.remove_room(name, *force).await;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            removed?;
+            if !json {
+                println!(
+                    "room {name} removed with its firewall, networks and {}",
+                    output::count(members, "instance", "instances")
+                );
+            }
+        }
         RoomOp::Expose {
             name,
             port,
@@ -117,12 +156,21 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
                 .await?;
             if json {
                 output::json(&room);
+            } else {
+                let wan = firewall_wan(client, &room).await;
+                println!(
+                    "room {name} forwards {}/{port} of {} to {to}",
+                    proto.as_str(),
+                    wan.as_deref().unwrap_or("its firewall's wan address")
+                );
             }
         }
         RoomOp::Unexpose { name, port, proto } => {
             let room = client.unexpose(name, *proto, *port).await?;
             if json {
                 output::json(&room);
+            } else {
+                println!("room {name} no longer forwards {}/{port}", proto.as_str());
             }
         }
     }
@@ -141,20 +189,55 @@ fn show_plan(plan: &RoomPlan, json: bool) {
     for c in &plan.changes {
         println!("{} {} {}", c.op.sign(), c.what, c.detail);
     }
+    let changes = output::count(plan.changes.len(), "change", "changes");
     if plan.applied {
-        println!("room {}: {} changes applied", plan.room, plan.changes.len());
+        println!("room {}: {changes} applied", plan.room);
     } else {
-        println!(
-            "room {}: {} changes (dry run, nothing changed)",
-            plan.room,
-            plan.changes.len()
-        );
+        println!("room {}: {changes} (dry run, nothing changed)", plan.room);
     }
+}
+
+/// Refuses, before any image is built, a new room whose networks cannot
+/// be made: one of its names taken, or a wan network that does not exist.
+async fn check_room_networks(client: &Client, name: &Name, wan: Option<&Name>) -> Result<()> {
+    vroom_types::check_room_name(name)?;
+    if client.room(name.as_str()).await.is_ok() {
+        return Ok(());
+    }
+    let networks = client.networks().await?;
+    for segment in [Segment::Lan, Segment::Dmz] {
+        let net = segment.network(name);
+        if networks.iter().any(|n| n.name == net) {
+            bail!("{}", vroom_core::engine::room_network_taken(name, &net));
+        }
+    }
+    if let Some(wan) = wan {
+        if !networks.iter().any(|n| &n.name == wan) {
+            bail!("cannot create room {name}: its wan network {wan} does not exist (`vroom net create {wan}` first, or leave --wan out for `default`)");
+        }
+    }
+    Ok(())
+}
+
+/// The firewall's address on its wan network, `ADDRESS on NETWORK`.
+async fn firewall_wan(client: &Client, room: &Room) -> Option<String> {
+    let firewall = client.get(room.firewall.as_str()).await.ok()?;
+    let nic = firewall
+        .nics
+        .iter()
+        .find(|n| n.network == room.wan && n.role.as_deref() == Some("wan"))?;
+    Some(format!("{} on {}", nic.ip?, room.wan))
 }
 
 async fn show_room(client: &Client, room: &Room) -> Result<()> {
     println!("room      {} ({})", room.name, room.state);
-    println!("firewall  {} (wan on {})", room.firewall, room.wan);
+    println!(
+        "firewall  {} (wan {})",
+        room.firewall,
+        firewall_wan(client, room)
+            .await
+            .unwrap_or_else(|| format!("on {}, no address yet", room.wan))
+    );
     println!("networks  lan {}, dmz {}", room.lan, room.dmz);
     println!("domain    {}", room.domain);
     let topology = client.topology(Some(room.name.as_str())).await?;

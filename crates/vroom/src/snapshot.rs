@@ -28,7 +28,31 @@ pub async fn snapshot(
             }
             Ok(())
         }
-        (Some(SnapshotOp::Rm { name }), _) => Ok(client.remove_snapshot(name).await?),
+        (Some(SnapshotOp::Rm { name, warm: false }), _) => {
+            client.remove_snapshot(name).await?;
+            if !json {
+                println!("removed snapshot {name}");
+            }
+            Ok(())
+        }
+        (Some(SnapshotOp::Rm { name, warm: true }), _) => {
+            let removed = client.remove_warm(name).await?;
+            if json {
+                output::json(&removed);
+            } else {
+                for s in &removed {
+                    println!(
+                        "removed warm snapshot {} ({} MiB, {} CPU, {} NIC): `vroom run {}` boots it",
+                        s.name,
+                        s.instance.mem_mib,
+                        s.instance.spec.cpus,
+                        s.instance.nics.len(),
+                        s.instance.image_name
+                    );
+                }
+            }
+            Ok(())
+        }
         (None, Some(vm)) => {
             let vm = Name::new(vm).map_err(|e| anyhow::anyhow!("no instance {vm:?}: {e}"))?;
             let spinner = output::spinner(json, format!("capturing {vm}"));
@@ -206,8 +230,8 @@ pub async fn archive(
         println!("  (no memory image: the instance was not running)");
     }
     println!(
-        "wiped {} files (overwritten with zeros, then unlinked); `vroom archive verify {}` checks the archive",
-        report.wiped.len(),
+        "wiped {} (overwritten with zeros, then unlinked); `vroom archive verify {}` checks the archive",
+        output::count(report.wiped.len(), "file", "files"),
         report.dir.display()
     );
     Ok(())
@@ -223,7 +247,11 @@ pub fn verify(dir: &Path, json: bool) -> Result<i32> {
         for p in &problems {
             eprintln!("{p}");
         }
-        eprintln!("{}: {} problems", dir.display(), problems.len());
+        eprintln!(
+            "{}: {}",
+            dir.display(),
+            output::count(problems.len(), "problem", "problems")
+        );
     }
     Ok(if problems.is_empty() { 0 } else { 1 })
 }

@@ -20,7 +20,14 @@ pub async fn splice(
         crate::cli::build_from_catalog_if_missing(client, appliance, json).await?;
     }
     let started = std::time::Instant::now();
-    let splice = client
+    let spinner = output::spinner(
+        json,
+        format!(
+            "splicing {appliance} in front of {} (booting it, then switching the path)",
+            in_front_of.instance
+        ),
+    );
+    let spliced = client
         .splice(&SpliceRequest {
             appliance: appliance.to_string(),
             vm: in_front_of.instance.clone(),
@@ -29,7 +36,11 @@ pub async fn splice(
             name,
             ready_timeout_secs: timeout,
         })
-        .await?;
+        .await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let splice = spliced?;
     if json {
         output::json(&splice);
     } else {

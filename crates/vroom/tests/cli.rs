@@ -51,7 +51,11 @@ fn catalog_roles_views_boot_logs_and_daemon_stop() {
     // Earlier boots' consoles are kept.
     let first_boot = env.ok(&["logs", "w"]);
     assert!(first_boot.contains("vroom-init"), "{first_boot}");
-    env.ok(&["restart", "w"]);
+    // Off a terminal, a long command says what it started (one line).
+    let restart = env.vroom(&["restart", "w"]);
+    assert!(restart.status.success());
+    let said = String::from_utf8_lossy(&restart.stderr);
+    assert!(said.contains("restarting w..."), "{said:?}");
     let previous = env.ok(&["logs", "w", "--boot", "-1"]);
     assert_eq!(
         previous.lines().next(),
@@ -114,4 +118,127 @@ fn kernel_fragments_are_checked_and_kernels_listed() {
     let current: Vec<&serde_json::Value> = listed.iter().filter(|k| k["current"] == true).collect();
     assert_eq!(current.len(), 1, "{listed:?}");
     assert!(current[0]["path"].as_str().is_some_and(|p| !p.is_empty()));
+}
+
+/// `vroom net inspect office | head -0`: a reader that went away ends the
+/// CLI the way it ends other Unix tools, by SIGPIPE, with no panic and
+/// nothing on stderr; the daemon serving it is not touched.
+#[test]
+fn a_closed_stdout_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new("pipe");
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "office", "--subnet", &subnet]);
+    for args in [
+        &["net", "inspect", "office"][..],
+        &["net", "ls"],
+        &["--json", "net", "inspect", "office"],
+        &["kernel", "ls"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .command()
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("run vroom");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.is_empty(),
+            "vroom {args:?} into a closed pipe: {stderr}"
+        );
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "vroom {args:?} into a closed pipe: {:?}",
+            out.status
+        );
+    }
+    // vroomd lives on.
+    assert!(env.ok(&["net", "ls"]).contains("office"));
+    let removed = env.ok(&["net", "rm", "office"]);
+    assert_eq!(removed, "network office removed\n");
+    env.assert_nothing_left("after the closed pipes");
+}
+
+/// `topology --format svg` renders through Graphviz (installed by `cargo
+/// xtask test`): each label line is its own text, never a literal `\n`,
+/// and a room is one box.
+#[test]
+fn topology_renders_through_graphviz() {
+    use std::io::Write;
+    use vroom_types::{Name, Network, Room, RoomState, Topology, TopologyInstance, TopologyNic};
+    let network = |name: &str, subnet: &str| Network {
+        name: Name::new(name).unwrap(),
+        subnet: subnet.parse().unwrap(),
+        nat: false,
+        isolated: true,
+        mirror: false,
+        allow_host: vec![],
+        bridge: format!("br-{name}"),
+        gateway: subnet.replace(".0/24", ".1").parse().unwrap(),
+        created_at: 0,
+    };
+    let topology = Topology {
+        rooms: vec![Room {
+            name: Name::new("acme").unwrap(),
+            wan: Name::new("default").unwrap(),
+            lan: Name::new("acme-lan").unwrap(),
+            dmz: Name::new("acme-dmz").unwrap(),
+            firewall: Name::new("acme-fw").unwrap(),
+            domain: "acme.lan".into(),
+            exposes: vec![],
+            state: RoomState::Ready,
+            created_at: 0,
+        }],
+        networks: vec![
+            network("acme-lan", "10.61.1.0/24"),
+            network("acme-dmz", "10.61.2.0/24"),
+        ],
+        instances: vec![TopologyInstance {
+            name: "web1".into(),
+            image: "web".into(),
+            state: vroom_types::InstanceState::Running,
+            nics: vec![TopologyNic {
+                network: "acme-dmz".into(),
+                role: Some("lan".into()),
+                ip: Some("10.61.2.5".into()),
+            }],
+        }],
+        splices: vec![],
+        mirrors: vec![],
+    };
+    let mut dot = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("Graphviz's dot is installed (cargo xtask test installs graphviz)");
+    dot.stdin
+        .take()
+        .unwrap()
+        .write_all(topology.to_dot().as_bytes())
+        .unwrap();
+    let out = dot.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = String::from_utf8(out.stdout).unwrap().replace("&#45;", "-");
+    assert!(!svg.contains("\\n"), "a literal \\n in {svg}");
+    for line in [
+        "acme-dmz",
+        "10.61.2.0/24 isolated",
+        "web1",
+        "web [running]",
+        "dmz 10.61.2.5",
+    ] {
+        assert!(
+            svg.contains(&format!(">{line}</text>")),
+            "no text {line:?} in {svg}"
+        );
+    }
+    assert_eq!(svg.matches("class=\"cluster\"").count(), 1, "{svg}");
 }

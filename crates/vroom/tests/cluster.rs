@@ -546,7 +546,11 @@ fn a_network_spans_the_nodes() {
     // Built on n1 only: n2 fetches it from n1 by id, and checks it.
     lab.ok(0, &["image", "build", &common::recipe("hello")]);
     lab.ok(0, &["run", "hello", "--name", "g1", "--node", "n1"]);
-    lab.ok(0, &["run", "hello", "--name", "g2", "--node", "n2"]);
+    let g1: serde_json::Value =
+        serde_json::from_str(&lab.ok(0, &["--json", "inspect", "g1"])).unwrap();
+    let built = g1["image_id"].as_str().unwrap().to_string();
+    // Asked on n2 by the id n1 built: n2 fetches it, not "not built here".
+    lab.ok(1, &["run", &built, "--name", "g2", "--node", "n2"]);
     let id = |i: usize| {
         let v: serde_json::Value =
             serde_json::from_str(&lab.ok(i, &["--json", "inspect", "g2"])).unwrap();

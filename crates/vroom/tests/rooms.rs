@@ -31,7 +31,31 @@ fn rooms_are_isolated_and_serve_their_tenants() {
     build(&env, "web");
     let wan = random_subnet();
     env.ok(&["net", "create", "wan", "--subnet", &wan, "--nat"]);
-    env.ok(&["room", "create", "ra", "--wan", "wan"]);
+    // Subnets chosen on create; a pre-made network of a room's names is
+    // refused with the way out.
+    let (ra_lan, ra_dmz) = (random_subnet(), random_subnet());
+    env.ok(&[
+        "room",
+        "create",
+        "ra",
+        "--wan",
+        "wan",
+        "--subnet",
+        &format!("lan={ra_lan}"),
+        "--subnet",
+        &format!("dmz={ra_dmz}"),
+    ]);
+    assert_eq!(env.network("ra-lan").subnet.to_string(), ra_lan);
+    assert_eq!(env.network("ra-dmz").subnet.to_string(), ra_dmz);
+    env.ok(&["net", "create", "rb-lan"]);
+    let err = env.fail(&["room", "create", "rb", "--wan", "wan"]);
+    assert!(
+        err.contains("network rb-lan already exists") && err.contains("--subnet"),
+        "{err}"
+    );
+    env.ok(&["net", "rm", "rb-lan"]);
+    let err = env.fail(&["room", "create", "rb", "--subnet", "lan=10.1.2.3/24"]);
+    assert!(err.contains("--subnet"), "{err}");
     env.ok(&["room", "create", "rb", "--wan", "wan"]);
     env.ok(&[
         "run",
@@ -53,9 +77,25 @@ fn rooms_are_isolated_and_serve_their_tenants() {
         "--segment",
         "dmz",
     ]);
-    env.ok(&["room", "expose", "ra", "--port", "8080", "--to", "web1:80"]);
+    let fw_a = ip_of(&env, "ra-fw", 0);
+    let exposed = env.ok(&["room", "expose", "ra", "--port", "8080", "--to", "web1:80"]);
+    assert!(
+        exposed.contains(&format!("forwards tcp/8080 of {fw_a} on wan to web1:80")),
+        "{exposed}"
+    );
     let a = room(&env, "ra");
     assert_eq!(a.exposes.len(), 1);
+    let shown = env.ok(&["room", "inspect", "ra"]);
+    assert!(shown.contains(&format!("(wan {fw_a} on wan)")), "{shown}");
+    // web's one NIC role is `lan`; in the dmz it is labelled dmz.
+    let ps = env.ok(&["ps"]);
+    assert!(
+        ps.contains(&format!("dmz:{}", ip_of(&env, "web1", 0))),
+        "{ps}"
+    );
+    assert!(env
+        .ok(&["topology", "ra"])
+        .contains(&format!("web1 dmz {}", ip_of(&env, "web1", 0))));
     let err = env.fail(&["room", "expose", "ra", "--port", "8080", "--to", "web1:80"]);
     assert!(err.contains("already goes to web1"), "{err}");
     let err = env.fail(&["room", "expose", "ra", "--port", "9090", "--to", "web2:80"]);
@@ -63,7 +103,6 @@ fn rooms_are_isolated_and_serve_their_tenants() {
     let err = env.fail(&["room", "create", &"x".repeat(29)]);
     assert!(err.contains("28"), "{err}");
 
-    let fw_a = ip_of(&env, "ra-fw", 0);
     let fw_b = ip_of(&env, "rb-fw", 0);
     let (web1, web2) = (ip_of(&env, "web1", 0), ip_of(&env, "web2", 0));
     let outside = env.client_on("out", "wan", &wan);
@@ -119,6 +158,10 @@ fn rooms_are_isolated_and_serve_their_tenants() {
     env.ok(&["rm", "-f", "web1"]);
     let hosts = env.ok(&["config", "ra-fw", "get", "hosts"]);
     assert!(!hosts.contains("web1"), "{hosts}");
+    assert!(
+        room(&env, "ra").exposes.is_empty(),
+        "its expose went with it"
+    );
     env.ok(&[
         "run",
         "web",
@@ -142,7 +185,11 @@ fn rooms_are_isolated_and_serve_their_tenants() {
         topology.contains("network ra-dmz") && !topology.contains("rb-dmz"),
         "{topology}"
     );
-    env.ok(&["room", "rm", "--force", "ra"]);
+    let removed = env.ok(&["room", "rm", "--force", "ra"]);
+    assert!(
+        removed.contains("room ra removed") && removed.contains("1 instance"),
+        "{removed}"
+    );
     env.ok(&["room", "rm", "--force", "rb"]);
     assert!(env.instances().is_empty(), "{:?}", env.instances());
     let nets = env.ok(&["net", "ls"]);

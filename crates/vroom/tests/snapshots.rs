@@ -193,6 +193,15 @@ fn warm_starts_stale_snapshots_and_ephemeral_instances() {
     let cold = env.ok(&["run", "web", "--name", "k1", "--net", "lan", "--cold"]);
     assert!(!cold.contains("from"), "{cold}");
 
+    // The name `ls --warm` shows is the one `rm` takes, with `--warm`.
+    let err = env.fail(&["snapshot", "rm", warm[0].name.as_str()]);
+    assert!(err.contains("--warm"), "{err}");
+    let removed = env.ok(&["snapshot", "rm", "--warm", warm[0].name.as_str()]);
+    assert!(removed.contains("removed warm snapshot web"), "{removed}");
+    assert!(env.ok(&["snapshot", "ls", "--warm"]).lines().count() <= 1);
+    let booted = env.ok(&["run", "web", "--name", "k2", "--net", "lan"]);
+    assert!(!booted.contains("from"), "{booted}");
+
     // A rebuilt image (another id) is never started from the old snapshot.
     let copy = env.dir.join("web-recipe");
     common::sh(&format!("cp -r {} {}", recipe("web"), copy.display()));

@@ -470,9 +470,20 @@ fn rejection_message(message: &str, output: &str) -> String {
 /// values, the schema, that a whole config names every key, the schema's
 /// cross-field rules with the instance's NICs, and every template rendered
 /// as the guest would.
-fn check_on_host(
+pub(super) fn check_on_host(
     image: &BootImage,
     instance: &Instance,
+    values: &ConfigValues,
+) -> Result<(), OpError> {
+    check_before_instance(image, values)?;
+    fits_the_instance(image, instance, values).map_err(appliance_refusal)
+}
+
+/// What the host can check of a config for an instance not made yet (a
+/// room file's): keys and values, and the image's schema; the rules and
+/// templates that need its NICs' addresses wait for [`check_on_host`].
+pub(super) fn check_before_instance(
+    image: &BootImage,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
     // The format of keys and values is the API's own rule (400); what the
@@ -481,19 +492,47 @@ fn check_on_host(
         validate_config_key(key)?;
         validate_config_value(key, value)?;
     }
-    fits_the_appliance(image, instance, values).map_err(|mut e| {
-        if e.code == ErrorCode::InvalidArgument {
-            e.code = ErrorCode::InvalidConfig;
-        }
-        e
-    })
+    fits_the_schema(image, values).map_err(appliance_refusal)
 }
 
-fn fits_the_appliance(
+fn appliance_refusal(mut e: OpError) -> OpError {
+    if e.code == ErrorCode::InvalidArgument {
+        e.code = ErrorCode::InvalidConfig;
+    }
+    e
+}
+
+/// The schema's cross-field rules with the instance's NICs, and every
+/// template rendered as the guest would.
+fn fits_the_instance(
     image: &BootImage,
     instance: &Instance,
     values: &ConfigValues,
 ) -> Result<(), OpError> {
+    let appliance = &image.manifest.appliance;
+    let nics = template_nics(instance, &appliance.nic_roles);
+    let nets: BTreeMap<String, Ipv4Net> = instance
+        .nics
+        .iter()
+        .zip(&appliance.nic_roles)
+        .filter_map(|(nic, role)| Some((role.clone(), Ipv4Net::new(nic.ip?, nic.prefix_len).ok()?)))
+        .collect();
+    let schema = &appliance.config_schema;
+    check_rules(&appliance.config_rules, schema, values, &nets)?;
+    let ctx = TemplateContext::new(schema, values, &nics, instance.spec.name.as_str());
+    for template in &appliance.templates {
+        template.render(&ctx).map_err(|e| {
+            OpError::new(
+                ErrorCode::InvalidArgument,
+                format!("the config does not render: template {e}"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Keys the image knows, values its schema allows, and every key given.
+fn fits_the_schema(image: &BootImage, values: &ConfigValues) -> Result<(), OpError> {
     let appliance = &image.manifest.appliance;
     let seed = &appliance.seed_config;
     let schema = &appliance.config_schema;
@@ -525,23 +564,6 @@ fn fits_the_appliance(
     } else {
         check_config(schema, values)?;
         check_complete(schema, values)?;
-    }
-    let nics = template_nics(instance, &appliance.nic_roles);
-    let nets: BTreeMap<String, Ipv4Net> = instance
-        .nics
-        .iter()
-        .zip(&appliance.nic_roles)
-        .filter_map(|(nic, role)| Some((role.clone(), Ipv4Net::new(nic.ip?, nic.prefix_len).ok()?)))
-        .collect();
-    check_rules(&appliance.config_rules, schema, values, &nets)?;
-    let ctx = TemplateContext::new(schema, values, &nics, instance.spec.name.as_str());
-    for template in &appliance.templates {
-        template.render(&ctx).map_err(|e| {
-            OpError::new(
-                ErrorCode::InvalidArgument,
-                format!("the config does not render: template {e}"),
-            )
-        })?;
     }
     Ok(())
 }

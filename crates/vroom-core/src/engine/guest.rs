@@ -25,7 +25,7 @@ impl Engine {
                 }
                 AgentError::Timeout(_) => OpError::wrap(
                     ErrorCode::Timeout,
-                    "exec failed (a guest built before exec sessions never answers: rebuild its image)",
+                    "exec failed: the guest agent did not answer (a hung guest: `vroom logs` shows its console, `vroom restart` reboots it)",
                     e,
                 ),
                 e => OpError::wrap(ErrorCode::GuestError, "exec failed", e),

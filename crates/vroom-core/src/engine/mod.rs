@@ -31,6 +31,7 @@ mod supervise;
 pub use archive::verify_archive;
 pub use guest::{GuestExec, GuestFile, GuestStdin};
 pub use migrate::{LiveIncoming, LiveOutgoing};
+pub use rooms::room_network_taken;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

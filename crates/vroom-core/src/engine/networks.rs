@@ -64,26 +64,11 @@ impl Engine {
                 format!("a network named {:?} already exists", spec.name.as_str()),
             ));
         }
-        let host = self
-            .net
-            .host_addresses()
-            .await
-            .map_err(|e| OpError::internal("failed to read host addresses", e))?;
+        let host = self.host_addresses().await?;
         let ours = self.list_networks();
         let subnet = match spec.subnet {
             Some(subnet) => {
-                if let Some(other) = ours.iter().find(|n| ipam::overlaps(n.subnet, subnet)) {
-                    return Err(OpError::conflict(format!(
-                        "subnet {subnet} overlaps network {} ({})",
-                        other.name, other.subnet
-                    )));
-                }
-                if let Some(addr) = host.iter().find(|a| ipam::overlaps(a.subnet, subnet)) {
-                    return Err(OpError::conflict(format!(
-                        "subnet {subnet} overlaps {} on host interface {}",
-                        addr.subnet, addr.interface
-                    )));
-                }
+                check_subnet_free(subnet, &ours, &host)?;
                 subnet
             }
             None => {
@@ -193,6 +178,19 @@ impl Engine {
         }
     }
 
+    async fn host_addresses(&self) -> Result<Vec<crate::net::HostAddress>, OpError> {
+        self.net
+            .host_addresses()
+            .await
+            .map_err(|e| OpError::internal("failed to read host addresses", e))
+    }
+
+    /// Refuses a subnet that a network or a host interface already has.
+    pub(super) async fn check_subnet_free(&self, subnet: Ipv4Net) -> Result<(), OpError> {
+        let host = self.host_addresses().await?;
+        check_subnet_free(subnet, &self.list_networks(), &host)
+    }
+
     pub async fn remove_network(&self, name: &str) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         self.remove_network_locked(name).await
@@ -228,6 +226,26 @@ impl Engine {
 }
 
 /// Writes `value` as JSON to `path` (its dir made if needed) and fsyncs it.
+fn check_subnet_free(
+    subnet: Ipv4Net,
+    ours: &[Network],
+    host: &[crate::net::HostAddress],
+) -> Result<(), OpError> {
+    if let Some(other) = ours.iter().find(|n| ipam::overlaps(n.subnet, subnet)) {
+        return Err(OpError::conflict(format!(
+            "subnet {subnet} overlaps network {} ({})",
+            other.name, other.subnet
+        )));
+    }
+    if let Some(addr) = host.iter().find(|a| ipam::overlaps(a.subnet, subnet)) {
+        return Err(OpError::conflict(format!(
+            "subnet {subnet} overlaps {} on host interface {}",
+            addr.subnet, addr.interface
+        )));
+    }
+    Ok(())
+}
+
 fn write_synced(path: &Path, value: &impl serde::Serialize) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {

@@ -9,7 +9,7 @@
 
 use vroom_types::{
     check_room_name, AccelChoice, ApplyRoomRequest, ChangeOp, Expose, Protocol, Room, RoomChange,
-    RoomPlan, RoomSpec, RoomState, Segment,
+    RoomFile, RoomInstance, RoomPlan, RoomSpec, RoomState, Segment,
 };
 
 use super::*;
@@ -77,7 +77,10 @@ impl Engine {
         self.create_room_locked(spec).await
     }
 
-    async fn create_room_locked(self: &Arc<Self>, spec: RoomSpec) -> Result<Room, OpError> {
+    /// What a new room needs before anything is built or made: a free
+    /// name, no network or firewall of its names, a wan it can route out
+    /// of, and free subnets. Returns whether the room makes `default`.
+    async fn check_new_room(&self, spec: &RoomSpec) -> Result<bool, OpError> {
         check_room_name(&spec.name)?;
         let name = spec.name.clone();
         if self.get_room(name.as_str()).is_ok() {
@@ -88,12 +91,10 @@ impl Engine {
         }
         let lan = Segment::Lan.network(&name);
         let dmz = Segment::Dmz.network(&name);
-        let firewall = Name::new(&format!("{name}-fw")).expect("invariant: room names leave room");
+        let firewall = firewall_name(&name);
         for net in [&lan, &dmz] {
             if self.network(net.as_str()).is_ok() {
-                return Err(OpError::conflict(format!(
-                    "cannot create room {name}: a network named {net} already exists"
-                )));
+                return Err(OpError::conflict(room_network_taken(&name, net)));
             }
         }
         if self.get(firewall.as_str()).is_ok() {
@@ -105,16 +106,51 @@ impl Engine {
             .wan
             .clone()
             .unwrap_or_else(|| Name::new(DEFAULT_NETWORK).expect("invariant: valid name"));
-        match self.network(wan.as_str()) {
+        let make_default = match self.network(wan.as_str()) {
             Ok(net) if net.isolated => {
                 return Err(OpError::conflict(format!(
                     "the wan of room {name} cannot be isolated network {wan}: nothing would route it out"
                 )))
             }
-            Ok(_) => {}
-            Err(_) if wan.as_str() == DEFAULT_NETWORK => {}
+            Ok(net) => {
+                if let Some(want) = spec.networks.wan.filter(|w| *w != net.subnet) {
+                    return Err(OpError::conflict(format!(
+                        "the wan of room {name} is network {wan}, whose subnet is {}, not {want}",
+                        net.subnet
+                    )));
+                }
+                false
+            }
+            Err(_) if wan.as_str() == DEFAULT_NETWORK => true,
             Err(e) => return Err(e),
+        };
+        // The subnets asked for: free, and apart from each other.
+        let given = spec.networks.given();
+        for (i, (role, subnet)) in given.iter().enumerate() {
+            if let Some((other, _)) = given[..i].iter().find(|(_, s)| ipam::overlaps(*s, *subnet)) {
+                return Err(OpError::conflict(format!(
+                    "the {role} subnet {subnet} of room {name} overlaps its {other} subnet"
+                )));
+            }
+            if *role != "wan" || make_default {
+                self.check_subnet_free(*subnet)
+                    .await
+                    .map_err(|e| e.context(format!("room {name}'s {role}")))?;
+            }
         }
+        Ok(make_default)
+    }
+
+    async fn create_room_locked(self: &Arc<Self>, spec: RoomSpec) -> Result<Room, OpError> {
+        let make_default = self.check_new_room(&spec).await?;
+        let name = spec.name.clone();
+        let lan = Segment::Lan.network(&name);
+        let dmz = Segment::Dmz.network(&name);
+        let firewall = firewall_name(&name);
+        let wan = spec
+            .wan
+            .clone()
+            .unwrap_or_else(|| Name::new(DEFAULT_NETWORK).expect("invariant: valid name"));
         // The image first: a room without its firewall image fails before
         // anything is made.
         self.resolve_image("firewall").await?;
@@ -130,11 +166,21 @@ impl Engine {
             created_at: now_secs(),
         };
         self.save_room(&room)?;
+        let mut made_default = false;
         let made = async {
-            for net in [&lan, &dmz] {
+            if make_default && spec.networks.wan.is_some() {
+                self.create_network(NetworkSpec {
+                    subnet: spec.networks.wan,
+                    nat: true,
+                    ..NetworkSpec::plain(wan.clone())
+                })
+                .await?;
+                made_default = true;
+            }
+            for (net, subnet) in [(&lan, spec.networks.lan), (&dmz, spec.networks.dmz)] {
                 self.create_network(NetworkSpec {
                     name: net.clone(),
-                    subnet: None,
+                    subnet,
                     nat: false,
                     isolated: true,
                     mirror: false,
@@ -185,6 +231,11 @@ impl Engine {
                 tracing::warn!(room = %name, error = %e, "room creation failed; removing what it made");
                 if let Err(undo) = self.tear_down_room(&room).await {
                     tracing::error!(room = %name, error = %undo, "failed to undo a room");
+                }
+                if made_default {
+                    if let Err(undo) = self.remove_network(wan.as_str()).await {
+                        tracing::warn!(room = %name, error = %undo, "cannot remove the wan network the room made");
+                    }
                 }
                 Err(e)
             }
@@ -369,7 +420,21 @@ impl Engine {
             .filter(|r| r.state == RoomState::Ready)
             .filter(|r| networks.contains(&r.lan) || networks.contains(&r.dmz))
             .collect();
-        for room in rooms {
+        for mut room in rooms {
+            // A removed member takes its exposes along: the forward is gone,
+            // and so is its record.
+            let members: Vec<Name> = self
+                .room_members(&room)
+                .into_iter()
+                .map(|i| i.spec.name)
+                .collect();
+            let before = room.exposes.len();
+            room.exposes.retain(|e| members.contains(&e.to));
+            if room.exposes.len() != before {
+                if let Err(e) = self.save_room(&room) {
+                    tracing::warn!(room = %room.name, error = %e, "cannot drop the exposes of a removed instance");
+                }
+            }
             if let Err(e) = self.sync_room(&room).await {
                 tracing::warn!(room = %room.name, error = %e, "cannot update the room's DNS names and forwards");
             }
@@ -434,13 +499,38 @@ impl Engine {
                 if room.state != RoomState::Ready {
                     return Err(OpError::conflict(format!("room {name} is {}", room.state)));
                 }
+                for (role, want) in file.networks.given() {
+                    let net = match role {
+                        "wan" => &room.wan,
+                        "lan" => &room.lan,
+                        _ => &room.dmz,
+                    };
+                    let have = self.network(net.as_str())?.subnet;
+                    if have != want {
+                        return Err(OpError::conflict(format!(
+                            "the {role} of room {name} is {have}, not {want}; a room's subnets cannot change (remove the room first)"
+                        )));
+                    }
+                }
                 self.room_members(room)
             }
             None => {
+                self.check_new_room(&RoomSpec {
+                    name: name.clone(),
+                    wan: file.wan.clone(),
+                    networks: file.networks.clone(),
+                })
+                .await?;
+                let subnets: String = file
+                    .networks
+                    .given()
+                    .iter()
+                    .map(|(role, subnet)| format!(", {role} {subnet}"))
+                    .collect();
                 changes.push(change(
                     ChangeOp::Add,
                     format!("room {name}"),
-                    format!("wan {wan}"),
+                    format!("wan {wan}{subnets}"),
                 ));
                 vec![]
             }
@@ -565,6 +655,17 @@ impl Engine {
                 ));
             }
         }
+        // The whole file is checked before anything is made, and a dry run
+        // refuses what the apply would.
+        self.check_room_file(
+            &file,
+            existing.as_ref(),
+            &members,
+            &create,
+            &recreate,
+            &reconfigure,
+        )
+        .await?;
         let plan = RoomPlan {
             room: name.clone(),
             changes,
@@ -583,6 +684,7 @@ impl Engine {
                 self.create_room_locked(RoomSpec {
                     name: name.clone(),
                     wan: file.wan.clone(),
+                    networks: file.networks.clone(),
                 })
                 .await?
             }
@@ -611,22 +713,8 @@ impl Engine {
             self.remove(m.as_str(), true).await?;
         }
         for iname in create.iter().chain(&recreate) {
-            let want = &file.instances[iname];
             self.run(RunRequest {
-                spec: InstanceSpec {
-                    name: iname.clone(),
-                    image: want.image.clone(),
-                    mem_mib: want.mem_mib,
-                    cpus: 1,
-                    nics: vec![NicSpec {
-                        network: want.segment.network(&name),
-                        ip: None,
-                        role: None,
-                    }],
-                    accel: AccelChoice::Auto,
-                    config_volume_kib: None,
-                    ephemeral: false,
-                },
+                spec: room_instance_spec(&name, iname, &file.instances[iname]),
                 ready_timeout_secs: None,
                 from_snapshot: None,
                 cold: false,
@@ -649,6 +737,74 @@ impl Engine {
         self.sync_room(&room).await?;
         self.save_room(&room)?;
         Ok(plan)
+    }
+
+    /// Every instance of a room file the apply would make or change, as
+    /// `run` and `config set` would take it (its name, image, memory, CPUs
+    /// and config against the image's schema), and the firewall's config.
+    /// (One NIC without a role fits any image: `run` gives it the first.)
+    async fn check_room_file(
+        &self,
+        file: &RoomFile,
+        existing: Option<&Room>,
+        members: &[Instance],
+        create: &[Name],
+        recreate: &[Name],
+        reconfigure: &[Name],
+    ) -> Result<(), OpError> {
+        let room = &file.name;
+        let firewall = firewall_name(room);
+        match existing.and_then(|r| self.get(r.firewall.as_str()).ok()) {
+            Some(fw) => {
+                let fw_image = self.resolve_image(&fw.image_id).await?;
+                let mut values = fw.config.clone();
+                values.extend(file.firewall.clone());
+                config::check_on_host(&fw_image, &fw, &values)
+            }
+            None => {
+                let fw_image = self.resolve_image("firewall").await?;
+                let mut values = fw_image.manifest.appliance.seed_config.clone();
+                values.extend(file.firewall.clone());
+                config::check_before_instance(&fw_image, &values)
+            }
+        }
+        .map_err(|e| e.context(format!("firewall {firewall}")))?;
+        for iname in create.iter().chain(recreate).chain(reconfigure) {
+            let want = &file.instances[iname];
+            let context = format!("instance {iname}");
+            if *iname == firewall {
+                return Err(OpError::conflict(format!(
+                    "{context}: the name is the room's firewall's"
+                )));
+            }
+            // Reconfigured in place: the image it runs; made anew: the file's.
+            let have = members
+                .iter()
+                .find(|m| &m.spec.name == iname)
+                .filter(|_| reconfigure.contains(iname));
+            let image_ref = have.map_or(want.image.as_str(), |h| h.image_id.as_str());
+            let image = self
+                .resolve_image(image_ref)
+                .await
+                .map_err(|e| e.context(&context))?;
+            let spec = room_instance_spec(room, iname, want);
+            self.check_resources(&spec, &image)
+                .map_err(|e| e.context(&context))?;
+            match have {
+                Some(have) => {
+                    let mut values = have.config.clone();
+                    values.extend(want.config.clone());
+                    config::check_on_host(&image, have, &values)
+                }
+                None => {
+                    let mut values = image.manifest.appliance.seed_config.clone();
+                    values.extend(want.config.clone());
+                    config::check_before_instance(&image, &values)
+                }
+            }
+            .map_err(|e| e.context(&context))?;
+        }
+        Ok(())
     }
 
     /// Loads rooms, before instances are recovered.
@@ -677,9 +833,40 @@ impl Engine {
     }
 }
 
+/// Why a room cannot be made over an existing network of its names.
+pub fn room_network_taken(room: &Name, network: &Name) -> String {
+    format!(
+        "cannot create room {room}: network {network} already exists, and a room makes its own lan and dmz (remove {network}, or name the room otherwise; `--subnet lan=CIDR` or `[networks]` in a room file chooses their subnets)"
+    )
+}
+
+/// The firewall instance of room `room`.
+fn firewall_name(room: &Name) -> Name {
+    Name::new(&format!("{room}-fw")).expect("invariant: room names leave room")
+}
+
+/// What `run` is asked for a room file's instance.
+fn room_instance_spec(room: &Name, name: &Name, want: &RoomInstance) -> InstanceSpec {
+    InstanceSpec {
+        name: name.clone(),
+        image: want.image.clone(),
+        mem_mib: want.mem_mib,
+        cpus: 1,
+        nics: vec![NicSpec {
+            network: want.segment.network(room),
+            ip: None,
+            role: None,
+        }],
+        accel: AccelChoice::Auto,
+        config_volume_kib: None,
+        ephemeral: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use vroom_types::{ErrorCode, Expose, Name, Protocol, RoomSpec, RoomState};
+    use serde_json::json;
+    use vroom_types::{ApplyRoomRequest, ErrorCode, Expose, Name, Protocol, RoomSpec, RoomState};
 
     use crate::store::StateStore;
     use crate::testing::TestEngine;
@@ -688,6 +875,7 @@ mod tests {
         RoomSpec {
             name: Name::new(name).unwrap(),
             wan: None,
+            networks: Default::default(),
         }
     }
 
@@ -722,6 +910,219 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::NotFound, "no such room");
+    }
+
+    /// A room firewall on fakes (every fake guest also has `hello`'s key).
+    fn firewall(t: &TestEngine) {
+        t.images.add(
+            "firewall",
+            &["wan", "lan", "dmz"],
+            &[
+                ("domain", ""),
+                ("hosts", ""),
+                ("forward", ""),
+                ("greeting", "hello"),
+            ],
+        );
+    }
+
+    fn room_file(toml_like: serde_json::Value) -> ApplyRoomRequest {
+        ApplyRoomRequest {
+            room: serde_json::from_value(toml_like).unwrap(),
+            dry_run: false,
+        }
+    }
+
+    /// A room file is checked whole before anything is made, as `run` and
+    /// `config set` would check its instances; a dry run refuses the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn room_files_are_checked_whole_before_anything_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        firewall(&t);
+        let bad = [
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "mem_mib": 0}}}),
+                "instance web: memory 0 MiB",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "mem_mib": 32}}}),
+                "instance web: memory 32 MiB",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "dmz", "config": {"colour": "red"}}}}),
+                "instance web: unknown config key \"colour\"",
+            ),
+            (
+                json!({"name": "acme", "instances": {"web": {"image": "nope", "segment": "lan"}}}),
+                "instance web: ",
+            ),
+            (
+                json!({"name": "acme", "instances": {"acme-fw": {"image": "hello", "segment": "lan"}}}),
+                "instance acme-fw: the name is the room's firewall's",
+            ),
+            (
+                json!({"name": "acme", "firewall": {"colour": "red"}}),
+                "firewall acme-fw: unknown config key",
+            ),
+        ];
+        for (file, want) in bad {
+            for dry_run in [true, false] {
+                let mut req = room_file(file.clone());
+                req.dry_run = dry_run;
+                let err = t.engine.apply_room(req).await.unwrap_err();
+                assert!(
+                    err.message.starts_with(want),
+                    "{file} (dry run {dry_run}): {}",
+                    err.message
+                );
+                assert!(t.engine.list_rooms().is_empty(), "{file}");
+                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
+                assert!(t.engine.list().is_empty(), "{file}: nothing made");
+            }
+        }
+        // The same file with its mistake fixed plans and applies.
+        let good = json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"greeting": "hi"}}}});
+        let mut dry = room_file(good.clone());
+        dry.dry_run = true;
+        assert!(!t.engine.apply_room(dry).await.unwrap().applied);
+        assert!(t.engine.apply_room(room_file(good)).await.unwrap().applied);
+        assert_eq!(t.engine.get("web").unwrap().config["greeting"], "hi");
+        // A change to an existing member is checked against what it runs.
+        let mut changed = room_file(
+            json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"colour": "red"}}}}),
+        );
+        changed.dry_run = true;
+        let err = t.engine.apply_room(changed).await.unwrap_err();
+        assert!(
+            err.message.starts_with("instance web: unknown config key"),
+            "{}",
+            err.message
+        );
+    }
+
+    /// Subnets chosen in a room file are its networks'; a pre-made network
+    /// of a room's names, a taken or overlapping subnet, and a change of
+    /// subnet are refused before anything is made, dry run or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn room_subnets_are_chosen_and_checked_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        firewall(&t);
+        let taken = t
+            .engine
+            .create_network(vroom_types::NetworkSpec {
+                subnet: Some("10.77.0.0/24".parse().unwrap()),
+                ..vroom_types::NetworkSpec::plain(Name::new("other").unwrap())
+            })
+            .await
+            .unwrap();
+        let bad = [
+            (
+                json!({"name": "acme", "networks": {"lan": "10.77.0.0/24"}}),
+                "room acme's lan: subnet 10.77.0.0/24 overlaps network other",
+            ),
+            (
+                json!({"name": "acme", "networks": {"lan": "10.78.0.0/24", "dmz": "10.78.0.0/25"}}),
+                "the dmz subnet 10.78.0.0/25 of room acme overlaps its lan subnet",
+            ),
+            (
+                json!({"name": "acme", "wan": "other", "networks": {"wan": "10.79.0.0/24"}}),
+                "the wan of room acme is network other, whose subnet is 10.77.0.0/24",
+            ),
+            (
+                json!({"name": "other-x", "wan": "nowhere"}),
+                "no network named \"nowhere\"",
+            ),
+        ];
+        for (file, want) in bad {
+            for dry_run in [true, false] {
+                let mut req = room_file(file.clone());
+                req.dry_run = dry_run;
+                let err = t.engine.apply_room(req).await.unwrap_err();
+                assert!(err.message.starts_with(want), "{file}: {}", err.message);
+                assert!(t.engine.list_rooms().is_empty(), "{file}");
+                assert_eq!(t.engine.list_networks(), vec![taken.clone()], "{file}");
+            }
+        }
+        // A pre-made network of the room's names: refused, with the way out.
+        let premade = t
+            .engine
+            .create_network(vroom_types::NetworkSpec::plain(
+                Name::new("pre-lan").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let mut req = room_file(json!({"name": "pre"}));
+        req.dry_run = true;
+        let err = t.engine.apply_room(req).await.unwrap_err();
+        assert!(
+            err.message.contains("network pre-lan already exists"),
+            "{}",
+            err.message
+        );
+        assert!(err.message.contains("[networks]"), "{}", err.message);
+        t.engine
+            .remove_network(premade.name.as_str())
+            .await
+            .unwrap();
+
+        let file =
+            json!({"name": "acme", "networks": {"lan": "10.78.1.0/24", "dmz": "10.78.2.0/24"}});
+        let mut dry = room_file(file.clone());
+        dry.dry_run = true;
+        let plan = t.engine.apply_room(dry).await.unwrap();
+        assert!(
+            plan.changes[0].detail.contains("lan 10.78.1.0/24"),
+            "{plan:?}"
+        );
+        t.engine.apply_room(room_file(file)).await.unwrap();
+        let lan = t.engine.network("acme-lan").unwrap();
+        assert_eq!(lan.subnet.to_string(), "10.78.1.0/24");
+        assert_eq!(
+            t.engine.network("acme-dmz").unwrap().subnet.to_string(),
+            "10.78.2.0/24"
+        );
+        let err = t
+            .engine
+            .apply_room(room_file(
+                json!({"name": "acme", "networks": {"lan": "10.78.3.0/24"}}),
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("subnets cannot change"),
+            "{}",
+            err.message
+        );
+        assert_eq!(t.engine.network("acme-lan").unwrap(), lan);
+    }
+
+    /// A member removed takes its exposes out of the room's record, as its
+    /// forward goes out of the firewall's config.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_member_takes_its_exposes_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        firewall(&t);
+        let file = json!({"name": "acme",
+            "instances": {"web": {"image": "hello", "segment": "dmz"}, "db": {"image": "hello", "segment": "lan"}},
+            "expose": [{"port": 8080, "to": "web", "to_port": 80}, {"port": 5432, "to": "db", "to_port": 5432}]});
+        t.engine.apply_room(room_file(file)).await.unwrap();
+        assert_eq!(t.engine.get_room("acme").unwrap().exposes.len(), 2);
+        t.engine.remove("web", true).await.unwrap();
+        let room = t.engine.get_room("acme").unwrap();
+        let to: Vec<&str> = room.exposes.iter().map(|e| e.to.as_str()).collect();
+        assert_eq!(to, ["db"]);
+        assert_eq!(t.store.rooms().unwrap()[0].exposes, room.exposes, "saved");
+        let forward = &t.engine.get("acme-fw").unwrap().config["forward"];
+        assert!(
+            forward.starts_with("tcp/5432:") && !forward.contains("8080"),
+            "{forward}"
+        );
     }
 
     /// A room a daemon died creating or removing is removed by the next one.

@@ -285,13 +285,63 @@ impl Engine {
 
     /// Warm snapshots, one per image and shape.
     pub fn list_warm(&self) -> Vec<Snapshot> {
-        std::fs::read_dir(self.warm_dir())
+        self.warm_snapshots().into_iter().map(|(_, s)| s).collect()
+    }
+
+    fn warm_snapshots(&self) -> Vec<(PathBuf, Snapshot)> {
+        let mut out: Vec<(PathBuf, Snapshot)> = std::fs::read_dir(self.warm_dir())
             .into_iter()
             .flatten()
             .flatten()
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter_map(|e| read_manifest(&e.path()))
-            .collect()
+            .filter_map(|e| read_manifest(&e.path()).map(|s| (e.path(), s)))
+            .collect();
+        out.sort_by(|a, b| {
+            (&a.1.name, a.1.instance.mem_mib).cmp(&(&b.1.name, b.1.instance.mem_mib))
+        });
+        out
+    }
+
+    /// Removes the warm snapshots of an image, by the name `snapshot ls
+    /// --warm` shows (the image's name) or the image's id: every shape of
+    /// it. `run` boots that image again until it is warmed anew.
+    pub async fn remove_warm(&self, image: &str) -> Result<Vec<Snapshot>, OpError> {
+        let doomed: Vec<(PathBuf, Snapshot)> = self
+            .warm_snapshots()
+            .into_iter()
+            .filter(|(_, s)| {
+                s.name.as_str() == image
+                    || s.instance.image_name == image
+                    || (image.len() >= 12 && s.instance.image_id.starts_with(image))
+            })
+            .collect();
+        if doomed.is_empty() {
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("no warm snapshot of image {image:?}"),
+            ));
+        }
+        for (dir, snapshot) in &doomed {
+            self.remove_snapshot_dir(&self.warm_dir(), dir)
+                .map_err(|e| {
+                    OpError::internal(
+                        format!("failed to remove warm snapshot {}", snapshot.name),
+                        e,
+                    )
+                })?;
+        }
+        Ok(doomed.into_iter().map(|(_, s)| s).collect())
+    }
+
+    /// Renames a snapshot's directory away first, so it disappears at once
+    /// and whole, then deletes it.
+    fn remove_snapshot_dir(&self, parent: &Path, dir: &Path) -> std::io::Result<()> {
+        let doomed = parent.join(format!("{PARTIAL_PREFIX}rm-{}", random_id()));
+        blocking(|| {
+            std::fs::rename(dir, &doomed)?;
+            sync_dir(parent)?;
+            std::fs::remove_dir_all(&doomed)
+        })
     }
 
     fn snapshot_dir(&self, name: &str) -> Result<PathBuf, OpError> {
@@ -303,6 +353,14 @@ impl Engine {
         }
         let dir = self.snapshots_dir().join(name);
         if !dir.join(MANIFEST).is_file() {
+            if self.list_warm().iter().any(|s| s.name.as_str() == name) {
+                return Err(OpError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "no snapshot named {name:?}; {name} is a warm snapshot of an image (`vroom snapshot rm --warm {name}`)"
+                    ),
+                ));
+            }
             return Err(OpError::not_found("snapshot", name));
         }
         Ok(dir)
@@ -320,16 +378,8 @@ impl Engine {
 
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), OpError> {
         let dir = self.snapshot_dir(name)?;
-        // Renamed first, so the snapshot disappears at once and whole.
-        let doomed = self
-            .snapshots_dir()
-            .join(format!("{PARTIAL_PREFIX}rm-{}", random_id()));
-        blocking(|| {
-            std::fs::rename(&dir, &doomed)?;
-            sync_dir(&self.snapshots_dir())?;
-            std::fs::remove_dir_all(&doomed)
-        })
-        .map_err(|e| OpError::internal(format!("failed to remove snapshot {name}"), e))
+        self.remove_snapshot_dir(&self.snapshots_dir(), &dir)
+            .map_err(|e| OpError::internal(format!("failed to remove snapshot {name}"), e))
     }
 
     fn snapshot_busy(&self, name: &str) -> bool {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use vroom_types::{InstanceAction, InstanceState, Name, RunRequest};
+use vroom_types::{ErrorCode, InstanceAction, InstanceState, Name, RunRequest};
 
 use crate::testing::{GuestBehavior, TestEngine};
 
@@ -497,6 +497,22 @@ async fn warm_starts_cold_starts_and_ephemeral_instances() {
     cold.cold = true;
     let c = t.engine.run(cold).await.unwrap();
     assert_eq!(c.status.started_from, None);
+
+    // `snapshot rm` of the name `ls --warm` shows points at `--warm`;
+    // `rm --warm` removes it, and `run` boots again.
+    let err = t.engine.remove_snapshot("hello").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("--warm hello"), "{}", err.message);
+    let removed = t.engine.remove_warm(warm.name.as_str()).await.unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(t.engine.list_warm().is_empty());
+    let booted = t.engine.run(request("b")).await.unwrap();
+    assert_eq!(booted.status.started_from, None);
+    let err = t.engine.remove_warm("hello").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound);
+    t.engine.warm_image("hello", None).await.unwrap();
+    let by_id = t.engine.remove_warm(&warm.instance.image_id).await.unwrap();
+    assert_eq!(by_id.len(), 1);
 
     let mut eph = request("e");
     eph.spec.ephemeral = true;

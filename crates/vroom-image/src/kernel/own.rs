@@ -569,8 +569,14 @@ impl KernelCache {
             ));
         }
 
-        progress("build", &format!("vmlinux, -j{jobs}, niced (minutes)"));
         let log = self.dir.join("last-build.log");
+        progress(
+            "build",
+            &format!(
+                "vmlinux, -j{jobs}, niced (minutes; make's output in {})",
+                log.display()
+            ),
+        );
         let log_file = fs::File::create(&log).map_err(io(&log))?;
         let mut build = make("vmlinux");
         build
