@@ -724,6 +724,8 @@ impl Default for FakeImages {
         let mut bump = manifest.clone();
         bump.name = "bump".into();
         bump.appliance.nic_roles = vec!["outside".into(), "inside".into()];
+        // Like an image on Debian's kernel: more than the least vroom boots.
+        bump.min_mem_mib = 128;
         FakeImages {
             image: boot('f', manifest),
             router: boot('e', router),

@@ -10,22 +10,31 @@ use vroom_types::{Expose, Name, Protocol, Room, RoomFile, RoomPlan, RoomSpec};
 
 use crate::{output, RoomOp, TopologyFormat};
 
-/// The largest room file read.
-const MAX_ROOM_FILE_BYTES: u64 = 256 * 1024;
-
 /// Reads and checks a room file before anything is sent: a bounded regular
-/// file, TOML with no unknown fields.
+/// file, TOML with no unknown fields, whose JSON fits the API's body limit
+/// for rooms (the same constant bounds the file, so one limit is named).
 pub fn read_room_file(path: &Path) -> Result<RoomFile> {
-    let bytes = vroom_core::input::read_input(path, MAX_ROOM_FILE_BYTES, None)?;
+    let limit = vroom_types::limits::MAX_ROOM_BODY;
+    let bytes = vroom_core::input::read_input(path, limit as u64, None)?;
     let text =
         std::str::from_utf8(&bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
-    toml::from_str(text).map_err(|e| {
+    let file: RoomFile = toml::from_str(text).map_err(|e| {
         anyhow::anyhow!(
             "{} is not a valid room file: {}",
             path.display(),
             e.message().lines().next().unwrap_or("invalid TOML")
         )
-    })
+    })?;
+    let sent = serde_json::to_vec(&file).context("cannot encode the room file")?;
+    if sent.len() > limit {
+        bail!(
+            "{} is {} KiB once sent as JSON: a room file may hold {} KiB",
+            path.display(),
+            sent.len().div_ceil(1024),
+            limit / 1024
+        );
+    }
+    Ok(file)
 }
 
 pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
