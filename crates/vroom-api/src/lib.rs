@@ -1375,7 +1375,11 @@ mod tests {
                 "{method} {path}: {}",
                 error.message
             );
-            assert!(error.message.contains(says), "{method} {path}: {}", error.message);
+            assert!(
+                error.message.contains(says),
+                "{method} {path}: {}",
+                error.message
+            );
             assert!(
                 not.is_empty() || !error.message.contains(not),
                 "{method} {path}: {}",

@@ -11,6 +11,7 @@ use vroom_types::{
     SnapshotRequest, WarmRequest,
 };
 
+use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{bad_request, body, ApiError, ApiResult, AppState};
 
@@ -118,8 +119,11 @@ pub(crate) async fn warm_image(
 pub(crate) async fn archive_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     req: Result<Json<ArchiveRequest>, JsonRejection>,
 ) -> ApiResult<ArchiveReport> {
     let req = body(req)?;
-    Ok(Json(engine.remove_archived(&name, &req.dir).await?))
+    Ok(Json(
+        engine.remove_archived(&name, &req.dir, caller.uid).await?,
+    ))
 }
