@@ -19,6 +19,7 @@ mod kernel;
 mod output;
 mod paths;
 mod room;
+mod serve;
 mod setup;
 mod snapshot;
 mod splice;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{init_binary, poll, random_subnet, vroom_bin, Env};
+use common::{init_binary, poll, random_subnet, vroom_bin, Env, TestGroup};
 use vroom_types::InstanceState;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -210,47 +210,6 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
     env.ok(&["rm", "--force", "flood"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the console flood");
-}
-
-/// A host group made for one test, deleted at the end.
-struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    /// A name no group has yet; the group is deleted on drop if made.
-    fn unique() -> Self {
-        TestGroup {
-            name: format!("vrt{:04x}", rand::random::<u16>()),
-        }
-    }
-
-    fn new() -> Self {
-        let group = Self::unique();
-        let status = Command::new("groupadd")
-            .args(["--system", &group.name])
-            .status()
-            .expect("run groupadd");
-        assert!(status.success(), "groupadd {}", group.name);
-        group
-    }
-
-    fn gid(&self) -> Option<u32> {
-        std::fs::read_to_string("/etc/group")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{}:x:", self.name)))
-            .and_then(|rest| rest.split(':').next())
-            .and_then(|gid| gid.parse().ok())
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        if self.gid().is_some() {
-            let _ = Command::new("groupdel").arg(&self.name).status();
-        }
-    }
 }
 
 const NOBODY: u32 = 65534;
