@@ -1,7 +1,7 @@
 //! Networks: bridges with their subnets, NAT and addresses.
 
 use super::*;
-use crate::net::NetworkBackendError;
+use crate::net::{HostRoute, NetworkBackendError};
 
 impl Engine {
     pub fn list_networks(&self) -> Vec<Network> {
@@ -70,6 +70,17 @@ impl Engine {
             .await
             .map_err(|e| OpError::internal("failed to read host addresses", e))?;
         let ours = self.list_networks();
+        // The connected routes of vroom's own bridges are its networks,
+        // checked as such; any other route but the default one is the
+        // host's, and a network inside it would take its traffic.
+        let routes: Vec<HostRoute> = self
+            .net
+            .host_routes()
+            .await
+            .map_err(|e| OpError::internal("failed to read host routes", e))?
+            .into_iter()
+            .filter(|r| !ours.iter().any(|n| n.bridge == r.interface))
+            .collect();
         let subnet = match spec.subnet {
             Some(subnet) => {
                 if let Some(other) = ours.iter().find(|n| ipam::overlaps(n.subnet, subnet)) {
@@ -84,6 +95,14 @@ impl Engine {
                         addr.subnet, addr.interface
                     )));
                 }
+                if let Some(route) = routes
+                    .iter()
+                    .find(|r| ipam::overlaps(r.destination, subnet))
+                {
+                    return Err(OpError::conflict(format!(
+                        "subnet {subnet} overlaps the host route {route}; pick another subnet"
+                    )));
+                }
                 subnet
             }
             None => {
@@ -91,6 +110,7 @@ impl Engine {
                     .iter()
                     .map(|n| n.subnet)
                     .chain(host.iter().map(|a| a.subnet))
+                    .chain(routes.iter().map(|r| r.destination))
                     .collect();
                 let pool: Ipv4Net = AUTO_SUBNET_POOL.parse().expect("invariant: valid pool");
                 ipam::choose_subnet(pool, &taken).ok_or_else(|| {
@@ -271,6 +291,70 @@ mod tests {
         assert_eq!(network.allow_host, want);
         use crate::store::StateStore;
         assert_eq!(t.store.networks().unwrap()[0].allow_host, want);
+    }
+
+    /// A subnet overlapping a host route (inside it, equal to it, or
+    /// around it) is refused, naming the route; vroom's own bridges' routes
+    /// and the default route are not in the way, and a chosen subnet avoids
+    /// the routes. (subnet, refused with).
+    #[tokio::test]
+    async fn subnets_overlapping_host_routes_are_refused_table() {
+        use crate::net::HostRoute;
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        *t.net.routes.lock().unwrap() = vec![
+            HostRoute {
+                destination: "10.253.220.0/22".parse().unwrap(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+                interface: "eth0".into(),
+            },
+            HostRoute {
+                destination: "10.213.0.0/24".parse().unwrap(),
+                gateway: None,
+                interface: "wg0".into(),
+            },
+        ];
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "10.253.221.0/24",
+                Some("subnet 10.253.221.0/24 overlaps the host route 10.253.220.0/22 via 10.0.0.1 dev eth0; pick another subnet"),
+            ),
+            (
+                "10.253.220.0/22",
+                Some("overlaps the host route 10.253.220.0/22 via 10.0.0.1 dev eth0"),
+            ),
+            ("10.252.0.0/14", Some("10.253.220.0/22 via 10.0.0.1 dev eth0")),
+            ("10.213.0.128/25", Some("the host route 10.213.0.0/24 dev wg0")),
+            ("10.253.224.0/24", None),
+            // A network of vroom's own is named as such, not by its
+            // bridge's route.
+            ("10.253.224.0/24", Some("overlaps network n4 (10.253.224.0/24)")),
+        ];
+        for (i, (subnet, refused)) in cases.iter().enumerate() {
+            let mut spec = spec(&format!("n{i}"), false, &[]);
+            spec.subnet = Some(subnet.parse().unwrap());
+            let bridges_before = t.net.bridges.lock().unwrap().len();
+            match (t.engine.create_network(spec).await, refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert_eq!(e.code, vroom_types::ErrorCode::Conflict, "{subnet}");
+                    assert!(e.message.contains(want), "{subnet}: {}", e.message);
+                    assert_eq!(t.net.bridges.lock().unwrap().len(), bridges_before);
+                    assert!(t.engine.network(&format!("n{i}")).is_err());
+                }
+                (got, want) => panic!("{subnet}: want {want:?}, got {:?}", got.map(|n| n.subnet)),
+            }
+        }
+        let chosen = t
+            .engine
+            .create_network(spec("auto", false, &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            chosen.subnet.to_string(),
+            "10.213.1.0/24",
+            "the routed /24 is skipped"
+        );
     }
 
     #[tokio::test]
