@@ -250,3 +250,51 @@ pub fn parse_proto(raw: &str) -> Result<Protocol, String> {
         _ => Err(format!("invalid protocol {raw:?}: tcp or udp")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One limit, said once: a room file of 64 to 256 KiB (which the API
+    /// once refused at 64 KiB) is read; one whose JSON exceeds the API's
+    /// body limit is refused before anything is sent, naming that limit.
+    #[test]
+    fn room_files_fit_the_apis_body_limit_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let kib = 1024;
+        // (bytes of a value, a TOML literal string of backslashes, which
+        // JSON doubles; the error, if any)
+        let cases: &[(usize, bool, Option<&str>)] = &[
+            (100 * kib, false, None),
+            (200 * kib, false, None),
+            (200 * kib, true, Some("a room file may hold 256 KiB")),
+            (
+                300 * kib,
+                false,
+                Some("larger than the 262144 bytes allowed"),
+            ),
+        ];
+        for (i, (len, escaped, want)) in cases.iter().enumerate() {
+            let value = if *escaped {
+                format!("'{}'", "\\".repeat(*len))
+            } else {
+                format!("'{}'", "a".repeat(*len))
+            };
+            let path = dir.path().join(format!("room{i}.toml"));
+            std::fs::write(
+                &path,
+                format!("name = \"r1\"\n[firewall]\nnote = {value}\n"),
+            )
+            .unwrap();
+            match (read_room_file(&path), want) {
+                (Ok(file), None) => assert_eq!(file.firewall["note"].len(), *len),
+                (Err(e), Some(want)) => {
+                    let text = format!("{e:#}");
+                    assert!(text.contains(want), "{len} {escaped}: {text}");
+                    assert!(text.matches("256 KiB").count() <= 1, "{text}");
+                }
+                (got, want) => panic!("{len} {escaped}: want {want:?}, got {:?}", got.map(|_| ())),
+            }
+        }
+    }
+}
