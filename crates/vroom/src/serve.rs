@@ -399,6 +399,48 @@ mod tests {
         }
     }
 
+    /// The cluster's TCP API through the same loop: a client with a
+    /// certificate of the cluster's CA is served; connections of one
+    /// address are bounded (raw TCP, never past the handshake, holds a
+    /// place only until closed), and a refused one is closed at once.
+    #[tokio::test]
+    async fn the_tls_endpoint_serves_and_bounds_per_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = vroom_cluster::tls::Ca::generate("test").unwrap();
+        let (server, client) = (dir.path().join("server"), dir.path().join("client"));
+        ca.issue("n1", &["127.0.0.1".to_string()], &server).unwrap();
+        ca.issue("cli", &[], &client).unwrap();
+        let config = vroom_client::tls::server_config(&server).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = vroom_core::testing::TestEngine::new(&dir.path().join("data"));
+        let endpoint = Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
+        tokio::spawn(serve(
+            endpoint,
+            vroom_api::router(t.engine.clone()),
+            Limits::for_total(8),
+            std::future::pending(),
+        ));
+        let api = vroom_client::Client::remote(&addr.to_string(), &client).unwrap();
+        api.version().await.expect("served over TLS");
+        // The server sees that connection end.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // 2 an address: two idle TCP connections take this one's places.
+        let mut idle = vec![];
+        for _ in 0..2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            api.version().await.is_err(),
+            "a third connection is refused"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        api.version().await.expect("served again once they closed");
+    }
+
     #[test]
     fn permits_are_returned_on_drop() {
         let gate = Gate::new(Limits::for_total(8));
