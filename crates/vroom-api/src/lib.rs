@@ -543,7 +543,7 @@ async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
     responses((status = 201, body = Instance), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such image, network or snapshot."),
         (status = 409, body = ApiErrorBody, description = "The name is taken, or the request does not fit the image, network or snapshot it names (too many NICs, an address outside the subnet or taken, no address left; a snapshot of another machine, corrupt, still being written or whose image is gone)."),
-        (status = 422, body = ApiErrorBody, description = "This host cannot run it (e.g. no KVM when asked for)."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it: more memory or CPUs than it has, less memory than the image needs on its kernel, no KVM when asked for (code `host_unsupported`)."),
         (status = 507, body = ApiErrorBody, description = "The host is out of disk space for the config volume.")))]
 async fn run_instance(
     State(engine): State<AppState>,
