@@ -382,12 +382,14 @@ fn idle_connections_are_bounded_and_timed_out() {
     let rss_before = status_kib(daemon, "VmRSS:");
 
     // 4 members × 800 connections; 256 in all, 64 a peer, 32 kept for root.
+    // Three send a request cut short, one sends nothing at all.
     let partial: &[u8] = b"GET /v1/instances HTTP/1.1\r\nHost: vroomd\r\n";
     let started = Instant::now();
     let flood: Vec<(u32, Vec<UnixStream>)> = (0..4)
         .map(|i| {
             let uid = 60_000 + i;
-            (uid, connect_as(uid, gid, &socket, 800, partial))
+            let first = if i == 3 { &b""[..] } else { partial };
+            (uid, connect_as(uid, gid, &socket, 800, first))
         })
         .collect();
     eprintln!("opened 3200 connections in {:?}", started.elapsed());
