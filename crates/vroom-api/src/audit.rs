@@ -5,34 +5,21 @@
 //! logged at INFO under the `vroom::audit` target with the caller's uid and
 //! pid, the instance and the argv (or path), whether or not it succeeds.
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::serve::IncomingStream;
 
 /// The longest argv (or path) the audit line repeats; the rest is cut.
 const MAX_AUDITED: usize = 1024;
 
 /// The process at the other end of an API connection, as the kernel saw it
-/// when it connected.
+/// when it connected. The server puts it in each request's extensions as
+/// `ConnectInfo<Caller>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub pid: Option<i32>,
-}
-
-impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        match stream.io().peer_cred() {
-            Ok(cred) => Caller {
-                uid: Some(cred.uid()),
-                gid: Some(cred.gid()),
-                pid: cred.pid(),
-            },
-            Err(_) => Caller::UNKNOWN,
-        }
-    }
 }
 
 impl Caller {

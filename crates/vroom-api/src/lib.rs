@@ -106,24 +106,25 @@ fn bad_request(message: String) -> ApiError {
     ApiError(OpError::new(ErrorCode::InvalidArgument, message))
 }
 
-/// The largest JSON body a route reads (a spec, an action, a recipe path).
-pub const MAX_JSON_BODY: usize = 64 * 1024;
-/// The largest body of the routes that carry config values: the CLI's
-/// `config import` reads at most 1 MiB, and values are re-encoded as JSON.
-pub const MAX_CONFIG_BODY: usize = 2 << 20;
+pub use vroom_types::limits::{MAX_CONFIG_BODY, MAX_JSON_BODY, MAX_ROOM_BODY};
 
 /// A JSON body, or the reason it was refused: 413 when too large, 415 when
 /// not JSON, 400 for anything else (bad syntax, a wrong or unknown field).
+/// For routes whose body limit is [`MAX_JSON_BODY`].
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body_within(json, MAX_JSON_BODY)
+}
+
+/// [`body`] for a route whose body limit is `limit`, the one its 413 names.
+fn body_within<T>(json: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, ApiError> {
     json.map(|Json(t)| t).map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             return ApiError(OpError::new(
                 ErrorCode::PayloadTooLarge,
                 format!(
-                    "invalid request body: length limit exceeded: a body may hold {} KiB ({} KiB for config values)",
-                    MAX_JSON_BODY / 1024,
-                    MAX_CONFIG_BODY / 1024
+                    "invalid request body: length limit exceeded: this route takes at most {} KiB",
+                    limit / 1024
                 ),
             ));
         }
@@ -318,7 +319,7 @@ pub fn openapi_json() -> String {
 }
 
 pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/version", get(version))
         .route("/v1/instances", get(list_instances).post(run_instance))
         .route(
@@ -378,7 +379,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/v1/rooms/{name}",
             get(rooms::get_room)
                 .put(rooms::apply_room)
-                .delete(rooms::remove_room),
+                .delete(rooms::remove_room)
+                .layer(DefaultBodyLimit::max(MAX_ROOM_BODY)),
         )
         .route("/v1/rooms/{name}/exposes", post(rooms::expose))
         .route(
@@ -418,9 +420,15 @@ pub fn router(engine: Arc<Engine>) -> Router {
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(engine);
+    // `Router::layer` wraps each route inside the future that adds `Allow`
+    // to a 405, so the error rewrite wraps the whole router instead (as the
+    // fallback of an outer one): it sees the answer as it leaves, and a
+    // 405's message names its `Allow`.
+    Router::new()
+        .fallback_service(routes)
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trace_request))
-        .with_state(engine)
 }
 
 async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
@@ -539,7 +547,7 @@ async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
     responses((status = 201, body = Instance), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such image, network or snapshot."),
         (status = 409, body = ApiErrorBody, description = "The name is taken, or the request does not fit the image, network or snapshot it names (too many NICs, an address outside the subnet or taken, no address left; a snapshot of another machine, corrupt, still being written or whose image is gone)."),
-        (status = 422, body = ApiErrorBody, description = "This host cannot run it (e.g. no KVM when asked for)."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it: more memory or CPUs than it has, less memory than the image needs on its kernel, no KVM when asked for (code `host_unsupported`)."),
         (status = 507, body = ApiErrorBody, description = "The host is out of disk space for the config volume.")))]
 async fn run_instance(
     State(engine): State<AppState>,
@@ -903,7 +911,9 @@ async fn update_config(
     req: Result<Json<ConfigUpdate>, JsonRejection>,
 ) -> ApiResult<ConfigDocument> {
     Ok(Json(ConfigDocument {
-        values: engine.config_update(&name, body(req)?.set).await?,
+        values: engine
+            .config_update(&name, body_within(req, MAX_CONFIG_BODY)?.set)
+            .await?,
     }))
 }
 
@@ -917,7 +927,9 @@ async fn replace_config(
     req: Result<Json<ConfigDocument>, JsonRejection>,
 ) -> ApiResult<ConfigDocument> {
     Ok(Json(ConfigDocument {
-        values: engine.config_replace(&name, body(req)?.values).await?,
+        values: engine
+            .config_replace(&name, body_within(req, MAX_CONFIG_BODY)?.values)
+            .await?,
     }))
 }
 
@@ -1256,7 +1268,134 @@ mod tests {
             if *want == 413 {
                 let error: ApiErrorBody = serde_json::from_slice(&bytes).unwrap();
                 assert_eq!(error.code, ErrorCode::PayloadTooLarge);
-                assert!(error.message.contains("64 KiB"), "{}", error.message);
+                let limit = if *method == "POST" {
+                    MAX_JSON_BODY
+                } else {
+                    MAX_CONFIG_BODY
+                };
+                let named = format!("{} KiB", limit / 1024);
+                assert!(error.message.contains(&named), "{}", error.message);
+            }
+        }
+    }
+
+    /// Statuses and messages of answers a user met with the wrong status or
+    /// a message that contradicts the answer: (method, path, body, status,
+    /// code, what the message says, what it must not say).
+    #[tokio::test]
+    async fn statuses_table() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = vroom_core::testing::TestEngine::new(dir.path());
+        let mut small = vroom_core::testing::run_request("w1", "bump", &[]);
+        small.spec.mem_mib = Some(64);
+        let small = serde_json::to_vec(&small).unwrap();
+        let room = |len: usize| {
+            let mut body = vec![b' '; len];
+            body.extend_from_slice(br#"{"name":"r1"}"#);
+            body
+        };
+        type Case<'a> = (&'a str, &'a str, Vec<u8>, u16, ErrorCode, &'a str, &'a str);
+        let cases: Vec<Case> = vec![
+            // Well formed, but the image needs more on its kernel: like
+            // memory beyond the host's, the host cannot carry it out.
+            (
+                "POST",
+                "/v1/instances",
+                small,
+                422,
+                ErrorCode::HostUnsupported,
+                "below the 128 MiB image bump needs",
+                "",
+            ),
+            // The message names the methods the `Allow` header lists.
+            (
+                "DELETE",
+                "/v1/version",
+                vec![],
+                405,
+                ErrorCode::MethodNotAllowed,
+                "this route takes GET,HEAD",
+                "none",
+            ),
+            (
+                "PATCH",
+                "/v1/instances/w1/actions",
+                vec![],
+                405,
+                ErrorCode::MethodNotAllowed,
+                "this route takes POST",
+                "none",
+            ),
+            // A room file the CLI accepts (up to MAX_ROOM_BODY) reaches
+            // the route (here refused for its name, after parsing).
+            (
+                "PUT",
+                "/v1/rooms/r2",
+                room(MAX_ROOM_BODY - 100),
+                409,
+                ErrorCode::Conflict,
+                "the file is room r1",
+                "",
+            ),
+            // Beyond it, one limit is named: the route's.
+            (
+                "PUT",
+                "/v1/rooms/r2",
+                room(MAX_ROOM_BODY + 1),
+                413,
+                ErrorCode::PayloadTooLarge,
+                "at most 256 KiB",
+                "64",
+            ),
+            (
+                "POST",
+                "/v1/networks",
+                room(MAX_JSON_BODY + 1),
+                413,
+                ErrorCode::PayloadTooLarge,
+                "at most 64 KiB",
+                "256",
+            ),
+        ];
+        for (method, path, body, status, code, says, not) in cases {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+            let got = response.status().as_u16();
+            let allow = response.headers().get("allow").cloned();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let error: ApiErrorBody = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}: {bytes:?}"));
+            assert_eq!(
+                (got, error.code),
+                (status, code),
+                "{method} {path}: {}",
+                error.message
+            );
+            assert!(
+                error.message.contains(says),
+                "{method} {path}: {}",
+                error.message
+            );
+            assert!(
+                not.is_empty() || !error.message.contains(not),
+                "{method} {path}: {}",
+                error.message
+            );
+            if status == 405 {
+                let allow = allow.expect("a 405 has an Allow header");
+                assert!(
+                    error.message.contains(allow.to_str().unwrap()),
+                    "{method} {path}: Allow {allow:?}, message {}",
+                    error.message
+                );
             }
         }
     }

@@ -43,7 +43,7 @@ replies!(
     /// A route that takes a JSON body.
     BodyErrors {
         "400" => "The body does not parse, or a value is out of its range.",
-        "413" => "The body is larger than the route accepts: 64 KiB, 2 MiB for config values (code `payload_too_large`).",
+        "413" => "The body is larger than the route accepts: 64 KiB; 256 KiB for a room file, 2 MiB for config values (code `payload_too_large`). The message names the route's limit.",
         "415" => "The body is not `application/json`.",
     }
 );

@@ -12,7 +12,7 @@ use vroom_types::{
 };
 
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
-use crate::{bad_request, body, ApiError, ApiResult, AppState};
+use crate::{bad_request, body, body_within, ApiError, ApiResult, AppState};
 
 #[utoipa::path(get, path = "/v1/rooms", responses((status = 200, body = Vec<Room>)))]
 pub(crate) async fn list_rooms(State(engine): State<AppState>) -> Json<Vec<Room>> {
@@ -89,7 +89,7 @@ pub(crate) async fn apply_room(
     req: Result<Json<RoomFile>, JsonRejection>,
 ) -> ApiResult<RoomPlan> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    let room = body(req)?;
+    let room = body_within(req, crate::MAX_ROOM_BODY)?;
     if room.name.as_str() != name {
         return Err(OpError::new(
             ErrorCode::Conflict,

@@ -11,6 +11,7 @@ use vroom_types::{
     SnapshotRequest, WarmRequest,
 };
 
+use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{bad_request, body, ApiError, ApiResult, AppState};
 
@@ -127,12 +128,15 @@ pub(crate) async fn remove_warm(
 #[utoipa::path(post, path = "/v1/instances/{name}/archive", params(("name" = Name, Path)),
     request_body = ArchiveRequest,
     responses((status = 200, body = ArchiveReport), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The archive directory is not empty or not writable, or the instance cannot be removed (spliced, a room's firewall).")))]
+        (status = 409, body = ApiErrorBody, description = "The archive directory is not empty, not writable, a symbolic link (or its parent is), or a caller other than root could not write there itself; or the instance cannot be removed (spliced, a room's firewall).")))]
 pub(crate) async fn archive_instance(
     State(engine): State<AppState>,
     Path(name): Path<String>,
+    AuditCaller(caller): AuditCaller,
     req: Result<Json<ArchiveRequest>, JsonRejection>,
 ) -> ApiResult<ArchiveReport> {
     let req = body(req)?;
-    Ok(Json(engine.remove_archived(&name, &req.dir).await?))
+    Ok(Json(
+        engine.remove_archived(&name, &req.dir, caller.uid).await?,
+    ))
 }

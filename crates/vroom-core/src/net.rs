@@ -34,6 +34,30 @@ pub struct HostAddress {
     pub subnet: Ipv4Net,
 }
 
+/// A route of the host's main IPv4 table (not the default route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoute {
+    pub destination: Ipv4Net,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The interface it leaves by; empty when the route has none (a
+    /// blackhole, or several next hops).
+    pub interface: String,
+}
+
+impl std::fmt::Display for HostRoute {
+    /// As `ip route` shows it: `10.0.0.0/22 via 10.0.0.1 dev eth0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if !self.interface.is_empty() {
+            write!(f, " dev {}", self.interface)?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 pub trait NetworkBackend: Send + Sync {
     /// Creates the bridge with the gateway address, brings it up and installs
@@ -80,4 +104,8 @@ pub trait NetworkBackend: Send + Sync {
     ) -> Result<(), NetworkBackendError>;
     /// Every IPv4 subnet configured on the host, to keep new networks from colliding.
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError>;
+    /// The unicast routes of the host's main IPv4 table but the default
+    /// route: a network inside one would take its traffic (or be
+    /// unreachable).
+    async fn host_routes(&self) -> Result<Vec<HostRoute>, NetworkBackendError>;
 }

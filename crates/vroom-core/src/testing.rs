@@ -524,6 +524,10 @@ pub struct FakeNetwork {
     pub mirrors: Mutex<BTreeMap<String, Vec<MirrorTarget>>>,
     /// Each network joined to other hosts: its VNI and peers.
     pub overlays: Mutex<BTreeMap<String, (u32, Vec<std::net::Ipv4Addr>)>>,
+    /// The host's routes (besides those of the bridges made here).
+    pub routes: Mutex<Vec<crate::net::HostRoute>>,
+    /// The subnet of each bridge made here.
+    pub bridge_subnets: Mutex<BTreeMap<String, ipnet::Ipv4Net>>,
 }
 
 #[async_trait]
@@ -537,6 +541,7 @@ impl NetworkBackend for FakeNetwork {
             });
         }
         lock(&self.bridges).insert(network.bridge.clone());
+        lock(&self.bridge_subnets).insert(network.bridge.clone(), network.subnet);
         Ok(())
     }
 
@@ -547,6 +552,7 @@ impl NetworkBackend for FakeNetwork {
 
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
         lock(&self.bridges).remove(&network.bridge);
+        lock(&self.bridge_subnets).remove(&network.bridge);
         lock(&self.foreign).remove(&network.bridge);
         Ok(())
     }
@@ -625,6 +631,20 @@ impl NetworkBackend for FakeNetwork {
 
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError> {
         Ok(vec![])
+    }
+
+    /// The routes set, and the connected route of every bridge made here,
+    /// as the kernel would have them.
+    async fn host_routes(&self) -> Result<Vec<crate::net::HostRoute>, NetworkBackendError> {
+        let mut routes = lock(&self.routes).clone();
+        for (bridge, subnet) in lock(&self.bridge_subnets).iter() {
+            routes.push(crate::net::HostRoute {
+                destination: *subnet,
+                gateway: None,
+                interface: bridge.clone(),
+            });
+        }
+        Ok(routes)
     }
 }
 
@@ -807,6 +827,8 @@ impl Default for FakeImages {
         let mut bump = manifest.clone();
         bump.name = "bump".into();
         bump.appliance.nic_roles = vec!["outside".into(), "inside".into()];
+        // Like an image on Debian's kernel: more than the least vroom boots.
+        bump.min_mem_mib = 128;
         FakeImages {
             image: boot('f', manifest),
             router: boot('e', router),

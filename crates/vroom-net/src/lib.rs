@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo};
 use rtnetlink::Handle;
-use vroom_core::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
+use vroom_core::net::{HostAddress, HostRoute, MirrorTarget, NetworkBackend, NetworkBackendError};
 use vroom_types::{Network, Protocol};
 
 pub struct NetlinkNetwork {
@@ -31,6 +31,22 @@ impl NetlinkNetwork {
             handle,
             bridge_glob,
         })
+    }
+
+    /// Every host interface's name by index.
+    async fn link_names(
+        &self,
+    ) -> Result<std::collections::HashMap<u32, String>, NetworkBackendError> {
+        let mut names = std::collections::HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(fail("list links"))? {
+            for attr in link.attributes {
+                if let LinkAttribute::IfName(name) = attr {
+                    names.insert(link.header.index, name);
+                }
+            }
+        }
+        Ok(names)
     }
 
     /// Pins a bridge's MAC address to the one it has. A Linux bridge whose
@@ -699,15 +715,7 @@ impl NetworkBackend for NetlinkNetwork {
     }
 
     async fn host_addresses(&self) -> Result<Vec<HostAddress>, NetworkBackendError> {
-        let mut names = std::collections::HashMap::new();
-        let mut links = self.handle.link().get().execute();
-        while let Some(link) = links.try_next().await.map_err(fail("list links"))? {
-            for attr in link.attributes {
-                if let LinkAttribute::IfName(name) = attr {
-                    names.insert(link.header.index, name);
-                }
-            }
-        }
+        let names = self.link_names().await?;
         let mut out = Vec::new();
         let mut addresses = self.handle.address().get().execute();
         while let Some(msg) = addresses.try_next().await.map_err(fail("list addresses"))? {
@@ -724,6 +732,57 @@ impl NetworkBackend for NetlinkNetwork {
                         subnet: net.trunc(),
                     });
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn host_routes(&self) -> Result<Vec<HostRoute>, NetworkBackendError> {
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+        let names = self.link_names().await?;
+        let mut out = Vec::new();
+        let mut routes = self.handle.route().get(rtnetlink::IpVersion::V4).execute();
+        while let Some(msg) = routes.try_next().await.map_err(fail("list routes"))? {
+            let table = msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(msg.header.table));
+            let prefix = msg.header.destination_prefix_length;
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                || prefix == 0
+                || !matches!(
+                    msg.header.kind,
+                    RouteType::Unicast
+                        | RouteType::BlackHole
+                        | RouteType::Unreachable
+                        | RouteType::Prohibit
+                )
+            {
+                continue;
+            }
+            let mut destination = None;
+            let mut gateway = None;
+            let mut interface = String::new();
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+                    RouteAttribute::Oif(index) => {
+                        interface = names.get(index).cloned().unwrap_or_default()
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(net) = destination.and_then(|ip| Ipv4Net::new(ip, prefix).ok()) {
+                out.push(HostRoute {
+                    destination: net.trunc(),
+                    gateway,
+                    interface,
+                });
             }
         }
         Ok(out)

@@ -70,6 +70,16 @@ pub const CPUS: Bounds = Bounds {
     max: 255,
 };
 
+/// The largest JSON body a route reads (a spec, an action, a recipe path).
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+/// The largest body of the routes that carry config values: the CLI's
+/// `config import` reads at most 1 MiB, and values are re-encoded as JSON.
+pub const MAX_CONFIG_BODY: usize = 2 << 20;
+/// The largest room file: the CLI reads at most this much TOML and sends it
+/// only when its JSON fits too, which is the body limit of `PUT
+/// /v1/rooms/{name}`, so a file the CLI accepts is never refused for size.
+pub const MAX_ROOM_BODY: usize = 256 * 1024;
+
 /// Size of the config volume in KiB (`spec.config_volume_kib`).
 pub const CONFIG_VOLUME_KIB: Bounds = Bounds {
     field: "spec.config_volume_kib",

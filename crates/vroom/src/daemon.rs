@@ -3,7 +3,7 @@
 //! serves the API on a unix socket: mode 0600, or 0660 with group `vroom`
 //! when that group exists (`vroom setup` creates it), so that root can grant
 //! the API to other users. Every connection's peer credentials reach the
-//! API (its audit log). VMs outlive the daemon: on start it re-adopts the
+//! API (its audit log); connections are bounded (see [`crate::serve`]). VMs outlive the daemon: on start it re-adopts the
 //! ones still running.
 
 use std::fs;
@@ -88,6 +88,8 @@ pub async fn run(
         None
     };
     engine.recover().await.context("cannot recover state")?;
+    let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
+    tracing::info!(?limits, "API connection limits (per listener)");
     if let Some(node) = &node {
         node.start();
         let config = vroom_client::tls::server_config(&node.tls_dir())
@@ -97,7 +99,14 @@ pub async fn run(
             .take_api_listener()
             .context("the API listener was taken already")?;
         tracing::info!(%addr, "serving the API to other hosts (mutual TLS, cluster CA)");
-        tokio::spawn(serve_tls(listener, config, engine.clone()));
+        let endpoint =
+            crate::serve::Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
+        tokio::spawn(crate::serve::serve(
+            endpoint,
+            vroom_api::router(engine.clone()),
+            limits,
+            std::future::pending(),
+        ));
     }
     for group in tokio::task::spawn_blocking(vroom_qemu::sweep_cgroups).await? {
         tracing::info!(cgroup = %group, "removed the cgroup of a VMM that is gone");
@@ -131,58 +140,15 @@ pub async fn run(
         }
         tracing::info!("vroomd stopping; VMs keep running");
     };
-    let service =
-        vroom_api::router(engine).into_make_service_with_connect_info::<vroom_api::Caller>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("API server failed")?;
+    crate::serve::serve(
+        crate::serve::Endpoint::Unix(listener),
+        vroom_api::router(engine),
+        limits,
+        shutdown,
+    )
+    .await;
     let _ = fs::remove_file(&socket);
     Ok(())
-}
-
-/// The API over TCP with mutual TLS: only holders of a certificate from
-/// the cluster's CA get in. They act as no local user (a build reads only
-/// catalog recipes for them; the audit log says so).
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    engine: Arc<Engine>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let router = vroom_api::router(engine).layer(axum::Extension(axum::extract::ConnectInfo(
-        vroom_api::Caller::UNKNOWN,
-    )));
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept an API connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused an API connection");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let served =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "an API connection ended");
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ mod kernel;
 mod output;
 mod paths;
 mod room;
+mod serve;
 mod setup;
 mod snapshot;
 mod splice;
@@ -139,7 +140,8 @@ pub enum Command {
         /// memory snapshot if it runs, the config volume and its history,
         /// the console logs, the record, a SHA256SUMS manifest), then
         /// overwrite its files before unlinking them. DIR must not exist
-        /// yet or be empty.
+        /// yet or be empty, and not be a symbolic link; a caller other than
+        /// root may only use a directory it could write itself.
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
         /// The instance's name.

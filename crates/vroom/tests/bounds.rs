@@ -5,11 +5,13 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{daemon_pid, random_subnet, recipe, status_kib, vroom_bin, Env};
+use common::{daemon_pid, random_subnet, recipe, status_kib, vroom_bin, Env, TestGroup};
 use vroom_types::{ExecResult, InstanceState, MAX_EXEC_RESULT_BYTES};
 
 /// vroomd's peak memory must stay under this whatever it is fed.
@@ -272,4 +274,180 @@ fn a_refused_import_starts_no_daemon() {
         !dir.path().join("vroomd.sock").exists(),
         "a daemon was started for a refused import"
     );
+}
+
+/// The descriptors a process holds.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Raises this process's soft open-files limit to its hard one.
+fn raise_own_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only `limit`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// `n` connections to `socket` made as `uid` with `gid` as its group, each
+/// sent `first` (a request cut short). A thread takes the ids through the
+/// raw system calls, which on Linux change only the calling thread, so the
+/// kernel records them as the peer's credentials; the descriptors are the
+/// process's.
+fn connect_as(
+    uid: u32,
+    gid: u32,
+    socket: &Path,
+    n: usize,
+    first: &'static [u8],
+) -> Vec<UnixStream> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let groups = [gid as libc::gid_t];
+        // SAFETY: raw credential syscalls on this thread only, with valid
+        // arguments; the thread exits after connecting.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        (0..n)
+            .map(|_| {
+                let mut stream = UnixStream::connect(&socket).expect("connect");
+                // A refused connection may be closed already.
+                let _ = stream.write_all(first);
+                stream
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether the server has closed `stream` (it reads end of file or an
+/// error, not "nothing yet").
+fn closed_by_server(mut stream: &UnixStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Thousands of idle connections with partial headers, from group members
+/// who are not root, neither exhaust vroomd's descriptors nor keep root
+/// out: each peer holds a bounded number, a share is kept for root, the
+/// headers must arrive in time (and a kept-alive connection is closed when
+/// idle as long), and the descriptors come back when the clients leave.
+#[test]
+fn idle_connections_are_bounded_and_timed_out() {
+    raise_own_fd_limit();
+    let group = TestGroup::new();
+    let gid = group.gid().expect("the group exists");
+    let env = Env::with_env(
+        "conns",
+        vec![
+            ("VROOM_GROUP", group.name.clone()),
+            ("VROOM_API_MAX_CONNECTIONS", "256".into()),
+        ],
+    );
+    let daemon = daemon_pid(&env);
+    let socket = env.dir.join("vroomd.sock");
+    let limits = std::fs::read_to_string(format!("/proc/{daemon}/limits")).unwrap();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        nofile[3], nofile[4],
+        "the soft fd limit is raised: {nofile:?}"
+    );
+    env.ok(&["ps"]);
+    let baseline = fd_count(daemon);
+    let rss_before = status_kib(daemon, "VmRSS:");
+
+    // 4 members × 800 connections; 256 in all, 64 a peer, 32 kept for root.
+    // Three send a request cut short, one sends nothing at all.
+    let partial: &[u8] = b"GET /v1/instances HTTP/1.1\r\nHost: vroomd\r\n";
+    let started = Instant::now();
+    let flood: Vec<(u32, Vec<UnixStream>)> = (0..4)
+        .map(|i| {
+            let uid = 60_000 + i;
+            let first = if i == 3 { &b""[..] } else { partial };
+            (uid, connect_as(uid, gid, &socket, 800, first))
+        })
+        .collect();
+    eprintln!("opened 3200 connections in {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut held_total = 0;
+    for (uid, streams) in &flood {
+        let held = streams.iter().filter(|s| !closed_by_server(s)).count();
+        eprintln!("uid {uid}: {held} of {} held open", streams.len());
+        assert!(held <= 64, "uid {uid} holds {held} connections");
+        held_total += held;
+    }
+    assert!(held_total > 0 && held_total <= 224, "{held_total} held");
+    let during = fd_count(daemon);
+    assert!(
+        during <= baseline + 256 + 8,
+        "vroomd holds {during} descriptors, {baseline} before"
+    );
+
+    // Root still gets in, quickly.
+    let started = Instant::now();
+    let out = vroom_within(&env, Duration::from_secs(5), &["ps"]);
+    assert!(out.status.success(), "{out:?}");
+    eprintln!(
+        "vroom ps answered in {:?} during the flood",
+        started.elapsed()
+    );
+
+    // A kept-alive connection that goes idle after a request is closed too.
+    let mut idle = UnixStream::connect(&socket).unwrap();
+    idle.write_all(b"GET /v1/version HTTP/1.1\r\nHost: vroomd\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+
+    // Headers that never complete are cut off after the timeout.
+    let closed = common::poll(Duration::from_secs(20), || {
+        let open: usize = flood
+            .iter()
+            .flat_map(|(_, streams)| streams.iter())
+            .filter(|s| !closed_by_server(s))
+            .count();
+        (open == 0 && closed_by_server(&idle)).then_some(())
+    });
+    assert!(closed.is_some(), "partial or idle connections stay open");
+
+    drop(flood);
+    drop(idle);
+    let back = common::poll(Duration::from_secs(10), || {
+        (fd_count(daemon) <= baseline + 2).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "vroomd holds {} descriptors after the clients left, {baseline} before",
+        fd_count(daemon)
+    );
+    let rss_after = status_kib(daemon, "VmRSS:");
+    eprintln!("vroomd resident {rss_before} KiB before, {rss_after} KiB after");
+    assert!(rss_after < rss_before + 64 * 1024, "{rss_after} KiB");
+    env.ok(&["ps"]);
 }

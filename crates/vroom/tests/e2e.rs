@@ -294,6 +294,39 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         &host_loopback_free_subnet(),
     ]);
     assert!(overlap_host.contains("overlaps"), "{overlap_host}");
+
+    // A subnet inside a host route, or equal to it, would take the route's
+    // traffic or be unreachable: refused, naming the route. The route is on
+    // a tun link of this test's prefix (the harness removes it on failure;
+    // the dummy driver is not in every kernel).
+    let tun = format!("{}rd", env.prefix);
+    let (a, b) = (
+        200 + rand::random::<u8>() % 40,
+        (rand::random::<u8>() % 63) * 4,
+    );
+    let routed = format!("10.{a}.{b}.0/22");
+    common::sh(&format!(
+        "ip tuntap add {tun} mode tun && ip link set {tun} up && ip route add {routed} dev {tun}"
+    ));
+    for (name, subnet) in [
+        ("inside", format!("10.{a}.{}.0/24", b + 1)),
+        ("equal", routed.clone()),
+    ] {
+        let err = env.fail(&["net", "create", name, "--subnet", &subnet]);
+        assert!(
+            err.contains(&format!(
+                "subnet {subnet} overlaps the host route {routed} dev {tun}; pick another subnet"
+            )),
+            "{name}: {err}"
+        );
+    }
+    let networks = env.ok(&["net", "ls"]);
+    assert!(
+        !networks.contains("inside") && !networks.contains("equal"),
+        "{networks}"
+    );
+    common::sh(&format!("ip link del {tun}"));
+
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after bad input");
 }

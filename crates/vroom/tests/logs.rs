@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{init_binary, poll, random_subnet, vroom_bin, Env};
+use common::{init_binary, poll, random_subnet, vroom_bin, Env, TestGroup};
 use vroom_types::InstanceState;
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -212,47 +212,6 @@ fn a_console_flood_stays_under_the_caps_and_keeps_the_newest_output() {
     env.assert_nothing_left("after the console flood");
 }
 
-/// A host group made for one test, deleted at the end.
-struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    /// A name no group has yet; the group is deleted on drop if made.
-    fn unique() -> Self {
-        TestGroup {
-            name: format!("vrt{:04x}", rand::random::<u16>()),
-        }
-    }
-
-    fn new() -> Self {
-        let group = Self::unique();
-        let status = Command::new("groupadd")
-            .args(["--system", &group.name])
-            .status()
-            .expect("run groupadd");
-        assert!(status.success(), "groupadd {}", group.name);
-        group
-    }
-
-    fn gid(&self) -> Option<u32> {
-        std::fs::read_to_string("/etc/group")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{}:x:", self.name)))
-            .and_then(|rest| rest.split(':').next())
-            .and_then(|gid| gid.parse().ok())
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        if self.gid().is_some() {
-            let _ = Command::new("groupdel").arg(&self.name).status();
-        }
-    }
-}
-
 const NOBODY: u32 = 65534;
 
 /// Runs vroom as uid `nobody`, with `group` as its only supplementary group.
@@ -272,6 +231,19 @@ fn vroom_as_nobody(env: &Env, group: Option<u32>, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run setpriv")
+}
+
+/// Every entry under `dir`, depth first.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
 }
 
 /// The audit lines of the daemon's log.
@@ -398,7 +370,48 @@ fn exec_and_cp_are_audited_with_the_callers_uid() {
     let out = vroom_as_nobody(&env, Some(gid), &["image", "build", "hello"]);
     assert!(out.status.success(), "{out:?}");
 
-    env.ok(&["rm", "--force", "web"]);
+    // A member archives only where it could write itself, never through a
+    // link, and the archive is its own and private.
+    let archive_as_nobody = |target: &std::path::Path| {
+        vroom_as_nobody(
+            &env,
+            Some(gid),
+            &["rm", "-f", "--archive", target.to_str().unwrap(), "web"],
+        )
+    };
+    let roots = std::path::PathBuf::from(format!("/root/vroom-archive-{}", std::process::id()));
+    let out = archive_as_nobody(&roots);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may not write there"), "{err}");
+    assert!(!roots.exists(), "{} was created", roots.display());
+    let foreign = env.dir.join("root-only");
+    std::fs::create_dir(&foreign).unwrap();
+    std::os::unix::fs::symlink(&foreign, dir.join("link")).unwrap();
+    let out = archive_as_nobody(&dir.join("link"));
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is a symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 0);
+    let archive = dir.join("archive");
+    let out = archive_as_nobody(&archive);
+    assert!(out.status.success(), "{out:?}");
+    let meta = std::fs::symlink_metadata(&archive).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o700, NOBODY));
+    let mut files = vec![];
+    for entry in walk(&archive) {
+        let meta = std::fs::symlink_metadata(&entry).unwrap();
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.uid()),
+            (want, NOBODY),
+            "{}",
+            entry.display()
+        );
+        files.push(entry);
+    }
+    assert!(files.iter().any(|f| f.ends_with("memory.zst")), "{files:?}");
+
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the audit test");
 }

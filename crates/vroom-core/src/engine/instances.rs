@@ -338,8 +338,10 @@ impl Engine {
                 }
                 vroom_types::KernelFlavor::Vroom => "",
             };
+            // Well formed, but this image on this kernel cannot boot in it:
+            // 422 like memory beyond the host's.
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::HostUnsupported,
                 format!(
                     "memory {mem_mib} MiB is below the {min_mib} MiB image {} needs on {flavor}'s kernel{hint}",
                     image.manifest.name

@@ -1,7 +1,7 @@
 //! Networks: bridges with their subnets, NAT and addresses.
 
 use super::*;
-use crate::net::NetworkBackendError;
+use crate::net::{HostRoute, NetworkBackendError};
 
 impl Engine {
     pub fn list_networks(&self) -> Vec<Network> {
@@ -66,9 +66,10 @@ impl Engine {
         }
         let host = self.host_addresses().await?;
         let ours = self.list_networks();
+        let routes = self.foreign_routes(&ours).await?;
         let subnet = match spec.subnet {
             Some(subnet) => {
-                check_subnet_free(subnet, &ours, &host)?;
+                check_subnet_free(subnet, &ours, &host, &routes)?;
                 subnet
             }
             None => {
@@ -76,6 +77,7 @@ impl Engine {
                     .iter()
                     .map(|n| n.subnet)
                     .chain(host.iter().map(|a| a.subnet))
+                    .chain(routes.iter().map(|r| r.destination))
                     .collect();
                 let pool: Ipv4Net = AUTO_SUBNET_POOL.parse().expect("invariant: valid pool");
                 ipam::choose_subnet(pool, &taken).ok_or_else(|| {
@@ -188,7 +190,24 @@ impl Engine {
     /// Refuses a subnet that a network or a host interface already has.
     pub(super) async fn check_subnet_free(&self, subnet: Ipv4Net) -> Result<(), OpError> {
         let host = self.host_addresses().await?;
-        check_subnet_free(subnet, &self.list_networks(), &host)
+        let ours = self.list_networks();
+        let routes = self.foreign_routes(&ours).await?;
+        check_subnet_free(subnet, &ours, &host, &routes)
+    }
+
+    /// The host's routes that are not vroom's: the connected routes of its
+    /// own bridges are its networks, checked as such; any other route but
+    /// the default one is the host's, and a network inside it would take
+    /// its traffic.
+    async fn foreign_routes(&self, ours: &[Network]) -> Result<Vec<HostRoute>, OpError> {
+        Ok(self
+            .net
+            .host_routes()
+            .await
+            .map_err(|e| OpError::internal("failed to read host routes", e))?
+            .into_iter()
+            .filter(|r| !ours.iter().any(|n| n.bridge == r.interface))
+            .collect())
     }
 
     pub async fn remove_network(&self, name: &str) -> Result<(), OpError> {
@@ -230,6 +249,7 @@ fn check_subnet_free(
     subnet: Ipv4Net,
     ours: &[Network],
     host: &[crate::net::HostAddress],
+    routes: &[HostRoute],
 ) -> Result<(), OpError> {
     if let Some(other) = ours.iter().find(|n| ipam::overlaps(n.subnet, subnet)) {
         return Err(OpError::conflict(format!(
@@ -241,6 +261,14 @@ fn check_subnet_free(
         return Err(OpError::conflict(format!(
             "subnet {subnet} overlaps {} on host interface {}",
             addr.subnet, addr.interface
+        )));
+    }
+    if let Some(route) = routes
+        .iter()
+        .find(|r| ipam::overlaps(r.destination, subnet))
+    {
+        return Err(OpError::conflict(format!(
+            "subnet {subnet} overlaps the host route {route}; pick another subnet"
         )));
     }
     Ok(())
@@ -289,6 +317,70 @@ mod tests {
         assert_eq!(network.allow_host, want);
         use crate::store::StateStore;
         assert_eq!(t.store.networks().unwrap()[0].allow_host, want);
+    }
+
+    /// A subnet overlapping a host route (inside it, equal to it, or
+    /// around it) is refused, naming the route; vroom's own bridges' routes
+    /// and the default route are not in the way, and a chosen subnet avoids
+    /// the routes. (subnet, refused with).
+    #[tokio::test]
+    async fn subnets_overlapping_host_routes_are_refused_table() {
+        use crate::net::HostRoute;
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        *t.net.routes.lock().unwrap() = vec![
+            HostRoute {
+                destination: "10.253.220.0/22".parse().unwrap(),
+                gateway: Some("10.0.0.1".parse().unwrap()),
+                interface: "eth0".into(),
+            },
+            HostRoute {
+                destination: "10.213.0.0/24".parse().unwrap(),
+                gateway: None,
+                interface: "wg0".into(),
+            },
+        ];
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "10.253.221.0/24",
+                Some("subnet 10.253.221.0/24 overlaps the host route 10.253.220.0/22 via 10.0.0.1 dev eth0; pick another subnet"),
+            ),
+            (
+                "10.253.220.0/22",
+                Some("overlaps the host route 10.253.220.0/22 via 10.0.0.1 dev eth0"),
+            ),
+            ("10.252.0.0/14", Some("10.253.220.0/22 via 10.0.0.1 dev eth0")),
+            ("10.213.0.128/25", Some("the host route 10.213.0.0/24 dev wg0")),
+            ("10.253.224.0/24", None),
+            // A network of vroom's own is named as such, not by its
+            // bridge's route.
+            ("10.253.224.0/24", Some("overlaps network n4 (10.253.224.0/24)")),
+        ];
+        for (i, (subnet, refused)) in cases.iter().enumerate() {
+            let mut spec = spec(&format!("n{i}"), false, &[]);
+            spec.subnet = Some(subnet.parse().unwrap());
+            let bridges_before = t.net.bridges.lock().unwrap().len();
+            match (t.engine.create_network(spec).await, refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert_eq!(e.code, vroom_types::ErrorCode::Conflict, "{subnet}");
+                    assert!(e.message.contains(want), "{subnet}: {}", e.message);
+                    assert_eq!(t.net.bridges.lock().unwrap().len(), bridges_before);
+                    assert!(t.engine.network(&format!("n{i}")).is_err());
+                }
+                (got, want) => panic!("{subnet}: want {want:?}, got {:?}", got.map(|n| n.subnet)),
+            }
+        }
+        let chosen = t
+            .engine
+            .create_network(spec("auto", false, &[]))
+            .await
+            .unwrap();
+        assert_eq!(
+            chosen.subnet.to_string(),
+            "10.213.1.0/24",
+            "the routed /24 is skipped"
+        );
     }
 
     #[tokio::test]

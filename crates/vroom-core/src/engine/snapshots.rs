@@ -120,7 +120,12 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 
 /// Copies a file, fsyncs the copy and returns its size and sha256.
 pub(super) fn copy_hashed(from: &Path, to: &Path) -> std::io::Result<SnapshotFile> {
-    let mut out = Hashing::new(File::create(to)?);
+    copy_hashed_into(from, File::create(to)?)
+}
+
+/// [`copy_hashed`] into a file the caller created (as it must be created).
+pub(super) fn copy_hashed_into(from: &Path, to: File) -> std::io::Result<SnapshotFile> {
+    let mut out = Hashing::new(to);
     std::io::copy(&mut File::open(from)?, &mut out)?;
     let (file, digest) = out.finish();
     file.sync_all()?;
@@ -144,9 +149,20 @@ pub(super) fn save_memory(
     process: &VmProcess,
     path: &Path,
 ) -> Result<(u64, SnapshotFile), OpError> {
+    let file = File::create(path)
+        .map_err(|e| OpError::internal(format!("failed to write {}", path.display()), e))?;
+    save_memory_into(driver, process, file, path)
+}
+
+/// [`save_memory`] into a file the caller created; `path` names it in errors.
+pub(super) fn save_memory_into(
+    driver: &dyn VmDriver,
+    process: &VmProcess,
+    file: File,
+    path: &Path,
+) -> Result<(u64, SnapshotFile), OpError> {
     let io =
         |e: std::io::Error| OpError::internal(format!("failed to write {}", path.display()), e);
-    let file = File::create(path).map_err(io)?;
     let mut encoder = zstd::Encoder::new(Hashing::new(file), ZSTD_LEVEL).map_err(io)?;
     encoder.include_checksum(true).map_err(io)?;
     let state_bytes = driver

@@ -544,7 +544,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     std::fs::write(busy.join("x"), b"x").unwrap();
     let err = t
         .engine
-        .remove_archived("web", busy.to_str().unwrap())
+        .remove_archived("web", busy.to_str().unwrap(), Some(0))
         .await
         .unwrap_err();
     assert!(err.message.contains("not empty"), "{}", err.message);
@@ -553,7 +553,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     let archive = dir.path().join("archive");
     let report = t
         .engine
-        .remove_archived("web", archive.to_str().unwrap())
+        .remove_archived("web", archive.to_str().unwrap(), Some(0))
         .await
         .unwrap();
     assert!(report.memory);

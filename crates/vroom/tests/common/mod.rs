@@ -642,3 +642,44 @@ pub fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, Str
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
 }
+
+/// A host group made for one test, deleted at the end.
+pub struct TestGroup {
+    pub name: String,
+}
+
+impl TestGroup {
+    /// A name no group has yet; the group is deleted on drop if made.
+    pub fn unique() -> Self {
+        TestGroup {
+            name: format!("vrt{:04x}", rand::random::<u16>()),
+        }
+    }
+
+    pub fn new() -> Self {
+        let group = Self::unique();
+        let status = Command::new("groupadd")
+            .args(["--system", &group.name])
+            .status()
+            .expect("run groupadd");
+        assert!(status.success(), "groupadd {}", group.name);
+        group
+    }
+
+    pub fn gid(&self) -> Option<u32> {
+        std::fs::read_to_string("/etc/group")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{}:x:", self.name)))
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|gid| gid.parse().ok())
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        if self.gid().is_some() {
+            let _ = Command::new("groupdel").arg(&self.name).status();
+        }
+    }
+}
