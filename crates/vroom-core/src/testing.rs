@@ -44,6 +44,9 @@ pub enum GuestBehavior {
     NeverReady,
     /// Writes a kernel panic to its console and exits after this long.
     PanicAtBoot(Duration),
+    /// Runs, but its agent never replies (a hung guest: the VMM takes the
+    /// connection, nothing inside answers).
+    Hung,
 }
 
 struct FakeVm {
@@ -177,6 +180,16 @@ impl FakeDriver {
                 GuestBehavior::Ready | GuestBehavior::NeverReady => {
                     if let Some(listener) = listener {
                         serve_agent(listener, alive_tx, behavior == GuestBehavior::Ready).await;
+                    }
+                }
+                GuestBehavior::Hung => {
+                    let mut connections = vec![];
+                    let mut gone = alive_tx.subscribe();
+                    while let Some(listener) = &listener {
+                        tokio::select! {
+                            Ok((stream, _)) = listener.accept() => connections.push(stream),
+                            _ = gone.wait_for(|a| !*a) => break,
+                        }
                     }
                 }
             }

@@ -83,7 +83,8 @@ fn moves(lab: &Lab, name: &str, ip: &str, runs: usize, at: &mut usize) -> Result
         let expected = match &moved {
             Ok(said) => {
                 m.totals.push((ended - started).as_secs_f64() * 1000.0);
-                m.downtimes.push(said["downtime_ms"].as_f64().unwrap_or(0.0));
+                m.downtimes
+                    .push(said["downtime_ms"].as_f64().unwrap_or(0.0));
                 to
             }
             Err(e) => {
@@ -92,9 +93,7 @@ fn moves(lab: &Lab, name: &str, ip: &str, runs: usize, at: &mut usize) -> Result
             }
         };
         // The guest answers where the move left it, or the move lost it.
-        let answered = wait(ANSWER_WITHIN, || {
-            lab.guest_answers(expected, name, ip).ok()
-        });
+        let answered = wait(ANSWER_WITHIN, || lab.guest_answers(expected, name, ip).ok());
         match (answered, &moved) {
             (Some(()), Ok(_)) => m.windows.push((started, ended)),
             (Some(()), Err(_)) => {}
@@ -225,8 +224,11 @@ fn measure(lab: &Lab, runs: usize, mem: Option<u64>, loaded: bool) -> Result<()>
     let busy = if loaded {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         // Bounded even if this process dies: far beyond the moves' time.
-        let _load = BusyLoops::start(cpus * BUSY_PER_CPU, Duration::from_secs(60 * runs as u64 + 120))
-            .map_err(anyhow::Error::msg)?;
+        let _load = BusyLoops::start(
+            cpus * BUSY_PER_CPU,
+            Duration::from_secs(60 * runs as u64 + 120),
+        )
+        .map_err(anyhow::Error::msg)?;
         std::thread::sleep(Duration::from_secs(2));
         Some(moves(lab, name, &ip, runs, &mut at)?)
     } else {

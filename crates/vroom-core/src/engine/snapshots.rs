@@ -631,7 +631,11 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
-            let received = blocking(|| self.receive_live(process, &cell.volume(), live));
+            let answer_within = live.answer_within;
+            let mut received = blocking(|| self.receive_live(process, &cell.volume(), live));
+            if received.is_ok() {
+                received = self.verify_arrival(cell, process, answer_within).await;
+            }
             if received.is_err() {
                 let _ = self.driver.kill(process);
                 self.driver.wait_exit(process).await;
