@@ -47,6 +47,9 @@ pub enum GuestBehavior {
     /// Runs, but its agent never replies (a hung guest: the VMM takes the
     /// connection, nothing inside answers).
     Hung,
+    /// Reports ready, then its VMM exits after this long (a guest whose
+    /// memory was corrupted panics moments after it ran).
+    ReadyThenExit(Duration),
 }
 
 struct FakeVm {
@@ -180,6 +183,16 @@ impl FakeDriver {
                 GuestBehavior::Ready | GuestBehavior::NeverReady => {
                     if let Some(listener) = listener {
                         serve_agent(listener, alive_tx, behavior == GuestBehavior::Ready).await;
+                    }
+                }
+                GuestBehavior::ReadyThenExit(after) => {
+                    let dying = alive_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        dying.send_replace(false);
+                    });
+                    if let Some(listener) = listener {
+                        serve_agent(listener, alive_tx, true).await;
                     }
                 }
                 GuestBehavior::Hung => {

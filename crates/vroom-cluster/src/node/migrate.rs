@@ -18,7 +18,8 @@
 //!    owner key's mod revision); the migration record stays `requested`;
 //! 5. the destination lets its VM run, then verifies it: the guest must
 //!    answer its agent and pass its health check within
-//!    [`ANSWER_WITHIN`] (it was running a moment ago);
+//!    [`ANSWER_WITHIN`] (it was running a moment ago), and still run and
+//!    answer [`ANSWER_SETTLE`] later;
 //! 6. verified: the destination records the migration `switched` (fenced
 //!    on its takeover) and answers `resumed`; the source drops its paused
 //!    copy and records it `done`;
@@ -61,6 +62,12 @@ const HELLO_MAX: usize = 4096;
 /// answer its agent and pass its health check. It was running a moment
 /// ago; this only allows for a loaded host.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long after its first answer a migrated guest must still run and
+/// answer: guests whose memory the move corrupted (QEMU 7.2's TCG loses
+/// pages a vCPU dirties during a live copy on a loaded host) answered once
+/// and panicked about 2 s later. The source keeps its paused copy until
+/// then; the guest's pause is not longer for it.
+pub const ANSWER_SETTLE: Duration = Duration::from_secs(3);
 
 /// What the destination's takeover changed, for the switch or the give-back.
 #[derive(Debug, Clone)]
@@ -649,6 +656,7 @@ impl ClusterNode {
             switch_over,
             label: format!("migration from {from}"),
             answer_within: ANSWER_WITHIN,
+            settle: ANSWER_SETTLE,
         };
         let request = record.request.clone();
         self.engine

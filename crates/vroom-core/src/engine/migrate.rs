@@ -50,6 +50,10 @@ pub struct LiveIncoming {
     /// How long the guest has, once it runs here, to answer its agent and
     /// report itself ready; the migration fails otherwise.
     pub answer_within: Duration,
+    /// How long after that first answer it must still run and answer
+    /// again: a guest whose memory did not survive the move may answer
+    /// once and panic a moment later.
+    pub settle: Duration,
 }
 
 impl std::fmt::Debug for LiveIncoming {
@@ -57,6 +61,7 @@ impl std::fmt::Debug for LiveIncoming {
         f.debug_struct("LiveIncoming")
             .field("label", &self.label)
             .field("answer_within", &self.answer_within)
+            .field("settle", &self.settle)
             .finish_non_exhaustive()
     }
 }
@@ -113,9 +118,46 @@ impl Engine {
 
     /// After a live migration in: whether the guest answers here. It was
     /// running a moment ago, so it must answer its agent at once and report
-    /// itself ready (services up, health check passing) within `within`;
-    /// a VMM that dies meanwhile fails it at once.
+    /// itself ready (services up, health check passing) within `within`,
+    /// and still run and answer `settle` later; a VMM that dies meanwhile
+    /// fails it at once.
     pub(super) async fn verify_arrival(
+        &self,
+        cell: &Cell,
+        process: &VmProcess,
+        within: Duration,
+        settle: Duration,
+    ) -> Result<(), OpError> {
+        self.first_answer(cell, process, within).await?;
+        if settle.is_zero() {
+            return Ok(());
+        }
+        let exited = tokio::time::timeout(settle, self.driver.wait_exit(process))
+            .await
+            .is_ok();
+        let again = if exited {
+            ArrivalCheck::VmmExited
+        } else {
+            match cell.agent.health(AGENT_CALL_CAP).await {
+                Ok(report) if report.ready => return Ok(()),
+                Ok(report) => ArrivalCheck::NotReady {
+                    config_error: report.config_error,
+                },
+                Err(_) => ArrivalCheck::NoAnswer,
+            }
+        };
+        Err(OpError::new(
+            ErrorCode::Internal,
+            format!(
+                "the migrated guest answered, then failed {:.0}s later: {}",
+                settle.as_secs_f32(),
+                again.reason(AGENT_CALL_CAP)
+            ),
+        ))
+    }
+
+    /// The first ready answer of a migrated guest within `within`.
+    async fn first_answer(
         &self,
         cell: &Cell,
         process: &VmProcess,
@@ -284,6 +326,7 @@ mod tests {
     /// An incoming migration whose stream is a few bytes of "memory" and
     /// whose switch-over notes that it ran (the cluster's takeover).
     fn incoming(switched: Arc<AtomicBool>, answer_within: Duration) -> LiveIncoming {
+        let settle = answer_within / 2;
         LiveIncoming {
             channel: Box::new(|| {
                 let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()
@@ -298,6 +341,7 @@ mod tests {
             }),
             label: "migration from n1".into(),
             answer_within,
+            settle,
         }
     }
 
@@ -343,6 +387,10 @@ mod tests {
             (
                 GuestBehavior::PanicAtBoot(Duration::from_millis(10)),
                 "QEMU exited",
+            ),
+            (
+                GuestBehavior::ReadyThenExit(Duration::from_millis(100)),
+                "answered, then failed",
             ),
         ] {
             let dir = tempfile::tempdir().unwrap();
