@@ -80,6 +80,8 @@ struct Taken {
     migration_rev: i64,
     downtime_ms: u64,
     bytes: u64,
+    /// When the takeover was done.
+    at: Instant,
 }
 
 /// The revisions of an incoming instance's config and wiring records as
@@ -142,8 +144,13 @@ enum Control {
     },
     /// Source: the stream failed; the VM runs on at the source.
     Abort { reason: String },
-    /// Destination: it owns the instance and its VM runs.
-    Resumed,
+    /// Destination: it owns the instance, its VM runs and its guest
+    /// answered; `checked_ms` of the wait were spent after the takeover
+    /// (the guest ran; the source's copy waited for the check).
+    Resumed {
+        #[serde(default)]
+        checked_ms: u64,
+    },
     /// Destination: it gave up (and did not take ownership).
     Failed { reason: String },
 }
@@ -488,7 +495,7 @@ impl ClusterNode {
         let outcome = match (outcome, taken) {
             (Ok(()), Some(taken)) => {
                 self.record_switch(name, &taken).await;
-                Ok(())
+                Ok(taken.at.elapsed().as_millis() as u64)
             }
             // The guest did not make it here (the engine killed it and
             // removed the instance): the source's paused copy is the one.
@@ -502,14 +509,14 @@ impl ClusterNode {
                     ))
                 }
             },
-            (outcome, None) => outcome,
+            (outcome, None) => outcome.map(|()| 0),
         };
         // Only now: a pass cannot start it here while it is given back.
         self.end_start(name);
         let reply = match outcome {
-            Ok(()) => {
-                tracing::info!(instance = %name, %from, "migrated here");
-                Control::Resumed
+            Ok(checked_ms) => {
+                tracing::info!(instance = %name, %from, checked_ms, "migrated here; the guest answers");
+                Control::Resumed { checked_ms }
             }
             Err(reason) => {
                 tracing::warn!(instance = %name, %from, %reason, "an incoming migration failed");
@@ -747,6 +754,7 @@ impl ClusterNode {
             migration_rev: mkv.mod_revision,
             downtime_ms,
             bytes,
+            at: Instant::now(),
         })
     }
 
@@ -1104,9 +1112,12 @@ impl ClusterNode {
             .map_err(|_| format!("node {to} did not take the config volume in {STEP_TIMEOUT:?}"))?
             .map_err(gone)?;
         match read_control(&mut reader, to, STEP_TIMEOUT).await? {
-            Control::Resumed => Ok((
+            // The switch-over as the guest saw it: to its `cont`, not the
+            // check that followed while it ran.
+            Control::Resumed { checked_ms } => Ok((
                 sent.stats,
-                sent.stats.downtime_ms + paused.elapsed().as_millis() as u64,
+                sent.stats.downtime_ms
+                    + (paused.elapsed().as_millis() as u64).saturating_sub(checked_ms),
             )),
             Control::Failed { reason } => Err(format!("node {to}: {reason}")),
             other => Err(format!("node {to} said {other:?} out of turn")),
