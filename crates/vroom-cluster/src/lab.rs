@@ -529,6 +529,129 @@ impl Lab {
     }
 }
 
+/// A client opening a TCP connection to `addr` every 10 ms from network
+/// namespace `ns` (as a busy user of a guest would), keeping the times of
+/// those that were answered.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Instant>>>,
+}
+
+impl Prober {
+    /// How often it connects.
+    pub const EVERY: Duration = Duration::from_millis(10);
+
+    pub fn start(ns: &str, addr: std::net::SocketAddr) -> Result<Prober, String> {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::Ordering;
+        let netns = std::fs::File::open(format!("/run/netns/{ns}"))
+            .map_err(|e| format!("no network namespace {ns}: {e}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let halt = stop.clone();
+        let (entered, joined) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: setns on this thread alone, with a namespace fd we own.
+            let moved = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } == 0;
+            let _ = entered.send(moved);
+            let mut answered = vec![];
+            while moved && !halt.load(Ordering::SeqCst) {
+                let sent = Instant::now();
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+                    answered.push(sent);
+                }
+                std::thread::sleep(Self::EVERY.saturating_sub(sent.elapsed()));
+            }
+            answered
+        });
+        if !joined.recv().unwrap_or(false) {
+            return Err(format!("cannot enter network namespace {ns}"));
+        }
+        Ok(Prober {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops it: the times of the answered connections.
+    pub fn finish(mut self) -> Vec<Instant> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> Vec<Instant> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Busy loops that keep the host's CPUs loaded (as other tenants would),
+/// each bounded by `timeout` and killed when this is dropped.
+pub struct BusyLoops(Vec<Child>);
+
+impl BusyLoops {
+    pub fn start(count: usize, limit: Duration) -> Result<BusyLoops, String> {
+        let mut loops = BusyLoops(vec![]);
+        for _ in 0..count {
+            let child = Command::new("timeout")
+                .arg(limit.as_secs().max(1).to_string())
+                .args(["sh", "-c", "while :; do :; done"])
+                .stdin(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start a busy loop: {e}"))?;
+            loops.0.push(child);
+        }
+        Ok(loops)
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // `timeout` passes the signal on to its loop.
+            signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Lab {
+    /// Whether instance `name` (address `ip`) runs on node `i` and its guest
+    /// answers: its agent (an exec) and its service (the page).
+    pub fn guest_answers(&self, i: usize, name: &str, ip: &str) -> Result<(), String> {
+        let mut exec = self
+            .command(i)
+            .args(["exec", "--timeout", "5", name, "--", "sh", "-c", "exit 0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        // A guest that hangs may leave the call waiting: bounded here.
+        let exited = wait(Duration::from_secs(10), || exec.try_wait().ok().flatten());
+        if exited.is_none() {
+            let _ = exec.kill();
+        }
+        let out = exec.wait_with_output().map_err(|e| e.to_string())?;
+        if !exited.is_some_and(|status| status.success()) {
+            return Err(format!(
+                "its agent does not answer on {}: {}",
+                self.nodes[i].name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        self.page_from(i, ip)
+            .map(|_| ())
+            .ok_or_else(|| format!("its page does not answer on {}", self.nodes[i].name))
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {

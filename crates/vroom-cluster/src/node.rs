@@ -98,6 +98,10 @@ pub struct ClusterNode {
     incoming: Mutex<BTreeMap<String, (String, String, migrate::DataSlot)>>,
     /// Instances migrating out.
     migrating: Mutex<BTreeSet<String>>,
+    /// Instances this node took over in a migration and gave back (their
+    /// guest did not answer here), with the give-back's revision: a view
+    /// read before it must not make this node their owner again.
+    returned: Mutex<BTreeMap<String, i64>>,
     /// The peer listener, until `start` serves it.
     peers: Mutex<Option<tokio::net::TcpListener>>,
     /// The API's TCP listener, until the daemon serves it.
@@ -397,6 +401,7 @@ impl ClusterNode {
             rejoin: tokio::sync::Mutex::new(()),
             incoming: Mutex::default(),
             migrating: Mutex::default(),
+            returned: Mutex::default(),
             peers: Mutex::default(),
             api: Mutex::default(),
             draining: Mutex::default(),
@@ -768,21 +773,18 @@ impl ClusterNode {
     /// Takes the instances the view says this node owns under its lease.
     fn adopt(&self, view: &View) {
         let lease = self.lease();
-        let mut owned: BTreeMap<String, i64> = view
+        let read: BTreeMap<String, i64> = view
             .owners
             .iter()
             .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
             .map(|(name, (_, kv))| (name.clone(), kv.mod_revision))
             .collect();
         let mut current = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        // Taken (a migration's handover) after this view was read: it stands.
-        for (name, token) in current.iter() {
-            if view.revision > 0 && *token > view.revision {
-                owned.insert(name.clone(), *token);
-            }
-        }
-        *current = owned;
-        drop(current);
+        let mut returned = self.returned.lock().unwrap_or_else(|p| p.into_inner());
+        *current = owned_after(read, &current, &returned, view.revision);
+        // Once a view shows the give-back, the key itself says it.
+        returned.retain(|_, revision| view.revision == 0 || *revision > view.revision);
+        drop((current, returned));
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
             view.instances.keys().cloned().collect();
     }
@@ -1127,7 +1129,14 @@ impl ClusterNode {
             let cluster_instance =
                 view.instances.contains_key(name) || managed.iter().any(|m| m == name);
             let ours = owned.contains_key(name);
-            if cluster_instance && !ours && !self.is_starting(name) {
+            // A source keeps its paused copy until its migration has
+            // decided (the destination may give the instance back).
+            let leaving = self
+                .migrating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(name);
+            if cluster_instance && !ours && !self.is_starting(name) && !leaving {
                 tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
                 self.engine.drop_wiring(name).await;
                 if let Err(e) = self.engine.remove(name, true).await {
@@ -2375,6 +2384,72 @@ impl ClusterNode {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
             tracing::info!(instance = %name, "released for a move");
+        }
+    }
+}
+
+/// What a node owns after a pass that read `read` (the owner keys naming
+/// it under its lease) at `revision`: those, plus an instance it took over
+/// in a migration after the read, less one it gave back after the read.
+fn owned_after(
+    read: BTreeMap<String, i64>,
+    current: &BTreeMap<String, i64>,
+    returned: &BTreeMap<String, i64>,
+    revision: i64,
+) -> BTreeMap<String, i64> {
+    let after_read = |token: i64| revision > 0 && token > revision;
+    let mut owned = read;
+    for (name, token) in current {
+        if after_read(*token) {
+            owned.insert(name.clone(), *token);
+        }
+    }
+    for (name, token) in returned {
+        if after_read(*token) || revision == 0 {
+            owned.remove(name);
+        }
+    }
+    owned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Owned<'a> = &'a [(&'a str, i64)];
+
+    fn map(entries: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        entries.iter().map(|(n, r)| (n.to_string(), *r)).collect()
+    }
+
+    /// What a node owns after a pass: the owner keys it read, a takeover
+    /// newer than the read, less a give-back newer than the read (a stale
+    /// view must not make a destination that gave an instance back start
+    /// it while its source resumes it).
+    #[test]
+    fn owned_after_a_pass_honours_takeovers_and_give_backs_newer_than_the_view() {
+        #[rustfmt::skip]
+        let cases: &[(Owned, Owned, Owned, i64, Owned)] = &[
+            // read                current              returned        view  owned
+            (&[("a", 5)],          &[],                 &[],            10,   &[("a", 5)]),
+            // taken over after the read: it stands
+            (&[],                  &[("m", 12)],        &[],            10,   &[("m", 12)]),
+            // taken over before the read and gone from it: it went
+            (&[],                  &[("m", 8)],         &[],            10,   &[]),
+            // given back after the read, which still shows the takeover
+            (&[("m", 8)],          &[],                 &[("m", 12)],   10,   &[]),
+            (&[("m", 8)],          &[("m", 8)],         &[("m", 12)],   10,   &[]),
+            // a view newer than the give-back decides by itself
+            (&[("m", 20)],         &[],                 &[("m", 12)],   25,   &[("m", 20)]),
+            // other instances are untouched
+            (&[("a", 5), ("m", 8)], &[],                &[("m", 12)],   10,   &[("a", 5)]),
+        ];
+        for (read, current, returned, revision, want) in cases {
+            assert_eq!(
+                owned_after(map(read), &map(current), &map(returned), *revision),
+                map(want),
+                "read {read:?} current {current:?} returned {returned:?} at {revision}"
+            );
         }
     }
 }

@@ -44,6 +44,12 @@ pub enum GuestBehavior {
     NeverReady,
     /// Writes a kernel panic to its console and exits after this long.
     PanicAtBoot(Duration),
+    /// Runs, but its agent never replies (a hung guest: the VMM takes the
+    /// connection, nothing inside answers).
+    Hung,
+    /// Reports ready, then its VMM exits after this long (a guest whose
+    /// memory was corrupted panics moments after it ran).
+    ReadyThenExit(Duration),
 }
 
 struct FakeVm {
@@ -194,6 +200,26 @@ impl FakeDriver {
                             volume,
                         )
                         .await;
+                    }
+                }
+                GuestBehavior::ReadyThenExit(after) => {
+                    let dying = alive_tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        dying.send_replace(false);
+                    });
+                    if let Some(listener) = listener {
+                        serve_agent(listener, alive_tx, true).await;
+                    }
+                }
+                GuestBehavior::Hung => {
+                    let mut connections = vec![];
+                    let mut gone = alive_tx.subscribe();
+                    while let Some(listener) = &listener {
+                        tokio::select! {
+                            Ok((stream, _)) = listener.accept() => connections.push(stream),
+                            _ = gone.wait_for(|a| !*a) => break,
+                        }
                     }
                 }
             }

@@ -335,7 +335,11 @@ impl VmDriver for QemuDriver {
         process: &VmProcess,
         channel: std::os::fd::BorrowedFd<'_>,
     ) -> Result<LiveStats, ControlVmError> {
-        let stats = state::migrate_out(&process.control_socket, channel).map_err(control)?;
+        let copy = match process.accel {
+            Accel::Tcg => state::Copy::Paused,
+            Accel::Kvm => state::Copy::Live,
+        };
+        let stats = state::migrate_out(&process.control_socket, channel, copy).map_err(control)?;
         Ok(LiveStats {
             total_ms: stats.total_ms,
             downtime_ms: stats.downtime_ms,

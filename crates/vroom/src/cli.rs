@@ -31,7 +31,9 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             }
             crate::BenchOp::Warm { runs } => crate::bench_warm::warm(&cli.data_dir, *runs).await,
             crate::BenchOp::Failover { runs } => crate::bench_failover::failover(*runs).await,
-            crate::BenchOp::Migrate { runs } => crate::bench_migrate::migrate(*runs).await,
+            crate::BenchOp::Migrate { runs, mem, loaded } => {
+                crate::bench_migrate::migrate(*runs, *mem, *loaded).await
+            }
             crate::BenchOp::Images {
                 recipes,
                 runs,

@@ -797,9 +797,15 @@ pub enum BenchOp {
     /// and forth (total time, QEMU's downtime, and the silence a client
     /// probing every 10 ms sees) against stop-and-cold-boot moves.
     Migrate {
-        /// Migrations.
+        /// Migrations (per case).
         #[arg(short = 'n', long, default_value_t = 20)]
         runs: usize,
+        /// Guest memory, e.g. 128M (the image's default when absent).
+        #[arg(long, value_parser = parse_mem_mib)]
+        mem: Option<u64>,
+        /// Repeat the moves with busy loops on every CPU.
+        #[arg(long)]
+        loaded: bool,
     },
     /// Idle hello appliances, as many as fit a memory budget, on vroom's
     /// kernel and on Debian's (the baseline): host memory (PSS) per

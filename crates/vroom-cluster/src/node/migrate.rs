@@ -3,21 +3,40 @@
 //! Any node may ask: it checks the request and writes a
 //! [`MigrationRecord`] (bound to its own lease) naming the owner's fencing
 //! token and a secret. The owner (`from`) picks it up in its pass and
-//! connects to the destination's peer port twice:
+//! connects to the destination's peer port twice. The steps:
 //!
-//! 1. a control connection (JSON lines). The destination checks the
-//!    migration against etcd, creates the instance with its identity and
+//! 1. control connection (JSON lines): the destination checks the
+//!    migration against etcd, creates the instance with its identity,
 //!    launches its VMM waiting for a state, and answers `ready`;
-//! 2. a data connection, which each side hands straight to its QEMU
-//!    (`getfd`): QEMU migrates over it while the guest runs.
+//! 2. data connection, which each side hands straight to its QEMU
+//!    (`getfd`): QEMU migrates over it while the guest runs;
+//! 3. once the source's QEMU has finished (its VM paused for good), the
+//!    source sends the config volume's bytes and QEMU's numbers over the
+//!    control connection;
+//! 4. takeover: the destination writes the volume in place and takes
+//!    ownership in one transaction that also voids the source's token (the
+//!    owner key's mod revision); the migration record stays `requested`;
+//! 5. the destination lets its VM run, then verifies it: the guest must
+//!    answer its agent and pass its health check within
+//!    [`ANSWER_WITHIN`] (it was running a moment ago), and still run and
+//!    answer [`ANSWER_SETTLE`] later;
+//! 6. verified: the destination records the migration `switched` (fenced
+//!    on its takeover) and answers `resumed`; the source drops its paused
+//!    copy and records it `done`;
+//! 7. not verified: the destination kills its VM and removes the instance,
+//!    then gives ownership back in one transaction fenced on its takeover's
+//!    revision and on the source's lease (the owner key names the source
+//!    again, under the source's lease; the instance record is restored),
+//!    and answers `failed`. The source resumes its paused copy and records
+//!    the migration `failed`, so `vroom migrate` fails and says why.
 //!
-//! When the source's QEMU has finished (its VM paused for good), the source
-//! sends the config volume's bytes and QEMU's numbers over the control
-//! connection. The destination writes the volume in place, takes ownership
-//! in one transaction that also voids the source's token (the owner key's
-//! mod revision), and only then lets its VM run. The source then drops its
-//! paused copy. Any failure before that transaction leaves the source
-//! owning the instance, and its VM runs on.
+//! After the stream, whatever happened, the source decides by the owner
+//! key alone: if it names the source, the source rewrites it (which voids
+//! any takeover still in flight) and its VM runs on; otherwise the
+//! destination has it and the paused copy goes. Until then the source keeps
+//! its paused copy, even when its pass sees another owner. A destination
+//! that cannot give the instance back (the source is gone) keeps owning it
+//! and starts it by its policy.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -39,6 +58,31 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// destination's VMM, then streaming).
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const HELLO_MAX: usize = 4096;
+/// How long a migrated guest has, once it runs on the destination, to
+/// answer its agent and pass its health check. It was running a moment
+/// ago; this only allows for a loaded host.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long after its first answer a migrated guest must still run and
+/// answer: guests whose memory the move corrupted (QEMU 7.2's TCG loses
+/// pages a vCPU dirties during a live copy on a loaded host) answered once
+/// and panicked about 2 s later. The source keeps its paused copy until
+/// then; the guest's pause is not longer for it.
+pub const ANSWER_SETTLE: Duration = Duration::from_secs(3);
+
+/// What the destination's takeover changed, for the switch or the give-back.
+#[derive(Debug, Clone)]
+struct Taken {
+    /// The takeover's revision: the owner key's mod revision after it.
+    revision: i64,
+    /// The instance record before the takeover.
+    instance: InstanceRecord,
+    /// The migration record's mod revision (the takeover left it as it was).
+    migration_rev: i64,
+    downtime_ms: u64,
+    bytes: u64,
+    /// When the takeover was done.
+    at: Instant,
+}
 
 /// The revisions of an incoming instance's config and wiring records as
 /// the destination read them (0: none); its takeover requires them still.
@@ -100,8 +144,13 @@ enum Control {
     },
     /// Source: the stream failed; the VM runs on at the source.
     Abort { reason: String },
-    /// Destination: it owns the instance and its VM runs.
-    Resumed,
+    /// Destination: it owns the instance, its VM runs and its guest
+    /// answered; `checked_ms` of the wait were spent after the takeover
+    /// (the guest ran; the source's copy waited for the check).
+    Resumed {
+        #[serde(default)]
+        checked_ms: u64,
+    },
     /// Destination: it gave up (and did not take ownership).
     Failed { reason: String },
 }
@@ -411,6 +460,7 @@ impl ClusterNode {
                 );
             }
         };
+        let taken = Arc::new(Mutex::new(None));
         let (slot, data) = std::sync::mpsc::sync_channel(1);
         self.incoming
             .lock()
@@ -431,6 +481,7 @@ impl ClusterNode {
                 },
                 &from,
                 data,
+                taken.clone(),
             )
             .await;
         self.incoming
@@ -440,11 +491,32 @@ impl ClusterNode {
         if outcome.is_err() {
             self.engine.drop_wiring(name).await;
         }
+        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let outcome = match (outcome, taken) {
+            (Ok(()), Some(taken)) => {
+                self.record_switch(name, &taken).await;
+                Ok(taken.at.elapsed().as_millis() as u64)
+            }
+            // The guest did not make it here (the engine killed it and
+            // removed the instance): the source's paused copy is the one.
+            (Err(reason), Some(taken)) => match self.give_back(name, &from, &taken).await {
+                Ok(()) => Err(reason),
+                Err(e) => {
+                    tracing::error!(instance = %name, %from, error = %e, "cannot give a failed migration back; the instance starts here instead");
+                    Err(format!(
+                        "{reason}; cannot give it back to {from} ({e}), so it starts again on {}",
+                        self.name
+                    ))
+                }
+            },
+            (outcome, None) => outcome.map(|()| 0),
+        };
+        // Only now: a pass cannot start it here while it is given back.
         self.end_start(name);
         let reply = match outcome {
-            Ok(()) => {
-                tracing::info!(instance = %name, %from, "migrated here");
-                Control::Resumed
+            Ok(checked_ms) => {
+                tracing::info!(instance = %name, %from, checked_ms, "migrated here; the guest answers");
+                Control::Resumed { checked_ms }
             }
             Err(reason) => {
                 tracing::warn!(instance = %name, %from, %reason, "an incoming migration failed");
@@ -509,6 +581,7 @@ impl ClusterNode {
         seen: Seen,
         from: &str,
         data: std::sync::mpsc::Receiver<std::net::TcpStream>,
+        taken: Arc<Mutex<Option<Taken>>>,
     ) -> Result<(), String> {
         let io = |e: std::io::Error| OpError::internal("the control connection", e);
         let mut ready = control.try_clone().map_err(|e| e.to_string())?;
@@ -575,18 +648,22 @@ impl ClusterNode {
                 .and_then(|()| file.write_all(&content))
                 .and_then(|()| file.sync_all())
                 .map_err(|e| OpError::internal("failed to write the config volume", e))?;
-            tokio::runtime::Handle::current().block_on(node.take_over(
+            let took = tokio::runtime::Handle::current().block_on(node.take_over(
                 &name_,
                 &migration_,
                 seen,
                 downtime_ms,
                 ram_bytes,
-            ))
+            ))?;
+            *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(took);
+            Ok(())
         });
         let incoming = LiveIncoming {
             channel,
             switch_over,
             label: format!("migration from {from}"),
+            answer_within: ANSWER_WITHIN,
+            settle: ANSWER_SETTLE,
         };
         let request = record.request.clone();
         self.engine
@@ -606,7 +683,8 @@ impl ClusterNode {
 
     /// The switch-over: ownership moves here in one transaction that
     /// checks the source still owns the instance under the migration's
-    /// token and the migration still stands.
+    /// token and the migration still stands. The migration record is left
+    /// `requested` until the guest answers here ([`Self::record_switch`]).
     async fn take_over(
         &self,
         name: &str,
@@ -614,9 +692,9 @@ impl ClusterNode {
         seen: Seen,
         downtime_ms: u64,
         bytes: u64,
-    ) -> Result<(), OpError> {
+    ) -> Result<Taken, OpError> {
         let read = |e| etcd_error("cannot read the cluster", e);
-        let (mut record, mkv) = self
+        let (record, mkv) = self
             .etcd
             .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
             .await
@@ -629,8 +707,8 @@ impl ClusterNode {
             .await
             .map_err(read)?
             .ok_or_else(|| OpError::conflict("the instance was removed"))?;
+        let before = instance.clone();
         instance.previous = instance.home.replace(self.name.clone());
-        record.state = MigrationState::Switched { downtime_ms, bytes };
         let owner = OwnerRecord {
             node: self.name.clone(),
             since: now_secs(),
@@ -654,11 +732,6 @@ impl ClusterNode {
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::put(ikv.key.clone(), json(&instance), None),
-                TxnOp::put(
-                    mkv.key.clone(),
-                    json(&record),
-                    Some(PutOptions::new().with_lease(mkv.lease)),
-                ),
             ]);
         let response = self
             .etcd
@@ -675,6 +748,93 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), revision);
+        Ok(Taken {
+            revision,
+            instance: before,
+            migration_rev: mkv.mod_revision,
+            downtime_ms,
+            bytes,
+            at: Instant::now(),
+        })
+    }
+
+    /// The guest answered here: the migration is recorded `switched`, so a
+    /// requester whose source dies now still learns that the move stands.
+    /// Best effort: ownership moved already.
+    async fn record_switch(&self, name: &str, taken: &Taken) {
+        let mkey = key(MIGRATIONS, name);
+        let Ok(Some((mut record, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
+            return;
+        };
+        record.state = MigrationState::Switched {
+            downtime_ms: taken.downtime_ms,
+            bytes: taken.bytes,
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(mkey.clone(), CompareOp::Equal, taken.migration_rev),
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, taken.revision),
+            ])
+            .and_then([TxnOp::put(
+                mkey,
+                json(&record),
+                Some(PutOptions::new().with_lease(kv.lease)),
+            )]);
+        if !matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
+            tracing::warn!(instance = %name, "cannot record the migration switched");
+        }
+    }
+
+    /// Gives instance `name` back to node `from` after a takeover whose
+    /// guest did not answer here (its VM is gone already): the owner key
+    /// names `from` again under `from`'s lease, and the instance record is
+    /// as it was. Fenced on the takeover (nobody changed the owner key
+    /// since) and on `from` still holding its lease; either failing leaves
+    /// the instance with this node.
+    async fn give_back(&self, name: &str, from: &str, taken: &Taken) -> Result<(), String> {
+        let source = self
+            .etcd
+            .get_json::<NodeRecord>(&key(NODES, from))
+            .await
+            .map_err(|e| format!("cannot read the cluster: {e}"))?
+            .ok_or_else(|| format!("node {from} is down"))?;
+        let lease = source.1.lease;
+        let owner = OwnerRecord {
+            node: from.to_string(),
+            since: now_secs(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, taken.revision),
+                Compare::mod_revision(key(INSTANCES, name), CompareOp::Equal, taken.revision),
+                Compare::lease(key(NODES, from), CompareOp::Equal, lease),
+            ])
+            .and_then([
+                TxnOp::put(
+                    key(OWNERS, name),
+                    json(&owner),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                TxnOp::put(key(INSTANCES, name), json(&taken.instance), None),
+            ]);
+        let response = self
+            .etcd
+            .txn(txn)
+            .await
+            .map_err(|e| format!("cannot write the cluster: {e}"))?;
+        if !response.succeeded() {
+            return Err("the instance or its source changed meanwhile".into());
+        }
+        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        self.owned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.returned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), revision);
+        tracing::warn!(instance = %name, %from, "gave a migrated instance back: its guest did not answer here");
         Ok(())
     }
 
@@ -708,6 +868,30 @@ impl ClusterNode {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), revision);
         Ok(true)
+    }
+
+    /// After a migration out: keeps instance `name` if its owner key names
+    /// this node (it never moved, or the destination gave it back),
+    /// rewriting the key under this node's lease. `Ok(false)`: another
+    /// node has it.
+    async fn keep(&self, name: &str) -> Result<bool, EtcdError> {
+        for _ in 0..3 {
+            let Some((owner, kv)) = self
+                .etcd
+                .get_json::<OwnerRecord>(&key(OWNERS, name))
+                .await?
+            else {
+                return Ok(false);
+            };
+            if owner.node != self.name {
+                return Ok(false);
+            }
+            if self.reclaim(name, kv.mod_revision).await? {
+                return Ok(true);
+            }
+            // Changed between the read and the rewrite: read it again.
+        }
+        Ok(false)
     }
 
     /// The owner's part of its pass: starts the migrations asked of it.
@@ -774,9 +958,10 @@ impl ClusterNode {
         let outcome = self.send(name, &record, peer).await;
         let mkey = key(MIGRATIONS, name);
         let current = self.etcd.get_json::<MigrationRecord>(&mkey).await;
-        // Fenced: a takeover still in flight can no longer succeed once
-        // this node has rewritten its owner key.
-        let still_owner = match self.reclaim(name, record.token).await {
+        // Decided by the owner key alone (a destination whose guest did not
+        // answer gave it back); fenced: a takeover still in flight can no
+        // longer succeed once this node has rewritten its owner key.
+        let still_owner = match self.keep(name).await {
             Ok(mine) => mine,
             // Cannot tell: the VM stays paused until a pass can.
             Err(_) => return,
@@ -927,9 +1112,12 @@ impl ClusterNode {
             .map_err(|_| format!("node {to} did not take the config volume in {STEP_TIMEOUT:?}"))?
             .map_err(gone)?;
         match read_control(&mut reader, to, STEP_TIMEOUT).await? {
-            Control::Resumed => Ok((
+            // The switch-over as the guest saw it: to its `cont`, not the
+            // check that followed while it ran.
+            Control::Resumed { checked_ms } => Ok((
                 sent.stats,
-                sent.stats.downtime_ms + paused.elapsed().as_millis() as u64,
+                sent.stats.downtime_ms
+                    + (paused.elapsed().as_millis() as u64).saturating_sub(checked_ms),
             )),
             Control::Failed { reason } => Err(format!("node {to}: {reason}")),
             other => Err(format!("node {to} said {other:?} out of turn")),

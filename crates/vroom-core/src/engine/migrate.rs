@@ -7,13 +7,21 @@
 //! - the destination ([`Engine::receive_live`]) creates the instance with
 //!   its identity, launches its VMM `incoming`, reads the stream, writes the
 //!   source's config volume in place, lets the cluster take ownership, and
-//!   only then lets the VM run.
+//!   only then lets the VM run;
+//! - then the guest must answer here ([`Engine::verify_arrival`]): its
+//!   agent replies to a health request and reports itself ready (its health
+//!   check passes) within [`LiveIncoming::answer_within`]. A guest that does
+//!   not (its VMM died, or it hangs) is killed and the instance removed, so
+//!   the receive fails: the cluster then gives the instance back to the
+//!   source, whose paused copy runs on. A QEMU that reported a completed
+//!   migration is no proof that the guest survived it.
 //!
 //! While a VM streams out, a marker in its run dir tells the next daemon
 //! that a pause it finds may be the migration's: a VM whose migration did
 //! not hand it over runs again ([`Engine::resume_unmigrated`]).
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
 use super::snapshots::{clear_marker, set_marker, StateSource};
 use super::*;
@@ -39,12 +47,21 @@ pub struct LiveIncoming {
     pub switch_over: SwitchOverFn,
     /// Shown as `status.started_from`.
     pub label: String,
+    /// How long the guest has, once it runs here, to answer its agent and
+    /// report itself ready; the migration fails otherwise.
+    pub answer_within: Duration,
+    /// How long after that first answer it must still run and answer
+    /// again: a guest whose memory did not survive the move may answer
+    /// once and panic a moment later.
+    pub settle: Duration,
 }
 
 impl std::fmt::Debug for LiveIncoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveIncoming")
             .field("label", &self.label)
+            .field("answer_within", &self.answer_within)
+            .field("settle", &self.settle)
             .finish_non_exhaustive()
     }
 }
@@ -97,6 +114,88 @@ impl Engine {
         self.driver
             .resume(process)
             .map_err(|e| OpError::internal("failed to start the migrated VM", e))
+    }
+
+    /// After a live migration in: whether the guest answers here. It was
+    /// running a moment ago, so it must answer its agent at once and report
+    /// itself ready (services up, health check passing) within `within`,
+    /// and still run and answer `settle` later; a VMM that dies meanwhile
+    /// fails it at once.
+    pub(super) async fn verify_arrival(
+        &self,
+        cell: &Cell,
+        process: &VmProcess,
+        within: Duration,
+        settle: Duration,
+    ) -> Result<(), OpError> {
+        self.first_answer(cell, process, within).await?;
+        if settle.is_zero() {
+            return Ok(());
+        }
+        let exited = tokio::time::timeout(settle, self.driver.wait_exit(process))
+            .await
+            .is_ok();
+        let again = if exited {
+            ArrivalCheck::VmmExited
+        } else {
+            match cell.agent.health(AGENT_CALL_CAP).await {
+                Ok(report) if report.ready => return Ok(()),
+                Ok(report) => ArrivalCheck::NotReady {
+                    config_error: report.config_error,
+                },
+                Err(_) => ArrivalCheck::NoAnswer,
+            }
+        };
+        Err(OpError::new(
+            ErrorCode::Internal,
+            format!(
+                "the migrated guest answered, then failed {:.0}s later: {}",
+                settle.as_secs_f32(),
+                again.reason(AGENT_CALL_CAP)
+            ),
+        ))
+    }
+
+    /// The first ready answer of a migrated guest within `within`.
+    async fn first_answer(
+        &self,
+        cell: &Cell,
+        process: &VmProcess,
+        within: Duration,
+    ) -> Result<(), OpError> {
+        let started = Instant::now();
+        // What it said last, if it ever answered: that says more than a
+        // final call cut short by the deadline.
+        let mut answered = None;
+        loop {
+            if !self.driver.is_alive(process) {
+                return Err(OpError::new(
+                    ErrorCode::Internal,
+                    ArrivalCheck::VmmExited.reason(within),
+                ));
+            }
+            let left = within.saturating_sub(started.elapsed());
+            match cell
+                .agent
+                .health(left.clamp(HEALTH_POLL, AGENT_CALL_CAP))
+                .await
+            {
+                Ok(report) if report.ready => return Ok(()),
+                Ok(report) => {
+                    answered = Some(ArrivalCheck::NotReady {
+                        config_error: report.config_error,
+                    })
+                }
+                Err(e) => {
+                    tracing::debug!(instance = %cell.snapshot().spec.name, error = %e, "the migrated guest's agent did not answer yet")
+                }
+            }
+            if started.elapsed() >= within {
+                let last = answered.unwrap_or(ArrivalCheck::NoAnswer);
+                return Err(OpError::new(ErrorCode::Internal, last.reason(within)));
+            }
+            tokio::time::sleep(HEALTH_POLL).await;
+        }
     }
 
     /// Streams running instance `name` into `channel` (connected to the
@@ -180,5 +279,156 @@ impl Engine {
             .filter(|c| c.dir.join(MIGRATE_MARKER).exists())
             .map(|c| c.snapshot().spec.name.to_string())
             .collect()
+    }
+}
+
+/// The longest a single health request waits while a migrated guest is
+/// checked (the check as a whole has [`LiveIncoming::answer_within`]).
+const AGENT_CALL_CAP: Duration = Duration::from_secs(2);
+
+/// What the last look at a migrated guest found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ArrivalCheck {
+    VmmExited,
+    NoAnswer,
+    NotReady { config_error: Option<String> },
+}
+
+impl ArrivalCheck {
+    /// Why the migration fails, for the user.
+    fn reason(&self, within: Duration) -> String {
+        let secs = within.as_secs_f32();
+        match self {
+            ArrivalCheck::VmmExited => {
+                "the migrated VM's QEMU exited right after it resumed".to_string()
+            }
+            ArrivalCheck::NoAnswer => {
+                format!("the migrated guest did not answer its agent within {secs:.0}s")
+            }
+            ArrivalCheck::NotReady { config_error: None } => {
+                format!("the migrated guest answered but did not pass its health check within {secs:.0}s")
+            }
+            ArrivalCheck::NotReady {
+                config_error: Some(e),
+            } => format!("the migrated guest cannot put its config in force: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::testing::{run_request, GuestBehavior, TestEngine};
+
+    /// An incoming migration whose stream is a few bytes of "memory" and
+    /// whose switch-over notes that it ran (the cluster's takeover).
+    fn incoming(switched: Arc<AtomicBool>, answer_within: Duration) -> LiveIncoming {
+        let settle = answer_within / 2;
+        LiveIncoming {
+            channel: Box::new(|| {
+                let (mut ours, theirs) = std::os::unix::net::UnixStream::pair()
+                    .map_err(|e| OpError::internal("socketpair", e))?;
+                ours.write_all(b"memory")
+                    .map_err(|e| OpError::internal("write", e))?;
+                Ok(OwnedFd::from(theirs))
+            }),
+            switch_over: Box::new(move |_| {
+                switched.store(true, Ordering::SeqCst);
+                Ok(())
+            }),
+            label: "migration from n1".into(),
+            answer_within,
+            settle,
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            id: "0123456789abcdef".into(),
+            config: None,
+            cluster: true,
+        }
+    }
+
+    /// A guest that answers after the switch-over: the instance runs here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_migrated_guest_that_answers_is_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let switched = Arc::new(AtomicBool::new(false));
+        let i = t
+            .engine
+            .receive(
+                run_request("m", "hello", &[]),
+                identity(),
+                incoming(switched.clone(), Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        assert!(switched.load(Ordering::SeqCst));
+        assert_eq!(i.status.state, InstanceState::Running);
+        assert_eq!(t.driver.running().len(), 1);
+    }
+
+    /// Issue 23 #3: QEMU reported the migration completed and the VM ran,
+    /// but the guest never answered again; the move was reported a
+    /// success. Now a guest that does not answer its agent, or answers but
+    /// fails its health check, or whose VMM dies, fails the receive after
+    /// the switch-over (the cluster gives the instance back), and leaves no
+    /// VM or record here (its taps go with its VMM).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_migrated_guest_that_does_not_answer_fails_the_receive_and_leaves_nothing() {
+        for (behavior, says) in [
+            (GuestBehavior::Hung, "did not answer its agent"),
+            (GuestBehavior::NeverReady, "did not pass its health check"),
+            (
+                GuestBehavior::PanicAtBoot(Duration::from_millis(10)),
+                "QEMU exited",
+            ),
+            (
+                GuestBehavior::ReadyThenExit(Duration::from_millis(100)),
+                "answered, then failed",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = TestEngine::new(dir.path());
+            t.engine
+                .create_network(vroom_types::NetworkSpec {
+                    name: Name::new("lan").unwrap(),
+                    subnet: None,
+                    nat: false,
+                    isolated: false,
+                    mirror: false,
+                    allow_host: vec![],
+                })
+                .await
+                .unwrap();
+            t.driver.set_behavior(behavior);
+            let switched = Arc::new(AtomicBool::new(false));
+            let started = Instant::now();
+            let err = t
+                .engine
+                .receive(
+                    run_request("m", "hello", &[None]),
+                    identity(),
+                    incoming(switched.clone(), Duration::from_millis(600)),
+                )
+                .await
+                .unwrap_err();
+            assert!(err.message.contains(says), "{behavior:?}: {}", err.message);
+            assert!(switched.load(Ordering::SeqCst), "{behavior:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{behavior:?}: the check is bounded"
+            );
+            assert!(
+                t.driver.running().is_empty(),
+                "{behavior:?}: the VM is killed"
+            );
+            assert!(t.engine.get("m").is_err(), "{behavior:?}: no record");
+        }
     }
 }

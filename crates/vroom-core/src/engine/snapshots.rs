@@ -698,7 +698,13 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
-            let received = blocking(|| self.receive_live(process, &cell.volume(), live));
+            let (answer_within, settle) = (live.answer_within, live.settle);
+            let mut received = blocking(|| self.receive_live(process, &cell.volume(), live));
+            if received.is_ok() {
+                received = self
+                    .verify_arrival(cell, process, answer_within, settle)
+                    .await;
+            }
             if received.is_err() {
                 let _ = self.driver.kill(process);
                 self.driver.wait_exit(process).await;
