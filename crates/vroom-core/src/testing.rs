@@ -209,7 +209,7 @@ impl FakeDriver {
                         dying.send_replace(false);
                     });
                     if let Some(listener) = listener {
-                        serve_agent(listener, alive_tx, true).await;
+                        serve_agent(listener, alive_tx, true, config, volume).await;
                     }
                 }
                 GuestBehavior::Hung => {
