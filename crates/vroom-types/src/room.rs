@@ -102,6 +102,27 @@ pub struct RoomNetworks {
 }
 
 impl RoomNetworks {
+    /// Only a map of role to subnet: serde would take a struct from a
+    /// sequence too (`[null, null]`), which is no way to name subnets.
+    fn from_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapOnly;
+        impl<'de> serde::de::Visitor<'de> for MapOnly {
+            type Value = RoomNetworks;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of network role (wan, lan, dmz) to subnet")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RoomNetworks, A::Error> {
+                RoomNetworks::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(MapOnly)
+    }
+}
+
+impl RoomNetworks {
     pub fn is_empty(&self) -> bool {
         *self == RoomNetworks::default()
     }
@@ -144,7 +165,11 @@ pub struct RoomSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<Name>,
     /// The subnets of its networks; free ones when absent.
-    #[serde(default, skip_serializing_if = "RoomNetworks::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "RoomNetworks::from_map",
+        skip_serializing_if = "RoomNetworks::is_empty"
+    )]
     pub networks: RoomNetworks,
 }
 
@@ -276,7 +301,11 @@ pub struct RoomFile {
     pub wan: Option<Name>,
     /// The subnets of the room's networks (`[networks] lan = "10.9.1.0/24"`);
     /// they cannot change once the room exists.
-    #[serde(default, skip_serializing_if = "RoomNetworks::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "RoomNetworks::from_map",
+        skip_serializing_if = "RoomNetworks::is_empty"
+    )]
     pub networks: RoomNetworks,
     /// Config keys of the room's firewall to set (wan policy, DHCP pool...);
     /// `hosts` and `forward` are vroom's (from the instances and exposes).
@@ -340,6 +369,34 @@ pub struct RoomPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Subnets are named by role; a sequence in their place is refused
+    /// (serde alone would read `[null, null]` as no subnets).
+    #[test]
+    fn room_networks_are_a_map_only() {
+        for (body, ok) in [
+            (r#"{"name":"a","networks":{"lan":"10.9.1.0/24"}}"#, true),
+            (r#"{"name":"a","networks":{}}"#, true),
+            (r#"{"name":"a"}"#, true),
+            (r#"{"name":"a","networks":[null,null]}"#, false),
+            (r#"{"name":"a","networks":["10.9.1.0/24"]}"#, false),
+            (r#"{"name":"a","networks":null}"#, false),
+        ] {
+            assert_eq!(serde_json::from_str::<RoomSpec>(body).is_ok(), ok, "{body}");
+            let file = body.replace(r#"{"name":"a""#, r#"{"name":"a","instances":{}"#);
+            assert_eq!(
+                serde_json::from_str::<RoomFile>(&file).is_ok(),
+                ok,
+                "{file}"
+            );
+        }
+        let lan =
+            serde_json::from_str::<RoomSpec>(r#"{"name":"a","networks":{"lan":"10.9.1.0/24"}}"#);
+        assert_eq!(
+            lan.unwrap().networks.lan,
+            Some("10.9.1.0/24".parse().unwrap())
+        );
+    }
 
     #[test]
     fn room_files_refuse_unknown_fields_and_read_segments() {

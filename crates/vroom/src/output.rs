@@ -17,7 +17,8 @@ pub fn list<T: Serialize>(
 }
 
 /// A spinner for a long request on a terminal, unless the output is JSON
-/// for scripts; off a terminal (a log, a pipe) one line says what started.
+/// for scripts. Off a terminal (a script, a pipe) it draws nothing: stderr
+/// stays free for the one-line error of a command that fails.
 pub fn spinner(json_output: bool, message: String) -> Option<indicatif::ProgressBar> {
     (!json_output).then(|| {
         let bar = indicatif::ProgressBar::new_spinner();
@@ -25,9 +26,6 @@ pub fn spinner(json_output: bool, message: String) -> Option<indicatif::Progress
             indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
                 .expect("invariant: valid template"),
         );
-        if bar.is_hidden() {
-            eprintln!("{message}...");
-        }
         bar.enable_steady_tick(std::time::Duration::from_millis(100));
         bar.set_message(message);
         bar
@@ -45,10 +43,11 @@ pub struct Stages {
 
 impl Stages {
     pub fn new(json_output: bool, message: String) -> Self {
-        Stages {
-            bar: spinner(json_output, message),
-            current: None,
+        let bar = spinner(json_output, message.clone());
+        if bar.as_ref().is_some_and(|b| b.is_hidden()) {
+            eprintln!("{message}...");
         }
+        Stages { bar, current: None }
     }
 
     pub fn update(&mut self, stage: &str, detail: &str) {
