@@ -1,15 +1,17 @@
 //! Routes for the cluster's nodes: list, inspect, cordon, uncordon, drain.
 //! A host that is not in a cluster answers 409 to each.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
+use serde::Deserialize;
 use vroom_core::cluster::Cluster;
 use vroom_core::OpError;
-use vroom_types::{ErrorCode, Name, NodeInfo};
+use vroom_types::{DrainReport, ErrorCode, Name, NodeInfo};
 
 use crate::replies::{HostErrors, PathErrors};
-use crate::{ApiResult, AppState};
+use crate::{bad_request, ApiResult, AppState};
 
 pub(crate) fn cluster_of(engine: &AppState) -> Result<std::sync::Arc<dyn Cluster>, OpError> {
     engine.cluster().ok_or_else(|| {
@@ -57,14 +59,27 @@ pub(crate) async fn uncordon_node(
     Ok(Json(cluster_of(&engine)?.cordon(&name, false).await?))
 }
 
-#[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = Name, Path)),
-    responses((status = 200, body = NodeInfo), PathErrors, HostErrors,
-        (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster, or an instance cannot move.")))]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DrainQuery {
+    /// Leave the instances no other node can take running on the node
+    /// instead of refusing.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Cordons the node and moves its instances to other nodes; answers once
+/// they have moved, with where each went.
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = Name, Path), DrainQuery),
+    responses((status = 200, body = DrainReport), PathErrors, HostErrors,
+        (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster, an instance has no node to go to (nothing changed; `force` leaves it running there), or an instance did not move.")))]
 pub(crate) async fn drain_node(
     State(engine): State<AppState>,
     Path(name): Path<String>,
-) -> ApiResult<NodeInfo> {
-    Ok(Json(cluster_of(&engine)?.drain(&name).await?))
+    query: Result<Query<DrainQuery>, QueryRejection>,
+) -> ApiResult<DrainReport> {
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    Ok(Json(cluster_of(&engine)?.drain(&name, query.force).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = Name, Path)),

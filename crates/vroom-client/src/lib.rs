@@ -680,7 +680,7 @@ impl Client {
             .map(|_| ())
     }
 
-    /// `op`: cordon, uncordon or drain.
+    /// `op`: cordon or uncordon.
     pub async fn migrate(
         &self,
         name: &str,
@@ -702,6 +702,21 @@ impl Client {
     ) -> Result<vroom_types::NodeInfo, ClientError> {
         self.call::<(), _>(Method::POST, &format!("/v1/nodes/{}/{op}", enc(name)), None)
             .await
+    }
+
+    /// Cordons node `name` and moves its instances off; `force` leaves
+    /// those no other node can take running there instead of refusing.
+    pub async fn drain_node(
+        &self,
+        name: &str,
+        force: bool,
+    ) -> Result<vroom_types::DrainReport, ClientError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/nodes/{}/drain?force={force}", enc(name)),
+            None,
+        )
+        .await
     }
 
     pub async fn mirrors(&self) -> Result<Vec<vroom_types::Mirror>, ClientError> {

@@ -19,14 +19,14 @@ use serde::{Deserialize, Serialize};
 use vroom_core::cluster::{Cluster, Identity, Wiring};
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    ConfigValues, DesiredState, ErrorCode, HaPolicy, Instance, InstanceAction, InstanceState, Name,
-    NetworkSpec, NicSpec, NodeInfo, RunRequest,
+    ConfigValues, DesiredState, DrainReport, DrainedInstance, ErrorCode, HaPolicy, Instance,
+    InstanceAction, InstanceState, KeptInstance, Name, NetworkSpec, NicSpec, NodeInfo, RunRequest,
 };
 
 use crate::etcd::{json, Etcd, EtcdError, Kv};
 use crate::guard::GuardLink;
 use crate::model::*;
-use crate::schedule::{self, Candidate, Pending};
+use crate::schedule::{self, Candidate, NodeState, Pending, Resident};
 use crate::{fence_deadline_ns, monotonic_ns, KEEPALIVE_EVERY, LEASE_TTL_SECS};
 
 mod migrate;
@@ -61,8 +61,18 @@ const PLACE_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(500);
 /// How long the scheduler keeps an instance off a node where it failed to start.
 const RETRY_AFTER_SECS: u64 = 60;
+/// How long an instance a drain released waits for another node to take
+/// it before its node takes it back and runs it again.
+const TAKE_BACK_AFTER: Duration = PLACE_TIMEOUT;
 /// The value of a cordon key while the node is drained.
 const DRAIN: &[u8] = b"drain";
+/// The value of a cordon key of a node that is only cordoned.
+const CORDON: &[u8] = b"cordon";
+/// How long a drain gives an instance that stays on the drained node with
+/// no node to take it before it says so: the owner looks every pass.
+const STUCK_GRACE: Duration = Duration::from_secs(3);
+/// How long a drain waits for its moves.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct ClusterNode {
     me: Weak<ClusterNode>,
@@ -235,19 +245,41 @@ impl View {
         view
     }
 
-    /// Every live node as the scheduler sees it: free memory (less what is
-    /// placed but not yet claimed), cordon, spread groups.
+    /// How node `name` stands for placement.
+    fn node_state(&self, name: &str) -> NodeState {
+        match self.cordons.get(name) {
+            _ if !self.nodes.contains_key(name) => NodeState::Lost,
+            Some(true) => NodeState::Draining,
+            Some(false) => NodeState::Cordoned,
+            None => NodeState::Ready,
+        }
+    }
+
+    /// Every node as the scheduler sees it: its state, free memory (less
+    /// what is placed but not yet claimed), spread groups. A lost node (a
+    /// member without a lease) has no memory to give.
     fn candidates(&self) -> BTreeMap<String, Candidate> {
+        let lost = self
+            .members
+            .iter()
+            .filter(|(name, _)| !self.nodes.contains_key(*name));
         let mut candidates: BTreeMap<String, Candidate> = self
             .nodes
             .iter()
-            .map(|(name, (n, _))| {
+            .map(|(name, (n, _))| (name, n))
+            .chain(lost)
+            .map(|(name, n)| {
+                let state = self.node_state(name);
+                let mem_free_mib = match state {
+                    NodeState::Lost => 0,
+                    _ => n.mem_total_mib.saturating_sub(n.mem_used_mib),
+                };
                 (
                     name.clone(),
                     Candidate {
                         name: name.clone(),
-                        cordoned: self.cordons.contains_key(name),
-                        mem_free_mib: n.mem_total_mib.saturating_sub(n.mem_used_mib),
+                        state,
+                        mem_free_mib,
                         spread: BTreeMap::new(),
                     },
                 )
@@ -278,26 +310,67 @@ impl View {
         candidates
     }
 
+    /// Nodes the scheduler keeps `name` off: the one it moved off while
+    /// that is cordoned, or one where it failed to start lately (a node that
+    /// failed a minute ago is tried again).
+    fn avoid(&self, name: &str) -> Vec<String> {
+        match self.statuses.get(name) {
+            Some(s)
+                if self.cordons.contains_key(&s.node)
+                    || (s.error.is_some()
+                        && now_secs().saturating_sub(s.updated_at) < RETRY_AFTER_SECS) =>
+            {
+                vec![s.node.clone()]
+            }
+            _ => vec![],
+        }
+    }
+
+    /// What instance `name` needs to move off node `from`.
+    fn resident(&self, name: &str, from: &str) -> Option<Resident> {
+        let (record, _) = self.instances.get(name)?;
+        let placement = &record.request.placement;
+        Some(Resident {
+            pending: Pending {
+                name: name.to_string(),
+                mem_mib: record.mem_mib,
+                spread: placement.spread.as_ref().map(|s| s.to_string()),
+                node: None,
+                avoid: self
+                    .avoid(name)
+                    .into_iter()
+                    .chain([from.to_string()])
+                    .collect(),
+            },
+            ha: placement.ha,
+            wants_running: record.desired == DesiredState::Running,
+        })
+    }
+
     /// Where the scheduler would move `name` off `from`.
     fn target_for(&self, name: &str, from: &str) -> Option<String> {
-        let (record, _) = self.instances.get(name)?;
+        let resident = self.resident(name, from)?;
         let candidates: Vec<Candidate> = self.candidates().into_values().collect();
-        let pending = Pending {
-            name: name.to_string(),
-            mem_mib: record.mem_mib,
-            spread: record
-                .request
-                .placement
-                .spread
-                .as_ref()
-                .map(|s| s.to_string()),
-            node: None,
-            avoid: vec![from.to_string()],
-        };
-        schedule::place(&candidates, &[pending])
+        schedule::place(&candidates, &[resident.pending])
             .into_iter()
             .next()
             .map(|(_, node)| node)
+    }
+
+    /// The drain of node `from` as it would go now: the nodes as the
+    /// scheduler sees them, and the plan for every instance `from` owns
+    /// (but those being removed).
+    fn drain_plan(&self, from: &str) -> (Vec<Candidate>, schedule::DrainPlan) {
+        let residents: Vec<Resident> = self
+            .owners
+            .iter()
+            .filter(|(_, (o, _))| o.node == from)
+            .filter(|(name, _)| self.instances.get(*name).is_some_and(|(r, _)| !r.removing))
+            .filter_map(|(name, _)| self.resident(name, from))
+            .collect();
+        let candidates: Vec<Candidate> = self.candidates().into_values().collect();
+        let plan = schedule::plan_drain(&candidates, from, &residents);
+        (candidates, plan)
     }
 
     fn owner_of(&self, name: &str) -> Option<&str> {
@@ -1035,18 +1108,7 @@ impl ClusterNode {
                 }
                 (Some(_), _) => None,
             };
-            let avoid = match view.statuses.get(name) {
-                // Moved off a node being drained, or failed to start there
-                // lately (a node that failed a minute ago is tried again).
-                Some(s)
-                    if view.cordons.contains_key(&s.node)
-                        || (s.error.is_some()
-                            && now_secs().saturating_sub(s.updated_at) < RETRY_AFTER_SECS) =>
-                {
-                    vec![s.node.clone()]
-                }
-                _ => vec![],
-            };
+            let avoid = view.avoid(name);
             pending.push(Pending {
                 name: name.clone(),
                 mem_mib: record.mem_mib,
@@ -1184,15 +1246,18 @@ impl ClusterNode {
                     .await;
             }
         }
-        if view.cordons.get(&self.name) == Some(&true) {
-            for name in owned.keys() {
-                if !self.is_starting(name) && !migrating.contains(name) {
-                    self.drain_one(name, view, local.get(name));
-                }
-            }
-            return;
-        }
+        let drained = view.cordons.get(&self.name) == Some(&true);
         for (name, token) in owned {
+            // Drained: each instance moves off, but one no node can take
+            // (a forced drain, or nodes cordoned since it was asked) runs on
+            // here like any other.
+            if drained
+                && (self.is_starting(&name)
+                    || migrating.contains(&name)
+                    || self.drain_one(&name, view, local.get(&name)))
+            {
+                continue;
+            }
             let Some((record, _)) = view.instances.get(&name) else {
                 continue;
             };
@@ -1276,7 +1341,7 @@ impl ClusterNode {
                 node.put_status(&name, Some(e.message.clone()), None).await;
                 if moved_here(&record, &node.name) {
                     // A failover that cannot start here: another node may.
-                    node.release(&name).await;
+                    node.release(&name, false).await;
                 }
             }
             node.end_start(&name);
@@ -1579,12 +1644,14 @@ impl ClusterNode {
     }
 
     async fn view(&self) -> Result<View, OpError> {
-        let (kvs, _) = self
+        let (kvs, revision) = self
             .etcd
             .list(ROOT)
             .await
             .map_err(|e| etcd_error("cannot read the cluster", e))?;
-        Ok(View::parse(kvs))
+        let mut view = View::parse(kvs);
+        view.revision = revision;
+        Ok(view)
     }
 
     /// The network a new instance's NIC joins, recorded in the cluster: an
@@ -2179,8 +2246,7 @@ impl Cluster for ClusterNode {
 
     async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
         self.node(name).await?;
-        self.set_cordon(name, cordoned.then_some(b"cordon".as_slice()))
-            .await?;
+        self.set_cordon(name, cordoned.then_some(CORDON)).await?;
         self.node(name).await
     }
 
@@ -2192,11 +2258,8 @@ impl Cluster for ClusterNode {
         self.request_migration(name, to).await
     }
 
-    async fn drain(&self, name: &str) -> Result<NodeInfo, OpError> {
-        self.node(name).await?;
-        self.set_cordon(name, Some(DRAIN)).await?;
-        let node = self.node(name).await?;
-        self.drain_wait(name, node).await
+    async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
+        self.drain_node(name, force).await
     }
 }
 
@@ -2259,34 +2322,153 @@ impl ClusterNode {
         Ok(())
     }
 
-    async fn drain_wait(&self, name: &str, node: NodeInfo) -> Result<NodeInfo, OpError> {
-        if !node.alive {
+    /// `node drain`: refuses, before changing anything, when an instance of
+    /// the node has no node to go to, unless `force`: then those stay
+    /// running there (the node is left cordoned, not draining). Otherwise
+    /// cordons the node, waits until every instance moved off, and says
+    /// where each went. An error when anything it meant to move did not.
+    async fn drain_node(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
+        let view = self.view().await?;
+        let info = view
+            .node_info(name)
+            .ok_or_else(|| OpError::not_found("node", name))?;
+        if !info.alive {
+            self.set_cordon(name, Some(DRAIN)).await?;
             return Err(OpError::conflict(format!(
                 "node {name} is down: it is cordoned; its instances with HA move when its lease expires"
             )));
         }
-        // Cold moves: the owner releases each instance; the leader places it
-        // elsewhere (never on a cordoned node).
+        let (nodes, plan) = view.drain_plan(name);
+        if !plan.stuck.is_empty() && !force {
+            return Err(OpError::conflict(schedule::refusal(
+                name,
+                &nodes,
+                &plan.stuck,
+            )));
+        }
+        self.set_cordon(name, Some(DRAIN)).await?;
+        // An owner key of the node created after this was taken back: a
+        // move that no node took.
+        let since = self.view().await?.revision;
+        let mut stays: BTreeMap<String, String> = plan
+            .stuck
+            .iter()
+            .map(|(i, _, why)| (i.clone(), schedule::explain(name, &nodes, why)))
+            .collect();
+        let mut waiting: BTreeSet<String> = plan
+            .moves
+            .iter()
+            .map(|(i, _)| i.clone())
+            .chain(plan.released.iter().cloned())
+            .collect();
+        let mut report = DrainReport {
+            node: info,
+            moved: vec![],
+            released: vec![],
+            kept: vec![],
+        };
+        let mut taken_back = vec![];
+        let mut stuck_since: BTreeMap<String, std::time::Instant> = BTreeMap::new();
         let started = std::time::Instant::now();
         loop {
             let view = self.view().await?;
-            let owned: Vec<String> = view
-                .owners
-                .iter()
-                .filter(|(_, (o, _))| o.node == name)
-                .map(|(i, _)| i.clone())
-                .collect();
-            if owned.is_empty() {
-                return self.node(name).await;
+            let (nodes, now) = view.drain_plan(name);
+            for inst in waiting.clone() {
+                let owner = view.owners.get(&inst);
+                match owner {
+                    Some((o, _)) if o.node != name => {
+                        report.moved.push(DrainedInstance {
+                            instance: inst.clone(),
+                            to: o.node.clone(),
+                        });
+                    }
+                    Some((_, kv)) if kv.create_revision > since => taken_back.push(inst.clone()),
+                    None if plan.released.contains(&inst) => report.released.push(inst.clone()),
+                    // Removed meanwhile.
+                    None if !view.instances.contains_key(&inst) => {}
+                    // Released, not yet taken.
+                    None => continue,
+                    Some(_) => {
+                        let why = now
+                            .stuck
+                            .iter()
+                            .find(|(i, _, _)| *i == inst)
+                            .filter(|_| !view.migrations.contains_key(&inst));
+                        let Some((_, _, why)) = why else {
+                            stuck_since.remove(&inst);
+                            continue;
+                        };
+                        let first = *stuck_since
+                            .entry(inst.clone())
+                            .or_insert_with(std::time::Instant::now);
+                        if first.elapsed() < STUCK_GRACE {
+                            continue;
+                        }
+                        stays.insert(inst.clone(), schedule::explain(name, &nodes, why));
+                    }
+                }
+                waiting.remove(&inst);
             }
-            if started.elapsed() > Duration::from_secs(300) {
+            if waiting.is_empty() {
+                break;
+            }
+            if started.elapsed() > DRAIN_TIMEOUT {
+                let left: Vec<String> = waiting.into_iter().collect();
                 return Err(OpError::new(
                     ErrorCode::Timeout,
-                    format!("node {name} still owns {} after 300 s", owned.join(", ")),
+                    format!(
+                        "node {name} still owns {} after {} s",
+                        left.join(", "),
+                        DRAIN_TIMEOUT.as_secs()
+                    ),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // What stays may have moved after all (a node became ready).
+        let view = self.view().await?;
+        for (inst, reason) in stays {
+            match view.owner_of(&inst) {
+                Some(to) if to != name => report.moved.push(DrainedInstance {
+                    instance: inst,
+                    to: to.to_string(),
+                }),
+                Some(_) => report.kept.push(KeptInstance {
+                    instance: inst,
+                    reason,
+                }),
+                None => {}
+            }
+        }
+        if !report.kept.is_empty() || !taken_back.is_empty() {
+            // What is left stays: cordoned, no longer draining.
+            self.set_cordon(name, Some(CORDON)).await?;
+        }
+        report.node = self.node(name).await?;
+        let unforced: Vec<&KeptInstance> = report.kept.iter().filter(|_| !force).collect();
+        if unforced.is_empty() && taken_back.is_empty() {
+            return Ok(report);
+        }
+        let mut parts: Vec<String> = report
+            .moved
+            .iter()
+            .map(|m| format!("moved {} to {}", m.instance, m.to))
+            .collect();
+        parts.extend(
+            unforced
+                .iter()
+                .map(|k| format!("{} stays on {name}: {}", k.instance, k.reason)),
+        );
+        parts.extend(taken_back.iter().map(|i| {
+            format!(
+                "{i} runs on {name} again: no node took it within {} s",
+                TAKE_BACK_AFTER.as_secs()
+            )
+        }));
+        Err(OpError::conflict(format!(
+            "node {name} is cordoned but not drained: {}",
+            parts.join("; ")
+        )))
     }
 }
 
@@ -2321,19 +2503,32 @@ impl ClusterNode {
     }
 
     /// Moves an owned instance off this drained node: live to the node the
-    /// scheduler picks, or (not running, nowhere to go, or the migration
-    /// failed) cold, by releasing it.
-    fn drain_one(&self, name: &str, view: &View, local: Option<&Instance>) {
-        if !self
+    /// scheduler picks, or (not running, or the migration failed) cold, by
+    /// releasing it. Returns whether it is on its way; `false` leaves it
+    /// here: no node can take it (it wants to run), or it is being removed.
+    fn drain_one(&self, name: &str, view: &View, local: Option<&Instance>) -> bool {
+        if self
             .draining
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string())
+            .contains(name)
         {
-            return;
+            return true;
         }
+        let Some((record, _)) = view.instances.get(name) else {
+            return false;
+        };
+        let wants_running = record.desired == DesiredState::Running;
+        let target = view.target_for(name, &self.name);
+        if record.removing || (target.is_none() && wants_running) {
+            return false;
+        }
+        self.draining
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
         let running = local.is_some_and(|i| i.status.state == InstanceState::Running);
-        let target = view.target_for(name, &self.name).filter(|_| running);
+        let target = target.filter(|_| running);
         let node = self.arc();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -2350,8 +2545,8 @@ impl ClusterNode {
                 },
                 None => false,
             };
-            if !moved {
-                node.release(&name).await;
+            if !moved && node.release(&name, true).await && wants_running {
+                node.take_back_unless_taken(&name).await;
             }
             node.draining
                 .lock()
@@ -2359,17 +2554,41 @@ impl ClusterNode {
                 .remove(&name);
             node.wake.notify_one();
         });
+        true
     }
 
     /// Stops an owned instance here and gives it up, for the leader to
-    /// place elsewhere (a cold move: drain).
-    async fn release(&self, name: &str) {
+    /// place elsewhere (a cold move: drain, or a failover that cannot
+    /// start here). For a `move`, its status says it is stopped here (not
+    /// the `stopping` and the pid it had) until a node takes it; otherwise
+    /// the status (the error of a failed start) stays. Returns whether it
+    /// was given up.
+    async fn release(&self, name: &str, moving: bool) -> bool {
         let Some(token) = self.token(name) else {
-            return;
+            return false;
         };
-        if self.engine.get(name).is_ok() {
+        let mut last = None;
+        if let Ok(instance) = self.engine.get(name) {
             let _ = self.engine.action(name, InstanceAction::Stop).await;
             let _ = self.engine.remove(name, true).await;
+            last = Some(instance);
+        }
+        let mut ops = vec![TxnOp::delete(key(OWNERS, name), None)];
+        if moving {
+            let status = StatusRecord {
+                node: self.name.clone(),
+                state: InstanceState::Stopped,
+                error: None,
+                instance: last.map(|mut i| {
+                    i.status = vroom_types::InstanceStatus {
+                        restarts: i.status.restarts,
+                        ..vroom_types::InstanceStatus::stopped()
+                    };
+                    i
+                }),
+                updated_at: now_secs(),
+            };
+            ops.push(TxnOp::put(key(STATUSES, name), json(&status), None));
         }
         let txn = Txn::new()
             .when([Compare::mod_revision(
@@ -2377,13 +2596,58 @@ impl ClusterNode {
                 CompareOp::Equal,
                 token,
             )])
-            .and_then([TxnOp::delete(key(OWNERS, name), None)]);
+            .and_then(ops);
         if matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
             self.owned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
             tracing::info!(instance = %name, "released for a move");
+            return true;
+        }
+        false
+    }
+
+    /// After a drain released `name` for a move: if no node took it within
+    /// [`TAKE_BACK_AFTER`] (the node picked for it was cordoned, went down
+    /// or cannot start it), this node takes it back and runs it again, so a
+    /// move never leaves an instance down for longer.
+    async fn take_back_unless_taken(&self, name: &str) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < TAKE_BACK_AFTER {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Ok(Some(_)) = self.etcd.get(&key(OWNERS, name)).await {
+                return;
+            }
+        }
+        let owner = OwnerRecord {
+            node: self.name.clone(),
+            since: now_secs(),
+        };
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(key(OWNERS, name), CompareOp::Equal, 0),
+                Compare::create_revision(key(INSTANCES, name), CompareOp::Greater, 0),
+                Compare::lease(key(NODES, &self.name), CompareOp::Equal, self.lease()),
+            ])
+            .and_then([
+                TxnOp::put(
+                    key(OWNERS, name),
+                    json(&owner),
+                    Some(PutOptions::new().with_lease(self.lease())),
+                ),
+                // A placement nobody claimed: void now.
+                TxnOp::delete(key(ASSIGNS, name), None),
+            ]);
+        match self.etcd.txn(txn).await {
+            Ok(r) if r.succeeded() => {
+                tracing::warn!(instance = %name, node = %self.name, after_s = TAKE_BACK_AFTER.as_secs(), "no node took the instance released for a move; it runs here again");
+                self.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "cannot take back an instance no node took")
+            }
         }
     }
 }

@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 use vroom_types::{
-    ConfigValues, DesiredState, Instance, InstanceSpec, Migration, Mirror, NodeInfo, RunRequest,
-    Splice,
+    ConfigValues, DesiredState, DrainReport, Instance, InstanceSpec, Migration, Mirror, NodeInfo,
+    RunRequest, Splice,
 };
 
 use crate::error::OpError;
@@ -56,8 +56,10 @@ pub trait Cluster: Send + Sync {
     async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError>;
     async fn node(&self, name: &str) -> Result<NodeInfo, OpError>;
     async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError>;
-    /// Cordons the node and moves every instance it owns elsewhere.
-    async fn drain(&self, name: &str) -> Result<NodeInfo, OpError>;
+    /// Cordons the node and moves every instance it owns elsewhere. Refuses
+    /// before changing anything when one has no node to go to, unless
+    /// `force`: then it stays running there.
+    async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError>;
     /// Moves a running instance to node `to` without stopping it (live
     /// migration). Returns once it runs there, or failed and runs on.
     async fn migrate(&self, name: &str, to: &str) -> Result<Migration, OpError>;

@@ -94,6 +94,37 @@ pub struct NodeInfo {
     pub instances: Vec<String>,
 }
 
+/// What `node drain` did: the instances it moved and where, those it gave
+/// up (stopped on purpose), and with `force` those it left running on the
+/// node because no other node could take them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DrainReport {
+    /// The node after the drain (cordoned).
+    pub node: NodeInfo,
+    pub moved: Vec<DrainedInstance>,
+    /// Instances stopped on purpose: no longer owned by the node, placed
+    /// where the scheduler picks when started.
+    pub released: Vec<String>,
+    /// Instances left running on the node (only with `force`).
+    pub kept: Vec<KeptInstance>,
+}
+
+/// An instance a drain moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DrainedInstance {
+    pub instance: String,
+    /// The node that runs it now.
+    pub to: String,
+}
+
+/// An instance a forced drain left running where it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeptInstance {
+    pub instance: String,
+    /// Why no node could take it.
+    pub reason: String,
+}
+
 /// The cluster's identity, written once by `vroom cluster init`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterInfo {

@@ -27,7 +27,10 @@ pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
     LogChunk, PackageChange, VersionInfo,
 };
-pub use cluster::{ClusterInfo, HaPolicy, MigrateRequest, Migration, NodeInfo, Placement};
+pub use cluster::{
+    ClusterInfo, DrainReport, DrainedInstance, HaPolicy, KeptInstance, MigrateRequest, Migration,
+    NodeInfo, Placement,
+};
 pub use config::{
     config_diff, parse_assignment, validate_config_key, validate_config_value, ConfigChange,
     ConfigDiff, ConfigHistory, ConfigLog, ConfigOrigin, ConfigRollback, ConfigUpdate, ConfigValues,

@@ -550,7 +550,15 @@ async fn node(client: &Client, op: &crate::NodeOp, json: bool) -> Result<()> {
         NodeOp::Inspect { name } => client.node(name.as_str()).await?,
         NodeOp::Cordon { name } => client.node_op(name.as_str(), "cordon").await?,
         NodeOp::Uncordon { name } => client.node_op(name.as_str(), "uncordon").await?,
-        NodeOp::Drain { name } => client.node_op(name.as_str(), "drain").await?,
+        NodeOp::Drain { name, force } => {
+            let report = client.drain_node(name.as_str(), *force).await?;
+            if json {
+                output::json(&report);
+            } else {
+                print_drain(&report);
+            }
+            return Ok(());
+        }
         NodeOp::Rm { name } => {
             client.remove_node(name.as_str()).await?;
             if !json {
@@ -586,6 +594,33 @@ async fn node(client: &Client, op: &crate::NodeOp, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a drain did: one line per instance, then the node.
+fn print_drain(report: &vroom_types::DrainReport) {
+    let node = &report.node.name;
+    for m in &report.moved {
+        println!("moved {} from {node} to {}", m.instance, m.to);
+    }
+    for r in &report.released {
+        println!("released {r} (stopped; it starts where the scheduler places it)");
+    }
+    for k in &report.kept {
+        println!("left {} running on {node}: {}", k.instance, k.reason);
+    }
+    if report.kept.is_empty() {
+        println!(
+            "drained {node}: {} moved, {} released; it stays cordoned (`vroom node uncordon {node}` lets instances back)",
+            report.moved.len(),
+            report.released.len()
+        );
+    } else {
+        println!(
+            "cordoned {node}: {} moved, {} left running on it; `vroom node drain {node}` again once a node can take them",
+            report.moved.len(),
+            report.kept.len()
+        );
+    }
 }
 
 async fn ps(client: &Client, json: bool) -> Result<()> {

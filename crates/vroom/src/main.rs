@@ -422,9 +422,14 @@ pub enum NodeOp {
         name: Name,
     },
     /// Cordon the node and move every instance it runs to other nodes.
+    /// Refused, changing nothing, when an instance has no node to go to.
     Drain {
         /// The node's name.
         name: Name,
+        /// Leave the instances no other node can take running on the node
+        /// (it is cordoned) instead of refusing.
+        #[arg(long)]
+        force: bool,
     },
     /// Forget a node that is down and holds no instance.
     Rm {

@@ -1038,7 +1038,9 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
 
 /// `--ha standby`: every node keeps a warm snapshot of the image, and a
 /// failover starts the instance from it (not a boot), with its address and
-/// replicated config, within the 5 s budget.
+/// replicated config, within the 5 s budget. Then drains of its node: with
+/// the only other node cordoned one is refused (s1 runs on, untouched),
+/// `--force` leaves it running, and with a node to go to it moves.
 #[test]
 fn a_standby_instance_fails_over_from_a_warm_snapshot() {
     let lab = Arc::new(Lab::new(2));
@@ -1072,6 +1074,64 @@ fn a_standby_instance_fails_over_from_a_warm_snapshot() {
     let page = lab.page_from(1, &ip).unwrap_or_default();
     assert!(page.contains("warm-and-replicated"), "{page}");
     sampler.assert_never_twice("standby failover");
+
+    // n1 back, but cordoned: a drain of n2 has nowhere to put s1. It is
+    // refused, says why, and changes nothing.
+    lab.start(0);
+    let back = poll(Duration::from_secs(15), || {
+        lab.ok(1, &["--json", "node", "inspect", "n1"])
+            .contains("\"alive\": true")
+            .then_some(())
+    });
+    assert!(back.is_some(), "n1 did not come back: {}", lab.log(0));
+    lab.ok(1, &["node", "cordon", "n1"]);
+    let pid = lab.runs(1, "s1").expect("s1 runs on n2");
+    let err = lab.fail(1, &["node", "drain", "n2"]);
+    assert!(
+        err.contains(
+            "cannot drain n2: no other node is ready and uncordoned (n1 cordoned) for s1 \
+             (--ha standby); uncordon or add a node, or use --force to leave them running here"
+        ),
+        "{err}"
+    );
+    let still_running = |context: &str| {
+        // Long enough for a release, a stop or a takeback to show.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(lab.runs(1, "s1"), Some(pid), "{context}: s1 was restarted");
+        let shown: serde_json::Value =
+            serde_json::from_str(&lab.ok(0, &["--json", "inspect", "s1"])).unwrap();
+        assert_eq!(shown["status"]["state"], "running", "{context}: {shown}");
+        assert_eq!(shown["status"]["pid"], pid, "{context}: {shown}");
+    };
+    still_running("a refused drain");
+    let n2: serde_json::Value =
+        serde_json::from_str(&lab.ok(0, &["--json", "node", "inspect", "n2"])).unwrap();
+    assert_eq!(n2["cordoned"], false, "a refused drain cordoned n2");
+
+    // --force: n2 is cordoned, s1 runs on there, and the drain says so.
+    let said = lab.ok(1, &["node", "drain", "n2", "--force"]);
+    eprintln!("{}", said.trim());
+    assert!(
+        said.contains("left s1 running on n2: no other node is ready and uncordoned (n1 cordoned)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("cordoned n2: 0 moved, 1 left running"),
+        "{said}"
+    );
+    still_running("a forced drain");
+    let n2: serde_json::Value =
+        serde_json::from_str(&lab.ok(0, &["--json", "node", "inspect", "n2"])).unwrap();
+    assert_eq!(n2["cordoned"], true, "{n2}");
+
+    // A node to go to: the drain moves s1, and says where.
+    lab.ok(1, &["node", "uncordon", "n1"]);
+    let said = sampler.migration(&lab, "s1", || lab.ok(1, &["node", "drain", "n2"]));
+    eprintln!("{}", said.trim());
+    assert!(said.contains("moved s1 from n2 to n1"), "{said}");
+    assert!(said.contains("drained n2: 1 moved"), "{said}");
+    runs_only_on(&lab, 0, "s1", &ip);
+    sampler.assert_never_twice("drains");
 }
 
 /// A splice moves with its VM: a live migration and a failover each make

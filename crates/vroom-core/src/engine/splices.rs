@@ -1570,7 +1570,11 @@ mod tests {
         ) -> Result<vroom_types::NodeInfo, crate::OpError> {
             Err(crate::OpError::not_found("node", name))
         }
-        async fn drain(&self, name: &str) -> Result<vroom_types::NodeInfo, crate::OpError> {
+        async fn drain(
+            &self,
+            name: &str,
+            _: bool,
+        ) -> Result<vroom_types::DrainReport, crate::OpError> {
             Err(crate::OpError::not_found("node", name))
         }
         async fn migrate(
