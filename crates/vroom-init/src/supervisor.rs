@@ -519,7 +519,24 @@ impl Supervisor {
         let deadline = Instant::now() + ONESHOT_TIMEOUT;
         loop {
             {
-                let inner = self.lock();
+                let mut inner = self.lock();
+                if Instant::now() > deadline {
+                    // Not in force: a run that hangs must not keep the guest
+                    // ready on what the run before it put in force.
+                    for service in inner.services.iter_mut().filter(|s| s.spec.oneshot) {
+                        service.reapplying = false;
+                        if let Some(pid) = service.pid {
+                            // SAFETY: signalling the service's own process group.
+                            unsafe { libc::kill(-pid, libc::SIGKILL) };
+                        } else if service.start_at.is_some() {
+                            service.last_exit = Some(128 + libc::SIGKILL);
+                        }
+                        service.start_at = None;
+                    }
+                    return Err(
+                        "the config is saved, but its oneshot services did not finish; they were stopped".into(),
+                    );
+                }
                 let pending: Vec<&Service> = inner
                     .services
                     .iter()
@@ -537,11 +554,6 @@ impl Supervisor {
                         )),
                         None => Ok(()),
                     };
-                }
-                if Instant::now() > deadline {
-                    return Err(
-                        "the config is saved, but its oneshot services did not finish".into(),
-                    );
                 }
             }
             std::thread::sleep(REAP_INTERVAL);
@@ -766,6 +778,46 @@ fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A oneshot's part in readiness: its latest run succeeded, or it runs
+    /// again for a config change after one that did.
+    #[test]
+    fn a_oneshot_is_in_force_while_it_reapplies_after_success() {
+        let now = Instant::now();
+        // (pid, start_at, last_exit, reapplying) -> in force
+        let cases = [
+            ((None, None, None, false), false),         // never ran
+            ((Some(7), None, None, false), false),      // first run under way
+            ((None, None, Some(0), false), true),       // done
+            ((None, None, Some(1), false), false),      // failed
+            ((Some(7), None, Some(0), true), true),     // re-run for a change
+            ((None, Some(now), Some(0), true), true),   // re-run due
+            ((Some(7), None, Some(0), false), false),   // re-run at resume
+            ((Some(7), None, Some(137), false), false), // re-run stopped on timeout
+        ];
+        for ((pid, start_at, last_exit, reapplying), want) in cases {
+            let service = Service {
+                spec: ServiceSpec {
+                    name: "rules".into(),
+                    command: vec!["/bin/true".into()],
+                    restart: false,
+                    restart_on_config: true,
+                    oneshot: true,
+                    check: vec![],
+                },
+                pid,
+                restarts: 0,
+                start_at,
+                last_exit,
+                reapplying,
+            };
+            assert_eq!(
+                service.in_force(),
+                want,
+                "{pid:?} {last_exit:?} {reapplying}"
+            );
+        }
+    }
 
     #[test]
     fn checks_read_the_staged_copies() {

@@ -785,6 +785,9 @@ impl Engine {
             r.instance.status.state = InstanceState::Failed;
             r.instance.status.started_from = None;
             r.instance.status.last_error = Some(error.clone());
+            // Nothing may start it as if it were the clone (a cluster's
+            // pass starts what is wanted running): only a user's `start`.
+            r.instance.desired = DesiredState::Stopped;
         })?;
         Ok(())
     }

@@ -757,6 +757,8 @@ async fn recovery_fails_a_clone_whose_start_was_interrupted() {
             Some("interrupted while cloning from snapshot s1; remove it or run it again"),
             "{name}"
         );
+        // A cluster's pass starts what is wanted running: not this one.
+        assert_eq!(i.desired, vroom_types::DesiredState::Stopped, "{name}");
     }
     assert!(!marker.exists());
     assert_eq!(t.driver.running(), vec![web.status.pid.unwrap()]);
