@@ -47,11 +47,14 @@ fn column_sum(text: &str, column: &str) -> Option<u64> {
     })
 }
 
-/// Says on the console when the table dropped packets since the last look.
+/// Says on the console when the table dropped packets since the last look,
+/// or has just become full (the kernel may still make room by evicting
+/// closing connections, so a full table does not drop at once).
 #[derive(Debug, Default)]
 pub struct DropWatch {
     last_look: Option<Instant>,
     dropped: u64,
+    full: bool,
 }
 
 impl DropWatch {
@@ -66,13 +69,21 @@ impl DropWatch {
 
     fn observe(&mut self, usage: ConntrackUsage) -> Option<String> {
         let new = usage.dropped.saturating_sub(self.dropped);
+        let was_full = std::mem::replace(&mut self.full, usage.entries >= usage.max);
         self.dropped = usage.dropped;
-        (new > 0).then(|| {
-            format!(
-                "connection tracking table full: {new} packets dropped (table {} of {} entries, {} dropped since boot); raise conntrack_max or the appliance's memory",
-                usage.entries, usage.max, usage.dropped
-            )
-        })
+        let table = format!("table {} of {} entries", usage.entries, usage.max);
+        if new > 0 {
+            Some(format!(
+                "connection tracking table full: {new} packets dropped ({table}, {} dropped since boot); raise conntrack_max or the appliance's memory",
+                usage.dropped
+            ))
+        } else if self.full && !was_full {
+            Some(format!(
+                "connection tracking table full ({table}): new connections are dropped unless closing ones can be evicted; raise conntrack_max or the appliance's memory"
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -98,25 +109,32 @@ entries  clashres found new invalid ignore delete delete_list insert insert_fail
     }
 
     #[test]
-    fn only_new_drops_are_said() {
+    fn new_drops_and_a_table_becoming_full_are_said() {
         let mut watch = DropWatch::default();
-        let at = |dropped| ConntrackUsage {
-            entries: 1024,
+        let at = |entries, dropped| ConntrackUsage {
+            entries,
             max: 1024,
             dropped,
         };
-        assert_eq!(watch.observe(at(0)), None);
-        let line = watch.observe(at(208)).unwrap();
+        assert_eq!(watch.observe(at(10, 0)), None);
+        let line = watch.observe(at(1024, 208)).unwrap();
         assert!(
             line.starts_with(
                 "connection tracking table full: 208 packets dropped (table 1024 of 1024"
             ),
             "{line}"
         );
-        assert_eq!(watch.observe(at(208)), None, "nothing new");
+        assert_eq!(watch.observe(at(1024, 208)), None, "nothing new");
         assert!(watch
-            .observe(at(210))
+            .observe(at(1024, 210))
             .unwrap()
             .contains(": 2 packets dropped"));
+        assert_eq!(watch.observe(at(500, 210)), None, "room again");
+        let full = watch.observe(at(3012, 210)).unwrap();
+        assert!(
+            full.starts_with("connection tracking table full (table 3012 of 1024 entries)"),
+            "{full}"
+        );
+        assert_eq!(watch.observe(at(3000, 210)), None, "said once while full");
     }
 }

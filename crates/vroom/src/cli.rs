@@ -466,7 +466,7 @@ fn health_line(health: &vroom_types::GuestHealth) -> String {
             "connections tracked: {} of {}, {} dropped",
             table.entries, table.max, table.dropped
         );
-        if table.dropped > 0 {
+        if table.dropped > 0 || table.entries >= table.max {
             line.push_str(" (table full: raise conntrack_max or memory)");
         }
         parts.push(line);
