@@ -271,6 +271,13 @@ impl Engine {
                 return Err(e);
             }
         };
+        // The intent goes on record before the VM is killed, with the wipe
+        // it needs: a daemon killed from here on finishes the removal, wiping,
+        // instead of leaving the instance stopped with its networks taken.
+        self.update(&cell, |r| {
+            r.removing = true;
+            r.wipe = true;
+        })?;
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         let (networks, wiped) = self.forget(&cell, name, true).await?;
         drop(_op);
@@ -286,26 +293,49 @@ impl Engine {
 
     /// Writes the archive; the VM, if it runs, is left paused (it is
     /// removed next). Returns the files and whether memory is among them.
+    /// On an error the VM runs on and its guest is thawed: the instance is
+    /// left as it was, not paused while it reports running.
     async fn archive_into(
         &self,
         cell: &Arc<Cell>,
         dir: &ArchiveDir,
     ) -> Result<(Vec<ArchivedFile>, bool), OpError> {
+        let process = cell
+            .lock()
+            .process
+            .clone()
+            .filter(|p| self.driver.is_alive(p));
+        let written = self.write_archive(cell, dir, process.as_ref()).await;
+        if let (Err(_), Some(process)) = (&written, &process) {
+            if let Err(e) = blocking(|| self.driver.resume(process)) {
+                tracing::error!(pid = process.pid, error = %e, "cannot resume the VM after a failed archive");
+            }
+            if let Err(e) = cell.agent.resume(false, AGENT_TIMEOUT).await {
+                tracing::warn!(error = %e, "the guest did not confirm its resume after a failed archive");
+            }
+        }
+        written
+    }
+
+    /// [`Self::archive_into`]'s work: freezes and saves `process` (when it
+    /// runs), then writes every file and the manifest.
+    async fn write_archive(
+        &self,
+        cell: &Arc<Cell>,
+        dir: &ArchiveDir,
+        process: Option<&VmProcess>,
+    ) -> Result<(Vec<ArchivedFile>, bool), OpError> {
         let io = |what: &str, e: std::io::Error| {
             OpError::internal(format!("failed to archive {what}"), e)
         };
-        let (record, process) = {
-            let r = cell.lock();
-            (r.clone(), r.process.clone())
-        };
-        let process = process.filter(|p| self.driver.is_alive(p));
+        let record = cell.lock().clone();
         let mut files: Vec<ArchivedFile> = vec![];
         let entry = |path: &str, digest: vroom_types::SnapshotFile| ArchivedFile {
             path: path.to_string(),
             bytes: digest.bytes,
             sha256: digest.sha256,
         };
-        if let Some(process) = &process {
+        if let Some(process) = process {
             // A frozen guest writes nothing more; a guest that cannot be
             // frozen (an older vroom-init) is captured as it is.
             if let Err(e) = cell.agent.freeze(AGENT_TIMEOUT).await {
