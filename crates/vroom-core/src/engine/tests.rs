@@ -544,7 +544,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     std::fs::write(busy.join("x"), b"x").unwrap();
     let err = t
         .engine
-        .remove_archived("web", busy.to_str().unwrap(), Some(0))
+        .remove_archived("web", busy.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap_err();
     assert!(err.message.contains("not empty"), "{}", err.message);
@@ -553,7 +553,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     let archive = dir.path().join("archive");
     let report = t
         .engine
-        .remove_archived("web", archive.to_str().unwrap(), Some(0))
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap();
     assert!(report.memory);
@@ -591,7 +591,7 @@ async fn a_failed_archive_resumes_the_frozen_guest() {
     let archive = dir.path().join("archive");
     let err = t
         .engine
-        .remove_archived("web", archive.to_str().unwrap(), Some(0))
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap_err();
     assert!(err.message.contains("config volume"), "{}", err.message);
@@ -625,7 +625,7 @@ async fn recovery_finishes_an_interrupted_archived_removal_with_the_wipe() {
     t.driver.fail_kill.store(true, SeqCst);
     let archive = dir.path().join("archive");
     t.engine
-        .remove_archived("web", archive.to_str().unwrap(), Some(0))
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap_err();
     t.driver.fail_kill.store(false, SeqCst);
