@@ -137,6 +137,8 @@ pub(crate) async fn archive_instance(
 ) -> ApiResult<ArchiveReport> {
     let req = body(req)?;
     Ok(Json(
-        engine.remove_archived(&name, &req.dir, caller.uid).await?,
+        engine
+            .remove_archived(&name, &req.dir, caller.uid.zip(caller.gid))
+            .await?,
     ))
 }

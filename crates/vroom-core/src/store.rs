@@ -36,6 +36,11 @@ pub struct InstanceRecord {
     /// killed inside the removal finishes it at its next start.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// The removal wipes the instance's files (an `rm --archive` whose
+    /// archive is written): a daemon killed inside it finishes it with the
+    /// wipe, never with a plain unlink.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wipe: bool,
     /// The snapshot this instance is a clone of, until its VM first runs
     /// from it: a daemon killed before then fails the clone visibly instead
     /// of booting it as if it were one.
@@ -315,6 +320,7 @@ mod tests {
             seed_config: None,
             cluster: false,
             removing: false,
+            wipe: false,
             cloning_from: None,
         }
     }

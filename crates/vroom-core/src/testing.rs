@@ -283,6 +283,8 @@ async fn serve_agent(
 ) {
     let config = Arc::new(Mutex::new(config));
     let restarting_until: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
+    // Frozen by `Freeze` until `Resume`, and says so in its health.
+    let frozen: Arc<Mutex<bool>> = Arc::default();
     let mut gone = alive.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -295,6 +297,7 @@ async fn serve_agent(
         let alive = alive.clone();
         let config = config.clone();
         let restarting_until = restarting_until.clone();
+        let frozen = frozen.clone();
         let volume = volume.clone();
         tokio::spawn(async move {
             let mut gone = alive.subscribe();
@@ -322,7 +325,7 @@ async fn serve_agent(
                             services: vec![],
                             config: lock(&config).clone(),
                             config_error: None,
-                            frozen: false,
+                            frozen: *lock(&frozen),
                             conntrack: None,
                         }),
                         HostCommand::ApplyConfig { values } => {
@@ -343,10 +346,16 @@ async fn serve_agent(
                             }
                         }
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
-                        HostCommand::Freeze => GuestReply::Frozen,
-                        HostCommand::Resume { reload_volume, .. } => GuestReply::Resumed {
-                            identity_changed: reload_volume,
-                        },
+                        HostCommand::Freeze => {
+                            *lock(&frozen) = true;
+                            GuestReply::Frozen
+                        }
+                        HostCommand::Resume { reload_volume, .. } => {
+                            *lock(&frozen) = false;
+                            GuestReply::Resumed {
+                                identity_changed: reload_volume,
+                            }
+                        }
                         _ => GuestReply::Error {
                             message: "not supported by the fake guest".into(),
                         },

@@ -218,6 +218,7 @@ impl Engine {
             seed_config: spec.ephemeral.then(|| instance.config.clone()),
             cluster,
             removing: false,
+            wipe: false,
             cloning_from: clone_of.as_ref().map(|(s, _)| s.name.to_string()),
         };
         let prepared = blocking(|| {
@@ -809,7 +810,9 @@ impl Engine {
         self.stop_locked(&cell, true, DesiredState::Stopped).await?;
         // Under the op lock: an action queued behind this one must find
         // the instance gone, not launch it from a deleted directory.
-        let (networks, _) = self.forget(&cell, name, false).await?;
+        // An interrupted `rm --archive` is finished as it began: wiping.
+        let wipe = cell.lock().wipe;
+        let (networks, _) = self.forget(&cell, name, wipe).await?;
         drop(_op);
         self.sync_rooms_on(&networks).await;
         Ok(())
@@ -838,9 +841,11 @@ impl Engine {
     /// once the lock is released.
     ///
     /// With `wipe`, every file is zeroed and fsynced before it is unlinked
-    /// (returned). The record goes first: a daemon killed while wiping
-    /// leaves an ownerless run dir, which the next one removes, never a
-    /// half-wiped instance it would try to run.
+    /// (returned), and before the record goes: the record is marked
+    /// `removing` and `wipe` by then, so a daemon killed while wiping
+    /// finishes the wipe at its next start instead of unlinking the rest
+    /// unwiped (and never runs a half-wiped instance). Without it the record
+    /// goes first: an ownerless run dir is removed by the next daemon.
     pub(super) async fn forget(
         self: &Arc<Self>,
         cell: &Arc<Cell>,
@@ -848,18 +853,18 @@ impl Engine {
         wipe: bool,
     ) -> Result<(Vec<Name>, Vec<PathBuf>), OpError> {
         self.drop_mirrors_of(name).await;
-        blocking(|| self.store.delete_instance(name))
-            .map_err(|e| OpError::internal("failed to delete instance state", e))?;
-        self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|n, _| n.as_str() != name);
         cell.stop_collecting_console();
         let wiped = if wipe {
             blocking(|| archive::wipe_dir(&cell.dir))?
         } else {
             vec![]
         };
+        blocking(|| self.store.delete_instance(name))
+            .map_err(|e| OpError::internal("failed to delete instance state", e))?;
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| n.as_str() != name);
         blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {

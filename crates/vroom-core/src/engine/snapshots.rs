@@ -927,6 +927,7 @@ impl Engine {
                 seed_config: None,
                 cluster: false,
                 removing: false,
+                wipe: false,
                 cloning_from: None,
             },
         );

@@ -112,7 +112,8 @@ impl Engine {
             r.instance.status.state = InstanceState::Stopped;
             r.instance.desired = DesiredState::Stopped;
         });
-        if let Err(e) = self.forget(cell, name.as_str(), false).await {
+        let wipe = cell.lock().wipe;
+        if let Err(e) = self.forget(cell, name.as_str(), wipe).await {
             tracing::error!(instance = %name, error = %e.message, "cannot finish the removal; `vroom rm -f` retries it");
         }
     }

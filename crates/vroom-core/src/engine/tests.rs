@@ -544,7 +544,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     std::fs::write(busy.join("x"), b"x").unwrap();
     let err = t
         .engine
-        .remove_archived("web", busy.to_str().unwrap(), Some(0))
+        .remove_archived("web", busy.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap_err();
     assert!(err.message.contains("not empty"), "{}", err.message);
@@ -553,7 +553,7 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     let archive = dir.path().join("archive");
     let report = t
         .engine
-        .remove_archived("web", archive.to_str().unwrap(), Some(0))
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
         .await
         .unwrap();
     assert!(report.memory);
@@ -571,6 +571,70 @@ async fn archived_removal_keeps_a_verifiable_archive_and_wipes_the_rest() {
     assert!(report.wiped.iter().all(|p| !p.exists()));
     assert!(!dir.path().join("instances").join(&web.id).exists());
     assert!(t.engine.get("web").is_err());
+    assert_eq!(
+        super::verify_archive(&archive).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+/// An archive that fails after the guest was frozen and its memory saved
+/// (here its config volume is gone) leaves the instance as it was: its VM
+/// runs again and its guest is thawed, not paused under a `running` label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_archive_resumes_the_frozen_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let web = t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    let cell = t.engine.cell("web").unwrap();
+    std::fs::remove_file(cell.volume()).unwrap();
+    let archive = dir.path().join("archive");
+    let err = t
+        .engine
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("config volume"), "{}", err.message);
+    assert!(!archive.exists(), "the half-written archive was left");
+    let process = cell.lock().process.clone().unwrap();
+    use crate::driver::VmDriver;
+    assert_eq!(
+        t.driver.run_state(&process).unwrap(),
+        crate::driver::VmRunState::Running
+    );
+    let health = cell.agent.health(super::AGENT_TIMEOUT).await.unwrap();
+    assert!(!health.frozen, "the guest was left frozen");
+    assert_eq!(t.engine.get("web").unwrap().status.pid, web.status.pid);
+}
+
+/// A daemon killed inside `rm --archive` once the archive was written (here
+/// just before it kills the VM) leaves the removal on record with its wipe:
+/// the next one finishes it, wiping (a hard link from outside the run dir
+/// sees the zeros), not with a plain unlink nor by running the instance on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_finishes_an_interrupted_archived_removal_with_the_wipe() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let web = t.engine.run(request("web")).await.unwrap();
+    wait_state(&t, "web", InstanceState::Running).await;
+    let run_dir = dir.path().join("instances").join(&web.id);
+    std::fs::write(run_dir.join("secret"), b"secret").unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::hard_link(run_dir.join("secret"), &outside).unwrap();
+    t.driver.fail_kill.store(true, SeqCst);
+    let archive = dir.path().join("archive");
+    t.engine
+        .remove_archived("web", archive.to_str().unwrap(), Some((0, 0)))
+        .await
+        .unwrap_err();
+    t.driver.fail_kill.store(false, SeqCst);
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    assert!(engine.get("web").is_err(), "the removal was not finished");
+    assert!(!run_dir.exists());
+    assert_eq!(std::fs::read(&outside).unwrap(), vec![0u8; 6], "not wiped");
+    assert!(t.driver.running().is_empty());
     assert_eq!(
         super::verify_archive(&archive).unwrap(),
         Vec::<String>::new()
