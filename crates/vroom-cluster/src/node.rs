@@ -2726,7 +2726,10 @@ mod tests {
         let (mut owned, mut returned) = (BTreeMap::new(), BTreeMap::new());
         note_handover(&mut owned, &mut returned, "m", Handover::TookOver(8));
         note_handover(&mut owned, &mut returned, "m", Handover::GaveBack(12));
-        assert_eq!(owned_after(map(&[("m", 8)]), &owned, &returned, 10), map(&[]));
+        assert_eq!(
+            owned_after(map(&[("m", 8)]), &owned, &returned, 10),
+            map(&[])
+        );
         note_handover(&mut owned, &mut returned, "m", Handover::TookOver(15));
         assert_eq!(
             owned_after(map(&[]), &owned, &returned, 10),

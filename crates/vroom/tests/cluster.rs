@@ -1026,7 +1026,10 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
         // it, or a move cut short after the hand-over restarted it) names
         // the node where it runs.
         if out.status.success() {
-            assert_eq!(on, to, "a migration that succeeded left m elsewhere: {said}");
+            assert_eq!(
+                on, to,
+                "a migration that succeeded left m elsewhere: {said}"
+            );
         } else {
             let node = &lab.nodes[on].name;
             assert!(

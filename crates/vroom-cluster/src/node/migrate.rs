@@ -1033,8 +1033,7 @@ impl ClusterNode {
             let _ = self.engine.remove(name, true).await;
         }
         let mkey = key(MIGRATIONS, name);
-        let Ok(Some((mut current, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await
-        else {
+        let Ok(Some((mut current, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
             return;
         };
         if current.id != record.id {
@@ -1496,7 +1495,8 @@ impl ClusterNode {
     async fn await_owner(&self, name: &str) -> Option<String> {
         let since = Instant::now();
         while since.elapsed() < OWNER_WAIT {
-            if let Ok(Some((owner, _))) = self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await
+            if let Ok(Some((owner, _))) =
+                self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await
             {
                 return Some(owner.node);
             }

@@ -240,9 +240,15 @@ impl Engine {
         });
         drop(channel);
         if sent.is_err() {
-            // QEMU lets a VM whose migration failed run on; the marker goes
-            // only once nothing can still hand it over.
-            clear_marker(&cell.dir, MIGRATE_MARKER);
+            // The marker goes only if the VM runs on (QEMU lets a VM whose
+            // live copy failed run on; a VM stopped for the copy runs only
+            // if the driver's recovery got through): a VM left paused keeps
+            // it, so that `resume_unmigrated` lets it run once nothing can
+            // hand it over.
+            let running = blocking(|| self.driver.run_state(&process));
+            if matches!(running, Ok(VmRunState::Running)) {
+                clear_marker(&cell.dir, MIGRATE_MARKER);
+            }
         }
         sent
     }
@@ -351,6 +357,35 @@ mod tests {
             config: None,
             cluster: true,
         }
+    }
+
+    /// Review finding (issue 23): under TCG the VM is stopped for the copy;
+    /// a migration out that failed after the stop (a QMP read timed out)
+    /// cleared the marker as if QEMU ran the VM on, so the VM stayed paused
+    /// for good while shown running. The marker stays while the VM does not
+    /// run, and `resume_unmigrated` lets it run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_copy_that_left_the_vm_paused_is_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let i = t.engine.run(run_request("m", "hello", &[])).await.unwrap();
+        let pid = i.status.pid.unwrap();
+        t.engine
+            .wait_running(&i.spec.name, Duration::from_secs(5))
+            .await
+            .unwrap();
+        t.driver.fail_migrate_paused.store(true, Ordering::SeqCst);
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = t
+            .engine
+            .send_live("m", OwnedFd::from(ours))
+            .await
+            .unwrap_err();
+        assert!(t.driver.is_paused(pid), "the fake left it paused: {err:?}");
+        assert_eq!(t.engine.migrating_out(), vec!["m".to_string()]);
+        t.engine.resume_unmigrated("m").await.unwrap();
+        assert!(!t.driver.is_paused(pid), "the VM runs again");
+        assert!(t.engine.migrating_out().is_empty());
     }
 
     /// A guest that answers after the switch-over: the instance runs here.
