@@ -106,6 +106,10 @@ enum Hello {
         instance: String,
         migration: String,
         secret: String,
+        /// Whether the guest passed its health check on the source: the
+        /// destination requires only what the source showed.
+        #[serde(default = "yes")]
+        ready: bool,
     },
     Data {
         migration: String,
@@ -159,6 +163,10 @@ enum Control {
     },
     /// Destination: it gave up (and did not take ownership).
     Failed { reason: String },
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn line<T: Serialize>(value: &T) -> Vec<u8> {
@@ -248,8 +256,9 @@ impl ClusterNode {
                         instance,
                         migration,
                         secret,
+                        ready,
                     } => {
-                        node.receive_migration(stream, &instance, &migration, &secret)
+                        node.receive_migration(stream, &instance, (&migration, &secret), ready)
                             .await
                     }
                 }
@@ -419,8 +428,8 @@ impl ClusterNode {
         &self,
         stream: TcpStream,
         name: &str,
-        migration: &str,
-        secret: &str,
+        (migration, secret): (&str, &str),
+        was_ready: bool,
     ) {
         let mut control = match into_blocking(stream) {
             Ok(s) => s,
@@ -485,7 +494,7 @@ impl ClusterNode {
                     config: config_rev,
                     wiring: wiring_rev,
                 },
-                &from,
+                (&from, was_ready),
                 data,
                 taken.clone(),
             )
@@ -605,7 +614,7 @@ impl ClusterNode {
         migration: &str,
         (record, config): (InstanceRecord, Option<ConfigValues>),
         seen: Seen,
-        from: &str,
+        (from, was_ready): (&str, bool),
         data: std::sync::mpsc::Receiver<std::net::TcpStream>,
         taken: Arc<Mutex<Option<Taken>>>,
     ) -> Result<(), String> {
@@ -690,6 +699,7 @@ impl ClusterNode {
             label: format!("migration from {from}"),
             answer_within: ANSWER_WITHIN,
             settle: ANSWER_SETTLE,
+            was_ready,
         };
         let request = record.request.clone();
         self.engine
@@ -1190,6 +1200,7 @@ impl ClusterNode {
             instance: name.to_string(),
             migration: record.id.clone(),
             secret: record.secret.clone(),
+            ready: self.engine.guest_ready(name).await,
         };
         writer.write_all(&line(&hello)).await.map_err(gone)?;
         match read_control(&mut reader, to, ready_within).await? {

@@ -54,6 +54,10 @@ pub struct LiveIncoming {
     /// again: a guest whose memory did not survive the move may answer
     /// once and panic a moment later.
     pub settle: Duration,
+    /// Whether the guest passed its health check on the source: only then
+    /// must it pass it here; otherwise an answer of its agent is the proof
+    /// (an unhealthy instance still moves, and a drain can evacuate it).
+    pub was_ready: bool,
 }
 
 impl std::fmt::Debug for LiveIncoming {
@@ -62,6 +66,7 @@ impl std::fmt::Debug for LiveIncoming {
             .field("label", &self.label)
             .field("answer_within", &self.answer_within)
             .field("settle", &self.settle)
+            .field("was_ready", &self.was_ready)
             .finish_non_exhaustive()
     }
 }
@@ -117,18 +122,18 @@ impl Engine {
     }
 
     /// After a live migration in: whether the guest answers here. It was
-    /// running a moment ago, so it must answer its agent at once and report
-    /// itself ready (services up, health check passing) within `within`,
-    /// and still run and answer `settle` later; a VMM that dies meanwhile
-    /// fails it at once.
+    /// running a moment ago, so it must answer its agent (and report itself
+    /// ready, if it was on the source: `ready`) within `within`, and, after
+    /// `settle` in which its VMM must not die, answer so again within
+    /// `within`; a VMM that dies meanwhile fails it at once.
     pub(super) async fn verify_arrival(
         &self,
         cell: &Cell,
         process: &VmProcess,
-        within: Duration,
-        settle: Duration,
+        (within, settle): (Duration, Duration),
+        ready: bool,
     ) -> Result<(), OpError> {
-        self.first_answer(cell, process, within).await?;
+        self.first_answer(cell, process, within, ready).await?;
         if settle.is_zero() {
             return Ok(());
         }
@@ -136,32 +141,33 @@ impl Engine {
             .await
             .is_ok();
         let again = if exited {
-            ArrivalCheck::VmmExited
+            Err(ArrivalCheck::VmmExited.reason(within))
         } else {
-            match cell.agent.health(AGENT_CALL_CAP).await {
-                Ok(report) if report.ready => return Ok(()),
-                Ok(report) => ArrivalCheck::NotReady {
-                    config_error: report.config_error,
-                },
-                Err(_) => ArrivalCheck::NoAnswer,
-            }
+            // Polled, not asked once: on a loaded host one call may well
+            // take longer than its cap.
+            self.first_answer(cell, process, within, ready)
+                .await
+                .map_err(|e| e.message)
         };
-        Err(OpError::new(
-            ErrorCode::Internal,
-            format!(
-                "the migrated guest answered, then failed {:.0}s later: {}",
-                settle.as_secs_f32(),
-                again.reason(AGENT_CALL_CAP)
-            ),
-        ))
+        again.map_err(|reason| {
+            OpError::new(
+                ErrorCode::Internal,
+                format!(
+                    "the migrated guest answered, then failed {:.0}s later: {reason}",
+                    settle.as_secs_f32()
+                ),
+            )
+        })
     }
 
-    /// The first ready answer of a migrated guest within `within`.
+    /// The first answer of a migrated guest within `within`: a ready one if
+    /// `ready`, else any.
     async fn first_answer(
         &self,
         cell: &Cell,
         process: &VmProcess,
         within: Duration,
+        ready: bool,
     ) -> Result<(), OpError> {
         let started = Instant::now();
         // What it said last, if it ever answered: that says more than a
@@ -180,7 +186,7 @@ impl Engine {
                 .health(left.clamp(HEALTH_POLL, AGENT_CALL_CAP))
                 .await
             {
-                Ok(report) if report.ready => return Ok(()),
+                Ok(report) if report.ready || !ready => return Ok(()),
                 Ok(report) => {
                     answered = Some(ArrivalCheck::NotReady {
                         config_error: report.config_error,
@@ -196,6 +202,15 @@ impl Engine {
             }
             tokio::time::sleep(HEALTH_POLL).await;
         }
+    }
+
+    /// Whether running instance `name`'s guest passes its health check now
+    /// (what its destination must show after a migration).
+    pub async fn guest_ready(&self, name: &str) -> bool {
+        let Ok(cell) = self.cell(name) else {
+            return false;
+        };
+        matches!(cell.agent.health(AGENT_CALL_CAP).await, Ok(report) if report.ready)
     }
 
     /// Streams running instance `name` into `channel` (connected to the
@@ -348,6 +363,7 @@ mod tests {
             label: "migration from n1".into(),
             answer_within,
             settle,
+            was_ready: true,
         }
     }
 
@@ -357,6 +373,44 @@ mod tests {
             config: None,
             cluster: true,
         }
+    }
+
+    /// Review finding (issue 23): a guest that failed its health check on
+    /// the source could never move (nor be drained): its destination
+    /// required it ready. It must show here what it showed there: its
+    /// agent's answer suffices for a guest that was not ready.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_that_was_not_ready_on_the_source_moves_if_its_agent_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.driver.set_behavior(GuestBehavior::NeverReady);
+        let switched = Arc::new(AtomicBool::new(false));
+        let mut live = incoming(switched.clone(), Duration::from_millis(600));
+        live.was_ready = false;
+        let i = t
+            .engine
+            .receive(run_request("m", "hello", &[]), identity(), live)
+            .await
+            .unwrap();
+        assert_eq!(i.status.state, InstanceState::Running);
+        assert_eq!(t.driver.running().len(), 1);
+        // A hung one still fails, ready or not on the source.
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.driver.set_behavior(GuestBehavior::Hung);
+        let mut live = incoming(switched, Duration::from_millis(600));
+        live.was_ready = false;
+        let err = t
+            .engine
+            .receive(run_request("m", "hello", &[]), identity(), live)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("did not answer its agent"),
+            "{}",
+            err.message
+        );
+        assert!(t.driver.running().is_empty());
     }
 
     /// Review finding (issue 23): under TCG the VM is stopped for the copy;
