@@ -17,26 +17,36 @@
 //!    ownership in one transaction that also voids the source's token (the
 //!    owner key's mod revision); the migration record stays `requested`;
 //! 5. the destination lets its VM run, then verifies it: the guest must
-//!    answer its agent and pass its health check within
-//!    [`ANSWER_WITHIN`] (it was running a moment ago), and still run and
-//!    answer [`ANSWER_SETTLE`] later;
+//!    answer its agent (and pass its health check, if it did on the
+//!    source: the control hello says) within [`ANSWER_WITHIN`] (it was
+//!    running a moment ago), and still run and answer so [`ANSWER_SETTLE`]
+//!    later (polled, within [`ANSWER_WITHIN`] again);
 //! 6. verified: the destination records the migration `switched` (fenced
 //!    on its takeover) and answers `resumed`; the source drops its paused
 //!    copy and records it `done`;
 //! 7. not verified: the destination kills its VM and removes the instance,
-//!    then gives ownership back in one transaction fenced on its takeover's
-//!    revision and on the source's lease (the owner key names the source
-//!    again, under the source's lease; the instance record is restored),
+//!    then, unless the source hung up, gives ownership back in one
+//!    transaction fenced on its takeover's revision and on the source's
+//!    lease (the owner key names the source again, under the source's
+//!    lease; the instance record is restored), then takes out its splices
 //!    and answers `failed`. The source resumes its paused copy and records
-//!    the migration `failed`, so `vroom migrate` fails and says why.
+//!    the migration `failed`, so `vroom migrate` fails and says why and
+//!    where the instance runs. A destination that cannot give it back (the
+//!    source hung up or is gone) records the migration `failed`, keeps
+//!    owning the instance and starts it by its policy.
 //!
 //! After the stream, whatever happened, the source decides by the owner
-//! key alone: if it names the source, the source rewrites it (which voids
-//! any takeover still in flight) and its VM runs on; otherwise the
-//! destination has it and the paused copy goes. Until then the source keeps
-//! its paused copy, even when its pass sees another owner. A destination
-//! that cannot give the instance back (the source is gone) keeps owning it
-//! and starts it by its policy.
+//! key: if it names the source, the source rewrites it (which voids any
+//! takeover still in flight) and its VM runs on. Otherwise the destination
+//! has it; if its answer did not come, the source keeps its paused copy
+//! while the destination owns the instance and the migration is still
+//! `requested` (a give-back may still come), up to [`DECISION_WAIT`], then
+//! records the migration `failed` if nobody did. A destination whose
+//! vroomd restarted after its takeover (no receive under way, the
+//! instance its own, the migration `requested`) records it `failed`: its
+//! new vroomd boots the instance cold, which is no live move. Until the
+//! source has decided it keeps its paused copy, even when its pass sees
+//! another owner.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};

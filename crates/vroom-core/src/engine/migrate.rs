@@ -9,8 +9,9 @@
 //!   source's config volume in place, lets the cluster take ownership, and
 //!   only then lets the VM run;
 //! - then the guest must answer here ([`Engine::verify_arrival`]): its
-//!   agent replies to a health request and reports itself ready (its health
-//!   check passes) within [`LiveIncoming::answer_within`]. A guest that does
+//!   agent replies to a health request and, if it was ready on the source
+//!   ([`LiveIncoming::was_ready`]), reports itself ready (its health check
+//!   passes) within [`LiveIncoming::answer_within`]. A guest that does
 //!   not (its VMM died, or it hangs) is killed and the instance removed, so
 //!   the receive fails: the cluster then gives the instance back to the
 //!   source, whose paused copy runs on. A QEMU that reported a completed
