@@ -862,6 +862,15 @@ impl ClusterNode {
             view.instances.keys().cloned().collect();
     }
 
+    /// Notes a migration's takeover or give-back of `name`, under both
+    /// locks in [`adopt`](Self::adopt)'s order: a pass in between cannot
+    /// see the one without the other.
+    fn note_handover(&self, name: &str, handover: Handover) {
+        let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut returned = self.returned.lock().unwrap_or_else(|p| p.into_inner());
+        note_handover(&mut owned, &mut returned, name, handover);
+    }
+
     fn token(&self, name: &str) -> Option<i64> {
         self.owned
             .lock()
@@ -2676,9 +2685,57 @@ fn owned_after(
     owned
 }
 
+/// A migration's change of ownership, with its revision.
+#[derive(Debug, Clone, Copy)]
+enum Handover {
+    TookOver(i64),
+    GaveBack(i64),
+}
+
+/// What a takeover or a give-back changes in what a node owns (`owned`)
+/// and has given back (`returned`, which [`owned_after`] honours): a
+/// takeover clears an earlier give-back of the same instance, which would
+/// otherwise void it until a view newer than the give-back.
+fn note_handover(
+    owned: &mut BTreeMap<String, i64>,
+    returned: &mut BTreeMap<String, i64>,
+    name: &str,
+    handover: Handover,
+) {
+    match handover {
+        Handover::TookOver(revision) => {
+            returned.remove(name);
+            owned.insert(name.to_string(), revision);
+        }
+        Handover::GaveBack(revision) => {
+            returned.insert(name.to_string(), revision);
+            owned.remove(name);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding (issue 23): an instance given back (at 12) and taken
+    /// over again (at 15) before a pass whose view is older than both (10)
+    /// must stay owned; the give-back's note used to void the new takeover.
+    #[test]
+    fn a_takeover_after_a_give_back_stands_in_the_next_pass() {
+        let (mut owned, mut returned) = (BTreeMap::new(), BTreeMap::new());
+        note_handover(&mut owned, &mut returned, "m", Handover::TookOver(8));
+        note_handover(&mut owned, &mut returned, "m", Handover::GaveBack(12));
+        assert_eq!(
+            owned_after(map(&[("m", 8)]), &owned, &returned, 10),
+            map(&[])
+        );
+        note_handover(&mut owned, &mut returned, "m", Handover::TookOver(15));
+        assert_eq!(
+            owned_after(map(&[]), &owned, &returned, 10),
+            map(&[("m", 15)])
+        );
+    }
 
     type Owned<'a> = &'a [(&'a str, i64)];
 

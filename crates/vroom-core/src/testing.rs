@@ -72,6 +72,10 @@ pub struct FakeDriver {
     /// Makes kills fail and leave the VM running: a daemon that dies just
     /// before it kills a VM.
     pub fail_kill: AtomicBool,
+    /// Makes the next migrations out fail with the VM left paused: QEMU
+    /// stopped it for the copy, and the call failed (a QMP read timed out)
+    /// before anything let it run again.
+    pub fail_migrate_paused: AtomicBool,
 }
 
 impl Default for FakeDriver {
@@ -82,6 +86,7 @@ impl Default for FakeDriver {
             behavior: Mutex::new(GuestBehavior::Ready),
             fail_launch: AtomicBool::new(false),
             fail_kill: AtomicBool::new(false),
+            fail_migrate_paused: AtomicBool::new(false),
         }
     }
 }
@@ -98,6 +103,11 @@ impl FakeDriver {
             .filter(|(_, vm)| *vm.alive.borrow())
             .map(|(pid, _)| *pid)
             .collect()
+    }
+
+    /// Whether VM `pid` is paused.
+    pub fn is_paused(&self, pid: u32) -> bool {
+        lock(&self.vms).get(&pid).is_some_and(|vm| vm.paused)
     }
 
     /// How many VMs were ever launched.
@@ -476,6 +486,10 @@ impl VmDriver for FakeDriver {
         process: &VmProcess,
         channel: std::os::fd::BorrowedFd<'_>,
     ) -> Result<LiveStats, ControlVmError> {
+        if self.fail_migrate_paused.load(Ordering::SeqCst) {
+            fake_vm(&mut lock(&self.vms), process)?.paused = true;
+            return Err(fake_control("the QMP reply timed out"));
+        }
         let mut out = std::fs::File::from(channel.try_clone_to_owned().map_err(fake_control)?);
         let memory = self.save_state(process, &mut out)?;
         Ok(LiveStats {

@@ -230,24 +230,33 @@ pub fn migrate_out(
     qmp.execute_with_fd("getfd", json!({ "fdname": FD_NAME }), channel)?;
     let paused = copy == Copy::Paused && status(&mut qmp)? == "running";
     let stopped = Instant::now();
-    if paused {
-        qmp.execute("stop", Value::Null)?;
-    }
-    let outcome = qmp
-        .execute("migrate", json!({ "uri": format!("fd:{FD_NAME}") }))
-        .map_err(StateError::from)
-        .and_then(|_| wait_migration(&mut qmp));
-    if let Err(e) = outcome {
-        let _ = qmp.execute("migrate_cancel", Value::Null);
-        let _ = qmp.execute("closefd", json!({ "fdname": FD_NAME }));
+    let outcome = (|| {
         if paused {
-            // QEMU resumes a VM only if it ran when the migration began.
-            let _ = cancel_in(&mut qmp);
-            let _ = qmp.execute("cont", Value::Null);
+            qmp.execute("stop", Value::Null)?;
         }
-        return Err(e);
-    }
-    let info = qmp.execute("query-migrate", Value::Null)?;
+        qmp.execute("migrate", json!({ "uri": format!("fd:{FD_NAME}") }))?;
+        wait_migration(&mut qmp)?;
+        Ok::<_, StateError>(qmp.execute("query-migrate", Value::Null)?)
+    })();
+    let info = match outcome {
+        Ok(info) => info,
+        Err(e) => {
+            // On a fresh session: one whose read timed out is out of step
+            // (QEMU may have carried out the command all the same), and
+            // QEMU serves one QMP client at a time.
+            drop(qmp);
+            if let Ok(mut qmp) = Session::connect(socket) {
+                let _ = cancel_in(&mut qmp);
+                let _ = qmp.execute("closefd", json!({ "fdname": FD_NAME }));
+                if paused {
+                    // QEMU resumes a VM only if it ran when the migration
+                    // began; this one was stopped for the copy.
+                    let _ = qmp.execute("cont", Value::Null);
+                }
+            }
+            return Err(e);
+        }
+    };
     let number = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
     Ok(LiveStats {
         total_ms: number(info.get("total-time")),

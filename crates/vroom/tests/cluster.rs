@@ -748,7 +748,8 @@ fn runs_only_on(lab: &Lab, on: usize, instance: &str, ip: &str) {
 
 /// `vroom migrate` moves a running instance between nodes with its memory,
 /// config volume, address and MAC: asked from any node, there and back, and
-/// by `node drain`. Bad requests change nothing.
+/// by `node drain`, and one that fails its health check too. Bad requests
+/// change nothing.
 #[test]
 fn an_instance_migrates_live_with_its_memory_and_address() {
     let lab = Arc::new(Lab::new(3));
@@ -820,24 +821,24 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
     );
     assert!(lab.etcd_keys("/vroom/migrations/").is_empty());
 
-    // A guest that does not pass its health check once it runs on the
-    // destination (its loopback down: the check connects to 127.0.0.1:80)
-    // is not a move: the destination gives it back, its paused copy runs
-    // on where it was, and `vroom migrate` says why (issue 23 #3: moves
-    // that lost the guest were reported as successes).
+    // A guest that fails its health check (its loopback down: the check
+    // connects to 127.0.0.1:80) still moves: its destination asks of it
+    // what it showed on the source, an answer of its agent (review of
+    // issue 23: such an instance could never move, nor be drained). A
+    // guest that does not answer once it runs on the destination is given
+    // back; the engine's tests cover that (no guest here can fail only
+    // after it moved).
     lab.ok(2, &["exec", "m", "--", "ip", "link", "set", "lo", "down"]);
-    let err = sampler.migration(&lab, "m", || lab.fail(0, &["migrate", "m", "--to", "n2"]));
-    assert!(
-        err.contains("did not pass its health check") && err.contains("runs on n3"),
-        "{err}"
-    );
-    runs_only_on(&lab, 2, "m", &ip);
+    sampler.migration(&lab, "m", || lab.ok(0, &["migrate", "m", "--to", "n2"]));
+    runs_only_on(&lab, 1, "m", &ip);
     assert_eq!(
-        memory_of(&lab, 2, "m"),
+        memory_of(&lab, 1, "m"),
         memory,
         "the same VM runs on, not a new boot"
     );
-    lab.ok(2, &["exec", "m", "--", "ip", "link", "set", "lo", "up"]);
+    lab.ok(1, &["exec", "m", "--", "ip", "link", "set", "lo", "up"]);
+    sampler.migration(&lab, "m", || lab.ok(0, &["migrate", "m", "--to", "n3"]));
+    runs_only_on(&lab, 2, "m", &ip);
     let clean = poll(Duration::from_secs(10), || {
         lab.etcd_keys("/vroom/migrations/").is_empty().then_some(())
     });
@@ -1022,11 +1023,23 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
             },
             lab.nodes[on].name
         );
-        assert_eq!(
-            out.status.success(),
-            on == to,
-            "the answer matches where m runs: {said}"
-        );
+        // A success is a live move to `to`; a failure (the source kept
+        // it, or a move cut short after the hand-over restarted it) names
+        // the node where it runs.
+        if out.status.success() {
+            assert_eq!(
+                on, to,
+                "a migration that succeeded left m elsewhere: {said}"
+            );
+        } else {
+            let node = &lab.nodes[on].name;
+            assert!(
+                said.contains(&format!("it runs on {node}"))
+                    || said.contains(&format!("restarted it on {node}")),
+                "a failed migration must say where m runs ({}): {said}",
+                lab.nodes[on].name
+            );
+        }
         let clean = poll(Duration::from_secs(10), || {
             lab.etcd_keys("/vroom/migrations/").is_empty().then_some(())
         });

@@ -17,26 +17,36 @@
 //!    ownership in one transaction that also voids the source's token (the
 //!    owner key's mod revision); the migration record stays `requested`;
 //! 5. the destination lets its VM run, then verifies it: the guest must
-//!    answer its agent and pass its health check within
-//!    [`ANSWER_WITHIN`] (it was running a moment ago), and still run and
-//!    answer [`ANSWER_SETTLE`] later;
+//!    answer its agent (and pass its health check, if it did on the
+//!    source: the control hello says) within [`ANSWER_WITHIN`] (it was
+//!    running a moment ago), and still run and answer so [`ANSWER_SETTLE`]
+//!    later (polled, within [`ANSWER_WITHIN`] again);
 //! 6. verified: the destination records the migration `switched` (fenced
 //!    on its takeover) and answers `resumed`; the source drops its paused
 //!    copy and records it `done`;
 //! 7. not verified: the destination kills its VM and removes the instance,
-//!    then gives ownership back in one transaction fenced on its takeover's
-//!    revision and on the source's lease (the owner key names the source
-//!    again, under the source's lease; the instance record is restored),
+//!    then, unless the source hung up, gives ownership back in one
+//!    transaction fenced on its takeover's revision and on the source's
+//!    lease (the owner key names the source again, under the source's
+//!    lease; the instance record is restored), then takes out its splices
 //!    and answers `failed`. The source resumes its paused copy and records
-//!    the migration `failed`, so `vroom migrate` fails and says why.
+//!    the migration `failed`, so `vroom migrate` fails and says why and
+//!    where the instance runs. A destination that cannot give it back (the
+//!    source hung up or is gone) records the migration `failed`, keeps
+//!    owning the instance and starts it by its policy.
 //!
 //! After the stream, whatever happened, the source decides by the owner
-//! key alone: if it names the source, the source rewrites it (which voids
-//! any takeover still in flight) and its VM runs on; otherwise the
-//! destination has it and the paused copy goes. Until then the source keeps
-//! its paused copy, even when its pass sees another owner. A destination
-//! that cannot give the instance back (the source is gone) keeps owning it
-//! and starts it by its policy.
+//! key: if it names the source, the source rewrites it (which voids any
+//! takeover still in flight) and its VM runs on. Otherwise the destination
+//! has it; if its answer did not come, the source keeps its paused copy
+//! while the destination owns the instance and the migration is still
+//! `requested` (a give-back may still come), up to [`DECISION_WAIT`], then
+//! records the migration `failed` if nobody did. A destination whose
+//! vroomd restarted after its takeover (no receive under way, the
+//! instance its own, the migration `requested`) records it `failed`: its
+//! new vroomd boots the instance cold, which is no live move. Until the
+//! source has decided it keeps its paused copy, even when its pass sees
+//! another owner.
 
 use std::io::{BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +78,12 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// and panicked about 2 s later. The source keeps its paused copy until
 /// then; the guest's pause is not longer for it.
 pub const ANSWER_SETTLE: Duration = Duration::from_secs(3);
+/// How long a source whose destination's answer did not come keeps its
+/// paused copy while the destination owns the instance and the migration
+/// is still `requested`: the destination may still be checking its guest
+/// (up to [`ANSWER_WITHIN`] and [`ANSWER_SETTLE`]) and then give it back,
+/// or have restarted and be about to say it has it.
+const DECISION_WAIT: Duration = Duration::from_secs(30);
 
 /// What the destination's takeover changed, for the switch or the give-back.
 #[derive(Debug, Clone)]
@@ -100,6 +116,10 @@ enum Hello {
         instance: String,
         migration: String,
         secret: String,
+        /// Whether the guest passed its health check on the source: the
+        /// destination requires only what the source showed.
+        #[serde(default = "yes")]
+        ready: bool,
     },
     Data {
         migration: String,
@@ -153,6 +173,10 @@ enum Control {
     },
     /// Destination: it gave up (and did not take ownership).
     Failed { reason: String },
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn line<T: Serialize>(value: &T) -> Vec<u8> {
@@ -242,8 +266,9 @@ impl ClusterNode {
                         instance,
                         migration,
                         secret,
+                        ready,
                     } => {
-                        node.receive_migration(stream, &instance, &migration, &secret)
+                        node.receive_migration(stream, &instance, (&migration, &secret), ready)
                             .await
                     }
                 }
@@ -413,8 +438,8 @@ impl ClusterNode {
         &self,
         stream: TcpStream,
         name: &str,
-        migration: &str,
-        secret: &str,
+        (migration, secret): (&str, &str),
+        was_ready: bool,
     ) {
         let mut control = match into_blocking(stream) {
             Ok(s) => s,
@@ -479,39 +504,59 @@ impl ClusterNode {
                     config: config_rev,
                     wiring: wiring_rev,
                 },
-                &from,
+                (&from, was_ready),
                 data,
                 taken.clone(),
             )
             .await;
+        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let outcome = match (outcome, taken) {
+            (Ok(()), Some(taken)) => {
+                let switched = MigrationState::Switched {
+                    downtime_ms: taken.downtime_ms,
+                    bytes: taken.bytes,
+                };
+                self.record_migration(name, &taken, switched).await;
+                Ok(taken.at.elapsed().as_millis() as u64)
+            }
+            // The guest did not make it here (the engine killed it and
+            // removed the instance): the source's paused copy is the one,
+            // given back before anything else here (the splices) takes
+            // time. Not to a source that hung up: it stopped waiting, and
+            // may have dropped its copy.
+            (Err(reason), Some(taken)) => {
+                let given = if closed(&control) {
+                    Err(format!("node {from} stopped waiting for the answer"))
+                } else {
+                    self.give_back(name, &from, &taken).await
+                };
+                match given {
+                    Ok(()) => Err(reason),
+                    Err(e) => {
+                        tracing::error!(instance = %name, %from, error = %e, "cannot give a failed migration back; the instance starts here instead");
+                        let reason = format!(
+                            "{reason}; cannot give it back to {from} ({e}), so it starts again on {}",
+                            self.name
+                        );
+                        let failed = MigrationState::Failed {
+                            reason: reason.clone(),
+                        };
+                        self.record_migration(name, &taken, failed).await;
+                        Err(reason)
+                    }
+                }
+            }
+            (outcome, None) => outcome.map(|()| 0),
+        };
+        if outcome.is_err() {
+            self.engine.drop_wiring(name).await;
+        }
+        // Only now: a pass cannot start it here while it is given back, nor
+        // take the migration for one a restart cut short.
         self.incoming
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(name);
-        if outcome.is_err() {
-            self.engine.drop_wiring(name).await;
-        }
-        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let outcome = match (outcome, taken) {
-            (Ok(()), Some(taken)) => {
-                self.record_switch(name, &taken).await;
-                Ok(taken.at.elapsed().as_millis() as u64)
-            }
-            // The guest did not make it here (the engine killed it and
-            // removed the instance): the source's paused copy is the one.
-            (Err(reason), Some(taken)) => match self.give_back(name, &from, &taken).await {
-                Ok(()) => Err(reason),
-                Err(e) => {
-                    tracing::error!(instance = %name, %from, error = %e, "cannot give a failed migration back; the instance starts here instead");
-                    Err(format!(
-                        "{reason}; cannot give it back to {from} ({e}), so it starts again on {}",
-                        self.name
-                    ))
-                }
-            },
-            (outcome, None) => outcome.map(|()| 0),
-        };
-        // Only now: a pass cannot start it here while it is given back.
         self.end_start(name);
         let reply = match outcome {
             Ok(checked_ms) => {
@@ -579,7 +624,7 @@ impl ClusterNode {
         migration: &str,
         (record, config): (InstanceRecord, Option<ConfigValues>),
         seen: Seen,
-        from: &str,
+        (from, was_ready): (&str, bool),
         data: std::sync::mpsc::Receiver<std::net::TcpStream>,
         taken: Arc<Mutex<Option<Taken>>>,
     ) -> Result<(), String> {
@@ -664,6 +709,7 @@ impl ClusterNode {
             label: format!("migration from {from}"),
             answer_within: ANSWER_WITHIN,
             settle: ANSWER_SETTLE,
+            was_ready,
         };
         let request = record.request.clone();
         self.engine
@@ -744,10 +790,7 @@ impl ClusterNode {
             ));
         }
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        self.owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), revision);
+        self.note_handover(name, Handover::TookOver(revision));
         Ok(Taken {
             revision,
             instance: before,
@@ -758,18 +801,16 @@ impl ClusterNode {
         })
     }
 
-    /// The guest answered here: the migration is recorded `switched`, so a
-    /// requester whose source dies now still learns that the move stands.
-    /// Best effort: ownership moved already.
-    async fn record_switch(&self, name: &str, taken: &Taken) {
+    /// How a migration ended here after the takeover, while this node
+    /// still owns the instance: `switched` once the guest answered (so a
+    /// requester whose source dies now still learns that the move stands),
+    /// or `failed` when it could not be given back. Best effort.
+    async fn record_migration(&self, name: &str, taken: &Taken, state: MigrationState) {
         let mkey = key(MIGRATIONS, name);
         let Ok(Some((mut record, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
             return;
         };
-        record.state = MigrationState::Switched {
-            downtime_ms: taken.downtime_ms,
-            bytes: taken.bytes,
-        };
+        record.state = state;
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(mkey.clone(), CompareOp::Equal, taken.migration_rev),
@@ -781,7 +822,7 @@ impl ClusterNode {
                 Some(PutOptions::new().with_lease(kv.lease)),
             )]);
         if !matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
-            tracing::warn!(instance = %name, "cannot record the migration switched");
+            tracing::warn!(instance = %name, state = ?record.state, "cannot record how the migration ended");
         }
     }
 
@@ -826,14 +867,7 @@ impl ClusterNode {
             return Err("the instance or its source changed meanwhile".into());
         }
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        self.owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-        self.returned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), revision);
+        self.note_handover(name, Handover::GaveBack(revision));
         tracing::warn!(instance = %name, %from, "gave a migrated instance back: its guest did not answer here");
         Ok(())
     }
@@ -897,6 +931,9 @@ impl ClusterNode {
     /// The owner's part of its pass: starts the migrations asked of it.
     pub(super) fn start_migrations(&self, view: &View) {
         for (name, (record, kv)) in &view.migrations {
+            if record.to == self.name && record.state == MigrationState::Requested {
+                self.resolve_cut_arrival(name, record, kv, view);
+            }
             if record.from != self.name || record.state != MigrationState::Requested {
                 continue;
             }
@@ -953,15 +990,55 @@ impl ClusterNode {
         }
     }
 
+    /// A migration to this node that it took over (it owns the instance)
+    /// but that no receive here is finishing: the daemon that took it over
+    /// died before it said how it ended, and this one starts the instance
+    /// afresh. Recorded `failed` (it was no live move), so the source
+    /// drops its paused copy and `vroom migrate` says where it runs.
+    fn resolve_cut_arrival(&self, name: &str, record: &MigrationRecord, kv: &Kv, view: &View) {
+        let Some((owner, okv)) = view.owners.get(name) else {
+            return;
+        };
+        let receiving = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name);
+        if owner.node != self.name || self.token(name).is_none() || receiving {
+            return;
+        }
+        let mut failed = record.clone();
+        failed.state = MigrationState::Failed {
+            reason: format!(
+                "vroomd on {} restarted after it took the instance over, so {name} was restarted there",
+                self.name
+            ),
+        };
+        tracing::warn!(instance = %name, from = %record.from, "a migration here was cut short after the takeover; the instance starts here afresh");
+        let node = self.arc();
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
+                Compare::mod_revision(okv.key.clone(), CompareOp::Equal, okv.mod_revision),
+            ])
+            .and_then([TxnOp::put(
+                kv.key.clone(),
+                json(&failed),
+                Some(PutOptions::new().with_lease(kv.lease)),
+            )]);
+        tokio::spawn(async move {
+            let _ = node.etcd.txn(txn).await;
+        });
+    }
+
     async fn migrate_out(&self, name: &str, record: MigrationRecord, revision: i64, peer: &str) {
         tracing::info!(instance = %name, to = %record.to, "migrating");
         let outcome = self.send(name, &record, peer).await;
-        let mkey = key(MIGRATIONS, name);
-        let current = self.etcd.get_json::<MigrationRecord>(&mkey).await;
-        // Decided by the owner key alone (a destination whose guest did not
-        // answer gave it back); fenced: a takeover still in flight can no
-        // longer succeed once this node has rewritten its owner key.
-        let still_owner = match self.keep(name).await {
+        // Decided by the owner key (a destination whose guest did not
+        // answer gave it back) and, when the destination's answer did not
+        // come, by the migration record; fenced: a takeover still in flight
+        // can no longer succeed once this node has rewritten its owner key.
+        let still_owner = match self.await_decision(name, &record, outcome.is_err()).await {
             Ok(mine) => mine,
             // Cannot tell: the VM stays paused until a pass can.
             Err(_) => return,
@@ -975,6 +1052,13 @@ impl ClusterNode {
             self.engine.drop_wiring(name).await;
             let _ = self.engine.remove(name, true).await;
         }
+        let mkey = key(MIGRATIONS, name);
+        let Ok(Some((mut current, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
+            return;
+        };
+        if current.id != record.id {
+            return;
+        }
         let state = match (&outcome, still_owner) {
             (Ok((stats, switchover_ms)), false) => MigrationState::Done {
                 downtime_ms: stats.downtime_ms,
@@ -987,9 +1071,20 @@ impl ClusterNode {
             (Ok(_), true) => MigrationState::Failed {
                 reason: format!("node {} did not take the instance over", record.to),
             },
-            // Handed over, but the source did not hear it: the switched
-            // record stands.
-            (Err(_), false) => return,
+            // Handed over, but the source did not hear how it ended. The
+            // destination decided (the record is `switched`, or `failed`
+            // by a destination that restarted after its takeover), or it
+            // never said within the wait: a failure, which the requester
+            // reports with the node that owns the instance now.
+            (Err(reason), false) => match current.state {
+                MigrationState::Requested => MigrationState::Failed {
+                    reason: format!(
+                        "{reason}; node {} took the instance over and did not say whether its guest runs",
+                        record.to
+                    ),
+                },
+                _ => return,
+            },
         };
         match &state {
             MigrationState::Done {
@@ -999,17 +1094,16 @@ impl ClusterNode {
             } => {
                 tracing::info!(instance = %name, to = %record.to, downtime_ms, switchover_ms, "migrated")
             }
-            MigrationState::Failed { reason } => {
+            MigrationState::Failed { reason } if still_owner => {
                 tracing::warn!(instance = %name, to = %record.to, %reason, "the migration failed; the instance runs here")
+            }
+            MigrationState::Failed { reason } => {
+                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration was cut short after the hand-over; the destination has the instance")
             }
             _ => {}
         }
-        let Ok(Some((mut current, kv))) = current else {
-            return;
-        };
-        if current.id != record.id {
-            return;
-        }
+        // A source that kept the instance expects the record as it asked;
+        // otherwise as the destination left it.
         let expect = if still_owner {
             revision
         } else {
@@ -1028,6 +1122,53 @@ impl ClusterNode {
                 Some(PutOptions::new().with_lease(kv.lease)),
             )]);
         let _ = self.etcd.txn(txn).await;
+    }
+
+    /// After a migration out: whether this node keeps instance `name`
+    /// (see [`keep`](Self::keep)). When the destination's answer did not
+    /// come (`unheard`), the destination may still be deciding: while it
+    /// owns the instance and the migration is still `requested`, the paused
+    /// copy here stays (a give-back may yet come), up to [`DECISION_WAIT`].
+    async fn await_decision(
+        &self,
+        name: &str,
+        record: &MigrationRecord,
+        unheard: bool,
+    ) -> Result<bool, EtcdError> {
+        let since = Instant::now();
+        loop {
+            if self.keep(name).await? {
+                return Ok(true);
+            }
+            if !unheard {
+                return Ok(false);
+            }
+            let owner = self
+                .etcd
+                .get_json::<OwnerRecord>(&key(OWNERS, name))
+                .await?
+                .map(|(o, _)| o.node);
+            let migration = self
+                .etcd
+                .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
+                .await?
+                .filter(|(m, _)| m.id == record.id)
+                .map(|(m, _)| m.state);
+            let waiting = since.elapsed() < DECISION_WAIT;
+            match source_decision(
+                owner.as_deref(),
+                &self.name,
+                &record.to,
+                migration.as_ref(),
+                waiting,
+            ) {
+                // Given back since: `keep` takes it on the next round.
+                SourceDecision::Keep if waiting => {}
+                SourceDecision::Wait => {}
+                SourceDecision::Keep | SourceDecision::Release => return Ok(false),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Streams `name` to the destination; returns QEMU's numbers and the
@@ -1069,6 +1210,7 @@ impl ClusterNode {
             instance: name.to_string(),
             migration: record.id.clone(),
             secret: record.secret.clone(),
+            ready: self.engine.guest_ready(name).await,
         };
         writer.write_all(&line(&hello)).await.map_err(gone)?;
         match read_control(&mut reader, to, ready_within).await? {
@@ -1317,9 +1459,15 @@ impl ClusterNode {
                     bytes,
                 } => return report(downtime_ms, switchover_ms, bytes),
                 MigrationState::Failed { reason } => {
+                    // Where it runs now: the source kept it, or a move cut
+                    // short after the hand-over left it on `to`.
+                    let runs = match self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await {
+                        Ok(Some((owner, _))) => format!("it runs on {}", owner.node),
+                        _ => "it runs nowhere now; the cluster restarts it by its policy".into(),
+                    };
                     return Err(OpError::conflict(format!(
-                        "cannot migrate {name} to {to}: {reason}; it runs on {from}"
-                    )))
+                        "cannot migrate {name} to {to}: {reason}; {runs}"
+                    )));
                 }
                 // The source did not confirm (it may have died right after
                 // the handover): the move stands.
@@ -1344,8 +1492,12 @@ impl ClusterNode {
                         None => false,
                     };
                     if lost {
+                        let runs = match self.await_owner(name).await {
+                            Some(node) => format!("the cluster restarted it on {node}"),
+                            None => "the cluster restarts it by its policy".into(),
+                        };
                         return Err(OpError::conflict(format!(
-                            "node {from} lost instance {name} during the migration; the cluster restarts it by its policy"
+                            "node {from} lost instance {name} during the migration; {runs}"
                         )));
                     }
                 }
@@ -1355,6 +1507,57 @@ impl ClusterNode {
             ErrorCode::Internal,
             format!("the migration of {name} to {to} did not finish in {limit:?}"),
         ))
+    }
+}
+
+impl ClusterNode {
+    /// The node that owns `name` once one does, waiting a little (a lost
+    /// instance is claimed again within a few passes).
+    async fn await_owner(&self, name: &str) -> Option<String> {
+        let since = Instant::now();
+        while since.elapsed() < OWNER_WAIT {
+            if let Ok(Some((owner, _))) =
+                self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await
+            {
+                return Some(owner.node);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}
+
+/// How long `vroom migrate` waits for a lost instance's new owner, to say
+/// where it runs.
+const OWNER_WAIT: Duration = Duration::from_secs(20);
+
+/// What a source whose destination's answer did not come does with its
+/// paused copy, by the owner key (`owner`), the migration's state (`None`
+/// once it is gone or replaced) and whether it may still wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceDecision {
+    /// The owner key names the source (given back): it keeps it.
+    Keep,
+    /// The destination owns it and has not said how it ended: it may still
+    /// give it back, so the paused copy stays.
+    Wait,
+    /// The destination has it (or nobody does): the paused copy goes.
+    Release,
+}
+
+fn source_decision(
+    owner: Option<&str>,
+    me: &str,
+    to: &str,
+    migration: Option<&MigrationState>,
+    waiting: bool,
+) -> SourceDecision {
+    match owner {
+        Some(o) if o == me => SourceDecision::Keep,
+        Some(o) if o == to && waiting && migration == Some(&MigrationState::Requested) => {
+            SourceDecision::Wait
+        }
+        _ => SourceDecision::Release,
     }
 }
 
@@ -1391,5 +1594,48 @@ async fn read_control(
             .map_err(|e| format!("node {to} said something unreadable: {e}")),
         Ok(Err(e)) => Err(format!("node {to} went away during the migration: {e}")),
         Err(_) => Err(format!("node {to} did not answer in {within:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding (issue 23): a source that did not hear the answer
+    /// dropped its paused copy as soon as the destination owned the
+    /// instance, although the destination could still give it back. It
+    /// waits while the destination owns it and the migration is still
+    /// `requested`, and only within its bound.
+    #[test]
+    fn a_source_keeps_its_paused_copy_while_the_destination_decides() {
+        use SourceDecision::*;
+        let requested = MigrationState::Requested;
+        let switched = MigrationState::Switched {
+            downtime_ms: 1,
+            bytes: 1,
+        };
+        let failed = MigrationState::Failed {
+            reason: "restarted".into(),
+        };
+        #[rustfmt::skip]
+        let cases: &[(Option<&str>, Option<&MigrationState>, bool, SourceDecision)] = &[
+            // owner    migration         waiting  decision
+            (Some("n1"), Some(&requested), true,  Keep),
+            (Some("n1"), Some(&switched),  true,  Keep),
+            (Some("n2"), Some(&requested), true,  Wait),
+            (Some("n2"), Some(&requested), false, Release),
+            (Some("n2"), Some(&switched),  true,  Release),
+            (Some("n2"), Some(&failed),    true,  Release),
+            (Some("n2"), None,             true,  Release),
+            (Some("n3"), Some(&requested), true,  Release),
+            (None,       Some(&requested), true,  Release),
+        ];
+        for (owner, migration, waiting, want) in cases {
+            assert_eq!(
+                source_decision(*owner, "n1", "n2", *migration, *waiting),
+                *want,
+                "owner {owner:?} migration {migration:?} waiting {waiting}"
+            );
+        }
     }
 }

@@ -9,8 +9,9 @@
 //!   source's config volume in place, lets the cluster take ownership, and
 //!   only then lets the VM run;
 //! - then the guest must answer here ([`Engine::verify_arrival`]): its
-//!   agent replies to a health request and reports itself ready (its health
-//!   check passes) within [`LiveIncoming::answer_within`]. A guest that does
+//!   agent replies to a health request and, if it was ready on the source
+//!   ([`LiveIncoming::was_ready`]), reports itself ready (its health check
+//!   passes) within [`LiveIncoming::answer_within`]. A guest that does
 //!   not (its VMM died, or it hangs) is killed and the instance removed, so
 //!   the receive fails: the cluster then gives the instance back to the
 //!   source, whose paused copy runs on. A QEMU that reported a completed
@@ -54,6 +55,10 @@ pub struct LiveIncoming {
     /// again: a guest whose memory did not survive the move may answer
     /// once and panic a moment later.
     pub settle: Duration,
+    /// Whether the guest passed its health check on the source: only then
+    /// must it pass it here; otherwise an answer of its agent is the proof
+    /// (an unhealthy instance still moves, and a drain can evacuate it).
+    pub was_ready: bool,
 }
 
 impl std::fmt::Debug for LiveIncoming {
@@ -62,6 +67,7 @@ impl std::fmt::Debug for LiveIncoming {
             .field("label", &self.label)
             .field("answer_within", &self.answer_within)
             .field("settle", &self.settle)
+            .field("was_ready", &self.was_ready)
             .finish_non_exhaustive()
     }
 }
@@ -117,18 +123,18 @@ impl Engine {
     }
 
     /// After a live migration in: whether the guest answers here. It was
-    /// running a moment ago, so it must answer its agent at once and report
-    /// itself ready (services up, health check passing) within `within`,
-    /// and still run and answer `settle` later; a VMM that dies meanwhile
-    /// fails it at once.
+    /// running a moment ago, so it must answer its agent (and report itself
+    /// ready, if it was on the source: `ready`) within `within`, and, after
+    /// `settle` in which its VMM must not die, answer so again within
+    /// `within`; a VMM that dies meanwhile fails it at once.
     pub(super) async fn verify_arrival(
         &self,
         cell: &Cell,
         process: &VmProcess,
-        within: Duration,
-        settle: Duration,
+        (within, settle): (Duration, Duration),
+        ready: bool,
     ) -> Result<(), OpError> {
-        self.first_answer(cell, process, within).await?;
+        self.first_answer(cell, process, within, ready).await?;
         if settle.is_zero() {
             return Ok(());
         }
@@ -136,32 +142,33 @@ impl Engine {
             .await
             .is_ok();
         let again = if exited {
-            ArrivalCheck::VmmExited
+            Err(ArrivalCheck::VmmExited.reason(within))
         } else {
-            match cell.agent.health(AGENT_CALL_CAP).await {
-                Ok(report) if report.ready => return Ok(()),
-                Ok(report) => ArrivalCheck::NotReady {
-                    config_error: report.config_error,
-                },
-                Err(_) => ArrivalCheck::NoAnswer,
-            }
+            // Polled, not asked once: on a loaded host one call may well
+            // take longer than its cap.
+            self.first_answer(cell, process, within, ready)
+                .await
+                .map_err(|e| e.message)
         };
-        Err(OpError::new(
-            ErrorCode::Internal,
-            format!(
-                "the migrated guest answered, then failed {:.0}s later: {}",
-                settle.as_secs_f32(),
-                again.reason(AGENT_CALL_CAP)
-            ),
-        ))
+        again.map_err(|reason| {
+            OpError::new(
+                ErrorCode::Internal,
+                format!(
+                    "the migrated guest answered, then failed {:.0}s later: {reason}",
+                    settle.as_secs_f32()
+                ),
+            )
+        })
     }
 
-    /// The first ready answer of a migrated guest within `within`.
+    /// The first answer of a migrated guest within `within`: a ready one if
+    /// `ready`, else any.
     async fn first_answer(
         &self,
         cell: &Cell,
         process: &VmProcess,
         within: Duration,
+        ready: bool,
     ) -> Result<(), OpError> {
         let started = Instant::now();
         // What it said last, if it ever answered: that says more than a
@@ -180,7 +187,7 @@ impl Engine {
                 .health(left.clamp(HEALTH_POLL, AGENT_CALL_CAP))
                 .await
             {
-                Ok(report) if report.ready => return Ok(()),
+                Ok(report) if report.ready || !ready => return Ok(()),
                 Ok(report) => {
                     answered = Some(ArrivalCheck::NotReady {
                         config_error: report.config_error,
@@ -196,6 +203,15 @@ impl Engine {
             }
             tokio::time::sleep(HEALTH_POLL).await;
         }
+    }
+
+    /// Whether running instance `name`'s guest passes its health check now
+    /// (what its destination must show after a migration).
+    pub async fn guest_ready(&self, name: &str) -> bool {
+        let Ok(cell) = self.cell(name) else {
+            return false;
+        };
+        matches!(cell.agent.health(AGENT_CALL_CAP).await, Ok(report) if report.ready)
     }
 
     /// Streams running instance `name` into `channel` (connected to the
@@ -240,9 +256,15 @@ impl Engine {
         });
         drop(channel);
         if sent.is_err() {
-            // QEMU lets a VM whose migration failed run on; the marker goes
-            // only once nothing can still hand it over.
-            clear_marker(&cell.dir, MIGRATE_MARKER);
+            // The marker goes only if the VM runs on (QEMU lets a VM whose
+            // live copy failed run on; a VM stopped for the copy runs only
+            // if the driver's recovery got through): a VM left paused keeps
+            // it, so that `resume_unmigrated` lets it run once nothing can
+            // hand it over.
+            let running = blocking(|| self.driver.run_state(&process));
+            if matches!(running, Ok(VmRunState::Running)) {
+                clear_marker(&cell.dir, MIGRATE_MARKER);
+            }
         }
         sent
     }
@@ -342,6 +364,7 @@ mod tests {
             label: "migration from n1".into(),
             answer_within,
             settle,
+            was_ready: true,
         }
     }
 
@@ -351,6 +374,73 @@ mod tests {
             config: None,
             cluster: true,
         }
+    }
+
+    /// Review finding (issue 23): a guest that failed its health check on
+    /// the source could never move (nor be drained): its destination
+    /// required it ready. It must show here what it showed there: its
+    /// agent's answer suffices for a guest that was not ready.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_that_was_not_ready_on_the_source_moves_if_its_agent_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.driver.set_behavior(GuestBehavior::NeverReady);
+        let switched = Arc::new(AtomicBool::new(false));
+        let mut live = incoming(switched.clone(), Duration::from_millis(600));
+        live.was_ready = false;
+        let i = t
+            .engine
+            .receive(run_request("m", "hello", &[]), identity(), live)
+            .await
+            .unwrap();
+        assert_eq!(i.status.state, InstanceState::Running);
+        assert_eq!(t.driver.running().len(), 1);
+        // A hung one still fails, ready or not on the source.
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.driver.set_behavior(GuestBehavior::Hung);
+        let mut live = incoming(switched, Duration::from_millis(600));
+        live.was_ready = false;
+        let err = t
+            .engine
+            .receive(run_request("m", "hello", &[]), identity(), live)
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("did not answer its agent"),
+            "{}",
+            err.message
+        );
+        assert!(t.driver.running().is_empty());
+    }
+
+    /// Review finding (issue 23): under TCG the VM is stopped for the copy;
+    /// a migration out that failed after the stop (a QMP read timed out)
+    /// cleared the marker as if QEMU ran the VM on, so the VM stayed paused
+    /// for good while shown running. The marker stays while the VM does not
+    /// run, and `resume_unmigrated` lets it run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_copy_that_left_the_vm_paused_is_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        let i = t.engine.run(run_request("m", "hello", &[])).await.unwrap();
+        let pid = i.status.pid.unwrap();
+        t.engine
+            .wait_running(&i.spec.name, Duration::from_secs(5))
+            .await
+            .unwrap();
+        t.driver.fail_migrate_paused.store(true, Ordering::SeqCst);
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = t
+            .engine
+            .send_live("m", OwnedFd::from(ours))
+            .await
+            .unwrap_err();
+        assert!(t.driver.is_paused(pid), "the fake left it paused: {err:?}");
+        assert_eq!(t.engine.migrating_out(), vec!["m".to_string()]);
+        t.engine.resume_unmigrated("m").await.unwrap();
+        assert!(!t.driver.is_paused(pid), "the VM runs again");
+        assert!(t.engine.migrating_out().is_empty());
     }
 
     /// A guest that answers after the switch-over: the instance runs here.

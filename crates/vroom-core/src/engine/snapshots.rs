@@ -698,11 +698,11 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
-            let (answer_within, settle) = (live.answer_within, live.settle);
+            let (answer_within, settle, ready) = (live.answer_within, live.settle, live.was_ready);
             let mut received = blocking(|| self.receive_live(process, &cell.volume(), live));
             if received.is_ok() {
                 received = self
-                    .verify_arrival(cell, process, answer_within, settle)
+                    .verify_arrival(cell, process, (answer_within, settle), ready)
                     .await;
             }
             if received.is_err() {
