@@ -360,18 +360,40 @@ fn host_loopback_free_subnet() -> String {
 fn guest_that_never_becomes_ready_is_marked_failed_with_its_console() {
     let env = Env::new("slow");
     env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
-    let stderr = env.fail(&[
-        "run",
-        "hello",
-        "--name",
-        "slow",
-        "--net",
-        "lan",
-        "--timeout",
-        "1",
-    ]);
+    env.ok(&["image", "build", &common::recipe("hello")]);
+    // A guest that cannot answer: its QEMU is stopped as soon as it runs
+    // (vroom's kernel boots hello in about a second, so a short timeout
+    // alone would race the boot).
+    let run = env
+        .command()
+        .args([
+            "run",
+            "hello",
+            "--name",
+            "slow",
+            "--net",
+            "lan",
+            "--timeout",
+            "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = common::poll(Duration::from_secs(30), || {
+        env.instances()
+            .into_iter()
+            .find(|i| i.spec.name.as_str() == "slow")
+            .and_then(|i| i.status.pid)
+    })
+    .expect("slow's QEMU runs");
+    // SAFETY: plain syscall on a pid of this test's own QEMU.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("instance slow failed: the guest did not become ready within 1s"),
+        stderr.contains("instance slow failed: the guest did not become ready within 3s"),
         "{stderr}"
     );
     assert!(
