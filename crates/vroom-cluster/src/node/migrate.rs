@@ -38,10 +38,14 @@
 //! After the stream, whatever happened, the source decides by the owner
 //! key: if it names the source, the source rewrites it (which voids any
 //! takeover still in flight) and its VM runs on. Otherwise the destination
-//! has it; if its answer did not come, the source keeps its paused copy
-//! while the destination owns the instance and the migration is still
-//! `requested` (a give-back may still come), up to [`DECISION_WAIT`], then
-//! records the migration `failed` if nobody did. A destination whose
+//! has it; if its answer did not come in time (the destination is alive
+//! but silent), the source keeps its paused copy while the destination
+//! owns the instance and the migration is still `requested` (a give-back
+//! may still come), up to [`DECISION_WAIT`], then records the migration
+//! `failed` if nobody did. A destination that hung up gives nothing back
+//! (it gives back only over an open control connection), so then the
+//! paused copy goes at once: kept, it would sit beside the VM the
+//! destination's new vroomd boots. A destination whose
 //! vroomd restarted after its takeover (no receive under way, the
 //! instance its own, the migration `requested`) records it `failed`: its
 //! new vroomd boots the instance cold, which is no live move. Until the
@@ -84,6 +88,8 @@ pub const ANSWER_SETTLE: Duration = Duration::from_secs(3);
 /// (up to [`ANSWER_WITHIN`] and [`ANSWER_SETTLE`]) and then give it back,
 /// or have restarted and be about to say it has it.
 const DECISION_WAIT: Duration = Duration::from_secs(30);
+/// How a source's error says that the destination hung up.
+const WENT_AWAY: &str = "went away during the migration";
 
 /// What the destination's takeover changed, for the switch or the give-back.
 #[derive(Debug, Clone)]
@@ -1038,7 +1044,11 @@ impl ClusterNode {
         // answer gave it back) and, when the destination's answer did not
         // come, by the migration record; fenced: a takeover still in flight
         // can no longer succeed once this node has rewritten its owner key.
-        let still_owner = match self.await_decision(name, &record, outcome.is_err()).await {
+        // A destination that hung up (its daemon died, or it closed the
+        // connection) never gives the instance back: it gives back only over
+        // an open control connection. Only a silent one may still decide.
+        let unheard = matches!(&outcome, Err(reason) if !reason.contains(WENT_AWAY));
+        let still_owner = match self.await_decision(name, &record, unheard).await {
             Ok(mine) => mine,
             // Cannot tell: the VM stays paused until a pass can.
             Err(_) => return,
@@ -1205,7 +1215,7 @@ impl ClusterNode {
         let control = connect().await?;
         let (reader, mut writer) = control.into_split();
         let mut reader = tokio::io::BufReader::new(reader);
-        let gone = |e: std::io::Error| format!("node {to} went away during the migration: {e}");
+        let gone = |e: std::io::Error| format!("node {to} {WENT_AWAY}: {e}");
         let hello = Hello::Control {
             instance: name.to_string(),
             migration: record.id.clone(),
@@ -1589,10 +1599,10 @@ async fn read_control(
 ) -> Result<Control, String> {
     let mut text = String::new();
     match tokio::time::timeout(within, reader.read_line(&mut text)).await {
-        Ok(Ok(0)) => Err(format!("node {to} went away during the migration")),
+        Ok(Ok(0)) => Err(format!("node {to} {WENT_AWAY}")),
         Ok(Ok(_)) => serde_json::from_str(&text)
             .map_err(|e| format!("node {to} said something unreadable: {e}")),
-        Ok(Err(e)) => Err(format!("node {to} went away during the migration: {e}")),
+        Ok(Err(e)) => Err(format!("node {to} {WENT_AWAY}: {e}")),
         Err(_) => Err(format!("node {to} did not answer in {within:?}")),
     }
 }

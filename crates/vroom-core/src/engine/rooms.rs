@@ -132,6 +132,16 @@ impl Engine {
                     "the {role} subnet {subnet} of room {name} overlaps its {other} subnet"
                 )));
             }
+            // The firewall's lan DHCP pool is host numbers 100-199 by
+            // default, and members are numbered from 2: a /24 holds both.
+            if *role != "wan" && subnet.prefix_len() > 24 {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "the {role} subnet {subnet} of room {name} is too small: a room's lan and dmz need a /24 or larger"
+                    ),
+                ));
+            }
             if *role != "wan" || make_default {
                 self.check_subnet_free(*subnet)
                     .await
@@ -1031,6 +1041,10 @@ mod tests {
             (
                 json!({"name": "acme", "wan": "other", "networks": {"wan": "10.79.0.0/24"}}),
                 "the wan of room acme is network other, whose subnet is 10.77.0.0/24",
+            ),
+            (
+                json!({"name": "acme", "networks": {"lan": "205.255.127.240/28"}}),
+                "the lan subnet 205.255.127.240/28 of room acme is too small",
             ),
             (
                 json!({"name": "other-x", "wan": "nowhere"}),
