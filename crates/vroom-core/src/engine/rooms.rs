@@ -135,12 +135,9 @@ impl Engine {
             // The firewall's lan DHCP pool is host numbers 100-199 by
             // default, and members are numbered from 2: a /24 holds both.
             if *role != "wan" && subnet.prefix_len() > 24 {
-                return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
-                    format!(
-                        "the {role} subnet {subnet} of room {name} is too small: a room's lan and dmz need a /24 or larger"
-                    ),
-                ));
+                return Err(OpError::conflict(format!(
+                    "the {role} subnet {subnet} of room {name} is too small: a room's lan and dmz need a /24 or larger"
+                )));
             }
             if *role != "wan" || make_default {
                 self.check_subnet_free(*subnet)
