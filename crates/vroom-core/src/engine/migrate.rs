@@ -486,14 +486,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let t = TestEngine::new(dir.path());
             t.engine
-                .create_network(vroom_types::NetworkSpec {
-                    name: Name::new("lan").unwrap(),
-                    subnet: None,
-                    nat: false,
-                    isolated: false,
-                    mirror: false,
-                    allow_host: vec![],
-                })
+                .create_network(vroom_types::NetworkSpec::plain(Name::new("lan").unwrap()))
                 .await
                 .unwrap();
             t.driver.set_behavior(behavior);
