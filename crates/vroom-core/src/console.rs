@@ -314,6 +314,111 @@ impl ConsoleLog {
     }
 }
 
+/// A console's history as it travels with a live-migrated instance: the
+/// destination's log continues the source's ([`ConsoleLog::adopt`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConsoleHistory {
+    /// The earlier boots' kept segments, the boot before first.
+    pub earlier: Vec<Vec<u8>>,
+    /// The kept part of the current boot, its oldest byte first.
+    pub current: Vec<u8>,
+    /// How many bytes the current boot wrote in all: the offset after
+    /// `current`.
+    pub written: u64,
+}
+
+impl ConsoleHistory {
+    /// Whether its parts fit the layout (a peer's may not).
+    pub fn fits(&self) -> bool {
+        self.earlier.len() <= KEPT_BOOTS as usize
+            && self.earlier.iter().all(|b| b.len() as u64 <= SEGMENT_BYTES)
+            && self.current.len() as u64 <= 2 * SEGMENT_BYTES
+            && self.written >= self.current.len() as u64
+    }
+}
+
+/// Writes `bytes` to `path` through a partial file and a rename.
+fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    fs::write(&partial, bytes)?;
+    fs::rename(&partial, path)
+}
+
+impl ConsoleLog {
+    /// What this log holds, to send with a migrating instance.
+    pub fn export(&self) -> io::Result<ConsoleHistory> {
+        let s = self.lock();
+        let mut earlier = Vec::new();
+        for n in 1..=KEPT_BOOTS {
+            match fs::read(boot_file(&self.dir, n)) {
+                Ok(bytes) => earlier.push(bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut current = Vec::new();
+        for file in [PREV, LIVE] {
+            match fs::read(self.dir.join(file)) {
+                Ok(bytes) => current.extend_from_slice(&bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let written =
+            (s.base + len_of(&self.dir.join(LIVE)).max(s.live_len)).max(current.len() as u64);
+        Ok(ConsoleHistory {
+            earlier,
+            current,
+            written,
+        })
+    }
+
+    /// Puts a migrated instance's history before what this log holds: its
+    /// earlier boots become this log's, and the current boot (which the
+    /// guest continues here) starts with the source's part. The newest
+    /// bytes are kept as [`append`](Self::append) would have kept them;
+    /// offsets count both nodes' bytes.
+    pub fn adopt(&self, history: &ConsoleHistory) -> io::Result<()> {
+        let mut s = self.lock();
+        for (i, bytes) in history.earlier.iter().enumerate() {
+            let kept = &bytes[bytes.len().saturating_sub(self.segment as usize)..];
+            replace_file(&boot_file(&self.dir, i as i32 + 1), kept)?;
+        }
+        let mut current = history.current.clone();
+        for file in [PREV, LIVE] {
+            match fs::read(self.dir.join(file)) {
+                Ok(bytes) => current.extend_from_slice(&bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let here = s.base + len_of(&self.dir.join(LIVE)).max(s.live_len);
+        let written = history.written.max(history.current.len() as u64) + here;
+        let segment = self.segment as usize;
+        let live_len = match current.len() % segment {
+            0 => current.len().min(segment),
+            rest => rest,
+        };
+        let live_from = current.len() - live_len;
+        let prev = &current[live_from.saturating_sub(segment)..live_from];
+        s.live = None;
+        if prev.is_empty() {
+            match fs::remove_file(self.dir.join(PREV)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        } else {
+            replace_file(&self.dir.join(PREV), prev)?;
+        }
+        replace_file(&self.dir.join(LIVE), &current[live_from..])?;
+        s.live_len = live_len as u64;
+        s.base = written - live_len as u64;
+        Ok(())
+    }
+}
+
 /// Where a collector is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -545,6 +650,65 @@ mod tests {
             vec![("console.log".into(), 1), ("console.prev.log".into(), 10)]
         );
         assert_eq!(read_all(&log, 0).0, b"abcdefghijk".to_vec());
+    }
+
+    #[test]
+    fn a_migrated_log_continues_the_sources_history() {
+        let from = tempfile::tempdir().unwrap();
+        let source = ConsoleLog::with_segment(from.path(), 10);
+        let first = source.new_boot().unwrap();
+        source.append(first, b"old boot").unwrap();
+        let epoch = source.new_boot().unwrap();
+        source.append(epoch, b"0123456789abcdef").unwrap();
+        let history = source.export().unwrap();
+        assert_eq!(history.earlier, vec![b"old boot".to_vec()]);
+        assert_eq!(history.current, b"0123456789abcdef".to_vec());
+        assert_eq!(history.written, 16);
+        assert!(history.fits());
+
+        // The destination's collector wrote a little before the history came.
+        let to = tempfile::tempdir().unwrap();
+        let dest = ConsoleLog::with_segment(to.path(), 10);
+        let epoch = dest.new_boot().unwrap();
+        dest.append(epoch, b"ghi").unwrap();
+        dest.adopt(&history).unwrap();
+        let (got, next) = read_all(&dest, 0);
+        assert_eq!(
+            (String::from_utf8(got).unwrap().as_str(), next),
+            ("0123456789abcdefghi", 19),
+            "the source's bytes, then the destination's"
+        );
+        assert_eq!(read_all(&dest, -1).0, b"old boot".to_vec());
+        // And it goes on as before.
+        dest.append(epoch, b"jk").unwrap();
+        let (got, next) = dest.read(0, 19, 100).unwrap();
+        assert_eq!((&got[..], next), (&b"jk"[..], 21));
+        assert_eq!(
+            files(to.path()),
+            vec![
+                ("console.1.log".into(), 8),
+                ("console.log".into(), 1),
+                ("console.prev.log".into(), 10)
+            ]
+        );
+
+        // A history that fits in one file, into an empty log.
+        let empty = tempfile::tempdir().unwrap();
+        let dest = ConsoleLog::with_segment(empty.path(), 10);
+        dest.new_boot().unwrap();
+        let small = ConsoleHistory {
+            earlier: vec![],
+            current: b"abc".to_vec(),
+            written: 3,
+        };
+        dest.adopt(&small).unwrap();
+        assert_eq!(read_all(&dest, 0), (b"abc".to_vec(), 3));
+        assert_eq!(files(empty.path()), vec![("console.log".into(), 3)]);
+        let too_big = ConsoleHistory {
+            current: vec![0; 2 * SEGMENT_BYTES as usize + 1],
+            ..small
+        };
+        assert!(!too_big.fits());
     }
 
     #[test]

@@ -792,6 +792,17 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
         ],
     );
     lab.ok(1, &["config", "m", "set", "greeting=carried-along"]);
+    lab.ok(
+        1,
+        &[
+            "exec",
+            "m",
+            "--",
+            "sh",
+            "-c",
+            "echo written-on-n2 > /dev/ttyS0",
+        ],
+    );
     let memory = memory_of(&lab, 1, "m");
     let sampler = Sampler::start(&lab, "m");
 
@@ -834,6 +845,13 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
         "{shown}"
     );
     assert!(lab.etcd_keys("/vroom/migrations/").is_empty());
+    // Its console log moved with it (issue 23 #22: `vroom logs` on the
+    // destination showed only what the guest wrote there).
+    let logs = poll(Duration::from_secs(15), || {
+        let logs = lab.ok(2, &["logs", "m"]);
+        logs.contains("written-on-n2").then_some(logs)
+    });
+    assert!(logs.is_some(), "the console log stayed on n2");
 
     // A guest that fails its health check (its loopback down: the check
     // connects to 127.0.0.1:80) still moves: its destination asks of it

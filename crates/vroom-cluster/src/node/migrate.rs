@@ -59,6 +59,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use vroom_core::console::{ConsoleHistory, SEGMENT_BYTES};
 use vroom_core::{LiveIncoming, LiveOutgoing};
 use vroom_types::Migration;
 
@@ -179,7 +180,19 @@ enum Control {
     },
     /// Destination: it gave up (and did not take ownership).
     Failed { reason: String },
+    /// Source, after `resumed`: the console history follows, the earlier
+    /// boots' bytes then the current boot's, so `vroom logs` on the
+    /// destination shows the whole boot. Outside the switch-over: the
+    /// guest already runs there. An older peer neither sends nor reads it.
+    Console {
+        earlier: Vec<u64>,
+        current: u64,
+        written: u64,
+    },
 }
+
+/// How long the destination waits for the console history after `resumed`.
+const CONSOLE_WAIT: Duration = Duration::from_secs(10);
 
 fn yes() -> bool {
     true
@@ -575,6 +588,28 @@ impl ClusterNode {
             }
         };
         let _ = control.write_all(&line(&reply));
+        if matches!(reply, Control::Resumed { .. }) {
+            self.receive_console(control, name, &from).await;
+        }
+    }
+
+    /// After a migration in: the source's console history, put before what
+    /// the guest wrote here. A source that sends none (an older one, or it
+    /// failed) leaves the log as the guest wrote it here.
+    async fn receive_console(&self, control: std::net::TcpStream, name: &str, from: &str) {
+        let read = tokio::task::spawn_blocking(move || read_console(control)).await;
+        let history = match read {
+            Ok(Ok(Some(history))) => history,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!(instance = %name, %from, error = %e, "the console history of a migrated instance did not come; its log starts here");
+                return;
+            }
+            Err(_) => return,
+        };
+        if let Err(e) = self.engine.adopt_console(name, history) {
+            tracing::warn!(instance = %name, error = %e.message, "cannot keep the console history of a migrated instance");
+        }
     }
 
     /// Whether `migration` of `name` is one this node should take: returns
@@ -1266,13 +1301,52 @@ impl ClusterNode {
         match read_control(&mut reader, to, STEP_TIMEOUT).await? {
             // The switch-over as the guest saw it: to its `cont`, not the
             // check that followed while it ran.
-            Control::Resumed { checked_ms } => Ok((
-                sent.stats,
-                sent.stats.downtime_ms
-                    + (paused.elapsed().as_millis() as u64).saturating_sub(checked_ms),
-            )),
+            Control::Resumed { checked_ms } => {
+                let switchover_ms = sent.stats.downtime_ms
+                    + (paused.elapsed().as_millis() as u64).saturating_sub(checked_ms);
+                self.send_console(name, &mut writer, to).await;
+                Ok((sent.stats, switchover_ms))
+            }
             Control::Failed { reason } => Err(format!("node {to}: {reason}")),
             other => Err(format!("node {to} said {other:?} out of turn")),
+        }
+    }
+
+    /// After `resumed`: the paused copy's console history, for the
+    /// destination's log. Best effort: the move is done either way.
+    async fn send_console(
+        &self,
+        name: &str,
+        writer: &mut tokio::net::tcp::OwnedWriteHalf,
+        to: &str,
+    ) {
+        let history = match self.engine.console_history(name) {
+            Ok(history) => history,
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e.message, "cannot read the console history to send");
+                return;
+            }
+        };
+        let header = Control::Console {
+            earlier: history.earlier.iter().map(|b| b.len() as u64).collect(),
+            current: history.current.len() as u64,
+            written: history.written,
+        };
+        let sent = async {
+            writer.write_all(&line(&header)).await?;
+            for bytes in history.earlier.iter().chain([&history.current]) {
+                writer.write_all(bytes).await?;
+            }
+            writer.flush().await
+        };
+        match tokio::time::timeout(CONSOLE_WAIT, sent).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(instance = %name, %to, error = %e, "cannot send the console history")
+            }
+            Err(_) => {
+                tracing::warn!(instance = %name, %to, "sending the console history timed out")
+            }
         }
     }
 
@@ -1590,6 +1664,51 @@ fn closed(stream: &std::net::TcpStream) -> bool {
                 std::io::Error::last_os_error().raw_os_error(),
                 Some(libc::EAGAIN)
             ))
+}
+
+/// Blocking, on the destination: the [`Control::Console`] that follows
+/// `resumed`, if the source sends one.
+fn read_console(control: std::net::TcpStream) -> std::io::Result<Option<ConsoleHistory>> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    control.set_read_timeout(Some(CONSOLE_WAIT))?;
+    let mut reader = std::io::BufReader::new(control).take(HELLO_MAX as u64);
+    let mut header = String::new();
+    if reader.read_line(&mut header)? == 0 {
+        return Ok(None);
+    }
+    let Ok(Control::Console {
+        earlier,
+        current,
+        written,
+    }) = serde_json::from_str(&header)
+    else {
+        return Err(bad("the source sent something else than its console"));
+    };
+    let fits = earlier.len() <= vroom_core::console::KEPT_BOOTS as usize
+        && earlier.iter().all(|&n| n <= SEGMENT_BYTES)
+        && current <= 2 * SEGMENT_BYTES;
+    if !fits {
+        return Err(bad("the console history is larger than a console keeps"));
+    }
+    let mut reader = reader.into_inner();
+    let mut read = |len: u64| -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0; len as usize];
+        reader.read_exact(&mut bytes)?;
+        Ok(bytes)
+    };
+    let earlier = earlier
+        .into_iter()
+        .map(&mut read)
+        .collect::<Result<_, _>>()?;
+    let history = ConsoleHistory {
+        earlier,
+        current: read(current)?,
+        written,
+    };
+    if !history.fits() {
+        return Err(bad("the console history does not add up"));
+    }
+    Ok(Some(history))
 }
 
 async fn read_control(

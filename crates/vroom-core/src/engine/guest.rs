@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::agent::{AgentError, ExecEvent as AgentExecEvent, ExecSession, ExecStdin};
+use crate::console::ConsoleHistory;
 use vroom_agent_proto::{signal_name, ExecStatus, ExecStream, MAX_FILE_COPY};
 use vroom_types::{ApiErrorBody, ExecEvent, ExecExit, ExitReason};
 
@@ -90,6 +91,23 @@ impl Engine {
         let (buf, next) = blocking(|| cell.console.read(boot, offset, MAX_LOG_CHUNK))
             .map_err(|e| OpError::internal("failed to read the console log", e))?;
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+    }
+}
+
+impl Engine {
+    /// Instance `name`'s console history, to send with it to another node.
+    pub fn console_history(&self, name: &str) -> Result<ConsoleHistory, OpError> {
+        let cell = self.cell(name)?;
+        blocking(move || cell.console.export())
+            .map_err(|e| OpError::internal("failed to read the console log", e))
+    }
+
+    /// Puts the console history a migrated instance brought before what its
+    /// guest wrote here, so `vroom logs` shows the whole boot.
+    pub fn adopt_console(&self, name: &str, history: ConsoleHistory) -> Result<(), OpError> {
+        let cell = self.cell(name)?;
+        blocking(move || cell.console.adopt(&history))
+            .map_err(|e| OpError::internal("failed to write the console log", e))
     }
 }
 
