@@ -1,0 +1,405 @@
+//! The API's tests against an engine on fakes.
+
+use super::*;
+use vroom_types::{limits, MAX_EXEC_REQUEST_BYTES};
+
+/// The checked-in document must match the annotations; regenerate with `cargo xtask openapi`.
+/// The first line of an exec body, however the body is cut into chunks.
+#[tokio::test]
+async fn exec_request_line_table() {
+    type Case = (Vec<&'static [u8]>, Option<(&'static [u8], &'static [u8])>);
+    let long = Box::leak(vec![b'a'; MAX_EXEC_REQUEST_BYTES + 2].into_boxed_slice());
+    let cases: Vec<Case> = vec![
+        (vec![b"{}\nstdin"], Some((b"{}", b"stdin"))),
+        (vec![b"{", b"}", b"\n", b"more"], Some((b"{}", b""))),
+        (vec![b"{}"], Some((b"{}", b""))),
+        (vec![], Some((b"", b""))),
+        (vec![b"{}\n\n"], Some((b"{}", b"\n"))),
+        (vec![&long[..]], None),
+    ];
+    for (chunks, want) in cases {
+        let stream = futures::stream::iter(
+            chunks
+                .clone()
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(c.to_vec())),
+        );
+        let mut input = axum::body::Body::from_stream(stream).into_data_stream();
+        let got = exec_request_line(&mut input).await.ok();
+        let want = want.map(|(l, r)| (l.to_vec(), r.to_vec()));
+        assert_eq!(got, want, "{chunks:?}");
+    }
+}
+
+/// Bodies are capped per route, and the answer is the API's JSON error.
+#[tokio::test]
+async fn bodies_over_the_route_limit_answer_413() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = vroom_core::testing::TestEngine::new(dir.path());
+    let padded = |len: usize, json: &str| {
+        let mut body = vec![b' '; len];
+        body.extend_from_slice(json.as_bytes());
+        body
+    };
+    let network = r#"{"name":"n1","subnet":"10.9.0.0/24"}"#;
+    let values = r#"{"values":{}}"#;
+    let cases: &[(&str, &str, Vec<u8>, u16)] = &[
+        (
+            "POST",
+            "/v1/networks",
+            padded(MAX_JSON_BODY + 1, network),
+            413,
+        ),
+        (
+            "POST",
+            "/v1/images/build",
+            padded(MAX_JSON_BODY + 1, "{}"),
+            413,
+        ),
+        ("POST", "/v1/instances", padded(100 * 1024, "{}"), 413),
+        // Config values may be larger, up to their own limit.
+        (
+            "PUT",
+            "/v1/instances/nope/config",
+            padded(MAX_JSON_BODY + 1, values),
+            404,
+        ),
+        (
+            "PUT",
+            "/v1/instances/nope/config",
+            padded(MAX_CONFIG_BODY + 1, values),
+            413,
+        ),
+        (
+            "PATCH",
+            "/v1/instances/nope/config",
+            padded(MAX_CONFIG_BODY + 1, values),
+            413,
+        ),
+    ];
+    for (method, path, body, want) in cases {
+        let request = axum::http::Request::builder()
+            .method(*method)
+            .uri(*path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.clone()))
+            .unwrap();
+        let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            *want,
+            "{method} {path} {} bytes: {bytes:?}",
+            body.len()
+        );
+        if *want == 413 {
+            let error: ApiErrorBody = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(error.code, ErrorCode::PayloadTooLarge);
+            let limit = if *method == "POST" {
+                MAX_JSON_BODY
+            } else {
+                MAX_CONFIG_BODY
+            };
+            let named = format!("{} KiB", limit / 1024);
+            assert!(error.message.contains(&named), "{}", error.message);
+        }
+    }
+}
+
+/// Statuses and messages of answers a user met with the wrong status or
+/// a message that contradicts the answer: (method, path, body, status,
+/// code, what the message says, what it must not say).
+#[tokio::test]
+async fn statuses_table() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = vroom_core::testing::TestEngine::new(dir.path());
+    let mut small = vroom_core::testing::run_request("w1", "bump", &[]);
+    small.spec.mem_mib = Some(64);
+    let small = serde_json::to_vec(&small).unwrap();
+    let room = |len: usize| {
+        let mut body = vec![b' '; len];
+        body.extend_from_slice(br#"{"name":"r1"}"#);
+        body
+    };
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, u16, ErrorCode, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        // Well formed, but the image needs more on its kernel: like
+        // memory beyond the host's, the host cannot carry it out.
+        (
+            "POST",
+            "/v1/instances",
+            small,
+            422,
+            ErrorCode::HostUnsupported,
+            "below the 128 MiB image bump needs",
+            "",
+        ),
+        // The message names the methods the `Allow` header lists.
+        (
+            "DELETE",
+            "/v1/version",
+            vec![],
+            405,
+            ErrorCode::MethodNotAllowed,
+            "this route takes GET,HEAD",
+            "none",
+        ),
+        (
+            "PATCH",
+            "/v1/instances/w1/actions",
+            vec![],
+            405,
+            ErrorCode::MethodNotAllowed,
+            "this route takes POST",
+            "none",
+        ),
+        // A room file the CLI accepts (up to MAX_ROOM_BODY) reaches
+        // the route (here refused for its name, after parsing).
+        (
+            "PUT",
+            "/v1/rooms/r2",
+            room(MAX_ROOM_BODY - 100),
+            409,
+            ErrorCode::Conflict,
+            "the file is room r1",
+            "",
+        ),
+        // Beyond it, one limit is named: the route's.
+        (
+            "PUT",
+            "/v1/rooms/r2",
+            room(MAX_ROOM_BODY + 1),
+            413,
+            ErrorCode::PayloadTooLarge,
+            "at most 256 KiB",
+            "64",
+        ),
+        (
+            "POST",
+            "/v1/networks",
+            room(MAX_JSON_BODY + 1),
+            413,
+            ErrorCode::PayloadTooLarge,
+            "at most 64 KiB",
+            "256",
+        ),
+    ];
+    for (method, path, body, status, code, says, not) in cases {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+        let got = response.status().as_u16();
+        let allow = response.headers().get("allow").cloned();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let error: ApiErrorBody = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {bytes:?}"));
+        assert_eq!(
+            (got, error.code),
+            (status, code),
+            "{method} {path}: {}",
+            error.message
+        );
+        assert!(
+            error.message.contains(says),
+            "{method} {path}: {}",
+            error.message
+        );
+        assert!(
+            not.is_empty() || !error.message.contains(not),
+            "{method} {path}: {}",
+            error.message
+        );
+        if status == 405 {
+            let allow = allow.expect("a 405 has an Allow header");
+            assert!(
+                error.message.contains(allow.to_str().unwrap()),
+                "{method} {path}: Allow {allow:?}, message {}",
+                error.message
+            );
+        }
+    }
+}
+
+#[test]
+fn openapi_document_is_in_sync() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
+    if std::env::var_os("VROOM_UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, openapi_json()).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == openapi_json(),
+        "openapi.json is stale: run `cargo xtask openapi`"
+    );
+}
+
+/// The document states the same ranges and patterns as the validators.
+#[test]
+fn document_rules_match_the_validators() {
+    use vroom_types::limits::{Bounds, CONFIG_VOLUME_KIB, CPUS, MEM_MIB, READY_TIMEOUT_SECS};
+    let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let range = |field: &serde_json::Value, bounds: Bounds| {
+        assert_eq!(field["minimum"], bounds.min, "{} {field}", bounds.field);
+        assert_eq!(field["maximum"], bounds.max, "{} {field}", bounds.field);
+    };
+    range(
+        &schemas["RunRequest"]["properties"]["ready_timeout_secs"],
+        READY_TIMEOUT_SECS,
+    );
+    let spec = &schemas["InstanceSpec"]["properties"];
+    range(&spec["mem_mib"], MEM_MIB);
+    range(&spec["cpus"], CPUS);
+    range(&spec["config_volume_kib"], CONFIG_VOLUME_KIB);
+    let logs = &doc["paths"]["/v1/instances/{name}/logs"]["get"]["parameters"];
+    let offset = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "offset")
+        .unwrap();
+    assert_eq!(offset["in"], "query");
+    range(&offset["schema"], limits::LOG_OFFSET);
+    assert_eq!(schemas["Name"]["pattern"], vroom_types::NAME_PATTERN);
+    assert_eq!(
+        schemas["NetworkSpec"]["properties"]["subnet"]["pattern"],
+        vroom_types::subnet_pattern()
+    );
+}
+
+/// Config values (string to string) and a config schema (key to rule)
+/// are different maps; each use site says which it is.
+#[test]
+fn maps_are_described_where_they_are_used() {
+    let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("Instance", "config"),
+        ("ConfigDocument", "values"),
+        ("ApplianceSpec", "seed_config"),
+    ] {
+        let map = &schemas[schema]["properties"][field];
+        assert_eq!(
+            map["additionalProperties"]["type"], "string",
+            "{schema}.{field}: {map}"
+        );
+    }
+    let rules = &schemas["ApplianceSpec"]["properties"]["config_schema"];
+    assert_eq!(
+        rules["additionalProperties"]["$ref"], "#/components/schemas/ConfigField",
+        "{rules}"
+    );
+}
+
+/// Request bodies refuse unknown fields, and say so; every error reply
+/// is an `ApiErrorBody`.
+#[test]
+fn bodies_are_strict_and_errors_are_api_error_bodies() {
+    let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    for body in [
+        "RunRequest",
+        "InstanceSpec",
+        "NicSpec",
+        "NetworkSpec",
+        "ActionRequest",
+        "BuildImageRequest",
+        "ConfigDocument",
+    ] {
+        assert_eq!(schemas[body]["additionalProperties"], false, "{body}");
+    }
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, reply) in op["responses"].as_object().unwrap() {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        reply["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ApiErrorBody",
+                        "{method} {path} {status}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every link leads to a documented operation whose path takes the
+/// parameter the link fills.
+#[test]
+fn links_lead_to_operations_that_take_their_parameter() {
+    let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+    let mut path_of = std::collections::BTreeMap::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for op in item.as_object().unwrap().values() {
+            path_of.insert(
+                op["operationId"].as_str().unwrap().to_string(),
+                path.clone(),
+            );
+        }
+    }
+    let mut links = 0;
+    for item in doc["paths"].as_object().unwrap().values() {
+        for op in item.as_object().unwrap().values() {
+            for reply in op["responses"].as_object().unwrap().values() {
+                for link in reply["links"].as_object().into_iter().flatten() {
+                    let target = link.1["operationId"].as_str().unwrap();
+                    let path = path_of.get(target).unwrap_or_else(|| panic!("{target}"));
+                    for param in link.1["parameters"].as_object().unwrap().keys() {
+                        assert!(path.contains(&format!("{{{param}}}")), "{target}: {param}");
+                    }
+                    links += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        links, 18,
+        "links from POST /v1/instances, /v1/networks, /v1/rooms, /v1/splices and /v1/mirrors"
+    );
+}
+
+/// Every route the router serves is documented, and nothing else is.
+#[test]
+fn openapi_paths_match_router_routes() {
+    let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+    let mut documented: Vec<String> = vec![];
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    documented.sort();
+    // Read the router's own source: every `.route("path", method(handler)...)` in `router()`.
+    let source = include_str!("lib.rs");
+    let body = source
+        .split("Router::new()")
+        .nth(1)
+        .unwrap()
+        .split(".fallback(")
+        .next()
+        .unwrap();
+    let mut routed: Vec<String> = vec![];
+    for chunk in body.split(".route(").skip(1) {
+        let path = chunk.split('"').nth(1).unwrap();
+        let calls = chunk.split_once(',').unwrap().1;
+        for method in ["get", "post", "put", "patch", "delete"] {
+            let at_start = calls.trim_start().starts_with(&format!("{method}("));
+            if at_start || calls.contains(&format!(".{method}(")) {
+                routed.push(format!("{} {path}", method.to_uppercase()));
+            }
+        }
+    }
+    routed.sort();
+    assert_eq!(documented, routed);
+}
