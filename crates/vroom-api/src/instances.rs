@@ -16,7 +16,7 @@ use vroom_types::{
 
 use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
-use crate::{audit, bad_request, body, nodes, ApiError, ApiResult, AppState};
+use crate::{audit, bad_request, body, ApiError, ApiResult, AppState, Service};
 
 #[utoipa::path(get, path = "/v1/version", responses((status = 200, body = VersionInfo)))]
 pub(crate) async fn version(State(engine): State<AppState>) -> Json<VersionInfo> {
@@ -27,23 +27,8 @@ pub(crate) async fn version(State(engine): State<AppState>) -> Json<VersionInfo>
 }
 
 #[utoipa::path(get, path = "/v1/instances", responses((status = 200, body = Vec<Instance>)))]
-pub(crate) async fn list_instances(State(engine): State<AppState>) -> Json<Vec<Instance>> {
-    let mut list = engine.list();
-    // A cluster node lists the cluster's instances too (as their owners
-    // published them); an unreachable etcd leaves the local ones.
-    if let Some(cluster) = engine.cluster() {
-        for instance in &mut list {
-            instance.node = Some(cluster.node_name().to_string());
-        }
-        if let Ok(remote) = cluster.instances().await {
-            for instance in remote {
-                if !list.iter().any(|i| i.spec.name == instance.spec.name) {
-                    list.push(instance);
-                }
-            }
-        }
-    }
-    Json(list)
+pub(crate) async fn list_instances(State(vroomd): State<Service>) -> Json<Vec<Instance>> {
+    Json(vroomd.list().await)
 }
 
 /// Creates an instance and starts it; the guest reports ready later (`status.state` becomes `running`).
@@ -54,40 +39,23 @@ pub(crate) async fn list_instances(State(engine): State<AppState>) -> Json<Vec<I
         (status = 422, body = ApiErrorBody, description = "This host cannot run it: more memory or CPUs than it has, less memory than the image needs on its kernel, no KVM when asked for (code `host_unsupported`)."),
         (status = 507, body = ApiErrorBody, description = "The host is out of disk space for the config volume.")))]
 pub(crate) async fn run_instance(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     req: Result<Json<RunRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Instance>), ApiError> {
     let req = body(req)?;
     req.validate()
         .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-    let instance = match engine.cluster() {
-        Some(cluster) => cluster.run(req).await?,
-        None if !req.placement.is_default() => {
-            return Err(OpError::new(
-                ErrorCode::Conflict,
-                "this host is not in a cluster: placement (ha, spread, node) needs one",
-            )
-            .into())
-        }
-        None => engine.run(req).await?,
-    };
+    let instance = vroomd.run(req).await?;
     Ok((StatusCode::CREATED, Json(instance)))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = Name, Path)),
     responses((status = 200, body = Instance), PathErrors))]
 pub(crate) async fn get_instance(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> ApiResult<Instance> {
-    match (engine.inspect(&name).await, engine.cluster()) {
-        (Ok(mut instance), cluster) => {
-            instance.node = cluster.map(|c| c.node_name().to_string());
-            Ok(Json(instance))
-        }
-        (Err(e), Some(cluster)) => cluster.instance(&name).await?.map(Json).ok_or(e.into()),
-        (Err(e), None) => Err(e.into()),
-    }
+    Ok(Json(vroomd.inspect(&name).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -102,18 +70,12 @@ pub(crate) struct RemoveQuery {
     responses((status = 204), PathErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "The instance runs and `force` is not set.")))]
 pub(crate) async fn remove_instance(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
     query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    let in_cluster = match engine.cluster() {
-        Some(cluster) => cluster.remove(&name, query.force).await?,
-        None => false,
-    };
-    if !in_cluster {
-        engine.remove(&name, query.force).await?;
-    }
+    vroomd.remove(&name, query.force).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -122,16 +84,12 @@ pub(crate) async fn remove_instance(
         (status = 409, body = ApiErrorBody, description = "The action does not apply in the instance's state."),
         (status = 422, body = ApiErrorBody, description = "This host cannot run it.")))]
 pub(crate) async fn instance_action(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
     req: Result<Json<ActionRequest>, JsonRejection>,
 ) -> ApiResult<Instance> {
     let action = body(req)?.action;
-    let instance = engine.action(&name, action).await?;
-    if let Some(cluster) = engine.cluster() {
-        cluster.set_desired(&name, instance.desired).await?;
-    }
-    Ok(Json(instance))
+    Ok(Json(vroomd.act(&name, action).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/migrate", params(("name" = Name, Path)), request_body = MigrateRequest,
@@ -140,13 +98,12 @@ pub(crate) async fn instance_action(
         (status = 409, body = ApiErrorBody, description = "This host is not in a cluster, the instance is not running or already migrating, the node is down or cordoned, or the migration failed (the instance runs on where it was)."),
         (status = 507, body = ApiErrorBody, description = "The target node has no room for it.")))]
 pub(crate) async fn migrate_instance(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
     req: Result<Json<MigrateRequest>, JsonRejection>,
 ) -> ApiResult<Migration> {
     let to = body(req)?.to;
-    let cluster = nodes::cluster_of(&engine)?;
-    Ok(Json(cluster.migrate(&name, to.as_str()).await?))
+    Ok(Json(vroomd.migrate(&name, to.as_str()).await?))
 }
 
 /// Runs a command in the guest, streaming. The request body is one JSON line,

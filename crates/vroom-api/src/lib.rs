@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, FromRef, Request};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tracing::Instrument;
 use utoipa::OpenApi;
+use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
 use vroom_types::{ApiErrorBody, ErrorCode, Name};
 
@@ -40,7 +41,30 @@ mod rooms;
 mod snapshots;
 mod splices;
 
+/// What most handlers need: this host's engine (a sub-state of [`Api`]).
 type AppState = Arc<Engine>;
+/// What the handlers of instances and nodes need: vroomd, local or
+/// clustered, which decides where an operation goes.
+type Service = Arc<dyn Vroomd>;
+
+/// The router's state.
+#[derive(Clone)]
+struct Api {
+    engine: AppState,
+    vroomd: Service,
+}
+
+impl FromRef<Api> for AppState {
+    fn from_ref(api: &Api) -> Self {
+        api.engine.clone()
+    }
+}
+
+impl FromRef<Api> for Service {
+    fn from_ref(api: &Api) -> Self {
+        api.vroomd.clone()
+    }
+}
 
 /// An error answer: a status, a stable code and a one-line message.
 pub struct ApiError(OpError);
@@ -318,7 +342,12 @@ pub fn openapi_json() -> String {
     json
 }
 
-pub fn router(engine: Arc<Engine>) -> Router {
+/// The API of `vroomd`: a host alone or a cluster node.
+pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
+    let state = Api {
+        engine: vroomd.engine().clone(),
+        vroomd,
+    };
     let routes = Router::new()
         .route("/v1/version", get(instances::version))
         .route(
@@ -438,7 +467,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        .with_state(engine);
+        .with_state(state);
     // `Router::layer` wraps each route inside the future that adds `Allow`
     // to a 405, so the error rewrite wraps the whole router instead (as the
     // fallback of an outer one): it sees the answer as it leaves, and a

@@ -6,57 +6,46 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use vroom_core::cluster::Cluster;
-use vroom_core::OpError;
-use vroom_types::{DrainReport, ErrorCode, Name, NodeInfo};
+use vroom_types::{DrainReport, Name, NodeInfo};
 
 use crate::replies::{HostErrors, PathErrors};
-use crate::{bad_request, ApiResult, AppState};
-
-pub(crate) fn cluster_of(engine: &AppState) -> Result<std::sync::Arc<dyn Cluster>, OpError> {
-    engine.cluster().ok_or_else(|| {
-        OpError::new(
-            ErrorCode::Conflict,
-            "this host is not in a cluster (start vroomd with --cluster)",
-        )
-    })
-}
+use crate::{bad_request, ApiResult, Service};
 
 #[utoipa::path(get, path = "/v1/nodes",
     responses((status = 200, body = Vec<NodeInfo>), HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster.")))]
-pub(crate) async fn list_nodes(State(engine): State<AppState>) -> ApiResult<Vec<NodeInfo>> {
-    Ok(Json(cluster_of(&engine)?.nodes().await?))
+pub(crate) async fn list_nodes(State(vroomd): State<Service>) -> ApiResult<Vec<NodeInfo>> {
+    Ok(Json(vroomd.nodes().await?))
 }
 
 #[utoipa::path(get, path = "/v1/nodes/{name}", params(("name" = Name, Path)),
     responses((status = 200, body = NodeInfo), PathErrors, HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster.")))]
 pub(crate) async fn get_node(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> ApiResult<NodeInfo> {
-    Ok(Json(cluster_of(&engine)?.node(&name).await?))
+    Ok(Json(vroomd.node(&name).await?))
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/cordon", params(("name" = Name, Path)),
     responses((status = 200, body = NodeInfo), PathErrors, HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster.")))]
 pub(crate) async fn cordon_node(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> ApiResult<NodeInfo> {
-    Ok(Json(cluster_of(&engine)?.cordon(&name, true).await?))
+    Ok(Json(vroomd.cordon(&name, true).await?))
 }
 
 #[utoipa::path(post, path = "/v1/nodes/{name}/uncordon", params(("name" = Name, Path)),
     responses((status = 200, body = NodeInfo), PathErrors, HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster.")))]
 pub(crate) async fn uncordon_node(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> ApiResult<NodeInfo> {
-    Ok(Json(cluster_of(&engine)?.cordon(&name, false).await?))
+    Ok(Json(vroomd.cordon(&name, false).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -74,21 +63,21 @@ pub(crate) struct DrainQuery {
     responses((status = 200, body = DrainReport), PathErrors, HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster, an instance has no node to go to (nothing changed; `force` leaves it running there), or an instance did not move.")))]
 pub(crate) async fn drain_node(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
     query: Result<Query<DrainQuery>, QueryRejection>,
 ) -> ApiResult<DrainReport> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
-    Ok(Json(cluster_of(&engine)?.drain(&name, query.force).await?))
+    Ok(Json(vroomd.drain(&name, query.force).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = Name, Path)),
     responses((status = 204), PathErrors, HostErrors,
         (status = 409, body = vroom_types::ApiErrorBody, description = "This host is not in a cluster, or the node is alive or still holds instances.")))]
 pub(crate) async fn remove_node(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, crate::ApiError> {
-    cluster_of(&engine)?.remove_node(&name).await?;
+    vroomd.remove_node(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -85,7 +85,12 @@ async fn bodies_over_the_route_limit_answer_413() {
             .header("content-type", "application/json")
             .body(axum::body::Body::from(body.clone()))
             .unwrap();
-        let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+        let response = router(std::sync::Arc::new(vroom_core::service::Local::new(
+            t.engine.clone(),
+        )))
+        .oneshot(request)
+        .await
+        .unwrap();
         let status = response.status().as_u16();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
@@ -196,7 +201,12 @@ async fn statuses_table() {
             .header("content-type", "application/json")
             .body(axum::body::Body::from(body))
             .unwrap();
-        let response = router(t.engine.clone()).oneshot(request).await.unwrap();
+        let response = router(std::sync::Arc::new(vroom_core::service::Local::new(
+            t.engine.clone(),
+        )))
+        .oneshot(request)
+        .await
+        .unwrap();
         let got = response.status().as_u16();
         let allow = response.headers().get("allow").cloned();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)

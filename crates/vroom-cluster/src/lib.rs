@@ -5,6 +5,8 @@
 //! - [`guard`]: the self-fencing guard, a process of its own per node that
 //!   kills the node's VMMs when its lease can no longer be alive;
 //! - [`schedule`]: pure placement by free memory and anti-affinity;
+//! - [`service`]: the API's way into the cluster ([`Clustered`], a
+//!   `Vroomd`);
 //! - [`node`]: a node's membership (lease and keepalive), the leader's
 //!   scheduler, ownership claims under a fencing token, and the reconcile
 //!   loop that makes the local engine run what this node owns.
@@ -25,9 +27,11 @@ pub mod lab;
 pub mod model;
 pub mod node;
 pub mod schedule;
+pub mod service;
 pub mod tls;
 
 pub use node::{ClusterNode, JoinOptions};
+pub use service::Clustered;
 
 /// A node's lease time to live. etcd 3.4's minimum is 2 s.
 pub const LEASE_TTL_SECS: i64 = 2;

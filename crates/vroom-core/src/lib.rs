@@ -17,6 +17,7 @@ pub mod ipam;
 pub mod lifecycle;
 pub mod net;
 pub mod ratelimit;
+pub mod service;
 pub mod store;
 pub mod testing;
 pub mod wiring;

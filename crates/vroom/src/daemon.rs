@@ -87,6 +87,11 @@ pub async fn run(
     } else {
         None
     };
+    // The API's way in: the cluster's, or this host's alone.
+    let vroomd: Arc<dyn vroom_core::service::Vroomd> = match &node {
+        Some(node) => Arc::new(vroom_cluster::Clustered::new(engine.clone(), node.clone())),
+        None => Arc::new(vroom_core::service::Local::new(engine.clone())),
+    };
     engine.recover().await.context("cannot recover state")?;
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
@@ -103,7 +108,7 @@ pub async fn run(
             crate::serve::Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
         tokio::spawn(crate::serve::serve(
             endpoint,
-            vroom_api::router(engine.clone()),
+            vroom_api::router(vroomd.clone()),
             limits,
             std::future::pending(),
         ));
@@ -142,7 +147,7 @@ pub async fn run(
     };
     crate::serve::serve(
         crate::serve::Endpoint::Unix(listener),
-        vroom_api::router(engine),
+        vroom_api::router(vroomd),
         limits,
         shutdown,
     )

@@ -417,7 +417,9 @@ mod tests {
         let endpoint = Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
         tokio::spawn(serve(
             endpoint,
-            vroom_api::router(t.engine.clone()),
+            vroom_api::router(std::sync::Arc::new(vroom_core::service::Local::new(
+                t.engine.clone(),
+            ))),
             Limits::for_total(8),
             std::future::pending(),
         ));

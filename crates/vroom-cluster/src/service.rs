@@ -1,0 +1,99 @@
+//! A cluster node's [`Vroomd`]: the API's way into the cluster. Instances
+//! are created, removed and moved through etcd (the node's [`Cluster`]
+//! side); an instance this node runs is inspected and acted on here, and
+//! the cluster learns what its user wants of it.
+
+use std::sync::Arc;
+
+use vroom_core::cluster::Cluster;
+use vroom_core::service::Vroomd;
+use vroom_core::{Engine, OpError};
+use vroom_types::{DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest};
+
+use crate::ClusterNode;
+
+/// The API of a host that is a cluster node.
+pub struct Clustered {
+    engine: Arc<Engine>,
+    node: Arc<ClusterNode>,
+}
+
+impl Clustered {
+    pub fn new(engine: Arc<Engine>, node: Arc<ClusterNode>) -> Self {
+        Clustered { engine, node }
+    }
+}
+
+#[async_trait::async_trait]
+impl Vroomd for Clustered {
+    fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    async fn list(&self) -> Vec<Instance> {
+        let mut list = self.engine.list();
+        for instance in &mut list {
+            instance.node = Some(self.node.node_name().to_string());
+        }
+        if let Ok(remote) = self.node.instances().await {
+            for instance in remote {
+                if !list.iter().any(|i| i.spec.name == instance.spec.name) {
+                    list.push(instance);
+                }
+            }
+        }
+        list
+    }
+
+    async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
+        self.node.run(req).await
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Instance, OpError> {
+        match self.engine.inspect(name).await {
+            Ok(mut instance) => {
+                instance.node = Some(self.node.node_name().to_string());
+                Ok(instance)
+            }
+            Err(e) => self.node.instance(name).await?.ok_or(e),
+        }
+    }
+
+    async fn remove(&self, name: &str, force: bool) -> Result<(), OpError> {
+        if !self.node.remove(name, force).await? {
+            // A local-only instance: the cluster does not know it.
+            self.engine.remove(name, force).await?;
+        }
+        Ok(())
+    }
+
+    async fn act(&self, name: &str, action: InstanceAction) -> Result<Instance, OpError> {
+        let instance = self.engine.action(name, action).await?;
+        self.node.set_desired(name, instance.desired).await?;
+        Ok(instance)
+    }
+
+    async fn migrate(&self, name: &str, to: &str) -> Result<Migration, OpError> {
+        self.node.migrate(name, to).await
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
+        self.node.nodes().await
+    }
+
+    async fn node(&self, name: &str) -> Result<NodeInfo, OpError> {
+        self.node.node(name).await
+    }
+
+    async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
+        self.node.cordon(name, cordoned).await
+    }
+
+    async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
+        self.node.drain(name, force).await
+    }
+
+    async fn remove_node(&self, name: &str) -> Result<(), OpError> {
+        self.node.remove_node(name).await
+    }
+}
