@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vroom_cluster::lab::{wait, Lab};
+use vroom_lab::{wait, Lab};
 
 use crate::bench::{median, p90};
 

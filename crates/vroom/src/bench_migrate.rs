@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vroom_cluster::lab::{wait, BusyLoops, Lab, Prober};
+use vroom_lab::{wait, BusyLoops, Lab, Prober};
 
 use crate::bench::{median, p90};
 
