@@ -16,12 +16,12 @@ fn main() -> Result<()> {
         Some("build-init") => build_init(&root).map(|_| ()),
         Some("prereqs") => build_prerequisites(),
         Some("demo") => {
-            let vroom = build(&root, true)?;
+            let vroom = build(&root, true, &["vroom"])?;
             run(Command::new(&vroom).arg("setup"))?;
             run(Command::new(&vroom).arg("demo").args(&args[1..]))
         }
         Some("test") => {
-            let vroom = build(&root, false)?;
+            let vroom = build(&root, false, &["vroom"])?;
             // The tests run on vroom's own kernel: built here (minutes on
             // a fresh machine, nothing when it is cached).
             run(Command::new(&vroom).args(["setup", "--wait-kernel"]))?;
@@ -34,33 +34,28 @@ fn main() -> Result<()> {
                 .env("VROOM_INIT", &init))
         }
         Some(which @ ("bench" | "bench-images")) => {
-            let vroom = build(&root, true)?;
+            let vroom = build(&root, true, &["vroom", "vroom-bench"])?;
             run(Command::new(&vroom).arg("setup"))?;
             let data = tempfile_dir("vroom-bench")?;
-            let mut cmd = Command::new(&vroom);
-            cmd.arg("--data-dir").arg(&data);
-            if which == "bench" {
-                cmd.args(["bench", "boot"]);
+            // The benches are vroom-bench, beside the vroom they measure.
+            let bench = |name: &str| {
+                let mut cmd = Command::new(vroom.with_file_name("vroom-bench"));
+                cmd.arg("--data-dir").arg(&data).arg(name);
+                cmd
+            };
+            let mut result = if which == "bench" {
+                run(bench("boot").args(&args[1..]))
             } else {
-                cmd.args(["bench", "images", "--recipes"])
-                    .arg(root.join("recipes"));
-            }
-            let mut result = run(cmd.args(&args[1..]));
-            if which == "bench" && result.is_ok() {
-                // The jail's cost, on the hello image the boot bench built.
-                result = run(Command::new(&vroom)
-                    .arg("--data-dir")
-                    .arg(&data)
-                    .args(["bench", "jail"])
-                    .args(&args[1..]));
-            }
-            for extra in ["splice", "warm", "density"] {
+                run(bench("images")
+                    .arg("--recipes")
+                    .arg(root.join("recipes"))
+                    .args(&args[1..]))
+            };
+            // The jail's cost, on the hello image the boot bench built; then
+            // splicing, warm starts and density.
+            for extra in ["jail", "splice", "warm", "density"] {
                 if which == "bench" && result.is_ok() {
-                    result = run(Command::new(&vroom)
-                        .arg("--data-dir")
-                        .arg(&data)
-                        .args(["bench", extra])
-                        .args(&args[1..]));
+                    result = run(bench(extra).args(&args[1..]));
                 }
             }
             // `--` so that pkill does not take the pattern for an option.
@@ -206,12 +201,16 @@ fn build_init(root: &Path) -> Result<PathBuf> {
     Ok(init_path(root))
 }
 
-/// Builds vroom and puts vroom-init next to it, where vroom looks for it.
-fn build(root: &Path, release: bool) -> Result<PathBuf> {
+/// Builds vroom (and the other `packages`' binaries beside it) and puts
+/// vroom-init next to it, where vroom looks for it; returns vroom's path.
+fn build(root: &Path, release: bool, packages: &[&str]) -> Result<PathBuf> {
     build_prerequisites()?;
     let init = build_init(root)?;
     let mut cmd = Command::new(cargo());
-    cmd.current_dir(root).args(["build", "-q", "-p", "vroom"]);
+    cmd.current_dir(root).args(["build", "-q"]);
+    for package in packages {
+        cmd.args(["-p", package]);
+    }
     if release {
         cmd.arg("--release");
     }

@@ -23,7 +23,6 @@
 
 pub mod etcd;
 pub mod guard;
-pub mod lab;
 pub mod model;
 pub mod node;
 pub mod schedule;

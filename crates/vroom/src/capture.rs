@@ -57,5 +57,5 @@ pub async fn capture(
         timeout_secs: Some(vroom_types::MAX_EXEC_TIMEOUT_SECS),
         stdin: false,
     };
-    crate::cli::exec(client, name, &req, false).await
+    crate::guest::exec(client, name, &req, false).await
 }

@@ -24,7 +24,7 @@ use crate::paths;
 pub async fn run(
     data_dir: &Path,
     jail: vroom_qemu::JailMode,
-    cluster: crate::ClusterArgs,
+    cluster: crate::args::ClusterArgs,
 ) -> Result<()> {
     if cluster.cluster && jail == vroom_qemu::JailMode::Unjailed {
         bail!("a cluster node needs jailed VMMs: its guard fences them through their cgroups");

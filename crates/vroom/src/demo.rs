@@ -88,7 +88,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
             placement: Default::default(),
         })
         .await?;
-    let instance = crate::cli::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;
+    let instance = crate::session::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;
     let ip = instance.nics[0]
         .ip
         .context("the hello appliance's NIC has no address")?;

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use vroom_image::{Fragment, KernelCache, FRAGMENT};
 
-use crate::{output, paths, KernelOp};
+use crate::args::KernelOp;
+use crate::{output, paths};
 
 pub fn run(op: &KernelOp, json: bool) -> Result<i32> {
     let cache = KernelCache::new(&paths::cache_dir());

@@ -6,11 +6,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use vroom_client::Client;
-use vroom_types::{
-    Expose, Name, Protocol, Room, RoomFile, RoomNetworks, RoomPlan, RoomSpec, Segment,
-};
+use vroom_types::{Expose, Name, Room, RoomFile, RoomNetworks, RoomPlan, RoomSpec, Segment};
 
-use crate::{output, RoomOp, TopologyFormat};
+use crate::args::{RoomOp, TopologyFormat};
+use crate::output;
 
 /// Reads and checks a room file before anything is sent: a bounded regular
 /// file, TOML with no unknown fields, whose JSON fits the API's body limit
@@ -49,7 +48,7 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
             }
             check_room_networks(client, name, wan.as_ref()).await?;
-            crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
+            crate::session::build_from_catalog_if_missing(client, "firewall", json).await?;
             let spinner = output::spinner(json, format!("creating room {name}"));
             let created = client
                 .create_room(&RoomSpec {
@@ -74,9 +73,10 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
         RoomOp::Apply { file, dry_run } => {
             let file = read_room_file(file)?;
             check_room_networks(client, &file.name, file.wan.as_ref()).await?;
-            crate::cli::build_from_catalog_if_missing(client, "firewall", json).await?;
+            crate::session::build_from_catalog_if_missing(client, "firewall", json).await?;
             for instance in file.instances.values() {
-                crate::cli::build_from_catalog_if_missing(client, &instance.image, json).await?;
+                crate::session::build_from_catalog_if_missing(client, &instance.image, json)
+                    .await?;
             }
             let spinner = (!*dry_run)
                 .then(|| output::spinner(json, format!("applying room {}", file.name)))
@@ -323,15 +323,6 @@ pub async fn room_nic(
         ip: None,
         role: None,
     })
-}
-
-/// Parses `tcp` or `udp`.
-pub fn parse_proto(raw: &str) -> Result<Protocol, String> {
-    match raw {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        _ => Err(format!("invalid protocol {raw:?}: tcp or udp")),
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use vroom_client::Client;
 use vroom_types::{Name, Snapshot, SnapshotRequest, WarmRequest};
 
-use crate::{output, SnapshotOp};
+use crate::args::SnapshotOp;
+use crate::output;
 
 pub async fn snapshot(
     client: &Client,
@@ -175,7 +176,7 @@ pub async fn restore(client: &Client, vm: &str, snapshot: &Name, json: bool) -> 
 }
 
 pub async fn warm(client: &Client, image: &str, mem: Option<u64>, json: bool) -> Result<()> {
-    crate::cli::build_from_catalog_if_missing(client, image, json).await?;
+    crate::session::build_from_catalog_if_missing(client, image, json).await?;
     let spinner = output::spinner(json, format!("warming {image}"));
     let warmed = client
         .warm_image(image, &WarmRequest { mem_mib: mem })

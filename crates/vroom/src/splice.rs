@@ -17,7 +17,7 @@ pub async fn splice(
 ) -> Result<()> {
     // An image of the catalog not built yet is built first, as `run` does.
     if client.get(appliance).await.is_err() {
-        crate::cli::build_from_catalog_if_missing(client, appliance, json).await?;
+        crate::session::build_from_catalog_if_missing(client, appliance, json).await?;
     }
     let started = std::time::Instant::now();
     let spinner = output::spinner(

@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{init_binary, poll, vroom_bin};
-use vroom_cluster::lab::signal;
+use vroom_lab::signal;
 
-/// The lab of `vroom_cluster::lab`, with the assertions the tests use.
-struct Lab(vroom_cluster::lab::Lab);
+/// The lab of `vroom_lab`, with the assertions the tests use.
+struct Lab(vroom_lab::Lab);
 
 impl std::ops::Deref for Lab {
-    type Target = vroom_cluster::lab::Lab;
+    type Target = vroom_lab::Lab;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -33,7 +33,7 @@ impl Lab {
             "VROOM_INIT".to_string(),
             init_binary().display().to_string(),
         )];
-        Lab(vroom_cluster::lab::Lab::build(Path::new(vroom_bin()), 'k', nodes, env).unwrap())
+        Lab(vroom_lab::Lab::build(Path::new(vroom_bin()), 'k', nodes, env).unwrap())
     }
 
     fn start(&self, i: usize) {
@@ -926,7 +926,7 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
 fn moves_under_traffic_on_a_loaded_host_never_lose_the_guest() {
     // Its busy loops would starve the other tests' etcd and guests.
     let _alone = HOST_LOAD.write().unwrap_or_else(|e| e.into_inner());
-    use vroom_cluster::lab::{BusyLoops, Prober};
+    use vroom_lab::{BusyLoops, Prober};
     let lab = Arc::new(Lab::new(2));
     let hello = common::recipe("hello");
     for i in 0..2 {

@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use vroom_core::images::ImageSource;
 use vroom_types::{AccelChoice, BuildReport, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
 
-use crate::bench::median;
-use crate::paths;
+use crate::stats::median;
+use vroom::paths;
 
 struct Row {
     name: String,
@@ -77,7 +77,7 @@ pub async fn images(data_dir: &Path, recipes: &Path, runs: usize, debootstrap: b
         });
     }
 
-    let client = crate::cli::connect(data_dir).await?;
+    let client = crate::vroomd::connect(data_dir).await?;
     let net = format!("bimg{}", std::process::id() % 10000);
     client
         .create_network(&NetworkSpec {
@@ -138,7 +138,8 @@ async fn boot_all(
                     placement: Default::default(),
                 })
                 .await?;
-            let instance = crate::cli::wait_ready(client, &name, Duration::from_secs(130)).await;
+            let instance =
+                vroom::session::wait_ready(client, &name, Duration::from_secs(130)).await;
             let _ = client.remove(&name, true).await;
             let ms = instance?.status.boot_ms.context("no boot time recorded")?;
             row.boot_ms.push(ms as f64);

@@ -15,9 +15,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vroom_cluster::lab::{wait, BusyLoops, Lab, Prober};
+use vroom_lab::{wait, BusyLoops, Lab, Prober};
 
-use crate::bench::{median, p90};
+use crate::stats::{median, p90};
 
 /// Busy loops per CPU in the loaded case.
 const BUSY_PER_CPU: usize = 3;
@@ -39,7 +39,7 @@ pub async fn migrate(runs: usize, mem: Option<u64>, loaded: bool) -> Result<()> 
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    crate::bench_failover::on_lab(|lab| measure(lab, runs, mem, loaded))
+    crate::failover::on_lab(|lab| measure(lab, runs, mem, loaded))
 }
 
 fn vroom(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {

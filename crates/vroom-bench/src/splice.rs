@@ -23,7 +23,7 @@ use vroom_types::{
     AccelChoice, ExecRequest, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest, SpliceRequest,
 };
 
-use crate::bench::{median, p90};
+use crate::stats::{median, p90};
 
 const FLOW: (&str, &str) = (
     "flow",
@@ -171,9 +171,9 @@ pub async fn splice(data_dir: &Path, runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let client = crate::cli::connect(data_dir).await?;
+    let client = crate::vroomd::connect(data_dir).await?;
     for image in ["web", "l2-firewall", "firewall"] {
-        crate::cli::build_from_catalog_if_missing(&client, image, true).await?;
+        vroom::session::build_from_catalog_if_missing(&client, image, true).await?;
     }
     let tag = std::process::id() % 10000;
     let net = format!("bsp{tag}");
@@ -186,7 +186,7 @@ pub async fn splice(data_dir: &Path, runs: usize) -> Result<()> {
     let result = async {
         let on_net = |role: Option<&str>| nic(&network.name, role);
         client.run(&run_request(&web, "web", vec![on_net(None)])?).await?;
-        let instance = crate::cli::wait_ready(&client, &web, Duration::from_secs(130)).await?;
+        let instance = vroom::session::wait_ready(&client, &web, Duration::from_secs(130)).await?;
         let web_ip = instance.nics[0].ip.context("the web VM has no address")?;
         client
             .exec(
@@ -257,7 +257,7 @@ async fn run_all(bench: &Bench, web: &str, net: &Name, runs: usize) -> Result<()
                 vec![nic(net, Some("outside")), nic(net, Some("inside"))],
             )?)
             .await?;
-        crate::cli::wait_ready(client, &probe, Duration::from_secs(130)).await?;
+        vroom::session::wait_ready(client, &probe, Duration::from_secs(130)).await?;
         run_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         client.remove(&probe, true).await?;
 

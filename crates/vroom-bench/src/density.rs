@@ -14,8 +14,9 @@ use anyhow::{Context, Result};
 use vroom_client::Client;
 use vroom_types::{AccelChoice, Name, NetworkSpec};
 
-use crate::bench::{cold_run, median, p90, pss_mib, qemu_driver, raw_boot_with};
-use crate::paths;
+use crate::boot::{cold_run, pss_mib, qemu_driver, raw_boot_with};
+use crate::stats::{median, p90};
+use vroom::paths;
 
 /// How long the appliances idle before memory and CPU are read.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -43,7 +44,7 @@ pub async fn density(
     count: Option<usize>,
     tb_runs: usize,
 ) -> Result<()> {
-    let client = crate::cli::connect(data_dir).await?;
+    let client = crate::vroomd::connect(data_dir).await?;
     let mut images = vec![];
     for kernel in ["debian", "vroom"] {
         let report = client
@@ -166,7 +167,7 @@ async fn boot_and_measure(
             .run(&cold_run(name, &image.id, net, 300)?)
             .await
             .with_context(|| format!("cannot run {name} ({} booted)", boot_ms.len()))?;
-        let instance = crate::cli::wait_ready(client, name, Duration::from_secs(310)).await?;
+        let instance = vroom::session::wait_ready(client, name, Duration::from_secs(310)).await?;
         boot_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         pids.push(instance.status.pid.unwrap_or(0));
     }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use vroom_cluster::lab::{wait, Lab};
+use vroom_lab::{wait, Lab};
 
-use crate::bench::{median, p90};
+use crate::stats::{median, p90};
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
@@ -85,7 +85,7 @@ pub async fn failover(runs: usize) -> Result<()> {
 /// every node's log when it fails.
 pub(crate) fn on_lab(bench: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
     tokio::task::block_in_place(|| {
-        let exe = std::env::current_exe()?;
+        let exe = crate::vroomd::vroom_exe()?;
         let lab = Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?;
         let result = bench(&lab);
         if result.is_err() {

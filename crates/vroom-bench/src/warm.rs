@@ -12,7 +12,7 @@ use vroom_types::{
     SnapshotRequest, WarmRequest,
 };
 
-use crate::bench::{median, p90};
+use crate::stats::{median, p90};
 
 const IMAGE: &str = "web";
 
@@ -20,8 +20,8 @@ pub async fn warm(data_dir: &Path, runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let client = crate::cli::connect(data_dir).await?;
-    crate::cli::build_from_catalog_if_missing(&client, IMAGE, true).await?;
+    let client = crate::vroomd::connect(data_dir).await?;
+    vroom::session::build_from_catalog_if_missing(&client, IMAGE, true).await?;
     let tag = std::process::id() % 10000;
     let net = format!("bwm{tag}");
     client

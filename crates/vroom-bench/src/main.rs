@@ -1,0 +1,181 @@
+//! `vroom-bench` (and `vroom bench`, which hands over to it): vroom's
+//! benchmarks. Each prints a baseline and our figure from the same run, and
+//! the ratio between them. They drive the `vroom` beside this executable
+//! (its daemon, its CLI, the cluster lab) and never ship in it; `cargo xtask
+//! bench` builds both and runs them.
+
+mod boot;
+mod density;
+mod failover;
+mod images;
+mod migrate;
+mod splice;
+mod stats;
+mod vroomd;
+mod warm;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vroom::process::{die_quietly_on_closed_stdout, ensure_sbin_on_path, init_tracing, runtime};
+use vroom_types::parse_mem_mib;
+
+/// Benchmarks.
+#[derive(Parser)]
+#[command(name = "vroom bench", bin_name = "vroom bench")]
+struct Cli {
+    /// Where vroomd keeps its state, images and instances.
+    #[arg(long, global = true, env = "VROOM_DATA_DIR", default_value = vroom::paths::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Boot the hello appliance N times through vroom and N times with the raw QEMU command.
+    Boot {
+        /// Boots of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Boot the hello appliance's QEMU N times jailed and N times unjailed
+    /// (no daemon needed; run as root).
+    Jail {
+        /// Boots of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Splice an l2-firewall in front of a running web VM N times: latency
+    /// against `vroom run` of the appliance, a running flow's failed
+    /// requests and retransmits, throughput against the direct path.
+    Splice {
+        /// Splices and unsplices (room timings: at most 3).
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Cold boot-to-ready against warm-start-to-ready of the web appliance,
+    /// snapshot time and size against guest memory, and clones per minute.
+    Warm {
+        /// Starts of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// A throwaway two-node cluster on this machine (three etcd members,
+    /// nodes in network namespaces): fault to ready on another node for
+    /// `--ha restart` and `--ha standby`, double runs, and the etcd load.
+    Failover {
+        /// Faults per HA policy (power loss, frozen vroomd, etcd partition in turn).
+        #[arg(short = 'n', long, default_value_t = 50)]
+        runs: usize,
+    },
+    /// A throwaway two-node cluster on this machine: live migrations back
+    /// and forth (total time, QEMU's downtime, and the silence a client
+    /// probing every 10 ms sees) against stop-and-cold-boot moves.
+    Migrate {
+        /// Migrations (per case).
+        #[arg(short = 'n', long, default_value_t = 20)]
+        runs: usize,
+        /// Guest memory, e.g. 128M (the image's default when absent).
+        #[arg(long, value_parser = parse_mem_mib)]
+        mem: Option<u64>,
+        /// Repeat the moves with busy loops on every CPU.
+        #[arg(long)]
+        loaded: bool,
+    },
+    /// Idle hello appliances, as many as fit a memory budget, on vroom's
+    /// kernel and on Debian's (the baseline): host memory (PSS) per
+    /// appliance, boot-to-ready of the first and the last, idle CPU, what
+    /// KSM merges; then the TCG translation cache size against boot time
+    /// and memory.
+    Density {
+        /// Host memory the appliances of each kernel may take.
+        #[arg(long, default_value = "2G", value_parser = parse_mem_mib)]
+        budget: u64,
+        /// Appliances per kernel instead of what fits the budget.
+        #[arg(short = 'n', long)]
+        count: Option<usize>,
+        /// Raw boots per translation cache size (0: skip that part).
+        #[arg(long, default_value_t = 3)]
+        tb_runs: usize,
+    },
+    /// Build every recipe in a directory cold and cached, boot each, and
+    /// compare the firewall with a debootstrap minbase root.
+    Images {
+        /// A directory of recipe directories.
+        #[arg(long, default_value = "recipes")]
+        recipes: PathBuf,
+        /// Boots of each appliance.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
+        /// Skip the debootstrap comparison (it downloads a full minbase).
+        #[arg(long)]
+        no_debootstrap: bool,
+    },
+}
+
+fn main() {
+    ensure_sbin_on_path();
+    let mut args = std::env::args_os().skip(1);
+    // `vroom-bench __jail SPEC`: the jailer of the QEMUs that the jail and
+    // density benches launch themselves (`vroom_qemu` runs this very
+    // executable for it). Before any runtime starts: it forks and must be
+    // single-threaded.
+    let result = if args
+        .next()
+        .is_some_and(|a| a == vroom_qemu::jail::JAIL_SUBCOMMAND)
+    {
+        match args.next() {
+            Some(spec) => vroom::jail::run(std::path::Path::new(&spec)),
+            None => Err(anyhow::anyhow!(
+                "{} needs a jail spec",
+                vroom_qemu::jail::JAIL_SUBCOMMAND
+            )),
+        }
+    } else {
+        let cli = Cli::parse();
+        die_quietly_on_closed_stdout();
+        init_tracing(false);
+        runtime()
+            .block_on(run(&cli.bench, &cli.data_dir))
+            .map(|()| 0)
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    match bench {
+        Bench::Boot { runs } => boot::boot(data_dir, *runs).await,
+        Bench::Jail { runs } => boot::jail(data_dir, *runs).await,
+        Bench::Density {
+            budget,
+            count,
+            tb_runs,
+        } => density::density(data_dir, *budget, *count, *tb_runs).await,
+        Bench::Splice { runs } => splice::splice(data_dir, *runs).await,
+        Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
+        Bench::Failover { runs } => failover::failover(*runs).await,
+        Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,
+        Bench::Images {
+            recipes,
+            runs,
+            no_debootstrap,
+        } => images::images(data_dir, recipes, *runs, !*no_debootstrap).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

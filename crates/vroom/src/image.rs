@@ -1,0 +1,203 @@
+//! `vroom image`: build, list, inspect, warm and remove images.
+
+use anyhow::{Context, Result};
+use vroom_client::Client;
+
+use crate::args::ImageOp;
+use crate::output;
+
+pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
+    match op {
+        ImageOp::Ls => output::list(
+            json,
+            &client.images().await?,
+            &["NAME", "VERSION", "ID", "SIZE", "KERNEL"],
+            |i| {
+                vec![
+                    // `*` marks the build the name resolves to; older builds go with `image prune`.
+                    if i.current {
+                        format!("{} *", i.name)
+                    } else {
+                        i.name.clone()
+                    },
+                    i.version.clone(),
+                    i.id[..12].to_string(),
+                    output::bytes(i.size),
+                    format!("{} {}", i.manifest.kernel.flavor, i.manifest.kernel.release),
+                ]
+            },
+        ),
+        ImageOp::Inspect { image } => {
+            let i = client.image(image).await?;
+            if json {
+                output::json(&i);
+            } else {
+                let m = &i.manifest;
+                let a = &m.appliance;
+                for (key, value) in [
+                    (
+                        "name",
+                        format!(
+                            "{} {}{}",
+                            i.name,
+                            i.version,
+                            if i.current {
+                                " (current build)"
+                            } else {
+                                " (older build)"
+                            }
+                        ),
+                    ),
+                    ("id", i.id.clone()),
+                    (
+                        "size",
+                        format!(
+                            "{} (root {}, initramfs {})",
+                            output::bytes(i.size),
+                            output::bytes(m.rootfs.size),
+                            output::bytes(m.initramfs.size)
+                        ),
+                    ),
+                    (
+                        "kernel",
+                        match &m.kernel.id {
+                            Some(id) => format!(
+                                "vroom's {id}: {} ({} {}), everything built in, no ACPI",
+                                m.kernel.release, m.kernel.package, m.kernel.version
+                            ),
+                            None => format!(
+                                "Debian's {} ({}), modules in the initramfs",
+                                m.kernel.release, m.kernel.version
+                            ),
+                        },
+                    ),
+                    (
+                        "memory",
+                        format!(
+                            "{} MiB by default, at least {} MiB",
+                            m.default_mem_mib, m.min_mem_mib
+                        ),
+                    ),
+                    (
+                        "packages",
+                        format!(
+                            "{} (`vroom image sbom {}` lists them)",
+                            m.packages.len(),
+                            i.name
+                        ),
+                    ),
+                    (
+                        "nic roles",
+                        if a.nic_roles.is_empty() {
+                            "-".into()
+                        } else {
+                            a.nic_roles.join(", ")
+                        },
+                    ),
+                    (
+                        "services",
+                        a.services
+                            .iter()
+                            .map(|s| s.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                ] {
+                    println!("{:<10} {value}", format!("{key}:"));
+                }
+                println!("config:");
+                for (key, value) in &a.seed_config {
+                    println!("  {key}={value}");
+                }
+            }
+        }
+        ImageOp::Rm { image } => client.remove_image(image).await?,
+        ImageOp::Warm { image, mem } => crate::snapshot::warm(client, image, *mem, json).await?,
+        ImageOp::Prune => {
+            let removed = client.prune_images().await?;
+            if json {
+                output::json(&removed);
+            } else if removed.is_empty() {
+                println!("no older builds to remove");
+            } else {
+                for image in &removed {
+                    println!(
+                        "removed {} {} {} ({})",
+                        image.name,
+                        image.version,
+                        &image.id[..12],
+                        output::bytes(image.size)
+                    );
+                }
+            }
+        }
+        ImageOp::Sbom { image } => {
+            let packages = client.image(image).await?.manifest.packages;
+            output::list(
+                json,
+                &packages,
+                &["PACKAGE", "VERSION", "SOURCE", "SHA256"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.version.clone(),
+                        p.source.clone(),
+                        p.sha256[..16].to_string(),
+                    ]
+                },
+            );
+        }
+        ImageOp::Build {
+            recipe,
+            update,
+            kernel,
+        } => {
+            // A catalog name (`vroom image build firewall`) unless such a path exists here.
+            let path = match recipe.to_str() {
+                Some(name) if !recipe.exists() && vroom_image::in_catalog(name) => recipe.clone(),
+                _ => recipe.canonicalize().with_context(|| {
+                    format!(
+                        "cannot find recipe {} (the catalog has {})",
+                        recipe.display(),
+                        vroom_image::catalog().join(", ")
+                    )
+                })?,
+            };
+            let mut stages = output::Stages::new(json, format!("building {}", path.display()));
+            let built = client
+                .build_image(&path, *update, kernel.as_deref(), |stage, detail| {
+                    stages.update(stage, detail)
+                })
+                .await;
+            stages.finish(built.is_ok());
+            let report = built?;
+            let image = &report.image;
+            if json {
+                output::json(&report);
+                return Ok(());
+            }
+            let what = if report.cached { "unchanged" } else { "built" };
+            println!(
+                "{what} {} {} ({}): {} packages, {}",
+                image.name,
+                image.version,
+                &image.id[..12],
+                image.manifest.packages.len(),
+                output::bytes(image.size)
+            );
+            for change in &report.changes {
+                let version = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                println!(
+                    "  {} {} -> {}",
+                    change.name,
+                    version(&change.from),
+                    version(&change.to)
+                );
+            }
+            if *update && report.changes.is_empty() {
+                println!("  no package changed");
+            }
+        }
+    }
+    Ok(())
+}
