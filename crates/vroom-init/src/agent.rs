@@ -3,18 +3,19 @@
 //! exec credits and kills, which never block, are handled in the read loop.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vroom_agent_proto::{
-    encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
+    to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
     MAX_READ_CHUNK, PORT_NAME,
 };
 
 use crate::exec::{Sessions, StartExec};
 use crate::log;
+use crate::reply::send;
 use crate::supervisor::{ApplyConfigError, Supervisor};
 
 pub fn serve(state: Arc<Supervisor>) {
@@ -193,26 +194,6 @@ fn reported_size(st_size: u64, offset: u64, read: &[u8], wanted: u64) -> u64 {
     }
     let end = offset + read.len() as u64;
     end + u64::from(read.len() as u64 == wanted)
-}
-
-pub(crate) fn send(writer: &Mutex<File>, response: &Response) {
-    let payload = match serde_json::to_vec(response) {
-        Ok(p) => p,
-        Err(err) => return log(&format!("encode response: {err}")),
-    };
-    let frame = encode_frame(&payload).unwrap_or_else(|| {
-        let fallback = Response {
-            id: response.id,
-            reply: GuestReply::Error {
-                message: "response exceeds the frame limit".into(),
-            },
-        };
-        encode_frame(&serde_json::to_vec(&fallback).unwrap_or_default()).unwrap_or_default()
-    });
-    let mut file = writer.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(err) = file.write_all(&frame).and_then(|()| file.flush()) {
-        log(&format!("write agent port: {err}"));
-    }
 }
 
 fn find_port() -> Option<String> {

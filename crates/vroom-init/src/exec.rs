@@ -21,7 +21,7 @@ use vroom_agent_proto::{
     MAX_EXEC_WINDOW,
 };
 
-use crate::agent::send;
+use crate::reply::send;
 use crate::supervisor::Supervisor;
 
 /// The longest timeout the guest honours, whatever the host asks.

@@ -14,6 +14,7 @@ mod boot;
 mod conntrack;
 mod exec;
 mod netconf;
+mod reply;
 mod reseed;
 mod supervisor;
 
