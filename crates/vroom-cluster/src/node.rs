@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
 use vroom_core::cluster::{Cluster, Identity, Wiring};
 use vroom_core::{Engine, OpError};
@@ -23,10 +22,12 @@ use vroom_types::{
     InstanceAction, InstanceState, KeptInstance, Name, NetworkSpec, NicSpec, NodeInfo, RunRequest,
 };
 
-use crate::etcd::{json, Etcd, EtcdError, Kv};
 use crate::guard::GuardLink;
+use crate::lock;
 use crate::model::*;
 use crate::schedule::{self, Candidate, NodeState, Pending, Resident};
+use crate::store::etcd::Etcd;
+use crate::store::{json, Compare, Kv, Op, Store, StoreError, Txn};
 use crate::{fence_deadline_ns, monotonic_ns, KEEPALIVE_EVERY, LEASE_TTL_SECS};
 
 mod migrate;
@@ -76,7 +77,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct ClusterNode {
     me: Weak<ClusterNode>,
-    etcd: Etcd,
+    store: Arc<dyn Store>,
     name: String,
     advertise: String,
     info: ClusterInfo,
@@ -99,7 +100,8 @@ pub struct ClusterNode {
     unwarmable: Mutex<BTreeSet<String>>,
     /// What was last published per owned instance.
     published: Mutex<BTreeMap<String, String>>,
-    guard: GuardLink,
+    /// The fencing guard (none in unit tests, which launch no VMM).
+    guard: Option<GuardLink>,
     wake: tokio::sync::Notify,
     /// Serialises lease renewal after a loss.
     rejoin: tokio::sync::Mutex<()>,
@@ -120,7 +122,7 @@ pub struct ClusterNode {
     draining: Mutex<BTreeSet<String>>,
 }
 
-fn etcd_error(context: &str, e: EtcdError) -> OpError {
+fn etcd_error(context: &str, e: StoreError) -> OpError {
     OpError::new(ErrorCode::Internal, format!("{context}: {e}"))
 }
 
@@ -132,6 +134,11 @@ pub fn cgroup_scope(cluster_id: &str, node: &str) -> String {
 /// `vroom cluster init`: writes the cluster's identity, once.
 pub async fn init(endpoints: &[String]) -> Result<ClusterInfo, String> {
     let etcd = Etcd::connect(endpoints).await.map_err(|e| e.to_string())?;
+    init_store(&etcd).await
+}
+
+/// Writes the cluster's identity into `store`, once.
+pub async fn init_store(store: &dyn Store) -> Result<ClusterInfo, String> {
     let info = ClusterInfo {
         id: format!("{:016x}", rand::random::<u64>()),
         created_at: now_secs(),
@@ -139,17 +146,16 @@ pub async fn init(endpoints: &[String]) -> Result<ClusterInfo, String> {
     };
     let ca = crate::tls::Ca::generate(&info.id)?;
     let txn = Txn::new()
-        .when([Compare::create_revision(CLUSTER, CompareOp::Equal, 0)])
+        .when([Compare::create_revision(CLUSTER, 0)])
         .and_then([
-            TxnOp::put(CLUSTER, json(&info), None),
-            TxnOp::put(crate::tls::CA_KEY, json(&ca), None),
-        ])
-        .or_else([TxnOp::get(CLUSTER, None)]);
-    let resp = etcd.txn(txn).await.map_err(|e| e.to_string())?;
+            Op::put(CLUSTER, json(&info)),
+            Op::put(crate::tls::CA_KEY, json(&ca)),
+        ]);
+    let resp = store.txn(txn).await.map_err(|e| e.to_string())?;
     if resp.succeeded() {
         return Ok(info);
     }
-    let existing = etcd
+    let existing = store
         .get_json::<ClusterInfo>(CLUSTER)
         .await
         .map_err(|e| e.to_string())?
@@ -157,7 +163,7 @@ pub async fn init(endpoints: &[String]) -> Result<ClusterInfo, String> {
         .unwrap_or_default();
     Err(format!(
         "etcd at {} already holds cluster {existing}; nothing changed",
-        etcd.endpoints()
+        store.endpoints()
     ))
 }
 
@@ -187,7 +193,7 @@ impl View {
         let mut view = View::default();
         for kv in kvs {
             let key = kv.key.clone();
-            let bad = |e: EtcdError| tracing::warn!(%key, error = %e, "skipping an unreadable cluster key");
+            let bad = |e: StoreError| tracing::warn!(%key, error = %e, "skipping an unreadable cluster key");
             if let Some(name) = key.strip_prefix(NODES) {
                 match kv.decode() {
                     Ok(n) => drop(view.nodes.insert(name.into(), (n, kv))),
@@ -407,9 +413,11 @@ impl ClusterNode {
     /// starts the keepalive and the guard. The engine must not have launched
     /// anything yet: call before `Engine::recover`.
     pub async fn join(engine: Arc<Engine>, opts: JoinOptions) -> Result<Arc<ClusterNode>, String> {
-        let etcd = Etcd::connect(&opts.endpoints)
-            .await
-            .map_err(|e| format!("cannot join: {e}"))?;
+        let etcd: Arc<dyn Store> = Arc::new(
+            Etcd::connect(&opts.endpoints)
+                .await
+                .map_err(|e| format!("cannot join: {e}"))?,
+        );
         let info = etcd
             .get_json::<ClusterInfo>(CLUSTER)
             .await
@@ -452,14 +460,96 @@ impl ClusterNode {
             }
         }
         vroom_qemu::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
-        let node = Arc::new_cyclic(|me| ClusterNode {
-            me: me.clone(),
-            guard: GuardLink::new(&opts.data_dir, &cgroup_scope(&info.id, opts.node.as_str())),
+        let guard = GuardLink::new(&opts.data_dir, &cgroup_scope(&info.id, opts.node.as_str()));
+        let node = ClusterNode::assemble(
+            engine,
             etcd,
-            name: opts.node.to_string(),
-            advertise: opts.advertise.clone(),
             info,
-            data_dir: opts.data_dir.clone(),
+            (opts.node.to_string(), opts.advertise.clone()),
+            opts.data_dir.clone(),
+            Some(guard),
+        );
+        let reuse = remembered.as_ref().map(|m| m.lease);
+        // Bound first, reported after the lease: a name in use says so.
+        let peers = node.bind_peers().await;
+        let api_addr = node.api_addr();
+        let api = tokio::net::TcpListener::bind(api_addr)
+            .await
+            .map_err(|e| format!("cannot listen for the API on {api_addr}: {e}"));
+        node.take_lease(reuse).await?;
+        // The API's certificate, from the cluster's CA, for its names.
+        let issued = match crate::tls::ensure_ca(node.store.as_ref(), &node.info.id).await {
+            Ok(ca) => {
+                let mut sans = vec![node.name.clone()];
+                let host = node
+                    .advertise
+                    .rsplit_once(':')
+                    .map_or(node.advertise.as_str(), |(h, _)| h);
+                if !sans.iter().any(|s| s == host) {
+                    sans.push(host.to_string());
+                }
+                ca.issue(&node.name, &sans, &node.tls_dir())
+            }
+            Err(e) => Err(e),
+        };
+        let peers = peers.and_then(|p| issued.map(|()| p));
+        let bound = peers.and_then(|p| api.map(|a| (p, a)));
+        match bound {
+            Ok((peers, api)) => {
+                *lock(&node.peers) = Some(peers);
+                *lock(&node.api) = Some(api);
+            }
+            Err(e) => {
+                let _ = node.store.revoke(node.lease()).await;
+                if remembered.is_none() {
+                    let _ = std::fs::remove_file(&file);
+                }
+                return Err(e);
+            }
+        }
+        if let Some(Err(e)) = node.guard.as_ref().map(GuardLink::ensure) {
+            let _ = node.store.revoke(node.lease()).await;
+            return Err(format!("cannot start the fencing guard: {e}"));
+        }
+
+        let supervisor = node.clone();
+        tokio::spawn(async move { supervisor.renew_forever().await });
+        // The first keepalive comes right away: it arms the guard.
+        let started = std::time::Instant::now();
+        while !node.lease_alive() && started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !node.lease_alive() {
+            return Err("cannot join: the lease's first keepalive got no answer".into());
+        }
+        // Instances still owned under a lease that survived a quick restart.
+        let (kvs, _) = node
+            .store
+            .list(ROOT)
+            .await
+            .map_err(|e| format!("cannot read the cluster's state: {e}"))?;
+        node.adopt(&View::parse(kvs));
+        Ok(node)
+    }
+
+    /// A node of cluster `info` on `store`, named and advertised as
+    /// `(name, advertise)`, with nothing running yet: no lease, no loops.
+    fn assemble(
+        engine: Arc<Engine>,
+        store: Arc<dyn Store>,
+        info: ClusterInfo,
+        (name, advertise): (String, String),
+        data_dir: PathBuf,
+        guard: Option<GuardLink>,
+    ) -> Arc<ClusterNode> {
+        Arc::new_cyclic(|me| ClusterNode {
+            me: me.clone(),
+            guard,
+            store,
+            name,
+            advertise,
+            info,
+            data_dir,
             engine,
             lease: AtomicI64::new(0),
             last_ack_ns: AtomicU64::new(0),
@@ -478,68 +568,7 @@ impl ClusterNode {
             peers: Mutex::default(),
             api: Mutex::default(),
             draining: Mutex::default(),
-        });
-        let reuse = remembered.as_ref().map(|m| m.lease);
-        // Bound first, reported after the lease: a name in use says so.
-        let peers = node.bind_peers().await;
-        let api_addr = node.api_addr();
-        let api = tokio::net::TcpListener::bind(api_addr)
-            .await
-            .map_err(|e| format!("cannot listen for the API on {api_addr}: {e}"));
-        node.take_lease(reuse).await?;
-        // The API's certificate, from the cluster's CA, for its names.
-        let issued = match crate::tls::ensure_ca(&node.etcd, &node.info.id).await {
-            Ok(ca) => {
-                let mut sans = vec![node.name.clone()];
-                let host = node
-                    .advertise
-                    .rsplit_once(':')
-                    .map_or(node.advertise.as_str(), |(h, _)| h);
-                if !sans.iter().any(|s| s == host) {
-                    sans.push(host.to_string());
-                }
-                ca.issue(&node.name, &sans, &node.tls_dir())
-            }
-            Err(e) => Err(e),
-        };
-        let peers = peers.and_then(|p| issued.map(|()| p));
-        let bound = peers.and_then(|p| api.map(|a| (p, a)));
-        match bound {
-            Ok((peers, api)) => {
-                *node.peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
-                *node.api.lock().unwrap_or_else(|p| p.into_inner()) = Some(api);
-            }
-            Err(e) => {
-                let _ = node.etcd.client().lease_revoke(node.lease()).await;
-                if remembered.is_none() {
-                    let _ = std::fs::remove_file(&file);
-                }
-                return Err(e);
-            }
-        }
-        if let Err(e) = node.guard.ensure() {
-            let _ = node.etcd.client().lease_revoke(node.lease()).await;
-            return Err(format!("cannot start the fencing guard: {e}"));
-        }
-
-        let supervisor = node.clone();
-        tokio::spawn(async move { supervisor.renew_forever().await });
-        // The first keepalive comes right away: it arms the guard.
-        let started = std::time::Instant::now();
-        while !node.lease_alive() && started.elapsed() < Duration::from_secs(3) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if !node.lease_alive() {
-            return Err("cannot join: the lease's first keepalive got no answer".into());
-        }
-        // Instances still owned under a lease that survived a quick restart.
-        let (kvs, _) = node
-            .etcd
-            .list(ROOT)
-            .await
-            .map_err(|e| format!("cannot read the cluster's state: {e}"))?;
-        node.adopt(&View::parse(kvs));
-        Ok(node)
+        })
     }
 
     /// The node's TLS files: the cluster's CA, its certificate and key.
@@ -549,7 +578,7 @@ impl ClusterNode {
 
     /// The API's TCP listener, bound at join (once).
     pub fn take_api_listener(&self) -> Option<tokio::net::TcpListener> {
-        self.api.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.api).take()
     }
 
     /// Where the node serves its API to other hosts (mutual TLS).
@@ -580,68 +609,48 @@ impl ClusterNode {
     /// Takes a lease (`reuse` if it is still alive) and registers the node
     /// under it; starts renewing it.
     async fn take_lease(&self, reuse: Option<i64>) -> Result<(), String> {
-        let mut client = self.etcd.client();
         let mut lease = 0;
         if let Some(old) = reuse.filter(|l| *l != 0) {
             if let Ok(Ok(ttl)) =
-                tokio::time::timeout(Duration::from_secs(2), client.lease_time_to_live(old, None))
-                    .await
+                tokio::time::timeout(Duration::from_secs(2), self.store.time_to_live(old)).await
             {
-                if ttl.ttl() > 0 {
+                if ttl > 0 {
                     lease = old;
                     tracing::info!(lease = old, "took back the lease of the previous vroomd");
                 }
             }
         }
         if lease == 0 {
-            let granted = tokio::time::timeout(
-                Duration::from_secs(3),
-                client.lease_grant(LEASE_TTL_SECS, None),
-            )
-            .await
-            .map_err(|_| "cannot join: etcd did not grant a lease within 3 s".to_string())?
-            .map_err(|e| format!("cannot join: {e}"))?;
-            lease = granted.id();
+            let granted =
+                tokio::time::timeout(Duration::from_secs(3), self.store.grant(LEASE_TTL_SECS))
+                    .await
+                    .map_err(|_| "cannot join: etcd did not grant a lease within 3 s".to_string())?
+                    .map_err(|e| format!("cannot join: {e}"))?;
+            lease = granted;
         }
         let node_key = key(NODES, &self.name);
         let record = self.node_record();
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                node_key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when([Compare::create_revision(node_key.clone(), 0)])
             .and_then([
-                TxnOp::put(
-                    node_key.clone(),
-                    json(&record),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::put(key(MEMBERS, &self.name), json(&record), None),
+                Op::put_leased(node_key.clone(), json(&record), lease),
+                Op::put(key(MEMBERS, &self.name), json(&record)),
             ])
-            .or_else([TxnOp::txn(
+            .or_else([Op::txn(
                 Txn::new()
-                    .when([Compare::lease(node_key.clone(), CompareOp::Equal, lease)])
-                    .and_then([TxnOp::put(
-                        node_key.clone(),
-                        json(&record),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )]),
+                    .when([Compare::lease(node_key.clone(), lease)])
+                    .and_then([Op::put_leased(node_key.clone(), json(&record), lease)]),
             )]);
         let resp = self
-            .etcd
+            .store
             .txn(txn)
             .await
             .map_err(|e| format!("cannot join: {e}"))?;
-        let ours = resp.succeeded()
-            || resp
-                .op_responses()
-                .iter()
-                .any(|r| matches!(r, etcd_client::TxnOpResponse::Txn(t) if t.succeeded()));
+        let ours = resp.succeeded() || resp.nested.iter().any(|t| t.succeeded());
         if !ours {
-            let _ = client.lease_revoke(lease).await;
+            let _ = self.store.revoke(lease).await;
             let other = self
-                .etcd
+                .store
                 .get_json::<NodeRecord>(&node_key)
                 .await
                 .ok()
@@ -692,9 +701,9 @@ impl ClusterNode {
     async fn renew_forever(self: Arc<Self>) {
         loop {
             let lease = self.lease();
-            match self.etcd.reconnect().await {
-                Ok(etcd) => {
-                    self.keep_alive(etcd, lease).await;
+            match self.store.reconnect().await {
+                Ok(store) => {
+                    self.keep_alive(store.as_ref(), lease).await;
                     self.lost_lease(lease).await;
                 }
                 Err(e) => {
@@ -707,7 +716,7 @@ impl ClusterNode {
 
     /// Renews `lease` every 500 ms, and tells the guard of every
     /// acknowledgement. Returns when etcd says the lease expired.
-    async fn keep_alive(&self, etcd: Etcd, lease: i64) {
+    async fn keep_alive(&self, store: &dyn Store, lease: i64) {
         let mut channel = None;
         let mut failures = 0u32;
         loop {
@@ -716,40 +725,32 @@ impl ClusterNode {
                 if failures >= 2 {
                     // A connection that lived through a partition may stay
                     // wedged: a new one.
-                    etcd.refresh().await;
+                    store.refresh().await;
                 }
-                let mut client = etcd.client();
                 let opened =
-                    tokio::time::timeout(Duration::from_secs(1), client.lease_keep_alive(lease))
-                        .await;
-                // The client refuses to open a stream for a lease etcd no
+                    tokio::time::timeout(Duration::from_secs(1), store.keep_alive(lease)).await;
+                // The store refuses to open a stream for a lease it no
                 // longer has: it expired.
-                if let Ok(Err(etcd_client::Error::LeaseKeepAliveError(e))) = &opened {
-                    if e.contains("not found") {
-                        tracing::error!(
-                            lease,
-                            "the lease expired: this node lost its instances; rejoining"
-                        );
-                        return;
-                    }
+                if let Ok(Err(StoreError::LeaseNotFound(_))) = &opened {
+                    tracing::error!(
+                        lease,
+                        "the lease expired: this node lost its instances; rejoining"
+                    );
+                    return;
                 }
                 channel = opened.ok().and_then(|r| r.ok());
             }
             let answer = match channel.as_mut() {
-                Some((keeper, stream)) => {
-                    tokio::time::timeout(Duration::from_millis(900), async {
-                        keeper.keep_alive().await?;
-                        stream.message().await
-                    })
-                    .await
+                Some(keeper) => {
+                    tokio::time::timeout(Duration::from_millis(900), keeper.renew()).await
                 }
                 None => Ok(Ok(None)),
             };
             match answer {
-                Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                Ok(Ok(Some(ttl))) if ttl > 0 => {
                     failures = 0;
                     self.last_ack_ns.store(sent, Ordering::SeqCst);
-                    if let Err(e) = self.guard.ack(sent) {
+                    if let Some(Err(e)) = self.guard.as_ref().map(|g| g.ack(sent)) {
                         tracing::error!(error = %e, "cannot reach the fencing guard");
                     }
                 }
@@ -791,7 +792,7 @@ impl ClusterNode {
         if self.lease() != lease {
             return;
         }
-        self.owned.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.owned).clear();
         self.lease.store(0, Ordering::SeqCst);
         loop {
             match self.take_lease(None).await {
@@ -807,7 +808,7 @@ impl ClusterNode {
 
     /// Starts the reconcile loop and the watch that wakes it.
     pub fn start(self: &Arc<Self>) {
-        let listener = self.peers.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let listener = lock(&self.peers).take();
         if let Some(listener) = listener {
             let node = self.clone();
             tokio::spawn(async move { node.serve_peers(listener).await });
@@ -827,13 +828,9 @@ impl ClusterNode {
 
     async fn watch(self: Arc<Self>) {
         loop {
-            let mut client = self.etcd.client();
-            match client
-                .watch(ROOT, Some(WatchOptions::new().with_prefix()))
-                .await
-            {
+            match self.store.watch(ROOT).await {
                 Ok(mut stream) => {
-                    while let Ok(Some(_)) = stream.message().await {
+                    while stream.changed().await {
                         self.wake.notify_one();
                     }
                 }
@@ -852,39 +849,34 @@ impl ClusterNode {
             .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
             .map(|(name, (_, kv))| (name.clone(), kv.mod_revision))
             .collect();
-        let mut current = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        let mut returned = self.returned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(&self.owned);
+        let mut returned = lock(&self.returned);
         *current = owned_after(read, &current, &returned, view.revision);
         // Once a view shows the give-back, the key itself says it.
         returned.retain(|_, revision| view.revision == 0 || *revision > view.revision);
         drop((current, returned));
-        *self.known.lock().unwrap_or_else(|p| p.into_inner()) =
-            view.instances.keys().cloned().collect();
+        *lock(&self.known) = view.instances.keys().cloned().collect();
     }
 
     /// Notes a migration's takeover or give-back of `name`, under both
     /// locks in [`adopt`](Self::adopt)'s order: a pass in between cannot
     /// see the one without the other.
     fn note_handover(&self, name: &str, handover: Handover) {
-        let mut owned = self.owned.lock().unwrap_or_else(|p| p.into_inner());
-        let mut returned = self.returned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut owned = lock(&self.owned);
+        let mut returned = lock(&self.returned);
         note_handover(&mut owned, &mut returned, name, handover);
     }
 
     fn token(&self, name: &str) -> Option<i64> {
-        self.owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
+        lock(&self.owned).get(name).copied()
     }
 
     /// One reconcile pass.
-    async fn pass(&self) -> Result<(), EtcdError> {
+    async fn pass(&self) -> Result<(), StoreError> {
         if !self.lease_alive() {
             return Ok(());
         }
-        let (kvs, revision) = self.etcd.list(ROOT).await?;
+        let (kvs, revision) = self.store.list(ROOT).await?;
         let mut view = View::parse(kvs);
         view.revision = revision;
         let lease = self.lease();
@@ -905,7 +897,7 @@ impl ClusterNode {
             }
         }
         let view = if claimed {
-            let (kvs, revision) = self.etcd.list(ROOT).await?;
+            let (kvs, revision) = self.store.list(ROOT).await?;
             let mut view = View::parse(kvs);
             view.revision = revision;
             view
@@ -941,12 +933,7 @@ impl ClusterNode {
                 continue;
             }
             let want = (network.vni, peers.clone());
-            let applied = self
-                .overlays
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(name)
-                == Some(&want);
+            let applied = lock(&self.overlays).get(name) == Some(&want);
             if applied {
                 continue;
             }
@@ -957,10 +944,7 @@ impl ClusterNode {
             {
                 Ok(()) => {
                     tracing::info!(network = %name, vni = network.vni, peers = ?peers, "network joined to the other nodes");
-                    self.overlays
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.clone(), want);
+                    lock(&self.overlays).insert(name.clone(), want);
                 }
                 Err(e) => {
                     tracing::warn!(network = %name, error = %e.message, "cannot join the network to the other nodes")
@@ -973,13 +957,7 @@ impl ClusterNode {
     /// (in its memory size), so that a failover to this node starts it from
     /// memory instead of booting. Warms one image at a time, in the background.
     fn prepare_standby(&self, view: &View) {
-        if view.cordons.contains_key(&self.name)
-            || !self
-                .warming
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_empty()
-        {
+        if view.cordons.contains_key(&self.name) || !lock(&self.warming).is_empty() {
             return;
         }
         let warm = self.engine.list_warm();
@@ -991,31 +969,17 @@ impl ClusterNode {
             let Ok(image) = self.engine.get_image(&reference) else {
                 // Not here yet: fetched from a peer, warmed on a later pass.
                 let key = format!("fetch/{reference}");
-                if self
-                    .unwarmable
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&key)
-                {
+                if lock(&self.unwarmable).contains(&key) {
                     continue;
                 }
-                self.warming
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone());
+                lock(&self.warming).insert(key.clone());
                 let node = self.arc();
                 tokio::spawn(async move {
                     if let Err(e) = node.ensure_image(&reference).await {
                         tracing::warn!(image = %reference, error = %e.message, "cannot fetch an image for standby instances");
-                        node.unwarmable
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(key.clone());
+                        lock(&node.unwarmable).insert(key.clone());
                     }
-                    node.warming
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&key);
+                    lock(&node.warming).remove(&key);
                 });
                 return;
             };
@@ -1026,18 +990,10 @@ impl ClusterNode {
                 continue;
             }
             let key = format!("{}/{}", image.id, record.mem_mib);
-            if self
-                .unwarmable
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&key)
-            {
+            if lock(&self.unwarmable).contains(&key) {
                 continue;
             }
-            self.warming
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
+            lock(&self.warming).insert(key.clone());
             let node = self.arc();
             let mem = record.mem_mib;
             tokio::spawn(async move {
@@ -1047,48 +1003,34 @@ impl ClusterNode {
                     }
                     Err(e) => {
                         tracing::warn!(image = %image.name, error = %e.message, "cannot warm an image for standby instances; they boot cold here");
-                        node.unwarmable
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(key.clone());
+                        lock(&node.unwarmable).insert(key.clone());
                     }
                 }
-                node.warming
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&key);
+                lock(&node.warming).remove(&key);
             });
             return;
         }
     }
 
-    async fn try_lead(&self, lease: i64) -> Result<(), EtcdError> {
+    async fn try_lead(&self, lease: i64) -> Result<(), StoreError> {
         let txn = Txn::new()
-            .when([Compare::create_revision(LEADER, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                LEADER,
-                self.name.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        if self.etcd.txn(txn).await?.succeeded() {
+            .when([Compare::create_revision(LEADER, 0)])
+            .and_then([Op::put_leased(LEADER, self.name.clone(), lease)]);
+        if self.store.txn(txn).await?.succeeded() {
             tracing::info!(node = %self.name, "this node leads the cluster");
         }
         Ok(())
     }
 
     /// The leader's pass: places what has no owner and no placement.
-    async fn schedule(&self, view: &View) -> Result<(), EtcdError> {
+    async fn schedule(&self, view: &View) -> Result<(), StoreError> {
         // Placements for nodes that died before claiming them are void.
         for (name, (node, kv)) in &view.assigns {
             if !view.nodes.contains_key(node) || view.cordons.contains_key(node) {
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        kv.key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision,
-                    )])
-                    .and_then([TxnOp::delete(kv.key.clone(), None)]);
-                self.etcd.txn(txn).await?;
+                    .when([Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
+                    .and_then([Op::delete(kv.key.clone())]);
+                self.store.txn(txn).await?;
                 tracing::info!(instance = %name, %node, "withdrew a placement on a node that is gone or cordoned");
             }
         }
@@ -1133,12 +1075,12 @@ impl ClusterNode {
             };
             let txn = Txn::new()
                 .when([
-                    Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
-                    Compare::create_revision(key(OWNERS, &inst), CompareOp::Equal, 0),
-                    Compare::create_revision(key(ASSIGNS, &inst), CompareOp::Equal, 0),
+                    Compare::mod_revision(kv.key.clone(), kv.mod_revision),
+                    Compare::create_revision(key(OWNERS, &inst), 0),
+                    Compare::create_revision(key(ASSIGNS, &inst), 0),
                 ])
-                .and_then([TxnOp::put(key(ASSIGNS, &inst), node.clone(), None)]);
-            if self.etcd.txn(txn).await?.succeeded() {
+                .and_then([Op::put(key(ASSIGNS, &inst), node.clone())]);
+            if self.store.txn(txn).await?.succeeded() {
                 tracing::info!(instance = %inst, %node, "placed");
             }
         }
@@ -1147,7 +1089,7 @@ impl ClusterNode {
 
     /// Claims an instance the leader placed here: the owner key, bound to
     /// this node's lease, is created only if absent. Returns whether it did.
-    async fn claim(&self, name: &str, view: &View) -> Result<bool, EtcdError> {
+    async fn claim(&self, name: &str, view: &View) -> Result<bool, StoreError> {
         let Some((record, kv)) = view.instances.get(name) else {
             return Ok(false);
         };
@@ -1159,23 +1101,19 @@ impl ClusterNode {
         };
         let txn = Txn::new()
             .when([
-                Compare::value(key(ASSIGNS, name), CompareOp::Equal, self.name.clone()),
-                Compare::create_revision(key(OWNERS, name), CompareOp::Equal, 0),
-                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
-                Compare::lease(key(NODES, &self.name), CompareOp::Equal, self.lease()),
+                Compare::value(key(ASSIGNS, name), self.name.clone()),
+                Compare::create_revision(key(OWNERS, name), 0),
+                Compare::mod_revision(kv.key.clone(), kv.mod_revision),
+                Compare::lease(key(NODES, &self.name), self.lease()),
             ])
             .and_then([
-                TxnOp::put(
-                    key(OWNERS, name),
-                    json(&owner),
-                    Some(PutOptions::new().with_lease(self.lease())),
-                ),
-                TxnOp::put(kv.key.clone(), json(&record), None),
-                TxnOp::delete(key(ASSIGNS, name), None),
+                Op::put_leased(key(OWNERS, name), json(&owner), self.lease()),
+                Op::put(kv.key.clone(), json(&record)),
+                Op::delete(key(ASSIGNS, name)),
                 // A failure another claim left is not this one's.
-                TxnOp::delete(key(STATUSES, name), None),
+                Op::delete(key(STATUSES, name)),
             ]);
-        let claimed = self.etcd.txn(txn).await?.succeeded();
+        let claimed = self.store.txn(txn).await?.succeeded();
         if claimed {
             tracing::info!(instance = %name, node = %self.name, "claimed");
         }
@@ -1184,8 +1122,7 @@ impl ClusterNode {
 
     /// Makes the local engine match what this node owns.
     async fn converge(&self, view: &View) {
-        let owned: BTreeMap<String, i64> =
-            self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let owned: BTreeMap<String, i64> = lock(&self.owned).clone();
         let local: BTreeMap<String, Instance> = self
             .engine
             .list()
@@ -1202,11 +1139,7 @@ impl ClusterNode {
             let ours = owned.contains_key(name);
             // A source keeps its paused copy until its migration has
             // decided (the destination may give the instance back).
-            let leaving = self
-                .migrating
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(name);
+            let leaving = lock(&self.migrating).contains(name);
             if cluster_instance && !ours && !self.is_starting(name) && !leaving {
                 tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
                 self.engine.drop_wiring(name).await;
@@ -1225,11 +1158,7 @@ impl ClusterNode {
         }
         // A migration out that a restarted daemon (or a lost answer) left
         // paused: nobody took the instance over, so it runs here again.
-        let migrating = self
-            .migrating
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let migrating = lock(&self.migrating).clone();
         let paused_out = self.engine.migrating_out();
         for name in &paused_out {
             if let (Some(token), false) = (owned.get(name), migrating.contains(name)) {
@@ -1315,24 +1244,15 @@ impl ClusterNode {
     }
 
     fn is_starting(&self, name: &str) -> bool {
-        self.starting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
+        lock(&self.starting).contains(name)
     }
 
     fn begin_start(&self, name: &str) -> bool {
-        self.starting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string())
+        lock(&self.starting).insert(name.to_string())
     }
 
     fn end_start(&self, name: &str) {
-        self.starting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        lock(&self.starting).remove(name);
         self.wake.notify_one();
     }
 
@@ -1393,7 +1313,7 @@ impl ClusterNode {
     /// Returns the record's revision (0: none).
     async fn bring_wiring(&self, name: &str) -> Result<i64, OpError> {
         let Some((wiring, kv)) = self
-            .etcd
+            .store
             .get_json::<Wiring>(&key(WIRINGS, name))
             .await
             .map_err(|e| etcd_error("cannot read the splices", e))?
@@ -1421,17 +1341,17 @@ impl ClusterNode {
                 tracing::warn!(instance = %name, "its splices and their config exceed the cluster's cap; not recorded");
                 return;
             }
-            Some(wiring) => TxnOp::put(k.clone(), json(wiring), None),
-            None => TxnOp::delete(k.clone(), None),
+            Some(wiring) => Op::put(k.clone(), json(wiring)),
+            None => Op::delete(k.clone()),
         };
         let seen = recorded.map_or(0, |(_, kv)| kv.mod_revision);
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, token),
-                Compare::mod_revision(k, CompareOp::Equal, seen),
+                Compare::mod_revision(key(OWNERS, name), token),
+                Compare::mod_revision(k, seen),
             ])
             .and_then([op]);
-        match self.etcd.txn(txn).await {
+        match self.store.txn(txn).await {
             Ok(r) if r.succeeded() => {
                 tracing::info!(instance = %name, "recorded its splices and mirrors as they are here")
             }
@@ -1445,11 +1365,7 @@ impl ClusterNode {
     /// Refuses a change to `name` (its config, splices or mirrors) while it
     /// migrates away: the destination has read them already.
     fn refuse_while_moving(&self, name: &str) -> Result<(), OpError> {
-        let migrating = self
-            .migrating
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name);
+        let migrating = lock(&self.migrating).contains(name);
         if migrating || self.engine.migrating_out().iter().any(|m| m == name) {
             return Err(OpError::conflict(format!(
                 "{name} is migrating to another node; change it when the migration is done"
@@ -1462,11 +1378,7 @@ impl ClusterNode {
     /// fencing token. Nothing to do for a VM the cluster does not know (a
     /// local one); a conflict for one this node does not own.
     async fn put_wiring(&self, name: &str, wiring: Option<&Wiring>) -> Result<(), OpError> {
-        let known = self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name);
+        let known = lock(&self.known).contains(name);
         let Some(token) = self.token(name) else {
             if !known {
                 return Ok(());
@@ -1490,18 +1402,14 @@ impl ClusterNode {
                         ),
                     ));
                 }
-                TxnOp::put(k, bytes, None)
+                Op::put(k, bytes)
             }
-            None => TxnOp::delete(k, None),
+            None => Op::delete(k),
         };
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key(OWNERS, name),
-                CompareOp::Equal,
-                token,
-            )])
+            .when([Compare::mod_revision(key(OWNERS, name), token)])
             .and_then([op]);
-        match self.etcd.txn(txn).await {
+        match self.store.txn(txn).await {
             Ok(r) if r.succeeded() => Ok(()),
             Ok(_) => Err(OpError::conflict(format!(
                 "node {} lost {name} to another node; the change is not saved",
@@ -1514,7 +1422,7 @@ impl ClusterNode {
     /// Creates a cluster network here as etcd describes it.
     async fn ensure_network(&self, name: &str) -> Result<(), OpError> {
         let record = self
-            .etcd
+            .store
             .get_json::<NetworkRecord>(&key(NETWORKS, name))
             .await
             .map_err(|e| etcd_error("cannot read the network", e))?
@@ -1544,20 +1452,13 @@ impl ClusterNode {
             }
         }
         let mut ops = delete_all(name, record);
-        ops.push(TxnOp::delete(key(OWNERS, name), None));
+        ops.push(Op::delete(key(OWNERS, name)));
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key(OWNERS, name),
-                CompareOp::Equal,
-                token,
-            )])
+            .when([Compare::mod_revision(key(OWNERS, name), token)])
             .and_then(ops);
-        match self.etcd.txn(txn).await {
+        match self.store.txn(txn).await {
             Ok(r) if r.succeeded() => {
-                self.owned
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(name);
+                lock(&self.owned).remove(name);
                 tracing::info!(instance = %name, "removed from the cluster");
             }
             Ok(_) => tracing::warn!(instance = %name, "lost the instance before removing it"),
@@ -1567,13 +1468,7 @@ impl ClusterNode {
 
     /// Publishes the state of every owned instance that changed, fenced.
     async fn publish(&self, view: &View) {
-        let owned: Vec<String> = self
-            .owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let owned: Vec<String> = lock(&self.owned).keys().cloned().collect();
         for name in owned {
             if self.is_starting(&name) {
                 continue;
@@ -1589,36 +1484,24 @@ impl ClusterNode {
                 .statuses
                 .get(&name)
                 .is_some_and(|s| s.node == self.name && s.error.is_none());
-            let same = self
-                .published
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&name)
-                == Some(&fingerprint);
+            let same = lock(&self.published).get(&name) == Some(&fingerprint);
             if same && seen {
                 continue;
             }
             if self.put_status(&name, None, Some(instance)).await {
-                self.published
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name, fingerprint);
+                lock(&self.published).insert(name, fingerprint);
             }
         }
         let fresh = self.node_record();
         if let Some(used) = republished(view.nodes.get(&self.name).map(|(n, _)| n), fresh) {
             let txn = Txn::new()
-                .when([Compare::lease(
-                    key(NODES, &self.name),
-                    CompareOp::Equal,
-                    self.lease(),
-                )])
-                .and_then([TxnOp::put(
+                .when([Compare::lease(key(NODES, &self.name), self.lease())])
+                .and_then([Op::put_leased(
                     key(NODES, &self.name),
                     json(&used),
-                    Some(PutOptions::new().with_lease(self.lease())),
+                    self.lease(),
                 )]);
-            let _ = self.etcd.txn(txn).await;
+            let _ = self.store.txn(txn).await;
         }
     }
 
@@ -1643,18 +1526,14 @@ impl ClusterNode {
             updated_at: now_secs(),
         };
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key(OWNERS, name),
-                CompareOp::Equal,
-                token,
-            )])
-            .and_then([TxnOp::put(key(STATUSES, name), json(&status), None)]);
-        matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded())
+            .when([Compare::mod_revision(key(OWNERS, name), token)])
+            .and_then([Op::put(key(STATUSES, name), json(&status))]);
+        matches!(self.store.txn(txn).await, Ok(r) if r.succeeded())
     }
 
     async fn view(&self) -> Result<View, OpError> {
         let (kvs, revision) = self
-            .etcd
+            .store
             .list(ROOT)
             .await
             .map_err(|e| etcd_error("cannot read the cluster", e))?;
@@ -1710,7 +1589,7 @@ impl ClusterNode {
                 .unwrap_or(FIRST_VNI)
                 .max(FIRST_VNI);
             let (taken, _) = self
-                .etcd
+                .store
                 .list(VNIS)
                 .await
                 .map_err(|e| etcd_error("cannot read the VNIs", e))?;
@@ -1723,21 +1602,21 @@ impl ClusterNode {
             let vni_key = format!("{VNIS}{}", record.vni);
             let txn = Txn::new()
                 .when([
-                    Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-                    Compare::create_revision(vni_key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(k.clone(), 0),
+                    Compare::create_revision(vni_key.clone(), 0),
                 ])
                 .and_then([
-                    TxnOp::put(k.clone(), json(&record), None),
-                    TxnOp::put(vni_key, name.to_string(), None),
+                    Op::put(k.clone(), json(&record)),
+                    Op::put(vni_key, name.to_string()),
                 ]);
             let done = self
-                .etcd
+                .store
                 .txn(txn)
                 .await
                 .map_err(|e| etcd_error("cannot record the network", e))?;
             if done.succeeded()
                 || self
-                    .etcd
+                    .store
                     .get(&k)
                     .await
                     .map_err(|e| etcd_error("cannot read the network", e))?
@@ -1747,7 +1626,7 @@ impl ClusterNode {
             }
         }
         let (stored, _) = self
-            .etcd
+            .store
             .get_json::<NetworkRecord>(&k)
             .await
             .map_err(|e| etcd_error("cannot read the network", e))?
@@ -1772,7 +1651,7 @@ impl ClusterNode {
         }
         let prefix = format!("{IPS}{net}/");
         let (taken, _) = self
-            .etcd
+            .store
             .list(&prefix)
             .await
             .map_err(|e| etcd_error("cannot read the addresses", e))?;
@@ -1821,14 +1700,14 @@ fn moved_here(record: &InstanceRecord, node: &str) -> bool {
 }
 
 /// Deletes every key of an instance but its owner key.
-fn delete_all(name: &str, record: &InstanceRecord) -> Vec<TxnOp> {
-    let mut ops: Vec<TxnOp> = [INSTANCES, STATUSES, CONFIGS, ASSIGNS, WIRINGS]
+fn delete_all(name: &str, record: &InstanceRecord) -> Vec<Op> {
+    let mut ops: Vec<Op> = [INSTANCES, STATUSES, CONFIGS, ASSIGNS, WIRINGS]
         .iter()
-        .map(|prefix| TxnOp::delete(key(prefix, name), None))
+        .map(|prefix| Op::delete(key(prefix, name)))
         .collect();
     for nic in &record.request.spec.nics {
         if let Some(ip) = nic.ip {
-            ops.push(TxnOp::delete(ip_key(nic.network.as_str(), ip), None));
+            ops.push(Op::delete(ip_key(nic.network.as_str(), ip)));
         }
     }
     ops
@@ -1906,37 +1785,30 @@ impl Cluster for ClusterNode {
         // is still this run's.
         let mut created = None;
         for _ in 0..8 {
-            let mut compares = vec![Compare::create_revision(
-                key(INSTANCES, &name),
-                CompareOp::Equal,
-                0,
-            )];
+            let mut compares = vec![Compare::create_revision(key(INSTANCES, &name), 0)];
             let mut puts = vec![];
             for (nic, network) in request.spec.nics.iter().zip(&networks) {
                 let ip = self.free_ip(network, nic.ip, &puts).await?;
                 let k = ip_key(network.spec.name.as_str(), ip);
-                compares.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0));
+                compares.push(Compare::create_revision(k.clone(), 0));
                 puts.push((k, ip));
             }
             for (slot, (_, ip)) in record.request.spec.nics.iter_mut().zip(&puts) {
                 slot.ip = Some(*ip);
             }
-            let mut ops = vec![TxnOp::put(key(INSTANCES, &name), json(&record), None)];
-            ops.extend(
-                puts.iter()
-                    .map(|(k, _)| TxnOp::put(k.clone(), name.clone(), None)),
-            );
+            let mut ops = vec![Op::put(key(INSTANCES, &name), json(&record))];
+            ops.extend(puts.iter().map(|(k, _)| Op::put(k.clone(), name.clone())));
             let done = self
-                .etcd
+                .store
                 .txn(Txn::new().when(compares).and_then(ops))
                 .await
                 .map_err(|e| etcd_error("cannot record the instance", e))?;
             if done.succeeded() {
-                created = Some(done.header().map_or(0, |h| h.revision()));
+                created = Some(done.revision());
                 break;
             }
             if self
-                .etcd
+                .store
                 .get(&key(INSTANCES, &name))
                 .await
                 .map_err(|e| etcd_error("cannot read the instance", e))?
@@ -1950,7 +1822,7 @@ impl Cluster for ClusterNode {
             for (nic, (k, ip)) in request.spec.nics.iter().zip(&puts) {
                 if nic.ip.is_some()
                     && self
-                        .etcd
+                        .store
                         .get(k)
                         .await
                         .map_err(|e| etcd_error("cannot read the addresses", e))?
@@ -2035,13 +1907,9 @@ impl Cluster for ClusterNode {
                 let mut marked = record.clone();
                 marked.removing = true;
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        kv.key.clone(),
-                        CompareOp::Equal,
-                        kv.mod_revision,
-                    )])
-                    .and_then([TxnOp::put(kv.key.clone(), json(&marked), None)]);
-                self.etcd
+                    .when([Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
+                    .and_then([Op::put(kv.key.clone(), json(&marked))]);
+                self.store
                     .txn(txn)
                     .await
                     .map_err(|e| etcd_error("cannot mark the instance", e))?;
@@ -2080,7 +1948,7 @@ impl Cluster for ClusterNode {
     async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError> {
         for _ in 0..5 {
             let Some((mut record, kv)) = self
-                .etcd
+                .store
                 .get_json::<InstanceRecord>(&key(INSTANCES, name))
                 .await
                 .map_err(|e| etcd_error("cannot read the instance", e))?
@@ -2092,14 +1960,10 @@ impl Cluster for ClusterNode {
             }
             record.desired = desired;
             let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    kv.key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision,
-                )])
-                .and_then([TxnOp::put(kv.key.clone(), json(&record), None)]);
+                .when([Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
+                .and_then([Op::put(kv.key.clone(), json(&record))]);
             if self
-                .etcd
+                .store
                 .txn(txn)
                 .await
                 .map_err(|e| etcd_error("cannot record the desired state", e))?
@@ -2144,13 +2008,7 @@ impl Cluster for ClusterNode {
                 handle.block_on(self.put_wiring(splice.vm.as_str(), Some(&wiring)))
             });
         }
-        if !self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
-            && self.token(name).is_none()
-        {
+        if !lock(&self.known).contains(name) && self.token(name).is_none() {
             return Ok(());
         }
         let bytes = json(values);
@@ -2168,13 +2026,9 @@ impl Cluster for ClusterNode {
             .token(name)
             .ok_or_else(|| OpError::conflict(format!("node {} does not own {name}", self.name)))?;
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key(OWNERS, name),
-                CompareOp::Equal,
-                token,
-            )])
-            .and_then([TxnOp::put(key(CONFIGS, name), bytes, None)]);
-        let etcd = self.etcd.clone();
+            .when([Compare::mod_revision(key(OWNERS, name), token)])
+            .and_then([Op::put(key(CONFIGS, name), bytes)]);
+        let etcd = self.store.clone();
         let handle = tokio::runtime::Handle::current();
         let result = tokio::task::block_in_place(|| handle.block_on(etcd.txn(txn)));
         match result {
@@ -2189,22 +2043,14 @@ impl Cluster for ClusterNode {
 
     fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError> {
         let owned = self.token(name).is_some();
-        let known = self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name);
+        let known = lock(&self.known).contains(name);
         if !owned && !known && !cluster_made && !self.is_starting(name) {
             return Ok(());
         }
         if owned && self.lease_alive() {
             return Ok(());
         }
-        let incoming = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name);
+        let incoming = lock(&self.incoming).contains_key(name);
         if incoming && self.lease_alive() {
             // The destination of a live migration: its VM runs only after
             // the handover.
@@ -2298,17 +2144,13 @@ impl ClusterNode {
             )));
         }
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key(NODES, name),
-                CompareOp::Equal,
-                0,
-            )])
+            .when([Compare::create_revision(key(NODES, name), 0)])
             .and_then([
-                TxnOp::delete(key(MEMBERS, name), None),
-                TxnOp::delete(key(CORDONS, name), None),
+                Op::delete(key(MEMBERS, name)),
+                Op::delete(key(CORDONS, name)),
             ]);
         let done = self
-            .etcd
+            .store
             .txn(txn)
             .await
             .map_err(|e| etcd_error("cannot remove the node", e))?;
@@ -2323,8 +2165,8 @@ impl ClusterNode {
     async fn set_cordon(&self, name: &str, value: Option<&[u8]>) -> Result<(), OpError> {
         let k = key(CORDONS, name);
         let done = match value {
-            Some(v) => self.etcd.put(&k, v.to_vec()).await,
-            None => self.etcd.delete(&k).await,
+            Some(v) => self.store.put(&k, v.to_vec()).await,
+            None => self.store.delete(&k).await,
         };
         done.map_err(|e| etcd_error("cannot change the node", e))?;
         self.wake.notify_one();
@@ -2489,15 +2331,11 @@ impl ClusterNode {
     /// revision `created`: never another run's of the same name.
     async fn forget(&self, name: &str, record: &InstanceRecord, created: i64) {
         let mut ops = delete_all(name, record);
-        ops.push(TxnOp::delete(key(OWNERS, name), None));
+        ops.push(Op::delete(key(OWNERS, name)));
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key(INSTANCES, name),
-                CompareOp::Equal,
-                created,
-            )])
+            .when([Compare::create_revision(key(INSTANCES, name), created)])
             .and_then(ops);
-        match self.etcd.txn(txn).await {
+        match self.store.txn(txn).await {
             Ok(r) if !r.succeeded() => {
                 tracing::info!(instance = %name, "not forgetting an instance whose record changed hands");
             }
@@ -2516,12 +2354,7 @@ impl ClusterNode {
     /// releasing it. Returns whether it is on its way; `false` leaves it
     /// here: no node can take it (it wants to run), or it is being removed.
     fn drain_one(&self, name: &str, view: &View, local: Option<&Instance>) -> bool {
-        if self
-            .draining
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
-        {
+        if lock(&self.draining).contains(name) {
             return true;
         }
         let Some((record, _)) = view.instances.get(name) else {
@@ -2532,10 +2365,7 @@ impl ClusterNode {
         if record.removing || (target.is_none() && wants_running) {
             return false;
         }
-        self.draining
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
+        lock(&self.draining).insert(name.to_string());
         let running = local.is_some_and(|i| i.status.state == InstanceState::Running);
         let target = target.filter(|_| running);
         let node = self.arc();
@@ -2557,10 +2387,7 @@ impl ClusterNode {
             if !moved && node.release(&name, true).await && wants_running {
                 node.take_back_unless_taken(&name).await;
             }
-            node.draining
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&name);
+            lock(&node.draining).remove(&name);
             node.wake.notify_one();
         });
         true
@@ -2582,7 +2409,7 @@ impl ClusterNode {
             let _ = self.engine.remove(name, true).await;
             last = Some(instance);
         }
-        let mut ops = vec![TxnOp::delete(key(OWNERS, name), None)];
+        let mut ops = vec![Op::delete(key(OWNERS, name))];
         if moving {
             let status = StatusRecord {
                 node: self.name.clone(),
@@ -2597,20 +2424,13 @@ impl ClusterNode {
                 }),
                 updated_at: now_secs(),
             };
-            ops.push(TxnOp::put(key(STATUSES, name), json(&status), None));
+            ops.push(Op::put(key(STATUSES, name), json(&status)));
         }
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key(OWNERS, name),
-                CompareOp::Equal,
-                token,
-            )])
+            .when([Compare::mod_revision(key(OWNERS, name), token)])
             .and_then(ops);
-        if matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
-            self.owned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
+        if matches!(self.store.txn(txn).await, Ok(r) if r.succeeded()) {
+            lock(&self.owned).remove(name);
             tracing::info!(instance = %name, "released for a move");
             return true;
         }
@@ -2625,7 +2445,7 @@ impl ClusterNode {
         let started = std::time::Instant::now();
         while started.elapsed() < TAKE_BACK_AFTER {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            if let Ok(Some(_)) = self.etcd.get(&key(OWNERS, name)).await {
+            if let Ok(Some(_)) = self.store.get(&key(OWNERS, name)).await {
                 return;
             }
         }
@@ -2635,20 +2455,16 @@ impl ClusterNode {
         };
         let txn = Txn::new()
             .when([
-                Compare::create_revision(key(OWNERS, name), CompareOp::Equal, 0),
-                Compare::create_revision(key(INSTANCES, name), CompareOp::Greater, 0),
-                Compare::lease(key(NODES, &self.name), CompareOp::Equal, self.lease()),
+                Compare::create_revision(key(OWNERS, name), 0),
+                Compare::exists(key(INSTANCES, name)),
+                Compare::lease(key(NODES, &self.name), self.lease()),
             ])
             .and_then([
-                TxnOp::put(
-                    key(OWNERS, name),
-                    json(&owner),
-                    Some(PutOptions::new().with_lease(self.lease())),
-                ),
+                Op::put_leased(key(OWNERS, name), json(&owner), self.lease()),
                 // A placement nobody claimed: void now.
-                TxnOp::delete(key(ASSIGNS, name), None),
+                Op::delete(key(ASSIGNS, name)),
             ]);
-        match self.etcd.txn(txn).await {
+        match self.store.txn(txn).await {
             Ok(r) if r.succeeded() => {
                 tracing::warn!(instance = %name, node = %self.name, after_s = TAKE_BACK_AFTER.as_secs(), "no node took the instance released for a move; it runs here again");
                 self.wake.notify_one();

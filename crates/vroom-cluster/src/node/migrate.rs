@@ -436,10 +436,7 @@ impl ClusterNode {
     }
 
     fn data_arrived(&self, migration: &str, secret: &str, stream: TcpStream) {
-        let slot = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let slot = lock(&self.incoming)
             .values()
             .find(|(id, s, _)| id == migration && s == secret)
             .map(|(_, _, slot)| slot.clone());
@@ -506,13 +503,10 @@ impl ClusterNode {
         };
         let taken = Arc::new(Mutex::new(None));
         let (slot, data) = std::sync::mpsc::sync_channel(1);
-        self.incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.to_string(),
-                (migration.to_string(), secret.to_string(), slot),
-            );
+        lock(&self.incoming).insert(
+            name.to_string(),
+            (migration.to_string(), secret.to_string(), slot),
+        );
         let outcome = self
             .receive_into_engine(
                 &control,
@@ -528,7 +522,7 @@ impl ClusterNode {
                 taken.clone(),
             )
             .await;
-        let taken = taken.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let taken = lock(&taken).take();
         let outcome = match (outcome, taken) {
             (Ok(()), Some(taken)) => {
                 let switched = MigrationState::Switched {
@@ -572,10 +566,7 @@ impl ClusterNode {
         }
         // Only now: a pass cannot start it here while it is given back, nor
         // take the migration for one a restart cut short.
-        self.incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        lock(&self.incoming).remove(name);
         self.end_start(name);
         let reply = match outcome {
             Ok(checked_ms) => {
@@ -620,9 +611,9 @@ impl ClusterNode {
         migration: &str,
         secret: &str,
     ) -> Result<(InstanceRecord, Option<ConfigValues>, String, i64), String> {
-        let read = |e: EtcdError| format!("cannot read the cluster: {e}");
+        let read = |e: StoreError| format!("cannot read the cluster: {e}");
         let (record, _) = self
-            .etcd
+            .store
             .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
             .await
             .map_err(read)?
@@ -640,13 +631,13 @@ impl ClusterNode {
             ));
         }
         let (instance, _) = self
-            .etcd
+            .store
             .get_json::<InstanceRecord>(&key(INSTANCES, name))
             .await
             .map_err(read)?
             .ok_or("the instance is gone")?;
         let (config, config_rev) = match self
-            .etcd
+            .store
             .get_json::<ConfigValues>(&key(CONFIGS, name))
             .await
             .map_err(read)?
@@ -741,7 +732,7 @@ impl ClusterNode {
                 downtime_ms,
                 ram_bytes,
             ))?;
-            *taken.lock().unwrap_or_else(|p| p.into_inner()) = Some(took);
+            *lock(&taken) = Some(took);
             Ok(())
         });
         let incoming = LiveIncoming {
@@ -782,14 +773,14 @@ impl ClusterNode {
     ) -> Result<Taken, OpError> {
         let read = |e| etcd_error("cannot read the cluster", e);
         let (record, mkv) = self
-            .etcd
+            .store
             .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
             .await
             .map_err(read)?
             .filter(|(m, _)| m.id == migration && m.state == MigrationState::Requested)
             .ok_or_else(|| OpError::conflict("the migration was called off"))?;
         let (mut instance, ikv) = self
-            .etcd
+            .store
             .get_json::<InstanceRecord>(&key(INSTANCES, name))
             .await
             .map_err(read)?
@@ -803,25 +794,21 @@ impl ClusterNode {
         let lease = self.lease();
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, record.token),
-                Compare::mod_revision(mkv.key.clone(), CompareOp::Equal, mkv.mod_revision),
-                Compare::mod_revision(ikv.key.clone(), CompareOp::Equal, ikv.mod_revision),
-                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+                Compare::mod_revision(key(OWNERS, name), record.token),
+                Compare::mod_revision(mkv.key.clone(), mkv.mod_revision),
+                Compare::mod_revision(ikv.key.clone(), ikv.mod_revision),
+                Compare::lease(key(NODES, &self.name), lease),
                 // Its config and splices as this node made them: a change
                 // the source took after they were read keeps it there.
-                Compare::mod_revision(key(CONFIGS, name), CompareOp::Equal, seen.config),
-                Compare::mod_revision(key(WIRINGS, name), CompareOp::Equal, seen.wiring),
+                Compare::mod_revision(key(CONFIGS, name), seen.config),
+                Compare::mod_revision(key(WIRINGS, name), seen.wiring),
             ])
             .and_then([
-                TxnOp::put(
-                    key(OWNERS, name),
-                    json(&owner),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::put(ikv.key.clone(), json(&instance), None),
+                Op::put_leased(key(OWNERS, name), json(&owner), lease),
+                Op::put(ikv.key.clone(), json(&instance)),
             ]);
         let response = self
-            .etcd
+            .store
             .txn(txn)
             .await
             .map_err(|e| etcd_error("cannot take the instance over", e))?;
@@ -830,7 +817,7 @@ impl ClusterNode {
                 "the instance changed while it migrated; it stays where it was",
             ));
         }
-        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = response.revision();
         self.note_handover(name, Handover::TookOver(revision));
         Ok(Taken {
             revision,
@@ -848,21 +835,17 @@ impl ClusterNode {
     /// or `failed` when it could not be given back. Best effort.
     async fn record_migration(&self, name: &str, taken: &Taken, state: MigrationState) {
         let mkey = key(MIGRATIONS, name);
-        let Ok(Some((mut record, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
+        let Ok(Some((mut record, kv))) = self.store.get_json::<MigrationRecord>(&mkey).await else {
             return;
         };
         record.state = state;
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(mkey.clone(), CompareOp::Equal, taken.migration_rev),
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, taken.revision),
+                Compare::mod_revision(mkey.clone(), taken.migration_rev),
+                Compare::mod_revision(key(OWNERS, name), taken.revision),
             ])
-            .and_then([TxnOp::put(
-                mkey,
-                json(&record),
-                Some(PutOptions::new().with_lease(kv.lease)),
-            )]);
-        if !matches!(self.etcd.txn(txn).await, Ok(r) if r.succeeded()) {
+            .and_then([Op::put_leased(mkey, json(&record), kv.lease)]);
+        if !matches!(self.store.txn(txn).await, Ok(r) if r.succeeded()) {
             tracing::warn!(instance = %name, state = ?record.state, "cannot record how the migration ended");
         }
     }
@@ -875,7 +858,7 @@ impl ClusterNode {
     /// the instance with this node.
     async fn give_back(&self, name: &str, from: &str, taken: &Taken) -> Result<(), String> {
         let source = self
-            .etcd
+            .store
             .get_json::<NodeRecord>(&key(NODES, from))
             .await
             .map_err(|e| format!("cannot read the cluster: {e}"))?
@@ -887,27 +870,23 @@ impl ClusterNode {
         };
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, taken.revision),
-                Compare::mod_revision(key(INSTANCES, name), CompareOp::Equal, taken.revision),
-                Compare::lease(key(NODES, from), CompareOp::Equal, lease),
+                Compare::mod_revision(key(OWNERS, name), taken.revision),
+                Compare::mod_revision(key(INSTANCES, name), taken.revision),
+                Compare::lease(key(NODES, from), lease),
             ])
             .and_then([
-                TxnOp::put(
-                    key(OWNERS, name),
-                    json(&owner),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::put(key(INSTANCES, name), json(&taken.instance), None),
+                Op::put_leased(key(OWNERS, name), json(&owner), lease),
+                Op::put(key(INSTANCES, name), json(&taken.instance)),
             ]);
         let response = self
-            .etcd
+            .store
             .txn(txn)
             .await
             .map_err(|e| format!("cannot write the cluster: {e}"))?;
         if !response.succeeded() {
             return Err("the instance or its source changed meanwhile".into());
         }
-        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        let revision = response.revision();
         self.note_handover(name, Handover::GaveBack(revision));
         tracing::warn!(instance = %name, %from, "gave a migrated instance back: its guest did not answer here");
         Ok(())
@@ -917,7 +896,7 @@ impl ClusterNode {
     /// rewrites the owner key (same owner, this lease) if the token is
     /// still `token`, which voids the token a late takeover would compare.
     /// `Ok(false)`: another node owns it now.
-    pub(super) async fn reclaim(&self, name: &str, token: i64) -> Result<bool, EtcdError> {
+    pub(super) async fn reclaim(&self, name: &str, token: i64) -> Result<bool, StoreError> {
         let lease = self.lease();
         let owner = OwnerRecord {
             node: self.name.clone(),
@@ -925,23 +904,16 @@ impl ClusterNode {
         };
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, token),
-                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+                Compare::mod_revision(key(OWNERS, name), token),
+                Compare::lease(key(NODES, &self.name), lease),
             ])
-            .and_then([TxnOp::put(
-                key(OWNERS, name),
-                json(&owner),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let response = self.etcd.txn(txn).await?;
+            .and_then([Op::put_leased(key(OWNERS, name), json(&owner), lease)]);
+        let response = self.store.txn(txn).await?;
         if !response.succeeded() {
             return Ok(false);
         }
-        let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        self.owned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), revision);
+        let revision = response.revision();
+        lock(&self.owned).insert(name.to_string(), revision);
         Ok(true)
     }
 
@@ -949,10 +921,10 @@ impl ClusterNode {
     /// this node (it never moved, or the destination gave it back),
     /// rewriting the key under this node's lease. `Ok(false)`: another
     /// node has it.
-    async fn keep(&self, name: &str) -> Result<bool, EtcdError> {
+    async fn keep(&self, name: &str) -> Result<bool, StoreError> {
         for _ in 0..3 {
             let Some((owner, kv)) = self
-                .etcd
+                .store
                 .get_json::<OwnerRecord>(&key(OWNERS, name))
                 .await?
             else {
@@ -978,11 +950,7 @@ impl ClusterNode {
             if record.from != self.name || record.state != MigrationState::Requested {
                 continue;
             }
-            let busy = self
-                .migrating
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(name);
+            let busy = lock(&self.migrating).contains(name);
             match self.token(name) {
                 Some(token) if token == record.token => {}
                 // Kept after an attempt a restart cut short: this one is over.
@@ -995,13 +963,9 @@ impl ClusterNode {
                     let (k, revision, lease) = (kv.key.clone(), kv.mod_revision, kv.lease);
                     tokio::spawn(async move {
                         let txn = Txn::new()
-                            .when([Compare::mod_revision(k.clone(), CompareOp::Equal, revision)])
-                            .and_then([TxnOp::put(
-                                k,
-                                json(&failed),
-                                Some(PutOptions::new().with_lease(lease)),
-                            )]);
-                        let _ = node.etcd.txn(txn).await;
+                            .when([Compare::mod_revision(k.clone(), revision)])
+                            .and_then([Op::put_leased(k, json(&failed), lease)]);
+                        let _ = node.store.txn(txn).await;
                     });
                     continue;
                 }
@@ -1010,22 +974,14 @@ impl ClusterNode {
             let Some(peer) = view.nodes.get(&record.to).and_then(|(n, _)| n.peer.clone()) else {
                 continue;
             };
-            if !self
-                .migrating
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone())
-            {
+            if !lock(&self.migrating).insert(name.clone()) {
                 continue;
             }
             let node = self.arc();
             let (name, record, revision) = (name.clone(), record.clone(), kv.mod_revision);
             tokio::spawn(async move {
                 node.migrate_out(&name, record, revision, &peer).await;
-                node.migrating
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
+                lock(&node.migrating).remove(&name);
                 node.wake.notify_one();
             });
         }
@@ -1040,11 +996,7 @@ impl ClusterNode {
         let Some((owner, okv)) = view.owners.get(name) else {
             return;
         };
-        let receiving = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name);
+        let receiving = lock(&self.incoming).contains_key(name);
         if owner.node != self.name || self.token(name).is_none() || receiving {
             return;
         }
@@ -1059,16 +1011,12 @@ impl ClusterNode {
         let node = self.arc();
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(kv.key.clone(), CompareOp::Equal, kv.mod_revision),
-                Compare::mod_revision(okv.key.clone(), CompareOp::Equal, okv.mod_revision),
+                Compare::mod_revision(kv.key.clone(), kv.mod_revision),
+                Compare::mod_revision(okv.key.clone(), okv.mod_revision),
             ])
-            .and_then([TxnOp::put(
-                kv.key.clone(),
-                json(&failed),
-                Some(PutOptions::new().with_lease(kv.lease)),
-            )]);
+            .and_then([Op::put_leased(kv.key.clone(), json(&failed), kv.lease)]);
         tokio::spawn(async move {
-            let _ = node.etcd.txn(txn).await;
+            let _ = node.store.txn(txn).await;
         });
     }
 
@@ -1098,7 +1046,8 @@ impl ClusterNode {
             let _ = self.engine.remove(name, true).await;
         }
         let mkey = key(MIGRATIONS, name);
-        let Ok(Some((mut current, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await else {
+        let Ok(Some((mut current, kv))) = self.store.get_json::<MigrationRecord>(&mkey).await
+        else {
             return;
         };
         if current.id != record.id {
@@ -1156,17 +1105,9 @@ impl ClusterNode {
         };
         current.state = state;
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                mkey.clone(),
-                CompareOp::Equal,
-                expect,
-            )])
-            .and_then([TxnOp::put(
-                mkey,
-                json(&current),
-                Some(PutOptions::new().with_lease(kv.lease)),
-            )]);
-        let _ = self.etcd.txn(txn).await;
+            .when([Compare::mod_revision(mkey.clone(), expect)])
+            .and_then([Op::put_leased(mkey, json(&current), kv.lease)]);
+        let _ = self.store.txn(txn).await;
     }
 
     /// After a migration out: whether this node keeps instance `name`
@@ -1179,7 +1120,7 @@ impl ClusterNode {
         name: &str,
         record: &MigrationRecord,
         unheard: bool,
-    ) -> Result<bool, EtcdError> {
+    ) -> Result<bool, StoreError> {
         let since = Instant::now();
         loop {
             if self.keep(name).await? {
@@ -1189,12 +1130,12 @@ impl ClusterNode {
                 return Ok(false);
             }
             let owner = self
-                .etcd
+                .store
                 .get_json::<OwnerRecord>(&key(OWNERS, name))
                 .await?
                 .map(|(o, _)| o.node);
             let migration = self
-                .etcd
+                .store
                 .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
                 .await?
                 .filter(|(m, _)| m.id == record.id)
@@ -1428,17 +1369,13 @@ impl ClusterNode {
         let lease = self.lease();
         let txn = Txn::new()
             .when([
-                Compare::create_revision(mkey.clone(), CompareOp::Equal, 0),
-                Compare::mod_revision(key(OWNERS, name), CompareOp::Equal, okv.mod_revision),
-                Compare::lease(key(NODES, &self.name), CompareOp::Equal, lease),
+                Compare::create_revision(mkey.clone(), 0),
+                Compare::mod_revision(key(OWNERS, name), okv.mod_revision),
+                Compare::lease(key(NODES, &self.name), lease),
             ])
-            .and_then([TxnOp::put(
-                mkey.clone(),
-                json(&migration),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .and_then([Op::put_leased(mkey.clone(), json(&migration), lease)]);
         let asked = self
-            .etcd
+            .store
             .txn(txn)
             .await
             .map_err(|e| etcd_error("cannot ask for the migration", e))?;
@@ -1450,16 +1387,12 @@ impl ClusterNode {
         self.wake.notify_one();
         let outcome = self.await_migration(name, &migration, started).await;
         // The record goes whatever happened (unless another replaced it).
-        if let Ok(Some((m, kv))) = self.etcd.get_json::<MigrationRecord>(&mkey).await {
+        if let Ok(Some((m, kv))) = self.store.get_json::<MigrationRecord>(&mkey).await {
             if m.id == migration.id {
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(
-                        mkey,
-                        CompareOp::Equal,
-                        kv.mod_revision,
-                    )])
-                    .and_then([TxnOp::delete(kv.key.clone(), None)]);
-                let _ = self.etcd.txn(txn).await;
+                    .when([Compare::mod_revision(mkey, kv.mod_revision)])
+                    .and_then([Op::delete(kv.key.clone())]);
+                let _ = self.store.txn(txn).await;
             }
         }
         outcome
@@ -1471,7 +1404,7 @@ impl ClusterNode {
         let since = Instant::now();
         loop {
             let status = self
-                .etcd
+                .store
                 .get_json::<StatusRecord>(&key(STATUSES, name))
                 .await
                 .map_err(|e| etcd_error("cannot read the cluster", e))?;
@@ -1512,7 +1445,7 @@ impl ClusterNode {
         };
         // The destination boots the VM's appliances first: each may take
         // its ready timeout (the source waits as long).
-        let appliances = match self.etcd.get_json::<Wiring>(&key(WIRINGS, name)).await {
+        let appliances = match self.store.get_json::<Wiring>(&key(WIRINGS, name)).await {
             Ok(Some((wiring, _))) => wiring.splices.len() as u64,
             _ => 0,
         };
@@ -1524,7 +1457,7 @@ impl ClusterNode {
         while started.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let current = match self
-                .etcd
+                .store
                 .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
                 .await
             {
@@ -1545,7 +1478,7 @@ impl ClusterNode {
                 MigrationState::Failed { reason } => {
                     // Where it runs now: the source kept it, or a move cut
                     // short after the hand-over left it on `to`.
-                    let runs = match self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await {
+                    let runs = match self.store.get_json::<OwnerRecord>(&key(OWNERS, name)).await {
                         Ok(Some((owner, _))) => format!("it runs on {}", owner.node),
                         _ => "it runs nowhere now; the cluster restarts it by its policy".into(),
                     };
@@ -1565,7 +1498,7 @@ impl ClusterNode {
                     // Read after the record: a handover between the two
                     // reads shows as the owner being `to`.
                     let owner = self
-                        .etcd
+                        .store
                         .get_json::<OwnerRecord>(&key(OWNERS, name))
                         .await
                         .ok();
@@ -1601,7 +1534,7 @@ impl ClusterNode {
         let since = Instant::now();
         while since.elapsed() < OWNER_WAIT {
             if let Ok(Some((owner, _))) =
-                self.etcd.get_json::<OwnerRecord>(&key(OWNERS, name)).await
+                self.store.get_json::<OwnerRecord>(&key(OWNERS, name)).await
             {
                 return Some(owner.node);
             }
