@@ -3,7 +3,7 @@
 //! keys when they expire, and a watch that says something changed.
 //!
 //! [`Store`] is the seam: [`etcd::Etcd`] is the real one; with the
-//! `testing` feature, [`mem::MemStore`] keeps the same rules in memory so
+//! `testing` feature, `mem::MemStore` keeps the same rules in memory so
 //! that the cluster's decisions are unit-tested without etcd.
 //!
 //! The rules both keep (etcd's): every write advances one global revision;
