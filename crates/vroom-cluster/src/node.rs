@@ -240,3 +240,6 @@ fn delete_all(name: &str, record: &InstanceRecord) -> Vec<Op> {
     }
     ops
 }
+
+#[cfg(test)]
+mod tests;

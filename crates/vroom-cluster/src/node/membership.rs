@@ -178,6 +178,42 @@ impl ClusterNode {
         Ok(node)
     }
 
+    /// Joins the cluster in `store` as node `name` (advertised at
+    /// 127.0.0.1), for tests: a new lease and the node's registration, no
+    /// fencing guard, no listeners and no loops ([`Self::start`] runs the
+    /// passes, [`Self::keep_lease`] the keepalive).
+    #[cfg(any(test, feature = "testing"))]
+    pub async fn join_store(
+        engine: Arc<Engine>,
+        store: Arc<dyn Store>,
+        name: &str,
+        data_dir: &Path,
+    ) -> Result<Arc<ClusterNode>, String> {
+        let info = store
+            .get_json::<ClusterInfo>(CLUSTER)
+            .await
+            .map_err(|e| format!("cannot join: {e}"))?
+            .map(|(info, _)| info)
+            .ok_or("no cluster in the store: init_store it first")?;
+        let node = ClusterNode::assemble(
+            engine,
+            store,
+            info,
+            (name.to_string(), "127.0.0.1".to_string()),
+            data_dir.to_path_buf(),
+            None,
+        );
+        node.take_lease(None).await?;
+        Ok(node)
+    }
+
+    /// Keeps the lease alive in the background, as a joined node does.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn keep_lease(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move { node.renew_forever().await });
+    }
+
     pub(super) fn lease(&self) -> i64 {
         self.lease.load(Ordering::SeqCst)
     }

@@ -92,7 +92,7 @@ const WENT_AWAY: &str = "went away during the migration";
 #[derive(Debug, Clone)]
 pub(super) struct Taken {
     /// The takeover's revision: the owner key's mod revision after it.
-    revision: i64,
+    pub(super) revision: i64,
     /// The instance record before the takeover.
     instance: InstanceRecord,
     /// The migration record's mod revision (the takeover left it as it was).
