@@ -314,8 +314,8 @@ async fn a_stale_fencing_token_write_is_refused() {
 /// A node dies: once its lease expires, its instances (with HA) are
 /// placed on a live node, claimed and run there.
 ///
-/// Check it covers: the owner key is bound to the owner's lease (the
-/// claim's `put_leased`), so that the lease's expiry frees it.
+/// Check it covers: the leader places an HA instance whose owner is gone
+/// on any node (not back on its home), in `schedule`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_s_instances_are_placed_on_another_node() {
     let fleet = Fleet::new(&["a", "b", "c"]).await;
