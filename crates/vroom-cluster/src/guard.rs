@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::{fence_deadline_ns, monotonic_ns};
+use crate::{fence_deadline_ns, lock, monotonic_ns};
 
 /// vroomd's side: tells the guard of each acknowledged keepalive, starting
 /// the guard when none answers.
@@ -42,7 +42,7 @@ impl GuardLink {
 
     /// Connects to the running guard, or starts one and connects.
     pub fn ensure(&self) -> std::io::Result<()> {
-        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stream = lock(&self.stream);
         if stream.is_none() {
             *stream = Some(self.connect_or_spawn()?);
         }
@@ -53,7 +53,7 @@ impl GuardLink {
     /// acknowledged.
     pub fn ack(&self, sent_ns: u64) -> std::io::Result<()> {
         let line = format!("ack {sent_ns}\n");
-        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stream = lock(&self.stream);
         if let Some(s) = stream.as_mut() {
             if s.write_all(line.as_bytes()).is_ok() {
                 return Ok(());

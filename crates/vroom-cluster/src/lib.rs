@@ -1,7 +1,8 @@
 //! vroom's cluster layer: several vroomd hosts sharing state in etcd.
 //!
 //! - [`model`]: what is stored in etcd and under which key;
-//! - [`etcd`]: a thin typed wrapper over the `etcd-client` crate;
+//! - [`store`]: the store seam (compare-and-swap transactions, leases,
+//!   watches) with its etcd adapter and, for tests, an in-memory one;
 //! - [`guard`]: the self-fencing guard, a process of its own per node that
 //!   kills the node's VMMs when its lease can no longer be alive;
 //! - [`schedule`]: pure placement by free memory and anti-affinity;
@@ -21,12 +22,12 @@
 //! Another node can claim the instance only after the lease has expired,
 //! which etcd does no earlier than `TTL` after the last keepalive.
 
-pub mod etcd;
 pub mod guard;
 pub mod model;
 pub mod node;
 pub mod schedule;
 pub mod service;
+pub mod store;
 pub mod tls;
 
 pub use node::{ClusterNode, JoinOptions};
@@ -56,4 +57,11 @@ pub fn monotonic_ns() -> u64 {
 /// The fencing deadline of a keepalive sent at `sent_ns`.
 pub fn fence_deadline_ns(sent_ns: u64) -> u64 {
     sent_ns + (LEASE_TTL_SECS as u64) * 1_000_000_000 - FENCE_MARGIN.as_nanos() as u64
+}
+
+/// Locks `mutex`, through a poisoning: what a panicked holder left is still
+/// the best state there is (each is a plain set or map, consistent between
+/// statements).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -14,7 +14,8 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use vroom_client::tls::{CA_FILE, CERT_FILE, KEY_FILE};
 
-use crate::etcd::{json, Etcd};
+use crate::store::etcd::Etcd;
+use crate::store::{json, Compare, Op, Store, Txn};
 
 pub const CA_KEY: &str = "/vroom/ca";
 
@@ -116,8 +117,7 @@ fn write_private(dir: &Path, ca: &str, cert: &str, key: &str) -> std::io::Result
 
 /// The cluster's CA, made now if the cluster has none yet (a cluster from
 /// before the CA existed).
-pub async fn ensure_ca(etcd: &Etcd, cluster_id: &str) -> Result<Ca, String> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+pub async fn ensure_ca(etcd: &dyn Store, cluster_id: &str) -> Result<Ca, String> {
     if let Some((ca, _)) = etcd
         .get_json::<Ca>(CA_KEY)
         .await
@@ -127,8 +127,8 @@ pub async fn ensure_ca(etcd: &Etcd, cluster_id: &str) -> Result<Ca, String> {
     }
     let ca = Ca::generate(cluster_id)?;
     let txn = Txn::new()
-        .when([Compare::create_revision(CA_KEY, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(CA_KEY, json(&ca), None)]);
+        .when([Compare::create_revision(CA_KEY, 0)])
+        .and_then([Op::put(CA_KEY, json(&ca))]);
     etcd.txn(txn)
         .await
         .map_err(|e| format!("cannot store the cluster's CA: {e}"))?;
@@ -143,13 +143,14 @@ pub async fn ensure_ca(etcd: &Etcd, cluster_id: &str) -> Result<Ca, String> {
 /// `vroom cluster credentials`: a client certificate for a workstation.
 pub async fn credentials(endpoints: &[String], name: &str, dir: &Path) -> Result<(), String> {
     let etcd = Etcd::connect(endpoints).await.map_err(|e| e.to_string())?;
+    let etcd: &dyn Store = &etcd;
     let info = etcd
         .get_json::<vroom_types::ClusterInfo>(crate::model::CLUSTER)
         .await
         .map_err(|e| e.to_string())?
         .map(|(info, _)| info)
         .ok_or_else(|| format!("no cluster at {}", etcd.endpoints()))?;
-    let ca = ensure_ca(&etcd, &info.id).await?;
+    let ca = ensure_ca(etcd, &info.id).await?;
     ca.issue(name, &[], dir)
 }
 

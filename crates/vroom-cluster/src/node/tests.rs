@@ -1,0 +1,469 @@
+//! The cluster's decisions on the in-memory store: nodes with real engines
+//! on fakes (vroom-core's `testing`), sharing one [`MemStore`], their passes
+//! driven by the test. No root, etcd or QEMU.
+//!
+//! A dead or partitioned node is one whose passes and keepalives the test
+//! stops, and whose lease it expires in the store (what etcd does `TTL`
+//! after the last keepalive).
+
+use std::sync::atomic::Ordering;
+
+use tempfile::TempDir;
+use vroom_core::testing::{run_request, TestEngine};
+
+use super::migrate::Seen;
+use super::*;
+use crate::store::mem::MemStore;
+
+struct Member {
+    node: Arc<ClusterNode>,
+    engine: TestEngine,
+    _dir: TempDir,
+}
+
+/// Nodes sharing one store.
+struct Fleet {
+    store: MemStore,
+    members: Vec<Member>,
+    /// Nodes the test stopped: no passes, no keepalives.
+    stopped: Mutex<BTreeSet<String>>,
+}
+
+impl Fleet {
+    async fn new(names: &[&str]) -> Fleet {
+        let store = MemStore::new();
+        init_store(&store).await.unwrap();
+        let mut members = vec![];
+        for name in names {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = TestEngine::new(dir.path());
+            let node = ClusterNode::join_store(
+                engine.engine.clone(),
+                Arc::new(store.clone()),
+                name,
+                dir.path(),
+            )
+            .await
+            .unwrap();
+            engine.engine.set_cluster(node.clone());
+            members.push(Member {
+                node,
+                engine,
+                _dir: dir,
+            });
+        }
+        let fleet = Fleet {
+            store,
+            members,
+            stopped: Mutex::default(),
+        };
+        for name in names {
+            fleet.beat(name).await;
+        }
+        fleet
+    }
+
+    fn member(&self, name: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.node.name == name)
+            .expect("a node of the fleet")
+    }
+
+    fn node(&self, name: &str) -> Arc<ClusterNode> {
+        self.member(name).node.clone()
+    }
+
+    /// An acknowledged keepalive of `name`'s lease, sent now.
+    async fn beat(&self, name: &str) {
+        let node = self.node(name);
+        let mut keeper = self.store.keep_alive(node.lease()).await.unwrap();
+        assert!(
+            keeper.renew().await.unwrap().unwrap() > 0,
+            "{name}'s lease lives"
+        );
+        node.last_ack_ns.store(monotonic_ns(), Ordering::SeqCst);
+    }
+
+    /// Node `name` stops (dies, or is cut off from the store): no passes,
+    /// no keepalives, and the store expires its lease. Its last keepalive
+    /// is older than its fencing deadline.
+    fn stop(&self, name: &str) {
+        lock(&self.stopped).insert(name.to_string());
+        let node = self.node(name);
+        assert!(self.store.expire(node.lease()));
+        node.last_ack_ns.store(1, Ordering::SeqCst);
+    }
+
+    /// One pass of every running node, then a moment for the starts
+    /// they spawned.
+    async fn passes(&self) {
+        for m in &self.members {
+            if lock(&self.stopped).contains(&m.node.name) {
+                continue;
+            }
+            self.beat(&m.node.name).await;
+            m.node.pass().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    /// Passes until `done` says so (at most about 10 s).
+    async fn settle(&self, what: &str, done: impl Fn(&Fleet) -> bool) {
+        for _ in 0..400 {
+            if done(self) {
+                return;
+            }
+            self.passes().await;
+        }
+        panic!("the cluster did not settle: {what}");
+    }
+
+    /// `vroom run` through node `via`, with the passes it waits for.
+    async fn run(&self, via: &str, req: RunRequest) -> Instance {
+        let node = self.node(via);
+        let task = tokio::spawn(async move { node.run(req).await });
+        for _ in 0..400 {
+            if task.is_finished() {
+                break;
+            }
+            self.passes().await;
+        }
+        task.await.unwrap().expect("the instance runs")
+    }
+
+    /// Where instance `name` runs now (by the engines).
+    fn running_on(&self, name: &str) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|m| {
+                m.engine
+                    .engine
+                    .get(name)
+                    .is_ok_and(|i| i.status.state == InstanceState::Running)
+            })
+            .map(|m| m.node.name.clone())
+            .collect()
+    }
+
+    async fn owner(&self, name: &str) -> Option<(String, i64)> {
+        let kv = self.store.get(&key(OWNERS, name)).await.unwrap()?;
+        let owner: OwnerRecord = kv.decode().unwrap();
+        Some((owner.node, kv.mod_revision))
+    }
+
+    /// Asks for the migration of `name` to `to` as `vroom migrate` records
+    /// it (without waiting for it).
+    async fn ask_migration(&self, name: &str, to: &str) -> MigrationRecord {
+        let (from, token) = self.owner(name).await.expect("an owner");
+        let requester = self.node(&from);
+        let record = MigrationRecord {
+            id: "m1".into(),
+            from,
+            to: to.into(),
+            token,
+            secret: "s1".into(),
+            requested_at: now_secs(),
+            state: MigrationState::Requested,
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key(MIGRATIONS, name), 0)])
+            .and_then([Op::put_leased(
+                key(MIGRATIONS, name),
+                json(&record),
+                requester.lease(),
+            )]);
+        assert!(self.store.txn(txn).await.unwrap().succeeded());
+        record
+    }
+
+    /// The destination's reads before its switch-over: the migration's
+    /// check and the wiring it made, as `receive_migration` does them.
+    async fn destination_reads(&self, to: &str, name: &str, m: &MigrationRecord) -> Seen {
+        let dest = self.node(to);
+        let (_, _, from, config) = dest.check_incoming(name, &m.id, &m.secret).await.unwrap();
+        assert_eq!(from, m.from);
+        let wiring = dest.bring_wiring(name).await.unwrap();
+        Seen { config, wiring }
+    }
+}
+
+fn request(name: &str, on: Option<&str>, ha: HaPolicy) -> RunRequest {
+    let mut req = run_request(name, "hello", &[]);
+    req.placement.node = on.map(|n| Name::new(n).unwrap());
+    req.placement.ha = ha;
+    req
+}
+
+/// An instance record as `run` writes it, for tests that place by hand.
+async fn record_instance(store: &MemStore, name: &str) {
+    let record = InstanceRecord {
+        request: request(name, None, HaPolicy::Restart),
+        id: format!("id-{name}"),
+        desired: DesiredState::Running,
+        removing: false,
+        mem_mib: 128,
+        home: None,
+        previous: None,
+        created_at: now_secs(),
+    };
+    store
+        .put(&key(INSTANCES, name), json(&record))
+        .await
+        .unwrap();
+}
+
+fn values(pairs: &[(&str, &str)]) -> ConfigValues {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Two nodes each read a placement naming them (the leader placed the
+/// instance on `a`, then on `b`): only the node the placement names now
+/// claims it, and a claim from a stale view never takes it from the winner.
+///
+/// Check it covers: the claim's `value(assign/<name>) == this node`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_races_another_claim_and_exactly_one_wins() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let (a, b) = (fleet.node("a"), fleet.node("b"));
+    record_instance(&fleet.store, "web").await;
+    fleet
+        .store
+        .put(&key(ASSIGNS, "web"), b"a".to_vec())
+        .await
+        .unwrap();
+    let seen_by_a = a.view().await.unwrap();
+    fleet
+        .store
+        .put(&key(ASSIGNS, "web"), b"b".to_vec())
+        .await
+        .unwrap();
+    let seen_by_b = b.view().await.unwrap();
+
+    let a_won = a.claim("web", &seen_by_a).await.unwrap();
+    let b_won = b.claim("web", &seen_by_b).await.unwrap();
+    assert!(!a_won, "a's placement was withdrawn: its claim is refused");
+    assert!(b_won, "b claims what is placed on it");
+    assert!(!a.claim("web", &seen_by_a).await.unwrap());
+    assert!(!b.claim("web", &seen_by_b).await.unwrap(), "only once");
+    let (owner, _) = fleet.owner("web").await.unwrap();
+    assert_eq!(owner, "b");
+    let record: InstanceRecord = fleet
+        .store
+        .get(&key(INSTANCES, "web"))
+        .await
+        .unwrap()
+        .unwrap()
+        .decode()
+        .unwrap();
+    assert_eq!(record.home.as_deref(), Some("b"));
+
+    // Both claim at once from views that name them: one wins.
+    record_instance(&fleet.store, "api").await;
+    fleet
+        .store
+        .put(&key(ASSIGNS, "api"), b"a".to_vec())
+        .await
+        .unwrap();
+    let (va, vb) = (a.view().await.unwrap(), b.view().await.unwrap());
+    let (ra, rb) = tokio::join!(a.claim("api", &va), b.claim("api", &vb));
+    assert_eq!((ra.unwrap(), rb.unwrap()), (true, false));
+    fleet
+        .settle("b runs web, a runs api", |f| {
+            f.running_on("web") == ["b"] && f.running_on("api") == ["a"]
+        })
+        .await;
+}
+
+/// After the instance moved to another node (a migration's hand-over),
+/// every write of the old owner under its old token is refused: its
+/// status, config and wiring stay as the new owner has them.
+///
+/// Check it covers: `put_status`'s `mod_revision(owners/<name>) == token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_fencing_token_write_is_refused() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let (a, b) = (fleet.node("a"), fleet.node("b"));
+    let web = fleet
+        .run("a", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    let stale = a.token("web").expect("a owns web");
+    let migration = fleet.ask_migration("web", "b").await;
+    let seen = fleet.destination_reads("b", "web", &migration).await;
+    b.take_over("web", &migration.id, seen, 1, 1).await.unwrap();
+    assert_eq!(a.token("web"), Some(stale), "a has not looked since");
+    let before = fleet.store.dump();
+
+    assert!(!a.put_status("web", None, Some(web.clone())).await);
+    let wiring = Wiring {
+        splices: vec![],
+        mirrors: vec![],
+    };
+    let refused = a.put_wiring("web", Some(&wiring)).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Conflict, "{}", refused.message);
+    let refused = a
+        .replicate_config("web", &values(&[("k", "v")]))
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Conflict, "{}", refused.message);
+    assert_eq!(fleet.store.dump(), before, "nothing of a's was written");
+}
+
+/// A node dies: once its lease expires, its instances (with HA) are
+/// placed on a live node, claimed and run there.
+///
+/// Check it covers: the leader places an HA instance whose owner is gone
+/// on any node (not back on its home), in `schedule`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_s_instances_are_placed_on_another_node() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    fleet
+        .run("b", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    fleet
+        .run("b", request("db", Some("a"), HaPolicy::Restart))
+        .await;
+    assert_eq!(fleet.running_on("web"), ["a"]);
+    fleet.stop("a");
+    fleet
+        .settle("web and db run again elsewhere", |f| {
+            let elsewhere = |name| f.running_on(name).iter().any(|n| n != "a");
+            elsewhere("web") && elsewhere("db")
+        })
+        .await;
+    // (a's engine still shows its VMs: its guard would have killed them,
+    // and its next pass removes them.)
+    for name in ["web", "db"] {
+        let (owner, _) = fleet.owner(name).await.expect("an owner");
+        assert_ne!(owner, "a");
+        assert!(fleet.running_on(name).contains(&owner));
+        let status: StatusRecord = fleet
+            .store
+            .get(&key(STATUSES, name))
+            .await
+            .unwrap()
+            .unwrap()
+            .decode()
+            .unwrap();
+        assert_eq!(status.node, owner, "the new owner publishes it");
+    }
+}
+
+/// A live migration's hand-over with a config change slipping in between
+/// the destination's read and its takeover: the takeover is refused, the
+/// source still owns the instance (and keeps it); read again, it goes.
+///
+/// Check it covers: the takeover's `mod_revision(config/<name>) == seen`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_with_a_config_change_slipping_in_is_refused() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let (a, b) = (fleet.node("a"), fleet.node("b"));
+    fleet
+        .run("a", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    let token = a.token("web").unwrap();
+    let migration = fleet.ask_migration("web", "b").await;
+    let seen = fleet.destination_reads("b", "web", &migration).await;
+
+    // The source takes a config change after the destination read it.
+    a.replicate_config("web", &values(&[("k", "v2")])).unwrap();
+    let refused = b.take_over("web", &migration.id, seen, 1, 1).await;
+    let refused = refused.expect_err("the change keeps it on the source");
+    assert_eq!(refused.code, ErrorCode::Conflict);
+    assert_eq!(fleet.owner("web").await, Some(("a".into(), token)));
+    assert_eq!(b.token("web"), None);
+    // The source decides by the owner key: it keeps the instance.
+    assert!(a.keep("web").await.unwrap());
+    assert!(a.token("web").unwrap() > token, "kept under a new token");
+
+    // Read again (with a fresh token in the migration), the hand-over goes.
+    fleet.store.delete(&key(MIGRATIONS, "web")).await.unwrap();
+    let migration = fleet.ask_migration("web", "b").await;
+    let seen = fleet.destination_reads("b", "web", &migration).await;
+    let taken = b.take_over("web", &migration.id, seen, 1, 1).await.unwrap();
+    assert_eq!(fleet.owner("web").await, Some(("b".into(), taken.revision)));
+    assert!(!a.keep("web").await.unwrap(), "the source lets it go");
+}
+
+/// An owner cut off from the store past its lease: another node took its
+/// instance; when it is heard again, every write it tries for it under its
+/// old token and lease is refused, and it may not launch it.
+///
+/// Check it covers: `release`'s `mod_revision(owners/<name>) == token`
+/// (each write has its own; `release` is the one that would delete the
+/// new owner's key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_owner_s_writes_are_all_refused_after_its_lease_expired() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let a = fleet.node("a");
+    let web = fleet
+        .run("b", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    let token = a.token("web").unwrap();
+    let wiring = Wiring {
+        splices: vec![],
+        mirrors: vec![],
+    };
+    fleet.stop("a");
+    fleet
+        .settle("b runs web", |f| f.running_on("web").contains(&"b".into()))
+        .await;
+    let view = a.view().await.unwrap();
+    let record = view.instances["web"].0.clone();
+    let before = fleet.store.dump();
+
+    assert_eq!(a.token("web"), Some(token), "a still thinks it owns web");
+    assert!(!a.put_status("web", None, Some(web)).await);
+    assert!(a.put_wiring("web", Some(&wiring)).await.is_err());
+    a.resync_wiring("web", token, None).await;
+    assert!(!a.release("web", true).await);
+    assert!(!a.reclaim("web", token).await.unwrap());
+    assert!(!a.keep("web").await.unwrap());
+    a.finish_removal("web", &record, token).await;
+    a.publish(&view).await;
+    let config = a.replicate_config("web", &values(&[("k", "v")]));
+    assert!(config.is_err());
+    assert_eq!(fleet.store.dump(), before, "nothing of a's was written");
+    let refused = a.may_launch("web", true).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Conflict, "{}", refused.message);
+}
+
+/// A drain of a node whose instance has nowhere to go (the only other node
+/// is cordoned) refuses before changing anything; forced, it reports the
+/// instance as kept, moves nothing and leaves the node cordoned.
+///
+/// Check it covers: the refusal when the plan has stuck instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_nowhere_to_go_reports_it_and_moves_nothing() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let a = fleet.node("a");
+    fleet
+        .run("a", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    a.cordon("b", true).await.unwrap();
+    let before = fleet.store.dump();
+
+    let refused = a.drain("a", false).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Conflict);
+    assert!(refused.message.contains("web"), "{}", refused.message);
+    assert_eq!(
+        fleet.store.dump(),
+        before,
+        "a refused drain changes nothing"
+    );
+
+    let report = a.drain("a", true).await.unwrap();
+    assert!(report.moved.is_empty() && report.released.is_empty());
+    assert_eq!(report.kept.len(), 1, "{report:?}");
+    assert_eq!(report.kept[0].instance, "web");
+    assert!(report.node.cordoned);
+    let cordon = fleet.store.get(&key(CORDONS, "a")).await.unwrap().unwrap();
+    assert_eq!(cordon.value, CORDON, "cordoned, no longer draining");
+    for _ in 0..5 {
+        fleet.passes().await;
+    }
+    assert_eq!(fleet.running_on("web"), ["a"]);
+    assert_eq!(fleet.owner("web").await.unwrap().0, "a");
+}
