@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vroom_core::cluster::{Cluster, Identity, Wiring};
+use vroom_core::cluster::{ClusterHooks, ConfigReplica, Identity, Wiring};
 use vroom_core::{Engine, OpError};
 use vroom_types::{
     ConfigValues, DesiredState, DrainReport, DrainedInstance, ErrorCode, HaPolicy, Instance,

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use vroom_core::cluster::Cluster;
 use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
 use vroom_types::{DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest};

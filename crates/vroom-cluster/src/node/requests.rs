@@ -1,13 +1,16 @@
-//! What the engine and the API ask of the cluster (the [`Cluster`] seam):
-//! create, remove and start or stop an instance anywhere, replicate its
-//! config and wiring under the fencing token, whether this node may launch
-//! it, and the listings of instances and nodes.
+//! What the API and the engine ask of the cluster: create, remove and
+//! start or stop an instance anywhere, the listings of instances and nodes
+//! (for [`crate::Clustered`], the API's way in), and the engine's hooks
+//! ([`ClusterHooks`]): replicate its config and wiring under the fencing
+//! token, whether this node may change or launch it.
 
 use super::*;
 
-#[async_trait::async_trait]
-impl Cluster for ClusterNode {
-    async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
+impl ClusterNode {
+    /// Creates an instance in the cluster: recorded in etcd, placed by the
+    /// leader's scheduler, run by the node that claims it. Returns once it
+    /// runs there (or failed).
+    pub async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
         let name = req.spec.name.to_string();
         let view = self.view().await?;
         if view.instances.contains_key(&name) || self.engine.get(&name).is_ok() {
@@ -168,7 +171,7 @@ impl Cluster for ClusterNode {
         }
     }
 
-    async fn remove(&self, name: &str, force: bool) -> Result<bool, OpError> {
+    pub async fn remove(&self, name: &str, force: bool) -> Result<bool, OpError> {
         let view = self.view().await?;
         let Some((record, kv)) = view.instances.get(name) else {
             return Ok(false);
@@ -224,7 +227,7 @@ impl Cluster for ClusterNode {
         }
     }
 
-    async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError> {
+    pub async fn set_desired(&self, name: &str, desired: DesiredState) -> Result<(), OpError> {
         for _ in 0..5 {
             let Some((mut record, kv)) = self
                 .store
@@ -256,37 +259,90 @@ impl Cluster for ClusterNode {
         )))
     }
 
+    pub async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
+        Ok(self.view().await?.statuses.remove(name).and_then(placed))
+    }
+
+    pub async fn instances(&self) -> Result<Vec<Instance>, OpError> {
+        Ok(self
+            .view()
+            .await?
+            .statuses
+            .into_values()
+            .filter_map(placed)
+            .collect())
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
+        let view = self.view().await?;
+        Ok(view
+            .members
+            .keys()
+            .chain(view.nodes.keys())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|n| view.node_info(n))
+            .collect())
+    }
+
+    pub async fn node(&self, name: &str) -> Result<NodeInfo, OpError> {
+        self.view()
+            .await?
+            .node_info(name)
+            .ok_or_else(|| OpError::not_found("node", name))
+    }
+
+    pub async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
+        self.node(name).await?;
+        self.set_cordon(name, cordoned.then_some(CORDON)).await?;
+        self.node(name).await
+    }
+
+    pub async fn remove_node(&self, name: &str) -> Result<(), OpError> {
+        self.forget_node(name).await
+    }
+
+    pub async fn migrate(&self, name: &str, to: &str) -> Result<vroom_types::Migration, OpError> {
+        self.request_migration(name, to).await
+    }
+
+    pub async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
+        self.drain_node(name, force).await
+    }
+}
+
+/// The engine's hooks: each gets what it needs as arguments and never calls
+/// back into the engine.
+#[async_trait::async_trait]
+impl ClusterHooks for ClusterNode {
     async fn replicate_wiring(&self, vm: &str, wiring: Option<Wiring>) -> Result<(), OpError> {
         self.put_wiring(vm, wiring.as_ref()).await
     }
 
-    fn may_change(&self, name: &str) -> Result<(), OpError> {
+    fn may_change(&self, name: &str, spliced_into: Option<&str>) -> Result<(), OpError> {
         self.refuse_while_moving(name)?;
-        match self.engine.get_splice(name) {
-            Ok(splice) => self.refuse_while_moving(splice.vm.as_str()),
-            Err(_) => Ok(()),
+        match spliced_into {
+            Some(vm) => self.refuse_while_moving(vm),
+            None => Ok(()),
         }
     }
 
-    fn replicate_config(&self, name: &str, values: &ConfigValues) -> Result<(), OpError> {
-        // An appliance a splice made: its config moves with its VM's
-        // splices. (One that was an instance of its own is replicated as
-        // one.) A change that races a migration out is caught by the
-        // destination's takeover, which compares both records.
-        if let Some(splice) = self.engine.get_splice(name).ok().filter(|s| s.owned) {
-            let Some(mut wiring) = self.engine.wiring_of(splice.vm.as_str()) else {
-                return Ok(());
-            };
-            for carried in &mut wiring.splices {
-                if carried.splice.appliance.as_str() == name {
-                    carried.config = values.clone();
-                }
+    fn replicate_config(&self, change: ConfigReplica<'_>) -> Result<(), OpError> {
+        let (name, values) = match change {
+            ConfigReplica::Own { name, values } => (name, values),
+            // A change that races a migration out is caught by the
+            // destination's takeover, which compares both records.
+            ConfigReplica::Carried { vm, wiring } => {
+                let handle = tokio::runtime::Handle::current();
+                return tokio::task::block_in_place(|| {
+                    handle.block_on(self.put_wiring(vm, Some(wiring)))
+                });
             }
-            let handle = tokio::runtime::Handle::current();
-            return tokio::task::block_in_place(|| {
-                handle.block_on(self.put_wiring(splice.vm.as_str(), Some(&wiring)))
-            });
-        }
+        };
         if !lock(&self.known).contains(name) && self.token(name).is_none() {
             return Ok(());
         }
@@ -339,61 +395,6 @@ impl Cluster for ClusterNode {
             "node {} does not own {name} under a live lease; not starting it",
             self.name
         )))
-    }
-
-    async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
-        Ok(self.view().await?.statuses.remove(name).and_then(placed))
-    }
-
-    async fn instances(&self) -> Result<Vec<Instance>, OpError> {
-        Ok(self
-            .view()
-            .await?
-            .statuses
-            .into_values()
-            .filter_map(placed)
-            .collect())
-    }
-
-    fn node_name(&self) -> &str {
-        &self.name
-    }
-
-    async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
-        let view = self.view().await?;
-        Ok(view
-            .members
-            .keys()
-            .chain(view.nodes.keys())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .filter_map(|n| view.node_info(n))
-            .collect())
-    }
-
-    async fn node(&self, name: &str) -> Result<NodeInfo, OpError> {
-        self.view()
-            .await?
-            .node_info(name)
-            .ok_or_else(|| OpError::not_found("node", name))
-    }
-
-    async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
-        self.node(name).await?;
-        self.set_cordon(name, cordoned.then_some(CORDON)).await?;
-        self.node(name).await
-    }
-
-    async fn remove_node(&self, name: &str) -> Result<(), OpError> {
-        self.forget_node(name).await
-    }
-
-    async fn migrate(&self, name: &str, to: &str) -> Result<vroom_types::Migration, OpError> {
-        self.request_migration(name, to).await
-    }
-
-    async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
-        self.drain_node(name, force).await
     }
 }
 

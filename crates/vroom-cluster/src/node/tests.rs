@@ -305,7 +305,10 @@ async fn a_stale_fencing_token_write_is_refused() {
     let refused = a.put_wiring("web", Some(&wiring)).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::Conflict, "{}", refused.message);
     let refused = a
-        .replicate_config("web", &values(&[("k", "v")]))
+        .replicate_config(ConfigReplica::Own {
+            name: "web",
+            values: &values(&[("k", "v")]),
+        })
         .unwrap_err();
     assert_eq!(refused.code, ErrorCode::Conflict, "{}", refused.message);
     assert_eq!(fleet.store.dump(), before, "nothing of a's was written");
@@ -368,7 +371,11 @@ async fn a_hand_over_with_a_config_change_slipping_in_is_refused() {
     let seen = fleet.destination_reads("b", "web", &migration).await;
 
     // The source takes a config change after the destination read it.
-    a.replicate_config("web", &values(&[("k", "v2")])).unwrap();
+    a.replicate_config(ConfigReplica::Own {
+        name: "web",
+        values: &values(&[("k", "v2")]),
+    })
+    .unwrap();
     let refused = b.take_over("web", &migration.id, seen, 1, 1).await;
     let refused = refused.expect_err("the change keeps it on the source");
     assert_eq!(refused.code, ErrorCode::Conflict);
@@ -423,7 +430,10 @@ async fn a_partitioned_owner_s_writes_are_all_refused_after_its_lease_expired() 
     assert!(!a.keep("web").await.unwrap());
     a.finish_removal("web", &record, token).await;
     a.publish(&view).await;
-    let config = a.replicate_config("web", &values(&[("k", "v")]));
+    let config = a.replicate_config(ConfigReplica::Own {
+        name: "web",
+        values: &values(&[("k", "v")]),
+    });
     assert!(config.is_err());
     assert_eq!(fleet.store.dump(), before, "nothing of a's was written");
     let refused = a.may_launch("web", true).unwrap_err();

@@ -16,7 +16,7 @@ use vroom_types::{Mirror, Splice, SpliceState};
 
 use super::splices::now_ms;
 use super::*;
-use crate::cluster::{CarriedSplice, Identity, Wiring};
+use crate::cluster::{CarriedSplice, ConfigReplica, Identity, Wiring};
 
 impl Engine {
     /// What moves with `vm`: its splices (in path order, each with its
@@ -82,9 +82,40 @@ impl Engine {
     /// `name`'s config, splices or mirrors now.
     pub(super) fn may_change(&self, name: &str) -> Result<(), OpError> {
         match self.cluster() {
-            Some(cluster) => cluster.may_change(name),
+            Some(cluster) => {
+                let spliced_into = self.get_splice(name).ok().map(|s| s.vm);
+                cluster.may_change(name, spliced_into.as_ref().map(|vm| vm.as_str()))
+            }
             None => Ok(()),
         }
+    }
+
+    /// Replicates `name`'s accepted config (when this host is in a
+    /// cluster): an appliance a splice made carries it in its VM's wiring
+    /// (nothing to do while the VM has none); any other instance as its own.
+    pub(super) fn replicate_config(
+        &self,
+        name: &str,
+        values: &ConfigValues,
+    ) -> Result<(), OpError> {
+        let Some(cluster) = self.cluster() else {
+            return Ok(());
+        };
+        let Some(splice) = self.get_splice(name).ok().filter(|s| s.owned) else {
+            return cluster.replicate_config(ConfigReplica::Own { name, values });
+        };
+        let Some(mut wiring) = self.wiring_of(splice.vm.as_str()) else {
+            return Ok(());
+        };
+        for carried in &mut wiring.splices {
+            if carried.splice.appliance.as_str() == name {
+                carried.config = values.clone();
+            }
+        }
+        cluster.replicate_config(ConfigReplica::Carried {
+            vm: splice.vm.as_str(),
+            wiring: &wiring,
+        })
     }
 
     /// Records `vm`'s wiring in the cluster (when this host is in one).

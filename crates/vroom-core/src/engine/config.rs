@@ -412,10 +412,8 @@ impl Engine {
         version: ConfigVersion,
     ) -> Result<(), OpError> {
         let values = version.values.clone();
-        if let Some(cluster) = self.cluster() {
-            let name = cell.lock().instance.spec.name.to_string();
-            cluster.replicate_config(&name, &values)?;
-        }
+        let name = cell.lock().instance.spec.name.to_string();
+        self.replicate_config(&name, &values)?;
         log.commit(version);
         let mut record = cell.lock();
         let mut updated = record.clone();

@@ -110,7 +110,7 @@ pub struct Engine {
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
-    cluster: std::sync::OnceLock<Arc<dyn crate::cluster::Cluster>>,
+    cluster: std::sync::OnceLock<Arc<dyn crate::cluster::ClusterHooks>>,
 }
 
 /// One instance in memory.
@@ -255,11 +255,12 @@ impl Engine {
     }
 
     /// Makes this engine a cluster node's: set once, at daemon start.
-    pub fn set_cluster(&self, cluster: Arc<dyn crate::cluster::Cluster>) {
+    pub fn set_cluster(&self, cluster: Arc<dyn crate::cluster::ClusterHooks>) {
         let _ = self.cluster.set(cluster);
     }
 
-    pub fn cluster(&self) -> Option<Arc<dyn crate::cluster::Cluster>> {
+    /// The cluster's hooks, when this host is a cluster node.
+    pub(crate) fn cluster(&self) -> Option<Arc<dyn crate::cluster::ClusterHooks>> {
         self.cluster.get().cloned()
     }
 

@@ -1511,30 +1511,20 @@ mod tests {
     struct Migrating(Vec<&'static str>);
 
     #[async_trait::async_trait]
-    impl crate::cluster::Cluster for Migrating {
-        async fn run(&self, _: RunRequest) -> Result<vroom_types::Instance, crate::OpError> {
-            unreachable!("not a cluster run")
-        }
-        async fn remove(&self, _: &str, _: bool) -> Result<bool, crate::OpError> {
-            Ok(false)
-        }
-        async fn set_desired(
-            &self,
-            _: &str,
-            _: vroom_types::DesiredState,
-        ) -> Result<(), crate::OpError> {
-            Ok(())
-        }
-        fn may_change(&self, name: &str) -> Result<(), crate::OpError> {
-            match self.0.contains(&name) {
-                true => Err(crate::OpError::conflict(format!("{name} is migrating"))),
-                false => Ok(()),
+    impl crate::cluster::ClusterHooks for Migrating {
+        fn may_change(&self, name: &str, spliced_into: Option<&str>) -> Result<(), crate::OpError> {
+            match [Some(name), spliced_into]
+                .into_iter()
+                .flatten()
+                .find(|n| self.0.contains(n))
+            {
+                Some(moving) => Err(crate::OpError::conflict(format!("{moving} is migrating"))),
+                None => Ok(()),
             }
         }
         fn replicate_config(
             &self,
-            _: &str,
-            _: &vroom_types::ConfigValues,
+            _: crate::cluster::ConfigReplica<'_>,
         ) -> Result<(), crate::OpError> {
             Ok(())
         }
@@ -1548,45 +1538,6 @@ mod tests {
         fn may_launch(&self, _: &str, _: bool) -> Result<(), crate::OpError> {
             Ok(())
         }
-        async fn instance(&self, _: &str) -> Result<Option<vroom_types::Instance>, crate::OpError> {
-            Ok(None)
-        }
-        async fn instances(&self) -> Result<Vec<vroom_types::Instance>, crate::OpError> {
-            Ok(vec![])
-        }
-        fn node_name(&self) -> &str {
-            "n1"
-        }
-        async fn nodes(&self) -> Result<Vec<vroom_types::NodeInfo>, crate::OpError> {
-            Ok(vec![])
-        }
-        async fn node(&self, name: &str) -> Result<vroom_types::NodeInfo, crate::OpError> {
-            Err(crate::OpError::not_found("node", name))
-        }
-        async fn cordon(
-            &self,
-            name: &str,
-            _: bool,
-        ) -> Result<vroom_types::NodeInfo, crate::OpError> {
-            Err(crate::OpError::not_found("node", name))
-        }
-        async fn drain(
-            &self,
-            name: &str,
-            _: bool,
-        ) -> Result<vroom_types::DrainReport, crate::OpError> {
-            Err(crate::OpError::not_found("node", name))
-        }
-        async fn migrate(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<vroom_types::Migration, crate::OpError> {
-            unreachable!("not a migration")
-        }
-        async fn remove_node(&self, _: &str) -> Result<(), crate::OpError> {
-            Ok(())
-        }
     }
 
     /// While a VM migrates away, its splices, mirrors and config are not
@@ -1598,7 +1549,7 @@ mod tests {
         t.engine.splice(request("bump")).await.unwrap();
         let web_config = t.engine.config_get("web").await.unwrap();
         t.engine
-            .set_cluster(std::sync::Arc::new(Migrating(vec!["web", "web-bump"])));
+            .set_cluster(std::sync::Arc::new(Migrating(vec!["web"])));
 
         let before = t.engine.list().len();
         let err = t.engine.splice(request("bump")).await.unwrap_err();
@@ -1608,6 +1559,11 @@ mod tests {
         let set = [("greeting".to_string(), "changed".to_string())].into();
         let err = t.engine.config_update("web", set).await.unwrap_err();
         assert!(err.message.contains("migrating"), "{}", err.message);
+        // The appliance moves with its VM: the engine tells the cluster
+        // which VM it is spliced in front of.
+        let set = [("greeting".to_string(), "changed".to_string())].into();
+        let err = t.engine.config_update("web-bump", set).await.unwrap_err();
+        assert!(err.message.contains("web is migrating"), "{}", err.message);
 
         assert_eq!(t.engine.config_get("web").await.unwrap(), web_config);
         let splices = t.engine.list_splices();
