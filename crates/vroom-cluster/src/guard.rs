@@ -158,7 +158,7 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     listener.set_nonblocking(true)?;
-    let group = format!("{}/{scope}", vroom_qemu::cgroup::PARENT);
+    let group = format!("{}/{scope}", vroom_jail::cgroup::PARENT);
     eprintln!("guard: watching {} for cgroup {group}", socket.display());
     let mut readers: Vec<BufReader<UnixStream>> = vec![];
     let mut arming = Arming::default();
@@ -201,7 +201,7 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
 /// Kills every process under `group` until none is left (or 2 s pass).
 pub fn fence(group: &str) -> usize {
     let Ok(hierarchy) =
-        vroom_qemu::cgroup::Hierarchy::detect(Path::new(vroom_qemu::cgroup::CGROUP_MOUNT))
+        vroom_jail::cgroup::Hierarchy::detect(Path::new(vroom_jail::cgroup::CGROUP_MOUNT))
     else {
         return 0;
     };
@@ -212,7 +212,7 @@ pub fn fence(group: &str) -> usize {
     let mut killed = std::collections::BTreeSet::new();
     let started = std::time::Instant::now();
     loop {
-        let pids = vroom_qemu::cgroup::processes_under(&hierarchy, group);
+        let pids = vroom_jail::cgroup::processes_under(&hierarchy, group);
         if pids.is_empty() || started.elapsed() > Duration::from_secs(2) {
             break;
         }

@@ -451,7 +451,7 @@ impl ClusterNode {
                 ));
             }
         }
-        vroom_qemu::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
+        vroom_jail::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
         let node = Arc::new_cyclic(|me| ClusterNode {
             me: me.clone(),
             guard: GuardLink::new(&opts.data_dir, &cgroup_scope(&info.id, opts.node.as_str())),
