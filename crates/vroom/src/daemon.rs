@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use vroom_core::store::RedbStateStore;
 use vroom_core::{Engine, EngineConfig};
 use vroom_net::NetlinkNetwork;
 use vroom_qemu::QemuDriver;
+use vroom_store::RedbStateStore;
 
 use crate::paths;
 
