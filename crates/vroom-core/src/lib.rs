@@ -12,7 +12,6 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod images;
-pub mod input;
 pub mod ipam;
 pub mod lifecycle;
 pub mod net;
