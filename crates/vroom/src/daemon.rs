@@ -92,7 +92,7 @@ pub async fn run(
     tracing::info!(?limits, "API connection limits (per listener)");
     if let Some(node) = &node {
         node.start();
-        let config = vroom_client::tls::server_config(&node.tls_dir())
+        let config = crate::serve::tls::server_config(&node.tls_dir())
             .map_err(|e| anyhow::anyhow!("cannot set up the API's TLS: {e}"))?;
         let addr = node.api_addr();
         let listener = node
