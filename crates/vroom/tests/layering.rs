@@ -238,6 +238,37 @@ fn every_placed_crate_exists() {
     }
 }
 
+/// The static guest init links no OpenAPI machinery and no async runtime:
+/// vroom-types' `openapi` feature stays off for it (its `templates` feature
+/// is on: the init renders appliance templates).
+#[test]
+fn the_guest_init_links_no_host_machinery() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "vroom-init",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .args(["--format", "{p}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "cargo tree failed");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for host_only in ["utoipa", "tokio", "axum", "hyper"] {
+        assert!(
+            !tree
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(host_only)),
+            "vroom-init links {host_only}:\n{tree}"
+        );
+    }
+}
+
 fn graph(edges: &[(&str, &[&str])]) -> Graph {
     edges
         .iter()
