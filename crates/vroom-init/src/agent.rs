@@ -12,6 +12,7 @@ use vroom_agent_proto::{
     encode_frame, to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
     MAX_READ_CHUNK, PORT_NAME,
 };
+use vroom_base::LockExt;
 
 use crate::exec::{Sessions, StartExec};
 use crate::log;
@@ -209,7 +210,7 @@ pub(crate) fn send(writer: &Mutex<File>, response: &Response) {
         };
         encode_frame(&serde_json::to_vec(&fallback).unwrap_or_default()).unwrap_or_default()
     });
-    let mut file = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let mut file = writer.lock_unpoisoned();
     if let Err(err) = file.write_all(&frame).and_then(|()| file.flush()) {
         log(&format!("write agent port: {err}"));
     }

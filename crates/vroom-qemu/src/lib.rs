@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
+use vroom_base::LockExt;
 use vroom_core::driver::{
     ControlVmError, LaunchSpec, LaunchVmError, LiveStats, VmDriver, VmProcess, VmRunState,
 };
@@ -197,10 +198,7 @@ impl VmDriver for QemuDriver {
             .map_err(io(&self.jailer))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let reason = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
+            let reason = vroom_base::last_line(&stderr)
                 .unwrap_or("no error output")
                 .trim();
             return Err(LaunchVmError::Vmm {
@@ -396,7 +394,7 @@ fn qemu_version(binary: &Path) -> String {
         meta.as_ref().map_or(0, |m| m.len()),
         meta.as_ref().and_then(|m| m.modified().ok()),
     );
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = CACHE.lock_unpoisoned();
     if let Some((cached, version)) = cache.as_ref() {
         if *cached == key {
             return version.clone();

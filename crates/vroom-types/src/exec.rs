@@ -81,13 +81,13 @@ impl crate::ExecRequest {
 pub enum ExecEvent {
     /// Bytes the command wrote to stdout.
     Stdout {
-        #[serde(with = "base64_bytes")]
+        #[serde(with = "vroom_base::base64_bytes")]
         #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
         data: Vec<u8>,
     },
     /// Bytes the command wrote to stderr.
     Stderr {
-        #[serde(with = "base64_bytes")]
+        #[serde(with = "vroom_base::base64_bytes")]
         #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
         data: Vec<u8>,
     },
@@ -119,24 +119,6 @@ pub enum ExitReason {
     TimedOut,
     NotFound,
     CannotRun,
-}
-
-/// Serde for bytes as standard base64 text.
-mod base64_bytes {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]

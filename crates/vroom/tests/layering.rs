@@ -14,6 +14,9 @@ use std::process::Command;
 /// tooling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layer {
+    /// std-level helpers every crate may use, the guest init included
+    /// (poison-tolerant locks, base64 in JSON, a failed tool's message).
+    Base,
     /// Domain and API data types: names, specs, statuses, validation. No I/O.
     Domain,
     /// The host↔guest protocol: framing and messages. Tiny and fuzzable.
@@ -46,6 +49,7 @@ use Layer::*;
 /// Every workspace member and its layer. A new crate fails the check until
 /// it is placed here.
 const LAYERS: &[(&str, Layer)] = &[
+    ("vroom-base", Base),
     ("vroom-types", Domain),
     ("vroom-agent-proto", Protocol),
     ("vroom-volume", Volume),
@@ -67,16 +71,18 @@ const LAYERS: &[(&str, Layer)] = &[
 /// The layers whose crates a crate of `layer` may depend on.
 fn may_use(layer: Layer) -> &'static [Layer] {
     match layer {
-        Domain | Protocol => &[],
-        Volume => &[Domain, Protocol],
-        Core => &[Domain, Protocol, Volume],
-        Host => &[Domain],
-        Adapter => &[Domain, Protocol, Volume, Core, Host],
-        Api => &[Domain, Core],
-        Client => &[Domain],
-        Guest => &[Domain, Protocol],
-        Binary => &[Domain, Protocol, Volume, Core, Host, Adapter, Api, Client],
-        Tooling => &[Domain, Protocol, Volume, Core, Host, Adapter, Api, Client],
+        Base => &[],
+        Domain | Protocol => &[Base],
+        Volume => &[Base, Domain, Protocol],
+        Core => &[Base, Domain, Protocol, Volume],
+        Host => &[Base, Domain],
+        Adapter => &[Base, Domain, Protocol, Volume, Core, Host],
+        Api => &[Base, Domain, Core],
+        Client => &[Base, Domain],
+        Guest => &[Base, Domain, Protocol],
+        Binary | Tooling => &[
+            Base, Domain, Protocol, Volume, Core, Host, Adapter, Api, Client,
+        ],
     }
 }
 
@@ -91,6 +97,8 @@ const ALLOWED_EDGES: &[(&str, &str, &str)] = &[(
 /// Outside crates a workspace crate must not depend on, whatever its layer
 /// allows among workspace crates.
 const FORBIDDEN: &[(&str, &[&str])] = &[
+    // The helpers under everything: std, serde and base64 only.
+    ("vroom-base", &["tokio", "thiserror", "libc"]),
     // Domain types: no I/O, no transport.
     (
         "vroom-types",
@@ -279,7 +287,8 @@ fn graph(edges: &[(&str, &[&str])]) -> Graph {
 /// A made-up workspace shaped like ours, which keeps every rule.
 fn good() -> Graph {
     graph(&[
-        ("vroom-types", &["serde"]),
+        ("vroom-base", &["serde", "base64"]),
+        ("vroom-types", &["vroom-base", "serde"]),
         ("vroom-agent-proto", &["serde"]),
         (
             "vroom-volume",
@@ -305,7 +314,10 @@ fn good() -> Graph {
                 "axum",
             ],
         ),
-        ("vroom-init", &["vroom-types", "vroom-agent-proto"]),
+        (
+            "vroom-init",
+            &["vroom-base", "vroom-types", "vroom-agent-proto"],
+        ),
         ("xtask", &["anyhow"]),
     ])
 }
@@ -341,6 +353,7 @@ fn the_check_fails_for_a_forbidden_edge() {
         ("vroom-types", "vroom-core", "vroom-types (Domain) must not depend on vroom-core (Core)"),
         ("vroom-init", "vroom-core", "vroom-init (Guest) must not depend on vroom-core (Core)"),
         ("vroom-init", "tokio", "vroom-init must not depend on tokio"),
+        ("vroom-base", "vroom-types", "vroom-base (Base) must not depend on vroom-types (Domain)"),
         ("vroom-jail", "vroom-core", "vroom-jail (Host) must not depend on vroom-core (Core)"),
         ("vroom-api", "vroom-init", "vroom-api (Api) must not depend on vroom-init (Guest)"),
         ("vroom-client", "axum", "vroom-client must not depend on axum"),
