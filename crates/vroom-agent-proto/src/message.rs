@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::exec::{base64_bytes, ExecStatus, ExecStream};
+use crate::exec::{ExecStatus, ExecStream};
+use vroom_base::base64_bytes;
 
 /// The most bytes one `ReadFile` returns; hex doubles it, under the frame limit.
 pub const MAX_READ_CHUNK: u64 = 384 * 1024;

@@ -123,13 +123,13 @@ fn main() {
     // single-threaded.
     let result = if args
         .next()
-        .is_some_and(|a| a == vroom_qemu::jail::JAIL_SUBCOMMAND)
+        .is_some_and(|a| a == vroom_jail::JAIL_SUBCOMMAND)
     {
         match args.next() {
             Some(spec) => vroom::jail::run(std::path::Path::new(&spec)),
             None => Err(anyhow::anyhow!(
                 "{} needs a jail spec",
-                vroom_qemu::jail::JAIL_SUBCOMMAND
+                vroom_jail::JAIL_SUBCOMMAND
             )),
         }
     } else {

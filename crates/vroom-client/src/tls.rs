@@ -1,15 +1,17 @@
-//! Mutual TLS between the CLI and a cluster node's vroomd over TCP. Every
-//! party holds a certificate signed by the cluster's CA (kept in etcd, made
-//! by `vroom cluster init`): a node gets one when it joins, a workstation
-//! from `vroom cluster credentials`. A TLS directory holds `ca.pem`,
-//! `cert.pem` and `key.pem`.
+//! Mutual TLS between the CLI and a cluster node's vroomd over TCP: the TLS
+//! directory both ends read and the client's side. Every party holds a
+//! certificate signed by the cluster's CA (kept in etcd, made by `vroom
+//! cluster init`, see `vroom_cluster::tls`): a node gets one when it joins,
+//! a workstation from `vroom cluster credentials`. A TLS directory holds
+//! `ca.pem`, `cert.pem` and `key.pem`. vroomd's side (the server config) is
+//! the `vroom` binary's (`serve::tls`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore};
 
 /// The TCP port a cluster node serves its API on, with mutual TLS.
 pub const API_PORT: u16 = 7948;
@@ -21,11 +23,12 @@ pub const KEY_FILE: &str = "key.pem";
 /// rustls's default, is a long C build). rustls deprecates it only for its
 /// lack of post-quantum key exchange.
 #[allow(deprecated)]
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The certificates in the PEM file at `path` (at least one).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -36,13 +39,15 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+/// The private key in the PEM file at `path`.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-fn roots(dir: &Path) -> Result<RootCertStore, String> {
+/// The cluster's CA of the TLS directory `dir`, as the only trusted root.
+pub fn read_roots(dir: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    for cert in certs(&dir.join(CA_FILE))? {
+    for cert in read_certs(&dir.join(CA_FILE))? {
         roots
             .add(cert)
             .map_err(|e| format!("the cluster CA in {}: {e}", dir.display()))?;
@@ -52,29 +57,14 @@ fn roots(dir: &Path) -> Result<RootCertStore, String> {
 
 /// The CLI's side: trusts only the cluster's CA and shows its own certificate.
 pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, String> {
-    let config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots(dir)?)
-        .with_client_auth_cert(certs(&dir.join(CERT_FILE))?, key(&dir.join(KEY_FILE))?)
-        .map_err(|e| format!("the certificate in {}: {e}", dir.display()))?;
-    Ok(Arc::new(config))
-}
-
-/// vroomd's side: serves its own certificate and requires a client
-/// certificate signed by the cluster's CA.
-pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots(dir)?),
-        provider(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs(&dir.join(CERT_FILE))?, key(&dir.join(KEY_FILE))?)
+        .with_root_certificates(read_roots(dir)?)
+        .with_client_auth_cert(
+            read_certs(&dir.join(CERT_FILE))?,
+            read_key(&dir.join(KEY_FILE))?,
+        )
         .map_err(|e| format!("the certificate in {}: {e}", dir.display()))?;
     Ok(Arc::new(config))
 }

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::{fence_deadline_ns, lock, monotonic_ns};
+use crate::{fence_deadline_ns, monotonic_ns};
+use vroom_base::LockExt;
 
 /// vroomd's side: tells the guard of each acknowledged keepalive, starting
 /// the guard when none answers.
@@ -42,7 +43,7 @@ impl GuardLink {
 
     /// Connects to the running guard, or starts one and connects.
     pub fn ensure(&self) -> std::io::Result<()> {
-        let mut stream = lock(&self.stream);
+        let mut stream = self.stream.lock_unpoisoned();
         if stream.is_none() {
             *stream = Some(self.connect_or_spawn()?);
         }
@@ -53,7 +54,7 @@ impl GuardLink {
     /// acknowledged.
     pub fn ack(&self, sent_ns: u64) -> std::io::Result<()> {
         let line = format!("ack {sent_ns}\n");
-        let mut stream = lock(&self.stream);
+        let mut stream = self.stream.lock_unpoisoned();
         if let Some(s) = stream.as_mut() {
             if s.write_all(line.as_bytes()).is_ok() {
                 return Ok(());
@@ -158,7 +159,7 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     listener.set_nonblocking(true)?;
-    let group = format!("{}/{scope}", vroom_qemu::cgroup::PARENT);
+    let group = format!("{}/{scope}", vroom_jail::cgroup::PARENT);
     eprintln!("guard: watching {} for cgroup {group}", socket.display());
     let mut readers: Vec<BufReader<UnixStream>> = vec![];
     let mut arming = Arming::default();
@@ -201,7 +202,7 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
 /// Kills every process under `group` until none is left (or 2 s pass).
 pub fn fence(group: &str) -> usize {
     let Ok(hierarchy) =
-        vroom_qemu::cgroup::Hierarchy::detect(Path::new(vroom_qemu::cgroup::CGROUP_MOUNT))
+        vroom_jail::cgroup::Hierarchy::detect(Path::new(vroom_jail::cgroup::CGROUP_MOUNT))
     else {
         return 0;
     };
@@ -212,7 +213,7 @@ pub fn fence(group: &str) -> usize {
     let mut killed = std::collections::BTreeSet::new();
     let started = std::time::Instant::now();
     loop {
-        let pids = vroom_qemu::cgroup::processes_under(&hierarchy, group);
+        let pids = vroom_jail::cgroup::processes_under(&hierarchy, group);
         if pids.is_empty() || started.elapsed() > Duration::from_secs(2) {
             break;
         }

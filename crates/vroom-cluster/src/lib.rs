@@ -58,10 +58,3 @@ pub fn monotonic_ns() -> u64 {
 pub fn fence_deadline_ns(sent_ns: u64) -> u64 {
     sent_ns + (LEASE_TTL_SECS as u64) * 1_000_000_000 - FENCE_MARGIN.as_nanos() as u64
 }
-
-/// Locks `mutex`, through a poisoning: what a panicked holder left is still
-/// the best state there is (each is a plain set or map, consistent between
-/// statements).
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}

@@ -36,12 +36,12 @@ use vroom_types::{
 };
 
 use crate::guard::GuardLink;
-use crate::lock;
 use crate::model::*;
 use crate::schedule::{self, Candidate, NodeState, Pending, Resident};
 use crate::store::etcd::Etcd;
 use crate::store::{json, Compare, Kv, Op, Store, StoreError, Txn};
 use crate::{fence_deadline_ns, monotonic_ns, KEEPALIVE_EVERY, LEASE_TTL_SECS};
+use vroom_base::LockExt;
 
 mod drain;
 mod membership;
@@ -194,7 +194,7 @@ impl ClusterNode {
 
     /// The API's TCP listener, bound at join (once).
     pub fn take_api_listener(&self) -> Option<tokio::net::TcpListener> {
-        lock(&self.api).take()
+        self.api.lock_unpoisoned().take()
     }
 
     /// Where the node serves its API to other hosts (mutual TLS).

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +23,7 @@ use vroom_agent_proto::{
     HostCommand, InvalidExecMessage, Request, Response, MAX_EXEC_CHUNK, MAX_EXEC_WINDOW,
     MAX_READ_CHUNK,
 };
+use vroom_base::LockExt;
 use vroom_types::ConfigValues;
 
 use crate::ratelimit::{WarnLimiter, WARN_WINDOW};
@@ -88,10 +89,6 @@ struct Link {
     next_id: Arc<AtomicU64>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Link {
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -116,16 +113,16 @@ impl Link {
     ) -> Result<GuestReply, AgentError> {
         let id = self.id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        self.pending.lock_unpoisoned().insert(id, tx);
         if let Err(e) = self.send(id, command).await {
-            lock(&self.pending).remove(&id);
+            self.pending.lock_unpoisoned().remove(&id);
             return Err(e);
         }
         let answer = match timeout {
             Some(t) => match tokio::time::timeout(t, rx).await {
                 Ok(answer) => answer,
                 Err(_) => {
-                    lock(&self.pending).remove(&id);
+                    self.pending.lock_unpoisoned().remove(&id);
                     return Err(AgentError::Timeout(t));
                 }
             },
@@ -136,7 +133,7 @@ impl Link {
 
     /// Routes one message from the guest.
     fn dispatch(&self, resp: Response) -> Option<u64> {
-        let mut sessions = lock(&self.sessions);
+        let mut sessions = self.sessions.lock_unpoisoned();
         if let Some(route) = sessions.get_mut(&resp.id) {
             let (event, last) = match resp.reply {
                 GuestReply::ExecStarted => {
@@ -186,7 +183,7 @@ impl Link {
             return None;
         }
         drop(sessions);
-        if let Some(waiter) = lock(&self.pending).remove(&resp.id) {
+        if let Some(waiter) = self.pending.lock_unpoisoned().remove(&resp.id) {
             let _ = waiter.send(resp.reply);
         }
         None
@@ -194,8 +191,8 @@ impl Link {
 
     fn close(&self) {
         self.alive.store(false, Ordering::Relaxed);
-        lock(&self.pending).clear();
-        for (_, route) in lock(&self.sessions).drain() {
+        self.pending.lock_unpoisoned().clear();
+        for (_, route) in self.sessions.lock_unpoisoned().drain() {
             let _ = route.events.try_send(Err(AgentError::Closed));
         }
     }
@@ -352,7 +349,7 @@ impl AgentClient {
         // Room for every credited chunk plus the final exit or error.
         let (tx, rx) = mpsc::channel(EXEC_WINDOW as usize + 2);
         let (started_tx, started_rx) = oneshot::channel();
-        lock(&link.sessions).insert(
+        link.sessions.lock_unpoisoned().insert(
             id,
             SessionRoute {
                 events: tx,
@@ -508,7 +505,7 @@ impl ExecSession {
         };
         match &event {
             Ok(ExecEvent::Output { .. }) => {
-                let granted = match lock(&self.link.sessions).get_mut(&self.id) {
+                let granted = match self.link.sessions.lock_unpoisoned().get_mut(&self.id) {
                     Some(route) => {
                         route.credit += 1;
                         true
@@ -547,7 +544,7 @@ impl Drop for ExecSession {
             return;
         }
         // The caller went away before the exit: kill the command.
-        lock(&self.link.sessions).remove(&self.id);
+        self.link.sessions.lock_unpoisoned().remove(&self.id);
         let (link, session) = (self.link.clone(), self.id);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -689,7 +686,7 @@ mod tests {
         struct Captured(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Captured {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                lock(&self.0).extend_from_slice(buf);
+                self.0.lock_unpoisoned().extend_from_slice(buf);
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -719,12 +716,12 @@ mod tests {
         let (health, ()) = tokio::join!(client.health(Duration::from_secs(30)), flood);
         assert!(health.is_err());
         for _ in 0..100 {
-            if String::from_utf8_lossy(&lock(&captured.0)).contains("suppressed") {
+            if String::from_utf8_lossy(&captured.0.lock_unpoisoned()).contains("suppressed") {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let text = String::from_utf8_lossy(&lock(&captured.0)).into_owned();
+        let text = String::from_utf8_lossy(&captured.0.lock_unpoisoned()).into_owned();
         let warnings = text.lines().filter(|l| l.contains("WARN")).count();
         assert!(
             warnings <= crate::ratelimit::WARN_BURST as usize + 1,

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+use vroom_base::LockExt;
 
 /// The VMM's console socket in an instance's run dir.
 pub const CONSOLE_SOCKET: &str = "console.sock";
@@ -151,7 +152,7 @@ impl ConsoleLog {
     }
 
     fn lock(&self) -> MutexGuard<'_, LogState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock_unpoisoned()
     }
 
     /// The epoch of the current boot, for a collector that joins it.

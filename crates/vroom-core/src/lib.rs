@@ -12,13 +12,16 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod images;
-pub mod input;
 pub mod ipam;
 pub mod lifecycle;
 pub mod net;
 pub mod ratelimit;
 pub mod service;
 pub mod store;
+/// In-memory fakes of the seams, for tests: compiled into the crate's own
+/// tests, and into other crates' tests through the `testing` feature (enabled
+/// as a dev-dependency feature), never into the product.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod wiring;
 

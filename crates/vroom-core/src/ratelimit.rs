@@ -12,6 +12,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use vroom_base::LockExt;
+
 /// The window over which warnings are counted.
 pub const WARN_WINDOW: Duration = Duration::from_secs(10);
 /// How many warnings per window and instance are logged.
@@ -158,7 +160,7 @@ impl WarnLimiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|p| p.into_inner())
+        self.window.lock_unpoisoned()
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use vroom_agent_proto::{
     encode_frame, FrameDecoder, GuestReply, HealthReport, HostCommand, Request, Response,
 };
+use vroom_base::LockExt;
 use vroom_types::{
     Accel, AccelChoice, ApplianceSpec, BuildReport, ConfigLog, FileDigest, ImageManifest,
     ImageSummary, KernelRef, Mirror, Network, Room, Splice, MANIFEST_VERSION,
@@ -30,10 +31,6 @@ use crate::driver::{
 use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use crate::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use crate::store::{InstanceRecord, StateStore, StateStoreError};
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What the next launched guest does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +90,13 @@ impl Default for FakeDriver {
 
 impl FakeDriver {
     pub fn set_behavior(&self, behavior: GuestBehavior) {
-        *lock(&self.behavior) = behavior;
+        *self.behavior.lock_unpoisoned() = behavior;
     }
 
     /// Pids of the VMs that run now.
     pub fn running(&self) -> Vec<u32> {
-        lock(&self.vms)
+        self.vms
+            .lock_unpoisoned()
             .iter()
             .filter(|(_, vm)| *vm.alive.borrow())
             .map(|(pid, _)| *pid)
@@ -107,17 +105,20 @@ impl FakeDriver {
 
     /// Whether VM `pid` is paused.
     pub fn is_paused(&self, pid: u32) -> bool {
-        lock(&self.vms).get(&pid).is_some_and(|vm| vm.paused)
+        self.vms
+            .lock_unpoisoned()
+            .get(&pid)
+            .is_some_and(|vm| vm.paused)
     }
 
     /// How many VMs were ever launched.
     pub fn launches(&self) -> usize {
-        lock(&self.vms).len()
+        self.vms.lock_unpoisoned().len()
     }
 
     /// The VM dies, as a guest crash or an OOM kill would.
     pub fn crash(&self, pid: u32) {
-        if let Some(vm) = lock(&self.vms).get(&pid) {
+        if let Some(vm) = self.vms.lock_unpoisoned().get(&pid) {
             vm.alive.send_replace(false);
         }
     }
@@ -150,7 +151,7 @@ impl FakeDriver {
     fn start(&self, spec: LaunchSpec) -> VmProcess {
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
         let (alive, watch_alive) = watch::channel(true);
-        let behavior = *lock(&self.behavior);
+        let behavior = *self.behavior.lock_unpoisoned();
         let process = VmProcess {
             pid,
             accel: spec.accel,
@@ -182,7 +183,7 @@ impl FakeDriver {
             .unwrap_or_else(|| [("greeting".to_string(), "hello".to_string())].into());
         let memory = spec.instance_id.as_bytes().repeat(1024);
         let paused = spec.incoming;
-        lock(&self.vms).insert(
+        self.vms.lock_unpoisoned().insert(
             pid,
             FakeVm {
                 spec,
@@ -329,13 +330,14 @@ async fn serve_agent(
                     let reply = match req.command {
                         HostCommand::Health => GuestReply::Health(HealthReport {
                             ready: ready
-                                && lock(&restarting_until)
+                                && restarting_until
+                                    .lock_unpoisoned()
                                     .is_none_or(|until| tokio::time::Instant::now() >= until),
                             uptime_ms: 1,
                             services: vec![],
-                            config: lock(&config).clone(),
+                            config: config.lock_unpoisoned().clone(),
                             config_error: None,
-                            frozen: *lock(&frozen),
+                            frozen: *frozen.lock_unpoisoned(),
                             conntrack: None,
                         }),
                         HostCommand::ApplyConfig { values } => {
@@ -346,10 +348,10 @@ async fn serve_agent(
                                 }
                             } else {
                                 if values.values().any(|v| v == SLOW_RESTART_VALUE) {
-                                    *lock(&restarting_until) =
+                                    *restarting_until.lock_unpoisoned() =
                                         Some(tokio::time::Instant::now() + SLOW_RESTART);
                                 }
-                                *lock(&config) = values.clone();
+                                *config.lock_unpoisoned() = values.clone();
                                 // Saved as vroom-init saves it, on its volume.
                                 let _ = vroom_volume::write_config(&volume, &values);
                                 GuestReply::ConfigApplied { values }
@@ -357,11 +359,11 @@ async fn serve_agent(
                         }
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
                         HostCommand::Freeze => {
-                            *lock(&frozen) = true;
+                            *frozen.lock_unpoisoned() = true;
                             GuestReply::Frozen
                         }
                         HostCommand::Resume { reload_volume, .. } => {
-                            *lock(&frozen) = false;
+                            *frozen.lock_unpoisoned() = false;
                             GuestReply::Resumed {
                                 identity_changed: reload_volume,
                             }
@@ -406,13 +408,17 @@ impl VmDriver for FakeDriver {
     }
 
     fn is_alive(&self, process: &VmProcess) -> bool {
-        lock(&self.vms).get(&process.pid).is_some_and(|vm| {
-            *vm.alive.borrow() && vm.spec.run_dir.join("qmp.sock") == process.control_socket
-        })
+        self.vms
+            .lock_unpoisoned()
+            .get(&process.pid)
+            .is_some_and(|vm| {
+                *vm.alive.borrow() && vm.spec.run_dir.join("qmp.sock") == process.control_socket
+            })
     }
 
     fn processes_under(&self, root: &Path) -> Vec<(PathBuf, VmProcess)> {
-        lock(&self.vms)
+        self.vms
+            .lock_unpoisoned()
             .iter()
             .filter(|(_, vm)| *vm.alive.borrow() && vm.spec.run_dir.starts_with(root))
             .map(|(pid, vm)| {
@@ -429,7 +435,9 @@ impl VmDriver for FakeDriver {
     }
 
     async fn wait_exit(&self, process: &VmProcess) {
-        let rx = lock(&self.vms)
+        let rx = self
+            .vms
+            .lock_unpoisoned()
             .get(&process.pid)
             .map(|vm| vm.alive.subscribe());
         if let Some(mut rx) = rx {
@@ -456,7 +464,7 @@ impl VmDriver for FakeDriver {
         out: &mut (dyn std::io::Write + Send),
     ) -> Result<u64, ControlVmError> {
         let memory = {
-            let mut vms = lock(&self.vms);
+            let mut vms = self.vms.lock_unpoisoned();
             let vm = fake_vm(&mut vms, process)?;
             vm.paused = true;
             vm.memory.clone()
@@ -472,7 +480,7 @@ impl VmDriver for FakeDriver {
     ) -> Result<u64, ControlVmError> {
         let mut memory = vec![];
         input.read_to_end(&mut memory).map_err(fake_control)?;
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms.lock_unpoisoned();
         let vm = fake_vm(&mut vms, process)?;
         if !vm.spec.incoming {
             return Err(fake_control("the VM was not started to receive a state"));
@@ -487,7 +495,7 @@ impl VmDriver for FakeDriver {
         channel: std::os::fd::BorrowedFd<'_>,
     ) -> Result<LiveStats, ControlVmError> {
         if self.fail_migrate_paused.load(Ordering::SeqCst) {
-            fake_vm(&mut lock(&self.vms), process)?.paused = true;
+            fake_vm(&mut self.vms.lock_unpoisoned(), process)?.paused = true;
             return Err(fake_control("the QMP reply timed out"));
         }
         let mut out = std::fs::File::from(channel.try_clone_to_owned().map_err(fake_control)?);
@@ -509,16 +517,16 @@ impl VmDriver for FakeDriver {
     }
 
     fn cancel_migration(&self, process: &VmProcess) -> Result<(), ControlVmError> {
-        fake_vm(&mut lock(&self.vms), process).map(|_| ())
+        fake_vm(&mut self.vms.lock_unpoisoned(), process).map(|_| ())
     }
 
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError> {
-        fake_vm(&mut lock(&self.vms), process)?.paused = false;
+        fake_vm(&mut self.vms.lock_unpoisoned(), process)?.paused = false;
         Ok(())
     }
 
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {
-        let mut vms = lock(&self.vms);
+        let mut vms = self.vms.lock_unpoisoned();
         let vm = fake_vm(&mut vms, process)?;
         Ok(if vm.paused && vm.spec.incoming {
             VmRunState::Incoming
@@ -552,7 +560,10 @@ fn fake_control(e: impl std::fmt::Display) -> ControlVmError {
 impl FakeDriver {
     /// What a VM holds as its "memory" (see [`VmDriver::save_state`]).
     pub fn memory_of(&self, pid: u32) -> Option<Vec<u8>> {
-        lock(&self.vms).get(&pid).map(|vm| vm.memory.clone())
+        self.vms
+            .lock_unpoisoned()
+            .get(&pid)
+            .map(|vm| vm.memory.clone())
     }
 }
 
@@ -582,39 +593,51 @@ pub struct FakeNetwork {
 #[async_trait]
 impl NetworkBackend for FakeNetwork {
     async fn create_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
-        if lock(&self.foreign).contains(&network.bridge)
-            || lock(&self.bridges).contains(&network.bridge)
+        if self.foreign.lock_unpoisoned().contains(&network.bridge)
+            || self.bridges.lock_unpoisoned().contains(&network.bridge)
         {
             return Err(NetworkBackendError::InterfaceExists {
                 name: network.bridge.clone(),
             });
         }
-        lock(&self.bridges).insert(network.bridge.clone());
-        lock(&self.bridge_subnets).insert(network.bridge.clone(), network.subnet);
+        self.bridges
+            .lock_unpoisoned()
+            .insert(network.bridge.clone());
+        self.bridge_subnets
+            .lock_unpoisoned()
+            .insert(network.bridge.clone(), network.subnet);
         Ok(())
     }
 
     async fn apply_rules(&self, network: &Network) -> Result<(), NetworkBackendError> {
-        lock(&self.rules_applied).push(network.bridge.clone());
+        self.rules_applied
+            .lock_unpoisoned()
+            .push(network.bridge.clone());
         Ok(())
     }
 
     async fn delete_network(&self, network: &Network) -> Result<(), NetworkBackendError> {
-        lock(&self.bridges).remove(&network.bridge);
-        lock(&self.bridge_subnets).remove(&network.bridge);
-        lock(&self.foreign).remove(&network.bridge);
+        self.bridges.lock_unpoisoned().remove(&network.bridge);
+        self.bridge_subnets
+            .lock_unpoisoned()
+            .remove(&network.bridge);
+        self.foreign.lock_unpoisoned().remove(&network.bridge);
         Ok(())
     }
 
     async fn attach_tap(&self, tap: &str, bridge: &str) -> Result<(), NetworkBackendError> {
-        if self.fail_attach.load(Ordering::SeqCst) || !lock(&self.bridges).contains(bridge) {
+        if self.fail_attach.load(Ordering::SeqCst)
+            || !self.bridges.lock_unpoisoned().contains(bridge)
+        {
             return Err(NetworkBackendError::Failed {
                 action: format!("attach {tap} to {bridge}"),
                 reason: "no such bridge".into(),
             });
         }
-        lock(&self.attached).insert(tap.to_string(), bridge.to_string());
-        lock(&self.detached).remove(tap);
+        self.attached
+            .lock_unpoisoned()
+            .insert(tap.to_string(), bridge.to_string());
+        self.detached.lock_unpoisoned().remove(tap);
         Ok(())
     }
 
@@ -622,21 +645,21 @@ impl NetworkBackend for FakeNetwork {
         match bridge {
             Some(bridge) => self.attach_tap(tap, bridge).await,
             None => {
-                lock(&self.attached).remove(tap);
-                lock(&self.detached).insert(tap.to_string());
+                self.attached.lock_unpoisoned().remove(tap);
+                self.detached.lock_unpoisoned().insert(tap.to_string());
                 Ok(())
             }
         }
     }
 
     async fn create_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
-        lock(&self.bridges).insert(bridge.to_string());
+        self.bridges.lock_unpoisoned().insert(bridge.to_string());
         Ok(())
     }
 
     async fn delete_segment(&self, bridge: &str) -> Result<(), NetworkBackendError> {
-        lock(&self.bridges).remove(bridge);
-        lock(&self.attached).retain(|_, b| b != bridge);
+        self.bridges.lock_unpoisoned().remove(bridge);
+        self.attached.lock_unpoisoned().retain(|_, b| b != bridge);
         Ok(())
     }
 
@@ -645,7 +668,7 @@ impl NetworkBackend for FakeNetwork {
         tap: &str,
         targets: &[MirrorTarget],
     ) -> Result<(), NetworkBackendError> {
-        let mut mirrors = lock(&self.mirrors);
+        let mut mirrors = self.mirrors.lock_unpoisoned();
         if targets.is_empty() {
             mirrors.remove(tap);
         } else {
@@ -685,8 +708,8 @@ impl NetworkBackend for FakeNetwork {
     /// The routes set, and the connected route of every bridge made here,
     /// as the kernel would have them.
     async fn host_routes(&self) -> Result<Vec<crate::net::HostRoute>, NetworkBackendError> {
-        let mut routes = lock(&self.routes).clone();
-        for (bridge, subnet) in lock(&self.bridge_subnets).iter() {
+        let mut routes = self.routes.lock_unpoisoned().clone();
+        for (bridge, subnet) in self.bridge_subnets.lock_unpoisoned().iter() {
             routes.push(crate::net::HostRoute {
                 destination: *subnet,
                 gateway: None,
@@ -713,7 +736,9 @@ pub struct MemStore {
 
 impl StateStore for MemStore {
     fn put_instance(&self, record: &InstanceRecord) -> Result<(), StateStoreError> {
-        lock(&self.instances).insert(record.instance.spec.name.to_string(), record.clone());
+        self.instances
+            .lock_unpoisoned()
+            .insert(record.instance.spec.name.to_string(), record.clone());
         Ok(())
     }
     fn delete_instance(&self, name: &str) -> Result<(), StateStoreError> {
@@ -723,29 +748,33 @@ impl StateStore for MemStore {
                 reason: "the fake store was told to fail deletions".into(),
             });
         }
-        lock(&self.instances).remove(name);
-        lock(&self.config_logs).remove(name);
+        self.instances.lock_unpoisoned().remove(name);
+        self.config_logs.lock_unpoisoned().remove(name);
         Ok(())
     }
     fn instances(&self) -> Result<Vec<InstanceRecord>, StateStoreError> {
-        Ok(lock(&self.instances).values().cloned().collect())
+        Ok(self.instances.lock_unpoisoned().values().cloned().collect())
     }
     fn put_network(&self, network: &Network) -> Result<(), StateStoreError> {
-        lock(&self.networks).insert(network.name.to_string(), network.clone());
+        self.networks
+            .lock_unpoisoned()
+            .insert(network.name.to_string(), network.clone());
         Ok(())
     }
     fn delete_network(&self, name: &str) -> Result<(), StateStoreError> {
-        lock(&self.networks).remove(name);
+        self.networks.lock_unpoisoned().remove(name);
         Ok(())
     }
     fn networks(&self) -> Result<Vec<Network>, StateStoreError> {
-        Ok(lock(&self.networks).values().cloned().collect())
+        Ok(self.networks.lock_unpoisoned().values().cloned().collect())
     }
     fn config_log(&self, name: &str) -> Result<Option<ConfigLog>, StateStoreError> {
-        Ok(lock(&self.config_logs).get(name).cloned())
+        Ok(self.config_logs.lock_unpoisoned().get(name).cloned())
     }
     fn put_config_log(&self, name: &str, log: &ConfigLog) -> Result<(), StateStoreError> {
-        lock(&self.config_logs).insert(name.to_string(), log.clone());
+        self.config_logs
+            .lock_unpoisoned()
+            .insert(name.to_string(), log.clone());
         Ok(())
     }
     fn commit_config(
@@ -754,42 +783,50 @@ impl StateStore for MemStore {
         log: &ConfigLog,
     ) -> Result<(), StateStoreError> {
         let name = record.instance.spec.name.to_string();
-        lock(&self.instances).insert(name.clone(), record.clone());
-        lock(&self.config_logs).insert(name, log.clone());
+        self.instances
+            .lock_unpoisoned()
+            .insert(name.clone(), record.clone());
+        self.config_logs.lock_unpoisoned().insert(name, log.clone());
         Ok(())
     }
     fn put_splice(&self, splice: &Splice) -> Result<(), StateStoreError> {
-        lock(&self.splices).insert(splice.appliance.to_string(), splice.clone());
+        self.splices
+            .lock_unpoisoned()
+            .insert(splice.appliance.to_string(), splice.clone());
         Ok(())
     }
     fn delete_splice(&self, appliance: &str) -> Result<(), StateStoreError> {
-        lock(&self.splices).remove(appliance);
+        self.splices.lock_unpoisoned().remove(appliance);
         Ok(())
     }
     fn splices(&self) -> Result<Vec<Splice>, StateStoreError> {
-        Ok(lock(&self.splices).values().cloned().collect())
+        Ok(self.splices.lock_unpoisoned().values().cloned().collect())
     }
     fn put_mirror(&self, mirror: &Mirror) -> Result<(), StateStoreError> {
-        lock(&self.mirrors).insert(mirror.id.clone(), mirror.clone());
+        self.mirrors
+            .lock_unpoisoned()
+            .insert(mirror.id.clone(), mirror.clone());
         Ok(())
     }
     fn delete_mirror(&self, id: &str) -> Result<(), StateStoreError> {
-        lock(&self.mirrors).remove(id);
+        self.mirrors.lock_unpoisoned().remove(id);
         Ok(())
     }
     fn mirrors(&self) -> Result<Vec<Mirror>, StateStoreError> {
-        Ok(lock(&self.mirrors).values().cloned().collect())
+        Ok(self.mirrors.lock_unpoisoned().values().cloned().collect())
     }
     fn put_room(&self, room: &Room) -> Result<(), StateStoreError> {
-        lock(&self.rooms).insert(room.name.to_string(), room.clone());
+        self.rooms
+            .lock_unpoisoned()
+            .insert(room.name.to_string(), room.clone());
         Ok(())
     }
     fn delete_room(&self, name: &str) -> Result<(), StateStoreError> {
-        lock(&self.rooms).remove(name);
+        self.rooms.lock_unpoisoned().remove(name);
         Ok(())
     }
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
-        Ok(lock(&self.rooms).values().cloned().collect())
+        Ok(self.rooms.lock_unpoisoned().values().cloned().collect())
     }
 }
 
@@ -815,15 +852,12 @@ impl FakeImages {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        self.extra
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(image);
+        self.extra.lock_unpoisoned().push(image);
     }
 
     fn all(&self) -> Vec<BootImage> {
         let mut all = vec![self.image.clone(), self.router.clone(), self.bump.clone()];
-        all.extend(self.extra.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        all.extend(self.extra.lock_unpoisoned().clone());
         all
     }
 }

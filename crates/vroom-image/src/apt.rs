@@ -82,7 +82,7 @@ pub fn update() -> Result<(), ResolvePackagesError> {
         return Err(ResolvePackagesError::Apt {
             detail: format!(
                 "apt-get update failed: {}",
-                stderr.lines().last().unwrap_or("").trim()
+                vroom_base::last_line(&stderr).unwrap_or("").trim()
             ),
         });
     }

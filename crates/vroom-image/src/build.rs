@@ -17,7 +17,7 @@ use crate::pack::{pack_and_commit, ImageMeta};
 use crate::recipe::{LoadedRecipe, MAX_RECIPE_INPUT_BYTES, MAX_SOURCE_BYTES};
 use crate::store::{ImageStore, StoredImage};
 use crate::util::run;
-use vroom_core::input::open_input;
+use vroom_input::open_input;
 
 use crate::inroot;
 

@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use vroom_core::error::chain;
-use vroom_core::input::{open_input, read_input, OpenInputError};
+use vroom_input::{open_input, read_input, OpenInputError};
 use vroom_types::template::{TemplateContext, TemplateNic, RESERVED_TEMPLATE_NAMES};
 use vroom_types::{
     check_rules, parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField,
@@ -296,7 +296,7 @@ pub enum HealthPort {
 pub struct LoadedRecipe {
     pub recipe: Recipe,
     /// When set, every file the build reads must belong to this uid (a
-    /// build asked for by a non-root caller; see [`vroom_core::input`]).
+    /// build asked for by a non-root caller; see [`vroom_input`]).
     pub owner: Option<u32>,
     /// The recipe file itself.
     pub path: PathBuf,
@@ -355,7 +355,7 @@ impl LoadedRecipe {
 
     /// A file named by the recipe, resolved inside its directory (symbolic
     /// links within the directory followed, so the result names the file
-    /// itself); open it with [`vroom_core::input::open_input`].
+    /// itself); open it with [`vroom_input::open_input`].
     pub fn source_path(&self, relative: &str) -> Result<PathBuf, String> {
         inside_dir(&self.dir, relative)
     }

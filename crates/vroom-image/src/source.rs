@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use vroom_base::LockExt;
 use vroom_core::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageError};
 use vroom_types::{package_changes, BuildReport, ImageSummary};
 
@@ -53,7 +54,7 @@ impl LocalImages {
                 })
             }
         };
-        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.build.lock_unpoisoned();
         if let Ok(image) = self.store.resolve(name) {
             if name != AUTO_REBUILT || !self.built_with_older_init(&image) {
                 return Ok(image);
@@ -99,7 +100,7 @@ impl LocalImages {
     fn current_init_digest(&self) -> Option<String> {
         let meta = std::fs::metadata(&self.init).ok()?;
         let key = (meta.len(), meta.modified().ok()?);
-        let mut cached = self.init_digest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = self.init_digest.lock_unpoisoned();
         if let Some((len, mtime, digest)) = cached.as_ref() {
             if (*len, *mtime) == key {
                 return Some(digest.clone());
@@ -211,7 +212,7 @@ impl ImageSource for LocalImages {
                 None => format!("debian {}", kernel.reference.release),
             },
         );
-        let _guard = self.build.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.build.lock_unpoisoned();
         let inputs = RecipeInputs {
             kernel: &kernel,
             init: &self.init,

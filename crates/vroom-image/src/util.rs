@@ -37,11 +37,7 @@ pub fn run(cmd: &mut Command) -> Result<String, String> {
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no error output");
+        let last = vroom_base::last_line(&stderr).unwrap_or("no error output");
         return Err(format!(
             "{program} failed ({}): {}",
             output.status,

@@ -13,13 +13,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vroom_agent_proto::{
     ExecStatus, ExecStream, GuestReply, Response, MAX_EXEC_CHUNK, MAX_EXEC_SESSIONS,
     MAX_EXEC_WINDOW,
 };
+use vroom_base::LockExt;
 
 use crate::reply::send;
 use crate::supervisor::Supervisor;
@@ -47,14 +48,10 @@ struct Flow {
     cancelled: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Session {
     /// Waits for one output credit; `false` once the session is cancelled.
     fn take_credit(&self) -> bool {
-        let mut flow = lock(&self.flow);
+        let mut flow = self.flow.lock_unpoisoned();
         while flow.credit == 0 && !flow.cancelled {
             flow = self.wake.wait(flow).unwrap_or_else(|p| p.into_inner());
         }
@@ -66,14 +63,14 @@ impl Session {
     }
 
     fn grant(&self, chunks: u32) {
-        let mut flow = lock(&self.flow);
+        let mut flow = self.flow.lock_unpoisoned();
         flow.credit = flow.credit.saturating_add(chunks).min(MAX_EXEC_WINDOW);
         self.wake.notify_all();
     }
 
     /// Kills the process group and stops the readers.
     fn cancel(&self) {
-        lock(&self.flow).cancelled = true;
+        self.flow.lock_unpoisoned().cancelled = true;
         self.wake.notify_all();
         let pgid = self.pgid.load(Ordering::SeqCst);
         if pgid > 0 {
@@ -94,7 +91,7 @@ pub struct StartExec {
 
 impl Sessions {
     fn get(&self, session: u64) -> Option<Arc<Session>> {
-        lock(&self.map).get(&session).cloned()
+        self.map.lock_unpoisoned().get(&session).cloned()
     }
 
     /// Runs one session to its end on the calling thread.
@@ -109,7 +106,7 @@ impl Sessions {
         let session = Arc::new(Session::default());
         session.grant(start.window);
         {
-            let mut map = lock(&self.map);
+            let mut map = self.map.lock_unpoisoned();
             if map.len() >= MAX_EXEC_SESSIONS {
                 drop(map);
                 return reply(GuestReply::Error {
@@ -125,7 +122,7 @@ impl Sessions {
             map.insert(id, session.clone());
         }
         let status = run_spawned(supervisor, writer, &session, &start);
-        lock(&self.map).remove(&id);
+        self.map.lock_unpoisoned().remove(&id);
         // Close our end of stdin. A writer still blocked on a pipe that a
         // leftover process keeps open holds the lock; it closes stdin itself
         // when it returns (it owns the last reference to the session).
@@ -140,7 +137,7 @@ impl Sessions {
         let session = self
             .get(session)
             .ok_or_else(|| format!("no exec session {session}"))?;
-        let mut stdin = lock(&session.stdin);
+        let mut stdin = session.stdin.lock_unpoisoned();
         let pipe = stdin
             .as_mut()
             .ok_or("the command's stdin is closed or was not requested")?;
@@ -166,7 +163,7 @@ impl Sessions {
 
     /// The host end went away: nobody will read these sessions' output.
     pub fn kill_all(&self) {
-        let sessions: Vec<Arc<Session>> = lock(&self.map).values().cloned().collect();
+        let sessions: Vec<Arc<Session>> = self.map.lock_unpoisoned().values().cloned().collect();
         for session in sessions {
             session.cancel();
         }
@@ -204,10 +201,10 @@ fn run_spawned(
         }
     };
     session.pgid.store(child.id() as i32, Ordering::SeqCst);
-    if lock(&session.flow).cancelled {
+    if session.flow.lock_unpoisoned().cancelled {
         session.cancel();
     }
-    *lock(&session.stdin) = child.stdin.take();
+    *session.stdin.lock_unpoisoned() = child.stdin.take();
     send(
         writer,
         &Response {
@@ -255,7 +252,7 @@ fn run_spawned(
             }
         }
     }
-    let timed_out = !finished && !lock(&session.flow).cancelled;
+    let timed_out = !finished && !session.flow.lock_unpoisoned().cancelled;
     if !finished {
         session.cancel();
         if raw.is_none() {

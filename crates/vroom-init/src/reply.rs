@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::Mutex;
 
 use vroom_agent_proto::{encode_frame, GuestReply, Response};
+use vroom_base::LockExt;
 
 use crate::log;
 
@@ -26,7 +27,7 @@ pub(crate) fn send(writer: &Mutex<File>, response: &Response) {
         };
         encode_frame(&serde_json::to_vec(&fallback).unwrap_or_default()).unwrap_or_default()
     });
-    let mut file = writer.lock().unwrap_or_else(|p| p.into_inner());
+    let mut file = writer.lock_unpoisoned();
     if let Err(err) = file.write_all(&frame).and_then(|()| file.flush()) {
         log(&format!("write agent port: {err}"));
     }

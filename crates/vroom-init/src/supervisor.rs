@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vroom_agent_proto::{HealthReport, ServiceHealth};
+use vroom_base::LockExt;
 use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
     check_complete, check_config, check_rules, validate_config_key, validate_config_value,
@@ -182,11 +183,6 @@ fn check_argv(check: &[String], template_paths: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The first line of a check's output, for one-line messages.
-fn first_line(output: &str) -> &str {
-    output.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
-}
-
 struct Service {
     spec: ServiceSpec,
     pid: Option<i32>,
@@ -253,16 +249,11 @@ impl Supervisor {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock_unpoisoned()
     }
 
     fn identity(&self) -> Identity {
-        self.identity
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.identity.lock_unpoisoned().clone()
     }
 
     /// Renders and checks the stored config, then starts the services. A
@@ -385,7 +376,7 @@ impl Supervisor {
     /// only when all of that passed is the config saved durably, the files
     /// moved into place and the dependent services restarted.
     pub fn apply_config(&self, values: ConfigValues) -> Result<ConfigValues, ApplyConfigError> {
-        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let _applying = self.applying.lock_unpoisoned();
         if self.lock().frozen {
             return Err(ApplyConfigError::rejected(
                 "the appliance is frozen for a snapshot; resume it first",
@@ -483,7 +474,7 @@ impl Supervisor {
                 let message = format!(
                     "the check of service {} failed (exit code {code}): {}",
                     service.name,
-                    first_line(&output)
+                    vroom_base::first_line(&output).unwrap_or("")
                 );
                 log(&message);
                 return Err(ApplyConfigError::Rejected { message, output });
@@ -853,9 +844,5 @@ mod tests {
             let check: Vec<String> = check.iter().map(|s| s.to_string()).collect();
             assert_eq!(check_argv(&check, &paths), *want);
         }
-        assert_eq!(
-            first_line("\n\ndnsmasq: bad option\nmore"),
-            "dnsmasq: bad option"
-        );
     }
 }

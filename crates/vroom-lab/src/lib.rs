@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use vroom_base::LockExt;
 
 pub struct LabNode {
     pub name: String,
@@ -290,7 +291,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
-        *node.daemon.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        *node.daemon.lock_unpoisoned() = Some(child);
         let socket = node.dir.join("vroomd.sock");
         wait(Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&socket).ok()
@@ -307,8 +308,7 @@ impl Lab {
     pub fn daemon_pid(&self, i: usize) -> Option<u32> {
         self.nodes[i]
             .daemon
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .as_ref()
             .map(Child::id)
     }
@@ -367,11 +367,7 @@ impl Lab {
 
     /// SIGKILL of node `i`'s vroomd alone (its guard and VMs live on).
     pub fn kill_daemon(&self, i: usize) {
-        let daemon = self.nodes[i]
-            .daemon
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let daemon = self.nodes[i].daemon.lock_unpoisoned().take();
         if let Some(mut child) = daemon {
             let _ = child.kill();
             let _ = child.wait();
@@ -480,7 +476,7 @@ impl Lab {
     /// a guest's tap would be) with address `cidr`: it reaches the
     /// network's guests on every node over the overlay.
     pub fn plug_client(&self, i: usize, bridge: &str, cidr: &str) -> Result<String, String> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clients = self.clients.lock_unpoisoned();
         let k = clients.len() + 1;
         let ns = format!("{}c{k}", self.prefix);
         clients.push(ns.clone());
@@ -673,12 +669,7 @@ impl Drop for Lab {
         for node in &self.nodes {
             let _ = shell(&format!("ip netns del {}", node.ns));
         }
-        for ns in self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for ns in self.clients.lock_unpoisoned().iter() {
             let _ = shell(&format!("ip netns del {ns}"));
         }
         let _ = shell(&format!(

@@ -257,17 +257,9 @@ async fn tc(args: &[&str]) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot run tc: {e}"))?;
     if !out.status.success() {
-        return Err(first_line(&out.stderr, "tc failed"));
+        return Err(vroom_base::failure_line(&out, "tc failed"));
     }
     Ok(())
-}
-
-fn first_line(bytes: &[u8], default: &str) -> String {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or(default)
-        .to_string()
 }
 
 /// Compiles a pcap-filter expression to classic BPF for Ethernet frames with
@@ -285,7 +277,7 @@ pub async fn compile_filter(expr: &str) -> Result<String, String> {
         .await
         .map_err(|e| format!("cannot run tcpdump (install it with `vroom setup`): {e}"))?;
     if !out.status.success() {
-        return Err(first_line(&out.stderr, "tcpdump refused it"));
+        return Err(vroom_base::failure_line(&out, "tcpdump refused it"));
     }
     bytecode(&String::from_utf8_lossy(&out.stdout))
 }
@@ -394,11 +386,7 @@ async fn nft(script: &str) -> Result<(), String> {
     drop(stdin);
     let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .next()
-            .unwrap_or("nft failed")
-            .to_string());
+        return Err(vroom_base::failure_line(&out, "nft failed"));
     }
     Ok(())
 }

@@ -1,15 +1,13 @@
 //! The QEMU microvm driver. Each VM is one `qemu-system-x86_64 -M microvm`
-//! process, started in a jail of its own (see [`jail`]) by the jailer
+//! process, started in a jail of its own (see [`jail`] and [`vroom_jail`]) by the jailer
 //! subprocess (`vroom __jail`), which detaches it so that it outlives vroomd.
 //! QMP and the agent are unix sockets in the instance's run dir. Liveness is
 //! watched through a pidfd, which works for processes that are not our
 //! children (re-adopted after a daemon restart).
 
 pub mod accel;
-pub mod cgroup;
 pub mod cmdline;
 pub mod jail;
-pub mod jailer;
 pub mod qmp;
 pub mod state;
 
@@ -20,9 +18,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
+use vroom_base::LockExt;
 use vroom_core::driver::{
     ControlVmError, LaunchSpec, LaunchVmError, LiveStats, VmDriver, VmProcess, VmRunState,
 };
+use vroom_jail::cgroup;
 use vroom_types::{Accel, AccelChoice};
 
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -97,10 +97,10 @@ fn proc_args(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// The run dir a VMM names in its environment ([`jail::RUN_DIR_ENV`]).
+/// The run dir a VMM names in its environment ([`vroom_jail::RUN_DIR_ENV`]).
 fn proc_run_dir(pid: u32) -> Option<PathBuf> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{}=", jail::RUN_DIR_ENV);
+    let prefix = format!("{}=", vroom_jail::RUN_DIR_ENV);
     environ
         .split(|b| *b == 0)
         .find_map(|v| v.strip_prefix(prefix.as_bytes()))
@@ -131,7 +131,8 @@ fn jailers_under(root: &Path) -> Vec<u32> {
         .into_iter()
         .filter(|pid| {
             let args = proc_args(*pid);
-            args.get(1).is_some_and(|a| a == jail::JAIL_SUBCOMMAND)
+            args.get(1)
+                .is_some_and(|a| a == vroom_jail::JAIL_SUBCOMMAND)
                 && args
                     .get(2)
                     .is_some_and(|spec| Path::new(spec).starts_with(root))
@@ -163,8 +164,10 @@ impl VmDriver for QemuDriver {
             .and_then(|c| cmdline::host_tsc_khz(&c));
         let isolation = match self.mode {
             JailMode::Jailed => {
-                let uid =
-                    jail::pick_uid(jail::preferred_uid(&spec.instance_id), &jail::uids_in_use());
+                let uid = vroom_jail::pick_uid(
+                    vroom_jail::preferred_uid(&spec.instance_id),
+                    &vroom_jail::uids_in_use(),
+                );
                 Some((uid, uid))
             }
             JailMode::Unjailed => None,
@@ -173,7 +176,7 @@ impl VmDriver for QemuDriver {
             spec,
             &binary,
             isolation,
-            &jail::HostLayout::probe(),
+            &vroom_jail::HostLayout::probe(),
             tsc_khz,
         );
         let spec_path = spec.run_dir.join("jail.json");
@@ -187,7 +190,7 @@ impl VmDriver for QemuDriver {
             .and_then(|mut f| std::io::Write::write_all(&mut f, &json))
             .map_err(io(&spec_path))?;
         let output = tokio::process::Command::new(&self.jailer)
-            .arg(jail::JAIL_SUBCOMMAND)
+            .arg(vroom_jail::JAIL_SUBCOMMAND)
             .arg(&spec_path)
             .stdin(std::process::Stdio::null())
             .output()
@@ -195,10 +198,7 @@ impl VmDriver for QemuDriver {
             .map_err(io(&self.jailer))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let reason = stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
+            let reason = vroom_base::last_line(&stderr)
                 .unwrap_or("no error output")
                 .trim();
             return Err(LaunchVmError::Vmm {
@@ -394,7 +394,7 @@ fn qemu_version(binary: &Path) -> String {
         meta.as_ref().map_or(0, |m| m.len()),
         meta.as_ref().and_then(|m| m.modified().ok()),
     );
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let mut cache = CACHE.lock_unpoisoned();
     if let Some((cached, version)) = cache.as_ref() {
         if *cached == key {
             return version.clone();
@@ -493,7 +493,7 @@ mod tests {
         std::process::Command::new("sleep")
             .arg("30")
             .env_clear()
-            .env(jail::RUN_DIR_ENV, run_dir)
+            .env(vroom_jail::RUN_DIR_ENV, run_dir)
             .spawn()
             .unwrap()
     }

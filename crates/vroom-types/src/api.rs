@@ -7,43 +7,48 @@ use serde::{Deserialize, Serialize};
 use crate::{ApiErrorBody, ConfigValues, ImageSummary, InstanceAction, PackageEntry};
 
 /// The body of `POST /v1/instances/{name}/actions`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: InstanceAction,
 }
 
 /// A whole config, as returned by `GET` and accepted by `PUT /v1/instances/{name}/config`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigDocument {
     // Spelled out: utoipa names every alias of a `BTreeMap` "BTreeMap", so
     // the config values and the config schema would share one component.
-    #[schema(value_type = BTreeMap<String, String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub values: ConfigValues,
 }
 
 /// A piece of an instance's console log.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogChunk {
     pub data: String,
     /// Pass as `offset` to get what follows.
     pub next_offset: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VersionInfo {
     pub version: String,
     pub data_dir: String,
 }
 
 /// The body of `POST /v1/images/build`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     /// Absolute path of a recipe file, or of a directory holding `recipe.toml`, on the daemon's host;
     /// or the name of a recipe of vroom's catalog (`firewall`, `web`, ...).
-    #[schema(pattern = "^(/|[a-z][a-z0-9-]*$)")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(/|[a-z][a-z0-9-]*$)"))]
     pub recipe: String,
     /// Refresh the package indexes first, so the newest versions (security
     /// updates) are picked, and report what changed.
@@ -54,12 +59,13 @@ pub struct BuildImageRequest {
     /// an id from `vroom kernel ls`. Absent: vroom's when it is built,
     /// Debian's until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^(debian|vroom|[0-9a-f]{16})$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(debian|vroom|[0-9a-f]{16})$"))]
     pub kernel: Option<String>,
 }
 
 /// The outcome of a build.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildReport {
     pub image: ImageSummary,
     /// Nothing changed since an earlier build of the same inputs; nothing was built.
@@ -69,7 +75,8 @@ pub struct BuildReport {
 }
 
 /// One package added, removed or moved to another version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PackageChange {
     pub name: String,
     /// The version before; absent for an added package.
@@ -79,7 +86,8 @@ pub struct PackageChange {
 }
 
 /// One line of the `POST /v1/images/build` stream (NDJSON).
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum BuildEvent {
     /// A stage (resolve, download, extract, trim, pack) began or advanced.

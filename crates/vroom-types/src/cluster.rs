@@ -6,9 +6,8 @@ use serde::{Deserialize, Serialize};
 use crate::Name;
 
 /// What happens to an instance when its host is lost (cluster mode only).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum HaPolicy {
     /// It stays with its host: lost while the host is down.
@@ -52,7 +51,8 @@ impl std::str::FromStr for HaPolicy {
 }
 
 /// Where a cluster instance should run: its HA policy and anti-affinity.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     #[serde(default, skip_serializing_if = "HaPolicy::is_none")]
@@ -73,7 +73,8 @@ impl Placement {
 }
 
 /// One host of the cluster, as `vroom node ls|inspect` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
     pub name: Name,
     /// Where its API and its peers reach it.
@@ -97,7 +98,8 @@ pub struct NodeInfo {
 /// What `node drain` did: the instances it moved and where, those it gave
 /// up (stopped on purpose), and with `force` those it left running on the
 /// node because no other node could take them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DrainReport {
     /// The node after the drain (cordoned).
     pub node: NodeInfo,
@@ -110,7 +112,8 @@ pub struct DrainReport {
 }
 
 /// An instance a drain moved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DrainedInstance {
     pub instance: String,
     /// The node that runs it now.
@@ -118,7 +121,8 @@ pub struct DrainedInstance {
 }
 
 /// An instance a forced drain left running where it was.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeptInstance {
     pub instance: String,
     /// Why no node could take it.
@@ -126,7 +130,8 @@ pub struct KeptInstance {
 }
 
 /// The cluster's identity, written once by `vroom cluster init`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterInfo {
     pub id: String,
     pub created_at: u64,
@@ -136,7 +141,8 @@ pub struct ClusterInfo {
 }
 
 /// `POST /v1/instances/{name}/migrate`: where to move a running instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// The node to move it to.
@@ -144,7 +150,8 @@ pub struct MigrateRequest {
 }
 
 /// A finished live migration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Migration {
     pub instance: Name,
     pub from: Name,

@@ -13,7 +13,8 @@ const MAX_KEY_LEN: usize = 64;
 pub const MAX_VALUE_LEN: usize = 4096;
 
 /// A request to change some config values of an instance.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
     /// Keys to set, with their new values.
@@ -21,7 +22,8 @@ pub struct ConfigUpdate {
 }
 
 /// What made a config version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ConfigOrigin {
     /// The image's seed config, when the instance was created.
@@ -37,7 +39,8 @@ pub enum ConfigOrigin {
 }
 
 /// One version of an instance's config, as kept in its history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigVersion {
     /// Counts up from 1, the config the instance was created with.
     pub version: u64,
@@ -53,7 +56,8 @@ pub struct ConfigVersion {
 }
 
 /// A line of `config history`: a version without its values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigVersionSummary {
     pub version: u64,
     pub time: u64,
@@ -64,7 +68,8 @@ pub struct ConfigVersionSummary {
 }
 
 /// The body of `GET /v1/instances/{name}/config/history`, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigHistory {
     /// The version in force.
     pub current: u64,
@@ -72,7 +77,8 @@ pub struct ConfigHistory {
 }
 
 /// One key that differs between two versions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigChange {
     pub key: String,
     /// The value in the older version; absent when the key was added.
@@ -84,7 +90,8 @@ pub struct ConfigChange {
 }
 
 /// The body of `GET /v1/instances/{name}/config/diff`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigDiff {
     pub from: u64,
     pub to: u64,
@@ -92,12 +99,13 @@ pub struct ConfigDiff {
 }
 
 /// The body of `POST /v1/instances/{name}/config/rollback`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigRollback {
     /// The version whose values to restore; the one before the current when absent.
     #[serde(default, deserialize_with = "crate::json_int::optional")]
-    #[schema(minimum = 1)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub version: Option<u64>,
 }
 

@@ -75,19 +75,20 @@ impl crate::ExecRequest {
 }
 
 /// One line of the exec answer.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
     /// Bytes the command wrote to stdout.
     Stdout {
-        #[serde(with = "base64_bytes")]
-        #[schema(value_type = String, format = Byte)]
+        #[serde(with = "vroom_base::base64_bytes")]
+        #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
         data: Vec<u8>,
     },
     /// Bytes the command wrote to stderr.
     Stderr {
-        #[serde(with = "base64_bytes")]
-        #[schema(value_type = String, format = Byte)]
+        #[serde(with = "vroom_base::base64_bytes")]
+        #[cfg_attr(feature = "openapi", schema(value_type = String, format = Byte))]
         data: Vec<u8>,
     },
     /// The command ended; the last line.
@@ -97,7 +98,8 @@ pub enum ExecEvent {
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecExit {
     /// What a shell would report: the command's code, 128+n for signal n,
     /// 124 for a timeout, 127 for a missing program, 126 for one that cannot run.
@@ -108,7 +110,8 @@ pub struct ExecExit {
     pub message: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ExitReason {
     Exited,
@@ -116,24 +119,6 @@ pub enum ExitReason {
     TimedOut,
     NotFound,
     CannotRun,
-}
-
-/// Serde for bytes as standard base64 text.
-mod base64_bytes {
-    use base64::engine::general_purpose::STANDARD;
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD
-            .decode(text.as_bytes())
-            .map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]

@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::BTreeMap;
 
-use crate::{ConfigField, ConfigRule, ConfigSchema, ConfigValues};
+use crate::{ConfigRule, ConfigSchema, ConfigValues};
 
 pub const MANIFEST_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageManifest {
     pub manifest_version: u32,
     pub name: String,
@@ -44,7 +45,8 @@ pub struct ImageManifest {
 }
 
 /// One package of an image's SBOM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PackageEntry {
     pub name: String,
     pub version: String,
@@ -55,7 +57,8 @@ pub struct PackageEntry {
 }
 
 /// A kernel from the host's kernel cache, pinned by package version and digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KernelRef {
     /// The Debian package it came from, e.g. `linux-image-6.1.0-56-cloud-amd64`
     /// (for vroom's own kernel: the source package, `linux-source-6.1`).
@@ -75,9 +78,8 @@ pub struct KernelRef {
 /// Debian's cloud kernel (modules in the initramfs, ACPI), or vroom's own
 /// (everything built in, no ACPI: QEMU describes the devices on the kernel
 /// command line).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum KernelFlavor {
     #[default]
@@ -115,7 +117,8 @@ impl std::fmt::Display for KernelFlavor {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileDigest {
     pub file: String,
     pub sha256: String,
@@ -123,10 +126,11 @@ pub struct FileDigest {
 }
 
 /// The guest's part of an image: read by vroom-init from the root filesystem.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApplianceSpec {
     /// Factory-default config, written to a new config volume and restored by `config reset`.
-    #[schema(value_type = BTreeMap<String, String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub seed_config: ConfigValues,
     /// The roles of the appliance's NICs in order (`lan`, `wan`, ...).
     pub nic_roles: Vec<String>,
@@ -144,7 +148,7 @@ pub struct ApplianceSpec {
     /// The typed schema `config set` enforces; images without one accept
     /// exactly their seed keys, as strings.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schema(value_type = BTreeMap<String, ConfigField>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, crate::ConfigField>))]
     pub config_schema: ConfigSchema,
     /// Kernel parameters set at boot, e.g. `net.ipv4.ip_forward = "1"`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -159,7 +163,8 @@ pub struct ApplianceSpec {
     pub on_clone: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceSpec {
     pub name: String,
     /// argv; `argv[0]` is an absolute path inside the root filesystem.
@@ -180,7 +185,8 @@ pub struct ServiceSpec {
 }
 
 /// A file rendered from config with a MiniJinja template (see [`crate::template`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TemplateSpec {
     /// Absolute destination path in the guest; must be under a writable directory.
     pub path: String,
@@ -188,7 +194,8 @@ pub struct TemplateSpec {
 }
 
 /// One line of `image ls`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImageSummary {
     /// The sha256 of the manifest.
     pub id: String,

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::{ConfigValues, InvalidInputError, Name};
 
 /// The accelerator a user asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AccelChoice {
     /// KVM where the CPU advertises vmx or svm and /dev/kvm opens; TCG otherwise.
@@ -30,7 +31,8 @@ impl FromStr for AccelChoice {
 }
 
 /// The accelerator an instance actually runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
@@ -47,12 +49,13 @@ impl fmt::Display for Accel {
 }
 
 /// One NIC of an instance as the user asks for it: `[ROLE=]NET[:IP]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     pub network: Name,
     /// A fixed address inside the network's subnet; vroom allocates one when absent.
-    #[schema(value_type = Option<String>, format = Ipv4)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Ipv4))]
     pub ip: Option<Ipv4Addr>,
     /// The image's NIC role this NIC plays (`wan`, `lan`, ...); NICs without
     /// one take the image's remaining roles in order.
@@ -86,26 +89,27 @@ impl FromStr for NicSpec {
 ///
 /// The numeric ranges are [`crate::limits`]; the host's memory and CPU
 /// count, and the image's minimum memory, are checked on create as well.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub name: Name,
     /// An image name (newest of that name) or id.
-    #[schema(example = "hello")]
+    #[cfg_attr(feature = "openapi", schema(example = "hello"))]
     pub image: String,
     /// Guest memory in MiB; the image's default when absent. At most the host's memory.
-    #[schema(minimum = 64, maximum = 1073741824)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 1073741824))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub mem_mib: Option<u64>,
     /// Virtual CPUs; at most the host's CPU count.
-    #[schema(minimum = 1, maximum = 255)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 255))]
     #[serde(deserialize_with = "crate::json_int::required")]
     pub cpus: u32,
     /// NICs in order; the default network when empty.
     pub nics: Vec<NicSpec>,
     pub accel: AccelChoice,
     /// Size of the config volume in KiB; 1440 (a floppy) when absent.
-    #[schema(minimum = 64, maximum = 65536)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 65536))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub config_volume_kib: Option<u32>,
     /// Every start is a clean slate: the config volume goes back to the
@@ -115,12 +119,13 @@ pub struct InstanceSpec {
 }
 
 /// The body of `POST /v1/instances`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
     pub spec: InstanceSpec,
     /// Seconds the guest has to report ready before the instance is marked failed.
-    #[schema(minimum = 1, maximum = 3600)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub ready_timeout_secs: Option<u64>,
     /// Start from this snapshot instead of booting: a clone, with its own
@@ -138,7 +143,8 @@ pub struct RunRequest {
 }
 
 /// Whether the user wants the instance running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DesiredState {
     Running,
@@ -146,7 +152,8 @@ pub enum DesiredState {
 }
 
 /// The observed lifecycle state of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     /// QEMU is up; the guest has not reported ready yet.
@@ -172,7 +179,8 @@ impl fmt::Display for InstanceState {
 }
 
 /// The closed set of lifecycle actions on an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceAction {
     Start,
@@ -181,15 +189,16 @@ pub enum InstanceAction {
 }
 
 /// One NIC as allocated by vroom.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NicStatus {
     pub network: Name,
     /// Absent on an L2 port (`outside`, `inside`, `mirror-sink`): the guest
     /// bridges or captures on it and never addresses it.
-    #[schema(value_type = Option<String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub ip: Option<Ipv4Addr>,
     pub prefix_len: u8,
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub gateway: Ipv4Addr,
     pub mac: String,
     /// The host tap device; present while QEMU runs.
@@ -215,7 +224,8 @@ impl NicStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct InstanceStatus {
     pub state: InstanceState,
     pub pid: Option<u32>,
@@ -249,7 +259,8 @@ impl InstanceStatus {
 }
 
 /// An instance: desired and observed state together, as stored and as returned by the API.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Instance {
     /// Random and never reused; names the instance's files and devices.
     pub id: String,
@@ -263,7 +274,7 @@ pub struct Instance {
     pub nics: Vec<NicStatus>,
     pub status: InstanceStatus,
     /// The config as last acknowledged by the guest or written by the host.
-    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, String>))]
     pub config: ConfigValues,
     /// The cluster node it runs on (cluster mode only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,7 +287,8 @@ pub struct Instance {
 
 /// A running guest's own report: whether it passes its health check, which
 /// services are down, and how full its connection tracking table is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GuestHealth {
     /// It passes its health check.
     pub ready: bool,
@@ -290,7 +302,8 @@ pub struct GuestHealth {
 
 /// A guest's connection tracking table: when full, new connections through
 /// it are dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConntrackTable {
     /// Connections tracked now.
     pub entries: u64,
@@ -301,14 +314,15 @@ pub struct ConntrackTable {
 }
 
 /// The first line of the body of `POST /v1/instances/{name}/exec` (see [`crate::ExecEvent`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The program (looked up in the guest's PATH) and its arguments.
-    #[schema(min_items = 1)]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub argv: Vec<String>,
     /// Seconds before the command is killed (exit code 124); 30 when absent.
-    #[schema(minimum = 1, maximum = 86400)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub timeout_secs: Option<u64>,
     /// The rest of the request body is the command's stdin; without it stdin is empty.
@@ -320,7 +334,8 @@ pub struct ExecRequest {
 /// invalid UTF-8 replaced, at most [`crate::MAX_EXEC_RESULT_BYTES`]
 /// of each stream (the `*_truncated` flags say when more was left out); the
 /// exec stream carries the exact bytes, all of them.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,

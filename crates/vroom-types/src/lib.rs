@@ -3,6 +3,14 @@
 //! Everything a user hands to vroom is a `*Spec`; everything vroom observes is a
 //! `*Status`. Validation of user input lives here, next to the types, and does no
 //! I/O so that every layer (CLI, API, core) can share it.
+//!
+//! Two features add machinery that not every user of the types wants (the
+//! static guest init links only what it needs):
+//! - `openapi`: the `utoipa` schemas of the API types, for the API document
+//!   (enabled by `vroom-api`);
+//! - `templates`: rendering appliance templates with MiniJinja
+//!   ([`template`], enabled by the image builder, which checks them, and by
+//!   the guest init, which renders them).
 
 mod api;
 mod cluster;
@@ -20,6 +28,7 @@ mod schema;
 mod size;
 mod snapshot;
 mod splice;
+#[cfg(feature = "templates")]
 pub mod template;
 mod topology;
 

@@ -22,6 +22,7 @@ pub struct Name(String);
 pub const NAME_PATTERN: &str = "^[a-z]([a-z0-9-]{0,30}[a-z0-9])?$";
 
 /// Written by hand so that the document states the same rule as [`Name::new`].
+#[cfg(feature = "openapi")]
 impl utoipa::PartialSchema for Name {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         use utoipa::openapi::schema::{ObjectBuilder, Type};
@@ -38,6 +39,7 @@ impl utoipa::PartialSchema for Name {
     }
 }
 
+#[cfg(feature = "openapi")]
 impl utoipa::ToSchema for Name {}
 
 impl Name {

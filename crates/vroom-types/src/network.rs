@@ -6,14 +6,15 @@ use serde::{Deserialize, Serialize};
 use crate::{InvalidInputError, Name};
 
 /// What a user asks for when creating a network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
     pub name: Name,
     /// An IPv4 subnet between /16 and /29, written as its network address,
     /// outside the loopback, link-local, multicast, reserved (240.0.0.0/4)
     /// and 0.0.0.0/8 ranges; a free one is chosen when absent.
-    #[schema(schema_with = subnet_schema)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = subnet_schema))]
     #[serde(default, deserialize_with = "deserialize_subnet")]
     pub subnet: Option<Ipv4Net>,
     /// NAT from this network to the host's uplink; not on an isolated network.
@@ -51,22 +52,11 @@ impl NetworkSpec {
 }
 
 /// A port on a network's gateway that the network's guests may reach.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostPort {
-    #[schema(minimum = 1, maximum = 65535)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     #[serde(deserialize_with = "deserialize_port")]
     pub port: u16,
     /// TCP when absent.
@@ -76,19 +66,9 @@ pub struct HostPort {
 
 /// The transport protocol of a host port.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -161,10 +141,11 @@ pub const MIRROR_ROLE: &str = "mirror-sink";
 pub const ROUTER_ROLES: &[&str] = &["lan", "dmz"];
 
 /// A network as created on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Network {
     pub name: Name,
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub subnet: Ipv4Net,
     pub nat: bool,
     #[serde(default)]
@@ -179,7 +160,7 @@ pub struct Network {
     pub bridge: String,
     /// The guests' default gateway: the host's address on the bridge, or on
     /// an isolated network the address its router appliance takes.
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub gateway: Ipv4Addr,
     pub created_at: u64,
 }
@@ -217,6 +198,7 @@ pub fn subnet_pattern() -> &'static str {
     })
 }
 
+#[cfg(feature = "openapi")]
 pub(crate) fn subnet_schema() -> utoipa::openapi::schema::Object {
     use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
     ObjectBuilder::new()
@@ -350,6 +332,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "openapi")]
     #[test]
     fn the_document_states_the_subnet_rule() {
         use utoipa::PartialSchema;

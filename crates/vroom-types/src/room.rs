@@ -26,9 +26,8 @@ pub fn check_room_name(name: &Name) -> Result<(), InvalidInputError> {
 }
 
 /// The two segments a room has behind its firewall.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Segment {
     Lan,
@@ -73,26 +72,27 @@ impl fmt::Display for Segment {
 /// The subnets a room's networks are to have (`--subnet lan=10.9.1.0/24`,
 /// `[networks]` in a room file); a free /24 is chosen for lan and dmz
 /// when absent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoomNetworks {
     /// The subnet the wan network has: checked against an existing one,
     /// or given to `default` when the room makes it.
-    #[schema(schema_with = crate::network::subnet_schema)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::network::subnet_schema))]
     #[serde(
         default,
         deserialize_with = "crate::network::deserialize_subnet",
         skip_serializing_if = "Option::is_none"
     )]
     pub wan: Option<Ipv4Net>,
-    #[schema(schema_with = crate::network::subnet_schema)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::network::subnet_schema))]
     #[serde(
         default,
         deserialize_with = "crate::network::deserialize_subnet",
         skip_serializing_if = "Option::is_none"
     )]
     pub lan: Option<Ipv4Net>,
-    #[schema(schema_with = crate::network::subnet_schema)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::network::subnet_schema))]
     #[serde(
         default,
         deserialize_with = "crate::network::deserialize_subnet",
@@ -155,11 +155,12 @@ impl RoomNetworks {
 }
 
 /// The body of `POST /v1/rooms`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoomSpec {
     /// At most 28 characters (its networks are NAME-lan and NAME-dmz, its firewall NAME-fw).
-    #[schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28))]
     pub name: Name,
     /// The network the firewall's wan NIC is on; `default` (NAT) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,20 +175,19 @@ pub struct RoomSpec {
 }
 
 /// A port forward from the firewall's wan side to a room instance.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Expose {
     /// The port on the firewall's wan address.
-    #[schema(minimum = 1, maximum = 65535)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     #[serde(deserialize_with = "crate::json_int::required")]
     pub port: u16,
     #[serde(default)]
     pub proto: Protocol,
     /// The room instance it reaches (its address is looked up, and followed).
     pub to: Name,
-    #[schema(minimum = 1, maximum = 65535)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     #[serde(deserialize_with = "crate::json_int::required")]
     pub to_port: u16,
 }
@@ -202,7 +202,8 @@ impl Expose {
 }
 
 /// Where a room stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RoomState {
     /// Its networks and firewall are being made.
@@ -223,7 +224,8 @@ impl fmt::Display for RoomState {
 }
 
 /// A room as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Room {
     pub name: Name,
     /// The network of the firewall's wan NIC.
@@ -270,7 +272,8 @@ pub fn nic_label<'a>(rooms: &[Room], network: &str, role: Option<&'a str>) -> Op
 pub type ExposeRequest = Expose;
 
 /// One instance in a room file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoomInstance {
     /// An image name (newest of that name) or id.
@@ -282,20 +285,21 @@ pub struct RoomInstance {
         skip_serializing_if = "Option::is_none",
         deserialize_with = "crate::json_int::optional"
     )]
-    #[schema(minimum = 64, maximum = 1073741824)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 1073741824))]
     pub mem_mib: Option<u64>,
     /// Config keys to set (the others keep the image's defaults).
     #[serde(default)]
-    #[schema(value_type = BTreeMap<String, String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub config: BTreeMap<String, String>,
 }
 
 /// A room as a file declares it (`vroom room apply FILE`, TOML).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RoomFile {
     /// The room's name, at most 28 characters.
-    #[schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,26}[a-z0-9])?$", min_length = 1, max_length = 28))]
     pub name: Name,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wan: Option<Name>,
@@ -310,17 +314,18 @@ pub struct RoomFile {
     /// Config keys of the room's firewall to set (wan policy, DHCP pool...);
     /// `hosts` and `forward` are vroom's (from the instances and exposes).
     #[serde(default)]
-    #[schema(value_type = BTreeMap<String, String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, String>))]
     pub firewall: BTreeMap<String, String>,
     #[serde(default)]
-    #[schema(value_type = BTreeMap<String, RoomInstance>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = BTreeMap<String, RoomInstance>))]
     pub instances: BTreeMap<Name, RoomInstance>,
     #[serde(default)]
     pub expose: Vec<Expose>,
 }
 
 /// The body of `POST /v1/rooms/apply`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ApplyRoomRequest {
     pub room: RoomFile,
@@ -330,7 +335,8 @@ pub struct ApplyRoomRequest {
 }
 
 /// What a change does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeOp {
     Add,
@@ -349,7 +355,8 @@ impl ChangeOp {
 }
 
 /// One change `room apply` makes (or would make).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoomChange {
     pub op: ChangeOp,
     /// What it is about: `room acme`, `instance web1`, `expose tcp/8080`...
@@ -359,7 +366,8 @@ pub struct RoomChange {
 }
 
 /// What `room apply` changed (or, with `dry_run`, would change).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoomPlan {
     pub room: Name,
     pub changes: Vec<RoomChange>,

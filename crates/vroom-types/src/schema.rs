@@ -17,7 +17,8 @@ use crate::{ConfigValues, InvalidInputError};
 /// The schema of an appliance's config, by key.
 pub type ConfigSchema = BTreeMap<String, ConfigField>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum FieldType {
     #[default]
@@ -34,7 +35,8 @@ pub enum FieldType {
 }
 
 /// One config key's type and constraints.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConfigField {
     #[serde(rename = "type")]
     pub kind: FieldType,
@@ -203,7 +205,8 @@ pub fn check_complete(
 /// A cross-field rule of a config schema, e.g. `dhcp_first <= dhcp_last` or
 /// `dhcp_first in nics.lan`, checked on the host before a change reaches the
 /// guest (and by the guest again). See docs/recipes.md for the grammar.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ConfigRule {
     /// `A <= B`, `A < B` (integer or port keys), or `A in nics.ROLE` (the

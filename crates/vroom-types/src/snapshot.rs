@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{Accel, ConfigValues, Instance, Name};
 
 /// What a snapshot is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotKind {
     /// Taken by `vroom snapshot`.
@@ -20,7 +21,8 @@ pub enum SnapshotKind {
 }
 
 /// A complete snapshot, as listed and as stored (`snapshot.json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     pub name: Name,
     pub kind: SnapshotKind,
@@ -41,7 +43,8 @@ pub struct Snapshot {
 }
 
 /// One file of a snapshot and its checksum.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SnapshotFile {
     pub bytes: u64,
     pub sha256: String,
@@ -117,7 +120,8 @@ fn short(id: &str) -> &str {
 }
 
 /// The body of `POST /v1/snapshots`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     /// The running instance to capture.
@@ -131,48 +135,56 @@ pub struct SnapshotRequest {
 }
 
 /// The body of `POST /v1/instances/{name}/restore`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     pub snapshot: Name,
 }
 
 /// The body of `POST /v1/images/{name}/warm`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WarmRequest {
     /// Guest memory in MiB of the instances that will start from it; the
     /// image's default when absent.
-    #[schema(minimum = 64, maximum = 1073741824)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 64, maximum = 1073741824))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub mem_mib: Option<u64>,
 }
 
 /// The body of `POST /v1/instances/{name}/archive`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveRequest {
     /// An absolute path on the daemon's host: a directory that does not
     /// exist yet (its parent must) or an empty one.
-    #[schema(min_length = 1, max_length = 4096, pattern = "^/")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 4096, pattern = "^/")
+    )]
     pub dir: String,
 }
 
 /// What `rm --archive` kept and wiped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArchiveReport {
-    #[schema(value_type = String)]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub dir: PathBuf,
     /// The archived files, relative to `dir`, as listed in its `SHA256SUMS`.
     pub files: Vec<ArchivedFile>,
     /// The instance's files that were overwritten, then unlinked.
-    #[schema(value_type = Vec<String>)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub wiped: Vec<PathBuf>,
     /// Whether the memory image is in the archive (the instance ran).
     pub memory: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArchivedFile {
     pub path: String,
     pub bytes: u64,

@@ -27,7 +27,8 @@ pub const MAX_SPLICE_EVENTS: usize = 20;
 
 /// What happens to a spliced VM's path when its appliance dies or fails its
 /// health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
     /// The VM's NIC goes back onto the network, around the appliance, until
@@ -62,7 +63,8 @@ impl fmt::Display for FailMode {
 }
 
 /// Where a splice stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SpliceState {
     /// The appliance is booting; the VM's path does not go through it yet.
@@ -99,7 +101,8 @@ impl fmt::Display for SpliceState {
 }
 
 /// One thing that happened to a splice (the appliance failed, came back, ...).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpliceEvent {
     /// Unix milliseconds.
     pub at_ms: u64,
@@ -140,7 +143,8 @@ impl FromStr for NicRef {
 }
 
 /// The body of `POST /v1/splices`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SpliceRequest {
     /// An image (vroom creates the appliance and removes it on unsplice) or
@@ -150,7 +154,7 @@ pub struct SpliceRequest {
     pub vm: Name,
     /// The VM's NIC: a role or an index from 0; its first NIC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[a-z0-9-]{1,32}$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9-]{1,32}$"))]
     pub nic: Option<String>,
     /// Capture appliances fail open, others closed, when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,7 +163,7 @@ pub struct SpliceRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<Name>,
     /// Seconds the appliance has to become ready; 120 when absent.
-    #[schema(minimum = 1, maximum = 3600)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3600))]
     #[serde(default, deserialize_with = "crate::json_int::optional")]
     pub ready_timeout_secs: Option<u64>,
 }
@@ -211,7 +215,8 @@ impl MirrorRequest {
 /// appliance's `inside` NIC; the appliance's `outside` NIC sits where the
 /// VM's tap was. Splices in front of the same NIC stack: the one spliced
 /// last is closest to the VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Splice {
     /// The appliance instance (an appliance is spliced at most once).
     pub appliance: Name,
@@ -247,29 +252,31 @@ impl Splice {
 }
 
 /// The body of `POST /v1/mirrors`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MirrorRequest {
     /// The VM whose traffic is copied.
     pub vm: Name,
     /// Its NIC: a role or an index from 0; its first NIC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[a-z0-9-]{1,32}$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9-]{1,32}$"))]
     pub nic: Option<String>,
     /// The capture appliance that receives the copy.
     pub to: Name,
     /// Its capture NIC (`mirror-sink`); the appliance's only one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(pattern = "^[a-z0-9-]{1,32}$")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9-]{1,32}$"))]
     pub to_nic: Option<String>,
     /// A pcap-filter expression: only matching frames are copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_length = 1024)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 1024))]
     pub filter: Option<String>,
 }
 
 /// A copy of one NIC's traffic, both directions, to a capture NIC.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Mirror {
     /// `VM:NIC>TO:NIC`, stable; what `unmirror` takes.
     pub id: String,

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::{Instance, InstanceState, Mirror, Network, Room, Splice};
 
 /// One NIC in the topology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TopologyNic {
     pub network: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -20,7 +21,8 @@ pub struct TopologyNic {
 }
 
 /// One instance in the topology.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TopologyInstance {
     pub name: String,
     pub image: String,
@@ -29,7 +31,8 @@ pub struct TopologyInstance {
 }
 
 /// The answer of `GET /v1/topology`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Topology {
     pub rooms: Vec<Room>,
     pub networks: Vec<Network>,

@@ -17,7 +17,7 @@ const MAX_IMPORT_BYTES: u64 = 1 << 20;
 /// file) before anything is sent; `-` (stdin) is read later.
 pub fn check_import_file(file: &Path) -> Result<()> {
     if file.as_os_str() != "-" {
-        vroom_core::input::open_input(file, MAX_IMPORT_BYTES, None)?;
+        vroom_input::open_input(file, MAX_IMPORT_BYTES, None)?;
     }
     Ok(())
 }
@@ -90,7 +90,7 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
             } else {
                 // A regular file under the cap, opened without blocking: a
                 // FIFO or /dev/zero is refused at once, naming what it is.
-                let bytes = vroom_core::input::read_input(file, MAX_IMPORT_BYTES, None)?;
+                let bytes = vroom_input::read_input(file, MAX_IMPORT_BYTES, None)?;
                 (bytes, file.display().to_string())
             };
             let doc: ConfigDocument = serde_json::from_slice(&bytes)

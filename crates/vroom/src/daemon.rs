@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use vroom_core::store::RedbStateStore;
 use vroom_core::{Engine, EngineConfig};
 use vroom_net::NetlinkNetwork;
 use vroom_qemu::QemuDriver;
+use vroom_store::RedbStateStore;
 
 use crate::paths;
 
@@ -97,7 +97,7 @@ pub async fn run(
     tracing::info!(?limits, "API connection limits (per listener)");
     if let Some(node) = &node {
         node.start();
-        let config = vroom_client::tls::server_config(&node.tls_dir())
+        let config = crate::serve::tls::server_config(&node.tls_dir())
             .map_err(|e| anyhow::anyhow!("cannot set up the API's TLS: {e}"))?;
         let addr = node.api_addr();
         let listener = node

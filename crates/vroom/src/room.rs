@@ -16,7 +16,7 @@ use crate::output;
 /// for rooms (the same constant bounds the file, so one limit is named).
 pub fn read_room_file(path: &Path) -> Result<RoomFile> {
     let limit = vroom_types::limits::MAX_ROOM_BODY;
-    let bytes = vroom_core::input::read_input(path, limit as u64, None)?;
+    let bytes = vroom_input::read_input(path, limit as u64, None)?;
     let text =
         std::str::from_utf8(&bytes).with_context(|| format!("{} is not UTF-8", path.display()))?;
     let file: RoomFile = toml::from_str(text).map_err(|e| {

@@ -17,6 +17,8 @@
 //! - The soft `RLIMIT_NOFILE` is raised to the hard one at start, and the
 //!   bounds follow from it (or from `VROOM_API_MAX_CONNECTIONS`).
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
@@ -410,7 +412,7 @@ mod tests {
         let (server, client) = (dir.path().join("server"), dir.path().join("client"));
         ca.issue("n1", &["127.0.0.1".to_string()], &server).unwrap();
         ca.issue("cli", &[], &client).unwrap();
-        let config = vroom_client::tls::server_config(&server).unwrap();
+        let config = tls::server_config(&server).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let t = vroom_core::testing::TestEngine::new(&dir.path().join("data"));

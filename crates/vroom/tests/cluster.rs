@@ -81,7 +81,7 @@ static HOST_LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Held by every other test while it runs.
 fn quiet_host() -> std::sync::RwLockReadGuard<'static, ()> {
-    HOST_LOAD.read().unwrap_or_else(|e| e.into_inner())
+    vroom_base::RwLockExt::read_unpoisoned(&HOST_LOAD)
 }
 
 /// Counts, every 20 ms, the QEMUs of `instance` across every node; keeps the
@@ -925,7 +925,7 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
 #[test]
 fn moves_under_traffic_on_a_loaded_host_never_lose_the_guest() {
     // Its busy loops would starve the other tests' etcd and guests.
-    let _alone = HOST_LOAD.write().unwrap_or_else(|e| e.into_inner());
+    let _alone = vroom_base::RwLockExt::write_unpoisoned(&HOST_LOAD);
     use vroom_lab::{BusyLoops, Prober};
     let lab = Arc::new(Lab::new(2));
     let hello = common::recipe("hello");

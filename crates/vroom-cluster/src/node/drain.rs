@@ -214,7 +214,7 @@ impl ClusterNode {
     /// releasing it. Returns whether it is on its way; `false` leaves it
     /// here: no node can take it (it wants to run), or it is being removed.
     pub(super) fn drain_one(&self, name: &str, view: &View, local: Option<&Instance>) -> bool {
-        if lock(&self.draining).contains(name) {
+        if self.draining.lock_unpoisoned().contains(name) {
             return true;
         }
         let Some((record, _)) = view.instances.get(name) else {
@@ -225,7 +225,7 @@ impl ClusterNode {
         if record.removing || (target.is_none() && wants_running) {
             return false;
         }
-        lock(&self.draining).insert(name.to_string());
+        self.draining.lock_unpoisoned().insert(name.to_string());
         let running = local.is_some_and(|i| i.status.state == InstanceState::Running);
         let target = target.filter(|_| running);
         let node = self.arc();
@@ -247,7 +247,7 @@ impl ClusterNode {
             if !moved && node.release(&name, true).await && wants_running {
                 node.take_back_unless_taken(&name).await;
             }
-            lock(&node.draining).remove(&name);
+            node.draining.lock_unpoisoned().remove(&name);
             node.wake.notify_one();
         });
         true
@@ -290,7 +290,7 @@ impl ClusterNode {
             .when([Compare::mod_revision(key(OWNERS, name), token)])
             .and_then(ops);
         if matches!(self.store.txn(txn).await, Ok(r) if r.succeeded()) {
-            lock(&self.owned).remove(name);
+            self.owned.lock_unpoisoned().remove(name);
             tracing::info!(instance = %name, "released for a move");
             return true;
         }

@@ -105,7 +105,7 @@ impl ClusterNode {
                 ));
             }
         }
-        vroom_qemu::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
+        vroom_jail::cgroup::set_scope(&cgroup_scope(&info.id, opts.node.as_str()));
         let guard = GuardLink::new(&opts.data_dir, &cgroup_scope(&info.id, opts.node.as_str()));
         let node = ClusterNode::assemble(
             engine,
@@ -142,8 +142,8 @@ impl ClusterNode {
         let bound = peers.and_then(|p| api.map(|a| (p, a)));
         match bound {
             Ok((peers, api)) => {
-                *lock(&node.peers) = Some(peers);
-                *lock(&node.api) = Some(api);
+                *node.peers.lock_unpoisoned() = Some(peers);
+                *node.api.lock_unpoisoned() = Some(api);
             }
             Err(e) => {
                 let _ = node.store.revoke(node.lease()).await;
@@ -410,7 +410,7 @@ impl ClusterNode {
         if self.lease() != lease {
             return;
         }
-        lock(&self.owned).clear();
+        self.owned.lock_unpoisoned().clear();
         self.lease.store(0, Ordering::SeqCst);
         loop {
             match self.take_lease(None).await {
@@ -433,26 +433,26 @@ impl ClusterNode {
             .filter(|(_, (o, kv))| o.node == self.name && kv.lease == lease && lease != 0)
             .map(|(name, (_, kv))| (name.clone(), kv.mod_revision))
             .collect();
-        let mut current = lock(&self.owned);
-        let mut returned = lock(&self.returned);
+        let mut current = self.owned.lock_unpoisoned();
+        let mut returned = self.returned.lock_unpoisoned();
         *current = owned_after(read, &current, &returned, view.revision);
         // Once a view shows the give-back, the key itself says it.
         returned.retain(|_, revision| view.revision == 0 || *revision > view.revision);
         drop((current, returned));
-        *lock(&self.known) = view.instances.keys().cloned().collect();
+        *self.known.lock_unpoisoned() = view.instances.keys().cloned().collect();
     }
 
     /// Notes a migration's takeover or give-back of `name`, under both
     /// locks in [`adopt`](Self::adopt)'s order: a pass in between cannot
     /// see the one without the other.
     pub(super) fn note_handover(&self, name: &str, handover: Handover) {
-        let mut owned = lock(&self.owned);
-        let mut returned = lock(&self.returned);
+        let mut owned = self.owned.lock_unpoisoned();
+        let mut returned = self.returned.lock_unpoisoned();
         note_handover(&mut owned, &mut returned, name, handover);
     }
 
     pub(super) fn token(&self, name: &str) -> Option<i64> {
-        lock(&self.owned).get(name).copied()
+        self.owned.lock_unpoisoned().get(name).copied()
     }
 }
 

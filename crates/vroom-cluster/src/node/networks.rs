@@ -22,7 +22,7 @@ impl ClusterNode {
                 continue;
             }
             let want = (network.vni, peers.clone());
-            let applied = lock(&self.overlays).get(name) == Some(&want);
+            let applied = self.overlays.lock_unpoisoned().get(name) == Some(&want);
             if applied {
                 continue;
             }
@@ -33,7 +33,7 @@ impl ClusterNode {
             {
                 Ok(()) => {
                     tracing::info!(network = %name, vni = network.vni, peers = ?peers, "network joined to the other nodes");
-                    lock(&self.overlays).insert(name.clone(), want);
+                    self.overlays.lock_unpoisoned().insert(name.clone(), want);
                 }
                 Err(e) => {
                     tracing::warn!(network = %name, error = %e.message, "cannot join the network to the other nodes")

@@ -8,7 +8,7 @@ use super::*;
 impl ClusterNode {
     /// Starts the reconcile loop and the watch that wakes it.
     pub fn start(self: &Arc<Self>) {
-        let listener = lock(&self.peers).take();
+        let listener = self.peers.lock_unpoisoned().take();
         if let Some(listener) = listener {
             let node = self.clone();
             tokio::spawn(async move { node.serve_peers(listener).await });
@@ -195,7 +195,7 @@ impl ClusterNode {
 
     /// Makes the local engine match what this node owns.
     pub(super) async fn converge(&self, view: &View) {
-        let owned: BTreeMap<String, i64> = lock(&self.owned).clone();
+        let owned: BTreeMap<String, i64> = self.owned.lock_unpoisoned().clone();
         let local: BTreeMap<String, Instance> = self
             .engine
             .list()
@@ -212,7 +212,7 @@ impl ClusterNode {
             let ours = owned.contains_key(name);
             // A source keeps its paused copy until its migration has
             // decided (the destination may give the instance back).
-            let leaving = lock(&self.migrating).contains(name);
+            let leaving = self.migrating.lock_unpoisoned().contains(name);
             if cluster_instance && !ours && !self.is_starting(name) && !leaving {
                 tracing::info!(instance = %name, owner = ?view.owner_of(name), "removing the local copy of an instance this node does not own");
                 self.engine.drop_wiring(name).await;
@@ -231,7 +231,7 @@ impl ClusterNode {
         }
         // A migration out that a restarted daemon (or a lost answer) left
         // paused: nobody took the instance over, so it runs here again.
-        let migrating = lock(&self.migrating).clone();
+        let migrating = self.migrating.lock_unpoisoned().clone();
         let paused_out = self.engine.migrating_out();
         for name in &paused_out {
             if let (Some(token), false) = (owned.get(name), migrating.contains(name)) {
@@ -317,15 +317,15 @@ impl ClusterNode {
     }
 
     pub(super) fn is_starting(&self, name: &str) -> bool {
-        lock(&self.starting).contains(name)
+        self.starting.lock_unpoisoned().contains(name)
     }
 
     pub(super) fn begin_start(&self, name: &str) -> bool {
-        lock(&self.starting).insert(name.to_string())
+        self.starting.lock_unpoisoned().insert(name.to_string())
     }
 
     pub(super) fn end_start(&self, name: &str) {
-        lock(&self.starting).remove(name);
+        self.starting.lock_unpoisoned().remove(name);
         self.wake.notify_one();
     }
 
@@ -402,7 +402,7 @@ impl ClusterNode {
             .and_then(ops);
         match self.store.txn(txn).await {
             Ok(r) if r.succeeded() => {
-                lock(&self.owned).remove(name);
+                self.owned.lock_unpoisoned().remove(name);
                 tracing::info!(instance = %name, "removed from the cluster");
             }
             Ok(_) => tracing::warn!(instance = %name, "lost the instance before removing it"),
@@ -412,7 +412,7 @@ impl ClusterNode {
 
     /// Publishes the state of every owned instance that changed, fenced.
     pub(super) async fn publish(&self, view: &View) {
-        let owned: Vec<String> = lock(&self.owned).keys().cloned().collect();
+        let owned: Vec<String> = self.owned.lock_unpoisoned().keys().cloned().collect();
         for name in owned {
             if self.is_starting(&name) {
                 continue;
@@ -428,12 +428,12 @@ impl ClusterNode {
                 .statuses
                 .get(&name)
                 .is_some_and(|s| s.node == self.name && s.error.is_none());
-            let same = lock(&self.published).get(&name) == Some(&fingerprint);
+            let same = self.published.lock_unpoisoned().get(&name) == Some(&fingerprint);
             if same && seen {
                 continue;
             }
             if self.put_status(&name, None, Some(instance)).await {
-                lock(&self.published).insert(name, fingerprint);
+                self.published.lock_unpoisoned().insert(name, fingerprint);
             }
         }
         let fresh = self.node_record();

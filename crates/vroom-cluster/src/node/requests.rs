@@ -343,7 +343,7 @@ impl ClusterHooks for ClusterNode {
                 });
             }
         };
-        if !lock(&self.known).contains(name) && self.token(name).is_none() {
+        if !self.known.lock_unpoisoned().contains(name) && self.token(name).is_none() {
             return Ok(());
         }
         let bytes = json(values);
@@ -378,14 +378,14 @@ impl ClusterHooks for ClusterNode {
 
     fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError> {
         let owned = self.token(name).is_some();
-        let known = lock(&self.known).contains(name);
+        let known = self.known.lock_unpoisoned().contains(name);
         if !owned && !known && !cluster_made && !self.is_starting(name) {
             return Ok(());
         }
         if owned && self.lease_alive() {
             return Ok(());
         }
-        let incoming = lock(&self.incoming).contains_key(name);
+        let incoming = self.incoming.lock_unpoisoned().contains_key(name);
         if incoming && self.lease_alive() {
             // The destination of a live migration: its VM runs only after
             // the handover.

@@ -8,7 +8,7 @@ impl ClusterNode {
     /// (in its memory size), so that a failover to this node starts it from
     /// memory instead of booting. Warms one image at a time, in the background.
     pub(super) fn prepare_standby(&self, view: &View) {
-        if view.cordons.contains_key(&self.name) || !lock(&self.warming).is_empty() {
+        if view.cordons.contains_key(&self.name) || !self.warming.lock_unpoisoned().is_empty() {
             return;
         }
         let warm = self.engine.list_warm();
@@ -20,17 +20,17 @@ impl ClusterNode {
             let Ok(image) = self.engine.get_image(&reference) else {
                 // Not here yet: fetched from a peer, warmed on a later pass.
                 let key = format!("fetch/{reference}");
-                if lock(&self.unwarmable).contains(&key) {
+                if self.unwarmable.lock_unpoisoned().contains(&key) {
                     continue;
                 }
-                lock(&self.warming).insert(key.clone());
+                self.warming.lock_unpoisoned().insert(key.clone());
                 let node = self.arc();
                 tokio::spawn(async move {
                     if let Err(e) = node.ensure_image(&reference).await {
                         tracing::warn!(image = %reference, error = %e.message, "cannot fetch an image for standby instances");
-                        lock(&node.unwarmable).insert(key.clone());
+                        node.unwarmable.lock_unpoisoned().insert(key.clone());
                     }
-                    lock(&node.warming).remove(&key);
+                    node.warming.lock_unpoisoned().remove(&key);
                 });
                 return;
             };
@@ -41,10 +41,10 @@ impl ClusterNode {
                 continue;
             }
             let key = format!("{}/{}", image.id, record.mem_mib);
-            if lock(&self.unwarmable).contains(&key) {
+            if self.unwarmable.lock_unpoisoned().contains(&key) {
                 continue;
             }
-            lock(&self.warming).insert(key.clone());
+            self.warming.lock_unpoisoned().insert(key.clone());
             let node = self.arc();
             let mem = record.mem_mib;
             tokio::spawn(async move {
@@ -54,10 +54,10 @@ impl ClusterNode {
                     }
                     Err(e) => {
                         tracing::warn!(image = %image.name, error = %e.message, "cannot warm an image for standby instances; they boot cold here");
-                        lock(&node.unwarmable).insert(key.clone());
+                        node.unwarmable.lock_unpoisoned().insert(key.clone());
                     }
                 }
-                lock(&node.warming).remove(&key);
+                node.warming.lock_unpoisoned().remove(&key);
             });
             return;
         }

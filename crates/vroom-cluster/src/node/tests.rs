@@ -89,7 +89,7 @@ impl Fleet {
     /// no keepalives, and the store expires its lease. Its last keepalive
     /// is older than its fencing deadline.
     fn stop(&self, name: &str) {
-        lock(&self.stopped).insert(name.to_string());
+        self.stopped.lock_unpoisoned().insert(name.to_string());
         let node = self.node(name);
         assert!(self.store.expire(node.lease()));
         node.last_ack_ns.store(1, Ordering::SeqCst);
@@ -99,7 +99,7 @@ impl Fleet {
     /// they spawned.
     async fn passes(&self) {
         for m in &self.members {
-            if lock(&self.stopped).contains(&m.node.name) {
+            if self.stopped.lock_unpoisoned().contains(&m.node.name) {
                 continue;
             }
             self.beat(&m.node.name).await;

@@ -67,7 +67,7 @@ impl ClusterNode {
     /// Refuses a change to `name` (its config, splices or mirrors) while it
     /// migrates away: the destination has read them already.
     pub(super) fn refuse_while_moving(&self, name: &str) -> Result<(), OpError> {
-        let migrating = lock(&self.migrating).contains(name);
+        let migrating = self.migrating.lock_unpoisoned().contains(name);
         if migrating || self.engine.migrating_out().iter().any(|m| m == name) {
             return Err(OpError::conflict(format!(
                 "{name} is migrating to another node; change it when the migration is done"
@@ -84,7 +84,7 @@ impl ClusterNode {
         name: &str,
         wiring: Option<&Wiring>,
     ) -> Result<(), OpError> {
-        let known = lock(&self.known).contains(name);
+        let known = self.known.lock_unpoisoned().contains(name);
         let Some(token) = self.token(name) else {
             if !known {
                 return Ok(());

@@ -8,7 +8,7 @@ use std::time::Duration;
 use etcd_client::{Client, CompareOp, ConnectOptions, GetOptions, PutOptions, WatchOptions};
 
 use super::{Check, KeepAlive, Kv, Op, Store, StoreError, Txn, TxnResponse, Watch};
-use crate::lock;
+use vroom_base::LockExt;
 
 /// How long one etcd request may take before it counts as failed.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
@@ -91,7 +91,7 @@ impl Etcd {
     }
 
     fn client(&self) -> Client {
-        lock(&self.client).clone()
+        self.client.lock_unpoisoned().clone()
     }
 
     /// Runs a request; after a failure, the next request uses a new connection.
@@ -290,7 +290,7 @@ impl Store for Etcd {
         )
         .await
         {
-            *lock(&self.client) = client;
+            *self.client.lock_unpoisoned() = client;
         }
     }
 }

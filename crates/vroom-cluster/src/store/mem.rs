@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{Check, Compare, KeepAlive, Kv, Op, Store, StoreError, Txn, TxnResponse, Watch};
-use crate::lock;
+use vroom_base::LockExt;
 
 #[derive(Clone)]
 pub struct MemStore {
@@ -64,7 +64,7 @@ impl MemStore {
     /// `false` when it was gone already.
     pub fn expire(&self, lease: i64) -> bool {
         let changed = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock_unpoisoned();
             state.end_lease(lease)
         };
         match changed {
@@ -78,12 +78,12 @@ impl MemStore {
 
     /// The store's current revision.
     pub fn revision(&self) -> i64 {
-        lock(&self.state).revision
+        self.state.lock_unpoisoned().revision
     }
 
     /// Every key with its value, as read now (for comparing snapshots).
     pub fn dump(&self) -> Vec<Kv> {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock_unpoisoned();
         let expired = state.expire_due();
         let all = state.range("");
         drop(state);
@@ -95,7 +95,7 @@ impl MemStore {
     /// then tells the watches what changed.
     fn with_state<T>(&self, work: impl FnOnce(&mut State) -> (T, Vec<String>)) -> T {
         let (result, changed) = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock_unpoisoned();
             let mut changed = state.expire_due();
             let (result, more) = work(&mut state);
             changed.extend(more);

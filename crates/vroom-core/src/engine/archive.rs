@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 use rustix::fs::{Access, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::process::{Gid, Uid};
+use vroom_base::LockExt;
 
 use vroom_types::{ArchiveReport, ArchivedFile, ARCHIVE_MANIFEST};
 
@@ -80,7 +81,7 @@ struct ArchiveDir {
 }
 
 fn made(dir: &ArchiveDir) -> std::sync::MutexGuard<'_, Vec<Made>> {
-    dir.made.lock().unwrap_or_else(|p| p.into_inner())
+    dir.made.lock_unpoisoned()
 }
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY

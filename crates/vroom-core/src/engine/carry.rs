@@ -12,6 +12,7 @@
 //! mirror moves with the VM it copies; it copies again once its capture
 //! appliance is on the same node.
 
+use vroom_base::LockExt;
 use vroom_types::{Mirror, Splice, SpliceState};
 
 use super::splices::now_ms;
@@ -161,8 +162,7 @@ impl Engine {
             blocking(|| self.store.put_mirror(mirror))
                 .map_err(|e| OpError::internal("failed to save the mirror", e))?;
             self.mirrors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .insert(mirror.id.clone(), mirror.clone());
         }
         Ok(())

@@ -1,5 +1,7 @@
 //! Instances: create with rollback, start, stop, restart and remove.
 
+use vroom_base::LockExt;
+
 use super::*;
 
 impl Engine {
@@ -271,8 +273,7 @@ impl Engine {
         }
         let cell = Cell::new(dir.clone(), record);
         self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(spec.name.clone(), cell.clone());
         drop(alloc);
 
@@ -302,10 +303,7 @@ impl Engine {
             };
         }
         if let Err(e) = launched {
-            self.instances
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&spec.name);
+            self.instances.lock_unpoisoned().remove(&spec.name);
             let _ = self.store.delete_instance(spec.name.as_str());
             let _ = std::fs::remove_dir_all(&dir);
             let _alloc = self.alloc.lock().await;
@@ -862,8 +860,7 @@ impl Engine {
         blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
         self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .retain(|n, _| n.as_str() != name);
         blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {

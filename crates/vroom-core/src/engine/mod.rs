@@ -43,6 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::Ipv4Net;
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
 use vroom_agent_proto::{ConntrackUsage, GuestReply, HostCommand};
+use vroom_base::LockExt;
 use vroom_types::{
     check_config, is_l2_role, validate_config_key, validate_config_value, BuildReport,
     ConfigValues, DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction,
@@ -166,7 +167,7 @@ impl Cell {
     }
 
     fn lock(&self) -> MutexGuard<'_, InstanceRecord> {
-        self.record.lock().unwrap_or_else(|p| p.into_inner())
+        self.record.lock_unpoisoned()
     }
     fn snapshot(&self) -> Instance {
         self.lock().instance.clone()
@@ -188,23 +189,16 @@ impl Cell {
             connect_for,
             self.lock().instance.spec.name.to_string(),
         );
-        *self.collector.lock().unwrap_or_else(|p| p.into_inner()) = Some(collector);
+        *self.collector.lock_unpoisoned() = Some(collector);
     }
 
     fn stop_collecting_console(&self) {
-        self.collector
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.collector.lock_unpoisoned().take();
     }
 
     /// Waits until the console output of a VMM that exited is on disk.
     async fn console_flushed(&self) {
-        let collector = self
-            .collector
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let collector = self.collector.lock_unpoisoned().take();
         if let Some(collector) = collector {
             collector.flushed(CONSOLE_FLUSH_TIMEOUT).await;
         }
@@ -274,16 +268,11 @@ impl Engine {
 
     /// Every instance's cell, taken out of the map so no lock is held while using them.
     fn cells(&self) -> Vec<Arc<Cell>> {
-        self.instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.instances.lock_unpoisoned().values().cloned().collect()
     }
 
     fn cell(&self, name: &str) -> Result<Arc<Cell>, OpError> {
-        let map = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.instances.lock_unpoisoned();
         map.iter()
             .find(|(n, _)| n.as_str() == name)
             .map(|(_, c)| c.clone())

@@ -1,20 +1,17 @@
 //! Networks: bridges with their subnets, NAT and addresses.
 
+use vroom_base::LockExt;
+
 use super::*;
 use crate::net::{HostRoute, NetworkBackendError};
 
 impl Engine {
     pub fn list_networks(&self) -> Vec<Network> {
-        self.networks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.networks.lock_unpoisoned().values().cloned().collect()
     }
 
     pub fn network(&self, name: &str) -> Result<Network, OpError> {
-        let map = self.networks.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.networks.lock_unpoisoned();
         map.values()
             .find(|n| n.name.as_str() == name)
             .cloned()
@@ -143,8 +140,7 @@ impl Engine {
         }
         let _ = std::fs::remove_file(&pending);
         self.networks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(network.name.clone(), network.clone());
         tracing::info!(network = %network.name, subnet = %network.subnet, bridge = %network.bridge, "network created");
         Ok(network)
@@ -236,10 +232,7 @@ impl Engine {
         self.store
             .delete_network(name)
             .map_err(|e| OpError::internal("failed to delete the network", e))?;
-        self.networks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&network.name);
+        self.networks.lock_unpoisoned().remove(&network.name);
         Ok(())
     }
 }

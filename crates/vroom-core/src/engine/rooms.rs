@@ -7,6 +7,7 @@
 //! lan or dmz) and exposes whenever either changes, so DNS names and port
 //! forwards follow the instances.
 
+use vroom_base::LockExt;
 use vroom_types::{
     check_room_name, AccelChoice, ApplyRoomRequest, ChangeOp, Expose, Protocol, Room, RoomChange,
     RoomFile, RoomInstance, RoomPlan, RoomSpec, RoomState, Segment,
@@ -19,18 +20,12 @@ const ROOM_KEYS: &[&str] = &["hosts", "forward", "domain"];
 
 impl Engine {
     pub fn list_rooms(&self) -> Vec<Room> {
-        self.rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.rooms.lock_unpoisoned().values().cloned().collect()
     }
 
     pub fn get_room(&self, name: &str) -> Result<Room, OpError> {
         self.rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .values()
             .find(|r| r.name.as_str() == name)
             .cloned()
@@ -41,8 +36,7 @@ impl Engine {
         blocking(|| self.store.put_room(room))
             .map_err(|e| OpError::internal("failed to save the room", e))?;
         self.rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(room.name.clone(), room.clone());
         Ok(())
     }
@@ -50,10 +44,7 @@ impl Engine {
     fn forget_room(&self, name: &Name) -> Result<(), OpError> {
         blocking(|| self.store.delete_room(name.as_str()))
             .map_err(|e| OpError::internal("failed to delete the room", e))?;
-        self.rooms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.rooms.lock_unpoisoned().remove(name);
         Ok(())
     }
 
@@ -818,7 +809,7 @@ impl Engine {
     pub(super) fn load_rooms(&self) -> Result<(), OpError> {
         let rooms = blocking(|| self.store.rooms())
             .map_err(|e| OpError::internal("failed to load rooms", e))?;
-        let mut map = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.rooms.lock_unpoisoned();
         for room in rooms {
             map.insert(room.name.clone(), room);
         }

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 
 use sha2::{Digest, Sha256};
+use vroom_base::LockExt;
 use vroom_types::{Snapshot, SnapshotFile, SnapshotKind, SnapshotRequest, VmShape};
 
 use super::instances::{instance_file, new_instance};
@@ -399,10 +400,7 @@ impl Engine {
     }
 
     fn snapshot_busy(&self, name: &str) -> bool {
-        self.snapshots_in_progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(name)
+        self.snapshots_in_progress.lock_unpoisoned().contains(name)
     }
 
     /// Removes what interrupted snapshot writes left, and the VMMs of
@@ -464,10 +462,7 @@ impl Engine {
             })?;
         let target = self.snapshots_dir().join(name.as_str());
         {
-            let mut busy = self
-                .snapshots_in_progress
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut busy = self.snapshots_in_progress.lock_unpoisoned();
             if target.exists() || busy.contains(name.as_str()) {
                 return Err(OpError::new(
                     ErrorCode::AlreadyExists,
@@ -487,8 +482,7 @@ impl Engine {
             )
             .await;
         self.snapshots_in_progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .remove(name.as_str());
         let snapshot = result?;
         if req.stop {
@@ -694,8 +688,7 @@ impl Engine {
     ) -> Result<(), OpError> {
         if let Some(live) = &source.live {
             let live = live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .take()
                 .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
             let (answer_within, settle, ready) = (live.answer_within, live.settle, live.was_ready);

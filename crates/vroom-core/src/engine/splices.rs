@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 
+use vroom_base::LockExt;
 use vroom_types::{
     FailMode, Mirror, MirrorRequest, Splice, SpliceRequest, SpliceState, INSIDE_ROLE, OUTSIDE_ROLE,
 };
@@ -25,18 +26,12 @@ const WATCH_STRIKES: u32 = 2;
 
 impl Engine {
     pub fn list_splices(&self) -> Vec<Splice> {
-        self.splices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.splices.lock_unpoisoned().values().cloned().collect()
     }
 
     pub fn get_splice(&self, appliance: &str) -> Result<Splice, OpError> {
         self.splices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .values()
             .find(|s| s.appliance.as_str() == appliance)
             .cloned()
@@ -49,20 +44,14 @@ impl Engine {
     }
 
     pub fn list_mirrors(&self) -> Vec<Mirror> {
-        self.mirrors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.mirrors.lock_unpoisoned().values().cloned().collect()
     }
 
     pub(super) fn save_splice(&self, splice: &Splice) -> Result<(), OpError> {
         blocking(|| self.store.put_splice(splice))
             .map_err(|e| OpError::internal("failed to save the splice", e))?;
         self.splices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(splice.appliance.clone(), splice.clone());
         Ok(())
     }
@@ -70,10 +59,7 @@ impl Engine {
     fn forget_splice(&self, appliance: &Name) -> Result<(), OpError> {
         blocking(|| self.store.delete_splice(appliance.as_str()))
             .map_err(|e| OpError::internal("failed to delete the splice", e))?;
-        self.splices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(appliance);
+        self.splices.lock_unpoisoned().remove(appliance);
         Ok(())
     }
 
@@ -546,10 +532,7 @@ impl Engine {
         };
         blocking(|| self.store.put_mirror(&mirror))
             .map_err(|e| OpError::internal("failed to save the mirror", e))?;
-        self.mirrors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, mirror.clone());
+        self.mirrors.lock_unpoisoned().insert(id, mirror.clone());
         if let Err(e) = self.replicate_wiring(&mirror.vm).await {
             let _ = self.drop_mirror(&mirror.id).await;
             return Err(e);
@@ -585,10 +568,7 @@ impl Engine {
             .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no mirror {id:?}")))?;
         blocking(|| self.store.delete_mirror(id))
             .map_err(|e| OpError::internal("failed to delete the mirror", e))?;
-        self.mirrors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.mirrors.lock_unpoisoned().remove(id);
         self.refresh_mirrors_of(&mirror.vm, mirror.nic).await;
         Ok(())
     }
@@ -637,13 +617,13 @@ impl Engine {
         let mirrors = blocking(|| self.store.mirrors())
             .map_err(|e| OpError::internal("failed to load mirrors", e))?;
         {
-            let mut map = self.splices.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.splices.lock_unpoisoned();
             for splice in &splices {
                 map.insert(splice.appliance.clone(), splice.clone());
             }
         }
         {
-            let mut map = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.mirrors.lock_unpoisoned();
             for mirror in mirrors {
                 map.insert(mirror.id.clone(), mirror);
             }

@@ -2,6 +2,8 @@
 //! waits for each guest to become ready and then for its VMM to exit, and the
 //! restart policy.
 
+use vroom_base::LockExt;
+
 use super::*;
 
 impl Engine {
@@ -24,7 +26,7 @@ impl Engine {
         }
         self.sweep_pending_bridges(&networks).await;
         {
-            let mut map = self.networks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = self.networks.lock_unpoisoned();
             for network in networks {
                 map.insert(network.name.clone(), network);
             }
@@ -54,8 +56,7 @@ impl Engine {
             let cell = Cell::new(dir, record);
             let name = cell.snapshot().spec.name;
             self.instances
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .insert(name.clone(), cell.clone());
             if cell.lock().removing {
                 self.finish_removal(&cell, &name, process).await;

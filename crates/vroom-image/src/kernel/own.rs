@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use vroom_base::LockExt;
 use vroom_types::{KernelFlavor, KernelRef};
 
 use super::KernelCache;
@@ -224,7 +225,7 @@ type Digest = (u64, std::time::SystemTime, String);
 fn vmlinux_digest(path: &Path) -> Option<String> {
     let meta = fs::metadata(path).ok()?;
     let key = (meta.len(), meta.modified().ok()?);
-    let mut digests = DIGESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut digests = DIGESTS.lock_unpoisoned();
     if let Some((len, mtime, sha)) = digests.get(path) {
         if (*len, *mtime) == key {
             return Some(sha.clone());

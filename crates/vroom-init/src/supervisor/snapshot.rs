@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use vroom_agent_proto::volume::InstanceFile;
+use vroom_base::LockExt;
 
 use super::{ApplyConfigError, Identity, Supervisor};
 use crate::boot::{self, CONFIG_DIR};
@@ -21,7 +22,7 @@ const ON_CLONE_TIMEOUT: Duration = Duration::from_secs(5);
 impl Supervisor {
     /// Stops the services and flushes the config volume. Idempotent.
     pub fn freeze(&self) -> Result<(), String> {
-        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let _applying = self.applying.lock_unpoisoned();
         self.stop_services();
         boot::sync_config().map_err(|e| format!("sync {CONFIG_DIR}: {e}"))
     }
@@ -36,7 +37,7 @@ impl Supervisor {
         unix_ms: u64,
         reload_volume: bool,
     ) -> Result<bool, String> {
-        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let _applying = self.applying.lock_unpoisoned();
         let mut failures = vec![];
         // First, so that nothing below (the on_clone hook) reads the RNG
         // state every copy of the snapshot shares.
@@ -124,7 +125,7 @@ impl Supervisor {
             machine_id: instance.machine_id.or(before.machine_id.clone()),
             nics: plan.nics,
         };
-        *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = after.clone();
+        *self.identity.lock_unpoisoned() = after.clone();
 
         let current = self.lock().config.clone();
         let config = volume.config.unwrap_or_else(|| {
@@ -161,7 +162,7 @@ impl Supervisor {
         if code != 0 {
             return Err(format!(
                 "the on_clone hook failed with exit code {code}: {}",
-                super::first_line(&format!("{stderr}{stdout}"))
+                vroom_base::first_line(&format!("{stderr}{stdout}")).unwrap_or("")
             ));
         }
         log("on_clone hook done");

@@ -12,7 +12,9 @@ use super::*;
 
 impl ClusterNode {
     pub(in crate::node) fn data_arrived(&self, migration: &str, secret: &str, stream: TcpStream) {
-        let slot = lock(&self.incoming)
+        let slot = self
+            .incoming
+            .lock_unpoisoned()
             .values()
             .find(|(id, s, _)| id == migration && s == secret)
             .map(|(_, _, slot)| slot.clone());
@@ -79,7 +81,7 @@ impl ClusterNode {
         };
         let taken = Arc::new(Mutex::new(None));
         let (slot, data) = std::sync::mpsc::sync_channel(1);
-        lock(&self.incoming).insert(
+        self.incoming.lock_unpoisoned().insert(
             name.to_string(),
             (migration.to_string(), secret.to_string(), slot),
         );
@@ -98,7 +100,7 @@ impl ClusterNode {
                 taken.clone(),
             )
             .await;
-        let taken = lock(&taken).take();
+        let taken = taken.lock_unpoisoned().take();
         let outcome = match (outcome, taken) {
             (Ok(()), Some(taken)) => {
                 let switched = MigrationState::Switched {
@@ -142,7 +144,7 @@ impl ClusterNode {
         }
         // Only now: a pass cannot start it here while it is given back, nor
         // take the migration for one a restart cut short.
-        lock(&self.incoming).remove(name);
+        self.incoming.lock_unpoisoned().remove(name);
         self.end_start(name);
         let reply = match outcome {
             Ok(checked_ms) => {
@@ -313,7 +315,7 @@ impl ClusterNode {
                 downtime_ms,
                 ram_bytes,
             ))?;
-            *lock(&taken) = Some(took);
+            *taken.lock_unpoisoned() = Some(took);
             Ok(())
         });
         let incoming = LiveIncoming {
@@ -498,7 +500,7 @@ impl ClusterNode {
         let Some((owner, okv)) = view.owners.get(name) else {
             return;
         };
-        let receiving = lock(&self.incoming).contains_key(name);
+        let receiving = self.incoming.lock_unpoisoned().contains_key(name);
         if owner.node != self.name || self.token(name).is_none() || receiving {
             return;
         }

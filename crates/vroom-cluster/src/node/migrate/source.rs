@@ -36,7 +36,9 @@ impl ClusterNode {
             return Ok(false);
         }
         let revision = response.revision();
-        lock(&self.owned).insert(name.to_string(), revision);
+        self.owned
+            .lock_unpoisoned()
+            .insert(name.to_string(), revision);
         Ok(true)
     }
 
@@ -73,7 +75,7 @@ impl ClusterNode {
             if record.from != self.name || record.state != MigrationState::Requested {
                 continue;
             }
-            let busy = lock(&self.migrating).contains(name);
+            let busy = self.migrating.lock_unpoisoned().contains(name);
             match self.token(name) {
                 Some(token) if token == record.token => {}
                 // Kept after an attempt a restart cut short: this one is over.
@@ -97,14 +99,14 @@ impl ClusterNode {
             let Some(peer) = view.nodes.get(&record.to).and_then(|(n, _)| n.peer.clone()) else {
                 continue;
             };
-            if !lock(&self.migrating).insert(name.clone()) {
+            if !self.migrating.lock_unpoisoned().insert(name.clone()) {
                 continue;
             }
             let node = self.arc();
             let (name, record, revision) = (name.clone(), record.clone(), kv.mod_revision);
             tokio::spawn(async move {
                 node.migrate_out(&name, record, revision, &peer).await;
-                lock(&node.migrating).remove(&name);
+                node.migrating.lock_unpoisoned().remove(&name);
                 node.wake.notify_one();
             });
         }

@@ -1,6 +1,6 @@
 //! The jailer: runs in `vroom __jail <jail.json>`, a single-threaded process
 //! of its own (so `fork` is safe and the child may allocate), builds the jail
-//! described by a [`JailSpec`] and execs QEMU in it. See [`crate::jail`] for
+//! described by a [`JailSpec`] and execs QEMU in it. See [the crate docs](crate) for
 //! the layout and the order of the steps.
 
 use std::convert::Infallible;
@@ -19,7 +19,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 
 use crate::cgroup::{Hierarchy, CGROUP_MOUNT};
-use crate::jail::{FdSource, FileAccess, Isolation, JailEntry, JailSpec, FIRST_FD, RUN_DIR_ENV};
+use crate::{FdSource, FileAccess, Isolation, JailEntry, JailSpec, FIRST_FD, RUN_DIR_ENV};
 
 /// The largest `jail.json` the jailer reads.
 const MAX_SPEC_BYTES: u64 = 1 << 20;
