@@ -643,10 +643,7 @@ impl crate::cluster::ClusterHooks for Migrating {
             None => Ok(()),
         }
     }
-    fn replicate_config(
-        &self,
-        _: crate::cluster::ConfigReplica<'_>,
-    ) -> Result<(), crate::OpError> {
+    fn replicate_config(&self, _: crate::cluster::ConfigReplica<'_>) -> Result<(), crate::OpError> {
         Ok(())
     }
     async fn replicate_wiring(
