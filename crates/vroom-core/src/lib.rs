@@ -25,5 +25,5 @@ pub mod store;
 pub mod testing;
 pub mod wiring;
 
-pub use engine::{Engine, EngineConfig, LiveIncoming, LiveOutgoing};
+pub use engine::{Arrival, ArrivalChecks, Engine, EngineConfig, LiveOutgoing};
 pub use error::OpError;

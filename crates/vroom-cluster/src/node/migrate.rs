@@ -61,6 +61,8 @@ mod protocol;
 mod request;
 mod source;
 
+#[cfg(test)]
+pub(super) use destination::ArrivedVolume;
 pub(super) use protocol::DataSlot;
 use protocol::*;
 

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use tempfile::TempDir;
 use vroom_core::testing::{run_request, TestEngine};
 
-use super::migrate::Seen;
+use super::migrate::{ArrivedVolume, Seen, ANSWER_WITHIN};
 use super::*;
 use crate::store::mem::MemStore;
 
@@ -392,6 +392,110 @@ async fn a_hand_over_with_a_config_change_slipping_in_is_refused() {
     let taken = b.take_over("web", &migration.id, seen, 1, 1).await.unwrap();
     assert_eq!(fleet.owner("web").await, Some(("b".into(), taken.revision)));
     assert!(!a.keep("web").await.unwrap(), "the source lets it go");
+}
+
+/// The destination's steps on fakes, as `receive_into_engine` drives
+/// them once the streams are connected: the instance arrives on `b`, the
+/// source's VM streams into it, then the hand-over. A config change that
+/// slips in before the takeover gets it refused, and the destination
+/// abandons its arrival: no instance, VM or record stays on it, and the
+/// source keeps the instance. Asked again, the hand-over goes through and
+/// the instance runs on `b` with its identity.
+///
+/// Check it covers: `hand_over`'s `arrival.abandon()` when the takeover
+/// is refused (on a single-threaded runtime, an arrival merely dropped is
+/// undone only once the test yields, after these checks).
+#[tokio::test]
+async fn a_refused_hand_over_leaves_nothing_on_the_destination() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let (a, b) = (fleet.node("a"), fleet.node("b"));
+    let on_b = &fleet.member("b").engine;
+    fleet
+        .run("a", request("web", Some("a"), HaPolicy::Restart))
+        .await;
+    fleet
+        .settle("web runs on a", |f| f.running_on("web") == ["a"])
+        .await;
+    let token = a.token("web").unwrap();
+    // No settle: the test beats no lease meanwhile.
+    let checks = vroom_core::ArrivalChecks {
+        answer_within: ANSWER_WITHIN,
+        settle: Duration::ZERO,
+        was_ready: false,
+    };
+    let arrive = |migration: MigrationRecord| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let (record, config, _, _) = b
+                .check_incoming("web", &migration.id, &migration.secret)
+                .await
+                .unwrap();
+            // As `receive_migration` registers the migration it receives.
+            let (slot, _) = std::sync::mpsc::sync_channel(1);
+            b.incoming
+                .lock_unpoisoned()
+                .insert("web".into(), (migration.id, migration.secret, slot));
+            let identity = Identity {
+                id: record.id.clone(),
+                config,
+                cluster: true,
+            };
+            let label = "migration from a".to_string();
+            let arrival = b.engine.arrive(record.request, identity, label).await;
+            let arrival = arrival.expect("the instance arrives on b");
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let sent = a.engine.send_live("web", ours.into()).await.unwrap();
+            arrival.receive_state(theirs.into()).await.unwrap();
+            let volume = ArrivedVolume {
+                content: sent.volume,
+                downtime_ms: sent.stats.downtime_ms,
+                ram_bytes: sent.stats.bytes,
+            };
+            (arrival, volume)
+        }
+    };
+
+    let migration = fleet.ask_migration("web", "b").await;
+    let seen = fleet.destination_reads("b", "web", &migration).await;
+    let (arrival, volume) = arrive(migration.clone()).await;
+    assert_eq!(on_b.driver.running().len(), 1, "b's VMM holds the state");
+    // The source takes a config change after the destination read it.
+    fleet
+        .store
+        .put(&key(CONFIGS, "web"), json(&values(&[("k", "v2")])))
+        .await
+        .unwrap();
+    let (outcome, taken) = b
+        .hand_over(arrival, ("web", &migration.id), seen, volume, checks)
+        .await;
+    let reason = outcome.expect_err("the change keeps it on the source");
+    assert!(reason.contains("changed while it migrated"), "{reason}");
+    assert!(taken.is_none());
+    assert!(on_b.engine.get("web").is_err(), "no instance on b");
+    assert!(on_b.driver.running().is_empty(), "no VM on b");
+    let records = vroom_core::store::StateStore::instances(&*on_b.store).unwrap();
+    assert!(records.is_empty(), "no record on b");
+    assert_eq!(fleet.owner("web").await, Some(("a".into(), token)));
+    assert!(a.keep("web").await.unwrap());
+    a.engine.resume_unmigrated("web").await.unwrap();
+
+    // Asked again, it moves.
+    fleet.store.delete(&key(MIGRATIONS, "web")).await.unwrap();
+    let migration = fleet.ask_migration("web", "b").await;
+    let seen = fleet.destination_reads("b", "web", &migration).await;
+    let (arrival, volume) = arrive(migration.clone()).await;
+    let (outcome, taken) = b
+        .hand_over(arrival, ("web", &migration.id), seen, volume, checks)
+        .await;
+    outcome.expect("the hand-over goes through");
+    let taken = taken.expect("b took the instance over");
+    assert_eq!(fleet.owner("web").await, Some(("b".into(), taken.revision)));
+    let moved = on_b.engine.get("web").unwrap();
+    assert_eq!(moved.status.state, InstanceState::Running);
+    assert_eq!(
+        moved.id,
+        fleet.member("a").engine.engine.get("web").unwrap().id
+    );
 }
 
 /// An owner cut off from the store past its lease: another node took its

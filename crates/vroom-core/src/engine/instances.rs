@@ -2,7 +2,50 @@
 
 use vroom_base::LockExt;
 
+use super::markers::{clear_marker, set_marker, RESTORE_MARKER};
 use super::*;
+
+/// An instance [`Engine::create`] made, not launched yet, its op lock held.
+pub(super) struct Created {
+    pub(super) cell: Arc<Cell>,
+    pub(super) image: BootImage,
+    /// Held until the instance runs, or is removed again.
+    pub(super) op: tokio::sync::OwnedMutexGuard<()>,
+    /// Its networks, whose rooms learn of it once it runs.
+    pub(super) networks: Vec<Name>,
+    /// The default network, when this creation made it.
+    created_default: Option<Network>,
+    volume_kib: u32,
+    /// Whether it starts from a warm snapshot of its image.
+    warm: bool,
+    /// The saved state it starts from: a clone's snapshot or a warm one.
+    state_source: Option<snapshots::StateSource>,
+}
+
+/// How [`Engine::start_vmm`] starts a VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Launch {
+    /// It boots the guest.
+    Boot,
+    /// It waits for the guest's state: a saved one or a live migration's
+    /// stream. `clone`: the state is another instance's, whose MACs and
+    /// addresses the guest holds until it takes on this one's identity.
+    Incoming { clone: bool },
+}
+
+/// A VMM [`Engine::start_vmm`] started, not yet the instance's on record.
+pub(super) struct Vmm {
+    pub(super) process: VmProcess,
+    /// The instance as it was launched.
+    pub(super) instance: Instance,
+    /// The instance's state before the launch, for [`Engine::unlaunch`].
+    pub(super) previous: InstanceState,
+    ready_timeout: Duration,
+    /// When the VMM was up.
+    launched: Instant,
+    /// Its taps are not wired yet: it starts from a clone's state.
+    clone: bool,
+}
 
 impl Engine {
     pub fn list(&self) -> Vec<Instance> {
@@ -49,17 +92,61 @@ impl Engine {
         req: RunRequest,
         identity: Option<crate::cluster::Identity>,
     ) -> Result<Instance, OpError> {
-        self.run_inner(req, identity, None).await
+        let created = self.create(req, identity, false).await?;
+        let cell = created.cell.clone();
+        let image = created.image.clone();
+        let warm_start = created.warm;
+        let mut launched = self
+            .launch_from(&cell, Some(image.clone()), created.state_source.clone())
+            .await;
+        if let (Err(e), true) = (&launched, warm_start) {
+            // A warm snapshot that does not load must not cost the run: boot.
+            tracing::warn!(instance = %cell.snapshot().spec.name, error = %e.message, "the warm start failed; booting instead");
+            let identity = instance_file(&cell.snapshot(), &image);
+            let config = cell.snapshot().config;
+            let volume_kib = created.volume_kib;
+            let recreated = blocking(|| {
+                let _ = std::fs::remove_file(cell.volume());
+                vroom_volume::create(&cell.volume(), volume_kib, &identity, &config)
+            });
+            launched = match recreated {
+                Ok(()) => self.launch(&cell, Some(image)).await,
+                Err(e) => Err(OpError::internal("failed to create the config volume", e)),
+            };
+        }
+        self.complete(created, launched).await
     }
 
-    /// [`Engine::run_as`], or with `live` the destination of a live
-    /// migration: launched `incoming` and fed by the source's VMM.
-    pub(super) async fn run_inner(
+    /// Ends [`Engine::create`] with its launch's outcome: a failed launch
+    /// undoes the creation; otherwise the op lock goes and the rooms of
+    /// the instance's networks learn of it.
+    pub(super) async fn complete(
+        &self,
+        created: Created,
+        launched: Result<(), OpError>,
+    ) -> Result<Instance, OpError> {
+        if let Err(e) = launched {
+            self.uncreate(&created).await;
+            return Err(e);
+        }
+        let Created {
+            cell, op, networks, ..
+        } = created;
+        drop(op);
+        self.sync_rooms_on(&networks).await;
+        Ok(cell.snapshot())
+    }
+
+    /// Creates instance `req` (its record, run dir and config volume) and
+    /// takes its op lock, for [`Engine::run_as`] or, `arriving`, for the
+    /// destination of a live migration (whose state is the stream: never a
+    /// warm one). Any failure removes everything this call created.
+    pub(super) async fn create(
         self: &Arc<Self>,
         req: RunRequest,
         identity: Option<crate::cluster::Identity>,
-        live: Option<snapshots::StateSource>,
-    ) -> Result<Instance, OpError> {
+        arriving: bool,
+    ) -> Result<Created, OpError> {
         let mut spec = req.spec;
         let ready_timeout_secs = req
             .ready_timeout_secs
@@ -156,15 +243,6 @@ impl Engine {
             };
             created_default = Some(self.create_network_locked(default).await?);
         }
-        let rollback_default = |engine: &Arc<Self>| {
-            let engine = engine.clone();
-            let created = created_default.clone();
-            async move {
-                if let Some(net) = created {
-                    let _ = engine.remove_network_locked(net.name.as_str()).await;
-                }
-            }
-        };
 
         let cluster = identity.as_ref().is_some_and(|i| i.cluster);
         let (id, given_config) = match identity {
@@ -175,7 +253,7 @@ impl Engine {
         let nics = match self.allocate_nics(&id, &nic_specs, roles) {
             Ok(nics) => nics,
             Err(e) => {
-                rollback_default(self).await;
+                self.drop_default(created_default.as_ref()).await;
                 return Err(e);
             }
         };
@@ -186,7 +264,7 @@ impl Engine {
         if let Some(config) = given_config {
             instance.config = config;
         }
-        let warm = match (&clone_of, req.cold || live.is_some()) {
+        let warm = match (&clone_of, req.cold || arriving) {
             (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
             _ => None,
         };
@@ -204,9 +282,7 @@ impl Engine {
                 expected: snapshot.memory.clone(),
                 reload_volume: true,
                 label,
-                live: None,
-            })
-            .or(live);
+            });
         let state_volume = clone_of
             .as_ref()
             .map(|(s, d)| (s, d))
@@ -268,7 +344,7 @@ impl Engine {
         });
         if let Err(e) = prepared {
             let _ = std::fs::remove_dir_all(&dir);
-            rollback_default(self).await;
+            self.drop_default(created_default.as_ref()).await;
             return Err(e);
         }
         let cell = Cell::new(dir.clone(), record);
@@ -277,42 +353,46 @@ impl Engine {
             .insert(spec.name.clone(), cell.clone());
         drop(alloc);
 
-        let _op = cell.op.lock().await;
+        let op = cell.op.clone().lock_owned().await;
         let networks: Vec<Name> = cell
             .snapshot()
             .nics
             .iter()
             .map(|n| n.network.clone())
             .collect();
-        let warm_start = warm.is_some();
-        let mut launched = self
-            .launch_from(&cell, Some(image.clone()), state_source)
-            .await;
-        if let (Err(e), true) = (&launched, warm_start) {
-            // A warm snapshot that does not load must not cost the run: boot.
-            tracing::warn!(instance = %spec.name, error = %e.message, "the warm start failed; booting instead");
-            let identity = instance_file(&cell.snapshot(), &image);
-            let config = cell.snapshot().config;
-            let recreated = blocking(|| {
-                let _ = std::fs::remove_file(cell.volume());
-                vroom_volume::create(&cell.volume(), volume_kib, &identity, &config)
-            });
-            launched = match recreated {
-                Ok(()) => self.launch(&cell, Some(image)).await,
-                Err(e) => Err(OpError::internal("failed to create the config volume", e)),
-            };
+        Ok(Created {
+            cell,
+            image,
+            op,
+            networks,
+            created_default,
+            volume_kib,
+            warm: warm.is_some(),
+            state_source,
+        })
+    }
+
+    /// Undoes [`Engine::create`] once its VM is gone (the caller holds its
+    /// op lock): the instance's record and run dir go, and the default
+    /// network if the creation made it.
+    pub(super) async fn uncreate(&self, created: &Created) {
+        let name = created.cell.snapshot().spec.name;
+        self.instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        let _ = self.store.delete_instance(name.as_str());
+        let _ = std::fs::remove_dir_all(&created.cell.dir);
+        let _alloc = self.alloc.lock().await;
+        self.drop_default(created.created_default.as_ref()).await;
+    }
+
+    /// Removes the default network a failed creation made (the caller holds
+    /// the allocation lock).
+    async fn drop_default(&self, created: Option<&Network>) {
+        if let Some(net) = created {
+            let _ = self.remove_network_locked(net.name.as_str()).await;
         }
-        if let Err(e) = launched {
-            self.instances.lock_unpoisoned().remove(&spec.name);
-            let _ = self.store.delete_instance(spec.name.as_str());
-            let _ = std::fs::remove_dir_all(&dir);
-            let _alloc = self.alloc.lock().await;
-            rollback_default(self).await;
-            return Err(e);
-        }
-        drop(_op);
-        self.sync_rooms_on(&networks).await;
-        Ok(cell.snapshot())
     }
 
     pub(super) fn check_resources(
@@ -518,6 +598,41 @@ impl Engine {
         image: Option<BootImage>,
         source: Option<snapshots::StateSource>,
     ) -> Result<(), OpError> {
+        let how = match &source {
+            Some(source) => Launch::Incoming {
+                clone: source.reload_volume,
+            },
+            None => Launch::Boot,
+        };
+        let vmm = self.start_vmm(cell, image, how).await?;
+        if let Some(source) = &source {
+            if let Err(e) = self.start_from_state(cell, &vmm.process, source).await {
+                self.unlaunch(cell, vmm.previous);
+                return Err(e);
+            }
+            if vmm.clone {
+                if let Err(e) = self.wire_taps(&vmm.instance).await {
+                    let _ = self.driver.kill(&vmm.process);
+                    self.driver.wait_exit(&vmm.process).await;
+                    self.unlaunch(cell, vmm.previous);
+                    return Err(e);
+                }
+            }
+        }
+        let label = source.map(|s| s.label);
+        self.finish_launch(cell, vmm, label, false).await
+    }
+
+    /// The first half of a launch: records the instance `starting`, then
+    /// starts its VMM, booting or (`incoming`) waiting for its state, and
+    /// wires its taps (a clone's only once it took on its own identity: the
+    /// caller does). Any failure undoes the record's change.
+    pub(super) async fn start_vmm(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        image: Option<BootImage>,
+        how: Launch,
+    ) -> Result<Vmm, OpError> {
         if let Some(cluster) = self.cluster() {
             let (name, cluster_made) = {
                 let record = cell.lock();
@@ -541,7 +656,7 @@ impl Engine {
             .driver
             .resolve_accel(instance.spec.accel)
             .map_err(|e| OpError::wrap(ErrorCode::HostUnsupported, "cannot run here", e))?;
-        if let (true, None, Some(seed)) = (instance.spec.ephemeral, &source, seed) {
+        if let (true, Launch::Boot, Some(seed)) = (instance.spec.ephemeral, how, seed) {
             // A clean slate: the volume as the instance was created.
             let kib = instance
                 .spec
@@ -560,7 +675,8 @@ impl Engine {
             self.config_went_back(cell, &seed, vroom_types::ConfigOrigin::Reset)
                 .await?;
         }
-        let launch = self.launch_spec(cell, &instance, &image, accel, source.is_some());
+        let incoming = how != Launch::Boot;
+        let launch = self.launch_spec(cell, &instance, &image, accel, incoming);
         let epoch = blocking(|| cell.console.new_boot())
             .map_err(|e| OpError::internal("failed to rotate the console logs", e))?;
         let _ = std::fs::remove_file(cell.console_socket());
@@ -572,13 +688,9 @@ impl Engine {
             r.instance.status.state = InstanceState::Starting;
             r.process = None;
         })?;
-        let restore = |engine: &Self| {
-            snapshots::clear_marker(&cell.dir, snapshots::RESTORE_MARKER);
-            let _ = engine.update(cell, |r| r.instance.status.state = previous);
-        };
-        if source.is_some() {
-            if let Err(e) = blocking(|| snapshots::set_marker(&cell.dir, snapshots::RESTORE_MARKER))
-            {
+        let restore = |engine: &Self| engine.unlaunch(cell, previous);
+        if incoming {
+            if let Err(e) = blocking(|| set_marker(&cell.dir, RESTORE_MARKER)) {
                 restore(self);
                 return Err(e);
             }
@@ -603,7 +715,7 @@ impl Engine {
         })?;
         // A clone's taps join its networks only once it has taken on its
         // own identity: until then it holds its source's MACs and addresses.
-        let clone = source.as_ref().is_some_and(|s| s.reload_volume);
+        let clone = how == Launch::Incoming { clone: true };
         if !clone {
             if let Err(e) = self.wire_taps(&instance).await {
                 let _ = self.driver.kill(&process);
@@ -613,25 +725,43 @@ impl Engine {
             }
         }
         cell.agent.reset().await;
-        let launched = Instant::now();
-        if let Some(source) = &source {
-            if let Err(e) = self.start_from_state(cell, &process, source).await {
-                restore(self);
-                return Err(e);
-            }
-            if clone {
-                if let Err(e) = self.wire_taps(&instance).await {
-                    let _ = self.driver.kill(&process);
-                    self.driver.wait_exit(&process).await;
-                    restore(self);
-                    return Err(e);
-                }
-            }
-        }
-        snapshots::clear_marker(&cell.dir, snapshots::RESTORE_MARKER);
-        // A guest that migrated here live never stopped running: it is
-        // ready as it arrives.
-        let live = source.as_ref().is_some_and(|s| s.live.is_some());
+        Ok(Vmm {
+            process,
+            instance,
+            previous,
+            ready_timeout,
+            launched: Instant::now(),
+            clone,
+        })
+    }
+
+    /// Undoes [`Engine::start_vmm`]'s change to the record once its VMM is
+    /// gone (or never came): the restore marker goes and the instance is in
+    /// the state it was in before.
+    pub(super) fn unlaunch(&self, cell: &Cell, previous: InstanceState) {
+        clear_marker(&cell.dir, RESTORE_MARKER);
+        let _ = self.update(cell, |r| r.instance.status.state = previous);
+    }
+
+    /// The second half of a launch, once the VM runs: records the VMM as
+    /// the instance's (`started_from` a saved state or a migration, if
+    /// given) and watches it. A guest that migrated here `live` never
+    /// stopped running: it is ready as it arrives.
+    pub(super) async fn finish_launch(
+        self: &Arc<Self>,
+        cell: &Arc<Cell>,
+        vmm: Vmm,
+        started_from: Option<String>,
+        live: bool,
+    ) -> Result<(), OpError> {
+        let Vmm {
+            process,
+            instance,
+            ready_timeout,
+            launched,
+            ..
+        } = vmm;
+        clear_marker(&cell.dir, RESTORE_MARKER);
         let generation = cell.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let saved = self.update(cell, |r| {
             r.process = Some(process.clone());
@@ -649,7 +779,7 @@ impl Engine {
                 boot_ms: None,
                 restarts: r.instance.status.restarts,
                 last_error: None,
-                started_from: source.as_ref().map(|s| s.label.clone()),
+                started_from: started_from.clone(),
             };
         });
         if let Err(e) = saved {

@@ -5,6 +5,9 @@
 //! `Engine` is the one entry point; its methods are spread over one file per
 //! concern:
 //! - `instances`: create with rollback, start, stop, restart, remove;
+//! - `snapshots`: snapshots, restores, clones and warm starts;
+//! - `migrate`: live migration's source and destination steps;
+//! - `markers`: the files that tell the next daemon what was under way;
 //! - `supervise`: recovery after a daemon restart, the per-VM monitor and
 //!   the restart policy;
 //! - `guest`: exec, file copy and console logs;
@@ -21,6 +24,7 @@ mod config;
 mod guest;
 mod images;
 mod instances;
+mod markers;
 mod migrate;
 mod networks;
 mod rooms;
@@ -30,7 +34,7 @@ mod supervise;
 
 pub use archive::verify_archive;
 pub use guest::{GuestExec, GuestFile, GuestStdin};
-pub use migrate::{LiveIncoming, LiveOutgoing};
+pub use migrate::{Arrival, ArrivalChecks, LiveOutgoing};
 pub use rooms::room_network_taken;
 
 use std::collections::BTreeMap;
@@ -117,8 +121,9 @@ pub struct Engine {
 /// One instance in memory.
 struct Cell {
     record: Mutex<InstanceRecord>,
-    /// Serialises lifecycle operations on this instance.
-    op: tokio::sync::Mutex<()>,
+    /// Serialises lifecycle operations on this instance (an arriving
+    /// migration holds it across its steps).
+    op: Arc<tokio::sync::Mutex<()>>,
     /// Bumped on every launch, so a stale monitor never acts.
     generation: AtomicU64,
     crash_streak: AtomicU32,
@@ -151,7 +156,7 @@ impl Cell {
             collector: Mutex::default(),
             dir,
             record: Mutex::new(record),
-            op: tokio::sync::Mutex::new(()),
+            op: Arc::new(tokio::sync::Mutex::new(())),
             generation: AtomicU64::new(0),
             crash_streak: AtomicU32::new(0),
             config_changing: AtomicBool::new(false),

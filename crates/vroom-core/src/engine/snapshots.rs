@@ -21,6 +21,7 @@ use vroom_base::LockExt;
 use vroom_types::{Snapshot, SnapshotFile, SnapshotKind, SnapshotRequest, VmShape};
 
 use super::instances::{instance_file, new_instance};
+use super::markers::{clear_marker, set_marker, sync_dir, RESTORE_MARKER, SNAPSHOT_MARKER};
 use super::*;
 use crate::driver::VmRunState;
 
@@ -30,24 +31,6 @@ const PARTIAL_PREFIX: &str = ".partial-";
 pub(super) const MANIFEST: &str = "snapshot.json";
 pub(super) const MEMORY: &str = "memory.zst";
 pub(super) const VOLUME: &str = "config.img";
-/// In an instance's dir while a snapshot freezes and pauses its VM: the
-/// next daemon lets the VM run again.
-const SNAPSHOT_MARKER: &str = "snapshotting";
-/// In an instance's dir while its VM starts from a saved state: the next
-/// daemon kills such a VM (its identity may not be its own yet) and boots it.
-pub(super) const RESTORE_MARKER: &str = "restoring";
-
-/// Writes a marker file durably.
-pub(super) fn set_marker(dir: &Path, name: &str) -> Result<(), OpError> {
-    File::create(dir.join(name))
-        .and_then(|f| f.sync_all())
-        .and_then(|()| sync_dir(dir))
-        .map_err(|e| OpError::internal(format!("failed to write {name}"), e))
-}
-
-pub(super) fn clear_marker(dir: &Path, name: &str) {
-    let _ = std::fs::remove_file(dir.join(name));
-}
 /// Fast enough to stay off the pause's critical path (about 2.5x on guest
 /// memory, measured: 91 MB of state to 37 MB).
 const ZSTD_LEVEL: i32 = 1;
@@ -66,8 +49,6 @@ pub(super) struct StateSource {
     pub reload_volume: bool,
     /// Shown as `status.started_from`.
     pub label: String,
-    /// A live migration's incoming half instead of a saved state.
-    pub live: Option<Arc<Mutex<Option<super::migrate::LiveIncoming>>>>,
 }
 
 /// Counts and hashes what goes through it.
@@ -137,10 +118,6 @@ fn file_digest(path: &Path) -> std::io::Result<SnapshotFile> {
     let mut reader = Hashing::new(File::open(path)?);
     std::io::copy(&mut reader, &mut std::io::sink())?;
     Ok(reader.finish().1)
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Writes the VM's saved state through zstd into `path`; returns the
@@ -663,7 +640,6 @@ impl Engine {
             expected: snapshot.memory.clone(),
             reload_volume: !same_instance,
             label: format!("snapshot {snapshot_name}"),
-            live: None,
         };
         self.launch_from(&cell, Some(image), Some(source)).await?;
         Ok(cell.snapshot())
@@ -686,24 +662,6 @@ impl Engine {
         process: &VmProcess,
         source: &StateSource,
     ) -> Result<(), OpError> {
-        if let Some(live) = &source.live {
-            let live = live
-                .lock_unpoisoned()
-                .take()
-                .ok_or_else(|| OpError::conflict("a live migration is received once"))?;
-            let (answer_within, settle, ready) = (live.answer_within, live.settle, live.was_ready);
-            let mut received = blocking(|| self.receive_live(process, &cell.volume(), live));
-            if received.is_ok() {
-                received = self
-                    .verify_arrival(cell, process, (answer_within, settle), ready)
-                    .await;
-            }
-            if received.is_err() {
-                let _ = self.driver.kill(process);
-                self.driver.wait_exit(process).await;
-            }
-            return received;
-        }
         let t0 = Instant::now();
         let loaded = blocking(|| {
             load_memory(self.driver.as_ref(), process, source)?;

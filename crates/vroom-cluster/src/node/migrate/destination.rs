@@ -6,7 +6,7 @@ use std::io::{BufRead, Read, Write};
 use std::os::fd::OwnedFd;
 
 use tokio::net::TcpStream;
-use vroom_core::LiveIncoming;
+use vroom_core::{Arrival, ArrivalChecks};
 
 use super::*;
 
@@ -79,13 +79,12 @@ impl ClusterNode {
                 );
             }
         };
-        let taken = Arc::new(Mutex::new(None));
         let (slot, data) = std::sync::mpsc::sync_channel(1);
         self.incoming.lock_unpoisoned().insert(
             name.to_string(),
             (migration.to_string(), secret.to_string(), slot),
         );
-        let outcome = self
+        let (outcome, taken) = self
             .receive_into_engine(
                 &control,
                 name,
@@ -97,10 +96,8 @@ impl ClusterNode {
                 },
                 (&from, was_ready),
                 data,
-                taken.clone(),
             )
             .await;
-        let taken = taken.lock_unpoisoned().take();
         let outcome = match (outcome, taken) {
             (Ok(()), Some(taken)) => {
                 let switched = MigrationState::Switched {
@@ -231,6 +228,12 @@ impl ClusterNode {
         Ok((instance, config, record.from, config_rev))
     }
 
+    /// The destination's steps once the migration checked out: the
+    /// instance arrives (its VMM waits for the stream), this node answers
+    /// `ready` and the source streams into the VMM, then the source's
+    /// config volume comes and [`Self::hand_over`] follows. Returns how it
+    /// ended and the takeover, if there was one. An arrival that fails
+    /// before the takeover is abandoned: nothing of it stays here.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::node) async fn receive_into_engine(
         &self,
@@ -241,105 +244,85 @@ impl ClusterNode {
         seen: Seen,
         (from, was_ready): (&str, bool),
         data: std::sync::mpsc::Receiver<std::net::TcpStream>,
-        taken: Arc<Mutex<Option<Taken>>>,
-    ) -> Result<(), String> {
-        let io = |e: std::io::Error| OpError::internal("the control connection", e);
-        let mut ready = control.try_clone().map_err(|e| e.to_string())?;
-        let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
-        control
-            .set_read_timeout(Some(STEP_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        let from_ = from.to_string();
-        let channel = Box::new(move || {
-            ready.write_all(&line(&Control::Ready)).map_err(io)?;
-            let waiting = Instant::now();
-            loop {
-                match data.recv_timeout(Duration::from_millis(100)) {
-                    Ok(stream) => return Ok(OwnedFd::from(stream)),
-                    Err(_) if closed(&ready) => {
-                        return Err(OpError::conflict(format!(
-                            "node {from_} went away before it streamed"
-                        )))
-                    }
-                    Err(_) if waiting.elapsed() > STEP_TIMEOUT => {
-                        return Err(OpError::conflict(
-                            "the source did not open the data connection in time",
-                        ))
-                    }
-                    Err(_) => {}
-                }
+    ) -> (Result<(), String>, Option<Taken>) {
+        let connection = || -> std::io::Result<_> {
+            let ready = control.try_clone()?;
+            let reader = std::io::BufReader::new(control.try_clone()?);
+            control.set_read_timeout(Some(STEP_TIMEOUT))?;
+            Ok((ready, reader))
+        };
+        let (ready, reader) = match connection() {
+            Ok(halves) => halves,
+            Err(e) => return (Err(e.to_string()), None),
+        };
+        let identity = Identity {
+            id: record.id.clone(),
+            config,
+            cluster: true,
+        };
+        let label = format!("migration from {from}");
+        let arrival = match self.engine.arrive(record.request, identity, label).await {
+            Ok(arrival) => arrival,
+            Err(e) => return (Err(e.message), None),
+        };
+        let streamed = async {
+            let from_ = from.to_string();
+            let stream = tokio::task::spawn_blocking(move || await_data(ready, &data, &from_))
+                .await
+                .map_err(|e| OpError::internal("the data connection", e))??;
+            arrival.receive_state(stream).await?;
+            let from_ = from.to_string();
+            tokio::task::spawn_blocking(move || read_volume(reader, &from_))
+                .await
+                .map_err(|e| OpError::internal("the control connection", e))?
+        }
+        .await;
+        let volume = match streamed {
+            Ok(volume) => volume,
+            Err(e) => {
+                arrival.abandon().await;
+                return (Err(e.message), None);
             }
-        });
-        let node = self.arc();
-        let (name_, migration_, from_) =
-            (name.to_string(), migration.to_string(), from.to_string());
-        let switch_over = Box::new(move |volume: &Path| {
-            let mut header = String::new();
-            reader.read_line(&mut header).map_err(io)?;
-            let message: Control = serde_json::from_str(&header).map_err(|_| {
-                OpError::conflict(format!("node {from_} went away during the migration"))
-            })?;
-            let (bytes, downtime_ms, ram_bytes) = match message {
-                Control::Volume {
-                    bytes,
-                    downtime_ms,
-                    ram_bytes,
-                } => (bytes, downtime_ms, ram_bytes),
-                Control::Abort { reason } => {
-                    return Err(OpError::conflict(format!("node {from_}: {reason}")))
-                }
-                other => {
-                    return Err(OpError::conflict(format!(
-                        "node {from_} said {other:?} out of turn"
-                    )))
-                }
-            };
-            if bytes > 64 * 1024 * 1024 {
-                return Err(OpError::conflict("the config volume is implausibly large"));
-            }
-            let mut content = vec![0; bytes as usize];
-            reader.read_exact(&mut content).map_err(io)?;
-            // In place: the VMM holds the file open.
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(volume)
-                .map_err(|e| OpError::internal("failed to open the config volume", e))?;
-            file.set_len(bytes)
-                .and_then(|()| file.write_all(&content))
-                .and_then(|()| file.sync_all())
-                .map_err(|e| OpError::internal("failed to write the config volume", e))?;
-            let took = tokio::runtime::Handle::current().block_on(node.take_over(
-                &name_,
-                &migration_,
-                seen,
-                downtime_ms,
-                ram_bytes,
-            ))?;
-            *taken.lock_unpoisoned() = Some(took);
-            Ok(())
-        });
-        let incoming = LiveIncoming {
-            channel,
-            switch_over,
-            label: format!("migration from {from}"),
+        };
+        let checks = ArrivalChecks {
             answer_within: ANSWER_WITHIN,
             settle: ANSWER_SETTLE,
             was_ready,
         };
-        let request = record.request.clone();
-        self.engine
-            .receive(
-                request,
-                Identity {
-                    id: record.id.clone(),
-                    config,
-                    cluster: true,
-                },
-                incoming,
-            )
+        self.hand_over(arrival, (name, migration), seen, volume, checks)
             .await
-            .map(|_| ())
-            .map_err(|e| e.message)
+    }
+
+    /// The switch-over, once the whole state is in (the VM still paused):
+    /// the source's config volume in place, then ownership here
+    /// ([`Self::take_over`]), and only then does the VM run, and its guest
+    /// must pass `checks`. An arrival this node could not take over is
+    /// abandoned: nothing of it stays here, and the source's paused copy
+    /// runs on. Returns how it ended and the takeover, if there was one.
+    pub(in crate::node) async fn hand_over(
+        &self,
+        arrival: Arrival,
+        (name, migration): (&str, &str),
+        seen: Seen,
+        volume: ArrivedVolume,
+        checks: ArrivalChecks,
+    ) -> (Result<(), String>, Option<Taken>) {
+        let taken = match arrival.write_volume(&volume.content).await {
+            Ok(()) => {
+                self.take_over(name, migration, seen, volume.downtime_ms, volume.ram_bytes)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                arrival.abandon().await;
+                return (Err(e.message), None);
+            }
+        };
+        let resumed = arrival.resume(checks).await;
+        (resumed.map(|_| ()).map_err(|e| e.message), Some(taken))
     }
 
     /// The switch-over: ownership moves here in one transaction that
@@ -523,4 +506,79 @@ impl ClusterNode {
             let _ = node.store.txn(txn).await;
         });
     }
+}
+
+/// The source's config volume as it sent it after the stream, with
+/// QEMU's numbers.
+#[derive(Debug)]
+pub(in crate::node) struct ArrivedVolume {
+    pub(in crate::node) content: Vec<u8>,
+    pub(in crate::node) downtime_ms: u64,
+    pub(in crate::node) ram_bytes: u64,
+}
+
+/// Blocking: answers `ready` on the control connection, then waits for
+/// the source's data connection (handed over by [`ClusterNode::data_arrived`]).
+fn await_data(
+    mut ready: std::net::TcpStream,
+    data: &std::sync::mpsc::Receiver<std::net::TcpStream>,
+    from: &str,
+) -> Result<OwnedFd, OpError> {
+    let io = |e: std::io::Error| OpError::internal("the control connection", e);
+    ready.write_all(&line(&Control::Ready)).map_err(io)?;
+    let waiting = Instant::now();
+    loop {
+        match data.recv_timeout(Duration::from_millis(100)) {
+            Ok(stream) => return Ok(OwnedFd::from(stream)),
+            Err(_) if closed(&ready) => {
+                return Err(OpError::conflict(format!(
+                    "node {from} went away before it streamed"
+                )))
+            }
+            Err(_) if waiting.elapsed() > STEP_TIMEOUT => {
+                return Err(OpError::conflict(
+                    "the source did not open the data connection in time",
+                ))
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Blocking: the [`Control::Volume`] the source sends once its VM paused
+/// for good, and the volume's bytes after it.
+fn read_volume(
+    mut reader: std::io::BufReader<std::net::TcpStream>,
+    from: &str,
+) -> Result<ArrivedVolume, OpError> {
+    let io = |e: std::io::Error| OpError::internal("the control connection", e);
+    let mut header = String::new();
+    reader.read_line(&mut header).map_err(io)?;
+    let message: Control = serde_json::from_str(&header)
+        .map_err(|_| OpError::conflict(format!("node {from} went away during the migration")))?;
+    let (bytes, downtime_ms, ram_bytes) = match message {
+        Control::Volume {
+            bytes,
+            downtime_ms,
+            ram_bytes,
+        } => (bytes, downtime_ms, ram_bytes),
+        Control::Abort { reason } => {
+            return Err(OpError::conflict(format!("node {from}: {reason}")))
+        }
+        other => {
+            return Err(OpError::conflict(format!(
+                "node {from} said {other:?} out of turn"
+            )))
+        }
+    };
+    if bytes > 64 * 1024 * 1024 {
+        return Err(OpError::conflict("the config volume is implausibly large"));
+    }
+    let mut content = vec![0; bytes as usize];
+    reader.read_exact(&mut content).map_err(io)?;
+    Ok(ArrivedVolume {
+        content,
+        downtime_ms,
+        ram_bytes,
+    })
 }
