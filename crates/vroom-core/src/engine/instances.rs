@@ -3,6 +3,7 @@
 use vroom_base::LockExt;
 
 use super::markers::{clear_marker, set_marker, RESTORE_MARKER};
+use super::records::{instance_file, new_instance};
 use super::*;
 
 /// An instance [`Engine::create`] made, not launched yet, its op lock held.
@@ -1031,35 +1032,6 @@ fn action_verb(action: InstanceAction) -> &'static str {
     }
 }
 
-/// A new instance's record: wanted running, not started yet, the image's
-/// seed config.
-pub(super) fn new_instance(
-    id: &str,
-    spec: InstanceSpec,
-    image: &BootImage,
-    mem_mib: u64,
-    accel: vroom_types::Accel,
-    nics: Vec<NicStatus>,
-) -> Instance {
-    Instance {
-        id: id.to_string(),
-        spec,
-        image_id: image.id.clone(),
-        image_name: image.manifest.name.clone(),
-        mem_mib,
-        created_at: now_secs(),
-        desired: DesiredState::Running,
-        nics,
-        status: InstanceStatus {
-            accel: Some(accel),
-            ..InstanceStatus::stopped()
-        },
-        config: image.manifest.appliance.seed_config.clone(),
-        node: None,
-        health: None,
-    }
-}
-
 /// How long `inspect` waits for a guest's own report.
 const INSPECT_HEALTH_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -1077,34 +1049,5 @@ fn guest_health(report: &vroom_agent_proto::HealthReport) -> vroom_types::GuestH
             max: c.max,
             dropped: c.dropped,
         }),
-    }
-}
-
-/// A machine id (32 hex digits) derived from the instance id: stable for
-/// the instance, different for every clone.
-pub(super) fn machine_id(instance_id: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("vroom-machine-id:{instance_id}"));
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(super) fn instance_file(instance: &Instance, image: &BootImage) -> InstanceFile {
-    let roles = &image.manifest.appliance.nic_roles;
-    InstanceFile {
-        version: VOLUME_VERSION,
-        hostname: instance.spec.name.to_string(),
-        nics: instance
-            .nics
-            .iter()
-            .enumerate()
-            .map(|(i, nic)| NicConfig {
-                mac: nic.mac.clone(),
-                role: nic.role.clone().or_else(|| roles.get(i).cloned()),
-                address: nic.ip.map(|ip| ip.to_string()),
-                prefix_len: nic.prefix_len,
-                gateway: Some(nic.gateway.to_string()),
-            })
-            .collect(),
-        machine_id: Some(machine_id(&instance.id)),
     }
 }

@@ -27,6 +27,7 @@ mod instances;
 mod markers;
 mod migrate;
 mod networks;
+mod records;
 mod rooms;
 mod snapshots;
 mod splices;

@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 use vroom_base::LockExt;
 use vroom_types::{Snapshot, SnapshotFile, SnapshotKind, SnapshotRequest, VmShape};
 
-use super::instances::{instance_file, new_instance};
 use super::markers::{clear_marker, set_marker, sync_dir, RESTORE_MARKER, SNAPSHOT_MARKER};
+use super::records::{instance_file, new_instance};
 use super::*;
 use crate::driver::VmRunState;
 
