@@ -170,6 +170,16 @@ impl Client {
         &self.socket
     }
 
+    /// GET `path`: its JSON answer.
+    async fn fetch<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), _>(Method::GET, path, None).await
+    }
+
+    /// DELETE `path`, whose answer has no body.
+    async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.raw::<()>(Method::DELETE, path, None).await.map(|_| ())
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -259,7 +269,7 @@ impl Client {
     }
 
     pub async fn version(&self) -> Result<VersionInfo, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/version", None).await
+        self.fetch("/v1/version").await
     }
 
     pub async fn run(&self, req: &RunRequest) -> Result<Instance, ClientError> {
@@ -267,22 +277,16 @@ impl Client {
     }
 
     pub async fn list(&self) -> Result<Vec<Instance>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/instances", None).await
+        self.fetch("/v1/instances").await
     }
 
     pub async fn get(&self, name: &str) -> Result<Instance, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/instances/{}", enc(name)), None)
-            .await
+        self.fetch(&format!("/v1/instances/{}", enc(name))).await
     }
 
     pub async fn remove(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        self.raw::<()>(
-            Method::DELETE,
-            &format!("/v1/instances/{}?force={force}", enc(name)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.delete(&format!("/v1/instances/{}?force={force}", enc(name)))
+            .await
     }
 
     pub async fn action(
@@ -408,14 +412,10 @@ impl Client {
         boot: i32,
         offset: u64,
     ) -> Result<LogChunk, ClientError> {
-        self.call::<(), _>(
-            Method::GET,
-            &format!(
-                "/v1/instances/{}/logs?offset={offset}&boot={boot}",
-                enc(name)
-            ),
-            None,
-        )
+        self.fetch(&format!(
+            "/v1/instances/{}/logs?offset={offset}&boot={boot}",
+            enc(name)
+        ))
         .await
     }
 
@@ -472,12 +472,8 @@ impl Client {
     }
 
     pub async fn config_history(&self, name: &str) -> Result<ConfigHistory, ClientError> {
-        self.call::<(), _>(
-            Method::GET,
-            &format!("/v1/instances/{}/config/history", enc(name)),
-            None,
-        )
-        .await
+        self.fetch(&format!("/v1/instances/{}/config/history", enc(name)))
+            .await
     }
 
     pub async fn config_version(
@@ -485,11 +481,10 @@ impl Client {
         name: &str,
         version: u64,
     ) -> Result<ConfigVersion, ClientError> {
-        self.call::<(), _>(
-            Method::GET,
-            &format!("/v1/instances/{}/config/versions/{version}", enc(name)),
-            None,
-        )
+        self.fetch(&format!(
+            "/v1/instances/{}/config/versions/{version}",
+            enc(name)
+        ))
         .await
     }
 
@@ -512,12 +507,8 @@ impl Client {
         } else {
             format!("?{}", query.join("&"))
         };
-        self.call::<(), _>(
-            Method::GET,
-            &format!("/v1/instances/{}/config/diff{query}", enc(name)),
-            None,
-        )
-        .await
+        self.fetch(&format!("/v1/instances/{}/config/diff{query}", enc(name)))
+            .await
     }
 
     /// Restores an earlier version's values (by default the previous version's) as a new version.
@@ -537,12 +528,11 @@ impl Client {
     }
 
     pub async fn networks(&self) -> Result<Vec<Network>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/networks", None).await
+        self.fetch("/v1/networks").await
     }
 
     pub async fn network(&self, name: &str) -> Result<Network, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/networks/{}", enc(name)), None)
-            .await
+        self.fetch(&format!("/v1/networks/{}", enc(name))).await
     }
 
     pub async fn create_network(&self, spec: &NetworkSpec) -> Result<Network, ClientError> {
@@ -550,13 +540,11 @@ impl Client {
     }
 
     pub async fn remove_network(&self, name: &str) -> Result<(), ClientError> {
-        self.raw::<()>(Method::DELETE, &format!("/v1/networks/{}", enc(name)), None)
-            .await
-            .map(|_| ())
+        self.delete(&format!("/v1/networks/{}", enc(name))).await
     }
 
     pub async fn splices(&self) -> Result<Vec<vroom_types::Splice>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/splices", None).await
+        self.fetch("/v1/splices").await
     }
 
     /// Returns once the VM's traffic goes through the appliance.
@@ -568,13 +556,8 @@ impl Client {
     }
 
     pub async fn unsplice(&self, appliance: &str) -> Result<(), ClientError> {
-        self.raw::<()>(
-            Method::DELETE,
-            &format!("/v1/splices/{}", enc(appliance)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.delete(&format!("/v1/splices/{}", enc(appliance)))
+            .await
     }
 
     pub async fn snapshots(&self, warm: bool) -> Result<Vec<vroom_types::Snapshot>, ClientError> {
@@ -583,12 +566,11 @@ impl Client {
         } else {
             "/v1/snapshots"
         };
-        self.call::<(), _>(Method::GET, path, None).await
+        self.fetch(path).await
     }
 
     pub async fn snapshot_info(&self, name: &str) -> Result<vroom_types::Snapshot, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/snapshots/{}", enc(name)), None)
-            .await
+        self.fetch(&format!("/v1/snapshots/{}", enc(name))).await
     }
 
     pub async fn snapshot(
@@ -599,13 +581,7 @@ impl Client {
     }
 
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), ClientError> {
-        self.raw::<()>(
-            Method::DELETE,
-            &format!("/v1/snapshots/{}", enc(name)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.delete(&format!("/v1/snapshots/{}", enc(name))).await
     }
 
     pub async fn restore(
@@ -666,18 +642,15 @@ impl Client {
     }
 
     pub async fn nodes(&self) -> Result<Vec<vroom_types::NodeInfo>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/nodes", None).await
+        self.fetch("/v1/nodes").await
     }
 
     pub async fn node(&self, name: &str) -> Result<vroom_types::NodeInfo, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/nodes/{}", enc(name)), None)
-            .await
+        self.fetch(&format!("/v1/nodes/{}", enc(name))).await
     }
 
     pub async fn remove_node(&self, name: &str) -> Result<(), ClientError> {
-        self.raw::<()>(Method::DELETE, &format!("/v1/nodes/{}", enc(name)), None)
-            .await
-            .map(|_| ())
+        self.delete(&format!("/v1/nodes/{}", enc(name))).await
     }
 
     /// `op`: cordon or uncordon.
@@ -720,7 +693,7 @@ impl Client {
     }
 
     pub async fn mirrors(&self) -> Result<Vec<vroom_types::Mirror>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/mirrors", None).await
+        self.fetch("/v1/mirrors").await
     }
 
     pub async fn mirror(
@@ -731,18 +704,15 @@ impl Client {
     }
 
     pub async fn unmirror(&self, id: &str) -> Result<(), ClientError> {
-        self.raw::<()>(Method::DELETE, &format!("/v1/mirrors/{}", enc(id)), None)
-            .await
-            .map(|_| ())
+        self.delete(&format!("/v1/mirrors/{}", enc(id))).await
     }
 
     pub async fn rooms(&self) -> Result<Vec<vroom_types::Room>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/rooms", None).await
+        self.fetch("/v1/rooms").await
     }
 
     pub async fn room(&self, name: &str) -> Result<vroom_types::Room, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/rooms/{}", enc(name)), None)
-            .await
+        self.fetch(&format!("/v1/rooms/{}", enc(name))).await
     }
 
     /// Returns once the room's firewall is ready.
@@ -754,13 +724,8 @@ impl Client {
     }
 
     pub async fn remove_room(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        self.raw::<()>(
-            Method::DELETE,
-            &format!("/v1/rooms/{}?force={force}", enc(name)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.delete(&format!("/v1/rooms/{}?force={force}", enc(name)))
+            .await
     }
 
     /// Converges a room to a file; with `dry_run`, only says what would change.
@@ -809,11 +774,11 @@ impl Client {
             Some(room) => format!("/v1/topology?room={}", enc(room)),
             None => "/v1/topology".to_string(),
         };
-        self.call::<(), _>(Method::GET, &path, None).await
+        self.fetch(&path).await
     }
 
     pub async fn images(&self) -> Result<Vec<ImageSummary>, ClientError> {
-        self.call::<(), _>(Method::GET, "/v1/images", None).await
+        self.fetch("/v1/images").await
     }
 
     /// Builds an image, calling `on_progress(stage, detail)` as the daemon reports.
@@ -871,13 +836,7 @@ impl Client {
     }
 
     pub async fn remove_image(&self, reference: &str) -> Result<(), ClientError> {
-        self.raw::<()>(
-            Method::DELETE,
-            &format!("/v1/images/{}", enc(reference)),
-            None,
-        )
-        .await
-        .map(|_| ())
+        self.delete(&format!("/v1/images/{}", enc(reference))).await
     }
 
     /// Removes the builds no name points to and no instance uses.
@@ -887,8 +846,7 @@ impl Client {
     }
 
     pub async fn image(&self, reference: &str) -> Result<ImageSummary, ClientError> {
-        self.call::<(), _>(Method::GET, &format!("/v1/images/{}", enc(reference)), None)
-            .await
+        self.fetch(&format!("/v1/images/{}", enc(reference))).await
     }
 }
 
