@@ -52,6 +52,25 @@ impl Engine {
         (!splices.is_empty() || !mirrors.is_empty()).then_some(Wiring { splices, mirrors })
     }
 
+    /// Refuses to move `name` to another node when it cannot go (see
+    /// [`Self::immovable_reason`]): the cluster asks before it contacts
+    /// the destination, and [`Self::send_live`] again before it streams.
+    pub fn check_movable(&self, name: &str) -> Result<(), OpError> {
+        match self.immovable_reason(name) {
+            Some(reason) => Err(OpError::conflict(format!(
+                "{name} cannot move to another node: {reason}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// What moves with `name` to another node (its splices and mirrors),
+    /// once it is checked movable.
+    pub fn wiring_to_carry(&self, name: &str) -> Result<Option<Wiring>, OpError> {
+        self.check_movable(name)?;
+        Ok(self.wiring_of(name))
+    }
+
     /// Why `name` cannot leave this node with its wiring, if it cannot.
     pub fn immovable_reason(&self, name: &str) -> Option<String> {
         let splices = self.list_splices();

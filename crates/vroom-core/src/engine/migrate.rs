@@ -348,11 +348,7 @@ impl Engine {
     ) -> Result<LiveOutgoing, OpError> {
         // Its splices and mirrors go with it (the cluster made them on the
         // destination already); what cannot go keeps it here.
-        if let Some(reason) = self.immovable_reason(name) {
-            return Err(OpError::conflict(format!(
-                "{name} cannot move to another node: {reason}"
-            )));
-        }
+        self.check_movable(name)?;
         let cell = self.cell(name)?;
         let _op = cell.op.lock().await;
         self.still_registered(name, &cell)?;

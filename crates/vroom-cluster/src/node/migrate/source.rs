@@ -273,10 +273,7 @@ impl ClusterNode {
         };
         // Its splices and mirrors go too: recorded as they are now, for the
         // destination to make before the VM arrives.
-        if let Some(reason) = self.engine.immovable_reason(name) {
-            return Err(format!("{name} cannot move to another node: {reason}"));
-        }
-        let wiring = self.engine.wiring_of(name);
+        let wiring = self.engine.wiring_to_carry(name).map_err(|e| e.message)?;
         self.put_wiring(name, wiring.as_ref())
             .await
             .map_err(|e| e.message)?;
