@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vroom_core::images::ImageSource;
-use vroom_types::{AccelChoice, BuildReport, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
+use vroom_types::{BuildReport, Name, NetworkSpec};
 
 use crate::stats::median;
 use vroom::paths;
@@ -117,26 +117,9 @@ async fn boot_all(
         for row in rows.iter_mut() {
             let name = format!("bimg-{}-{run}", row.name);
             client
-                .run(&RunRequest {
-                    spec: InstanceSpec {
-                        name: Name::new(&name)?,
-                        image: row.name.clone(),
-                        mem_mib: None,
-                        cpus: 1,
-                        nics: vec![NicSpec {
-                            network: Name::new(net)?,
-                            ip: None,
-                            role: None,
-                        }],
-                        accel: AccelChoice::Auto,
-                        config_volume_kib: None,
-                        ephemeral: false,
-                    },
-                    ready_timeout_secs: Some(120),
-                    from_snapshot: None,
-                    cold: true,
-                    placement: Default::default(),
-                })
+                .run(&crate::warm::one_nic_request(
+                    &name, &row.name, net, true, None,
+                )?)
                 .await?;
             let instance =
                 vroom::session::wait_ready(client, &name, Duration::from_secs(130)).await;

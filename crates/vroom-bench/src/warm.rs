@@ -48,10 +48,22 @@ pub async fn warm(data_dir: &Path, runs: usize) -> Result<()> {
 }
 
 fn request(name: &str, net: &str, cold: bool, from: Option<&str>) -> Result<RunRequest> {
+    one_nic_request(name, IMAGE, net, cold, from)
+}
+
+/// Runs `image` as `name` with one NIC on `net`, 120 s to be ready; `from`:
+/// a snapshot to clone.
+pub(crate) fn one_nic_request(
+    name: &str,
+    image: &str,
+    net: &str,
+    cold: bool,
+    from: Option<&str>,
+) -> Result<RunRequest> {
     Ok(RunRequest {
         spec: InstanceSpec {
             name: Name::new(name)?,
-            image: IMAGE.into(),
+            image: image.into(),
             mem_mib: None,
             cpus: 1,
             nics: vec![NicSpec {
