@@ -136,3 +136,70 @@ pub(in crate::node) async fn read_control(
         Err(_) => Err(format!("node {to} did not answer in {within:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// What the destination makes of what a source sends after `resumed`.
+    fn sent(bytes: &[u8]) -> std::io::Result<Option<ConsoleHistory>> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut source = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (destination, _) = listener.accept().unwrap();
+        source.write_all(bytes).unwrap();
+        drop(source);
+        read_console(destination)
+    }
+
+    /// A console header and the bytes after it.
+    fn header(earlier: &[u64], current: u64, written: u64, then: &[u8]) -> Vec<u8> {
+        let mut bytes = line(&Control::Console {
+            earlier: earlier.to_vec(),
+            current,
+            written,
+        });
+        bytes.extend_from_slice(then);
+        bytes
+    }
+
+    #[test]
+    fn the_console_history_is_read_whole_or_not_at_all() {
+        // An older source sends nothing: the log stays as it is.
+        assert!(sent(b"").unwrap().is_none());
+
+        let history = sent(&header(&[3], 5, 105, b"oldhello")).unwrap().unwrap();
+        assert_eq!(history.earlier, vec![b"old".to_vec()]);
+        assert_eq!(history.current, b"hello".to_vec());
+        assert_eq!(history.written, 105);
+
+        // Refused before anything is allocated or kept.
+        let kept = vroom_core::console::KEPT_BOOTS as usize;
+        let bad: &[(&str, Vec<u8>)] = &[
+            ("another message", line(&Control::Ready)),
+            ("not JSON", b"garbage\n".to_vec()),
+            (
+                "a boot larger than a segment",
+                header(&[SEGMENT_BYTES + 1], 0, 0, b""),
+            ),
+            (
+                "more boots than a console keeps",
+                header(&vec![1; kept + 1], 0, 0, b""),
+            ),
+            (
+                "a current boot too large",
+                header(&[], 2 * SEGMENT_BYTES + 1, u64::MAX, b""),
+            ),
+            // Without the check before reading, the destination would
+            // allocate it.
+            ("an absurd size", header(&[], 1 << 60, 1 << 60, b"")),
+            ("fewer bytes written than kept", header(&[], 5, 4, b"hello")),
+            ("cut short", header(&[], 5, 5, b"hel")),
+        ];
+        for (case, bytes) in bad {
+            assert!(sent(bytes).is_err(), "{case}");
+        }
+    }
+}
