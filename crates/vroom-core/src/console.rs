@@ -331,10 +331,17 @@ pub struct ConsoleHistory {
 impl ConsoleHistory {
     /// Whether its parts fit the layout (a peer's may not).
     pub fn fits(&self) -> bool {
-        self.earlier.len() <= KEPT_BOOTS as usize
-            && self.earlier.iter().all(|b| b.len() as u64 <= SEGMENT_BYTES)
-            && self.current.len() as u64 <= 2 * SEGMENT_BYTES
+        let earlier: Vec<u64> = self.earlier.iter().map(|b| b.len() as u64).collect();
+        Self::sizes_fit(&earlier, self.current.len() as u64)
             && self.written >= self.current.len() as u64
+    }
+
+    /// Whether parts of these sizes fit the layout: checked on a peer's
+    /// announced sizes before anything is read.
+    pub fn sizes_fit(earlier: &[u64], current: u64) -> bool {
+        earlier.len() <= KEPT_BOOTS as usize
+            && earlier.iter().all(|&n| n <= SEGMENT_BYTES)
+            && current <= 2 * SEGMENT_BYTES
     }
 }
 

@@ -4,7 +4,7 @@
 use std::io::{BufRead, Read};
 
 use tokio::io::AsyncBufReadExt;
-use vroom_core::console::{ConsoleHistory, SEGMENT_BYTES};
+use vroom_core::console::ConsoleHistory;
 
 use super::*;
 
@@ -95,10 +95,7 @@ pub(in crate::node) fn read_console(
     else {
         return Err(bad("the source sent something else than its console"));
     };
-    let fits = earlier.len() <= vroom_core::console::KEPT_BOOTS as usize
-        && earlier.iter().all(|&n| n <= SEGMENT_BYTES)
-        && current <= 2 * SEGMENT_BYTES;
-    if !fits {
+    if !ConsoleHistory::sizes_fit(&earlier, current) {
         return Err(bad("the console history is larger than a console keeps"));
     }
     let mut reader = reader.into_inner();
@@ -141,6 +138,8 @@ pub(in crate::node) async fn read_control(
 mod tests {
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
+
+    use vroom_core::console::SEGMENT_BYTES;
 
     use super::*;
 
