@@ -781,7 +781,14 @@ async fn recovery_fails_a_clone_whose_start_was_interrupted() {
     let unlaunched = t.engine.run(clone("unlaunched")).await.unwrap();
     // What the kills left: `loading`'s VMM runs but its record does not
     // know it yet and its marker is down; `unlaunched` has only its record.
-    t.driver.crash(unlaunched.status.pid.unwrap());
+    // Its VMM goes by a stop, not a crash: a crash would leave this (still
+    // live) engine's monitor to write the record back and restart the VM
+    // after its backoff, racing the records written below.
+    wait_state(&t, "unlaunched", InstanceState::Running).await;
+    t.engine
+        .action("unlaunched", InstanceAction::Stop)
+        .await
+        .unwrap();
     for (i, state) in [
         (&loading, InstanceState::Starting),
         (&unlaunched, InstanceState::Stopped),
