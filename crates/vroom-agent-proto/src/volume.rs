@@ -37,6 +37,32 @@ pub struct InstanceFile {
     /// 32 lower-case hex digits, unique per instance (`/etc/machine-id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
+    /// Data volumes to check and mount before the services start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<DataVolume>,
+}
+
+/// The virtio-blk serial of the data volume at `index` in
+/// [`InstanceFile::volumes`] (virtio-blk serials hold at most 20 bytes).
+pub fn data_disk_serial(index: usize) -> String {
+    format!("vroom-vol-{index}")
+}
+
+/// One data volume as the guest sees it: found by its disk serial
+/// ([`data_disk_serial`]), checked, and mounted at `path` with `nodev`,
+/// `nosuid`, and `noexec` unless `exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataVolume {
+    pub serial: String,
+    /// The volume's name on the host, for messages.
+    pub name: String,
+    pub path: String,
+    /// The filesystem on it, e.g. `ext4`.
+    pub fs: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub exec: bool,
 }
 
 /// One NIC, matched in the guest by its MAC address.

@@ -139,6 +139,7 @@ pub(crate) fn cold_run(
             accel: AccelChoice::Auto,
             config_volume_kib: None,
             ephemeral: false,
+            volumes: Vec::new(),
         },
         ready_timeout_secs: Some(ready_timeout_secs),
         from_snapshot: None,
@@ -254,6 +255,7 @@ pub(crate) async fn raw_boot_with(
             gateway: None,
         }],
         machine_id: None,
+        volumes: Vec::new(),
     };
     vroom_volume::create(
         &dir.path().join("config.img"),

@@ -353,6 +353,7 @@ fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest
             accel: AccelChoice::Auto,
             config_volume_kib: None,
             ephemeral: false,
+            volumes: Vec::new(),
         },
         ready_timeout_secs: Some(120),
         from_snapshot: None,

@@ -74,6 +74,7 @@ pub(crate) fn one_nic_request(
             accel: AccelChoice::Auto,
             config_volume_kib: None,
             ephemeral: false,
+            volumes: Vec::new(),
         },
         ready_timeout_secs: Some(120),
         from_snapshot: from.map(Name::new).transpose()?,

@@ -1057,6 +1057,7 @@ pub fn run_request(name: &str, image: &str, nics: &[Option<&str>]) -> vroom_type
             accel: AccelChoice::Auto,
             config_volume_kib: None,
             ephemeral: false,
+            volumes: Vec::new(),
         },
         ready_timeout_secs: Some(30),
         from_snapshot: None,

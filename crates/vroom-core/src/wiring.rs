@@ -164,6 +164,7 @@ mod tests {
                 accel: AccelChoice::Auto,
                 config_volume_kib: None,
                 ephemeral: false,
+                volumes: Vec::new(),
             },
             image_id: "x".into(),
             image_name: "x".into(),

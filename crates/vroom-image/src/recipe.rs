@@ -16,7 +16,7 @@ use vroom_input::{open_input, read_input, OpenInputError};
 use vroom_types::template::{TemplateContext, TemplateNic, RESERVED_TEMPLATE_NAMES};
 use vroom_types::{
     check_rules, parse_mem_mib, validate_config_key, ApplianceSpec, ConfigField as SchemaField,
-    ConfigRule, ConfigSchema, ConfigValues, FieldType, Name, ServiceSpec, TemplateSpec,
+    ConfigRule, ConfigSchema, ConfigValues, FieldType, Name, ServiceSpec, TemplateSpec, VolumeDecl,
     MIN_MEM_MIB,
 };
 
@@ -100,6 +100,26 @@ pub struct Recipe {
     /// services continue, e.g. to regenerate keys a copy must not share.
     #[serde(default)]
     pub on_clone: Vec<String>,
+    /// Data volumes the appliance needs; `vroom run` creates what the user
+    /// does not name.
+    #[serde(default)]
+    pub volumes: Vec<RecipeVolume>,
+}
+
+/// `[[volumes]]`: a data volume, e.g. `{ name = "data", path =
+/// "/var/lib/postgresql", size = "1G" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeVolume {
+    pub name: String,
+    pub path: String,
+    /// Default size, e.g. `1G` (see [`vroom_types::parse_volume_size_mib`]).
+    pub size: String,
+    #[serde(default)]
+    pub fs: vroom_types::VolumeFs,
+    /// Programs on it may run.
+    #[serde(default)]
+    pub exec: bool,
 }
 
 fn default_writable() -> Vec<String> {
@@ -321,6 +341,18 @@ impl LoadedRecipe {
                 .collect::<ConfigValues>(),
             nic_roles: r.nics.clone(),
             on_clone: r.on_clone.clone(),
+            volumes: r
+                .volumes
+                .iter()
+                .map(|v| VolumeDecl {
+                    name: Name::new(&v.name).expect("checked by validate"),
+                    path: v.path.clone(),
+                    size_mib: vroom_types::parse_volume_size_mib(&v.size)
+                        .expect("checked by validate"),
+                    fs: v.fs,
+                    exec: v.exec,
+                })
+                .collect(),
             writable: r.writable.clone(),
             templates: self.templates.clone(),
             services: r
@@ -503,6 +535,23 @@ fn validate(
     }
     for d in &recipe.dirs {
         guest_path(d).map_err(|r| bad("dirs", r))?;
+    }
+    let mut volume_names = BTreeSet::new();
+    let mut volume_paths = BTreeSet::new();
+    for (i, v) in recipe.volumes.iter().enumerate() {
+        let field = format!("volumes[{i}]");
+        Name::new(&v.name).map_err(|e| bad(&field, e.to_string()))?;
+        vroom_types::check_mount_path(&v.path).map_err(|e| bad(&field, e.to_string()))?;
+        vroom_types::parse_volume_size_mib(&v.size).map_err(|e| bad(&field, e.to_string()))?;
+        if !volume_names.insert(v.name.as_str()) {
+            return Err(bad(&field, format!("volume {} is declared twice", v.name)));
+        }
+        if !volume_paths.insert(v.path.as_str()) {
+            return Err(bad(
+                &field,
+                format!("two volumes are mounted at {}", v.path),
+            ));
+        }
     }
     for (i, f) in recipe.files.iter().enumerate() {
         let field = format!("files[{i}]");

@@ -127,6 +127,12 @@ pub enum InvalidInputError {
     },
     #[error("config volume size {kib} KiB is outside {min}..={max} KiB")]
     ConfigVolumeSize { kib: u32, min: u64, max: u64 },
+    #[error("invalid volume size {raw:?}: use a number of MiB, optionally with M, G or T (e.g. 2G), from 16M to 16T")]
+    VolumeSize { raw: String },
+    #[error("invalid mount path {path:?}: {reason}")]
+    MountPath { path: String, reason: &'static str },
+    #[error("invalid volume attachment {raw:?}: use NAME:/path or NAME:/path:ro")]
+    VolumeAttach { raw: String },
 }
 
 #[cfg(test)]

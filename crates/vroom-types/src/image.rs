@@ -161,6 +161,9 @@ pub struct ApplianceSpec {
     /// or anything else a copy must not share.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub on_clone: Vec<String>,
+    /// Data volumes the appliance needs (`[[volumes]]` in its recipe).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeDecl>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -116,6 +116,9 @@ pub struct InstanceSpec {
     /// config the instance was created with.
     #[serde(default)]
     pub ephemeral: bool,
+    /// Data volumes, mounted in the guest before its services start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeAttach>,
 }
 
 /// The body of `POST /v1/instances`.

@@ -31,6 +31,7 @@ mod splice;
 #[cfg(feature = "templates")]
 pub mod template;
 mod topology;
+mod volume;
 
 pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
@@ -84,3 +85,7 @@ pub use splice::{
     SpliceState, INSIDE_ROLE, L2_ROLES, MAX_SPLICE_EVENTS, OUTSIDE_ROLE,
 };
 pub use topology::{Topology, TopologyInstance, TopologyNic};
+pub use volume::{
+    check_mount_path, check_volume_mib, parse_volume_size_mib, Volume, VolumeAttach,
+    VolumeCreateRequest, VolumeDecl, VolumeFs, VolumeResizeRequest, MAX_VOLUME_MIB, MIN_VOLUME_MIB,
+};

@@ -181,6 +181,7 @@ mod tests {
                 accel: AccelChoice::Auto,
                 config_volume_kib: None,
                 ephemeral: false,
+                volumes: Vec::new(),
             },
             ready_timeout_secs: None,
             from_snapshot: None,

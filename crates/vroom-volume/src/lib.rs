@@ -272,6 +272,7 @@ mod tests {
                 gateway: Some("10.0.0.1".into()),
             }],
             machine_id: Some("0123456789abcdef0123456789abcdef".into()),
+            volumes: Vec::new(),
         }
     }
 

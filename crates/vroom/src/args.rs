@@ -461,6 +461,12 @@ pub struct RunArgs {
     /// discarded when it stops.
     #[arg(long)]
     pub ephemeral: bool,
+    /// Attach a data volume: NAME:/path or NAME:/path:ro. Repeatable. The
+    /// image's declared volumes that are not named get `INSTANCE-ROLE`
+    /// volumes, created when missing.
+    #[arg(long = "volume", value_name = "NAME:/PATH[:ro]",
+        value_parser = vroom_types::VolumeAttach::parse)]
+    pub volumes: Vec<vroom_types::VolumeAttach>,
     /// Put the instance in this room (a NIC on its lan or dmz network; its
     /// name gets into the room's DNS).
     #[arg(long, requires = "segment")]

@@ -78,6 +78,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
         accel: AccelChoice::Auto,
         config_volume_kib: None,
         ephemeral: false,
+        volumes: Vec::new(),
     };
     client
         .run(&RunRequest {

@@ -24,6 +24,7 @@ pub async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
         accel: args.accel,
         config_volume_kib: args.config_size,
         ephemeral: args.ephemeral,
+        volumes: args.volumes.clone(),
     };
     if args.from_snapshot.is_none() {
         build_from_catalog_if_missing(client, &spec.image, json).await?;
@@ -113,6 +114,7 @@ pub async fn clone(
         from_snapshot: Some(snapshot.clone()),
         cold: false,
         ephemeral: false,
+        volumes: Vec::new(),
         room: None,
         segment: None,
         ha: Default::default(),

@@ -46,7 +46,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
-use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
+use vroom_agent_proto::volume::{
+    data_disk_serial, DataVolume, InstanceFile, NicConfig, VOLUME_VERSION,
+};
 use vroom_agent_proto::{ConntrackUsage, GuestReply, HostCommand};
 use vroom_base::LockExt;
 use vroom_types::{

@@ -59,5 +59,30 @@ pub(super) fn instance_file(instance: &Instance, image: &BootImage) -> InstanceF
             })
             .collect(),
         machine_id: Some(machine_id(&instance.id)),
+        volumes: data_volumes(instance, image),
     }
+}
+
+/// The instance's data volumes as its guest mounts them, in the order of
+/// their disks. The image's recipe says whether programs may run from a
+/// path it declares.
+fn data_volumes(instance: &Instance, image: &BootImage) -> Vec<DataVolume> {
+    let decls = &image.manifest.appliance.volumes;
+    instance
+        .spec
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, attach)| {
+            let decl = decls.iter().find(|d| d.path == attach.path);
+            DataVolume {
+                serial: data_disk_serial(i),
+                name: attach.volume.to_string(),
+                path: attach.path.clone(),
+                fs: decl.map(|d| d.fs).unwrap_or_default().as_str().to_string(),
+                read_only: attach.read_only,
+                exec: decl.is_some_and(|d| d.exec),
+            }
+        })
+        .collect()
 }

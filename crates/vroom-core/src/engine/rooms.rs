@@ -201,6 +201,7 @@ impl Engine {
                     accel: AccelChoice::Auto,
                     config_volume_kib: None,
                     ephemeral: false,
+                    volumes: Vec::new(),
                 },
                 ready_timeout_secs: None,
                 from_snapshot: None,
@@ -858,6 +859,7 @@ fn room_instance_spec(room: &Name, name: &Name, want: &RoomInstance) -> Instance
         accel: AccelChoice::Auto,
         config_volume_kib: None,
         ephemeral: false,
+        volumes: Vec::new(),
     }
 }
 

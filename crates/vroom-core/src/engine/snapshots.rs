@@ -814,6 +814,7 @@ impl Engine {
             accel: vroom_types::AccelChoice::Auto,
             config_volume_kib: None,
             ephemeral: false,
+            volumes: Vec::new(),
         };
         let mem_mib = self.check_resources(&spec, &image)?;
         let accel = self

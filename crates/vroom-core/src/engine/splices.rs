@@ -268,6 +268,7 @@ impl Engine {
                         accel: vm.spec.accel,
                         config_volume_kib: None,
                         ephemeral: false,
+                        volumes: Vec::new(),
                     },
                     ready_timeout_secs: Some(ready_timeout),
                     from_snapshot: None,

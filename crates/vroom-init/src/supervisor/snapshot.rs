@@ -215,6 +215,7 @@ mod tests {
             hostname: "web".into(),
             nics: vec![nic("52:54:00:00:00:01", "lan", Some("10.0.0.5"))],
             machine_id: Some("0".repeat(32)),
+            volumes: Vec::new(),
         };
         let with = |f: &dyn Fn(&mut InstanceFile)| {
             let mut file = same.clone();

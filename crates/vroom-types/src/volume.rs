@@ -1,0 +1,339 @@
+//! Data volumes: persistent disks an appliance mounts (a database's data,
+//! a mail spool), which outlive the instances that use them.
+//!
+//! A volume is created on its own (`vroom volume create`) or by `vroom run`
+//! for what the image's recipe declares ([`VolumeDecl`]), and is attached
+//! to at most one instance at a time ([`VolumeAttach`]). The guest checks
+//! and mounts it before its services start, always `nodev,nosuid`, and
+//! `noexec` unless the recipe says otherwise.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{InvalidInputError, Name};
+
+/// The filesystem vroom formats a new volume with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeFs {
+    #[default]
+    Ext4,
+}
+
+impl VolumeFs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeFs::Ext4 => "ext4",
+        }
+    }
+}
+
+/// Smallest and largest volume, in MiB: ext4 with a journal needs a few
+/// MiB; 16 TiB is ext4's limit with 4 KiB blocks and no 64bit feature
+/// (vroom's mkfs leaves that on, but nobody runs such an appliance here).
+pub const MIN_VOLUME_MIB: u64 = 16;
+pub const MAX_VOLUME_MIB: u64 = 16 * 1024 * 1024;
+
+/// Parses a volume size such as `2G`, `512M`, `1T` or `256` (MiB) into MiB,
+/// within [`MIN_VOLUME_MIB`]..=[`MAX_VOLUME_MIB`].
+pub fn parse_volume_size_mib(raw: &str) -> Result<u64, InvalidInputError> {
+    let invalid = || InvalidInputError::VolumeSize {
+        raw: raw.to_string(),
+    };
+    let s = raw.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| invalid())?;
+    let factor_mib: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        _ => return Err(invalid()),
+    };
+    let mib = value.checked_mul(factor_mib).ok_or_else(invalid)?;
+    check_volume_mib(mib)
+}
+
+pub fn check_volume_mib(mib: u64) -> Result<u64, InvalidInputError> {
+    if (MIN_VOLUME_MIB..=MAX_VOLUME_MIB).contains(&mib) {
+        Ok(mib)
+    } else {
+        Err(InvalidInputError::OutOfRange {
+            field: "size_mib",
+            value: mib.to_string(),
+            min: MIN_VOLUME_MIB,
+            max: MAX_VOLUME_MIB,
+        })
+    }
+}
+
+/// Directories a volume must not be mounted over or under: the guest's
+/// system (its programs, libraries and config come from the read-only
+/// image), the kernel's filesystems and the config volume.
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/boot", "/config", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+    "/run", "/sbin", "/sys", "/usr",
+];
+
+/// Directories a volume must not replace whole, though it may go below
+/// them (`/var/lib/postgresql` is fine, `/var` is not).
+const SYSTEM_PARENTS: &[&str] = &["/", "/var", "/var/lib", "/tmp"];
+
+/// Longest mount path vroom accepts.
+pub const MAX_MOUNT_PATH_LEN: usize = 200;
+
+/// Checks a guest mount path: absolute, normalized (no `.`, `..`, `//` or
+/// trailing `/`), of plain characters, and not over a system directory.
+pub fn check_mount_path(path: &str) -> Result<(), InvalidInputError> {
+    let invalid = |reason: &'static str| InvalidInputError::MountPath {
+        path: path.to_string(),
+        reason,
+    };
+    if !path.starts_with('/') {
+        return Err(invalid("must be absolute"));
+    }
+    if path.len() > MAX_MOUNT_PATH_LEN {
+        return Err(invalid("must be at most 200 characters"));
+    }
+    if !path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+    {
+        return Err(invalid("may hold only letters, digits and / - _ ."));
+    }
+    if path != "/"
+        && (path.ends_with('/')
+            || path
+                .split('/')
+                .skip(1)
+                .any(|part| part.is_empty() || part == "." || part == ".."))
+    {
+        return Err(invalid("must be normalized (no //, ., .. or trailing /)"));
+    }
+    let under = |dir: &str| path == dir || path.starts_with(&format!("{dir}/"));
+    if SYSTEM_DIRS.iter().any(|dir| under(dir)) || SYSTEM_PARENTS.contains(&path) {
+        return Err(invalid("is a system directory of the guest"));
+    }
+    Ok(())
+}
+
+/// A volume an appliance declares in its recipe (`[[volumes]]`): `vroom
+/// run` creates `INSTANCE-NAME` with this size when the user names none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDecl {
+    /// The volume's role in the appliance, e.g. `data`.
+    pub name: Name,
+    /// Where the guest mounts it.
+    pub path: String,
+    /// The size of a volume `vroom run` creates for it.
+    pub size_mib: u64,
+    #[serde(default)]
+    pub fs: VolumeFs,
+    /// Programs on it may run (mounted without `noexec`).
+    #[serde(default)]
+    pub exec: bool,
+}
+
+/// A volume attached to an instance: `--volume NAME:/path[:ro]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttach {
+    pub volume: Name,
+    /// Where the guest mounts it; must not be a system directory.
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl VolumeAttach {
+    /// Parses `NAME:/path` or `NAME:/path:ro` (or `:rw`).
+    pub fn parse(raw: &str) -> Result<Self, InvalidInputError> {
+        let invalid = || InvalidInputError::VolumeAttach {
+            raw: raw.to_string(),
+        };
+        let mut parts = raw.split(':');
+        let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
+            return Err(invalid());
+        };
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(_) => return Err(invalid()),
+        };
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        let attach = VolumeAttach {
+            volume: Name::new(name)?,
+            path: path.to_string(),
+            read_only,
+        };
+        attach.validate()?;
+        Ok(attach)
+    }
+
+    pub fn validate(&self) -> Result<(), InvalidInputError> {
+        check_mount_path(&self.path)
+    }
+}
+
+/// The body of `POST /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreateRequest {
+    pub name: Name,
+    #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 16777216))]
+    #[serde(deserialize_with = "crate::json_int::required")]
+    pub size_mib: u64,
+    #[serde(default)]
+    pub fs: VolumeFs,
+    /// Copies kept on distinct nodes: 1, or 2 in a cluster (synchronous).
+    #[serde(default = "one_replica")]
+    pub replicas: u8,
+}
+
+fn one_replica() -> u8 {
+    1
+}
+
+impl VolumeCreateRequest {
+    pub fn validate(&self) -> Result<(), InvalidInputError> {
+        check_volume_mib(self.size_mib)?;
+        if !(1..=2).contains(&self.replicas) {
+            return Err(InvalidInputError::OutOfRange {
+                field: "replicas",
+                value: self.replicas.to_string(),
+                min: 1,
+                max: 2,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The body of `POST /v1/volumes/{name}/resize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeResizeRequest {
+    /// The new size; volumes only grow.
+    #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 16777216))]
+    #[serde(deserialize_with = "crate::json_int::required")]
+    pub size_mib: u64,
+}
+
+/// A volume, as listed and inspected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Volume {
+    pub id: String,
+    pub name: Name,
+    pub size_mib: u64,
+    pub fs: VolumeFs,
+    pub replicas: u8,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// The instance it is attached to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<Name>,
+    /// Bytes the volume takes on the host's disk (it is sparse).
+    #[serde(default)]
+    pub allocated_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_table() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("2G", Some(2048)),
+            ("512M", Some(512)),
+            ("16", Some(16)),
+            ("15", None),
+            ("1T", Some(1024 * 1024)),
+            ("16T", Some(16 * 1024 * 1024)),
+            ("17T", None),
+            ("2g", Some(2048)),
+            ("", None),
+            ("G", None),
+            ("-1G", None),
+            ("1.5G", None),
+            ("99999999999999999999T", None),
+            ("18446744073709551615T", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_volume_size_mib(raw).ok(), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn mount_paths_table() {
+        let ok = [
+            "/data",
+            "/var/lib/postgresql",
+            "/srv/www",
+            "/home/u",
+            "/var/spool/mail",
+            "/tmp/x",
+        ];
+        for path in ok {
+            assert!(check_mount_path(path).is_ok(), "{path}");
+        }
+        let bad = [
+            "",
+            "data",
+            "/",
+            "/etc",
+            "/etc/x",
+            "/usr/local",
+            "/var",
+            "/var/lib",
+            "/dev/shm",
+            "/proc",
+            "/config",
+            "/run/x",
+            "/data/",
+            "/a//b",
+            "/a/../etc",
+            "/a/./b",
+            "/a b",
+            "/a:b",
+            "/lib64",
+            "/tmp",
+        ];
+        for path in bad {
+            let err = check_mount_path(path).unwrap_err().to_string();
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("mount path"), "{err}");
+        }
+    }
+
+    #[test]
+    fn attachments_parse() {
+        let a = VolumeAttach::parse("db:/var/lib/postgresql").unwrap();
+        assert_eq!(a.volume.as_str(), "db");
+        assert!(!a.read_only);
+        assert!(VolumeAttach::parse("db:/data:ro").unwrap().read_only);
+        assert!(!VolumeAttach::parse("db:/data:rw").unwrap().read_only);
+        for bad in [
+            "db",
+            "db:",
+            "db:/data:x",
+            "db:/data:ro:x",
+            "Db:/data",
+            ":/data",
+        ] {
+            assert!(VolumeAttach::parse(bad).is_err(), "{bad}");
+        }
+        assert!(VolumeAttach::parse("db:/etc")
+            .unwrap_err()
+            .to_string()
+            .contains("system directory"));
+    }
+}
