@@ -64,6 +64,9 @@ pub(crate) struct RemoveQuery {
     /// Kill a running instance instead of refusing.
     #[serde(default)]
     force: bool,
+    /// Remove its data volumes too (they stay otherwise).
+    #[serde(default)]
+    volumes: bool,
 }
 
 #[utoipa::path(delete, path = "/v1/instances/{name}", params(("name" = Name, Path), RemoveQuery),
@@ -75,7 +78,12 @@ pub(crate) async fn remove_instance(
     query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    let volumes = match query.volumes {
+        true => vroomd.inspect(&name).await?.spec.volumes,
+        false => vec![],
+    };
     vroomd.remove(&name, query.force).await?;
+    vroomd.engine().remove_volumes(&volumes).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -40,6 +40,7 @@ mod nodes;
 mod rooms;
 mod snapshots;
 mod splices;
+mod volumes;
 
 /// What most handlers need: this host's engine (a sub-state of [`Api`]).
 type AppState = Arc<Engine>;
@@ -236,6 +237,11 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         rooms::expose,
         rooms::unexpose,
         rooms::topology,
+        volumes::list_volumes,
+        volumes::create_volume,
+        volumes::get_volume,
+        volumes::remove_volume,
+        volumes::resize_volume,
         snapshots::list_snapshots,
         snapshots::create_snapshot,
         snapshots::get_snapshot,
@@ -435,6 +441,15 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
             delete(rooms::unexpose),
         )
         .route("/v1/topology", get(rooms::topology))
+        .route(
+            "/v1/volumes",
+            get(volumes::list_volumes).post(volumes::create_volume),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::get_volume).delete(volumes::remove_volume),
+        )
+        .route("/v1/volumes/{name}/resize", post(volumes::resize_volume))
         .route(
             "/v1/snapshots",
             get(snapshots::list_snapshots).post(snapshots::create_snapshot),

@@ -283,6 +283,7 @@ pub(crate) async fn raw_boot_with(
         accel,
         root_disk: image.rootfs.clone(),
         config_disk: dir.path().join("config.img"),
+        data_disks: vec![],
         nics: vec![LaunchNic {
             tap: tap.to_string(),
             mac,

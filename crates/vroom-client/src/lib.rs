@@ -527,6 +527,47 @@ impl Client {
         Ok(doc.values)
     }
 
+    /// Removes an instance and, with `volumes`, its data volumes.
+    pub async fn remove_with_volumes(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        self.delete(&format!(
+            "/v1/instances/{}?force={force}&volumes=true",
+            enc(name)
+        ))
+        .await
+    }
+
+    pub async fn volumes(&self) -> Result<Vec<vroom_types::Volume>, ClientError> {
+        self.fetch("/v1/volumes").await
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<vroom_types::Volume, ClientError> {
+        self.fetch(&format!("/v1/volumes/{}", enc(name))).await
+    }
+
+    pub async fn create_volume(
+        &self,
+        req: &vroom_types::VolumeCreateRequest,
+    ) -> Result<vroom_types::Volume, ClientError> {
+        self.call(Method::POST, "/v1/volumes", Some(req)).await
+    }
+
+    pub async fn remove_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/volumes/{}", enc(name))).await
+    }
+
+    pub async fn resize_volume(
+        &self,
+        name: &str,
+        size_mib: u64,
+    ) -> Result<vroom_types::Volume, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/resize", enc(name)),
+            Some(&vroom_types::VolumeResizeRequest { size_mib }),
+        )
+        .await
+    }
+
     pub async fn networks(&self) -> Result<Vec<Network>, ClientError> {
         self.fetch("/v1/networks").await
     }

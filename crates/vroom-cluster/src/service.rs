@@ -45,6 +45,12 @@ impl Vroomd for Clustered {
     }
 
     async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
+        if !req.spec.volumes.is_empty() {
+            return Err(OpError::new(
+                vroom_types::ErrorCode::HostUnsupported,
+                vroom_core::engine::VOLUMES_STAY_LOCAL,
+            ));
+        }
         self.node.run(req).await
     }
 

@@ -30,6 +30,9 @@ pub struct LaunchSpec {
     pub root_disk: PathBuf,
     /// The config volume, read-write.
     pub config_disk: PathBuf,
+    /// Data volumes, in the order the guest numbers them
+    /// ([`vroom_agent_proto::volume::data_disk_serial`]).
+    pub data_disks: Vec<DataDisk>,
     pub nics: Vec<LaunchNic>,
     /// The unix socket of the agent port.
     pub agent_socket: PathBuf,
@@ -39,6 +42,15 @@ pub struct LaunchSpec {
     /// Start paused, waiting for a saved state ([`VmDriver::load_state`])
     /// instead of booting.
     pub incoming: bool,
+}
+
+/// A data volume's file as the VMM gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The file's size: the largest offset the VMM writes.
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vroom_types::{ConfigLog, Instance, Mirror, Network, Room, Splice};
+use vroom_types::{ConfigLog, Instance, Mirror, Network, Room, Splice, Volume};
 
 use crate::driver::VmProcess;
 
@@ -84,4 +84,8 @@ pub trait StateStore: Send + Sync {
     fn put_room(&self, room: &Room) -> Result<(), StateStoreError>;
     fn delete_room(&self, name: &str) -> Result<(), StateStoreError>;
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError>;
+    /// Data volumes, keyed by name.
+    fn put_volume(&self, volume: &Volume) -> Result<(), StateStoreError>;
+    fn delete_volume(&self, name: &str) -> Result<(), StateStoreError>;
+    fn volumes(&self) -> Result<Vec<Volume>, StateStoreError>;
 }

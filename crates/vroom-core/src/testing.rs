@@ -116,6 +116,14 @@ impl FakeDriver {
         self.vms.lock_unpoisoned().len()
     }
 
+    /// The launch spec of VM `pid`.
+    pub fn spec_of(&self, pid: u32) -> Option<LaunchSpec> {
+        self.vms
+            .lock_unpoisoned()
+            .get(&pid)
+            .map(|vm| vm.spec.clone())
+    }
+
     /// The VM dies, as a guest crash or an OOM kill would.
     pub fn crash(&self, pid: u32) {
         if let Some(vm) = self.vms.lock_unpoisoned().get(&pid) {
@@ -140,6 +148,7 @@ impl FakeDriver {
             accel: Accel::Tcg,
             root_disk: PathBuf::new(),
             config_disk: PathBuf::new(),
+            data_disks: vec![],
             nics: vec![],
             agent_socket: run_dir.join("agent.sock"),
             console_socket: run_dir.join(crate::console::CONSOLE_SOCKET),
@@ -729,6 +738,7 @@ pub struct MemStore {
     splices: Mutex<BTreeMap<String, Splice>>,
     mirrors: Mutex<BTreeMap<String, Mirror>>,
     rooms: Mutex<BTreeMap<String, Room>>,
+    volumes: Mutex<BTreeMap<String, vroom_types::Volume>>,
     /// Makes instance deletions fail: a daemon that dies just before it
     /// deletes a record.
     pub fail_instance_deletes: AtomicBool,
@@ -828,6 +838,19 @@ impl StateStore for MemStore {
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
         Ok(self.rooms.lock_unpoisoned().values().cloned().collect())
     }
+    fn put_volume(&self, volume: &vroom_types::Volume) -> Result<(), StateStoreError> {
+        self.volumes
+            .lock_unpoisoned()
+            .insert(volume.name.to_string(), volume.clone());
+        Ok(())
+    }
+    fn delete_volume(&self, name: &str) -> Result<(), StateStoreError> {
+        self.volumes.lock_unpoisoned().remove(name);
+        Ok(())
+    }
+    fn volumes(&self) -> Result<Vec<vroom_types::Volume>, StateStoreError> {
+        Ok(self.volumes.lock_unpoisoned().values().cloned().collect())
+    }
 }
 
 /// An `ImageSource` with images whose files are never read: `hello`,
@@ -844,14 +867,22 @@ impl FakeImages {
     /// Adds an image like `hello` with these NIC roles and seed config
     /// (no schema: exactly the seed's keys are known).
     pub fn add(&self, name: &str, roles: &[&str], seed: &[(&str, &str)]) {
-        let mut image = self.image.clone();
-        image.manifest.name = name.into();
-        image.id = format!("{:0>64}", hex_name(name));
-        image.manifest.appliance.nic_roles = roles.iter().map(|r| r.to_string()).collect();
-        image.manifest.appliance.seed_config = seed
+        let mut appliance = self.image.manifest.appliance.clone();
+        appliance.nic_roles = roles.iter().map(|r| r.to_string()).collect();
+        appliance.seed_config = seed
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        self.add_appliance(name, appliance);
+    }
+
+    /// Adds an image like `hello` with this guest part (writable
+    /// directories, declared volumes...).
+    pub fn add_appliance(&self, name: &str, appliance: ApplianceSpec) {
+        let mut image = self.image.clone();
+        image.manifest.name = name.into();
+        image.id = format!("{:0>64}", hex_name(name));
+        image.manifest.appliance = appliance;
         self.extra.lock_unpoisoned().push(image);
     }
 

@@ -73,6 +73,9 @@ pub struct VmmFds {
     pub root_disk: i32,
     /// Read-write, then read-only: QEMU picks by access mode.
     pub config_disk: [i32; 2],
+    /// One fd set per data volume, in order: read-write then read-only,
+    /// or read-only alone.
+    pub data_disks: Vec<Vec<i32>>,
     /// One per NIC, in order.
     pub taps: Vec<i32>,
 }
@@ -84,6 +87,13 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 
 const ROOT_FDSET: u32 = 1;
 const CONFIG_FDSET: u32 = 2;
+/// Data volume `i` is fd set `FIRST_DATA_FDSET + i`.
+const FIRST_DATA_FDSET: u32 = 3;
+
+/// The QEMU drive id of data volume `index` (what `block_resize` names).
+pub fn data_drive_id(index: usize) -> String {
+    format!("vol{index}")
+}
 
 pub fn qemu_args(
     spec: &LaunchSpec,
@@ -172,6 +182,31 @@ pub fn qemu_args(
         "-device".into(),
         format!("virtio-blk-device,drive=config,serial={CONFIG_DISK_SERIAL}"),
     ]);
+    for (i, (disk, set_fds)) in spec.data_disks.iter().zip(&fds.data_disks).enumerate() {
+        let set = FIRST_DATA_FDSET + i as u32;
+        for fd in set_fds {
+            args.extend(add_fd(*fd, set));
+        }
+        // Like the config volume: writeback with the guest's flushes passed
+        // through (an fsync in the guest is an fdatasync on the host), no
+        // image locking. `discard=unmap`: what the guest trims goes back to
+        // the host's disk (the file is sparse).
+        let id = data_drive_id(i);
+        let mode = if disk.read_only {
+            "readonly=on"
+        } else {
+            "discard=unmap"
+        };
+        args.extend([
+            "-drive".into(),
+            format!("id={id},file=/dev/fdset/{set},format=raw,if=none,cache=writeback,file.locking=off,{mode}"),
+            "-device".into(),
+            format!(
+                "virtio-blk-device,drive={id},serial={}",
+                vroom_agent_proto::volume::data_disk_serial(i)
+            ),
+        ]);
+    }
     for (i, (nic, fd)) in spec.nics.iter().zip(&fds.taps).enumerate() {
         args.push("-netdev".into());
         args.push(format!("tap,id=net{i},fd={fd}"));
@@ -243,6 +278,7 @@ pub(crate) mod tests {
             accel,
             root_disk: "/i/rootfs.erofs".into(),
             config_disk: "/x/config.img".into(),
+            data_disks: vec![],
             nics: vec![
                 LaunchNic {
                     tap: "vrt1".into(),
@@ -273,6 +309,7 @@ pub(crate) mod tests {
             console: 5,
             root_disk: 6,
             config_disk: [7, 8],
+            data_disks: vec![],
             taps: vec![9, 10],
         }
     }
@@ -339,6 +376,42 @@ pub(crate) mod tests {
             Some(2_596_146)
         );
         assert_eq!(host_tsc_khz("nothing"), None);
+    }
+
+    /// Data volumes come after the config volume, each its own fd set (a
+    /// read-only one gets no writable fd), in the order of their serials.
+    #[test]
+    fn data_volumes_are_disks_with_serials_in_order() {
+        let mut spec = spec(Accel::Tcg);
+        spec.data_disks = vec![
+            vroom_core::driver::DataDisk {
+                path: "/v/a/volume.img".into(),
+                read_only: false,
+                bytes: 1 << 30,
+            },
+            vroom_core::driver::DataDisk {
+                path: "/v/b/volume.img".into(),
+                read_only: true,
+                bytes: 1 << 30,
+            },
+        ];
+        let mut fds = fds();
+        fds.data_disks = vec![vec![11, 12], vec![13]];
+        let args = qemu_args(&spec, &boot(), &fds, true, None);
+        assert_eq!(
+            value_after(&args, "-add-fd")[3..],
+            ["fd=11,set=3", "fd=12,set=3", "fd=13,set=4"]
+        );
+        assert_eq!(
+            value_after(&args, "-drive")[2..],
+            [
+                "id=vol0,file=/dev/fdset/3,format=raw,if=none,cache=writeback,file.locking=off,discard=unmap",
+                "id=vol1,file=/dev/fdset/4,format=raw,if=none,cache=writeback,file.locking=off,readonly=on",
+            ]
+        );
+        let devices = value_after(&args, "-device");
+        assert!(devices.contains(&"virtio-blk-device,drive=vol0,serial=vroom-vol-0"));
+        assert!(devices.contains(&"virtio-blk-device,drive=vol1,serial=vroom-vol-1"));
     }
 
     #[test]

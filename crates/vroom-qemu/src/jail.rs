@@ -15,6 +15,15 @@ use crate::cmdline::{self, BootFiles, VmmFds};
 /// The largest file offset a jailed QEMU may write: the largest config
 /// volume plus 64 MiB.
 pub const MAX_FILE_BYTES: u64 = vroom_types::limits::CONFIG_VOLUME_KIB.max * 1024 + (64 << 20);
+/// The file size cap of a VM's QEMU: [`MAX_FILE_BYTES`], or its largest
+/// data volume when that is larger (QEMU writes up to the end of each).
+pub fn max_file_bytes(spec: &LaunchSpec) -> u64 {
+    spec.data_disks
+        .iter()
+        .map(|d| d.bytes)
+        .fold(MAX_FILE_BYTES, u64::max)
+}
+
 /// How long the jailer waits for QMP's greeting.
 pub const READY_TIMEOUT_SECS: u64 = 60;
 
@@ -62,6 +71,25 @@ pub fn plan(
                 access: FileAccess::Read,
             }),
         ],
+        data_disks: spec
+            .data_disks
+            .iter()
+            .map(|disk| {
+                let read = FdSource::File {
+                    path: disk.path.clone(),
+                    access: FileAccess::Read,
+                };
+                if disk.read_only {
+                    vec![add(read)]
+                } else {
+                    let write = FdSource::File {
+                        path: disk.path.clone(),
+                        access: FileAccess::ReadWrite,
+                    };
+                    vec![add(write), add(read)]
+                }
+            })
+            .collect(),
         taps: spec
             .nics
             .iter()
@@ -146,7 +174,7 @@ pub fn plan(
             root: spec.run_dir.join("jail"),
             entries,
             cgroup: CgroupSpec::for_vm(&spec.run_dir, spec.mem_mib, spec.cpus),
-            max_file_bytes: MAX_FILE_BYTES,
+            max_file_bytes: max_file_bytes(spec),
         }),
     }
 }
@@ -172,6 +200,7 @@ mod tests {
             accel,
             root_disk: "/images/x/rootfs.erofs".into(),
             config_disk: "/data/instances/ab12/config.img".into(),
+            data_disks: vec![],
             nics: vec![LaunchNic {
                 tap: "vrt1".into(),
                 mac: "52:54:00:00:00:01".into(),
@@ -248,6 +277,51 @@ mod tests {
             vec!["fd=6,set=1", "fd=7,set=2", "fd=8,set=2"]
         );
         assert_eq!(value_after(args, "-netdev"), vec!["tap,id=net0,fd=9"]);
+    }
+
+    /// Each data volume is opened by the jailer (read-write and read-only,
+    /// or read-only alone), and the file size cap lets QEMU write to the
+    /// end of the largest.
+    #[test]
+    fn data_volumes_are_fds_and_raise_the_file_size_cap() {
+        let mut spec = spec(Accel::Tcg);
+        let disk = |path: &str, read_only, bytes| vroom_core::driver::DataDisk {
+            path: path.into(),
+            read_only,
+            bytes,
+        };
+        spec.data_disks = vec![
+            disk("/v/a.img", false, 4 << 30),
+            disk("/v/b.img", true, 1 << 30),
+        ];
+        let jail = plan(
+            &spec,
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            Some((0x5000_0001, 0x5000_0001)),
+            &merged_usr(),
+            None,
+        );
+        let files: Vec<_> = jail
+            .fds
+            .iter()
+            .filter_map(|f| match f {
+                FdSource::File { path, access } if path.starts_with("/v") => {
+                    Some((path.to_str().unwrap(), *access))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("/v/a.img", FileAccess::ReadWrite),
+                ("/v/a.img", FileAccess::Read),
+                ("/v/b.img", FileAccess::Read)
+            ]
+        );
+        assert_eq!(jail.isolation.unwrap().max_file_bytes, 4 << 30);
+        spec.data_disks.clear();
+        assert_eq!(max_file_bytes(&spec), MAX_FILE_BYTES);
     }
 
     #[test]

@@ -9,14 +9,15 @@
 //! crash of vroomd.
 //!
 //! **Format.** One table per kind (`instances`, `networks`, `config_logs`,
-//! `splices`, `mirrors`, `rooms`), each mapping a key to the record's JSON.
+//! `splices`, `mirrors`, `rooms`, `volumes`), each mapping a key to the
+//! record's JSON. A table a newer vroom adds is created when the store opens.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use vroom_core::store::{InstanceRecord, StateStore, StateStoreError};
-use vroom_types::{ConfigLog, Mirror, Network, Room, Splice};
+use vroom_types::{ConfigLog, Mirror, Network, Room, Splice, Volume};
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
@@ -24,6 +25,7 @@ const CONFIG_LOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("config_l
 const SPLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("splices");
 const MIRRORS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrors");
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 pub struct RedbStateStore {
     db: Database,
@@ -45,7 +47,7 @@ impl RedbStateStore {
                     let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
-                    for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS] {
+                    for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS, VOLUMES] {
                         txn.open_table(table).map_err(|e| err(e.to_string()))?;
                     }
                     txn.commit().map_err(|e| err(e.to_string()))?;
@@ -217,6 +219,19 @@ impl StateStore for RedbStateStore {
 
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
         self.all(ROOMS)
+    }
+
+    fn put_volume(&self, volume: &Volume) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(volume).map_err(|e| self.err(e))?;
+        self.put(VOLUMES, volume.name.as_str(), &bytes)
+    }
+
+    fn delete_volume(&self, name: &str) -> Result<(), StateStoreError> {
+        self.delete(VOLUMES, name)
+    }
+
+    fn volumes(&self) -> Result<Vec<Volume>, StateStoreError> {
+        self.all(VOLUMES)
     }
 }
 

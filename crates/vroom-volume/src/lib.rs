@@ -16,6 +16,8 @@ use vroom_agent_proto::volume::{
 };
 use vroom_types::ConfigValues;
 
+pub mod data;
+
 pub const DEFAULT_SIZE_KIB: u32 = 1440;
 pub const MIN_SIZE_KIB: u32 = 64;
 pub const MAX_SIZE_KIB: u32 = 64 * 1024;

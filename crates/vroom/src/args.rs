@@ -123,6 +123,10 @@ pub enum Command {
         /// root may only use a directory it could write itself.
         #[arg(long, value_name = "DIR")]
         archive: Option<PathBuf>,
+        /// Remove its data volumes too (they stay otherwise, for the next
+        /// instance to attach).
+        #[arg(long, conflicts_with = "archive")]
+        volumes: bool,
         /// The instance's name.
         name: String,
     },
@@ -264,6 +268,11 @@ pub enum Command {
     },
     /// List splices, their state and last event.
     Splices,
+    /// Data volumes: persistent disks instances mount.
+    Volume {
+        #[command(subcommand)]
+        op: VolumeOp,
+    },
     /// Server rooms: per-tenant networks behind a firewall.
     Room {
         #[command(subcommand)]
@@ -534,6 +543,36 @@ pub enum ArchiveOp {
     Verify {
         /// The archive directory.
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeOp {
+    /// Create a volume: a sparse file on this host, formatted ext4. Attach
+    /// it with `vroom run IMAGE --volume NAME:/path`.
+    Create {
+        name: Name,
+        /// Its size, e.g. 512M, 2G or 1T (16M to 16T); refused when the
+        /// host's disk has less free space.
+        #[arg(long, value_parser = vroom_types::parse_volume_size_mib)]
+        size: u64,
+        /// Copies on distinct nodes: 1, or 2 in a cluster.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        replicas: u8,
+    },
+    /// List volumes, their size, use of the host's disk and instance.
+    Ls,
+    /// Show one volume.
+    Inspect { name: Name },
+    /// Remove a volume and its data; refused while an instance has it.
+    Rm { name: Name },
+    /// Grow a volume (while its instance is stopped); the guest grows its
+    /// filesystem when it next mounts it.
+    Resize {
+        name: Name,
+        /// The new size, e.g. 4G; volumes only grow.
+        #[arg(long, value_parser = vroom_types::parse_volume_size_mib)]
+        size: u64,
     },
 }
 

@@ -8,7 +8,7 @@ use vroom_types::ExecRequest;
 use crate::args::{ArchiveOp, Cli, Command, ConfigOp};
 use crate::{
     capture, config, demo, gc, guest, image, instance, net, node, paths, room, session, snapshot,
-    splice,
+    splice, volume,
 };
 
 /// Runs one client-side command; returns the process's exit code.
@@ -47,12 +47,24 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             force,
             archive: Some(dir),
             name,
+            ..
         } => snapshot::archive(client, name, dir, *force, json).await,
         Command::Rm {
             force,
             archive: None,
+            volumes: false,
             name,
         } => client.remove(name, *force).await.map_err(Into::into),
+        Command::Rm {
+            force,
+            archive: None,
+            volumes: true,
+            name,
+        } => client
+            .remove_with_volumes(name, *force)
+            .await
+            .map_err(Into::into),
+        Command::Volume { op } => volume::volume(client, op, json).await,
         Command::Config { name, op } => config::config(client, name, op, json).await,
         // Inside the guest.
         Command::Logs {

@@ -21,6 +21,7 @@ mod serve;
 mod setup;
 mod snapshot;
 mod splice;
+mod volume;
 
 use clap::Parser;
 // The modules vroom-bench shares, in the library half of this package.

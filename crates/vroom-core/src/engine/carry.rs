@@ -73,6 +73,14 @@ impl Engine {
 
     /// Why `name` cannot leave this node with its wiring, if it cannot.
     pub fn immovable_reason(&self, name: &str) -> Option<String> {
+        if let Some(volumes) = self.cell(name).ok().map(|c| c.snapshot().spec.volumes) {
+            if !volumes.is_empty() {
+                return Some(
+                    "it has data volumes, which stay on this node until volumes replicate"
+                        .to_string(),
+                );
+            }
+        }
         let splices = self.list_splices();
         if let Some(s) = splices.iter().find(|s| s.appliance.as_str() == name) {
             return Some(format!(

@@ -17,6 +17,8 @@ pub(super) struct Created {
     /// The default network, when this creation made it.
     created_default: Option<Network>,
     volume_kib: u32,
+    /// The data volumes this creation made (an image's declared ones).
+    made_volumes: Vec<Name>,
     /// Whether it starts from a warm snapshot of its image.
     warm: bool,
     /// The saved state it starts from: a clone's snapshot or a warm one.
@@ -218,6 +220,30 @@ impl Engine {
         let volume_kib = spec
             .config_volume_kib
             .unwrap_or(vroom_volume::DEFAULT_SIZE_KIB);
+        if clone_of
+            .as_ref()
+            .is_some_and(|(s, _)| !s.instance.spec.volumes.is_empty())
+        {
+            return Err(OpError::conflict(
+                "a snapshot of an instance with data volumes cannot be cloned yet",
+            ));
+        }
+        let (volumes, made_volumes) = if arriving {
+            (spec.volumes.clone(), vec![])
+        } else if clone_of.is_some() {
+            if !spec.volumes.is_empty() {
+                return Err(OpError::conflict("a clone cannot take data volumes yet"));
+            }
+            (vec![], vec![])
+        } else {
+            self.attach_volumes(&spec, &image)?
+        };
+        if identity.as_ref().is_some_and(|i| i.cluster) && !volumes.is_empty() {
+            // Failed over, it would come up elsewhere with empty volumes.
+            self.remove_made_volumes(&made_volumes);
+            return Err(OpError::new(ErrorCode::HostUnsupported, VOLUMES_STAY_LOCAL));
+        }
+        spec.volumes = volumes;
 
         let nic_specs = if spec.nics.is_empty() {
             vec![NicSpec {
@@ -254,6 +280,7 @@ impl Engine {
         let nics = match self.allocate_nics(&id, &nic_specs, roles) {
             Ok(nics) => nics,
             Err(e) => {
+                self.remove_made_volumes(&made_volumes);
                 self.drop_default(created_default.as_ref()).await;
                 return Err(e);
             }
@@ -265,7 +292,8 @@ impl Engine {
         if let Some(config) = given_config {
             instance.config = config;
         }
-        let warm = match (&clone_of, req.cold || arriving) {
+        // A warm snapshot's guest has no data volumes mounted.
+        let warm = match (&clone_of, req.cold || arriving || !spec.volumes.is_empty()) {
             (None, false) => self.warm_for(&image, &vroom_types::VmShape::of(&instance), accel),
             _ => None,
         };
@@ -345,6 +373,7 @@ impl Engine {
         });
         if let Err(e) = prepared {
             let _ = std::fs::remove_dir_all(&dir);
+            self.remove_made_volumes(&made_volumes);
             self.drop_default(created_default.as_ref()).await;
             return Err(e);
         }
@@ -368,6 +397,7 @@ impl Engine {
             networks,
             created_default,
             volume_kib,
+            made_volumes,
             warm: warm.is_some(),
             state_source,
         })
@@ -385,6 +415,7 @@ impl Engine {
         let _ = self.store.delete_instance(name.as_str());
         let _ = std::fs::remove_dir_all(&created.cell.dir);
         let _alloc = self.alloc.lock().await;
+        self.remove_made_volumes(&created.made_volumes);
         self.drop_default(created.created_default.as_ref()).await;
     }
 
@@ -553,8 +584,8 @@ impl Engine {
         image: &BootImage,
         accel: vroom_types::Accel,
         incoming: bool,
-    ) -> LaunchSpec {
-        LaunchSpec {
+    ) -> Result<LaunchSpec, OpError> {
+        Ok(LaunchSpec {
             instance_id: instance.id.clone(),
             name: instance.spec.name.to_string(),
             run_dir: cell.dir.clone(),
@@ -568,6 +599,7 @@ impl Engine {
             accel,
             root_disk: image.rootfs.clone(),
             config_disk: cell.volume(),
+            data_disks: self.data_disks(instance)?,
             nics: instance
                 .nics
                 .iter()
@@ -579,7 +611,7 @@ impl Engine {
             agent_socket: cell.dir.join("agent.sock"),
             console_socket: cell.console_socket(),
             incoming,
-        }
+        })
     }
 
     /// Starts the VMM for a cell (caller holds its op lock) and spawns its monitor.
@@ -677,7 +709,7 @@ impl Engine {
                 .await?;
         }
         let incoming = how != Launch::Boot;
-        let launch = self.launch_spec(cell, &instance, &image, accel, incoming);
+        let launch = self.launch_spec(cell, &instance, &image, accel, incoming)?;
         let epoch = blocking(|| cell.console.new_boot())
             .map_err(|e| OpError::internal("failed to rotate the console logs", e))?;
         let _ = std::fs::remove_file(cell.console_socket());

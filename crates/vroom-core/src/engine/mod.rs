@@ -32,11 +32,13 @@ mod rooms;
 mod snapshots;
 mod splices;
 mod supervise;
+mod volumes;
 
 pub use archive::verify_archive;
 pub use guest::{GuestExec, GuestFile, GuestStdin};
 pub use migrate::{Arrival, ArrivalChecks, LiveOutgoing};
 pub use rooms::room_network_taken;
+pub use volumes::VOLUMES_STAY_LOCAL;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

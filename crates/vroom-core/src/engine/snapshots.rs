@@ -428,6 +428,7 @@ impl Engine {
             let r = cell.lock();
             (r.instance.clone(), r.process.clone())
         };
+        self.refuse_with_volumes(&instance, "a snapshot")?;
         let process = process
             .filter(|p| instance.status.state == InstanceState::Running && self.driver.is_alive(p))
             .ok_or_else(|| {
@@ -803,6 +804,12 @@ impl Engine {
         mem_mib: Option<u64>,
     ) -> Result<Snapshot, OpError> {
         let image = self.resolve_image(image_ref).await?;
+        if !image.manifest.appliance.volumes.is_empty() {
+            return Err(OpError::conflict(format!(
+                "image {} declares data volumes: its instances boot with them mounted, never from a warm snapshot",
+                image.manifest.name
+            )));
+        }
         let spec = InstanceSpec {
             name: Name::new(&image.manifest.name)
                 .or_else(|_| Name::new("warm"))
@@ -889,7 +896,7 @@ impl Engine {
             image,
             instance.status.accel.unwrap_or(vroom_types::Accel::Tcg),
             false,
-        );
+        )?;
         let process =
             self.driver.launch(&launch).await.map_err(|e| {
                 OpError::wrap(ErrorCode::Internal, "failed to start the warm-up VM", e)

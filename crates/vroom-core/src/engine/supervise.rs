@@ -34,6 +34,7 @@ impl Engine {
         self.load_splices().await?;
         self.load_rooms()?;
         self.sweep_partial_snapshots().await;
+        self.sweep_volumes()?;
         let records = self
             .store
             .instances()

@@ -1,0 +1,428 @@
+//! Data volumes: created, listed, grown and removed here; attached when an
+//! instance is created (`attach_volumes`), opened by the VMM as files
+//! (`data_disks`), mounted by the guest.
+//!
+//! A volume's record (the store's `volumes` table) is written only after
+//! its file is whole ([`vroom_volume::data`]), and removed before its file
+//! is: a daemon killed in between leaves a directory no record names, which
+//! the next start removes ([`Engine::sweep_volumes`]). A volume is attached
+//! to at most one instance: the one whose spec names it. Attaching and
+//! removing both hold the allocation lock, so they cannot interleave.
+
+use vroom_types::{
+    Volume, VolumeAttach, VolumeCreateRequest, VolumeDecl, VolumeFs, VolumeResizeRequest,
+};
+use vroom_volume::data::{self as datavol, CreateDataVolumeError, GrowDataVolumeError};
+
+use super::*;
+use crate::driver::DataDisk;
+
+/// Why a cluster refuses instances with data volumes.
+pub const VOLUMES_STAY_LOCAL: &str = "data volumes do not fail over with their instance yet: run instances with volumes on a host outside a cluster";
+
+impl Engine {
+    pub(super) fn volumes_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("volumes")
+    }
+
+    fn volume_records(&self) -> Result<Vec<Volume>, OpError> {
+        self.store
+            .volumes()
+            .map_err(|e| OpError::internal("failed to load volumes", e))
+    }
+
+    fn volume_record(&self, name: &str) -> Result<Volume, OpError> {
+        self.volume_records()?
+            .into_iter()
+            .find(|v| v.name.as_str() == name)
+            .ok_or_else(|| OpError::not_found("volume", name))
+    }
+
+    /// The instance a volume is attached to, if any.
+    fn attached_to(&self, volume: &str) -> Option<Name> {
+        self.instances
+            .lock_unpoisoned()
+            .iter()
+            .find(|(_, cell)| {
+                cell.lock()
+                    .instance
+                    .spec
+                    .volumes
+                    .iter()
+                    .any(|a| a.volume.as_str() == volume)
+            })
+            .map(|(name, _)| name.clone())
+    }
+
+    /// A record as the API shows it: with its attachment and disk usage.
+    fn volume_view(&self, mut volume: Volume) -> Volume {
+        volume.attached_to = self.attached_to(volume.name.as_str());
+        volume.allocated_bytes =
+            datavol::allocated_bytes(&datavol::volume_file(&self.volumes_dir(), &volume.id));
+        volume
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<Volume>, OpError> {
+        let mut volumes: Vec<Volume> = self
+            .volume_records()?
+            .into_iter()
+            .map(|v| self.volume_view(v))
+            .collect();
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(volumes)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Volume, OpError> {
+        Ok(self.volume_view(self.volume_record(name)?))
+    }
+
+    pub async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+        req.validate()?;
+        if req.replicas > 1 {
+            return Err(OpError::new(
+                ErrorCode::HostUnsupported,
+                "a volume with 2 replicas needs a cluster with a second node; this host is alone",
+            ));
+        }
+        let _alloc = self.alloc.lock().await;
+        self.create_volume_locked(req.name.as_str(), req.size_mib, req.fs)
+    }
+
+    /// Makes a volume (the caller holds the allocation lock).
+    fn create_volume_locked(
+        &self,
+        name: &str,
+        size_mib: u64,
+        fs: VolumeFs,
+    ) -> Result<Volume, OpError> {
+        let name = Name::new(name)?;
+        if self.volume_record(name.as_str()).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a volume named {name} already exists"),
+            ));
+        }
+        let id = random_id();
+        let dir = self.volumes_dir();
+        blocking(|| datavol::create(&dir, &id, name.as_str(), size_mib, fs)).map_err(
+            |e| match e {
+                CreateDataVolumeError::NoSpace { .. } => {
+                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                }
+                e => OpError::internal("failed to create the volume", e),
+            },
+        )?;
+        let volume = Volume {
+            id: id.clone(),
+            name,
+            size_mib,
+            fs,
+            replicas: 1,
+            created_at: unix_now(),
+            attached_to: None,
+            allocated_bytes: 0,
+        };
+        if let Err(e) = self.store.put_volume(&volume) {
+            let _ = std::fs::remove_dir_all(datavol::volume_dir(&dir, &id));
+            return Err(OpError::internal("failed to record the volume", e));
+        }
+        tracing::info!(volume = %volume.name, size_mib, "volume created");
+        Ok(self.volume_view(volume))
+    }
+
+    /// Removes a volume no instance uses, with its data.
+    pub async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
+        let _alloc = self.alloc.lock().await;
+        self.remove_volume_locked(name)
+    }
+
+    fn remove_volume_locked(&self, name: &str) -> Result<(), OpError> {
+        let volume = self.volume_record(name)?;
+        if let Some(instance) = self.attached_to(name) {
+            return Err(OpError::conflict(format!(
+                "volume {name} is attached to instance {instance}; remove the instance first (its volumes stay unless `rm --volumes`)"
+            )));
+        }
+        self.store
+            .delete_volume(name)
+            .map_err(|e| OpError::internal("failed to remove the volume's record", e))?;
+        let dir = datavol::volume_dir(&self.volumes_dir(), &volume.id);
+        if let Err(e) = blocking(|| std::fs::remove_dir_all(&dir)) {
+            // The record is gone: the next start sweeps the directory.
+            tracing::warn!(volume = name, error = %e, "cannot remove the volume's files yet");
+        }
+        tracing::info!(volume = name, "volume removed");
+        Ok(())
+    }
+
+    /// Grows a volume. Attached to a running instance, the guest sees its
+    /// disk grow and grows its filesystem; otherwise the guest grows it when
+    /// it next mounts it.
+    pub async fn resize_volume(
+        &self,
+        name: &str,
+        req: VolumeResizeRequest,
+    ) -> Result<Volume, OpError> {
+        vroom_types::check_volume_mib(req.size_mib)?;
+        let _alloc = self.alloc.lock().await;
+        let mut volume = self.volume_record(name)?;
+        if req.size_mib < volume.size_mib {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "volume {name} is {} MiB; volumes only grow",
+                    volume.size_mib
+                ),
+            ));
+        }
+        let running = self.attached_to(name).and_then(|instance| {
+            let cell = self.cell(instance.as_str()).ok()?;
+            let r = cell.lock();
+            r.process.clone().map(|p| (instance.clone(), p))
+        });
+        if running.is_some() {
+            return Err(OpError::conflict(format!(
+                "volume {name} is in use by a running instance; stop it to grow the volume"
+            )));
+        }
+        let file = datavol::volume_file(&self.volumes_dir(), &volume.id);
+        // The record first: a daemon killed before the file grew finds the
+        // file smaller than its record and grows it (`sweep_volumes`).
+        volume.size_mib = req.size_mib;
+        self.store
+            .put_volume(&volume)
+            .map_err(|e| OpError::internal("failed to record the volume's size", e))?;
+        blocking(|| datavol::grow(&file, name, req.size_mib))
+            .map_err(|e| match e {
+                GrowDataVolumeError::NoSpace { .. } | GrowDataVolumeError::Shrink { .. } => {
+                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                }
+                e => OpError::internal("failed to grow the volume", e),
+            })
+            .inspect_err(|_| {
+                // Back to the size the file has.
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    volume.size_mib = meta.len() >> 20;
+                    let _ = self.store.put_volume(&volume);
+                }
+            })?;
+        tracing::info!(volume = name, size_mib = req.size_mib, "volume grown");
+        Ok(self.volume_view(volume))
+    }
+
+    /// At start: removes volume directories no record names (a creation or
+    /// removal cut short) and finishes growths a crash interrupted.
+    pub(super) fn sweep_volumes(&self) -> Result<(), OpError> {
+        let records = self.volume_records()?;
+        let dir = self.volumes_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !records.iter().any(|v| v.id == name) {
+                tracing::info!(dir = %entry.path().display(), "removing a volume cut short");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        for volume in records {
+            let file = datavol::volume_file(&dir, &volume.id);
+            match std::fs::metadata(&file) {
+                Ok(meta) if meta.len() < volume.size_mib << 20 => {
+                    if let Err(e) = datavol::grow(&file, volume.name.as_str(), volume.size_mib) {
+                        tracing::error!(volume = %volume.name, error = %e, "cannot finish growing the volume");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(volume = %volume.name, file = %file.display(), error = %e, "the volume's file is missing")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes and checks the volumes of an instance being created (the
+    /// caller holds the allocation lock): the image's declared volumes the
+    /// user did not attach get `INSTANCE-ROLE` volumes, made when missing.
+    /// Returns the attachments and the volumes this call made (to remove
+    /// if the creation fails).
+    pub(super) fn attach_volumes(
+        &self,
+        spec: &InstanceSpec,
+        image: &BootImage,
+    ) -> Result<(Vec<VolumeAttach>, Vec<Name>), OpError> {
+        let decls = &image.manifest.appliance.volumes;
+        let mut attach = spec.volumes.clone();
+        for decl in decls {
+            if attach.iter().any(|a| a.path == decl.path) {
+                continue;
+            }
+            let name = format!("{}-{}", spec.name, decl.name);
+            let volume = Name::new(&name).map_err(|_| {
+                OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "the name {name:?} for the instance's {} volume is too long; name the instance shorter or attach a volume with --volume NAME:{}",
+                        decl.name, decl.path
+                    ),
+                )
+            })?;
+            attach.push(VolumeAttach {
+                volume,
+                path: decl.path.clone(),
+                read_only: false,
+            });
+        }
+        if attach.is_empty() {
+            return Ok((attach, vec![]));
+        }
+        if spec.ephemeral {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                "an ephemeral instance cannot have data volumes yet",
+            ));
+        }
+        let writable = &image.manifest.appliance.writable;
+        for (i, a) in attach.iter().enumerate() {
+            a.validate()?;
+            if attach[..i].iter().any(|b| b.volume == a.volume) {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("volume {} is attached twice", a.volume),
+                ));
+            }
+            if attach[..i].iter().any(|b| b.path == a.path) {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("two volumes are mounted at {}", a.path),
+                ));
+            }
+            let declared = decls.iter().any(|d| d.path == a.path);
+            let under_writable = writable
+                .iter()
+                .any(|w| a.path.starts_with(&format!("{}/", w.trim_end_matches('/'))));
+            if !declared && !under_writable {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "cannot mount volume {} at {}: image {} has that path on its read-only root; use a path under {} or one its recipe declares",
+                        a.volume,
+                        a.path,
+                        image.manifest.name,
+                        writable.join(", ")
+                    ),
+                ));
+            }
+            if let Some(other) = self.attached_to(a.volume.as_str()) {
+                return Err(OpError::conflict(format!(
+                    "volume {} is attached to instance {other}",
+                    a.volume
+                )));
+            }
+        }
+        let mut made = vec![];
+        for a in &attach {
+            if self.volume_record(a.volume.as_str()).is_ok() {
+                continue;
+            }
+            let decl: Option<&VolumeDecl> = decls
+                .iter()
+                .find(|d| d.path == a.path && spec.volumes.iter().all(|s| s.path != d.path));
+            let Some(decl) = decl else {
+                self.remove_made_volumes(&made);
+                return Err(OpError::not_found("volume", a.volume.as_str()));
+            };
+            match self.create_volume_locked(a.volume.as_str(), decl.size_mib, decl.fs) {
+                Ok(_) => made.push(a.volume.clone()),
+                Err(e) => {
+                    self.remove_made_volumes(&made);
+                    return Err(e.context(format!("cannot create volume {}", a.volume)));
+                }
+            }
+        }
+        Ok((attach, made))
+    }
+
+    /// Removes the volumes a failed creation made (the caller holds the
+    /// allocation lock and the instance is gone).
+    pub(super) fn remove_made_volumes(&self, made: &[Name]) {
+        for name in made {
+            if let Err(e) = self.remove_volume_locked(name.as_str()) {
+                tracing::warn!(volume = %name, error = %e.message, "cannot remove a volume a failed run made");
+            }
+        }
+    }
+
+    /// Removes the volumes an instance had, after the instance is gone
+    /// (`rm --volumes`).
+    pub async fn remove_volumes(&self, volumes: &[VolumeAttach]) -> Result<(), OpError> {
+        let _alloc = self.alloc.lock().await;
+        for a in volumes {
+            match self.remove_volume_locked(a.volume.as_str()) {
+                Ok(()) => {}
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The files of an instance's data volumes, in attachment order.
+    pub(super) fn data_disks(&self, instance: &Instance) -> Result<Vec<DataDisk>, OpError> {
+        if instance.spec.volumes.is_empty() {
+            return Ok(vec![]);
+        }
+        let records = self.volume_records()?;
+        instance
+            .spec
+            .volumes
+            .iter()
+            .map(|a| {
+                let volume = records.iter().find(|v| v.name == a.volume).ok_or_else(|| {
+                    OpError::conflict(format!(
+                        "instance {}'s volume {} is gone",
+                        instance.spec.name, a.volume
+                    ))
+                })?;
+                Ok(DataDisk {
+                    path: datavol::volume_file(&self.volumes_dir(), &volume.id),
+                    read_only: a.read_only,
+                    bytes: volume.size_mib << 20,
+                })
+            })
+            .collect()
+    }
+
+    /// Refuses what cannot carry data volumes yet.
+    pub(super) fn refuse_with_volumes(
+        &self,
+        instance: &Instance,
+        what: &str,
+    ) -> Result<(), OpError> {
+        if instance.spec.volumes.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::conflict(format!(
+            "instance {} has data volumes ({}): {what} does not carry them yet",
+            instance.spec.name,
+            instance
+                .spec
+                .volumes
+                .iter()
+                .map(|a| a.volume.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,375 @@
+//! Data volumes on fakes (real files, real mkfs.ext4): create, attach,
+//! the rules of attaching, declared volumes, rollback, removal, growth and
+//! what a restarted daemon sweeps.
+
+use std::time::Duration;
+
+use vroom_types::{
+    ApplianceSpec, ErrorCode, InstanceState, Name, RunRequest, VolumeAttach, VolumeCreateRequest,
+    VolumeDecl, VolumeFs, VolumeResizeRequest,
+};
+
+use crate::store::StateStore;
+use crate::testing::{run_request, TestEngine};
+
+fn create(name: &str, size_mib: u64) -> VolumeCreateRequest {
+    VolumeCreateRequest {
+        name: Name::new(name).unwrap(),
+        size_mib,
+        fs: VolumeFs::Ext4,
+        replicas: 1,
+    }
+}
+
+fn attach(volume: &str, path: &str) -> VolumeAttach {
+    VolumeAttach {
+        volume: Name::new(volume).unwrap(),
+        path: path.into(),
+        read_only: false,
+    }
+}
+
+fn with_volumes(name: &str, image: &str, volumes: Vec<VolumeAttach>) -> RunRequest {
+    let mut req = run_request(name, image, &[]);
+    req.spec.volumes = volumes;
+    req
+}
+
+/// An engine with `store` (writable /var, no volumes) and `db` (declares
+/// a 32 MiB `data` volume at /var/lib/db).
+async fn engine(dir: &std::path::Path) -> TestEngine {
+    let t = TestEngine::new(dir);
+    t.engine.recover().await.unwrap();
+    let plain = ApplianceSpec {
+        writable: vec!["/run".into(), "/var".into()],
+        ..ApplianceSpec::default()
+    };
+    t.images.add_appliance("store", plain.clone());
+    t.images.add_appliance(
+        "db",
+        ApplianceSpec {
+            volumes: vec![VolumeDecl {
+                name: Name::new("data").unwrap(),
+                path: "/var/lib/db".into(),
+                size_mib: 32,
+                fs: VolumeFs::Ext4,
+                exec: false,
+            }],
+            ..plain
+        },
+    );
+    t
+}
+
+async fn running_pid(t: &TestEngine, name: &str) -> u32 {
+    for _ in 0..200 {
+        let i = t.engine.get(name).unwrap();
+        if i.status.state == InstanceState::Running {
+            return i.status.pid.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{name} never ran");
+}
+
+#[tokio::test]
+async fn a_volume_is_attached_to_one_instance_and_outlives_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let v = t.engine.create_volume(create("files", 64)).await.unwrap();
+    assert_eq!((v.size_mib, v.attached_to.clone()), (64, None));
+    assert!(
+        v.allocated_bytes > 0 && v.allocated_bytes < 16 << 20,
+        "{v:?}"
+    );
+    let err = t
+        .engine
+        .create_volume(create("files", 64))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+
+    t.engine
+        .run(with_volumes(
+            "a",
+            "store",
+            vec![attach("files", "/var/files")],
+        ))
+        .await
+        .unwrap();
+    let pid = running_pid(&t, "a").await;
+    let disks = t.driver.spec_of(pid).unwrap().data_disks;
+    assert_eq!(disks.len(), 1);
+    assert!(disks[0]
+        .path
+        .ends_with(format!("volumes/{}/volume.img", v.id)));
+    assert_eq!((disks[0].read_only, disks[0].bytes), (false, 64 << 20));
+    assert_eq!(
+        t.engine.volume("files").unwrap().attached_to,
+        Some(Name::new("a").unwrap())
+    );
+
+    // A second instance cannot have it, and it cannot be removed.
+    let err = t
+        .engine
+        .run(with_volumes("b", "store", vec![attach("files", "/var/x")]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("attached to instance a"),
+        "{}",
+        err.message
+    );
+    assert!(t.engine.get("b").is_err(), "nothing of b is left");
+    let err = t.engine.remove_volume("files").await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict);
+    assert!(
+        err.message.contains("remove the instance first"),
+        "{}",
+        err.message
+    );
+
+    // The instance goes, the volume stays, and the next one takes it.
+    t.engine.remove("a", true).await.unwrap();
+    assert_eq!(t.engine.volume("files").unwrap().attached_to, None);
+    t.engine
+        .run(with_volumes("b", "store", vec![attach("files", "/var/x")]))
+        .await
+        .unwrap();
+    t.engine.remove("b", true).await.unwrap();
+    t.engine.remove_volume("files").await.unwrap();
+    assert!(t.engine.list_volumes().unwrap().is_empty());
+    assert!(!dir.path().join("volumes").join(&v.id).exists());
+}
+
+#[tokio::test]
+async fn bad_attachments_are_refused_with_nothing_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    t.engine.create_volume(create("v", 16)).await.unwrap();
+    t.engine.create_volume(create("w", 16)).await.unwrap();
+    let cases: Vec<(Vec<VolumeAttach>, &str)> = vec![
+        (vec![attach("nope", "/var/x")], "no volume named \"nope\""),
+        (vec![attach("v", "/srv/x")], "read-only root"),
+        (vec![attach("v", "/etc/x")], "system directory"),
+        (
+            vec![attach("v", "/var/x"), attach("v", "/var/y")],
+            "attached twice",
+        ),
+        (
+            vec![attach("v", "/var/x"), attach("w", "/var/x")],
+            "two volumes are mounted at /var/x",
+        ),
+    ];
+    for (volumes, want) in cases {
+        let err = t
+            .engine
+            .run(with_volumes("c", "store", volumes.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.message.contains(want), "{volumes:?}: {}", err.message);
+        assert!(!err.message.contains('\n'));
+        assert!(t.engine.get("c").is_err());
+    }
+    let mut ephemeral = with_volumes("c", "store", vec![attach("v", "/var/x")]);
+    ephemeral.spec.ephemeral = true;
+    let err = t.engine.run(ephemeral).await.unwrap_err();
+    assert!(err.message.contains("ephemeral"), "{}", err.message);
+    let names: Vec<_> = t
+        .engine
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.name.to_string(), v.attached_to))
+        .collect();
+    assert_eq!(names, [("v".into(), None), ("w".into(), None)]);
+
+    let err = t
+        .engine
+        .create_volume(VolumeCreateRequest {
+            replicas: 2,
+            ..create("r", 16)
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("needs a cluster"), "{}", err.message);
+    let err = t.engine.create_volume(create("big", 15)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    let err = t
+        .engine
+        .create_volume(create("huge", vroom_types::MAX_VOLUME_MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+    assert_eq!(t.engine.list_volumes().unwrap().len(), 2);
+    let on_disk = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .count();
+    assert_eq!(on_disk, 2, "no directory of a refused volume");
+}
+
+/// `vroom run db --name pg` just works: the declared volume is made as
+/// `pg-data`, kept when the instance goes, and taken again by the next
+/// `pg`. A failed run removes what it made, and only that.
+#[tokio::test]
+async fn declared_volumes_are_made_kept_and_taken_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let i = t.engine.run(run_request("pg", "db", &[])).await.unwrap();
+    assert_eq!(i.spec.volumes, vec![attach("pg-data", "/var/lib/db")]);
+    let first = t.engine.volume("pg-data").unwrap();
+    assert_eq!(first.size_mib, 32);
+    t.engine.remove("pg", true).await.unwrap();
+    t.engine.run(run_request("pg", "db", &[])).await.unwrap();
+    assert_eq!(
+        t.engine.volume("pg-data").unwrap().id,
+        first.id,
+        "the same volume"
+    );
+    t.engine.remove("pg", true).await.unwrap();
+
+    // The user's own volume takes the declared path's place.
+    t.engine.create_volume(create("mine", 16)).await.unwrap();
+    let i = t
+        .engine
+        .run(with_volumes(
+            "pg",
+            "db",
+            vec![attach("mine", "/var/lib/db")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(i.spec.volumes, vec![attach("mine", "/var/lib/db")]);
+    t.engine.remove("pg", true).await.unwrap();
+
+    // A launch that fails removes the volume it made, not the kept one.
+    t.driver
+        .fail_launch
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(t.engine.run(run_request("pg", "db", &[])).await.is_err());
+    assert!(t.engine.run(run_request("other", "db", &[])).await.is_err());
+    let names: Vec<String> = t
+        .engine
+        .list_volumes()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name.to_string())
+        .collect();
+    assert_eq!(names, ["mine", "pg-data"]);
+    let on_disk = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .count();
+    assert_eq!(on_disk, 2);
+}
+
+#[tokio::test]
+async fn volumes_grow_while_their_instance_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let v = t.engine.create_volume(create("v", 16)).await.unwrap();
+    t.engine
+        .run(with_volumes("a", "store", vec![attach("v", "/var/v")]))
+        .await
+        .unwrap();
+    running_pid(&t, "a").await;
+    let grow = |mib| VolumeResizeRequest { size_mib: mib };
+    let err = t.engine.resize_volume("v", grow(32)).await.unwrap_err();
+    assert!(err.message.contains("stop it"), "{}", err.message);
+    t.engine
+        .action("a", vroom_types::InstanceAction::Stop)
+        .await
+        .unwrap();
+    assert_eq!(
+        t.engine
+            .resize_volume("v", grow(32))
+            .await
+            .unwrap()
+            .size_mib,
+        32
+    );
+    let file = dir.path().join("volumes").join(&v.id).join("volume.img");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 32 << 20);
+    let err = t.engine.resize_volume("v", grow(16)).await.unwrap_err();
+    assert!(err.message.contains("only grow"), "{}", err.message);
+    t.engine
+        .action("a", vroom_types::InstanceAction::Start)
+        .await
+        .unwrap();
+    let pid = running_pid(&t, "a").await;
+    assert_eq!(t.driver.spec_of(pid).unwrap().data_disks[0].bytes, 32 << 20);
+}
+
+/// What a daemon killed inside a volume operation leaves, the next start
+/// settles: a volume being made (staging dir) or removed (no record) is
+/// gone, a growth the record has but the file lacks is finished.
+#[tokio::test]
+async fn a_restart_sweeps_what_a_killed_daemon_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let kept = t.engine.create_volume(create("kept", 16)).await.unwrap();
+    let grown = t.engine.create_volume(create("grown", 16)).await.unwrap();
+    let removed = t.engine.create_volume(create("removed", 16)).await.unwrap();
+    let volumes = dir.path().join("volumes");
+    // Killed inside a creation: its staging dir, half made.
+    std::fs::create_dir(volumes.join(".new-0123")).unwrap();
+    std::fs::write(volumes.join(".new-0123/volume.img"), b"half").unwrap();
+    // Killed inside a removal: the record went, the files did not.
+    t.store.delete_volume("removed").unwrap();
+    // Killed inside a growth: the record says 48 MiB, the file is 16.
+    let mut record = t
+        .store
+        .volumes()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name.as_str() == "grown")
+        .unwrap();
+    record.size_mib = 48;
+    t.store.put_volume(&record).unwrap();
+
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&volumes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want = vec![kept.id.clone(), grown.id.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    assert!(!volumes.join(&removed.id).exists());
+    let file = volumes.join(&grown.id).join("volume.img");
+    assert_eq!(std::fs::metadata(file).unwrap().len(), 48 << 20);
+    assert_eq!(engine.list_volumes().unwrap().len(), 2);
+}
+
+/// Until volumes replicate, an instance with volumes stays put: no
+/// snapshot, no migration, no clone with volumes.
+#[tokio::test]
+async fn what_cannot_carry_volumes_yet_refuses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    t.engine.run(run_request("pg", "db", &[])).await.unwrap();
+    running_pid(&t, "pg").await;
+    let err = t
+        .engine
+        .snapshot(vroom_types::SnapshotRequest {
+            instance: Name::new("pg").unwrap(),
+            name: None,
+            stop: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("data volumes (pg-data)"),
+        "{}",
+        err.message
+    );
+    let err = t.engine.check_movable("pg").unwrap_err();
+    assert!(err.message.contains("data volumes"), "{}", err.message);
+    let err = t.engine.warm_image("db", None).await.unwrap_err();
+    assert!(
+        err.message.contains("declares data volumes"),
+        "{}",
+        err.message
+    );
+}

@@ -1,0 +1,278 @@
+//! Data volumes on the host: one sparse raw file per volume, formatted by
+//! the host when it is made and owned by the guest afterwards.
+//!
+//! **Layout.** `<volumes dir>/<id>/volume.img`. A volume is made in
+//! `<volumes dir>/.new-<id>/` and renamed into place only when its file is
+//! formatted and synced, so a crash leaves either no volume directory or a
+//! whole one (the engine removes `.new-*` directories and directories no
+//! record names when it starts).
+//!
+//! **Why raw.** A raw file is what a plain virtio-blk disk without vroom
+//! uses, so a volume costs nothing over it; ext4 on the host has no reflink,
+//! so a copy-on-write format would buy cheap copies at the price of every
+//! write. The host never reads the filesystem inside after it formatted it:
+//! what a guest wrote there is its own (the guest checks it with `e2fsck`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vroom_types::VolumeFs;
+
+/// The volume's file inside its directory.
+pub const DATA_FILE: &str = "volume.img";
+/// The prefix of a directory a volume is being made in.
+pub const NEW_PREFIX: &str = ".new-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateDataVolumeError {
+    #[error(
+        "not enough disk space for volume {name}: it needs {need_mib} MiB, {free_mib} MiB are free"
+    )]
+    NoSpace {
+        name: String,
+        need_mib: u64,
+        free_mib: u64,
+    },
+    #[error("cannot create volume {name} in {dir}")]
+    Io {
+        name: String,
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot format volume {name}: {tool} {reason}")]
+    Format {
+        name: String,
+        tool: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrowDataVolumeError {
+    #[error("volume {name} is {have_mib} MiB; volumes only grow")]
+    Shrink { name: String, have_mib: u64 },
+    #[error(
+        "not enough disk space to grow volume {name} by {need_mib} MiB: {free_mib} MiB are free"
+    )]
+    NoSpace {
+        name: String,
+        need_mib: u64,
+        free_mib: u64,
+    },
+    #[error("cannot grow volume {name}")]
+    Io {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The directory of volume `id`.
+pub fn volume_dir(volumes_dir: &Path, id: &str) -> PathBuf {
+    volumes_dir.join(id)
+}
+
+/// The file of volume `id`.
+pub fn volume_file(volumes_dir: &Path, id: &str) -> PathBuf {
+    volume_dir(volumes_dir, id).join(DATA_FILE)
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Makes volume `id` of `size_mib` under `volumes_dir`, formatted with
+/// `fs` and labelled `name`. Refused before anything is written when the
+/// host's disk has less free space than the volume's size (the file is
+/// sparse, but a volume the host cannot fill is a lie to the guest).
+/// Nothing is left behind on failure.
+pub fn create(
+    volumes_dir: &Path,
+    id: &str,
+    name: &str,
+    size_mib: u64,
+    fs_type: VolumeFs,
+) -> Result<PathBuf, CreateDataVolumeError> {
+    let io_err = |source| CreateDataVolumeError::Io {
+        name: name.to_string(),
+        dir: volumes_dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(volumes_dir).map_err(io_err)?;
+    let free = free_bytes(volumes_dir).map_err(io_err)?;
+    if size_mib.saturating_mul(1 << 20) > free {
+        return Err(CreateDataVolumeError::NoSpace {
+            name: name.to_string(),
+            need_mib: size_mib,
+            free_mib: free >> 20,
+        });
+    }
+    let staging = volumes_dir.join(format!("{NEW_PREFIX}{id}"));
+    let result = (|| {
+        fs::create_dir(&staging).map_err(io_err)?;
+        let file = staging.join(DATA_FILE);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(io_err)?;
+        f.set_len(size_mib << 20).map_err(io_err)?;
+        drop(f);
+        format(&file, name, fs_type)?;
+        File::open(&file)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err)?;
+        sync_dir(&staging).map_err(io_err)?;
+        let dir = volume_dir(volumes_dir, id);
+        fs::rename(&staging, &dir).map_err(io_err)?;
+        sync_dir(volumes_dir).map_err(io_err)?;
+        Ok(dir.join(DATA_FILE))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// The file system's label: mkfs.ext4 takes at most 16 bytes.
+fn label(name: &str) -> &str {
+    &name[..name.len().min(16)]
+}
+
+fn format(file: &Path, name: &str, fs_type: VolumeFs) -> Result<(), CreateDataVolumeError> {
+    let failed = |reason: String| CreateDataVolumeError::Format {
+        name: name.to_string(),
+        tool: "mkfs.ext4",
+        reason,
+    };
+    match fs_type {
+        VolumeFs::Ext4 => {
+            // No reserved blocks (the appliance's service, not root, fills
+            // it); lazy init: the file is sparse and reads as zeros, which
+            // is what zeroing the inode tables and journal would write.
+            let out = Command::new("mkfs.ext4")
+                .args(["-F", "-q", "-m", "0", "-L", label(name)])
+                .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+                .arg(file)
+                .output()
+                .map_err(|e| failed(format!("cannot run: {e} (install e2fsprogs)")))?;
+            if !out.status.success() {
+                return Err(failed(vroom_base::failure_line(&out, "failed")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Grows a volume's file to `size_mib` (the guest grows its filesystem when
+/// it next mounts it, or at once when told). Checks the host's free space
+/// for the growth first.
+pub fn grow(file: &Path, name: &str, size_mib: u64) -> Result<(), GrowDataVolumeError> {
+    let io_err = |source| GrowDataVolumeError::Io {
+        name: name.to_string(),
+        source,
+    };
+    let have = fs::metadata(file).map_err(io_err)?.len();
+    let want = size_mib << 20;
+    if want < have {
+        return Err(GrowDataVolumeError::Shrink {
+            name: name.to_string(),
+            have_mib: have >> 20,
+        });
+    }
+    if want == have {
+        return Ok(());
+    }
+    let free = free_bytes(file.parent().unwrap_or(Path::new("/"))).map_err(io_err)?;
+    if want - have > free {
+        return Err(GrowDataVolumeError::NoSpace {
+            name: name.to_string(),
+            need_mib: (want - have) >> 20,
+            free_mib: free >> 20,
+        });
+    }
+    let f = OpenOptions::new().write(true).open(file).map_err(io_err)?;
+    f.set_len(want).map_err(io_err)?;
+    f.sync_all().map_err(io_err)
+}
+
+/// Bytes a (sparse) file takes on disk.
+pub fn allocated_bytes(file: &Path) -> u64 {
+    fs::metadata(file).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_is_a_sparse_formatted_file_made_whole_or_not_at_all() {
+        let root = tempfile::tempdir().unwrap();
+        let file = create(root.path(), "ab12", "db-data", 64, VolumeFs::Ext4).unwrap();
+        assert_eq!(file, volume_file(root.path(), "ab12"));
+        assert_eq!(fs::metadata(&file).unwrap().len(), 64 << 20);
+        assert!(allocated_bytes(&file) < 16 << 20, "sparse");
+        // An ext4 superblock: magic 0xEF53 at byte 1080.
+        let raw = fs::read(&file).unwrap();
+        assert_eq!(&raw[1080..1082], &[0x53, 0xef]);
+        let leftovers: Vec<_> = fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("ab12")]);
+
+        // The same id again: refused, and the existing volume untouched.
+        assert!(create(root.path(), "ab12", "db-data", 64, VolumeFs::Ext4).is_err());
+        assert_eq!(fs::read(&file).unwrap()[1080..1082], [0x53, 0xef]);
+        assert!(!root.path().join(".new-ab12").exists());
+    }
+
+    #[test]
+    fn more_than_the_disk_holds_is_refused_before_anything_is_written() {
+        let root = tempfile::tempdir().unwrap();
+        let err = create(
+            root.path(),
+            "cd34",
+            "huge",
+            vroom_types::MAX_VOLUME_MIB,
+            VolumeFs::Ext4,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, CreateDataVolumeError::NoSpace { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("MiB are free"), "{err}");
+        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn volumes_grow_and_never_shrink() {
+        let root = tempfile::tempdir().unwrap();
+        let file = create(root.path(), "ef56", "v", 32, VolumeFs::Ext4).unwrap();
+        grow(&file, "v", 48).unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().len(), 48 << 20);
+        let err = grow(&file, "v", 32).unwrap_err();
+        assert!(err.to_string().contains("only grow"), "{err}");
+        grow(&file, "v", 48).unwrap();
+        let err = grow(&file, "v", vroom_types::MAX_VOLUME_MIB).unwrap_err();
+        assert!(matches!(err, GrowDataVolumeError::NoSpace { .. }), "{err}");
+        assert_eq!(fs::metadata(&file).unwrap().len(), 48 << 20);
+    }
+
+    #[test]
+    fn labels_fit_mkfs() {
+        assert_eq!(label("db-data"), "db-data");
+        assert_eq!(label(&"a".repeat(32)).len(), 16);
+    }
+}
