@@ -50,8 +50,10 @@ pub fn parse_volume_size_mib(raw: &str) -> Result<u64, InvalidInputError> {
         "t" | "tb" | "tib" => 1024 * 1024,
         _ => return Err(invalid()),
     };
-    let mib = value.checked_mul(factor_mib).ok_or_else(invalid)?;
-    check_volume_mib(mib)
+    value
+        .checked_mul(factor_mib)
+        .filter(|mib| (MIN_VOLUME_MIB..=MAX_VOLUME_MIB).contains(mib))
+        .ok_or_else(invalid)
 }
 
 pub fn check_volume_mib(mib: u64) -> Result<u64, InvalidInputError> {
