@@ -167,6 +167,15 @@ pub trait VmDriver: Send + Sync {
     /// Blocking. Lets a paused VM run.
     fn resume(&self, process: &VmProcess) -> Result<(), ControlVmError>;
 
+    /// Blocking. Stops the VM's CPUs (its devices finish what is in flight);
+    /// [`VmDriver::resume`] lets it run again.
+    fn pause(&self, process: &VmProcess) -> Result<(), ControlVmError>;
+
+    /// Blocking. Tells the VM that data volume `index`
+    /// ([`LaunchSpec::data_disks`]) now has `bytes` (its file grew).
+    fn resize_disk(&self, process: &VmProcess, index: usize, bytes: u64)
+        -> Result<(), ControlVmError>;
+
     /// Blocking. What the VMM is doing.
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError>;
 

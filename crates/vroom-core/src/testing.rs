@@ -534,6 +534,28 @@ impl VmDriver for FakeDriver {
         Ok(())
     }
 
+    fn pause(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        fake_vm(&mut self.vms.lock_unpoisoned(), process)?.paused = true;
+        Ok(())
+    }
+
+    fn resize_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        bytes: u64,
+    ) -> Result<(), ControlVmError> {
+        let mut vms = self.vms.lock_unpoisoned();
+        let vm = fake_vm(&mut vms, process)?;
+        match vm.spec.data_disks.get_mut(index) {
+            Some(disk) => {
+                disk.bytes = bytes;
+                Ok(())
+            }
+            None => Err(fake_control(format!("no data disk {index}"))),
+        }
+    }
+
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {
         let mut vms = self.vms.lock_unpoisoned();
         let vm = fake_vm(&mut vms, process)?;

@@ -363,6 +363,20 @@ impl VmDriver for QemuDriver {
         state::resume(&process.control_socket).map_err(control)
     }
 
+    fn pause(&self, process: &VmProcess) -> Result<(), ControlVmError> {
+        state::pause(&process.control_socket).map_err(control)
+    }
+
+    fn resize_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        bytes: u64,
+    ) -> Result<(), ControlVmError> {
+        state::resize_disk(&process.control_socket, &cmdline::data_drive_id(index), bytes)
+            .map_err(control)
+    }
+
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {
         let status = state::run_status(&process.control_socket).map_err(control)?;
         Ok(match status.as_str() {

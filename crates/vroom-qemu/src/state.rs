@@ -183,6 +183,21 @@ pub fn resume(socket: &Path) -> Result<(), QmpError> {
     Ok(())
 }
 
+pub fn pause(socket: &Path) -> Result<(), QmpError> {
+    Session::connect(socket)?.execute("stop", Value::Null)?;
+    Ok(())
+}
+
+/// `block_resize`: the guest's virtio-blk device learns the new capacity
+/// (a config-change interrupt) of a drive whose file already grew.
+pub fn resize_disk(socket: &Path, drive: &str, bytes: u64) -> Result<(), QmpError> {
+    Session::connect(socket)?.execute(
+        "block_resize",
+        serde_json::json!({ "device": drive, "size": bytes }),
+    )?;
+    Ok(())
+}
+
 /// What a finished live migration measured (QEMU's own numbers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LiveStats {

@@ -245,6 +245,67 @@ pub struct Volume {
     /// Bytes the volume takes on the host's disk (it is sparse).
     #[serde(default)]
     pub allocated_bytes: u64,
+    /// Its snapshots, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<VolumeSnapshot>,
+}
+
+/// A volume's content at one point in time: a sparse copy on the same host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeSnapshot {
+    /// Unique among every volume's snapshots.
+    pub name: Name,
+    pub created_at: u64,
+    /// The volume's size when it was taken.
+    pub size_mib: u64,
+    /// Bytes the copy holds (the volume's data; holes stay holes).
+    pub bytes: u64,
+    /// How it was taken from a running guest: `frozen` (its filesystems
+    /// flushed and frozen, then its CPUs paused: consistent), `paused`
+    /// (CPUs paused only: what a power cut would leave, which the journal
+    /// replays), or `offline` (no guest had it running).
+    pub taken: SnapshotTaken,
+    /// How long the guest was held for the copy, in milliseconds.
+    #[serde(default)]
+    pub pause_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotTaken {
+    Frozen,
+    Paused,
+    Offline,
+}
+
+/// The body of `POST /v1/volumes/{name}/snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSnapshotRequest {
+    /// `VOLUME-YYYYMMDD-HHMMSS` when absent.
+    #[serde(default)]
+    pub name: Option<Name>,
+}
+
+/// The body of `POST /v1/volumes/{name}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRestoreRequest {
+    /// One of this volume's snapshots.
+    pub snapshot: Name,
+}
+
+/// The body of `POST /v1/volume-snapshots/{snapshot}/clone`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCloneRequest {
+    /// The new volume's name.
+    pub name: Name,
 }
 
 #[cfg(test)]

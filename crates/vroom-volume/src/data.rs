@@ -202,6 +202,55 @@ pub fn grow(file: &Path, name: &str, size_mib: u64) -> Result<(), GrowDataVolume
     f.sync_all().map_err(io_err)
 }
 
+/// Copies `from` to a new file `to` of the same length, holes as holes
+/// (ext4 has no reflink: each data extent is copied with
+/// `copy_file_range`, which stays in the kernel), and syncs it. Returns the
+/// bytes copied. `to` must not exist; it is removed on failure.
+pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
+    let src = File::open(from)?;
+    let dst = OpenOptions::new().write(true).create_new(true).open(to)?;
+    let result = (|| {
+        let len = src.metadata()?.len();
+        dst.set_len(len)?;
+        let mut copied = 0u64;
+        let mut pos = 0u64;
+        while pos < len {
+            let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(offset) => offset,
+                // No data after `pos`: the rest is a hole.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data))?.min(len);
+            let (mut off_in, mut off_out) = (data, data);
+            while off_in < hole {
+                let chunk = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+                let n = rustix::fs::copy_file_range(
+                    &src,
+                    Some(&mut off_in),
+                    &dst,
+                    Some(&mut off_out),
+                    chunk,
+                )?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} shrank while being copied", from.display()),
+                    ));
+                }
+                copied += n as u64;
+            }
+            pos = hole;
+        }
+        dst.sync_all()?;
+        Ok(copied)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(to);
+    }
+    result
+}
+
 /// Bytes a (sparse) file takes on disk.
 pub fn allocated_bytes(file: &Path) -> u64 {
     fs::metadata(file).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -268,6 +317,33 @@ mod tests {
         let err = grow(&file, "v", vroom_types::MAX_VOLUME_MIB).unwrap_err();
         assert!(matches!(err, GrowDataVolumeError::NoSpace { .. }), "{err}");
         assert_eq!(fs::metadata(&file).unwrap().len(), 48 << 20);
+    }
+
+    #[test]
+    fn a_sparse_copy_is_equal_and_stays_sparse() {
+        use std::io::{Seek, SeekFrom, Write};
+        let root = tempfile::tempdir().unwrap();
+        let from = root.path().join("a");
+        let mut f = File::create(&from).unwrap();
+        f.set_len(64 << 20).unwrap();
+        for (at, byte) in [(0u64, 1u8), (5 << 20, 2), ((64 << 20) - 4096, 3)] {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&vec![byte; 4096]).unwrap();
+        }
+        drop(f);
+        let to = root.path().join("b");
+        let copied = copy_sparse(&from, &to).unwrap();
+        assert!(copied < 1 << 20, "only the data: {copied}");
+        assert_eq!(fs::read(&from).unwrap(), fs::read(&to).unwrap());
+        assert!(allocated_bytes(&to) < 1 << 20, "{}", allocated_bytes(&to));
+        // It never overwrites.
+        assert!(copy_sparse(&from, &to).is_err());
+        assert_eq!(fs::read(&from).unwrap(), fs::read(&to).unwrap());
+        // An empty file and a file that is all hole.
+        let hole = root.path().join("hole");
+        File::create(&hole).unwrap().set_len(1 << 20).unwrap();
+        assert_eq!(copy_sparse(&hole, &root.path().join("c")).unwrap(), 0);
+        assert_eq!(fs::metadata(root.path().join("c")).unwrap().len(), 1 << 20);
     }
 
     #[test]
