@@ -12,6 +12,7 @@ use vroom_agent_proto::volume::{
 };
 use vroom_types::{ApplianceSpec, ConfigValues};
 
+use crate::datavol::{self, DataVolumes};
 use crate::{log, netconf};
 
 const NEW_ROOT: &str = "/newroot";
@@ -41,6 +42,8 @@ pub struct Booted {
     pub nics: Vec<netconf::Nic>,
     /// The config volume's block device, e.g. `/dev/vdb`.
     pub config_dev: String,
+    /// The data volumes, checked and mounted.
+    pub volumes: DataVolumes,
 }
 
 /// The config volume's two files.
@@ -69,8 +72,8 @@ pub fn boot() -> Result<Booted, String> {
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     load_modules()?;
 
-    let root_dev = find_disk(ROOT_DISK_SERIAL, "vda")?;
-    let config_dev = find_disk(CONFIG_DISK_SERIAL, "vdb")?;
+    let root_dev = find_disk(ROOT_DISK_SERIAL, Some("vda"))?;
+    let config_dev = find_disk(CONFIG_DISK_SERIAL, Some("vdb"))?;
     mkdir(NEW_ROOT)?;
     mount(&root_dev, NEW_ROOT, "erofs", libc::MS_RDONLY, "")?;
 
@@ -118,6 +121,9 @@ pub fn boot() -> Result<Booted, String> {
     }
     apply_sysctl(&spec.sysctl);
     let nics = netconf::configure(&instance.nics)?;
+    // Last, so that nothing after it fails the boot with volumes mounted;
+    // before the services, which keep their data there.
+    let volumes = datavol::mount_all(&instance.volumes).map_err(|e| vroom_base::error_chain(&e))?;
     Ok(Booted {
         spec,
         config,
@@ -125,6 +131,7 @@ pub fn boot() -> Result<Booted, String> {
         machine_id: instance.machine_id,
         nics,
         config_dev,
+        volumes,
     })
 }
 
@@ -235,8 +242,9 @@ fn load_modules() -> Result<(), String> {
 }
 
 /// Finds a virtio disk by its serial; kernels that do not expose serials get
-/// the disk at its probe-order name.
-fn find_disk(serial: &str, fallback: &str) -> Result<String, String> {
+/// the disk at its probe-order name, when there is one (data volumes have
+/// none: a wrong guess would mount another disk).
+pub(crate) fn find_disk(serial: &str, fallback: Option<&str>) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut without_serial = false;
@@ -251,7 +259,9 @@ fn find_disk(serial: &str, fallback: &str) -> Result<String, String> {
                 Err(_) => without_serial = true,
             }
         }
-        if without_serial && Path::new("/sys/block").join(fallback).exists() {
+        if let Some(fallback) =
+            fallback.filter(|f| without_serial && Path::new("/sys/block").join(f).exists())
+        {
             return Ok(format!("/dev/{fallback}"));
         }
         if Instant::now() > deadline {
@@ -350,7 +360,26 @@ fn mount(
     if flags & (libc::MS_MOVE | libc::MS_BIND) == 0 {
         mkdir(target)?;
     }
-    let c = |s: &str| CString::new(s).map_err(|_| format!("NUL in mount argument {s:?}"));
+    sys_mount(source, target, fstype, flags, data)
+        .map_err(|e| format!("mount {source} on {target} ({fstype}): {e}"))
+}
+
+/// mount(2).
+pub(crate) fn sys_mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let c = |s: &str| {
+        CString::new(s).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("NUL in mount argument {s:?}"),
+            )
+        })
+    };
     let (src, tgt, fs, dat) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
     // SAFETY: all pointers are valid C strings that outlive the call.
     let rc = unsafe {
@@ -363,10 +392,7 @@ fn mount(
         )
     };
     if rc != 0 {
-        return Err(format!(
-            "mount {source} on {target} ({fstype}): {}",
-            io::Error::last_os_error()
-        ));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

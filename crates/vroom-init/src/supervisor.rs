@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vroom_agent_proto::{HealthReport, ServiceHealth};
@@ -21,6 +21,7 @@ use vroom_types::{
 };
 
 use crate::boot::{self, Booted};
+use crate::datavol::DataVolumes;
 use crate::{conntrack, log, netconf};
 
 mod snapshot;
@@ -77,6 +78,8 @@ pub struct Supervisor {
     identity: Mutex<Identity>,
     /// The config volume's block device, remounted when a restore reloads it.
     config_dev: String,
+    /// Data volumes: grown, frozen and reported on the agent's requests.
+    pub volumes: Arc<DataVolumes>,
     booted_at: Instant,
     inner: Mutex<Inner>,
     /// Serialises config changes, freezes and resumes: one staging area per
@@ -233,6 +236,7 @@ impl Supervisor {
                 nics: booted.nics,
             }),
             config_dev: booted.config_dev,
+            volumes: Arc::new(booted.volumes),
             booted_at: Instant::now(),
             inner: Mutex::new(Inner {
                 config: booted.config,
@@ -368,6 +372,7 @@ impl Supervisor {
             config_error,
             frozen,
             conntrack: conntrack::usage(),
+            volumes: self.volumes.usage(),
         }
     }
 
@@ -624,6 +629,7 @@ impl Supervisor {
         while Instant::now() < deadline && self.lock().services.iter().any(|s| s.pid.is_some()) {
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.volumes.release();
         boot::power_off();
     }
 }
@@ -714,7 +720,7 @@ impl Inner {
 }
 
 /// Runs a command and waits for it without the reaper (boot, before it runs).
-fn run_unreaped(argv: &[String], timeout: Duration) -> (i32, String, String) {
+pub(crate) fn run_unreaped(argv: &[String], timeout: Duration) -> (i32, String, String) {
     let Some((program, args)) = argv.split_first() else {
         return (127, String::new(), "empty command".into());
     };
