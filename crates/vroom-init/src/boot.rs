@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vroom_agent_proto::volume::{
     ConfigFile, InstanceFile, CONFIG_DISK_SERIAL, CONFIG_FILE, INSTANCE_FILE, ROOT_DISK_SERIAL,
@@ -13,7 +13,7 @@ use vroom_agent_proto::volume::{
 use vroom_types::{ApplianceSpec, ConfigValues};
 
 use crate::datavol::{self, DataVolumes};
-use crate::{log, netconf};
+use crate::{disk, log, netconf};
 
 const NEW_ROOT: &str = "/newroot";
 const SEED_MNT: &str = "/seed";
@@ -72,8 +72,8 @@ pub fn boot() -> Result<Booted, String> {
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     load_modules()?;
 
-    let root_dev = find_disk(ROOT_DISK_SERIAL, Some("vda"))?;
-    let config_dev = find_disk(CONFIG_DISK_SERIAL, Some("vdb"))?;
+    let root_dev = disk::find_disk(ROOT_DISK_SERIAL, Some("vda"))?;
+    let config_dev = disk::find_disk(CONFIG_DISK_SERIAL, Some("vdb"))?;
     mkdir(NEW_ROOT)?;
     mount(&root_dev, NEW_ROOT, "erofs", libc::MS_RDONLY, "")?;
 
@@ -241,36 +241,6 @@ fn load_modules() -> Result<(), String> {
     Ok(())
 }
 
-/// Finds a virtio disk by its serial; kernels that do not expose serials get
-/// the disk at its probe-order name, when there is one (data volumes have
-/// none: a wrong guess would mount another disk).
-pub(crate) fn find_disk(serial: &str, fallback: Option<&str>) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut without_serial = false;
-        for entry in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("vd") {
-                continue;
-            }
-            match fs::read_to_string(entry.path().join("serial")) {
-                Ok(found) if found.trim() == serial => return Ok(format!("/dev/{name}")),
-                Ok(_) => {}
-                Err(_) => without_serial = true,
-            }
-        }
-        if let Some(fallback) =
-            fallback.filter(|f| without_serial && Path::new("/sys/block").join(f).exists())
-        {
-            return Ok(format!("/dev/{fallback}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no disk with serial {serial} appeared"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn switch_root() -> Result<(), String> {
     std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     mount(".", "/", "", libc::MS_MOVE, "")?;
@@ -360,41 +330,8 @@ fn mount(
     if flags & (libc::MS_MOVE | libc::MS_BIND) == 0 {
         mkdir(target)?;
     }
-    sys_mount(source, target, fstype, flags, data)
+    disk::sys_mount(source, target, fstype, flags, data)
         .map_err(|e| format!("mount {source} on {target} ({fstype}): {e}"))
-}
-
-/// mount(2).
-pub(crate) fn sys_mount(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> io::Result<()> {
-    let c = |s: &str| {
-        CString::new(s).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("NUL in mount argument {s:?}"),
-            )
-        })
-    };
-    let (src, tgt, fs, dat) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
-    // SAFETY: all pointers are valid C strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ptr(),
-            flags,
-            dat.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Flushes and detaches the config volume, then powers the VM off. Never returns.

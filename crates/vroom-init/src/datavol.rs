@@ -329,7 +329,7 @@ fn mount_one(volume: &DataVolume, e2fsck: Option<&str>) -> Result<Mounted, Mount
         source,
     })?;
     let dev =
-        crate::boot::find_disk(&volume.serial, None).map_err(|_| MountVolumeError::NoDisk {
+        crate::disk::find_disk(&volume.serial, None).map_err(|_| MountVolumeError::NoDisk {
             name: name.clone(),
             path: path.clone(),
             serial: volume.serial.clone(),
@@ -354,7 +354,7 @@ fn mount_one(volume: &DataVolume, e2fsck: Option<&str>) -> Result<Mounted, Mount
         });
     }
     let flags = mount_flags(volume);
-    crate::boot::sys_mount(&dev, &path, "ext4", flags, "").map_err(|source| {
+    crate::disk::sys_mount(&dev, &path, "ext4", flags, "").map_err(|source| {
         MountVolumeError::Mount {
             name: name.clone(),
             dev: dev.clone(),
@@ -380,7 +380,7 @@ fn mount_one(volume: &DataVolume, e2fsck: Option<&str>) -> Result<Mounted, Mount
 /// could not repair is refused.
 fn check(volume: &DataVolume, dev: &str, e2fsck: &str) -> Result<(), MountVolumeError> {
     let argv = [e2fsck.to_string(), "-p".into(), dev.to_string()];
-    let (code, stdout, stderr) = crate::supervisor::run_unreaped(&argv, E2FSCK_TIMEOUT);
+    let (code, stdout, stderr) = crate::command::run_unreaped(&argv, E2FSCK_TIMEOUT);
     let outcome = FsckOutcome::from_exit_code(code);
     let said = format!("{stdout}\n{stderr}");
     let said: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();

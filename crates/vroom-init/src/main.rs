@@ -11,8 +11,10 @@
 
 mod agent;
 mod boot;
+mod command;
 mod conntrack;
 mod datavol;
+mod disk;
 mod exec;
 mod netconf;
 mod reply;
