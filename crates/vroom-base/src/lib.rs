@@ -1,7 +1,8 @@
 //! The few std-level helpers that crates on every layer share, the static
 //! guest init included: locks that outlive a panicked holder ([`LockExt`]),
-//! bytes as base64 in JSON ([`base64_bytes`]) and the one line a failed tool
-//! said ([`first_line`], [`last_line`], [`failure_line`]).
+//! bytes as base64 in JSON ([`base64_bytes`]), the one line a failed tool
+//! said ([`first_line`], [`last_line`], [`failure_line`]) and an error with
+//! its causes on one line ([`error_chain`]).
 //!
 //! **Architecture invariant:** nothing of vroom's domain lives here, and the
 //! crate depends on no other vroom crate; it stays small enough for the
@@ -80,6 +81,20 @@ pub fn failure_line(output: &Output, default: &str) -> String {
     first_line(&String::from_utf8_lossy(&output.stderr))
         .unwrap_or(default)
         .to_string()
+}
+
+/// An error and its causes on one line, `outer: inner: innermost`: errors
+/// keep their cause in `source()`, and a log line or a reply to the host
+/// wants all of it.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 #[cfg(test)]

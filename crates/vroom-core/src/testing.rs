@@ -348,6 +348,7 @@ async fn serve_agent(
                             config_error: None,
                             frozen: *frozen.lock_unpoisoned(),
                             conntrack: None,
+                            volumes: vec![],
                         }),
                         HostCommand::ApplyConfig { values } => {
                             if values.values().any(|v| v == REJECTED_VALUE) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use vroom_agent_proto::{
     to_hex, FrameDecoder, GuestReply, HostCommand, Request, Response, MAX_FILE_COPY,
-    MAX_READ_CHUNK, PORT_NAME,
+    MAX_READ_CHUNK, PORT_NAME, VOLUME_FREEZE_BOUND_MS,
 };
 
 use crate::exec::{Sessions, StartExec};
@@ -72,7 +72,12 @@ pub fn serve(state: Arc<Supervisor>) {
                             (state.clone(), writer.clone(), sessions.clone());
                         std::thread::spawn(move || handle(&state, &sessions, request, &writer));
                     }
-                    Err(err) => log(&format!("bad request: {err}")),
+                    Err(err) => {
+                        log(&format!("bad request: {err}"));
+                        if let Some(response) = unknown_request(&frame, &err) {
+                            send(&writer, &response);
+                        }
+                    }
                 },
                 Ok(None) => break,
                 Err(err) => log(&format!("agent framing: {err}")),
@@ -131,6 +136,27 @@ fn handle(state: &Supervisor, sessions: &Sessions, request: Request, writer: &Ar
         } => match state.resume(&entropy, unix_ms, reload_volume) {
             Ok(identity_changed) => GuestReply::Resumed { identity_changed },
             Err(message) => GuestReply::Error { message },
+        },
+        HostCommand::GrowVolume { serial } => match state.volumes.grow(&serial) {
+            Ok((before_bytes, after_bytes)) => GuestReply::VolumeGrown {
+                before_bytes,
+                after_bytes,
+            },
+            Err(err) => GuestReply::Error {
+                message: vroom_base::error_chain(&err),
+            },
+        },
+        HostCommand::FreezeVolumes => match state.volumes.freeze() {
+            Ok(paths) => GuestReply::VolumesFrozen {
+                paths,
+                thaw_after_ms: VOLUME_FREEZE_BOUND_MS,
+            },
+            Err(err) => GuestReply::Error {
+                message: vroom_base::error_chain(&err),
+            },
+        },
+        HostCommand::ThawVolumes => GuestReply::VolumesThawed {
+            paths: state.volumes.thaw(),
         },
         HostCommand::ReadFile { path, offset, len } => match read_chunk(&path, offset, len) {
             Ok((bytes, size)) => GuestReply::FileChunk {
@@ -196,6 +222,23 @@ fn reported_size(st_size: u64, offset: u64, read: &[u8], wanted: u64) -> u64 {
     end + u64::from(read.len() as u64 == wanted)
 }
 
+/// The answer to a frame that is not a request this guest knows (one a
+/// newer host added): an error at once, instead of the host waiting out its
+/// timeout. Nothing when not even the id can be read.
+fn unknown_request(frame: &[u8], err: &serde_json::Error) -> Option<Response> {
+    #[derive(serde::Deserialize)]
+    struct JustId {
+        id: u64,
+    }
+    let JustId { id } = serde_json::from_slice(frame).ok()?;
+    Some(Response {
+        id,
+        reply: GuestReply::Error {
+            message: format!("the guest does not understand this request: {err}"),
+        },
+    })
+}
+
 fn find_port() -> Option<String> {
     fs::read_dir("/sys/class/virtio-ports")
         .ok()?
@@ -228,6 +271,23 @@ mod tests {
         for &(st_size, offset, read, wanted, want) in cases {
             let got = reported_size(st_size, offset, &full[..read], wanted);
             assert_eq!(got, want, "{st_size} {offset} {read} {wanted}");
+        }
+    }
+
+    #[test]
+    fn a_request_the_guest_does_not_know_is_answered() {
+        let frame = br#"{"id":42,"command":{"type":"from_the_future","x":1}}"#;
+        let err = serde_json::from_slice::<Request>(frame).unwrap_err();
+        let response = unknown_request(frame, &err).unwrap();
+        assert_eq!(response.id, 42);
+        let GuestReply::Error { message } = response.reply else {
+            panic!("{:?}", response.reply);
+        };
+        assert!(message.contains("from_the_future"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+        for garbage in [&b"{}"[..], b"not json", br#"{"id":"x"}"#] {
+            let err = serde_json::from_slice::<Request>(garbage).unwrap_err();
+            assert!(unknown_request(garbage, &err).is_none());
         }
     }
 

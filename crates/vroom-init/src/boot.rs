@@ -5,14 +5,15 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vroom_agent_proto::volume::{
     ConfigFile, InstanceFile, CONFIG_DISK_SERIAL, CONFIG_FILE, INSTANCE_FILE, ROOT_DISK_SERIAL,
 };
 use vroom_types::{ApplianceSpec, ConfigValues};
 
-use crate::{log, netconf};
+use crate::datavol::{self, DataVolumes};
+use crate::{disk, log, netconf};
 
 const NEW_ROOT: &str = "/newroot";
 const SEED_MNT: &str = "/seed";
@@ -41,6 +42,8 @@ pub struct Booted {
     pub nics: Vec<netconf::Nic>,
     /// The config volume's block device, e.g. `/dev/vdb`.
     pub config_dev: String,
+    /// The data volumes, checked and mounted.
+    pub volumes: DataVolumes,
 }
 
 /// The config volume's two files.
@@ -69,8 +72,8 @@ pub fn boot() -> Result<Booted, String> {
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     load_modules()?;
 
-    let root_dev = find_disk(ROOT_DISK_SERIAL, "vda")?;
-    let config_dev = find_disk(CONFIG_DISK_SERIAL, "vdb")?;
+    let root_dev = disk::find_disk(ROOT_DISK_SERIAL, Some("vda"))?;
+    let config_dev = disk::find_disk(CONFIG_DISK_SERIAL, Some("vdb"))?;
     mkdir(NEW_ROOT)?;
     mount(&root_dev, NEW_ROOT, "erofs", libc::MS_RDONLY, "")?;
 
@@ -118,6 +121,9 @@ pub fn boot() -> Result<Booted, String> {
     }
     apply_sysctl(&spec.sysctl);
     let nics = netconf::configure(&instance.nics)?;
+    // Last, so that nothing after it fails the boot with volumes mounted;
+    // before the services, which keep their data there.
+    let volumes = datavol::mount_all(&instance.volumes).map_err(|e| vroom_base::error_chain(&e))?;
     Ok(Booted {
         spec,
         config,
@@ -125,6 +131,7 @@ pub fn boot() -> Result<Booted, String> {
         machine_id: instance.machine_id,
         nics,
         config_dev,
+        volumes,
     })
 }
 
@@ -234,33 +241,6 @@ fn load_modules() -> Result<(), String> {
     Ok(())
 }
 
-/// Finds a virtio disk by its serial; kernels that do not expose serials get
-/// the disk at its probe-order name.
-fn find_disk(serial: &str, fallback: &str) -> Result<String, String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut without_serial = false;
-        for entry in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("vd") {
-                continue;
-            }
-            match fs::read_to_string(entry.path().join("serial")) {
-                Ok(found) if found.trim() == serial => return Ok(format!("/dev/{name}")),
-                Ok(_) => {}
-                Err(_) => without_serial = true,
-            }
-        }
-        if without_serial && Path::new("/sys/block").join(fallback).exists() {
-            return Ok(format!("/dev/{fallback}"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no disk with serial {serial} appeared"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn switch_root() -> Result<(), String> {
     std::env::set_current_dir(NEW_ROOT).map_err(|e| format!("chdir {NEW_ROOT}: {e}"))?;
     mount(".", "/", "", libc::MS_MOVE, "")?;
@@ -350,25 +330,8 @@ fn mount(
     if flags & (libc::MS_MOVE | libc::MS_BIND) == 0 {
         mkdir(target)?;
     }
-    let c = |s: &str| CString::new(s).map_err(|_| format!("NUL in mount argument {s:?}"));
-    let (src, tgt, fs, dat) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
-    // SAFETY: all pointers are valid C strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fs.as_ptr(),
-            flags,
-            dat.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "mount {source} on {target} ({fstype}): {}",
-            io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    disk::sys_mount(source, target, fstype, flags, data)
+        .map_err(|e| format!("mount {source} on {target} ({fstype}): {e}"))
 }
 
 /// Flushes and detaches the config volume, then powers the VM off. Never returns.

@@ -5,13 +5,16 @@
 //! mounts the read-only root (erofs) with tmpfs over the appliance's writable
 //! directories and the config volume at `/config`, and switches into the root.
 //! There it applies the config (hostname, NIC addresses, rendered templates),
-//! starts and supervises the services and serves the host over the agent port.
-//! For snapshots it freezes the services, and on resume reseeds the RNG, sets
+//! checks and mounts the data volumes (`datavol`), starts and supervises the
+//! services and serves the host over the agent port. For snapshots it freezes the services, and on resume reseeds the RNG, sets
 //! the clock and, in a clone, takes on a new identity (`supervisor::snapshot`).
 
 mod agent;
 mod boot;
+mod command;
 mod conntrack;
+mod datavol;
+mod disk;
 mod exec;
 mod netconf;
 mod reply;

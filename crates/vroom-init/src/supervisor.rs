@@ -3,13 +3,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vroom_agent_proto::{HealthReport, ServiceHealth};
@@ -21,6 +20,8 @@ use vroom_types::{
 };
 
 use crate::boot::{self, Booted};
+use crate::command::{read_capped, run_unreaped, PATH};
+use crate::datavol::DataVolumes;
 use crate::{conntrack, log, netconf};
 
 mod snapshot;
@@ -69,7 +70,6 @@ fn wait_for_child(timeout: Duration) {
         libc::sigtimedwait(set.as_ptr(), std::ptr::null_mut(), &spec);
     }
 }
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub struct Supervisor {
     spec: ApplianceSpec,
@@ -77,6 +77,8 @@ pub struct Supervisor {
     identity: Mutex<Identity>,
     /// The config volume's block device, remounted when a restore reloads it.
     config_dev: String,
+    /// Data volumes: grown, frozen and reported on the agent's requests.
+    pub volumes: Arc<DataVolumes>,
     booted_at: Instant,
     inner: Mutex<Inner>,
     /// Serialises config changes, freezes and resumes: one staging area per
@@ -134,8 +136,6 @@ impl ApplyConfigError {
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most check output handed back to the host.
 const MAX_CHECK_OUTPUT: usize = 4096;
-/// What a boot-time command may print before the rest is dropped.
-const MAX_UNREAPED_OUTPUT: usize = 256 * 1024;
 /// Where rendered files wait for their checks: beside their final place, so
 /// that putting them in force is a rename within one filesystem.
 const STAGING_DIR: &str = ".vroom-staged";
@@ -233,6 +233,7 @@ impl Supervisor {
                 nics: booted.nics,
             }),
             config_dev: booted.config_dev,
+            volumes: Arc::new(booted.volumes),
             booted_at: Instant::now(),
             inner: Mutex::new(Inner {
                 config: booted.config,
@@ -368,6 +369,7 @@ impl Supervisor {
             config_error,
             frozen,
             conntrack: conntrack::usage(),
+            volumes: self.volumes.usage(),
         }
     }
 
@@ -624,6 +626,7 @@ impl Supervisor {
         while Instant::now() < deadline && self.lock().services.iter().any(|s| s.pid.is_some()) {
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.volumes.release();
         boot::power_off();
     }
 }
@@ -711,59 +714,6 @@ impl Inner {
             }
         }
     }
-}
-
-/// Runs a command and waits for it without the reaper (boot, before it runs).
-fn run_unreaped(argv: &[String], timeout: Duration) -> (i32, String, String) {
-    let Some((program, args)) = argv.split_first() else {
-        return (127, String::new(), "empty command".into());
-    };
-    let spawned = Command::new(program)
-        .args(args)
-        .env_clear()
-        .env("PATH", PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(err) => return (127, String::new(), format!("run {program}: {err}")),
-    };
-    let stdout = child.stdout.take().map(read_capped);
-    let stderr = child.stderr.take().map(read_capped);
-    let deadline = Instant::now() + timeout;
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code().unwrap_or(128),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(REAP_INTERVAL),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break 137;
-            }
-        }
-    };
-    let join = |h: Option<std::thread::JoinHandle<String>>| {
-        h.and_then(|h| h.join().ok()).unwrap_or_default()
-    };
-    (code, join(stdout), join(stderr))
-}
-
-fn read_capped(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let room = MAX_UNREAPED_OUTPUT.saturating_sub(kept.len());
-            kept.extend_from_slice(&buf[..n.min(room)]);
-        }
-        String::from_utf8_lossy(&kept).into_owned()
-    })
 }
 
 #[cfg(test)]

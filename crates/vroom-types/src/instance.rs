@@ -301,6 +301,66 @@ pub struct GuestHealth {
     /// Its connection tracking table, when it tracks connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackTable>,
+    /// The data volumes it mounted, and how full each is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeUsage>,
+}
+
+/// A data volume as the guest sees it: how much of it is in use, from
+/// `statvfs` on its mount point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeUsage {
+    /// The volume's name.
+    pub name: String,
+    /// Where the guest mounted it.
+    pub path: String,
+    /// Its filesystem's size for data, in bytes.
+    pub total_bytes: u64,
+    /// Bytes in use.
+    pub used_bytes: u64,
+    /// Bytes the appliance's services may still write (root's reserve not counted).
+    pub available_bytes: u64,
+    /// Writes fail or soon will: less than 1% (or 1 MiB) is left, or no inodes.
+    #[serde(default)]
+    pub full: bool,
+}
+
+impl VolumeUsage {
+    /// Below this share of the total, a volume is full: writes are about
+    /// to fail, whatever its size.
+    pub const FULL_BELOW_PERCENT: u64 = 1;
+    /// Below this many bytes, a volume is full however small it is.
+    pub const FULL_BELOW_BYTES: u64 = 1 << 20;
+
+    /// A guest's figures, with [`VolumeUsage::full`] worked out.
+    pub fn new(
+        name: String,
+        path: String,
+        total_bytes: u64,
+        used_bytes: u64,
+        available_bytes: u64,
+        inodes_total: u64,
+        inodes_available: u64,
+    ) -> VolumeUsage {
+        let threshold = (total_bytes / 100 * Self::FULL_BELOW_PERCENT).max(Self::FULL_BELOW_BYTES);
+        let full = available_bytes < threshold || (inodes_total > 0 && inodes_available == 0);
+        VolumeUsage {
+            name,
+            path,
+            total_bytes,
+            used_bytes,
+            available_bytes,
+            full,
+        }
+    }
+
+    /// What a user should hear about it: `volume data at /var/lib/x is
+    /// full`, or nothing.
+    pub fn issue(&self) -> Option<String> {
+        self.full
+            .then(|| format!("volume {} at {} is full", self.name, self.path))
+    }
 }
 
 /// A guest's connection tracking table: when full, new connections through
@@ -357,6 +417,53 @@ pub struct ExecResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn when_a_volume_is_full() {
+        const MIB: u64 = 1 << 20;
+        const GIB: u64 = 1 << 30;
+        // (total, available, inodes total, inodes available, full)
+        let cases = [
+            (10 * GIB, 5 * GIB, 2000, 1000, false),
+            (10 * GIB, 110 * MIB, 2000, 1000, false),
+            // 1% of 10 GiB is 102.4 MiB.
+            (10 * GIB, 100 * MIB, 2000, 1000, true),
+            (10 * GIB, 0, 2000, 1000, true),
+            // Small volumes: 1 MiB is the floor.
+            (16 * MIB, MIB, 2000, 1000, false),
+            (16 * MIB, MIB - 1, 2000, 1000, true),
+            // Out of inodes with space left.
+            (10 * GIB, 5 * GIB, 2000, 0, true),
+            // A filesystem without inode counts (f_files 0).
+            (10 * GIB, 5 * GIB, 0, 0, false),
+        ];
+        for (total, available, inodes_total, inodes_available, full) in cases {
+            let usage = VolumeUsage::new(
+                "data".into(),
+                "/var/lib/x".into(),
+                total,
+                total - available,
+                available,
+                inodes_total,
+                inodes_available,
+            );
+            assert_eq!(usage.full, full, "{total} {available} {inodes_available}");
+            assert_eq!(
+                usage.issue(),
+                full.then(|| "volume data at /var/lib/x is full".to_string())
+            );
+        }
+    }
+
+    /// Health from a vroomd before volumes reads, and without volumes the
+    /// JSON is what it was.
+    #[test]
+    fn guest_health_without_volumes_is_unchanged() {
+        let json = r#"{"ready":true}"#;
+        let health: GuestHealth = serde_json::from_str(json).unwrap();
+        assert!(health.volumes.is_empty());
+        assert_eq!(serde_json::to_string(&health).unwrap(), json);
+    }
 
     #[test]
     fn nic_specs_table() {

@@ -58,7 +58,7 @@ pub use image::{
 pub use instance::{
     Accel, AccelChoice, ConntrackTable, DesiredState, ExecRequest, ExecResult, GuestHealth,
     Instance, InstanceAction, InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus,
-    RunRequest,
+    RunRequest, VolumeUsage,
 };
 pub use ipnet::Ipv4Net;
 pub use name::{Name, NAME_PATTERN};

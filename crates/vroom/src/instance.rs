@@ -240,6 +240,7 @@ fn health_line(health: &vroom_types::GuestHealth) -> String {
         }
         parts.push(line);
     }
+    parts.extend(health.volumes.iter().filter_map(|v| v.issue()));
     parts.join("; ")
 }
 

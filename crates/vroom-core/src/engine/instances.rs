@@ -1081,5 +1081,20 @@ fn guest_health(report: &vroom_agent_proto::HealthReport) -> vroom_types::GuestH
             max: c.max,
             dropped: c.dropped,
         }),
+        volumes: report
+            .volumes
+            .iter()
+            .map(|v| {
+                vroom_types::VolumeUsage::new(
+                    v.name.clone(),
+                    v.path.clone(),
+                    v.total_bytes,
+                    v.used_bytes,
+                    v.available_bytes,
+                    v.inodes_total,
+                    v.inodes_available,
+                )
+            })
+            .collect(),
     }
 }

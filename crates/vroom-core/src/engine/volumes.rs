@@ -121,6 +121,7 @@ impl Engine {
             created_at: unix_now(),
             attached_to: None,
             allocated_bytes: 0,
+            snapshots: vec![],
         };
         if let Err(e) = self.store.put_volume(&volume) {
             let _ = std::fs::remove_dir_all(datavol::volume_dir(&dir, &id));
