@@ -354,13 +354,21 @@ fn mount_one(volume: &DataVolume, e2fsck: Option<&str>) -> Result<Mounted, Mount
         });
     }
     let flags = mount_flags(volume);
-    crate::disk::sys_mount(&dev, &path, "ext4", flags, "").map_err(|source| {
-        MountVolumeError::Mount {
-            name: name.clone(),
-            dev: dev.clone(),
-            path: path.clone(),
-            source,
-        }
+    let mut mounted = crate::disk::sys_mount(&dev, &path, "ext4", flags, "");
+    if disk_read_only && mounted.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EROFS)) {
+        // Its journal holds writes a VM killed before it unmounted the
+        // volume never put in place, and a read-only disk cannot take the
+        // replay: mount what the filesystem has without them, and say so.
+        log(&format!(
+            "volume {name} ({dev}): was not cleanly unmounted and its disk is read-only: mounted without replaying its journal, its last writes are missing"
+        ));
+        mounted = crate::disk::sys_mount(&dev, &path, "ext4", flags, "noload");
+    }
+    mounted.map_err(|source| MountVolumeError::Mount {
+        name: name.clone(),
+        dev: dev.clone(),
+        path: path.clone(),
+        source,
     })?;
     log(&format!(
         "volume {name}: mounted {dev} at {path} ({})",

@@ -101,8 +101,11 @@ fn a_volume_keeps_its_data_across_instances() {
     ]);
     assert!(err.contains("attached to instance web"), "{err}");
 
-    // The instance goes; the volume and what was written stay.
-    env.ok(&["rm", "-f", "web"]);
+    // The instance goes (stopped first: its guest unmounts the volume, so
+    // a read-only disk has no journal left to replay); the volume and what
+    // was written stay.
+    env.ok(&["stop", "web"]);
+    env.ok(&["rm", "web"]);
     assert_eq!(volumes(&env)[0].attached_to, None);
     run_hello(&env, "web2", "files:/var/files:ro");
     let (ok, out) = sh(&env, "web2", "cat /var/files/note");
