@@ -140,6 +140,75 @@ pub fn create(
     result
 }
 
+/// Makes volume `id` under `volumes_dir` as a copy of `source` (a
+/// snapshot), the same way as [`create`]: whole or not at all.
+pub fn create_from(
+    volumes_dir: &Path,
+    id: &str,
+    name: &str,
+    source: &Path,
+) -> Result<PathBuf, CreateDataVolumeError> {
+    let io_err = |source| CreateDataVolumeError::Io {
+        name: name.to_string(),
+        dir: volumes_dir.to_path_buf(),
+        source,
+    };
+    let need = allocated_bytes(source);
+    let free = free_bytes(volumes_dir).map_err(io_err)?;
+    if need > free {
+        return Err(CreateDataVolumeError::NoSpace {
+            name: name.to_string(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
+    let staging = volumes_dir.join(format!("{NEW_PREFIX}{id}"));
+    let result = (|| {
+        fs::create_dir(&staging).map_err(io_err)?;
+        copy_sparse(source, &staging.join(DATA_FILE)).map_err(io_err)?;
+        sync_dir(&staging).map_err(io_err)?;
+        let dir = volume_dir(volumes_dir, id);
+        fs::rename(&staging, &dir).map_err(io_err)?;
+        sync_dir(volumes_dir).map_err(io_err)?;
+        Ok(dir.join(DATA_FILE))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Where volume `id`'s snapshots are kept.
+pub fn snapshots_dir(volumes_dir: &Path, id: &str) -> PathBuf {
+    volume_dir(volumes_dir, id).join("snapshots")
+}
+
+/// The file of snapshot `snapshot` of volume `id`.
+pub fn snapshot_file(volumes_dir: &Path, id: &str, snapshot: &str) -> PathBuf {
+    snapshots_dir(volumes_dir, id).join(format!("{snapshot}.img"))
+}
+
+/// Copies `from` to `to` through a staging file beside it that is renamed
+/// into place once synced: `to` is the old file or the whole new one,
+/// never a part. Returns the bytes copied.
+pub fn copy_into_place(from: &Path, to: &Path) -> io::Result<u64> {
+    let staging = staging_path(to);
+    let _ = fs::remove_file(&staging);
+    let copied = copy_sparse(from, &staging)?;
+    if let Err(e) = fs::rename(&staging, to) {
+        let _ = fs::remove_file(&staging);
+        return Err(e);
+    }
+    sync_dir(to.parent().unwrap_or(Path::new("/")))?;
+    Ok(copied)
+}
+
+/// The staging file [`copy_into_place`] writes for `to`.
+pub fn staging_path(to: &Path) -> PathBuf {
+    let name = to.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    to.with_file_name(format!("{NEW_PREFIX}{name}"))
+}
+
 /// The file system's label: mkfs.ext4 takes at most 16 bytes.
 fn label(name: &str) -> &str {
     &name[..name.len().min(16)]
@@ -256,7 +325,7 @@ pub fn allocated_bytes(file: &Path) -> u64 {
     fs::metadata(file).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -195,7 +195,7 @@ fn read_manifest(dir: &Path) -> Option<Snapshot> {
 }
 
 /// A default snapshot name: `INSTANCE-YYYYMMDD-HHMMSS` (UTC).
-fn default_name(instance: &str, now: u64) -> String {
+pub(super) fn default_name(instance: &str, now: u64) -> String {
     let days = now / 86_400;
     let secs = now % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -10,9 +10,9 @@
 //! removing both hold the allocation lock, so they cannot interleave.
 
 use vroom_types::{
-    Volume, VolumeAttach, VolumeCreateRequest, VolumeDecl, VolumeFs, VolumeResizeRequest,
+    Volume, VolumeAttach, VolumeCreateRequest, VolumeDecl, VolumeFs,
 };
-use vroom_volume::data::{self as datavol, CreateDataVolumeError, GrowDataVolumeError};
+use vroom_volume::data::{self as datavol, CreateDataVolumeError};
 
 use super::*;
 use crate::driver::DataDisk;
@@ -154,61 +154,6 @@ impl Engine {
         }
         tracing::info!(volume = name, "volume removed");
         Ok(())
-    }
-
-    /// Grows a volume. Attached to a running instance, the guest sees its
-    /// disk grow and grows its filesystem; otherwise the guest grows it when
-    /// it next mounts it.
-    pub async fn resize_volume(
-        &self,
-        name: &str,
-        req: VolumeResizeRequest,
-    ) -> Result<Volume, OpError> {
-        vroom_types::check_volume_mib(req.size_mib)?;
-        let _alloc = self.alloc.lock().await;
-        let mut volume = self.volume_record(name)?;
-        if req.size_mib < volume.size_mib {
-            return Err(OpError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "volume {name} is {} MiB; volumes only grow",
-                    volume.size_mib
-                ),
-            ));
-        }
-        let running = self.attached_to(name).and_then(|instance| {
-            let cell = self.cell(instance.as_str()).ok()?;
-            let r = cell.lock();
-            r.process.clone().map(|p| (instance.clone(), p))
-        });
-        if running.is_some() {
-            return Err(OpError::conflict(format!(
-                "volume {name} is in use by a running instance; stop it to grow the volume"
-            )));
-        }
-        let file = datavol::volume_file(&self.volumes_dir(), &volume.id);
-        // The record first: a daemon killed before the file grew finds the
-        // file smaller than its record and grows it (`sweep_volumes`).
-        volume.size_mib = req.size_mib;
-        self.store
-            .put_volume(&volume)
-            .map_err(|e| OpError::internal("failed to record the volume's size", e))?;
-        blocking(|| datavol::grow(&file, name, req.size_mib))
-            .map_err(|e| match e {
-                GrowDataVolumeError::NoSpace { .. } | GrowDataVolumeError::Shrink { .. } => {
-                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
-                }
-                e => OpError::internal("failed to grow the volume", e),
-            })
-            .inspect_err(|_| {
-                // Back to the size the file has.
-                if let Ok(meta) = std::fs::metadata(&file) {
-                    volume.size_mib = meta.len() >> 20;
-                    let _ = self.store.put_volume(&volume);
-                }
-            })?;
-        tracing::info!(volume = name, size_mib = req.size_mib, "volume grown");
-        Ok(self.volume_view(volume))
     }
 
     /// At start: removes volume directories no record names (a creation or
@@ -418,12 +363,13 @@ impl Engine {
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;
