@@ -405,15 +405,34 @@ fn check(volume: &DataVolume, dev: &str, e2fsck: &str) -> Result<(), MountVolume
             path: volume.path.clone(),
             dev: dev.to_string(),
             code,
-            said: said
-                .last()
-                .copied()
-                .unwrap_or("no output")
-                .trim()
-                .to_string(),
+            said: fsck_reason(&said, dev),
         });
     }
     Ok(())
+}
+
+/// The line of e2fsck's output that says what is wrong, without the device
+/// name it starts with. In preen mode e2fsck names the problem, then stops
+/// with "UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY." and a hint.
+fn fsck_reason(lines: &[&str], dev: &str) -> String {
+    let stop = lines
+        .iter()
+        .position(|l| l.contains("UNEXPECTED INCONSISTENCY"));
+    let line = match stop {
+        Some(at) if at > 0 => lines[at - 1],
+        Some(at) => lines[at],
+        None => lines
+            .iter()
+            .rev()
+            .find(|l| !l.starts_with(['(', ' ', '\t']))
+            .copied()
+            .unwrap_or("no output"),
+    };
+    let line = line.trim();
+    line.strip_prefix(&format!("{dev}: "))
+        .unwrap_or(line)
+        .trim()
+        .to_string()
 }
 
 fn describe_flags(flags: libc::c_ulong) -> String {
@@ -813,6 +832,31 @@ mod tests {
                 blocks: (64 << 20) / 4096,
             }
         );
+    }
+
+    /// e2fsck 1.47's output for a volume whose root inode was cleared.
+    #[test]
+    fn the_reason_e2fsck_stopped() {
+        let dev = "/dev/vdc";
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "/dev/vdc was not cleanly unmounted, check forced.",
+                    "/dev/vdc: Root inode is not a directory.  ",
+                    "/dev/vdc: UNEXPECTED INCONSISTENCY; RUN fsck MANUALLY.",
+                    "\t(i.e., without -a or -p options)",
+                ],
+                "Root inode is not a directory.",
+            ),
+            (
+                &["e2fsck: Bad magic number in super-block while trying to open /dev/vdc"],
+                "e2fsck: Bad magic number in super-block while trying to open /dev/vdc",
+            ),
+            (&[], "no output"),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(fsck_reason(lines, dev), *want, "{lines:?}");
+        }
     }
 
     #[test]
