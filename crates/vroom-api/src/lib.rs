@@ -242,6 +242,10 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         volumes::get_volume,
         volumes::remove_volume,
         volumes::resize_volume,
+        volumes::snapshot_volume,
+        volumes::remove_volume_snapshot,
+        volumes::restore_volume,
+        volumes::clone_volume,
         snapshots::list_snapshots,
         snapshots::create_snapshot,
         snapshots::get_snapshot,
@@ -450,6 +454,19 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
             get(volumes::get_volume).delete(volumes::remove_volume),
         )
         .route("/v1/volumes/{name}/resize", post(volumes::resize_volume))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            post(volumes::snapshot_volume),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            delete(volumes::remove_volume_snapshot),
+        )
+        .route("/v1/volumes/{name}/restore", post(volumes::restore_volume))
+        .route(
+            "/v1/volume-snapshots/{snapshot}/clone",
+            post(volumes::clone_volume),
+        )
         .route(
             "/v1/snapshots",
             get(snapshots::list_snapshots).post(snapshots::create_snapshot),

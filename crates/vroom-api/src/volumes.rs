@@ -4,7 +4,10 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use vroom_types::{ApiErrorBody, Name, Volume, VolumeCreateRequest, VolumeResizeRequest};
+use vroom_types::{
+    ApiErrorBody, Name, Volume, VolumeCloneRequest, VolumeCreateRequest, VolumeResizeRequest,
+    VolumeRestoreRequest, VolumeSnapshot, VolumeSnapshotRequest,
+};
 
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{body, ApiError, ApiResult, AppState};
@@ -52,11 +55,11 @@ pub(crate) async fn remove_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Grows a volume; its guest grows the filesystem when it next mounts it.
+/// Grows a volume; a running guest grows its filesystem at once, a stopped
+/// one when it next mounts it.
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", params(("name" = Name, Path)),
     request_body = VolumeResizeRequest,
     responses((status = 200, body = Volume), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The volume's instance runs."),
         (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
 pub(crate) async fn resize_volume(
     State(engine): State<AppState>,
@@ -64,4 +67,63 @@ pub(crate) async fn resize_volume(
     req: Result<Json<VolumeResizeRequest>, JsonRejection>,
 ) -> ApiResult<Volume> {
     Ok(Json(engine.resize_volume(&name, body(req)?).await?))
+}
+
+/// Takes a snapshot of a volume: a sparse copy on this host. A running
+/// guest is frozen and paused for the copy.
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", params(("name" = Name, Path)),
+    request_body = VolumeSnapshotRequest,
+    responses((status = 201, body = VolumeSnapshot), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "A volume snapshot of that name exists."),
+        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+pub(crate) async fn snapshot_volume(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<VolumeSnapshotRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeSnapshot>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.snapshot_volume(&name, body(req)?).await?),
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}/snapshots/{snapshot}",
+    params(("name" = Name, Path), ("snapshot" = Name, Path)),
+    responses((status = 204), PathErrors, HostErrors))]
+pub(crate) async fn remove_volume_snapshot(
+    State(engine): State<AppState>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    engine.remove_volume_snapshot(&name, &snapshot).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Puts a volume back to one of its snapshots; its instance must be stopped.
+#[utoipa::path(post, path = "/v1/volumes/{name}/restore", params(("name" = Name, Path)),
+    request_body = VolumeRestoreRequest,
+    responses((status = 200, body = Volume), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "Its instance runs, or the snapshot is another volume's.")))]
+pub(crate) async fn restore_volume(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<VolumeRestoreRequest>, JsonRejection>,
+) -> ApiResult<Volume> {
+    Ok(Json(engine.restore_volume(&name, body(req)?).await?))
+}
+
+/// Makes a new volume with a snapshot's content.
+#[utoipa::path(post, path = "/v1/volume-snapshots/{snapshot}/clone", params(("snapshot" = Name, Path)),
+    request_body = VolumeCloneRequest,
+    responses((status = 201, body = Volume), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "A volume of that name exists."),
+        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+pub(crate) async fn clone_volume(
+    State(engine): State<AppState>,
+    Path(snapshot): Path<String>,
+    req: Result<Json<VolumeCloneRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.clone_volume(&snapshot, body(req)?).await?),
+    ))
 }

@@ -568,6 +568,58 @@ impl Client {
         .await
     }
 
+    pub async fn snapshot_volume(
+        &self,
+        name: &str,
+        snapshot: Option<vroom_types::Name>,
+    ) -> Result<vroom_types::VolumeSnapshot, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/snapshots", enc(name)),
+            Some(&vroom_types::VolumeSnapshotRequest { name: snapshot }),
+        )
+        .await
+    }
+
+    pub async fn remove_volume_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<(), ClientError> {
+        self.delete(&format!(
+            "/v1/volumes/{}/snapshots/{}",
+            enc(name),
+            enc(snapshot)
+        ))
+        .await
+    }
+
+    pub async fn restore_volume(
+        &self,
+        name: &str,
+        snapshot: vroom_types::Name,
+    ) -> Result<vroom_types::Volume, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/restore", enc(name)),
+            Some(&vroom_types::VolumeRestoreRequest { snapshot }),
+        )
+        .await
+    }
+
+    pub async fn clone_volume(
+        &self,
+        snapshot: &str,
+        name: vroom_types::Name,
+    ) -> Result<vroom_types::Volume, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volume-snapshots/{}/clone", enc(snapshot)),
+            Some(&vroom_types::VolumeCloneRequest { name }),
+        )
+        .await
+    }
+
     pub async fn networks(&self) -> Result<Vec<Network>, ClientError> {
         self.fetch("/v1/networks").await
     }

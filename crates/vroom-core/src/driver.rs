@@ -173,8 +173,12 @@ pub trait VmDriver: Send + Sync {
 
     /// Blocking. Tells the VM that data volume `index`
     /// ([`LaunchSpec::data_disks`]) now has `bytes` (its file grew).
-    fn resize_disk(&self, process: &VmProcess, index: usize, bytes: u64)
-        -> Result<(), ControlVmError>;
+    fn resize_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        bytes: u64,
+    ) -> Result<(), ControlVmError>;
 
     /// Blocking. What the VMM is doing.
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError>;

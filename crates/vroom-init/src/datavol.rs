@@ -355,7 +355,11 @@ fn mount_one(volume: &DataVolume, e2fsck: Option<&str>) -> Result<Mounted, Mount
     }
     let flags = mount_flags(volume);
     let mut mounted = crate::disk::sys_mount(&dev, &path, "ext4", flags, "");
-    if disk_read_only && mounted.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EROFS)) {
+    if disk_read_only
+        && mounted
+            .as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EROFS))
+    {
         // Its journal holds writes a VM killed before it unmounted the
         // volume never put in place, and a read-only disk cannot take the
         // replay: mount what the filesystem has without them, and say so.

@@ -373,8 +373,12 @@ impl VmDriver for QemuDriver {
         index: usize,
         bytes: u64,
     ) -> Result<(), ControlVmError> {
-        state::resize_disk(&process.control_socket, &cmdline::data_drive_id(index), bytes)
-            .map_err(control)
+        state::resize_disk(
+            &process.control_socket,
+            &cmdline::data_drive_id(index),
+            bytes,
+        )
+        .map_err(control)
     }
 
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {

@@ -205,7 +205,10 @@ pub fn copy_into_place(from: &Path, to: &Path) -> io::Result<u64> {
 
 /// The staging file [`copy_into_place`] writes for `to`.
 pub fn staging_path(to: &Path) -> PathBuf {
-    let name = to.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     to.with_file_name(format!("{NEW_PREFIX}{name}"))
 }
 
@@ -293,7 +296,9 @@ pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
             let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data))?.min(len);
             let (mut off_in, mut off_out) = (data, data);
             while off_in < hole {
-                let chunk = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+                let chunk = usize::try_from(hole - off_in)
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 30);
                 let n = rustix::fs::copy_file_range(
                     &src,
                     Some(&mut off_in),

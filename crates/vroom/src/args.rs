@@ -566,14 +566,29 @@ pub enum VolumeOp {
     Inspect { name: Name },
     /// Remove a volume and its data; refused while an instance has it.
     Rm { name: Name },
-    /// Grow a volume (while its instance is stopped); the guest grows its
-    /// filesystem when it next mounts it.
+    /// Grow a volume; a running guest grows its filesystem at once, a
+    /// stopped one when it next mounts it.
     Resize {
         name: Name,
         /// The new size, e.g. 4G; volumes only grow.
         #[arg(long, value_parser = vroom_types::parse_volume_size_mib)]
         size: u64,
     },
+    /// Take a snapshot: a copy of the volume now (a running guest's
+    /// filesystems are frozen and its CPUs paused for the copy).
+    Snapshot {
+        name: Name,
+        /// The snapshot's name, unique among all volume snapshots
+        /// (VOLUME-YYYYMMDD-HHMMSS when absent).
+        #[arg(long = "name", value_name = "SNAPSHOT")]
+        snapshot: Option<Name>,
+    },
+    /// Put a volume back to one of its snapshots (its instance stopped).
+    Restore { name: Name, snapshot: Name },
+    /// Make a new volume NAME from a snapshot.
+    Clone { snapshot: Name, name: Name },
+    /// Remove one of a volume's snapshots.
+    SnapshotRm { name: Name, snapshot: Name },
 }
 
 #[derive(Subcommand)]

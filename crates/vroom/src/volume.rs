@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use vroom_client::Client;
-use vroom_types::{Volume, VolumeCreateRequest, VolumeFs};
+use vroom_types::{SnapshotTaken, Volume, VolumeCreateRequest, VolumeFs};
 
 use crate::args::VolumeOp;
 use crate::output;
@@ -61,9 +61,67 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 println!("{:<12} {}", "replicas:", v.replicas);
                 println!("{:<12} {}", "instance:", attached(&v));
                 println!("{:<12} {}", "created:", output::ago(v.created_at));
+                if !v.snapshots.is_empty() {
+                    println!("snapshots:");
+                    output::table(
+                        &["NAME", "SIZE", "COPIED", "TAKEN", "HELD", "CREATED"],
+                        &v.snapshots
+                            .iter()
+                            .map(|s| {
+                                vec![
+                                    s.name.to_string(),
+                                    size_text(s.size_mib),
+                                    output::bytes(s.bytes),
+                                    taken_text(s.taken).to_string(),
+                                    format!("{} ms", s.pause_ms),
+                                    output::ago(s.created_at),
+                                ]
+                            })
+                            .collect::<Vec<_>>(),
+                    );
+                }
             }
         }
         VolumeOp::Rm { name } => client.remove_volume(name.as_str()).await?,
+        VolumeOp::Snapshot { name, snapshot } => {
+            let s = client
+                .snapshot_volume(name.as_str(), snapshot.clone())
+                .await?;
+            if json {
+                output::json(&s);
+            } else {
+                println!(
+                    "snapshot {} of volume {name}: {} copied ({}, the guest held {} ms)",
+                    s.name,
+                    output::bytes(s.bytes),
+                    taken_text(s.taken),
+                    s.pause_ms
+                );
+            }
+        }
+        VolumeOp::Restore { name, snapshot } => {
+            let v = client
+                .restore_volume(name.as_str(), snapshot.clone())
+                .await?;
+            if json {
+                output::json(&v);
+            } else {
+                println!("volume {} is back to snapshot {snapshot}", v.name);
+            }
+        }
+        VolumeOp::Clone { snapshot, name } => {
+            let v = client.clone_volume(snapshot.as_str(), name.clone()).await?;
+            if json {
+                output::json(&v);
+            } else {
+                println!("volume {} created from snapshot {snapshot}", v.name);
+            }
+        }
+        VolumeOp::SnapshotRm { name, snapshot } => {
+            client
+                .remove_volume_snapshot(name.as_str(), snapshot.as_str())
+                .await?
+        }
         VolumeOp::Resize { name, size } => {
             let v = client.resize_volume(name.as_str(), *size).await?;
             if json {
@@ -74,6 +132,14 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn taken_text(taken: SnapshotTaken) -> &'static str {
+    match taken {
+        SnapshotTaken::Frozen => "frozen",
+        SnapshotTaken::Paused => "paused, not frozen",
+        SnapshotTaken::Offline => "offline",
+    }
 }
 
 fn attached(v: &Volume) -> String {

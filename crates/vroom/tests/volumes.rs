@@ -116,16 +116,47 @@ fn a_volume_keeps_its_data_across_instances() {
 
     // Grown while stopped, the filesystem fills the disk at the next boot.
     let before = df_kib(&env, "web2", "/var/files");
-    let err = env.fail(&["volume", "resize", "files", "--size", "128M"]);
-    assert!(err.contains("stop it"), "{err}");
     env.ok(&["stop", "web2"]);
     env.ok(&["rm", "web2"]);
-    env.ok(&["volume", "resize", "files", "--size", "128M"]);
+    env.ok(&["volume", "resize", "files", "--size", "96M"]);
     run_hello(&env, "web3", "files:/var/files");
-    let after = df_kib(&env, "web3", "/var/files");
-    assert!(after > before + 50 * 1024, "{before} KiB -> {after} KiB");
+    let offline = df_kib(&env, "web3", "/var/files");
+    assert!(
+        offline > before + 25 * 1024,
+        "{before} KiB -> {offline} KiB"
+    );
+    // Grown while it runs, at once.
+    env.ok(&["volume", "resize", "files", "--size", "128M"]);
+    let online = df_kib(&env, "web3", "/var/files");
+    assert!(
+        online > offline + 25 * 1024,
+        "{offline} KiB -> {online} KiB"
+    );
+
+    // A snapshot of the running guest's volume (frozen for the copy), a
+    // later write, then back to the snapshot and a clone of it.
+    let snap: vroom_types::VolumeSnapshot = serde_json::from_str(
+        &env.ok(&["volume", "snapshot", "files", "--name", "before", "--json"]),
+    )
+    .unwrap();
+    assert_eq!(snap.taken, vroom_types::SnapshotTaken::Frozen, "{snap:?}");
+    let (ok, out) = sh(&env, "web3", "echo later > /var/files/note && sync");
+    assert!(ok, "{out}");
+    let err = env.fail(&["volume", "restore", "files", "before"]);
+    assert!(err.contains("stop it first"), "{err}");
+    env.ok(&["stop", "web3"]);
+    env.ok(&["volume", "restore", "files", "before"]);
+    env.ok(&["start", "web3"]);
+    env.wait_for("web3", "running", BOOT, |i| {
+        i.status.state == InstanceState::Running
+    });
     let (ok, out) = sh(&env, "web3", "cat /var/files/note");
-    assert!(ok && out.contains("kept"), "{out}");
+    assert!(ok && out.trim() == "kept", "{out}");
+    env.ok(&["volume", "clone", "before", "copy"]);
+    run_hello(&env, "reader", "copy:/var/copy");
+    let (ok, out) = sh(&env, "reader", "cat /var/copy/note");
+    assert!(ok && out.trim() == "kept", "{out}");
+    env.ok(&["rm", "-f", "--volumes", "reader"]);
 
     // `rm --volumes` takes them with it.
     env.ok(&["rm", "-f", "--volumes", "web3"]);

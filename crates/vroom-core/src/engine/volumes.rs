@@ -9,9 +9,7 @@
 //! to at most one instance: the one whose spec names it. Attaching and
 //! removing both hold the allocation lock, so they cannot interleave.
 
-use vroom_types::{
-    Volume, VolumeAttach, VolumeCreateRequest, VolumeDecl, VolumeFs,
-};
+use vroom_types::{Volume, VolumeAttach, VolumeCreateRequest, VolumeDecl, VolumeFs};
 use vroom_volume::data::{self as datavol, CreateDataVolumeError};
 
 use super::*;
@@ -157,7 +155,8 @@ impl Engine {
     }
 
     /// At start: removes volume directories no record names (a creation or
-    /// removal cut short) and finishes growths a crash interrupted.
+    /// removal cut short), snapshot files no record names, the staging file
+    /// of a restore cut short, and finishes growths a crash interrupted.
     pub(super) fn sweep_volumes(&self) -> Result<(), OpError> {
         let records = self.volume_records()?;
         let dir = self.volumes_dir();
@@ -173,6 +172,22 @@ impl Engine {
         }
         for volume in records {
             let file = datavol::volume_file(&dir, &volume.id);
+            // A restore cut short: the volume is still the old one.
+            let _ = std::fs::remove_file(datavol::staging_path(&file));
+            // Snapshots being taken or removed.
+            if let Ok(entries) = std::fs::read_dir(datavol::snapshots_dir(&dir, &volume.id)) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let recorded = volume
+                        .snapshots
+                        .iter()
+                        .any(|s| format!("{}.img", s.name) == name);
+                    if !recorded {
+                        tracing::info!(file = %entry.path().display(), "removing a volume snapshot cut short");
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+            }
             match std::fs::metadata(&file) {
                 Ok(meta) if meta.len() < volume.size_mib << 20 => {
                     if let Err(e) = datavol::grow(&file, volume.name.as_str(), volume.size_mib) {

@@ -43,16 +43,20 @@ impl Engine {
     /// The running VM of a volume's instance.
     fn running_vm(&self, cell: &Cell) -> Option<VmProcess> {
         let r = cell.lock();
-        r.process
-            .clone()
-            .filter(|p| self.driver.is_alive(p) && r.instance.status.state == InstanceState::Running)
+        r.process.clone().filter(|p| {
+            self.driver.is_alive(p) && r.instance.status.state == InstanceState::Running
+        })
     }
 
     fn find_volume_snapshot(&self, snapshot: &str) -> Result<(Volume, VolumeSnapshot), OpError> {
         self.volume_records()?
             .into_iter()
             .find_map(|v| {
-                let s = v.snapshots.iter().find(|s| s.name.as_str() == snapshot)?.clone();
+                let s = v
+                    .snapshots
+                    .iter()
+                    .find(|s| s.name.as_str() == snapshot)?
+                    .clone();
                 Some((v, s))
             })
             .ok_or_else(|| OpError::not_found("volume snapshot", snapshot))
@@ -81,7 +85,10 @@ impl Engine {
         if let Ok((of, _)) = self.find_volume_snapshot(snapshot.as_str()) {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
-                format!("a volume snapshot named {snapshot} exists (of volume {})", of.name),
+                format!(
+                    "a volume snapshot named {snapshot} exists (of volume {})",
+                    of.name
+                ),
             ));
         }
         let dir = self.volumes_dir();
@@ -112,7 +119,9 @@ impl Engine {
             None => (blocking(copy), SnapshotTaken::Offline, 0),
             Some((cell, process)) => {
                 let frozen = matches!(
-                    cell.agent.call(HostCommand::FreezeVolumes, FREEZE_TIMEOUT).await,
+                    cell.agent
+                        .call(HostCommand::FreezeVolumes, FREEZE_TIMEOUT)
+                        .await,
                     Ok(GuestReply::VolumesFrozen { .. })
                 );
                 let started = Instant::now();
@@ -124,7 +133,11 @@ impl Engine {
                 let held_ms = started.elapsed().as_millis() as u64;
                 let resumed = blocking(|| self.driver.resume(&process));
                 if frozen {
-                    if let Err(e) = cell.agent.call(HostCommand::ThawVolumes, AGENT_TIMEOUT).await {
+                    if let Err(e) = cell
+                        .agent
+                        .call(HostCommand::ThawVolumes, AGENT_TIMEOUT)
+                        .await
+                    {
                         tracing::warn!(volume = name, error = %e, "the guest did not confirm the thaw (it thaws by itself)");
                     }
                 }
@@ -227,14 +240,14 @@ impl Engine {
         let dir = self.volumes_dir();
         let source = datavol::snapshot_file(&dir, &of.id, snap.name.as_str());
         let id = random_id();
-        blocking(|| datavol::create_from(&dir, &id, req.name.as_str(), &source)).map_err(
-            |e| match e {
+        blocking(|| datavol::create_from(&dir, &id, req.name.as_str(), &source)).map_err(|e| {
+            match e {
                 datavol::CreateDataVolumeError::NoSpace { .. } => {
                     OpError::new(ErrorCode::ResourceExhausted, e.to_string())
                 }
                 e => OpError::internal("failed to clone the volume", e),
-            },
-        )?;
+            }
+        })?;
         let volume = Volume {
             id: id.clone(),
             name: req.name,
@@ -287,7 +300,10 @@ impl Engine {
         if req.size_mib < volume.size_mib {
             return Err(OpError::new(
                 ErrorCode::InvalidArgument,
-                format!("volume {name} is {} MiB; volumes only grow", volume.size_mib),
+                format!(
+                    "volume {name} is {} MiB; volumes only grow",
+                    volume.size_mib
+                ),
             ));
         }
         let file = datavol::volume_file(&self.volumes_dir(), &volume.id);
@@ -339,7 +355,12 @@ impl Engine {
                 before_bytes,
                 after_bytes,
             }) => {
-                tracing::info!(volume = name, before_bytes, after_bytes, "the guest grew the volume's filesystem")
+                tracing::info!(
+                    volume = name,
+                    before_bytes,
+                    after_bytes,
+                    "the guest grew the volume's filesystem"
+                )
             }
             Ok(GuestReply::Error { message }) => {
                 tracing::warn!(volume = name, error = %message, "the guest did not grow the volume's filesystem; it does at its next boot")

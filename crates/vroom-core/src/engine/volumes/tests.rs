@@ -263,7 +263,7 @@ async fn declared_volumes_are_made_kept_and_taken_again() {
 }
 
 #[tokio::test]
-async fn volumes_grow_while_their_instance_is_stopped() {
+async fn volumes_grow_online_and_offline() {
     let dir = tempfile::tempdir().unwrap();
     let t = engine(dir.path()).await;
     let v = t.engine.create_volume(create("v", 16)).await.unwrap();
@@ -271,14 +271,9 @@ async fn volumes_grow_while_their_instance_is_stopped() {
         .run(with_volumes("a", "store", vec![attach("v", "/var/v")]))
         .await
         .unwrap();
-    running_pid(&t, "a").await;
+    let pid = running_pid(&t, "a").await;
     let grow = |mib| VolumeResizeRequest { size_mib: mib };
-    let err = t.engine.resize_volume("v", grow(32)).await.unwrap_err();
-    assert!(err.message.contains("stop it"), "{}", err.message);
-    t.engine
-        .action("a", vroom_types::InstanceAction::Stop)
-        .await
-        .unwrap();
+    // Running: the file grows and the VM is told.
     assert_eq!(
         t.engine
             .resize_volume("v", grow(32))
@@ -287,16 +282,41 @@ async fn volumes_grow_while_their_instance_is_stopped() {
             .size_mib,
         32
     );
+    assert_eq!(t.driver.spec_of(pid).unwrap().data_disks[0].bytes, 32 << 20);
+    t.engine
+        .action("a", vroom_types::InstanceAction::Stop)
+        .await
+        .unwrap();
+    // Stopped: the file grows; the next VM gets it.
+    assert_eq!(
+        t.engine
+            .resize_volume("v", grow(48))
+            .await
+            .unwrap()
+            .size_mib,
+        48
+    );
     let file = dir.path().join("volumes").join(&v.id).join("volume.img");
-    assert_eq!(std::fs::metadata(&file).unwrap().len(), 32 << 20);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 48 << 20);
     let err = t.engine.resize_volume("v", grow(16)).await.unwrap_err();
     assert!(err.message.contains("only grow"), "{}", err.message);
+    let err = t
+        .engine
+        .resize_volume("v", grow(vroom_types::MAX_VOLUME_MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+    assert_eq!(
+        t.engine.volume("v").unwrap().size_mib,
+        48,
+        "a refused growth is not recorded"
+    );
     t.engine
         .action("a", vroom_types::InstanceAction::Start)
         .await
         .unwrap();
     let pid = running_pid(&t, "a").await;
-    assert_eq!(t.driver.spec_of(pid).unwrap().data_disks[0].bytes, 32 << 20);
+    assert_eq!(t.driver.spec_of(pid).unwrap().data_disks[0].bytes, 48 << 20);
 }
 
 /// What a daemon killed inside a volume operation leaves, the next start
@@ -372,4 +392,137 @@ async fn what_cannot_carry_volumes_yet_refuses_them() {
         "{}",
         err.message
     );
+}
+
+fn poke(file: &std::path::Path, at: u64, data: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(data).unwrap();
+}
+
+fn peek(file: &std::path::Path, at: u64, len: usize) -> Vec<u8> {
+    std::fs::read(file).unwrap()[at as usize..at as usize + len].to_vec()
+}
+
+/// Snapshots keep the volume as it was; a restore brings it back, a clone
+/// is a new volume of it; names are unique, and a snapshot of another
+/// volume is not restored. A running guest is held for the copy and runs
+/// again after; growing its volume tells its VM.
+#[tokio::test]
+async fn snapshots_restore_and_clone_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let v = t.engine.create_volume(create("v", 16)).await.unwrap();
+    let file = dir.path().join("volumes").join(&v.id).join("volume.img");
+    const AT: u64 = 8 << 20;
+    poke(&file, AT, b"one");
+    let named = |n: &str| vroom_types::VolumeSnapshotRequest {
+        name: Some(Name::new(n).unwrap()),
+    };
+    let s1 = t.engine.snapshot_volume("v", named("s1")).await.unwrap();
+    assert_eq!(s1.taken, vroom_types::SnapshotTaken::Offline);
+    assert!(s1.bytes > 0 && s1.bytes < 16 << 20, "{s1:?}");
+    let err = t
+        .engine
+        .snapshot_volume("v", named("s1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+
+    poke(&file, AT, b"two");
+    let restore = |s: &str| vroom_types::VolumeRestoreRequest {
+        snapshot: Name::new(s).unwrap(),
+    };
+    t.engine.restore_volume("v", restore("s1")).await.unwrap();
+    assert_eq!(peek(&file, AT, 3), b"one");
+
+    let w = t
+        .engine
+        .clone_volume(
+            "s1",
+            vroom_types::VolumeCloneRequest {
+                name: Name::new("w").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+    let wfile = dir.path().join("volumes").join(&w.id).join("volume.img");
+    assert_eq!(peek(&wfile, AT, 3), b"one");
+    poke(&wfile, AT, b"own");
+    assert_eq!(peek(&file, AT, 3), b"one", "a clone is independent");
+    t.engine.snapshot_volume("w", named("ws")).await.unwrap();
+    let err = t
+        .engine
+        .restore_volume("v", restore("ws"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("is of volume w, not v"),
+        "{}",
+        err.message
+    );
+    assert_eq!(peek(&file, AT, 3), b"one");
+
+    // Attached to a running guest: held for the copy, running after.
+    t.engine
+        .run(with_volumes("a", "store", vec![attach("v", "/var/v")]))
+        .await
+        .unwrap();
+    let pid = running_pid(&t, "a").await;
+    let s2 = t.engine.snapshot_volume("v", named("s2")).await.unwrap();
+    assert_ne!(s2.taken, vroom_types::SnapshotTaken::Offline);
+    let process = t.engine.get("a").unwrap();
+    assert_eq!(process.status.state, InstanceState::Running);
+    let vm = crate::driver::VmProcess {
+        pid,
+        accel: vroom_types::Accel::Tcg,
+        control_socket: t.driver.spec_of(pid).unwrap().run_dir.join("qmp.sock"),
+    };
+    use crate::driver::VmDriver;
+    assert_eq!(
+        t.driver.run_state(&vm).unwrap(),
+        crate::driver::VmRunState::Running,
+        "resumed after the copy"
+    );
+    let err = t
+        .engine
+        .restore_volume("v", restore("s2"))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("stop it first"), "{}", err.message);
+    // Grown online: the VM learns the new size.
+    t.engine
+        .resize_volume("v", VolumeResizeRequest { size_mib: 32 })
+        .await
+        .unwrap();
+    assert_eq!(t.driver.spec_of(pid).unwrap().data_disks[0].bytes, 32 << 20);
+
+    t.engine.remove_volume_snapshot("v", "s1").await.unwrap();
+    let snaps = dir.path().join("volumes").join(&v.id).join("snapshots");
+    assert!(!snaps.join("s1.img").exists());
+    assert!(snaps.join("s2.img").exists());
+    let names: Vec<_> = t
+        .engine
+        .volume("v")
+        .unwrap()
+        .snapshots
+        .into_iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, ["s2"]);
+
+    // What a daemon killed inside a snapshot or a restore leaves is swept.
+    std::fs::write(snaps.join(".new-s3.img"), b"half").unwrap();
+    std::fs::write(snaps.join("s9.img"), b"unrecorded").unwrap();
+    std::fs::write(file.with_file_name(".new-volume.img"), b"half").unwrap();
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    let mut left: Vec<_> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["s2.img"]);
+    assert!(!file.with_file_name(".new-volume.img").exists());
 }
