@@ -291,6 +291,29 @@ pub const SLOW_RESTART_VALUE: &str = "RESTART-SLOWLY";
 /// [`SLOW_RESTART_VALUE`].
 pub const SLOW_RESTART: Duration = Duration::from_millis(1500);
 
+/// The data volumes the fake guest "mounted": those its instance file
+/// names, as a guest that knows data volumes reports them.
+fn mounted_volumes(config_volume: &Path) -> Vec<vroom_agent_proto::VolumeUsage> {
+    let Ok(instance) = vroom_volume::read_instance(config_volume) else {
+        return vec![];
+    };
+    instance
+        .volumes
+        .into_iter()
+        .map(|v| vroom_agent_proto::VolumeUsage {
+            name: v.name,
+            path: v.path,
+            total_bytes: 16 << 20,
+            used_bytes: 1 << 20,
+            available_bytes: 15 << 20,
+            inodes_total: 4096,
+            inodes_available: 4000,
+            read_only: v.read_only,
+            frozen: false,
+        })
+        .collect()
+}
+
 /// The guest's half of the agent protocol: health, config changes (checked:
 /// a value equal to [`REJECTED_VALUE`] is refused) and shutdown. The guest
 /// starts with `config`.
@@ -348,7 +371,7 @@ async fn serve_agent(
                             config_error: None,
                             frozen: *frozen.lock_unpoisoned(),
                             conntrack: None,
-                            volumes: vec![],
+                            volumes: mounted_volumes(&volume),
                         }),
                         HostCommand::ApplyConfig { values } => {
                             if values.values().any(|v| v == REJECTED_VALUE) {
@@ -368,6 +391,23 @@ async fn serve_agent(
                             }
                         }
                         HostCommand::Shutdown => GuestReply::ShuttingDown,
+                        HostCommand::FreezeVolumes => GuestReply::VolumesFrozen {
+                            paths: mounted_volumes(&volume)
+                                .into_iter()
+                                .map(|v| v.path)
+                                .collect(),
+                            thaw_after_ms: vroom_agent_proto::VOLUME_FREEZE_BOUND_MS,
+                        },
+                        HostCommand::ThawVolumes => GuestReply::VolumesThawed {
+                            paths: mounted_volumes(&volume)
+                                .into_iter()
+                                .map(|v| v.path)
+                                .collect(),
+                        },
+                        HostCommand::GrowVolume { .. } => GuestReply::VolumeGrown {
+                            before_bytes: 1 << 20,
+                            after_bytes: 2 << 20,
+                        },
                         HostCommand::Freeze => {
                             *frozen.lock_unpoisoned() = true;
                             GuestReply::Frozen

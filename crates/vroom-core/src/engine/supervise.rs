@@ -280,6 +280,22 @@ impl Engine {
                             let _ = engine.driver.kill(&process);
                             break;
                         }
+                        let unmounted = unmounted_volumes(&cell.snapshot(), &report);
+                        if report.ready && !unmounted.is_empty() {
+                            // An init from before data volumes boots without
+                            // them: its services would write into a tmpfs.
+                            let error = format!(
+                                "the guest did not mount its data volumes ({}): its image's init predates data volumes; rebuild the image",
+                                unmounted.join(", ")
+                            );
+                            let _ = engine.update(&cell, |r| {
+                                r.instance.status.state = InstanceState::Failed;
+                                r.instance.status.last_error = Some(error.clone());
+                            });
+                            tracing::warn!(instance = %cell.snapshot().spec.name, %error, "guest without its volumes");
+                            let _ = engine.driver.kill(&process);
+                            break;
+                        }
                         if report.ready {
                             let config = sanitize_config(report.config);
                             let boot_ms = launched.elapsed().as_millis() as u64;
@@ -423,4 +439,18 @@ fn sweep_stale_console_files(run_dirs: &std::collections::BTreeSet<PathBuf>) {
     if removed > 0 {
         tracing::info!(removed, "swept stale console files from the run dirs");
     }
+}
+
+/// The instance's data volumes its guest does not report mounted.
+fn unmounted_volumes(
+    instance: &vroom_types::Instance,
+    report: &vroom_agent_proto::HealthReport,
+) -> Vec<String> {
+    instance
+        .spec
+        .volumes
+        .iter()
+        .filter(|a| !report.volumes.iter().any(|v| v.name == a.volume.as_str()))
+        .map(|a| a.volume.to_string())
+        .collect()
 }

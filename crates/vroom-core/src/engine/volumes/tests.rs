@@ -471,7 +471,7 @@ async fn snapshots_restore_and_clone_volumes() {
         .unwrap();
     let pid = running_pid(&t, "a").await;
     let s2 = t.engine.snapshot_volume("v", named("s2")).await.unwrap();
-    assert_ne!(s2.taken, vroom_types::SnapshotTaken::Offline);
+    assert_eq!(s2.taken, vroom_types::SnapshotTaken::Frozen);
     let process = t.engine.get("a").unwrap();
     assert_eq!(process.status.state, InstanceState::Running);
     let vm = crate::driver::VmProcess {
