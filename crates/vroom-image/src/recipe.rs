@@ -243,6 +243,9 @@ pub struct ConfigField {
     pub max_len: Option<usize>,
     /// Allowed values (strings only).
     pub choices: Option<Vec<String>>,
+    /// A password or key: shown masked by `vroom config get` and `inspect`.
+    #[serde(default)]
+    pub secret: bool,
 }
 
 impl ConfigField {
@@ -277,6 +280,7 @@ impl ConfigField {
             max: self.max,
             max_len: self.max_len,
             choices: self.choices.clone(),
+            secret: self.secret,
         }
     }
 }
