@@ -41,13 +41,18 @@ pub async fn config(client: &Client, name: &str, op: &ConfigOp, json: bool) -> R
 }
 
 /// The schema of the instance's image, so that its secret values (passwords)
-/// are shown masked. An image this node cannot read has none: its values
-/// are shown as they are.
+/// are shown masked.
 pub async fn schema_of(client: &Client, name: &str) -> ConfigSchema {
-    let Ok(instance) = client.get(name).await else {
-        return ConfigSchema::new();
-    };
-    match client.image(&instance.image_id).await {
+    match client.get(name).await {
+        Ok(instance) => image_schema(client, &instance.image_id).await,
+        Err(_) => ConfigSchema::new(),
+    }
+}
+
+/// The config schema of an image. An image this node cannot read has none:
+/// values are then shown as they are.
+pub async fn image_schema(client: &Client, image_id: &str) -> ConfigSchema {
+    match client.image(image_id).await {
         Ok(image) => image.manifest.appliance.config_schema,
         Err(_) => ConfigSchema::new(),
     }

@@ -127,7 +127,7 @@ pub async fn clone(
 pub async fn inspect(client: &Client, name: &str, json: bool) -> Result<()> {
     let mut instance = client.get(name).await?;
     // Secret values (passwords) are masked here as in `config get`.
-    let schema = crate::config::schema_of(client, name).await;
+    let schema = crate::config::image_schema(client, &instance.image_id).await;
     instance.config = vroom_types::shown_config(&schema, &instance.config);
     if json {
         output::json(&instance);
