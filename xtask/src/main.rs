@@ -112,7 +112,7 @@ fn build_prerequisites() -> Result<()> {
 }
 
 /// Tools the tests use as real clients beside what `vroom setup` installs:
-/// tcpdump reads the sniffer's captures.
+/// tcpdump reads the sniffer's captures, psql logs in to postgres.
 fn install_test_tools() -> Result<()> {
     let missing = |tool: &str| {
         !std::env::var_os("PATH")
@@ -126,6 +126,10 @@ fn install_test_tools() -> Result<()> {
     // (crates/vroom-image/tests/catalog_templates.rs).
     if missing("dnsmasq") {
         apt_install(&["dnsmasq-base"])?;
+    }
+    // The postgres appliance's test logs in with the real client.
+    if missing("psql") {
+        apt_install(&["postgresql-client"])?;
     }
     // The topology test renders its graph with Graphviz's dot.
     if missing("dot") {

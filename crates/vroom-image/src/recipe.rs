@@ -243,6 +243,9 @@ pub struct ConfigField {
     pub max_len: Option<usize>,
     /// Allowed values (strings only).
     pub choices: Option<Vec<String>>,
+    /// A password or key: shown masked by `vroom config get` and `inspect`.
+    #[serde(default)]
+    pub secret: bool,
 }
 
 impl ConfigField {
@@ -277,6 +280,7 @@ impl ConfigField {
             max: self.max,
             max_len: self.max_len,
             choices: self.choices.clone(),
+            secret: self.secret,
         }
     }
 }
@@ -927,8 +931,9 @@ tcp = 80
     }
 
     #[test]
-    fn checks_and_rules_reach_the_appliance() {
+    fn checks_rules_and_secrets_reach_the_appliance() {
         let text = GOOD
+            .replace("max_len = 64\n", "max_len = 64\nsecret = true\n")
             .replace(
                 "\"/run/www\"]\n",
                 "\"/run/www\"]\ncheck = [\"/bin/test\", \"-s\", \"/run/www/index.html\"]\n",
@@ -944,6 +949,8 @@ tcp = 80
             ["/bin/test", "-s", "/run/www/index.html"]
         );
         assert_eq!(appliance.config_rules[0].rule, "port <= port");
+        assert!(appliance.config_schema["greeting"].secret);
+        assert!(!appliance.config_schema["port"].secret);
     }
 
     #[test]

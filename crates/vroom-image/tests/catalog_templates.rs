@@ -33,6 +33,13 @@ fn catalog() -> Vec<LoadedRecipe> {
     recipes
 }
 
+fn catalog_recipe(name: &str) -> LoadedRecipe {
+    catalog()
+        .into_iter()
+        .find(|r| r.recipe.name == name)
+        .unwrap_or_else(|| panic!("no catalog recipe {name}"))
+}
+
 /// Values a user could set, by type; those the schema or the recipe's rules
 /// refuse are left out by the caller, as `config set` would refuse them.
 fn samples(key: &str, field: &ConfigField, default: Option<&str>) -> Vec<String> {
@@ -81,6 +88,13 @@ fn strings(key: &str, field: &ConfigField, default: Option<&str>) -> Vec<String>
         "domain" => vec!["office.lan".into(), "example.com".into()],
         "lease_time" => vec!["30m".into(), "infinite".into()],
         "filter" => vec!["tcp port 80 and not host 10.0.0.1".into(), String::new()],
+        "users" => vec![
+            "app:correct-horse".into(),
+            "app:it's \"quoted\"; $HOME `x` \\n".into(),
+            "app:s3cret-pass,report_2:pass:with:colons".into(),
+            String::new(),
+        ],
+        "databases" => vec!["app".into(), "shop:postgres,app_2".into(), String::new()],
         _ => vec![
             "Hello & <welcome>".into(),
             "it's \"quoted\"; $HOME `x`".into(),
@@ -128,10 +142,20 @@ fn render_and_check(
         std::fs::write(&path, &text).unwrap();
         rendered.push((template.path.clone(), path));
     }
+    // A check may run a script the recipe ships: the recipe's own copy.
+    let shipped: Vec<(String, PathBuf)> = recipe
+        .recipe
+        .files
+        .iter()
+        .filter_map(|f| Some((f.path.clone(), recipe.source_path(f.source.as_ref()?).ok()?)))
+        .collect();
     let moved = |arg: &str| {
-        rendered.iter().fold(arg.to_string(), |arg, (guest, host)| {
-            arg.replace(guest, &host.display().to_string())
-        })
+        rendered
+            .iter()
+            .chain(&shipped)
+            .fold(arg.to_string(), |arg, (guest, host)| {
+                arg.replace(guest, &host.display().to_string())
+            })
     };
     let mut checks: Vec<Vec<String>> = recipe
         .recipe
@@ -226,10 +250,7 @@ fn every_catalog_template_renders_every_value_its_schema_allows_into_a_file_its_
 /// record without a dot is qualified by the configured domain.
 #[test]
 fn the_domain_qualifies_host_records() {
-    let recipe = catalog()
-        .into_iter()
-        .find(|r| r.recipe.name == "dns")
-        .unwrap();
+    let recipe = catalog_recipe("dns");
     let schema = recipe.schema();
     let mut values = recipe.appliance().seed_config;
     values.insert("domain".into(), "office.lan".into());
@@ -247,4 +268,63 @@ fn the_domain_qualifies_host_records() {
         conf.contains("host-record=nas.example.com,10.0.1.6\n"),
         "{conf}"
     );
+}
+
+/// The postgres appliance's accounts: every password reaches the SQL as one
+/// quoted literal, never the file its check reads (whose messages reach the
+/// console); the check refuses names that are not plain identifiers,
+/// missing or short passwords and owners that are not users.
+#[test]
+fn postgres_accounts_quote_passwords_and_the_check_refuses_bad_names() {
+    let recipe = catalog_recipe("postgres");
+    let schema = recipe.schema();
+    assert!(schema["users"].secret, "users holds passwords");
+    let render = |users: &str, databases: &str| {
+        let mut values = recipe.appliance().seed_config;
+        values.insert("users".into(), users.into());
+        values.insert("databases".into(), databases.into());
+        let tmp = tempfile::tempdir().unwrap();
+        let result = render_and_check(&recipe, &values, tmp.path());
+        let read = |name: &str| {
+            std::fs::read_to_string(tmp.path().join("run/postgres").join(name)).unwrap()
+        };
+        (result, read("accounts"), read("accounts.sql"))
+    };
+
+    let (result, accounts, sql) = render("app:it's-a-s3cret,report:x'); DROP:y", "app:app,shop");
+    assert_eq!(result, Ok(()));
+    assert!(
+        sql.contains("PASSWORD %L', 'app', 'it''s-a-s3cret')"),
+        "{sql}"
+    );
+    assert!(sql.contains("'x''); DROP:y'"), "{sql}");
+    assert!(
+        !accounts.contains("s3cret") && !accounts.contains("DROP"),
+        "{accounts}"
+    );
+    assert!(sql.contains("ARRAY['app', 'report']::text[]"), "{sql}");
+
+    // (users, databases, what the check says)
+    let refused = [
+        ("App:long-enough", "", "user \"App\": use lowercase letters"),
+        ("1app:long-enough", "", "user \"1app\""),
+        ("app x:long-enough", "", "cannot hold spaces"),
+        ("postgres:long-enough", "", "user \"postgres\" is reserved"),
+        ("pg_x:long-enough", "", "user \"pg_x\" is reserved"),
+        ("app", "", "user \"app\" needs a password"),
+        ("app:short", "", "user \"app\" needs a password"),
+        ("", "template1", "database \"template1\" is reserved"),
+        ("", "my-db", "database \"my-db\": use lowercase"),
+        (
+            "app:long-enough",
+            "db:nobody",
+            "owner \"nobody\" is not a configured user",
+        ),
+    ];
+    for (users, databases, want) in refused {
+        let (result, _, _) = render(users, databases);
+        let err = result.expect_err(users);
+        assert!(err.contains(want), "{users} {databases}: {err}");
+        assert!(!err.contains("long-enough"), "no password in {err}");
+    }
 }

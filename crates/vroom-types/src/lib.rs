@@ -72,8 +72,8 @@ pub use room::{
     MAX_ROOM_NAME_LEN,
 };
 pub use schema::{
-    check_complete, check_config, check_rules, host_number, ConfigField, ConfigRule, ConfigSchema,
-    FieldType,
+    check_complete, check_config, check_rules, host_number, shown_config, ConfigField, ConfigRule,
+    ConfigSchema, FieldType, SECRET_MASK,
 };
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
 pub use snapshot::{

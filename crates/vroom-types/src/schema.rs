@@ -57,7 +57,14 @@ pub struct ConfigField {
     /// Strings: the allowed values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub choices: Option<Vec<String>>,
+    /// The value is a secret (a password): `vroom config get`, `inspect`
+    /// and `config diff` show `********` in its place.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
 }
+
+/// What `vroom config get`, `inspect` and diffs show for a secret value.
+pub const SECRET_MASK: &str = "********";
 
 /// A port forward as templates see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,14 +76,26 @@ struct Forward {
 }
 
 impl ConfigField {
+    /// The value as shown to people: a secret one is masked unless it is
+    /// empty (an unset secret is no secret, and shows that it is unset).
+    pub fn shown<'a>(&self, value: &'a str) -> &'a str {
+        if self.secret && !value.is_empty() {
+            SECRET_MASK
+        } else {
+            value
+        }
+    }
+
     /// Checks a stored value; the error reads after the key, e.g. "must be an integer".
     pub fn check(&self, value: &str) -> Result<(), String> {
         if !self.list {
             return self.check_item(value);
         }
         for item in list_items(value) {
-            self.check_item(item)
-                .map_err(|reason| format!("item {item:?} {reason}"))?;
+            self.check_item(item).map_err(|reason| match self.secret {
+                true => format!("an item {reason}"),
+                false => format!("item {item:?} {reason}"),
+            })?;
         }
         Ok(())
     }
@@ -162,6 +181,18 @@ impl ConfigField {
     }
 }
 
+/// The values as shown to people: every secret field's value masked (see
+/// [`ConfigField::shown`]); keys the schema does not know are shown as they are.
+pub fn shown_config(schema: &ConfigSchema, values: &ConfigValues) -> ConfigValues {
+    values
+        .iter()
+        .map(|(key, value)| {
+            let shown = schema.get(key).map_or(value.as_str(), |f| f.shown(value));
+            (key.clone(), shown.to_string())
+        })
+        .collect()
+}
+
 /// Checks a whole set of values against a schema: every key must be declared
 /// and every value must pass its field's checks.
 pub fn check_config(schema: &ConfigSchema, values: &ConfigValues) -> Result<(), InvalidInputError> {
@@ -172,11 +203,13 @@ pub fn check_config(schema: &ConfigSchema, values: &ConfigValues) -> Result<(), 
                 key: key.clone(),
                 known: schema.keys().cloned().collect::<Vec<_>>().join(", "),
             })?;
+        // An error names the value, but not a secret one: errors are shown
+        // and may be logged.
         field
             .check(value)
             .map_err(|reason| InvalidInputError::ConfigType {
                 key: key.clone(),
-                value: value.clone(),
+                value: field.shown(value).to_string(),
                 reason,
             })?;
     }
@@ -745,6 +778,59 @@ mod tests {
         );
         let full: ConfigValues = schema.keys().map(|k| (k.clone(), String::new())).collect();
         assert!(check_complete(&schema, &full).is_ok());
+    }
+
+    #[test]
+    fn secret_values_are_masked_for_people() {
+        let secret = ConfigField {
+            secret: true,
+            ..field(FieldType::String, true)
+        };
+        let schema: ConfigSchema = [
+            ("users".to_string(), secret.clone()),
+            ("port".to_string(), field(FieldType::Port, false)),
+        ]
+        .into();
+        // (key, stored value, shown)
+        let cases = [
+            ("users", "app:s3cret-pass", SECRET_MASK),
+            ("users", "", ""),
+            ("port", "5432", "5432"),
+            ("unknown", "x", "x"),
+        ];
+        for (key, value, want) in cases {
+            let values: ConfigValues = [(key.to_string(), value.to_string())].into();
+            assert_eq!(shown_config(&schema, &values)[key], want, "{key}={value}");
+        }
+        // A refused value is not repeated in the error.
+        let long = ConfigField {
+            max_len: Some(4),
+            ..secret.clone()
+        };
+        let schema: ConfigSchema = [("users".to_string(), long)].into();
+        let values: ConfigValues = [("users".to_string(), "app:s3cret-pass".to_string())].into();
+        let err = check_config(&schema, &values).unwrap_err().to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        // The checks and templates still see the value itself.
+        assert!(secret.check("app:s3cret-pass").is_ok());
+        assert_eq!(secret.template_value("a:b"), json!(["a:b"]));
+    }
+
+    /// Schemas without the flag (every image built before it) read and
+    /// write as before: an image's id is its manifest's digest.
+    #[test]
+    fn the_secret_flag_is_optional_on_the_wire() {
+        let old = r#"{"type":"string","max_len":10}"#;
+        let parsed: ConfigField = serde_json::from_str(old).unwrap();
+        assert!(!parsed.secret);
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), old);
+        let secret: ConfigField =
+            serde_json::from_str(r#"{"type":"string","secret":true}"#).unwrap();
+        assert!(secret.secret);
+        assert_eq!(
+            serde_json::to_string(&secret).unwrap(),
+            r#"{"type":"string","secret":true}"#
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use vroom_client::{Client, ClientError};
-use vroom_types::ConfigDocument;
+use vroom_types::{shown_config, ConfigDocument, ConfigSchema};
 
 use crate::args::ConfigOp;
 use crate::output;
@@ -40,14 +40,37 @@ pub async fn config(client: &Client, name: &str, op: &ConfigOp, json: bool) -> R
         })
 }
 
+/// The schema of the instance's image, so that its secret values (passwords)
+/// are shown masked.
+pub async fn schema_of(client: &Client, name: &str) -> ConfigSchema {
+    match client.get(name).await {
+        Ok(instance) => image_schema(client, &instance.image_id).await,
+        Err(_) => ConfigSchema::new(),
+    }
+}
+
+/// The config schema of an image. An image this node cannot read has none:
+/// values are then shown as they are.
+pub async fn image_schema(client: &Client, image_id: &str) -> ConfigSchema {
+    match client.image(image_id).await {
+        Ok(image) => image.manifest.appliance.config_schema,
+        Err(_) => ConfigSchema::new(),
+    }
+}
+
 async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Result<()> {
+    // Every value printed goes through it: secrets are masked, except in an
+    // export, which is a backup to import again.
+    let schema = match op {
+        ConfigOp::Export { .. } | ConfigOp::History => ConfigSchema::new(),
+        _ => schema_of(client, name).await,
+    };
     let show = |values: &vroom_types::ConfigValues| {
+        let values = shown_config(&schema, values);
         if json {
-            output::json(&ConfigDocument {
-                values: values.clone(),
-            });
+            output::json(&ConfigDocument { values });
         } else {
-            for (k, v) in values {
+            for (k, v) in &values {
                 println!("{k}={v}");
             }
         }
@@ -55,7 +78,7 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
     match op {
         ConfigOp::Get { key: None } => show(&client.config_get(name).await?),
         ConfigOp::Get { key: Some(key) } => {
-            let values = client.config_get(name).await?;
+            let values = shown_config(&schema, &client.config_get(name).await?);
             let value = values
                 .get(key)
                 .with_context(|| format!("instance {name} has no config key {key:?}"))?;
@@ -127,7 +150,14 @@ async fn config_op(client: &Client, name: &str, op: &ConfigOp, json: bool) -> Re
             }
         }
         ConfigOp::Diff { v1, v2 } => {
-            let diff = client.config_diff(name, *v1, *v2).await?;
+            let mut diff = client.config_diff(name, *v1, *v2).await?;
+            for change in &mut diff.changes {
+                if let Some(field) = schema.get(&change.key) {
+                    for value in [&mut change.old, &mut change.new].into_iter().flatten() {
+                        *value = field.shown(value).to_string();
+                    }
+                }
+            }
             if json {
                 output::json(&diff);
             } else {

@@ -125,7 +125,10 @@ pub async fn clone(
 }
 
 pub async fn inspect(client: &Client, name: &str, json: bool) -> Result<()> {
-    let instance = client.get(name).await?;
+    let mut instance = client.get(name).await?;
+    // Secret values (passwords) are masked here as in `config get`.
+    let schema = crate::config::image_schema(client, &instance.image_id).await;
+    instance.config = vroom_types::shown_config(&schema, &instance.config);
     if json {
         output::json(&instance);
     } else {

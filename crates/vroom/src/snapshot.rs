@@ -21,7 +21,11 @@ pub async fn snapshot(
     match (op, vm) {
         (Some(SnapshotOp::Ls { warm }), _) => list(client, *warm, json).await,
         (Some(SnapshotOp::Inspect { name }), _) => {
-            let snapshot = client.snapshot_info(name).await?;
+            let mut snapshot = client.snapshot_info(name).await?;
+            // Secret values (passwords) are masked as in `config get`.
+            let instance = &mut snapshot.instance;
+            let schema = crate::config::image_schema(client, &instance.image_id).await;
+            instance.config = vroom_types::shown_config(&schema, &instance.config);
             if json {
                 output::json(&snapshot);
             } else {

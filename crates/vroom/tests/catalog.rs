@@ -10,7 +10,7 @@ use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, reso
 
 /// Builds a catalog image for vroom's own kernel (`cargo xtask test` has
 /// `vroom setup` build it first): everything built in, no modules in the
-/// initramfs, and 64 MiB by default for all but the sniffer.
+/// initramfs, and 64 MiB by default for all but the sniffer and postgres.
 fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
     let out = env.ok(&[
         "--json",
@@ -25,10 +25,20 @@ fn build(env: &Env, name: &str) -> vroom_types::ImageSummary {
         .image;
     let manifest = &image.manifest;
     assert_eq!(manifest.kernel.flavor, vroom_types::KernelFlavor::Vroom);
-    if name != "sniffer" {
+    if !["sniffer", "postgres"].contains(&name) {
         assert!(manifest.default_mem_mib <= 64, "{name}: {manifest:?}");
     }
     image
+}
+
+/// A network `lan` on a random subnet and an instance of `image` on it:
+/// the subnet and the instance's address.
+fn run_on_lan(env: &Env, image: &str, name: &str) -> (String, Ipv4Addr) {
+    let lan = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &lan]);
+    env.ok(&["run", image, "--name", name, "--net", "lan"]);
+    let ip = env.instance(name).nics[0].ip.unwrap();
+    (lan, ip)
 }
 
 /// Debian's cloud kernel stays available: an image built for it carries
@@ -348,9 +358,7 @@ fn sniffer_captures_a_mirrored_network_into_bounded_pcaps() {
 fn web_serves_its_configured_page_on_its_configured_port() {
     let env = Env::new("web");
     build(&env, "web");
-    env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
-    env.ok(&["run", "web", "--name", "site", "--net", "lan"]);
-    let ip = env.instance("site").nics[0].ip.unwrap();
+    let (_, ip) = run_on_lan(&env, "web", "site");
     assert!(common::page_shows(ip, "<h1>It works</h1>"));
 
     env.ok(&[
@@ -394,10 +402,7 @@ fn web_serves_its_configured_page_on_its_configured_port() {
 fn dns_serves_leases_and_local_names() {
     let env = Env::new("dns");
     build(&env, "dns");
-    let lan = random_subnet();
-    env.ok(&["net", "create", "lan", "--subnet", &lan]);
-    env.ok(&["run", "dns", "--name", "ns", "--net", "lan"]);
-    let dns_ip = env.instance("ns").nics[0].ip.unwrap();
+    let (lan, dns_ip) = run_on_lan(&env, "dns", "ns");
     let asker = env.client_on("q", "lan", &lan);
     env.ok(&[
         "config",
@@ -436,4 +441,152 @@ fn dns_serves_leases_and_local_names() {
     );
     let err = env.fail(&["config", "ns", "set", "hosts=nas.office"]);
     assert!(err.contains("must look like NAME=IP"), "{err}");
+}
+
+/// `psql` from a client namespace: a password login to `database`, one
+/// statement; its output (rows as `a|b`) or its error.
+fn psql(
+    ns: &str,
+    server: Ipv4Addr,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "psql",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args([
+            "-h",
+            &server.to_string(),
+            "-U",
+            user,
+            "-d",
+            database,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("run psql (cargo xtask test installs postgresql-client)");
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// The postgres appliance: users and databases from its config, real `psql`
+/// logins with passwords from a client on its network, tables that survive
+/// a config change that restarts the server, a removed user that can no
+/// longer log in, and passwords that are never shown or logged.
+#[test]
+fn postgres_serves_configured_databases_to_password_logins() {
+    // Quotes, a backslash and a colon: each must reach the server as is.
+    const APP_PASSWORD: &str = r#"it's a "s3cret"\:pw"#;
+    const REPORT_PASSWORD: &str = "report-pw-9f2c1e";
+    let env = Env::new("pg");
+    let image = build(&env, "postgres");
+    let packages = &image.manifest.packages;
+    assert!(packages.iter().any(|p| p.name == "postgresql-15"));
+    assert!(
+        packages.iter().any(|p| p.name == "e2fsprogs"),
+        "vroom-init checks the data volume with e2fsck"
+    );
+    assert!(
+        !packages
+            .iter()
+            .any(|p| p.name == "perl-base" || p.name == "libllvm14"),
+        "Perl wrappers and JIT are pruned"
+    );
+    // `run` returns once PostgreSQL accepts connections on 5432 and the
+    // accounts oneshot has run.
+    let (lan, ip) = run_on_lan(&env, "postgres", "db");
+    let client = env.client_on("cl", "lan", &lan);
+
+    env.ok(&[
+        "config",
+        "db",
+        "set",
+        &format!("users=app:{APP_PASSWORD}"),
+        "databases=shop:app",
+    ]);
+    let app = |sql: &str| psql(&client, ip, "app", APP_PASSWORD, "shop", sql);
+    app("CREATE TABLE items (n int PRIMARY KEY, name text)").unwrap();
+    app("INSERT INTO items VALUES (1, 'bolt'), (2, 'nut')").unwrap();
+    assert_eq!(
+        app("SELECT n, name FROM items ORDER BY n").unwrap(),
+        "1|bolt\n2|nut"
+    );
+    assert_eq!(app("SHOW synchronous_commit").unwrap(), "on");
+    let err = psql(&client, ip, "app", "wrong-password", "shop", "SELECT 1").unwrap_err();
+    assert!(err.contains("password authentication failed"), "{err}");
+
+    // A second user and database, and a setting that needs a restart: the
+    // server comes back with it and with the rows.
+    env.ok(&[
+        "config",
+        "db",
+        "set",
+        &format!("users=app:{APP_PASSWORD},report:{REPORT_PASSWORD}"),
+        "databases=shop:app,reports:report",
+        "max_connections=25",
+    ]);
+    let report = |sql: &str| psql(&client, ip, "report", REPORT_PASSWORD, "reports", sql);
+    let restarted = poll(Duration::from_secs(60), || {
+        report("SHOW max_connections").ok().filter(|n| n == "25")
+    });
+    assert!(restarted.is_some(), "{:?}", report("SHOW max_connections"));
+    report("CREATE TABLE daily (day date, total int)").unwrap();
+    report("INSERT INTO daily VALUES ('2026-01-02', 3)").unwrap();
+    assert_eq!(report("SELECT total FROM daily").unwrap(), "3");
+    assert_eq!(app("SELECT count(*) FROM items").unwrap(), "2");
+
+    // A bad name is refused by the appliance's check, naming it.
+    let err = env.fail(&["config", "db", "set", "users=Bad-Name:long-enough"]);
+    assert!(err.contains("user \"Bad-Name\""), "{err}");
+
+    // A database's owner must be a configured user.
+    let err = env.fail(&["config", "db", "set", &format!("users=app:{APP_PASSWORD}")]);
+    assert!(
+        err.contains("owner \"report\" is not a configured user"),
+        "{err}"
+    );
+    // Removing a user revokes its login; no database is dropped.
+    env.ok(&[
+        "config",
+        "db",
+        "set",
+        &format!("users=app:{APP_PASSWORD}"),
+        "databases=shop:app",
+    ]);
+    let err = report("SELECT 1").unwrap_err();
+    assert!(err.contains("password authentication failed"), "{err}");
+    let databases = app("SELECT datname FROM pg_database ORDER BY 1").unwrap();
+    assert!(databases.contains("reports\nshop"), "{databases}");
+
+    // The passwords are masked for people and never reach the console.
+    let shown = env.ok(&["config", "db", "get"]);
+    assert!(shown.contains("users=********\n"), "{shown}");
+    let inspected = env.ok(&["inspect", "db"]);
+    let diff = env.ok(&["config", "db", "diff"]);
+    let logs = env.ok(&["logs", "db"]);
+    assert!(logs.contains("accounts: config applied"), "{logs}");
+    for text in [&shown, &inspected, &diff, &logs] {
+        for secret in ["s3cret", REPORT_PASSWORD] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+    }
+    // An export is the backup to import again: it keeps them.
+    let export = env.ok(&["config", "db", "export", "-"]);
+    assert!(export.contains("s3cret"), "{export}");
 }
