@@ -78,7 +78,8 @@ pub use schema::{
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
 pub use snapshot::{
     parse_sha256sums, ArchiveReport, ArchiveRequest, ArchivedFile, RestoreRequest, Snapshot,
-    SnapshotFile, SnapshotKind, SnapshotRequest, VmShape, WarmRequest, ARCHIVE_MANIFEST,
+    SnapshotFile, SnapshotKind, SnapshotRequest, SnapshotVolume, VmShape, WarmRequest,
+    ARCHIVE_MANIFEST,
 };
 pub use splice::{
     is_l2_role, FailMode, Mirror, MirrorRequest, NicRef, Splice, SpliceEvent, SpliceRequest,

@@ -40,6 +40,23 @@ pub struct Snapshot {
     pub volume: SnapshotFile,
     /// How long the guest was paused for the capture.
     pub pause_ms: u64,
+    /// The instance's data volumes at the capture, in its order
+    /// (`volumes/N.img`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_volumes: Vec<SnapshotVolume>,
+}
+
+/// A data volume in a snapshot of its instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SnapshotVolume {
+    /// The volume the copy was taken of.
+    pub volume: Name,
+    /// Where the guest had it mounted.
+    pub path: String,
+    pub size_mib: u64,
+    /// The copy (sparse: `bytes` is its length, the volume's size).
+    pub file: SnapshotFile,
 }
 
 /// One file of a snapshot and its checksum.

@@ -158,6 +158,29 @@ fn a_volume_keeps_its_data_across_instances() {
     assert!(ok && out.trim() == "kept", "{out}");
     env.ok(&["rm", "-f", "--volumes", "reader"]);
 
+    // A snapshot of the instance holds its volume; its clone runs on a
+    // copy of its own, mounted as the snapshot's memory has it.
+    env.ok(&["snapshot", "web3", "--name", "whole"]);
+    env.ok(&["clone", "whole", "twin"]);
+    env.wait_for("twin", "running", BOOT, |i| {
+        i.status.state == InstanceState::Running
+    });
+    let (ok, out) = sh(
+        &env,
+        "twin",
+        "cat /var/files/note && echo twin > /var/files/note && sync",
+    );
+    assert!(ok && out.trim() == "kept", "{out}");
+    let twin = env.instance("twin");
+    assert_eq!(twin.spec.volumes[0].volume.as_str(), "twin-files");
+    let (ok, out) = sh(&env, "web3", "cat /var/files/note");
+    assert!(
+        ok && out.trim() == "kept",
+        "the clone's writes stay its own: {out}"
+    );
+    env.ok(&["rm", "-f", "--volumes", "twin"]);
+    env.ok(&["snapshot", "rm", "whole"]);
+
     // `rm --volumes` takes them with it.
     env.ok(&["rm", "-f", "--volumes", "web3"]);
     assert!(volumes(&env).is_empty());

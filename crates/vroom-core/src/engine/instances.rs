@@ -220,21 +220,16 @@ impl Engine {
         let volume_kib = spec
             .config_volume_kib
             .unwrap_or(vroom_volume::DEFAULT_SIZE_KIB);
-        if clone_of
-            .as_ref()
-            .is_some_and(|(s, _)| !s.instance.spec.volumes.is_empty())
-        {
-            return Err(OpError::conflict(
-                "a snapshot of an instance with data volumes cannot be cloned yet",
-            ));
-        }
         let (volumes, made_volumes) = if arriving {
             (spec.volumes.clone(), vec![])
-        } else if clone_of.is_some() {
+        } else if let Some((snapshot, dir)) = &clone_of {
             if !spec.volumes.is_empty() {
-                return Err(OpError::conflict("a clone cannot take data volumes yet"));
+                return Err(OpError::conflict(
+                    "a clone has copies of its snapshot's volumes; it takes no others",
+                ));
             }
-            (vec![], vec![])
+            // Its memory has them mounted: each gets its own copy.
+            self.clone_snapshot_volumes(&spec.name, snapshot, dir, &image)?
         } else {
             self.attach_volumes(&spec, &image)?
         };

@@ -450,7 +450,8 @@ fn unmounted_volumes(
         .spec
         .volumes
         .iter()
-        .filter(|a| !report.volumes.iter().any(|v| v.name == a.volume.as_str()))
+        // By path: a clone's guest mounted them under the snapshot's names.
+        .filter(|a| !report.volumes.iter().any(|v| v.path == a.path))
         .map(|a| a.volume.to_string())
         .collect()
 }

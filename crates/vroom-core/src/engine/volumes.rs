@@ -305,6 +305,94 @@ impl Engine {
         Ok((attach, made))
     }
 
+    /// New volumes for a clone of `snapshot` (whose files are in `dir`),
+    /// made while the caller holds the allocation lock: each of the
+    /// snapshot's data volumes copied as `CLONE-ROLE`, ROLE being the name
+    /// the image declares for its path, or else the volume's own name.
+    pub(super) fn clone_snapshot_volumes(
+        &self,
+        clone: &Name,
+        snapshot: &vroom_types::Snapshot,
+        dir: &Path,
+        image: &BootImage,
+    ) -> Result<(Vec<VolumeAttach>, Vec<Name>), OpError> {
+        let mut attach = vec![];
+        let mut made = vec![];
+        for (i, (had, copy)) in snapshot
+            .instance
+            .spec
+            .volumes
+            .iter()
+            .zip(&snapshot.data_volumes)
+            .enumerate()
+        {
+            let role = image
+                .manifest
+                .appliance
+                .volumes
+                .iter()
+                .find(|d| d.path == had.path)
+                .map(|d| d.name.to_string())
+                .unwrap_or_else(|| had.volume.to_string());
+            let name = Name::new(&format!("{clone}-{role}")).map_err(|_| {
+                OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("the clone's volume name {clone}-{role} is too long; name the clone shorter"),
+                )
+            });
+            let made_one = name.and_then(|name| {
+                if self.volume_record(name.as_str()).is_ok() {
+                    return Err(OpError::new(
+                        ErrorCode::AlreadyExists,
+                        format!("the clone's volume {name} exists; remove it or name the clone otherwise"),
+                    ));
+                }
+                let id = random_id();
+                let source = super::snapshots::data_volume_file(dir, i);
+                let vols = self.volumes_dir();
+                blocking(|| datavol::create_from(&vols, &id, name.as_str(), &source)).map_err(
+                    |e| match e {
+                        CreateDataVolumeError::NoSpace { .. } => {
+                            OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                        }
+                        e => OpError::internal("failed to copy the snapshot's volume", e),
+                    },
+                )?;
+                let volume = Volume {
+                    id: id.clone(),
+                    name: name.clone(),
+                    size_mib: copy.size_mib,
+                    fs: VolumeFs::Ext4,
+                    replicas: 1,
+                    created_at: unix_now(),
+                    attached_to: None,
+                    allocated_bytes: 0,
+                    snapshots: vec![],
+                };
+                if let Err(e) = self.store.put_volume(&volume) {
+                    let _ = std::fs::remove_dir_all(datavol::volume_dir(&vols, &id));
+                    return Err(OpError::internal("failed to record the volume", e));
+                }
+                Ok(name)
+            });
+            match made_one {
+                Ok(name) => {
+                    attach.push(VolumeAttach {
+                        volume: name.clone(),
+                        path: had.path.clone(),
+                        read_only: had.read_only,
+                    });
+                    made.push(name);
+                }
+                Err(e) => {
+                    self.remove_made_volumes(&made);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((attach, made))
+    }
+
     /// Removes the volumes a failed creation made (the caller holds the
     /// allocation lock and the instance is gone).
     pub(super) fn remove_made_volumes(&self, made: &[Name]) {
@@ -353,28 +441,6 @@ impl Engine {
                 })
             })
             .collect()
-    }
-
-    /// Refuses what cannot carry data volumes yet.
-    pub(super) fn refuse_with_volumes(
-        &self,
-        instance: &Instance,
-        what: &str,
-    ) -> Result<(), OpError> {
-        if instance.spec.volumes.is_empty() {
-            return Ok(());
-        }
-        Err(OpError::conflict(format!(
-            "instance {} has data volumes ({}): {what} does not carry them yet",
-            instance.spec.name,
-            instance
-                .spec
-                .volumes
-                .iter()
-                .map(|a| a.volume.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
     }
 }
 

@@ -362,28 +362,14 @@ async fn a_restart_sweeps_what_a_killed_daemon_left() {
     assert_eq!(engine.list_volumes().unwrap().len(), 2);
 }
 
-/// Until volumes replicate, an instance with volumes stays put: no
-/// snapshot, no migration, no clone with volumes.
+/// Until volumes replicate, an instance with volumes stays on its host:
+/// no migration, no warm start.
 #[tokio::test]
 async fn what_cannot_carry_volumes_yet_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
     let t = engine(dir.path()).await;
     t.engine.run(run_request("pg", "db", &[])).await.unwrap();
     running_pid(&t, "pg").await;
-    let err = t
-        .engine
-        .snapshot(vroom_types::SnapshotRequest {
-            instance: Name::new("pg").unwrap(),
-            name: None,
-            stop: false,
-        })
-        .await
-        .unwrap_err();
-    assert!(
-        err.message.contains("data volumes (pg-data)"),
-        "{}",
-        err.message
-    );
     let err = t.engine.check_movable("pg").unwrap_err();
     assert!(err.message.contains("data volumes"), "{}", err.message);
     let err = t.engine.warm_image("db", None).await.unwrap_err();
@@ -392,6 +378,76 @@ async fn what_cannot_carry_volumes_yet_refuses_them() {
         "{}",
         err.message
     );
+}
+
+/// A snapshot of an instance holds its data volumes of the same instant; a
+/// restore puts them back with its memory, and a clone gets copies of its
+/// own, named for the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_snapshots_carry_their_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    t.engine.create_volume(create("mine", 16)).await.unwrap();
+    t.engine
+        .run(with_volumes("pg", "db", vec![attach("mine", "/var/mine")]))
+        .await
+        .unwrap();
+    running_pid(&t, "pg").await;
+    let file_of = |name: &str| {
+        let v = t.engine.volume(name).unwrap();
+        dir.path().join("volumes").join(v.id).join("volume.img")
+    };
+    const AT: u64 = 8 << 20;
+    poke(&file_of("mine"), AT, b"snap");
+    poke(&file_of("pg-data"), AT, b"data");
+    let snap = t
+        .engine
+        .snapshot(vroom_types::SnapshotRequest {
+            instance: Name::new("pg").unwrap(),
+            name: Some(Name::new("s").unwrap()),
+            stop: false,
+        })
+        .await
+        .unwrap();
+    let paths: Vec<_> = snap.data_volumes.iter().map(|v| v.path.as_str()).collect();
+    assert_eq!(paths, ["/var/mine", "/var/lib/db"]);
+    assert_eq!(snap.data_volumes[0].file.bytes, 16 << 20);
+
+    // Later writes are undone by a restore.
+    poke(&file_of("mine"), AT, b"late");
+    t.engine.restore("pg", "s").await.unwrap();
+    assert_eq!(peek(&file_of("mine"), AT, 4), b"snap");
+    running_pid(&t, "pg").await;
+
+    // A clone runs on copies of its own.
+    let mut clone = run_request("cl", "", &[]);
+    clone.from_snapshot = Some(Name::new("s").unwrap());
+    let cl = t.engine.run(clone).await.unwrap();
+    let names: Vec<_> = cl
+        .spec
+        .volumes
+        .iter()
+        .map(|a| a.volume.to_string())
+        .collect();
+    assert_eq!(names, ["cl-mine", "cl-data"]);
+    assert_eq!(peek(&file_of("cl-mine"), AT, 4), b"snap");
+    assert_eq!(peek(&file_of("cl-data"), AT, 4), b"data");
+    poke(&file_of("cl-mine"), AT, b"mine");
+    assert_eq!(
+        peek(&file_of("mine"), AT, 4),
+        b"snap",
+        "copies are independent"
+    );
+
+    // A clone that cannot start removes the copies it made.
+    t.driver
+        .fail_launch
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut again = run_request("cl2", "", &[]);
+    again.from_snapshot = Some(Name::new("s").unwrap());
+    assert!(t.engine.run(again).await.is_err());
+    assert!(t.engine.volume("cl2-mine").is_err());
+    assert!(t.engine.volume("cl2-data").is_err());
 }
 
 fn poke(file: &std::path::Path, at: u64, data: &[u8]) {
