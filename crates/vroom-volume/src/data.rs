@@ -178,6 +178,43 @@ pub fn create_from(
     result
 }
 
+/// Replaces a volume's file with a freshly formatted one of `size_mib`
+/// (an ephemeral instance's clean slate): the old file until the new one
+/// is whole, then the new one.
+pub fn reset(
+    file: &Path,
+    name: &str,
+    size_mib: u64,
+    fs_type: VolumeFs,
+) -> Result<(), CreateDataVolumeError> {
+    let io_err = |source| CreateDataVolumeError::Io {
+        name: name.to_string(),
+        dir: file.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        source,
+    };
+    let staging = staging_path(file);
+    let _ = fs::remove_file(&staging);
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staging)
+            .map_err(io_err)?;
+        f.set_len(size_mib << 20).map_err(io_err)?;
+        drop(f);
+        format(&staging, name, fs_type)?;
+        File::open(&staging)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err)?;
+        fs::rename(&staging, file).map_err(io_err)?;
+        sync_dir(file.parent().unwrap_or(Path::new("/"))).map_err(io_err)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&staging);
+    }
+    result
+}
+
 /// Where volume `id`'s snapshots are kept.
 pub fn snapshots_dir(volumes_dir: &Path, id: &str) -> PathBuf {
     volume_dir(volumes_dir, id).join("snapshots")

@@ -700,6 +700,7 @@ impl Engine {
                 )
             })
             .map_err(|e| OpError::internal("failed to reset the ephemeral config volume", e))?;
+            self.reset_volumes(&instance)?;
             self.config_went_back(cell, &seed, vroom_types::ConfigOrigin::Reset)
                 .await?;
         }

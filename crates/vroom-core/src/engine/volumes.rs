@@ -238,10 +238,10 @@ impl Engine {
         if attach.is_empty() {
             return Ok((attach, vec![]));
         }
-        if spec.ephemeral {
+        if spec.ephemeral && !spec.volumes.is_empty() {
             return Err(OpError::new(
                 ErrorCode::InvalidArgument,
-                "an ephemeral instance cannot have data volumes yet",
+                "an ephemeral instance's volumes are made empty at every start: it takes only its image's declared volumes, not --volume",
             ));
         }
         let writable = &image.manifest.appliance.writable;
@@ -285,6 +285,14 @@ impl Engine {
         let mut made = vec![];
         for a in &attach {
             if self.volume_record(a.volume.as_str()).is_ok() {
+                if spec.ephemeral {
+                    // Its first start would wipe what the volume kept.
+                    self.remove_made_volumes(&made);
+                    return Err(OpError::conflict(format!(
+                        "volume {} exists, and an ephemeral instance makes its volumes empty at every start: remove the volume or name the instance otherwise",
+                        a.volume
+                    )));
+                }
                 continue;
             }
             let decl: Option<&VolumeDecl> = decls
@@ -413,6 +421,20 @@ impl Engine {
                 Err(e) if e.code == ErrorCode::NotFound => {}
                 Err(e) => return Err(e),
             }
+        }
+        Ok(())
+    }
+
+    /// An ephemeral instance's clean slate: its volumes formatted afresh.
+    pub(super) fn reset_volumes(&self, instance: &Instance) -> Result<(), OpError> {
+        let records = self.volume_records()?;
+        for a in &instance.spec.volumes {
+            let Some(volume) = records.iter().find(|v| v.name == a.volume) else {
+                continue;
+            };
+            let file = datavol::volume_file(&self.volumes_dir(), &volume.id);
+            blocking(|| datavol::reset(&file, volume.name.as_str(), volume.size_mib, volume.fs))
+                .map_err(|e| OpError::internal("failed to reset a data volume", e))?;
         }
         Ok(())
     }

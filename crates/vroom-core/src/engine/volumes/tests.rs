@@ -174,7 +174,7 @@ async fn bad_attachments_are_refused_with_nothing_made() {
     let mut ephemeral = with_volumes("c", "store", vec![attach("v", "/var/x")]);
     ephemeral.spec.ephemeral = true;
     let err = t.engine.run(ephemeral).await.unwrap_err();
-    assert!(err.message.contains("ephemeral"), "{}", err.message);
+    assert!(err.message.contains("not --volume"), "{}", err.message);
     let names: Vec<_> = t
         .engine
         .list_volumes()
@@ -581,4 +581,36 @@ async fn snapshots_restore_and_clone_volumes() {
     left.sort();
     assert_eq!(left, ["s2.img"]);
     assert!(!file.with_file_name(".new-volume.img").exists());
+}
+
+/// An ephemeral instance's declared volumes start empty at every cold
+/// start; it never takes (and so never wipes) a volume that exists.
+#[tokio::test]
+async fn ephemeral_instances_get_empty_volumes_at_every_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let mut req = run_request("tmp", "db", &[]);
+    req.spec.ephemeral = true;
+    t.engine.run(req.clone()).await.unwrap();
+    running_pid(&t, "tmp").await;
+    let v = t.engine.volume("tmp-data").unwrap();
+    let file = dir.path().join("volumes").join(&v.id).join("volume.img");
+    const AT: u64 = 8 << 20;
+    poke(&file, AT, b"junk");
+    t.engine
+        .action("tmp", vroom_types::InstanceAction::Restart)
+        .await
+        .unwrap();
+    running_pid(&t, "tmp").await;
+    assert_eq!(peek(&file, AT, 4), [0, 0, 0, 0], "made empty again");
+    assert_eq!(&std::fs::read(&file).unwrap()[1080..1082], &[0x53, 0xef]);
+
+    t.engine.remove("tmp", true).await.unwrap();
+    let err = t.engine.run(req).await.unwrap_err();
+    assert!(
+        err.message.contains("volume tmp-data exists"),
+        "{}",
+        err.message
+    );
+    assert!(t.engine.get("tmp").is_err());
 }
