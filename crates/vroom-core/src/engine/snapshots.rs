@@ -118,6 +118,50 @@ pub(super) fn copy_hashed_into(from: &Path, to: File) -> std::io::Result<Snapsho
     Ok(digest)
 }
 
+/// [`copy_hashed_into`] of a sparse file (a data volume): its holes stay
+/// holes in `to`, and are hashed as the zeros they read as.
+pub(super) fn copy_hashed_sparse_into(from: &Path, to: File) -> std::io::Result<SnapshotFile> {
+    use std::os::unix::fs::FileExt;
+    let src = File::open(from)?;
+    let len = src.metadata()?.len();
+    to.set_len(len)?;
+    let mut hasher = Sha256::new();
+    let zeros = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(offset) => offset.min(len),
+            Err(rustix::io::Errno::NXIO) => len,
+            Err(e) => return Err(e.into()),
+        };
+        let mut hole = data - pos;
+        while hole > 0 {
+            let n = hole.min(zeros.len() as u64) as usize;
+            hasher.update(&zeros[..n]);
+            hole -= n as u64;
+        }
+        if data >= len {
+            break;
+        }
+        let end = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data))?.min(len);
+        let mut at = data;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], at)?;
+            to.write_all_at(&buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        pos = end;
+    }
+    to.sync_all()?;
+    Ok(SnapshotFile {
+        bytes: len,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
 /// A snapshot's files (relative to its directory) and what they must be.
 fn snapshot_files(snapshot: &Snapshot) -> Vec<(String, &SnapshotFile)> {
     let mut files = vec![
@@ -130,7 +174,7 @@ fn snapshot_files(snapshot: &Snapshot) -> Vec<(String, &SnapshotFile)> {
     files
 }
 
-fn file_digest(path: &Path) -> std::io::Result<SnapshotFile> {
+pub(super) fn file_digest(path: &Path) -> std::io::Result<SnapshotFile> {
     let mut reader = Hashing::new(File::open(path)?);
     std::io::copy(&mut reader, &mut std::io::sink())?;
     Ok(reader.finish().1)

@@ -614,3 +614,49 @@ async fn ephemeral_instances_get_empty_volumes_at_every_start() {
     );
     assert!(t.engine.get("tmp").is_err());
 }
+
+/// `rm --archive` puts a copy of each data volume in the archive, listed in
+/// its SHA256SUMS with the rest, holes kept; the volumes themselves stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_holds_the_data_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    t.engine.run(run_request("pg", "db", &[])).await.unwrap();
+    running_pid(&t, "pg").await;
+    let v = t.engine.volume("pg-data").unwrap();
+    let file = dir.path().join("volumes").join(&v.id).join("volume.img");
+    const AT: u64 = 8 << 20;
+    poke(&file, AT, b"evidence");
+    let archive = dir.path().join("archive");
+    let report = t
+        .engine
+        .remove_archived("pg", archive.to_str().unwrap(), Some((0, 0)))
+        .await
+        .unwrap();
+    assert!(
+        report.files.iter().any(|f| f.path == "volumes/pg-data.img"),
+        "{:?}",
+        report.files
+    );
+    let copy = archive.join("volumes/pg-data.img");
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&file).unwrap());
+    assert!(
+        vroom_volume::data::allocated_bytes(&copy) < 8 << 20,
+        "holes kept: {}",
+        vroom_volume::data::allocated_bytes(&copy)
+    );
+    let sums = std::fs::read_to_string(archive.join(vroom_types::ARCHIVE_MANIFEST)).unwrap();
+    assert!(sums.contains("  volumes/pg-data.img\n"), "{sums}");
+    assert_eq!(
+        crate::engine::verify_archive(&archive).unwrap(),
+        Vec::<String>::new()
+    );
+    // A changed byte is caught.
+    poke(&copy, AT, b"tampered");
+    let problems = crate::engine::verify_archive(&archive).unwrap();
+    assert!(
+        problems[0].starts_with("volumes/pg-data.img: sha256"),
+        "{problems:?}"
+    );
+    assert_eq!(t.engine.volume("pg-data").unwrap().attached_to, None);
+}
