@@ -936,13 +936,20 @@ impl FakeImages {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        self.add_appliance(name, appliance);
+        let flavor = self.image.manifest.kernel.flavor;
+        self.add_appliance(name, appliance, flavor);
     }
 
     /// Adds an image like `hello` with this guest part (writable
-    /// directories, declared volumes...).
-    pub fn add_appliance(&self, name: &str, appliance: ApplianceSpec) {
+    /// directories, declared volumes...), built for this kernel.
+    pub fn add_appliance(
+        &self,
+        name: &str,
+        appliance: ApplianceSpec,
+        flavor: vroom_types::KernelFlavor,
+    ) {
         let mut image = self.image.clone();
+        image.manifest.kernel.flavor = flavor;
         image.manifest.name = name.into();
         image.id = format!("{:0>64}", hex_name(name));
         image.manifest.appliance = appliance;

@@ -238,6 +238,17 @@ impl Engine {
         if attach.is_empty() {
             return Ok((attach, vec![]));
         }
+        if image.manifest.kernel.flavor == vroom_types::KernelFlavor::Debian {
+            // Its initramfs loads the modules its recipe names; ext4 is
+            // not among the base ones.
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "image {} is built for Debian's kernel, which it does not give ext4: data volumes need an image built for vroom's kernel",
+                    image.manifest.name
+                ),
+            ));
+        }
         if spec.ephemeral && !spec.volumes.is_empty() {
             return Err(OpError::new(
                 ErrorCode::InvalidArgument,

@@ -44,7 +44,10 @@ async fn engine(dir: &std::path::Path) -> TestEngine {
         writable: vec!["/run".into(), "/var".into()],
         ..ApplianceSpec::default()
     };
-    t.images.add_appliance("store", plain.clone());
+    let own = vroom_types::KernelFlavor::Vroom;
+    t.images.add_appliance("store", plain.clone(), own);
+    t.images
+        .add_appliance("debian", plain.clone(), vroom_types::KernelFlavor::Debian);
     t.images.add_appliance(
         "db",
         ApplianceSpec {
@@ -57,6 +60,7 @@ async fn engine(dir: &std::path::Path) -> TestEngine {
             }],
             ..plain
         },
+        own,
     );
     t
 }
@@ -171,6 +175,16 @@ async fn bad_attachments_are_refused_with_nothing_made() {
         assert!(!err.message.contains('\n'));
         assert!(t.engine.get("c").is_err());
     }
+    let err = t
+        .engine
+        .run(with_volumes("c", "debian", vec![attach("v", "/var/x")]))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("built for Debian's kernel"),
+        "{}",
+        err.message
+    );
     let mut ephemeral = with_volumes("c", "store", vec![attach("v", "/var/x")]);
     ephemeral.spec.ephemeral = true;
     let err = t.engine.run(ephemeral).await.unwrap_err();
