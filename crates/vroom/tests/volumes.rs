@@ -173,6 +173,20 @@ fn a_volume_keeps_its_data_across_instances() {
     assert!(ok && out.trim() == "kept", "{out}");
     let twin = env.instance("twin");
     assert_eq!(twin.spec.volumes[0].volume.as_str(), "twin-files");
+    let usage = &twin
+        .health
+        .as_ref()
+        .expect("a running guest's health")
+        .volumes;
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(
+        (usage[0].name.as_str(), usage[0].path.as_str()),
+        ("twin-files", "/var/files")
+    );
+    assert!(
+        usage[0].total_bytes > 100 << 20 && !usage[0].full,
+        "{usage:?}"
+    );
     let (ok, out) = sh(&env, "web3", "cat /var/files/note");
     assert!(
         ok && out.trim() == "kept",
@@ -180,6 +194,14 @@ fn a_volume_keeps_its_data_across_instances() {
     );
     env.ok(&["rm", "-f", "--volumes", "twin"]);
     env.ok(&["snapshot", "rm", "whole"]);
+
+    // Filled up, the guest gets ENOSPC and its health says so.
+    let (ok, _) = sh(&env, "web3", "cat /dev/zero > /var/files/fill; sync");
+    assert!(!ok, "wrote past a full volume");
+    let web3 = env.instance("web3");
+    let usage = &web3.health.as_ref().expect("health").volumes;
+    assert!(usage[0].full, "{usage:?}");
+    sh(&env, "web3", "rm /var/files/fill && sync");
 
     // `rm --volumes` takes them with it.
     env.ok(&["rm", "-f", "--volumes", "web3"]);

@@ -66,7 +66,7 @@ impl Engine {
         let mut instance = cell.snapshot();
         if instance.status.state == InstanceState::Running {
             if let Ok(report) = cell.agent.health(INSPECT_HEALTH_TIMEOUT).await {
-                instance.health = Some(guest_health(&report));
+                instance.health = Some(guest_health(&instance, &report));
             }
         }
         Ok(instance)
@@ -1063,7 +1063,21 @@ fn action_verb(action: InstanceAction) -> &'static str {
 /// How long `inspect` waits for a guest's own report.
 const INSPECT_HEALTH_TIMEOUT: Duration = Duration::from_millis(1500);
 
-fn guest_health(report: &vroom_agent_proto::HealthReport) -> vroom_types::GuestHealth {
+fn guest_health(
+    instance: &Instance,
+    report: &vroom_agent_proto::HealthReport,
+) -> vroom_types::GuestHealth {
+    // Named as the host names them (a clone's guest mounted its volumes
+    // under the snapshot's names), matched by mount path.
+    let host_name = |path: &str, guest_name: &str| {
+        instance
+            .spec
+            .volumes
+            .iter()
+            .find(|a| a.path == path)
+            .map(|a| a.volume.to_string())
+            .unwrap_or_else(|| guest_name.to_string())
+    };
     vroom_types::GuestHealth {
         ready: report.ready,
         services_down: report
@@ -1082,7 +1096,7 @@ fn guest_health(report: &vroom_agent_proto::HealthReport) -> vroom_types::GuestH
             .iter()
             .map(|v| {
                 vroom_types::VolumeUsage::new(
-                    v.name.clone(),
+                    host_name(&v.path, &v.name),
                     v.path.clone(),
                     v.total_bytes,
                     v.used_bytes,
