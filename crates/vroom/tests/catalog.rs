@@ -589,4 +589,27 @@ fn postgres_serves_configured_databases_to_password_logins() {
     // An export is the backup to import again: it keeps them.
     let export = env.ok(&["config", "db", "export", "-"]);
     assert!(export.contains("s3cret"), "{export}");
+
+    // The data lives on the `db-data` volume, not in the instance: killed
+    // and removed, a new `db` finds every committed row (after PostgreSQL's
+    // crash recovery).
+    env.ok(&["rm", "-f", "db"]);
+    let volumes = env.ok(&["volume", "ls"]);
+    assert!(volumes.contains("db-data"), "{volumes}");
+    env.ok(&["run", "postgres", "--name", "db", "--net", "lan"]);
+    let rows = env.ok(&[
+        "exec",
+        "db",
+        "--",
+        "/usr/bin/psql",
+        "-U",
+        "postgres",
+        "-d",
+        "shop",
+        "-A",
+        "-t",
+        "-c",
+        "SELECT count(*) FROM items",
+    ]);
+    assert_eq!(rows.trim(), "2", "{rows}");
 }

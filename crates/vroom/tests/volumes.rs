@@ -197,7 +197,10 @@ fn a_volume_keeps_its_data_across_instances() {
 
     // Filled up, the guest gets ENOSPC and its health says so.
     let (ok, out) = sh(&env, "web3", "cat /dev/zero > /var/files/fill");
-    assert!(!ok && out.contains("No space left"), "wrote past a full volume: {out}");
+    assert!(
+        !ok && out.contains("No space left"),
+        "wrote past a full volume: {out}"
+    );
     let web3 = env.instance("web3");
     let usage = &web3.health.as_ref().expect("health").volumes;
     assert!(usage[0].full, "{usage:?}");
