@@ -22,8 +22,7 @@ pub(crate) async fn list_volumes(State(engine): State<AppState>) -> ApiResult<Ve
 #[utoipa::path(post, path = "/v1/volumes", request_body = VolumeCreateRequest,
     responses((status = 201, body = Volume), BodyErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "A volume of that name exists."),
-        (status = 422, body = ApiErrorBody, description = "Two replicas on a host outside a cluster."),
-        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+        (status = 422, body = ApiErrorBody, description = "Two replicas on a host outside a cluster, or not enough free disk space here.")))]
 pub(crate) async fn create_volume(
     State(engine): State<AppState>,
     req: Result<Json<VolumeCreateRequest>, JsonRejection>,
@@ -60,7 +59,8 @@ pub(crate) async fn remove_volume(
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", params(("name" = Name, Path)),
     request_body = VolumeResizeRequest,
     responses((status = 200, body = Volume), PathErrors, BodyErrors, HostErrors,
-        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+        (status = 409, body = ApiErrorBody, description = "The volume is larger: volumes only grow."),
+        (status = 422, body = ApiErrorBody, description = "Not enough free disk space here.")))]
 pub(crate) async fn resize_volume(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -75,7 +75,7 @@ pub(crate) async fn resize_volume(
     request_body = VolumeSnapshotRequest,
     responses((status = 201, body = VolumeSnapshot), PathErrors, BodyErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "A volume snapshot of that name exists."),
-        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+        (status = 422, body = ApiErrorBody, description = "Not enough free disk space here.")))]
 pub(crate) async fn snapshot_volume(
     State(engine): State<AppState>,
     Path(name): Path<String>,
@@ -116,7 +116,7 @@ pub(crate) async fn restore_volume(
     request_body = VolumeCloneRequest,
     responses((status = 201, body = Volume), PathErrors, BodyErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "A volume of that name exists."),
-        (status = 507, body = ApiErrorBody, description = "Not enough free disk space.")))]
+        (status = 422, body = ApiErrorBody, description = "Not enough free disk space here.")))]
 pub(crate) async fn clone_volume(
     State(engine): State<AppState>,
     Path(snapshot): Path<String>,

@@ -61,7 +61,7 @@ pub use instance::{
     RunRequest, VolumeUsage,
 };
 pub use ipnet::Ipv4Net;
-pub use name::{Name, NAME_PATTERN};
+pub use name::{Name, MAX_NAME_LEN, NAME_PATTERN};
 pub use network::{
     parse_subnet, subnet_pattern, HostPort, Network, NetworkSpec, Protocol, MIRROR_ROLE,
     ROUTER_ROLES,

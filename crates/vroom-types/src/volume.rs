@@ -194,7 +194,11 @@ pub struct VolumeCreateRequest {
     #[serde(default)]
     pub fs: VolumeFs,
     /// Copies kept on distinct nodes: 1, or 2 in a cluster (synchronous).
-    #[serde(default = "one_replica")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2))]
+    #[serde(
+        default = "one_replica",
+        deserialize_with = "crate::json_int::required"
+    )]
     pub replicas: u8,
 }
 

@@ -105,7 +105,7 @@ impl Engine {
         blocking(|| datavol::create(&dir, &id, name.as_str(), size_mib, fs)).map_err(
             |e| match e {
                 CreateDataVolumeError::NoSpace { .. } => {
-                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                    OpError::new(ErrorCode::HostUnsupported, e.to_string())
                 }
                 e => OpError::internal("failed to create the volume", e),
             },
@@ -372,7 +372,7 @@ impl Engine {
                 blocking(|| datavol::create_from(&vols, &id, name.as_str(), &source)).map_err(
                     |e| match e {
                         CreateDataVolumeError::NoSpace { .. } => {
-                            OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                            OpError::new(ErrorCode::HostUnsupported, e.to_string())
                         }
                         e => OpError::internal("failed to copy the snapshot's volume", e),
                     },

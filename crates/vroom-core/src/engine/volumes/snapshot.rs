@@ -72,15 +72,7 @@ impl Engine {
         let mut volume = self.volume_record(name)?;
         let snapshot = match req.name {
             Some(s) => s,
-            None => {
-                let raw = super::super::snapshots::default_name(name, unix_now());
-                Name::new(&raw).map_err(|e| {
-                    OpError::new(
-                        ErrorCode::InvalidArgument,
-                        format!("cannot name a snapshot {raw:?}: {e}; give it a --name"),
-                    )
-                })?
-            }
+            None => default_snapshot_name(name, unix_now())?,
         };
         if let Ok((of, _)) = self.find_volume_snapshot(snapshot.as_str()) {
             return Err(OpError::new(
@@ -98,7 +90,7 @@ impl Engine {
             .map_err(|e| OpError::internal("cannot read the host's free space", e))?;
         if need > free {
             return Err(OpError::new(
-                ErrorCode::ResourceExhausted,
+                ErrorCode::HostUnsupported,
                 format!(
                     "not enough disk space for a snapshot of volume {name}: it holds {} MiB, {} MiB are free",
                     need.div_ceil(1 << 20),
@@ -243,7 +235,7 @@ impl Engine {
         blocking(|| datavol::create_from(&dir, &id, req.name.as_str(), &source)).map_err(|e| {
             match e {
                 datavol::CreateDataVolumeError::NoSpace { .. } => {
-                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                    OpError::new(ErrorCode::HostUnsupported, e.to_string())
                 }
                 e => OpError::internal("failed to clone the volume", e),
             }
@@ -298,13 +290,10 @@ impl Engine {
         let _alloc = self.alloc.lock().await;
         let mut volume = self.volume_record(name)?;
         if req.size_mib < volume.size_mib {
-            return Err(OpError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "volume {name} is {} MiB; volumes only grow",
-                    volume.size_mib
-                ),
-            ));
+            return Err(OpError::conflict(format!(
+                "volume {name} is {} MiB; volumes only grow",
+                volume.size_mib
+            )));
         }
         let file = datavol::volume_file(&self.volumes_dir(), &volume.id);
         // The record first: a daemon killed before the file grew finds the
@@ -319,7 +308,7 @@ impl Engine {
             let _ = self.store.put_volume(&volume);
             return Err(match e {
                 datavol::GrowDataVolumeError::NoSpace { .. } => {
-                    OpError::new(ErrorCode::ResourceExhausted, e.to_string())
+                    OpError::new(ErrorCode::HostUnsupported, e.to_string())
                 }
                 e => OpError::internal("failed to grow the volume", e),
             });
@@ -370,5 +359,40 @@ impl Engine {
                 tracing::warn!(volume = name, error = %e, "the guest did not grow the volume's filesystem; it does at its next boot")
             }
         }
+    }
+}
+
+/// `VOLUME-YYYYMMDD-HHMMSS`, the volume's part shortened to fit a name.
+fn default_snapshot_name(volume: &str, now: u64) -> Result<Name, OpError> {
+    let stamp = super::super::snapshots::default_name("", now);
+    let room = vroom_types::MAX_NAME_LEN.saturating_sub(stamp.len());
+    let prefix = volume[..volume.len().min(room)].trim_end_matches('-');
+    Name::new(&format!("{prefix}{stamp}")).map_err(|e| {
+        OpError::new(
+            ErrorCode::InvalidArgument,
+            format!("cannot make a snapshot name for volume {volume}: {e}; give it a --name"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_fit() {
+        assert_eq!(
+            default_snapshot_name("db-data", 0).unwrap().as_str(),
+            "db-data-19700101-000000"
+        );
+        let long = format!("a{}", "0".repeat(31));
+        let name = default_snapshot_name(&long, 0).unwrap();
+        assert_eq!(name.as_str(), "a000000000000000-19700101-000000");
+        assert_eq!(
+            default_snapshot_name("abcdefghijklmno-rest", 0)
+                .unwrap()
+                .as_str(),
+            "abcdefghijklmno-19700101-000000"
+        );
     }
 }

@@ -214,7 +214,7 @@ async fn bad_attachments_are_refused_with_nothing_made() {
         .create_volume(create("huge", vroom_types::MAX_VOLUME_MIB))
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+    assert_eq!(err.code, ErrorCode::HostUnsupported, "{}", err.message);
     assert_eq!(t.engine.list_volumes().unwrap().len(), 2);
     let on_disk = std::fs::read_dir(dir.path().join("volumes"))
         .unwrap()
@@ -319,7 +319,7 @@ async fn volumes_grow_online_and_offline() {
         .resize_volume("v", grow(vroom_types::MAX_VOLUME_MIB))
         .await
         .unwrap_err();
-    assert_eq!(err.code, ErrorCode::ResourceExhausted, "{}", err.message);
+    assert_eq!(err.code, ErrorCode::HostUnsupported, "{}", err.message);
     assert_eq!(
         t.engine.volume("v").unwrap().size_mib,
         48,
