@@ -589,6 +589,48 @@ pub enum VolumeOp {
     Clone { snapshot: Name, name: Name },
     /// Remove one of a volume's snapshots.
     SnapshotRm { name: Name, snapshot: Name },
+    /// Serve a volume read-only over NBD (for nbdinfo, nbdcopy, qemu-img):
+    /// one of its snapshots, or the volume itself when no instance runs
+    /// with it (none may start with it until `unexport`).
+    Export {
+        /// The volume.
+        name: Name,
+        /// Serve this snapshot of the volume.
+        #[arg(long)]
+        snapshot: Option<Name>,
+        /// unix:PATH or tcp:ADDR:PORT; a unix socket under the data dir when
+        /// absent. TCP has no authentication or encryption: whoever reaches
+        /// the port reads the volume.
+        #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// End a volume's export (or drop an import cut short).
+    Unexport {
+        /// The volume.
+        name: Name,
+    },
+    /// Back a volume up to FILE (qcow2 by default), with its SHA256 in
+    /// FILE.sha256; a running instance's volume is snapshotted for it.
+    Backup {
+        /// The volume.
+        name: Name,
+        /// The file to write; it must not exist (nor FILE.sha256).
+        file: PathBuf,
+        /// Back up this snapshot of the volume.
+        #[arg(long)]
+        snapshot: Option<Name>,
+        /// qcow2 (compact: only the data) or raw (sparse).
+        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+    },
+    /// Make volume NAME from FILE, a raw or qcow2 image of an ext4
+    /// filesystem, checked against FILE.sha256 when it exists.
+    Import {
+        /// The new volume's name.
+        name: Name,
+        /// The image to read.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
