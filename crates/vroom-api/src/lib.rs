@@ -246,6 +246,10 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         volumes::remove_volume_snapshot,
         volumes::restore_volume,
         volumes::clone_volume,
+        volumes::export_volume,
+        volumes::unexport_volume,
+        volumes::import_volume,
+        volumes::commit_import,
         snapshots::list_snapshots,
         snapshots::create_snapshot,
         snapshots::get_snapshot,
@@ -466,6 +470,15 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
         .route(
             "/v1/volume-snapshots/{snapshot}/clone",
             post(volumes::clone_volume),
+        )
+        .route(
+            "/v1/volumes/{name}/export",
+            post(volumes::export_volume).delete(volumes::unexport_volume),
+        )
+        .route("/v1/volumes/{name}/import", post(volumes::import_volume))
+        .route(
+            "/v1/volumes/{name}/import/commit",
+            post(volumes::commit_import),
         )
         .route(
             "/v1/snapshots",

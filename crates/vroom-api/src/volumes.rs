@@ -5,10 +5,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use vroom_types::{
-    ApiErrorBody, Name, Volume, VolumeCloneRequest, VolumeCreateRequest, VolumeResizeRequest,
-    VolumeRestoreRequest, VolumeSnapshot, VolumeSnapshotRequest,
+    ApiErrorBody, Name, Volume, VolumeCloneRequest, VolumeCreateRequest, VolumeExport,
+    VolumeExportRequest, VolumeImportRequest, VolumeResizeRequest, VolumeRestoreRequest,
+    VolumeSnapshot, VolumeSnapshotRequest,
 };
 
+use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{body, ApiError, ApiResult, AppState};
 
@@ -125,5 +127,73 @@ pub(crate) async fn clone_volume(
     Ok((
         StatusCode::CREATED,
         Json(engine.clone_volume(&snapshot, body(req)?).await?),
+    ))
+}
+
+/// Serves a volume, or one of its snapshots, read-only over NBD (a
+/// `qemu-nbd` process vroomd supervises): a point in time, so a volume a
+/// running instance has is refused unless `backup` asks for a snapshot taken
+/// for the export. Only root may name a unix socket path or a port below 1024.
+#[utoipa::path(post, path = "/v1/volumes/{name}/export", params(("name" = Name, Path)),
+    request_body = VolumeExportRequest,
+    responses((status = 201, body = VolumeExport), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The volume is exported already, its running instance has it, or the address is in use.")))]
+pub(crate) async fn export_volume(
+    State(engine): State<AppState>,
+    AuditCaller(caller): AuditCaller,
+    Path(name): Path<String>,
+    req: Result<Json<VolumeExportRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeExport>), ApiError> {
+    let req = body(req)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.export_volume(&name, req, caller.uid).await?),
+    ))
+}
+
+/// Ends a volume's export (and removes a snapshot taken for it), or drops
+/// an import that was not committed.
+#[utoipa::path(delete, path = "/v1/volumes/{name}/export", params(("name" = Name, Path)),
+    responses((status = 204), PathErrors, HostErrors))]
+pub(crate) async fn unexport_volume(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    engine.unexport_volume(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts an import: an empty staging file of the size asked, served
+/// writable over NBD on a unix socket under the data dir. The client writes
+/// the image into it, then commits. No volume is listed until the commit.
+#[utoipa::path(post, path = "/v1/volumes/{name}/import", params(("name" = Name, Path)),
+    request_body = VolumeImportRequest,
+    responses((status = 201, body = VolumeExport), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "A volume of that name exists or is being imported."),
+        (status = 422, body = ApiErrorBody, description = "Not enough free disk space here.")))]
+pub(crate) async fn import_volume(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<VolumeImportRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeExport>), ApiError> {
+    let req = body(req)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.import_volume(&name, req).await?),
+    ))
+}
+
+/// Makes the volume an import wrote, if it holds an ext4 filesystem;
+/// drops the import otherwise.
+#[utoipa::path(post, path = "/v1/volumes/{name}/import/commit", params(("name" = Name, Path)),
+    responses((status = 201, body = Volume), PathErrors, HostErrors,
+        (status = 400, body = ApiErrorBody, description = "The image is not an ext4 filesystem.")))]
+pub(crate) async fn commit_import(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Volume>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.commit_import(&name).await?),
     ))
 }

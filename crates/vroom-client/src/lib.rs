@@ -620,6 +620,48 @@ impl Client {
         .await
     }
 
+    pub async fn export_volume(
+        &self,
+        name: &str,
+        req: &vroom_types::VolumeExportRequest,
+    ) -> Result<vroom_types::VolumeExport, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/export", enc(name)),
+            Some(req),
+        )
+        .await
+    }
+
+    /// Ends a volume's export, or drops an import not committed.
+    pub async fn unexport_volume(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/volumes/{}/export", enc(name)))
+            .await
+    }
+
+    /// Starts an import: a writable export to write the image into.
+    pub async fn import_volume(
+        &self,
+        name: &str,
+        size_mib: u64,
+    ) -> Result<vroom_types::VolumeExport, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/volumes/{}/import", enc(name)),
+            Some(&vroom_types::VolumeImportRequest { size_mib }),
+        )
+        .await
+    }
+
+    pub async fn commit_import(&self, name: &str) -> Result<vroom_types::Volume, ClientError> {
+        self.call::<(), _>(
+            Method::POST,
+            &format!("/v1/volumes/{}/import/commit", enc(name)),
+            None,
+        )
+        .await
+    }
+
     pub async fn networks(&self) -> Result<Vec<Network>, ClientError> {
         self.fetch("/v1/networks").await
     }

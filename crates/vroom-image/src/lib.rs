@@ -21,3 +21,4 @@ pub use kernel::{
 };
 pub use source::LocalImages;
 pub use store::{ImageStore, ImageStoreError, StoredImage};
+pub use util::sha256_file;

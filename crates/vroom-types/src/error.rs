@@ -133,6 +133,8 @@ pub enum InvalidInputError {
     MountPath { path: String, reason: &'static str },
     #[error("invalid volume attachment {raw:?}: use NAME:/path or NAME:/path:ro")]
     VolumeAttach { raw: String },
+    #[error("invalid listen address {raw:?}: {reason}")]
+    ExportAddress { raw: String, reason: &'static str },
 }
 
 #[cfg(test)]

@@ -252,6 +252,9 @@ pub struct Volume {
     /// Its snapshots, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<VolumeSnapshot>,
+    /// Its NBD export, while it has one (`vroom volume export`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<VolumeExport>,
 }
 
 /// A volume's content at one point in time: a sparse copy on the same host.
@@ -312,9 +315,184 @@ pub struct VolumeCloneRequest {
     pub name: Name,
 }
 
+/// Where an NBD export listens: `unix:PATH` (an absolute path) or
+/// `tcp:ADDR:PORT` (an IP address; IPv6 in brackets: `tcp:[::1]:10809`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportAddress {
+    Unix(String),
+    Tcp(std::net::SocketAddr),
+}
+
+impl ExportAddress {
+    pub fn parse(raw: &str) -> Result<Self, InvalidInputError> {
+        let invalid = |reason: &'static str| InvalidInputError::ExportAddress {
+            raw: raw.to_string(),
+            reason,
+        };
+        if let Some(path) = raw.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(invalid("a unix socket path must be absolute"));
+            }
+            // sun_path holds 108 bytes with its NUL.
+            if path.len() > 107 {
+                return Err(invalid("a unix socket path must be at most 107 bytes"));
+            }
+            if path.ends_with('/')
+                || path
+                    .split('/')
+                    .skip(1)
+                    .any(|p| p.is_empty() || p == "." || p == "..")
+                || path.chars().any(|c| c.is_control() || c == '?' || c == '#')
+            {
+                return Err(invalid("a unix socket path must be normalized and plain"));
+            }
+            return Ok(ExportAddress::Unix(path.to_string()));
+        }
+        if let Some(addr) = raw.strip_prefix("tcp:") {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| invalid("expected tcp:ADDR:PORT with an IP address"))?;
+            if addr.port() == 0 {
+                return Err(invalid("the port must not be 0"));
+            }
+            return Ok(ExportAddress::Tcp(addr));
+        }
+        Err(invalid("expected unix:PATH or tcp:ADDR:PORT"))
+    }
+
+    /// The NBD URI of export `name` at this address, as `qemu-img`,
+    /// `nbdinfo` and `nbdcopy` take it.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            ExportAddress::Unix(path) => format!("nbd+unix:///{name}?socket={path}"),
+            ExportAddress::Tcp(addr) => format!("nbd://{addr}/{name}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ExportAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportAddress::Unix(path) => write!(f, "unix:{path}"),
+            ExportAddress::Tcp(addr) => write!(f, "tcp:{addr}"),
+        }
+    }
+}
+
+/// The body of `POST /v1/volumes/{name}/export`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeExportRequest {
+    /// Export this snapshot of the volume instead of the volume itself.
+    #[serde(default)]
+    pub snapshot: Option<Name>,
+    /// `unix:PATH` or `tcp:ADDR:PORT`; a unix socket under the data dir
+    /// when absent. Only root may name a unix path or a port below 1024.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// For a backup: when a running instance has the volume, export a
+    /// snapshot taken now (removed with the export) instead of refusing;
+    /// the export ends if vroomd restarts.
+    #[serde(default)]
+    pub backup: bool,
+}
+
+/// The body of `POST /v1/volumes/{name}/import`: the new volume's size. The
+/// answer is a writable export the client writes the image into, then
+/// `POST /v1/volumes/{name}/import/commit` makes it a volume (or
+/// `DELETE /v1/volumes/{name}/export` drops it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeImportRequest {
+    #[cfg_attr(feature = "openapi", schema(minimum = 16, maximum = 16777216))]
+    #[serde(deserialize_with = "crate::json_int::required")]
+    pub size_mib: u64,
+}
+
+/// What an export is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ExportKind {
+    /// `vroom volume export`: read-only, kept across vroomd restarts.
+    Export,
+    /// `vroom volume backup`: read-only, ends with the backup.
+    Backup,
+    /// `vroom volume import`: writable, into a volume not made yet.
+    Import,
+}
+
+/// A volume (or one of its snapshots) served over NBD by a `qemu-nbd`
+/// process vroomd started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeExport {
+    pub volume: Name,
+    /// The snapshot served, when it is not the volume itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Name>,
+    /// The snapshot was taken for this export and goes with it.
+    #[serde(default)]
+    pub temporary_snapshot: bool,
+    pub kind: ExportKind,
+    /// `unix:PATH` or `tcp:ADDR:PORT`.
+    pub listen: String,
+    /// The NBD export name.
+    pub export_name: String,
+    /// The NBD URI, e.g. `nbd+unix:///files?socket=/var/lib/vroom/exports/files.sock`.
+    pub uri: String,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub writable: bool,
+    /// The server's pid.
+    #[serde(default)]
+    pub pid: u32,
+    pub created_at: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_addresses_table() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("unix:/run/x.sock", Some("unix:/run/x.sock")),
+            ("tcp:127.0.0.1:10809", Some("tcp:127.0.0.1:10809")),
+            ("tcp:[::1]:10809", Some("tcp:[::1]:10809")),
+            ("tcp:0.0.0.0:1", Some("tcp:0.0.0.0:1")),
+            ("unix:x.sock", None),
+            ("unix:/a/../b", None),
+            ("unix:/a//b", None),
+            ("unix:/a/", None),
+            ("unix:/a?b", None),
+            ("tcp:localhost:10809", None),
+            ("tcp:127.0.0.1", None),
+            ("tcp:127.0.0.1:0", None),
+            ("tcp:127.0.0.1:70000", None),
+            ("10809", None),
+            ("", None),
+        ];
+        for (raw, want) in cases {
+            let got = ExportAddress::parse(raw).map(|a| a.to_string());
+            assert_eq!(got.as_deref().ok(), *want, "{raw:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().contains("listen address"), "{e}");
+            }
+        }
+        let long = format!("unix:/{}", "a".repeat(107));
+        assert!(ExportAddress::parse(&long).is_err());
+        assert_eq!(
+            ExportAddress::parse("unix:/d/v.sock").unwrap().uri("v"),
+            "nbd+unix:///v?socket=/d/v.sock"
+        );
+        assert_eq!(
+            ExportAddress::parse("tcp:[::1]:10809").unwrap().uri("v"),
+            "nbd://[::1]:10809/v"
+        );
+    }
 
     #[test]
     fn sizes_table() {

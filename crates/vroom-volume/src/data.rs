@@ -104,16 +104,8 @@ pub fn create(
         dir: volumes_dir.to_path_buf(),
         source,
     };
-    fs::create_dir_all(volumes_dir).map_err(io_err)?;
-    let free = free_bytes(volumes_dir).map_err(io_err)?;
-    if size_mib.saturating_mul(1 << 20) > free {
-        return Err(CreateDataVolumeError::NoSpace {
-            name: name.to_string(),
-            need_mib: size_mib,
-            free_mib: free >> 20,
-        });
-    }
-    let staging = volumes_dir.join(format!("{NEW_PREFIX}{id}"));
+    check_room(volumes_dir, name, size_mib)?;
+    let staging = staging_dir(volumes_dir, id);
     let result = (|| {
         fs::create_dir(&staging).map_err(io_err)?;
         let file = staging.join(DATA_FILE);
@@ -140,6 +132,118 @@ pub fn create(
     result
 }
 
+/// Refuses a volume of `size_mib` when the host's disk has less free
+/// space (the file is sparse, but a volume the host cannot fill is a lie to
+/// the guest). Makes `volumes_dir` when missing.
+fn check_room(volumes_dir: &Path, name: &str, size_mib: u64) -> Result<(), CreateDataVolumeError> {
+    let io_err = |source| CreateDataVolumeError::Io {
+        name: name.to_string(),
+        dir: volumes_dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(volumes_dir).map_err(io_err)?;
+    let free = free_bytes(volumes_dir).map_err(io_err)?;
+    if size_mib.saturating_mul(1 << 20) > free {
+        return Err(CreateDataVolumeError::NoSpace {
+            name: name.to_string(),
+            need_mib: size_mib,
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// The staging directory volume `id` is made in.
+pub fn staging_dir(volumes_dir: &Path, id: &str) -> PathBuf {
+    volumes_dir.join(format!("{NEW_PREFIX}{id}"))
+}
+
+/// Makes the staging file of an import: `<volumes dir>/.new-<id>/volume.img`,
+/// `size_mib` of zeros (a hole), checked against the free space like
+/// [`create`]. A client writes the image into it (over NBD), then
+/// [`finish_import`] puts it in place; until then no record names it, and a
+/// restarted vroomd removes it with the other staging directories.
+pub fn stage_import(
+    volumes_dir: &Path,
+    id: &str,
+    name: &str,
+    size_mib: u64,
+) -> Result<PathBuf, CreateDataVolumeError> {
+    check_room(volumes_dir, name, size_mib)?;
+    let staging = staging_dir(volumes_dir, id);
+    let made = (|| {
+        fs::create_dir(&staging)?;
+        let file = staging.join(DATA_FILE);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)?
+            .set_len(size_mib << 20)?;
+        Ok(file)
+    })();
+    made.map_err(|source| {
+        let _ = fs::remove_dir_all(&staging);
+        CreateDataVolumeError::Io {
+            name: name.to_string(),
+            dir: volumes_dir.to_path_buf(),
+            source,
+        }
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinishImportError {
+    #[error("the image of volume {name} is not an ext4 filesystem (no ext4 superblock at 1 KiB)")]
+    NotExt4 { name: String },
+    #[error("cannot put the imported volume {name} in place")]
+    Io {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Puts an import's staging file in place as volume `id` once it holds an
+/// ext4 filesystem: synced, then renamed, like [`create`]. The staging
+/// directory is left for the caller to remove on an error.
+pub fn finish_import(
+    volumes_dir: &Path,
+    id: &str,
+    name: &str,
+) -> Result<PathBuf, FinishImportError> {
+    let io_err = |source| FinishImportError::Io {
+        name: name.to_string(),
+        source,
+    };
+    let staging = staging_dir(volumes_dir, id);
+    let file = staging.join(DATA_FILE);
+    let f = File::open(&file).map_err(io_err)?;
+    if !is_ext4(&f).map_err(io_err)? {
+        return Err(FinishImportError::NotExt4 {
+            name: name.to_string(),
+        });
+    }
+    f.sync_all().map_err(io_err)?;
+    sync_dir(&staging).map_err(io_err)?;
+    let dir = volume_dir(volumes_dir, id);
+    fs::rename(&staging, &dir).map_err(io_err)?;
+    sync_dir(volumes_dir).map_err(io_err)?;
+    Ok(dir.join(DATA_FILE))
+}
+
+/// Whether a raw image starts with an ext2/3/4 superblock (magic 0xEF53 at
+/// byte 1080). Only those two bytes are read: what is inside stays the
+/// guest's to check.
+pub fn is_ext4(file: &File) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 2];
+    match file.read_exact_at(&mut magic, 1080) {
+        Ok(()) => Ok(magic == [0x53, 0xef]),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Makes volume `id` under `volumes_dir` as a copy of `source` (a
 /// snapshot), the same way as [`create`]: whole or not at all.
 pub fn create_from(
@@ -162,7 +266,7 @@ pub fn create_from(
             free_mib: free >> 20,
         });
     }
-    let staging = volumes_dir.join(format!("{NEW_PREFIX}{id}"));
+    let staging = staging_dir(volumes_dir, id);
     let result = (|| {
         fs::create_dir(&staging).map_err(io_err)?;
         copy_sparse(source, &staging.join(DATA_FILE)).map_err(io_err)?;
@@ -455,6 +559,32 @@ mod tests {
         File::create(&hole).unwrap().set_len(1 << 20).unwrap();
         assert_eq!(copy_sparse(&hole, &root.path().join("c")).unwrap(), 0);
         assert_eq!(fs::metadata(root.path().join("c")).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn an_import_is_put_in_place_only_when_it_holds_ext4() {
+        let root = tempfile::tempdir().unwrap();
+        let file = stage_import(root.path(), "aa", "imp", 16).unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().len(), 16 << 20);
+        // Zeros: refused, and left staged for the caller to drop.
+        let err = finish_import(root.path(), "aa", "imp").unwrap_err();
+        assert!(err.to_string().contains("not an ext4"), "{err}");
+        assert!(file.exists());
+        fs::remove_dir_all(staging_dir(root.path(), "aa")).unwrap();
+        // A formatted volume's bytes: put in place.
+        let made = create(root.path(), "src", "src", 16, VolumeFs::Ext4).unwrap();
+        let file = stage_import(root.path(), "bb", "imp", 16).unwrap();
+        fs::remove_file(&file).unwrap();
+        copy_sparse(&made, &file).unwrap();
+        let placed = finish_import(root.path(), "bb", "imp").unwrap();
+        assert_eq!(placed, volume_file(root.path(), "bb"));
+        assert!(!staging_dir(root.path(), "bb").exists());
+        let err = stage_import(root.path(), "cc", "imp", vroom_types::MAX_VOLUME_MIB).unwrap_err();
+        assert!(
+            matches!(err, CreateDataVolumeError::NoSpace { .. }),
+            "{err}"
+        );
+        assert!(!staging_dir(root.path(), "cc").exists());
     }
 
     #[test]

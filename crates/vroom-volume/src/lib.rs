@@ -17,6 +17,7 @@ use vroom_agent_proto::volume::{
 use vroom_types::ConfigValues;
 
 pub mod data;
+pub mod nbd;
 
 pub const DEFAULT_SIZE_KIB: u32 = 1440;
 pub const MIN_SIZE_KIB: u32 = 64;

@@ -551,6 +551,7 @@ pub enum VolumeOp {
     /// Create a volume: a sparse file on this host, formatted ext4. Attach
     /// it with `vroom run IMAGE --volume NAME:/path`.
     Create {
+        /// The new volume's name.
         name: Name,
         /// Its size, e.g. 512M, 2G or 1T (16M to 16T); refused when the
         /// host's disk has less free space.
@@ -563,12 +564,19 @@ pub enum VolumeOp {
     /// List volumes, their size, use of the host's disk and instance.
     Ls,
     /// Show one volume.
-    Inspect { name: Name },
+    Inspect {
+        /// The volume's name.
+        name: Name,
+    },
     /// Remove a volume and its data; refused while an instance has it.
-    Rm { name: Name },
+    Rm {
+        /// The volume's name.
+        name: Name,
+    },
     /// Grow a volume; a running guest grows its filesystem at once, a
     /// stopped one when it next mounts it.
     Resize {
+        /// The volume's name.
         name: Name,
         /// The new size, e.g. 4G; volumes only grow.
         #[arg(long, value_parser = vroom_types::parse_volume_size_mib)]
@@ -577,6 +585,7 @@ pub enum VolumeOp {
     /// Take a snapshot: a copy of the volume now (a running guest's
     /// filesystems are frozen and its CPUs paused for the copy).
     Snapshot {
+        /// The volume's name.
         name: Name,
         /// The snapshot's name, unique among all volume snapshots
         /// (VOLUME-YYYYMMDD-HHMMSS when absent).
@@ -584,11 +593,68 @@ pub enum VolumeOp {
         snapshot: Option<Name>,
     },
     /// Put a volume back to one of its snapshots (its instance stopped).
-    Restore { name: Name, snapshot: Name },
+    Restore {
+        /// The volume's name.
+        name: Name,
+        /// One of its snapshots.
+        snapshot: Name,
+    },
     /// Make a new volume NAME from a snapshot.
-    Clone { snapshot: Name, name: Name },
+    Clone {
+        /// A volume snapshot (`volume inspect` lists them).
+        snapshot: Name,
+        /// The new volume's name.
+        name: Name,
+    },
     /// Remove one of a volume's snapshots.
-    SnapshotRm { name: Name, snapshot: Name },
+    SnapshotRm {
+        /// The volume's name.
+        name: Name,
+        /// The snapshot to remove.
+        snapshot: Name,
+    },
+    /// Serve a volume read-only over NBD (for nbdinfo, nbdcopy, qemu-img):
+    /// one of its snapshots, or the volume itself when no instance runs
+    /// with it (none may start with it until `unexport`).
+    Export {
+        /// The volume.
+        name: Name,
+        /// Serve this snapshot of the volume.
+        #[arg(long)]
+        snapshot: Option<Name>,
+        /// unix:PATH or tcp:ADDR:PORT; a unix socket under the data dir when
+        /// absent. TCP has no authentication or encryption: whoever reaches
+        /// the port reads the volume.
+        #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT")]
+        listen: Option<String>,
+    },
+    /// End a volume's export (or drop an import cut short).
+    Unexport {
+        /// The volume.
+        name: Name,
+    },
+    /// Back a volume up to FILE (qcow2 by default), with its SHA256 in
+    /// FILE.sha256; a running instance's volume is snapshotted for it.
+    Backup {
+        /// The volume.
+        name: Name,
+        /// The file to write; it must not exist (nor FILE.sha256).
+        file: PathBuf,
+        /// Back up this snapshot of the volume.
+        #[arg(long)]
+        snapshot: Option<Name>,
+        /// qcow2 (compact: only the data) or raw (sparse).
+        #[arg(long, default_value = "qcow2", value_parser = ["qcow2", "raw"])]
+        format: String,
+    },
+    /// Make volume NAME from FILE, a raw or qcow2 image of an ext4
+    /// filesystem, checked against FILE.sha256 when it exists.
+    Import {
+        /// The new volume's name.
+        name: Name,
+        /// The image to read.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -22,6 +22,7 @@ mod setup;
 mod snapshot;
 mod splice;
 mod volume;
+mod volume_file;
 
 use clap::Parser;
 // The modules vroom-bench shares, in the library half of this package.

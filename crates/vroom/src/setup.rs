@@ -13,6 +13,9 @@ use crate::paths;
 /// A command vroom runs, and the Debian package that provides it.
 const PREREQUISITES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
+    // Volume exports (vroomd) and backups and imports (the CLI).
+    ("qemu-nbd", "qemu-utils"),
+    ("qemu-img", "qemu-utils"),
     ("mkfs.erofs", "erofs-utils"),
     ("nft", "nftables"),
     // Mirrors: tc's mirred action, filters compiled by tcpdump (libpcap).

@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use vroom_client::Client;
-use vroom_types::{SnapshotTaken, Volume, VolumeCreateRequest, VolumeFs};
+use vroom_types::{
+    SnapshotTaken, Volume, VolumeCreateRequest, VolumeExport, VolumeExportRequest, VolumeFs,
+};
 
 use crate::args::VolumeOp;
 use crate::output;
@@ -36,7 +38,15 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
         VolumeOp::Ls => output::list(
             json,
             &client.volumes().await?,
-            &["NAME", "SIZE", "USED ON DISK", "FS", "INSTANCE", "CREATED"],
+            &[
+                "NAME",
+                "SIZE",
+                "USED ON DISK",
+                "FS",
+                "INSTANCE",
+                "EXPORT",
+                "CREATED",
+            ],
             |v| {
                 vec![
                     v.name.to_string(),
@@ -44,6 +54,9 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                     output::bytes(v.allocated_bytes),
                     v.fs.as_str().to_string(),
                     attached(v),
+                    v.export
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |e| e.listen.clone()),
                     output::ago(v.created_at),
                 ]
             },
@@ -61,6 +74,9 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 println!("{:<12} {}", "replicas:", v.replicas);
                 println!("{:<12} {}", "instance:", attached(&v));
                 println!("{:<12} {}", "created:", output::ago(v.created_at));
+                if let Some(e) = &v.export {
+                    println!("{:<12} {} ({})", "export:", e.uri, export_target(e));
+                }
                 if !v.snapshots.is_empty() {
                     println!("snapshots:");
                     output::table(
@@ -122,6 +138,33 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 .remove_volume_snapshot(name.as_str(), snapshot.as_str())
                 .await?
         }
+        VolumeOp::Export {
+            name,
+            snapshot,
+            listen,
+        } => {
+            let req = VolumeExportRequest {
+                snapshot: snapshot.clone(),
+                listen: listen.clone(),
+                backup: false,
+            };
+            let e = client.export_volume(name.as_str(), &req).await?;
+            if json {
+                output::json(&e);
+            } else {
+                println!("{} exported at {}", export_target(&e), e.uri);
+            }
+        }
+        VolumeOp::Unexport { name } => client.unexport_volume(name.as_str()).await?,
+        VolumeOp::Backup {
+            name,
+            file,
+            snapshot,
+            format,
+        } => crate::volume_file::backup(client, name, file, snapshot.clone(), format, json).await?,
+        VolumeOp::Import { name, file } => {
+            crate::volume_file::import(client, name, file, json).await?
+        }
         VolumeOp::Resize { name, size } => {
             let v = client.resize_volume(name.as_str(), *size).await?;
             if json {
@@ -132,6 +175,17 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `volume NAME` or `snapshot S of volume NAME (taken for it)`.
+pub fn export_target(e: &VolumeExport) -> String {
+    match &e.snapshot {
+        None => format!("volume {}", e.volume),
+        Some(s) if e.temporary_snapshot => {
+            format!("snapshot {s} of volume {} (taken for it)", e.volume)
+        }
+        Some(s) => format!("snapshot {s} of volume {}", e.volume),
+    }
 }
 
 fn taken_text(taken: SnapshotTaken) -> &'static str {

@@ -55,6 +55,7 @@ impl Engine {
     /// A record as the API shows it: with its attachment and disk usage.
     fn volume_view(&self, mut volume: Volume) -> Volume {
         volume.attached_to = self.attached_to(volume.name.as_str());
+        volume.export = self.volume_export(volume.name.as_str());
         volume.allocated_bytes =
             datavol::allocated_bytes(&datavol::volume_file(&self.volumes_dir(), &volume.id));
         volume
@@ -110,8 +111,22 @@ impl Engine {
                 e => OpError::internal("failed to create the volume", e),
             },
         )?;
+        let volume = self.record_new_volume(id, name, size_mib, fs)?;
+        tracing::info!(volume = %volume.name, size_mib, "volume created");
+        Ok(self.volume_view(volume))
+    }
+
+    /// Records a volume whose files `volumes/<id>/` are whole; removes
+    /// them when the record cannot be written.
+    fn record_new_volume(
+        &self,
+        id: String,
+        name: Name,
+        size_mib: u64,
+        fs: VolumeFs,
+    ) -> Result<Volume, OpError> {
         let volume = Volume {
-            id: id.clone(),
+            id,
             name,
             size_mib,
             fs,
@@ -120,13 +135,13 @@ impl Engine {
             attached_to: None,
             allocated_bytes: 0,
             snapshots: vec![],
+            export: None,
         };
         if let Err(e) = self.store.put_volume(&volume) {
-            let _ = std::fs::remove_dir_all(datavol::volume_dir(&dir, &id));
+            let _ = std::fs::remove_dir_all(datavol::volume_dir(&self.volumes_dir(), &volume.id));
             return Err(OpError::internal("failed to record the volume", e));
         }
-        tracing::info!(volume = %volume.name, size_mib, "volume created");
-        Ok(self.volume_view(volume))
+        Ok(volume)
     }
 
     /// Removes a volume no instance uses, with its data.
@@ -142,6 +157,7 @@ impl Engine {
                 "volume {name} is attached to instance {instance}; remove the instance first (its volumes stay unless `rm --volumes`)"
             )));
         }
+        self.stop_export_of_volume(name);
         self.store
             .delete_volume(name)
             .map_err(|e| OpError::internal("failed to remove the volume's record", e))?;
@@ -158,6 +174,9 @@ impl Engine {
     /// removal cut short), snapshot files no record names, the staging file
     /// of a restore cut short, and finishes growths a crash interrupted.
     pub(super) fn sweep_volumes(&self) -> Result<(), OpError> {
+        // Exports first: an import cut short stops writing into its staging
+        // directory before the directory goes.
+        self.sweep_exports();
         let records = self.volume_records()?;
         let dir = self.volumes_dir();
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -377,21 +396,7 @@ impl Engine {
                         e => OpError::internal("failed to copy the snapshot's volume", e),
                     },
                 )?;
-                let volume = Volume {
-                    id: id.clone(),
-                    name: name.clone(),
-                    size_mib: copy.size_mib,
-                    fs: VolumeFs::Ext4,
-                    replicas: 1,
-                    created_at: unix_now(),
-                    attached_to: None,
-                    allocated_bytes: 0,
-                    snapshots: vec![],
-                };
-                if let Err(e) = self.store.put_volume(&volume) {
-                    let _ = std::fs::remove_dir_all(datavol::volume_dir(&vols, &id));
-                    return Err(OpError::internal("failed to record the volume", e));
-                }
+                self.record_new_volume(id, name.clone(), copy.size_mib, VolumeFs::Ext4)?;
                 Ok(name)
             });
             match made_one {
@@ -467,6 +472,7 @@ impl Engine {
                         instance.spec.name, a.volume
                     ))
                 })?;
+                self.refuse_exported(a.volume.as_str())?;
                 Ok(DataDisk {
                     path: datavol::volume_file(&self.volumes_dir(), &volume.id),
                     read_only: a.read_only,
@@ -484,6 +490,7 @@ pub(super) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+mod export;
 mod snapshot;
 #[cfg(test)]
 mod tests;

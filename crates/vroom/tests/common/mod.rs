@@ -197,27 +197,23 @@ impl Env {
     /// QEMU processes that belong to this test's data dir.
     pub fn qemu_pids(&self) -> Vec<u32> {
         let needle = self.dir.display().to_string();
-        let mut pids = vec![];
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
+        let run_dir = format!("VROOM_RUN_DIR={needle}/");
+        processes(|proc_dir, cmdline| {
             let is_qemu = cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system");
             // A jailed QEMU names its run dir only in its environment.
-            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
-            let run_dir = format!("VROOM_RUN_DIR={needle}/");
+            let environ = std::fs::read(proc_dir.join("environ")).unwrap_or_default();
             let ours = cmdline.contains(&needle)
                 || environ
                     .split(|b| *b == 0)
                     .any(|v| v.starts_with(run_dir.as_bytes()));
-            if is_qemu && ours {
-                pids.push(pid);
-            }
-        }
-        pids.sort();
-        pids
+            is_qemu && ours
+        })
+    }
+
+    /// The qemu-nbd processes serving this test's volume exports.
+    pub fn nbd_pids(&self) -> Vec<u32> {
+        let needle = format!("--pid-file={}/", self.dir.display());
+        processes(|_, cmdline| cmdline.contains("qemu-nbd") && cmdline.contains(&needle))
     }
 
     /// Host interfaces this test created (bridges and taps carry its prefix).
@@ -373,9 +369,26 @@ impl Env {
     }
 }
 
+/// The pids whose `/proc/PID` directory and command line (NULs as they
+/// are) `pick` accepts, sorted.
+fn processes(pick: impl Fn(&Path, &str) -> bool) -> Vec<u32> {
+    let mut pids = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pick(&entry.path(), &String::from_utf8_lossy(&cmdline)) {
+            pids.push(pid);
+        }
+    }
+    pids.sort();
+    pids
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
-        for pid in self.qemu_pids() {
+        for pid in self.qemu_pids().into_iter().chain(self.nbd_pids()) {
             // SAFETY: plain syscall.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }

@@ -30,7 +30,7 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Engine {
     /// The instance `volume` is attached to, if any, with its op lock held.
-    async fn lock_volume_user(
+    pub(super) async fn lock_volume_user(
         &self,
         volume: &str,
     ) -> Option<(Arc<Cell>, tokio::sync::OwnedMutexGuard<()>)> {
@@ -41,14 +41,17 @@ impl Engine {
     }
 
     /// The running VM of a volume's instance.
-    fn running_vm(&self, cell: &Cell) -> Option<VmProcess> {
+    pub(super) fn running_vm(&self, cell: &Cell) -> Option<VmProcess> {
         let r = cell.lock();
         r.process.clone().filter(|p| {
             self.driver.is_alive(p) && r.instance.status.state == InstanceState::Running
         })
     }
 
-    fn find_volume_snapshot(&self, snapshot: &str) -> Result<(Volume, VolumeSnapshot), OpError> {
+    pub(super) fn find_volume_snapshot(
+        &self,
+        snapshot: &str,
+    ) -> Result<(Volume, VolumeSnapshot), OpError> {
         self.volume_records()?
             .into_iter()
             .find_map(|v| {
@@ -69,6 +72,18 @@ impl Engine {
     ) -> Result<VolumeSnapshot, OpError> {
         let user = self.lock_volume_user(name).await;
         let _alloc = self.alloc.lock().await;
+        self.snapshot_volume_locked(name, req, user.as_ref().map(|(cell, _)| cell))
+            .await
+    }
+
+    /// Takes a snapshot; the caller holds the allocation lock and, when
+    /// an instance has the volume, its op lock (`user`).
+    pub(super) async fn snapshot_volume_locked(
+        &self,
+        name: &str,
+        req: VolumeSnapshotRequest,
+        user: Option<&Arc<Cell>>,
+    ) -> Result<VolumeSnapshot, OpError> {
         let mut volume = self.volume_record(name)?;
         let snapshot = match req.name {
             Some(s) => s,
@@ -104,9 +119,7 @@ impl Engine {
             .map_err(|e| OpError::internal("cannot make the snapshots directory", e))?;
         let _ = std::fs::remove_file(&staging);
         let copy = || datavol::copy_sparse(&file, &staging);
-        let vm = user
-            .as_ref()
-            .and_then(|(cell, _)| Some((cell.clone(), self.running_vm(cell)?)));
+        let vm = user.and_then(|cell| Some((cell.clone(), self.running_vm(cell)?)));
         let (copied, taken, pause_ms) = match vm {
             None => (blocking(copy), SnapshotTaken::Offline, 0),
             Some((cell, process)) => {
@@ -240,27 +253,20 @@ impl Engine {
                 e => OpError::internal("failed to clone the volume", e),
             }
         })?;
-        let volume = Volume {
-            id: id.clone(),
-            name: req.name,
-            size_mib: snap.size_mib,
-            fs: of.fs,
-            replicas: 1,
-            created_at: unix_now(),
-            attached_to: None,
-            allocated_bytes: 0,
-            snapshots: vec![],
-        };
-        if let Err(e) = self.store.put_volume(&volume) {
-            let _ = std::fs::remove_dir_all(datavol::volume_dir(&dir, &id));
-            return Err(OpError::internal("failed to record the volume", e));
-        }
+        let volume = self.record_new_volume(id, req.name, snap.size_mib, of.fs)?;
         tracing::info!(volume = %volume.name, snapshot, "volume cloned");
         Ok(self.volume_view(volume))
     }
 
     pub async fn remove_volume_snapshot(&self, name: &str, snapshot: &str) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
+        self.stop_exports_of_snapshot(name, snapshot);
+        self.remove_snapshot_only(name, snapshot)
+    }
+
+    /// Removes a snapshot's record, then its file; not its export (the
+    /// caller holds the allocation lock).
+    pub(super) fn remove_snapshot_only(&self, name: &str, snapshot: &str) -> Result<(), OpError> {
         let mut volume = self.volume_record(name)?;
         let before = volume.snapshots.len();
         volume.snapshots.retain(|s| s.name.as_str() != snapshot);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vroom_types::{
     ApplianceSpec, ErrorCode, InstanceState, Name, RunRequest, VolumeAttach, VolumeCreateRequest,
-    VolumeDecl, VolumeFs, VolumeResizeRequest,
+    VolumeDecl, VolumeExportRequest, VolumeFs, VolumeImportRequest, VolumeResizeRequest,
 };
 
 use crate::store::StateStore;
@@ -673,4 +673,345 @@ async fn an_archive_holds_the_data_volumes() {
         "{problems:?}"
     );
     assert_eq!(t.engine.volume("pg-data").unwrap().attached_to, None);
+}
+
+fn export_req(snapshot: Option<&str>, listen: Option<&str>, backup: bool) -> VolumeExportRequest {
+    VolumeExportRequest {
+        snapshot: snapshot.map(|s| Name::new(s).unwrap()),
+        listen: listen.map(String::from),
+        backup,
+    }
+}
+
+/// The live qemu-nbd serving `volume`'s export, if any.
+fn server(dir: &std::path::Path, volume: &str) -> Option<u32> {
+    vroom_volume::nbd::server_pid(&dir.join("exports").join(format!("{volume}.pid")))
+}
+
+/// Whether process `pid` is gone (a reaped or zombie server counts).
+fn gone(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
+}
+
+fn exports_dir_files(dir: &std::path::Path) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("exports"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// An export serves a point in time with a real qemu-nbd: the volume
+/// itself while no instance runs with it (and no instance starts with it
+/// meanwhile), a snapshot, or for a backup a snapshot taken for it. A taken
+/// address, a second export, a missing snapshot and a member's socket path
+/// are refused with nothing left; removing the volume or snapshot ends the
+/// export.
+#[tokio::test]
+async fn exports_serve_a_point_in_time_and_leave_nothing_when_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let v = t.engine.create_volume(create("v", 16)).await.unwrap();
+    let e = t
+        .engine
+        .export_volume("v", export_req(None, None, false), None)
+        .await
+        .unwrap();
+    let socket = dir.path().join("exports/v.sock");
+    assert_eq!(e.listen, format!("unix:{}", socket.display()));
+    assert_eq!(e.uri, format!("nbd+unix:///v?socket={}", socket.display()));
+    assert_eq!((e.size_bytes, e.writable), (16 << 20, false));
+    assert_eq!(server(dir.path(), "v"), Some(e.pid));
+    assert!(socket.exists());
+    assert_eq!(t.engine.volume("v").unwrap().export, Some(e.clone()));
+
+    // Nothing may start with the exported volume; a second export and a
+    // member's own socket path are refused.
+    let err = t
+        .engine
+        .run(with_volumes("a", "store", vec![attach("v", "/var/v")]))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("unexport v"), "{}", err.message);
+    assert!(t.engine.get("a").is_err());
+    let err = t
+        .engine
+        .export_volume("v", export_req(None, None, false), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists, "{}", err.message);
+    t.engine.unexport_volume("v").await.unwrap();
+    assert!(gone(e.pid));
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+    assert_eq!(t.engine.volume("v").unwrap().export, None);
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", taken.local_addr().unwrap());
+    let refusals: Vec<(VolumeExportRequest, Option<u32>, &str)> = vec![
+        (
+            export_req(None, Some(&addr), false),
+            None,
+            "address is in use",
+        ),
+        (
+            export_req(None, Some("unix:/tmp/x.sock"), false),
+            Some(1000),
+            "may not name a socket path",
+        ),
+        (
+            export_req(None, Some("tcp:127.0.0.1:80"), false),
+            Some(1000),
+            "below 1024",
+        ),
+        (
+            export_req(Some("nope"), None, false),
+            None,
+            "no volume snapshot named",
+        ),
+        (
+            export_req(None, Some("tcp:nowhere"), false),
+            None,
+            "invalid listen address",
+        ),
+    ];
+    for (req, uid, want) in refusals {
+        let err = t
+            .engine
+            .export_volume("v", req.clone(), uid)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains(want), "{req:?}: {}", err.message);
+        assert!(!err.message.contains('\n'));
+        assert_eq!(
+            exports_dir_files(dir.path()),
+            Vec::<String>::new(),
+            "{req:?}"
+        );
+        assert!(vroom_volume::nbd::servers_under(&dir.path().join("exports")).is_empty());
+    }
+    // An existing path is taken too (qemu-nbd would unlink it).
+    let file = dir.path().join("exists");
+    std::fs::write(&file, b"mine").unwrap();
+    let listen = format!("unix:{}", file.display());
+    let err = t
+        .engine
+        .export_volume("v", export_req(None, Some(&listen), false), None)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("in use"), "{}", err.message);
+    assert_eq!(std::fs::read(&file).unwrap(), b"mine");
+
+    // Running: refused with a hint, unless for a backup, which exports a
+    // snapshot taken for it and removes it with the export.
+    t.engine
+        .run(with_volumes("a", "store", vec![attach("v", "/var/v")]))
+        .await
+        .unwrap();
+    running_pid(&t, "a").await;
+    let err = t
+        .engine
+        .export_volume("v", export_req(None, None, false), None)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("export a snapshot"), "{}", err.message);
+    let b = t
+        .engine
+        .export_volume("v", export_req(None, None, true), None)
+        .await
+        .unwrap();
+    let snap = b.snapshot.clone().unwrap();
+    assert!(b.temporary_snapshot);
+    assert_eq!(b.kind, vroom_types::ExportKind::Backup);
+    let snaps = dir.path().join("volumes").join(&v.id).join("snapshots");
+    assert!(snaps.join(format!("{snap}.img")).exists());
+    t.engine.unexport_volume("v").await.unwrap();
+    assert!(gone(b.pid));
+    assert!(t.engine.volume("v").unwrap().snapshots.is_empty());
+    assert!(!snaps.join(format!("{snap}.img")).exists());
+
+    // A snapshot's export ends with the snapshot, a volume's with the volume.
+    let named = vroom_types::VolumeSnapshotRequest {
+        name: Some(Name::new("s1").unwrap()),
+    };
+    t.engine.snapshot_volume("v", named).await.unwrap();
+    let s = t
+        .engine
+        .export_volume("v", export_req(Some("s1"), None, false), None)
+        .await
+        .unwrap();
+    t.engine.remove_volume_snapshot("v", "s1").await.unwrap();
+    assert!(gone(s.pid));
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+    t.engine.remove("a", true).await.unwrap();
+    let e = t
+        .engine
+        .export_volume("v", export_req(None, None, false), None)
+        .await
+        .unwrap();
+    t.engine.remove_volume("v").await.unwrap();
+    assert!(gone(e.pid));
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+}
+
+/// An import is a staging file served writable; committed, it is a volume
+/// when it holds ext4, and nothing at all otherwise.
+#[tokio::test]
+async fn imports_make_a_whole_volume_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let src = t.engine.create_volume(create("src", 16)).await.unwrap();
+    let src_file = dir.path().join("volumes").join(&src.id).join("volume.img");
+    poke(&src_file, 8 << 20, b"data");
+    let import = |size_mib| VolumeImportRequest { size_mib };
+
+    let e = t.engine.import_volume("imp", import(16)).await.unwrap();
+    assert!(e.writable);
+    assert_eq!(t.engine.list_volumes().unwrap().len(), 1, "not listed yet");
+    let err = t.engine.import_volume("imp", import(16)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+    let err = t.engine.import_volume("src", import(16)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists);
+    let err = t.engine.import_volume("big", import(8)).await.unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    // What a client would write over NBD, written to the same file.
+    let staged = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".new-")
+        })
+        .unwrap()
+        .join("volume.img");
+    std::fs::write(&staged, std::fs::read(&src_file).unwrap()).unwrap();
+    let v = t.engine.commit_import("imp").await.unwrap();
+    assert_eq!(v.size_mib, 16);
+    assert!(gone(e.pid));
+    let file = dir.path().join("volumes").join(&v.id).join("volume.img");
+    assert_eq!(peek(&file, 8 << 20, 4), b"data");
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+
+    // Not ext4: refused, and nothing is left.
+    t.engine.import_volume("junk", import(16)).await.unwrap();
+    let err = t.engine.commit_import("junk").await.unwrap_err();
+    assert!(err.message.contains("not an ext4"), "{}", err.message);
+    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert!(t.engine.volume("junk").is_err());
+    let mut on_disk: Vec<_> = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut want = vec![src.id.clone(), v.id.clone()];
+    want.sort();
+    assert_eq!(on_disk, want);
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+    // Dropped before its commit: the same.
+    t.engine.import_volume("drop", import(16)).await.unwrap();
+    t.engine.unexport_volume("drop").await.unwrap();
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("volumes"))
+            .unwrap()
+            .count(),
+        2
+    );
+    assert_eq!(exports_dir_files(dir.path()), Vec::<String>::new());
+}
+
+/// A daemon killed with exports under way: at the next start a plain
+/// export whose server runs is kept; a backup's export (and its snapshot),
+/// an import (and its staging file), a record whose server is gone, and a
+/// server no record names are ended and removed.
+#[tokio::test]
+async fn a_restart_keeps_live_exports_and_ends_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    for name in ["kept", "backed", "dead", "orphan"] {
+        t.engine.create_volume(create(name, 16)).await.unwrap();
+    }
+    let kept = t
+        .engine
+        .export_volume("kept", export_req(None, None, false), None)
+        .await
+        .unwrap();
+    t.engine
+        .run(with_volumes("a", "store", vec![attach("backed", "/var/b")]))
+        .await
+        .unwrap();
+    running_pid(&t, "a").await;
+    let backed = t
+        .engine
+        .export_volume("backed", export_req(None, None, true), None)
+        .await
+        .unwrap();
+    assert!(backed.temporary_snapshot);
+    assert_eq!(t.engine.volume("backed").unwrap().snapshots.len(), 1);
+    let imp = t
+        .engine
+        .import_volume("imp", VolumeImportRequest { size_mib: 16 })
+        .await
+        .unwrap();
+    let dead = t
+        .engine
+        .export_volume("dead", export_req(None, None, false), None)
+        .await
+        .unwrap();
+    vroom_volume::nbd::stop(dead.pid, &dir.path().join("exports/dead.pid")).unwrap();
+    // A server started just before a kill, before its record was written.
+    let exports = dir.path().join("exports");
+    let listen =
+        vroom_types::ExportAddress::Unix(exports.join("orphan.sock").display().to_string());
+    let orphan_file = dir
+        .path()
+        .join("volumes")
+        .join(t.engine.volume("orphan").unwrap().id)
+        .join("volume.img");
+    let orphan = vroom_volume::nbd::serve(&vroom_volume::nbd::Serve {
+        file: &orphan_file,
+        export_name: "orphan",
+        listen: &listen,
+        pid_file: &exports.join("orphan.pid"),
+        writable: false,
+    })
+    .unwrap();
+    // A record written just before a kill, nothing else made yet.
+    std::fs::write(exports.join("half.json.tmp"), b"{").unwrap();
+
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    assert_eq!(server(dir.path(), "kept"), Some(kept.pid));
+    assert_eq!(engine.volume("kept").unwrap().export.unwrap().pid, kept.pid);
+    for pid in [backed.pid, imp.pid, orphan] {
+        assert!(gone(pid), "{pid} still runs");
+    }
+    for name in ["backed", "dead", "orphan"] {
+        assert_eq!(engine.volume(name).unwrap().export, None, "{name}");
+    }
+    assert!(engine.volume("imp").is_err());
+    assert!(
+        engine.volume("backed").unwrap().snapshots.is_empty(),
+        "the backup's snapshot"
+    );
+    assert_eq!(
+        exports_dir_files(dir.path()),
+        ["kept.json", "kept.pid", "kept.sock"]
+    );
+    let staging = std::fs::read_dir(dir.path().join("volumes"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".new-")
+        })
+        .count();
+    assert_eq!(staging, 0);
+    engine.unexport_volume("kept").await.unwrap();
+    assert!(gone(kept.pid));
 }
