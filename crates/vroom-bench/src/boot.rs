@@ -296,21 +296,12 @@ pub(crate) async fn raw_boot_with(
     let process = driver.launch(&spec).await?;
     let launched = started.elapsed().as_secs_f64() * 1000.0;
     let agent = AgentClient::new(spec.agent_socket.clone());
-    let deadline = started + Duration::from_secs(120);
-    let ready = loop {
-        if let Ok(GuestReply::Health(h)) = agent
-            .call(HostCommand::Health, Duration::from_secs(2))
-            .await
-        {
-            if h.ready {
-                break started.elapsed().as_secs_f64() * 1000.0;
-            }
-        }
-        if Instant::now() > deadline {
+    let ready = match wait_agent_ready(&agent, started, Duration::from_secs(120)).await {
+        Ok(ms) => ms,
+        Err(e) => {
             let _ = driver.kill(&process);
-            bail!("raw QEMU boot did not become ready");
+            return Err(e);
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
     };
     let rss = rss_mib(process.pid);
     tokio::time::sleep(settle).await;
@@ -323,4 +314,28 @@ pub(crate) async fn raw_boot_with(
         pss_mib: pss,
         launch_ms: launched,
     })
+}
+
+/// Polls a guest's agent until it reports ready: milliseconds since
+/// `started`, or an error after `timeout`.
+pub(crate) async fn wait_agent_ready(
+    agent: &AgentClient,
+    started: Instant,
+    timeout: Duration,
+) -> Result<f64> {
+    let deadline = started + timeout;
+    loop {
+        if let Ok(GuestReply::Health(h)) = agent
+            .call(HostCommand::Health, Duration::from_secs(2))
+            .await
+        {
+            if h.ready {
+                return Ok(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("raw QEMU boot did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
 }

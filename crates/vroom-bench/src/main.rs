@@ -7,10 +7,12 @@
 mod boot;
 mod density;
 mod failover;
+mod fio;
 mod images;
 mod migrate;
 mod splice;
 mod stats;
+mod volume;
 mod vroomd;
 mod warm;
 
@@ -18,7 +20,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use vroom::process::{die_quietly_on_closed_stdout, ensure_sbin_on_path, init_tracing, runtime};
-use vroom_types::parse_mem_mib;
+use vroom_types::{parse_mem_mib, parse_volume_size_mib};
 
 /// Benchmarks.
 #[derive(Parser)]
@@ -99,6 +101,24 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         tb_runs: usize,
     },
+    /// fio in a guest on a vroom data volume against the same file on a
+    /// QEMU started by hand (4k random writes at QD1 and QD32, write+fsync,
+    /// 1 MiB sequential), interleaved; then volume snapshots (offline and
+    /// with the guest running) against a copy by hand, and clones.
+    Volume {
+        /// Rounds of (baseline, vroom).
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
+        /// The size of fio's file on the volume, e.g. 128M.
+        #[arg(long, default_value = "128M", value_parser = parse_volume_size_mib)]
+        file: u64,
+        /// Seconds each of the five fio jobs runs (after a second of ramp).
+        #[arg(long, default_value_t = 4)]
+        runtime: u64,
+        /// Data written to the volume beside fio's file before it is snapshotted.
+        #[arg(long, default_value = "256M", value_parser = parse_volume_size_mib)]
+        snapshot_data: u64,
+    },
     /// Build every recipe in a directory cold and cached, boot each, and
     /// compare the firewall with a debootstrap minbase root.
     Images {
@@ -162,6 +182,20 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
         Bench::Failover { runs } => failover::failover(*runs).await,
         Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,
+        Bench::Volume {
+            runs,
+            file,
+            runtime,
+            snapshot_data,
+        } => {
+            let bench = volume::VolumeBench {
+                runs: *runs,
+                file_mib: *file,
+                runtime_secs: *runtime,
+                snapshot_mib: *snapshot_data,
+            };
+            volume::volume(data_dir, &bench).await
+        }
         Bench::Images {
             recipes,
             runs,
