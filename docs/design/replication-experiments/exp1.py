@@ -1,0 +1,15 @@
+from common import *
+q = QMP(D + "/a.sock")
+print("baseline (no mirror):", summ(lat(q, 200)))
+s = connect_b()
+getfd(q, "nbd0", s.fileno())
+q.cmd("blockdev-add", {"driver": "nbd", "node-name": "peer0", "server": {"type": "fd", "str": "nbd0"}, "export": "vol0"})
+q.cmd("query-named-block-nodes", {"flat": True}, quiet=True)
+t = time.monotonic()
+q.cmd("blockdev-mirror", {"job-id": "repl0", "device": "vol0", "target": "peer0", "sync": "full",
+      "copy-mode": "write-blocking", "on-target-error": "stop", "on-source-error": "stop", "auto-finalize": True, "auto-dismiss": False})
+e = q.wait_event("BLOCK_JOB_READY", timeout=600)
+print("ready after %.2f s" % (time.monotonic() - t))
+q.cmd("query-block-jobs")
+print("with mirror (ready):", summ(lat(q, 200, seed=2)))
+print("baseline again? no, mirror still on; second run:", summ(lat(q, 200, seed=3)))
