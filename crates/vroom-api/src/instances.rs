@@ -36,7 +36,7 @@ pub(crate) async fn list_instances(State(vroomd): State<Service>) -> Json<Vec<In
     responses((status = 201, body = Instance), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such image, network or snapshot."),
         (status = 409, body = ApiErrorBody, description = "The name is taken, or the request does not fit the image, network or snapshot it names (too many NICs, an address outside the subnet or taken, no address left; a snapshot of another machine, corrupt, still being written or whose image is gone)."),
-        (status = 422, body = ApiErrorBody, description = "This host cannot run it: more memory or CPUs than it has, less memory than the image needs on its kernel, no KVM when asked for (code `host_unsupported`)."),
+        (status = 422, body = ApiErrorBody, description = "This host cannot run it: more memory or CPUs than it has, less memory than the image needs on its kernel, no KVM when asked for (code `host_unsupported`); a data volume its rules refuse: a system or read-only mount path, one attached twice, volumes for an ephemeral instance or an image without ext4 (code `invalid_volume`)."),
         (status = 507, body = ApiErrorBody, description = "The host is out of disk space for the config volume.")))]
 pub(crate) async fn run_instance(
     State(vroomd): State<Service>,

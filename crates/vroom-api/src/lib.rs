@@ -81,9 +81,10 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
-        ErrorCode::HostUnsupported | ErrorCode::InvalidConfig | ErrorCode::InvalidFilter => {
-            StatusCode::UNPROCESSABLE_ENTITY
-        }
+        ErrorCode::HostUnsupported
+        | ErrorCode::InvalidConfig
+        | ErrorCode::InvalidFilter
+        | ErrorCode::InvalidVolume => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::GuestError => StatusCode::BAD_GATEWAY,
@@ -169,6 +170,26 @@ fn body_within<T>(json: Result<Json<T>, JsonRejection>, limit: usize) -> Result<
                 lowercase_first(detail)
             )),
         ))
+    })
+}
+
+/// [`body`] for a body whose fields are all optional: serde would also take
+/// a JSON array for it (its fields by position), so anything but an object
+/// is refused first.
+fn object_body<T: serde::de::DeserializeOwned>(
+    json: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<T, ApiError> {
+    let value = body(json)?;
+    if !value.is_object() {
+        return Err(bad_request(
+            "invalid request body: expected a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        bad_request(one_line(&format!(
+            "invalid request body: {}",
+            lowercase_first(&e.to_string())
+        )))
     })
 }
 

@@ -12,7 +12,7 @@ use vroom_types::{
 
 use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
-use crate::{body, ApiError, ApiResult, AppState};
+use crate::{body, object_body, ApiError, ApiResult, AppState};
 
 #[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = Vec<Volume>), HostErrors))]
 pub(crate) async fn list_volumes(State(engine): State<AppState>) -> ApiResult<Vec<Volume>> {
@@ -81,11 +81,11 @@ pub(crate) async fn resize_volume(
 pub(crate) async fn snapshot_volume(
     State(engine): State<AppState>,
     Path(name): Path<String>,
-    req: Result<Json<VolumeSnapshotRequest>, JsonRejection>,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VolumeSnapshot>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(engine.snapshot_volume(&name, body(req)?).await?),
+        Json(engine.snapshot_volume(&name, object_body(req)?).await?),
     ))
 }
 
@@ -137,14 +137,15 @@ pub(crate) async fn clone_volume(
 #[utoipa::path(post, path = "/v1/volumes/{name}/export", params(("name" = Name, Path)),
     request_body = VolumeExportRequest,
     responses((status = 201, body = VolumeExport), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The volume is exported already, its running instance has it, or the address is in use.")))]
+        (status = 409, body = ApiErrorBody, description = "The volume is exported already, its running instance has it, or the address is in use."),
+        (status = 422, body = ApiErrorBody, description = "The listen address is not unix:PATH or tcp:ADDR:PORT (code `invalid_volume`).")))]
 pub(crate) async fn export_volume(
     State(engine): State<AppState>,
     AuditCaller(caller): AuditCaller,
     Path(name): Path<String>,
-    req: Result<Json<VolumeExportRequest>, JsonRejection>,
+    req: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VolumeExport>), ApiError> {
-    let req = body(req)?;
+    let req: VolumeExportRequest = object_body(req)?;
     Ok((
         StatusCode::CREATED,
         Json(engine.export_volume(&name, req, caller.uid).await?),
@@ -187,7 +188,7 @@ pub(crate) async fn import_volume(
 /// drops the import otherwise.
 #[utoipa::path(post, path = "/v1/volumes/{name}/import/commit", params(("name" = Name, Path)),
     responses((status = 201, body = Volume), PathErrors, HostErrors,
-        (status = 400, body = ApiErrorBody, description = "The image is not an ext4 filesystem.")))]
+        (status = 422, body = ApiErrorBody, description = "The image is not an ext4 filesystem.")))]
 pub(crate) async fn commit_import(
     State(engine): State<AppState>,
     Path(name): Path<String>,

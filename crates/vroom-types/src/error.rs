@@ -28,6 +28,11 @@ pub enum ErrorCode {
     InvalidConfig,
     /// A pcap filter expression libpcap's compiler refuses.
     InvalidFilter,
+    /// Well-formed volume requests the rules of data volumes refuse: a mount
+    /// path over a system directory or on the image's read-only root, a
+    /// volume attached twice or two at one path, volumes for an ephemeral
+    /// instance or an image without ext4, an imported image that is not ext4.
+    InvalidVolume,
 }
 
 impl ErrorCode {
@@ -58,6 +63,9 @@ impl InvalidInputError {
             {
                 ErrorCode::HostUnsupported
             }
+            // Schema-valid (any string is a path), refused by the rules.
+            InvalidInputError::MountPath { .. } => ErrorCode::InvalidVolume,
+            InvalidInputError::ExportAddress { .. } => ErrorCode::InvalidVolume,
             _ => ErrorCode::InvalidArgument,
         }
     }

@@ -2,9 +2,7 @@
 
 use anyhow::Result;
 use vroom_client::Client;
-use vroom_types::{
-    SnapshotTaken, Volume, VolumeCreateRequest, VolumeExport, VolumeExportRequest, VolumeFs,
-};
+use vroom_types::{SnapshotTaken, Volume, VolumeCreateRequest, VolumeExportRequest, VolumeFs};
 
 use crate::args::VolumeOp;
 use crate::output;
@@ -75,7 +73,12 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 println!("{:<12} {}", "instance:", attached(&v));
                 println!("{:<12} {}", "created:", output::ago(v.created_at));
                 if let Some(e) = &v.export {
-                    println!("{:<12} {} ({})", "export:", e.uri, export_target(e));
+                    println!(
+                        "{:<12} {} ({})",
+                        "export:",
+                        e.uri,
+                        crate::volume_file::export_target(e)
+                    );
                 }
                 if !v.snapshots.is_empty() {
                     println!("snapshots:");
@@ -152,7 +155,11 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
             if json {
                 output::json(&e);
             } else {
-                println!("{} exported at {}", export_target(&e), e.uri);
+                println!(
+                    "{} exported at {}",
+                    crate::volume_file::export_target(&e),
+                    e.uri
+                );
             }
         }
         VolumeOp::Unexport { name } => client.unexport_volume(name.as_str()).await?,
@@ -175,17 +182,6 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `volume NAME` or `snapshot S of volume NAME (taken for it)`.
-pub fn export_target(e: &VolumeExport) -> String {
-    match &e.snapshot {
-        None => format!("volume {}", e.volume),
-        Some(s) if e.temporary_snapshot => {
-            format!("snapshot {s} of volume {} (taken for it)", e.volume)
-        }
-        Some(s) => format!("snapshot {s} of volume {}", e.volume),
-    }
 }
 
 fn taken_text(taken: SnapshotTaken) -> &'static str {

@@ -123,7 +123,7 @@ pub async fn backup(
     } else {
         println!(
             "{} backed up to {} ({format}, {} of {}, {:.1} s); sha256 {hash} in {}",
-            crate::volume::export_target(&export),
+            export_target(&export),
             file.display(),
             output::bytes(bytes),
             output::bytes(export.size_bytes),
@@ -285,5 +285,17 @@ mod tests {
                 (got, _) => panic!("{raw}: {got:?}"),
             }
         }
+    }
+}
+
+/// What an export serves, in words: `volume NAME` or `snapshot S of
+/// volume NAME (taken for it)`.
+pub fn export_target(e: &vroom_types::VolumeExport) -> String {
+    match &e.snapshot {
+        None => format!("volume {}", e.volume),
+        Some(s) if e.temporary_snapshot => {
+            format!("snapshot {s} of volume {} (taken for it)", e.volume)
+        }
+        Some(s) => format!("snapshot {s} of volume {}", e.volume),
     }
 }

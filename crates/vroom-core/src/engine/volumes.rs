@@ -261,7 +261,7 @@ impl Engine {
             // Its initramfs loads the modules its recipe names; ext4 is
             // not among the base ones.
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidVolume,
                 format!(
                     "image {} is built for Debian's kernel, which it does not give ext4: data volumes need an image built for vroom's kernel",
                     image.manifest.name
@@ -270,7 +270,7 @@ impl Engine {
         }
         if spec.ephemeral && !spec.volumes.is_empty() {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidVolume,
                 "an ephemeral instance's volumes are made empty at every start: it takes only its image's declared volumes, not --volume",
             ));
         }
@@ -279,13 +279,13 @@ impl Engine {
             a.validate()?;
             if attach[..i].iter().any(|b| b.volume == a.volume) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidVolume,
                     format!("volume {} is attached twice", a.volume),
                 ));
             }
             if attach[..i].iter().any(|b| b.path == a.path) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidVolume,
                     format!("two volumes are mounted at {}", a.path),
                 ));
             }
@@ -295,7 +295,7 @@ impl Engine {
                 .any(|w| a.path.starts_with(&format!("{}/", w.trim_end_matches('/'))));
             if !declared && !under_writable {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidVolume,
                     format!(
                         "cannot mount volume {} at {}: image {} has that path on its read-only root; use a path under {} or one its recipe declares",
                         a.volume,

@@ -489,7 +489,7 @@ impl Engine {
             }
             blocking(|| datavol::finish_import(&dir, &id, name)).map_err(|e| match e {
                 datavol::FinishImportError::NotExt4 { .. } => {
-                    OpError::new(ErrorCode::InvalidArgument, e.to_string())
+                    OpError::new(ErrorCode::InvalidVolume, e.to_string())
                 }
                 e => OpError::internal("failed to make the imported volume", e),
             })?;

@@ -900,7 +900,7 @@ async fn imports_make_a_whole_volume_or_nothing() {
     t.engine.import_volume("junk", import(16)).await.unwrap();
     let err = t.engine.commit_import("junk").await.unwrap_err();
     assert!(err.message.contains("not an ext4"), "{}", err.message);
-    assert_eq!(err.code, ErrorCode::InvalidArgument);
+    assert_eq!(err.code, ErrorCode::InvalidVolume);
     assert!(t.engine.volume("junk").is_err());
     let mut on_disk: Vec<_> = std::fs::read_dir(dir.path().join("volumes"))
         .unwrap()
