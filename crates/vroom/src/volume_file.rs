@@ -243,6 +243,18 @@ pub async fn import(client: &Client, name: &Name, file: &Path, json: bool) -> Re
     Ok(())
 }
 
+/// What an export serves, in words: `volume NAME` or `snapshot S of
+/// volume NAME (taken for it)`.
+pub fn export_target(e: &vroom_types::VolumeExport) -> String {
+    match &e.snapshot {
+        None => format!("volume {}", e.volume),
+        Some(s) if e.temporary_snapshot => {
+            format!("snapshot {s} of volume {} (taken for it)", e.volume)
+        }
+        Some(s) => format!("snapshot {s} of volume {}", e.volume),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,17 +297,5 @@ mod tests {
                 (got, _) => panic!("{raw}: {got:?}"),
             }
         }
-    }
-}
-
-/// What an export serves, in words: `volume NAME` or `snapshot S of
-/// volume NAME (taken for it)`.
-pub fn export_target(e: &vroom_types::VolumeExport) -> String {
-    match &e.snapshot {
-        None => format!("volume {}", e.volume),
-        Some(s) if e.temporary_snapshot => {
-            format!("snapshot {s} of volume {} (taken for it)", e.volume)
-        }
-        Some(s) => format!("snapshot {s} of volume {}", e.volume),
     }
 }
