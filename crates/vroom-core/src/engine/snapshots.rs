@@ -910,6 +910,14 @@ impl Engine {
         if let Err(e) = cell.agent.resume(false, AGENT_TIMEOUT).await {
             tracing::warn!(instance = %name, error = %e, "the guest did not confirm its resume");
         }
+        // A volume snapshot froze its data volumes (they thaw by themselves
+        // after a bound too; an older guest does not know the request).
+        if !cell.lock().instance.spec.volumes.is_empty() {
+            let _ = cell
+                .agent
+                .call(vroom_agent_proto::HostCommand::ThawVolumes, AGENT_TIMEOUT)
+                .await;
+        }
         clear_marker(&cell.dir, SNAPSHOT_MARKER);
     }
 

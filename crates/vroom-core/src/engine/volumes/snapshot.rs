@@ -24,6 +24,7 @@ use vroom_volume::data as datavol;
 
 use super::super::*;
 use super::unix_now;
+use crate::engine::markers::{clear_marker, set_marker, SNAPSHOT_MARKER};
 
 /// How long a guest has to freeze its volumes before it is only paused.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -123,6 +124,12 @@ impl Engine {
         let (copied, taken, pause_ms) = match vm {
             None => (blocking(copy), SnapshotTaken::Offline, 0),
             Some((cell, process)) => {
+                // A daemon killed while the guest is held finds the marker
+                // and lets it run again (`recover_paused`).
+                if let Err(e) = blocking(|| set_marker(&cell.dir, SNAPSHOT_MARKER)) {
+                    let _ = std::fs::remove_file(&staging);
+                    return Err(e);
+                }
                 let frozen = matches!(
                     cell.agent
                         .call(HostCommand::FreezeVolumes, FREEZE_TIMEOUT)
@@ -146,8 +153,11 @@ impl Engine {
                         tracing::warn!(volume = name, error = %e, "the guest did not confirm the thaw (it thaws by itself)");
                     }
                 }
-                if let Err(e) = resumed {
-                    tracing::error!(volume = name, error = %e, "cannot resume the VM after a volume snapshot");
+                match resumed {
+                    Ok(()) => clear_marker(&cell.dir, SNAPSHOT_MARKER),
+                    Err(e) => {
+                        tracing::error!(volume = name, error = %e, "cannot resume the VM after a volume snapshot")
+                    }
                 }
                 paused.map_err(|e| OpError::internal("cannot pause the VM for the snapshot", e))?;
                 let taken = match frozen {

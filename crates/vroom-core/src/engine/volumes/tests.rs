@@ -1015,3 +1015,37 @@ async fn a_restart_keeps_live_exports_and_ends_the_rest() {
     engine.unexport_volume("kept").await.unwrap();
     assert!(gone(kept.pid));
 }
+
+/// A daemon killed while a volume snapshot holds the guest (VM paused, its
+/// volumes frozen, the marker down) leaves it paused: the next daemon lets
+/// it run. A snapshot that finishes leaves no marker behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_held_for_a_volume_snapshot_runs_again_after_a_daemon_crash() {
+    use crate::driver::{VmDriver, VmRunState};
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let i = t.engine.run(run_request("pg", "db", &[])).await.unwrap();
+    let pid = running_pid(&t, "pg").await;
+    let run_dir = dir.path().join("instances").join(&i.id);
+    t.engine
+        .snapshot_volume("pg-data", vroom_types::VolumeSnapshotRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        !run_dir.join("snapshotting").exists(),
+        "a finished snapshot clears its marker"
+    );
+
+    // What a kill in the middle of the copy leaves.
+    let vm = crate::driver::VmProcess {
+        pid,
+        accel: vroom_types::Accel::Tcg,
+        control_socket: run_dir.join("qmp.sock"),
+    };
+    t.driver.pause(&vm).unwrap();
+    std::fs::write(run_dir.join("snapshotting"), b"").unwrap();
+    let engine = t.restarted();
+    engine.recover().await.unwrap();
+    assert_eq!(t.driver.run_state(&vm).unwrap(), VmRunState::Running);
+    assert!(!run_dir.join("snapshotting").exists());
+}
