@@ -195,13 +195,23 @@ fn settled_on(lab: &Lab, instance: &str, ip: &str) -> Option<usize> {
     };
     let mut last = None;
     poll(Duration::from_secs(30), || {
-        let at = (0..lab.nodes.len()).find_map(|i| owner(i))?;
+        let at = (0..lab.nodes.len()).find_map(&owner)?;
         let alone = (0..lab.nodes.len()).all(|i| (i == at) == lab.runs(i, instance).is_some());
         let now = (alone && lab.page_from(at, ip).is_some()).then_some(at);
         let steady = now.is_some() && now == last;
         last = now;
         steady.then_some(at)
     })
+}
+
+/// A lab of two nodes that both have hello's image.
+fn two_nodes_with_hello() -> Arc<Lab> {
+    let lab = Arc::new(Lab::new(2));
+    let hello = common::recipe("hello");
+    for i in 0..2 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab
 }
 
 fn ip_of(lab: &Lab, i: usize, instance: &str) -> String {
@@ -213,11 +223,7 @@ fn ip_of(lab: &Lab, i: usize, instance: &str) -> String {
 #[test]
 fn an_instance_outlives_its_node_and_never_runs_twice() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(
         0,
         &[
@@ -956,11 +962,7 @@ fn moves_under_traffic_on_a_loaded_host_never_lose_the_guest() {
     // Its busy loops would starve the other tests' etcd and guests.
     let _alone = vroom_base::RwLockExt::write_unpoisoned(&HOST_LOAD);
     use vroom_lab::{BusyLoops, Prober};
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(0, &["run", "hello", "--name", "m", "--node", "n1"]);
     let ip = ip_of(&lab, 0, "m");
     failed_over(&lab, 0, "m", &ip, Duration::from_secs(60));
@@ -1121,11 +1123,7 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
 #[test]
 fn a_standby_instance_fails_over_from_a_warm_snapshot() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(
         0,
         &[
@@ -1325,4 +1323,171 @@ fn a_splice_moves_with_its_vm() {
     lab.ok(0, &["config", fw, "set", "block_tcp="]);
     assert!(open(0), "w does not answer through its firewall on n1");
     sampler.assert_never_twice("a spliced VM's moves");
+}
+
+/// A volume's replication as node `i` shows it: (primary, replica, state, epoch).
+fn replication_of(lab: &Lab, i: usize, volume: &str) -> Option<(String, String, String, u64)> {
+    let out = lab.vroom(i, &["--json", "volume", "inspect", volume]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let r = &v["replication"];
+    Some((
+        r["primary"].as_str()?.to_string(),
+        r["replica"].as_str()?.to_string(),
+        r["state"].as_str()?.to_string(),
+        r["epoch"].as_u64()?,
+    ))
+}
+
+/// Waits until node `i` shows the volume's replica up to date.
+fn up_to_date(lab: &Lab, i: usize, volume: &str, primary: &str) {
+    let synced = poll(Duration::from_secs(90), || {
+        replication_of(lab, i, volume)
+            .filter(|(p, _, s, _)| p == primary && s == "up_to_date")
+            .map(|_| ())
+    });
+    assert!(
+        synced.is_some(),
+        "the replica of {volume} did not come up to date (primary {primary}): {:?}\n--- log:\n{}",
+        replication_of(lab, i, volume),
+        lab.log(i)
+    );
+}
+
+/// This node's copy of a volume: its file.
+fn copy_of(lab: &Lab, i: usize, volume: &str) -> std::path::PathBuf {
+    let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap();
+    assert!(!id.is_empty(), "node {i} has no copy of {volume}: {out}");
+    lab.nodes[i].dir.join("volumes").join(id).join("volume.img")
+}
+
+#[test]
+fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    // A volume kept on two nodes: this node's copy is the primary.
+    lab.ok(
+        0,
+        &[
+            "volume",
+            "create",
+            "data",
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+        ],
+    );
+    let (primary, replica, state, epoch) = replication_of(&lab, 1, "data").unwrap();
+    assert_eq!((primary.as_str(), replica.as_str(), epoch), ("n1", "n2", 1));
+    assert_eq!(
+        state, "outdated",
+        "a replica is not up to date before its first copy"
+    );
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h1",
+            "--ha",
+            "restart",
+            "--volume",
+            "data:/var/data",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h1");
+    up_to_date(&lab, 0, "data", "n1");
+    // Rules that hold while it runs.
+    let out = lab.vroom(0, &["volume", "rm", "data"]);
+    assert!(!out.status.success(), "removed a volume in use");
+    let out = lab.vroom(0, &["migrate", "h1", "--to", "n2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("replicated volumes"),
+        "{err}"
+    );
+
+    // Writes the guest saw complete (each synced), while the primary's
+    // node loses power.
+    let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (lab, acked, stop) = (lab.clone(), acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for n in 1..10_000u32 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let script = format!("echo write-{n} > /var/data/w{n} && sync");
+                let out = lab.vroom(0, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+                if !out.status.success() {
+                    break;
+                }
+                acked.lock().unwrap().push(n);
+            }
+        })
+    };
+    poll(Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= 10).then_some(())
+    })
+    .expect("the guest acknowledged no writes");
+    lab.power_loss(0);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+
+    // The replica's node takes over from its copy: every acknowledged
+    // write is there.
+    let took = failed_over(&lab, 1, "h1", &ip, Duration::from_secs(60));
+    eprintln!(
+        "power loss: h1 answered from n2 after {took:?}, {} writes acknowledged",
+        acked.len()
+    );
+    let script = format!(
+        "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
+        acked
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = lab.ok(1, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+    for n in &acked {
+        assert!(
+            out.contains(&format!("write-{n}\n")),
+            "write {n} was acknowledged and is lost:\n{out}"
+        );
+    }
+    let (primary, replica, state, epoch) = replication_of(&lab, 1, "data").unwrap();
+    assert_eq!((primary.as_str(), replica.as_str()), ("n2", "n1"));
+    assert_eq!(epoch, 2, "a new primary is a new epoch");
+    assert_eq!(state, "outdated");
+
+    // The old primary comes back: it becomes the replica and is filled
+    // from the new primary (never merged), then both copies are the same.
+    lab.start(0);
+    lab.ok(
+        1,
+        &[
+            "exec",
+            "h1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo after > /var/data/after && sync",
+        ],
+    );
+    up_to_date(&lab, 1, "data", "n2");
+    assert_eq!(lab.runs(0, "h1"), None, "the old primary ran h1 again");
+    lab.ok(1, &["stop", "h1"]);
+    let (a, b) = (copy_of(&lab, 0, "data"), copy_of(&lab, 1, "data"));
+    let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
+    assert!(
+        same.status.success(),
+        "the copies differ after the resync: {}",
+        String::from_utf8_lossy(&same.stdout)
+    );
 }

@@ -28,6 +28,12 @@ impl ClusterNode {
                 "instance {name} is being removed"
             )));
         }
+        if let Some((v, _)) = Self::volumes_of(&view, record).first() {
+            return Err(OpError::conflict(format!(
+                "instance {name} uses volume {}, kept on {} and {}: an instance with replicated volumes does not migrate live yet; a drain of its node moves it to the replica's node cold",
+                v.name, v.primary, v.replica
+            )));
+        }
         if let Some((m, _)) = view.migrations.get(name) {
             return Err(OpError::conflict(format!(
                 "instance {name} is being migrated to {} already",

@@ -977,6 +977,8 @@ async fn a_restart_keeps_live_exports_and_ends_the_rest() {
         listen: &listen,
         pid_file: &exports.join("orphan.pid"),
         writable: false,
+        durable: false,
+        clients: 1,
     })
     .unwrap();
     // A record written just before a kill, nothing else made yet.
