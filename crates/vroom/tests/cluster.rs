@@ -1491,3 +1491,91 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
         String::from_utf8_lossy(&same.stdout)
     );
 }
+
+#[test]
+fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    lab.ok(
+        0,
+        &[
+            "volume",
+            "create",
+            "files",
+            "--size",
+            "32M",
+            "--replicas",
+            "2",
+        ],
+    );
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h2",
+            "--ha",
+            "restart",
+            "--volume",
+            "files:/var/files",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h2");
+    up_to_date(&lab, 0, "files", "n1");
+    let write = |what: &str| {
+        let script = format!("echo {what} > /var/files/{what} && sync");
+        lab.ok(0, &["exec", "h2", "--", "/bin/sh", "-c", &script]);
+    };
+    write("before");
+
+    // The replica's node freezes (its vroomd and its NBD server): the
+    // guest's write is held, then the primary records the replica
+    // outdated and goes on alone.
+    let servers = lab.nbd_servers(1);
+    assert_eq!(servers.len(), 1, "n2 serves one replica");
+    lab.freeze(1, true);
+    signal(servers[0], libc::SIGSTOP);
+    let started = Instant::now();
+    write("during");
+    let stall = started.elapsed();
+    eprintln!("the guest's write was held {stall:?} by a frozen replica");
+    assert!(stall < Duration::from_secs(8), "held {stall:?}");
+    let (_, _, state, _) = replication_of(&lab, 0, "files").unwrap();
+    assert_eq!(
+        state, "outdated",
+        "the replica that missed a write is not up to date"
+    );
+
+    // The primary's node is lost while its replica is outdated: the
+    // instance waits for it rather than come up on a copy that misses
+    // an acknowledged write.
+    lab.power_loss(0);
+    signal(servers[0], libc::SIGKILL);
+    lab.freeze(1, false);
+    let wrongly = poll(Duration::from_secs(12), || lab.runs(1, "h2"));
+    assert_eq!(
+        wrongly,
+        None,
+        "h2 was promoted onto an outdated replica: {}",
+        lab.log(1)
+    );
+
+    // The primary's node comes back: h2 runs there again with every write,
+    // and its replica is filled again.
+    lab.start(0);
+    failed_over(&lab, 0, "h2", &ip, Duration::from_secs(60));
+    let out = lab.ok(
+        0,
+        &[
+            "exec",
+            "h2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /var/files/before /var/files/during",
+        ],
+    );
+    assert_eq!(out, "before\nduring\n");
+    up_to_date(&lab, 0, "files", "n1");
+}
