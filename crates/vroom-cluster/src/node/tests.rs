@@ -728,3 +728,24 @@ async fn a_replica_that_is_not_up_to_date_is_never_promoted() {
         );
     }
 }
+
+/// A daemon killed between making its copy of a replicated volume and
+/// writing the volume's record leaves a copy no record names: the next
+/// pass removes it; a copy whose record exists stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_without_its_record_is_removed() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    replicated_volume(&fleet, "kept", ReplicaState::Outdated).await;
+    let a = &fleet.member("a").engine.engine;
+    let req = vroom_types::VolumeCreateRequest {
+        name: Name::new("half").unwrap(),
+        size_mib: 16,
+        fs: vroom_types::VolumeFs::Ext4,
+        replicas: 2,
+    };
+    a.create_volume_copy(&req).await.unwrap();
+    fleet.passes().await;
+    assert!(a.volume("half").is_err(), "the copy without a record stays");
+    assert!(a.volume("kept").is_ok());
+    assert!(fleet.member("b").engine.engine.volume("kept").is_ok());
+}
