@@ -1362,6 +1362,46 @@ fn copy_of(lab: &Lab, i: usize, volume: &str) -> std::path::PathBuf {
     lab.nodes[i].dir.join("volumes").join(id).join("volume.img")
 }
 
+/// Writes numbered files in `instance` on node `i` (each synced: the guest
+/// saw it complete) from `after + 1` on, and cuts the node's power after a
+/// random number of them, at a random moment. Returns what was acknowledged.
+fn write_until_power_loss(lab: &Arc<Lab>, i: usize, instance: &str, after: u32) -> Vec<u32> {
+    let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (lab, acked, stop) = (lab.clone(), acked.clone(), stop.clone());
+        let instance = instance.to_string();
+        std::thread::spawn(move || {
+            for n in after + 1.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let script = format!("echo write-{n} > /var/data/w{n} && sync");
+                let out = lab.vroom(i, &["exec", &instance, "--", "/bin/sh", "-c", &script]);
+                if !out.status.success() {
+                    break;
+                }
+                acked.lock().unwrap().push(n);
+            }
+        })
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let count = 5 + seed % 11;
+    poll(Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= count).then_some(())
+    })
+    .expect("the guest acknowledged no writes");
+    std::thread::sleep(Duration::from_millis((seed / 11 % 300) as u64));
+    lab.power_loss(i);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
 #[test]
 fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     let _quiet = quiet_host();
@@ -1410,79 +1450,48 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
         "{err}"
     );
 
-    // Writes the guest saw complete (each synced), while the primary's
-    // node loses power.
-    let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (lab, acked, stop) = (lab.clone(), acked.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for n in 1..10_000u32 {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let script = format!("echo write-{n} > /var/data/w{n} && sync");
-                let out = lab.vroom(0, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
-                if !out.status.success() {
-                    break;
-                }
-                acked.lock().unwrap().push(n);
-            }
-        })
-    };
-    poll(Duration::from_secs(60), || {
-        (acked.lock().unwrap().len() >= 10).then_some(())
-    })
-    .expect("the guest acknowledged no writes");
-    lab.power_loss(0);
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
-
-    // The replica's node takes over from its copy: every acknowledged
-    // write is there.
-    let took = failed_over(&lab, 1, "h1", &ip, Duration::from_secs(60));
-    eprintln!(
-        "power loss: h1 answered from n2 after {took:?}, {} writes acknowledged",
-        acked.len()
-    );
-    let script = format!(
-        "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
-        acked
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let out = lab.ok(1, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
-    for n in &acked {
-        assert!(
-            out.contains(&format!("write-{n}\n")),
-            "write {n} was acknowledged and is lost:\n{out}"
+    // Rounds of: writes the guest saw complete (each synced) while the
+    // primary's node loses power at a random moment; the replica's node
+    // takes over with every one of them; the old primary comes back as the
+    // replica and is filled again (never merged). Then the other way.
+    let mut acked: Vec<u32> = vec![];
+    let names = ["n1", "n2"];
+    for round in 0..3usize {
+        let (p, r) = (round % 2, 1 - round % 2);
+        let more = write_until_power_loss(&lab, p, "h1", acked.last().copied().unwrap_or(0));
+        acked.extend(more);
+        let took = failed_over(&lab, r, "h1", &ip, Duration::from_secs(60));
+        eprintln!(
+            "round {round}: power loss of {}: h1 answered from {} after {took:?}, {} writes acknowledged so far",
+            names[p],
+            names[r],
+            acked.len()
         );
+        let script = format!(
+            "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
+            acked
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let out = lab.ok(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+        for n in &acked {
+            assert!(
+                out.contains(&format!("write-{n}\n")),
+                "round {round}: write {n} was acknowledged and is lost:\n{out}"
+            );
+        }
+        let (primary, replica, state, epoch) = replication_of(&lab, r, "data").unwrap();
+        assert_eq!((primary.as_str(), replica.as_str()), (names[r], names[p]));
+        assert_eq!(epoch, round as u64 + 2, "a new primary is a new epoch");
+        assert_eq!(state, "outdated");
+        lab.start(p);
+        up_to_date(&lab, r, "data", names[r]);
+        assert_eq!(lab.runs(p, "h1"), None, "the old primary ran h1 again");
     }
-    let (primary, replica, state, epoch) = replication_of(&lab, 1, "data").unwrap();
-    assert_eq!((primary.as_str(), replica.as_str()), ("n2", "n1"));
-    assert_eq!(epoch, 2, "a new primary is a new epoch");
-    assert_eq!(state, "outdated");
-
-    // The old primary comes back: it becomes the replica and is filled
-    // from the new primary (never merged), then both copies are the same.
-    lab.start(0);
-    lab.ok(
-        1,
-        &[
-            "exec",
-            "h1",
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo after > /var/data/after && sync",
-        ],
-    );
-    up_to_date(&lab, 1, "data", "n2");
-    assert_eq!(lab.runs(0, "h1"), None, "the old primary ran h1 again");
-    lab.ok(1, &["stop", "h1"]);
+    let on = 1; // after three rounds: n2
+    lab.ok(on, &["stop", "h1"]);
     let (a, b) = (copy_of(&lab, 0, "data"), copy_of(&lab, 1, "data"));
     let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
     assert!(
