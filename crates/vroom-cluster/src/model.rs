@@ -262,7 +262,7 @@ impl VolumeRecord {
             epoch: self.epoch + 1,
             state: ReplicaState::Outdated,
             reason: Some(format!(
-                "node {} took over from {}; its copy is synced again when it is back",
+                "node {} took over from {}, whose copy is synced again from it",
                 self.replica, self.primary
             )),
             since: now,

@@ -346,6 +346,89 @@ impl ClusterNode {
         Some((compares, ops))
     }
 
+    /// A live migration's takeover share: every replicated volume of the
+    /// instance has its up-to-date replica on this node, which becomes the
+    /// primary in the takeover's transaction. `Err`: it may not move here.
+    pub(super) async fn takeover_volumes(
+        &self,
+        record: &InstanceRecord,
+    ) -> Result<(Vec<Compare>, Vec<Op>), OpError> {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        for attach in &record.request.spec.volumes {
+            let name = attach.volume.as_str();
+            let Some(kv) = self
+                .store
+                .get(&key(VOLUMES, name))
+                .await
+                .map_err(|e| etcd_error("cannot read the volume", e))?
+            else {
+                continue;
+            };
+            let volume: VolumeRecord = kv
+                .decode()
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+            if volume.replica != self.name || volume.state != ReplicaState::UpToDate {
+                return Err(OpError::conflict(format!(
+                    "volume {name}'s copy here is not its up-to-date replica; the instance stays where it was"
+                )));
+            }
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(kv.key, json(&volume.promoted(now_secs()))));
+        }
+        Ok((compares, ops))
+    }
+
+    /// A give-back's share: the volumes' primary copies are the source's
+    /// again (a new epoch), and this node's copies, which its VM may have
+    /// written, are outdated.
+    pub(super) async fn give_back_volumes(
+        &self,
+        record: &InstanceRecord,
+        to: &str,
+    ) -> Result<(Vec<Compare>, Vec<Op>), String> {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        for attach in &record.request.spec.volumes {
+            let name = attach.volume.as_str();
+            let Some(kv) = self
+                .store
+                .get(&key(VOLUMES, name))
+                .await
+                .map_err(|e| format!("cannot read the cluster: {e}"))?
+            else {
+                continue;
+            };
+            let volume: VolumeRecord = kv
+                .decode()
+                .map_err(|e| format!("cannot read volume {name}: {e}"))?;
+            let back = VolumeRecord {
+                primary: to.to_string(),
+                replica: self.name.clone(),
+                epoch: volume.epoch + 1,
+                ..volume.with_state(
+                    ReplicaState::Outdated,
+                    Some(format!(
+                        "a migration to {} failed; the copy there is synced again",
+                        self.name
+                    )),
+                    now_secs(),
+                )
+            };
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(kv.key, json(&back)));
+        }
+        Ok((compares, ops))
+    }
+
+    /// Stops serving this node's copies of an instance's volumes: they
+    /// are its primary copies now.
+    pub(super) fn stop_serving_volumes_of(&self, record: &InstanceRecord) {
+        for attach in &record.request.spec.volumes {
+            self.engine.stop_replica_server(attach.volume.as_str());
+        }
+    }
+
     /// The launch hook: a VM using replicated volumes starts only on their
     /// primary copies, and only once their records say the replicas miss
     /// what it writes until they are synced again. Blocking.
@@ -354,10 +437,32 @@ impl ClusterNode {
         instance: &str,
         volumes: &[String],
     ) -> Result<(), OpError> {
+        let handle = tokio::runtime::Handle::current();
+        if self.incoming.lock_unpoisoned().contains_key(instance) {
+            // A live migration coming in runs on this node's replica: only
+            // an up-to-date one; the takeover promotes it.
+            for volume in volumes {
+                let record = tokio::task::block_in_place(|| {
+                    handle.block_on(self.store.get(&key(VOLUMES, volume)))
+                })
+                .map_err(|e| etcd_error("cannot read the volume", e))?
+                .map(|kv| kv.decode::<VolumeRecord>())
+                .transpose()
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+                if let Some(v) = record {
+                    if v.replica != self.name || v.state != ReplicaState::UpToDate {
+                        return Err(OpError::conflict(format!(
+                            "volume {volume}'s copy on node {} is not its up-to-date replica",
+                            self.name
+                        )));
+                    }
+                }
+            }
+            return Ok(());
+        }
         let Some(token) = self.token(instance) else {
             return Ok(());
         };
-        let handle = tokio::runtime::Handle::current();
         for volume in volumes {
             let volume = volume.as_str();
             tokio::task::block_in_place(|| {
@@ -591,6 +696,12 @@ impl ClusterNode {
                 .await
                 .ok()
                 .and_then(|r| r.ok());
+            if self.migrating.lock_unpoisoned().contains(instance) {
+                // Paused for good while it moves; its replica's node takes
+                // over from its copy, or the move fails and the record is
+                // rewritten: nothing to judge here until it is decided.
+                continue;
+            }
             let Some(job) = job.flatten() else {
                 // The VM stopped (or is gone): every write it completed is
                 // on both copies, as the record says.
