@@ -346,6 +346,23 @@ impl ClusterNode {
         Some((compares, ops))
     }
 
+    /// The records of the replicated volumes an instance's record names.
+    async fn volume_records_of(
+        &self,
+        record: &InstanceRecord,
+    ) -> Result<Vec<(VolumeRecord, Kv)>, OpError> {
+        let mut found = vec![];
+        for attach in &record.request.spec.volumes {
+            let read = self
+                .store
+                .get_json::<VolumeRecord>(&key(VOLUMES, attach.volume.as_str()))
+                .await
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+            found.extend(read);
+        }
+        Ok(found)
+    }
+
     /// A live migration's takeover share: every replicated volume of the
     /// instance has its up-to-date replica on this node, which becomes the
     /// primary in the takeover's transaction. `Err`: it may not move here.
@@ -355,19 +372,8 @@ impl ClusterNode {
     ) -> Result<(Vec<Compare>, Vec<Op>), OpError> {
         let mut compares = vec![];
         let mut ops = vec![];
-        for attach in &record.request.spec.volumes {
-            let name = attach.volume.as_str();
-            let Some(kv) = self
-                .store
-                .get(&key(VOLUMES, name))
-                .await
-                .map_err(|e| etcd_error("cannot read the volume", e))?
-            else {
-                continue;
-            };
-            let volume: VolumeRecord = kv
-                .decode()
-                .map_err(|e| etcd_error("cannot read the volume", e))?;
+        for (volume, kv) in self.volume_records_of(record).await? {
+            let name = &volume.name;
             if volume.replica != self.name || volume.state != ReplicaState::UpToDate {
                 return Err(OpError::conflict(format!(
                     "volume {name}'s copy here is not its up-to-date replica; the instance stays where it was"
@@ -389,19 +395,11 @@ impl ClusterNode {
     ) -> Result<(Vec<Compare>, Vec<Op>), String> {
         let mut compares = vec![];
         let mut ops = vec![];
-        for attach in &record.request.spec.volumes {
-            let name = attach.volume.as_str();
-            let Some(kv) = self
-                .store
-                .get(&key(VOLUMES, name))
-                .await
-                .map_err(|e| format!("cannot read the cluster: {e}"))?
-            else {
-                continue;
-            };
-            let volume: VolumeRecord = kv
-                .decode()
-                .map_err(|e| format!("cannot read volume {name}: {e}"))?;
+        let records = self
+            .volume_records_of(record)
+            .await
+            .map_err(|e| e.message)?;
+        for (volume, kv) in records {
             let back = VolumeRecord {
                 primary: to.to_string(),
                 replica: self.name.clone(),
