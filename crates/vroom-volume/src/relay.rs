@@ -73,6 +73,10 @@ pub const DEFAULT_SILENT: Duration = Duration::from_secs(1);
 /// [`RelayClient`] for any answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Each direction reads through a buffer: one read takes in a whole
+/// message (or several) most of the time.
+const READ_BUFFER: usize = 256 * 1024;
+
 /// The longest control request line read.
 const MAX_CONTROL_LINE: u64 = 64 * 1024;
 
@@ -398,19 +402,6 @@ pub fn run(
     Ok(())
 }
 
-/// Waits for a stream's next byte: `None` at its end.
-fn first_byte(r: &mut impl Read) -> io::Result<Option<u8>> {
-    let mut byte = [0; 1];
-    loop {
-        match r.read(&mut byte) {
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(byte[0])),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     Released,
@@ -602,15 +593,16 @@ impl Relay {
     }
 
     /// Forwards the client's (QEMU's) messages to the peer.
-    fn client_to_peer(&self, mut qemu: UnixStream, mut peer: TcpStream) {
+    fn client_to_peer(&self, qemu: UnixStream, mut peer: TcpStream) {
+        let mut qemu = BufReader::with_capacity(READ_BUFFER, qemu);
         let mut export_name_sent = false;
         loop {
             // What comes next depends on the peer's answers so far, which
             // are known only once the client (answered) sends again.
-            let first = match first_byte(&mut qemu) {
-                Ok(Some(byte)) => byte,
-                Ok(None) | Err(_) => return self.qemu_closed(),
-            };
+            match qemu.fill_buf() {
+                Ok([]) | Err(_) => return self.qemu_closed(),
+                Ok(_) => {}
+            }
             let expect = {
                 let state = self.lock();
                 if !state.handshake.flags_sent {
@@ -621,7 +613,7 @@ impl Relay {
                     ClientExpect::Option
                 }
             };
-            let (message, bytes) = match wire::read_client(&mut [first].chain(&mut qemu), expect) {
+            let (message, bytes) = match wire::read_client(&mut qemu, expect) {
                 Ok(read) => read,
                 Err(ReadError::Closed | ReadError::Io(_)) => return self.qemu_closed(),
                 Err(ReadError::Malformed(what)) => {
@@ -684,13 +676,14 @@ impl Relay {
     }
 
     /// Forwards the peer's messages to QEMU, holding on the first fault.
-    fn peer_to_client(&self, mut peer: TcpStream, mut qemu: UnixStream) {
+    fn peer_to_client(&self, peer: TcpStream, mut qemu: UnixStream) {
+        let mut peer = BufReader::with_capacity(READ_BUFFER, peer);
         loop {
             // What comes next depends on what the client sent, known only
             // once the peer (answering it) sends.
-            let first = match first_byte(&mut peer) {
-                Ok(Some(byte)) => Ok(byte),
-                Ok(None) => Err(ReadError::Closed),
+            let first = match peer.fill_buf() {
+                Ok([]) => Err(ReadError::Closed),
+                Ok(_) => Ok(()),
                 Err(e) => Err(ReadError::Io(e)),
             };
             let expect = {
@@ -709,8 +702,8 @@ impl Relay {
                     ServerExpect::OptionReply
                 }
             };
-            let read = first.and_then(|first| {
-                wire::read_server(&mut [first].chain(&mut peer), expect, |cookie| {
+            let read = first.and_then(|()| {
+                wire::read_server(&mut peer, expect, |cookie| {
                     self.lock().requests.get(&cookie).map(|o| Sent {
                         command: o.command,
                         length: o.length,
