@@ -954,24 +954,12 @@ mod tests {
 
         /// The server sends `bytes`; the client must get exactly them.
         fn server_sends(&mut self, bytes: &[u8]) {
-            self.server.write_all(bytes).unwrap();
-            let mut got = vec![0; bytes.len()];
-            self.client.read_exact(&mut got).unwrap();
-            assert_eq!(
-                got, bytes,
-                "the client got other bytes than the server sent"
-            );
+            passes(&mut self.server, &mut self.client, bytes);
         }
 
         /// The client sends `bytes`; the server must get exactly them.
         fn client_sends(&mut self, bytes: &[u8]) {
-            self.client.write_all(bytes).unwrap();
-            let mut got = vec![0; bytes.len()];
-            self.server.read_exact(&mut got).unwrap();
-            assert_eq!(
-                got, bytes,
-                "the server got other bytes than the client sent"
-            );
+            passes(&mut self.client, &mut self.server, bytes);
         }
 
         /// QEMU 7.2's handshake: structured replies, a meta context, GO.
@@ -1013,6 +1001,13 @@ mod tests {
                 .recv_timeout(Duration::from_secs(3))
                 .expect("the relay should have ended")
         }
+    }
+
+    fn passes(from: &mut impl Write, to: &mut impl Read, bytes: &[u8]) {
+        from.write_all(bytes).unwrap();
+        let mut got = vec![0; bytes.len()];
+        to.read_exact(&mut got).unwrap();
+        assert_eq!(got, bytes, "the relay changed the bytes it forwarded");
     }
 
     fn holding(status: &RelayStatus, reason: &str) {
@@ -1060,15 +1055,22 @@ mod tests {
         assert_eq!(h.status().state, RelayState::Forwarding);
     }
 
-    #[test]
-    fn an_error_reply_holds_and_is_not_delivered() {
+    /// After a write, the server's `reply` makes the relay hold, and the
+    /// client never gets it.
+    fn a_reply_holds(reply: &[u8], reason: &str) -> Harness {
         let mut h = Harness::start(DEFAULT_SILENT);
         h.handshake();
         h.client_sends(&request(CMD_WRITE, 1, 4096, 2, b"hi"));
-        h.server.write_all(&simple_reply(28, 1, b"")).unwrap();
+        h.server.write_all(reply).unwrap();
         h.client_gets_nothing();
-        holding(
-            &h.status(),
+        holding(&h.status(), reason);
+        h
+    }
+
+    #[test]
+    fn an_error_reply_holds_and_is_not_delivered() {
+        let mut h = a_reply_holds(
+            &simple_reply(28, 1, b""),
             "write of 2 bytes at 4096) with error 28 (ENOSPC)",
         );
         // Nothing more goes to the peer either.
@@ -1084,21 +1086,20 @@ mod tests {
 
     #[test]
     fn an_error_chunk_holds_and_is_not_delivered() {
-        let mut h = Harness::start(DEFAULT_SILENT);
-        h.handshake();
-        h.client_sends(&request(CMD_WRITE, 7, 0, 2, b"hi"));
         let mut payload = 5u32.to_be_bytes().to_vec();
         payload.extend(0u16.to_be_bytes());
-        h.server
-            .write_all(&chunk(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR_BIT | 1,
-                7,
-                &payload,
-            ))
-            .unwrap();
-        h.client_gets_nothing();
-        holding(&h.status(), "error chunk (type 0x8001, error 5 (EIO))");
+        a_reply_holds(
+            &chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_BIT | 1, 1, &payload),
+            "error chunk (type 0x8001, error 5 (EIO))",
+        );
+    }
+
+    #[test]
+    fn a_malformed_peer_holds() {
+        a_reply_holds(
+            &simple_reply(0, 99, b""),
+            "malformed stream from the peer: a reply to cookie 0x63",
+        );
     }
 
     #[test]
@@ -1157,19 +1158,6 @@ mod tests {
         // A late answer is not delivered.
         h.server.write_all(&simple_reply(0, 1, b"")).unwrap();
         h.client_gets_nothing();
-    }
-
-    #[test]
-    fn a_malformed_peer_holds() {
-        let mut h = Harness::start(DEFAULT_SILENT);
-        h.handshake();
-        h.client_sends(&request(CMD_WRITE, 1, 0, 2, b"hi"));
-        h.server.write_all(&simple_reply(0, 99, b"")).unwrap();
-        h.client_gets_nothing();
-        holding(
-            &h.status(),
-            "malformed stream from the peer: a reply to cookie 0x63",
-        );
     }
 
     #[test]
