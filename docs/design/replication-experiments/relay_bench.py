@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """The NBD relay's cost (docs/design/replication.md, section 5.2).
 
-4 KiB writes at queue depth 1 (`qemu-img bench -w -d 1`, QEMU's own NBD
-client) into a qemu-nbd on 127.0.0.1, once straight over TCP and once
+4 KiB writes at queue depth 1 (or DEPTH; `qemu-img bench -w`, QEMU's own
+NBD client) into a qemu-nbd on 127.0.0.1, once straight over TCP and once
 through `vroom __nbd-relay` (QEMU on a unix socket, the relay holding it and
 the TCP connection), alternating, ROUNDS times each; prints the mean
 latency per write of every run and the medians.
 
-Usage: relay_bench.py VROOM_BINARY [COUNT] [ROUNDS] [CACHE]
+Usage: relay_bench.py VROOM_BINARY [COUNT] [ROUNDS] [CACHE] [DEPTH]
 CACHE is qemu-nbd's --cache: writethrough (the replica's, one fdatasync per
-write) or writeback (to see the relay's own cost without the fdatasync).
+write) or writeback (to see the relay's own cost without the fdatasync);
+DEPTH is the queue depth (1).
 """
 import os
 import re
@@ -24,6 +25,7 @@ VROOM = sys.argv[1]
 COUNT = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 CACHE = sys.argv[4] if len(sys.argv) > 4 else "writethrough"
+DEPTH = sys.argv[5] if len(sys.argv) > 5 else "1"
 
 
 def free_port():
@@ -33,7 +35,7 @@ def free_port():
 
 
 def bench_args(url):
-    return ["qemu-img", "bench", "-f", "raw", "-w", "-d", "1", "-s", "4096",
+    return ["qemu-img", "bench", "-f", "raw", "-w", "-d", DEPTH, "-s", "4096",
             "-c", str(COUNT), url]
 
 
@@ -99,7 +101,7 @@ def main():
             for n in range(ROUNDS):
                 runs["direct"].append(direct(port) / COUNT * 1e6)
                 runs["relay"].append(relayed(port, tmp, n) / COUNT * 1e6)
-            print(f"{COUNT} x 4 KiB writes, QD1, qemu-nbd --cache={CACHE}; "
+            print(f"{COUNT} x 4 KiB writes, QD{DEPTH}, qemu-nbd --cache={CACHE}; "
                   f"mean us per write, {ROUNDS} runs each")
             for name, values in runs.items():
                 print(f"  {name:6} {' '.join(f'{v:7.1f}' for v in values)}"
