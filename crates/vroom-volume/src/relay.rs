@@ -206,10 +206,11 @@ impl RelayClient {
     }
 }
 
-/// Starts a relay process between `qemu` (QEMU's socketpair end's partner)
-/// and `peer` (the connection to the replica), answering on `control`, and
-/// returns its pid once the control socket answers. Both fds are closed
-/// here: the relay holds them alone.
+/// Starts a relay process (`exe __nbd-relay`) between `qemu` (the other end
+/// of the socketpair whose one end QEMU's NBD client has) and `peer` (the
+/// connection to the replica), answering on `control`, and returns its pid
+/// once the control socket answers. Both fds are closed here: the relay
+/// holds them alone. A relay that does not answer is killed.
 pub fn spawn(
     exe: &Path,
     qemu: OwnedFd,
@@ -291,6 +292,12 @@ pub fn spawn(
     }
 }
 
+/// A line on stderr (the relay's log). A log that cannot be written (a
+/// full disk) must not stop the relay, as `eprintln!` would by panicking.
+fn log(line: fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr(), "relay: {line}");
+}
+
 /// Where a relay answering on `control` logs.
 pub fn log_path(control: &Path) -> PathBuf {
     let mut name = control.as_os_str().to_owned();
@@ -325,11 +332,11 @@ pub fn run_process(
     let _ = std::fs::remove_file(control);
     let listener = UnixListener::bind(control)?;
     std::fs::set_permissions(control, std::fs::Permissions::from_mode(0o600))?;
-    eprintln!(
-        "relay: forwarding, control at {}, silent after {} ms",
+    log(format_args!(
+        "forwarding, control at {}, silent after {} ms",
         control.display(),
         silent.as_millis()
-    );
+    ));
     run(qemu.into(), peer.into(), listener, silent)
 }
 
@@ -387,7 +394,7 @@ pub fn run(
             state = relay.ended.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     };
-    eprintln!("relay: {end}");
+    log(format_args!("{end}"));
     if let Some(path) = control_path {
         // Wakes the control thread out of accept, to see the end.
         let _ = UnixStream::connect(&path);
@@ -494,7 +501,7 @@ impl State {
 
     fn hold(&mut self, reason: String) {
         if self.fault.is_none() && !self.closed {
-            eprintln!("relay: holding: {reason}");
+            log(format_args!("holding: {reason}"));
             self.fault = Some(reason);
         }
     }
@@ -779,7 +786,7 @@ impl Relay {
                 .name("relay-answer".into())
                 .spawn(move || relay.answer(stream));
             if let Err(e) = spawned {
-                eprintln!("relay: cannot answer a control connection: {e}");
+                log(format_args!("cannot answer a control connection: {e}"));
             }
         }
     }
@@ -801,7 +808,7 @@ impl Relay {
                     serde_json::to_string(&self.lock().status(Instant::now()))
                 }
                 Ok(ControlRequest::Release) => {
-                    eprintln!("relay: release asked");
+                    log(format_args!("release asked"));
                     self.close();
                     let answer = serde_json::to_string(&Released { released: true })
                         .expect("invariant: an answer serializes");
@@ -1184,6 +1191,43 @@ mod tests {
         h.client_sends(&request(CMD_DISC, 1, 0, 0, b""));
         h.server.shutdown(Shutdown::Both).unwrap();
         h.ended().unwrap();
+    }
+
+    fn socket_fds() -> (OwnedFd, OwnedFd) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (a.into(), b.into())
+    }
+
+    #[test]
+    fn spawn_refuses_a_control_socket_a_relay_answers_on() {
+        let h = Harness::start(DEFAULT_SILENT);
+        let (qemu, peer) = socket_fds();
+        let err = spawn(
+            Path::new("/bin/true"),
+            qemu,
+            peer,
+            &h.control,
+            DEFAULT_SILENT,
+        )
+        .expect_err("a second relay on the same control socket");
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(h.status().state, RelayState::Forwarding);
+    }
+
+    #[test]
+    fn spawn_reports_a_relay_that_exits_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("relay.sock");
+        let (qemu, peer) = socket_fds();
+        let err = spawn(
+            Path::new("/bin/false"),
+            qemu,
+            peer,
+            &control,
+            DEFAULT_SILENT,
+        )
+        .expect_err("a relay that exits");
+        assert!(err.to_string().contains("exited at start"), "{err}");
     }
 
     #[test]
