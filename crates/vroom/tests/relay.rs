@@ -33,11 +33,31 @@ struct Chain {
 }
 
 impl Chain {
-    fn start(silent: Duration) -> Chain {
+    /// `enospc_at`: the replica's disk fails writes at this offset with
+    /// ENOSPC (blkdebug's error injection), so qemu-nbd answers them with an
+    /// NBD error.
+    fn start(silent: Duration, enospc_at: Option<u64>) -> Chain {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("replica.img");
         std::fs::File::create(&file).unwrap().set_len(SIZE).unwrap();
-        let (nbd, peer) = serve(&file);
+        let image = match enospc_at {
+            None => vec![
+                "-f".to_string(),
+                "raw".to_string(),
+                file.display().to_string(),
+            ],
+            Some(offset) => vec![
+                "--image-opts".to_string(),
+                format!(
+                    "driver=raw,file.driver=blkdebug,file.image.filename={},\
+                     file.inject-error.0.event=pwritev,file.inject-error.0.errno=28,\
+                     file.inject-error.0.sector={}",
+                    file.display(),
+                    offset / 512
+                ),
+            ],
+        };
+        let (nbd, peer) = serve(&image);
         let socket = dir.path().join("qemu.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let mut qemu_io = Command::new("qemu-io")
@@ -204,8 +224,9 @@ impl Drop for Chain {
     }
 }
 
-/// Starts qemu-nbd on a free port of 127.0.0.1 and connects to it.
-fn serve(file: &Path) -> (Child, TcpStream) {
+/// Starts qemu-nbd serving `image` (its image arguments) on a free port of
+/// 127.0.0.1, and connects to it.
+fn serve(image: &[String]) -> (Child, TcpStream) {
     for _ in 0..5 {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -213,9 +234,9 @@ fn serve(file: &Path) -> (Child, TcpStream) {
             .unwrap()
             .port();
         let mut nbd = Command::new("qemu-nbd")
-            .args(["-f", "raw", "--cache=writethrough", "-x", EXPORT])
+            .args(["--cache=writethrough", "-x", EXPORT])
             .args(["-b", "127.0.0.1", "-p", &port.to_string()])
-            .arg(file)
+            .args(image)
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-nbd (from qemu-utils) is needed for this test");
@@ -270,7 +291,7 @@ fn signal(child: &Child, signal: i32) {
 
 #[test]
 fn relay_forwards_writes_and_holds_a_killed_replica_until_released() {
-    let mut chain = Chain::start(relay::DEFAULT_SILENT);
+    let mut chain = Chain::start(relay::DEFAULT_SILENT, None);
     chain.write_through(0x5a, 0, 65536);
     chain.command("read -P 0x5a 0 65536");
     chain.wait_for(
@@ -295,7 +316,7 @@ fn relay_forwards_writes_and_holds_a_killed_replica_until_released() {
 #[test]
 fn relay_holds_a_frozen_replica_after_silent_until_released() {
     let silent = relay::DEFAULT_SILENT;
-    let mut chain = Chain::start(silent);
+    let mut chain = Chain::start(silent, None);
     chain.write_through(0x5a, 0, 4096);
     signal(&chain.nbd, libc::SIGSTOP);
     chain.command("write -P 0x66 8192 4096");
@@ -314,4 +335,23 @@ fn relay_holds_a_frozen_replica_after_silent_until_released() {
     let held_after = sent.elapsed();
     assert!(held_after >= silent, "held after only {held_after:?}");
     chain.held_then_failed_on_release(8192, &["no answer from the peer to request"]);
+}
+
+/// The protocol-C gap itself: straight to QEMU, the replica's error reply
+/// would complete the write at once ("No space left on device"; a mirror
+/// would acknowledge the guest's write with only the local copy). Through
+/// the relay it is held, and fails only on release.
+#[test]
+fn relay_holds_an_error_reply_until_released() {
+    let mut chain = Chain::start(relay::DEFAULT_SILENT, Some(32768));
+    chain.write_through(0x5a, 0, 4096);
+    chain.command("write -P 0x66 32768 4096");
+    // qemu-nbd 7.2 answers with an error chunk (QEMU negotiates structured
+    // replies).
+    chain.held_then_failed_on_release(32768, &["error chunk (type 0x8001, error 28 (ENOSPC))"]);
+    assert!(
+        !chain.output().contains("No space left on device"),
+        "the replica's error reached QEMU:\n{}",
+        chain.output()
+    );
 }
