@@ -1185,6 +1185,23 @@ mod tests {
     }
 
     #[test]
+    fn the_client_closing_while_holding_keeps_the_hold_for_vroomd() {
+        let mut h = Harness::start(DEFAULT_SILENT);
+        h.handshake();
+        h.client_sends(&request(CMD_WRITE, 1, 0, 2, b"hi"));
+        h.server.shutdown(Shutdown::Both).unwrap();
+        h.client_gets_nothing();
+        h.client.shutdown(Shutdown::Both).unwrap();
+        assert!(
+            h.done.recv_timeout(QUIET).is_err(),
+            "the relay ended while holding, before release"
+        );
+        holding(&h.status(), "the peer closed the connection");
+        RelayClient::connect(&h.control).unwrap().release().unwrap();
+        h.ended().unwrap();
+    }
+
+    #[test]
     fn a_disconnect_then_the_peer_closing_ends_cleanly() {
         let mut h = Harness::start(DEFAULT_SILENT);
         h.handshake();
