@@ -321,8 +321,14 @@ fn relay_holds_a_frozen_replica_after_silent_until_released() {
     signal(&chain.nbd, libc::SIGSTOP);
     chain.command("write -P 0x66 8192 4096");
     let sent = Instant::now();
-    std::thread::sleep(silent / 2);
-    let early = chain.status();
+    // The write reaches the relay and waits there, not yet a fault.
+    let early = loop {
+        let status = chain.status();
+        if status.outstanding > 0 || sent.elapsed() > silent / 2 {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(early.state, RelayState::Forwarding, "{early:?}");
     assert_eq!(early.outstanding, 1, "{early:?}");
     while chain.status().state == RelayState::Forwarding {
