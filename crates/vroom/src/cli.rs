@@ -136,6 +136,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         | Command::Bench { .. }
         | Command::Jail { .. }
         | Command::Guard { .. }
+        | Command::NbdRelay { .. }
         | Command::Cluster { .. } => {
             unreachable!("handled in main")
         }
