@@ -26,20 +26,26 @@
 //! The data path: the primary's VMM mirrors the volume's drive
 //! synchronously (QEMU `blockdev-mirror`, `write-blocking`) into a
 //! `qemu-nbd` on the replica's node that writes through, over a TCP
-//! connection this node opens and hands the VMM (docs/design/replication.md).
+//! connection this node opens. The VMM does not get that connection: it
+//! talks to a relay (`vroom __nbd-relay`, [`vroom_volume::relay`]) that
+//! forwards while the replica answers and *holds* the guest's write when it
+//! fails, closes or goes silent for [`SILENT`], until this node has recorded
+//! the replica outdated and releases it: QEMU alone would complete that
+//! write with the local copy at once (docs/design/replication.md §5.2).
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vroom_types::{ReplicaState, Volume, VolumeCreateRequest, VolumeReplication};
+use vroom_volume::relay;
 
 use super::*;
 
-/// How long a replica may leave a write unanswered before it counts as
-/// lost (a frozen node keeps acknowledging TCP: only this catches it).
+/// How long a replica may leave a write unanswered before the relay holds
+/// it as lost (a frozen node keeps acknowledging TCP: only this catches it).
 const SILENT: Duration = Duration::from_secs(1);
 /// How often a replication is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -660,28 +666,63 @@ impl ClusterNode {
         if let Err(e) = syncing {
             return Ended::Fault(e.message);
         }
+        // A relay left by an earlier daemon (holding, maybe) goes now that
+        // the record no longer says up to date.
+        let control = self.relay_control(volume);
+        release_relay(&control);
         let conn = match self.connect_replica(volume, peer).await {
             Ok(conn) => conn,
             Err(e) => return Ended::Fault(e),
         };
-        let engine = self.engine.clone();
-        let (inst, vol) = (instance.to_string(), volume.to_string());
-        let std_conn = match conn.into_std() {
+        let conn = match conn.into_std().and_then(|c| {
+            c.set_nonblocking(false)?;
+            Ok(c)
+        }) {
             Ok(c) => c,
             Err(e) => return Ended::Fault(format!("the replica's connection: {e}")),
         };
+        // QEMU talks NBD to the relay, which holds a replica's failure
+        // (an error, a close, silence) as a stall rather than let QEMU
+        // acknowledge the write with the local copy alone.
+        let (qemu_end, relay_end) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(e) => return Ended::Fault(format!("cannot make the relay's socket pair: {e}")),
+        };
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Ended::Fault(format!("cannot find vroom's binary: {e}")),
+        };
+        let spawned = {
+            let control = control.clone();
+            tokio::task::spawn_blocking(move || {
+                relay::spawn(&exe, relay_end.into(), conn.into(), &control, SILENT)
+            })
+            .await
+        };
+        match spawned {
+            Ok(Ok(_pid)) => {}
+            Ok(Err(e)) => return Ended::Fault(format!("cannot start the relay: {e}")),
+            Err(e) => return Ended::Fault(e.to_string()),
+        }
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
         let started = tokio::task::spawn_blocking(move || {
-            let r = engine.replicate_volume(&inst, &vol, std_conn.as_fd());
-            (r, std_conn)
+            // QEMU keeps its own copy of the fd.
+            engine.replicate_volume(&inst, &vol, qemu_end.as_fd())
         })
         .await;
-        let conn = match started {
-            Ok((Ok(()), conn)) => conn,
-            Ok((Err(e), _)) => return Ended::Fault(e.message),
-            Err(e) => return Ended::Fault(e.to_string()),
-        };
+        match started {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                release_relay(&control);
+                return Ended::Fault(e.message);
+            }
+            Err(e) => {
+                release_relay(&control);
+                return Ended::Fault(e.to_string());
+            }
+        }
         tracing::info!(%volume, %instance, replica = %peer, "replicating");
-        let mut watch = LinkWatch::default();
         let mut up_to_date = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -703,17 +744,20 @@ impl ClusterNode {
             let Some(job) = job.flatten() else {
                 // The VM stopped (or is gone): every write it completed is
                 // on both copies, as the record says.
+                release_relay(&control);
                 return Ended::Quietly;
             };
-            let fault = if job.failed {
-                Some("the replica failed a write".to_string())
-            } else {
-                watch
-                    .stalled(&conn)
-                    .map(|ms| format!("the replica has not answered a write for {ms} ms"))
+            let fault = match relay_status(&control) {
+                Ok(s) if s.state == relay::RelayState::Holding => Some(
+                    s.fault
+                        .unwrap_or_else(|| "the replica stopped answering".into()),
+                ),
+                Ok(_) if job.failed => Some("the replica failed a write".to_string()),
+                Ok(_) => None,
+                Err(e) => Some(format!("the relay is gone ({e})")),
             };
             if let Some(reason) = fault {
-                self.cut_loose(instance, token, volume, &reason, &conn)
+                self.cut_loose(instance, token, volume, &reason, &control)
                     .await;
                 return Ended::Fault(reason);
             }
@@ -737,6 +781,13 @@ impl ClusterNode {
         }
     }
 
+    /// Where the relay of `volume`'s replication answers.
+    fn relay_control(&self, volume: &str) -> PathBuf {
+        let dir = self.data_dir.join("relays");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("{volume}.sock"))
+    }
+
     /// The replica stopped answering (or failed a write): the record says
     /// `Outdated` first, then the connection is cut and the guest's writes
     /// go on locally. A record that cannot be written in time stops the VM
@@ -747,7 +798,7 @@ impl ClusterNode {
         token: i64,
         volume: &str,
         reason: &str,
-        conn: &std::net::TcpStream,
+        control: &Path,
     ) {
         let deadline = Instant::now() + RECORD_DEADLINE;
         let recorded = loop {
@@ -772,7 +823,9 @@ impl ClusterNode {
         if !recorded {
             let _ = self.engine.kill_vm(instance);
         }
-        let _ = conn.shutdown(std::net::Shutdown::Both);
+        // Only now may QEMU see the failure (and complete the held write
+        // with the local copy alone).
+        release_relay(control);
         let engine = self.engine.clone();
         let (inst, vol) = (instance.to_string(), volume.to_string());
         let _ = tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
@@ -871,48 +924,19 @@ pub(super) enum ReplicaReply {
     Refused { reason: String },
 }
 
-/// Watches a replication's connection from vroomd's side, by the kernel's
-/// TCP counters: data sent after the last data received, for longer than
-/// [`SILENT`], is a write the replica has not answered.
-#[derive(Default)]
-struct LinkWatch {
-    /// When data was first seen waiting for an answer.
-    waiting_since: Option<Instant>,
+/// The status of the relay answering at `control`.
+fn relay_status(control: &Path) -> Result<relay::RelayStatus, String> {
+    relay::RelayClient::connect(control)
+        .and_then(|mut c| c.status())
+        .map_err(|e| e.to_string())
 }
 
-impl LinkWatch {
-    /// How long (ms) the replica has left a write unanswered, once that is
-    /// longer than [`SILENT`].
-    fn stalled(&mut self, conn: &std::net::TcpStream) -> Option<u64> {
-        let info = tcp_info(conn)?;
-        // Both are "milliseconds ago": sent more recently than received.
-        let waiting = info.tcpi_last_data_sent < info.tcpi_last_data_recv;
-        if !waiting {
-            self.waiting_since = None;
-            return None;
+/// Releases the relay answering at `control`, if one does: it closes QEMU's
+/// end (QEMU fails what it held) and exits.
+fn release_relay(control: &Path) {
+    if let Ok(mut client) = relay::RelayClient::connect(control) {
+        if let Err(e) = client.release() {
+            tracing::warn!(control = %control.display(), error = %e, "cannot release a relay");
         }
-        let now = Instant::now();
-        let since = *self.waiting_since.get_or_insert_with(|| {
-            now - Duration::from_millis(u64::from(info.tcpi_last_data_sent))
-        });
-        let waited = now.duration_since(since);
-        (waited > SILENT).then_some(waited.as_millis() as u64)
     }
-}
-
-fn tcp_info(conn: &std::net::TcpStream) -> Option<libc::tcp_info> {
-    // SAFETY: `info` is a plain C struct the kernel fills up to `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket fd, a buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(info)
 }
