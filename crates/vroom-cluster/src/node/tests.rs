@@ -749,3 +749,31 @@ async fn a_copy_without_its_record_is_removed() {
     assert!(a.volume("kept").is_ok());
     assert!(fleet.member("b").engine.engine.volume("kept").is_ok());
 }
+
+/// A drain moves an instance with a replicated volume only to the node of
+/// its up-to-date replica (not to the emptiest node), and nowhere while
+/// that replica is not up to date.
+///
+/// Check it covers: `View::volume_target` in the drain's plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_an_instance_to_its_up_to_date_replica_only() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    fleet
+        .run(
+            "a",
+            with_volume(request("db", None, HaPolicy::Restart), "data"),
+        )
+        .await;
+    set_volume_state(&fleet, "data", ReplicaState::UpToDate).await;
+    let a = fleet.node("a");
+    let view = a.view().await.unwrap();
+    assert_eq!(view.target_for("db", "a").as_deref(), Some("b"));
+    for state in [ReplicaState::Syncing, ReplicaState::Outdated] {
+        set_volume_state(&fleet, "data", state).await;
+        let view = a.view().await.unwrap();
+        assert_eq!(view.target_for("db", "a"), None, "{state}");
+        let (_, plan) = view.drain_plan("a");
+        assert_eq!(plan.stuck.len(), 1, "{state}: {plan:?}");
+    }
+}
