@@ -777,3 +777,46 @@ async fn a_drain_sends_an_instance_to_its_up_to_date_replica_only() {
         assert_eq!(plan.stuck.len(), 1, "{state}: {plan:?}");
     }
 }
+
+/// A dead node removed from the cluster: refused while it holds the only
+/// up-to-date copy of a volume; otherwise the replica it kept gets a new
+/// node (outdated there until its first copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    fleet
+        .run(
+            "a",
+            with_volume(request("db", None, HaPolicy::Restart), "data"),
+        )
+        .await;
+    fleet
+        .settle("db runs on a", |f| f.running_on("db") == ["a"])
+        .await;
+    fleet.stop("b");
+    fleet.passes().await;
+    fleet.node("a").remove_node("b").await.unwrap();
+    for _ in 0..5 {
+        fleet.passes().await;
+    }
+    let record = volume_record(&fleet, "data").await;
+    assert_eq!(
+        (record.primary.as_str(), record.replica.as_str()),
+        ("a", "c")
+    );
+    assert_ne!(record.state, ReplicaState::UpToDate);
+
+    // c's copy is the replica; a dies: a's is the only up-to-date copy
+    // (the replica is outdated), so a is not removed.
+    fleet.stop("a");
+    fleet.passes().await;
+    let refused = fleet.node("c").remove_node("a").await.unwrap_err();
+    assert!(
+        refused
+            .message
+            .contains("only up-to-date copy of volume data"),
+        "{}",
+        refused.message
+    );
+}

@@ -570,7 +570,15 @@ impl ClusterNode {
                 continue;
             }
             for (volume, _) in Self::volumes_of(view, record) {
-                if volume.primary != self.name || !view.nodes.contains_key(&volume.replica) {
+                if volume.primary != self.name {
+                    continue;
+                }
+                if !view.members.contains_key(&volume.replica) {
+                    // Its replica's node was removed: another keeps it.
+                    self.rehome_replica(instance, *token, volume, view).await;
+                    continue;
+                }
+                if !view.nodes.contains_key(&volume.replica) {
                     continue;
                 }
                 let Some(peer) = view
@@ -599,7 +607,19 @@ impl ClusterNode {
                     match ended {
                         Ended::Quietly => {}
                         Ended::Fault(reason) => {
-                            tracing::warn!(volume = %volume_name, %instance, %reason, "the replication ended")
+                            tracing::warn!(volume = %volume_name, %instance, %reason, "the replication ended");
+                            // A sync that did not get going says why.
+                            let _ = node
+                                .update_volume(&instance, token, &volume_name, |v| {
+                                    Ok((v.state == ReplicaState::Syncing).then(|| {
+                                        v.with_state(
+                                            ReplicaState::Outdated,
+                                            Some(reason.clone()),
+                                            now_secs(),
+                                        )
+                                    }))
+                                })
+                                .await;
                         }
                     }
                     node.replication_ended
@@ -610,6 +630,44 @@ impl ClusterNode {
             }
         }
         self.tidy_copies(view).await;
+    }
+
+    /// Chooses a new node for the replica of `volume`, whose node was
+    /// removed from the cluster: up, not cordoned, not this one, the most
+    /// free memory. Its copy is made and filled by the next replication.
+    async fn rehome_replica(&self, instance: &str, token: i64, volume: &VolumeRecord, view: &View) {
+        let Some(new) = view
+            .candidates()
+            .into_values()
+            .filter(|c| c.name != self.name && c.state == NodeState::Ready)
+            .max_by_key(|c| c.mem_free_mib)
+            .map(|c| c.name)
+        else {
+            return;
+        };
+        let gone = volume.replica.clone();
+        let moved = self
+            .update_volume(instance, token, &volume.name, |v| {
+                Ok((v.replica == gone).then(|| VolumeRecord {
+                    replica: new.clone(),
+                    ..v.with_state(
+                        ReplicaState::Outdated,
+                        Some(format!(
+                            "node {gone} was removed; node {new} keeps the replica now"
+                        )),
+                        now_secs(),
+                    )
+                }))
+            })
+            .await;
+        match moved {
+            Ok(()) => {
+                tracing::info!(volume = %volume.name, %gone, %new, "the replica has a new node")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e.message, "cannot give the replica a new node")
+            }
+        }
     }
 
     /// Stops serving copies this node is not the replica of, and removes
