@@ -1567,6 +1567,40 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         let script = format!("echo {what} > /var/files/{what} && sync");
         lab.ok(0, &["exec", "h2", "--", "/bin/sh", "-c", &script]);
     };
+    // A silent partition of the replication link (its packets dropped in
+    // the replica's namespace): the write is held, the replica recorded
+    // outdated, the guest goes on; once the link is back, the primary
+    // fills the replica again.
+    let server = lab.nbd_servers(1)[0];
+    let cmdline = std::fs::read_to_string(format!("/proc/{server}/cmdline")).unwrap();
+    let port = cmdline
+        .split('\0')
+        .find_map(|a| a.strip_prefix("--port="))
+        .unwrap()
+        .to_string();
+    let ns = &lab.nodes[1].ns;
+    let nft = |rule: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ip netns exec {ns} nft {rule}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "nft {rule}");
+    };
+    nft("add table inet repl");
+    nft("add chain inet repl in '{ type filter hook input priority 0; }'");
+    nft(&format!("add rule inet repl in tcp dport {port} drop"));
+    let started = Instant::now();
+    write("partitioned");
+    eprintln!(
+        "a silent partition held the guest's write {:?}",
+        started.elapsed()
+    );
+    let (_, _, state, _) = replication_of(&lab, 0, "files").unwrap();
+    assert_eq!(state, "outdated");
+    nft("delete table inet repl");
+    up_to_date(&lab, 0, "files", "n1");
     write("before");
 
     // The replica's node freezes (its vroomd and its NBD server): the
@@ -1610,6 +1644,7 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         "h2",
         "--",
         "cat",
+        "/var/files/partitioned",
         "/var/files/before",
         "/var/files/during",
     ];
@@ -1618,7 +1653,10 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         out.status.success().then_some(out.stdout)
     })
     .unwrap_or_else(|| panic!("h2 does not run on n1:\n{}", lab.log(0)));
-    assert_eq!(String::from_utf8_lossy(&out), "before\nduring\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "partitioned\nbefore\nduring\n"
+    );
     up_to_date(&lab, 0, "files", "n1");
 }
 
