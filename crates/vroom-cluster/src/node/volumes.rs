@@ -142,6 +142,90 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// A new cluster instance's declared volumes (its image's
+    /// `[[volumes]]`) that the request does not attach: `INSTANCE-ROLE`,
+    /// kept on two nodes: taken when the cluster has it (and nothing uses
+    /// it), made here otherwise. Returns the volumes it made.
+    pub(super) async fn attach_declared_volumes(
+        &self,
+        request: &mut RunRequest,
+        view: &View,
+    ) -> Result<Vec<String>, OpError> {
+        if request.from_snapshot.is_some() {
+            return Ok(vec![]);
+        }
+        let image = self.engine.get_image(&request.spec.image)?;
+        let mut made = vec![];
+        for decl in &image.manifest.appliance.volumes {
+            if request.spec.volumes.iter().any(|a| a.path == decl.path) {
+                continue;
+            }
+            let name = format!("{}-{}", request.spec.name, decl.name);
+            let attached = match Name::new(&name) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.remove_made(&made).await;
+                    return Err(OpError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "the name {name:?} for the instance's {} volume is too long; name the instance shorter or attach a volume with --volume NAME:{}",
+                            decl.name, decl.path
+                        ),
+                    ));
+                }
+            };
+            if let Some(user) = view.user_of_volume(&name) {
+                self.remove_made(&made).await;
+                return Err(OpError::conflict(format!(
+                    "volume {name} is attached to instance {user}"
+                )));
+            }
+            if !view.volumes.contains_key(&name) {
+                if let Some(node) = request
+                    .placement
+                    .node
+                    .as_ref()
+                    .filter(|n| n.as_str() != self.name)
+                {
+                    self.remove_made(&made).await;
+                    return Err(OpError::conflict(format!(
+                        "its {} volume would be made on node {} (the one asked), where its primary copy must be: ask node {node}, or make it there first with `vroom volume create {name} --replicas 2`",
+                        decl.name, self.name
+                    )));
+                }
+                let req = VolumeCreateRequest {
+                    name: attached.clone(),
+                    size_mib: decl.size_mib,
+                    fs: decl.fs,
+                    replicas: 2,
+                };
+                if let Err(e) = self.create_volume(req).await {
+                    self.remove_made(&made).await;
+                    return Err(OpError::new(
+                        e.code,
+                        format!(
+                            "its {} volume is kept on two nodes in a cluster: {}",
+                            decl.name, e.message
+                        ),
+                    ));
+                }
+                made.push(name.clone());
+            }
+            request.spec.volumes.push(vroom_types::VolumeAttach {
+                volume: attached,
+                path: decl.path.clone(),
+                read_only: false,
+            });
+        }
+        Ok(made)
+    }
+
+    pub(super) async fn remove_made(&self, made: &[String]) {
+        for volume in made {
+            let _ = self.remove_volume(volume).await;
+        }
+    }
+
     /// Makes a volume; with two replicas, this node's copy is the primary
     /// and another node keeps the replica.
     pub async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
