@@ -1754,28 +1754,7 @@ fn a_replica_killed_just_before_the_primary_loses_no_acknowledged_write() {
 
 /// `psql` from node `i`'s namespace as `app` to database `shop` at `ip`.
 fn psql(lab: &Lab, i: usize, ip: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.nodes[i].ns, "psql", "-X", "-A", "-t"])
-        .args([
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            ip,
-            "-U",
-            "app",
-            "-d",
-            "shop",
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", "app-pw-1234")
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("run psql (cargo xtask test installs postgresql-client)");
-    match out.status.success() {
-        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
-        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-    }
+    common::psql(&lab.nodes[i].ns, ip, "app", "app-pw-1234", "shop", sql)
 }
 
 /// The catalog's database on a cluster: `vroom run postgres` keeps its
