@@ -1658,6 +1658,30 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         "partitioned\nbefore\nduring\n"
     );
     up_to_date(&lab, 0, "files", "n1");
+
+    // vroomd of the primary is killed and starts again: the VM, its relay
+    // and the replica's server outlived it; the new daemon replicates
+    // again (a full copy) and nothing is left twice.
+    let old_relay = lab.nbd_relays(0);
+    assert_eq!(old_relay.len(), 1, "one relay on n1");
+    lab.kill_daemon(0);
+    lab.start(0);
+    let settled = poll(Duration::from_secs(60), || {
+        let (p, _, state, epoch) = replication_of(&lab, 0, "files")?;
+        let relays = lab.nbd_relays(0);
+        let renewed = relays.len() == 1 && relays != old_relay;
+        let one_server = lab.nbd_servers(1).len() == 1;
+        (p == "n1" && state == "up_to_date" && renewed && one_server).then_some(epoch)
+    });
+    assert!(
+        settled.is_some(),
+        "after a restart of n1's vroomd: {:?}, relays {:?}, servers {:?}\n{}",
+        replication_of(&lab, 0, "files"),
+        lab.nbd_relays(0),
+        lab.nbd_servers(1),
+        lab.log(0)
+    );
+    write("restarted");
 }
 
 /// The gap a relay closes: the replica's server is killed (an error, not
