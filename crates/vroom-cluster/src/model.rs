@@ -240,6 +240,9 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub reason: Option<String>,
     pub created_at: u64,
+    /// The last copy that made the replica up to date.
+    #[serde(default)]
+    pub last_sync: Option<vroom_types::SyncReport>,
 }
 
 impl VolumeRecord {

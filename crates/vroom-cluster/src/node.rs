@@ -144,6 +144,9 @@ pub struct ClusterNode {
     replications: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
     /// When each volume's last replication ended.
     replication_ended: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Replications whose job was left paused by a replica's fault, with
+    /// that replica's node: the same node back resumes them.
+    paused_replications: Mutex<BTreeMap<String, String>>,
 }
 
 fn etcd_error(context: &str, e: StoreError) -> OpError {
@@ -195,6 +198,7 @@ impl ClusterNode {
             creating_volumes: Mutex::default(),
             replications: Mutex::default(),
             replication_ended: Mutex::default(),
+            paused_replications: Mutex::default(),
         })
     }
 

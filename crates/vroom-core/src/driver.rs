@@ -192,6 +192,17 @@ pub trait VmDriver: Send + Sync {
         export: &str,
     ) -> Result<(), ControlVmError>;
 
+    /// Blocking. Gives the paused replication of data volume `index` (its
+    /// replica failed) a new connection to the same replica and resumes
+    /// it: only what the replica missed is sent.
+    fn resume_replicating(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        conn: std::os::fd::BorrowedFd<'_>,
+        export: &str,
+    ) -> Result<(), ControlVmError>;
+
     /// Blocking. The replication of data volume `index`, if it runs.
     fn replica_job(
         &self,

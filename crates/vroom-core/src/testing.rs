@@ -623,6 +623,24 @@ impl VmDriver for FakeDriver {
         Ok(())
     }
 
+    fn resume_replicating(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        _conn: std::os::fd::BorrowedFd<'_>,
+        _export: &str,
+    ) -> Result<(), ControlVmError> {
+        let mut vms = self.vms.lock_unpoisoned();
+        match fake_vm(&mut vms, process)?.replicas.get_mut(&index) {
+            Some(job) => {
+                job.failed = false;
+                job.ready = true;
+                Ok(())
+            }
+            None => Err(fake_control(format!("no replication of disk {index}"))),
+        }
+    }
+
     fn replica_job(
         &self,
         process: &VmProcess,

@@ -392,6 +392,16 @@ impl VmDriver for QemuDriver {
         replicate::start(&process.control_socket, index, conn, export).map_err(control)
     }
 
+    fn resume_replicating(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        conn: std::os::fd::BorrowedFd<'_>,
+        export: &str,
+    ) -> Result<(), ControlVmError> {
+        replicate::resume(&process.control_socket, index, conn, export).map_err(control)
+    }
+
     fn replica_job(
         &self,
         process: &VmProcess,

@@ -18,21 +18,95 @@ use crate::qmp::{QmpError, Session};
 /// How long a cancelled job has to go before its nodes are taken out anyway.
 const CANCEL_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The QMP names of data volume `index`'s replication.
+/// The QMP names of data volume `index`'s replication. The job's target
+/// is a `quorum` node (one child, one vote) over the NBD node of the
+/// current connection: a connection lost and made again is swapped in
+/// under the paused job (`x-blockdev-change`), which then resends only what
+/// its dirty bitmap holds (replication.md §2.2). The NBD node of the `g`th
+/// connection is `repl<i>-nbd-<g>`, the quorum's child `children.<g>`.
 struct Names {
     drive: String,
-    fd: String,
-    node: String,
+    index: usize,
+    target: String,
     job: String,
+}
+
+impl Names {
+    fn node(&self, generation: u32) -> String {
+        format!("repl{}-nbd-{generation}", self.index)
+    }
+
+    fn fd(&self, generation: u32) -> String {
+        format!("vroom-repl{}-{generation}", self.index)
+    }
 }
 
 fn names(index: usize) -> Names {
     Names {
         drive: crate::cmdline::data_drive_id(index),
-        fd: format!("vroom-repl{index}"),
-        node: format!("repl{index}-nbd"),
+        index,
+        target: format!("repl{index}"),
         job: format!("repl{index}"),
     }
+}
+
+/// Adds the NBD node of connection `generation` on `conn`.
+fn add_connection(
+    qmp: &mut Session,
+    n: &Names,
+    generation: u32,
+    conn: BorrowedFd<'_>,
+    export: &str,
+) -> Result<(), QmpError> {
+    let fd = n.fd(generation);
+    qmp.execute_with_fd("getfd", json!({ "fdname": fd }), conn)?;
+    let added = qmp.execute(
+        "blockdev-add",
+        json!({
+            "driver": "nbd",
+            "node-name": n.node(generation),
+            "server": { "type": "fd", "str": fd },
+            "export": export,
+            // With an fd address a reconnect cannot succeed and holds the
+            // guest's writes for the whole delay (replication.md §2.1).
+            "reconnect-delay": 0,
+        }),
+    );
+    if let Err(e) = added {
+        let _ = qmp.execute("closefd", json!({ "fdname": fd }));
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The generations of the NBD nodes present, oldest first.
+fn connections(qmp: &mut Session, n: &Names) -> Result<Vec<u32>, QmpError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    let prefix = format!("repl{}-nbd-", n.index);
+    let mut found: Vec<u32> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|node| {
+            node["node-name"]
+                .as_str()?
+                .strip_prefix(&prefix)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    Ok(found)
+}
+
+fn node_present(qmp: &mut Session, name: &str) -> Result<bool, QmpError> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|node| node["node-name"] == name))
 }
 
 /// A replication job as QEMU reports it.
@@ -48,7 +122,8 @@ pub struct MirrorJob {
 }
 
 /// Starts mirroring data volume `index` into `export` on `conn` (a
-/// connected stream speaking NBD). Nothing is left behind on an error.
+/// connected stream speaking NBD): a full copy, then every write. Nothing
+/// is left behind on an error.
 pub fn start(
     socket: &Path,
     index: usize,
@@ -59,21 +134,18 @@ pub fn start(
     let mut qmp = Session::connect(socket)?;
     // A job or node a failed attempt left goes first.
     clear(&mut qmp, &n)?;
-    qmp.execute_with_fd("getfd", json!({ "fdname": n.fd }), conn)?;
-    let added = qmp.execute(
+    add_connection(&mut qmp, &n, 0, conn, export)?;
+    let quorum = qmp.execute(
         "blockdev-add",
         json!({
-            "driver": "nbd",
-            "node-name": n.node,
-            "server": { "type": "fd", "str": n.fd },
-            "export": export,
-            // With an fd address a reconnect cannot succeed and holds the
-            // guest's writes for the whole delay (replication.md §2.1).
-            "reconnect-delay": 0,
+            "driver": "quorum",
+            "node-name": n.target,
+            "vote-threshold": 1,
+            "children": [n.node(0)],
         }),
     );
-    if let Err(e) = added {
-        let _ = qmp.execute("closefd", json!({ "fdname": n.fd }));
+    if let Err(e) = quorum {
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.node(0) }));
         return Err(e);
     }
     let mirror = qmp.execute(
@@ -81,7 +153,7 @@ pub fn start(
         json!({
             "job-id": n.job,
             "device": n.drive,
-            "target": n.node,
+            "target": n.target,
             "sync": "full",
             "copy-mode": "write-blocking",
             "on-source-error": "stop",
@@ -90,9 +162,64 @@ pub fn start(
         }),
     );
     if let Err(e) = mirror {
-        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.node }));
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.target }));
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.node(0) }));
         return Err(e);
     }
+    Ok(())
+}
+
+/// Gives the paused replication of data volume `index` (its target failed)
+/// a new connection to the same replica, and resumes it: it sends only the
+/// ranges its dirty bitmap holds. On an error the job stays paused.
+pub fn resume(
+    socket: &Path,
+    index: usize,
+    conn: BorrowedFd<'_>,
+    export: &str,
+) -> Result<(), QmpError> {
+    let n = names(index);
+    let mut qmp = Session::connect(socket)?;
+    let Some(job) = find_job(&mut qmp, &n.job)? else {
+        return Err(QmpError::Command {
+            command: "block-job-resume".into(),
+            desc: "no replication job to resume".into(),
+        });
+    };
+    if job.status != "standby" && job.status != "paused" {
+        return Err(QmpError::Command {
+            command: "block-job-resume".into(),
+            desc: format!("the replication job is {}, not paused", job.status),
+        });
+    }
+    let old = connections(&mut qmp, &n)?;
+    let Some(&current) = old.last() else {
+        return Err(QmpError::Command {
+            command: "x-blockdev-change".into(),
+            desc: "the replication has no connection to replace".into(),
+        });
+    };
+    let next = current + 1;
+    add_connection(&mut qmp, &n, next, conn, export)?;
+    let swapped = qmp
+        .execute(
+            "x-blockdev-change",
+            json!({ "parent": n.target, "node": n.node(next) }),
+        )
+        .and_then(|_| {
+            qmp.execute(
+                "x-blockdev-change",
+                json!({ "parent": n.target, "child": format!("children.{current}") }),
+            )
+        });
+    if let Err(e) = swapped {
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.node(next) }));
+        return Err(e);
+    }
+    for generation in old {
+        let _ = qmp.execute("blockdev-del", json!({ "node-name": n.node(generation) }));
+    }
+    qmp.execute("block-job-resume", json!({ "device": n.job }))?;
     Ok(())
 }
 
@@ -153,14 +280,11 @@ fn clear(qmp: &mut Session, n: &Names) -> Result<(), QmpError> {
             }
         }
     }
-    let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
-    let present = nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|node| node["node-name"] == n.node.as_str());
-    if present {
-        qmp.execute("blockdev-del", json!({ "node-name": n.node }))?;
+    if node_present(qmp, &n.target)? {
+        qmp.execute("blockdev-del", json!({ "node-name": n.target }))?;
+    }
+    for generation in connections(qmp, n)? {
+        qmp.execute("blockdev-del", json!({ "node-name": n.node(generation) }))?;
     }
     Ok(())
 }

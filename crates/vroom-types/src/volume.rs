@@ -282,6 +282,23 @@ pub struct VolumeReplication {
     pub synced_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_total_bytes: Option<u64>,
+    /// The last copy that made the replica up to date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<SyncReport>,
+}
+
+/// A copy from the primary that made the replica up to date.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SyncReport {
+    /// Only what the replica missed (the same replica back after a short
+    /// outage), or everything (`false`).
+    pub incremental: bool,
+    /// Bytes sent to the replica.
+    pub bytes: u64,
+    pub ms: u64,
+    /// When it ended, seconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// How far a volume's replica is.

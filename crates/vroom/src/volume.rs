@@ -97,6 +97,20 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                     if let Some(reason) = &r.reason {
                         println!("{:<12} {reason}", "why:");
                     }
+                    if let Some(sync) = &r.last_sync {
+                        println!(
+                            "{:<12} {} sent, {} in {} ms, {}",
+                            "last sync:",
+                            output::bytes(sync.bytes),
+                            if sync.incremental {
+                                "what it missed"
+                            } else {
+                                "a full copy"
+                            },
+                            sync.ms,
+                            output::ago(sync.at)
+                        );
+                    }
                 }
                 if let Some(e) = &v.export {
                     println!(

@@ -1338,6 +1338,17 @@ fn replication_of(lab: &Lab, i: usize, volume: &str) -> Option<(String, String, 
     ))
 }
 
+/// The volume's last sync as node `i` shows it: (incremental, bytes).
+fn last_sync(lab: &Lab, i: usize, volume: &str) -> (bool, u64) {
+    let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sync = &v["replication"]["last_sync"];
+    (
+        sync["incremental"].as_bool().unwrap_or(false),
+        sync["bytes"].as_u64().unwrap_or(0),
+    )
+}
+
 /// Waits until node `i` shows the volume's replica up to date.
 fn up_to_date(lab: &Lab, i: usize, volume: &str, primary: &str) {
     let synced = poll(Duration::from_secs(90), || {
@@ -1567,6 +1578,18 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         let script = format!("echo {what} > /var/files/{what} && sync");
         lab.ok(0, &["exec", "h2", "--", "/bin/sh", "-c", &script]);
     };
+    // 16 MiB of data: what a full copy would send again.
+    lab.ok(
+        0,
+        &[
+            "exec",
+            "h2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "dd if=/dev/urandom of=/var/files/big bs=1M count=16 2>/dev/null && sync",
+        ],
+    );
     // A silent partition of the replication link (its packets dropped in
     // the replica's namespace): the write is held, the replica recorded
     // outdated, the guest goes on; once the link is back, the primary
@@ -1600,6 +1623,31 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
     let (_, _, state, _) = replication_of(&lab, 0, "files").unwrap();
     assert_eq!(state, "outdated");
     nft("delete table inet repl");
+    // Once the link is back, only what the replica missed is sent.
+    let caught_up = poll(Duration::from_secs(60), || {
+        let (incremental, bytes) = last_sync(&lab, 0, "files");
+        let (_, _, state, _) = replication_of(&lab, 0, "files")?;
+        (incremental && state == "up_to_date").then_some(bytes)
+    });
+    let bytes = caught_up.unwrap_or_else(|| {
+        panic!(
+            "the replica did not catch up: {:?}\n{}",
+            replication_of(&lab, 0, "files"),
+            lab.log(0)
+        )
+    });
+    eprintln!("after the partition the replica caught up with {bytes} bytes (it holds 16 MiB)");
+    assert!(bytes < 4 << 20, "a resume sent {bytes} bytes");
+    // And the replica is the primary's copy, byte for byte.
+    lab.ok(0, &["stop", "h2"]);
+    let (a, b) = (copy_of(&lab, 0, "files"), copy_of(&lab, 1, "files"));
+    let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
+    assert!(
+        same.status.success(),
+        "the copies differ after a resume: {}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+    lab.ok(0, &["start", "h2"]);
     up_to_date(&lab, 0, "files", "n1");
     write("before");
 

@@ -42,6 +42,10 @@ pub(super) enum Hello {
     Replica {
         volume: String,
         primary: String,
+        /// A full copy follows (the copy is emptied first); `false`: the
+        /// primary's paused replication resumes on the copy as it is.
+        #[serde(default = "yes")]
+        empty: bool,
     },
 }
 
@@ -143,9 +147,11 @@ impl ClusterNode {
                         node.data_arrived(&migration, &secret, stream)
                     }
                     Hello::Image { id } => node.send_image(stream, &id).await,
-                    Hello::Replica { volume, primary } => {
-                        node.serve_replica(stream, &volume, &primary).await
-                    }
+                    Hello::Replica {
+                        volume,
+                        primary,
+                        empty,
+                    } => node.serve_replica(stream, &volume, &primary, empty).await,
                     Hello::Control {
                         instance,
                         migration,

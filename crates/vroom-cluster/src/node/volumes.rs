@@ -282,6 +282,7 @@ impl ClusterNode {
             since: now,
             reason: Some("not synced yet: its first copy is made when an instance uses it".into()),
             created_at: now,
+            last_sync: None,
         };
         let txn = Txn::new()
             .when([Compare::create_revision(key(VOLUMES, name), 0)])
@@ -409,6 +410,7 @@ impl ClusterNode {
             reason: record.reason.clone(),
             synced_bytes: progress.map(|j| j.done),
             sync_total_bytes: progress.map(|j| j.total),
+            last_sync: record.last_sync,
         });
         Ok(volume)
     }
@@ -681,12 +683,19 @@ impl ClusterNode {
                         continue;
                     }
                 }
+                // The same replica back after a fault that left the job
+                // paused with what it missed: only that is sent.
+                let paused_for = self
+                    .paused_replications
+                    .lock_unpoisoned()
+                    .remove(&volume.name);
+                let resume = paused_for.as_deref() == Some(volume.replica.as_str());
                 let node = self.arc();
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
                 let task = tokio::spawn(async move {
                     let ended = node
-                        .run_replication(&instance, &volume_name, token, &peer)
+                        .run_replication(&instance, &volume_name, token, &peer, resume)
                         .await;
                     match ended {
                         Ended::Quietly => {}
@@ -791,18 +800,26 @@ impl ClusterNode {
     /// One replication, from asking the replica's node to serve its copy
     /// until the VM stops, this node loses the instance, or the replica
     /// fails (then recorded `Outdated` before the guest goes on alone).
-    async fn run_replication(&self, instance: &str, volume: &str, token: i64, peer: &str) -> Ended {
+    async fn run_replication(
+        &self,
+        instance: &str,
+        volume: &str,
+        token: i64,
+        peer: &str,
+        resume: bool,
+    ) -> Ended {
         let now = now_secs();
+        let started_at = Instant::now();
+        let what = if resume {
+            format!("{} sends what the replica missed", self.name)
+        } else {
+            format!("a full copy from {} is under way", self.name)
+        };
         // Not promotable from the moment its copy is emptied.
         let syncing = self
             .update_volume(instance, token, volume, |v| {
-                Ok((v.state != ReplicaState::Syncing).then(|| {
-                    v.with_state(
-                        ReplicaState::Syncing,
-                        Some(format!("a full copy from {} is under way", self.name)),
-                        now,
-                    )
-                }))
+                Ok((v.state != ReplicaState::Syncing)
+                    .then(|| v.with_state(ReplicaState::Syncing, Some(what.clone()), now)))
             })
             .await;
         if let Err(e) = syncing {
@@ -812,7 +829,7 @@ impl ClusterNode {
         // the record no longer says up to date.
         let control = self.relay_control(volume);
         release_relay(&control);
-        let conn = match self.connect_replica(volume, peer).await {
+        let conn = match self.connect_replica(volume, peer, !resume).await {
             Ok(conn) => conn,
             Err(e) => return Ended::Fault(e),
         };
@@ -850,7 +867,11 @@ impl ClusterNode {
         let (inst, vol) = (instance.to_string(), volume.to_string());
         let started = tokio::task::spawn_blocking(move || {
             // QEMU keeps its own copy of the fd.
-            engine.replicate_volume(&inst, &vol, qemu_end.as_fd())
+            if resume {
+                engine.resume_replication(&inst, &vol, qemu_end.as_fd())
+            } else {
+                engine.replicate_volume(&inst, &vol, qemu_end.as_fd())
+            }
         })
         .await;
         match started {
@@ -864,7 +885,7 @@ impl ClusterNode {
                 return Ended::Fault(e.to_string());
             }
         }
-        tracing::info!(%volume, %instance, replica = %peer, "replicating");
+        tracing::info!(%volume, %instance, replica = %peer, resume, "replicating");
         let mut up_to_date = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -903,11 +924,21 @@ impl ClusterNode {
                     .await;
                 return Ended::Fault(reason);
             }
-            if job.ready && !up_to_date {
+            // Ready and nothing left to send (a resumed job stays ready while
+            // it sends what the replica missed).
+            if job.ready && job.done == job.total && !up_to_date {
+                let report = vroom_types::SyncReport {
+                    incremental: resume,
+                    bytes: relay_status(&control).map_or(0, |s| s.to_peer_bytes),
+                    ms: started_at.elapsed().as_millis() as u64,
+                    at: now_secs(),
+                };
                 let done = self
                     .update_volume(instance, token, volume, |v| {
-                        Ok((v.state != ReplicaState::UpToDate)
-                            .then(|| v.with_state(ReplicaState::UpToDate, None, now_secs())))
+                        Ok((v.state != ReplicaState::UpToDate).then(|| VolumeRecord {
+                            last_sync: Some(report),
+                            ..v.with_state(ReplicaState::UpToDate, None, now_secs())
+                        }))
                     })
                     .await;
                 match done {
@@ -966,20 +997,31 @@ impl ClusterNode {
             let _ = self.engine.kill_vm(instance);
         }
         // Only now may QEMU see the failure (and complete the held write
-        // with the local copy alone).
+        // with the local copy alone). Its job pauses with what the replica
+        // missed: the same replica back resumes from there.
         release_relay(control);
-        let engine = self.engine.clone();
-        let (inst, vol) = (instance.to_string(), volume.to_string());
-        let _ = tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+        if let Ok(Some(kv)) = self.store.get(&key(VOLUMES, volume)).await {
+            if let Ok(record) = kv.decode::<VolumeRecord>() {
+                self.paused_replications
+                    .lock_unpoisoned()
+                    .insert(volume.to_string(), record.replica);
+            }
+        }
     }
 
     /// Asks the replica's node to serve its copy, and connects to it.
-    async fn connect_replica(&self, volume: &str, peer: &str) -> Result<TcpStream, String> {
+    async fn connect_replica(
+        &self,
+        volume: &str,
+        peer: &str,
+        empty: bool,
+    ) -> Result<TcpStream, String> {
         let ask = async {
             let mut stream = TcpStream::connect(peer).await?;
             let hello = Hello::Replica {
                 volume: volume.to_string(),
                 primary: self.name.clone(),
+                empty,
             };
             stream.write_all(&line(&hello)).await?;
             let mut answer = String::new();
@@ -1008,8 +1050,14 @@ impl ClusterNode {
     /// A primary asks this node to serve its copy of `volume`: only the
     /// node the record names as primary, to the node it names as replica,
     /// and never a copy the record calls up to date (serving empties it).
-    pub(super) async fn serve_replica(&self, mut stream: TcpStream, volume: &str, primary: &str) {
-        let reply = match self.check_and_serve(volume, primary).await {
+    pub(super) async fn serve_replica(
+        &self,
+        mut stream: TcpStream,
+        volume: &str,
+        primary: &str,
+        empty: bool,
+    ) {
+        let reply = match self.check_and_serve(volume, primary, empty).await {
             Ok(addr) => ReplicaReply::Serving { addr },
             Err(reason) => {
                 tracing::warn!(%volume, %primary, %reason, "not serving a replica");
@@ -1019,7 +1067,12 @@ impl ClusterNode {
         let _ = stream.write_all(&line(&reply)).await;
     }
 
-    async fn check_and_serve(&self, volume: &str, primary: &str) -> Result<SocketAddr, String> {
+    async fn check_and_serve(
+        &self,
+        volume: &str,
+        primary: &str,
+        empty: bool,
+    ) -> Result<SocketAddr, String> {
         let kv = self
             .store
             .get(&key(VOLUMES, volume))
@@ -1035,8 +1088,11 @@ impl ClusterNode {
         }
         if record.state == ReplicaState::UpToDate {
             return Err(format!(
-                "volume {volume}'s replica here is up to date; it is not emptied for a new copy"
+                "volume {volume}'s replica here is up to date; it is not served for a new copy"
             ));
+        }
+        if !empty && self.engine.volume(volume).is_err() {
+            return Err(format!("this node has no copy of {volume} to resume"));
         }
         if self.engine.volume(volume).is_err() {
             let req = VolumeCreateRequest {
@@ -1052,7 +1108,7 @@ impl ClusterNode {
         }
         let ip = self.peer_addr().ip();
         self.engine
-            .serve_replica(volume, ip)
+            .serve_replica(volume, ip, empty)
             .await
             .map_err(|e| e.message)
     }

@@ -45,8 +45,14 @@ impl Engine {
     }
 
     /// Serves this host's copy of `volume` to the primary's VMM, on `ip`
-    /// and a free port, emptied first (the primary's first copy fills it).
-    pub async fn serve_replica(&self, volume: &str, ip: IpAddr) -> Result<SocketAddr, OpError> {
+    /// and a free port: emptied first for a full copy (which fills it), or
+    /// as it is for a replication that resumes where it stopped.
+    pub async fn serve_replica(
+        &self,
+        volume: &str,
+        ip: IpAddr,
+        empty: bool,
+    ) -> Result<SocketAddr, OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self.volume_record(volume)?;
         if record.replicas < 2 {
@@ -65,8 +71,10 @@ impl Engine {
             .map_err(|e| OpError::internal("cannot make the replicas directory", e))?;
         let file = datavol::volume_file(&self.volumes_dir(), &record.id);
         let bytes = record.size_mib << 20;
-        blocking(|| empty_file(&file, bytes))
-            .map_err(|e| OpError::internal("cannot empty the replica's copy", e))?;
+        if empty {
+            blocking(|| empty_file(&file, bytes))
+                .map_err(|e| OpError::internal("cannot empty the replica's copy", e))?;
+        }
         let pid_file = self.replica_pid_file(volume);
         let export = replica_export(volume);
         // A free port: asked of the kernel, then given to the server (which
@@ -166,6 +174,20 @@ impl Engine {
         self.driver
             .replicate_disk(&process, index, conn, &replica_export(volume))
             .map_err(|e| OpError::internal("cannot start the replication", e))
+    }
+
+    /// Resumes the paused replication of `instance`'s `volume` over a new
+    /// connection to the same replica: only what it missed is sent.
+    pub fn resume_replication(
+        &self,
+        instance: &str,
+        volume: &str,
+        conn: BorrowedFd<'_>,
+    ) -> Result<(), OpError> {
+        let (process, index) = self.replicated_disk(instance, volume)?;
+        self.driver
+            .resume_replicating(&process, index, conn, &replica_export(volume))
+            .map_err(|e| OpError::internal("cannot resume the replication", e))
     }
 
     /// The replication of `instance`'s `volume`, if it runs.
