@@ -632,6 +632,7 @@ async fn set_volume_state(fleet: &Fleet, name: &str, state: ReplicaState) {
             since: now_secs(),
             reason: None,
             created_at: now_secs(),
+            last_sync: None,
         },
     };
     fleet

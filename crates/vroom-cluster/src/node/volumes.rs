@@ -867,11 +867,7 @@ impl ClusterNode {
         let (inst, vol) = (instance.to_string(), volume.to_string());
         let started = tokio::task::spawn_blocking(move || {
             // QEMU keeps its own copy of the fd.
-            if resume {
-                engine.resume_replication(&inst, &vol, qemu_end.as_fd())
-            } else {
-                engine.replicate_volume(&inst, &vol, qemu_end.as_fd())
-            }
+            engine.replicate_volume(&inst, &vol, qemu_end.as_fd(), resume)
         })
         .await;
         match started {

@@ -9,9 +9,10 @@
 //!   is stopped before an instance may use the copy, and no copy an
 //!   instance uses here is served.
 //!
-//! Starting to serve a copy empties it: a replica is only ever filled by a
-//! full copy from the primary (after a failover the old primary may hold
-//! writes the new one never saw, so nothing is merged).
+//! Serving a copy for a full copy empties it first (after a failover the
+//! old primary may hold writes the new one never saw, so nothing is
+//! merged); only the primary's paused replication, resuming, finds it as
+//! it left it.
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::BorrowedFd;
@@ -163,31 +164,25 @@ impl Engine {
     }
 
     /// Starts mirroring `instance`'s writes to `volume` into the replica
-    /// reached over `conn` (a connected stream; the VMM takes it over).
+    /// reached over `conn` (a connected stream; the VMM takes it over): a
+    /// full copy, or (`resume`) the paused replication goes on to the same
+    /// replica, sending only what it missed.
     pub fn replicate_volume(
         &self,
         instance: &str,
         volume: &str,
         conn: BorrowedFd<'_>,
+        resume: bool,
     ) -> Result<(), OpError> {
         let (process, index) = self.replicated_disk(instance, volume)?;
-        self.driver
-            .replicate_disk(&process, index, conn, &replica_export(volume))
-            .map_err(|e| OpError::internal("cannot start the replication", e))
-    }
-
-    /// Resumes the paused replication of `instance`'s `volume` over a new
-    /// connection to the same replica: only what it missed is sent.
-    pub fn resume_replication(
-        &self,
-        instance: &str,
-        volume: &str,
-        conn: BorrowedFd<'_>,
-    ) -> Result<(), OpError> {
-        let (process, index) = self.replicated_disk(instance, volume)?;
-        self.driver
-            .resume_replicating(&process, index, conn, &replica_export(volume))
-            .map_err(|e| OpError::internal("cannot resume the replication", e))
+        let export = replica_export(volume);
+        let started = if resume {
+            self.driver
+                .resume_replicating(&process, index, conn, &export)
+        } else {
+            self.driver.replicate_disk(&process, index, conn, &export)
+        };
+        started.map_err(|e| OpError::internal("cannot start the replication", e))
     }
 
     /// The replication of `instance`'s `volume`, if it runs.
