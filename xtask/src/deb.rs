@@ -31,7 +31,10 @@ pub fn package(root: &Path, release: bool) -> Result<PathBuf> {
         &vroom.with_file_name("vroom-guest-init"),
         &stage.join("usr/lib/vroom/vroom-guest-init"),
     )?;
-    copy_tree(&root.join("recipes"), &stage.join("usr/share/vroom/recipes"))?;
+    copy_tree(
+        &root.join("recipes"),
+        &stage.join("usr/share/vroom/recipes"),
+    )?;
     for unit in ["vroomd.service", "vroomd.socket"] {
         install(
             &packaging.join("systemd").join(unit),
@@ -65,18 +68,30 @@ pub fn package(root: &Path, release: bool) -> Result<PathBuf> {
         let dest = man.join(format!("{}.gz", name.to_string_lossy()));
         install(&page, &dest.with_extension(""), 0o644)?;
         // -n: no name or time in the header, so equal pages make equal packages.
-        run(Command::new("gzip").args(["-9nf"]).arg(dest.with_extension("")))?;
+        run(Command::new("gzip")
+            .args(["-9nf"])
+            .arg(dest.with_extension("")))?;
     }
 
     let doc = stage.join("usr/share/doc/vroom");
-    install(&packaging.join("debian/copyright"), &doc.join("copyright"), 0o644)?;
+    install(
+        &packaging.join("debian/copyright"),
+        &doc.join("copyright"),
+        0o644,
+    )?;
     fs::write(doc.join("changelog"), changelog(root, version)?)?;
-    run(Command::new("gzip").args(["-9nf"]).arg(doc.join("changelog")))?;
+    run(Command::new("gzip")
+        .args(["-9nf"])
+        .arg(doc.join("changelog")))?;
 
     // Control files.
     let debian = stage.join("DEBIAN");
     for script in ["postinst", "prerm", "postrm"] {
-        install(&packaging.join("debian").join(script), &debian.join(script), 0o755)?;
+        install(
+            &packaging.join("debian").join(script),
+            &debian.join(script),
+            0o755,
+        )?;
     }
     let control = fs::read_to_string(packaging.join("debian/control.in"))?
         .replace("@VERSION@", version)
@@ -109,7 +124,11 @@ fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {
 fn install_stripped(from: &Path, to: &Path) -> Result<()> {
     install(from, to, 0o755)?;
     run(Command::new("strip")
-        .args(["--strip-unneeded", "--remove-section=.comment", "--remove-section=.note"])
+        .args([
+            "--strip-unneeded",
+            "--remove-section=.comment",
+            "--remove-section=.note",
+        ])
         .arg(to))
 }
 
@@ -228,8 +247,12 @@ fn shlib_depends(binary: &Path) -> Result<String> {
     for lib in needed {
         match lib {
             "libgcc_s.so.1" => depends.push("libgcc-s1".into()),
-            "libc.so.6" | "libm.so.6" | "ld-linux-x86-64.so.2" | "libpthread.so.0"
-            | "libdl.so.2" | "librt.so.1" => {}
+            "libc.so.6"
+            | "libm.so.6"
+            | "ld-linux-x86-64.so.2"
+            | "libpthread.so.0"
+            | "libdl.so.2"
+            | "librt.so.1" => {}
             other => bail!("vroom links {other}: name its package in xtask/src/deb.rs"),
         }
     }
