@@ -52,6 +52,7 @@ fn info(vroom: &str, env: &Env) -> serde_json::Value {
     let out = Command::new(vroom)
         .args(["info", "--json"])
         .env("VROOM_DATA_DIR", &env.dir)
+        .env_remove("VROOM_INIT")
         .output()
         .unwrap();
     assert!(out.status.success(), "vroom info: {out:?}");
@@ -462,6 +463,7 @@ fn the_package_installs_hands_over_runs_hello_and_purges() {
     assert_eq!(said.trim(), "hello from fresh");
     installed_vroom(&["rm", "-f", "kept"]);
     installed_vroom(&["rm", "-f", "fresh"]);
+    installed_vroom(&["net", "rm", "default"]);
     env.assert_nothing_left("after the package's vroomd removed its VMs");
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(unit_daemon.id() as i32, libc::SIGTERM) };
