@@ -106,10 +106,10 @@ pub fn describe(version: &vroom_types::VersionInfo) -> String {
     let who = match &version.daemon {
         Some(d) => {
             let by = match d.started_by {
-                DaemonStarter::Systemd => format!(
-                    "systemd unit {}",
-                    d.unit.as_deref().unwrap_or("vroomd.service")
-                ),
+                DaemonStarter::Systemd => match &d.unit {
+                    Some(unit) => format!("systemd unit {unit}"),
+                    None => "started by systemd".to_string(),
+                },
                 DaemonStarter::Cli => "started by the CLI".to_string(),
                 DaemonStarter::Manual => "started by hand (`vroom daemon`)".to_string(),
             };
@@ -178,6 +178,15 @@ mod tests {
                     socket_activated: false,
                 }),
                 "vroomd 1.2.3 (pid 7, started by the CLI), data dir /var/lib/vroom",
+            ),
+            (
+                Some(DaemonInfo {
+                    pid: 9,
+                    started_by: DaemonStarter::Systemd,
+                    unit: None,
+                    socket_activated: false,
+                }),
+                "vroomd 1.2.3 (pid 9, started by systemd), data dir /var/lib/vroom",
             ),
             (
                 None,

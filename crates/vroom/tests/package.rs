@@ -104,6 +104,33 @@ fn vroomd_notifies_ready_once_it_answers_and_stopping_when_it_stops() {
     assert_eq!(daemon_info["pid"], daemon.id(), "{info}");
     assert_eq!(daemon_info["started_by"], "systemd", "{info}");
     assert_eq!(daemon_info["socket_activated"], false, "{info}");
+    // `-v` says which daemon answers, on stderr; the output stays clean.
+    let out = env.vroom(&["-v", "ps", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "vroom: talking to vroomd {} (pid {}, started by systemd), data dir {}",
+            env!("CARGO_PKG_VERSION"),
+            daemon.id(),
+            env.dir.display()
+        )
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    // A daemon of a unit is systemctl's to stop, and no takeover's.
+    let refused = env.fail(&["daemon", "stop"]);
+    assert!(
+        refused.contains(&format!(
+            "error: vroomd (pid {}) runs under systemd (vroomd.service): stop it with `systemctl stop vroomd.socket vroomd.service`",
+            daemon.id()
+        )),
+        "{refused}"
+    );
+    assert!(env
+        .ok(&["daemon", "stop", "--self-started"])
+        .contains("runs under systemd; left alone"));
+    assert!(daemon.try_wait().unwrap().is_none(), "vroomd stopped");
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     wait_for_notification(&notify, "STOPPING=1", Duration::from_secs(30), &mut daemon);
@@ -159,6 +186,11 @@ fn vroomd_serves_a_socket_systemd_passes() {
     poll(Duration::from_secs(10), || elsewhere.exists().then_some(()))
         .expect("systemd-socket-activate listens");
     let _ = std::os::unix::net::UnixStream::connect(&elsewhere);
+    let mut misplaced = misplaced;
+    if poll(Duration::from_secs(30), || misplaced.try_wait().unwrap()).is_none() {
+        let _ = misplaced.kill();
+        panic!("vroomd served a socket that is not its data dir's");
+    }
     let out = misplaced.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
