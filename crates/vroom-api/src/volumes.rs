@@ -12,11 +12,11 @@ use vroom_types::{
 
 use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
-use crate::{body, object_body, ApiError, ApiResult, AppState};
+use crate::{body, object_body, ApiError, ApiResult, AppState, Service};
 
 #[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = Vec<Volume>), HostErrors))]
-pub(crate) async fn list_volumes(State(engine): State<AppState>) -> ApiResult<Vec<Volume>> {
-    Ok(Json(engine.list_volumes()?))
+pub(crate) async fn list_volumes(State(vroomd): State<Service>) -> ApiResult<Vec<Volume>> {
+    Ok(Json(vroomd.list_volumes().await?))
 }
 
 /// Creates a volume: a sparse file on this host, formatted with its
@@ -26,22 +26,22 @@ pub(crate) async fn list_volumes(State(engine): State<AppState>) -> ApiResult<Ve
         (status = 409, body = ApiErrorBody, description = "A volume of that name exists."),
         (status = 422, body = ApiErrorBody, description = "Two replicas on a host outside a cluster, or not enough free disk space here.")))]
 pub(crate) async fn create_volume(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     req: Result<Json<VolumeCreateRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Volume>), ApiError> {
     Ok((
         StatusCode::CREATED,
-        Json(engine.create_volume(body(req)?).await?),
+        Json(vroomd.create_volume(body(req)?).await?),
     ))
 }
 
 #[utoipa::path(get, path = "/v1/volumes/{name}", params(("name" = Name, Path)),
     responses((status = 200, body = Volume), PathErrors, HostErrors))]
 pub(crate) async fn get_volume(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> ApiResult<Volume> {
-    Ok(Json(engine.volume(&name)?))
+    Ok(Json(vroomd.volume(&name).await?))
 }
 
 /// Removes a volume and its data; refused while an instance has it.
@@ -49,10 +49,10 @@ pub(crate) async fn get_volume(
     responses((status = 204), PathErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "An instance has the volume attached.")))]
 pub(crate) async fn remove_volume(
-    State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    engine.remove_volume(&name).await?;
+    vroomd.remove_volume(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

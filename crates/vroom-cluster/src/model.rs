@@ -19,10 +19,16 @@
 //!   ([`vroom_core::cluster::Wiring`]), written by its owner under the
 //!   fencing token, so that they move with it;
 //! - `migrations/<name>`: a live migration under way ([`MigrationRecord`]),
-//!   bound to the lease of the node that asked for it.
+//!   bound to the lease of the node that asked for it;
+//! - `volumes/<name>`: a volume kept on two nodes ([`VolumeRecord`]): which
+//!   copy is the primary, and how far the replica is; changed only under
+//!   the fencing token of the instance that uses it (or, unused, by its
+//!   creation and removal).
 
 use serde::{Deserialize, Serialize};
-use vroom_types::{DesiredState, Instance, InstanceState, NetworkSpec, RunRequest};
+use vroom_types::{
+    DesiredState, Instance, InstanceState, NetworkSpec, ReplicaState, RunRequest, VolumeFs,
+};
 
 pub use vroom_types::ClusterInfo;
 
@@ -40,6 +46,7 @@ pub const NETWORKS: &str = "/vroom/networks/";
 pub const IPS: &str = "/vroom/ips/";
 pub const MIGRATIONS: &str = "/vroom/migrations/";
 pub const WIRINGS: &str = "/vroom/splices/";
+pub const VOLUMES: &str = "/vroom/volumes/";
 
 /// The most config a cluster instance may replicate (its values as JSON):
 /// etcd is built for small values.
@@ -210,6 +217,56 @@ mod tests {
                 want,
                 "{published:?} {fresh:?}"
             );
+        }
+    }
+}
+
+/// A volume kept on two nodes. Each node keeps its copy as a local volume
+/// of the same name; this record says which copy is the primary (the one
+/// an instance may use) and whether the other has every acknowledged write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub size_mib: u64,
+    pub fs: VolumeFs,
+    pub primary: String,
+    pub replica: String,
+    pub state: ReplicaState,
+    /// Rises on every change of primary.
+    pub epoch: u64,
+    /// When the replica entered `state` (seconds since the Unix epoch).
+    pub since: u64,
+    /// Why the replica is not up to date.
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub created_at: u64,
+}
+
+impl VolumeRecord {
+    /// The record with the replica in `state`, for `reason`.
+    pub fn with_state(&self, state: ReplicaState, reason: Option<String>, now: u64) -> Self {
+        VolumeRecord {
+            state,
+            reason,
+            since: now,
+            ..self.clone()
+        }
+    }
+
+    /// The record after the replica's node took over: it is the primary
+    /// (a new epoch), and the old primary's copy misses what comes next.
+    pub fn promoted(&self, now: u64) -> Self {
+        VolumeRecord {
+            primary: self.replica.clone(),
+            replica: self.primary.clone(),
+            epoch: self.epoch + 1,
+            state: ReplicaState::Outdated,
+            reason: Some(format!(
+                "node {} took over from {}, whose copy is synced again from it",
+                self.replica, self.primary
+            )),
+            since: now,
+            ..self.clone()
         }
     }
 }

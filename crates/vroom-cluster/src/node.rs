@@ -52,6 +52,7 @@ mod reconcile;
 mod requests;
 mod standby;
 mod view;
+mod volumes;
 mod wiring;
 
 use membership::Handover;
@@ -136,6 +137,13 @@ pub struct ClusterNode {
     api: Mutex<Option<tokio::net::TcpListener>>,
     /// Instances a drain is moving (live, or cold after a failed migration).
     draining: Mutex<BTreeSet<String>>,
+    /// Replicated volumes this node is making (its copy exists, the
+    /// record may not yet), since when.
+    creating_volumes: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Replications this node runs, by volume.
+    replications: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    /// When each volume's last replication ended.
+    replication_ended: Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 fn etcd_error(context: &str, e: StoreError) -> OpError {
@@ -184,6 +192,9 @@ impl ClusterNode {
             peers: Mutex::default(),
             api: Mutex::default(),
             draining: Mutex::default(),
+            creating_volumes: Mutex::default(),
+            replications: Mutex::default(),
+            replication_ended: Mutex::default(),
         })
     }
 

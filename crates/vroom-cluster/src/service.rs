@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
-use vroom_types::{DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest};
+use vroom_types::{
+    DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest, Volume,
+    VolumeCreateRequest,
+};
 
 use crate::ClusterNode;
 
@@ -45,12 +48,6 @@ impl Vroomd for Clustered {
     }
 
     async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
-        if !req.spec.volumes.is_empty() {
-            return Err(OpError::new(
-                vroom_types::ErrorCode::HostUnsupported,
-                vroom_core::engine::VOLUMES_STAY_LOCAL,
-            ));
-        }
         self.node.run(req).await
     }
 
@@ -100,5 +97,21 @@ impl Vroomd for Clustered {
 
     async fn remove_node(&self, name: &str) -> Result<(), OpError> {
         self.node.remove_node(name).await
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<Volume>, OpError> {
+        self.node.list_volumes().await
+    }
+
+    async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+        self.node.create_volume(req).await
+    }
+
+    async fn volume(&self, name: &str) -> Result<Volume, OpError> {
+        self.node.volume(name).await
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
+        self.node.remove_volume(name).await
     }
 }

@@ -30,6 +30,13 @@ pub trait ClusterHooks: Send + Sync {
     /// created here: `cluster_made`) only while this node owns it under a
     /// live lease.
     fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError>;
+    /// Before a VM that uses `volumes` launches here (after
+    /// [`ClusterHooks::may_launch`]): a cluster refuses it unless this node
+    /// holds their primary copies, and records that their replicas miss
+    /// what it writes until they are synced again. Blocking.
+    fn launching_with_volumes(&self, _name: &str, _volumes: &[String]) -> Result<(), OpError> {
+        Ok(())
+    }
 }
 
 /// An accepted config change, as the cluster keeps it.

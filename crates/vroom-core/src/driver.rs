@@ -180,12 +180,48 @@ pub trait VmDriver: Send + Sync {
         bytes: u64,
     ) -> Result<(), ControlVmError>;
 
+    /// Blocking. Starts mirroring data volume `index` synchronously into
+    /// the NBD export `export` reached over `conn` (a connected stream the
+    /// VMM takes over): a full copy first, then every write goes to both
+    /// before the guest sees it complete.
+    fn replicate_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        conn: std::os::fd::BorrowedFd<'_>,
+        export: &str,
+    ) -> Result<(), ControlVmError>;
+
+    /// Blocking. The replication of data volume `index`, if it runs.
+    fn replica_job(
+        &self,
+        process: &VmProcess,
+        index: usize,
+    ) -> Result<Option<ReplicaJob>, ControlVmError>;
+
+    /// Blocking. Ends the replication of data volume `index`: its writes
+    /// are local only from now on.
+    fn stop_replicating(&self, process: &VmProcess, index: usize) -> Result<(), ControlVmError>;
+
     /// Blocking. What the VMM is doing.
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError>;
 
     /// Names the machine a saved state fits (VMM version, device layout,
     /// accelerator): a state saved on another machine is not loaded.
     fn machine(&self, accel: Accel) -> String;
+}
+
+/// A data volume's replication, as the VMM reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaJob {
+    /// The first copy is done: every write reaches both copies before the
+    /// guest sees it complete.
+    pub ready: bool,
+    /// The replica failed a write: the job stopped and writes are local.
+    pub failed: bool,
+    /// Bytes copied of `total`.
+    pub done: u64,
+    pub total: u64,
 }
 
 /// What a finished live migration measured.

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use vroom_types::{
-    DrainReport, ErrorCode, Instance, InstanceAction, Migration, NodeInfo, RunRequest,
+    DrainReport, ErrorCode, Instance, InstanceAction, Migration, NodeInfo, RunRequest, Volume,
+    VolumeCreateRequest,
 };
 
 use crate::engine::Engine;
@@ -42,6 +43,23 @@ pub trait Vroomd: Send + Sync {
     async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError>;
     /// Forgets a node that is down and holds nothing.
     async fn remove_node(&self, name: &str) -> Result<(), OpError>;
+
+    /// Every volume this host can tell of (a cluster node: with where each
+    /// replicated volume's copies are).
+    async fn list_volumes(&self) -> Result<Vec<Volume>, OpError> {
+        self.engine().list_volumes()
+    }
+    /// Makes a volume (a cluster node: `replicas: 2` keeps it on two nodes).
+    async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+        self.engine().create_volume(req).await
+    }
+    async fn volume(&self, name: &str) -> Result<Volume, OpError> {
+        self.engine().volume(name)
+    }
+    /// Removes a volume (a replicated one: both copies).
+    async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
+        self.engine().remove_volume(name).await
+    }
 }
 
 /// A host that is not in a cluster: the engine alone.

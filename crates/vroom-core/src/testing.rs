@@ -57,6 +57,9 @@ struct FakeVm {
     /// The "memory" `save_state` writes: the instance id, repeated; what
     /// `load_state` read, for a VM started `incoming`.
     memory: Vec<u8>,
+    /// Replication jobs by data disk: READY at once (the fake has no copy
+    /// to make), failed when a test says the replica failed.
+    replicas: BTreeMap<usize, crate::driver::ReplicaJob>,
 }
 
 /// A `VmDriver` whose VMs are tasks. Pids count up from 1000.
@@ -199,6 +202,7 @@ impl FakeDriver {
                 alive,
                 paused,
                 memory,
+                replicas: BTreeMap::new(),
             },
         );
         tokio::spawn(async move {
@@ -595,6 +599,43 @@ impl VmDriver for FakeDriver {
             }
             None => Err(fake_control(format!("no data disk {index}"))),
         }
+    }
+
+    fn replicate_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        _conn: std::os::fd::BorrowedFd<'_>,
+        _export: &str,
+    ) -> Result<(), ControlVmError> {
+        let mut vms = self.vms.lock_unpoisoned();
+        let vm = fake_vm(&mut vms, process)?;
+        let Some(disk) = vm.spec.data_disks.get(index) else {
+            return Err(fake_control(format!("no data disk {index}")));
+        };
+        let job = crate::driver::ReplicaJob {
+            ready: true,
+            failed: false,
+            done: disk.bytes,
+            total: disk.bytes,
+        };
+        vm.replicas.insert(index, job);
+        Ok(())
+    }
+
+    fn replica_job(
+        &self,
+        process: &VmProcess,
+        index: usize,
+    ) -> Result<Option<crate::driver::ReplicaJob>, ControlVmError> {
+        let mut vms = self.vms.lock_unpoisoned();
+        Ok(fake_vm(&mut vms, process)?.replicas.get(&index).copied())
+    }
+
+    fn stop_replicating(&self, process: &VmProcess, index: usize) -> Result<(), ControlVmError> {
+        let mut vms = self.vms.lock_unpoisoned();
+        fake_vm(&mut vms, process)?.replicas.remove(&index);
+        Ok(())
     }
 
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {

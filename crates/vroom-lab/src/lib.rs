@@ -374,10 +374,21 @@ impl Lab {
         }
     }
 
-    /// Power loss: vroomd, the guard and every QEMU of the node, SIGKILLed.
+    /// The NBD servers node `i`'s vroomd started (exports, replicas): their
+    /// pid files are in its data dir.
+    pub fn nbd_servers(&self, i: usize) -> Vec<u32> {
+        let needle = format!("--pid-file={}/", self.nodes[i].dir.display());
+        pids_matching(|cmdline| cmdline.contains("qemu-nbd") && cmdline.contains(&needle))
+    }
+
+    /// Power loss: vroomd, the guard, every QEMU and NBD server of the
+    /// node, SIGKILLed.
     pub fn power_loss(&self, i: usize) {
         self.kill_daemon(i);
         for pid in self.guard_pids(i) {
+            signal(pid, libc::SIGKILL);
+        }
+        for pid in self.nbd_servers(i) {
             signal(pid, libc::SIGKILL);
         }
         for (pid, _) in self.qemus(i) {

@@ -9,6 +9,7 @@ pub mod accel;
 pub mod cmdline;
 pub mod jail;
 pub mod qmp;
+pub mod replicate;
 pub mod state;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -379,6 +380,34 @@ impl VmDriver for QemuDriver {
             bytes,
         )
         .map_err(control)
+    }
+
+    fn replicate_disk(
+        &self,
+        process: &VmProcess,
+        index: usize,
+        conn: std::os::fd::BorrowedFd<'_>,
+        export: &str,
+    ) -> Result<(), ControlVmError> {
+        replicate::start(&process.control_socket, index, conn, export).map_err(control)
+    }
+
+    fn replica_job(
+        &self,
+        process: &VmProcess,
+        index: usize,
+    ) -> Result<Option<vroom_core::driver::ReplicaJob>, ControlVmError> {
+        let job = replicate::job(&process.control_socket, index).map_err(control)?;
+        Ok(job.map(|j| vroom_core::driver::ReplicaJob {
+            ready: j.ready,
+            failed: j.failed,
+            done: j.offset,
+            total: j.len,
+        }))
+    }
+
+    fn stop_replicating(&self, process: &VmProcess, index: usize) -> Result<(), ControlVmError> {
+        replicate::stop(&process.control_socket, index).map_err(control)
     }
 
     fn run_state(&self, process: &VmProcess) -> Result<VmRunState, ControlVmError> {

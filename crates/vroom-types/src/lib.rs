@@ -88,7 +88,8 @@ pub use splice::{
 pub use topology::{Topology, TopologyInstance, TopologyNic};
 pub use volume::{
     check_mount_path, check_volume_mib, parse_volume_size_mib, ExportAddress, ExportKind,
-    SnapshotTaken, Volume, VolumeAttach, VolumeCloneRequest, VolumeCreateRequest, VolumeDecl,
-    VolumeExport, VolumeExportRequest, VolumeFs, VolumeImportRequest, VolumeResizeRequest,
-    VolumeRestoreRequest, VolumeSnapshot, VolumeSnapshotRequest, MAX_VOLUME_MIB, MIN_VOLUME_MIB,
+    ReplicaState, SnapshotTaken, Volume, VolumeAttach, VolumeCloneRequest, VolumeCreateRequest,
+    VolumeDecl, VolumeExport, VolumeExportRequest, VolumeFs, VolumeImportRequest,
+    VolumeReplication, VolumeResizeRequest, VolumeRestoreRequest, VolumeSnapshot,
+    VolumeSnapshotRequest, MAX_VOLUME_MIB, MIN_VOLUME_MIB,
 };

@@ -255,6 +255,57 @@ pub struct Volume {
     /// Its NBD export, while it has one (`vroom volume export`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<VolumeExport>,
+    /// Where its two copies are, for a volume kept on two nodes of a
+    /// cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<VolumeReplication>,
+}
+
+/// A volume kept on two nodes: the primary's copy is the one its instance
+/// uses; every write reaches the replica's copy before the guest sees it
+/// complete while the replica is up to date.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeReplication {
+    pub primary: String,
+    pub replica: String,
+    pub state: ReplicaState,
+    /// Rises on every change of primary.
+    pub epoch: u64,
+    /// Seconds since the Unix epoch the replica is in this state.
+    pub since: u64,
+    /// Why the replica is not up to date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// While syncing: bytes copied, of `sync_total_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_total_bytes: Option<u64>,
+}
+
+/// How far a volume's replica is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// It has every write the guest saw complete: it may become primary.
+    UpToDate,
+    /// A full copy from the primary is under way: never promoted.
+    Syncing,
+    /// It misses writes (its node was lost or cut off, or the primary
+    /// changed): never promoted; the next sync makes it whole again.
+    Outdated,
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicaState::UpToDate => "UpToDate",
+            ReplicaState::Syncing => "Syncing",
+            ReplicaState::Outdated => "Outdated",
+        })
+    }
 }
 
 /// A volume's content at one point in time: a sparse copy on the same host.

@@ -18,6 +18,7 @@ use vroom_types::ConfigValues;
 
 pub mod data;
 pub mod nbd;
+pub mod relay;
 
 pub const DEFAULT_SIZE_KIB: u32 = 1440;
 pub const MIN_SIZE_KIB: u32 = 64;

@@ -39,6 +39,12 @@ pub struct Serve<'a> {
     pub pid_file: &'a Path,
     /// Clients may write (an import); read-only otherwise.
     pub writable: bool,
+    /// Each write reaches the disk before the server answers
+    /// (`--cache=writethrough`): a replica, whose client never forwards
+    /// its guest's flushes.
+    pub durable: bool,
+    /// Clients served at once.
+    pub clients: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,10 +61,13 @@ pub fn command(s: &Serve<'_>) -> Vec<String> {
         "--fork".to_string(),
         format!("--pid-file={}", s.pid_file.display()),
         "--persistent".into(),
-        format!("--shared={MAX_CLIENTS}"),
+        format!("--shared={}", s.clients),
         "--format=raw".into(),
         format!("--export-name={}", s.export_name),
     ];
+    if s.durable {
+        args.push("--cache=writethrough".into());
+    }
     if s.writable {
         // Zeros written become holes: an imported volume stays sparse.
         args.extend(["--discard=unmap".into(), "--detect-zeroes=unmap".into()]);
@@ -185,6 +194,8 @@ mod tests {
             listen: &listen,
             pid_file: Path::new("/d/exports/files.pid"),
             writable: false,
+            durable: false,
+            clients: MAX_CLIENTS,
         };
         let args = command(&s);
         for want in [
@@ -205,11 +216,17 @@ mod tests {
         let args = command(&Serve {
             listen: &unix,
             writable: true,
+            durable: true,
+            clients: 1,
             ..s
         });
         assert!(!args.iter().any(|a| a == "--read-only"), "{args:?}");
         assert!(args.iter().any(|a| a == "--socket=/d/exports/files.sock"));
         assert!(args.iter().any(|a| a == "--detect-zeroes=unmap"));
+        // A replica writes through, for its one client.
+        assert!(args.iter().any(|a| a == "--cache=writethrough"), "{args:?}");
+        assert!(args.iter().any(|a| a == "--shared=1"), "{args:?}");
+        assert!(!command(&s).iter().any(|a| a.starts_with("--cache")));
     }
 
     #[test]

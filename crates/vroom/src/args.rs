@@ -101,6 +101,23 @@ pub enum Command {
         #[arg(long)]
         scope: String,
     },
+    /// Internal: the NBD relay on a replicated volume's replication
+    /// connection (vroomd starts it).
+    #[command(name = "__nbd-relay", hide = true)]
+    NbdRelay {
+        /// The fd of QEMU's NBD connection (a unix socket).
+        #[arg(long)]
+        qemu_fd: i32,
+        /// The fd of the connection to the replica (TCP).
+        #[arg(long)]
+        peer_fd: i32,
+        /// The unix socket the relay answers status and release on.
+        #[arg(long)]
+        control: PathBuf,
+        /// How long a request may go unanswered before the relay holds.
+        #[arg(long, default_value_t = 1000)]
+        silent_ms: u64,
+    },
     /// Create and start an instance; returns when the guest reports ready.
     Run(RunArgs),
     /// List instances.

@@ -138,6 +138,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         | Command::Guard { .. }
         | Command::Info
         | Command::GenerateDocs { .. }
+        | Command::NbdRelay { .. }
         | Command::Cluster { .. } => {
             unreachable!("handled in main")
         }

@@ -41,7 +41,10 @@ fn main() {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
-        Command::Daemon { op: None, .. } | Command::Jail { .. } | Command::Guard { .. }
+        Command::Daemon { op: None, .. }
+            | Command::Jail { .. }
+            | Command::Guard { .. }
+            | Command::NbdRelay { .. }
     ) {
         die_quietly_on_closed_stdout();
     }
@@ -51,6 +54,19 @@ fn main() {
         Command::Guard { socket, scope } => vroom_cluster::guard::run(socket, scope)
             .map(|()| 0)
             .map_err(Into::into),
+        Command::NbdRelay {
+            qemu_fd,
+            peer_fd,
+            control,
+            silent_ms,
+        } => vroom_volume::relay::run_process(
+            *qemu_fd,
+            *peer_fd,
+            control,
+            std::time::Duration::from_millis(*silent_ms),
+        )
+        .map(|()| 0)
+        .map_err(Into::into),
         Command::Bench { args } => bench::run(&cli.data_dir, args),
         Command::Daemon {
             op: None,

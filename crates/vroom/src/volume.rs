@@ -7,6 +7,13 @@ use vroom_types::{SnapshotTaken, Volume, VolumeCreateRequest, VolumeExportReques
 use crate::args::VolumeOp;
 use crate::output;
 
+/// Where a replicated volume's replica is, and how far: `n2 UpToDate`.
+fn replica_text(v: &Volume) -> String {
+    v.replication
+        .as_ref()
+        .map_or_else(|| "-".into(), |r| format!("{} {}", r.replica, r.state))
+}
+
 pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
     match op {
         VolumeOp::Create {
@@ -42,6 +49,7 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 "USED ON DISK",
                 "FS",
                 "INSTANCE",
+                "REPLICA",
                 "EXPORT",
                 "CREATED",
             ],
@@ -52,6 +60,7 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                     output::bytes(v.allocated_bytes),
                     v.fs.as_str().to_string(),
                     attached(v),
+                    replica_text(v),
                     v.export
                         .as_ref()
                         .map_or_else(|| "-".into(), |e| e.listen.clone()),
@@ -72,6 +81,23 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 println!("{:<12} {}", "replicas:", v.replicas);
                 println!("{:<12} {}", "instance:", attached(&v));
                 println!("{:<12} {}", "created:", output::ago(v.created_at));
+                if let Some(r) = &v.replication {
+                    println!("{:<12} {}", "primary:", r.primary);
+                    println!("{:<12} {} ({})", "replica:", r.replica, r.state);
+                    println!("{:<12} {}", "epoch:", r.epoch);
+                    println!("{:<12} {}", "state since:", output::ago(r.since));
+                    if let (Some(done), Some(total)) = (r.synced_bytes, r.sync_total_bytes) {
+                        println!(
+                            "{:<12} {} of {}",
+                            "synced:",
+                            output::bytes(done),
+                            output::bytes(total)
+                        );
+                    }
+                    if let Some(reason) = &r.reason {
+                        println!("{:<12} {reason}", "why:");
+                    }
+                }
                 if let Some(e) = &v.export {
                     println!(
                         "{:<12} {} ({})",

@@ -195,13 +195,23 @@ fn settled_on(lab: &Lab, instance: &str, ip: &str) -> Option<usize> {
     };
     let mut last = None;
     poll(Duration::from_secs(30), || {
-        let at = (0..lab.nodes.len()).find_map(|i| owner(i))?;
+        let at = (0..lab.nodes.len()).find_map(&owner)?;
         let alone = (0..lab.nodes.len()).all(|i| (i == at) == lab.runs(i, instance).is_some());
         let now = (alone && lab.page_from(at, ip).is_some()).then_some(at);
         let steady = now.is_some() && now == last;
         last = now;
         steady.then_some(at)
     })
+}
+
+/// A lab of two nodes that both have hello's image.
+fn two_nodes_with_hello() -> Arc<Lab> {
+    let lab = Arc::new(Lab::new(2));
+    let hello = common::recipe("hello");
+    for i in 0..2 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    lab
 }
 
 fn ip_of(lab: &Lab, i: usize, instance: &str) -> String {
@@ -213,11 +223,7 @@ fn ip_of(lab: &Lab, i: usize, instance: &str) -> String {
 #[test]
 fn an_instance_outlives_its_node_and_never_runs_twice() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(
         0,
         &[
@@ -956,11 +962,7 @@ fn moves_under_traffic_on_a_loaded_host_never_lose_the_guest() {
     // Its busy loops would starve the other tests' etcd and guests.
     let _alone = vroom_base::RwLockExt::write_unpoisoned(&HOST_LOAD);
     use vroom_lab::{BusyLoops, Prober};
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(0, &["run", "hello", "--name", "m", "--node", "n1"]);
     let ip = ip_of(&lab, 0, "m");
     failed_over(&lab, 0, "m", &ip, Duration::from_secs(60));
@@ -1121,11 +1123,7 @@ fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
 #[test]
 fn a_standby_instance_fails_over_from_a_warm_snapshot() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
-    let hello = common::recipe("hello");
-    for i in 0..2 {
-        lab.ok(i, &["image", "build", &hello]);
-    }
+    let lab = two_nodes_with_hello();
     lab.ok(
         0,
         &[
@@ -1325,4 +1323,289 @@ fn a_splice_moves_with_its_vm() {
     lab.ok(0, &["config", fw, "set", "block_tcp="]);
     assert!(open(0), "w does not answer through its firewall on n1");
     sampler.assert_never_twice("a spliced VM's moves");
+}
+
+/// A volume's replication as node `i` shows it: (primary, replica, state, epoch).
+fn replication_of(lab: &Lab, i: usize, volume: &str) -> Option<(String, String, String, u64)> {
+    let out = lab.vroom(i, &["--json", "volume", "inspect", volume]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let r = &v["replication"];
+    Some((
+        r["primary"].as_str()?.to_string(),
+        r["replica"].as_str()?.to_string(),
+        r["state"].as_str()?.to_string(),
+        r["epoch"].as_u64()?,
+    ))
+}
+
+/// Waits until node `i` shows the volume's replica up to date.
+fn up_to_date(lab: &Lab, i: usize, volume: &str, primary: &str) {
+    let synced = poll(Duration::from_secs(90), || {
+        replication_of(lab, i, volume)
+            .filter(|(p, _, s, _)| p == primary && s == "up_to_date")
+            .map(|_| ())
+    });
+    assert!(
+        synced.is_some(),
+        "the replica of {volume} did not come up to date (primary {primary}): {:?}\n--- log:\n{}",
+        replication_of(lab, i, volume),
+        lab.log(i)
+    );
+}
+
+/// This node's copy of a volume: its file.
+fn copy_of(lab: &Lab, i: usize, volume: &str) -> std::path::PathBuf {
+    let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = v["id"].as_str().unwrap();
+    assert!(!id.is_empty(), "node {i} has no copy of {volume}: {out}");
+    lab.nodes[i].dir.join("volumes").join(id).join("volume.img")
+}
+
+/// Writes numbered files in `instance` on node `i` (each synced: the guest
+/// saw it complete) from `after + 1` on, and cuts the node's power after a
+/// random number of them, at a random moment. Returns what was acknowledged.
+fn write_until_power_loss(lab: &Arc<Lab>, i: usize, instance: &str, after: u32) -> Vec<u32> {
+    let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (lab, acked, stop) = (lab.clone(), acked.clone(), stop.clone());
+        let instance = instance.to_string();
+        std::thread::spawn(move || {
+            for n in after + 1.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let script = format!("echo write-{n} > /var/data/w{n} && sync");
+                let out = lab.vroom(i, &["exec", &instance, "--", "/bin/sh", "-c", &script]);
+                if !out.status.success() {
+                    break;
+                }
+                acked.lock().unwrap().push(n);
+            }
+        })
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
+    let count = 5 + seed % 11;
+    poll(Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= count).then_some(())
+    })
+    .expect("the guest acknowledged no writes");
+    std::thread::sleep(Duration::from_millis((seed / 11 % 300) as u64));
+    lab.power_loss(i);
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
+#[test]
+fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    // A volume kept on two nodes: this node's copy is the primary.
+    lab.ok(
+        0,
+        &[
+            "volume",
+            "create",
+            "data",
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+        ],
+    );
+    let (primary, replica, state, epoch) = replication_of(&lab, 1, "data").unwrap();
+    assert_eq!((primary.as_str(), replica.as_str(), epoch), ("n1", "n2", 1));
+    assert_eq!(
+        state, "outdated",
+        "a replica is not up to date before its first copy"
+    );
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h1",
+            "--ha",
+            "restart",
+            "--volume",
+            "data:/var/data",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h1");
+    up_to_date(&lab, 0, "data", "n1");
+    // Rules that hold while it runs.
+    let out = lab.vroom(0, &["volume", "rm", "data"]);
+    assert!(!out.status.success(), "removed a volume in use");
+    lab.ok(
+        0,
+        &[
+            "exec",
+            "h1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo moved > /var/data/moved && sync",
+        ],
+    );
+    // A live migration to the replica's node swaps the roles: nothing is
+    // copied, the replica becomes the primary (a new epoch) and the old
+    // primary's copy is filled again. And back.
+    for (to, from, epoch) in [(1usize, 0usize, 2u64), (0, 1, 3)] {
+        let names = ["n1", "n2"];
+        lab.ok(from, &["migrate", "h1", "--to", names[to]]);
+        runs_only_on(&lab, to, "h1", &ip);
+        let out = lab.ok(to, &["exec", "h1", "--", "cat", "/var/data/moved"]);
+        assert_eq!(out, "moved\n");
+        up_to_date(&lab, to, "data", names[to]);
+        let (primary, replica, _, e) = replication_of(&lab, to, "data").unwrap();
+        assert_eq!(
+            (primary.as_str(), replica.as_str(), e),
+            (names[to], names[from], epoch)
+        );
+    }
+
+    // Rounds of: writes the guest saw complete (each synced) while the
+    // primary's node loses power at a random moment; the replica's node
+    // takes over with every one of them; the old primary comes back as the
+    // replica and is filled again (never merged). Then the other way.
+    let mut acked: Vec<u32> = vec![];
+    let names = ["n1", "n2"];
+    for round in 0..3usize {
+        let (p, r) = (round % 2, 1 - round % 2);
+        let more = write_until_power_loss(&lab, p, "h1", acked.last().copied().unwrap_or(0));
+        acked.extend(more);
+        let took = failed_over(&lab, r, "h1", &ip, Duration::from_secs(60));
+        eprintln!(
+            "round {round}: power loss of {}: h1 answered from {} after {took:?}, {} writes acknowledged so far",
+            names[p],
+            names[r],
+            acked.len()
+        );
+        let script = format!(
+            "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
+            acked
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let out = lab.ok(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+        for n in &acked {
+            assert!(
+                out.contains(&format!("write-{n}\n")),
+                "round {round}: write {n} was acknowledged and is lost:\n{out}"
+            );
+        }
+        let (primary, replica, state, epoch) = replication_of(&lab, r, "data").unwrap();
+        assert_eq!((primary.as_str(), replica.as_str()), (names[r], names[p]));
+        assert_eq!(epoch, round as u64 + 4, "a new primary is a new epoch");
+        assert_eq!(state, "outdated");
+        lab.start(p);
+        up_to_date(&lab, r, "data", names[r]);
+        assert_eq!(lab.runs(p, "h1"), None, "the old primary ran h1 again");
+    }
+    let on = 1; // after three rounds: n2
+    lab.ok(on, &["stop", "h1"]);
+    let (a, b) = (copy_of(&lab, 0, "data"), copy_of(&lab, 1, "data"));
+    let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
+    assert!(
+        same.status.success(),
+        "the copies differ after the resync: {}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+}
+
+#[test]
+fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    lab.ok(
+        0,
+        &[
+            "volume",
+            "create",
+            "files",
+            "--size",
+            "32M",
+            "--replicas",
+            "2",
+        ],
+    );
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h2",
+            "--ha",
+            "restart",
+            "--volume",
+            "files:/var/files",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h2");
+    up_to_date(&lab, 0, "files", "n1");
+    let write = |what: &str| {
+        let script = format!("echo {what} > /var/files/{what} && sync");
+        lab.ok(0, &["exec", "h2", "--", "/bin/sh", "-c", &script]);
+    };
+    write("before");
+
+    // The replica's node freezes (its vroomd and its NBD server): the
+    // guest's write is held, then the primary records the replica
+    // outdated and goes on alone.
+    let servers = lab.nbd_servers(1);
+    assert_eq!(servers.len(), 1, "n2 serves one replica");
+    lab.freeze(1, true);
+    signal(servers[0], libc::SIGSTOP);
+    let started = Instant::now();
+    write("during");
+    let stall = started.elapsed();
+    eprintln!("the guest's write was held {stall:?} by a frozen replica");
+    assert!(stall < Duration::from_secs(8), "held {stall:?}");
+    let (_, _, state, _) = replication_of(&lab, 0, "files").unwrap();
+    assert_eq!(
+        state, "outdated",
+        "the replica that missed a write is not up to date"
+    );
+
+    // The primary's node is lost while its replica is outdated: the
+    // instance waits for it rather than come up on a copy that misses
+    // an acknowledged write.
+    lab.power_loss(0);
+    signal(servers[0], libc::SIGKILL);
+    lab.freeze(1, false);
+    let wrongly = poll(Duration::from_secs(12), || lab.runs(1, "h2"));
+    assert_eq!(
+        wrongly,
+        None,
+        "h2 was promoted onto an outdated replica: {}",
+        lab.log(1)
+    );
+
+    // The primary's node comes back: h2 runs there again with every write,
+    // and its replica is filled again.
+    lab.start(0);
+    failed_over(&lab, 0, "h2", &ip, Duration::from_secs(60));
+    let out = lab.ok(
+        0,
+        &[
+            "exec",
+            "h2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /var/files/before /var/files/during",
+        ],
+    );
+    assert_eq!(out, "before\nduring\n");
+    up_to_date(&lab, 0, "files", "n1");
 }

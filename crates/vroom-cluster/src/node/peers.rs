@@ -37,6 +37,12 @@ pub(super) enum Hello {
     Image {
         id: String,
     },
+    /// The primary of a replicated volume asks for the replica's copy to be
+    /// served to it ([`super::volumes`]).
+    Replica {
+        volume: String,
+        primary: String,
+    },
 }
 
 /// The answer to [`Hello::Image`]: a header line, then the manifest's bytes,
@@ -137,6 +143,9 @@ impl ClusterNode {
                         node.data_arrived(&migration, &secret, stream)
                     }
                     Hello::Image { id } => node.send_image(stream, &id).await,
+                    Hello::Replica { volume, primary } => {
+                        node.serve_replica(stream, &volume, &primary).await
+                    }
                     Hello::Control {
                         instance,
                         migration,

@@ -78,6 +78,7 @@ impl ClusterNode {
         }
         self.adopt(&view);
         self.converge(&view).await;
+        self.replicate(&view).await;
         self.start_migrations(&view);
         self.join_networks(&view).await;
         self.publish(&view).await;
@@ -132,6 +133,20 @@ impl ClusterNode {
                 }
                 (Some(_), _) => None,
             };
+            // An instance with replicated volumes goes where their usable
+            // copy is, or waits.
+            let volumes: Vec<&VolumeRecord> = Self::volumes_of(view, record)
+                .into_iter()
+                .map(|(v, _)| v)
+                .collect();
+            let node = if volumes.is_empty() {
+                node
+            } else {
+                match volumes::volume_home(view, &volumes) {
+                    Some(home) => Some(home),
+                    None => continue,
+                }
+            };
             let avoid = view.avoid(name);
             pending.push(Pending {
                 name: name.clone(),
@@ -166,6 +181,11 @@ impl ClusterNode {
         let Some((record, kv)) = view.instances.get(name) else {
             return Ok(false);
         };
+        // Its replicated volumes as the scheduler saw them; taken over on
+        // the replica's node, the replica becomes the primary.
+        let Some((volume_compares, volume_ops)) = self.claim_volumes(view, record) else {
+            return Ok(false);
+        };
         let mut record = record.clone();
         record.previous = record.home.replace(self.name.clone());
         let owner = OwnerRecord {
@@ -179,13 +199,15 @@ impl ClusterNode {
                 Compare::mod_revision(kv.key.clone(), kv.mod_revision),
                 Compare::lease(key(NODES, &self.name), self.lease()),
             ])
+            .when(volume_compares)
             .and_then([
                 Op::put_leased(key(OWNERS, name), json(&owner), self.lease()),
                 Op::put(kv.key.clone(), json(&record)),
                 Op::delete(key(ASSIGNS, name)),
                 // A failure another claim left is not this one's.
                 Op::delete(key(STATUSES, name)),
-            ]);
+            ])
+            .and_then(volume_ops);
         let claimed = self.store.txn(txn).await?.succeeded();
         if claimed {
             tracing::info!(instance = %name, node = %self.name, "claimed");

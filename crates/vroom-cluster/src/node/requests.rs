@@ -31,6 +31,7 @@ impl ClusterNode {
                 Some(_) => {}
             }
         }
+        self.check_volumes(&req, &view)?;
         let mut request = req.clone();
         // Every node runs the same build: the image is pinned by id (and
         // fetched from a peer by a node that lacks it).
@@ -374,6 +375,10 @@ impl ClusterHooks for ClusterNode {
             ))),
             Err(e) => Err(etcd_error("cannot replicate the config", e)),
         }
+    }
+
+    fn launching_with_volumes(&self, name: &str, volumes: &[String]) -> Result<(), OpError> {
+        self.before_launch_with_volumes(name, volumes)
     }
 
     fn may_launch(&self, name: &str, cluster_made: bool) -> Result<(), OpError> {

@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use tempfile::TempDir;
 use vroom_core::testing::{run_request, TestEngine};
 
+use vroom_types::ReplicaState;
+
 use super::migrate::{ArrivedVolume, Seen, ANSWER_WITHIN};
 use super::*;
 use crate::store::mem::MemStore;
@@ -580,4 +582,170 @@ async fn a_drain_with_nowhere_to_go_reports_it_and_moves_nothing() {
     }
     assert_eq!(fleet.running_on("web"), ["a"]);
     assert_eq!(fleet.owner("web").await.unwrap().0, "a");
+}
+
+/// A volume kept on `a` (primary) and `b` (replica): both copies made, the
+/// record written with the replica in `state`.
+async fn replicated_volume(fleet: &Fleet, name: &str, state: ReplicaState) {
+    let req = vroom_types::VolumeCreateRequest {
+        name: Name::new(name).unwrap(),
+        size_mib: 16,
+        fs: vroom_types::VolumeFs::Ext4,
+        replicas: 2,
+    };
+    for node in ["a", "b"] {
+        let member = fleet.member(node);
+        // An image on vroom's kernel (ext4) with a writable /var.
+        let spec = vroom_types::ApplianceSpec {
+            writable: vec!["/run".into(), "/var".into()],
+            ..Default::default()
+        };
+        member
+            .engine
+            .images
+            .add_appliance("store", spec, vroom_types::KernelFlavor::Vroom);
+        member.engine.engine.create_volume_copy(&req).await.unwrap();
+    }
+    set_volume_state(fleet, name, state).await;
+}
+
+async fn volume_record(fleet: &Fleet, name: &str) -> VolumeRecord {
+    let kv = fleet.store.get(&key(VOLUMES, name)).await.unwrap().unwrap();
+    kv.decode().unwrap()
+}
+
+/// What the replication would record (the fakes have no NBD to mirror to).
+async fn set_volume_state(fleet: &Fleet, name: &str, state: ReplicaState) {
+    let record = match fleet.store.get(&key(VOLUMES, name)).await.unwrap() {
+        Some(kv) => kv
+            .decode::<VolumeRecord>()
+            .unwrap()
+            .with_state(state, None, now_secs()),
+        None => VolumeRecord {
+            name: name.into(),
+            size_mib: 16,
+            fs: vroom_types::VolumeFs::Ext4,
+            primary: "a".into(),
+            replica: "b".into(),
+            state,
+            epoch: 1,
+            since: now_secs(),
+            reason: None,
+            created_at: now_secs(),
+        },
+    };
+    fleet
+        .store
+        .put(&key(VOLUMES, name), json(&record))
+        .await
+        .unwrap();
+}
+
+fn with_volume(mut req: RunRequest, volume: &str) -> RunRequest {
+    req.spec.image = "store".into();
+    req.spec.volumes = vec![vroom_types::VolumeAttach {
+        volume: Name::new(volume).unwrap(),
+        path: "/var/data".into(),
+        read_only: false,
+    }];
+    req
+}
+
+/// An instance on a replicated volume runs on the primary's node, and a
+/// VM starting there first marks the replica as syncing (it misses what
+/// the VM writes until a full copy). When the primary's node is lost, the
+/// instance comes up on the replica's node only if that copy is up to
+/// date, and the claim promotes it: a new epoch, the old primary's copy
+/// outdated.
+///
+/// Checks it covers: `volume_home`, `claim_volumes`, the launch hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_goes_only_to_an_up_to_date_replica_and_promotes_it() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    let req = with_volume(request("db", None, HaPolicy::Restart), "data");
+    fleet.run("b", req).await;
+    fleet
+        .settle("db runs on its primary's node", |f| {
+            f.running_on("db") == ["a"]
+        })
+        .await;
+    assert_eq!(
+        volume_record(&fleet, "data").await.state,
+        ReplicaState::Syncing,
+        "a VM started on the primary: the replica misses its writes"
+    );
+    // The replication caught up.
+    set_volume_state(&fleet, "data", ReplicaState::UpToDate).await;
+
+    fleet.stop("a");
+    // (a's engine, stopped with it, still lists its copy.)
+    fleet
+        .settle("db runs on b", |f| {
+            f.running_on("db").contains(&"b".to_string())
+        })
+        .await;
+    let record = volume_record(&fleet, "data").await;
+    assert_eq!(
+        (record.primary.as_str(), record.replica.as_str()),
+        ("b", "a")
+    );
+    assert_eq!(record.epoch, 2);
+    assert_eq!(record.state, ReplicaState::Outdated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_is_not_up_to_date_is_never_promoted() {
+    for state in [ReplicaState::Syncing, ReplicaState::Outdated] {
+        let fleet = Fleet::new(&["a", "b"]).await;
+        replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+        fleet
+            .run(
+                "a",
+                with_volume(request("db", None, HaPolicy::Restart), "data"),
+            )
+            .await;
+        set_volume_state(&fleet, "data", state).await;
+        fleet.stop("a");
+        for _ in 0..30 {
+            fleet.passes().await;
+        }
+        assert!(!fleet.running_on("db").contains(&"b".to_string()));
+        assert_eq!(fleet.owner("db").await, None, "{state}: nobody may take db");
+        let record = volume_record(&fleet, "data").await;
+        assert_eq!((record.primary.as_str(), record.epoch), ("a", 1), "{state}");
+        // Placed there anyway (a scheduler that erred): b's claim refuses.
+        fleet
+            .store
+            .put(&key(ASSIGNS, "db"), b"b".to_vec())
+            .await
+            .unwrap();
+        let b = fleet.node("b");
+        let view = b.view().await.unwrap();
+        assert!(
+            !b.claim("db", &view).await.unwrap(),
+            "{state}: b claimed db"
+        );
+    }
+}
+
+/// A daemon killed between making its copy of a replicated volume and
+/// writing the volume's record leaves a copy no record names: the next
+/// pass removes it; a copy whose record exists stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_without_its_record_is_removed() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    replicated_volume(&fleet, "kept", ReplicaState::Outdated).await;
+    let a = &fleet.member("a").engine.engine;
+    let req = vroom_types::VolumeCreateRequest {
+        name: Name::new("half").unwrap(),
+        size_mib: 16,
+        fs: vroom_types::VolumeFs::Ext4,
+        replicas: 2,
+    };
+    a.create_volume_copy(&req).await.unwrap();
+    fleet.passes().await;
+    assert!(a.volume("half").is_err(), "the copy without a record stays");
+    assert!(a.volume("kept").is_ok());
+    assert!(fleet.member("b").engine.engine.volume("kept").is_ok());
 }

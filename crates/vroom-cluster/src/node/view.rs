@@ -20,6 +20,8 @@ pub(super) struct View {
     pub(super) migrations: BTreeMap<String, (MigrationRecord, Kv)>,
     /// Each VM's recorded splices and mirrors.
     pub(super) wirings: BTreeMap<String, (Wiring, Kv)>,
+    /// Volumes kept on two nodes.
+    pub(super) volumes: BTreeMap<String, (VolumeRecord, Kv)>,
     /// The etcd revision it was read at (0: unknown).
     pub(super) revision: i64,
 }
@@ -82,9 +84,28 @@ impl View {
                     Ok(w) => drop(view.wirings.insert(name.into(), (w, kv))),
                     Err(e) => bad(e),
                 }
+            } else if let Some(name) = key.strip_prefix(VOLUMES) {
+                match kv.decode() {
+                    Ok(v) => drop(view.volumes.insert(name.into(), (v, kv))),
+                    Err(e) => bad(e),
+                }
             }
         }
         view
+    }
+
+    /// The cluster instance that uses volume `name`, if any.
+    pub(super) fn user_of_volume(&self, name: &str) -> Option<&str> {
+        self.instances
+            .iter()
+            .find(|(_, (r, _))| {
+                r.request
+                    .spec
+                    .volumes
+                    .iter()
+                    .any(|a| a.volume.as_str() == name)
+            })
+            .map(|(user, _)| user.as_str())
     }
 
     /// How node `name` stands for placement.

@@ -74,11 +74,12 @@ impl Engine {
     /// Why `name` cannot leave this node with its wiring, if it cannot.
     pub fn immovable_reason(&self, name: &str) -> Option<String> {
         if let Some(volumes) = self.cell(name).ok().map(|c| c.snapshot().spec.volumes) {
-            if !volumes.is_empty() {
-                return Some(
-                    "it has data volumes, which stay on this node until volumes replicate"
-                        .to_string(),
-                );
+            // A volume kept on two nodes moves with it (the cluster says
+            // where to); one with a single copy stays here.
+            if let Some(local) = self.local_volume_of(&volumes) {
+                return Some(format!(
+                    "it has data volume {local}, which has one copy and stays on this node"
+                ));
             }
         }
         let splices = self.list_splices();

@@ -233,10 +233,16 @@ impl Engine {
         } else {
             self.attach_volumes(&spec, &image)?
         };
-        if identity.as_ref().is_some_and(|i| i.cluster) && !volumes.is_empty() {
-            // Failed over, it would come up elsewhere with empty volumes.
-            self.remove_made_volumes(&made_volumes);
-            return Err(OpError::new(ErrorCode::HostUnsupported, VOLUMES_STAY_LOCAL));
+        if identity.as_ref().is_some_and(|i| i.cluster) {
+            // Failed over, it would come up elsewhere with empty volumes:
+            // only a volume kept on two nodes follows its instance.
+            if let Some(local) = self.local_volume_of(&volumes) {
+                self.remove_made_volumes(&made_volumes);
+                return Err(OpError::new(
+                    ErrorCode::HostUnsupported,
+                    format!("{VOLUMES_STAY_LOCAL} (volume {local} has one copy)"),
+                ));
+            }
         }
         spec.volumes = volumes;
 
@@ -667,6 +673,17 @@ impl Engine {
                 (record.instance.spec.name.to_string(), record.cluster)
             };
             cluster.may_launch(&name, cluster_made)?;
+            let volumes: Vec<String> = cell
+                .lock()
+                .instance
+                .spec
+                .volumes
+                .iter()
+                .map(|a| a.volume.to_string())
+                .collect();
+            if !volumes.is_empty() {
+                cluster.launching_with_volumes(&name, &volumes)?;
+            }
         }
         let (instance, ready_timeout, seed) = {
             let r = cell.lock();

@@ -16,7 +16,7 @@ use super::*;
 use crate::driver::DataDisk;
 
 /// Why a cluster refuses instances with data volumes.
-pub const VOLUMES_STAY_LOCAL: &str = "data volumes do not fail over with their instance yet: run instances with volumes on a host outside a cluster";
+pub const VOLUMES_STAY_LOCAL: &str = "in a cluster an instance's volumes must be kept on two nodes, or they would not follow it to another: make them with `vroom volume create NAME --size SIZE --replicas 2` and attach them with `--volume NAME:PATH`";
 
 impl Engine {
     pub(super) fn volumes_dir(&self) -> PathBuf {
@@ -50,6 +50,21 @@ impl Engine {
                     .any(|a| a.volume.as_str() == volume)
             })
             .map(|(name, _)| name.clone())
+    }
+
+    /// The first of `attached` that has a single copy, if any.
+    pub(super) fn local_volume_of(&self, attached: &[VolumeAttach]) -> Option<Name> {
+        // Unreadable records: nothing is known to have two copies.
+        let records = self.volume_records().unwrap_or_default();
+        attached
+            .iter()
+            .find(|a| {
+                records
+                    .iter()
+                    .find(|v| v.name == a.volume)
+                    .is_none_or(|v| v.replicas < 2)
+            })
+            .map(|a| a.volume.clone())
     }
 
     /// A record as the API shows it: with its attachment and disk usage.
@@ -94,6 +109,18 @@ impl Engine {
         size_mib: u64,
         fs: VolumeFs,
     ) -> Result<Volume, OpError> {
+        self.create_volume_with(name, size_mib, fs, 1)
+    }
+
+    /// Makes a volume with its number of replicas (the caller holds the
+    /// allocation lock).
+    fn create_volume_with(
+        &self,
+        name: &str,
+        size_mib: u64,
+        fs: VolumeFs,
+        replicas: u8,
+    ) -> Result<Volume, OpError> {
         let name = Name::new(name)?;
         if self.volume_record(name.as_str()).is_ok() {
             return Err(OpError::new(
@@ -111,8 +138,8 @@ impl Engine {
                 e => OpError::internal("failed to create the volume", e),
             },
         )?;
-        let volume = self.record_new_volume(id, name, size_mib, fs)?;
-        tracing::info!(volume = %volume.name, size_mib, "volume created");
+        let volume = self.record_new_volume(id, name, size_mib, fs, replicas)?;
+        tracing::info!(volume = %volume.name, size_mib, replicas, "volume created");
         Ok(self.volume_view(volume))
     }
 
@@ -124,18 +151,20 @@ impl Engine {
         name: Name,
         size_mib: u64,
         fs: VolumeFs,
+        replicas: u8,
     ) -> Result<Volume, OpError> {
         let volume = Volume {
             id,
             name,
             size_mib,
             fs,
-            replicas: 1,
+            replicas,
             created_at: unix_now(),
             attached_to: None,
             allocated_bytes: 0,
             snapshots: vec![],
             export: None,
+            replication: None,
         };
         if let Err(e) = self.store.put_volume(&volume) {
             let _ = std::fs::remove_dir_all(datavol::volume_dir(&self.volumes_dir(), &volume.id));
@@ -396,7 +425,7 @@ impl Engine {
                         e => OpError::internal("failed to copy the snapshot's volume", e),
                     },
                 )?;
-                self.record_new_volume(id, name.clone(), copy.size_mib, VolumeFs::Ext4)?;
+                self.record_new_volume(id, name.clone(), copy.size_mib, VolumeFs::Ext4, 1)?;
                 Ok(name)
             });
             match made_one {
@@ -491,6 +520,7 @@ pub(super) fn unix_now() -> u64 {
 }
 
 mod export;
+mod replica;
 mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -352,6 +352,8 @@ impl ClusterNode {
             .map_err(read)?
             .ok_or_else(|| OpError::conflict("the instance was removed"))?;
         let before = instance.clone();
+        // Its replicated volumes' up-to-date replicas here become primary.
+        let (volume_compares, volume_ops) = self.takeover_volumes(&instance).await?;
         instance.previous = instance.home.replace(self.name.clone());
         let owner = OwnerRecord {
             node: self.name.clone(),
@@ -369,10 +371,12 @@ impl ClusterNode {
                 Compare::mod_revision(key(CONFIGS, name), seen.config),
                 Compare::mod_revision(key(WIRINGS, name), seen.wiring),
             ])
+            .when(volume_compares)
             .and_then([
                 Op::put_leased(key(OWNERS, name), json(&owner), lease),
                 Op::put(ikv.key.clone(), json(&instance)),
-            ]);
+            ])
+            .and_then(volume_ops);
         let response = self
             .store
             .txn(txn)
@@ -385,6 +389,8 @@ impl ClusterNode {
         }
         let revision = response.revision();
         self.note_handover(name, Handover::TookOver(revision));
+        // Before its VM runs: no copy it uses is served as a replica.
+        self.stop_serving_volumes_of(&instance);
         Ok(Taken {
             revision,
             instance: before,
@@ -444,16 +450,19 @@ impl ClusterNode {
             node: from.to_string(),
             since: now_secs(),
         };
+        let (volume_compares, volume_ops) = self.give_back_volumes(&taken.instance, from).await?;
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(key(OWNERS, name), taken.revision),
                 Compare::mod_revision(key(INSTANCES, name), taken.revision),
                 Compare::lease(key(NODES, from), lease),
             ])
+            .when(volume_compares)
             .and_then([
                 Op::put_leased(key(OWNERS, name), json(&owner), lease),
                 Op::put(key(INSTANCES, name), json(&taken.instance)),
-            ]);
+            ])
+            .and_then(volume_ops);
         let response = self
             .store
             .txn(txn)

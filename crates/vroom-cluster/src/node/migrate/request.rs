@@ -28,6 +28,16 @@ impl ClusterNode {
                 "instance {name} is being removed"
             )));
         }
+        // With replicated volumes it moves only to the node of their
+        // up-to-date replicas, which take over as primary (nothing copied).
+        for (v, _) in Self::volumes_of(&view, record) {
+            if v.replica != to || v.state != vroom_types::ReplicaState::UpToDate {
+                return Err(OpError::conflict(format!(
+                    "instance {name} uses volume {}, kept on {} and {} ({} there): it migrates live only to the node of an up-to-date replica",
+                    v.name, v.primary, v.replica, v.state
+                )));
+            }
+        }
         if let Some((m, _)) = view.migrations.get(name) {
             return Err(OpError::conflict(format!(
                 "instance {name} is being migrated to {} already",

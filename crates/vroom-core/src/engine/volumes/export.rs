@@ -309,6 +309,8 @@ impl Engine {
             listen,
             pid_file: &pid_file,
             writable: record.export.writable,
+            durable: false,
+            clients: nbd::MAX_CLIENTS,
         };
         let pid = blocking(|| nbd::serve(&serve)).map_err(|e| match e {
             nbd::ServeNbdError::AddressTaken { .. } => OpError::conflict(e.to_string()),
@@ -498,6 +500,7 @@ impl Engine {
                 record.export.volume.clone(),
                 record.export.size_bytes >> 20,
                 vroom_types::VolumeFs::Ext4,
+                1,
             )
         })();
         // The staging directory is gone once renamed; otherwise it goes now.

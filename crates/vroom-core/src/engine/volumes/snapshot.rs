@@ -203,6 +203,7 @@ impl Engine {
         let user = self.lock_volume_user(name).await;
         let _alloc = self.alloc.lock().await;
         let mut volume = self.volume_record(name)?;
+        refuse_replicated(&volume, "restore")?;
         let Some(snap) = volume
             .snapshots
             .iter()
@@ -263,7 +264,7 @@ impl Engine {
                 e => OpError::internal("failed to clone the volume", e),
             }
         })?;
-        let volume = self.record_new_volume(id, req.name, snap.size_mib, of.fs)?;
+        let volume = self.record_new_volume(id, req.name, snap.size_mib, of.fs, 1)?;
         tracing::info!(volume = %volume.name, snapshot, "volume cloned");
         Ok(self.volume_view(volume))
     }
@@ -305,6 +306,7 @@ impl Engine {
         let user = self.lock_volume_user(name).await;
         let _alloc = self.alloc.lock().await;
         let mut volume = self.volume_record(name)?;
+        refuse_replicated(&volume, "grow")?;
         if req.size_mib < volume.size_mib {
             return Err(OpError::conflict(format!(
                 "volume {name} is {} MiB; volumes only grow",
@@ -389,6 +391,18 @@ fn default_snapshot_name(volume: &str, now: u64) -> Result<Name, OpError> {
             format!("cannot make a snapshot name for volume {volume}: {e}; give it a --name"),
         )
     })
+}
+
+/// Growing or restoring changes one copy of a volume kept on two nodes
+/// behind its replica's back: not yet.
+fn refuse_replicated(volume: &Volume, what: &str) -> Result<(), OpError> {
+    if volume.replicas < 2 {
+        return Ok(());
+    }
+    Err(OpError::conflict(format!(
+        "volume {} is kept on two nodes; vroom cannot {what} a replicated volume yet",
+        volume.name
+    )))
 }
 
 #[cfg(test)]

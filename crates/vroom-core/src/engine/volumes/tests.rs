@@ -376,8 +376,9 @@ async fn a_restart_sweeps_what_a_killed_daemon_left() {
     assert_eq!(engine.list_volumes().unwrap().len(), 2);
 }
 
-/// Until volumes replicate, an instance with volumes stays on its host:
-/// no migration, no warm start.
+/// An instance with a volume of one copy stays on its host: no
+/// migration, no warm start (one whose volumes are kept on two nodes may
+/// move: the cluster decides where).
 #[tokio::test]
 async fn what_cannot_carry_volumes_yet_refuses_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -385,13 +386,35 @@ async fn what_cannot_carry_volumes_yet_refuses_them() {
     t.engine.run(run_request("pg", "db", &[])).await.unwrap();
     running_pid(&t, "pg").await;
     let err = t.engine.check_movable("pg").unwrap_err();
-    assert!(err.message.contains("data volumes"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("data volume pg-data, which has one copy"),
+        "{}",
+        err.message
+    );
     let err = t.engine.warm_image("db", None).await.unwrap_err();
     assert!(
         err.message.contains("declares data volumes"),
         "{}",
         err.message
     );
+    // Kept on two nodes: it may move.
+    let req = VolumeCreateRequest {
+        name: Name::new("shared").unwrap(),
+        size_mib: 16,
+        fs: VolumeFs::Ext4,
+        replicas: 2,
+    };
+    t.engine.create_volume_copy(&req).await.unwrap();
+    t.engine
+        .run(with_volumes(
+            "web",
+            "store",
+            vec![attach("shared", "/var/x")],
+        ))
+        .await
+        .unwrap();
+    t.engine.check_movable("web").unwrap();
 }
 
 /// A snapshot of an instance holds its data volumes of the same instant; a
@@ -977,6 +1000,8 @@ async fn a_restart_keeps_live_exports_and_ends_the_rest() {
         listen: &listen,
         pid_file: &exports.join("orphan.pid"),
         writable: false,
+        durable: false,
+        clients: 1,
     })
     .unwrap();
     // A record written just before a kill, nothing else made yet.

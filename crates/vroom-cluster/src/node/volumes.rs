@@ -1,0 +1,918 @@
+//! Volumes kept on two nodes (`vroom volume create NAME --replicas 2`).
+//!
+//! Each of the two nodes keeps its copy as a local volume of the same name;
+//! the record `volumes/<name>` ([`VolumeRecord`]) says which copy is the
+//! primary and whether the replica has every write a guest saw complete
+//! (`UpToDate`), is being filled (`Syncing`) or misses writes (`Outdated`).
+//! The rules, and where each is kept:
+//!
+//! - **A VM runs only on the primary copy.** The launch hook refuses a VM
+//!   on any other ([`ClusterNode::before_launch_with_volumes`]).
+//! - **Only an up-to-date replica is promoted.** The scheduler places an
+//!   instance on its primary's node, or on the replica's node when the
+//!   primary's is gone and the replica is `UpToDate`, and nowhere else
+//!   ([`volume_home`]); the claim makes the replica the primary (a new
+//!   epoch, the old primary's copy `Outdated`) in the same transaction that
+//!   takes the instance, compared with the record the scheduler read.
+//! - **Before a primary writes without its replica, the record says so.**
+//!   A VM starting on the primary marks the replica `Syncing` first (the
+//!   launch hook); the replication marks it `Outdated` before it cuts a
+//!   replica that stopped answering loose (then the guest goes on alone).
+//!   Every such write compares the instance's fencing token: a node that
+//!   lost its instance cannot write it.
+//! - **A returning primary never merges.** Serving a copy as the replica
+//!   empties it; the new primary fills it with a full copy.
+//!
+//! The data path: the primary's VMM mirrors the volume's drive
+//! synchronously (QEMU `blockdev-mirror`, `write-blocking`) into a
+//! `qemu-nbd` on the replica's node that writes through, over a TCP
+//! connection this node opens and hands the VMM (docs/design/replication.md).
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use vroom_types::{ReplicaState, Volume, VolumeCreateRequest, VolumeReplication};
+
+use super::*;
+
+/// How long a replica may leave a write unanswered before it counts as
+/// lost (a frozen node keeps acknowledging TCP: only this catches it).
+const SILENT: Duration = Duration::from_secs(1);
+/// How often a replication is looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// How long after a replication ended the next one may start.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// How long a primary tries to record its replica `Outdated` before it
+/// stops its VM rather than let it write unprotected.
+const RECORD_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a copy this node is making may lack its record.
+const CREATE_GRACE: Duration = Duration::from_secs(60);
+
+/// The node an instance using `volumes` may run on now: the primary's
+/// while it is up and not cordoned; else the replica's, if that copy is up
+/// to date and its node is up and not cordoned. `None`: nowhere yet. The
+/// volumes of one instance must agree.
+pub(super) fn volume_home(view: &View, volumes: &[&VolumeRecord]) -> Option<String> {
+    let usable = |node: &str| view.node_state(node) == NodeState::Ready;
+    let mut home: Option<String> = None;
+    for v in volumes {
+        let here = if usable(&v.primary) {
+            v.primary.clone()
+        } else if v.state == ReplicaState::UpToDate && usable(&v.replica) {
+            v.replica.clone()
+        } else {
+            return None;
+        };
+        match &home {
+            Some(h) if *h != here => return None,
+            _ => home = Some(here),
+        }
+    }
+    home
+}
+
+/// What ended a replication.
+enum Ended {
+    /// The VM stopped, or this node no longer owns it: nothing to record.
+    Quietly,
+    /// The replica failed or went silent: recorded `Outdated`.
+    Fault(String),
+}
+
+impl ClusterNode {
+    /// The cluster volumes an instance's record names.
+    pub(super) fn volumes_of<'a>(
+        view: &'a View,
+        record: &InstanceRecord,
+    ) -> Vec<&'a (VolumeRecord, Kv)> {
+        record
+            .request
+            .spec
+            .volumes
+            .iter()
+            .filter_map(|a| view.volumes.get(a.volume.as_str()))
+            .collect()
+    }
+
+    /// A new cluster instance's volumes: each kept on two nodes (a local
+    /// volume would not follow it), unused, and all with their primary on
+    /// the node it is asked to run on, if any.
+    pub(super) fn check_volumes(&self, req: &RunRequest, view: &View) -> Result<(), OpError> {
+        let mut primaries = BTreeSet::new();
+        for attach in &req.spec.volumes {
+            let name = attach.volume.as_str();
+            let Some((volume, _)) = view.volumes.get(name) else {
+                return Err(OpError::new(
+                    ErrorCode::HostUnsupported,
+                    format!(
+                        "{} (volume {name} is not kept on two nodes)",
+                        vroom_core::engine::VOLUMES_STAY_LOCAL
+                    ),
+                ));
+            };
+            if let Some(user) = view.user_of_volume(name) {
+                return Err(OpError::conflict(format!(
+                    "volume {name} is attached to instance {user}"
+                )));
+            }
+            primaries.insert(volume.primary.clone());
+        }
+        if primaries.len() > 1 {
+            return Err(OpError::conflict(format!(
+                "the volumes' primary copies are on different nodes ({}); an instance runs on one",
+                primaries.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if let (Some(node), Some(primary)) = (&req.placement.node, primaries.first()) {
+            if node.as_str() != primary {
+                return Err(OpError::conflict(format!(
+                    "its volumes' primary copies are on node {primary}, not {node}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a volume; with two replicas, this node's copy is the primary
+    /// and another node keeps the replica.
+    pub async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+        if req.replicas < 2 {
+            return self.engine.create_volume(req).await;
+        }
+        req.validate()?;
+        let name = req.name.to_string();
+        let view = self.view().await?;
+        if view.volumes.contains_key(&name) || self.engine.volume(&name).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a volume named {name} already exists"),
+            ));
+        }
+        let candidates = view.candidates();
+        let replica = candidates
+            .values()
+            .filter(|c| c.name != self.name && c.state == NodeState::Ready)
+            .max_by_key(|c| c.mem_free_mib)
+            .map(|c| c.name.clone())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::HostUnsupported,
+                    "a volume with 2 replicas needs a second node that is up and not cordoned; this cluster has none",
+                )
+            })?;
+        self.creating_volumes
+            .lock_unpoisoned()
+            .insert(name.clone(), Instant::now());
+        let made = self.record_new_volume(&req, &replica).await;
+        self.creating_volumes.lock_unpoisoned().remove(&name);
+        let record = made?;
+        tracing::info!(volume = %name, primary = %self.name, %replica, "replicated volume created");
+        self.volume_view(&record, self.engine.volume(&name).ok())
+    }
+
+    async fn record_new_volume(
+        &self,
+        req: &VolumeCreateRequest,
+        replica: &str,
+    ) -> Result<VolumeRecord, OpError> {
+        let name = req.name.as_str();
+        self.engine.create_volume_copy(req).await?;
+        let now = now_secs();
+        let record = VolumeRecord {
+            name: name.to_string(),
+            size_mib: req.size_mib,
+            fs: req.fs,
+            primary: self.name.clone(),
+            replica: replica.to_string(),
+            state: ReplicaState::Outdated,
+            epoch: 1,
+            since: now,
+            reason: Some("not synced yet: its first copy is made when an instance uses it".into()),
+            created_at: now,
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key(VOLUMES, name), 0)])
+            .and_then([Op::put(key(VOLUMES, name), json(&record))]);
+        let written = match self.store.txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(()),
+            Ok(_) => Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a volume named {name} already exists"),
+            )),
+            Err(e) => Err(etcd_error("cannot record the volume", e)),
+        };
+        if let Err(e) = written {
+            let _ = self.engine.remove_volume(name).await;
+            return Err(e);
+        }
+        Ok(record)
+    }
+
+    /// Removes a volume; a replicated one from both nodes (the other node
+    /// removes its copy when it sees the record gone).
+    pub async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
+        let view = self.view().await?;
+        let Some((_, kv)) = view.volumes.get(name) else {
+            return self.engine.remove_volume(name).await;
+        };
+        if let Some(user) = view.user_of_volume(name) {
+            return Err(OpError::conflict(format!(
+                "volume {name} is attached to instance {user}; remove the instance first (its volumes stay unless `rm --volumes`)"
+            )));
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
+            .and_then([Op::delete(kv.key.clone())]);
+        match self.store.txn(txn).await {
+            Ok(r) if r.succeeded() => {}
+            Ok(_) => {
+                return Err(OpError::conflict(format!(
+                    "volume {name} changed while it was being removed; try again"
+                )))
+            }
+            Err(e) => return Err(etcd_error("cannot remove the volume's record", e)),
+        }
+        self.engine.stop_replica_server(name);
+        match self.engine.remove_volume(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<Volume>, OpError> {
+        let mut local = self.engine.list_volumes()?;
+        let Ok(view) = self.view().await else {
+            return Ok(local);
+        };
+        let mut listed = vec![];
+        for (name, (record, _)) in &view.volumes {
+            let copy = local
+                .iter()
+                .position(|v| v.name.as_str() == name)
+                .map(|i| local.remove(i));
+            listed.push(self.volume_view(record, copy)?);
+        }
+        listed.extend(local);
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(listed)
+    }
+
+    pub async fn volume(&self, name: &str) -> Result<Volume, OpError> {
+        let local = self.engine.volume(name).ok();
+        let record = self
+            .store
+            .get(&key(VOLUMES, name))
+            .await
+            .map_err(|e| etcd_error("cannot read the volume", e))?;
+        match (record, local) {
+            (Some(kv), local) => {
+                let record: VolumeRecord = kv
+                    .decode()
+                    .map_err(|e| etcd_error("cannot read the volume", e))?;
+                self.volume_view(&record, local)
+            }
+            (None, Some(local)) => Ok(local),
+            (None, None) => Err(OpError::not_found("volume", name)),
+        }
+    }
+
+    /// A replicated volume as the API shows it: this node's copy (if it
+    /// has one) with where both copies are; a sync this node runs says how
+    /// far it is.
+    fn volume_view(&self, record: &VolumeRecord, copy: Option<Volume>) -> Result<Volume, OpError> {
+        let mut volume = match copy {
+            Some(v) => v,
+            None => Volume {
+                id: String::new(),
+                name: Name::new(&record.name)?,
+                size_mib: record.size_mib,
+                fs: record.fs,
+                replicas: 2,
+                created_at: record.created_at,
+                attached_to: None,
+                allocated_bytes: 0,
+                snapshots: vec![],
+                export: None,
+                replication: None,
+            },
+        };
+        let progress = volume
+            .attached_to
+            .as_ref()
+            .filter(|_| record.primary == self.name && record.state == ReplicaState::Syncing)
+            .and_then(|i| {
+                self.engine
+                    .replica_job(i.as_str(), &record.name)
+                    .ok()
+                    .flatten()
+            });
+        volume.replication = Some(VolumeReplication {
+            primary: record.primary.clone(),
+            replica: record.replica.clone(),
+            state: record.state,
+            epoch: record.epoch,
+            since: record.since,
+            reason: record.reason.clone(),
+            synced_bytes: progress.map(|j| j.done),
+            sync_total_bytes: progress.map(|j| j.total),
+        });
+        Ok(volume)
+    }
+
+    /// The claim's share for an instance with replicated volumes: compares
+    /// with the records the scheduler read, and (taken over on the
+    /// replica's node) the promotion. `None`: this node may not take it.
+    pub(super) fn claim_volumes(
+        &self,
+        view: &View,
+        record: &InstanceRecord,
+    ) -> Option<(Vec<Compare>, Vec<Op>)> {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        for (volume, kv) in Self::volumes_of(view, record) {
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            if volume.primary == self.name {
+                continue;
+            }
+            if volume.replica != self.name || volume.state != ReplicaState::UpToDate {
+                return None;
+            }
+            ops.push(Op::put(kv.key.clone(), json(&volume.promoted(now_secs()))));
+        }
+        Some((compares, ops))
+    }
+
+    /// The records of the replicated volumes an instance's record names.
+    async fn volume_records_of(
+        &self,
+        record: &InstanceRecord,
+    ) -> Result<Vec<(VolumeRecord, Kv)>, OpError> {
+        let mut found = vec![];
+        for attach in &record.request.spec.volumes {
+            let read = self
+                .store
+                .get_json::<VolumeRecord>(&key(VOLUMES, attach.volume.as_str()))
+                .await
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+            found.extend(read);
+        }
+        Ok(found)
+    }
+
+    /// A live migration's takeover share: every replicated volume of the
+    /// instance has its up-to-date replica on this node, which becomes the
+    /// primary in the takeover's transaction. `Err`: it may not move here.
+    pub(super) async fn takeover_volumes(
+        &self,
+        record: &InstanceRecord,
+    ) -> Result<(Vec<Compare>, Vec<Op>), OpError> {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        for (volume, kv) in self.volume_records_of(record).await? {
+            let name = &volume.name;
+            if volume.replica != self.name || volume.state != ReplicaState::UpToDate {
+                return Err(OpError::conflict(format!(
+                    "volume {name}'s copy here is not its up-to-date replica; the instance stays where it was"
+                )));
+            }
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(kv.key, json(&volume.promoted(now_secs()))));
+        }
+        Ok((compares, ops))
+    }
+
+    /// A give-back's share: the volumes' primary copies are the source's
+    /// again (a new epoch), and this node's copies, which its VM may have
+    /// written, are outdated.
+    pub(super) async fn give_back_volumes(
+        &self,
+        record: &InstanceRecord,
+        to: &str,
+    ) -> Result<(Vec<Compare>, Vec<Op>), String> {
+        let mut compares = vec![];
+        let mut ops = vec![];
+        let records = self
+            .volume_records_of(record)
+            .await
+            .map_err(|e| e.message)?;
+        for (volume, kv) in records {
+            let back = VolumeRecord {
+                primary: to.to_string(),
+                replica: self.name.clone(),
+                epoch: volume.epoch + 1,
+                ..volume.with_state(
+                    ReplicaState::Outdated,
+                    Some(format!(
+                        "a migration to {} failed; the copy there is synced again",
+                        self.name
+                    )),
+                    now_secs(),
+                )
+            };
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(kv.key, json(&back)));
+        }
+        Ok((compares, ops))
+    }
+
+    /// Stops serving this node's copies of an instance's volumes: they
+    /// are its primary copies now.
+    pub(super) fn stop_serving_volumes_of(&self, record: &InstanceRecord) {
+        for attach in &record.request.spec.volumes {
+            self.engine.stop_replica_server(attach.volume.as_str());
+        }
+    }
+
+    /// The launch hook: a VM using replicated volumes starts only on their
+    /// primary copies, and only once their records say the replicas miss
+    /// what it writes until they are synced again. Blocking.
+    pub(super) fn before_launch_with_volumes(
+        &self,
+        instance: &str,
+        volumes: &[String],
+    ) -> Result<(), OpError> {
+        let handle = tokio::runtime::Handle::current();
+        if self.incoming.lock_unpoisoned().contains_key(instance) {
+            // A live migration coming in runs on this node's replica: only
+            // an up-to-date one; the takeover promotes it.
+            for volume in volumes {
+                let record = tokio::task::block_in_place(|| {
+                    handle.block_on(self.store.get(&key(VOLUMES, volume)))
+                })
+                .map_err(|e| etcd_error("cannot read the volume", e))?
+                .map(|kv| kv.decode::<VolumeRecord>())
+                .transpose()
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+                if let Some(v) = record {
+                    if v.replica != self.name || v.state != ReplicaState::UpToDate {
+                        return Err(OpError::conflict(format!(
+                            "volume {volume}'s copy on node {} is not its up-to-date replica",
+                            self.name
+                        )));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        let Some(token) = self.token(instance) else {
+            return Ok(());
+        };
+        for volume in volumes {
+            let volume = volume.as_str();
+            tokio::task::block_in_place(|| {
+                handle.block_on(self.update_volume(instance, token, volume, |v| {
+                    if v.primary != self.name {
+                        return Err(OpError::conflict(format!(
+                            "volume {volume}'s primary copy is on node {}; instance {instance} does not start on node {}'s copy",
+                            v.primary, self.name
+                        )));
+                    }
+                    Ok((v.state == ReplicaState::UpToDate).then(|| {
+                        v.with_state(
+                            ReplicaState::Syncing,
+                            Some(format!(
+                                "instance {instance} starts on node {}: its replica is synced again",
+                                self.name
+                            )),
+                            now_secs(),
+                        )
+                    }))
+                }))
+            })?;
+            // No copy here is a replica while a VM uses it.
+            self.engine.stop_replica_server(volume);
+        }
+        Ok(())
+    }
+
+    /// Changes a volume's record under `instance`'s fencing token: `change`
+    /// says what it becomes (`None`: nothing to change).
+    async fn update_volume(
+        &self,
+        instance: &str,
+        token: i64,
+        volume: &str,
+        change: impl Fn(&VolumeRecord) -> Result<Option<VolumeRecord>, OpError>,
+    ) -> Result<(), OpError> {
+        // A record another writer changed between the read and the write
+        // is read again; a lost token is final.
+        for _ in 0..5 {
+            let Some(kv) = self
+                .store
+                .get(&key(VOLUMES, volume))
+                .await
+                .map_err(|e| etcd_error("cannot read the volume", e))?
+            else {
+                return Ok(());
+            };
+            let current: VolumeRecord = kv
+                .decode()
+                .map_err(|e| etcd_error("cannot read the volume", e))?;
+            let Some(next) = change(&current)? else {
+                return Ok(());
+            };
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(key(OWNERS, instance), token),
+                    Compare::mod_revision(kv.key.clone(), kv.mod_revision),
+                ])
+                .and_then([Op::put(kv.key.clone(), json(&next))]);
+            let done = self
+                .store
+                .txn(txn)
+                .await
+                .map_err(|e| etcd_error("cannot record the volume's state", e))?;
+            if done.succeeded() {
+                if next.state != current.state {
+                    tracing::info!(%volume, from = %current.state, to = %next.state, reason = ?next.reason, "replica state");
+                }
+                return Ok(());
+            }
+            if self.token(instance) != Some(token) {
+                break;
+            }
+        }
+        Err(OpError::conflict(format!(
+            "node {} no longer owns {instance}; volume {volume}'s record is not its to change",
+            self.name
+        )))
+    }
+
+    /// The reconcile pass's share: runs a replication for each replicated
+    /// volume an instance running here uses as primary; stops serving
+    /// copies this node is not the replica of; removes copies whose volume
+    /// is gone.
+    pub(super) async fn replicate(&self, view: &View) {
+        let owned = self.owned.lock_unpoisoned().clone();
+        {
+            let mut running = self.replications.lock_unpoisoned();
+            running.retain(|_, task| !task.is_finished());
+        }
+        for (instance, token) in &owned {
+            let Some((record, _)) = view.instances.get(instance) else {
+                continue;
+            };
+            let running_here = self
+                .engine
+                .get(instance)
+                .is_ok_and(|i| i.status.state == InstanceState::Running);
+            if !running_here || self.migrating.lock_unpoisoned().contains(instance) {
+                continue;
+            }
+            for (volume, _) in Self::volumes_of(view, record) {
+                if volume.primary != self.name || !view.nodes.contains_key(&volume.replica) {
+                    continue;
+                }
+                let Some(peer) = view
+                    .nodes
+                    .get(&volume.replica)
+                    .and_then(|(n, _)| n.peer.clone())
+                else {
+                    continue;
+                };
+                let mut running = self.replications.lock_unpoisoned();
+                if running.contains_key(&volume.name) {
+                    continue;
+                }
+                if let Some(ended) = self.replication_ended.lock_unpoisoned().get(&volume.name) {
+                    if ended.elapsed() < RETRY_AFTER {
+                        continue;
+                    }
+                }
+                let node = self.arc();
+                let (instance, volume_name, token) =
+                    (instance.clone(), volume.name.clone(), *token);
+                let task = tokio::spawn(async move {
+                    let ended = node
+                        .run_replication(&instance, &volume_name, token, &peer)
+                        .await;
+                    match ended {
+                        Ended::Quietly => {}
+                        Ended::Fault(reason) => {
+                            tracing::warn!(volume = %volume_name, %instance, %reason, "the replication ended")
+                        }
+                    }
+                    node.replication_ended
+                        .lock_unpoisoned()
+                        .insert(volume_name, Instant::now());
+                });
+                running.insert(volume.name.clone(), task);
+            }
+        }
+        self.tidy_copies(view).await;
+    }
+
+    /// Stops serving copies this node is not the replica of, and removes
+    /// replicated copies whose volume the cluster no longer has.
+    async fn tidy_copies(&self, view: &View) {
+        for volume in self.engine.served_replicas() {
+            let keep = view
+                .volumes
+                .get(&volume)
+                .is_some_and(|(v, _)| v.replica == self.name);
+            if !keep {
+                self.engine.stop_replica_server(&volume);
+            }
+        }
+        let Ok(local) = self.engine.list_volumes() else {
+            return;
+        };
+        let creating = self.creating_volumes.lock_unpoisoned().clone();
+        for copy in local {
+            let name = copy.name.as_str();
+            let young = creating
+                .get(name)
+                .is_some_and(|t| t.elapsed() < CREATE_GRACE);
+            if copy.replicas < 2 || young || copy.attached_to.is_some() {
+                continue;
+            }
+            if !view.volumes.contains_key(name) {
+                tracing::info!(volume = %name, "removing this node's copy of a volume the cluster no longer has");
+                self.engine.stop_replica_server(name);
+                if let Err(e) = self.engine.remove_volume(name).await {
+                    tracing::warn!(volume = %name, error = %e.message, "cannot remove the copy");
+                }
+            }
+        }
+    }
+
+    /// One replication, from asking the replica's node to serve its copy
+    /// until the VM stops, this node loses the instance, or the replica
+    /// fails (then recorded `Outdated` before the guest goes on alone).
+    async fn run_replication(&self, instance: &str, volume: &str, token: i64, peer: &str) -> Ended {
+        let now = now_secs();
+        // Not promotable from the moment its copy is emptied.
+        let syncing = self
+            .update_volume(instance, token, volume, |v| {
+                Ok((v.state != ReplicaState::Syncing).then(|| {
+                    v.with_state(
+                        ReplicaState::Syncing,
+                        Some(format!("a full copy from {} is under way", self.name)),
+                        now,
+                    )
+                }))
+            })
+            .await;
+        if let Err(e) = syncing {
+            return Ended::Fault(e.message);
+        }
+        let conn = match self.connect_replica(volume, peer).await {
+            Ok(conn) => conn,
+            Err(e) => return Ended::Fault(e),
+        };
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
+        let std_conn = match conn.into_std() {
+            Ok(c) => c,
+            Err(e) => return Ended::Fault(format!("the replica's connection: {e}")),
+        };
+        let started = tokio::task::spawn_blocking(move || {
+            let r = engine.replicate_volume(&inst, &vol, std_conn.as_fd());
+            (r, std_conn)
+        })
+        .await;
+        let conn = match started {
+            Ok((Ok(()), conn)) => conn,
+            Ok((Err(e), _)) => return Ended::Fault(e.message),
+            Err(e) => return Ended::Fault(e.to_string()),
+        };
+        tracing::info!(%volume, %instance, replica = %peer, "replicating");
+        let mut watch = LinkWatch::default();
+        let mut up_to_date = false;
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            if self.token(instance) != Some(token) {
+                return Ended::Quietly;
+            }
+            let engine = self.engine.clone();
+            let (inst, vol) = (instance.to_string(), volume.to_string());
+            let job = tokio::task::spawn_blocking(move || engine.replica_job(&inst, &vol))
+                .await
+                .ok()
+                .and_then(|r| r.ok());
+            if self.migrating.lock_unpoisoned().contains(instance) {
+                // Paused for good while it moves; its replica's node takes
+                // over from its copy, or the move fails and the record is
+                // rewritten: nothing to judge here until it is decided.
+                continue;
+            }
+            let Some(job) = job.flatten() else {
+                // The VM stopped (or is gone): every write it completed is
+                // on both copies, as the record says.
+                return Ended::Quietly;
+            };
+            let fault = if job.failed {
+                Some("the replica failed a write".to_string())
+            } else {
+                watch
+                    .stalled(&conn)
+                    .map(|ms| format!("the replica has not answered a write for {ms} ms"))
+            };
+            if let Some(reason) = fault {
+                self.cut_loose(instance, token, volume, &reason, &conn)
+                    .await;
+                return Ended::Fault(reason);
+            }
+            if job.ready && !up_to_date {
+                let done = self
+                    .update_volume(instance, token, volume, |v| {
+                        Ok((v.state != ReplicaState::UpToDate)
+                            .then(|| v.with_state(ReplicaState::UpToDate, None, now_secs())))
+                    })
+                    .await;
+                match done {
+                    Ok(()) => {
+                        tracing::info!(%volume, %instance, "the replica is up to date");
+                        up_to_date = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%volume, error = %e.message, "cannot record the replica up to date")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The replica stopped answering (or failed a write): the record says
+    /// `Outdated` first, then the connection is cut and the guest's writes
+    /// go on locally. A record that cannot be written in time stops the VM
+    /// (its held writes were never acknowledged).
+    async fn cut_loose(
+        &self,
+        instance: &str,
+        token: i64,
+        volume: &str,
+        reason: &str,
+        conn: &std::net::TcpStream,
+    ) {
+        let deadline = Instant::now() + RECORD_DEADLINE;
+        let recorded = loop {
+            let outdated = self
+                .update_volume(instance, token, volume, |v| {
+                    Ok((v.state != ReplicaState::Outdated).then(|| {
+                        v.with_state(ReplicaState::Outdated, Some(reason.to_string()), now_secs())
+                    }))
+                })
+                .await;
+            match outdated {
+                Ok(()) => break true,
+                Err(_) if Instant::now() < deadline && self.token(instance) == Some(token) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => {
+                    tracing::error!(%volume, %instance, error = %e.message, "cannot record the replica outdated: stopping the VM rather than let it write unprotected");
+                    break false;
+                }
+            }
+        };
+        if !recorded {
+            let _ = self.engine.kill_vm(instance);
+        }
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
+        let _ = tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+    }
+
+    /// Asks the replica's node to serve its copy, and connects to it.
+    async fn connect_replica(&self, volume: &str, peer: &str) -> Result<TcpStream, String> {
+        let ask = async {
+            let mut stream = TcpStream::connect(peer).await?;
+            let hello = Hello::Replica {
+                volume: volume.to_string(),
+                primary: self.name.clone(),
+            };
+            stream.write_all(&line(&hello)).await?;
+            let mut answer = String::new();
+            tokio::io::BufReader::new(stream)
+                .read_line(&mut answer)
+                .await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(30), ask)
+            .await
+            .map_err(|_| format!("node at {peer} did not answer"))?
+            .map_err(|e| format!("cannot ask {peer} to serve the replica: {e}"))?;
+        let addr = match serde_json::from_str(&answer) {
+            Ok(ReplicaReply::Serving { addr }) => addr,
+            Ok(ReplicaReply::Refused { reason }) => return Err(reason),
+            Err(e) => return Err(format!("an unreadable answer from {peer}: {e}")),
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("cannot reach the replica at {addr}: timed out"))?
+            .map_err(|e| format!("cannot reach the replica at {addr}: {e}"))?;
+        let _ = conn.set_nodelay(true);
+        Ok(conn)
+    }
+
+    /// A primary asks this node to serve its copy of `volume`: only the
+    /// node the record names as primary, to the node it names as replica,
+    /// and never a copy the record calls up to date (serving empties it).
+    pub(super) async fn serve_replica(&self, mut stream: TcpStream, volume: &str, primary: &str) {
+        let reply = match self.check_and_serve(volume, primary).await {
+            Ok(addr) => ReplicaReply::Serving { addr },
+            Err(reason) => {
+                tracing::warn!(%volume, %primary, %reason, "not serving a replica");
+                ReplicaReply::Refused { reason }
+            }
+        };
+        let _ = stream.write_all(&line(&reply)).await;
+    }
+
+    async fn check_and_serve(&self, volume: &str, primary: &str) -> Result<SocketAddr, String> {
+        let kv = self
+            .store
+            .get(&key(VOLUMES, volume))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("volume {volume} is not in the cluster"))?;
+        let record: VolumeRecord = kv.decode().map_err(|e| e.to_string())?;
+        if record.primary != primary || record.replica != self.name {
+            return Err(format!(
+                "volume {volume}'s copies are on {} (primary) and {} (replica), not {primary} and {}",
+                record.primary, record.replica, self.name
+            ));
+        }
+        if record.state == ReplicaState::UpToDate {
+            return Err(format!(
+                "volume {volume}'s replica here is up to date; it is not emptied for a new copy"
+            ));
+        }
+        if self.engine.volume(volume).is_err() {
+            let req = VolumeCreateRequest {
+                name: Name::new(volume).map_err(|e| e.to_string())?,
+                size_mib: record.size_mib,
+                fs: record.fs,
+                replicas: 2,
+            };
+            self.engine
+                .create_volume_copy(&req)
+                .await
+                .map_err(|e| e.message)?;
+        }
+        let ip = self.peer_addr().ip();
+        self.engine
+            .serve_replica(volume, ip)
+            .await
+            .map_err(|e| e.message)
+    }
+}
+
+/// The answer to [`Hello::Replica`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(super) enum ReplicaReply {
+    Serving { addr: SocketAddr },
+    Refused { reason: String },
+}
+
+/// Watches a replication's connection from vroomd's side, by the kernel's
+/// TCP counters: data sent after the last data received, for longer than
+/// [`SILENT`], is a write the replica has not answered.
+#[derive(Default)]
+struct LinkWatch {
+    /// When data was first seen waiting for an answer.
+    waiting_since: Option<Instant>,
+}
+
+impl LinkWatch {
+    /// How long (ms) the replica has left a write unanswered, once that is
+    /// longer than [`SILENT`].
+    fn stalled(&mut self, conn: &std::net::TcpStream) -> Option<u64> {
+        let info = tcp_info(conn)?;
+        // Both are "milliseconds ago": sent more recently than received.
+        let waiting = info.tcpi_last_data_sent < info.tcpi_last_data_recv;
+        if !waiting {
+            self.waiting_since = None;
+            return None;
+        }
+        let now = Instant::now();
+        let since = *self.waiting_since.get_or_insert_with(|| {
+            now - Duration::from_millis(u64::from(info.tcpi_last_data_sent))
+        });
+        let waited = now.duration_since(since);
+        (waited > SILENT).then_some(waited.as_millis() as u64)
+    }
+}
+
+fn tcp_info(conn: &std::net::TcpStream) -> Option<libc::tcp_info> {
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info)
+}

@@ -1,0 +1,212 @@
+//! This host's copy of a volume kept on two nodes (`--replicas 2`). The
+//! cluster decides which copy is the primary; here are the two roles a copy
+//! plays on its host:
+//!
+//! - **primary**: an instance runs on it, and its VMM mirrors every write
+//!   synchronously to the other copy ([`Engine::replicate_volume`]);
+//! - **replica**: a `qemu-nbd` serves it, writing through, to the primary's
+//!   VMM alone ([`Engine::serve_replica`]). A copy is never both: the server
+//!   is stopped before an instance may use the copy, and no copy an
+//!   instance uses here is served.
+//!
+//! Starting to serve a copy empties it: a replica is only ever filled by a
+//! full copy from the primary (after a failover the old primary may hold
+//! writes the new one never saw, so nothing is merged).
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::BorrowedFd;
+
+use vroom_types::{ExportAddress, Volume, VolumeCreateRequest};
+use vroom_volume::{data as datavol, nbd};
+
+use super::super::*;
+use crate::driver::ReplicaJob;
+
+/// The NBD export name of a replica.
+pub fn replica_export(volume: &str) -> String {
+    format!("replica-{volume}")
+}
+
+impl Engine {
+    fn replicas_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("replicas")
+    }
+
+    fn replica_pid_file(&self, volume: &str) -> PathBuf {
+        self.replicas_dir().join(format!("{volume}.pid"))
+    }
+
+    /// Makes this host's copy of a volume with two replicas (the cluster
+    /// asked for it and keeps the volume's record).
+    pub async fn create_volume_copy(&self, req: &VolumeCreateRequest) -> Result<Volume, OpError> {
+        req.validate()?;
+        let _alloc = self.alloc.lock().await;
+        self.create_volume_with(req.name.as_str(), req.size_mib, req.fs, req.replicas)
+    }
+
+    /// Serves this host's copy of `volume` to the primary's VMM, on `ip`
+    /// and a free port, emptied first (the primary's first copy fills it).
+    pub async fn serve_replica(&self, volume: &str, ip: IpAddr) -> Result<SocketAddr, OpError> {
+        let _alloc = self.alloc.lock().await;
+        let record = self.volume_record(volume)?;
+        if record.replicas < 2 {
+            return Err(OpError::conflict(format!(
+                "volume {volume} has one copy; it is not replicated"
+            )));
+        }
+        if let Some(instance) = self.attached_to(volume) {
+            return Err(OpError::conflict(format!(
+                "volume {volume} is in use by instance {instance} on this node; it cannot be a replica here"
+            )));
+        }
+        self.stop_replica_server(volume);
+        let dir = self.replicas_dir();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| OpError::internal("cannot make the replicas directory", e))?;
+        let file = datavol::volume_file(&self.volumes_dir(), &record.id);
+        let bytes = record.size_mib << 20;
+        blocking(|| empty_file(&file, bytes))
+            .map_err(|e| OpError::internal("cannot empty the replica's copy", e))?;
+        let pid_file = self.replica_pid_file(volume);
+        let export = replica_export(volume);
+        // A free port: asked of the kernel, then given to the server (which
+        // says so if another process took it in between: tried again).
+        let mut last = None;
+        for _ in 0..3 {
+            let port = TcpListener::bind((ip, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| OpError::internal(format!("cannot bind {ip}"), e))?
+                .port();
+            let listen = ExportAddress::Tcp(SocketAddr::new(ip, port));
+            let serve = nbd::Serve {
+                file: &file,
+                export_name: &export,
+                listen: &listen,
+                pid_file: &pid_file,
+                writable: true,
+                durable: true,
+                clients: 1,
+            };
+            match blocking(|| nbd::serve(&serve)) {
+                Ok(pid) => {
+                    tracing::info!(volume, pid, %listen, "serving this node's copy as the replica");
+                    return Ok(SocketAddr::new(ip, port));
+                }
+                Err(e @ nbd::ServeNbdError::AddressTaken { .. }) => last = Some(e),
+                Err(e) => return Err(OpError::internal("cannot serve the replica", e)),
+            }
+        }
+        Err(OpError::internal(
+            "cannot serve the replica",
+            last.expect("invariant: a failed try"),
+        ))
+    }
+
+    /// Whether this host serves its copy of `volume` as a replica.
+    pub fn serves_replica(&self, volume: &str) -> bool {
+        nbd::server_pid(&self.replica_pid_file(volume)).is_some()
+    }
+
+    /// Stops serving this host's copy of `volume` (before an instance may
+    /// use it here); waits until the server is gone.
+    pub fn stop_replica_server(&self, volume: &str) {
+        let pid_file = self.replica_pid_file(volume);
+        if let Some(pid) = nbd::server_pid(&pid_file) {
+            tracing::info!(
+                volume,
+                pid,
+                "no longer serving this node's copy as a replica"
+            );
+            if let Err(e) = nbd::stop(pid, &pid_file) {
+                tracing::warn!(volume, error = %e, "cannot stop the replica's server");
+            }
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+
+    /// The volumes whose copy this host serves.
+    pub fn served_replicas(&self) -> Vec<String> {
+        nbd::servers_under(&self.replicas_dir())
+            .into_iter()
+            .filter_map(|(_, pid_file)| {
+                pid_file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .collect()
+    }
+
+    /// The running VM of `instance` and the data disk index of `volume`.
+    fn replicated_disk(&self, instance: &str, volume: &str) -> Result<(VmProcess, usize), OpError> {
+        let cell = self.cell(instance)?;
+        let index = cell
+            .snapshot()
+            .spec
+            .volumes
+            .iter()
+            .position(|a| a.volume.as_str() == volume)
+            .ok_or_else(|| {
+                OpError::conflict(format!("instance {instance} does not use volume {volume}"))
+            })?;
+        let process = self
+            .running_vm(&cell)
+            .ok_or_else(|| OpError::conflict(format!("instance {instance} is not running")))?;
+        Ok((process, index))
+    }
+
+    /// Starts mirroring `instance`'s writes to `volume` into the replica
+    /// reached over `conn` (a connected stream; the VMM takes it over).
+    pub fn replicate_volume(
+        &self,
+        instance: &str,
+        volume: &str,
+        conn: BorrowedFd<'_>,
+    ) -> Result<(), OpError> {
+        let (process, index) = self.replicated_disk(instance, volume)?;
+        self.driver
+            .replicate_disk(&process, index, conn, &replica_export(volume))
+            .map_err(|e| OpError::internal("cannot start the replication", e))
+    }
+
+    /// The replication of `instance`'s `volume`, if it runs.
+    pub fn replica_job(&self, instance: &str, volume: &str) -> Result<Option<ReplicaJob>, OpError> {
+        let (process, index) = self.replicated_disk(instance, volume)?;
+        self.driver
+            .replica_job(&process, index)
+            .map_err(|e| OpError::internal("cannot read the replication's state", e))
+    }
+
+    /// Ends the replication of `instance`'s `volume`; it writes locally.
+    pub fn stop_replicating(&self, instance: &str, volume: &str) -> Result<(), OpError> {
+        let (process, index) = self.replicated_disk(instance, volume)?;
+        self.driver
+            .stop_replicating(&process, index)
+            .map_err(|e| OpError::internal("cannot stop the replication", e))
+    }
+}
+
+impl Engine {
+    /// Kills `instance`'s VM at once: its replica fell behind and the
+    /// cluster could not record it, so it must not write on alone (what
+    /// it held was never acknowledged). Its supervisor starts it again
+    /// when the cluster lets it.
+    pub fn kill_vm(&self, instance: &str) -> Result<(), OpError> {
+        let cell = self.cell(instance)?;
+        let process = cell.lock().process.clone();
+        if let Some(process) = process {
+            tracing::warn!(instance, pid = process.pid, "killing the VM");
+            self.driver
+                .kill(&process)
+                .map_err(|e| OpError::internal("cannot kill the VM", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Empties `file` to `bytes` of zeros (holes), durably.
+fn empty_file(file: &Path, bytes: u64) -> std::io::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(file)?;
+    f.set_len(0)?;
+    f.set_len(bytes)?;
+    f.sync_all()
+}
