@@ -141,12 +141,16 @@ pub async fn run(
         }
     }
 
+    // The handlers are in place before READY=1: a SIGTERM right after it
+    // (systemd stopping a unit it just started) must stop vroomd the
+    // graceful way, not kill it before the accept loop first polls.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("invariant: signal handler");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
         launch.notify("STOPPING=1");
         tracing::info!("vroomd stopping; VMs keep running");

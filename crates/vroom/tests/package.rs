@@ -59,6 +59,8 @@ fn info(vroom: &str, env: &Env) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// SIGTERM at once (as systemd may send it right after READY=1), then the
+/// exit status.
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -134,7 +136,25 @@ fn vroomd_notifies_ready_once_it_answers_and_stopping_when_it_stops() {
     // SAFETY: plain syscall on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     wait_for_notification(&notify, "STOPPING=1", Duration::from_secs(30), &mut daemon);
-    assert!(terminate(&mut daemon).success(), "{}", env.daemon_log());
+    let status = terminate(&mut daemon);
+    assert!(status.success(), "{status}: {}", env.daemon_log());
+
+    // Stopped the moment it is ready (systemd stopping a unit it just
+    // started): still the graceful way.
+    let log = log_file(&env);
+    let mut daemon = env
+        .command()
+        .arg("daemon")
+        .env("NOTIFY_SOCKET", &path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for_notification(&notify, "READY=1", Duration::from_secs(30), &mut daemon);
+    let status = terminate(&mut daemon);
+    assert!(status.success(), "{status}: {}", env.daemon_log());
+    wait_for_notification(&notify, "STOPPING=1", Duration::from_secs(1), &mut daemon);
 }
 
 /// `vroomd.socket` as `systemd-socket-activate` plays it: vroomd serves the
@@ -173,7 +193,8 @@ fn vroomd_serves_a_socket_systemd_passes() {
     assert_eq!(daemon_info["socket_activated"], true, "{info}");
     assert_eq!(daemon_info["started_by"], "systemd", "{info}");
     assert_eq!(daemon_info["pid"], daemon.id(), "{info}");
-    assert!(terminate(&mut daemon).success(), "{}", env.daemon_log());
+    let status = terminate(&mut daemon);
+    assert!(status.success(), "{status}: {}", env.daemon_log());
 
     // A socket elsewhere: refused, named, nothing served.
     let other_dir = env.dir.join("other");
