@@ -143,9 +143,13 @@ fn install_test_tools() -> Result<()> {
     if missing("dot") {
         apt_install(&["graphviz"])?;
     }
-    // The package test checks the .deb with lintian.
+    // The package test checks the .deb with lintian, and drives vroomd
+    // as systemd would with systemd's own tools (no systemd as PID 1).
     if missing("lintian") {
         apt_install(&["lintian"])?;
+    }
+    if missing("systemd-socket-activate") || missing("systemd-sysusers") {
+        apt_install(&["systemd"])?;
     }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {

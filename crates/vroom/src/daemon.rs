@@ -253,6 +253,14 @@ mod tests {
         );
         assert_eq!(describe_holder(""), "another vroomd");
         assert_eq!(describe_holder("7\n"), "another vroomd (pid 7)");
+        assert_eq!(
+            describe_holder("7 cli\n"),
+            "another vroomd (pid 7, started by the CLI)"
+        );
+        assert_eq!(
+            describe_holder("7 manual\n"),
+            "another vroomd (pid 7, started by hand)"
+        );
     }
 }
 
@@ -339,11 +347,18 @@ fn lock(data_dir: &Path, started_by: vroom_types::DaemonStarter) -> Result<fs::F
 /// `another vroomd (pid 42, started by cli)`, from a lock file's `PID STARTER`.
 fn describe_holder(lock_file: &str) -> String {
     let mut words = lock_file.split_whitespace();
+    let by = |starter: &str| match starter {
+        "cli" => "the CLI".to_string(),
+        "manual" => "hand".to_string(),
+        other => other.to_string(),
+    };
     match (
         words.next().and_then(|p| p.parse::<u32>().ok()),
         words.next(),
     ) {
-        (Some(pid), Some(by)) => format!("another vroomd (pid {pid}, started by {by})"),
+        (Some(pid), Some(starter)) => {
+            format!("another vroomd (pid {pid}, started by {})", by(starter))
+        }
         (Some(pid), None) => format!("another vroomd (pid {pid})"),
         _ => "another vroomd".to_string(),
     }
