@@ -237,6 +237,29 @@ mod tests {
         assert_eq!(group_id("no-such-group-vroom"), None);
     }
 
+    #[test]
+    fn only_a_vroom_daemon_is_found_by_its_socket() {
+        let cases: [(&[u8], bool); 5] = [
+            (
+                b"/usr/bin/vroom\0--data-dir\0/var/lib/vroom\0daemon\0",
+                true,
+            ),
+            (b"vroom\0daemon\0", true),
+            (b"/sbin/init\0", false),
+            (b"/usr/bin/systemd-socket-activate\0-l\0x\0daemon\0", false),
+            (b"/usr/bin/vroom\0ps\0", false),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(
+                cmdline_is_vroom_daemon(cmdline),
+                want,
+                "{}",
+                String::from_utf8_lossy(cmdline)
+            );
+        }
+        assert!(!is_vroom_daemon(1));
+    }
+
     /// A second daemon on a data dir is refused and names the first.
     #[test]
     fn a_second_daemon_names_the_holder() {
@@ -364,6 +387,18 @@ fn describe_holder(lock_file: &str) -> String {
     }
 }
 
+/// Whether process `pid` runs `vroom ... daemon`.
+fn is_vroom_daemon(pid: i32) -> bool {
+    cmdline_is_vroom_daemon(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+}
+
+/// Whether a `/proc/PID/cmdline` is `vroom ... daemon`.
+fn cmdline_is_vroom_daemon(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let exe_is_vroom = args.next().is_some_and(|exe| exe.ends_with(b"vroom"));
+    exe_is_vroom && args.any(|a| a == b"daemon")
+}
+
 fn host_mem_mib() -> u64 {
     let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
     meminfo
@@ -394,11 +429,14 @@ pub async fn stop(data_dir: &Path, self_started_only: bool) -> Result<()> {
     };
     let peer = stream.peer_cred().ok().and_then(|c| c.pid());
     drop(stream);
-    let daemon = vroom_client::Client::new(&socket)
-        .version()
-        .await
-        .context("cannot ask vroomd who it is")?
-        .daemon;
+    // A daemon that does not answer (busy, hung) is found by its socket.
+    let daemon = match vroom_client::Client::new(&socket).version().await {
+        Ok(version) => version.daemon,
+        Err(e) => {
+            tracing::warn!(error = %e, "vroomd does not say who it is; finding it by its socket");
+            None
+        }
+    };
     use vroom_types::DaemonStarter;
     let pid = match &daemon {
         Some(info) if info.started_by == DaemonStarter::Systemd => {
@@ -420,7 +458,15 @@ pub async fn stop(data_dir: &Path, self_started_only: bool) -> Result<()> {
             return Ok(());
         }
         Some(info) => info.pid as i32,
-        None => peer.context("the socket does not say which process serves it")?,
+        // The socket's peer is who listened: a vroomd, unless a service
+        // manager holds the socket (then it is systemd, never to signal).
+        None => match peer {
+            Some(pid) if is_vroom_daemon(pid) => pid,
+            _ => bail!(
+                "cannot tell which process serves {}: no vroomd names itself there",
+                socket.display()
+            ),
+        },
     };
     // SAFETY: plain syscall on the pid the daemon (or the kernel) named.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
