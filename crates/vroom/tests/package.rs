@@ -193,8 +193,25 @@ fn vroomd_serves_a_socket_systemd_passes() {
     assert_eq!(daemon_info["socket_activated"], true, "{info}");
     assert_eq!(daemon_info["started_by"], "systemd", "{info}");
     assert_eq!(daemon_info["pid"], daemon.id(), "{info}");
+    let text = env.ok(&["info"]);
+    assert!(
+        text.contains(&format!(
+            "vroomd:     vroomd {} (pid {}, started by systemd, socket-activated), data dir {}",
+            env!("CARGO_PKG_VERSION"),
+            daemon.id(),
+            env.dir.display()
+        )),
+        "{text}"
+    );
     let status = terminate(&mut daemon);
     assert!(status.success(), "{status}: {}", env.daemon_log());
+    // With none answering, `info` says so and starts none.
+    let text = env.ok(&["info"]);
+    assert!(
+        text.contains("vroomd:     none answers; the next command starts one"),
+        "{text}"
+    );
+    assert!(env.daemon_pids().is_empty(), "vroom info started a daemon");
 
     // A socket elsewhere: refused, named, nothing served.
     let other_dir = env.dir.join("other");
