@@ -101,6 +101,8 @@ pub async fn run(
     engine.recover().await.context("cannot recover state")?;
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
+    // Which daemon this is, in `GET /v1/version` on every listener.
+    let info = launch.info();
     if let Some(node) = &node {
         node.start();
         let config = crate::serve::tls::server_config(&node.tls_dir())
@@ -114,7 +116,7 @@ pub async fn run(
             crate::serve::Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
         tokio::spawn(crate::serve::serve(
             endpoint,
-            vroom_api::router(vroomd.clone()),
+            vroom_api::router(vroomd.clone()).layer(axum::Extension(info.clone())),
             limits,
             std::future::pending(),
         ));
@@ -124,7 +126,6 @@ pub async fn run(
     }
 
     let socket = paths::socket(data_dir);
-    let info = launch.info();
     let listener = match &launch.listener {
         Some(passed) => listener_passed(passed, &socket)?,
         None => bind(&socket, &access)?,
