@@ -381,14 +381,21 @@ impl Lab {
         pids_matching(|cmdline| cmdline.contains("qemu-nbd") && cmdline.contains(&needle))
     }
 
-    /// Power loss: vroomd, the guard, every QEMU and NBD server of the
-    /// node, SIGKILLed.
+    /// The NBD relays of node `i`'s replications (their control sockets
+    /// are in its data dir).
+    pub fn nbd_relays(&self, i: usize) -> Vec<u32> {
+        let needle = format!("--control {}/", self.nodes[i].dir.display());
+        pids_matching(|cmdline| cmdline.contains("__nbd-relay") && cmdline.contains(&needle))
+    }
+
+    /// Power loss: vroomd, the guard, every QEMU, NBD server and relay of
+    /// the node, SIGKILLed.
     pub fn power_loss(&self, i: usize) {
         self.kill_daemon(i);
         for pid in self.guard_pids(i) {
             signal(pid, libc::SIGKILL);
         }
-        for pid in self.nbd_servers(i) {
+        for pid in self.nbd_servers(i).into_iter().chain(self.nbd_relays(i)) {
             signal(pid, libc::SIGKILL);
         }
         for (pid, _) in self.qemus(i) {

@@ -6,7 +6,9 @@ mod common;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::{dhcp_lease, fetch, host, poll, random_subnet, recipe, resolve, resolve_once, Env};
+use common::{
+    dhcp_lease, fetch, host, poll, psql, random_subnet, recipe, resolve, resolve_once, Env,
+};
 
 /// Builds a catalog image for vroom's own kernel (`cargo xtask test` has
 /// `vroom setup` build it first): everything built in, no modules in the
@@ -441,48 +443,6 @@ fn dns_serves_leases_and_local_names() {
     );
     let err = env.fail(&["config", "ns", "set", "hosts=nas.office"]);
     assert!(err.contains("must look like NAME=IP"), "{err}");
-}
-
-/// `psql` from a client namespace: a password login to `database`, one
-/// statement; its output (rows as `a|b`) or its error.
-fn psql(
-    ns: &str,
-    server: Ipv4Addr,
-    user: &str,
-    password: &str,
-    database: &str,
-    sql: &str,
-) -> Result<String, String> {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "psql",
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args([
-            "-h",
-            &server.to_string(),
-            "-U",
-            user,
-            "-d",
-            database,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .expect("run psql (cargo xtask test installs postgresql-client)");
-    match out.status.success() {
-        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
-        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-    }
 }
 
 /// The postgres appliance: users and databases from its config, real `psql`

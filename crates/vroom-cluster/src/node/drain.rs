@@ -30,12 +30,32 @@ impl ClusterNode {
                 held.join(", ")
             )));
         }
-        let txn = Txn::new()
-            .when([Compare::create_revision(key(NODES, name), 0)])
-            .and_then([
-                Op::delete(key(MEMBERS, name)),
-                Op::delete(key(CORDONS, name)),
-            ]);
+        // Its copies of replicated volumes: the only up-to-date one of a
+        // volume stays the node's to bring back; a primary whose replica
+        // is up to date hands over to it (the replica's copy is re-homed
+        // on another node when its instance runs).
+        let sole: Vec<&str> = view
+            .volumes
+            .values()
+            .filter(|(v, _)| v.primary == name && v.state != vroom_types::ReplicaState::UpToDate)
+            .map(|(v, _)| v.name.as_str())
+            .collect();
+        if !sole.is_empty() {
+            return Err(OpError::conflict(format!(
+                "node {name} holds the only up-to-date copy of volume {}; bring it back, or remove the volume",
+                sole.join(", ")
+            )));
+        }
+        let mut compares = vec![Compare::create_revision(key(NODES, name), 0)];
+        let mut ops = vec![
+            Op::delete(key(MEMBERS, name)),
+            Op::delete(key(CORDONS, name)),
+        ];
+        for (volume, kv) in view.volumes.values().filter(|(v, _)| v.primary == name) {
+            compares.push(Compare::mod_revision(kv.key.clone(), kv.mod_revision));
+            ops.push(Op::put(kv.key.clone(), json(&volume.promoted(now_secs()))));
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
         let done = self
             .store
             .txn(txn)

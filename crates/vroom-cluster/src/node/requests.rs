@@ -41,135 +41,146 @@ impl ClusterNode {
             self.ensure_image(&request.spec.image).await?;
             request.spec.image = self.engine.resolve_image_id(&request.spec.image).await?;
         }
-        if request.spec.nics.is_empty() {
-            request.spec.nics.push(NicSpec {
-                network: Name::new(vroom_core::engine::DEFAULT_NETWORK).expect("invariant"),
-                ip: None,
-                role: None,
-            });
-        }
-        let mut networks = vec![];
-        for nic in &request.spec.nics {
-            networks.push(self.cluster_network(nic.network.as_str(), &view).await?);
-        }
-        let mut record = InstanceRecord {
-            mem_mib: self.mem_of(&request),
-            request: request.clone(),
-            id: format!("{:016x}", rand::random::<u64>()),
-            desired: DesiredState::Running,
-            removing: false,
-            home: None,
-            previous: None,
-            created_at: now_secs(),
-        };
-        // The record and every address in one transaction: a crash leaves
-        // all of it or none; a lost race (an address just taken) retries.
-        // The instance key's create revision: what later says the record
-        // is still this run's.
-        let mut created = None;
-        for _ in 0..8 {
-            let mut compares = vec![Compare::create_revision(key(INSTANCES, &name), 0)];
-            let mut puts = vec![];
-            for (nic, network) in request.spec.nics.iter().zip(&networks) {
-                let ip = self.free_ip(network, nic.ip, &puts).await?;
-                let k = ip_key(network.spec.name.as_str(), ip);
-                compares.push(Compare::create_revision(k.clone(), 0));
-                puts.push((k, ip));
+        // The image's declared volumes the user did not attach: kept on two
+        // nodes, made now (and removed again if the run fails).
+        let made = self.attach_declared_volumes(&mut request, &view).await?;
+        let outcome = async {
+            if request.spec.nics.is_empty() {
+                request.spec.nics.push(NicSpec {
+                    network: Name::new(vroom_core::engine::DEFAULT_NETWORK).expect("invariant"),
+                    ip: None,
+                    role: None,
+                });
             }
-            for (slot, (_, ip)) in record.request.spec.nics.iter_mut().zip(&puts) {
-                slot.ip = Some(*ip);
+            let mut networks = vec![];
+            for nic in &request.spec.nics {
+                networks.push(self.cluster_network(nic.network.as_str(), &view).await?);
             }
-            let mut ops = vec![Op::put(key(INSTANCES, &name), json(&record))];
-            ops.extend(puts.iter().map(|(k, _)| Op::put(k.clone(), name.clone())));
-            let done = self
-                .store
-                .txn(Txn::new().when(compares).and_then(ops))
-                .await
-                .map_err(|e| etcd_error("cannot record the instance", e))?;
-            if done.succeeded() {
-                created = Some(done.revision());
-                break;
-            }
-            if self
-                .store
-                .get(&key(INSTANCES, &name))
-                .await
-                .map_err(|e| etcd_error("cannot read the instance", e))?
-                .is_some()
-            {
-                return Err(OpError::new(
-                    ErrorCode::AlreadyExists,
-                    format!("an instance named {name:?} already exists"),
-                ));
-            }
-            for (nic, (k, ip)) in request.spec.nics.iter().zip(&puts) {
-                if nic.ip.is_some()
-                    && self
-                        .store
-                        .get(k)
-                        .await
-                        .map_err(|e| etcd_error("cannot read the addresses", e))?
-                        .is_some()
-                {
-                    return Err(OpError::conflict(format!(
-                        "address {ip} on network {} is taken",
-                        nic.network
-                    )));
+            let mut record = InstanceRecord {
+                mem_mib: self.mem_of(&request),
+                request: request.clone(),
+                id: format!("{:016x}", rand::random::<u64>()),
+                desired: DesiredState::Running,
+                removing: false,
+                home: None,
+                previous: None,
+                created_at: now_secs(),
+            };
+            // The record and every address in one transaction: a crash leaves
+            // all of it or none; a lost race (an address just taken) retries.
+            // The instance key's create revision: what later says the record
+            // is still this run's.
+            let mut created = None;
+            for _ in 0..8 {
+                let mut compares = vec![Compare::create_revision(key(INSTANCES, &name), 0)];
+                let mut puts = vec![];
+                for (nic, network) in request.spec.nics.iter().zip(&networks) {
+                    let ip = self.free_ip(network, nic.ip, &puts).await?;
+                    let k = ip_key(network.spec.name.as_str(), ip);
+                    compares.push(Compare::create_revision(k.clone(), 0));
+                    puts.push((k, ip));
                 }
-            }
-        }
-        let Some(created) = created else {
-            return Err(OpError::conflict(format!(
-                "the addresses of {name} kept being taken; try again"
-            )));
-        };
-        let record = record;
-        self.wake.notify_one();
-        // Wait until a node runs it, or says why it cannot.
-        let started = std::time::Instant::now();
-        let limit = Duration::from_secs(req.ready_timeout_secs.unwrap_or(120).min(600) + 60);
-        loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let view = self.view().await?;
-            let status = view.statuses.get(&name);
-            if let Some(s) = status {
-                if let Some(error) = &s.error {
-                    self.forget(&name, &record, created).await;
+                for (slot, (_, ip)) in record.request.spec.nics.iter_mut().zip(&puts) {
+                    slot.ip = Some(*ip);
+                }
+                let mut ops = vec![Op::put(key(INSTANCES, &name), json(&record))];
+                ops.extend(puts.iter().map(|(k, _)| Op::put(k.clone(), name.clone())));
+                let done = self
+                    .store
+                    .txn(Txn::new().when(compares).and_then(ops))
+                    .await
+                    .map_err(|e| etcd_error("cannot record the instance", e))?;
+                if done.succeeded() {
+                    created = Some(done.revision());
+                    break;
+                }
+                if self
+                    .store
+                    .get(&key(INSTANCES, &name))
+                    .await
+                    .map_err(|e| etcd_error("cannot read the instance", e))?
+                    .is_some()
+                {
                     return Err(OpError::new(
-                        ErrorCode::Conflict,
-                        format!("node {} cannot run {name}: {error}", s.node),
+                        ErrorCode::AlreadyExists,
+                        format!("an instance named {name:?} already exists"),
                     ));
                 }
-                if let Some(instance) = &s.instance {
-                    return Ok(instance.clone());
+                for (nic, (k, ip)) in request.spec.nics.iter().zip(&puts) {
+                    if nic.ip.is_some()
+                        && self
+                            .store
+                            .get(k)
+                            .await
+                            .map_err(|e| etcd_error("cannot read the addresses", e))?
+                            .is_some()
+                    {
+                        return Err(OpError::conflict(format!(
+                            "address {ip} on network {} is taken",
+                            nic.network
+                        )));
+                    }
                 }
             }
-            let placed = view.owners.contains_key(&name) || view.assigns.contains_key(&name);
-            if !placed && started.elapsed() > PLACE_TIMEOUT {
-                self.forget(&name, &record, created).await;
-                return Err(OpError::new(
-                    ErrorCode::ResourceExhausted,
-                    format!(
-                        "no node can take {name}: it needs {} MiB (and a live, uncordoned node{})",
-                        record.mem_mib + schedule::VMM_OVERHEAD_MIB,
-                        req.placement
-                            .node
-                            .as_ref()
-                            .map(|n| format!(" {n}"))
-                            .unwrap_or_default()
-                    ),
-                ));
+            let Some(created) = created else {
+                return Err(OpError::conflict(format!(
+                    "the addresses of {name} kept being taken; try again"
+                )));
+            };
+            let record = record;
+            self.wake.notify_one();
+            // Wait until a node runs it, or says why it cannot.
+            let started = std::time::Instant::now();
+            let limit = Duration::from_secs(req.ready_timeout_secs.unwrap_or(120).min(600) + 60);
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let view = self.view().await?;
+                let status = view.statuses.get(&name);
+                if let Some(s) = status {
+                    if let Some(error) = &s.error {
+                        self.forget(&name, &record, created).await;
+                        return Err(OpError::new(
+                            ErrorCode::Conflict,
+                            format!("node {} cannot run {name}: {error}", s.node),
+                        ));
+                    }
+                    if let Some(instance) = &s.instance {
+                        return Ok(instance.clone());
+                    }
+                }
+                let placed = view.owners.contains_key(&name) || view.assigns.contains_key(&name);
+                if !placed && started.elapsed() > PLACE_TIMEOUT {
+                    self.forget(&name, &record, created).await;
+                    return Err(OpError::new(
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "no node can take {name}: it needs {} MiB (and a live, uncordoned node{})",
+                            record.mem_mib + schedule::VMM_OVERHEAD_MIB,
+                            req.placement
+                                .node
+                                .as_ref()
+                                .map(|n| format!(" {n}"))
+                                .unwrap_or_default()
+                        ),
+                    ));
+                }
+                if started.elapsed() > limit {
+                    return Err(OpError::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "{name} did not start within {} s; it stays in the cluster",
+                            limit.as_secs()
+                        ),
+                    ));
+                }
             }
-            if started.elapsed() > limit {
-                return Err(OpError::new(
-                    ErrorCode::Timeout,
-                    format!(
-                        "{name} did not start within {} s; it stays in the cluster",
-                        limit.as_secs()
-                    ),
-                ));
             }
+        .await;
+        if outcome.is_err() {
+            // Refused (and kept) while an instance record still uses it.
+            self.remove_made(&made).await;
         }
+        outcome
     }
 
     pub async fn remove(&self, name: &str, force: bool) -> Result<bool, OpError> {

@@ -749,3 +749,74 @@ async fn a_copy_without_its_record_is_removed() {
     assert!(a.volume("kept").is_ok());
     assert!(fleet.member("b").engine.engine.volume("kept").is_ok());
 }
+
+/// A drain moves an instance with a replicated volume only to the node of
+/// its up-to-date replica (not to the emptiest node), and nowhere while
+/// that replica is not up to date.
+///
+/// Check it covers: `View::volume_target` in the drain's plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_an_instance_to_its_up_to_date_replica_only() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    fleet
+        .run(
+            "a",
+            with_volume(request("db", None, HaPolicy::Restart), "data"),
+        )
+        .await;
+    set_volume_state(&fleet, "data", ReplicaState::UpToDate).await;
+    let a = fleet.node("a");
+    let view = a.view().await.unwrap();
+    assert_eq!(view.target_for("db", "a").as_deref(), Some("b"));
+    for state in [ReplicaState::Syncing, ReplicaState::Outdated] {
+        set_volume_state(&fleet, "data", state).await;
+        let view = a.view().await.unwrap();
+        assert_eq!(view.target_for("db", "a"), None, "{state}");
+        let (_, plan) = view.drain_plan("a");
+        assert_eq!(plan.stuck.len(), 1, "{state}: {plan:?}");
+    }
+}
+
+/// A dead node removed from the cluster: refused while it holds the only
+/// up-to-date copy of a volume; otherwise the replica it kept gets a new
+/// node (outdated there until its first copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    fleet
+        .run(
+            "a",
+            with_volume(request("db", None, HaPolicy::Restart), "data"),
+        )
+        .await;
+    fleet
+        .settle("db runs on a", |f| f.running_on("db") == ["a"])
+        .await;
+    fleet.stop("b");
+    fleet.passes().await;
+    fleet.node("a").remove_node("b").await.unwrap();
+    for _ in 0..5 {
+        fleet.passes().await;
+    }
+    let record = volume_record(&fleet, "data").await;
+    assert_eq!(
+        (record.primary.as_str(), record.replica.as_str()),
+        ("a", "c")
+    );
+    assert_ne!(record.state, ReplicaState::UpToDate);
+
+    // c's copy is the replica; a dies: a's is the only up-to-date copy
+    // (the replica is outdated), so a is not removed.
+    fleet.stop("a");
+    fleet.passes().await;
+    let refused = fleet.node("c").remove_node("a").await.unwrap_err();
+    assert!(
+        refused
+            .message
+            .contains("only up-to-date copy of volume data"),
+        "{}",
+        refused.message
+    );
+}

@@ -198,7 +198,7 @@ impl View {
                 name: name.to_string(),
                 mem_mib: record.mem_mib,
                 spread: placement.spread.as_ref().map(|s| s.to_string()),
-                node: None,
+                node: self.volume_target(record, from),
                 avoid: self
                     .avoid(name)
                     .into_iter()
@@ -208,6 +208,26 @@ impl View {
             ha: placement.ha,
             wants_running: record.desired == DesiredState::Running,
         })
+    }
+
+    /// Where an instance with replicated volumes may move off `from`: the
+    /// node of their up-to-date replicas, or nowhere (`from` itself, which
+    /// the move avoids). `None`: it has none.
+    fn volume_target(&self, record: &InstanceRecord, from: &str) -> Option<String> {
+        let mut target: Option<&str> = None;
+        for attach in &record.request.spec.volumes {
+            let Some((v, _)) = self.volumes.get(attach.volume.as_str()) else {
+                continue;
+            };
+            let usable = v.primary == from
+                && v.state == vroom_types::ReplicaState::UpToDate
+                && target.is_none_or(|t| t == v.replica);
+            if !usable {
+                return Some(from.to_string());
+            }
+            target = Some(&v.replica);
+        }
+        target.map(str::to_string)
     }
 
     /// Where the scheduler would move `name` off `from`.

@@ -26,20 +26,26 @@
 //! The data path: the primary's VMM mirrors the volume's drive
 //! synchronously (QEMU `blockdev-mirror`, `write-blocking`) into a
 //! `qemu-nbd` on the replica's node that writes through, over a TCP
-//! connection this node opens and hands the VMM (docs/design/replication.md).
+//! connection this node opens. The VMM does not get that connection: it
+//! talks to a relay (`vroom __nbd-relay`, [`vroom_volume::relay`]) that
+//! forwards while the replica answers and *holds* the guest's write when it
+//! fails, closes or goes silent for [`SILENT`], until this node has recorded
+//! the replica outdated and releases it: QEMU alone would complete that
+//! write with the local copy at once (docs/design/replication.md §5.2).
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vroom_types::{ReplicaState, Volume, VolumeCreateRequest, VolumeReplication};
+use vroom_volume::relay;
 
 use super::*;
 
-/// How long a replica may leave a write unanswered before it counts as
-/// lost (a frozen node keeps acknowledging TCP: only this catches it).
+/// How long a replica may leave a write unanswered before the relay holds
+/// it as lost (a frozen node keeps acknowledging TCP: only this catches it).
 const SILENT: Duration = Duration::from_secs(1);
 /// How often a replication is looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -134,6 +140,90 @@ impl ClusterNode {
             }
         }
         Ok(())
+    }
+
+    /// A new cluster instance's declared volumes (its image's
+    /// `[[volumes]]`) that the request does not attach: `INSTANCE-ROLE`,
+    /// kept on two nodes: taken when the cluster has it (and nothing uses
+    /// it), made here otherwise. Returns the volumes it made.
+    pub(super) async fn attach_declared_volumes(
+        &self,
+        request: &mut RunRequest,
+        view: &View,
+    ) -> Result<Vec<String>, OpError> {
+        if request.from_snapshot.is_some() {
+            return Ok(vec![]);
+        }
+        let image = self.engine.get_image(&request.spec.image)?;
+        let mut made = vec![];
+        for decl in &image.manifest.appliance.volumes {
+            if request.spec.volumes.iter().any(|a| a.path == decl.path) {
+                continue;
+            }
+            let name = format!("{}-{}", request.spec.name, decl.name);
+            let attached = match Name::new(&name) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.remove_made(&made).await;
+                    return Err(OpError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "the name {name:?} for the instance's {} volume is too long; name the instance shorter or attach a volume with --volume NAME:{}",
+                            decl.name, decl.path
+                        ),
+                    ));
+                }
+            };
+            if let Some(user) = view.user_of_volume(&name) {
+                self.remove_made(&made).await;
+                return Err(OpError::conflict(format!(
+                    "volume {name} is attached to instance {user}"
+                )));
+            }
+            if !view.volumes.contains_key(&name) {
+                if let Some(node) = request
+                    .placement
+                    .node
+                    .as_ref()
+                    .filter(|n| n.as_str() != self.name)
+                {
+                    self.remove_made(&made).await;
+                    return Err(OpError::conflict(format!(
+                        "its {} volume would be made on node {} (the one asked), where its primary copy must be: ask node {node}, or make it there first with `vroom volume create {name} --replicas 2`",
+                        decl.name, self.name
+                    )));
+                }
+                let req = VolumeCreateRequest {
+                    name: attached.clone(),
+                    size_mib: decl.size_mib,
+                    fs: decl.fs,
+                    replicas: 2,
+                };
+                if let Err(e) = self.create_volume(req).await {
+                    self.remove_made(&made).await;
+                    return Err(OpError::new(
+                        e.code,
+                        format!(
+                            "its {} volume is kept on two nodes in a cluster: {}",
+                            decl.name, e.message
+                        ),
+                    ));
+                }
+                made.push(name.clone());
+            }
+            request.spec.volumes.push(vroom_types::VolumeAttach {
+                volume: attached,
+                path: decl.path.clone(),
+                read_only: false,
+            });
+        }
+        Ok(made)
+    }
+
+    pub(super) async fn remove_made(&self, made: &[String]) {
+        for volume in made {
+            let _ = self.remove_volume(volume).await;
+        }
     }
 
     /// Makes a volume; with two replicas, this node's copy is the primary
@@ -564,7 +654,15 @@ impl ClusterNode {
                 continue;
             }
             for (volume, _) in Self::volumes_of(view, record) {
-                if volume.primary != self.name || !view.nodes.contains_key(&volume.replica) {
+                if volume.primary != self.name {
+                    continue;
+                }
+                if !view.members.contains_key(&volume.replica) {
+                    // Its replica's node was removed: another keeps it.
+                    self.rehome_replica(instance, *token, volume, view).await;
+                    continue;
+                }
+                if !view.nodes.contains_key(&volume.replica) {
                     continue;
                 }
                 let Some(peer) = view
@@ -593,7 +691,19 @@ impl ClusterNode {
                     match ended {
                         Ended::Quietly => {}
                         Ended::Fault(reason) => {
-                            tracing::warn!(volume = %volume_name, %instance, %reason, "the replication ended")
+                            tracing::warn!(volume = %volume_name, %instance, %reason, "the replication ended");
+                            // A sync that did not get going says why.
+                            let _ = node
+                                .update_volume(&instance, token, &volume_name, |v| {
+                                    Ok((v.state == ReplicaState::Syncing).then(|| {
+                                        v.with_state(
+                                            ReplicaState::Outdated,
+                                            Some(reason.clone()),
+                                            now_secs(),
+                                        )
+                                    }))
+                                })
+                                .await;
                         }
                     }
                     node.replication_ended
@@ -604,6 +714,44 @@ impl ClusterNode {
             }
         }
         self.tidy_copies(view).await;
+    }
+
+    /// Chooses a new node for the replica of `volume`, whose node was
+    /// removed from the cluster: up, not cordoned, not this one, the most
+    /// free memory. Its copy is made and filled by the next replication.
+    async fn rehome_replica(&self, instance: &str, token: i64, volume: &VolumeRecord, view: &View) {
+        let Some(new) = view
+            .candidates()
+            .into_values()
+            .filter(|c| c.name != self.name && c.state == NodeState::Ready)
+            .max_by_key(|c| c.mem_free_mib)
+            .map(|c| c.name)
+        else {
+            return;
+        };
+        let gone = volume.replica.clone();
+        let moved = self
+            .update_volume(instance, token, &volume.name, |v| {
+                Ok((v.replica == gone).then(|| VolumeRecord {
+                    replica: new.clone(),
+                    ..v.with_state(
+                        ReplicaState::Outdated,
+                        Some(format!(
+                            "node {gone} was removed; node {new} keeps the replica now"
+                        )),
+                        now_secs(),
+                    )
+                }))
+            })
+            .await;
+        match moved {
+            Ok(()) => {
+                tracing::info!(volume = %volume.name, %gone, %new, "the replica has a new node")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e.message, "cannot give the replica a new node")
+            }
+        }
     }
 
     /// Stops serving copies this node is not the replica of, and removes
@@ -660,28 +808,63 @@ impl ClusterNode {
         if let Err(e) = syncing {
             return Ended::Fault(e.message);
         }
+        // A relay left by an earlier daemon (holding, maybe) goes now that
+        // the record no longer says up to date.
+        let control = self.relay_control(volume);
+        release_relay(&control);
         let conn = match self.connect_replica(volume, peer).await {
             Ok(conn) => conn,
             Err(e) => return Ended::Fault(e),
         };
-        let engine = self.engine.clone();
-        let (inst, vol) = (instance.to_string(), volume.to_string());
-        let std_conn = match conn.into_std() {
+        let conn = match conn.into_std().and_then(|c| {
+            c.set_nonblocking(false)?;
+            Ok(c)
+        }) {
             Ok(c) => c,
             Err(e) => return Ended::Fault(format!("the replica's connection: {e}")),
         };
+        // QEMU talks NBD to the relay, which holds a replica's failure
+        // (an error, a close, silence) as a stall rather than let QEMU
+        // acknowledge the write with the local copy alone.
+        let (qemu_end, relay_end) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(e) => return Ended::Fault(format!("cannot make the relay's socket pair: {e}")),
+        };
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return Ended::Fault(format!("cannot find vroom's binary: {e}")),
+        };
+        let spawned = {
+            let control = control.clone();
+            tokio::task::spawn_blocking(move || {
+                relay::spawn(&exe, relay_end.into(), conn.into(), &control, SILENT)
+            })
+            .await
+        };
+        match spawned {
+            Ok(Ok(_pid)) => {}
+            Ok(Err(e)) => return Ended::Fault(format!("cannot start the relay: {e}")),
+            Err(e) => return Ended::Fault(e.to_string()),
+        }
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
         let started = tokio::task::spawn_blocking(move || {
-            let r = engine.replicate_volume(&inst, &vol, std_conn.as_fd());
-            (r, std_conn)
+            // QEMU keeps its own copy of the fd.
+            engine.replicate_volume(&inst, &vol, qemu_end.as_fd())
         })
         .await;
-        let conn = match started {
-            Ok((Ok(()), conn)) => conn,
-            Ok((Err(e), _)) => return Ended::Fault(e.message),
-            Err(e) => return Ended::Fault(e.to_string()),
-        };
+        match started {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                release_relay(&control);
+                return Ended::Fault(e.message);
+            }
+            Err(e) => {
+                release_relay(&control);
+                return Ended::Fault(e.to_string());
+            }
+        }
         tracing::info!(%volume, %instance, replica = %peer, "replicating");
-        let mut watch = LinkWatch::default();
         let mut up_to_date = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -703,17 +886,20 @@ impl ClusterNode {
             let Some(job) = job.flatten() else {
                 // The VM stopped (or is gone): every write it completed is
                 // on both copies, as the record says.
+                release_relay(&control);
                 return Ended::Quietly;
             };
-            let fault = if job.failed {
-                Some("the replica failed a write".to_string())
-            } else {
-                watch
-                    .stalled(&conn)
-                    .map(|ms| format!("the replica has not answered a write for {ms} ms"))
+            let fault = match relay_status(&control) {
+                Ok(s) if s.state == relay::RelayState::Holding => Some(
+                    s.fault
+                        .unwrap_or_else(|| "the replica stopped answering".into()),
+                ),
+                Ok(_) if job.failed => Some("the replica failed a write".to_string()),
+                Ok(_) => None,
+                Err(e) => Some(format!("the relay is gone ({e})")),
             };
             if let Some(reason) = fault {
-                self.cut_loose(instance, token, volume, &reason, &conn)
+                self.cut_loose(instance, token, volume, &reason, &control)
                     .await;
                 return Ended::Fault(reason);
             }
@@ -737,6 +923,13 @@ impl ClusterNode {
         }
     }
 
+    /// Where the relay of `volume`'s replication answers.
+    fn relay_control(&self, volume: &str) -> PathBuf {
+        let dir = self.data_dir.join("relays");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!("{volume}.sock"))
+    }
+
     /// The replica stopped answering (or failed a write): the record says
     /// `Outdated` first, then the connection is cut and the guest's writes
     /// go on locally. A record that cannot be written in time stops the VM
@@ -747,7 +940,7 @@ impl ClusterNode {
         token: i64,
         volume: &str,
         reason: &str,
-        conn: &std::net::TcpStream,
+        control: &Path,
     ) {
         let deadline = Instant::now() + RECORD_DEADLINE;
         let recorded = loop {
@@ -772,7 +965,9 @@ impl ClusterNode {
         if !recorded {
             let _ = self.engine.kill_vm(instance);
         }
-        let _ = conn.shutdown(std::net::Shutdown::Both);
+        // Only now may QEMU see the failure (and complete the held write
+        // with the local copy alone).
+        release_relay(control);
         let engine = self.engine.clone();
         let (inst, vol) = (instance.to_string(), volume.to_string());
         let _ = tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
@@ -871,48 +1066,19 @@ pub(super) enum ReplicaReply {
     Refused { reason: String },
 }
 
-/// Watches a replication's connection from vroomd's side, by the kernel's
-/// TCP counters: data sent after the last data received, for longer than
-/// [`SILENT`], is a write the replica has not answered.
-#[derive(Default)]
-struct LinkWatch {
-    /// When data was first seen waiting for an answer.
-    waiting_since: Option<Instant>,
+/// The status of the relay answering at `control`.
+fn relay_status(control: &Path) -> Result<relay::RelayStatus, String> {
+    relay::RelayClient::connect(control)
+        .and_then(|mut c| c.status())
+        .map_err(|e| e.to_string())
 }
 
-impl LinkWatch {
-    /// How long (ms) the replica has left a write unanswered, once that is
-    /// longer than [`SILENT`].
-    fn stalled(&mut self, conn: &std::net::TcpStream) -> Option<u64> {
-        let info = tcp_info(conn)?;
-        // Both are "milliseconds ago": sent more recently than received.
-        let waiting = info.tcpi_last_data_sent < info.tcpi_last_data_recv;
-        if !waiting {
-            self.waiting_since = None;
-            return None;
+/// Releases the relay answering at `control`, if one does: it closes QEMU's
+/// end (QEMU fails what it held) and exits.
+fn release_relay(control: &Path) {
+    if let Ok(mut client) = relay::RelayClient::connect(control) {
+        if let Err(e) = client.release() {
+            tracing::warn!(control = %control.display(), error = %e, "cannot release a relay");
         }
-        let now = Instant::now();
-        let since = *self.waiting_since.get_or_insert_with(|| {
-            now - Duration::from_millis(u64::from(info.tcpi_last_data_sent))
-        });
-        let waited = now.duration_since(since);
-        (waited > SILENT).then_some(waited.as_millis() as u64)
     }
-}
-
-fn tcp_info(conn: &std::net::TcpStream) -> Option<libc::tcp_info> {
-    // SAFETY: `info` is a plain C struct the kernel fills up to `len`.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket fd, a buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            conn.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(info)
 }

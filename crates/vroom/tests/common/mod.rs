@@ -726,3 +726,45 @@ impl Drop for TestGroup {
         }
     }
 }
+
+/// `psql` from a client namespace: a password login to `database`, one
+/// statement; its output (rows as `a|b`) or its error.
+pub fn psql(
+    ns: &str,
+    server: impl std::fmt::Display,
+    user: &str,
+    password: &str,
+    database: &str,
+    sql: &str,
+) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "psql",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args([
+            "-h",
+            &server.to_string(),
+            "-U",
+            user,
+            "-d",
+            database,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("run psql (cargo xtask test installs postgresql-client)");
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
