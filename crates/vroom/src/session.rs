@@ -128,6 +128,59 @@ pub fn describe(version: &vroom_types::VersionInfo) -> String {
     )
 }
 
+/// `run` of a catalog image that is not built yet builds it first, with its
+/// stages shown as `image build` shows them.
+pub async fn build_from_catalog_if_missing(client: &Client, image: &str, json: bool) -> Result<()> {
+    match client.image(image).await {
+        Err(ClientError::Api { status: 404, .. }) if vroom_image::in_catalog(image) => {}
+        _ => return Ok(()),
+    }
+    let mut stages = output::Stages::new(json, format!("building {image} from the catalog"));
+    let built = client
+        .build_image(Path::new(image), false, None, |stage, detail| {
+            stages.update(stage, detail)
+        })
+        .await;
+    stages.finish(built.is_ok());
+    built?;
+    Ok(())
+}
+
+/// Polls until the guest is ready; on failure the error carries the console tail.
+pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Instance> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let instance = client.get(name).await?;
+        match instance.status.state {
+            InstanceState::Running => return Ok(instance),
+            InstanceState::Failed | InstanceState::Stopped => {
+                let cause = instance
+                    .status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| format!("it is {}", instance.status.state));
+                let console = client
+                    .logs(name, 0)
+                    .await
+                    .map(|c| c.data)
+                    .unwrap_or_default();
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                eprintln!("--- console of {name} (last lines) ---");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+                eprintln!("---");
+                bail!("instance {name} failed: {cause}");
+            }
+            _ if Instant::now() > deadline => bail!(
+                "instance {name} is still {} after {timeout:?}",
+                instance.status.state
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,59 +248,6 @@ mod tests {
         ];
         for (daemon, want) in cases {
             assert_eq!(describe(&version(daemon)), want);
-        }
-    }
-}
-
-/// `run` of a catalog image that is not built yet builds it first, with its
-/// stages shown as `image build` shows them.
-pub async fn build_from_catalog_if_missing(client: &Client, image: &str, json: bool) -> Result<()> {
-    match client.image(image).await {
-        Err(ClientError::Api { status: 404, .. }) if vroom_image::in_catalog(image) => {}
-        _ => return Ok(()),
-    }
-    let mut stages = output::Stages::new(json, format!("building {image} from the catalog"));
-    let built = client
-        .build_image(Path::new(image), false, None, |stage, detail| {
-            stages.update(stage, detail)
-        })
-        .await;
-    stages.finish(built.is_ok());
-    built?;
-    Ok(())
-}
-
-/// Polls until the guest is ready; on failure the error carries the console tail.
-pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Instance> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let instance = client.get(name).await?;
-        match instance.status.state {
-            InstanceState::Running => return Ok(instance),
-            InstanceState::Failed | InstanceState::Stopped => {
-                let cause = instance
-                    .status
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| format!("it is {}", instance.status.state));
-                let console = client
-                    .logs(name, 0)
-                    .await
-                    .map(|c| c.data)
-                    .unwrap_or_default();
-                let tail: Vec<&str> = console.lines().rev().take(15).collect();
-                eprintln!("--- console of {name} (last lines) ---");
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-                eprintln!("---");
-                bail!("instance {name} failed: {cause}");
-            }
-            _ if Instant::now() > deadline => bail!(
-                "instance {name} is still {} after {timeout:?}",
-                instance.status.state
-            ),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
