@@ -7,6 +7,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod deb;
+
 const INIT_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn main() -> Result<()> {
@@ -67,6 +69,12 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_dir_all(&data);
             result
         }
+        Some("deb") => {
+            let release = !args[1..].iter().any(|a| a == "--debug");
+            let deb = deb::package(&root, release)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Some("openapi") => run(Command::new(cargo())
             .current_dir(&root)
             .args([
@@ -78,7 +86,7 @@ fn main() -> Result<()> {
             ])
             .env("VROOM_UPDATE_OPENAPI", "1")),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | bench-images [-n N] [--no-debootstrap] | build-init | prereqs | openapi>");
+            eprintln!("usage: cargo xtask <demo [--keep] | test [cargo test args] | bench [-n N] | bench-images [-n N] [--no-debootstrap] | build-init | prereqs | openapi | deb [--debug]>");
             std::process::exit(2);
         }
     }
@@ -135,6 +143,14 @@ fn install_test_tools() -> Result<()> {
     if missing("dot") {
         apt_install(&["graphviz"])?;
     }
+    // The package test checks the .deb with lintian, and drives vroomd
+    // as systemd would with systemd's own tools (no systemd as PID 1).
+    if missing("lintian") {
+        apt_install(&["lintian"])?;
+    }
+    if missing("systemd-socket-activate") || missing("systemd-sysusers") {
+        apt_install(&["systemd"])?;
+    }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {
         apt_install(&["etcd-server"])?;
@@ -178,7 +194,7 @@ fn init_path(root: &Path) -> PathBuf {
         .join("init/vroom-init")
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
@@ -209,7 +225,7 @@ fn build_init(root: &Path) -> Result<PathBuf> {
 
 /// Builds vroom (and the other `packages`' binaries beside it) and puts
 /// vroom-init next to it, where vroom looks for it; returns vroom's path.
-fn build(root: &Path, release: bool, packages: &[&str]) -> Result<PathBuf> {
+pub(crate) fn build(root: &Path, release: bool, packages: &[&str]) -> Result<PathBuf> {
     build_prerequisites()?;
     let init = build_init(root)?;
     let mut cmd = Command::new(cargo());

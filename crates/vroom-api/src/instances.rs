@@ -19,10 +19,14 @@ use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{audit, bad_request, body, ApiError, ApiResult, AppState, Service};
 
 #[utoipa::path(get, path = "/v1/version", responses((status = 200, body = VersionInfo)))]
-pub(crate) async fn version(State(engine): State<AppState>) -> Json<VersionInfo> {
+pub(crate) async fn version(
+    State(engine): State<AppState>,
+    daemon: Option<axum::Extension<vroom_types::DaemonInfo>>,
+) -> Json<VersionInfo> {
     Json(VersionInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         data_dir: engine.data_dir().display().to_string(),
+        daemon: daemon.map(|axum::Extension(info)| info),
     })
 }
 

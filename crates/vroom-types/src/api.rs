@@ -39,6 +39,48 @@ pub struct LogChunk {
 pub struct VersionInfo {
     pub version: String,
     pub data_dir: String,
+    /// The process that answers: its pid and how it was started (absent
+    /// from daemons older than this field, and from in-process test servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonInfo>,
+}
+
+/// Which vroomd answers, so that an operator can tell a systemd unit from
+/// a daemon the CLI started in a developer's checkout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DaemonInfo {
+    pub pid: u32,
+    pub started_by: DaemonStarter,
+    /// The systemd unit it runs in (`vroomd.service`), when systemd started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Whether its API socket was handed over by systemd (socket
+    /// activation, `vroomd.socket`) rather than bound by vroomd itself.
+    pub socket_activated: bool,
+}
+
+/// Who started a vroomd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonStarter {
+    /// A systemd unit (`vroomd.service`, possibly through `vroomd.socket`).
+    Systemd,
+    /// The CLI, because no daemon answered (a developer's checkout).
+    Cli,
+    /// Someone ran `vroom daemon` by hand.
+    Manual,
+}
+
+impl std::fmt::Display for DaemonStarter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DaemonStarter::Systemd => "systemd",
+            DaemonStarter::Cli => "cli",
+            DaemonStarter::Manual => "manual",
+        })
+    }
 }
 
 /// The body of `POST /v1/images/build`.

@@ -30,6 +30,10 @@ pub struct Cli {
     /// credentials` makes them; a node has its own in DATA_DIR/tls).
     #[arg(long, global = true, env = "VROOM_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Say which vroomd answers (its pid, who started it, its data dir) on
+    /// stderr before the command's output.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -56,6 +60,17 @@ pub enum Command {
         no_jail: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
+    },
+    /// Which vroomd the CLI talks to: a systemd unit (socket-activated or
+    /// not) or one the CLI started, its pid, version, data dir and socket.
+    /// Starts none.
+    Info,
+    /// Internal: write shell completions (bash, zsh, fish) and man pages
+    /// generated from this grammar into DIR (the package's build runs it).
+    #[command(name = "__generate-docs", hide = true)]
+    GenerateDocs {
+        /// Where to write `completions/` and `man/`.
+        dir: PathBuf,
     },
     /// The cluster's identity in etcd (`cluster init`, once per cluster).
     Cluster {
@@ -882,7 +897,12 @@ pub enum ImageOp {
 #[derive(Subcommand)]
 pub enum DaemonOp {
     /// Stop the running vroomd gracefully; its VMs keep running.
-    Stop,
+    Stop {
+        /// Only if the CLI started it (the package's install hands the data
+        /// dir over to the systemd unit this way).
+        #[arg(long)]
+        self_started: bool,
+    },
 }
 
 /// Parses `tcp` or `udp`.

@@ -136,6 +136,8 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         | Command::Bench { .. }
         | Command::Jail { .. }
         | Command::Guard { .. }
+        | Command::Info
+        | Command::GenerateDocs { .. }
         | Command::NbdRelay { .. }
         | Command::Cluster { .. } => {
             unreachable!("handled in main")
@@ -155,6 +157,14 @@ async fn client(cli: &Cli) -> Result<Client> {
                 .unwrap_or_else(|| cli.data_dir.join("tls"));
             Client::remote(host, &dir)?
         }
-        None => session::connect(&cli.data_dir, None).await?,
+        None => {
+            let client = session::connect(&cli.data_dir, None).await?;
+            if cli.verbose {
+                if let Ok(version) = client.version().await {
+                    eprintln!("vroom: talking to {}", session::describe(&version));
+                }
+            }
+            client
+        }
     })
 }

@@ -5,6 +5,11 @@
 //! the API to other users. Every connection's peer credentials reach the
 //! API (its audit log); connections are bounded (see [`crate::serve`]). VMs outlive the daemon: on start it re-adopts the
 //! ones still running.
+//!
+//! Under systemd (`vroomd.service`, see docs/install.md) the socket may be
+//! passed by `vroomd.socket` instead (its owner and mode are the unit's),
+//! and the daemon reports `READY=1` once it serves and `STOPPING=1` when
+//! it stops (see [`crate::systemd`]).
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -25,6 +30,7 @@ pub async fn run(
     data_dir: &Path,
     jail: vroom_qemu::JailMode,
     cluster: crate::args::ClusterArgs,
+    launch: crate::systemd::Launch,
 ) -> Result<()> {
     if cluster.cluster && jail == vroom_qemu::JailMode::Unjailed {
         bail!("a cluster node needs jailed VMMs: its guard fences them through their cgroups");
@@ -39,7 +45,7 @@ pub async fn run(
         std::os::unix::fs::chown(data_dir, None, Some(gid))
             .context("cannot give the data dir to the API group")?;
     }
-    let _lock = lock(data_dir)?;
+    let _lock = lock(data_dir, launch.started_by)?;
 
     let store = RedbStateStore::open(&data_dir.join("state.redb"))
         .context("cannot open the state store")?;
@@ -95,6 +101,8 @@ pub async fn run(
     engine.recover().await.context("cannot recover state")?;
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
+    // Which daemon this is, in `GET /v1/version` on every listener.
+    let info = launch.info();
     if let Some(node) = &node {
         node.start();
         let config = crate::serve::tls::server_config(&node.tls_dir())
@@ -108,7 +116,7 @@ pub async fn run(
             crate::serve::Endpoint::Tls(listener, tokio_rustls::TlsAcceptor::from(config));
         tokio::spawn(crate::serve::serve(
             endpoint,
-            vroom_api::router(vroomd.clone()),
+            vroom_api::router(vroomd.clone()).layer(axum::Extension(info.clone())),
             limits,
             std::future::pending(),
         ));
@@ -118,16 +126,14 @@ pub async fn run(
     }
 
     let socket = paths::socket(data_dir);
-    let _ = fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .with_context(|| format!("cannot listen on {}", socket.display()))?;
-    if let Some(gid) = access.gid {
-        std::os::unix::fs::chown(&socket, None, Some(gid))
-            .context("cannot give the API socket to the API group")?;
-    }
-    fs::set_permissions(&socket, fs::Permissions::from_mode(access.socket_mode))
-        .context("cannot restrict the API socket")?;
+    let listener = match &launch.listener {
+        Some(passed) => listener_passed(passed, &socket)?,
+        None => bind(&socket, &access)?,
+    };
     match access.gid {
+        _ if info.socket_activated => {
+            tracing::info!(socket = %socket.display(), "vroomd serving the socket systemd passed (its owner and mode are vroomd.socket's)")
+        }
         Some(gid) => {
             tracing::info!(socket = %socket.display(), %group, gid, "vroomd listening; members of the group may use the API")
         }
@@ -136,24 +142,74 @@ pub async fn run(
         }
     }
 
+    // The handlers are in place before READY=1: a SIGTERM right after it
+    // (systemd stopping a unit it just started) must stop vroomd the
+    // graceful way, not kill it before the accept loop first polls.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("invariant: signal handler");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
+        launch.notify("STOPPING=1");
         tracing::info!("vroomd stopping; VMs keep running");
     };
+    // The socket listens and recovery is done: requests are answered from
+    // here on (those already queued in the backlog too).
+    launch.notify("READY=1");
     crate::serve::serve(
         crate::serve::Endpoint::Unix(listener),
-        vroom_api::router(vroomd),
+        vroom_api::router(vroomd).layer(axum::Extension(info.clone())),
         limits,
         shutdown,
     )
     .await;
-    let _ = fs::remove_file(&socket);
+    // A passed socket is systemd's: it keeps listening, and starts the
+    // next vroomd on the next connection.
+    if !info.socket_activated {
+        let _ = fs::remove_file(&socket);
+    }
     Ok(())
+}
+
+/// Binds the API socket at `socket` and gives it to the API group.
+fn bind(socket: &Path, access: &ApiAccess) -> Result<tokio::net::UnixListener> {
+    let _ = fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    if let Some(gid) = access.gid {
+        std::os::unix::fs::chown(socket, None, Some(gid))
+            .context("cannot give the API socket to the API group")?;
+    }
+    fs::set_permissions(socket, fs::Permissions::from_mode(access.socket_mode))
+        .context("cannot restrict the API socket")?;
+    Ok(listener)
+}
+
+/// The socket systemd passed, if it is the data dir's: clients of this data
+/// dir look for vroomd there and nowhere else.
+fn listener_passed(
+    passed: &std::os::unix::net::UnixListener,
+    socket: &Path,
+) -> Result<tokio::net::UnixListener> {
+    let path = crate::systemd::listener_path(passed);
+    if path.as_deref() != Some(socket) {
+        bail!(
+            "the socket systemd passed is {}, not {} where clients of this data dir look (set ListenStream= in vroomd.socket to match --data-dir)",
+            path.map(|p| p.display().to_string())
+                .unwrap_or_else(|| "unnamed".into()),
+            socket.display()
+        );
+    }
+    let listener = passed
+        .try_clone()
+        .context("cannot take the socket systemd passed")?;
+    listener
+        .set_nonblocking(true)
+        .context("cannot take the socket systemd passed")?;
+    tokio::net::UnixListener::from_std(listener).context("cannot take the socket systemd passed")
 }
 
 #[cfg(test)]
@@ -180,6 +236,55 @@ mod tests {
         );
         assert_eq!(group_id("root"), Some(0));
         assert_eq!(group_id("no-such-group-vroom"), None);
+    }
+
+    #[test]
+    fn only_a_vroom_daemon_is_found_by_its_socket() {
+        let cases: [(&[u8], bool); 5] = [
+            (
+                b"/usr/bin/vroom\0--data-dir\0/var/lib/vroom\0daemon\0",
+                true,
+            ),
+            (b"vroom\0daemon\0", true),
+            (b"/sbin/init\0", false),
+            (b"/usr/bin/systemd-socket-activate\0-l\0x\0daemon\0", false),
+            (b"/usr/bin/vroom\0ps\0", false),
+        ];
+        for (cmdline, want) in cases {
+            assert_eq!(
+                cmdline_is_vroom_daemon(cmdline),
+                want,
+                "{}",
+                String::from_utf8_lossy(cmdline)
+            );
+        }
+        assert!(!is_vroom_daemon(1));
+    }
+
+    /// A second daemon on a data dir is refused and names the first.
+    #[test]
+    fn a_second_daemon_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = lock(dir.path(), vroom_types::DaemonStarter::Systemd).unwrap();
+        let err = lock(dir.path(), vroom_types::DaemonStarter::Manual).unwrap_err();
+        let pid = std::process::id();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "another vroomd (pid {pid}, started by systemd) already serves {}; stop it first (`vroom daemon stop`, or `systemctl stop vroomd` for the unit: VMs keep running either way)",
+                dir.path().display()
+            )
+        );
+        assert_eq!(describe_holder(""), "another vroomd");
+        assert_eq!(describe_holder("7\n"), "another vroomd (pid 7)");
+        assert_eq!(
+            describe_holder("7 cli\n"),
+            "another vroomd (pid 7, started by the CLI)"
+        );
+        assert_eq!(
+            describe_holder("7 manual\n"),
+            "another vroomd (pid 7, started by hand)"
+        );
     }
 }
 
@@ -234,23 +339,65 @@ pub fn group_id(name: &str) -> Option<u32> {
     Some(unsafe { group.assume_init() }.gr_gid)
 }
 
-/// One daemon per data dir.
-fn lock(data_dir: &Path) -> Result<fs::File> {
+/// One daemon per data dir: the holder of the lock writes its pid and
+/// who started it into the lock file, so that the next one can name it.
+fn lock(data_dir: &Path, started_by: vroom_types::DaemonStarter) -> Result<fs::File> {
+    use std::io::{Read, Seek, Write};
     let path = data_dir.join("vroomd.lock");
-    let file = fs::OpenOptions::new()
+    let mut file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .context("cannot open the lock file")?;
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
         bail!(
-            "another vroomd is already running on {}",
+            "{} already serves {}; stop it first (`vroom daemon stop`, or `systemctl stop vroomd` for the unit: VMs keep running either way)",
+            describe_holder(&holder),
             data_dir.display()
         );
     }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{} {started_by}", std::process::id()))
+        .context("cannot write the lock file")?;
     Ok(file)
+}
+
+/// `another vroomd (pid 42, started by cli)`, from a lock file's `PID STARTER`.
+fn describe_holder(lock_file: &str) -> String {
+    let mut words = lock_file.split_whitespace();
+    let by = |starter: &str| match starter {
+        "cli" => "the CLI".to_string(),
+        "manual" => "hand".to_string(),
+        other => other.to_string(),
+    };
+    match (
+        words.next().and_then(|p| p.parse::<u32>().ok()),
+        words.next(),
+    ) {
+        (Some(pid), Some(starter)) => {
+            format!("another vroomd (pid {pid}, started by {})", by(starter))
+        }
+        (Some(pid), None) => format!("another vroomd (pid {pid})"),
+        _ => "another vroomd".to_string(),
+    }
+}
+
+/// Whether process `pid` runs `vroom ... daemon`.
+fn is_vroom_daemon(pid: i32) -> bool {
+    cmdline_is_vroom_daemon(&fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
+}
+
+/// Whether a `/proc/PID/cmdline` is `vroom ... daemon`.
+fn cmdline_is_vroom_daemon(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let exe_is_vroom = args.next().is_some_and(|exe| exe.ends_with(b"vroom"));
+    exe_is_vroom && args.any(|a| a == b"daemon")
 }
 
 fn host_mem_mib() -> u64 {
@@ -266,9 +413,13 @@ fn host_mem_mib() -> u64 {
 
 /// Stops the vroomd serving `data_dir` with SIGTERM (it finishes the
 /// requests under way; VMs keep running) and waits until it is gone. The
-/// daemon's pid comes from the socket itself (SO_PEERCRED), so no pid file
-/// can be stale.
-pub async fn stop(data_dir: &Path) -> Result<()> {
+/// daemon names its pid in `GET /v1/version` (a daemon older than that is
+/// found through the socket's SO_PEERCRED; under socket activation that
+/// would be systemd itself), so no pid file can be stale. A daemon of a
+/// systemd unit is left to systemctl, which would otherwise restart it or
+/// count it failed. With `self_started_only`, only a daemon the CLI started
+/// is stopped (the package's takeover).
+pub async fn stop(data_dir: &Path, self_started_only: bool) -> Result<()> {
     let socket = crate::paths::socket(data_dir);
     let stream = match tokio::net::UnixStream::connect(&socket).await {
         Ok(stream) => stream,
@@ -277,13 +428,48 @@ pub async fn stop(data_dir: &Path) -> Result<()> {
             return Ok(());
         }
     };
-    let pid = stream
-        .peer_cred()
-        .context("cannot identify the daemon on the socket")?
-        .pid()
-        .context("the socket does not say which process serves it")?;
+    let peer = stream.peer_cred().ok().and_then(|c| c.pid());
     drop(stream);
-    // SAFETY: plain syscall on a pid the kernel just named as the socket's peer.
+    // A daemon that does not answer (busy, hung) is found by its socket.
+    let daemon = match vroom_client::Client::new(&socket).version().await {
+        Ok(version) => version.daemon,
+        Err(e) => {
+            tracing::warn!(error = %e, "vroomd does not say who it is; finding it by its socket");
+            None
+        }
+    };
+    use vroom_types::DaemonStarter;
+    let pid = match &daemon {
+        Some(info) if info.started_by == DaemonStarter::Systemd => {
+            if self_started_only {
+                println!("vroomd (pid {}) runs under systemd; left alone", info.pid);
+                return Ok(());
+            }
+            bail!(
+                "vroomd (pid {}) runs under systemd ({}): stop it with `systemctl stop vroomd.socket vroomd.service` (VMs keep running)",
+                info.pid,
+                info.unit.as_deref().unwrap_or("vroomd.service")
+            );
+        }
+        Some(info) if self_started_only && info.started_by != DaemonStarter::Cli => {
+            println!(
+                "vroomd (pid {}) was started by hand, not by the CLI; left alone",
+                info.pid
+            );
+            return Ok(());
+        }
+        Some(info) => info.pid as i32,
+        // The socket's peer is who listened: a vroomd, unless a service
+        // manager holds the socket (then it is systemd, never to signal).
+        None => match peer {
+            Some(pid) if is_vroom_daemon(pid) => pid,
+            _ => bail!(
+                "cannot tell which process serves {}: no vroomd names itself there",
+                socket.display()
+            ),
+        },
+    };
+    // SAFETY: plain syscall on the pid the daemon (or the kernel) named.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("cannot signal vroomd (pid {pid})"));

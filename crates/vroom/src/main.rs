@@ -9,9 +9,11 @@ mod cli;
 mod config;
 mod daemon;
 mod demo;
+mod docs;
 mod gc;
 mod guest;
 mod image;
+mod info;
 mod instance;
 mod kernel;
 mod net;
@@ -21,6 +23,7 @@ mod serve;
 mod setup;
 mod snapshot;
 mod splice;
+mod systemd;
 mod volume;
 mod volume_file;
 
@@ -71,13 +74,21 @@ fn main() {
             cluster,
         } => {
             init_tracing(true);
+            // Before the runtime's threads: it edits the environment.
+            let launch = match systemd::Launch::from_env() {
+                Ok(launch) => launch,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::exit(1);
+                }
+            };
             let mode = if *no_jail {
                 vroom_qemu::JailMode::Unjailed
             } else {
                 vroom_qemu::JailMode::Jailed
             };
             runtime()
-                .block_on(daemon::run(&cli.data_dir, mode, cluster.clone()))
+                .block_on(daemon::run(&cli.data_dir, mode, cluster.clone(), launch))
                 .map(|()| 0)
         }
         Command::Cluster { op } => {
@@ -85,12 +96,19 @@ fn main() {
             runtime().block_on(node::cluster(op, cli.json))
         }
         Command::Daemon {
-            op: Some(DaemonOp::Stop),
+            op: Some(DaemonOp::Stop { self_started }),
             ..
         } => {
             init_tracing(false);
-            runtime().block_on(daemon::stop(&cli.data_dir)).map(|()| 0)
+            runtime()
+                .block_on(daemon::stop(&cli.data_dir, *self_started))
+                .map(|()| 0)
         }
+        Command::Info => {
+            init_tracing(false);
+            runtime().block_on(info::run(&cli.data_dir, cli.json))
+        }
+        Command::GenerateDocs { dir } => docs::generate(dir).map(|()| 0),
         Command::Setup { wait_kernel } => {
             let own = if *wait_kernel {
                 setup::OwnKernelSetup::Wait

@@ -12,15 +12,35 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
 }
 
-/// The static vroom-init binary: `VROOM_INIT`, or `vroom-guest-init` next to
-/// this executable (where `cargo xtask demo` puts it; not `vroom-init`, which
-/// a plain `cargo build` overwrites with a dynamically linked build).
+/// The static vroom-init binary: `VROOM_INIT`, else the first of
+/// [`init_candidates`] that exists (the first when none does, for the
+/// message that says it is missing).
 pub fn init_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VROOM_INIT") {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.with_file_name("vroom-guest-init")
+    let candidates = init_candidates(&exe);
+    candidates
+        .iter()
+        .find(|c| c.is_file())
+        .unwrap_or(&candidates[0])
+        .clone()
+}
+
+/// Where vroom-init may be beside the executable `exe`: `vroom-guest-init`
+/// next to it (where `cargo xtask demo` puts it; not `vroom-init`, which a
+/// plain `cargo build` overwrites with a dynamically linked build), then
+/// `../lib/vroom/vroom-guest-init` (the package's `/usr/bin/vroom` and
+/// `/usr/lib/vroom/`, or any other prefix).
+pub fn init_candidates(exe: &std::path::Path) -> Vec<PathBuf> {
+    let beside = exe.with_file_name("vroom-guest-init");
+    let prefix = exe.parent().and_then(|bin| bin.parent());
+    let mut candidates = vec![beside];
+    if let Some(prefix) = prefix {
+        candidates.push(prefix.join("lib/vroom/vroom-guest-init"));
+    }
+    candidates
 }
 
 /// The host's static busybox, which tests and demos use as a client.
@@ -58,4 +78,33 @@ pub fn local_images(data_dir: &std::path::Path) -> vroom_image::LocalImages {
         init_binary(),
         cache_dir().join("debs"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_init_is_found_beside_vroom_or_under_its_prefix() {
+        let cases = [
+            (
+                "/usr/bin/vroom",
+                vec![
+                    "/usr/bin/vroom-guest-init",
+                    "/usr/lib/vroom/vroom-guest-init",
+                ],
+            ),
+            (
+                "/work/target/debug/vroom",
+                vec![
+                    "/work/target/debug/vroom-guest-init",
+                    "/work/target/lib/vroom/vroom-guest-init",
+                ],
+            ),
+        ];
+        for (exe, want) in cases {
+            let want: Vec<PathBuf> = want.into_iter().map(PathBuf::from).collect();
+            assert_eq!(init_candidates(std::path::Path::new(exe)), want, "{exe}");
+        }
+    }
 }

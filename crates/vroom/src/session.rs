@@ -12,14 +12,28 @@ use vroom_types::{Instance, InstanceState};
 
 use crate::{output, paths};
 
+/// The variable that marks a daemon the CLI started (`vroom info` says so).
+pub const STARTED_BY_ENV: &str = "VROOM_STARTED_BY";
+
+/// Where systemd looks for units, the administrator's first.
+const UNIT_DIRS: &[&str] = &[
+    "/etc/systemd/system",
+    "/lib/systemd/system",
+    "/usr/lib/systemd/system",
+];
+
 /// Connects to the vroomd of `data_dir`, starting one in the background when
-/// none answers: `vroom` (this executable when `None`) `daemon`.
+/// none answers: `vroom` (this executable when `None`) `daemon`. Not where
+/// the systemd unit should serve it (see [`self_start_refusal`]).
 pub async fn connect(data_dir: &Path, vroom: Option<&Path>) -> Result<Client> {
     let client = Client::new(&paths::socket(data_dir));
     match client.version().await {
         Ok(_) => return Ok(client),
         Err(ClientError::Connect { .. }) => {}
         Err(e) => return Err(e).context("vroomd answered strangely"),
+    }
+    if let Some(refusal) = self_start_refusal_here(data_dir) {
+        bail!("{refusal}");
     }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -35,6 +49,7 @@ pub async fn connect(data_dir: &Path, vroom: Option<&Path>) -> Result<Client> {
     cmd.arg("--data-dir")
         .arg(data_dir)
         .arg("daemon")
+        .env(STARTED_BY_ENV, "cli")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -58,6 +73,59 @@ pub async fn connect(data_dir: &Path, vroom: Option<&Path>) -> Result<Client> {
             }
         }
     }
+}
+
+/// [`self_start_refusal`] on this host.
+pub fn self_start_refusal_here(data_dir: &Path) -> Option<String> {
+    let booted = Path::new("/run/systemd/system").is_dir();
+    let unit = UNIT_DIRS
+        .iter()
+        .any(|dir| Path::new(dir).join("vroomd.service").is_file());
+    self_start_refusal(data_dir, booted, unit)
+}
+
+/// Why the CLI must not start a daemon of its own for `data_dir`, if it
+/// must not: where systemd runs (`booted`) and the package's unit is
+/// installed (`unit_installed`), the unit serves the default data dir, and
+/// a daemon of the CLI's would hold the data dir's lock against it. A
+/// developer's checkout (no unit), a machine without systemd and other
+/// data dirs keep the self-started daemon.
+pub fn self_start_refusal(data_dir: &Path, booted: bool, unit_installed: bool) -> Option<String> {
+    (booted && unit_installed && data_dir == Path::new(paths::DEFAULT_DATA_DIR)).then(|| {
+        format!(
+            "vroomd.service is installed but no vroomd answers on {}: start it with `systemctl start vroomd.socket vroomd.service` (`systemctl status vroomd` says why it stopped)",
+            paths::socket(data_dir).display()
+        )
+    })
+}
+
+/// Which daemon answers, in words: `vroomd 0.1.0 (pid 42, systemd unit
+/// vroomd.service, socket-activated), data dir /var/lib/vroom`.
+pub fn describe(version: &vroom_types::VersionInfo) -> String {
+    use vroom_types::DaemonStarter;
+    let who = match &version.daemon {
+        Some(d) => {
+            let by = match d.started_by {
+                DaemonStarter::Systemd => match &d.unit {
+                    Some(unit) => format!("systemd unit {unit}"),
+                    None => "started by systemd".to_string(),
+                },
+                DaemonStarter::Cli => "started by the CLI".to_string(),
+                DaemonStarter::Manual => "started by hand (`vroom daemon`)".to_string(),
+            };
+            let activated = if d.socket_activated {
+                ", socket-activated"
+            } else {
+                ""
+            };
+            format!("pid {}, {by}{activated}", d.pid)
+        }
+        None => "a daemon too old to say who started it".to_string(),
+    };
+    format!(
+        "vroomd {} ({who}), data dir {}",
+        version.version, version.data_dir
+    )
 }
 
 /// `run` of a catalog image that is not built yet builds it first, with its
@@ -109,6 +177,77 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
                 instance.status.state
             ),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_starts_no_daemon_where_the_unit_serves() {
+        let default = Path::new(paths::DEFAULT_DATA_DIR);
+        let other = Path::new("/tmp/vroom-dev");
+        // (data dir, systemd booted, unit installed, refused)
+        let cases = [
+            (default, true, true, true),
+            (default, true, false, false),
+            (default, false, true, false),
+            (other, true, true, false),
+        ];
+        for (dir, booted, unit, refused) in cases {
+            assert_eq!(
+                self_start_refusal(dir, booted, unit).is_some(),
+                refused,
+                "{dir:?} booted {booted} unit {unit}"
+            );
+        }
+    }
+
+    #[test]
+    fn describes_the_daemon() {
+        use vroom_types::{DaemonInfo, DaemonStarter, VersionInfo};
+        let version = |daemon| VersionInfo {
+            version: "1.2.3".into(),
+            data_dir: "/var/lib/vroom".into(),
+            daemon,
+        };
+        let cases = [
+            (
+                Some(DaemonInfo {
+                    pid: 42,
+                    started_by: DaemonStarter::Systemd,
+                    unit: Some("vroomd.service".into()),
+                    socket_activated: true,
+                }),
+                "vroomd 1.2.3 (pid 42, systemd unit vroomd.service, socket-activated), data dir /var/lib/vroom",
+            ),
+            (
+                Some(DaemonInfo {
+                    pid: 7,
+                    started_by: DaemonStarter::Cli,
+                    unit: None,
+                    socket_activated: false,
+                }),
+                "vroomd 1.2.3 (pid 7, started by the CLI), data dir /var/lib/vroom",
+            ),
+            (
+                Some(DaemonInfo {
+                    pid: 9,
+                    started_by: DaemonStarter::Systemd,
+                    unit: None,
+                    socket_activated: false,
+                }),
+                "vroomd 1.2.3 (pid 9, started by systemd), data dir /var/lib/vroom",
+            ),
+            (
+                None,
+                "vroomd 1.2.3 (a daemon too old to say who started it), data dir /var/lib/vroom",
+            ),
+        ];
+        for (daemon, want) in cases {
+            assert_eq!(describe(&version(daemon)), want);
         }
     }
 }

@@ -290,6 +290,34 @@ fn api_group() -> Result<String> {
 mod tests {
     use super::*;
 
+    /// The package's `Depends:` is what `vroom setup` installs (but dpkg,
+    /// which is essential and so never listed), no more, no less.
+    #[test]
+    fn the_package_depends_on_what_setup_installs() {
+        let control = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/debian/control.in"),
+        )
+        .unwrap();
+        let mut depends: Vec<&str> = control
+            .lines()
+            .find_map(|l| l.strip_prefix("Depends:"))
+            .unwrap()
+            .split(',')
+            .map(str::trim)
+            .filter(|d| *d != "@SHLIBS@")
+            .collect();
+        depends.sort_unstable();
+        let mut installs: Vec<&str> = PREREQUISITES
+            .iter()
+            .map(|(_, package)| *package)
+            .chain(["busybox-static"])
+            .filter(|package| *package != "dpkg")
+            .collect();
+        installs.sort_unstable();
+        installs.dedup();
+        assert_eq!(depends, installs);
+    }
+
     #[test]
     fn recognises_static_and_dynamic_elves() {
         assert!(

@@ -17,7 +17,15 @@ use std::path::{Path, PathBuf};
 /// or exists again, so the list cannot outlive the rewrite.
 const KNOWN_STALE_IN_ARCHITECTURE: &[&str] = &[];
 
-const TOP_LEVEL: &[&str] = &["crates/", "xtask/", "recipes/", "docs/", "kernel/", ".ci/"];
+const TOP_LEVEL: &[&str] = &[
+    "crates/",
+    "xtask/",
+    "recipes/",
+    "docs/",
+    "kernel/",
+    ".ci/",
+    "packaging/",
+];
 
 const FILE_ENDINGS: &[&str] = &[
     ".rs", ".md", ".toml", ".json", ".sh", ".config", ".conf", ".html", ".lock",

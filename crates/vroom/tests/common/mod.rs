@@ -59,6 +59,20 @@ impl Env {
         Self::with_env(tag, vec![])
     }
 
+    /// An environment whose daemon the test starts itself (a CLI's, a
+    /// unit's); `Drop` kills every vroomd of its data dir all the same.
+    pub fn bare(tag: &str) -> Self {
+        let s = suffix();
+        let env = Env {
+            dir: PathBuf::from(format!("/tmp/vre-{tag}-{s}")),
+            prefix: format!("t{s}"),
+            daemon: Mutex::new(None),
+            extra_env: vec![],
+        };
+        std::fs::create_dir_all(&env.dir).unwrap();
+        env
+    }
+
     pub fn with_env(tag: &str, extra_env: Vec<(&str, String)>) -> Self {
         let s = suffix();
         let env = Env {
@@ -207,6 +221,18 @@ impl Env {
                     .split(|b| *b == 0)
                     .any(|v| v.starts_with(run_dir.as_bytes()));
             is_qemu && ours
+        })
+    }
+
+    /// Every `vroom daemon` of this test's data dir (by argument or environment).
+    pub fn daemon_pids(&self) -> Vec<u32> {
+        let needle = self.dir.display().to_string();
+        let in_env = format!("VROOM_DATA_DIR={needle}");
+        processes(|proc_dir, cmdline| {
+            let environ = std::fs::read(proc_dir.join("environ")).unwrap_or_default();
+            cmdline.split('\0').any(|a| a == "daemon")
+                && (cmdline.split('\0').any(|a| a == needle)
+                    || environ.split(|b| *b == 0).any(|v| v == in_env.as_bytes()))
         })
     }
 
@@ -393,6 +419,10 @@ impl Drop for Env {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         self.kill_daemon();
+        for pid in self.daemon_pids() {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
         for link in self.links() {
             let _ = Command::new("ip")
                 .args(["link", "del", &link])
