@@ -971,13 +971,20 @@ impl ClusterNode {
     ) {
         let deadline = Instant::now() + RECORD_DEADLINE;
         let recorded = loop {
-            let outdated = self
-                .update_volume(instance, token, volume, |v| {
-                    Ok((v.state != ReplicaState::Outdated).then(|| {
-                        v.with_state(ReplicaState::Outdated, Some(reason.to_string()), now_secs())
-                    }))
-                })
-                .await;
+            // An etcd that does not answer must not hold the guest longer.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = self.update_volume(instance, token, volume, |v| {
+                Ok((v.state != ReplicaState::Outdated).then(|| {
+                    v.with_state(ReplicaState::Outdated, Some(reason.to_string()), now_secs())
+                }))
+            });
+            let outdated = match tokio::time::timeout(left, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(OpError::new(
+                    ErrorCode::Timeout,
+                    format!("etcd did not answer within {RECORD_DEADLINE:?}"),
+                )),
+            };
             match outdated {
                 Ok(()) => break true,
                 Err(_) if Instant::now() < deadline && self.token(instance) == Some(token) => {
