@@ -30,7 +30,7 @@ pub mod service;
 pub mod store;
 pub mod tls;
 
-pub use node::{ClusterNode, JoinOptions};
+pub use node::{ClusterNode, JoinOptions, MEMBERSHIP_FILE};
 pub use service::Clustered;
 
 /// A node's lease time to live. etcd 3.4's minimum is 2 s.

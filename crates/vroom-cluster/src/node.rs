@@ -56,7 +56,7 @@ mod volumes;
 mod wiring;
 
 use membership::Handover;
-pub use membership::{init, init_store};
+pub use membership::{init, init_store, MEMBERSHIP_FILE};
 pub use peers::PEER_PORT;
 use peers::{into_blocking, line, Hello, HELLO_MAX};
 use view::View;

@@ -233,6 +233,16 @@ pub struct ReplicaJob {
     /// Bytes copied of `total`.
     pub done: u64,
     pub total: u64,
+    /// Bytes the replica does not have yet.
+    pub dirty: u64,
+}
+
+impl ReplicaJob {
+    /// Every write the guest saw complete is on the replica, and every new
+    /// one will be before it completes.
+    pub fn in_sync(&self) -> bool {
+        self.ready && !self.failed && self.dirty == 0 && self.done == self.total
+    }
 }
 
 /// What a finished live migration measured.

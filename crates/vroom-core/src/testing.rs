@@ -618,6 +618,7 @@ impl VmDriver for FakeDriver {
             failed: false,
             done: disk.bytes,
             total: disk.bytes,
+            dirty: 0,
         };
         vm.replicas.insert(index, job);
         Ok(())

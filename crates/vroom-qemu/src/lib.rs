@@ -413,6 +413,7 @@ impl VmDriver for QemuDriver {
             failed: j.failed,
             done: j.offset,
             total: j.len,
+            dirty: j.dirty,
         }))
     }
 

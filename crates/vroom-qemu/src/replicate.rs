@@ -119,6 +119,9 @@ pub struct MirrorJob {
     pub offset: u64,
     pub len: u64,
     pub status: String,
+    /// Bytes the replica does not have yet (the job's dirty bitmap). Its
+    /// progress figures lag behind a resume; this does not.
+    pub dirty: u64,
 }
 
 /// Starts mirroring data volume `index` into `export` on `conn` (a
@@ -227,7 +230,25 @@ pub fn resume(
 pub fn job(socket: &Path, index: usize) -> Result<Option<MirrorJob>, QmpError> {
     let n = names(index);
     let mut qmp = Session::connect(socket)?;
-    find_job(&mut qmp, &n.job)
+    let Some(mut job) = find_job(&mut qmp, &n.job)? else {
+        return Ok(None);
+    };
+    // The job's bitmap hangs on the drive's top node (the mirror filter).
+    let block = qmp.execute("query-block", Value::Null)?;
+    job.dirty = block
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["device"] == n.drive.as_str())
+        .flat_map(|b| {
+            b["inserted"]["dirty-bitmaps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|bitmap| bitmap["count"].as_u64())
+        .sum();
+    Ok(Some(job))
 }
 
 fn find_job(qmp: &mut Session, id: &str) -> Result<Option<MirrorJob>, QmpError> {
@@ -246,6 +267,7 @@ fn find_job(qmp: &mut Session, id: &str) -> Result<Option<MirrorJob>, QmpError> 
                 offset: j["offset"].as_u64().unwrap_or(0),
                 len: j["len"].as_u64().unwrap_or(0),
                 status,
+                dirty: 0,
             }
         }))
 }

@@ -35,6 +35,15 @@ pub async fn connect(data_dir: &Path, vroom: Option<&Path>) -> Result<Client> {
     if let Some(refusal) = self_start_refusal_here(data_dir) {
         bail!("{refusal}");
     }
+    if data_dir.join(vroom_cluster::MEMBERSHIP_FILE).is_file() {
+        // A daemon of the CLI's would run this node's instances outside
+        // its cluster (beside the node that took them over).
+        bail!(
+            "no vroomd answers on {}, and {} is a cluster node's data dir: start its daemon with `vroom daemon --cluster ...`; the CLI does not start one",
+            paths::socket(data_dir).display(),
+            data_dir.display()
+        );
+    }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let log = std::fs::OpenOptions::new()

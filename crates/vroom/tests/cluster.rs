@@ -1338,6 +1338,36 @@ fn replication_of(lab: &Lab, i: usize, volume: &str) -> Option<(String, String, 
     ))
 }
 
+/// Asserts that two copies of a volume are byte for byte the same, or says
+/// how they differ (how many bytes, the first offsets, and each side's ext4
+/// superblock view).
+fn assert_same_copies(a: &Path, b: &Path, when: &str) {
+    let same = Command::new("cmp").arg(a).arg(b).output().unwrap();
+    if same.status.success() {
+        return;
+    }
+    let sh = |cmd: String| {
+        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let diff = sh(format!("cmp -l {} {} | wc -l", a.display(), b.display()));
+    let first = sh(format!("cmp -l {} {} | head -12", a.display(), b.display()));
+    let sb = |f: &Path| {
+        sh(format!(
+            "dumpe2fs -h {} 2>/dev/null | grep -E 'state|Free blocks|Last write|Mount count|Last mount'",
+            f.display()
+        ))
+    };
+    panic!(
+        "the copies differ {when}: {} bytes\n{first}--- {}:\n{}--- {}:\n{}",
+        diff.trim(),
+        a.display(),
+        sb(a),
+        b.display(),
+        sb(b)
+    );
+}
+
 /// The volume's last sync as node `i` shows it: (incremental, bytes).
 fn last_sync(lab: &Lab, i: usize, volume: &str) -> (bool, u64) {
     let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
@@ -1502,6 +1532,14 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
         let (p, r) = (round % 2, 1 - round % 2);
         let more = write_until_power_loss(&lab, p, "h1", acked.last().copied().unwrap_or(0), || {});
         acked.extend(more);
+        // The CLI on the dead node's data dir starts no daemon of its own
+        // (which would run h1 there, outside the cluster).
+        let out = lab.vroom(p, &["ps"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("a cluster node's data dir"),
+            "{err}"
+        );
         let took = failed_over(&lab, r, "h1", &ip, Duration::from_secs(60));
         eprintln!(
             "round {round}: power loss of {}: h1 answered from {} after {took:?}, {} writes acknowledged so far",
@@ -1517,7 +1555,13 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        let out = lab.ok(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+        let out = poll(Duration::from_secs(10), || {
+            let out = lab.vroom(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+        .unwrap_or_else(|| panic!("h1 does not run on {}:\n{}", names[r], lab.log(r)));
         for n in &acked {
             assert!(
                 out.contains(&format!("write-{n}\n")),
@@ -1535,12 +1579,7 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     let on = 1; // after three rounds: n2
     lab.ok(on, &["stop", "h1"]);
     let (a, b) = (copy_of(&lab, 0, "data"), copy_of(&lab, 1, "data"));
-    let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
-    assert!(
-        same.status.success(),
-        "the copies differ after the resync: {}",
-        String::from_utf8_lossy(&same.stdout)
-    );
+    assert_same_copies(&a, &b, "after the resync");
 }
 
 #[test]
@@ -1624,29 +1663,14 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
     assert_eq!(state, "outdated");
     nft("delete table inet repl");
     // Once the link is back, only what the replica missed is sent.
-    let caught_up = poll(Duration::from_secs(60), || {
-        let (incremental, bytes) = last_sync(&lab, 0, "files");
-        let (_, _, state, _) = replication_of(&lab, 0, "files")?;
-        (incremental && state == "up_to_date").then_some(bytes)
-    });
-    let bytes = caught_up.unwrap_or_else(|| {
-        panic!(
-            "the replica did not catch up: {:?}\n{}",
-            replication_of(&lab, 0, "files"),
-            lab.log(0)
-        )
-    });
+    up_to_date(&lab, 0, "files", "n1");
+    let (incremental, bytes) = last_sync(&lab, 0, "files");
     eprintln!("after the partition the replica caught up with {bytes} bytes (it holds 16 MiB)");
-    assert!(bytes < 4 << 20, "a resume sent {bytes} bytes");
+    assert!(incremental && bytes < 4 << 20, "{incremental} {bytes}");
     // And the replica is the primary's copy, byte for byte.
     lab.ok(0, &["stop", "h2"]);
     let (a, b) = (copy_of(&lab, 0, "files"), copy_of(&lab, 1, "files"));
-    let same = Command::new("cmp").arg(&a).arg(&b).output().unwrap();
-    assert!(
-        same.status.success(),
-        "the copies differ after a resume: {}",
-        String::from_utf8_lossy(&same.stdout)
-    );
+    assert_same_copies(&a, &b, "after the resync");
     lab.ok(0, &["start", "h2"]);
     up_to_date(&lab, 0, "files", "n1");
     write("before");

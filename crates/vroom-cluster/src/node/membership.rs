@@ -51,7 +51,8 @@ pub(super) struct Membership {
     lease: i64,
 }
 
-pub(super) const MEMBERSHIP_FILE: &str = "cluster.json";
+/// The file in a node's data dir that makes it a cluster node's.
+pub const MEMBERSHIP_FILE: &str = "cluster.json";
 
 impl ClusterNode {
     /// Joins the cluster at `opts.endpoints`: checks its identity, takes a

@@ -54,6 +54,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(2);
 /// How long a primary tries to record its replica `Outdated` before it
 /// stops its VM rather than let it write unprotected.
 const RECORD_DEADLINE: Duration = Duration::from_secs(3);
+/// Whether the same replica back after a fault gets only what it missed
+/// (the paused job, given a new connection), rather than a full copy.
+const RESUME_INCREMENTALLY: bool = true;
 /// How long a copy this node is making may lack its record.
 const CREATE_GRACE: Duration = Duration::from_secs(60);
 
@@ -689,7 +692,8 @@ impl ClusterNode {
                     .paused_replications
                     .lock_unpoisoned()
                     .remove(&volume.name);
-                let resume = paused_for.as_deref() == Some(volume.replica.as_str());
+                let resume =
+                    RESUME_INCREMENTALLY && paused_for.as_deref() == Some(volume.replica.as_str());
                 let node = self.arc();
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
@@ -883,6 +887,7 @@ impl ClusterNode {
         }
         tracing::info!(%volume, %instance, replica = %peer, resume, "replicating");
         let mut up_to_date = false;
+        let mut seen_job = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
             if self.token(instance) != Some(token) {
@@ -890,22 +895,28 @@ impl ClusterNode {
             }
             let engine = self.engine.clone();
             let (inst, vol) = (instance.to_string(), volume.to_string());
-            let job = tokio::task::spawn_blocking(move || engine.replica_job(&inst, &vol))
-                .await
-                .ok()
-                .and_then(|r| r.ok());
+            let job =
+                match tokio::task::spawn_blocking(move || engine.replica_job(&inst, &vol)).await {
+                    Ok(Ok(job)) => job,
+                    // QMP busy or slow: nothing is known; look again.
+                    Ok(Err(_)) | Err(_) => continue,
+                };
             if self.migrating.lock_unpoisoned().contains(instance) {
                 // Paused for good while it moves; its replica's node takes
                 // over from its copy, or the move fails and the record is
                 // rewritten: nothing to judge here until it is decided.
                 continue;
             }
-            let Some(job) = job.flatten() else {
+            let Some(job) = job else {
                 // The VM stopped (or is gone): every write it completed is
                 // on both copies, as the record says.
                 release_relay(&control);
                 return Ended::Quietly;
             };
+            if !seen_job {
+                seen_job = true;
+                tracing::info!(%volume, dirty = job.dirty, done = job.done, total = job.total, "replication under way");
+            }
             let fault = match relay_status(&control) {
                 Ok(s) if s.state == relay::RelayState::Holding => Some(
                     s.fault
@@ -920,9 +931,9 @@ impl ClusterNode {
                     .await;
                 return Ended::Fault(reason);
             }
-            // Ready and nothing left to send (a resumed job stays ready while
-            // it sends what the replica missed).
-            if job.ready && job.done == job.total && !up_to_date {
+            // Ready and nothing left to send: a resumed job stays ready
+            // while it sends what the replica missed, and its progress lags.
+            if job.in_sync() && !up_to_date {
                 let report = vroom_types::SyncReport {
                     incremental: resume,
                     bytes: relay_status(&control).map_or(0, |s| s.to_peer_bytes),
@@ -939,7 +950,7 @@ impl ClusterNode {
                     .await;
                 match done {
                     Ok(()) => {
-                        tracing::info!(%volume, %instance, "the replica is up to date");
+                        tracing::info!(%volume, %instance, sent = report.bytes, "the replica is up to date");
                         up_to_date = true;
                     }
                     Err(e) => {

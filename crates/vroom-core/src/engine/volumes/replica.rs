@@ -186,8 +186,27 @@ impl Engine {
     }
 
     /// The replication of `instance`'s `volume`, if it runs.
+    ///
+    /// `None` once its VM is gone (not merely stopping: a guest shutting
+    /// down still writes, unmounting its volumes, and its replication must
+    /// see those writes through). An error says nothing about the job.
     pub fn replica_job(&self, instance: &str, volume: &str) -> Result<Option<ReplicaJob>, OpError> {
-        let (process, index) = self.replicated_disk(instance, volume)?;
+        let Ok(cell) = self.cell(instance) else {
+            return Ok(None);
+        };
+        let Some(index) = cell
+            .snapshot()
+            .spec
+            .volumes
+            .iter()
+            .position(|a| a.volume.as_str() == volume)
+        else {
+            return Ok(None);
+        };
+        let process = cell.lock().process.clone();
+        let Some(process) = process.filter(|p| self.driver.is_alive(p)) else {
+            return Ok(None);
+        };
         self.driver
             .replica_job(&process, index)
             .map_err(|e| OpError::internal("cannot read the replication's state", e))
