@@ -128,7 +128,7 @@ enum Bench {
     /// over power losses of the primary.
     Replicated {
         /// Rounds of (local, replicated) fio.
-        #[arg(short = 'n', long, default_value_t = 2)]
+        #[arg(short = 'n', long, default_value_t = 3)]
         runs: usize,
         /// The size of fio's file on the volume, e.g. 128M.
         #[arg(long, default_value = "128M", value_parser = parse_volume_size_mib)]
