@@ -171,6 +171,11 @@ fn measure(c: &Cluster, rt: &Handle, recipe: &Path, bench: &ReplicatedBench) -> 
         let (figures, lost) = guest_fio(c, rt, &client, &argv, true)
             .with_context(|| format!("replicated, round {round}"))?;
         eprintln!("  round {round} replicated: {figures:?}");
+        // Figures of a replica cut loose during the run would be partly local.
+        let state = replication(c, 0, FIO_VOLUME).map(|r| r["state"].clone());
+        if state.as_ref().is_none_or(|s| s != "up_to_date") {
+            bail!("replicated, round {round}: the replica fell behind during the run ({state:?})");
+        }
         replicated.push(figures);
         reboots.1 += lost;
     }
