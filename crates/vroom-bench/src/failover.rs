@@ -27,7 +27,7 @@ enum Fault {
 const FAULTS: [Fault; 3] = [Fault::PowerLoss, Fault::Freeze, Fault::Partition];
 
 /// The lab plus the bench's own helpers.
-struct Cluster<'a>(&'a Lab);
+pub(crate) struct Cluster<'a>(pub(crate) &'a Lab);
 
 impl std::ops::Deref for Cluster<'_> {
     type Target = Lab;
@@ -37,7 +37,7 @@ impl std::ops::Deref for Cluster<'_> {
 }
 
 impl Cluster<'_> {
-    fn ok(&self, i: usize, args: &[&str]) -> Result<String> {
+    pub(crate) fn ok(&self, i: usize, args: &[&str]) -> Result<String> {
         let out = self.command(i).args(args).output()?;
         if !out.status.success() {
             bail!(
@@ -50,7 +50,7 @@ impl Cluster<'_> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn answers(&self, i: usize, ip: &str) -> bool {
+    pub(crate) fn answers(&self, i: usize, ip: &str) -> bool {
         self.page_from(i, ip).is_some()
     }
 
@@ -182,12 +182,7 @@ fn measure(c: &Cluster, runs: usize) -> Result<()> {
             times.push(took);
             eprintln!("  {ha} {fault:?}: {took:.0} ms");
             // The healed node must be back before the next fault.
-            let back = wait(Duration::from_secs(30), || {
-                c.ok(other, &["--json", "node", "inspect", &c.nodes[at].name])
-                    .ok()
-                    .filter(|s| s.contains("\"alive\": true"))
-            });
-            back.context("the faulted node did not rejoin")?;
+            rejoined(c, other, at)?;
             at = other;
         }
         let mut sorted = times.clone();
@@ -230,7 +225,18 @@ fn measure(c: &Cluster, runs: usize) -> Result<()> {
     Ok(())
 }
 
-fn ip_of(c: &Cluster, i: usize, name: &str) -> Result<String> {
+/// Waits until node `from` sees node `node` alive again.
+pub(crate) fn rejoined(c: &Cluster, from: usize, node: usize) -> Result<()> {
+    let back = wait(Duration::from_secs(30), || {
+        c.ok(from, &["--json", "node", "inspect", &c.nodes[node].name])
+            .ok()
+            .filter(|s| s.contains("\"alive\": true"))
+    });
+    back.map(|_| ())
+        .with_context(|| format!("node {} did not rejoin", c.nodes[node].name))
+}
+
+pub(crate) fn ip_of(c: &Cluster, i: usize, name: &str) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(&c.ok(i, &["--json", "inspect", name])?)?;
     v["nics"][0]["ip"]
         .as_str()

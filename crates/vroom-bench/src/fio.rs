@@ -83,21 +83,9 @@ pub(crate) struct FioFigures {
     pub seq_read_mib_s: f64,
 }
 
-/// Reads fio's JSON report. fio may print notes before it (`fio: ...`), so
-/// the report starts at the first line that opens an object.
+/// Reads the figures of [`job_argv`]'s jobs from fio's output.
 pub(crate) fn parse(stdout: &str) -> Result<FioFigures> {
-    let start = stdout
-        .lines()
-        .scan(0, |offset, line| {
-            let at = *offset;
-            *offset += line.len() + 1;
-            Some((at, line))
-        })
-        .find(|(_, line)| line.starts_with('{'))
-        .map(|(at, _)| at)
-        .context("fio printed no JSON report")?;
-    let report: Value =
-        serde_json::from_str(&stdout[start..]).context("fio's JSON report does not parse")?;
+    let report = report(stdout)?;
     let qd1 = job(&report, "randwrite-qd1")?;
     let fsync = job(&report, "fsync")?;
     let figures = FioFigures {
@@ -116,6 +104,99 @@ pub(crate) fn parse(stdout: &str) -> Result<FioFigures> {
         bail!("fio measured latencies of 0: the guest's clock is too coarse to time I/O");
     }
     Ok(figures)
+}
+
+/// fio's JSON report in its output: fio may print notes before it
+/// (`fio: ...`), so it starts at the first line that opens an object.
+fn report(stdout: &str) -> Result<Value> {
+    let start = stdout
+        .lines()
+        .scan(0, |offset, line| {
+            let at = *offset;
+            *offset += line.len() + 1;
+            Some((at, line))
+        })
+        .find(|(_, line)| line.starts_with('{'))
+        .map(|(at, _)| at)
+        .context("fio printed no JSON report")?;
+    serde_json::from_str(&stdout[start..]).context("fio's JSON report does not parse")
+}
+
+/// fio writing `mib` of data to `path` in 1 MiB blocks, flushed at the end
+/// (data, not holes: a copy of the volume has to move it).
+pub(crate) fn fill_argv(path: &str, mib: u64) -> Vec<String> {
+    [
+        "fio",
+        "--output-format=json",
+        "--name=fill",
+        &format!("--filename={path}"),
+        "--rw=write",
+        "--bs=1M",
+        &format!("--size={mib}M"),
+        "--ioengine=psync",
+        "--direct=1",
+        "--end_fsync=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The writer of the stall measurement: 4 KiB random writes, one at a
+/// time, each followed by an fsync (a database's commits), for
+/// `runtime_secs` on a 16 MiB file, every latency kept (`lat_ns.max`).
+pub(crate) fn writer_argv(runtime_secs: u64) -> Vec<String> {
+    [
+        "fio",
+        "--output-format=json",
+        "--name=writer",
+        &format!("--filename={MOUNT}/writer.dat"),
+        "--size=16M",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--ioengine=psync",
+        "--direct=1",
+        "--fsync=1",
+        "--time_based",
+        &format!("--runtime={runtime_secs}"),
+        "--randrepeat=0",
+        "--clocksource=clock_gettime",
+        "--thread",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// What the writer of [`writer_argv`] saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Writes {
+    /// Writes done (each with its fsync).
+    pub count: u64,
+    pub write_p50_us: f64,
+    /// The longest write, and the longest fsync.
+    pub write_max_us: f64,
+    pub fsync_max_us: f64,
+}
+
+impl Writes {
+    /// The longest single operation the writer waited for.
+    pub fn longest_us(&self) -> f64 {
+        self.write_max_us.max(self.fsync_max_us)
+    }
+}
+
+pub(crate) fn parse_writes(stdout: &str) -> Result<Writes> {
+    let report = report(stdout)?;
+    let writer = job(&report, "writer")?;
+    Ok(Writes {
+        count: writer["write"]["total_ios"]
+            .as_u64()
+            .context("fio's report lacks the writer's total_ios")?,
+        write_p50_us: percentile_us(&writer["write"]["clat_ns"], "50.000000")?,
+        write_max_us: number(&writer["write"]["clat_ns"]["max"], "the longest write")? / 1000.0,
+        fsync_max_us: number(&writer["sync"]["lat_ns"]["max"], "the longest fsync")? / 1000.0,
+    })
 }
 
 /// The job named `name`, which must have run without error.
@@ -380,6 +461,24 @@ mod tests {
         assert!(compare(&baseline, &baseline)
             .iter()
             .all(|r| (r.ratio - 1.0).abs() < 1e-12 && (r.cost - 1.0).abs() < 1e-12));
+    }
+
+    #[test]
+    fn the_writer_reports_its_longest_write_or_fsync() {
+        let report = serde_json::json!({
+            "jobs": [{
+                "jobname": "writer", "error": 0,
+                "write": { "total_ios": 812, "clat_ns": {
+                    "max": 1_250_000_000u64, "percentile": { "50.000000": 900_000 } } },
+                "sync": { "total_ios": 812, "lat_ns": { "max": 40_000_000 } },
+            }]
+        });
+        let writes = parse_writes(&format!("fio: note\n{report}")).unwrap();
+        assert_eq!(writes.count, 812);
+        assert_eq!(writes.write_p50_us, 900.0);
+        assert_eq!(writes.longest_us(), 1_250_000.0);
+        let err = format!("{:#}", parse_writes("{\"jobs\": []}").unwrap_err());
+        assert!(err.contains("no job writer"), "{err}");
     }
 
     #[test]

@@ -42,8 +42,8 @@ use crate::stats::{median, p90};
 use vroom::paths;
 
 /// The bench's guest: Debian's fio and busybox.
-const RECIPE: &str = include_str!("../recipes/fio/recipe.toml");
-const IMAGE: &str = "bench-fio";
+pub(crate) const RECIPE: &str = include_str!("../recipes/fio/recipe.toml");
+pub(crate) const IMAGE: &str = "bench-fio";
 /// The serial of the baseline's extra disk, by which its guest finds it.
 const BASELINE_SERIAL: &str = "bench-disk";
 /// A whole fio run in a guest, at most.
@@ -145,7 +145,7 @@ async fn measure(
     let (mut baseline, mut ours) = (vec![], vec![]);
     let mut reboots = (0, 0);
     for i in 0..bench.runs {
-        let (figures, lost) = with_tsc(|| async {
+        let (figures, lost) = with_tsc(CLOCK_ATTEMPTS, || async {
             flush(&file)?;
             baseline_fio(&image, &file, &argv).await
         })
@@ -155,7 +155,7 @@ async fn measure(
         baseline.push(figures);
         reboots.0 += lost;
         let mut attempt = 0;
-        let (figures, lost) = with_tsc(|| {
+        let (figures, lost) = with_tsc(CLOCK_ATTEMPTS, || {
             attempt += 1;
             let name = format!("{prefix}-r{i}a{attempt}");
             let (file, argv) = (&file, &argv);
@@ -407,14 +407,14 @@ async fn run_with_volume(client: &Client, name: &str, image_id: &str, volume: &s
 
 /// A guest to run commands in: the baseline's, through its agent's socket,
 /// or a vroom instance, through `vroom exec`.
-enum Guest<'a> {
+pub(crate) enum Guest<'a> {
     Raw(&'a AgentClient),
     Vroom(&'a Client, &'a str),
 }
 
 impl Guest<'_> {
     /// Runs `argv`: its stdout, or an error with what it said when it fails.
-    async fn run(&self, argv: &[String]) -> Result<String> {
+    pub(crate) async fn run(&self, argv: &[String]) -> Result<String> {
         match self {
             Guest::Raw(agent) => agent_exec(agent, argv).await,
             Guest::Vroom(client, name) => {
@@ -449,7 +449,7 @@ impl Guest<'_> {
     /// clocksource watchdog, comparing the TSC with jiffies that lag, may
     /// declare the TSC unstable and fall back to jiffies (4 ms ticks): fio's
     /// figures then mean nothing, and the caller boots again ([`ClockLost`]).
-    async fn fio(&self, argv: &[String]) -> Result<FioFigures> {
+    pub(crate) async fn fio(&self, argv: &[String]) -> Result<FioFigures> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match self.clocksource().await?.as_str() {
@@ -467,7 +467,7 @@ impl Guest<'_> {
         }
     }
 
-    async fn clocksource(&self) -> Result<String> {
+    pub(crate) async fn clocksource(&self) -> Result<String> {
         let path = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
         let current = self.run(&["/bin/cat".into(), path.into()]).await?;
         Ok(current.trim().to_string())
@@ -487,16 +487,16 @@ impl std::fmt::Display for ClockLost {
 impl std::error::Error for ClockLost {}
 
 /// Boots a guest for fio at most this many times when it loses its TSC.
-const CLOCK_ATTEMPTS: usize = 4;
+pub(crate) const CLOCK_ATTEMPTS: usize = 4;
 
-/// `measure()`, booted again while the guest loses its TSC; the figures
-/// and how many boots were thrown away.
-async fn with_tsc<F, Fut>(mut measure: F) -> Result<(FioFigures, usize)>
+/// `measure()`, booted again while the guest loses its TSC (at most
+/// `attempts` times); the figures and how many boots were thrown away.
+pub(crate) async fn with_tsc<F, Fut>(attempts: usize, mut measure: F) -> Result<(FioFigures, usize)>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<FioFigures>>,
 {
-    for attempt in 0..CLOCK_ATTEMPTS {
+    for attempt in 0..attempts {
         match measure().await {
             Ok(figures) => return Ok((figures, attempt)),
             Err(e) if e.downcast_ref::<ClockLost>().is_some() => {
@@ -506,7 +506,7 @@ where
         }
     }
     bail!(
-        "guests lost their TSC {CLOCK_ATTEMPTS} times in a row (a loaded host under TCG): no latency can be measured"
+        "guests lost their TSC {attempts} times in a row (a loaded host under TCG): no latency can be measured"
     )
 }
 
@@ -571,18 +571,7 @@ async fn snapshots(
     let reps = bench.runs.clamp(1, 3);
     let name = format!("{volume}-snap");
     run_with_volume(client, &name, image_id, volume).await?;
-    let fill = [
-        "fio".to_string(),
-        "--output-format=json".into(),
-        "--name=fill".into(),
-        format!("--filename={MOUNT}/fill.dat"),
-        "--rw=write".into(),
-        "--bs=1M".into(),
-        format!("--size={}M", bench.snapshot_mib),
-        "--ioengine=psync".into(),
-        "--direct=1".into(),
-        "--end_fsync=1".into(),
-    ];
+    let fill = fio::fill_argv(&format!("{MOUNT}/fill.dat"), bench.snapshot_mib);
     Guest::Vroom(client, &name).run(&fill).await?;
     eprintln!(
         "snapshots of the volume with {} MiB written to it, {reps} of each kind...",
@@ -679,7 +668,7 @@ impl Series {
 /// The copy a user makes by hand: `cp --sparse=always` to `copy` (on the
 /// same filesystem), then `sync` of the copy (an fsync, as vroom's snapshot
 /// makes); seconds.
-async fn copy_by_hand(file: &Path, copy: &Path) -> Result<f64> {
+pub(crate) async fn copy_by_hand(file: &Path, copy: &Path) -> Result<f64> {
     let t0 = Instant::now();
     let cp = tokio::process::Command::new("cp")
         .arg("--sparse=always")
