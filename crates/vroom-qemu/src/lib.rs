@@ -548,12 +548,26 @@ mod tests {
 
     /// A stand-in VMM: any process with the run dir in its environment.
     fn fake_vmm(run_dir: &Path) -> std::process::Child {
-        std::process::Command::new("sleep")
+        let child = std::process::Command::new("sleep")
             .arg("30")
             .env_clear()
             .env(vroom_jail::RUN_DIR_ENV, run_dir)
             .spawn()
-            .unwrap()
+            .unwrap();
+        exec_done(&child);
+        child
+    }
+
+    /// Waits until `child` runs its program: between fork and exec its
+    /// environment is still the parent's.
+    fn exec_done(child: &std::process::Child) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read(format!("/proc/{}/cmdline", child.id()))
+            .map_or(true, |c| !c.starts_with(b"sleep"))
+        {
+            assert!(Instant::now() < deadline, "the child never ran sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]
@@ -584,6 +598,7 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
+        exec_done(&stranger);
         let driver = QemuDriver::new(None, JailMode::Jailed);
         let process = |pid: u32, dir: &Path| VmProcess {
             pid,
