@@ -154,10 +154,12 @@ pub const TABLE_FAMILIES: &[&str] = &["inet", "ip"];
 ///   get replies, but nothing may open a connection into it; a network
 ///   without NAT is routed nowhere;
 /// - postrouting (NAT only): masquerades what its guests send out of the
-///   host. Traffic that leaves through one of vroom's own bridges is left
-///   alone: packets a router appliance forwards between two vroom networks
-///   cross this hook too (through br_netfilter), and must keep their
-///   addresses.
+///   host: routed from its own bridge. Traffic that leaves through one of
+///   vroom's own bridges is left alone, and so is traffic bridged inside
+///   another bridge: packets a router appliance forwards between two vroom
+///   networks cross this hook too (through br_netfilter), and must keep
+///   their addresses, even when they fall in this network's subnet (another
+///   data dir's vroomd, or another test's, may use the same subnet).
 ///
 /// Drops decide: in nftables an `accept` only ends its own chain, so each
 /// network's table can only narrow what the others allow.
@@ -218,7 +220,7 @@ pub fn ruleset(network: &Network, bridge_glob: &str) -> String {
     out.push_str(&chain("forward", "forward", &forward));
     if network.nat {
         out.push_str(&format!(
-            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge_glob}\" masquerade\n  }}\n",
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    iifname \"{bridge}\" ip saddr {subnet} ip daddr != {subnet} oifname != \"{bridge_glob}\" masquerade\n  }}\n",
             subnet = network.subnet,
         ));
     }
@@ -844,8 +846,9 @@ mod tests {
             format!("oifname {b} drop"),
         ];
         let input_drop = format!("iifname {b} drop");
-        let masquerade =
-            format!("ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != {g} masquerade");
+        let masquerade = format!(
+            "iifname {b} ip saddr 10.9.0.0/24 ip daddr != 10.9.0.0/24 oifname != {g} masquerade"
+        );
         struct Case {
             what: &'static str,
             network: Network,
