@@ -11,6 +11,7 @@ pub mod console;
 pub mod driver;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod images;
 pub mod ipam;
 pub mod lifecycle;

@@ -88,4 +88,9 @@ pub trait StateStore: Send + Sync {
     fn put_volume(&self, volume: &Volume) -> Result<(), StateStoreError>;
     fn delete_volume(&self, name: &str) -> Result<(), StateStoreError>;
     fn volumes(&self) -> Result<Vec<Volume>, StateStoreError>;
+
+    /// Saves an event and forgets all but the last `keep`.
+    fn append_event(&self, event: &vroom_types::Event, keep: usize) -> Result<(), StateStoreError>;
+    /// The events kept, oldest first.
+    fn events(&self) -> Result<Vec<vroom_types::Event>, StateStoreError>;
 }

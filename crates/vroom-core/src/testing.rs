@@ -862,6 +862,7 @@ pub struct MemStore {
     mirrors: Mutex<BTreeMap<String, Mirror>>,
     rooms: Mutex<BTreeMap<String, Room>>,
     volumes: Mutex<BTreeMap<String, vroom_types::Volume>>,
+    events: Mutex<std::collections::VecDeque<vroom_types::Event>>,
     /// Makes instance deletions fail: a daemon that dies just before it
     /// deletes a record.
     pub fail_instance_deletes: AtomicBool,
@@ -973,6 +974,17 @@ impl StateStore for MemStore {
     }
     fn volumes(&self) -> Result<Vec<vroom_types::Volume>, StateStoreError> {
         Ok(self.volumes.lock_unpoisoned().values().cloned().collect())
+    }
+    fn append_event(&self, event: &vroom_types::Event, keep: usize) -> Result<(), StateStoreError> {
+        let mut events = self.events.lock_unpoisoned();
+        events.push_back(event.clone());
+        while events.len() > keep {
+            events.pop_front();
+        }
+        Ok(())
+    }
+    fn events(&self) -> Result<Vec<vroom_types::Event>, StateStoreError> {
+        Ok(self.events.lock_unpoisoned().iter().cloned().collect())
     }
 }
 

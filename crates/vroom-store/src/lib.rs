@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use vroom_core::store::{InstanceRecord, StateStore, StateStoreError};
-use vroom_types::{ConfigLog, Mirror, Network, Room, Splice, Volume};
+use vroom_types::{ConfigLog, Event, Mirror, Network, Room, Splice, Volume};
 
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
@@ -26,6 +26,8 @@ const SPLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("splices");
 const MIRRORS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrors");
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+/// Events by number: the last few thousand, for history after a restart.
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
 pub struct RedbStateStore {
     db: Database,
@@ -47,6 +49,7 @@ impl RedbStateStore {
                     let txn = db.begin_write().map_err(|e| err(e.to_string()))?;
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
+                    txn.open_table(EVENTS).map_err(|e| err(e.to_string()))?;
                     for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS, VOLUMES] {
                         txn.open_table(table).map_err(|e| err(e.to_string()))?;
                     }
@@ -232,6 +235,42 @@ impl StateStore for RedbStateStore {
 
     fn volumes(&self) -> Result<Vec<Volume>, StateStoreError> {
         self.all(VOLUMES)
+    }
+
+    fn append_event(&self, event: &Event, keep: usize) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(event).map_err(|e| self.err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+            table
+                .insert(event.seq, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+            let forget_below = event.seq.saturating_sub(keep as u64 - 1);
+            if forget_below > 0 {
+                table
+                    .retain_in(..forget_below, |_, _| false)
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn events(&self) -> Result<Vec<Event>, StateStoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = txn.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (seq, value) = entry.map_err(|e| self.err(e))?;
+            match serde_json::from_slice(value.value()) {
+                Ok(event) => out.push(event),
+                // History is a courtesy: one unreadable event (from a newer
+                // vroom, say) must not keep the daemon from starting.
+                Err(e) => {
+                    tracing::warn!(seq = seq.value(), error = %e, "skipping an unreadable event")
+                }
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -16,6 +16,7 @@ mod api;
 mod cluster;
 mod config;
 mod error;
+mod event;
 mod exec;
 mod image;
 mod instance;
@@ -47,6 +48,9 @@ pub use config::{
     ConfigVersion, ConfigVersionSummary,
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
+pub use event::{
+    Event, EventFilter, EventKind, EventLine, EventQuery, EventQueryError, MAX_EVENTS_LIMIT,
+};
 pub use exec::{
     CappedOutput, ExecEvent, ExecExit, ExecRequestError, ExitReason, DEFAULT_EXEC_TIMEOUT_SECS,
     MAX_EXEC_REQUEST_BYTES, MAX_EXEC_RESULT_BYTES, MAX_EXEC_TIMEOUT_SECS,

@@ -423,7 +423,7 @@ impl Engine {
     /// `caller` is the uid and gid that asked (`None` when unknown): a
     /// caller other than root archives only where it may write itself, and
     /// the archive, once complete, is its own.
-    pub async fn remove_archived(
+    pub(in crate::engine) async fn remove_archived_unlogged(
         self: &Arc<Self>,
         name: &str,
         dir: &str,

@@ -163,7 +163,66 @@ impl Engine {
         .await
     }
 
+    /// Changes a config and says so in an event: the version applied, or
+    /// why it was refused.
     pub(super) async fn change_config(
+        &self,
+        name: &str,
+        origin: ConfigOrigin,
+        rollback_to: Option<u64>,
+        change: impl FnOnce(ConfigValues, &ConfigValues) -> Result<ConfigValues, OpError>,
+    ) -> Result<ConfigValues, OpError> {
+        let version = || {
+            blocking(|| self.store.config_log(name))
+                .ok()
+                .flatten()
+                .and_then(|log| log.current().map(|v| v.version))
+        };
+        let before = version();
+        let result = self
+            .change_config_unlogged(name, origin, rollback_to, change)
+            .await;
+        let Ok(cell) = self.cell(name) else {
+            return result;
+        };
+        let instance = cell.snapshot();
+        let origin = serde_json::to_value(origin)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let event = match &result {
+            Ok(_) => match version() {
+                // Nothing changed (the same values again): no news.
+                after if after == before && before.is_some() => return result,
+                Some(v) => self
+                    .instance_event(&instance, "applied")
+                    .id(format!("v{v}"))
+                    .detail("version", v),
+                None => self.instance_event(&instance, "applied"),
+            },
+            // Only a change the appliance (or its schema) refused is news:
+            // a busy or missing instance changed nothing.
+            Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::InvalidConfig | ErrorCode::GuestError | ErrorCode::Timeout
+                ) =>
+            {
+                self.instance_event(&instance, "refused")
+                    .message(e.message.clone())
+            }
+            Err(_) => return result,
+        };
+        let mut event = event.detail("origin", origin);
+        event.kind = EventKind::Config;
+        if let Some(v) = rollback_to {
+            event = event.detail("rollback_to", v);
+        }
+        self.emit(event);
+        result
+    }
+
+    async fn change_config_unlogged(
         &self,
         name: &str,
         origin: ConfigOrigin,

@@ -10,7 +10,7 @@ impl Engine {
     /// Builds an image from a recipe on this host (a blocking job, run off
     /// the async workers); `progress` hears of each stage. `caller` is the
     /// uid that asked: anyone but root gets only their own files read.
-    pub async fn build_image(
+    pub(in crate::engine) async fn build_image_unlogged(
         &self,
         recipe: PathBuf,
         update: bool,
@@ -51,7 +51,10 @@ impl Engine {
     }
 
     /// Removes an image no instance or snapshot uses.
-    pub async fn remove_image(&self, reference: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_image_unlogged(
+        &self,
+        reference: &str,
+    ) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         let image = self.get_image(reference)?;
         let users: Vec<String> = self
@@ -83,7 +86,9 @@ impl Engine {
 
     /// Removes the builds no name points to any more and no instance or
     /// snapshot uses; returns them.
-    pub async fn prune_images(&self) -> Result<Vec<ImageSummary>, OpError> {
+    pub(in crate::engine) async fn prune_images_unlogged(
+        &self,
+    ) -> Result<Vec<ImageSummary>, OpError> {
         let _alloc = self.alloc.lock().await;
         let used: std::collections::BTreeSet<String> = self
             .list()
@@ -120,7 +125,7 @@ impl Engine {
     }
 
     /// Takes in an image received from a peer, checked against its id.
-    pub async fn import_image(
+    pub(in crate::engine) async fn import_image_unlogged(
         &self,
         id: &str,
         manifest: Vec<u8>,

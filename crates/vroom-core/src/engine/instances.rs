@@ -383,6 +383,15 @@ impl Engine {
             .lock_unpoisoned()
             .insert(spec.name.clone(), cell.clone());
         drop(alloc);
+        let made = cell.snapshot();
+        let event = self
+            .instance_event(&made, "created")
+            .detail("image", made.image_name.clone())
+            .detail("image_id", made.image_id.clone());
+        self.emit(match &clone_of {
+            Some((snapshot, _)) => event.message(format!("a clone of snapshot {}", snapshot.name)),
+            None => event,
+        });
 
         let op = cell.op.clone().lock_owned().await;
         let networks: Vec<Name> = cell
@@ -408,12 +417,17 @@ impl Engine {
     /// op lock): the instance's record and run dir go, and the default
     /// network if the creation made it.
     pub(super) async fn uncreate(&self, created: &Created) {
-        let name = created.cell.snapshot().spec.name;
+        let instance = created.cell.snapshot();
+        let name = instance.spec.name.clone();
         self.instances
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
         let _ = self.store.delete_instance(name.as_str());
+        self.emit(
+            self.instance_event(&instance, "removed")
+                .message("its creation did not complete"),
+        );
         let _ = std::fs::remove_dir_all(&created.cell.dir);
         let _alloc = self.alloc.lock().await;
         self.remove_made_volumes(&created.made_volumes);
@@ -1035,9 +1049,15 @@ impl Engine {
         };
         blocking(|| self.store.delete_instance(name))
             .map_err(|e| OpError::internal("failed to delete instance state", e))?;
+        let event = self.instance_event(&cell.snapshot(), "removed");
         self.instances
             .lock_unpoisoned()
             .retain(|n, _| n.as_str() != name);
+        self.emit(if wipe {
+            event.detail("wiped", true)
+        } else {
+            event
+        });
         blocking(|| std::fs::remove_dir_all(&cell.dir))
             .or_else(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {

@@ -24,6 +24,7 @@ mod config;
 mod guest;
 mod images;
 mod instances;
+mod logged;
 mod markers;
 mod migrate;
 mod networks;
@@ -55,15 +56,16 @@ use vroom_agent_proto::{ConntrackUsage, GuestReply, HostCommand};
 use vroom_base::LockExt;
 use vroom_types::{
     check_config, is_l2_role, validate_config_key, validate_config_value, BuildReport,
-    ConfigValues, DesiredState, ErrorCode, ExecRequest, ImageSummary, Instance, InstanceAction,
-    InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network, NetworkSpec,
-    NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
+    ConfigValues, DesiredState, ErrorCode, EventKind, ExecRequest, ImageSummary, Instance,
+    InstanceAction, InstanceSpec, InstanceState, InstanceStatus, InvalidInputError, Name, Network,
+    NetworkSpec, NicSpec, NicStatus, RunRequest, MIN_MEM_MIB, MIRROR_ROLE,
 };
 
 use crate::agent::AgentClient;
 use crate::console::{ConsoleCollector, ConsoleLog, CONSOLE_SOCKET};
 use crate::driver::{LaunchNic, LaunchSpec, VmDriver, VmProcess};
 use crate::error::OpError;
+use crate::events::{EventLog, NewEvent};
 use crate::images::{BootImage, ImageSource, ResolveImageError};
 use crate::ipam;
 use crate::lifecycle::{self, ActionPlan, ExitOutcome};
@@ -121,6 +123,8 @@ pub struct Engine {
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
     cluster: std::sync::OnceLock<Arc<dyn crate::cluster::ClusterHooks>>,
+    /// Every change of state, numbered, for history and followers.
+    events: Arc<EventLog>,
 }
 
 /// One instance in memory.
@@ -239,12 +243,14 @@ impl Engine {
         store: Arc<dyn StateStore>,
         images: Arc<dyn ImageSource>,
     ) -> Arc<Self> {
+        let events = EventLog::open(store.clone());
         Arc::new(Engine {
             cfg,
             driver,
             net,
             store,
             images,
+            events,
             instances: Mutex::default(),
             networks: Mutex::default(),
             splices: Mutex::default(),
@@ -294,16 +300,92 @@ impl Engine {
             .map_err(|e| OpError::internal("failed to save instance state", e))
     }
 
-    /// Updates a record in memory and in the store.
+    /// Updates a record in memory and in the store; a change of state is
+    /// an event.
     fn update(
         &self,
         cell: &Cell,
         f: impl FnOnce(&mut InstanceRecord),
     ) -> Result<Instance, OpError> {
         let mut record = cell.lock();
+        let before = record.instance.status.state;
         f(&mut record);
         self.persist(&record)?;
-        Ok(record.instance.clone())
+        let instance = record.instance.clone();
+        drop(record);
+        if instance.status.state != before {
+            self.state_changed(&instance);
+        }
+        Ok(instance)
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    fn emit(&self, event: NewEvent) {
+        self.events.emit(event);
+    }
+
+    /// An event about an instance: its id and room filled in.
+    fn instance_event(&self, instance: &Instance, action: &str) -> NewEvent {
+        NewEvent::new(EventKind::Instance, action, instance.spec.name.as_str())
+            .id(&instance.id)
+            .room(self.room_of(instance))
+    }
+
+    /// The room an instance is in: the one whose LAN or DMZ it is on.
+    fn room_of(&self, instance: &Instance) -> Option<String> {
+        let rooms = self.rooms.lock_unpoisoned();
+        rooms
+            .values()
+            .find(|room| {
+                instance
+                    .nics
+                    .iter()
+                    .any(|nic| nic.network == room.lan || nic.network == room.dmz)
+            })
+            .map(|room| room.name.to_string())
+    }
+
+    /// The event of an instance's new lifecycle state.
+    fn state_changed(&self, instance: &Instance) {
+        let status = &instance.status;
+        let event = match status.state {
+            InstanceState::Starting => {
+                let event = self.instance_event(instance, "starting");
+                match &status.started_from {
+                    Some(from) => event.message(format!("from {from}")),
+                    None => event,
+                }
+            }
+            InstanceState::Running => {
+                let event = self.instance_event(instance, "ready");
+                match status.boot_ms {
+                    Some(ms) => event.detail("boot_ms", ms),
+                    None => event,
+                }
+            }
+            InstanceState::Stopping => self.instance_event(instance, "stopping"),
+            InstanceState::Stopped => self.instance_event(instance, "stopped"),
+            InstanceState::Restarting => self
+                .instance_event(instance, "restarting")
+                .message(
+                    status
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "its VM exited".into()),
+                )
+                .detail("restarts", status.restarts),
+            InstanceState::Failed => self.instance_event(instance, "failed").message(
+                status
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+        };
+        self.emit(event);
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -34,7 +34,10 @@ impl Engine {
             .map_err(|e| OpError::internal("cannot join the network to the other hosts", e))
     }
 
-    pub async fn create_network(&self, spec: NetworkSpec) -> Result<Network, OpError> {
+    pub(in crate::engine) async fn create_network_unlogged(
+        &self,
+        spec: NetworkSpec,
+    ) -> Result<Network, OpError> {
         let _alloc = self.alloc.lock().await;
         self.create_network_locked(spec).await
     }
@@ -206,7 +209,10 @@ impl Engine {
             .collect())
     }
 
-    pub async fn remove_network(&self, name: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_network_unlogged(
+        &self,
+        name: &str,
+    ) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         self.remove_network_locked(name).await
     }

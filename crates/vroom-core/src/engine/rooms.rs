@@ -63,7 +63,10 @@ impl Engine {
 
     /// Creates a room: its lan and dmz networks and its firewall, ready
     /// and configured. Any failure removes what it made.
-    pub async fn create_room(self: &Arc<Self>, spec: RoomSpec) -> Result<Room, OpError> {
+    pub(in crate::engine) async fn create_room_unlogged(
+        self: &Arc<Self>,
+        spec: RoomSpec,
+    ) -> Result<Room, OpError> {
         let _op = self.room_op.lock().await;
         self.create_room_locked(spec).await
     }
@@ -243,7 +246,11 @@ impl Engine {
 
     /// Removes a room: refused while it has instances unless `force`, which
     /// removes them first (unsplicing what is spliced in front of them).
-    pub async fn remove_room(self: &Arc<Self>, name: &str, force: bool) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_room_unlogged(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<(), OpError> {
         let _op = self.room_op.lock().await;
         let room = self.get_room(name)?;
         let members: Vec<String> = self
@@ -294,7 +301,11 @@ impl Engine {
     }
 
     /// Adds a port forward from the room's wan side to one of its instances.
-    pub async fn expose(self: &Arc<Self>, name: &str, expose: Expose) -> Result<Room, OpError> {
+    pub(in crate::engine) async fn expose_unlogged(
+        self: &Arc<Self>,
+        name: &str,
+        expose: Expose,
+    ) -> Result<Room, OpError> {
         let _op = self.room_op.lock().await;
         expose.check()?;
         let mut room = self.ready_room(name)?;
@@ -329,7 +340,7 @@ impl Engine {
     }
 
     /// Removes a port forward.
-    pub async fn unexpose(
+    pub(in crate::engine) async fn unexpose_unlogged(
         self: &Arc<Self>,
         name: &str,
         port: u16,
@@ -444,7 +455,10 @@ impl Engine {
     /// adds, recreates (image, segment or memory changed), reconfigures and
     /// removes instances, and sets its exposes. Returns the changes; with
     /// `dry_run` only lists them.
-    pub async fn apply_room(self: &Arc<Self>, req: ApplyRoomRequest) -> Result<RoomPlan, OpError> {
+    pub(in crate::engine) async fn apply_room_unlogged(
+        self: &Arc<Self>,
+        req: ApplyRoomRequest,
+    ) -> Result<RoomPlan, OpError> {
         let _op = self.room_op.lock().await;
         let file = req.room;
         check_room_name(&file.name)?;

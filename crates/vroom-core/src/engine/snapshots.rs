@@ -430,7 +430,10 @@ impl Engine {
         })
     }
 
-    pub async fn remove_snapshot(&self, name: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_snapshot_unlogged(
+        &self,
+        name: &str,
+    ) -> Result<(), OpError> {
         let dir = self.snapshot_dir(name)?;
         self.remove_snapshot_dir(&self.snapshots_dir(), &dir)
             .map_err(|e| OpError::internal(format!("failed to remove snapshot {name}"), e))
@@ -470,7 +473,10 @@ impl Engine {
     /// Captures a running instance: pauses it, writes its state, copies its
     /// config volume while it is paused, then resumes it (or shuts it down
     /// with `stop`).
-    pub async fn snapshot(self: &Arc<Self>, req: SnapshotRequest) -> Result<Snapshot, OpError> {
+    pub(in crate::engine) async fn snapshot_unlogged(
+        self: &Arc<Self>,
+        req: SnapshotRequest,
+    ) -> Result<Snapshot, OpError> {
         let cell = self.cell(req.instance.as_str())?;
         let _op = cell.op.lock().await;
         self.still_registered(req.instance.as_str(), &cell)?;
@@ -697,7 +703,7 @@ impl Engine {
     /// Puts an instance back to a snapshot: memory, devices and config. The
     /// snapshot is verified before anything changes; then the instance's
     /// VM is replaced by one started from the snapshot.
-    pub async fn restore(
+    pub(in crate::engine) async fn restore_unlogged(
         self: &Arc<Self>,
         name: &str,
         snapshot_name: &str,
@@ -954,7 +960,7 @@ impl Engine {
     /// Boots an image once with its default config on NICs attached to
     /// nothing, waits until it is ready and keeps a warm snapshot of it,
     /// replacing an older one of the same shape.
-    pub async fn warm_image(
+    pub(in crate::engine) async fn warm_image_unlogged(
         self: &Arc<Self>,
         image_ref: &str,
         mem_mib: Option<u64>,

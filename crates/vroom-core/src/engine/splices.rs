@@ -50,16 +50,39 @@ impl Engine {
     pub(super) fn save_splice(&self, splice: &Splice) -> Result<(), OpError> {
         blocking(|| self.store.put_splice(splice))
             .map_err(|e| OpError::internal("failed to save the splice", e))?;
-        self.splices
+        let before = self
+            .splices
             .lock_unpoisoned()
-            .insert(splice.appliance.clone(), splice.clone());
+            .insert(splice.appliance.clone(), splice.clone())
+            .map(|s| s.state);
+        if before != Some(splice.state) {
+            let action = match (before, splice.state) {
+                (Some(SpliceState::Bypassed | SpliceState::Cut), SpliceState::Active) => {
+                    "restored".to_string()
+                }
+                (_, state) => state.to_string(),
+            };
+            let mut event = NewEvent::new(EventKind::Splice, action, splice.appliance.as_str())
+                .detail("vm", splice.vm.to_string())
+                .detail("nic", splice.nic);
+            if let Some(last) = splice.events.last() {
+                event = event.message(last.message.clone());
+            }
+            self.emit(event);
+        }
         Ok(())
     }
 
     fn forget_splice(&self, appliance: &Name) -> Result<(), OpError> {
         blocking(|| self.store.delete_splice(appliance.as_str()))
             .map_err(|e| OpError::internal("failed to delete the splice", e))?;
-        self.splices.lock_unpoisoned().remove(appliance);
+        if self.splices.lock_unpoisoned().remove(appliance).is_some() {
+            self.emit(NewEvent::new(
+                EventKind::Splice,
+                "removed",
+                appliance.as_str(),
+            ));
+        }
         Ok(())
     }
 
@@ -540,6 +563,14 @@ impl Engine {
         }
         self.refresh_mirrors_of(&mirror.vm, nic).await;
         tracing::info!(mirror = %mirror.id, "mirroring");
+        self.emit(
+            NewEvent::new(EventKind::Mirror, "created", mirror.vm.as_str())
+                .id(&mirror.id)
+                .message(format!(
+                    "{}:{} to {}:{}",
+                    mirror.vm, mirror.nic, mirror.to, mirror.to_nic
+                )),
+        );
         Ok(mirror)
     }
 
@@ -571,6 +602,7 @@ impl Engine {
             .map_err(|e| OpError::internal("failed to delete the mirror", e))?;
         self.mirrors.lock_unpoisoned().remove(id);
         self.refresh_mirrors_of(&mirror.vm, mirror.nic).await;
+        self.emit(NewEvent::new(EventKind::Mirror, "removed", mirror.vm.as_str()).id(id));
         Ok(())
     }
 

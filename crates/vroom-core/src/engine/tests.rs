@@ -892,3 +892,71 @@ async fn config_history_follows_a_restore_and_an_ephemeral_restart() {
     assert_eq!(history.current, seed, "{history:?}");
     assert_eq!(t.engine.config_get("e").await.unwrap()["greeting"], "hello");
 }
+
+/// What happened to an instance, as its events tell it.
+fn actions_of(t: &TestEngine, name: &str) -> Vec<String> {
+    use futures::FutureExt;
+    let query = vroom_types::EventQuery::from_pairs([("name", name), ("follow", "false")]).unwrap();
+    let mut reader = t.engine.events().read(query);
+    let mut actions = vec![];
+    while let Some(line) = reader.next().now_or_never().flatten() {
+        match line {
+            vroom_types::EventLine::Event(e) => actions.push(format!("{}:{}", e.kind, e.action)),
+            other => panic!("{other:?}"),
+        }
+    }
+    actions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_life_is_told_by_its_events_and_who_caused_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    crate::events::acting_for("uid:1000".into(), t.engine.run(request("web")))
+        .await
+        .unwrap();
+    let first = wait_state(&t, "web", InstanceState::Running).await;
+    t.driver.crash(first.status.pid.unwrap());
+    for _ in 0..200 {
+        let i = t.engine.get("web").unwrap();
+        if i.status.state == InstanceState::Running && i.status.pid != first.status.pid {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    t.engine
+        .config_update("web", [("greeting".to_string(), "ho".to_string())].into())
+        .await
+        .unwrap();
+    t.engine.action("web", InstanceAction::Stop).await.unwrap();
+    t.engine.remove("web", false).await.unwrap();
+    assert_eq!(
+        actions_of(&t, "web"),
+        [
+            "instance:created",
+            "instance:starting",
+            "instance:ready",
+            "instance:restarting",
+            "instance:starting",
+            "instance:ready",
+            "config:applied",
+            "instance:stopping",
+            "instance:stopped",
+            "instance:removed"
+        ]
+    );
+    use futures::FutureExt;
+    let query = vroom_types::EventQuery::from_pairs([("follow", "false")]).unwrap();
+    let mut reader = t.engine.events().read(query);
+    let mut events = vec![];
+    while let Some(vroom_types::EventLine::Event(e)) = reader.next().now_or_never().flatten() {
+        events.push(e);
+    }
+    let created = events.iter().find(|e| e.action == "created").unwrap();
+    assert_eq!(created.actor, "uid:1000", "the caller made it");
+    assert_eq!(created.id.as_deref(), Some(first.id.as_str()));
+    let restarting = events.iter().find(|e| e.action == "restarting").unwrap();
+    assert_eq!(restarting.actor, "vroomd", "the policy restarted it");
+    let ready = events.iter().find(|e| e.action == "ready").unwrap();
+    assert!(ready.detail.contains_key("boot_ms"), "{ready:?}");
+}

@@ -90,7 +90,10 @@ impl Engine {
         Ok(self.volume_view(self.volume_record(name)?))
     }
 
-    pub async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+    pub(in crate::engine) async fn create_volume_unlogged(
+        &self,
+        req: VolumeCreateRequest,
+    ) -> Result<Volume, OpError> {
         req.validate()?;
         if req.replicas > 1 {
             return Err(OpError::new(
@@ -174,7 +177,10 @@ impl Engine {
     }
 
     /// Removes a volume no instance uses, with its data.
-    pub async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_volume_unlogged(
+        &self,
+        name: &str,
+    ) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         self.remove_volume_locked(name)
     }

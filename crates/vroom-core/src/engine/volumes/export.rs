@@ -145,7 +145,7 @@ impl Engine {
     /// `caller_uid` is the API caller's uid (`None` for root or a caller
     /// the server trusts as root): only root may name a unix socket path
     /// (vroomd would make it anywhere) or a TCP port below 1024.
-    pub async fn export_volume(
+    pub(in crate::engine) async fn export_volume_unlogged(
         &self,
         name: &str,
         req: VolumeExportRequest,
@@ -333,7 +333,10 @@ impl Engine {
     }
 
     /// Ends a volume's export (or drops an import in progress).
-    pub async fn unexport_volume(&self, name: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn unexport_volume_unlogged(
+        &self,
+        name: &str,
+    ) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self
             .export_record(name)
@@ -404,7 +407,7 @@ impl Engine {
     /// Starts an import: a staging file of `size_mib` served writable on a
     /// unix socket under the data dir, for the client to write the image
     /// into. No volume exists until [`Engine::commit_import`].
-    pub async fn import_volume(
+    pub(in crate::engine) async fn import_volume_unlogged(
         &self,
         name: &str,
         req: VolumeImportRequest,
@@ -467,7 +470,10 @@ impl Engine {
     /// Makes the volume an import wrote: its server stopped (and flushed),
     /// an ext4 superblock checked, the file renamed into place, the
     /// volume recorded. On any error the import is dropped whole.
-    pub async fn commit_import(&self, name: &str) -> Result<Volume, OpError> {
+    pub(in crate::engine) async fn commit_import_unlogged(
+        &self,
+        name: &str,
+    ) -> Result<Volume, OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self
             .export_record(name)

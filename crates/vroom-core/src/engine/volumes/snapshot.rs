@@ -66,7 +66,7 @@ impl Engine {
             .ok_or_else(|| OpError::not_found("volume snapshot", snapshot))
     }
 
-    pub async fn snapshot_volume(
+    pub(in crate::engine) async fn snapshot_volume_unlogged(
         &self,
         name: &str,
         req: VolumeSnapshotRequest,
@@ -195,7 +195,7 @@ impl Engine {
     }
 
     /// Puts a volume back to one of its snapshots; its instance must not run.
-    pub async fn restore_volume(
+    pub(in crate::engine) async fn restore_volume_unlogged(
         &self,
         name: &str,
         req: VolumeRestoreRequest,
@@ -240,7 +240,7 @@ impl Engine {
     }
 
     /// A new volume with a snapshot's content.
-    pub async fn clone_volume(
+    pub(in crate::engine) async fn clone_volume_unlogged(
         &self,
         snapshot: &str,
         req: VolumeCloneRequest,
@@ -269,7 +269,11 @@ impl Engine {
         Ok(self.volume_view(volume))
     }
 
-    pub async fn remove_volume_snapshot(&self, name: &str, snapshot: &str) -> Result<(), OpError> {
+    pub(in crate::engine) async fn remove_volume_snapshot_unlogged(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<(), OpError> {
         let _alloc = self.alloc.lock().await;
         self.stop_exports_of_snapshot(name, snapshot);
         self.remove_snapshot_only(name, snapshot)
@@ -297,7 +301,7 @@ impl Engine {
     /// Grows a volume. A running guest sees its disk grow (QEMU's
     /// `block_resize`) and grows the mounted filesystem through its agent;
     /// otherwise it grows it when it next mounts it.
-    pub async fn resize_volume(
+    pub(in crate::engine) async fn resize_volume_unlogged(
         &self,
         name: &str,
         req: VolumeResizeRequest,
