@@ -32,6 +32,11 @@ impl Caller {
     };
 }
 
+/// The name in the client certificate of a cluster API connection (a
+/// node's or a workstation's), in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub String);
+
 /// Extracts the caller of a request; never fails.
 pub struct AuditCaller(pub Caller);
 

@@ -23,10 +23,11 @@ mod audit;
 mod links;
 mod replies;
 
-pub use audit::Caller;
+pub use audit::{Caller, PeerCertificate};
 
 use links::CreatedResourceLinks;
 mod config;
+mod events;
 mod images;
 mod instances;
 mod networks;
@@ -217,6 +218,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
     ),
     paths(
         version,
+        events::events,
         list_instances,
         run_instance,
         get_instance,
@@ -385,6 +387,7 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
     };
     let routes = Router::new()
         .route("/v1/version", get(instances::version))
+        .route("/v1/events", get(events::events))
         .route(
             "/v1/instances",
             get(instances::list_instances).post(instances::run_instance),
@@ -541,7 +544,24 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
     Router::new()
         .fallback_service(routes)
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(act_for_caller))
         .layer(middleware::from_fn(trace_request))
+}
+
+/// Runs each request on behalf of its caller: the events it causes name
+/// them (`cert:NAME` for a cluster certificate, `uid:N` for a local user).
+async fn act_for_caller(req: Request, next: Next) -> Response {
+    let actor = match (
+        req.extensions().get::<PeerCertificate>(),
+        req.extensions()
+            .get::<axum::extract::ConnectInfo<Caller>>()
+            .and_then(|c| c.0.uid),
+    ) {
+        (Some(PeerCertificate(name)), _) => format!("cert:{name}"),
+        (None, Some(uid)) => format!("uid:{uid}"),
+        (None, None) => "unknown".to_string(),
+    };
+    vroom_core::events::acting_for(actor, next.run(req)).await
 }
 
 async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -359,12 +359,28 @@ impl Client {
             let bytes = response.into_body().collect().await?.to_bytes();
             return Err(error_from(status, &bytes));
         }
-        let events = ExecEvents {
-            body: response.into_body(),
-            pending: Vec::new(),
-            status,
-        };
-        Ok((events, input))
+        Ok((JsonLines::new(response), input))
+    }
+
+    /// The event log (`GET /v1/events`): history, then live events when
+    /// the query follows.
+    pub async fn events(
+        &self,
+        query: &vroom_types::EventQuery,
+    ) -> Result<JsonLines<vroom_types::EventLine>, ClientError> {
+        let pairs: Vec<String> = query
+            .to_pairs()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", enc(&v)))
+            .collect();
+        let path = format!("/v1/events?{}", pairs.join("&"));
+        let response = self.send::<()>(Method::GET, &path, None).await?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            return Err(error_from(status, &bytes));
+        }
+        Ok(JsonLines::new(response))
     }
 
     /// Streams a regular file out of a running guest into `out`; returns
@@ -985,20 +1001,33 @@ impl Client {
     }
 }
 
-/// The events of an exec, as the daemon streams them.
-pub struct ExecEvents {
+/// A stream of JSON lines from the daemon (an exec's events, the event log).
+pub struct JsonLines<T> {
     body: hyper::body::Incoming,
     pending: Vec<u8>,
     status: u16,
+    line: std::marker::PhantomData<fn() -> T>,
 }
 
-/// The longest line the client accepts from an exec stream (a base64 chunk
-/// of the agent's largest output chunk fits many times over).
-const MAX_EXEC_LINE: usize = 1 << 20;
+/// The events of an exec, as the daemon streams them.
+pub type ExecEvents = JsonLines<ExecEvent>;
 
-impl ExecEvents {
-    /// The next event; `None` when the stream ended.
-    pub async fn next(&mut self) -> Option<Result<ExecEvent, ClientError>> {
+/// The longest line the client accepts from a stream (a base64 chunk
+/// of the agent's largest output chunk fits many times over).
+const MAX_STREAM_LINE: usize = 1 << 20;
+
+impl<T: DeserializeOwned> JsonLines<T> {
+    fn new(response: hyper::Response<hyper::body::Incoming>) -> Self {
+        JsonLines {
+            status: response.status().as_u16(),
+            body: response.into_body(),
+            pending: Vec::new(),
+            line: std::marker::PhantomData,
+        }
+    }
+
+    /// The next line; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<Result<T, ClientError>> {
         loop {
             if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=end).collect();
@@ -1009,10 +1038,10 @@ impl ExecEvents {
                     }),
                 );
             }
-            if self.pending.len() > MAX_EXEC_LINE {
+            if self.pending.len() > MAX_STREAM_LINE {
                 return Some(Err(ClientError::Unexpected {
                     status: self.status,
-                    body: format!("an exec event line exceeds {MAX_EXEC_LINE} bytes"),
+                    body: format!("a streamed line exceeds {MAX_STREAM_LINE} bytes"),
                 }));
             }
             match self.body.frame().await? {
@@ -1025,7 +1054,9 @@ impl ExecEvents {
             }
         }
     }
+}
 
+impl JsonLines<ExecEvent> {
     /// The error for a stream that ended without an exit.
     pub fn ended_early(&self) -> ClientError {
         ClientError::Unexpected {

@@ -68,3 +68,46 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, String> {
         .map_err(|e| format!("the certificate in {}: {e}", dir.display()))?;
     Ok(Arc::new(config))
 }
+
+/// The subject's common name of a certificate the cluster's CA issued (a
+/// node's or a workstation's name), to say who made a request. The CA puts
+/// the name in the subject's CN; the subject follows the issuer in the
+/// certificate, so the name is the string after the last CN attribute type
+/// (OID 2.5.4.3). No X.509 parser is pulled in for this one field: the
+/// certificate was already verified against the CA by the TLS handshake.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    let der = cert.as_ref();
+    let at = der.windows(CN_OID.len()).rposition(|w| w == CN_OID)? + CN_OID.len();
+    // A UTF8String, PrintableString or IA5String with a short length.
+    let (&tag, rest) = der.get(at..)?.split_first()?;
+    let (&len, rest) = rest.split_first()?;
+    if !matches!(tag, 0x0c | 0x13 | 0x16) || len >= 0x80 {
+        return None;
+    }
+    let name = std::str::from_utf8(rest.get(..usize::from(len))?).ok()?;
+    Some(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_common_name_is_the_subjects_not_the_issuers() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "vroom cluster CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut node = rcgen::CertificateParams::new(vec!["10.0.0.2".into()]).unwrap();
+        node.distinguished_name
+            .push(rcgen::DnType::CommonName, "n2");
+        let node = node.signed_by(&key, &ca, &ca_key).unwrap();
+        assert_eq!(common_name(node.der()).as_deref(), Some("n2"));
+        assert_eq!(common_name(ca.der()).as_deref(), Some("vroom cluster CA"));
+        assert_eq!(common_name(&CertificateDer::from(vec![1, 2, 3])), None);
+    }
+}

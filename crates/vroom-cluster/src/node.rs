@@ -29,10 +29,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use vroom_core::cluster::{ClusterHooks, ConfigReplica, Identity, Wiring};
+use vroom_core::events::NewEvent;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    ConfigValues, DesiredState, DrainReport, DrainedInstance, ErrorCode, HaPolicy, Instance,
-    InstanceAction, InstanceState, KeptInstance, Name, NetworkSpec, NicSpec, NodeInfo, RunRequest,
+    ConfigValues, DesiredState, DrainReport, DrainedInstance, ErrorCode, EventKind, HaPolicy,
+    Instance, InstanceAction, InstanceState, KeptInstance, Name, NetworkSpec, NicSpec, NodeInfo,
+    RunRequest,
 };
 
 use crate::guard::GuardLink;
@@ -159,6 +161,11 @@ pub fn cgroup_scope(cluster_id: &str, node: &str) -> String {
 }
 
 impl ClusterNode {
+    /// Logs a cluster event in this node's event log.
+    pub(crate) fn event(&self, event: NewEvent) {
+        self.engine.events().emit(event);
+    }
+
     /// A node of cluster `info` on `store`, named and advertised as
     /// `(name, advertise)`, with nothing running yet: no lease, no loops.
     fn assemble(

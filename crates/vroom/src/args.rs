@@ -220,6 +220,29 @@ pub enum Command {
         /// The instance's name.
         name: String,
     },
+    /// Show what changed and who changed it: vroomd's event log (instances,
+    /// configs, splices, snapshots, rooms, images, volumes, nodes), newest
+    /// last; `--follow` keeps printing new events.
+    Events {
+        /// Keep printing new events (after the history asked for with
+        /// `--since` or `--limit`).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events after this number.
+        #[arg(long)]
+        since: Option<u64>,
+        /// Only events up to this number.
+        #[arg(long, conflicts_with = "follow")]
+        until: Option<u64>,
+        /// At most this many events: the latest, or the first after `--since`
+        /// (default: the last 100 unless `--follow` alone).
+        #[arg(short = 'n', long)]
+        limit: Option<usize>,
+        /// KEY=VALUE[,VALUE...] with KEY one of kind, action, name, room,
+        /// node; repeat for more (all must match).
+        #[arg(long = "filter", value_name = "KEY=VALUE")]
+        filters: Vec<String>,
+    },
     /// Copy a file out of a running guest: `vroom cp NAME:/path LOCAL`
     /// (LOCAL may be a directory; `-` writes to stdout).
     Cp {

@@ -7,8 +7,8 @@ use vroom_types::ExecRequest;
 
 use crate::args::{ArchiveOp, Cli, Command, ConfigOp};
 use crate::{
-    capture, config, demo, gc, guest, image, instance, net, node, paths, room, session, snapshot,
-    splice, volume,
+    capture, config, demo, events, gc, guest, image, instance, net, node, paths, room, session,
+    snapshot, splice, volume,
 };
 
 /// Runs one client-side command; returns the process's exit code.
@@ -74,6 +74,16 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             name,
         } => guest::logs(client, name, *boot, *tail, *follow).await,
         Command::Cp { source, dest } => guest::copy_out(client, source, dest).await,
+        Command::Events {
+            follow,
+            since,
+            until,
+            limit,
+            filters,
+        } => {
+            let query = events::query(*follow, *since, *until, *limit, filters)?;
+            events::events(client, query, json).await
+        }
         Command::Exec {
             name,
             timeout,

@@ -85,6 +85,7 @@ pub async fn run(
             data_dir: data_dir.to_path_buf(),
             expect_cluster: cluster.cluster_id.clone(),
         };
+        engine.events().set_node(opts.node.as_str());
         let node = vroom_cluster::ClusterNode::join(engine.clone(), opts)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;

@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod demo;
 mod docs;
+mod events;
 mod gc;
 mod guest;
 mod image;

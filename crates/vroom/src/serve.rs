@@ -301,10 +301,18 @@ pub async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             match stream {
-                Stream::Unix(stream) => connection(stream, router, caller, stop).await,
+                Stream::Unix(stream) => connection(stream, router, caller, None, stop).await,
                 Stream::Tls(tcp, acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => connection(tls, router, caller, stop).await,
+                        Ok(Ok(tls)) => {
+                            let name = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(|cert| vroom_client::tls::common_name(cert));
+                            connection(tls, router, caller, name, stop).await
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(?peer, error = %e, "refused an API connection")
                         }
@@ -327,12 +335,18 @@ async fn connection<I>(
     io: I,
     router: Router,
     caller: Caller,
+    certificate: Option<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         request.extensions_mut().insert(ConnectInfo(caller));
+        if let Some(name) = &certificate {
+            request
+                .extensions_mut()
+                .insert(vroom_api::PeerCertificate(name.clone()));
+        }
         let mut router = router.clone();
         async move {
             use tower::Service;

@@ -290,6 +290,7 @@ impl ClusterNode {
         write_durably(&self.data_dir.join(MEMBERSHIP_FILE), &json(&membership))
             .map_err(|e| format!("cannot record the membership: {e}"))?;
         tracing::info!(node = %self.name, lease, cluster = %self.info.id, "joined the cluster");
+        self.event(NewEvent::new(EventKind::Node, "joined", &self.name).detail("lease", lease));
         Ok(())
     }
 

@@ -211,6 +211,13 @@ impl ClusterNode {
         let claimed = self.store.txn(txn).await?.succeeded();
         if claimed {
             tracing::info!(instance = %name, node = %self.name, "claimed");
+            if let Some(previous) = record.previous.as_ref().filter(|p| **p != self.name) {
+                self.event(
+                    NewEvent::new(EventKind::Migration, "taken_over", name)
+                        .message(format!("it was on {previous}"))
+                        .detail("from", previous.clone()),
+                );
+            }
         }
         Ok(claimed)
     }

@@ -311,6 +311,8 @@ impl ClusterNode {
     pub async fn cordon(&self, name: &str, cordoned: bool) -> Result<NodeInfo, OpError> {
         self.node(name).await?;
         self.set_cordon(name, cordoned.then_some(CORDON)).await?;
+        let action = if cordoned { "cordoned" } else { "uncordoned" };
+        self.event(NewEvent::new(EventKind::Node, action, name));
         self.node(name).await
     }
 
@@ -323,7 +325,13 @@ impl ClusterNode {
     }
 
     pub async fn drain(&self, name: &str, force: bool) -> Result<DrainReport, OpError> {
-        self.drain_node(name, force).await
+        let report = self.drain_node(name, force).await?;
+        self.event(
+            NewEvent::new(EventKind::Node, "drained", name)
+                .detail("moved", report.moved.len())
+                .detail("kept", report.kept.len()),
+        );
+        Ok(report)
     }
 }
 

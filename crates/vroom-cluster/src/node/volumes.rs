@@ -624,6 +624,18 @@ impl ClusterNode {
             if done.succeeded() {
                 if next.state != current.state {
                     tracing::info!(%volume, from = %current.state, to = %next.state, reason = ?next.reason, "replica state");
+                    let action = match next.state {
+                        ReplicaState::UpToDate => "resynced",
+                        ReplicaState::Outdated => "degraded",
+                        _ => "syncing",
+                    };
+                    let mut event = NewEvent::new(EventKind::Volume, action, volume)
+                        .detail("replica", next.replica.clone())
+                        .detail("epoch", next.epoch);
+                    if let Some(reason) = &next.reason {
+                        event = event.message(reason.clone());
+                    }
+                    self.event(event);
                 }
                 return Ok(());
             }

@@ -146,6 +146,12 @@ impl ClusterNode {
         let reply = match outcome {
             Ok(checked_ms) => {
                 tracing::info!(instance = %name, %from, checked_ms, "migrated here; the guest answers");
+                self.event(
+                    NewEvent::new(EventKind::Migration, "arrived", name)
+                        .message(format!("from {from}"))
+                        .detail("from", from.to_string())
+                        .detail("checked_ms", checked_ms),
+                );
                 Control::Resumed { checked_ms }
             }
             Err(reason) => {

@@ -120,6 +120,11 @@ impl ClusterNode {
         peer: &str,
     ) {
         tracing::info!(instance = %name, to = %record.to, "migrating");
+        self.event(
+            NewEvent::new(EventKind::Migration, "started", name)
+                .message(format!("to {}", record.to))
+                .detail("to", record.to.clone()),
+        );
         let outcome = self.send(name, &record, peer).await;
         // Decided by the owner key (a destination whose guest did not
         // answer gave it back) and, when the destination's answer did not
@@ -184,13 +189,30 @@ impl ClusterNode {
                 switchover_ms,
                 ..
             } => {
-                tracing::info!(instance = %name, to = %record.to, downtime_ms, switchover_ms, "migrated")
+                tracing::info!(instance = %name, to = %record.to, downtime_ms, switchover_ms, "migrated");
+                self.event(
+                    NewEvent::new(EventKind::Migration, "completed", name)
+                        .message(format!("to {} ({downtime_ms} ms down)", record.to))
+                        .detail("to", record.to.clone())
+                        .detail("downtime_ms", *downtime_ms)
+                        .detail("switchover_ms", *switchover_ms),
+                );
             }
             MigrationState::Failed { reason } if still_owner => {
-                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration failed; the instance runs here")
+                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration failed; the instance runs here");
+                self.event(
+                    NewEvent::new(EventKind::Migration, "failed", name)
+                        .message(format!("{reason}; it runs here"))
+                        .detail("to", record.to.clone()),
+                );
             }
             MigrationState::Failed { reason } => {
-                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration was cut short after the hand-over; the destination has the instance")
+                tracing::warn!(instance = %name, to = %record.to, %reason, "the migration was cut short after the hand-over; the destination has the instance");
+                self.event(
+                    NewEvent::new(EventKind::Migration, "cut_short", name)
+                        .message(format!("{reason}; {} has it", record.to))
+                        .detail("to", record.to.clone()),
+                );
             }
             _ => {}
         }

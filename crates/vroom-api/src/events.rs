@@ -1,0 +1,129 @@
+//! `GET /v1/events`: the event log as history and as a live stream, in
+//! newline-delimited JSON or, when the client accepts it, as server-sent
+//! events (with `id:` lines, so a browser's `EventSource` resumes by
+//! itself through `Last-Event-ID`).
+
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use vroom_core::events::{EventLog, EventReader};
+use vroom_types::{EventLine, EventQuery};
+
+use crate::replies::HostErrors;
+use crate::{bad_request, ApiError, AppState};
+
+/// How often a quiet stream says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// The query keys of `GET /v1/events`, for the API document; the handler
+/// reads them as pairs (a filter key may come more than once).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub(crate) struct EventsQuery {
+    /// Only events after this number (or the `Last-Event-ID` header).
+    since: Option<u64>,
+    /// Only events up to this number; the answer ends there.
+    until: Option<u64>,
+    /// At most this many events (1 to 10000): after `since`, the first;
+    /// without it, the latest. The answer ends there.
+    limit: Option<u32>,
+    /// Keep the answer open for new events: the default unless `until` or
+    /// `limit` is given.
+    follow: Option<bool>,
+    /// Only these kinds (comma-separated): instance, config, splice,
+    /// mirror, snapshot, room, network, image, volume, node, migration.
+    kind: Option<String>,
+    /// Only these actions (comma-separated), e.g. `ready,failed`.
+    action: Option<String>,
+    /// Only about these objects (comma-separated names).
+    name: Option<String>,
+    /// Only in these rooms.
+    room: Option<String>,
+    /// Only on these cluster nodes.
+    node: Option<String>,
+}
+
+/// The event log: every change of state, numbered. Without `since`, a
+/// follower gets what happens from now on; with it, what it missed first.
+/// A `reset` line means events were lost to the client (it asked for more
+/// than is kept, or fell behind): it lists the state again and goes on
+/// from the reset's `seq`. A `heartbeat` line comes every 15 s of quiet.
+#[utoipa::path(get, path = "/v1/events", params(EventsQuery),
+    responses(
+        (status = 200, content_type = "application/x-ndjson", body = EventLine,
+            description = "One `EventLine` a line; as `text/event-stream` when the client's `Accept` asks for it."),
+        (status = 400, body = vroom_types::ApiErrorBody, description = "A malformed number or filter."),
+        HostErrors))]
+pub(crate) async fn events(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, ApiError> {
+    let mut query = EventQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .map_err(|e| bad_request(e.to_string()))?;
+    if query.since.is_none() {
+        if let Some(id) = headers.get("last-event-id") {
+            let id = id.to_str().ok().and_then(|id| id.trim().parse().ok());
+            query.since =
+                Some(id.ok_or_else(|| bad_request("Last-Event-ID is not an event number".into()))?);
+        }
+    }
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    let log = engine.events().clone();
+    let reader = log.read(query);
+    let lines = futures::stream::unfold((reader, log), move |(mut reader, log)| async move {
+        let line = next_or_heartbeat(&mut reader, &log).await?;
+        let bytes = if sse { sse_frame(&line) } else { ndjson(&line) };
+        Some((Ok::<_, std::convert::Infallible>(bytes), (reader, log)))
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// The next line, or a heartbeat after [`HEARTBEAT`] of quiet.
+async fn next_or_heartbeat(reader: &mut EventReader, log: &EventLog) -> Option<EventLine> {
+    // `EventReader::next` is cancel-safe: a live event is taken from the
+    // channel only when it is returned.
+    match tokio::time::timeout(HEARTBEAT, reader.next()).await {
+        Ok(line) => line,
+        Err(_) => Some(EventLine::Heartbeat {
+            seq: log.last_seq(),
+        }),
+    }
+}
+
+fn ndjson(line: &EventLine) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(line).expect("invariant: events serialize");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// A server-sent event: its type as `event:`, its number as `id:` (the
+/// reset's too: the client resumes after it), the line as `data:`.
+fn sse_frame(line: &EventLine) -> Vec<u8> {
+    let (kind, id) = match line {
+        EventLine::Event(e) => ("event", Some(e.seq)),
+        EventLine::Reset { seq, .. } => ("reset", Some(*seq)),
+        EventLine::Heartbeat { .. } => ("heartbeat", None),
+    };
+    let data = serde_json::to_string(line).expect("invariant: events serialize");
+    let id = id.map(|id| format!("id: {id}\n")).unwrap_or_default();
+    format!("event: {kind}\n{id}data: {data}\n\n").into_bytes()
+}
