@@ -413,3 +413,148 @@ fn openapi_paths_match_router_routes() {
     routed.sort();
     assert_eq!(documented, routed);
 }
+
+/// `GET /v1/events`: malformed queries answer 400 with one line and change
+/// nothing; a history is JSON lines naming the caller who caused each
+/// event; a browser resuming with `Last-Event-ID` gets server-sent events
+/// after that number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_history_lines_or_server_sent_events() {
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = vroom_core::testing::TestEngine::new(dir.path());
+    let api = router(std::sync::Arc::new(vroom_core::service::Local::new(
+        t.engine.clone(),
+    )));
+    let call = |uri: &str, headers: &[(&str, &str)], caller: Option<Caller>| {
+        let mut request = axum::http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let mut request = request.body(axum::body::Body::empty()).unwrap();
+        if let Some(caller) = caller {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(caller));
+        }
+        let api = api.clone();
+        async move {
+            let response = api.oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                status,
+                content_type,
+                String::from_utf8(bytes.to_vec()).unwrap(),
+            )
+        }
+    };
+    for uri in [
+        "/v1/events?since=x",
+        "/v1/events?limit=0",
+        "/v1/events?kind=vm",
+        "/v1/events?colour=red",
+        "/v1/events?since=5&until=2",
+    ] {
+        let (status, _, body) = call(uri, &[], None).await;
+        assert_eq!(status, 400, "{uri}: {body}");
+        let error: ApiErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(error.code, ErrorCode::InvalidArgument);
+        assert!(!error.message.contains('\n'), "{}", error.message);
+    }
+    let (status, _, body) = call(
+        "/v1/events?follow=false",
+        &[("last-event-id", "soon")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Last-Event-ID"), "{body}");
+
+    // A network made by uid 1000 and one by a cluster certificate.
+    let uid = Caller {
+        uid: Some(1000),
+        gid: Some(1000),
+        pid: Some(1),
+    };
+    let mut request = axum::http::Request::builder()
+        .method("POST")
+        .uri("/v1/networks")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            r#"{"name":"n1","subnet":"10.9.0.0/24","nat":false}"#,
+        ))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(uid));
+    let response = api.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body:?}");
+    let mut request = axum::http::Request::builder()
+        .method("DELETE")
+        .uri("/v1/networks/n1")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(PeerCertificate("ops-laptop".into()));
+    assert_eq!(api.clone().oneshot(request).await.unwrap().status(), 204);
+
+    let (status, content_type, body) = call("/v1/events?kind=network&limit=10", &[], None).await;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "application/x-ndjson"),
+        "{body}"
+    );
+    let lines: Vec<vroom_types::EventLine> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<(String, String, u64)> = lines
+        .iter()
+        .map(|l| match l {
+            vroom_types::EventLine::Event(e) => (e.action.clone(), e.actor.clone(), e.seq),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        events
+            .iter()
+            .map(|(a, w, _)| (a.as_str(), w.as_str()))
+            .collect::<Vec<_>>(),
+        [("created", "uid:1000"), ("removed", "cert:ops-laptop")]
+    );
+    let first = events[0].2;
+
+    // An EventSource resuming after the first: the second, as an SSE frame.
+    let (status, content_type, body) = call(
+        "/v1/events?kind=network&follow=false",
+        &[
+            ("accept", "text/event-stream"),
+            ("last-event-id", &first.to_string()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!((status, content_type.as_str()), (200, "text/event-stream"));
+    let second = events[1].2;
+    assert!(
+        body.starts_with(&format!(
+            "event: event\nid: {second}\ndata: {{\"type\":\"event\""
+        )),
+        "{body}"
+    );
+    assert!(body.ends_with("\n\n"), "{body:?}");
+    assert_eq!(body.matches("event: ").count(), 1, "{body}");
+}

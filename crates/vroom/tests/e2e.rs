@@ -145,6 +145,21 @@ fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
     std::thread::sleep(Duration::from_millis(300));
 
     env.start_daemon();
+    // The event log outlived the daemon: a1's life before the kill is
+    // still told, and the new daemon's numbers go on after it.
+    let history = events(&env, &["--filter", "name=a1", "--since", "0"]);
+    let seq_of = |action: &str| {
+        history
+            .iter()
+            .filter(|e| e.action == action)
+            .map(|e| e.seq)
+            .next_back()
+    };
+    let ready_before = seq_of("ready").expect("a1 was ready before the kill");
+    assert!(seq_of("created").unwrap() < ready_before, "{history:?}");
+    assert!(history
+        .iter()
+        .all(|e| e.actor.starts_with("uid:") || e.actor == "vroomd"));
     let after = env.instances();
     for (name, pid) in &before[1..] {
         let i = after.iter().find(|i| i.spec.name.as_str() == name).unwrap();
@@ -154,6 +169,21 @@ fn killed_daemon_leaves_vms_running_and_a_new_one_readopts_them() {
     env.wait_for(&dead_name, "a restart after recovery", BOOT, |i| {
         i.status.state == InstanceState::Running && i.status.pid.is_some_and(|p| p != dead_pid)
     });
+    let history = events(
+        &env,
+        &[
+            "--filter",
+            &format!("name={dead_name}"),
+            "--since",
+            &ready_before.to_string(),
+        ],
+    );
+    assert!(
+        history
+            .iter()
+            .any(|e| e.action == "ready" && e.actor == "vroomd"),
+        "the restart after recovery is the daemon's doing: {history:?}"
+    );
     // The re-adopted VMs are fully usable: the agent answers and a config change applies.
     let ip = env.instance("a2").nics[0].ip.unwrap();
     env.ok(&["config", "a2", "set", "greeting=after adoption"]);
@@ -176,6 +206,27 @@ fn crashed_vm_restarts_with_its_config_and_stopped_vm_stays_stopped() {
     env.ok(&["run", "hello", "--name", "parked", "--net", "lan"]);
     env.ok(&["stop", "parked"]);
 
+    // A follower of the event log sees the crash and the restart live.
+    let mut follower = env
+        .command()
+        .args(["events", "--follow", "--json", "--filter", "name=crashy"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     // An acknowledged config change survives QEMU dying right after.
     env.ok(&["config", "crashy", "set", "greeting=survives the crash"]);
     let old = env.instance("crashy");
@@ -188,6 +239,23 @@ fn crashed_vm_restarts_with_its_config_and_stopped_vm_stays_stopped() {
     });
     assert_eq!(again.status.restarts, 1);
     assert!(page_shows(again.nics[0].ip.unwrap(), "survives the crash"));
+    let mut seen = vec![];
+    while !seen.ends_with(&["restarting", "starting", "ready"].map(String::from)) {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the follower saw only {seen:?}"));
+        let line: vroom_types::EventLine = serde_json::from_str(&line).unwrap();
+        if let vroom_types::EventLine::Event(e) = line {
+            if e.action == "restarting" {
+                assert_eq!(e.actor, "vroomd");
+                assert!(e.message.is_some(), "{e:?}");
+            }
+            seen.push(e.action);
+        }
+    }
+    assert_eq!(seen[0], "applied", "the config change came first: {seen:?}");
+    let _ = follower.kill();
+    let _ = follower.wait();
     let parked = env.instance("parked");
     assert_eq!(
         parked.status.state,
@@ -683,4 +751,17 @@ fn recipe_built_image_boots_and_bad_recipes_fail_first() {
         .contains("unknown image"));
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after rm");
+}
+
+/// The event log's history, as `vroom events --json ARGS` prints it.
+fn events(env: &Env, args: &[&str]) -> Vec<vroom_types::Event> {
+    let mut all = vec!["events", "--json"];
+    all.extend_from_slice(args);
+    env.ok(&all)
+        .lines()
+        .filter_map(|line| match serde_json::from_str(line).unwrap() {
+            vroom_types::EventLine::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect()
 }
