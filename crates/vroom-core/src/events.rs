@@ -145,7 +145,7 @@ impl EventLog {
         };
         tracing::debug!(target: "vroom::events", seq = event.seq, kind = %event.kind,
             action = %event.action, name = %event.name, "event");
-        if let Err(e) = crate::engine::blocking(|| self.store.append_event(&event, KEPT_EVENTS)) {
+        if let Err(e) = crate::blocking::blocking(|| self.store.append_event(&event, KEPT_EVENTS)) {
             tracing::warn!(error = %e, seq = event.seq, "cannot save an event; it is kept in memory only");
         }
         kept.events.push_back(event.clone());

@@ -6,6 +6,7 @@
 //! [`images::ImageSource`]; the `vroom` binary wires real implementations in.
 
 pub mod agent;
+mod blocking;
 pub mod cluster;
 pub mod console;
 pub mod driver;
