@@ -194,6 +194,18 @@ fn check(env: &Env, tour: &mut Tour, command: &str, stdout: &str) {
                 assert!(stdout.contains(name), "ps lists {name}: {stdout}");
             }
         }
+        "vroom events -n 5" => {
+            let lines: Vec<&str> = stdout.lines().collect();
+            assert_eq!(lines.len(), 5, "{stdout}");
+            // The room's exposure was among the last changes, by the user.
+            assert!(
+                lines.iter().any(|l| l.contains(" room ")
+                    && l.contains(" exposed ")
+                    && l.contains(" acme ")
+                    && l.contains(" by=uid:")),
+                "{stdout}"
+            );
+        }
         "vroom room rm --force acme" => {
             let rooms: Vec<Room> = serde_json::from_str(&env.ok(&["room", "ls", "--json"])).unwrap();
             assert!(rooms.is_empty(), "{rooms:?}");
