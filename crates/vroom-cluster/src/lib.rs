@@ -8,6 +8,9 @@
 //! - [`schedule`]: pure placement by free memory and anti-affinity;
 //! - [`service`]: the API's way into the cluster ([`Clustered`], a
 //!   `Vroomd`);
+//! - [`tls`]: the cluster's CA and the certificates of the TCP API;
+//! - [`peer_auth`]: the proof every peer connection gives before its
+//!   hello is acted on (a MAC keyed by the cluster's peer secret);
 //! - [`node`]: a node's membership (lease and keepalive), the leader's
 //!   scheduler, ownership claims under a fencing token, and the reconcile
 //!   loop that makes the local engine run what this node owns.
@@ -25,6 +28,7 @@
 pub mod guard;
 pub mod model;
 pub mod node;
+pub mod peer_auth;
 pub mod schedule;
 pub mod service;
 pub mod store;

@@ -2,6 +2,9 @@
 //!
 //! Every key is under `/vroom/`:
 //! - `cluster`: the [`ClusterInfo`], written once by `vroom cluster init`;
+//! - `ca`: the cluster's CA, certificate and key ([`crate::tls`]);
+//! - `peer-secret`: the key every peer connection proves its hello with
+//!   ([`crate::peer_auth`]);
 //! - `nodes/<node>`: a live node's [`NodeRecord`], bound to its lease;
 //! - `cordon/<node>`: present while a node is cordoned;
 //! - `leader`: the leader's name, bound to its lease;

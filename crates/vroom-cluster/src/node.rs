@@ -39,6 +39,7 @@ use vroom_types::{
 
 use crate::guard::GuardLink;
 use crate::model::*;
+use crate::peer_auth::PeerKey;
 use crate::schedule::{self, Candidate, NodeState, Pending, Resident};
 use crate::store::etcd::Etcd;
 use crate::store::{json, Compare, Kv, Op, Store, StoreError, Txn};
@@ -100,6 +101,9 @@ pub struct ClusterNode {
     name: String,
     advertise: String,
     info: ClusterInfo,
+    /// Proves this node's hellos to its peers and checks theirs
+    /// ([`crate::peer_auth`]).
+    peer_key: PeerKey,
     data_dir: PathBuf,
     engine: Arc<Engine>,
     lease: AtomicI64,
@@ -171,7 +175,7 @@ impl ClusterNode {
     fn assemble(
         engine: Arc<Engine>,
         store: Arc<dyn Store>,
-        info: ClusterInfo,
+        (info, peer_key): (ClusterInfo, PeerKey),
         (name, advertise): (String, String),
         data_dir: PathBuf,
         guard: Option<GuardLink>,
@@ -183,6 +187,7 @@ impl ClusterNode {
             name,
             advertise,
             info,
+            peer_key,
             data_dir,
             engine,
             lease: AtomicI64::new(0),

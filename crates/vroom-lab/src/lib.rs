@@ -509,6 +509,15 @@ impl Lab {
         Ok(ns)
     }
 
+    /// The value at `key`, as text.
+    pub fn etcd_get(&self, key: &str) -> Option<String> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = format!(r#"{{"key":"{}"}}"#, b64.encode(key));
+        let v = (0..3).find_map(|m| self.gateway(m, "/v3/kv/range", &body))?;
+        let value = b64.decode(v["kvs"][0]["value"].as_str()?).ok()?;
+        Some(String::from_utf8_lossy(&value).into_owned())
+    }
+
     /// Writes `value` at `key` (as another etcd client would).
     pub fn etcd_put(&self, key: &str, value: &str) -> bool {
         let b64 = base64::engine::general_purpose::STANDARD;

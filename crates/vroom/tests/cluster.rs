@@ -1453,6 +1453,41 @@ fn write_until_power_loss(
     acked
 }
 
+/// Says `hello` as one raw line, without the handshake's proof, to node
+/// `to`'s peer port: from node `from`'s namespace (its own address), or
+/// from the host (`None`: the underlay's `.1`, no node's). Returns all
+/// that came back before the node closed the connection.
+fn unproven_hello(lab: &Lab, from: Option<usize>, to: usize, hello: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{} && printf '%s\\n' \"$0\" >&3 && timeout 10 cat <&3",
+        lab.nodes[to].ip,
+        vroom_cluster::node::PEER_PORT
+    );
+    let mut cmd = match from {
+        Some(i) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &lab.nodes[i].ns, "bash"]);
+            cmd
+        }
+        None => Command::new("bash"),
+    };
+    let out = cmd.args(["-c", &script, hello]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts that node `to` refused an unproven hello (`answer` is what came
+/// back): a challenge, then the verdict, and nothing of what was asked.
+fn assert_refused(lab: &Lab, to: usize, answer: &str, what: &str) {
+    let lines: Vec<&str> = answer.lines().collect();
+    assert!(
+        lines.len() == 2
+            && lines[0].contains(r#""nonce":"#)
+            && lines[1] == r#"{"verdict":"refused","reason":"not authenticated"}"#,
+        "{what}: node {} answered {answer:?}",
+        lab.nodes[to].name
+    );
+}
+
 #[test]
 fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     let _quiet = quiet_host();
@@ -1476,6 +1511,35 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
         state, "outdated",
         "a replica is not up to date before its first copy"
     );
+    // The peer port acts on no hello without its proof, even one from the
+    // primary's own address: n2 makes no copy of `data` and serves none
+    // (an outdated replica is emptied and served to its primary), and
+    // sends no image to a host that is no node.
+    let replica = r#"{"kind":"replica","volume":"data","primary":"n1","empty":true}"#;
+    let answer = unproven_hello(&lab, Some(0), 1, replica);
+    assert_refused(&lab, 1, &answer, "a replica asked for without a proof");
+    let images: serde_json::Value =
+        serde_json::from_str(&lab.ok(1, &["--json", "image", "ls"])).unwrap();
+    let image = images[0]["id"].as_str().unwrap();
+    let answer = unproven_hello(
+        &lab,
+        None,
+        1,
+        &format!(r#"{{"kind":"image","id":"{image}"}}"#),
+    );
+    assert_refused(&lab, 1, &answer, "an image asked for without a proof");
+    let out = lab.ok(1, &["--json", "volume", "inspect", "data"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"].as_str(), Some(""), "n2 made a copy of data: {out}");
+    assert!(lab.nbd_servers(1).is_empty(), "n2 serves a copy");
+    let log = lab.log(1);
+    for from in [lab.nodes[0].ip.clone(), format!("{}.1", lab.net)] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("refused a peer connection") && l.contains(&from)),
+            "n2 logged no refusal of {from}:\n{log}"
+        );
+    }
     lab.ok(
         0,
         &[
@@ -1580,6 +1644,30 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     lab.ok(on, &["stop", "h1"]);
     let (a, b) = (copy_of(&lab, 0, "data"), copy_of(&lab, 1, "data"));
     assert_same_copies(&a, &b, "after the resync");
+
+    // The replica's copy (n1's) recorded outdated, as after a fault: an
+    // unproven hello from the primary's address would have it emptied and
+    // served. It is refused, and the copy keeps its bytes.
+    let record = lab.etcd_get("/vroom/volumes/data").unwrap();
+    let outdated = record.replace(r#""state":"up_to_date""#, r#""state":"outdated""#);
+    assert_ne!(record, outdated, "{record}");
+    assert!(lab.etcd_put("/vroom/volumes/data", &outdated));
+    let servers = lab.nbd_servers(0);
+    let replica = r#"{"kind":"replica","volume":"data","primary":"n2","empty":true}"#;
+    let answer = unproven_hello(&lab, Some(on), 0, replica);
+    assert_refused(
+        &lab,
+        0,
+        &answer,
+        "an outdated replica asked for without a proof",
+    );
+    // (The last replication's server may still be there, or gone.)
+    let now = lab.nbd_servers(0);
+    assert!(
+        now.iter().all(|pid| servers.contains(pid)),
+        "n1 serves its copy anew: {servers:?} then {now:?}"
+    );
+    assert_same_copies(&a, &b, "after an unproven hello");
 }
 
 #[test]

@@ -19,11 +19,13 @@ pub async fn init_store(store: &dyn Store) -> Result<ClusterInfo, String> {
         lease_ttl_ms: LEASE_TTL_SECS as u64 * 1000,
     };
     let ca = crate::tls::Ca::generate(&info.id)?;
+    let peer_secret = crate::peer_auth::PeerSecret::generate()?;
     let txn = Txn::new()
         .when([Compare::create_revision(CLUSTER, 0)])
         .and_then([
             Op::put(CLUSTER, json(&info)),
             Op::put(crate::tls::CA_KEY, json(&ca)),
+            Op::put(crate::peer_auth::PEER_SECRET_KEY, json(&peer_secret)),
         ]);
     let resp = store.txn(txn).await.map_err(|e| e.to_string())?;
     if resp.succeeded() {
@@ -86,6 +88,9 @@ impl ClusterNode {
                 ));
             }
         }
+        let peer_key = crate::peer_auth::ensure_peer_key(etcd.as_ref())
+            .await
+            .map_err(|e| format!("cannot join: {e}"))?;
         let file = opts.data_dir.join(MEMBERSHIP_FILE);
         let remembered: Option<Membership> = std::fs::read(&file)
             .ok()
@@ -111,7 +116,7 @@ impl ClusterNode {
         let node = ClusterNode::assemble(
             engine,
             etcd,
-            info,
+            (info, peer_key),
             (opts.node.to_string(), opts.advertise.clone()),
             opts.data_dir.clone(),
             Some(guard),
@@ -196,10 +201,11 @@ impl ClusterNode {
             .map_err(|e| format!("cannot join: {e}"))?
             .map(|(info, _)| info)
             .ok_or("no cluster in the store: init_store it first")?;
+        let peer_key = crate::peer_auth::ensure_peer_key(store.as_ref()).await?;
         let node = ClusterNode::assemble(
             engine,
             store,
-            info,
+            (info, peer_key),
             (name.to_string(), "127.0.0.1".to_string()),
             data_dir.to_path_buf(),
             None,

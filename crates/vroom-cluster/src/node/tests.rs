@@ -821,3 +821,5 @@ async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
         refused.message
     );
 }
+
+mod peers;

@@ -709,9 +709,10 @@ impl ClusterNode {
                 let node = self.arc();
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
+                let replica = volume.replica.clone();
                 let task = tokio::spawn(async move {
                     let ended = node
-                        .run_replication(&instance, &volume_name, token, &peer, resume)
+                        .run_replication(&instance, &volume_name, token, (&replica, &peer), resume)
                         .await;
                     match ended {
                         Ended::Quietly => {}
@@ -821,7 +822,7 @@ impl ClusterNode {
         instance: &str,
         volume: &str,
         token: i64,
-        peer: &str,
+        replica: (&str, &str),
         resume: bool,
     ) -> Ended {
         let now = now_secs();
@@ -845,7 +846,7 @@ impl ClusterNode {
         // the record no longer says up to date.
         let control = self.relay_control(volume);
         release_relay(&control);
-        let conn = match self.connect_replica(volume, peer, !resume).await {
+        let conn = match self.connect_replica(volume, replica, !resume).await {
             Ok(conn) => conn,
             Err(e) => return Ended::Fault(e),
         };
@@ -897,7 +898,7 @@ impl ClusterNode {
                 return Ended::Fault(e.to_string());
             }
         }
-        tracing::info!(%volume, %instance, replica = %peer, resume, "replicating");
+        tracing::info!(%volume, %instance, replica = %replica.0, at = %replica.1, resume, "replicating");
         let mut up_to_date = false;
         let mut seen_job = false;
         loop {
@@ -1035,31 +1036,30 @@ impl ClusterNode {
         }
     }
 
-    /// Asks the replica's node to serve its copy, and connects to it.
-    async fn connect_replica(
+    /// Asks node `replica` (at `peer`) to serve its copy, and connects to it.
+    pub(super) async fn connect_replica(
         &self,
         volume: &str,
-        peer: &str,
+        (replica, peer): (&str, &str),
         empty: bool,
     ) -> Result<TcpStream, String> {
+        let hello = Hello::Replica {
+            volume: volume.to_string(),
+            primary: self.name.clone(),
+            empty,
+        };
         let ask = async {
-            let mut stream = TcpStream::connect(peer).await?;
-            let hello = Hello::Replica {
-                volume: volume.to_string(),
-                primary: self.name.clone(),
-                empty,
-            };
-            stream.write_all(&line(&hello)).await?;
+            let stream = self.connect_peer(replica, peer, &hello).await?;
             let mut answer = String::new();
             tokio::io::BufReader::new(stream)
                 .read_line(&mut answer)
-                .await?;
-            Ok::<_, std::io::Error>(answer)
+                .await
+                .map_err(|e| format!("cannot ask {peer} to serve the replica: {e}"))?;
+            Ok::<_, String>(answer)
         };
         let answer = tokio::time::timeout(Duration::from_secs(30), ask)
             .await
-            .map_err(|_| format!("node at {peer} did not answer"))?
-            .map_err(|e| format!("cannot ask {peer} to serve the replica: {e}"))?;
+            .map_err(|_| format!("node at {peer} did not answer"))??;
         let addr = match serde_json::from_str(&answer) {
             Ok(ReplicaReply::Serving { addr }) => addr,
             Ok(ReplicaReply::Refused { reason }) => return Err(reason),
@@ -1073,9 +1073,10 @@ impl ClusterNode {
         Ok(conn)
     }
 
-    /// A primary asks this node to serve its copy of `volume`: only the
-    /// node the record names as primary, to the node it names as replica,
-    /// and never a copy the record calls up to date (serving empties it).
+    /// Proven node `primary` asks this node to serve its copy of `volume`:
+    /// only the node the record names as primary, to the node it names as
+    /// replica (checked before the hello was accepted, and again here), and
+    /// never a copy the record calls up to date (serving empties it).
     pub(super) async fn serve_replica(
         &self,
         mut stream: TcpStream,
@@ -1093,12 +1094,13 @@ impl ClusterNode {
         let _ = stream.write_all(&line(&reply)).await;
     }
 
-    async fn check_and_serve(
+    /// The record of `volume`, when this node keeps its replica for node
+    /// `primary`.
+    pub(super) async fn replica_record(
         &self,
         volume: &str,
         primary: &str,
-        empty: bool,
-    ) -> Result<SocketAddr, String> {
+    ) -> Result<VolumeRecord, String> {
         let kv = self
             .store
             .get(&key(VOLUMES, volume))
@@ -1112,6 +1114,16 @@ impl ClusterNode {
                 record.primary, record.replica, self.name
             ));
         }
+        Ok(record)
+    }
+
+    async fn check_and_serve(
+        &self,
+        volume: &str,
+        primary: &str,
+        empty: bool,
+    ) -> Result<SocketAddr, String> {
+        let record = self.replica_record(volume, primary).await?;
         if record.state == ReplicaState::UpToDate {
             return Err(format!(
                 "volume {volume}'s replica here is up to date; it is not served for a new copy"

@@ -5,7 +5,6 @@
 use std::os::fd::OwnedFd;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use vroom_core::LiveOutgoing;
 
 use super::*;
@@ -286,13 +285,6 @@ impl ClusterNode {
         peer: &str,
     ) -> Result<(vroom_core::driver::LiveStats, u64), String> {
         let to = &record.to;
-        let connect = || async {
-            match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(peer)).await {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(e)) => Err(format!("cannot reach node {to} at {peer}: {e}")),
-                Err(_) => Err(format!("cannot reach node {to} at {peer}: timed out")),
-            }
-        };
         // Its splices and mirrors go too: recorded as they are now, for the
         // destination to make before the VM arrives.
         let wiring = self.engine.wiring_to_carry(name).map_err(|e| e.message)?;
@@ -305,17 +297,16 @@ impl ClusterNode {
             + Duration::from_secs(
                 appliances * (vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
             );
-        let control = connect().await?;
-        let (reader, mut writer) = control.into_split();
-        let mut reader = tokio::io::BufReader::new(reader);
-        let gone = |e: std::io::Error| format!("node {to} {WENT_AWAY}: {e}");
         let hello = Hello::Control {
             instance: name.to_string(),
             migration: record.id.clone(),
             secret: record.secret.clone(),
             ready: self.engine.guest_ready(name).await,
         };
-        writer.write_all(&line(&hello)).await.map_err(gone)?;
+        let control = self.connect_peer(to, peer, &hello).await?;
+        let (reader, mut writer) = control.into_split();
+        let mut reader = tokio::io::BufReader::new(reader);
+        let gone = |e: std::io::Error| format!("node {to} {WENT_AWAY}: {e}");
         match read_control(&mut reader, to, ready_within).await? {
             Control::Ready => {}
             Control::Refused { reason } | Control::Failed { reason } => {
@@ -323,12 +314,11 @@ impl ClusterNode {
             }
             other => return Err(format!("node {to} said {other:?} out of turn")),
         }
-        let mut data = connect().await?;
         let hello = Hello::Data {
             migration: record.id.clone(),
             secret: record.secret.clone(),
         };
-        data.write_all(&line(&hello)).await.map_err(gone)?;
+        let data = self.connect_peer(to, peer, &hello).await?;
         let _ = data.set_nodelay(true);
         let data = OwnedFd::from(into_blocking(data).map_err(gone)?);
         let sent: LiveOutgoing = match self.engine.send_live(name, data).await {

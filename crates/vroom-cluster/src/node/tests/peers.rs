@@ -1,0 +1,252 @@
+//! The peer port's handshake on real loopback connections: node `b`
+//! serves its peer port on a free port of 127.0.0.1 (every node of the
+//! fleet is advertised there), and a test plays its peers, good and bad.
+//! A volume kept on `a` (primary) and `b` (replica), outdated, so that a
+//! `Replica` hello that got through would empty and serve b's copy.
+
+use std::net::SocketAddr;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use super::super::peers::read_json_line;
+use super::*;
+use crate::peer_auth::{Challenge, PeerKey, PeerSecret, SignedHello, Verdict};
+
+/// Serves node `name`'s peer port on a free loopback port.
+async fn listen(fleet: &Fleet, name: &str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(fleet.node(name).serve_peers(listener));
+    addr
+}
+
+/// A connection to `to` from address `source`.
+async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// What a test answers a challenge with.
+type Answer = Box<dyn FnOnce(&Challenge) -> SignedHello + Send>;
+
+/// Reads the challenge on `stream`, answers it with what `answer` makes of
+/// it, and returns the verdict.
+async fn handshake(
+    stream: &mut TcpStream,
+    answer: impl FnOnce(&Challenge) -> SignedHello,
+) -> Verdict {
+    let challenge: Challenge = read_json_line(stream).await.unwrap();
+    stream.write_all(&line(&answer(&challenge))).await.unwrap();
+    read_json_line(stream).await.unwrap()
+}
+
+fn text(hello: &Hello) -> String {
+    String::from_utf8(json(hello)).unwrap()
+}
+
+fn replica_hello(primary: &str) -> Hello {
+    Hello::Replica {
+        volume: "data".into(),
+        primary: primary.into(),
+        empty: true,
+    }
+}
+
+/// Node `name`'s copy of volume `volume`: its file.
+fn copy_file(fleet: &Fleet, name: &str, volume: &str) -> std::path::PathBuf {
+    let engine = &fleet.member(name).engine.engine;
+    let id = engine.volume(volume).unwrap().id;
+    vroom_volume::data::volume_file(&engine.config().data_dir.join("volumes"), &id)
+}
+
+/// A node's proven hellos pass: an image fetched (b has none by that id:
+/// it says so, past the handshake) and a replica asked for by the
+/// volume's primary (refused only because b's copy is up to date, which
+/// b checks after admitting the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proven_hello_is_admitted() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
+    let addr = listen(&fleet, "b").await.to_string();
+    let a = fleet.node("a");
+    let id = "0".repeat(64);
+    assert_eq!(a.fetch_image(&id, ("b", &addr)).await, Ok(false));
+    let err = a
+        .connect_replica("data", ("b", &addr), true)
+        .await
+        .unwrap_err();
+    assert!(err.contains("is up to date"), "{err}");
+    // The node a client meant is the one that answers.
+    let err = a.fetch_image(&id, ("c", &addr)).await.unwrap_err();
+    assert!(err.contains("node b answers at node c's address"), "{err}");
+}
+
+/// Every hello that is not proven by a live node from its own address, or
+/// asks for a replica its node is not the primary of, is refused, and
+/// nothing changes: the replica's copy keeps its bytes, and a copy b lacks
+/// is not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
+    let fleet = Fleet::new(&["a", "b", "c"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
+    // Another volume whose replica b has no copy of yet: serving makes one.
+    let mut fresh = volume_record(&fleet, "data").await;
+    fresh.name = "fresh".into();
+    fleet
+        .store
+        .put(&key(VOLUMES, "fresh"), json(&fresh))
+        .await
+        .unwrap();
+    let copy = copy_file(&fleet, "b", "data");
+    {
+        // Bytes that emptying would take away.
+        let mut file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+        std::io::Write::write_all(&mut file, b"b's copy before any hello").unwrap();
+    }
+    let before = std::fs::read(&copy).unwrap();
+    let addr = listen(&fleet, "b").await;
+    let proof_key = fleet.node("a").peer_key.clone();
+    let wrong_key = PeerSecret::generate().unwrap().key();
+    let not_authenticated = "not authenticated";
+
+    // A hello without a proof, said at once (as vroom before the handshake did).
+    for volume in ["data", "fresh"] {
+        let mut raw = connect_from("127.0.0.1", addr).await;
+        let hello = Hello::Replica {
+            volume: volume.into(),
+            primary: "a".into(),
+            empty: true,
+        };
+        raw.write_all(&line(&hello)).await.unwrap();
+        let _: Challenge = read_json_line(&mut raw).await.unwrap();
+        let verdict: Verdict = read_json_line(&mut raw).await.unwrap();
+        assert_eq!(
+            verdict,
+            Verdict::Refused {
+                reason: not_authenticated.into()
+            },
+            "an unproven hello for {volume}"
+        );
+    }
+
+    // A proof made for another connection (its nonce), replayed here.
+    let mut first = connect_from("127.0.0.1", addr).await;
+    let first_challenge: Challenge = read_json_line(&mut first).await.unwrap();
+    let captured = SignedHello::new(&proof_key, &first_challenge, "a", text(&replica_hello("a")));
+    drop(first);
+
+    let proven = |key: &PeerKey, client: &str, hello: Hello| -> Answer {
+        let (key, client) = (key.clone(), client.to_string());
+        Box::new(move |c| SignedHello::new(&key, c, &client, text(&hello)))
+    };
+    let altered = {
+        let image = Hello::Image { id: "0".repeat(64) };
+        let proven_image = proven(&proof_key, "a", image);
+        Box::new(move |c: &Challenge| {
+            let mut signed = proven_image(c);
+            signed.hello = text(&replica_hello("a"));
+            signed
+        })
+    };
+    let cases: Vec<(&str, &str, Answer, &str)> = vec![
+        (
+            "another cluster's secret",
+            "127.0.0.1",
+            proven(&wrong_key, "a", replica_hello("a")),
+            not_authenticated,
+        ),
+        (
+            "a proof replayed from another connection",
+            "127.0.0.1",
+            Box::new(move |_| captured),
+            not_authenticated,
+        ),
+        (
+            "a hello altered after it was proven",
+            "127.0.0.1",
+            altered,
+            not_authenticated,
+        ),
+        (
+            "a node that is not in the cluster",
+            "127.0.0.1",
+            proven(&proof_key, "z", replica_hello("z")),
+            "node z is not a live member of the cluster",
+        ),
+        (
+            "a node at another address than its own",
+            "127.0.0.2",
+            proven(&proof_key, "a", replica_hello("a")),
+            "node a is advertised at 127.0.0.1, not at 127.0.0.2",
+        ),
+        (
+            "a node that is not the volume's primary",
+            "127.0.0.1",
+            proven(&proof_key, "c", replica_hello("c")),
+            "volume data's copies are on a (primary) and b (replica), not c and b",
+        ),
+        (
+            "a node asking in the primary's name",
+            "127.0.0.1",
+            proven(&proof_key, "c", replica_hello("a")),
+            "node c asked for volume data's replica for node a",
+        ),
+    ];
+    for (what, source, answer, reason) in cases {
+        let mut stream = connect_from(source, addr).await;
+        let verdict = handshake(&mut stream, answer).await;
+        assert_eq!(
+            verdict,
+            Verdict::Refused {
+                reason: reason.into()
+            },
+            "{what}"
+        );
+    }
+
+    // A migration's control connection from a node that is not its source.
+    fleet
+        .store
+        .put(
+            &key(MIGRATIONS, "web"),
+            json(&MigrationRecord {
+                id: "m1".into(),
+                from: "a".into(),
+                to: "b".into(),
+                token: 1,
+                secret: "s".into(),
+                requested_at: now_secs(),
+                state: MigrationState::Requested,
+            }),
+        )
+        .await
+        .unwrap();
+    let control = Hello::Control {
+        instance: "web".into(),
+        migration: "m1".into(),
+        secret: "s".into(),
+        ready: true,
+    };
+    let mut stream = connect_from("127.0.0.1", addr).await;
+    let verdict = handshake(&mut stream, |c| {
+        SignedHello::new(&proof_key, c, "c", text(&control))
+    })
+    .await;
+    assert_eq!(
+        verdict,
+        Verdict::Refused {
+            reason: "the migration of web comes from node a, not c".into()
+        }
+    );
+
+    let b = &fleet.member("b").engine.engine;
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "a refused hello changed b's copy"
+    );
+    assert!(b.volume("fresh").is_err(), "a refused hello made a copy");
+}
