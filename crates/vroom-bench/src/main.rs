@@ -6,6 +6,7 @@
 
 mod boot;
 mod density;
+mod events;
 mod failover;
 mod fio;
 mod images;
@@ -143,6 +144,16 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// What the event log costs vroomd (CPU per change with live followers
+    /// against none) and how soon a follower hears of a change.
+    Events {
+        /// Changes (a network created and removed) per case.
+        #[arg(short = 'n', long, default_value_t = 200)]
+        changes: usize,
+        /// Live followers of the event log.
+        #[arg(long, default_value_t = 10)]
+        followers: usize,
+    },
     /// Build every recipe in a directory cold and cached, boot each, and
     /// compare the firewall with a debootstrap minbase root.
     Images {
@@ -203,6 +214,9 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
             tb_runs,
         } => density::density(data_dir, *budget, *count, *tb_runs).await,
         Bench::Splice { runs } => splice::splice(data_dir, *runs).await,
+        Bench::Events { changes, followers } => {
+            events::events(data_dir, *changes, *followers).await
+        }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
         Bench::Failover { runs } => failover::failover(*runs).await,
         Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,
