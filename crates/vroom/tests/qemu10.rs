@@ -166,3 +166,58 @@ fn hello_migrates_between_nodes_on_qemu_10() {
     assert_eq!(sh(1, memory), before, "the guest's memory moved");
     lab.ok(1, &["rm", "-f", "m"]);
 }
+
+/// A QEMU older than 7.2, or one without the microvm machine, is refused
+/// by `vroom setup` and by `run`, in one line naming the binary and its
+/// version; the failed run leaves nothing behind.
+#[test]
+fn old_or_microvm_less_qemus_are_refused_by_name_and_version() {
+    let dir = tempfile::Builder::new()
+        .prefix("vroom-q10-fake")
+        .tempdir()
+        .unwrap();
+    let fake = |name: &str, version: &str, machines: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in\n-version) echo 'QEMU emulator version {version}';;\n-machine) printf 'Supported machines are:\\n{machines}\\n';;\n*) exit 1;;\nesac\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        path.display().to_string()
+    };
+    let old = fake("qemu-old", "7.1.0", "microvm   microvm (i386)");
+    let plain = fake("qemu-plain", "9.2.0", "pc   Standard PC");
+    for (binary, said) in [
+        (
+            &old,
+            format!("{old} is QEMU 7.1.0; vroom needs QEMU 7.2 or newer"),
+        ),
+        (
+            &plain,
+            format!("{plain} (QEMU 9.2.0) has no microvm machine"),
+        ),
+    ] {
+        let out = std::process::Command::new(vroom_bin())
+            .arg("setup")
+            .env("VROOM_QEMU", binary)
+            .env("VROOM_INIT", init_binary())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert!(!out.status.success());
+        assert!(err.contains(&said), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+
+        let env = Env::with_env("q10old", vec![("VROOM_QEMU", binary.clone())]);
+        env.ok(&["net", "create", "lan", "--subnet", &random_subnet()]);
+        let err = env.fail(&["run", "hello", "--name", "h", "--net", "lan"]);
+        assert!(err.contains(&said), "{err}");
+        assert!(env.ok(&["info"]).contains(&format!("unusable: {said}")));
+        env.ok(&["net", "rm", "lan"]);
+        env.assert_nothing_left("after a refused QEMU");
+    }
+}
