@@ -84,9 +84,17 @@ pub async fn failover(runs: usize) -> Result<()> {
 /// Runs `bench` on a throwaway two-node lab (blocking), showing the end of
 /// every node's log when it fails.
 pub(crate) fn on_lab(bench: impl FnOnce(&Lab) -> Result<()>) -> Result<()> {
+    on_lab_with(vec![], bench)
+}
+
+/// [`on_lab`] with `env` given to every vroom of the lab (`VROOM_QEMU`).
+pub(crate) fn on_lab_with(
+    env: Vec<(String, String)>,
+    bench: impl FnOnce(&Lab) -> Result<()>,
+) -> Result<()> {
     tokio::task::block_in_place(|| {
         let exe = crate::vroomd::vroom_exe()?;
-        let lab = Lab::build(&exe, 'b', 2, vec![]).map_err(anyhow::Error::msg)?;
+        let lab = Lab::build(&exe, 'b', 2, env).map_err(anyhow::Error::msg)?;
         let result = bench(&lab);
         if result.is_err() {
             for node in &lab.nodes {

@@ -11,6 +11,7 @@ mod failover;
 mod fio;
 mod images;
 mod migrate;
+mod qemu;
 mod replicated;
 mod splice;
 mod stats;
@@ -86,6 +87,18 @@ enum Bench {
         /// Repeat the moves with busy loops on every CPU.
         #[arg(long)]
         loaded: bool,
+    },
+    /// The machine's QEMU (the baseline) against QEMU 10 from `vroom setup
+    /// --qemu 10`, in one run: the web appliance's boot to ready and warm
+    /// start to ready (interleaved), and live migration of hello between
+    /// two nodes; ratios QEMU 10 / baseline.
+    Qemu {
+        /// Starts of each kind per QEMU.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+        /// Migrations per QEMU (0: skip the cluster part).
+        #[arg(long, default_value_t = 6)]
+        migrations: usize,
     },
     /// Idle hello appliances, as many as fit a memory budget, on vroom's
     /// kernel and on Debian's (the baseline): host memory (PSS) per
@@ -218,6 +231,7 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
             events::events(data_dir, *changes, *followers).await
         }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
+        Bench::Qemu { runs, migrations } => qemu::qemu(data_dir, *runs, *migrations).await,
         Bench::Failover { runs } => failover::failover(*runs).await,
         Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,
         Bench::Volume {

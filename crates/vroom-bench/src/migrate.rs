@@ -63,12 +63,12 @@ fn json(lab: &Lab, i: usize, args: &[&str]) -> Result<serde_json::Value> {
 
 /// The moves of one case.
 #[derive(Default)]
-struct Moves {
-    totals: Vec<f64>,
-    downtimes: Vec<f64>,
+pub(crate) struct Moves {
+    pub(crate) totals: Vec<f64>,
+    pub(crate) downtimes: Vec<f64>,
     /// Of the moves whose guest answered after them.
     windows: Vec<(Instant, Instant)>,
-    failures: Vec<String>,
+    pub(crate) failures: Vec<String>,
 }
 
 /// Moves instance `name` back and forth `runs` times, starting on node
@@ -189,15 +189,15 @@ fn report(label: &str, mem: u64, m: &Moves, answered: &[Instant], cold: &[f64], 
     );
 }
 
-fn measure(lab: &Lab, runs: usize, mem: Option<u64>, loaded: bool) -> Result<()> {
+/// hello built on both nodes and run cold on n1 as `name`: its address
+/// and memory.
+fn hello_on_n1(lab: &Lab, name: &str, mem_arg: Option<&str>) -> Result<(Ipv4Addr, u64)> {
     for i in 0..2 {
         vroom(lab, i, &["image", "build", "hello"])?;
     }
-    let name = "mig";
-    let mem_arg = mem.map(|m| format!("{m}M"));
     let mut run = vec!["run", "hello", "--name", name, "--cold", "--node", "n1"];
-    if let Some(m) = &mem_arg {
-        run.extend(["--mem", m.as_str()]);
+    if let Some(m) = mem_arg {
+        run.extend(["--mem", m]);
     }
     vroom(lab, 0, &run)?;
     let instance = json(lab, 0, &["inspect", name])?;
@@ -205,7 +205,23 @@ fn measure(lab: &Lab, runs: usize, mem: Option<u64>, loaded: bool) -> Result<()>
         .as_str()
         .context("the instance has no address")?
         .parse()?;
-    let mem = instance["mem_mib"].as_u64().unwrap_or(0);
+    Ok((ip, instance["mem_mib"].as_u64().unwrap_or(0)))
+}
+
+/// hello moved back and forth `runs` times between the lab's nodes, with
+/// no client probing (`vroom bench qemu`).
+pub(crate) fn move_hello(lab: &Lab, runs: usize) -> Result<Moves> {
+    let (ip, _) = hello_on_n1(lab, "mig", None)?;
+    let ip = ip.to_string();
+    wait(Duration::from_secs(60), || lab.page_from(0, &ip)).context("hello never answered")?;
+    let mut at = 0;
+    moves(lab, "mig", &ip, runs, &mut at)
+}
+
+fn measure(lab: &Lab, runs: usize, mem: Option<u64>, loaded: bool) -> Result<()> {
+    let name = "mig";
+    let mem_arg = mem.map(|m| format!("{m}M"));
+    let (ip, mem) = hello_on_n1(lab, name, mem_arg.as_deref())?;
     let net = json(lab, 0, &["net", "inspect", "default"])?;
     let bridge = net["bridge"].as_str().context("no bridge")?;
     let subnet: vroom_types::Ipv4Net = net["subnet"].as_str().context("no subnet")?.parse()?;

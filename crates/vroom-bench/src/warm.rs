@@ -84,7 +84,7 @@ pub(crate) fn one_nic_request(
 }
 
 /// Request to ready, in seconds; the instance's `started_from`.
-async fn start(client: &Client, req: &RunRequest) -> Result<(f64, Option<String>)> {
+pub(crate) async fn start(client: &Client, req: &RunRequest) -> Result<(f64, Option<String>)> {
     let t0 = Instant::now();
     client.run(req).await?;
     let name = req.spec.name.as_str();

@@ -74,6 +74,10 @@ pub struct VmProcess {
 pub enum LaunchVmError {
     #[error("{binary} not found; run `vroom setup` to install it")]
     VmmMissing { binary: String },
+    /// Too old, or without the microvm machine: the reason names the binary
+    /// and its version.
+    #[error("{reason}")]
+    VmmUnsupported { reason: String },
     #[error("kernel {path} not found; run `vroom setup` to fetch it")]
     KernelMissing { path: PathBuf },
     #[error("KVM was requested but is not usable here: {reason}")]

@@ -258,7 +258,14 @@ fn enter_and_exec(
     )?;
     let mut env_var = format!("{RUN_DIR_ENV}=").into_bytes();
     env_var.extend_from_slice(spec.run_dir.as_os_str().as_bytes());
-    let env = cstrings([env_var])?;
+    let env = cstrings(
+        std::iter::once(env_var).chain(
+            spec.env
+                .iter()
+                .filter(|(k, _)| k != RUN_DIR_ENV)
+                .map(|(k, v)| format!("{k}={v}").into_bytes()),
+        ),
+    )?;
     let program = cstrings([spec.program.as_os_str().as_bytes().to_vec()])?.remove(0);
     if let Some(iso) = &spec.isolation {
         let hierarchy =

@@ -84,6 +84,10 @@ pub struct JailSpec {
     pub program: PathBuf,
     /// QEMU's arguments (argv[1..]).
     pub args: Vec<String>,
+    /// QEMU's environment beside [`RUN_DIR_ENV`] (a QEMU in a private
+    /// prefix is told its module dir); absent from older specs.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
     /// Opened by the jailer and handed over as fds `FIRST_FD + index`.
     pub fds: Vec<FdSource>,
     /// QEMU's stdout and stderr (truncated at each launch).

@@ -57,11 +57,15 @@ pub fn host_tsc_khz(cpuinfo: &str) -> Option<u64> {
     Some((mhz * 1000.0) as u64).filter(|k| *k > 0)
 }
 
-/// Where QEMU finds the kernel and initramfs.
+/// Where QEMU finds the kernel and initramfs, and its firmware.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootFiles {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// `-L` dirs, searched before QEMU's built-in ones: those of a QEMU
+    /// unpacked into a private prefix (see [`crate::vmm`]); empty for the
+    /// system's.
+    pub data_dirs: Vec<PathBuf>,
 }
 
 /// The fd numbers QEMU is given (see [`crate::jail::plan`]).
@@ -149,6 +153,9 @@ pub fn qemu_args(
     ];
     if sandbox {
         args.extend(["-sandbox".into(), SANDBOX.into()]);
+    }
+    for dir in &boot.data_dirs {
+        args.extend(["-L".into(), p(dir)]);
     }
     args.extend([
         "-chardev".into(),
@@ -297,6 +304,7 @@ pub(crate) mod tests {
 
     fn boot() -> BootFiles {
         BootFiles {
+            data_dirs: vec![],
             kernel: "/vm/kernel".into(),
             initramfs: "/vm/initramfs".into(),
         }

@@ -3,7 +3,7 @@
 //! builds it, the format of `jail.json` and the cgroups are
 //! [`vroom_jail`]'s; see there for what a jail holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vroom_core::driver::LaunchSpec;
 use vroom_jail::cgroup::CgroupSpec;
@@ -30,11 +30,17 @@ pub const READY_TIMEOUT_SECS: u64 = 60;
 /// The jail's place for what vroom puts there.
 const VM_DIR: &str = "/vm";
 
+/// Where the jail binds a QEMU's private prefix (see [`crate::vmm`]), or
+/// a lone binary outside `/usr`.
+const QEMU_IN_JAIL: &str = "/vm/qemu";
+
 /// Plans the launch of one VM: its fds, QEMU's arguments and, when
-/// `isolation` names the uid and gid, its jail.
+/// `isolation` names the uid and gid, its jail. `prefix` is the private
+/// prefix `qemu` was unpacked into ([`crate::vmm::prefix_of`]), if any.
 pub fn plan(
     spec: &LaunchSpec,
     qemu: &Path,
+    prefix: Option<&Path>,
     isolation: Option<(u32, u32)>,
     host: &HostLayout,
     tsc_khz: Option<u64>,
@@ -104,11 +110,13 @@ pub fn plan(
         let boot = BootFiles {
             kernel: spec.kernel.clone(),
             initramfs: spec.initramfs.clone(),
+            data_dirs: prefix.map(crate::vmm::data_dirs_in).unwrap_or_default(),
         };
         return JailSpec {
             run_dir: spec.run_dir.clone(),
             program: qemu.to_path_buf(),
             args: cmdline::qemu_args(spec, &boot, &vmm_fds, false, tsc_khz),
+            env: prefix.map(crate::vmm::env_in).unwrap_or_default(),
             fds,
             log: spec.run_dir.join("qemu.log"),
             qmp_socket,
@@ -118,9 +126,14 @@ pub fn plan(
         };
     };
     let vm = Path::new(VM_DIR);
+    // A private prefix is bound whole: the binary, its firmware, its modules.
+    let prefix_inside = Path::new(QEMU_IN_JAIL);
     let boot = BootFiles {
         kernel: vm.join("kernel"),
         initramfs: vm.join("initramfs"),
+        data_dirs: prefix
+            .map(|_| crate::vmm::data_dirs_in(prefix_inside))
+            .unwrap_or_default(),
     };
     let bind = |source: &Path, path: &Path| JailEntry::Bind {
         source: source.to_path_buf(),
@@ -151,17 +164,25 @@ pub fn plan(
     }
     entries.push(bind(&spec.kernel, &boot.kernel));
     entries.push(bind(&spec.initramfs, &boot.initramfs));
-    let program = if qemu.starts_with("/usr/") {
+    let program = if let Some(prefix) = prefix {
+        entries.push(bind(prefix, prefix_inside));
+        match qemu.strip_prefix(prefix) {
+            Ok(rest) => prefix_inside.join(rest),
+            Err(_) => qemu.to_path_buf(),
+        }
+    } else if qemu.starts_with("/usr/") {
         qemu.to_path_buf()
     } else {
-        let inside = vm.join("qemu");
-        entries.push(bind(qemu, &inside));
-        inside
+        entries.push(bind(qemu, Path::new(QEMU_IN_JAIL)));
+        PathBuf::from(QEMU_IN_JAIL)
     };
     JailSpec {
         run_dir: spec.run_dir.clone(),
         program,
         args: cmdline::qemu_args(spec, &boot, &vmm_fds, true, tsc_khz),
+        env: prefix
+            .map(|_| crate::vmm::env_in(prefix_inside))
+            .unwrap_or_default(),
         fds,
         log: spec.run_dir.join("qemu.log"),
         qmp_socket,
@@ -229,6 +250,7 @@ mod tests {
         let jail = plan(
             &spec(Accel::Tcg),
             Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
             Some((7, 7)),
             &merged_usr(),
             None,
@@ -297,6 +319,7 @@ mod tests {
         let jail = plan(
             &spec,
             Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
             Some((0x5000_0001, 0x5000_0001)),
             &merged_usr(),
             None,
@@ -329,6 +352,7 @@ mod tests {
         let jail = plan(
             &spec(Accel::Tcg),
             Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
             Some((0x5000_0001, 0x5000_0001)),
             &merged_usr(),
             Some(2_000_000),
@@ -385,6 +409,7 @@ mod tests {
         let jail = plan(
             &spec(Accel::Kvm),
             Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
             Some((9, 9)),
             &merged_usr(),
             None,
@@ -405,6 +430,7 @@ mod tests {
         let jail = plan(
             &spec(Accel::Kvm),
             Path::new("/usr/bin/q"),
+            None,
             Some((9, 9)),
             &root_kvm,
             None,
@@ -423,6 +449,7 @@ mod tests {
         let jail = plan(
             &spec(Accel::Tcg),
             Path::new("/opt/qemu/bin/qemu-system-x86_64"),
+            None,
             Some((9, 9)),
             &host,
             None,
@@ -442,11 +469,73 @@ mod tests {
         assert!(!entries.iter().any(|e| matches!(e, JailEntry::Bind { source, .. } if source == Path::new("/etc/ld.so.cache"))));
     }
 
+    /// A QEMU unpacked into a private prefix (`vroom setup --qemu 10`):
+    /// the jail binds the prefix whole and QEMU is told its firmware dirs
+    /// as the jail shows them; unjailed, as the host does.
+    #[test]
+    fn a_qemu_in_a_private_prefix_brings_its_firmware_into_the_jail() {
+        let prefix = Path::new("/var/cache/vroom/qemu/10/usr");
+        let binary = prefix.join("bin/qemu-system-x86_64");
+        let jail = plan(
+            &spec(Accel::Tcg),
+            &binary,
+            Some(prefix),
+            Some((9, 9)),
+            &merged_usr(),
+            None,
+        );
+        assert_eq!(jail.program, Path::new("/vm/qemu/bin/qemu-system-x86_64"));
+        assert_eq!(
+            value_after(&jail.args, "-L"),
+            vec!["/vm/qemu/share/qemu", "/vm/qemu/share/seabios"]
+        );
+        // Its own modules, never the system QEMU's (another build's).
+        assert_eq!(
+            jail.env,
+            vec![(
+                "QEMU_MODULE_DIR".to_string(),
+                "/vm/qemu/lib/x86_64-linux-gnu/qemu".to_string()
+            )]
+        );
+        assert!(jail.isolation.unwrap().entries.contains(&JailEntry::Bind {
+            source: prefix.into(),
+            path: "/vm/qemu".into()
+        }));
+        let unjailed = plan(
+            &spec(Accel::Tcg),
+            &binary,
+            Some(prefix),
+            None,
+            &merged_usr(),
+            None,
+        );
+        assert_eq!(unjailed.program, binary);
+        assert_eq!(
+            value_after(&unjailed.args, "-L"),
+            vec![
+                "/var/cache/vroom/qemu/10/usr/share/qemu",
+                "/var/cache/vroom/qemu/10/usr/share/seabios"
+            ]
+        );
+        // The system's QEMU gets no -L.
+        let system = plan(
+            &spec(Accel::Tcg),
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
+            Some((9, 9)),
+            &merged_usr(),
+            None,
+        );
+        assert!(value_after(&system.args, "-L").is_empty());
+        assert!(system.env.is_empty());
+    }
+
     #[test]
     fn unjailed_keeps_host_paths_and_no_sandbox() {
         let jail = plan(
             &spec(Accel::Tcg),
             Path::new("/usr/bin/qemu-system-x86_64"),
+            None,
             None,
             &merged_usr(),
             None,

@@ -7,10 +7,12 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod compat;
 pub mod jail;
 pub mod qmp;
 pub mod replicate;
 pub mod state;
+pub mod vmm;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::io::unix::AsyncFd;
-use vroom_base::LockExt;
 use vroom_core::driver::{
     ControlVmError, LaunchSpec, LaunchVmError, LiveStats, VmDriver, VmProcess, VmRunState,
 };
@@ -59,16 +60,21 @@ impl QemuDriver {
         }
     }
 
+    /// The QEMU to launch, refused when it is too old or has no microvm
+    /// machine. One that prints no version is let through: its own words
+    /// when it exits at start say more.
     fn binary(&self) -> Result<PathBuf, LaunchVmError> {
-        let missing = || LaunchVmError::VmmMissing {
-            binary: QEMU_BINARY.into(),
-        };
-        match &self.binary {
-            Some(path) if path.is_file() => Ok(path.clone()),
-            Some(path) => Err(LaunchVmError::VmmMissing {
-                binary: path.display().to_string(),
+        let binary = vmm::locate(self.binary.as_deref()).map_err(|e| match e {
+            vmm::CheckVmmError::Missing { binary } => LaunchVmError::VmmMissing { binary },
+            other => LaunchVmError::VmmUnsupported {
+                reason: other.to_string(),
+            },
+        })?;
+        match vmm::probe(&binary).check(&binary) {
+            Ok(()) | Err(vmm::CheckVmmError::Unknown { .. }) => Ok(binary),
+            Err(e) => Err(LaunchVmError::VmmUnsupported {
+                reason: e.to_string(),
             }),
-            None => find_on_path(QEMU_BINARY).ok_or_else(missing),
         }
     }
 }
@@ -176,6 +182,7 @@ impl VmDriver for QemuDriver {
         let plan = jail::plan(
             spec,
             &binary,
+            vmm::prefix_of(&binary).as_deref(),
             isolation,
             &vroom_jail::HostLayout::probe(),
             tsc_khz,
@@ -433,87 +440,11 @@ impl VmDriver for QemuDriver {
     }
 
     fn machine(&self, accel: Accel) -> String {
-        let version = self
-            .binary()
-            .map(|b| qemu_version(&b))
+        let version = vmm::locate(self.binary.as_deref())
+            .map(|b| vmm::version_label(&b))
             .unwrap_or_else(|_| "missing".into());
         format!("qemu-{version}/{MACHINE_LAYOUT}/{accel}")
     }
-}
-
-/// The VMM's version, cached while its binary (path, size, mtime) is the
-/// same: an upgrade while vroomd runs is seen.
-fn qemu_version(binary: &Path) -> String {
-    type Key = (PathBuf, u64, Option<std::time::SystemTime>);
-    static CACHE: std::sync::Mutex<Option<(Key, String)>> = std::sync::Mutex::new(None);
-    let meta = std::fs::metadata(binary).ok();
-    let key: Key = (
-        binary.to_path_buf(),
-        meta.as_ref().map_or(0, |m| m.len()),
-        meta.as_ref().and_then(|m| m.modified().ok()),
-    );
-    let mut cache = CACHE.lock_unpoisoned();
-    if let Some((cached, version)) = cache.as_ref() {
-        if *cached == key {
-            return version.clone();
-        }
-    }
-    let version = probe_version(binary).unwrap_or_else(|| {
-        // Still tells one binary from another.
-        let mtime = key
-            .2
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        format!("unknown-{}-{mtime}", key.1)
-    });
-    *cache = Some((key, version.clone()));
-    version
-}
-
-/// `qemu-system-x86_64 --version`, bounded: 2 s, 4 KiB of output, stderr
-/// discarded, the whole process group killed if it does not end.
-fn probe_version(binary: &Path) -> Option<String> {
-    use std::io::Read;
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(binary)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            _ => {
-                // SAFETY: plain syscall on the child's own process group.
-                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-    let mut out = String::new();
-    child
-        .stdout
-        .take()?
-        .take(4096)
-        .read_to_string(&mut out)
-        .ok()?;
-    parse_version(&out)
-}
-
-/// `QEMU emulator version 7.2.22 (Debian ...)` -> `7.2.22`.
-fn parse_version(output: &str) -> Option<String> {
-    let rest = output.lines().next()?.split("version ").nth(1)?;
-    let version = rest.split_whitespace().next()?;
-    version
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || ".-+~".contains(c))
-        .then(|| version.to_string())
 }
 
 fn control(e: impl std::fmt::Display) -> ControlVmError {
@@ -568,25 +499,6 @@ mod tests {
             assert!(Instant::now() < deadline, "the child never ran sleep");
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    #[test]
-    fn versions_are_read_bounded() {
-        assert_eq!(
-            parse_version(
-                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright"
-            ),
-            Some("7.2.22".into())
-        );
-        assert_eq!(parse_version("garbage"), None);
-        let dir = tempfile::tempdir().unwrap();
-        let flood = dir.path().join("qemu");
-        std::fs::write(&flood, "#!/bin/sh\nyes flood >&2\n").unwrap();
-        std::fs::set_permissions(&flood, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let started = Instant::now();
-        assert!(qemu_version(&flood).starts_with("unknown-"));
-        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -58,6 +58,35 @@ pub struct DaemonInfo {
     /// Whether its API socket was handed over by systemd (socket
     /// activation, `vroomd.socket`) rather than bound by vroomd itself.
     pub socket_activated: bool,
+    /// The QEMU it launches VMs with, as found when it started (absent from
+    /// daemons older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmInfo>,
+}
+
+/// A QEMU binary as vroom sees it: where, which version, and why vroom
+/// cannot use it, if it cannot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmmInfo {
+    pub path: String,
+    /// `7.2.22`, `10.0.2`; absent when the binary printed none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Why VMs cannot run on it (too old, no microvm machine, missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+impl VmmInfo {
+    /// `QEMU 10.0.2 (/path)`, and what is wrong with it, on one line.
+    pub fn describe(&self) -> String {
+        let version = self.version.as_deref().unwrap_or("of unknown version");
+        match &self.problem {
+            None => format!("QEMU {version} ({})", self.path),
+            Some(problem) => format!("unusable: {problem}"),
+        }
+    }
 }
 
 /// Who started a vroomd.

@@ -36,7 +36,7 @@ mod volume;
 
 pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
-    DaemonInfo, DaemonStarter, LogChunk, PackageChange, VersionInfo,
+    DaemonInfo, DaemonStarter, LogChunk, PackageChange, VersionInfo, VmmInfo,
 };
 pub use cluster::{
     ClusterInfo, DrainReport, DrainedInstance, HaPolicy, KeptInstance, MigrateRequest, Migration,

@@ -48,6 +48,11 @@ pub enum Command {
         /// background.
         #[arg(long)]
         wait_kernel: bool,
+        /// Also unpack this QEMU series into a private prefix under the
+        /// cache dir, beside the machine's own (10: QEMU 10.0 from
+        /// bookworm-backports); vroomd runs it when VROOM_QEMU names it.
+        #[arg(long, value_name = "SERIES", value_parser = ["10"])]
+        qemu: Option<String>,
     },
     /// Run vroomd in the foreground (`vroom daemon stop` stops a running one;
     /// its VMs keep running and the next daemon re-adopts them).

@@ -54,7 +54,23 @@ pub async fn run(
     if jail == vroom_qemu::JailMode::Unjailed {
         tracing::warn!("--no-jail: QEMU runs as root without seccomp, cgroup or jail; for benchmarks and debugging only");
     }
-    let driver = QemuDriver::new(std::env::var_os("VROOM_QEMU").map(Into::into), jail);
+    let qemu: Option<std::path::PathBuf> = std::env::var_os("VROOM_QEMU").map(Into::into);
+    // Said once at start (and in `vroom info`): which QEMU, which version.
+    let vmm = {
+        let qemu = qemu.clone();
+        tokio::task::spawn_blocking(move || vroom_qemu::vmm::describe(qemu.as_deref()))
+            .await
+            .context("cannot probe QEMU")?
+    };
+    match &vmm.problem {
+        None => {
+            tracing::info!(path = %vmm.path, version = vmm.version.as_deref().unwrap_or("unknown"), "VMs run on this QEMU")
+        }
+        Some(problem) => {
+            tracing::warn!(%problem, "no VM can start until QEMU is fixed (`vroom setup` checks it)")
+        }
+    }
+    let driver = QemuDriver::new(qemu, jail);
     let images = paths::local_images(data_dir);
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),
@@ -103,7 +119,7 @@ pub async fn run(
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
     // Which daemon this is, in `GET /v1/version` on every listener.
-    let info = launch.info();
+    let info = launch.info(vmm);
     if let Some(node) = &node {
         node.start();
         let config = crate::serve::tls::server_config(&node.tls_dir())

@@ -34,7 +34,8 @@ fn heading(page: &str) -> &str {
 }
 
 pub async fn run(client: &Client, keep: bool) -> Result<()> {
-    crate::setup::run(true, crate::setup::OwnKernelSetup::Leave).context("host setup failed")?;
+    crate::setup::run(true, crate::setup::OwnKernelSetup::Leave, None)
+        .context("host setup failed")?;
     if client.get(INSTANCE).await.is_ok() || client.network(NET).await.is_ok() {
         anyhow::bail!("a demo is already set up; remove it with: vroom rm -f {INSTANCE} && vroom net rm {NET}");
     }

@@ -17,11 +17,24 @@ pub async fn run(data_dir: &Path, json: bool) -> Result<i32> {
         Err(e) => return Err(e.into()),
     };
     let exe = std::env::current_exe().unwrap_or_default();
+    // The answering daemon's QEMU; with none, the one a daemon started
+    // from here would use.
+    let (vmm, whose) = match answer.as_ref().and_then(|a| a.daemon.as_ref()?.vmm.clone()) {
+        Some(vmm) => (vmm, "vroomd's"),
+        None => {
+            let explicit = std::env::var_os("VROOM_QEMU").map(std::path::PathBuf::from);
+            let vmm =
+                tokio::task::spawn_blocking(move || vroom_qemu::vmm::describe(explicit.as_deref()))
+                    .await?;
+            (vmm, "for a daemon started here")
+        }
+    };
     if json {
         let info = serde_json::json!({
             "cli": {"version": env!("CARGO_PKG_VERSION"), "path": exe},
             "socket": socket,
             "guest_init": paths::init_binary(),
+            "qemu": vmm,
             "vroomd": answer,
         });
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -42,5 +55,6 @@ pub async fn run(data_dir: &Path, json: bool) -> Result<i32> {
     }
     println!("socket:     {}", socket.display());
     println!("guest init: {}", paths::init_binary().display());
+    println!("qemu:       {} ({whose})", vmm.describe());
     Ok(0)
 }

@@ -110,13 +110,13 @@ fn main() {
             runtime().block_on(info::run(&cli.data_dir, cli.json))
         }
         Command::GenerateDocs { dir } => docs::generate(dir).map(|()| 0),
-        Command::Setup { wait_kernel } => {
+        Command::Setup { wait_kernel, qemu } => {
             let own = if *wait_kernel {
                 setup::OwnKernelSetup::Wait
             } else {
                 setup::OwnKernelSetup::Background
             };
-            setup::run(false, own).map(|()| 0)
+            setup::run(false, own, qemu.as_deref()).map(|()| 0)
         }
         Command::Kernel { op } => kernel::run(op, cli.json),
         _ => {

@@ -12,6 +12,15 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
 }
 
+/// The QEMU of series `series` (`10`) that `vroom setup --qemu SERIES`
+/// unpacks into the cache dir: `CACHE/qemu/SERIES/usr/bin/qemu-system-x86_64`.
+pub fn private_qemu(series: &str) -> PathBuf {
+    cache_dir()
+        .join("qemu")
+        .join(series)
+        .join("usr/bin/qemu-system-x86_64")
+}
+
 /// The static vroom-init binary: `VROOM_INIT`, else the first of
 /// [`init_candidates`] that exists (the first when none does, for the
 /// message that says it is missing).

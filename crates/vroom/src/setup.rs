@@ -10,6 +10,8 @@ use vroom_image::KernelCache;
 
 use crate::paths;
 
+pub mod qemu;
+
 /// A command vroom runs, and the Debian package that provides it.
 const PREREQUISITES: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
@@ -106,7 +108,8 @@ pub enum OwnKernelSetup {
     Leave,
 }
 
-pub fn run(quiet: bool, own: OwnKernelSetup) -> Result<()> {
+/// `qemu`: a QEMU series to unpack beside the machine's (`--qemu 10`).
+pub fn run(quiet: bool, own: OwnKernelSetup, qemu: Option<&str>) -> Result<()> {
     let say = |msg: &str| {
         if !quiet {
             println!("{msg}");
@@ -144,6 +147,17 @@ pub fn run(quiet: bool, own: OwnKernelSetup) -> Result<()> {
         }
     }
     say("prerequisites: ok");
+    // The QEMU vroomd would run (VROOM_QEMU, else the system's), checked.
+    let explicit = std::env::var_os("VROOM_QEMU").map(std::path::PathBuf::from);
+    say(&format!("qemu: {}", check_qemu(explicit.as_deref())?));
+    if let Some(series) = qemu {
+        let binary = qemu::install(&paths::cache_dir(), series, &say)?;
+        say(&format!(
+            "qemu {series}: {}; vroomd runs it with VROOM_QEMU={}",
+            check_qemu(Some(&binary))?,
+            binary.display()
+        ));
+    }
     say(&api_group()?);
 
     let kernels = KernelCache::new(&paths::cache_dir());
@@ -180,6 +194,27 @@ pub fn run(quiet: bool, own: OwnKernelSetup) -> Result<()> {
         Err(reason) => say(&format!("accelerator: tcg ({reason})")),
     }
     Ok(())
+}
+
+/// What a QEMU is, when vroom can run VMs on it: its version, path and that
+/// it has microvm and every QMP command and property vroom uses; else the
+/// one-line reason it cannot.
+fn check_qemu(explicit: Option<&Path>) -> Result<String> {
+    use vroom_qemu::vmm;
+    let binary = vmm::locate(explicit)?;
+    vmm::probe(&binary).check(&binary)?;
+    let lacks = vroom_qemu::compat::missing(&binary)?;
+    if !lacks.is_empty() {
+        bail!(
+            "{} lacks what vroom uses: {}",
+            binary.display(),
+            lacks.join("; ")
+        );
+    }
+    Ok(format!(
+        "{}, with microvm and every QMP command and device property vroom uses",
+        vmm::describe(Some(&binary)).describe()
+    ))
 }
 
 /// vroom's own kernel: built (new images use it), building, or started.

@@ -75,8 +75,9 @@ impl Launch {
     }
 
     /// What `GET /v1/version` says about this daemon.
-    pub fn info(&self) -> DaemonInfo {
+    pub fn info(&self, vmm: vroom_types::VmmInfo) -> DaemonInfo {
         DaemonInfo {
+            vmm: Some(vmm),
             pid: std::process::id(),
             started_by: self.started_by,
             unit: self.unit.clone(),

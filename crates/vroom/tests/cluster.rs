@@ -9,70 +9,19 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{init_binary, poll, vroom_bin};
+use common::lab::Lab;
+use common::{poll, vroom_bin};
 use vroom_lab::signal;
 
-/// The lab of `vroom_lab`, with the assertions the tests use.
-struct Lab(vroom_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = vroom_lab::Lab;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl Lab {
-    fn new(nodes: usize) -> Lab {
-        let env = vec![(
-            "VROOM_INIT".to_string(),
-            init_binary().display().to_string(),
-        )];
-        Lab(vroom_lab::Lab::build(Path::new(vroom_bin()), 'k', nodes, env).unwrap())
-    }
-
-    fn start(&self, i: usize) {
-        self.0.start(i).unwrap();
-    }
-
-    fn vroom(&self, i: usize, args: &[&str]) -> Output {
-        self.command(i).args(args).output().unwrap()
-    }
-
-    fn ok(&self, i: usize, args: &[&str]) -> String {
-        let out = self.vroom(i, args);
-        assert!(
-            out.status.success(),
-            "vroom {args:?} on {}: {}\n--- log:\n{}",
-            self.nodes[i].name,
-            String::from_utf8_lossy(&out.stderr),
-            self.log(i)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn fail(&self, i: usize, args: &[&str]) -> String {
-        let out = self.vroom(i, args);
-        assert!(!out.status.success(), "vroom {args:?} succeeded");
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        assert_eq!(err.lines().count(), 1, "one line: {err}");
-        err
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for (i, node) in self.nodes.iter().enumerate() {
-                eprintln!("--- vroomd log of {}:\n{}", node.name, self.log(i));
-            }
-        }
-    }
+/// The cluster tests' lab: names start with k (qemu10.rs uses q, the
+/// benches b).
+fn new_lab(nodes: usize) -> Lab {
+    Lab::new('k', nodes, vec![])
 }
 
 /// The loaded-host test runs alone: its busy loops would starve the etcd
@@ -206,7 +155,7 @@ fn settled_on(lab: &Lab, instance: &str, ip: &str) -> Option<usize> {
 
 /// A lab of two nodes that both have hello's image.
 fn two_nodes_with_hello() -> Arc<Lab> {
-    let lab = Arc::new(Lab::new(2));
+    let lab = Arc::new(new_lab(2));
     let hello = common::recipe("hello");
     for i in 0..2 {
         lab.ok(i, &["image", "build", &hello]);
@@ -389,7 +338,7 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
 #[test]
 fn bad_input_is_one_line_and_changes_nothing() {
     let _quiet = quiet_host();
-    let lab = Lab::new(1);
+    let lab = new_lab(1);
     // Joining: a wrong cluster id, an unreachable etcd, a name in use.
     let other = lab.dir.join("other");
     std::fs::create_dir_all(&other).unwrap();
@@ -484,7 +433,7 @@ fn bad_input_is_one_line_and_changes_nothing() {
 #[test]
 fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
     let _quiet = quiet_host();
-    let lab = Lab::new(2);
+    let lab = new_lab(2);
     let hello = common::recipe("hello");
     for i in 0..2 {
         lab.ok(i, &["image", "build", &hello]);
@@ -590,7 +539,7 @@ fn a_daemon_killed_inside_run_or_rm_leaves_all_or_nothing() {
 #[test]
 fn a_network_spans_the_nodes() {
     let _quiet = quiet_host();
-    let lab = Lab::new(2);
+    let lab = new_lab(2);
     // Built on n1 only: n2 fetches it from n1 by id, and checks it.
     lab.ok(0, &["image", "build", &common::recipe("hello")]);
     lab.ok(0, &["run", "hello", "--name", "g1", "--node", "n1"]);
@@ -801,7 +750,7 @@ fn runs_only_on(lab: &Lab, on: usize, instance: &str, ip: &str) {
 #[test]
 fn an_instance_migrates_live_with_its_memory_and_address() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(3));
+    let lab = Arc::new(new_lab(3));
     let hello = common::recipe("hello");
     for i in 0..3 {
         lab.ok(i, &["image", "build", &hello]);
@@ -1023,7 +972,7 @@ fn moves_under_traffic_on_a_loaded_host_never_lose_the_guest() {
 #[test]
 fn a_daemon_killed_inside_a_migration_leaves_one_instance() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(3));
+    let lab = Arc::new(new_lab(3));
     let hello = common::recipe("hello");
     for i in 0..3 {
         lab.ok(i, &["image", "build", &hello]);
@@ -1216,7 +1165,7 @@ fn a_standby_instance_fails_over_from_a_warm_snapshot() {
 #[test]
 fn a_splice_moves_with_its_vm() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
+    let lab = Arc::new(new_lab(2));
     lab.ok(0, &["image", "build", &common::recipe("hello")]);
     // Only n1 has the firewall's image: n2 fetches it by id.
     lab.ok(0, &["image", "build", &common::recipe("l2-firewall")]);
@@ -1948,7 +1897,7 @@ fn psql(lab: &Lab, i: usize, ip: &str, sql: &str) -> Result<String, String> {
 #[test]
 fn postgres_fails_over_with_every_committed_row() {
     let _quiet = quiet_host();
-    let lab = Arc::new(Lab::new(2));
+    let lab = Arc::new(new_lab(2));
     let postgres = common::recipe("postgres");
     for i in 0..2 {
         lab.ok(i, &["image", "build", &postgres]);

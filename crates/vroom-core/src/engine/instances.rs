@@ -763,6 +763,7 @@ impl Engine {
             restore(self);
             let code = match e {
                 crate::driver::LaunchVmError::VmmMissing { .. }
+                | crate::driver::LaunchVmError::VmmUnsupported { .. }
                 | crate::driver::LaunchVmError::KernelMissing { .. }
                 | crate::driver::LaunchVmError::KvmUnavailable { .. } => ErrorCode::HostUnsupported,
                 _ => ErrorCode::Internal,

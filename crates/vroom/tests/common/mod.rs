@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
