@@ -30,6 +30,7 @@ mod config;
 mod events;
 mod images;
 mod instances;
+mod metrics;
 mod networks;
 // Named without their module in `ApiDoc`'s paths: utoipa would tag them by
 // it, and the document has always listed these operations untagged.
@@ -219,6 +220,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
     paths(
         version,
         events::events,
+        metrics::metrics,
         list_instances,
         run_instance,
         get_instance,
@@ -379,6 +381,13 @@ pub fn openapi_json() -> String {
     json
 }
 
+/// `GET /metrics` alone, for the daemon's plain loopback listener.
+pub fn metrics_router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .with_state(engine)
+}
+
 /// The API of `vroomd`: a host alone or a cluster node.
 pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
     let state = Api {
@@ -388,6 +397,7 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
     let routes = Router::new()
         .route("/v1/version", get(instances::version))
         .route("/v1/events", get(events::events))
+        .route("/metrics", get(metrics::metrics))
         .route(
             "/v1/instances",
             get(instances::list_instances).post(instances::run_instance),
@@ -532,6 +542,10 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
         .route("/v1/nodes/{name}/cordon", post(nodes::cordon_node))
         .route("/v1/nodes/{name}/uncordon", post(nodes::uncordon_node))
         .route("/v1/nodes/{name}/drain", post(nodes::drain_node))
+        .route_layer(middleware::from_fn_with_state(
+            state.engine.clone(),
+            metrics::count_request,
+        ))
         .fallback(no_route)
         // Routes that carry more say so above (the innermost limit wins); the
         // exec route streams stdin and bounds its request line itself.

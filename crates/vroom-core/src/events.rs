@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use vroom_base::LockExt;
 use vroom_types::{Event, EventKind, EventLine, EventQuery};
 
+use crate::metrics::Metrics;
 use crate::store::StateStore;
 
 /// How many events are kept for history, in memory and in the store.
@@ -92,6 +93,7 @@ struct Kept {
 
 pub struct EventLog {
     store: Arc<dyn StateStore>,
+    metrics: Arc<Metrics>,
     node: OnceLock<String>,
     kept: Mutex<Kept>,
     live: broadcast::Sender<Event>,
@@ -110,6 +112,7 @@ impl EventLog {
         let last = events.back().map(|e| e.seq).unwrap_or(0);
         Arc::new(EventLog {
             store,
+            metrics: Arc::new(Metrics::new()),
             node: OnceLock::new(),
             kept: Mutex::new(Kept { events, last }),
             live: broadcast::channel(LIVE_BUFFER).0,
@@ -119,6 +122,16 @@ impl EventLog {
     /// Names this host's cluster node in its events (set once, at start).
     pub fn set_node(&self, node: &str) {
         let _ = self.node.set(node.to_string());
+    }
+
+    /// The cluster node named in events, if any.
+    pub fn node(&self) -> Option<String> {
+        self.node.get().cloned()
+    }
+
+    /// The daemon's counted metrics, which every event feeds.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The last number given out.
@@ -148,6 +161,7 @@ impl EventLog {
         if let Err(e) = crate::blocking::blocking(|| self.store.append_event(&event, KEPT_EVENTS)) {
             tracing::warn!(error = %e, seq = event.seq, "cannot save an event; it is kept in memory only");
         }
+        self.metrics.observe_event(&event);
         kept.events.push_back(event.clone());
         while kept.events.len() > KEPT_EVENTS {
             kept.events.pop_front();

@@ -16,6 +16,7 @@ pub mod events;
 pub mod images;
 pub mod ipam;
 pub mod lifecycle;
+pub mod metrics;
 pub mod net;
 pub mod ratelimit;
 pub mod service;

@@ -63,6 +63,10 @@ pub enum Command {
         /// and debugging only).
         #[arg(long)]
         no_jail: bool,
+        /// Also serve `GET /metrics` (Prometheus text) in plain HTTP on this
+        /// loopback address, e.g. 127.0.0.1:9464, for a local scraper.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         cluster: ClusterArgs,
     },

@@ -29,12 +29,18 @@ use crate::paths;
 pub async fn run(
     data_dir: &Path,
     jail: vroom_qemu::JailMode,
+    metrics: Option<std::net::SocketAddr>,
     cluster: crate::args::ClusterArgs,
     launch: crate::systemd::Launch,
 ) -> Result<()> {
     if cluster.cluster && jail == vroom_qemu::JailMode::Unjailed {
         bail!("a cluster node needs jailed VMMs: its guard fences them through their cgroups");
     }
+    // Bound first: a taken port is refused before anything else happens.
+    let metrics = match metrics {
+        Some(addr) => Some((addr, bind_metrics(addr).await?)),
+        None => None,
+    };
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let group = paths::api_group();
@@ -137,6 +143,15 @@ pub async fn run(
             limits,
             std::future::pending(),
         ));
+    }
+    if let Some((addr, listener)) = metrics {
+        tracing::info!(%addr, "serving GET /metrics in plain HTTP on loopback");
+        let router = vroom_api::metrics_router(engine.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::warn!(%addr, error = %e, "the metrics listener stopped");
+            }
+        });
     }
     for group in tokio::task::spawn_blocking(vroom_qemu::sweep_cgroups).await? {
         tracing::info!(cgroup = %group, "removed the cgroup of a VMM that is gone");
@@ -333,6 +348,19 @@ impl ApiAccess {
 }
 
 /// The id of a host group, if it exists.
+/// The plain metrics listener: loopback only (it has no authentication;
+/// other hosts scrape a cluster node's mutual-TLS API).
+async fn bind_metrics(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    if !addr.ip().is_loopback() {
+        bail!(
+            "--metrics {addr}: the metrics listener takes a loopback address (127.0.0.1:PORT or [::1]:PORT); it has no authentication"
+        );
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve metrics on {addr}"))
+}
+
 pub fn group_id(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
     let mut group = std::mem::MaybeUninit::<libc::group>::uninit();

@@ -72,6 +72,7 @@ fn main() {
         Command::Daemon {
             op: None,
             no_jail,
+            metrics,
             cluster,
         } => {
             init_tracing(true);
@@ -89,7 +90,13 @@ fn main() {
                 vroom_qemu::JailMode::Jailed
             };
             runtime()
-                .block_on(daemon::run(&cli.data_dir, mode, cluster.clone(), launch))
+                .block_on(daemon::run(
+                    &cli.data_dir,
+                    mode,
+                    *metrics,
+                    cluster.clone(),
+                    launch,
+                ))
                 .map(|()| 0)
         }
         Command::Cluster { op } => {

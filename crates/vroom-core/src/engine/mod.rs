@@ -336,7 +336,7 @@ impl Engine {
     }
 
     /// The room an instance is in: the one whose LAN or DMZ it is on.
-    fn room_of(&self, instance: &Instance) -> Option<String> {
+    pub(crate) fn room_of(&self, instance: &Instance) -> Option<String> {
         let rooms = self.rooms.lock_unpoisoned();
         rooms
             .values()
@@ -361,11 +361,14 @@ impl Engine {
                 }
             }
             InstanceState::Running => {
-                let event = self.instance_event(instance, "ready");
-                match status.boot_ms {
-                    Some(ms) => event.detail("boot_ms", ms),
-                    None => event,
+                let mut event = self.instance_event(instance, "ready");
+                if let Some(ms) = status.boot_ms {
+                    event = event.detail("boot_ms", ms);
                 }
+                if let Some(from) = &status.started_from {
+                    event = event.detail("from", from.clone());
+                }
+                event
             }
             InstanceState::Stopping => self.instance_event(instance, "stopping"),
             InstanceState::Stopped => self.instance_event(instance, "stopped"),
