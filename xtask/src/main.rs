@@ -153,6 +153,12 @@ fn install_test_tools() -> Result<()> {
     if missing("systemd-socket-activate") || missing("systemd-sysusers") {
         apt_install(&["systemd"])?;
     }
+    // The metrics test scrapes vroomd with a real Prometheus and lints the
+    // exposition with promtool (both in Debian's prometheus package; its
+    // service is not started here).
+    if missing("prometheus") || missing("promtool") {
+        apt_install(&["prometheus"])?;
+    }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {
         apt_install(&["etcd-server"])?;

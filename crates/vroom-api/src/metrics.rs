@@ -17,7 +17,7 @@ use crate::{ApiError, AppState};
 /// are gone from the next scrape.
 #[utoipa::path(get, path = "/metrics",
     responses(
-        (status = 200, content_type = "text/plain; version=0.0.4", body = String,
+        (status = 200, content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
             description = "The Prometheus text exposition format."),
         HostErrors))]
 pub(crate) async fn metrics(State(engine): State<AppState>) -> Result<Response, ApiError> {

@@ -269,43 +269,43 @@ impl Engine {
             &now,
             "vroom_instance_info",
             "One per instance (always 1): its image, room and node.",
-            &["instance", "id", "image", "room", "node"],
+            &["vm", "id", "image", "room", "node"],
         );
         let state = gauges(
             &now,
             "vroom_instance_state",
             "1 for an instance's current lifecycle state, 0 for the others.",
-            &["instance", "state"],
+            &["vm", "state"],
         );
         let cpu = counters(
             &now,
             "vroom_instance_cpu_seconds_total",
             "CPU time of the instance's VMM (QEMU), user and system.",
-            &["instance"],
+            &["vm"],
         );
         let rss = gauges(
             &now,
             "vroom_instance_memory_rss_bytes",
             "Resident memory of the instance's VMM.",
-            &["instance"],
+            &["vm"],
         );
         let pss = gauges(
             &now,
             "vroom_instance_memory_pss_bytes",
             "Proportional memory of the instance's VMM (shared pages split among their users).",
-            &["instance"],
+            &["vm"],
         );
         let restarts = gauges(
             &now,
             "vroom_instance_restarts",
             "Times the restart policy restarted the instance since it was last started by hand.",
-            &["instance"],
+            &["vm"],
         );
         let healthy = gauges(
             &now,
             "vroom_instance_healthy",
             "1 when the guest last reported ready with no service down, 0 when not; absent before its first report.",
-            &["instance"],
+            &["vm"],
         );
         let net = [
             (
@@ -354,7 +354,7 @@ impl Engine {
                 &now,
                 &format!("vroom_instance_network_{what}_total"),
                 help,
-                &["instance", "nic", "network"],
+                &["vm", "nic", "network"],
             );
             (family, stat)
         });

@@ -65,7 +65,7 @@ pub enum Command {
         no_jail: bool,
         /// Also serve `GET /metrics` (Prometheus text) in plain HTTP on this
         /// loopback address, e.g. 127.0.0.1:9464, for a local scraper.
-        #[arg(long, value_name = "ADDR:PORT")]
+        #[arg(long, value_name = "ADDR:PORT", env = "VROOM_METRICS")]
         metrics: Option<std::net::SocketAddr>,
         #[command(flatten)]
         cluster: ClusterArgs,

@@ -375,6 +375,12 @@ impl ClusterNode {
             match answer {
                 Ok(Ok(Some(ttl))) if ttl > 0 => {
                     failures = 0;
+                    self.engine
+                        .events()
+                        .metrics()
+                        .lease_renewals
+                        .with_label_values(&["renewed"])
+                        .inc();
                     self.last_ack_ns.store(sent, Ordering::SeqCst);
                     if let Some(Err(e)) = self.guard.as_ref().map(|g| g.ack(sent)) {
                         tracing::error!(error = %e, "cannot reach the fencing guard");
@@ -392,6 +398,12 @@ impl ClusterNode {
                     // another endpoint) at the next beat.
                     channel = None;
                     failures += 1;
+                    self.engine
+                        .events()
+                        .metrics()
+                        .lease_renewals
+                        .with_label_values(&["failed"])
+                        .inc();
                     if failures == 1 || failures.is_multiple_of(10) {
                         let why = match &answer {
                             Err(_) => "no answer".to_string(),

@@ -964,6 +964,12 @@ impl ClusterNode {
                 match done {
                     Ok(()) => {
                         tracing::info!(%volume, %instance, sent = report.bytes, "the replica is up to date");
+                        self.engine
+                            .events()
+                            .metrics()
+                            .resync_bytes
+                            .with_label_values(&[volume])
+                            .inc_by(report.bytes as f64);
                         up_to_date = true;
                     }
                     Err(e) => {
