@@ -113,6 +113,9 @@ pub struct ClusterNode {
     owned: Mutex<BTreeMap<String, i64>>,
     /// Every instance the cluster knows, as of the last pass.
     known: Mutex<BTreeSet<String>>,
+    /// The live nodes seen in the last pass (`None` before the first): a
+    /// node gone from them is lost.
+    seen_nodes: Mutex<Option<BTreeSet<String>>>,
     /// Local starts under way.
     starting: Mutex<BTreeSet<String>>,
     /// The overlay applied per network: its VNI and peers.
@@ -193,6 +196,7 @@ impl ClusterNode {
             lease: AtomicI64::new(0),
             last_ack_ns: AtomicU64::new(0),
             owned: Mutex::default(),
+            seen_nodes: Mutex::default(),
             known: Mutex::default(),
             starting: Mutex::default(),
             published: Mutex::default(),

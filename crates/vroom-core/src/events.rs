@@ -240,6 +240,21 @@ impl EventLog {
     }
 }
 
+impl EventLog {
+    /// The kept events `query` asks for (its history, never live ones).
+    pub fn history(&self, mut query: EventQuery) -> Vec<Event> {
+        query.follow = false;
+        self.read(query)
+            .lines
+            .into_iter()
+            .filter_map(|line| match line {
+                EventLine::Event(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// One client's reading of the log.
 pub struct EventReader {
     lines: VecDeque<EventLine>,

@@ -52,11 +52,12 @@ impl ClusterNode {
         if view.leader.is_none() {
             self.try_lead(lease).await?;
         }
-        if view
+        let leads = view
             .leader
             .as_ref()
-            .is_some_and(|(l, ls)| *l == self.name && *ls == lease)
-        {
+            .is_some_and(|(l, ls)| *l == self.name && *ls == lease);
+        self.notice_lost_nodes(&view, leads);
+        if leads {
             self.schedule(&view).await?;
         }
         let mut claimed = false;
@@ -84,6 +85,30 @@ impl ClusterNode {
         self.publish(&view).await;
         self.prepare_standby(&view);
         Ok(())
+    }
+
+    /// The event of a node whose lease ended since the last pass (it died,
+    /// was cut off, or was removed): every node keeps track, the leader
+    /// says it (a node that has just taken over the lead from a dead one
+    /// says the dead one's loss).
+    fn notice_lost_nodes(&self, view: &View, leads: bool) {
+        // A view with no leader is the one a new leader is elected in: what
+        // was lost is said at its first pass as the leader.
+        if view.leader.is_none() {
+            return;
+        }
+        let live: BTreeSet<String> = view.nodes.keys().cloned().collect();
+        let before = self.seen_nodes.lock_unpoisoned().replace(live.clone());
+        if !leads {
+            return;
+        }
+        for gone in before.iter().flat_map(|b| b.difference(&live)) {
+            tracing::warn!(node = %gone, "a node is gone: its lease ended or it was removed");
+            self.event(
+                NewEvent::new(EventKind::Node, "lost", gone)
+                    .message("its lease ended (it died, was cut off, or was removed)"),
+            );
+        }
     }
 
     pub(super) async fn try_lead(&self, lease: i64) -> Result<(), StoreError> {

@@ -330,7 +330,11 @@ async fn an_expired_lease_s_instances_are_placed_on_another_node() {
     fleet
         .run("b", request("db", Some("a"), HaPolicy::Restart))
         .await;
-    assert_eq!(fleet.running_on("web"), ["a"]);
+    // `run` answers once the VM is launched; its (fake) guest reports
+    // ready a moment later, later still on a loaded machine.
+    fleet
+        .settle("web runs on a", |f| f.running_on("web") == ["a"])
+        .await;
     fleet.stop("a");
     fleet
         .settle("web and db run again elsewhere", |f| {
@@ -354,6 +358,21 @@ async fn an_expired_lease_s_instances_are_placed_on_another_node() {
             .unwrap();
         assert_eq!(status.node, owner, "the new owner publishes it");
     }
+    // The leader said that a was lost, once.
+    let lost: Vec<String> = ["b", "c"]
+        .iter()
+        .flat_map(|n| {
+            let query = vroom_types::EventQuery::from_pairs([
+                ("kind", "node"),
+                ("action", "lost"),
+                ("follow", "false"),
+            ])
+            .unwrap();
+            let history = fleet.node(n).engine.events().history(query);
+            history.into_iter().map(|e| e.name).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(lost, ["a"]);
 }
 
 /// A live migration's hand-over with a config change slipping in between
