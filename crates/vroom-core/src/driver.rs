@@ -104,6 +104,18 @@ pub enum ControlVmError {
     Control { reason: String },
 }
 
+/// One drive's I/O since its VM started, as the VMM counts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriveStats {
+    /// The drive: `root`, `config`, or a data volume's `volN`.
+    pub drive: String,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+}
+
 #[async_trait]
 pub trait VmDriver: Send + Sync {
     /// Picks the accelerator for a request, or says why the requested one is unusable.
@@ -206,6 +218,12 @@ pub trait VmDriver: Send + Sync {
         conn: std::os::fd::BorrowedFd<'_>,
         export: &str,
     ) -> Result<(), ControlVmError>;
+
+    /// Blocking. The I/O counters of each of the VM's drives (for metrics);
+    /// none from a driver that cannot tell.
+    fn block_stats(&self, _process: &VmProcess) -> Result<Vec<DriveStats>, ControlVmError> {
+        Ok(vec![])
+    }
 
     /// Blocking. The replication of data volume `index`, if it runs.
     fn replica_job(

@@ -358,8 +358,39 @@ impl Engine {
             );
             (family, stat)
         });
+        let block = [
+            ("read_bytes", "Bytes the guest read from a drive."),
+            ("written_bytes", "Bytes the guest wrote to a drive."),
+            ("reads", "Read operations on a drive."),
+            ("writes", "Write operations on a drive."),
+            ("flushes", "Flushes of a drive."),
+        ]
+        .map(|(what, help)| {
+            counters(
+                &now,
+                &format!("vroom_instance_block_{what}_total"),
+                help,
+                &["vm", "drive"],
+            )
+        });
         for instance in self.list() {
             let name = instance.spec.name.as_str();
+            // The VMM's own counters, over QMP (a VM busy with a migration
+            // or a snapshot may not answer: its drives are left out).
+            {
+                for drive in self.drive_stats(name) {
+                    let labels = [name, drive.drive.as_str()];
+                    for (family, value) in block.iter().zip([
+                        drive.read_bytes,
+                        drive.written_bytes,
+                        drive.reads,
+                        drive.writes,
+                        drive.flushes,
+                    ]) {
+                        family.with_label_values(&labels).inc_by(value as f64);
+                    }
+                }
+            }
             info.with_label_values(&[
                 name,
                 &instance.id,

@@ -62,6 +62,7 @@ pub const QMP: &[(&str, &[&str])] = &[
     ),
     ("x-blockdev-change", &["parent", "node", "child"]),
     ("query-block", &[]),
+    ("query-blockstats", &[]),
     ("query-block-jobs", &[]),
     ("block-job-resume", &["device"]),
     ("block-job-cancel", &["device", "force"]),
@@ -78,6 +79,17 @@ pub const QMP_REPLIES: &[(&str, &[&str])] = &[
     ),
     ("query-named-block-nodes", &["node-name"]),
     ("query-block", &["device", "inserted.dirty-bitmaps"]),
+    (
+        "query-blockstats",
+        &[
+            "device",
+            "stats.rd_bytes",
+            "stats.wr_bytes",
+            "stats.rd_operations",
+            "stats.wr_operations",
+            "stats.flush_operations",
+        ],
+    ),
     (
         "query-block-jobs",
         &[
@@ -359,6 +371,24 @@ mod tests {
         }
     }
 
+    /// The QEMUs on this machine (Debian's, and the QEMU 10 prefix that
+    /// `vroom setup --qemu 10` unpacks) have everything vroom uses.
+    #[test]
+    fn the_installed_qemus_have_everything_vroom_uses() {
+        let installed: Vec<&Path> = [
+            "/usr/bin/qemu-system-x86_64",
+            "/var/cache/vroom/qemu/10/usr/bin/qemu-system-x86_64",
+        ]
+        .into_iter()
+        .map(Path::new)
+        .filter(|p| p.exists())
+        .collect();
+        for binary in installed {
+            let lacks = missing(binary).unwrap();
+            assert!(lacks.is_empty(), "{} lacks {lacks:?}", binary.display());
+        }
+    }
+
     #[test]
     fn a_schema_without_a_command_or_an_argument_is_reported() {
         let mut schema = vec![];
@@ -375,15 +405,26 @@ mod tests {
                 .find(|e| e["name"] == *command && e["meta-type"] == "command")
                 .unwrap();
             entry["ret-type"] = json!(format!("ret-{command}"));
-            let mut members = vec![];
+            // Paths that share their first member (`stats.a`, `stats.b`)
+            // share its type.
+            let mut by_first: Vec<(&str, Vec<Value>)> = vec![];
             for path in *paths {
                 let (first, rest) = path.split_once('.').unwrap_or((path, ""));
+                let at = match by_first.iter().position(|(f, _)| *f == first) {
+                    Some(at) => at,
+                    None => {
+                        by_first.push((first, vec![]));
+                        by_first.len() - 1
+                    }
+                };
+                if !rest.is_empty() {
+                    by_first[at].1.push(json!({"name": rest, "type": "str"}));
+                }
+            }
+            let mut members = vec![];
+            for (first, inner) in by_first {
                 let ty = format!("ret-{command}-{first}");
                 members.push(json!({"name": first, "type": ty}));
-                let inner: Vec<Value> = (!rest.is_empty())
-                    .then(|| json!({"name": rest, "type": "str"}))
-                    .into_iter()
-                    .collect();
                 schema.push(json!({"name": ty, "meta-type": "object", "members": inner}));
             }
             schema.push(json!({"name": format!("ret-{command}"), "meta-type": "object", "members": members}));

@@ -409,6 +409,17 @@ impl VmDriver for QemuDriver {
         replicate::resume(&process.control_socket, index, conn, export).map_err(control)
     }
 
+    fn block_stats(
+        &self,
+        process: &VmProcess,
+    ) -> Result<Vec<vroom_core::driver::DriveStats>, ControlVmError> {
+        let mut qmp = qmp::Session::connect(&process.control_socket).map_err(control)?;
+        let stats = qmp
+            .execute("query-blockstats", serde_json::Value::Null)
+            .map_err(control)?;
+        Ok(drive_stats(&stats))
+    }
+
     fn replica_job(
         &self,
         process: &VmProcess,
@@ -473,8 +484,50 @@ async fn wait_pid(driver: &QemuDriver, process: &VmProcess) {
     }
 }
 
+/// The drives of a `query-blockstats` reply (drives are `-drive id=...`
+/// backends, so each has its name as `device`).
+fn drive_stats(reply: &serde_json::Value) -> Vec<vroom_core::driver::DriveStats> {
+    reply
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let drive = entry["device"].as_str().filter(|d| !d.is_empty())?;
+            let stat = |key: &str| entry["stats"][key].as_u64().unwrap_or(0);
+            Some(vroom_core::driver::DriveStats {
+                drive: drive.to_string(),
+                read_bytes: stat("rd_bytes"),
+                written_bytes: stat("wr_bytes"),
+                reads: stat("rd_operations"),
+                writes: stat("wr_operations"),
+                flushes: stat("flush_operations"),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn drive_stats_are_read_by_drive_name() {
+        let reply = serde_json::json!([
+            {"device": "root", "stats": {"rd_bytes": 4096, "wr_bytes": 0, "rd_operations": 1, "wr_operations": 0, "flush_operations": 0}},
+            {"device": "vol0", "stats": {"rd_bytes": 0, "wr_bytes": 8192, "rd_operations": 0, "wr_operations": 2, "flush_operations": 1}},
+            {"device": "", "node-name": "repl0-nbd-1", "stats": {"wr_bytes": 1}}
+        ]);
+        let stats = super::drive_stats(&reply);
+        assert_eq!(stats.len(), 2);
+        assert_eq!(
+            (
+                stats[1].drive.as_str(),
+                stats[1].written_bytes,
+                stats[1].writes,
+                stats[1].flushes
+            ),
+            ("vol0", 8192, 2, 1)
+        );
+    }
     use super::*;
 
     /// A stand-in VMM: any process with the run dir in its environment.

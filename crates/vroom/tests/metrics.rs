@@ -197,6 +197,9 @@ fn a_real_prometheus_scrapes_vroomd_and_promtool_finds_nothing_to_lint() {
     );
     let cpu = prometheus.query(r#"vroom_instance_cpu_seconds_total{vm="m1"}"#);
     assert!(cpu.first().map(value).unwrap_or(0.0) > 0.0, "{cpu:?}");
+    // The guest booted from its root drive: QEMU counted the reads.
+    let root = prometheus.query(r#"vroom_instance_block_read_bytes_total{vm="m1",drive="root"}"#);
+    assert!(root.first().map(value).unwrap_or(0.0) > 0.0, "{root:?}");
 
     // A removed instance leaves no series behind at the next scrape.
     env.ok(&["rm", "-f", "m1"]);

@@ -349,6 +349,21 @@ impl Engine {
             .map(|room| room.name.to_string())
     }
 
+    /// Blocking. The I/O counters of an instance's drives, from its VMM;
+    /// none when it has no live VMM or the VMM does not answer.
+    pub(crate) fn drive_stats(&self, name: &str) -> Vec<crate::driver::DriveStats> {
+        let process = self
+            .cell(name)
+            .ok()
+            .and_then(|cell| cell.lock().process.clone());
+        match process {
+            Some(process) if self.driver.is_alive(&process) => {
+                self.driver.block_stats(&process).unwrap_or_default()
+            }
+            _ => vec![],
+        }
+    }
+
     /// The event of an instance's new lifecycle state.
     fn state_changed(&self, instance: &Instance) {
         let status = &instance.status;
