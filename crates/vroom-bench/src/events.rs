@@ -49,7 +49,104 @@ async fn churn(
     Ok(((cpu_ms(pid)? - before) / changes as f64, replies))
 }
 
-pub async fn events(data_dir: &Path, changes: usize, followers: usize) -> Result<()> {
+/// vroomd's resident memory in bytes.
+fn rss_bytes(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024.0)
+}
+
+/// vroomd's CPU (as a share of one core) over `window`, while `instances`
+/// idle hellos run: alone, then watched by `followers` event followers,
+/// one follower that never reads, and a Prometheus-like scrape of
+/// `/metrics` every 5 s.
+async fn watched(
+    client: &Client,
+    data_dir: &Path,
+    pid: u32,
+    instances: usize,
+    followers: usize,
+    window: Duration,
+) -> Result<()> {
+    let names: Vec<String> = (0..instances).map(|i| format!("bev-vm{i}")).collect();
+    for name in &names {
+        client
+            .run(&crate::splice::run_request(name, "hello", vec![])?)
+            .await
+            .with_context(|| format!("cannot start {name}"))?;
+    }
+    let measure = |window: Duration| async move {
+        let (cpu, started) = (cpu_ms(pid)?, Instant::now());
+        tokio::time::sleep(window).await;
+        anyhow::Ok((cpu_ms(pid)? - cpu) / started.elapsed().as_secs_f64() / 1000.0)
+    };
+    let rss_alone = rss_bytes(pid)?;
+    let alone = measure(window).await?;
+
+    let mut tasks = vec![];
+    for _ in 0..followers {
+        let mut stream = client.events(&EventQuery::from_pairs([])?).await?;
+        tasks.push(tokio::spawn(async move {
+            while let Some(Ok(_)) = stream.next().await {}
+        }));
+    }
+    // A follower that never reads: its socket fills, then it falls behind.
+    let stalled = client.events(&EventQuery::from_pairs([])?).await?;
+    let scraper = {
+        let socket = vroom::paths::socket(data_dir);
+        tokio::spawn(async move {
+            loop {
+                let _ = scrape(&socket).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
+    };
+    let watched = measure(window).await?;
+    let rss_watched = rss_bytes(pid)?;
+    scraper.abort();
+    drop(stalled);
+    for task in tasks {
+        task.abort();
+    }
+    for name in &names {
+        client.remove(name, true).await?;
+    }
+    println!(
+        "  {instances} idle hellos, {}s each: vroomd CPU {:.2}% of a core alone, {:.2}% with {followers} followers, a stalled one and a scrape every 5 s ({:.2}x); RSS {:.1} MiB -> {:.1} MiB",
+        window.as_secs(),
+        alone * 100.0,
+        watched * 100.0,
+        watched / alone.max(1e-6),
+        rss_alone / 1048576.0,
+        rss_watched / 1048576.0
+    );
+    Ok(())
+}
+
+/// One `GET /metrics` on the unix socket; its size.
+async fn scrape(socket: &Path) -> Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: vroomd\r\n\r\n")
+        .await?;
+    let mut body = vec![];
+    stream.read_to_end(&mut body).await?;
+    Ok(body.len())
+}
+
+pub async fn events(
+    data_dir: &Path,
+    changes: usize,
+    followers: usize,
+    instances: usize,
+    window: Duration,
+) -> Result<()> {
     let client = crate::vroomd::connect(data_dir).await?;
     let pid = client
         .version()
@@ -113,6 +210,9 @@ pub async fn events(data_dir: &Path, changes: usize, followers: usize) -> Result
             p90(&delays),
             delays.iter().cloned().fold(f64::MIN, f64::max)
         );
+    }
+    if instances > 0 {
+        watched(&client, data_dir, pid, instances, followers, window).await?;
     }
     Ok(())
 }

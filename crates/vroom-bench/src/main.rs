@@ -166,6 +166,13 @@ enum Bench {
         /// Live followers of the event log.
         #[arg(long, default_value_t = 10)]
         followers: usize,
+        /// Idle hello appliances to run while vroomd's CPU is measured with
+        /// and without followers and a scrape every 5 s (0: skip).
+        #[arg(long, default_value_t = 20)]
+        instances: usize,
+        /// Seconds of each CPU measurement.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Build every recipe in a directory cold and cached, boot each, and
     /// compare the firewall with a debootstrap minbase root.
@@ -227,8 +234,20 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
             tb_runs,
         } => density::density(data_dir, *budget, *count, *tb_runs).await,
         Bench::Splice { runs } => splice::splice(data_dir, *runs).await,
-        Bench::Events { changes, followers } => {
-            events::events(data_dir, *changes, *followers).await
+        Bench::Events {
+            changes,
+            followers,
+            instances,
+            seconds,
+        } => {
+            events::events(
+                data_dir,
+                *changes,
+                *followers,
+                *instances,
+                std::time::Duration::from_secs(*seconds),
+            )
+            .await
         }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
         Bench::Qemu { runs, migrations } => qemu::qemu(data_dir, *runs, *migrations).await,

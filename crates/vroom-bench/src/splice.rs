@@ -342,7 +342,7 @@ async fn run_all(bench: &Bench, web: &str, net: &Name, runs: usize) -> Result<()
     Ok(())
 }
 
-fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest> {
+pub(crate) fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result<RunRequest> {
     Ok(RunRequest {
         spec: InstanceSpec {
             name: Name::new(name)?,
