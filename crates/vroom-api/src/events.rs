@@ -12,7 +12,8 @@ use vroom_core::events::{EventLog, EventReader};
 use vroom_types::{EventLine, EventQuery};
 
 use crate::replies::HostErrors;
-use crate::{bad_request, ApiError, AppState};
+use crate::{bad_request, ApiError, AppState, Service};
+use futures::StreamExt;
 
 /// How often a quiet stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -42,7 +43,8 @@ pub(crate) struct EventsQuery {
     name: Option<String>,
     /// Only in these rooms.
     room: Option<String>,
-    /// Only on these cluster nodes.
+    /// Only on these cluster nodes. One node that is not the one asked:
+    /// its own log, read through its API.
     node: Option<String>,
 }
 
@@ -59,6 +61,7 @@ pub(crate) struct EventsQuery {
         HostErrors))]
 pub(crate) async fn events(
     State(engine): State<AppState>,
+    State(vroomd): State<Service>,
     headers: HeaderMap,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
@@ -75,13 +78,31 @@ pub(crate) async fn events(
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
-    let log = engine.events().clone();
-    let reader = log.read(query);
-    let lines = futures::stream::unfold((reader, log), move |(mut reader, log)| async move {
-        let line = next_or_heartbeat(&mut reader, &log).await?;
-        let bytes = if sse { sse_frame(&line) } else { ndjson(&line) };
-        Some((Ok::<_, std::convert::Infallible>(bytes), (reader, log)))
-    });
+    // One other cluster node's events: read from that node.
+    let peer = match single(&query.filter.nodes) {
+        Some(node) => vroomd.peer_events(node, &query).await?,
+        None => None,
+    };
+    let encode = move |line: &EventLine| if sse { sse_frame(line) } else { ndjson(line) };
+    let lines = match peer {
+        Some(rx) => futures::stream::unfold(rx, move |mut rx| async move {
+            let line = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(encode(&line)), rx))
+        })
+        .boxed(),
+        None => {
+            let log = engine.events().clone();
+            let reader = log.read(query);
+            futures::stream::unfold((reader, log), move |(mut reader, log)| async move {
+                let line = next_or_heartbeat(&mut reader, &log).await?;
+                Some((
+                    Ok::<_, std::convert::Infallible>(encode(&line)),
+                    (reader, log),
+                ))
+            })
+            .boxed()
+        }
+    };
     let content_type = if sse {
         "text/event-stream"
     } else {
@@ -95,6 +116,14 @@ pub(crate) async fn events(
         axum::body::Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// The one element of a set of one.
+fn single(set: &std::collections::BTreeSet<String>) -> Option<&str> {
+    match set.len() {
+        1 => set.first().map(String::as_str),
+        _ => None,
+    }
 }
 
 /// The next line, or a heartbeat after [`HEARTBEAT`] of quiet.

@@ -32,6 +32,17 @@ impl Vroomd for Clustered {
         &self.engine
     }
 
+    async fn peer_events(
+        &self,
+        node: &str,
+        query: &vroom_types::EventQuery,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<vroom_types::EventLine>>, OpError> {
+        if node == self.node.node_name() {
+            return Ok(None);
+        }
+        self.node.peer_events(node, query).await.map(Some)
+    }
+
     async fn list(&self) -> Vec<Instance> {
         let mut list = self.engine.list();
         for instance in &mut list {

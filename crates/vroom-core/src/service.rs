@@ -60,6 +60,16 @@ pub trait Vroomd: Send + Sync {
     async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
         self.engine().remove_volume(name).await
     }
+
+    /// Another cluster node's event log, read for `query` and passed on
+    /// line by line; `None` when `node` is this host (its own log answers).
+    async fn peer_events(
+        &self,
+        _node: &str,
+        _query: &vroom_types::EventQuery,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<vroom_types::EventLine>>, OpError> {
+        Ok(None)
+    }
 }
 
 /// A host that is not in a cluster: the engine alone.

@@ -899,6 +899,39 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
     );
     lab.ok(0, &["node", "uncordon", "n2"]);
     sampler.assert_never_twice("migrations");
+
+    // Every node's events are readable from any node: n1, which was
+    // neither end of the first move, reads n2's (the source's, through
+    // n2's API) and n3's (the destination's).
+    let events_of = |node: &str| {
+        lab.ok(
+            0,
+            &[
+                "events",
+                "--json",
+                "-n",
+                "100",
+                "--filter",
+                &format!("node={node}"),
+                "--filter",
+                "kind=migration",
+                "--filter",
+                "name=m",
+            ],
+        )
+    };
+    let from_n2 = events_of("n2");
+    assert!(
+        from_n2.contains(r#""action":"completed""#)
+            && from_n2.contains(r#""node":"n2""#)
+            && from_n2.contains("downtime_ms"),
+        "{from_n2}"
+    );
+    let from_n3 = events_of("n3");
+    assert!(from_n3.contains(r#""action":"arrived""#), "{from_n3}");
+    assert!(!from_n3.contains(r#""node":"n2""#), "{from_n3}");
+    let err = lab.fail(0, &["events", "--filter", "node=n9"]);
+    assert!(err.contains("node n9"), "{err}");
 }
 
 /// Moves under traffic on a loaded host (issue 23 #3: a client connecting

@@ -289,6 +289,45 @@ impl ClusterNode {
         &self.name
     }
 
+    /// Node `name`'s event log for `query`, read over its mutual-TLS API
+    /// with this node's certificate and passed on through a bounded
+    /// channel (a reader that stops reading stops the copy).
+    pub async fn peer_events(
+        &self,
+        name: &str,
+        query: &vroom_types::EventQuery,
+    ) -> Result<tokio::sync::mpsc::Receiver<vroom_types::EventLine>, OpError> {
+        let view = self.view().await?;
+        let Some((record, _)) = view.nodes.get(name) else {
+            return Err(OpError::not_found("node", name));
+        };
+        let ip = super::advertised_ip(&record.advertise).ok_or_else(|| {
+            OpError::internal(
+                format!("node {name} advertises no address"),
+                std::io::Error::other(record.advertise.clone()),
+            )
+        })?;
+        let addr = std::net::SocketAddr::new(ip.into(), vroom_client::tls::API_PORT);
+        let unreachable = |e: vroom_client::ClientError| {
+            OpError::new(
+                ErrorCode::Conflict,
+                format!("cannot read node {name}'s events: {e}"),
+            )
+        };
+        let client = vroom_client::Client::remote(&addr.to_string(), &self.tls_dir())
+            .map_err(unreachable)?;
+        let mut lines = client.events(query).await.map_err(unreachable)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(Ok(line)) = lines.next().await {
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
         let view = self.view().await?;
         Ok(view
