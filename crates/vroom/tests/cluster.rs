@@ -931,7 +931,7 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
     assert!(from_n3.contains(r#""action":"arrived""#), "{from_n3}");
     assert!(!from_n3.contains(r#""node":"n2""#), "{from_n3}");
     let err = lab.fail(0, &["events", "--filter", "node=n9"]);
-    assert!(err.contains("node n9"), "{err}");
+    assert!(err.contains(r#"no node named "n9""#), "{err}");
 }
 
 /// Moves under traffic on a loaded host (issue 23 #3: a client connecting
