@@ -30,6 +30,7 @@ mod migrate;
 mod networks;
 mod records;
 mod rooms;
+mod scrape;
 mod snapshots;
 mod splices;
 mod supervise;
