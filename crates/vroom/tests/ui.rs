@@ -544,6 +544,32 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
     assert!(console.len() > 20, "{console}");
     browser.screenshot(&artifacts.join("instance.png"));
 
+    // A snapshot from the page: asked, taken, then listed on its page.
+    browser.click("#summary button[data-action=\"snapshot\"][data-name=\"u1\"]");
+    let asked = browser.accept_dialog();
+    assert!(asked.contains("Snapshot instance u1"), "{asked}");
+    let snapshot = poll(Duration::from_secs(90), || {
+        let list: Vec<Value> = serde_json::from_str(&env.ok(&["snapshot", "ls", "--json"])).ok()?;
+        list.first()
+            .and_then(|s| s["name"].as_str())
+            .map(String::from)
+    })
+    .expect("the page's snapshot of u1");
+    env.wait_for(
+        "u1",
+        "running after its snapshot",
+        Duration::from_secs(60),
+        |i| i.status.state == vroom_types::InstanceState::Running,
+    );
+    visit("snapshots-after", "/ui/snapshots", "Snapshots");
+    browser.wait_text(
+        &format!("tr[data-snapshot=\"{snapshot}\"]"),
+        Duration::from_secs(5),
+        "the snapshot listed",
+    );
+    browser.goto(&format!("{base}/ui/instances/u1"));
+    browser.wait_text("#summary", Duration::from_secs(10), "u1's page again");
+
     // A cross-origin POST with the browser's own cookie changes nothing;
     // neither does one with no Origin, or to the wrong Host.
     for headers in [
@@ -620,6 +646,7 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
 
     drop(browser);
     drop(ui);
+    env.ok(&["snapshot", "rm", &snapshot]);
     env.ok(&["rm", "-f", "u1"]);
     env.ok(&["room", "rm", "--force", "r1"]);
     env.ok(&["net", "rm", "wan"]);

@@ -94,7 +94,8 @@ pub fn instance_row(i: &Instance, rooms: &[Room]) -> String {
     )
 }
 
-/// Start, stop, restart and snapshot, each enabled where the state allows it.
+/// Start, stop, restart and snapshot, each enabled where the state allows
+/// it, and the console.
 fn actions(i: &Instance) -> String {
     use InstanceState::*;
     let name = i.spec.name.as_str();
@@ -127,6 +128,10 @@ fn actions(i: &Instance) -> String {
             "Snapshot",
             state == Running && !i.spec.ephemeral,
             &format!("Snapshot instance {name}? Its guest is paused meanwhile."),
+        ),
+        format!(
+            "<a class=\"logs\" href=\"/ui/instances/{}#console\">Logs</a>",
+            seg(name)
         ),
     ]
     .join(" ")
@@ -361,7 +366,7 @@ pub fn instance(i: &Instance, rooms: &[Room], now: u64) -> String {
     out.push_str("</section>");
     let _ = write!(
         out,
-        "<section class=\"console\"><h2>Console</h2>\
+        "<section class=\"console\" id=\"console\"><h2>Console</h2>\
          <label><input type=\"checkbox\" id=\"follow\" checked> follow</label>\
          <pre id=\"logs\" data-logs=\"{}\" tabindex=\"0\"></pre></section>",
         esc(name)
