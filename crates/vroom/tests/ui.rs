@@ -97,10 +97,15 @@ impl Browser {
         let profile = dir.join("chromium-profile");
         std::fs::create_dir_all(&profile).unwrap();
         let log = std::fs::File::create(dir.join("chromedriver.log")).unwrap();
+        // chromium's scratch dirs, which a killed chromium leaves behind,
+        // go under the data dir that `Env` removes.
+        let scratch = dir.join("chromium-tmp");
+        std::fs::create_dir_all(&scratch).unwrap();
         let driver = {
             use std::os::unix::process::CommandExt;
             Command::new("chromedriver")
                 .arg(format!("--port={}", addr.port()))
+                .env("TMPDIR", &scratch)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
