@@ -159,6 +159,11 @@ fn install_test_tools() -> Result<()> {
     if missing("prometheus") || missing("promtool") {
         apt_install(&["prometheus"])?;
     }
+    // The dashboard's test (crates/vroom/tests/ui.rs) drives a real
+    // headless chromium through chromedriver's WebDriver endpoint.
+    if missing("chromium") || missing("chromedriver") {
+        apt_install(&["chromium", "chromium-driver"])?;
+    }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {
         apt_install(&["etcd-server"])?;

@@ -42,6 +42,7 @@ mod nodes;
 mod rooms;
 mod snapshots;
 mod splices;
+mod ui;
 mod volumes;
 
 /// What most handlers need: this host's engine (a sub-state of [`Api`]).
@@ -95,6 +96,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
     }
 }
 
@@ -108,6 +110,7 @@ fn code_for(status: StatusCode) -> ErrorCode {
         StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
         StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
         s if s.is_server_error() => ErrorCode::Internal,
         _ => ErrorCode::InvalidArgument,
     }
@@ -542,6 +545,8 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
         .route("/v1/nodes/{name}/cordon", post(nodes::cordon_node))
         .route("/v1/nodes/{name}/uncordon", post(nodes::uncordon_node))
         .route("/v1/nodes/{name}/drain", post(nodes::drain_node))
+        // The dashboard's pages: not API operations, so not in the document.
+        .merge(ui::routes())
         .route_layer(middleware::from_fn_with_state(
             state.engine.clone(),
             metrics::count_request,
@@ -558,6 +563,7 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
     Router::new()
         .fallback_service(routes)
         .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(ui::same_origin_only))
         .layer(middleware::from_fn(act_for_caller))
         .layer(middleware::from_fn(trace_request))
 }
@@ -607,7 +613,10 @@ async fn json_errors(req: Request, next: Next) -> Response {
     let is_json = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        .is_some_and(|v| {
+            // The dashboard's error pages are HTML on purpose.
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }

@@ -268,6 +268,32 @@ impl Client {
             .map_err(|e| self.exchange_error(e))
     }
 
+    /// Sends `request` as it is, over a connection of its own, and returns
+    /// vroomd's answer as it is, its body streaming (`vroom ui`'s proxy:
+    /// pages, the event stream, the JSON API). Only `Host` is set.
+    pub async fn forward<B>(
+        &self,
+        mut request: Request<B>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        request.headers_mut().insert(
+            hyper::header::HOST,
+            hyper::header::HeaderValue::from_static("vroomd"),
+        );
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.exchange_error(e))
+    }
+
     pub async fn version(&self) -> Result<VersionInfo, ClientError> {
         self.fetch("/v1/version").await
     }

@@ -33,6 +33,9 @@ pub enum ErrorCode {
     /// volume attached twice or two at one path, volumes for an ephemeral
     /// instance or an image without ext4, an imported image that is not ext4.
     InvalidVolume,
+    /// A browser sent a changing request from another web origin (see the
+    /// dashboard, docs/dashboard.md); nothing was changed.
+    Forbidden,
 }
 
 impl ErrorCode {

@@ -252,6 +252,14 @@ pub enum Command {
         #[arg(long = "filter", value_name = "KEY=VALUE")]
         filters: Vec<String>,
     },
+    /// Open the web dashboard: serves it on a loopback port, through to
+    /// vroomd (this host's socket, or `--host`'s mutual TLS), and prints a
+    /// link with a one-time token; runs until Ctrl-C.
+    Ui {
+        /// The loopback port to listen on (default: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
     /// Copy a file out of a running guest: `vroom cp NAME:/path LOCAL`
     /// (LOCAL may be a directory; `-` writes to stdout).
     Cp {

@@ -8,7 +8,7 @@ use vroom_types::ExecRequest;
 use crate::args::{ArchiveOp, Cli, Command, ConfigOp};
 use crate::{
     capture, config, demo, events, gc, guest, image, instance, net, node, paths, room, session,
-    snapshot, splice, volume,
+    snapshot, splice, ui, volume,
 };
 
 /// Runs one client-side command; returns the process's exit code.
@@ -73,6 +73,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             tail,
             name,
         } => guest::logs(client, name, *boot, *tail, *follow).await,
+        Command::Ui { port } => return ui::serve(client.clone(), *port).await,
         Command::Cp { source, dest } => guest::copy_out(client, source, dest).await,
         Command::Events {
             follow,

@@ -25,6 +25,7 @@ mod setup;
 mod snapshot;
 mod splice;
 mod systemd;
+mod ui;
 mod volume;
 mod volume_file;
 

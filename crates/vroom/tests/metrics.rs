@@ -9,16 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{page_shows, poll, random_subnet, Env};
-
-/// A loopback port free right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, page_shows, poll, random_subnet, Env};
 
 /// A plain HTTP GET: the status line's code, the headers and the body.
 fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {

@@ -466,6 +466,15 @@ impl Drop for Env {
     }
 }
 
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs a shell command on the host and asserts it succeeded.
 pub fn sh(cmd: &str) {
     let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
