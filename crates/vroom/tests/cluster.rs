@@ -1470,6 +1470,52 @@ fn assert_refused(lab: &Lab, to: usize, answer: &str, what: &str) {
     );
 }
 
+/// While node `replica` serves its copy of `volume` to node `primary`, no
+/// raw NBD client reaches that copy from the network: its `qemu-nbd` has
+/// no TCP listener in the replica's namespace, and `qemu-img info` of the
+/// export from the primary's own address (the best placed stranger) fails
+/// on every TCP port the replica's namespace listens on.
+fn assert_copy_unreachable(lab: &Lab, primary: usize, replica: usize, volume: &str) {
+    assert!(
+        !lab.nbd_servers(replica).is_empty(),
+        "{} serves no copy: nothing to probe",
+        lab.nodes[replica].name
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.nodes[replica].ns, "ss", "-Hltnp"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listeners = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !listeners.contains("qemu-nbd"),
+        "a replica's server listens on TCP:\n{listeners}"
+    );
+    let ports: std::collections::BTreeSet<String> = listeners
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter(|local| !local.starts_with("127.") && !local.starts_with("[::1]"))
+        .filter_map(|local| local.rsplit_once(':').map(|(_, port)| port.to_string()))
+        .collect();
+    assert!(
+        ports.contains(&vroom_cluster::node::PEER_PORT.to_string()),
+        "the peer port is not among {ports:?}:\n{listeners}"
+    );
+    for port in &ports {
+        let url = format!("nbd://{}:{port}/replica-{volume}", lab.nodes[replica].ip);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.nodes[primary].ns])
+            .args(["timeout", "5", "qemu-img", "info", &url])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a raw NBD client read the replica's copy at {url}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 #[test]
 fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     let _quiet = quiet_host();
@@ -1699,17 +1745,17 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
             "dd if=/dev/urandom of=/var/files/big bs=1M count=16 2>/dev/null && sync",
         ],
     );
-    // A silent partition of the replication link (its packets dropped in
-    // the replica's namespace): the write is held, the replica recorded
+    // The replica's copy is reached only through the primary's proven
+    // peer connection (the copies are compared after the partition below,
+    // whose resync sends only what the replica missed: a probe that wrote
+    // the copy would show there).
+    assert_copy_unreachable(&lab, 0, 1, "files");
+    // A silent partition of the replication link (the replica's peer port
+    // dropped in its namespace: the replication runs on the connection
+    // that asked for it): the write is held, the replica recorded
     // outdated, the guest goes on; once the link is back, the primary
     // fills the replica again.
-    let server = lab.nbd_servers(1)[0];
-    let cmdline = std::fs::read_to_string(format!("/proc/{server}/cmdline")).unwrap();
-    let port = cmdline
-        .split('\0')
-        .find_map(|a| a.strip_prefix("--port="))
-        .unwrap()
-        .to_string();
+    let port = vroom_cluster::node::PEER_PORT;
     let ns = &lab.nodes[1].ns;
     let nft = |rule: &str| {
         let ok = Command::new("sh")
@@ -1824,6 +1870,20 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
         lab.log(0)
     );
     write("restarted");
+
+    // vroomd of the replica's node is killed (the splice of the primary's
+    // connection to its server ends with it) and starts again: the
+    // primary records the replica outdated before the guest goes on, then
+    // sends only what it missed once the node answers.
+    lab.kill_daemon(1);
+    write("replica-restarted");
+    let (_, _, state, _) = replication_of(&lab, 0, "files").unwrap();
+    assert_eq!(state, "outdated", "a replica whose stream ended");
+    lab.start(1);
+    up_to_date(&lab, 0, "files", "n1");
+    let (incremental, bytes) = last_sync(&lab, 0, "files");
+    eprintln!("after a restart of the replica's vroomd it caught up with {bytes} bytes");
+    assert!(incremental && bytes < 4 << 20, "{incremental} {bytes}");
 }
 
 /// The gap a relay closes: the replica's server is killed (an error, not

@@ -25,8 +25,12 @@
 //!
 //! The data path: the primary's VMM mirrors the volume's drive
 //! synchronously (QEMU `blockdev-mirror`, `write-blocking`) into a
-//! `qemu-nbd` on the replica's node that writes through, over a TCP
-//! connection this node opens. The VMM does not get that connection: it
+//! `qemu-nbd` on the replica's node that writes through. The NBD stream
+//! travels on the very peer-port connection whose proven hello asked for
+//! the replica: the replica's node splices it to its server's unix socket
+//! ([`splice`]), and no server of a copy listens on the network (it would
+//! take any client: qemu-nbd has no authentication but TLS). The VMM does
+//! not get that connection: it
 //! talks to a relay (`vroom __nbd-relay`, [`vroom_volume::relay`]) that
 //! forwards while the replica answers and *holds* the guest's write when it
 //! fails, closes or goes silent for [`SILENT`], until this node has recorded
@@ -37,12 +41,15 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Instant;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, UnixStream};
 use vroom_types::{ReplicaState, Volume, VolumeCreateRequest, VolumeReplication};
 use vroom_volume::relay;
 
+use super::peers::read_json_line;
 use super::*;
+
+mod splice;
 
 /// How long a replica may leave a write unanswered before the relay holds
 /// it as lost (a frozen node keeps acknowledging TCP: only this catches it).
@@ -1042,7 +1049,8 @@ impl ClusterNode {
         }
     }
 
-    /// Asks node `replica` (at `peer`) to serve its copy, and connects to it.
+    /// Asks node `replica` (at `peer`) to serve its copy, and returns the
+    /// proven connection that asked: the replica's NBD stream follows on it.
     pub(super) async fn connect_replica(
         &self,
         volume: &str,
@@ -1055,34 +1063,36 @@ impl ClusterNode {
             empty,
         };
         let ask = async {
-            let stream = self.connect_peer(replica, peer, &hello).await?;
-            let mut answer = String::new();
-            tokio::io::BufReader::new(stream)
-                .read_line(&mut answer)
+            let mut stream = self.connect_peer(replica, peer, &hello).await?;
+            // Byte by byte: the server's NBD greeting follows the answer,
+            // and belongs to the relay.
+            let answer: ReplicaReply = read_json_line(&mut stream)
                 .await
-                .map_err(|e| format!("cannot ask {peer} to serve the replica: {e}"))?;
-            Ok::<_, String>(answer)
+                .map_err(|e| format!("no answer from {peer} to serve the replica: {e}"))?;
+            Ok::<_, String>((stream, answer))
         };
-        let answer = tokio::time::timeout(Duration::from_secs(30), ask)
+        let (stream, answer) = tokio::time::timeout(Duration::from_secs(30), ask)
             .await
             .map_err(|_| format!("node at {peer} did not answer"))??;
-        let addr = match serde_json::from_str(&answer) {
-            Ok(ReplicaReply::Serving { addr }) => addr,
-            Ok(ReplicaReply::Refused { reason }) => return Err(reason),
-            Err(e) => return Err(format!("an unreadable answer from {peer}: {e}")),
-        };
-        let conn = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-            .await
-            .map_err(|_| format!("cannot reach the replica at {addr}: timed out"))?
-            .map_err(|e| format!("cannot reach the replica at {addr}: {e}"))?;
-        let _ = conn.set_nodelay(true);
-        Ok(conn)
+        match answer {
+            ReplicaReply::Streaming => {}
+            ReplicaReply::Refused { reason } => return Err(reason),
+            ReplicaReply::Serving { addr } => {
+                return Err(format!(
+                    "node {replica} serves its copy on an open port ({addr}), as vroom did before replicas were served over the peer connection; upgrade it"
+                ))
+            }
+        }
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
     }
 
     /// Proven node `primary` asks this node to serve its copy of `volume`:
     /// only the node the record names as primary, to the node it names as
     /// replica (checked before the hello was accepted, and again here), and
-    /// never a copy the record calls up to date (serving empties it).
+    /// never a copy the record calls up to date (serving empties it). The
+    /// copy's server listens on a unix socket, and `stream` (this proven
+    /// connection) is spliced to it until either side ends.
     pub(super) async fn serve_replica(
         &self,
         mut stream: TcpStream,
@@ -1090,14 +1100,24 @@ impl ClusterNode {
         primary: &str,
         empty: bool,
     ) {
-        let reply = match self.check_and_serve(volume, primary, empty).await {
-            Ok(addr) => ReplicaReply::Serving { addr },
+        let server = match self.check_and_serve(volume, primary, empty).await {
+            Ok(server) => server,
             Err(reason) => {
                 tracing::warn!(%volume, %primary, %reason, "not serving a replica");
-                ReplicaReply::Refused { reason }
+                let _ = stream
+                    .write_all(&line(&ReplicaReply::Refused { reason }))
+                    .await;
+                return;
             }
         };
-        let _ = stream.write_all(&line(&reply)).await;
+        // The answer goes before the server's first byte (its greeting).
+        if let Err(e) = stream.write_all(&line(&ReplicaReply::Streaming)).await {
+            tracing::warn!(%volume, %primary, error = %e, "the primary went away before the replica's stream");
+            return;
+        }
+        tracing::info!(%volume, %primary, "the replica's stream starts on the primary's connection");
+        let end = splice::splice(stream, server).await;
+        tracing::info!(%volume, %primary, ?end, "the replica's stream ended");
     }
 
     /// The record of `volume`, when this node keeps its replica for node
@@ -1123,12 +1143,14 @@ impl ClusterNode {
         Ok(record)
     }
 
+    /// Serves this node's copy of `volume` (made first if it has none)
+    /// and returns a connection to its server.
     async fn check_and_serve(
         &self,
         volume: &str,
         primary: &str,
         empty: bool,
-    ) -> Result<SocketAddr, String> {
+    ) -> Result<UnixStream, String> {
         let record = self.replica_record(volume, primary).await?;
         if record.state == ReplicaState::UpToDate {
             return Err(format!(
@@ -1150,11 +1172,15 @@ impl ClusterNode {
                 .await
                 .map_err(|e| e.message)?;
         }
-        let ip = self.peer_addr().ip();
-        self.engine
-            .serve_replica(volume, ip, empty)
+        let socket = self
+            .engine
+            .serve_replica(volume, empty)
             .await
-            .map_err(|e| e.message)
+            .map_err(|e| e.message)?;
+        tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(&socket))
+            .await
+            .map_err(|_| "the replica's server did not accept within 5 s".to_string())?
+            .map_err(|e| format!("cannot connect to the replica's server: {e}"))
     }
 }
 
@@ -1162,8 +1188,16 @@ impl ClusterNode {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(super) enum ReplicaReply {
-    Serving { addr: SocketAddr },
-    Refused { reason: String },
+    /// The copy's NBD stream follows on this connection.
+    Streaming,
+    Refused {
+        reason: String,
+    },
+    /// What a vroom from before [`Self::Streaming`] answered: its server's
+    /// open TCP port. Only read, to tell the user to upgrade that node.
+    Serving {
+        addr: SocketAddr,
+    },
 }
 
 /// The status of the relay answering at `control`.

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::super::peers::read_json_line;
@@ -83,6 +83,98 @@ async fn a_proven_hello_is_admitted() {
     // The node a client meant is the one that answers.
     let err = a.fetch_image(&id, ("c", &addr)).await.unwrap_err();
     assert!(err.contains("node b answers at node c's address"), "{err}");
+}
+
+/// Stops node `name`'s server of its copy of `volume` when dropped: a
+/// failed test leaves no `qemu-nbd` behind.
+struct StopsServer<'a>(&'a Fleet, &'static str, &'static str);
+
+impl Drop for StopsServer<'_> {
+    fn drop(&mut self) {
+        self.0
+            .member(self.1)
+            .engine
+            .engine
+            .stop_replica_server(self.2);
+    }
+}
+
+/// The replica's copy is reached only through the proven connection that
+/// asked for it: the primary's NBD client speaks on that very connection
+/// (a real `qemu-nbd` on b answers, and its write lands in b's copy), and
+/// b's server listens on a unix socket, on no TCP port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_is_written_only_through_the_proven_connection() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
+    let _stop = StopsServer(&fleet, "b", "data");
+    let addr = listen(&fleet, "b").await.to_string();
+    let mut nbd = fleet
+        .node("a")
+        .connect_replica("data", ("b", &addr), true)
+        .await
+        .unwrap();
+    // The fixed newstyle handshake, the old way to choose the export.
+    let mut greeting = [0; 18];
+    nbd.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT", "{greeting:?}");
+    nbd.write_all(&3u32.to_be_bytes()).await.unwrap(); // fixed newstyle, no zeroes
+    let export = b"replica-data";
+    let mut option = b"IHAVEOPT".to_vec();
+    option.extend(1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    option.extend((export.len() as u32).to_be_bytes());
+    option.extend(export);
+    nbd.write_all(&option).await.unwrap();
+    let mut exported = [0; 10];
+    nbd.read_exact(&mut exported).await.unwrap();
+    assert_eq!(
+        u64::from_be_bytes(exported[..8].try_into().unwrap()),
+        16 << 20,
+        "the export's size"
+    );
+    // A write of 8 bytes at 1 MiB, and its reply.
+    let payload = b"proven!!";
+    let mut write = 0x2560_9513u32.to_be_bytes().to_vec();
+    write.extend(0u16.to_be_bytes()); // flags
+    write.extend(1u16.to_be_bytes()); // NBD_CMD_WRITE
+    write.extend(7u64.to_be_bytes()); // cookie
+    write.extend((1u64 << 20).to_be_bytes());
+    write.extend((payload.len() as u32).to_be_bytes());
+    write.extend(payload);
+    nbd.write_all(&write).await.unwrap();
+    let mut reply = [0; 16];
+    nbd.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "{reply:?}");
+    assert_eq!(&reply[4..8], &[0; 4], "the write failed: {reply:?}");
+    assert_eq!(&reply[8..], &7u64.to_be_bytes());
+    // Written through before the reply: it is in b's file now.
+    let copy = std::fs::read(copy_file(&fleet, "b", "data")).unwrap();
+    assert_eq!(&copy[1 << 20..(1 << 20) + payload.len()], payload);
+
+    let b = &fleet.member("b").engine.engine;
+    assert!(b.serves_replica("data"));
+    let server = b.config().data_dir.join("replicas/data.pid");
+    let pid = std::fs::read_to_string(&server).unwrap();
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", pid.trim())).unwrap();
+    let args: Vec<&str> = cmdline.split('\0').collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("--socket="))
+            && !args
+                .iter()
+                .any(|a| a.starts_with("--port") || a.starts_with("--bind")),
+        "b's server listens on the network: {args:?}"
+    );
+    // The primary gone, the splice closed the server's end: the server
+    // (one client at a time) greets the next one.
+    drop(nbd);
+    let socket = b.config().data_dir.join("replicas/data.sock");
+    let mut next = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let mut greeting = [0; 16];
+    tokio::time::timeout(Duration::from_secs(5), next.read_exact(&mut greeting))
+        .await
+        .expect("the server still serves the primary that went away")
+        .unwrap();
+    assert_eq!(&greeting, b"NBDMAGICIHAVEOPT");
 }
 
 /// Every hello that is not proven by a live node from its own address, or

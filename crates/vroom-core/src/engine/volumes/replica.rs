@@ -4,8 +4,9 @@
 //!
 //! - **primary**: an instance runs on it, and its VMM mirrors every write
 //!   synchronously to the other copy ([`Engine::replicate_volume`]);
-//! - **replica**: a `qemu-nbd` serves it, writing through, to the primary's
-//!   VMM alone ([`Engine::serve_replica`]). A copy is never both: the server
+//! - **replica**: a `qemu-nbd` serves it, writing through, on a unix socket
+//!   that the cluster splices to the primary's proven peer connection
+//!   ([`Engine::serve_replica`]). A copy is never both: the server
 //!   is stopped before an instance may use the copy, and no copy an
 //!   instance uses here is served.
 //!
@@ -14,8 +15,8 @@
 //! merged); only the primary's paused replication, resuming, finds it as
 //! it left it.
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::BorrowedFd;
+use std::os::unix::fs::PermissionsExt;
 
 use vroom_types::{ExportAddress, Volume, VolumeCreateRequest};
 use vroom_volume::{data as datavol, nbd};
@@ -45,15 +46,24 @@ impl Engine {
         self.create_volume_with(req.name.as_str(), req.size_mib, req.fs, req.replicas)
     }
 
-    /// Serves this host's copy of `volume` to the primary's VMM, on `ip`
-    /// and a free port: emptied first for a full copy (which fills it), or
-    /// as it is for a replication that resumes where it stopped.
-    pub async fn serve_replica(
-        &self,
-        volume: &str,
-        ip: IpAddr,
-        empty: bool,
-    ) -> Result<SocketAddr, OpError> {
+    /// Where the server of this host's copy of `volume` listens.
+    fn replica_socket(&self, volume: &str) -> PathBuf {
+        self.replicas_dir().join(format!("{volume}.sock"))
+    }
+
+    /// Serves this host's copy of `volume` for the primary's VMM on a unix
+    /// socket in the data dir, and returns its path: emptied first for a
+    /// full copy (which fills it), or as it is for a replication that
+    /// resumes where it stopped.
+    ///
+    /// **Why a unix socket, not a TCP port.** `qemu-nbd` has no
+    /// authentication of its own, and a port on the network would let
+    /// whoever reaches it while the primary is not connected write the
+    /// copy that a failover promotes. The cluster carries the NBD stream
+    /// over the primary's proven peer-port connection instead and splices
+    /// it to this socket; only root on this host can connect to it (the
+    /// directory is `0700`).
+    pub async fn serve_replica(&self, volume: &str, empty: bool) -> Result<PathBuf, OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self.volume_record(volume)?;
         if record.replicas < 2 {
@@ -69,7 +79,15 @@ impl Engine {
         self.stop_replica_server(volume);
         let dir = self.replicas_dir();
         std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| OpError::internal("cannot make the replicas directory", e))?;
+        let socket = self.replica_socket(volume);
+        let listen = ExportAddress::parse(&format!("unix:{}", socket.display())).map_err(|e| {
+            OpError::internal(
+                "cannot name the replica's socket (a data dir path too long?)",
+                e,
+            )
+        })?;
         let file = datavol::volume_file(&self.volumes_dir(), &record.id);
         let bytes = record.size_mib << 20;
         if empty {
@@ -78,37 +96,20 @@ impl Engine {
         }
         let pid_file = self.replica_pid_file(volume);
         let export = replica_export(volume);
-        // A free port: asked of the kernel, then given to the server (which
-        // says so if another process took it in between: tried again).
-        let mut last = None;
-        for _ in 0..3 {
-            let port = TcpListener::bind((ip, 0))
-                .and_then(|l| l.local_addr())
-                .map_err(|e| OpError::internal(format!("cannot bind {ip}"), e))?
-                .port();
-            let listen = ExportAddress::Tcp(SocketAddr::new(ip, port));
-            let serve = nbd::Serve {
-                file: &file,
-                export_name: &export,
-                listen: &listen,
-                pid_file: &pid_file,
-                writable: true,
-                durable: true,
-                clients: 1,
-            };
-            match blocking(|| nbd::serve(&serve)) {
-                Ok(pid) => {
-                    tracing::info!(volume, pid, %listen, "serving this node's copy as the replica");
-                    return Ok(SocketAddr::new(ip, port));
-                }
-                Err(e @ nbd::ServeNbdError::AddressTaken { .. }) => last = Some(e),
-                Err(e) => return Err(OpError::internal("cannot serve the replica", e)),
-            }
-        }
-        Err(OpError::internal(
-            "cannot serve the replica",
-            last.expect("invariant: a failed try"),
-        ))
+        let _ = std::fs::remove_file(&socket);
+        let serve = nbd::Serve {
+            file: &file,
+            export_name: &export,
+            listen: &listen,
+            pid_file: &pid_file,
+            writable: true,
+            durable: true,
+            clients: 1,
+        };
+        let pid = blocking(|| nbd::serve(&serve))
+            .map_err(|e| OpError::internal("cannot serve the replica", e))?;
+        tracing::info!(volume, pid, %listen, "serving this node's copy as the replica");
+        Ok(socket)
     }
 
     /// Whether this host serves its copy of `volume` as a replica.
@@ -131,6 +132,7 @@ impl Engine {
             }
         }
         let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(self.replica_socket(volume));
     }
 
     /// The volumes whose copy this host serves.
