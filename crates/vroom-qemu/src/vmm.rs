@@ -201,15 +201,29 @@ pub(crate) fn run_bounded_env(
 ) -> Option<String> {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new(binary)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .ok()?;
+    let spawn = || {
+        std::process::Command::new(binary)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+    };
+    // A binary written a moment ago (an upgrade, a test's fake) may still
+    // be open for writing in a child another thread forked before its exec:
+    // ETXTBSY passes within moments.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other.ok()?,
+        }
+    };
     // Read while it runs: a full pipe would stall it.
     let mut stdout = child.stdout.take()?;
     let reader = std::thread::spawn(move || {
