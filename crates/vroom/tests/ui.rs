@@ -229,16 +229,23 @@ impl Browser {
         self.call("POST", &format!("/element/{id}/click"), Some(json!({})));
     }
 
-    /// Accepts the confirmation dialog; returns its text.
-    fn accept_dialog(&self) -> String {
-        let text = poll(Duration::from_secs(10), || {
-            self.call("GET", "/alert/text", None)
-                .as_str()
-                .map(String::from)
-        })
-        .expect("a confirmation dialog");
-        self.call("POST", "/alert/accept", Some(json!({})));
-        text
+    /// Clicks `css` until its confirmation dialog shows (the live page may
+    /// replace the button between the lookup and the click), accepts it;
+    /// returns its text.
+    fn click_and_confirm(&self, css: &str) -> String {
+        for _ in 0..5 {
+            self.click(css);
+            let text = poll(Duration::from_secs(4), || {
+                self.call("GET", "/alert/text", None)
+                    .as_str()
+                    .map(String::from)
+            });
+            if let Some(text) = text {
+                self.call("POST", "/alert/accept", Some(json!({})));
+                return text;
+            }
+        }
+        panic!("no confirmation dialog after clicking {css} five times");
     }
 
     fn screenshot(&self, path: &Path) {
@@ -550,8 +557,8 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
     browser.screenshot(&artifacts.join("instance.png"));
 
     // A snapshot from the page: asked, taken, then listed on its page.
-    browser.click("#summary button[data-action=\"snapshot\"][data-name=\"u1\"]");
-    let asked = browser.accept_dialog();
+    let asked =
+        browser.click_and_confirm("#summary button[data-action=\"snapshot\"][data-name=\"u1\"]");
     assert!(asked.contains("Snapshot instance u1"), "{asked}");
     let snapshot = poll(Duration::from_secs(90), || {
         let list: Vec<Value> = serde_json::from_str(&env.ok(&["snapshot", "ls", "--json"])).ok()?;
@@ -617,8 +624,8 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
 
     // A stop from the page: asked first, then done, and seen without a reload.
     browser.script("window.__sameDocument = true; return null;");
-    browser.click("#summary button[data-action=\"stop\"][data-name=\"u1\"]");
-    let asked = browser.accept_dialog();
+    let asked =
+        browser.click_and_confirm("#summary button[data-action=\"stop\"][data-name=\"u1\"]");
     assert!(asked.contains("Stop instance u1"), "{asked}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while state(&env, "u1") != "stopped" {
