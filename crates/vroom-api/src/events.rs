@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use vroom_core::events::{EventLog, EventReader};
 use vroom_types::{EventLine, EventQuery};
 
+pub(crate) mod merge;
+
 use crate::replies::HostErrors;
 use crate::{bad_request, ApiError, AppState, Service};
 use futures::StreamExt;
@@ -44,8 +46,12 @@ pub(crate) struct EventsQuery {
     /// Only in these rooms.
     room: Option<String>,
     /// Only on these cluster nodes. One node that is not the one asked:
-    /// its own log, read through its API.
+    /// its own log, read through its API. `*`, or several names: one
+    /// stream merged from those nodes' logs, resumed with `cursor`.
     node: Option<String>,
+    /// Where a merged stream resumes: each node's last event seen
+    /// (`n1:12,n2:40`; a merged stream's SSE `id:`).
+    cursor: Option<String>,
 }
 
 /// The event log: every change of state, numbered. Without `since`, a
@@ -67,23 +73,101 @@ pub(crate) async fn events(
 ) -> Result<Response, ApiError> {
     let mut query = EventQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| bad_request(e.to_string()))?;
-    if query.since.is_none() {
+    if query.since.is_none() && query.cursor.is_empty() {
         if let Some(id) = headers.get("last-event-id") {
-            let id = id.to_str().ok().and_then(|id| id.trim().parse().ok());
-            query.since =
-                Some(id.ok_or_else(|| bad_request("Last-Event-ID is not an event number".into()))?);
+            let id = id.to_str().unwrap_or_default().trim();
+            let malformed = || {
+                bad_request(format!(
+                    "Last-Event-ID {id:?} is not an event number or a cursor"
+                ))
+            };
+            if query.merged() {
+                query.cursor = id.parse().map_err(|_| malformed())?;
+            } else {
+                query.since = Some(id.parse().map_err(|_| malformed())?);
+            }
         }
     }
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"));
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let reply = |lines| {
+        (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            axum::body::Body::from_stream(lines),
+        )
+            .into_response()
+    };
+    if query.merged() {
+        let cluster = merge::Cluster {
+            log: engine.events().clone(),
+            vroomd: vroomd.clone(),
+        };
+        if query.all_nodes && cluster.nodes(&query).await.is_empty() {
+            // Not a cluster: this host's log is every node's.
+            query.all_nodes = false;
+        } else {
+            if let Ok(known) = vroomd.nodes().await {
+                if let Some(stranger) = query
+                    .filter
+                    .nodes
+                    .iter()
+                    .find(|n| !known.iter().any(|k| k.name.as_str() == n.as_str()))
+                {
+                    return Err(vroom_core::OpError::not_found("node", stranger).into());
+                }
+            }
+            let log = engine.events().clone();
+            let merged = cluster.stream(query).await;
+            let lines =
+                futures::stream::unfold((merged, log), move |(mut merged, log)| async move {
+                    let line = match tokio::time::timeout(HEARTBEAT, merged.recv()).await {
+                        Ok(Some((line, cursor))) => {
+                            let id = cursor.to_string();
+                            if sse {
+                                sse_frame(&line, Some(id))
+                            } else {
+                                ndjson(&line)
+                            }
+                        }
+                        Ok(None) => return None,
+                        Err(_) => {
+                            let beat = EventLine::Heartbeat {
+                                seq: log.last_seq(),
+                            };
+                            if sse {
+                                sse_frame(&beat, None)
+                            } else {
+                                ndjson(&beat)
+                            }
+                        }
+                    };
+                    Some((Ok::<_, std::convert::Infallible>(line), (merged, log)))
+                });
+            return Ok(reply(lines.boxed()));
+        }
+    }
     // One other cluster node's events: read from that node.
     let peer = match single(&query.filter.nodes) {
         Some(node) => vroomd.peer_events(node, &query).await?,
         None => None,
     };
-    let encode = move |line: &EventLine| if sse { sse_frame(line) } else { ndjson(line) };
+    let encode = move |line: &EventLine| {
+        if sse {
+            sse_frame(line, line_id(line).map(|id| id.to_string()))
+        } else {
+            ndjson(line)
+        }
+    };
     let lines = match peer {
         Some(rx) => futures::stream::unfold(rx, move |mut rx| async move {
             let line = rx.recv().await?;
@@ -103,19 +187,7 @@ pub(crate) async fn events(
             .boxed()
         }
     };
-    let content_type = if sse {
-        "text/event-stream"
-    } else {
-        "application/x-ndjson"
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        axum::body::Body::from_stream(lines),
-    )
-        .into_response())
+    Ok(reply(lines))
 }
 
 /// The one element of a set of one.
@@ -144,13 +216,22 @@ fn ndjson(line: &EventLine) -> Vec<u8> {
     bytes
 }
 
-/// A server-sent event: its type as `event:`, its number as `id:` (the
-/// reset's too: the client resumes after it), the line as `data:`.
-fn sse_frame(line: &EventLine) -> Vec<u8> {
-    let (kind, id) = match line {
-        EventLine::Event(e) => ("event", Some(e.seq)),
-        EventLine::Reset { seq, .. } => ("reset", Some(*seq)),
-        EventLine::Heartbeat { .. } => ("heartbeat", None),
+/// The number a client resumes after: an event's, or a reset's.
+fn line_id(line: &EventLine) -> Option<u64> {
+    match line {
+        EventLine::Event(e) => Some(e.seq),
+        EventLine::Reset { seq, .. } => Some(*seq),
+        EventLine::Heartbeat { .. } => None,
+    }
+}
+
+/// A server-sent event: its type as `event:`, where to resume after it as
+/// `id:` (a number, or a merged stream's cursor), the line as `data:`.
+fn sse_frame(line: &EventLine, id: Option<String>) -> Vec<u8> {
+    let kind = match line {
+        EventLine::Event(_) => "event",
+        EventLine::Reset { .. } => "reset",
+        EventLine::Heartbeat { .. } => "heartbeat",
     };
     let data = serde_json::to_string(line).expect("invariant: events serialize");
     let id = id.map(|id| format!("id: {id}\n")).unwrap_or_default();

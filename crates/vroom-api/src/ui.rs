@@ -167,16 +167,35 @@ fn now_secs() -> u64 {
 }
 
 /// The latest `n` events of this vroomd's log.
-async fn recent_events(engine: &AppState, n: usize) -> Vec<Event> {
-    let mut reader = engine.events().read(EventQuery {
+/// The latest `n` events: in a cluster, of every node.
+async fn recent_events(engine: &AppState, vroomd: &Service, n: usize) -> Vec<Event> {
+    let query = EventQuery {
         limit: Some(n),
         follow: false,
+        all_nodes: true,
         ..EventQuery::default()
-    });
+    };
+    let cluster = crate::events::merge::Cluster {
+        log: engine.events().clone(),
+        vroomd: vroomd.clone(),
+    };
     let mut events = vec![];
-    while let Some(line) = reader.next().await {
-        if let EventLine::Event(e) = line {
-            events.push(e);
+    if cluster.nodes(&query).await.is_empty() {
+        let mut reader = engine.events().read(EventQuery {
+            all_nodes: false,
+            ..query
+        });
+        while let Some(line) = reader.next().await {
+            if let EventLine::Event(e) = line {
+                events.push(e);
+            }
+        }
+    } else {
+        let mut merged = cluster.stream(query).await;
+        while let Some((line, _)) = merged.recv().await {
+            if let EventLine::Event(e) = line {
+                events.push(e);
+            }
         }
     }
     events
@@ -198,7 +217,7 @@ async fn overview(State(engine): State<AppState>, State(vroomd): State<Service>)
         Ok(nodes) => nodes,
         Err(e) => return error_page("/ui/", e),
     };
-    let events = recent_events(&engine, RECENT_EVENTS).await;
+    let events = recent_events(&engine, &vroomd, RECENT_EVENTS).await;
     let body = pages::overview(&pages::Overview {
         instances: &instances,
         nodes: nodes.as_deref(),
@@ -341,8 +360,8 @@ async fn nodes(State(engine): State<AppState>, State(vroomd): State<Service>) ->
     }
 }
 
-async fn events(State(engine): State<AppState>) -> Response {
-    let events = recent_events(&engine, EVENTS_PAGE).await;
+async fn events(State(engine): State<AppState>, State(vroomd): State<Service>) -> Response {
+    let events = recent_events(&engine, &vroomd, EVENTS_PAGE).await;
     page(
         StatusCode::OK,
         "Events",

@@ -193,6 +193,7 @@ impl EventLog {
                         kept.last
                     ),
                     seq: kept.last,
+                    node: self.node(),
                 });
                 kept.last
             }
@@ -202,6 +203,7 @@ impl EventLog {
                         "events after {since} are no longer kept (the oldest kept is {oldest})"
                     ),
                     seq: kept.last,
+                    node: self.node(),
                 });
                 kept.last
             }
@@ -236,6 +238,7 @@ impl EventLog {
                 after
             },
             query,
+            node: self.node(),
         }
     }
 }
@@ -263,6 +266,7 @@ pub struct EventReader {
     /// reset): not sent again.
     after: u64,
     query: EventQuery,
+    node: Option<String>,
 }
 
 impl EventReader {
@@ -293,6 +297,7 @@ impl EventReader {
                             "this follower fell more than {LIVE_BUFFER} events behind ({missed} missed)"
                         ),
                         seq: newest,
+                        node: self.node.clone(),
                     });
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
@@ -417,7 +422,7 @@ mod tests {
         let mut r = log.read(query(&[("since", "2"), ("follow", "false")]));
         let lines = drain(&mut r).await;
         assert!(
-            matches!(&lines[..], [EventLine::Reset { seq, reason }] if *seq == last && reason.contains("no longer kept")),
+            matches!(&lines[..], [EventLine::Reset { seq, reason, .. }] if *seq == last && reason.contains("no longer kept")),
             "{lines:?}"
         );
         // The oldest kept follows on from `since` exactly: no gap, no reset.
@@ -444,7 +449,7 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
         let last = log.last_seq();
         match slow.next().await.unwrap() {
-            EventLine::Reset { seq, reason } => {
+            EventLine::Reset { seq, reason, .. } => {
                 assert_eq!(seq, last);
                 assert!(reason.contains("fell more than"), "{reason}");
             }

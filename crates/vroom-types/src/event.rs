@@ -134,6 +134,9 @@ pub enum EventLine {
     Reset {
         reason: String,
         seq: u64,
+        /// The node whose log `seq` numbers (in a cluster).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
     },
 }
 
@@ -238,6 +241,70 @@ pub struct EventQuery {
     /// Keep the stream open for new events (the default unless `until` or
     /// `limit` is given).
     pub follow: bool,
+    /// Every node of the cluster (`node=*`): one stream merged from every
+    /// node's log.
+    pub all_nodes: bool,
+    /// Where a merged stream resumes: each node's last event seen.
+    pub cursor: EventCursor,
+}
+
+/// A place in the merged stream of several nodes' logs: for each node, the
+/// number of the last event seen (`n1:12,n2:40`). Each node numbers its own
+/// events, so one number cannot say where several logs were left.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventCursor(pub std::collections::BTreeMap<String, u64>);
+
+impl EventCursor {
+    /// Records that `node`'s events up to `seq` were seen.
+    pub fn advance(&mut self, node: &str, seq: u64) {
+        let at = self.0.entry(node.to_string()).or_default();
+        *at = (*at).max(seq);
+    }
+
+    pub fn get(&self, node: &str) -> Option<u64> {
+        self.0.get(node).copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for EventCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (node, seq) in &self.0 {
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            write!(f, "{node}:{seq}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for EventCursor {
+    type Err = EventQueryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cursor = EventCursor::default();
+        for part in s.split(',').map(str::trim) {
+            let parsed = part.rsplit_once(':').and_then(|(node, seq)| {
+                let node_ok = !node.is_empty()
+                    && node.len() <= 128
+                    && !node.chars().any(|c| c.is_control() || c == ',' || c == ':');
+                Some((node, seq.parse::<u64>().ok()?)).filter(|_| node_ok)
+            });
+            let Some((node, seq)) = parsed else {
+                return Err(EventQueryError(format!(
+                    "cursor: {part:?} is not NODE:NUMBER (a merged stream resumes from each node's last event, e.g. n1:12,n2:40)"
+                )));
+            };
+            cursor.advance(node, seq);
+        }
+        Ok(cursor)
+    }
 }
 
 impl EventQuery {
@@ -257,6 +324,15 @@ impl EventQuery {
         for (key, value) in pairs {
             match key {
                 "since" => query.since = Some(number(key, value)?),
+                "cursor" => query.cursor = value.parse()?,
+                "node" if value.split(',').any(|v| v.trim() == "*") => {
+                    if value.trim() != "*" {
+                        return Err(EventQueryError(format!(
+                            "node: {value:?} mixes * (every node) with names"
+                        )));
+                    }
+                    query.all_nodes = true;
+                }
                 "until" => query.until = Some(number(key, value)?),
                 "limit" => {
                     let limit = value
@@ -292,6 +368,28 @@ impl EventQuery {
         }
         let history = query.until.is_some() || query.limit.is_some();
         query.follow = follow.unwrap_or(!history);
+        if query.all_nodes && !query.filter.nodes.is_empty() {
+            return Err(EventQueryError(
+                "node: * (every node) and node names exclude each other".into(),
+            ));
+        }
+        if query.merged() {
+            if query.since.is_some() {
+                return Err(EventQueryError(
+                    "since: a stream of several nodes resumes from a cursor (cursor=n1:12,n2:40), not one number".into(),
+                ));
+            }
+            if query.until.is_some() {
+                return Err(EventQueryError(
+                    "until: each node numbers its own events; ask one node (node=NAME) for a range"
+                        .into(),
+                ));
+            }
+        } else if !query.cursor.is_empty() {
+            return Err(EventQueryError(
+                "cursor: only for a stream of several nodes (node=* or node=a,b); one log resumes from since".into(),
+            ));
+        }
         if query.follow && query.until.is_some() {
             return Err(EventQueryError(
                 "until and follow exclude each other".into(),
@@ -301,8 +399,20 @@ impl EventQuery {
     }
 
     /// The query as URL pairs, for a client.
+    /// Whether the answer merges several nodes' logs (`node=*`, or more
+    /// than one node named).
+    pub fn merged(&self) -> bool {
+        self.all_nodes || self.filter.nodes.len() > 1
+    }
+
     pub fn to_pairs(&self) -> Vec<(&'static str, String)> {
         let mut pairs = self.filter.to_query();
+        if self.all_nodes {
+            pairs.push(("node", "*".into()));
+        }
+        if !self.cursor.is_empty() {
+            pairs.push(("cursor", self.cursor.to_string()));
+        }
         if let Some(since) = self.since {
             pairs.push(("since", since.to_string()));
         }
@@ -368,6 +478,28 @@ mod tests {
         let back = EventQuery::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str()))).unwrap();
         assert_eq!(back, query);
         assert!(EventQuery::from_pairs([]).unwrap().follow);
+        // A merged stream of every node, resumed from a cursor.
+        let merged =
+            EventQuery::from_pairs([("node", "*"), ("cursor", "n2:40, n1:12"), ("kind", "node")])
+                .unwrap();
+        assert!(merged.all_nodes && merged.merged() && merged.follow);
+        assert_eq!(merged.cursor.to_string(), "n1:12,n2:40");
+        let pairs = merged.to_pairs();
+        let back = EventQuery::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str()))).unwrap();
+        assert_eq!(back, merged);
+        // Several names merge too; one name is that node's own log.
+        assert!(EventQuery::from_pairs([("node", "a,b")]).unwrap().merged());
+        assert!(!EventQuery::from_pairs([("node", "a")]).unwrap().merged());
+    }
+
+    #[test]
+    fn a_cursor_keeps_each_nodes_newest_number() {
+        let mut cursor: EventCursor = "a:3".parse().unwrap();
+        cursor.advance("a", 2);
+        cursor.advance("b", 9);
+        assert_eq!(cursor.to_string(), "a:3,b:9");
+        assert_eq!(cursor.get("b"), Some(9));
+        assert_eq!(cursor.get("c"), None);
     }
 
     #[test]
@@ -393,6 +525,20 @@ mod tests {
                 "exclude each other",
             ),
             (vec![("follow", "maybe")], "not true or false"),
+            (vec![("cursor", "n1")], "is not NODE:NUMBER"),
+            (
+                vec![("node", "*"), ("cursor", "n1:x")],
+                "is not NODE:NUMBER",
+            ),
+            (vec![("node", "*"), ("cursor", ":4")], "is not NODE:NUMBER"),
+            (
+                vec![("cursor", "n1:4")],
+                "only for a stream of several nodes",
+            ),
+            (vec![("node", "*"), ("since", "4")], "resumes from a cursor"),
+            (vec![("node", "a,b"), ("until", "4")], "ask one node"),
+            (vec![("node", "a,*")], "mixes * (every node) with names"),
+            (vec![("node", "*"), ("node", "a")], "exclude each other"),
         ] {
             let err = EventQuery::from_pairs(pairs.clone())
                 .unwrap_err()
@@ -412,6 +558,7 @@ mod tests {
         let reset = serde_json::to_string(&EventLine::Reset {
             reason: "gone".into(),
             seq: 4,
+            node: None,
         })
         .unwrap();
         assert_eq!(reset, r#"{"type":"reset","reason":"gone","seq":4}"#);

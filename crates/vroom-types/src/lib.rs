@@ -49,7 +49,8 @@ pub use config::{
 };
 pub use error::{ApiErrorBody, ErrorCode, InvalidInputError};
 pub use event::{
-    Event, EventFilter, EventKind, EventLine, EventQuery, EventQueryError, MAX_EVENTS_LIMIT,
+    Event, EventCursor, EventFilter, EventKind, EventLine, EventQuery, EventQueryError,
+    MAX_EVENTS_LIMIT,
 };
 pub use exec::{
     CappedOutput, ExecEvent, ExecExit, ExecRequestError, ExitReason, DEFAULT_EXEC_TIMEOUT_SECS,

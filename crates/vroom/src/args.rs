@@ -237,11 +237,12 @@ pub enum Command {
         /// `--since` or `--limit`).
         #[arg(short, long)]
         follow: bool,
-        /// Only events after this number.
+        /// Only events after this number (with `--all-nodes`: after a
+        /// cursor, NODE:NUMBER,... as `--json` lines' nodes and numbers give).
         #[arg(long)]
-        since: Option<u64>,
+        since: Option<String>,
         /// Only events up to this number.
-        #[arg(long, conflicts_with = "follow")]
+        #[arg(long, conflicts_with_all = ["follow", "all_nodes"])]
         until: Option<u64>,
         /// At most this many events: the latest, or the first after `--since`
         /// (default: the last 100 unless `--follow` alone).
@@ -251,6 +252,10 @@ pub enum Command {
         /// node; repeat for more (all must match).
         #[arg(long = "filter", value_name = "KEY=VALUE")]
         filters: Vec<String>,
+        /// Every cluster node's events in one stream, by time (each node
+        /// numbers its own).
+        #[arg(short = 'A', long)]
+        all_nodes: bool,
     },
     /// Open the web dashboard: serves it on a loopback port, through to
     /// vroomd (this host's socket, or `--host`'s mutual TLS), and prints a

@@ -81,8 +81,16 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
             until,
             limit,
             filters,
+            all_nodes,
         } => {
-            let query = events::query(*follow, *since, *until, *limit, filters)?;
+            let query = events::query(
+                *follow,
+                since.as_deref(),
+                *until,
+                *limit,
+                filters,
+                *all_nodes,
+            )?;
             events::events(client, query, json).await
         }
         Command::Exec {

@@ -11,10 +11,11 @@ const DEFAULT_HISTORY: usize = 100;
 /// The query of `vroom events`'s flags.
 pub fn query(
     follow: bool,
-    since: Option<u64>,
+    since: Option<&str>,
     until: Option<u64>,
     limit: Option<usize>,
     filters: &[String],
+    all_nodes: bool,
 ) -> Result<EventQuery> {
     let mut pairs: Vec<(String, String)> = vec![];
     for filter in filters {
@@ -23,8 +24,17 @@ pub fn query(
         };
         pairs.push((key.to_string(), value.to_string()));
     }
+    if all_nodes {
+        pairs.push(("node".into(), "*".into()));
+    }
     if let Some(since) = since {
-        pairs.push(("since".into(), since.to_string()));
+        // Several nodes' stream resumes from a cursor.
+        let key = if since.contains(':') {
+            "cursor"
+        } else {
+            "since"
+        };
+        pairs.push((key.into(), since.to_string()));
     }
     if let Some(until) = until {
         pairs.push(("until".into(), until.to_string()));
@@ -44,9 +54,11 @@ pub fn query(
 pub async fn events(client: &Client, query: EventQuery, json: bool) -> Result<()> {
     use std::io::Write;
     // History and following are one request when the history is bounded by
-    // `since` alone; otherwise the history comes first, then a follow from
-    // its last number.
-    let follow_after = query.follow && (query.limit.is_some() || query.until.is_some());
+    // `since` alone, or several nodes' stream is asked for (vroomd follows
+    // each from where its history ended); otherwise the history comes
+    // first, then a follow from its last number.
+    let follow_after =
+        query.follow && !query.merged() && (query.limit.is_some() || query.until.is_some());
     let mut first = query.clone();
     if follow_after {
         first.follow = false;
@@ -77,9 +89,8 @@ pub async fn events(client: &Client, query: EventQuery, json: bool) -> Result<()
             filter: query.filter.clone(),
             // After an empty history: from now on.
             since: last,
-            until: None,
-            limit: None,
             follow: true,
+            ..EventQuery::default()
         };
         stream = client.events(&first).await?;
     }
@@ -89,7 +100,7 @@ pub async fn events(client: &Client, query: EventQuery, json: bool) -> Result<()
 pub fn render(line: &EventLine) -> Option<String> {
     match line {
         EventLine::Event(e) => Some(render_event(e)),
-        EventLine::Reset { reason, seq } => Some(format!(
+        EventLine::Reset { reason, seq, .. } => Some(format!(
             "-- events were lost: {reason}; the state may have changed (`vroom ps`); following from {seq}"
         )),
         EventLine::Heartbeat { .. } => None,
@@ -126,22 +137,37 @@ mod tests {
 
     #[test]
     fn flags_make_the_query_the_api_takes() {
-        let q = query(false, None, None, None, &[]).unwrap();
+        let q = query(false, None, None, None, &[], false).unwrap();
         assert_eq!((q.limit, q.follow), (Some(DEFAULT_HISTORY), false));
-        let q = query(true, None, None, None, &[]).unwrap();
+        let q = query(true, None, None, None, &[], false).unwrap();
         assert_eq!((q.limit, q.since, q.follow), (None, None, true));
-        let q = query(true, Some(4), None, None, &["kind=instance,volume".into()]).unwrap();
+        let q = query(
+            true,
+            Some("4"),
+            None,
+            None,
+            &["kind=instance,volume".into()],
+            false,
+        )
+        .unwrap();
         assert_eq!(
             (q.since, q.follow, q.filter.kinds.len()),
             (Some(4), true, 2)
         );
+        // Every node: a cursor resumes it, and a history then follows in
+        // one request.
+        let q = query(true, Some("n1:4,n2:9"), None, Some(5), &[], true).unwrap();
+        assert!(q.all_nodes && q.follow);
+        assert_eq!(q.cursor.to_string(), "n1:4,n2:9");
+        let err = query(false, Some("4"), None, None, &[], true).unwrap_err();
+        assert!(err.to_string().contains("resumes from a cursor"), "{err}");
         for (filters, says) in [
             (vec!["kind"], "expected KEY=VALUE"),
             (vec!["kind=vm"], "unknown event kind"),
             (vec!["colour=red"], "unknown event filter"),
         ] {
             let filters: Vec<String> = filters.into_iter().map(Into::into).collect();
-            let err = query(false, None, None, None, &filters)
+            let err = query(false, None, None, None, &filters, false)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(says), "{err}");

@@ -932,6 +932,90 @@ fn an_instance_migrates_live_with_its_memory_and_address() {
     assert!(!from_n3.contains(r#""node":"n2""#), "{from_n3}");
     let err = lab.fail(0, &["events", "--filter", "node=n9"]);
     assert!(err.contains(r#"no node named "n9""#), "{err}");
+
+    // And as one stream, by time: n2's start of the first move comes
+    // before n3's arrival, each line naming its node.
+    let merged = lab.ok(
+        0,
+        &[
+            "events",
+            "--all-nodes",
+            "--json",
+            "-n",
+            "100",
+            "--filter",
+            "kind=migration",
+            "--filter",
+            "name=m",
+        ],
+    );
+    let lines: Vec<serde_json::Value> = merged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first = |node: &str, action: &str| {
+        lines
+            .iter()
+            .position(|e| e["node"] == node && e["action"] == action)
+            .unwrap_or_else(|| panic!("no {action} from {node} in {merged}"))
+    };
+    assert!(first("n2", "started") < first("n3", "arrived"), "{merged}");
+    let times: Vec<&str> = lines.iter().map(|e| e["time"].as_str().unwrap()).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "not by time: {merged}"
+    );
+    let err = lab.fail(0, &["events", "--all-nodes", "--since", "7"]);
+    assert!(err.contains("resumes from a cursor"), "{err}");
+
+    // The dashboard over the cluster's mutual TLS, from n1 to n2: the
+    // overview lists the nodes and every node's recent events.
+    let tls = lab.nodes[0].dir.join("tls");
+    let url = format!(
+        "https://{}:{}/ui/",
+        lab.nodes[1].ip,
+        vroom_client::tls::API_PORT
+    );
+    let curl = |url: &str, cert: bool| {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &lab.nodes[0].ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+        ]);
+        cmd.arg("--cacert").arg(tls.join("ca.pem"));
+        if cert {
+            cmd.arg("--cert").arg(tls.join("cert.pem"));
+            cmd.arg("--key").arg(tls.join("key.pem"));
+        }
+        cmd.arg(url);
+        cmd.output().unwrap()
+    };
+    let page = curl(&url, true);
+    let html = String::from_utf8_lossy(&page.stdout);
+    assert!(
+        page.status.success(),
+        "{}",
+        String::from_utf8_lossy(&page.stderr)
+    );
+    for node in ["n1", "n2", "n3"] {
+        assert!(
+            html.contains(&format!(r#"data-node="{node}""#)),
+            "{node} missing: {html}"
+        );
+    }
+    assert!(
+        html.contains("arrived"),
+        "n3's events are not on n2's overview: {html}"
+    );
+    assert!(
+        !curl(&url, false).status.success(),
+        "served without a client certificate"
+    );
 }
 
 /// Moves under traffic on a loaded host (issue 23 #3: a client connecting

@@ -67,7 +67,8 @@
   }
 
   function follow() {
-    const events = new EventSource('/v1/events');
+    // Every node's events in a cluster (one host's alone otherwise).
+    const events = new EventSource('/v1/events?node=*');
     // What happened between this page's rendering and the stream's start.
     events.addEventListener('open', () => { status('live', 'ok'); soon(); });
     events.addEventListener('event', () => soon());
