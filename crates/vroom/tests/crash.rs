@@ -146,6 +146,37 @@ fn daemon_killed_inside_run_restart_stop_and_rm_leaves_no_orphan_and_no_limbo() 
     }
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after every kill");
+
+    // The event log went through 14 kills, some inside an event's write:
+    // it reads whole, its numbers rise with no repeat, and every instance
+    // that ran has its `created` and its `removed`.
+    let log = env.ok(&[
+        "events",
+        "--json",
+        "-n",
+        "10000",
+        "--filter",
+        "kind=instance",
+    ]);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "numbers repeat or go back: {seqs:?}"
+    );
+    for name in ["web", "warm"] {
+        for action in ["created", "removed"] {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e["name"] == name && e["action"] == action),
+                "no {action} event of {name}: {log}"
+            );
+        }
+    }
 }
 
 fn clone_body(name: &str, snapshot: &str) -> String {
