@@ -137,6 +137,10 @@ fn install_test_tools() -> Result<()> {
     if missing("dnsmasq") {
         apt_install(&["dnsmasq-base"])?;
     }
+    // ... and the load balancer's HAProxy configs by the host's haproxy.
+    if missing("haproxy") {
+        apt_install(&["haproxy"])?;
+    }
     // The postgres appliance's test logs in with the real client.
     if missing("psql") {
         apt_install(&["postgresql-client"])?;
@@ -163,6 +167,10 @@ fn install_test_tools() -> Result<()> {
     // headless chromium through chromedriver's WebDriver endpoint.
     if missing("chromium") || missing("chromedriver") {
         apt_install(&["chromium", "chromium-driver"])?;
+    }
+    // The load balancer's test keeps real HTTP load on it with wrk.
+    if missing("wrk") {
+        apt_install(&["wrk"])?;
     }
     // The cluster tests run a real three-member etcd.
     if missing("etcd") {

@@ -54,6 +54,7 @@ fn samples(key: &str, field: &ConfigField, default: Option<&str>) -> Vec<String>
             "tcp/443:10.0.3.11:8443",
         ],
         FieldType::Host => vec!["printer=10.0.2.5", "nas.office.lan=10.0.2.6"],
+        FieldType::Endpoint => vec!["10.0.2.7:80", "10.0.2.8:8080"],
         FieldType::Int => return ints(field, default),
         FieldType::String => return strings(key, field, default),
     };

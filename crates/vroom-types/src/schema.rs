@@ -32,6 +32,8 @@ pub enum FieldType {
     Forward,
     /// A host record: `NAME=IP`, e.g. `nas.lan=10.0.1.5`.
     Host,
+    /// A service's address: `IP:PORT`, e.g. `10.0.2.10:80`.
+    Endpoint,
 }
 
 /// One config key's type and constraints.
@@ -138,6 +140,7 @@ impl ConfigField {
                 .map_err(|_| "must be an IPv4 CIDR such as 10.0.0.0/24".into()),
             FieldType::Forward => parse_forward(value).map(|_| ()),
             FieldType::Host => parse_host(value).map(|_| ()),
+            FieldType::Endpoint => parse_endpoint(value).map(|_| ()),
         }
     }
 
@@ -175,6 +178,9 @@ impl ConfigField {
             FieldType::Host => parse_host(value)
                 .ok()
                 .map(|(name, ip)| json!({ "name": name, "ip": ip.to_string() })),
+            FieldType::Endpoint => parse_endpoint(value)
+                .ok()
+                .map(|(ip, port)| json!({ "ip": ip.to_string(), "port": port })),
             FieldType::String | FieldType::Ipv4 => None,
         };
         parsed.unwrap_or_else(|| Value::from(value))
@@ -389,6 +395,9 @@ impl ConfigRule {
                             parse_forward(item).is_ok_and(|f| net.contains(&f.to_ip))
                         }
                         FieldType::Host => parse_host(item).is_ok_and(|(_, ip)| net.contains(&ip)),
+                        FieldType::Endpoint => {
+                            parse_endpoint(item).is_ok_and(|(ip, _)| net.contains(&ip))
+                        }
                         FieldType::String | FieldType::Bool | FieldType::Port => true,
                     };
                     if !inside {
@@ -488,6 +497,16 @@ fn parse_forward(value: &str) -> Result<Forward, String> {
     })
 }
 
+/// `IP:PORT`.
+fn parse_endpoint(value: &str) -> Result<(Ipv4Addr, u16), String> {
+    let usage = || "must look like IP:PORT, e.g. 10.0.2.10:80".to_string();
+    let (ip, port) = value.split_once(':').ok_or_else(usage)?;
+    Ok((
+        parse_ipv4(ip).map_err(|_| usage())?,
+        parse_port(port).map_err(|_| usage())?,
+    ))
+}
+
 /// `NAME=IP` where NAME is a DNS name.
 fn parse_host(value: &str) -> Result<(&str, Ipv4Addr), String> {
     let usage = || "must look like NAME=IP, e.g. nas.lan=10.0.1.5".to_string();
@@ -537,6 +556,16 @@ mod tests {
             (FieldType::Host, false, "nas.lan=10.0.1.5", true),
             (FieldType::Host, false, "-bad=10.0.1.5", false),
             (FieldType::Host, false, "nas", false),
+            (FieldType::Endpoint, false, "10.0.2.10:80", true),
+            (
+                FieldType::Endpoint,
+                true,
+                "10.0.2.10:80,10.0.2.11:8080",
+                true,
+            ),
+            (FieldType::Endpoint, false, "10.0.2.10", false),
+            (FieldType::Endpoint, false, "10.0.2.10:0", false),
+            (FieldType::Endpoint, false, "web:80", false),
             (FieldType::Forward, true, "", true),
             (FieldType::Forward, true, "80:10.0.0.2, 443:10.0.0.2", true),
             (FieldType::Forward, true, "80:10.0.0.2,nonsense", false),

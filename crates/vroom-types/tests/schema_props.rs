@@ -23,6 +23,7 @@ fn kinds() -> impl Strategy<Value = FieldType> {
         Just(FieldType::Cidr),
         Just(FieldType::Forward),
         Just(FieldType::Host),
+        Just(FieldType::Endpoint),
     ]
 }
 

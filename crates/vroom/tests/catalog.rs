@@ -573,3 +573,102 @@ fn postgres_serves_configured_databases_to_password_logins() {
     ]);
     assert_eq!(rows.trim(), "2", "{rows}");
 }
+
+/// The load balancer: HAProxy in front of two hello instances. A config
+/// change is in force when `config set` returns; under steady HTTP load
+/// (wrk, a new connection per request) a reload, a backend stopped and
+/// started again, and a backend taken out of the config fail no request;
+/// a stopped backend is marked down by its health check; statistics are
+/// served for Prometheus; bad backends are refused with the reason.
+#[test]
+fn lb_balances_reloads_and_drops_dead_backends_without_a_failed_request() {
+    let env = Env::new("lb");
+    build(&env, "lb");
+    let (_, b1) = run_on_lan(&env, "hello", "b1");
+    env.ok(&["run", "hello", "--name", "b2", "--net", "lan"]);
+    let b2 = env.instance("b2").nics[0].ip.unwrap();
+    env.ok(&["run", "lb", "--name", "lb", "--net", "lan"]);
+    let lb = env.instance("lb").nics[0].ip.unwrap();
+    let err = common::http_get(lb).unwrap_or_else(|e| e.to_string());
+    assert!(err.contains("503"), "no backends yet: {err}");
+    env.ok(&["config", "lb", "set", &format!("backends={b1}:80,{b2}:80")]);
+    let page = common::http_get(lb).unwrap();
+    assert!(
+        page.contains("Hello from vroom"),
+        "in force on return: {page}"
+    );
+
+    // Each backend's state, by its address (the server's name).
+    let stats = |server: Ipv4Addr| {
+        let server = format!("{server}:80");
+        let csv = std::process::Command::new("busybox")
+            .args(["wget", "-qO-", &format!("http://{lb}:8404/stats;csv")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&csv.stdout)
+            .lines()
+            .find(|l| l.starts_with(&format!("pool,{server},")))
+            .and_then(|l| l.split(',').nth(17).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let wrk = std::process::Command::new("wrk")
+        .args(["-t1", "-c4", "-d30s", "-H", "Connection: close"])
+        .arg(format!("http://{lb}/"))
+        .output();
+    let load = std::thread::spawn(move || wrk);
+    std::thread::sleep(Duration::from_secs(3));
+    // A reload, a backend down and back, a backend taken out.
+    env.ok(&["config", "lb", "set", "check_ms=300"]);
+    env.ok(&["stop", "b1"]);
+    poll(Duration::from_secs(10), || {
+        (stats(b1) == "DOWN").then_some(())
+    })
+    .expect("the stopped backend is marked down");
+    env.ok(&["start", "b1"]);
+    poll(Duration::from_secs(10), || {
+        (stats(b1) == "UP").then_some(())
+    })
+    .expect("the started backend is back");
+    env.ok(&["config", "lb", "set", &format!("backends={b2}:80")]);
+    let out = load
+        .join()
+        .unwrap()
+        .expect("wrk runs (cargo xtask test installs it)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let requests: u64 = report
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in ")
+                .map(|(n, _)| n.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no request count: {report}"));
+    assert!(requests > 100, "{report}");
+    assert!(
+        !report.contains("Socket errors") && !report.contains("Non-2xx"),
+        "requests failed: {report}"
+    );
+    assert_eq!(stats(b2), "UP");
+    assert_eq!(stats(b1), "", "b1 left the config");
+
+    let metrics = std::process::Command::new("busybox")
+        .args(["wget", "-qO-", &format!("http://{lb}:8404/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("haproxy_backend_active_servers{proxy=\"pool\"} 1"),
+        "{metrics}"
+    );
+
+    for (value, says) in [
+        ("backends=10.1.2.3", "must look like IP:PORT"),
+        ("backends=web:80", "must look like IP:PORT"),
+        ("backends=192.0.2.1:80", "must lie inside lan's subnet"),
+        ("balance=random", "must be one of"),
+    ] {
+        let err = env.fail(&["config", "lb", "set", value]);
+        assert!(err.contains(says), "{value}: {err}");
+    }
+    assert_eq!(stats(b2), "UP", "a refused change changed nothing");
+}
