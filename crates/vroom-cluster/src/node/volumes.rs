@@ -49,7 +49,10 @@ use vroom_volume::relay;
 use super::peers::read_json_line;
 use super::*;
 
+mod moving;
 mod splice;
+
+pub(super) use moving::fills_within;
 
 /// How long a replica may leave a write unanswered before the relay holds
 /// it as lost (a frozen node keeps acknowledging TCP: only this catches it).
@@ -664,7 +667,7 @@ impl ClusterNode {
         let owned = self.owned.lock_unpoisoned().clone();
         {
             let mut running = self.replications.lock_unpoisoned();
-            running.retain(|_, task| !task.is_finished());
+            running.retain(|_, (_, task)| !task.is_finished());
         }
         for (instance, token) in &owned {
             let Some((record, _)) = view.instances.get(instance) else {
@@ -674,7 +677,7 @@ impl ClusterNode {
                 .engine
                 .get(instance)
                 .is_ok_and(|i| i.status.state == InstanceState::Running);
-            if !running_here || self.migrating.lock_unpoisoned().contains(instance) {
+            if !running_here || self.streaming_out(instance) {
                 continue;
             }
             for (volume, _) in Self::volumes_of(view, record) {
@@ -697,7 +700,15 @@ impl ClusterNode {
                     continue;
                 };
                 let mut running = self.replications.lock_unpoisoned();
-                if running.contains_key(&volume.name) {
+                if let Some((to, _)) = running.get(&volume.name) {
+                    if *to != volume.replica {
+                        // The record names another replica now (written
+                        // first): the running one is let go, and the next
+                        // pass fills the new one.
+                        self.replica_moved
+                            .lock_unpoisoned()
+                            .insert(volume.name.clone());
+                    }
                     continue;
                 }
                 if let Some(ended) = self.replication_ended.lock_unpoisoned().get(&volume.name) {
@@ -713,6 +724,7 @@ impl ClusterNode {
                     .remove(&volume.name);
                 let resume =
                     RESUME_INCREMENTALLY && paused_for.as_deref() == Some(volume.replica.as_str());
+                self.replica_moved.lock_unpoisoned().remove(&volume.name);
                 let node = self.arc();
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
@@ -743,7 +755,7 @@ impl ClusterNode {
                         .lock_unpoisoned()
                         .insert(volume_name, Instant::now());
                 });
-                running.insert(volume.name.clone(), task);
+                running.insert(volume.name.clone(), (volume.replica.clone(), task));
             }
         }
         self.tidy_copies(view).await;
@@ -788,15 +800,20 @@ impl ClusterNode {
     }
 
     /// Stops serving copies this node is not the replica of, and removes
-    /// replicated copies whose volume the cluster no longer has.
+    /// replicated copies whose volume the cluster no longer has or keeps
+    /// on other nodes (its replica moved, for a live migration, to a node
+    /// that had no copy). A copy served when the pass began goes only at a
+    /// later pass, and a young one (made or served lately) not at all: the
+    /// view may be older than the record that named this node.
     async fn tidy_copies(&self, view: &View) {
-        for volume in self.engine.served_replicas() {
+        let served = self.engine.served_replicas();
+        for volume in &served {
             let keep = view
                 .volumes
-                .get(&volume)
+                .get(volume.as_str())
                 .is_some_and(|(v, _)| v.replica == self.name);
             if !keep {
-                self.engine.stop_replica_server(&volume);
+                self.engine.stop_replica_server(volume);
             }
         }
         let Ok(local) = self.engine.list_volumes() else {
@@ -811,12 +828,20 @@ impl ClusterNode {
             if copy.replicas < 2 || young || copy.attached_to.is_some() {
                 continue;
             }
-            if !view.volumes.contains_key(name) {
-                tracing::info!(volume = %name, "removing this node's copy of a volume the cluster no longer has");
-                self.engine.stop_replica_server(name);
-                if let Err(e) = self.engine.remove_volume(name).await {
-                    tracing::warn!(volume = %name, error = %e.message, "cannot remove the copy");
+            let why = match view.volumes.get(name) {
+                None => "the cluster no longer has the volume",
+                Some((v, _)) if v.primary != self.name && v.replica != self.name => {
+                    if served.iter().any(|s| s == name) {
+                        continue;
+                    }
+                    "the volume's copies are kept on other nodes now"
                 }
+                Some(_) => continue,
+            };
+            tracing::info!(volume = %name, reason = why, "removing this node's copy of a replicated volume");
+            self.engine.stop_replica_server(name);
+            if let Err(e) = self.engine.remove_volume(name).await {
+                tracing::warn!(volume = %name, error = %e.message, "cannot remove the copy");
             }
         }
     }
@@ -921,7 +946,21 @@ impl ClusterNode {
                     // QMP busy or slow: nothing is known; look again.
                     Ok(Err(_)) | Err(_) => continue,
                 };
-            if self.migrating.lock_unpoisoned().contains(instance) {
+            if self.replica_moved.lock_unpoisoned().remove(volume) {
+                // The record no longer names this replica (it was written
+                // first, so the guest may go on without it): let it go.
+                release_relay(&control);
+                let engine = self.engine.clone();
+                let (inst, vol) = (instance.to_string(), volume.to_string());
+                let stopped =
+                    tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+                if let Ok(Err(e)) = stopped {
+                    tracing::warn!(%volume, error = %e.message, "cannot end the replication to the replica's old node");
+                }
+                tracing::info!(%volume, %instance, old = %replica.0, "the replica moved; no longer replicating to its old node");
+                return Ended::Quietly;
+            }
+            if self.streaming_out(instance) {
                 // Paused for good while it moves; its replica's node takes
                 // over from its copy, or the move fails and the record is
                 // rewritten: nothing to judge here until it is decided.
@@ -985,6 +1024,14 @@ impl ClusterNode {
                 }
             }
         }
+    }
+
+    /// Whether `instance` is being streamed to another node: its replications
+    /// are not judged meanwhile (its VM is paused for good, or about to be).
+    /// While its volumes' replicas are moved first, it is not yet.
+    fn streaming_out(&self, instance: &str) -> bool {
+        self.migrating.lock_unpoisoned().contains(instance)
+            && !self.moving_replicas.lock_unpoisoned().contains(instance)
     }
 
     /// Where the relay of `volume`'s replication answers.
@@ -1152,6 +1199,11 @@ impl ClusterNode {
         empty: bool,
     ) -> Result<UnixStream, String> {
         let record = self.replica_record(volume, primary).await?;
+        // A pass whose view is older than the record that named this node
+        // must not take the copy for one of a replica that moved away.
+        self.creating_volumes
+            .lock_unpoisoned()
+            .insert(volume.to_string(), Instant::now());
         if record.state == ReplicaState::UpToDate {
             return Err(format!(
                 "volume {volume}'s replica here is up to date; it is not served for a new copy"
