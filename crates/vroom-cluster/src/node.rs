@@ -149,6 +149,8 @@ pub struct ClusterNode {
     /// Replicated volumes this node is making (its copy exists, the
     /// record may not yet), since when.
     creating_volumes: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Copies this node began to serve as a replica, and when.
+    served_lately: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Replications this node runs, by volume: the replica's node, and
     /// the task.
     replications: Mutex<BTreeMap<String, (String, tokio::task::JoinHandle<()>)>>,
@@ -219,6 +221,7 @@ impl ClusterNode {
             api: Mutex::default(),
             draining: Mutex::default(),
             creating_volumes: Mutex::default(),
+            served_lately: Mutex::default(),
             replications: Mutex::default(),
             replica_moved: Mutex::default(),
             moving_replicas: Mutex::default(),

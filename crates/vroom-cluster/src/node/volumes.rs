@@ -69,6 +69,10 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(3);
 const RESUME_INCREMENTALLY: bool = true;
 /// How long a copy this node is making may lack its record.
 const CREATE_GRACE: Duration = Duration::from_secs(60);
+/// How long after this node last served a copy it is kept although the
+/// record names other nodes: a pass's view may be older than the record
+/// that named this node (one pass: under a second).
+const SERVE_GRACE: Duration = Duration::from_secs(5);
 
 /// The node an instance using `volumes` may run on now: the primary's
 /// while it is up and not cordoned; else the replica's, if that copy is up
@@ -729,10 +733,33 @@ impl ClusterNode {
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
                 let replica = volume.replica.clone();
+                // The first replication of this volume since vroomd
+                // started: QEMU may still run the last one's job.
+                let first = !self
+                    .replication_ended
+                    .lock_unpoisoned()
+                    .contains_key(&volume.name);
                 let task = tokio::spawn(async move {
-                    let ended = node
-                        .run_replication(&instance, &volume_name, token, (&replica, &peer), resume)
-                        .await;
+                    let adopted = match first {
+                        true => {
+                            node.readopt_replication(&instance, &volume_name, token, &replica)
+                                .await
+                        }
+                        false => None,
+                    };
+                    let ended = match adopted {
+                        Some(ended) => ended,
+                        None => {
+                            node.run_replication(
+                                &instance,
+                                &volume_name,
+                                token,
+                                (&replica, &peer),
+                                resume,
+                            )
+                            .await
+                        }
+                    };
                     match ended {
                         Ended::Quietly => {}
                         Ended::Fault(reason) => {
@@ -751,6 +778,7 @@ impl ClusterNode {
                                 .await;
                         }
                     }
+                    let _ = std::fs::remove_file(mark_path(&node.relay_control(&volume_name)));
                     node.replication_ended
                         .lock_unpoisoned()
                         .insert(volume_name, Instant::now());
@@ -820,11 +848,19 @@ impl ClusterNode {
             return;
         };
         let creating = self.creating_volumes.lock_unpoisoned().clone();
+        let served_lately = {
+            let mut served = self.served_lately.lock_unpoisoned();
+            served.retain(|_, t| t.elapsed() < SERVE_GRACE);
+            served.clone()
+        };
         for copy in local {
             let name = copy.name.as_str();
             let young = creating
                 .get(name)
-                .is_some_and(|t| t.elapsed() < CREATE_GRACE);
+                .is_some_and(|t| t.elapsed() < CREATE_GRACE)
+                || served_lately
+                    .get(name)
+                    .is_some_and(|t| t.elapsed() < SERVE_GRACE);
             if copy.replicas < 2 || young || copy.attached_to.is_some() {
                 continue;
             }
@@ -931,7 +967,109 @@ impl ClusterNode {
             }
         }
         tracing::info!(%volume, %instance, replica = %replica.0, at = %replica.1, resume, "replicating");
-        let mut up_to_date = false;
+        self.mark_relay(&control, instance, replica.0);
+        self.watch_replication(Watch {
+            instance,
+            volume,
+            token,
+            replica: replica.0,
+            control: &control,
+            resume,
+            started_at,
+            up_to_date: false,
+        })
+        .await
+    }
+
+    /// Takes over the replication of `instance`'s `volume` to `replica`
+    /// that a previous vroomd left running (the relay and QEMU outlive it):
+    /// its relay still answers, it was started for this instance and this
+    /// replica, and QEMU still has its job. Then nothing is copied again:
+    /// the job goes on with its dirty bitmap, and an up-to-date replica
+    /// stays up to date. `None`: there is none to take over.
+    async fn readopt_replication(
+        &self,
+        instance: &str,
+        volume: &str,
+        token: i64,
+        replica: &str,
+    ) -> Option<Ended> {
+        let control = self.relay_control(volume);
+        let mark: RelayMark = std::fs::read(mark_path(&control))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        if mark.instance != instance || mark.replica != replica {
+            return None;
+        }
+        relay_status(&control).ok()?;
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
+        let job = tokio::task::spawn_blocking(move || engine.replica_job(&inst, &vol))
+            .await
+            .ok()?
+            .ok()??;
+        if job.failed {
+            return None;
+        }
+        let record = self
+            .store
+            .get_json::<VolumeRecord>(&key(VOLUMES, volume))
+            .await
+            .ok()??
+            .0;
+        if record.primary != self.name || record.replica != replica {
+            return None;
+        }
+        let up_to_date = record.state == ReplicaState::UpToDate;
+        tracing::info!(%volume, %instance, %replica, state = %record.state, dirty = job.dirty, "took over the replication a previous vroomd left running: nothing is copied again");
+        Some(
+            self.watch_replication(Watch {
+                instance,
+                volume,
+                token,
+                replica,
+                control: &control,
+                resume: false,
+                started_at: Instant::now(),
+                up_to_date,
+            })
+            .await,
+        )
+    }
+
+    /// Notes beside the relay's socket which replication it carries, for
+    /// the next vroomd to take it over ([`Self::readopt_replication`]).
+    fn mark_relay(&self, control: &Path, instance: &str, replica: &str) {
+        let mark = RelayMark {
+            instance: instance.to_string(),
+            replica: replica.to_string(),
+        };
+        // A torn file is read as none: the next vroomd copies again.
+        let written = serde_json::to_vec(&mark)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(mark_path(control), b));
+        if let Err(e) = written {
+            tracing::warn!(control = %control.display(), error = %e, "cannot note the relay's replication; a restarted vroomd copies the volume again");
+        }
+    }
+
+    /// Watches a replication until the VM stops, this node loses the
+    /// instance, the replica moves, or the replica fails (then recorded
+    /// `Outdated` before the guest goes on alone); records the replica up
+    /// to date once it is.
+    async fn watch_replication(&self, w: Watch<'_>) -> Ended {
+        let Watch {
+            instance,
+            volume,
+            token,
+            replica,
+            control,
+            resume,
+            started_at,
+            up_to_date,
+        } = w;
+        let control = control.to_path_buf();
+        let mut up_to_date = up_to_date;
         let mut seen_job = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -957,7 +1095,7 @@ impl ClusterNode {
                 if let Ok(Err(e)) = stopped {
                     tracing::warn!(%volume, error = %e.message, "cannot end the replication to the replica's old node");
                 }
-                tracing::info!(%volume, %instance, old = %replica.0, "the replica moved; no longer replicating to its old node");
+                tracing::info!(%volume, %instance, old = %replica, "the replica moved; no longer replicating to its old node");
                 return Ended::Quietly;
             }
             if self.streaming_out(instance) {
@@ -1201,7 +1339,7 @@ impl ClusterNode {
         let record = self.replica_record(volume, primary).await?;
         // A pass whose view is older than the record that named this node
         // must not take the copy for one of a replica that moved away.
-        self.creating_volumes
+        self.served_lately
             .lock_unpoisoned()
             .insert(volume.to_string(), Instant::now());
         if record.state == ReplicaState::UpToDate {
@@ -1250,6 +1388,36 @@ pub(super) enum ReplicaReply {
     Serving {
         addr: SocketAddr,
     },
+}
+
+/// What [`ClusterNode::watch_replication`] watches.
+struct Watch<'a> {
+    instance: &'a str,
+    volume: &'a str,
+    token: i64,
+    /// The replica's node.
+    replica: &'a str,
+    /// The relay's control socket.
+    control: &'a Path,
+    /// It sends only what the replica missed.
+    resume: bool,
+    started_at: Instant,
+    /// The record says the replica is up to date already.
+    up_to_date: bool,
+}
+
+/// Which replication a relay carries (`relays/VOLUME.json`, beside its
+/// socket), so that a restarted vroomd can take it over. Written by the
+/// vroomd that started it; version 1, unversioned JSON: a field added
+/// later must default.
+#[derive(Debug, Serialize, Deserialize)]
+struct RelayMark {
+    instance: String,
+    replica: String,
+}
+
+fn mark_path(control: &Path) -> PathBuf {
+    control.with_extension("json")
 }
 
 /// The status of the relay answering at `control`.

@@ -154,7 +154,7 @@ impl ClusterNode {
                 .get_json::<MigrationRecord>(&key(MIGRATIONS, name))
                 .await
                 .map_err(|e| format!("cannot read the migration: {e}"))?;
-            if !asked.is_some_and(|(now, _)| now.id == m.id) {
+            if asked.is_none_or(|(now, _)| now.id != m.id) {
                 return Err("the migration was called off".into());
             }
             let mut waiting = None;
