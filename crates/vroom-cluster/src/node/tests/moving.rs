@@ -178,3 +178,44 @@ async fn a_failover_during_the_move_promotes_nothing() {
     assert_ne!(record.state, ReplicaState::UpToDate);
     moving.abort();
 }
+
+/// A destination that cannot take the copy (its disk full): each fill
+/// fails and is recorded outdated with the reason; the move fails after a
+/// few, not at its bound, says why, and the replica goes back to b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_fails_its_fills_fails_the_move_soon() {
+    let (fleet, m) = db_asked_to_c().await;
+    let a = fleet.node("a");
+    let moving = {
+        let m = m.clone();
+        tokio::spawn(async move { a.replicas_to("db", &m, Some(Duration::from_secs(60))).await })
+    };
+    replica_becomes(&fleet, "c").await;
+    let started = std::time::Instant::now();
+    for attempt in 0..3 {
+        // What the replication records when the fill fails.
+        let mut record = volume_record(&fleet, "data").await.with_state(
+            ReplicaState::Outdated,
+            Some("node c has 1 MiB free; the volume needs 16 MiB".into()),
+            now_secs() + attempt,
+        );
+        record.replica = "c".into();
+        fleet
+            .store
+            .put(&key(VOLUMES, "data"), json(&record))
+            .await
+            .unwrap();
+        // (a's lease, which the migration's record is bound to, lives.)
+        fleet.beat("a").await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let err = tokio::time::timeout(Duration::from_secs(5), moving)
+        .await
+        .expect("the move failed soon")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("1 MiB free"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let record = volume_record(&fleet, "data").await;
+    assert_eq!(record.replica, "b");
+}

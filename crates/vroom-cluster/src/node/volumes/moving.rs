@@ -19,8 +19,8 @@
 //! promotable), as the record says. After the swap the old primary's copy
 //! is filled again from the new primary, as after any role swap.
 //!
-//! A move that does not get its copy in time (the destination down, its
-//! disk full) puts the replica back on its old node, unless the new copy
+//! A move that does not get its copy in time (the destination down), or
+//! whose fill failed [`FILL_ATTEMPTS`] times (its disk full), puts the replica back on its old node, unless the new copy
 //! came up to date after all; a source killed meanwhile leaves the replica
 //! on the destination, where the restarted source fills it.
 
@@ -49,6 +49,10 @@ pub(in crate::node) fn before_move(volume: &VolumeRecord, to: &str) -> BeforeMov
         BeforeMove::Nothing
     }
 }
+
+/// How many failed fills of the destination's copy fail the move (each
+/// is tried again [`RETRY_AFTER`] after the last).
+const FILL_ATTEMPTS: usize = 3;
 
 /// How long a migration waits for a replica of `size_mib` to be filled:
 /// four times the slowest full copy measured (8 s/GiB) and a minute.
@@ -123,14 +127,14 @@ impl ClusterNode {
         moved: &mut Vec<(String, String)>,
     ) -> Result<(), String> {
         let to = m.to.as_str();
+        let why = format!(
+            "moving to node {to} for the live migration of {name}: filled from {}, then the roles swap",
+            self.name
+        );
         for (volume, _) in volumes {
             let BeforeMove::MoveReplica { from } = before_move(volume, to) else {
                 continue;
             };
-            let why = format!(
-                "moving to node {to} for the live migration of {name}: filled from {}, then the roles swap",
-                self.name
-            );
             self.update_volume(name, m.token, &volume.name, |v| {
                 Ok((v.replica != to).then(|| VolumeRecord {
                     replica: to.to_string(),
@@ -144,6 +148,9 @@ impl ClusterNode {
         }
         self.wake.notify_one();
         let since = Instant::now();
+        // Fills that failed (the record's `since` of each): a destination
+        // that cannot make or take the copy fails the move soon.
+        let mut failed = BTreeSet::new();
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if self.token(name) != Some(m.token) {
@@ -175,6 +182,16 @@ impl ClusterNode {
                 tracing::info!(instance = %name, %to, took_ms = since.elapsed().as_millis() as u64, "the replicas are up to date on the destination");
                 return Ok(());
             };
+            let reason = current.reason.as_deref().unwrap_or("no reason given");
+            if current.replica == to && current.state == ReplicaState::Outdated && reason != why {
+                failed.insert(current.since);
+                if failed.len() >= FILL_ATTEMPTS {
+                    return Err(format!(
+                        "volume {}'s copy on {to} failed {FILL_ATTEMPTS} times: {reason}",
+                        current.name
+                    ));
+                }
+            }
             if since.elapsed() > wait {
                 return Err(format!(
                     "volume {}'s copy on {to} was not filled within {} s ({}: {})",
