@@ -2333,4 +2333,42 @@ fn a_replicated_volume_moves_to_a_node_without_a_copy() {
         &copy_of(&lab, other, "data"),
         "after vroomd restarted on the primary",
     );
+
+    // `node drain` does the same: with the replica's node cordoned, the
+    // drain moves h1 live to the third node, whose copy is filled first.
+    lab.ok(on, &["start", "h1"]);
+    up_to_date(&lab, on, "data", names[on]);
+    lab.ok(
+        on,
+        &[
+            "exec",
+            "h1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo drained > /var/data/drained && sync",
+        ],
+    );
+    let third = 3 - on - other;
+    lab.ok(0, &["node", "cordon", names[other]]);
+    let said = lab.ok(0, &["node", "drain", names[on]]);
+    eprintln!("{}", said.trim());
+    runs_only_on(&lab, third, "h1", &ip);
+    let out = lab.ok(third, &["exec", "h1", "--", "cat", "/var/data/drained"]);
+    assert_eq!(out, "drained\n");
+    up_to_date(&lab, third, "data", names[third]);
+    let (_, replica, _, _) = replication_of(&lab, third, "data").unwrap();
+    assert_eq!(replica, names[on], "the drained node's copy is the replica");
+    let mut want = vec![on, third];
+    want.sort();
+    let settled = poll(Duration::from_secs(20), || {
+        (copies_of(&lab, "data") == want).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "copies on {:?} after the drain",
+        copies_of(&lab, "data")
+    );
+    lab.ok(0, &["node", "uncordon", names[other]]);
+    lab.ok(0, &["node", "uncordon", names[on]]);
 }
