@@ -149,8 +149,17 @@ pub struct ClusterNode {
     /// Replicated volumes this node is making (its copy exists, the
     /// record may not yet), since when.
     creating_volumes: Mutex<BTreeMap<String, std::time::Instant>>,
-    /// Replications this node runs, by volume.
-    replications: Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
+    /// Copies this node began to serve as a replica, and when.
+    served_lately: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Replications this node runs, by volume: the replica's node, and
+    /// the task.
+    replications: Mutex<BTreeMap<String, (String, tokio::task::JoinHandle<()>)>>,
+    /// Volumes whose record names another replica than the one their
+    /// running replication copies to: that replication lets it go.
+    replica_moved: Mutex<BTreeSet<String>>,
+    /// Instances migrating out whose volumes' replicas are being moved to
+    /// the destination first (their VM runs, and replicates, meanwhile).
+    moving_replicas: Mutex<BTreeSet<String>>,
     /// When each volume's last replication ended.
     replication_ended: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Replications whose job was left paused by a replica's fault, with
@@ -212,7 +221,10 @@ impl ClusterNode {
             api: Mutex::default(),
             draining: Mutex::default(),
             creating_volumes: Mutex::default(),
+            served_lately: Mutex::default(),
             replications: Mutex::default(),
+            replica_moved: Mutex::default(),
+            moving_replicas: Mutex::default(),
             replication_ended: Mutex::default(),
             paused_replications: Mutex::default(),
         })

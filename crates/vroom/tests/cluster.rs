@@ -1932,18 +1932,19 @@ fn a_replica_that_stops_answering_is_cut_loose_and_never_promoted() {
     up_to_date(&lab, 0, "files", "n1");
 
     // vroomd of the primary is killed and starts again: the VM, its relay
-    // and the replica's server outlived it; the new daemon replicates
-    // again (a full copy) and nothing is left twice.
+    // and the replica's server outlived it; the new daemon takes that
+    // replication over (issue 25: it made a new one, a full copy, before)
+    // and nothing is left twice.
     let old_relay = lab.nbd_relays(0);
     assert_eq!(old_relay.len(), 1, "one relay on n1");
     lab.kill_daemon(0);
     lab.start(0);
     let settled = poll(Duration::from_secs(60), || {
         let (p, _, state, epoch) = replication_of(&lab, 0, "files")?;
-        let relays = lab.nbd_relays(0);
-        let renewed = relays.len() == 1 && relays != old_relay;
+        let kept = lab.nbd_relays(0) == old_relay;
         let one_server = lab.nbd_servers(1).len() == 1;
-        (p == "n1" && state == "up_to_date" && renewed && one_server).then_some(epoch)
+        let took = lab.log(0).contains("took over the replication");
+        (p == "n1" && state == "up_to_date" && kept && one_server && took).then_some(epoch)
     });
     assert!(
         settled.is_some(),
@@ -2140,4 +2141,318 @@ fn postgres_fails_over_with_every_committed_row() {
             "row {n} was committed and is lost: {rows:?}"
         );
     }
+}
+
+/// Writes numbered files in `instance` (each synced: the guest saw it
+/// complete) from `after + 1` on, through whichever node runs it, until
+/// `stop`; returns the numbers acknowledged.
+fn write_in_background(
+    lab: &Arc<Lab>,
+    instance: &str,
+    after: u32,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<u32>> {
+    let (lab, stop, instance) = (lab.clone(), stop.clone(), instance.to_string());
+    std::thread::spawn(move || {
+        let mut acked = vec![];
+        let mut n = after + 1;
+        while !stop.load(Ordering::SeqCst) {
+            let script = format!("echo write-{n} > {DATA}/w{n} && sync");
+            let done = (0..lab.nodes.len()).any(|i| {
+                lab.runs(i, &instance).is_some()
+                    && lab
+                        .vroom(
+                            i,
+                            &[
+                                "exec",
+                                "--timeout",
+                                "10",
+                                &instance,
+                                "--",
+                                "/bin/sh",
+                                "-c",
+                                &script,
+                            ],
+                        )
+                        .status
+                        .success()
+            });
+            if done {
+                acked.push(n);
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // A write whose answer was lost is never asked to be there.
+            n += 1;
+        }
+        acked
+    })
+}
+
+/// Asserts that every write in `acked` is on `instance`'s volume on node `i`.
+fn assert_writes_kept(lab: &Lab, i: usize, instance: &str, acked: &[u32], when: &str) {
+    assert!(!acked.is_empty(), "{when}: no write was acknowledged");
+    let script = format!(
+        "for n in {}; do cat {DATA}/w$n || echo missing-$n; done",
+        acked
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = lab.ok(i, &["exec", instance, "--", "/bin/sh", "-c", &script]);
+    for n in acked {
+        assert!(
+            out.contains(&format!("write-{n}\n")),
+            "{when}: write {n} was acknowledged and is lost:\n{out}"
+        );
+    }
+}
+
+/// The nodes that hold a copy of `volume`.
+fn copies_of(lab: &Lab, volume: &str) -> Vec<usize> {
+    (0..lab.nodes.len())
+        .filter(|&i| {
+            let out = lab.vroom(i, &["--json", "volume", "inspect", volume]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .is_some_and(|v| v["id"].as_str().is_some_and(|id| !id.is_empty()))
+        })
+        .collect()
+}
+
+/// Issue 25: a live migration to a node that holds no copy of the
+/// instance's replicated volume moves the replica there first (filled
+/// while the guest writes), then swaps the roles; the old replica's copy
+/// goes. Every write the guest saw complete is there afterwards, and the
+/// two copies compare equal. Then the source's vroomd is killed while the
+/// replica moves: the instance runs once, the record names two copies that
+/// exist (filled up to date again), and no third copy is left.
+#[test]
+fn a_replicated_volume_moves_to_a_node_without_a_copy() {
+    let _quiet = quiet_host();
+    let lab = Arc::new(new_lab(3));
+    let hello = common::recipe("hello");
+    for i in 0..3 {
+        lab.ok(i, &["image", "build", &hello]);
+    }
+    let names = ["n1", "n2", "n3"];
+    lab.ok(
+        0,
+        &[
+            "volume",
+            "create",
+            "data",
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+        ],
+    );
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h1",
+            "--ha",
+            "restart",
+            "--volume",
+            "data:/var/data",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h1");
+    up_to_date(&lab, 0, "data", "n1");
+    let (_, replica, _, _) = replication_of(&lab, 0, "data").unwrap();
+    let r = names.iter().position(|n| *n == replica).unwrap();
+    // The node with no copy.
+    let bare = 3 - r;
+    assert_eq!(copies_of(&lab, "data"), [0, r]);
+
+    // Under writes, to the node without a copy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_in_background(&lab, "h1", 0, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    let said = lab.ok(0, &["migrate", "h1", "--to", names[bare]]);
+    eprintln!("{}", said.trim());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.join().unwrap();
+    runs_only_on(&lab, bare, "h1", &ip);
+    let (primary, replica, _, epoch) = replication_of(&lab, bare, "data").unwrap();
+    assert_eq!(
+        (primary.as_str(), replica.as_str(), epoch),
+        (names[bare], "n1", 2),
+        "the destination's copy took over, the source's is the replica"
+    );
+    assert_writes_kept(&lab, bare, "h1", &acked, "after the move");
+    up_to_date(&lab, bare, "data", names[bare]);
+    let gone = poll(Duration::from_secs(20), || {
+        (copies_of(&lab, "data") == [0, bare]).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the old replica's copy on {} stays: copies on {:?}",
+        names[r],
+        copies_of(&lab, "data")
+    );
+    lab.ok(bare, &["stop", "h1"]);
+    assert_same_copies(
+        &copy_of(&lab, 0, "data"),
+        &copy_of(&lab, bare, "data"),
+        "after a move with a copy",
+    );
+
+    // The source's vroomd killed while the replica moves (to r, which has
+    // no copy now).
+    lab.ok(bare, &["start", "h1"]);
+    up_to_date(&lab, bare, "data", names[bare]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_in_background(&lab, "h1", acked.last().copied().unwrap_or(0), &stop);
+    std::thread::sleep(Duration::from_secs(1));
+    let child = lab
+        .command(0)
+        .args(["migrate", "h1", "--to", names[r]])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let moving = poll(Duration::from_secs(30), || {
+        lab.etcd_get("/vroom/volumes/data")
+            .filter(|v| v.contains(&format!(r#""replica":"{}""#, names[r])))
+            .map(|_| ())
+    });
+    assert!(moving.is_some(), "the replica never moved to {}", names[r]);
+    lab.kill_daemon(bare);
+    lab.start(bare);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let on = poll(Duration::from_secs(60), || {
+        let on: Vec<usize> = (0..3).filter(|&i| lab.runs(i, "h1").is_some()).collect();
+        (on.len() == 1 && lab.page_from(on[0], &ip).is_some()).then(|| on[0])
+    })
+    .unwrap_or_else(|| {
+        panic!("h1 does not run once after the source's vroomd was killed ({said})")
+    });
+    eprintln!(
+        "source killed during the replica's move: {said}; h1 runs on {}",
+        names[on]
+    );
+    stop.store(true, Ordering::SeqCst);
+    let more = writer.join().unwrap();
+    let (primary, _, _, _) = replication_of(&lab, on, "data").unwrap();
+    assert_eq!(
+        primary, names[on],
+        "h1 runs on a copy that is not the primary"
+    );
+    up_to_date(&lab, on, "data", names[on]);
+    let (primary, replica, _, _) = replication_of(&lab, on, "data").unwrap();
+    let mut want: Vec<usize> = [&primary, &replica]
+        .iter()
+        .map(|n| names.iter().position(|m| m == n).unwrap())
+        .collect();
+    want.sort();
+    let settled = poll(Duration::from_secs(30), || {
+        (copies_of(&lab, "data") == want).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "copies on {:?}, the record names {primary} and {replica}",
+        copies_of(&lab, "data")
+    );
+    assert_writes_kept(&lab, on, "h1", &more, "after the kill");
+    lab.ok(on, &["stop", "h1"]);
+    let other = want.into_iter().find(|&i| i != on).unwrap();
+    assert_same_copies(
+        &copy_of(&lab, on, "data"),
+        &copy_of(&lab, other, "data"),
+        "after a move cut short",
+    );
+
+    // A restart of vroomd on the primary under writes: the relay and the
+    // QEMU (with its mirror job and dirty bitmap) outlived it, and the new
+    // vroomd takes that replication over. The replica stays up to date
+    // throughout, nothing is copied again (before: a full copy, the
+    // replica emptied and `syncing`), and no acknowledged write is lost.
+    lab.ok(on, &["start", "h1"]);
+    up_to_date(&lab, on, "data", names[on]);
+    let record = || -> serde_json::Value {
+        serde_json::from_str(&lab.etcd_get("/vroom/volumes/data").unwrap()).unwrap()
+    };
+    let before = record();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_in_background(&lab, "h1", more.last().copied().unwrap_or(10_000), &stop);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.kill_daemon(on);
+    lab.start(on);
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        let now = record();
+        assert!(
+            now["state"] == "up_to_date" && now["since"] == before["since"],
+            "the replica was synced again after vroomd restarted on the primary: {now}\n--- log:\n{}",
+            lab.log(on)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let last = writer.join().unwrap();
+    let log = lab.log(on);
+    let took = log
+        .lines()
+        .find(|l| l.contains("took over the replication"))
+        .unwrap_or_else(|| {
+            panic!("the restarted vroomd did not take the replication over:\n{log}")
+        });
+    eprintln!("after the restart: {took}");
+    assert_writes_kept(&lab, on, "h1", &last, "after vroomd restarted");
+    lab.ok(on, &["stop", "h1"]);
+    assert_same_copies(
+        &copy_of(&lab, on, "data"),
+        &copy_of(&lab, other, "data"),
+        "after vroomd restarted on the primary",
+    );
+
+    // `node drain` does the same: with the replica's node cordoned, the
+    // drain moves h1 live to the third node, whose copy is filled first.
+    lab.ok(on, &["start", "h1"]);
+    up_to_date(&lab, on, "data", names[on]);
+    lab.ok(
+        on,
+        &[
+            "exec",
+            "h1",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo drained > /var/data/drained && sync",
+        ],
+    );
+    let third = 3 - on - other;
+    lab.ok(0, &["node", "cordon", names[other]]);
+    let said = lab.ok(0, &["node", "drain", names[on]]);
+    eprintln!("{}", said.trim());
+    runs_only_on(&lab, third, "h1", &ip);
+    let out = lab.ok(third, &["exec", "h1", "--", "cat", "/var/data/drained"]);
+    assert_eq!(out, "drained\n");
+    up_to_date(&lab, third, "data", names[third]);
+    let (_, replica, _, _) = replication_of(&lab, third, "data").unwrap();
+    assert_eq!(replica, names[on], "the drained node's copy is the replica");
+    let mut want = vec![on, third];
+    want.sort();
+    let settled = poll(Duration::from_secs(20), || {
+        (copies_of(&lab, "data") == want).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "copies on {:?} after the drain",
+        copies_of(&lab, "data")
+    );
+    lab.ok(0, &["node", "uncordon", names[other]]);
+    lab.ok(0, &["node", "uncordon", names[on]]);
 }

@@ -2,8 +2,11 @@
 //!
 //! Any node may ask: it checks the request and writes a
 //! [`MigrationRecord`] (bound to its own lease) naming the owner's fencing
-//! token and a secret. The owner (`from`) picks it up in its pass and
-//! connects to the destination's peer port twice. The steps:
+//! token and a secret. The owner (`from`) picks it up in its pass, has
+//! the replicas of the instance's replicated volumes moved to the
+//! destination and filled there if they are not up to date there
+//! (`volumes/moving.rs`), and connects to the destination's peer port
+//! twice. The steps:
 //!
 //! 1. control connection (JSON lines): the destination checks the
 //!    migration against etcd, creates the instance with its identity,

@@ -770,13 +770,15 @@ async fn a_copy_without_its_record_is_removed() {
     assert!(fleet.member("b").engine.engine.volume("kept").is_ok());
 }
 
-/// A drain moves an instance with a replicated volume only to the node of
-/// its up-to-date replica (not to the emptiest node), and nowhere while
-/// that replica is not up to date.
+/// A drain moves an instance with a replicated volume to the node of its
+/// up-to-date replica (the roles swap, nothing is copied), not to the
+/// emptiest node; with the replica not up to date, or its node unable to
+/// take it, to any node, the replica moving there as part of the move
+/// (before issue 25's migration with a copy, it was stuck).
 ///
 /// Check it covers: `View::volume_target` in the drain's plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_sends_an_instance_to_its_up_to_date_replica_only() {
+async fn a_drain_prefers_the_up_to_date_replica_and_otherwise_moves_the_copy() {
     let fleet = Fleet::new(&["a", "b", "c"]).await;
     replicated_volume(&fleet, "data", ReplicaState::UpToDate).await;
     fleet
@@ -792,10 +794,18 @@ async fn a_drain_sends_an_instance_to_its_up_to_date_replica_only() {
     for state in [ReplicaState::Syncing, ReplicaState::Outdated] {
         set_volume_state(&fleet, "data", state).await;
         let view = a.view().await.unwrap();
-        assert_eq!(view.target_for("db", "a"), None, "{state}");
+        let target = view.target_for("db", "a");
+        assert!(
+            matches!(target.as_deref(), Some("b" | "c")),
+            "{state}: {target:?}"
+        );
         let (_, plan) = view.drain_plan("a");
-        assert_eq!(plan.stuck.len(), 1, "{state}: {plan:?}");
+        assert!(plan.stuck.is_empty(), "{state}: {plan:?}");
     }
+    set_volume_state(&fleet, "data", ReplicaState::UpToDate).await;
+    a.set_cordon("b", Some(CORDON)).await.unwrap();
+    let view = a.view().await.unwrap();
+    assert_eq!(view.target_for("db", "a").as_deref(), Some("c"));
 }
 
 /// A dead node removed from the cluster: refused while it holds the only
@@ -841,4 +851,5 @@ async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
     );
 }
 
+mod moving;
 mod peers;

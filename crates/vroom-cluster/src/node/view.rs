@@ -210,24 +210,33 @@ impl View {
         })
     }
 
-    /// Where an instance with replicated volumes may move off `from`: the
-    /// node of their up-to-date replicas, or nowhere (`from` itself, which
-    /// the move avoids). `None`: it has none.
+    /// Where an instance with replicated volumes moves off `from`: the
+    /// node of their up-to-date replicas when it can take it (the roles
+    /// swap, nothing is copied); otherwise any node, whose copies are
+    /// filled as part of the move (`None`); nowhere (`from` itself, which
+    /// the move avoids) when a primary copy is not on `from`.
     fn volume_target(&self, record: &InstanceRecord, from: &str) -> Option<String> {
-        let mut target: Option<&str> = None;
+        let mut replicas = BTreeSet::new();
+        let mut swap = true;
         for attach in &record.request.spec.volumes {
             let Some((v, _)) = self.volumes.get(attach.volume.as_str()) else {
                 continue;
             };
-            let usable = v.primary == from
-                && v.state == vroom_types::ReplicaState::UpToDate
-                && target.is_none_or(|t| t == v.replica);
-            if !usable {
+            if v.primary != from {
                 return Some(from.to_string());
             }
-            target = Some(&v.replica);
+            swap &= v.state == vroom_types::ReplicaState::UpToDate;
+            replicas.insert(v.replica.as_str());
         }
-        target.map(str::to_string)
+        let [replica] = replicas.into_iter().collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        let need = record.mem_mib + schedule::VMM_OVERHEAD_MIB;
+        let fits = self
+            .candidates()
+            .get(replica)
+            .is_some_and(|c| c.state == NodeState::Ready && c.mem_free_mib >= need);
+        (swap && fits).then(|| replica.to_string())
     }
 
     /// Where the scheduler would move `name` off `from`.

@@ -49,7 +49,10 @@ use vroom_volume::relay;
 use super::peers::read_json_line;
 use super::*;
 
+mod moving;
 mod splice;
+
+pub(super) use moving::fills_within;
 
 /// How long a replica may leave a write unanswered before the relay holds
 /// it as lost (a frozen node keeps acknowledging TCP: only this catches it).
@@ -66,6 +69,10 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(3);
 const RESUME_INCREMENTALLY: bool = true;
 /// How long a copy this node is making may lack its record.
 const CREATE_GRACE: Duration = Duration::from_secs(60);
+/// How long after this node last served a copy it is kept although the
+/// record names other nodes: a pass's view may be older than the record
+/// that named this node (one pass: under a second).
+const SERVE_GRACE: Duration = Duration::from_secs(5);
 
 /// The node an instance using `volumes` may run on now: the primary's
 /// while it is up and not cordoned; else the replica's, if that copy is up
@@ -664,7 +671,7 @@ impl ClusterNode {
         let owned = self.owned.lock_unpoisoned().clone();
         {
             let mut running = self.replications.lock_unpoisoned();
-            running.retain(|_, task| !task.is_finished());
+            running.retain(|_, (_, task)| !task.is_finished());
         }
         for (instance, token) in &owned {
             let Some((record, _)) = view.instances.get(instance) else {
@@ -674,7 +681,7 @@ impl ClusterNode {
                 .engine
                 .get(instance)
                 .is_ok_and(|i| i.status.state == InstanceState::Running);
-            if !running_here || self.migrating.lock_unpoisoned().contains(instance) {
+            if !running_here || self.streaming_out(instance) {
                 continue;
             }
             for (volume, _) in Self::volumes_of(view, record) {
@@ -697,7 +704,15 @@ impl ClusterNode {
                     continue;
                 };
                 let mut running = self.replications.lock_unpoisoned();
-                if running.contains_key(&volume.name) {
+                if let Some((to, _)) = running.get(&volume.name) {
+                    if *to != volume.replica {
+                        // The record names another replica now (written
+                        // first): the running one is let go, and the next
+                        // pass fills the new one.
+                        self.replica_moved
+                            .lock_unpoisoned()
+                            .insert(volume.name.clone());
+                    }
                     continue;
                 }
                 if let Some(ended) = self.replication_ended.lock_unpoisoned().get(&volume.name) {
@@ -713,14 +728,38 @@ impl ClusterNode {
                     .remove(&volume.name);
                 let resume =
                     RESUME_INCREMENTALLY && paused_for.as_deref() == Some(volume.replica.as_str());
+                self.replica_moved.lock_unpoisoned().remove(&volume.name);
                 let node = self.arc();
                 let (instance, volume_name, token) =
                     (instance.clone(), volume.name.clone(), *token);
                 let replica = volume.replica.clone();
+                // The first replication of this volume since vroomd
+                // started: QEMU may still run the last one's job.
+                let first = !self
+                    .replication_ended
+                    .lock_unpoisoned()
+                    .contains_key(&volume.name);
                 let task = tokio::spawn(async move {
-                    let ended = node
-                        .run_replication(&instance, &volume_name, token, (&replica, &peer), resume)
-                        .await;
+                    let adopted = match first {
+                        true => {
+                            node.readopt_replication(&instance, &volume_name, token, &replica)
+                                .await
+                        }
+                        false => None,
+                    };
+                    let ended = match adopted {
+                        Some(ended) => ended,
+                        None => {
+                            node.run_replication(
+                                &instance,
+                                &volume_name,
+                                token,
+                                (&replica, &peer),
+                                resume,
+                            )
+                            .await
+                        }
+                    };
                     match ended {
                         Ended::Quietly => {}
                         Ended::Fault(reason) => {
@@ -739,11 +778,12 @@ impl ClusterNode {
                                 .await;
                         }
                     }
+                    let _ = std::fs::remove_file(mark_path(&node.relay_control(&volume_name)));
                     node.replication_ended
                         .lock_unpoisoned()
                         .insert(volume_name, Instant::now());
                 });
-                running.insert(volume.name.clone(), task);
+                running.insert(volume.name.clone(), (volume.replica.clone(), task));
             }
         }
         self.tidy_copies(view).await;
@@ -788,35 +828,56 @@ impl ClusterNode {
     }
 
     /// Stops serving copies this node is not the replica of, and removes
-    /// replicated copies whose volume the cluster no longer has.
+    /// replicated copies whose volume the cluster no longer has or keeps
+    /// on other nodes (its replica moved, for a live migration, to a node
+    /// that had no copy). A copy served when the pass began goes only at a
+    /// later pass, and a young one (made or served lately) not at all: the
+    /// view may be older than the record that named this node.
     async fn tidy_copies(&self, view: &View) {
-        for volume in self.engine.served_replicas() {
+        let served = self.engine.served_replicas();
+        for volume in &served {
             let keep = view
                 .volumes
-                .get(&volume)
+                .get(volume.as_str())
                 .is_some_and(|(v, _)| v.replica == self.name);
             if !keep {
-                self.engine.stop_replica_server(&volume);
+                self.engine.stop_replica_server(volume);
             }
         }
         let Ok(local) = self.engine.list_volumes() else {
             return;
         };
         let creating = self.creating_volumes.lock_unpoisoned().clone();
+        let served_lately = {
+            let mut served = self.served_lately.lock_unpoisoned();
+            served.retain(|_, t| t.elapsed() < SERVE_GRACE);
+            served.clone()
+        };
         for copy in local {
             let name = copy.name.as_str();
             let young = creating
                 .get(name)
-                .is_some_and(|t| t.elapsed() < CREATE_GRACE);
+                .is_some_and(|t| t.elapsed() < CREATE_GRACE)
+                || served_lately
+                    .get(name)
+                    .is_some_and(|t| t.elapsed() < SERVE_GRACE);
             if copy.replicas < 2 || young || copy.attached_to.is_some() {
                 continue;
             }
-            if !view.volumes.contains_key(name) {
-                tracing::info!(volume = %name, "removing this node's copy of a volume the cluster no longer has");
-                self.engine.stop_replica_server(name);
-                if let Err(e) = self.engine.remove_volume(name).await {
-                    tracing::warn!(volume = %name, error = %e.message, "cannot remove the copy");
+            let why = match view.volumes.get(name) {
+                None => "the cluster no longer has the volume",
+                Some((v, _)) if v.primary != self.name && v.replica != self.name => {
+                    if served.iter().any(|s| s == name) {
+                        continue;
+                    }
+                    "the volume's copies are kept on other nodes now"
                 }
+                Some(_) => continue,
+            };
+            tracing::info!(volume = %name, reason = why, "removing this node's copy of a replicated volume");
+            self.engine.stop_replica_server(name);
+            if let Err(e) = self.engine.remove_volume(name).await {
+                tracing::warn!(volume = %name, error = %e.message, "cannot remove the copy");
             }
         }
     }
@@ -906,7 +967,109 @@ impl ClusterNode {
             }
         }
         tracing::info!(%volume, %instance, replica = %replica.0, at = %replica.1, resume, "replicating");
-        let mut up_to_date = false;
+        self.mark_relay(&control, instance, replica.0);
+        self.watch_replication(Watch {
+            instance,
+            volume,
+            token,
+            replica: replica.0,
+            control: &control,
+            resume,
+            started_at,
+            up_to_date: false,
+        })
+        .await
+    }
+
+    /// Takes over the replication of `instance`'s `volume` to `replica`
+    /// that a previous vroomd left running (the relay and QEMU outlive it):
+    /// its relay still answers, it was started for this instance and this
+    /// replica, and QEMU still has its job. Then nothing is copied again:
+    /// the job goes on with its dirty bitmap, and an up-to-date replica
+    /// stays up to date. `None`: there is none to take over.
+    async fn readopt_replication(
+        &self,
+        instance: &str,
+        volume: &str,
+        token: i64,
+        replica: &str,
+    ) -> Option<Ended> {
+        let control = self.relay_control(volume);
+        let mark: RelayMark = std::fs::read(mark_path(&control))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        if mark.instance != instance || mark.replica != replica {
+            return None;
+        }
+        relay_status(&control).ok()?;
+        let engine = self.engine.clone();
+        let (inst, vol) = (instance.to_string(), volume.to_string());
+        let job = tokio::task::spawn_blocking(move || engine.replica_job(&inst, &vol))
+            .await
+            .ok()?
+            .ok()??;
+        if job.failed {
+            return None;
+        }
+        let record = self
+            .store
+            .get_json::<VolumeRecord>(&key(VOLUMES, volume))
+            .await
+            .ok()??
+            .0;
+        if record.primary != self.name || record.replica != replica {
+            return None;
+        }
+        let up_to_date = record.state == ReplicaState::UpToDate;
+        tracing::info!(%volume, %instance, %replica, state = %record.state, dirty = job.dirty, "took over the replication a previous vroomd left running: nothing is copied again");
+        Some(
+            self.watch_replication(Watch {
+                instance,
+                volume,
+                token,
+                replica,
+                control: &control,
+                resume: false,
+                started_at: Instant::now(),
+                up_to_date,
+            })
+            .await,
+        )
+    }
+
+    /// Notes beside the relay's socket which replication it carries, for
+    /// the next vroomd to take it over ([`Self::readopt_replication`]).
+    fn mark_relay(&self, control: &Path, instance: &str, replica: &str) {
+        let mark = RelayMark {
+            instance: instance.to_string(),
+            replica: replica.to_string(),
+        };
+        // A torn file is read as none: the next vroomd copies again.
+        let written = serde_json::to_vec(&mark)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(mark_path(control), b));
+        if let Err(e) = written {
+            tracing::warn!(control = %control.display(), error = %e, "cannot note the relay's replication; a restarted vroomd copies the volume again");
+        }
+    }
+
+    /// Watches a replication until the VM stops, this node loses the
+    /// instance, the replica moves, or the replica fails (then recorded
+    /// `Outdated` before the guest goes on alone); records the replica up
+    /// to date once it is.
+    async fn watch_replication(&self, w: Watch<'_>) -> Ended {
+        let Watch {
+            instance,
+            volume,
+            token,
+            replica,
+            control,
+            resume,
+            started_at,
+            up_to_date,
+        } = w;
+        let control = control.to_path_buf();
+        let mut up_to_date = up_to_date;
         let mut seen_job = false;
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -921,7 +1084,21 @@ impl ClusterNode {
                     // QMP busy or slow: nothing is known; look again.
                     Ok(Err(_)) | Err(_) => continue,
                 };
-            if self.migrating.lock_unpoisoned().contains(instance) {
+            if self.replica_moved.lock_unpoisoned().remove(volume) {
+                // The record no longer names this replica (it was written
+                // first, so the guest may go on without it): let it go.
+                release_relay(&control);
+                let engine = self.engine.clone();
+                let (inst, vol) = (instance.to_string(), volume.to_string());
+                let stopped =
+                    tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+                if let Ok(Err(e)) = stopped {
+                    tracing::warn!(%volume, error = %e.message, "cannot end the replication to the replica's old node");
+                }
+                tracing::info!(%volume, %instance, old = %replica, "the replica moved; no longer replicating to its old node");
+                return Ended::Quietly;
+            }
+            if self.streaming_out(instance) {
                 // Paused for good while it moves; its replica's node takes
                 // over from its copy, or the move fails and the record is
                 // rewritten: nothing to judge here until it is decided.
@@ -985,6 +1162,14 @@ impl ClusterNode {
                 }
             }
         }
+    }
+
+    /// Whether `instance` is being streamed to another node: its replications
+    /// are not judged meanwhile (its VM is paused for good, or about to be).
+    /// While its volumes' replicas are moved first, it is not yet.
+    fn streaming_out(&self, instance: &str) -> bool {
+        self.migrating.lock_unpoisoned().contains(instance)
+            && !self.moving_replicas.lock_unpoisoned().contains(instance)
     }
 
     /// Where the relay of `volume`'s replication answers.
@@ -1152,6 +1337,11 @@ impl ClusterNode {
         empty: bool,
     ) -> Result<UnixStream, String> {
         let record = self.replica_record(volume, primary).await?;
+        // A pass whose view is older than the record that named this node
+        // must not take the copy for one of a replica that moved away.
+        self.served_lately
+            .lock_unpoisoned()
+            .insert(volume.to_string(), Instant::now());
         if record.state == ReplicaState::UpToDate {
             return Err(format!(
                 "volume {volume}'s replica here is up to date; it is not served for a new copy"
@@ -1198,6 +1388,36 @@ pub(super) enum ReplicaReply {
     Serving {
         addr: SocketAddr,
     },
+}
+
+/// What [`ClusterNode::watch_replication`] watches.
+struct Watch<'a> {
+    instance: &'a str,
+    volume: &'a str,
+    token: i64,
+    /// The replica's node.
+    replica: &'a str,
+    /// The relay's control socket.
+    control: &'a Path,
+    /// It sends only what the replica missed.
+    resume: bool,
+    started_at: Instant,
+    /// The record says the replica is up to date already.
+    up_to_date: bool,
+}
+
+/// Which replication a relay carries (`relays/VOLUME.json`, beside its
+/// socket), so that a restarted vroomd can take it over. Written by the
+/// vroomd that started it; version 1, unversioned JSON: a field added
+/// later must default.
+#[derive(Debug, Serialize, Deserialize)]
+struct RelayMark {
+    instance: String,
+    replica: String,
+}
+
+fn mark_path(control: &Path) -> PathBuf {
+    control.with_extension("json")
 }
 
 /// The status of the relay answering at `control`.

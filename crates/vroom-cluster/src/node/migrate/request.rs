@@ -28,16 +28,14 @@ impl ClusterNode {
                 "instance {name} is being removed"
             )));
         }
-        // With replicated volumes it moves only to the node of their
-        // up-to-date replicas, which take over as primary (nothing copied).
-        for (v, _) in Self::volumes_of(&view, record) {
-            if v.replica != to || v.state != vroom_types::ReplicaState::UpToDate {
-                return Err(OpError::conflict(format!(
-                    "instance {name} uses volume {}, kept on {} and {} ({} there): it migrates live only to the node of an up-to-date replica",
-                    v.name, v.primary, v.replica, v.state
-                )));
-            }
-        }
+        // With replicated volumes, their replicas move to the destination
+        // first (unless they are up to date there), then take over as
+        // primary: the wait allows for their copy.
+        let volumes: Vec<&VolumeRecord> = Self::volumes_of(&view, record)
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        let fills = volumes::fills_within(volumes.iter().copied(), to);
         if let Some((m, _)) = view.migrations.get(name) {
             return Err(OpError::conflict(format!(
                 "instance {name} is being migrated to {} already",
@@ -110,7 +108,7 @@ impl ClusterNode {
             )));
         }
         self.wake.notify_one();
-        let outcome = self.await_migration(name, &migration, started).await;
+        let outcome = self.await_migration(name, &migration, started, fills).await;
         // The record goes whatever happened (unless another replaced it).
         if let Ok(Some((m, kv))) = self.store.get_json::<MigrationRecord>(&mkey).await {
             if m.id == migration.id {
@@ -159,6 +157,7 @@ impl ClusterNode {
         name: &str,
         migration: &MigrationRecord,
         started: Instant,
+        fills: Duration,
     ) -> Result<Migration, OpError> {
         let (from, to) = (&migration.from, &migration.to);
         let report = |downtime_ms, switchover_ms, bytes| {
@@ -179,6 +178,7 @@ impl ClusterNode {
             _ => 0,
         };
         let limit = MIGRATE_TIMEOUT
+            + fills
             + Duration::from_secs(
                 appliances * (vroom_core::engine::DEFAULT_READY_TIMEOUT_SECS + 10),
             );

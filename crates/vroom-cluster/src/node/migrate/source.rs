@@ -124,6 +124,14 @@ impl ClusterNode {
                 .message(format!("to {}", record.to))
                 .detail("to", record.to.clone()),
         );
+        // Its volumes' replicas on the destination first (moved and filled
+        // there if they were elsewhere): the takeover swaps the roles.
+        if let Err(reason) = self.replicas_to(name, &record, None).await {
+            let reason = format!("its volumes' replicas are not on {}: {reason}", record.to);
+            self.record_migration_kept(name, &record, revision, reason)
+                .await;
+            return;
+        }
         let outcome = self.send(name, &record, peer).await;
         // Decided by the owner key (a destination whose guest did not
         // answer gave it back) and, when the destination's answer did not
@@ -225,6 +233,36 @@ impl ClusterNode {
         current.state = state;
         let txn = Txn::new()
             .when([Compare::mod_revision(mkey.clone(), expect)])
+            .and_then([Op::put_leased(mkey, json(&current), kv.lease)]);
+        let _ = self.store.txn(txn).await;
+    }
+
+    /// A migration out that failed before its VM was streamed: the
+    /// instance runs on here; the record says why.
+    async fn record_migration_kept(
+        &self,
+        name: &str,
+        record: &MigrationRecord,
+        revision: i64,
+        reason: String,
+    ) {
+        tracing::warn!(instance = %name, to = %record.to, %reason, "the migration failed; the instance runs here");
+        self.event(
+            NewEvent::new(EventKind::Migration, "failed", name)
+                .message(format!("{reason}; it runs here"))
+                .detail("to", record.to.clone()),
+        );
+        let mkey = key(MIGRATIONS, name);
+        let Ok(Some((mut current, kv))) = self.store.get_json::<MigrationRecord>(&mkey).await
+        else {
+            return;
+        };
+        if current.id != record.id {
+            return;
+        }
+        current.state = MigrationState::Failed { reason };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(mkey.clone(), revision)])
             .and_then([Op::put_leased(mkey, json(&current), kv.lease)]);
         let _ = self.store.txn(txn).await;
     }
