@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::lab::{
-    assert_same_copies, copy_of, failed_over, last_sync, replication_of, up_to_date,
-    write_until_power_loss, Lab, DATA,
+    assert_acknowledged_writes, assert_same_copies, copy_of, failed_over, last_sync,
+    replication_of, up_to_date, write_until_power_loss, Lab, DATA,
 };
 use common::{poll, vroom_bin};
 use vroom_lab::signal;
@@ -1498,27 +1498,7 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
             names[r],
             acked.len()
         );
-        let script = format!(
-            "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
-            acked
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let out = poll(Duration::from_secs(10), || {
-            let out = lab.vroom(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-        })
-        .unwrap_or_else(|| panic!("h1 does not run on {}:\n{}", names[r], lab.log(r)));
-        for n in &acked {
-            assert!(
-                out.contains(&format!("write-{n}\n")),
-                "round {round}: write {n} was acknowledged and is lost:\n{out}"
-            );
-        }
+        assert_acknowledged_writes(&lab, r, "h1", &acked, &format!("round {round}"));
         let (primary, replica, state, epoch) = replication_of(&lab, r, "data").unwrap();
         assert_eq!((primary.as_str(), replica.as_str()), (names[r], names[p]));
         assert_eq!(epoch, round as u64 + 4, "a new primary is a new epoch");
@@ -1814,27 +1794,7 @@ fn a_replica_killed_just_before_the_primary_loses_no_acknowledged_write() {
         acked.len()
     );
     failed_over(&lab, at, "h3", &ip, Duration::from_secs(60));
-    let script = format!(
-        "for n in {}; do cat {DATA}/w$n || echo missing-$n; done",
-        acked
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let out = poll(Duration::from_secs(10), || {
-        let out = lab.vroom(at, &["exec", "h3", "--", "/bin/sh", "-c", &script]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-    .unwrap_or_else(|| panic!("h3 does not run:\n{}", lab.log(at)));
-    for n in &acked {
-        assert!(
-            out.contains(&format!("write-{n}\n")),
-            "write {n} was acknowledged and is lost:\n{out}"
-        );
-    }
+    assert_acknowledged_writes(&lab, at, "h3", &acked, "after the cut");
 }
 
 /// `psql` from node `i`'s namespace as `app` to database `shop` at `ip`.

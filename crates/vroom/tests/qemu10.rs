@@ -18,14 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::lab::{
-    failed_over, last_sync, replication_of, up_to_date, write_until_power_loss, Lab, DATA,
+    assert_acknowledged_writes, failed_over, last_sync, replication_of, up_to_date,
+    write_until_power_loss, Lab, DATA,
 };
 use common::loop_client::{longest_outage, LoopClient};
 use common::{
     assert_consistent, dhcp_lease, fetch, init_binary, kill_during, master_of, poll, random_subnet,
-    recipe, vroom_bin, Env,
+    recipe, settled_splice, vroom_bin, Env,
 };
-use vroom_types::{InstanceState, Splice, SpliceState};
+use vroom_types::{Splice, SpliceState};
 
 /// One scenario at a time: the cluster's leases must not starve beside a
 /// booting guest on our 2 cores.
@@ -213,33 +214,9 @@ fn a_room_and_a_splice_under_traffic_survive_a_crash_on_qemu_10() {
     assert!(flow.wait_ok(Duration::from_secs(30)), "web1 serves the lan");
     let body = r#"{"appliance":"l2-firewall","vm":"web1","name":"lf"}"#;
     let splice_from = flow.now_ms();
-    // Whole (active, web1 behind its segment, lf running) or nothing (no
-    // lf, web1 on its bridge), never between.
+    // Whole or nothing, never between; QEMUs and records one to one.
     let settled = |context: &str| -> Option<Splice> {
-        let splice = poll(Duration::from_secs(90), || {
-            let all: Vec<Splice> = serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
-            match all.first() {
-                None => Some(None),
-                Some(s) if s.state == SpliceState::Active => Some(Some(s.clone())),
-                Some(_) => None,
-            }
-        })
-        .unwrap_or_else(|| panic!("{context}: the splice never settled"));
-        let lf = env
-            .instances()
-            .into_iter()
-            .find(|i| i.spec.name.as_str() == "lf");
-        match &splice {
-            Some(s) => {
-                let lf = lf.unwrap_or_else(|| panic!("{context}: a splice without lf"));
-                assert_eq!(lf.status.state, InstanceState::Running, "{context}");
-                assert_eq!(master_of(&web_tap), Some(s.segment.clone()), "{context}");
-            }
-            None => {
-                assert!(lf.is_none(), "{context}: lf without its splice");
-                assert_eq!(master_of(&web_tap), Some(bridge.clone()), "{context}");
-            }
-        }
+        let splice = settled_splice(&env, "lf", &web_tap, &bridge, context);
         assert_consistent(&env, context);
         splice
     };
@@ -286,20 +263,14 @@ fn a_room_and_a_splice_under_traffic_survive_a_crash_on_qemu_10() {
         "traffic flows through lf"
     );
     let splice_to = flow.now_ms();
-    assert_consistent(&env, "after a kill inside a splice");
 
     // Its rules are in force for new connections, then lifted.
     let block_from = flow.now_ms();
     env.ok(&["config", "lf", "set", "block_tcp=80"]);
-    let blocked = poll(Duration::from_secs(15), || {
-        let new: Vec<_> = flow
-            .results()
-            .into_iter()
-            .filter(|(t, k, _)| *t > block_from && k == "new")
-            .collect();
-        (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
-    });
-    assert!(blocked.is_some(), "lf blocks new connections");
+    assert!(
+        flow.wait_new_blocked(block_from, Duration::from_secs(15)),
+        "lf blocks new connections"
+    );
     env.ok(&["config", "lf", "set", "block_tcp="]);
     assert!(flow.wait_ok(Duration::from_secs(15)), "unblocked again");
     let block_to = flow.now_ms();
@@ -434,28 +405,8 @@ fn a_guest_with_a_replicated_volume_migrates_resumes_and_fails_over_on_qemu_10()
         "m answered from n1 {took:?} after n2's power loss, {} writes acknowledged",
         acked.len()
     );
-    let script = format!(
-        "cat {DATA}/partitioned; for n in {}; do cat {DATA}/w$n || echo missing-$n; done",
-        acked
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let out = poll(Duration::from_secs(10), || {
-        let out = lab.vroom(0, &["exec", "m", "--", "sh", "-c", &script]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-    .unwrap_or_else(|| panic!("m does not run on n1:\n{}", lab.log(0)));
-    assert!(out.starts_with("partitioned\n"), "{out}");
-    for n in &acked {
-        assert!(
-            out.contains(&format!("write-{n}\n")),
-            "write {n} was acknowledged and is lost:\n{out}"
-        );
-    }
+    assert_acknowledged_writes(&lab, 0, "m", &acked, "after n2's power loss");
+    assert_eq!(sh(0, &format!("cat {DATA}/partitioned")), "partitioned\n");
     let on_n1 = lab.runs(0, "m").expect("m runs on n1");
     assert!(is_private_qemu(on_n1), "not QEMU 10 after the failover");
     lab.ok(0, &["rm", "-f", "m"]);

@@ -315,15 +315,10 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
     // A block rule in the spliced firewall takes effect for new connections.
     let block_from = flow.now_ms();
     env.ok(&["config", "fw", "set", "block_tcp=80"]);
-    let blocked = poll(Duration::from_secs(15), || {
-        let new: Vec<_> = flow
-            .results()
-            .into_iter()
-            .filter(|(t, k, _)| *t > block_from && k == "new")
-            .collect();
-        (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
-    });
-    assert!(blocked.is_some(), "new connections are blocked");
+    assert!(
+        flow.wait_new_blocked(block_from, Duration::from_secs(15)),
+        "new connections are blocked"
+    );
     env.ok(&["config", "fw", "set", "block_tcp="]);
     assert!(flow.wait_ok(Duration::from_secs(15)), "unblocked again");
     let block_to = flow.now_ms();
@@ -560,48 +555,7 @@ fn a_daemon_killed_inside_splice_or_unsplice_leaves_all_or_nothing() {
     let body = r#"{"appliance":"l2-firewall","vm":"web1","name":"fw"}"#;
 
     let settled = |context: &str| -> Option<Splice> {
-        let splice = poll(Duration::from_secs(90), || {
-            let all: Vec<Splice> = serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
-            match all.first() {
-                None => Some(None),
-                Some(s) if s.state == SpliceState::Active => Some(Some(s.clone())),
-                Some(_) => None,
-            }
-        })
-        .unwrap_or_else(|| panic!("{context}: the splice never settled"));
-        let fw = env
-            .instances()
-            .into_iter()
-            .find(|i| i.spec.name.as_str() == "fw");
-        match &splice {
-            Some(s) => {
-                assert_eq!(
-                    master_of(&web_tap).as_deref(),
-                    Some(s.segment.as_str()),
-                    "{context}"
-                );
-                let fw = fw.unwrap_or_else(|| panic!("{context}: spliced fw exists"));
-                assert_eq!(
-                    fw.status.state,
-                    vroom_types::InstanceState::Running,
-                    "{context}"
-                );
-            }
-            None => {
-                assert_eq!(
-                    master_of(&web_tap).as_deref(),
-                    Some(bridge.as_str()),
-                    "{context}"
-                );
-                assert!(fw.is_none(), "{context}: no appliance without a splice");
-                let segments: Vec<String> = env
-                    .links()
-                    .into_iter()
-                    .filter(|l| l.starts_with(&format!("{}s", env.prefix)))
-                    .collect();
-                assert!(segments.is_empty(), "{context}: segments left {segments:?}");
-            }
-        }
+        let splice = common::settled_splice(&env, "fw", &web_tap, &bridge, context);
         assert_eq!(
             env.instance("web1").status.pid,
             web_pid,

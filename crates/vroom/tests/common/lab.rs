@@ -217,3 +217,42 @@ pub fn write_until_power_loss(
     let acked = acked.lock().unwrap().clone();
     acked
 }
+
+/// Asserts that `instance` on node `i` has every write of `acked` (from
+/// [`write_until_power_loss`]) on its volume at [`DATA`], waiting a moment
+/// for the guest to answer; `context` says which scenario it is.
+pub fn assert_acknowledged_writes(
+    lab: &Lab,
+    i: usize,
+    instance: &str,
+    acked: &[u32],
+    context: &str,
+) {
+    let script = format!(
+        "for n in {}; do cat {DATA}/w$n || echo missing-$n; done",
+        acked
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = poll(Duration::from_secs(10), || {
+        let out = lab.vroom(i, &["exec", instance, "--", "/bin/sh", "-c", &script]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{context}: {instance} does not run on {}:\n{}",
+            lab.nodes[i].name,
+            lab.log(i)
+        )
+    });
+    for n in acked {
+        assert!(
+            out.contains(&format!("write-{n}\n")),
+            "{context}: write {n} was acknowledged and is lost:\n{out}"
+        );
+    }
+}

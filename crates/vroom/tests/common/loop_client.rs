@@ -105,6 +105,20 @@ impl LoopClient {
         .is_some()
     }
 
+    /// Waits until the last three new connections made after `since` all
+    /// failed (a rule in the path blocks them).
+    pub fn wait_new_blocked(&self, since: u64, timeout: Duration) -> bool {
+        poll(timeout, || {
+            let new: Vec<_> = self
+                .results()
+                .into_iter()
+                .filter(|(t, k, _)| *t > since && k == "new")
+                .collect();
+            (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
+        })
+        .is_some()
+    }
+
     pub fn stop(mut self) -> Vec<(u64, String, String)> {
         std::fs::write(&self.stop, "").unwrap();
         let _ = poll(Duration::from_secs(10), || {

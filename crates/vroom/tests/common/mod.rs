@@ -767,6 +767,64 @@ pub fn master_of(tap: &str) -> Option<String> {
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+/// Waits until the splice of `appliance` (in front of the VM whose tap is
+/// `tap`) settles after a kill inside a splice or an unsplice, and asserts
+/// it is whole (active, the tap on its segment, the appliance running) or
+/// gone entirely (no appliance, the tap back on `bridge`, no segment left),
+/// never between. Returns the splice if whole.
+pub fn settled_splice(
+    env: &Env,
+    appliance: &str,
+    tap: &str,
+    bridge: &str,
+    context: &str,
+) -> Option<vroom_types::Splice> {
+    let splice = poll(Duration::from_secs(90), || {
+        let all: Vec<vroom_types::Splice> =
+            serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
+        match all.into_iter().find(|s| s.appliance.as_str() == appliance) {
+            None => Some(None),
+            Some(s) if s.state == vroom_types::SpliceState::Active => Some(Some(s)),
+            Some(_) => None,
+        }
+    })
+    .unwrap_or_else(|| panic!("{context}: the splice never settled"));
+    let instance = env
+        .instances()
+        .into_iter()
+        .find(|i| i.spec.name.as_str() == appliance);
+    match &splice {
+        Some(s) => {
+            assert_eq!(
+                master_of(tap).as_deref(),
+                Some(s.segment.as_str()),
+                "{context}"
+            );
+            let instance =
+                instance.unwrap_or_else(|| panic!("{context}: spliced {appliance} exists"));
+            assert_eq!(
+                instance.status.state,
+                vroom_types::InstanceState::Running,
+                "{context}"
+            );
+        }
+        None => {
+            assert_eq!(master_of(tap).as_deref(), Some(bridge), "{context}");
+            assert!(
+                instance.is_none(),
+                "{context}: no appliance without a splice"
+            );
+            let segments: Vec<String> = env
+                .links()
+                .into_iter()
+                .filter(|l| l.starts_with(&format!("{}s", env.prefix)))
+                .collect();
+            assert!(segments.is_empty(), "{context}: segments left {segments:?}");
+        }
+    }
+    splice
+}
+
 /// A host group made for one test, deleted at the end.
 pub struct TestGroup {
     pub name: String,
