@@ -38,7 +38,7 @@ pub fn package(root: &Path, release: bool) -> Result<PathBuf> {
     for unit in ["vroomd.service", "vroomd.socket"] {
         install(
             &packaging.join("systemd").join(unit),
-            &stage.join("lib/systemd/system").join(unit),
+            &stage.join("usr/lib/systemd/system").join(unit),
             0o644,
         )?;
     }

@@ -69,6 +69,18 @@ pub const QMP: &[(&str, &[&str])] = &[
     ("block-job-dismiss", &["id"]),
 ];
 
+/// The QMP commands vroom sends although QEMU marks them `unstable` (no
+/// compatibility promise between releases), each with why. Any other use
+/// of an unstable command or argument is reported like a missing one, so
+/// that relying on one is a decision, checked on every QEMU vroom runs on.
+pub const UNSTABLE_ACCEPTED: &[(&str, &str)] = &[(
+    "x-blockdev-change",
+    "swaps a replication's NBD connection under its paused mirror job, so a \
+     resumed replica is sent only what it missed (QEMU 7.2 and 10.0 both \
+     mark it unstable and behave the same; tests/qemu10.rs and tests/cluster.rs \
+     resume on each)",
+)];
+
 /// The members of QMP replies vroom reads (`a.b`: member `b` of member
 /// `a`; an array reply is looked at per element).
 pub const QMP_REPLIES: &[(&str, &[&str])] = &[
@@ -189,12 +201,19 @@ pub fn missing_from_schema(schema: &Value) -> Vec<String> {
         if deprecated(entry) {
             missing.push(format!("QMP command {command} is deprecated"));
         }
+        let accepted = UNSTABLE_ACCEPTED.iter().any(|(c, _)| *c == command);
+        if unstable(entry) && !accepted {
+            missing.push(format!("QMP command {command} is unstable"));
+        }
         let arg_type = entry["arg-type"].as_str().unwrap_or_default();
         for arg in args {
             match find_member(&by_name, arg_type, arg, 0) {
                 None => missing.push(format!("QMP {command} argument {arg}")),
                 Some(m) if deprecated(m) => {
                     missing.push(format!("QMP {command} argument {arg} is deprecated"))
+                }
+                Some(m) if unstable(m) && !accepted => {
+                    missing.push(format!("QMP {command} argument {arg} is unstable"))
                 }
                 Some(_) => {}
             }
@@ -231,9 +250,17 @@ pub fn missing_from_schema(schema: &Value) -> Vec<String> {
 }
 
 fn deprecated(entry: &Value) -> bool {
+    has_feature(entry, "deprecated")
+}
+
+fn unstable(entry: &Value) -> bool {
+    has_feature(entry, "unstable")
+}
+
+fn has_feature(entry: &Value, feature: &str) -> bool {
     entry["features"]
         .as_array()
-        .is_some_and(|f| f.iter().any(|f| f == "deprecated"))
+        .is_some_and(|f| f.iter().any(|f| f == feature))
 }
 
 /// Member `member` of object type `name`, among its own members or in any
@@ -443,6 +470,24 @@ mod tests {
         assert_eq!(
             missing_from_schema(&Value::Array(old)),
             vec!["QMP migrate argument uri is deprecated".to_string()]
+        );
+        // Unstable: x-blockdev-change is, in 7.2 and 10.0, and accepted;
+        // another command or argument that becomes unstable is reported.
+        let mut unstable = schema.clone();
+        for e in &mut unstable {
+            if ["x-blockdev-change", "block-job-resume"].contains(&e["name"].as_str().unwrap()) {
+                e["features"] = json!(["unstable"]);
+            }
+            if e["name"] == "args-blockdev-mirror" {
+                e["members"][0]["features"] = json!(["unstable"]);
+            }
+        }
+        assert_eq!(
+            missing_from_schema(&Value::Array(unstable)),
+            vec![
+                "QMP blockdev-mirror argument job-id is unstable".to_string(),
+                "QMP command block-job-resume is unstable".to_string(),
+            ]
         );
         // blockdev-mirror without copy-mode, and no x-blockdev-change.
         let changed: Vec<Value> = schema

@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::lab::Lab;
+use common::lab::{
+    assert_acknowledged_writes, assert_same_copies, copy_of, failed_over, last_sync,
+    replication_of, up_to_date, write_until_power_loss, Lab, DATA,
+};
 use common::{poll, vroom_bin};
 use vroom_lab::signal;
 
@@ -114,22 +117,6 @@ impl Drop for Sampler {
             let _ = t.join();
         }
     }
-}
-
-/// Waits until node `to` runs `instance` and it answers on `ip` from there;
-/// returns how long that took.
-fn failed_over(lab: &Lab, to: usize, instance: &str, ip: &str, budget: Duration) -> Duration {
-    let started = Instant::now();
-    let done = poll(budget, || {
-        (lab.runs(to, instance).is_some() && lab.page_from(to, ip).is_some()).then_some(())
-    });
-    assert!(
-        done.is_some(),
-        "{instance} did not come up on {} within {budget:?}\n--- its log:\n{}",
-        lab.nodes[to].name,
-        lab.log(to)
-    );
-    started.elapsed()
 }
 
 /// The node `instance` has settled on: the cluster names it as the owner,
@@ -1391,134 +1378,6 @@ fn a_splice_moves_with_its_vm() {
     sampler.assert_never_twice("a spliced VM's moves");
 }
 
-/// A volume's replication as node `i` shows it: (primary, replica, state, epoch).
-fn replication_of(lab: &Lab, i: usize, volume: &str) -> Option<(String, String, String, u64)> {
-    let out = lab.vroom(i, &["--json", "volume", "inspect", volume]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let r = &v["replication"];
-    Some((
-        r["primary"].as_str()?.to_string(),
-        r["replica"].as_str()?.to_string(),
-        r["state"].as_str()?.to_string(),
-        r["epoch"].as_u64()?,
-    ))
-}
-
-/// Asserts that two copies of a volume are byte for byte the same, or says
-/// how they differ (how many bytes, the first offsets, and each side's ext4
-/// superblock view).
-fn assert_same_copies(a: &Path, b: &Path, when: &str) {
-    let same = Command::new("cmp").arg(a).arg(b).output().unwrap();
-    if same.status.success() {
-        return;
-    }
-    let sh = |cmd: String| {
-        let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let diff = sh(format!("cmp -l {} {} | wc -l", a.display(), b.display()));
-    let first = sh(format!("cmp -l {} {} | head -12", a.display(), b.display()));
-    let sb = |f: &Path| {
-        sh(format!(
-            "dumpe2fs -h {} 2>/dev/null | grep -E 'state|Free blocks|Last write|Mount count|Last mount'",
-            f.display()
-        ))
-    };
-    panic!(
-        "the copies differ {when}: {} bytes\n{first}--- {}:\n{}--- {}:\n{}",
-        diff.trim(),
-        a.display(),
-        sb(a),
-        b.display(),
-        sb(b)
-    );
-}
-
-/// The volume's last sync as node `i` shows it: (incremental, bytes).
-fn last_sync(lab: &Lab, i: usize, volume: &str) -> (bool, u64) {
-    let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let sync = &v["replication"]["last_sync"];
-    (
-        sync["incremental"].as_bool().unwrap_or(false),
-        sync["bytes"].as_u64().unwrap_or(0),
-    )
-}
-
-/// Waits until node `i` shows the volume's replica up to date.
-fn up_to_date(lab: &Lab, i: usize, volume: &str, primary: &str) {
-    let synced = poll(Duration::from_secs(90), || {
-        replication_of(lab, i, volume)
-            .filter(|(p, _, s, _)| p == primary && s == "up_to_date")
-            .map(|_| ())
-    });
-    assert!(
-        synced.is_some(),
-        "the replica of {volume} did not come up to date (primary {primary}): {:?}\n--- log:\n{}",
-        replication_of(lab, i, volume),
-        lab.log(i)
-    );
-}
-
-/// This node's copy of a volume: its file.
-fn copy_of(lab: &Lab, i: usize, volume: &str) -> std::path::PathBuf {
-    let out = lab.ok(i, &["--json", "volume", "inspect", volume]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let id = v["id"].as_str().unwrap();
-    assert!(!id.is_empty(), "node {i} has no copy of {volume}: {out}");
-    lab.nodes[i].dir.join("volumes").join(id).join("volume.img")
-}
-
-/// Where the replicated-volume tests mount their volume.
-const DATA: &str = "/var/data";
-
-/// Writes numbered files in `instance` on node `i` (each synced: the guest
-/// saw it complete) from `after + 1` on, and cuts the node's power after a
-/// random number of them, at a random moment. Returns what was acknowledged.
-fn write_until_power_loss(
-    lab: &Arc<Lab>,
-    i: usize,
-    instance: &str,
-    after: u32,
-    before_the_cut: impl FnOnce(),
-) -> Vec<u32> {
-    let acked = Arc::new(Mutex::new(Vec::<u32>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (lab, acked, stop) = (lab.clone(), acked.clone(), stop.clone());
-        let instance = instance.to_string();
-        std::thread::spawn(move || {
-            for n in after + 1.. {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let script = format!("echo write-{n} > {DATA}/w{n} && sync");
-                let out = lab.vroom(i, &["exec", &instance, "--", "/bin/sh", "-c", &script]);
-                if !out.status.success() {
-                    break;
-                }
-                acked.lock().unwrap().push(n);
-            }
-        })
-    };
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as usize;
-    let count = 5 + seed % 11;
-    poll(Duration::from_secs(60), || {
-        (acked.lock().unwrap().len() >= count).then_some(())
-    })
-    .expect("the guest acknowledged no writes");
-    std::thread::sleep(Duration::from_millis((seed / 11 % 300) as u64));
-    before_the_cut();
-    lab.power_loss(i);
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
-    let acked = acked.lock().unwrap().clone();
-    acked
-}
-
 /// Says `hello` as one raw line, without the handshake's proof, to node
 /// `to`'s peer port: from node `from`'s namespace (its own address), or
 /// from the host (`None`: the underlay's `.1`, no node's). Returns all
@@ -1723,27 +1582,7 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
             names[r],
             acked.len()
         );
-        let script = format!(
-            "for n in {}; do cat /var/data/w$n || echo missing-$n; done",
-            acked
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let out = poll(Duration::from_secs(10), || {
-            let out = lab.vroom(r, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-        })
-        .unwrap_or_else(|| panic!("h1 does not run on {}:\n{}", names[r], lab.log(r)));
-        for n in &acked {
-            assert!(
-                out.contains(&format!("write-{n}\n")),
-                "round {round}: write {n} was acknowledged and is lost:\n{out}"
-            );
-        }
+        assert_acknowledged_writes(&lab, r, "h1", &acked, &format!("round {round}"));
         let (primary, replica, state, epoch) = replication_of(&lab, r, "data").unwrap();
         assert_eq!((primary.as_str(), replica.as_str()), (names[r], names[p]));
         assert_eq!(epoch, round as u64 + 4, "a new primary is a new epoch");
@@ -2040,27 +1879,7 @@ fn a_replica_killed_just_before_the_primary_loses_no_acknowledged_write() {
         acked.len()
     );
     failed_over(&lab, at, "h3", &ip, Duration::from_secs(60));
-    let script = format!(
-        "for n in {}; do cat {DATA}/w$n || echo missing-$n; done",
-        acked
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let out = poll(Duration::from_secs(10), || {
-        let out = lab.vroom(at, &["exec", "h3", "--", "/bin/sh", "-c", &script]);
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
-    .unwrap_or_else(|| panic!("h3 does not run:\n{}", lab.log(at)));
-    for n in &acked {
-        assert!(
-            out.contains(&format!("write-{n}\n")),
-            "write {n} was acknowledged and is lost:\n{out}"
-        );
-    }
+    assert_acknowledged_writes(&lab, at, "h3", &acked, "after the cut");
 }
 
 /// `psql` from node `i`'s namespace as `app` to database `shop` at `ip`.

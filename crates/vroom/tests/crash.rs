@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{kill_during, random_subnet, Env};
+use common::{assert_consistent, kill_during, random_subnet, Env};
 use vroom_types::InstanceState;
 
 fn run_body(name: &str, net: &str) -> String {
@@ -27,54 +27,6 @@ fn run_body(name: &str, net: &str) -> String {
         "ready_timeout_secs": 120
     })
     .to_string()
-}
-
-/// Waits until no instance is in a transitional state, then checks that the
-/// QEMUs of the data dir and the records match one to one.
-fn assert_consistent(env: &Env, context: &str) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let instances = loop {
-        let instances = env.instances();
-        // Stopped while wanted running is the gap inside a restart.
-        let settled = instances.iter().all(|i| match i.status.state {
-            InstanceState::Running | InstanceState::Failed => true,
-            InstanceState::Stopped => i.desired == vroom_types::DesiredState::Stopped,
-            _ => false,
-        });
-        if settled {
-            break instances;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: instances never settled: {:?}\n{}",
-            instances
-                .iter()
-                .map(|i| (i.spec.name.to_string(), i.status.state))
-                .collect::<Vec<_>>(),
-            env.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut recorded: Vec<u32> = instances.iter().filter_map(|i| i.status.pid).collect();
-    recorded.sort();
-    for i in &instances {
-        assert_ne!(
-            i.status.state,
-            InstanceState::Failed,
-            "{context}: {} failed: {:?}",
-            i.spec.name,
-            i.status.last_error
-        );
-    }
-    assert_eq!(
-        env.qemu_pids(),
-        recorded,
-        "{context}: QEMU processes do not match the records {:?}",
-        instances
-            .iter()
-            .map(|i| (i.spec.name.to_string(), i.status.state, i.status.pid))
-            .collect::<Vec<_>>()
-    );
 }
 
 #[test]

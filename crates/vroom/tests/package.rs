@@ -266,8 +266,8 @@ const PACKAGE_PATHS: &[&str] = &[
     "/usr/bin/vroom",
     "/usr/lib/vroom",
     "/usr/share/vroom",
-    "/lib/systemd/system/vroomd.service",
-    "/lib/systemd/system/vroomd.socket",
+    "/usr/lib/systemd/system/vroomd.service",
+    "/usr/lib/systemd/system/vroomd.socket",
     "/usr/lib/sysusers.d/vroom.conf",
     "/usr/share/bash-completion/completions/vroom",
     "/usr/share/zsh/vendor-completions/_vroom",
@@ -362,6 +362,47 @@ fn lintian(deb: &Path) {
     }
 }
 
+/// Debian 13 finished the /usr merge (DEP17): a package ships nothing
+/// under the aliased directories (/bin, /sbin, /lib*), where dpkg loses
+/// track of files that move between packages, and its units are in
+/// /usr/lib/systemd/system (where Debian 12's systemd looks too).
+fn assert_usr_merged(deb: &Path) {
+    let out = Command::new("dpkg-deb")
+        .arg("--contents")
+        .arg(deb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dpkg-deb --contents: {out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let paths: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    let aliased: Vec<&&str> = paths
+        .iter()
+        .filter(|p| {
+            [
+                "./bin/",
+                "./sbin/",
+                "./lib/",
+                "./lib32/",
+                "./lib64/",
+                "./libx32/",
+            ]
+            .iter()
+            .any(|dir| p.starts_with(dir))
+        })
+        .collect();
+    assert!(
+        aliased.is_empty(),
+        "files in aliased directories: {aliased:?}"
+    );
+    for unit in ["vroomd.service", "vroomd.socket"] {
+        let want = format!("./usr/lib/systemd/system/{unit}");
+        assert!(paths.contains(&want.as_str()), "no {want}:\n{listing}");
+    }
+}
+
 /// The package, end to end: built by `cargo xtask deb --debug`, lintian
 /// clean, installed with `dpkg -i` over a vroomd the CLI started with a VM
 /// running (the postinst stops it; the VM goes on), the units verified,
@@ -388,6 +429,7 @@ fn the_package_installs_hands_over_runs_hello_and_purges() {
             .unwrap(),
     );
     lintian(&deb);
+    assert_usr_merged(&deb);
 
     // A developer's daemon, started by the CLI, with a VM.
     let env = Env::bare("deb");
@@ -417,8 +459,8 @@ fn the_package_installs_hands_over_runs_hello_and_purges() {
     let out = Command::new("systemd-analyze")
         .args([
             "verify",
-            "/lib/systemd/system/vroomd.socket",
-            "/lib/systemd/system/vroomd.service",
+            "/usr/lib/systemd/system/vroomd.socket",
+            "/usr/lib/systemd/system/vroomd.service",
         ])
         .output()
         .unwrap();
@@ -430,7 +472,7 @@ fn the_package_installs_hands_over_runs_hello_and_purges() {
 
     // vroomd as the units start it: vroomd.socket's ListenStream and
     // vroomd.service's ExecStart, with this test's data dir for the unit's.
-    let unit = std::fs::read_to_string("/lib/systemd/system/vroomd.service").unwrap();
+    let unit = std::fs::read_to_string("/usr/lib/systemd/system/vroomd.service").unwrap();
     let exec_start: Vec<String> = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
@@ -438,7 +480,7 @@ fn the_package_installs_hands_over_runs_hello_and_purges() {
         .split_whitespace()
         .map(|w| w.replace(UNIT_DATA_DIR, &env.dir.display().to_string()))
         .collect();
-    let socket_unit = std::fs::read_to_string("/lib/systemd/system/vroomd.socket").unwrap();
+    let socket_unit = std::fs::read_to_string("/usr/lib/systemd/system/vroomd.socket").unwrap();
     assert!(socket_unit.contains(&format!("ListenStream={UNIT_DATA_DIR}/vroomd.sock")));
     assert!(exec_start[0] == "/usr/bin/vroom", "{exec_start:?}");
     let (notify, notify_path) = notify_socket(&env.dir);

@@ -9,138 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{poll, random_subnet, recipe, Env};
+use common::loop_client::{longest_outage, LoopClient};
+use common::{master_of, poll, random_subnet, recipe, Env};
 use vroom_types::{Splice, SpliceState};
 
 fn build(env: &Env, name: &str) {
     env.ok(&["image", "build", &recipe(name)]);
-}
-
-/// An HTTP client looping in a namespace until `stop` exists: every 100 ms
-/// a request on a kept-alive connection and one on a new connection. Each
-/// result goes to `log` as `MILLIS KIND OUTCOME` (`ok`, `timeout`, `reset`,
-/// `refused`, `error:...`).
-const LOOP_CLIENT: &str = r#"
-import http.client, socket, sys, time, os
-url_host, log_path, stop = sys.argv[1], sys.argv[2], sys.argv[3]
-log = open(log_path, "w", buffering=1)
-t0 = time.time()
-def outcome(e):
-    if isinstance(e, (ConnectionResetError, BrokenPipeError)): return "reset"
-    if isinstance(e, ConnectionRefusedError): return "refused"
-    if isinstance(e, (socket.timeout, TimeoutError)): return "timeout"
-    return "error:" + type(e).__name__
-def get(conn):
-    conn.request("GET", "/", headers={"Connection": "keep-alive"})
-    r = conn.getresponse(); r.read()
-    if r.status != 200: raise RuntimeError(r.status)
-kept = None
-while not os.path.exists(stop):
-    for kind in ("keepalive", "new"):
-        try:
-            if kind == "new":
-                c = http.client.HTTPConnection(url_host, 80, timeout=2); get(c); c.close()
-            else:
-                if kept is None: kept = http.client.HTTPConnection(url_host, 80, timeout=2)
-                get(kept)
-            res = "ok"
-        except Exception as e:
-            res = outcome(e)
-            if kind == "keepalive":
-                try: kept.close()
-                except Exception: pass
-                kept = None
-        log.write("%d %s %s\n" % ((time.time() - t0) * 1000, kind, res))
-    time.sleep(0.1)
-"#;
-
-struct LoopClient {
-    child: Child,
-    log: PathBuf,
-    stop: PathBuf,
-}
-
-impl LoopClient {
-    fn start(env: &Env, ns: &str, ip: Ipv4Addr) -> Self {
-        let script = env.dir.join("loop.py");
-        std::fs::write(&script, LOOP_CLIENT).unwrap();
-        let log = env.dir.join(format!("loop-{ns}.log"));
-        let stop = env.dir.join(format!("loop-{ns}.stop"));
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3"])
-            .arg(&script)
-            .arg(ip.to_string())
-            .arg(&log)
-            .arg(&stop)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        LoopClient { child, log, stop }
-    }
-
-    /// The results so far: (millis, kind, outcome).
-    fn results(&self) -> Vec<(u64, String, String)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((
-                    f.next()?.parse().ok()?,
-                    f.next()?.to_string(),
-                    f.next()?.to_string(),
-                ))
-            })
-            .collect()
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.results().last().map(|r| r.0).unwrap_or(0)
-    }
-
-    /// Waits until requests succeed again, on both kinds of connection.
-    fn wait_ok(&self, timeout: Duration) -> bool {
-        let since = self.now_ms();
-        poll(timeout, || {
-            let r = self.results();
-            let ok = |kind: &str| {
-                r.iter()
-                    .any(|(t, k, o)| *t > since && k == kind && o == "ok")
-            };
-            (ok("keepalive") && ok("new")).then_some(())
-        })
-        .is_some()
-    }
-
-    fn stop(mut self) -> Vec<(u64, String, String)> {
-        std::fs::write(&self.stop, "").unwrap();
-        let _ = poll(Duration::from_secs(10), || {
-            self.child.try_wait().ok().flatten()
-        });
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.results()
-    }
-}
-
-/// The longest run of failed requests (ms), ignoring those in `skip` windows.
-fn longest_outage(results: &[(u64, String, String)], skip: &[(u64, u64)]) -> u64 {
-    let mut longest = 0;
-    let mut start: Option<u64> = None;
-    for (t, _, outcome) in results {
-        if skip.iter().any(|(a, b)| t >= a && t <= b) {
-            start = None;
-            continue;
-        }
-        if outcome == "ok" {
-            if let Some(s) = start.take() {
-                longest = longest.max(t - s);
-            }
-        } else if start.is_none() {
-            start = Some(*t);
-        }
-    }
-    longest
 }
 
 fn splice_of(env: &Env, appliance: &str) -> Splice {
@@ -148,12 +22,6 @@ fn splice_of(env: &Env, appliance: &str) -> Splice {
     all.into_iter()
         .find(|s| s.appliance.as_str() == appliance)
         .unwrap_or_else(|| panic!("{appliance} is spliced"))
-}
-
-fn master_of(tap: &str) -> Option<String> {
-    std::fs::read_link(format!("/sys/class/net/{tap}/master"))
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
 fn guest_uptime(env: &Env, name: &str) -> f64 {
@@ -447,15 +315,10 @@ fn a_firewall_spliced_in_front_of_a_running_vm() {
     // A block rule in the spliced firewall takes effect for new connections.
     let block_from = flow.now_ms();
     env.ok(&["config", "fw", "set", "block_tcp=80"]);
-    let blocked = poll(Duration::from_secs(15), || {
-        let new: Vec<_> = flow
-            .results()
-            .into_iter()
-            .filter(|(t, k, _)| *t > block_from && k == "new")
-            .collect();
-        (new.len() >= 3 && new[new.len() - 3..].iter().all(|r| r.2 != "ok")).then_some(())
-    });
-    assert!(blocked.is_some(), "new connections are blocked");
+    assert!(
+        flow.wait_new_blocked(block_from, Duration::from_secs(15)),
+        "new connections are blocked"
+    );
     env.ok(&["config", "fw", "set", "block_tcp="]);
     assert!(flow.wait_ok(Duration::from_secs(15)), "unblocked again");
     let block_to = flow.now_ms();
@@ -692,48 +555,7 @@ fn a_daemon_killed_inside_splice_or_unsplice_leaves_all_or_nothing() {
     let body = r#"{"appliance":"l2-firewall","vm":"web1","name":"fw"}"#;
 
     let settled = |context: &str| -> Option<Splice> {
-        let splice = poll(Duration::from_secs(90), || {
-            let all: Vec<Splice> = serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
-            match all.first() {
-                None => Some(None),
-                Some(s) if s.state == SpliceState::Active => Some(Some(s.clone())),
-                Some(_) => None,
-            }
-        })
-        .unwrap_or_else(|| panic!("{context}: the splice never settled"));
-        let fw = env
-            .instances()
-            .into_iter()
-            .find(|i| i.spec.name.as_str() == "fw");
-        match &splice {
-            Some(s) => {
-                assert_eq!(
-                    master_of(&web_tap).as_deref(),
-                    Some(s.segment.as_str()),
-                    "{context}"
-                );
-                let fw = fw.unwrap_or_else(|| panic!("{context}: spliced fw exists"));
-                assert_eq!(
-                    fw.status.state,
-                    vroom_types::InstanceState::Running,
-                    "{context}"
-                );
-            }
-            None => {
-                assert_eq!(
-                    master_of(&web_tap).as_deref(),
-                    Some(bridge.as_str()),
-                    "{context}"
-                );
-                assert!(fw.is_none(), "{context}: no appliance without a splice");
-                let segments: Vec<String> = env
-                    .links()
-                    .into_iter()
-                    .filter(|l| l.starts_with(&format!("{}s", env.prefix)))
-                    .collect();
-                assert!(segments.is_empty(), "{context}: segments left {segments:?}");
-            }
-        }
+        let splice = common::settled_splice(&env, "fw", &web_tap, &bridge, context);
         assert_eq!(
             env.instance("web1").status.pid,
             web_pid,

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod loop_client;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -41,6 +42,19 @@ pub fn init_binary() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The QEMU every test's vroom runs unless the test names one itself:
+/// `VROOM_TEST_QEMU` (a binary's path) runs the whole suite on another
+/// QEMU by hand, e.g. QEMU 10 from `vroom setup --qemu 10`
+/// (docs/install.md); unset, the machine's.
+pub fn test_qemu() -> Vec<(String, String)> {
+    std::env::var("VROOM_TEST_QEMU")
+        .ok()
+        .filter(|q| !q.is_empty())
+        .map(|q| ("VROOM_QEMU".to_string(), q))
+        .into_iter()
+        .collect()
 }
 
 fn suffix() -> String {
@@ -97,7 +111,8 @@ impl Env {
         cmd.env("VROOM_DATA_DIR", &self.dir)
             .env("VROOM_IFACE_PREFIX", &self.prefix)
             .env("VROOM_INIT", init_binary())
-            .env_remove("VROOM_LOG");
+            .env_remove("VROOM_LOG")
+            .envs(test_qemu());
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
@@ -662,6 +677,54 @@ pub fn kill_during(env: &Env, method: &str, path: &str, body: String, delay: Dur
     env.start_daemon();
 }
 
+/// Waits until no instance is in a transitional state, then checks that the
+/// QEMUs of the data dir and the records match one to one.
+pub fn assert_consistent(env: &Env, context: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let instances = loop {
+        let instances = env.instances();
+        // Stopped while wanted running is the gap inside a restart.
+        let settled = instances.iter().all(|i| match i.status.state {
+            vroom_types::InstanceState::Running | vroom_types::InstanceState::Failed => true,
+            vroom_types::InstanceState::Stopped => i.desired == vroom_types::DesiredState::Stopped,
+            _ => false,
+        });
+        if settled {
+            break instances;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: instances never settled: {:?}\n{}",
+            instances
+                .iter()
+                .map(|i| (i.spec.name.to_string(), i.status.state))
+                .collect::<Vec<_>>(),
+            env.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut recorded: Vec<u32> = instances.iter().filter_map(|i| i.status.pid).collect();
+    recorded.sort();
+    for i in &instances {
+        assert_ne!(
+            i.status.state,
+            vroom_types::InstanceState::Failed,
+            "{context}: {} failed: {:?}",
+            i.spec.name,
+            i.status.last_error
+        );
+    }
+    assert_eq!(
+        env.qemu_pids(),
+        recorded,
+        "{context}: QEMU processes do not match the records {:?}",
+        instances
+            .iter()
+            .map(|i| (i.spec.name.to_string(), i.status.state, i.status.pid))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Runs busybox udhcpc in a namespace; its hook applies the lease and records
 /// the lease's fields (`ip`, `router`, `dns`).
 pub fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, String> {
@@ -695,6 +758,71 @@ pub fn dhcp_lease(env: &Env, ns: &str) -> std::collections::BTreeMap<String, Str
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The bridge (or splice segment) a host interface is enslaved to.
+pub fn master_of(tap: &str) -> Option<String> {
+    std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Waits until the splice of `appliance` (in front of the VM whose tap is
+/// `tap`) settles after a kill inside a splice or an unsplice, and asserts
+/// it is whole (active, the tap on its segment, the appliance running) or
+/// gone entirely (no appliance, the tap back on `bridge`, no segment left),
+/// never between. Returns the splice if whole.
+pub fn settled_splice(
+    env: &Env,
+    appliance: &str,
+    tap: &str,
+    bridge: &str,
+    context: &str,
+) -> Option<vroom_types::Splice> {
+    let splice = poll(Duration::from_secs(90), || {
+        let all: Vec<vroom_types::Splice> =
+            serde_json::from_str(&env.ok(&["--json", "splices"])).ok()?;
+        match all.into_iter().find(|s| s.appliance.as_str() == appliance) {
+            None => Some(None),
+            Some(s) if s.state == vroom_types::SpliceState::Active => Some(Some(s)),
+            Some(_) => None,
+        }
+    })
+    .unwrap_or_else(|| panic!("{context}: the splice never settled"));
+    let instance = env
+        .instances()
+        .into_iter()
+        .find(|i| i.spec.name.as_str() == appliance);
+    match &splice {
+        Some(s) => {
+            assert_eq!(
+                master_of(tap).as_deref(),
+                Some(s.segment.as_str()),
+                "{context}"
+            );
+            let instance =
+                instance.unwrap_or_else(|| panic!("{context}: spliced {appliance} exists"));
+            assert_eq!(
+                instance.status.state,
+                vroom_types::InstanceState::Running,
+                "{context}"
+            );
+        }
+        None => {
+            assert_eq!(master_of(tap).as_deref(), Some(bridge), "{context}");
+            assert!(
+                instance.is_none(),
+                "{context}: no appliance without a splice"
+            );
+            let segments: Vec<String> = env
+                .links()
+                .into_iter()
+                .filter(|l| l.starts_with(&format!("{}s", env.prefix)))
+                .collect();
+            assert!(segments.is_empty(), "{context}: segments left {segments:?}");
+        }
+    }
+    splice
 }
 
 /// A host group made for one test, deleted at the end.
