@@ -394,7 +394,12 @@ pub fn run(
     let (to_peer, from_peer): (Box<dyn Write + Send>, Box<dyn Read + Send>) = match keys {
         Some(keys) => (
             Box::new(SealedWriter::new(peer.try_clone()?, keys)?),
-            Box::new(SealedReader::new(peer, keys)?),
+            // Records are read whole through a buffer, not a header and a
+            // body by one system call each.
+            Box::new(SealedReader::new(
+                BufReader::with_capacity(READ_BUFFER, peer),
+                keys,
+            )?),
         ),
         None => (Box::new(peer.try_clone()?), Box::new(peer)),
     };
@@ -1085,6 +1090,50 @@ mod tests {
             (0, 4, 8)
         );
         assert_eq!(status.to_peer_bytes, 4 + 16 + 16 + 33 + 16 + 8 + 4 * 28 + 8);
+    }
+
+    /// With record keys, the relay seals what it forwards to the peer and
+    /// opens what comes back: the messages arrive whole, and what crosses
+    /// the network is not the client's bytes.
+    #[test]
+    fn a_sealed_peer_gets_sealed_messages_and_its_replies_are_opened() {
+        let (relay_keys, server_keys) = sealed::tests::pair();
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("relay.sock");
+        let listener = UnixListener::bind(&control).unwrap();
+        let (mut client, qemu) = UnixStream::pair().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (server, _) = tcp.accept().unwrap();
+        client.set_read_timeout(Some(QUIET)).unwrap();
+        server.set_read_timeout(Some(QUIET)).unwrap();
+        std::thread::spawn(move || run(qemu, peer, Some(&relay_keys), listener, DEFAULT_SILENT));
+        let mut to_server = SealedWriter::new(server.try_clone().unwrap(), &server_keys).unwrap();
+        let mut raw = server.try_clone().unwrap();
+        let mut from_server = SealedReader::new(server, &server_keys).unwrap();
+        passes(&mut to_server, &mut client, &greeting(FLAG_FIXED_NEWSTYLE));
+        passes(&mut client, &mut from_server, &1u32.to_be_bytes());
+        passes(
+            &mut client,
+            &mut from_server,
+            &option(OPT_EXPORT_NAME, b"vol0"),
+        );
+        let mut export = (1u64 << 20).to_be_bytes().to_vec();
+        export.extend(1u16.to_be_bytes());
+        export.extend([0; 124]);
+        passes(&mut to_server, &mut client, &export);
+        let write = request(CMD_WRITE, 9, 0, 12, b"secret bytes");
+        client.write_all(&write).unwrap();
+        let mut wire = vec![0; write.len() + 22];
+        raw.read_exact(&mut wire).unwrap();
+        assert!(
+            !wire.windows(12).any(|w| w == b"secret bytes"),
+            "the write crossed in plaintext"
+        );
+        passes(&mut to_server, &mut client, &simple_reply(0, 9, b""));
+        let status = RelayClient::connect(&control).unwrap().status().unwrap();
+        assert_eq!(status.state, RelayState::Forwarding, "{status:?}");
+        assert_eq!(status.outstanding, 0);
     }
 
     #[test]

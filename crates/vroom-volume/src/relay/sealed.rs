@@ -191,12 +191,11 @@ impl<R: Read> SealedReader<R> {
     /// the stream (closed between records, or a `close_notify`).
     fn next_record(&mut self) -> io::Result<bool> {
         let mut head = [0; HEADER];
-        match read_all_or_nothing(&mut self.inner, &mut head)? {
-            false => return Ok(false),
-            true => {}
+        if !read_all_or_nothing(&mut self.inner, &mut head)? {
+            return Ok(false);
         }
         let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-        if head[0] != APPLICATION_DATA || len > MAX_CIPHERTEXT || len < TAG + 1 {
+        if head[0] != APPLICATION_DATA || !(TAG + 1..=MAX_CIPHERTEXT).contains(&len) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("a malformed TLS record (type {}, {len} bytes)", head[0]),
@@ -280,7 +279,7 @@ impl<R: Read> Read for SealedReader<R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn keys(seed: u8) -> DirectionKeys {
@@ -292,7 +291,7 @@ mod tests {
     }
 
     /// Two ends of one connection: a's tx is b's rx.
-    fn pair() -> (RecordKeys, RecordKeys) {
+    pub(crate) fn pair() -> (RecordKeys, RecordKeys) {
         let a = RecordKeys {
             cipher: CHACHA20_POLY1305.into(),
             tx: keys(1),
