@@ -224,15 +224,13 @@ async fn a_replica_is_written_only_through_the_proven_connection() {
     assert_eq!(&greeting, b"NBDMAGICIHAVEOPT");
 }
 
-/// Every hello that is not proven by a live node from its own address, or
-/// asks for a replica its node is not the primary of, is refused, and
-/// nothing changes: the replica's copy keeps its bytes, and a copy b lacks
-/// is not made.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
+/// Nodes a, b and c; volume `data` with its primary on a and an outdated
+/// replica on b (bytes in b's copy that emptying would take away), and
+/// volume `fresh`, whose replica b has no copy of yet (serving makes one);
+/// b's peer port, and a check that neither changed.
+async fn outdated_and_fresh() -> (Fleet, SocketAddr, impl Fn(&Fleet, &str)) {
     let fleet = Fleet::new(&["a", "b", "c"]).await;
     replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
-    // Another volume whose replica b has no copy of yet: serving makes one.
     let mut fresh = volume_record(&fleet, "data").await;
     fresh.name = "fresh".into();
     fleet
@@ -242,12 +240,29 @@ async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
         .unwrap();
     let copy = copy_file(&fleet, "b", "data");
     {
-        // Bytes that emptying would take away.
         let mut file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         std::io::Write::write_all(&mut file, b"b's copy before any hello").unwrap();
     }
     let before = std::fs::read(&copy).unwrap();
     let addr = listen(&fleet, "b").await;
+    let unchanged = move |fleet: &Fleet, what: &str| {
+        assert!(
+            std::fs::read(&copy).unwrap() == before,
+            "{what} changed b's copy"
+        );
+        let b = &fleet.member("b").engine.engine;
+        assert!(b.volume("fresh").is_err(), "{what} made a copy");
+    };
+    (fleet, addr, unchanged)
+}
+
+/// Every hello that is not proven by a live node from its own address, or
+/// asks for a replica its node is not the primary of, is refused, and
+/// nothing changes: the replica's copy keeps its bytes, and a copy b lacks
+/// is not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
+    let (fleet, addr, unchanged) = outdated_and_fresh().await;
     let proof_key = fleet.node("a").peer_key.clone();
     let wrong_key = PeerSecret::generate().unwrap().key();
     let not_authenticated = "not authenticated";
@@ -382,12 +397,7 @@ async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
         }
     );
 
-    let b = &fleet.member("b").engine.engine;
-    assert!(
-        std::fs::read(&copy).unwrap() == before,
-        "a refused hello changed b's copy"
-    );
-    assert!(b.volume("fresh").is_err(), "a refused hello made a copy");
+    unchanged(&fleet, "a refused hello");
 }
 
 /// A primary whose hello was proven still gets nothing from the replica's
@@ -398,22 +408,7 @@ async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
 async fn a_proven_primary_without_its_certificate_changes_nothing() {
     use std::sync::Arc;
     use vroom_client::tls::{crypto_provider, read_roots, CA_FILE};
-    let fleet = Fleet::new(&["a", "b", "c"]).await;
-    replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
-    let mut fresh = volume_record(&fleet, "data").await;
-    fresh.name = "fresh".into();
-    fleet
-        .store
-        .put(&key(VOLUMES, "fresh"), json(&fresh))
-        .await
-        .unwrap();
-    let copy = copy_file(&fleet, "b", "data");
-    {
-        let mut file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
-        std::io::Write::write_all(&mut file, b"b's copy before any hello").unwrap();
-    }
-    let before = std::fs::read(&copy).unwrap();
-    let addr = listen(&fleet, "b").await;
+    let (fleet, addr, unchanged) = outdated_and_fresh().await;
     let proof_key = fleet.node("a").peer_key.clone();
     let cluster_tls = fleet.node("b").tls_dir();
 
@@ -471,13 +466,5 @@ async fn a_proven_primary_without_its_certificate_changes_nothing() {
             );
         }
     }
-    let b = &fleet.member("b").engine.engine;
-    assert!(
-        std::fs::read(&copy).unwrap() == before,
-        "a refused certificate changed b's copy"
-    );
-    assert!(
-        b.volume("fresh").is_err(),
-        "a refused certificate made a copy"
-    );
+    unchanged(&fleet, "a refused certificate");
 }
