@@ -1187,30 +1187,28 @@ impl ClusterNode {
             }
         }
         tracing::info!(%volume, %primary, "the replica's stream starts on the primary's connection");
-        let end = if std::env::var_os("VROOM_SPLICE_TOKIO").is_some() {
-            splice::splice(tls, server).await
-        } else {
-            let (tcp, conn) = tls.into_inner();
-            let keys = match crate::tls::record_keys(conn.dangerous_extract_secrets()) {
-                Ok(keys) => keys,
-                Err(e) => {
-                    tracing::warn!(%volume, %primary, error = %e, "cannot start the replica's stream");
-                    return;
-                }
-            };
-            let streams = super::peers::into_blocking(tcp).and_then(|tcp| {
-                let server = server.into_std()?;
-                server.set_nonblocking(false)?;
-                Ok((tcp, server))
-            });
-            match streams {
-                Ok((tcp, server)) => {
-                    tokio::task::spawn_blocking(move || splice::splice_sealed(tcp, &keys, server))
-                        .await
-                        .unwrap_or_else(|e| splice::SpliceEnd::Failed(e.to_string()))
-                }
-                Err(e) => splice::SpliceEnd::Failed(e.to_string()),
+        // The splice seals and opens records itself, on threads of its own:
+        // no lock shared between the directions, no task to schedule.
+        let (tcp, conn) = tls.into_inner();
+        let keys = match crate::tls::record_keys(conn.dangerous_extract_secrets()) {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(%volume, %primary, error = %e, "cannot start the replica's stream");
+                return;
             }
+        };
+        let streams = super::peers::into_blocking(tcp).and_then(|tcp| {
+            let server = server.into_std()?;
+            server.set_nonblocking(false)?;
+            Ok((tcp, server))
+        });
+        let end = match streams {
+            Ok((tcp, server)) => {
+                tokio::task::spawn_blocking(move || splice::splice(tcp, &keys, server))
+                    .await
+                    .unwrap_or_else(|e| splice::SpliceEnd::Failed(e.to_string()))
+            }
+            Err(e) => splice::SpliceEnd::Failed(e.to_string()),
         };
         tracing::info!(%volume, %primary, ?end, "the replica's stream ended");
     }
