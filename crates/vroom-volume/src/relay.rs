@@ -36,6 +36,12 @@
 //! purpose: a restarted vroomd finds it again by its control socket and
 //! asks its status. It logs to the control socket's path plus `.log`.
 //!
+//! **TLS.** A replica's connection is TLS 1.3, whose handshake vroomd made;
+//! with `--sealed` the relay reads that connection's record keys from a
+//! line on its stdin and seals what it forwards to the peer and opens what
+//! it reads ([`sealed`]). What it parses and holds is the NBD inside; a
+//! record that fails its check is a read error on the peer, so a fault.
+//!
 //! **Control protocol** (version 1, a unix socket, JSON lines, one request
 //! one answer, several per connection):
 //! `{"op":"status"}` → a [`RelayStatus`];
