@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The TCP port a cluster node serves its API on, with mutual TLS.
 pub const API_PORT: u16 = 7948;
@@ -57,16 +57,46 @@ pub fn read_roots(dir: &Path) -> Result<RootCertStore, String> {
 
 /// The CLI's side: trusts only the cluster's CA and shows its own certificate.
 pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, String> {
-    let config = ClientConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()
+    client_config_with(dir, crypto_provider(), rustls::DEFAULT_VERSIONS).map(Arc::new)
+}
+
+/// A client's side with `provider`'s ciphers and these protocol `versions`:
+/// trusts only the cluster's CA and shows the certificate of `dir`.
+pub fn client_config_with(
+    dir: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<ClientConfig, String> {
+    ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .with_root_certificates(read_roots(dir)?)
         .with_client_auth_cert(
             read_certs(&dir.join(CERT_FILE))?,
             read_key(&dir.join(KEY_FILE))?,
         )
-        .map_err(|e| format!("the certificate in {}: {e}", dir.display()))?;
-    Ok(Arc::new(config))
+        .map_err(|e| format!("the certificate in {}: {e}", dir.display()))
+}
+
+/// A node's side (its API, its replicas' streams): serves the certificate
+/// of `dir` and requires of every caller a client certificate signed by
+/// the cluster's CA.
+pub fn server_config(dir: &Path) -> Result<ServerConfig, String> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(read_roots(dir)?),
+        crypto_provider(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            read_certs(&dir.join(CERT_FILE))?,
+            read_key(&dir.join(KEY_FILE))?,
+        )
+        .map_err(|e| format!("the certificate in {}: {e}", dir.display()))
 }
 
 /// The subject's common name of a certificate the cluster's CA issued (a

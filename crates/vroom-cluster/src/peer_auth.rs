@@ -42,9 +42,10 @@
 //! proof to one connection is the nonce; to one destination, its name.
 //!
 //! # What it does not do
-//! It authenticates the first line only: what follows (images, NBD writes,
-//! VM state) is plain TCP, neither encrypted nor integrity-protected, so
-//! someone on the path between two nodes can read it or take over an
+//! It authenticates the first line only. A replica's stream goes on in TLS
+//! with both nodes' certificates (`crate::node::volumes`), but images and
+//! VM state follow as plain TCP, neither encrypted nor integrity-protected,
+//! so someone on the path between two nodes can read them or take over an
 //! accepted connection. The cluster's network should be private. The
 //! secret is never rotated: a node removed from the cluster still knows it
 //! (it is refused while it is not live, or at another address).

@@ -4,8 +4,16 @@
 //! API's server certificate, and a client certificate for the CLI on that
 //! host), and one per `vroom cluster credentials`. Whoever can read etcd
 //! can issue certificates: etcd is the cluster's root of trust.
+//!
+//! The same node certificates secure a replicated volume's stream between
+//! the primary's relay and the replica's node ([`replication_client`],
+//! [`replication_server`], [`record_keys`]): TLS 1.3 with
+//! ChaCha20-Poly1305 only, because the primary hands the established
+//! connection's keys to its relay process, whose record layer
+//! ([`vroom_volume::relay::sealed`]) then never needs a key update.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -13,6 +21,7 @@ use rcgen::{
 };
 use serde::{Deserialize, Serialize};
 use vroom_client::tls::{CA_FILE, CERT_FILE, KEY_FILE};
+use vroom_volume::relay::sealed::{DirectionKeys, RecordKeys, CHACHA20_POLY1305};
 
 use crate::store::etcd::Etcd;
 use crate::store::{json, Compare, Op, Store, Txn};
@@ -138,6 +147,54 @@ pub async fn ensure_ca(etcd: &dyn Store, cluster_id: &str) -> Result<Ca, String>
         .map_err(|e| format!("cannot read the cluster's CA: {e}"))?
         .map(|(ca, _)| ca)
         .ok_or_else(|| "the cluster's CA vanished".to_string())
+}
+
+/// The primary's side of a replication's TLS, with the node certificate of
+/// `dir`: TLS 1.3 with ChaCha20-Poly1305 alone, its keys extractable.
+pub fn replication_client(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    #[allow(deprecated)] // ring: see `vroom_client::tls::crypto_provider`
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites =
+        vec![rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+    let mut config =
+        vroom_client::tls::client_config_with(dir, Arc::new(provider), &[&rustls::version::TLS13])?;
+    config.enable_secret_extraction = true;
+    Ok(Arc::new(config))
+}
+
+/// The replica's side, with the node certificate of `dir`: a client
+/// certificate of the cluster's CA is required, no session ticket follows
+/// the handshake (the primary's relay reads application data only), and
+/// the keys are extractable (the splice seals and opens records itself).
+pub fn replication_server(dir: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    let mut config = vroom_client::tls::server_config(dir)?;
+    config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
+    Ok(Arc::new(config))
+}
+
+/// The record keys of an established replication connection (either
+/// end's, from `dangerous_extract_secrets`): nothing may be buffered in the
+/// connection they came from (the replica sends nothing between its answer
+/// and the primary's go-ahead, the primary nothing after the go-ahead
+/// before the server's greeting).
+pub fn record_keys(
+    secrets: Result<rustls::ExtractedSecrets, rustls::Error>,
+) -> Result<RecordKeys, String> {
+    let secrets = secrets.map_err(|e| format!("cannot take the connection's keys: {e}"))?;
+    let direction = |(seq, secrets)| match secrets {
+        rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok(DirectionKeys {
+            key: AsRef::<[u8]>::as_ref(&key).to_vec(),
+            iv: AsRef::<[u8]>::as_ref(&iv).to_vec(),
+            seq,
+        }),
+        _ => Err("the connection's cipher is not ChaCha20-Poly1305".to_string()),
+    };
+    Ok(RecordKeys {
+        cipher: CHACHA20_POLY1305.into(),
+        tx: direction(secrets.tx)?,
+        rx: direction(secrets.rx)?,
+    })
 }
 
 /// `vroom cluster credentials`: a client certificate for a workstation.

@@ -36,6 +36,12 @@
 //! purpose: a restarted vroomd finds it again by its control socket and
 //! asks its status. It logs to the control socket's path plus `.log`.
 //!
+//! **TLS.** A replica's connection is TLS 1.3, whose handshake vroomd made;
+//! with `--sealed` the relay reads that connection's record keys from a
+//! line on its stdin and seals what it forwards to the peer and opens what
+//! it reads ([`sealed`]). What it parses and holds is the NBD inside; a
+//! record that fails its check is a read error on the peer, so a fault.
+//!
 //! **Control protocol** (version 1, a unix socket, JSON lines, one request
 //! one answer, several per connection):
 //! `{"op":"status"}` → a [`RelayStatus`];
@@ -61,8 +67,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vroom_base::LockExt;
 
+pub mod sealed;
 mod wire;
 
+use sealed::{RecordKeys, SealedReader, SealedWriter};
 use wire::{ClientExpect, ClientMessage, ReadError, Sent, ServerExpect, ServerMessage};
 
 /// How long a request may stay unanswered before the peer counts as gone.
@@ -208,13 +216,16 @@ impl RelayClient {
 
 /// Starts a relay process (`exe __nbd-relay`) between `qemu` (the other end
 /// of the socketpair whose one end QEMU's NBD client has) and `peer` (the
-/// connection to the replica), answering on `control`, and returns its pid
-/// once the control socket answers. Both fds are closed here: the relay
-/// holds them alone. A relay that does not answer is killed.
+/// connection to the replica, a TLS connection whose record `keys` it is
+/// given on its stdin, or plain without), answering on `control`, and
+/// returns its pid once the control socket answers. Both fds are closed
+/// here: the relay holds them alone. A relay that does not answer is
+/// killed.
 pub fn spawn(
     exe: &Path,
     qemu: OwnedFd,
     peer: OwnedFd,
+    keys: Option<&RecordKeys>,
     control: &Path,
     silent: Duration,
 ) -> io::Result<u32> {
@@ -236,7 +247,12 @@ pub fn spawn(
         .arg(control)
         .arg("--silent-ms")
         .arg(silent.as_millis().to_string())
-        .stdin(Stdio::null())
+        .args(keys.map(|_| "--sealed"))
+        .stdin(if keys.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(log.try_clone()?)
         .stderr(log);
     let (qemu_fd, peer_fd) = (qemu.as_raw_fd(), peer.as_raw_fd());
@@ -260,6 +276,12 @@ pub fn spawn(
     }
     let mut child = command.spawn()?;
     drop((qemu, peer));
+    if let (Some(keys), Some(mut stdin)) = (keys, child.stdin.take()) {
+        let mut line = serde_json::to_vec(keys).expect("invariant: keys serialize");
+        line.push(b'\n');
+        // A relay that exits before reading is reported below.
+        let _ = stdin.write_all(&line);
+    }
     let started = Instant::now();
     loop {
         if RelayClient::connect(control)
@@ -306,14 +328,28 @@ pub fn log_path(control: &Path) -> PathBuf {
 }
 
 /// The relay process (`vroom __nbd-relay`): takes the connections its
-/// parent placed at `qemu_fd` and `peer_fd`, listens on `control` (after
-/// removing a socket no relay answers on) and runs until released.
+/// parent placed at `qemu_fd` and `peer_fd` (with `sealed`, the peer's
+/// record keys from a line on stdin), listens on `control` (after removing
+/// a socket no relay answers on) and runs until released.
 pub fn run_process(
     qemu_fd: RawFd,
     peer_fd: RawFd,
+    sealed: bool,
     control: &Path,
     silent: Duration,
 ) -> io::Result<()> {
+    let keys = if sealed {
+        let mut line = String::new();
+        io::stdin()
+            .lock()
+            .take(MAX_CONTROL_LINE)
+            .read_line(&mut line)?;
+        let keys: RecordKeys = serde_json::from_str(&line)
+            .map_err(|e| io::Error::other(format!("unreadable record keys on stdin: {e}")))?;
+        Some(keys)
+    } else {
+        None
+    };
     for fd in [qemu_fd, peer_fd] {
         // SAFETY: F_GETFD only asks whether `fd` is open.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -337,15 +373,17 @@ pub fn run_process(
         control.display(),
         silent.as_millis()
     ));
-    run(qemu.into(), peer.into(), listener, silent)
+    run(qemu.into(), peer.into(), keys.as_ref(), listener, silent)
 }
 
 /// Runs a relay until it is released, QEMU closes its end while it
-/// forwards, or the peer closes after a disconnect. The control socket's
-/// file is removed at the end.
+/// forwards, or the peer closes after a disconnect. With `keys`, the peer
+/// connection carries TLS records ([`sealed`]). The control socket's file
+/// is removed at the end.
 pub fn run(
     qemu: UnixStream,
     peer: TcpStream,
+    keys: Option<&RecordKeys>,
     control: UnixListener,
     silent: Duration,
 ) -> io::Result<()> {
@@ -359,9 +397,22 @@ pub fn run(
         peer: peer.try_clone()?,
         silent,
     });
+    let (to_peer, from_peer): (Box<dyn Write + Send>, Box<dyn Read + Send>) = match keys {
+        Some(keys) => (
+            Box::new(SealedWriter::new(peer.try_clone()?, keys)?),
+            // Records are read whole through a buffer, not a header and a
+            // body by one system call each.
+            Box::new(SealedReader::new(
+                BufReader::with_capacity(READ_BUFFER, peer),
+                keys,
+            )?),
+        ),
+        None => (Box::new(peer.try_clone()?), Box::new(peer)),
+    };
+    let peer = from_peer;
     let threads = [
         {
-            let (relay, peer) = (relay.clone(), peer.try_clone()?);
+            let (relay, peer) = (relay.clone(), to_peer);
             std::thread::Builder::new()
                 .name("relay-to-peer".into())
                 .spawn(move || relay.client_to_peer(qemu, peer))?
@@ -600,7 +651,7 @@ impl Relay {
     }
 
     /// Forwards the client's (QEMU's) messages to the peer.
-    fn client_to_peer(&self, qemu: UnixStream, mut peer: TcpStream) {
+    fn client_to_peer(&self, qemu: UnixStream, mut peer: Box<dyn Write + Send>) {
         let mut qemu = BufReader::with_capacity(READ_BUFFER, qemu);
         let mut export_name_sent = false;
         loop {
@@ -683,7 +734,7 @@ impl Relay {
     }
 
     /// Forwards the peer's messages to QEMU, holding on the first fault.
-    fn peer_to_client(&self, peer: TcpStream, mut qemu: UnixStream) {
+    fn peer_to_client(&self, peer: Box<dyn Read + Send>, mut qemu: UnixStream) {
         let mut peer = BufReader::with_capacity(READ_BUFFER, peer);
         loop {
             // What comes next depends on what the client sent, known only
@@ -948,7 +999,7 @@ mod tests {
             server.set_read_timeout(Some(QUIET)).unwrap();
             let (tx, done) = mpsc::channel();
             std::thread::spawn(move || {
-                let _ = tx.send(run(qemu, peer, listener, silent));
+                let _ = tx.send(run(qemu, peer, None, listener, silent));
             });
             Harness {
                 client,
@@ -1045,6 +1096,50 @@ mod tests {
             (0, 4, 8)
         );
         assert_eq!(status.to_peer_bytes, 4 + 16 + 16 + 33 + 16 + 8 + 4 * 28 + 8);
+    }
+
+    /// With record keys, the relay seals what it forwards to the peer and
+    /// opens what comes back: the messages arrive whole, and what crosses
+    /// the network is not the client's bytes.
+    #[test]
+    fn a_sealed_peer_gets_sealed_messages_and_its_replies_are_opened() {
+        let (relay_keys, server_keys) = sealed::tests::pair();
+        let dir = tempfile::tempdir().unwrap();
+        let control = dir.path().join("relay.sock");
+        let listener = UnixListener::bind(&control).unwrap();
+        let (mut client, qemu) = UnixStream::pair().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        let (server, _) = tcp.accept().unwrap();
+        client.set_read_timeout(Some(QUIET)).unwrap();
+        server.set_read_timeout(Some(QUIET)).unwrap();
+        std::thread::spawn(move || run(qemu, peer, Some(&relay_keys), listener, DEFAULT_SILENT));
+        let mut to_server = SealedWriter::new(server.try_clone().unwrap(), &server_keys).unwrap();
+        let mut raw = server.try_clone().unwrap();
+        let mut from_server = SealedReader::new(server, &server_keys).unwrap();
+        passes(&mut to_server, &mut client, &greeting(FLAG_FIXED_NEWSTYLE));
+        passes(&mut client, &mut from_server, &1u32.to_be_bytes());
+        passes(
+            &mut client,
+            &mut from_server,
+            &option(OPT_EXPORT_NAME, b"vol0"),
+        );
+        let mut export = (1u64 << 20).to_be_bytes().to_vec();
+        export.extend(1u16.to_be_bytes());
+        export.extend([0; 124]);
+        passes(&mut to_server, &mut client, &export);
+        let write = request(CMD_WRITE, 9, 0, 12, b"secret bytes");
+        client.write_all(&write).unwrap();
+        let mut wire = vec![0; write.len() + 22];
+        raw.read_exact(&mut wire).unwrap();
+        assert!(
+            !wire.windows(12).any(|w| w == b"secret bytes"),
+            "the write crossed in plaintext"
+        );
+        passes(&mut to_server, &mut client, &simple_reply(0, 9, b""));
+        let status = RelayClient::connect(&control).unwrap().status().unwrap();
+        assert_eq!(status.state, RelayState::Forwarding, "{status:?}");
+        assert_eq!(status.outstanding, 0);
     }
 
     #[test]
@@ -1223,6 +1318,7 @@ mod tests {
             Path::new("/bin/true"),
             qemu,
             peer,
+            None,
             &h.control,
             DEFAULT_SILENT,
         )
@@ -1240,6 +1336,7 @@ mod tests {
             Path::new("/bin/false"),
             qemu,
             peer,
+            None,
             &control,
             DEFAULT_SILENT,
         )

@@ -120,6 +120,10 @@ pub enum Command {
         /// The fd of the connection to the replica (TCP).
         #[arg(long)]
         peer_fd: i32,
+        /// The peer connection is TLS: its record keys come as a line on
+        /// stdin.
+        #[arg(long)]
+        sealed: bool,
         /// The unix socket the relay answers status and release on.
         #[arg(long)]
         control: PathBuf,

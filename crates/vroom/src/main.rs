@@ -59,11 +59,13 @@ fn main() {
         Command::NbdRelay {
             qemu_fd,
             peer_fd,
+            sealed,
             control,
             silent_ms,
         } => vroom_volume::relay::run_process(
             *qemu_fd,
             *peer_fd,
+            *sealed,
             control,
             std::time::Duration::from_millis(*silent_ms),
         )

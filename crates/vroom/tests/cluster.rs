@@ -1459,6 +1459,62 @@ fn assert_copy_unreachable(lab: &Lab, primary: usize, replica: usize, volume: &s
     }
 }
 
+/// A packet capture of the peer port's traffic in node `i`'s namespace,
+/// stopped (and its file read) by [`Capture::stop`] or on drop.
+struct Capture {
+    tcpdump: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &Lab, i: usize) -> Capture {
+        let file = lab.nodes[i].dir.join("peer-port.pcap");
+        let mut tcpdump = Command::new("ip")
+            .args(["netns", "exec", &lab.nodes[i].ns])
+            // Immediate mode: packets are written as they come, not when
+            // a ring block fills (a stopped capture would miss them).
+            .args([
+                "tcpdump",
+                "-i",
+                "eth0",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&file)
+            .args(["tcp", "port", &vroom_cluster::node::PEER_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump is needed for this test");
+        // It says so on stderr once it listens.
+        let mut err = std::io::BufReader::new(tcpdump.stderr.take().unwrap());
+        let mut said = String::new();
+        while !said.contains("listening on") {
+            let read = std::io::BufRead::read_line(&mut err, &mut said).unwrap();
+            assert!(read > 0, "tcpdump did not start: {said}");
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Capture { tcpdump, file }
+    }
+
+    /// Stops the capture and returns what it holds (headers and payloads).
+    fn stop(mut self) -> Vec<u8> {
+        signal(self.tcpdump.id(), libc::SIGINT);
+        let _ = self.tcpdump.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.tcpdump.kill();
+        let _ = self.tcpdump.wait();
+    }
+}
+
 #[test]
 fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     let _quiet = quiet_host();
@@ -1526,6 +1582,25 @@ fn a_replicated_volume_fails_over_with_every_acknowledged_write() {
     );
     let ip = ip_of(&lab, 0, "h1");
     up_to_date(&lab, 0, "data", "n1");
+    // The replication stream is encrypted: what a guest writes is not on
+    // the wire between the nodes (a capture on the replica's side of the
+    // peer port sees the write's traffic, and not its bytes).
+    let capture = Capture::start(&lab, 1);
+    let marker = format!("marker-{}-written-in-the-guest", std::process::id());
+    let script = format!("for i in $(seq 64); do echo {marker}; done > {DATA}/marker && sync");
+    lab.ok(0, &["exec", "h1", "--", "/bin/sh", "-c", &script]);
+    let captured = capture.stop();
+    assert!(
+        captured.len() > 64 * marker.len(),
+        "the capture saw no replication: {} bytes",
+        captured.len()
+    );
+    assert!(
+        !captured
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes()),
+        "the guest's write crossed the network in plaintext"
+    );
     // Rules that hold while it runs.
     let out = lab.vroom(0, &["volume", "rm", "data"]);
     assert!(!out.status.success(), "removed a volume in use");

@@ -91,6 +91,7 @@ impl Chain {
             Path::new(env!("CARGO_BIN_EXE_vroom")),
             qemu.into(),
             peer.into(),
+            None,
             &control,
             silent,
         )

@@ -211,6 +211,14 @@ impl ClusterNode {
             None,
         );
         node.take_lease(None).await?;
+        // Its certificate, as `join` issues it (a replica's stream is TLS).
+        crate::tls::ensure_ca(node.store.as_ref(), &node.info.id)
+            .await?
+            .issue(
+                name,
+                &[name.to_string(), "127.0.0.1".into()],
+                &node.tls_dir(),
+            )?;
         Ok(node)
     }
 

@@ -27,10 +27,17 @@
 //! synchronously (QEMU `blockdev-mirror`, `write-blocking`) into a
 //! `qemu-nbd` on the replica's node that writes through. The NBD stream
 //! travels on the very peer-port connection whose proven hello asked for
-//! the replica: the replica's node splices it to its server's unix socket
+//! the replica, in TLS from right after the hello's verdict: the primary
+//! shows its node certificate and checks the replica's name on the
+//! replica's, the replica checks that the primary's certificate names the
+//! node that proved the hello, before it makes, empties or serves a copy
+//! (`crate::tls::replication_client`, [`ClusterNode::serve_replica`]).
+//! The replica's node splices the TLS stream to its server's unix socket
 //! ([`splice`]), and no server of a copy listens on the network (it would
-//! take any client: qemu-nbd has no authentication but TLS). The VMM does
-//! not get that connection: it
+//! take any client: qemu-nbd has no authentication but TLS). The primary
+//! hands the established connection, with its TLS record keys, to its
+//! relay ([`vroom_volume::relay::sealed`]). The VMM does not get that
+//! connection: it
 //! talks to a relay (`vroom __nbd-relay`, [`vroom_volume::relay`]) that
 //! forwards while the replica answers and *holds* the guest's write when it
 //! fails, closes or goes silent for [`SILENT`], until this node has recorded
@@ -41,13 +48,14 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use vroom_types::{ReplicaState, Volume, VolumeCreateRequest, VolumeReplication};
 use vroom_volume::relay;
 
 use super::peers::read_json_line;
 use super::*;
+use crate::peer_auth::HANDSHAKE_TIMEOUT;
 
 mod moving;
 mod splice;
@@ -914,8 +922,8 @@ impl ClusterNode {
         // the record no longer says up to date.
         let control = self.relay_control(volume);
         release_relay(&control);
-        let conn = match self.connect_replica(volume, replica, !resume).await {
-            Ok(conn) => conn,
+        let (conn, keys) = match self.connect_replica(volume, replica, !resume).await {
+            Ok(ReplicaConnection { stream, keys }) => (stream, keys),
             Err(e) => return Ended::Fault(e),
         };
         let conn = match conn.into_std().and_then(|c| {
@@ -939,7 +947,14 @@ impl ClusterNode {
         let spawned = {
             let control = control.clone();
             tokio::task::spawn_blocking(move || {
-                relay::spawn(&exe, relay_end.into(), conn.into(), &control, SILENT)
+                relay::spawn(
+                    &exe,
+                    relay_end.into(),
+                    conn.into(),
+                    Some(&keys),
+                    &control,
+                    SILENT,
+                )
             })
             .await
         };
@@ -1235,28 +1250,44 @@ impl ClusterNode {
     }
 
     /// Asks node `replica` (at `peer`) to serve its copy, and returns the
-    /// proven connection that asked: the replica's NBD stream follows on it.
+    /// proven connection that asked, now TLS with `replica`'s certificate
+    /// (the name checked), and its record keys: the replica's NBD stream
+    /// follows on it, for the relay to carry.
     pub(super) async fn connect_replica(
         &self,
         volume: &str,
         (replica, peer): (&str, &str),
         empty: bool,
-    ) -> Result<TcpStream, String> {
+    ) -> Result<ReplicaConnection, String> {
         let hello = Hello::Replica {
             volume: volume.to_string(),
             primary: self.name.clone(),
             empty,
         };
         let ask = async {
-            let mut stream = self.connect_peer(replica, peer, &hello).await?;
-            // Byte by byte: the server's NBD greeting follows the answer,
-            // and belongs to the relay.
-            let answer: ReplicaReply = read_json_line(&mut stream)
+            let stream = self.connect_peer(replica, peer, &hello).await?;
+            // One NBD message is one write; Nagle would hold a reply
+            // behind an ACK.
+            let _ = stream.set_nodelay(true);
+            let config = crate::tls::replication_client(&self.tls_dir())?;
+            let name = rustls::pki_types::ServerName::try_from(replica.to_string())
+                .map_err(|e| format!("node name {replica} is no TLS server name: {e}"))?;
+            let mut tls = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(config).connect(name, stream),
+            )
+            .await
+            .map_err(|_| {
+                format!("no TLS handshake with node {replica} within {HANDSHAKE_TIMEOUT:?}")
+            })?
+            .map_err(|e| format!("TLS with node {replica} failed: {e}"))?;
+            // Byte by byte: nothing of the stream may be buffered here.
+            let answer: ReplicaReply = read_json_line(&mut tls)
                 .await
                 .map_err(|e| format!("no answer from {peer} to serve the replica: {e}"))?;
-            Ok::<_, String>((stream, answer))
+            Ok::<_, String>((tls, answer))
         };
-        let (stream, answer) = tokio::time::timeout(Duration::from_secs(30), ask)
+        let (mut tls, answer) = tokio::time::timeout(Duration::from_secs(30), ask)
             .await
             .map_err(|_| format!("node at {peer} did not answer"))??;
         match answer {
@@ -1268,41 +1299,134 @@ impl ClusterNode {
                 ))
             }
         }
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        // The replica starts its stream only after this: until then
+        // nothing arrives that the keys taken next would miss.
+        let went = async {
+            tls.write_all(&[STREAM_READY]).await?;
+            tls.flush().await
+        };
+        went.await
+            .map_err(|e| format!("node {replica} went away before the stream: {e}"))?;
+        let (stream, conn) = tls.into_inner();
+        let keys = crate::tls::record_keys(conn.dangerous_extract_secrets())?;
+        Ok(ReplicaConnection { stream, keys })
     }
 
     /// Proven node `primary` asks this node to serve its copy of `volume`:
-    /// only the node the record names as primary, to the node it names as
-    /// replica (checked before the hello was accepted, and again here), and
-    /// never a copy the record calls up to date (serving empties it). The
-    /// copy's server listens on a unix socket, and `stream` (this proven
-    /// connection) is spliced to it until either side ends.
+    /// only over TLS with `primary`'s own node certificate, only the node
+    /// the record names as primary, to the node it names as replica
+    /// (checked before the hello was accepted, and again here), and never
+    /// a copy the record calls up to date (serving empties it). The copy's
+    /// server listens on a unix socket, and the TLS stream is spliced to it
+    /// until either side ends.
     pub(super) async fn serve_replica(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         volume: &str,
         primary: &str,
         empty: bool,
     ) {
+        let _ = stream.set_nodelay(true);
+        // Before anything is made or emptied.
+        let mut tls = match self.accept_replication(stream, primary).await {
+            Ok(tls) => tls,
+            Err(reason) => {
+                tracing::warn!(%volume, %primary, %reason, "refused a replica's stream");
+                return;
+            }
+        };
         let server = match self.check_and_serve(volume, primary, empty).await {
             Ok(server) => server,
             Err(reason) => {
                 tracing::warn!(%volume, %primary, %reason, "not serving a replica");
-                let _ = stream
-                    .write_all(&line(&ReplicaReply::Refused { reason }))
-                    .await;
+                let refused = line(&ReplicaReply::Refused { reason });
+                let _ = async {
+                    tls.write_all(&refused).await?;
+                    tls.shutdown().await
+                }
+                .await;
                 return;
             }
         };
-        // The answer goes before the server's first byte (its greeting).
-        if let Err(e) = stream.write_all(&line(&ReplicaReply::Streaming)).await {
-            tracing::warn!(%volume, %primary, error = %e, "the primary went away before the replica's stream");
-            return;
+        // The answer goes before the server's first byte (its greeting),
+        // which waits for the primary's go-ahead.
+        let ready = async {
+            tls.write_all(&line(&ReplicaReply::Streaming)).await?;
+            tls.flush().await?;
+            match tls.read_u8().await? {
+                STREAM_READY => Ok(()),
+                other => Err(std::io::Error::other(format!(
+                    "{other:#x} for the go-ahead"
+                ))),
+            }
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, ready).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%volume, %primary, error = %e, "the primary went away before the replica's stream");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%volume, %primary, "no go-ahead from the primary for the replica's stream");
+                return;
+            }
         }
         tracing::info!(%volume, %primary, "the replica's stream starts on the primary's connection");
-        let end = splice::splice(stream, server).await;
+        // The splice seals and opens records itself, on threads of its own:
+        // no lock shared between the directions, no task to schedule.
+        let (tcp, conn) = tls.into_inner();
+        let keys = match crate::tls::record_keys(conn.dangerous_extract_secrets()) {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(%volume, %primary, error = %e, "cannot start the replica's stream");
+                return;
+            }
+        };
+        let streams = super::peers::into_blocking(tcp).and_then(|tcp| {
+            let server = server.into_std()?;
+            server.set_nonblocking(false)?;
+            Ok((tcp, server))
+        });
+        let end = match streams {
+            Ok((tcp, server)) => {
+                tokio::task::spawn_blocking(move || splice::splice(tcp, &keys, server))
+                    .await
+                    .unwrap_or_else(|e| splice::SpliceEnd::Failed(e.to_string()))
+            }
+            Err(e) => splice::SpliceEnd::Failed(e.to_string()),
+        };
         tracing::info!(%volume, %primary, ?end, "the replica's stream ended");
+    }
+
+    /// The replica's side of a replication's TLS on the proven connection
+    /// `stream`: the primary shows a certificate of this cluster's CA for
+    /// the node it proved to be (`primary`).
+    async fn accept_replication(
+        &self,
+        stream: TcpStream,
+        primary: &str,
+    ) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+        let config = crate::tls::replication_server(&self.tls_dir())?;
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            tokio_rustls::TlsAcceptor::from(config).accept(stream),
+        )
+        .await
+        .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| format!("TLS failed (a certificate of another cluster, or none?): {e}"))?;
+        let shown = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(vroom_client::tls::common_name);
+        if shown.as_deref() != Some(primary) {
+            return Err(format!(
+                "node {primary} showed the certificate of {}",
+                shown.as_deref().unwrap_or("nobody")
+            ));
+        }
+        Ok(tls)
     }
 
     /// The record of `volume`, when this node keeps its replica for node
@@ -1374,7 +1498,19 @@ impl ClusterNode {
     }
 }
 
-/// The answer to [`Hello::Replica`].
+/// A replica's stream on the primary's side: the TCP connection, carrying
+/// TLS records, and the keys to seal and open them.
+#[derive(Debug)]
+pub(super) struct ReplicaConnection {
+    pub(super) stream: TcpStream,
+    pub(super) keys: relay::sealed::RecordKeys,
+}
+
+/// The byte the primary sends, in TLS, once it has read the replica's
+/// answer: the replica's stream may start.
+const STREAM_READY: u8 = b'\n';
+
+/// The answer to [`Hello::Replica`], the first line inside TLS.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub(super) enum ReplicaReply {

@@ -8,26 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
-use vroom_client::tls::{crypto_provider, read_certs, read_key, read_roots, CERT_FILE, KEY_FILE};
 
 /// The server config of the TLS directory `dir`.
 pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, String> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(read_roots(dir)?),
-        crypto_provider(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
-    let config = ServerConfig::builder_with_provider(crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            read_certs(&dir.join(CERT_FILE))?,
-            read_key(&dir.join(KEY_FILE))?,
-        )
-        .map_err(|e| format!("the certificate in {}: {e}", dir.display()))?;
-    Ok(Arc::new(config))
+    vroom_client::tls::server_config(dir).map(Arc::new)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::super::peers::read_json_line;
+use super::super::volumes::ReplicaConnection;
 use super::*;
 use crate::peer_auth::{Challenge, PeerKey, PeerSecret, SignedHello, Verdict};
 
@@ -85,6 +86,73 @@ async fn a_proven_hello_is_admitted() {
     assert!(err.contains("node b answers at node c's address"), "{err}");
 }
 
+/// Everything written to `inner`, kept.
+struct Tee<W> {
+    inner: W,
+    written: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<W: std::io::Write> std::io::Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written.lock().unwrap().extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Speaks NBD on the replica's stream `conn` as the primary's relay does
+/// (TLS records with its keys): the fixed newstyle handshake, the old way
+/// to choose the export, then a write of `payload` at 1 MiB and its reply.
+/// Returns the bytes sent on the network, and the stream, still open.
+fn nbd_write(conn: ReplicaConnection, payload: &[u8]) -> (Vec<u8>, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    use vroom_volume::relay::sealed::{SealedReader, SealedWriter};
+    let tcp = super::super::peers::into_blocking(conn.stream).unwrap();
+    let written = std::sync::Arc::default();
+    let tee = Tee {
+        inner: tcp.try_clone().unwrap(),
+        written: std::sync::Arc::clone(&written),
+    };
+    let mut to = SealedWriter::new(tee, &conn.keys).unwrap();
+    let mut from = SealedReader::new(tcp.try_clone().unwrap(), &conn.keys).unwrap();
+    let mut greeting = [0; 18];
+    from.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT", "{greeting:?}");
+    to.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
+    let export = b"replica-data";
+    let mut option = b"IHAVEOPT".to_vec();
+    option.extend(1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    option.extend((export.len() as u32).to_be_bytes());
+    option.extend(export);
+    to.write_all(&option).unwrap();
+    let mut exported = [0; 10];
+    from.read_exact(&mut exported).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(exported[..8].try_into().unwrap()),
+        16 << 20,
+        "the export's size"
+    );
+    let mut write = 0x2560_9513u32.to_be_bytes().to_vec();
+    write.extend(0u16.to_be_bytes()); // flags
+    write.extend(1u16.to_be_bytes()); // NBD_CMD_WRITE
+    write.extend(7u64.to_be_bytes()); // cookie
+    write.extend((1u64 << 20).to_be_bytes());
+    write.extend((payload.len() as u32).to_be_bytes());
+    write.extend(payload);
+    to.write_all(&write).unwrap();
+    let mut reply = [0; 16];
+    from.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "{reply:?}");
+    assert_eq!(&reply[4..8], &[0; 4], "the write failed: {reply:?}");
+    assert_eq!(&reply[8..], &7u64.to_be_bytes());
+    let sent = written.lock().unwrap().clone();
+    (sent, tcp)
+}
+
 /// Stops node `name`'s server of its copy of `volume` when dropped: a
 /// failed test leaves no `qemu-nbd` behind.
 struct StopsServer<'a>(&'a Fleet, &'static str, &'static str);
@@ -109,44 +177,23 @@ async fn a_replica_is_written_only_through_the_proven_connection() {
     replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
     let _stop = StopsServer(&fleet, "b", "data");
     let addr = listen(&fleet, "b").await.to_string();
-    let mut nbd = fleet
+    let conn = fleet
         .node("a")
         .connect_replica("data", ("b", &addr), true)
         .await
         .unwrap();
-    // The fixed newstyle handshake, the old way to choose the export.
-    let mut greeting = [0; 18];
-    nbd.read_exact(&mut greeting).await.unwrap();
-    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT", "{greeting:?}");
-    nbd.write_all(&3u32.to_be_bytes()).await.unwrap(); // fixed newstyle, no zeroes
-    let export = b"replica-data";
-    let mut option = b"IHAVEOPT".to_vec();
-    option.extend(1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
-    option.extend((export.len() as u32).to_be_bytes());
-    option.extend(export);
-    nbd.write_all(&option).await.unwrap();
-    let mut exported = [0; 10];
-    nbd.read_exact(&mut exported).await.unwrap();
-    assert_eq!(
-        u64::from_be_bytes(exported[..8].try_into().unwrap()),
-        16 << 20,
-        "the export's size"
-    );
-    // A write of 8 bytes at 1 MiB, and its reply.
     let payload = b"proven!!";
-    let mut write = 0x2560_9513u32.to_be_bytes().to_vec();
-    write.extend(0u16.to_be_bytes()); // flags
-    write.extend(1u16.to_be_bytes()); // NBD_CMD_WRITE
-    write.extend(7u64.to_be_bytes()); // cookie
-    write.extend((1u64 << 20).to_be_bytes());
-    write.extend((payload.len() as u32).to_be_bytes());
-    write.extend(payload);
-    nbd.write_all(&write).await.unwrap();
-    let mut reply = [0; 16];
-    nbd.read_exact(&mut reply).await.unwrap();
-    assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "{reply:?}");
-    assert_eq!(&reply[4..8], &[0; 4], "the write failed: {reply:?}");
-    assert_eq!(&reply[8..], &7u64.to_be_bytes());
+    let (on_the_wire, nbd) = tokio::task::spawn_blocking(move || nbd_write(conn, payload))
+        .await
+        .unwrap();
+    // What crossed the network is sealed: the written bytes are not in it.
+    assert!(
+        on_the_wire.len() > payload.len()
+            && !on_the_wire
+                .windows(payload.len())
+                .any(|w| w == payload.as_slice()),
+        "the payload crossed the network in plaintext"
+    );
     // Written through before the reply: it is in b's file now.
     let copy = std::fs::read(copy_file(&fleet, "b", "data")).unwrap();
     assert_eq!(&copy[1 << 20..(1 << 20) + payload.len()], payload);
@@ -177,15 +224,13 @@ async fn a_replica_is_written_only_through_the_proven_connection() {
     assert_eq!(&greeting, b"NBDMAGICIHAVEOPT");
 }
 
-/// Every hello that is not proven by a live node from its own address, or
-/// asks for a replica its node is not the primary of, is refused, and
-/// nothing changes: the replica's copy keeps its bytes, and a copy b lacks
-/// is not made.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
+/// Nodes a, b and c; volume `data` with its primary on a and an outdated
+/// replica on b (bytes in b's copy that emptying would take away), and
+/// volume `fresh`, whose replica b has no copy of yet (serving makes one);
+/// b's peer port, and a check that neither changed.
+async fn outdated_and_fresh() -> (Fleet, SocketAddr, impl Fn(&Fleet, &str)) {
     let fleet = Fleet::new(&["a", "b", "c"]).await;
     replicated_volume(&fleet, "data", ReplicaState::Outdated).await;
-    // Another volume whose replica b has no copy of yet: serving makes one.
     let mut fresh = volume_record(&fleet, "data").await;
     fresh.name = "fresh".into();
     fleet
@@ -195,12 +240,29 @@ async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
         .unwrap();
     let copy = copy_file(&fleet, "b", "data");
     {
-        // Bytes that emptying would take away.
         let mut file = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         std::io::Write::write_all(&mut file, b"b's copy before any hello").unwrap();
     }
     let before = std::fs::read(&copy).unwrap();
     let addr = listen(&fleet, "b").await;
+    let unchanged = move |fleet: &Fleet, what: &str| {
+        assert!(
+            std::fs::read(&copy).unwrap() == before,
+            "{what} changed b's copy"
+        );
+        let b = &fleet.member("b").engine.engine;
+        assert!(b.volume("fresh").is_err(), "{what} made a copy");
+    };
+    (fleet, addr, unchanged)
+}
+
+/// Every hello that is not proven by a live node from its own address, or
+/// asks for a replica its node is not the primary of, is refused, and
+/// nothing changes: the replica's copy keeps its bytes, and a copy b lacks
+/// is not made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
+    let (fleet, addr, unchanged) = outdated_and_fresh().await;
     let proof_key = fleet.node("a").peer_key.clone();
     let wrong_key = PeerSecret::generate().unwrap().key();
     let not_authenticated = "not authenticated";
@@ -335,10 +397,74 @@ async fn unproven_or_misplaced_hellos_are_refused_and_change_nothing() {
         }
     );
 
-    let b = &fleet.member("b").engine.engine;
-    assert!(
-        std::fs::read(&copy).unwrap() == before,
-        "a refused hello changed b's copy"
-    );
-    assert!(b.volume("fresh").is_err(), "a refused hello made a copy");
+    unchanged(&fleet, "a refused hello");
+}
+
+/// A primary whose hello was proven still gets nothing from the replica's
+/// node without its own certificate of this cluster on the TLS that
+/// follows: another cluster's certificate in its name, none, or another
+/// node's are each refused, before b's copy is emptied or a copy made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proven_primary_without_its_certificate_changes_nothing() {
+    use std::sync::Arc;
+    use vroom_client::tls::{crypto_provider, read_roots, CA_FILE};
+    let (fleet, addr, unchanged) = outdated_and_fresh().await;
+    let proof_key = fleet.node("a").peer_key.clone();
+    let cluster_tls = fleet.node("b").tls_dir();
+
+    let dir = tempfile::tempdir().unwrap();
+    let foreign = dir.path().join("foreign");
+    crate::tls::Ca::generate("another")
+        .unwrap()
+        .issue("a", &["a".into(), "127.0.0.1".into()], &foreign)
+        .unwrap();
+    // It trusts this cluster's CA: only its own certificate is foreign.
+    std::fs::copy(cluster_tls.join(CA_FILE), foreign.join(CA_FILE)).unwrap();
+    let no_certificate = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(read_roots(&cluster_tls).unwrap())
+        .with_no_client_auth();
+    let cases = [
+        (
+            "another cluster's certificate",
+            crate::tls::replication_client(&foreign).unwrap(),
+        ),
+        ("no certificate", Arc::new(no_certificate)),
+        (
+            "node c's certificate",
+            crate::tls::replication_client(&fleet.node("c").tls_dir()).unwrap(),
+        ),
+    ];
+    for volume in ["data", "fresh"] {
+        for (what, config) in &cases {
+            let mut stream = connect_from("127.0.0.1", addr).await;
+            let hello = Hello::Replica {
+                volume: volume.into(),
+                primary: "a".into(),
+                empty: true,
+            };
+            let verdict = handshake(&mut stream, |c| {
+                SignedHello::new(&proof_key, c, "a", text(&hello))
+            })
+            .await;
+            assert_eq!(verdict, Verdict::Accepted, "{what}: the hello is proven");
+            let name = rustls::pki_types::ServerName::try_from("b").unwrap();
+            let answered = match tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, stream)
+                .await
+            {
+                // TLS 1.3: the client is done before the server judged it.
+                Ok(mut tls) => tokio::time::timeout(Duration::from_secs(10), tls.read_u8())
+                    .await
+                    .expect("the server neither answered nor closed"),
+                Err(e) => Err(e),
+            };
+            assert!(
+                answered.is_err(),
+                "{what}: the replica's node answered {answered:?} for {volume}"
+            );
+        }
+    }
+    unchanged(&fleet, "a refused certificate");
 }
