@@ -75,7 +75,8 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(3);
 /// Whether the same replica back after a fault gets only what it missed
 /// (the paused job, given a new connection), rather than a full copy.
 const RESUME_INCREMENTALLY: bool = true;
-/// How long a copy this node is making may lack its record.
+/// How long a copy this node made (or is making) is kept though a pass's
+/// view lacks its record: the view may be older than the record.
 const CREATE_GRACE: Duration = Duration::from_secs(60);
 /// How long after this node last served a copy it is kept although the
 /// record names other nodes: a pass's view may be older than the record
@@ -282,7 +283,16 @@ impl ClusterNode {
             .lock_unpoisoned()
             .insert(name.clone(), Instant::now());
         let made = self.record_new_volume(&req, &replica).await;
-        self.creating_volumes.lock_unpoisoned().remove(&name);
+        {
+            // A pass that read the view before the record was written must
+            // still leave the new copy alone: the mark stays for the grace
+            // after the record, not just while it is written.
+            let mut creating = self.creating_volumes.lock_unpoisoned();
+            match &made {
+                Ok(_) => creating.insert(name.clone(), Instant::now()),
+                Err(_) => creating.remove(&name),
+            };
+        }
         let record = made?;
         tracing::info!(volume = %name, primary = %self.name, %replica, "replicated volume created");
         self.volume_view(&record, self.engine.volume(&name).ok())
@@ -841,7 +851,7 @@ impl ClusterNode {
     /// that had no copy). A copy served when the pass began goes only at a
     /// later pass, and a young one (made or served lately) not at all: the
     /// view may be older than the record that named this node.
-    async fn tidy_copies(&self, view: &View) {
+    pub(super) async fn tidy_copies(&self, view: &View) {
         let served = self.engine.served_replicas();
         for volume in &served {
             let keep = view
@@ -855,7 +865,11 @@ impl ClusterNode {
         let Ok(local) = self.engine.list_volumes() else {
             return;
         };
-        let creating = self.creating_volumes.lock_unpoisoned().clone();
+        let creating = {
+            let mut creating = self.creating_volumes.lock_unpoisoned();
+            creating.retain(|_, t| t.elapsed() < CREATE_GRACE);
+            creating.clone()
+        };
         let served_lately = {
             let mut served = self.served_lately.lock_unpoisoned();
             served.retain(|_, t| t.elapsed() < SERVE_GRACE);
