@@ -40,6 +40,7 @@ use instances::*;
 use networks::*;
 mod nodes;
 mod rooms;
+mod services;
 mod snapshots;
 mod splices;
 mod ui;
@@ -265,6 +266,11 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         rooms::expose,
         rooms::unexpose,
         rooms::topology,
+        services::list_services,
+        services::create_service,
+        services::get_service,
+        services::scale_service,
+        services::remove_service,
         volumes::list_volumes,
         volumes::create_volume,
         volumes::get_volume,
@@ -486,6 +492,15 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
             delete(rooms::unexpose),
         )
         .route("/v1/topology", get(rooms::topology))
+        .route(
+            "/v1/services",
+            get(services::list_services).post(services::create_service),
+        )
+        .route(
+            "/v1/services/{name}",
+            get(services::get_service).delete(services::remove_service),
+        )
+        .route("/v1/services/{name}/scale", post(services::scale_service))
         .route(
             "/v1/volumes",
             get(volumes::list_volumes).post(volumes::create_volume),

@@ -884,6 +884,41 @@ impl Client {
         self.delete(&format!("/v1/mirrors/{}", enc(id))).await
     }
 
+    pub async fn services(&self) -> Result<Vec<vroom_types::Service>, ClientError> {
+        self.fetch("/v1/services").await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<vroom_types::Service, ClientError> {
+        self.fetch(&format!("/v1/services/{}", enc(name))).await
+    }
+
+    /// Returns once the members run behind the balancer.
+    pub async fn create_service(
+        &self,
+        definition: &vroom_types::ServiceDefinition,
+    ) -> Result<vroom_types::Service, ClientError> {
+        self.call(Method::POST, "/v1/services", Some(definition))
+            .await
+    }
+
+    pub async fn scale_service(
+        &self,
+        name: &str,
+        replicas: u32,
+    ) -> Result<vroom_types::Service, ClientError> {
+        let req = vroom_types::ServiceScaleRequest { replicas };
+        self.call(
+            Method::POST,
+            &format!("/v1/services/{}/scale", enc(name)),
+            Some(&req),
+        )
+        .await
+    }
+
+    pub async fn remove_service(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/services/{}", enc(name))).await
+    }
+
     pub async fn rooms(&self) -> Result<Vec<vroom_types::Room>, ClientError> {
         self.fetch("/v1/rooms").await
     }

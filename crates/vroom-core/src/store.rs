@@ -88,6 +88,10 @@ pub trait StateStore: Send + Sync {
     fn put_volume(&self, volume: &Volume) -> Result<(), StateStoreError>;
     fn delete_volume(&self, name: &str) -> Result<(), StateStoreError>;
     fn volumes(&self) -> Result<Vec<Volume>, StateStoreError>;
+    /// Services, keyed by name.
+    fn put_service(&self, service: &vroom_types::ServiceRecord) -> Result<(), StateStoreError>;
+    fn delete_service(&self, name: &str) -> Result<(), StateStoreError>;
+    fn services(&self) -> Result<Vec<vroom_types::ServiceRecord>, StateStoreError>;
 
     /// Saves an event and forgets all but the last `keep`.
     fn append_event(&self, event: &vroom_types::Event, keep: usize) -> Result<(), StateStoreError>;

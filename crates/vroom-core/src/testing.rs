@@ -861,6 +861,7 @@ pub struct MemStore {
     splices: Mutex<BTreeMap<String, Splice>>,
     mirrors: Mutex<BTreeMap<String, Mirror>>,
     rooms: Mutex<BTreeMap<String, Room>>,
+    services: Mutex<BTreeMap<String, vroom_types::ServiceRecord>>,
     volumes: Mutex<BTreeMap<String, vroom_types::Volume>>,
     events: Mutex<std::collections::VecDeque<vroom_types::Event>>,
     /// Makes instance deletions fail: a daemon that dies just before it
@@ -961,6 +962,19 @@ impl StateStore for MemStore {
     }
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
         Ok(self.rooms.lock_unpoisoned().values().cloned().collect())
+    }
+    fn put_service(&self, service: &vroom_types::ServiceRecord) -> Result<(), StateStoreError> {
+        self.services
+            .lock_unpoisoned()
+            .insert(service.spec.name.to_string(), service.clone());
+        Ok(())
+    }
+    fn delete_service(&self, name: &str) -> Result<(), StateStoreError> {
+        self.services.lock_unpoisoned().remove(name);
+        Ok(())
+    }
+    fn services(&self) -> Result<Vec<vroom_types::ServiceRecord>, StateStoreError> {
+        Ok(self.services.lock_unpoisoned().values().cloned().collect())
     }
     fn put_volume(&self, volume: &vroom_types::Volume) -> Result<(), StateStoreError> {
         self.volumes

@@ -26,6 +26,7 @@ const SPLICES: TableDefinition<&str, &[u8]> = TableDefinition::new("splices");
 const MIRRORS: TableDefinition<&str, &[u8]> = TableDefinition::new("mirrors");
 const ROOMS: TableDefinition<&str, &[u8]> = TableDefinition::new("rooms");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
 /// Events by number: the last few thousand, for history after a restart.
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 
@@ -50,7 +51,7 @@ impl RedbStateStore {
                     txn.open_table(INSTANCES).map_err(|e| err(e.to_string()))?;
                     txn.open_table(NETWORKS).map_err(|e| err(e.to_string()))?;
                     txn.open_table(EVENTS).map_err(|e| err(e.to_string()))?;
-                    for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS, VOLUMES] {
+                    for table in [CONFIG_LOGS, SPLICES, MIRRORS, ROOMS, VOLUMES, SERVICES] {
                         txn.open_table(table).map_err(|e| err(e.to_string()))?;
                     }
                     txn.commit().map_err(|e| err(e.to_string()))?;
@@ -222,6 +223,19 @@ impl StateStore for RedbStateStore {
 
     fn rooms(&self) -> Result<Vec<Room>, StateStoreError> {
         self.all(ROOMS)
+    }
+
+    fn put_service(&self, service: &vroom_types::ServiceRecord) -> Result<(), StateStoreError> {
+        let bytes = serde_json::to_vec(service).map_err(|e| self.err(e))?;
+        self.put(SERVICES, service.spec.name.as_str(), &bytes)
+    }
+
+    fn delete_service(&self, name: &str) -> Result<(), StateStoreError> {
+        self.delete(SERVICES, name)
+    }
+
+    fn services(&self) -> Result<Vec<vroom_types::ServiceRecord>, StateStoreError> {
+        self.all(SERVICES)
     }
 
     fn put_volume(&self, volume: &Volume) -> Result<(), StateStoreError> {

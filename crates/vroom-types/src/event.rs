@@ -23,10 +23,11 @@ pub enum EventKind {
     Volume,
     Node,
     Migration,
+    Service,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 11] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::Instance,
         EventKind::Config,
         EventKind::Splice,
@@ -38,6 +39,7 @@ impl EventKind {
         EventKind::Volume,
         EventKind::Node,
         EventKind::Migration,
+        EventKind::Service,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +55,7 @@ impl EventKind {
             EventKind::Volume => "volume",
             EventKind::Node => "node",
             EventKind::Migration => "migration",
+            EventKind::Service => "service",
         }
     }
 }

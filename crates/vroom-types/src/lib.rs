@@ -26,6 +26,7 @@ mod name;
 mod network;
 mod room;
 mod schema;
+mod service;
 mod size;
 mod snapshot;
 mod splice;
@@ -79,6 +80,10 @@ pub use room::{
 pub use schema::{
     check_complete, check_config, check_rules, host_number, shown_config, ConfigField, ConfigRule,
     ConfigSchema, FieldType, SECRET_MASK,
+};
+pub use service::{
+    balancer_name, is_service_name, member_name, Service, ServiceDefinition, ServiceMember,
+    ServiceRecord, ServiceScaleRequest, MAX_SERVICE_NAME_LEN, MAX_SERVICE_REPLICAS,
 };
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
 pub use snapshot::{

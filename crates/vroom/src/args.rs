@@ -359,6 +359,12 @@ pub enum Command {
         #[command(subcommand)]
         op: RoomOp,
     },
+    /// Services: members of one image behind a load balancer (the `lb`
+    /// appliance), kept at their number: a failed member is replaced.
+    Service {
+        #[command(subcommand)]
+        op: ServiceOp,
+    },
     /// Networks, instances with NIC roles and addresses, splices, mirrors
     /// and exposed ports.
     Topology {
@@ -736,6 +742,36 @@ pub enum VolumeOp {
         /// The image to read.
         file: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceOp {
+    /// Create a service: its balancer NAME-lb and its members NAME-1, NAME-2...
+    /// Returns once they run and the balancer lists them.
+    Create {
+        /// At most 24 characters.
+        name: Name,
+        /// The members' image.
+        #[arg(long)]
+        image: String,
+        /// How many members (1 to 64).
+        #[arg(long, default_value_t = 2)]
+        replicas: u32,
+        /// The network of the members and the balancer.
+        #[arg(long, default_value = "default")]
+        net: Name,
+        /// The port the members serve and the balancer listens on.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
+    /// List services.
+    Ls,
+    /// Show a service: its address, balancer and members.
+    Inspect { name: String },
+    /// Set the number of members; returns once the service has it.
+    Scale { name: String, replicas: u32 },
+    /// Remove a service: its members, its balancer, then itself.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]

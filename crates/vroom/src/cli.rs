@@ -7,8 +7,8 @@ use vroom_types::ExecRequest;
 
 use crate::args::{ArchiveOp, Cli, Command, ConfigOp};
 use crate::{
-    capture, config, demo, events, gc, guest, image, instance, net, node, paths, room, session,
-    snapshot, splice, ui, volume,
+    capture, config, demo, events, gc, guest, image, instance, net, node, paths, room, service,
+    session, snapshot, splice, ui, volume,
 };
 
 /// Runs one client-side command; returns the process's exit code.
@@ -114,6 +114,7 @@ pub async fn dispatch(cli: &Cli) -> Result<i32> {
         // Networks, rooms, splices and mirrors.
         Command::Net { op } => net::net(client, op, json).await,
         Command::Room { op } => room::room(client, op, json).await,
+        Command::Service { op } => service::service(client, op, json).await,
         Command::Topology { room, format } => {
             room::topology(client, room.as_deref(), *format, json).await
         }

@@ -122,6 +122,10 @@ pub async fn run(
         None => Arc::new(vroom_core::service::Local::new(engine.clone())),
     };
     engine.recover().await.context("cannot recover state")?;
+    // Services are kept at strength by this host (not yet in a cluster).
+    if node.is_none() {
+        engine.spawn_service_controller();
+    }
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
     // Which daemon this is, in `GET /v1/version` on every listener.

@@ -21,6 +21,7 @@ mod net;
 mod node;
 mod room;
 mod serve;
+mod service;
 mod setup;
 mod snapshot;
 mod splice;

@@ -31,6 +31,7 @@ mod networks;
 mod records;
 mod rooms;
 mod scrape;
+pub mod services;
 mod snapshots;
 mod splices;
 mod supervise;
@@ -120,6 +121,8 @@ pub struct Engine {
     splice_op: tokio::sync::Mutex<()>,
     /// Serialises room changes.
     room_op: tokio::sync::Mutex<()>,
+    /// Serialises service changes and the controller's passes.
+    service_op: tokio::sync::Mutex<()>,
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
@@ -260,6 +263,7 @@ impl Engine {
             alloc: tokio::sync::Mutex::new(()),
             splice_op: tokio::sync::Mutex::new(()),
             room_op: tokio::sync::Mutex::new(()),
+            service_op: tokio::sync::Mutex::new(()),
             snapshots_in_progress: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
         })

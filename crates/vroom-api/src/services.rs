@@ -1,0 +1,82 @@
+//! Routes for services: members of one image behind a load balancer,
+//! kept at their number by vroomd.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use vroom_core::OpError;
+use vroom_types::{ApiErrorBody, ErrorCode, Name, Service, ServiceDefinition, ServiceScaleRequest};
+
+use crate::replies::{BodyErrors, HostErrors, PathErrors};
+use crate::{body, ApiError, ApiResult, AppState, Service as Vroomd};
+
+/// Services are kept by one host's vroomd for now.
+async fn not_in_a_cluster(vroomd: &Vroomd) -> Result<(), ApiError> {
+    if vroomd.nodes().await.is_ok() {
+        return Err(OpError::new(
+            ErrorCode::Conflict,
+            "services run on a host outside a cluster for now",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = Vec<Service>), HostErrors))]
+pub(crate) async fn list_services(State(engine): State<AppState>) -> ApiResult<Vec<Service>> {
+    Ok(Json(engine.services()?))
+}
+
+/// Makes the service's balancer and members; returns once they run and
+/// the balancer lists them.
+#[utoipa::path(post, path = "/v1/services", request_body = ServiceDefinition,
+    responses((status = 201, body = Service), BodyErrors, HostErrors,
+        (status = 404, body = ApiErrorBody, description = "No such network or image."),
+        (status = 409, body = ApiErrorBody, description = "The service exists, an instance has a name it would give, or this host is in a cluster.")))]
+pub(crate) async fn create_service(
+    State(engine): State<AppState>,
+    State(vroomd): State<Vroomd>,
+    req: Result<Json<ServiceDefinition>, JsonRejection>,
+) -> Result<(StatusCode, Json<Service>), ApiError> {
+    let definition = body(req)?;
+    not_in_a_cluster(&vroomd).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(engine.create_service(definition).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/services/{name}", params(("name" = Name, Path)),
+    responses((status = 200, body = Service), PathErrors))]
+pub(crate) async fn get_service(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Service> {
+    Ok(Json(engine.service(&name)?))
+}
+
+/// Sets the number of members; returns once the service has it.
+#[utoipa::path(post, path = "/v1/services/{name}/scale", params(("name" = Name, Path)),
+    request_body = ServiceScaleRequest,
+    responses((status = 200, body = Service), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The service is being removed.")))]
+pub(crate) async fn scale_service(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ServiceScaleRequest>, JsonRejection>,
+) -> ApiResult<Service> {
+    let req = body(req)?;
+    Ok(Json(engine.scale_service(&name, req.replicas).await?))
+}
+
+/// Removes the members, the balancer and the service.
+#[utoipa::path(delete, path = "/v1/services/{name}", params(("name" = Name, Path)),
+    responses((status = 204), PathErrors, HostErrors))]
+pub(crate) async fn remove_service(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    engine.remove_service(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
