@@ -297,7 +297,7 @@ fn a_room_and_a_splice_under_traffic_survive_a_crash_on_qemu_10() {
 
     env.ok(&["room", "rm", "--force", "ra"]);
     env.ok(&["net", "rm", "wan"]);
-    common::sh(&format!("ip netns del {outside}; ip netns del {lan}"));
+    env.remove_namespaces(&["out", "alan"]);
     env.assert_nothing_left("after the room and the splice on QEMU 10");
 }
 

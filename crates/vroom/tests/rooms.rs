@@ -198,7 +198,7 @@ fn rooms_are_isolated_and_serve_their_tenants() {
         "{nets}"
     );
     env.ok(&["net", "rm", "wan"]);
-    common::sh(&format!("ip netns del {outside}; ip netns del {lan}"));
+    env.remove_namespaces(&["out", "alan"]);
     env.assert_nothing_left("rooms removed");
 }
 
@@ -286,7 +286,7 @@ fn room_apply_converges_and_changes_only_what_changed() {
     assert_ne!(rc, 0, "8080 is no longer forwarded");
     env.ok(&["room", "rm", "--force", "rc"]);
     env.ok(&["net", "rm", "wan"]);
-    common::sh(&format!("ip netns del {outside}"));
+    env.remove_namespaces(&["out"]);
     env.assert_nothing_left("room removed");
 }
 

@@ -317,6 +317,19 @@ impl Env {
         (ns, host_end)
     }
 
+    /// Removes namespaces this test made (by their `name`): the host end of
+    /// each veth first, since a namespace's own goes only when the kernel's
+    /// namespace cleanup gets to it, seconds later under load.
+    pub fn remove_namespaces(&self, names: &[&str]) {
+        for name in names {
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("{}{name}", self.prefix)])
+                .stderr(std::process::Stdio::null())
+                .status();
+            sh(&format!("ip netns del {}-{name}", self.prefix));
+        }
+    }
+
     /// A namespace `<prefix>-<name>` whose `eth0` is plugged into a vroom
     /// network's bridge; with `addr` (`CIDR`, gateway) it is configured, without
     /// it the caller configures it (e.g. by DHCP).
