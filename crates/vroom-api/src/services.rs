@@ -28,8 +28,9 @@ pub(crate) async fn list_services(State(engine): State<AppState>) -> ApiResult<V
     Ok(Json(engine.services()?))
 }
 
-/// Makes the service's balancer and members; returns once they run and
-/// the balancer lists them.
+/// Records the service and returns; vroomd then makes its balancer and
+/// members (`ready` in `GET /v1/services/{name}` counts those the balancer
+/// sends requests to).
 #[utoipa::path(post, path = "/v1/services", request_body = ServiceDefinition,
     responses((status = 201, body = Service), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such network or image."),
@@ -56,27 +57,32 @@ pub(crate) async fn get_service(
     Ok(Json(engine.service(&name)?))
 }
 
-/// Sets the number of members; returns once the service has it.
+/// Records the number of members and returns; vroomd then adds or drains
+/// and removes members until the service has it.
 #[utoipa::path(post, path = "/v1/services/{name}/scale", params(("name" = Name, Path)),
     request_body = ServiceScaleRequest,
-    responses((status = 200, body = Service), PathErrors, BodyErrors, HostErrors,
+    responses((status = 202, body = Service), PathErrors, BodyErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "The service is being removed.")))]
 pub(crate) async fn scale_service(
     State(engine): State<AppState>,
     Path(name): Path<String>,
     req: Result<Json<ServiceScaleRequest>, JsonRejection>,
-) -> ApiResult<Service> {
+) -> Result<(StatusCode, Json<Service>), ApiError> {
     let req = body(req)?;
-    Ok(Json(engine.scale_service(&name, req.replicas).await?))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(engine.scale_service(&name, req.replicas).await?),
+    ))
 }
 
-/// Removes the members, the balancer and the service.
+/// Marks the service removed and returns; vroomd then removes its members,
+/// its balancer and the service (a `GET` answers 404 once it is gone).
 #[utoipa::path(delete, path = "/v1/services/{name}", params(("name" = Name, Path)),
-    responses((status = 204), PathErrors, HostErrors))]
+    responses((status = 202), PathErrors, HostErrors))]
 pub(crate) async fn remove_service(
     State(engine): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     engine.remove_service(&name).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::ACCEPTED)
 }

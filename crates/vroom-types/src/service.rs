@@ -19,16 +19,29 @@ pub const MAX_SERVICE_NAME_LEN: usize = 24;
 /// What a service is asked to be (`vroom service create`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct ServiceDefinition {
+    /// At most 24 characters (its members are NAME-N, its balancer NAME-lb).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,22}[a-z0-9])?$", min_length = 1, max_length = 24))]
     pub name: Name,
     /// The members' image.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub image: String,
     /// How many members it keeps (1 to 64).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    #[serde(deserialize_with = "crate::json_int::required")]
     pub replicas: u32,
     /// The network its members and its balancer are on.
     pub network: Name,
     /// The port the members serve and the balancer listens on.
-    #[serde(default = "default_port")]
+    #[serde(
+        default = "default_port",
+        deserialize_with = "crate::json_int::required"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 65535, default = 80)
+    )]
     pub port: u16,
 }
 
@@ -84,7 +97,11 @@ pub struct Service {
 /// `POST /v1/services/{name}/scale`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct ServiceScaleRequest {
+    /// 1 to 64.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    #[serde(deserialize_with = "crate::json_int::required")]
     pub replicas: u32,
 }
 

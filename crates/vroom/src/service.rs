@@ -1,8 +1,10 @@
 //! `vroom service ...`: members of one image behind a load balancer.
 
-use anyhow::Result;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
 use vroom_client::Client;
-use vroom_types::{Service, ServiceDefinition};
+use vroom_types::{ErrorCode, InstanceState, Service, ServiceDefinition};
 
 use crate::args::ServiceOp;
 use crate::output;
@@ -27,7 +29,10 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                 json,
                 format!("creating service {name}: {replicas} × {image} behind {name}-lb"),
             );
-            let made = client.create_service(&definition).await;
+            let made = match client.create_service(&definition).await {
+                Ok(_) => converged(client, name.as_str()).await,
+                Err(e) => Err(e.into()),
+            };
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }
@@ -63,7 +68,10 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         }
         ServiceOp::Scale { name, replicas } => {
             let spinner = output::spinner(json, format!("scaling service {name} to {replicas}"));
-            let scaled = client.scale_service(name, *replicas).await;
+            let scaled = match client.scale_service(name, *replicas).await {
+                Ok(_) => converged(client, name).await,
+                Err(e) => Err(e.into()),
+            };
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }
@@ -71,7 +79,10 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         }
         ServiceOp::Rm { name } => {
             let spinner = output::spinner(json, format!("removing service {name}"));
-            let removed = client.remove_service(name).await;
+            let removed = match client.remove_service(name).await {
+                Ok(()) => gone(client, name).await,
+                Err(e) => Err(e.into()),
+            };
             if let Some(s) = spinner {
                 s.finish_and_clear();
             }
@@ -82,6 +93,56 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// How long the CLI waits for a service to converge.
+const CONVERGE_WITHIN: Duration = Duration::from_secs(300);
+
+/// Waits until vroomd has brought the service to its number: every member
+/// running and balanced.
+async fn converged(client: &Client, name: &str) -> Result<Service> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    loop {
+        let service = client.service(name).await?;
+        let replicas = service.spec.replicas;
+        if service.ready == replicas && service.members.len() as u32 == replicas {
+            return Ok(service);
+        }
+        if Instant::now() > deadline {
+            let failed: Vec<String> = service
+                .members
+                .iter()
+                .filter(|m| m.state == Some(InstanceState::Failed))
+                .map(|m| m.name.to_string())
+                .collect();
+            bail!(
+                "service {name} has {} of {replicas} members ready after {}s{}; vroomd keeps at it (`vroom service inspect {name}`)",
+                service.ready,
+                CONVERGE_WITHIN.as_secs(),
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (failed: {}, see `vroom logs`)", failed.join(", "))
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until vroomd has removed the service.
+async fn gone(client: &Client, name: &str) -> Result<()> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    loop {
+        match client.service(name).await {
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(_) if Instant::now() > deadline => {
+                bail!("service {name} is still being removed; vroomd keeps at it")
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 fn address(service: &Service) -> String {

@@ -30,6 +30,9 @@ pub const BALANCER_IMAGE: &str = "lb";
 /// How often the controller looks at every service.
 const PASS: Duration = Duration::from_secs(1);
 
+/// How many members one pass starts at once (the next pass starts more).
+const MAX_STARTING: usize = 4;
+
 /// The highest member number (names stay within 32 characters).
 const MAX_MEMBER_NUMBER: u32 = 9_999_999;
 
@@ -71,8 +74,8 @@ impl Engine {
             .collect()
     }
 
-    /// Makes a service and brings it to strength: its balancer, then its
-    /// members, each added to the balancer once ready.
+    /// Records a service; vroomd then brings it to strength: its balancer,
+    /// then its members, each added to the balancer once it runs.
     pub async fn create_service(
         self: &Arc<Self>,
         spec: ServiceDefinition,
@@ -122,11 +125,11 @@ impl Engine {
                 .detail("replicas", spec.replicas),
             );
         }
-        self.converge_service(spec.name.as_str()).await?;
+        self.kick_service(spec.name.as_str());
         self.service(spec.name.as_str())
     }
 
-    /// Sets a service's number of members, and brings it there.
+    /// Sets a service's number of members; vroomd then brings it there.
     pub async fn scale_service(
         self: &Arc<Self>,
         name: &str,
@@ -150,11 +153,12 @@ impl Engine {
                     .detail("to", replicas),
             );
         }
-        self.converge_service(name).await?;
+        self.kick_service(name);
         self.service(name)
     }
 
-    /// Removes a service: its members, its balancer, then its record.
+    /// Marks a service removed; vroomd then removes its members, its
+    /// balancer, then its record.
     pub async fn remove_service(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
         {
             let _op = self.service_op.lock().await;
@@ -162,7 +166,21 @@ impl Engine {
             record.removing = true;
             self.save_service(&record)?;
         }
-        self.converge_service(name).await
+        self.kick_service(name);
+        Ok(())
+    }
+
+    /// Starts a pass over `name` now, beside the controller's: a change
+    /// returns once recorded, and the service converges behind it (`service
+    /// inspect` shows how far; the CLI waits for it).
+    fn kick_service(self: &Arc<Self>, name: &str) {
+        let engine = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = engine.converge_service(&name).await {
+                tracing::warn!(service = %name, error = %e, "service pass failed");
+            }
+        });
     }
 
     /// One pass over `name`: finishes a removal, or replaces failed
@@ -268,7 +286,8 @@ impl Engine {
             .collect();
         // Made side by side: a scale-out takes about one start, not several.
         let mut making = tokio::task::JoinSet::new();
-        for member in &missing {
+        // A few at a time: a scale to 64 must not start 64 boots at once.
+        for member in missing.iter().take(MAX_STARTING) {
             let engine = self.clone();
             let req = member_request(&record.spec, member, &record.spec.image);
             let member = member.clone();
@@ -516,6 +535,13 @@ mod tests {
         }
     }
 
+    /// The service once a pass has run (the one its change started may
+    /// still be running: passes take turns).
+    async fn settle(t: &TestEngine) -> Service {
+        t.engine.converge_service("shop").await.unwrap();
+        t.engine.service("shop").unwrap()
+    }
+
     fn backends(t: &TestEngine) -> Vec<String> {
         let lb = t.engine.get("shop-lb").unwrap();
         let mut b: Vec<String> = lb.config["backends"]
@@ -548,7 +574,9 @@ mod tests {
     async fn a_service_keeps_its_members_behind_its_balancer() {
         let dir = tempfile::tempdir().unwrap();
         let t = engine_with_lan(dir.path()).await;
-        let shown = t.engine.create_service(shop(2)).await.unwrap();
+        let recorded = t.engine.create_service(shop(2)).await.unwrap();
+        assert_eq!(recorded.ready, 0, "returns once recorded: {recorded:?}");
+        let shown = settle(&t).await;
         assert_eq!(shown.balancer.as_str(), "shop-lb");
         let names: Vec<&str> = shown.members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["shop-1", "shop-2"]);
@@ -557,16 +585,19 @@ mod tests {
         assert_eq!(backends(&t), member_backends(&t));
         assert_eq!(t.engine.get("shop-lb").unwrap().config["port"], "8080");
 
-        let up = t.engine.scale_service("shop", 3).await.unwrap();
+        t.engine.scale_service("shop", 3).await.unwrap();
+        let up = settle(&t).await;
         assert_eq!(up.ready, 3);
         assert_eq!(backends(&t).len(), 3);
-        let down = t.engine.scale_service("shop", 1).await.unwrap();
+        t.engine.scale_service("shop", 1).await.unwrap();
+        let down = settle(&t).await;
         let names: Vec<&str> = down.members.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["shop-1"]);
         assert!(t.engine.get("shop-3").is_err() && t.engine.get("shop-2").is_err());
         assert_eq!(backends(&t), member_backends(&t));
 
         t.engine.remove_service("shop").await.unwrap();
+        t.engine.converge_service("shop").await.unwrap();
         assert!(t.engine.list().is_empty(), "{:?}", t.engine.list());
         assert!(t.engine.services().unwrap().is_empty());
     }
@@ -578,9 +609,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = engine_with_lan(dir.path()).await;
         t.engine.create_service(shop(1)).await.unwrap();
+        settle(&t).await;
         t.driver
             .set_behavior(GuestBehavior::PanicAtBoot(Duration::from_millis(20)));
         t.engine.scale_service("shop", 2).await.unwrap();
+        t.engine.converge_service("shop").await.unwrap();
         for _ in 0..200 {
             if t.engine
                 .get("shop-2")
@@ -607,6 +640,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = engine_with_lan(dir.path()).await;
         t.engine.create_service(shop(1)).await.unwrap();
+        settle(&t).await;
         // What a kill leaves: the record names shop-2; no instance yet.
         let mut record = t.engine.service_record("shop").unwrap();
         record.spec.replicas = 2;
