@@ -93,8 +93,8 @@ fn pids_matching(matches: impl Fn(&str) -> bool) -> Vec<u32> {
 }
 
 /// Removes what labs of killed runs left (a run cut short never drops its
-/// lab): their namespaces, links and files. A lab counts as dead when no
-/// process names its directory and it is over two minutes old (one being
+/// lab): their processes, namespaces, links and files. A lab counts as
+/// dead when no etcd of it runs and it is over two minutes old (one being
 /// built has no etcd yet).
 fn sweep_dead_labs() {
     let tmp = std::env::temp_dir();
@@ -110,8 +110,14 @@ fn sweep_dead_labs() {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > Duration::from_secs(120));
         let dir = entry.path().display().to_string();
-        if !old || prefix.is_empty() || !pids_matching(|c| c.contains(&dir)).is_empty() {
+        // Its etcd runs as long as its test does; what else names it (a
+        // replica's qemu-nbd, a VM) outlived a killed run and goes with it.
+        let etcd = pids_matching(|c| c.contains(&dir) && c.contains("etcd"));
+        if !old || prefix.is_empty() || !etcd.is_empty() {
             continue;
+        }
+        for pid in pids_matching(|c| c.contains(&dir)) {
+            signal(pid, libc::SIGKILL);
         }
         let _ = shell(&format!(
             "for n in $(ip netns list | awk '{{print $1}}' | grep '^{prefix}'); do ip netns del $n; done; \
