@@ -767,11 +767,22 @@ pub enum ServiceOp {
     /// List services.
     Ls,
     /// Show a service: its address, balancer and members.
-    Inspect { name: String },
+    Inspect {
+        /// The service's name.
+        name: String,
+    },
     /// Set the number of members; returns once the service has it.
-    Scale { name: String, replicas: u32 },
+    Scale {
+        /// The service's name.
+        name: String,
+        /// How many members (1 to 64).
+        replicas: u32,
+    },
     /// Remove a service: its members, its balancer, then itself.
-    Rm { name: String },
+    Rm {
+        /// The service's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]

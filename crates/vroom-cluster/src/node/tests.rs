@@ -881,4 +881,8 @@ async fn a_pass_with_a_view_older_than_a_new_volume_keeps_its_copy() {
         a.engine.engine.volume("fresh").is_ok(),
         "the new copy was removed by a pass that never saw its record"
     );
+    // Once a view has the record, the record alone decides.
+    a.node.tidy_copies(&a.node.view().await.unwrap()).await;
+    assert!(a.engine.engine.volume("fresh").is_ok());
+    assert!(a.node.creating_volumes.lock_unpoisoned().is_empty());
 }

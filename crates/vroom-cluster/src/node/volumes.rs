@@ -75,8 +75,8 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(3);
 /// Whether the same replica back after a fault gets only what it missed
 /// (the paused job, given a new connection), rather than a full copy.
 const RESUME_INCREMENTALLY: bool = true;
-/// How long a copy this node made (or is making) is kept though a pass's
-/// view lacks its record: the view may be older than the record.
+/// How long a copy this node made (or is making) is kept while a pass's
+/// view lacks its record (the view may be older than the record).
 const CREATE_GRACE: Duration = Duration::from_secs(60);
 /// How long after this node last served a copy it is kept although the
 /// record names other nodes: a pass's view may be older than the record
@@ -866,8 +866,13 @@ impl ClusterNode {
             return;
         };
         let creating = {
+            // A mark is needed only until a view has the record: from then
+            // on the record decides (a copy that moves away within its
+            // first minute must go like any other).
             let mut creating = self.creating_volumes.lock_unpoisoned();
-            creating.retain(|_, t| t.elapsed() < CREATE_GRACE);
+            creating.retain(|name, t| {
+                t.elapsed() < CREATE_GRACE && !view.volumes.contains_key(name.as_str())
+            });
             creating.clone()
         };
         let served_lately = {
