@@ -123,6 +123,9 @@ pub struct Engine {
     room_op: tokio::sync::Mutex<()>,
     /// Serialises service changes and the controller's passes.
     service_op: tokio::sync::Mutex<()>,
+    /// A service change starts a pass at once (tests turn it off to run
+    /// their passes one at a time).
+    service_kicks: std::sync::atomic::AtomicBool,
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
@@ -264,6 +267,7 @@ impl Engine {
             splice_op: tokio::sync::Mutex::new(()),
             room_op: tokio::sync::Mutex::new(()),
             service_op: tokio::sync::Mutex::new(()),
+            service_kicks: std::sync::atomic::AtomicBool::new(true),
             snapshots_in_progress: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
         })
