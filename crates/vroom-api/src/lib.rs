@@ -270,6 +270,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         services::create_service,
         services::get_service,
         services::scale_service,
+        services::update_service,
         services::remove_service,
         volumes::list_volumes,
         volumes::create_volume,
@@ -501,6 +502,7 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
             get(services::get_service).delete(services::remove_service),
         )
         .route("/v1/services/{name}/scale", post(services::scale_service))
+        .route("/v1/services/{name}/update", post(services::update_service))
         .route(
             "/v1/volumes",
             get(volumes::list_volumes).post(volumes::create_volume),

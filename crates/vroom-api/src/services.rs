@@ -6,7 +6,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use vroom_core::OpError;
-use vroom_types::{ApiErrorBody, ErrorCode, Name, Service, ServiceDefinition, ServiceScaleRequest};
+use vroom_types::{
+    ApiErrorBody, ErrorCode, Name, Service, ServiceDefinition, ServiceScaleRequest,
+    ServiceUpdateRequest,
+};
 
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
 use crate::{body, ApiError, ApiResult, AppState, Service as Vroomd};
@@ -57,8 +60,8 @@ pub(crate) async fn get_service(
     Ok(Json(engine.service(&name)?))
 }
 
-/// Records the number of members and returns; vroomd then adds or drains
-/// and removes members until the service has it.
+/// Records the number of members (or the autoscaler's bounds) and returns;
+/// vroomd then adds or drains and removes members until the service has it.
 #[utoipa::path(post, path = "/v1/services/{name}/scale", params(("name" = Name, Path)),
     request_body = ServiceScaleRequest,
     responses((status = 202, body = Service), PathErrors, BodyErrors, HostErrors,
@@ -71,7 +74,27 @@ pub(crate) async fn scale_service(
     let req = body(req)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(engine.scale_service(&name, req.replicas).await?),
+        Json(engine.scale_service(&name, req).await?),
+    ))
+}
+
+/// Records a rolling update and returns; vroomd then brings up members of
+/// the new image one at a time, each into the balancer before an old one
+/// drains and goes. A new member that fails rolls the service back (`update`
+/// in `GET /v1/services/{name}` shows it; events say why).
+#[utoipa::path(post, path = "/v1/services/{name}/update", params(("name" = Name, Path)),
+    request_body = ServiceUpdateRequest,
+    responses((status = 202, body = Service), PathErrors, BodyErrors, HostErrors,
+        (status = 409, body = ApiErrorBody, description = "The service is being removed or already updating.")))]
+pub(crate) async fn update_service(
+    State(engine): State<AppState>,
+    Path(name): Path<String>,
+    req: Result<Json<ServiceUpdateRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Service>), ApiError> {
+    let req = body(req)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(engine.update_service(&name, &req.image).await?),
     ))
 }
 

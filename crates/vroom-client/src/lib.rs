@@ -904,12 +904,28 @@ impl Client {
     pub async fn scale_service(
         &self,
         name: &str,
-        replicas: u32,
+        req: &vroom_types::ServiceScaleRequest,
     ) -> Result<vroom_types::Service, ClientError> {
-        let req = vroom_types::ServiceScaleRequest { replicas };
         self.call(
             Method::POST,
             &format!("/v1/services/{}/scale", enc(name)),
+            Some(req),
+        )
+        .await
+    }
+
+    /// Starts a rolling update; returns once it is recorded.
+    pub async fn update_service(
+        &self,
+        name: &str,
+        image: &str,
+    ) -> Result<vroom_types::Service, ClientError> {
+        let req = vroom_types::ServiceUpdateRequest {
+            image: image.to_string(),
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/services/{}/update", enc(name)),
             Some(&req),
         )
         .await

@@ -82,8 +82,10 @@ pub use schema::{
     ConfigSchema, FieldType, SECRET_MASK,
 };
 pub use service::{
-    balancer_name, is_service_name, member_name, Service, ServiceDefinition, ServiceMember,
-    ServiceRecord, ServiceScaleRequest, MAX_SERVICE_NAME_LEN, MAX_SERVICE_REPLICAS,
+    balancer_name, is_service_name, member_name, parse_replicas, MemberRecord, ScaleDecision,
+    ScaleTarget, Service, ServiceDefinition, ServiceLoad, ServiceMember, ServiceRecord,
+    ServiceScaleRequest, ServiceUpdate, ServiceUpdateRequest, KEPT_DECISIONS, MAX_SERVICE_NAME_LEN,
+    MAX_SERVICE_REPLICAS,
 };
 pub use size::{parse_mem_mib, MIN_MEM_MIB};
 pub use snapshot::{

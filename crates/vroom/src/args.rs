@@ -754,29 +754,54 @@ pub enum ServiceOp {
         /// The members' image.
         #[arg(long)]
         image: String,
-        /// How many members (1 to 64).
-        #[arg(long, default_value_t = 2)]
-        replicas: u32,
-        /// The network of the members and the balancer.
-        #[arg(long, default_value = "default")]
-        net: Name,
+        /// How many members: N, or MIN..MAX for the autoscaler (with
+        /// --slo or --target-cpu); it starts with MIN.
+        #[arg(long, default_value = "2", value_parser = vroom_types::parse_replicas)]
+        replicas: (u32, Option<u32>),
+        /// The network of the members and the balancer (`default` when
+        /// neither --net nor --room is given).
+        #[arg(long, conflicts_with = "room")]
+        net: Option<Name>,
+        /// The room whose lan the members and the balancer are on.
+        #[arg(long)]
+        room: Option<Name>,
         /// The port the members serve and the balancer listens on.
         #[arg(long, default_value_t = 80)]
         port: u16,
+        /// Scale to keep the 95th percentile latency under a target, e.g.
+        /// `p95<50ms` (measured at the balancer).
+        #[arg(long, conflicts_with = "target_cpu")]
+        slo: Option<vroom_types::ScaleTarget>,
+        /// Scale to keep the members' average CPU under a target, e.g. `60%`.
+        #[arg(long)]
+        target_cpu: Option<vroom_types::ScaleTarget>,
     },
     /// List services.
     Ls,
-    /// Show a service: its address, balancer and members.
+    /// Show a service: its address, balancer, members, load and the
+    /// autoscaler's recent decisions.
     Inspect {
         /// The service's name.
         name: String,
     },
-    /// Set the number of members; returns once the service has it.
+    /// Set the number of members (N), or the autoscaler's bounds
+    /// (MIN..MAX); returns once the service has it.
     Scale {
         /// The service's name.
         name: String,
-        /// How many members (1 to 64).
-        replicas: u32,
+        /// N or MIN..MAX (1 to 64).
+        #[arg(value_parser = vroom_types::parse_replicas)]
+        replicas: (u32, Option<u32>),
+    },
+    /// Replace the members with members of another image, one at a time,
+    /// without a failed request; a new member that fails rolls it back.
+    /// Returns once done (or rolled back).
+    Update {
+        /// The service's name.
+        name: String,
+        /// The new image.
+        #[arg(long)]
+        image: String,
     },
     /// Remove a service: its members, its balancer, then itself.
     Rm {

@@ -4,7 +4,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use vroom_client::Client;
-use vroom_types::{ErrorCode, InstanceState, Service, ServiceDefinition};
+use vroom_types::{
+    ErrorCode, InstanceState, Name, ScaleTarget, Service, ServiceDefinition, ServiceScaleRequest,
+};
 
 use crate::args::ServiceOp;
 use crate::output;
@@ -16,18 +18,38 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
             image,
             replicas,
             net,
+            room,
             port,
+            slo,
+            target_cpu,
         } => {
+            let scale_on = match (slo, target_cpu) {
+                (Some(t @ ScaleTarget::P95Ms(_)), None) => Some(*t),
+                (None, Some(t @ ScaleTarget::CpuPercent(_))) => Some(*t),
+                (None, None) => None,
+                (Some(t), _) => bail!("--slo takes a latency like p95<50ms, not {t}"),
+                (_, Some(t)) => bail!("--target-cpu takes a percentage like 60%, not {t}"),
+            };
+            let network = match (net, room) {
+                (None, None) => Some(Name::new("default").expect("invariant: a valid name")),
+                (net, _) => net.clone(),
+            };
             let definition = ServiceDefinition {
                 name: name.clone(),
                 image: image.clone(),
-                replicas: *replicas,
-                network: net.clone(),
+                replicas: replicas.0,
+                max_replicas: replicas.1,
+                network,
+                room: room.clone(),
                 port: *port,
+                scale_on,
             };
             let spinner = output::spinner(
                 json,
-                format!("creating service {name}: {replicas} × {image} behind {name}-lb"),
+                format!(
+                    "creating service {name}: {} × {image} behind {name}-lb",
+                    replicas.0
+                ),
             );
             let made = match client.create_service(&definition).await {
                 Ok(_) => converged(client, name.as_str()).await,
@@ -50,13 +72,14 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                     vec![
                         s.spec.name.to_string(),
                         s.spec.image.clone(),
-                        format!("{}/{}", s.ready, s.spec.replicas),
+                        format!("{}/{}", s.ready, s.desired),
+                        bounds(s),
                         address(s),
-                        s.spec.network.to_string(),
+                        placement(s),
                     ]
                 })
                 .collect();
-            output::table(&["NAME", "IMAGE", "READY", "ADDRESS", "NETWORK"], &rows);
+            output::table(&["NAME", "IMAGE", "READY", "SCALE", "ADDRESS", "ON"], &rows);
         }
         ServiceOp::Inspect { name } => {
             let service = client.service(name).await?;
@@ -67,8 +90,23 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
             }
         }
         ServiceOp::Scale { name, replicas } => {
-            let spinner = output::spinner(json, format!("scaling service {name} to {replicas}"));
-            let scaled = match client.scale_service(name, *replicas).await {
+            let req = match replicas {
+                (n, None) => ServiceScaleRequest {
+                    replicas: Some(*n),
+                    ..Default::default()
+                },
+                (min, Some(max)) => ServiceScaleRequest {
+                    min: Some(*min),
+                    max: Some(*max),
+                    ..Default::default()
+                },
+            };
+            let shown = match replicas {
+                (n, None) => n.to_string(),
+                (min, Some(max)) => format!("{min}..{max}"),
+            };
+            let spinner = output::spinner(json, format!("scaling service {name} to {shown}"));
+            let scaled = match client.scale_service(name, &req).await {
                 Ok(_) => converged(client, name).await,
                 Err(e) => Err(e.into()),
             };
@@ -76,6 +114,23 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                 s.finish_and_clear();
             }
             show_done(&scaled?, json);
+        }
+        ServiceOp::Update { name, image } => {
+            let spinner = output::spinner(json, format!("updating service {name} to {image}"));
+            let updated = match client.update_service(name, image).await {
+                Ok(_) => converged(client, name).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let updated = updated?;
+            if updated.spec.image != *image {
+                bail!(
+                    "the update of service {name} to {image} was rolled back: a new member failed (`vroom events --filter kind=service` says why)"
+                );
+            }
+            show_done(&updated, json);
         }
         ServiceOp::Rm { name } => {
             let spinner = output::spinner(json, format!("removing service {name}"));
@@ -104,8 +159,11 @@ async fn converged(client: &Client, name: &str) -> Result<Service> {
     let deadline = Instant::now() + CONVERGE_WITHIN;
     loop {
         let service = client.service(name).await?;
-        let replicas = service.spec.replicas;
-        if service.ready == replicas && service.members.len() as u32 == replicas {
+        let replicas = service.desired;
+        if service.ready == replicas
+            && service.members.len() as u32 == replicas
+            && service.update.is_none()
+        {
             return Ok(service);
         }
         if Instant::now() > deadline {
@@ -160,9 +218,26 @@ fn show_done(service: &Service, json: bool) {
             "service {} has {} of {} members ready at {}",
             service.spec.name,
             service.ready,
-            service.spec.replicas,
+            service.desired,
             address(service)
         );
+    }
+}
+
+/// `N`, or `MIN..MAX on TARGET` for an autoscaled service.
+fn bounds(service: &Service) -> String {
+    let (min, max) = service.spec.bounds();
+    match service.spec.scale_on {
+        Some(target) if max > min => format!("{min}..{max} on {target}"),
+        _ => min.to_string(),
+    }
+}
+
+fn placement(service: &Service) -> String {
+    match (&service.spec.room, &service.spec.network) {
+        (Some(room), _) => format!("room {room}"),
+        (None, Some(network)) => network.to_string(),
+        (None, None) => "-".into(),
     }
 }
 
@@ -174,8 +249,18 @@ fn show(service: &Service) {
         address(service),
         service.balancer
     );
-    println!("network:  {}", service.spec.network);
-    println!("ready:    {} of {}", service.ready, service.spec.replicas);
+    println!("on:       {}", placement(service));
+    println!("ready:    {} of {}", service.ready, service.desired);
+    println!("scale:    {}", bounds(service));
+    if let Some(load) = &service.load {
+        println!("load:     {load}");
+    }
+    if let Some(update) = &service.update {
+        match &update.rolling_back {
+            Some(why) => println!("update:   rolling back to {}: {why}", update.from),
+            None => println!("update:   {} -> {}", update.from, update.to),
+        }
+    }
     if service.removing {
         println!("state:    being removed");
     }
@@ -187,9 +272,27 @@ fn show(service: &Service) {
                 m.name.to_string(),
                 m.state.map_or("-".into(), |s| s.to_string()),
                 m.ip.map_or("-".into(), |ip| ip.to_string()),
+                m.image.clone(),
                 if m.balanced { "yes" } else { "no" }.into(),
             ]
         })
         .collect();
-    output::table(&["MEMBER", "STATE", "ADDRESS", "BALANCED"], &rows);
+    output::table(&["MEMBER", "STATE", "ADDRESS", "IMAGE", "BALANCED"], &rows);
+    if !service.decisions.is_empty() {
+        println!();
+        let rows: Vec<Vec<String>> = service
+            .decisions
+            .iter()
+            .rev()
+            .map(|d| {
+                vec![
+                    output::ago(d.at_ms / 1000),
+                    format!("{} -> {}", d.from, d.to),
+                    d.reason.clone(),
+                    d.load.to_string(),
+                ]
+            })
+            .collect();
+        output::table(&["WHEN", "MEMBERS", "WHY", "MEASURED"], &rows);
+    }
 }

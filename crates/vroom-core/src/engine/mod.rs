@@ -126,6 +126,10 @@ pub struct Engine {
     /// A service change starts a pass at once (tests turn it off to run
     /// their passes one at a time).
     service_kicks: std::sync::atomic::AtomicBool,
+    /// One pass at a time per service, by name.
+    service_passes: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each service's autoscaler readings and timers, by name.
+    service_scalers: Mutex<BTreeMap<String, services::Scaler>>,
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
@@ -268,6 +272,8 @@ impl Engine {
             room_op: tokio::sync::Mutex::new(()),
             service_op: tokio::sync::Mutex::new(()),
             service_kicks: std::sync::atomic::AtomicBool::new(true),
+            service_passes: Mutex::new(BTreeMap::new()),
+            service_scalers: Mutex::new(BTreeMap::new()),
             snapshots_in_progress: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
         })

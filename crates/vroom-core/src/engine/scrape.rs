@@ -30,7 +30,7 @@ fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Cou
 }
 
 /// A process's user+system CPU seconds, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;

@@ -1,0 +1,686 @@
+//! The controller's pass over one service: what it finds is brought one
+//! step nearer to what the record asks, and every step is written to the
+//! record before (a member named, a member leaving) and after (a member
+//! gone) it is taken.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vroom_base::LockExt;
+use vroom_types::{
+    balancer_name, member_name, ErrorCode, ExecEvent, ExecRequest, InstanceState, MemberRecord,
+    Name, ScaleDecision, ScaleTarget, ServiceDefinition, ServiceRecord, KEPT_DECISIONS,
+};
+
+use super::scaler::{Counters, Policy, Reading};
+use super::{configured_backends, member_request, Engine, BALANCER_IMAGE};
+use crate::engine::scrape::cpu_seconds;
+use crate::events::NewEvent;
+use crate::OpError;
+
+/// How often the controller looks at every service.
+const PASS: Duration = Duration::from_secs(1);
+
+/// How many members one pass starts at once (the next pass starts more).
+const MAX_STARTING: usize = 4;
+
+/// The highest member number (names stay within 32 characters).
+const MAX_MEMBER_NUMBER: u32 = 9_999_999;
+
+/// How long a member that left the balancer keeps running: requests the
+/// balancer's old worker still carries to it finish meanwhile (the old
+/// worker closes each client connection after its next response).
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// How long a running member may fail its health check before it is
+/// replaced (it leaves the balancer at once).
+const UNHEALTHY_FOR: Duration = Duration::from_secs(3);
+
+/// How long a new member of a rolling update has to be ready; one that
+/// is not rolls the update back.
+const UPDATE_READY_SECS: u64 = 60;
+
+/// The balancer's counters, from inside it (its stats port is not
+/// reachable from the host on every network).
+const COUNTERS: &[&str] = &[
+    "/bin/busybox",
+    "wget",
+    "-q",
+    "-T",
+    "2",
+    "-O",
+    "-",
+    "http://127.0.0.1:8404/vroom",
+];
+
+impl Engine {
+    /// Starts a pass over `name` now, beside the controller's: a change
+    /// returns once recorded, and the service converges behind it (`service
+    /// inspect` shows how far; the CLI waits for it).
+    pub(super) fn kick_service(self: &Arc<Self>, name: &str) {
+        if !self.service_kicks.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let engine = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = engine.converge_service(&name).await {
+                tracing::warn!(service = %name, error = %e, "service pass failed");
+            }
+        });
+    }
+
+    /// Runs every service's pass each second, for as long as the engine
+    /// lives: failed members are replaced, the autoscaler decides, and
+    /// interrupted changes finish.
+    pub fn spawn_service_controller(self: &Arc<Self>) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PASS).await;
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                let names: Vec<String> = match engine.store.services() {
+                    Ok(records) => records
+                        .into_iter()
+                        .map(|r| r.spec.name.to_string())
+                        .collect(),
+                    Err(_) => continue,
+                };
+                // Each service in its own task: one whose members take long
+                // to start does not hold up the others.
+                for name in names {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = engine.converge_service(&name).await {
+                            tracing::warn!(service = %name, error = %e, "service pass failed");
+                        }
+                    });
+                }
+            }
+        });
+    }
+
+    fn service_pass_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.service_passes
+            .lock_unpoisoned()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// One pass over `name`: finishes a removal; or replaces failed
+    /// members, lets the autoscaler decide, takes the next step of an
+    /// update, adds or removes members to match the number asked, and sets
+    /// the balancer's backends to the members that are up.
+    pub async fn converge_service(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let lock = self.service_pass_lock(name);
+        let _pass = lock.lock().await;
+        self.pass(name).await
+    }
+
+    async fn pass(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let record = match self.service_record(name) {
+            Ok(record) => record,
+            // Removed meanwhile.
+            Err(e) if e.code == ErrorCode::NotFound => {
+                self.service_scalers.lock_unpoisoned().remove(name);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if record.removing {
+            return self.finish_service_removal(record).await;
+        }
+        let network = self.service_network(&record.spec)?;
+        let balancer = balancer_name(&record.spec.name);
+        if self.get(balancer.as_str()).is_err() {
+            self.run(member_request(&network, &balancer, BALANCER_IMAGE))
+                .await?;
+        }
+        self.settled(&balancer).await?;
+        self.check_update(name).await?;
+        self.replace_failed(name).await?;
+        self.autoscale(name).await?;
+        let record = self.service_record(name)?;
+        if record.update.is_some() {
+            self.step_update(name).await?;
+        } else {
+            self.size_members(name).await?;
+        }
+        self.make_missing(name, &network).await
+    }
+
+    /// Members, then the balancer, then the record go.
+    async fn finish_service_removal(
+        self: &Arc<Self>,
+        record: ServiceRecord,
+    ) -> Result<(), OpError> {
+        let name = record.spec.name.to_string();
+        for member in &record.members {
+            self.remove_gone_or(&member.name).await?;
+            self.edit_service(&name, |r| r.members.retain(|m| m.name != member.name))
+                .await?;
+        }
+        self.remove_gone_or(&balancer_name(&record.spec.name))
+            .await?;
+        {
+            let _op = self.service_op.lock().await;
+            self.store
+                .delete_service(&name)
+                .map_err(|e| OpError::internal("failed to remove the service", e))?;
+        }
+        self.service_scalers.lock_unpoisoned().remove(&name);
+        self.emit(NewEvent::new(
+            vroom_types::EventKind::Service,
+            "removed",
+            &name,
+        ));
+        Ok(())
+    }
+
+    /// Takes `member` out: marked leaving in the record, out of the
+    /// balancer, drained, removed, then out of the record. A pass after a
+    /// crash finds it marked and finishes.
+    async fn drain_member(self: &Arc<Self>, service: &str, member: &Name) -> Result<(), OpError> {
+        let record = self
+            .edit_service(service, |r| {
+                for m in r.members.iter_mut().filter(|m| m.name == *member) {
+                    m.leaving = true;
+                }
+            })
+            .await?;
+        if self.set_backends(&record).await? {
+            tokio::time::sleep(DRAIN).await;
+        }
+        self.remove_gone_or(member).await?;
+        self.edit_service(service, |r| r.members.retain(|m| m.name != *member))
+            .await?;
+        self.unhealthy_since(service, member, None);
+        Ok(())
+    }
+
+    /// Members whose instance failed, or has failed its health check for a
+    /// while, leave and are replaced (a new name: numbers are never reused).
+    async fn replace_failed(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let record = self.service_record(name)?;
+        let instances = self.instances_by_name();
+        let now = Instant::now();
+        for member in record.members.iter() {
+            if member.leaving {
+                // A removal a daemon left half done.
+                self.drain_member(name, &member.name).await?;
+                continue;
+            }
+            let Some(instance) = instances.get(member.name.as_str()) else {
+                continue;
+            };
+            let unhealthy = instance.status.state == InstanceState::Running
+                && instance.health.as_ref().is_some_and(|h| !h.ready);
+            let since = self.unhealthy_since(name, &member.name, unhealthy.then_some(now));
+            let why = if instance.status.state == InstanceState::Failed {
+                Some(
+                    instance
+                        .status
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "it failed".into()),
+                )
+            } else if since.is_some_and(|s| now.duration_since(s) >= UNHEALTHY_FOR) {
+                Some(format!(
+                    "it failed its health check for {}s",
+                    UNHEALTHY_FOR.as_secs()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.drain_member(name, &member.name).await?;
+                self.emit(
+                    NewEvent::new(vroom_types::EventKind::Service, "replacing", name)
+                        .detail("member", member.name.to_string())
+                        .message(format!("member {} failed: {why}", member.name)),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes (Some) or clears (None) when `member` began failing its
+    /// health check; returns when it began, if it is failing.
+    fn unhealthy_since(
+        &self,
+        service: &str,
+        member: &Name,
+        now: Option<Instant>,
+    ) -> Option<Instant> {
+        let mut scalers = self.service_scalers.lock_unpoisoned();
+        let scaler = scalers.entry(service.to_string()).or_default();
+        match now {
+            Some(now) => Some(*scaler.unhealthy.entry(member.to_string()).or_insert(now)),
+            None => {
+                scaler.unhealthy.remove(member.as_str());
+                None
+            }
+        }
+    }
+
+    /// Reads the balancer and the members, and lets the autoscaler decide.
+    async fn autoscale(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let record = self.service_record(name)?;
+        let Some(target) = record.spec.scale_on else {
+            return Ok(());
+        };
+        let counters = match self.balancer_counters(&record.spec).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::debug!(service = name, error = %e, "cannot read the balancer's counters");
+                None
+            }
+        };
+        let instances = self.instances_by_name();
+        let cpu: BTreeMap<String, f64> = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving)
+            .filter_map(|m| instances.get(m.name.as_str()))
+            .filter(|i| i.status.state == InstanceState::Running)
+            .filter_map(|i| {
+                Some((
+                    i.spec.name.to_string(),
+                    cpu_seconds(i.status.pid?)? / f64::from(i.spec.cpus.max(1)),
+                ))
+            })
+            .collect();
+        let now = Instant::now();
+        let (min, max) = record.spec.bounds();
+        let desired = record.desired();
+        let backends =
+            configured_backends(instances.get(balancer_name(&record.spec.name).as_str()));
+        let ready = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving)
+            .filter_map(|m| instances.get(m.name.as_str()))
+            .filter(|i| i.status.state == InstanceState::Running)
+            .filter(|i| {
+                i.nics
+                    .first()
+                    .and_then(|n| n.ip)
+                    .is_some_and(|ip| backends.contains(&ip))
+            })
+            .count() as u32;
+        let decision = {
+            let mut scalers = self.service_scalers.lock_unpoisoned();
+            let scaler = scalers.entry(name.to_string()).or_default();
+            scaler.observe(Reading {
+                at: now,
+                counters,
+                cpu,
+            });
+            if record.update.is_some() {
+                // An update moves members itself: decide after it.
+                None
+            } else {
+                scaler.decide(now, Policy { target, min, max }, desired, ready)
+            }
+        };
+        let Some(decision) = decision else {
+            return Ok(());
+        };
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.edit_service(name, |r| {
+            r.desired = Some(decision.to);
+            r.decisions.push(ScaleDecision {
+                at_ms,
+                from: desired,
+                to: decision.to,
+                reason: decision.reason.clone(),
+                load: decision.load.clone(),
+            });
+            let extra = r.decisions.len().saturating_sub(KEPT_DECISIONS);
+            r.decisions.drain(..extra);
+        })
+        .await?;
+        let action = if decision.to > desired {
+            "scaled_out"
+        } else {
+            "scaled_in"
+        };
+        self.emit(
+            NewEvent::new(vroom_types::EventKind::Service, action, name)
+                .detail("from", desired)
+                .detail("to", decision.to)
+                .detail("reason", decision.reason.clone())
+                .detail(
+                    "load",
+                    serde_json::to_value(&decision.load).unwrap_or_default(),
+                )
+                .message(format!(
+                    "{desired} -> {} members: {} ({})",
+                    decision.to, decision.reason, decision.load
+                )),
+        );
+        Ok(())
+    }
+
+    /// The balancer's request counters, read inside it.
+    async fn balancer_counters(&self, spec: &ServiceDefinition) -> Result<Counters, OpError> {
+        let balancer = balancer_name(&spec.name);
+        let mut exec = self
+            .exec(
+                balancer.as_str(),
+                ExecRequest {
+                    argv: COUNTERS.iter().map(|s| s.to_string()).collect(),
+                    timeout_secs: Some(3),
+                    stdin: false,
+                },
+            )
+            .await?;
+        let mut out = Vec::new();
+        while let Some(event) = exec.next().await {
+            match event {
+                ExecEvent::Stdout { data } => out.extend_from_slice(&data),
+                ExecEvent::Stderr { .. } => {}
+                ExecEvent::Exit(exit) if exit.exit_code == 0 => break,
+                ExecEvent::Exit(exit) => {
+                    return Err(OpError::new(
+                        ErrorCode::GuestError,
+                        format!("reading the balancer's counters exited {}", exit.exit_code),
+                    ))
+                }
+                ExecEvent::Error { error } => {
+                    return Err(OpError::new(error.code, error.message));
+                }
+            }
+        }
+        Counters::parse(&String::from_utf8_lossy(&out))
+            .map_err(|e| OpError::new(ErrorCode::GuestError, e))
+    }
+
+    /// Rolls an update back when one of its new members failed (it never
+    /// became ready, or failed since).
+    async fn check_update(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let record = self.service_record(name)?;
+        let Some(update) = &record.update else {
+            return Ok(());
+        };
+        if update.rolling_back.is_some() {
+            return Ok(());
+        }
+        let instances = self.instances_by_name();
+        let failed = record
+            .members
+            .iter()
+            .filter(|m| m.image == update.to && !m.leaving)
+            .find_map(|m| {
+                let i = instances.get(m.name.as_str())?;
+                (i.status.state == InstanceState::Failed).then(|| {
+                    format!(
+                        "new member {} failed: {}",
+                        m.name,
+                        i.status.last_error.as_deref().unwrap_or("it failed")
+                    )
+                })
+            });
+        if let Some(reason) = failed {
+            self.roll_back(name, reason).await?;
+        }
+        Ok(())
+    }
+
+    async fn roll_back(self: &Arc<Self>, name: &str, reason: String) -> Result<(), OpError> {
+        let record = self
+            .edit_service(name, |r| {
+                if let Some(u) = &mut r.update {
+                    if u.rolling_back.is_none() {
+                        u.rolling_back = Some(reason.clone());
+                        r.spec.image = u.from.clone();
+                    }
+                }
+            })
+            .await?;
+        if let Some(u) = &record.update {
+            self.emit(
+                NewEvent::new(vroom_types::EventKind::Service, "rolling_back", name)
+                    .detail("from", u.to.clone())
+                    .detail("to", u.from.clone())
+                    .detail("reason", reason.clone())
+                    .message(format!("rolling back to {}: {reason}", u.from)),
+            );
+        }
+        Ok(())
+    }
+
+    /// One step of a rolling update: a new member up and balanced lets an
+    /// old one drain and go; then the next new member is named. Rolling
+    /// back, the new members go; the service then grows back on the old
+    /// image.
+    async fn step_update(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        let record = self.service_record(name)?;
+        let Some(update) = record.update.clone() else {
+            return Ok(());
+        };
+        let live: Vec<&MemberRecord> = record.members.iter().filter(|m| !m.leaving).collect();
+        if let Some(reason) = &update.rolling_back {
+            let new: Vec<Name> = live
+                .iter()
+                .filter(|m| m.image == update.to)
+                .map(|m| m.name.clone())
+                .collect();
+            for member in new {
+                self.drain_member(name, &member).await?;
+            }
+            self.edit_service(name, |r| r.update = None).await?;
+            self.emit(
+                NewEvent::new(vroom_types::EventKind::Service, "rolled_back", name)
+                    .detail("image", update.from.clone())
+                    .detail("reason", reason.clone())
+                    .message(format!("update to {} rolled back: {reason}", update.to)),
+            );
+            return self.size_members(name).await;
+        }
+        let old: Vec<Name> = live
+            .iter()
+            .filter(|m| m.image != update.to)
+            .map(|m| m.name.clone())
+            .collect();
+        if old.is_empty() {
+            self.edit_service(name, |r| r.update = None).await?;
+            self.emit(
+                NewEvent::new(vroom_types::EventKind::Service, "updated", name)
+                    .detail("from", update.from.clone())
+                    .detail("to", update.to.clone()),
+            );
+            return self.size_members(name).await;
+        }
+        let instances = self.instances_by_name();
+        let backends =
+            configured_backends(instances.get(balancer_name(&record.spec.name).as_str()));
+        let new_up = live.iter().filter(|m| m.image == update.to).all(|m| {
+            instances.get(m.name.as_str()).is_some_and(|i| {
+                i.status.state == InstanceState::Running
+                    && i.nics
+                        .first()
+                        .and_then(|n| n.ip)
+                        .is_some_and(|ip| backends.contains(&ip))
+            })
+        });
+        let desired = record.desired() as usize;
+        if !new_up {
+            // A new member is starting, or not yet balanced.
+            return Ok(());
+        }
+        if live.len() > desired {
+            // The new member serves: the oldest old one drains and goes.
+            return self.drain_member(name, &old[0]).await;
+        }
+        self.name_member(name, &update.to).await.map(|_| ())
+    }
+
+    /// Adds or removes members until the record has the number asked: the
+    /// newest leave first.
+    async fn size_members(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        loop {
+            let record = self.service_record(name)?;
+            let live: Vec<&MemberRecord> = record.members.iter().filter(|m| !m.leaving).collect();
+            let desired = record.desired() as usize;
+            if live.len() > desired {
+                let newest = live.last().expect("invariant: more than none").name.clone();
+                self.drain_member(name, &newest).await?;
+            } else if live.len() < desired {
+                self.name_member(name, &record.spec.image).await?;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Records a new member of `image` (made by `make_missing`).
+    async fn name_member(&self, name: &str, image: &str) -> Result<ServiceRecord, OpError> {
+        let mut exhausted = false;
+        let record = self
+            .edit_service(name, |r| {
+                if r.next > MAX_MEMBER_NUMBER {
+                    exhausted = true;
+                    return;
+                }
+                r.members.push(MemberRecord {
+                    name: member_name(&r.spec.name, r.next),
+                    image: image.to_string(),
+                    leaving: false,
+                });
+                r.next += 1;
+            })
+            .await?;
+        if exhausted {
+            return Err(OpError::new(
+                ErrorCode::ResourceExhausted,
+                format!("service {name} has used every member number; create it again"),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Makes recorded members that have no instance (a few at a time, side
+    /// by side: a scale-out takes about one start), then sets the
+    /// balancer's backends to the members that are up.
+    async fn make_missing(self: &Arc<Self>, name: &str, network: &Name) -> Result<(), OpError> {
+        let record = self.service_record(name)?;
+        let missing: Vec<MemberRecord> = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving && self.get(m.name.as_str()).is_err())
+            .cloned()
+            .collect();
+        let updating_to = record.update.as_ref().map(|u| u.to.clone());
+        let mut making = tokio::task::JoinSet::new();
+        for member in missing.into_iter().take(MAX_STARTING) {
+            let engine = self.clone();
+            let mut req = member_request(network, &member.name, &member.image);
+            if updating_to.as_deref() == Some(member.image.as_str()) {
+                req.ready_timeout_secs = Some(UPDATE_READY_SECS);
+            }
+            making.spawn(async move {
+                let made = match engine.run(req).await {
+                    Ok(_) => engine.settled(&member.name).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                (member, made)
+            });
+        }
+        let mut first_error = None;
+        while let Some(done) = making.join_next().await {
+            let (member, made) =
+                done.map_err(|e| OpError::internal("a member's start failed", e))?;
+            let Err(e) = made else { continue };
+            tracing::warn!(service = name, member = %member.name, error = %e, "a member was not made");
+            if updating_to.as_deref() == Some(member.image.as_str()) {
+                // The new image does not start: back to the old one.
+                self.roll_back(
+                    name,
+                    format!("new member {} was not made: {}", member.name, e.message),
+                )
+                .await?;
+            }
+            // A member that cannot be made leaves the record: the next
+            // pass names another.
+            let _ = self.remove_gone_or(&member.name).await;
+            self.edit_service(name, |r| r.members.retain(|m| m.name != member.name))
+                .await?;
+            first_error.get_or_insert(e);
+        }
+        let record = self.service_record(name)?;
+        self.set_backends(&record).await?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the balancer's backends to the members that run, pass their
+    /// health check and are not leaving (and its port and latency target),
+    /// if they differ; returns once the balancer uses them, and whether it
+    /// changed anything.
+    async fn set_backends(&self, record: &ServiceRecord) -> Result<bool, OpError> {
+        let spec = &record.spec;
+        let balancer = balancer_name(&spec.name);
+        let instances = self.instances_by_name();
+        let backends = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving)
+            .filter_map(|m| instances.get(m.name.as_str()))
+            .filter(|i| i.status.state == InstanceState::Running)
+            .filter(|i| i.health.as_ref().is_none_or(|h| h.ready))
+            .filter_map(|i| i.nics.first().and_then(|n| n.ip))
+            .map(|ip| format!("{ip}:{}", spec.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let slo_ms = match spec.scale_on {
+            Some(ScaleTarget::P95Ms(ms)) => ms,
+            _ => 0,
+        };
+        let want = [
+            ("backends", backends),
+            ("port", spec.port.to_string()),
+            ("slo_ms", slo_ms.to_string()),
+        ];
+        let current = self.config_get(balancer.as_str()).await?;
+        if want.iter().all(|(k, v)| current.get(*k) == Some(v)) {
+            return Ok(false);
+        }
+        let set = want.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        self.config_update(balancer.as_str(), set).await?;
+        Ok(true)
+    }
+
+    /// Waits while instance `name` starts (or stops): its state once it
+    /// is running, stopped or failed. Bounded by its own ready timeout,
+    /// after which the engine fails it.
+    async fn settled(&self, name: &Name) -> Result<vroom_types::Instance, OpError> {
+        loop {
+            let instance = self.get(name.as_str())?;
+            if matches!(
+                instance.status.state,
+                InstanceState::Running | InstanceState::Stopped | InstanceState::Failed
+            ) {
+                return Ok(instance);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Removes instance `name` (stopping it), or nothing if it is gone.
+    async fn remove_gone_or(self: &Arc<Self>, name: &Name) -> Result<(), OpError> {
+        match self.remove(name.as_str(), true).await {
+            Err(e) if e.code == ErrorCode::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
