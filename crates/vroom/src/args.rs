@@ -775,6 +775,10 @@ pub enum ServiceOp {
         /// Scale to keep the members' average CPU under a target, e.g. `60%`.
         #[arg(long)]
         target_cpu: Option<vroom_types::ScaleTarget>,
+        /// Members boot; by default they start from the image's warm
+        /// snapshot (made once, in the background, if it has none).
+        #[arg(long)]
+        cold: bool,
     },
     /// List services.
     Ls,

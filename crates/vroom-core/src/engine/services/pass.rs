@@ -39,16 +39,15 @@ const UNHEALTHY_FOR: Duration = Duration::from_secs(3);
 
 /// How long a new member of a rolling update has to be ready; one that
 /// is not rolls the update back.
-const UPDATE_READY_SECS: u64 = 60;
+const UPDATE_READY_SECS: u64 = 30;
 
 /// The balancer's counters, from inside it (its stats port is not
-/// reachable from the host on every network).
+/// reachable from the host on every network). The exec's own timeout
+/// bounds it: Debian's static busybox wget crashes with `-T`.
 const COUNTERS: &[&str] = &[
     "/bin/busybox",
     "wget",
     "-q",
-    "-T",
-    "2",
     "-O",
     "-",
     "http://127.0.0.1:8404/vroom",
@@ -150,7 +149,39 @@ impl Engine {
         } else {
             self.size_members(name).await?;
         }
+        self.warm_members_image(&self.service_record(name)?.spec)
+            .await;
         self.make_missing(name, &network).await
+    }
+
+    /// Has the members' image warmed once, in the background, if it has no
+    /// warm snapshot: members started after that (replacements, scale-outs)
+    /// are warm starts. Once per image and daemon: a warming that fails is
+    /// not tried again (the members boot).
+    async fn warm_members_image(self: &Arc<Self>, spec: &ServiceDefinition) {
+        if !spec.warm {
+            return;
+        }
+        let Ok(id) = self.resolve_image_id(&spec.image).await else {
+            return;
+        };
+        if !self.service_warming.lock_unpoisoned().insert(id.clone()) {
+            return;
+        }
+        let warm = self
+            .list_snapshots()
+            .into_iter()
+            .any(|s| s.kind == vroom_types::SnapshotKind::Warm && s.instance.image_id == id);
+        if warm {
+            return;
+        }
+        let engine = self.clone();
+        let image = spec.image.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.warm_image(&id, None).await {
+                tracing::warn!(image, error = %e, "cannot warm a service's image; its members boot");
+            }
+        });
     }
 
     /// Members, then the balancer, then the record go.
@@ -273,10 +304,19 @@ impl Engine {
         let Some(target) = record.spec.scale_on else {
             return Ok(());
         };
-        let counters = match self.balancer_counters(&record.spec).await {
+        let counters = self.balancer_counters(&record.spec).await;
+        let was_read = {
+            let mut scalers = self.service_scalers.lock_unpoisoned();
+            let scaler = scalers.entry(name.to_string()).or_default();
+            std::mem::replace(&mut scaler.counters_read, counters.is_ok())
+        };
+        let counters = match counters {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::debug!(service = name, error = %e, "cannot read the balancer's counters");
+                // Once when it starts failing, not every second.
+                if was_read {
+                    tracing::warn!(service = name, error = %e, "cannot read the balancer's counters");
+                }
                 None
             }
         };
@@ -583,6 +623,7 @@ impl Engine {
         for member in missing.into_iter().take(MAX_STARTING) {
             let engine = self.clone();
             let mut req = member_request(network, &member.name, &member.image);
+            req.cold = !record.spec.warm;
             if updating_to.as_deref() == Some(member.image.as_str()) {
                 req.ready_timeout_secs = Some(UPDATE_READY_SECS);
             }

@@ -121,7 +121,7 @@ pub struct Policy {
 }
 
 /// One service's readings and timers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scaler {
     readings: VecDeque<Reading>,
     /// Since when the load has been over the target, and under it.
@@ -133,6 +133,22 @@ pub struct Scaler {
     last_out: Option<Instant>,
     /// Since when each member running has failed its health check.
     pub unhealthy: BTreeMap<String, Instant>,
+    /// The last read of the balancer's counters worked.
+    pub counters_read: bool,
+}
+
+impl Default for Scaler {
+    fn default() -> Self {
+        Scaler {
+            readings: VecDeque::new(),
+            over_since: None,
+            under_since: None,
+            steady_since: None,
+            last_out: None,
+            unhealthy: BTreeMap::new(),
+            counters_read: true,
+        }
+    }
 }
 
 impl Scaler {
