@@ -28,10 +28,15 @@ const MAX_STARTING: usize = 4;
 /// The highest member number (names stay within 32 characters).
 const MAX_MEMBER_NUMBER: u32 = 9_999_999;
 
-/// How long a member that left the balancer keeps running: requests the
-/// balancer's old worker still carries to it finish meanwhile (the old
-/// worker closes each client connection after its next response).
-const DRAIN: Duration = Duration::from_secs(1);
+/// How long a member that left the balancer keeps running at most while
+/// the balancer's old workers finish the requests they carry to it (each
+/// closes its client connections after their next response, and exits
+/// once it has none; the lb recipe's `hard-stop-after` is 30 s).
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// How long a drain waits when the balancer cannot say whether its old
+/// workers are gone.
+const BLIND_DRAIN: Duration = Duration::from_secs(1);
 
 /// How long a running member may fail its health check before it is
 /// replaced (it leaves the balancer at once).
@@ -216,20 +221,50 @@ impl Engine {
     /// balancer, drained, removed, then out of the record. A pass after a
     /// crash finds it marked and finishes.
     async fn drain_member(self: &Arc<Self>, service: &str, member: &Name) -> Result<(), OpError> {
+        self.drain_members(service, std::slice::from_ref(member))
+            .await
+    }
+
+    /// Takes several members out at once: one reload of the balancer, one
+    /// drain, their removals side by side.
+    async fn drain_members(
+        self: &Arc<Self>,
+        service: &str,
+        members: &[Name],
+    ) -> Result<(), OpError> {
         let record = self
             .edit_service(service, |r| {
-                for m in r.members.iter_mut().filter(|m| m.name == *member) {
+                for m in r.members.iter_mut().filter(|m| members.contains(&m.name)) {
                     m.leaving = true;
                 }
             })
             .await?;
         if self.set_backends(&record).await? {
-            tokio::time::sleep(DRAIN).await;
+            self.drained(&record.spec).await;
         }
-        self.remove_gone_or(member).await?;
-        self.edit_service(service, |r| r.members.retain(|m| m.name != *member))
-            .await?;
-        self.unhealthy_since(service, member, None);
+        let mut removing = tokio::task::JoinSet::new();
+        for member in members {
+            let engine = self.clone();
+            let member = member.clone();
+            removing.spawn(async move { engine.remove_gone_or(&member).await });
+        }
+        let mut first_error = None;
+        while let Some(done) = removing.join_next().await {
+            if let Err(e) = done.map_err(|e| OpError::internal("a member's removal failed", e))? {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            // The members stay marked: the next pass removes them.
+            return Err(e);
+        }
+        self.edit_service(service, |r| {
+            r.members.retain(|m| !members.contains(&m.name))
+        })
+        .await?;
+        for member in members {
+            self.unhealthy_since(service, member, None);
+        }
         Ok(())
     }
 
@@ -239,17 +274,37 @@ impl Engine {
         let record = self.service_record(name)?;
         let instances = self.instances_by_name();
         let now = Instant::now();
-        for member in record.members.iter() {
-            if member.leaving {
-                // A removal a daemon left half done.
-                self.drain_member(name, &member.name).await?;
-                continue;
-            }
+        // Removals a daemon left half done.
+        let leaving: Vec<Name> = record
+            .members
+            .iter()
+            .filter(|m| m.leaving)
+            .map(|m| m.name.clone())
+            .collect();
+        if !leaving.is_empty() {
+            self.drain_members(name, &leaving).await?;
+        }
+        let healthy = |m: &MemberRecord| {
+            instances.get(m.name.as_str()).is_some_and(|i| {
+                i.status.state == InstanceState::Running
+                    && i.health.as_ref().is_none_or(|h| h.ready)
+            })
+        };
+        let mut healthy_count = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving && healthy(m))
+            .count();
+        for member in record.members.iter().filter(|m| !m.leaving) {
             let Some(instance) = instances.get(member.name.as_str()) else {
                 continue;
             };
             let unhealthy = instance.status.state == InstanceState::Running
                 && instance.health.as_ref().is_some_and(|h| !h.ready);
+            // A host so loaded that every member's check fails must not
+            // replace them all: only while another member is healthy, and
+            // one per pass (the balancer's own check keeps requests off a
+            // member that does not answer, at once).
             let since = self.unhealthy_since(name, &member.name, unhealthy.then_some(now));
             let why = if instance.status.state == InstanceState::Failed {
                 Some(
@@ -259,7 +314,11 @@ impl Engine {
                         .clone()
                         .unwrap_or_else(|| "it failed".into()),
                 )
-            } else if since.is_some_and(|s| now.duration_since(s) >= UNHEALTHY_FOR) {
+            } else if since.is_some_and(|s| now.duration_since(s) >= UNHEALTHY_FOR)
+                && healthy_count > 0
+            {
+                // Counted as not healthy already; no other this pass.
+                healthy_count = 0;
                 Some(format!(
                     "it failed its health check for {}s",
                     UNHEALTHY_FOR.as_secs()
@@ -409,14 +468,49 @@ impl Engine {
         Ok(())
     }
 
+    /// Returns once the balancer's old HAProxy workers (those of the
+    /// backends before the last reload) have exited: what they carried is
+    /// done. Bounded by [`DRAIN`].
+    async fn drained(&self, spec: &ServiceDefinition) {
+        let balancer = balancer_name(&spec.name);
+        let deadline = Instant::now() + DRAIN;
+        loop {
+            // The master and one worker.
+            match self
+                .guest_output(balancer.as_str(), &["/bin/busybox", "pidof", "haproxy"])
+                .await
+            {
+                Ok(pids) if pids.split_whitespace().count() <= 2 => return,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Ok(pids) => {
+                    tracing::warn!(service = %spec.name, pids, "the balancer's old workers outlived the drain");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %spec.name, error = %e, "cannot see the balancer's workers; draining blind");
+                    tokio::time::sleep(BLIND_DRAIN).await;
+                    return;
+                }
+            }
+        }
+    }
+
     /// The balancer's request counters, read inside it.
     async fn balancer_counters(&self, spec: &ServiceDefinition) -> Result<Counters, OpError> {
         let balancer = balancer_name(&spec.name);
+        let out = self.guest_output(balancer.as_str(), COUNTERS).await?;
+        Counters::parse(&out).map_err(|e| OpError::new(ErrorCode::GuestError, e))
+    }
+
+    /// What a short command prints in guest `name`; an error if it fails.
+    async fn guest_output(&self, name: &str, argv: &[&str]) -> Result<String, OpError> {
         let mut exec = self
             .exec(
-                balancer.as_str(),
+                name,
                 ExecRequest {
-                    argv: COUNTERS.iter().map(|s| s.to_string()).collect(),
+                    argv: argv.iter().map(|s| s.to_string()).collect(),
                     timeout_secs: Some(3),
                     stdin: false,
                 },
@@ -431,7 +525,7 @@ impl Engine {
                 ExecEvent::Exit(exit) => {
                     return Err(OpError::new(
                         ErrorCode::GuestError,
-                        format!("reading the balancer's counters exited {}", exit.exit_code),
+                        format!("{} exited {}", argv.join(" "), exit.exit_code),
                     ))
                 }
                 ExecEvent::Error { error } => {
@@ -439,8 +533,7 @@ impl Engine {
                 }
             }
         }
-        Counters::parse(&String::from_utf8_lossy(&out))
-            .map_err(|e| OpError::new(ErrorCode::GuestError, e))
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Rolls an update back when one of its new members failed (it never
@@ -513,9 +606,7 @@ impl Engine {
                 .filter(|m| m.image == update.to)
                 .map(|m| m.name.clone())
                 .collect();
-            for member in new {
-                self.drain_member(name, &member).await?;
-            }
+            self.drain_members(name, &new).await?;
             self.edit_service(name, |r| r.update = None).await?;
             self.emit(
                 NewEvent::new(vroom_types::EventKind::Service, "rolled_back", name)
@@ -571,8 +662,9 @@ impl Engine {
             let live: Vec<&MemberRecord> = record.members.iter().filter(|m| !m.leaving).collect();
             let desired = record.desired() as usize;
             if live.len() > desired {
-                let newest = live.last().expect("invariant: more than none").name.clone();
-                self.drain_member(name, &newest).await?;
+                // The newest leave, together.
+                let newest: Vec<Name> = live[desired..].iter().map(|m| m.name.clone()).collect();
+                self.drain_members(name, &newest).await?;
             } else if live.len() < desired {
                 self.name_member(name, &record.spec.image).await?;
             } else {
@@ -664,8 +756,9 @@ impl Engine {
         }
     }
 
-    /// Sets the balancer's backends to the members that run, pass their
-    /// health check and are not leaving (and its port and latency target),
+    /// Sets the balancer's backends to the members that run and are not
+    /// leaving (and its port and latency target; HAProxy's own health
+    /// check takes a member that does not answer out within a second),
     /// if they differ; returns once the balancer uses them, and whether it
     /// changed anything.
     async fn set_backends(&self, record: &ServiceRecord) -> Result<bool, OpError> {
@@ -678,7 +771,6 @@ impl Engine {
             .filter(|m| !m.leaving)
             .filter_map(|m| instances.get(m.name.as_str()))
             .filter(|i| i.status.state == InstanceState::Running)
-            .filter(|i| i.health.as_ref().is_none_or(|h| h.ready))
             .filter_map(|i| i.nics.first().and_then(|n| n.ip))
             .map(|ip| format!("{ip}:{}", spec.port))
             .collect::<Vec<_>>()
