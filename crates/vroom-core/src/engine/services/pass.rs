@@ -34,9 +34,19 @@ const MAX_MEMBER_NUMBER: u32 = 9_999_999;
 /// once it has none; the lb recipe's `hard-stop-after` is 30 s).
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// How long a drain waits when the balancer cannot say whether its old
-/// workers are gone.
-const BLIND_DRAIN: Duration = Duration::from_secs(1);
+/// How long a drain goes on while the balancer cannot be asked.
+const BLIND_DRAIN: Duration = Duration::from_secs(2);
+
+/// The balancer's statistics as CSV, from its running worker: the
+/// servers it has now.
+const STATS: &[&str] = &[
+    "/bin/busybox",
+    "wget",
+    "-q",
+    "-O",
+    "-",
+    "http://127.0.0.1:8404/stats;csv",
+];
 
 /// How long a running member may fail its health check before it is
 /// replaced (it leaves the balancer at once).
@@ -239,8 +249,19 @@ impl Engine {
                 }
             })
             .await?;
-        if self.set_backends(&record).await? {
-            self.drained(&record.spec).await;
+        let instances = self.instances_by_name();
+        let servers: Vec<String> = members
+            .iter()
+            .filter_map(|m| instances.get(m.as_str()))
+            .filter_map(|i| i.nics.first().and_then(|n| n.ip))
+            .map(|ip| format!("{ip}:{}", record.spec.port))
+            .collect();
+        // Even when the backends were set already (by a pass cut short, or
+        // one whose reload outlasted the agent's answer): the balancer's
+        // running worker is what counts.
+        self.set_backends(&record).await?;
+        if !servers.is_empty() {
+            self.drained(&record.spec, &servers).await;
         }
         let mut removing = tokio::task::JoinSet::new();
         for member in members {
@@ -468,32 +489,44 @@ impl Engine {
         Ok(())
     }
 
-    /// Returns once the balancer's old HAProxy workers (those of the
-    /// backends before the last reload) have exited: what they carried is
-    /// done. Bounded by [`DRAIN`].
-    async fn drained(&self, spec: &ServiceDefinition) {
+    /// Returns once the balancer's running worker no longer has `servers`
+    /// (its reload is done) and its old workers (those that had them) have
+    /// exited: what they carried is done. Bounded by [`DRAIN`].
+    async fn drained(&self, spec: &ServiceDefinition, servers: &[String]) {
         let balancer = balancer_name(&spec.name);
         let deadline = Instant::now() + DRAIN;
+        let mut failing_since = None;
         loop {
+            let stats = self.guest_output(balancer.as_str(), STATS).await;
             // The master and one worker.
-            match self
+            let workers = self
                 .guest_output(balancer.as_str(), &["/bin/busybox", "pidof", "haproxy"])
-                .await
-            {
-                Ok(pids) if pids.split_whitespace().count() <= 2 => return,
-                Ok(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await
+                .await;
+            match (stats, workers) {
+                (Ok(stats), Ok(pids)) => {
+                    failing_since = None;
+                    let listed = pool_servers(&stats);
+                    let still: Vec<&String> =
+                        servers.iter().filter(|s| listed.contains(s)).collect();
+                    if still.is_empty() && pids.split_whitespace().count() <= 2 {
+                        return;
+                    }
+                    if Instant::now() >= deadline {
+                        tracing::warn!(service = %spec.name, ?still, pids, "the balancer did not drain in time");
+                        return;
+                    }
                 }
-                Ok(pids) => {
-                    tracing::warn!(service = %spec.name, pids, "the balancer's old workers outlived the drain");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(service = %spec.name, error = %e, "cannot see the balancer's workers; draining blind");
-                    tokio::time::sleep(BLIND_DRAIN).await;
-                    return;
+                (Err(e), _) | (_, Err(e)) => {
+                    // A balancer that cannot be asked (not running, no
+                    // agent) is not waited for long.
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if Instant::now() >= deadline || since.elapsed() >= BLIND_DRAIN {
+                        tracing::warn!(service = %spec.name, error = %e, "cannot see whether the balancer drained");
+                        return;
+                    }
                 }
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -815,5 +848,28 @@ impl Engine {
             Err(e) if e.code == ErrorCode::NotFound => Ok(()),
             other => other,
         }
+    }
+}
+
+/// The servers of the balancer's `pool` backend in its statistics CSV
+/// (`pxname,svname,...`; servers are named `IP:PORT`).
+fn pool_servers(csv: &str) -> Vec<String> {
+    csv.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split(',');
+            let (proxy, server) = (fields.next()?, fields.next()?);
+            (proxy == "pool" && server != "BACKEND" && server != "FRONTEND")
+                .then(|| server.to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pool_servers_come_from_the_stats_csv() {
+        let csv = "# pxname,svname,qcur\nserve,FRONTEND,,\npool,10.0.0.3:80,0\npool,10.0.0.4:80,0\npool,BACKEND,0\nstats,FRONTEND,,\n";
+        assert_eq!(super::pool_servers(csv), ["10.0.0.3:80", "10.0.0.4:80"]);
     }
 }
