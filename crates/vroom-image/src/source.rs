@@ -148,6 +148,56 @@ fn store_error(e: ImageStoreError) -> ResolveImageError {
 }
 
 impl ImageSource for LocalImages {
+    fn import_oci(
+        &self,
+        request: &vroom_types::ImportImageRequest,
+        owner: Option<u32>,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError> {
+        let user = |message: String| BuildFromRecipeError::Recipe {
+            message: format!("cannot import {}: {message}", request.reference),
+        };
+        let reference: crate::oci::ImportReference =
+            request.reference.parse().map_err(|e| user(chain(&e)))?;
+        let choice: KernelChoice = request
+            .kernel
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(user)?;
+        crate::init_check::check_init_file(&self.init).map_err(|e| {
+            BuildFromRecipeError::Build {
+                message: e.to_string(),
+            }
+        })?;
+        let kernel = self.kernels.choose(&choice).map_err(user)?;
+        let _guard = self.build.lock_unpoisoned();
+        let req = crate::oci::ImportRequest {
+            reference: &reference,
+            name: request.name.as_ref().map(|n| n.to_string()),
+            insecure: request.insecure,
+            owner,
+            kernel: &kernel,
+            init: &self.init,
+        };
+        let outcome = crate::oci::import_image(&req, &self.store, &mut |stage, detail| {
+            progress(stage, &detail)
+        })
+        .map_err(|e| {
+            let message = format!("cannot import {reference}: {}", chain(&e));
+            if e.is_user_error() {
+                BuildFromRecipeError::Recipe { message }
+            } else {
+                BuildFromRecipeError::Build { message }
+            }
+        })?;
+        Ok(BuildReport {
+            image: outcome.image.summary(),
+            cached: outcome.cached,
+            changes: vec![],
+        })
+    }
+
     fn build(
         &self,
         recipe: &std::path::Path,
@@ -422,6 +472,7 @@ mod tests {
             appliance: ApplianceSpec::default(),
             packages: vec![],
             init_sha256: None,
+            oci: None,
         };
         let image = a.store.commit(staging, &manifest).unwrap();
         let export = a.export(&image.id).unwrap();

@@ -333,6 +333,7 @@ mod tests {
             appliance: ApplianceSpec::default(),
             packages: vec![],
             init_sha256: None,
+            oci: None,
         }
     }
 
