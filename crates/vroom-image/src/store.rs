@@ -198,6 +198,27 @@ impl ImageStore {
             .map_err(self.io())
     }
 
+    /// Removes what a crash left: staging dirs of builds, imports and
+    /// received images, half-fetched layers. Only while none is under way
+    /// (at the daemon's start).
+    pub fn sweep_leftovers(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".staging-") {
+                match fs::remove_dir_all(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, left by an interrupted build or import",
+                        entry.path().display()
+                    ),
+                    Err(err) => tracing::warn!("cannot remove {}: {err}", entry.path().display()),
+                }
+            }
+        }
+        crate::oci::blobs::BlobCache::new(&self.dir).sweep();
+    }
+
     /// Writes the manifest into a finished staging dir and moves it into place.
     /// An identical image already in the store wins; the staging dir is dropped.
     pub fn commit(

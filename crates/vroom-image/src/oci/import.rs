@@ -157,6 +157,7 @@ pub fn import_image(
     fs::create_dir(&root).map_err(stage("the staging root"))?;
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
         .map_err(stage("the staging root"))?;
+    progress("unpack", format!("{} layers", layers.len()));
     let mut unpacker = Unpacker::new(&root, LIMITS);
     for ((path, layer), diff_id) in layers.iter().zip(&chosen.layers).zip(config.diff_ids()) {
         let file = fs::File::open(path).map_err(stage(&layer.digest))?;
@@ -178,7 +179,6 @@ pub fn import_image(
             });
         }
     }
-    progress("unpack", format!("{} layers", layers.len()));
     for warning in &unpacker.warnings {
         tracing::warn!(reference = %req.reference, "{warning}");
         progress("unpack", warning.clone());
