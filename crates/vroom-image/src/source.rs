@@ -90,6 +90,43 @@ impl LocalImages {
         Ok(image)
     }
 
+    /// Removes what a crash left half-made: staging dirs and half-fetched
+    /// layers. Only while nothing is built, imported or received (at the
+    /// daemon's start).
+    pub fn sweep_leftovers(&self) {
+        self.store.sweep_staging();
+        crate::oci::blobs::BlobCache::new(self.store.dir()).sweep();
+    }
+
+    /// Removes the cached layers no imported image names any more. Never
+    /// while an import runs (it may be fetching layers no image names
+    /// yet) and never waiting for one: the next removal collects them.
+    pub fn collect_layers(&self) {
+        let Ok(_guard) = self.build.try_lock() else {
+            return;
+        };
+        let Ok(images) = self.store.list() else {
+            return;
+        };
+        let kept: std::collections::BTreeSet<&str> = images
+            .iter()
+            .filter_map(|i| i.manifest.oci.as_ref())
+            .flat_map(|o| o.layers.iter().map(String::as_str))
+            .collect();
+        let cache = crate::oci::blobs::BlobCache::new(self.store.dir());
+        for digest in cache.list() {
+            if kept.contains(digest.as_str()) {
+                continue;
+            }
+            if let Ok(path) = cache.path(&digest) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(layer = %digest, "removed a layer no image uses"),
+                    Err(err) => tracing::warn!(layer = %digest, "cannot remove: {err}"),
+                }
+            }
+        }
+    }
+
     /// Whether the image's `/init` differs from the vroom-init this vroom
     /// packs now (images from before the digest was recorded count as older).
     pub fn built_with_older_init(&self, image: &StoredImage) -> bool {
@@ -335,7 +372,9 @@ impl ImageSource for LocalImages {
     }
 
     fn remove(&self, id: &str) -> Result<(), ResolveImageError> {
-        self.store.remove(id).map_err(store_error)
+        self.store.remove(id).map_err(store_error)?;
+        self.collect_layers();
+        Ok(())
     }
 
     fn export(&self, id: &str) -> Result<vroom_core::images::ImageExport, ResolveImageError> {
@@ -438,6 +477,71 @@ mod tests {
             dir.join("init"),
             dir.join("debs"),
         )
+    }
+
+    /// Cached layers go with the last imported image that names them.
+    #[test]
+    fn layers_are_removed_with_the_last_image_that_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = images(dir.path());
+        let cache = crate::oci::blobs::BlobCache::new(local.store.dir());
+        let layer = |n: u8| format!("sha256:{}", sha256_bytes(&[n]));
+        fs::create_dir_all(cache.path(&layer(0)).unwrap().parent().unwrap()).unwrap();
+        for n in 0..3 {
+            fs::write(cache.path(&layer(n)).unwrap(), [n]).unwrap();
+        }
+        let commit = |name: &str, layers: Vec<String>| {
+            let staging = local.store.staging().unwrap();
+            let digest = FileDigest {
+                file: "rootfs.erofs".into(),
+                sha256: "0".repeat(64),
+                size: 1,
+            };
+            let manifest = ImageManifest {
+                manifest_version: vroom_types::MANIFEST_VERSION,
+                name: name.into(),
+                version: "1".into(),
+                kernel: vroom_types::KernelRef {
+                    package: "k".into(),
+                    version: "1".into(),
+                    release: "6.1".into(),
+                    sha256: "0".repeat(64),
+                    flavor: Default::default(),
+                    id: None,
+                },
+                initramfs: digest.clone(),
+                rootfs: digest,
+                cmdline: String::new(),
+                default_mem_mib: 64,
+                min_mem_mib: 64,
+                appliance: ApplianceSpec::default(),
+                packages: vec![],
+                init_sha256: None,
+                oci: Some(vroom_types::OciOrigin {
+                    reference: format!("oci:/{name}"),
+                    digest: layer(9),
+                    config_digest: layer(9),
+                    layers,
+                    exposed_ports: vec![],
+                    volumes: vec![],
+                }),
+            };
+            local.store.commit(staging, &manifest).unwrap()
+        };
+        let a = commit("a", vec![layer(0), layer(1)]);
+        let b = commit("b", vec![layer(0)]);
+        let mut cached = || {
+            let mut list = cache.list();
+            list.sort();
+            list
+        };
+        let mut all = vec![layer(0), layer(1), layer(2)];
+        all.sort();
+        assert_eq!(cached(), all);
+        local.remove(&a.id).unwrap();
+        assert_eq!(cached(), vec![layer(0)], "b's layer stays");
+        local.remove(&b.id).unwrap();
+        assert!(cached().is_empty());
     }
 
     /// An image for vroom's kernel moves to another host with its kernel

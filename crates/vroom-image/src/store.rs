@@ -198,10 +198,9 @@ impl ImageStore {
             .map_err(self.io())
     }
 
-    /// Removes what a crash left: staging dirs of builds, imports and
-    /// received images, half-fetched layers. Only while none is under way
-    /// (at the daemon's start).
-    pub fn sweep_leftovers(&self) {
+    /// Removes the staging dirs a crash left (of builds, imports and
+    /// received images). Only while none is under way (at the daemon's start).
+    pub fn sweep_staging(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
@@ -216,7 +215,6 @@ impl ImageStore {
                 }
             }
         }
-        crate::oci::blobs::BlobCache::new(&self.dir).sweep();
     }
 
     /// Writes the manifest into a finished staging dir and moves it into place.

@@ -284,6 +284,24 @@ pub struct ImageSummary {
 mod tests {
     use super::*;
 
+    #[test]
+    fn stop_signals_are_named_as_oci_configs_name_them() {
+        for (name, want) in [
+            ("SIGTERM", Some(15)),
+            ("TERM", Some(15)),
+            ("SIGQUIT", Some(3)),
+            ("SIGWINCH", Some(28)),
+            ("SIGRTMIN+3", Some(37)),
+            ("9", Some(9)),
+            ("0", None),
+            ("65", None),
+            ("SIGNOPE", None),
+            ("", None),
+        ] {
+            assert_eq!(signal_number(name), want, "{name}");
+        }
+    }
+
     /// Manifests from before kernels had a flavor read as Debian's, and a
     /// Debian kernel writes them byte for byte as before (an image's id is
     /// its manifest's digest).

@@ -80,7 +80,7 @@ pub async fn run(
     let images = paths::local_images(data_dir);
     // Nothing is being built or received yet: what a killed vroomd left
     // half-made goes.
-    images.store.sweep_leftovers();
+    images.sweep_leftovers();
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),
         iface_prefix: paths::iface_prefix(),
