@@ -110,7 +110,7 @@ pub fn map(config: &ImageConfig, root: &Path) -> Result<Mapped, ImportImageError
     if argv.is_empty() {
         return Err(ImportImageError::NoEntrypoint);
     }
-    let env = c.env.clone().unwrap_or_default();
+    let mut env = c.env.clone().unwrap_or_default();
     if let Some(bad) = env.iter().find(|e| !e.contains('=')) {
         return Err(ImportImageError::Invalid {
             reason: format!("Env entry {bad:?} is not KEY=VALUE"),
@@ -132,6 +132,15 @@ pub fn map(config: &ImageConfig, root: &Path) -> Result<Mapped, ImportImageError
     }
     argv[0] = program_path(root, &argv[0], path, workdir.as_deref())?;
     let user = resolve_user(root, c.user.as_deref().unwrap_or(""))?;
+    // As container runtimes do: HOME from the user's account, unless set.
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        let uid: u32 = user
+            .as_deref()
+            .and_then(|u| u.split(':').next()?.parse().ok())
+            .unwrap_or(0);
+        let home = passwd_home(root, uid).unwrap_or_else(|| "/".into());
+        env.push(format!("HOME={home}"));
+    }
 
     let mut ports: Vec<(u16, String)> = vec![];
     for key in c.exposed_ports.iter().flat_map(|p| p.keys()) {
@@ -256,6 +265,21 @@ fn accounts(root: &Path, file: &str) -> Vec<(String, u32, u32)> {
         .collect()
 }
 
+/// The home directory of `uid` in the image's `/etc/passwd`.
+fn passwd_home(root: &Path, uid: u32) -> Option<String> {
+    let mut text = String::new();
+    inroot::open_file(root, "/etc/passwd")
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+        .ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.get(2)?.parse::<u32>().ok()? == uid)
+            .then(|| fields.get(5).map(|h| h.to_string()))
+            .flatten()
+            .filter(|h| h.starts_with('/'))
+    })
+}
+
 /// `User` as numeric `uid:gid`; none for root.
 fn resolve_user(root: &Path, user: &str) -> Result<Option<String>, ImportImageError> {
     if user.is_empty() {
@@ -352,7 +376,17 @@ mod tests {
             r#"{"Entrypoint":["httpd","-f"],"Cmd":["-p","8080"],"Env":["A=1"],"User":"www","WorkingDir":"/app","StopSignal":"SIGQUIT"}"#,
         );
         assert_eq!(s.command, ["/bin/httpd", "-f", "-p", "8080"]);
-        assert_eq!(s.env, ["A=1"]);
+        assert_eq!(s.env, ["A=1", "HOME=/var/www"]);
+        let home = |json: &str| ok(json).env;
+        assert_eq!(home(r#"{"Cmd":["/bin/busybox"]}"#), ["HOME=/root"]);
+        assert_eq!(
+            home(r#"{"Cmd":["/bin/busybox"],"User":"4242"}"#),
+            ["HOME=/"]
+        );
+        assert_eq!(
+            home(r#"{"Cmd":["/bin/busybox"],"Env":["HOME=/h"]}"#),
+            ["HOME=/h"]
+        );
         assert_eq!(s.user.as_deref(), Some("33:34"));
         assert_eq!(s.workdir.as_deref(), Some("/app"));
         assert_eq!(s.stop_signal.as_deref(), Some("SIGQUIT"));

@@ -288,3 +288,69 @@ pub fn prepare_root(root: &Path, writable: &[String]) -> io::Result<Vec<String>>
     }
     Ok(replaced)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::unpack::tests::Layer;
+    use std::io::Write;
+
+    /// A layer reads the same whether it came gzipped, zstd-compressed or
+    /// plain, whatever its media type said.
+    #[test]
+    fn layers_decompress_by_their_first_bytes() {
+        let tar = Layer::new().file("a", "one").dir("d").bytes();
+        let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::stream::encode_all(&tar[..], 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("gz", &gz), ("zst", &zst), ("plain", &tar)] {
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            let mut out = vec![];
+            decompress(fs::File::open(&path).unwrap())
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap();
+            assert!(out == tar, "{name}");
+        }
+    }
+
+    /// Mount points and the files vroom-init binds over are made real,
+    /// whatever the image had there; nothing outside the root changes.
+    #[test]
+    fn the_root_is_prepared_for_mounts_without_following_links() {
+        let host = tempfile::tempdir().unwrap();
+        let outside = host.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let root = host.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("tmp")).unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        fs::write(root.join("var"), "a file").unwrap();
+        let replaced =
+            prepare_root(&root, &["/run".into(), "/tmp".into(), "/var/lib/x".into()]).unwrap();
+        assert_eq!(
+            replaced,
+            [
+                "replaced tmp by a directory",
+                "replaced var by a directory",
+                "replaced /etc/resolv.conf by a plain file"
+            ]
+        );
+        for dir in ["run", "tmp", "var/lib/x", "config", "etc/vroom"] {
+            assert!(
+                fs::symlink_metadata(root.join(dir)).unwrap().is_dir(),
+                "{dir}"
+            );
+        }
+        for file in ["etc/hosts", "etc/resolv.conf"] {
+            assert!(
+                fs::symlink_metadata(root.join(file)).unwrap().is_file(),
+                "{file}"
+            );
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+}

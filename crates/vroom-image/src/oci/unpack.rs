@@ -198,6 +198,7 @@ impl<'a> Unpacker<'a> {
                 Err(e) => Err(write_err(e)),
             };
         }
+        let xattrs = xattrs(&mut entry).map_err(UnpackLayerError::Read)?;
         let header = entry.header();
         let kind = header.entry_type();
         let mode = header.mode().map_err(UnpackLayerError::Read)? & 0o7777;
@@ -232,6 +233,7 @@ impl<'a> Unpacker<'a> {
                 fs::create_dir(&dest).map_err(write_err)?;
             }
             set_owner_and_mode(&dest, owner, Some(mode)).map_err(write_err)?;
+            set_xattrs(&dest, &xattrs).map_err(write_err)?;
         } else if kind.is_symlink() || kind.is_hard_link() {
             let target = entry
                 .link_name()
@@ -279,6 +281,7 @@ impl<'a> Unpacker<'a> {
                 .map_err(write_err)?;
             io::copy(&mut entry, &mut file).map_err(write_err)?;
             set_owner_and_mode(&dest, owner, Some(mode)).map_err(write_err)?;
+            set_xattrs(&dest, &xattrs).map_err(write_err)?;
         }
         this_layer.insert(rel);
         Ok(())
@@ -328,6 +331,55 @@ fn remove(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// The extended attributes a layer gives an entry (PAX `SCHILY.xattr.*`)
+/// that mean the same inside the guest: `user.*` and file capabilities.
+/// Others (`security.selinux`, `trusted.*`) are the host's business.
+fn xattrs<R: Read>(entry: &mut tar::Entry<R>) -> io::Result<Vec<(std::ffi::CString, Vec<u8>)>> {
+    let mut out = vec![];
+    let Some(extensions) = entry.pax_extensions()? else {
+        return Ok(out);
+    };
+    for extension in extensions {
+        let extension = extension?;
+        let Some(name) = extension.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+            continue;
+        };
+        if name.starts_with(b"user.") || name == b"security.capability" {
+            if let Ok(name) = std::ffi::CString::new(name) {
+                out.push((name, extension.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sets extended attributes, after the owner (chown drops capabilities).
+fn set_xattrs(path: &Path, xattrs: &[(std::ffi::CString, Vec<u8>)]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if xattrs.is_empty() {
+        return Ok(());
+    }
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    for (name, value) in xattrs {
+        // SAFETY: NUL-terminated path and name, and a value buffer of the
+        // length passed.
+        let rc = unsafe {
+            libc::lsetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The owner first: chown clears the set-id bits the mode may carry.
@@ -386,6 +438,21 @@ pub(crate) mod tests {
             h.set_gid(gid);
             self.0
                 .append_data(&mut h, path, content.as_bytes())
+                .unwrap();
+            self
+        }
+
+        /// A PAX header giving the next entry an extended attribute.
+        fn xattr(mut self, name: &str, value: &str) -> Self {
+            let record = |len: usize| format!("{len} SCHILY.xattr.{name}={value}\n");
+            let mut len = record(0).len();
+            while record(len).len() != len {
+                len = record(len).len();
+            }
+            let data = record(len);
+            let mut h = Self::header(tar::EntryType::XHeader, 0o644, data.len() as u64);
+            self.0
+                .append_data(&mut h, "PaxHeader", data.as_bytes())
                 .unwrap();
             self
         }
@@ -472,8 +539,30 @@ pub(crate) mod tests {
             .file("opq/sub/deep", "d")
             .file_owned("srv/www", "w", 0o4750, 1000, 100)
             .symlink("bin", "usr/bin")
+            .xattr("user.origin", "base layer")
+            .file("etc/tagged", "t")
+            .xattr("trusted.host", "not the guest's")
+            .file("etc/untagged", "u")
             .bytes();
         unpacker.apply(&base[..]).unwrap();
+        let xattr = |file: &str, name: &str| {
+            use std::os::unix::ffi::OsStrExt;
+            let path = std::ffi::CString::new(root.join(file).as_os_str().as_bytes()).unwrap();
+            let name = std::ffi::CString::new(name).unwrap();
+            let mut buf = [0u8; 64];
+            // SAFETY: NUL-terminated strings and a buffer of the length passed.
+            let n = unsafe {
+                libc::lgetxattr(
+                    path.as_ptr(),
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned()
+        };
+        assert_eq!(xattr("etc/tagged", "user.origin"), "base layer");
+        assert_eq!(xattr("etc/untagged", "trusted.host"), "");
         let upper = Layer::new()
             .file("etc/.wh.gone", "")
             .file("opq/new-before", "n")
@@ -492,6 +581,8 @@ pub(crate) mod tests {
                 "etc/",
                 "etc/keep = k",
                 "etc/keep-link = k",
+                "etc/tagged = t",
+                "etc/untagged = u",
                 "opq/",
                 "opq/new = n",
                 "opq/new-before = n",
