@@ -491,46 +491,24 @@ mod tests {
             fs::write(cache.path(&layer(n)).unwrap(), [n]).unwrap();
         }
         let commit = |name: &str, layers: Vec<String>| {
-            let staging = local.store.staging().unwrap();
-            let digest = FileDigest {
-                file: "rootfs.erofs".into(),
-                sha256: "0".repeat(64),
-                size: 1,
-            };
-            let manifest = ImageManifest {
-                manifest_version: vroom_types::MANIFEST_VERSION,
-                name: name.into(),
-                version: "1".into(),
-                kernel: vroom_types::KernelRef {
-                    package: "k".into(),
-                    version: "1".into(),
-                    release: "6.1".into(),
-                    sha256: "0".repeat(64),
-                    flavor: Default::default(),
-                    id: None,
-                },
-                initramfs: digest.clone(),
-                rootfs: digest,
-                cmdline: String::new(),
-                default_mem_mib: 64,
-                min_mem_mib: 64,
-                appliance: ApplianceSpec::default(),
-                packages: vec![],
-                init_sha256: None,
-                oci: Some(vroom_types::OciOrigin {
-                    reference: format!("oci:/{name}"),
-                    digest: layer(9),
-                    config_digest: layer(9),
-                    layers,
-                    exposed_ports: vec![],
-                    volumes: vec![],
-                }),
-            };
-            local.store.commit(staging, &manifest).unwrap()
+            let mut manifest = crate::store::tests::manifest("");
+            manifest.name = name.into();
+            manifest.oci = Some(vroom_types::OciOrigin {
+                reference: format!("oci:/{name}"),
+                digest: layer(9),
+                config_digest: layer(9),
+                layers,
+                exposed_ports: vec![],
+                volumes: vec![],
+            });
+            local
+                .store
+                .commit(local.store.staging().unwrap(), &manifest)
+                .unwrap()
         };
         let a = commit("a", vec![layer(0), layer(1)]);
         let b = commit("b", vec![layer(0)]);
-        let mut cached = || {
+        let cached = || {
             let mut list = cache.list();
             list.sort();
             list

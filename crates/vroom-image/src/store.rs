@@ -322,11 +322,12 @@ impl ImageStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vroom_types::{ApplianceSpec, FileDigest, KernelRef};
 
-    fn manifest(cmdline: &str) -> ImageManifest {
+    /// A manifest of image `fw` whose files are not checked.
+    pub(crate) fn manifest(cmdline: &str) -> ImageManifest {
         let digest = |file: &str| FileDigest {
             file: file.into(),
             sha256: "0".repeat(64),

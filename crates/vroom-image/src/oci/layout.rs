@@ -97,7 +97,8 @@ impl Files {
         };
         let mut members = HashMap::new();
         let mut archive = tar::Archive::new(&file);
-        for entry in archive.entries_with_seek().map_err(read_err)? {
+        let entries = archive.entries_with_seek().map_err(read_err)?;
+        for entry in entries {
             let entry = entry.map_err(read_err)?;
             if !entry.header().entry_type().is_file() {
                 continue;
@@ -115,7 +116,6 @@ impl Files {
                 });
             }
         }
-        drop(archive);
         Ok(Files::Archive {
             path: path.to_path_buf(),
             file,

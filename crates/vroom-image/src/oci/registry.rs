@@ -360,7 +360,7 @@ mod tests {
                     if header.trim().is_empty() {
                         break;
                     }
-                    authorized |= header.to_ascii_lowercase() == "authorization: bearer t0k\r\n";
+                    authorized |= header.eq_ignore_ascii_case("authorization: bearer t0k\r\n");
                 }
                 log.lock().unwrap().push(path.clone());
                 let (status, length, body, extra) = if path.starts_with("/token?") {
@@ -499,24 +499,14 @@ mod tests {
             .count();
         assert_eq!(left, 1, "no temporary file is left");
 
-        let err = Registry::new(&addr, "r", "boom", true)
-            .unwrap()
-            .choose()
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            format!("registry {addr}: r/manifests/boom: failed (500): disk full")
-        );
-        let err = Registry::new(&addr, "r", "nope", true)
-            .unwrap()
-            .choose()
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            format!("registry {addr}: r/manifests/nope: not found (404)")
-        );
+        for (tag, says) in [
+            ("boom", "r/manifests/boom: failed (500): disk full"),
+            ("nope", "r/manifests/nope: not found (404)"),
+        ] {
+            let mut registry = Registry::new(&addr, "r", tag, true).unwrap();
+            let err = registry.choose().unwrap_err().to_string();
+            assert_eq!(err, format!("registry {addr}: {says}"));
+        }
     }
 
     #[test]
