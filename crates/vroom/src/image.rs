@@ -296,7 +296,21 @@ fn print_oci(oci: &vroom_types::OciOrigin, a: &vroom_types::ApplianceSpec) {
             a.health_tcp_port
                 .map_or("-".into(), |p| format!("tcp connect to port {p}")),
         ),
-        ("volumes", none(&oci.volumes)),
+        (
+            "volumes",
+            none(
+                &oci.volumes
+                    .iter()
+                    .map(|path| match a.volumes.iter().find(|v| &v.path == path) {
+                        Some(v) => format!(
+                            "{path} (data volume INSTANCE-{}, {} MiB)",
+                            v.name, v.size_mib
+                        ),
+                        None => format!("{path} (tmpfs)"),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        ),
         ("writable", format!("{} (tmpfs)", none(&a.writable))),
     ] {
         println!("{:<12} {value}", format!("{key}:"));

@@ -244,11 +244,25 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "workdir:     /www",
         "ports:       8080/tcp",
         "health:      tcp connect to port 8080",
-        "volumes:     /data",
-        "writable:    /run, /tmp, /var, /data (tmpfs)",
     ] {
         assert!(inspect.contains(says), "{says}: {inspect}");
     }
+    // The image's volume is a data volume where the kernel mounts ext4
+    // (vroom's), a tmpfs on Debian's.
+    let on_vrooms_kernel = listed[3].manifest.kernel.flavor == vroom_types::KernelFlavor::Vroom;
+    let (volume, writable) = if on_vrooms_kernel {
+        (
+            "volumes:     /data (data volume INSTANCE-data, 1024 MiB)",
+            "writable:    /run, /tmp, /var (tmpfs)",
+        )
+    } else {
+        (
+            "volumes:     /data (tmpfs)",
+            "writable:    /run, /tmp, /var, /data (tmpfs)",
+        )
+    };
+    assert!(inspect.contains(volume), "{inspect}");
+    assert!(inspect.contains(writable), "{inspect}");
 
     // Bad references and images: one line each, nothing half-imported.
     for (args, says) in [
@@ -314,6 +328,16 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         logs.contains("starting httpd as 33:33 in /www with hi"),
         "the service's output is in `vroom logs`: {logs}"
     );
+    let mounts = env.ok(&["exec", "w1", "--", "/bin/busybox", "cat", "/proc/mounts"]);
+    let data_fs = if on_vrooms_kernel {
+        " /data ext4 "
+    } else {
+        " /data tmpfs "
+    };
+    assert!(mounts.contains(data_fs), "{mounts}");
+    if on_vrooms_kernel {
+        assert!(env.ok(&["volume", "ls"]).contains("w1-data"));
+    }
     let hosts = env.ok(&[
         "exec",
         "w1",
@@ -329,7 +353,7 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "{hosts}"
     );
 
-    env.ok(&["rm", "-f", "w1"]);
+    env.ok(&["rm", "-f", "--volumes", "w1"]);
     env.remove_namespaces(&["cl"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the oci test");

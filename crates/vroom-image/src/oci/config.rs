@@ -7,16 +7,19 @@
 //! - `User` (a name, a uid, `user:group`) is resolved against the image's
 //!   own `/etc/passwd` and `/etc/group` to a numeric `uid:gid`;
 //! - the first TCP port of `ExposedPorts` is the health check;
-//! - the root is read-only: `/run`, `/tmp`, `/var` and every `Volumes` path
-//!   get a tmpfs seeded with the image's content (the manifest's
-//!   `writable`).
+//! - `Volumes` are data volumes (`vroom run` creates `NAME-ROLE`, as for a
+//!   recipe's `[[volumes]]`) when the kernel can mount them (vroom's) and
+//!   the path may hold one; otherwise a tmpfs;
+//! - the root is read-only: `/run`, `/tmp` and `/var` (and volumes that
+//!   are not data volumes) get a tmpfs seeded with the image's content (the
+//!   manifest's `writable`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use vroom_types::{ApplianceSpec, ServiceSpec};
+use vroom_types::{ApplianceSpec, Name, ServiceSpec, VolumeDecl};
 
 use super::ImportImageError;
 use crate::inroot;
@@ -100,9 +103,18 @@ pub struct Mapped {
     pub volumes: Vec<String>,
 }
 
+/// The size of a data volume `vroom run` creates for a declared volume (a
+/// sparse file: it takes what is written).
+pub const VOLUME_MIB: u64 = 1024;
+
 /// Maps the config onto an appliance; `root` is the unpacked image (for
-/// its `PATH` and accounts).
-pub fn map(config: &ImageConfig, root: &Path) -> Result<Mapped, ImportImageError> {
+/// its `PATH` and accounts). With `data_volumes` (the kernel mounts ext4),
+/// `Volumes` become data volumes.
+pub fn map(
+    config: &ImageConfig,
+    root: &Path,
+    data_volumes: bool,
+) -> Result<Mapped, ImportImageError> {
     let empty = ContainerConfig::default();
     let c = config.config.as_ref().unwrap_or(&empty);
     let mut argv: Vec<String> = c.entrypoint.clone().unwrap_or_default();
@@ -160,7 +172,20 @@ pub fn map(config: &ImageConfig, root: &Path) -> Result<Mapped, ImportImageError
         .map(|v| normal_dir(v))
         .collect::<Result<_, _>>()?;
     let mut writable: Vec<String> = WRITABLE.iter().map(|w| w.to_string()).collect();
+    let mut declared: Vec<VolumeDecl> = vec![];
     for volume in &volumes {
+        if data_volumes && vroom_types::check_mount_path(volume).is_ok() {
+            let name = volume_role(volume, &declared);
+            declared.push(VolumeDecl {
+                name,
+                path: volume.clone(),
+                size_mib: VOLUME_MIB,
+                fs: Default::default(),
+                // As a container's volumes: programs on it may run.
+                exec: true,
+            });
+            continue;
+        }
         // A volume under a writable directory is writable already.
         let covered = writable
             .iter()
@@ -183,12 +208,40 @@ pub fn map(config: &ImageConfig, root: &Path) -> Result<Mapped, ImportImageError
                 ..Default::default()
             }],
             health_tcp_port,
+            volumes: declared,
             network_files: true,
             ..Default::default()
         },
         exposed_ports: ports.iter().map(|(n, p)| format!("{n}/{p}")).collect(),
         volumes,
     })
+}
+
+/// A data volume's role: its path's last part as a name, unique in the image.
+fn volume_role(path: &str, taken: &[VolumeDecl]) -> Name {
+    let last = path.rsplit('/').next().unwrap_or_default();
+    let mut base: String = last
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    base = base.trim_matches('-').to_string();
+    if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
+        base = format!("vol-{base}").trim_end_matches('-').to_string();
+    }
+    base.truncate(20);
+    let base = base.trim_end_matches('-').to_string();
+    (1..)
+        .map(|n| {
+            if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            }
+        })
+        .filter_map(|candidate| Name::new(&candidate).ok())
+        .find(|name| !taken.iter().any(|d| &d.name == name))
+        .expect("invariant: some suffix is free")
 }
 
 /// An absolute directory path without `.`, `..` or a trailing `/`.
@@ -369,8 +422,9 @@ mod tests {
     #[test]
     fn the_config_maps_onto_the_appliance() {
         let root = image_root();
-        let main =
-            |json: &str| map(&config(json), root.path()).map(|m| m.appliance.services[0].clone());
+        let main = |json: &str| {
+            map(&config(json), root.path(), false).map(|m| m.appliance.services[0].clone())
+        };
         let ok = |json: &str| main(json).unwrap();
         let s = ok(
             r#"{"Entrypoint":["httpd","-f"],"Cmd":["-p","8080"],"Env":["A=1"],"User":"www","WorkingDir":"/app","StopSignal":"SIGQUIT"}"#,
@@ -447,12 +501,40 @@ mod tests {
         let mapped = map(
             &config(r#"{"Cmd":["/bin/busybox"],"ExposedPorts":{"8080/tcp":{},"53/udp":{},"443/tcp":{}},"Volumes":{"/data/":{},"/var/lib/x":{}}}"#),
             root.path(),
+            false,
         )
         .unwrap();
         assert_eq!(mapped.appliance.health_tcp_port, Some(443));
         assert_eq!(mapped.exposed_ports, ["53/udp", "443/tcp", "8080/tcp"]);
         assert_eq!(mapped.volumes, ["/data", "/var/lib/x"]);
         assert_eq!(mapped.appliance.writable, ["/run", "/tmp", "/var", "/data"]);
+        assert!(mapped.appliance.volumes.is_empty());
+        // On a kernel that mounts data volumes, they are data volumes where
+        // a volume may go; elsewhere still a tmpfs.
+        let mapped = map(
+            &config(r#"{"Cmd":["/bin/busybox"],"Volumes":{"/data":{}, "/srv/data":{}, "/etc/conf":{}, "/9":{}}}"#),
+            root.path(),
+            true,
+        )
+        .unwrap();
+        let decls: Vec<(String, String)> = mapped
+            .appliance
+            .volumes
+            .iter()
+            .map(|v| (v.name.to_string(), v.path.clone()))
+            .collect();
+        assert_eq!(
+            decls,
+            [
+                ("vol-9".to_string(), "/9".to_string()),
+                ("data".into(), "/data".into()),
+                ("data-2".into(), "/srv/data".into()),
+            ]
+        );
+        assert_eq!(
+            mapped.appliance.writable,
+            ["/run", "/tmp", "/var", "/etc/conf"]
+        );
         let arm = ImageConfig::parse(
             br#"{"architecture":"arm64","os":"linux","rootfs":{"diff_ids":[]}}"#,
         )

@@ -184,10 +184,17 @@ pub fn import_image(
         progress("unpack", warning.clone());
     }
 
-    let mapped = config::map(&config, &root)?;
-    for replaced in
-        prepare_root(&root, &mapped.appliance.writable).map_err(stage("mount points"))?
-    {
+    // Data volumes are ext4, which only vroom's kernel gives every image.
+    let data_volumes = req.kernel.reference.flavor == vroom_types::KernelFlavor::Vroom;
+    let mapped = config::map(&config, &root, data_volumes)?;
+    let mount_points: Vec<String> = mapped
+        .appliance
+        .writable
+        .iter()
+        .cloned()
+        .chain(mapped.appliance.volumes.iter().map(|v| v.path.clone()))
+        .collect();
+    for replaced in prepare_root(&root, &mount_points).map_err(stage("mount points"))? {
         progress("unpack", replaced);
     }
     progress("pack", "erofs root and initramfs".into());
@@ -241,13 +248,13 @@ pub fn decompress(file: fs::File) -> io::Result<Box<dyn Read>> {
 /// or file there is replaced: the guest mounts before it resolves links
 /// the way the image means them) and `/etc/hosts` and `/etc/resolv.conf`
 /// plain files for vroom-init to bind over. Returns what was replaced.
-pub fn prepare_root(root: &Path, writable: &[String]) -> io::Result<Vec<String>> {
+pub fn prepare_root(root: &Path, mount_points: &[String]) -> io::Result<Vec<String>> {
     let mut replaced = vec![];
     let dirs = ["/config", "/dev", "/proc", "/sys", "/etc/vroom"];
     for dir in dirs
         .iter()
         .copied()
-        .chain(writable.iter().map(String::as_str))
+        .chain(mount_points.iter().map(String::as_str))
     {
         let mut at = PathBuf::from(root);
         for part in Path::new(dir).components().skip(1) {
