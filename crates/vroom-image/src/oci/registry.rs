@@ -82,6 +82,11 @@ fn challenge(header: &str) -> (String, BTreeMap<String, String>) {
 /// The stored credentials for `registry` (base64 `user:password`), from the
 /// first auth file that has them.
 fn stored_credentials(registry: &str) -> Option<String> {
+    credentials_in(&auth_files(), registry)
+}
+
+/// Where credentials are looked for, first first (podman's, then Docker's).
+fn auth_files() -> Vec<std::path::PathBuf> {
     let mut files = vec![];
     if let Some(file) = std::env::var_os("REGISTRY_AUTH_FILE") {
         files.push(std::path::PathBuf::from(file));
@@ -92,6 +97,10 @@ fn stored_credentials(registry: &str) -> Option<String> {
     if let Some(home) = std::env::var_os("HOME") {
         files.push(std::path::Path::new(&home).join(".docker/config.json"));
     }
+    files
+}
+
+fn credentials_in(files: &[std::path::PathBuf], registry: &str) -> Option<String> {
     let keys: Vec<String> = if registry == "registry-1.docker.io" {
         vec![
             "docker.io".into(),
@@ -106,7 +115,7 @@ fn stored_credentials(registry: &str) -> Option<String> {
         ]
     };
     for file in files {
-        let Ok(bytes) = vroom_input::read_input(&file, 1 << 20, None) else {
+        let Ok(bytes) = vroom_input::read_input(file, 1 << 20, None) else {
             continue;
         };
         let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
@@ -141,10 +150,13 @@ impl Registry {
             });
         }
         let scheme = if insecure { "http" } else { "https" };
+        // A redirect (to a blob store) takes the token along only to the
+        // same host, by the same scheme.
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(60))
             .redirects(5)
+            .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
             .build();
         Ok(Registry {
             registry: registry.into(),
@@ -342,6 +354,14 @@ mod tests {
     fn fake_registry(
         blobs: Vec<(String, u16, usize, Vec<u8>)>,
     ) -> (String, Arc<Mutex<Vec<String>>>) {
+        fake_registry_with(blobs, false)
+    }
+
+    /// With `basic`, the registry wants basic credentials `user:pw` instead.
+    fn fake_registry_with(
+        blobs: Vec<(String, u16, usize, Vec<u8>)>,
+        basic: bool,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(vec![]));
@@ -360,18 +380,23 @@ mod tests {
                     if header.trim().is_empty() {
                         break;
                     }
-                    authorized |= header.eq_ignore_ascii_case("authorization: bearer t0k\r\n");
+                    let wanted = if basic {
+                        "authorization: basic dxnlcjpwdw==\r\n"
+                    } else {
+                        "authorization: bearer t0k\r\n"
+                    };
+                    authorized |= header.eq_ignore_ascii_case(wanted);
                 }
                 log.lock().unwrap().push(path.clone());
                 let (status, length, body, extra) = if path.starts_with("/token?") {
                     (200, 15, br#"{"token":"t0k"}"#.to_vec(), String::new())
                 } else if !authorized {
-                    (
-                        401,
-                        0,
-                        vec![],
-                        format!("WWW-Authenticate: Bearer realm=\"{realm}\",service=\"fake\"\r\n"),
-                    )
+                    let challenge = if basic {
+                        "Basic realm=\"fake\"".to_string()
+                    } else {
+                        format!("Bearer realm=\"{realm}\",service=\"fake\"")
+                    };
+                    (401, 0, vec![], format!("WWW-Authenticate: {challenge}\r\n"))
                 } else {
                     match blobs.iter().find(|(p, ..)| *p == path) {
                         Some((_, status, length, body)) => {
@@ -389,6 +414,61 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    /// Credentials are found under the registry's name, as podman and
+    /// Docker write it; the first file that has them wins.
+    #[test]
+    fn credentials_come_from_the_first_auth_file_that_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let podman = dir.path().join("auth.json");
+        let docker = dir.path().join("config.json");
+        std::fs::write(
+            &podman,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"cG9kbWFu"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            &docker,
+            r#"{"auths":{"127.0.0.1:5000":{"auth":"ZG9ja2Vy"},"https://index.docker.io/v1/":{"auth":"aHVi"},"https://quay.io":{"auth":"cXVheQ=="}}}"#,
+        )
+        .unwrap();
+        let files = [dir.path().join("missing.json"), podman, docker];
+        for (registry, want) in [
+            ("127.0.0.1:5000", Some("cG9kbWFu")),
+            ("registry-1.docker.io", Some("aHVi")),
+            ("quay.io", Some("cXVheQ==")),
+            ("ghcr.io", None),
+        ] {
+            assert_eq!(
+                credentials_in(&files, registry).as_deref(),
+                want,
+                "{registry}"
+            );
+        }
+    }
+
+    /// A basic challenge is answered with the stored credentials; without
+    /// any, the error says where they are looked for.
+    #[test]
+    fn a_basic_challenge_is_answered_with_stored_credentials() {
+        let manifest = br#"{"schemaVersion":2,"config":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000"},"layers":[]}"#.to_vec();
+        let (addr, _) = fake_registry_with(
+            vec![("/v2/r/manifests/t".into(), 200, manifest.len(), manifest)],
+            true,
+        );
+        let mut registry = Registry::new(&addr, "r", "t", true).unwrap();
+        registry.credentials = None;
+        let err = registry.choose().unwrap_err().to_string();
+        assert!(err.contains("none are stored"), "{err}");
+        // base64 of `user:pw`
+        registry.credentials = Some("dXNlcjpwdw==".into());
+        registry.authorization = None;
+        assert!(registry.choose().unwrap().layers.is_empty());
+        registry.credentials = Some("d3Jvbmc6cHc=".into());
+        registry.authorization = None;
+        let err = registry.choose().unwrap_err().to_string();
+        assert!(err.contains("access denied (401)"), "{err}");
     }
 
     fn descriptor(digest: &str, size: usize) -> Descriptor {
