@@ -998,6 +998,23 @@ pub enum ImageOp {
         #[arg(long, value_name = "KERNEL")]
         kernel: Option<String>,
     },
+    /// Import an OCI image as an appliance image: its entrypoint becomes a
+    /// supervised service, its first exposed TCP port the health check.
+    Import {
+        /// `oci:DIR[:TAG]` (an OCI layout), `oci-archive:FILE`,
+        /// `docker-archive:FILE` (`docker save` output) or
+        /// `docker://HOST[:PORT]/REPO[:TAG|@sha256:...]` (a registry).
+        reference: String,
+        /// The image's name (default: the repository's or file's last part).
+        #[arg(long)]
+        name: Option<vroom_types::Name>,
+        /// Allow plain HTTP to a registry on a loopback or private address.
+        #[arg(long)]
+        insecure: bool,
+        /// The guest kernel, as for `image build`.
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Option<String>,
+    },
     /// List images.
     Ls,
     /// Show an image's manifest.
