@@ -145,6 +145,9 @@ pub struct Scaler {
     pub unhealthy: BTreeMap<String, Instant>,
     /// The last read of the balancer's counters worked.
     pub counters_read: bool,
+    /// The number of members the last decision saw: another means someone
+    /// scaled the service by hand.
+    seen_members: Option<u32>,
 }
 
 impl Default for Scaler {
@@ -157,6 +160,7 @@ impl Default for Scaler {
             last_out: None,
             unhealthy: BTreeMap::new(),
             counters_read: true,
+            seen_members: None,
         }
     }
 }
@@ -274,6 +278,18 @@ impl Scaler {
         members: u32,
         ready: u32,
     ) -> Option<Decision> {
+        if self
+            .seen_members
+            .replace(members)
+            .is_some_and(|seen| seen != members)
+        {
+            // Scaled by hand: the timers start again, and no scale-in
+            // undoes it within the cooldown.
+            self.over_since = None;
+            self.under_since = None;
+            self.steady_since = None;
+            self.last_out = Some(now);
+        }
         if ready < members {
             // Members are starting (or failing): wait for them.
             self.steady_since = None;
@@ -300,6 +316,7 @@ impl Scaler {
                 self.over_since = None;
                 self.steady_since = None;
                 self.last_out = Some(now);
+                self.seen_members = Some(to);
                 Some(Decision {
                     to,
                     reason: format!(
@@ -321,6 +338,7 @@ impl Scaler {
                 }
                 self.under_since = None;
                 self.steady_since = None;
+                self.seen_members = Some(members - 1);
                 Some(Decision {
                     to: members - 1,
                     reason: format!(
@@ -545,6 +563,30 @@ mod tests {
                 None
             );
         }
+    }
+
+    /// A number set by hand is not undone by a scale-in within the
+    /// cooldown, even after a long quiet spell before it.
+    #[test]
+    fn a_scale_by_hand_is_kept_for_the_cooldown() {
+        let t0 = Instant::now();
+        let mut s = Scaler::default();
+        let mut members = 2;
+        let mut decisions = vec![];
+        for tick in 0..=120u64 {
+            if tick == 40 {
+                members = 4;
+            }
+            s.observe(reading(t0, tick * 1000, counters(tick * 100, [0; 4])));
+            if let Some(d) = s.decide(t0 + Duration::from_secs(tick), LATENCY, members, members) {
+                members = d.to;
+                decisions.push((tick, d.to));
+            }
+        }
+        // Quiet from the start: 2 -> 1 at about 33; by hand to 4 at 40;
+        // nothing before 100.
+        assert_eq!(decisions.first().map(|d| d.1), Some(1), "{decisions:?}");
+        assert!(decisions[1..].iter().all(|d| d.0 >= 100), "{decisions:?}");
     }
 
     /// CPU over its target asks for members in proportion.
