@@ -22,6 +22,12 @@ pub const MAX_READ_CHUNK: u64 = 384 * 1024;
 /// guest returns nothing past it and the host refuses larger files.
 pub const MAX_FILE_COPY: u64 = 1 << 30;
 
+/// The longest a [`HostCommand::WaitReady`] waits in the guest.
+pub const MAX_WAIT_READY_MS: u64 = 5_000;
+
+/// How often a guest waiting to be ready checks its health.
+pub const WAIT_READY_CHECK_MS: u64 = 10;
+
 /// Host → guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -34,6 +40,12 @@ pub struct Request {
 pub enum HostCommand {
     /// Report readiness, services and the config in force.
     Health,
+    /// Answer with the health report as soon as the guest passes its health
+    /// check (or cannot put its config in force), or after `within_ms`
+    /// (at most [`MAX_WAIT_READY_MS`]) with the report as it is then: a
+    /// booting guest says it is ready when it is, not at the host's next
+    /// poll. Guests older than it answer [`GuestReply::Error`].
+    WaitReady { within_ms: u64 },
     /// Superseded by [`HostCommand::ExecStart`]; the guest answers with an error.
     Exec { argv: Vec<String>, timeout_ms: u64 },
     /// Make these values the whole config: write them durably, re-render, restart what depends on them.
@@ -308,6 +320,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"id":7,"command":{"type":"apply_config","values":{"a":"b"}}}"#
+        );
+        let wait = Request {
+            id: 8,
+            command: HostCommand::WaitReady { within_ms: 1000 },
+        };
+        assert_eq!(
+            serde_json::to_string(&wait).unwrap(),
+            r#"{"id":8,"command":{"type":"wait_ready","within_ms":1000}}"#
         );
         let resp: Response =
             serde_json::from_str(r#"{"id":1,"reply":{"type":"shutting_down"},"extra":1}"#).unwrap();

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
-use vroom_agent_proto::{GuestReply, HostCommand};
 use vroom_core::agent::AgentClient;
 use vroom_core::driver::{LaunchNic, LaunchSpec, VmDriver};
 use vroom_core::images::ImageSource;
@@ -316,8 +315,9 @@ pub(crate) async fn raw_boot_with(
     })
 }
 
-/// Polls a guest's agent until it reports ready: milliseconds since
-/// `started`, or an error after `timeout`.
+/// Waits until a guest's agent reports ready (it answers a `WaitReady`
+/// when it is, as vroomd asks it): milliseconds since `started`, or an
+/// error after `timeout`.
 pub(crate) async fn wait_agent_ready(
     agent: &AgentClient,
     started: Instant,
@@ -325,10 +325,8 @@ pub(crate) async fn wait_agent_ready(
 ) -> Result<f64> {
     let deadline = started + timeout;
     loop {
-        if let Ok(GuestReply::Health(h)) = agent
-            .call(HostCommand::Health, Duration::from_secs(2))
-            .await
-        {
+        let asked = Instant::now();
+        if let Ok(h) = agent.wait_ready(Duration::from_secs(1)).await {
             if h.ready {
                 return Ok(started.elapsed().as_secs_f64() * 1000.0);
             }
@@ -336,6 +334,9 @@ pub(crate) async fn wait_agent_ready(
         if Instant::now() > deadline {
             bail!("raw QEMU boot did not become ready");
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Not connected yet (or an early answer): look again shortly.
+        if asked.elapsed() < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
     }
 }

@@ -262,6 +262,20 @@ impl AgentClient {
         }
     }
 
+    /// The health report once the guest is ready, or after `within` (the
+    /// guest answers at once when it is ready: no poll interval between its
+    /// readiness and the host's knowing). A guest without this request
+    /// answers `Refused`.
+    pub async fn wait_ready(&self, within: Duration) -> Result<HealthReport, AgentError> {
+        let command = HostCommand::WaitReady {
+            within_ms: within.as_millis() as u64,
+        };
+        match self.call(command, within + Duration::from_secs(2)).await? {
+            GuestReply::Health(report) => Ok(report),
+            other => Err(unexpected(other, "wait_ready")),
+        }
+    }
+
     /// Makes `values` the whole config; returns what the guest applied.
     pub async fn apply_config(
         &self,

@@ -363,20 +363,26 @@ async fn serve_agent(
                     let Ok(req) = serde_json::from_slice::<Request>(&frame) else {
                         continue;
                     };
+                    let waiting = match req.command {
+                        HostCommand::WaitReady { within_ms } => Some(within_ms),
+                        _ => None,
+                    };
                     let reply = match req.command {
-                        HostCommand::Health => GuestReply::Health(HealthReport {
-                            ready: ready
-                                && restarting_until
-                                    .lock_unpoisoned()
-                                    .is_none_or(|until| tokio::time::Instant::now() >= until),
-                            uptime_ms: 1,
-                            services: vec![],
-                            config: config.lock_unpoisoned().clone(),
-                            config_error: None,
-                            frozen: *frozen.lock_unpoisoned(),
-                            conntrack: None,
-                            volumes: mounted_volumes(&volume),
-                        }),
+                        HostCommand::Health | HostCommand::WaitReady { .. } => {
+                            GuestReply::Health(HealthReport {
+                                ready: ready
+                                    && restarting_until
+                                        .lock_unpoisoned()
+                                        .is_none_or(|until| tokio::time::Instant::now() >= until),
+                                uptime_ms: 1,
+                                services: vec![],
+                                config: config.lock_unpoisoned().clone(),
+                                config_error: None,
+                                frozen: *frozen.lock_unpoisoned(),
+                                conntrack: None,
+                                volumes: mounted_volumes(&volume),
+                            })
+                        }
                         HostCommand::ApplyConfig { values } => {
                             if values.values().any(|v| v == REJECTED_VALUE) {
                                 GuestReply::ConfigRejected {
@@ -426,6 +432,13 @@ async fn serve_agent(
                             message: "not supported by the fake guest".into(),
                         },
                     };
+                    if let (Some(within_ms), GuestReply::Health(report)) = (waiting, &reply) {
+                        if !report.ready {
+                            // A guest not ready yet answers a `WaitReady`
+                            // at its end (here at most 100 ms).
+                            tokio::time::sleep(Duration::from_millis(within_ms.min(100))).await;
+                        }
+                    }
                     let shutdown = reply == GuestReply::ShuttingDown;
                     let payload = serde_json::to_vec(&Response { id: req.id, reply })
                         .expect("invariant: replies serialize");

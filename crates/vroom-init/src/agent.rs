@@ -86,10 +86,27 @@ pub fn serve(state: Arc<Supervisor>) {
     }
 }
 
+/// The health report once the guest is ready (or cannot be: its config
+/// is refused), or after `within_ms`.
+fn wait_ready(state: &Supervisor, within_ms: u64) -> vroom_agent_proto::HealthReport {
+    let deadline = std::time::Instant::now()
+        + Duration::from_millis(within_ms.min(vroom_agent_proto::MAX_WAIT_READY_MS));
+    loop {
+        let report = state.health();
+        if report.ready || report.config_error.is_some() || std::time::Instant::now() >= deadline {
+            return report;
+        }
+        std::thread::sleep(Duration::from_millis(
+            vroom_agent_proto::WAIT_READY_CHECK_MS,
+        ));
+    }
+}
+
 fn handle(state: &Supervisor, sessions: &Sessions, request: Request, writer: &Arc<Mutex<File>>) {
     let shutdown = matches!(request.command, HostCommand::Shutdown);
     let reply = match request.command {
         HostCommand::Health => GuestReply::Health(state.health()),
+        HostCommand::WaitReady { within_ms } => GuestReply::Health(wait_ready(state, within_ms)),
         HostCommand::Exec { .. } => GuestReply::Error {
             message: "buffered exec was replaced by exec sessions".into(),
         },

@@ -79,6 +79,9 @@ pub const DEFAULT_NETWORK: &str = "default";
 pub const AUTO_SUBNET_POOL: &str = "10.213.0.0/16";
 pub const DEFAULT_READY_TIMEOUT_SECS: u64 = 120;
 const HEALTH_POLL: Duration = Duration::from_millis(150);
+/// How long one `WaitReady` waits in the guest before the host looks again
+/// (at its deadline, at its generation).
+const WAIT_READY_SLICE: Duration = Duration::from_secs(1);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LOG_CHUNK: u64 = 1 << 20;
 pub use crate::console::KEPT_BOOTS;

@@ -246,6 +246,9 @@ impl Engine {
             let mut exited = false;
             // A guest resumed from a saved state answers at once; a booting
             // one not before its agent runs.
+            // The guest says when it is ready (`WaitReady`); older guests
+            // are polled.
+            let mut long_poll = true;
             let mut wait = if cell.lock().instance.status.started_from.is_some() {
                 Duration::ZERO
             } else {
@@ -264,7 +267,33 @@ impl Engine {
                     if cell.generation.load(Ordering::SeqCst) != generation {
                         return;
                     }
-                    if let Ok(report) = cell.agent.health(Duration::from_secs(2)).await {
+                    let asked = Instant::now();
+                    let polled = if long_poll {
+                        match cell.agent.wait_ready(WAIT_READY_SLICE).await {
+                            // A guest from before `WaitReady` (refused, or
+                            // never answered: older still) is polled.
+                            Err(
+                                crate::agent::AgentError::Refused { .. }
+                                | crate::agent::AgentError::Timeout(_),
+                            ) => {
+                                long_poll = false;
+                                cell.agent.health(Duration::from_secs(2)).await
+                            }
+                            Ok(report) => {
+                                // It answered when ready or after a slice:
+                                // ask again at once (unless it answered
+                                // early without being ready: then poll).
+                                if asked.elapsed() >= WAIT_READY_SLICE / 2 {
+                                    wait = Duration::ZERO;
+                                }
+                                Ok(report)
+                            }
+                            other => other,
+                        }
+                    } else {
+                        cell.agent.health(Duration::from_secs(2)).await
+                    };
+                    if let Ok(report) = polled {
                         if let Some(error) = report.config_error {
                             // The guest cannot put its stored config in
                             // force: fail now instead of at the deadline.
