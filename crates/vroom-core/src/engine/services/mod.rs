@@ -651,6 +651,29 @@ mod tests {
         assert_eq!(backends(&t), member_backends(&t));
     }
 
+    /// A failed balancer (here: it died while booting; or its restart
+    /// policy gave up on it) is made again, with the members as its
+    /// backends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_balancer_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = engine_with_lan(dir.path()).await;
+        t.driver
+            .set_behavior(GuestBehavior::PanicAtBoot(Duration::from_millis(20)));
+        t.engine.create_service(shop(2)).await.unwrap();
+        let _ = t.engine.converge_service("shop").await;
+        assert_eq!(
+            t.engine.get("shop-lb").unwrap().status.state,
+            InstanceState::Failed
+        );
+        t.driver.set_behavior(GuestBehavior::Ready);
+        let shown = settle(&t).await;
+        let lb = t.engine.get("shop-lb").unwrap();
+        assert_eq!(lb.status.state, InstanceState::Running);
+        assert_eq!(shown.ready, 2, "{shown:?}");
+        assert_eq!(backends(&t), member_backends(&t));
+    }
+
     /// A daemon killed after a member was named, before it was made: the
     /// next pass makes it. One killed while a member was leaving: the next
     /// pass finishes its removal (it is not made again). A removal cut

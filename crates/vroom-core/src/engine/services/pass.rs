@@ -106,9 +106,15 @@ impl Engine {
                 // Each service in its own task: one whose members take long
                 // to start does not hold up the others.
                 for name in names {
+                    // A service whose pass is still running (members
+                    // starting, a drain) is looked at by that pass.
+                    let Ok(pass) = engine.service_pass_lock(&name).try_lock_owned() else {
+                        continue;
+                    };
                     let engine = engine.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = engine.converge_service(&name).await {
+                        let _pass = pass;
+                        if let Err(e) = engine.pass(&name).await {
                             tracing::warn!(service = %name, error = %e, "service pass failed");
                         }
                     });
@@ -117,7 +123,7 @@ impl Engine {
         });
     }
 
-    fn service_pass_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn service_pass_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.service_passes
             .lock_unpoisoned()
             .entry(name.to_string())
@@ -150,6 +156,24 @@ impl Engine {
         }
         let network = self.service_network(&record.spec)?;
         let balancer = balancer_name(&record.spec.name);
+        if self
+            .get(balancer.as_str())
+            .is_ok_and(|b| b.status.state == InstanceState::Failed)
+        {
+            // Its restart policy gave up on it: a new one (the service's
+            // address may change).
+            let why = self
+                .get(balancer.as_str())
+                .ok()
+                .and_then(|b| b.status.last_error)
+                .unwrap_or_else(|| "it failed".into());
+            self.remove_gone_or(&balancer).await?;
+            self.emit(
+                NewEvent::new(vroom_types::EventKind::Service, "replacing", name)
+                    .detail("member", balancer.to_string())
+                    .message(format!("balancer {balancer} failed: {why}")),
+            );
+        }
         if self.get(balancer.as_str()).is_err() {
             self.run(member_request(&network, &balancer, BALANCER_IMAGE))
                 .await?;
@@ -219,6 +243,7 @@ impl Engine {
                 .map_err(|e| OpError::internal("failed to remove the service", e))?;
         }
         self.service_scalers.lock_unpoisoned().remove(&name);
+        self.service_passes.lock_unpoisoned().remove(&name);
         self.emit(NewEvent::new(
             vroom_types::EventKind::Service,
             "removed",
