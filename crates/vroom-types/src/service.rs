@@ -59,7 +59,7 @@ pub struct ServiceDefinition {
     pub scale_on: Option<ScaleTarget>,
 }
 
-fn default_port() -> u16 {
+pub(crate) fn default_port() -> u16 {
     80
 }
 
@@ -333,6 +333,17 @@ pub struct Service {
     /// The latest scaling decisions, oldest first.
     pub decisions: Vec<ScaleDecision>,
     pub created_at: u64,
+}
+
+impl Service {
+    /// vroomd has brought it to its number: every member running and
+    /// balanced, no update under way.
+    pub fn converged(&self) -> bool {
+        self.ready == self.desired
+            && self.members.len() as u32 == self.desired
+            && self.update.is_none()
+            && !self.removing
+    }
 }
 
 /// `POST /v1/services/{name}/scale`: a number of members now, or new

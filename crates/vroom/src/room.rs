@@ -74,9 +74,12 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
             let file = read_room_file(file)?;
             check_room_networks(client, &file.name, file.wan.as_ref()).await?;
             crate::session::build_from_catalog_if_missing(client, "firewall", json).await?;
-            for instance in file.instances.values() {
-                crate::session::build_from_catalog_if_missing(client, &instance.image, json)
-                    .await?;
+            let images = file.instances.values().map(|i| &i.image);
+            let services = file.services.iter().map(|s| &s.image);
+            let balancer = "lb".to_string();
+            let balancer = (!file.services.is_empty()).then_some(&balancer);
+            for image in images.chain(services).chain(balancer) {
+                crate::session::build_from_catalog_if_missing(client, image, json).await?;
             }
             let spinner = (!*dry_run)
                 .then(|| output::spinner(json, format!("applying room {}", file.name)))

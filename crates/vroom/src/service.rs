@@ -160,10 +160,7 @@ async fn converged(client: &Client, name: &str) -> Result<Service> {
     loop {
         let service = client.service(name).await?;
         let replicas = service.desired;
-        if service.ready == replicas
-            && service.members.len() as u32 == replicas
-            && service.update.is_none()
-        {
+        if service.converged() {
             return Ok(service);
         }
         if Instant::now() > deadline {
