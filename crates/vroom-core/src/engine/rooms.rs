@@ -313,7 +313,7 @@ impl Engine {
         let mut room = self.ready_room(name)?;
         if !self.exposable(&room).contains(&expose.to) {
             return Err(OpError::conflict(format!(
-                "room {name} has no instance or service {}",
+                "room {name} has no instance {} (nor a service of that name)",
                 expose.to
             )));
         }
