@@ -463,6 +463,7 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
         ("instances", "/ui/instances".to_string(), "Instances"),
         ("rooms", "/ui/rooms".to_string(), "Rooms"),
         ("room", "/ui/rooms/r1".to_string(), "Room r1"),
+        ("services", "/ui/services".to_string(), "Services"),
         (
             "wiring",
             "/ui/wiring".to_string(),
