@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vroom_client::Client;
 use vroom_types::{
-    ErrorCode, Name, NetworkSpec, Service, ServiceDefinition, ServiceScaleRequest, WarmRequest,
+    ErrorCode, InstanceState, Name, NetworkSpec, Service, ServiceDefinition, ServiceScaleRequest,
+    WarmRequest,
 };
 
 use crate::stats::median;
@@ -136,11 +137,18 @@ async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32)
             scale(client, name, 1).await?;
         }
     }
+    let run: fn(&(f64, f64)) -> f64 = |t| t.0;
+    let balanced: fn(&(f64, f64)) -> f64 = |t| t.1;
+    let of =
+        |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
     println!(
-        "scale-out 1 -> 3 until all are ready and balanced ({runs} each, medians): cold boots {:.2} s, warm starts {:.2} s ({:.1}x faster)",
-        median(&cold),
-        median(&warm),
-        median(&cold) / median(&warm)
+        "scale-out 1 -> 3 ({runs} each, medians): until the new members run: cold boots {:.2} s, warm starts {:.2} s ({:.2}x); until they are balanced too: cold {:.2} s, warm {:.2} s ({:.2}x)",
+        of(&cold, run),
+        of(&warm, run),
+        of(&cold, run) / of(&warm, run),
+        of(&cold, balanced),
+        of(&warm, balanced),
+        of(&cold, balanced) / of(&warm, balanced),
     );
 
     // Scale-in 3 -> 1 under load (the service is at 3).
@@ -174,12 +182,39 @@ async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32)
     Ok(())
 }
 
-/// Scales `name` from 1 to 3; seconds until all run and are balanced.
-async fn scale_out(client: &Client, name: &str, warm: bool) -> Result<f64> {
+/// Scales `name` from 1 to 3: seconds until all three run, and until
+/// all three are balanced too.
+async fn scale_out(client: &Client, name: &str, warm: bool) -> Result<(f64, f64)> {
     let t0 = Instant::now();
-    scale(client, name, 3).await?;
-    let took = t0.elapsed().as_secs_f64();
-    let service = client.service(name).await?;
+    client
+        .scale_service(
+            name,
+            &ServiceScaleRequest {
+                replicas: Some(3),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut running = None;
+    let service = loop {
+        let service = client.service(name).await?;
+        let all_run = service.members.len() == 3
+            && service
+                .members
+                .iter()
+                .all(|m| m.state == Some(InstanceState::Running));
+        if all_run && running.is_none() {
+            running = Some(t0.elapsed().as_secs_f64());
+        }
+        if service.converged() {
+            break service;
+        }
+        if t0.elapsed() > CONVERGE_WITHIN {
+            bail!("service {name} did not converge: {service:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let balanced = t0.elapsed().as_secs_f64();
     for member in &service.members {
         let instance = client.get(member.name.as_str()).await?;
         let was_warm = instance.status.started_from.is_some();
@@ -192,7 +227,7 @@ async fn scale_out(client: &Client, name: &str, warm: bool) -> Result<f64> {
             );
         }
     }
-    Ok(took)
+    Ok((running.unwrap_or(balanced), balanced))
 }
 
 async fn scale(client: &Client, name: &str, replicas: u32) -> Result<Service> {
