@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vroom_client::Client;
 use vroom_types::{
-    ErrorCode, InstanceState, Name, NetworkSpec, Service, ServiceDefinition, ServiceScaleRequest,
-    WarmRequest,
+    InstanceState, Name, NetworkSpec, Service, ServiceDefinition, ServiceScaleRequest, WarmRequest,
 };
 
 use crate::stats::median;
@@ -32,7 +31,6 @@ use crate::stats::median;
 const IMAGE: &str = "web";
 /// The second version of `web` that the rolling update moves to.
 const IMAGE_V2: &str = "web-v2";
-const CONVERGE_WITHIN: Duration = Duration::from_secs(300);
 
 pub async fn service(data_dir: &Path, runs: usize, secs: u32) -> Result<()> {
     if runs == 0 || secs == 0 {
@@ -52,7 +50,7 @@ pub async fn service(data_dir: &Path, runs: usize, secs: u32) -> Result<()> {
         .await?;
     let result = measure(&client, &net, &name, runs, secs).await;
     if client.remove_service(&name).await.is_ok() {
-        let _ = gone(&client, &name).await;
+        let _ = vroom::session::service_gone(&client, &name).await;
     }
     let _ = client.remove_network(&net).await;
     result
@@ -101,7 +99,7 @@ async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32)
             scale_on: None,
         })
         .await?;
-    let shop = converged(client, name).await?;
+    let shop = vroom::session::service_converged(client, name).await?;
     let address = shop.address.context("the service has no address")?;
     let member = shop.members[0].ip.context("the member has no address")?;
 
@@ -168,7 +166,7 @@ async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32)
     scale(client, name, 2).await?;
     let (took, load) = under_load(&url, async {
         client.update_service(name, IMAGE_V2).await?;
-        let s = converged(client, name).await?;
+        let s = vroom::session::service_converged(client, name).await?;
         if s.spec.image != IMAGE_V2 {
             bail!("the update to {IMAGE_V2} was rolled back");
         }
@@ -209,7 +207,7 @@ async fn scale_out(client: &Client, name: &str, warm: bool) -> Result<(f64, f64)
         if service.converged() {
             break service;
         }
-        if t0.elapsed() > CONVERGE_WITHIN {
+        if t0.elapsed() > vroom::session::CONVERGE_WITHIN {
             bail!("service {name} did not converge: {service:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -240,33 +238,7 @@ async fn scale(client: &Client, name: &str, replicas: u32) -> Result<Service> {
             },
         )
         .await?;
-    converged(client, name).await
-}
-
-async fn converged(client: &Client, name: &str) -> Result<Service> {
-    let deadline = Instant::now() + CONVERGE_WITHIN;
-    loop {
-        let service = client.service(name).await?;
-        if service.converged() {
-            return Ok(service);
-        }
-        if Instant::now() > deadline {
-            bail!("service {name} did not converge: {service:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn gone(client: &Client, name: &str) -> Result<()> {
-    let deadline = Instant::now() + CONVERGE_WITHIN;
-    loop {
-        match client.service(name).await {
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(()),
-            Err(e) => return Err(e.into()),
-            Ok(_) if Instant::now() > deadline => bail!("service {name} was not removed"),
-            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    vroom::session::service_converged(client, name).await
 }
 
 /// What one wrk run saw.

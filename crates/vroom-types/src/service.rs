@@ -64,6 +64,15 @@ pub(crate) fn default_port() -> u16 {
 }
 
 impl ServiceDefinition {
+    /// Its number for people: `2`, or `2..6 on p95<50ms` when autoscaled.
+    pub fn scale(&self) -> String {
+        let (min, max) = self.bounds();
+        match self.scale_on {
+            Some(target) if max > min => format!("{min}..{max} on {target}"),
+            _ => min.to_string(),
+        }
+    }
+
     /// The fewest and the most members it may have.
     pub fn bounds(&self) -> (u32, u32) {
         (

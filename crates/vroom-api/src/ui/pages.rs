@@ -417,15 +417,6 @@ pub fn rooms(rooms: &[Room], instances: &[Instance]) -> String {
     )
 }
 
-/// `N`, or `MIN..MAX on TARGET` for an autoscaled service.
-fn service_scale(s: &Service) -> String {
-    let (min, max) = s.spec.bounds();
-    match s.spec.scale_on {
-        Some(target) if max > min => format!("{min}..{max} on {target}"),
-        _ => min.to_string(),
-    }
-}
-
 /// Where a service is: its room or its network.
 fn service_place(s: &Service) -> String {
     match (&s.spec.room, &s.spec.network) {
@@ -478,7 +469,7 @@ pub fn services(services: &[Service], now: u64) -> String {
                 image = esc(&s.spec.image),
                 ready = s.ready,
                 desired = s.desired,
-                scale = esc(&service_scale(s)),
+                scale = esc(&s.spec.scale()),
                 address = esc(&address),
                 place = service_place(s),
                 load = s.load.as_ref().map_or("-".into(), |l| esc(&l.to_string())),

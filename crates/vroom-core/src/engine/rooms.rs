@@ -973,6 +973,27 @@ mod tests {
         }
     }
 
+    /// Each file is refused, dry run or not, with a message starting with
+    /// its text, and nothing is made: no room, network, instance or service.
+    async fn refused_with_nothing_made(t: &TestEngine, bad: &[(serde_json::Value, &str)]) {
+        for (file, want) in bad {
+            for dry_run in [true, false] {
+                let mut req = room_file(file.clone());
+                req.dry_run = dry_run;
+                let err = t.engine.apply_room(req).await.unwrap_err();
+                assert!(
+                    err.message.starts_with(want),
+                    "{file} (dry run {dry_run}): {}",
+                    err.message
+                );
+                assert!(t.engine.list_rooms().is_empty(), "{file}");
+                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
+                assert!(t.engine.list().is_empty(), "{file}: nothing made");
+                assert!(t.engine.services().unwrap().is_empty(), "{file}");
+            }
+        }
+    }
+
     /// A room file is checked whole before anything is made, as `run` and
     /// `config set` would check its instances; a dry run refuses the same.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1007,21 +1028,7 @@ mod tests {
                 "firewall acme-fw: unknown config key",
             ),
         ];
-        for (file, want) in bad {
-            for dry_run in [true, false] {
-                let mut req = room_file(file.clone());
-                req.dry_run = dry_run;
-                let err = t.engine.apply_room(req).await.unwrap_err();
-                assert!(
-                    err.message.starts_with(want),
-                    "{file} (dry run {dry_run}): {}",
-                    err.message
-                );
-                assert!(t.engine.list_rooms().is_empty(), "{file}");
-                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
-                assert!(t.engine.list().is_empty(), "{file}: nothing made");
-            }
-        }
+        refused_with_nothing_made(&t, &bad).await;
         // The same file with its mistake fixed plans and applies.
         let good = json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"greeting": "hi"}}}});
         let mut dry = room_file(good.clone());
@@ -1256,21 +1263,7 @@ mod tests {
                 "expose tcp/8080 goes to shop, which is not an instance or service",
             ),
         ];
-        for (file, want) in bad {
-            for dry_run in [true, false] {
-                let mut req = room_file(file.clone());
-                req.dry_run = dry_run;
-                let err = t.engine.apply_room(req).await.unwrap_err();
-                assert!(
-                    err.message.starts_with(want),
-                    "{file} (dry run {dry_run}): {}",
-                    err.message
-                );
-                assert!(t.engine.list_rooms().is_empty(), "{file}");
-                assert!(t.engine.list().is_empty(), "{file}: nothing made");
-                assert!(t.engine.services().unwrap().is_empty(), "{file}");
-            }
-        }
+        refused_with_nothing_made(&t, &bad).await;
 
         let file = |services: serde_json::Value| {
             let mut req = room_file(with(services));

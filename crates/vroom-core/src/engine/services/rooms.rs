@@ -219,8 +219,8 @@ impl Engine {
                     {
                         detail.push(format!(
                             "replicas {} -> {}",
-                            scale(&have.spec),
-                            scale(&want)
+                            have.spec.scale(),
+                            want.scale()
                         ));
                     }
                     if want.port != have.spec.port {
@@ -322,7 +322,7 @@ impl Engine {
         if let Some(target) = record.spec.scale_on {
             event = event.detail("scale_on", target.to_string());
         }
-        self.emit(event.message(format!("{} by a room file", scale(&record.spec))));
+        self.emit(event.message(format!("{} by a room file", record.spec.scale())));
         self.kick_service(&name);
         Ok(())
     }
@@ -384,16 +384,7 @@ fn file_bounds(spec: &ServiceDefinition) -> (u32, Option<u32>) {
     (min, (max > min).then_some(max))
 }
 
-/// `2`, or `2..6 on p95<50ms`.
-fn scale(spec: &ServiceDefinition) -> String {
-    let (min, max) = spec.bounds();
-    match spec.scale_on {
-        Some(target) if max > min => format!("{min}..{max} on {target}"),
-        _ => min.to_string(),
-    }
-}
-
 /// What a new service is: `web x2 on :80`.
 fn shape(spec: &ServiceDefinition) -> String {
-    format!("{} x{} on :{}", spec.image, scale(spec), spec.port)
+    format!("{} x{} on :{}", spec.image, spec.scale(), spec.port)
 }
