@@ -269,6 +269,31 @@ async fn show_room(client: &Client, room: &Room) -> Result<()> {
             i.state
         );
     }
+    let services: Vec<_> = client
+        .services()
+        .await?
+        .into_iter()
+        .filter(|s| s.spec.room.as_ref() == Some(&room.name))
+        .collect();
+    if !services.is_empty() {
+        println!("services:");
+        for s in &services {
+            println!(
+                "  {:<16} {:<10} {} (DNS {}, {}.{}) [{} of {} ready, scale {}]",
+                s.spec.name,
+                s.spec.image,
+                s.address
+                    .map(|ip| format!("{ip}:{}", s.spec.port))
+                    .unwrap_or_else(|| "no address yet".into()),
+                s.spec.name,
+                s.spec.name,
+                room.domain,
+                s.ready,
+                s.desired,
+                s.spec.scale()
+            );
+        }
+    }
     println!("exposes:");
     for e in &room.exposes {
         println!(

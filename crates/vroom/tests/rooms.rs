@@ -305,6 +305,11 @@ fn room_apply_converges_and_changes_only_what_changed() {
         rc == 0 && page.contains("It works"),
         "the service is exposed: {rc} {page}"
     );
+    let shown = env.ok(&["room", "inspect", "rc"]);
+    assert!(
+        shown.contains(&format!("{lb}:80 (DNS shop, shop.rc.lan) [1 of 1 ready")),
+        "{shown}"
+    );
 
     let again = apply(false);
     assert!(
