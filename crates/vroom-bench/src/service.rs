@@ -12,7 +12,9 @@
 //!   the same recipe with another version (the goal is 0).
 //!
 //! The load runs from the host on the service's own network; the bench
-//! starts vroomd for the data dir if none answers.
+//! starts vroomd for the data dir if none answers. For the cold baseline
+//! it removes web's warm snapshot (a service starts its members warm
+//! whenever the image has one), then makes it again with `image warm`.
 
 use std::path::Path;
 use std::process::Command;
