@@ -145,6 +145,17 @@ fn install_test_tools() -> Result<()> {
     if missing("psql") {
         apt_install(&["postgresql-client"])?;
     }
+    // The OCI import tests build images with umoci, copy them with
+    // skopeo and serve them from a docker-registry of their own.
+    for (tool, package) in [
+        ("umoci", "umoci"),
+        ("skopeo", "skopeo"),
+        ("docker-registry", "docker-registry"),
+    ] {
+        if missing(tool) {
+            apt_install(&[package])?;
+        }
+    }
     // The topology test renders its graph with Graphviz's dot.
     if missing("dot") {
         apt_install(&["graphviz"])?;

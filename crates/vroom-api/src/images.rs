@@ -1,11 +1,11 @@
-//! Routes for images: list, build, prune, inspect, remove.
+//! Routes for images: list, build, import, prune, inspect, remove.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use vroom_types::{ApiErrorBody, BuildEvent, BuildImageRequest, ImageSummary};
+use vroom_types::{ApiErrorBody, BuildEvent, BuildImageRequest, ImageSummary, ImportImageRequest};
 
 use crate::audit::AuditCaller;
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
@@ -40,8 +40,38 @@ pub(crate) async fn build_image(
             recipe.display()
         )));
     }
-    // As the document's pattern says, before the answer starts to stream.
-    if let Some(kernel) = &req.kernel {
+    check_kernel_choice(req.kernel.as_deref())?;
+    Ok(stream_build(move |progress| async move {
+        engine
+            .build_image(recipe, req.update, req.kernel, caller.uid, progress)
+            .await
+    }))
+}
+
+/// Imports an OCI image (an OCI layout, an OCI or docker archive on the
+/// daemon's host, or a registry's) as an appliance image. The answer
+/// streams like a build's: `progress` lines, then `done` or `error`.
+#[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors))]
+pub(crate) async fn import_image(
+    State(engine): State<AppState>,
+    AuditCaller(caller): AuditCaller,
+    req: Result<Json<ImportImageRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let req = body(req)?;
+    // Parsed here too, so a bad reference is a 400 before the answer streams.
+    if let Err(e) = req.reference.parse::<vroom_types::ImportReference>() {
+        return Err(bad_request(e.to_string()));
+    }
+    check_kernel_choice(req.kernel.as_deref())?;
+    Ok(stream_build(move |progress| async move {
+        engine.import_oci_image(req, caller.uid, progress).await
+    }))
+}
+
+/// As the document's pattern says, before the answer starts to stream.
+fn check_kernel_choice(kernel: Option<&str>) -> Result<(), ApiError> {
+    if let Some(kernel) = kernel {
         let id = kernel.len() == 16
             && kernel
                 .bytes()
@@ -52,23 +82,26 @@ pub(crate) async fn build_image(
             )));
         }
     }
+    Ok(())
+}
+
+/// Runs a build or import, streaming its progress as JSON lines and its
+/// outcome as the last line.
+fn stream_build<F, Fut>(run: F) -> Response
+where
+    F: FnOnce(Box<dyn FnMut(&str, &str) + Send>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<vroom_types::BuildReport, vroom_core::OpError>> + Send,
+{
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<BuildEvent>();
     let progress = tx.clone();
     tokio::spawn(async move {
-        let result = engine
-            .build_image(
-                recipe,
-                req.update,
-                req.kernel,
-                caller.uid,
-                move |stage, detail| {
-                    let _ = progress.send(BuildEvent::Progress {
-                        stage: stage.to_string(),
-                        detail: detail.to_string(),
-                    });
-                },
-            )
-            .await;
+        let result = run(Box::new(move |stage: &str, detail: &str| {
+            let _ = progress.send(BuildEvent::Progress {
+                stage: stage.to_string(),
+                detail: detail.to_string(),
+            });
+        }))
+        .await;
         let last = match result {
             Ok(report) => BuildEvent::Done {
                 report: Box::new(report),
@@ -93,11 +126,11 @@ pub(crate) async fn build_image(
         line.push(b'\n');
         Some((Ok::<_, std::convert::Infallible>(line), rx))
     });
-    Ok((
+    (
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(lines),
     )
-        .into_response())
+        .into_response()
 }
 
 /// Removes the older builds that no name points to and no instance uses; returns them.

@@ -248,6 +248,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
         remove_network,
         list_images,
         build_image,
+        import_image,
         prune_images,
         remove_image,
         get_image,
@@ -461,6 +462,7 @@ pub fn router(vroomd: Arc<dyn Vroomd>) -> Router {
         )
         .route("/v1/images", get(images::list_images))
         .route("/v1/images/build", post(images::build_image))
+        .route("/v1/images/import", post(images::import_image))
         .route("/v1/images/prune", post(images::prune_images))
         .route(
             "/v1/images/{reference}",

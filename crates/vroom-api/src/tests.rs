@@ -193,6 +193,34 @@ async fn statuses_table() {
             "at most 64 KiB",
             "256",
         ),
+        // An import's reference is checked before the answer streams.
+        (
+            "POST",
+            "/v1/images/import",
+            br#"{"reference":"ftp://x/y"}"#.to_vec(),
+            400,
+            ErrorCode::InvalidArgument,
+            "unknown transport \"ftp\"",
+            "",
+        ),
+        (
+            "POST",
+            "/v1/images/import",
+            br#"{"reference":"oci:relative/dir"}"#.to_vec(),
+            400,
+            ErrorCode::InvalidArgument,
+            "the path must be absolute",
+            "",
+        ),
+        (
+            "POST",
+            "/v1/images/import",
+            br#"{"reference":"docker://h.io/a:1","kernel":"mine"}"#.to_vec(),
+            400,
+            ErrorCode::InvalidArgument,
+            "unknown kernel \"mine\"",
+            "",
+        ),
     ];
     for (method, path, body, status, code, says, not) in cases {
         let request = axum::http::Request::builder()

@@ -99,6 +99,7 @@ async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32)
             room: None,
             port: 80,
             scale_on: None,
+            warm: true,
         })
         .await?;
     let shop = vroom::session::service_converged(client, name).await?;

@@ -1015,16 +1015,35 @@ impl Client {
         recipe: &Path,
         update: bool,
         kernel: Option<&str>,
-        mut on_progress: impl FnMut(&str, &str),
+        on_progress: impl FnMut(&str, &str),
     ) -> Result<BuildReport, ClientError> {
         let req = BuildImageRequest {
             recipe: recipe.display().to_string(),
             update,
             kernel: kernel.map(String::from),
         };
-        let response = self
-            .send(Method::POST, "/v1/images/build", Some(&req))
-            .await?;
+        self.build_stream("/v1/images/build", &req, on_progress)
+            .await
+    }
+
+    /// Imports an OCI image, calling `on_progress(stage, detail)` as the daemon reports.
+    pub async fn import_image(
+        &self,
+        req: &vroom_types::ImportImageRequest,
+        on_progress: impl FnMut(&str, &str),
+    ) -> Result<BuildReport, ClientError> {
+        self.build_stream("/v1/images/import", req, on_progress)
+            .await
+    }
+
+    /// A build's or import's stream of progress lines and its last line.
+    async fn build_stream(
+        &self,
+        path: &str,
+        req: &impl serde::Serialize,
+        mut on_progress: impl FnMut(&str, &str),
+    ) -> Result<BuildReport, ClientError> {
+        let response = self.send(Method::POST, path, Some(req)).await?;
         let status = response.status().as_u16();
         if !response.status().is_success() {
             let bytes = response.into_body().collect().await?.to_bytes();

@@ -59,6 +59,21 @@ pub trait ImageSource: Send + Sync {
         progress: &mut dyn FnMut(&str, &str),
     ) -> Result<BuildReport, BuildFromRecipeError>;
 
+    /// Imports an OCI image (`vroom image import`): `reference` as
+    /// [`vroom_types::ImportImageRequest`] says, with `owner` as for
+    /// [`ImageSource::build`].
+    fn import_oci(
+        &self,
+        request: &vroom_types::ImportImageRequest,
+        owner: Option<u32>,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError> {
+        let _ = (owner, progress);
+        Err(BuildFromRecipeError::Build {
+            message: format!("this host does not import images ({})", request.reference),
+        })
+    }
+
     /// Finds an image by name or id, building a built-in one on first use.
     fn resolve(&self, reference: &str) -> Result<BootImage, ResolveImageError>;
     /// Finds an image by name or id without building anything.

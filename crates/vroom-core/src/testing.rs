@@ -1083,6 +1083,7 @@ impl Default for FakeImages {
             },
             packages: vec![],
             init_sha256: None,
+            oci: None,
         };
         let boot = |id: char, manifest: ImageManifest| BootImage {
             id: id.to_string().repeat(64),

@@ -255,6 +255,8 @@ fn build_once(
                 sha256: p.sha256.clone(),
             })
             .collect(),
+        keep_owners: false,
+        oci: None,
     };
     let image = pack_and_commit(root, meta, inputs.kernel, inputs.init, store)?;
     remember(&image);
@@ -299,7 +301,7 @@ fn inputs_digest(loaded: &LoadedRecipe, inputs: &RecipeInputs<'_>) -> std::io::R
 }
 
 /// sha256 over length-prefixed fields, so that no two field lists collide.
-fn digest(fields: &[&[u8]]) -> String {
+pub(crate) fn digest(fields: &[&[u8]]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for field in fields {
@@ -353,7 +355,7 @@ fn trim_docs(doc: &Path) -> std::io::Result<()> {
 /// so nothing is ever written through a link.
 fn replaceable_in_root(root: &Path, guest_path: &str) -> std::io::Result<std::path::PathBuf> {
     if let Some(parent) = Path::new(guest_path).parent() {
-        inroot::create_dir_all(root, &parent.to_string_lossy())?;
+        inroot::create_dir_all(root, parent)?;
     }
     let dest = inroot::resolve(root, guest_path)?;
     if fs::symlink_metadata(&dest).is_ok_and(|m| !m.is_dir()) {

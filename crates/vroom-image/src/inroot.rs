@@ -20,6 +20,22 @@ use std::path::{Component, Path, PathBuf};
 
 /// Opens `relative` (a directory) inside `root`, following links within it.
 fn open_dir_in_root(root: &Path, relative: &Path) -> io::Result<PathBuf> {
+    let fd = open_in_root(root, relative, libc::O_PATH | libc::O_DIRECTORY)?;
+    fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::unix::io::AsRawFd::as_raw_fd(&fd)
+    ))
+}
+
+/// Opens the file at `guest_path` for reading, every link on the way (its
+/// own included) followed within `root`, as the guest would open it.
+pub fn open_file(root: &Path, guest_path: impl AsRef<Path>) -> io::Result<fs::File> {
+    let relative: PathBuf = components(guest_path.as_ref()).into_iter().collect();
+    Ok(open_in_root(root, &relative, libc::O_RDONLY)?.into())
+}
+
+/// `openat2(root, relative, flags | O_CLOEXEC)` with `RESOLVE_IN_ROOT`.
+fn open_in_root(root: &Path, relative: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
     let root_dir = fs::File::open(root)?;
     let relative = if relative.as_os_str().is_empty() {
         Path::new(".")
@@ -30,7 +46,7 @@ fn open_dir_in_root(root: &Path, relative: &Path) -> io::Result<PathBuf> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
     // SAFETY: open_how is a plain C struct of integers; all-zero is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a valid dir fd, a NUL-terminated path and a
     // properly sized open_how; a non-negative result is a new fd we own.
@@ -47,17 +63,13 @@ fn open_dir_in_root(root: &Path, relative: &Path) -> io::Result<PathBuf> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fd was just returned by the kernel and is owned by no one else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::unix::io::AsRawFd::as_raw_fd(&fd)
-    ))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The components of a guest path, without the leading `/`, `.` or `..`
 /// (recipes are validated to have none; this never lets one through).
-fn components(guest_path: &str) -> Vec<&std::ffi::OsStr> {
-    Path::new(guest_path)
+fn components(guest_path: &Path) -> Vec<&std::ffi::OsStr> {
+    guest_path
         .components()
         .filter_map(|c| match c {
             Component::Normal(name) => Some(name),
@@ -69,8 +81,8 @@ fn components(guest_path: &str) -> Vec<&std::ffi::OsStr> {
 /// Where `guest_path` lives on the host: its parent resolved inside `root`,
 /// joined with its last component (which may itself be a link; callers
 /// decide). Fails with `NotFound` when the parent does not exist.
-pub fn resolve(root: &Path, guest_path: &str) -> io::Result<PathBuf> {
-    let parts = components(guest_path);
+pub fn resolve(root: &Path, guest_path: impl AsRef<Path>) -> io::Result<PathBuf> {
+    let parts = components(guest_path.as_ref());
     let Some((last, parents)) = parts.split_last() else {
         return Ok(root.to_path_buf());
     };
@@ -80,9 +92,9 @@ pub fn resolve(root: &Path, guest_path: &str) -> io::Result<PathBuf> {
 
 /// `mkdir -p` of `guest_path` inside `root`, following existing links within
 /// the root; returns the directory's host path.
-pub fn create_dir_all(root: &Path, guest_path: &str) -> io::Result<PathBuf> {
+pub fn create_dir_all(root: &Path, guest_path: impl AsRef<Path>) -> io::Result<PathBuf> {
     let mut done = PathBuf::new();
-    for part in components(guest_path) {
+    for part in components(guest_path.as_ref()) {
         let host = open_dir_in_root(root, &done)?.join(part);
         match fs::create_dir(&host) {
             Ok(()) => {}

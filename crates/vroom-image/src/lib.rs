@@ -8,6 +8,7 @@ pub mod cpio;
 pub mod init_check;
 mod inroot;
 pub mod kernel;
+pub mod oci;
 pub mod pack;
 pub mod recipe;
 pub mod source;

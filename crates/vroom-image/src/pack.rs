@@ -42,6 +42,11 @@ pub struct ImageMeta {
     pub packages: Vec<PackageEntry>,
     /// Kernel modules beyond the base set, loaded at boot (e.g. nf_tables).
     pub modules: Vec<String>,
+    /// The files keep the owners they have in `tree` (an OCI image's
+    /// layers say who owns what); otherwise root owns everything.
+    pub keep_owners: bool,
+    /// Where an imported OCI image came from.
+    pub oci: Option<vroom_types::OciOrigin>,
 }
 
 /// Packs `tree` and commits the image to the store.
@@ -63,15 +68,21 @@ pub fn pack_and_commit(
         let what = what.to_string();
         move |source| BuildImageError::Stage { what, source }
     };
-    let vroom_dir = tree.join("etc/vroom");
-    fs::create_dir_all(&vroom_dir).map_err(stage("etc/vroom"))?;
+    // Every path resolved inside the tree: a link in it (an imported
+    // image's) never leads a write onto the host.
+    let vroom_dir = crate::inroot::create_dir_all(tree, "etc/vroom").map_err(stage("etc/vroom"))?;
     let spec =
         serde_json::to_vec_pretty(&meta.appliance).expect("invariant: appliance specs serialize");
-    fs::write(vroom_dir.join("appliance.json"), spec).map_err(stage("appliance.json"))?;
+    let spec_file = vroom_dir.join("appliance.json");
+    if fs::symlink_metadata(&spec_file).is_ok_and(|m| !m.is_file()) {
+        fs::remove_file(&spec_file).map_err(stage("appliance.json"))?;
+    }
+    fs::write(spec_file, spec).map_err(stage("appliance.json"))?;
     // The mount point of each instance's own machine id, which vroom-init
     // writes to /run at boot: the root is read-only and shared by every
     // instance of the image.
-    let machine_id = tree.join("etc/machine-id");
+    let machine_id =
+        crate::inroot::resolve(tree, "etc/machine-id").map_err(stage("etc/machine-id"))?;
     if fs::symlink_metadata(&machine_id).is_err() {
         fs::write(&machine_id, "").map_err(stage("etc/machine-id"))?;
     }
@@ -85,21 +96,12 @@ pub fn pack_and_commit(
                 .map(|w| w.trim_start_matches('/').to_string()),
         )
     {
-        fs::create_dir_all(tree.join(dir)).map_err(stage("mount points"))?;
+        crate::inroot::create_dir_all(tree, dir).map_err(stage("mount points"))?;
     }
 
     let rootfs = staging.path().join("rootfs.erofs");
-    run(Command::new("mkfs.erofs")
-        .args([
-            "--quiet",
-            "-zlz4hc",
-            "-T0",
-            "--all-root",
-            &format!("-U{ROOTFS_UUID}"),
-        ])
-        .arg(&rootfs)
-        .arg(tree))
-    .map_err(|reason| BuildImageError::Pack { reason })?;
+    make_erofs(tree, &rootfs, meta.keep_owners)
+        .map_err(|reason| BuildImageError::Pack { reason })?;
     let initramfs = staging.path().join("initramfs.cpio");
     write_initramfs(&initramfs, init, kernel, &modules)
         .map_err(|reason| BuildImageError::Pack { reason })?;
@@ -127,8 +129,21 @@ pub fn pack_and_commit(
         appliance: meta.appliance,
         packages: meta.packages,
         init_sha256: Some(sha256_file(init).map_err(stage("digests"))?.0),
+        oci: meta.oci,
     };
     Ok(store.commit(staging, &manifest)?)
+}
+
+/// Packs `tree` into a reproducible erofs file: every timestamp is 0 and
+/// the UUID fixed, so equal trees give equal bytes. Unless `keep_owners`,
+/// root owns every file.
+pub fn make_erofs(tree: &Path, out: &Path, keep_owners: bool) -> Result<(), String> {
+    let mut mkfs = Command::new("mkfs.erofs");
+    mkfs.args(["--quiet", "-zlz4hc", "-T0", &format!("-U{ROOTFS_UUID}")]);
+    if !keep_owners {
+        mkfs.arg("--all-root");
+    }
+    run(mkfs.arg(out).arg(tree)).map(drop)
 }
 
 /// Fails, naming each module and the option that builds it, when `kernel`

@@ -369,6 +369,7 @@ impl LoadedRecipe {
                     restart_on_config: s.restart_on_config,
                     oneshot: s.restart == RestartPolicy::Oneshot,
                     check: s.check.clone(),
+                    ..Default::default()
                 })
                 .collect(),
             health_tcp_port: match r.health.as_ref().map(|h| &h.tcp) {
@@ -382,6 +383,7 @@ impl LoadedRecipe {
             config_schema: self.schema(),
             sysctl: self.sysctl.clone(),
             config_rules: r.config_rules.clone(),
+            network_files: false,
         }
     }
 

@@ -90,6 +90,43 @@ impl LocalImages {
         Ok(image)
     }
 
+    /// Removes what a crash left half-made: staging dirs and half-fetched
+    /// layers. Only while nothing is built, imported or received (at the
+    /// daemon's start).
+    pub fn sweep_leftovers(&self) {
+        self.store.sweep_staging();
+        crate::oci::blobs::BlobCache::new(self.store.dir()).sweep();
+    }
+
+    /// Removes the cached layers no imported image names any more. Never
+    /// while an import runs (it may be fetching layers no image names
+    /// yet) and never waiting for one: the next removal collects them.
+    pub fn collect_layers(&self) {
+        let Ok(_guard) = self.build.try_lock() else {
+            return;
+        };
+        let Ok(images) = self.store.list() else {
+            return;
+        };
+        let kept: std::collections::BTreeSet<&str> = images
+            .iter()
+            .filter_map(|i| i.manifest.oci.as_ref())
+            .flat_map(|o| o.layers.iter().map(String::as_str))
+            .collect();
+        let cache = crate::oci::blobs::BlobCache::new(self.store.dir());
+        for digest in cache.list() {
+            if kept.contains(digest.as_str()) {
+                continue;
+            }
+            if let Ok(path) = cache.path(&digest) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(layer = %digest, "removed a layer no image uses"),
+                    Err(err) => tracing::warn!(layer = %digest, "cannot remove: {err}"),
+                }
+            }
+        }
+    }
+
     /// Whether the image's `/init` differs from the vroom-init this vroom
     /// packs now (images from before the digest was recorded count as older).
     pub fn built_with_older_init(&self, image: &StoredImage) -> bool {
@@ -148,6 +185,56 @@ fn store_error(e: ImageStoreError) -> ResolveImageError {
 }
 
 impl ImageSource for LocalImages {
+    fn import_oci(
+        &self,
+        request: &vroom_types::ImportImageRequest,
+        owner: Option<u32>,
+        progress: &mut dyn FnMut(&str, &str),
+    ) -> Result<BuildReport, BuildFromRecipeError> {
+        let user = |message: String| BuildFromRecipeError::Recipe {
+            message: format!("cannot import {}: {message}", request.reference),
+        };
+        let reference: crate::oci::ImportReference =
+            request.reference.parse().map_err(|e| user(chain(&e)))?;
+        let choice: KernelChoice = request
+            .kernel
+            .as_deref()
+            .unwrap_or_default()
+            .parse()
+            .map_err(user)?;
+        crate::init_check::check_init_file(&self.init).map_err(|e| {
+            BuildFromRecipeError::Build {
+                message: e.to_string(),
+            }
+        })?;
+        let kernel = self.kernels.choose(&choice).map_err(user)?;
+        let _guard = self.build.lock_unpoisoned();
+        let req = crate::oci::ImportRequest {
+            reference: &reference,
+            name: request.name.as_ref().map(|n| n.to_string()),
+            insecure: request.insecure,
+            owner,
+            kernel: &kernel,
+            init: &self.init,
+        };
+        let outcome = crate::oci::import_image(&req, &self.store, &mut |stage, detail| {
+            progress(stage, &detail)
+        })
+        .map_err(|e| {
+            let message = format!("cannot import {reference}: {}", chain(&e));
+            if e.is_user_error() {
+                BuildFromRecipeError::Recipe { message }
+            } else {
+                BuildFromRecipeError::Build { message }
+            }
+        })?;
+        Ok(BuildReport {
+            image: outcome.image.summary(),
+            cached: outcome.cached,
+            changes: vec![],
+        })
+    }
+
     fn build(
         &self,
         recipe: &std::path::Path,
@@ -285,7 +372,9 @@ impl ImageSource for LocalImages {
     }
 
     fn remove(&self, id: &str) -> Result<(), ResolveImageError> {
-        self.store.remove(id).map_err(store_error)
+        self.store.remove(id).map_err(store_error)?;
+        self.collect_layers();
+        Ok(())
     }
 
     fn export(&self, id: &str) -> Result<vroom_core::images::ImageExport, ResolveImageError> {
@@ -390,6 +479,49 @@ mod tests {
         )
     }
 
+    /// Cached layers go with the last imported image that names them.
+    #[test]
+    fn layers_are_removed_with_the_last_image_that_has_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = images(dir.path());
+        let cache = crate::oci::blobs::BlobCache::new(local.store.dir());
+        let layer = |n: u8| format!("sha256:{}", sha256_bytes(&[n]));
+        fs::create_dir_all(cache.path(&layer(0)).unwrap().parent().unwrap()).unwrap();
+        for n in 0..3 {
+            fs::write(cache.path(&layer(n)).unwrap(), [n]).unwrap();
+        }
+        let commit = |name: &str, layers: Vec<String>| {
+            let mut manifest = crate::store::tests::manifest("");
+            manifest.name = name.into();
+            manifest.oci = Some(vroom_types::OciOrigin {
+                reference: format!("oci:/{name}"),
+                digest: layer(9),
+                config_digest: layer(9),
+                layers,
+                exposed_ports: vec![],
+                volumes: vec![],
+            });
+            local
+                .store
+                .commit(local.store.staging().unwrap(), &manifest)
+                .unwrap()
+        };
+        let a = commit("a", vec![layer(0), layer(1)]);
+        let b = commit("b", vec![layer(0)]);
+        let cached = || {
+            let mut list = cache.list();
+            list.sort();
+            list
+        };
+        let mut all = vec![layer(0), layer(1), layer(2)];
+        all.sort();
+        assert_eq!(cached(), all);
+        local.remove(&a.id).unwrap();
+        assert_eq!(cached(), vec![layer(0)], "b's layer stays");
+        local.remove(&b.id).unwrap();
+        assert!(cached().is_empty());
+    }
+
     /// An image for vroom's kernel moves to another host with its kernel
     /// (another host's build of it would differ), checked against the
     /// digest the image pins; a kernel that does not match is refused.
@@ -422,6 +554,7 @@ mod tests {
             appliance: ApplianceSpec::default(),
             packages: vec![],
             init_sha256: None,
+            oci: None,
         };
         let image = a.store.commit(staging, &manifest).unwrap();
         let export = a.export(&image.id).unwrap();

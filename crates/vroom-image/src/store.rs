@@ -198,6 +198,25 @@ impl ImageStore {
             .map_err(self.io())
     }
 
+    /// Removes the staging dirs a crash left (of builds, imports and
+    /// received images). Only while none is under way (at the daemon's start).
+    pub fn sweep_staging(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".staging-") {
+                match fs::remove_dir_all(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, left by an interrupted build or import",
+                        entry.path().display()
+                    ),
+                    Err(err) => tracing::warn!("cannot remove {}: {err}", entry.path().display()),
+                }
+            }
+        }
+    }
+
     /// Writes the manifest into a finished staging dir and moves it into place.
     /// An identical image already in the store wins; the staging dir is dropped.
     pub fn commit(
@@ -303,11 +322,12 @@ impl ImageStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use vroom_types::{ApplianceSpec, FileDigest, KernelRef};
 
-    fn manifest(cmdline: &str) -> ImageManifest {
+    /// A manifest of image `fw` whose files are not checked.
+    pub(crate) fn manifest(cmdline: &str) -> ImageManifest {
         let digest = |file: &str| FileDigest {
             file: file.into(),
             sha256: "0".repeat(64),
@@ -333,6 +353,7 @@ mod tests {
             appliance: ApplianceSpec::default(),
             packages: vec![],
             init_sha256: None,
+            oci: None,
         }
     }
 

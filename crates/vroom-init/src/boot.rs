@@ -94,7 +94,8 @@ pub fn boot() -> Result<Booted, String> {
             log(&format!("seed {dir}: {err}"));
         }
         if let Ok(meta) = fs::metadata(&target) {
-            use std::os::unix::fs::PermissionsExt;
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let _ = std::os::unix::fs::chown(SEED_MNT, Some(meta.uid()), Some(meta.gid()));
             let _ = fs::set_permissions(
                 SEED_MNT,
                 fs::Permissions::from_mode(meta.permissions().mode()),
@@ -121,6 +122,11 @@ pub fn boot() -> Result<Booted, String> {
     }
     apply_sysctl(&spec.sysctl);
     let nics = netconf::configure(&instance.nics)?;
+    if spec.network_files {
+        if let Err(err) = write_network_files(&instance) {
+            log(&format!("network files: {err}"));
+        }
+    }
     // Last, so that nothing after it fails the boot with volumes mounted;
     // before the services, which keep their data there.
     let volumes = datavol::mount_all(&instance.volumes).map_err(|e| vroom_base::error_chain(&e))?;
@@ -209,9 +215,16 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
         } else if kind.is_dir() {
             fs::create_dir(&dst)?;
             copy_tree(&src, &dst)?;
-            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode()))?;
         } else if kind.is_file() {
             fs::copy(&src, &dst)?;
+        } else {
+            continue;
+        }
+        // Owners as in the image (an imported image's services run as
+        // their own users); the owner first, as chown clears set-id bits.
+        std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
+        if !kind.is_symlink() {
+            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode()))?;
         }
     }
     Ok(())
@@ -279,11 +292,42 @@ pub fn set_machine_id(id: &str) -> Result<(), String> {
 
 /// Whether `/etc/machine-id` is a mount point already.
 fn machine_id_bound() -> bool {
+    mounted_at(ETC_MACHINE_ID)
+}
+
+fn mounted_at(path: &str) -> bool {
     fs::read_to_string("/proc/self/mountinfo").is_ok_and(|table| {
         table
             .lines()
-            .any(|line| line.split(' ').nth(4) == Some(ETC_MACHINE_ID))
+            .any(|line| line.split(' ').nth(4) == Some(path))
     })
+}
+
+/// `/etc/hosts` (localhost and the hostname) and `/etc/resolv.conf` (the
+/// first NIC's gateway), written to `/run` and bound over the image's
+/// plain files: what a container image expects its runtime to provide.
+fn write_network_files(instance: &InstanceFile) -> Result<(), String> {
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+        instance.hostname
+    );
+    let resolv: String = instance
+        .nics
+        .iter()
+        .filter_map(|n| n.gateway.as_deref())
+        .take(1)
+        .map(|gw| format!("nameserver {gw}\n"))
+        .collect();
+    fs::create_dir_all("/run/vroom").map_err(|e| format!("mkdir /run/vroom: {e}"))?;
+    for (file, content) in [("hosts", hosts), ("resolv.conf", resolv)] {
+        let source = format!("/run/vroom/{file}");
+        let target = format!("/etc/{file}");
+        fs::write(&source, content).map_err(|e| format!("write {source}: {e}"))?;
+        if Path::new(&target).is_file() && !mounted_at(&target) {
+            mount(&source, &target, "", libc::MS_BIND, "")?;
+        }
+    }
+    Ok(())
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {

@@ -609,16 +609,20 @@ impl Supervisor {
     /// Stops the services, then powers off. Never returns.
     pub fn shutdown(&self) -> ! {
         log("shutting down");
-        let pids: Vec<i32> = {
+        let pids: Vec<(i32, i32)> = {
             let mut inner = self.lock();
             inner.shutting_down = true;
-            inner.services.iter().filter_map(|s| s.pid).collect()
+            inner
+                .services
+                .iter()
+                .filter_map(|s| Some((s.pid?, stop_signal(&s.spec))))
+                .collect()
         };
-        for pid in &pids {
+        for (pid, signal) in &pids {
             // SAFETY: signalling the service's own process group; SIGCONT
-            // lets a frozen service act on the SIGTERM.
+            // lets a frozen service act on the stop signal.
             unsafe {
-                libc::kill(-pid, libc::SIGTERM);
+                libc::kill(-pid, *signal);
                 libc::kill(-pid, libc::SIGCONT);
             }
         }
@@ -639,7 +643,7 @@ impl Inner {
         for service in self.services.iter_mut().filter(|s| which(&s.spec)) {
             if let Some(pid) = service.pid {
                 // SAFETY: signalling the service's own process group.
-                unsafe { libc::kill(-pid, libc::SIGTERM) };
+                unsafe { libc::kill(-pid, stop_signal(&service.spec)) };
             }
             service.start_at = Some(now);
         }
@@ -695,13 +699,15 @@ impl Inner {
                 Some(split) => split,
                 None => continue,
             };
-            let spawned = Command::new(program)
+            let mut command = Command::new(program);
+            command
                 .args(args)
                 .env_clear()
                 .env("PATH", PATH)
                 .stdin(Stdio::null())
-                .process_group(0)
-                .spawn();
+                .process_group(0);
+            apply_service_context(&mut command, &service.spec);
+            let spawned = command.spawn();
             match spawned {
                 Ok(child) => service.pid = Some(child.id() as i32),
                 Err(err) => {
@@ -713,6 +719,36 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The signal that stops a service: its own, or SIGTERM.
+fn stop_signal(spec: &ServiceSpec) -> i32 {
+    spec.stop_signal
+        .as_deref()
+        .and_then(vroom_types::signal_number)
+        .unwrap_or(libc::SIGTERM)
+}
+
+/// A service's environment (over the default `PATH`), user and working
+/// directory, as its image asked.
+fn apply_service_context(command: &mut Command, spec: &ServiceSpec) {
+    for entry in &spec.env {
+        if let Some((key, value)) = entry.split_once('=') {
+            command.env(key, value);
+        }
+    }
+    if let Some((uid, gid)) = spec
+        .user
+        .as_deref()
+        .and_then(|u| u.split_once(':'))
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+    {
+        // std drops the supplementary groups when root changes uid.
+        command.uid(uid).gid(gid);
+    }
+    if let Some(dir) = &spec.workdir {
+        command.current_dir(dir);
     }
 }
 
@@ -745,6 +781,7 @@ mod tests {
                     restart_on_config: true,
                     oneshot: true,
                     check: vec![],
+                    ..Default::default()
                 },
                 pid,
                 restarts: 0,

@@ -173,6 +173,12 @@ impl InputFile {
         &self.path
     }
 
+    /// The checked file itself, for a reader that bounds what it reads
+    /// on its own (e.g. by offsets within an archive of that size).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Streams the whole file into `out`; more than the cap (a file that
     /// grew since it was checked) is an error. Returns the bytes copied.
     pub fn copy_to(&mut self, out: &mut impl Write) -> Result<u64, OpenInputError> {

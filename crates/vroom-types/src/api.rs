@@ -134,6 +134,30 @@ pub struct BuildImageRequest {
     pub kernel: Option<String>,
 }
 
+/// The body of `POST /v1/images/import`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageRequest {
+    /// `oci:DIR[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE` (absolute
+    /// paths on the daemon's host) or `docker://HOST[:PORT]/REPO[:TAG|@sha256:...]`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^(oci:/|oci-archive:/|docker-archive:/|docker://)")
+    )]
+    pub reference: String,
+    /// The image's name; by default the repository's (or file's) last part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<crate::Name>,
+    /// Allow plain HTTP to a registry on a loopback or private address.
+    #[serde(default)]
+    pub insecure: bool,
+    /// The kernel to make the image for, as for a build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(debian|vroom|[0-9a-f]{16})$"))]
+    pub kernel: Option<String>,
+}
+
 /// The outcome of a build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -42,6 +42,30 @@ pub struct ImageManifest {
     /// with an older init is recognised (absent in images from before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_sha256: Option<String>,
+    /// Where an imported OCI image came from (absent for recipe builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciOrigin>,
+}
+
+/// An image imported from an OCI image (`vroom image import`): its source
+/// and what of its config has no other place in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OciOrigin {
+    /// The reference it was imported from, e.g. `docker://host/repo:tag`.
+    pub reference: String,
+    /// The sha256 digest of its image manifest (`sha256:...`).
+    pub digest: String,
+    /// The digest of its image config.
+    pub config_digest: String,
+    /// Its layers' digests, bottom first, as cached in the image store.
+    pub layers: Vec<String>,
+    /// Every exposed port (`80/tcp`); the first TCP one is the health check.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+    /// The image's declared volumes (paths); each is a tmpfs, listed in `writable`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 /// One package of an image's SBOM.
@@ -164,9 +188,14 @@ pub struct ApplianceSpec {
     /// Data volumes the appliance needs (`[[volumes]]` in its recipe).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<crate::VolumeDecl>,
+    /// vroom-init writes `/etc/hosts` (localhost and the hostname) and
+    /// `/etc/resolv.conf` (the default gateway) at boot, as container
+    /// images expect; the image has both as plain files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network_files: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceSpec {
     pub name: String,
@@ -185,6 +214,44 @@ pub struct ServiceSpec {
     /// FILE`); an argument naming a template's path gets the staged copy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub check: Vec<String>,
+    /// Extra environment, `KEY=VALUE` each (an OCI image's `Env`); a
+    /// `PATH` here replaces vroom-init's default one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Who the service runs as, numeric `uid:gid` (resolved when the image
+    /// was made); absent: root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The working directory; absent: `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The signal that stops the service (e.g. `SIGQUIT` or `3`); absent: SIGTERM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+}
+
+/// The number of a stop signal as an OCI config names it (`SIGQUIT`,
+/// `QUIT` or `3`), on Linux; `None` for a name this does not know.
+pub fn signal_number(name: &str) -> Option<i32> {
+    if let Ok(n) = name.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = name.strip_prefix("SIG").unwrap_or(name);
+    Some(match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        "WINCH" => 28,
+        "PWR" => 30,
+        "RTMIN+3" => 37,
+        _ => return None,
+    })
 }
 
 /// A file rendered from config with a MiniJinja template (see [`crate::template`]).
@@ -216,6 +283,24 @@ pub struct ImageSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_signals_are_named_as_oci_configs_name_them() {
+        for (name, want) in [
+            ("SIGTERM", Some(15)),
+            ("TERM", Some(15)),
+            ("SIGQUIT", Some(3)),
+            ("SIGWINCH", Some(28)),
+            ("SIGRTMIN+3", Some(37)),
+            ("9", Some(9)),
+            ("0", None),
+            ("65", None),
+            ("SIGNOPE", None),
+            ("", None),
+        ] {
+            assert_eq!(signal_number(name), want, "{name}");
+        }
+    }
 
     /// Manifests from before kernels had a flavor read as Debian's, and a
     /// Debian kernel writes them byte for byte as before (an image's id is

@@ -19,6 +19,7 @@ mod error;
 mod event;
 mod exec;
 mod image;
+mod import_ref;
 mod instance;
 mod json_int;
 pub mod limits;
@@ -37,7 +38,7 @@ mod volume;
 
 pub use api::{
     package_changes, ActionRequest, BuildEvent, BuildImageRequest, BuildReport, ConfigDocument,
-    DaemonInfo, DaemonStarter, LogChunk, PackageChange, VersionInfo, VmmInfo,
+    DaemonInfo, DaemonStarter, ImportImageRequest, LogChunk, PackageChange, VersionInfo, VmmInfo,
 };
 pub use cluster::{
     ClusterInfo, DrainReport, DrainedInstance, HaPolicy, KeptInstance, MigrateRequest, Migration,
@@ -58,9 +59,10 @@ pub use exec::{
     MAX_EXEC_REQUEST_BYTES, MAX_EXEC_RESULT_BYTES, MAX_EXEC_TIMEOUT_SECS,
 };
 pub use image::{
-    ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelFlavor, KernelRef, PackageEntry,
-    ServiceSpec, TemplateSpec, MANIFEST_VERSION,
+    signal_number, ApplianceSpec, FileDigest, ImageManifest, ImageSummary, KernelFlavor, KernelRef,
+    OciOrigin, PackageEntry, ServiceSpec, TemplateSpec, MANIFEST_VERSION,
 };
+pub use import_ref::{ImportReference, ParseImportReferenceError};
 pub use instance::{
     Accel, AccelChoice, ConntrackTable, DesiredState, ExecRequest, ExecResult, GuestHealth,
     Instance, InstanceAction, InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus,

@@ -361,6 +361,10 @@ pub struct RoomService {
     /// The members' CPU use the autoscaler keeps, like `60%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_cpu: Option<String>,
+    /// Every member boots (by default they start from the image's warm
+    /// snapshot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
 }
 
 impl RoomService {
@@ -397,6 +401,7 @@ impl RoomService {
             room: Some(room.clone()),
             port: self.port,
             scale_on,
+            warm: !self.cold,
         })
     }
 }
@@ -559,7 +564,7 @@ mod tests {
                 (2, Some(6), 80, Some(ScaleTarget::P95Ms(50))),
             ),
             (
-                r#"{"name":"shop","image":"web","replicas":"1..3","target_cpu":"60%"}"#,
+                r#"{"name":"shop","image":"web","replicas":"1..3","target_cpu":"60%","cold":true}"#,
                 (1, Some(3), 80, Some(ScaleTarget::CpuPercent(60))),
             ),
         ];
@@ -572,6 +577,7 @@ mod tests {
                 "{body}"
             );
             assert_eq!(def.room.as_ref(), Some(&acme));
+            assert_eq!(def.warm, !body.contains("cold"), "{body}");
             // What the CLI sends is what it read.
             let again: RoomService =
                 serde_json::from_str(&serde_json::to_string(&entry).unwrap()).unwrap();

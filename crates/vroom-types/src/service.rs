@@ -57,6 +57,15 @@ pub struct ServiceDefinition {
     /// What the autoscaler keeps (needs `max_replicas` above `replicas`).
     #[serde(default)]
     pub scale_on: Option<ScaleTarget>,
+    /// Members start from the image's warm snapshot (made once, in the
+    /// background, when the image has none); false: every member boots.
+    #[serde(default = "yes")]
+    #[cfg_attr(feature = "openapi", schema(default = true))]
+    pub warm: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub(crate) fn default_port() -> u16 {

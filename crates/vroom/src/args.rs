@@ -775,6 +775,10 @@ pub enum ServiceOp {
         /// Scale to keep the members' average CPU under a target, e.g. `60%`.
         #[arg(long)]
         target_cpu: Option<vroom_types::ScaleTarget>,
+        /// Members boot; by default they start from the image's warm
+        /// snapshot (made once, in the background, if it has none).
+        #[arg(long)]
+        cold: bool,
     },
     /// List services.
     Ls,
@@ -991,6 +995,23 @@ pub enum ImageOp {
         /// a kernel id from `vroom kernel ls`. Default: vroom's once `vroom
         /// kernel build` (which `vroom setup` starts) has built it, Debian's
         /// until then.
+        #[arg(long, value_name = "KERNEL")]
+        kernel: Option<String>,
+    },
+    /// Import an OCI image as an appliance image: its entrypoint becomes a
+    /// supervised service, its first exposed TCP port the health check.
+    Import {
+        /// `oci:DIR[:TAG]` (an OCI layout), `oci-archive:FILE`,
+        /// `docker-archive:FILE` (`docker save` output) or
+        /// `docker://HOST[:PORT]/REPO[:TAG|@sha256:...]` (a registry).
+        reference: String,
+        /// The image's name (default: the repository's or file's last part).
+        #[arg(long)]
+        name: Option<vroom_types::Name>,
+        /// Allow plain HTTP to a registry on a loopback or private address.
+        #[arg(long)]
+        insecure: bool,
+        /// The guest kernel, as for `image build`.
         #[arg(long, value_name = "KERNEL")]
         kernel: Option<String>,
     },

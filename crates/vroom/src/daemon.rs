@@ -78,6 +78,9 @@ pub async fn run(
     }
     let driver = QemuDriver::new(qemu, jail);
     let images = paths::local_images(data_dir);
+    // Nothing is being built or received yet: what a killed vroomd left
+    // half-made goes.
+    images.sweep_leftovers();
     let cfg = EngineConfig {
         data_dir: data_dir.to_path_buf(),
         iface_prefix: paths::iface_prefix(),

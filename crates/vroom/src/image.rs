@@ -6,12 +6,35 @@ use vroom_client::Client;
 use crate::args::ImageOp;
 use crate::output;
 
+/// A local transport's path made absolute (the daemon resolves it), the
+/// rest as written.
+fn absolute_reference(reference: &str) -> Result<String> {
+    for transport in ["oci-archive:", "docker-archive:", "oci:"] {
+        if let Some(path) = reference.strip_prefix(transport) {
+            if path.starts_with('/') {
+                return Ok(reference.to_string());
+            }
+            // `oci:DIR:TAG` keeps its tag.
+            let (path, tag) = match (transport, path.rsplit_once(':')) {
+                ("oci:", Some((dir, tag))) if !tag.contains('/') => (dir, Some(tag)),
+                _ => (path, None),
+            };
+            let absolute = std::path::Path::new(path)
+                .canonicalize()
+                .with_context(|| format!("cannot find {path}"))?;
+            let tag = tag.map(|t| format!(":{t}")).unwrap_or_default();
+            return Ok(format!("{transport}{}{tag}", absolute.display()));
+        }
+    }
+    Ok(reference.to_string())
+}
+
 pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
     match op {
         ImageOp::Ls => output::list(
             json,
             &client.images().await?,
-            &["NAME", "VERSION", "ID", "SIZE", "KERNEL"],
+            &["NAME", "VERSION", "ID", "SIZE", "KERNEL", "SOURCE"],
             |i| {
                 vec![
                     // `*` marks the build the name resolves to; older builds go with `image prune`.
@@ -24,6 +47,10 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                     i.id[..12].to_string(),
                     output::bytes(i.size),
                     format!("{} {}", i.manifest.kernel.flavor, i.manifest.kernel.release),
+                    match &i.manifest.oci {
+                        Some(oci) => format!("{} {}", oci.reference, &oci.digest),
+                        None => "recipe".into(),
+                    },
                 ]
             },
         ),
@@ -105,6 +132,9 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                 ] {
                     println!("{:<10} {value}", format!("{key}:"));
                 }
+                if let Some(oci) = &m.oci {
+                    print_oci(oci, a);
+                }
                 println!("config:");
                 for (key, value) in &a.seed_config {
                     println!("  {key}={value}");
@@ -145,6 +175,42 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                         p.sha256[..16].to_string(),
                     ]
                 },
+            );
+        }
+        ImageOp::Import {
+            reference,
+            name,
+            insecure,
+            kernel,
+        } => {
+            let req = vroom_types::ImportImageRequest {
+                reference: absolute_reference(reference)?,
+                name: name.clone(),
+                insecure: *insecure,
+                kernel: kernel.clone(),
+            };
+            let mut stages = output::Stages::new(json, format!("importing {}", req.reference));
+            let imported = client
+                .import_image(&req, |stage, detail| stages.update(stage, detail))
+                .await;
+            stages.finish(imported.is_ok());
+            let report = imported?;
+            let image = &report.image;
+            if json {
+                output::json(&report);
+                return Ok(());
+            }
+            let what = if report.cached {
+                "unchanged"
+            } else {
+                "imported"
+            };
+            println!(
+                "{what} {} {} ({}): {}",
+                image.name,
+                image.version,
+                &image.id[..12],
+                output::bytes(image.size)
             );
         }
         ImageOp::Build {
@@ -200,4 +266,53 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What an imported image was and how its config was mapped.
+fn print_oci(oci: &vroom_types::OciOrigin, a: &vroom_types::ApplianceSpec) {
+    let none = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let main = a.services.first().cloned().unwrap_or_default();
+    for (key, value) in [
+        ("source", oci.reference.clone()),
+        ("digest", oci.digest.clone()),
+        ("layers", oci.layers.len().to_string()),
+        ("entrypoint", format!("{:?}", main.command)),
+        ("env", none(&main.env)),
+        ("user", main.user.unwrap_or_else(|| "0:0 (root)".into())),
+        ("workdir", main.workdir.unwrap_or_else(|| "/".into())),
+        (
+            "stop signal",
+            main.stop_signal.unwrap_or_else(|| "SIGTERM".into()),
+        ),
+        ("ports", none(&oci.exposed_ports)),
+        (
+            "health",
+            a.health_tcp_port
+                .map_or("-".into(), |p| format!("tcp connect to port {p}")),
+        ),
+        (
+            "volumes",
+            none(
+                &oci.volumes
+                    .iter()
+                    .map(|path| match a.volumes.iter().find(|v| &v.path == path) {
+                        Some(v) => format!(
+                            "{path} (data volume INSTANCE-{}, {} MiB)",
+                            v.name, v.size_mib
+                        ),
+                        None => format!("{path} (tmpfs)"),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        ),
+        ("writable", format!("{} (tmpfs)", none(&a.writable))),
+    ] {
+        println!("{:<12} {value}", format!("{key}:"));
+    }
 }

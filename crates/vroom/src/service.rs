@@ -18,6 +18,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
             port,
             slo,
             target_cpu,
+            cold,
         } => {
             let scale_on = match (slo, target_cpu) {
                 (Some(t @ ScaleTarget::P95Ms(_)), None) => Some(*t),
@@ -39,6 +40,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                 room: room.clone(),
                 port: *port,
                 scale_on,
+                warm: !cold,
             };
             let spinner = output::spinner(
                 json,

@@ -50,6 +50,38 @@ impl Engine {
         })
     }
 
+    /// Imports an OCI image on this host (a blocking job, run off the async
+    /// workers); `caller` as for a build.
+    pub(in crate::engine) async fn import_oci_image_unlogged(
+        &self,
+        request: vroom_types::ImportImageRequest,
+        caller: Option<u32>,
+        mut progress: impl FnMut(&str, &str) + Send + 'static,
+    ) -> Result<BuildReport, OpError> {
+        let images = self.images.clone();
+        let owner = match caller {
+            Some(0) => None,
+            Some(uid) => Some(uid),
+            None => Some(u32::MAX),
+        };
+        let result = tokio::task::spawn_blocking(move || {
+            images.import_oci(&request, owner, &mut |stage, detail| {
+                tracing::info!(reference = %request.reference, "{stage}: {detail}");
+                progress(stage, detail);
+            })
+        })
+        .await
+        .map_err(|e| OpError::internal("the import task failed", e))?;
+        result.map_err(|e| match e {
+            crate::images::BuildFromRecipeError::Recipe { .. } => {
+                OpError::new(ErrorCode::InvalidArgument, e.to_string())
+            }
+            crate::images::BuildFromRecipeError::Build { .. } => {
+                OpError::new(ErrorCode::Internal, e.to_string())
+            }
+        })
+    }
+
     /// Removes an image no instance or snapshot uses.
     pub(in crate::engine) async fn remove_image_unlogged(
         &self,

@@ -184,6 +184,25 @@ impl Engine {
         result
     }
 
+    pub async fn import_oci_image(
+        &self,
+        request: vroom_types::ImportImageRequest,
+        caller: Option<u32>,
+        progress: impl FnMut(&str, &str) + Send + 'static,
+    ) -> Result<BuildReport, OpError> {
+        let reference = request.reference.clone();
+        let result = self
+            .import_oci_image_unlogged(request, caller, progress)
+            .await;
+        match &result {
+            Ok(report) if !report.cached => {
+                self.emit(image_event(&report.image, "imported").detail("reference", reference))
+            }
+            _ => {}
+        }
+        result
+    }
+
     pub async fn remove_image(&self, reference: &str) -> Result<(), OpError> {
         let result = self.remove_image_unlogged(reference).await;
         self.logged(result, |_| {

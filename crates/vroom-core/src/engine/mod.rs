@@ -130,6 +130,8 @@ pub struct Engine {
     service_passes: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Each service's autoscaler readings and timers, by name.
     service_scalers: Mutex<BTreeMap<String, services::Scaler>>,
+    /// Images the service controller has had warmed (or tried to), by id.
+    service_warming: Mutex<std::collections::BTreeSet<String>>,
     /// Snapshots being written, by name.
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
@@ -274,6 +276,7 @@ impl Engine {
             service_kicks: std::sync::atomic::AtomicBool::new(true),
             service_passes: Mutex::new(BTreeMap::new()),
             service_scalers: Mutex::new(BTreeMap::new()),
+            service_warming: Mutex::new(Default::default()),
             snapshots_in_progress: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
         })

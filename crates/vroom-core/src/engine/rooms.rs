@@ -1205,7 +1205,12 @@ mod tests {
         let t = TestEngine::new(dir.path());
         t.engine.recover().await.unwrap();
         service_images(&t);
-        let with = |services: serde_json::Value| {
+        // Members boot: the fakes' warm snapshots would add instances to
+        // the lists this test counts.
+        let with = |mut services: serde_json::Value| {
+            for entry in services.as_array_mut().unwrap() {
+                entry["cold"] = json!(true);
+            }
             let mut file = json!({"name": "acme",
                 "instances": {"web": {"image": "hello", "segment": "lan"}},
                 "services": services});

@@ -540,6 +540,9 @@ mod tests {
             room: None,
             port: 8080,
             scale_on: None,
+            // The fakes' warm snapshots would add instances to the lists
+            // these tests check.
+            warm: false,
         }
     }
 

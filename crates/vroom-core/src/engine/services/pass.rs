@@ -28,10 +28,25 @@ const MAX_STARTING: usize = 4;
 /// The highest member number (names stay within 32 characters).
 const MAX_MEMBER_NUMBER: u32 = 9_999_999;
 
-/// How long a member that left the balancer keeps running: requests the
-/// balancer's old worker still carries to it finish meanwhile (the old
-/// worker closes each client connection after its next response).
-const DRAIN: Duration = Duration::from_secs(1);
+/// How long a member that left the balancer keeps running at most while
+/// the balancer's old workers finish the requests they carry to it (each
+/// closes its client connections after their next response, and exits
+/// once it has none; the lb recipe's `hard-stop-after` is 30 s).
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// How long a drain goes on while the balancer cannot be asked.
+const BLIND_DRAIN: Duration = Duration::from_secs(2);
+
+/// The balancer's statistics as CSV, from its running worker: the
+/// servers it has now.
+const STATS: &[&str] = &[
+    "/bin/busybox",
+    "wget",
+    "-q",
+    "-O",
+    "-",
+    "http://127.0.0.1:8404/stats;csv",
+];
 
 /// How long a running member may fail its health check before it is
 /// replaced (it leaves the balancer at once).
@@ -39,16 +54,15 @@ const UNHEALTHY_FOR: Duration = Duration::from_secs(3);
 
 /// How long a new member of a rolling update has to be ready; one that
 /// is not rolls the update back.
-const UPDATE_READY_SECS: u64 = 60;
+const UPDATE_READY_SECS: u64 = 30;
 
 /// The balancer's counters, from inside it (its stats port is not
-/// reachable from the host on every network).
+/// reachable from the host on every network). The exec's own timeout
+/// bounds it: Debian's static busybox wget crashes with `-T`.
 const COUNTERS: &[&str] = &[
     "/bin/busybox",
     "wget",
     "-q",
-    "-T",
-    "2",
     "-O",
     "-",
     "http://127.0.0.1:8404/vroom",
@@ -150,7 +164,39 @@ impl Engine {
         } else {
             self.size_members(name).await?;
         }
+        self.warm_members_image(&self.service_record(name)?.spec)
+            .await;
         self.make_missing(name, &network).await
+    }
+
+    /// Has the members' image warmed once, in the background, if it has no
+    /// warm snapshot: members started after that (replacements, scale-outs)
+    /// are warm starts. Once per image and daemon: a warming that fails is
+    /// not tried again (the members boot).
+    async fn warm_members_image(self: &Arc<Self>, spec: &ServiceDefinition) {
+        if !spec.warm {
+            return;
+        }
+        let Ok(id) = self.resolve_image_id(&spec.image).await else {
+            return;
+        };
+        if !self.service_warming.lock_unpoisoned().insert(id.clone()) {
+            return;
+        }
+        let warm = self
+            .list_snapshots()
+            .into_iter()
+            .any(|s| s.kind == vroom_types::SnapshotKind::Warm && s.instance.image_id == id);
+        if warm {
+            return;
+        }
+        let engine = self.clone();
+        let image = spec.image.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.warm_image(&id, None).await {
+                tracing::warn!(image, error = %e, "cannot warm a service's image; its members boot");
+            }
+        });
     }
 
     /// Members, then the balancer, then the record go.
@@ -185,20 +231,61 @@ impl Engine {
     /// balancer, drained, removed, then out of the record. A pass after a
     /// crash finds it marked and finishes.
     async fn drain_member(self: &Arc<Self>, service: &str, member: &Name) -> Result<(), OpError> {
+        self.drain_members(service, std::slice::from_ref(member))
+            .await
+    }
+
+    /// Takes several members out at once: one reload of the balancer, one
+    /// drain, their removals side by side.
+    async fn drain_members(
+        self: &Arc<Self>,
+        service: &str,
+        members: &[Name],
+    ) -> Result<(), OpError> {
         let record = self
             .edit_service(service, |r| {
-                for m in r.members.iter_mut().filter(|m| m.name == *member) {
+                for m in r.members.iter_mut().filter(|m| members.contains(&m.name)) {
                     m.leaving = true;
                 }
             })
             .await?;
-        if self.set_backends(&record).await? {
-            tokio::time::sleep(DRAIN).await;
+        let instances = self.instances_by_name();
+        let servers: Vec<String> = members
+            .iter()
+            .filter_map(|m| instances.get(m.as_str()))
+            .filter_map(|i| i.nics.first().and_then(|n| n.ip))
+            .map(|ip| format!("{ip}:{}", record.spec.port))
+            .collect();
+        // Even when the backends were set already (by a pass cut short, or
+        // one whose reload outlasted the agent's answer): the balancer's
+        // running worker is what counts.
+        self.set_backends(&record).await?;
+        if !servers.is_empty() {
+            self.drained(&record.spec, &servers).await;
         }
-        self.remove_gone_or(member).await?;
-        self.edit_service(service, |r| r.members.retain(|m| m.name != *member))
-            .await?;
-        self.unhealthy_since(service, member, None);
+        let mut removing = tokio::task::JoinSet::new();
+        for member in members {
+            let engine = self.clone();
+            let member = member.clone();
+            removing.spawn(async move { engine.remove_gone_or(&member).await });
+        }
+        let mut first_error = None;
+        while let Some(done) = removing.join_next().await {
+            if let Err(e) = done.map_err(|e| OpError::internal("a member's removal failed", e))? {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            // The members stay marked: the next pass removes them.
+            return Err(e);
+        }
+        self.edit_service(service, |r| {
+            r.members.retain(|m| !members.contains(&m.name))
+        })
+        .await?;
+        for member in members {
+            self.unhealthy_since(service, member, None);
+        }
         Ok(())
     }
 
@@ -208,17 +295,37 @@ impl Engine {
         let record = self.service_record(name)?;
         let instances = self.instances_by_name();
         let now = Instant::now();
-        for member in record.members.iter() {
-            if member.leaving {
-                // A removal a daemon left half done.
-                self.drain_member(name, &member.name).await?;
-                continue;
-            }
+        // Removals a daemon left half done.
+        let leaving: Vec<Name> = record
+            .members
+            .iter()
+            .filter(|m| m.leaving)
+            .map(|m| m.name.clone())
+            .collect();
+        if !leaving.is_empty() {
+            self.drain_members(name, &leaving).await?;
+        }
+        let healthy = |m: &MemberRecord| {
+            instances.get(m.name.as_str()).is_some_and(|i| {
+                i.status.state == InstanceState::Running
+                    && i.health.as_ref().is_none_or(|h| h.ready)
+            })
+        };
+        let mut healthy_count = record
+            .members
+            .iter()
+            .filter(|m| !m.leaving && healthy(m))
+            .count();
+        for member in record.members.iter().filter(|m| !m.leaving) {
             let Some(instance) = instances.get(member.name.as_str()) else {
                 continue;
             };
             let unhealthy = instance.status.state == InstanceState::Running
                 && instance.health.as_ref().is_some_and(|h| !h.ready);
+            // A host so loaded that every member's check fails must not
+            // replace them all: only while another member is healthy, and
+            // one per pass (the balancer's own check keeps requests off a
+            // member that does not answer, at once).
             let since = self.unhealthy_since(name, &member.name, unhealthy.then_some(now));
             let why = if instance.status.state == InstanceState::Failed {
                 Some(
@@ -228,7 +335,11 @@ impl Engine {
                         .clone()
                         .unwrap_or_else(|| "it failed".into()),
                 )
-            } else if since.is_some_and(|s| now.duration_since(s) >= UNHEALTHY_FOR) {
+            } else if since.is_some_and(|s| now.duration_since(s) >= UNHEALTHY_FOR)
+                && healthy_count > 0
+            {
+                // Counted as not healthy already; no other this pass.
+                healthy_count = 0;
                 Some(format!(
                     "it failed its health check for {}s",
                     UNHEALTHY_FOR.as_secs()
@@ -273,10 +384,19 @@ impl Engine {
         let Some(target) = record.spec.scale_on else {
             return Ok(());
         };
-        let counters = match self.balancer_counters(&record.spec).await {
+        let counters = self.balancer_counters(&record.spec).await;
+        let was_read = {
+            let mut scalers = self.service_scalers.lock_unpoisoned();
+            let scaler = scalers.entry(name.to_string()).or_default();
+            std::mem::replace(&mut scaler.counters_read, counters.is_ok())
+        };
+        let counters = match counters {
             Ok(c) => Some(c),
             Err(e) => {
-                tracing::debug!(service = name, error = %e, "cannot read the balancer's counters");
+                // Once when it starts failing, not every second.
+                if was_read {
+                    tracing::warn!(service = name, error = %e, "cannot read the balancer's counters");
+                }
                 None
             }
         };
@@ -369,14 +489,61 @@ impl Engine {
         Ok(())
     }
 
+    /// Returns once the balancer's running worker no longer has `servers`
+    /// (its reload is done) and its old workers (those that had them) have
+    /// exited: what they carried is done. Bounded by [`DRAIN`].
+    async fn drained(&self, spec: &ServiceDefinition, servers: &[String]) {
+        let balancer = balancer_name(&spec.name);
+        let deadline = Instant::now() + DRAIN;
+        let mut failing_since = None;
+        loop {
+            let stats = self.guest_output(balancer.as_str(), STATS).await;
+            // The master and one worker.
+            let workers = self
+                .guest_output(balancer.as_str(), &["/bin/busybox", "pidof", "haproxy"])
+                .await;
+            match (stats, workers) {
+                (Ok(stats), Ok(pids)) => {
+                    failing_since = None;
+                    let listed = pool_servers(&stats);
+                    let still: Vec<&String> =
+                        servers.iter().filter(|s| listed.contains(s)).collect();
+                    if still.is_empty() && pids.split_whitespace().count() <= 2 {
+                        return;
+                    }
+                    if Instant::now() >= deadline {
+                        tracing::warn!(service = %spec.name, ?still, pids, "the balancer did not drain in time");
+                        return;
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    // A balancer that cannot be asked (not running, no
+                    // agent) is not waited for long.
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if Instant::now() >= deadline || since.elapsed() >= BLIND_DRAIN {
+                        tracing::warn!(service = %spec.name, error = %e, "cannot see whether the balancer drained");
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The balancer's request counters, read inside it.
     async fn balancer_counters(&self, spec: &ServiceDefinition) -> Result<Counters, OpError> {
         let balancer = balancer_name(&spec.name);
+        let out = self.guest_output(balancer.as_str(), COUNTERS).await?;
+        Counters::parse(&out).map_err(|e| OpError::new(ErrorCode::GuestError, e))
+    }
+
+    /// What a short command prints in guest `name`; an error if it fails.
+    async fn guest_output(&self, name: &str, argv: &[&str]) -> Result<String, OpError> {
         let mut exec = self
             .exec(
-                balancer.as_str(),
+                name,
                 ExecRequest {
-                    argv: COUNTERS.iter().map(|s| s.to_string()).collect(),
+                    argv: argv.iter().map(|s| s.to_string()).collect(),
                     timeout_secs: Some(3),
                     stdin: false,
                 },
@@ -391,7 +558,7 @@ impl Engine {
                 ExecEvent::Exit(exit) => {
                     return Err(OpError::new(
                         ErrorCode::GuestError,
-                        format!("reading the balancer's counters exited {}", exit.exit_code),
+                        format!("{} exited {}", argv.join(" "), exit.exit_code),
                     ))
                 }
                 ExecEvent::Error { error } => {
@@ -399,8 +566,7 @@ impl Engine {
                 }
             }
         }
-        Counters::parse(&String::from_utf8_lossy(&out))
-            .map_err(|e| OpError::new(ErrorCode::GuestError, e))
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Rolls an update back when one of its new members failed (it never
@@ -473,9 +639,7 @@ impl Engine {
                 .filter(|m| m.image == update.to)
                 .map(|m| m.name.clone())
                 .collect();
-            for member in new {
-                self.drain_member(name, &member).await?;
-            }
+            self.drain_members(name, &new).await?;
             self.edit_service(name, |r| r.update = None).await?;
             self.emit(
                 NewEvent::new(vroom_types::EventKind::Service, "rolled_back", name)
@@ -531,8 +695,9 @@ impl Engine {
             let live: Vec<&MemberRecord> = record.members.iter().filter(|m| !m.leaving).collect();
             let desired = record.desired() as usize;
             if live.len() > desired {
-                let newest = live.last().expect("invariant: more than none").name.clone();
-                self.drain_member(name, &newest).await?;
+                // The newest leave, together.
+                let newest: Vec<Name> = live[desired..].iter().map(|m| m.name.clone()).collect();
+                self.drain_members(name, &newest).await?;
             } else if live.len() < desired {
                 self.name_member(name, &record.spec.image).await?;
             } else {
@@ -583,6 +748,7 @@ impl Engine {
         for member in missing.into_iter().take(MAX_STARTING) {
             let engine = self.clone();
             let mut req = member_request(network, &member.name, &member.image);
+            req.cold = !record.spec.warm;
             if updating_to.as_deref() == Some(member.image.as_str()) {
                 req.ready_timeout_secs = Some(UPDATE_READY_SECS);
             }
@@ -623,8 +789,9 @@ impl Engine {
         }
     }
 
-    /// Sets the balancer's backends to the members that run, pass their
-    /// health check and are not leaving (and its port and latency target),
+    /// Sets the balancer's backends to the members that run and are not
+    /// leaving (and its port and latency target; HAProxy's own health
+    /// check takes a member that does not answer out within a second),
     /// if they differ; returns once the balancer uses them, and whether it
     /// changed anything.
     async fn set_backends(&self, record: &ServiceRecord) -> Result<bool, OpError> {
@@ -637,7 +804,6 @@ impl Engine {
             .filter(|m| !m.leaving)
             .filter_map(|m| instances.get(m.name.as_str()))
             .filter(|i| i.status.state == InstanceState::Running)
-            .filter(|i| i.health.as_ref().is_none_or(|h| h.ready))
             .filter_map(|i| i.nics.first().and_then(|n| n.ip))
             .map(|ip| format!("{ip}:{}", spec.port))
             .collect::<Vec<_>>()
@@ -682,5 +848,28 @@ impl Engine {
             Err(e) if e.code == ErrorCode::NotFound => Ok(()),
             other => other,
         }
+    }
+}
+
+/// The servers of the balancer's `pool` backend in its statistics CSV
+/// (`pxname,svname,...`; servers are named `IP:PORT`).
+fn pool_servers(csv: &str) -> Vec<String> {
+    csv.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split(',');
+            let (proxy, server) = (fields.next()?, fields.next()?);
+            (proxy == "pool" && server != "BACKEND" && server != "FRONTEND")
+                .then(|| server.to_string())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pool_servers_come_from_the_stats_csv() {
+        let csv = "# pxname,svname,qcur\nserve,FRONTEND,,\npool,10.0.0.3:80,0\npool,10.0.0.4:80,0\npool,BACKEND,0\nstats,FRONTEND,,\n";
+        assert_eq!(super::pool_servers(csv), ["10.0.0.3:80", "10.0.0.4:80"]);
     }
 }

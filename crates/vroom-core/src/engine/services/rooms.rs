@@ -226,6 +226,9 @@ impl Engine {
                     if want.port != have.spec.port {
                         detail.push(format!("port {} -> {}", have.spec.port, want.port));
                     }
+                    if want.warm != have.spec.warm {
+                        detail.push(if want.warm { "warm" } else { "cold" }.to_string());
+                    }
                     let reshapes = reshaped != have.spec;
                     if detail.is_empty() {
                         continue;
@@ -304,6 +307,7 @@ impl Engine {
                 r.spec.max_replicas = want.max_replicas;
                 r.spec.port = want.port;
                 r.spec.scale_on = want.scale_on;
+                r.spec.warm = want.warm;
                 let (min, max) = r.spec.bounds();
                 r.desired = Some(if max > min {
                     desired.clamp(min, max)

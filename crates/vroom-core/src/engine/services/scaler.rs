@@ -22,8 +22,9 @@ const OUT_AFTER: Duration = Duration::from_secs(2);
 const IN_AFTER: Duration = Duration::from_secs(30);
 /// No scale-in this soon after a scale-out.
 const IN_COOLDOWN: Duration = Duration::from_secs(60);
-/// Fewer responses than this in a window say nothing about a percentile.
-const MIN_REQUESTS: u64 = 20;
+/// Fewer responses than this in a window say little about a percentile:
+/// only that most of them were slow, or that there were none.
+const MIN_REQUESTS: u64 = 10;
 /// The share of responses over the target that makes the p95 miss it.
 const P95_SHARE: f64 = 0.05;
 /// The latency buckets, as multiples of the target (halves).
@@ -120,8 +121,17 @@ pub struct Policy {
     pub max: u32,
 }
 
+/// How a window's load stands against the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judgement {
+    Over,
+    Within,
+    Under,
+    Unknown,
+}
+
 /// One service's readings and timers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scaler {
     readings: VecDeque<Reading>,
     /// Since when the load has been over the target, and under it.
@@ -133,6 +143,22 @@ pub struct Scaler {
     last_out: Option<Instant>,
     /// Since when each member running has failed its health check.
     pub unhealthy: BTreeMap<String, Instant>,
+    /// The last read of the balancer's counters worked.
+    pub counters_read: bool,
+}
+
+impl Default for Scaler {
+    fn default() -> Self {
+        Scaler {
+            readings: VecDeque::new(),
+            over_since: None,
+            under_since: None,
+            steady_since: None,
+            last_out: None,
+            unhealthy: BTreeMap::new(),
+            counters_read: true,
+        }
+    }
 }
 
 impl Scaler {
@@ -207,33 +233,35 @@ impl Scaler {
         Some(load)
     }
 
-    /// Whether the load misses the target (Some(true)), is well under it
-    /// (Some(false)), or neither.
-    fn judge(target: ScaleTarget, load: &ServiceLoad) -> Option<bool> {
+    /// How the load stands against the target.
+    fn judge(target: ScaleTarget, load: &ServiceLoad) -> Judgement {
         match target {
             ScaleTarget::P95Ms(ms) => {
                 if load.requests < MIN_REQUESTS {
-                    // Idle: well under.
-                    return (load.requests == 0 && load.in_flight == 0).then_some(false);
+                    return if load.requests == 0 && load.in_flight == 0 {
+                        Judgement::Under
+                    } else if load.slow * 2 > load.requests {
+                        // So slow that few answers came, most of them late.
+                        Judgement::Over
+                    } else {
+                        // Idle keep-alive connections, or too few answers.
+                        Judgement::Unknown
+                    };
                 }
                 if load.p95_above_ms.is_some_and(|above| above >= ms) {
-                    Some(true)
+                    Judgement::Over
                 } else if load.p95_at_most_ms.is_some_and(|at_most| at_most <= ms / 2) {
-                    Some(false)
+                    Judgement::Under
                 } else {
-                    None
+                    Judgement::Within
                 }
             }
-            ScaleTarget::CpuPercent(p) => {
-                let cpu = load.cpu_percent?;
-                if cpu > f64::from(p) {
-                    Some(true)
-                } else if cpu < f64::from(p) / 2.0 {
-                    Some(false)
-                } else {
-                    None
-                }
-            }
+            ScaleTarget::CpuPercent(p) => match load.cpu_percent {
+                None => Judgement::Unknown,
+                Some(cpu) if cpu > f64::from(p) => Judgement::Over,
+                Some(cpu) if cpu < f64::from(p) / 2.0 => Judgement::Under,
+                Some(_) => Judgement::Within,
+            },
         }
     }
 
@@ -260,7 +288,9 @@ impl Scaler {
             return None;
         }
         match Self::judge(policy.target, &load) {
-            Some(true) => {
+            // Not enough to go on: the timers wait.
+            Judgement::Unknown => None,
+            Judgement::Over => {
                 self.under_since = None;
                 let since = *self.over_since.get_or_insert(now);
                 if now.duration_since(since) < OUT_AFTER || members >= policy.max {
@@ -280,7 +310,7 @@ impl Scaler {
                     load,
                 })
             }
-            Some(false) => {
+            Judgement::Under => {
                 self.over_since = None;
                 let since = *self.under_since.get_or_insert(now);
                 let cooled = self
@@ -301,7 +331,7 @@ impl Scaler {
                     load,
                 })
             }
-            None => {
+            Judgement::Within => {
                 self.over_since = None;
                 self.under_since = None;
                 None
@@ -483,6 +513,37 @@ mod tests {
             middling.observe(reading(t0, tick * 1000, c));
             let now = t0 + Duration::from_millis(tick * 1000);
             assert_eq!(middling.decide(now, LATENCY, 3, 3), None, "tick {tick}");
+        }
+    }
+
+    /// A member so slow that few responses come in a window is over the
+    /// target all the same; a window with too few responses to judge
+    /// neither starts nor stops the timers.
+    #[test]
+    fn few_slow_responses_are_a_breach() {
+        let t0 = Instant::now();
+        let mut s = Scaler::default();
+        let mut decision = None;
+        for tick in 0..=10u64 {
+            // Two responses a second, all over 400 ms.
+            let c = counters(tick * 2, [tick * 2; 4]);
+            s.observe(reading(t0, tick * 1000, c));
+            if let Some(d) = s.decide(t0 + Duration::from_secs(tick), LATENCY, 1, 1) {
+                decision = Some((tick, d));
+                break;
+            }
+        }
+        let (tick, d) = decision.expect("a breach");
+        assert_eq!(tick, 5, "{d:?}");
+        assert_eq!(d.to, 2);
+        // Idle keep-alive connections: no responses, connections open.
+        let mut idle = Scaler::default();
+        for tick in 0..=40u64 {
+            idle.observe(reading(t0, tick * 1000, counters(0, [0; 4])));
+            assert_eq!(
+                idle.decide(t0 + Duration::from_secs(tick), LATENCY, 2, 2),
+                None
+            );
         }
     }
 

@@ -1,0 +1,439 @@
+//! End-to-end tests of OCI images as appliances (`vroom image import`), with
+//! Debian's real tools: umoci builds the images (a static busybox httpd in
+//! a base layer, an upper layer that whites a file out), skopeo copies them
+//! into an OCI archive, a docker archive and a `docker-registry` the test
+//! starts on loopback with its own config and storage. Each transport
+//! imports the same image to the same erofs root, byte for byte; one of
+//! them boots and serves, the whited-out file stays deleted, and the
+//! service runs as the image's user and writes to its /var/cache. Bad
+//! references and images fail in one line with nothing listed, and a
+//! vroomd killed during an import leaves nothing half-made.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{fetch, free_port, host, kill_during, random_subnet, sh, Env};
+use vroom_types::{ImageSummary, InstanceState};
+
+const BOOT: Duration = Duration::from_secs(120);
+
+/// A `docker-registry` on a loopback port with its own config and storage,
+/// killed when dropped.
+struct Registry {
+    child: Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.join("registry");
+        std::fs::create_dir_all(&storage).unwrap();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt install docker-registry)");
+        common::poll(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&addr).ok()
+        })
+        .expect("docker-registry did not come up");
+        Registry { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Builds the test's images with umoci in `dir/layout`:
+/// - `web`: busybox httpd on 8080 as user `www`, a base layer with
+///   `/www/index.html` and `/www/secret.txt`, an upper layer that whites the
+///   secret out; the entrypoint says who it runs as and writes to /var/cache;
+/// - `arm`: the same config for linux/arm64; `noentry`: no Entrypoint or Cmd;
+/// - `big` (with `big`): `web` plus a 16 MB layer of random bytes.
+fn build_images(dir: &Path, big: bool) -> PathBuf {
+    let layout = dir.join("layout");
+    let l = layout.display();
+    let bundle = dir.join("bundle");
+    let b = bundle.display();
+    sh(&format!(
+        "umoci init --layout {l} && umoci new --image {l}:web && umoci unpack --image {l}:web {b}"
+    ));
+    let root = bundle.join("rootfs");
+    for d in ["bin", "etc", "www", "var/cache"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "httpd", "id"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("www/index.html"), "hello from an oci image\n").unwrap();
+    std::fs::write(root.join("www/secret.txt"), "whited out\n").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nwww:x:33:33::/www:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:33:\n").unwrap();
+    // The service's own cache dir: written as `www` in the guest.
+    std::os::unix::fs::chown(root.join("var/cache"), Some(33), Some(33)).unwrap();
+    sh(&format!("umoci repack --image {l}:web {b}"));
+    sh(&format!(
+        "umoci config --image {l}:web \
+         --config.entrypoint /bin/sh --config.entrypoint -c \
+         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING; echo written > /var/cache/stamp; exec httpd -f -p 8080 -h /www' \
+         --config.exposedports 8080/tcp --config.user www --config.workingdir /www \
+         --config.env GREETING=hi --config.volume /data"
+    ));
+    sh(&format!("rm -rf {b} && umoci unpack --image {l}:web {b}"));
+    std::fs::remove_file(bundle.join("rootfs/www/secret.txt")).unwrap();
+    sh(&format!("umoci repack --image {l}:web {b}"));
+    sh(&format!(
+        "umoci config --image {l}:web --tag arm --architecture arm64"
+    ));
+    sh(&format!(
+        "umoci config --image {l}:web --tag noentry --clear=config.entrypoint --clear=config.cmd"
+    ));
+    if big {
+        sh(&format!(
+            "umoci config --image {l}:web --tag big && rm -rf {b} && umoci unpack --image {l}:big {b}"
+        ));
+        sh(&format!(
+            "head -c 16M /dev/urandom > {b}/rootfs/www/big.bin && umoci repack --image {l}:big {b}"
+        ));
+    }
+    sh(&format!("rm -rf {b}"));
+    layout
+}
+
+fn images(env: &Env) -> Vec<ImageSummary> {
+    serde_json::from_str(&env.ok(&["image", "ls", "--json"])).unwrap()
+}
+
+/// Every file in the layer cache is complete: it hashes to its name. None
+/// is a temporary leftover.
+fn assert_cache_complete(env: &Env, context: &str) {
+    let dir = env.dir.join("images/blobs/sha256");
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.'), "{context}: a leftover {name}");
+        let (digest, _) = vroom_image::sha256_file(&entry.path()).unwrap();
+        assert_eq!(
+            digest, name,
+            "{context}: a cached layer is not what its name says"
+        );
+    }
+}
+
+fn staging_dirs(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.dir.join("images"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".staging-"))
+        .collect()
+}
+
+/// Every transport imports the image to the same root; one boots, serves
+/// and keeps the whited-out file deleted; bad input fails in one line and
+/// leaves nothing listed.
+#[test]
+fn oci_images_import_by_every_transport_and_boot_as_appliances() {
+    let env = Env::new("oci");
+    let layout = build_images(&env.dir, false);
+    let l = layout.display().to_string();
+    let registry = Registry::start(&env.dir);
+    let reg = &registry.addr;
+    let oci_archive = env.dir.join("web-oci.tar");
+    let docker_archive = env.dir.join("web-docker.tar");
+    sh(&format!(
+        "skopeo copy -q oci:{l}:web oci-archive:{} && \
+         skopeo copy -q oci:{l}:web docker-archive:{}:web:1 && \
+         skopeo copy -q --dest-tls-verify=false oci:{l}:web docker://{reg}/test/web:1",
+        oci_archive.display(),
+        docker_archive.display()
+    ));
+
+    let imports = [
+        (format!("oci:{l}:web"), "from-layout"),
+        (
+            format!("oci-archive:{}", oci_archive.display()),
+            "from-oci-archive",
+        ),
+        (
+            format!("docker-archive:{}", docker_archive.display()),
+            "from-docker-archive",
+        ),
+        (format!("docker://{reg}/test/web:1"), "web"),
+    ];
+    for (reference, name) in &imports {
+        let out = env.ok(&["image", "import", "--insecure", reference, "--name", name]);
+        assert!(
+            out.contains(&format!("imported {name}")),
+            "{reference}: {out}"
+        );
+    }
+    let listed = images(&env);
+    let roots: Vec<&str> = listed
+        .iter()
+        .map(|i| i.manifest.rootfs.sha256.as_str())
+        .collect();
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert!(
+        roots.iter().all(|r| *r == roots[0]),
+        "the same layers give the same erofs root, whatever the transport: {roots:?}"
+    );
+    // The layers are cached once, shared by the images that have them.
+    let oci = listed[0]
+        .manifest
+        .oci
+        .clone()
+        .expect("an imported image says so");
+    for layer in &oci.layers {
+        let hex = layer.trim_start_matches("sha256:");
+        assert!(
+            env.dir.join("images/blobs/sha256").join(hex).is_file(),
+            "{layer}"
+        );
+    }
+    assert_cache_complete(&env, "after the imports");
+    // The same digest again is a no-op.
+    let again = env.ok(&[
+        "image",
+        "import",
+        "--insecure",
+        &imports[3].0,
+        "--name",
+        "web",
+    ]);
+    assert!(again.contains("unchanged web 1"), "{again}");
+
+    // `image ls` and `image inspect` say where it came from and what runs.
+    let ls = env.ok(&["image", "ls"]);
+    assert!(ls.contains(&format!("docker://{reg}/test/web:1")), "{ls}");
+    assert!(
+        ls.contains(&oci.digest) || ls.contains(&listed[3].manifest.oci.as_ref().unwrap().digest),
+        "{ls}"
+    );
+    let inspect = env.ok(&["image", "inspect", "web"]);
+    for says in [
+        "entrypoint:  [\"/bin/sh\", \"-c\"",
+        "env:         GREETING=hi",
+        "user:        33:33",
+        "workdir:     /www",
+        "ports:       8080/tcp",
+        "health:      tcp connect to port 8080",
+    ] {
+        assert!(inspect.contains(says), "{says}: {inspect}");
+    }
+    // The image's volume is a data volume where the kernel mounts ext4
+    // (vroom's), a tmpfs on Debian's.
+    let on_vrooms_kernel = listed[3].manifest.kernel.flavor == vroom_types::KernelFlavor::Vroom;
+    let (volume, writable) = if on_vrooms_kernel {
+        (
+            "volumes:     /data (data volume INSTANCE-data, 1024 MiB)",
+            "writable:    /run, /tmp, /var (tmpfs)",
+        )
+    } else {
+        (
+            "volumes:     /data (tmpfs)",
+            "writable:    /run, /tmp, /var, /data (tmpfs)",
+        )
+    };
+    assert!(inspect.contains(volume), "{inspect}");
+    assert!(inspect.contains(writable), "{inspect}");
+
+    // Bad references and images: one line each, nothing half-imported.
+    for (args, says) in [
+        (vec!["ftp:/x".to_string()], "unknown transport \"ftp\""),
+        (vec![format!("oci:{l}:nope")], "no image tagged \"nope\""),
+        (
+            vec![format!("oci:{l}:arm")],
+            "the image is for linux/arm64, not linux/amd64",
+        ),
+        (
+            vec![format!("oci:{l}:noentry")],
+            "the image has neither an Entrypoint nor a Cmd",
+        ),
+        (
+            vec![
+                "--insecure".into(),
+                format!("docker://{reg}/test/nothere:1"),
+            ],
+            "test/nothere/manifests/1: not found (404)",
+        ),
+        (
+            vec![format!("docker://{reg}/test/web:1")],
+            "needs --insecure",
+        ),
+    ] {
+        let mut full = vec!["image", "import"];
+        full.extend(args.iter().map(String::as_str));
+        let stderr = env.fail(&full);
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one line: {stderr}");
+        assert!(errors[0].contains(says), "{args:?}: {stderr}");
+    }
+    assert_eq!(images(&env).len(), 4, "nothing half-imported is listed");
+    assert!(staging_dirs(&env).is_empty(), "{:?}", staging_dirs(&env));
+
+    // One boots: the service is up, serves, and the whiteout holds.
+    let subnet = random_subnet();
+    env.ok(&["net", "create", "lan", "--subnet", &subnet]);
+    env.ok(&["run", "web", "--name", "w1", "--net", "lan"]);
+    env.wait_for("w1", "healthy", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+    });
+    let client = env.client_on("cl", "lan", &subnet);
+    let ip = host(&subnet, 2);
+    let (rc, body) = fetch(&env, &client, &format!("http://{ip}:8080/"));
+    assert_eq!((rc, body.trim()), (0, "hello from an oci image"));
+    let (rc, body) = fetch(&env, &client, &format!("http://{ip}:8080/secret.txt"));
+    assert_ne!(rc, 0, "the whited-out file is gone: {body}");
+    let listing = env.ok(&["exec", "w1", "--", "/bin/busybox", "ls", "/www"]);
+    assert!(!listing.contains("secret"), "{listing}");
+    // Its own user, working dir and env; its write to /var/cache landed.
+    let stamp = env.ok(&[
+        "exec",
+        "w1",
+        "--",
+        "/bin/busybox",
+        "cat",
+        "/var/cache/stamp",
+    ]);
+    assert_eq!(stamp.trim(), "written");
+    let logs = env.ok(&["logs", "w1"]);
+    assert!(
+        logs.contains("starting httpd as 33:33 in /www with hi"),
+        "the service's output is in `vroom logs`: {logs}"
+    );
+    let mounts = env.ok(&["exec", "w1", "--", "/bin/busybox", "cat", "/proc/mounts"]);
+    let data_fs = if on_vrooms_kernel {
+        " /data ext4 "
+    } else {
+        " /data tmpfs "
+    };
+    assert!(mounts.contains(data_fs), "{mounts}");
+    if on_vrooms_kernel {
+        assert!(env.ok(&["volume", "ls"]).contains("w1-data"));
+    }
+    let hosts = env.ok(&[
+        "exec",
+        "w1",
+        "--",
+        "/bin/busybox",
+        "cat",
+        "/etc/hosts",
+        "/etc/resolv.conf",
+    ]);
+    assert!(hosts.contains("127.0.1.1\tw1"), "{hosts}");
+    assert!(
+        hosts.contains(&format!("nameserver {}", host(&subnet, 1))),
+        "{hosts}"
+    );
+
+    env.ok(&["rm", "-f", "--volumes", "w1"]);
+    env.remove_namespaces(&["cl"]);
+    env.ok(&["net", "rm", "lan"]);
+    env.assert_nothing_left("after the oci test");
+}
+
+/// vroomd SIGKILLed at several points of an import: nothing partial is
+/// listed, the layer cache holds only complete layers, no staging dir
+/// outlives the restart, and the next import reuses what was cached.
+#[test]
+fn a_killed_import_leaves_nothing_half_made_and_the_next_reuses_layers() {
+    let env = Env::new("ocikill");
+    let layout = build_images(&env.dir, true);
+    let registry = Registry::start(&env.dir);
+    let reference = format!("docker://{}/test/big:1", registry.addr);
+    sh(&format!(
+        "skopeo copy -q --dest-tls-verify=false oci:{}:big {reference}",
+        layout.display()
+    ));
+    let body = format!(r#"{{"reference":"{reference}","name":"big","insecure":true}}"#);
+    for delay_ms in [100, 600, 2500] {
+        kill_during(
+            &env,
+            "POST",
+            "/v1/images/import",
+            body.clone(),
+            Duration::from_millis(delay_ms),
+        );
+        let context = format!("killed {delay_ms} ms into the import");
+        for image in images(&env) {
+            // Listed means committed: complete, with its files.
+            let dir = env.dir.join("images").join(&image.id);
+            let rootfs = dir.join(&image.manifest.rootfs.file);
+            assert_eq!(
+                std::fs::metadata(&rootfs).map(|m| m.len()).ok(),
+                Some(image.manifest.rootfs.size),
+                "{context}: {image:?}"
+            );
+        }
+        assert!(
+            staging_dirs(&env).is_empty(),
+            "{context}: {:?}",
+            staging_dirs(&env)
+        );
+        assert_cache_complete(&env, &context);
+    }
+    // What was cached stays as it is: the next import reads it, it does not
+    // fetch it again.
+    let cached: Vec<(PathBuf, u64)> = std::fs::read_dir(env.dir.join("images/blobs/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            (e.path(), e.metadata().unwrap().ino())
+        })
+        .collect();
+    assert!(!cached.is_empty(), "some layer was complete before a kill");
+    let out = env
+        .command()
+        .args(["image", "import", "--insecure", &reference, "--name", "big"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("(cached)"), "{text}");
+    for (path, ino) in cached {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().ino(),
+            ino,
+            "{} was fetched again",
+            path.display()
+        );
+    }
+    let big: Vec<_> = images(&env)
+        .into_iter()
+        .filter(|i| i.name == "big")
+        .collect();
+    assert!(!big.is_empty());
+    assert_cache_complete(&env, "after the last import");
+}
