@@ -630,6 +630,7 @@ async fn dashboard_pages_and_cross_origin_refusals() {
         ("/ui/", 200, "<h1>Overview</h1>"),
         ("/ui/instances", 200, "No instances"),
         ("/ui/rooms", 200, "No rooms"),
+        ("/ui/services", 200, "No services"),
         ("/ui/wiring", 200, "No splices"),
         ("/ui/snapshots", 200, "No snapshots"),
         ("/ui/volumes", 200, "No data volumes"),

@@ -61,6 +61,7 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/ui/instances/{name}", get(instance))
         .route("/ui/rooms", get(rooms))
         .route("/ui/rooms/{name}", get(room))
+        .route("/ui/services", get(services))
         .route("/ui/wiring", get(wiring))
         .route("/ui/snapshots", get(snapshots))
         .route("/ui/volumes", get(volumes))
@@ -90,10 +91,11 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// The pages' navigation: (path, label).
-const NAV: [(&str, &str); 8] = [
+const NAV: [(&str, &str); 9] = [
     ("/ui/", "Overview"),
     ("/ui/instances", "Instances"),
     ("/ui/rooms", "Rooms"),
+    ("/ui/services", "Services"),
     ("/ui/wiring", "Splices & mirrors"),
     ("/ui/snapshots", "Snapshots"),
     ("/ui/volumes", "Volumes"),
@@ -319,6 +321,18 @@ async fn draw(dot: &str) -> Result<String, String> {
     let svg = String::from_utf8_lossy(&output.stdout);
     let start = svg.find("<svg").ok_or("no drawing: dot wrote no SVG")?;
     Ok(svg[start..].to_string())
+}
+
+async fn services(State(engine): State<AppState>) -> Response {
+    match engine.services() {
+        Ok(services) => page(
+            StatusCode::OK,
+            "Services",
+            "/ui/services",
+            &pages::services(&services, now_secs()),
+        ),
+        Err(e) => error_page("/ui/services", e),
+    }
 }
 
 async fn wiring(State(engine): State<AppState>) -> Response {

@@ -13,6 +13,7 @@ mod images;
 mod migrate;
 mod qemu;
 mod replicated;
+mod service;
 mod splice;
 mod stats;
 mod volume;
@@ -58,6 +59,18 @@ enum Bench {
         /// Splices and unsplices (room timings: at most 3).
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
+    },
+    /// A service of the web appliance: the balancer's overhead (wrk through
+    /// it against straight at one member), scale-out 1 -> 3 with cold boots
+    /// against warm starts, and requests failed under wrk during a
+    /// scale-in and a rolling update.
+    Service {
+        /// Rounds of each measurement.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of each wrk run of the overhead measurement.
+        #[arg(long, default_value_t = 5)]
+        secs: u32,
     },
     /// Cold boot-to-ready against warm-start-to-ready of the web appliance,
     /// snapshot time and size against guest memory, and clones per minute.
@@ -250,6 +263,7 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
             .await
         }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
+        Bench::Service { runs, secs } => service::service(data_dir, *runs, *secs).await,
         Bench::Qemu { runs, migrations } => qemu::qemu(data_dir, *runs, *migrations).await,
         Bench::Failover { runs } => failover::failover(*runs).await,
         Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,

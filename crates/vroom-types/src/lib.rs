@@ -75,9 +75,9 @@ pub use network::{
     ROUTER_ROLES,
 };
 pub use room::{
-    check_room_name, nic_label, ApplyRoomRequest, ChangeOp, Expose, ExposeRequest, Room,
-    RoomChange, RoomFile, RoomInstance, RoomNetworks, RoomPlan, RoomSpec, RoomState, Segment,
-    MAX_ROOM_NAME_LEN,
+    check_room_name, nic_label, ApplyRoomRequest, ChangeOp, Expose, ExposeRequest, Replicas, Room,
+    RoomChange, RoomFile, RoomInstance, RoomNetworks, RoomPlan, RoomService, RoomSpec, RoomState,
+    Segment, MAX_ROOM_NAME_LEN,
 };
 pub use schema::{
     check_complete, check_config, check_rules, host_number, shown_config, ConfigField, ConfigRule,

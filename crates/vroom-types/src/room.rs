@@ -9,7 +9,7 @@ use std::str::FromStr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{InvalidInputError, Name, Protocol};
+use crate::{InvalidInputError, Name, Protocol, ScaleTarget, ServiceDefinition};
 
 /// The longest room name: its networks and firewall (`NAME-lan`, `NAME-dmz`,
 /// `NAME-fw`) must be valid names too.
@@ -321,6 +321,176 @@ pub struct RoomFile {
     pub instances: BTreeMap<Name, RoomInstance>,
     #[serde(default)]
     pub expose: Vec<Expose>,
+    /// Services on the room's lan (`[[services]]`): each answers to its
+    /// name in the room's DNS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<RoomService>,
+}
+
+/// One service of a room file (`[[services]]`): members of one image on
+/// the room's lan behind a balancer, as `vroom service create --room`
+/// makes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RoomService {
+    /// At most 24 characters (its members are NAME-N, its balancer NAME-lb).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z]([a-z0-9-]{0,22}[a-z0-9])?$", min_length = 1, max_length = 24))]
+    pub name: Name,
+    /// The members' image (a new one is a rolling update).
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
+    pub image: String,
+    /// How many members: `N`, or `"MIN..MAX"` for the autoscaler (with
+    /// `slo` or `target_cpu`); 1 when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = replicas_schema))]
+    pub replicas: Replicas,
+    /// The port the members serve and the balancer listens on.
+    #[serde(
+        default = "crate::service::default_port",
+        deserialize_with = "crate::json_int::required"
+    )]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 65535, default = 80)
+    )]
+    pub port: u16,
+    /// The latency the autoscaler keeps, like `p95<50ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<String>,
+    /// The members' CPU use the autoscaler keeps, like `60%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_cpu: Option<String>,
+    /// Every member boots (by default they start from the image's warm
+    /// snapshot).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cold: bool,
+}
+
+impl RoomService {
+    /// The service this entry asks for in room `room`; a target that does
+    /// not parse, or both targets, is refused naming the field.
+    pub fn definition(&self, room: &Name) -> Result<ServiceDefinition, String> {
+        let target = |field: &str, raw: &Option<String>| {
+            raw.as_deref()
+                .map(|r| {
+                    r.parse::<ScaleTarget>()
+                        .map_err(|e| format!("{field}: {e}"))
+                })
+                .transpose()
+        };
+        let scale_on = match (
+            target("slo", &self.slo)?,
+            target("target_cpu", &self.target_cpu)?,
+        ) {
+            (Some(_), Some(_)) => return Err("give slo or target_cpu, not both".into()),
+            (Some(t @ ScaleTarget::P95Ms(_)), None) => Some(t),
+            (None, Some(t @ ScaleTarget::CpuPercent(_))) => Some(t),
+            (Some(t), None) => return Err(format!("slo: takes a latency like p95<50ms, not {t}")),
+            (None, Some(t)) => {
+                return Err(format!("target_cpu: takes a percentage like 60%, not {t}"))
+            }
+            (None, None) => None,
+        };
+        Ok(ServiceDefinition {
+            name: self.name.clone(),
+            image: self.image.clone(),
+            replicas: self.replicas.min,
+            max_replicas: self.replicas.max,
+            network: None,
+            room: Some(room.clone()),
+            port: self.port,
+            scale_on,
+            warm: !self.cold,
+        })
+    }
+}
+
+/// A number of members, `N`, or the autoscaler's bounds, `"MIN..MAX"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: Option<u32>,
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Replicas { min: 1, max: None }
+    }
+}
+
+impl fmt::Display for Replicas {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.max {
+            Some(max) => write!(f, "{}..{max}", self.min),
+            None => write!(f, "{}", self.min),
+        }
+    }
+}
+
+impl Serialize for Replicas {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.max {
+            None => s.serialize_u32(self.min),
+            Some(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Replicas {
+    /// `3`, `3.0` (JSON has only numbers), `"3"` or `"2..6"`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Replicas;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("replicas as N or \"MIN..MAX\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Replicas, E> {
+                let min = u32::try_from(n)
+                    .map_err(|_| E::custom(format!("bad replicas {n}: give 1 to 64")))?;
+                Ok(Replicas { min, max: None })
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Replicas, E> {
+                let n = u64::try_from(n)
+                    .map_err(|_| E::custom(format!("bad replicas {n}: give N or MIN..MAX")))?;
+                self.visit_u64(n)
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Replicas, E> {
+                if n.fract() != 0.0 || !(0.0..=f64::from(u32::MAX)).contains(&n) {
+                    return Err(E::custom(format!("bad replicas {n}: give N or MIN..MAX")));
+                }
+                self.visit_u64(n as u64)
+            }
+            fn visit_str<E: serde::de::Error>(self, raw: &str) -> Result<Replicas, E> {
+                let (min, max) = crate::parse_replicas(raw).map_err(E::custom)?;
+                Ok(Replicas { min, max })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(feature = "openapi")]
+fn replicas_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type};
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([Type::Integer]))
+                    .minimum(Some(1))
+                    .maximum(Some(64)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::from_iter([Type::String]))
+                    .pattern(Some(r"^[0-9]+(\.\.[0-9]+)?$"))
+                    .examples(["2..6"]),
+            )
+            .default(Some(serde_json::json!(1)))
+            .build(),
+    )
 }
 
 /// The body of `POST /v1/rooms/apply`.
@@ -377,6 +547,87 @@ pub struct RoomPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[[services]]` entries: replicas as a number or a range, targets
+    /// by field, and what is refused naming the field.
+    #[test]
+    fn room_services_table() {
+        let acme: Name = "acme".parse().unwrap();
+        let ok = [
+            (r#"{"name":"shop","image":"web"}"#, (1, None, 80, None)),
+            (
+                r#"{"name":"shop","image":"web","replicas":3.0,"port":8080}"#,
+                (3, None, 8080, None),
+            ),
+            (
+                r#"{"name":"shop","image":"web","replicas":"2..6","slo":"p95<50ms"}"#,
+                (2, Some(6), 80, Some(ScaleTarget::P95Ms(50))),
+            ),
+            (
+                r#"{"name":"shop","image":"web","replicas":"1..3","target_cpu":"60%","cold":true}"#,
+                (1, Some(3), 80, Some(ScaleTarget::CpuPercent(60))),
+            ),
+        ];
+        for (body, (min, max, port, target)) in ok {
+            let entry: RoomService = serde_json::from_str(body).unwrap();
+            let def = entry.definition(&acme).unwrap();
+            assert_eq!(
+                (def.replicas, def.max_replicas, def.port, def.scale_on),
+                (min, max, port, target),
+                "{body}"
+            );
+            assert_eq!(def.room.as_ref(), Some(&acme));
+            assert_eq!(def.warm, !body.contains("cold"), "{body}");
+            // What the CLI sends is what it read.
+            let again: RoomService =
+                serde_json::from_str(&serde_json::to_string(&entry).unwrap()).unwrap();
+            assert_eq!(again, entry, "{body}");
+        }
+        for (body, says) in [
+            (
+                r#"{"name":"shop","image":"web","replicas":"x"}"#,
+                "bad replicas",
+            ),
+            (
+                r#"{"name":"shop","image":"web","replicas":"2.."}"#,
+                "bad replicas",
+            ),
+            (
+                r#"{"name":"shop","image":"web","replicas":-1}"#,
+                "bad replicas",
+            ),
+            (
+                r#"{"name":"shop","image":"web","replicas":1.5}"#,
+                "bad replicas",
+            ),
+            (r#"{"name":"shop","image":"web","colour":"red"}"#, "colour"),
+        ] {
+            let err = serde_json::from_str::<RoomService>(body).unwrap_err();
+            assert!(err.to_string().contains(says), "{body}: {err}");
+        }
+        for (body, says) in [
+            (
+                r#"{"name":"shop","image":"web","slo":"fast"}"#,
+                "slo: bad target",
+            ),
+            (
+                r#"{"name":"shop","image":"web","slo":"60%"}"#,
+                "slo: takes a latency",
+            ),
+            (
+                r#"{"name":"shop","image":"web","target_cpu":"p95<5ms"}"#,
+                "target_cpu: takes",
+            ),
+            (
+                r#"{"name":"shop","image":"web","slo":"p95<5ms","target_cpu":"60%"}"#,
+                "not both",
+            ),
+        ] {
+            let entry: RoomService = serde_json::from_str(body).unwrap();
+            let err = entry.definition(&acme).unwrap_err();
+            assert!(err.contains(says), "{body}: {err}");
+        }
+    }
 
     /// Subnets are named by role; a sequence in their place is refused
     /// (serde alone would read `[null, null]` as no subnets).

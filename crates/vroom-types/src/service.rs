@@ -68,11 +68,20 @@ fn yes() -> bool {
     true
 }
 
-fn default_port() -> u16 {
+pub(crate) fn default_port() -> u16 {
     80
 }
 
 impl ServiceDefinition {
+    /// Its number for people: `2`, or `2..6 on p95<50ms` when autoscaled.
+    pub fn scale(&self) -> String {
+        let (min, max) = self.bounds();
+        match self.scale_on {
+            Some(target) if max > min => format!("{min}..{max} on {target}"),
+            _ => min.to_string(),
+        }
+    }
+
     /// The fewest and the most members it may have.
     pub fn bounds(&self) -> (u32, u32) {
         (
@@ -342,6 +351,17 @@ pub struct Service {
     /// The latest scaling decisions, oldest first.
     pub decisions: Vec<ScaleDecision>,
     pub created_at: u64,
+}
+
+impl Service {
+    /// vroomd has brought it to its number: every member running and
+    /// balanced, no update under way.
+    pub fn converged(&self) -> bool {
+        self.ready == self.desired
+            && self.members.len() as u32 == self.desired
+            && self.update.is_none()
+            && !self.removing
+    }
 }
 
 /// `POST /v1/services/{name}/scale`: a number of members now, or new

@@ -74,9 +74,12 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
             let file = read_room_file(file)?;
             check_room_networks(client, &file.name, file.wan.as_ref()).await?;
             crate::session::build_from_catalog_if_missing(client, "firewall", json).await?;
-            for instance in file.instances.values() {
-                crate::session::build_from_catalog_if_missing(client, &instance.image, json)
-                    .await?;
+            let images = file.instances.values().map(|i| &i.image);
+            let services = file.services.iter().map(|s| &s.image);
+            let balancer = "lb".to_string();
+            let balancer = (!file.services.is_empty()).then_some(&balancer);
+            for image in images.chain(services).chain(balancer) {
+                crate::session::build_from_catalog_if_missing(client, image, json).await?;
             }
             let spinner = (!*dry_run)
                 .then(|| output::spinner(json, format!("applying room {}", file.name)))
@@ -265,6 +268,31 @@ async fn show_room(client: &Client, room: &Room) -> Result<()> {
             nics.join(", "),
             i.state
         );
+    }
+    let services: Vec<_> = client
+        .services()
+        .await?
+        .into_iter()
+        .filter(|s| s.spec.room.as_ref() == Some(&room.name))
+        .collect();
+    if !services.is_empty() {
+        println!("services:");
+        for s in &services {
+            println!(
+                "  {:<16} {:<10} {} (DNS {}, {}.{}) [{} of {} ready, scale {}]",
+                s.spec.name,
+                s.spec.image,
+                s.address
+                    .map(|ip| format!("{ip}:{}", s.spec.port))
+                    .unwrap_or_else(|| "no address yet".into()),
+                s.spec.name,
+                s.spec.name,
+                room.domain,
+                s.ready,
+                s.desired,
+                s.spec.scale()
+            );
+        }
     }
     println!("exposes:");
     for e in &room.exposes {

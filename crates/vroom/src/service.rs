@@ -1,12 +1,8 @@
 //! `vroom service ...`: members of one image behind a load balancer.
 
-use std::time::{Duration, Instant};
-
 use anyhow::{bail, Result};
 use vroom_client::Client;
-use vroom_types::{
-    ErrorCode, InstanceState, Name, ScaleTarget, Service, ServiceDefinition, ServiceScaleRequest,
-};
+use vroom_types::{Name, ScaleTarget, Service, ServiceDefinition, ServiceScaleRequest};
 
 use crate::args::ServiceOp;
 use crate::output;
@@ -54,7 +50,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                 ),
             );
             let made = match client.create_service(&definition).await {
-                Ok(_) => converged(client, name.as_str()).await,
+                Ok(_) => vroom::session::service_converged(client, name.as_str()).await,
                 Err(e) => Err(e.into()),
             };
             if let Some(s) = spinner {
@@ -75,7 +71,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
                         s.spec.name.to_string(),
                         s.spec.image.clone(),
                         format!("{}/{}", s.ready, s.desired),
-                        bounds(s),
+                        s.spec.scale(),
                         address(s),
                         placement(s),
                     ]
@@ -109,7 +105,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
             };
             let spinner = output::spinner(json, format!("scaling service {name} to {shown}"));
             let scaled = match client.scale_service(name, &req).await {
-                Ok(_) => converged(client, name).await,
+                Ok(_) => vroom::session::service_converged(client, name).await,
                 Err(e) => Err(e.into()),
             };
             if let Some(s) = spinner {
@@ -120,7 +116,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         ServiceOp::Update { name, image } => {
             let spinner = output::spinner(json, format!("updating service {name} to {image}"));
             let updated = match client.update_service(name, image).await {
-                Ok(_) => converged(client, name).await,
+                Ok(_) => vroom::session::service_converged(client, name).await,
                 Err(e) => Err(e.into()),
             };
             if let Some(s) = spinner {
@@ -137,7 +133,7 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         ServiceOp::Rm { name } => {
             let spinner = output::spinner(json, format!("removing service {name}"));
             let removed = match client.remove_service(name).await {
-                Ok(()) => gone(client, name).await,
+                Ok(()) => vroom::session::service_gone(client, name).await,
                 Err(e) => Err(e.into()),
             };
             if let Some(s) = spinner {
@@ -150,59 +146,6 @@ pub async fn service(client: &Client, op: &ServiceOp, json: bool) -> Result<()> 
         }
     }
     Ok(())
-}
-
-/// How long the CLI waits for a service to converge.
-const CONVERGE_WITHIN: Duration = Duration::from_secs(300);
-
-/// Waits until vroomd has brought the service to its number: every member
-/// running and balanced.
-async fn converged(client: &Client, name: &str) -> Result<Service> {
-    let deadline = Instant::now() + CONVERGE_WITHIN;
-    loop {
-        let service = client.service(name).await?;
-        let replicas = service.desired;
-        if service.ready == replicas
-            && service.members.len() as u32 == replicas
-            && service.update.is_none()
-        {
-            return Ok(service);
-        }
-        if Instant::now() > deadline {
-            let failed: Vec<String> = service
-                .members
-                .iter()
-                .filter(|m| m.state == Some(InstanceState::Failed))
-                .map(|m| m.name.to_string())
-                .collect();
-            bail!(
-                "service {name} has {} of {replicas} members ready after {}s{}; vroomd keeps at it (`vroom service inspect {name}`)",
-                service.ready,
-                CONVERGE_WITHIN.as_secs(),
-                if failed.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (failed: {}, see `vroom logs`)", failed.join(", "))
-                }
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Waits until vroomd has removed the service.
-async fn gone(client: &Client, name: &str) -> Result<()> {
-    let deadline = Instant::now() + CONVERGE_WITHIN;
-    loop {
-        match client.service(name).await {
-            Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(()),
-            Err(e) => return Err(e.into()),
-            Ok(_) if Instant::now() > deadline => {
-                bail!("service {name} is still being removed; vroomd keeps at it")
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
 }
 
 fn address(service: &Service) -> String {
@@ -226,15 +169,6 @@ fn show_done(service: &Service, json: bool) {
     }
 }
 
-/// `N`, or `MIN..MAX on TARGET` for an autoscaled service.
-fn bounds(service: &Service) -> String {
-    let (min, max) = service.spec.bounds();
-    match service.spec.scale_on {
-        Some(target) if max > min => format!("{min}..{max} on {target}"),
-        _ => min.to_string(),
-    }
-}
-
 fn placement(service: &Service) -> String {
     match (&service.spec.room, &service.spec.network) {
         (Some(room), _) => format!("room {room}"),
@@ -253,7 +187,7 @@ fn show(service: &Service) {
     );
     println!("on:       {}", placement(service));
     println!("ready:    {} of {}", service.ready, service.desired);
-    println!("scale:    {}", bounds(service));
+    println!("scale:    {}", service.spec.scale());
     if let Some(load) = &service.load {
         println!("load:     {load}");
     }

@@ -1,6 +1,7 @@
 //! Talking to vroomd, as every client-side command does: connect (starting a
 //! daemon when none runs), build a catalog image on first use, wait for a
-//! guest to be ready. vroom-bench drives vroomd through the same functions.
+//! guest to be ready, wait for a service to converge. vroom-bench drives
+//! vroomd through the same functions.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vroom_client::{Client, ClientError};
-use vroom_types::{Instance, InstanceState};
+use vroom_types::{ErrorCode, Instance, InstanceState, Service};
 
 use crate::{output, paths};
 
@@ -186,6 +187,56 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
                 instance.status.state
             ),
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// How long a client waits for a service to converge.
+pub const CONVERGE_WITHIN: Duration = Duration::from_secs(300);
+
+/// Waits until vroomd has brought the service to its number: every member
+/// running and balanced.
+pub async fn service_converged(client: &Client, name: &str) -> Result<Service> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    loop {
+        let service = client.service(name).await?;
+        let replicas = service.desired;
+        if service.converged() {
+            return Ok(service);
+        }
+        if Instant::now() > deadline {
+            let failed: Vec<String> = service
+                .members
+                .iter()
+                .filter(|m| m.state == Some(InstanceState::Failed))
+                .map(|m| m.name.to_string())
+                .collect();
+            bail!(
+                "service {name} has {} of {replicas} members ready after {}s{}; vroomd keeps at it (`vroom service inspect {name}`)",
+                service.ready,
+                CONVERGE_WITHIN.as_secs(),
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (failed: {}, see `vroom logs`)", failed.join(", "))
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until vroomd has removed the service.
+pub async fn service_gone(client: &Client, name: &str) -> Result<()> {
+    let deadline = Instant::now() + CONVERGE_WITHIN;
+    loop {
+        match client.service(name).await {
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => return Ok(()),
+            Err(e) => return Err(e.into()),
+            Ok(_) if Instant::now() > deadline => {
+                bail!("service {name} is still being removed; vroomd keeps at it")
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }

@@ -203,7 +203,10 @@ fn rooms_are_isolated_and_serve_their_tenants() {
 }
 
 /// `room apply`: the file creates the room, the same file again changes
-/// nothing, and changing one port changes only that forward.
+/// nothing, and changing one port changes only that forward. Its service
+/// answers to its name in the room's DNS (a lan client resolves it and is
+/// served through the balancer), is exposed like an instance, scales with
+/// the file and goes with the room.
 #[test]
 fn room_apply_converges_and_changes_only_what_changed() {
     let env = Env::new("rapply");
@@ -212,11 +215,11 @@ fn room_apply_converges_and_changes_only_what_changed() {
     let wan = random_subnet();
     env.ok(&["net", "create", "wan", "--subnet", &wan, "--nat"]);
     let file = env.dir.join("room.toml");
-    let write = |port: u16| {
+    let write = |port: u16, replicas: u32| {
         std::fs::write(
             &file,
             format!(
-                "name = \"rc\"\nwan = \"wan\"\n\n[instances.site]\nimage = \"web\"\nsegment = \"dmz\"\nconfig = {{ title = \"Room C\" }}\n\n[[expose]]\nport = {port}\nto = \"site\"\nto_port = 80\n"
+                "name = \"rc\"\nwan = \"wan\"\n\n[instances.site]\nimage = \"web\"\nsegment = \"dmz\"\nconfig = {{ title = \"Room C\" }}\n\n[[expose]]\nport = {port}\nto = \"site\"\nto_port = 80\n\n[[expose]]\nport = 8090\nto = \"shop\"\nto_port = 80\n\n[[services]]\nname = \"shop\"\nimage = \"web\"\nreplicas = {replicas}\n"
             ),
         )
         .unwrap();
@@ -241,11 +244,29 @@ fn room_apply_converges_and_changes_only_what_changed() {
     .unwrap();
     let err = env.fail(&["room", "apply", file.to_str().unwrap()]);
     assert!(err.contains("ghost"), "{err}");
+    std::fs::write(
+        &file,
+        "name = \"rc\"\n[[services]]\nname = \"shop\"\nimage = \"web\"\nreplicas = \"two\"\n",
+    )
+    .unwrap();
+    let err = env.fail(&["room", "apply", file.to_str().unwrap()]);
+    assert!(
+        err.contains("bad replicas") && err.lines().count() == 1,
+        "{err}"
+    );
+    std::fs::write(
+        &file,
+        "name = \"rc\"\n[instances.shop-1]\nimage = \"web\"\nsegment = \"lan\"\n[[services]]\nname = \"shop\"\nimage = \"web\"\n",
+    )
+    .unwrap();
+    let err = env.fail(&["room", "apply", file.to_str().unwrap()]);
+    assert!(err.contains("service shop: instance shop-1"), "{err}");
     assert!(env.ok(&["--json", "room", "ls"]).trim() == "[]");
+    assert!(env.ok(&["--json", "service", "ls"]).trim() == "[]");
 
-    write(8080);
+    write(8080, 1);
     let plan = apply(true);
-    assert!(!plan.applied && plan.changes.len() == 3, "{plan:?}");
+    assert!(!plan.applied && plan.changes.len() == 5, "{plan:?}");
     assert!(
         env.ok(&["--json", "room", "ls"]).trim() == "[]",
         "a dry run changes nothing"
@@ -261,6 +282,34 @@ fn room_apply_converges_and_changes_only_what_changed() {
         "served with its config right after the apply: {rc} {page}"
     );
     let site_pid = env.instance("site").status.pid;
+    // The service: its name in the room's DNS, served through its
+    // balancer to a lan client, and exposed on the wan.
+    let shop: vroom_types::Service =
+        serde_json::from_str(&env.ok(&["--json", "service", "inspect", "shop"])).unwrap();
+    assert_eq!(shop.ready, 1, "{shop:?}");
+    let lb = shop.address.unwrap().to_string();
+    let lan = env.namespace_on("clan", "rc-lan", None);
+    let lease = dhcp_lease(&env, &lan);
+    let dns: std::net::Ipv4Addr = lease["dns"].parse().unwrap();
+    for name in ["shop", "shop.rc.lan"] {
+        assert_eq!(
+            resolve(&env, &lan, name, dns).as_deref(),
+            Some(lb.as_str()),
+            "{name} is the balancer's address in the room's DNS"
+        );
+    }
+    let (rc, page) = fetch(&env, &lan, &format!("http://{lb}/"));
+    assert!(rc == 0 && page.contains("It works"), "{rc} {page}");
+    let (rc, page) = fetch(&env, &outside, &format!("http://{fw}:8090/"));
+    assert!(
+        rc == 0 && page.contains("It works"),
+        "the service is exposed: {rc} {page}"
+    );
+    let shown = env.ok(&["room", "inspect", "rc"]);
+    assert!(
+        shown.contains(&format!("{lb}:80 (DNS shop, shop.rc.lan) [1 of 1 ready")),
+        "{shown}"
+    );
 
     let again = apply(false);
     assert!(
@@ -271,10 +320,17 @@ fn room_apply_converges_and_changes_only_what_changed() {
         .ok(&["room", "apply", file.to_str().unwrap()])
         .contains("no changes"));
 
-    write(8081);
+    write(8081, 2);
     let plan = apply(false);
     let what: Vec<&str> = plan.changes.iter().map(|c| c.what.as_str()).collect();
-    assert_eq!(what, ["expose tcp/8081", "expose tcp/8080"], "{plan:?}");
+    assert_eq!(
+        what,
+        ["service shop", "expose tcp/8081", "expose tcp/8080"],
+        "{plan:?}"
+    );
+    let shop: vroom_types::Service =
+        serde_json::from_str(&env.ok(&["--json", "service", "inspect", "shop"])).unwrap();
+    assert_eq!((shop.ready, shop.desired), (2, 2), "scaled with the file");
     assert_eq!(
         env.instance("site").status.pid,
         site_pid,
@@ -285,8 +341,12 @@ fn room_apply_converges_and_changes_only_what_changed() {
     let (rc, _) = fetch(&env, &outside, &format!("http://{fw}:8080/"));
     assert_ne!(rc, 0, "8080 is no longer forwarded");
     env.ok(&["room", "rm", "--force", "rc"]);
+    assert!(
+        env.ok(&["--json", "service", "ls"]).trim() == "[]",
+        "its service went with the room"
+    );
     env.ok(&["net", "rm", "wan"]);
-    env.remove_namespaces(&["out"]);
+    env.remove_namespaces(&["out", "clan"]);
     env.assert_nothing_left("room removed");
 }
 

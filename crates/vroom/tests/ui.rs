@@ -463,6 +463,7 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
         ("instances", "/ui/instances".to_string(), "Instances"),
         ("rooms", "/ui/rooms".to_string(), "Rooms"),
         ("room", "/ui/rooms/r1".to_string(), "Room r1"),
+        ("services", "/ui/services".to_string(), "Services"),
         (
             "wiring",
             "/ui/wiring".to_string(),
@@ -546,6 +547,55 @@ fn the_dashboard_works_in_a_real_browser_and_refuses_what_it_must() {
     let errors = browser.console_errors();
     assert!(errors.is_empty(), "instances: {errors:#?}");
     browser.screenshot(&artifacts.join("instances-live.png"));
+
+    // A service created from the CLI appears on the Services page without
+    // a reload: its row at strength, its member balanced.
+    browser.goto(&format!("{base}/ui/services"));
+    poll(Duration::from_secs(10), || {
+        (browser.text("#live").as_deref() == Some("live")).then_some(())
+    })
+    .expect("the services page follows the events");
+    browser.script("window.__sameDocument = true; return null;");
+    env.ok(&[
+        "service",
+        "create",
+        "shop",
+        "--image",
+        "hello",
+        "--replicas",
+        "1",
+        "--room",
+        "r1",
+    ]);
+    let row = poll(Duration::from_secs(20), || {
+        browser
+            .text("tr[data-service=\"shop\"]")
+            .filter(|t| t.contains("1/1") && t.contains("room r1") && t.contains("ready"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "shop at strength on the page: {:?}",
+            browser.text("#services")
+        )
+    });
+    assert!(row.contains("hello"), "{row}");
+    let member = browser.wait_text(
+        "tr[data-member=\"shop-1\"]",
+        Duration::from_secs(10),
+        "shop's member",
+    );
+    assert!(
+        member.contains("running") && member.contains("yes"),
+        "{member}"
+    );
+    assert_eq!(
+        browser.script("return window.__sameDocument === true"),
+        true,
+        "the page was reloaded"
+    );
+    let errors = browser.console_errors();
+    assert!(errors.is_empty(), "services: {errors:#?}");
+    browser.screenshot(&artifacts.join("services-live.png"));
 
     // Its page follows the console.
     browser.goto(&format!("{base}/ui/instances/u1"));

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use vroom_types::{
-    Event, Instance, InstanceState, Mirror, Network, NodeInfo, Room, Snapshot, Splice, Volume,
+    Event, Instance, InstanceState, Mirror, Network, NodeInfo, Room, Service, Snapshot, Splice,
+    Volume,
 };
 
 use super::html::{action, age, badge, bytes, esc, seg, table};
@@ -416,6 +417,136 @@ pub fn rooms(rooms: &[Room], instances: &[Instance]) -> String {
     )
 }
 
+/// Where a service is: its room or its network.
+fn service_place(s: &Service) -> String {
+    match (&s.spec.room, &s.spec.network) {
+        (Some(room), _) => format!(
+            "room <a href=\"/ui/rooms/{}\">{}</a>",
+            seg(room.as_str()),
+            esc(room.as_str())
+        ),
+        (None, Some(net)) => esc(net.as_str()),
+        (None, None) => "-".into(),
+    }
+}
+
+/// What a service is doing: removing, updating, rolling back, or settled.
+fn service_state(s: &Service) -> String {
+    if s.removing {
+        return badge("removing");
+    }
+    match &s.update {
+        Some(u) => match &u.rolling_back {
+            Some(why) => format!(
+                "{} to {} <small>{}</small>",
+                badge("rolling-back"),
+                esc(&u.from),
+                esc(why)
+            ),
+            None => format!("{} {} → {}", badge("updating"), esc(&u.from), esc(&u.to)),
+        },
+        None if s.converged() => badge("ready"),
+        None => badge("converging"),
+    }
+}
+
+/// Services: each with its numbers, address, load and update state; then
+/// each one's members and latest scaling decisions.
+pub fn services(services: &[Service], now: u64) -> String {
+    let rows: Vec<String> = services
+        .iter()
+        .map(|s| {
+            let address = s
+                .address
+                .map(|ip| format!("{ip}:{}", s.spec.port))
+                .unwrap_or_else(|| "-".into());
+            format!(
+                "<tr data-service=\"{n}\"><td><a href=\"#service-{id}\">{n}</a></td><td>{image}</td>\
+                 <td class=\"num\">{ready}/{desired}</td><td>{scale}</td><td>{address}</td><td>{place}</td>\
+                 <td>{load}</td><td>{state}</td></tr>",
+                n = esc(s.spec.name.as_str()),
+                id = seg(s.spec.name.as_str()),
+                image = esc(&s.spec.image),
+                ready = s.ready,
+                desired = s.desired,
+                scale = esc(&s.spec.scale()),
+                address = esc(&address),
+                place = service_place(s),
+                load = s.load.as_ref().map_or("-".into(), |l| esc(&l.to_string())),
+                state = service_state(s),
+            )
+        })
+        .collect();
+    let mut out = String::from("<h1>Services</h1>");
+    out.push_str(&table(
+        "services",
+        &[
+            "name", "image", "ready", "scale", "address", "on", "load", "state",
+        ],
+        &rows,
+        "No services: create one with `vroom service create NAME --image IMAGE`.",
+    ));
+    // One live part: a service created or removed comes or goes whole.
+    out.push_str("<section id=\"service-details\" data-live>");
+    for s in services {
+        let name = s.spec.name.as_str();
+        let _ = write!(
+            out,
+            "<h2 id=\"service-{id}\">{n} <small>behind {lb}</small></h2>",
+            id = seg(name),
+            n = esc(name),
+            lb = esc(s.balancer.as_str()),
+        );
+        let members: Vec<String> = s
+            .members
+            .iter()
+            .map(|m| {
+                format!(
+                    "<tr data-member=\"{n}\"><td><a href=\"/ui/instances/{sg}\">{n}</a></td><td>{state}</td>\
+                     <td>{ip}</td><td>{image}</td><td>{balanced}</td></tr>",
+                    n = esc(m.name.as_str()),
+                    sg = seg(m.name.as_str()),
+                    state = m
+                        .state
+                        .map_or_else(|| badge("making"), |st| badge(&st.to_string())),
+                    ip = m.ip.map_or("-".into(), |ip| ip.to_string()),
+                    image = esc(&m.image),
+                    balanced = if m.balanced { "yes" } else { "no" },
+                )
+            })
+            .collect();
+        out.push_str(&table(
+            &format!("service-{}-members", seg(name)),
+            &["member", "state", "address", "image", "balanced"],
+            &members,
+            "No members yet.",
+        ));
+        let decisions: Vec<String> = s
+            .decisions
+            .iter()
+            .rev()
+            .map(|d| {
+                format!(
+                    "<tr><td>{when}</td><td class=\"num\">{from} → {to}</td><td>{why}</td><td>{load}</td></tr>",
+                    when = age(now, d.at_ms / 1000),
+                    from = d.from,
+                    to = d.to,
+                    why = esc(&d.reason),
+                    load = esc(&d.load.to_string()),
+                )
+            })
+            .collect();
+        out.push_str(&table(
+            &format!("service-{}-decisions", seg(name)),
+            &["when", "members", "why", "measured"],
+            &decisions,
+            "No scaling decisions yet.",
+        ));
+    }
+    out.push_str("</section>");
+    out
+}
+
 /// How a room's topology is drawn: Graphviz's SVG, or the text rendering
 /// with the reason there is no drawing.
 pub enum Drawing {
@@ -753,6 +884,54 @@ mod tests {
         .unwrap();
         i.status.state = state;
         i
+    }
+
+    /// The services page: each service's numbers, address, scale and
+    /// update state, then its members and decisions (newest first), with
+    /// what it carries escaped.
+    #[test]
+    fn services_show_members_and_decisions() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "spec": {"name": "shop", "image": "web<2>", "replicas": 2, "max_replicas": 4,
+                     "room": "acme", "port": 80, "scale_on": {"p95_ms": 50}},
+            "balancer": "shop-lb", "address": "10.0.0.3",
+            "members": [
+                {"name": "shop-1", "state": "running", "ip": "10.0.0.4", "image": "web", "balanced": true},
+                {"name": "shop-3", "state": null, "ip": null, "image": "web<2>", "balanced": false}
+            ],
+            "ready": 1, "desired": 3, "removing": false,
+            "update": {"from": "web", "to": "web<2>", "started_at": 0, "rolling_back": null},
+            "load": null,
+            "decisions": [
+                {"at_ms": 990000, "from": 2, "to": 3, "reason": "p95 over 50 ms",
+                 "load": {"window_secs": 3.0, "requests": 30, "requests_per_sec": 10.0, "errors": 0,
+                          "slow": 9, "p95_above_ms": 50, "p95_at_most_ms": 100, "in_flight": 2, "cpu_percent": null}},
+                {"at_ms": 999000, "from": 3, "to": 2, "reason": "calm",
+                 "load": {"window_secs": 3.0, "requests": 3, "requests_per_sec": 1.0, "errors": 0,
+                          "slow": 0, "p95_above_ms": null, "p95_at_most_ms": 10, "in_flight": 0, "cpu_percent": null}}
+            ],
+            "created_at": 0
+        }))
+        .unwrap();
+        let page = services(std::slice::from_ref(&service), 1000);
+        for want in [
+            "<td class=\"num\">1/3</td>",
+            "<td>2..4 on p95&lt;50ms</td>",
+            "<td>10.0.0.3:80</td>",
+            "room <a href=\"/ui/rooms/acme\">acme</a>",
+            "updating</span> web → web&lt;2&gt;",
+            "behind shop-lb",
+            "<a href=\"/ui/instances/shop-1\">shop-1</a>",
+            "s-making",
+            "p95 50-100 ms",
+        ] {
+            assert!(page.contains(want), "{want} in {page}");
+        }
+        let calm = page.find("calm").unwrap();
+        let over = page.find("p95 over 50 ms").unwrap();
+        assert!(calm < over, "newest decision first");
+        assert!(!page.contains("web<2>"), "escaped");
+        assert!(services(&[], 0).contains("No services"));
     }
 
     /// Each state offers the actions that make sense in it, and a name

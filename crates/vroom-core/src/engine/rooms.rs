@@ -274,6 +274,8 @@ impl Engine {
         let mut removing = room.clone();
         removing.state = RoomState::Removing;
         self.save_room(&removing)?;
+        // Services first: their controller would make their members again.
+        self.remove_room_services(&room.name).await?;
         let members: Vec<Name> = self
             .room_members(room)
             .into_iter()
@@ -309,13 +311,9 @@ impl Engine {
         let _op = self.room_op.lock().await;
         expose.check()?;
         let mut room = self.ready_room(name)?;
-        if !self
-            .room_members(&room)
-            .iter()
-            .any(|i| i.spec.name == expose.to)
-        {
+        if !self.exposable(&room).contains(&expose.to) {
             return Err(OpError::conflict(format!(
-                "room {name} has no instance {}",
+                "room {name} has no instance {} (nor a service of that name)",
                 expose.to
             )));
         }
@@ -362,6 +360,19 @@ impl Engine {
         Ok(room)
     }
 
+    /// What an expose of the room may go to: its members and services.
+    fn exposable(&self, room: &Room) -> Vec<Name> {
+        self.room_members(room)
+            .into_iter()
+            .map(|i| i.spec.name)
+            .chain(
+                self.room_service_addresses(&room.name)
+                    .into_iter()
+                    .map(|(service, _)| service),
+            )
+            .collect()
+    }
+
     fn ready_room(&self, name: &str) -> Result<Room, OpError> {
         let room = self.get_room(name)?;
         if room.state != RoomState::Ready {
@@ -385,6 +396,13 @@ impl Engine {
                 hosts.push(format!("{}.{}={ip}", member.spec.name, room.domain));
                 address.insert(member.spec.name.clone(), ip);
             }
+        }
+        // A service answers to its name at its balancer's address, and is
+        // exposed like an instance.
+        for (service, ip) in self.room_service_addresses(&room.name) {
+            hosts.push(format!("{service}={ip}"));
+            hosts.push(format!("{service}.{}={ip}", room.domain));
+            address.insert(service, ip);
         }
         let forward: Vec<String> = room
             .exposes
@@ -433,11 +451,7 @@ impl Engine {
         for mut room in rooms {
             // A removed member takes its exposes along: the forward is gone,
             // and so is its record.
-            let members: Vec<Name> = self
-                .room_members(&room)
-                .into_iter()
-                .map(|i| i.spec.name)
-                .collect();
+            let members = self.exposable(&room);
             let before = room.exposes.len();
             room.exposes.retain(|e| members.contains(&e.to));
             if room.exposes.len() != before {
@@ -476,11 +490,12 @@ impl Engine {
         let mut seen = std::collections::BTreeSet::new();
         for e in &file.expose {
             e.check()?;
-            if !file.instances.contains_key(&e.to) {
+            if !file.instances.contains_key(&e.to) && !file.services.iter().any(|s| s.name == e.to)
+            {
                 return Err(OpError::new(
                     ErrorCode::Conflict,
                     format!(
-                        "expose {}/{} goes to {}, which is not an instance of the room",
+                        "expose {}/{} goes to {}, which is not an instance or service of the room",
                         e.proto.as_str(),
                         e.port,
                         e.to
@@ -525,7 +540,12 @@ impl Engine {
                         )));
                     }
                 }
+                // The services' members and balancers are theirs.
+                let owned = self.room_service_instances(&room.name);
                 self.room_members(room)
+                    .into_iter()
+                    .filter(|i| !owned.contains(&i.spec.name))
+                    .collect()
             }
             None => {
                 self.check_new_room(&RoomSpec {
@@ -634,6 +654,8 @@ impl Engine {
                 String::new(),
             ));
         }
+        let (service_changes, services) = self.plan_room_services(&file).await?;
+        changes.extend(service_changes);
         let mut want_exposes = file.expose.clone();
         want_exposes.sort();
         let have_exposes = existing
@@ -714,8 +736,11 @@ impl Engine {
             .await?;
         }
         // Forwards to instances about to go are dropped first.
-        room.exposes
-            .retain(|e| !remove.contains(&e.to) && !recreate.contains(&e.to));
+        room.exposes.retain(|e| {
+            !remove.contains(&e.to)
+                && !recreate.contains(&e.to)
+                && !services.removed().contains(&e.to)
+        });
         self.save_room(&room)?;
         for m in remove.iter().chain(&recreate) {
             for splice in self.list_splices() {
@@ -746,6 +771,7 @@ impl Engine {
                     .await?;
             }
         }
+        self.apply_room_services(services).await?;
         room.exposes = want_exposes;
         self.sync_room(&room).await?;
         self.save_room(&room)?;
@@ -854,7 +880,7 @@ pub fn room_network_taken(room: &Name, network: &Name) -> String {
 }
 
 /// The firewall instance of room `room`.
-fn firewall_name(room: &Name) -> Name {
+pub(super) fn firewall_name(room: &Name) -> Name {
     Name::new(&format!("{room}-fw")).expect("invariant: room names leave room")
 }
 
@@ -947,6 +973,27 @@ mod tests {
         }
     }
 
+    /// Each file is refused, dry run or not, with a message starting with
+    /// its text, and nothing is made: no room, network, instance or service.
+    async fn refused_with_nothing_made(t: &TestEngine, bad: &[(serde_json::Value, &str)]) {
+        for (file, want) in bad {
+            for dry_run in [true, false] {
+                let mut req = room_file(file.clone());
+                req.dry_run = dry_run;
+                let err = t.engine.apply_room(req).await.unwrap_err();
+                assert!(
+                    err.message.starts_with(want),
+                    "{file} (dry run {dry_run}): {}",
+                    err.message
+                );
+                assert!(t.engine.list_rooms().is_empty(), "{file}");
+                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
+                assert!(t.engine.list().is_empty(), "{file}: nothing made");
+                assert!(t.engine.services().unwrap().is_empty(), "{file}");
+            }
+        }
+    }
+
     /// A room file is checked whole before anything is made, as `run` and
     /// `config set` would check its instances; a dry run refuses the same.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -981,21 +1028,7 @@ mod tests {
                 "firewall acme-fw: unknown config key",
             ),
         ];
-        for (file, want) in bad {
-            for dry_run in [true, false] {
-                let mut req = room_file(file.clone());
-                req.dry_run = dry_run;
-                let err = t.engine.apply_room(req).await.unwrap_err();
-                assert!(
-                    err.message.starts_with(want),
-                    "{file} (dry run {dry_run}): {}",
-                    err.message
-                );
-                assert!(t.engine.list_rooms().is_empty(), "{file}");
-                assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
-                assert!(t.engine.list().is_empty(), "{file}: nothing made");
-            }
-        }
+        refused_with_nothing_made(&t, &bad).await;
         // The same file with its mistake fixed plans and applies.
         let good = json!({"name": "acme", "instances": {"web": {"image": "hello", "segment": "lan", "config": {"greeting": "hi"}}}});
         let mut dry = room_file(good.clone());
@@ -1141,6 +1174,239 @@ mod tests {
             forward.starts_with("tcp/5432:") && !forward.contains("8080"),
             "{forward}"
         );
+    }
+
+    /// A room firewall and the balancer and second image services need.
+    fn service_images(t: &TestEngine) {
+        firewall(t);
+        t.images.add(
+            "lb",
+            &["lan"],
+            &[("backends", ""), ("port", "80"), ("slo_ms", "0")],
+        );
+        t.images.add("hello2", &["lan"], &[]);
+    }
+
+    fn changes(plan: &vroom_types::RoomPlan) -> Vec<String> {
+        plan.changes
+            .iter()
+            .map(|c| format!("{}{} {}", c.op.sign(), c.what, c.detail))
+            .collect()
+    }
+
+    /// `[[services]]` in a room file: bad entries are refused naming the
+    /// field with nothing made; a service is created in the room (its name
+    /// in the room's DNS at its balancer's address, exposable), scaled,
+    /// updated and removed as the file changes, without touching the
+    /// room's instances; the room goes with its services.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn room_files_create_scale_update_and_remove_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestEngine::new(dir.path());
+        t.engine.recover().await.unwrap();
+        service_images(&t);
+        // Members boot: the fakes' warm snapshots would add instances to
+        // the lists this test counts.
+        let with = |mut services: serde_json::Value| {
+            for entry in services.as_array_mut().unwrap() {
+                entry["cold"] = json!(true);
+            }
+            let mut file = json!({"name": "acme",
+                "instances": {"web": {"image": "hello", "segment": "lan"}},
+                "services": services});
+            if file["services"][0]["name"] == "shop" {
+                file["expose"] = json!([{"port": 8080, "to": "shop", "to_port": 80}]);
+            }
+            file
+        };
+        let bad = [
+            (
+                with(json!([{"name": "shop", "image": "hello", "replicas": 0}])),
+                "service shop: replicas must be 1 to 64",
+            ),
+            (
+                with(
+                    json!([{"name": "shop", "image": "hello", "replicas": "3..2", "slo": "p95<50ms"}]),
+                ),
+                "service shop: replicas 3..2: the minimum is above the maximum",
+            ),
+            (
+                with(json!([{"name": "shop", "image": "hello", "replicas": "1..3"}])),
+                "service shop: replicas 1..3 need a target",
+            ),
+            (
+                with(
+                    json!([{"name": "shop", "image": "hello", "replicas": "1..3", "slo": "fast"}]),
+                ),
+                "service shop: slo: bad target",
+            ),
+            (
+                with(json!([{"name": "shop", "image": "nope"}])),
+                "service shop: ",
+            ),
+            (
+                with(json!([{"name": "web", "image": "hello"}])),
+                "service web: instance web of the file has its name",
+            ),
+            (
+                with(json!([{"name": "we", "image": "hello"}, {"name": "we", "image": "hello"}])),
+                "service we: its name is taken by service we",
+            ),
+            (
+                with(
+                    json!([{"name": "shop", "image": "hello"}, {"name": "shop-lb", "image": "hello"}]),
+                ),
+                "service shop-lb: its name is taken by service shop",
+            ),
+            (
+                with(json!([{"name": "acme-fw", "image": "hello"}])),
+                "service acme-fw: the name is the room's firewall's",
+            ),
+            (
+                json!({"name": "acme", "services": [{"name": "cart", "image": "hello"}],
+                    "expose": [{"port": 8080, "to": "shop", "to_port": 80}]}),
+                "expose tcp/8080 goes to shop, which is not an instance or service",
+            ),
+        ];
+        refused_with_nothing_made(&t, &bad).await;
+
+        let file = |services: serde_json::Value| {
+            let mut req = room_file(with(services));
+            req.dry_run = false;
+            req
+        };
+        let dry = |services: serde_json::Value| {
+            let mut req = room_file(with(services));
+            req.dry_run = true;
+            req
+        };
+        let plan = t
+            .engine
+            .apply_room(dry(
+                json!([{"name": "shop", "image": "hello", "replicas": 2}]),
+            ))
+            .await
+            .unwrap();
+        assert!(
+            changes(&plan).contains(&"+service shop hello x2 on :80".to_string()),
+            "{plan:?}"
+        );
+        assert!(
+            t.engine.services().unwrap().is_empty(),
+            "a dry run makes nothing"
+        );
+        t.engine
+            .apply_room(file(
+                json!([{"name": "shop", "image": "hello", "replicas": 2}]),
+            ))
+            .await
+            .unwrap();
+        let shop = t.engine.service("shop").unwrap();
+        assert!(
+            shop.converged(),
+            "an apply returns once it serves: {shop:?}"
+        );
+        assert_eq!(shop.spec.room.as_ref().map(|r| r.as_str()), Some("acme"));
+        let lb = shop.address.unwrap();
+        let fw = t.engine.get("acme-fw").unwrap();
+        assert!(
+            fw.config["hosts"]
+                .split(',')
+                .any(|h| h == format!("shop={lb}")),
+            "{}",
+            fw.config["hosts"]
+        );
+        assert!(
+            fw.config["hosts"].contains(&format!("shop.acme.lan={lb}")),
+            "{}",
+            fw.config["hosts"]
+        );
+        assert_eq!(fw.config["forward"], format!("tcp/8080:{lb}:80"));
+        let web_pid = t.engine.get("web").unwrap().status.pid;
+
+        let again = t
+            .engine
+            .apply_room(file(
+                json!([{"name": "shop", "image": "hello", "replicas": 2}]),
+            ))
+            .await
+            .unwrap();
+        assert!(again.changes.is_empty(), "{again:?}");
+
+        let plan = t
+            .engine
+            .apply_room(file(
+                json!([{"name": "shop", "image": "hello", "replicas": 3}]),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(changes(&plan), ["~service shop replicas 2 -> 3"]);
+        let shop = t.engine.service("shop").unwrap();
+        assert!(shop.converged() && shop.ready == 3, "{shop:?}");
+
+        let plan = t
+            .engine
+            .apply_room(file(
+                json!([{"name": "shop", "image": "hello2", "replicas": "2..4", "slo": "p95<50ms"}]),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            changes(&plan),
+            ["~service shop image hello -> hello2 (rolling update), replicas 3 -> 2..4 on p95<50ms"]
+        );
+        let shop = t.engine.service("shop").unwrap();
+        assert!(shop.converged(), "{shop:?}");
+        assert!(shop.members.iter().all(|m| m.image == "hello2"), "{shop:?}");
+        assert_eq!(
+            (shop.spec.bounds(), shop.spec.scale_on),
+            ((2, 4), Some(vroom_types::ScaleTarget::P95Ms(50)))
+        );
+        assert_eq!(
+            t.engine.get("web").unwrap().status.pid,
+            web_pid,
+            "untouched"
+        );
+
+        // A service outside the room keeps its name.
+        let err = t
+            .engine
+            .apply_room(dry(json!([{"name": "shop", "image": "hello2", "replicas": "2..4", "slo": "p95<50ms"}, {"name": "cart", "image": "hello", "port": 0}])))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.starts_with("service cart: port"),
+            "{}",
+            err.message
+        );
+
+        let mut gone = room_file(json!({"name": "acme",
+            "instances": {"web": {"image": "hello", "segment": "lan"}}}));
+        gone.dry_run = false;
+        let plan = t.engine.apply_room(gone).await.unwrap();
+        assert_eq!(
+            changes(&plan),
+            ["-service shop ", "-expose tcp/8080 -> shop:80"]
+        );
+        assert!(t.engine.services().unwrap().is_empty());
+        let names: Vec<String> = t
+            .engine
+            .list()
+            .iter()
+            .map(|i| i.spec.name.to_string())
+            .collect();
+        assert_eq!(names.len(), 2, "web and the firewall: {names:?}");
+        assert!(!t.engine.get("acme-fw").unwrap().config["hosts"].contains("shop"));
+
+        // The room goes with its services.
+        t.engine
+            .apply_room(file(json!([{"name": "shop", "image": "hello"}])))
+            .await
+            .unwrap();
+        assert_eq!(t.engine.services().unwrap().len(), 1);
+        t.engine.remove_room("acme", true).await.unwrap();
+        assert!(t.engine.services().unwrap().is_empty());
+        assert!(t.engine.list().is_empty(), "{:?}", t.engine.list());
     }
 
     /// A room a daemon died creating or removing is removed by the next one.

@@ -17,6 +17,7 @@
 //! is kept.
 
 mod pass;
+mod rooms;
 mod scaler;
 
 use std::collections::BTreeMap;
