@@ -68,6 +68,22 @@ pub struct OciOrigin {
     pub volumes: Vec<String>,
 }
 
+impl OciOrigin {
+    /// The lowest port of `proto` the image exposes: what `vroom room
+    /// expose --to INSTANCE` forwards to when no port is given.
+    pub fn first_exposed(&self, proto: crate::Protocol) -> Option<u16> {
+        self.exposed_ports
+            .iter()
+            .filter_map(|p| {
+                let (port, kind) = p.split_once('/').unwrap_or((p, "tcp"));
+                (kind == proto.as_str())
+                    .then(|| port.parse().ok())
+                    .flatten()
+            })
+            .min()
+    }
+}
+
 /// One package of an image's SBOM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -415,6 +431,34 @@ mod tests {
             ("nope", None),
         ] {
             assert_eq!(appliance.env_config_key(key), want, "{key}");
+        }
+    }
+
+    #[test]
+    fn the_first_exposed_port_of_a_protocol_is_the_lowest() {
+        let origin = |ports: &[&str]| OciOrigin {
+            reference: "oci:/x".into(),
+            digest: "sha256:0".into(),
+            config_digest: "sha256:1".into(),
+            layers: vec![],
+            exposed_ports: ports.iter().map(|p| p.to_string()).collect(),
+            volumes: vec![],
+        };
+        use crate::Protocol::{Tcp, Udp};
+        for (ports, proto, want) in [
+            (&["53/udp", "443/tcp", "8080/tcp"][..], Tcp, Some(443)),
+            (&["53/udp", "443/tcp", "8080/tcp"][..], Udp, Some(53)),
+            (&["9000/tcp", "80/tcp"][..], Tcp, Some(80)),
+            (&["80"][..], Tcp, Some(80)),
+            (&["53/udp"][..], Tcp, None),
+            (&["x/tcp"][..], Tcp, None),
+            (&[][..], Tcp, None),
+        ] {
+            assert_eq!(
+                origin(ports).first_exposed(proto),
+                want,
+                "{ports:?} {proto:?}"
+            );
         }
     }
 

@@ -862,11 +862,12 @@ pub enum RoomOp {
     Expose {
         /// The room's name.
         name: String,
-        /// The port on the firewall's wan address.
+        /// The port on the firewall's wan address; the instance's port when absent.
         #[arg(long)]
-        port: u16,
-        /// INSTANCE:PORT.
-        #[arg(long, value_name = "INSTANCE:PORT")]
+        port: Option<u16>,
+        /// INSTANCE:PORT, or INSTANCE of an imported image: its lowest
+        /// exposed port of the protocol (`vroom image inspect`).
+        #[arg(long, value_name = "INSTANCE[:PORT]")]
         to: String,
         /// tcp or udp.
         #[arg(long, default_value = "tcp", value_parser = parse_proto)]

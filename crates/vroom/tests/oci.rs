@@ -375,6 +375,19 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     env.ok(&["config", "w1", "reset"]);
     greeted("with hi and welcome");
     assert_eq!(fetch(&env, &client, &format!("http://{ip}:8080/")).0, 0);
+    // `room expose --to w1` forwards to the image's lowest exposed port
+    // of the protocol (found here; the room is what is missing), and says
+    // when there is none.
+    let stderr = env.fail(&["room", "expose", "nope", "--to", "w1"]);
+    assert!(
+        !stderr.contains("exposes no") && stderr.contains("nope"),
+        "{stderr}"
+    );
+    let stderr = env.fail(&["room", "expose", "nope", "--to", "w1", "--proto", "udp"]);
+    assert!(
+        stderr.contains("--to w1: its image web exposes no udp port; use --to w1:PORT"),
+        "{stderr}"
+    );
     let config = env.ok(&["config", "w1", "get"]);
     assert!(
         config.contains("greeting") && config.contains("hi"),
