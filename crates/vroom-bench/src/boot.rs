@@ -144,6 +144,7 @@ pub(crate) fn cold_run(
         from_snapshot: None,
         cold: true,
         placement: Default::default(),
+        env: Default::default(),
     })
 }
 

@@ -10,6 +10,7 @@ mod events;
 mod failover;
 mod fio;
 mod images;
+mod import;
 mod migrate;
 mod qemu;
 mod replicated;
@@ -76,6 +77,15 @@ enum Bench {
     /// snapshot time and size against guest memory, and clones per minute.
     Warm {
         /// Starts of each kind.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// OCI images (umoci, skopeo, docker-registry on loopback): import
+    /// cold against with cached layers, boot-to-ready of an imported busybox
+    /// httpd against the hello recipe image, image size against the
+    /// compressed layers.
+    Import {
+        /// Imports and boots of each kind.
         #[arg(short = 'n', long, default_value_t = 5)]
         runs: usize,
     },
@@ -264,6 +274,7 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
         }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
         Bench::Service { runs, secs } => service::service(data_dir, *runs, *secs).await,
+        Bench::Import { runs } => import::import(data_dir, *runs).await,
         Bench::Qemu { runs, migrations } => qemu::qemu(data_dir, *runs, *migrations).await,
         Bench::Failover { runs } => failover::failover(*runs).await,
         Bench::Migrate { runs, mem, loaded } => migrate::migrate(*runs, *mem, *loaded).await,

@@ -359,6 +359,7 @@ pub(crate) fn run_request(name: &str, image: &str, nics: Vec<NicSpec>) -> Result
         from_snapshot: None,
         cold: false,
         placement: Default::default(),
+        env: Default::default(),
     })
 }
 

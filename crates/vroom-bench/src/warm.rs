@@ -80,6 +80,7 @@ pub(crate) fn one_nic_request(
         from_snapshot: from.map(Name::new).transpose()?,
         cold,
         placement: Default::default(),
+        env: Default::default(),
     })
 }
 

@@ -1055,6 +1055,23 @@ impl FakeImages {
         self.extra.lock_unpoisoned().push(image);
     }
 
+    /// Adds an image imported from an OCI image (`vroom image import`)
+    /// with this guest part.
+    pub fn add_imported(&self, name: &str, appliance: ApplianceSpec) {
+        let flavor = self.image.manifest.kernel.flavor;
+        self.add_appliance(name, appliance, flavor);
+        let mut extra = self.extra.lock_unpoisoned();
+        let image = extra.last_mut().expect("invariant: just added");
+        image.manifest.oci = Some(vroom_types::OciOrigin {
+            reference: format!("oci:/fake:{name}"),
+            digest: format!("sha256:{}", "1".repeat(64)),
+            config_digest: format!("sha256:{}", "2".repeat(64)),
+            layers: vec![],
+            exposed_ports: vec![],
+            volumes: vec![],
+        });
+    }
+
     fn all(&self) -> Vec<BootImage> {
         let mut all = vec![self.image.clone(), self.router.clone(), self.bump.clone()];
         all.extend(self.extra.lock_unpoisoned().clone());
@@ -1264,5 +1281,6 @@ pub fn run_request(name: &str, image: &str, nics: &[Option<&str>]) -> vroom_type
         from_snapshot: None,
         cold: false,
         placement: Default::default(),
+        env: Default::default(),
     }
 }

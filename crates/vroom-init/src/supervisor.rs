@@ -706,7 +706,7 @@ impl Inner {
                 .env("PATH", PATH)
                 .stdin(Stdio::null())
                 .process_group(0);
-            apply_service_context(&mut command, &service.spec);
+            apply_service_context(&mut command, &service.spec, &self.config);
             let spawned = command.spawn();
             match spawned {
                 Ok(child) => service.pid = Some(child.id() as i32),
@@ -730,14 +730,10 @@ fn stop_signal(spec: &ServiceSpec) -> i32 {
         .unwrap_or(libc::SIGTERM)
 }
 
-/// A service's environment (over the default `PATH`), user and working
-/// directory, as its image asked.
-fn apply_service_context(command: &mut Command, spec: &ServiceSpec) {
-    for entry in &spec.env {
-        if let Some((key, value)) = entry.split_once('=') {
-            command.env(key, value);
-        }
-    }
+/// A service's environment (over the default `PATH`; with the values of
+/// the config keys it takes), user and working directory, as its image asked.
+fn apply_service_context(command: &mut Command, spec: &ServiceSpec, config: &ConfigValues) {
+    command.envs(spec.environment(config));
     if let Some((uid, gid)) = spec
         .user
         .as_deref()

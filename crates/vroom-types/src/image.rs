@@ -68,6 +68,22 @@ pub struct OciOrigin {
     pub volumes: Vec<String>,
 }
 
+impl OciOrigin {
+    /// The lowest port of `proto` the image exposes: what `vroom room
+    /// expose --to INSTANCE` forwards to when no port is given.
+    pub fn first_exposed(&self, proto: crate::Protocol) -> Option<u16> {
+        self.exposed_ports
+            .iter()
+            .filter_map(|p| {
+                let (port, kind) = p.split_once('/').unwrap_or((p, "tcp"));
+                (kind == proto.as_str())
+                    .then(|| port.parse().ok())
+                    .flatten()
+            })
+            .min()
+    }
+}
+
 /// One package of an image's SBOM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -228,6 +244,49 @@ pub struct ServiceSpec {
     /// The signal that stops the service (e.g. `SIGQUIT` or `3`); absent: SIGTERM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// Environment variables that take a config key's value, variable name
+    /// to key (an imported image's config floppy): set over `env` at every
+    /// start, so a config change reaches the service when it restarts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_env: BTreeMap<String, String>,
+}
+
+impl ServiceSpec {
+    /// The service's environment with `config` in force: `env`, then each
+    /// `config_env` variable with its key's value (a key the config lacks
+    /// leaves the variable as `env` has it).
+    pub fn environment(&self, config: &ConfigValues) -> Vec<(String, String)> {
+        let mut vars: Vec<(String, String)> = vec![];
+        let mut set = |key: &str, value: &str| match vars.iter_mut().find(|(k, _)| k == key) {
+            Some(var) => var.1 = value.to_string(),
+            None => vars.push((key.to_string(), value.to_string())),
+        };
+        for entry in &self.env {
+            if let Some((key, value)) = entry.split_once('=') {
+                set(key, value);
+            }
+        }
+        for (var, key) in &self.config_env {
+            if let Some(value) = config.get(key) {
+                set(var, value);
+            }
+        }
+        vars
+    }
+}
+
+impl ApplianceSpec {
+    /// The config key a `vroom run --env KEY=VALUE` names: a config key of
+    /// the appliance, or an environment variable a service takes from one.
+    pub fn env_config_key<'a>(&'a self, key: &'a str) -> Option<&'a str> {
+        if self.config_schema.contains_key(key) || self.seed_config.contains_key(key) {
+            return Some(key);
+        }
+        self.services
+            .iter()
+            .find_map(|s| s.config_env.get(key))
+            .map(String::as_str)
+    }
 }
 
 /// The number of a stop signal as an OCI config names it (`SIGQUIT`,
@@ -299,6 +358,107 @@ mod tests {
             ("", None),
         ] {
             assert_eq!(signal_number(name), want, "{name}");
+        }
+    }
+
+    /// A service's environment: the image's `env`, each `config_env`
+    /// variable over it with its key's value; `--env` names a key or such
+    /// a variable.
+    #[test]
+    fn config_keys_feed_the_service_environment() {
+        let service = ServiceSpec {
+            name: "main".into(),
+            env: vec![
+                "PATH=/bin".into(),
+                "GREETING=hi".into(),
+                "HOME=/root".into(),
+                "A=b=c".into(),
+            ],
+            config_env: [
+                ("GREETING".to_string(), "greeting".to_string()),
+                ("MOTD".into(), "motd".into()),
+                ("PATH".into(), "path".into()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let config = |pairs: &[(&str, &str)]| -> ConfigValues {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let env = |values: &ConfigValues| -> Vec<String> {
+            service
+                .environment(values)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect()
+        };
+        for (values, want) in [
+            (
+                config(&[]),
+                vec!["PATH=/bin", "GREETING=hi", "HOME=/root", "A=b=c"],
+            ),
+            (
+                config(&[("greeting", "hello"), ("motd", ""), ("path", "/sbin")]),
+                vec![
+                    "PATH=/sbin",
+                    "GREETING=hello",
+                    "HOME=/root",
+                    "A=b=c",
+                    "MOTD=",
+                ],
+            ),
+            (
+                config(&[("greeting", "x y"), ("other", "1")]),
+                vec!["PATH=/bin", "GREETING=x y", "HOME=/root", "A=b=c"],
+            ),
+        ] {
+            assert_eq!(env(&values), want, "{values:?}");
+        }
+        let appliance = ApplianceSpec {
+            seed_config: config(&[("greeting", "hi"), ("motd", ""), ("path", "/bin")]),
+            services: vec![service.clone()],
+            ..Default::default()
+        };
+        for (key, want) in [
+            ("greeting", Some("greeting")),
+            ("GREETING", Some("greeting")),
+            ("MOTD", Some("motd")),
+            ("HOME", None),
+            ("Greeting", None),
+            ("nope", None),
+        ] {
+            assert_eq!(appliance.env_config_key(key), want, "{key}");
+        }
+    }
+
+    #[test]
+    fn the_first_exposed_port_of_a_protocol_is_the_lowest() {
+        let origin = |ports: &[&str]| OciOrigin {
+            reference: "oci:/x".into(),
+            digest: "sha256:0".into(),
+            config_digest: "sha256:1".into(),
+            layers: vec![],
+            exposed_ports: ports.iter().map(|p| p.to_string()).collect(),
+            volumes: vec![],
+        };
+        use crate::Protocol::{Tcp, Udp};
+        for (ports, proto, want) in [
+            (&["53/udp", "443/tcp", "8080/tcp"][..], Tcp, Some(443)),
+            (&["53/udp", "443/tcp", "8080/tcp"][..], Udp, Some(53)),
+            (&["9000/tcp", "80/tcp"][..], Tcp, Some(80)),
+            (&["80"][..], Tcp, Some(80)),
+            (&["53/udp"][..], Tcp, None),
+            (&["x/tcp"][..], Tcp, None),
+            (&[][..], Tcp, None),
+        ] {
+            assert_eq!(
+                origin(ports).first_exposed(proto),
+                want,
+                "{ports:?} {proto:?}"
+            );
         }
     }
 

@@ -143,6 +143,13 @@ pub struct RunRequest {
     /// host that is not in a cluster unless left at its defaults.
     #[serde(default, skip_serializing_if = "crate::Placement::is_default")]
     pub placement: crate::Placement,
+    /// An imported image's environment (`vroom run --env`): config keys, or
+    /// the environment variables they feed, with values over the image's
+    /// defaults (`config reset` goes back to those). Refused for an image
+    /// that was not imported, and for a clone (it has its snapshot's config).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(value_type = std::collections::BTreeMap<String, String>))]
+    pub env: crate::ConfigValues,
 }
 
 /// Whether the user wants the instance running.

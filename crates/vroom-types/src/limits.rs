@@ -187,6 +187,7 @@ mod tests {
             from_snapshot: None,
             cold: false,
             placement: Default::default(),
+            env: Default::default(),
         };
         edit(&mut req);
         req

@@ -579,6 +579,11 @@ pub struct RunArgs {
     /// Cluster: run it on this node.
     #[arg(long, value_name = "NODE")]
     pub node: Option<Name>,
+    /// An imported image's environment: KEY=VALUE, where KEY is one of its
+    /// config keys (`vroom image inspect`) or the variable it feeds (e.g.
+    /// `GREETING=hi`). Repeatable; `vroom config NAME set` changes it later.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
@@ -857,11 +862,12 @@ pub enum RoomOp {
     Expose {
         /// The room's name.
         name: String,
-        /// The port on the firewall's wan address.
+        /// The port on the firewall's wan address; the instance's port when absent.
         #[arg(long)]
-        port: u16,
-        /// INSTANCE:PORT.
-        #[arg(long, value_name = "INSTANCE:PORT")]
+        port: Option<u16>,
+        /// INSTANCE:PORT, or INSTANCE of an imported image: its lowest
+        /// exposed port of the protocol (`vroom image inspect`).
+        #[arg(long, value_name = "INSTANCE[:PORT]")]
         to: String,
         /// tcp or udp.
         #[arg(long, default_value = "tcp", value_parser = parse_proto)]
@@ -1045,6 +1051,17 @@ pub enum DaemonOp {
         #[arg(long)]
         self_started: bool,
     },
+}
+
+/// Parses `KEY=VALUE` of `run --env` (the daemon resolves the key).
+pub fn parse_env(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((key, value)) if !key.is_empty() => {
+            vroom_types::validate_config_value(key, value).map_err(|e| e.to_string())?;
+            Ok((key.to_string(), value.to_string()))
+        }
+        _ => Err(format!("invalid env {raw:?}: use KEY=VALUE")),
+    }
 }
 
 /// Parses `tcp` or `udp`.

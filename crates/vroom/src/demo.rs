@@ -88,6 +88,7 @@ async fn demo_steps(client: &Client) -> Result<()> {
             from_snapshot: None,
             cold: false,
             placement: Default::default(),
+            env: Default::default(),
         })
         .await?;
     let instance = crate::session::wait_ready(client, INSTANCE, Duration::from_secs(130)).await?;

@@ -137,7 +137,7 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
                 }
                 println!("config:");
                 for (key, value) in &a.seed_config {
-                    println!("  {key}={value}");
+                    println!("  {key}={value}{}", env_note(a, key));
                 }
             }
         }
@@ -269,6 +269,31 @@ pub async fn image(client: &Client, op: &ImageOp, json: bool) -> Result<()> {
 }
 
 /// What an imported image was and how its config was mapped.
+/// What `image inspect` says of a config key that feeds a service's
+/// environment (an imported image's): its type, variable and description.
+fn env_note(a: &vroom_types::ApplianceSpec, key: &str) -> String {
+    let Some(var) = a
+        .services
+        .iter()
+        .find_map(|s| s.config_env.iter().find(|(_, k)| *k == key))
+        .map(|(var, _)| var)
+    else {
+        return String::new();
+    };
+    let field = a.config_schema.get(key).cloned().unwrap_or_default();
+    let kind = serde_json::to_value(field.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    match field.description {
+        // An unlabelled variable's key says no more than its name.
+        Some(d) if d != format!("the environment variable {var}") => {
+            format!("  ({kind}, ${var}: {d})")
+        }
+        _ => format!("  ({kind}, ${var})"),
+    }
+}
+
 fn print_oci(oci: &vroom_types::OciOrigin, a: &vroom_types::ApplianceSpec) {
     let none = |v: &[String]| {
         if v.is_empty() {

@@ -41,6 +41,7 @@ pub async fn run(client: &Client, args: &RunArgs, json: bool) -> Result<i32> {
                 spread: args.spread.clone(),
                 node: args.node.clone(),
             },
+            env: args.env.iter().cloned().collect(),
         })
         .await;
     let created = match created {
@@ -120,6 +121,7 @@ pub async fn clone(
         ha: Default::default(),
         spread: None,
         node: None,
+        env: Vec::new(),
     };
     run(client, &args, json).await
 }

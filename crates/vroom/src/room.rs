@@ -151,10 +151,21 @@ pub async fn room(client: &Client, op: &RoomOp, json: bool) -> Result<()> {
             to,
             proto,
         } => {
-            let (instance, to_port) = to
-                .split_once(':')
-                .and_then(|(i, p)| Some((Name::new(i).ok()?, p.parse::<u16>().ok()?)))
-                .with_context(|| format!("--to {to:?}: use INSTANCE:PORT, e.g. web1:80"))?;
+            let (instance, to_port) = match to.split_once(':') {
+                Some((i, p)) => Name::new(i)
+                    .ok()
+                    .zip(p.parse::<u16>().ok())
+                    .with_context(|| format!("--to {to:?}: use INSTANCE:PORT, e.g. web1:80"))?,
+                None => {
+                    let instance = Name::new(to).with_context(|| {
+                        format!("--to {to:?}: use INSTANCE or INSTANCE:PORT, e.g. web1:80")
+                    })?;
+                    let port = exposed_port(client, to, *proto).await?;
+                    (instance, port)
+                }
+            };
+            let port = &port.unwrap_or(to_port);
+            let to = format!("{instance}:{to_port}");
             let room = client
                 .expose(
                     name,
@@ -351,6 +362,29 @@ pub async fn room_nic(
         ip: None,
         role: None,
     })
+}
+
+/// The port `room expose --to INSTANCE` forwards to: the lowest one of
+/// `proto` the instance's imported image exposes.
+async fn exposed_port(
+    client: &Client,
+    instance: &str,
+    proto: vroom_types::Protocol,
+) -> Result<u16> {
+    let image_id = client.get(instance).await?.image_id;
+    let image = client.image(&image_id).await?;
+    image
+        .manifest
+        .oci
+        .as_ref()
+        .and_then(|oci| oci.first_exposed(proto))
+        .with_context(|| {
+            format!(
+                "--to {instance}: its image {} exposes no {} port; use --to {instance}:PORT",
+                image.name,
+                proto.as_str()
+            )
+        })
 }
 
 #[cfg(test)]

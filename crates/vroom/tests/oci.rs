@@ -101,9 +101,10 @@ fn build_images(dir: &Path, big: bool) -> PathBuf {
     sh(&format!(
         "umoci config --image {l}:web \
          --config.entrypoint /bin/sh --config.entrypoint -c \
-         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING; echo written > /var/cache/stamp; exec httpd -f -p 8080 -h /www' \
+         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING and $MOTD; echo written > /var/cache/stamp; exec httpd -f -p 8080 -h /www' \
          --config.exposedports 8080/tcp --config.user www --config.workingdir /www \
-         --config.env GREETING=hi --config.volume /data"
+         --config.env GREETING=hi --config.volume /data \
+         --config.label 'org.vroom.config.motd=string:welcome:the line after the greeting'"
     ));
     sh(&format!("rm -rf {b} && umoci unpack --image {l}:web {b}"));
     std::fs::remove_file(bundle.join("rootfs/www/secret.txt")).unwrap();
@@ -244,6 +245,9 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "workdir:     /www",
         "ports:       8080/tcp",
         "health:      tcp connect to port 8080",
+        // The config floppy: its Env variable and its label's key.
+        "  greeting=hi  (string, $GREETING)",
+        "  motd=welcome  (string, $MOTD: the line after the greeting)",
     ] {
         assert!(inspect.contains(says), "{says}: {inspect}");
     }
@@ -301,7 +305,24 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     // One boots: the service is up, serves, and the whiteout holds.
     let subnet = random_subnet();
     env.ok(&["net", "create", "lan", "--subnet", &subnet]);
-    env.ok(&["run", "web", "--name", "w1", "--net", "lan"]);
+    let stderr = env.fail(&[
+        "run", "web", "--name", "bad", "--net", "lan", "--env", "NOPE=1",
+    ]);
+    assert!(
+        stderr.contains("image web takes no env \"NOPE\" (its keys: greeting, motd)"),
+        "{stderr}"
+    );
+    // --env names a variable (or its key) and seeds the config.
+    env.ok(&[
+        "run",
+        "web",
+        "--name",
+        "w1",
+        "--net",
+        "lan",
+        "--env",
+        "GREETING=from run",
+    ]);
     env.wait_for("w1", "healthy", BOOT, |i| {
         i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
     });
@@ -325,8 +346,52 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     assert_eq!(stamp.trim(), "written");
     let logs = env.ok(&["logs", "w1"]);
     assert!(
-        logs.contains("starting httpd as 33:33 in /www with hi"),
-        "the service's output is in `vroom logs`: {logs}"
+        logs.contains("starting httpd as 33:33 in /www with from run and welcome"),
+        "the service's output is in `vroom logs`, with the run's env: {logs}"
+    );
+    // `config set` restarts main with the new environment; `config reset`
+    // brings back the image's. Each is done when main serves again.
+    let greeted = |with: &str| {
+        let last_start = || {
+            let logs = env.ok(&["logs", "w1"]);
+            let last = logs
+                .lines()
+                .rfind(|l| l.contains("starting httpd as"))
+                .unwrap_or_default()
+                .trim_end()
+                .to_string();
+            (last, logs)
+        };
+        // The console reaches the log file a moment after the guest wrote it.
+        let seen = common::poll(Duration::from_secs(10), || {
+            last_start().0.ends_with(with).then_some(())
+        });
+        let (last, logs) = last_start();
+        assert!(seen.is_some(), "the last start: {last:?}\n{logs}");
+    };
+    env.ok(&["config", "w1", "set", "greeting=changed", "motd=bye"]);
+    greeted("with changed and bye");
+    assert_eq!(fetch(&env, &client, &format!("http://{ip}:8080/")).0, 0);
+    env.ok(&["config", "w1", "reset"]);
+    greeted("with hi and welcome");
+    assert_eq!(fetch(&env, &client, &format!("http://{ip}:8080/")).0, 0);
+    // `room expose --to w1` forwards to the image's lowest exposed port
+    // of the protocol (found here; the room is what is missing), and says
+    // when there is none.
+    let stderr = env.fail(&["room", "expose", "nope", "--to", "w1"]);
+    assert!(
+        !stderr.contains("exposes no") && stderr.contains("nope"),
+        "{stderr}"
+    );
+    let stderr = env.fail(&["room", "expose", "nope", "--to", "w1", "--proto", "udp"]);
+    assert!(
+        stderr.contains("--to w1: its image web exposes no udp port; use --to w1:PORT"),
+        "{stderr}"
+    );
+    let config = env.ok(&["config", "w1", "get"]);
+    assert!(
+        config.contains("greeting") && config.contains("hi"),
+        "{config}"
     );
     let mounts = env.ok(&["exec", "w1", "--", "/bin/busybox", "cat", "/proc/mounts"]);
     let data_fs = if on_vrooms_kernel {

@@ -259,6 +259,7 @@ impl Engine {
                 from_snapshot: None,
                 cold: false,
                 placement: Default::default(),
+                env: Default::default(),
             },
             Some(Identity {
                 id: carried.id.clone(),

@@ -552,6 +552,50 @@ pub(super) fn check_before_instance(
     fits_the_schema(image, values).map_err(appliance_refusal)
 }
 
+/// The config a new instance of an imported image starts with: the image's
+/// defaults with `vroom run --env` over them (each key a config key or the
+/// environment variable it feeds). `None` without `--env`.
+pub(super) fn run_env_config(
+    image: &BootImage,
+    env: &ConfigValues,
+) -> Result<Option<ConfigValues>, OpError> {
+    if env.is_empty() {
+        return Ok(None);
+    }
+    let manifest = &image.manifest;
+    if manifest.oci.is_none() {
+        return Err(OpError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "--env is for imported images and {} was built from a recipe; set its config with `vroom config NAME set KEY=VALUE`",
+                manifest.name
+            ),
+        ));
+    }
+    let appliance = &manifest.appliance;
+    let mut values = appliance.seed_config.clone();
+    for (given, value) in env {
+        let key = appliance.env_config_key(given).ok_or_else(|| {
+            let known: Vec<&str> = appliance.seed_config.keys().map(String::as_str).collect();
+            OpError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "image {} takes no env {given:?} (its keys: {})",
+                    manifest.name,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            )
+        })?;
+        values.insert(key.to_string(), value.clone());
+    }
+    check_before_instance(image, &values)?;
+    Ok(Some(values))
+}
+
 fn appliance_refusal(mut e: OpError) -> OpError {
     if e.code == ErrorCode::InvalidArgument {
         e.code = ErrorCode::InvalidConfig;

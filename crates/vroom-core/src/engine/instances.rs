@@ -212,6 +212,13 @@ impl Engine {
             }
             None => self.resolve_image(&spec.image).await?,
         };
+        if clone_of.is_some() && !req.env.is_empty() {
+            return Err(OpError::new(
+                ErrorCode::InvalidArgument,
+                "a clone has its snapshot's config; set its env with `vroom config` afterwards",
+            ));
+        }
+        let env_config = config::run_env_config(&image, &req.env)?;
         let mem_mib = self.check_resources(&spec, &image)?;
         let accel = self
             .driver
@@ -289,6 +296,9 @@ impl Engine {
         let mut instance = new_instance(&id, spec.clone(), &image, mem_mib, accel, nics);
         if let Some((snapshot, _)) = &clone_of {
             instance.config = snapshot.config().clone();
+        }
+        if let Some(config) = env_config {
+            instance.config = config;
         }
         if let Some(config) = given_config {
             instance.config = config;

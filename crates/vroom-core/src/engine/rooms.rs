@@ -210,6 +210,7 @@ impl Engine {
                 from_snapshot: None,
                 cold: false,
                 placement: Default::default(),
+                env: Default::default(),
             })
             .await?;
             self.wait_running(
@@ -757,6 +758,7 @@ impl Engine {
                 from_snapshot: None,
                 cold: false,
                 placement: Default::default(),
+                env: Default::default(),
             })
             .await?;
         }

@@ -297,6 +297,7 @@ impl Engine {
                     from_snapshot: None,
                     cold: false,
                     placement: Default::default(),
+                    env: Default::default(),
                 })
                 .await?;
             } else {

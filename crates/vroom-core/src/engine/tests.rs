@@ -530,6 +530,123 @@ async fn warm_starts_cold_starts_and_ephemeral_instances() {
     assert_eq!(t.engine.get("e").unwrap().config, seed);
 }
 
+/// `run --env` of an imported image: keys or the variables they feed,
+/// over the image's defaults, checked against its schema before anything
+/// is made; refused for a recipe's image and for unknown keys. `config
+/// reset` goes back to the image's defaults, not the run's.
+#[tokio::test]
+async fn run_env_seeds_an_imported_images_config() {
+    use vroom_types::{ConfigField, FieldType, ServiceSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let values = |pairs: &[(&str, &str)]| -> vroom_types::ConfigValues {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    t.images.add_imported(
+        "ctr",
+        vroom_types::ApplianceSpec {
+            seed_config: values(&[("greeting", "hi"), ("workers", "2")]),
+            config_schema: [
+                ("greeting".to_string(), ConfigField::default()),
+                (
+                    "workers".to_string(),
+                    ConfigField {
+                        kind: FieldType::Int,
+                        ..Default::default()
+                    },
+                ),
+            ]
+            .into(),
+            services: vec![ServiceSpec {
+                name: "main".into(),
+                command: vec!["/bin/app".into()],
+                restart: true,
+                restart_on_config: true,
+                config_env: [
+                    ("GREETING".to_string(), "greeting".to_string()),
+                    ("WORKERS".into(), "workers".into()),
+                ]
+                .into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let with_env = |name: &str, image: &str, env: &[(&str, &str)]| {
+        let mut req = crate::testing::run_request(name, image, &[]);
+        req.env = values(env);
+        req
+    };
+    for (image, env, code, says) in [
+        (
+            "hello",
+            vec![("greeting", "x")],
+            ErrorCode::InvalidArgument,
+            "--env is for imported images and hello was built from a recipe",
+        ),
+        (
+            "ctr",
+            vec![("NOPE", "1")],
+            ErrorCode::InvalidArgument,
+            "image ctr takes no env \"NOPE\" (its keys: greeting, workers)",
+        ),
+        (
+            "ctr",
+            vec![("WORKERS", "many")],
+            ErrorCode::InvalidConfig,
+            "invalid value \"many\" for config key \"workers\": must be an integer",
+        ),
+    ] {
+        let err = t
+            .engine
+            .run(with_env("bad", image, &env))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, code, "{image} {env:?}: {}", err.message);
+        assert!(err.message.contains(says), "{}", err.message);
+        assert!(t.engine.get("bad").is_err(), "a refused run left {image}");
+    }
+    assert!(
+        !dir.path().join("instances").exists()
+            || std::fs::read_dir(dir.path().join("instances"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "a refused run left a run dir"
+    );
+
+    let run = t
+        .engine
+        .run(with_env(
+            "c1",
+            "ctr",
+            &[("GREETING", "from run"), ("workers", "8")],
+        ))
+        .await
+        .unwrap();
+    let seeded = values(&[("greeting", "from run"), ("workers", "8")]);
+    assert_eq!(run.config, seeded);
+    wait_state(&t, "c1", InstanceState::Running).await;
+    assert_eq!(t.engine.config_get("c1").await.unwrap(), seeded);
+    let history = t.engine.config_history("c1").await.unwrap();
+    assert_eq!(history.versions.len(), 1, "the run's config is version 1");
+    t.engine
+        .config_update("c1", values(&[("greeting", "changed")]))
+        .await
+        .unwrap();
+    let reset = t.engine.config_reset("c1").await.unwrap();
+    assert_eq!(reset, values(&[("greeting", "hi"), ("workers", "2")]));
+    // Without --env, the image's defaults.
+    let plain = t.engine.run(with_env("c2", "ctr", &[])).await.unwrap();
+    assert_eq!(
+        plain.config,
+        values(&[("greeting", "hi"), ("workers", "2")])
+    );
+}
+
 /// `rm --archive` keeps memory, volume, history, consoles and record under
 /// a manifest that verifies, wipes the instance's files and forgets it; a
 /// non-empty archive dir is refused and changes nothing.

@@ -12,14 +12,25 @@
 //!   the path may hold one; otherwise a tmpfs;
 //! - the root is read-only: `/run`, `/tmp` and `/var` (and volumes that
 //!   are not data volumes) get a tmpfs seeded with the image's content (the
-//!   manifest's `writable`).
+//!   manifest's `writable`);
+//! - the config floppy: a config key per variable the service may take,
+//!   declared by an `org.vroom.config.KEY=TYPE:DEFAULT:DESCRIPTION` label
+//!   (fed to the variable `KEY` upper-cased, `.` and `-` as `_`, or to the
+//!   `Env` variable whose lower-cased name is `KEY`), and for every other
+//!   `Env` variable whose lower-cased name is a config key, a string key of
+//!   that name with the image's value as its default. vroom-init sets the
+//!   variables from the config at each start of `main`, which restarts on
+//!   a config change.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use vroom_types::{ApplianceSpec, Name, ServiceSpec, VolumeDecl};
+use vroom_types::{
+    validate_config_key, validate_config_value, ApplianceSpec, ConfigField, ConfigSchema,
+    ConfigValues, FieldType, Name, ServiceSpec, VolumeDecl,
+};
 
 use super::ImportImageError;
 use crate::inroot;
@@ -48,6 +59,8 @@ struct ContainerConfig {
     volumes: Option<BTreeMap<String, serde_json::Value>>,
     #[serde(default)]
     stop_signal: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +141,7 @@ pub fn map(
             reason: format!("Env entry {bad:?} is not KEY=VALUE"),
         });
     }
+    let floppy = config_floppy(c.labels.as_ref().unwrap_or(&BTreeMap::new()), &env)?;
     let path = env
         .iter()
         .rev()
@@ -197,11 +211,16 @@ pub fn map(
     Ok(Mapped {
         appliance: ApplianceSpec {
             writable,
+            seed_config: floppy.defaults,
+            config_schema: floppy.schema,
             services: vec![ServiceSpec {
                 name: "main".into(),
                 command: argv,
                 restart: true,
+                // Its environment comes from the config: a change restarts it.
+                restart_on_config: !floppy.env.is_empty(),
                 env,
+                config_env: floppy.env,
                 user,
                 workdir,
                 stop_signal,
@@ -215,6 +234,112 @@ pub fn map(
         exposed_ports: ports.iter().map(|(n, p)| format!("{n}/{p}")).collect(),
         volumes,
     })
+}
+
+/// The prefix of the labels that declare config keys.
+pub const CONFIG_LABEL: &str = "org.vroom.config.";
+
+/// An imported image's config floppy: the keys its service takes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Floppy {
+    schema: ConfigSchema,
+    defaults: ConfigValues,
+    /// Environment variable name to config key.
+    env: BTreeMap<String, String>,
+}
+
+/// The config keys of an image: one per `org.vroom.config.KEY` label, then
+/// one (a string) per `Env` variable no label covers whose lower-cased name
+/// is a config key. A label's empty default is the variable's `Env` value.
+fn config_floppy(
+    labels: &BTreeMap<String, String>,
+    env: &[String],
+) -> Result<Floppy, ImportImageError> {
+    // Later entries win, as in a container runtime.
+    let mut vars: Vec<(&str, &str)> = vec![];
+    for (name, value) in env.iter().filter_map(|e| e.split_once('=')) {
+        vars.retain(|(n, _)| *n != name);
+        vars.push((name, value));
+    }
+    let mut floppy = Floppy::default();
+    for (label, text) in labels {
+        let Some(key) = label.strip_prefix(CONFIG_LABEL) else {
+            continue;
+        };
+        let invalid = |reason: String| ImportImageError::Invalid {
+            reason: format!("label {label}: {reason}"),
+        };
+        validate_config_key(key).map_err(|e| invalid(e.to_string()))?;
+        let var = vars
+            .iter()
+            .find(|(name, _)| name.to_ascii_lowercase() == key)
+            .copied();
+        let (field, default) =
+            parse_config_label(text, var.map(|(_, value)| value)).map_err(&invalid)?;
+        let name = var.map_or_else(
+            || key.to_ascii_uppercase().replace(['.', '-'], "_"),
+            |(name, _)| name.to_string(),
+        );
+        if let Some(other) = floppy.env.iter().find(|(n, _)| **n == name) {
+            return Err(invalid(format!(
+                "variable {name} is fed by key {:?} already",
+                other.1
+            )));
+        }
+        floppy.env.insert(name, key.to_string());
+        floppy.schema.insert(key.to_string(), field);
+        floppy.defaults.insert(key.to_string(), default);
+    }
+    for (name, value) in vars {
+        let key = name.to_ascii_lowercase();
+        let usable =
+            validate_config_key(&key).is_ok() && validate_config_value(&key, value).is_ok();
+        if !usable || floppy.env.contains_key(name) || floppy.schema.contains_key(&key) {
+            continue;
+        }
+        floppy.env.insert(name.to_string(), key.clone());
+        floppy.schema.insert(
+            key.clone(),
+            ConfigField {
+                description: Some(format!("the environment variable {name}")),
+                ..Default::default()
+            },
+        );
+        floppy.defaults.insert(key, value.to_string());
+    }
+    Ok(floppy)
+}
+
+/// A config label's `TYPE[:DEFAULT[:DESCRIPTION]]`: the field and its
+/// default (`from_env` when the label gives none). The default holds no
+/// `:`, so the types whose values do (forward, endpoint) are refused.
+fn parse_config_label(text: &str, from_env: Option<&str>) -> Result<(ConfigField, String), String> {
+    let mut parts = text.splitn(3, ':');
+    let kind_text = parts.next().unwrap_or_default();
+    let kind: FieldType = serde_json::from_value(serde_json::Value::String(kind_text.into()))
+        .ok()
+        .filter(|k| !matches!(k, FieldType::Forward | FieldType::Endpoint))
+        .ok_or_else(|| {
+            format!("{kind_text:?} is not a type a label may declare (string, int, bool, port, ipv4, cidr, host; as TYPE:DEFAULT:DESCRIPTION)")
+        })?;
+    let default = match parts.next().unwrap_or_default() {
+        "" => from_env.unwrap_or_default(),
+        given => given,
+    };
+    let description = parts.next().map(str::trim).filter(|d| !d.is_empty());
+    let field = ConfigField {
+        kind,
+        description: description.map(String::from),
+        ..Default::default()
+    };
+    validate_config_value("default", default)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            field
+                .check(default)
+                .map_err(|reason| format!("the default {default:?} {reason}"))
+        })?;
+    Ok((field, default.to_string()))
 }
 
 /// A data volume's role: its path's last part as a name, unique in the image.
@@ -415,6 +540,207 @@ mod tests {
             .as_bytes(),
         )
         .unwrap()
+    }
+
+    /// Config labels, table-driven: the field and default each declares,
+    /// or why the import is refused (naming the label).
+    #[test]
+    fn config_labels_declare_typed_keys() {
+        for (text, from_env, want) in [
+            (
+                "string:hi:the greeting",
+                None,
+                Ok((FieldType::String, "hi", Some("the greeting"))),
+            ),
+            (
+                "port:8080:where it listens: tcp",
+                None,
+                Ok((FieldType::Port, "8080", Some("where it listens: tcp"))),
+            ),
+            ("int:3", None, Ok((FieldType::Int, "3", None))),
+            ("bool:false:", None, Ok((FieldType::Bool, "false", None))),
+            ("string", None, Ok((FieldType::String, "", None))),
+            (
+                "int::workers",
+                Some("4"),
+                Ok((FieldType::Int, "4", Some("workers"))),
+            ),
+            ("int:2", Some("4"), Ok((FieldType::Int, "2", None))),
+            (
+                "cidr:10.0.0.0/8",
+                None,
+                Ok((FieldType::Cidr, "10.0.0.0/8", None)),
+            ),
+            (
+                "host:db=10.0.0.2",
+                None,
+                Ok((FieldType::Host, "db=10.0.0.2", None)),
+            ),
+            ("int", None, Err("the default \"\" must be an integer")),
+            ("port:http", None, Err("the default \"http\"")),
+            ("bool:yes", None, Err("must be true or false")),
+            (
+                "text:x",
+                None,
+                Err("\"text\" is not a type a label may declare"),
+            ),
+            ("endpoint:10.0.0.1", None, Err("\"endpoint\" is not a type")),
+            ("", None, Err("\"\" is not a type")),
+            ("string:a\u{7}b", None, Err("control characters")),
+        ] {
+            let got = parse_config_label(text, from_env);
+            match want {
+                Ok((kind, default, description)) => {
+                    let (field, got_default) = got.unwrap_or_else(|e| panic!("{text}: {e}"));
+                    assert_eq!(
+                        (
+                            field.kind,
+                            got_default.as_str(),
+                            field.description.as_deref()
+                        ),
+                        (kind, default, description),
+                        "{text}"
+                    );
+                }
+                Err(says) => {
+                    let err = got.expect_err(text);
+                    assert!(err.contains(says), "{text}: {err}");
+                }
+            }
+        }
+    }
+
+    /// Which variables become config keys, named how, fed from where; a bad
+    /// label is an import error naming it.
+    #[test]
+    fn env_variables_map_onto_config_keys() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let env: Vec<String> = [
+            "PATH=/bin",
+            "GREETING=hi",
+            "Workers=2",
+            "_PRIVATE=x",
+            "1ST=y",
+            "GREETING=hello",
+            "greeting=lower",
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        let floppy = config_floppy(
+            &labels(&[
+                ("org.vroom.config.workers", "int::how many"),
+                ("org.vroom.config.listen.port", "port:8080"),
+                ("org.opencontainers.image.title", "not ours"),
+            ]),
+            &env,
+        )
+        .unwrap();
+        let pairs = |m: &BTreeMap<String, String>| -> Vec<(String, String)> {
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let owned = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            pairs(&floppy.env),
+            owned(&[
+                ("GREETING", "greeting"),
+                ("LISTEN_PORT", "listen.port"),
+                ("PATH", "path"),
+                ("Workers", "workers"),
+            ]),
+            "the first of two names for a key takes it; names no key can have stay fixed"
+        );
+        assert_eq!(
+            pairs(&floppy.defaults),
+            owned(&[
+                ("greeting", "hello"),
+                ("listen.port", "8080"),
+                ("path", "/bin"),
+                ("workers", "2"),
+            ]),
+            "the image's last value of a variable is its default"
+        );
+        assert_eq!(floppy.schema["workers"].kind, FieldType::Int);
+        assert_eq!(floppy.schema["listen.port"].kind, FieldType::Port);
+        assert_eq!(floppy.schema["greeting"].kind, FieldType::String);
+        assert_eq!(
+            floppy.schema["greeting"].description.as_deref(),
+            Some("the environment variable GREETING")
+        );
+        assert_eq!(config_floppy(&labels(&[]), &[]).unwrap(), Floppy::default());
+        for (label, text, says) in [
+            (
+                "org.vroom.config.Port",
+                "port:80",
+                "label org.vroom.config.Port: invalid config key \"Port\"",
+            ),
+            (
+                "org.vroom.config.",
+                "string",
+                "label org.vroom.config.: invalid config key \"\"",
+            ),
+            (
+                "org.vroom.config.workers",
+                "int:many",
+                "label org.vroom.config.workers: the default \"many\" must be an integer",
+            ),
+            (
+                "org.vroom.config.path",
+                "number:1",
+                "label org.vroom.config.path: \"number\" is not a type",
+            ),
+        ] {
+            let err = config_floppy(&labels(&[(label, text)]), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{label}={text}: {err}");
+        }
+        let err = config_floppy(
+            &labels(&[
+                ("org.vroom.config.a.b", "string"),
+                ("org.vroom.config.a-b", "string"),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("variable A_B is fed by key \"a-b\" already"),
+            "{err}"
+        );
+
+        // In the manifest: the schema, the defaults, and `main` fed by them
+        // and restarted on a change.
+        let root = image_root();
+        let mapped = map(
+            &config(r#"{"Cmd":["/bin/busybox"],"Env":["GREETING=hi"],"Labels":{"org.vroom.config.motd":"string:welcome:shown first"}}"#),
+            root.path(),
+            false,
+        )
+        .unwrap();
+        let a = &mapped.appliance;
+        assert_eq!(
+            pairs(&a.seed_config),
+            owned(&[("greeting", "hi"), ("motd", "welcome")])
+        );
+        assert_eq!(a.config_schema.len(), 2);
+        assert!(a.services[0].restart_on_config);
+        assert_eq!(
+            pairs(&a.services[0].config_env),
+            owned(&[("GREETING", "greeting"), ("MOTD", "motd")])
+        );
+        let plain = map(&config(r#"{"Cmd":["/bin/busybox"]}"#), root.path(), false).unwrap();
+        assert!(plain.appliance.seed_config.is_empty());
+        assert!(!plain.appliance.services[0].restart_on_config);
     }
 
     /// The config's fields, table-driven: what each becomes in the

@@ -492,6 +492,7 @@ fn member_request(network: &Name, name: &Name, image: &str) -> RunRequest {
         from_snapshot: None,
         cold: false,
         placement: Default::default(),
+        env: Default::default(),
     }
 }
 

@@ -578,6 +578,7 @@ async fn wiring_moves_with_its_vm() {
                 from_snapshot: None,
                 cold: false,
                 placement: Default::default(),
+                env: Default::default(),
             },
             Some(crate::cluster::Identity {
                 id: web.id.clone(),
