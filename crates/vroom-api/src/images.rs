@@ -52,16 +52,21 @@ pub(crate) async fn build_image(
 /// daemon's host, or a registry's) as an appliance image. The answer
 /// streams like a build's: `progress` lines, then `done` or `error`.
 #[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors,
+        (status = 422, body = ApiErrorBody, description = "The reference does not parse: an unknown transport, a bad repository name, tag or digest (code `invalid_reference`).")))]
 pub(crate) async fn import_image(
     State(engine): State<AppState>,
     AuditCaller(caller): AuditCaller,
     req: Result<Json<ImportImageRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let req = body(req)?;
-    // Parsed here too, so a bad reference is a 400 before the answer streams.
+    // Parsed here too, so a bad reference is a 422 before the answer streams.
     if let Err(e) = req.reference.parse::<vroom_types::ImportReference>() {
-        return Err(bad_request(e.to_string()));
+        return Err(vroom_core::OpError::new(
+            vroom_types::ErrorCode::InvalidReference,
+            e.to_string(),
+        )
+        .into());
     }
     check_kernel_choice(req.kernel.as_deref())?;
     Ok(stream_build(move |progress| async move {

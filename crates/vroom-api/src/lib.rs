@@ -88,7 +88,9 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::HostUnsupported
         | ErrorCode::InvalidConfig
         | ErrorCode::InvalidFilter
-        | ErrorCode::InvalidVolume => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::InvalidVolume
+        | ErrorCode::InvalidService
+        | ErrorCode::InvalidReference => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::ResourceExhausted => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::GuestError => StatusCode::BAD_GATEWAY,

@@ -36,7 +36,8 @@ pub(crate) async fn list_services(State(engine): State<AppState>) -> ApiResult<V
 /// sends requests to).
 #[utoipa::path(post, path = "/v1/services", request_body = ServiceDefinition,
     responses((status = 201, body = Service), BodyErrors, HostErrors,
-        (status = 404, body = ApiErrorBody, description = "No such network or image."),
+        (status = 404, body = ApiErrorBody, description = "No such network, room or image."),
+        (status = 422, body = ApiErrorBody, description = "The rules of services refuse it: bounds, a target without room to scale or bounds without one, a network and a room both or neither, an image that serves another port (code `invalid_service`)."),
         (status = 409, body = ApiErrorBody, description = "The service exists, an instance has a name it would give, or this host is in a cluster.")))]
 pub(crate) async fn create_service(
     State(engine): State<AppState>,
@@ -65,6 +66,7 @@ pub(crate) async fn get_service(
 #[utoipa::path(post, path = "/v1/services/{name}/scale", params(("name" = Name, Path)),
     request_body = ServiceScaleRequest,
     responses((status = 202, body = Service), PathErrors, BodyErrors, HostErrors,
+        (status = 422, body = ApiErrorBody, description = "Bounds whose minimum is above their maximum, one bound alone, or a number outside the bounds (code `invalid_service`)."),
         (status = 409, body = ApiErrorBody, description = "The service is being removed.")))]
 pub(crate) async fn scale_service(
     State(engine): State<AppState>,
@@ -85,6 +87,7 @@ pub(crate) async fn scale_service(
 #[utoipa::path(post, path = "/v1/services/{name}/update", params(("name" = Name, Path)),
     request_body = ServiceUpdateRequest,
     responses((status = 202, body = Service), PathErrors, BodyErrors, HostErrors,
+        (status = 422, body = ApiErrorBody, description = "The service already runs that image, or the image serves another port (code `invalid_service`)."),
         (status = 409, body = ApiErrorBody, description = "The service is being removed or already updating.")))]
 pub(crate) async fn update_service(
     State(engine): State<AppState>,

@@ -33,6 +33,14 @@ pub enum ErrorCode {
     /// volume attached twice or two at one path, volumes for an ephemeral
     /// instance or an image without ext4, an imported image that is not ext4.
     InvalidVolume,
+    /// Well-formed service requests the rules of services refuse: bounds
+    /// whose minimum is above their maximum, a target without room to scale
+    /// (or bounds without a target), a network and a room both or neither,
+    /// an image that serves another port, a number outside the bounds.
+    InvalidService,
+    /// A well-formed image reference to import that does not parse: an
+    /// unknown transport, a bad repository name, tag or digest.
+    InvalidReference,
     /// A browser sent a changing request from another web origin (see the
     /// dashboard, docs/dashboard.md); nothing was changed.
     Forbidden,

@@ -106,11 +106,11 @@ impl Engine {
                 Ok(network.clone())
             }
             (Some(_), Some(_)) => Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidService,
                 "a service is on a network or in a room, not both",
             )),
             (None, None) => Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidService,
                 "a service needs a network (--net) or a room (--room)",
             )),
         }
@@ -193,7 +193,7 @@ impl Engine {
         if let Some(tcp) = resolved.manifest.appliance.health_tcp_port {
             if tcp != port {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!(
                         "image {image} serves port {tcp} (its health check), not the service's port {port}"
                     ),
@@ -269,7 +269,7 @@ impl Engine {
                 })?;
             if record.spec.image == image && record.members.iter().all(|m| m.image == image) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!("service {name} already runs {image}"),
                 ));
             }
@@ -375,7 +375,7 @@ fn scaled(
         },
         _ => {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidService,
                 "give both bounds (min and max) or neither",
             ))
         }
@@ -387,7 +387,7 @@ fn scaled(
             check_replicas(n)?;
             if !(lo..=hi).contains(&n) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!("{n} is outside service {name}'s bounds {lo}..{hi} (scale to MIN..MAX to change them)"),
                 ));
             }
@@ -397,7 +397,7 @@ fn scaled(
     };
     if req.replicas.is_none() && req.min.is_none() {
         return Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             "give a number of members (replicas) or bounds (min and max)",
         ));
     }
@@ -407,7 +407,7 @@ fn scaled(
 fn check_replicas(replicas: u32) -> Result<(), OpError> {
     if !(1..=MAX_SERVICE_REPLICAS).contains(&replicas) {
         return Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!("replicas must be 1 to {MAX_SERVICE_REPLICAS}, not {replicas}"),
         ));
     }
@@ -420,7 +420,7 @@ fn check_bounds(min: u32, max: Option<u32>) -> Result<(), OpError> {
         check_replicas(max)?;
         if max < min {
             return Err(OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidService,
                 format!("replicas {min}..{max}: the minimum is above the maximum"),
             ));
         }
@@ -431,7 +431,7 @@ fn check_bounds(min: u32, max: Option<u32>) -> Result<(), OpError> {
 fn check_definition(spec: &ServiceDefinition) -> Result<(), OpError> {
     if spec.name.as_str().len() > MAX_SERVICE_NAME_LEN {
         return Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!(
                 "service name {} is longer than {MAX_SERVICE_NAME_LEN} characters (its members are NAME-N)",
                 spec.name
@@ -440,7 +440,7 @@ fn check_definition(spec: &ServiceDefinition) -> Result<(), OpError> {
     }
     if spec.port == 0 {
         return Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             "port must be 1 to 65535",
         ));
     }
@@ -448,22 +448,22 @@ fn check_definition(spec: &ServiceDefinition) -> Result<(), OpError> {
     let (min, max) = spec.bounds();
     match (spec.scale_on, max > min) {
         (Some(ScaleTarget::P95Ms(0)), _) | (Some(ScaleTarget::CpuPercent(0)), _) => {
-            Err(OpError::new(ErrorCode::InvalidArgument, "a scaling target must be above 0"))
+            Err(OpError::new(ErrorCode::InvalidService, "a scaling target must be above 0"))
         }
         (Some(ScaleTarget::CpuPercent(p)), _) if p > 100 => Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!("a CPU target is 1% to 100%, not {p}%"),
         )),
         (Some(ScaleTarget::P95Ms(ms)), _) if ms > 60_000 => Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!("a latency target is at most 60000 ms, not {ms}"),
         )),
         (Some(target), false) => Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!("scaling on {target} needs room to scale: give replicas as MIN..MAX"),
         )),
         (None, true) => Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidService,
             format!("replicas {min}..{max} need a target to scale on (--slo p95<50ms or --target-cpu 60%)"),
         )),
         _ => Ok(()),

@@ -106,14 +106,14 @@ impl Engine {
             let context = format!("service {name}");
             let want = entry
                 .definition(room)
-                .map_err(|e| OpError::new(ErrorCode::InvalidArgument, e).context(&context))?;
+                .map_err(|e| OpError::new(ErrorCode::InvalidService, e).context(&context))?;
             check_definition(&want).map_err(|e| e.context(&context))?;
             if let Some(other) = seen
                 .iter()
                 .find(|o| *o == &name || is_service_name(o.as_str(), name.as_str()))
             {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!("{context}: its name is taken by service {other} of the file"),
                 ));
             }
@@ -122,7 +122,7 @@ impl Engine {
                 .find(|o| is_service_name(name.as_str(), o.as_str()))
             {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!(
                         "{context}: service {other} of the file has a name it gives its members"
                     ),
@@ -135,7 +135,7 @@ impl Engine {
                 .find(|i| *i == name || is_service_name(name.as_str(), i.as_str()))
             {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!(
                         "{context}: instance {iname} of the file has its name or one it gives its members or balancer"
                     ),
@@ -143,7 +143,7 @@ impl Engine {
             }
             if *name == crate::engine::rooms::firewall_name(room) {
                 return Err(OpError::new(
-                    ErrorCode::InvalidArgument,
+                    ErrorCode::InvalidService,
                     format!("{context}: the name is the room's firewall's"),
                 ));
             }
