@@ -373,6 +373,25 @@ impl utoipa::Modify for ConfigValueRules {
                 property["description"] = description;
             }
         }
+        // A service's scaling target: one of two keys, in bounds (utoipa's
+        // enum derive states neither).
+        doc["components"]["schemas"]["ScaleTarget"] = serde_json::json!({
+            "description": "What a service's autoscaler keeps under its target: the p95 latency at the balancer in milliseconds, or the members' average CPU in percent.",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "required": ["p95_ms"],
+                    "properties": {"p95_ms": {"type": "integer", "minimum": 1, "maximum": 60000}},
+                    "additionalProperties": false,
+                },
+                {
+                    "type": "object",
+                    "required": ["cpu_percent"],
+                    "properties": {"cpu_percent": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    "additionalProperties": false,
+                },
+            ],
+        });
         // A room file's instances are keyed by instance name.
         let instances = &mut doc["components"]["schemas"]["RoomFile"]["properties"]["instances"];
         instances["propertyNames"] = serde_json::json!({

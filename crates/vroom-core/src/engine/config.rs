@@ -565,7 +565,7 @@ pub(super) fn run_env_config(
     let manifest = &image.manifest;
     if manifest.oci.is_none() {
         return Err(OpError::new(
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidConfig,
             format!(
                 "--env is for imported images and {} was built from a recipe; set its config with `vroom config NAME set KEY=VALUE`",
                 manifest.name
@@ -578,7 +578,7 @@ pub(super) fn run_env_config(
         let key = appliance.env_config_key(given).ok_or_else(|| {
             let known: Vec<&str> = appliance.seed_config.keys().map(String::as_str).collect();
             OpError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::InvalidConfig,
                 format!(
                     "image {} takes no env {given:?} (its keys: {})",
                     manifest.name,

@@ -584,13 +584,13 @@ async fn run_env_seeds_an_imported_images_config() {
         (
             "hello",
             vec![("greeting", "x")],
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidConfig,
             "--env is for imported images and hello was built from a recipe",
         ),
         (
             "ctr",
             vec![("NOPE", "1")],
-            ErrorCode::InvalidArgument,
+            ErrorCode::InvalidConfig,
             "image ctr takes no env \"NOPE\" (its keys: greeting, workers)",
         ),
         (
