@@ -485,7 +485,11 @@ fn replicas_schema() -> utoipa::openapi::schema::Schema {
             .item(
                 ObjectBuilder::new()
                     .schema_type(SchemaType::from_iter([Type::String]))
-                    .pattern(Some(r"^[0-9]+(\.\.[0-9]+)?$"))
+                    // 1 to 64 each (a minimum above the maximum is the
+                    // service rules' to refuse, with a 422).
+                    .pattern(Some(
+                        r"^([1-9]|[1-5][0-9]|6[0-4])(\.\.([1-9]|[1-5][0-9]|6[0-4]))?$",
+                    ))
                     .examples(["2..6"]),
             )
             .default(Some(serde_json::json!(1)))

@@ -96,13 +96,36 @@ impl ServiceDefinition {
 /// What a service's autoscaler keeps under its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "ScaleTargetFields")]
 pub enum ScaleTarget {
     /// The 95th percentile of the time from a request to its response's
     /// headers, through the balancer, in milliseconds (`p95<50ms`).
     P95Ms(u32),
     /// The members' average CPU use, in percent of their cores (`60%`).
     CpuPercent(u32),
+}
+
+/// A scaling target as JSON has it: one of two keys, each an integer (`50`
+/// or `50.0`: JSON has only numbers).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScaleTargetFields {
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
+    p95_ms: Option<u32>,
+    #[serde(default, deserialize_with = "crate::json_int::optional")]
+    cpu_percent: Option<u32>,
+}
+
+impl TryFrom<ScaleTargetFields> for ScaleTarget {
+    type Error = String;
+
+    fn try_from(f: ScaleTargetFields) -> Result<Self, String> {
+        match (f.p95_ms, f.cpu_percent) {
+            (Some(ms), None) => Ok(ScaleTarget::P95Ms(ms)),
+            (None, Some(p)) => Ok(ScaleTarget::CpuPercent(p)),
+            _ => Err("a scaling target is one of p95_ms or cpu_percent".into()),
+        }
+    }
 }
 
 impl std::fmt::Display for ScaleTarget {
@@ -448,6 +471,24 @@ mod tests {
         ] {
             assert!(bad.parse::<ScaleTarget>().is_err(), "{bad}");
         }
+        for (json, want) in [
+            (r#"{"p95_ms":50}"#, Some(ScaleTarget::P95Ms(50))),
+            (r#"{"p95_ms":50.0}"#, Some(ScaleTarget::P95Ms(50))),
+            (r#"{"cpu_percent":60}"#, Some(ScaleTarget::CpuPercent(60))),
+            (r#"{"p95_ms":50,"cpu_percent":60}"#, None),
+            (r#"{"x":1}"#, None),
+            (r#"{}"#, None),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<ScaleTarget>(json).ok(),
+                want,
+                "{json}"
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&ScaleTarget::P95Ms(50)).unwrap(),
+            r#"{"p95_ms":50}"#
+        );
         assert_eq!(parse_replicas("3"), Ok((3, None)));
         assert_eq!(parse_replicas("2..6"), Ok((2, Some(6))));
         assert!(parse_replicas("2..").is_err() && parse_replicas("x").is_err());
