@@ -71,6 +71,18 @@ impl Engine {
         Ok(record)
     }
 
+    /// A service's record for a change: refused while it is being removed.
+    /// Call under the record lock.
+    fn changeable_service(&self, name: &str) -> Result<ServiceRecord, OpError> {
+        let record = self.service_record(name)?;
+        if record.removing {
+            return Err(OpError::conflict(format!(
+                "service {name} is being removed"
+            )));
+        }
+        Ok(record)
+    }
+
     /// Every service, as the API shows them.
     pub fn services(&self) -> Result<Vec<Service>, OpError> {
         let records = self
@@ -122,9 +134,13 @@ impl Engine {
         self: &Arc<Self>,
         spec: ServiceDefinition,
     ) -> Result<Service, OpError> {
+        check_definition(&spec)?;
+        // The members' image and the balancer's, before the record lock:
+        // catalog images are built on first use, which takes minutes.
+        self.check_service_image(&spec.image, spec.port).await?;
+        self.resolve_image(BALANCER_IMAGE).await?;
         {
             let _op = self.service_op.lock().await;
-            check_definition(&spec)?;
             if self.service_record(spec.name.as_str()).is_ok() {
                 return Err(OpError::new(
                     ErrorCode::AlreadyExists,
@@ -150,10 +166,6 @@ impl Engine {
                 ));
             }
             self.service_network(&spec)?;
-            // The members' image and the balancer's (catalog images are
-            // built on first use).
-            self.check_service_image(&spec.image, spec.port).await?;
-            self.resolve_image(BALANCER_IMAGE).await?;
             let record = ServiceRecord {
                 spec: spec.clone(),
                 members: vec![],
@@ -212,12 +224,7 @@ impl Engine {
     ) -> Result<Service, OpError> {
         {
             let _op = self.service_op.lock().await;
-            let mut record = self.service_record(name)?;
-            if record.removing {
-                return Err(OpError::conflict(format!(
-                    "service {name} is being removed"
-                )));
-            }
+            let mut record = self.changeable_service(name)?;
             let from = record.desired();
             let scaled = scaled(&record, &req)?;
             record.spec.replicas = scaled.0;
@@ -245,12 +252,22 @@ impl Engine {
         name: &str,
         image: &str,
     ) -> Result<Service, OpError> {
+        // The image is checked before the record lock (a catalog image is
+        // built on first use); the port it was checked for must still be
+        // the service's under the lock.
+        let port = self.service_record(name)?.spec.port;
+        self.check_service_image(image, port).await.map_err(|e| {
+            OpError::new(
+                e.code,
+                format!("cannot update service {name}: {}", e.message),
+            )
+        })?;
         {
             let _op = self.service_op.lock().await;
-            let mut record = self.service_record(name)?;
-            if record.removing {
+            let mut record = self.changeable_service(name)?;
+            if record.spec.port != port {
                 return Err(OpError::conflict(format!(
-                    "service {name} is being removed"
+                    "service {name} changed its port meanwhile; update it again"
                 )));
             }
             if let Some(update) = &record.update {
@@ -259,14 +276,6 @@ impl Engine {
                     update.to
                 )));
             }
-            self.check_service_image(image, record.spec.port)
-                .await
-                .map_err(|e| {
-                    OpError::new(
-                        e.code,
-                        format!("cannot update service {name}: {}", e.message),
-                    )
-                })?;
             if record.spec.image == image && record.members.iter().all(|m| m.image == image) {
                 return Err(OpError::new(
                     ErrorCode::InvalidService,
