@@ -9,8 +9,11 @@
 //! none: its VMs are gone before any other node may claim them. A vroomd
 //! restarted quickly reconnects and its acknowledgements re-arm the guard.
 //!
-//! The guard is never armed before the first acknowledgement, and disarms
-//! after fencing until the next one.
+//! The guard is never armed before the first acknowledgement. Once the
+//! deadline has passed it stays fenced: anything that appears in the scope
+//! afterwards (a VMM whose launch began just before the deadline) is killed
+//! too, until an acknowledgement of a later keepalive moves the deadline
+//! into the future again.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -138,15 +141,11 @@ impl Arming {
         self.deadline_ns = Some(self.deadline_ns.map_or(deadline, |d| d.max(deadline)));
     }
 
-    /// Whether to fence now (which disarms).
-    pub fn due(&mut self, now_ns: u64) -> bool {
-        match self.deadline_ns {
-            Some(deadline) if now_ns >= deadline => {
-                self.deadline_ns = None;
-                true
-            }
-            _ => false,
-        }
+    /// Whether nothing may run in the scope now: armed, and the deadline
+    /// of the latest acknowledgement has passed. It stays so until a later
+    /// keepalive is acknowledged.
+    pub fn fenced(&self, now_ns: u64) -> bool {
+        self.deadline_ns.is_some_and(|deadline| now_ns >= deadline)
     }
 
     pub fn armed(&self) -> bool {
@@ -163,6 +162,7 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
     eprintln!("guard: watching {} for cgroup {group}", socket.display());
     let mut readers: Vec<BufReader<UnixStream>> = vec![];
     let mut arming = Arming::default();
+    let mut was_fenced = false;
     loop {
         loop {
             match listener.accept() {
@@ -189,12 +189,18 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
                 Err(_) => return false,
             }
         });
-        if arming.due(monotonic_ns()) {
+        let fenced = arming.fenced(monotonic_ns());
+        if fenced {
             let killed = fence(&group);
-            eprintln!(
-                "guard: no keepalive acknowledged in time: killed {killed} process(es) of {group}"
-            );
+            if !was_fenced {
+                eprintln!(
+                    "guard: no keepalive acknowledged in time: killed {killed} process(es) of {group}"
+                );
+            } else if killed > 0 {
+                eprintln!("guard: killed {killed} process(es) started in {group} while fenced");
+            }
         }
+        was_fenced = fenced;
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -232,16 +238,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arms_on_ack_and_fires_once_ttl_minus_margin_after_the_send() {
+    fn fences_ttl_minus_margin_after_the_send_until_a_later_ack() {
         let mut arming = Arming::default();
-        assert!(!arming.due(u64::MAX), "never armed: never fences");
+        assert!(!arming.fenced(u64::MAX), "never armed: never fences");
         arming.ack(1_000_000_000);
-        assert!(!arming.due(2_499_999_999));
-        assert!(arming.due(2_500_000_000));
-        assert!(!arming.armed(), "fencing disarms");
+        assert!(arming.armed());
+        assert!(!arming.fenced(2_499_999_999));
+        assert!(arming.fenced(2_500_000_000));
+        assert!(
+            arming.fenced(3_000_000_000),
+            "it stays fenced: a VMM started late is killed too"
+        );
+        arming.ack(500_000_000);
+        assert!(arming.fenced(3_000_000_000), "an older ack never lifts it");
         arming.ack(3_000_000_000);
+        assert!(!arming.fenced(3_000_000_000), "a later ack lifts it");
         arming.ack(2_000_000_000);
-        assert!(!arming.due(3_499_999_999), "an older ack never shortens it");
-        assert!(arming.due(4_500_000_000));
+        assert!(
+            !arming.fenced(4_499_999_999),
+            "an older ack never shortens it"
+        );
+        assert!(arming.fenced(4_500_000_000));
     }
 }

@@ -765,6 +765,16 @@ impl Engine {
                 return Err(e);
             }
         }
+        // Asked again right before the VMM starts: the work above (an image
+        // build, a reset) may have outlasted this node's lease, and a VMM
+        // started after it would run beside the new owner's.
+        if let Some(cluster) = self.cluster() {
+            let cluster_made = cell.lock().cluster;
+            if let Err(e) = cluster.may_launch(instance.spec.name.as_str(), cluster_made) {
+                restore(self);
+                return Err(e);
+            }
+        }
         // The collector connects while the VMM starts, before the guest
         // writes its first line (a socket console drops output nobody reads).
         cell.collect_console(epoch, CONSOLE_CONNECT_WINDOW);
