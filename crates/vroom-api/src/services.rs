@@ -5,30 +5,17 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use vroom_core::OpError;
 use vroom_types::{
-    ApiErrorBody, ErrorCode, Name, Service, ServiceDefinition, ServiceScaleRequest,
+    ApiErrorBody, Name, Service, ServiceDefinition, ServiceScaleRequest,
     ServiceUpdateRequest,
 };
 
 use crate::replies::{BodyErrors, HostErrors, PathErrors};
-use crate::{body, ApiError, ApiResult, AppState, Service as Vroomd};
-
-/// Services are kept by one host's vroomd for now.
-async fn not_in_a_cluster(vroomd: &Vroomd) -> Result<(), ApiError> {
-    if vroomd.nodes().await.is_ok() {
-        return Err(OpError::new(
-            ErrorCode::Conflict,
-            "services run on a host outside a cluster for now",
-        )
-        .into());
-    }
-    Ok(())
-}
+use crate::{body, ApiError, ApiResult, AppState};
 
 #[utoipa::path(get, path = "/v1/services", responses((status = 200, body = Vec<Service>), HostErrors))]
 pub(crate) async fn list_services(State(engine): State<AppState>) -> ApiResult<Vec<Service>> {
-    Ok(Json(engine.services()?))
+    Ok(Json(engine.services().await?))
 }
 
 /// Records the service and returns; vroomd then makes its balancer and
@@ -38,14 +25,12 @@ pub(crate) async fn list_services(State(engine): State<AppState>) -> ApiResult<V
     responses((status = 201, body = Service), BodyErrors, HostErrors,
         (status = 404, body = ApiErrorBody, description = "No such network, room or image."),
         (status = 422, body = ApiErrorBody, description = "The rules of services refuse it: bounds, a target without room to scale or bounds without one, a network and a room both or neither, an image that serves another port (code `invalid_service`)."),
-        (status = 409, body = ApiErrorBody, description = "The service exists, an instance has a name it would give, or this host is in a cluster.")))]
+        (status = 409, body = ApiErrorBody, description = "The service exists, or an instance has a name it would give.")))]
 pub(crate) async fn create_service(
     State(engine): State<AppState>,
-    State(vroomd): State<Vroomd>,
     req: Result<Json<ServiceDefinition>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Service>), ApiError> {
     let definition = body(req)?;
-    not_in_a_cluster(&vroomd).await?;
     Ok((
         StatusCode::CREATED,
         Json(engine.create_service(definition).await?),
@@ -58,7 +43,7 @@ pub(crate) async fn get_service(
     State(engine): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Service> {
-    Ok(Json(engine.service(&name)?))
+    Ok(Json(engine.service(&name).await?))
 }
 
 /// Records the number of members (or the autoscaler's bounds) and returns;

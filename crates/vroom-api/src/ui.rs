@@ -324,7 +324,7 @@ async fn draw(dot: &str) -> Result<String, String> {
 }
 
 async fn services(State(engine): State<AppState>) -> Response {
-    match engine.services() {
+    match engine.services().await {
         Ok(services) => page(
             StatusCode::OK,
             "Services",

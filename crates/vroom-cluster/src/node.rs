@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -53,6 +53,7 @@ mod networks;
 mod peers;
 mod reconcile;
 mod requests;
+mod services;
 mod standby;
 mod view;
 mod volumes;
@@ -116,6 +117,8 @@ pub struct ClusterNode {
     /// The live nodes seen in the last pass (`None` before the first): a
     /// node gone from them is lost.
     seen_nodes: Mutex<Option<BTreeSet<String>>>,
+    /// Whether the last pass found this node leading the cluster.
+    leads: AtomicBool,
     /// Local starts under way.
     starting: Mutex<BTreeSet<String>>,
     /// The overlay applied per network: its VNI and peers.
@@ -206,6 +209,7 @@ impl ClusterNode {
             last_ack_ns: AtomicU64::new(0),
             owned: Mutex::default(),
             seen_nodes: Mutex::default(),
+            leads: AtomicBool::new(false),
             known: Mutex::default(),
             starting: Mutex::default(),
             published: Mutex::default(),

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use vroom_core::cluster::{ClusterServices, RecordChange};
 use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest, Volume,
+    DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest, ServiceRecord, Volume,
     VolumeCreateRequest,
 };
 
@@ -124,5 +125,53 @@ impl Vroomd for Clustered {
 
     async fn remove_volume(&self, name: &str) -> Result<(), OpError> {
         self.node.remove_volume(name).await
+    }
+}
+
+/// Services in a cluster: their records in etcd, instances anywhere.
+#[async_trait::async_trait]
+impl ClusterServices for Clustered {
+    async fn records(&self) -> Result<Vec<ServiceRecord>, OpError> {
+        self.node.service_records().await
+    }
+
+    async fn create_record(&self, record: &ServiceRecord) -> Result<(), OpError> {
+        self.node.create_service_record(record).await
+    }
+
+    async fn edit_record(
+        &self,
+        name: &str,
+        change: &mut RecordChange<'_>,
+    ) -> Result<ServiceRecord, OpError> {
+        self.node.edit_service_record(name, change).await
+    }
+
+    async fn delete_record(&self, name: &str) -> Result<(), OpError> {
+        self.node.delete_service_record(name).await
+    }
+
+    fn keeps_service(&self, balancer: &str) -> bool {
+        self.node.keeps_service(balancer)
+    }
+
+    fn node_name(&self) -> String {
+        self.node.node_name().to_string()
+    }
+
+    async fn instances(&self) -> Vec<Instance> {
+        Vroomd::list(self).await
+    }
+
+    async fn instance(&self, name: &str) -> Result<Instance, OpError> {
+        Vroomd::inspect(self, name).await
+    }
+
+    async fn run(&self, req: RunRequest) -> Result<Instance, OpError> {
+        Vroomd::run(self, req).await
+    }
+
+    async fn remove(&self, name: &str, force: bool) -> Result<(), OpError> {
+        Vroomd::remove(self, name, force).await
     }
 }

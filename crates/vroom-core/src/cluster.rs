@@ -85,3 +85,42 @@ pub struct CarriedSplice {
     pub spec: InstanceSpec,
     pub config: ConfigValues,
 }
+
+/// A change to a service's record, which may refuse (and may be tried
+/// again on a fresher record).
+pub type RecordChange<'a> =
+    dyn FnMut(&mut vroom_types::ServiceRecord) -> Result<(), OpError> + Send + 'a;
+
+/// What services need of the cluster: their records (kept in etcd, the
+/// same on every node), the cluster's instances wherever they run, and
+/// which node keeps each service (the one that runs its balancer; the
+/// leader while it has none). A host that is not in a cluster has none:
+/// its services are its own.
+#[async_trait::async_trait]
+pub trait ClusterServices: Send + Sync {
+    async fn records(&self) -> Result<Vec<vroom_types::ServiceRecord>, OpError>;
+    /// Records a new service: `AlreadyExists` if one has its name.
+    async fn create_record(&self, record: &vroom_types::ServiceRecord) -> Result<(), OpError>;
+    /// Reads `name`'s record, lets `change` edit it (or refuse: nothing is
+    /// written) and writes it back; read and changed again if another
+    /// writer came between. Returns the record as written.
+    async fn edit_record(
+        &self,
+        name: &str,
+        change: &mut RecordChange<'_>,
+    ) -> Result<vroom_types::ServiceRecord, OpError>;
+    async fn delete_record(&self, name: &str) -> Result<(), OpError>;
+    /// Whether this node keeps the service whose balancer is `balancer`:
+    /// it owns the balancer, or the cluster has no balancer of that name
+    /// and this node leads.
+    fn keeps_service(&self, balancer: &str) -> bool;
+    /// This node's name: a balancer is made where its service is kept.
+    fn node_name(&self) -> String;
+    /// Every instance of the cluster, wherever it runs.
+    async fn instances(&self) -> Vec<vroom_types::Instance>;
+    async fn instance(&self, name: &str) -> Result<vroom_types::Instance, OpError>;
+    /// Creates an instance in the cluster (placed by its placement).
+    async fn run(&self, req: vroom_types::RunRequest) -> Result<vroom_types::Instance, OpError>;
+    /// Removes an instance from the cluster, wherever it runs.
+    async fn remove(&self, name: &str, force: bool) -> Result<(), OpError>;
+}

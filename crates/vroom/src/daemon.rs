@@ -121,14 +121,19 @@ pub async fn run(
     };
     // The API's way in: the cluster's, or this host's alone.
     let vroomd: Arc<dyn vroom_core::service::Vroomd> = match &node {
-        Some(node) => Arc::new(vroom_cluster::Clustered::new(engine.clone(), node.clone())),
+        Some(node) => {
+            let clustered = Arc::new(vroom_cluster::Clustered::new(engine.clone(), node.clone()));
+            // Services keep their records in etcd and their instances
+            // anywhere in the cluster.
+            engine.set_services_cluster(clustered.clone());
+            clustered
+        }
         None => Arc::new(vroom_core::service::Local::new(engine.clone())),
     };
     engine.recover().await.context("cannot recover state")?;
-    // Services are kept at strength by this host (not yet in a cluster).
-    if node.is_none() {
-        engine.spawn_service_controller();
-    }
+    // Services are kept at strength: this host's, or (in a cluster) those
+    // whose balancer runs here.
+    engine.spawn_service_controller();
     let limits = crate::serve::Limits::from_env(crate::serve::raise_fd_limit());
     tracing::info!(?limits, "API connection limits (per listener)");
     // Which daemon this is, in `GET /v1/version` on every listener.

@@ -56,6 +56,7 @@ impl ClusterNode {
             .leader
             .as_ref()
             .is_some_and(|(l, ls)| *l == self.name && *ls == lease);
+        self.leads.store(leads, Ordering::SeqCst);
         self.notice_lost_nodes(&view, leads);
         if leads {
             self.schedule(&view).await?;

@@ -139,6 +139,9 @@ pub struct Engine {
     snapshots_in_progress: Mutex<std::collections::BTreeSet<String>>,
     /// The cluster this host is a node of, if any.
     cluster: std::sync::OnceLock<Arc<dyn crate::cluster::ClusterHooks>>,
+    /// Where services keep their records and find their instances, when
+    /// this host is a cluster node.
+    services_cluster: std::sync::OnceLock<Arc<dyn crate::cluster::ClusterServices>>,
     /// Every change of state, numbered, for history and followers.
     events: Arc<EventLog>,
 }
@@ -282,12 +285,18 @@ impl Engine {
             service_warming: Mutex::new(Default::default()),
             snapshots_in_progress: Mutex::default(),
             cluster: std::sync::OnceLock::new(),
+            services_cluster: std::sync::OnceLock::new(),
         })
     }
 
     /// Makes this engine a cluster node's: set once, at daemon start.
     pub fn set_cluster(&self, cluster: Arc<dyn crate::cluster::ClusterHooks>) {
         let _ = self.cluster.set(cluster);
+    }
+
+    /// Makes this engine's services the cluster's: set once, at daemon start.
+    pub fn set_services_cluster(&self, cluster: Arc<dyn crate::cluster::ClusterServices>) {
+        let _ = self.services_cluster.set(cluster);
     }
 
     /// The cluster's hooks, when this host is a cluster node.

@@ -991,7 +991,7 @@ mod tests {
                 assert!(t.engine.list_rooms().is_empty(), "{file}");
                 assert!(t.engine.list_networks().is_empty(), "{file}: nothing made");
                 assert!(t.engine.list().is_empty(), "{file}: nothing made");
-                assert!(t.engine.services().unwrap().is_empty(), "{file}");
+                assert!(t.engine.services().await.unwrap().is_empty(), "{file}");
             }
         }
     }
@@ -1294,7 +1294,7 @@ mod tests {
             "{plan:?}"
         );
         assert!(
-            t.engine.services().unwrap().is_empty(),
+            t.engine.services().await.unwrap().is_empty(),
             "a dry run makes nothing"
         );
         t.engine
@@ -1303,7 +1303,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        let shop = t.engine.service("shop").unwrap();
+        let shop = t.engine.service("shop").await.unwrap();
         assert!(
             shop.converged(),
             "an apply returns once it serves: {shop:?}"
@@ -1343,7 +1343,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(changes(&plan), ["~service shop replicas 2 -> 3"]);
-        let shop = t.engine.service("shop").unwrap();
+        let shop = t.engine.service("shop").await.unwrap();
         assert!(shop.converged() && shop.ready == 3, "{shop:?}");
 
         let plan = t
@@ -1357,7 +1357,7 @@ mod tests {
             changes(&plan),
             ["~service shop image hello -> hello2 (rolling update), replicas 3 -> 2..4 on p95<50ms"]
         );
-        let shop = t.engine.service("shop").unwrap();
+        let shop = t.engine.service("shop").await.unwrap();
         assert!(shop.converged(), "{shop:?}");
         assert!(shop.members.iter().all(|m| m.image == "hello2"), "{shop:?}");
         assert_eq!(
@@ -1390,7 +1390,7 @@ mod tests {
             changes(&plan),
             ["-service shop ", "-expose tcp/8080 -> shop:80"]
         );
-        assert!(t.engine.services().unwrap().is_empty());
+        assert!(t.engine.services().await.unwrap().is_empty());
         let names: Vec<String> = t
             .engine
             .list()
@@ -1405,9 +1405,9 @@ mod tests {
             .apply_room(file(json!([{"name": "shop", "image": "hello"}])))
             .await
             .unwrap();
-        assert_eq!(t.engine.services().unwrap().len(), 1);
+        assert_eq!(t.engine.services().await.unwrap().len(), 1);
         t.engine.remove_room("acme", true).await.unwrap();
-        assert!(t.engine.services().unwrap().is_empty());
+        assert!(t.engine.services().await.unwrap().is_empty());
         assert!(t.engine.list().is_empty(), "{:?}", t.engine.list());
     }
 

@@ -33,6 +33,7 @@ use vroom_types::{
 
 use super::{now_secs, Engine};
 use crate::events::NewEvent;
+use crate::cluster::ClusterServices;
 use crate::OpError;
 
 pub use scaler::Scaler;
@@ -41,10 +42,24 @@ pub use scaler::Scaler;
 pub const BALANCER_IMAGE: &str = "lb";
 
 impl Engine {
-    fn service_record(&self, name: &str) -> Result<ServiceRecord, OpError> {
-        self.store
-            .services()
-            .map_err(|e| OpError::internal("failed to read the services", e))?
+    /// The cluster's side of services, when this host is a cluster node.
+    fn services_cluster(&self) -> Option<Arc<dyn ClusterServices>> {
+        self.services_cluster.get().cloned()
+    }
+
+    async fn service_records(&self) -> Result<Vec<ServiceRecord>, OpError> {
+        match self.services_cluster() {
+            Some(cluster) => cluster.records().await,
+            None => self
+                .store
+                .services()
+                .map_err(|e| OpError::internal("failed to read the services", e)),
+        }
+    }
+
+    async fn service_record(&self, name: &str) -> Result<ServiceRecord, OpError> {
+        self.service_records()
+            .await?
             .into_iter()
             .find(|s| s.spec.name.as_str() == name)
             .ok_or_else(|| OpError::not_found("service", name))
@@ -56,53 +71,105 @@ impl Engine {
             .map_err(|e| OpError::internal("failed to save the service", e))
     }
 
-    /// Reads the record afresh, changes it and writes it back, under the
-    /// record lock: what a change recorded meanwhile (a scale, an update, a
-    /// removal) is kept. Returns the record as written.
-    async fn edit_service(
+    /// Reads the record afresh, lets `change` edit it (or refuse, changing
+    /// nothing) and writes it back, under the record lock (in a cluster:
+    /// a compare-and-swap, tried again on a fresh read): what a change
+    /// recorded meanwhile (a scale, an update, a removal) is kept. Returns
+    /// the record as written.
+    async fn try_edit_service(
         &self,
         name: &str,
-        change: impl FnOnce(&mut ServiceRecord),
+        mut change: impl FnMut(&mut ServiceRecord) -> Result<(), OpError> + Send,
     ) -> Result<ServiceRecord, OpError> {
+        if let Some(cluster) = self.services_cluster() {
+            return cluster.edit_record(name, &mut change).await;
+        }
         let _op = self.service_op.lock().await;
-        let mut record = self.service_record(name)?;
-        change(&mut record);
+        let mut record = self.service_record(name).await?;
+        change(&mut record)?;
         self.save_service(&record)?;
         Ok(record)
     }
 
+    /// [`Self::try_edit_service`] with a change that cannot refuse.
+    async fn edit_service(
+        &self,
+        name: &str,
+        mut change: impl FnMut(&mut ServiceRecord) + Send,
+    ) -> Result<ServiceRecord, OpError> {
+        self.try_edit_service(name, |r| {
+            change(r);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_service_record(&self, name: &str) -> Result<(), OpError> {
+        match self.services_cluster() {
+            Some(cluster) => cluster.delete_record(name).await,
+            None => self
+                .store
+                .delete_service(name)
+                .map_err(|e| OpError::internal("failed to remove the service's record", e)),
+        }
+    }
+
     /// A service's record for a change: refused while it is being removed.
-    /// Call under the record lock.
-    fn changeable_service(&self, name: &str) -> Result<ServiceRecord, OpError> {
-        let record = self.service_record(name)?;
+    fn changeable(record: &ServiceRecord) -> Result<(), OpError> {
         if record.removing {
             return Err(OpError::conflict(format!(
-                "service {name} is being removed"
+                "service {} is being removed",
+                record.spec.name
             )));
         }
-        Ok(record)
+        Ok(())
+    }
+
+    /// An instance of a service (a member or its balancer), wherever it
+    /// runs in a cluster.
+    async fn service_instance(&self, name: &str) -> Result<Instance, OpError> {
+        match self.services_cluster() {
+            Some(cluster) => cluster.instance(name).await,
+            None => self.get(name),
+        }
+    }
+
+    /// Every instance services may have, by name: this host's, or the
+    /// cluster's.
+    async fn service_instances(&self) -> BTreeMap<String, Instance> {
+        let list = match self.services_cluster() {
+            Some(cluster) => cluster.instances().await,
+            None => self.list(),
+        };
+        list.into_iter()
+            .map(|i| (i.spec.name.to_string(), i))
+            .collect()
+    }
+
+    async fn run_service_instance(self: &Arc<Self>, req: RunRequest) -> Result<Instance, OpError> {
+        match self.services_cluster() {
+            Some(cluster) => cluster.run(req).await,
+            None => self.run(req).await,
+        }
+    }
+
+    async fn remove_service_instance(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
+        match self.services_cluster() {
+            Some(cluster) => cluster.remove(name, true).await,
+            None => self.remove(name, true).await,
+        }
     }
 
     /// Every service, as the API shows them.
-    pub fn services(&self) -> Result<Vec<Service>, OpError> {
-        let records = self
-            .store
-            .services()
-            .map_err(|e| OpError::internal("failed to read the services", e))?;
-        let instances = self.instances_by_name();
+    pub async fn services(&self) -> Result<Vec<Service>, OpError> {
+        let records = self.service_records().await?;
+        let instances = self.service_instances().await;
         Ok(records.iter().map(|r| self.shown(r, &instances)).collect())
     }
 
-    pub fn service(&self, name: &str) -> Result<Service, OpError> {
-        let record = self.service_record(name)?;
-        Ok(self.shown(&record, &self.instances_by_name()))
-    }
-
-    fn instances_by_name(&self) -> BTreeMap<String, Instance> {
-        self.list()
-            .into_iter()
-            .map(|i| (i.spec.name.to_string(), i))
-            .collect()
+    pub async fn service(&self, name: &str) -> Result<Service, OpError> {
+        let record = self.service_record(name).await?;
+        Ok(self.shown(&record, &self.service_instances().await))
     }
 
     /// The network a service's members and balancer are on: its room's
@@ -139,21 +206,24 @@ impl Engine {
         // catalog images are built on first use, which takes minutes.
         self.check_service_image(&spec.image, spec.port).await?;
         self.resolve_image(BALANCER_IMAGE).await?;
+        self.check_in_cluster(&spec)?;
         {
+            // Locally, the record lock keeps two creates of one name apart;
+            // in a cluster, the record's creation does.
             let _op = self.service_op.lock().await;
-            if self.service_record(spec.name.as_str()).is_ok() {
+            if self.service_record(spec.name.as_str()).await.is_ok() {
                 return Err(OpError::new(
                     ErrorCode::AlreadyExists,
                     format!("service {} already exists", spec.name),
                 ));
             }
-            let instances = self.list();
+            let instances = self.service_instances().await;
             if let Some(taken) = instances
-                .iter()
+                .values()
                 .find(|i| i.spec.name == spec.name)
                 .or_else(|| {
                     instances
-                        .iter()
+                        .values()
                         .find(|i| is_service_name(spec.name.as_str(), i.spec.name.as_str()))
                 })
             {
@@ -176,7 +246,10 @@ impl Engine {
                 decisions: vec![],
                 created_at: now_secs(),
             };
-            self.save_service(&record)?;
+            match self.services_cluster() {
+                Some(cluster) => cluster.create_record(&record).await?,
+                None => self.save_service(&record)?,
+            }
             let (min, max) = spec.bounds();
             let mut event = NewEvent::new(
                 vroom_types::EventKind::Service,
@@ -194,7 +267,29 @@ impl Engine {
             self.emit(event);
         }
         self.kick_service(spec.name.as_str());
-        self.service(spec.name.as_str())
+        self.service(spec.name.as_str()).await
+    }
+
+    /// What a service in a cluster cannot have (yet): a room (rooms are
+    /// one host's), or a CPU target (the balancer's node sees only its own
+    /// members' CPU).
+    fn check_in_cluster(&self, spec: &ServiceDefinition) -> Result<(), OpError> {
+        if self.services_cluster().is_none() {
+            return Ok(());
+        }
+        if spec.room.is_some() {
+            return Err(OpError::new(
+                ErrorCode::InvalidService,
+                "a service in a cluster is on a network (--net), not in a room: rooms are one host's",
+            ));
+        }
+        if let Some(ScaleTarget::CpuPercent(_)) = spec.scale_on {
+            return Err(OpError::new(
+                ErrorCode::InvalidService,
+                "a service in a cluster scales on its latency (--slo), not on CPU: one node sees only its own members' CPU",
+            ));
+        }
+        Ok(())
     }
 
     /// An image a service's members can be made of: it exists (catalog
@@ -222,26 +317,28 @@ impl Engine {
         name: &str,
         req: ServiceScaleRequest,
     ) -> Result<Service, OpError> {
-        {
-            let _op = self.service_op.lock().await;
-            let mut record = self.changeable_service(name)?;
-            let from = record.desired();
-            let scaled = scaled(&record, &req)?;
-            record.spec.replicas = scaled.0;
-            record.spec.max_replicas = scaled.1;
-            record.desired = Some(scaled.2);
-            self.save_service(&record)?;
-            let mut event = NewEvent::new(vroom_types::EventKind::Service, "scaled", name)
-                .detail("from", from)
-                .detail("to", record.desired());
-            if record.spec.max_replicas.is_some() {
-                let (min, max) = record.spec.bounds();
-                event = event.detail("min", min).detail("max", max);
-            }
-            self.emit(event);
+        let mut from = 0;
+        let record = self
+            .try_edit_service(name, |record| {
+                Self::changeable(record)?;
+                from = record.desired();
+                let scaled = scaled(record, &req)?;
+                record.spec.replicas = scaled.0;
+                record.spec.max_replicas = scaled.1;
+                record.desired = Some(scaled.2);
+                Ok(())
+            })
+            .await?;
+        let mut event = NewEvent::new(vroom_types::EventKind::Service, "scaled", name)
+            .detail("from", from)
+            .detail("to", record.desired());
+        if record.spec.max_replicas.is_some() {
+            let (min, max) = record.spec.bounds();
+            event = event.detail("min", min).detail("max", max);
         }
+        self.emit(event);
         self.kick_service(name);
-        self.service(name)
+        self.service(name).await
     }
 
     /// Starts a rolling update to `image`: new members come up one at a
@@ -255,16 +352,16 @@ impl Engine {
         // The image is checked before the record lock (a catalog image is
         // built on first use); the port it was checked for must still be
         // the service's under the lock.
-        let port = self.service_record(name)?.spec.port;
+        let port = self.service_record(name).await?.spec.port;
         self.check_service_image(image, port).await.map_err(|e| {
             OpError::new(
                 e.code,
                 format!("cannot update service {name}: {}", e.message),
             )
         })?;
-        {
-            let _op = self.service_op.lock().await;
-            let mut record = self.changeable_service(name)?;
+        let mut from = String::new();
+        self.try_edit_service(name, |record| {
+            Self::changeable(record)?;
             if record.spec.port != port {
                 return Err(OpError::conflict(format!(
                     "service {name} changed its port meanwhile; update it again"
@@ -282,33 +379,30 @@ impl Engine {
                     format!("service {name} already runs {image}"),
                 ));
             }
-            let from = std::mem::replace(&mut record.spec.image, image.to_string());
+            from = std::mem::replace(&mut record.spec.image, image.to_string());
             record.update = Some(ServiceUpdate {
                 from: from.clone(),
                 to: image.to_string(),
                 started_at: now_secs(),
                 rolling_back: None,
             });
-            self.save_service(&record)?;
-            self.emit(
-                NewEvent::new(vroom_types::EventKind::Service, "updating", name)
-                    .detail("from", from)
-                    .detail("to", image),
-            );
-        }
+            Ok(())
+        })
+        .await?;
+        self.emit(
+            NewEvent::new(vroom_types::EventKind::Service, "updating", name)
+                .detail("from", from)
+                .detail("to", image),
+        );
         self.kick_service(name);
-        self.service(name)
+        self.service(name).await
     }
 
     /// Marks a service removed; vroomd then removes its members, its
     /// balancer, then its record.
     pub async fn remove_service(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        {
-            let _op = self.service_op.lock().await;
-            let mut record = self.service_record(name)?;
-            record.removing = true;
-            self.save_service(&record)?;
-        }
+        self.edit_service(name, |record| record.removing = true)
+            .await?;
         self.kick_service(name);
         Ok(())
     }
@@ -479,6 +573,32 @@ fn check_definition(spec: &ServiceDefinition) -> Result<(), OpError> {
     }
 }
 
+impl Engine {
+    /// Where a service's instance goes in a cluster: its balancer on this
+    /// node (which keeps the service from then on), failing over from a
+    /// warm standby; its members spread over the nodes, each restarted
+    /// elsewhere if its node is lost.
+    fn placed(&self, mut req: RunRequest, service: &Name, balancer: bool) -> RunRequest {
+        let Some(cluster) = self.services_cluster() else {
+            return req;
+        };
+        req.placement = if balancer {
+            vroom_types::Placement {
+                ha: vroom_types::HaPolicy::Standby,
+                spread: None,
+                node: Name::new(&cluster.node_name()).ok(),
+            }
+        } else {
+            vroom_types::Placement {
+                ha: vroom_types::HaPolicy::Restart,
+                spread: Some(service.clone()),
+                node: None,
+            }
+        };
+        req
+    }
+}
+
 /// An instance of a service: a member of `image`, or its balancer.
 fn member_request(network: &Name, name: &Name, image: &str) -> RunRequest {
     RunRequest {
@@ -567,7 +687,7 @@ mod tests {
     /// still be running: passes take turns).
     async fn settle(t: &TestEngine) -> Service {
         t.engine.converge_service("shop").await.unwrap();
-        t.engine.service("shop").unwrap()
+        t.engine.service("shop").await.unwrap()
     }
 
     fn backends(t: &TestEngine) -> Vec<String> {
@@ -581,10 +701,10 @@ mod tests {
         b
     }
 
-    fn member_backends(t: &TestEngine) -> Vec<String> {
+    async fn member_backends(t: &TestEngine) -> Vec<String> {
         let mut b: Vec<String> = t
             .engine
-            .service("shop")
+            .service("shop").await
             .unwrap()
             .members
             .iter()
@@ -613,7 +733,7 @@ mod tests {
         assert_eq!(names(&shown), ["shop-1", "shop-2"]);
         assert_eq!(shown.ready, 2, "{shown:?}");
         assert!(shown.address.is_some());
-        assert_eq!(backends(&t), member_backends(&t));
+        assert_eq!(backends(&t), member_backends(&t).await);
         assert_eq!(t.engine.get("shop-lb").unwrap().config["port"], "8080");
 
         t.engine.scale_service("shop", to(3)).await.unwrap();
@@ -624,12 +744,12 @@ mod tests {
         let down = settle(&t).await;
         assert_eq!(names(&down), ["shop-1"]);
         assert!(t.engine.get("shop-3").is_err() && t.engine.get("shop-2").is_err());
-        assert_eq!(backends(&t), member_backends(&t));
+        assert_eq!(backends(&t), member_backends(&t).await);
 
         t.engine.remove_service("shop").await.unwrap();
         t.engine.converge_service("shop").await.unwrap();
         assert!(t.engine.list().is_empty(), "{:?}", t.engine.list());
-        assert!(t.engine.services().unwrap().is_empty());
+        assert!(t.engine.services().await.unwrap().is_empty());
     }
 
     /// A member that fails leaves the balancer and is replaced by a new
@@ -655,11 +775,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         t.engine.converge_service("shop").await.unwrap();
-        let shown = t.engine.service("shop").unwrap();
+        let shown = t.engine.service("shop").await.unwrap();
         assert_eq!(names(&shown), ["shop-1", "shop-3"], "{shown:?}");
         assert!(t.engine.get("shop-2").is_err(), "the failed member is gone");
         assert_eq!(shown.ready, 2);
-        assert_eq!(backends(&t), member_backends(&t));
+        assert_eq!(backends(&t), member_backends(&t).await);
     }
 
     /// A failed balancer (here: it died while booting; or its restart
@@ -682,7 +802,7 @@ mod tests {
         let lb = t.engine.get("shop-lb").unwrap();
         assert_eq!(lb.status.state, InstanceState::Running);
         assert_eq!(shown.ready, 2, "{shown:?}");
-        assert_eq!(backends(&t), member_backends(&t));
+        assert_eq!(backends(&t), member_backends(&t).await);
     }
 
     /// A daemon killed after a member was named, before it was made: the
@@ -698,7 +818,7 @@ mod tests {
         // What a kill leaves: the record names shop-3, with no instance
         // yet; shop-1 was leaving, out of the balancer, and its instance
         // was removed.
-        let mut record = t.engine.service_record("shop").unwrap();
+        let mut record = t.engine.service_record("shop").await.unwrap();
         record.desired = Some(2);
         record.members.push(MemberRecord {
             name: member_name(&record.spec.name, 3),
@@ -715,17 +835,17 @@ mod tests {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         engine.recover().await.unwrap();
         engine.converge_service("shop").await.unwrap();
-        let shown = engine.service("shop").unwrap();
+        let shown = engine.service("shop").await.unwrap();
         assert_eq!(names(&shown), ["shop-2", "shop-3"], "{shown:?}");
         assert_eq!(shown.ready, 2, "{shown:?}");
         assert!(engine.get("shop-1").is_err());
 
-        let mut record = engine.service_record("shop").unwrap();
+        let mut record = engine.service_record("shop").await.unwrap();
         record.removing = true;
         engine.save_service(&record).unwrap();
         engine.converge_service("shop").await.unwrap();
         assert!(engine.list().is_empty());
-        assert!(engine.services().unwrap().is_empty());
+        assert!(engine.services().await.unwrap().is_empty());
     }
 
     /// A scale recorded while a pass is starting members is kept: the
@@ -791,7 +911,7 @@ mod tests {
             assert!(passes < 20, "{shown:?}");
         }
         assert!(t.engine.get("shop-1").is_err() && t.engine.get("shop-2").is_err());
-        assert_eq!(t.engine.service("shop").unwrap().spec.image, "hello2");
+        assert_eq!(t.engine.service("shop").await.unwrap().spec.image, "hello2");
         let err = t.engine.update_service("shop", "hello2").await.unwrap_err();
         assert!(err.message.contains("already runs hello2"), "{err}");
         let err = t.engine.update_service("shop", "nope").await.unwrap_err();
@@ -813,7 +933,7 @@ mod tests {
         t.engine.update_service("shop", "hello2").await.unwrap();
         let _ = t.engine.converge_service("shop").await;
         t.driver.set_behavior(GuestBehavior::Ready);
-        let mut shown = t.engine.service("shop").unwrap();
+        let mut shown = t.engine.service("shop").await.unwrap();
         for _ in 0..10 {
             if shown.update.is_none() {
                 break;
@@ -890,7 +1010,7 @@ mod tests {
             let err = t.engine.scale_service("shop", req).await.unwrap_err();
             assert!(err.message.contains(says), "{says}: {err}");
         }
-        assert_eq!(t.engine.service("shop").unwrap().spec.bounds(), (1, 2));
+        assert_eq!(t.engine.service("shop").await.unwrap().spec.bounds(), (1, 2));
     }
 
     /// Bad definitions are refused before anything is made.
@@ -1008,7 +1128,7 @@ mod tests {
             assert!(err.contains(says), "{says}: {err}");
         }
         assert_eq!(t.engine.list().len(), before);
-        assert!(t.engine.services().unwrap().is_empty());
+        assert!(t.engine.services().await.unwrap().is_empty());
         t.engine.create_service(web(shop(1))).await.unwrap();
         let err = t
             .engine

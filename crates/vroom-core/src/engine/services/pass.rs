@@ -56,6 +56,9 @@ const UNHEALTHY_FOR: Duration = Duration::from_secs(3);
 /// is not rolls the update back.
 const UPDATE_READY_SECS: u64 = 30;
 
+/// How long a pass waits for an instance it made to start (or fail).
+const SETTLE_WITHIN: Duration = Duration::from_secs(300);
+
 /// The balancer's counters, from inside it (its stats port is not
 /// reachable from the host on every network). The exec's own timeout
 /// bounds it: Debian's static busybox wget crashes with `-T`.
@@ -96,7 +99,7 @@ impl Engine {
                 let Some(engine) = engine.upgrade() else {
                     return;
                 };
-                let names: Vec<String> = match engine.store.services() {
+                let names: Vec<String> = match engine.service_records().await {
                     Ok(records) => records
                         .into_iter()
                         .map(|r| r.spec.name.to_string())
@@ -142,7 +145,7 @@ impl Engine {
     }
 
     async fn pass(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        let record = match self.service_record(name) {
+        let record = match self.service_record(name).await {
             Ok(record) => record,
             // Removed meanwhile.
             Err(e) if e.code == ErrorCode::NotFound => {
@@ -151,21 +154,30 @@ impl Engine {
             }
             Err(e) => return Err(e),
         };
+        let balancer = balancer_name(&record.spec.name);
+        if let Some(cluster) = self.services_cluster() {
+            // In a cluster, the node that runs the balancer keeps the
+            // service (the leader while there is none).
+            if !cluster.keeps_service(balancer.as_str()) {
+                return Ok(());
+            }
+        }
         if record.removing {
             return self.finish_service_removal(record).await;
         }
         let network = self.service_network(&record.spec)?;
-        let balancer = balancer_name(&record.spec.name);
-        if self
-            .get(balancer.as_str())
-            .is_ok_and(|b| b.status.state == InstanceState::Failed)
+        let found = self.service_instance(balancer.as_str()).await;
+        if let Some(failed) = found
+            .as_ref()
+            .ok()
+            .filter(|b| b.status.state == InstanceState::Failed)
         {
             // Its restart policy gave up on it: a new one (the service's
             // address may change).
-            let why = self
-                .get(balancer.as_str())
-                .ok()
-                .and_then(|b| b.status.last_error)
+            let why = failed
+                .status
+                .last_error
+                .clone()
                 .unwrap_or_else(|| "it failed".into());
             self.remove_gone_or(&balancer).await?;
             self.emit(
@@ -174,21 +186,25 @@ impl Engine {
                     .message(format!("balancer {balancer} failed: {why}")),
             );
         }
-        if self.get(balancer.as_str()).is_err() {
-            self.run(member_request(&network, &balancer, BALANCER_IMAGE))
-                .await?;
+        if self.service_instance(balancer.as_str()).await.is_err() {
+            let req = self.placed(
+                member_request(&network, &balancer, BALANCER_IMAGE),
+                &record.spec.name,
+                true,
+            );
+            self.run_service_instance(req).await?;
         }
         self.settled(&balancer).await?;
         self.check_update(name).await?;
         self.replace_failed(name).await?;
         self.autoscale(name).await?;
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
         if record.update.is_some() {
             self.step_update(name).await?;
         } else {
             self.size_members(name).await?;
         }
-        self.warm_members_image(&self.service_record(name)?.spec)
+        self.warm_members_image(&self.service_record(name).await?.spec)
             .await;
         self.make_missing(name, &network).await
     }
@@ -198,7 +214,9 @@ impl Engine {
     /// are warm starts. Once per image and daemon: a warming that fails is
     /// not tried again (the members boot).
     async fn warm_members_image(self: &Arc<Self>, spec: &ServiceDefinition) {
-        if !spec.warm {
+        // In a cluster the members start on other nodes, which warm
+        // their own images.
+        if !spec.warm || self.services_cluster().is_some() {
             return;
         }
         let Ok(id) = self.resolve_image_id(&spec.image).await else {
@@ -236,12 +254,7 @@ impl Engine {
         }
         self.remove_gone_or(&balancer_name(&record.spec.name))
             .await?;
-        {
-            let _op = self.service_op.lock().await;
-            self.store
-                .delete_service(&name)
-                .map_err(|e| OpError::internal("failed to remove the service", e))?;
-        }
+        self.delete_service_record(&name).await?;
         self.service_scalers.lock_unpoisoned().remove(&name);
         self.service_passes.lock_unpoisoned().remove(&name);
         self.emit(NewEvent::new(
@@ -274,7 +287,7 @@ impl Engine {
                 }
             })
             .await?;
-        let instances = self.instances_by_name();
+        let instances = self.service_instances().await;
         let servers: Vec<String> = members
             .iter()
             .filter_map(|m| instances.get(m.as_str()))
@@ -317,8 +330,8 @@ impl Engine {
     /// Members whose instance failed, or has failed its health check for a
     /// while, leave and are replaced (a new name: numbers are never reused).
     async fn replace_failed(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        let record = self.service_record(name)?;
-        let instances = self.instances_by_name();
+        let record = self.service_record(name).await?;
+        let instances = self.service_instances().await;
         let now = Instant::now();
         // Removals a daemon left half done.
         let leaving: Vec<Name> = record
@@ -405,7 +418,7 @@ impl Engine {
 
     /// Reads the balancer and the members, and lets the autoscaler decide.
     async fn autoscale(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
         let Some(target) = record.spec.scale_on else {
             return Ok(());
         };
@@ -425,7 +438,7 @@ impl Engine {
                 None
             }
         };
-        let instances = self.instances_by_name();
+        let instances = self.service_instances().await;
         let cpu: BTreeMap<String, f64> = record
             .members
             .iter()
@@ -597,14 +610,14 @@ impl Engine {
     /// Rolls an update back when one of its new members failed (it never
     /// became ready, or failed since).
     async fn check_update(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
         let Some(update) = &record.update else {
             return Ok(());
         };
         if update.rolling_back.is_some() {
             return Ok(());
         }
-        let instances = self.instances_by_name();
+        let instances = self.service_instances().await;
         let failed = record
             .members
             .iter()
@@ -653,7 +666,7 @@ impl Engine {
     /// back, the new members go; the service then grows back on the old
     /// image.
     async fn step_update(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
         let Some(update) = record.update.clone() else {
             return Ok(());
         };
@@ -688,7 +701,7 @@ impl Engine {
             );
             return self.size_members(name).await;
         }
-        let instances = self.instances_by_name();
+        let instances = self.service_instances().await;
         let backends =
             configured_backends(instances.get(balancer_name(&record.spec.name).as_str()));
         let new_up = live.iter().filter(|m| m.image == update.to).all(|m| {
@@ -716,7 +729,7 @@ impl Engine {
     /// newest leave first.
     async fn size_members(self: &Arc<Self>, name: &str) -> Result<(), OpError> {
         loop {
-            let record = self.service_record(name)?;
+            let record = self.service_record(name).await?;
             let live: Vec<&MemberRecord> = record.members.iter().filter(|m| !m.leaving).collect();
             let desired = record.desired() as usize;
             if live.len() > desired {
@@ -761,24 +774,29 @@ impl Engine {
     /// by side: a scale-out takes about one start), then sets the
     /// balancer's backends to the members that are up.
     async fn make_missing(self: &Arc<Self>, name: &str, network: &Name) -> Result<(), OpError> {
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
+        let instances = self.service_instances().await;
         let missing: Vec<MemberRecord> = record
             .members
             .iter()
-            .filter(|m| !m.leaving && self.get(m.name.as_str()).is_err())
+            .filter(|m| !m.leaving && !instances.contains_key(m.name.as_str()))
             .cloned()
             .collect();
         let updating_to = record.update.as_ref().map(|u| u.to.clone());
         let mut making = tokio::task::JoinSet::new();
         for member in missing.into_iter().take(MAX_STARTING) {
             let engine = self.clone();
-            let mut req = member_request(network, &member.name, &member.image);
+            let mut req = self.placed(
+                member_request(network, &member.name, &member.image),
+                &record.spec.name,
+                false,
+            );
             req.cold = !record.spec.warm;
             if updating_to.as_deref() == Some(member.image.as_str()) {
                 req.ready_timeout_secs = Some(UPDATE_READY_SECS);
             }
             making.spawn(async move {
-                let made = match engine.run(req).await {
+                let made = match engine.run_service_instance(req).await {
                     Ok(_) => engine.settled(&member.name).await.map(|_| ()),
                     Err(e) => Err(e),
                 };
@@ -806,7 +824,7 @@ impl Engine {
                 .await?;
             first_error.get_or_insert(e);
         }
-        let record = self.service_record(name)?;
+        let record = self.service_record(name).await?;
         self.set_backends(&record).await?;
         match first_error {
             Some(e) => Err(e),
@@ -822,7 +840,7 @@ impl Engine {
     async fn set_backends(&self, record: &ServiceRecord) -> Result<bool, OpError> {
         let spec = &record.spec;
         let balancer = balancer_name(&spec.name);
-        let instances = self.instances_by_name();
+        let instances = self.service_instances().await;
         let backends = record
             .members
             .iter()
@@ -855,13 +873,22 @@ impl Engine {
     /// is running, stopped or failed. Bounded by its own ready timeout,
     /// after which the engine fails it.
     async fn settled(&self, name: &Name) -> Result<vroom_types::Instance, OpError> {
+        let started = Instant::now();
         loop {
-            let instance = self.get(name.as_str())?;
+            let instance = self.service_instance(name.as_str()).await?;
             if matches!(
                 instance.status.state,
                 InstanceState::Running | InstanceState::Stopped | InstanceState::Failed
             ) {
                 return Ok(instance);
+            }
+            // A cluster instance that no node takes (none has room) fails
+            // no ready timeout: the pass gives up on it and tries again.
+            if started.elapsed() > SETTLE_WITHIN {
+                return Err(OpError::new(
+                    ErrorCode::Timeout,
+                    format!("{name} did not start within {} s", SETTLE_WITHIN.as_secs()),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -869,7 +896,7 @@ impl Engine {
 
     /// Removes instance `name` (stopping it), or nothing if it is gone.
     async fn remove_gone_or(self: &Arc<Self>, name: &Name) -> Result<(), OpError> {
-        match self.remove(name.as_str(), true).await {
+        match self.remove_service_instance(name.as_str()).await {
             Err(e) if e.code == ErrorCode::NotFound => Ok(()),
             other => other,
         }

@@ -299,7 +299,7 @@ impl Engine {
     /// is an update's); vroomd then brings it there.
     async fn reshape_service(self: &Arc<Self>, want: ServiceDefinition) -> Result<(), OpError> {
         let name = want.name.to_string();
-        let before = self.service_record(&name)?;
+        let before = self.service_record(&name).await?;
         let record = self
             .edit_service(&name, |r| {
                 let desired = r.desired();
@@ -340,7 +340,7 @@ impl Engine {
             self.converge_service(name.as_str())
                 .await
                 .map_err(|e| e.context(&context))?;
-            let service = self.service(name.as_str())?;
+            let service = self.service(name.as_str()).await?;
             if service.converged() {
                 if service.spec.image != image {
                     return Err(OpError::conflict(format!(
