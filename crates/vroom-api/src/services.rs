@@ -6,8 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use vroom_types::{
-    ApiErrorBody, Name, Service, ServiceDefinition, ServiceScaleRequest,
-    ServiceUpdateRequest,
+    ApiErrorBody, Name, Service, ServiceDefinition, ServiceScaleRequest, ServiceUpdateRequest,
 };
 
 use crate::replies::{BodyErrors, HostErrors, PathErrors};

@@ -325,6 +325,20 @@ pub struct ServiceRecord {
 }
 
 impl ServiceRecord {
+    /// A new service's record: no members yet.
+    pub fn new(spec: ServiceDefinition, created_at: u64) -> ServiceRecord {
+        ServiceRecord {
+            spec,
+            members: vec![],
+            next: 1,
+            desired: None,
+            removing: false,
+            update: None,
+            decisions: vec![],
+            created_at,
+        }
+    }
+
     /// How many members it should have now.
     pub fn desired(&self) -> u32 {
         let (min, max) = self.spec.bounds();

@@ -2350,3 +2350,127 @@ fn a_replicated_volume_moves_to_a_node_without_a_copy() {
     lab.ok(0, &["node", "uncordon", names[other]]);
     lab.ok(0, &["node", "uncordon", names[on]]);
 }
+
+/// What `service inspect` says of `name` on node `i`.
+fn service_of(lab: &Lab, i: usize, name: &str) -> serde_json::Value {
+    serde_json::from_str(&lab.ok(i, &["--json", "service", "inspect", name])).unwrap()
+}
+
+/// The node each of `service`'s members runs on, as node `i` sees them.
+fn member_nodes(lab: &Lab, i: usize, service: &serde_json::Value) -> Vec<String> {
+    let ps: serde_json::Value = serde_json::from_str(&lab.ok(i, &["--json", "ps"])).unwrap();
+    let members: Vec<&str> = service["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    let mut nodes: Vec<String> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| members.contains(&p["spec"]["name"].as_str().unwrap_or_default()))
+        .map(|p| p["node"].as_str().unwrap_or_default().to_string())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// A service in a cluster: its record is the cluster's (seen and changed
+/// from either node), its members spread over the nodes, and it survives
+/// the power loss of the node that runs its balancer and one member: the
+/// balancer fails over, the lost member comes back on the other node, and
+/// the service serves at strength. Removed from the survivor, nothing of
+/// it is left.
+#[test]
+fn a_service_spreads_over_the_nodes_and_outlives_one() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    lab.ok(0, &["net", "create", "lan"]);
+    let out = lab.ok(
+        0,
+        &[
+            "service",
+            "create",
+            "web",
+            "--image",
+            "hello",
+            "--replicas",
+            "2",
+            "--net",
+            "lan",
+        ],
+    );
+    assert!(out.contains("2 of 2 members ready"), "{out}");
+    // Asked on n2, the same service.
+    let web = service_of(&lab, 1, "web");
+    let address = web["address"].as_str().expect("an address").to_string();
+    assert_eq!(
+        member_nodes(&lab, 1, &web),
+        ["n1", "n2"],
+        "the members spread: {web}"
+    );
+    assert!(
+        lab.runs(0, "web-lb").is_some(),
+        "the balancer runs where the service was made"
+    );
+    let page = lab.page_from(0, &address).unwrap_or_default();
+    assert!(page.contains("Hello from vroom"), "{page}");
+    // Refused in a cluster, and nothing made.
+    let err = lab.fail(
+        1,
+        &[
+            "service",
+            "create",
+            "cpu",
+            "--image",
+            "hello",
+            "--replicas",
+            "1..2",
+            "--target-cpu",
+            "60%",
+            "--net",
+            "lan",
+        ],
+    );
+    assert!(err.contains("not on CPU"), "{err}");
+
+    // n1 (the balancer and one member) loses power: both come back on n2.
+    lab.power_loss(0);
+    let took = failed_over(&lab, 1, "web-lb", &address, Duration::from_secs(90));
+    eprintln!("the balancer answered from n2 after {took:?}");
+    let back = poll(Duration::from_secs(90), || {
+        let web = service_of(&lab, 1, "web");
+        (web["ready"] == 2 && member_nodes(&lab, 1, &web) == ["n2", "n2"]).then_some(web)
+    });
+    assert!(
+        back.is_some(),
+        "web is not back at strength on n2: {}\n--- n2:\n{}",
+        service_of(&lab, 1, "web"),
+        lab.log(1)
+    );
+    for _ in 0..4 {
+        let page = lab.page_from(1, &address).unwrap_or_default();
+        assert!(page.contains("Hello from vroom"), "{page}");
+    }
+
+    // Scaled and removed from the survivor.
+    lab.ok(1, &["service", "scale", "web", "3"]);
+    let three = poll(Duration::from_secs(90), || {
+        (service_of(&lab, 1, "web")["ready"] == 3).then_some(())
+    });
+    assert!(three.is_some(), "{}", service_of(&lab, 1, "web"));
+    lab.ok(1, &["service", "rm", "web"]);
+    let gone = poll(Duration::from_secs(60), || {
+        let ps = lab.ok(1, &["--json", "ps"]);
+        (!ps.contains("\"web-")
+            && lab.vroom(1, &["service", "inspect", "web"]).status.code() != Some(0))
+        .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "web is not gone: {}\n--- n2:\n{}",
+        lab.ok(1, &["ps"]),
+        lab.log(1)
+    );
+}

@@ -853,6 +853,7 @@ async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
 
 mod moving;
 mod peers;
+mod services;
 
 /// A pass whose view was read before a replicated volume's record was
 /// written leaves the new copy alone (it was removed 5 ms after its

@@ -32,8 +32,8 @@ use vroom_types::{
 };
 
 use super::{now_secs, Engine};
-use crate::events::NewEvent;
 use crate::cluster::ClusterServices;
+use crate::events::NewEvent;
 use crate::OpError;
 
 pub use scaler::Scaler;
@@ -236,16 +236,7 @@ impl Engine {
                 ));
             }
             self.service_network(&spec)?;
-            let record = ServiceRecord {
-                spec: spec.clone(),
-                members: vec![],
-                next: 1,
-                desired: None,
-                removing: false,
-                update: None,
-                decisions: vec![],
-                created_at: now_secs(),
-            };
+            let record = ServiceRecord::new(spec.clone(), now_secs());
             match self.services_cluster() {
                 Some(cluster) => cluster.create_record(&record).await?,
                 None => self.save_service(&record)?,
@@ -704,7 +695,8 @@ mod tests {
     async fn member_backends(t: &TestEngine) -> Vec<String> {
         let mut b: Vec<String> = t
             .engine
-            .service("shop").await
+            .service("shop")
+            .await
             .unwrap()
             .members
             .iter()
@@ -1010,7 +1002,10 @@ mod tests {
             let err = t.engine.scale_service("shop", req).await.unwrap_err();
             assert!(err.message.contains(says), "{says}: {err}");
         }
-        assert_eq!(t.engine.service("shop").await.unwrap().spec.bounds(), (1, 2));
+        assert_eq!(
+            t.engine.service("shop").await.unwrap().spec.bounds(),
+            (1, 2)
+        );
     }
 
     /// Bad definitions are refused before anything is made.
