@@ -11,6 +11,15 @@
 //!   scale-in from 3 to 1 and during a rolling update to a second image of
 //!   the same recipe with another version (the goal is 0).
 //!
+//! - SLO breach to SLO restored: a service of `bench-work` (hello whose
+//!   `/cgi-bin/work` takes 100 ms, one request at a time per member, so more
+//!   members serve more whatever the host's CPU) with `p95<300ms` and 1..4
+//!   members, under one connection, then four (each request waits for three
+//!   others: 400 ms); seconds from the step until the service shows the p95
+//!   under the target again with every member it wants balanced. Members
+//!   boot cold (the service made `--cold`: the baseline) against warm
+//!   starts, run alternately.
+//!
 //! The load runs from the host on the service's own network; the bench
 //! starts vroomd for the data dir if none answers. For the cold baseline
 //! it removes web's warm snapshot (a service starts its members warm
@@ -33,6 +42,10 @@ use crate::stats::median;
 const IMAGE: &str = "web";
 /// The second version of `web` that the rolling update moves to.
 const IMAGE_V2: &str = "web-v2";
+/// hello with a page that takes 100 ms, one request at a time.
+const WORK: &str = "bench-work";
+/// The breach bench's latency target.
+const TARGET_MS: u32 = 300;
 
 pub async fn service(data_dir: &Path, runs: usize, secs: u32) -> Result<()> {
     if runs == 0 || secs == 0 {
@@ -44,13 +57,17 @@ pub async fn service(data_dir: &Path, runs: usize, secs: u32) -> Result<()> {
         vroom::session::build_from_catalog_if_missing(&client, image, true).await?;
     }
     build_v2(&client).await?;
+    build_work(&client).await?;
     let tag = std::process::id() % 10000;
     let net = format!("bsv{tag}");
     let name = format!("bsv{tag}");
     client
         .create_network(&NetworkSpec::plain(Name::new(&net)?))
         .await?;
-    let result = measure(&client, &net, &name, runs, secs).await;
+    let mut result = measure(&client, &net, &name, runs, secs).await;
+    if result.is_ok() {
+        result = breaches(&client, &net, &name, runs).await;
+    }
     if client.remove_service(&name).await.is_ok() {
         let _ = vroom::session::service_gone(&client, &name).await;
     }
@@ -86,6 +103,146 @@ async fn build_v2(client: &Client) -> Result<()> {
         .await
         .with_context(|| format!("cannot build {IMAGE_V2}"))?;
     Ok(())
+}
+
+/// `bench-work`: the catalog's hello, whose `/cgi-bin/work` takes 100 ms,
+/// one request at a time (a lock in the guest).
+async fn build_work(client: &Client) -> Result<()> {
+    if client.image(WORK).await.is_ok() {
+        return Ok(());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("vroom-bench-work")
+        .tempdir()?;
+    let recipe = vroom_image::write_bundled_recipe("hello", dir.path())
+        .context("the catalog has no hello recipe")??;
+    let text = std::fs::read_to_string(&recipe)?
+        .replacen("name = \"hello\"", &format!("name = \"{WORK}\""), 1)
+        .replacen("\"-h\", \"/run/www\"]", "\"-h\", \"/www\"]", 1);
+    let text = format!(
+        r#"{text}
+[[files]]
+path = "/www/cgi-bin/work"
+mode = "0755"
+content = """
+#!/bin/sh
+until /bin/busybox mkdir /run/work.lock 2>/dev/null; do /bin/busybox usleep 5000; done
+/bin/busybox usleep 100000
+/bin/busybox rmdir /run/work.lock
+printf 'Content-Type: text/plain\r\nContent-Length: 7\r\n\r\nworked\n'
+"""
+"#
+    );
+    std::fs::write(&recipe, text)?;
+    eprintln!("building {WORK} (hello with a page that takes 100 ms)...");
+    client
+        .build_image(dir.path(), false, None, |_, _| {})
+        .await
+        .with_context(|| format!("cannot build {WORK}"))?;
+    Ok(())
+}
+
+/// SLO breach to SLO restored, cold boots against warm starts, `runs`
+/// each, alternately.
+async fn breaches(client: &Client, net: &str, name: &str, runs: usize) -> Result<()> {
+    client.warm_image(WORK, &WarmRequest::default()).await?;
+    let (mut cold, mut warm) = (vec![], vec![]);
+    for round in 0..runs {
+        for warm_start in [false, true] {
+            let service = format!("{name}w{round}{}", u8::from(warm_start));
+            let took = breach(client, net, &service, warm_start).await;
+            if client.remove_service(&service).await.is_ok() {
+                let _ = vroom::session::service_gone(client, &service).await;
+            }
+            let took = took?;
+            eprintln!(
+                "breach to restored, {}: {took:.1} s",
+                if warm_start { "warm" } else { "cold" }
+            );
+            if warm_start { &mut warm } else { &mut cold }.push(took);
+        }
+    }
+    println!(
+        "SLO breach to SLO restored (p95<{TARGET_MS}ms, 1 -> 4 connections, members of 10 req/s; {runs} each, medians): cold boots {:.1} s, warm starts {:.1} s ({:.2}x)",
+        median(&cold),
+        median(&warm),
+        median(&cold) / median(&warm)
+    );
+    Ok(())
+}
+
+/// One breach: seconds from the step to four connections until the p95 is
+/// under the target with more than one member, all of them balanced.
+async fn breach(client: &Client, net: &str, name: &str, warm: bool) -> Result<f64> {
+    client
+        .create_service(&ServiceDefinition {
+            name: Name::new(name)?,
+            image: WORK.into(),
+            replicas: 1,
+            max_replicas: Some(4),
+            network: Some(Name::new(net)?),
+            room: None,
+            port: 80,
+            scale_on: Some(vroom_types::ScaleTarget::P95Ms(TARGET_MS)),
+            warm,
+        })
+        .await?;
+    let service = vroom::session::service_converged(client, name).await?;
+    let address = service.address.context("the service has no address")?;
+    let url = format!("http://{address}/cgi-bin/work");
+    // A calm start: one connection is within the target.
+    let calm = Wrk4::start(&url, 1)?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(calm);
+    let load = Wrk4::start(&url, 4)?;
+    let step = Instant::now();
+    loop {
+        let s = client.service(name).await?;
+        let under = s
+            .load
+            .as_ref()
+            .and_then(|l| l.p95_at_most_ms)
+            .is_some_and(|p| p <= TARGET_MS);
+        if under && s.ready > 1 && s.ready == s.desired {
+            drop(load);
+            return Ok(step.elapsed().as_secs_f64());
+        }
+        if step.elapsed() > Duration::from_secs(120) {
+            bail!("service {name} did not come back under p95<{TARGET_MS}ms within 120 s: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// wrk with `connections` (a new connection per request) until dropped.
+struct Wrk4(std::process::Child);
+
+impl Wrk4 {
+    fn start(url: &str, connections: u32) -> Result<Wrk4> {
+        let child = Command::new("wrk")
+            .args([
+                "-t1",
+                &format!("-c{connections}"),
+                "-d600s",
+                "--timeout",
+                "10s",
+                "-H",
+                "Connection: close",
+                url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot run wrk")?;
+        Ok(Wrk4(child))
+    }
+}
+
+impl Drop for Wrk4 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn measure(client: &Client, net: &str, name: &str, runs: usize, secs: u32) -> Result<()> {
