@@ -63,8 +63,8 @@ enum Bench {
     },
     /// A service of the web appliance: the balancer's overhead (wrk through
     /// it against straight at one member), scale-out 1 -> 3 with cold boots
-    /// against warm starts, and requests failed under wrk during a
-    /// scale-in and a rolling update.
+    /// against warm starts, requests failed under wrk during a scale-in and
+    /// a rolling update; then SLO breach to SLO restored, cold against warm.
     Service {
         /// Rounds of each measurement.
         #[arg(short = 'n', long, default_value_t = 3)]
@@ -72,6 +72,9 @@ enum Bench {
         /// Seconds of each wrk run of the overhead measurement.
         #[arg(long, default_value_t = 5)]
         secs: u32,
+        /// Only the SLO breach to SLO restored.
+        #[arg(long)]
+        breach_only: bool,
     },
     /// Cold boot-to-ready against warm-start-to-ready of the web appliance,
     /// snapshot time and size against guest memory, and clones per minute.
@@ -273,7 +276,11 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
             .await
         }
         Bench::Warm { runs } => warm::warm(data_dir, *runs).await,
-        Bench::Service { runs, secs } => service::service(data_dir, *runs, *secs).await,
+        Bench::Service {
+            runs,
+            secs,
+            breach_only,
+        } => service::service(data_dir, *runs, *secs, *breach_only).await,
         Bench::Import { runs } => import::import(data_dir, *runs).await,
         Bench::Qemu { runs, migrations } => qemu::qemu(data_dir, *runs, *migrations).await,
         Bench::Failover { runs } => failover::failover(*runs).await,

@@ -187,14 +187,28 @@ impl Engine {
             );
         }
         if self.service_instance(balancer.as_str()).await.is_err() {
-            let req = self.placed(
+            let mut req = self.placed(
                 member_request(&network, &balancer, BALANCER_IMAGE),
                 &record.spec.name,
                 true,
             );
-            self.run_service_instance(req).await?;
+            match self.run_service_instance(req.clone()).await {
+                // This node cannot take it (cordoned): another node can,
+                // and keeps the service from then on.
+                Err(e) if e.code == ErrorCode::Conflict && req.placement.node.is_some() => {
+                    req.placement.node = None;
+                    self.run_service_instance(req).await?;
+                }
+                other => drop(other?),
+            }
         }
         self.settled(&balancer).await?;
+        if let Some(cluster) = self.services_cluster() {
+            // The balancer's node keeps the service; its passes go on.
+            if !cluster.keeps_service(balancer.as_str()) {
+                return Ok(());
+            }
+        }
         self.check_update(name).await?;
         self.replace_failed(name).await?;
         self.autoscale(name).await?;
