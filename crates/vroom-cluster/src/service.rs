@@ -155,6 +155,10 @@ impl ClusterServices for Clustered {
         self.node.keeps_service(balancer)
     }
 
+    async fn share_network(&self, name: &str) -> Result<(), OpError> {
+        self.node.share_network(name).await
+    }
+
     fn node_name(&self) -> String {
         self.node.node_name().to_string()
     }

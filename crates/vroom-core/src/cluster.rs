@@ -114,6 +114,10 @@ pub trait ClusterServices: Send + Sync {
     /// it owns the balancer, or the cluster has no balancer of that name
     /// and this node leads.
     fn keeps_service(&self, balancer: &str) -> bool;
+    /// Records this node's network `name` in the cluster (a no-op when it
+    /// is recorded), so that every node can make the service's instances
+    /// on it.
+    async fn share_network(&self, name: &str) -> Result<(), OpError>;
     /// This node's name: a balancer is made where its service is kept.
     fn node_name(&self) -> String;
     /// Every instance of the cluster, wherever it runs.

@@ -2386,9 +2386,11 @@ fn member_nodes(lab: &Lab, i: usize, service: &serde_json::Value) -> Vec<String>
 fn a_service_spreads_over_the_nodes_and_outlives_one() {
     let _quiet = quiet_host();
     let lab = two_nodes_with_hello();
-    lab.ok(0, &["net", "create", "lan"]);
+    // The network exists on n2 only; the service is asked of n2, and kept
+    // by whichever node leads.
+    lab.ok(1, &["net", "create", "lan"]);
     let out = lab.ok(
-        0,
+        1,
         &[
             "service",
             "create",
@@ -2402,23 +2404,23 @@ fn a_service_spreads_over_the_nodes_and_outlives_one() {
         ],
     );
     assert!(out.contains("2 of 2 members ready"), "{out}");
-    // Asked on n2, the same service.
-    let web = service_of(&lab, 1, "web");
+    // Asked on n1, the same service.
+    let web = service_of(&lab, 0, "web");
     let address = web["address"].as_str().expect("an address").to_string();
     assert_eq!(
-        member_nodes(&lab, 1, &web),
+        member_nodes(&lab, 0, &web),
         ["n1", "n2"],
         "the members spread: {web}"
     );
-    assert!(
-        lab.runs(0, "web-lb").is_some(),
-        "the balancer runs where the service was made"
-    );
-    let page = lab.page_from(0, &address).unwrap_or_default();
+    let keeper = (0..2)
+        .find(|&i| lab.runs(i, "web-lb").is_some())
+        .expect("the balancer runs on a node");
+    let survivor = 1 - keeper;
+    let page = lab.page_from(keeper, &address).unwrap_or_default();
     assert!(page.contains("Hello from vroom"), "{page}");
     // Refused in a cluster, and nothing made.
     let err = lab.fail(
-        1,
+        survivor,
         &[
             "service",
             "create",
@@ -2435,42 +2437,49 @@ fn a_service_spreads_over_the_nodes_and_outlives_one() {
     );
     assert!(err.contains("not on CPU"), "{err}");
 
-    // n1 (the balancer and one member) loses power: both come back on n2.
-    lab.power_loss(0);
-    let took = failed_over(&lab, 1, "web-lb", &address, Duration::from_secs(90));
-    eprintln!("the balancer answered from n2 after {took:?}");
+    // The balancer's node (with one member) loses power: both come back on
+    // the other node.
+    lab.power_loss(keeper);
+    let took = failed_over(&lab, survivor, "web-lb", &address, Duration::from_secs(90));
+    eprintln!("the balancer answered from the other node after {took:?}");
+    let there = lab.nodes[survivor].name.clone();
     let back = poll(Duration::from_secs(90), || {
-        let web = service_of(&lab, 1, "web");
-        (web["ready"] == 2 && member_nodes(&lab, 1, &web) == ["n2", "n2"]).then_some(web)
+        let web = service_of(&lab, survivor, "web");
+        (web["ready"] == 2 && member_nodes(&lab, survivor, &web) == [there.clone(), there.clone()])
+            .then_some(web)
     });
     assert!(
         back.is_some(),
-        "web is not back at strength on n2: {}\n--- n2:\n{}",
-        service_of(&lab, 1, "web"),
-        lab.log(1)
+        "web is not back at strength on {there}: {}\n--- its log:\n{}",
+        service_of(&lab, survivor, "web"),
+        lab.log(survivor)
     );
     for _ in 0..4 {
-        let page = lab.page_from(1, &address).unwrap_or_default();
+        let page = lab.page_from(survivor, &address).unwrap_or_default();
         assert!(page.contains("Hello from vroom"), "{page}");
     }
 
     // Scaled and removed from the survivor.
-    lab.ok(1, &["service", "scale", "web", "3"]);
+    lab.ok(survivor, &["service", "scale", "web", "3"]);
     let three = poll(Duration::from_secs(90), || {
-        (service_of(&lab, 1, "web")["ready"] == 3).then_some(())
+        (service_of(&lab, survivor, "web")["ready"] == 3).then_some(())
     });
-    assert!(three.is_some(), "{}", service_of(&lab, 1, "web"));
-    lab.ok(1, &["service", "rm", "web"]);
+    assert!(three.is_some(), "{}", service_of(&lab, survivor, "web"));
+    lab.ok(survivor, &["service", "rm", "web"]);
     let gone = poll(Duration::from_secs(60), || {
-        let ps = lab.ok(1, &["--json", "ps"]);
+        let ps = lab.ok(survivor, &["--json", "ps"]);
         (!ps.contains("\"web-")
-            && lab.vroom(1, &["service", "inspect", "web"]).status.code() != Some(0))
+            && lab
+                .vroom(survivor, &["service", "inspect", "web"])
+                .status
+                .code()
+                != Some(0))
         .then_some(())
     });
     assert!(
         gone.is_some(),
-        "web is not gone: {}\n--- n2:\n{}",
-        lab.ok(1, &["ps"]),
-        lab.log(1)
+        "web is not gone: {}\n--- its log:\n{}",
+        lab.ok(survivor, &["ps"]),
+        lab.log(survivor)
     );
 }

@@ -272,16 +272,17 @@ impl ClusterNode {
     }
 
     pub async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
-        Ok(self.view().await?.statuses.remove(name).and_then(placed))
+        let mut view = self.view().await?;
+        let config = view.configs.remove(name);
+        Ok(view.statuses.remove(name).and_then(|s| placed(s, config)))
     }
 
     pub async fn instances(&self) -> Result<Vec<Instance>, OpError> {
-        Ok(self
-            .view()
-            .await?
-            .statuses
-            .into_values()
-            .filter_map(placed)
+        let mut view = self.view().await?;
+        let statuses = std::mem::take(&mut view.statuses);
+        Ok(statuses
+            .into_iter()
+            .filter_map(|(name, s)| placed(s, view.configs.remove(&name)))
             .collect())
     }
 
@@ -509,8 +510,13 @@ impl ClusterNode {
 }
 
 /// A published instance, with the node that published it.
-pub(super) fn placed(status: StatusRecord) -> Option<Instance> {
+/// An instance as its node last published it, with the config the
+/// cluster holds now (a config change is replicated, not republished).
+pub(super) fn placed(status: StatusRecord, config: Option<ConfigValues>) -> Option<Instance> {
     let mut instance = status.instance?;
     instance.node = Some(status.node);
+    if let Some(config) = config {
+        instance.config = config;
+    }
     Some(instance)
 }

@@ -98,6 +98,12 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Records this node's network `name` in the cluster, if it is not.
+    pub async fn share_network(&self, name: &str) -> Result<(), OpError> {
+        let view = self.view().await?;
+        self.cluster_network(name, &view).await.map(|_| ())
+    }
+
     /// Whether this node keeps the service whose balancer is `balancer`:
     /// it owns the balancer under a live lease, or no instance of that name
     /// is in the cluster and this node leads it.

@@ -117,3 +117,46 @@ async fn a_service_is_kept_by_its_balancer_s_node_or_else_the_leader() {
         .await;
     assert_eq!(keepers(), [leader], "the balancer's new node");
 }
+
+/// An instance inspected from another node shows the config the cluster
+/// holds now, not the one its node last published with its state (a
+/// config change is replicated, not republished): a service's keeper
+/// elsewhere counts its members as balanced from the balancer's config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_instance_shows_its_config_as_the_cluster_holds_it() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    fleet
+        .run("a", request("lb", Some("a"), HaPolicy::Restart))
+        .await;
+    fleet
+        .settle("lb runs on a", |f| f.running_on("lb") == ["a"])
+        .await;
+    fleet.passes().await;
+    let before = fleet.node("b").instance("lb").await.unwrap().unwrap();
+    assert_eq!(
+        before.config.get("greeting").map(String::as_str),
+        Some("hello")
+    );
+    fleet
+        .member("a")
+        .engine
+        .engine
+        .config_update("lb", values(&[("greeting", "changed")]))
+        .await
+        .unwrap();
+    fleet.passes().await;
+    let after = fleet.node("b").instance("lb").await.unwrap().unwrap();
+    assert_eq!(
+        after.config.get("greeting").map(String::as_str),
+        Some("changed")
+    );
+    let listed = fleet.node("b").instances().await.unwrap();
+    let lb = listed
+        .iter()
+        .find(|i| i.spec.name.as_str() == "lb")
+        .unwrap();
+    assert_eq!(
+        lb.config.get("greeting").map(String::as_str),
+        Some("changed")
+    );
+}

@@ -173,9 +173,15 @@ impl Engine {
     }
 
     /// The network a service's members and balancer are on: its room's
-    /// lan, or the one it names.
+    /// lan, or the one it names (in a cluster: recorded there at create,
+    /// not necessarily made on this node yet).
     fn service_network(&self, spec: &ServiceDefinition) -> Result<Name, OpError> {
         match (&spec.room, &spec.network) {
+            (None, Some(network))
+                if self.services_cluster().is_some() && self.network(network.as_str()).is_err() =>
+            {
+                Ok(network.clone())
+            }
             (Some(room), None) => {
                 self.get_room(room.as_str())?;
                 Ok(Segment::Lan.network(room))
@@ -235,10 +241,15 @@ impl Engine {
                     ),
                 ));
             }
-            self.service_network(&spec)?;
+            let network = self.service_network(&spec)?;
             let record = ServiceRecord::new(spec.clone(), now_secs());
             match self.services_cluster() {
-                Some(cluster) => cluster.create_record(&record).await?,
+                Some(cluster) => {
+                    // Made here, perhaps on this node only: the node that
+                    // keeps the service needs it too.
+                    cluster.share_network(network.as_str()).await?;
+                    cluster.create_record(&record).await?
+                }
                 None => self.save_service(&record)?,
             }
             let (min, max) = spec.bounds();
