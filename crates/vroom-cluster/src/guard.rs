@@ -9,6 +9,12 @@
 //! none: its VMs are gone before any other node may claim them. A vroomd
 //! restarted quickly reconnects and its acknowledgements re-arm the guard.
 //!
+//! vroomd also says `fence <monotonic ns>` when it learns that its lease is
+//! gone before the guard's deadline (etcd 3.4 revokes every lease when a
+//! stalled leader comes back, whatever was renewed meanwhile:
+//! etcd-io/etcd#15247): the guard fences at once, and acknowledgements of
+//! keepalives sent before that instant lift nothing.
+//!
 //! The guard is never armed before the first acknowledgement. Once the
 //! deadline has passed it stays fenced: anything that appears in the scope
 //! afterwards (a VMM whose launch began just before the deadline) is killed
@@ -53,10 +59,20 @@ impl GuardLink {
         Ok(())
     }
 
+    /// Fences now: the node learnt that its lease is gone (etcd revoked it
+    /// early, as etcd 3.4 does when a stalled leader comes back). Nothing
+    /// runs in the scope until a keepalive sent after now is acknowledged.
+    pub fn fence_now(&self) -> std::io::Result<()> {
+        self.send(&format!("fence {}\n", monotonic_ns()))
+    }
+
     /// Arms (or re-arms) the guard for a keepalive sent at `sent_ns` and
     /// acknowledged.
     pub fn ack(&self, sent_ns: u64) -> std::io::Result<()> {
-        let line = format!("ack {sent_ns}\n");
+        self.send(&format!("ack {sent_ns}\n"))
+    }
+
+    fn send(&self, line: &str) -> std::io::Result<()> {
         let mut stream = self.stream.lock_unpoisoned();
         if let Some(s) = stream.as_mut() {
             if s.write_all(line.as_bytes()).is_ok() {
@@ -132,13 +148,25 @@ impl GuardLink {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Arming {
     deadline_ns: Option<u64>,
+    /// When vroomd last said its lease is gone: acknowledgements of
+    /// keepalives sent before are for that lease, and lift nothing.
+    lost_at_ns: u64,
 }
 
 impl Arming {
     /// A keepalive sent at `sent_ns` was acknowledged.
     pub fn ack(&mut self, sent_ns: u64) {
+        if sent_ns <= self.lost_at_ns {
+            return;
+        }
         let deadline = fence_deadline_ns(sent_ns);
         self.deadline_ns = Some(self.deadline_ns.map_or(deadline, |d| d.max(deadline)));
+    }
+
+    /// vroomd learnt at `now_ns` that its lease is gone: fenced from now.
+    pub fn lost(&mut self, now_ns: u64) {
+        self.lost_at_ns = self.lost_at_ns.max(now_ns);
+        self.deadline_ns = Some(self.lost_at_ns);
     }
 
     /// Whether nothing may run in the scope now: armed, and the deadline
@@ -182,6 +210,11 @@ pub fn run(socket: &Path, scope: &str) -> std::io::Result<()> {
                     if let Some(sent) = line.trim().strip_prefix("ack ") {
                         if let Ok(sent) = sent.parse::<u64>() {
                             arming.ack(sent);
+                        }
+                    } else if let Some(at) = line.trim().strip_prefix("fence ") {
+                        if let Ok(at) = at.parse::<u64>() {
+                            eprintln!("guard: vroomd says its lease is gone: fencing now");
+                            arming.lost(at);
                         }
                     }
                 }
@@ -259,5 +292,29 @@ mod tests {
             "an older ack never shortens it"
         );
         assert!(arming.fenced(4_500_000_000));
+    }
+
+    #[test]
+    fn a_lease_said_lost_fences_at_once_until_a_keepalive_sent_later() {
+        let mut arming = Arming::default();
+        arming.ack(1_000_000_000);
+        assert!(!arming.fenced(1_200_000_000));
+        arming.lost(1_200_000_000);
+        assert!(arming.fenced(1_200_000_000), "at once, before the deadline");
+        arming.ack(1_100_000_000);
+        assert!(
+            arming.fenced(1_300_000_000),
+            "an ack of a keepalive sent before the loss (the lost lease's) lifts nothing"
+        );
+        arming.ack(1_200_000_000);
+        assert!(arming.fenced(1_300_000_000));
+        arming.ack(1_250_000_000);
+        assert!(
+            !arming.fenced(1_300_000_000),
+            "the new lease's first ack does"
+        );
+        let mut fresh = Arming::default();
+        fresh.lost(5);
+        assert!(fresh.fenced(5), "a guard never armed fences when told");
     }
 }

@@ -370,6 +370,7 @@ impl ClusterNode {
                         lease,
                         "the lease expired: this node lost its instances; rejoining"
                     );
+                    self.lease_gone(lease);
                     return;
                 }
                 channel = opened.ok().and_then(|r| r.ok());
@@ -399,6 +400,7 @@ impl ClusterNode {
                         lease,
                         "the lease expired: this node lost its instances; rejoining"
                     );
+                    self.lease_gone(lease);
                     return;
                 }
                 _ => {
@@ -427,6 +429,51 @@ impl ClusterNode {
             if next > now {
                 tokio::time::sleep(Duration::from_nanos(next - now)).await;
             }
+        }
+    }
+
+    /// The lease is gone, perhaps before its time: etcd 3.4 revokes every
+    /// lease when a stalled leader comes back, whatever was renewed
+    /// meanwhile (etcd-io/etcd#15247), and another node may claim this
+    /// node's instances at once. The guard fences now rather than at its
+    /// deadline, and nothing launches here until a new lease's keepalive is
+    /// acknowledged.
+    pub(super) fn lease_gone(&self, lease: i64) {
+        if self.lease() != lease || lease == 0 {
+            return;
+        }
+        self.last_ack_ns.store(0, Ordering::SeqCst);
+        if let Some(Err(e)) = self.guard.as_ref().map(GuardLink::fence_now) {
+            tracing::error!(error = %e, "cannot reach the fencing guard");
+        }
+    }
+
+    /// Whether this node's key (bound to its lease) is still its own; when
+    /// etcd says it is gone or another lease's, the lease is gone: see
+    /// [`Self::lease_gone`]. Asked at every change the watch reports (a
+    /// revocation deletes the key: this node learns of it when the others
+    /// do, before any can claim and start what it ran). Unanswered: nothing.
+    pub(super) async fn check_lease_key(&self) {
+        let lease = self.lease();
+        if lease == 0 || self.last_ack_ns.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let read = tokio::time::timeout(
+            Duration::from_millis(500),
+            self.store.get(&key(NODES, &self.name)),
+        )
+        .await;
+        let gone = match read {
+            Ok(Ok(None)) => true,
+            Ok(Ok(Some(kv))) => kv.lease != lease,
+            _ => false,
+        };
+        if gone && self.lease() == lease {
+            tracing::error!(
+                lease,
+                "this node's key is gone from etcd: its lease was revoked; fencing its VMs now"
+            );
+            self.lease_gone(lease);
         }
     }
 

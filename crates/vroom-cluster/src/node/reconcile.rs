@@ -20,6 +20,9 @@ impl ClusterNode {
             loop {
                 if let Err(e) = node.pass().await {
                     tracing::warn!(error = %e, "cluster pass failed");
+                    if let StoreError::LeaseNotFound(lease) = e {
+                        node.lease_gone(lease);
+                    }
                 }
                 let _ = tokio::time::timeout(TICK, node.wake.notified()).await;
             }
@@ -32,6 +35,7 @@ impl ClusterNode {
                 Ok(mut stream) => {
                     while stream.changed().await {
                         self.wake.notify_one();
+                        self.check_lease_key().await;
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "cluster watch failed; retrying"),

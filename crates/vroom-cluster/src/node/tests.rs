@@ -887,3 +887,21 @@ async fn a_pass_with_a_view_older_than_a_new_volume_keeps_its_copy() {
     assert!(a.engine.engine.volume("fresh").is_ok());
     assert!(a.node.creating_volumes.lock_unpoisoned().is_empty());
 }
+
+/// etcd revokes a node's lease before its time (etcd 3.4 does when a
+/// stalled leader comes back): the node learns it from its own key, gone,
+/// and launches nothing more, though its last keepalive was acknowledged
+/// a moment ago. A node whose key is in place goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_lease_was_revoked_early_stops_at_once() {
+    let fleet = Fleet::new(&["a", "b"]).await;
+    let (a, b) = (fleet.node("a"), fleet.node("b"));
+    fleet.beat("a").await;
+    fleet.beat("b").await;
+    b.check_lease_key().await;
+    assert!(b.lease_alive(), "b's key is in place");
+    assert!(fleet.store.expire(a.lease()), "etcd revokes a's lease");
+    assert!(a.lease_alive(), "by the clock alone a's lease still lives");
+    a.check_lease_key().await;
+    assert!(!a.lease_alive(), "a knows its lease is gone");
+}
