@@ -60,7 +60,17 @@ impl ClusterNode {
             Err(_) => {
                 let mut spec = record.spec.clone();
                 spec.subnet = Some(record.subnet);
-                self.engine.create_network(spec).await.map(|_| ())
+                match self.engine.create_network(spec).await {
+                    Ok(_) => Ok(()),
+                    // Two starts at once (two instances failing over here
+                    // together) both found it missing: the other made it.
+                    Err(e) if e.code == ErrorCode::AlreadyExists => match self.engine.network(name)
+                    {
+                        Ok(local) if local.subnet == record.subnet => Ok(()),
+                        _ => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
             }
         }
     }
