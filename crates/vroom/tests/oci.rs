@@ -312,10 +312,156 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "{hosts}"
     );
 
+    copies_and_services_of_an_imported_image(&env, &client, &l);
+
+    // `stop` sends the image's StopSignal (SIGUSR1, which the entrypoint
+    // traps); the config changes above restarted main with it too.
+    let stopped = || {
+        env.ok(&["logs", "w1"])
+            .matches("stopped by SIGUSR1")
+            .count()
+    };
+    let before = stopped();
+    assert!(
+        before >= 2,
+        "config set and reset restart main with SIGUSR1"
+    );
+    env.ok(&["stop", "w1"]);
+    let seen = common::poll(Duration::from_secs(10), || {
+        (stopped() > before).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "stop did not send SIGUSR1: {}",
+        env.ok(&["logs", "w1"])
+    );
+
     env.ok(&["rm", "-f", "--volumes", "w1"]);
     env.remove_namespaces(&["cl"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the oci test");
+}
+
+fn ip_of(env: &Env, name: &str) -> String {
+    env.instance(name).nics[0]
+        .ip
+        .expect("an addressed nic")
+        .to_string()
+}
+
+/// The last line of `name`'s log in which main said it started.
+fn last_start(env: &Env, name: &str) -> String {
+    env.ok(&["logs", name])
+        .lines()
+        .rfind(|l| l.contains("starting httpd as"))
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
+}
+
+/// What works for any appliance works for an imported image: a snapshot of
+/// running `w1` (on `lan`) and its clone serve. For `plain` (`web` without
+/// its volume: an image with data volumes is never warmed), its warm
+/// snapshot starts a later `run`, whose `--env` still reaches main;
+/// `--ephemeral` starts clean every time; a service of it serves through
+/// its balancer.
+fn copies_and_services_of_an_imported_image(env: &Env, client: &str, layout: &str) {
+    let serves = |ip: &str| {
+        let (rc, body) = fetch(env, client, &format!("http://{ip}:8080/"));
+        assert_eq!((rc, body.trim()), (0, "hello from an oci image"), "{ip}");
+    };
+    let ready = |name: &str| {
+        env.wait_for(name, "healthy", BOOT, |i| {
+            i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+        })
+    };
+    env.ok(&["snapshot", "w1", "--name", "w1-then"]);
+    env.ok(&["clone", "w1-then", "w2"]);
+    ready("w2");
+    serves(&ip_of(env, "w2"));
+    env.ok(&["rm", "-f", "--volumes", "w2"]);
+    env.ok(&["snapshot", "rm", "w1-then"]);
+
+    env.ok(&[
+        "image",
+        "import",
+        &format!("oci:{layout}:novolume"),
+        "--name",
+        "plain",
+    ]);
+    env.ok(&["image", "warm", "plain"]);
+    env.ok(&[
+        "run",
+        "plain",
+        "--name",
+        "w3",
+        "--net",
+        "lan",
+        "--ephemeral",
+        "--env",
+        "GREETING=warm",
+    ]);
+    ready("w3");
+    let from = env.instance("w3").status.started_from.unwrap_or_default();
+    assert!(from.starts_with("warm"), "w3 started from {from:?}");
+    serves(&ip_of(env, "w3"));
+    let seen = common::poll(Duration::from_secs(10), || {
+        last_start(env, "w3")
+            .ends_with("with warm and welcome")
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "--env after a warm start: {}",
+        last_start(env, "w3")
+    );
+    // A file it wrote outside its volumes and a config change are gone
+    // after a stop.
+    env.ok(&[
+        "exec",
+        "w3",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo left > /var/cache/junk",
+    ]);
+    env.ok(&["config", "w3", "set", "motd=changed"]);
+    env.ok(&["stop", "w3"]);
+    env.ok(&["start", "w3"]);
+    ready("w3");
+    let junk = env.vroom(&["exec", "w3", "--", "/bin/busybox", "cat", "/var/cache/junk"]);
+    assert!(
+        !junk.status.success(),
+        "--ephemeral kept a write: {}",
+        String::from_utf8_lossy(&junk.stdout)
+    );
+    let config = env.ok(&["config", "w3", "get"]);
+    assert!(!config.contains("changed"), "{config}");
+    serves(&ip_of(env, "w3"));
+    env.ok(&["rm", "-f", "--volumes", "w3"]);
+
+    env.ok(&[
+        "service",
+        "create",
+        "ws",
+        "--image",
+        "plain",
+        "--replicas",
+        "2",
+        "--net",
+        "lan",
+        "--port",
+        "8080",
+    ]);
+    let service: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "service", "inspect", "ws"])).unwrap();
+    let address = service["address"].as_str().expect("a service address");
+    assert_eq!(service["ready"], 2, "{service}");
+    for _ in 0..4 {
+        serves(address);
+    }
+    env.ok(&["service", "rm", "ws"]);
 }
 
 /// vroomd SIGKILLed at several points of an import: nothing partial is

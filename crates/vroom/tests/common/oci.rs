@@ -56,6 +56,7 @@ impl Drop for Registry {
 /// - `web`: busybox httpd on 8080 as user `www`, a base layer with
 ///   `/www/index.html` and `/www/secret.txt`, an upper layer that whites the
 ///   secret out; the entrypoint says who it runs as and writes to /var/cache;
+///   its StopSignal is SIGUSR1, which the entrypoint traps and says so;
 /// - `arm`: the same config for linux/arm64; `noentry`: no Entrypoint or Cmd;
 /// - `novolume`: `web` without its volume (no data volume to make or replicate);
 /// - `big` (with `big`): `web` plus a 16 MB layer of random bytes.
@@ -89,8 +90,9 @@ pub fn build_images(dir: &Path, big: bool) -> PathBuf {
     sh(&format!(
         "umoci config --image {l}:web \
          --config.entrypoint /bin/sh --config.entrypoint -c \
-         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING and $MOTD; echo written > /var/cache/stamp; exec httpd -f -p 8080 -h /www' \
+         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING and $MOTD; echo written > /var/cache/stamp; trap \"echo stopped by SIGUSR1; exit 0\" USR1; httpd -f -p 8080 -h /www & wait' \
          --config.exposedports 8080/tcp --config.user www --config.workingdir /www \
+         --config.stopsignal SIGUSR1 \
          --config.env GREETING=hi --config.volume /data \
          --config.label 'org.vroom.config.motd=string:welcome:the line after the greeting'"
     ));
