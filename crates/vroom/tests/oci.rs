@@ -313,6 +313,7 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     );
 
     copies_and_services_of_an_imported_image(&env, &client, &l);
+    a_real_server_from_its_debian_package(&env, &client);
 
     // `stop` sends the image's StopSignal (SIGUSR1, which the entrypoint
     // traps); the config changes above restarted main with it too.
@@ -462,6 +463,112 @@ fn copies_and_services_of_an_imported_image(env: &Env, client: &str, layout: &st
         serves(address);
     }
     env.ok(&["service", "rm", "ws"]);
+}
+
+/// nginx from Debian's package, packed by the test as an OCI image: the
+/// recipe builder fetches the package and its closure (a recipe that only
+/// lists them, with busybox for `exec`), `fsck.erofs --extract` unpacks that root, umoci makes an
+/// image of it with nginx's own entrypoint and config, and the image is
+/// imported, boots and serves.
+fn a_real_server_from_its_debian_package(env: &Env, client: &str) {
+    let recipe = env.dir.join("nginx-packages");
+    std::fs::create_dir_all(&recipe).unwrap();
+    std::fs::write(
+        recipe.join("recipe.toml"),
+        r#"name = "nginx-packages"
+version = "1.0"
+nics = ["lan"]
+[debian]
+suite = "bookworm"
+packages = [{ name = "nginx" }, { name = "busybox-static" }]
+[[services]]
+name = "nginx"
+command = ["/usr/sbin/nginx"]
+[memory]
+default = "128M"
+min = "64M"
+"#,
+    )
+    .unwrap();
+    env.ok(&["image", "build", &recipe.display().to_string()]);
+    let built = images(env)
+        .into_iter()
+        .find(|i| i.name == "nginx-packages")
+        .expect("the packages' image");
+    let layout = env.dir.join("nginx-layout");
+    let bundle = env.dir.join("nginx-bundle");
+    let (l, b) = (layout.display(), bundle.display());
+    sh(&format!(
+        "umoci init --layout {l} && umoci new --image {l}:nginx && umoci unpack --image {l}:nginx {b} && rmdir {b}/rootfs"
+    ));
+    let root = bundle.join("rootfs");
+    sh(&format!(
+        "fsck.erofs --extract={} {}",
+        root.display(),
+        env.dir
+            .join("images")
+            .join(&built.id)
+            .join(&built.manifest.rootfs.file)
+            .display()
+    ));
+    // Only the packages' files: not what the builder adds for an appliance.
+    for added in ["etc/vroom", "config"] {
+        let _ = std::fs::remove_dir_all(root.join(added));
+    }
+    // What Debian's maintainer scripts would add (the builder runs none):
+    // nginx's user; and a site on 8080.
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").unwrap();
+    std::fs::create_dir_all(root.join("srv/www")).unwrap();
+    std::fs::write(
+        root.join("srv/www/index.html"),
+        "hello from nginx in an oci image\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/nginx/nginx.conf"),
+        "user www-data;\nworker_processes 1;\npid /run/nginx.pid;\nerror_log stderr;\nevents {}\n\
+         http { include mime.types; access_log off; server { listen 8080; root /srv/www; } }\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "umoci repack --image {l}:nginx {b} && rm -rf {b} && \
+         umoci config --image {l}:nginx --config.entrypoint /usr/sbin/nginx \
+         --config.cmd -g --config.cmd 'daemon off;' --config.exposedports 8080/tcp \
+         --config.stopsignal SIGQUIT"
+    ));
+    env.ok(&[
+        "image",
+        "import",
+        &format!("oci:{l}:nginx"),
+        "--name",
+        "nginx",
+    ]);
+    let inspect = env.ok(&["image", "inspect", "nginx"]);
+    assert!(
+        inspect.contains("health:      tcp connect to port 8080"),
+        "{inspect}"
+    );
+    env.ok(&["run", "nginx", "--name", "ng", "--net", "lan"]);
+    env.wait_for("ng", "healthy", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+    });
+    let (rc, body) = fetch(env, client, &format!("http://{}:8080/", ip_of(env, "ng")));
+    assert_eq!((rc, body.trim()), (0, "hello from nginx in an oci image"));
+    // Its master runs as root and its worker as www-data, as on Debian.
+    let ps = env.ok(&["exec", "ng", "--", "/bin/busybox", "ps"]);
+    assert!(
+        ps.contains("nginx: master process")
+            && ps
+                .lines()
+                .any(|l| l.contains("www-data") && l.contains("nginx: worker")),
+        "{ps}"
+    );
+    env.ok(&["rm", "-f", "ng"]);
 }
 
 /// vroomd SIGKILLed at several points of an import: nothing partial is
