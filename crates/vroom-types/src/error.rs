@@ -54,7 +54,7 @@ pub enum ErrorCode {
 impl ErrorCode {
     /// Whether a user can fix the cause by changing their request.
     pub fn is_user_error(self) -> bool {
-        !matches!(self, ErrorCode::Internal)
+        !matches!(self, ErrorCode::Internal | ErrorCode::UpstreamError)
     }
 }
 

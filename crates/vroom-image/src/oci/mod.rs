@@ -65,6 +65,12 @@ pub enum ImportImageError {
         reason: String,
         failure: RegistryFailure,
     },
+    #[error("registry {registry} sent a bad blob")]
+    BadBlob {
+        registry: String,
+        #[source]
+        source: Box<ImportImageError>,
+    },
     #[error("cannot unpack layer {digest}")]
     Unpack {
         digest: String,
@@ -115,6 +121,7 @@ impl ImportImageError {
                 RegistryFailure::Missing => ErrorCode::NotFound,
                 RegistryFailure::Refused => ErrorCode::InvalidArgument,
             },
+            ImportImageError::BadBlob { .. } => ErrorCode::UpstreamError,
             _ => ErrorCode::InvalidArgument,
         }
     }
@@ -241,6 +248,11 @@ pub fn pick_platform(manifests: &[Descriptor]) -> Result<&Descriptor, ImportImag
 pub trait Transport {
     /// The image the reference names, for linux/amd64.
     fn choose(&mut self) -> Result<Chosen, ImportImageError>;
+    /// The registry the blobs come from, if they come from one (whose
+    /// failure a bad blob then is).
+    fn registry(&self) -> Option<&str> {
+        None
+    }
     /// A blob's bytes, unverified.
     fn open_blob(
         &mut self,

@@ -359,6 +359,10 @@ impl Transport for Registry {
         choose_from(self, body, digest, tag)
     }
 
+    fn registry(&self) -> Option<&str> {
+        Some(&self.registry)
+    }
+
     fn open_blob(
         &mut self,
         descriptor: &Descriptor,
@@ -593,22 +597,30 @@ mod tests {
             (std::fs::read(&path).unwrap(), cached),
             (layer.clone(), false)
         );
+        // A blob cut short or with other bytes is the registry's failure
+        // (a bad gateway, to try again), not the image's.
         let err = cache
             .ensure(&mut registry, &descriptor(&short, 24))
             .unwrap_err();
+        let chain = vroom_base::error_chain(&err);
         assert!(
-            vroom_base::error_chain(&err).contains(&short),
-            "{}",
-            vroom_base::error_chain(&err)
+            chain.contains(&format!(
+                "registry {addr} sent a bad blob: cannot read blob {short}"
+            )),
+            "{chain}"
         );
+        assert_eq!(err.code(), vroom_types::ErrorCode::UpstreamError, "{chain}");
         let err = cache
             .ensure(&mut registry, &descriptor(&wrong, layer.len()))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        let chain = vroom_base::error_chain(&err);
         assert!(
-            err.contains(&format!("blob {wrong} does not match its digest")),
-            "{err}"
+            chain.contains(&format!(
+                "registry {addr} sent a bad blob: blob {wrong} does not match its digest"
+            )),
+            "{chain}"
         );
+        assert_eq!(err.code(), vroom_types::ErrorCode::UpstreamError, "{chain}");
         assert_eq!(
             cache.list(),
             vec![good.clone()],
