@@ -319,7 +319,16 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "{hosts}"
     );
 
-    let reused = copies_and_services_of_an_imported_image(&env, &client, &l);
+    // `web` without its volume (an image with data volumes is never warmed).
+    env.ok(&[
+        "image",
+        "import",
+        &format!("oci:{l}:novolume"),
+        "--name",
+        "plain",
+    ]);
+    in_a_room(&env, &client);
+    let reused = copies_and_services_of_an_imported_image(&env, &client);
     a_real_server_from_its_debian_package(&env, &client, &reused);
 
     // `stop` sends the image's StopSignal too (w1's boot is the restore's
@@ -363,6 +372,43 @@ fn last_start(env: &Env, name: &str) -> String {
         .to_string()
 }
 
+/// An imported image (`plain`) in a server room's dmz, with the room's wan on `lan`:
+/// `room expose --to` without a port forwards the image's exposed port, and
+/// the client on `lan` reaches it there through the room's firewall.
+fn in_a_room(env: &Env, client: &str) {
+    env.ok(&["image", "build", &common::recipe("firewall")]);
+    env.ok(&["room", "create", "ro", "--wan", "lan"]);
+    env.ok(&[
+        "run",
+        "plain",
+        "--name",
+        "rw",
+        "--room",
+        "ro",
+        "--segment",
+        "dmz",
+    ]);
+    env.wait_for("rw", "healthy", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+    });
+    let fw = ip_of(env, "ro-fw");
+    let exposed = env.ok(&["room", "expose", "ro", "--to", "rw"]);
+    assert!(
+        exposed.contains(&format!("forwards tcp/8080 of {fw} on lan to rw:8080")),
+        "{exposed}"
+    );
+    let page = common::poll(Duration::from_secs(20), || {
+        let (rc, body) = fetch(env, client, &format!("http://{fw}:8080/"));
+        (rc == 0).then_some(body)
+    });
+    assert_eq!(
+        page.as_deref().map(str::trim),
+        Some("hello from an oci image"),
+        "through the room's firewall"
+    );
+    env.ok(&["room", "rm", "--force", "ro"]);
+}
+
 /// What works for any appliance works for an imported image: a snapshot of
 /// running `w1` (on `lan`) and its clone serve, and a restore takes w1
 /// back. For `plain` (`web` without
@@ -370,7 +416,7 @@ fn last_start(env: &Env, name: &str) -> String {
 /// snapshot starts a later `run`, whose `--env` still reaches main;
 /// `--ephemeral` starts clean every time, and `rm --archive` keeps it; a
 /// service of it serves through its balancer.
-fn copies_and_services_of_an_imported_image(env: &Env, client: &str, layout: &str) -> String {
+fn copies_and_services_of_an_imported_image(env: &Env, client: &str) -> String {
     let serves = |ip: &str| {
         let (rc, body) = fetch(env, client, &format!("http://{ip}:8080/"));
         assert_eq!((rc, body.trim()), (0, "hello from an oci image"), "{ip}");
@@ -394,13 +440,6 @@ fn copies_and_services_of_an_imported_image(env: &Env, client: &str, layout: &st
     assert!(!config.contains("after the snapshot"), "{config}");
     env.ok(&["snapshot", "rm", "w1-then"]);
 
-    env.ok(&[
-        "image",
-        "import",
-        &format!("oci:{layout}:novolume"),
-        "--name",
-        "plain",
-    ]);
     env.ok(&["image", "warm", "plain"]);
     env.ok(&[
         "run",
