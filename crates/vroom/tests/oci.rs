@@ -217,9 +217,7 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "--env",
         "GREETING=from run",
     ]);
-    env.wait_for("w1", "healthy", BOOT, |i| {
-        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
-    });
+    healthy(&env, "w1");
     let client = env.client_on("cl", "lan", &subnet);
     let ip = host(&subnet, 2);
     let (rc, body) = fetch(&env, &client, &format!("http://{ip}:8080/"));
@@ -355,6 +353,13 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     env.assert_nothing_left("after the oci test");
 }
 
+/// Waits until `name` runs and passes its health check.
+fn healthy(env: &Env, name: &str) {
+    env.wait_for(name, "healthy", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+    });
+}
+
 fn ip_of(env: &Env, name: &str) -> String {
     env.instance(name).nics[0]
         .ip
@@ -388,9 +393,7 @@ fn in_a_room(env: &Env, client: &str) {
         "--segment",
         "dmz",
     ]);
-    env.wait_for("rw", "healthy", BOOT, |i| {
-        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
-    });
+    healthy(env, "rw");
     let fw = ip_of(env, "ro-fw");
     let exposed = env.ok(&["room", "expose", "ro", "--to", "rw"]);
     assert!(
@@ -421,20 +424,15 @@ fn copies_and_services_of_an_imported_image(env: &Env, client: &str) -> String {
         let (rc, body) = fetch(env, client, &format!("http://{ip}:8080/"));
         assert_eq!((rc, body.trim()), (0, "hello from an oci image"), "{ip}");
     };
-    let ready = |name: &str| {
-        env.wait_for(name, "healthy", BOOT, |i| {
-            i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
-        })
-    };
     env.ok(&["snapshot", "w1", "--name", "w1-then"]);
     env.ok(&["clone", "w1-then", "w2"]);
-    ready("w2");
+    healthy(env, "w2");
     serves(&ip_of(env, "w2"));
     env.ok(&["rm", "-f", "--volumes", "w2"]);
     // A restore takes w1 back to the snapshot: its config with it.
     env.ok(&["config", "w1", "set", "motd=after the snapshot"]);
     env.ok(&["restore", "w1", "w1-then"]);
-    ready("w1");
+    healthy(env, "w1");
     serves(&ip_of(env, "w1"));
     let config = env.ok(&["config", "w1", "get"]);
     assert!(!config.contains("after the snapshot"), "{config}");
@@ -452,7 +450,7 @@ fn copies_and_services_of_an_imported_image(env: &Env, client: &str) -> String {
         "--env",
         "GREETING=warm",
     ]);
-    ready("w3");
+    healthy(env, "w3");
     let from = env.instance("w3").status.started_from.unwrap_or_default();
     assert!(from.starts_with("warm"), "w3 started from {from:?}");
     serves(&ip_of(env, "w3"));
@@ -480,7 +478,7 @@ fn copies_and_services_of_an_imported_image(env: &Env, client: &str) -> String {
     env.ok(&["config", "w3", "set", "motd=changed"]);
     env.ok(&["stop", "w3"]);
     env.ok(&["start", "w3"]);
-    ready("w3");
+    healthy(env, "w3");
     let junk = env.vroom(&["exec", "w3", "--", "/bin/busybox", "cat", "/var/cache/junk"]);
     assert!(
         !junk.status.success(),
@@ -637,9 +635,7 @@ min = "64M"
         "--net",
         &format!("lan:{reused}"),
     ]);
-    env.wait_for("ng", "healthy", BOOT, |i| {
-        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
-    });
+    healthy(env, "ng");
     let announced = announced.wait_with_output().unwrap();
     let announced = String::from_utf8_lossy(&announced.stdout);
     assert!(
