@@ -50,7 +50,10 @@ pub(crate) async fn build_image(
 
 /// Imports an OCI image (an OCI layout, an OCI or docker archive on the
 /// daemon's host, or a registry's) as an appliance image. The answer
-/// streams like a build's: `progress` lines, then `done` or `error`.
+/// streams like a build's: `progress` lines, then `done` or `error`; an
+/// `error`'s code says whose the fault is (`upstream_error`: the registry
+/// is unreachable or failed; `not_found`: it lacks the image;
+/// `invalid_reference`: it denies access; `invalid_argument`: the image).
 #[utoipa::path(post, path = "/v1/images/import", request_body = ImportImageRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = BuildEvent), BodyErrors,
         (status = 422, body = ApiErrorBody, description = "The reference does not parse: an unknown transport, a bad repository name, tag or digest (code `invalid_reference`).")))]

@@ -62,7 +62,7 @@ mod wiring;
 use membership::Handover;
 pub use membership::{init, init_store, MEMBERSHIP_FILE};
 pub use peers::PEER_PORT;
-use peers::{into_blocking, line, Hello, HELLO_MAX};
+use peers::{into_blocking, is_image_id, line, Hello, HELLO_MAX};
 use view::View;
 
 /// How a host joins: `vroom daemon --cluster --etcd URLS --node NAME --advertise ADDR`.
@@ -127,6 +127,9 @@ pub struct ClusterNode {
     warming: Mutex<BTreeSet<String>>,
     /// Images that could not be warmed (not tried again until a restart).
     unwarmable: Mutex<BTreeSet<String>>,
+    /// Images of HA instances that could not be fetched, and when: tried
+    /// again after [`standby::FETCH_RETRY`].
+    unfetched: Mutex<BTreeMap<String, std::time::Instant>>,
     /// What was last published per owned instance.
     published: Mutex<BTreeMap<String, String>>,
     /// The fencing guard (none in unit tests, which launch no VMM).
@@ -216,6 +219,7 @@ impl ClusterNode {
             warming: Mutex::default(),
             overlays: Mutex::default(),
             unwarmable: Mutex::default(),
+            unfetched: Mutex::default(),
             wake: tokio::sync::Notify::new(),
             rejoin: tokio::sync::Mutex::new(()),
             incoming: Mutex::default(),

@@ -42,6 +42,13 @@ pub enum BuildFromRecipeError {
     /// The build failed for another reason (download, packing, disk).
     #[error("{message}")]
     Build { message: String },
+    /// An import failed, with the API's code for its cause (the reference,
+    /// the image, the registry it comes from, this host).
+    #[error("{message}")]
+    Import {
+        code: vroom_types::ErrorCode,
+        message: String,
+    },
 }
 
 pub trait ImageSource: Send + Sync {

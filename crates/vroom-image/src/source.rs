@@ -220,13 +220,9 @@ impl ImageSource for LocalImages {
         let outcome = crate::oci::import_image(&req, &self.store, &mut |stage, detail| {
             progress(stage, &detail)
         })
-        .map_err(|e| {
-            let message = format!("cannot import {reference}: {}", chain(&e));
-            if e.is_user_error() {
-                BuildFromRecipeError::Recipe { message }
-            } else {
-                BuildFromRecipeError::Build { message }
-            }
+        .map_err(|e| BuildFromRecipeError::Import {
+            code: e.code(),
+            message: format!("cannot import {reference}: {}", chain(&e)),
         })?;
         Ok(BuildReport {
             image: outcome.image.summary(),

@@ -54,7 +54,7 @@ pub fn configure(nics: &[NicConfig]) -> Result<Vec<Nic>, String> {
         sock.add_default_route(gw)
             .map_err(|e| format!("add default route via {gw}: {e}"))?;
     }
-    announce(&by_role(&configured));
+    announce(&configured);
     Ok(configured)
 }
 
@@ -222,18 +222,16 @@ pub fn reconfigure(plan: &Reconfiguration) -> Result<(), String> {
                 .map_err(|e| format!("add default route via {gw}: {e}"))?;
         }
     }
-    announce(&by_role(&plan.nics));
+    announce(&plan.nics);
     Ok(())
 }
 
-/// Gratuitous ARP on every NIC, now and once more a second later: a
-/// recreated appliance keeps its addresses but not its MACs, and neighbours
-/// (clients behind a firewall) should not wait for their caches to expire.
-fn announce(nics: &BTreeMap<String, TemplateNic>) {
-    let targets: Vec<(String, Ipv4Addr, [u8; 6])> = nics
-        .values()
-        .filter_map(|n| Some((n.dev.clone(), n.ip.parse().ok()?, parse_mac(&n.mac)?)))
-        .collect();
+/// Gratuitous ARP on every addressed NIC, now and once more a second
+/// later: a recreated appliance keeps its addresses but not its MACs, and a
+/// new instance may take an address another had, so neighbours (clients
+/// behind a firewall) should not wait for their caches to expire.
+fn announce(nics: &[Nic]) {
+    let targets = announcements(nics);
     let send_all = move || {
         for (dev, ip, mac) in &targets {
             if let Err(err) = gratuitous_arp(dev, *ip, *mac) {
@@ -246,6 +244,18 @@ fn announce(nics: &BTreeMap<String, TemplateNic>) {
         std::thread::sleep(std::time::Duration::from_secs(1));
         send_all();
     });
+}
+
+/// What [`announce`] says, per NIC: its device, address and MAC. Every NIC
+/// with an address, whether or not the image names its role (an imported
+/// OCI image names none); an L2 port has nothing to announce.
+fn announcements(nics: &[Nic]) -> Vec<(String, Ipv4Addr, [u8; 6])> {
+    nics.iter()
+        .filter_map(|n| {
+            let (ip, _) = nic_address(&n.config).ok().flatten()?;
+            Some((n.dev.clone(), ip, parse_mac(&n.config.mac)?))
+        })
+        .collect()
 }
 
 fn parse_mac(mac: &str) -> Option<[u8; 6]> {
@@ -507,6 +517,38 @@ mod tests {
         assert_eq!(&frame[32..38], &[0; 6]);
         assert_eq!(&frame[38..42], &[10, 0, 1, 1]);
         assert_eq!(parse_mac("52:54:00:0a:0b"), None);
+    }
+
+    /// Every addressed NIC is announced, with a role or without one (an
+    /// imported image's NIC has none: it announced nothing, and a client
+    /// that had talked to the address's previous holder kept sending
+    /// there); an L2 port is not.
+    #[test]
+    fn every_addressed_nic_is_announced_with_or_without_a_role() {
+        let nic = |dev: &str, mac: &str, role: Option<&str>, address: Option<&str>| Nic {
+            dev: dev.into(),
+            config: config(mac, role, address, None),
+        };
+        let nics = [
+            nic("lan", "52:54:00:00:00:01", Some("lan"), Some("10.0.0.2")),
+            nic("eth1", "52:54:00:00:00:02", None, Some("10.0.1.3")),
+            nic("inside", "52:54:00:00:00:03", Some("inside"), None),
+        ];
+        assert_eq!(
+            announcements(&nics),
+            vec![
+                (
+                    "lan".to_string(),
+                    Ipv4Addr::new(10, 0, 0, 2),
+                    [0x52, 0x54, 0, 0, 0, 1]
+                ),
+                (
+                    "eth1".to_string(),
+                    Ipv4Addr::new(10, 0, 1, 3),
+                    [0x52, 0x54, 0, 0, 0, 2]
+                ),
+            ]
+        );
     }
 
     fn config(

@@ -38,18 +38,23 @@ pub enum ErrorCode {
     /// (or bounds without a target), a network and a room both or neither,
     /// an image that serves another port, a number outside the bounds.
     InvalidService,
-    /// A well-formed image reference to import that does not parse: an
-    /// unknown transport, a bad repository name, tag or digest.
+    /// A well-formed image reference to import that does not parse (an
+    /// unknown transport, a bad repository name, tag or digest), or whose
+    /// registry denies access to it (401, 403: credentials missing or wrong).
     InvalidReference,
     /// A browser sent a changing request from another web origin (see the
     /// dashboard, docs/dashboard.md); nothing was changed.
     Forbidden,
+    /// A server vroom reads from on the caller's behalf failed: an image
+    /// registry that cannot be reached or answered a 5xx or a broken answer.
+    /// Nothing was changed; trying again later may work.
+    UpstreamError,
 }
 
 impl ErrorCode {
     /// Whether a user can fix the cause by changing their request.
     pub fn is_user_error(self) -> bool {
-        !matches!(self, ErrorCode::Internal)
+        !matches!(self, ErrorCode::Internal | ErrorCode::UpstreamError)
     }
 }
 

@@ -166,6 +166,31 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
             "run", "hello", "--name", "h1", "--ha", "restart", "--node", "n1",
         ],
     );
+    // An imported image is on n1 only, and no node can build it: n2 fetches
+    // it by digest while n1 lives, for a failover.
+    let layout = common::oci::build_images(&lab.dir, false);
+    let reference = format!("oci:{}:novolume", layout.display());
+    lab.ok(0, &["image", "import", &reference, "--name", "web"]);
+    lab.ok(
+        0,
+        &[
+            "run", "web", "--name", "o1", "--ha", "restart", "--node", "n1",
+        ],
+    );
+    let web = lab.ok(0, &["--json", "inspect", "o1"]);
+    let web: serde_json::Value = serde_json::from_str(&web).unwrap();
+    let web_id = web["image_id"].as_str().unwrap().to_string();
+    let fetched = poll(Duration::from_secs(60), || {
+        lab.ok(1, &["--json", "image", "ls"])
+            .contains(&web_id)
+            .then_some(())
+    });
+    assert!(
+        fetched.is_some(),
+        "n2 did not fetch the image of HA instance o1 from n1\n--- n2:\n{}",
+        lab.log(1)
+    );
+    let web_ip = format!("{}:8080", ip_of(&lab, 0, "o1"));
     let ip = ip_of(&lab, 0, "h1");
     assert!(lab.runs(0, "h1").is_some(), "h1 runs on n1");
     assert!(lab.page_from(0, &ip).is_some(), "h1 answers on n1");
@@ -205,6 +230,13 @@ fn an_instance_outlives_its_node_and_never_runs_twice() {
         "ps shows where it runs: {shown}"
     );
     sampler.assert_never_twice("power loss");
+    // As fast as h1: the two failing over together both find n2 without
+    // the network, and both start.
+    let took = failed_over(&lab, 1, "o1", &web_ip, Duration::from_secs(30));
+    eprintln!("power loss: the imported o1 answered from n2 after {took:?}");
+    let page = lab.page_from(1, &web_ip).unwrap_or_default();
+    assert!(page.contains("hello from an oci image"), "{page}");
+    lab.ok(1, &["rm", "--force", "o1"]);
 
     // n1 comes back: it does not restart what n2 owns now.
     lab.start(0);

@@ -12,120 +12,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use common::{fetch, free_port, host, kill_during, random_subnet, sh, Env};
+use common::oci::{build_images, Registry};
+use common::{fetch, host, kill_during, random_subnet, sh, Env};
 use vroom_types::{ImageSummary, InstanceState};
 
 const BOOT: Duration = Duration::from_secs(120);
-
-/// A `docker-registry` on a loopback port with its own config and storage,
-/// killed when dropped.
-struct Registry {
-    child: Child,
-    addr: String,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let storage = dir.join("registry");
-        std::fs::create_dir_all(&storage).unwrap();
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (apt install docker-registry)");
-        common::poll(Duration::from_secs(10), || {
-            std::net::TcpStream::connect(&addr).ok()
-        })
-        .expect("docker-registry did not come up");
-        Registry { child, addr }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Builds the test's images with umoci in `dir/layout`:
-/// - `web`: busybox httpd on 8080 as user `www`, a base layer with
-///   `/www/index.html` and `/www/secret.txt`, an upper layer that whites the
-///   secret out; the entrypoint says who it runs as and writes to /var/cache;
-/// - `arm`: the same config for linux/arm64; `noentry`: no Entrypoint or Cmd;
-/// - `big` (with `big`): `web` plus a 16 MB layer of random bytes.
-fn build_images(dir: &Path, big: bool) -> PathBuf {
-    let layout = dir.join("layout");
-    let l = layout.display();
-    let bundle = dir.join("bundle");
-    let b = bundle.display();
-    sh(&format!(
-        "umoci init --layout {l} && umoci new --image {l}:web && umoci unpack --image {l}:web {b}"
-    ));
-    let root = bundle.join("rootfs");
-    for d in ["bin", "etc", "www", "var/cache"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "httpd", "id"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("www/index.html"), "hello from an oci image\n").unwrap();
-    std::fs::write(root.join("www/secret.txt"), "whited out\n").unwrap();
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nwww:x:33:33::/www:/bin/sh\n",
-    )
-    .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:33:\n").unwrap();
-    // The service's own cache dir: written as `www` in the guest.
-    std::os::unix::fs::chown(root.join("var/cache"), Some(33), Some(33)).unwrap();
-    sh(&format!("umoci repack --image {l}:web {b}"));
-    sh(&format!(
-        "umoci config --image {l}:web \
-         --config.entrypoint /bin/sh --config.entrypoint -c \
-         --config.entrypoint 'echo starting httpd as $(id -u):$(id -g) in $PWD with $GREETING and $MOTD; echo written > /var/cache/stamp; exec httpd -f -p 8080 -h /www' \
-         --config.exposedports 8080/tcp --config.user www --config.workingdir /www \
-         --config.env GREETING=hi --config.volume /data \
-         --config.label 'org.vroom.config.motd=string:welcome:the line after the greeting'"
-    ));
-    sh(&format!("rm -rf {b} && umoci unpack --image {l}:web {b}"));
-    std::fs::remove_file(bundle.join("rootfs/www/secret.txt")).unwrap();
-    sh(&format!("umoci repack --image {l}:web {b}"));
-    sh(&format!(
-        "umoci config --image {l}:web --tag arm --architecture arm64"
-    ));
-    sh(&format!(
-        "umoci config --image {l}:web --tag noentry --clear=config.entrypoint --clear=config.cmd"
-    ));
-    if big {
-        sh(&format!(
-            "umoci config --image {l}:web --tag big && rm -rf {b} && umoci unpack --image {l}:big {b}"
-        ));
-        sh(&format!(
-            "head -c 16M /dev/urandom > {b}/rootfs/www/big.bin && umoci repack --image {l}:big {b}"
-        ));
-    }
-    sh(&format!("rm -rf {b}"));
-    layout
-}
 
 fn images(env: &Env) -> Vec<ImageSummary> {
     serde_json::from_str(&env.ok(&["image", "ls", "--json"])).unwrap()
@@ -323,9 +217,7 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "--env",
         "GREETING=from run",
     ]);
-    env.wait_for("w1", "healthy", BOOT, |i| {
-        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
-    });
+    healthy(&env, "w1");
     let client = env.client_on("cl", "lan", &subnet);
     let ip = host(&subnet, 2);
     let (rc, body) = fetch(&env, &client, &format!("http://{ip}:8080/"));
@@ -374,6 +266,13 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
     assert_eq!(fetch(&env, &client, &format!("http://{ip}:8080/")).0, 0);
     env.ok(&["config", "w1", "reset"]);
     greeted("with hi and welcome");
+    // Each restart stopped main with the image's StopSignal (SIGUSR1,
+    // which the entrypoint traps and says so).
+    let logs = env.ok(&["logs", "w1"]);
+    assert!(
+        logs.matches("stopped by SIGUSR1").count() >= 2,
+        "config set and reset stop main with SIGUSR1: {logs}"
+    );
     assert_eq!(fetch(&env, &client, &format!("http://{ip}:8080/")).0, 0);
     // `room expose --to w1` forwards to the image's lowest exposed port
     // of the protocol (found here; the room is what is missing), and says
@@ -418,10 +317,348 @@ fn oci_images_import_by_every_transport_and_boot_as_appliances() {
         "{hosts}"
     );
 
+    // `web` without its volume (an image with data volumes is never warmed).
+    env.ok(&[
+        "image",
+        "import",
+        &format!("oci:{l}:novolume"),
+        "--name",
+        "plain",
+    ]);
+    in_a_room(&env, &client);
+    let reused = copies_and_services_of_an_imported_image(&env, &client);
+    a_real_server_from_its_debian_package(&env, &client, &reused);
+
+    // `stop` sends the image's StopSignal too (w1's boot is the restore's
+    // now: its log has none yet).
+    let stopped = || {
+        env.ok(&["logs", "w1"])
+            .matches("stopped by SIGUSR1")
+            .count()
+    };
+    let before = stopped();
+    env.ok(&["stop", "w1"]);
+    let seen = common::poll(Duration::from_secs(10), || {
+        (stopped() > before).then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "stop did not send SIGUSR1: {}",
+        env.ok(&["logs", "w1"])
+    );
+
     env.ok(&["rm", "-f", "--volumes", "w1"]);
     env.remove_namespaces(&["cl"]);
     env.ok(&["net", "rm", "lan"]);
     env.assert_nothing_left("after the oci test");
+}
+
+/// Waits until `name` runs and passes its health check.
+fn healthy(env: &Env, name: &str) {
+    env.wait_for(name, "healthy", BOOT, |i| {
+        i.status.state == InstanceState::Running && i.health.as_ref().is_some_and(|h| h.ready)
+    });
+}
+
+fn ip_of(env: &Env, name: &str) -> String {
+    env.instance(name).nics[0]
+        .ip
+        .expect("an addressed nic")
+        .to_string()
+}
+
+/// The last line of `name`'s log in which main said it started.
+fn last_start(env: &Env, name: &str) -> String {
+    env.ok(&["logs", name])
+        .lines()
+        .rfind(|l| l.contains("starting httpd as"))
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
+}
+
+/// An imported image (`plain`) in a server room's dmz, with the room's wan on `lan`:
+/// `room expose --to` without a port forwards the image's exposed port, and
+/// the client on `lan` reaches it there through the room's firewall.
+fn in_a_room(env: &Env, client: &str) {
+    env.ok(&["image", "build", &common::recipe("firewall")]);
+    env.ok(&["room", "create", "ro", "--wan", "lan"]);
+    env.ok(&[
+        "run",
+        "plain",
+        "--name",
+        "rw",
+        "--room",
+        "ro",
+        "--segment",
+        "dmz",
+    ]);
+    healthy(env, "rw");
+    let fw = ip_of(env, "ro-fw");
+    let exposed = env.ok(&["room", "expose", "ro", "--to", "rw"]);
+    assert!(
+        exposed.contains(&format!("forwards tcp/8080 of {fw} on lan to rw:8080")),
+        "{exposed}"
+    );
+    let page = common::poll(Duration::from_secs(20), || {
+        let (rc, body) = fetch(env, client, &format!("http://{fw}:8080/"));
+        (rc == 0).then_some(body)
+    });
+    assert_eq!(
+        page.as_deref().map(str::trim),
+        Some("hello from an oci image"),
+        "through the room's firewall"
+    );
+    env.ok(&["room", "rm", "--force", "ro"]);
+}
+
+/// What works for any appliance works for an imported image: a snapshot of
+/// running `w1` (on `lan`) and its clone serve, and a restore takes w1
+/// back. For `plain` (`web` without
+/// its volume: an image with data volumes is never warmed), its warm
+/// snapshot starts a later `run`, whose `--env` still reaches main;
+/// `--ephemeral` starts clean every time, and `rm --archive` keeps it; a
+/// service of it serves through its balancer.
+fn copies_and_services_of_an_imported_image(env: &Env, client: &str) -> String {
+    let serves = |ip: &str| {
+        let (rc, body) = fetch(env, client, &format!("http://{ip}:8080/"));
+        assert_eq!((rc, body.trim()), (0, "hello from an oci image"), "{ip}");
+    };
+    env.ok(&["snapshot", "w1", "--name", "w1-then"]);
+    env.ok(&["clone", "w1-then", "w2"]);
+    healthy(env, "w2");
+    serves(&ip_of(env, "w2"));
+    env.ok(&["rm", "-f", "--volumes", "w2"]);
+    // A restore takes w1 back to the snapshot: its config with it.
+    env.ok(&["config", "w1", "set", "motd=after the snapshot"]);
+    env.ok(&["restore", "w1", "w1-then"]);
+    healthy(env, "w1");
+    serves(&ip_of(env, "w1"));
+    let config = env.ok(&["config", "w1", "get"]);
+    assert!(!config.contains("after the snapshot"), "{config}");
+    env.ok(&["snapshot", "rm", "w1-then"]);
+
+    env.ok(&["image", "warm", "plain"]);
+    env.ok(&[
+        "run",
+        "plain",
+        "--name",
+        "w3",
+        "--net",
+        "lan",
+        "--ephemeral",
+        "--env",
+        "GREETING=warm",
+    ]);
+    healthy(env, "w3");
+    let from = env.instance("w3").status.started_from.unwrap_or_default();
+    assert!(from.starts_with("warm"), "w3 started from {from:?}");
+    serves(&ip_of(env, "w3"));
+    let seen = common::poll(Duration::from_secs(10), || {
+        last_start(env, "w3")
+            .ends_with("with warm and welcome")
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "--env after a warm start: {}",
+        last_start(env, "w3")
+    );
+    // A file it wrote outside its volumes and a config change are gone
+    // after a stop.
+    env.ok(&[
+        "exec",
+        "w3",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo left > /var/cache/junk",
+    ]);
+    env.ok(&["config", "w3", "set", "motd=changed"]);
+    env.ok(&["stop", "w3"]);
+    env.ok(&["start", "w3"]);
+    healthy(env, "w3");
+    let junk = env.vroom(&["exec", "w3", "--", "/bin/busybox", "cat", "/var/cache/junk"]);
+    assert!(
+        !junk.status.success(),
+        "--ephemeral kept a write: {}",
+        String::from_utf8_lossy(&junk.stdout)
+    );
+    let config = env.ok(&["config", "w3", "get"]);
+    assert!(!config.contains("changed"), "{config}");
+    serves(&ip_of(env, "w3"));
+    // Archived on removal, like any instance: its memory, config volume,
+    // console logs and record, checked by their sums.
+    let archive = env.dir.join("w3-archive").display().to_string();
+    env.ok(&["rm", "-f", "--archive", &archive, "w3"]);
+    env.ok(&["archive", "verify", &archive]);
+    assert!(Path::new(&archive).join("memory.zst").is_file());
+
+    env.ok(&[
+        "service",
+        "create",
+        "ws",
+        "--image",
+        "plain",
+        "--replicas",
+        "2",
+        "--net",
+        "lan",
+        "--port",
+        "8080",
+    ]);
+    let service: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "service", "inspect", "ws"])).unwrap();
+    let address = service["address"].as_str().expect("a service address");
+    assert_eq!(service["ready"], 2, "{service}");
+    for _ in 0..4 {
+        serves(address);
+    }
+    env.ok(&["service", "rm", "ws"]);
+    address.to_string()
+}
+
+/// nginx from Debian's package, packed by the test as an OCI image: the
+/// recipe builder fetches the package and its closure (a recipe that only
+/// lists them, with busybox for `exec`), `fsck.erofs --extract` unpacks that root, umoci makes an
+/// image of it with nginx's own entrypoint and config, and the image is
+/// imported, boots and serves. It takes address `reused`, which the client
+/// has just talked to on another MAC: it announces itself (a gratuitous
+/// ARP, which an imported image's NIC, having no role, did not send), or
+/// the client may keep sending to the MAC it knows.
+fn a_real_server_from_its_debian_package(env: &Env, client: &str, reused: &str) {
+    let recipe = env.dir.join("nginx-packages");
+    std::fs::create_dir_all(&recipe).unwrap();
+    std::fs::write(
+        recipe.join("recipe.toml"),
+        r#"name = "nginx-packages"
+version = "1.0"
+nics = ["lan"]
+[debian]
+suite = "bookworm"
+packages = [{ name = "nginx" }, { name = "busybox-static" }]
+[[services]]
+name = "nginx"
+command = ["/usr/sbin/nginx"]
+[memory]
+default = "128M"
+min = "64M"
+"#,
+    )
+    .unwrap();
+    env.ok(&["image", "build", &recipe.display().to_string()]);
+    let built = images(env)
+        .into_iter()
+        .find(|i| i.name == "nginx-packages")
+        .expect("the packages' image");
+    let layout = env.dir.join("nginx-layout");
+    let bundle = env.dir.join("nginx-bundle");
+    let (l, b) = (layout.display(), bundle.display());
+    sh(&format!(
+        "umoci init --layout {l} && umoci new --image {l}:nginx && umoci unpack --image {l}:nginx {b} && rmdir {b}/rootfs"
+    ));
+    let root = bundle.join("rootfs");
+    sh(&format!(
+        "fsck.erofs --extract={} {}",
+        root.display(),
+        env.dir
+            .join("images")
+            .join(&built.id)
+            .join(&built.manifest.rootfs.file)
+            .display()
+    ));
+    // Only the packages' files: not what the builder adds for an appliance.
+    for added in ["etc/vroom", "config"] {
+        let _ = std::fs::remove_dir_all(root.join(added));
+    }
+    // What Debian's maintainer scripts would add (the builder runs none):
+    // nginx's user; and a site on 8080.
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").unwrap();
+    std::fs::create_dir_all(root.join("srv/www")).unwrap();
+    std::fs::write(
+        root.join("srv/www/index.html"),
+        "hello from nginx in an oci image\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/nginx/nginx.conf"),
+        "user www-data;\nworker_processes 1;\npid /run/nginx.pid;\nerror_log stderr;\nevents {}\n\
+         http { include mime.types; access_log off; server { listen 8080; root /srv/www; } }\n",
+    )
+    .unwrap();
+    sh(&format!(
+        "umoci repack --image {l}:nginx {b} && rm -rf {b} && \
+         umoci config --image {l}:nginx --config.entrypoint /usr/sbin/nginx \
+         --config.cmd -g --config.cmd 'daemon off;' --config.exposedports 8080/tcp \
+         --config.stopsignal SIGQUIT"
+    ));
+    env.ok(&[
+        "image",
+        "import",
+        &format!("oci:{l}:nginx"),
+        "--name",
+        "nginx",
+    ]);
+    let inspect = env.ok(&["image", "inspect", "nginx"]);
+    assert!(
+        inspect.contains("health:      tcp connect to port 8080"),
+        "{inspect}"
+    );
+    // Listening for its announcement (an ARP request for its own address)
+    // before it boots.
+    let ip: std::net::Ipv4Addr = reused.parse().unwrap();
+    let filter = format!(
+        "arp and arp[6:2] = 1 and arp[14:4] = {0} and arp[24:4] = {0}",
+        u32::from(ip)
+    );
+    let announced = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", client, "timeout", "60", "tcpdump", "-l", "-n",
+        ])
+        .args(["-c", "1", "-i", "eth0", &filter])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(500));
+    env.ok(&[
+        "run",
+        "nginx",
+        "--name",
+        "ng",
+        "--net",
+        &format!("lan:{reused}"),
+    ]);
+    healthy(env, "ng");
+    let announced = announced.wait_with_output().unwrap();
+    let announced = String::from_utf8_lossy(&announced.stdout);
+    assert!(
+        announced.contains(&format!("Request who-has {reused} tell {reused}")),
+        "ng did not announce its address: {announced:?}"
+    );
+    let (rc, body) = fetch(env, client, &format!("http://{reused}:8080/"));
+    assert_eq!(
+        (rc, body.trim()),
+        (0, "hello from nginx in an oci image"),
+        "the client still sends to the balancer's MAC: {}",
+        String::from_utf8_lossy(&env.run_in(client, "ip neigh").stdout)
+    );
+    // Its master runs as root and its worker as www-data, as on Debian.
+    let ps = env.ok(&["exec", "ng", "--", "/bin/busybox", "ps"]);
+    assert!(
+        ps.contains("nginx: master process")
+            && ps
+                .lines()
+                .any(|l| l.contains("www-data") && l.contains("nginx: worker")),
+        "{ps}"
+    );
+    env.ok(&["rm", "-f", "ng"]);
 }
 
 /// vroomd SIGKILLed at several points of an import: nothing partial is

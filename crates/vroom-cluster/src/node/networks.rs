@@ -57,11 +57,25 @@ impl ClusterNode {
                 "network {name} is {} on this node but {} in the cluster",
                 local.subnet, record.subnet
             ))),
-            Err(_) => {
-                let mut spec = record.spec.clone();
-                spec.subnet = Some(record.subnet);
-                self.engine.create_network(spec).await.map(|_| ())
-            }
+            Err(_) => self.make_network(&record).await,
+        }
+    }
+
+    /// Makes cluster network `record` on this node. One of its name made
+    /// meanwhile with its subnet is as good: two starts at once (two
+    /// instances failing over here together) both found it missing, and
+    /// the other made it.
+    pub(super) async fn make_network(&self, record: &NetworkRecord) -> Result<(), OpError> {
+        let mut spec = record.spec.clone();
+        spec.subnet = Some(record.subnet);
+        let name = spec.name.to_string();
+        match self.engine.create_network(spec).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == ErrorCode::AlreadyExists => match self.engine.network(&name) {
+                Ok(local) if local.subnet == record.subnet => Ok(()),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
         }
     }
 

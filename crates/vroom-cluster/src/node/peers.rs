@@ -486,8 +486,7 @@ impl ClusterNode {
     /// fetched from a live peer and checked against its id; a name is left
     /// to the engine (it builds a catalog image on first use).
     pub(super) async fn ensure_image(&self, reference: &str) -> Result<(), OpError> {
-        let is_id = reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit());
-        if !is_id || self.engine.get_image(reference).is_ok() {
+        if !is_image_id(reference) || self.engine.get_image(reference).is_ok() {
             return Ok(());
         }
         let view = self.view().await?;
@@ -570,4 +569,9 @@ impl ClusterNode {
             .map_err(|e| e.message)?;
         Ok(true)
     }
+}
+
+/// Whether `reference` is an image id (a manifest's sha256), not a name.
+pub(super) fn is_image_id(reference: &str) -> bool {
+    reference.len() == 64 && reference.bytes().all(|b| b.is_ascii_hexdigit())
 }

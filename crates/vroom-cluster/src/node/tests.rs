@@ -905,3 +905,33 @@ async fn a_node_whose_lease_was_revoked_early_stops_at_once() {
     a.check_lease_key().await;
     assert!(!a.lease_alive(), "a knows its lease is gone");
 }
+
+/// Two instances failing over to a node together both find their cluster
+/// network missing there and both make it: the one that comes second finds
+/// it made, with its subnet, and goes on (before, it failed with "already
+/// exists" and the instance was released for a minute). One made here
+/// with another subnet is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_made_meanwhile_by_another_start_is_as_good() {
+    let fleet = Fleet::new(&["a"]).await;
+    let record = |subnet: &str| NetworkRecord {
+        spec: NetworkSpec {
+            name: Name::new("lan").unwrap(),
+            subnet: None,
+            nat: false,
+            isolated: false,
+            mirror: false,
+            allow_host: vec![],
+        },
+        subnet: subnet.parse().unwrap(),
+        vni: FIRST_VNI,
+    };
+    let node = fleet.node("a");
+    node.make_network(&record("10.77.0.0/24")).await.unwrap();
+    node.make_network(&record("10.77.0.0/24")).await.unwrap();
+    let err = node
+        .make_network(&record("10.78.0.0/24"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::AlreadyExists, "{}", err.message);
+}

@@ -44,7 +44,8 @@ impl Engine {
             crate::images::BuildFromRecipeError::Recipe { .. } => {
                 OpError::new(ErrorCode::InvalidArgument, e.to_string())
             }
-            crate::images::BuildFromRecipeError::Build { .. } => {
+            crate::images::BuildFromRecipeError::Build { .. }
+            | crate::images::BuildFromRecipeError::Import { .. } => {
                 OpError::wrap(ErrorCode::Internal, format!("cannot build {shown}"), e)
             }
         })
@@ -73,11 +74,14 @@ impl Engine {
         .await
         .map_err(|e| OpError::internal("the import task failed", e))?;
         result.map_err(|e| match e {
-            crate::images::BuildFromRecipeError::Recipe { .. } => {
-                OpError::new(ErrorCode::InvalidArgument, e.to_string())
+            crate::images::BuildFromRecipeError::Recipe { message } => {
+                OpError::new(ErrorCode::InvalidArgument, message)
             }
-            crate::images::BuildFromRecipeError::Build { .. } => {
-                OpError::new(ErrorCode::Internal, e.to_string())
+            crate::images::BuildFromRecipeError::Build { message } => {
+                OpError::new(ErrorCode::Internal, message)
+            }
+            crate::images::BuildFromRecipeError::Import { code, message } => {
+                OpError::new(code, message)
             }
         })
     }

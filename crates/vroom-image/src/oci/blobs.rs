@@ -86,25 +86,69 @@ fn copy_checked(
         (None, Some(cap)) => cap,
         (None, None) => u64::MAX - 1,
     };
+    let registry = transport.registry().map(String::from);
     let reader = transport.open_blob(descriptor)?;
     let mut hashing = Hashing::new(reader.take(limit + 1));
-    io::copy(&mut hashing, out).map_err(|source| ImportImageError::Read {
-        what: format!("blob {}", descriptor.digest),
-        source,
-    })?;
-    if hashing.read > limit {
-        return Err(match descriptor.size {
-            Some(want) => ImportImageError::Oversized {
-                digest: descriptor.digest.clone(),
-                want,
-            },
-            None => ImportImageError::Invalid {
-                reason: format!("blob {} is larger than {limit} bytes", descriptor.digest),
-            },
-        });
+    let copied = copy_apart(&mut hashing, out, &descriptor.digest).and_then(|()| {
+        if hashing.read > limit {
+            return Err(match descriptor.size {
+                Some(want) => ImportImageError::Oversized {
+                    digest: descriptor.digest.clone(),
+                    want,
+                },
+                None => ImportImageError::Invalid {
+                    reason: format!("blob {} is larger than {limit} bytes", descriptor.digest),
+                },
+            });
+        }
+        let got = hashing.read;
+        check(descriptor, got, hashing.finish())
+    });
+    // Bytes a registry sent that are not the blob (cut short, more, others,
+    // a connection that broke) are its failure, not the image's.
+    match (copied, registry) {
+        (
+            Err(
+                e @ (ImportImageError::Read { .. }
+                | ImportImageError::Truncated { .. }
+                | ImportImageError::Oversized { .. }
+                | ImportImageError::DigestMismatch { .. }),
+            ),
+            Some(registry),
+        ) => Err(ImportImageError::BadBlob {
+            registry,
+            source: Box::new(e),
+        }),
+        (copied, _) => copied,
     }
-    let got = hashing.read;
-    check(descriptor, got, hashing.finish())
+}
+
+/// Copies `from` into `out`: a failed read is the blob's ([`ImportImageError::Read`]),
+/// a failed write this host's ([`ImportImageError::Stage`]).
+fn copy_apart(
+    from: &mut dyn Read,
+    out: &mut dyn Write,
+    digest: &str,
+) -> Result<(), ImportImageError> {
+    let mut buf = vec![0; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(ImportImageError::Read {
+                    what: format!("blob {digest}"),
+                    source,
+                })
+            }
+        };
+        out.write_all(&buf[..n])
+            .map_err(|source| ImportImageError::Stage {
+                what: format!("blob {digest}"),
+                source,
+            })?;
+    }
 }
 
 /// A small document (index, manifest, config), checked.

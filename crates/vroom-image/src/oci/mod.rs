@@ -60,7 +60,17 @@ pub enum ImportImageError {
         source: vroom_input::OpenInputError,
     },
     #[error("registry {registry}: {reason}")]
-    Registry { registry: String, reason: String },
+    Registry {
+        registry: String,
+        reason: String,
+        failure: RegistryFailure,
+    },
+    #[error("registry {registry} sent a bad blob")]
+    BadBlob {
+        registry: String,
+        #[source]
+        source: Box<ImportImageError>,
+    },
     #[error("cannot unpack layer {digest}")]
     Unpack {
         digest: String,
@@ -79,16 +89,41 @@ pub enum ImportImageError {
     Store(#[from] crate::ImageStoreError),
 }
 
+/// What went wrong with a registry, for the code the API answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryFailure {
+    /// It cannot be reached (connection refused, DNS, TLS, a timeout).
+    Unreachable,
+    /// It answered a 5xx, or an answer that does not read.
+    Failed,
+    /// It denied access (401, 403): credentials are missing or wrong.
+    Denied,
+    /// It has no such repository, tag or blob (404).
+    Missing,
+    /// The request cannot be made as asked (plain HTTP to a public host,
+    /// another 4xx).
+    Refused,
+}
+
 impl ImportImageError {
-    /// Whether the reference or the image is at fault (a 4xx), rather
-    /// than this host.
-    pub fn is_user_error(&self) -> bool {
-        !matches!(
-            self,
+    /// The API's code for this failure: the reference or the image is at
+    /// fault (a 4xx), a registry failed (a bad gateway), or this host did.
+    pub fn code(&self) -> vroom_types::ErrorCode {
+        use vroom_types::ErrorCode;
+        match self {
             ImportImageError::Stage { .. }
-                | ImportImageError::Store(_)
-                | ImportImageError::Pack(crate::BuildImageError::Stage { .. })
-        )
+            | ImportImageError::Store(_)
+            | ImportImageError::Pack(crate::BuildImageError::Stage { .. }) => ErrorCode::Internal,
+            ImportImageError::Parse(_) => ErrorCode::InvalidReference,
+            ImportImageError::Registry { failure, .. } => match failure {
+                RegistryFailure::Unreachable | RegistryFailure::Failed => ErrorCode::UpstreamError,
+                RegistryFailure::Denied => ErrorCode::InvalidReference,
+                RegistryFailure::Missing => ErrorCode::NotFound,
+                RegistryFailure::Refused => ErrorCode::InvalidArgument,
+            },
+            ImportImageError::BadBlob { .. } => ErrorCode::UpstreamError,
+            _ => ErrorCode::InvalidArgument,
+        }
     }
 }
 
@@ -213,6 +248,11 @@ pub fn pick_platform(manifests: &[Descriptor]) -> Result<&Descriptor, ImportImag
 pub trait Transport {
     /// The image the reference names, for linux/amd64.
     fn choose(&mut self) -> Result<Chosen, ImportImageError>;
+    /// The registry the blobs come from, if they come from one (whose
+    /// failure a bad blob then is).
+    fn registry(&self) -> Option<&str> {
+        None
+    }
     /// A blob's bytes, unverified.
     fn open_blob(
         &mut self,

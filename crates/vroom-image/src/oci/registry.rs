@@ -16,7 +16,10 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use super::{choose_from, Chosen, Descriptor, ImportImageError, Transport, MAX_DOCUMENT_BYTES};
+use super::{
+    choose_from, Chosen, Descriptor, ImportImageError, RegistryFailure, Transport,
+    MAX_DOCUMENT_BYTES,
+};
 
 /// Every manifest media type vroom reads, as the `Accept` header.
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, \
@@ -147,6 +150,7 @@ impl Registry {
                 reason: "--insecure (plain HTTP) is only for a registry on a loopback or private \
                          address"
                     .into(),
+                failure: RegistryFailure::Refused,
             });
         }
         let scheme = if insecure { "http" } else { "https" };
@@ -169,10 +173,11 @@ impl Registry {
         })
     }
 
-    fn error(&self, reason: String) -> ImportImageError {
+    fn error(&self, failure: RegistryFailure, reason: String) -> ImportImageError {
         ImportImageError::Registry {
             registry: self.registry.clone(),
             reason,
+            failure,
         }
     }
 
@@ -204,12 +209,13 @@ impl Registry {
                         })
                         .map(|m| format!(": {m}"))
                         .unwrap_or_default();
-                    let what = match code {
-                        401 | 403 => "access denied",
-                        404 => "not found",
-                        _ => "failed",
+                    let (what, failure) = match code {
+                        401 | 403 => ("access denied", RegistryFailure::Denied),
+                        404 => ("not found", RegistryFailure::Missing),
+                        500.. => ("failed", RegistryFailure::Failed),
+                        _ => ("failed", RegistryFailure::Refused),
                     };
-                    return Err(self.error(format!("{shown}: {what} ({code}){detail}")));
+                    return Err(self.error(failure, format!("{shown}: {what} ({code}){detail}")));
                 }
                 Err(ureq::Error::Transport(e)) => {
                     let hint = if self.base.starts_with("https:") && private_host(&self.registry) {
@@ -217,11 +223,14 @@ impl Registry {
                     } else {
                         ""
                     };
-                    return Err(self.error(format!("{e}{hint}")));
+                    return Err(self.error(RegistryFailure::Unreachable, format!("{e}{hint}")));
                 }
             }
         }
-        Err(self.error(format!("{shown}: access denied (401) after authenticating")))
+        Err(self.error(
+            RegistryFailure::Denied,
+            format!("{shown}: access denied (401) after authenticating"),
+        ))
     }
 
     /// Prepares the `Authorization` a 401's challenge asks for.
@@ -231,6 +240,7 @@ impl Registry {
             "basic" => {
                 let Some(credentials) = &self.credentials else {
                     return Err(self.error(
+                        RegistryFailure::Denied,
                         "access denied (401): the registry wants credentials and none are stored \
                          (REGISTRY_AUTH_FILE, containers/auth.json, ~/.docker/config.json)"
                             .into(),
@@ -241,8 +251,10 @@ impl Registry {
             }
             "bearer" => {
                 let Some(realm) = params.get("realm") else {
-                    return Err(self
-                        .error("access denied (401): a bearer challenge without a realm".into()));
+                    return Err(self.error(
+                        RegistryFailure::Failed,
+                        "access denied (401): a bearer challenge without a realm".into(),
+                    ));
                 };
                 let mut request = self.agent.get(realm);
                 if let Some(service) = params.get("service") {
@@ -257,26 +269,46 @@ impl Registry {
                     request = request.set("Authorization", &format!("Basic {credentials}"));
                 }
                 let response = request.call().map_err(|e| {
-                    self.error(format!("cannot get a token from {realm}: {}", one_line(&e)))
+                    let failure = match &e {
+                        ureq::Error::Status(401 | 403, _) => RegistryFailure::Denied,
+                        ureq::Error::Status(500.., _) => RegistryFailure::Failed,
+                        ureq::Error::Status(..) => RegistryFailure::Refused,
+                        ureq::Error::Transport(_) => RegistryFailure::Unreachable,
+                    };
+                    self.error(
+                        failure,
+                        format!("cannot get a token from {realm}: {}", one_line(&e)),
+                    )
                 })?;
                 let mut body = String::new();
                 response
                     .into_reader()
                     .take(MAX_DOCUMENT_BYTES)
                     .read_to_string(&mut body)
-                    .map_err(|e| self.error(format!("cannot read the token from {realm}: {e}")))?;
-                let doc: serde_json::Value = serde_json::from_str(&body)
-                    .map_err(|_| self.error(format!("{realm} answered no token")))?;
+                    .map_err(|e| {
+                        self.error(
+                            RegistryFailure::Failed,
+                            format!("cannot read the token from {realm}: {e}"),
+                        )
+                    })?;
+                let no_token = || {
+                    self.error(
+                        RegistryFailure::Failed,
+                        format!("{realm} answered no token"),
+                    )
+                };
+                let doc: serde_json::Value = serde_json::from_str(&body).map_err(|_| no_token())?;
                 let token = doc["token"]
                     .as_str()
                     .or(doc["access_token"].as_str())
-                    .ok_or_else(|| self.error(format!("{realm} answered no token")))?;
+                    .ok_or_else(no_token)?;
                 self.authorization = Some(format!("Bearer {token}"));
                 Ok(())
             }
-            _ => Err(self.error(format!(
-                "access denied (401) with a challenge vroom does not answer: {header:?}"
-            ))),
+            _ => Err(self.error(
+                RegistryFailure::Failed,
+                format!("access denied (401) with a challenge vroom does not answer: {header:?}"),
+            )),
         }
     }
 }
@@ -297,12 +329,20 @@ impl Transport for Registry {
             .into_reader()
             .take(MAX_DOCUMENT_BYTES + 1)
             .read_to_end(&mut body)
-            .map_err(|e| self.error(format!("{}/{path}: {e}", self.repository)))?;
+            .map_err(|e| {
+                self.error(
+                    RegistryFailure::Failed,
+                    format!("{}/{path}: {e}", self.repository),
+                )
+            })?;
         if body.len() as u64 > MAX_DOCUMENT_BYTES {
-            return Err(self.error(format!(
-                "{}/{path}: the manifest is larger than {MAX_DOCUMENT_BYTES} bytes",
-                self.repository
-            )));
+            return Err(self.error(
+                RegistryFailure::Failed,
+                format!(
+                    "{}/{path}: the manifest is larger than {MAX_DOCUMENT_BYTES} bytes",
+                    self.repository
+                ),
+            ));
         }
         let digest = format!("sha256:{}", crate::util::sha256_bytes(&body));
         let tag = if self.reference.starts_with("sha256:") {
@@ -317,6 +357,10 @@ impl Transport for Registry {
             Some(self.reference.clone())
         };
         choose_from(self, body, digest, tag)
+    }
+
+    fn registry(&self) -> Option<&str> {
+        Some(&self.registry)
     }
 
     fn open_blob(
@@ -553,22 +597,30 @@ mod tests {
             (std::fs::read(&path).unwrap(), cached),
             (layer.clone(), false)
         );
+        // A blob cut short or with other bytes is the registry's failure
+        // (a bad gateway, to try again), not the image's.
         let err = cache
             .ensure(&mut registry, &descriptor(&short, 24))
             .unwrap_err();
+        let chain = vroom_base::error_chain(&err);
         assert!(
-            vroom_base::error_chain(&err).contains(&short),
-            "{}",
-            vroom_base::error_chain(&err)
+            chain.contains(&format!(
+                "registry {addr} sent a bad blob: cannot read blob {short}"
+            )),
+            "{chain}"
         );
+        assert_eq!(err.code(), vroom_types::ErrorCode::UpstreamError, "{chain}");
         let err = cache
             .ensure(&mut registry, &descriptor(&wrong, layer.len()))
-            .unwrap_err()
-            .to_string();
+            .unwrap_err();
+        let chain = vroom_base::error_chain(&err);
         assert!(
-            err.contains(&format!("blob {wrong} does not match its digest")),
-            "{err}"
+            chain.contains(&format!(
+                "registry {addr} sent a bad blob: blob {wrong} does not match its digest"
+            )),
+            "{chain}"
         );
+        assert_eq!(err.code(), vroom_types::ErrorCode::UpstreamError, "{chain}");
         assert_eq!(
             cache.list(),
             vec![good.clone()],
@@ -587,6 +639,54 @@ mod tests {
             let err = registry.choose().unwrap_err().to_string();
             assert_eq!(err, format!("registry {addr}: {says}"));
         }
+    }
+
+    /// A registry's failures answer with the code that fits: one that is
+    /// down or answers 5xx is a bad gateway (`upstream_error`, 502); a 404
+    /// is `not_found`; a 401 or 403 is the caller's to fix
+    /// (`invalid_reference`, 422); plain HTTP to a public host is a bad
+    /// argument.
+    #[test]
+    fn registry_failures_answer_with_fitting_codes() {
+        use vroom_types::ErrorCode;
+        let problem = |code: u16| {
+            let body = br#"{"errors":[{"message":"no"}]}"#.to_vec();
+            (format!("/v2/r/manifests/{code}"), code, body.len(), body)
+        };
+        let (addr, _) = fake_registry(vec![problem(500), problem(503), problem(403)]);
+        let code_of = |addr: &str, tag: &str, credentials: Option<&str>| {
+            let mut registry = Registry::new(addr, "r", tag, true).unwrap();
+            registry.credentials = credentials.map(String::from);
+            let err = registry.choose().unwrap_err();
+            (err.code(), err.to_string())
+        };
+        for (tag, want) in [
+            ("500", ErrorCode::UpstreamError),
+            ("503", ErrorCode::UpstreamError),
+            ("403", ErrorCode::InvalidReference),
+            ("missing", ErrorCode::NotFound),
+        ] {
+            let (code, message) = code_of(&addr, tag, None);
+            assert_eq!(code, want, "{tag}: {message}");
+        }
+        // Basic credentials wanted, none stored or the wrong ones: 401.
+        let (basic, _) = fake_registry_with(vec![], true);
+        for credentials in [None, Some("d3Jvbmc6cHc=")] {
+            let (code, message) = code_of(&basic, "t", credentials);
+            assert_eq!(code, ErrorCode::InvalidReference, "{message}");
+            assert!(message.contains("access denied (401)"), "{message}");
+        }
+        // Nothing listens on a port just freed.
+        let closed = {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        };
+        let (code, message) = code_of(&closed, "t", None);
+        assert_eq!(code, ErrorCode::UpstreamError, "{message}");
+        let err = Registry::new("quay.io", "a/b", "latest", true)
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 pub mod lab;
 pub mod loop_client;
+pub mod oci;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
