@@ -53,6 +53,21 @@ impl ClusterNode {
         let mut view = View::parse(kvs);
         view.revision = revision;
         let lease = self.lease();
+        // The node's own key, bound to its lease, gone from a fresh read:
+        // the lease was revoked, perhaps before its time (a second way to
+        // learn it, beside the watch's).
+        if view
+            .nodes
+            .get(&self.name)
+            .is_none_or(|(_, kv)| kv.lease != lease)
+        {
+            tracing::error!(
+                lease,
+                "this node's key is gone from etcd: its lease was revoked; fencing its VMs now"
+            );
+            self.lease_gone(lease);
+            return Ok(());
+        }
         if view.leader.is_none() {
             self.try_lead(lease).await?;
         }

@@ -904,6 +904,12 @@ async fn a_node_whose_lease_was_revoked_early_stops_at_once() {
     assert!(a.lease_alive(), "by the clock alone a's lease still lives");
     a.check_lease_key().await;
     assert!(!a.lease_alive(), "a knows its lease is gone");
+
+    // The same, learnt by a pass's read (the watch may be stalled).
+    assert!(fleet.store.expire(b.lease()), "etcd revokes b's lease");
+    assert!(b.lease_alive());
+    b.pass().await.unwrap();
+    assert!(!b.lease_alive(), "b's pass saw its key gone");
 }
 
 /// Two instances failing over to a node together both find their cluster
