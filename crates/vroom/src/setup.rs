@@ -84,6 +84,17 @@ fn elf_is_static(bytes: &[u8]) -> bool {
     (0..phnum).all(|i| u32_at(phoff + i * phentsize).is_some_and(|t| t != PT_INTERP))
 }
 
+/// The packages providing `missing`, each once, in order.
+fn packages_of(missing: &[(String, &'static str)]) -> Vec<&'static str> {
+    let mut packages: Vec<&'static str> = Vec::new();
+    for (_, package) in missing {
+        if !packages.contains(package) {
+            packages.push(package);
+        }
+    }
+    packages
+}
+
 fn apt(args: &[&str]) -> Result<()> {
     let status = Command::new("apt-get")
         .args(args)
@@ -117,7 +128,7 @@ pub fn run(quiet: bool, own: OwnKernelSetup, qemu: Option<&str>) -> Result<()> {
     };
     let missing = missing();
     if !missing.is_empty() {
-        let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+        let packages = packages_of(&missing);
         if !is_root() {
             let what: Vec<String> = missing
                 .iter()
@@ -134,7 +145,19 @@ pub fn run(quiet: bool, own: OwnKernelSetup, qemu: Option<&str>) -> Result<()> {
         let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
         args.extend(&packages);
         apt(&args)?;
-        let still = self::missing();
+        // apt may remove an installed package to make room for one it
+        // installs: a machine with qemu-utils from bookworm-backports (10.0)
+        // loses it to qemu-system-x86 7.2's. A second install of what went
+        // missing takes the version that fits.
+        let mut still = self::missing();
+        if !still.is_empty() {
+            let packages = packages_of(&still);
+            say(&format!("installing {} again", packages.join(" ")));
+            let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+            args.extend(&packages);
+            apt(&args)?;
+            still = self::missing();
+        }
         if !still.is_empty() {
             bail!(
                 "still missing after install: {}",
