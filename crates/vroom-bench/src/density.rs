@@ -33,6 +33,9 @@ struct Row {
     mem_mib: u64,
     boot_ms: Vec<f64>,
     pss_mib: f64,
+    /// The drop in the host's available memory from before the first boot
+    /// to the appliances idling (everything they cost, vroomd's share too).
+    host_used_mib: u64,
     cpu_pct: f64,
     /// PSS per appliance with KSM running, and what it shares (MiB).
     ksm: Option<(f64, f64)>,
@@ -42,6 +45,7 @@ pub async fn density(
     data_dir: &Path,
     budget_mib: u64,
     count: Option<usize>,
+    baseline_count: Option<usize>,
     tb_runs: usize,
 ) -> Result<()> {
     let client = crate::vroomd::connect(data_dir).await?;
@@ -61,9 +65,17 @@ pub async fn density(
     let mut failure = None;
     for (kernel, image) in &images {
         let mem = image.manifest.default_mem_mib;
-        let n = count
-            .unwrap_or((budget_mib / (mem + VMM_OVERHEAD_MIB)) as usize)
-            .clamp(1, 250);
+        let fits = |mib: u64| (mib / (mem + VMM_OVERHEAD_MIB)) as usize;
+        // vroom's kernel at the count asked; the baseline at its own count
+        // (what fits the budget by default), never past what fits the
+        // host's available memory.
+        let n = match *kernel {
+            "debian" => baseline_count
+                .unwrap_or(fits(budget_mib))
+                .min(fits(mem_available_mib() * 9 / 10)),
+            _ => count.unwrap_or(fits(budget_mib)),
+        }
+        .clamp(1, 250);
         match measure(&client, kernel, image, &network.name, n).await {
             Ok(row) => rows.push(row),
             Err(e) => {
@@ -111,7 +123,8 @@ fn print_row(row: &Row) {
     let per_gib = 1024.0 / row.pss_mib;
     println!(
         "  {:<6} kernel: {} at {} MiB: boot-to-ready first {:.0} ms, last {:.0} ms (median {:.0}, p90 {:.0}); \
-         PSS {:.0} MiB each, {:.1} per GiB, {:.0} on a 24 GiB host; idle CPU {:.2}% of a core each",
+         PSS {:.0} MiB each, {:.1} per GiB, {:.0} on a 24 GiB host; host memory used {:.1} GiB in all ({:.0} MiB each); \
+         idle CPU {:.2}% of a core each",
         row.kernel,
         row.count,
         row.mem_mib,
@@ -122,6 +135,8 @@ fn print_row(row: &Row) {
         row.pss_mib,
         per_gib,
         per_gib * 24.0,
+        row.host_used_mib as f64 / 1024.0,
+        row.host_used_mib as f64 / row.count as f64,
         row.cpu_pct,
     );
     match row.ksm {
@@ -161,6 +176,7 @@ async fn boot_and_measure(
 ) -> Result<Row> {
     let mut boot_ms = vec![];
     let mut pids = vec![];
+    let available_before = mem_available_mib();
     for name in names {
         let started = Instant::now();
         client
@@ -172,6 +188,7 @@ async fn boot_and_measure(
         pids.push(instance.status.pid.unwrap_or(0));
     }
     tokio::time::sleep(SETTLE).await;
+    let host_used_mib = available_before.saturating_sub(mem_available_mib());
     let n = pids.len() as f64;
     let pss = |pids: &[u32]| pids.iter().map(|p| pss_mib(*p)).sum::<f64>() / n;
     let pss_mib = pss(&pids);
@@ -194,9 +211,22 @@ async fn boot_and_measure(
         mem_mib: image.manifest.default_mem_mib,
         boot_ms,
         pss_mib,
+        host_used_mib,
         cpu_pct,
         ksm,
     })
+}
+
+/// The host's `MemAvailable`, in MiB (0 when unreadable).
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
 }
 
 /// User plus system CPU seconds of a process.

@@ -135,9 +135,13 @@ enum Bench {
         /// Host memory the appliances of each kernel may take.
         #[arg(long, default_value = "2G", value_parser = parse_mem_mib)]
         budget: u64,
-        /// Appliances per kernel instead of what fits the budget.
+        /// Appliances on vroom's kernel instead of what fits the budget.
         #[arg(short = 'n', long)]
         count: Option<usize>,
+        /// Appliances on Debian's kernel (the baseline) instead of what fits
+        /// the budget; never more than fit the host's available memory.
+        #[arg(long)]
+        baseline_count: Option<usize>,
         /// Raw boots per translation cache size (0: skip that part).
         #[arg(long, default_value_t = 3)]
         tb_runs: usize,
@@ -257,8 +261,9 @@ async fn run(bench: &Bench, data_dir: &std::path::Path) -> anyhow::Result<()> {
         Bench::Density {
             budget,
             count,
+            baseline_count,
             tb_runs,
-        } => density::density(data_dir, *budget, *count, *tb_runs).await,
+        } => density::density(data_dir, *budget, *count, *baseline_count, *tb_runs).await,
         Bench::Splice { runs } => splice::splice(data_dir, *runs).await,
         Bench::Events {
             changes,

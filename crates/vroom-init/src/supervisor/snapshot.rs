@@ -6,7 +6,7 @@
 //! identity and config of the volume the host swapped in, before the
 //! services continue.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vroom_agent_proto::volume::InstanceFile;
 use vroom_base::LockExt;
@@ -38,6 +38,7 @@ impl Supervisor {
         reload_volume: bool,
     ) -> Result<bool, String> {
         let _applying = self.applying.lock_unpoisoned();
+        let started = Instant::now();
         let mut failures = vec![];
         // First, so that nothing below (the on_clone hook) reads the RNG
         // state every copy of the snapshot shares.
@@ -48,23 +49,29 @@ impl Supervisor {
             failures.push(err);
         }
         let mut identity_changed = false;
+        let mut steps = Steps::new(started);
+        steps.done("reseed and clock");
         if reload_volume {
             // A guest resumed without a freeze still changes identity with
             // its services stopped.
             self.stop_services();
-            match self.reload_volume() {
+            match self.reload_volume(&mut steps) {
                 Ok(changed) => identity_changed = changed,
                 Err(err) => failures.push(err),
             }
         }
         self.continue_services();
+        steps.done("continue");
         for failure in &failures {
             log(&format!("resume: {failure}"));
         }
         match failures.into_iter().next() {
             Some(first) => Err(first),
             None => {
-                log(&format!("resumed (identity changed: {identity_changed})"));
+                log(&format!(
+                    "resumed (identity changed: {identity_changed}) in {}",
+                    steps.summary()
+                ));
                 Ok(identity_changed)
             }
         }
@@ -103,9 +110,10 @@ impl Supervisor {
     /// Mounts the volume the host swapped in and puts what it says in force:
     /// hostname, machine id, NICs, then the templates and services, then the
     /// `on_clone` hook. Returns whether the identity changed.
-    fn reload_volume(&self) -> Result<bool, String> {
+    fn reload_volume(&self, steps: &mut Steps) -> Result<bool, String> {
         boot::remount_config(&self.config_dev)?;
         let volume = boot::read_volume()?;
+        steps.done("volume");
         let before = self.identity();
         let instance = volume.instance;
         let changed = identity_changed(&before, &instance);
@@ -120,6 +128,7 @@ impl Supervisor {
             }
         }
         netconf::reconfigure(&plan)?;
+        steps.done("identity");
         let after = Identity {
             hostname: instance.hostname,
             machine_id: instance.machine_id.or(before.machine_id.clone()),
@@ -147,9 +156,11 @@ impl Supervisor {
             inner.restart_services(|s| changed || was_broken || s.restart_on_config);
             drop(inner);
             moved.map_err(|e| format!("a rendered file could not be put in place: {e}"))?;
+            steps.done("render");
         }
         if changed && !self.spec.on_clone.is_empty() {
             self.run_on_clone()?;
+            steps.done("on_clone");
         }
         Ok(changed)
     }
@@ -167,6 +178,43 @@ impl Supervisor {
         }
         log("on_clone hook done");
         Ok(())
+    }
+}
+
+/// How long each step of a resume took, for its log line.
+struct Steps {
+    started: Instant,
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new(started: Instant) -> Steps {
+        Steps {
+            started,
+            last: started,
+            took: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.took.push((step, now - self.last));
+        self.last = now;
+    }
+
+    /// `12 ms (reseed and clock 1, volume 4, ...)`.
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .took
+            .iter()
+            .map(|(step, took)| format!("{step} {}", took.as_millis()))
+            .collect();
+        format!(
+            "{} ms ({})",
+            (self.last - self.started).as_millis(),
+            parts.join(", ")
+        )
     }
 }
 
