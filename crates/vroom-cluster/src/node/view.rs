@@ -222,7 +222,9 @@ impl View {
             let Some((v, _)) = self.volumes.get(attach.volume.as_str()) else {
                 continue;
             };
-            if v.primary != from {
+            if v.primary != from || v.one_copy {
+                // A volume with one copy stays on its node, and so does
+                // its instance.
                 return Some(from.to_string());
             }
             swap &= v.state == vroom_types::ReplicaState::UpToDate;

@@ -103,6 +103,8 @@ async fn a_move_whose_copy_does_not_come_puts_the_replica_back() {
         size_mib: 16,
         fs: vroom_types::VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     let c = &fleet.member("c").engine.engine;
     c.create_volume_copy(&req).await.unwrap();
