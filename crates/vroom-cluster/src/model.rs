@@ -275,7 +275,20 @@ impl VolumeRecord {
 
     /// The record after the replica's node took over: it is the primary
     /// (a new epoch), and the old primary's copy misses what comes next.
+    /// A volume with one copy, whose replica was made for a live
+    /// migration, is the new primary's alone: the old copy goes.
     pub fn promoted(&self, now: u64) -> Self {
+        if self.one_copy {
+            return VolumeRecord {
+                primary: self.replica.clone(),
+                replica: String::new(),
+                epoch: self.epoch + 1,
+                state: ReplicaState::Outdated,
+                reason: None,
+                since: now,
+                ..self.clone()
+            };
+        }
         VolumeRecord {
             primary: self.replica.clone(),
             replica: self.primary.clone(),

@@ -222,9 +222,7 @@ impl View {
             let Some((v, _)) = self.volumes.get(attach.volume.as_str()) else {
                 continue;
             };
-            if v.primary != from || v.one_copy {
-                // A volume with one copy stays on its node, and so does
-                // its instance.
+            if v.primary != from {
                 return Some(from.to_string());
             }
             swap &= v.state == vroom_types::ReplicaState::UpToDate;

@@ -7,7 +7,8 @@
 //! lists it, the scheduler places its instance on that node only (HA
 //! `restart` restarts it there; `standby` is refused: nowhere to fail over
 //! to), and while that node is lost the instance waits, saying so, rather
-//! than boot elsewhere on an empty disk.
+//! than boot elsewhere on an empty disk. A live migration copies it to the
+//! destination first, as a replica ([`moving`]).
 //!
 //! Each of the two nodes keeps its copy as a local volume of the same name;
 //! the record `volumes/<name>` ([`VolumeRecord`]) says which copy is the
@@ -572,7 +573,10 @@ impl ClusterNode {
         if record.one_copy {
             volume.replicas = 1;
             volume.node = Some(record.primary.clone());
-            return Ok(volume);
+            if !record.replicated() {
+                return Ok(volume);
+            }
+            // A live migration copies it to its replica: shown as one.
         }
         let progress = volume
             .attached_to
@@ -677,7 +681,12 @@ impl ClusterNode {
         for (volume, kv) in records {
             let back = VolumeRecord {
                 primary: to.to_string(),
-                replica: self.name.clone(),
+                // A volume with one copy is the source's alone again: this
+                // node's copy goes.
+                replica: match volume.one_copy {
+                    true => String::new(),
+                    false => self.name.clone(),
+                },
                 epoch: volume.epoch + 1,
                 ..volume.with_state(
                     ReplicaState::Outdated,
@@ -851,10 +860,30 @@ impl ClusterNode {
                 continue;
             }
             for (volume, _) in Self::volumes_of(view, record) {
-                if volume.primary != self.name || !volume.replicated() {
+                if volume.primary != self.name {
                     continue;
                 }
-                if !view.members.contains_key(&volume.replica) {
+                let migrating = self.migrating.lock_unpoisoned().contains(instance);
+                if volume.one_copy && volume.replicated() && !migrating {
+                    // The replica a live migration made and did not use
+                    // (it failed, or a killed daemon left it): the volume
+                    // is this copy's alone again.
+                    self.drop_moving_replica(instance, *token, volume).await;
+                    continue;
+                }
+                if !volume.replicated() {
+                    if self
+                        .replications
+                        .lock_unpoisoned()
+                        .contains_key(&volume.name)
+                    {
+                        self.replica_moved
+                            .lock_unpoisoned()
+                            .insert(volume.name.clone());
+                    }
+                    continue;
+                }
+                if !view.members.contains_key(&volume.replica) && !volume.one_copy {
                     // Its replica's node was removed: another keeps it.
                     self.rehome_replica(instance, *token, volume, view).await;
                     continue;
@@ -953,6 +982,29 @@ impl ClusterNode {
             }
         }
         self.tidy_copies(view).await;
+    }
+
+    /// Makes `volume`, which has one copy, this node's alone again: the
+    /// replica a live migration made goes (its node removes the copy once
+    /// the record no longer names it; the replication to it ends).
+    async fn drop_moving_replica(&self, instance: &str, token: i64, volume: &VolumeRecord) {
+        let gone = volume.replica.clone();
+        let dropped = self
+            .update_volume(instance, token, &volume.name, |v| {
+                Ok((v.one_copy && v.replica == gone).then(|| VolumeRecord {
+                    replica: String::new(),
+                    ..v.with_state(ReplicaState::Outdated, None, now_secs())
+                }))
+            })
+            .await;
+        match dropped {
+            Ok(()) => {
+                tracing::info!(volume = %volume.name, %instance, replica = %gone, "the volume has one copy again: the copy a migration made goes")
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e.message, "cannot drop the copy a migration made")
+            }
+        }
     }
 
     /// Chooses a new node for the replica of `volume`, whose node was

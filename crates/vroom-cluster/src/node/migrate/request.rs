@@ -35,12 +35,6 @@ impl ClusterNode {
             .into_iter()
             .map(|(v, _)| v)
             .collect();
-        if let Some(v) = volumes.iter().find(|v| v.one_copy) {
-            return Err(OpError::conflict(format!(
-                "instance {name} cannot move to another node: volume {} has one copy, on node {}, and it stays there (a volume with --replicas 2 follows its instance)",
-                v.name, v.primary
-            )));
-        }
         let fills = volumes::fills_within(volumes.iter().copied(), to);
         if let Some((m, _)) = view.migrations.get(name) {
             return Err(OpError::conflict(format!(

@@ -32,7 +32,7 @@ async fn db_asked_to_c() -> (Fleet, MigrationRecord) {
 }
 
 /// Waits (without passes) until the record names `replica`.
-async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
+pub(super) async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
     for _ in 0..200 {
         let record = volume_record(fleet, "data").await;
         if record.replica == replica {
@@ -43,7 +43,7 @@ async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
     panic!("the replica did not move to {replica}");
 }
 
-fn has_copy(fleet: &Fleet, node: &str) -> bool {
+pub(super) fn has_copy(fleet: &Fleet, node: &str) -> bool {
     fleet.member(node).engine.engine.volume("data").is_ok()
 }
 

@@ -70,7 +70,9 @@ impl Engine {
     pub async fn serve_replica(&self, volume: &str, empty: bool) -> Result<PathBuf, OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self.volume_record(volume)?;
-        if record.replicas < 2 {
+        // A cluster's volume with one copy is served while a live migration
+        // copies it to this node.
+        if record.replicas < 2 && record.node.is_none() {
             return Err(OpError::conflict(format!(
                 "volume {volume} has one copy; it is not replicated"
             )));
