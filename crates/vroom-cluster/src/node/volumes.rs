@@ -999,7 +999,28 @@ impl ClusterNode {
             .await;
         match dropped {
             Ok(()) => {
-                tracing::info!(volume = %volume.name, %instance, replica = %gone, "the volume has one copy again: the copy a migration made goes")
+                tracing::info!(volume = %volume.name, %instance, replica = %gone, "the volume has one copy again: the copy a migration made goes");
+                let running = self
+                    .replications
+                    .lock_unpoisoned()
+                    .get(&volume.name)
+                    .is_some_and(|(_, task)| !task.is_finished());
+                if running {
+                    self.replica_moved
+                        .lock_unpoisoned()
+                        .insert(volume.name.clone());
+                    return;
+                }
+                // A replication a killed daemon left (its relay and QEMU's
+                // mirror job outlive it): its replica's node stops serving
+                // now, and the relay would hold the guest's writes.
+                let control = self.relay_control(&volume.name);
+                release_relay(&control);
+                let engine = self.engine.clone();
+                let (inst, vol) = (instance.to_string(), volume.name.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+                let _ = std::fs::remove_file(mark_path(&control));
             }
             Err(e) => {
                 tracing::warn!(volume = %volume.name, error = %e.message, "cannot drop the copy a migration made")
