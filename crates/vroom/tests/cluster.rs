@@ -2420,7 +2420,10 @@ fn volume_record(lab: &Lab, volume: &str) -> serde_json::Value {
 /// which is the volume's only one afterwards (n2's goes). Then n1's
 /// vroomd, the source, is killed while the copy is made for a move back:
 /// the instance runs once, on the copy the record names as the only one,
-/// with every acknowledged write, and no other copy is left.
+/// with every acknowledged write, and no other copy is left. Then that
+/// node loses power: the instance is not booted on the other node (an
+/// empty disk), `ps` and `inspect` say it waits for its volume's node,
+/// which runs it again once back, with its writes.
 #[test]
 fn a_volume_with_one_copy_pins_its_instance_and_moves_with_it() {
     let _quiet = quiet_host();
@@ -2522,6 +2525,38 @@ fn a_volume_with_one_copy_pins_its_instance_and_moves_with_it() {
         names[on]
     );
     assert_writes_kept(&lab, on, "h1", &more, "after the kill");
+
+    // The volume's node lost (a power loss): h1 is not booted on the
+    // other node, where it would get an empty disk; it waits, and says
+    // for what. Back, its node runs it again, with its writes.
+    lab.power_loss(on);
+    let other = 1 - on;
+    let waiting = poll(Duration::from_secs(20), || {
+        let out = lab.vroom(other, &["--json", "inspect", "h1"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["status"]["waiting"].as_str().map(String::from)
+    })
+    .expect("inspect never said what h1 waits for");
+    assert!(
+        waiting.contains(&format!("waiting for node {}", names[on])) && waiting.contains("files"),
+        "{waiting}"
+    );
+    let ps = lab.ok(other, &["ps"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("h1 ") && l.contains("waiting")),
+        "{ps}"
+    );
+    // Well past the lease (2 s) the waiting began with.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.runs(other, "h1").is_none(),
+        "h1 booted on {} without its volume",
+        names[other]
+    );
+    lab.start(on);
+    runs_only_on(&lab, on, "h1", &ip);
+    assert_writes_kept(&lab, on, "h1", &more, "after its node came back");
     lab.ok(on, &["rm", "-f", "h1"]);
     // Removed through the node without the copy: the volume's node asked.
     lab.ok(1 - on, &["volume", "rm", "files"]);
