@@ -131,6 +131,8 @@ async fn measure(
             size_mib,
             fs: VolumeFs::default(),
             replicas: 1,
+            node: None,
+            replica_node: None,
         })
         .await?;
     let file = vroom_volume::data::volume_file(&data_dir.join("volumes"), &volume.id);

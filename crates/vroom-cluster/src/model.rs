@@ -23,8 +23,9 @@
 //!   fencing token, so that they move with it;
 //! - `migrations/<name>`: a live migration under way ([`MigrationRecord`]),
 //!   bound to the lease of the node that asked for it;
-//! - `volumes/<name>`: a volume kept on two nodes ([`VolumeRecord`]): which
-//!   copy is the primary, and how far the replica is; changed only under
+//! - `volumes/<name>`: a cluster's volume ([`VolumeRecord`]): kept on two
+//!   nodes, which copy is the primary and how far the replica is; or, with
+//!   `one_copy`, the one node that keeps it (`primary`); changed only under
 //!   the fencing token of the instance that uses it (or, unused, by its
 //!   creation and removal).
 
@@ -224,9 +225,14 @@ mod tests {
     }
 }
 
-/// A volume kept on two nodes. Each node keeps its copy as a local volume
-/// of the same name; this record says which copy is the primary (the one
-/// an instance may use) and whether the other has every acknowledged write.
+/// A cluster's volume. Each node that keeps a copy keeps it as a local
+/// volume of the same name; this record says which copy is the primary
+/// (the one an instance may use) and whether the other has every
+/// acknowledged write.
+///
+/// A volume with one copy (`one_copy`) is kept by `primary` alone and has
+/// no replica (`replica` is empty, `state` `Outdated`: never promoted), so
+/// its instance runs on that node and nowhere else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub name: String,
@@ -234,6 +240,9 @@ pub struct VolumeRecord {
     pub fs: VolumeFs,
     pub primary: String,
     pub replica: String,
+    /// One copy, on `primary`'s node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_copy: bool,
     pub state: ReplicaState,
     /// Rises on every change of primary.
     pub epoch: u64,
@@ -249,6 +258,11 @@ pub struct VolumeRecord {
 }
 
 impl VolumeRecord {
+    /// Whether a second copy is kept: a volume with one copy has none.
+    pub fn replicated(&self) -> bool {
+        !self.replica.is_empty()
+    }
+
     /// The record with the replica in `state`, for `reason`.
     pub fn with_state(&self, state: ReplicaState, reason: Option<String>, now: u64) -> Self {
         VolumeRecord {
@@ -261,7 +275,20 @@ impl VolumeRecord {
 
     /// The record after the replica's node took over: it is the primary
     /// (a new epoch), and the old primary's copy misses what comes next.
+    /// A volume with one copy, whose replica was made for a live
+    /// migration, is the new primary's alone: the old copy goes.
     pub fn promoted(&self, now: u64) -> Self {
+        if self.one_copy {
+            return VolumeRecord {
+                primary: self.replica.clone(),
+                replica: String::new(),
+                epoch: self.epoch + 1,
+                state: ReplicaState::Outdated,
+                reason: None,
+                since: now,
+                ..self.clone()
+            };
+        }
         VolumeRecord {
             primary: self.replica.clone(),
             replica: self.primary.clone(),

@@ -173,6 +173,15 @@ pub struct ClusterNode {
     paused_replications: Mutex<BTreeMap<String, String>>,
 }
 
+/// What node `node` answered to a request this node passed on: its own
+/// error as it is, or why it could not be asked.
+fn peer_error(node: &str, e: vroom_client::ClientError) -> OpError {
+    match e {
+        vroom_client::ClientError::Api { code, message, .. } => OpError::new(code, message),
+        e => OpError::new(ErrorCode::Conflict, format!("cannot ask node {node}: {e}")),
+    }
+}
+
 fn etcd_error(context: &str, e: StoreError) -> OpError {
     OpError::new(ErrorCode::Internal, format!("{context}: {e}"))
 }

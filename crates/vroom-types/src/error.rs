@@ -159,6 +159,8 @@ pub enum InvalidInputError {
     VolumeAttach { raw: String },
     #[error("invalid listen address {raw:?}: {reason}")]
     ExportAddress { raw: String, reason: &'static str },
+    #[error("a volume with one copy has no replica: --replica-node needs --replicas 2")]
+    ReplicaNodeWithOneCopy,
 }
 
 #[cfg(test)]

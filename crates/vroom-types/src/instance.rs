@@ -251,6 +251,11 @@ pub struct InstanceStatus {
     /// NAME`, or `warm IMAGE` for a warm start; absent after a cold boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_from: Option<String>,
+    /// In a cluster: why no node runs it now, while it waits for one
+    /// (`waiting for node n1 (lost), which holds volume db-data's only
+    /// copy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl InstanceStatus {
@@ -264,6 +269,7 @@ impl InstanceStatus {
             restarts: 0,
             last_error: None,
             started_from: None,
+            waiting: None,
         }
     }
 }

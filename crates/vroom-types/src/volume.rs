@@ -200,6 +200,14 @@ pub struct VolumeCreateRequest {
         deserialize_with = "crate::json_int::required"
     )]
     pub replicas: u8,
+    /// In a cluster: the node that keeps the volume (with 2 replicas, its
+    /// primary copy); the node asked when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    /// In a cluster, with 2 replicas: the node that keeps the replica; the
+    /// scheduler chooses when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_node: Option<Name>,
 }
 
 fn one_replica() -> u8 {
@@ -216,6 +224,9 @@ impl VolumeCreateRequest {
                 min: 1,
                 max: 2,
             });
+        }
+        if self.replicas < 2 && self.replica_node.is_some() {
+            return Err(InvalidInputError::ReplicaNodeWithOneCopy);
         }
         Ok(())
     }
@@ -259,6 +270,10 @@ pub struct Volume {
     /// cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<VolumeReplication>,
+    /// The node that keeps it, for a cluster's volume with one copy: its
+    /// instance runs there and nowhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A volume kept on two nodes: the primary's copy is the one its instance

@@ -652,6 +652,15 @@ pub enum VolumeOp {
         /// Copies on distinct nodes: 1, or 2 in a cluster.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         replicas: u8,
+        /// In a cluster: the node that keeps it (with 2 replicas, its
+        /// primary copy); an instance using a volume with one copy runs
+        /// there only. Default: the node asked.
+        #[arg(long)]
+        node: Option<Name>,
+        /// In a cluster, with --replicas 2: the node that keeps the
+        /// replica. Default: the one with the most free memory.
+        #[arg(long)]
+        replica_node: Option<Name>,
     },
     /// List volumes, their size, use of the host's disk and instance.
     Ls,

@@ -203,6 +203,9 @@ fn show_instance(i: &Instance) {
     if let Some(error) = &status.last_error {
         println!("{:<10} {error}", "error:");
     }
+    if let Some(why) = &status.waiting {
+        println!("{:<10} {why}", "waiting:");
+    }
     if let Some(health) = &i.health {
         println!("{:<10} {}", "health:", health_line(health));
     }
@@ -292,7 +295,12 @@ pub async fn ps(client: &Client, json: bool) -> Result<()> {
         let mut row = vec![
             i.spec.name.to_string(),
             i.image_name.clone(),
-            i.status.state.to_string(),
+            match &i.status.waiting {
+                // The cluster runs it nowhere now: `waiting`, and why in
+                // `inspect`.
+                Some(_) => "waiting".to_string(),
+                None => i.status.state.to_string(),
+            },
             i.status
                 .pid
                 .map(|p| p.to_string())

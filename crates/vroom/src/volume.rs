@@ -14,12 +14,32 @@ fn replica_text(v: &Volume) -> String {
         .map_or_else(|| "-".into(), |r| format!("{} {}", r.replica, r.state))
 }
 
+/// The node of a cluster's volume: its primary copy's, or its only copy's.
+fn node_text(v: &Volume) -> String {
+    v.replication
+        .as_ref()
+        .map(|r| r.primary.clone())
+        .or_else(|| v.node.clone())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Where a new cluster volume is: ` on node n1` (and ` and n2`).
+fn where_text(v: &Volume) -> String {
+    match (&v.replication, &v.node) {
+        (Some(r), _) => format!(" on nodes {} and {}", r.primary, r.replica),
+        (None, Some(node)) => format!(" on node {node}"),
+        (None, None) => String::new(),
+    }
+}
+
 pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
     match op {
         VolumeOp::Create {
             name,
             size,
             replicas,
+            node,
+            replica_node,
         } => {
             let volume = client
                 .create_volume(&VolumeCreateRequest {
@@ -27,16 +47,19 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                     size_mib: *size,
                     fs: VolumeFs::Ext4,
                     replicas: *replicas,
+                    node: node.clone(),
+                    replica_node: replica_node.clone(),
                 })
                 .await?;
             if json {
                 output::json(&volume);
             } else {
                 println!(
-                    "volume {} created: {} {}",
+                    "volume {} created: {} {}{}",
                     volume.name,
                     size_text(volume.size_mib),
-                    volume.fs.as_str()
+                    volume.fs.as_str(),
+                    where_text(&volume)
                 );
             }
         }
@@ -49,6 +72,7 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 "USED ON DISK",
                 "FS",
                 "INSTANCE",
+                "NODE",
                 "REPLICA",
                 "EXPORT",
                 "CREATED",
@@ -60,6 +84,7 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                     output::bytes(v.allocated_bytes),
                     v.fs.as_str().to_string(),
                     attached(v),
+                    node_text(v),
                     replica_text(v),
                     v.export
                         .as_ref()
@@ -79,6 +104,9 @@ pub async fn volume(client: &Client, op: &VolumeOp, json: bool) -> Result<()> {
                 println!("{:<12} {}", "on disk:", output::bytes(v.allocated_bytes));
                 println!("{:<12} {}", "fs:", v.fs.as_str());
                 println!("{:<12} {}", "replicas:", v.replicas);
+                if let Some(node) = &v.node {
+                    println!("{:<12} {node} (its only copy)", "node:");
+                }
                 println!("{:<12} {}", "instance:", attached(&v));
                 println!("{:<12} {}", "created:", output::ago(v.created_at));
                 if let Some(r) = &v.replication {

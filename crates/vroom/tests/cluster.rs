@@ -2147,6 +2147,55 @@ fn copies_of(lab: &Lab, volume: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Asks through node `via` for the migration of `instance` (answering on
+/// `ip`) to node `to`, and SIGKILLs vroomd on `source` (then starts it
+/// again) once `volume`'s record names `to` as its replica: the copy is
+/// under way. Returns what the migration said and the node the instance
+/// then runs on, once.
+fn kill_source_during_copy(
+    lab: &Lab,
+    (via, instance, ip): (usize, &str, &str),
+    volume: &str,
+    to: &str,
+    source: usize,
+) -> (String, usize) {
+    let child = lab
+        .command(via)
+        .args(["migrate", instance, "--to", to])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let moving = poll(Duration::from_secs(30), || {
+        lab.etcd_get(&format!("/vroom/volumes/{volume}"))
+            .filter(|v| v.contains(&format!(r#""replica":"{to}""#)))
+            .map(|_| ())
+    });
+    assert!(
+        moving.is_some(),
+        "volume {volume}'s copy never started on {to}"
+    );
+    lab.kill_daemon(source);
+    lab.start(source);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let nodes = lab.nodes.len();
+    let on = poll(Duration::from_secs(60), || {
+        let on: Vec<usize> = (0..nodes)
+            .filter(|&i| lab.runs(i, instance).is_some())
+            .collect();
+        (on.len() == 1 && lab.page_from(on[0], ip).is_some()).then(|| on[0])
+    })
+    .unwrap_or_else(|| {
+        panic!("{instance} does not run once after the source's vroomd was killed ({said})")
+    });
+    (said, on)
+}
+
 /// Issue 25: a live migration to a node that holds no copy of the
 /// instance's replicated volume moves the replica there first (filled
 /// while the guest writes), then swaps the roles; the old replica's copy
@@ -2237,34 +2286,7 @@ fn a_replicated_volume_moves_to_a_node_without_a_copy() {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = write_in_background(&lab, "h1", acked.last().copied().unwrap_or(0), &stop);
     std::thread::sleep(Duration::from_secs(1));
-    let child = lab
-        .command(0)
-        .args(["migrate", "h1", "--to", names[r]])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let moving = poll(Duration::from_secs(30), || {
-        lab.etcd_get("/vroom/volumes/data")
-            .filter(|v| v.contains(&format!(r#""replica":"{}""#, names[r])))
-            .map(|_| ())
-    });
-    assert!(moving.is_some(), "the replica never moved to {}", names[r]);
-    lab.kill_daemon(bare);
-    lab.start(bare);
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    let on = poll(Duration::from_secs(60), || {
-        let on: Vec<usize> = (0..3).filter(|&i| lab.runs(i, "h1").is_some()).collect();
-        (on.len() == 1 && lab.page_from(on[0], &ip).is_some()).then(|| on[0])
-    })
-    .unwrap_or_else(|| {
-        panic!("h1 does not run once after the source's vroomd was killed ({said})")
-    });
+    let (said, on) = kill_source_during_copy(&lab, (0, "h1", &ip), "data", names[r], bare);
     eprintln!(
         "source killed during the replica's move: {said}; h1 runs on {}",
         names[on]
@@ -2381,6 +2403,167 @@ fn a_replicated_volume_moves_to_a_node_without_a_copy() {
     );
     lab.ok(0, &["node", "uncordon", names[other]]);
     lab.ok(0, &["node", "uncordon", names[on]]);
+}
+
+/// The volume's record in etcd, as JSON.
+fn volume_record(lab: &Lab, volume: &str) -> serde_json::Value {
+    let raw = lab
+        .etcd_get(&format!("/vroom/volumes/{volume}"))
+        .unwrap_or_else(|| panic!("volume {volume} has no record"));
+    serde_json::from_str(&raw).unwrap()
+}
+
+/// Issue 25: a volume with one copy in a cluster. Made on n2 through n1
+/// (`--node n2`), both nodes list it there, and an instance using it,
+/// asked for through n1, runs on n2. A live migration to n1 under writes
+/// copies the volume there: every acknowledged write is on n1's copy,
+/// which is the volume's only one afterwards (n2's goes). Then n1's
+/// vroomd, the source, is killed while the copy is made for a move back:
+/// the instance runs once, on the copy the record names as the only one,
+/// with every acknowledged write, and no other copy is left. Then that
+/// node loses power: the instance is not booted on the other node (an
+/// empty disk), `ps` and `inspect` say it waits for its volume's node,
+/// which runs it again once back, with its writes.
+#[test]
+fn a_volume_with_one_copy_pins_its_instance_and_moves_with_it() {
+    let _quiet = quiet_host();
+    let lab = two_nodes_with_hello();
+    let names = ["n1", "n2"];
+    let refused = lab.fail(
+        0,
+        &[
+            "volume",
+            "create",
+            "odd",
+            "--size",
+            "64M",
+            "--replica-node",
+            "n2",
+        ],
+    );
+    assert!(refused.contains("--replicas 2"), "{refused}");
+    lab.ok(
+        0,
+        &["volume", "create", "files", "--size", "64M", "--node", "n2"],
+    );
+    for i in 0..2 {
+        let out = lab.ok(i, &["--json", "volume", "inspect", "files"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (&v["node"], &v["replicas"]),
+            (&"n2".into(), &1.into()),
+            "{v}"
+        );
+    }
+    assert_eq!(copies_of(&lab, "files"), [1]);
+    lab.ok(
+        0,
+        &[
+            "run",
+            "hello",
+            "--name",
+            "h1",
+            "--ha",
+            "restart",
+            "--volume",
+            "files:/var/data",
+        ],
+    );
+    let ip = ip_of(&lab, 0, "h1");
+    runs_only_on(&lab, 1, "h1", &ip);
+
+    // Under writes, to the node without a copy.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_in_background(&lab, "h1", 0, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    let took = Instant::now();
+    let said = lab.ok(0, &["migrate", "h1", "--to", "n1"]);
+    eprintln!("{} ({:?})", said.trim(), took.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.join().unwrap();
+    runs_only_on(&lab, 0, "h1", &ip);
+    assert_writes_kept(&lab, 0, "h1", &acked, "after the move");
+    let record = volume_record(&lab, "files");
+    assert_eq!(
+        (&record["primary"], &record["replica"], &record["one_copy"]),
+        (&"n1".into(), &"".into(), &true.into()),
+        "{record}"
+    );
+    let gone = poll(Duration::from_secs(20), || {
+        (copies_of(&lab, "files") == [0]).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "copies on {:?} after the move",
+        copies_of(&lab, "files")
+    );
+
+    // The source's vroomd killed while the copy is made for a move back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = write_in_background(&lab, "h1", acked.last().copied().unwrap_or(0), &stop);
+    std::thread::sleep(Duration::from_secs(1));
+    let (said, on) = kill_source_during_copy(&lab, (1, "h1", &ip), "files", "n2", 0);
+    eprintln!(
+        "source killed during the copy: {said}; h1 runs on {}",
+        names[on]
+    );
+    stop.store(true, Ordering::SeqCst);
+    let more = writer.join().unwrap();
+    let settled = poll(Duration::from_secs(30), || {
+        let record = volume_record(&lab, "files");
+        (record["primary"] == names[on]
+            && record["replica"] == ""
+            && copies_of(&lab, "files") == [on])
+        .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "the record {} and copies on {:?}: not one copy on {}",
+        volume_record(&lab, "files"),
+        copies_of(&lab, "files"),
+        names[on]
+    );
+    assert_writes_kept(&lab, on, "h1", &more, "after the kill");
+
+    // The volume's node lost (a power loss): h1 is not booted on the
+    // other node, where it would get an empty disk; it waits, and says
+    // for what. Back, its node runs it again, with its writes.
+    lab.power_loss(on);
+    let other = 1 - on;
+    let waiting = poll(Duration::from_secs(20), || {
+        let out = lab.vroom(other, &["--json", "inspect", "h1"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["status"]["waiting"].as_str().map(String::from)
+    })
+    .expect("inspect never said what h1 waits for");
+    assert!(
+        waiting.contains(&format!("waiting for node {}", names[on])) && waiting.contains("files"),
+        "{waiting}"
+    );
+    let ps = lab.ok(other, &["ps"]);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with("h1 ") && l.contains("waiting")),
+        "{ps}"
+    );
+    // Well past the lease (2 s) the waiting began with.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        lab.runs(other, "h1").is_none(),
+        "h1 booted on {} without its volume",
+        names[other]
+    );
+    lab.start(on);
+    runs_only_on(&lab, on, "h1", &ip);
+    assert_writes_kept(&lab, on, "h1", &more, "after its node came back");
+    lab.ok(on, &["rm", "-f", "h1"]);
+    // Removed through the node without the copy: the volume's node asked.
+    lab.ok(1 - on, &["volume", "rm", "files"]);
+    let removed = poll(Duration::from_secs(10), || {
+        copies_of(&lab, "files").is_empty().then_some(())
+    });
+    assert!(removed.is_some() && lab.etcd_get("/vroom/volumes/files").is_none());
 }
 
 /// What `service inspect` says of `name` on node `i`.

@@ -274,7 +274,12 @@ impl ClusterNode {
     pub async fn instance(&self, name: &str) -> Result<Option<Instance>, OpError> {
         let mut view = self.view().await?;
         let config = view.configs.remove(name);
-        Ok(view.statuses.remove(name).and_then(|s| placed(s, config)))
+        let waiting = Self::waiting_reason(&view, name);
+        Ok(view
+            .statuses
+            .remove(name)
+            .and_then(|s| placed(s, config))
+            .map(|i| with_waiting(i, waiting)))
     }
 
     pub async fn instances(&self) -> Result<Vec<Instance>, OpError> {
@@ -282,8 +287,28 @@ impl ClusterNode {
         let statuses = std::mem::take(&mut view.statuses);
         Ok(statuses
             .into_iter()
-            .filter_map(|(name, s)| placed(s, view.configs.remove(&name)))
+            .filter_map(|(name, s)| {
+                let waiting = Self::waiting_reason(&view, &name);
+                placed(s, view.configs.remove(&name)).map(|i| with_waiting(i, waiting))
+            })
             .collect())
+    }
+
+    /// Why instance `name`, which no node owns, is not placed, when the
+    /// cluster knows: a volume's only copy is on a node that is gone.
+    fn waiting_reason(view: &View, name: &str) -> Option<String> {
+        if view.owners.contains_key(name) {
+            return None;
+        }
+        let (record, _) = view.instances.get(name)?;
+        if record.desired != DesiredState::Running || record.removing {
+            return None;
+        }
+        let volumes: Vec<&VolumeRecord> = Self::volumes_of(view, record)
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        volumes::waiting_for_volume(view, &volumes)
     }
 
     pub fn node_name(&self) -> &str {
@@ -299,24 +324,16 @@ impl ClusterNode {
         query: &vroom_types::EventQuery,
     ) -> Result<tokio::sync::mpsc::Receiver<vroom_types::EventLine>, OpError> {
         let view = self.view().await?;
-        let Some((record, _)) = view.nodes.get(name) else {
+        if !view.nodes.contains_key(name) {
             return Err(OpError::not_found("node", name));
-        };
-        let ip = super::advertised_ip(&record.advertise).ok_or_else(|| {
-            OpError::internal(
-                format!("node {name} advertises no address"),
-                std::io::Error::other(record.advertise.clone()),
-            )
-        })?;
-        let addr = std::net::SocketAddr::new(ip.into(), vroom_client::tls::API_PORT);
+        }
         let unreachable = |e: vroom_client::ClientError| {
             OpError::new(
                 ErrorCode::Conflict,
                 format!("cannot read node {name}'s events: {e}"),
             )
         };
-        let client = vroom_client::Client::remote(&addr.to_string(), &self.tls_dir())
-            .map_err(unreachable)?;
+        let client = self.peer_api(&view, name).map_err(unreachable)?;
         let mut lines = client.events(query).await.map_err(unreachable)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(async move {
@@ -327,6 +344,25 @@ impl ClusterNode {
             }
         });
         Ok(rx)
+    }
+
+    /// A client of live node `name`'s mutual-TLS API, as this node.
+    pub(super) fn peer_api(
+        &self,
+        view: &View,
+        name: &str,
+    ) -> Result<vroom_client::Client, vroom_client::ClientError> {
+        let unreachable = |reason: &str| vroom_client::ClientError::Remote {
+            host: name.to_string(),
+            reason: reason.to_string(),
+        };
+        let Some((record, _)) = view.nodes.get(name) else {
+            return Err(unreachable("the node is not live"));
+        };
+        let ip = super::advertised_ip(&record.advertise)
+            .ok_or_else(|| unreachable("the node advertises no address"))?;
+        let addr = std::net::SocketAddr::new(ip.into(), vroom_client::tls::API_PORT);
+        vroom_client::Client::remote(&addr.to_string(), &self.tls_dir())
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, OpError> {
@@ -507,6 +543,17 @@ impl ClusterNode {
             let _ = self.engine.remove(name, true).await;
         }
     }
+}
+
+/// An instance the cluster does not place now, with why (its last
+/// published state is not what it is now: nothing runs it).
+fn with_waiting(mut instance: Instance, waiting: Option<String>) -> Instance {
+    if let Some(why) = waiting {
+        instance.status.state = InstanceState::Stopped;
+        instance.status.pid = None;
+        instance.status.waiting = Some(why);
+    }
+    instance
 }
 
 /// A published instance, with the node that published it.

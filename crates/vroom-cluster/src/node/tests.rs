@@ -611,6 +611,8 @@ async fn replicated_volume(fleet: &Fleet, name: &str, state: ReplicaState) {
         size_mib: 16,
         fs: vroom_types::VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     for node in ["a", "b"] {
         let member = fleet.member(node);
@@ -646,6 +648,7 @@ async fn set_volume_state(fleet: &Fleet, name: &str, state: ReplicaState) {
             fs: vroom_types::VolumeFs::Ext4,
             primary: "a".into(),
             replica: "b".into(),
+            one_copy: false,
             state,
             epoch: 1,
             since: now_secs(),
@@ -762,6 +765,8 @@ async fn a_copy_without_its_record_is_removed() {
         size_mib: 16,
         fs: vroom_types::VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     a.create_volume_copy(&req).await.unwrap();
     fleet.passes().await;
@@ -852,6 +857,7 @@ async fn a_removed_replica_node_is_replaced_and_a_sole_copy_is_kept() {
 }
 
 mod moving;
+mod one_copy;
 mod peers;
 mod services;
 
@@ -875,6 +881,8 @@ async fn a_pass_with_a_view_older_than_a_new_volume_keeps_its_copy() {
         size_mib: 16,
         fs: vroom_types::VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     a.node.create_volume(req).await.unwrap();
     a.node.tidy_copies(&before).await;

@@ -1,4 +1,14 @@
-//! Volumes kept on two nodes (`vroom volume create NAME --replicas 2`).
+//! A cluster's volumes: kept on two nodes (`vroom volume create NAME
+//! --replicas 2`), or on one (`--replicas 1`, the default), which pins the
+//! instance that uses it to that node.
+//!
+//! A volume with one copy is recorded like a replicated one, with its node
+//! as the primary and no replica ([`VolumeRecord::one_copy`]): every node
+//! lists it, the scheduler places its instance on that node only (HA
+//! `restart` restarts it there; `standby` is refused: nowhere to fail over
+//! to), and while that node is lost the instance waits, saying so, rather
+//! than boot elsewhere on an empty disk. A live migration copies it to the
+//! destination first, as a replica ([`moving`]).
 //!
 //! Each of the two nodes keeps its copy as a local volume of the same name;
 //! the record `volumes/<name>` ([`VolumeRecord`]) says which copy is the
@@ -93,7 +103,7 @@ pub(super) fn volume_home(view: &View, volumes: &[&VolumeRecord]) -> Option<Stri
     for v in volumes {
         let here = if usable(&v.primary) {
             v.primary.clone()
-        } else if v.state == ReplicaState::UpToDate && usable(&v.replica) {
+        } else if v.replicated() && v.state == ReplicaState::UpToDate && usable(&v.replica) {
             v.replica.clone()
         } else {
             return None;
@@ -104,6 +114,25 @@ pub(super) fn volume_home(view: &View, volumes: &[&VolumeRecord]) -> Option<Stri
         }
     }
     home
+}
+
+/// Why an instance using `volumes` is not placed, when a volume's only
+/// copy is on a node that cannot take it now: it waits for that node.
+pub(super) fn waiting_for_volume(view: &View, volumes: &[&VolumeRecord]) -> Option<String> {
+    volumes.iter().filter(|v| v.one_copy).find_map(|v| {
+        let state = view.node_state(&v.primary);
+        (state != NodeState::Ready).then(|| {
+            format!(
+                "waiting for node {} ({}), which holds volume {}'s only copy",
+                v.primary,
+                match state {
+                    NodeState::Cordoned => "cordoned",
+                    _ => "lost",
+                },
+                v.name
+            )
+        })
+    })
 }
 
 /// What ended a replication.
@@ -129,9 +158,10 @@ impl ClusterNode {
             .collect()
     }
 
-    /// A new cluster instance's volumes: each kept on two nodes (a local
-    /// volume would not follow it), unused, and all with their primary on
-    /// the node it is asked to run on, if any.
+    /// A new cluster instance's volumes: each the cluster's (a local
+    /// volume would not follow it), unused, and all with their primary (or
+    /// only) copy on one node, the one it is asked to run on, if any; a
+    /// volume with one copy also needs its node up, and no `--ha standby`.
     pub(super) fn check_volumes(&self, req: &RunRequest, view: &View) -> Result<(), OpError> {
         let mut primaries = BTreeSet::new();
         for attach in &req.spec.volumes {
@@ -140,7 +170,7 @@ impl ClusterNode {
                 return Err(OpError::new(
                     ErrorCode::HostUnsupported,
                     format!(
-                        "{} (volume {name} is not kept on two nodes)",
+                        "{} (volume {name} is not the cluster's)",
                         vroom_core::engine::VOLUMES_STAY_LOCAL
                     ),
                 ));
@@ -149,6 +179,24 @@ impl ClusterNode {
                 return Err(OpError::conflict(format!(
                     "volume {name} is attached to instance {user}"
                 )));
+            }
+            if volume.one_copy {
+                let node = &volume.primary;
+                if req.placement.ha == HaPolicy::Standby {
+                    return Err(OpError::conflict(format!(
+                        "--ha standby needs another node to fail over to, and volume {name} has one copy, on node {node}: use --ha restart (it restarts there), or a volume with --replicas 2"
+                    )));
+                }
+                if let Some(asked) = req.placement.node.as_ref().filter(|n| n.as_str() != node) {
+                    return Err(OpError::conflict(format!(
+                        "volume {name} has one copy, on node {node}: an instance using it runs there, not on {asked}"
+                    )));
+                }
+                if view.node_state(node) != NodeState::Ready {
+                    return Err(OpError::conflict(format!(
+                        "volume {name} has one copy, on node {node}, which is down or cordoned"
+                    )));
+                }
             }
             primaries.insert(volume.primary.clone());
         }
@@ -224,6 +272,8 @@ impl ClusterNode {
                     size_mib: decl.size_mib,
                     fs: decl.fs,
                     replicas: 2,
+                    node: None,
+                    replica_node: None,
                 };
                 if let Err(e) = self.create_volume(req).await {
                     self.remove_made(&made).await;
@@ -252,33 +302,68 @@ impl ClusterNode {
         }
     }
 
-    /// Makes a volume; with two replicas, this node's copy is the primary
-    /// and another node keeps the replica.
-    pub async fn create_volume(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
-        if req.replicas < 2 {
-            return self.engine.create_volume(req).await;
-        }
+    /// Makes a volume on node `req.node` (this one when absent; another is
+    /// asked over its API): with one copy, kept there alone; with two
+    /// replicas, that copy is the primary and another node (`replica_node`,
+    /// or the one with the most free memory) keeps the replica.
+    pub async fn create_volume(&self, mut req: VolumeCreateRequest) -> Result<Volume, OpError> {
         req.validate()?;
         let name = req.name.to_string();
         let view = self.view().await?;
-        if view.volumes.contains_key(&name) || self.engine.volume(&name).is_ok() {
+        let node = req
+            .node
+            .as_ref()
+            .map_or_else(|| self.name.clone(), |n| n.to_string());
+        Self::check_volume_node(&view, &node, "")?;
+        if let Some(replica) = &req.replica_node {
+            if replica.as_str() == node {
+                return Err(OpError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("the replica must be on another node than the primary ({node})"),
+                ));
+            }
+            Self::check_volume_node(&view, replica.as_str(), "replica ")?;
+        }
+        if view.volumes.contains_key(&name) {
             return Err(OpError::new(
                 ErrorCode::AlreadyExists,
                 format!("a volume named {name} already exists"),
             ));
         }
-        let candidates = view.candidates();
-        let replica = candidates
-            .values()
-            .filter(|c| c.name != self.name && c.state == NodeState::Ready)
-            .max_by_key(|c| c.mem_free_mib)
-            .map(|c| c.name.clone())
-            .ok_or_else(|| {
-                OpError::new(
-                    ErrorCode::HostUnsupported,
-                    "a volume with 2 replicas needs a second node that is up and not cordoned; this cluster has none",
-                )
+        if node != self.name {
+            let client = self.peer_api(&view, &node).map_err(|e| {
+                OpError::new(ErrorCode::Conflict, format!("cannot ask node {node}: {e}"))
             })?;
+            return client
+                .create_volume(&req)
+                .await
+                .map_err(|e| peer_error(&node, e));
+        }
+        if self.engine.volume(&name).is_ok() {
+            return Err(OpError::new(
+                ErrorCode::AlreadyExists,
+                format!("a volume named {name} already exists"),
+            ));
+        }
+        req.node = Some(Name::new(&self.name)?);
+        if req.replicas < 2 {
+            return self.create_one_copy(req).await;
+        }
+        let replica = match &req.replica_node {
+            Some(r) => r.to_string(),
+            None => view
+                .candidates()
+                .values()
+                .filter(|c| c.name != self.name && c.state == NodeState::Ready)
+                .max_by_key(|c| c.mem_free_mib)
+                .map(|c| c.name.clone())
+                .ok_or_else(|| {
+                    OpError::new(
+                        ErrorCode::HostUnsupported,
+                        "a volume with 2 replicas needs a second node that is up and not cordoned; this cluster has none",
+                    )
+                })?,
+        };
         self.creating_volumes
             .lock_unpoisoned()
             .insert(name.clone(), Instant::now());
@@ -298,6 +383,46 @@ impl ClusterNode {
         self.volume_view(&record, self.engine.volume(&name).ok())
     }
 
+    /// Refuses to keep a volume's copy (`role`: "" or "replica ") on node
+    /// `node` unless it is a member that is up and not cordoned.
+    fn check_volume_node(view: &View, node: &str, role: &str) -> Result<(), OpError> {
+        match view.node_info(node) {
+            None => Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("{role}node {node} is not in the cluster"),
+            )),
+            Some(n) if !n.alive => Err(OpError::conflict(format!(
+                "{role}node {node} is down; a volume is made on a live node"
+            ))),
+            Some(n) if n.cordoned => Err(OpError::conflict(format!(
+                "{role}node {node} is cordoned; a volume is made on a node that takes instances"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Makes a volume with one copy, on this node, and records it.
+    async fn create_one_copy(&self, req: VolumeCreateRequest) -> Result<Volume, OpError> {
+        let name = req.name.to_string();
+        self.creating_volumes
+            .lock_unpoisoned()
+            .insert(name.clone(), Instant::now());
+        let made = self.record_new_volume(&req, "").await;
+        {
+            let mut creating = self.creating_volumes.lock_unpoisoned();
+            match &made {
+                Ok(_) => creating.insert(name.clone(), Instant::now()),
+                Err(_) => creating.remove(&name),
+            };
+        }
+        let record = made?;
+        tracing::info!(volume = %name, node = %self.name, "volume with one copy created");
+        self.volume_view(&record, self.engine.volume(&name).ok())
+    }
+
+    /// Makes this node's copy and records the volume (`replica`: empty for
+    /// a volume with one copy); the copy goes again when the record cannot
+    /// be written.
     async fn record_new_volume(
         &self,
         req: &VolumeCreateRequest,
@@ -312,10 +437,12 @@ impl ClusterNode {
             fs: req.fs,
             primary: self.name.clone(),
             replica: replica.to_string(),
+            one_copy: replica.is_empty(),
             state: ReplicaState::Outdated,
             epoch: 1,
             since: now,
-            reason: Some("not synced yet: its first copy is made when an instance uses it".into()),
+            reason: (!replica.is_empty())
+                .then(|| "not synced yet: its first copy is made when an instance uses it".into()),
             created_at: now,
             last_sync: None,
         };
@@ -348,6 +475,22 @@ impl ClusterNode {
             return Err(OpError::conflict(format!(
                 "volume {name} is attached to instance {user}; remove the instance first (its volumes stay unless `rm --volumes`)"
             )));
+        }
+        let (record, _) = &view.volumes[name];
+        if record.one_copy
+            && record.primary != self.name
+            && view.nodes.contains_key(&record.primary)
+        {
+            // Its node removes the copy and the record; a node that is
+            // down removes its copy when it sees the record gone.
+            let node = &record.primary;
+            let client = self.peer_api(&view, node).map_err(|e| {
+                OpError::new(ErrorCode::Conflict, format!("cannot ask node {node}: {e}"))
+            })?;
+            return client
+                .remove_volume(name)
+                .await
+                .map_err(|e| peer_error(node, e));
         }
         let txn = Txn::new()
             .when([Compare::mod_revision(kv.key.clone(), kv.mod_revision)])
@@ -406,9 +549,9 @@ impl ClusterNode {
         }
     }
 
-    /// A replicated volume as the API shows it: this node's copy (if it
-    /// has one) with where both copies are; a sync this node runs says how
-    /// far it is.
+    /// A cluster's volume as the API shows it: this node's copy (if it has
+    /// one) with where its copies are; a sync this node runs says how far
+    /// it is.
     fn volume_view(&self, record: &VolumeRecord, copy: Option<Volume>) -> Result<Volume, OpError> {
         let mut volume = match copy {
             Some(v) => v,
@@ -424,8 +567,17 @@ impl ClusterNode {
                 snapshots: vec![],
                 export: None,
                 replication: None,
+                node: None,
             },
         };
+        if record.one_copy {
+            volume.replicas = 1;
+            volume.node = Some(record.primary.clone());
+            if !record.replicated() {
+                return Ok(volume);
+            }
+            // A live migration copies it to its replica: shown as one.
+        }
         let progress = volume
             .attached_to
             .as_ref()
@@ -529,7 +681,12 @@ impl ClusterNode {
         for (volume, kv) in records {
             let back = VolumeRecord {
                 primary: to.to_string(),
-                replica: self.name.clone(),
+                // A volume with one copy is the source's alone again: this
+                // node's copy goes.
+                replica: match volume.one_copy {
+                    true => String::new(),
+                    false => self.name.clone(),
+                },
                 epoch: volume.epoch + 1,
                 ..volume.with_state(
                     ReplicaState::Outdated,
@@ -706,7 +863,27 @@ impl ClusterNode {
                 if volume.primary != self.name {
                     continue;
                 }
-                if !view.members.contains_key(&volume.replica) {
+                let migrating = self.migrating.lock_unpoisoned().contains(instance);
+                if volume.one_copy && volume.replicated() && !migrating {
+                    // The replica a live migration made and did not use
+                    // (it failed, or a killed daemon left it): the volume
+                    // is this copy's alone again.
+                    self.drop_moving_replica(instance, *token, volume).await;
+                    continue;
+                }
+                if !volume.replicated() {
+                    if self
+                        .replications
+                        .lock_unpoisoned()
+                        .contains_key(&volume.name)
+                    {
+                        self.replica_moved
+                            .lock_unpoisoned()
+                            .insert(volume.name.clone());
+                    }
+                    continue;
+                }
+                if !view.members.contains_key(&volume.replica) && !volume.one_copy {
                     // Its replica's node was removed: another keeps it.
                     self.rehome_replica(instance, *token, volume, view).await;
                     continue;
@@ -807,6 +984,50 @@ impl ClusterNode {
         self.tidy_copies(view).await;
     }
 
+    /// Makes `volume`, which has one copy, this node's alone again: the
+    /// replica a live migration made goes (its node removes the copy once
+    /// the record no longer names it; the replication to it ends).
+    async fn drop_moving_replica(&self, instance: &str, token: i64, volume: &VolumeRecord) {
+        let gone = volume.replica.clone();
+        let dropped = self
+            .update_volume(instance, token, &volume.name, |v| {
+                Ok((v.one_copy && v.replica == gone).then(|| VolumeRecord {
+                    replica: String::new(),
+                    ..v.with_state(ReplicaState::Outdated, None, now_secs())
+                }))
+            })
+            .await;
+        match dropped {
+            Ok(()) => {
+                tracing::info!(volume = %volume.name, %instance, replica = %gone, "the volume has one copy again: the copy a migration made goes");
+                let running = self
+                    .replications
+                    .lock_unpoisoned()
+                    .get(&volume.name)
+                    .is_some_and(|(_, task)| !task.is_finished());
+                if running {
+                    self.replica_moved
+                        .lock_unpoisoned()
+                        .insert(volume.name.clone());
+                    return;
+                }
+                // A replication a killed daemon left (its relay and QEMU's
+                // mirror job outlive it): its replica's node stops serving
+                // now, and the relay would hold the guest's writes.
+                let control = self.relay_control(&volume.name);
+                release_relay(&control);
+                let engine = self.engine.clone();
+                let (inst, vol) = (instance.to_string(), volume.name.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || engine.stop_replicating(&inst, &vol)).await;
+                let _ = std::fs::remove_file(mark_path(&control));
+            }
+            Err(e) => {
+                tracing::warn!(volume = %volume.name, error = %e.message, "cannot drop the copy a migration made")
+            }
+        }
+    }
+
     /// Chooses a new node for the replica of `volume`, whose node was
     /// removed from the cluster: up, not cordoned, not this one, the most
     /// free memory. Its copy is made and filled by the next replication.
@@ -888,7 +1109,9 @@ impl ClusterNode {
                 || served_lately
                     .get(name)
                     .is_some_and(|t| t.elapsed() < SERVE_GRACE);
-            if copy.replicas < 2 || young || copy.attached_to.is_some() {
+            // A volume made without the cluster is this node's alone.
+            let local_only = copy.replicas < 2 && copy.node.is_none();
+            if local_only || young || copy.attached_to.is_some() {
                 continue;
             }
             let why = match view.volumes.get(name) {
@@ -1499,6 +1722,8 @@ impl ClusterNode {
                 size_mib: record.size_mib,
                 fs: record.fs,
                 replicas: 2,
+                node: None,
+                replica_node: None,
             };
             self.engine
                 .create_volume_copy(&req)

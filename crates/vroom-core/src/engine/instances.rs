@@ -861,6 +861,7 @@ impl Engine {
                 restarts: r.instance.status.restarts,
                 last_error: None,
                 started_from: started_from.clone(),
+                waiting: None,
             };
         });
         if let Err(e) = saved {

@@ -16,7 +16,7 @@ use super::*;
 use crate::driver::DataDisk;
 
 /// Why a cluster refuses instances with data volumes.
-pub const VOLUMES_STAY_LOCAL: &str = "in a cluster an instance's volumes must be kept on two nodes, or they would not follow it to another: make them with `vroom volume create NAME --size SIZE --replicas 2` and attach them with `--volume NAME:PATH`";
+pub const VOLUMES_STAY_LOCAL: &str = "in a cluster an instance's volumes must be the cluster's (one made before this host joined is not): make them with `vroom volume create NAME --size SIZE [--replicas 2]` (one copy keeps the instance on its node, two let it fail over) and attach them with `--volume NAME:PATH`";
 
 impl Engine {
     pub(super) fn volumes_dir(&self) -> PathBuf {
@@ -52,7 +52,8 @@ impl Engine {
             .map(|(name, _)| name.clone())
     }
 
-    /// The first of `attached` that has a single copy, if any.
+    /// The first of `attached` that has a single copy the cluster does not
+    /// know, if any.
     pub(super) fn local_volume_of(&self, attached: &[VolumeAttach]) -> Option<Name> {
         // Unreadable records: nothing is known to have two copies.
         let records = self.volume_records().unwrap_or_default();
@@ -62,7 +63,9 @@ impl Engine {
                 records
                     .iter()
                     .find(|v| v.name == a.volume)
-                    .is_none_or(|v| v.replicas < 2)
+                    // A cluster's volume with one copy is the cluster's
+                    // to place (its instance is pinned to its node).
+                    .is_none_or(|v| v.replicas < 2 && v.node.is_none())
             })
             .map(|a| a.volume.clone())
     }
@@ -112,17 +115,19 @@ impl Engine {
         size_mib: u64,
         fs: VolumeFs,
     ) -> Result<Volume, OpError> {
-        self.create_volume_with(name, size_mib, fs, 1)
+        self.create_volume_with(name, size_mib, fs, 1, None)
     }
 
     /// Makes a volume with its number of replicas (the caller holds the
-    /// allocation lock).
+    /// allocation lock); `node`: the cluster node that keeps a cluster's
+    /// volume with one copy.
     fn create_volume_with(
         &self,
         name: &str,
         size_mib: u64,
         fs: VolumeFs,
         replicas: u8,
+        node: Option<String>,
     ) -> Result<Volume, OpError> {
         let name = Name::new(name)?;
         if self.volume_record(name.as_str()).is_ok() {
@@ -141,7 +146,7 @@ impl Engine {
                 e => OpError::internal("failed to create the volume", e),
             },
         )?;
-        let volume = self.record_new_volume(id, name, size_mib, fs, replicas)?;
+        let volume = self.record_new_volume(id, name, size_mib, fs, (replicas, node))?;
         tracing::info!(volume = %volume.name, size_mib, replicas, "volume created");
         Ok(self.volume_view(volume))
     }
@@ -154,7 +159,7 @@ impl Engine {
         name: Name,
         size_mib: u64,
         fs: VolumeFs,
-        replicas: u8,
+        (replicas, node): (u8, Option<String>),
     ) -> Result<Volume, OpError> {
         let volume = Volume {
             id,
@@ -168,6 +173,7 @@ impl Engine {
             snapshots: vec![],
             export: None,
             replication: None,
+            node,
         };
         if let Err(e) = self.store.put_volume(&volume) {
             let _ = std::fs::remove_dir_all(datavol::volume_dir(&self.volumes_dir(), &volume.id));
@@ -431,7 +437,7 @@ impl Engine {
                         e => OpError::internal("failed to copy the snapshot's volume", e),
                     },
                 )?;
-                self.record_new_volume(id, name.clone(), copy.size_mib, VolumeFs::Ext4, 1)?;
+                self.record_new_volume(id, name.clone(), copy.size_mib, VolumeFs::Ext4, (1, None))?;
                 Ok(name)
             });
             match made_one {

@@ -32,7 +32,7 @@ async fn db_asked_to_c() -> (Fleet, MigrationRecord) {
 }
 
 /// Waits (without passes) until the record names `replica`.
-async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
+pub(super) async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
     for _ in 0..200 {
         let record = volume_record(fleet, "data").await;
         if record.replica == replica {
@@ -43,7 +43,7 @@ async fn replica_becomes(fleet: &Fleet, replica: &str) -> VolumeRecord {
     panic!("the replica did not move to {replica}");
 }
 
-fn has_copy(fleet: &Fleet, node: &str) -> bool {
+pub(super) fn has_copy(fleet: &Fleet, node: &str) -> bool {
     fleet.member(node).engine.engine.volume("data").is_ok()
 }
 
@@ -103,6 +103,8 @@ async fn a_move_whose_copy_does_not_come_puts_the_replica_back() {
         size_mib: 16,
         fs: vroom_types::VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     let c = &fleet.member("c").engine.engine;
     c.create_volume_copy(&req).await.unwrap();

@@ -1,6 +1,12 @@
 //! A live migration to a node that holds no up-to-date copy of the
 //! instance's replicated volumes: the replica moves there first.
 //!
+//! A volume with one copy moves the same way: the destination is recorded
+//! as its replica (it had none), filled, and the takeover makes its copy
+//! the only one ([`VolumeRecord::promoted`]); a move that fails, or a
+//! replica a killed source left, goes back to the source's copy alone
+//! (`ClusterNode::drop_moving_replica`).
+//!
 //! The source (the owner, under the instance's fencing token) rewrites
 //! each volume's record so that the destination keeps its replica,
 //! `Outdated` (a copy it does not have yet): from that write on, the old

@@ -506,7 +506,7 @@ impl Engine {
                 record.export.volume.clone(),
                 record.export.size_bytes >> 20,
                 vroom_types::VolumeFs::Ext4,
-                1,
+                (1, None),
             )
         })();
         // The staging directory is gone once renamed; otherwise it goes now.

@@ -38,12 +38,16 @@ impl Engine {
         self.replicas_dir().join(format!("{volume}.pid"))
     }
 
-    /// Makes this host's copy of a volume with two replicas (the cluster
-    /// asked for it and keeps the volume's record).
+    /// Makes this host's copy of a cluster's volume (the cluster asked for
+    /// it and keeps the volume's record): one of two replicas, or the only
+    /// copy, kept for node `req.node`.
     pub async fn create_volume_copy(&self, req: &VolumeCreateRequest) -> Result<Volume, OpError> {
         req.validate()?;
         let _alloc = self.alloc.lock().await;
-        self.create_volume_with(req.name.as_str(), req.size_mib, req.fs, req.replicas)
+        let node = (req.replicas < 2)
+            .then(|| req.node.as_ref().map(|n| n.to_string()))
+            .flatten();
+        self.create_volume_with(req.name.as_str(), req.size_mib, req.fs, req.replicas, node)
     }
 
     /// Where the server of this host's copy of `volume` listens.
@@ -66,7 +70,9 @@ impl Engine {
     pub async fn serve_replica(&self, volume: &str, empty: bool) -> Result<PathBuf, OpError> {
         let _alloc = self.alloc.lock().await;
         let record = self.volume_record(volume)?;
-        if record.replicas < 2 {
+        // A cluster's volume with one copy is served while a live migration
+        // copies it to this node.
+        if record.replicas < 2 && record.node.is_none() {
             return Err(OpError::conflict(format!(
                 "volume {volume} has one copy; it is not replicated"
             )));

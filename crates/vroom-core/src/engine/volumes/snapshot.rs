@@ -264,7 +264,7 @@ impl Engine {
                 e => OpError::internal("failed to clone the volume", e),
             }
         })?;
-        let volume = self.record_new_volume(id, req.name, snap.size_mib, of.fs, 1)?;
+        let volume = self.record_new_volume(id, req.name, snap.size_mib, of.fs, (1, None))?;
         tracing::info!(volume = %volume.name, snapshot, "volume cloned");
         Ok(self.volume_view(volume))
     }

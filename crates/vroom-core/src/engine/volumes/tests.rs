@@ -18,6 +18,8 @@ fn create(name: &str, size_mib: u64) -> VolumeCreateRequest {
         size_mib,
         fs: VolumeFs::Ext4,
         replicas: 1,
+        node: None,
+        replica_node: None,
     }
 }
 
@@ -202,6 +204,8 @@ async fn bad_attachments_are_refused_with_nothing_made() {
         .engine
         .create_volume(VolumeCreateRequest {
             replicas: 2,
+            node: None,
+            replica_node: None,
             ..create("r", 16)
         })
         .await
@@ -404,6 +408,8 @@ async fn what_cannot_carry_volumes_yet_refuses_them() {
         size_mib: 16,
         fs: VolumeFs::Ext4,
         replicas: 2,
+        node: None,
+        replica_node: None,
     };
     t.engine.create_volume_copy(&req).await.unwrap();
     t.engine
