@@ -144,6 +144,8 @@ const STAGING_DIR: &str = ".vroom-staged";
 struct Staged {
     /// (staged copy, final path)
     files: Vec<(PathBuf, PathBuf)>,
+    /// Whether any file renders otherwise than the one in place.
+    changed: bool,
 }
 
 impl Staged {
@@ -444,11 +446,17 @@ impl Supervisor {
             &identity.template_nics(),
             &identity.hostname,
         );
-        let mut staged = Staged { files: vec![] };
+        let mut staged = Staged {
+            files: vec![],
+            changed: false,
+        };
         for template in &self.spec.templates {
             let path = PathBuf::from(&template.path);
             let copy = staged_path(&path);
             let written = template.render(&ctx).and_then(|text| {
+                if fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
+                    staged.changed = true;
+                }
                 let dir = copy.parent().unwrap_or(Path::new("/"));
                 fs::create_dir_all(dir)
                     .and_then(|()| fs::write(&copy, text))

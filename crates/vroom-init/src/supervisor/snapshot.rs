@@ -141,19 +141,22 @@ impl Supervisor {
             log("keeping the config in force");
             current.clone()
         });
-        if after != before || config != current {
+        let config_changed = config != current;
+        if after != before || config_changed {
             let staged = self.stage(&config, &after).map_err(|e| match e {
                 ApplyConfigError::Rejected { message, .. } | ApplyConfigError::Failed(message) => {
                     format!("the reloaded config cannot be put in force: {message}")
                 }
             })?;
+            let rendered_changed = staged.changed;
             let moved = staged.commit();
             let mut inner = self.lock();
             inner.config = config;
             let was_broken = inner.config_error.take().is_some();
-            // A new identity restarts everything, as if the clone had booted
-            // with it; a new config only what depends on it.
-            inner.restart_services(|s| changed || was_broken || s.restart_on_config);
+            inner.restart_services(|s| {
+                restarts_on_reload(s.restart_on_config, changed, config_changed, rendered_changed)
+                    || was_broken
+            });
             drop(inner);
             moved.map_err(|e| format!("a rendered file could not be put in place: {e}"))?;
             steps.done("render");
@@ -178,6 +181,26 @@ impl Supervisor {
         }
         log("on_clone hook done");
         Ok(())
+    }
+}
+
+/// Whether a reloaded volume restarts a service. One that takes its config
+/// from templates (`restart_on_config`) restarts when its config changed or
+/// a template renders otherwise with the new identity (an address, a
+/// hostname in a file): a clone of a web server whose files name neither
+/// keeps serving without a restart. Any other service restarts on a new
+/// identity, as if the clone had booted with it, since nothing tells what
+/// it read at its start.
+fn restarts_on_reload(
+    restart_on_config: bool,
+    identity_changed: bool,
+    config_changed: bool,
+    rendered_changed: bool,
+) -> bool {
+    if restart_on_config {
+        config_changed || rendered_changed
+    } else {
+        identity_changed
     }
 }
 
@@ -245,6 +268,27 @@ mod tests {
             address: address.map(Into::into),
             prefix_len: 24,
             gateway: Some("10.0.0.1".into()),
+        }
+    }
+
+    #[test]
+    fn which_services_a_reload_restarts() {
+        // (restart_on_config, identity, config, rendered) -> restarts
+        let cases = [
+            ((true, true, false, false), false),
+            ((true, true, false, true), true),
+            ((true, false, true, false), true),
+            ((true, false, false, true), true),
+            ((false, true, false, false), true),
+            ((false, false, true, true), false),
+            ((false, false, false, false), false),
+        ];
+        for ((on_config, identity, config, rendered), want) in cases {
+            assert_eq!(
+                restarts_on_reload(on_config, identity, config, rendered),
+                want,
+                "restart_on_config {on_config}, identity {identity}, config {config}, rendered {rendered}"
+            );
         }
     }
 
