@@ -154,8 +154,12 @@ impl Supervisor {
             inner.config = config;
             let was_broken = inner.config_error.take().is_some();
             inner.restart_services(|s| {
-                restarts_on_reload(s.restart_on_config, changed, config_changed, rendered_changed)
-                    || was_broken
+                restarts_on_reload(
+                    s.restart_on_config,
+                    changed,
+                    config_changed,
+                    rendered_changed,
+                ) || was_broken
             });
             drop(inner);
             moved.map_err(|e| format!("a rendered file could not be put in place: {e}"))?;
