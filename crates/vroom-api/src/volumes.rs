@@ -24,7 +24,7 @@ pub(crate) async fn list_volumes(State(vroomd): State<Service>) -> ApiResult<Vec
 #[utoipa::path(post, path = "/v1/volumes", request_body = VolumeCreateRequest,
     responses((status = 201, body = Volume), BodyErrors, HostErrors,
         (status = 409, body = ApiErrorBody, description = "A volume of that name exists."),
-        (status = 422, body = ApiErrorBody, description = "Two replicas on a host outside a cluster, or not enough free disk space here.")))]
+        (status = 422, body = ApiErrorBody, description = "Two replicas on a host outside a cluster, a replica node for a volume with one copy, or not enough free disk space here.")))]
 pub(crate) async fn create_volume(
     State(vroomd): State<Service>,
     req: Result<Json<VolumeCreateRequest>, JsonRejection>,

@@ -30,6 +30,10 @@ pub enum ResolveImageError {
     NotFound { reference: String, catalog: String },
     #[error("kernel {release} of image {image} is not in the kernel cache; run `vroom setup`")]
     KernelMissing { image: String, release: String },
+    /// A built-in image could not be built because what it is built from
+    /// could not be fetched (Debian's mirror unreachable or failing).
+    #[error("{message}")]
+    Upstream { message: String },
     #[error("{message}")]
     Other { message: String },
 }

@@ -84,7 +84,14 @@ impl LocalImages {
             false,
             &mut |stage, detail| tracing::info!(image = name, "{stage}: {detail}"),
         )
-        .map_err(|e| failed(chain(&e)))?;
+        .map_err(|e| match e {
+            // Fetched from Debian's mirror: its failure is not this host's.
+            crate::build::BuildRecipeError::Resolve(_)
+            | crate::build::BuildRecipeError::Download(_) => ResolveImageError::Upstream {
+                message: format!("cannot build image {name}: {}", chain(&e)),
+            },
+            e => failed(chain(&e)),
+        })?;
         let image = outcome.image;
         self.store.tag(&image).map_err(|e| failed(chain(&e)))?;
         Ok(image)

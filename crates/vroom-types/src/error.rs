@@ -82,6 +82,8 @@ impl InvalidInputError {
             // Schema-valid (any string is a path), refused by the rules.
             InvalidInputError::MountPath { .. } => ErrorCode::InvalidVolume,
             InvalidInputError::ExportAddress { .. } => ErrorCode::InvalidVolume,
+            // Each field schema-valid, the two together refused.
+            InvalidInputError::ReplicaNodeWithOneCopy => ErrorCode::InvalidVolume,
             _ => ErrorCode::InvalidArgument,
         }
     }
@@ -198,6 +200,10 @@ mod tests {
                     min_mib: 128,
                 },
                 ErrorCode::InvalidArgument,
+            ),
+            (
+                InvalidInputError::ReplicaNodeWithOneCopy,
+                ErrorCode::InvalidVolume,
             ),
         ];
         for (error, code) in cases {

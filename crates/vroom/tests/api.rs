@@ -402,9 +402,13 @@ fn schemathesis_finds_no_failures_in_the_openapi_document() {
     // valid lab network), and their bridges would take over those routes on
     // the host while the test runs. So the daemon, its bridges and VMs, the
     // proxy and schemathesis live in a network namespace of their own, which
-    // vanishes with them. The `hello` image is built first, while the Debian
-    // mirror is still reachable.
-    env.ok(&["image", "build", &common::recipe("hello")]);
+    // vanishes with them. The images it may need are built first, while the
+    // Debian mirror is still reachable: `hello`, and the firewall and the
+    // balancer a room and a service make (without them, those requests
+    // fail on the unreachable mirror, with a 502).
+    for image in ["hello", "firewall", "lb"] {
+        env.ok(&["image", "build", &common::recipe(image)]);
+    }
     env.kill_daemon();
     // SAFETY: a plain syscall; CLONE_NEWNET moves only this thread (and what
     // it spawns from now on) into a new network namespace.

@@ -447,6 +447,7 @@ fn image_error(e: ResolveImageError) -> OpError {
         ResolveImageError::KernelMissing { .. } => {
             OpError::new(ErrorCode::HostUnsupported, e.to_string())
         }
+        ResolveImageError::Upstream { .. } => OpError::new(ErrorCode::UpstreamError, e.to_string()),
         ResolveImageError::Other { .. } => OpError::new(ErrorCode::Internal, e.to_string()),
     }
 }
