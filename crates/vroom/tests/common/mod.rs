@@ -890,11 +890,16 @@ pub fn psql(
     database: &str,
     sql: &str,
 ) -> Result<String, String> {
+    // Bounded: a statement in flight when its server's node loses power
+    // would otherwise wait out TCP's retransmissions (about 15 minutes).
     let out = std::process::Command::new("ip")
         .args([
             "netns",
             "exec",
             ns,
+            "timeout",
+            "--kill-after=5",
+            "30",
             "psql",
             "-X",
             "-A",
