@@ -329,15 +329,29 @@ pub fn qmp_schema(binary: &Path) -> Result<Value, CheckCompatError> {
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let result = loop {
+        let gone = child.try_wait().ok().flatten().is_some();
         if socket.exists() {
-            break Session::connect(&socket)
-                .and_then(|mut qmp| qmp.execute("query-qmp-schema", Value::Null))
-                .map_err(|source| CheckCompatError::Schema {
-                    binary: name.clone(),
-                    source,
-                });
+            // The file appears at bind(), before QEMU listens: a refused
+            // connection is tried again until the deadline.
+            match Session::connect(&socket) {
+                Ok(mut qmp) => {
+                    break qmp
+                        .execute("query-qmp-schema", Value::Null)
+                        .map_err(|source| CheckCompatError::Schema {
+                            binary: name.clone(),
+                            source,
+                        })
+                }
+                Err(source) if gone || Instant::now() > deadline => {
+                    break Err(CheckCompatError::Schema {
+                        binary: name.clone(),
+                        source,
+                    })
+                }
+                Err(_) => {}
+            }
         }
-        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+        if Instant::now() > deadline || gone {
             break Err(CheckCompatError::NoSocket {
                 binary: name.clone(),
             });
