@@ -328,10 +328,12 @@ fn a_service_scales_on_its_slo_and_updates_without_a_failed_request() {
 
     // A step from one connection to four: a request waits for three
     // others (1.6 s), over the 1.2 s target.
-    let calm = load_with(work.clone(), 6, 1);
+    // One request takes 0.4 s alone, up to twice that beside CI's other
+    // tests: eight seconds serve at least five.
+    let calm = load_with(work.clone(), 8, 1);
     let (calm_requests, calm_failed) = calm.join().unwrap();
     assert!(
-        calm_requests > 10 && calm_failed == 0,
+        calm_requests >= 5 && calm_failed == 0,
         "{calm_requests} {calm_failed}"
     );
     assert_eq!(
