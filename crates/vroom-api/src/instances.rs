@@ -53,13 +53,36 @@ pub(crate) async fn run_instance(
     Ok((StatusCode::CREATED, Json(instance)))
 }
 
-#[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = Name, Path)),
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct GetQuery {
+    /// Wait up to this many seconds while the instance is `starting` or
+    /// `restarting`, and answer as soon as it is not (ready, failed,
+    /// stopped) or the time is up: how a client waits for ready without
+    /// polling. The answer then leaves out `health` (the guest is not
+    /// asked again; it just reported ready).
+    #[param(minimum = 0, maximum = 60)]
+    wait_secs: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/instances/{name}", params(("name" = Name, Path), GetQuery),
     responses((status = 200, body = Instance), PathErrors))]
 pub(crate) async fn get_instance(
     State(vroomd): State<Service>,
     Path(name): Path<String>,
+    query: Result<Query<GetQuery>, QueryRejection>,
 ) -> ApiResult<Instance> {
-    Ok(Json(vroomd.inspect(&name).await?))
+    let Query(query) = query.map_err(|e| bad_request(e.body_text()))?;
+    match query.wait_secs {
+        Some(secs) => {
+            let secs = limits::WAIT_SECS
+                .check(secs)
+                .map_err(|e| bad_request(e.to_string()))?;
+            let wait = std::time::Duration::from_secs(secs);
+            Ok(Json(vroomd.wait_settled(&name, wait).await?))
+        }
+        None => Ok(Json(vroomd.inspect(&name).await?)),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -320,15 +320,22 @@ fn document_rules_match_the_validators() {
     range(&spec["mem_mib"], MEM_MIB);
     range(&spec["cpus"], CPUS);
     range(&spec["config_volume_kib"], CONFIG_VOLUME_KIB);
-    let logs = &doc["paths"]["/v1/instances/{name}/logs"]["get"]["parameters"];
-    let offset = logs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "offset")
-        .unwrap();
-    assert_eq!(offset["in"], "query");
+    // A GET's query parameter `name` of `path`.
+    let query = |path: &str, name: &str| {
+        let param = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()
+            .clone();
+        assert_eq!(param["in"], "query");
+        param
+    };
+    let offset = query("/v1/instances/{name}/logs", "offset");
     range(&offset["schema"], limits::LOG_OFFSET);
+    let wait = query("/v1/instances/{name}", "wait_secs");
+    range(&wait["schema"], limits::WAIT_SECS);
     assert_eq!(schemas["Name"]["pattern"], vroom_types::NAME_PATTERN);
     assert_eq!(
         schemas["NetworkSpec"]["properties"]["subnet"]["pattern"],

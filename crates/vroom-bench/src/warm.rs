@@ -90,7 +90,8 @@ pub(crate) async fn start(client: &Client, req: &RunRequest) -> Result<(f64, Opt
     client.run(req).await?;
     let name = req.spec.name.as_str();
     loop {
-        let instance = client.get(name).await?;
+        // Answered when the guest reports ready: no polling interval.
+        let instance = client.get_settled(name, Duration::from_secs(60)).await?;
         match instance.status.state {
             InstanceState::Running => {
                 return Ok((t0.elapsed().as_secs_f64(), instance.status.started_from))
@@ -99,7 +100,7 @@ pub(crate) async fn start(client: &Client, req: &RunRequest) -> Result<(f64, Opt
                 bail!("{name} failed: {:?}", instance.status.last_error)
             }
             _ if t0.elapsed() > Duration::from_secs(120) => bail!("{name} never became ready"),
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => {}
         }
     }
 }

@@ -310,6 +310,19 @@ impl Client {
         self.fetch(&format!("/v1/instances/{}", enc(name))).await
     }
 
+    /// Instance `name` once it is no longer starting (or restarting), or
+    /// as it is after `wait` (whole seconds, at most a minute): vroomd
+    /// answers when it changes. Without the guest's `health`.
+    pub async fn get_settled(
+        &self,
+        name: &str,
+        wait: std::time::Duration,
+    ) -> Result<Instance, ClientError> {
+        let secs = wait.as_secs().min(vroom_types::limits::WAIT_SECS.max);
+        self.fetch(&format!("/v1/instances/{}?wait_secs={secs}", enc(name)))
+            .await
+    }
+
     pub async fn remove(&self, name: &str, force: bool) -> Result<(), ClientError> {
         self.delete(&format!("/v1/instances/{}?force={force}", enc(name)))
             .await

@@ -9,11 +9,14 @@ use vroom_core::cluster::{ClusterServices, RecordChange};
 use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest, ServiceRecord, Volume,
-    VolumeCreateRequest,
+    DrainReport, Instance, InstanceAction, InstanceState, Migration, NodeInfo, RunRequest,
+    ServiceRecord, Volume, VolumeCreateRequest,
 };
 
 use crate::ClusterNode;
+
+/// How often a wait for another node's instance reads its state.
+const REMOTE_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The API of a host that is a cluster node.
 pub struct Clustered {
@@ -70,6 +73,39 @@ impl Vroomd for Clustered {
                 Ok(instance)
             }
             Err(e) => self.node.instance(name).await?.ok_or(e),
+        }
+    }
+
+    async fn wait_settled(
+        &self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Instance, OpError> {
+        match self.engine.wait_settled(name, timeout).await {
+            Ok(mut instance) => {
+                instance.node = Some(self.node.node_name().to_string());
+                Ok(instance)
+            }
+            Err(e) if e.code != vroom_types::ErrorCode::NotFound => Err(e),
+            Err(_) => {
+                // Another node's: its owner publishes its state in etcd.
+                let deadline = std::time::Instant::now() + timeout;
+                loop {
+                    let instance = self
+                        .node
+                        .instance(name)
+                        .await?
+                        .ok_or_else(|| OpError::not_found("instance", name))?;
+                    let starting = matches!(
+                        instance.status.state,
+                        InstanceState::Starting | InstanceState::Restarting
+                    );
+                    if !starting || std::time::Instant::now() >= deadline {
+                        return Ok(instance);
+                    }
+                    tokio::time::sleep(REMOTE_LOOK_AGAIN).await;
+                }
+            }
         }
     }
 

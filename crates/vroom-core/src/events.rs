@@ -171,6 +171,12 @@ impl EventLog {
         kept.last
     }
 
+    /// Every event from now on, as it is logged (a receiver that falls
+    /// behind loses the oldest and is told so).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+
     /// Opens a reading of the log for `query`: the history it asks for,
     /// then (when it follows) what happens from now on, with nothing lost
     /// or repeated in between.

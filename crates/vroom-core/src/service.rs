@@ -29,6 +29,15 @@ pub trait Vroomd: Send + Sync {
     async fn run(&self, req: RunRequest) -> Result<Instance, OpError>;
     /// One instance, with its guest's health if it runs here.
     async fn inspect(&self, name: &str) -> Result<Instance, OpError>;
+    /// Instance `name` once it is neither starting nor restarting, or as
+    /// it is after `timeout` (without its guest's health).
+    async fn wait_settled(
+        &self,
+        name: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Instance, OpError> {
+        self.engine().wait_settled(name, timeout).await
+    }
     /// Removes an instance wherever it runs.
     async fn remove(&self, name: &str, force: bool) -> Result<(), OpError>;
     /// Starts, stops, restarts… an instance, and records what the user wants.

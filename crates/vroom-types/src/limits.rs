@@ -95,6 +95,14 @@ pub const LOG_OFFSET: Bounds = Bounds {
     max: (1 << 53) - 1,
 };
 
+/// Seconds a `GET /v1/instances/{name}` waits for the instance to leave
+/// `starting` (`wait_secs`): a long poll stays under proxies' idle limits.
+pub const WAIT_SECS: Bounds = Bounds {
+    field: "wait_secs",
+    min: 0,
+    max: 60,
+};
+
 impl RunRequest {
     /// Checks every number of the request against its documented range.
     pub fn validate(&self) -> Result<(), InvalidInputError> {

@@ -156,11 +156,16 @@ pub async fn build_from_catalog_if_missing(client: &Client, image: &str, json: b
     Ok(())
 }
 
-/// Polls until the guest is ready; on failure the error carries the console tail.
+/// Waits until the guest is ready; on failure the error carries the console tail.
 pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Result<Instance> {
     let deadline = Instant::now() + timeout;
     loop {
-        let instance = client.get(name).await?;
+        // vroomd answers when the state changes (a long poll).
+        let asked = Instant::now();
+        let wait = deadline
+            .saturating_duration_since(asked)
+            .max(Duration::from_secs(1));
+        let instance = client.get_settled(name, wait).await?;
         match instance.status.state {
             InstanceState::Running => return Ok(instance),
             InstanceState::Failed | InstanceState::Stopped => {
@@ -186,7 +191,11 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> Resul
                 "instance {name} is still {} after {timeout:?}",
                 instance.status.state
             ),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            // A vroomd from before long polls answers at once.
+            _ if asked.elapsed() < Duration::from_millis(100) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            _ => {}
         }
     }
 }

@@ -72,6 +72,41 @@ impl Engine {
         Ok(instance)
     }
 
+    /// Instance `name` once it is neither starting nor restarting, or as
+    /// it is when `timeout` runs out: a client waiting for ready hears of
+    /// it when the guest reports it, without polling, and without the
+    /// guest round trip of [`Engine::inspect`] (its `health` is left out).
+    pub async fn wait_settled(&self, name: &str, timeout: Duration) -> Result<Instance, OpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Subscribed before the first look: a change after it is an event.
+        let mut changes = self.events.subscribe();
+        loop {
+            let instance = self.get(name)?;
+            let now = tokio::time::Instant::now();
+            if !matches!(
+                instance.status.state,
+                InstanceState::Starting | InstanceState::Restarting
+            ) || now >= deadline
+            {
+                return Ok(instance);
+            }
+            // A change of state is an event about the instance; a second's
+            // look again covers one that is not.
+            let look_again = deadline.min(now + SETTLED_LOOK_AGAIN);
+            loop {
+                match tokio::time::timeout_at(look_again, changes.recv()).await {
+                    Ok(Ok(event))
+                        if event.kind != vroom_types::EventKind::Instance || event.name != name =>
+                    {
+                        continue
+                    }
+                    // Its event, a lag, a closed log or time: look again.
+                    _ => break,
+                }
+            }
+        }
+    }
+
     /// The instances the cluster layer created here.
     pub fn cluster_instances(&self) -> Vec<String> {
         self.cells()
@@ -1121,6 +1156,8 @@ fn action_verb(action: InstanceAction) -> &'static str {
 
 /// How long `inspect` waits for a guest's own report.
 const INSPECT_HEALTH_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How often [`Engine::wait_settled`] looks without an event.
+const SETTLED_LOOK_AGAIN: Duration = Duration::from_secs(1);
 
 fn guest_health(
     instance: &Instance,

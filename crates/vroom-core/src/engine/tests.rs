@@ -262,6 +262,44 @@ async fn a_guest_that_never_gets_ready_is_failed_at_the_deadline() {
     assert!(t.driver.running().is_empty());
 }
 
+/// A client waiting for ready is answered when the state changes, not at
+/// the end of its wait: ready, or failed at the guest's deadline; a wait
+/// of zero answers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_ready_is_answered_when_the_state_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestEngine::new(dir.path());
+    let long = Duration::from_secs(30);
+    assert_eq!(
+        t.engine
+            .wait_settled("nobody", long)
+            .await
+            .unwrap_err()
+            .code,
+        ErrorCode::NotFound
+    );
+
+    t.engine.run(request("web")).await.unwrap();
+    let i = t.engine.wait_settled("web", long).await.unwrap();
+    assert_eq!(i.status.state, InstanceState::Running);
+    assert!(i.health.is_none(), "the guest is not asked again");
+
+    t.driver.set_behavior(GuestBehavior::NeverReady);
+    let mut req = request("slow");
+    req.ready_timeout_secs = Some(2);
+    t.engine.run(req).await.unwrap();
+    let i = t.engine.wait_settled("slow", Duration::ZERO).await.unwrap();
+    assert_eq!(i.status.state, InstanceState::Starting);
+    let asked = std::time::Instant::now();
+    let i = t.engine.wait_settled("slow", long).await.unwrap();
+    assert_eq!(i.status.state, InstanceState::Failed);
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        asked.elapsed()
+    );
+}
+
 /// NIC roles: named roles are honoured, and a router's wan may not sit on
 /// an isolated network (nothing would route it out).
 #[tokio::test]
