@@ -23,9 +23,9 @@ pub use exec::{
 };
 pub use frame::{encode_frame, DecodeFrameError, FrameDecoder, FRAME_VERSION, MAX_FRAME_LEN};
 pub use message::{
-    from_hex, to_hex, ConntrackUsage, ExecOutput, GuestReply, HealthReport, HostCommand, Request,
-    Response, ServiceHealth, VolumeUsage, MAX_FILE_COPY, MAX_READ_CHUNK, MAX_WAIT_READY_MS,
-    VOLUME_FREEZE_BOUND_MS, WAIT_READY_CHECK_MS,
+    from_hex, to_hex, BootTimes, ConntrackUsage, ExecOutput, GuestReply, HealthReport, HostCommand,
+    Request, Response, ServiceHealth, VolumeUsage, MAX_FILE_COPY, MAX_READ_CHUNK,
+    MAX_WAIT_READY_MS, VOLUME_FREEZE_BOUND_MS, WAIT_READY_CHECK_MS,
 };
 
 /// The name of the virtio-serial port that carries the protocol.

@@ -241,6 +241,21 @@ pub struct HealthReport {
     /// The data volumes the guest mounted, with how full each is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeUsage>,
+    /// Where this boot's time went, once the guest was first ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootTimes>,
+}
+
+/// A boot's milestones on the guest's monotonic clock, which starts with
+/// the kernel: what the host measures beyond `ready_ms` is QEMU's start,
+/// the firmware and the kernel's loading. A restored guest reports its
+/// snapshot's boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootTimes {
+    /// vroom-init started (the kernel's share ends here).
+    pub init_ms: u64,
+    /// The guest was first ready: services up, health check passing.
+    pub ready_ms: u64,
 }
 
 /// A mounted data volume's usage, from `statvfs` on its mount point.
@@ -477,6 +492,7 @@ mod tests {
             frozen: false,
             conntrack: None,
             volumes: vec![],
+            boot: None,
         };
         let json = r#"{"ready":true,"uptime_ms":5,"services":[],"config":{}}"#;
         assert_eq!(serde_json::to_string(&report).unwrap(), json);
@@ -486,6 +502,16 @@ mod tests {
         let json = r#"{"ready":false,"uptime_ms":5,"services":[],"config":{},"frozen":true}"#;
         assert_eq!(serde_json::to_string(&report).unwrap(), json);
         assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
+        report.frozen = false;
+        report.boot = Some(BootTimes {
+            init_ms: 900,
+            ready_ms: 1600,
+        });
+        let json = r#"{"ready":false,"uptime_ms":5,"services":[],"config":{},"boot":{"init_ms":900,"ready_ms":1600}}"#;
+        assert_eq!(serde_json::to_string(&report).unwrap(), json);
+        assert_eq!(serde_json::from_str::<HealthReport>(json).unwrap(), report);
+        report.boot = None;
+        report.frozen = true;
         report.conntrack = Some(ConntrackUsage {
             entries: 3,
             max: 12500,
@@ -584,6 +610,7 @@ mod tests {
                 read_only: false,
                 frozen: true,
             }],
+            boot: None,
         };
         let json = serde_json::to_string(&report).unwrap();
         assert_eq!(

@@ -11,7 +11,7 @@ use vroom_agent_proto::volume::{InstanceFile, NicConfig, VOLUME_VERSION};
 use vroom_core::agent::AgentClient;
 use vroom_core::driver::{LaunchNic, LaunchSpec, VmDriver};
 use vroom_core::images::ImageSource;
-use vroom_types::{AccelChoice, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
+use vroom_types::{AccelChoice, BootPhases, InstanceSpec, Name, NetworkSpec, NicSpec, RunRequest};
 
 use vroom::paths;
 
@@ -50,10 +50,23 @@ fn print_comparison(baseline: (&str, &Series), ours: (&str, &Series), ratio: &st
     );
 }
 
+#[derive(Default)]
 struct Series {
     ms: Vec<f64>,
     rss_mib: Vec<f64>,
     mem_mib: u64,
+    /// The guest's own share of each boot: the kernel's, init's.
+    kernel_ms: Vec<f64>,
+    init_ms: Vec<f64>,
+}
+
+impl Series {
+    fn phases(&mut self, phases: Option<BootPhases>) {
+        if let Some(p) = phases {
+            self.kernel_ms.push(p.kernel_ms as f64);
+            self.init_ms.push(p.init_ms as f64);
+        }
+    }
 }
 
 fn print_row(label: &str, s: &Series) {
@@ -63,6 +76,14 @@ fn print_row(label: &str, s: &Series) {
         p90(&s.ms),
         median(&s.rss_mib)
     );
+    if s.kernel_ms.len() == s.ms.len() && !s.ms.is_empty() {
+        let (kernel, init) = (median(&s.kernel_ms), median(&s.init_ms));
+        println!(
+            "  {:<10} of which the kernel {kernel:.0} ms, init to ready {init:.0} ms, the rest (QEMU, firmware, loading, the host hearing of it) {:.0} ms",
+            "",
+            median(&s.ms) - kernel - init
+        );
+    }
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -81,16 +102,8 @@ async fn measure(
     net: &Name,
     runs: usize,
 ) -> Result<(Series, Series)> {
-    let mut vroom = Series {
-        ms: vec![],
-        rss_mib: vec![],
-        mem_mib: 0,
-    };
-    let mut raw = Series {
-        ms: vec![],
-        rss_mib: vec![],
-        mem_mib: 0,
-    };
+    let mut vroom = Series::default();
+    let mut raw = Series::default();
     let images = paths::local_images(data_dir);
     let image = images
         .resolve("hello")
@@ -108,11 +121,21 @@ async fn measure(
             .rss_mib
             .push(rss_mib(instance.status.pid.unwrap_or(0)));
         vroom.mem_mib = instance.mem_mib;
+        vroom.phases(instance.status.boot_phases);
         client.remove(&name, true).await?;
 
-        let (ms, rss, _) = raw_boot(&driver, &image, accel, &format!("vrbench{}", i % 100)).await?;
-        raw.ms.push(ms);
-        raw.rss_mib.push(rss);
+        let boot = raw_boot_with(
+            &driver,
+            &image,
+            accel,
+            &format!("vrbench{}", i % 100),
+            None,
+            Duration::ZERO,
+        )
+        .await?;
+        raw.ms.push(boot.ready_ms);
+        raw.rss_mib.push(boot.rss_mib);
+        raw.phases(boot.phases);
     }
     Ok((vroom, raw))
 }
@@ -166,9 +189,8 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
     let unjailed = qemu_driver(vroom_qemu::JailMode::Unjailed);
     let accel = jailed.resolve_accel(AccelChoice::Auto)?;
     let empty = || Series {
-        ms: vec![],
-        rss_mib: vec![],
         mem_mib: image.manifest.default_mem_mib,
+        ..Series::default()
     };
     let (mut with, mut without) = (empty(), empty());
     let tag = std::process::id() % 1000;
@@ -219,6 +241,8 @@ pub(crate) struct RawBoot {
     /// QEMU's proportional set size, `settle` after ready.
     pub pss_mib: f64,
     pub launch_ms: f64,
+    /// The guest's own share of the boot, as it reported it.
+    pub phases: Option<BootPhases>,
 }
 
 /// A QEMU's proportional set size in MiB (0 when it is gone).
@@ -296,8 +320,8 @@ pub(crate) async fn raw_boot_with(
     let process = driver.launch(&spec).await?;
     let launched = started.elapsed().as_secs_f64() * 1000.0;
     let agent = AgentClient::new(spec.agent_socket.clone());
-    let ready = match wait_agent_ready(&agent, started, Duration::from_secs(120)).await {
-        Ok(ms) => ms,
+    let (ready, phases) = match wait_agent_ready(&agent, started, Duration::from_secs(120)).await {
+        Ok(ready) => ready,
         Err(e) => {
             let _ = driver.kill(&process);
             return Err(e);
@@ -313,23 +337,28 @@ pub(crate) async fn raw_boot_with(
         rss_mib: rss,
         pss_mib: pss,
         launch_ms: launched,
+        phases,
     })
 }
 
 /// Waits until a guest's agent reports ready (it answers a `WaitReady`
-/// when it is, as vroomd asks it): milliseconds since `started`, or an
-/// error after `timeout`.
+/// when it is, as vroomd asks it): milliseconds since `started` and the
+/// guest's share of them, or an error after `timeout`.
 pub(crate) async fn wait_agent_ready(
     agent: &AgentClient,
     started: Instant,
     timeout: Duration,
-) -> Result<f64> {
+) -> Result<(f64, Option<BootPhases>)> {
     let deadline = started + timeout;
     loop {
         let asked = Instant::now();
         if let Ok(h) = agent.wait_ready(Duration::from_secs(1)).await {
             if h.ready {
-                return Ok(started.elapsed().as_secs_f64() * 1000.0);
+                let phases = h.boot.map(|b| BootPhases {
+                    kernel_ms: b.init_ms,
+                    init_ms: b.ready_ms.saturating_sub(b.init_ms),
+                });
+                return Ok((started.elapsed().as_secs_f64() * 1000.0, phases));
             }
         }
         if Instant::now() > deadline {

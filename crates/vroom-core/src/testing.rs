@@ -32,6 +32,10 @@ use crate::images::{BootImage, BuildFromRecipeError, ImageSource, ResolveImageEr
 use crate::net::{HostAddress, MirrorTarget, NetworkBackend, NetworkBackendError};
 use crate::store::{InstanceRecord, StateStore, StateStoreError};
 
+/// A fake guest's boot, as it reports it: the kernel's part, init's part.
+pub const FAKE_KERNEL_MS: u64 = 300;
+pub const FAKE_INIT_MS: u64 = 500;
+
 /// What the next launched guest does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestBehavior {
@@ -381,6 +385,10 @@ async fn serve_agent(
                                 frozen: *frozen.lock_unpoisoned(),
                                 conntrack: None,
                                 volumes: mounted_volumes(&volume),
+                                boot: Some(vroom_agent_proto::BootTimes {
+                                    init_ms: FAKE_KERNEL_MS,
+                                    ready_ms: FAKE_KERNEL_MS + FAKE_INIT_MS,
+                                }),
                             })
                         }
                         HostCommand::ApplyConfig { values } => {

@@ -28,6 +28,7 @@ fn main() {
         eprintln!("vroom-init: must run as PID 1 inside a vroom guest");
         std::process::exit(2);
     }
+    let init_ms = supervisor::monotonic_ms();
     // Before any thread starts: they all inherit it.
     supervisor::block_sigchld();
     let appliance = match boot::boot() {
@@ -37,7 +38,7 @@ fn main() {
             boot::power_off();
         }
     };
-    let state = Arc::new(supervisor::Supervisor::new(appliance));
+    let state = Arc::new(supervisor::Supervisor::new(appliance, init_ms));
     state.start_all();
     {
         let state = state.clone();

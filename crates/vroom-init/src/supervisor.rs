@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vroom_agent_proto::{HealthReport, ServiceHealth};
+use vroom_agent_proto::{BootTimes, HealthReport, ServiceHealth};
 use vroom_base::LockExt;
 use vroom_types::template::{TemplateContext, TemplateNic};
 use vroom_types::{
@@ -80,6 +80,10 @@ pub struct Supervisor {
     /// Data volumes: grown, frozen and reported on the agent's requests.
     pub volumes: Arc<DataVolumes>,
     booted_at: Instant,
+    /// This boot's milestones on the monotonic clock: init's start, and
+    /// the first ready report (set once).
+    init_ms: u64,
+    ready_ms: std::sync::OnceLock<u64>,
     inner: Mutex<Inner>,
     /// Serialises config changes, freezes and resumes: one staging area per
     /// template directory, one set of NICs.
@@ -213,7 +217,8 @@ impl Service {
 const ONESHOT_TIMEOUT: Duration = Duration::from_secs(8);
 
 impl Supervisor {
-    pub fn new(booted: Booted) -> Self {
+    /// `init_ms`: when init started, on [`monotonic_ms`]'s clock.
+    pub fn new(booted: Booted, init_ms: u64) -> Self {
         let services = booted
             .spec
             .services
@@ -237,6 +242,8 @@ impl Supervisor {
             config_dev: booted.config_dev,
             volumes: Arc::new(booted.volumes),
             booted_at: Instant::now(),
+            init_ms,
+            ready_ms: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 config: booted.config,
                 services,
@@ -363,8 +370,17 @@ impl Supervisor {
                 .zip(&self.spec.services)
                 .all(|(s, spec)| s.running || spec.oneshot),
         };
+        let ready = started && healthy && config_error.is_none() && !frozen;
+        if ready && self.ready_ms.get().is_none() {
+            let ready_ms = *self.ready_ms.get_or_init(monotonic_ms);
+            log(&format!(
+                "ready {:.2}s after the kernel started (init started at {:.2}s)",
+                ready_ms as f64 / 1000.0,
+                self.init_ms as f64 / 1000.0
+            ));
+        }
         HealthReport {
-            ready: started && healthy && config_error.is_none() && !frozen,
+            ready,
             uptime_ms: self.booted_at.elapsed().as_millis() as u64,
             services,
             config,
@@ -372,6 +388,10 @@ impl Supervisor {
             frozen,
             conntrack: conntrack::usage(),
             volumes: self.volumes.usage(),
+            boot: self.ready_ms.get().map(|&ready_ms| BootTimes {
+                init_ms: self.init_ms,
+                ready_ms,
+            }),
         }
     }
 
@@ -754,6 +774,17 @@ fn apply_service_context(command: &mut Command, spec: &ServiceSpec, config: &Con
     if let Some(dir) = &spec.workdir {
         command.current_dir(dir);
     }
+}
+
+/// Milliseconds on the monotonic clock, which starts with the kernel.
+pub fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
 }
 
 #[cfg(test)]

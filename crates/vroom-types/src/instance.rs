@@ -244,6 +244,10 @@ pub struct InstanceStatus {
     pub started_at: Option<u64>,
     /// Milliseconds from launch to the guest reporting ready.
     pub boot_ms: Option<u64>,
+    /// After a boot (not a warm start or a clone), the guest's own share of
+    /// `boot_ms`, as its monotonic clock tells it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_phases: Option<BootPhases>,
     /// Unexpected exits that were restarted.
     pub restarts: u32,
     pub last_error: Option<String>,
@@ -258,6 +262,17 @@ pub struct InstanceStatus {
     pub waiting: Option<String>,
 }
 
+/// Where a boot's time went: the kernel's part (its clock's start to init)
+/// and init's (to ready: volumes, config, services, the health check).
+/// The rest of `boot_ms` is QEMU's start, the firmware, loading the
+/// kernel, and the host hearing of ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BootPhases {
+    pub kernel_ms: u64,
+    pub init_ms: u64,
+}
+
 impl InstanceStatus {
     pub fn stopped() -> Self {
         InstanceStatus {
@@ -266,6 +281,7 @@ impl InstanceStatus {
             accel: None,
             started_at: None,
             boot_ms: None,
+            boot_phases: None,
             restarts: 0,
             last_error: None,
             started_from: None,

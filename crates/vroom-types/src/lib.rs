@@ -64,9 +64,9 @@ pub use image::{
 };
 pub use import_ref::{ImportReference, ParseImportReferenceError};
 pub use instance::{
-    Accel, AccelChoice, ConntrackTable, DesiredState, ExecRequest, ExecResult, GuestHealth,
-    Instance, InstanceAction, InstanceSpec, InstanceState, InstanceStatus, NicSpec, NicStatus,
-    RunRequest, VolumeUsage,
+    Accel, AccelChoice, BootPhases, ConntrackTable, DesiredState, ExecRequest, ExecResult,
+    GuestHealth, Instance, InstanceAction, InstanceSpec, InstanceState, InstanceStatus, NicSpec,
+    NicStatus, RunRequest, VolumeUsage,
 };
 pub use ipnet::Ipv4Net;
 pub use name::{Name, MAX_NAME_LEN, NAME_PATTERN};

@@ -163,7 +163,16 @@ fn show_instance(i: &Instance) {
         details.push(accel.to_string());
     }
     if let Some(ms) = status.boot_ms {
-        details.push(format!("ready in {:.1}s", ms as f64 / 1000.0));
+        let secs = |ms: u64| ms as f64 / 1000.0;
+        details.push(match status.boot_phases {
+            Some(p) => format!(
+                "ready in {:.1}s: kernel {:.1}s, init {:.1}s",
+                secs(ms),
+                secs(p.kernel_ms),
+                secs(p.init_ms)
+            ),
+            None => format!("ready in {:.1}s", secs(ms)),
+        });
     }
     if let Some(from) = &status.started_from {
         details.push(format!("from {from}"));

@@ -55,6 +55,9 @@ pub(super) struct Membership {
 
 /// The file in a node's data dir that makes it a cluster node's.
 pub const MEMBERSHIP_FILE: &str = "cluster.json";
+/// Seconds beyond its time to live that a restarted vroomd waits for its
+/// previous lease's keys to go.
+const PREVIOUS_LEASE_GRACE_SECS: u64 = 3;
 
 impl ClusterNode {
     /// Joins the cluster at `opts.endpoints`: checks its identity, takes a
@@ -239,8 +242,8 @@ impl ClusterNode {
         self.lease() != 0 && sent != 0 && monotonic_ns() < fence_deadline_ns(sent)
     }
 
-    /// Takes a lease (`reuse` if it is still alive) and registers the node
-    /// under it; starts renewing it.
+    /// Takes a lease (`reuse`, the previous vroomd's, if it is still alive)
+    /// and registers the node under it; starts renewing it.
     pub(super) async fn take_lease(&self, reuse: Option<i64>) -> Result<(), String> {
         let mut lease = 0;
         if let Some(old) = reuse.filter(|l| *l != 0) {
@@ -263,23 +266,48 @@ impl ClusterNode {
         }
         let node_key = key(NODES, &self.name);
         let record = self.node_record();
-        let txn = Txn::new()
-            .when([Compare::create_revision(node_key.clone(), 0)])
-            .and_then([
-                Op::put_leased(node_key.clone(), json(&record), lease),
-                Op::put(key(MEMBERS, &self.name), json(&record)),
-            ])
-            .or_else([Op::txn(
-                Txn::new()
-                    .when([Compare::lease(node_key.clone(), lease)])
-                    .and_then([Op::put_leased(node_key.clone(), json(&record), lease)]),
-            )]);
-        let resp = self
-            .store
-            .txn(txn)
-            .await
-            .map_err(|e| format!("cannot join: {e}"))?;
-        let ours = resp.succeeded() || resp.nested.iter().any(|t| t.succeeded());
+        // The previous vroomd's lease, too far gone to take back, may hold
+        // the node's key a moment longer (etcd deletes an expired lease's
+        // keys shortly after): wait for them to go, not for another node.
+        let previous_ends_by = tokio::time::Instant::now()
+            + Duration::from_secs(LEASE_TTL_SECS as u64 + PREVIOUS_LEASE_GRACE_SECS);
+        let ours = loop {
+            let txn = Txn::new()
+                .when([Compare::create_revision(node_key.clone(), 0)])
+                .and_then([
+                    Op::put_leased(node_key.clone(), json(&record), lease),
+                    Op::put(key(MEMBERS, &self.name), json(&record)),
+                ])
+                .or_else([Op::txn(
+                    Txn::new()
+                        .when([Compare::lease(node_key.clone(), lease)])
+                        .and_then([Op::put_leased(node_key.clone(), json(&record), lease)]),
+                )]);
+            let resp = self
+                .store
+                .txn(txn)
+                .await
+                .map_err(|e| format!("cannot join: {e}"))?;
+            if resp.succeeded() || resp.nested.iter().any(|t| t.succeeded()) {
+                break true;
+            }
+            let holder = self
+                .store
+                .get(&node_key)
+                .await
+                .ok()
+                .flatten()
+                .map(|kv| kv.lease);
+            let previous_ending = match (holder, reuse) {
+                (None, _) => true,
+                (Some(held), Some(old)) => held == old && old != lease,
+                (Some(_), None) => false,
+            };
+            if !previous_ending || tokio::time::Instant::now() >= previous_ends_by {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         if !ours {
             let _ = self.store.revoke(lease).await;
             let other = self

@@ -893,6 +893,7 @@ impl Engine {
                 accel: Some(process.accel),
                 started_at: Some(now_secs()),
                 boot_ms: None,
+                boot_phases: None,
                 restarts: r.instance.status.restarts,
                 last_error: None,
                 started_from: started_from.clone(),

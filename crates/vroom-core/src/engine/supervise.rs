@@ -328,15 +328,30 @@ impl Engine {
                         if report.ready {
                             let config = sanitize_config(report.config);
                             let boot_ms = launched.elapsed().as_millis() as u64;
+                            let booted = cell.snapshot().status.started_from.is_none();
+                            // A restored guest's times are its snapshot's boot.
+                            let phases = report.boot.filter(|_| booted).map(|guest| {
+                                vroom_types::BootPhases {
+                                    kernel_ms: guest.init_ms,
+                                    init_ms: guest.ready_ms.saturating_sub(guest.init_ms),
+                                }
+                            });
                             let _ = engine.update(&cell, |r| {
                                 if r.instance.status.state == InstanceState::Starting {
                                     r.instance.status.state = InstanceState::Running;
                                     r.instance.status.boot_ms = Some(boot_ms);
+                                    r.instance.status.boot_phases = phases;
                                 }
                                 r.instance.config = config;
                                 r.ever_ready = true;
                             });
-                            tracing::info!(instance = %cell.snapshot().spec.name, boot_ms, "guest ready");
+                            let name = cell.snapshot().spec.name;
+                            match phases {
+                                Some(p) => tracing::info!(instance = %name, boot_ms,
+                                    kernel_ms = p.kernel_ms, init_ms = p.init_ms,
+                                    "guest ready"),
+                                None => tracing::info!(instance = %name, boot_ms, "guest ready"),
+                            }
                             break;
                         }
                     }

@@ -47,6 +47,11 @@ async fn run_becomes_running_and_is_recorded() {
     t.engine.run(request("web")).await.unwrap();
     let i = wait_state(&t, "web", InstanceState::Running).await;
     assert!(i.status.pid.is_some());
+    let phases = i.status.boot_phases.expect("a boot's phases");
+    assert_eq!(
+        (phases.kernel_ms, phases.init_ms),
+        (crate::testing::FAKE_KERNEL_MS, crate::testing::FAKE_INIT_MS)
+    );
     assert_eq!(stored_state(&t, "web"), Some(InstanceState::Running));
     assert_eq!(t.driver.running().len(), 1);
     assert_eq!(t.net.attached.lock().unwrap().len(), 1);
@@ -531,6 +536,16 @@ async fn warm_starts_cold_starts_and_ephemeral_instances() {
     assert!(t.driver.running().is_empty());
     let w = t.engine.run(request("w")).await.unwrap();
     assert_eq!(w.status.started_from.as_deref(), Some("warm hello"));
+    let w = t
+        .engine
+        .wait_settled("w", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(w.status.state, InstanceState::Running);
+    assert_eq!(
+        w.status.boot_phases, None,
+        "a warm start has no boot of its own"
+    );
     let mut cold = request("c");
     cold.cold = true;
     let c = t.engine.run(cold).await.unwrap();
