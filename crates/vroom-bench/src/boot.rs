@@ -197,16 +197,17 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
     // Jailer start to QMP greeting: the jail's own work, without the guest's boot.
     let mut launch_ms: (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     for i in 0..runs {
-        let (ms, rss, launch) =
-            raw_boot(&unjailed, &image, accel, &format!("vrbju{tag}x{i}")).await?;
-        launch_ms.0.push(launch);
-        without.ms.push(ms);
-        without.rss_mib.push(rss);
-        let (ms, rss, launch) =
-            raw_boot(&jailed, &image, accel, &format!("vrbjj{tag}x{i}")).await?;
-        launch_ms.1.push(launch);
-        with.ms.push(ms);
-        with.rss_mib.push(rss);
+        for (driver, tap, series, launches) in [
+            (&unjailed, "u", &mut without, &mut launch_ms.0),
+            (&jailed, "j", &mut with, &mut launch_ms.1),
+        ] {
+            let tap = format!("vrbj{tap}{tag}x{i}");
+            let boot = raw_boot_with(driver, &image, accel, &tap, None, Duration::ZERO).await?;
+            launches.push(boot.launch_ms);
+            series.ms.push(boot.ready_ms);
+            series.rss_mib.push(boot.rss_mib);
+            series.phases(boot.phases);
+        }
     }
     println!(
         "QEMU start to guest ready, {runs} runs each (hello image, {} MiB, {accel}):",
@@ -219,19 +220,6 @@ pub async fn jail(data_dir: &Path, runs: usize) -> Result<()> {
         median(&launch_ms.1)
     );
     Ok(())
-}
-
-/// One boot with the QEMU command line vroom would use, without the daemon:
-/// milliseconds to guest ready, QEMU's RSS then, and milliseconds the launch took.
-async fn raw_boot(
-    driver: &vroom_qemu::QemuDriver,
-    image: &vroom_core::images::BootImage,
-    accel: vroom_types::Accel,
-    tap: &str,
-) -> Result<(f64, f64, f64)> {
-    raw_boot_with(driver, image, accel, tap, None, Duration::ZERO)
-        .await
-        .map(|b| (b.ready_ms, b.rss_mib, b.launch_ms))
 }
 
 /// What [`raw_boot_with`] measured.
@@ -256,8 +244,9 @@ pub(crate) fn pss_mib(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// [`raw_boot`] with a translation cache of `tb_mib` (the driver's choice
-/// when `None`), and QEMU's PSS measured `settle` after ready.
+/// One boot with the QEMU command line vroom would use, without the
+/// daemon: a translation cache of `tb_mib` (the driver's choice when
+/// `None`), and QEMU's PSS measured `settle` after ready.
 pub(crate) async fn raw_boot_with(
     driver: &vroom_qemu::QemuDriver,
     image: &vroom_core::images::BootImage,
