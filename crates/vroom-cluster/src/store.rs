@@ -36,6 +36,18 @@ pub enum StoreError {
     LeaseNotFound(i64),
 }
 
+impl StoreError {
+    /// A lease this request named is gone: a write under it is refused
+    /// with etcd's own message.
+    pub fn is_lease_not_found(&self) -> bool {
+        match self {
+            StoreError::LeaseNotFound(_) => true,
+            StoreError::Request(message) => message.contains("requested lease not found"),
+            _ => false,
+        }
+    }
+}
+
 /// One key as read, with the revisions that fence writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kv {

@@ -250,19 +250,16 @@ impl ClusterNode {
             if let Ok(Ok(ttl)) =
                 tokio::time::timeout(Duration::from_secs(2), self.store.time_to_live(old)).await
             {
-                if ttl > 0 {
+                // etcd rounds the time left down to whole seconds: 0 is a
+                // lease with less than a second to live; -1, none.
+                if ttl >= 0 {
                     lease = old;
                     tracing::info!(lease = old, "took back the lease of the previous vroomd");
                 }
             }
         }
         if lease == 0 {
-            let granted =
-                tokio::time::timeout(Duration::from_secs(3), self.store.grant(LEASE_TTL_SECS))
-                    .await
-                    .map_err(|_| "cannot join: etcd did not grant a lease within 3 s".to_string())?
-                    .map_err(|e| format!("cannot join: {e}"))?;
-            lease = granted;
+            lease = self.grant_lease().await?;
         }
         let node_key = key(NODES, &self.name);
         let record = self.node_record();
@@ -283,11 +280,15 @@ impl ClusterNode {
                         .when([Compare::lease(node_key.clone(), lease)])
                         .and_then([Op::put_leased(node_key.clone(), json(&record), lease)]),
                 )]);
-            let resp = self
-                .store
-                .txn(txn)
-                .await
-                .map_err(|e| format!("cannot join: {e}"))?;
+            let resp = match self.store.txn(txn).await {
+                Ok(resp) => resp,
+                // The previous lease ended between its look and this write.
+                Err(e) if e.is_lease_not_found() && Some(lease) == reuse => {
+                    lease = self.grant_lease().await?;
+                    continue;
+                }
+                Err(e) => return Err(format!("cannot join: {e}")),
+            };
             if resp.succeeded() || resp.nested.iter().any(|t| t.succeeded()) {
                 break true;
             }
@@ -334,6 +335,13 @@ impl ClusterNode {
         tracing::info!(node = %self.name, lease, cluster = %self.info.id, "joined the cluster");
         self.event(NewEvent::new(EventKind::Node, "joined", &self.name).detail("lease", lease));
         Ok(())
+    }
+
+    async fn grant_lease(&self) -> Result<i64, String> {
+        tokio::time::timeout(Duration::from_secs(3), self.store.grant(LEASE_TTL_SECS))
+            .await
+            .map_err(|_| "cannot join: etcd did not grant a lease within 3 s".to_string())?
+            .map_err(|e| format!("cannot join: {e}"))
     }
 
     pub(super) fn node_record(&self) -> NodeRecord {

@@ -222,6 +222,45 @@ fn values(pairs: &[(&str, &str)]) -> ConfigValues {
         .collect()
 }
 
+/// A vroomd restarted while its previous lease has under a second left
+/// (etcd says 0 seconds) takes that lease back, instead of taking its own
+/// node's key for another node's and refusing to start; one whose lease is
+/// gone joins under a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_vroomd_takes_back_a_lease_with_under_a_second_left() {
+    let fleet = Fleet::new(&["a"]).await;
+    let old = fleet.members[0].node.lease();
+    let restarted = || {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = TestEngine::new(dir.path());
+        let node = ClusterNode::assemble(
+            engine.engine.clone(),
+            Arc::new(fleet.store.clone()),
+            (
+                fleet.members[0].node.info.clone(),
+                fleet.members[0].node.peer_key.clone(),
+            ),
+            ("a".to_string(), "127.0.0.1".to_string()),
+            dir.path().to_path_buf(),
+            None,
+        );
+        (node, engine, dir)
+    };
+    // Nobody renews it: granted for 2 s, it has under a second left.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(fleet.store.time_to_live(old).await.unwrap(), 0);
+    let (node, _engine, _dir) = restarted();
+    node.take_lease(Some(old)).await.unwrap();
+    assert_eq!(node.lease(), old);
+
+    fleet.store.expire(old);
+    let (node, _engine, _dir) = restarted();
+    node.take_lease(Some(old)).await.unwrap();
+    assert_ne!(node.lease(), old);
+    let held = fleet.store.get(&key(NODES, "a")).await.unwrap().unwrap();
+    assert_eq!(held.lease, node.lease());
+}
+
 /// Two nodes each read a placement naming them (the leader placed the
 /// instance on `a`, then on `b`): only the node the placement names now
 /// claims it, and a claim from a stale view never takes it from the winner.

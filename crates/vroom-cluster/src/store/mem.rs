@@ -374,8 +374,10 @@ impl Store for MemStore {
     async fn time_to_live(&self, lease: i64) -> Result<i64, StoreError> {
         Ok(self.with_state(|state| {
             let left = state.leases.get(&lease).map_or(-1, |l| {
-                let left = l.deadline.saturating_duration_since(Instant::now());
-                left.as_secs_f64().ceil() as i64
+                // As etcd answers: whole seconds, rounded down.
+                l.deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs() as i64
             });
             (left, vec![])
         }))
