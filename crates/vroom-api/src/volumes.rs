@@ -61,7 +61,7 @@ pub(crate) async fn remove_volume(
 #[utoipa::path(post, path = "/v1/volumes/{name}/resize", params(("name" = Name, Path)),
     request_body = VolumeResizeRequest,
     responses((status = 200, body = Volume), PathErrors, BodyErrors, HostErrors,
-        (status = 409, body = ApiErrorBody, description = "The volume is larger: volumes only grow."),
+        (status = 409, body = ApiErrorBody, description = "The volume is larger (volumes only grow), or it is a cluster's (one copy or two): vroom cannot grow those yet."),
         (status = 422, body = ApiErrorBody, description = "Not enough free disk space here.")))]
 pub(crate) async fn resize_volume(
     State(engine): State<AppState>,

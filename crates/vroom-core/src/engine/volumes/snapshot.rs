@@ -311,6 +311,13 @@ impl Engine {
         let _alloc = self.alloc.lock().await;
         let mut volume = self.volume_record(name)?;
         refuse_replicated(&volume, "grow")?;
+        if let Some(node) = &volume.node {
+            // The cluster's record keeps its size: a copy made for a move
+            // has that size, and a grown source would not fit it.
+            return Err(OpError::conflict(format!(
+                "volume {name} is the cluster's (its one copy is on node {node}); vroom cannot grow a cluster's volume yet"
+            )));
+        }
         if req.size_mib < volume.size_mib {
             return Err(OpError::conflict(format!(
                 "volume {name} is {} MiB; volumes only grow",

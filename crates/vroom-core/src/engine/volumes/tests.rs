@@ -380,6 +380,35 @@ async fn a_restart_sweeps_what_a_killed_daemon_left() {
     assert_eq!(engine.list_volumes().unwrap().len(), 2);
 }
 
+/// A cluster's volume with one copy is not grown here: the cluster's
+/// record keeps its size, and a move makes its new copy that size.
+#[tokio::test]
+async fn a_clusters_volume_with_one_copy_is_not_grown() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = engine(dir.path()).await;
+    let req = VolumeCreateRequest {
+        name: Name::new("pinned").unwrap(),
+        size_mib: 16,
+        fs: VolumeFs::Ext4,
+        replicas: 1,
+        node: Some(Name::new("n1").unwrap()),
+        replica_node: None,
+    };
+    t.engine.create_volume_copy(&req).await.unwrap();
+    let err = t
+        .engine
+        .resize_volume("pinned", VolumeResizeRequest { size_mib: 32 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Conflict);
+    assert!(
+        err.message.contains("cannot grow a cluster's volume"),
+        "{}",
+        err.message
+    );
+    assert_eq!(t.engine.volume("pinned").unwrap().size_mib, 16);
+}
+
 /// An instance with a volume of one copy stays on its host: no
 /// migration, no warm start (one whose volumes are kept on two nodes may
 /// move: the cluster decides where).
