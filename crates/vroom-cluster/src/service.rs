@@ -9,8 +9,8 @@ use vroom_core::cluster::{ClusterServices, RecordChange};
 use vroom_core::service::Vroomd;
 use vroom_core::{Engine, OpError};
 use vroom_types::{
-    DrainReport, Instance, InstanceAction, InstanceState, Migration, NodeInfo, RunRequest,
-    ServiceRecord, Volume, VolumeCreateRequest,
+    DrainReport, Instance, InstanceAction, Migration, NodeInfo, RunRequest, ServiceRecord, Volume,
+    VolumeCreateRequest,
 };
 
 use crate::ClusterNode;
@@ -96,11 +96,9 @@ impl Vroomd for Clustered {
                         .instance(name)
                         .await?
                         .ok_or_else(|| OpError::not_found("instance", name))?;
-                    let starting = matches!(
-                        instance.status.state,
-                        InstanceState::Starting | InstanceState::Restarting
-                    );
-                    if !starting || std::time::Instant::now() >= deadline {
+                    if !instance.status.state.is_coming_up()
+                        || std::time::Instant::now() >= deadline
+                    {
                         return Ok(instance);
                     }
                     tokio::time::sleep(REMOTE_LOOK_AGAIN).await;

@@ -179,6 +179,13 @@ pub enum InstanceState {
     Failed,
 }
 
+impl InstanceState {
+    /// On its way to running: a wait for ready goes on while it is.
+    pub fn is_coming_up(self) -> bool {
+        matches!(self, InstanceState::Starting | InstanceState::Restarting)
+    }
+}
+
 impl fmt::Display for InstanceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = serde_json::to_value(self)

@@ -83,11 +83,7 @@ impl Engine {
         loop {
             let instance = self.get(name)?;
             let now = tokio::time::Instant::now();
-            if !matches!(
-                instance.status.state,
-                InstanceState::Starting | InstanceState::Restarting
-            ) || now >= deadline
-            {
+            if !instance.status.state.is_coming_up() || now >= deadline {
                 return Ok(instance);
             }
             // A change of state is an event about the instance; a second's
