@@ -109,6 +109,7 @@ async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()
     let warm = client.warm_image(IMAGE, &WarmRequest::default()).await?;
     let mut cold = vec![];
     let mut warm_starts = vec![];
+    let mut resumes = vec![];
     for i in 0..runs {
         for (is_cold, out) in [(true, &mut cold), (false, &mut warm_starts)] {
             let name = format!("bwm{tag}-{}{i}", if is_cold { "c" } else { "w" });
@@ -120,6 +121,10 @@ async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()
                 );
             }
             out.push(secs);
+            if !is_cold {
+                let console = client.logs(&name, 0).await?.data;
+                resumes.extend(console.lines().rev().find_map(resume_split));
+            }
             client.remove(&name, true).await?;
         }
     }
@@ -138,6 +143,9 @@ async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()
         warm.memory.bytes as f64 / 1e6,
         warm.memory.bytes as f64 / (warm.instance.mem_mib as f64 * 1048576.0)
     );
+    if let Some(line) = median_split(&resumes) {
+        println!("the guest's part of a warm start (its log), median: {line}");
+    }
 
     let source = format!("bwm{tag}-src");
     start(client, &request(&source, net, false, None)?).await?;
@@ -175,4 +183,69 @@ async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()
         per_clone
     );
     Ok(())
+}
+
+/// A guest's resume steps from its log line `vroom-init: resumed (identity
+/// changed: true) in 585 ms (reseed and clock 13, volume 127, ...)`: the
+/// total and each step, in ms.
+fn resume_split(line: &str) -> Option<(u64, Vec<(String, u64)>)> {
+    let rest = line.split("vroom-init: resumed (").nth(1)?;
+    let (total, steps) = rest.split_once(") in ")?.1.split_once(" ms (")?;
+    let steps = steps
+        .trim_end()
+        .strip_suffix(')')?
+        .split(", ")
+        .map(|step| {
+            let (name, ms) = step.rsplit_once(' ')?;
+            Some((name.to_string(), ms.parse().ok()?))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((total.parse().ok()?, steps))
+}
+
+/// `585 ms (reseed and clock 13, volume 127, ...)`: the median of each,
+/// steps in the order the first resume took them.
+fn median_split(resumes: &[(u64, Vec<(String, u64)>)]) -> Option<String> {
+    let (_, first) = resumes.first()?;
+    let of = |values: Vec<u64>| median(&values.iter().map(|v| *v as f64).collect::<Vec<_>>());
+    let steps: Vec<String> = first
+        .iter()
+        .map(|(name, _)| {
+            let values = resumes
+                .iter()
+                .filter_map(|(_, steps)| steps.iter().find(|(n, _)| n == name).map(|(_, ms)| *ms))
+                .collect();
+            format!("{name} {:.0}", of(values))
+        })
+        .collect();
+    let total = of(resumes.iter().map(|(total, _)| *total).collect());
+    Some(format!(
+        "{total:.0} ms ({}), {} resumes",
+        steps.join(", "),
+        resumes.len()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_guest_resume_split() {
+        let line = "vroom-init: resumed (identity changed: true) in 585 ms (reseed and clock 13, volume 127, identity 100, render 55, on_clone 281, continue 7)";
+        let (total, steps) = resume_split(line).unwrap();
+        assert_eq!(total, 585);
+        assert_eq!(steps[0], ("reseed and clock".to_string(), 13));
+        assert_eq!(steps[4], ("on_clone".to_string(), 281));
+        assert_eq!(steps.len(), 6);
+        assert_eq!(resume_split("vroom-init: services continue"), None);
+        let other = |total: &str, volume: &str| {
+            resume_split(&line.replace("585", total).replace("volume 127", volume)).unwrap()
+        };
+        let three = [other("600", "volume 130"), (total, steps), other("590", "volume 125")];
+        assert_eq!(
+            median_split(&three).unwrap(),
+            "590 ms (reseed and clock 13, volume 127, identity 100, render 55, on_clone 281, continue 7), 3 resumes"
+        );
+    }
 }

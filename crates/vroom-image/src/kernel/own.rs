@@ -7,8 +7,9 @@
 //! `modules.json` (which options build each module, read from the source's
 //! Kbuild files, so that a module list becomes a check) and `kernel.json`
 //! (a [`KernelRef`]). The id hashes the source package's
-//! version and the fragment's options (not its comments): a config change
-//! is a new kernel, a reworded comment is not.
+//! version, the fragment's options (not its comments) and vroom's patches
+//! (`kernel/patches/`, applied to the source before it is configured): a
+//! config change or a patch is a new kernel, a reworded comment is not.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,6 +37,13 @@ const OWN_FILES: &[(&str, &str)] = &[
 /// vroom's kernel config fragment, as checked in.
 pub const FRAGMENT: &str = include_str!("../../../../kernel/vroom.config");
 
+/// vroom's patches to the kernel source, applied in this order with
+/// `patch -p1` after it is unpacked: (file name, text).
+pub const PATCHES: &[(&str, &str)] = &[(
+    "lapic-timer-hz.patch",
+    include_str!("../../../../kernel/patches/lapic-timer-hz.patch"),
+)];
+
 /// Commands the build runs, and the Debian packages that provide them.
 const BUILD_TOOLS: &[(&str, &str)] = &[
     ("make", "make"),
@@ -44,6 +52,7 @@ const BUILD_TOOLS: &[(&str, &str)] = &[
     ("bison", "bison"),
     ("bc", "bc"),
     ("xz", "xz-utils"),
+    ("patch", "patch"),
 ];
 
 /// objtool (built with the kernel) needs libelf's header.
@@ -166,9 +175,17 @@ impl Fragment {
             .collect()
     }
 
-    /// The kernel id for this fragment built from `source_version`.
+    /// The kernel id for this fragment built from `source_version` with
+    /// vroom's [`PATCHES`].
     pub fn id(&self, source_version: &str) -> String {
+        self.id_with(source_version, PATCHES)
+    }
+
+    fn id_with(&self, source_version: &str, patches: &[(&str, &str)]) -> String {
         let mut key = format!("{SOURCE_PACKAGE} {source_version}\n");
+        for (name, text) in patches {
+            key.push_str(&format!("patch {name} {}\n", sha256_bytes(text.as_bytes())));
+        }
         for (name, value) in &self.options {
             key.push_str(name);
             key.push('=');
@@ -523,6 +540,16 @@ impl KernelCache {
         .map_err(step("unpack the kernel source"))?;
         fs::remove_dir_all(&package).map_err(io(&package))?;
         let src = work.path().join(SOURCE_PACKAGE);
+        for (name, text) in PATCHES {
+            progress("patch", name);
+            let file = work.path().join(name);
+            fs::write(&file, text).map_err(io(&file))?;
+            run(Command::new("patch")
+                .args(["-p1", "--forward", "--batch", "--quiet", "-i"])
+                .arg(&file)
+                .current_dir(&src))
+            .map_err(step("apply vroom's kernel patches"))?;
+        }
         let out = work.path().join("build");
         let make = |target: &str| {
             let mut cmd = Command::new("nice");
@@ -807,6 +834,10 @@ pub(crate) mod tests {
         assert_ne!(a.id("6.1.1"), changed.id("6.1.1"));
         assert_ne!(a.id("6.1.1"), a.id("6.1.2"));
         assert_eq!(a.id("6.1.1").len(), 16);
+        let patch = [("p.patch", "--- a/x\n+++ b/x\n")];
+        let other = [("p.patch", "--- a/x\n+++ b/y\n")];
+        assert_ne!(a.id_with("6.1.1", &[]), a.id_with("6.1.1", &patch));
+        assert_ne!(a.id_with("6.1.1", &patch), a.id_with("6.1.1", &other));
         assert_eq!(Fragment::parse(&render(&a)).unwrap(), a);
     }
 

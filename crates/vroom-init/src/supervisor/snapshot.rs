@@ -112,8 +112,9 @@ impl Supervisor {
     /// `on_clone` hook. Returns whether the identity changed.
     fn reload_volume(&self, steps: &mut Steps) -> Result<bool, String> {
         boot::remount_config(&self.config_dev)?;
+        steps.done("remount");
         let volume = boot::read_volume()?;
-        steps.done("volume");
+        steps.done("read");
         let before = self.identity();
         let instance = volume.instance;
         let changed = identity_changed(&before, &instance);
@@ -127,8 +128,9 @@ impl Supervisor {
                 None => log("the reloaded volume has no machine id; the old one stays"),
             }
         }
+        steps.done("names");
         netconf::reconfigure(&plan)?;
-        steps.done("identity");
+        steps.done("NICs");
         let after = Identity {
             hostname: instance.hostname,
             machine_id: instance.machine_id.or(before.machine_id.clone()),
