@@ -242,7 +242,11 @@ mod tests {
         let other = |total: &str, volume: &str| {
             resume_split(&line.replace("585", total).replace("volume 127", volume)).unwrap()
         };
-        let three = [other("600", "volume 130"), (total, steps), other("590", "volume 125")];
+        let three = [
+            other("600", "volume 130"),
+            (total, steps),
+            other("590", "volume 125"),
+        ];
         assert_eq!(
             median_split(&three).unwrap(),
             "590 ms (reseed and clock 13, volume 127, identity 100, render 55, on_clone 281, continue 7), 3 resumes"
