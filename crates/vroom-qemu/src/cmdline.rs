@@ -45,9 +45,19 @@ pub fn tcg_tb_mib(mem_mib: u64) -> u32 {
 /// then skips calibrating the APIC timer, about 180 ms of its boot here;
 /// Debian's kernel does not know the argument and hands it to init as an
 /// environment variable, which vroom-init ignores.
+///
+/// `tsc=reliable` turns off the kernel's clocksource watchdog for the TSC.
+/// microvm has no HPET or PM timer, so the watchdog checks the TSC against
+/// jiffies, which fall behind whenever the host is too busy to run the
+/// vCPU on time; the kernel then called the TSC unstable (at boot or
+/// later), fell back to the jiffies clocksource and so to a periodic tick
+/// (HZ 250 even when idle): `vroom bench density` saw such guests wake 250
+/// times a second instead of about 16, which loaded the host further and
+/// made more guests fall back, until boots stalled near 120. Under TCG the
+/// guest TSC is the host's, which is reliable.
 pub fn tcg_timer_args(tsc_khz: u64) -> String {
     format!(
-        "tsc_early_khz={tsc_khz} lpj={} lapic_timer_hz={QEMU_APIC_TIMER_HZ}",
+        "tsc_early_khz={tsc_khz} lpj={} lapic_timer_hz={QEMU_APIC_TIMER_HZ} tsc=reliable",
         tsc_khz * 1000 / 250
     )
 }
@@ -383,7 +393,7 @@ pub(crate) mod tests {
         let tcg = args(Accel::Tcg, Some(2_596_146));
         assert_eq!(
             value_after(&tcg, "-append"),
-            vec!["console=ttyS0 quiet panic=-1 tsc_early_khz=2596146 lpj=10384584 lapic_timer_hz=1000000000 vroom.debug"]
+            vec!["console=ttyS0 quiet panic=-1 tsc_early_khz=2596146 lpj=10384584 lapic_timer_hz=1000000000 tsc=reliable vroom.debug"]
         );
         let kvm = args(Accel::Kvm, Some(2_596_146));
         assert_eq!(
