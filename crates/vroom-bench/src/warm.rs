@@ -186,7 +186,7 @@ async fn measure(client: &Client, net: &str, tag: u32, runs: usize) -> Result<()
 }
 
 /// A guest's resume steps from its log line `vroom-init: resumed (identity
-/// changed: true) in 585 ms (reseed and clock 13, volume 127, ...)`: the
+/// changed: true) in 585 ms (reseed and clock 13, remount 77, ...)`: the
 /// total and each step, in ms.
 fn resume_split(line: &str) -> Option<(u64, Vec<(String, u64)>)> {
     let rest = line.split("vroom-init: resumed (").nth(1)?;
@@ -203,7 +203,7 @@ fn resume_split(line: &str) -> Option<(u64, Vec<(String, u64)>)> {
     Some((total.parse().ok()?, steps))
 }
 
-/// `585 ms (reseed and clock 13, volume 127, ...)`: the median of each,
+/// `585 ms (reseed and clock 13, remount 77, ...)`: the median of each,
 /// steps in the order the first resume took them.
 fn median_split(resumes: &[(u64, Vec<(String, u64)>)]) -> Option<String> {
     let (_, first) = resumes.first()?;
@@ -232,24 +232,24 @@ mod tests {
 
     #[test]
     fn reads_the_guest_resume_split() {
-        let line = "vroom-init: resumed (identity changed: true) in 585 ms (reseed and clock 13, volume 127, identity 100, render 55, on_clone 281, continue 7)";
+        let line = "vroom-init: resumed (identity changed: true) in 585 ms (reseed and clock 13, remount 127, read 12, names 12, NICs 76, render 55, on_clone 281, continue 7)";
         let (total, steps) = resume_split(line).unwrap();
         assert_eq!(total, 585);
         assert_eq!(steps[0], ("reseed and clock".to_string(), 13));
-        assert_eq!(steps[4], ("on_clone".to_string(), 281));
-        assert_eq!(steps.len(), 6);
+        assert_eq!(steps[6], ("on_clone".to_string(), 281));
+        assert_eq!(steps.len(), 8);
         assert_eq!(resume_split("vroom-init: services continue"), None);
         let other = |total: &str, volume: &str| {
-            resume_split(&line.replace("585", total).replace("volume 127", volume)).unwrap()
+            resume_split(&line.replace("585", total).replace("remount 127", volume)).unwrap()
         };
         let three = [
-            other("600", "volume 130"),
+            other("600", "remount 130"),
             (total, steps),
-            other("590", "volume 125"),
+            other("590", "remount 125"),
         ];
         assert_eq!(
             median_split(&three).unwrap(),
-            "590 ms (reseed and clock 13, volume 127, identity 100, render 55, on_clone 281, continue 7), 3 resumes"
+            "590 ms (reseed and clock 13, remount 127, read 12, names 12, NICs 76, render 55, on_clone 281, continue 7), 3 resumes"
         );
     }
 }
